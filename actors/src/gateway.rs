@@ -1,0 +1,221 @@
+//! [`Gateway`]: what the node's edges (HTTP, gRPC, admin) call. It owns the actor tree and the
+//! read-only routing table built from configuration.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use meridian_proto::openai::{ChatRequest, RequestLimits};
+use meridian_proto::{ApiError, ErrorKind};
+use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
+use tokio::sync::oneshot;
+
+use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
+use crate::policy::{self, Load};
+use crate::provider::{Provider, ProviderSpec, ProviderStatus};
+use crate::supervisor::{
+    ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
+};
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub providers: Vec<ProviderSpec>,
+    pub limits: RequestLimits,
+    pub restart_budget: RestartBudget,
+}
+
+/// A handle to the node's actors. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: HashMap<String, Vec<Route>>,
+    /// Model names in configuration order, for `/v1/models`.
+    models: Vec<String>,
+    providers: Vec<Arc<Provider>>,
+    limits: RequestLimits,
+    supervisor: ActorRef<SupervisorMsg>,
+    connections: ActorCell,
+    draining: AtomicBool,
+    connection_crashes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("models", &self.inner.models)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Starts the supervision tree.
+    pub async fn start(config: GatewayConfig) -> Result<Self, SpawnErr> {
+        let providers: Vec<Arc<Provider>> =
+            config.providers.into_iter().map(Provider::new).collect();
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut models = Vec::new();
+        for p in &providers {
+            for m in &p.spec.models {
+                let entry = routes.entry(m.name.clone()).or_default();
+                if entry.is_empty() {
+                    models.push(m.name.clone());
+                }
+                entry.push(Route {
+                    provider: Arc::clone(p),
+                    upstream_model: m.upstream_name.as_str().into(),
+                });
+            }
+        }
+        let (supervisor, _) = Actor::spawn(
+            None,
+            NodeSupervisor,
+            NodeSupervisorArgs {
+                providers: providers.clone(),
+                budget: config.restart_budget,
+            },
+        )
+        .await?;
+        let connection_crashes = Arc::new(AtomicU64::new(0));
+        let (connections, _) = Actor::spawn_linked(
+            None,
+            ConnectionSupervisor,
+            Arc::clone(&connection_crashes),
+            supervisor.get_cell(),
+        )
+        .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                routes,
+                models,
+                providers,
+                limits: config.limits,
+                supervisor,
+                connections: connections.get_cell(),
+                draining: AtomicBool::new(false),
+                connection_crashes,
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.inner.limits
+    }
+
+    /// Every model this node routes, in configuration order.
+    pub fn models(&self) -> &[String] {
+        &self.inner.models
+    }
+
+    pub fn has_model(&self, name: &str) -> bool {
+        self.inner.routes.contains_key(name)
+    }
+
+    pub fn providers(&self) -> Vec<ProviderStatus> {
+        self.inner.providers.iter().map(|p| p.status()).collect()
+    }
+
+    /// Requests holding or waiting for a provider slot.
+    pub fn in_flight(&self) -> u64 {
+        self.inner
+            .providers
+            .iter()
+            .map(|p| u64::from(p.in_flight()) + u64::from(p.queued()))
+            .sum()
+    }
+
+    pub fn connection_crashes(&self) -> u64 {
+        self.inner.connection_crashes.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new requests from now on (503); requests already admitted finish.
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Routes and runs one request. Resolves when the upstream has answered (unary) or accepted
+    /// the request (stream); failures before that are returned here, with their status.
+    pub async fn chat(
+        &self,
+        request: ChatRequest,
+        ctx: RequestContext,
+    ) -> Result<ChatReply, ApiError> {
+        if self.is_draining() {
+            return Err(
+                ApiError::new(ErrorKind::Unavailable, "this node is shutting down")
+                    .with_code("node_draining")
+                    .with_retry_after(Duration::from_secs(1)),
+            );
+        }
+        let route = self.route(request.model())?;
+        let (reply, answer) = oneshot::channel();
+        let args = ConnectionArgs {
+            request,
+            ctx,
+            route,
+            reply,
+        };
+        Actor::spawn_linked(None, ConnectionActor, args, self.inner.connections.clone())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("could not start the request: {e}"),
+                )
+            })?;
+        answer.await.unwrap_or_else(|_| {
+            Err(ApiError::new(
+                ErrorKind::Internal,
+                "the request's actor stopped without answering",
+            ))
+        })
+    }
+
+    fn route(&self, model: &str) -> Result<Route, ApiError> {
+        let not_found = || {
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!("The model `{model}` does not exist or is not served by this node."),
+            )
+            .with_param("model")
+            .with_code("model_not_found")
+        };
+        let routes = self.inner.routes.get(model).ok_or_else(not_found)?;
+        let loads: Vec<Load> = routes
+            .iter()
+            .map(|r| Load {
+                in_flight: r.provider.in_flight(),
+                queued: r.provider.queued(),
+                max_concurrency: r.provider.spec.max_concurrency,
+            })
+            .collect();
+        let i = policy::pick_least_loaded(&loads).ok_or_else(not_found)?;
+        Ok(routes[i].clone())
+    }
+
+    /// Stops the actor tree (after the edges have drained).
+    pub async fn stop(&self, timeout: Duration) {
+        let _ = self
+            .inner
+            .supervisor
+            .stop_and_wait(None, Some(timeout))
+            .await;
+    }
+
+    /// For the supervision tests: the live actor of a provider.
+    #[cfg(test)]
+    pub(crate) fn provider(&self, id: &str) -> Option<Arc<Provider>> {
+        self.inner
+            .providers
+            .iter()
+            .find(|p| p.spec.id == id)
+            .cloned()
+    }
+}

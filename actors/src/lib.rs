@@ -1,0 +1,35 @@
+//! Meridian's actors, provider adapters and routing policy.
+//!
+//! Supervision tree (one per node):
+//!
+//! ```text
+//! NodeSupervisor                 restarts a crashed ProviderActor (budget: 10 per 60 s each)
+//!  ├─ ProviderActor × N          one per upstream endpoint: wait queue, concurrency slots
+//!  └─ ConnectionSupervisor       observes; counts crashes, never restarts
+//!       └─ ConnectionActor × in-flight requests   admission to last byte; owns the client sink
+//! ```
+//!
+//! Bytes never queue behind an actor: a ProviderActor grants a slot (a mailbox round trip only
+//! when the provider is saturated), then the ConnectionActor's upstream call streams through a
+//! bounded channel straight into the client's response.
+//!
+//! Map:
+//! - [`gateway`]: the [`Gateway`] handle the node's edges call;
+//! - [`connection`], [`provider`], [`supervisor`]: the actors;
+//! - [`policy`]: routing decisions as pure functions;
+//! - [`upstream`]: the only outbound calls to LLM providers (OpenAI-compatible, demo).
+//!
+//! This crate never knows about HTTP listeners or the cluster: the node wires it up.
+
+pub mod connection;
+pub mod gateway;
+pub mod policy;
+pub mod provider;
+pub mod supervisor;
+pub mod upstream;
+
+pub use connection::{ChatReply, ClientEvent, RequestContext};
+pub use gateway::{Gateway, GatewayConfig};
+pub use provider::{ModelRoute, ProviderSpec, ProviderStatus};
+pub use supervisor::RestartBudget;
+pub use upstream::{DemoModel, OpenAiAdapter, Timeouts, Upstream};

@@ -1,0 +1,148 @@
+//! Supervision and slot accounting, driven through the Gateway with the in-process demo model.
+
+use std::time::Duration;
+
+use meridian_proto::openai::{ChatRequest, RequestLimits};
+use meridian_proto::{ErrorKind, RequestId};
+
+use super::*;
+use crate::connection::{ChatReply, ClientEvent, RequestContext};
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::supervisor::RestartBudget;
+use crate::upstream::DemoModel;
+
+fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
+    ProviderSpec {
+        id: "demo".into(),
+        region: "local".into(),
+        models: vec![ModelRoute {
+            name: "demo".into(),
+            upstream_name: "demo".into(),
+        }],
+        upstream: Upstream::Demo(DemoModel {
+            word_delay: Duration::from_millis(5),
+        }),
+        max_concurrency,
+        queue_capacity,
+        queue_timeout,
+        timeouts: Timeouts::default(),
+    }
+}
+
+async fn gateway(spec: ProviderSpec) -> Gateway {
+    Gateway::start(GatewayConfig {
+        providers: vec![spec],
+        limits: RequestLimits::default(),
+        restart_budget: RestartBudget::default(),
+    })
+    .await
+    .expect("gateway starts")
+}
+
+fn request(stream: bool) -> ChatRequest {
+    let body = format!(
+        r#"{{"model":"demo","stream":{stream},"messages":[{{"role":"user","content":"hello there"}}]}}"#
+    );
+    ChatRequest::from_json(body.as_bytes(), &RequestLimits::default()).expect("valid request")
+}
+
+fn ctx() -> RequestContext {
+    RequestContext {
+        request_id: RequestId::generate(),
+        deadline: None,
+    }
+}
+
+/// Runs a streaming request to the end; returns the number of chunks, or the error.
+async fn run_stream(gw: Gateway) -> Result<usize, String> {
+    let ChatReply::Stream(mut rx) = gw.chat(request(true), ctx()).await.map_err(|e| e.message)?
+    else {
+        return Err("expected a stream".into());
+    };
+    let mut chunks = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            ClientEvent::Chunk(_) => chunks += 1,
+            ClientEvent::Done => return Ok(chunks),
+            ClientEvent::Error(e) => return Err(e.message),
+        }
+    }
+    Err("stream closed without Done".into())
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_provider_actor_is_restarted_and_loses_no_request() {
+    let gw = gateway(spec(1, 16, Duration::from_secs(10))).await;
+    let provider = gw.provider("demo").expect("provider");
+    let tasks: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(run_stream(gw.clone())))
+        .collect();
+    wait_until("three queued requests", || provider.queued() == 3).await;
+
+    let actor = provider.actor.borrow().clone().expect("live actor");
+    actor.cast(ProviderMsg::Crash).expect("cast");
+    wait_until("a new incarnation", || provider.status().restarts == 1).await;
+
+    let mut chunk_counts = Vec::new();
+    for t in tasks {
+        chunk_counts.push(t.await.expect("task").expect("request completes"));
+    }
+    // Role chunk + words + finish chunk; every request got the whole answer.
+    assert!(
+        chunk_counts.iter().all(|&n| n > 10 && n == chunk_counts[0]),
+        "{chunk_counts:?}"
+    );
+    assert_eq!(provider.in_flight(), 0);
+    assert_eq!(provider.queued(), 0);
+    assert_eq!(provider.status().requests_total, 4);
+    gw.stop(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_with_retry_after() {
+    let gw = gateway(spec(1, 1, Duration::from_secs(10))).await;
+    let provider = gw.provider("demo").expect("provider");
+    let first = tokio::spawn(run_stream(gw.clone()));
+    wait_until("one in flight", || provider.in_flight() == 1).await;
+    let second = tokio::spawn(run_stream(gw.clone()));
+    wait_until("one queued", || provider.queued() == 1).await;
+
+    let err = gw
+        .chat(request(false), ctx())
+        .await
+        .expect_err("queue is full");
+    assert_eq!(err.kind, ErrorKind::Unavailable);
+    assert_eq!(err.code.as_deref(), Some("queue_full"));
+    assert!(err.retry_after.is_some());
+
+    first.await.expect("task").expect("first completes");
+    second.await.expect("task").expect("second completes");
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_start_before_its_queue_deadline_times_out() {
+    let gw = gateway(spec(1, 8, Duration::from_millis(30))).await;
+    let provider = gw.provider("demo").expect("provider");
+    let first = tokio::spawn(run_stream(gw.clone()));
+    wait_until("one in flight", || provider.in_flight() == 1).await;
+
+    let err = gw
+        .chat(request(false), ctx())
+        .await
+        .expect_err("deadline passes");
+    assert_eq!(err.kind, ErrorKind::Timeout);
+    assert_eq!(err.code.as_deref(), Some("queue_timeout"));
+    first.await.expect("task").expect("first completes");
+    wait_until("the slot is back", || {
+        provider.in_flight() == 0 && provider.queued() == 0
+    })
+    .await;
+}

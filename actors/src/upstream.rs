@@ -1,0 +1,215 @@
+//! Calling LLM providers. The only place in Meridian that makes outbound HTTP calls to them.
+//!
+//! An [`Upstream`] answers a [`ChatRequest`] either whole ([`Completion`]) or as a stream of
+//! [`Chunk`]s. Chunks keep the upstream's JSON bytes as they came (parsed only as far as
+//! metering and error detection need), so the relay forwards them without re-serialising.
+
+pub mod demo;
+pub mod openai;
+pub mod sse;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
+use meridian_proto::{ApiError, ErrorKind};
+
+pub use demo::DemoModel;
+pub use openai::OpenAiAdapter;
+
+/// Time limits on one upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request to the response headers and, when streaming, the first event.
+    pub first_byte: Duration,
+    /// Longest silence between two stream events.
+    pub idle: Duration,
+    /// The whole call.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A whole (non-streaming) answer: the upstream's `chat.completion` body as received.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// One streamed `chat.completion.chunk`, as a single-line JSON object.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub json: Bytes,
+    pub usage: Option<Usage>,
+    /// The final usage-only chunk (`choices: []`), which the client gets only if it asked.
+    pub usage_only: bool,
+}
+
+/// The chunks of a stream; it ends after the upstream's `[DONE]`, or with one `Err`.
+pub type ChunkStream = BoxStream<'static, Result<Chunk, UpstreamError>>;
+
+/// Which phase of a call ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    FirstByte,
+    Idle,
+    Total,
+}
+
+/// Why an upstream call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream timed out ({0:?})")]
+    Timeout(Phase),
+    #[error("the upstream answered {status}: {}", .info.message)]
+    Status {
+        status: u16,
+        info: UpstreamErrorInfo,
+        retry_after: Option<Duration>,
+    },
+    #[error("the upstream reported an error mid-stream: {}", .0.message)]
+    InStream(UpstreamErrorInfo),
+    #[error("the upstream closed the connection: {0}")]
+    Closed(String),
+    #[error("the upstream sent something we cannot use: {0}")]
+    Protocol(String),
+    /// The provider itself rejected the request before calling anyone (e.g. the demo model).
+    #[error("{0}")]
+    Rejected(ApiError),
+}
+
+impl UpstreamError {
+    /// Whether another attempt (here or at another provider) may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) | Self::Closed(_) | Self::InStream(_) => true,
+            Self::Status { status, .. } => {
+                matches!(status, 408 | 409 | 429 | 500..=599)
+            }
+            Self::Protocol(_) | Self::Rejected(_) => false,
+        }
+    }
+
+    /// The error as the client sees it. Upstream client errors (400, 404, 413, 422) are the
+    /// client's own mistake and keep their status and message; everything else is ours to own:
+    /// 429/529/503 → 503 with Retry-After, timeouts → 504, the rest → 502.
+    pub fn into_api_error(self, provider: &str) -> ApiError {
+        match self {
+            Self::Rejected(e) => e,
+            Self::Timeout(phase) => ApiError::new(
+                ErrorKind::Timeout,
+                format!("provider {provider} timed out ({})", phase_name(phase)),
+            )
+            .with_code("upstream_timeout")
+            .with_retry_after(Duration::from_secs(1)),
+            Self::Status {
+                status,
+                info,
+                retry_after,
+            } => match status {
+                400 | 404 | 413 | 422 => {
+                    let kind = match status {
+                        404 => ErrorKind::NotFound,
+                        413 => ErrorKind::PayloadTooLarge,
+                        _ => ErrorKind::InvalidRequest,
+                    };
+                    let mut e = ApiError::new(kind, info.message);
+                    e.code = info.code.filter(|c| c.parse::<u16>().is_err());
+                    e
+                }
+                429 | 503 | 529 => ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "provider {provider} is overloaded ({status}): {}",
+                        info.message
+                    ),
+                )
+                .with_code("upstream_overloaded")
+                .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1))),
+                _ => ApiError::new(
+                    ErrorKind::Upstream,
+                    format!("provider {provider} failed ({status}): {}", info.message),
+                )
+                .with_code("upstream_error"),
+            },
+            Self::InStream(info) => ApiError::new(
+                ErrorKind::Upstream,
+                format!("provider {provider} failed mid-stream: {}", info.message),
+            )
+            .with_code("upstream_error"),
+            other @ (Self::Connect(_) | Self::Closed(_) | Self::Protocol(_)) => {
+                ApiError::new(ErrorKind::Upstream, format!("provider {provider}: {other}"))
+                    .with_code("upstream_error")
+            }
+        }
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Connect => "connect",
+        Phase::FirstByte => "no first byte in time",
+        Phase::Idle => "silent for too long between chunks",
+        Phase::Total => "the whole call took too long",
+    }
+}
+
+/// A provider's way of answering: one variant per adapter.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// Any OpenAI-compatible endpoint: OpenAI itself, vLLM, other compatible servers.
+    OpenAi(OpenAiAdapter),
+    /// The built-in deterministic demo model (no network).
+    Demo(DemoModel),
+}
+
+impl Upstream {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::OpenAi(_) => "openai",
+            Self::Demo(_) => "demo",
+        }
+    }
+
+    /// One whole answer. `model` is the upstream's name for the requested model.
+    pub async fn complete(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        timeouts: &Timeouts,
+    ) -> Result<Completion, UpstreamError> {
+        match self {
+            Self::OpenAi(a) => a.complete(req, model, timeouts).await,
+            Self::Demo(d) => d.complete(req, model),
+        }
+    }
+
+    /// A stream of chunks. Resolves once the upstream has accepted the request (headers in).
+    pub async fn stream(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        timeouts: &Timeouts,
+    ) -> Result<ChunkStream, UpstreamError> {
+        match self {
+            Self::OpenAi(a) => a.stream(req, model, timeouts).await,
+            Self::Demo(d) => d.stream(req, model),
+        }
+    }
+}

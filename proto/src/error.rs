@@ -1,0 +1,150 @@
+//! The client-visible failure of a request.
+//!
+//! Every crate reports request failures as an [`ApiError`]: a small [`ErrorKind`] that says whose
+//! fault it is and whether a retry may help, plus the OpenAI-style message, `param` and `code`.
+//! Only the node maps a kind to an HTTP status or gRPC code (one place), and error constructors
+//! have no side effects (no logging).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What went wrong, at the granularity clients and status codes need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request is malformed or out of range (400).
+    InvalidRequest,
+    /// The body is larger than the configured limit (413).
+    PayloadTooLarge,
+    /// No such model (404).
+    NotFound,
+    /// Missing or bad credentials (401).
+    Unauthenticated,
+    /// Credentials are fine but the action is not allowed (403).
+    PermissionDenied,
+    /// A limit was hit (429).
+    RateLimited,
+    /// No capacity now: queue full, provider down, node draining (503).
+    Unavailable,
+    /// A deadline passed: queue wait or upstream timeout (504).
+    Timeout,
+    /// The upstream provider failed or answered something we cannot use (502).
+    Upstream,
+    /// A bug or broken invariant on our side (500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The OpenAI `error.type` string for this kind.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            Self::InvalidRequest | Self::PayloadTooLarge | Self::NotFound => {
+                "invalid_request_error"
+            }
+            Self::Unauthenticated => "authentication_error",
+            Self::PermissionDenied => "permission_error",
+            Self::RateLimited => "rate_limit_error",
+            Self::Unavailable => "service_unavailable",
+            Self::Timeout => "timeout_error",
+            Self::Upstream => "upstream_error",
+            Self::Internal => "server_error",
+        }
+    }
+
+    /// Whether sending the same request again later may succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Upstream
+        )
+    }
+}
+
+/// A failed request, as the client will see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The request field at fault (`messages[0].role`), if any.
+    pub param: Option<String>,
+    /// A stable machine-readable code (`model_not_found`, `queue_full`, ...).
+    pub code: Option<String>,
+    /// When retrying makes sense, how long to wait first (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 400 naming the field at fault.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidRequest, message)
+            .with_param(param)
+            .with_code("invalid_value")
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The OpenAI error body for this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorObject {
+                message: self.message.clone(),
+                r#type: self.kind.openai_type().to_owned(),
+                param: self.param.clone(),
+                code: self.code.clone(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// `{"error":{"message","type","param","code"}}`, as OpenAI sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorObject {
+    pub message: String,
+    pub r#type: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ErrorBody {
+    /// The body as compact JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

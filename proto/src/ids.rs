@@ -1,0 +1,71 @@
+//! Newtype ids.
+
+use std::fmt;
+
+/// Longest client-supplied request id we accept; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A request's id: taken from the client's `X-Request-Id` when it is a sane token, else
+/// generated. It is echoed in responses and carried in logs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// A fresh random id (128 bits, hex).
+    pub fn generate() -> Self {
+        Self(random_hex())
+    }
+
+    /// The client's id if it is 1..=128 visible ASCII characters, else a fresh one. Anything
+    /// else (control characters, spaces, non-ASCII) could forge log lines or headers.
+    pub fn from_client(value: Option<&str>) -> Self {
+        match value {
+            Some(v)
+                if !v.is_empty()
+                    && v.len() <= MAX_REQUEST_ID_LEN
+                    && v.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Self(v.to_owned())
+            }
+            _ => Self::generate(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({})", self.0)
+    }
+}
+
+/// 32 lowercase hex digits from a non-cryptographic generator: ids are for correlation, not
+/// for secrets.
+pub fn random_hex() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_kept_only_when_safe() {
+        assert_eq!(RequestId::from_client(Some("abc-123")).as_str(), "abc-123");
+        for bad in ["", "a b", "x\r\ny", "é", &"a".repeat(129)] {
+            let id = RequestId::from_client(Some(bad));
+            assert_ne!(id.as_str(), bad);
+            assert_eq!(id.as_str().len(), 32);
+        }
+        assert_eq!(RequestId::from_client(None).as_str().len(), 32);
+    }
+}

@@ -1,0 +1,569 @@
+//! OpenAI-compatible JSON: the chat request our edge accepts (validated, field by field), and the
+//! response, chunk, usage and error shapes that OpenAI-style upstreams (OpenAI, vLLM) send.
+//!
+//! Rule from the upstream reference: parse leniently (unknown fields ignored, absent or `null`
+//! both accepted, both vLLM error shapes), emit strictly (exactly OpenAI's shapes).
+
+use serde::de::{Deserializer, IgnoredAny};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, ErrorKind};
+
+/// Bounds on what a request may ask for. Configured per node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Largest `max_tokens` / `max_completion_tokens` accepted.
+    pub max_output_tokens: u32,
+    /// Largest `n` (choices per request).
+    pub max_n: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 4096,
+            max_output_tokens: 262_144,
+            max_n: 8,
+        }
+    }
+}
+
+/// Most stop sequences OpenAI accepts.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// The typed view of `POST /v1/chat/completions`. Unknown fields are not kept here; they stay
+/// in [`ChatRequest::body`] and reach the upstream untouched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Developer => "developer",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// Assistant tool calls, kept opaque: only providers interpret them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+}
+
+/// A message's content: plain text, or typed parts (`text`, `image_url`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+impl ChatMessage {
+    /// The text of this message (text parts joined); non-text parts are skipped.
+    pub fn text(&self) -> String {
+        match &self.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+/// A validated chat request: the typed view plus the client's JSON object, which is what an
+/// OpenAI-compatible upstream receives (with `model` and the stream options rewritten), so fields
+/// we do not model (tools, response_format, logprobs, vLLM extras) pass through untouched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub params: ChatCompletionRequest,
+    pub body: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// Parses and validates a JSON body. Errors name the field at fault.
+    pub fn from_json(bytes: &[u8], limits: &RequestLimits) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!("the request body is not valid JSON: {e}"),
+            )
+            .with_code("invalid_json")
+        })?;
+        let not_object = || {
+            ApiError::new(
+                ErrorKind::InvalidRequest,
+                "the request body must be a JSON object",
+            )
+            .with_code("invalid_json")
+        };
+        if !value.is_object() {
+            return Err(not_object());
+        }
+        let params: ChatCompletionRequest =
+            serde_path_to_error::deserialize(&value).map_err(schema_error)?;
+        validate(&params, limits)?;
+        let Value::Object(body) = value else {
+            return Err(not_object());
+        };
+        Ok(Self { params, body })
+    }
+
+    /// Validates a request built in code (the gRPC edge). Its JSON form becomes the body.
+    pub fn from_params(
+        params: ChatCompletionRequest,
+        limits: &RequestLimits,
+    ) -> Result<Self, ApiError> {
+        validate(&params, limits)?;
+        let body = match serde_json::to_value(&params) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    "the request could not be encoded as JSON",
+                ));
+            }
+        };
+        Ok(Self { params, body })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.params.model
+    }
+
+    pub fn stream(&self) -> bool {
+        self.params.stream.unwrap_or(false)
+    }
+
+    /// Whether the client asked for the final usage chunk of a stream.
+    pub fn include_usage(&self) -> bool {
+        self.params
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// The output cap the client asked for (`max_completion_tokens` wins over `max_tokens`).
+    pub fn max_output_tokens(&self) -> Option<u32> {
+        self.params.max_completion_tokens.or(self.params.max_tokens)
+    }
+
+    /// The JSON body for an OpenAI-compatible upstream: the client's body with `model` set to the
+    /// upstream's name for it, and, when streaming, usage always requested (we meter every
+    /// stream, whatever the client asked).
+    pub fn upstream_body(&self, upstream_model: &str, stream: bool) -> Vec<u8> {
+        let mut body = self.body.clone();
+        body.insert("model".into(), Value::String(upstream_model.to_owned()));
+        body.insert("stream".into(), Value::Bool(stream));
+        if stream {
+            let mut opts = match body.remove("stream_options") {
+                Some(Value::Object(o)) => o,
+                _ => Map::new(),
+            };
+            opts.insert("include_usage".into(), Value::Bool(true));
+            body.insert("stream_options".into(), Value::Object(opts));
+        } else {
+            body.remove("stream_options");
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+fn schema_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    // serde reports a missing field at its parent's path; name the field itself.
+    let param = match inner
+        .strip_prefix("missing field `")
+        .and_then(|s| s.split('`').next())
+    {
+        Some(field) if path == "." => field.to_owned(),
+        Some(field) => format!("{path}.{field}"),
+        None => path,
+    };
+    let message = if inner.contains("did not match any variant of untagged enum MessageContent") {
+        format!("{param}: content must be a string or an array of content parts")
+    } else if inner.contains("did not match any variant of untagged enum Stop") {
+        format!("{param}: stop must be a string or an array of strings")
+    } else {
+        format!("{param}: {inner}")
+    };
+    ApiError::new(ErrorKind::InvalidRequest, message)
+        .with_param(param)
+        .with_code("invalid_type")
+}
+
+fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), ApiError> {
+    if p.model.trim().is_empty() {
+        return Err(ApiError::invalid("model", "model must not be empty"));
+    }
+    if p.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    if p.messages.len() > limits.max_messages {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "messages has {} entries; at most {} are accepted",
+                p.messages.len(),
+                limits.max_messages
+            ),
+        ));
+    }
+    for (i, m) in p.messages.iter().enumerate() {
+        let content_missing = match &m.content {
+            None => true,
+            Some(MessageContent::Parts(parts)) => parts.is_empty(),
+            Some(MessageContent::Text(_)) => false,
+        };
+        if content_missing && !(m.role == Role::Assistant && m.tool_calls.is_some()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                format!(
+                    "messages[{i}].content is required for a {} message",
+                    m.role.as_str()
+                ),
+            ));
+        }
+        if m.role == Role::Tool && m.tool_call_id.is_none() {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_call_id"),
+                format!("messages[{i}].tool_call_id is required for a tool message"),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("max_tokens", p.max_tokens),
+        ("max_completion_tokens", p.max_completion_tokens),
+    ] {
+        if let Some(v) = value
+            && (v == 0 || v > limits.max_output_tokens)
+        {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{field} must be between 1 and {}, got {v}",
+                    limits.max_output_tokens
+                ),
+            ));
+        }
+    }
+    if let Some(t) = p.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {t}"),
+        ));
+    }
+    if let Some(t) = p.top_p
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p must be between 0 and 1, got {t}"),
+        ));
+    }
+    if let Some(n) = p.n
+        && (n == 0 || n > limits.max_n)
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be between 1 and {}, got {n}", limits.max_n),
+        ));
+    }
+    if let Some(stop) = &p.stop {
+        let stops = stop.as_slice();
+        if stops.len() > MAX_STOP_SEQUENCES {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are accepted",
+                    stops.len()
+                ),
+            ));
+        }
+        if stops.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop sequences must not be empty",
+            ));
+        }
+    }
+    if p.stream_options.is_some() && p.stream != Some(true) {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses, chunks, usage, errors (lenient in, strict out)
+// ---------------------------------------------------------------------------------------------
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Token usage as OpenAI reports it. `prompt_tokens` includes `cached_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub prompt_tokens: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub completion_tokens: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub total_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub cached_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: 0 }),
+        }
+    }
+
+    pub fn cached_tokens(&self) -> u32 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+}
+
+/// `chat.completion` (non-streaming response).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatCompletion {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub object: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub created: i64,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub model: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub choices: Vec<Choice>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Choice {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub index: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub message: ResponseMessage,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ResponseMessage {
+    #[serde(default = "assistant", deserialize_with = "null_as_default")]
+    pub role: String,
+    pub content: Option<String>,
+}
+
+fn assistant() -> String {
+    "assistant".into()
+}
+
+/// `chat.completion.chunk` (one streaming event).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatCompletionChunk {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub object: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub created: i64,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub model: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub choices: Vec<ChunkChoice>,
+    /// Always serialised (`null` until the usage chunk), as OpenAI does with `include_usage`.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub index: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub delta: Delta,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// What the relay needs to know of a chunk, without materialising its text: whether it is the
+/// usage-only chunk, its usage, and whether it is an in-band error.
+#[derive(Debug, Deserialize)]
+pub struct ChunkProbe {
+    #[serde(default)]
+    pub choices: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+impl ChunkProbe {
+    /// The final chunk OpenAI sends for `include_usage`: no choices, a usage object.
+    pub fn is_usage_only(&self) -> bool {
+        self.usage.is_some() && self.choices.as_ref().is_none_or(Vec::is_empty)
+    }
+}
+
+/// An error body from an OpenAI-style upstream, in any of the shapes seen in the wild:
+/// `{"error":{"message",...}}` (OpenAI, current vLLM, with `code` a string or an integer),
+/// `{"object":"error","message",...}` (older vLLM), `{"error":"Unauthorized"}` (vLLM api-key).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamErrorInfo {
+    pub message: String,
+    pub r#type: Option<String>,
+    pub code: Option<String>,
+}
+
+impl UpstreamErrorInfo {
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let v: Value = serde_json::from_slice(bytes).ok()?;
+        Self::from_value(&v)
+    }
+
+    pub fn from_value(v: &Value) -> Option<Self> {
+        let obj = match v.get("error") {
+            Some(Value::String(s)) => {
+                return Some(Self {
+                    message: s.clone(),
+                    ..Self::default()
+                });
+            }
+            Some(inner @ Value::Object(_)) => inner,
+            _ if v.get("message").is_some() => v,
+            _ => return None,
+        };
+        let text = |key: &str| match obj.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some(Self {
+            message: text("message").unwrap_or_else(|| "upstream error".into()),
+            r#type: text("type"),
+            code: text("code"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
