@@ -1,1 +1,13 @@
-//! placeholder
+//! The Meridian node: configuration, the HTTP/SSE edge, the gRPC and admin services, and their
+//! composition with the actors ([`App`]). `main.rs` is a thin shell over this library, so tests
+//! run the very same [`App`] in-process.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod respond;
+
+pub use app::{App, AppError};
+pub use config::{Config, ConfigError};

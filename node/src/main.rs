@@ -1,1 +1,187 @@
-fn main() {}
+//! `meridian`: parse the command line, set up logging, load and validate the configuration,
+//! run the node, map failure to an exit code. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meridian_node::App;
+use meridian_node::config::{self, ProcessEnv};
+use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_proto::pb::admin::{ListProvidersRequest, NodeStatusRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: a distributed LLM router"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. Without --config, runs the embedded default (demo model on 127.0.0.1:8080).
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (with MERIDIAN_… overrides applied) and exit.
+    CheckConfig { file: PathBuf },
+    /// Operator commands against a node's admin API.
+    Admin {
+        #[arg(long, default_value = "http://127.0.0.1:50052")]
+        addr: String,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// The node's identity, addresses, uptime and load.
+    Status,
+    /// The providers the node routes to, with their live load.
+    Providers,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => serve(config).await,
+        Command::CheckConfig { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let c = config::load(Some(&text), &ProcessEnv)?;
+            println!(
+                "{}: ok ({} provider(s), {} model(s))",
+                file.display(),
+                c.providers.len(),
+                c.providers.iter().map(|p| p.models.len()).sum::<usize>()
+            );
+            Ok(())
+        }
+        Command::Admin { addr, command } => admin(addr, command).await,
+    }
+}
+
+async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let text = match &path {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let config = config::load(text.as_deref(), &ProcessEnv)?;
+    let app = App::build(config).await?;
+    // The readiness line: tests and scripts read the bound addresses from it.
+    println!(
+        "meridian ready http={} grpc={} admin={}",
+        app.http_addr(),
+        app.grpc_addr(),
+        app.admin_addr()
+    );
+    if path.is_none() {
+        println!(
+            "embedded default: try\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \
+             -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+            app.http_addr()
+        );
+    }
+    app.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the node with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
+    let mut client = AdminClient::connect(addr.clone())
+        .await
+        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+    match command {
+        AdminCommand::Status => {
+            let s = client.node_status(NodeStatusRequest {}).await?.into_inner();
+            println!(
+                "node {} (region {}), version {}, up {} s, {} in flight{}\n  http {}  grpc {}",
+                s.node_id,
+                s.region,
+                s.version,
+                s.uptime_seconds,
+                s.in_flight,
+                if s.draining { ", draining" } else { "" },
+                s.http_addr,
+                s.grpc_addr
+            );
+        }
+        AdminCommand::Providers => {
+            let list = client
+                .list_providers(ListProvidersRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "{:<16} {:<7} {:<10} {:>9} {:>7} {:>9} {:>9} {:>8}  models",
+                "id", "kind", "region", "in-flight", "queued", "requests", "failures", "restarts"
+            );
+            for p in list.providers {
+                println!(
+                    "{:<16} {:<7} {:<10} {:>4}/{:<4} {:>3}/{:<3} {:>9} {:>9} {:>8}  {}",
+                    p.id,
+                    p.kind,
+                    p.region,
+                    p.in_flight,
+                    p.max_concurrency,
+                    p.queued,
+                    p.queue_capacity,
+                    p.requests_total,
+                    p.failures_total,
+                    p.restarts,
+                    p.models.join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! [`App`]: a whole node — actors, HTTP edge, gRPC and admin servers — built from a validated
+//! [`Config`]. `main` and the integration tests run the same `App`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
+use meridian_proto::pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::AdminService;
+use crate::config::{Config, ConfigError};
+use crate::grpc::InferenceService;
+use crate::http::{self, HttpState};
+
+/// Most concurrent HTTP/2 streams per connection (a bound against rapid-reset floods).
+const H2_MAX_STREAMS: u32 = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the actor system: {0}")]
+    Actors(String),
+    #[error("the {0} server failed: {1}")]
+    Serve(&'static str, String),
+}
+
+pub struct App {
+    config: Config,
+    gateway: Gateway,
+    http: TcpListener,
+    grpc: TcpListener,
+    admin: TcpListener,
+    started: Instant,
+}
+
+impl App {
+    /// Starts the actors and binds every listener (port 0 picks a free port; see the `*_addr`
+    /// accessors). Nothing is served until [`App::run`].
+    pub async fn build(config: Config) -> Result<Self, AppError> {
+        let specs = config
+            .providers
+            .iter()
+            .map(|p| p.to_spec())
+            .collect::<Result<Vec<_>, _>>()?;
+        let gateway = Gateway::start(GatewayConfig {
+            providers: specs,
+            limits: config.limits,
+            restart_budget: RestartBudget::default(),
+        })
+        .await
+        .map_err(|e| AppError::Actors(e.to_string()))?;
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { what, addr, source })
+        };
+        let http = bind("HTTP", config.http.listen).await?;
+        let grpc = bind("gRPC", config.grpc_listen).await?;
+        let admin = bind("admin gRPC", config.admin_listen).await?;
+        Ok(Self {
+            config,
+            gateway,
+            http,
+            grpc,
+            admin,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().unwrap_or(self.config.http.listen)
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or(self.config.grpc_listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Serves until `shutdown` resolves, then drains: new requests are refused (503, `/readyz`
+    /// turns 503), listeners close, in-flight requests finish up to the drain timeout, and the
+    /// actors stop.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+            .unwrap_or(0);
+        let (http_addr, grpc_addr) = (self.http_addr(), self.grpc_addr());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| AppError::Serve("gRPC", e.to_string()))?;
+        let inference = pb::v1::inference_server::InferenceServer::new(InferenceService {
+            gateway: self.gateway.clone(),
+            started_unix,
+        });
+        let grpc = tonic::transport::Server::builder()
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(inference)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            );
+        let admin = tonic::transport::Server::builder()
+            .add_service(pb::admin::admin_server::AdminServer::new(AdminService {
+                gateway: self.gateway.clone(),
+                node_id: self.config.node.id.clone(),
+                region: self.config.node.region.clone(),
+                started: self.started,
+                http_addr: http_addr.to_string(),
+                grpc_addr: grpc_addr.to_string(),
+            }))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.admin).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            );
+        let router = http::router(
+            HttpState {
+                gateway: self.gateway.clone(),
+                sse_heartbeat: self.config.http.sse_heartbeat,
+                started_unix,
+            },
+            self.config.http.max_body_bytes,
+        );
+        let http = serve_http(
+            self.http,
+            router,
+            self.config.http.header_read_timeout,
+            stopped(stop_rx),
+        );
+
+        let mut servers = JoinSet::new();
+        servers.spawn(async move {
+            grpc.await
+                .map_err(|e| AppError::Serve("gRPC", e.to_string()))
+        });
+        servers.spawn(async move {
+            admin
+                .await
+                .map_err(|e| AppError::Serve("admin", e.to_string()))
+        });
+        servers.spawn(async move {
+            http.await;
+            Ok(())
+        });
+
+        tokio::pin!(shutdown);
+        let failure = tokio::select! {
+            () = &mut shutdown => None,
+            Some(done) = servers.join_next() => Some(done),
+        };
+        tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight requests");
+        self.gateway.begin_drain();
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("drain timeout reached; cutting the remaining connections");
+            servers.shutdown().await;
+        }
+        self.gateway.stop(Duration::from_secs(5)).await;
+        match failure {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(join)) => Err(AppError::Serve("node", join.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout
+/// (slow-loris guard) is actually armed; graceful shutdown lets in-flight requests finish.
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let graceful = GracefulShutdown::new();
+    // Every connection task is tracked here and reaped as it ends.
+    let mut connections = JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(router.clone());
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    connections.spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut stop => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+}

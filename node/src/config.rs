@@ -1,0 +1,710 @@
+//! Configuration: TOML (unknown keys rejected) → `MERIDIAN_…` environment overrides →
+//! [`RawConfig`] → validated [`Config`] of checked types.
+//!
+//! Every violation is reported with its field path (`providers[1].base_url`), all at once.
+//! Secrets (provider API keys) are read from the environment variable a provider names, and
+//! never reach `Debug`, logs or errors.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
+use meridian_proto::openai::RequestLimits;
+use serde::Deserialize;
+
+/// Prefix of environment variables that override configuration fields.
+pub const ENV_PREFIX: &str = "MERIDIAN_";
+/// Variables with the prefix that are not configuration fields.
+const ENV_RESERVED: &[&str] = &["MERIDIAN_LOG"];
+
+// ---------------------------------------------------------------------------------------------
+// Raw (as written)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub node: RawNode,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub grpc: RawListen,
+    #[serde(default)]
+    pub admin: RawListen,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub providers: Vec<RawProvider>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub id: Option<String>,
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+    pub max_body_bytes: Option<i64>,
+    pub header_read_timeout: Option<String>,
+    pub sse_heartbeat: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_messages: Option<i64>,
+    pub max_output_tokens: Option<i64>,
+    pub max_n: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub id: Option<String>,
+    pub kind: Option<String>,
+    pub region: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub max_concurrency: Option<i64>,
+    pub queue_capacity: Option<i64>,
+    pub queue_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub first_byte_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub total_timeout: Option<String>,
+    /// Demo only: pause before each streamed word.
+    pub word_delay: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub limits: RequestLimits,
+    pub drain_timeout: Duration,
+    pub providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub sse_heartbeat: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub id: String,
+    pub region: String,
+    pub kind: ProviderKind,
+    pub models: Vec<ModelRoute>,
+    pub max_concurrency: u32,
+    pub queue_capacity: u32,
+    pub queue_timeout: Duration,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderKind {
+    OpenAi {
+        base_url: String,
+        api_key: Option<Secret>,
+    },
+    Demo {
+        word_delay: Duration,
+    },
+}
+
+/// A secret value; `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl ProviderConfig {
+    /// The actor-side spec, with its upstream client built.
+    pub fn to_spec(&self) -> Result<ProviderSpec, ConfigError> {
+        let upstream = match &self.kind {
+            ProviderKind::OpenAi { base_url, api_key } => Upstream::OpenAi(
+                OpenAiAdapter::new(
+                    base_url,
+                    api_key.as_ref().map(|k| k.expose().to_owned()),
+                    self.timeouts.connect,
+                )
+                .map_err(|e| {
+                    ConfigError::one(
+                        format!("providers.{}", self.id),
+                        format!("cannot build the HTTP client: {e}"),
+                    )
+                })?,
+            ),
+            ProviderKind::Demo { word_delay } => Upstream::Demo(DemoModel {
+                word_delay: *word_delay,
+            }),
+        };
+        Ok(ProviderSpec {
+            id: self.id.clone(),
+            region: self.region.clone(),
+            models: self.models.clone(),
+            upstream,
+            max_concurrency: self.max_concurrency,
+            queue_capacity: self.queue_capacity,
+            queue_timeout: self.queue_timeout,
+            timeouts: self.timeouts,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// One bad field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub errors: Vec<FieldError>,
+}
+
+impl ConfigError {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            errors: vec![FieldError {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.errors.len()
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  {}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Which variables the process environment holds; tests pass a plain list instead.
+pub trait Env {
+    /// Every `(name, value)` pair.
+    fn vars(&self) -> Vec<(String, String)>;
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.vars()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for Vec<(String, String)> {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.clone()
+    }
+}
+
+/// Loads a configuration file's text, or the embedded default when `text` is `None`.
+pub fn load(text: Option<&str>, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = match text {
+        Some(t) => t
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::one("(file)", e.to_string()))?,
+        None => embedded_default(env),
+    };
+    apply_env_overrides(&mut table, env)?;
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::one(path, e.into_inner().to_string())
+        })?;
+    validate(raw, env)
+}
+
+/// The embedded default: one node on loopback serving the demo model, plus OpenAI when
+/// `OPENAI_API_KEY` is set.
+fn embedded_default(env: &dyn Env) -> toml::Table {
+    let mut text = String::from(
+        r#"
+[[providers]]
+id = "demo"
+kind = "demo"
+models = ["demo"]
+"#,
+    );
+    if env.get("OPENAI_API_KEY").is_some_and(|k| !k.is_empty()) {
+        text.push_str(
+            r#"
+[[providers]]
+id = "openai"
+kind = "openai"
+region = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini"]
+"#,
+        );
+    }
+    text.parse().unwrap_or_default()
+}
+
+/// `MERIDIAN_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`; `MERIDIAN_PROVIDERS__0__BASE_URL`
+/// sets `providers[0].base_url`. Values are read as TOML values when they parse as one (numbers,
+/// booleans, arrays), else as strings. A variable that names no field is an error.
+fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
+    let mut errors = Errors::default();
+    let mut vars: Vec<_> = env
+        .vars()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (name, value) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            errors.push(&name, "malformed override: use MERIDIAN_SECTION__FIELD");
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        if let Err(msg) = set_path(table, &path, parsed) {
+            errors.push(&name, msg);
+        }
+    }
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { errors: errors.0 })
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (first, rest) = path.split_first().ok_or("empty path")?;
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => set_path(t, rest, value),
+        toml::Value::Array(items) => {
+            let (index, rest) = rest.split_first().ok_or("empty path")?;
+            let i: usize = index
+                .parse()
+                .map_err(|_| format!("{first} is a list; expected an index, got {index}"))?;
+            match items.get_mut(i) {
+                Some(toml::Value::Table(t)) if !rest.is_empty() => set_path(t, rest, value),
+                Some(slot) if rest.is_empty() => {
+                    *slot = value;
+                    Ok(())
+                }
+                _ => Err(format!("{first}[{i}] does not exist")),
+            }
+        }
+        _ => Err(format!("{first} is not a section")),
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m or h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut e = Errors::default();
+
+    let duration = |e: &mut Errors, path: &str, v: Option<&String>, default: Duration| match v {
+        None => default,
+        Some(s) => match parse_duration(s) {
+            Ok(d) if d.is_zero() => {
+                e.push(path, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(msg) => {
+                e.push(path, msg);
+                default
+            }
+        },
+    };
+    let int = |e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64| match v
+    {
+        None => default,
+        Some(n) if (min..=max).contains(&n) => u32::try_from(n).unwrap_or(default),
+        Some(n) => {
+            e.push(path, format!("must be between {min} and {max}, got {n}"));
+            default
+        }
+    };
+    let addr = |e: &mut Errors, path: &str, v: Option<&String>, default: &str| {
+        let s = v.map_or(default, String::as_str);
+        s.parse::<SocketAddr>().unwrap_or_else(|_| {
+            e.push(
+                path,
+                format!("{s:?} is not a socket address like 127.0.0.1:8080"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    };
+
+    let node = NodeConfig {
+        id: raw.node.id.unwrap_or_else(|| "node-1".into()),
+        region: raw.node.region.unwrap_or_else(|| "local".into()),
+    };
+    if node.id.is_empty() {
+        e.push("node.id", "must not be empty");
+    }
+    let http = HttpConfig {
+        listen: addr(
+            &mut e,
+            "http.listen",
+            raw.http.listen.as_ref(),
+            "127.0.0.1:8080",
+        ),
+        max_body_bytes: int(
+            &mut e,
+            "http.max_body_bytes",
+            raw.http.max_body_bytes,
+            4 * 1024 * 1024,
+            1024,
+            i64::from(u32::MAX),
+        ) as usize,
+        header_read_timeout: duration(
+            &mut e,
+            "http.header_read_timeout",
+            raw.http.header_read_timeout.as_ref(),
+            Duration::from_secs(10),
+        ),
+        sse_heartbeat: duration(
+            &mut e,
+            "http.sse_heartbeat",
+            raw.http.sse_heartbeat.as_ref(),
+            Duration::from_secs(15),
+        ),
+    };
+    let grpc_listen = addr(
+        &mut e,
+        "grpc.listen",
+        raw.grpc.listen.as_ref(),
+        "127.0.0.1:50051",
+    );
+    let admin_listen = addr(
+        &mut e,
+        "admin.listen",
+        raw.admin.listen.as_ref(),
+        "127.0.0.1:50052",
+    );
+    let mut seen = HashSet::new();
+    for (path, a) in [
+        ("http.listen", http.listen),
+        ("grpc.listen", grpc_listen),
+        ("admin.listen", admin_listen),
+    ] {
+        if a.port() != 0 && !seen.insert(a) {
+            e.push(path, format!("{a} is already used by another listener"));
+        }
+    }
+    let defaults = RequestLimits::default();
+    let limits = RequestLimits {
+        max_messages: int(
+            &mut e,
+            "limits.max_messages",
+            raw.limits.max_messages,
+            u32::try_from(defaults.max_messages).unwrap_or(u32::MAX),
+            1,
+            1_000_000,
+        ) as usize,
+        max_output_tokens: int(
+            &mut e,
+            "limits.max_output_tokens",
+            raw.limits.max_output_tokens,
+            defaults.max_output_tokens,
+            1,
+            10_000_000,
+        ),
+        max_n: int(
+            &mut e,
+            "limits.max_n",
+            raw.limits.max_n,
+            defaults.max_n,
+            1,
+            128,
+        ),
+    };
+    let drain_timeout = duration(
+        &mut e,
+        "shutdown.drain_timeout",
+        raw.shutdown.drain_timeout.as_ref(),
+        Duration::from_secs(30),
+    );
+
+    if raw.providers.is_empty() {
+        e.push("providers", "at least one provider is required");
+    }
+    let mut ids = HashSet::new();
+    let mut providers = Vec::new();
+    for (i, p) in raw.providers.into_iter().enumerate() {
+        let at = |field: &str| format!("providers[{i}].{field}");
+        let id = p.id.clone().unwrap_or_default();
+        if id.is_empty() {
+            e.push(at("id"), "is required");
+        } else if !ids.insert(id.clone()) {
+            e.push(at("id"), format!("{id:?} is used by another provider"));
+        }
+        let kind = match p.kind.as_deref() {
+            Some("openai") => {
+                let base_url = p.base_url.clone().unwrap_or_default();
+                if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                    e.push(
+                        at("base_url"),
+                        format!("{base_url:?} must be an http:// or https:// URL"),
+                    );
+                }
+                let api_key = match &p.api_key_env {
+                    None => None,
+                    Some(var) => match env.get(var) {
+                        Some(v) if !v.is_empty() => Some(Secret(v)),
+                        _ => {
+                            e.push(
+                                at("api_key_env"),
+                                format!("environment variable {var} is not set"),
+                            );
+                            None
+                        }
+                    },
+                };
+                ProviderKind::OpenAi { base_url, api_key }
+            }
+            Some("demo") => {
+                for (field, set) in [
+                    ("base_url", p.base_url.is_some()),
+                    ("api_key_env", p.api_key_env.is_some()),
+                ] {
+                    if set {
+                        e.push(at(field), "does not apply to a demo provider");
+                    }
+                }
+                ProviderKind::Demo {
+                    word_delay: match &p.word_delay {
+                        None => Duration::from_millis(20),
+                        Some(s) => parse_duration(s).unwrap_or_else(|m| {
+                            e.push(at("word_delay"), m);
+                            Duration::ZERO
+                        }),
+                    },
+                }
+            }
+            Some(other) => {
+                e.push(
+                    at("kind"),
+                    format!("unknown kind {other:?} (expected \"openai\" or \"demo\")"),
+                );
+                continue;
+            }
+            None => {
+                e.push(at("kind"), "is required (\"openai\" or \"demo\")");
+                continue;
+            }
+        };
+        if p.word_delay.is_some() && !matches!(kind, ProviderKind::Demo { .. }) {
+            e.push(at("word_delay"), "applies only to a demo provider");
+        }
+        if p.models.is_empty() {
+            e.push(at("models"), "must list at least one model");
+        }
+        let mut models = Vec::new();
+        for (j, m) in p.models.iter().enumerate() {
+            let (name, upstream) = m.split_once('=').unwrap_or((m, m));
+            let (name, upstream) = (name.trim(), upstream.trim());
+            if name.is_empty() || upstream.is_empty() {
+                e.push(
+                    at(&format!("models[{j}]")),
+                    format!("{m:?} must be \"name\" or \"name=upstream_name\""),
+                );
+                continue;
+            }
+            models.push(ModelRoute {
+                name: name.to_owned(),
+                upstream_name: upstream.to_owned(),
+            });
+        }
+        let d = Timeouts::default();
+        let timeouts = Timeouts {
+            connect: duration(
+                &mut e,
+                &at("connect_timeout"),
+                p.connect_timeout.as_ref(),
+                d.connect,
+            ),
+            first_byte: duration(
+                &mut e,
+                &at("first_byte_timeout"),
+                p.first_byte_timeout.as_ref(),
+                d.first_byte,
+            ),
+            idle: duration(&mut e, &at("idle_timeout"), p.idle_timeout.as_ref(), d.idle),
+            total: duration(
+                &mut e,
+                &at("total_timeout"),
+                p.total_timeout.as_ref(),
+                d.total,
+            ),
+        };
+        providers.push(ProviderConfig {
+            id,
+            region: p.region.clone().unwrap_or_else(|| node.region.clone()),
+            kind,
+            models,
+            max_concurrency: int(
+                &mut e,
+                &at("max_concurrency"),
+                p.max_concurrency,
+                64,
+                1,
+                1_000_000,
+            ),
+            queue_capacity: int(
+                &mut e,
+                &at("queue_capacity"),
+                p.queue_capacity,
+                256,
+                0,
+                1_000_000,
+            ),
+            queue_timeout: duration(
+                &mut e,
+                &at("queue_timeout"),
+                p.queue_timeout.as_ref(),
+                Duration::from_secs(10),
+            ),
+            timeouts,
+        });
+    }
+
+    if !e.0.is_empty() {
+        return Err(ConfigError { errors: e.0 });
+    }
+    Ok(Config {
+        node,
+        http,
+        grpc_listen,
+        admin_listen,
+        limits,
+        drain_timeout,
+        providers,
+    })
+}
+
+#[cfg(test)]
+mod tests;

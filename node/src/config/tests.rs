@@ -1,0 +1,148 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+fn paths(err: &ConfigError) -> Vec<&str> {
+    err.errors.iter().map(|e| e.path.as_str()).collect()
+}
+
+#[test]
+fn the_embedded_default_serves_the_demo_model() {
+    let c = load(None, &env(&[])).expect("default is valid");
+    assert_eq!(c.providers.len(), 1);
+    assert_eq!(c.providers[0].models[0].name, "demo");
+    assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.http.max_body_bytes, 4 * 1024 * 1024);
+
+    let c = load(None, &env(&[("OPENAI_API_KEY", "sk-test-secret")])).expect("valid");
+    let openai = c
+        .providers
+        .iter()
+        .find(|p| p.id == "openai")
+        .expect("openai added");
+    let ProviderKind::OpenAi { api_key, .. } = &openai.kind else {
+        panic!("openai kind");
+    };
+    assert_eq!(api_key.as_ref().map(Secret::expose), Some("sk-test-secret"));
+    assert!(
+        !format!("{c:?}").contains("sk-test-secret"),
+        "secrets never reach Debug"
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let err = load(
+        Some("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n"),
+        &env(&[]),
+    )
+    .expect_err("unknown key");
+    assert_eq!(paths(&err), ["http"]);
+    assert!(err.to_string().contains("lisen"), "{err}");
+
+    let err = load(
+        Some("[[providers]]\nid = \"a\"\nkind = \"demo\"\nmodels = [\"m\"]\ncolour = 1\n"),
+        &env(&[]),
+    )
+    .expect_err("unknown key");
+    assert!(paths(&err)[0].starts_with("providers[0]"), "{err}");
+}
+
+#[test]
+fn every_bad_field_is_reported_at_once() {
+    let text = r#"
+[http]
+listen = "not an address"
+max_body_bytes = 12
+sse_heartbeat = "5 parsecs"
+
+[grpc]
+listen = "127.0.0.1:9000"
+
+[admin]
+listen = "127.0.0.1:9000"
+
+[[providers]]
+id = "a"
+kind = "openai"
+base_url = "ftp://x"
+api_key_env = "NOT_SET_ANYWHERE"
+models = ["m", "=x"]
+max_concurrency = 0
+queue_timeout = "0s"
+
+[[providers]]
+id = "a"
+kind = "magic"
+models = ["m"]
+"#;
+    let err = load(Some(text), &env(&[])).expect_err("invalid");
+    let got = paths(&err);
+    for want in [
+        "http.listen",
+        "http.max_body_bytes",
+        "http.sse_heartbeat",
+        "admin.listen",
+        "providers[0].base_url",
+        "providers[0].api_key_env",
+        "providers[0].models[1]",
+        "providers[0].max_concurrency",
+        "providers[0].queue_timeout",
+        "providers[1].id",
+        "providers[1].kind",
+    ] {
+        assert!(got.contains(&want), "missing {want} in {got:?}");
+    }
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    let err = load(Some("[limits]\nmax_n = \"eight\"\n"), &env(&[])).expect_err("type error");
+    assert_eq!(paths(&err), ["limits.max_n"]);
+}
+
+#[test]
+fn environment_overrides_fields_and_names_bad_ones() {
+    let text = "[[providers]]\nid = \"a\"\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodels = [\"m\"]\n";
+    let c = load(
+        Some(text),
+        &env(&[
+            ("MERIDIAN_HTTP__LISTEN", "0.0.0.0:9999"),
+            ("MERIDIAN_PROVIDERS__0__MAX_CONCURRENCY", "7"),
+            ("MERIDIAN_PROVIDERS__0__MODELS", "[\"x\", \"y=z\"]"),
+            ("MERIDIAN_LOG", "debug"),
+        ]),
+    )
+    .expect("valid");
+    assert_eq!(c.http.listen.to_string(), "0.0.0.0:9999");
+    assert_eq!(c.providers[0].max_concurrency, 7);
+    assert_eq!(c.providers[0].models[1].upstream_name, "z");
+
+    let err = load(
+        Some(text),
+        &env(&[
+            ("MERIDIAN_PROVIDERS__3__ID", "b"),
+            ("MERIDIAN_HTTP__NOPE", "1"),
+        ]),
+    )
+    .expect_err("bad overrides");
+    let got = paths(&err);
+    assert!(got.contains(&"MERIDIAN_PROVIDERS__3__ID"), "{got:?}");
+    // A field that does not exist is caught by the unknown-key check.
+    let err = load(Some(text), &env(&[("MERIDIAN_HTTP__NOPE", "1")])).expect_err("unknown");
+    assert!(err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert!(parse_duration("10").is_err());
+    assert!(parse_duration("10d").is_err());
+}

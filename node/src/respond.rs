@@ -1,0 +1,71 @@
+//! The one place that turns an [`ApiError`] into an HTTP response or a gRPC status.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use meridian_proto::{ApiError, ErrorKind};
+
+pub fn http_status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The OpenAI error body with its status, `Retry-After` when a retry helps later, and
+/// `x-should-retry: false` when it cannot help (so SDKs do not hammer us).
+pub fn http_error(e: &ApiError) -> Response {
+    let status = http_status(e.kind);
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), error = %e, "request failed");
+    }
+    let mut resp = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        e.body().to_json(),
+    )
+        .into_response();
+    let headers = resp.headers_mut();
+    if let Some(after) = e.retry_after {
+        let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if !e.kind.retryable() {
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    resp
+}
+
+pub fn grpc_status(e: &ApiError) -> tonic::Status {
+    use tonic::Code;
+    let code = match e.kind {
+        ErrorKind::InvalidRequest => Code::InvalidArgument,
+        ErrorKind::PayloadTooLarge => Code::ResourceExhausted,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::RateLimited => Code::ResourceExhausted,
+        ErrorKind::Unavailable | ErrorKind::Upstream => Code::Unavailable,
+        ErrorKind::Timeout => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
+    };
+    let mut status = tonic::Status::new(code, e.message.clone());
+    let md = status.metadata_mut();
+    if let Some(after) = e.retry_after {
+        md.insert("retry-after", after.as_secs().max(1).into());
+    }
+    if let Some(code) = e.code.as_deref().and_then(|c| c.parse().ok()) {
+        md.insert("x-meridian-error-code", code);
+    }
+    if let Some(param) = e.param.as_deref().and_then(|p| p.parse().ok()) {
+        md.insert("x-meridian-error-param", param);
+    }
+    status
+}
