@@ -190,17 +190,33 @@ async fn stream(
             return Outcome::Failed(e);
         }
     };
+    // Nothing reaches the client before the upstream's first event: a failure up to here is
+    // still a clean status (and, later, a reason to try another provider).
+    let first = tokio::select! {
+        n = chunks.next() => n,
+        () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
+        () = reply.closed() => return Outcome::ClientGone,
+    };
+    if let Some(Err(e)) = first {
+        let e = e.into_api_error(&spec.id);
+        let _ = reply.send(Err(e.clone()));
+        return Outcome::Failed(e);
+    }
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     if reply.send(Ok(ChatReply::Stream(rx))).is_err() {
         return Outcome::ClientGone;
     }
     let include_usage = request.include_usage();
     let mut usage = None;
+    let mut pending = Some(first);
     loop {
-        let next = tokio::select! {
-            n = chunks.next() => n,
-            () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
-            () = tx.closed() => return Outcome::ClientGone,
+        let next = match pending.take() {
+            Some(first) => first,
+            None => tokio::select! {
+                n = chunks.next() => n,
+                () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
+                () = tx.closed() => return Outcome::ClientGone,
+            },
         };
         let event = match next {
             None => {

@@ -1,0 +1,34 @@
+//! The mock OpenAI/vLLM upstream as a process: `mock-upstream [--listen ADDR] [--flavor vllm|openai]
+//! [--model NAME]`. Prints `mock-upstream listening on ADDR` once it accepts connections.
+
+use clap::Parser;
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value = "vllm")]
+    flavor: String,
+    #[arg(long, default_value = "mock")]
+    model: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let flavor = match args.flavor.as_str() {
+        "vllm" => Flavor::Vllm,
+        "openai" => Flavor::OpenAi,
+        other => anyhow::bail!("--flavor must be vllm or openai, got {other:?}"),
+    };
+    let mock = MockUpstream::start(MockOptions {
+        listen: args.listen,
+        flavor,
+        served_model: args.model,
+    })
+    .await?;
+    println!("mock-upstream listening on {}", mock.addr);
+    mock.wait().await;
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! A mock OpenAI-compatible / vLLM upstream that speaks the real wire format byte for byte.
+//!
+//! Behaviour is scripted per request, by the `x-mock-script` header or by the model name after
+//! an `@` (`mock@tokens:3;fail_after:2`), with `key=value` (or `key:value`, which fits in a
+//! model name that a router config maps with `=`) pairs separated by `;` or `,`:
+//!
+//! | key | effect |
+//! |---|---|
+//! | `tokens=N` | content tokens to generate (default 8) |
+//! | `ttft_ms=N` | delay before the first token (and before a non-streamed answer) |
+//! | `itl_ms=N` | delay between tokens |
+//! | `fail=STATUS` | answer STATUS at once, with this flavour's error body (429/503 carry `retry-after: 1`) |
+//! | `fail_after=K` | stream: after K tokens send an in-band error event then `[DONE]` (as vLLM does) |
+//! | `close_after=K` | stream: after K tokens cut the connection (no `[DONE]`) |
+//! | `stall_after=K` | stream: after K tokens go silent until the client leaves |
+//! | `content=cr` / `content=done` | token text holds `\r\n` / a forged `data: [DONE]` event |
+//! | `flavor=vllm` / `flavor=openai` | override the server's flavour for this request |
+//!
+//! Flavours differ as the real servers do: OpenAI puts `"usage":null` on every chunk when usage
+//! is requested and uses string error codes; vLLM omits `usage` on intermediate chunks, uses
+//! integer error codes and class-style error types.
+//!
+//! Counters (the ground truth for tests): requests received, streams completed, streams aborted
+//! by the client, scripted failures. `GET /mock/stats` returns them as JSON.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    OpenAi,
+    Vllm,
+}
+
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    pub listen: SocketAddr,
+    pub flavor: Flavor,
+    /// The model name `/v1/models` lists and `/metrics` labels.
+    pub served_model: String,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            flavor: Flavor::Vllm,
+            served_model: "mock".into(),
+        }
+    }
+}
+
+/// What the mock actually did.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub aborted: AtomicU64,
+    pub failed: AtomicU64,
+    pub running: AtomicU64,
+    /// Streaming requests that asked for the final usage chunk.
+    pub usage_requested: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+impl MockStats {
+    pub fn snapshot(&self) -> Value {
+        json!({
+            "requests": self.requests.load(SeqCst),
+            "completed": self.completed.load(SeqCst),
+            "aborted": self.aborted.load(SeqCst),
+            "failed": self.failed.load(SeqCst),
+            "running": self.running.load(SeqCst),
+            "usage_requested": self.usage_requested.load(SeqCst),
+            "prompt_tokens": self.prompt_tokens.load(SeqCst),
+            "completion_tokens": self.completion_tokens.load(SeqCst),
+        })
+    }
+}
+
+/// A running mock; stops when dropped.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub stats: Arc<MockStats>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl MockUpstream {
+    pub async fn start(opts: MockOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(MockStats::default());
+        let app = router(Arc::new(Shared {
+            opts,
+            stats: Arc::clone(&stats),
+        }));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            stats,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The API root to configure a provider with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Serves until the process is stopped (the binary's main loop).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    opts: MockOptions,
+    stats: Arc<MockStats>,
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(metrics))
+        .route(
+            "/mock/stats",
+            get(|State(s): State<Arc<Shared>>| async move { axum::Json(s.stats.snapshot()) }),
+        )
+        .with_state(shared)
+}
+
+/// One request's script.
+#[derive(Debug, Clone, Default)]
+struct Script {
+    tokens: usize,
+    ttft: Duration,
+    itl: Duration,
+    fail: Option<u16>,
+    fail_after: Option<usize>,
+    close_after: Option<usize>,
+    stall_after: Option<usize>,
+    content: Content,
+    flavor: Option<Flavor>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Content {
+    #[default]
+    Plain,
+    CarriageReturn,
+    ForgedDone,
+}
+
+impl Script {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut s = Self {
+            tokens: 8,
+            ..Self::default()
+        };
+        for pair in text
+            .split([';', ','])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair
+                .split_once(['=', ':'])
+                .ok_or_else(|| format!("mock script: {pair:?} is not key=value"))?;
+            let n = || {
+                v.parse::<u64>()
+                    .map_err(|_| format!("mock script: {k} needs a number, got {v:?}"))
+            };
+            match k {
+                "tokens" => s.tokens = n()? as usize,
+                "ttft_ms" => s.ttft = Duration::from_millis(n()?),
+                "itl_ms" => s.itl = Duration::from_millis(n()?),
+                "fail" => s.fail = Some(n()? as u16),
+                "fail_after" => s.fail_after = Some(n()? as usize),
+                "close_after" => s.close_after = Some(n()? as usize),
+                "stall_after" => s.stall_after = Some(n()? as usize),
+                "content" => {
+                    s.content = match v {
+                        "cr" => Content::CarriageReturn,
+                        "done" => Content::ForgedDone,
+                        "plain" => Content::Plain,
+                        _ => return Err(format!("mock script: unknown content {v:?}")),
+                    }
+                }
+                "flavor" => {
+                    s.flavor = Some(match v {
+                        "vllm" => Flavor::Vllm,
+                        "openai" => Flavor::OpenAi,
+                        _ => return Err(format!("mock script: unknown flavor {v:?}")),
+                    })
+                }
+                _ => return Err(format!("mock script: unknown key {k:?}")),
+            }
+        }
+        Ok(s)
+    }
+
+    fn token(&self, i: usize) -> String {
+        match self.content {
+            Content::Plain => format!("tok{i} "),
+            Content::CarriageReturn => format!("line{i}\r\n"),
+            Content::ForgedDone => "\n\ndata: [DONE]\n\n".to_owned(),
+        }
+    }
+}
+
+fn error_body(flavor: Flavor, status: u16, message: &str) -> String {
+    match flavor {
+        Flavor::OpenAi => {
+            let (ty, code) = match status {
+                400 => ("invalid_request_error", "invalid_value"),
+                401 => ("invalid_request_error", "invalid_api_key"),
+                404 => ("invalid_request_error", "model_not_found"),
+                429 => ("requests", "rate_limit_exceeded"),
+                _ => ("server_error", "server_error"),
+            };
+            json!({"error": {"message": message, "type": ty, "param": null, "code": code}})
+                .to_string()
+        }
+        Flavor::Vllm => {
+            let ty = match status {
+                400 => "BadRequestError",
+                404 => "NotFoundError",
+                _ => "InternalServerError",
+            };
+            json!({"error": {"message": message, "type": ty, "param": null, "code": status}})
+                .to_string()
+        }
+    }
+}
+
+fn error_response(flavor: Flavor, status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        error_body(flavor, status, message),
+    )
+        .into_response();
+    if matches!(status, 429 | 503) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.stats.requests.fetch_add(1, SeqCst);
+    let flavor_default = s.opts.flavor;
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(flavor_default, 400, &format!("invalid JSON: {e}")),
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_owned();
+    let script_text = headers
+        .get("x-mock-script")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| model.split_once('@').map(|(_, s)| s.to_owned()))
+        .unwrap_or_default();
+    let script = match Script::parse(&script_text) {
+        Ok(s) => s,
+        Err(e) => return error_response(flavor_default, 400, &e),
+    };
+    let flavor = script.flavor.unwrap_or(flavor_default);
+    if let Some(status) = script.fail {
+        s.stats.failed.fetch_add(1, SeqCst);
+        return error_response(flavor, status, &format!("scripted failure {status}"));
+    }
+    let prompt_tokens = req["messages"].as_array().map_or(0, |m| {
+        m.iter()
+            .map(|m| {
+                m["content"]
+                    .as_str()
+                    .map_or(1, |c| c.split_whitespace().count() + 1)
+            })
+            .sum::<usize>()
+    });
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    let include_usage = req["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let id = format!("chatcmpl-mock{}", s.stats.requests.load(SeqCst));
+    if !stream {
+        if !script.ttft.is_zero() {
+            tokio::time::sleep(script.ttft).await;
+        }
+        let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
+        s.stats
+            .prompt_tokens
+            .fetch_add(prompt_tokens as u64, SeqCst);
+        s.stats
+            .completion_tokens
+            .fetch_add(script.tokens as u64, SeqCst);
+        s.stats.completed.fetch_add(1, SeqCst);
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": 1763700000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
+                         "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": script.tokens,
+                      "total_tokens": prompt_tokens + script.tokens,
+                      "prompt_tokens_details": {"cached_tokens": 0}},
+            "service_tier": "default", "system_fingerprint": "fp_mock"
+        });
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+    }
+    s.stats.running.fetch_add(1, SeqCst);
+    if include_usage {
+        s.stats.usage_requested.fetch_add(1, SeqCst);
+    }
+    let guard = StreamGuard {
+        stats: Arc::clone(&s.stats),
+        end: End::Open,
+    };
+    let plan = StreamPlan {
+        script,
+        flavor,
+        id,
+        model,
+        include_usage,
+        prompt_tokens,
+        step: 0,
+        guard,
+    };
+    let body = Body::from_stream(
+        futures::stream::unfold(plan, StreamPlan::next)
+            .flat_map(|items: Vec<Result<Bytes, std::io::Error>>| futures::stream::iter(items)),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Still running; if the body is dropped now, the client went away.
+    Open,
+    Completed,
+    /// A scripted failure ended it.
+    Failed,
+}
+
+/// Counts a stream by how it ended, when its body is dropped.
+struct StreamGuard {
+    stats: Arc<MockStats>,
+    end: End,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.stats.running.fetch_sub(1, SeqCst);
+        let counter = match self.end {
+            End::Open => &self.stats.aborted,
+            End::Completed => &self.stats.completed,
+            End::Failed => &self.stats.failed,
+        };
+        counter.fetch_add(1, SeqCst);
+    }
+}
+
+struct StreamPlan {
+    script: Script,
+    flavor: Flavor,
+    id: String,
+    model: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+    step: usize,
+    guard: StreamGuard,
+}
+
+impl StreamPlan {
+    fn chunk(&self, delta: &str, finish: Option<&str>) -> Bytes {
+        let usage = match (self.flavor, self.include_usage) {
+            (Flavor::OpenAi, true) => r#","usage":null"#,
+            _ => "",
+        };
+        let finish = finish.map_or("null".to_owned(), |f| format!("\"{f}\""));
+        Bytes::from(format!(
+            "data: {{\"id\":\"{}\",\"object\":\"chat.completion.chunk\",\"created\":1763700000,\"model\":{},\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage}}}\n\n",
+            self.id,
+            Value::String(self.model.clone()),
+        ))
+    }
+
+    /// Emits the next group of frames. Step 0: role chunk; 1..=tokens: content; then the
+    /// finish chunk, the usage chunk (if asked) and `[DONE]`.
+    async fn next(mut self) -> Option<(Vec<Result<Bytes, std::io::Error>>, Self)> {
+        if self.guard.end != End::Open {
+            return None;
+        }
+        let n = self.script.tokens;
+        let step = self.step;
+        self.step += 1;
+        if step == 0 {
+            if !self.script.ttft.is_zero() {
+                tokio::time::sleep(self.script.ttft).await;
+            }
+            let first = self.chunk(r#"{"role":"assistant","content":""}"#, None);
+            return Some((vec![Ok(first)], self));
+        }
+        let emitted = step - 1;
+        if emitted < n {
+            // Time passes before each token, faults included, as on a real server.
+            if emitted > 0 && !self.script.itl.is_zero() {
+                tokio::time::sleep(self.script.itl).await;
+            }
+            if self.script.stall_after == Some(emitted) {
+                std::future::pending::<()>().await;
+            }
+            if self.script.close_after == Some(emitted) {
+                self.guard.end = End::Failed;
+                let err =
+                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "scripted close");
+                return Some((vec![Err(err)], self));
+            }
+            if self.script.fail_after == Some(emitted) {
+                let body = error_body(self.flavor, 500, "scripted mid-stream failure");
+                self.guard.end = End::Failed;
+                let frames = vec![
+                    Ok(Bytes::from(format!("data: {body}\n\n"))),
+                    Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                ];
+                return Some((frames, self));
+            }
+            let delta = json!({ "content": self.script.token(emitted) }).to_string();
+            return Some((vec![Ok(self.chunk(&delta, None))], self));
+        }
+        if emitted == n {
+            let mut frames = vec![Ok(self.chunk("{}", Some("stop")))];
+            if self.include_usage {
+                frames.push(Ok(Bytes::from(format!(
+                    "data: {{\"id\":\"{}\",\"object\":\"chat.completion.chunk\",\"created\":1763700000,\"model\":{},\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{n},\"total_tokens\":{t},\"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\n",
+                    self.id,
+                    Value::String(self.model.clone()),
+                    p = self.prompt_tokens,
+                    t = self.prompt_tokens + n,
+                ))));
+            }
+            frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+            self.guard
+                .stats
+                .prompt_tokens
+                .fetch_add(self.prompt_tokens as u64, SeqCst);
+            self.guard
+                .stats
+                .completion_tokens
+                .fetch_add(n as u64, SeqCst);
+            self.guard.end = End::Completed;
+            return Some((frames, self));
+        }
+        None
+    }
+}
+
+async fn models(State(s): State<Arc<Shared>>) -> Response {
+    let m = &s.opts.served_model;
+    axum::Json(json!({"object": "list", "data": [{
+        "id": m, "object": "model", "created": 1763700000, "owned_by": "vllm",
+        "root": format!("/models/{m}"), "parent": null, "max_model_len": 8192, "permission": []
+    }]}))
+    .into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let m = &s.opts.served_model;
+    let st = &s.stats;
+    let text = format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"{m}\"}} {running}.0\n\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"{m}\"}} 0.0\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{m}\"}} {kv}\n\
+         # HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n\
+         # TYPE vllm:prompt_tokens_total counter\n\
+         vllm:prompt_tokens_total{{engine=\"0\",model_name=\"{m}\"}} {prompt}.0\n\
+         # HELP vllm:generation_tokens_total Number of generation tokens processed.\n\
+         # TYPE vllm:generation_tokens_total counter\n\
+         vllm:generation_tokens_total{{engine=\"0\",model_name=\"{m}\"}} {gen}.0\n\
+         # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n\
+         # TYPE vllm:prefix_cache_queries_total counter\n\
+         vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"{m}\"}} {prompt}.0\n\
+         # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n\
+         # TYPE vllm:prefix_cache_hits_total counter\n\
+         vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{m}\"}} 0.0\n",
+        running = st.running.load(SeqCst),
+        kv = (st.running.load(SeqCst) as f64 / 256.0).min(1.0),
+        prompt = st.prompt_tokens.load(SeqCst),
+        gen = st.completion_tokens.load(SeqCst),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,498 @@
+//! The HTTP/SSE edge end to end: a real node on loopback in front of the mock upstream.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use futures::StreamExt;
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::{TestNode, chat_body, provider_toml, sse_events, wait_until};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn mock(flavor: Flavor) -> MockUpstream {
+    MockUpstream::start(MockOptions {
+        flavor,
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock starts")
+}
+
+/// A node in front of `mock` serving `models`, with extra provider settings and node sections.
+async fn node(
+    mock: &MockUpstream,
+    models: &[&str],
+    provider_extra: &str,
+    node_extra: &str,
+) -> TestNode {
+    let toml = format!(
+        "{node_extra}\n{}",
+        provider_toml("mock", &mock.base_url(), models, provider_extra)
+    );
+    TestNode::start(&toml).await.expect("node starts")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(node: &TestNode, body: String) -> reqwest::Response {
+    client()
+        .post(node.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// The chunk JSON objects and whether the stream ended with `[DONE]`.
+fn parse_stream(body: &[u8]) -> (Vec<Value>, bool) {
+    let events = sse_events(body);
+    let done = events.last().is_some_and(|e| &e.data[..] == b"[DONE]");
+    let done_count = events.iter().filter(|e| &e.data[..] == b"[DONE]").count();
+    assert!(done_count <= 1, "at most one [DONE]");
+    let chunks = events
+        .iter()
+        .filter(|e| &e.data[..] != b"[DONE]")
+        .map(|e| serde_json::from_slice(&e.data).expect("every data line is JSON"))
+        .collect();
+    (chunks, done)
+}
+
+fn content(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn non_streaming_chat_returns_the_completion_and_usage() {
+    let m = mock(Flavor::OpenAi).await;
+    let n = node(&m, &["mock"], "", "").await;
+    let resp = post(&n, chat_body("mock", false, "")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert_eq!(m.stats.completed.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn streaming_chat_is_relayed_exactly_and_always_metered() {
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let m = mock(flavor).await;
+        let n = node(&m, &["mock"], "", "").await;
+        let resp = post(&n, chat_body("mock", true, "")).await;
+        assert_eq!(resp.status(), 200);
+        let h = resp.headers();
+        assert_eq!(h["content-type"], "text/event-stream");
+        assert_eq!(h["cache-control"], "no-cache");
+        assert_eq!(h["x-accel-buffering"], "no");
+        let body = resp.bytes().await.expect("body");
+        let (chunks, done) = parse_stream(&body);
+        assert!(done, "{flavor:?}: ends with [DONE]");
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(content(&chunks), "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ");
+        assert_eq!(
+            chunks.last().expect("chunks")["choices"][0]["finish_reason"],
+            "stop"
+        );
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())),
+            "{flavor:?}: no usage chunk unless the client asks"
+        );
+        assert_eq!(
+            m.stats.usage_requested.load(SeqCst),
+            1,
+            "we always ask upstream for usage"
+        );
+
+        let resp = post(
+            &n,
+            chat_body("mock", true, r#""stream_options":{"include_usage":true}"#),
+        )
+        .await;
+        let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+        assert!(done);
+        let last = chunks.last().expect("chunks");
+        assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
+        assert_eq!(last["usage"]["completion_tokens"], 8, "{flavor:?}");
+        assert_eq!(
+            last["usage"]["total_tokens"],
+            last["usage"]["prompt_tokens"].as_u64().unwrap_or(0) + 8
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "").await;
+    let resp = client()
+        .post(n.url("/v1/chat/completions"))
+        .header("x-request-id", "trace-abc-123")
+        .body(chat_body("mock", false, ""))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
+    let resp = post(&n, chat_body("nope", false, "")).await;
+    assert_eq!(
+        resp.headers()["x-request-id"].len(),
+        32,
+        "generated even on errors"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "[http]\nmax_body_bytes = 2048").await;
+    let big = format!(
+        r#"{{"model":"mock","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(4096)
+    );
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        (big, 413, None),
+        ("{not json".into(), 400, None),
+        ("[]".into(), 400, None),
+        (
+            r#"{"model":"mock","messages":"hi"}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            r#"{"model":"mock","messages":[]}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (r#"{"model":"mock"}"#.into(), 400, Some("messages")),
+        (
+            chat_body("mock", false, r#""temperature":3"#),
+            400,
+            Some("temperature"),
+        ),
+        (
+            chat_body("mock", false, r#""max_tokens":0"#),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            chat_body("mock", false, r#""top_p":"high""#),
+            400,
+            Some("top_p"),
+        ),
+        (
+            r#"{"model":"mock","messages":[{"role":"robot","content":"x"}]}"#.into(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (chat_body("unknown-model", false, ""), 404, Some("model")),
+    ];
+    for (body, status, param) in cases {
+        let resp = post(&n, body.clone()).await;
+        let short = &body[..body.len().min(80)];
+        assert_eq!(resp.status().as_u16(), status, "{short}");
+        assert_eq!(resp.headers()["x-should-retry"], "false", "{short}");
+        let v: Value = resp.json().await.expect("OpenAI error body");
+        let err = &v["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{short}: {v}"
+        );
+        assert!(err["type"].is_string(), "{short}: {v}");
+        assert!(
+            err.get("code").is_some() && err.get("param").is_some(),
+            "{short}: {v}"
+        );
+        if let Some(param) = param {
+            assert_eq!(err["param"], param, "{short}: {v}");
+            assert!(
+                err["message"].as_str().is_some_and(|m| m.contains(param)),
+                "{short}: {v}"
+            );
+        }
+    }
+    let resp = client()
+        .get(n.url("/v1/chat/completions"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 405);
+    let resp = client()
+        .get(n.url("/v2/nothing"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "unknown_url");
+    assert_eq!(
+        m.stats.requests.load(SeqCst),
+        0,
+        "no bad request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_before_the_first_byte_map_to_statuses() {
+    let m = mock(Flavor::Vllm).await;
+    let models = [
+        "mock@fail:400",
+        "mock@fail:500",
+        "mock@fail:429",
+        "mock@fail:503",
+        "mock@ttft_ms:3000",
+    ];
+    let n = node(&m, &models, "first_byte_timeout = \"200ms\"", "").await;
+    let cases = [
+        ("mock@fail:400", 400, false),
+        ("mock@fail:500", 502, false),
+        ("mock@fail:429", 503, true),
+        ("mock@fail:503", 503, true),
+        ("mock@ttft_ms:3000", 504, true),
+    ];
+    for (model, status, retry_after) in cases {
+        for stream in [false, true] {
+            let resp = post(&n, chat_body(model, stream, "")).await;
+            assert_eq!(resp.status().as_u16(), status, "{model} stream={stream}");
+            assert_eq!(
+                resp.headers().contains_key("retry-after"),
+                retry_after,
+                "{model}"
+            );
+            let v: Value = resp.json().await.expect("json error");
+            assert!(v["error"]["message"].is_string(), "{model}: {v}");
+        }
+    }
+    // An upstream that refuses connections.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
+    drop(closed);
+    let n = TestNode::start(&provider_toml("dead", &dead, &["m"], ""))
+        .await
+        .expect("node");
+    let resp = post(&n, chat_body("m", false, "")).await;
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test]
+async fn failures_after_the_first_byte_end_with_an_error_event_and_no_done() {
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let m = mock(flavor).await;
+        // Small inter-token delays so the first tokens are on the wire before the fault, as
+        // with a real server.
+        let models = [
+            "mock@fail_after:3;itl_ms:10",
+            "mock@close_after:2;itl_ms:10",
+            "mock@stall_after:2;itl_ms:10",
+        ];
+        let n = node(&m, &models, "idle_timeout = \"300ms\"", "").await;
+        for (model, tokens) in [(models[0], 3), (models[1], 2), (models[2], 2)] {
+            let resp = post(&n, chat_body(model, true, "")).await;
+            assert_eq!(resp.status(), 200, "{model}");
+            let body = resp.bytes().await.expect("the stream ends, never hangs");
+            let (chunks, done) = parse_stream(&body);
+            assert!(
+                !done,
+                "{flavor:?} {model}: a truncated answer never ends with [DONE]"
+            );
+            let last = chunks.last().expect("chunks");
+            assert!(last["error"]["message"].is_string(), "{model}: {last}");
+            assert!(last["error"]["type"].is_string(), "{model}: {last}");
+            let expected: String = (0..tokens).map(|i| format!("tok{i} ")).collect();
+            assert_eq!(content(&chunks), expected, "{model}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_call() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock@tokens:200;itl_ms:20"], "", "").await;
+    let resp = post(&n, chat_body("mock@tokens:200;itl_ms:20", true, "")).await;
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    assert!(first.starts_with(b"data: "));
+    drop(body);
+    wait_until(
+        "the mock to see its stream aborted",
+        Duration::from_secs(5),
+        || async { m.stats.aborted.load(SeqCst) == 1 },
+    )
+    .await
+    .expect("upstream call cancelled");
+    assert_eq!(m.stats.completed.load(SeqCst), 0);
+    wait_until("the slot to be freed", Duration::from_secs(5), || async {
+        n.gateway.in_flight() == 0
+    })
+    .await
+    .expect("slot freed");
+}
+
+#[tokio::test]
+async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
+    let m = mock(Flavor::Vllm).await;
+    let slow = "mock@tokens:100;itl_ms:20";
+    let n = node(
+        &m,
+        &[slow, "mock"],
+        "max_concurrency = 1\nqueue_capacity = 1\nqueue_timeout = \"150ms\"",
+        "",
+    )
+    .await;
+    // Hold the only slot.
+    let holder = post(&n, chat_body(slow, true, "")).await;
+    assert_eq!(holder.status(), 200);
+    // The second waits in the queue and misses its deadline: 504.
+    let queued = tokio::spawn({
+        let url = n.url("/v1/chat/completions");
+        async move {
+            client()
+                .post(url)
+                .body(chat_body("mock", false, ""))
+                .send()
+                .await
+        }
+    });
+    wait_until("one queued request", Duration::from_secs(5), || async {
+        n.gateway.providers()[0].queued == 1
+    })
+    .await
+    .expect("queued");
+    // The third finds the queue full: 503 with Retry-After.
+    let full = post(&n, chat_body("mock", false, "")).await;
+    assert_eq!(full.status(), 503);
+    assert!(full.headers().contains_key("retry-after"));
+    let v: Value = full.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "queue_full");
+
+    let timed_out = queued.await.expect("task").expect("response");
+    assert_eq!(timed_out.status(), 504);
+    assert!(timed_out.headers().contains_key("retry-after"));
+    let v: Value = timed_out.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "queue_timeout");
+    drop(holder);
+}
+
+#[tokio::test]
+async fn hostile_content_cannot_break_the_event_framing() {
+    let m = mock(Flavor::OpenAi).await;
+    let n = node(
+        &m,
+        &["mock@content:cr;tokens:3", "mock@content:done;tokens:3"],
+        "",
+        "",
+    )
+    .await;
+    let resp = post(&n, chat_body("mock@content:cr;tokens:3", true, "")).await;
+    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    assert!(done);
+    assert_eq!(content(&chunks), "line0\r\nline1\r\nline2\r\n");
+    let resp = post(&n, chat_body("mock@content:done;tokens:3", true, "")).await;
+    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    assert!(done);
+    assert_eq!(content(&chunks), "\n\ndata: [DONE]\n\n".repeat(3));
+}
+
+#[tokio::test]
+async fn heartbeats_flow_while_the_upstream_is_silent() {
+    let m = mock(Flavor::Vllm).await;
+    let model = "mock@tokens:2;itl_ms:400";
+    let n = node(&m, &[model], "", "[http]\nsse_heartbeat = \"50ms\"").await;
+    let resp = post(&n, chat_body(model, true, "")).await;
+    let body = resp.bytes().await.expect("body");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains(": ping\n\n"), "{text}");
+    let (chunks, done) = parse_stream(&body);
+    assert!(done);
+    assert_eq!(content(&chunks), "tok0 tok1 ");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "[http]\nheader_read_timeout = \"300ms\"").await;
+    let mut conn = tokio::net::TcpStream::connect(n.http)
+        .await
+        .expect("connect");
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the node closes a slow-header connection instead of waiting forever"
+    );
+}
+
+#[tokio::test]
+async fn models_health_and_readiness() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock", "alias=mock"], "", "").await;
+    let v: Value = client()
+        .get(n.url("/v1/models"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["mock", "alias"]);
+    assert_eq!(v["data"][0]["object"], "model");
+    let resp = client().get(n.url("/healthz")).send().await.expect("sent");
+    assert_eq!(resp.status(), 200);
+    let resp = client().get(n.url("/readyz")).send().await.expect("sent");
+    assert_eq!(resp.status(), 200);
+    // An alias reaches the upstream under the upstream's own name.
+    let resp = post(&n, chat_body("alias", false, "")).await;
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["model"], "mock");
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
+    let m = mock(Flavor::Vllm).await;
+    let model = "mock@tokens:15;itl_ms:20";
+    let mut n = node(&m, &[model], "", "[shutdown]\ndrain_timeout = \"10s\"").await;
+    let resp = post(&n, chat_body(model, true, "")).await;
+    assert_eq!(resp.status(), 200);
+    let drained = n.begin_shutdown();
+    wait_until("draining", Duration::from_secs(5), || async {
+        n.gateway.is_draining()
+    })
+    .await
+    .expect("draining");
+    // New work is refused: either the listener is gone or the request gets a 503.
+    match client()
+        .post(n.url("/v1/chat/completions"))
+        .body(chat_body(model, false, ""))
+        .send()
+        .await
+    {
+        Ok(r) => assert_eq!(r.status(), 503),
+        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+    let (chunks, done) = parse_stream(&resp.bytes().await.expect("the in-flight stream finishes"));
+    assert!(done);
+    assert_eq!(content(&chunks).split_whitespace().count(), 15);
+    drained.await.expect("task").expect("clean shutdown");
+}
