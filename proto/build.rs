@@ -8,12 +8,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "meridian/v1/inference.proto",
         "meridian/admin/v1/admin.proto",
     ];
-    let fds = protox::compile(protos, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("meridian_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    // One descriptor set per port, so reflection lists only what that port serves.
+    for (proto, bin) in [
+        (protos[0], "inference_descriptor.bin"),
+        (protos[1], "admin_descriptor.bin"),
+    ] {
+        let fds = protox::compile([proto], ["."])?;
+        std::fs::write(out.join(bin), prost::Message::encode_to_vec(&fds))?;
+    }
+    let fds = protox::compile(protos, ["."])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

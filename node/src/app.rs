@@ -118,10 +118,12 @@ impl App {
         health
             .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| AppError::Serve("gRPC", e.to_string()))?;
+        let reflection = |set| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(set)
+                .build_v1()
+                .map_err(|e| AppError::Serve("gRPC", e.to_string()))
+        };
         let inference = pb::v1::inference_server::InferenceServer::new(InferenceService {
             gateway: self.gateway.clone(),
             started_unix,
@@ -129,13 +131,14 @@ impl App {
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(H2_MAX_STREAMS)
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection(pb::INFERENCE_DESCRIPTOR_SET)?)
             .add_service(inference)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
         let admin = tonic::transport::Server::builder()
+            .add_service(reflection(pb::ADMIN_DESCRIPTOR_SET)?)
             .add_service(pb::admin::admin_server::AdminServer::new(AdminService {
                 gateway: self.gateway.clone(),
                 node_id: self.config.node.id.clone(),

@@ -2,7 +2,7 @@
 //!
 //! Everything that crosses a process boundary is defined here and nowhere else:
 //! - [`pb`]: the protobuf services (public inference API, admin API), generated at build time by
-//!   protox + tonic-prost-build, plus the encoded descriptor set for gRPC reflection;
+//!   protox + tonic-prost-build, plus encoded descriptor sets for gRPC reflection;
 //! - [`openai`]: the OpenAI-compatible JSON shapes of the HTTP edge and of OpenAI-style upstreams
 //!   (vLLM, OpenAI), with request validation that names the offending field;
 //! - [`error`]: the shared [`ErrorKind`] and the client-visible [`ApiError`] value;
@@ -30,7 +30,10 @@ pub mod pb {
         #![allow(clippy::all, missing_docs)]
         tonic::include_proto!("meridian.admin.v1");
     }
-    /// Encoded `FileDescriptorSet` of every service, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/meridian_descriptor.bin"));
+    /// Encoded `FileDescriptorSet` of the public inference API, for gRPC server reflection.
+    pub const INFERENCE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+    /// Encoded `FileDescriptorSet` of the admin API, for reflection on the admin port.
+    pub const ADMIN_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
 }

@@ -1,4 +1,5 @@
 //! The HTTP/SSE edge end to end: a real node on loopback in front of the mock upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;

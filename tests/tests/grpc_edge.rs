@@ -1,0 +1,241 @@
+//! The gRPC edge (meridian.v1.Inference, health, reflection) and the admin API end to end.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use futures::StreamExt;
+use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_proto::pb::admin::{ListProvidersRequest, NodeStatusRequest};
+use meridian_proto::pb::v1::inference_client::InferenceClient;
+use meridian_proto::pb::v1::{ChatMessage, ChatRequest, FinishReason, ListModelsRequest, Role};
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::{TestNode, provider_toml};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn setup(models: &[&str], provider_extra: &str) -> (MockUpstream, TestNode) {
+    let mock = MockUpstream::start(MockOptions {
+        flavor: Flavor::OpenAi,
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock");
+    let node = TestNode::start(&provider_toml(
+        "mock",
+        &mock.base_url(),
+        models,
+        provider_extra,
+    ))
+    .await
+    .expect("node");
+    (mock, node)
+}
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn request(model: &str) -> ChatRequest {
+    ChatRequest {
+        model: model.into(),
+        messages: vec![ChatMessage {
+            role: Role::User as i32,
+            content: "hello".into(),
+            name: None,
+            tool_call_id: None,
+        }],
+        max_tokens: Some(64),
+        ..ChatRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn chat_and_chat_stream_return_content_and_usage() {
+    let (mock, node) = setup(&["mock"], "").await;
+    let mut client = InferenceClient::new(channel(node.grpc).await);
+
+    let resp = client
+        .chat(request("mock"))
+        .await
+        .expect("chat")
+        .into_inner();
+    let choice = &resp.choices[0];
+    assert_eq!(
+        choice.message.as_ref().expect("message").content,
+        "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+    );
+    assert_eq!(choice.finish_reason, FinishReason::Stop as i32);
+    assert_eq!(resp.usage.expect("usage").completion_tokens, 8);
+
+    let mut stream = client
+        .chat_stream(request("mock"))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut text = String::new();
+    let mut usage = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("no error");
+        for c in &chunk.choices {
+            text.push_str(&c.delta.as_ref().expect("delta").content);
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ");
+    assert_eq!(usage.expect("final usage").completion_tokens, 8);
+    assert_eq!(mock.stats.completed.load(SeqCst), 2);
+
+    let models = client
+        .list_models(ListModelsRequest {})
+        .await
+        .expect("models")
+        .into_inner();
+    assert_eq!(models.models[0].id, "mock");
+}
+
+#[tokio::test]
+async fn errors_map_to_grpc_codes() {
+    let models = [
+        "mock",
+        "mock@fail:503",
+        "mock@ttft_ms:3000",
+        "mock@fail_after:2;itl_ms:10",
+    ];
+    let (_mock, node) = setup(&models, "first_byte_timeout = \"200ms\"").await;
+    let mut client = InferenceClient::new(channel(node.grpc).await);
+
+    let mut empty = request("mock");
+    empty.messages.clear();
+    let err = client.chat(empty).await.expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.metadata().get("x-meridian-error-param").expect("param"),
+        "messages"
+    );
+
+    let mut bad_role = request("mock");
+    bad_role.messages[0].role = Role::Unspecified as i32;
+    let err = client.chat(bad_role).await.expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let mut hot = request("mock");
+    hot.temperature = Some(7.0);
+    assert_eq!(
+        client.chat(hot).await.expect_err("invalid").code(),
+        Code::InvalidArgument
+    );
+
+    let err = client
+        .chat(request("nope"))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = client
+        .chat(request("mock@fail:503"))
+        .await
+        .expect_err("overloaded");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.metadata().get("retry-after").is_some());
+
+    let err = client
+        .chat_stream(request("mock@ttft_ms:3000"))
+        .await
+        .expect_err("timeout");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+
+    let mut stream = client
+        .chat_stream(request("mock@fail_after:2;itl_ms:10"))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let mut chunks = 0;
+    let mut last_err = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => chunks += 1,
+            Err(e) => last_err = Some(e),
+        }
+    }
+    assert_eq!(chunks, 3, "role chunk + two tokens");
+    assert_eq!(
+        last_err
+            .expect("the stream ends with an error status")
+            .code(),
+        Code::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn health_reflection_and_admin_answer() {
+    let (_mock, node) = setup(&["mock"], "").await;
+    let ch = channel(node.grpc).await;
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    for service in ["", "meridian.v1.Inference"] {
+        let resp = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(
+            resp.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(Ok(resp)) = responses.next().await else {
+        panic!("a reflection answer");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"meridian.v1.Inference"), "{names:?}");
+    assert!(
+        !names.contains(&"meridian.admin.v1.Admin"),
+        "the admin API is not on this port"
+    );
+
+    let mut admin = AdminClient::new(channel(node.admin).await);
+    let status = admin
+        .node_status(NodeStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.node_id, "node-1");
+    assert_eq!(status.http_addr, node.http.to_string());
+    assert!(!status.draining);
+    let providers = admin
+        .list_providers(ListProvidersRequest {})
+        .await
+        .expect("providers")
+        .into_inner();
+    assert_eq!(providers.providers.len(), 1);
+    assert_eq!(providers.providers[0].id, "mock");
+    assert_eq!(providers.providers[0].kind, "openai");
+    assert_eq!(providers.providers[0].models, ["mock"]);
+}
