@@ -1,0 +1,95 @@
+//! A real client: the official `openai` Python SDK against a running node.
+//!
+//! The interpreter comes from `MERIDIAN_TEST_PYTHON` (what `.ci/run` sets up), else a virtualenv
+//! this test creates once under `target/py-venv` with `pip install openai`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::{TestNode, provider_toml};
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn python_with_openai() -> PathBuf {
+    if let Ok(p) = std::env::var("MERIDIAN_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace().join("target/py-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_openai(&python) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "python3 -m venv failed: install python3-venv, or set MERIDIAN_TEST_PYTHON"
+        );
+        let ok = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "pip install openai failed; set MERIDIAN_TEST_PYTHON to a python that has it"
+        );
+    }
+    python
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_parses_our_answers() {
+    let python = python_with_openai();
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let mock = MockUpstream::start(MockOptions {
+            flavor,
+            ..MockOptions::default()
+        })
+        .await
+        .expect("mock");
+        let node = TestNode::start(&provider_toml("mock", &mock.base_url(), &["mock"], ""))
+            .await
+            .expect("node");
+        let script = workspace().join("tests/python/sdk_check.py");
+        let base_url = format!("http://{}/v1", node.http);
+        let out = tokio::process::Command::new(&python)
+            .arg(&script)
+            .arg(&base_url)
+            .arg("mock")
+            .output()
+            .await
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "the SDK raised:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+        let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
+        assert_eq!(v["unary_content"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["unary_finish"], "stop");
+        assert_eq!(v["unary_usage"]["completion_tokens"], 8);
+        assert_eq!(v["stream_content"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["stream_finish"], "stop");
+        assert_eq!(v["stream_usage"]["completion_tokens"], 8, "{flavor:?}: {v}");
+        assert_eq!(
+            v["stream_usage"]["total_tokens"],
+            v["stream_usage"]["prompt_tokens"].as_u64().unwrap() + 8
+        );
+    }
+}
