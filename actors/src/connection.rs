@@ -4,26 +4,33 @@
 //! [`ConnectionSupervisor`](crate::supervisor::ConnectionSupervisor), which logs a crash but never
 //! restarts it (a half-answered request cannot be replayed safely; the client sees an error).
 //!
-//! It owns the client's sink: it takes a slot at the chosen provider, calls the upstream, and
-//! pipes chunks straight into a bounded channel that the edge drains into the response. Chunks
-//! never pass through a mailbox. When the client goes away (the channel or reply closes), the
-//! upstream call is dropped, which closes the upstream connection.
+//! It owns the request's lifecycle: it takes a slot at the chosen provider and calls the
+//! upstream. A whole answer goes back through the reply. A stream is handed to the edge as a
+//! [`RelayStream`] that the response body pulls straight from the upstream connection (chunks
+//! never pass through a mailbox or an extra task); the actor keeps the slot, waits for the
+//! relay's verdict, and at the total deadline cancels the upstream call itself, which also frees
+//! the slot of a client that stopped reading. A client that goes away drops the relay, which
+//! drops the upstream call and closes its connection.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
 use meridian_proto::openai::{ChatRequest, Usage};
-use meridian_proto::{ApiError, ErrorKind, RequestId};
+use meridian_proto::{ApiError, RequestId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::provider::Provider;
-use crate::upstream::{Completion, Phase, UpstreamError};
+use crate::upstream::{Chunk, ChunkStream, Completion, Phase, UpstreamError};
 
-/// Chunks buffered between the upstream and a slow client before the upstream read pauses.
-const CLIENT_BUFFER: usize = 64;
+/// Most chunks handed to the client in one piece (one write).
+const MAX_BATCH: usize = 64;
 
 /// What the edge hands a request along with its body.
 #[derive(Debug, Clone)]
@@ -37,19 +44,24 @@ pub struct RequestContext {
 #[derive(Debug)]
 pub enum ChatReply {
     Complete(Completion),
-    /// Events until [`ClientEvent::Done`] or [`ClientEvent::Error`]. A channel that closes
-    /// without either means the request died; the edge must report it, never end cleanly.
-    Stream(mpsc::Receiver<ClientEvent>),
+    Stream(RelayStream),
 }
 
-#[derive(Debug)]
-pub enum ClientEvent {
-    /// One `chat.completion.chunk`, single-line JSON.
-    Chunk(Bytes),
-    /// The stream failed after it started; nothing follows.
-    Error(ApiError),
-    /// The stream finished normally.
+/// What a [`RelayStream`] yields: the chunks that were ready, then possibly the end.
+#[derive(Debug, Default)]
+pub struct StreamPiece {
+    /// `chat.completion.chunk`s, each single-line JSON, in order.
+    pub chunks: Vec<Bytes>,
+    /// Set on the last piece; nothing follows it.
+    pub end: Option<StreamEnd>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEnd {
+    /// The upstream finished (`[DONE]`).
     Done,
+    /// The stream failed after it started.
+    Failed(ApiError),
 }
 
 /// Where a request goes: the provider and its name for the model.
@@ -103,6 +115,7 @@ impl Actor for ConnectionActor {
 }
 
 /// How a request ended, for the provider's counters and the log line.
+#[derive(Debug)]
 enum Outcome {
     Ok(Option<Usage>),
     Failed(ApiError),
@@ -197,57 +210,192 @@ async fn stream(
         () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
         () = reply.closed() => return Outcome::ClientGone,
     };
-    if let Some(Err(e)) = first {
-        let e = e.into_api_error(&spec.id);
-        let _ = reply.send(Err(e.clone()));
-        return Outcome::Failed(e);
-    }
-    let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-    if reply.send(Ok(ChatReply::Stream(rx))).is_err() {
+    let first = match first {
+        Some(Err(e)) => {
+            let e = e.into_api_error(&spec.id);
+            let _ = reply.send(Err(e.clone()));
+            return Outcome::Failed(e);
+        }
+        other => other,
+    };
+    let shared = Arc::new(RelayShared {
+        upstream: Mutex::new(UpstreamState::Live(chunks)),
+        waker: AtomicWaker::new(),
+    });
+    let (report, verdict) = oneshot::channel();
+    let relay = RelayStream {
+        shared: Arc::clone(&shared),
+        first: Some(first),
+        include_usage: request.include_usage(),
+        usage: None,
+        provider: spec.id.as_str().into(),
+        report: Some(report),
+        held: Vec::new(),
+        turn: None,
+    };
+    if reply.send(Ok(ChatReply::Stream(relay))).is_err() {
         return Outcome::ClientGone;
     }
-    let include_usage = request.include_usage();
-    let mut usage = None;
-    let mut pending = Some(first);
-    loop {
-        let next = match pending.take() {
-            Some(first) => first,
-            None => tokio::select! {
-                n = chunks.next() => n,
-                () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
-                () = tx.closed() => return Outcome::ClientGone,
-            },
+    tokio::select! {
+        v = verdict => v.unwrap_or(Outcome::ClientGone),
+        () = sleep_until(total) => {
+            let e = UpstreamError::Timeout(Phase::Total).into_api_error(&spec.id);
+            shared.cancel(e.clone());
+            Outcome::Failed(e)
+        }
+    }
+}
+
+/// The upstream side of a relay, shared with the ConnectionActor so it can cancel the call.
+struct RelayShared {
+    upstream: Mutex<UpstreamState>,
+    /// The relay's waker, so a cancellation reaches a relay that waits on the upstream.
+    waker: AtomicWaker,
+}
+
+enum UpstreamState {
+    Live(ChunkStream),
+    Cancelled(ApiError),
+    Finished,
+}
+
+impl RelayShared {
+    fn cancel(&self, reason: ApiError) {
+        let old = std::mem::replace(&mut *self.lock(), UpstreamState::Cancelled(reason));
+        drop(old); // closes the upstream connection
+        self.waker.wake();
+    }
+
+    /// Short, never held across an await: one poll of the upstream, or a cancellation.
+    fn lock(&self) -> std::sync::MutexGuard<'_, UpstreamState> {
+        self.upstream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A streaming answer, pulled by the edge straight from the upstream connection. Each poll
+/// yields every chunk that is ready (one client write per network read). Dropping it before the
+/// end cancels the upstream call.
+pub struct RelayStream {
+    shared: Arc<RelayShared>,
+    /// The upstream's first event, read before the stream was handed over (`None`: it ended).
+    first: Option<Option<Result<Chunk, UpstreamError>>>,
+    include_usage: bool,
+    usage: Option<Usage>,
+    provider: Arc<str>,
+    report: Option<oneshot::Sender<Outcome>>,
+    /// Chunks taken before yielding a turn to the upstream connection task.
+    held: Vec<Bytes>,
+    turn: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for RelayStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayStream")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayStream {
+    fn end(&mut self, end: StreamEnd) -> Option<StreamEnd> {
+        let outcome = match &end {
+            StreamEnd::Done => Outcome::Ok(self.usage),
+            StreamEnd::Failed(e) => Outcome::Failed(e.clone()),
         };
-        let event = match next {
-            None => {
-                let _ = timeout_at(total, tx.send(ClientEvent::Done)).await;
-                return Outcome::Ok(usage);
-            }
-            Some(Err(e)) => {
-                let e = e.into_api_error(&spec.id);
-                let _ = timeout_at(total, tx.send(ClientEvent::Error(e.clone()))).await;
-                return Outcome::Failed(e);
-            }
-            Some(Ok(chunk)) => {
-                if chunk.usage.is_some() {
-                    usage = chunk.usage;
-                }
-                if chunk.usage_only && !include_usage {
-                    continue;
-                }
-                ClientEvent::Chunk(chunk.json)
-            }
+        if let Some(report) = self.report.take() {
+            let _ = report.send(outcome);
+        }
+        Some(end)
+    }
+}
+
+impl Stream for RelayStream {
+    type Item = StreamPiece;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamPiece>> {
+        let this = &mut *self;
+        if this.report.is_none() {
+            return Poll::Ready(None);
+        }
+        if let Some(turn) = this.turn.as_mut()
+            && turn.as_mut().poll(cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        let shared = Arc::clone(&this.shared);
+        let mut upstream = shared.lock();
+        let mut piece = StreamPiece {
+            chunks: std::mem::take(&mut this.held),
+            end: None,
         };
-        match timeout_at(total, tx.send(event)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Outcome::ClientGone,
-            // The client reads too slowly to finish within the deadline.
-            Err(_) => {
-                return Outcome::Failed(ApiError::new(
-                    ErrorKind::Timeout,
-                    "the client did not read the stream before the deadline",
-                ));
+        while piece.chunks.len() < MAX_BATCH {
+            let item = match this.first.take() {
+                Some(first) => first,
+                None => match &mut *upstream {
+                    UpstreamState::Live(chunks) => match chunks.poll_next_unpin(cx) {
+                        Poll::Ready(item) => item,
+                        Poll::Pending => {
+                            this.shared.waker.register(cx.waker());
+                            if !piece.chunks.is_empty() && this.turn.is_none() {
+                                // The upstream connection task hands over one frame at a time,
+                                // even when its buffer holds more. Give it one scheduler turn
+                                // (a deferred wake, no timer: a lone event is not held back)
+                                // and send what it decoded in the same write.
+                                let mut turn = Box::pin(tokio::task::yield_now());
+                                if turn.as_mut().poll(cx).is_pending() {
+                                    this.turn = Some(turn);
+                                    this.held = std::mem::take(&mut piece.chunks);
+                                    return Poll::Pending;
+                                }
+                            }
+                            break;
+                        }
+                    },
+                    UpstreamState::Cancelled(e) => {
+                        piece.end = this.end(StreamEnd::Failed(e.clone()));
+                        break;
+                    }
+                    UpstreamState::Finished => break,
+                },
+            };
+            match item {
+                None => {
+                    *upstream = UpstreamState::Finished;
+                    piece.end = this.end(StreamEnd::Done);
+                    break;
+                }
+                Some(Err(e)) => {
+                    *upstream = UpstreamState::Finished;
+                    piece.end = this.end(StreamEnd::Failed(e.into_api_error(&this.provider)));
+                    break;
+                }
+                Some(Ok(chunk)) => {
+                    if chunk.usage.is_some() {
+                        this.usage = chunk.usage;
+                    }
+                    if !chunk.usage_only || this.include_usage {
+                        piece.chunks.push(chunk.json);
+                    }
+                }
             }
+        }
+        if piece.chunks.is_empty() && piece.end.is_none() {
+            return Poll::Pending;
+        }
+        this.turn = None;
+        tracing::trace!(
+            chunks = piece.chunks.len(),
+            end = piece.end.is_some(),
+            "relay piece"
+        );
+        Poll::Ready(Some(piece))
+    }
+}
+
+impl Drop for RelayStream {
+    fn drop(&mut self) {
+        if let Some(report) = self.report.take() {
+            let _ = report.send(Outcome::ClientGone);
         }
     }
 }

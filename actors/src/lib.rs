@@ -10,8 +10,8 @@
 //! ```
 //!
 //! Bytes never queue behind an actor: a ProviderActor grants a slot (a mailbox round trip only
-//! when the provider is saturated), then the ConnectionActor's upstream call streams through a
-//! bounded channel straight into the client's response.
+//! when the provider is saturated), then the client's response pulls the upstream stream
+//! directly, while the ConnectionActor holds the slot and can cancel the call.
 //!
 //! Map:
 //! - [`gateway`]: the [`Gateway`] handle the node's edges call;
@@ -28,7 +28,7 @@ pub mod provider;
 pub mod supervisor;
 pub mod upstream;
 
-pub use connection::{ChatReply, ClientEvent, RequestContext};
+pub use connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 pub use gateway::{Gateway, GatewayConfig};
 pub use provider::{ModelRoute, ProviderSpec, ProviderStatus};
 pub use supervisor::RestartBudget;

@@ -5,6 +5,7 @@
 //! metering and error detection need), so the relay forwards them without re-serialising.
 
 pub mod demo;
+pub mod http1;
 pub mod openai;
 pub mod sse;
 

@@ -14,10 +14,9 @@ use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeou
 use meridian_proto::openai::RequestLimits;
 use serde::Deserialize;
 
-/// Prefix of environment variables that override configuration fields.
+/// Prefix of environment variables that override configuration fields. Only names of the form
+/// `MERIDIAN_SECTION__FIELD` are overrides; others with the prefix (`MERIDIAN_LOG`) are not.
 pub const ENV_PREFIX: &str = "MERIDIAN_";
-/// Variables with the prefix that are not configuration fields.
-const ENV_RESERVED: &[&str] = &["MERIDIAN_LOG"];
 
 // ---------------------------------------------------------------------------------------------
 // Raw (as written)
@@ -338,13 +337,13 @@ models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "g
 
 /// `MERIDIAN_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`; `MERIDIAN_PROVIDERS__0__BASE_URL`
 /// sets `providers[0].base_url`. Values are read as TOML values when they parse as one (numbers,
-/// booleans, arrays), else as strings. A variable that names no field is an error.
+/// booleans, arrays), else as strings. An override that names no field is an error.
 fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
     let mut errors = Errors::default();
     let mut vars: Vec<_> = env
         .vars()
         .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
         .collect();
     vars.sort();
     for (name, value) in vars {

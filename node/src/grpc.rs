@@ -3,8 +3,8 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
-use meridian_actors::{ChatReply, ClientEvent, Gateway, RequestContext};
+use futures::{Stream, StreamExt};
+use meridian_actors::{ChatReply, Gateway, RequestContext, StreamEnd};
 use meridian_proto::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
 };
@@ -84,36 +84,43 @@ impl Inference for InferenceService {
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let (chat, ctx) = self.prepare(req, true)?;
-        let rx = match self.gateway.chat(chat, ctx).await {
-            Ok(ChatReply::Stream(rx)) => rx,
+        let relay = match self.gateway.chat(chat, ctx).await {
+            Ok(ChatReply::Stream(relay)) => relay,
             Ok(ChatReply::Complete(_)) => {
                 return Err(internal("a streaming call was answered whole"));
             }
             Err(e) => return Err(grpc_status(&e)),
         };
-        let stream = futures::stream::unfold(Some(rx), |rx| async move {
-            let mut rx = rx?;
-            let item = match rx.recv().await {
-                Some(ClientEvent::Chunk(json)) => {
-                    match serde_json::from_slice::<ChatCompletionChunk>(&json) {
-                        Ok(chunk) => Ok(pb::ChatChunk::from(chunk)),
-                        Err(e) => {
-                            return Some((
-                                Err(grpc_status(&ApiError::new(
-                                    ErrorKind::Upstream,
-                                    format!("a chunk from the provider could not be read: {e}"),
-                                ))),
-                                None,
-                            ));
-                        }
+        // Each piece becomes that many messages; the stream ends after Done, or with an error
+        // status after a failure (or if the relay ended without a verdict).
+        let stream = futures::stream::unfold(Some(relay), |relay| async move {
+            let mut relay = relay?;
+            let Some(piece) = relay.next().await else {
+                return Some((vec![Err(internal("the stream ended unexpectedly"))], None));
+            };
+            let mut items = Vec::with_capacity(piece.chunks.len() + 1);
+            for json in &piece.chunks {
+                match serde_json::from_slice::<ChatCompletionChunk>(json) {
+                    Ok(chunk) => items.push(Ok(pb::ChatChunk::from(chunk))),
+                    Err(e) => {
+                        items.push(Err(grpc_status(&ApiError::new(
+                            ErrorKind::Upstream,
+                            format!("a chunk from the provider could not be read: {e}"),
+                        ))));
+                        return Some((items, None));
                     }
                 }
-                Some(ClientEvent::Done) => return None,
-                Some(ClientEvent::Error(e)) => return Some((Err(grpc_status(&e)), None)),
-                None => return Some((Err(internal("the stream ended unexpectedly")), None)),
-            };
-            Some((item, Some(rx)))
-        });
+            }
+            match piece.end {
+                None => Some((items, Some(relay))),
+                Some(StreamEnd::Done) => Some((items, None)),
+                Some(StreamEnd::Failed(e)) => {
+                    items.push(Err(grpc_status(&e)));
+                    Some((items, None))
+                }
+            }
+        })
+        .flat_map(futures::stream::iter);
         Ok(Response::new(Box::pin(stream)))
     }
 

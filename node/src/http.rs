@@ -1,12 +1,15 @@
 //! The OpenAI-compatible HTTP/SSE edge (axum on hyper).
 //!
 //! `POST /v1/chat/completions` (stream and not), `GET /v1/models`, `/healthz`, `/readyz`.
-//! Every error is an OpenAI error body. The SSE relay writes each upstream chunk's JSON as it
-//! came, and coalesces the events that have already arrived into one write (never waiting for
-//! more), which is what keeps streaming through us close to a bare proxy.
+//! Every error is an OpenAI error body. The SSE body pulls the upstream stream directly, writes
+//! each chunk's JSON as it came, and puts every chunk that has already arrived into one write
+//! (never waiting for more), which is what keeps streaming through us close to a bare proxy.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,18 +19,15 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::BytesMut;
+use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use meridian_actors::{ChatReply, ClientEvent, Gateway, RequestContext};
+use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_proto::openai::ChatRequest;
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::Instant;
 
 use crate::respond::http_error;
-
-/// Largest single write the relay coalesces events into.
-const MAX_COALESCED: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -79,7 +79,7 @@ async fn chat(
         Ok(ChatReply::Complete(c)) => {
             ([(header::CONTENT_TYPE, "application/json")], c.body).into_response()
         }
-        Ok(ChatReply::Stream(rx)) => sse_response(rx, st.sse_heartbeat),
+        Ok(ChatReply::Stream(relay)) => sse_response(relay, st.sse_heartbeat),
         Err(e) => http_error(&e),
     };
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
@@ -131,76 +131,92 @@ async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
     axum::Json(json!({"status": "ready", "in_flight": st.gateway.in_flight()})).into_response()
 }
 
-fn sse_response(rx: mpsc::Receiver<ClientEvent>, heartbeat: Duration) -> Response {
-    let relay = SseRelay {
-        rx,
+fn sse_response(relay: RelayStream, heartbeat: Duration) -> Response {
+    let body = SseBody {
+        relay,
         heartbeat,
+        last_write: Instant::now(),
+        timer: Box::pin(tokio::time::sleep(heartbeat)),
         finished: false,
     };
-    let body = Body::from_stream(futures::stream::unfold(relay, SseRelay::next));
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
             (http::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
-        body,
+        Body::from_stream(body),
     )
         .into_response()
 }
 
-/// Turns client events into SSE bytes: `data: <json>\n\n` per chunk, `data: [DONE]` at a clean
-/// end, an OpenAI error event (and no `[DONE]`) at a failed one, `: ping` while silent.
-struct SseRelay {
-    rx: mpsc::Receiver<ClientEvent>,
+/// The SSE response body: `data: <json>\n\n` per chunk, written as they come (every chunk
+/// that is ready goes out in one write), `data: [DONE]` at a clean end, an OpenAI error event
+/// (and no `[DONE]`) at a failed one, and `: ping` while the upstream is silent. The heartbeat
+/// timer is re-armed only when it fires, not once per chunk.
+struct SseBody {
+    relay: RelayStream,
     heartbeat: Duration,
+    last_write: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
     finished: bool,
 }
 
-impl SseRelay {
-    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
-        if self.finished {
-            return None;
-        }
-        let first = match tokio::time::timeout(self.heartbeat, self.rx.recv()).await {
-            Err(_) => return Some((Ok(Bytes::from_static(b": ping\n\n")), self)),
-            Ok(ev) => ev,
-        };
-        let mut buf = BytesMut::new();
-        self.write(first, &mut buf);
-        while !self.finished && buf.len() < MAX_COALESCED {
-            match self.rx.try_recv() {
-                Ok(ev) => self.write(Some(ev), &mut buf),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => self.write(None, &mut buf),
-            }
-        }
-        Some((Ok(buf.freeze()), self))
-    }
+impl Stream for SseBody {
+    type Item = Result<Bytes, Infallible>;
 
-    fn write(&mut self, event: Option<ClientEvent>, buf: &mut BytesMut) {
-        match event {
-            Some(ClientEvent::Chunk(json)) => {
-                buf.extend_from_slice(b"data: ");
-                buf.extend_from_slice(&json);
-                buf.extend_from_slice(b"\n\n");
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match this.relay.poll_next_unpin(cx) {
+            Poll::Ready(piece) => {
+                let mut buf = BytesMut::new();
+                match piece {
+                    Some(piece) => {
+                        for json in &piece.chunks {
+                            buf.extend_from_slice(b"data: ");
+                            buf.extend_from_slice(json);
+                            buf.extend_from_slice(b"\n\n");
+                        }
+                        match piece.end {
+                            None => {}
+                            Some(StreamEnd::Done) => {
+                                buf.extend_from_slice(b"data: [DONE]\n\n");
+                                this.finished = true;
+                            }
+                            Some(StreamEnd::Failed(e)) => {
+                                write_error(&mut buf, &e);
+                                this.finished = true;
+                            }
+                        }
+                    }
+                    None => {
+                        // The relay ended without a verdict: say so, never end as if complete.
+                        write_error(
+                            &mut buf,
+                            &ApiError::new(ErrorKind::Internal, "the stream ended unexpectedly"),
+                        );
+                        this.finished = true;
+                    }
+                }
+                this.last_write = Instant::now();
+                Poll::Ready(Some(Ok(buf.freeze())))
             }
-            Some(ClientEvent::Done) => {
-                buf.extend_from_slice(b"data: [DONE]\n\n");
-                self.finished = true;
-            }
-            Some(ClientEvent::Error(e)) => {
-                write_error(buf, &e);
-                self.finished = true;
-            }
-            None => {
-                // The request died without a verdict: say so, never end as if complete.
-                write_error(
-                    buf,
-                    &ApiError::new(ErrorKind::Internal, "the stream ended unexpectedly"),
-                );
-                self.finished = true;
-            }
+            Poll::Pending => loop {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = this.last_write + this.heartbeat;
+                let now = Instant::now();
+                if now >= due {
+                    this.last_write = now;
+                    this.timer.as_mut().reset(now + this.heartbeat);
+                    return Poll::Ready(Some(Ok(Bytes::from_static(b": ping\n\n"))));
+                }
+                this.timer.as_mut().reset(due);
+            },
         }
     }
 }

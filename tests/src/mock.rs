@@ -34,6 +34,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -111,6 +112,11 @@ impl MockUpstream {
             stats: Arc::clone(&stats),
         }));
         let (stop, stopped) = oneshot::channel::<()>();
+        // Without TCP_NODELAY, Nagle's algorithm holds back every chunk after the first for
+        // the peer's delayed ACK (~40 ms): no real server streams like that.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {

@@ -497,3 +497,28 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
     assert_eq!(content(&chunks).split_whitespace().count(), 15);
     drained.await.expect("task").expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
+    let m = mock(Flavor::Vllm).await;
+    let model = "mock@tokens:500;itl_ms:10";
+    let n = node(&m, &[model], "total_timeout = \"300ms\"", "").await;
+    let resp = post(&n, chat_body(model, true, "")).await;
+    assert_eq!(resp.status(), 200);
+    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    assert!(!done);
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["error"]["type"], "timeout_error", "{last}");
+    assert!(
+        chunks.len() > 2 && chunks.len() < 500,
+        "cut short: {}",
+        chunks.len()
+    );
+    wait_until(
+        "the upstream call to be dropped",
+        Duration::from_secs(5),
+        || async { m.stats.aborted.load(SeqCst) == 1 },
+    )
+    .await
+    .expect("aborted upstream");
+}

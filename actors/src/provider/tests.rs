@@ -6,7 +6,9 @@ use meridian_proto::openai::{ChatRequest, RequestLimits};
 use meridian_proto::{ErrorKind, RequestId};
 
 use super::*;
-use crate::connection::{ChatReply, ClientEvent, RequestContext};
+use futures::StreamExt;
+
+use crate::connection::{ChatReply, RequestContext, StreamEnd};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::supervisor::RestartBudget;
 use crate::upstream::DemoModel;
@@ -55,19 +57,21 @@ fn ctx() -> RequestContext {
 
 /// Runs a streaming request to the end; returns the number of chunks, or the error.
 async fn run_stream(gw: Gateway) -> Result<usize, String> {
-    let ChatReply::Stream(mut rx) = gw.chat(request(true), ctx()).await.map_err(|e| e.message)?
+    let ChatReply::Stream(mut relay) =
+        gw.chat(request(true), ctx()).await.map_err(|e| e.message)?
     else {
         return Err("expected a stream".into());
     };
     let mut chunks = 0;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            ClientEvent::Chunk(_) => chunks += 1,
-            ClientEvent::Done => return Ok(chunks),
-            ClientEvent::Error(e) => return Err(e.message),
+    while let Some(piece) = relay.next().await {
+        chunks += piece.chunks.len();
+        match piece.end {
+            None => {}
+            Some(StreamEnd::Done) => return Ok(chunks),
+            Some(StreamEnd::Failed(e)) => return Err(e.message),
         }
     }
-    Err("stream closed without Done".into())
+    Err("stream ended without a verdict".into())
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -4,34 +4,47 @@
 //! Streams always ask for usage (`stream_options.include_usage`), so every call is metered;
 //! the relay hides the usage chunk from clients that did not ask for it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use http::Request;
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
+use http_body_util::Full;
 use meridian_proto::openai::{ChatRequest, ChunkProbe, UpstreamErrorInfo, Usage};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
-use tokio::time::timeout;
+use tokio::time::{Instant, Sleep, sleep, timeout};
 
+use super::http1::{Exchange, Pool};
 use super::sse::SseParser;
 use super::{Chunk, ChunkStream, Completion, Phase, Timeouts, UpstreamError};
 
 /// Most bytes of an upstream error body we read.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Most bytes of a whole (non-streamed) completion we accept.
+const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct OpenAiAdapter {
-    client: reqwest::Client,
-    url: Arc<str>,
-    api_key: Option<Arc<str>>,
+    pool: Arc<Pool>,
+    /// Path and query of the chat-completions endpoint (`/v1/chat/completions`).
+    path: Arc<str>,
+    /// `Bearer <key>`, marked sensitive so it is never logged.
+    auth: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for OpenAiAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenAiAdapter")
-            .field("url", &self.url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("pool", &self.pool)
+            .field("path", &self.path)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -42,18 +55,25 @@ impl OpenAiAdapter {
         base_url: &str,
         api_key: Option<String>,
         connect_timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            // vLLM's uvicorn closes idle keep-alive connections after 5 s; close ours first so
-            // a request never lands on a connection the server is about to drop.
-            .pool_idle_timeout(Duration::from_secs(4))
-            .tcp_nodelay(true)
-            .build()?;
+    ) -> Result<Self, String> {
+        let pool = Pool::new(base_url, connect_timeout)?;
+        let uri: http::Uri = base_url
+            .parse()
+            .map_err(|e| format!("{base_url:?} is not a URL: {e}"))?;
+        let path = format!("{}/chat/completions", uri.path().trim_end_matches('/'));
+        let auth = match api_key {
+            None => None,
+            Some(key) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| "the API key contains characters not allowed in a header")?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
         Ok(Self {
-            client,
-            url: format!("{}/chat/completions", base_url.trim_end_matches('/')).into(),
-            api_key: api_key.map(Into::into),
+            pool: Arc::new(pool),
+            path: path.into(),
+            auth,
         })
     }
 
@@ -63,26 +83,40 @@ impl OpenAiAdapter {
         model: &str,
         stream: bool,
         t: &Timeouts,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let mut rb = self
-            .client
-            .post(&*self.url)
+    ) -> Result<Exchange, UpstreamError> {
+        let mut rb = Request::post(&*self.path)
+            .header(HOST, self.pool.authority())
             .header(CONTENT_TYPE, "application/json")
-            .body(req.upstream_body(model, stream));
-        if let Some(key) = &self.api_key {
-            rb = rb.bearer_auth(key);
+            .header(USER_AGENT, concat!("meridian/", env!("CARGO_PKG_VERSION")));
+        if let Some(auth) = &self.auth {
+            rb = rb.header(AUTHORIZATION, auth.clone());
         }
         if stream {
             rb = rb.header(ACCEPT, "text/event-stream");
         }
-        let resp = timeout(t.first_byte, rb.send())
+        let request = rb
+            .body(Full::new(Bytes::from(req.upstream_body(model, stream))))
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let mut exchange = self.pool.send(request).await?;
+        let head = timeout(t.first_byte, exchange.head())
             .await
-            .map_err(|_| UpstreamError::Timeout(Phase::FirstByte))?
-            .map_err(classify)?;
-        if !resp.status().is_success() {
-            return Err(status_error(resp, t).await);
+            .map_err(|_| UpstreamError::Timeout(Phase::FirstByte))??;
+        if !head.status.is_success() {
+            return Err(status_error(head, exchange, t).await);
         }
-        Ok(resp)
+        if stream {
+            let content_type = head
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !content_type.starts_with("text/event-stream") {
+                return Err(UpstreamError::Protocol(format!(
+                    "expected an event stream, got content-type {content_type:?}"
+                )));
+            }
+        }
+        Ok(exchange)
     }
 
     pub async fn complete(
@@ -91,11 +125,8 @@ impl OpenAiAdapter {
         model: &str,
         t: &Timeouts,
     ) -> Result<Completion, UpstreamError> {
-        let resp = self.send(req, model, false, t).await?;
-        let body = timeout(t.idle, resp.bytes())
-            .await
-            .map_err(|_| UpstreamError::Timeout(Phase::Idle))?
-            .map_err(classify)?;
+        let mut exchange = self.send(req, model, false, t).await?;
+        let body = exchange.read_to_end(t.idle, MAX_COMPLETION_BODY).await?;
         #[derive(Deserialize)]
         struct UsageProbe {
             #[serde(default)]
@@ -116,77 +147,100 @@ impl OpenAiAdapter {
         model: &str,
         t: &Timeouts,
     ) -> Result<ChunkStream, UpstreamError> {
-        let resp = self.send(req, model, true, t).await?;
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !content_type.starts_with("text/event-stream") {
-            return Err(UpstreamError::Protocol(format!(
-                "expected an event stream, got content-type {content_type:?}"
-            )));
-        }
-        let state = StreamState {
-            bytes: resp.bytes_stream().boxed(),
+        let exchange = self.send(req, model, true, t).await?;
+        Ok(Box::pin(SseChunks {
+            bytes: exchange,
             parser: SseParser::new(),
             seen_event: false,
             done: false,
             timeouts: *t,
-        };
-        Ok(futures::stream::unfold(state, StreamState::next).boxed())
+            last_progress: Instant::now(),
+            timer: Box::pin(sleep(t.first_byte)),
+        }))
     }
 }
 
-struct StreamState {
-    bytes: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+/// The upstream's event stream as chunks. The first-byte and idle limits use one timer that
+/// is re-armed lazily (only when it fires early), not once per chunk.
+struct SseChunks {
+    bytes: Exchange,
     parser: SseParser,
     seen_event: bool,
     done: bool,
     timeouts: Timeouts,
+    last_progress: Instant,
+    timer: Pin<Box<Sleep>>,
 }
 
-impl StreamState {
-    async fn next(mut self) -> Option<(Result<Chunk, UpstreamError>, Self)> {
-        if self.done {
-            return None;
+impl SseChunks {
+    fn fail(&mut self, e: UpstreamError) -> Poll<Option<Result<Chunk, UpstreamError>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn limit(&self) -> (Duration, Phase) {
+        if self.seen_event {
+            (self.timeouts.idle, Phase::Idle)
+        } else {
+            (self.timeouts.first_byte, Phase::FirstByte)
+        }
+    }
+}
+
+impl Stream for SseChunks {
+    type Item = Result<Chunk, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
         }
         loop {
-            match self.parser.next_event() {
-                Err(e) => return self.fail(UpstreamError::Protocol(e.to_string())),
+            match this.parser.next_event() {
+                Err(e) => return this.fail(UpstreamError::Protocol(e.to_string())),
                 Ok(Some(ev)) => {
-                    self.seen_event = true;
+                    if !this.seen_event {
+                        this.seen_event = true;
+                        // From now on the (possibly shorter) idle limit applies.
+                        let deadline = this.last_progress + this.timeouts.idle;
+                        this.timer.as_mut().reset(deadline);
+                    }
                     if &ev.data[..] == b"[DONE]" {
-                        return None;
+                        this.done = true;
+                        return Poll::Ready(None);
                     }
                     return match to_chunk(ev.data) {
-                        Ok(chunk) => Some((Ok(chunk), self)),
-                        Err(e) => self.fail(e),
+                        Ok(chunk) => Poll::Ready(Some(Ok(chunk))),
+                        Err(e) => this.fail(e),
                     };
                 }
                 Ok(None) => {}
             }
-            let (limit, phase) = if self.seen_event {
-                (self.timeouts.idle, Phase::Idle)
-            } else {
-                (self.timeouts.first_byte, Phase::FirstByte)
-            };
-            match timeout(limit, self.bytes.next()).await {
-                Err(_) => return self.fail(UpstreamError::Timeout(phase)),
-                Ok(None) => {
-                    return self.fail(UpstreamError::Closed(
+            match this.bytes.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    this.parser.push(&bytes);
+                    this.last_progress = Instant::now();
+                }
+                Poll::Ready(Some(Err(e))) => return this.fail(e),
+                Poll::Ready(None) => {
+                    return this.fail(UpstreamError::Closed(
                         "the stream ended before [DONE]".into(),
                     ));
                 }
-                Ok(Some(Err(e))) => return self.fail(UpstreamError::Closed(e.to_string())),
-                Ok(Some(Ok(bytes))) => self.parser.push(&bytes),
+                Poll::Pending => loop {
+                    let (limit, phase) = this.limit();
+                    let deadline = this.last_progress + limit;
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if Instant::now() >= deadline {
+                        return this.fail(UpstreamError::Timeout(phase));
+                    }
+                    // Fired early: progress was made since it was armed.
+                    this.timer.as_mut().reset(deadline);
+                },
             }
         }
-    }
-
-    fn fail(mut self, e: UpstreamError) -> Option<(Result<Chunk, UpstreamError>, Self)> {
-        self.done = true;
-        Some((Err(e), self))
     }
 }
 
@@ -213,45 +267,23 @@ fn to_chunk(data: Bytes) -> Result<Chunk, UpstreamError> {
     })
 }
 
-fn classify(e: reqwest::Error) -> UpstreamError {
-    if e.is_connect() {
-        UpstreamError::Connect(error_chain(&e))
-    } else if e.is_timeout() {
-        UpstreamError::Timeout(Phase::Connect)
-    } else {
-        UpstreamError::Closed(error_chain(&e))
-    }
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); keep the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
-
-async fn status_error(resp: reqwest::Response, t: &Timeouts) -> UpstreamError {
-    let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
+async fn status_error(
+    head: http::response::Parts,
+    mut exchange: Exchange,
+    t: &Timeouts,
+) -> UpstreamError {
+    let status = head.status.as_u16();
+    let retry_after = head
+        .headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| Duration::from_secs_f64(s.min(3600.0)));
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while body.len() < MAX_ERROR_BODY {
-        match timeout(t.idle, stream.next()).await {
-            Ok(Some(Ok(b))) => body.extend_from_slice(&b),
-            _ => break,
-        }
-    }
+    let body = exchange
+        .read_to_end(t.idle, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
     let info = UpstreamErrorInfo::parse(&body).unwrap_or_else(|| UpstreamErrorInfo {
         message: format!(
             "HTTP {status}: {}",

@@ -42,7 +42,7 @@ fn unknown_keys_are_rejected_with_their_path() {
         &env(&[]),
     )
     .expect_err("unknown key");
-    assert_eq!(paths(&err), ["http"]);
+    assert_eq!(paths(&err), ["http.lisen"]);
     assert!(err.to_string().contains("lisen"), "{err}");
 
     let err = load(

@@ -1,0 +1,102 @@
+//! The `meridian` binary as a process: readiness line, SIGTERM → drained exit 0, and
+//! `check-config` failing with the field path.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+
+#[test]
+fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
+        .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
+        .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn meridian");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("meridian ready")))
+        .expect("readiness line");
+    let http = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .expect("http address");
+
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = TcpStream::connect(http).expect("connect");
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("built-in demo model"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = child.try_wait().expect("wait") {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_config_reports_every_bad_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[http]\nlisten = \"nowhere\"\n[[providers]]\nid = \"x\"\nkind = \"openai\"\nbase_url = \"x\"\nmodels = []\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "http.listen",
+        "providers[0].base_url",
+        "providers[0].models",
+    ] {
+        assert!(err.contains(field), "{field} missing from:\n{err}");
+    }
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[providers]]\nid = \"d\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,229 @@
+//! The gateway benchmark: how much a Meridian node costs over calling the upstream directly.
+//!
+//! Starts the mock upstream and a node as separate processes (use release builds:
+//! `cargo build --release -p meridian-node -p meridian-tests --bins`), then drives both with
+//! `wrk` (installed with apt-get if missing): p50/p99 latency at concurrency 1, and throughput
+//! plus p99 at concurrency 64, for non-streaming and streaming (16 content chunks) requests.
+//! Prints a table with the through/direct ratios and writes it to `target/bench-gateway.md`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Where `meridian` and `mock-upstream` live (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// Kills the child when dropped, so no process outlives the benchmark.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd`, waits for a stdout line containing `marker`, returns the process and the line.
+fn spawn_ready(cmd: &mut Command, marker: &str) -> anyhow::Result<(Proc, String)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let proc = Proc(child);
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line?;
+        if line.contains(marker) {
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((proc, line));
+        }
+    }
+    bail!("{cmd:?} exited before printing {marker:?}")
+}
+
+fn field<'a>(line: &'a str, key: &str) -> anyhow::Result<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no {key} in {line:?}"))
+}
+
+fn ensure_wrk() -> anyhow::Result<()> {
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("wrk not found; installing it with apt-get");
+    let ok = Command::new("sh")
+        .args(["-c", "apt-get update -qq && apt-get install -y -qq wrk"])
+        .status()?
+        .success();
+    if !ok {
+        bail!("could not install wrk (apt-get install wrk)");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(url: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<Run> {
+    let threads = conns.min(2);
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
+        bail!("wrk saw errors against {url}: {line}\n{text}");
+    }
+    let pick = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+            .with_context(|| format!("no {prefix:?} in wrk output:\n{text}"))
+    };
+    Ok(Run {
+        rps: pick("Requests/sec:")?.parse()?,
+        p50_ms: parse_ms(pick("50%")?).context("p50")?,
+        p99_ms: parse_ms(pick("99%")?).context("p99")?,
+    })
+}
+
+fn lua(dir: &Path, name: &str, body: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    let escaped = body.replace('\\', "\\\\").replace('\'', "\\'");
+    std::fs::write(
+        &path,
+        format!(
+            "wrk.method = 'POST'\nwrk.body = '{escaped}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = match args.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .to_path_buf(),
+    };
+    ensure_wrk()?;
+    let tmp = tempfile::tempdir()?;
+
+    let (_mock, line) = spawn_ready(
+        Command::new(bin_dir.join("mock-upstream")).args(["--flavor", "openai"]),
+        "listening on",
+    )?;
+    let mock_addr = line.rsplit(' ').next().context("mock address")?.to_owned();
+    let config = tmp.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
+             models = [\"mock\", \"mock@tokens:16\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
+        ),
+    )?;
+    let (_node, line) = spawn_ready(
+        Command::new(bin_dir.join("meridian"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("MERIDIAN_LOG", "warn"),
+        "meridian ready",
+    )?;
+    let node_addr = field(&line, "http=")?.to_owned();
+
+    let unary = lua(
+        tmp.path(),
+        "unary.lua",
+        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#,
+    )?;
+    let stream = lua(
+        tmp.path(),
+        "stream.lua",
+        r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
+    )?;
+    let secs = args.duration;
+    let mut rows = Vec::new();
+    for (mode, script) in [("non-streaming", &unary), ("streaming, 16 chunks", &stream)] {
+        let direct_url = format!("http://{mock_addr}/v1/chat/completions");
+        let node_url = format!("http://{node_addr}/v1/chat/completions");
+        // Warm up connections and caches on both paths.
+        wrk(&direct_url, script, 8, 1)?;
+        wrk(&node_url, script, 8, 1)?;
+        let d1 = wrk(&direct_url, script, 1, secs)?;
+        let n1 = wrk(&node_url, script, 1, secs)?;
+        let d64 = wrk(&direct_url, script, 64, secs)?;
+        let n64 = wrk(&node_url, script, 64, secs)?;
+        rows.push((mode, d1, n1, d64, n64));
+    }
+
+    let mut report = String::from(
+        "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (mode, d1, n1, d64, n64) in &rows {
+        report.push_str(&format!(
+            "| {mode} | {:.3} ms | {:.3} ms | {:+.3} ms | {:.3} ms | {:.3} ms | {:.0} | {:.0} | {:.2} | {:.2} ms | {:.2} ms |\n",
+            d1.p50_ms,
+            n1.p50_ms,
+            n1.p50_ms - d1.p50_ms,
+            d1.p99_ms,
+            n1.p99_ms,
+            d64.rps,
+            n64.rps,
+            n64.rps / d64.rps,
+            d64.p99_ms,
+            n64.p99_ms,
+        ));
+    }
+    println!("{report}");
+    let out = bin_dir.join("../bench-gateway.md");
+    std::fs::write(&out, &report)?;
+    eprintln!("written to {}", out.display());
+    Ok(())
+}
