@@ -29,7 +29,7 @@ const H2_MAX_STREAMS: u32 = 100;
 pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen for {what} on {addr}: {source}")]
+    #[error("cannot listen for {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,

@@ -291,21 +291,39 @@ impl Exchange {
         idle: Duration,
         limit: usize,
     ) -> Result<Bytes, UpstreamError> {
-        let mut buf = bytes::BytesMut::new();
+        // A body that arrives in one frame (the usual case) is returned without a copy.
+        let mut first: Option<Bytes> = None;
+        let mut rest = bytes::BytesMut::new();
+        let mut len = 0;
         loop {
             let next = timeout(idle, futures::future::poll_fn(|cx| self.poll_data(cx)))
                 .await
                 .map_err(|_| UpstreamError::Timeout(Phase::Idle))?;
             match next {
-                None => return Ok(buf.freeze()),
+                None => {
+                    return Ok(match first {
+                        None => Bytes::new(),
+                        Some(b) if rest.is_empty() => b,
+                        Some(_) => rest.freeze(),
+                    });
+                }
                 Some(Err(e)) => return Err(e),
                 Some(Ok(b)) => {
-                    if buf.len() + b.len() > limit {
+                    len += b.len();
+                    if len > limit {
                         return Err(UpstreamError::Protocol(format!(
                             "the upstream's body exceeds {limit} bytes"
                         )));
                     }
-                    buf.extend_from_slice(&b);
+                    match &first {
+                        None => first = Some(b),
+                        Some(f) => {
+                            if rest.is_empty() {
+                                rest.extend_from_slice(f);
+                            }
+                            rest.extend_from_slice(&b);
+                        }
+                    }
                 }
             }
         }
@@ -348,6 +366,13 @@ impl Exchange {
                 }
             }
         }
+    }
+
+    /// Reads what is left of the body if it has already arrived (typically the chunked
+    /// terminator after `[DONE]`), so the connection goes back to the pool; otherwise gives up
+    /// without waiting, and the connection is closed when the exchange is dropped.
+    pub fn drain_ready(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(Ok(_))) = self.poll_data(cx) {}
     }
 
     fn finish(&mut self) {

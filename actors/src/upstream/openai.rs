@@ -207,6 +207,7 @@ impl Stream for SseChunks {
                     }
                     if &ev.data[..] == b"[DONE]" {
                         this.done = true;
+                        this.bytes.drain_ready(cx);
                         return Poll::Ready(None);
                     }
                     return match to_chunk(ev.data) {

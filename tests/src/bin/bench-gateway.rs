@@ -16,8 +16,12 @@ use clap::Parser;
 #[derive(Parser)]
 struct Args {
     /// Seconds per measurement.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     duration: u64,
+    /// Rounds of (direct, through) measurements; figures are medians over rounds, and each
+    /// ratio is taken within a round, so drift in the machine's speed cancels out.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -131,6 +135,11 @@ fn wrk(url: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<Run> {
     })
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn lua(dir: &Path, name: &str, body: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     let escaped = body.replace('\\', "\\\\").replace('\'', "\\'");
@@ -189,36 +198,41 @@ fn main() -> anyhow::Result<()> {
         r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
     )?;
     let secs = args.duration;
-    let mut rows = Vec::new();
+    let mut report = String::from(
+        "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
     for (mode, script) in [("non-streaming", &unary), ("streaming, 16 chunks", &stream)] {
         let direct_url = format!("http://{mock_addr}/v1/chat/completions");
         let node_url = format!("http://{node_addr}/v1/chat/completions");
         // Warm up connections and caches on both paths.
         wrk(&direct_url, script, 8, 1)?;
         wrk(&node_url, script, 8, 1)?;
-        let d1 = wrk(&direct_url, script, 1, secs)?;
-        let n1 = wrk(&node_url, script, 1, secs)?;
-        let d64 = wrk(&direct_url, script, 64, secs)?;
-        let n64 = wrk(&node_url, script, 64, secs)?;
-        rows.push((mode, d1, n1, d64, n64));
-    }
-
-    let mut report = String::from(
-        "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for (mode, d1, n1, d64, n64) in &rows {
+        let mut rounds = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let d1 = wrk(&direct_url, script, 1, secs)?;
+            let n1 = wrk(&node_url, script, 1, secs)?;
+            let d64 = wrk(&direct_url, script, 64, secs)?;
+            let n64 = wrk(&node_url, script, 64, secs)?;
+            eprintln!(
+                "{mode}: round ratio {:.2}, added p50 {:+.3} ms",
+                n64.rps / d64.rps,
+                n1.p50_ms - d1.p50_ms
+            );
+            rounds.push([d1, n1, d64, n64]);
+        }
+        let med = |f: &dyn Fn(&[Run; 4]) -> f64| median(rounds.iter().map(f).collect());
         report.push_str(&format!(
             "| {mode} | {:.3} ms | {:.3} ms | {:+.3} ms | {:.3} ms | {:.3} ms | {:.0} | {:.0} | {:.2} | {:.2} ms | {:.2} ms |\n",
-            d1.p50_ms,
-            n1.p50_ms,
-            n1.p50_ms - d1.p50_ms,
-            d1.p99_ms,
-            n1.p99_ms,
-            d64.rps,
-            n64.rps,
-            n64.rps / d64.rps,
-            d64.p99_ms,
-            n64.p99_ms,
+            med(&|r| r[0].p50_ms),
+            med(&|r| r[1].p50_ms),
+            med(&|r| r[1].p50_ms - r[0].p50_ms),
+            med(&|r| r[0].p99_ms),
+            med(&|r| r[1].p99_ms),
+            med(&|r| r[2].rps),
+            med(&|r| r[3].rps),
+            med(&|r| r[3].rps / r[2].rps),
+            med(&|r| r[2].p99_ms),
+            med(&|r| r[3].p99_ms),
         ));
     }
     println!("{report}");
