@@ -12,7 +12,6 @@
 //! the slot of a client that stopped reading. A client that goes away drops the relay, which
 //! drops the upstream call and closes its connection.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -230,8 +229,6 @@ async fn stream(
         usage: None,
         provider: spec.id.as_str().into(),
         report: Some(report),
-        held: Vec::new(),
-        turn: None,
     };
     if reply.send(Ok(ChatReply::Stream(relay))).is_err() {
         return Outcome::ClientGone;
@@ -283,9 +280,6 @@ pub struct RelayStream {
     usage: Option<Usage>,
     provider: Arc<str>,
     report: Option<oneshot::Sender<Outcome>>,
-    /// Chunks taken before yielding a turn to the upstream connection task.
-    held: Vec<Bytes>,
-    turn: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for RelayStream {
@@ -317,17 +311,9 @@ impl Stream for RelayStream {
         if this.report.is_none() {
             return Poll::Ready(None);
         }
-        if let Some(turn) = this.turn.as_mut()
-            && turn.as_mut().poll(cx).is_pending()
-        {
-            return Poll::Pending;
-        }
         let shared = Arc::clone(&this.shared);
         let mut upstream = shared.lock();
-        let mut piece = StreamPiece {
-            chunks: std::mem::take(&mut this.held),
-            end: None,
-        };
+        let mut piece = StreamPiece::default();
         while piece.chunks.len() < MAX_BATCH {
             let item = match this.first.take() {
                 Some(first) => first,
@@ -336,18 +322,6 @@ impl Stream for RelayStream {
                         Poll::Ready(item) => item,
                         Poll::Pending => {
                             this.shared.waker.register(cx.waker());
-                            if !piece.chunks.is_empty() && this.turn.is_none() {
-                                // The upstream connection task hands over one frame at a time,
-                                // even when its buffer holds more. Give it one scheduler turn
-                                // (a deferred wake, no timer: a lone event is not held back)
-                                // and send what it decoded in the same write.
-                                let mut turn = Box::pin(tokio::task::yield_now());
-                                if turn.as_mut().poll(cx).is_pending() {
-                                    this.turn = Some(turn);
-                                    this.held = std::mem::take(&mut piece.chunks);
-                                    return Poll::Pending;
-                                }
-                            }
                             break;
                         }
                     },
@@ -382,7 +356,6 @@ impl Stream for RelayStream {
         if piece.chunks.is_empty() && piece.end.is_none() {
             return Poll::Pending;
         }
-        this.turn = None;
         tracing::trace!(
             chunks = piece.chunks.len(),
             end = piece.end.is_some(),

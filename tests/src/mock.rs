@@ -77,6 +77,8 @@ pub struct MockStats {
     pub usage_requested: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
+    pub connections: AtomicU64,
 }
 
 impl MockStats {
@@ -90,6 +92,7 @@ impl MockStats {
             "usage_requested": self.usage_requested.load(SeqCst),
             "prompt_tokens": self.prompt_tokens.load(SeqCst),
             "completion_tokens": self.completion_tokens.load(SeqCst),
+            "connections": self.connections.load(SeqCst),
         })
     }
 }
@@ -114,8 +117,10 @@ impl MockUpstream {
         let (stop, stopped) = oneshot::channel::<()>();
         // Without TCP_NODELAY, Nagle's algorithm holds back every chunk after the first for
         // the peer's delayed ACK (~40 ms): no real server streams like that.
-        let listener = listener.tap_io(|tcp| {
+        let counted = Arc::clone(&stats);
+        let listener = listener.tap_io(move |tcp| {
             let _ = tcp.set_nodelay(true);
+            counted.connections.fetch_add(1, SeqCst);
         });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -135,6 +140,21 @@ impl MockUpstream {
     /// The API root to configure a provider with.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// Stops gracefully (idle keep-alive connections are closed) and waits until the listener
+    /// is gone, so the address can be bound again.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
     }
 
     /// Serves until the process is stopped (the binary's main loop).

@@ -522,3 +522,37 @@ async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
     .await
     .expect("aborted upstream");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_replaced_when_the_upstream_closes_them() {
+    let m = mock(Flavor::Vllm).await;
+    let addr = m.addr;
+    let n = node(&m, &["mock"], "", "").await;
+    for stream in [true, false, true, false, true] {
+        let resp = post(&n, chat_body("mock", stream, "")).await;
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.expect("body");
+    }
+    assert_eq!(m.stats.requests.load(SeqCst), 5);
+    assert_eq!(
+        m.stats.connections.load(SeqCst),
+        1,
+        "one keep-alive connection for all"
+    );
+
+    // The upstream restarts on the same address: its idle connection to us is closed.
+    m.stop().await;
+    let m = MockUpstream::start(MockOptions {
+        listen: addr,
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock restarts");
+    let resp = post(&n, chat_body("mock", false, "")).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "a stale pooled connection is replaced, not used"
+    );
+    assert_eq!(m.stats.requests.load(SeqCst), 1);
+}
