@@ -556,3 +556,52 @@ async fn upstream_connections_are_reused_and_replaced_when_the_upstream_closes_t
     );
     assert_eq!(m.stats.requests.load(SeqCst), 1);
 }
+
+#[tokio::test]
+async fn an_upstream_that_never_completes_the_handshake_hits_the_connect_timeout() {
+    // A listener that never accepts, with its backlog already full: the kernel drops further
+    // SYNs, so a connect hangs, as it does towards a silently dead host.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break, // the queue is full
+        }
+    }
+    let base = format!("http://{addr}/v1");
+    let n = TestNode::start(&provider_toml(
+        "blackhole",
+        &base,
+        &["m"],
+        "connect_timeout = \"300ms\"",
+    ))
+    .await
+    .expect("node");
+    let started = std::time::Instant::now();
+    let resp = post(&n, chat_body("m", false, "")).await;
+    assert_eq!(resp.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the connect timeout"
+    );
+    let v: Value = resp.json().await.expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("connect")),
+        "{v}"
+    );
+    drop(listener);
+    drop(fillers);
+}
