@@ -348,7 +348,7 @@ async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
     let n = node(
         &m,
         &[slow, "mock"],
-        "max_concurrency = 1\nqueue_capacity = 1\nqueue_timeout = \"150ms\"",
+        "max_concurrency = 1\nqueue_capacity = 1\nqueue_timeout = \"1s\"",
         "",
     )
     .await;
@@ -502,7 +502,7 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
 async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
     let m = mock(Flavor::Vllm).await;
     let model = "mock@tokens:500;itl_ms:10";
-    let n = node(&m, &[model], "total_timeout = \"300ms\"", "").await;
+    let n = node(&m, &[model], "total_timeout = \"500ms\"", "").await;
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
     let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
