@@ -6,10 +6,12 @@
 //! - [`openai`]: the OpenAI-compatible JSON shapes of the HTTP edge and of OpenAI-style upstreams
 //!   (vLLM, OpenAI), with request validation that names the offending field;
 //! - [`error`]: the shared [`ErrorKind`] and the client-visible [`ApiError`] value;
-//! - [`ids`]: newtype ids.
+//! - [`ids`]: newtype ids;
+//! - [`cluster`]: the replicated commands and the state they build.
 //!
 //! This crate has no runtime: construction, validation and conversion only.
 
+pub mod cluster;
 pub mod convert;
 pub mod error;
 pub mod ids;

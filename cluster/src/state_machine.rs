@@ -1,0 +1,227 @@
+//! The Raft state machine: applies [`Proposal`]s to a [`ClusterState`], publishes every applied
+//! state on a `watch` (the hot path reads that, never Raft), and keeps its current snapshot in
+//! `snapshot.json` in the data directory, replaced atomically (write, fsync, rename, fsync dir).
+//!
+//! The state itself lives in memory: on restart it comes back from the snapshot, and openraft
+//! re-applies the committed log entries after it.
+
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use meridian_proto::cluster::{Applied, ClusterState, NodeId};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, SnapshotMeta,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{StorageError, TypeConfig, io_error};
+
+type Entry = openraft::Entry<TypeConfig>;
+type Meta = SnapshotMeta<NodeId, BasicNode>;
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// What a snapshot's bytes hold.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    state: ClusterState,
+}
+
+/// The file on disk: the snapshot's meta and its bytes.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+struct Inner {
+    state: ClusterState,
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    current: Option<(Meta, Vec<u8>)>,
+    built: u64,
+}
+
+/// The state machine. Cheap to clone: clones (the snapshot builder among them) share state.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Mutex<Inner>>,
+    dir: PathBuf,
+    published: watch::Sender<Arc<ClusterState>>,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    io_error(ErrorSubject::Snapshot(None), verb, e)
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`, restoring the last persisted snapshot if there is one.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let mut inner = Inner {
+            state: ClusterState::default(),
+            last_applied: None,
+            last_membership: Membership::default(),
+            current: None,
+            built: 0,
+        };
+        match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(bytes) => {
+                let file: SnapshotFile =
+                    serde_json::from_slice(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                let body: SnapshotBody =
+                    serde_json::from_slice(&file.data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                inner.state = body.state;
+                inner.last_applied = body.last_applied;
+                inner.last_membership = body.last_membership;
+                inner.current = Some((file.meta, file.data));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
+        }
+        let published = watch::Sender::new(Arc::new(inner.state.clone()));
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+            dir: dir.to_path_buf(),
+            published,
+        })
+    }
+
+    /// The applied state, as of every apply from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.published.subscribe()
+    }
+
+    /// A short lock: never held across an await.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the snapshot file atomically: temp file, fsync, rename, fsync the directory.
+    async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<(), StorageError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&SnapshotFile { meta, data })?;
+            let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?
+        .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (meta, data) = {
+            let mut g = self.lock();
+            g.built += 1;
+            let body = SnapshotBody {
+                last_applied: g.last_applied,
+                last_membership: g.last_membership.clone(),
+                state: g.state.clone(),
+            };
+            let data = serde_json::to_vec(&body).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            let meta = Meta {
+                last_log_id: g.last_applied,
+                last_membership: g.last_membership.clone(),
+                snapshot_id: format!("{}-{}", g.last_applied.map_or(0, |l| l.index), g.built),
+            };
+            (meta, data)
+        };
+        self.persist(meta.clone(), data.clone()).await?;
+        self.lock().current = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError> {
+        let g = self.lock();
+        Ok((g.last_applied, g.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        for entry in entries {
+            g.last_applied = Some(entry.log_id);
+            out.push(match entry.payload {
+                EntryPayload::Blank => Applied::Unchanged,
+                EntryPayload::Normal(p) => g.state.apply(&p),
+                EntryPayload::Membership(m) => {
+                    g.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                    Applied::Changed
+                }
+            });
+        }
+        self.published.send_replace(Arc::new(g.state.clone()));
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody =
+            serde_json::from_slice(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        self.persist(meta.clone(), data.clone()).await?;
+        let mut g = self.lock();
+        g.state = body.state;
+        g.last_applied = meta.last_log_id;
+        g.last_membership = meta.last_membership.clone();
+        g.current = Some((meta.clone(), data));
+        self.published.send_replace(Arc::new(g.state.clone()));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let g = self.lock();
+        Ok(g.current.as_ref().map(|(meta, data)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(data.clone())),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
