@@ -1,0 +1,322 @@
+//! A node's Raft member: openraft over our storage, with the network behind [`Transport`].
+//!
+//! The transport trait is the seam for tests (in-process, with partitions: [`local`]) and for
+//! the real network between nodes (QUIC with mutual TLS: **not built yet**).
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::sync::watch;
+
+use crate::TypeConfig;
+use crate::state_machine::StateMachine;
+use crate::store::LogStore;
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing. The defaults survive cross-region round trips; tests use [`RaftTimings::fast`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTimings {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// Take a snapshot every this many applied entries ...
+    pub snapshot_every: u64,
+    /// ... then purge the log up to this many entries before it (kept for slow followers).
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(250),
+            election_min: Duration::from_millis(1000),
+            election_max: Duration::from_millis(2000),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+}
+
+impl RaftTimings {
+    /// Loopback timings for tests.
+    pub fn fast() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(150),
+            election_max: Duration::from_millis(300),
+            snapshot_every: 1_000,
+            keep_after_snapshot: 100,
+        }
+    }
+}
+
+/// A message could not reach its target (the sender's view: retry later or elsewhere).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("node {target} is unreachable: {reason}")]
+pub struct Unreached {
+    pub target: NodeId,
+    pub reason: String,
+}
+
+/// What the cluster answers when a proposal fails.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no leader is known; the cluster may have lost quorum")]
+    NoLeader,
+    #[error(transparent)]
+    Unreached(#[from] Unreached),
+    #[error("the proposal was rejected: {0}")]
+    Rejected(String),
+    #[error("raft failed: {0}")]
+    Fatal(String),
+}
+
+/// A transport call's result: the remote node's answer, or why the message did not get there.
+pub type Reply<T, E = RaftError<NodeId>> = BoxFuture<'static, Result<Result<T, E>, Unreached>>;
+
+/// How Raft messages (and proposals forwarded to the leader) reach other nodes.
+pub trait Transport: Send + Sync + 'static {
+    fn append_entries(
+        &self,
+        target: NodeId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Reply<AppendEntriesResponse<NodeId>>;
+
+    fn vote(&self, target: NodeId, rpc: VoteRequest<NodeId>) -> Reply<VoteResponse<NodeId>>;
+
+    fn install_snapshot(
+        &self,
+        target: NodeId,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
+
+    /// Hands a proposal to `target` (the leader) to commit.
+    fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError>;
+}
+
+/// openraft's network factory over a [`Transport`].
+struct Network(Arc<dyn Transport>);
+
+struct Peer {
+    target: NodeId,
+    transport: Arc<dyn Transport>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Peer {
+        Peer {
+            target,
+            transport: Arc::clone(&self.0),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let target = self.target;
+        match self.transport.append_entries(target, rpc).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let target = self.target;
+        match self.transport.install_snapshot(target, rpc).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let target = self.target;
+        match self.transport.vote(target, rpc).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+}
+
+/// Where the cluster stands, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    /// Applied to the state machine (openraft 0.9 exposes no separate commit index).
+    pub applied_index: Option<u64>,
+    /// The log up to here is in the snapshot ...
+    pub snapshot_index: Option<u64>,
+    /// ... and up to here it has been purged from disk.
+    pub purged_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+}
+
+/// This node's Raft member.
+#[derive(Clone)]
+pub struct ClusterNode {
+    pub id: NodeId,
+    raft: Raft,
+    state: watch::Receiver<Arc<ClusterState>>,
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// Opens the node's storage in `dir` and starts its Raft member.
+    pub async fn start(
+        id: NodeId,
+        dir: &Path,
+        timings: RaftTimings,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, ClusterError> {
+        let fatal = |e: &dyn std::fmt::Display| ClusterError::Fatal(e.to_string());
+        std::fs::create_dir_all(dir).map_err(|e| fatal(&e))?;
+        let log = LogStore::open(&dir.join("raft.redb")).map_err(|e| fatal(&e))?;
+        let sm = StateMachine::open(&dir.join("state")).map_err(|e| fatal(&e))?;
+        let state = sm.subscribe();
+        let config = Config {
+            cluster_name: "meridian".into(),
+            heartbeat_interval: timings.heartbeat.as_millis() as u64,
+            election_timeout_min: timings.election_min.as_millis() as u64,
+            election_timeout_max: timings.election_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_every),
+            max_in_snapshot_log_to_keep: timings.keep_after_snapshot,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| fatal(&e))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network(Arc::clone(&transport)),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| fatal(&e))?;
+        Ok(Self {
+            id,
+            raft,
+            state,
+            transport,
+        })
+    }
+
+    /// The Raft handle, for the transport's receiving side.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Makes this node and `voters` the initial cluster (once, on a fresh cluster; later calls
+    /// are refused by openraft and ignored here).
+    pub async fn initialize(&self, voters: &[NodeId]) -> Result<(), ClusterError> {
+        let members: BTreeMap<NodeId, BasicNode> = voters
+            .iter()
+            .map(|id| (*id, BasicNode::default()))
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ClusterError::Fatal(e.to_string())),
+        }
+    }
+
+    /// The applied state; the hot path reads this, never Raft.
+    pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.state.clone()
+    }
+
+    /// Proposes a command, stamped with this node's clock; a follower forwards it to the leader.
+    /// Resolves once it is committed and applied on the leader.
+    pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
+        let at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.commit(Proposal {
+            at_unix_ms,
+            proposer: self.id,
+            command,
+        })
+        .await
+    }
+
+    /// Commits a proposal here if this node leads, else forwards it to the leader.
+    pub async fn commit(&self, proposal: Proposal) -> Result<Applied, ClusterError> {
+        match self.raft.client_write(proposal.clone()).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
+                Some(leader) if leader != self.id => {
+                    self.transport.forward(leader, proposal).await?
+                }
+                _ => Err(ClusterError::NoLeader),
+            },
+            Err(RaftError::APIError(e)) => Err(ClusterError::Rejected(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(ClusterError::Fatal(e.to_string())),
+        }
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        ClusterStatus {
+            id: self.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
+    /// Stops the Raft member (its storage stays on disk).
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
