@@ -111,6 +111,46 @@ pub trait Transport: Send + Sync + 'static {
     fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError>;
 }
 
+/// The transport of a node with no peers: a single-node cluster never sends a message, and
+/// anything addressed elsewhere is unreachable.
+#[derive(Debug, Clone, Copy)]
+pub struct NoPeers;
+
+impl NoPeers {
+    fn unreached<T: Send + 'static, E: Send + 'static>(target: NodeId) -> Reply<T, E> {
+        Box::pin(futures::future::ready(Err(Unreached {
+            target,
+            reason: "this node has no peers".into(),
+        })))
+    }
+}
+
+impl Transport for NoPeers {
+    fn append_entries(
+        &self,
+        target: NodeId,
+        _: AppendEntriesRequest<TypeConfig>,
+    ) -> Reply<AppendEntriesResponse<NodeId>> {
+        Self::unreached(target)
+    }
+
+    fn vote(&self, target: NodeId, _: VoteRequest<NodeId>) -> Reply<VoteResponse<NodeId>> {
+        Self::unreached(target)
+    }
+
+    fn install_snapshot(
+        &self,
+        target: NodeId,
+        _: InstallSnapshotRequest<TypeConfig>,
+    ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        Self::unreached(target)
+    }
+
+    fn forward(&self, target: NodeId, _: Proposal) -> Reply<Applied, ClusterError> {
+        Self::unreached(target)
+    }
+}
+
 /// openraft's network factory over a [`Transport`].
 struct Network(Arc<dyn Transport>);
 
@@ -265,6 +305,20 @@ impl ClusterNode {
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(ClusterError::Fatal(e.to_string())),
         }
+    }
+
+    /// Waits until `leader` is the known leader, or `timeout` passes.
+    pub async fn wait_for_leader(
+        &self,
+        leader: NodeId,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        self.raft
+            .wait(Some(timeout))
+            .current_leader(leader, "waiting for a leader")
+            .await
+            .map(|_| ())
+            .map_err(|_| ClusterError::NoLeader)
     }
 
     /// The applied state; the hot path reads this, never Raft.

@@ -11,6 +11,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
+use meridian_cluster::raft::{ClusterNode, NoPeers};
+use meridian_proto::cluster::{Command, Member};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,6 +39,8 @@ pub enum AppError {
     },
     #[error("cannot start the actor system: {0}")]
     Actors(String),
+    #[error("cannot start the cluster member: {0}")]
+    Cluster(String),
     #[error("the {0} server failed: {1}")]
     Serve(&'static str, String),
 }
@@ -44,6 +48,7 @@ pub enum AppError {
 pub struct App {
     config: Config,
     gateway: Gateway,
+    cluster: ClusterNode,
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -74,9 +79,11 @@ impl App {
         let http = bind("HTTP", config.http.listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
+        let cluster = start_cluster(&config, http.local_addr().ok()).await?;
         Ok(Self {
             config,
             gateway,
+            cluster,
             http,
             grpc,
             admin,
@@ -98,6 +105,10 @@ impl App {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    pub fn cluster(&self) -> &ClusterNode {
+        &self.cluster
     }
 
     /// Serves until `shutdown` resolves, then drains: new requests are refused (503, `/readyz`
@@ -141,7 +152,8 @@ impl App {
             .add_service(reflection(pb::ADMIN_DESCRIPTOR_SET)?)
             .add_service(pb::admin::admin_server::AdminServer::new(AdminService {
                 gateway: self.gateway.clone(),
-                node_id: self.config.node.id.clone(),
+                cluster: self.cluster.clone(),
+                node_id: self.config.node.id,
                 region: self.config.node.region.clone(),
                 started: self.started,
                 http_addr: http_addr.to_string(),
@@ -154,6 +166,7 @@ impl App {
         let router = http::router(
             HttpState {
                 gateway: self.gateway.clone(),
+                cluster: self.cluster.clone(),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
             },
@@ -198,12 +211,61 @@ impl App {
             servers.shutdown().await;
         }
         self.gateway.stop(Duration::from_secs(5)).await;
+        self.cluster.shutdown().await;
         match failure {
             Some(Ok(Err(e))) => Err(e),
             Some(Err(join)) => Err(AppError::Serve("node", join.to_string())),
             _ => Ok(()),
         }
     }
+}
+
+/// Starts this node's Raft member on its data directory. Until the transport between nodes
+/// exists, each node is a single-voter cluster: it initializes itself on first start, waits to
+/// lead, and records itself in the member table.
+async fn start_cluster(
+    config: &Config,
+    http_addr: Option<SocketAddr>,
+) -> Result<ClusterNode, AppError> {
+    let node = &config.node;
+    let failed = |e: &dyn std::fmt::Display| {
+        AppError::Cluster(format!("in {}: {e}", node.data_dir.display()))
+    };
+    let cluster = ClusterNode::start(
+        node.id,
+        &node.data_dir.join("raft"),
+        config.raft,
+        std::sync::Arc::new(NoPeers),
+    )
+    .await
+    .map_err(|e| failed(&e))?;
+    cluster
+        .initialize(&[node.id])
+        .await
+        .map_err(|e| failed(&e))?;
+    cluster
+        .wait_for_leader(
+            node.id,
+            config.raft.election_max * 5 + Duration::from_secs(5),
+        )
+        .await
+        .map_err(|_| {
+            AppError::Cluster(format!(
+                "node {} did not become leader of its single-node cluster",
+                node.id
+            ))
+        })?;
+    let me = Member {
+        id: node.id,
+        region: node.region.clone(),
+        raft_addr: String::new(),
+        http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
+    };
+    cluster
+        .propose(Command::UpsertMember(me))
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(cluster)
 }
 
 /// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout

@@ -8,9 +8,11 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
+use meridian_cluster::raft::RaftTimings;
 use meridian_proto::openai::RequestLimits;
 use serde::Deserialize;
 
@@ -38,14 +40,30 @@ pub struct RawConfig {
     #[serde(default)]
     pub shutdown: RawShutdown,
     #[serde(default)]
+    pub cluster: RawCluster,
+    #[serde(default)]
     pub providers: Vec<RawProvider>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
-    pub id: Option<String>,
+    pub id: Option<i64>,
     pub region: Option<String>,
+    pub data_dir: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub heartbeat: Option<String>,
+    pub election_timeout_min: Option<String>,
+    pub election_timeout_max: Option<String>,
+    pub snapshot_every: Option<i64>,
+    pub keep_after_snapshot: Option<i64>,
+    /// Other voters. Not supported yet: the transport between nodes is not built.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,12 +129,15 @@ pub struct Config {
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
+    pub raft: RaftTimings,
 }
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    pub id: String,
+    pub id: u64,
     pub region: String,
+    /// Raft log, vote and snapshots live here.
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -458,11 +479,80 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     };
 
     let node = NodeConfig {
-        id: raw.node.id.unwrap_or_else(|| "node-1".into()),
+        id: match raw.node.id {
+            None => 1,
+            Some(id) if id >= 1 => id as u64,
+            Some(id) => {
+                e.push("node.id", format!("must be a positive integer, got {id}"));
+                1
+            }
+        },
         region: raw.node.region.unwrap_or_else(|| "local".into()),
+        data_dir: PathBuf::from(
+            raw.node
+                .data_dir
+                .unwrap_or_else(|| "./meridian-data".into()),
+        ),
     };
-    if node.id.is_empty() {
-        e.push("node.id", "must not be empty");
+    if node.region.is_empty() {
+        e.push("node.region", "must not be empty");
+    }
+    let rd = RaftTimings::default();
+    let c = &raw.cluster;
+    let raft = RaftTimings {
+        heartbeat: duration(
+            &mut e,
+            "cluster.heartbeat",
+            c.heartbeat.as_ref(),
+            rd.heartbeat,
+        ),
+        election_min: duration(
+            &mut e,
+            "cluster.election_timeout_min",
+            c.election_timeout_min.as_ref(),
+            rd.election_min,
+        ),
+        election_max: duration(
+            &mut e,
+            "cluster.election_timeout_max",
+            c.election_timeout_max.as_ref(),
+            rd.election_max,
+        ),
+        snapshot_every: u64::from(int(
+            &mut e,
+            "cluster.snapshot_every",
+            c.snapshot_every,
+            10_000,
+            10,
+            100_000_000,
+        )),
+        keep_after_snapshot: u64::from(int(
+            &mut e,
+            "cluster.keep_after_snapshot",
+            c.keep_after_snapshot,
+            1_000,
+            0,
+            100_000_000,
+        )),
+    };
+    if raft.election_min <= raft.heartbeat {
+        e.push(
+            "cluster.election_timeout_min",
+            "must be longer than cluster.heartbeat",
+        );
+    }
+    if raft.election_max <= raft.election_min {
+        e.push(
+            "cluster.election_timeout_max",
+            "must be longer than cluster.election_timeout_min",
+        );
+    }
+    if !c.peers.is_empty() {
+        e.push(
+            "cluster.peers",
+            "multi-node clusters are not supported yet (the transport between nodes is not built); \
+             every node runs as its own single-node cluster",
+        );
     }
     let http = HttpConfig {
         listen: addr(
@@ -702,6 +792,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         limits,
         drain_timeout,
         providers,
+        raft,
     })
 }
 

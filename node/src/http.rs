@@ -22,6 +22,7 @@ use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
+use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use serde_json::json;
@@ -32,6 +33,7 @@ use crate::respond::http_error;
 #[derive(Clone)]
 pub struct HttpState {
     pub gateway: Gateway,
+    pub cluster: ClusterNode,
     pub sse_heartbeat: Duration,
     /// `created` of every model in `/v1/models` (the node's start time).
     pub started_unix: i64,
@@ -120,15 +122,25 @@ async fn models(State(st): State<Arc<HttpState>>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Ready unless draining. Without a known Raft leader the node still serves from its last
+/// applied state, and says so under `cluster`.
 async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
+    let c = st.cluster.status();
+    let cluster = json!({
+        "leader": c.leader,
+        "term": c.term,
+        "applied_index": c.applied_index,
+        "quorum": if c.leader.is_some() { "ok" } else { "no_leader" },
+    });
     if st.gateway.is_draining() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "draining"})),
+            axum::Json(json!({"status": "draining", "cluster": cluster})),
         )
             .into_response();
     }
-    axum::Json(json!({"status": "ready", "in_flight": st.gateway.in_flight()})).into_response()
+    axum::Json(json!({"status": "ready", "in_flight": st.gateway.in_flight(), "cluster": cluster}))
+        .into_response()
 }
 
 fn sse_response(relay: RelayStream, heartbeat: Duration) -> Response {

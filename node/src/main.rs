@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use meridian_node::App;
 use meridian_node::config::{self, ProcessEnv};
 use meridian_proto::pb::admin::admin_client::AdminClient;
-use meridian_proto::pb::admin::{ListProvidersRequest, NodeStatusRequest};
+use meridian_proto::pb::admin::{ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest};
 
 /// mimalloc: the request path allocates many small, short-lived buffers across threads, where
 /// glibc's allocator showed up as ~15% of the node's CPU under load.
@@ -51,6 +51,8 @@ enum AdminCommand {
     Status,
     /// The providers the node routes to, with their live load.
     Providers,
+    /// The Raft cluster as the node sees it: leader, term, log positions, members.
+    Cluster,
 }
 
 fn main() -> ExitCode {
@@ -160,6 +162,30 @@ async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
                 s.http_addr,
                 s.grpc_addr
             );
+        }
+        AdminCommand::Cluster => {
+            let c = client
+                .cluster_status(ClusterStatusRequest {})
+                .await?
+                .into_inner();
+            let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+            println!(
+                "node {}: leader {}, term {}, last log {}, applied {}, snapshot {}, purged {}, voters {:?}",
+                c.node_id,
+                opt(c.leader),
+                c.term,
+                opt(c.last_log_index),
+                opt(c.applied_index),
+                opt(c.snapshot_index),
+                opt(c.purged_index),
+                c.voters
+            );
+            for m in c.members {
+                println!(
+                    "  member {:<4} region {:<10} http {}",
+                    m.id, m.region, m.http_addr
+                );
+            }
         }
         AdminCommand::Providers => {
             let list = client

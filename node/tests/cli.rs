@@ -11,8 +11,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_meridian");
 
 #[test]
 fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(BIN)
         .arg("serve")
+        .env("MERIDIAN_NODE__DATA_DIR", data.path())
         .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
         .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
         .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 /// A node running in this process on loopback ports picked by the OS.
 pub struct TestNode {
     pub http: SocketAddr,
+    /// The node's data directory (Raft log and snapshots), removed with the node.
+    pub data: Option<tempfile::TempDir>,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub gateway: Gateway,
@@ -39,8 +41,25 @@ impl TestNode {
         for section in ["HTTP", "GRPC", "ADMIN"] {
             env.push((format!("MERIDIAN_{section}__LISTEN"), "127.0.0.1:0".into()));
         }
+        let data = tempfile::tempdir()?;
+        env.push((
+            "MERIDIAN_NODE__DATA_DIR".into(),
+            data.path().display().to_string(),
+        ));
+        // Loopback Raft timings, so a node leads its own cluster at once.
+        env.push(("MERIDIAN_CLUSTER__HEARTBEAT".into(), "50ms".into()));
+        env.push((
+            "MERIDIAN_CLUSTER__ELECTION_TIMEOUT_MIN".into(),
+            "150ms".into(),
+        ));
+        env.push((
+            "MERIDIAN_CLUSTER__ELECTION_TIMEOUT_MAX".into(),
+            "300ms".into(),
+        ));
         let config = config::load(Some(toml), &env)?;
-        Self::start_config(config).await
+        let mut node = Self::start_config(config).await?;
+        node.data = Some(data);
+        Ok(node)
     }
 
     pub async fn start_config(config: meridian_node::Config) -> anyhow::Result<Self> {
@@ -53,6 +72,7 @@ impl TestNode {
         }));
         Ok(Self {
             http,
+            data: None,
             grpc,
             admin,
             gateway,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::SeqCst;
 
 use futures::StreamExt;
 use meridian_proto::pb::admin::admin_client::AdminClient;
-use meridian_proto::pb::admin::{ListProvidersRequest, NodeStatusRequest};
+use meridian_proto::pb::admin::{ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest};
 use meridian_proto::pb::v1::inference_client::InferenceClient;
 use meridian_proto::pb::v1::{ChatMessage, ChatRequest, FinishReason, ListModelsRequest, Role};
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
@@ -226,7 +226,7 @@ async fn health_reflection_and_admin_answer() {
         .await
         .expect("status")
         .into_inner();
-    assert_eq!(status.node_id, "node-1");
+    assert_eq!(status.node_id, 1);
     assert_eq!(status.http_addr, node.http.to_string());
     assert!(!status.draining);
     let providers = admin
@@ -238,4 +238,16 @@ async fn health_reflection_and_admin_answer() {
     assert_eq!(providers.providers[0].id, "mock");
     assert_eq!(providers.providers[0].kind, "openai");
     assert_eq!(providers.providers[0].models, ["mock"]);
+
+    // The node runs its own Raft member and has recorded itself in the replicated member table.
+    let cluster = admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .expect("cluster")
+        .into_inner();
+    assert_eq!(cluster.leader, Some(1));
+    assert_eq!(cluster.voters, [1]);
+    assert!(cluster.applied_index.is_some_and(|i| i >= 2), "{cluster:?}");
+    assert_eq!(cluster.members.len(), 1);
+    assert_eq!(cluster.members[0].http_addr, node.http.to_string());
 }

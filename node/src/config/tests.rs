@@ -80,6 +80,13 @@ queue_timeout = "0s"
 id = "a"
 kind = "magic"
 models = ["m"]
+
+[node]
+id = 0
+
+[cluster]
+heartbeat = "2s"
+peers = ["127.0.0.2:7000"]
 "#;
     let err = load(Some(text), &env(&[])).expect_err("invalid");
     let got = paths(&err);
@@ -95,6 +102,9 @@ models = ["m"]
         "providers[0].queue_timeout",
         "providers[1].id",
         "providers[1].kind",
+        "node.id",
+        "cluster.election_timeout_min",
+        "cluster.peers",
     ] {
         assert!(got.contains(&want), "missing {want} in {got:?}");
     }
@@ -104,6 +114,8 @@ models = ["m"]
 fn type_errors_name_the_field() {
     let err = load(Some("[limits]\nmax_n = \"eight\"\n"), &env(&[])).expect_err("type error");
     assert_eq!(paths(&err), ["limits.max_n"]);
+    let err = load(Some("[node]\nid = \"node-1\"\n"), &env(&[])).expect_err("type error");
+    assert_eq!(paths(&err), ["node.id"]);
 }
 
 #[test]

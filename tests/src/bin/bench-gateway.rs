@@ -173,9 +173,10 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
-             models = [\"mock\", \"mock@tokens:16\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
+             models = [\"mock\", \"mock@tokens:16\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n",
+            tmp.path().join("data")
         ),
     )?;
     let (_node, line) = spawn_ready(
