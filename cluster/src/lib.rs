@@ -15,6 +15,7 @@
     reason = "openraft's storage traits fix the error type (StorageError, ~224 bytes)"
 )]
 
+pub mod certs;
 pub mod raft;
 pub mod state_machine;
 pub mod store;

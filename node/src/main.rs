@@ -36,12 +36,35 @@ enum Command {
     },
     /// Validate a configuration file (with MERIDIAN_… overrides applied) and exit.
     CheckConfig { file: PathBuf },
+    /// The cluster's certificates (a CA, and one certificate per node, for mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Operator commands against a node's admin API.
     Admin {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
         #[command(subcommand)]
         command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the cluster CA (`ca.crt`, `ca.key`) in DIR. Never overwrites.
+    Init {
+        #[arg(long, default_value = "./meridian-certs")]
+        dir: PathBuf,
+    },
+    /// Issue node NODE's certificate (`node-NODE.crt`, `.key`), signed by the CA in DIR.
+    Issue {
+        node: u64,
+        #[arg(long, default_value = "./meridian-certs")]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses the certificate is valid for (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
 }
 
@@ -96,6 +119,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 c.providers.len(),
                 c.providers.iter().map(|p| p.models.len()).sum::<usize>()
             );
+            Ok(())
+        }
+        Command::Certs { command } => {
+            match command {
+                CertsCommand::Init { dir } => {
+                    meridian_cluster::certs::init_ca(&dir)?;
+                    println!("cluster CA created in {}", dir.display());
+                }
+                CertsCommand::Issue { node, dir, hosts } => {
+                    meridian_cluster::certs::issue(&dir, node, &hosts)?;
+                    println!(
+                        "certificate for {} written to {}",
+                        meridian_cluster::certs::node_name(node),
+                        dir.display()
+                    );
+                }
+            }
             Ok(())
         }
         Command::Admin { addr, command } => admin(addr, command).await,

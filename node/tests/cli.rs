@@ -102,3 +102,25 @@ fn check_config_reports_every_bad_field() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn certs_init_and_issue_write_a_ca_and_node_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .expect("run")
+    };
+    assert!(run(&["init"]).status.success());
+    assert!(run(&["issue", "1", "--host", "127.0.0.1"]).status.success());
+    for f in ["ca.crt", "ca.key", "node-1.crt", "node-1.key"] {
+        assert!(dir.path().join(f).exists(), "{f} written");
+    }
+    let again = run(&["init"]);
+    assert!(!again.status.success(), "init never overwrites the CA");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}

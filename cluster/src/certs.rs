@@ -1,0 +1,178 @@
+//! The cluster's PKI: a cluster CA and one certificate per node, and the mutual-TLS configs
+//! that nodes will use between themselves (the QUIC transport is not built yet; these configs
+//! are what it will take).
+//!
+//! Files in the certs directory: `ca.crt`, `ca.key`, `node-<id>.crt`, `node-<id>.key` (PEM; keys
+//! are created mode 0600 and never overwritten). A node certificate names `node-<id>.meridian`
+//! (plus any extra hosts), so a peer checks that it reached the node it meant to.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use meridian_proto::cluster::NodeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: not a valid PEM {what}")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("TLS configuration failed: {0}")]
+    Tls(String),
+}
+
+/// The DNS name a node's certificate carries and its peers verify.
+pub fn node_name(id: NodeId) -> String {
+    format!("node-{id}.meridian")
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => CertError::Exists(path.to_path_buf()),
+            _ => CertError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| CertError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|e| CertError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// The CA's parameters. Issuing re-creates the issuer from these and the stored key (the same
+/// subject and key usages the CA certificate carries), so no certificate parser is needed.
+fn ca_params() -> Result<CertificateParams, CertError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Meridian cluster CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// Creates the cluster CA in `dir`.
+pub fn init_ca(dir: &Path) -> Result<(), CertError> {
+    std::fs::create_dir_all(dir).map_err(|e| CertError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let params = ca_params()?;
+    let key = KeyPair::generate()?;
+    let key_pem = key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(params, key)?;
+    write_new(&dir.join("ca.key"), &key_pem, 0o600)?;
+    write_new(&dir.join("ca.crt"), &ca.pem(), 0o644)
+}
+
+/// Issues node `id`'s certificate, signed by the CA in `dir`, for `node-<id>.meridian` and
+/// `hosts` (DNS names or IP addresses). It serves both as server and client certificate.
+pub fn issue(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), CertError> {
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut names = vec![node_name(id)];
+    names.extend(hosts.iter().cloned());
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_name(id));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    write_new(
+        &dir.join(format!("node-{id}.key")),
+        &key.serialize_pem(),
+        0o600,
+    )?;
+    write_new(&dir.join(format!("node-{id}.crt")), &cert.pem(), 0o644)
+}
+
+/// Node `id`'s mutual-TLS configs: the server side requires a client certificate from the
+/// cluster CA; the client side presents this node's certificate and trusts only the cluster CA.
+pub fn mtls_configs(
+    dir: &Path,
+    id: NodeId,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), CertError> {
+    let ca_path = dir.join("ca.crt");
+    let ca =
+        CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|_| CertError::Pem {
+            path: ca_path.clone(),
+            what: "certificate",
+        })?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca).map_err(|e| CertError::Tls(e.to_string()))?;
+    let roots = Arc::new(roots);
+    let cert_path = dir.join(format!("node-{id}.crt"));
+    let key_path = dir.join(format!("node-{id}.key"));
+    let chain = CertificateDer::pem_slice_iter(read(&cert_path)?.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| CertError::Pem {
+            path: cert_path.clone(),
+            what: "certificate",
+        })?;
+    let key_pem = read(&key_path)?;
+    let key = || {
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| CertError::Pem {
+            path: key_path.clone(),
+            what: "private key",
+        })
+    };
+    let verifier = WebPkiClientVerifier::builder(Arc::clone(&roots))
+        .build()
+        .map_err(|e| CertError::Tls(e.to_string()))?;
+    let server = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key()?)
+        .map_err(|e| CertError::Tls(e.to_string()))?;
+    let client = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key()?)
+        .map_err(|e| CertError::Tls(e.to_string()))?;
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// The name a client verifies when it connects to node `id`.
+pub fn server_name(id: NodeId) -> Result<ServerName<'static>, CertError> {
+    ServerName::try_from(node_name(id)).map_err(|e| CertError::Tls(e.to_string()))
+}
