@@ -55,23 +55,29 @@ impl LogStore {
         Ok(Self { db: Arc::new(db) })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(
+    /// Runs `f` in a read transaction; every failure is reported as a log read error.
+    fn read<R>(
         &self,
-        key: &str,
-    ) -> Result<Option<T>, StorageError> {
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<R, Box<dyn std::error::Error>>,
+    ) -> Result<R, StorageError> {
         let tx = self
             .db
             .begin_read()
             .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let table = tx
-            .open_table(META)
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let Some(v) = table.get(key).map_err(|e| logs_err(ErrorVerb::Read, e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| logs_err(ErrorVerb::Read, e))
+        f(&tx).map_err(|e| logs_err(ErrorVerb::Read, e))
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
+        self.read(|tx| {
+            let table = tx.open_table(META)?;
+            let Some(v) = table.get(key)? else {
+                return Ok(None);
+            };
+            Ok(Some(serde_json::from_slice(v.value())?))
+        })
     }
 
     /// Runs one write transaction on the blocking pool and commits it durably.
@@ -114,22 +120,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let table = tx
-            .open_table(LOGS)
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let mut out = Vec::new();
-        for item in table
-            .range::<u64>(bounds(&range))
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?
-        {
-            let (_, v) = item.map_err(|e| logs_err(ErrorVerb::Read, e))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| logs_err(ErrorVerb::Read, e))?);
-        }
-        Ok(out)
+        self.read(|tx| {
+            let table = tx.open_table(LOGS)?;
+            let mut out = Vec::new();
+            for item in table.range::<u64>(bounds(&range))? {
+                let (_, v) = item?;
+                out.push(serde_json::from_slice(v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -138,21 +137,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId<NodeId>> = self.read_meta(LAST_PURGED)?;
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let table = tx
-            .open_table(LOGS)
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let last = match table.last().map_err(|e| logs_err(ErrorVerb::Read, e))? {
-            Some((_, v)) => {
-                let e: Entry =
-                    serde_json::from_slice(v.value()).map_err(|e| logs_err(ErrorVerb::Read, e))?;
-                Some(e.log_id)
-            }
-            None => last_purged,
-        };
+        let last = self.read(|tx| {
+            let table = tx.open_table(LOGS)?;
+            Ok(match table.last()? {
+                Some((_, v)) => Some(serde_json::from_slice::<Entry>(v.value())?.log_id),
+                None => None,
+            })
+        })?;
+        let last = last.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
