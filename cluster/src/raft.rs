@@ -4,6 +4,7 @@
 //! the real network between nodes (QUIC with mutual TLS: **not built yet**).
 
 pub mod local;
+pub mod quic;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -235,6 +236,8 @@ pub struct ClusterStatus {
 pub struct ClusterNode {
     pub id: NodeId,
     raft: Raft,
+    /// How long a proposal waits for a leader to become known (two election timeouts).
+    leader_wait: Duration,
     state: watch::Receiver<Arc<ClusterState>>,
     transport: Arc<dyn Transport>,
 }
@@ -283,6 +286,7 @@ impl ClusterNode {
         Ok(Self {
             id,
             raft,
+            leader_wait: timings.election_max * 2,
             state,
             transport,
         })
@@ -340,18 +344,31 @@ impl ClusterNode {
         .await
     }
 
-    /// Commits a proposal here if this node leads, else forwards it to the leader.
+    /// Commits a proposal here if this node leads, else forwards it to the leader. While no
+    /// leader is known (an election is under way) it waits up to two election timeouts.
     pub async fn commit(&self, proposal: Proposal) -> Result<Applied, ClusterError> {
-        match self.raft.client_write(proposal.clone()).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
+        let mut waited = false;
+        loop {
+            let leader = match self.raft.client_write(proposal.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(e)) => return Err(ClusterError::Rejected(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+            };
+            match leader {
                 Some(leader) if leader != self.id => {
-                    self.transport.forward(leader, proposal).await?
+                    return self.transport.forward(leader, proposal).await?;
                 }
-                _ => Err(ClusterError::NoLeader),
-            },
-            Err(RaftError::APIError(e)) => Err(ClusterError::Rejected(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(ClusterError::Fatal(e.to_string())),
+                _ if waited => return Err(ClusterError::NoLeader),
+                _ => {
+                    waited = true;
+                    let _ = self
+                        .raft
+                        .wait(Some(self.leader_wait))
+                        .metrics(|m| m.current_leader.is_some(), "a known leader")
+                        .await;
+                }
+            }
         }
     }
 

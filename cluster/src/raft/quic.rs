@@ -1,0 +1,247 @@
+//! The node-to-node [`Transport`] over QUIC (quinn) with mutual TLS from the cluster PKI
+//! ([`crate::certs`]): a peer must present a certificate from the cluster CA, and a client
+//! checks that the server's certificate names the node it meant to reach (`node-<id>.meridian`).
+//!
+//! One bidirectional stream per RPC: the request as one JSON frame, then the reply. Frames are
+//! capped at [`MAX_FRAME`] bytes, so a peer cannot make us allocate without bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use meridian_proto::cluster::{Applied, NodeId, Proposal};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::{ClusterError, ClusterNode, Reply, Transport, Unreached};
+use crate::TypeConfig;
+use crate::certs;
+
+/// Largest request or reply frame accepted (snapshots travel in chunks below this).
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+#[derive(Serialize, Deserialize)]
+enum Rpc {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    Forward(Proposal),
+}
+
+#[derive(Serialize, Deserialize)]
+enum RpcReply {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    Forward(Result<Applied, String>),
+}
+
+pub struct QuicTransport {
+    endpoint: quinn::Endpoint,
+    peers: Mutex<HashMap<NodeId, SocketAddr>>,
+    connections: Mutex<HashMap<NodeId, quinn::Connection>>,
+}
+
+impl std::fmt::Debug for QuicTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicTransport").finish_non_exhaustive()
+    }
+}
+
+impl QuicTransport {
+    /// Binds node `id`'s QUIC endpoint on `listen`, with its certificate from `certs_dir`.
+    pub fn bind(
+        listen: SocketAddr,
+        certs_dir: &Path,
+        id: NodeId,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let fatal = |e: &dyn std::fmt::Display| ClusterError::Fatal(e.to_string());
+        let (server, client) = certs::mtls_configs(certs_dir, id).map_err(|e| fatal(&e))?;
+        let server = QuicServerConfig::try_from(server).map_err(|e| fatal(&e))?;
+        let client = QuicClientConfig::try_from(client).map_err(|e| fatal(&e))?;
+        let mut endpoint =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(server)), listen)
+                .map_err(|e| fatal(&e))?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client)));
+        Ok(Arc::new(Self {
+            endpoint,
+            peers: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ClusterError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Where node `id` listens.
+    pub fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        lock(&self.peers).insert(id, addr);
+    }
+
+    /// Answers peers' RPCs with `node`'s Raft until the endpoint closes. Each connection and
+    /// each stream is a task owned by this one, so aborting it stops them all.
+    pub fn serve(self: &Arc<Self>, node: ClusterNode) -> JoinHandle<()> {
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            while let Some(incoming) = endpoint.accept().await {
+                let node = node.clone();
+                tasks.spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let mut streams = tokio::task::JoinSet::new();
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        streams.spawn(answer(node.clone(), send, recv));
+                        while streams.try_join_next().is_some() {}
+                    }
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+        })
+    }
+
+    /// Closes the endpoint: in-flight RPCs fail, peers see the connection close.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    async fn connection(&self, target: NodeId) -> Result<quinn::Connection, Unreached> {
+        let unreached = |reason: String| Unreached { target, reason };
+        if let Some(c) = lock(&self.connections).get(&target)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let addr = lock(&self.peers)
+            .get(&target)
+            .copied()
+            .ok_or_else(|| unreached("no address known".into()))?;
+        let conn = self
+            .endpoint
+            .connect(addr, &certs::node_name(target))
+            .map_err(|e| unreached(e.to_string()))?
+            .await
+            .map_err(|e| unreached(e.to_string()))?;
+        lock(&self.connections).insert(target, conn.clone());
+        Ok(conn)
+    }
+
+    async fn call(&self, target: NodeId, rpc: Rpc) -> Result<RpcReply, Unreached> {
+        let unreached = |reason: String| Unreached { target, reason };
+        let conn = self.connection(target).await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreached(e.to_string()))?;
+        let frame = serde_json::to_vec(&rpc).map_err(|e| unreached(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| unreached(e.to_string()))?;
+        send.finish().map_err(|e| unreached(e.to_string()))?;
+        let reply = recv
+            .read_to_end(MAX_FRAME)
+            .await
+            .map_err(|e| unreached(e.to_string()))?;
+        serde_json::from_slice(&reply).map_err(|e| unreached(format!("bad reply: {e}")))
+    }
+}
+
+/// Short lock, never held across an await.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let Ok(frame) = recv.read_to_end(MAX_FRAME).await else {
+        return;
+    };
+    let Ok(rpc) = serde_json::from_slice::<Rpc>(&frame) else {
+        return;
+    };
+    let raft = node.raft();
+    let reply = match rpc {
+        Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+        Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+        Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
+        Rpc::Forward(p) => RpcReply::Forward(match raft.client_write(p).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(e.to_string()),
+        }),
+    };
+    if let Ok(bytes) = serde_json::to_vec(&reply) {
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+        // Wait until the peer has the reply before the stream is dropped.
+        let _ = send.stopped().await;
+    }
+}
+
+fn mismatch(target: NodeId) -> Unreached {
+    Unreached {
+        target,
+        reason: "the peer answered a different RPC".into(),
+    }
+}
+
+impl Transport for Arc<QuicTransport> {
+    fn append_entries(
+        &self,
+        target: NodeId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Reply<AppendEntriesResponse<NodeId>> {
+        let t = Arc::clone(self);
+        async move {
+            match t.call(target, Rpc::AppendEntries(rpc)).await? {
+                RpcReply::AppendEntries(r) => Ok(r),
+                _ => Err(mismatch(target)),
+            }
+        }
+        .boxed()
+    }
+
+    fn vote(&self, target: NodeId, rpc: VoteRequest<NodeId>) -> Reply<VoteResponse<NodeId>> {
+        let t = Arc::clone(self);
+        async move {
+            match t.call(target, Rpc::Vote(rpc)).await? {
+                RpcReply::Vote(r) => Ok(r),
+                _ => Err(mismatch(target)),
+            }
+        }
+        .boxed()
+    }
+
+    fn install_snapshot(
+        &self,
+        target: NodeId,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let t = Arc::clone(self);
+        async move {
+            match t.call(target, Rpc::InstallSnapshot(rpc)).await? {
+                RpcReply::InstallSnapshot(r) => Ok(r),
+                _ => Err(mismatch(target)),
+            }
+        }
+        .boxed()
+    }
+
+    fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError> {
+        let t = Arc::clone(self);
+        async move {
+            match t.call(target, Rpc::Forward(proposal)).await? {
+                RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
+                _ => Err(mismatch(target)),
+            }
+        }
+        .boxed()
+    }
+}
