@@ -45,8 +45,15 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     let mut transports = Vec::new();
     for &id in &ids {
         certs::issue(pki.path(), id, &[]).unwrap();
-        transports
-            .push(QuicTransport::bind("127.0.0.1:0".parse().unwrap(), pki.path(), id).unwrap());
+        transports.push(
+            QuicTransport::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                pki.path(),
+                id,
+                Duration::from_millis(300),
+            )
+            .unwrap(),
+        );
     }
     for t in &transports {
         for (j, peer) in transports.iter().enumerate() {
@@ -112,7 +119,13 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     let foreign = tempfile::tempdir().unwrap();
     certs::init_ca(foreign.path()).unwrap();
     certs::issue(foreign.path(), 9, &[]).unwrap();
-    let intruder = QuicTransport::bind("127.0.0.1:0".parse().unwrap(), foreign.path(), 9).unwrap();
+    let intruder = QuicTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        foreign.path(),
+        9,
+        Duration::from_millis(300),
+    )
+    .unwrap();
     let target = survivors[0].id;
     intruder.set_peer(
         target,

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -11,12 +12,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
+use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, NoPeers};
 use meridian_proto::cluster::{Command, Member};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
@@ -49,6 +51,8 @@ pub struct App {
     config: Config,
     gateway: Gateway,
     cluster: ClusterNode,
+    /// The QUIC endpoint and the tasks that serve it and register this node (multi-node only).
+    quic: Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>,
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -79,11 +83,12 @@ impl App {
         let http = bind("HTTP", config.http.listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
-        let cluster = start_cluster(&config, http.local_addr().ok()).await?;
+        let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
         Ok(Self {
             config,
             gateway,
             cluster,
+            quic,
             http,
             grpc,
             admin,
@@ -212,6 +217,12 @@ impl App {
         }
         self.gateway.stop(Duration::from_secs(5)).await;
         self.cluster.shutdown().await;
+        if let Some((transport, tasks)) = self.quic {
+            transport.close();
+            for t in tasks {
+                t.abort();
+            }
+        }
         match failure {
             Some(Ok(Err(e))) => Err(e),
             Some(Err(join)) => Err(AppError::Serve("node", join.to_string())),
@@ -220,52 +231,88 @@ impl App {
     }
 }
 
-/// Starts this node's Raft member on its data directory. Until the transport between nodes
-/// exists, each node is a single-voter cluster: it initializes itself on first start, waits to
-/// lead, and records itself in the member table.
+type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
+
+/// Starts this node's Raft member on its data directory.
+///
+/// Alone (no `cluster.peers`): it initializes a single-voter cluster on first start, waits to
+/// lead, and records itself in the member table before serving.
+///
+/// With peers: it talks QUIC with mutual TLS, every node initializes the same initial voter set
+/// (openraft accepts that), and the node serves at once. A task records it in the member table
+/// as soon as some leader accepts the write.
 async fn start_cluster(
     config: &Config,
     http_addr: Option<SocketAddr>,
-) -> Result<ClusterNode, AppError> {
+) -> Result<(ClusterNode, Quic), AppError> {
     let node = &config.node;
     let failed = |e: &dyn std::fmt::Display| {
         AppError::Cluster(format!("in {}: {e}", node.data_dir.display()))
     };
-    let cluster = ClusterNode::start(
-        node.id,
-        &node.data_dir.join("raft"),
-        config.raft,
-        std::sync::Arc::new(NoPeers),
-    )
-    .await
-    .map_err(|e| failed(&e))?;
-    cluster
-        .initialize(&[node.id])
-        .await
-        .map_err(|e| failed(&e))?;
-    cluster
-        .wait_for_leader(
-            node.id,
-            config.raft.election_max * 5 + Duration::from_secs(5),
-        )
-        .await
-        .map_err(|_| {
-            AppError::Cluster(format!(
-                "node {} did not become leader of its single-node cluster",
-                node.id
-            ))
-        })?;
-    let me = Member {
+    let dir = node.data_dir.join("raft");
+    let mut me = Member {
         id: node.id,
         region: node.region.clone(),
         raft_addr: String::new(),
         http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
     };
-    cluster
-        .propose(Command::UpsertMember(me))
+    let Some(peers) = &config.cluster else {
+        let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))
+            .await
+            .map_err(|e| failed(&e))?;
+        cluster
+            .initialize(&[node.id])
+            .await
+            .map_err(|e| failed(&e))?;
+        cluster
+            .wait_for_leader(
+                node.id,
+                config.raft.election_max * 5 + Duration::from_secs(5),
+            )
+            .await
+            .map_err(|_| {
+                AppError::Cluster(format!(
+                    "node {} did not become leader of its single-node cluster",
+                    node.id
+                ))
+            })?;
+        cluster
+            .propose(Command::UpsertMember(me))
+            .await
+            .map_err(|e| failed(&e))?;
+        return Ok((cluster, None));
+    };
+    let transport = QuicTransport::bind(
+        peers.listen,
+        &peers.certs_dir,
+        node.id,
+        config.raft.election_min,
+    )
+    .map_err(|e| failed(&e))?;
+    for (id, addr) in &peers.peers {
+        transport.set_peer(*id, *addr);
+    }
+    me.raft_addr = transport
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
         .map_err(|e| failed(&e))?;
-    Ok(cluster)
+    let server = transport.serve(cluster.clone());
+    let mut voters: Vec<u64> = peers.peers.iter().map(|(id, _)| *id).collect();
+    voters.push(node.id);
+    cluster.initialize(&voters).await.map_err(|e| failed(&e))?;
+    let register = tokio::spawn({
+        let cluster = cluster.clone();
+        async move {
+            while let Err(e) = cluster.propose(Command::UpsertMember(me.clone())).await {
+                tracing::debug!(error = %e, "registering this node in the member table; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    Ok((cluster, Some((transport, vec![server, register]))))
 }
 
 /// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout

@@ -61,7 +61,11 @@ pub struct RawCluster {
     pub election_timeout_max: Option<String>,
     pub snapshot_every: Option<i64>,
     pub keep_after_snapshot: Option<i64>,
-    /// Other voters. Not supported yet: the transport between nodes is not built.
+    /// Where this node's QUIC (Raft) endpoint listens, when it has peers.
+    pub listen: Option<String>,
+    /// The cluster PKI (`meridian certs init|issue`), when it has peers.
+    pub certs_dir: Option<String>,
+    /// The other initial voters, as `ID@HOST:PORT`.
     #[serde(default)]
     pub peers: Vec<String>,
 }
@@ -130,6 +134,16 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub raft: RaftTimings,
+    /// Set when the node has peers; `None` runs a single-node cluster.
+    pub cluster: Option<ClusterPeers>,
+}
+
+/// A multi-node cluster's wiring.
+#[derive(Debug, Clone)]
+pub struct ClusterPeers {
+    pub listen: SocketAddr,
+    pub certs_dir: PathBuf,
+    pub peers: Vec<(u64, SocketAddr)>,
 }
 
 #[derive(Debug, Clone)]
@@ -547,13 +561,58 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             "must be longer than cluster.election_timeout_min",
         );
     }
-    if !c.peers.is_empty() {
-        e.push(
-            "cluster.peers",
-            "multi-node clusters are not supported yet (the transport between nodes is not built); \
-             every node runs as its own single-node cluster",
+    let cluster = if c.peers.is_empty() {
+        None
+    } else {
+        let mut peers = Vec::new();
+        for (i, p) in c.peers.iter().enumerate() {
+            let parsed = p.split_once('@').and_then(|(id, addr)| {
+                Some((id.parse::<u64>().ok()?, addr.parse::<SocketAddr>().ok()?))
+            });
+            match parsed {
+                Some((id, _)) if id == node.id => {
+                    e.push(format!("cluster.peers[{i}]"), "lists this node itself");
+                }
+                Some(peer) => peers.push(peer),
+                None => e.push(
+                    format!("cluster.peers[{i}]"),
+                    format!("{p:?} is not ID@HOST:PORT (e.g. 2@10.0.0.2:7000)"),
+                ),
+            }
+        }
+        let listen = addr(
+            &mut e,
+            "cluster.listen",
+            c.listen.as_ref(),
+            "127.0.0.1:7000",
         );
-    }
+        let certs_dir = PathBuf::from(
+            c.certs_dir
+                .clone()
+                .unwrap_or_else(|| "./meridian-certs".into()),
+        );
+        for file in [
+            "ca.crt".to_owned(),
+            format!("node-{}.crt", node.id),
+            format!("node-{}.key", node.id),
+        ] {
+            if !certs_dir.join(&file).exists() {
+                e.push(
+                    "cluster.certs_dir",
+                    format!(
+                        "{} has no {file} (create it with `meridian certs init` and `meridian certs issue {}`)",
+                        certs_dir.display(),
+                        node.id
+                    ),
+                );
+            }
+        }
+        Some(ClusterPeers {
+            listen,
+            certs_dir,
+            peers,
+        })
+    };
     let http = HttpConfig {
         listen: addr(
             &mut e,
@@ -793,6 +852,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         drain_timeout,
         providers,
         raft,
+        cluster,
     })
 }
 

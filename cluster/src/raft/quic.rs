@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt;
 use meridian_proto::cluster::{Applied, NodeId, Proposal};
@@ -27,6 +28,8 @@ use crate::certs;
 
 /// Largest request or reply frame accepted (snapshots travel in chunks below this).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// A connection silent this long (keep-alives included) is considered dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Serialize, Deserialize)]
 enum Rpc {
@@ -48,6 +51,8 @@ enum RpcReply {
 
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
+    /// Deadline of one Raft RPC; a forwarded proposal gets ten times this.
+    rpc_timeout: Duration,
     peers: Mutex<HashMap<NodeId, SocketAddr>>,
     connections: Mutex<HashMap<NodeId, quinn::Connection>>,
 }
@@ -60,21 +65,35 @@ impl std::fmt::Debug for QuicTransport {
 
 impl QuicTransport {
     /// Binds node `id`'s QUIC endpoint on `listen`, with its certificate from `certs_dir`.
+    /// `rpc_timeout` bounds each Raft RPC (an election timeout is a good value: a slower answer
+    /// is useless anyway).
     pub fn bind(
         listen: SocketAddr,
         certs_dir: &Path,
         id: NodeId,
+        rpc_timeout: Duration,
     ) -> Result<Arc<Self>, ClusterError> {
         let fatal = |e: &dyn std::fmt::Display| ClusterError::Fatal(e.to_string());
         let (server, client) = certs::mtls_configs(certs_dir, id).map_err(|e| fatal(&e))?;
         let server = QuicServerConfig::try_from(server).map_err(|e| fatal(&e))?;
         let client = QuicClientConfig::try_from(client).map_err(|e| fatal(&e))?;
-        let mut endpoint =
-            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(server)), listen)
-                .map_err(|e| fatal(&e))?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client)));
+        // Keep-alives and a short idle timeout, so a dead peer's connection is noticed in
+        // seconds rather than quinn's default 30 s.
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| fatal(&e))?,
+        ));
+        let transport = Arc::new(transport);
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server));
+        server_config.transport_config(Arc::clone(&transport));
+        let mut client_config = quinn::ClientConfig::new(Arc::new(client));
+        client_config.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server_config, listen).map_err(|e| fatal(&e))?;
+        endpoint.set_default_client_config(client_config);
         Ok(Arc::new(Self {
             endpoint,
+            rpc_timeout,
             peers: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
         }))
@@ -138,7 +157,31 @@ impl QuicTransport {
         Ok(conn)
     }
 
-    async fn call(&self, target: NodeId, rpc: Rpc) -> Result<RpcReply, Unreached> {
+    /// One RPC within `deadline`. A failed or late call drops the cached connection, so the next
+    /// call reconnects (the peer may have restarted).
+    async fn call(
+        &self,
+        target: NodeId,
+        rpc: Rpc,
+        deadline: Duration,
+    ) -> Result<RpcReply, Unreached> {
+        match tokio::time::timeout(deadline, self.call_once(target, rpc)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                lock(&self.connections).remove(&target);
+                Err(e)
+            }
+            Err(_) => {
+                lock(&self.connections).remove(&target);
+                Err(Unreached {
+                    target,
+                    reason: format!("no answer within {deadline:?}"),
+                })
+            }
+        }
+    }
+
+    async fn call_once(&self, target: NodeId, rpc: Rpc) -> Result<RpcReply, Unreached> {
         let unreached = |reason: String| Unreached { target, reason };
         let conn = self.connection(target).await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreached(e.to_string()))?;
@@ -200,7 +243,10 @@ impl Transport for Arc<QuicTransport> {
     ) -> Reply<AppendEntriesResponse<NodeId>> {
         let t = Arc::clone(self);
         async move {
-            match t.call(target, Rpc::AppendEntries(rpc)).await? {
+            match t
+                .call(target, Rpc::AppendEntries(rpc), t.rpc_timeout)
+                .await?
+            {
                 RpcReply::AppendEntries(r) => Ok(r),
                 _ => Err(mismatch(target)),
             }
@@ -211,7 +257,7 @@ impl Transport for Arc<QuicTransport> {
     fn vote(&self, target: NodeId, rpc: VoteRequest<NodeId>) -> Reply<VoteResponse<NodeId>> {
         let t = Arc::clone(self);
         async move {
-            match t.call(target, Rpc::Vote(rpc)).await? {
+            match t.call(target, Rpc::Vote(rpc), t.rpc_timeout).await? {
                 RpcReply::Vote(r) => Ok(r),
                 _ => Err(mismatch(target)),
             }
@@ -226,7 +272,10 @@ impl Transport for Arc<QuicTransport> {
     ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         let t = Arc::clone(self);
         async move {
-            match t.call(target, Rpc::InstallSnapshot(rpc)).await? {
+            match t
+                .call(target, Rpc::InstallSnapshot(rpc), t.rpc_timeout)
+                .await?
+            {
                 RpcReply::InstallSnapshot(r) => Ok(r),
                 _ => Err(mismatch(target)),
             }
@@ -237,7 +286,10 @@ impl Transport for Arc<QuicTransport> {
     fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError> {
         let t = Arc::clone(self);
         async move {
-            match t.call(target, Rpc::Forward(proposal)).await? {
+            match t
+                .call(target, Rpc::Forward(proposal), t.rpc_timeout * 10)
+                .await?
+            {
                 RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
                 _ => Err(mismatch(target)),
             }

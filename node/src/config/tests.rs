@@ -87,6 +87,7 @@ id = 0
 [cluster]
 heartbeat = "2s"
 peers = ["127.0.0.2:7000"]
+certs_dir = "/nonexistent"
 "#;
     let err = load(Some(text), &env(&[])).expect_err("invalid");
     let got = paths(&err);
@@ -104,7 +105,8 @@ peers = ["127.0.0.2:7000"]
         "providers[1].kind",
         "node.id",
         "cluster.election_timeout_min",
-        "cluster.peers",
+        "cluster.peers[0]",
+        "cluster.certs_dir",
     ] {
         assert!(got.contains(&want), "missing {want} in {got:?}");
     }
