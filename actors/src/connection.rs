@@ -356,11 +356,6 @@ impl Stream for RelayStream {
         if piece.chunks.is_empty() && piece.end.is_none() {
             return Poll::Pending;
         }
-        tracing::trace!(
-            chunks = piece.chunks.len(),
-            end = piece.end.is_some(),
-            "relay piece"
-        );
         Poll::Ready(Some(piece))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use meridian_proto::openai::{ChatRequest, RequestLimits};
@@ -40,7 +40,6 @@ struct Inner {
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
     draining: AtomicBool,
-    connection_crashes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -79,14 +78,8 @@ impl Gateway {
             },
         )
         .await?;
-        let connection_crashes = Arc::new(AtomicU64::new(0));
-        let (connections, _) = Actor::spawn_linked(
-            None,
-            ConnectionSupervisor,
-            Arc::clone(&connection_crashes),
-            supervisor.get_cell(),
-        )
-        .await?;
+        let (connections, _) =
+            Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 routes,
@@ -96,7 +89,6 @@ impl Gateway {
                 supervisor,
                 connections: connections.get_cell(),
                 draining: AtomicBool::new(false),
-                connection_crashes,
             }),
         })
     }
@@ -110,10 +102,6 @@ impl Gateway {
         &self.inner.models
     }
 
-    pub fn has_model(&self, name: &str) -> bool {
-        self.inner.routes.contains_key(name)
-    }
-
     pub fn providers(&self) -> Vec<ProviderStatus> {
         self.inner.providers.iter().map(|p| p.status()).collect()
     }
@@ -125,10 +113,6 @@ impl Gateway {
             .iter()
             .map(|p| u64::from(p.in_flight()) + u64::from(p.queued()))
             .sum()
-    }
-
-    pub fn connection_crashes(&self) -> u64 {
-        self.inner.connection_crashes.load(Ordering::Relaxed)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -188,15 +172,12 @@ impl Gateway {
             .with_code("model_not_found")
         };
         let routes = self.inner.routes.get(model).ok_or_else(not_found)?;
-        let loads: Vec<Load> = routes
-            .iter()
-            .map(|r| Load {
-                in_flight: r.provider.in_flight(),
-                queued: r.provider.queued(),
-                max_concurrency: r.provider.spec.max_concurrency,
-            })
-            .collect();
-        let i = policy::pick_least_loaded(&loads).ok_or_else(not_found)?;
+        let loads = routes.iter().map(|r| Load {
+            in_flight: r.provider.in_flight(),
+            queued: r.provider.queued(),
+            max_concurrency: r.provider.spec.max_concurrency,
+        });
+        let i = policy::pick_least_loaded(loads).ok_or_else(not_found)?;
         Ok(routes[i].clone())
     }
 

@@ -5,7 +5,7 @@
 //! ```text
 //! NodeSupervisor                 restarts a crashed ProviderActor (budget: 10 per 60 s each)
 //!  ├─ ProviderActor × N          one per upstream endpoint: wait queue, concurrency slots
-//!  └─ ConnectionSupervisor       observes; counts crashes, never restarts
+//!  └─ ConnectionSupervisor       observes; logs crashes, never restarts
 //!       └─ ConnectionActor × in-flight requests   admission to last byte; owns the client sink
 //! ```
 //!

@@ -11,9 +11,9 @@ pub struct Load {
 /// The candidate to send a request to: the least loaded relative to its capacity, counting
 /// queued requests as load; ties go to the earlier candidate (configuration order). `None` only
 /// for an empty list.
-pub fn pick_least_loaded(candidates: &[Load]) -> Option<usize> {
+pub fn pick_least_loaded(candidates: impl IntoIterator<Item = Load>) -> Option<usize> {
     candidates
-        .iter()
+        .into_iter()
         .enumerate()
         .min_by(|(_, a), (_, b)| {
             // Compare (in_flight + queued) / max without floating point: cross-multiply.

@@ -9,7 +9,11 @@ fn load(in_flight: u32, queued: u32, max_concurrency: u32) -> Load {
 }
 
 fn check(candidates: &[Load], expected: Option<usize>) {
-    assert_eq!(pick_least_loaded(candidates), expected, "{candidates:?}");
+    assert_eq!(
+        pick_least_loaded(candidates.iter().copied()),
+        expected,
+        "{candidates:?}"
+    );
 }
 
 #[test]
