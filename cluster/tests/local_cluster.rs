@@ -3,29 +3,15 @@
 //! network is not built yet.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{leader_of, member, wait_until};
 use meridian_cluster::raft::local::LocalRouter;
 use meridian_cluster::raft::{ClusterNode, RaftTimings};
-use meridian_proto::cluster::{Applied, Command, Member, NodeId};
-
-fn member(id: NodeId, tag: &str) -> Command {
-    Command::UpsertMember(Member {
-        id,
-        region: tag.into(),
-        raft_addr: format!("127.0.0.{id}:7000"),
-        http_addr: format!("127.0.0.{id}:8080"),
-    })
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use meridian_proto::cluster::{Applied, NodeId};
 
 struct Cluster {
     router: Arc<LocalRouter>,
@@ -55,13 +41,6 @@ async fn cluster(n: u64) -> Cluster {
     }
 }
 
-fn leader_of(nodes: &[ClusterNode]) -> Option<NodeId> {
-    nodes.iter().find_map(|n| {
-        let s = n.status();
-        (s.leader == Some(s.id)).then_some(s.id)
-    })
-}
-
 #[tokio::test]
 async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     let c = cluster(3).await;
@@ -73,10 +52,7 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     let follower = c.nodes.iter().find(|n| n.id != leader).unwrap();
 
     // A write proposed on a follower is forwarded to the leader and reaches every node.
-    assert_eq!(
-        follower.propose(member(7, "eu")).await.unwrap(),
-        Applied::Changed
-    );
+    assert_eq!(follower.propose(member(7)).await.unwrap(), Applied::Changed);
     for n in &c.nodes {
         let mut state = n.state();
         tokio::time::timeout(
@@ -99,7 +75,7 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     let failover = started.elapsed();
     println!("failover: new leader after {failover:?}");
     assert_eq!(
-        survivors[0].propose(member(8, "us")).await.unwrap(),
+        survivors[0].propose(member(8)).await.unwrap(),
         Applied::Changed
     );
     for n in &survivors {
@@ -149,7 +125,7 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
         })
         .await;
         for i in 0..120 {
-            node.propose(member(100 + i, "eu")).await.unwrap();
+            node.propose(member(100 + i)).await.unwrap();
         }
         wait_until("a snapshot and a purge", Duration::from_secs(10), || {
             let s = node.status();
@@ -179,9 +155,6 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
     .await
     .expect("state restored from snapshot + log")
     .unwrap();
-    assert_eq!(
-        node.propose(member(999, "eu")).await.unwrap(),
-        Applied::Changed
-    );
+    assert_eq!(node.propose(member(999)).await.unwrap(), Applied::Changed);
     node.shutdown().await;
 }

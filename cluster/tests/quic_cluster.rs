@@ -3,39 +3,18 @@
 //! certified by a foreign CA cannot talk to the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{leader_of, member, wait_until};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
-use meridian_proto::cluster::{Applied, Command, Member, NodeId};
+use meridian_proto::cluster::{Applied, NodeId};
 use openraft::Vote;
 use openraft::raft::VoteRequest;
-
-fn member(id: NodeId) -> Command {
-    Command::UpsertMember(Member {
-        id,
-        region: "eu".into(),
-        raft_addr: String::new(),
-        http_addr: String::new(),
-    })
-}
-
-fn leader_of(nodes: &[ClusterNode]) -> Option<NodeId> {
-    nodes.iter().find_map(|n| {
-        let s = n.status();
-        (s.leader == Some(s.id)).then_some(s.id)
-    })
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 #[tokio::test]
 async fn a_cluster_over_quic_with_mutual_tls() {

@@ -2,35 +2,29 @@
 //! `check-config` failing with the field path.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+mod common;
+
+use common::BIN;
 
 #[test]
 fn serve_answers_and_exits_cleanly_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .env("MERIDIAN_NODE__DATA_DIR", data.path())
-        .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
-        .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
-        .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
-        .env_remove("OPENAI_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn meridian");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = lines
-        .find_map(|l| l.ok().filter(|l| l.starts_with("meridian ready")))
-        .expect("readiness line");
-    let http = ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .expect("http address");
+    let started = common::start(
+        Command::new(BIN)
+            .arg("serve")
+            .env("MERIDIAN_NODE__DATA_DIR", data.path())
+            .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
+            .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
+            .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
+            .env_remove("OPENAI_API_KEY"),
+    );
+    let http = started.addr("http");
+    let mut child = started.child;
 
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
     let mut conn = TcpStream::connect(http).expect("connect");

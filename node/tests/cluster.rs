@@ -4,16 +4,17 @@
 //! up. Figures are printed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin::ClusterStatusRequest;
 use meridian_proto::pb::admin::ClusterStatusResponse;
 use meridian_proto::pb::admin::admin_client::AdminClient;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+mod common;
+
+use common::BIN;
 
 struct Node {
     id: u64,
@@ -29,28 +30,16 @@ impl Drop for Node {
 }
 
 fn spawn(id: u64, config: &Path) -> Node {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("MERIDIAN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn meridian");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = lines
-        .find_map(|l| l.ok().filter(|l| l.starts_with("meridian ready")))
-        .expect("readiness line");
-    std::thread::spawn(move || for _ in lines {});
-    let admin = ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin address")
-        .to_owned();
+    let started = common::start(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("MERIDIAN_LOG", "warn"),
+    );
     Node {
         id,
-        child,
-        admin: format!("http://{admin}"),
+        admin: format!("http://{}", started.addr("admin")),
+        child: started.child,
     }
 }
 

@@ -1,0 +1,43 @@
+//! Helpers shared by the tests that run the `meridian` binary as a process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+
+/// A running node and the addresses from its readiness line
+/// (`meridian ready http=… grpc=… admin=…`).
+pub struct Started {
+    pub child: Child,
+    pub ready: String,
+}
+
+impl Started {
+    /// The address after `key=` in the readiness line, e.g. `addr("http")`.
+    pub fn addr(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {key} address in {:?}", self.ready))
+            .to_owned()
+    }
+}
+
+/// Starts `cmd` (a `meridian serve …`) and waits for its readiness line. Its later output is
+/// drained on a thread so the child never blocks on a full pipe.
+pub fn start(cmd: &mut Command) -> Started {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn meridian: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("meridian ready")))
+        .unwrap_or_else(|| panic!("meridian exited before its readiness line"));
+    std::thread::spawn(move || for _ in lines {});
+    Started { child, ready }
+}
