@@ -4,9 +4,10 @@
 //! [`ClusterState::apply`] reads no clock, does no IO and draws no randomness, so every node
 //! that applies the same log reaches the same state.
 //!
-//! Built so far: members and the provider registry. Tenants, tiers, API keys, the quota ledger,
-//! breaker states and usage roll-ups are not built yet (the cluster, admission and routing
-//! issues add them here).
+//! What is here: members, the provider registry, tenants and tiers with their limits, API keys
+//! (SHA-256 hashes only), the quota ledger with per-node grants, breaker states and daily usage
+//! roll-ups. The admission and routing layers decide *when* to propose these commands; this
+//! module defines what applying them means.
 
 use std::collections::BTreeMap;
 
@@ -31,7 +32,211 @@ pub enum Command {
     RemoveMember { id: NodeId },
     UpsertProvider(ProviderRecord),
     RemoveProvider { id: String },
+    UpsertTier(Tier),
+    /// Refused with [`Applied::NotFound`] when the tier does not exist.
+    UpsertTenant(Tenant),
+    RemoveTenant { id: String },
+    /// Refused with [`Applied::NotFound`] when the tenant does not exist, and with
+    /// [`Applied::Unchanged`] when the key id is already taken.
+    CreateApiKey(ApiKeyRecord),
+    RevokeApiKey { id: String },
+    /// Asks for a slice of a quota window's remaining budget for `node`; answered with
+    /// [`Applied::Granted`]. The node's previous grant on this key is returned to the pool first.
+    RequestGrant(GrantRequest),
+    /// Usage counted by `node` against its grant on `key` in the window starting at
+    /// `window_start_unix_ms`; usage for a window that has already rolled over is dropped.
+    ReportUsage {
+        key: String,
+        node: NodeId,
+        window_start_unix_ms: u64,
+        amount: u64,
+    },
+    SetBreaker {
+        provider: String,
+        state: BreakerState,
+        reason: String,
+    },
+    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant` and `model`.
+    RecordUsage {
+        tenant: String,
+        model: String,
+        totals: UsageTotals,
+    },
+    /// Several commands applied in order as one log entry (usage flushes, bulk writes).
+    /// Answered with [`Applied::Changed`] if any of them changed the state.
+    Batch(Vec<Command>),
 }
+
+/// Limits of a tier, or a tenant's overrides of them (`None`: no limit / not overridden).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    /// Millionths of a US dollar per day.
+    pub cost_per_day_micro_usd: Option<u64>,
+}
+
+impl Limits {
+    /// These limits with every field that `overrides` sets replaced.
+    pub fn overlay(&self, overrides: &Limits) -> Limits {
+        Limits {
+            requests_per_minute: overrides.requests_per_minute.or(self.requests_per_minute),
+            tokens_per_minute: overrides.tokens_per_minute.or(self.tokens_per_minute),
+            tokens_per_day: overrides.tokens_per_day.or(self.tokens_per_day),
+            tokens_per_month: overrides.tokens_per_month.or(self.tokens_per_month),
+            cost_per_day_micro_usd: overrides
+                .cost_per_day_micro_usd
+                .or(self.cost_per_day_micro_usd),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: String,
+    pub tier: String,
+    #[serde(default)]
+    pub overrides: Limits,
+    /// Set by apply from the proposal's timestamp.
+    #[serde(default)]
+    pub created_at_unix_ms: u64,
+    #[serde(default)]
+    pub updated_at_unix_ms: u64,
+}
+
+/// An API key as the cluster stores it: never the secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Public id of the key (safe to show and log).
+    pub id: String,
+    pub tenant: String,
+    /// Lowercase hex SHA-256 of the whole secret.
+    pub sha256_hex: String,
+    #[serde(default)]
+    pub label: String,
+    /// Set by apply from the proposal's timestamp.
+    #[serde(default)]
+    pub created_at_unix_ms: u64,
+    #[serde(default)]
+    pub revoked_at_unix_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRequest {
+    /// The limit this budget belongs to, e.g. `tenant/acme/tokens_per_minute`.
+    pub key: String,
+    pub node: NodeId,
+    /// The limit over the window (the ledger follows changes to it).
+    pub limit: u64,
+    /// Windows are aligned to multiples of this length since the Unix epoch.
+    pub window_ms: u64,
+    /// How much the node asks for.
+    pub amount: u64,
+    /// The grant lapses this long after the proposal (so a dead node's slice comes back).
+    pub ttl_ms: u64,
+}
+
+/// One quota window's account.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    pub window_start_unix_ms: u64,
+    pub window_ms: u64,
+    pub limit: u64,
+    /// Usage reported in this window.
+    pub used: u64,
+    pub grants: BTreeMap<NodeId, Grant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Grant {
+    pub amount: u64,
+    /// Usage reported against this grant.
+    pub used: u64,
+    pub expires_at_unix_ms: u64,
+}
+
+impl Grant {
+    /// The part of the grant not yet reported as used.
+    pub fn outstanding(&self) -> u64 {
+        self.amount.saturating_sub(self.used)
+    }
+}
+
+impl Ledger {
+    /// Budget neither used nor promised to a node.
+    pub fn available(&self) -> u64 {
+        let promised: u64 = self.grants.values().map(Grant::outstanding).sum();
+        self.limit.saturating_sub(self.used).saturating_sub(promised)
+    }
+
+    /// Moves the ledger to time `at`: a new window starts empty, lapsed grants go back.
+    fn advance(&mut self, at: u64, window_ms: u64) {
+        let window_ms = window_ms.max(1);
+        let start = at - at % window_ms;
+        if self.window_ms != window_ms || start > self.window_start_unix_ms {
+            *self = Ledger {
+                window_start_unix_ms: start,
+                window_ms,
+                limit: self.limit,
+                ..Ledger::default()
+            };
+        }
+        self.grants.retain(|_, g| g.expires_at_unix_ms > at);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open { until_unix_ms: u64 },
+    HalfOpen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    pub state: BreakerState,
+    pub reason: String,
+    /// When it entered this state (the proposal's timestamp) and which node decided it.
+    pub since_unix_ms: u64,
+    pub by: NodeId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Prompt tokens served from a prefix cache (counted apart, also inside `prompt_tokens`).
+    pub cached_tokens: u64,
+    pub cost_micro_usd: u64,
+}
+
+impl UsageTotals {
+    fn add(&mut self, other: &UsageTotals) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
+        self.cost_micro_usd = self.cost_micro_usd.saturating_add(other.cost_micro_usd);
+    }
+}
+
+/// Days of usage roll-ups kept; older days are dropped as new ones are written.
+pub const ROLLUP_DAYS: u64 = 400;
+const DAY_MS: u64 = 86_400_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -69,18 +274,42 @@ pub enum Applied {
     Unchanged,
     /// It named something that does not exist.
     NotFound,
+    /// A quota grant of this size (possibly 0) was recorded.
+    Granted { amount: u64 },
 }
 
 /// Everything the cluster agrees on.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClusterState {
     pub members: BTreeMap<NodeId, Member>,
     pub providers: BTreeMap<String, ProviderRecord>,
+    pub tiers: BTreeMap<String, Tier>,
+    pub tenants: BTreeMap<String, Tenant>,
+    /// By key id.
+    pub api_keys: BTreeMap<String, ApiKeyRecord>,
+    /// Quota windows by limit key.
+    pub ledger: BTreeMap<String, Ledger>,
+    /// By provider id.
+    pub breakers: BTreeMap<String, BreakerRecord>,
+    /// Days since the Unix epoch → tenant → model → totals.
+    pub usage: BTreeMap<u64, BTreeMap<String, BTreeMap<String, UsageTotals>>>,
 }
 
 impl ClusterState {
+    /// The limits that apply to `tenant` (its tier's, with its overrides), if it exists.
+    pub fn limits_of(&self, tenant: &str) -> Option<Limits> {
+        let t = self.tenants.get(tenant)?;
+        let tier = self.tiers.get(&t.tier).map(|t| t.limits).unwrap_or_default();
+        Some(tier.overlay(&t.overrides))
+    }
+
     pub fn apply(&mut self, p: &Proposal) -> Applied {
-        match &p.command {
+        self.apply_command(p.at_unix_ms, p.proposer, &p.command)
+    }
+
+    fn apply_command(&mut self, at: u64, proposer: NodeId, command: &Command) -> Applied {
+        match command {
             Command::UpsertMember(m) => {
                 if self.members.get(&m.id) == Some(m) {
                     return Applied::Unchanged;
@@ -94,7 +323,7 @@ impl ClusterState {
             },
             Command::UpsertProvider(record) => {
                 let mut record = record.clone();
-                record.updated_at_unix_ms = p.at_unix_ms;
+                record.updated_at_unix_ms = at;
                 if let Some(old) = self.providers.get(&record.id) {
                     let mut same = old.clone();
                     same.updated_at_unix_ms = record.updated_at_unix_ms;
@@ -109,6 +338,151 @@ impl ClusterState {
                 Some(_) => Applied::Changed,
                 None => Applied::NotFound,
             },
+            Command::UpsertTier(tier) => {
+                if self.tiers.get(&tier.name) == Some(tier) {
+                    return Applied::Unchanged;
+                }
+                self.tiers.insert(tier.name.clone(), tier.clone());
+                Applied::Changed
+            }
+            Command::UpsertTenant(tenant) => {
+                if !self.tiers.contains_key(&tenant.tier) {
+                    return Applied::NotFound;
+                }
+                let created = self
+                    .tenants
+                    .get(&tenant.id)
+                    .map_or(at, |t| t.created_at_unix_ms);
+                if let Some(old) = self.tenants.get(&tenant.id)
+                    && old.tier == tenant.tier
+                    && old.overrides == tenant.overrides
+                {
+                    return Applied::Unchanged;
+                }
+                let mut tenant = tenant.clone();
+                tenant.created_at_unix_ms = created;
+                tenant.updated_at_unix_ms = at;
+                self.tenants.insert(tenant.id.clone(), tenant);
+                Applied::Changed
+            }
+            Command::RemoveTenant { id } => match self.tenants.remove(id) {
+                Some(_) => {
+                    // Its keys stop working with it.
+                    for key in self.api_keys.values_mut().filter(|k| &k.tenant == id) {
+                        key.revoked_at_unix_ms.get_or_insert(at);
+                    }
+                    Applied::Changed
+                }
+                None => Applied::NotFound,
+            },
+            Command::CreateApiKey(key) => {
+                if !self.tenants.contains_key(&key.tenant) {
+                    return Applied::NotFound;
+                }
+                if self.api_keys.contains_key(&key.id) {
+                    return Applied::Unchanged;
+                }
+                let mut key = key.clone();
+                key.created_at_unix_ms = at;
+                key.revoked_at_unix_ms = None;
+                self.api_keys.insert(key.id.clone(), key);
+                Applied::Changed
+            }
+            Command::RevokeApiKey { id } => match self.api_keys.get_mut(id) {
+                Some(k) if k.revoked_at_unix_ms.is_some() => Applied::Unchanged,
+                Some(k) => {
+                    k.revoked_at_unix_ms = Some(at);
+                    Applied::Changed
+                }
+                None => Applied::NotFound,
+            },
+            Command::RequestGrant(r) => {
+                let ledger = self.ledger.entry(r.key.clone()).or_default();
+                ledger.advance(at, r.window_ms);
+                ledger.limit = r.limit;
+                // The node's previous slice goes back to the pool before it gets a new one.
+                ledger.grants.remove(&r.node);
+                let amount = r.amount.min(ledger.available());
+                ledger.grants.insert(
+                    r.node,
+                    Grant {
+                        amount,
+                        used: 0,
+                        expires_at_unix_ms: at.saturating_add(r.ttl_ms),
+                    },
+                );
+                Applied::Granted { amount }
+            }
+            Command::ReportUsage {
+                key,
+                node,
+                window_start_unix_ms,
+                amount,
+            } => {
+                let Some(ledger) = self.ledger.get_mut(key) else {
+                    return Applied::NotFound;
+                };
+                ledger.advance(at, ledger.window_ms);
+                if ledger.window_start_unix_ms != *window_start_unix_ms {
+                    return Applied::Unchanged;
+                }
+                ledger.used = ledger.used.saturating_add(*amount);
+                if let Some(g) = ledger.grants.get_mut(node) {
+                    g.used = g.used.saturating_add(*amount);
+                }
+                Applied::Changed
+            }
+            Command::SetBreaker {
+                provider,
+                state,
+                reason,
+            } => {
+                if self.breakers.get(provider).map(|b| b.state) == Some(*state) {
+                    return Applied::Unchanged;
+                }
+                self.breakers.insert(
+                    provider.clone(),
+                    BreakerRecord {
+                        state: *state,
+                        reason: reason.clone(),
+                        since_unix_ms: at,
+                        by: proposer,
+                    },
+                );
+                Applied::Changed
+            }
+            Command::RecordUsage {
+                tenant,
+                model,
+                totals,
+            } => {
+                let day = at / DAY_MS;
+                self.usage
+                    .entry(day)
+                    .or_default()
+                    .entry(tenant.clone())
+                    .or_default()
+                    .entry(model.clone())
+                    .or_default()
+                    .add(totals);
+                let oldest_kept = day.saturating_sub(ROLLUP_DAYS - 1);
+                self.usage = self.usage.split_off(&oldest_kept);
+                Applied::Changed
+            }
+            Command::Batch(commands) => {
+                let mut changed = false;
+                for c in commands {
+                    changed |= matches!(
+                        self.apply_command(at, proposer, c),
+                        Applied::Changed | Applied::Granted { .. }
+                    );
+                }
+                if changed {
+                    Applied::Changed
+                } else {
+                    Applied::Unchanged
+                }
+            }
         }
     }
 }
@@ -179,5 +553,177 @@ mod tests {
         let round_trip: ClusterState =
             serde_json::from_slice(&serde_json::to_vec(&a).expect("encode")).expect("decode");
         assert_eq!(round_trip, a);
+    }
+
+    fn grant(node: NodeId, amount: u64, ttl_ms: u64) -> Command {
+        Command::RequestGrant(GrantRequest {
+            key: "tenant/acme/tokens_per_minute".into(),
+            node,
+            limit: 1_000,
+            window_ms: 60_000,
+            amount,
+            ttl_ms,
+        })
+    }
+
+    fn usage(node: NodeId, window_start_unix_ms: u64, amount: u64) -> Command {
+        Command::ReportUsage {
+            key: "tenant/acme/tokens_per_minute".into(),
+            node,
+            window_start_unix_ms,
+            amount,
+        }
+    }
+
+    #[test]
+    fn grants_never_promise_more_than_the_window_has_left() {
+        let mut s = ClusterState::default();
+        let t0 = 120_000; // a window boundary
+        assert_eq!(
+            s.apply(&proposal(t0 + 1, grant(1, 600, 10_000))),
+            Applied::Granted { amount: 600 }
+        );
+        assert_eq!(
+            s.apply(&proposal(t0 + 2, grant(2, 600, 10_000))),
+            Applied::Granted { amount: 400 },
+            "only what node 1 was not promised"
+        );
+        // Node 1 used 100 of its 600 and asks again: its 500 unused go back first.
+        assert_eq!(
+            s.apply(&proposal(t0 + 3, usage(1, t0, 100))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(t0 + 4, grant(1, 1_000, 10_000))),
+            Applied::Granted { amount: 500 }
+        );
+        let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
+        assert_eq!((ledger.used, ledger.available()), (100, 0));
+        // Node 2 dies: its grant lapses after its ttl and the budget is free again.
+        assert_eq!(
+            s.apply(&proposal(t0 + 10_003, grant(1, 1_000, 10_000))),
+            Applied::Granted { amount: 900 }
+        );
+        // Usage reported for a window that has rolled over is not counted in the new one.
+        assert_eq!(
+            s.apply(&proposal(t0 + 60_000, usage(1, t0, 50))),
+            Applied::Unchanged
+        );
+        let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
+        assert_eq!(ledger.window_start_unix_ms, t0 + 60_000);
+        assert_eq!((ledger.used, ledger.available()), (0, 1_000));
+    }
+
+    #[test]
+    fn tenants_need_a_tier_and_their_keys_die_with_them() {
+        let mut s = ClusterState::default();
+        let tenant = Tenant {
+            id: "acme".into(),
+            tier: "pro".into(),
+            overrides: Limits {
+                tokens_per_day: Some(5),
+                ..Limits::default()
+            },
+            created_at_unix_ms: 0,
+            updated_at_unix_ms: 0,
+        };
+        assert_eq!(
+            s.apply(&proposal(1, Command::UpsertTenant(tenant.clone()))),
+            Applied::NotFound
+        );
+        let tier = Tier {
+            name: "pro".into(),
+            limits: Limits {
+                tokens_per_day: Some(1_000_000),
+                requests_per_minute: Some(600),
+                ..Limits::default()
+            },
+        };
+        assert_eq!(
+            s.apply(&proposal(2, Command::UpsertTier(tier))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(3, Command::UpsertTenant(tenant.clone()))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(4, Command::UpsertTenant(tenant))),
+            Applied::Unchanged
+        );
+        let limits = s.limits_of("acme").expect("tenant exists");
+        assert_eq!(limits.tokens_per_day, Some(5), "the override wins");
+        assert_eq!(limits.requests_per_minute, Some(600), "the tier fills in");
+
+        let key = ApiKeyRecord {
+            id: "mk_1".into(),
+            tenant: "acme".into(),
+            sha256_hex: "ab".repeat(32),
+            label: String::new(),
+            created_at_unix_ms: 0,
+            revoked_at_unix_ms: None,
+        };
+        assert_eq!(
+            s.apply(&proposal(5, Command::CreateApiKey(key.clone()))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(6, Command::CreateApiKey(key))),
+            Applied::Unchanged,
+            "a key id is never reused"
+        );
+        assert_eq!(
+            s.apply(&proposal(7, Command::RemoveTenant { id: "acme".into() })),
+            Applied::Changed
+        );
+        assert_eq!(s.api_keys["mk_1"].revoked_at_unix_ms, Some(7));
+        assert_eq!(
+            s.apply(&proposal(8, Command::RevokeApiKey { id: "mk_1".into() })),
+            Applied::Unchanged
+        );
+    }
+
+    #[test]
+    fn usage_rolls_up_by_day_and_old_days_are_dropped() {
+        let mut s = ClusterState::default();
+        let record = |tokens| Command::RecordUsage {
+            tenant: "acme".into(),
+            model: "llama".into(),
+            totals: UsageTotals {
+                requests: 1,
+                prompt_tokens: tokens,
+                ..UsageTotals::default()
+            },
+        };
+        s.apply(&proposal(DAY_MS * 10 + 5, record(3)));
+        s.apply(&proposal(
+            DAY_MS * 10 + 9,
+            Command::Batch(vec![record(4), record(5)]),
+        ));
+        assert_eq!(s.usage[&10]["acme"]["llama"].prompt_tokens, 12);
+        assert_eq!(s.usage[&10]["acme"]["llama"].requests, 3);
+        s.apply(&proposal(DAY_MS * (10 + ROLLUP_DAYS), record(1)));
+        assert!(!s.usage.contains_key(&10), "day 10 is past the retention");
+        assert_eq!(s.usage.len(), 1);
+    }
+
+    #[test]
+    fn breaker_changes_record_who_and_when() {
+        let mut s = ClusterState::default();
+        let open = Command::SetBreaker {
+            provider: "vllm-a".into(),
+            state: BreakerState::Open {
+                until_unix_ms: 5_000,
+            },
+            reason: "5 failures in 10 s".into(),
+        };
+        assert_eq!(s.apply(&proposal(100, open.clone())), Applied::Changed);
+        assert_eq!(s.apply(&proposal(200, open)), Applied::Unchanged);
+        assert_eq!(s.breakers["vllm-a"].since_unix_ms, 100);
+        let json = serde_json::to_vec(&s).expect("encode");
+        assert_eq!(
+            serde_json::from_slice::<ClusterState>(&json).expect("decode"),
+            s
+        );
     }
 }
