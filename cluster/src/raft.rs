@@ -1,14 +1,23 @@
 //! A node's Raft member: openraft over our storage, with the network behind [`Transport`].
 //!
-//! The transport trait is the seam for tests (in-process, with partitions: [`local`]) and for
-//! the real network between nodes (QUIC with mutual TLS: **not built yet**).
+//! The transport trait is the seam between Raft and the network: [`quic`] is the real one (QUIC
+//! with mutual TLS), [`local`] connects nodes inside one process for tests, and [`faults`] wraps
+//! any transport to add delay, drop messages and partition nodes.
+//!
+//! Membership: a cluster boots from its initial voters; a new node joins as a learner
+//! ([`ClusterNode::add_learner`]), is promoted ([`ClusterNode::promote`]) and can be removed
+//! ([`ClusterNode::remove`]). Every node's Raft address travels in the membership itself, so any
+//! future leader can reach every member. Writes and membership changes made on a follower are
+//! forwarded to the leader.
 
+pub mod faults;
 pub mod local;
 pub mod quic;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -22,7 +31,8 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Config, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::TypeConfig;
@@ -89,6 +99,19 @@ pub enum ClusterError {
     Fatal(String),
 }
 
+/// What a node hands to the leader because only the leader can do it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Forwarded {
+    Propose(Proposal),
+    /// Adds node `id`, reachable at `raft_addr`, as a learner: it receives the log but does not
+    /// vote.
+    AddLearner { id: NodeId, raft_addr: String },
+    /// Makes learner `id` a voter.
+    Promote { id: NodeId },
+    /// Takes node `id` (voter or learner) out of the cluster and out of the member table.
+    Remove { id: NodeId },
+}
+
 /// A transport call's result: the remote node's answer, or why the message did not get there.
 pub type Reply<T, E = RaftError<NodeId>> = BoxFuture<'static, Result<Result<T, E>, Unreached>>;
 
@@ -108,8 +131,12 @@ pub trait Transport: Send + Sync + 'static {
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
 
-    /// Hands a proposal to `target` (the leader) to commit.
-    fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError>;
+    /// Hands a request to `target` (the leader) to carry out ([`ClusterNode::execute`]).
+    fn forward(&self, target: NodeId, request: Forwarded) -> Reply<Applied, ClusterError>;
+
+    /// Tells the transport where node `id`'s Raft endpoint is (from the membership). Transports
+    /// that route by id alone ignore it.
+    fn learn(&self, _id: NodeId, _raft_addr: &str) {}
 }
 
 /// The transport of a node with no peers: a single-node cluster never sends a message, and
@@ -147,7 +174,7 @@ impl Transport for NoPeers {
         Self::unreached(target)
     }
 
-    fn forward(&self, target: NodeId, _: Proposal) -> Reply<Applied, ClusterError> {
+    fn forward(&self, target: NodeId, _: Forwarded) -> Reply<Applied, ClusterError> {
         Self::unreached(target)
     }
 }
@@ -163,7 +190,8 @@ struct Peer {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Peer {
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        self.0.learn(target, &node.addr);
         Peer {
             target,
             transport: Arc::clone(&self.0),
@@ -222,13 +250,19 @@ pub struct ClusterStatus {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_log_index: Option<u64>,
-    /// Applied to the state machine (openraft 0.9 exposes no separate commit index).
+    /// Known committed (this node's view: a follower learns it with the next append).
+    pub commit_index: Option<u64>,
+    /// Applied to the state machine.
     pub applied_index: Option<u64>,
     /// The log up to here is in the snapshot ...
     pub snapshot_index: Option<u64>,
     /// ... and up to here it has been purged from disk.
     pub purged_index: Option<u64>,
     pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// On the leader: milliseconds since a quorum last acknowledged it (`None` elsewhere, or
+    /// when no quorum has answered yet).
+    pub millis_since_quorum_ack: Option<u64>,
 }
 
 /// This node's Raft member.
@@ -240,6 +274,8 @@ pub struct ClusterNode {
     leader_wait: Duration,
     state: watch::Receiver<Arc<ClusterState>>,
     transport: Arc<dyn Transport>,
+    /// Committed index + 1 (0: nothing committed yet), as the log store last saved it.
+    committed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -261,6 +297,7 @@ impl ClusterNode {
         let fatal = |e: &dyn std::fmt::Display| ClusterError::Fatal(e.to_string());
         std::fs::create_dir_all(dir).map_err(|e| fatal(&e))?;
         let log = LogStore::open(&dir.join("raft.redb")).map_err(|e| fatal(&e))?;
+        let committed = log.committed_index();
         let sm = StateMachine::open(&dir.join("state")).map_err(|e| fatal(&e))?;
         let state = sm.subscribe();
         let config = Config {
@@ -289,6 +326,7 @@ impl ClusterNode {
             leader_wait: timings.election_max * 2,
             state,
             transport,
+            committed,
         })
     }
 
@@ -297,12 +335,12 @@ impl ClusterNode {
         &self.raft
     }
 
-    /// Makes this node and `voters` the initial cluster (once, on a fresh cluster; later calls
-    /// are refused by openraft and ignored here).
-    pub async fn initialize(&self, voters: &[NodeId]) -> Result<(), ClusterError> {
+    /// Makes `voters` (this node among them), with their Raft addresses, the initial cluster:
+    /// once, on a fresh cluster; later calls are refused by openraft and ignored here.
+    pub async fn initialize(&self, voters: &[(NodeId, String)]) -> Result<(), ClusterError> {
         let members: BTreeMap<NodeId, BasicNode> = voters
             .iter()
-            .map(|id| (*id, BasicNode::default()))
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
@@ -336,28 +374,46 @@ impl ClusterNode {
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.commit(Proposal {
+        self.submit(Forwarded::Propose(Proposal {
             at_unix_ms,
             proposer: self.id,
             command,
-        })
+        }))
         .await
     }
 
-    /// Commits a proposal here if this node leads, else forwards it to the leader. While no
+    /// Adds node `id` as a learner (see [`Forwarded::AddLearner`]).
+    pub async fn add_learner(&self, id: NodeId, raft_addr: String) -> Result<Applied, ClusterError> {
+        self.submit(Forwarded::AddLearner { id, raft_addr }).await
+    }
+
+    /// Makes learner `id` a voter.
+    pub async fn promote(&self, id: NodeId) -> Result<Applied, ClusterError> {
+        self.submit(Forwarded::Promote { id }).await
+    }
+
+    /// Takes node `id` out of the cluster.
+    pub async fn remove(&self, id: NodeId) -> Result<Applied, ClusterError> {
+        self.submit(Forwarded::Remove { id }).await
+    }
+
+    /// Carries out `request` here if this node leads, else forwards it to the leader. While no
     /// leader is known (an election is under way) it waits up to two election timeouts.
-    pub async fn commit(&self, proposal: Proposal) -> Result<Applied, ClusterError> {
+    pub async fn submit(&self, request: Forwarded) -> Result<Applied, ClusterError> {
         let mut waited = false;
         loop {
-            let leader = match self.raft.client_write(proposal.clone()).await {
-                Ok(resp) => return Ok(resp.data),
+            let leader = match self.execute_here(&request).await {
+                Ok(applied) => return Ok(applied),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
                 Err(RaftError::APIError(e)) => return Err(ClusterError::Rejected(e.to_string())),
                 Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
             };
             match leader {
                 Some(leader) if leader != self.id => {
-                    return self.transport.forward(leader, proposal).await?;
+                    if let Some(node) = self.membership_node(leader) {
+                        self.transport.learn(leader, &node.addr);
+                    }
+                    return self.transport.forward(leader, request).await?;
                 }
                 _ if waited => return Err(ClusterError::NoLeader),
                 _ => {
@@ -372,6 +428,77 @@ impl ClusterNode {
         }
     }
 
+    /// Carries out a request forwarded by a peer (one hop: it is not forwarded again).
+    pub async fn execute(&self, request: &Forwarded) -> Result<Applied, ClusterError> {
+        self.execute_here(request)
+            .await
+            .map_err(|e| ClusterError::Rejected(e.to_string()))
+    }
+
+    async fn execute_here(
+        &self,
+        request: &Forwarded,
+    ) -> Result<Applied, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        match request {
+            Forwarded::Propose(p) => self.raft.client_write(p.clone()).await.map(|r| r.data),
+            Forwarded::AddLearner { id, raft_addr } => {
+                if self.membership_node(*id).is_some() {
+                    return Ok(Applied::Unchanged);
+                }
+                self.raft
+                    .add_learner(*id, BasicNode::new(raft_addr), false)
+                    .await
+                    .map(|_| Applied::Changed)
+            }
+            Forwarded::Promote { id } => {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                if m.membership().voter_ids().any(|v| v == *id) {
+                    return Ok(Applied::Unchanged);
+                }
+                if m.membership().get_node(id).is_none() {
+                    return Ok(Applied::NotFound);
+                }
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                    .await
+                    .map(|_| Applied::Changed)
+            }
+            Forwarded::Remove { id } => {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                let change = if m.membership().voter_ids().any(|v| v == *id) {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                } else if m.membership().get_node(id).is_some() {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+                } else {
+                    return Ok(Applied::NotFound);
+                };
+                self.raft.change_membership(change, false).await?;
+                let at_unix_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                self.raft
+                    .client_write(Proposal {
+                        at_unix_ms,
+                        proposer: self.id,
+                        command: Command::RemoveMember { id: *id },
+                    })
+                    .await?;
+                Ok(Applied::Changed)
+            }
+        }
+    }
+
+    /// Node `id` as the current membership records it (its Raft address).
+    fn membership_node(&self, id: NodeId) -> Option<BasicNode> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
     pub fn status(&self) -> ClusterStatus {
         let m = self.raft.metrics().borrow().clone();
         ClusterStatus {
@@ -379,10 +506,13 @@ impl ClusterNode {
             leader: m.current_leader,
             term: m.current_term,
             last_log_index: m.last_log_index,
+            commit_index: self.committed.load(Ordering::Relaxed).checked_sub(1),
             applied_index: m.last_applied.map(|l| l.index),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
         }
     }
 

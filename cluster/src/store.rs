@@ -1,17 +1,19 @@
 //! The Raft log, vote and committed index, durable in a redb database.
 //!
-//! Every write is one redb transaction committed with `Durability::Immediate` (fsync) before
-//! openraft is told the IO completed, so an acknowledged entry survives `kill -9`. Writes run on
+//! Every write of entries, vote or purge point is one redb transaction committed with
+//! `Durability::Immediate` (fsync) before openraft is told the IO completed, so an acknowledged
+//! entry survives `kill -9`. The committed index is the exception (see `save_committed`). Writes run on
 //! the blocking pool: an fsync must not stall an async worker. Entries are stored as JSON.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogId, RaftLogReader, Vote};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::{NodeId, StorageError, TypeConfig, io_error};
 
@@ -27,6 +29,8 @@ const LAST_PURGED: &str = "last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Committed index + 1 (0: none), as last saved, for status reports.
+    committed: Arc<AtomicU64>,
 }
 
 impl Debug for LogStore {
@@ -52,7 +56,20 @@ impl LogStore {
         tx.open_table(META)
             .map_err(|e| logs_err(ErrorVerb::Write, e))?;
         tx.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
-        Ok(Self { db: Arc::new(db) })
+        let store = Self {
+            db: Arc::new(db),
+            committed: Arc::new(AtomicU64::new(0)),
+        };
+        let committed: Option<LogId<NodeId>> = store.read_meta::<Option<_>>(COMMITTED)?.flatten();
+        store
+            .committed
+            .store(committed.map_or(0, |l| l.index + 1), Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// The committed index as this store last saved it, plus one (0: nothing committed).
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.committed)
     }
 
     /// Runs `f` in a read transaction; every failure is reported as a log read error.
@@ -85,9 +102,19 @@ impl LogStore {
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     {
+        self.write_with(Durability::Immediate, f).await
+    }
+
+    /// As [`LogStore::write`]; with [`Durability::None`] the write reaches the disk with the
+    /// next durable one.
+    async fn write_with<F>(&self, durability: Durability, f: F) -> Result<(), StorageError>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write()?;
+            let mut tx = db.begin_write()?;
+            tx.set_durability(durability)?;
             f(&tx)?;
             tx.commit()?;
             Ok::<_, redb::Error>(())
@@ -167,7 +194,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        self.write_meta(COMMITTED, &committed).await
+        // Not fsynced on its own: openraft can always re-learn the commit index, so it rides
+        // along with the next durable write instead of costing a disk flush per commit.
+        let bytes = serde_json::to_vec(&committed).map_err(|e| logs_err(ErrorVerb::Write, e))?;
+        self.write_with(Durability::None, move |tx| {
+            tx.open_table(META)?.insert(COMMITTED, bytes.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.committed
+            .store(committed.map_or(0, |l| l.index + 1), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {

@@ -32,7 +32,7 @@ async fn cluster(n: u64) -> Cluster {
         nodes.push(node);
         dirs.push(dir);
     }
-    let voters: Vec<NodeId> = (1..=n).collect();
+    let voters: Vec<(NodeId, String)> = (1..=n).map(|id| (id, String::new())).collect();
     nodes[0].initialize(&voters).await.unwrap();
     Cluster {
         router,
@@ -66,7 +66,7 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
 
     // Lose the leader: the others elect a new one and keep accepting writes.
     let started = Instant::now();
-    c.router.isolate(leader);
+    c.router.faults().isolate(leader);
     let survivors: Vec<ClusterNode> = c.nodes.iter().filter(|n| n.id != leader).cloned().collect();
     wait_until("a new leader", Duration::from_secs(10), || {
         leader_of(&survivors).is_some_and(|l| l != leader)
@@ -90,7 +90,7 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     }
 
     // The old leader rejoins and catches up.
-    c.router.heal(leader);
+    c.router.faults().heal(leader);
     let old = c.nodes.iter().find(|n| n.id == leader).unwrap();
     let mut state = old.state();
     tokio::time::timeout(
@@ -119,7 +119,7 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
             .await
             .unwrap();
         router.add(node.clone());
-        node.initialize(&[1]).await.unwrap();
+        node.initialize(&[(1, String::new())]).await.unwrap();
         wait_until("leadership", Duration::from_secs(5), || {
             node.status().leader == Some(1)
         })
@@ -142,7 +142,7 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
         .await
         .unwrap();
     router.add(node.clone());
-    node.initialize(&[1]).await.unwrap(); // refused quietly: already initialized
+    node.initialize(&[(1, String::new())]).await.unwrap(); // refused quietly: already initialized
     wait_until("leadership again", Duration::from_secs(5), || {
         node.status().leader == Some(1)
     })

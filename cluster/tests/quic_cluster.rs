@@ -1,5 +1,5 @@
-//! Three Raft members over the real QUIC + mutual-TLS transport on loopback: the cluster forms,
-//! a follower's write is forwarded and replicated, losing the leader elects another, and a node
+//! Three Raft members over the real QUIC + mutual-TLS transport on loopback: the cluster forms
+//! with the peers' addresses taken from the membership alone, a follower's write is forwarded and replicated, losing the leader elects another, and a node
 //! certified by a foreign CA cannot talk to the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -34,11 +34,12 @@ async fn a_cluster_over_quic_with_mutual_tls() {
             .unwrap(),
         );
     }
-    for t in &transports {
-        for (j, peer) in transports.iter().enumerate() {
-            t.set_peer(ids[j], peer.local_addr().unwrap());
-        }
-    }
+    // No node is told its peers' addresses: they travel in the initial membership.
+    let voters: Vec<(NodeId, String)> = ids
+        .iter()
+        .zip(&transports)
+        .map(|(id, t)| (*id, t.local_addr().unwrap().to_string()))
+        .collect();
     let data: Vec<_> = ids.iter().map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes = Vec::new();
     let mut servers = Vec::new();
@@ -51,7 +52,7 @@ async fn a_cluster_over_quic_with_mutual_tls() {
         nodes.push(node);
     }
     let started = Instant::now();
-    nodes[0].initialize(&ids).await.unwrap();
+    nodes[0].initialize(&voters).await.unwrap();
     wait_until("a leader", Duration::from_secs(10), || {
         leader_of(&nodes).is_some()
     })

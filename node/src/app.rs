@@ -241,6 +241,9 @@ type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
 /// With peers: it talks QUIC with mutual TLS, every node initializes the same initial voter set
 /// (openraft accepts that), and the node serves at once. A task records it in the member table
 /// as soon as some leader accepts the write.
+///
+/// Joining (`cluster.join`): it initializes nothing and waits for an operator to add it as a
+/// learner (`meridian admin cluster add-learner`); it records itself once it is in.
 async fn start_cluster(
     config: &Config,
     http_addr: Option<SocketAddr>,
@@ -261,7 +264,7 @@ async fn start_cluster(
             .await
             .map_err(|e| failed(&e))?;
         cluster
-            .initialize(&[node.id])
+            .initialize(&[(node.id, String::new())])
             .await
             .map_err(|e| failed(&e))?;
         cluster
@@ -292,17 +295,20 @@ async fn start_cluster(
     for (id, addr) in &peers.peers {
         transport.set_peer(*id, *addr);
     }
-    me.raft_addr = transport
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    me.raft_addr = peers.advertise.to_string();
     let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
         .map_err(|e| failed(&e))?;
     let server = transport.serve(cluster.clone());
-    let mut voters: Vec<u64> = peers.peers.iter().map(|(id, _)| *id).collect();
-    voters.push(node.id);
-    cluster.initialize(&voters).await.map_err(|e| failed(&e))?;
+    if !peers.join {
+        let mut voters: Vec<(u64, String)> = peers
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, addr.to_string()))
+            .collect();
+        voters.push((node.id, me.raft_addr.clone()));
+        cluster.initialize(&voters).await.map_err(|e| failed(&e))?;
+    }
     let register = tokio::spawn({
         let cluster = cluster.clone();
         async move {

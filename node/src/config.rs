@@ -65,9 +65,14 @@ pub struct RawCluster {
     pub listen: Option<String>,
     /// The cluster PKI (`meridian certs init|issue`), when it has peers.
     pub certs_dir: Option<String>,
+    /// The address peers reach this node's QUIC endpoint at, when `listen` is a wildcard.
+    pub advertise: Option<String>,
     /// The other initial voters, as `ID@HOST:PORT`.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Start without bootstrapping: wait to be added to a running cluster as a learner.
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,8 +147,13 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ClusterPeers {
     pub listen: SocketAddr,
+    /// Where peers reach this node (`listen` unless `advertise` is set).
+    pub advertise: SocketAddr,
     pub certs_dir: PathBuf,
+    /// The other initial voters (a joining node may list none).
     pub peers: Vec<(u64, SocketAddr)>,
+    /// Joins a running cluster instead of bootstrapping one.
+    pub join: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -561,7 +571,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             "must be longer than cluster.election_timeout_min",
         );
     }
-    let cluster = if c.peers.is_empty() {
+    let cluster = if c.peers.is_empty() && !c.join {
         None
     } else {
         let mut peers = Vec::new();
@@ -586,6 +596,22 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             c.listen.as_ref(),
             "127.0.0.1:7000",
         );
+        let advertise = match &c.advertise {
+            Some(_) => addr(&mut e, "cluster.advertise", c.advertise.as_ref(), ""),
+            None => listen,
+        };
+        if advertise.ip().is_unspecified() {
+            e.push(
+                if c.advertise.is_some() {
+                    "cluster.advertise"
+                } else {
+                    "cluster.listen"
+                },
+                format!(
+                    "{advertise} is not an address peers can reach; set cluster.advertise to this node's address"
+                ),
+            );
+        }
         let certs_dir = PathBuf::from(
             c.certs_dir
                 .clone()
@@ -609,8 +635,10 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         }
         Some(ClusterPeers {
             listen,
+            advertise,
             certs_dir,
             peers,
+            join: c.join,
         })
     };
     let http = HttpConfig {

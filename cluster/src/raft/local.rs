@@ -1,26 +1,27 @@
 //! An in-process [`Transport`]: nodes in one process call each other's Raft directly. Tests use
-//! it to build clusters cheaply, and to cut nodes off ([`LocalRouter::isolate`]) to simulate
-//! partitions and dead nodes.
+//! it to build clusters cheaply; every node's transport goes through the router's [`Faults`], so
+//! tests can partition nodes, cut links, delay and drop messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use meridian_proto::cluster::{Applied, NodeId, Proposal};
+use meridian_proto::cluster::{Applied, NodeId};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 
-use super::{ClusterError, ClusterNode, Reply, Transport, Unreached};
+use super::faults::Faults;
+use super::{ClusterError, ClusterNode, Forwarded, Reply, Transport, Unreached};
 use crate::TypeConfig;
 
 /// Connects the nodes of one in-process cluster.
 #[derive(Default)]
 pub struct LocalRouter {
     nodes: Mutex<HashMap<NodeId, ClusterNode>>,
-    isolated: Mutex<HashSet<NodeId>>,
+    faults: Arc<Faults>,
 }
 
 impl LocalRouter {
@@ -30,10 +31,17 @@ impl LocalRouter {
 
     /// The transport a node with id `from` sends through.
     pub fn transport(self: &Arc<Self>, from: NodeId) -> Arc<dyn Transport> {
-        Arc::new(LocalTransport {
-            router: Arc::clone(self),
+        self.faults.wrap(
             from,
-        })
+            Arc::new(LocalTransport {
+                router: Arc::clone(self),
+            }),
+        )
+    }
+
+    /// The faults every node's transport is subject to.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 
     pub fn add(&self, node: ClusterNode) {
@@ -44,45 +52,21 @@ impl LocalRouter {
         self.lock_nodes().remove(&id)
     }
 
-    /// Drops every message to or from `id` until [`LocalRouter::heal`].
-    pub fn isolate(&self, id: NodeId) {
-        self.lock_isolated().insert(id);
-    }
-
-    pub fn heal(&self, id: NodeId) {
-        self.lock_isolated().remove(&id);
-    }
-
     // Short locks, never held across an await.
     fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, ClusterNode>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_isolated(&self) -> std::sync::MutexGuard<'_, HashSet<NodeId>> {
-        self.isolated.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn reach(&self, from: NodeId, to: NodeId) -> Result<ClusterNode, Unreached> {
-        let unreached = |reason: &str| Unreached {
+    fn reach(&self, to: NodeId) -> Result<ClusterNode, Unreached> {
+        self.lock_nodes().get(&to).cloned().ok_or_else(|| Unreached {
             target: to,
-            reason: reason.into(),
-        };
-        {
-            let cut = self.lock_isolated();
-            if cut.contains(&from) || cut.contains(&to) {
-                return Err(unreached("partitioned"));
-            }
-        }
-        self.lock_nodes()
-            .get(&to)
-            .cloned()
-            .ok_or_else(|| unreached("no such node"))
+            reason: "no such node".into(),
+        })
     }
 }
 
 struct LocalTransport {
     router: Arc<LocalRouter>,
-    from: NodeId,
 }
 
 impl Transport for LocalTransport {
@@ -91,12 +75,12 @@ impl Transport for LocalTransport {
         target: NodeId,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Reply<AppendEntriesResponse<NodeId>> {
-        let node = self.router.reach(self.from, target);
+        let node = self.router.reach(target);
         async move { Ok(node?.raft().append_entries(rpc).await) }.boxed()
     }
 
     fn vote(&self, target: NodeId, rpc: VoteRequest<NodeId>) -> Reply<VoteResponse<NodeId>> {
-        let node = self.router.reach(self.from, target);
+        let node = self.router.reach(target);
         async move { Ok(node?.raft().vote(rpc).await) }.boxed()
     }
 
@@ -105,20 +89,12 @@ impl Transport for LocalTransport {
         target: NodeId,
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        let node = self.router.reach(self.from, target);
+        let node = self.router.reach(target);
         async move { Ok(node?.raft().install_snapshot(rpc).await) }.boxed()
     }
 
-    fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError> {
-        let node = self.router.reach(self.from, target);
-        async move {
-            let node = node?;
-            // The leader commits it itself; one hop only, no forwarding chains.
-            Ok(match node.raft().client_write(proposal).await {
-                Ok(resp) => Ok(resp.data),
-                Err(e) => Err(ClusterError::Rejected(e.to_string())),
-            })
-        }
-        .boxed()
+    fn forward(&self, target: NodeId, request: Forwarded) -> Reply<Applied, ClusterError> {
+        let node = self.router.reach(target);
+        async move { Ok(node?.execute(&request).await) }.boxed()
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use meridian_proto::cluster::{Applied, NodeId, Proposal};
+use meridian_proto::cluster::{Applied, NodeId};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -22,7 +22,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{ClusterError, ClusterNode, Reply, Transport, Unreached};
+use super::{ClusterError, ClusterNode, Forwarded, Reply, Transport, Unreached};
 use crate::TypeConfig;
 use crate::certs;
 
@@ -36,7 +36,7 @@ enum Rpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    Forward(Proposal),
+    Forward(Forwarded),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -215,10 +215,9 @@ async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn:
         Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
         Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
-        Rpc::Forward(p) => RpcReply::Forward(match raft.client_write(p).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(e.to_string()),
-        }),
+        Rpc::Forward(request) => {
+            RpcReply::Forward(node.execute(&request).await.map_err(|e| e.to_string()))
+        }
     };
     if let Ok(bytes) = serde_json::to_vec(&reply) {
         let _ = send.write_all(&bytes).await;
@@ -283,11 +282,11 @@ impl Transport for Arc<QuicTransport> {
         .boxed()
     }
 
-    fn forward(&self, target: NodeId, proposal: Proposal) -> Reply<Applied, ClusterError> {
+    fn forward(&self, target: NodeId, request: Forwarded) -> Reply<Applied, ClusterError> {
         let t = Arc::clone(self);
         async move {
             match t
-                .call(target, Rpc::Forward(proposal), t.rpc_timeout * 10)
+                .call(target, Rpc::Forward(request), t.rpc_timeout * 10)
                 .await?
             {
                 RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
@@ -295,5 +294,11 @@ impl Transport for Arc<QuicTransport> {
             }
         }
         .boxed()
+    }
+
+    fn learn(&self, id: NodeId, raft_addr: &str) {
+        if let Ok(addr) = raft_addr.parse() {
+            self.set_peer(id, addr);
+        }
     }
 }
