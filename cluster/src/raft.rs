@@ -105,11 +105,18 @@ pub enum Forwarded {
     Propose(Proposal),
     /// Adds node `id`, reachable at `raft_addr`, as a learner: it receives the log but does not
     /// vote.
-    AddLearner { id: NodeId, raft_addr: String },
+    AddLearner {
+        id: NodeId,
+        raft_addr: String,
+    },
     /// Makes learner `id` a voter.
-    Promote { id: NodeId },
+    Promote {
+        id: NodeId,
+    },
     /// Takes node `id` (voter or learner) out of the cluster and out of the member table.
-    Remove { id: NodeId },
+    Remove {
+        id: NodeId,
+    },
 }
 
 /// A transport call's result: the remote node's answer, or why the message did not get there.
@@ -383,7 +390,11 @@ impl ClusterNode {
     }
 
     /// Adds node `id` as a learner (see [`Forwarded::AddLearner`]).
-    pub async fn add_learner(&self, id: NodeId, raft_addr: String) -> Result<Applied, ClusterError> {
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        raft_addr: String,
+    ) -> Result<Applied, ClusterError> {
         self.submit(Forwarded::AddLearner { id, raft_addr }).await
     }
 
@@ -398,9 +409,13 @@ impl ClusterNode {
     }
 
     /// Carries out `request` here if this node leads, else forwards it to the leader. While no
-    /// leader is known (an election is under way) it waits up to two election timeouts.
+    /// leader is known (an election is under way) it waits up to two election timeouts. If the
+    /// leader it forwarded to fails, or another node takes over meanwhile, it forwards once more
+    /// to the new leader: a forwarded request is applied at least once, so a request whose first
+    /// leader died after committing it may be applied twice (as with any client retry).
     pub async fn submit(&self, request: Forwarded) -> Result<Applied, ClusterError> {
         let mut waited = false;
+        let mut retried = false;
         loop {
             let leader = match self.execute_here(&request).await {
                 Ok(applied) => return Ok(applied),
@@ -413,7 +428,39 @@ impl ClusterNode {
                     if let Some(node) = self.membership_node(leader) {
                         self.transport.learn(leader, &node.addr);
                     }
-                    return self.transport.forward(leader, request).await?;
+                    let forwarded = self.transport.forward(leader, request.clone());
+                    if retried {
+                        return forwarded.await?;
+                    }
+                    retried = true;
+                    let mut metrics = self.raft.metrics();
+                    let replaced = async move {
+                        let replaced = metrics
+                            .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+                            .await
+                            .is_ok();
+                        if !replaced {
+                            // The Raft member is shutting down: let the forward finish.
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        reply = forwarded => match reply {
+                            Ok(reply) => return reply,
+                            Err(unreached) => {
+                                tracing::debug!(%unreached, "forwarding to the leader failed; waiting for another");
+                                let _ = self
+                                    .raft
+                                    .wait(Some(self.leader_wait))
+                                    .metrics(
+                                        |m| m.current_leader.is_some_and(|l| l != leader),
+                                        "another leader",
+                                    )
+                                    .await;
+                            }
+                        },
+                        () = replaced => {}
+                    }
                 }
                 _ if waited => return Err(ClusterError::NoLeader),
                 _ => {

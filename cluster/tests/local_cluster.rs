@@ -1,6 +1,6 @@
 //! In-process clusters over the local transport: forming, replication, follower forwarding,
-//! leader loss, restart from disk, and log compaction. (The multi-process harness over the real
-//! network is not built yet.)
+//! leader loss, membership changes, delayed and lost messages, restart from disk, and a log that
+//! stays bounded on disk under steady writes. (Real processes over QUIC: `tests/tests/cluster.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 mod common;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{leader_of, member, wait_until};
 use meridian_cluster::raft::local::LocalRouter;
 use meridian_cluster::raft::{ClusterNode, RaftTimings};
-use meridian_proto::cluster::{Applied, NodeId};
+use meridian_proto::cluster::{Applied, Command, Member, NodeId};
 
 struct Cluster {
     router: Arc<LocalRouter>,
@@ -156,5 +156,203 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
     .expect("state restored from snapshot + log")
     .unwrap();
     assert_eq!(node.propose(member(999)).await.unwrap(), Applied::Changed);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
+    let mut c = cluster(3).await;
+    wait_until("a leader", Duration::from_secs(5), || {
+        leader_of(&c.nodes).is_some()
+    })
+    .await;
+    let leader = leader_of(&c.nodes).unwrap();
+    c.nodes[0].propose(member(7)).await.unwrap();
+
+    // Node 4 starts empty and bootstraps nothing; an operator adds it through a follower.
+    let dir = tempfile::tempdir().unwrap();
+    let four = ClusterNode::start(4, dir.path(), RaftTimings::fast(), c.router.transport(4))
+        .await
+        .unwrap();
+    c.router.add(four.clone());
+    let follower = c.nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    assert_eq!(
+        follower.add_learner(4, String::new()).await.unwrap(),
+        Applied::Changed
+    );
+    assert_eq!(
+        follower.add_learner(4, String::new()).await.unwrap(),
+        Applied::Unchanged
+    );
+    let mut state = four.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| s.members.contains_key(&7)),
+    )
+    .await
+    .expect("the learner receives the log")
+    .unwrap();
+    let s = c.nodes[0].status();
+    assert!(s.learners.contains(&4) && !s.voters.contains(&4), "{s:?}");
+
+    assert_eq!(follower.promote(4).await.unwrap(), Applied::Changed);
+    assert_eq!(follower.promote(99).await.unwrap(), Applied::NotFound);
+    wait_until("node 4 votes", Duration::from_secs(5), || {
+        c.nodes.iter().all(|n| n.status().voters.contains(&4))
+    })
+    .await;
+    // With four voters, a write needs three: it still commits with one node cut off.
+    let other = c
+        .nodes
+        .iter()
+        .find(|n| n.id != leader && n.id != follower.id)
+        .unwrap();
+    c.router.faults().isolate(other.id);
+    assert_eq!(four.propose(member(8)).await.unwrap(), Applied::Changed);
+    c.router.faults().heal(other.id);
+
+    four.propose(Command::UpsertMember(Member {
+        id: 4,
+        region: "eu".into(),
+        raft_addr: String::new(),
+        http_addr: String::new(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(follower.remove(4).await.unwrap(), Applied::Changed);
+    wait_until("node 4 is gone", Duration::from_secs(5), || {
+        c.nodes.iter().all(|n| {
+            let s = n.status();
+            !s.voters.contains(&4)
+                && !s.learners.contains(&4)
+                && !n.state().borrow().members.contains_key(&4)
+        })
+    })
+    .await;
+    assert_eq!(follower.remove(4).await.unwrap(), Applied::NotFound);
+    four.shutdown().await;
+    c.nodes.push(four);
+    for n in &c.nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn writes_commit_through_delayed_and_lost_messages_and_a_cut_link() {
+    let c = cluster(3).await;
+    wait_until("a leader", Duration::from_secs(5), || {
+        leader_of(&c.nodes).is_some()
+    })
+    .await;
+    let leader_id = leader_of(&c.nodes).unwrap();
+    let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
+    c.router.faults().set_delay(Duration::from_millis(5));
+    c.router.faults().set_drop_rate(100);
+    let started = Instant::now();
+    for i in 0..50 {
+        assert_eq!(
+            leader.propose(member(1_000 + i)).await.unwrap(),
+            Applied::Changed
+        );
+    }
+    println!(
+        "50 writes with 5 ms delay and 10 % loss: {:?} ({:?} each)",
+        started.elapsed(),
+        started.elapsed() / 50
+    );
+    c.router.faults().heal_all();
+
+    // Cut the leader from one follower: the other one still makes a quorum.
+    let cut = c.nodes.iter().find(|n| n.id != leader_id).unwrap();
+    c.router.faults().cut(leader_id, cut.id);
+    assert_eq!(
+        leader.propose(member(2_000)).await.unwrap(),
+        Applied::Changed
+    );
+    assert!(!cut.state().borrow().members.contains_key(&2_000));
+    c.router.faults().heal_all();
+    let mut state = cut.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| s.members.contains_key(&2_000)),
+    )
+    .await
+    .expect("the cut follower catches up once the link heals")
+    .unwrap();
+    for n in &c.nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = LocalRouter::new();
+    let timings = RaftTimings {
+        snapshot_every: 200,
+        keep_after_snapshot: 50,
+        ..RaftTimings::fast()
+    };
+    let node = ClusterNode::start(1, dir.path(), timings, router.transport(1))
+        .await
+        .unwrap();
+    router.add(node.clone());
+    node.initialize(&[(1, String::new())]).await.unwrap();
+    wait_until("leadership", Duration::from_secs(5), || {
+        node.status().leader == Some(1)
+    })
+    .await;
+    let size = || {
+        std::fs::metadata(dir.path().join("raft.redb"))
+            .unwrap()
+            .len()
+    };
+    // Steady writes that overwrite the same record, so the state itself does not grow: whatever
+    // grows on disk would be log.
+    let write_rounds = |from: u64, to: u64| {
+        let node = node.clone();
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..16 {
+                let node = node.clone();
+                tasks.spawn(async move {
+                    for i in (from + w..to).step_by(16) {
+                        node.propose(Command::UpsertMember(Member {
+                            id: 1,
+                            region: "eu".into(),
+                            raft_addr: String::new(),
+                            http_addr: format!("10.0.0.1:{i}"),
+                        }))
+                        .await
+                        .unwrap();
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        }
+    };
+    write_rounds(0, 1_000).await;
+    let after_1k = size();
+    let mut max_kept = 0;
+    for round in 1..4 {
+        write_rounds(round * 1_000, (round + 1) * 1_000).await;
+        let s = node.status();
+        let kept = s.last_log_index.unwrap() - s.purged_index.unwrap_or(0);
+        max_kept = max_kept.max(kept);
+    }
+    let after_4k = size();
+    println!(
+        "raft.redb: {after_1k} bytes after 1,000 writes, {after_4k} after 4,000; at most {max_kept} entries on disk"
+    );
+    assert!(
+        max_kept <= 200 + 50 + 200,
+        "the log on disk stays within a snapshot interval plus what is kept: {max_kept}"
+    );
+    assert!(
+        after_4k <= after_1k * 2,
+        "four times the writes must not grow the file with them: {after_1k} -> {after_4k}"
+    );
     node.shutdown().await;
 }

@@ -1,10 +1,13 @@
-//! The admin gRPC service (its own port): node, providers, cluster. Bind it to an interface only
-//! operators reach: admin authentication (token or mTLS) is not built yet.
+//! The admin gRPC service (its own port): node, providers, cluster status and state, membership,
+//! tiers and tenants. Bind it to an interface only operators reach: admin authentication (token
+//! or mTLS) is not built yet.
 
 use std::time::Instant;
 
 use meridian_actors::Gateway;
-use meridian_cluster::raft::ClusterNode;
+use meridian_cluster::raft::{ClusterError, ClusterNode};
+use meridian_proto::cluster::{Applied, Command, Tenant, Tier};
+use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
@@ -90,6 +93,150 @@ impl Admin for AdminService {
             purged_index: s.purged_index,
             voters: s.voters,
             members,
+            commit_index: s.commit_index,
+            learners: s.learners,
+            millis_since_quorum_ack: s.millis_since_quorum_ack,
         }))
+    }
+
+    async fn cluster_state(
+        &self,
+        _req: Request<pb::ClusterStateRequest>,
+    ) -> Result<Response<pb::ClusterStateResponse>, Status> {
+        let state = self.cluster.state().borrow().clone();
+        let json = serde_json::to_string(&*state).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ClusterStateResponse {
+            applied_index: self.cluster.status().applied_index,
+            json,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(field("node_id", "must be a positive integer"));
+        }
+        if r.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(field(
+                "raft_addr",
+                &format!("{:?} is not HOST:PORT (e.g. 10.0.0.4:7000)", r.raft_addr),
+            ));
+        }
+        changed(
+            self.cluster.add_learner(r.node_id, r.raft_addr).await,
+            || format!("node {}", r.node_id),
+        )
+    }
+
+    async fn promote_voter(
+        &self,
+        req: Request<pb::PromoteVoterRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let id = req.into_inner().node_id;
+        changed(self.cluster.promote(id).await, || {
+            format!("node {id} (add it as a learner first)")
+        })
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let id = req.into_inner().node_id;
+        changed(self.cluster.remove(id).await, || format!("node {id}"))
+    }
+
+    async fn put_tier(
+        &self,
+        req: Request<pb::PutTierRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let tier = req
+            .into_inner()
+            .tier
+            .ok_or_else(|| field("tier", "is required"))?;
+        if let Some(why) = invalid_name(&tier.name) {
+            return Err(field("tier.name", &why));
+        }
+        let tier = Tier {
+            name: tier.name,
+            limits: tier.limits.unwrap_or_default().into(),
+        };
+        changed(
+            self.cluster.propose(Command::UpsertTier(tier)).await,
+            String::new,
+        )
+    }
+
+    async fn put_tenant(
+        &self,
+        req: Request<pb::PutTenantRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let t = req
+            .into_inner()
+            .tenant
+            .ok_or_else(|| field("tenant", "is required"))?;
+        if let Some(why) = invalid_name(&t.id) {
+            return Err(field("tenant.id", &why));
+        }
+        let tier = t.tier.clone();
+        let tenant = Tenant {
+            id: t.id,
+            tier: t.tier,
+            overrides: t.overrides.unwrap_or_default().into(),
+            created_at_unix_ms: 0,
+            updated_at_unix_ms: 0,
+        };
+        changed(
+            self.cluster.propose(Command::UpsertTenant(tenant)).await,
+            || format!("tier {tier:?}"),
+        )
+    }
+
+    async fn list_tenants(
+        &self,
+        _req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let state = self.cluster.state().borrow().clone();
+        Ok(Response::new(pb::ListTenantsResponse {
+            tiers: state.tiers.values().map(Into::into).collect(),
+            tenants: state.tenants.values().map(Into::into).collect(),
+            applied_index: self.cluster.status().applied_index,
+        }))
+    }
+}
+
+/// INVALID_ARGUMENT naming the field, the way the inference API does.
+fn field(name: &str, problem: &str) -> Status {
+    let mut s = Status::invalid_argument(format!("{name} {problem}"));
+    if let Ok(v) = name.parse() {
+        s.metadata_mut().insert("x-meridian-error-param", v);
+    }
+    s
+}
+
+/// A replicated write's outcome as an admin answer; `missing` names what was not found.
+fn changed(
+    outcome: Result<Applied, ClusterError>,
+    missing: impl FnOnce() -> String,
+) -> Result<Response<pb::ChangeResponse>, Status> {
+    match outcome {
+        Ok(Applied::Changed | Applied::Granted { .. }) => {
+            Ok(Response::new(pb::ChangeResponse { changed: true }))
+        }
+        Ok(Applied::Unchanged) => Ok(Response::new(pb::ChangeResponse { changed: false })),
+        Ok(Applied::NotFound) => Err(Status::not_found(format!("{} does not exist", missing()))),
+        Err(e @ (ClusterError::NoLeader | ClusterError::Unreached(_))) => {
+            let mut s = Status::unavailable(e.to_string());
+            s.metadata_mut().insert(
+                "retry-after",
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            Err(s)
+        }
+        Err(e @ ClusterError::Rejected(_)) => Err(Status::failed_precondition(e.to_string())),
+        Err(e @ ClusterError::Fatal(_)) => Err(Status::internal(e.to_string())),
     }
 }

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use meridian_node::App;
 use meridian_node::config::{self, ProcessEnv};
 use meridian_proto::pb::admin::admin_client::AdminClient;
-use meridian_proto::pb::admin::{ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest};
+use meridian_proto::pb::admin::{
+    self as admin_pb, ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest,
+};
 
 /// mimalloc: the request path allocates many small, short-lived buffers across threads, where
 /// glibc's allocator showed up as ~15% of the node's CPU under load.
@@ -74,8 +76,98 @@ enum AdminCommand {
     Status,
     /// The providers the node routes to, with their live load.
     Providers,
-    /// The Raft cluster as the node sees it: leader, term, log positions, members.
-    Cluster,
+    /// The Raft cluster: status (the default), state, and membership changes.
+    Cluster {
+        #[command(subcommand)]
+        command: Option<ClusterCommand>,
+    },
+    /// Tiers: named sets of default limits.
+    Tier {
+        #[command(subcommand)]
+        command: TierCommand,
+    },
+    /// Tenants: who may call, on which tier, with which overrides.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Leader, term, commit and applied indexes, voters, learners, members.
+    Status,
+    /// The node's applied replicated state, as JSON.
+    State,
+    /// Add a node started with `cluster.join = true` as a learner.
+    AddLearner {
+        node: u64,
+        /// Its Raft (QUIC) address, HOST:PORT.
+        raft_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote { node: u64 },
+    /// Take a voter or learner out of the cluster.
+    Remove { node: u64 },
+}
+
+/// Limits as command-line flags (unset: no limit on a tier, the tier's on a tenant).
+#[derive(clap::Args)]
+struct LimitArgs {
+    #[arg(long)]
+    requests_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_day: Option<u64>,
+    #[arg(long)]
+    tokens_per_month: Option<u64>,
+    /// US dollars per day, e.g. 12.50.
+    #[arg(long)]
+    cost_per_day_usd: Option<f64>,
+}
+
+impl LimitArgs {
+    fn into_pb(self) -> anyhow::Result<admin_pb::Limits> {
+        let cost = match self.cost_per_day_usd {
+            Some(usd) if !(0.0..=1e9).contains(&usd) => {
+                anyhow::bail!("--cost-per-day-usd must be between 0 and 1e9, got {usd}")
+            }
+            Some(usd) => Some((usd * 1e6).round() as u64),
+            None => None,
+        };
+        Ok(admin_pb::Limits {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            tokens_per_month: self.tokens_per_month,
+            cost_per_day_micro_usd: cost,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum TierCommand {
+    /// Create or replace a tier.
+    Put {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create or update a tenant.
+    Put {
+        id: String,
+        #[arg(long)]
+        tier: String,
+        #[command(flatten)]
+        overrides: LimitArgs,
+    },
+    /// Tiers and tenants, as this node has applied them.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -203,30 +295,111 @@ async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
                 s.grpc_addr
             );
         }
-        AdminCommand::Cluster => {
-            let c = client
-                .cluster_status(ClusterStatusRequest {})
-                .await?
-                .into_inner();
-            let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
-            println!(
-                "node {}: leader {}, term {}, last log {}, applied {}, snapshot {}, purged {}, voters {:?}",
-                c.node_id,
-                opt(c.leader),
-                c.term,
-                opt(c.last_log_index),
-                opt(c.applied_index),
-                opt(c.snapshot_index),
-                opt(c.purged_index),
-                c.voters
-            );
-            for m in c.members {
+        AdminCommand::Cluster { command } => match command.unwrap_or(ClusterCommand::Status) {
+            ClusterCommand::Status => {
+                let c = client
+                    .cluster_status(ClusterStatusRequest {})
+                    .await?
+                    .into_inner();
+                let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
                 println!(
-                    "  member {:<4} region {:<10} http {}",
-                    m.id, m.region, m.http_addr
+                    "node {}: leader {}, term {}, last log {}, commit {}, applied {}, snapshot {}, purged {}",
+                    c.node_id,
+                    opt(c.leader),
+                    c.term,
+                    opt(c.last_log_index),
+                    opt(c.commit_index),
+                    opt(c.applied_index),
+                    opt(c.snapshot_index),
+                    opt(c.purged_index),
                 );
+                println!("  voters {:?}  learners {:?}", c.voters, c.learners);
+                for m in c.members {
+                    println!(
+                        "  member {:<4} region {:<10} raft {:<21} http {}",
+                        m.id, m.region, m.raft_addr, m.http_addr
+                    );
+                }
             }
+            ClusterCommand::State => {
+                let s = client
+                    .cluster_state(admin_pb::ClusterStateRequest {})
+                    .await?
+                    .into_inner();
+                println!("{}", s.json);
+            }
+            ClusterCommand::AddLearner { node, raft_addr } => {
+                let r = client
+                    .add_learner(admin_pb::AddLearnerRequest {
+                        node_id: node,
+                        raft_addr,
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} added as a learner"));
+            }
+            ClusterCommand::Promote { node } => {
+                let r = client
+                    .promote_voter(admin_pb::PromoteVoterRequest { node_id: node })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} is a voter"));
+            }
+            ClusterCommand::Remove { node } => {
+                let r = client
+                    .remove_member(admin_pb::RemoveMemberRequest { node_id: node })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} removed"));
+            }
+        },
+        AdminCommand::Tier {
+            command: TierCommand::Put { name, limits },
+        } => {
+            let r = client
+                .put_tier(admin_pb::PutTierRequest {
+                    tier: Some(admin_pb::Tier {
+                        name: name.clone(),
+                        limits: Some(limits.into_pb()?),
+                    }),
+                })
+                .await?;
+            print_change(r.into_inner(), &format!("tier {name} saved"));
         }
+        AdminCommand::Tenant { command } => match command {
+            TenantCommand::Put {
+                id,
+                tier,
+                overrides,
+            } => {
+                let r = client
+                    .put_tenant(admin_pb::PutTenantRequest {
+                        tenant: Some(admin_pb::Tenant {
+                            id: id.clone(),
+                            tier,
+                            overrides: Some(overrides.into_pb()?),
+                            created_at_unix_ms: 0,
+                            updated_at_unix_ms: 0,
+                        }),
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("tenant {id} saved"));
+            }
+            TenantCommand::List => {
+                let l = client
+                    .list_tenants(admin_pb::ListTenantsRequest {})
+                    .await?
+                    .into_inner();
+                for t in l.tiers {
+                    println!("tier   {:<20} {}", t.name, limits(t.limits));
+                }
+                for t in l.tenants {
+                    println!(
+                        "tenant {:<20} tier {:<12} {}",
+                        t.id,
+                        t.tier,
+                        limits(t.overrides)
+                    );
+                }
+            }
+        },
         AdminCommand::Providers => {
             let list = client
                 .list_providers(ListProvidersRequest {})
@@ -255,4 +428,28 @@ async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_change(r: admin_pb::ChangeResponse, done: &str) {
+    if r.changed {
+        println!("{done}");
+    } else {
+        println!("{done} (already so; nothing changed)");
+    }
+}
+
+/// `tokens_per_day=5000 …`, only the limits that are set.
+fn limits(l: Option<admin_pb::Limits>) -> String {
+    let l = l.unwrap_or_default();
+    [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+        ("tokens_per_day", l.tokens_per_day),
+        ("tokens_per_month", l.tokens_per_month),
+        ("cost_per_day_micro_usd", l.cost_per_day_micro_usd),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
 }

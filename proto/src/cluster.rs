@@ -29,17 +29,25 @@ pub struct Proposal {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     UpsertMember(Member),
-    RemoveMember { id: NodeId },
+    RemoveMember {
+        id: NodeId,
+    },
     UpsertProvider(ProviderRecord),
-    RemoveProvider { id: String },
+    RemoveProvider {
+        id: String,
+    },
     UpsertTier(Tier),
     /// Refused with [`Applied::NotFound`] when the tier does not exist.
     UpsertTenant(Tenant),
-    RemoveTenant { id: String },
+    RemoveTenant {
+        id: String,
+    },
     /// Refused with [`Applied::NotFound`] when the tenant does not exist, and with
     /// [`Applied::Unchanged`] when the key id is already taken.
     CreateApiKey(ApiKeyRecord),
-    RevokeApiKey { id: String },
+    RevokeApiKey {
+        id: String,
+    },
     /// Asks for a slice of a quota window's remaining budget for `node`; answered with
     /// [`Applied::Granted`]. The node's previous grant on this key is returned to the pool first.
     RequestGrant(GrantRequest),
@@ -175,7 +183,9 @@ impl Ledger {
     /// Budget neither used nor promised to a node.
     pub fn available(&self) -> u64 {
         let promised: u64 = self.grants.values().map(Grant::outstanding).sum();
-        self.limit.saturating_sub(self.used).saturating_sub(promised)
+        self.limit
+            .saturating_sub(self.used)
+            .saturating_sub(promised)
     }
 
     /// Moves the ledger to time `at`: a new window starts empty, lapsed grants go back.
@@ -300,7 +310,11 @@ impl ClusterState {
     /// The limits that apply to `tenant` (its tier's, with its overrides), if it exists.
     pub fn limits_of(&self, tenant: &str) -> Option<Limits> {
         let t = self.tenants.get(tenant)?;
-        let tier = self.tiers.get(&t.tier).map(|t| t.limits).unwrap_or_default();
+        let tier = self
+            .tiers
+            .get(&t.tier)
+            .map(|t| t.limits)
+            .unwrap_or_default();
         Some(tier.overlay(&t.overrides))
     }
 

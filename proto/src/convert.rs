@@ -134,3 +134,65 @@ impl From<ChatCompletionChunk> for pb::ChatChunk {
         }
     }
 }
+
+/// Admin API ↔ replicated state.
+mod admin {
+    use crate::cluster;
+    use crate::pb::admin as pb;
+
+    impl From<pb::Limits> for cluster::Limits {
+        fn from(l: pb::Limits) -> Self {
+            cluster::Limits {
+                requests_per_minute: l.requests_per_minute,
+                tokens_per_minute: l.tokens_per_minute,
+                tokens_per_day: l.tokens_per_day,
+                tokens_per_month: l.tokens_per_month,
+                cost_per_day_micro_usd: l.cost_per_day_micro_usd,
+            }
+        }
+    }
+
+    impl From<cluster::Limits> for pb::Limits {
+        fn from(l: cluster::Limits) -> Self {
+            pb::Limits {
+                requests_per_minute: l.requests_per_minute,
+                tokens_per_minute: l.tokens_per_minute,
+                tokens_per_day: l.tokens_per_day,
+                tokens_per_month: l.tokens_per_month,
+                cost_per_day_micro_usd: l.cost_per_day_micro_usd,
+            }
+        }
+    }
+
+    impl From<&cluster::Tier> for pb::Tier {
+        fn from(t: &cluster::Tier) -> Self {
+            pb::Tier {
+                name: t.name.clone(),
+                limits: Some(t.limits.into()),
+            }
+        }
+    }
+
+    impl From<&cluster::Tenant> for pb::Tenant {
+        fn from(t: &cluster::Tenant) -> Self {
+            pb::Tenant {
+                id: t.id.clone(),
+                tier: t.tier.clone(),
+                overrides: Some(t.overrides.into()),
+                created_at_unix_ms: t.created_at_unix_ms,
+                updated_at_unix_ms: t.updated_at_unix_ms,
+            }
+        }
+    }
+
+    /// Why `name` cannot be an id of a tier or tenant, if it cannot: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+    pub fn invalid_name(name: &str) -> Option<String> {
+        let ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        (!ok).then(|| format!("{name:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"))
+    }
+}
+
+pub use admin::invalid_name;

@@ -1,7 +1,9 @@
-//! Meridian's test support: the mock upstream, an in-process node harness, and helpers.
+//! Meridian's test support: the mock upstream, an in-process node harness, the multi-process
+//! cluster harness ([`procs`]), and helpers.
 //! The integration tests live in `tests/tests/`; the load benchmark in `src/bin/bench-gateway.rs`.
 
 pub mod mock;
+pub mod procs;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -58,10 +58,13 @@ impl LocalRouter {
     }
 
     fn reach(&self, to: NodeId) -> Result<ClusterNode, Unreached> {
-        self.lock_nodes().get(&to).cloned().ok_or_else(|| Unreached {
-            target: to,
-            reason: "no such node".into(),
-        })
+        self.lock_nodes()
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Unreached {
+                target: to,
+                reason: "no such node".into(),
+            })
     }
 }
 

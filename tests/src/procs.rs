@@ -1,0 +1,524 @@
+//! The multi-process harness: real `meridian` processes, each on its own loopback address
+//! (`127.0.S.ID`, one subnet `S` per test so tests can run side by side), with its own data
+//! directory and log file, talking Raft over QUIC with certificates from a CA made for the test.
+//!
+//! Nodes can be killed (`kill -9`), frozen and thawed (SIGSTOP/SIGCONT) and restarted on the
+//! same data. Every wait polls a condition against a deadline; nothing sleeps a fixed time and
+//! hopes. When a test panics, the tail of every node's log is printed.
+//!
+//! The binary is the workspace's `target/<profile>/meridian`, which `cargo nextest run
+//! --workspace` (or `cargo test --workspace`) builds with the node's own tests; set
+//! `MERIDIAN_BIN` to use another one.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_proto::pb::admin::{
+    self as pb, ClusterStatusRequest, ClusterStatusResponse, ListTenantsRequest,
+};
+use tonic::transport::Channel;
+
+/// The fixed ports of every node (each node has its own IP).
+const QUIC_PORT: u16 = 7000;
+const HTTP_PORT: u16 = 8080;
+const GRPC_PORT: u16 = 9090;
+const ADMIN_PORT: u16 = 9091;
+
+/// Raft timings for the processes: fast, but with room for a loaded 2-core CI machine.
+const TIMINGS: &str = "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\nsnapshot_every = 500\nkeep_after_snapshot = 100\n";
+
+/// The `meridian` binary under test.
+pub fn meridian_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MERIDIAN_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test binary> → target/<profile>/meridian
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test binary location {}", exe.display()));
+    let bin = profile_dir.join("meridian");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo build -p meridian-node` (the workspace test \
+         command does) or set MERIDIAN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// One node of a [`Harness`].
+pub struct Proc {
+    pub id: u64,
+    pub ip: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    frozen: bool,
+}
+
+impl Proc {
+    pub fn raft_addr(&self) -> String {
+        format!("{}:{QUIC_PORT}", self.ip)
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}:{HTTP_PORT}", self.ip)
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://{}:{ADMIN_PORT}", self.ip)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn signal(&self, sig: &str) {
+        let Some(child) = &self.child else {
+            panic!("node {} is not running", self.id)
+        };
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} node {}", self.id);
+    }
+}
+
+/// A cluster of `meridian` processes.
+pub struct Harness {
+    tmp: tempfile::TempDir,
+    pki: PathBuf,
+    subnet: u8,
+    bin: PathBuf,
+    pub nodes: BTreeMap<u64, Proc>,
+}
+
+impl Harness {
+    /// A harness on `127.0.{subnet}.0/24`; give each test its own subnet.
+    pub fn new(subnet: u8) -> Self {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let pki = tmp.path().join("pki");
+        meridian_cluster::certs::init_ca(&pki).unwrap_or_else(|e| panic!("certs init: {e}"));
+        Self {
+            tmp,
+            pki,
+            subnet,
+            bin: meridian_bin(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Boots `voters` as a new cluster (each lists the others as peers) and waits until they
+    /// agree on a leader and every one is in the member table.
+    pub async fn boot(&mut self, voters: &[u64]) -> u64 {
+        for &id in voters {
+            self.configure(id, voters, false);
+        }
+        for &id in voters {
+            self.start(id);
+        }
+        self.agreed_leader(voters, None, Duration::from_secs(30))
+            .await
+    }
+
+    /// Writes node `id`'s certificate and config: `voters` are the initial voters it knows;
+    /// with `join` it waits to be added instead of bootstrapping.
+    pub fn configure(&mut self, id: u64, voters: &[u64], join: bool) {
+        meridian_cluster::certs::issue(&self.pki, id, &[])
+            .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
+        let ip = format!("127.0.{}.{id}", self.subnet);
+        let peers: Vec<String> = voters
+            .iter()
+            .filter(|p| **p != id)
+            .map(|p| format!("\"{p}@127.0.{}.{p}:{QUIC_PORT}\"", self.subnet))
+            .collect();
+        let data = self.tmp.path().join(format!("node-{id}"));
+        let text = format!(
+            "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
+             [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
+             [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n\
+             [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
+             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+            region = id % 2,
+            pki = self.pki,
+            peers = peers.join(", "),
+        );
+        let config = self.tmp.path().join(format!("node-{id}.toml"));
+        std::fs::write(&config, text).unwrap_or_else(|e| panic!("write config: {e}"));
+        self.nodes.insert(
+            id,
+            Proc {
+                id,
+                ip,
+                config,
+                log: self.tmp.path().join(format!("node-{id}.log")),
+                child: None,
+                frozen: false,
+            },
+        );
+    }
+
+    pub fn node(&self, id: u64) -> &Proc {
+        self.nodes
+            .get(&id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// Starts (or restarts, on the same data) node `id` and waits for its readiness line. Its
+    /// stdout and stderr go to its log file (appended across restarts).
+    pub fn start(&mut self, id: u64) {
+        let bin = self.bin.clone();
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no node {id}"));
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let offset = log.metadata().map_or(0, |m| m.len());
+        let err = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&node.config)
+            .env("MERIDIAN_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn meridian: {e}"));
+        node.child = Some(child);
+        node.frozen = false;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read(&node.log).unwrap_or_default();
+            let new = String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]);
+            if new.lines().any(|l| l.starts_with("meridian ready")) {
+                return;
+            }
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("node {id} exited before it was ready ({status}):\n{new}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} not ready in 30 s:\n{new}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9` node `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no node {id}"));
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.frozen = false;
+    }
+
+    /// Freezes node `id` (SIGSTOP): it holds its sockets but answers nothing.
+    pub fn freeze(&mut self, id: u64) {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no node {id}"));
+        node.signal("-STOP");
+        node.frozen = true;
+    }
+
+    /// Thaws a frozen node (SIGCONT).
+    pub fn thaw(&mut self, id: u64) {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no node {id}"));
+        node.signal("-CONT");
+        node.frozen = false;
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.is_running() && !n.frozen)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    pub async fn admin(&self, id: u64) -> Option<AdminClient<Channel>> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.node(id).admin())
+            .ok()?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(5));
+        Some(AdminClient::new(endpoint.connect().await.ok()?))
+    }
+
+    pub async fn status(&self, id: u64) -> Option<ClusterStatusResponse> {
+        let mut admin = self.admin(id).await?;
+        Some(
+            admin
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner(),
+        )
+    }
+
+    /// Polls until every node in `ids` names the same leader (other than `not`), sees every
+    /// node of `ids` in the member table, and returns it.
+    pub async fn agreed_leader(&self, ids: &[u64], not: Option<u64>, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for &id in ids {
+                let s = self.status(id).await;
+                let complete = s
+                    .as_ref()
+                    .is_some_and(|s| ids.iter().all(|i| s.members.iter().any(|m| m.id == *i)));
+                leaders.push(s.filter(|_| complete).and_then(|s| s.leader));
+            }
+            if let Some(Some(l)) = leaders.first().copied()
+                && leaders.iter().all(|x| *x == Some(l))
+                && Some(l) != not
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {timeout:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Polls `cond` until it returns `Some`, or panics naming `what` after `timeout`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut cond: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = cond().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Creates tier `free` (idempotent) through node `id`.
+    pub async fn put_tier(&self, id: u64) -> Result<bool, tonic::Status> {
+        let mut admin = self
+            .admin(id)
+            .await
+            .ok_or_else(|| tonic::Status::unavailable("unreachable"))?;
+        Ok(admin
+            .put_tier(pb::PutTierRequest {
+                tier: Some(pb::Tier {
+                    name: "free".into(),
+                    limits: Some(pb::Limits {
+                        tokens_per_day: Some(10_000),
+                        ..pb::Limits::default()
+                    }),
+                }),
+            })
+            .await?
+            .into_inner()
+            .changed)
+    }
+
+    /// Writes tenant `name` (tier `free`) through node `id`: a replicated write, acknowledged
+    /// once committed.
+    pub async fn put_tenant(&self, id: u64, name: &str) -> Result<(), String> {
+        put_tenant_at(&self.node(id).admin(), name).await
+    }
+
+    /// The tenants node `id` has applied.
+    pub async fn tenants(&self, id: u64) -> Option<Vec<String>> {
+        let mut admin = self.admin(id).await?;
+        let list = admin
+            .list_tenants(ListTenantsRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(list.tenants.into_iter().map(|t| t.id).collect())
+    }
+
+    /// Waits until every node in `ids` has applied every tenant in `names`.
+    pub async fn wait_replicated(&self, ids: &[u64], names: &[String], timeout: Duration) {
+        for &id in ids {
+            self.wait_for(
+                &format!("node {id} to hold all {} acknowledged writes", names.len()),
+                timeout,
+                || async move {
+                    let have = self.tenants(id).await?;
+                    names.iter().all(|n| have.contains(n)).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Runs `meridian admin --addr <node id's admin> ARGS…` and returns its stdout; panics with
+    /// its stderr if it fails.
+    pub fn cli(&self, id: u64, args: &[&str]) -> String {
+        let out = Command::new(&self.bin)
+            .args(["admin", "--addr", &self.node(id).admin()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run meridian admin: {e}"));
+        assert!(
+            out.status.success(),
+            "meridian admin {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a client that writes tenants `PREFIX-0`, `PREFIX-1`, … one after another, each
+    /// through the next node of `ids` in turn (moving on when a node fails to answer), and
+    /// records which writes were acknowledged and when.
+    pub fn steady_writes(&self, ids: &[u64], prefix: &str) -> SteadyWrites {
+        let admins: Vec<String> = ids.iter().map(|id| self.node(*id).admin()).collect();
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let acked = Arc::clone(&acked);
+            let stop = Arc::clone(&stop);
+            let prefix = prefix.to_owned();
+            async move {
+                let mut target = 0usize;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("{prefix}-{n}");
+                    let admin = &admins[target % admins.len()];
+                    match put_tenant_at(admin, &name).await {
+                        Ok(()) => {
+                            lock(&acked).push((name, Instant::now()));
+                            n += 1;
+                        }
+                        // Not acknowledged: it may or may not have committed. Try the next node;
+                        // a retry of the same name is harmless (an upsert).
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    target += 1;
+                }
+            }
+        });
+        SteadyWrites { acked, stop, task }
+    }
+
+    fn print_logs(&self) {
+        for node in self.nodes.values() {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- node {} log ({}), last lines:",
+                node.id,
+                node.log.display()
+            );
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        // SIGKILL ends frozen processes too.
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// A running [`Harness::steady_writes`] client.
+pub struct SteadyWrites {
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SteadyWrites {
+    pub fn acked(&self) -> usize {
+        lock(&self.acked).len()
+    }
+
+    /// Waits until `n` more writes than now are acknowledged.
+    pub async fn wait_more(&self, n: usize, timeout: Duration) {
+        let target = self.acked() + n;
+        let deadline = Instant::now() + timeout;
+        while self.acked() < target {
+            assert!(
+                Instant::now() < deadline,
+                "writes stalled: {} of {target} acknowledged after {timeout:?}",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the client; returns every acknowledged write and the longest gap between two
+    /// acknowledgements after `since` (the write outage a client saw).
+    pub async fn finish(self, since: Instant) -> (Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let acked = std::mem::take(&mut *lock(&self.acked));
+        let mut gap = Duration::ZERO;
+        let mut last = since;
+        for (_, at) in acked.iter().filter(|(_, at)| *at >= since) {
+            gap = gap.max(at.duration_since(last));
+            last = *at;
+        }
+        (acked.into_iter().map(|(n, _)| n).collect(), gap)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn put_tenant_at(admin: &str, name: &str) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(admin.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(3));
+    let mut client = AdminClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+    client
+        .put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: name.into(),
+                tier: "free".into(),
+                ..pb::Tenant::default()
+            }),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

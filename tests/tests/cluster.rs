@@ -1,0 +1,200 @@
+//! Real processes: `meridian` nodes on their own loopback addresses, each with its own data
+//! directory and log, talking Raft over QUIC with mutual TLS (the harness: `meridian_tests::procs`).
+//! Every test prints what it measured.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::time::{Duration, Instant};
+
+use meridian_tests::procs::Harness;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {
+    let mut h = Harness::new(11);
+    let started = Instant::now();
+    let leader = h.boot(&[1, 2, 3]).await;
+    println!(
+        "3 nodes formed: leader {leader} after {:?}",
+        started.elapsed()
+    );
+
+    // A write on any node is visible on all.
+    h.put_tier(1).await.unwrap();
+    let mut names = Vec::new();
+    let wrote = Instant::now();
+    for id in [1, 2, 3] {
+        let name = format!("via-{id}");
+        h.put_tenant(id, &name).await.unwrap();
+        names.push(name);
+    }
+    h.wait_replicated(&[1, 2, 3], &names, T).await;
+    println!(
+        "a write through each node is on all three after {:?}",
+        wrote.elapsed()
+    );
+
+    // kill -9 the leader under a steady stream of writes.
+    let writes = h.steady_writes(&[1, 2, 3], "w");
+    writes.wait_more(20, T).await;
+    let killed = Instant::now();
+    h.kill(leader);
+    let survivors: Vec<u64> = h.running();
+    let new_leader = h.agreed_leader(&survivors, Some(leader), T).await;
+    let elected = killed.elapsed();
+    writes.wait_more(20, T).await;
+
+    // The killed node restarts from its disk and catches up.
+    let restarted = Instant::now();
+    h.start(leader);
+    let so_far: Vec<String> = names.clone();
+    h.wait_replicated(&[leader], &so_far, T).await;
+    writes.wait_more(20, T).await;
+    let (acked, outage) = writes.finish(killed).await;
+    h.wait_replicated(&[1, 2, 3], &acked, T).await;
+    println!(
+        "kill -9 of leader {leader}: new leader {new_leader} after {elected:?}; longest gap between \
+         acknowledged writes {outage:?}; node {leader} restarted and caught up after {:?}; {} \
+         acknowledged writes, none lost",
+        restarted.elapsed(),
+        acked.len()
+    );
+
+    // kill -9 of every node at once, restart: nothing acknowledged is lost.
+    let term_before = h.status(new_leader).await.unwrap().term;
+    for id in [1, 2, 3] {
+        h.kill(id);
+    }
+    let again = Instant::now();
+    for id in [1, 2, 3] {
+        h.start(id);
+    }
+    let leader_after = h.agreed_leader(&[1, 2, 3], None, T).await;
+    h.wait_replicated(&[1, 2, 3], &acked, T).await;
+    let term_after = h.status(leader_after).await.unwrap().term;
+    assert!(
+        term_after >= term_before,
+        "term went back: {term_before} -> {term_after}"
+    );
+    println!(
+        "kill -9 of all three, restart: leader {leader_after} and all {} acknowledged writes on \
+         every node after {:?} (term {term_before} -> {term_after})",
+        acked.len(),
+        again.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn five_nodes_survive_losing_two() {
+    let mut h = Harness::new(12);
+    let ids = [1, 2, 3, 4, 5];
+    let leader = h.boot(&ids).await;
+    h.put_tier(1).await.unwrap();
+    let writes = h.steady_writes(&ids, "w");
+    writes.wait_more(20, T).await;
+    // Lose the leader and one more.
+    let other = ids.iter().copied().find(|id| *id != leader).unwrap();
+    let killed = Instant::now();
+    h.kill(leader);
+    h.kill(other);
+    let survivors = h.running();
+    assert_eq!(survivors.len(), 3);
+    let new_leader = h.agreed_leader(&survivors, Some(leader), T).await;
+    writes.wait_more(30, T).await;
+    let (acked, outage) = writes.finish(killed).await;
+    h.wait_replicated(&survivors, &acked, T).await;
+    println!(
+        "5 nodes, kill -9 of {leader} (leader) and {other}: leader {new_leader} after {:?}; \
+         longest write gap {outage:?}; {} acknowledged writes on all 3 survivors",
+        killed.elapsed(),
+        acked.len()
+    );
+    // Both come back and catch up.
+    h.start(leader);
+    h.start(other);
+    h.wait_replicated(&ids, &acked, T).await;
+}
+
+#[tokio::test]
+async fn a_frozen_leader_is_replaced_and_rejoins_as_a_follower() {
+    let mut h = Harness::new(13);
+    let leader = h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    let frozen = Instant::now();
+    h.freeze(leader);
+    let others = h.running();
+    let new_leader = h.agreed_leader(&others, Some(leader), T).await;
+    let elected = frozen.elapsed();
+    h.put_tenant(others[0], "while-frozen").await.unwrap();
+    h.thaw(leader);
+    let thawed = Instant::now();
+    // The old leader learns of the new term, follows, and gets the write it missed.
+    let agreed = h.agreed_leader(&[1, 2, 3], None, T).await;
+    assert_ne!(
+        agreed, leader,
+        "the thawed node must not take over again with stale state"
+    );
+    h.wait_replicated(&[leader], &["while-frozen".to_owned()], T)
+        .await;
+    println!(
+        "SIGSTOP of leader {leader}: leader {new_leader} after {elected:?}; after SIGCONT it \
+         follows {agreed} and caught up in {:?}",
+        thawed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_node_joins_as_a_learner_is_promoted_and_removed_with_the_cli() {
+    let mut h = Harness::new(14);
+    let leader = h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    h.put_tenant(1, "before-join").await.unwrap();
+
+    h.configure(4, &[1, 2, 3], true);
+    h.start(4);
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let raft_addr = h.node(4).raft_addr();
+    let out = h.cli(follower, &["cluster", "add-learner", "4", &raft_addr]);
+    assert!(out.contains("node 4 added as a learner"), "{out}");
+    h.wait_replicated(&[4], &["before-join".to_owned()], T)
+        .await;
+    let s = h.status(leader).await.unwrap();
+    assert!(s.learners.contains(&4) && !s.voters.contains(&4), "{s:?}");
+
+    let out = h.cli(follower, &["cluster", "promote", "4"]);
+    assert!(out.contains("node 4 is a voter"), "{out}");
+    h.wait_for("node 4 to vote, in every node's view", T, || async {
+        for id in [1, 2, 3, 4] {
+            if !h.status(id).await?.voters.contains(&4) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // Node 4 recorded itself in the member table; the status command shows it all.
+    h.agreed_leader(&[1, 2, 3, 4], None, T).await;
+    let out = h.cli(4, &["cluster", "status"]);
+    assert!(out.contains("voters [1, 2, 3, 4]"), "{out}");
+    assert!(out.contains("member 4"), "{out}");
+    println!("{out}");
+
+    let out = h.cli(4, &["cluster", "remove", "4"]);
+    assert!(out.contains("node 4 removed"), "{out}");
+    h.wait_for("node 4 to be gone from the others", T, || async {
+        for id in [1, 2, 3] {
+            let s = h.status(id).await?;
+            if s.voters.contains(&4)
+                || s.learners.contains(&4)
+                || s.members.iter().any(|m| m.id == 4)
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    h.put_tenant(1, "after-remove").await.unwrap();
+    h.wait_replicated(&[1, 2, 3], &["after-remove".to_owned()], T)
+        .await;
+}
