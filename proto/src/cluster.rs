@@ -72,7 +72,9 @@ pub enum Command {
     },
     /// Several commands applied in order as one log entry (usage flushes, bulk writes).
     /// Answered with [`Applied::Changed`] if any of them changed the state.
-    Batch(Vec<Command>),
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 /// Limits of a tier, or a tenant's overrides of them (`None`: no limit / not overridden).
@@ -483,7 +485,7 @@ impl ClusterState {
                 self.usage = self.usage.split_off(&oldest_kept);
                 Applied::Changed
             }
-            Command::Batch(commands) => {
+            Command::Batch { commands } => {
                 let mut changed = false;
                 for c in commands {
                     changed |= matches!(
@@ -712,9 +714,19 @@ mod tests {
         s.apply(&proposal(DAY_MS * 10 + 5, record(3)));
         s.apply(&proposal(
             DAY_MS * 10 + 9,
-            Command::Batch(vec![record(4), record(5)]),
+            Command::Batch {
+                commands: vec![record(4), record(5)],
+            },
         ));
         assert_eq!(s.usage[&10]["acme"]["llama"].prompt_tokens, 12);
+        let batch = Command::Batch {
+            commands: vec![record(1), grant(1, 5, 5)],
+        };
+        let json = serde_json::to_vec(&batch).expect("a batch encodes");
+        assert_eq!(
+            serde_json::from_slice::<Command>(&json).expect("and decodes"),
+            batch
+        );
         assert_eq!(s.usage[&10]["acme"]["llama"].requests, 3);
         s.apply(&proposal(DAY_MS * (10 + ROLLUP_DAYS), record(1)));
         assert!(!s.usage.contains_key(&10), "day 10 is past the retention");
