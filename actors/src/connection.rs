@@ -83,6 +83,9 @@ pub enum ConnectionMsg {
     Run,
 }
 
+/// Local only: it carries channels and streams that cannot leave the process.
+impl ractor::Message for ConnectionMsg {}
+
 pub struct ConnectionActor;
 
 impl Actor for ConnectionActor {

@@ -23,6 +23,7 @@
 
 pub mod connection;
 pub mod gateway;
+pub mod mesh;
 pub mod policy;
 pub mod provider;
 pub mod supervisor;

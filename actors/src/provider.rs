@@ -239,6 +239,9 @@ pub enum ProviderMsg {
     Crash,
 }
 
+/// Local only: it carries channels and streams that cannot leave the process.
+impl ractor::Message for ProviderMsg {}
+
 pub struct ProviderActor;
 
 pub struct ProviderState {

@@ -38,6 +38,9 @@ impl Default for RestartBudget {
 #[derive(Debug)]
 pub enum SupervisorMsg {}
 
+/// Local only: it carries channels and streams that cannot leave the process.
+impl ractor::Message for SupervisorMsg {}
+
 pub struct NodeSupervisor;
 
 pub struct NodeSupervisorArgs {

@@ -216,6 +216,7 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
         region: "eu".into(),
         raft_addr: String::new(),
         http_addr: String::new(),
+        mesh_addr: String::new(),
     }))
     .await
     .unwrap();
@@ -322,6 +323,7 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
                             region: "eu".into(),
                             raft_addr: String::new(),
                             http_addr: format!("10.0.0.1:{i}"),
+                            mesh_addr: String::new(),
                         }))
                         .await
                         .unwrap();

@@ -2,7 +2,10 @@
 //! tiers and tenants. Bind it to an interface only operators reach: admin authentication (token
 //! or mTLS) is not built yet.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_actors::mesh::Mesh;
 
 use meridian_actors::Gateway;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
@@ -20,6 +23,8 @@ pub struct AdminService {
     pub started: Instant,
     pub http_addr: String,
     pub grpc_addr: String,
+    /// The actor mesh (multi-node only).
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 #[tonic::async_trait]
@@ -81,6 +86,7 @@ impl Admin for AdminService {
                 region: m.region.clone(),
                 raft_addr: m.raft_addr.clone(),
                 http_addr: m.http_addr.clone(),
+                mesh_addr: m.mesh_addr.clone(),
             })
             .collect();
         Ok(Response::new(pb::ClusterStatusResponse {
@@ -108,6 +114,45 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ClusterStateResponse {
             applied_index: self.cluster.status().applied_index,
             json,
+        }))
+    }
+
+    async fn mesh_status(
+        &self,
+        _req: Request<pb::MeshStatusRequest>,
+    ) -> Result<Response<pb::MeshStatusResponse>, Status> {
+        let Some(mesh) = &self.mesh else {
+            return Ok(Response::new(pb::MeshStatusResponse::default()));
+        };
+        let mut connected = mesh.connected().await;
+        connected.sort();
+        let mut peers = Vec::new();
+        let mut errors = Vec::new();
+        for answer in mesh.describe_peers(Duration::from_secs(2)).await {
+            match answer {
+                Ok(d) => peers.push(pb::MeshPeer {
+                    node_id: d.node_id,
+                    region: d.region,
+                    providers: d
+                        .providers
+                        .into_iter()
+                        .map(|p| pb::MeshProvider {
+                            id: p.id,
+                            models: p.models,
+                            in_flight: p.in_flight,
+                            queued: p.queued,
+                        })
+                        .collect(),
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        peers.sort_by_key(|p| p.node_id);
+        Ok(Response::new(pb::MeshStatusResponse {
+            enabled: true,
+            connected,
+            peers,
+            errors,
         }))
     }
 

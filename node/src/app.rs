@@ -11,7 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
+use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, NoPeers};
 use meridian_proto::cluster::{Command, Member};
@@ -22,7 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
-use crate::config::{Config, ConfigError};
+use crate::config::{ClusterPeers, Config, ConfigError};
 use crate::grpc::InferenceService;
 use crate::http::{self, HttpState};
 
@@ -51,8 +53,8 @@ pub struct App {
     config: Config,
     gateway: Gateway,
     cluster: ClusterNode,
-    /// The QUIC endpoint and the tasks that serve it and register this node (multi-node only).
-    quic: Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>,
+    /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
+    peering: Option<Peering>,
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -83,12 +85,12 @@ impl App {
         let http = bind("HTTP", config.http.listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
-        let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
+        let (cluster, peering) = start_cluster(&config, http.local_addr().ok(), &gateway).await?;
         Ok(Self {
             config,
             gateway,
             cluster,
-            quic,
+            peering,
             http,
             grpc,
             admin,
@@ -163,6 +165,7 @@ impl App {
                 started: self.started,
                 http_addr: http_addr.to_string(),
                 grpc_addr: grpc_addr.to_string(),
+                mesh: self.peering.as_ref().map(|p| Arc::clone(&p.mesh)),
             }))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.admin).with_nodelay(Some(true)),
@@ -217,9 +220,10 @@ impl App {
         }
         self.gateway.stop(Duration::from_secs(5)).await;
         self.cluster.shutdown().await;
-        if let Some((transport, tasks)) = self.quic {
-            transport.close();
-            for t in tasks {
+        if let Some(p) = self.peering {
+            p.mesh.stop();
+            p.transport.close();
+            for t in p.tasks {
                 t.abort();
             }
         }
@@ -231,7 +235,12 @@ impl App {
     }
 }
 
-type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
+/// A multi-node member's links to its peers.
+struct Peering {
+    transport: Arc<QuicTransport>,
+    mesh: Arc<Mesh>,
+    tasks: Vec<JoinHandle<()>>,
+}
 
 /// Starts this node's Raft member on its data directory.
 ///
@@ -247,7 +256,8 @@ type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
 async fn start_cluster(
     config: &Config,
     http_addr: Option<SocketAddr>,
-) -> Result<(ClusterNode, Quic), AppError> {
+    gateway: &Gateway,
+) -> Result<(ClusterNode, Option<Peering>), AppError> {
     let node = &config.node;
     let failed = |e: &dyn std::fmt::Display| {
         AppError::Cluster(format!("in {}: {e}", node.data_dir.display()))
@@ -258,6 +268,7 @@ async fn start_cluster(
         region: node.region.clone(),
         raft_addr: String::new(),
         http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        mesh_addr: String::new(),
     };
     let Some(peers) = &config.cluster else {
         let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))
@@ -296,6 +307,8 @@ async fn start_cluster(
         transport.set_peer(*id, *addr);
     }
     me.raft_addr = peers.advertise.to_string();
+    me.mesh_addr = peers.mesh_advertise.to_string();
+    let mesh = Arc::new(start_mesh(config, peers, gateway).await?);
     let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
         .map_err(|e| failed(&e))?;
@@ -318,7 +331,96 @@ async fn start_cluster(
             }
         }
     });
-    Ok((cluster, Some((transport, vec![server, register]))))
+    let dial = tokio::spawn(keep_mesh_connected(
+        Arc::clone(&mesh),
+        cluster.clone(),
+        node.id,
+    ));
+    Ok((
+        cluster,
+        Some(Peering {
+            transport,
+            mesh,
+            tasks: vec![server, register, dial],
+        }),
+    ))
+}
+
+/// Joins the actor mesh on `cluster.mesh_listen`, with the node's cluster certificates.
+async fn start_mesh(
+    config: &Config,
+    peers: &ClusterPeers,
+    gateway: &Gateway,
+) -> Result<Mesh, AppError> {
+    let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("actor mesh: {e}"));
+    let (server_tls, client_tls) =
+        certs::mtls_configs(&peers.certs_dir, config.node.id).map_err(|e| failed(&e))?;
+    let cookie = match &peers.mesh_cookie {
+        Some(c) => c.clone(),
+        None => {
+            // Not a secret (anyone with the CA certificate can compute it): mutual TLS is what
+            // keeps strangers out; `cluster.mesh_cookie_env` adds a real shared secret.
+            let ca = std::fs::read(peers.certs_dir.join("ca.crt")).map_err(|e| failed(&e))?;
+            sha256_hex(&ca)
+        }
+    };
+    Mesh::start(
+        MeshConfig {
+            node_id: config.node.id,
+            region: config.node.region.clone(),
+            listen: peers.mesh_listen,
+            cookie,
+            server_tls,
+            client_tls,
+        },
+        gateway.clone(),
+    )
+    .await
+    .map_err(|e| failed(&e))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Keeps a mesh session to every member in the replicated member table. Each pair is dialled
+/// by its lower id only, so two nodes never race to open duplicate sessions.
+async fn keep_mesh_connected(mesh: Arc<Mesh>, cluster: ClusterNode, me: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let connected: Vec<u64> = mesh
+            .connected()
+            .await
+            .iter()
+            .filter_map(|n| peer_id(n))
+            .collect();
+        let peers: Vec<(u64, String)> = cluster
+            .state()
+            .borrow()
+            .members
+            .values()
+            .filter(|m| m.id > me && !m.mesh_addr.is_empty())
+            .map(|m| (m.id, m.mesh_addr.clone()))
+            .collect();
+        for (id, addr) in peers {
+            if connected.contains(&id) {
+                continue;
+            }
+            let (Ok(addr), Ok(name)) = (addr.parse(), certs::server_name(id)) else {
+                tracing::warn!(node = id, %addr, "member has an unusable mesh address");
+                continue;
+            };
+            if let Err(e) = mesh.connect(id, addr, name).await {
+                tracing::debug!(error = %e, "mesh: dialling a peer failed; retrying");
+            }
+        }
+    }
 }
 
 /// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout

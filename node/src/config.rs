@@ -73,6 +73,11 @@ pub struct RawCluster {
     /// Start without bootstrapping: wait to be added to a running cluster as a learner.
     #[serde(default)]
     pub join: bool,
+    /// Where the actor mesh (ractor_cluster, TLS) listens; default: `listen`'s IP, port + 1.
+    pub mesh_listen: Option<String>,
+    /// The environment variable holding the mesh's shared cookie (optional; mutual TLS is the
+    /// authentication, the cookie a second factor).
+    pub mesh_cookie_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +159,11 @@ pub struct ClusterPeers {
     pub peers: Vec<(u64, SocketAddr)>,
     /// Joins a running cluster instead of bootstrapping one.
     pub join: bool,
+    /// The actor mesh's listener, and where peers reach it.
+    pub mesh_listen: SocketAddr,
+    pub mesh_advertise: SocketAddr,
+    /// From `mesh_cookie_env`; `None`: derived from the CA certificate (not a secret).
+    pub mesh_cookie: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -633,12 +643,37 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 );
             }
         }
+        let mesh_listen = match &c.mesh_listen {
+            Some(_) => addr(&mut e, "cluster.mesh_listen", c.mesh_listen.as_ref(), ""),
+            None => SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)),
+        };
+        let mesh_advertise = SocketAddr::new(advertise.ip(), mesh_listen.port());
+        let mesh_cookie = match &c.mesh_cookie_env {
+            None => None,
+            Some(var) => match env.get(var) {
+                Some(v) if v.len() >= 16 => Some(v),
+                Some(_) => {
+                    e.push(
+                        "cluster.mesh_cookie_env",
+                        format!("${var} must hold at least 16 characters"),
+                    );
+                    None
+                }
+                None => {
+                    e.push("cluster.mesh_cookie_env", format!("${var} is not set"));
+                    None
+                }
+            },
+        };
         Some(ClusterPeers {
             listen,
             advertise,
             certs_dir,
             peers,
             join: c.join,
+            mesh_listen,
+            mesh_advertise,
+            mesh_cookie,
         })
     };
     let http = HttpConfig {

@@ -99,6 +99,8 @@ enum ClusterCommand {
     Status,
     /// The node's applied replicated state, as JSON.
     State,
+    /// The actor mesh: connected peers, and each peer's answer when asked through it.
+    Mesh,
     /// Add a node started with `cluster.join = true` as a learner.
     AddLearner {
         node: u64,
@@ -319,6 +321,32 @@ async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
                         "  member {:<4} region {:<10} raft {:<21} http {}",
                         m.id, m.region, m.raft_addr, m.http_addr
                     );
+                }
+            }
+            ClusterCommand::Mesh => {
+                let m = client
+                    .mesh_status(admin_pb::MeshStatusRequest {})
+                    .await?
+                    .into_inner();
+                if !m.enabled {
+                    println!("no actor mesh: this node runs a single-node cluster");
+                }
+                println!("connected: {}", m.connected.join(" "));
+                for p in m.peers {
+                    let providers: Vec<String> = p
+                        .providers
+                        .iter()
+                        .map(|q| format!("{}({}/{})", q.id, q.in_flight, q.queued))
+                        .collect();
+                    println!(
+                        "  node {} region {} answered via the mesh; providers {}",
+                        p.node_id,
+                        p.region,
+                        providers.join(" ")
+                    );
+                }
+                for e in m.errors {
+                    println!("  no answer: {e}");
                 }
             }
             ClusterCommand::State => {

@@ -258,6 +258,9 @@ pub struct Member {
     pub raft_addr: String,
     /// This node's client-facing HTTP address.
     pub http_addr: String,
+    /// Where peers reach this node's actor mesh (empty on a single node).
+    #[serde(default)]
+    pub mesh_addr: String,
 }
 
 /// A provider in the cluster-wide registry (e.g. a vLLM replica that became ready).
@@ -539,6 +542,7 @@ mod tests {
                     region: "eu".into(),
                     raft_addr: "127.0.0.2:7000".into(),
                     http_addr: "127.0.0.2:8080".into(),
+                    mesh_addr: String::new(),
                 }),
             ),
             proposal(40, Command::RemoveProvider { id: "zzz".into() }),

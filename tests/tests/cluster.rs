@@ -198,3 +198,92 @@ async fn a_node_joins_as_a_learner_is_promoted_and_removed_with_the_cli() {
     h.wait_replicated(&[1, 2, 3], &["after-remove".to_owned()], T)
         .await;
 }
+
+#[tokio::test]
+async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
+    let mut h = Harness::new(15);
+    h.boot(&[1, 2, 3]).await;
+    // Every node asks the others' agents through the mesh and gets their answers.
+    let started = Instant::now();
+    for id in [1, 2, 3] {
+        let h = &h;
+        h.wait_for(
+            &format!("node {id} to hear from both peers"),
+            T,
+            || async move {
+                let mut admin = h.admin(id).await?;
+                let m = admin
+                    .mesh_status(meridian_proto::pb::admin::MeshStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                let mut answered: Vec<u64> = m.peers.iter().map(|p| p.node_id).collect();
+                answered.sort();
+                let expected: Vec<u64> = [1, 2, 3].into_iter().filter(|p| *p != id).collect();
+                (answered == expected
+                    && m.peers
+                        .iter()
+                        .all(|p| p.providers.iter().any(|q| q.id == "demo")))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    let out = h.cli(2, &["cluster", "mesh"]);
+    assert!(
+        out.contains("node 1 region r1 answered via the mesh"),
+        "{out}"
+    );
+    assert!(
+        out.contains("node 3 region r1 answered via the mesh"),
+        "{out}"
+    );
+    println!(
+        "mesh: every node got answers from both peers' agents after {:?}\n{out}",
+        started.elapsed()
+    );
+
+    // A node with a certificate from another CA is refused at the TLS handshake.
+    let foreign = tempfile::tempdir().unwrap();
+    meridian_cluster::certs::init_ca(foreign.path()).unwrap();
+    meridian_cluster::certs::issue(foreign.path(), 9, &[]).unwrap();
+    let (server_tls, client_tls) =
+        meridian_cluster::certs::mtls_configs(foreign.path(), 9).unwrap();
+    let gateway = meridian_actors::Gateway::start(meridian_actors::GatewayConfig {
+        providers: Vec::new(),
+        limits: meridian_proto::openai::RequestLimits::default(),
+        restart_budget: meridian_actors::RestartBudget::default(),
+    })
+    .await
+    .unwrap();
+    let intruder = meridian_actors::mesh::Mesh::start(
+        meridian_actors::mesh::MeshConfig {
+            node_id: 9,
+            region: "x".into(),
+            listen: "127.0.15.9:0".parse().unwrap(),
+            cookie: "guess".into(),
+            server_tls,
+            client_tls,
+        },
+        gateway,
+    )
+    .await
+    .unwrap();
+    let target = h.node(1).ip.clone();
+    let addr = format!("{target}:7001").parse().unwrap();
+    let dialled = intruder
+        .connect(1, addr, meridian_cluster::certs::server_name(1).unwrap())
+        .await;
+    assert!(dialled.is_err(), "the TLS handshake must fail: {dialled:?}");
+    let mut admin = h.admin(1).await.unwrap();
+    let m = admin
+        .mesh_status(meridian_proto::pb::admin::MeshStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !m.connected.iter().any(|c| c.starts_with("node-9")),
+        "{m:?}"
+    );
+    intruder.stop();
+}

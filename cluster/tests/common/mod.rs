@@ -12,6 +12,7 @@ pub fn member(id: NodeId) -> Command {
         region: "eu".into(),
         raft_addr: format!("127.0.0.1:{}", 7000 + id),
         http_addr: format!("127.0.0.1:{}", 8000 + id),
+        mesh_addr: String::new(),
     })
 }
 

@@ -1,0 +1,268 @@
+//! The actor mesh: the nodes' ractor systems joined with `ractor_cluster`, so an actor on one
+//! node can message an actor on another.
+//!
+//! Each node runs a `NodeServer` and one [`MeshAgent`] that joins the process group
+//! [`NODES_GROUP`]. Peers find each other's agents through the group (ractor syncs group
+//! membership across connected nodes) and ask them with RPCs. ProviderActors and (later)
+//! BreakerActors are reached through their node's agent: their own messages carry local
+//! streams and reply channels that cannot cross a process boundary.
+//!
+//! Security: the TCP links are TLS with the cluster's certificates on both sides (the same
+//! mutual TLS as Raft: a peer without a certificate from the cluster CA cannot connect, and the
+//! dialler checks the server's name `node-<id>.meridian`). On top of that ractor's cookie
+//! handshake (a SHA-256 challenge-response; the cookie itself never crosses the wire) must pass
+//! before any actor message is accepted. What this does **not** protect: any node with a valid
+//! certificate and the cookie is fully trusted and can message every remotable actor by id, not
+//! only the agents; the cookie handshake alone (without TLS) would give neither secrecy nor
+//! integrity, and a captured challenge allows offline guessing of a weak cookie, so the mesh
+//! never runs without TLS here. Inbound frames are capped at [`MAX_FRAME`] bytes before they are
+//! read into memory, authenticated or not.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, pg};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage, RactorClusterMessage};
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::Gateway;
+
+/// The process group every node's agent joins.
+pub const NODES_GROUP: &str = "meridian.nodes";
+/// Largest inbound mesh frame: agents exchange small JSON descriptions, never payloads.
+pub const MAX_FRAME: u64 = 1024 * 1024;
+
+/// Messages a node's agent answers, from this node or any other.
+#[derive(RactorClusterMessage)]
+pub enum MeshMsg {
+    /// Describes this node ([`NodeDescription`] as JSON); the argument names the asker.
+    #[rpc]
+    Describe(String, RpcReplyPort<String>),
+}
+
+/// What an agent answers to [`MeshMsg::Describe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    pub node_id: u64,
+    pub region: String,
+    pub providers: Vec<ProviderLoad>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderLoad {
+    pub id: String,
+    pub models: Vec<String>,
+    pub in_flight: u32,
+    pub queued: u32,
+}
+
+/// A node's agent on the mesh.
+pub struct MeshAgent {
+    node_id: u64,
+    region: String,
+    gateway: Gateway,
+}
+
+impl Actor for MeshAgent {
+    type Msg = MeshMsg;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, me: ActorRef<MeshMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        pg::join(NODES_GROUP.to_owned(), vec![me.get_cell()]);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<MeshMsg>,
+        msg: MeshMsg,
+        _state: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MeshMsg::Describe(asker, reply) => {
+                tracing::debug!(%asker, "mesh: describe");
+                let description = NodeDescription {
+                    node_id: self.node_id,
+                    region: self.region.clone(),
+                    providers: self
+                        .gateway
+                        .providers()
+                        .into_iter()
+                        .map(|p| ProviderLoad {
+                            id: p.id,
+                            models: p.models,
+                            in_flight: p.in_flight,
+                            queued: p.queued,
+                        })
+                        .collect(),
+                };
+                let _ = reply.send(serde_json::to_string(&description)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the mesh could not start: {0}")]
+    Start(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+}
+
+/// Where and how this node joins the mesh.
+pub struct MeshConfig {
+    pub node_id: u64,
+    pub region: String,
+    pub listen: SocketAddr,
+    /// ractor's shared cookie (a second factor behind mutual TLS).
+    pub cookie: String,
+    /// This node's mutual-TLS configs from the cluster PKI.
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub client_tls: Arc<rustls::ClientConfig>,
+}
+
+/// This node's place in the mesh.
+pub struct Mesh {
+    node_id: u64,
+    server: ActorRef<NodeServerMessage>,
+    agent: ActorRef<MeshMsg>,
+    client_tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The mesh name of node `id`.
+pub fn mesh_name(id: u64) -> String {
+    format!("node-{id}")
+}
+
+/// The node id in a session's peer name (`node-<id>@<host>`).
+pub fn peer_id(peer_name: &str) -> Option<u64> {
+    let name = peer_name.split_once('@').map_or(peer_name, |(n, _)| n);
+    name.strip_prefix("node-")?.parse().ok()
+}
+
+impl Mesh {
+    /// Starts the node server on `config.listen` and this node's agent.
+    pub async fn start(config: MeshConfig, gateway: Gateway) -> Result<Self, MeshError> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.server_tls);
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.cookie,
+            mesh_name(config.node_id),
+            config.listen.ip().to_string(),
+            Some(IncomingEncryptionMode::Tls(acceptor)),
+            // Peers are dialled explicitly (over TLS); never auto-connect to advertised
+            // addresses, which ractor would do without TLS.
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip())
+        .with_max_inbound_frame_size(MAX_FRAME);
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| MeshError::Start(e.to_string()))?;
+        let (agent, _) = Actor::spawn(
+            None,
+            MeshAgent {
+                node_id: config.node_id,
+                region: config.region,
+                gateway,
+            },
+            (),
+        )
+        .await
+        .map_err(|e| MeshError::Start(e.to_string()))?;
+        Ok(Self {
+            node_id: config.node_id,
+            server,
+            agent,
+            client_tls: config.client_tls,
+        })
+    }
+
+    /// Dials node `peer` at `addr` over mutual TLS. The session authenticates in the
+    /// background; [`Mesh::connected`] lists it once it has.
+    pub async fn connect(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        server_name: ServerName<'static>,
+    ) -> Result<(), MeshError> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.client_tls));
+        ractor_cluster::client_connect_enc(&self.server, addr, connector, server_name)
+            .await
+            .map_err(|e| MeshError::Connect {
+                addr,
+                reason: format!("node {peer}: {e}"),
+            })
+    }
+
+    /// The names (`node-<id>@<host>`) of the peers with an authenticated session.
+    pub async fn connected(&self) -> Vec<String> {
+        let sessions = ractor::call_t!(self.server, NodeServerMessage::GetSessions, 2_000)
+            .unwrap_or_else(|_| HashMap::new());
+        sessions
+            .into_values()
+            .filter_map(|s| s.peer_name.map(|n| n.name))
+            .collect()
+    }
+
+    /// Asks every other node's agent to describe itself, through the mesh. An agent that does
+    /// not answer within `timeout` is reported with its error.
+    pub async fn describe_peers(&self, timeout: Duration) -> Vec<Result<NodeDescription, String>> {
+        let asker = mesh_name(self.node_id);
+        let remote = pg::get_members(&NODES_GROUP.to_owned())
+            .into_iter()
+            .filter(|cell| !cell.get_id().is_local());
+        let mut out = Vec::new();
+        for cell in remote {
+            let agent: ActorRef<MeshMsg> = cell.into();
+            let answer = agent
+                .call(
+                    |reply| MeshMsg::Describe(asker.clone(), reply),
+                    Some(timeout),
+                )
+                .await;
+            out.push(match answer {
+                Ok(ractor::rpc::CallResult::Success(json)) => {
+                    serde_json::from_str(&json).map_err(|e| format!("bad description: {e}"))
+                }
+                Ok(other) => Err(format!("no answer: {other:?}")),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        out
+    }
+
+    /// Stops the agent and the node server (closing every session).
+    pub fn stop(&self) {
+        self.agent.stop(None);
+        self.server.stop(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_names_give_node_ids() {
+        assert_eq!(peer_id("node-12@10.0.0.3"), Some(12));
+        assert_eq!(peer_id(&mesh_name(7)), Some(7));
+        assert_eq!(peer_id("other@host"), None);
+        assert_eq!(peer_id("node-x@host"), None);
+    }
+}
