@@ -1,15 +1,19 @@
 //! [`Gateway`]: what the node's edges (HTTP, gRPC, admin) call. It owns the actor tree and the
-//! read-only routing table built from configuration.
+//! read-only routing table built from configuration, and (in a node) holds the actors' view of
+//! the replicated state: [`Replicated`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, ProviderRecord};
 use meridian_proto::openai::{ChatRequest, RequestLimits};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::policy::{self, Load};
@@ -23,6 +27,31 @@ pub struct GatewayConfig {
     pub providers: Vec<ProviderSpec>,
     pub limits: RequestLimits,
     pub restart_budget: RestartBudget,
+    /// The replicated state; `None` runs the actors without a cluster (unit tests).
+    pub cluster: Option<Replicated>,
+}
+
+/// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
+pub trait Proposer: Send + Sync + 'static {
+    /// Resolves once the command is committed and applied, or with why it was not.
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>>;
+}
+
+/// The actors' view of the replicated state: they read the applied state from a `watch` (the
+/// hot path never waits on Raft) and change it only by proposing commands.
+#[derive(Clone)]
+pub struct Replicated {
+    pub node_id: NodeId,
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    pub proposer: Arc<dyn Proposer>,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A handle to the node's actors. Cheap to clone.
@@ -40,6 +69,9 @@ struct Inner {
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
     draining: AtomicBool,
+    cluster: Option<Replicated>,
+    /// Publishes this node's providers to the replicated registry until it succeeds.
+    publisher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -80,6 +112,12 @@ impl Gateway {
         .await?;
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
+        let publisher = config.cluster.as_ref().map(|c| {
+            tokio::spawn(publish_providers(
+                c.clone(),
+                registry_records(c.node_id, &providers),
+            ))
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 routes,
@@ -89,8 +127,18 @@ impl Gateway {
                 supervisor,
                 connections: connections.get_cell(),
                 draining: AtomicBool::new(false),
+                cluster: config.cluster,
+                publisher,
             }),
         })
+    }
+
+    /// The replicated state as last applied on this node (`None` without a cluster).
+    pub fn cluster_state(&self) -> Option<Arc<ClusterState>> {
+        self.inner
+            .cluster
+            .as_ref()
+            .map(|c| c.state.borrow().clone())
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -183,6 +231,9 @@ impl Gateway {
 
     /// Stops the actor tree (after the edges have drained).
     pub async fn stop(&self, timeout: Duration) {
+        if let Some(p) = &self.inner.publisher {
+            p.abort();
+        }
         let _ = self
             .inner
             .supervisor
@@ -198,5 +249,53 @@ impl Gateway {
             .iter()
             .find(|p| p.spec.id == id)
             .cloned()
+    }
+}
+
+/// This node's providers as registry records: ids are `<node id>/<provider id>`, so nodes that
+/// configure the same provider name never overwrite each other's records.
+fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRecord> {
+    providers
+        .iter()
+        .map(|p| ProviderRecord {
+            id: format!("{node}/{}", p.spec.id),
+            kind: p.spec.upstream.kind().into(),
+            region: p.spec.region.clone(),
+            base_url: p.spec.upstream.base_url().into(),
+            models: p.spec.models.iter().map(|m| m.name.clone()).collect(),
+            owner: node,
+            updated_at_unix_ms: 0,
+        })
+        .collect()
+}
+
+/// Records `records` in the replicated provider registry, retrying each until it commits (the
+/// cluster may still be electing its first leader).
+async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
+    for record in records {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let already = cluster
+                .state
+                .borrow()
+                .providers
+                .get(&record.id)
+                .is_some_and(|r| r.models == record.models && r.base_url == record.base_url);
+            if already {
+                break;
+            }
+            match cluster
+                .proposer
+                .propose(Command::UpsertProvider(record.clone()))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(provider = %record.id, error = %e, "registering a provider; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 }

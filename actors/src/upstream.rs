@@ -181,6 +181,14 @@ pub enum Upstream {
 }
 
 impl Upstream {
+    /// Where it is reached (`builtin:demo` for the demo model).
+    pub fn base_url(&self) -> &str {
+        match self {
+            Self::OpenAi(a) => a.base_url(),
+            Self::Demo(_) => "builtin:demo",
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::OpenAi(_) => "openai",

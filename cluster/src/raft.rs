@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
 use openraft::error::{
-    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    ChangeMembershipError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
     Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -270,6 +270,10 @@ pub struct ClusterStatus {
     /// On the leader: milliseconds since a quorum last acknowledged it (`None` elsewhere, or
     /// when no quorum has answered yet).
     pub millis_since_quorum_ack: Option<u64>,
+    /// Whether this node is in touch with a quorum: it follows a known leader, or it leads and
+    /// a quorum acknowledged it within two election timeouts. Without quorum the node keeps
+    /// serving from its last applied state, and writes wait or fail.
+    pub quorum: bool,
 }
 
 /// This node's Raft member.
@@ -492,10 +496,10 @@ impl ClusterNode {
                 if self.membership_node(*id).is_some() {
                     return Ok(Applied::Unchanged);
                 }
-                self.raft
-                    .add_learner(*id, BasicNode::new(raft_addr), false)
+                let node = BTreeMap::from([(*id, BasicNode::new(raft_addr))]);
+                self.change_membership(ChangeMembers::AddNodes(node))
                     .await
-                    .map(|_| Applied::Changed)
+                    .map(|()| Applied::Changed)
             }
             Forwarded::Promote { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
@@ -505,10 +509,9 @@ impl ClusterNode {
                 if m.membership().get_node(id).is_none() {
                     return Ok(Applied::NotFound);
                 }
-                self.raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])))
                     .await
-                    .map(|_| Applied::Changed)
+                    .map(|()| Applied::Changed)
             }
             Forwarded::Remove { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
@@ -519,7 +522,7 @@ impl ClusterNode {
                 } else {
                     return Ok(Applied::NotFound);
                 };
-                self.raft.change_membership(change, false).await?;
+                self.change_membership(change).await?;
                 let at_unix_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
@@ -531,6 +534,34 @@ impl ClusterNode {
                     })
                     .await?;
                 Ok(Applied::Changed)
+            }
+        }
+    }
+
+    /// Makes a membership change on this node (the leader) and waits until it is committed. A
+    /// change that arrives while another is still being committed waits for that one first
+    /// (up to two election timeouts). Removed voters do not stay on as learners.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, BasicNode>,
+    ) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        let deadline = tokio::time::Instant::now() + self.leader_wait;
+        loop {
+            match self.raft.change_membership(change.clone(), false).await {
+                Ok(resp) => {
+                    while self.committed.load(Ordering::Relaxed) <= resp.log_id.index
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    return Ok(());
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -560,6 +591,13 @@ impl ClusterNode {
             voters: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
+            quorum: match m.current_leader {
+                Some(l) if l == self.id => m
+                    .millis_since_quorum_ack
+                    .is_some_and(|ms| u128::from(ms) <= self.leader_wait.as_millis()),
+                Some(_) => true,
+                None => false,
+            },
         }
     }
 

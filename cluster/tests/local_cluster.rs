@@ -74,6 +74,25 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     .await;
     let failover = started.elapsed();
     println!("failover: new leader after {failover:?}");
+    // The cut-off leader notices it lost its quorum; the new leader has one.
+    let old = c.nodes.iter().find(|n| n.id == leader).unwrap();
+    wait_until(
+        "the isolated leader to report no quorum",
+        Duration::from_secs(10),
+        || !old.status().quorum,
+    )
+    .await;
+    wait_until(
+        "the new leader to report a quorum",
+        Duration::from_secs(10),
+        || {
+            survivors.iter().any(|n| {
+                let s = n.status();
+                s.leader == Some(s.id) && s.quorum
+            })
+        },
+    )
+    .await;
     assert_eq!(
         survivors[0].propose(member(8)).await.unwrap(),
         Applied::Changed

@@ -7,16 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use futures::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use meridian_actors::gateway::{Proposer, Replicated};
 use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, NoPeers};
-use meridian_proto::cluster::{Command, Member};
+use meridian_proto::cluster::{Applied, Command, Member};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -70,13 +72,6 @@ impl App {
             .iter()
             .map(|p| p.to_spec())
             .collect::<Result<Vec<_>, _>>()?;
-        let gateway = Gateway::start(GatewayConfig {
-            providers: specs,
-            limits: config.limits,
-            restart_budget: RestartBudget::default(),
-        })
-        .await
-        .map_err(|e| AppError::Actors(e.to_string()))?;
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -85,7 +80,35 @@ impl App {
         let http = bind("HTTP", config.http.listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
-        let (cluster, peering) = start_cluster(&config, http.local_addr().ok(), &gateway).await?;
+        let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
+        let gateway = Gateway::start(GatewayConfig {
+            providers: specs,
+            limits: config.limits,
+            restart_budget: RestartBudget::default(),
+            cluster: Some(Replicated {
+                node_id: config.node.id,
+                state: cluster.state(),
+                proposer: Arc::new(RaftProposer(cluster.clone())),
+            }),
+        })
+        .await
+        .map_err(|e| AppError::Actors(e.to_string()))?;
+        let peering = match (quic, &config.cluster) {
+            (Some((transport, mut tasks)), Some(peers)) => {
+                let mesh = Arc::new(start_mesh(&config, peers, &gateway).await?);
+                tasks.push(tokio::spawn(keep_mesh_connected(
+                    Arc::clone(&mesh),
+                    cluster.clone(),
+                    config.node.id,
+                )));
+                Some(Peering {
+                    transport,
+                    mesh,
+                    tasks,
+                })
+            }
+            _ => None,
+        };
         Ok(Self {
             config,
             gateway,
@@ -235,6 +258,9 @@ impl App {
     }
 }
 
+/// The QUIC endpoint and its tasks, before the mesh joins them.
+type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
+
 /// A multi-node member's links to its peers.
 struct Peering {
     transport: Arc<QuicTransport>,
@@ -256,8 +282,7 @@ struct Peering {
 async fn start_cluster(
     config: &Config,
     http_addr: Option<SocketAddr>,
-    gateway: &Gateway,
-) -> Result<(ClusterNode, Option<Peering>), AppError> {
+) -> Result<(ClusterNode, Quic), AppError> {
     let node = &config.node;
     let failed = |e: &dyn std::fmt::Display| {
         AppError::Cluster(format!("in {}: {e}", node.data_dir.display()))
@@ -308,7 +333,6 @@ async fn start_cluster(
     }
     me.raft_addr = peers.advertise.to_string();
     me.mesh_addr = peers.mesh_advertise.to_string();
-    let mesh = Arc::new(start_mesh(config, peers, gateway).await?);
     let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
         .map_err(|e| failed(&e))?;
@@ -331,19 +355,17 @@ async fn start_cluster(
             }
         }
     });
-    let dial = tokio::spawn(keep_mesh_connected(
-        Arc::clone(&mesh),
-        cluster.clone(),
-        node.id,
-    ));
-    Ok((
-        cluster,
-        Some(Peering {
-            transport,
-            mesh,
-            tasks: vec![server, register, dial],
-        }),
-    ))
+    Ok((cluster, Some((transport, vec![server, register]))))
+}
+
+/// The actors' proposer: the node's Raft member.
+struct RaftProposer(ClusterNode);
+
+impl Proposer for RaftProposer {
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>> {
+        let cluster = self.0.clone();
+        Box::pin(async move { cluster.propose(command).await.map_err(|e| e.to_string()) })
+    }
 }
 
 /// Joins the actor mesh on `cluster.mesh_listen`, with the node's cluster certificates.

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP/SSE edge (axum on hyper).
 //!
-//! `POST /v1/chat/completions` (stream and not), `GET /v1/models`, `/healthz`, `/readyz`.
+//! `POST /v1/chat/completions` (stream and not), `GET /v1/models`, `/healthz`, `/readyz`,
+//! `/metrics`.
 //! Every error is an OpenAI error body. The SSE body pulls the upstream stream directly, writes
 //! each chunk's JSON as it came, and puts every chunk that has already arrived into one write
 //! (never waiting for more), which is what keeps streaming through us close to a bare proxy.
@@ -45,6 +46,7 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             http_error(&ApiError::new(ErrorKind::NotFound, "unknown URL").with_code("unknown_url"))
         })
@@ -124,13 +126,25 @@ async fn models(State(st): State<Arc<HttpState>>) -> Response {
 
 /// Ready unless draining. Without a known Raft leader the node still serves from its last
 /// applied state, and says so under `cluster`.
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&st.gateway, &st.cluster),
+    )
+        .into_response()
+}
+
+/// Ready while not draining. Without quorum the node stays ready (it serves from its last
+/// applied state) and says so under `cluster`.
 async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
     let c = st.cluster.status();
     let cluster = json!({
         "leader": c.leader,
         "term": c.term,
+        "commit_index": c.commit_index,
         "applied_index": c.applied_index,
-        "quorum": if c.leader.is_some() { "ok" } else { "no_leader" },
+        "quorum": if c.quorum { "ok" } else { "lost" },
+        "state": if c.quorum { "current" } else { "serving from the last applied state; writes wait for a quorum" },
     });
     if st.gateway.is_draining() {
         return (

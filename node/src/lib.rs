@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod respond;
 
 pub use app::{App, AppError};

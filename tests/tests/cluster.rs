@@ -229,6 +229,22 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         )
         .await;
     }
+    // Each node's actors registered its providers in the replicated registry, through the
+    // proposer they were given; every node reads all of them from its applied state.
+    h.wait_for("every node's providers in every registry", T, || async {
+        for id in [1, 2, 3] {
+            let state = h.cli(id, &["cluster", "state"]);
+            let state: serde_json::Value = serde_json::from_str(&state).ok()?;
+            for owner in [1, 2, 3] {
+                let record = &state["providers"][format!("{owner}/demo")];
+                if record["owner"] != owner || record["models"][0] != "demo" {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .await;
     let out = h.cli(2, &["cluster", "mesh"]);
     assert!(
         out.contains("node 1 region r1 answered via the mesh"),
@@ -253,6 +269,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         providers: Vec::new(),
         limits: meridian_proto::openai::RequestLimits::default(),
         restart_budget: meridian_actors::RestartBudget::default(),
+        cluster: None,
     })
     .await
     .unwrap();

@@ -463,10 +463,29 @@ async fn models_health_and_readiness() {
     assert_eq!(resp.status(), 200);
     let resp = client().get(n.url("/readyz")).send().await.expect("sent");
     assert_eq!(resp.status(), 200);
+    let ready: Value = resp.json().await.expect("json");
+    assert_eq!(ready["cluster"]["quorum"], "ok", "{ready}");
     // An alias reaches the upstream under the upstream's own name.
     let resp = post(&n, chat_body("alias", false, "")).await;
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["model"], "mock");
+    // Metrics: cluster health and the provider's counters, in Prometheus text format.
+    let resp = client().get(n.url("/metrics")).send().await.expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()[http::header::CONTENT_TYPE]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/plain"))
+    );
+    let text = resp.text().await.expect("text");
+    for line in [
+        "meridian_cluster_quorum 1",
+        "meridian_cluster_is_leader 1",
+        "meridian_cluster_members 1",
+        "meridian_provider_requests_total{provider=\"mock\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
 }
 
 #[tokio::test]

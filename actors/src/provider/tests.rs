@@ -36,6 +36,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         providers: vec![spec],
         limits: RequestLimits::default(),
         restart_budget: RestartBudget::default(),
+        cluster: None,
     })
     .await
     .expect("gateway starts")

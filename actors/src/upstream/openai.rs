@@ -33,6 +33,7 @@ const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
 #[derive(Clone)]
 pub struct OpenAiAdapter {
     pool: Arc<Pool>,
+    base_url: Arc<str>,
     /// Path and query of the chat-completions endpoint (`/v1/chat/completions`).
     path: Arc<str>,
     /// `Bearer <key>`, marked sensitive so it is never logged.
@@ -50,6 +51,11 @@ impl std::fmt::Debug for OpenAiAdapter {
 }
 
 impl OpenAiAdapter {
+    /// The API root it was made with.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     /// `base_url` is the API root that ends in `/v1` (e.g. `http://127.0.0.1:8000/v1`).
     pub fn new(
         base_url: &str,
@@ -72,6 +78,7 @@ impl OpenAiAdapter {
         };
         Ok(Self {
             pool: Arc::new(pool),
+            base_url: base_url.into(),
             path: path.into(),
             auth,
         })

@@ -1,0 +1,147 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4) of the node's cluster health and
+//! its providers' load. Rendered on request from the live counters; nothing is kept here.
+
+use std::fmt::Write;
+
+use meridian_actors::Gateway;
+use meridian_cluster::raft::ClusterNode;
+
+/// The exposition text.
+pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
+    let mut out = String::with_capacity(4096);
+    let c = cluster.status();
+    let members = cluster.state().borrow().members.len();
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        &mut out,
+        "meridian_cluster_quorum",
+        "1 while this node is in touch with a quorum; 0: serving from its last applied state",
+        u64::from(c.quorum),
+    );
+    gauge(
+        &mut out,
+        "meridian_cluster_is_leader",
+        "1 on the Raft leader",
+        u64::from(c.leader == Some(c.id)),
+    );
+    gauge(
+        &mut out,
+        "meridian_cluster_leader_id",
+        "The leader's node id as this node knows it (0: none known)",
+        c.leader.unwrap_or(0),
+    );
+    gauge(
+        &mut out,
+        "meridian_cluster_term",
+        "The current Raft term",
+        c.term,
+    );
+    for (name, help, value) in [
+        (
+            "meridian_cluster_last_log_index",
+            "Last entry in this node's log",
+            c.last_log_index,
+        ),
+        (
+            "meridian_cluster_commit_index",
+            "Committed, as this node knows it",
+            c.commit_index,
+        ),
+        (
+            "meridian_cluster_applied_index",
+            "Applied to the replicated state",
+            c.applied_index,
+        ),
+        (
+            "meridian_cluster_snapshot_index",
+            "Covered by the latest snapshot",
+            c.snapshot_index,
+        ),
+    ] {
+        gauge(&mut out, name, help, value.unwrap_or(0));
+    }
+    gauge(
+        &mut out,
+        "meridian_cluster_voters",
+        "Voters in the membership",
+        c.voters.len() as u64,
+    );
+    gauge(
+        &mut out,
+        "meridian_cluster_learners",
+        "Learners in the membership",
+        c.learners.len() as u64,
+    );
+    gauge(
+        &mut out,
+        "meridian_cluster_members",
+        "Nodes in the replicated member table",
+        members as u64,
+    );
+
+    let providers = gateway.providers();
+    let family =
+        |out: &mut String, name: &str, kind: &str, help: &str, values: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (id, v) in values {
+                let _ = writeln!(out, "{name}{{provider=\"{}\"}} {v}", escape(id));
+            }
+        };
+    let per = |f: &dyn Fn(&meridian_actors::ProviderStatus) -> u64| -> Vec<(String, u64)> {
+        providers.iter().map(|p| (p.id.clone(), f(p))).collect()
+    };
+    family(
+        &mut out,
+        "meridian_provider_in_flight",
+        "gauge",
+        "Requests being served",
+        &per(&|p| u64::from(p.in_flight)),
+    );
+    family(
+        &mut out,
+        "meridian_provider_queued",
+        "gauge",
+        "Requests waiting for a slot",
+        &per(&|p| u64::from(p.queued)),
+    );
+    family(
+        &mut out,
+        "meridian_provider_requests_total",
+        "counter",
+        "Requests handed to the provider",
+        &per(&|p| p.requests_total),
+    );
+    family(
+        &mut out,
+        "meridian_provider_failures_total",
+        "counter",
+        "Requests that failed upstream",
+        &per(&|p| p.failures_total),
+    );
+    family(
+        &mut out,
+        "meridian_provider_restarts_total",
+        "counter",
+        "Supervisor restarts of the provider's actor",
+        &per(&|p| p.restarts),
+    );
+    gauge(
+        &mut out,
+        "meridian_draining",
+        "1 once shutdown has begun",
+        u64::from(gateway.is_draining()),
+    );
+    out
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
