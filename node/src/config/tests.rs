@@ -160,3 +160,48 @@ fn durations_parse() {
     assert!(parse_duration("10").is_err());
     assert!(parse_duration("10d").is_err());
 }
+
+#[test]
+fn joining_nodes_need_a_reachable_address_and_mesh_settings_are_checked() {
+    let text = r#"
+[cluster]
+join = true
+listen = "0.0.0.0:7000"
+certs_dir = "/nonexistent"
+mesh_cookie_env = "MESH_COOKIE"
+"#;
+    let err = load(Some(text), &env(&[("MESH_COOKIE", "short")])).expect_err("invalid");
+    let got = paths(&err);
+    for want in [
+        "cluster.listen",
+        "cluster.certs_dir",
+        "cluster.mesh_cookie_env",
+    ] {
+        assert!(got.contains(&want), "missing {want} in {got:?}");
+    }
+
+    let certs = tempfile::tempdir().expect("tempdir");
+    for f in ["ca.crt", "node-1.crt", "node-1.key"] {
+        std::fs::write(certs.path().join(f), "x").expect("write");
+    }
+    let text = format!(
+        "[cluster]\njoin = true\nlisten = \"0.0.0.0:7000\"\nadvertise = \"10.0.0.4:7000\"\n\
+         certs_dir = {:?}\nmesh_cookie_env = \"MESH_COOKIE\"\n\
+         [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+        certs.path()
+    );
+    let c = load(
+        Some(&text),
+        &env(&[("MESH_COOKIE", "a-long-enough-shared-secret")]),
+    )
+    .expect("valid");
+    let peers = c.cluster.expect("a multi-node member");
+    assert!(peers.join && peers.peers.is_empty());
+    assert_eq!(peers.advertise.to_string(), "10.0.0.4:7000");
+    assert_eq!(peers.mesh_listen.to_string(), "0.0.0.0:7001");
+    assert_eq!(peers.mesh_advertise.to_string(), "10.0.0.4:7001");
+    assert_eq!(
+        peers.mesh_cookie.as_deref(),
+        Some("a-long-enough-shared-secret")
+    );
+}
