@@ -35,6 +35,8 @@ const MAX_BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: RequestId,
+    /// Who sent it (`None` when authentication is off).
+    pub principal: Option<crate::auth::Principal>,
     /// The client's own deadline, if it gave one.
     pub deadline: Option<Instant>,
 }

@@ -15,6 +15,7 @@ use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::{self, Principal};
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::policy::{self, Load};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
@@ -29,6 +30,8 @@ pub struct GatewayConfig {
     pub restart_budget: RestartBudget,
     /// The replicated state; `None` runs the actors without a cluster (unit tests).
     pub cluster: Option<Replicated>,
+    /// Whether requests must authenticate (an API key from the replicated key table).
+    pub auth: bool,
 }
 
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
@@ -70,6 +73,7 @@ struct Inner {
     connections: ActorCell,
     draining: AtomicBool,
     cluster: Option<Replicated>,
+    auth: bool,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -128,9 +132,30 @@ impl Gateway {
                 connections: connections.get_cell(),
                 draining: AtomicBool::new(false),
                 cluster: config.cluster,
+                auth: config.auth,
                 publisher,
             }),
         })
+    }
+
+    /// Who the request is from: `Ok(None)` when authentication is off, else the key's tenant or
+    /// a 401 that says what is wrong. Reads the applied key table; never waits on Raft.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        x_api_key: Option<&str>,
+    ) -> Result<Option<Principal>, ApiError> {
+        if !self.inner.auth {
+            return Ok(None);
+        }
+        let Some(cluster) = &self.inner.cluster else {
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                "authentication is on but this node has no key table",
+            ));
+        };
+        let presented = auth::bearer(authorization, x_api_key);
+        auth::authenticate_key(&cluster.state.borrow(), presented.as_deref()).map(Some)
     }
 
     /// The replicated state as last applied on this node (`None` without a cluster).

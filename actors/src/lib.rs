@@ -21,6 +21,7 @@
 //!
 //! This crate never knows about HTTP listeners or the cluster: the node wires it up.
 
+pub mod auth;
 pub mod connection;
 pub mod gateway;
 pub mod mesh;

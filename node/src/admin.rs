@@ -1,6 +1,6 @@
 //! The admin gRPC service (its own port): node, providers, cluster status and state, membership,
-//! tiers and tenants. Bind it to an interface only operators reach: admin authentication (token
-//! or mTLS) is not built yet.
+//! tiers and tenants, API keys. Every call needs the admin token (`authorization: Bearer …`,
+//! checked by the interceptor in `app.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use meridian_actors::mesh::Mesh;
 
 use meridian_actors::Gateway;
+use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
-use meridian_proto::cluster::{Applied, Command, Tenant, Tier};
+use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Tenant, Tier};
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
@@ -237,6 +238,73 @@ impl Admin for AdminService {
         changed(
             self.cluster.propose(Command::UpsertTenant(tenant)).await,
             || format!("tier {tier:?}"),
+        )
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let r = req.into_inner();
+        if let Some(why) = invalid_name(&r.tenant) {
+            return Err(field("tenant", &why));
+        }
+        if r.label.len() > 200 {
+            return Err(field("label", "must be at most 200 bytes"));
+        }
+        let key = auth::generate_key().map_err(Status::internal)?;
+        let record = ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: r.tenant.clone(),
+            sha256_hex: key.sha256_hex.clone(),
+            label: r.label,
+            created_at_unix_ms: 0,
+            revoked_at_unix_ms: None,
+        };
+        let outcome = self.cluster.propose(Command::CreateApiKey(record)).await;
+        match changed(outcome, || format!("tenant {:?}", r.tenant))?.into_inner() {
+            pb::ChangeResponse { changed: true } => Ok(Response::new(pb::CreateApiKeyResponse {
+                key_id: key.id.clone(),
+                secret: key.secret.clone(),
+            })),
+            // 48 random bits collided with an existing id: vanishingly rare, and safe to retry.
+            pb::ChangeResponse { changed: false } => Err(Status::aborted(
+                "the new key's id is already taken; create it again",
+            )),
+        }
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let tenant = req.into_inner().tenant;
+        let state = self.cluster.state().borrow().clone();
+        let keys = state
+            .api_keys
+            .values()
+            .filter(|k| tenant.is_empty() || k.tenant == tenant)
+            .map(|k| pb::ApiKeyInfo {
+                key_id: k.id.clone(),
+                tenant: k.tenant.clone(),
+                label: k.label.clone(),
+                created_at_unix_ms: k.created_at_unix_ms,
+                revoked_at_unix_ms: k.revoked_at_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListApiKeysResponse { keys }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let id = req.into_inner().key_id;
+        changed(
+            self.cluster
+                .propose(Command::RevokeApiKey { id: id.clone() })
+                .await,
+            || format!("key {id:?}"),
         )
     }
 

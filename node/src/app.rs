@@ -2,7 +2,9 @@
 //! [`Config`]. `main` and the integration tests run the same `App`.
 
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,13 +14,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use meridian_actors::auth;
 use meridian_actors::gateway::{Proposer, Replicated};
 use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, NoPeers};
-use meridian_proto::cluster::{Applied, Command, Member};
+use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Limits, Member, Tenant, Tier};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -53,6 +56,10 @@ pub enum AppError {
 
 pub struct App {
     config: Config,
+    /// What the admin API requires as `authorization: Bearer …`.
+    admin_token: Arc<str>,
+    /// Secrets made at this start, to show once: a new admin token, a development API key.
+    first_start: FirstStart,
     gateway: Gateway,
     cluster: ClusterNode,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
@@ -85,6 +92,7 @@ impl App {
             providers: specs,
             limits: config.limits,
             restart_budget: RestartBudget::default(),
+            auth: config.auth.enabled,
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),
@@ -109,8 +117,19 @@ impl App {
             }
             _ => None,
         };
+        let (admin_token, new_admin_token) = admin_token(&config)?;
+        let dev_key = if config.auth.enabled && config.auth.dev_key && config.cluster.is_none() {
+            bootstrap_dev_key(&cluster).await?
+        } else {
+            None
+        };
         Ok(Self {
             config,
+            admin_token: admin_token.into(),
+            first_start: FirstStart {
+                admin_token: new_admin_token,
+                dev_key,
+            },
             gateway,
             cluster,
             peering,
@@ -131,6 +150,16 @@ impl App {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// Secrets made at this start, to show the operator once.
+    pub fn first_start(&self) -> &FirstStart {
+        &self.first_start
+    }
+
+    /// The token the admin API requires.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -180,16 +209,19 @@ impl App {
             );
         let admin = tonic::transport::Server::builder()
             .add_service(reflection(pb::ADMIN_DESCRIPTOR_SET)?)
-            .add_service(pb::admin::admin_server::AdminServer::new(AdminService {
-                gateway: self.gateway.clone(),
-                cluster: self.cluster.clone(),
-                node_id: self.config.node.id,
-                region: self.config.node.region.clone(),
-                started: self.started,
-                http_addr: http_addr.to_string(),
-                grpc_addr: grpc_addr.to_string(),
-                mesh: self.peering.as_ref().map(|p| Arc::clone(&p.mesh)),
-            }))
+            .add_service(pb::admin::admin_server::AdminServer::with_interceptor(
+                AdminService {
+                    gateway: self.gateway.clone(),
+                    cluster: self.cluster.clone(),
+                    node_id: self.config.node.id,
+                    region: self.config.node.region.clone(),
+                    started: self.started,
+                    http_addr: http_addr.to_string(),
+                    grpc_addr: grpc_addr.to_string(),
+                    mesh: self.peering.as_ref().map(|p| Arc::clone(&p.mesh)),
+                },
+                admin_auth(Arc::clone(&self.admin_token)),
+            ))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.admin).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
@@ -256,6 +288,100 @@ impl App {
             _ => Ok(()),
         }
     }
+}
+
+/// Secrets made at this start (`None` when they already existed).
+#[derive(Debug, Default)]
+pub struct FirstStart {
+    /// A new admin token (also saved in `<data_dir>/admin.token`).
+    pub admin_token: Option<String>,
+    /// A development API key for tenant `dev` (never stored; shown once).
+    pub dev_key: Option<String>,
+}
+
+/// The admin token: `admin.token_env` if set, else `<data_dir>/admin.token`, made (readable by
+/// this user only) on first start. Returns the token and, if it was just made, a copy to show.
+fn admin_token(config: &Config) -> Result<(String, Option<String>), AppError> {
+    if let Some(t) = &config.admin_token {
+        return Ok((t.expose().to_owned(), None));
+    }
+    let path = config.node.data_dir.join("admin.token");
+    let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_owned(), None)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(&e)),
+    }
+    let token = auth::random_token(32).map_err(|e| failed(&e))?;
+    std::fs::create_dir_all(&config.node.data_dir).map_err(|e| failed(&e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| failed(&e))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| failed(&e))?;
+    Ok((token.clone(), Some(token)))
+}
+
+/// The admin API's gate: `authorization: Bearer <admin token>`, compared in constant time.
+fn admin_auth(
+    token: Arc<str>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| auth::bearer(Some(v), None));
+        match presented {
+            None => Err(tonic::Status::unauthenticated(
+                "the admin API needs `authorization: Bearer <admin token>` (see admin.token_env or <data_dir>/admin.token)",
+            )),
+            Some(t) if auth::constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(_) => Err(tonic::Status::unauthenticated("the admin token is wrong")),
+        }
+    }
+}
+
+/// On a fresh single-node cluster with no API keys: tier and tenant `dev` (no limits) and a key
+/// for it, returned to be shown once.
+async fn bootstrap_dev_key(cluster: &ClusterNode) -> Result<Option<String>, AppError> {
+    if !cluster.state().borrow().api_keys.is_empty() {
+        return Ok(None);
+    }
+    let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("development key: {e}"));
+    let key = auth::generate_key().map_err(|e| failed(&e))?;
+    let commands = vec![
+        Command::UpsertTier(Tier {
+            name: "dev".into(),
+            limits: Limits::default(),
+        }),
+        Command::UpsertTenant(Tenant {
+            id: "dev".into(),
+            tier: "dev".into(),
+            overrides: Limits::default(),
+            created_at_unix_ms: 0,
+            updated_at_unix_ms: 0,
+        }),
+        Command::CreateApiKey(ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: "dev".into(),
+            sha256_hex: key.sha256_hex.clone(),
+            label: "development key made on first start".into(),
+            created_at_unix_ms: 0,
+            revoked_at_unix_ms: None,
+        }),
+    ];
+    cluster
+        .propose(Command::Batch { commands })
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(Some(key.secret))
 }
 
 /// The QUIC endpoint and its tasks, before the mesh joins them.
@@ -378,7 +504,7 @@ async fn start_mesh(
     let (server_tls, client_tls) =
         certs::mtls_configs(&peers.certs_dir, config.node.id).map_err(|e| failed(&e))?;
     let cookie = match &peers.mesh_cookie {
-        Some(c) => c.clone(),
+        Some(c) => c.expose().to_owned(),
         None => {
             // Not a secret (anyone with the CA certificate can compute it): mutual TLS is what
             // keeps strangers out; `cluster.mesh_cookie_env` adds a real shared secret.

@@ -34,7 +34,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub grpc: RawListen,
     #[serde(default)]
-    pub admin: RawListen,
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub auth: RawAuth,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -97,6 +99,25 @@ pub struct RawListen {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    /// The environment variable holding the admin token; without it the node makes one in
+    /// `<data_dir>/admin.token` on first start.
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Requests must carry an API key (default true).
+    pub enabled: Option<bool>,
+    /// On a fresh single-node cluster, create tenant `dev` and print an API key for it
+    /// (default true).
+    pub dev_key: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_messages: Option<i64>,
     pub max_output_tokens: Option<i64>,
@@ -140,12 +161,21 @@ pub struct Config {
     pub http: HttpConfig,
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The admin token from `admin.token_env`; `None`: `<data_dir>/admin.token`.
+    pub admin_token: Option<Secret>,
+    pub auth: AuthConfig,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub raft: RaftTimings,
     /// Set when the node has peers; `None` runs a single-node cluster.
     pub cluster: Option<ClusterPeers>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    pub dev_key: bool,
 }
 
 /// A multi-node cluster's wiring.
@@ -163,7 +193,7 @@ pub struct ClusterPeers {
     pub mesh_listen: SocketAddr,
     pub mesh_advertise: SocketAddr,
     /// From `mesh_cookie_env`; `None`: derived from the CA certificate (not a secret).
-    pub mesh_cookie: Option<String>,
+    pub mesh_cookie: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -651,7 +681,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         let mesh_cookie = match &c.mesh_cookie_env {
             None => None,
             Some(var) => match env.get(var) {
-                Some(v) if v.len() >= 16 => Some(v),
+                Some(v) if v.len() >= 16 => Some(Secret(v)),
                 Some(_) => {
                     e.push(
                         "cluster.mesh_cookie_env",
@@ -716,6 +746,27 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         raw.admin.listen.as_ref(),
         "127.0.0.1:50052",
     );
+    let admin_token = match &raw.admin.token_env {
+        None => None,
+        Some(var) => match env.get(var) {
+            Some(v) if v.len() >= 32 => Some(Secret(v)),
+            Some(_) => {
+                e.push(
+                    "admin.token_env",
+                    format!("${var} must hold at least 32 characters"),
+                );
+                None
+            }
+            None => {
+                e.push("admin.token_env", format!("${var} is not set"));
+                None
+            }
+        },
+    };
+    let auth = AuthConfig {
+        enabled: raw.auth.enabled.unwrap_or(true),
+        dev_key: raw.auth.dev_key.unwrap_or(true),
+    };
     let mut seen = HashSet::new();
     for (path, a) in [
         ("http.listen", http.listen),
@@ -911,6 +962,8 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         http,
         grpc_listen,
         admin_listen,
+        admin_token,
+        auth,
         limits,
         drain_timeout,
         providers,

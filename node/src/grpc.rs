@@ -4,6 +4,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+use meridian_actors::auth::Principal;
 use meridian_actors::{ChatReply, Gateway, RequestContext, StreamEnd};
 use meridian_proto::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
@@ -31,6 +32,7 @@ impl InferenceService {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok()),
         );
+        let principal = self.authenticate(req.metadata())?;
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -43,9 +45,18 @@ impl InferenceService {
             ChatRequest::from_params(params, self.gateway.limits()).map_err(|e| grpc_status(&e))?;
         let ctx = RequestContext {
             request_id,
+            principal,
             deadline: None,
         };
         Ok((chat, ctx))
+    }
+
+    /// The caller, from the `authorization` (`Bearer …`) or `x-api-key` metadata.
+    fn authenticate(&self, md: &tonic::metadata::MetadataMap) -> Result<Option<Principal>, Status> {
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok());
+        self.gateway
+            .authenticate(get("authorization"), get("x-api-key"))
+            .map_err(|e| grpc_status(&e))
     }
 }
 
@@ -126,8 +137,9 @@ impl Inference for InferenceService {
 
     async fn list_models(
         &self,
-        _req: Request<pb::ListModelsRequest>,
+        req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.authenticate(req.metadata())?;
         let models = self
             .gateway
             .models()

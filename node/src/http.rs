@@ -22,6 +22,7 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use meridian_actors::auth::Principal;
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -70,10 +71,12 @@ async fn chat(
     let request_id =
         RequestId::from_client(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
     let result = async {
+        let principal = authenticate(&st.gateway, &headers)?;
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
         let ctx = RequestContext {
             request_id: request_id.clone(),
+            principal,
             deadline: None,
         };
         st.gateway.chat(request, ctx).await
@@ -114,7 +117,19 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
-async fn models(State(st): State<Arc<HttpState>>) -> Response {
+/// The caller, from `Authorization: Bearer …` or `X-API-Key`.
+fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
+    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    gateway.authenticate(
+        header(header::AUTHORIZATION),
+        header(header::HeaderName::from_static("x-api-key")),
+    )
+}
+
+async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(&st.gateway, &headers) {
+        return http_error(&e);
+    }
     let data: Vec<_> = st
         .gateway
         .models()

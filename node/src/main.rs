@@ -47,6 +47,12 @@ enum Command {
     Admin {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
+        /// The admin token (default: read from --token-file).
+        #[arg(long, env = "MERIDIAN_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The node's token file, when --token is not given.
+        #[arg(long, default_value = "./meridian-data/admin.token")]
+        token_file: PathBuf,
         #[command(subcommand)]
         command: AdminCommand,
     },
@@ -91,6 +97,28 @@ enum AdminCommand {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key for TENANT; the key is printed this once.
+    Create {
+        tenant: String,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List keys (ids only, never secrets).
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Revoke a key by id: refused on every node once applied.
+    Revoke { key_id: String },
 }
 
 #[derive(Subcommand)]
@@ -232,7 +260,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Admin { addr, command } => admin(addr, command).await,
+        Command::Admin {
+            addr,
+            token,
+            token_file,
+            command,
+        } => admin(addr, token, token_file, command).await,
     }
 }
 
@@ -245,6 +278,24 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     let config = config::load(text.as_deref(), &ProcessEnv)?;
     let app = App::build(config).await?;
+    // Secrets made at this start come first, then the readiness line (scripts read the bound
+    // addresses from it, and may stop reading there).
+    let first = app.first_start();
+    if let Some(token) = &first.admin_token {
+        println!("admin token (saved in the data directory as admin.token): {token}");
+    }
+    if let Some(key) = &first.dev_key {
+        println!(
+            "development API key for tenant `dev` (shown once, not stored): {key}\n  try: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \
+             -H 'authorization: Bearer {key}' \
+             -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+            app.http_addr()
+        );
+    } else if path.is_none() {
+        println!(
+            "requests need an API key: `meridian admin key create dev` makes one (the development key was shown on first start)"
+        );
+    }
     // The readiness line: tests and scripts read the bound addresses from it.
     println!(
         "meridian ready http={} grpc={} admin={}",
@@ -252,13 +303,6 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         app.grpc_addr(),
         app.admin_addr()
     );
-    if path.is_none() {
-        println!(
-            "embedded default: try\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \
-             -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
-            app.http_addr()
-        );
-    }
     app.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -278,10 +322,35 @@ async fn shutdown_signal() {
     }
 }
 
-async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
-    let mut client = AdminClient::connect(addr.clone())
+async fn admin(
+    addr: String,
+    token: Option<String>,
+    token_file: PathBuf,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    let token = match token {
+        Some(t) => t,
+        None => std::fs::read_to_string(&token_file)
+            .map(|t| t.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "no admin token: pass --token, set MERIDIAN_ADMIN_TOKEN, or point --token-file at the node's admin.token (tried {})",
+                    token_file.display()
+                )
+            })?,
+    };
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token has characters not allowed in a header")?;
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("{addr} is not a URL"))?
+        .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
     match command {
         AdminCommand::Status => {
             let s = client.node_status(NodeStatusRequest {}).await?.into_inner();
@@ -391,6 +460,48 @@ async fn admin(addr: String, command: AdminCommand) -> anyhow::Result<()> {
                 .await?;
             print_change(r.into_inner(), &format!("tier {name} saved"));
         }
+        AdminCommand::Key { command } => match command {
+            KeyCommand::Create { tenant, label } => {
+                let k = client
+                    .create_api_key(admin_pb::CreateApiKeyRequest {
+                        tenant: tenant.clone(),
+                        label,
+                    })
+                    .await?
+                    .into_inner();
+                println!(
+                    "key {} for tenant {tenant} (shown once):\n{}",
+                    k.key_id, k.secret
+                );
+            }
+            KeyCommand::List { tenant } => {
+                let l = client
+                    .list_api_keys(admin_pb::ListApiKeysRequest { tenant })
+                    .await?
+                    .into_inner();
+                for k in l.keys {
+                    println!(
+                        "{}  tenant {:<20} {}{}",
+                        k.key_id,
+                        k.tenant,
+                        if k.revoked_at_unix_ms.is_some() {
+                            "revoked "
+                        } else {
+                            "active  "
+                        },
+                        k.label
+                    );
+                }
+            }
+            KeyCommand::Revoke { key_id } => {
+                let r = client
+                    .revoke_api_key(admin_pb::RevokeApiKeyRequest {
+                        key_id: key_id.clone(),
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("key {key_id} revoked"));
+            }
+        },
         AdminCommand::Tenant { command } => match command {
             TenantCommand::Put {
                 id,

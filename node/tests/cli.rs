@@ -24,20 +24,69 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
             .env_remove("OPENAI_API_KEY"),
     );
     let http = started.addr("http");
+    let admin = format!("http://{}", started.addr("admin"));
+    // First start: an admin token (saved, owner-only) and a development API key, shown once.
+    let key = started.dev_key().expect("a development key on first start");
+    assert!(
+        started
+            .preamble
+            .iter()
+            .any(|l| l.starts_with("admin token")),
+        "{:?}",
+        started.preamble
+    );
+    let token_file = data.path().join("admin.token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file)
+            .expect("admin.token")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the admin token is readable by its owner only"
+        );
+    }
     let mut child = started.child;
 
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = TcpStream::connect(http).expect("connect");
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    conn.read_to_string(&mut resp).expect("read");
+    let post = |auth: &str| {
+        let mut conn = TcpStream::connect(&http).expect("connect");
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("read");
+        resp
+    };
+    let resp = post("");
+    assert!(
+        resp.starts_with("HTTP/1.1 401"),
+        "auth is on by default: {resp}"
+    );
+    let resp = post(&format!("Authorization: Bearer {key}\r\n"));
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("built-in demo model"), "{resp}");
+
+    // The admin CLI finds the token in the data directory.
+    let out = Command::new(BIN)
+        .args(["admin", "--addr", &admin])
+        .arg("--token-file")
+        .arg(&token_file)
+        .args(["key", "list"])
+        .env_remove("MERIDIAN_ADMIN_TOKEN")
+        .output()
+        .expect("admin cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tenant dev"));
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -53,6 +102,25 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // A second start on the same data shows no secret again.
+    let mut again = common::start(
+        Command::new(BIN)
+            .arg("serve")
+            .env("MERIDIAN_NODE__DATA_DIR", data.path())
+            .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
+            .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
+            .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
+            .env_remove("OPENAI_API_KEY"),
+    );
+    assert_eq!(again.dev_key(), None);
+    assert!(
+        !again.preamble.iter().any(|l| l.starts_with("admin token")),
+        "{:?}",
+        again.preamble
+    );
+    let _ = again.child.kill();
+    let _ = again.child.wait();
 }
 
 #[test]

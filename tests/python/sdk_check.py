@@ -1,6 +1,6 @@
 """Drives a Meridian node with the official `openai` Python SDK.
 
-Usage: sdk_check.py BASE_URL MODEL
+Usage: sdk_check.py BASE_URL MODEL API_KEY
 Prints one JSON object with what the SDK parsed; exits non-zero if the SDK raised.
 """
 
@@ -11,8 +11,8 @@ from openai import OpenAI
 
 
 def main() -> None:
-    base_url, model = sys.argv[1], sys.argv[2]
-    client = OpenAI(base_url=base_url, api_key="unused-by-this-node", max_retries=0)
+    base_url, model, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
+    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
     unary = client.chat.completions.create(
         model=model,

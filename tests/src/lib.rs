@@ -13,9 +13,12 @@ use meridian_actors::Gateway;
 use meridian_actors::upstream::sse::{SseEvent, SseParser};
 use meridian_node::config;
 use meridian_node::{App, AppError};
+use meridian_proto::pb::admin::admin_client::AdminClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// A node running in this process on loopback ports picked by the OS.
 pub struct TestNode {
@@ -25,6 +28,10 @@ pub struct TestNode {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub gateway: Gateway,
+    /// The development API key the node made on first start (`None` with auth off).
+    pub api_key: Option<String>,
+    /// What the admin API requires.
+    pub admin_token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), AppError>>>,
 }
@@ -69,6 +76,8 @@ impl TestNode {
         let (stop, stopped) = oneshot::channel::<()>();
         let (http, grpc, admin) = (app.http_addr(), app.grpc_addr(), app.admin_addr());
         let gateway = app.gateway().clone();
+        let api_key = app.first_start().dev_key.clone();
+        let admin_token = app.admin_token().to_owned();
         let task = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
@@ -78,6 +87,8 @@ impl TestNode {
             grpc,
             admin,
             gateway,
+            api_key,
+            admin_token,
             stop: Some(stop),
             task: Some(task),
         })
@@ -85,6 +96,40 @@ impl TestNode {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    /// An HTTP client that sends this node's development API key on every request.
+    pub fn client(&self) -> reqwest::Client {
+        let mut headers = http::HeaderMap::new();
+        if let Some(key) = &self.api_key
+            && let Ok(v) = format!("Bearer {key}").parse()
+        {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap_or_default()
+    }
+
+    /// Sends this node's development API key on gRPC calls (nothing with auth off).
+    pub fn key_bearer(&self) -> Bearer {
+        Bearer::new(self.api_key.as_deref())
+    }
+
+    /// Sends this node's admin token on admin API calls.
+    pub fn admin_bearer(&self) -> Bearer {
+        Bearer::new(Some(&self.admin_token))
+    }
+
+    /// An admin API client that sends the admin token.
+    pub async fn admin_client(
+        &self,
+    ) -> anyhow::Result<AdminClient<InterceptedService<Channel, Bearer>>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin))?
+            .connect()
+            .await?;
+        Ok(AdminClient::with_interceptor(channel, self.admin_bearer()))
     }
 
     /// Begins graceful shutdown; the returned handle resolves when the node has drained.
@@ -103,6 +148,26 @@ impl Drop for TestNode {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A gRPC interceptor that adds `authorization: Bearer <token>` to every call (nothing when
+/// there is no token, or it cannot be a header).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
     }
 }
 

@@ -22,13 +22,20 @@ use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_proto::pb::admin::{
     self as pb, ClusterStatusRequest, ClusterStatusResponse, ListTenantsRequest,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use crate::Bearer;
 
 /// The fixed ports of every node (each node has its own IP).
 const QUIC_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 const ADMIN_PORT: u16 = 9091;
+
+/// The admin token every node of a harness accepts (through `admin.token_env`).
+const ADMIN_TOKEN: &str = "harness-admin-token-0123456789abcdef";
+const ADMIN_TOKEN_ENV: &str = "MERIDIAN_TEST_ADMIN_TOKEN";
 
 /// Raft timings for the processes: fast, but with room for a loaded 2-core CI machine.
 const TIMINGS: &str = "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\nsnapshot_every = 500\nkeep_after_snapshot = 100\n";
@@ -145,7 +152,7 @@ impl Harness {
         let text = format!(
             "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
              [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
-             [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n\
+             [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
              [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
              [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
             region = id % 2,
@@ -193,6 +200,7 @@ impl Harness {
             .args(["serve", "--config"])
             .arg(&node.config)
             .env("MERIDIAN_LOG", "info,openraft=warn")
+            .env(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -261,12 +269,10 @@ impl Harness {
             .collect()
     }
 
-    pub async fn admin(&self, id: u64) -> Option<AdminClient<Channel>> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.node(id).admin())
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(5));
-        Some(AdminClient::new(endpoint.connect().await.ok()?))
+    pub async fn admin(&self, id: u64) -> Option<Admin> {
+        admin_at(&self.node(id).admin(), Duration::from_millis(500))
+            .await
+            .ok()
     }
 
     pub async fn status(&self, id: u64) -> Option<ClusterStatusResponse> {
@@ -383,7 +389,13 @@ impl Harness {
     /// its stderr if it fails.
     pub fn cli(&self, id: u64, args: &[&str]) -> String {
         let out = Command::new(&self.bin)
-            .args(["admin", "--addr", &self.node(id).admin()])
+            .args([
+                "admin",
+                "--addr",
+                &self.node(id).admin(),
+                "--token",
+                ADMIN_TOKEN,
+            ])
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("run meridian admin: {e}"));
@@ -504,12 +516,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn put_tenant_at(admin: &str, name: &str) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(admin.to_owned())
+/// An admin API client with the harness's admin token.
+pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+async fn admin_at(url: &str, connect_timeout: Duration) -> Result<Admin, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(3));
-    let mut client = AdminClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+        .connect_timeout(connect_timeout)
+        .timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    Ok(AdminClient::with_interceptor(
+        channel,
+        Bearer::new(Some(ADMIN_TOKEN)),
+    ))
+}
+
+async fn put_tenant_at(admin: &str, name: &str) -> Result<(), String> {
+    let mut client = admin_at(admin, Duration::from_millis(300)).await?;
     client
         .put_tenant(pb::PutTenantRequest {
             tenant: Some(pb::Tenant {

@@ -270,6 +270,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         limits: meridian_proto::openai::RequestLimits::default(),
         restart_budget: meridian_actors::RestartBudget::default(),
         cluster: None,
+        auth: false,
     })
     .await
     .unwrap();

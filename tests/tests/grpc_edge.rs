@@ -56,7 +56,7 @@ fn request(model: &str) -> ChatRequest {
 #[tokio::test]
 async fn chat_and_chat_stream_return_content_and_usage() {
     let (mock, node) = setup(&["mock"], "").await;
-    let mut client = InferenceClient::new(channel(node.grpc).await);
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
 
     let resp = client
         .chat(request("mock"))
@@ -108,7 +108,7 @@ async fn errors_map_to_grpc_codes() {
         "mock@fail_after:2;itl_ms:10",
     ];
     let (_mock, node) = setup(&models, "first_byte_timeout = \"200ms\"").await;
-    let mut client = InferenceClient::new(channel(node.grpc).await);
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
 
     let mut empty = request("mock");
     empty.messages.clear();
@@ -220,7 +220,7 @@ async fn health_reflection_and_admin_answer() {
         "the admin API is not on this port"
     );
 
-    let mut admin = AdminClient::new(channel(node.admin).await);
+    let mut admin = AdminClient::with_interceptor(channel(node.admin).await, node.admin_bearer());
     let status = admin
         .node_status(NodeStatusRequest {})
         .await
@@ -250,4 +250,29 @@ async fn health_reflection_and_admin_answer() {
     assert!(cluster.applied_index.is_some_and(|i| i >= 2), "{cluster:?}");
     assert_eq!(cluster.members.len(), 1);
     assert_eq!(cluster.members[0].http_addr, node.http.to_string());
+
+    // Without the admin token the admin API refuses; without an API key, so does inference.
+    let err = AdminClient::new(channel(node.admin).await)
+        .node_status(NodeStatusRequest {})
+        .await
+        .expect_err("no admin token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = AdminClient::with_interceptor(
+        channel(node.admin).await,
+        meridian_tests::Bearer::new(Some("not-the-token")),
+    )
+    .node_status(NodeStatusRequest {})
+    .await
+    .expect_err("wrong admin token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("wrong"), "{err:?}");
+    let err = InferenceClient::new(channel(node.grpc).await)
+        .chat(request("mock"))
+        .await
+        .expect_err("no API key");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(
+        err.metadata().get("x-meridian-error-code").expect("code"),
+        "missing_api_key"
+    );
 }

@@ -33,12 +33,8 @@ async fn node(
     TestNode::start(&toml).await.expect("node starts")
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
 async fn post(node: &TestNode, body: String) -> reqwest::Response {
-    client()
+    node.client()
         .post(node.url("/v1/chat/completions"))
         .header("content-type", "application/json")
         .body(body)
@@ -139,7 +135,8 @@ async fn streaming_chat_is_relayed_exactly_and_always_metered() {
 async fn request_ids_are_echoed_or_generated() {
     let m = mock(Flavor::Vllm).await;
     let n = node(&m, &["mock"], "", "").await;
-    let resp = client()
+    let resp = n
+        .client()
         .post(n.url("/v1/chat/completions"))
         .header("x-request-id", "trace-abc-123")
         .body(chat_body("mock", false, ""))
@@ -224,13 +221,15 @@ async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
             );
         }
     }
-    let resp = client()
+    let resp = n
+        .client()
         .get(n.url("/v1/chat/completions"))
         .send()
         .await
         .expect("sent");
     assert_eq!(resp.status(), 405);
-    let resp = client()
+    let resp = n
+        .client()
         .get(n.url("/v2/nothing"))
         .send()
         .await
@@ -358,8 +357,9 @@ async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
     // The second waits in the queue and misses its deadline: 504.
     let queued = tokio::spawn({
         let url = n.url("/v1/chat/completions");
+        let client = n.client();
         async move {
-            client()
+            client
                 .post(url)
                 .body(chat_body("mock", false, ""))
                 .send()
@@ -442,7 +442,8 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 async fn models_health_and_readiness() {
     let m = mock(Flavor::Vllm).await;
     let n = node(&m, &["mock", "alias=mock"], "", "").await;
-    let v: Value = client()
+    let v: Value = n
+        .client()
         .get(n.url("/v1/models"))
         .send()
         .await
@@ -459,9 +460,14 @@ async fn models_health_and_readiness() {
         .collect();
     assert_eq!(ids, ["mock", "alias"]);
     assert_eq!(v["data"][0]["object"], "model");
-    let resp = client().get(n.url("/healthz")).send().await.expect("sent");
+    let resp = n
+        .client()
+        .get(n.url("/healthz"))
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(resp.status(), 200);
-    let resp = client().get(n.url("/readyz")).send().await.expect("sent");
+    let resp = n.client().get(n.url("/readyz")).send().await.expect("sent");
     assert_eq!(resp.status(), 200);
     let ready: Value = resp.json().await.expect("json");
     assert_eq!(ready["cluster"]["quorum"], "ok", "{ready}");
@@ -470,7 +476,12 @@ async fn models_health_and_readiness() {
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["model"], "mock");
     // Metrics: cluster health and the provider's counters, in Prometheus text format.
-    let resp = client().get(n.url("/metrics")).send().await.expect("sent");
+    let resp = n
+        .client()
+        .get(n.url("/metrics"))
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(resp.status(), 200);
     assert!(
         resp.headers()[http::header::CONTENT_TYPE]
@@ -502,7 +513,8 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
     .await
     .expect("draining");
     // New work is refused: either the listener is gone or the request gets a 503.
-    match client()
+    match n
+        .client()
         .post(n.url("/v1/chat/completions"))
         .body(chat_body(model, false, ""))
         .send()
@@ -623,4 +635,95 @@ async fn an_upstream_that_never_completes_the_handshake_hits_the_connect_timeout
     );
     drop(listener);
     drop(fillers);
+}
+
+#[tokio::test]
+async fn api_keys_are_required_checked_and_revocable() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "").await;
+    let bare = reqwest::Client::new();
+    let call = |key: Option<(&'static str, String)>| {
+        let mut req = bare
+            .post(n.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(chat_body("mock", false, ""));
+        if let Some((header, value)) = key {
+            req = req.header(header, value);
+        }
+        async move { req.send().await.expect("sent") }
+    };
+    let refused = |resp: reqwest::Response, code: &'static str| async move {
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+        assert_eq!(v["error"]["code"], code, "{v}");
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    refused(call(None).await, "missing_api_key").await;
+    refused(
+        call(Some(("authorization", "Bearer sk-not-ours".into()))).await,
+        "malformed_api_key",
+    )
+    .await;
+    let forged = format!("mk_{}_{}", "a".repeat(12), "b".repeat(64));
+    let message = refused(
+        call(Some(("authorization", format!("Bearer {forged}")))).await,
+        "invalid_api_key",
+    )
+    .await;
+    assert!(
+        !message.contains(&"b".repeat(64)),
+        "the key is never echoed"
+    );
+    let resp = bare.get(n.url("/v1/models")).send().await.expect("sent");
+    assert_eq!(resp.status(), 401, "listing models needs a key too");
+
+    // A key made through the admin API works in either header, then stops working once revoked.
+    let mut admin = n.admin_client().await.expect("admin");
+    let key = admin
+        .create_api_key(meridian_proto::pb::admin::CreateApiKeyRequest {
+            tenant: "dev".into(),
+            label: "test".into(),
+        })
+        .await
+        .expect("created")
+        .into_inner();
+    assert!(key.secret.starts_with(&format!("mk_{}_", key.key_id)));
+    let ok = call(Some(("x-api-key", key.secret.clone()))).await;
+    assert_eq!(ok.status(), 200);
+    let ok = call(Some(("authorization", format!("Bearer {}", key.secret)))).await;
+    assert_eq!(ok.status(), 200);
+    let listed = admin
+        .list_api_keys(meridian_proto::pb::admin::ListApiKeysRequest {
+            tenant: "dev".into(),
+        })
+        .await
+        .expect("listed")
+        .into_inner();
+    assert_eq!(listed.keys.len(), 2, "the development key and this one");
+    admin
+        .revoke_api_key(meridian_proto::pb::admin::RevokeApiKeyRequest {
+            key_id: key.key_id.clone(),
+        })
+        .await
+        .expect("revoked");
+    // The revoke is applied before the admin call returns on a single node.
+    refused(
+        call(Some(("x-api-key", key.secret.clone()))).await,
+        "revoked_api_key",
+    )
+    .await;
+    let err = admin
+        .create_api_key(meridian_proto::pb::admin::CreateApiKeyRequest {
+            tenant: "nobody".into(),
+            label: String::new(),
+        })
+        .await
+        .expect_err("no such tenant");
+    assert_eq!(err.code(), tonic::Code::NotFound);
 }

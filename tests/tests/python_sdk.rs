@@ -71,6 +71,7 @@ async fn the_official_openai_sdk_parses_our_answers() {
             .arg(&script)
             .arg(&base_url)
             .arg("mock")
+            .arg(node.api_key.as_deref().expect("auth is on by default"))
             .output()
             .await
             .expect("python runs");

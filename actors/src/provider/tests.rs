@@ -37,6 +37,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         limits: RequestLimits::default(),
         restart_budget: RestartBudget::default(),
         cluster: None,
+        auth: false,
     })
     .await
     .expect("gateway starts")
@@ -51,6 +52,7 @@ fn request(stream: bool) -> ChatRequest {
 
 fn ctx() -> RequestContext {
     RequestContext {
+        principal: None,
         request_id: RequestId::generate(),
         deadline: None,
     }

@@ -201,7 +201,7 @@ mesh_cookie_env = "MESH_COOKIE"
     assert_eq!(peers.mesh_listen.to_string(), "0.0.0.0:7001");
     assert_eq!(peers.mesh_advertise.to_string(), "10.0.0.4:7001");
     assert_eq!(
-        peers.mesh_cookie.as_deref(),
+        peers.mesh_cookie.as_ref().map(|c| c.expose()),
         Some("a-long-enough-shared-secret")
     );
 }

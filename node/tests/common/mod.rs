@@ -11,9 +11,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
 pub struct Started {
     pub child: Child,
     pub ready: String,
+    /// What the node printed before its readiness line (first-start secrets).
+    pub preamble: Vec<String>,
 }
 
 impl Started {
+    /// The development API key printed on first start.
+    pub fn dev_key(&self) -> Option<String> {
+        self.preamble.iter().find_map(|l| {
+            l.strip_prefix("development API key")?
+                .split_whitespace()
+                .find(|w| w.starts_with("mk_"))
+                .map(str::to_owned)
+        })
+    }
+
     /// The address after `key=` in the readiness line, e.g. `addr("http")`.
     pub fn addr(&self, key: &str) -> String {
         let prefix = format!("{key}=");
@@ -35,9 +47,18 @@ pub fn start(cmd: &mut Command) -> Started {
         .unwrap_or_else(|e| panic!("spawn meridian: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut lines = BufReader::new(stdout).lines();
-    let ready = lines
-        .find_map(|l| l.ok().filter(|l| l.starts_with("meridian ready")))
-        .unwrap_or_else(|| panic!("meridian exited before its readiness line"));
+    let mut preamble = Vec::new();
+    let ready = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("meridian ready") => break l,
+            Some(Ok(l)) => preamble.push(l),
+            _ => panic!("meridian exited before its readiness line: {preamble:?}"),
+        }
+    };
     std::thread::spawn(move || for _ in lines {});
-    Started { child, ready }
+    Started {
+        child,
+        ready,
+        preamble,
+    }
 }

@@ -173,7 +173,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [auth]\nenabled = false\n\n\
              [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
              models = [\"mock\", \"mock@tokens:16\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n",
             tmp.path().join("data")
