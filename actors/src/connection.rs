@@ -13,12 +13,14 @@
 //! drops the upstream call and closes its connection.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
+use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, RequestId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -26,19 +28,23 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::provider::Provider;
+use crate::quota::Reservation;
 use crate::upstream::{Chunk, ChunkStream, Completion, Phase, UpstreamError};
 
 /// Most chunks handed to the client in one piece (one write).
 const MAX_BATCH: usize = 64;
 
 /// What the edge hands a request along with its body.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RequestContext {
     pub request_id: RequestId,
     /// Who sent it (`None` when authentication is off).
     pub principal: Option<crate::auth::Principal>,
     /// The client's own deadline, if it gave one.
     pub deadline: Option<Instant>,
+    /// Its admission charge ([`crate::Gateway::admit`]), settled with the actual usage when
+    /// the request ends.
+    pub reservation: Option<Reservation>,
 }
 
 /// A request's answer, once the upstream has accepted it.
@@ -122,14 +128,16 @@ impl Actor for ConnectionActor {
 #[derive(Debug)]
 enum Outcome {
     Ok(Option<Usage>),
-    Failed(ApiError),
-    ClientGone,
+    /// Failed after this many content chunks (≈ tokens) had been generated.
+    Failed(ApiError, u32),
+    /// The client went away after this many content chunks.
+    ClientGone(u32),
 }
 
 async fn serve(args: ConnectionArgs) {
     let ConnectionArgs {
         request,
-        ctx,
+        mut ctx,
         route,
         mut reply,
     } = args;
@@ -163,7 +171,7 @@ async fn serve(args: ConnectionArgs) {
         let result = tokio::select! {
             r = call => r.unwrap_or(Err(UpstreamError::Timeout(Phase::Total))),
             () = reply.closed() => {
-                finish(&ctx, provider, Outcome::ClientGone);
+                finish(&mut ctx, request.model(), provider, Outcome::ClientGone(0));
                 return;
             }
         };
@@ -176,11 +184,11 @@ async fn serve(args: ConnectionArgs) {
             Err(e) => {
                 let e = e.into_api_error(&spec.id);
                 let _ = reply.send(Err(e.clone()));
-                Outcome::Failed(e)
+                Outcome::Failed(e, 0)
             }
         }
     };
-    finish(&ctx, provider, outcome);
+    finish(&mut ctx, request.model(), provider, outcome);
 }
 
 async fn stream(
@@ -197,14 +205,14 @@ async fn stream(
     );
     let opened = tokio::select! {
         r = open => r.unwrap_or(Err(UpstreamError::Timeout(Phase::Total))),
-        () = reply.closed() => return Outcome::ClientGone,
+        () = reply.closed() => return Outcome::ClientGone(0),
     };
     let mut chunks = match opened {
         Ok(s) => s,
         Err(e) => {
             let e = e.into_api_error(&spec.id);
             let _ = reply.send(Err(e.clone()));
-            return Outcome::Failed(e);
+            return Outcome::Failed(e, 0);
         }
     };
     // Nothing reaches the client before the upstream's first event: a failure up to here is
@@ -212,13 +220,13 @@ async fn stream(
     let first = tokio::select! {
         n = chunks.next() => n,
         () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
-        () = reply.closed() => return Outcome::ClientGone,
+        () = reply.closed() => return Outcome::ClientGone(0),
     };
     let first = match first {
         Some(Err(e)) => {
             let e = e.into_api_error(&spec.id);
             let _ = reply.send(Err(e.clone()));
-            return Outcome::Failed(e);
+            return Outcome::Failed(e, 0);
         }
         other => other,
     };
@@ -227,23 +235,25 @@ async fn stream(
         waker: AtomicWaker::new(),
     });
     let (report, verdict) = oneshot::channel();
+    let generated = Arc::new(AtomicU32::new(0));
     let relay = RelayStream {
         shared: Arc::clone(&shared),
         first: Some(first),
         include_usage: request.include_usage(),
         usage: None,
+        generated: Arc::clone(&generated),
         provider: spec.id.as_str().into(),
         report: Some(report),
     };
     if reply.send(Ok(ChatReply::Stream(relay))).is_err() {
-        return Outcome::ClientGone;
+        return Outcome::ClientGone(0);
     }
     tokio::select! {
-        v = verdict => v.unwrap_or(Outcome::ClientGone),
+        v = verdict => v.unwrap_or(Outcome::ClientGone(generated.load(Ordering::Relaxed))),
         () = sleep_until(total) => {
             let e = UpstreamError::Timeout(Phase::Total).into_api_error(&spec.id);
             shared.cancel(e.clone());
-            Outcome::Failed(e)
+            Outcome::Failed(e, generated.load(Ordering::Relaxed))
         }
     }
 }
@@ -283,6 +293,8 @@ pub struct RelayStream {
     first: Option<Option<Result<Chunk, UpstreamError>>>,
     include_usage: bool,
     usage: Option<Usage>,
+    /// Content chunks relayed so far (≈ tokens generated), shared with the ConnectionActor.
+    generated: Arc<AtomicU32>,
     provider: Arc<str>,
     report: Option<oneshot::Sender<Outcome>>,
 }
@@ -299,7 +311,9 @@ impl RelayStream {
     fn end(&mut self, end: StreamEnd) -> Option<StreamEnd> {
         let outcome = match &end {
             StreamEnd::Done => Outcome::Ok(self.usage),
-            StreamEnd::Failed(e) => Outcome::Failed(e.clone()),
+            StreamEnd::Failed(e) => {
+                Outcome::Failed(e.clone(), self.generated.load(Ordering::Relaxed))
+            }
         };
         if let Some(report) = self.report.take() {
             let _ = report.send(outcome);
@@ -352,6 +366,9 @@ impl Stream for RelayStream {
                     if chunk.usage.is_some() {
                         this.usage = chunk.usage;
                     }
+                    if !chunk.usage_only {
+                        this.generated.fetch_add(1, Ordering::Relaxed);
+                    }
                     if !chunk.usage_only || this.include_usage {
                         piece.chunks.push(chunk.json);
                     }
@@ -368,13 +385,33 @@ impl Stream for RelayStream {
 impl Drop for RelayStream {
     fn drop(&mut self) {
         if let Some(report) = self.report.take() {
-            let _ = report.send(Outcome::ClientGone);
+            let _ = report.send(Outcome::ClientGone(self.generated.load(Ordering::Relaxed)));
         }
     }
 }
 
-fn finish(ctx: &RequestContext, provider: &Provider, outcome: Outcome) {
+fn finish(ctx: &mut RequestContext, model: &str, provider: &Provider, outcome: Outcome) {
     let id = &provider.spec.id;
+    if let Some(reservation) = ctx.reservation.take() {
+        match &outcome {
+            Outcome::Ok(Some(u)) => reservation.settle(
+                model,
+                UsageTotals {
+                    requests: 1,
+                    prompt_tokens: u64::from(u.prompt_tokens),
+                    completion_tokens: u64::from(u.completion_tokens),
+                    cached_tokens: u64::from(u.cached_tokens()),
+                    cost_micro_usd: 0,
+                },
+            ),
+            // No usage from the upstream: charge the estimate as it stands.
+            Outcome::Ok(None) => reservation.keep(model),
+            // Charged only for what was generated (and the prompt it read).
+            Outcome::Failed(_, generated) | Outcome::ClientGone(generated) => {
+                reservation.settle_partial(model, u64::from(*generated));
+            }
+        }
+    }
     match outcome {
         Outcome::Ok(usage) => {
             provider.record(true);
@@ -388,11 +425,11 @@ fn finish(ctx: &RequestContext, provider: &Provider, outcome: Outcome) {
                 "request completed"
             );
         }
-        Outcome::Failed(e) => {
+        Outcome::Failed(e, _) => {
             provider.record(false);
             tracing::info!(request_id = %ctx.request_id, provider = %id, error = %e, "request failed");
         }
-        Outcome::ClientGone => {
+        Outcome::ClientGone(_) => {
             provider.record(true);
             tracing::debug!(request_id = %ctx.request_id, provider = %id, "client went away; upstream call cancelled");
         }

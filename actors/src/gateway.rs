@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, ProviderRecord};
+use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, NodeId, ProviderRecord};
 use meridian_proto::openai::{ChatRequest, RequestLimits};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
@@ -17,8 +17,10 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{self, Principal};
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
+use crate::estimate;
 use crate::policy::{self, Load};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
+use crate::quota::{Estimate, Quota, QuotaConfig, Reservation};
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
@@ -32,6 +34,8 @@ pub struct GatewayConfig {
     pub cluster: Option<Replicated>,
     /// Whether requests must authenticate (an API key from the replicated key table).
     pub auth: bool,
+    /// Cluster-wide limits (needs `cluster` and `auth`: limits belong to tenants).
+    pub quota: Option<QuotaConfig>,
 }
 
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
@@ -74,6 +78,7 @@ struct Inner {
     draining: AtomicBool,
     cluster: Option<Replicated>,
     auth: bool,
+    quota: Option<(Quota, JoinHandle<()>)>,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -116,6 +121,10 @@ impl Gateway {
         .await?;
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
+        let quota = match (&config.cluster, config.quota, config.auth) {
+            (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
+            _ => None,
+        };
         let publisher = config.cluster.as_ref().map(|c| {
             tokio::spawn(publish_providers(
                 c.clone(),
@@ -133,6 +142,7 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 cluster: config.cluster,
                 auth: config.auth,
+                quota,
                 publisher,
             }),
         })
@@ -156,6 +166,53 @@ impl Gateway {
         };
         let presented = auth::bearer(authorization, x_api_key);
         auth::authenticate_key(&cluster.state.borrow(), presented.as_deref()).map(Some)
+    }
+
+    /// Admits `request` from `principal` against its tenant's limits (tier defaults with the
+    /// tenant's overrides): `Ok(None)` when there is nothing to enforce, else the reservation
+    /// to hand the request, or a 429 naming the limit. The prompt is counted with the model's
+    /// tokenizer; `max_tokens` (or a default reserve) is added.
+    pub async fn admit(
+        &self,
+        principal: Option<&Principal>,
+        request: &ChatRequest,
+    ) -> Result<Option<Reservation>, ApiError> {
+        let (Some((quota, _)), Some(principal), Some(cluster)) =
+            (&self.inner.quota, principal, &self.inner.cluster)
+        else {
+            return Ok(None);
+        };
+        let limits = cluster.state.borrow().limits_of(&principal.tenant);
+        let Some(limits) = limits else {
+            return Err(ApiError::new(
+                ErrorKind::Unauthenticated,
+                "the key's tenant no longer exists",
+            )
+            .with_code("revoked_api_key"));
+        };
+        if limits == Limits::default() {
+            return Ok(None);
+        }
+        let tokenizer = self
+            .inner
+            .routes
+            .get(request.model())
+            .and_then(|r| r.first())
+            .map(|r| r.provider.spec.tokenizer)
+            .unwrap_or_default();
+        let estimate = Estimate {
+            prompt: estimate::prompt_tokens(request, tokenizer),
+            completion: estimate::completion_reserve(request),
+        };
+        quota
+            .admit(&principal.tenant, &limits, estimate)
+            .await
+            .map(Some)
+    }
+
+    /// The quota account (`None` when limits are not enforced).
+    pub fn quota(&self) -> Option<&Quota> {
+        self.inner.quota.as_ref().map(|(q, _)| q)
     }
 
     /// The replicated state as last applied on this node (`None` without a cluster).
@@ -258,6 +315,9 @@ impl Gateway {
     pub async fn stop(&self, timeout: Duration) {
         if let Some(p) = &self.inner.publisher {
             p.abort();
+        }
+        if let Some((_, task)) = &self.inner.quota {
+            task.abort();
         }
         let _ = self
             .inner

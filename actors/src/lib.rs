@@ -23,10 +23,12 @@
 
 pub mod auth;
 pub mod connection;
+pub mod estimate;
 pub mod gateway;
 pub mod mesh;
 pub mod policy;
 pub mod provider;
+pub mod quota;
 pub mod supervisor;
 pub mod upstream;
 

@@ -42,6 +42,8 @@ pub struct ProviderSpec {
     /// Longest wait for a slot; beyond that, 504.
     pub queue_timeout: Duration,
     pub timeouts: Timeouts,
+    /// Counts its models' prompts for admission.
+    pub tokenizer: crate::estimate::Tokenizer,
 }
 
 /// A provider's shared state: its spec, live counters, and the current actor incarnation.

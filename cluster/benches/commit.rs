@@ -32,7 +32,7 @@ fn flush(node: NodeId, round: u64, batch: u64) -> Command {
                 key: format!("tenant/t{}/tokens_per_minute", (round * batch + i) % 1_000),
                 node,
                 window_start_unix_ms: 0,
-                amount: 1 + i,
+                delta: 1 + i as i64,
             })
             .collect(),
     }
@@ -84,6 +84,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 node: 1,
                 limit: u64::MAX / 2,
                 window_ms: 3_600_000_000,
+                window_start_unix_ms: 0,
                 amount: 1,
                 ttl_ms: 3_600_000_000,
             }))

@@ -93,6 +93,7 @@ impl App {
             limits: config.limits,
             restart_budget: RestartBudget::default(),
             auth: config.auth.enabled,
+            quota: Some(config.quota.clone()),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

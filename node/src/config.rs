@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use meridian_actors::estimate::Tokenizer;
+use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
 use meridian_cluster::raft::RaftTimings;
 use meridian_proto::openai::RequestLimits;
@@ -37,6 +39,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub auth: RawAuth,
+    #[serde(default)]
+    pub quota: RawQuota,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -118,6 +122,21 @@ pub struct RawAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    /// How often charged usage is reported to the replicated ledger (default 50ms).
+    pub flush_every: Option<String>,
+    /// How long a node's slice of a window's budget is valid (default 5s).
+    pub grant_ttl: Option<String>,
+    /// Longest an admission waits for a slice already asked for (default 500ms).
+    pub grant_wait: Option<String>,
+    /// Per limit, what to do without quorum once the node's slice is spent or lapsed:
+    /// "deny" (default) or "local_share" (limit ÷ number of nodes, on this node alone).
+    #[serde(default)]
+    pub no_quorum: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_messages: Option<i64>,
     pub max_output_tokens: Option<i64>,
@@ -149,6 +168,8 @@ pub struct RawProvider {
     pub total_timeout: Option<String>,
     /// Demo only: pause before each streamed word.
     pub word_delay: Option<String>,
+    /// The tokenizer that counts prompts for admission: `o200k_base` (default) or `cl100k_base`.
+    pub tokenizer: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,6 +185,7 @@ pub struct Config {
     /// The admin token from `admin.token_env`; `None`: `<data_dir>/admin.token`.
     pub admin_token: Option<Secret>,
     pub auth: AuthConfig,
+    pub quota: QuotaConfig,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
@@ -222,6 +244,7 @@ pub struct ProviderConfig {
     pub queue_capacity: u32,
     pub queue_timeout: Duration,
     pub timeouts: Timeouts,
+    pub tokenizer: Tokenizer,
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +304,7 @@ impl ProviderConfig {
             queue_capacity: self.queue_capacity,
             queue_timeout: self.queue_timeout,
             timeouts: self.timeouts,
+            tokenizer: self.tokenizer,
         })
     }
 }
@@ -763,6 +787,56 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             }
         },
     };
+    let mut quota = QuotaConfig::default();
+    let quota_duration = |e: &mut Errors, field: &str, v: Option<&String>, into: &mut Duration| {
+        if let Some(v) = v {
+            match parse_duration(v) {
+                Ok(d) if !d.is_zero() => *into = d,
+                Ok(_) => e.push(format!("quota.{field}"), "must be longer than 0"),
+                Err(m) => e.push(format!("quota.{field}"), m),
+            }
+        }
+    };
+    quota_duration(
+        &mut e,
+        "flush_every",
+        raw.quota.flush_every.as_ref(),
+        &mut quota.flush_every,
+    );
+    quota_duration(
+        &mut e,
+        "grant_ttl",
+        raw.quota.grant_ttl.as_ref(),
+        &mut quota.grant_ttl,
+    );
+    quota_duration(
+        &mut e,
+        "grant_wait",
+        raw.quota.grant_wait.as_ref(),
+        &mut quota.grant_wait,
+    );
+    for (limit, policy) in &raw.quota.no_quorum {
+        let path = format!("quota.no_quorum.{limit}");
+        let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == limit) else {
+            e.push(
+                path,
+                "is not a limit (requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month)",
+            );
+            continue;
+        };
+        match policy.as_str() {
+            "deny" => {
+                quota.no_quorum.insert(kind, NoQuorum::Deny);
+            }
+            "local_share" => {
+                quota.no_quorum.insert(kind, NoQuorum::LocalShare);
+            }
+            other => e.push(
+                path,
+                format!("{other:?} is not \"deny\" or \"local_share\""),
+            ),
+        }
+    }
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -923,7 +997,18 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 d.total,
             ),
         };
+        let tokenizer = match p.tokenizer.as_deref() {
+            None => Tokenizer::default(),
+            Some(name) => Tokenizer::parse(name).unwrap_or_else(|| {
+                e.push(
+                    at("tokenizer"),
+                    format!("{name:?} is not a known tokenizer (o200k_base, cl100k_base)"),
+                );
+                Tokenizer::default()
+            }),
+        };
         providers.push(ProviderConfig {
+            tokenizer,
             id,
             region: p.region.clone().unwrap_or_else(|| node.region.clone()),
             kind,
@@ -964,6 +1049,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         admin_listen,
         admin_token,
         auth,
+        quota,
         limits,
         drain_timeout,
         providers,

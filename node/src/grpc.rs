@@ -47,6 +47,7 @@ impl InferenceService {
             request_id,
             principal,
             deadline: None,
+            reservation: None,
         };
         Ok((chat, ctx))
     }
@@ -72,7 +73,12 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
-        let (chat, ctx) = self.prepare(req, false)?;
+        let (chat, mut ctx) = self.prepare(req, false)?;
+        ctx.reservation = self
+            .gateway
+            .admit(ctx.principal.as_ref(), &chat)
+            .await
+            .map_err(|e| grpc_status(&e))?;
         match self.gateway.chat(chat, ctx).await {
             Ok(ChatReply::Complete(c)) => {
                 let completion: ChatCompletion = serde_json::from_slice(&c.body).map_err(|e| {
@@ -94,7 +100,12 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let (chat, ctx) = self.prepare(req, true)?;
+        let (chat, mut ctx) = self.prepare(req, true)?;
+        ctx.reservation = self
+            .gateway
+            .admit(ctx.principal.as_ref(), &chat)
+            .await
+            .map_err(|e| grpc_status(&e))?;
         let relay = match self.gateway.chat(chat, ctx).await {
             Ok(ChatReply::Stream(relay)) => relay,
             Ok(ChatReply::Complete(_)) => {

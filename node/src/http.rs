@@ -70,14 +70,20 @@ async fn chat(
 ) -> Response {
     let request_id =
         RequestId::from_client(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
+    let mut rate_limits = Vec::new();
     let result = async {
         let principal = authenticate(&st.gateway, &headers)?;
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
+        let reservation = st.gateway.admit(principal.as_ref(), &request).await?;
+        if let Some(r) = &reservation {
+            rate_limits = r.rate_limits.clone();
+        }
         let ctx = RequestContext {
             request_id: request_id.clone(),
             principal,
             deadline: None,
+            reservation,
         };
         st.gateway.chat(request, ctx).await
     }
@@ -89,6 +95,16 @@ async fn chat(
         Ok(ChatReply::Stream(relay)) => sse_response(relay, st.sse_heartbeat),
         Err(e) => http_error(&e),
     };
+    for state in &rate_limits {
+        for (name, value) in state.headers() {
+            if let (Ok(n), Ok(v)) = (
+                header::HeaderName::try_from(name),
+                HeaderValue::from_str(&value),
+            ) {
+                resp.headers_mut().insert(n, v);
+            }
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }

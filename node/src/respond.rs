@@ -37,8 +37,16 @@ pub fn http_error(e: &ApiError) -> Response {
         let secs = after.as_secs_f64().ceil().max(1.0) as u64;
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    if !e.kind.retryable() {
+    if !e.retryable() {
         headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    for (name, value) in &e.headers {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
     }
     resp
 }
@@ -66,6 +74,14 @@ pub fn grpc_status(e: &ApiError) -> tonic::Status {
     }
     if let Some(param) = e.param.as_deref().and_then(|p| p.parse().ok()) {
         md.insert("x-meridian-error-param", param);
+    }
+    for (name, value) in &e.headers {
+        if let (Ok(n), Ok(v)) = (
+            tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()),
+            value.parse(),
+        ) {
+            md.insert(n, v);
+        }
     }
     status
 }

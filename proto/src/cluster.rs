@@ -51,13 +51,14 @@ pub enum Command {
     /// Asks for a slice of a quota window's remaining budget for `node`; answered with
     /// [`Applied::Granted`]. The node's previous grant on this key is returned to the pool first.
     RequestGrant(GrantRequest),
-    /// Usage counted by `node` against its grant on `key` in the window starting at
-    /// `window_start_unix_ms`; usage for a window that has already rolled over is dropped.
+    /// Usage charged by `node` against its grant on `key` in the window starting at
+    /// `window_start_unix_ms`: positive when admitted, negative when a reservation is settled
+    /// for less. Usage for a window that has already rolled over is dropped.
     ReportUsage {
         key: String,
         node: NodeId,
         window_start_unix_ms: u64,
-        amount: u64,
+        delta: i64,
     },
     SetBreaker {
         provider: String,
@@ -149,6 +150,9 @@ pub struct GrantRequest {
     pub limit: u64,
     /// Windows are aligned to multiples of this length since the Unix epoch.
     pub window_ms: u64,
+    /// The window the requester is admitting in; a request for a window the ledger has already
+    /// left is granted nothing, one for a later window rolls the ledger over.
+    pub window_start_unix_ms: u64,
     /// How much the node asks for.
     pub amount: u64,
     /// The grant lapses this long after the proposal (so a dead node's slice comes back).
@@ -190,10 +194,10 @@ impl Ledger {
             .saturating_sub(promised)
     }
 
-    /// Moves the ledger to time `at`: a new window starts empty, lapsed grants go back.
-    fn advance(&mut self, at: u64, window_ms: u64) {
+    /// Moves the ledger to the window starting at `start` (if later) and to time `at`: a new
+    /// window starts empty, lapsed grants go back.
+    fn advance(&mut self, at: u64, start: u64, window_ms: u64) {
         let window_ms = window_ms.max(1);
-        let start = at - at % window_ms;
         if self.window_ms != window_ms || start > self.window_start_unix_ms {
             *self = Ledger {
                 window_start_unix_ms: start,
@@ -417,7 +421,10 @@ impl ClusterState {
             },
             Command::RequestGrant(r) => {
                 let ledger = self.ledger.entry(r.key.clone()).or_default();
-                ledger.advance(at, r.window_ms);
+                ledger.advance(at, r.window_start_unix_ms, r.window_ms);
+                if ledger.window_start_unix_ms != r.window_start_unix_ms {
+                    return Applied::Granted { amount: 0 };
+                }
                 ledger.limit = r.limit;
                 // The node's previous slice goes back to the pool before it gets a new one.
                 ledger.grants.remove(&r.node);
@@ -436,18 +443,19 @@ impl ClusterState {
                 key,
                 node,
                 window_start_unix_ms,
-                amount,
+                delta,
             } => {
                 let Some(ledger) = self.ledger.get_mut(key) else {
                     return Applied::NotFound;
                 };
-                ledger.advance(at, ledger.window_ms);
+                let window_ms = ledger.window_ms;
+                ledger.advance(at, *window_start_unix_ms, window_ms);
                 if ledger.window_start_unix_ms != *window_start_unix_ms {
                     return Applied::Unchanged;
                 }
-                ledger.used = ledger.used.saturating_add(*amount);
+                ledger.used = ledger.used.saturating_add_signed(*delta);
                 if let Some(g) = ledger.grants.get_mut(node) {
-                    g.used = g.used.saturating_add(*amount);
+                    g.used = g.used.saturating_add_signed(*delta);
                 }
                 Applied::Changed
             }
@@ -575,23 +583,28 @@ mod tests {
         assert_eq!(round_trip, a);
     }
 
-    fn grant(node: NodeId, amount: u64, ttl_ms: u64) -> Command {
+    fn grant_in(node: NodeId, window: u64, amount: u64, ttl_ms: u64) -> Command {
         Command::RequestGrant(GrantRequest {
             key: "tenant/acme/tokens_per_minute".into(),
             node,
             limit: 1_000,
             window_ms: 60_000,
+            window_start_unix_ms: window,
             amount,
             ttl_ms,
         })
     }
 
-    fn usage(node: NodeId, window_start_unix_ms: u64, amount: u64) -> Command {
+    fn grant(node: NodeId, amount: u64, ttl_ms: u64) -> Command {
+        grant_in(node, 120_000, amount, ttl_ms)
+    }
+
+    fn usage(node: NodeId, window_start_unix_ms: u64, delta: i64) -> Command {
         Command::ReportUsage {
             key: "tenant/acme/tokens_per_minute".into(),
             node,
             window_start_unix_ms,
-            amount,
+            delta,
         }
     }
 
@@ -624,14 +637,29 @@ mod tests {
             s.apply(&proposal(t0 + 10_003, grant(1, 1_000, 10_000))),
             Applied::Granted { amount: 900 }
         );
-        // Usage reported for a window that has rolled over is not counted in the new one.
+        // A settled reservation gives back what was not used.
         assert_eq!(
-            s.apply(&proposal(t0 + 60_000, usage(1, t0, 50))),
+            s.apply(&proposal(t0 + 10_004, usage(1, t0, -40))),
+            Applied::Changed
+        );
+        assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 60);
+        // The next window: a request for it rolls the ledger; usage for the old one is dropped,
+        // and a late grant request for the old window gets nothing.
+        assert_eq!(
+            s.apply(&proposal(t0 + 60_000, grant_in(2, t0 + 60_000, 10, 10_000))),
+            Applied::Granted { amount: 10 }
+        );
+        assert_eq!(
+            s.apply(&proposal(t0 + 60_001, usage(1, t0, 50))),
             Applied::Unchanged
+        );
+        assert_eq!(
+            s.apply(&proposal(t0 + 60_002, grant_in(1, t0, 10, 10_000))),
+            Applied::Granted { amount: 0 }
         );
         let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
         assert_eq!(ledger.window_start_unix_ms, t0 + 60_000);
-        assert_eq!((ledger.used, ledger.available()), (0, 1_000));
+        assert_eq!((ledger.used, ledger.available()), (0, 990));
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct ApiError {
     pub code: Option<String>,
     /// When retrying makes sense, how long to wait first (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// Set when a retry cannot help even though the kind usually can (`x-should-retry: false`).
+    pub no_retry: bool,
+    /// Extra response headers (HTTP) / metadata (gRPC), e.g. `x-ratelimit-*`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl ApiError {
@@ -81,7 +85,25 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            no_retry: false,
+            headers: Vec::new(),
         }
+    }
+
+    /// Marks the error as one a retry cannot fix.
+    pub fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Whether sending the same request again later may succeed.
+    pub fn retryable(&self) -> bool {
+        self.kind.retryable() && !self.no_retry
     }
 
     /// A 400 naming the field at fault.

@@ -271,6 +271,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         restart_budget: meridian_actors::RestartBudget::default(),
         cluster: None,
         auth: false,
+        quota: None,
     })
     .await
     .unwrap();

@@ -28,6 +28,7 @@ fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> P
         queue_capacity,
         queue_timeout,
         timeouts: Timeouts::default(),
+        tokenizer: Default::default(),
     }
 }
 
@@ -38,6 +39,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         restart_budget: RestartBudget::default(),
         cluster: None,
         auth: false,
+        quota: None,
     })
     .await
     .expect("gateway starts")
@@ -53,6 +55,7 @@ fn request(stream: bool) -> ChatRequest {
 fn ctx() -> RequestContext {
     RequestContext {
         principal: None,
+        reservation: None,
         request_id: RequestId::generate(),
         deadline: None,
     }

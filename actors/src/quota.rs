@@ -1,0 +1,825 @@
+//! Admission against limits that hold across the whole cluster, with nothing central on the hot
+//! path.
+//!
+//! Each limit of a tenant (`requests_per_minute`, `tokens_per_minute`, `tokens_per_day`,
+//! `tokens_per_month`) is a key in the replicated quota ledger. A node admits locally against
+//! its **grant**: a slice of the window's remaining budget that the leader hands out through the
+//! Raft log, sized to this node's recent demand, with an expiry. Admission is a short critical
+//! section on this node's budgets; it waits on Raft only when a budget is empty and a new slice
+//! is already on its way (bounded by `grant_wait`).
+//!
+//! What a node charged is reported to the ledger every `flush_every` in one batch (a negative
+//! delta when a reservation settles for less than estimated). Before asking for a new slice the
+//! node reports, so the ledger's `used` covers everything it admitted up to then; its previous
+//! slice goes back to the pool in the same step. A node that dies stops renewing: its slice
+//! lapses at expiry and returns to the pool.
+//!
+//! Without quorum (no slice can be renewed), each limit follows its policy: `deny` refuses with
+//! 503 `quota_unavailable`, `local_share` admits up to limit ÷ cluster size on this node alone.
+//!
+//! Windows are aligned multiples of their length since the Unix epoch (minute, day, and 30-day
+//! "months": calendar months are not modelled).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
+use meridian_proto::{ApiError, ErrorKind};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+use crate::gateway::Replicated;
+
+/// A limit a tenant can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    RequestsPerMinute,
+    TokensPerMinute,
+    TokensPerDay,
+    TokensPerMonth,
+}
+
+impl LimitKind {
+    pub const ALL: [LimitKind; 4] = [
+        Self::RequestsPerMinute,
+        Self::TokensPerMinute,
+        Self::TokensPerDay,
+        Self::TokensPerMonth,
+    ];
+
+    /// The name in configs, ledger keys and 429 error codes.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::RequestsPerMinute => "requests_per_minute",
+            Self::TokensPerMinute => "tokens_per_minute",
+            Self::TokensPerDay => "tokens_per_day",
+            Self::TokensPerMonth => "tokens_per_month",
+        }
+    }
+
+    /// The suffix of its `x-ratelimit-*` headers (OpenAI's names for the per-minute ones).
+    pub fn header_suffix(self) -> &'static str {
+        match self {
+            Self::RequestsPerMinute => "requests",
+            Self::TokensPerMinute => "tokens",
+            Self::TokensPerDay => "tokens-day",
+            Self::TokensPerMonth => "tokens-month",
+        }
+    }
+
+    pub fn window_ms(self) -> u64 {
+        match self {
+            Self::RequestsPerMinute | Self::TokensPerMinute => 60_000,
+            Self::TokensPerDay => 86_400_000,
+            Self::TokensPerMonth => 30 * 86_400_000,
+        }
+    }
+
+    fn of(self, limits: &Limits) -> Option<u64> {
+        match self {
+            Self::RequestsPerMinute => limits.requests_per_minute,
+            Self::TokensPerMinute => limits.tokens_per_minute,
+            Self::TokensPerDay => limits.tokens_per_day,
+            Self::TokensPerMonth => limits.tokens_per_month,
+        }
+    }
+
+    fn counts_tokens(self) -> bool {
+        !matches!(self, Self::RequestsPerMinute)
+    }
+}
+
+/// What a limit does while no new slice can be had (no quorum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoQuorum {
+    /// Refuse with 503 `quota_unavailable` once this node's slice is spent or lapsed.
+    Deny,
+    /// Admit up to limit ÷ number of nodes per window on this node alone.
+    LocalShare,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    /// How often charged usage is reported to the ledger.
+    pub flush_every: Duration,
+    /// How long a slice is valid (the ledger counts from commit, this node from its request).
+    pub grant_ttl: Duration,
+    /// Longest an admission waits for a slice already on its way.
+    pub grant_wait: Duration,
+    /// A slice is at most this share of the limit ...
+    pub max_slice: f64,
+    /// ... and covers about this much of this node's recent demand.
+    pub slice_horizon: Duration,
+    pub no_quorum: HashMap<LimitKind, NoQuorum>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            flush_every: Duration::from_millis(50),
+            grant_ttl: Duration::from_secs(5),
+            grant_wait: Duration::from_millis(500),
+            max_slice: 0.05,
+            slice_horizon: Duration::from_secs(2),
+            no_quorum: HashMap::new(),
+        }
+    }
+}
+
+/// Ledger key of `tenant`'s `kind` limit.
+pub fn ledger_key(tenant: &str, kind: LimitKind) -> String {
+    format!("tenant/{tenant}/{}", kind.code())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node's account of one limit key in the current window.
+#[derive(Debug)]
+struct Budget {
+    kind: LimitKind,
+    limit: u64,
+    window_start: u64,
+    /// What this node may charge in the window: what the ledger has seen from it plus its
+    /// current slice.
+    allowance: u64,
+    /// Charged in the window (admitted, adjusted as reservations settle).
+    charged: i64,
+    /// Of `charged`, what the ledger has been told.
+    reported: i64,
+    /// The slice's local expiry (from when it was asked for, shortened by a margin).
+    expires: Option<Instant>,
+    /// A renewal is under way.
+    renewing: bool,
+    /// Admitted since the last renewal, and since when (demand for the next slice).
+    demand: u64,
+    demand_since: Instant,
+    /// The last slice's size.
+    last_slice: u64,
+    /// Working from a local share (no quorum).
+    local_share: bool,
+    /// The last renewal found no quorum.
+    no_quorum: bool,
+    /// The largest admission waiting for a slice (the next slice covers at least this).
+    need: u64,
+    /// The ledger lately gave less than needed: until then, do not ask again for more.
+    dry_until: Option<Instant>,
+}
+
+/// Charged usage of a window this node has left but not yet reported.
+#[derive(Debug)]
+struct Late {
+    key: String,
+    window_start: u64,
+    delta: i64,
+}
+
+struct Inner {
+    node_id: NodeId,
+    config: QuotaConfig,
+    cluster: Replicated,
+    budgets: Mutex<HashMap<String, Budget>>,
+    late: Mutex<Vec<Late>>,
+    rollups: Mutex<HashMap<(String, String), UsageTotals>>,
+    granted: Notify,
+    renew: mpsc::UnboundedSender<String>,
+    /// Admissions under a local share, for metrics.
+    local_share_admits: AtomicU64,
+    denied_no_quorum: AtomicU64,
+}
+
+/// The node's quota account. Cheap to clone.
+#[derive(Clone)]
+pub struct Quota {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quota").finish_non_exhaustive()
+    }
+}
+
+/// What a request costs before it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Estimate {
+    /// Prompt tokens (tokenizer count).
+    pub prompt: u64,
+    /// The completion tokens it may generate (`max_tokens`, or a default reserve).
+    pub completion: u64,
+}
+
+impl Estimate {
+    pub fn tokens(&self) -> u64 {
+        self.prompt + self.completion
+    }
+}
+
+/// `x-ratelimit-*` values for one limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitState {
+    pub kind: LimitKind,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+impl RateLimitState {
+    /// The response headers for this limit.
+    pub fn headers(&self) -> [(String, String); 3] {
+        let s = self.kind.header_suffix();
+        [
+            (format!("x-ratelimit-limit-{s}"), self.limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{s}"),
+                self.remaining.to_string(),
+            ),
+            (
+                format!("x-ratelimit-reset-{s}"),
+                format!("{}s", self.reset.as_secs_f64().ceil() as u64),
+            ),
+        ]
+    }
+}
+
+/// An admitted request's charge; settle it with the actual usage. Dropped unsettled (the
+/// request never reached a provider), it gives its tokens back and keeps the request count.
+#[derive(Debug)]
+pub struct Reservation {
+    quota: Quota,
+    tenant: Arc<str>,
+    prompt_estimate: u64,
+    entries: Vec<(String, LimitKind, u64, u64)>,
+    settled: bool,
+    pub rate_limits: Vec<RateLimitState>,
+}
+
+impl Reservation {
+    /// Replaces the estimate with what the request actually used, and records it in the
+    /// tenant's daily roll-up.
+    pub fn settle(mut self, model: &str, usage: UsageTotals) {
+        self.settled = true;
+        let actual = usage.prompt_tokens + usage.completion_tokens;
+        self.quota.settle(&self.entries, actual);
+        self.record(model, usage);
+    }
+
+    /// The request ended without a usage report: the estimate stands.
+    pub fn keep(mut self, model: &str) {
+        self.settled = true;
+        let tokens = self
+            .entries
+            .iter()
+            .find(|e| e.1.counts_tokens())
+            .map_or(0, |e| e.3);
+        self.record(
+            model,
+            UsageTotals {
+                requests: 1,
+                prompt_tokens: self.prompt_estimate,
+                completion_tokens: tokens.saturating_sub(self.prompt_estimate),
+                ..UsageTotals::default()
+            },
+        );
+    }
+
+    /// The request was cut short after `generated` completion tokens (client gone, upstream
+    /// failure): it is charged its prompt and what was generated.
+    pub fn settle_partial(self, model: &str, generated: u64) {
+        let usage = UsageTotals {
+            requests: 1,
+            prompt_tokens: if generated > 0 {
+                self.prompt_estimate
+            } else {
+                0
+            },
+            completion_tokens: generated,
+            ..UsageTotals::default()
+        };
+        self.settle(model, usage);
+    }
+
+    fn record(&self, model: &str, usage: UsageTotals) {
+        let mut rollups = lock(&self.quota.inner.rollups);
+        let totals = rollups
+            .entry((self.tenant.to_string(), model.to_owned()))
+            .or_default();
+        totals.requests += usage.requests;
+        totals.prompt_tokens += usage.prompt_tokens;
+        totals.completion_tokens += usage.completion_tokens;
+        totals.cached_tokens += usage.cached_tokens;
+        totals.cost_micro_usd += usage.cost_micro_usd;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.quota.settle(&self.entries, 0);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Verdict {
+    Admitted(Vec<(String, LimitKind, u64, u64)>, Vec<RateLimitState>),
+    /// Some budget is empty but a slice is on its way: wait and try again.
+    Wait,
+    Refused(ApiError),
+}
+
+impl Quota {
+    /// Starts the quota account and its background flusher/renewer.
+    pub fn start(
+        node_id: NodeId,
+        config: QuotaConfig,
+        cluster: Replicated,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (renew, renewals) = mpsc::unbounded_channel();
+        let quota = Self {
+            inner: Arc::new(Inner {
+                node_id,
+                config,
+                cluster,
+                budgets: Mutex::new(HashMap::new()),
+                late: Mutex::new(Vec::new()),
+                rollups: Mutex::new(HashMap::new()),
+                granted: Notify::new(),
+                renew,
+                local_share_admits: AtomicU64::new(0),
+                denied_no_quorum: AtomicU64::new(0),
+            }),
+        };
+        let task = tokio::spawn(background(quota.clone(), renewals));
+        (quota, task)
+    }
+
+    /// Admissions made under a local share, and refusals for want of quorum.
+    pub fn no_quorum_counts(&self) -> (u64, u64) {
+        (
+            self.inner.local_share_admits.load(Ordering::Relaxed),
+            self.inner.denied_no_quorum.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Admits a request of `tenant` (with `limits`) costing `estimate`, or refuses it with a
+    /// 429 naming the limit (or 503 when no quorum and the policy denies).
+    pub async fn admit(
+        &self,
+        tenant: &Arc<str>,
+        limits: &Limits,
+        estimate: Estimate,
+    ) -> Result<Reservation, ApiError> {
+        let deadline = Instant::now() + self.inner.config.grant_wait;
+        loop {
+            let waiting = self.inner.granted.notified();
+            match self.try_admit(tenant, limits, estimate) {
+                Verdict::Admitted(entries, rate_limits) => {
+                    return Ok(Reservation {
+                        quota: self.clone(),
+                        tenant: Arc::clone(tenant),
+                        prompt_estimate: estimate.prompt,
+                        entries,
+                        settled: false,
+                        rate_limits,
+                    });
+                }
+                Verdict::Refused(e) => return Err(e),
+                Verdict::Wait => {
+                    if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                        // One last look: a slice may have landed just now.
+                        return match self.try_admit(tenant, limits, estimate) {
+                            Verdict::Admitted(entries, rate_limits) => Ok(Reservation {
+                                quota: self.clone(),
+                                tenant: Arc::clone(tenant),
+                                prompt_estimate: estimate.prompt,
+                                entries,
+                                settled: false,
+                                rate_limits,
+                            }),
+                            Verdict::Refused(e) => Err(e),
+                            Verdict::Wait => Err(self.no_slice_error()),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn no_slice_error(&self) -> ApiError {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "the cluster could not hand this node a quota slice in time; retry shortly",
+        )
+        .with_code("quota_unavailable")
+        .with_retry_after(Duration::from_secs(1))
+    }
+
+    /// The whole admission decision, in one short critical section.
+    fn try_admit(&self, tenant: &str, limits: &Limits, estimate: Estimate) -> Verdict {
+        let now = Instant::now();
+        let unix = now_unix_ms();
+        let mut budgets = lock(&self.inner.budgets);
+        let mut charges = Vec::new();
+        let mut wait = false;
+        for kind in LimitKind::ALL {
+            let Some(limit) = kind.of(limits) else {
+                continue;
+            };
+            let cost = if kind.counts_tokens() {
+                estimate.tokens()
+            } else {
+                1
+            };
+            let key = ledger_key(tenant, kind);
+            let window_ms = kind.window_ms();
+            let window_start = unix - unix % window_ms;
+            let budget = budgets.entry(key.clone()).or_insert_with(|| Budget {
+                kind,
+                limit,
+                window_start,
+                allowance: 0,
+                charged: 0,
+                reported: 0,
+                expires: None,
+                renewing: false,
+                demand: 0,
+                demand_since: now,
+                last_slice: 0,
+                local_share: false,
+                no_quorum: false,
+                need: 0,
+                dry_until: None,
+            });
+            budget.limit = limit;
+            if budget.window_start != window_start {
+                // A new window: whatever was charged in the old one and not yet reported is
+                // reported to the old window; the new one starts with no slice.
+                let unreported = budget.charged - budget.reported;
+                if unreported != 0 {
+                    lock(&self.inner.late).push(Late {
+                        key: key.clone(),
+                        window_start: budget.window_start,
+                        delta: unreported,
+                    });
+                }
+                budget.window_start = window_start;
+                budget.allowance = 0;
+                budget.charged = 0;
+                budget.reported = 0;
+                budget.expires = None;
+                budget.local_share = false;
+                budget.dry_until = None;
+            }
+            if cost > limit {
+                return Verdict::Refused(too_big(kind, limit, cost));
+            }
+            let lapsed = budget.expires.is_none_or(|e| e <= now);
+            let left = (budget.allowance as i64 - budget.charged).max(0) as u64;
+            if (budget.local_share || !lapsed) && left >= cost {
+                charges.push((key, kind, window_start, cost));
+                continue;
+            }
+            let policy = self
+                .inner
+                .config
+                .no_quorum
+                .get(&kind)
+                .copied()
+                .unwrap_or(NoQuorum::Deny);
+            if budget.no_quorum && policy == NoQuorum::Deny {
+                // The last renewal found no quorum: refuse at once rather than wait each time.
+                if !budget.renewing {
+                    budget.renewing = true;
+                    let _ = self.inner.renew.send(key.clone());
+                }
+                self.inner.denied_no_quorum.fetch_add(1, Ordering::Relaxed);
+                return Verdict::Refused(self.no_slice_error());
+            }
+            let reset = window_reset(window_start, window_ms, unix);
+            // A new slice can help if this one lapsed, or if the ledger has not lately
+            // answered with less than was needed (the window's budget is spent or promised).
+            let dry = budget.dry_until.is_some_and(|d| d > now);
+            if !budget.local_share && (lapsed || !dry) {
+                budget.need = budget.need.max(cost);
+                if !budget.renewing {
+                    budget.renewing = true;
+                    let _ = self.inner.renew.send(key.clone());
+                }
+                wait = true;
+                continue;
+            }
+            let cluster_left = self.cluster_left(&key).unwrap_or(0);
+            let retry = if cluster_left >= cost && !budget.local_share {
+                Duration::from_secs(1).min(reset)
+            } else {
+                reset
+            };
+            return Verdict::Refused(limited(kind, limit, cluster_left, retry));
+        }
+        if wait {
+            return Verdict::Wait;
+        }
+        let mut states = Vec::with_capacity(charges.len());
+        for (key, kind, window_start, cost) in &charges {
+            if let Some(b) = budgets.get_mut(key) {
+                b.charged += *cost as i64;
+                b.demand += cost;
+                if b.local_share {
+                    self.inner
+                        .local_share_admits
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let left = (b.allowance as i64 - b.charged).max(0) as u64;
+                // Renew early, before the slice runs dry or lapses.
+                let low = left < b.last_slice / 2
+                    || b.expires.is_some_and(|e| e <= now + Duration::from_secs(1));
+                if low && !b.renewing && !b.local_share {
+                    b.renewing = true;
+                    let _ = self.inner.renew.send(key.clone());
+                }
+                let cluster_left = self.cluster_left(key).unwrap_or(left);
+                states.push(RateLimitState {
+                    kind: *kind,
+                    limit: b.limit,
+                    remaining: cluster_left.saturating_sub((b.charged - b.reported).max(0) as u64),
+                    reset: window_reset(*window_start, kind.window_ms(), unix),
+                });
+            }
+        }
+        Verdict::Admitted(charges, states)
+    }
+
+    /// What the ledger (as applied here) says is left in the window, not yet promised.
+    fn cluster_left(&self, key: &str) -> Option<u64> {
+        let state = self.inner.cluster.state.borrow();
+        let ledger = state.ledger.get(key)?;
+        Some(
+            ledger.limit.saturating_sub(ledger.used).saturating_sub(
+                ledger
+                    .grants
+                    .iter()
+                    .filter(|(n, _)| **n != self.inner.node_id)
+                    .map(|(_, g)| g.outstanding())
+                    .sum(),
+            ),
+        )
+    }
+
+    fn settle(&self, entries: &[(String, LimitKind, u64, u64)], actual_tokens: u64) {
+        let mut budgets = lock(&self.inner.budgets);
+        for (key, kind, window_start, reserved) in entries {
+            if !kind.counts_tokens() {
+                continue;
+            }
+            let delta = actual_tokens as i64 - *reserved as i64;
+            if delta == 0 {
+                continue;
+            }
+            match budgets.get_mut(key) {
+                Some(b) if b.window_start == *window_start => b.charged += delta,
+                _ => lock(&self.inner.late).push(Late {
+                    key: key.clone(),
+                    window_start: *window_start,
+                    delta,
+                }),
+            }
+        }
+    }
+
+    /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.
+    async fn flush(&self) {
+        let mut commands = Vec::new();
+        let mut sent: Vec<(String, u64, i64)> = Vec::new();
+        {
+            let budgets = lock(&self.inner.budgets);
+            for (key, b) in budgets.iter() {
+                let delta = b.charged - b.reported;
+                if delta != 0 {
+                    commands.push(Command::ReportUsage {
+                        key: key.clone(),
+                        node: self.inner.node_id,
+                        window_start_unix_ms: b.window_start,
+                        delta,
+                    });
+                    sent.push((key.clone(), b.window_start, delta));
+                }
+            }
+        }
+        let late = std::mem::take(&mut *lock(&self.inner.late));
+        for l in &late {
+            commands.push(Command::ReportUsage {
+                key: l.key.clone(),
+                node: self.inner.node_id,
+                window_start_unix_ms: l.window_start,
+                delta: l.delta,
+            });
+        }
+        let rollups = std::mem::take(&mut *lock(&self.inner.rollups));
+        for ((tenant, model), totals) in &rollups {
+            commands.push(Command::RecordUsage {
+                tenant: tenant.clone(),
+                model: model.clone(),
+                totals: *totals,
+            });
+        }
+        if commands.is_empty() {
+            return;
+        }
+        match self
+            .inner
+            .cluster
+            .proposer
+            .propose(Command::Batch { commands })
+            .await
+        {
+            Ok(_) => {
+                let mut budgets = lock(&self.inner.budgets);
+                for (key, window_start, delta) in sent {
+                    if let Some(b) = budgets.get_mut(&key)
+                        && b.window_start == window_start
+                    {
+                        b.reported += delta;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "quota: usage report failed; retrying");
+                lock(&self.inner.late).extend(late);
+                let mut r = lock(&self.inner.rollups);
+                for (k, v) in rollups {
+                    let t = r.entry(k).or_default();
+                    t.requests += v.requests;
+                    t.prompt_tokens += v.prompt_tokens;
+                    t.completion_tokens += v.completion_tokens;
+                    t.cached_tokens += v.cached_tokens;
+                    t.cost_micro_usd += v.cost_micro_usd;
+                }
+            }
+        }
+    }
+
+    /// Asks the ledger for a new slice of `key` (after reporting, so the ledger has seen
+    /// everything this node charged).
+    async fn renew(&self, key: String) {
+        self.flush().await;
+        let (request, sent_at) = {
+            let mut budgets = lock(&self.inner.budgets);
+            let Some(b) = budgets.get_mut(&key) else {
+                return;
+            };
+            let now = Instant::now();
+            let elapsed = now.duration_since(b.demand_since).as_secs_f64().max(0.05);
+            let rate = b.demand as f64 / elapsed;
+            let cap = ((b.limit as f64 * self.inner.config.max_slice).ceil() as u64).max(1);
+            let want = (rate * self.inner.config.slice_horizon.as_secs_f64()).ceil() as u64;
+            let amount = want.clamp((cap / 10).max(1), cap).max(b.need).min(b.limit);
+            b.need = 0;
+            b.demand = 0;
+            b.demand_since = now;
+            (
+                GrantRequest {
+                    key: key.clone(),
+                    node: self.inner.node_id,
+                    limit: b.limit,
+                    window_ms: b.kind.window_ms(),
+                    window_start_unix_ms: b.window_start,
+                    amount,
+                    ttl_ms: self.inner.config.grant_ttl.as_millis() as u64,
+                },
+                now,
+            )
+        };
+        let outcome = self
+            .inner
+            .cluster
+            .proposer
+            .propose(Command::RequestGrant(request.clone()))
+            .await;
+        {
+            let mut budgets = lock(&self.inner.budgets);
+            if let Some(b) = budgets.get_mut(&key) {
+                b.renewing = false;
+                if b.window_start == request.window_start_unix_ms {
+                    match outcome {
+                        Ok(Applied::Granted { amount }) => {
+                            // The ledger now holds everything reported; the slice comes on top.
+                            b.allowance = b.reported.max(0) as u64 + amount;
+                            b.dry_until = (amount < request.amount)
+                                .then(|| Instant::now() + Duration::from_secs(1));
+                            b.last_slice = amount;
+                            b.local_share = false;
+                            b.no_quorum = false;
+                            // Counted from when it was asked for, less a 10 % margin.
+                            b.expires = Some(sent_at + self.inner.config.grant_ttl.mul_f64(0.9));
+                        }
+                        Ok(other) => {
+                            tracing::warn!(?other, %key, "quota: unexpected answer to a grant request");
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, %key, "quota: no slice (no quorum?)");
+                            b.no_quorum = true;
+                            let lapsed = b.expires.is_none_or(|x| x <= Instant::now());
+                            let policy = self
+                                .inner
+                                .config
+                                .no_quorum
+                                .get(&b.kind)
+                                .copied()
+                                .unwrap_or(NoQuorum::Deny);
+                            if lapsed {
+                                match policy {
+                                    NoQuorum::LocalShare => {
+                                        let nodes =
+                                            self.inner.cluster.state.borrow().members.len().max(1);
+                                        b.local_share = true;
+                                        b.allowance = b.limit / nodes as u64;
+                                        b.expires =
+                                            Some(Instant::now() + self.inner.config.grant_ttl);
+                                    }
+                                    NoQuorum::Deny => {
+                                        b.expires = None;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.inner.granted.notify_waiters();
+    }
+}
+
+/// The flusher and the renewer: usage goes to the ledger every `flush_every`, and slices are
+/// renewed as admissions ask for them.
+async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<String>) {
+    let mut tick = tokio::time::interval(quota.inner.config.flush_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => quota.flush().await,
+            key = renewals.recv() => match key {
+                Some(key) => {
+                    let q = quota.clone();
+                    tokio::spawn(async move { q.renew(key).await });
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {
+    Duration::from_millis((window_start + window_ms).saturating_sub(now))
+}
+
+fn limited(kind: LimitKind, limit: u64, left: u64, retry: Duration) -> ApiError {
+    ApiError::new(
+        ErrorKind::RateLimited,
+        format!(
+            "rate limit reached: {} is {limit}; retry after {} s",
+            kind.code(),
+            retry.as_secs_f64().ceil() as u64
+        ),
+    )
+    .with_code(kind.code())
+    .with_retry_after(retry.max(Duration::from_secs(1)))
+    .with_header(
+        format!("x-ratelimit-limit-{}", kind.header_suffix()),
+        limit.to_string(),
+    )
+    .with_header(
+        format!("x-ratelimit-remaining-{}", kind.header_suffix()),
+        left.to_string(),
+    )
+    .with_header(
+        format!("x-ratelimit-reset-{}", kind.header_suffix()),
+        format!("{}s", retry.as_secs_f64().ceil() as u64),
+    )
+}
+
+/// A single request larger than the whole limit can never be admitted.
+fn too_big(kind: LimitKind, limit: u64, cost: u64) -> ApiError {
+    ApiError::new(
+        ErrorKind::RateLimited,
+        format!(
+            "this request needs {cost} against {} = {limit}, more than the limit allows in any window; lower max_tokens or the prompt",
+            kind.code()
+        ),
+    )
+    .with_code(kind.code())
+    .with_param("max_tokens")
+    .no_retry()
+}
+
+#[cfg(test)]
+mod tests;

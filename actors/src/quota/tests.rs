@@ -1,0 +1,234 @@
+//! Admission against grants, with the ledger applied in memory (the same `ClusterState::apply`
+//! Raft runs), shared by several "nodes".
+
+use std::sync::atomic::AtomicBool;
+
+use futures::future::BoxFuture;
+use meridian_proto::cluster::{ClusterState, Member, Proposal, Tenant, Tier};
+use tokio::sync::watch;
+
+use super::*;
+use crate::gateway::Proposer;
+
+/// One in-memory cluster: proposals are applied at once; `down` makes every proposal fail
+/// (no quorum).
+struct Ledger {
+    state: Mutex<ClusterState>,
+    published: watch::Sender<Arc<ClusterState>>,
+    down: AtomicBool,
+}
+
+struct NodeProposer {
+    ledger: Arc<Ledger>,
+    node: NodeId,
+}
+
+impl Proposer for NodeProposer {
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>> {
+        let ledger = Arc::clone(&self.ledger);
+        let node = self.node;
+        Box::pin(async move {
+            if ledger.down.load(Ordering::Relaxed) {
+                return Err("no leader is known".into());
+            }
+            let mut s = lock(&ledger.state);
+            let applied = s.apply(&Proposal {
+                at_unix_ms: now_unix_ms(),
+                proposer: node,
+                command,
+            });
+            ledger.published.send_replace(Arc::new(s.clone()));
+            Ok(applied)
+        })
+    }
+}
+
+fn ledger(nodes: u64) -> Arc<Ledger> {
+    let mut s = ClusterState::default();
+    for id in 1..=nodes {
+        s.members.insert(
+            id,
+            Member {
+                id,
+                region: "r".into(),
+                raft_addr: String::new(),
+                http_addr: String::new(),
+                mesh_addr: String::new(),
+            },
+        );
+    }
+    s.tiers.insert(
+        "t".into(),
+        Tier {
+            name: "t".into(),
+            limits: Limits::default(),
+        },
+    );
+    s.tenants.insert(
+        "acme".into(),
+        Tenant {
+            id: "acme".into(),
+            tier: "t".into(),
+            overrides: Limits::default(),
+            created_at_unix_ms: 0,
+            updated_at_unix_ms: 0,
+        },
+    );
+    Arc::new(Ledger {
+        published: watch::Sender::new(Arc::new(s.clone())),
+        state: Mutex::new(s),
+        down: AtomicBool::new(false),
+    })
+}
+
+fn node(ledger: &Arc<Ledger>, id: NodeId, config: QuotaConfig) -> Quota {
+    Quota::start(
+        id,
+        config,
+        Replicated {
+            node_id: id,
+            state: ledger.published.subscribe(),
+            proposer: Arc::new(NodeProposer {
+                ledger: Arc::clone(ledger),
+                node: id,
+            }),
+        },
+    )
+    .0
+}
+
+fn tokens(n: u64) -> Estimate {
+    Estimate {
+        prompt: n / 2,
+        completion: n - n / 2,
+    }
+}
+
+fn tpm(limit: u64) -> Limits {
+    Limits {
+        tokens_per_minute: Some(limit),
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_never_admit_more_than_the_limit_together() {
+    let ledger = ledger(3);
+    let nodes: Vec<Quota> = (1..=3)
+        .map(|id| node(&ledger, id, QuotaConfig::default()))
+        .collect();
+    let tenant: Arc<str> = "acme".into();
+    let limits = tpm(10_000);
+    let mut admitted = 0;
+    let mut refused = None;
+    // Far more demand than the limit, spread over the nodes.
+    for i in 0..400 {
+        match nodes[i % 3].admit(&tenant, &limits, tokens(100)).await {
+            Ok(r) => {
+                admitted += 100;
+                std::mem::forget(r); // charged in full
+            }
+            Err(e) => refused = Some(e),
+        }
+    }
+    assert!(admitted <= 10_000, "over-admitted: {admitted}");
+    let e = refused.expect("the limit was reached");
+    assert_eq!(e.kind, ErrorKind::RateLimited);
+    assert_eq!(e.code.as_deref(), Some("tokens_per_minute"));
+    assert!(e.retry_after.is_some());
+    assert!(
+        e.headers
+            .iter()
+            .any(|(k, _)| k == "x-ratelimit-remaining-tokens")
+    );
+    // Near the limit: slices are 5 % at most, so at most three of them stay unused.
+    assert!(admitted >= 10_000 - 3 * 500, "under-admitted: {admitted}");
+}
+
+#[tokio::test]
+async fn settled_reservations_give_back_what_they_did_not_use() {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let limits = tpm(1_000);
+    // Each reserves 400 but uses 100: seven fit, not two.
+    for _ in 0..7 {
+        let r = q
+            .admit(&tenant, &limits, tokens(400))
+            .await
+            .expect("admitted");
+        assert!(
+            r.rate_limits
+                .iter()
+                .any(|s| s.kind == LimitKind::TokensPerMinute)
+        );
+        r.settle(
+            "m",
+            UsageTotals {
+                requests: 1,
+                prompt_tokens: 60,
+                completion_tokens: 40,
+                ..UsageTotals::default()
+            },
+        );
+    }
+    // The eighth would need 400 with 300 left.
+    let e = q
+        .admit(&tenant, &limits, tokens(400))
+        .await
+        .expect_err("300 left");
+    assert_eq!(e.code.as_deref(), Some("tokens_per_minute"));
+    q.flush().await;
+    let used = ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
+    assert_eq!(used, 700, "the ledger holds actual usage");
+    let day = now_unix_ms() / 86_400_000;
+    assert_eq!(
+        ledger.published.borrow().usage[&day]["acme"]["m"].requests,
+        7,
+        "roll-ups are reported with the usage"
+    );
+    // A request bigger than the limit can never pass.
+    let e = q
+        .admit(&tenant, &limits, tokens(5_000))
+        .await
+        .expect_err("too big");
+    assert!(e.no_retry);
+}
+
+#[tokio::test]
+async fn without_quorum_limits_deny_or_share() {
+    let ledger = ledger(4);
+    let tenant: Arc<str> = "acme".into();
+    let limits = Limits {
+        tokens_per_minute: Some(4_000),
+        requests_per_minute: Some(400),
+        ..Limits::default()
+    };
+    ledger.down.store(true, Ordering::Relaxed);
+    let deny = node(&ledger, 1, QuotaConfig::default());
+    let e = deny
+        .admit(&tenant, &limits, tokens(10))
+        .await
+        .expect_err("no slice without quorum");
+    assert_eq!(e.code.as_deref(), Some("quota_unavailable"));
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+
+    let mut config = QuotaConfig::default();
+    config
+        .no_quorum
+        .insert(LimitKind::TokensPerMinute, NoQuorum::LocalShare);
+    config
+        .no_quorum
+        .insert(LimitKind::RequestsPerMinute, NoQuorum::LocalShare);
+    let share = node(&ledger, 2, config);
+    let mut admitted = 0;
+    for _ in 0..300 {
+        if let Ok(r) = share.admit(&tenant, &limits, tokens(10)).await {
+            admitted += 10;
+            std::mem::forget(r);
+        }
+    }
+    // limit ÷ 4 nodes.
+    assert_eq!(admitted, 1_000);
+    assert!(share.no_quorum_counts().0 >= 100);
+}
