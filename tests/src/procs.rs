@@ -102,6 +102,8 @@ impl Proc {
 
 /// A cluster of `meridian` processes.
 pub struct Harness {
+    /// The `[[providers]]` every node gets (default: the built-in demo model).
+    pub providers: String,
     tmp: tempfile::TempDir,
     pki: PathBuf,
     subnet: u8,
@@ -116,6 +118,8 @@ impl Harness {
         let pki = tmp.path().join("pki");
         meridian_cluster::certs::init_ca(&pki).unwrap_or_else(|e| panic!("certs init: {e}"));
         Self {
+            providers: "[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
+                .into(),
             tmp,
             pki,
             subnet,
@@ -154,7 +158,8 @@ impl Harness {
              [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
              [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
              [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
-             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+             {providers}",
+            providers = self.providers,
             region = id % 2,
             pki = self.pki,
             peers = peers.join(", "),

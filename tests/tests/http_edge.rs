@@ -727,3 +727,111 @@ async fn api_keys_are_required_checked_and_revocable() {
         .expect_err("no such tenant");
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "").await;
+    let mut admin = n.admin_client().await.expect("admin");
+    use meridian_proto::pb::admin as pb;
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "small".into(),
+                limits: Some(pb::Limits {
+                    tokens_per_minute: Some(1_000),
+                    requests_per_minute: Some(1_000),
+                    ..pb::Limits::default()
+                }),
+            }),
+        })
+        .await
+        .expect("tier");
+    admin
+        .put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: "acme".into(),
+                tier: "small".into(),
+                ..pb::Tenant::default()
+            }),
+        })
+        .await
+        .expect("tenant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "acme".into(),
+            label: String::new(),
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let client = reqwest::Client::new();
+    let send = |body: String| {
+        client
+            .post(n.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // The mock answers 8 completion tokens; each request reserves its prompt + 100.
+    let resp = send(chat_body("mock", false, r#""max_tokens":100"#))
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    for h in [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ] {
+        assert!(
+            resp.headers().contains_key(h),
+            "no {h}: {:?}",
+            resp.headers()
+        );
+    }
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "1000");
+    let mut served = 1;
+    let refused = loop {
+        let resp = send(chat_body("mock", false, r#""max_tokens":100"#))
+            .await
+            .expect("sent");
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 200);
+        served += 1;
+        assert!(served < 200, "never limited");
+    };
+    // Actual use is ~12 tokens a request, so reservations are settled and many more than
+    // 1000 / 105 requests fit.
+    assert!(
+        served > 20,
+        "only {served} served: reservations are not settled"
+    );
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.headers()["x-ratelimit-limit-tokens"], "1000");
+    assert!(refused.headers().get("x-should-retry").is_none());
+    let v: Value = refused.json().await.expect("json");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["code"], "tokens_per_minute");
+
+    // A request that can never fit says so, and that a retry will not help.
+    let resp = send(chat_body("mock", false, r#""max_tokens":5000"#))
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["error"]["param"], "max_tokens");
+    // The mock's own count matches what was served.
+    let seen = m
+        .stats
+        .completion_tokens
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(seen, served * 8);
+}
