@@ -91,6 +91,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         us(0.999),
         h.max() as f64 / 1000.0
     );
+
+    // The estimate that precedes it: tokenizing a short prompt.
+    let request = meridian_proto::openai::ChatRequest::from_json(
+        br#"{"model":"m","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#,
+        &meridian_proto::openai::RequestLimits::default(),
+    )?;
+    let tokenizer = meridian_actors::estimate::Tokenizer::default();
+    let _ = meridian_actors::estimate::prompt_tokens(&request, tokenizer);
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    for _ in 0..100_000 {
+        let t = Instant::now();
+        let n = meridian_actors::estimate::prompt_tokens(&request, tokenizer);
+        h.record(t.elapsed().as_nanos() as u64)?;
+        assert!(n > 0);
+    }
+    println!(
+        "prompt estimate (o200k, one short message): p50 {:.3} µs, p99 {:.3} µs",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

@@ -39,6 +39,14 @@ impl Drop for Proc {
 
 /// Starts `cmd`, waits for a stdout line containing `marker`, returns the process and the line.
 fn spawn_ready(cmd: &mut Command, marker: &str) -> anyhow::Result<(Proc, String)> {
+    spawn_ready_with(cmd, marker).map(|(p, l, _)| (p, l))
+}
+
+/// As [`spawn_ready`], also returning the lines printed before the marker.
+fn spawn_ready_with(
+    cmd: &mut Command,
+    marker: &str,
+) -> anyhow::Result<(Proc, String, Vec<String>)> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -47,13 +55,15 @@ fn spawn_ready(cmd: &mut Command, marker: &str) -> anyhow::Result<(Proc, String)
     let stdout = child.stdout.take().context("no stdout")?;
     let proc = Proc(child);
     let mut lines = BufReader::new(stdout).lines();
+    let mut before = Vec::new();
     for line in lines.by_ref() {
         let line = line?;
         if line.contains(marker) {
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return Ok((proc, line));
+            return Ok((proc, line, before));
         }
+        before.push(line);
     }
     bail!("{cmd:?} exited before printing {marker:?}")
 }
@@ -141,12 +151,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn lua(dir: &Path, name: &str, body: &str) -> anyhow::Result<PathBuf> {
+    lua_with(dir, name, body, None)
+}
+
+/// A wrk script that POSTs `body`, with `Authorization: Bearer KEY` when a key is given.
+fn lua_with(dir: &Path, name: &str, body: &str, key: Option<&str>) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     let escaped = body.replace('\\', "\\\\").replace('\'', "\\'");
+    let auth = key.map_or(String::new(), |k| {
+        format!("wrk.headers['Authorization'] = 'Bearer {k}'\n")
+    });
     std::fs::write(
         &path,
         format!(
-            "wrk.method = 'POST'\nwrk.body = '{escaped}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+            "wrk.method = 'POST'\nwrk.body = '{escaped}'\nwrk.headers['Content-Type'] = 'application/json'\n{auth}"
         ),
     )?;
     Ok(path)
@@ -237,6 +255,89 @@ fn main() -> anyhow::Result<()> {
             med(&|r| r[3].p99_ms),
         ));
     }
+    // The same gateway with authentication and cluster-wide quotas on: a second node whose
+    // development tenant gets (unreachable) tokens/min and requests/min limits, so every
+    // request is authenticated, estimated with the tokenizer, admitted and settled.
+    let on_config = tmp.path().join("node-on.toml");
+    let on_data = tmp.path().join("data-on");
+    std::fs::write(
+        &on_config,
+        format!(
+            "[node]\ndata_dir = {on_data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
+             models = [\"mock\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
+        ),
+    )?;
+    let (_node_on, line, before) = spawn_ready_with(
+        Command::new(bin_dir.join("meridian"))
+            .args(["serve", "--config"])
+            .arg(&on_config)
+            .env("MERIDIAN_LOG", "warn"),
+        "meridian ready",
+    )?;
+    let on_addr = field(&line, "http=")?.to_owned();
+    let admin_addr = field(&line, "admin=")?.to_owned();
+    let key = before
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("development API key")?
+                .split_whitespace()
+                .find(|w| w.starts_with("mk_"))
+        })
+        .context("the node printed no development key")?
+        .to_owned();
+    let limited = Command::new(bin_dir.join("meridian"))
+        .args([
+            "admin",
+            "--addr",
+            &format!("http://{admin_addr}"),
+            "--token-file",
+        ])
+        .arg(on_data.join("admin.token"))
+        .args([
+            "tier",
+            "put",
+            "dev",
+            "--tokens-per-minute",
+            "1000000000000",
+            "--requests-per-minute",
+            "1000000000000",
+        ])
+        .output()?;
+    if !limited.status.success() {
+        bail!(
+            "could not set the dev tier's limits: {}",
+            String::from_utf8_lossy(&limited.stderr)
+        );
+    }
+    let body =
+        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
+    let with_key = lua_with(tmp.path(), "unary-key.lua", body, Some(&key))?;
+    let off_url = format!("http://{node_addr}/v1/chat/completions");
+    let on_url = format!("http://{on_addr}/v1/chat/completions");
+    wrk(&on_url, &with_key, 8, 1)?;
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let off1 = wrk(&off_url, &unary, 1, secs)?;
+        let on1 = wrk(&on_url, &with_key, 1, secs)?;
+        let off64 = wrk(&off_url, &unary, 64, secs)?;
+        let on64 = wrk(&on_url, &with_key, 64, secs)?;
+        eprintln!(
+            "auth+quota: round throughput on/off {:.3}, added p50 {:+.3} ms",
+            on64.rps / off64.rps,
+            on1.p50_ms - off1.p50_ms
+        );
+        rounds.push([off1, on1, off64, on64]);
+    }
+    let med = |f: &dyn Fn(&[Run; 4]) -> f64| median(rounds.iter().map(f).collect());
+    report.push_str(&format!(
+        "\n| non-streaming, c=64 | req/s auth+quota off | req/s on | on ÷ off | c=1 p50 off | c=1 p50 on |\n|---|---|---|---|---|---|\n| | {:.0} | {:.0} | {:.3} | {:.3} ms | {:.3} ms |\n",
+        med(&|r| r[2].rps),
+        med(&|r| r[3].rps),
+        med(&|r| r[3].rps / r[2].rps),
+        med(&|r| r[0].p50_ms),
+        med(&|r| r[1].p50_ms),
+    ));
     println!("{report}");
     let out = bin_dir.join("../bench-gateway.md");
     std::fs::write(&out, &report)?;
