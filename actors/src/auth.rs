@@ -6,6 +6,8 @@
 //! 256-bit secret from the OS random source. The cluster stores only the SHA-256 of the whole
 //! key. A high-entropy key needs no slow password hash; the digest is compared in constant time.
 
+pub mod jwt;
+
 use std::sync::Arc;
 
 use meridian_proto::cluster::ClusterState;
@@ -83,6 +85,8 @@ pub struct Principal {
     pub key_id: Option<String>,
     /// The end user, when the caller names one (JWT `sub`, or a header).
     pub user: Option<Arc<str>>,
+    /// The tier a JWT names (used when the tenant is not in the tenant table).
+    pub tier: Option<Arc<str>>,
 }
 
 fn unauthenticated(code: &str, message: &str) -> ApiError {
@@ -148,6 +152,7 @@ pub fn authenticate_key(
         tenant: record.tenant.as_str().into(),
         key_id: Some(record.id.clone()),
         user: None,
+        tier: None,
     })
 }
 

@@ -15,6 +15,7 @@ use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
@@ -36,6 +37,8 @@ pub struct GatewayConfig {
     pub auth: bool,
     /// Cluster-wide limits (needs `cluster` and `auth`: limits belong to tenants).
     pub quota: Option<QuotaConfig>,
+    /// Accepts JWTs besides API keys, when set.
+    pub jwt: Option<Arc<JwtVerifier>>,
 }
 
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
@@ -78,6 +81,7 @@ struct Inner {
     draining: AtomicBool,
     cluster: Option<Replicated>,
     auth: bool,
+    jwt: Option<Arc<JwtVerifier>>,
     quota: Option<(Quota, JoinHandle<()>)>,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
@@ -142,6 +146,7 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 cluster: config.cluster,
                 auth: config.auth,
+                jwt: config.jwt,
                 quota,
                 publisher,
             }),
@@ -165,6 +170,11 @@ impl Gateway {
             ));
         };
         let presented = auth::bearer(authorization, x_api_key);
+        if let (Some(jwt), Some(token)) = (&self.inner.jwt, presented.as_deref())
+            && auth::jwt::looks_like_jwt(token)
+        {
+            return jwt.verify(token).map(Some);
+        }
         auth::authenticate_key(&cluster.state.borrow(), presented.as_deref()).map(Some)
     }
 
@@ -182,13 +192,31 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        let limits = cluster.state.borrow().limits_of(&principal.tenant);
+        let limits = {
+            let state = cluster.state.borrow();
+            state.limits_of(&principal.tenant).or_else(|| {
+                // A JWT caller whose tenant is not in the table is limited by its tier claim.
+                let tier = principal.tier.as_deref()?;
+                state.tiers.get(tier).map(|t| t.limits)
+            })
+        };
         let Some(limits) = limits else {
-            return Err(ApiError::new(
-                ErrorKind::Unauthenticated,
-                "the key's tenant no longer exists",
-            )
-            .with_code("revoked_api_key"));
+            return Err(if principal.key_id.is_some() {
+                ApiError::new(
+                    ErrorKind::Unauthenticated,
+                    "the key's tenant no longer exists",
+                )
+                .with_code("revoked_api_key")
+            } else {
+                ApiError::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "tenant {:?} is not known to this cluster and the token names no known tier",
+                        principal.tenant
+                    ),
+                )
+                .with_code("unknown_tenant")
+            });
         };
         if limits == Limits::default() {
             return Ok(None);

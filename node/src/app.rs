@@ -94,6 +94,7 @@ impl App {
             restart_budget: RestartBudget::default(),
             auth: config.auth.enabled,
             quota: Some(config.quota.clone()),
+            jwt: config.jwt.clone(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

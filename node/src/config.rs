@@ -9,8 +9,10 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::estimate::Tokenizer;
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
@@ -41,6 +43,7 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub quota: RawQuota,
+    pub jwt: Option<RawJwt>,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -122,6 +125,25 @@ pub struct RawAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf` (default 30s).
+    pub leeway: Option<String>,
+    /// The environment variable holding the HS256 secret (≥ 32 bytes).
+    pub hs256_secret_env: Option<String>,
+    /// A JWKS file with the RS256 / EdDSA public keys.
+    pub jwks_file: Option<String>,
+    /// The claim naming the tenant (default "tenant").
+    pub tenant_claim: Option<String>,
+    /// The claim naming the tier, if tokens carry one.
+    pub tier_claim: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawQuota {
     /// How often charged usage is reported to the replicated ledger (default 50ms).
     pub flush_every: Option<String>,
@@ -186,6 +208,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub auth: AuthConfig,
     pub quota: QuotaConfig,
+    /// JWT callers, when `[jwt]` is configured.
+    pub jwt: Option<Arc<JwtVerifier>>,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
@@ -837,6 +861,73 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             ),
         }
     }
+    let jwt = raw.jwt.as_ref().and_then(|j| {
+        let mut required = |field: &str, v: &Option<String>| match v {
+            Some(s) if !s.is_empty() => s.clone(),
+            _ => {
+                e.push(format!("jwt.{field}"), "is required when [jwt] is set");
+                String::new()
+            }
+        };
+        let issuer = required("issuer", &j.issuer);
+        let audience = required("audience", &j.audience);
+        let leeway = match j.leeway.as_deref().map(parse_duration) {
+            None => Duration::from_secs(30),
+            Some(Ok(d)) => d,
+            Some(Err(m)) => {
+                e.push("jwt.leeway", m);
+                Duration::from_secs(30)
+            }
+        };
+        let hs256_secret = match &j.hs256_secret_env {
+            None => None,
+            Some(var) => match env.get(var) {
+                Some(v) if v.len() >= 32 => Some(v.into_bytes()),
+                Some(_) => {
+                    e.push(
+                        "jwt.hs256_secret_env",
+                        format!("${var} must hold at least 32 bytes"),
+                    );
+                    None
+                }
+                None => {
+                    e.push("jwt.hs256_secret_env", format!("${var} is not set"));
+                    None
+                }
+            },
+        };
+        let jwks = match &j.jwks_file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => Some(text),
+                Err(err) => {
+                    e.push("jwt.jwks_file", format!("cannot read {path}: {err}"));
+                    None
+                }
+            },
+        };
+        let settings = JwtSettings {
+            issuer,
+            audience,
+            leeway,
+            hs256_secret,
+            jwks,
+            tenant_claim: j.tenant_claim.clone().unwrap_or_else(|| "tenant".into()),
+            tier_claim: j.tier_claim.clone(),
+        };
+        match JwtVerifier::new(settings) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(m) => {
+                let field = if j.jwks_file.is_some() {
+                    "jwt.jwks_file"
+                } else {
+                    "jwt"
+                };
+                e.push(field, m);
+                None
+            }
+        }
+    });
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -1050,6 +1141,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         admin_token,
         auth,
         quota,
+        jwt,
         limits,
         drain_timeout,
         providers,

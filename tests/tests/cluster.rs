@@ -272,6 +272,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         cluster: None,
         auth: false,
         quota: None,
+        jwt: None,
     })
     .await
     .unwrap();

@@ -835,3 +835,78 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
         .load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(seen, served * 8);
 }
+
+#[tokio::test]
+async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let m = mock(Flavor::Vllm).await;
+    let secret = "a-shared-hs256-secret-for-this-test-only";
+    let toml = format!(
+        "[jwt]\nissuer = \"https://idp.example\"\naudience = \"meridian\"\nhs256_secret_env = \"TEST_JWT_SECRET\"\ntier_claim = \"tier\"\n{}",
+        provider_toml("mock", &m.base_url(), &["mock"], "")
+    );
+    let n = TestNode::start_with_env(&toml, vec![("TEST_JWT_SECRET".into(), secret.into())])
+        .await
+        .expect("node");
+    let mut admin = n.admin_client().await.expect("admin");
+    use meridian_proto::pb::admin as pb;
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "tiny".into(),
+                limits: Some(pb::Limits {
+                    requests_per_minute: Some(2),
+                    ..pb::Limits::default()
+                }),
+            }),
+        })
+        .await
+        .expect("tier");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = |exp: u64, aud: &str| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"iss": "https://idp.example", "aud": aud, "exp": exp,
+                                "sub": "user-7", "tenant": "partner-co", "tier": "tiny"}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("signed")
+    };
+    let call = |t: String| {
+        reqwest::Client::new()
+            .post(n.url("/v1/chat/completions"))
+            .bearer_auth(t)
+            .header("content-type", "application/json")
+            .body(chat_body("mock", false, ""))
+            .send()
+    };
+    let good = token(now + 300, "meridian");
+    assert_eq!(call(good.clone()).await.expect("sent").status(), 200);
+    assert_eq!(call(good.clone()).await.expect("sent").status(), 200);
+    // The tier claim's limit applies: 2 requests a minute.
+    let third = call(good).await.expect("sent");
+    assert_eq!(third.status(), 429);
+    let v: Value = third.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "requests_per_minute");
+    for (t, code) in [
+        (token(now - 600, "meridian"), "expired_token"),
+        (token(now + 300, "elsewhere"), "invalid_audience"),
+    ] {
+        let resp = call(t).await.expect("sent");
+        assert_eq!(resp.status(), 401);
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+    // API keys keep working alongside.
+    let resp = n
+        .client()
+        .post(n.url("/v1/chat/completions"))
+        .body(chat_body("mock", false, ""))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+}

@@ -40,6 +40,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         cluster: None,
         auth: false,
         quota: None,
+        jwt: None,
     })
     .await
     .expect("gateway starts")
