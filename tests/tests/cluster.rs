@@ -307,3 +307,57 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     );
     intruder.stop();
 }
+
+#[tokio::test]
+async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seconds() {
+    use meridian_proto::pb::admin as pb;
+    let mut h = Harness::new(17);
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    h.put_tenant(1, "acme").await.unwrap();
+    let mut admin = h.admin(1).await.unwrap();
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "acme".into(),
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let client = reqwest::Client::new();
+    let status = |id: u64| {
+        let req = client
+            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .bearer_auth(&key.secret)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"demo","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send();
+        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    // The key works on every node once replicated.
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("the key to work on node {id}"), T, || async {
+            (status(id).await == 200).then_some(())
+        })
+        .await;
+    }
+    let mut other = h.admin(2).await.unwrap();
+    other
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: key.key_id.clone(),
+        })
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for id in [1, 2, 3] {
+        h.wait_for(
+            &format!("node {id} to refuse the key"),
+            Duration::from_secs(2),
+            || async { (status(id).await == 401).then_some(()) },
+        )
+        .await;
+        slowest = slowest.max(revoked.elapsed());
+    }
+    println!("revoked through node 2: refused by all three nodes within {slowest:?}");
+}
