@@ -148,7 +148,7 @@ async fn serve(args: ConnectionArgs) {
     let queue_deadline = cap(spec.queue_timeout);
 
     let permit = tokio::select! {
-        p = provider.acquire(queue_deadline) => p,
+        p = provider.acquire(queue_deadline, ctx.principal.as_ref().map(|p| Arc::clone(&p.tenant))) => p,
         () = reply.closed() => return,
     };
     let _permit = match permit {

@@ -9,7 +9,7 @@
 //! Hot path: when nobody is queued and a slot is free, [`Provider::acquire`] takes it with one
 //! compare-and-swap and never touches the mailbox. Only saturation goes through the actor.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
@@ -55,6 +55,8 @@ pub struct Provider {
     requests_total: AtomicU64,
     failures_total: AtomicU64,
     restarts: AtomicU64,
+    /// Moving average of how long a call holds its slot, in µs (0: no sample yet).
+    service_us: AtomicU64,
     /// The live actor; replaced by each incarnation when it starts. A watch so that a request
     /// whose actor died can wait for the next one.
     actor: watch::Sender<Option<ActorRef<ProviderMsg>>>,
@@ -85,6 +87,7 @@ impl Provider {
             requests_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            service_us: AtomicU64::new(0),
             actor: watch::Sender::new(None),
         })
     }
@@ -125,13 +128,45 @@ impl Provider {
         self.restarts.fetch_add(1, SeqCst);
     }
 
+    /// How long a request queued now would wait for a slot, from the moving average of slot
+    /// holding times (`None` until there is a sample, or while slots are free).
+    pub fn predicted_wait(&self) -> Option<Duration> {
+        let service = self.service_us.load(SeqCst);
+        if service == 0 || self.in_flight() < self.spec.max_concurrency {
+            return None;
+        }
+        let ahead = u64::from(self.queued()) + 1;
+        let per_slot = u64::from(self.spec.max_concurrency.max(1));
+        Some(Duration::from_micros(service * ahead / per_slot))
+    }
+
     /// A concurrency slot, waiting in the provider's queue until `deadline` if none is free.
-    /// Queue full → 503 with Retry-After; deadline passed → 504.
-    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Permit, ApiError> {
+    /// Waiters are served fairly across tenants (`tenant`), and one tenant may hold at most
+    /// half the queue. Queue full → 503 with Retry-After; a predicted wait past `deadline` →
+    /// 504 at once; deadline passed → 504.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        deadline: Instant,
+        tenant: Option<Arc<str>>,
+    ) -> Result<Permit, ApiError> {
         if self.queued() == 0
             && let Some(permit) = self.try_take_slot()
         {
             return Ok(permit);
+        }
+        if let Some(wait) = self.predicted_wait()
+            && Instant::now() + wait > deadline
+        {
+            return Err(ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "provider {} would take about {} ms to start this request, past its deadline",
+                    self.spec.id,
+                    wait.as_millis()
+                ),
+            )
+            .with_code("deadline_unreachable")
+            .with_retry_after(wait.max(Duration::from_secs(1))));
         }
         let mut incarnations = self.actor.subscribe();
         loop {
@@ -143,7 +178,11 @@ impl Provider {
             if let Some(actor) = actor {
                 match actor
                     .call(
-                        |reply| ProviderMsg::Acquire { deadline, reply },
+                        |reply| ProviderMsg::Acquire {
+                            deadline,
+                            tenant: tenant.clone(),
+                            reply,
+                        },
                         Some(remaining),
                     )
                     .await
@@ -172,10 +211,20 @@ impl Provider {
             .ok()
             .map(|_| Permit {
                 provider: Arc::clone(self),
+                since: Instant::now(),
             })
     }
 
-    fn release(&self) {
+    fn release(&self, held: Duration) {
+        // An exponentially weighted average (1/8 per sample) of how long calls hold a slot.
+        let sample = held.as_micros().min(u128::from(u32::MAX)) as u64;
+        let _ = self.service_us.fetch_update(SeqCst, SeqCst, |old| {
+            Some(if old == 0 {
+                sample
+            } else {
+                (old * 7 + sample) / 8
+            })
+        });
         self.in_flight.fetch_sub(1, SeqCst);
         // Order matters: the slot is freed before we look for waiters, and the actor counts a
         // waiter as queued before it looks for a free slot, so one of us always sees the other.
@@ -218,11 +267,12 @@ impl Provider {
 #[derive(Debug)]
 pub struct Permit {
     provider: Arc<Provider>,
+    since: Instant,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.provider.release();
+        self.provider.release(self.since.elapsed());
     }
 }
 
@@ -232,6 +282,8 @@ pub enum ProviderMsg {
     /// Grant a slot now, or queue until one frees or `deadline` passes.
     Acquire {
         deadline: Instant,
+        /// Whose request it is, for fair queueing (`None`: the anonymous share).
+        tenant: Option<Arc<str>>,
         reply: RpcReplyPort<Result<Permit, ApiError>>,
     },
     /// A slot was freed; hand it to the oldest live waiter.
@@ -248,7 +300,11 @@ pub struct ProviderActor;
 
 pub struct ProviderState {
     provider: Arc<Provider>,
-    waiters: VecDeque<Waiter>,
+    /// Waiters per tenant, each queue oldest first.
+    queues: HashMap<Option<Arc<str>>, VecDeque<Waiter>>,
+    /// Tenants with waiters, in turn order: slots go round-robin across tenants.
+    turns: VecDeque<Option<Arc<str>>>,
+    waiting: usize,
 }
 
 struct Waiter {
@@ -270,7 +326,9 @@ impl Actor for ProviderActor {
         provider.queued.store(0, SeqCst);
         Ok(ProviderState {
             provider,
-            waiters: VecDeque::new(),
+            queues: HashMap::new(),
+            turns: VecDeque::new(),
+            waiting: 0,
         })
     }
 
@@ -290,7 +348,11 @@ impl Actor for ProviderActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProviderMsg::Acquire { deadline, reply } => state.enqueue(deadline, reply),
+            ProviderMsg::Acquire {
+                deadline,
+                tenant,
+                reply,
+            } => state.enqueue(deadline, tenant, reply),
             ProviderMsg::Released => state.grant(),
             #[cfg(test)]
             ProviderMsg::Crash => panic!("injected ProviderActor crash"),
@@ -300,49 +362,81 @@ impl Actor for ProviderActor {
 }
 
 impl ProviderState {
-    fn enqueue(&mut self, deadline: Instant, reply: RpcReplyPort<Result<Permit, ApiError>>) {
+    fn enqueue(
+        &mut self,
+        deadline: Instant,
+        tenant: Option<Arc<str>>,
+        reply: RpcReplyPort<Result<Permit, ApiError>>,
+    ) {
         self.grant();
-        if self.waiters.is_empty()
+        if self.waiting == 0
             && let Some(permit) = self.provider.try_take_slot()
         {
             // If the caller already gave up, the permit is dropped with the message: no leak.
             let _ = reply.send(Ok(permit));
             return;
         }
-        if self.waiters.len() >= self.provider.spec.queue_capacity as usize {
+        let capacity = self.provider.spec.queue_capacity as usize;
+        if self.waiting >= capacity {
             let _ = reply.send(Err(self.provider.queue_full_error()));
             return;
         }
-        self.waiters.push_back(Waiter { deadline, reply });
+        let mine = self.queues.get(&tenant).map_or(0, VecDeque::len);
+        if tenant.is_some() && mine >= (capacity / 2).max(1) {
+            let _ = reply.send(Err(self
+                .provider
+                .queue_full_error()
+                .with_code("tenant_queue_full")));
+            return;
+        }
+        let queue = self.queues.entry(tenant.clone()).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(tenant);
+        }
+        queue.push_back(Waiter { deadline, reply });
+        self.waiting += 1;
         self.provider.queued.fetch_add(1, SeqCst);
         // A slot may have been freed between our check and the queued count going up.
         self.grant();
     }
 
-    /// Hands free slots to waiters, oldest first, dropping those that gave up or expired.
+    /// Hands free slots to waiters, one tenant after another (round-robin), each tenant's
+    /// oldest first; waiters that gave up or expired are dropped on the way.
     fn grant(&mut self) {
         let now = Instant::now();
-        while let Some(front) = self.waiters.front() {
-            let gone = front.reply.is_closed() || front.deadline <= now;
-            let permit = if gone {
-                None
-            } else {
-                match self.provider.try_take_slot() {
-                    Some(p) => Some(p),
-                    None => break,
-                }
+        while let Some(tenant) = self.turns.pop_front() {
+            let Some(queue) = self.queues.get_mut(&tenant) else {
+                continue;
             };
-            let Some(waiter) = self.waiters.pop_front() else {
+            // Drop the dead at the head of this tenant's queue.
+            while let Some(front) = queue.front() {
+                if !(front.reply.is_closed() || front.deadline <= now) {
+                    break;
+                }
+                if let Some(w) = queue.pop_front() {
+                    self.waiting -= 1;
+                    self.provider.queued.fetch_sub(1, SeqCst);
+                    let _ = w.reply.send(Err(self.provider.queue_timeout_error()));
+                }
+            }
+            if queue.is_empty() {
+                self.queues.remove(&tenant);
+                continue;
+            }
+            let Some(permit) = self.provider.try_take_slot() else {
+                // No slot: this tenant keeps its turn.
+                self.turns.push_front(tenant);
                 break;
             };
-            self.provider.queued.fetch_sub(1, SeqCst);
-            match permit {
-                Some(p) => {
-                    let _ = waiter.reply.send(Ok(p));
-                }
-                None => {
-                    let _ = waiter.reply.send(Err(self.provider.queue_timeout_error()));
-                }
+            if let Some(w) = queue.pop_front() {
+                self.waiting -= 1;
+                self.provider.queued.fetch_sub(1, SeqCst);
+                let _ = w.reply.send(Ok(permit));
+            }
+            if queue.is_empty() {
+                self.queues.remove(&tenant);
+            } else {
+                self.turns.push_back(tenant);
             }
         }
     }

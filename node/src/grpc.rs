@@ -33,6 +33,7 @@ impl InferenceService {
                 .and_then(|v| v.to_str().ok()),
         );
         let principal = self.authenticate(req.metadata())?;
+        let deadline = grpc_deadline(req.metadata())?;
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -46,7 +47,7 @@ impl InferenceService {
         let ctx = RequestContext {
             request_id,
             principal,
-            deadline: None,
+            deadline,
             reservation: None,
         };
         Ok((chat, ctx))
@@ -59,6 +60,38 @@ impl InferenceService {
             .authenticate(get("authorization"), get("x-api-key"))
             .map_err(|e| grpc_status(&e))
     }
+}
+
+/// The client's deadline from `grpc-timeout` (e.g. `250m`: 250 ms; units H M S m u n).
+fn grpc_deadline(
+    md: &tonic::metadata::MetadataMap,
+) -> Result<Option<tokio::time::Instant>, Status> {
+    let Some(v) = md.get("grpc-timeout").and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        grpc_status(&ApiError::invalid(
+            "grpc-timeout",
+            format!(
+                "grpc-timeout {v:?} is not a number of 1 to 8 digits followed by H, M, S, m, u or n"
+            ),
+        ))
+    };
+    if v.len() < 2 || v.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Some(tokio::time::Instant::now() + d))
 }
 
 fn internal(message: &str) -> Status {

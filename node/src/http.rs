@@ -75,6 +75,7 @@ async fn chat(
         let principal = authenticate(&st.gateway, &headers)?;
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
+        let deadline = client_deadline(&headers)?;
         let reservation = st.gateway.admit(principal.as_ref(), &request).await?;
         if let Some(r) = &reservation {
             rate_limits = r.rate_limits.clone();
@@ -82,7 +83,7 @@ async fn chat(
         let ctx = RequestContext {
             request_id: request_id.clone(),
             principal,
-            deadline: None,
+            deadline,
             reservation,
         };
         st.gateway.chat(request, ctx).await
@@ -130,6 +131,22 @@ fn body_error(rejection: BytesRejection) -> ApiError {
             format!("the request body could not be read: {rejection}"),
         )
         .with_code("invalid_body")
+    }
+}
+
+/// The client's deadline from `X-Meridian-Deadline-Ms` (milliseconds from now).
+fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
+    let Some(v) = headers.get("x-meridian-deadline-ms") else {
+        return Ok(None);
+    };
+    match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(ms) if (1..=86_400_000).contains(&ms) => {
+            Ok(Some(Instant::now() + Duration::from_millis(ms)))
+        }
+        _ => Err(ApiError::invalid(
+            "X-Meridian-Deadline-Ms",
+            "X-Meridian-Deadline-Ms must be a whole number of milliseconds between 1 and 86400000",
+        )),
     }
 }
 

@@ -910,3 +910,66 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
         .expect("sent");
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
+    let m = mock(Flavor::Vllm).await;
+    let slow = "mock@ttft_ms:300";
+    let n = node(
+        &m,
+        &[slow],
+        "max_concurrency = 1\nqueue_capacity = 8\nqueue_timeout = \"10s\"",
+        "",
+    )
+    .await;
+    let bad = n
+        .client()
+        .post(n.url("/v1/chat/completions"))
+        .header("x-meridian-deadline-ms", "soon")
+        .body(chat_body(slow, false, ""))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), 400);
+    let v: Value = bad.json().await.expect("json");
+    assert_eq!(v["error"]["param"], "X-Meridian-Deadline-Ms");
+    // Two calls teach the node how long this provider holds a slot (~300 ms).
+    for _ in 0..2 {
+        assert_eq!(post(&n, chat_body(slow, false, "")).await.status(), 200);
+    }
+    // One call holds the only slot; a request that must start within 100 ms cannot.
+    let holder = tokio::spawn({
+        let (client, url) = (n.client(), n.url("/v1/chat/completions"));
+        async move {
+            client
+                .post(url)
+                .body(chat_body(slow, false, ""))
+                .send()
+                .await
+        }
+    });
+    wait_until("the slot to be taken", Duration::from_secs(5), || async {
+        n.gateway.providers()[0].in_flight == 1
+    })
+    .await
+    .expect("slot taken");
+    let started = std::time::Instant::now();
+    let resp = n
+        .client()
+        .post(n.url("/v1/chat/completions"))
+        .header("x-meridian-deadline-ms", "100")
+        .body(chat_body(slow, false, ""))
+        .send()
+        .await
+        .expect("sent");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "deadline_unreachable", "{v}");
+    assert!(
+        took < Duration::from_millis(100),
+        "refused at once, not late: {took:?}"
+    );
+    assert_eq!(holder.await.expect("task").expect("sent").status(), 200);
+}

@@ -157,3 +157,50 @@ async fn a_request_that_cannot_start_before_its_queue_deadline_times_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_queue() {
+    let gw = gateway(spec(1, 6, Duration::from_secs(10))).await;
+    let provider = gw.provider("demo").expect("provider");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = provider
+        .acquire(deadline, None)
+        .await
+        .expect("the only slot");
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let tenant_a: Arc<str> = "a".into();
+    let tenant_b: Arc<str> = "b".into();
+    for (i, tenant) in [&tenant_a, &tenant_a, &tenant_a, &tenant_b]
+        .into_iter()
+        .enumerate()
+    {
+        let (p, order, t) = (
+            Arc::clone(&provider),
+            Arc::clone(&order),
+            Arc::clone(tenant),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = p.acquire(deadline, Some(Arc::clone(&t))).await;
+            order.lock().expect("lock").push(t.to_string());
+            drop(permit.expect("granted"));
+        }));
+        wait_until("the waiter to queue", || {
+            provider.queued() as usize == i + 1
+        })
+        .await;
+    }
+    // Tenant a already holds half the queue (3 of 6): a fourth is refused, b is not.
+    let refused = provider
+        .acquire(deadline, Some(Arc::clone(&tenant_a)))
+        .await
+        .expect_err("a's share is full");
+    assert_eq!(refused.code.as_deref(), Some("tenant_queue_full"));
+    drop(held);
+    for t in tasks {
+        t.await.expect("task");
+    }
+    // b queued last but is served second: turns alternate between tenants.
+    assert_eq!(*order.lock().expect("lock"), ["a", "b", "a", "a"]);
+    gw.stop(Duration::from_secs(1)).await;
+}
