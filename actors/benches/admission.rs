@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use meridian_actors::gateway::{Proposer, Replicated};
-use meridian_actors::quota::{Estimate, Quota, QuotaConfig};
+use meridian_actors::quota::{Estimate, Quota, QuotaConfig, Scope};
 use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, Proposal};
 use tokio::sync::watch;
 
@@ -57,14 +57,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     );
     let tenant: Arc<str> = "acme".into();
-    let limits = Limits {
-        tokens_per_minute: Some(u64::MAX / 4),
-        requests_per_minute: Some(u64::MAX / 4),
-        ..Limits::default()
-    };
+    let limits = [Scope {
+        key: "tenant/acme".into(),
+        limits: Limits {
+            tokens_per_minute: Some(u64::MAX / 4),
+            requests_per_minute: Some(u64::MAX / 4),
+            ..Limits::default()
+        },
+    }];
     let estimate = Estimate {
         prompt: 200,
         completion: 300,
+        price: None,
     };
     // Warm up: the first admissions wait for the first slices.
     for _ in 0..1_000 {

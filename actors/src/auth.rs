@@ -169,9 +169,7 @@ mod tests {
             Tenant {
                 id: "acme".into(),
                 tier: "free".into(),
-                overrides: Default::default(),
-                created_at_unix_ms: 0,
-                updated_at_unix_ms: 0,
+                ..Tenant::default()
             },
         );
         s.api_keys.insert(

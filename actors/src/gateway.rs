@@ -19,9 +19,10 @@ use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
+use crate::estimate::Price;
 use crate::policy::{self, Load};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
-use crate::quota::{Estimate, Quota, QuotaConfig, Reservation};
+use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
@@ -39,6 +40,8 @@ pub struct GatewayConfig {
     pub quota: Option<QuotaConfig>,
     /// Accepts JWTs besides API keys, when set.
     pub jwt: Option<Arc<JwtVerifier>>,
+    /// Prices per model (client-facing name), for `cost_per_day`.
+    pub prices: HashMap<String, Price>,
 }
 
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
@@ -82,6 +85,7 @@ struct Inner {
     cluster: Option<Replicated>,
     auth: bool,
     jwt: Option<Arc<JwtVerifier>>,
+    prices: HashMap<String, Price>,
     quota: Option<(Quota, JoinHandle<()>)>,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
@@ -147,6 +151,7 @@ impl Gateway {
                 cluster: config.cluster,
                 auth: config.auth,
                 jwt: config.jwt,
+                prices: config.prices,
                 quota,
                 publisher,
             }),
@@ -178,64 +183,93 @@ impl Gateway {
         auth::authenticate_key(&cluster.state.borrow(), presented.as_deref()).map(Some)
     }
 
-    /// Admits `request` from `principal` against its tenant's limits (tier defaults with the
-    /// tenant's overrides): `Ok(None)` when there is nothing to enforce, else the reservation
-    /// to hand the request, or a 429 naming the limit. The prompt is counted with the model's
-    /// tokenizer; `max_tokens` (or a default reserve) is added.
+    /// Admits `request` from `principal` against every limit that applies: its tenant's (tier
+    /// defaults with the tenant's overrides), its end user's (the request's `user` or the JWT's
+    /// `sub`; the tier's per-user limits with the tenant's overrides) and its feature's
+    /// (`feature`, from `X-Meridian-Feature`, if the tenant limits it). `Ok(None)` when nothing
+    /// is limited; else the reservation to hand the request, or a 429 naming the limit. The
+    /// prompt is counted with the model's tokenizer; `max_tokens` (or a default reserve) is
+    /// added, and priced when the model has a price.
     pub async fn admit(
         &self,
         principal: Option<&Principal>,
         request: &ChatRequest,
+        feature: Option<&str>,
     ) -> Result<Option<Reservation>, ApiError> {
         let (Some((quota, _)), Some(principal), Some(cluster)) =
             (&self.inner.quota, principal, &self.inner.cluster)
         else {
             return Ok(None);
         };
-        let limits = {
+        let tenant = &principal.tenant;
+        let user = principal.user.as_deref().or(request.params.user.as_deref());
+        let scopes = {
             let state = cluster.state.borrow();
-            state.limits_of(&principal.tenant).or_else(|| {
-                // A JWT caller whose tenant is not in the table is limited by its tier claim.
-                let tier = principal.tier.as_deref()?;
-                state.tiers.get(tier).map(|t| t.limits)
-            })
+            let tier_claim = principal.tier.as_deref().and_then(|t| state.tiers.get(t));
+            // A JWT caller whose tenant is not in the table is limited by its tier claim.
+            let Some(limits) = state
+                .limits_of(tenant)
+                .or_else(|| tier_claim.map(|t| t.limits))
+            else {
+                return Err(if principal.key_id.is_some() {
+                    ApiError::new(
+                        ErrorKind::Unauthenticated,
+                        "the key's tenant no longer exists",
+                    )
+                    .with_code("revoked_api_key")
+                } else {
+                    ApiError::new(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "tenant {tenant:?} is not known to this cluster and the token names no known tier"
+                        ),
+                    )
+                    .with_code("unknown_tenant")
+                });
+            };
+            let mut scopes = vec![Scope {
+                key: format!("tenant/{tenant}"),
+                limits,
+            }];
+            if let Some(user) = user {
+                let per_user = state
+                    .user_limits_of(tenant)
+                    .or_else(|| tier_claim.map(|t| t.per_user))
+                    .unwrap_or_default();
+                if per_user != Limits::default() {
+                    scopes.push(Scope {
+                        key: format!("tenant/{tenant}/user/{}", scope_part(user)),
+                        limits: per_user,
+                    });
+                }
+            }
+            if let Some(f) = feature
+                && let Some(limits) = state.feature_limits_of(tenant, f)
+            {
+                scopes.push(Scope {
+                    key: format!("tenant/{tenant}/feature/{f}"),
+                    limits,
+                });
+            }
+            scopes.retain(|s| s.limits != Limits::default());
+            scopes
         };
-        let Some(limits) = limits else {
-            return Err(if principal.key_id.is_some() {
-                ApiError::new(
-                    ErrorKind::Unauthenticated,
-                    "the key's tenant no longer exists",
-                )
-                .with_code("revoked_api_key")
-            } else {
-                ApiError::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "tenant {:?} is not known to this cluster and the token names no known tier",
-                        principal.tenant
-                    ),
-                )
-                .with_code("unknown_tenant")
-            });
-        };
-        if limits == Limits::default() {
+        if scopes.is_empty() {
             return Ok(None);
         }
-        let tokenizer = self
+        let route = self
             .inner
             .routes
             .get(request.model())
-            .and_then(|r| r.first())
-            .map(|r| r.provider.spec.tokenizer)
-            .unwrap_or_default();
+            .and_then(|r| r.first());
+        let tokenizer = route.map(|r| r.provider.spec.tokenizer).unwrap_or_default();
+        let price = self.inner.prices.get(request.model()).copied();
         let estimate = Estimate {
             prompt: estimate::prompt_tokens(request, tokenizer),
             completion: estimate::completion_reserve(request),
+            price,
         };
-        quota
-            .admit(&principal.tenant, &limits, estimate)
-            .await
-            .map(Some)
+        quota.admit(tenant, &scopes, estimate).await.map(Some)
     }
 
     /// The quota account (`None` when limits are not enforced).
@@ -411,4 +445,13 @@ async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
             }
         }
     }
+}
+
+/// A user id as one ledger key segment: up to 64 bytes, `/` replaced (it separates segments).
+fn scope_part(id: &str) -> String {
+    let mut end = id.len().min(64);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    id[..end].replace('/', "_")
 }

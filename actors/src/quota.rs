@@ -1,8 +1,9 @@
 //! Admission against limits that hold across the whole cluster, with nothing central on the hot
 //! path.
 //!
-//! Each limit of a tenant (`requests_per_minute`, `tokens_per_minute`, `tokens_per_day`,
-//! `tokens_per_month`) is a key in the replicated quota ledger. A node admits locally against
+//! Each limit (`requests_per_minute`, `tokens_per_minute`, `tokens_per_day`, `tokens_per_month`,
+//! `cost_per_day` in millionths of a dollar) of each scope — the tenant as a whole, one end user
+//! of it, one feature of it — is a key in the replicated quota ledger. A node admits locally against
 //! its **grant**: a slice of the window's remaining budget that the leader hands out through the
 //! Raft log, sized to this node's recent demand, with an expiry. Admission is a short critical
 //! section on this node's budgets; it waits on Raft only when a budget is empty and a new slice
@@ -30,6 +31,7 @@ use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
+use crate::estimate::Price;
 use crate::gateway::Replicated;
 
 /// A limit a tenant can have.
@@ -39,14 +41,25 @@ pub enum LimitKind {
     TokensPerMinute,
     TokensPerDay,
     TokensPerMonth,
+    /// Millionths of a US dollar per day, from the model's price.
+    CostPerDay,
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Requests,
+    Tokens,
+    MicroUsd,
 }
 
 impl LimitKind {
-    pub const ALL: [LimitKind; 4] = [
+    pub const ALL: [LimitKind; 5] = [
         Self::RequestsPerMinute,
         Self::TokensPerMinute,
         Self::TokensPerDay,
         Self::TokensPerMonth,
+        Self::CostPerDay,
     ];
 
     /// The name in configs, ledger keys and 429 error codes.
@@ -56,6 +69,7 @@ impl LimitKind {
             Self::TokensPerMinute => "tokens_per_minute",
             Self::TokensPerDay => "tokens_per_day",
             Self::TokensPerMonth => "tokens_per_month",
+            Self::CostPerDay => "cost_per_day",
         }
     }
 
@@ -66,13 +80,14 @@ impl LimitKind {
             Self::TokensPerMinute => "tokens",
             Self::TokensPerDay => "tokens-day",
             Self::TokensPerMonth => "tokens-month",
+            Self::CostPerDay => "cost-day",
         }
     }
 
     pub fn window_ms(self) -> u64 {
         match self {
             Self::RequestsPerMinute | Self::TokensPerMinute => 60_000,
-            Self::TokensPerDay => 86_400_000,
+            Self::TokensPerDay | Self::CostPerDay => 86_400_000,
             Self::TokensPerMonth => 30 * 86_400_000,
         }
     }
@@ -83,11 +98,20 @@ impl LimitKind {
             Self::TokensPerMinute => limits.tokens_per_minute,
             Self::TokensPerDay => limits.tokens_per_day,
             Self::TokensPerMonth => limits.tokens_per_month,
+            Self::CostPerDay => limits.cost_per_day_micro_usd,
+        }
+    }
+
+    fn unit(self) -> Unit {
+        match self {
+            Self::RequestsPerMinute => Unit::Requests,
+            Self::CostPerDay => Unit::MicroUsd,
+            _ => Unit::Tokens,
         }
     }
 
     fn counts_tokens(self) -> bool {
-        !matches!(self, Self::RequestsPerMinute)
+        self.unit() == Unit::Tokens
     }
 }
 
@@ -128,9 +152,17 @@ impl Default for QuotaConfig {
     }
 }
 
-/// Ledger key of `tenant`'s `kind` limit.
-pub fn ledger_key(tenant: &str, kind: LimitKind) -> String {
-    format!("tenant/{tenant}/{}", kind.code())
+/// Ledger key of `kind` in `scope` (e.g. `tenant/acme`, `tenant/acme/user/u1`).
+pub fn ledger_key(scope: &str, kind: LimitKind) -> String {
+    format!("{scope}/{}", kind.code())
+}
+
+/// One set of limits to admit against, and the ledger scope they are kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `tenant/<t>`, `tenant/<t>/user/<u>` or `tenant/<t>/feature/<f>`.
+    pub key: String,
+    pub limits: Limits,
 }
 
 fn now_unix_ms() -> u64 {
@@ -188,6 +220,8 @@ struct Inner {
     rollups: Mutex<HashMap<(String, String), UsageTotals>>,
     granted: Notify,
     renew: mpsc::UnboundedSender<String>,
+    /// One flush at a time: two at once would both report the same unreported charges.
+    flushing: tokio::sync::Mutex<()>,
     /// Admissions under a local share, for metrics.
     local_share_admits: AtomicU64,
     denied_no_quorum: AtomicU64,
@@ -212,11 +246,23 @@ pub struct Estimate {
     pub prompt: u64,
     /// The completion tokens it may generate (`max_tokens`, or a default reserve).
     pub completion: u64,
+    /// The model's price, when it has one (for `cost_per_day`).
+    pub price: Option<Price>,
 }
 
 impl Estimate {
     pub fn tokens(&self) -> u64 {
         self.prompt + self.completion
+    }
+
+    fn cost(&self, kind: LimitKind) -> u64 {
+        match kind.unit() {
+            Unit::Requests => 1,
+            Unit::Tokens => self.tokens(),
+            Unit::MicroUsd => self
+                .price
+                .map_or(0, |p| p.micro_usd(self.prompt, self.completion)),
+        }
     }
 }
 
@@ -254,6 +300,7 @@ pub struct Reservation {
     quota: Quota,
     tenant: Arc<str>,
     prompt_estimate: u64,
+    price: Option<Price>,
     entries: Vec<(String, LimitKind, u64, u64)>,
     settled: bool,
     pub rate_limits: Vec<RateLimitState>,
@@ -265,7 +312,12 @@ impl Reservation {
     pub fn settle(mut self, model: &str, usage: UsageTotals) {
         self.settled = true;
         let actual = usage.prompt_tokens + usage.completion_tokens;
-        self.quota.settle(&self.entries, actual);
+        let mut usage = usage;
+        usage.cost_micro_usd = self.price.map_or(0, |p| {
+            p.micro_usd(usage.prompt_tokens, usage.completion_tokens)
+        });
+        self.quota
+            .settle(&self.entries, actual, usage.cost_micro_usd);
         self.record(model, usage);
     }
 
@@ -320,7 +372,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.quota.settle(&self.entries, 0);
+            self.quota.settle(&self.entries, 0, 0);
         }
     }
 }
@@ -354,6 +406,7 @@ impl Quota {
                 rollups: Mutex::new(HashMap::new()),
                 granted: Notify::new(),
                 renew,
+                flushing: tokio::sync::Mutex::new(()),
                 local_share_admits: AtomicU64::new(0),
                 denied_no_quorum: AtomicU64::new(0),
             }),
@@ -375,18 +428,19 @@ impl Quota {
     pub async fn admit(
         &self,
         tenant: &Arc<str>,
-        limits: &Limits,
+        scopes: &[Scope],
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
         let deadline = Instant::now() + self.inner.config.grant_wait;
         loop {
             let waiting = self.inner.granted.notified();
-            match self.try_admit(tenant, limits, estimate) {
+            match self.try_admit(scopes, estimate) {
                 Verdict::Admitted(entries, rate_limits) => {
                     return Ok(Reservation {
                         quota: self.clone(),
                         tenant: Arc::clone(tenant),
                         prompt_estimate: estimate.prompt,
+                        price: estimate.price,
                         entries,
                         settled: false,
                         rate_limits,
@@ -396,11 +450,12 @@ impl Quota {
                 Verdict::Wait => {
                     if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                         // One last look: a slice may have landed just now.
-                        return match self.try_admit(tenant, limits, estimate) {
+                        return match self.try_admit(scopes, estimate) {
                             Verdict::Admitted(entries, rate_limits) => Ok(Reservation {
                                 quota: self.clone(),
                                 tenant: Arc::clone(tenant),
                                 prompt_estimate: estimate.prompt,
+                                price: estimate.price,
                                 entries,
                                 settled: false,
                                 rate_limits,
@@ -424,22 +479,19 @@ impl Quota {
     }
 
     /// The whole admission decision, in one short critical section.
-    fn try_admit(&self, tenant: &str, limits: &Limits, estimate: Estimate) -> Verdict {
+    fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
         let unix = now_unix_ms();
         let mut budgets = lock(&self.inner.budgets);
         let mut charges = Vec::new();
         let mut wait = false;
-        for kind in LimitKind::ALL {
-            let Some(limit) = kind.of(limits) else {
-                continue;
-            };
-            let cost = if kind.counts_tokens() {
-                estimate.tokens()
-            } else {
-                1
-            };
-            let key = ledger_key(tenant, kind);
+        let limits = scopes
+            .iter()
+            .flat_map(|s| LimitKind::ALL.map(|k| (s, k)))
+            .filter_map(|(s, k)| Some((&s.key, k, k.of(&s.limits)?)));
+        for (scope, kind, limit) in limits {
+            let cost = estimate.cost(kind);
+            let key = ledger_key(scope, kind);
             let window_ms = kind.window_ms();
             let window_start = unix - unix % window_ms;
             let budget = budgets.entry(key.clone()).or_insert_with(|| Budget {
@@ -574,13 +626,20 @@ impl Quota {
         )
     }
 
-    fn settle(&self, entries: &[(String, LimitKind, u64, u64)], actual_tokens: u64) {
+    fn settle(
+        &self,
+        entries: &[(String, LimitKind, u64, u64)],
+        actual_tokens: u64,
+        actual_micro_usd: u64,
+    ) {
         let mut budgets = lock(&self.inner.budgets);
         for (key, kind, window_start, reserved) in entries {
-            if !kind.counts_tokens() {
-                continue;
-            }
-            let delta = actual_tokens as i64 - *reserved as i64;
+            let actual = match kind.unit() {
+                Unit::Requests => continue,
+                Unit::Tokens => actual_tokens,
+                Unit::MicroUsd => actual_micro_usd,
+            };
+            let delta = actual as i64 - *reserved as i64;
             if delta == 0 {
                 continue;
             }
@@ -597,6 +656,7 @@ impl Quota {
 
     /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.
     async fn flush(&self) {
+        let _one_at_a_time = self.inner.flushing.lock().await;
         let mut commands = Vec::new();
         let mut sent: Vec<(String, u64, i64)> = Vec::new();
         {

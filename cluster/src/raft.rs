@@ -102,7 +102,7 @@ pub enum ClusterError {
 /// What a node hands to the leader because only the leader can do it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Forwarded {
-    Propose(Proposal),
+    Propose(Box<Proposal>),
     /// Adds node `id`, reachable at `raft_addr`, as a learner: it receives the log but does not
     /// vote.
     AddLearner {
@@ -385,11 +385,11 @@ impl ClusterNode {
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.submit(Forwarded::Propose(Proposal {
+        self.submit(Forwarded::Propose(Box::new(Proposal {
             at_unix_ms,
             proposer: self.id,
             command,
-        }))
+        })))
         .await
     }
 
@@ -491,7 +491,7 @@ impl ClusterNode {
         request: &Forwarded,
     ) -> Result<Applied, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
         match request {
-            Forwarded::Propose(p) => self.raft.client_write(p.clone()).await.map(|r| r.data),
+            Forwarded::Propose(p) => self.raft.client_write((**p).clone()).await.map(|r| r.data),
             Forwarded::AddLearner { id, raft_addr } => {
                 if self.membership_node(*id).is_some() {
                     return Ok(Applied::Unchanged);

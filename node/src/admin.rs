@@ -209,6 +209,7 @@ impl Admin for AdminService {
         let tier = Tier {
             name: tier.name,
             limits: tier.limits.unwrap_or_default().into(),
+            per_user: tier.per_user.unwrap_or_default().into(),
         };
         changed(
             self.cluster.propose(Command::UpsertTier(tier)).await,
@@ -227,11 +228,18 @@ impl Admin for AdminService {
         if let Some(why) = invalid_name(&t.id) {
             return Err(field("tenant.id", &why));
         }
+        for name in t.features.keys() {
+            if let Some(why) = invalid_name(name) {
+                return Err(field("tenant.features", &format!("feature {why}")));
+            }
+        }
         let tier = t.tier.clone();
         let tenant = Tenant {
             id: t.id,
             tier: t.tier,
             overrides: t.overrides.unwrap_or_default().into(),
+            per_user: t.per_user.unwrap_or_default().into(),
+            features: t.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
             created_at_unix_ms: 0,
             updated_at_unix_ms: 0,
         };

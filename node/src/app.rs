@@ -21,7 +21,7 @@ use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, NoPeers};
-use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Limits, Member, Tenant, Tier};
+use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -95,6 +95,7 @@ impl App {
             auth: config.auth.enabled,
             quota: Some(config.quota.clone()),
             jwt: config.jwt.clone(),
+            prices: config.prices.clone(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),
@@ -361,14 +362,12 @@ async fn bootstrap_dev_key(cluster: &ClusterNode) -> Result<Option<String>, AppE
     let commands = vec![
         Command::UpsertTier(Tier {
             name: "dev".into(),
-            limits: Limits::default(),
+            ..Tier::default()
         }),
         Command::UpsertTenant(Tenant {
             id: "dev".into(),
             tier: "dev".into(),
-            overrides: Limits::default(),
-            created_at_unix_ms: 0,
-            updated_at_unix_ms: 0,
+            ..Tenant::default()
         }),
         Command::CreateApiKey(ApiKeyRecord {
             id: key.id.clone(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
-use meridian_actors::estimate::Tokenizer;
+use meridian_actors::estimate::{Price, Tokenizer};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
 use meridian_cluster::raft::RaftTimings;
@@ -52,6 +52,18 @@ pub struct RawConfig {
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
+    /// Model prices, for cost limits and roll-ups.
+    #[serde(default)]
+    pub prices: Vec<RawPrice>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// The model name clients use.
+    pub model: Option<String>,
+    pub input_usd_per_mtok: Option<f64>,
+    pub output_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +222,8 @@ pub struct Config {
     pub quota: QuotaConfig,
     /// JWT callers, when `[jwt]` is configured.
     pub jwt: Option<Arc<JwtVerifier>>,
+    /// Prices by model.
+    pub prices: std::collections::HashMap<String, Price>,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
@@ -928,6 +942,36 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             }
         }
     });
+    let mut prices = std::collections::HashMap::new();
+    for (i, p) in raw.prices.iter().enumerate() {
+        let at = |f: &str| format!("prices[{i}].{f}");
+        let usd = |e: &mut Errors, f: &str, v: Option<f64>| match v {
+            Some(x) if x.is_finite() && (0.0..=1e6).contains(&x) => x,
+            Some(x) => {
+                e.push(
+                    at(f),
+                    format!("{x} is not a price between 0 and 1000000 USD per million tokens"),
+                );
+                0.0
+            }
+            None => {
+                e.push(at(f), "is required");
+                0.0
+            }
+        };
+        let price = Price {
+            input_usd_per_mtok: usd(&mut e, "input_usd_per_mtok", p.input_usd_per_mtok),
+            output_usd_per_mtok: usd(&mut e, "output_usd_per_mtok", p.output_usd_per_mtok),
+        };
+        match p.model.as_deref() {
+            Some(m) if !m.is_empty() => {
+                if prices.insert(m.to_owned(), price).is_some() {
+                    e.push(at("model"), format!("{m:?} is priced twice"));
+                }
+            }
+            _ => e.push(at("model"), "is required"),
+        }
+    }
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -1142,6 +1186,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         auth,
         quota,
         jwt,
+        prices,
         limits,
         drain_timeout,
         providers,

@@ -26,7 +26,7 @@ impl InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
         stream: bool,
-    ) -> Result<(ChatRequest, RequestContext), Status> {
+    ) -> Result<(ChatRequest, RequestContext, Option<String>), Status> {
         let request_id = RequestId::from_client(
             req.metadata()
                 .get("x-request-id")
@@ -34,6 +34,13 @@ impl InferenceService {
         );
         let principal = self.authenticate(req.metadata())?;
         let deadline = grpc_deadline(req.metadata())?;
+        let feature = crate::http::feature_of(
+            req.metadata()
+                .get("x-meridian-feature")
+                .map(|v| v.as_bytes()),
+        )
+        .map_err(|e| grpc_status(&e))?
+        .map(str::to_owned);
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -50,7 +57,7 @@ impl InferenceService {
             deadline,
             reservation: None,
         };
-        Ok((chat, ctx))
+        Ok((chat, ctx, feature))
     }
 
     /// The caller, from the `authorization` (`Bearer …`) or `x-api-key` metadata.
@@ -106,10 +113,10 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
-        let (chat, mut ctx) = self.prepare(req, false)?;
+        let (chat, mut ctx, feature) = self.prepare(req, false)?;
         ctx.reservation = self
             .gateway
-            .admit(ctx.principal.as_ref(), &chat)
+            .admit(ctx.principal.as_ref(), &chat, feature.as_deref())
             .await
             .map_err(|e| grpc_status(&e))?;
         match self.gateway.chat(chat, ctx).await {
@@ -133,10 +140,10 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let (chat, mut ctx) = self.prepare(req, true)?;
+        let (chat, mut ctx, feature) = self.prepare(req, true)?;
         ctx.reservation = self
             .gateway
-            .admit(ctx.principal.as_ref(), &chat)
+            .admit(ctx.principal.as_ref(), &chat, feature.as_deref())
             .await
             .map_err(|e| grpc_status(&e))?;
         let relay = match self.gateway.chat(chat, ctx).await {

@@ -76,7 +76,11 @@ async fn chat(
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
         let deadline = client_deadline(&headers)?;
-        let reservation = st.gateway.admit(principal.as_ref(), &request).await?;
+        let feature = feature_of(headers.get("x-meridian-feature").map(HeaderValue::as_bytes))?;
+        let reservation = st
+            .gateway
+            .admit(principal.as_ref(), &request, feature)
+            .await?;
         if let Some(r) = &reservation {
             rate_limits = r.rate_limits.clone();
         }
@@ -131,6 +135,18 @@ fn body_error(rejection: BytesRejection) -> ApiError {
             format!("the request body could not be read: {rejection}"),
         )
         .with_code("invalid_body")
+    }
+}
+
+/// The feature a request is for (`X-Meridian-Feature`), checked: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+pub fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    match std::str::from_utf8(v) {
+        Ok(name) if meridian_proto::convert::invalid_name(name).is_none() => Ok(Some(name)),
+        _ => Err(ApiError::invalid(
+            "X-Meridian-Feature",
+            "X-Meridian-Feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+        )),
     }
 }
 

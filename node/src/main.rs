@@ -183,6 +183,9 @@ enum TierCommand {
         name: String,
         #[command(flatten)]
         limits: LimitArgs,
+        /// Limits of each end user of a tenant on the tier, e.g. "tokens_per_minute=2000".
+        #[arg(long)]
+        per_user: Option<String>,
     },
 }
 
@@ -195,6 +198,13 @@ enum TenantCommand {
         tier: String,
         #[command(flatten)]
         overrides: LimitArgs,
+        /// Limits of each end user, e.g. "tokens_per_minute=2000,requests_per_minute=20".
+        #[arg(long)]
+        per_user: Option<String>,
+        /// Limits of a feature (X-Meridian-Feature), e.g. "search:tokens_per_day=50000"
+        /// (repeatable).
+        #[arg(long = "feature")]
+        features: Vec<String>,
     },
     /// Tiers and tenants, as this node has applied them.
     List,
@@ -448,13 +458,19 @@ async fn admin(
             }
         },
         AdminCommand::Tier {
-            command: TierCommand::Put { name, limits },
+            command:
+                TierCommand::Put {
+                    name,
+                    limits,
+                    per_user,
+                },
         } => {
             let r = client
                 .put_tier(admin_pb::PutTierRequest {
                     tier: Some(admin_pb::Tier {
                         name: name.clone(),
                         limits: Some(limits.into_pb()?),
+                        per_user: per_user.as_deref().map(parse_limits).transpose()?,
                     }),
                 })
                 .await?;
@@ -507,6 +523,8 @@ async fn admin(
                 id,
                 tier,
                 overrides,
+                per_user,
+                features,
             } => {
                 let r = client
                     .put_tenant(admin_pb::PutTenantRequest {
@@ -514,6 +532,16 @@ async fn admin(
                             id: id.clone(),
                             tier,
                             overrides: Some(overrides.into_pb()?),
+                            per_user: per_user.as_deref().map(parse_limits).transpose()?,
+                            features: features
+                                .iter()
+                                .map(|f| {
+                                    let (name, spec) = f.split_once(':').with_context(|| {
+                                        format!("--feature {f:?} is not NAME:LIMIT=N,…")
+                                    })?;
+                                    Ok((name.to_owned(), parse_limits(spec)?))
+                                })
+                                .collect::<anyhow::Result<_>>()?,
                             created_at_unix_ms: 0,
                             updated_at_unix_ms: 0,
                         }),
@@ -567,6 +595,38 @@ async fn admin(
         }
     }
     Ok(())
+}
+
+/// `tokens_per_minute=2000,requests_per_minute=20` as limits; costs in USD
+/// (`cost_per_day_usd=1.5`).
+fn parse_limits(spec: &str) -> anyhow::Result<admin_pb::Limits> {
+    let mut l = admin_pb::Limits::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("{part:?} is not LIMIT=N"))?;
+        let n = || {
+            v.parse::<u64>()
+                .with_context(|| format!("{k}: {v:?} is not a whole number"))
+        };
+        match k {
+            "requests_per_minute" => l.requests_per_minute = Some(n()?),
+            "tokens_per_minute" => l.tokens_per_minute = Some(n()?),
+            "tokens_per_day" => l.tokens_per_day = Some(n()?),
+            "tokens_per_month" => l.tokens_per_month = Some(n()?),
+            "cost_per_day_usd" => {
+                let usd: f64 = v
+                    .parse()
+                    .with_context(|| format!("{k}: {v:?} is not a number"))?;
+                anyhow::ensure!((0.0..=1e9).contains(&usd), "{k} must be between 0 and 1e9");
+                l.cost_per_day_micro_usd = Some((usd * 1e6).round() as u64);
+            }
+            other => anyhow::bail!(
+                "{other:?} is not a limit (requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, cost_per_day_usd)"
+            ),
+        }
+    }
+    Ok(l)
 }
 
 fn print_change(r: admin_pb::ChangeResponse, done: &str) {

@@ -105,18 +105,29 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Tier {
     pub name: String,
+    /// Limits of each tenant on the tier, all its users and features together.
     pub limits: Limits,
+    /// Limits of each end user of such a tenant.
+    #[serde(default)]
+    pub per_user: Limits,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Tenant {
     pub id: String,
     pub tier: String,
+    /// Overrides of the tier's tenant-wide limits.
     #[serde(default)]
     pub overrides: Limits,
+    /// Overrides of the tier's per-user limits.
+    #[serde(default)]
+    pub per_user: Limits,
+    /// Limits of named features (`X-Meridian-Feature`), each on its own.
+    #[serde(default)]
+    pub features: BTreeMap<String, Limits>,
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub created_at_unix_ms: u64,
@@ -327,6 +338,23 @@ impl ClusterState {
         Some(tier.overlay(&t.overrides))
     }
 
+    /// The limits of each end user of `tenant` (the tier's per-user limits, with the tenant's
+    /// overrides), if the tenant exists.
+    pub fn user_limits_of(&self, tenant: &str) -> Option<Limits> {
+        let t = self.tenants.get(tenant)?;
+        let tier = self
+            .tiers
+            .get(&t.tier)
+            .map(|t| t.per_user)
+            .unwrap_or_default();
+        Some(tier.overlay(&t.per_user))
+    }
+
+    /// The limits of `feature` of `tenant`, if it has any.
+    pub fn feature_limits_of(&self, tenant: &str, feature: &str) -> Option<Limits> {
+        self.tenants.get(tenant)?.features.get(feature).copied()
+    }
+
     pub fn apply(&mut self, p: &Proposal) -> Applied {
         self.apply_command(p.at_unix_ms, p.proposer, &p.command)
     }
@@ -379,6 +407,8 @@ impl ClusterState {
                 if let Some(old) = self.tenants.get(&tenant.id)
                     && old.tier == tenant.tier
                     && old.overrides == tenant.overrides
+                    && old.per_user == tenant.per_user
+                    && old.features == tenant.features
                 {
                     return Applied::Unchanged;
                 }
@@ -672,8 +702,7 @@ mod tests {
                 tokens_per_day: Some(5),
                 ..Limits::default()
             },
-            created_at_unix_ms: 0,
-            updated_at_unix_ms: 0,
+            ..Tenant::default()
         };
         assert_eq!(
             s.apply(&proposal(1, Command::UpsertTenant(tenant.clone()))),
@@ -686,6 +715,7 @@ mod tests {
                 requests_per_minute: Some(600),
                 ..Limits::default()
             },
+            ..Tier::default()
         };
         assert_eq!(
             s.apply(&proposal(2, Command::UpsertTier(tier))),

@@ -169,6 +169,7 @@ mod admin {
             pb::Tier {
                 name: t.name.clone(),
                 limits: Some(t.limits.into()),
+                per_user: Some(t.per_user.into()),
             }
         }
     }
@@ -181,6 +182,12 @@ mod admin {
                 overrides: Some(t.overrides.into()),
                 created_at_unix_ms: t.created_at_unix_ms,
                 updated_at_unix_ms: t.updated_at_unix_ms,
+                per_user: Some(t.per_user.into()),
+                features: t
+                    .features
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v).into()))
+                    .collect(),
             }
         }
     }

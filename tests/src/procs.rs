@@ -351,6 +351,7 @@ impl Harness {
                         tokens_per_day: Some(10_000),
                         ..pb::Limits::default()
                     }),
+                    ..pb::Tier::default()
                 }),
             })
             .await?

@@ -273,6 +273,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         auth: false,
         quota: None,
         jwt: None,
+        prices: Default::default(),
     })
     .await
     .unwrap();

@@ -53,6 +53,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
                     tokens_per_minute: Some(LIMIT),
                     ..pb::Limits::default()
                 }),
+                ..pb::Tier::default()
             }),
         })
         .await

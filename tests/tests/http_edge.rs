@@ -743,6 +743,7 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
                     requests_per_minute: Some(1_000),
                     ..pb::Limits::default()
                 }),
+                ..pb::Tier::default()
             }),
         })
         .await
@@ -858,6 +859,7 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
                     requests_per_minute: Some(2),
                     ..pb::Limits::default()
                 }),
+                ..pb::Tier::default()
             }),
         })
         .await
@@ -972,4 +974,143 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
         "refused at once, not late: {took:?}"
     );
     assert_eq!(holder.await.expect("task").expect("sent").status(), 200);
+}
+
+#[tokio::test]
+async fn features_users_and_daily_cost_have_their_own_limits() {
+    use meridian_proto::pb::admin as pb;
+    let m = mock(Flavor::Vllm).await;
+    // The mock answers 8 completion tokens; $1,000 per million output tokens is 8,000 µ$.
+    let prices =
+        "[[prices]]\nmodel = \"mock\"\ninput_usd_per_mtok = 0.0\noutput_usd_per_mtok = 1000.0\n";
+    let n = node(&m, &["mock"], "", prices).await;
+    let mut admin = n.admin_client().await.expect("admin");
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "paid".into(),
+                limits: Some(pb::Limits {
+                    cost_per_day_micro_usd: Some(1_000_000),
+                    ..pb::Limits::default()
+                }),
+                per_user: Some(pb::Limits {
+                    requests_per_minute: Some(2),
+                    ..pb::Limits::default()
+                }),
+            }),
+        })
+        .await
+        .expect("tier");
+    let mut features = std::collections::HashMap::new();
+    features.insert(
+        "search".to_owned(),
+        pb::Limits {
+            requests_per_minute: Some(1),
+            ..pb::Limits::default()
+        },
+    );
+    admin
+        .put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: "shop".into(),
+                tier: "paid".into(),
+                features,
+                ..pb::Tenant::default()
+            }),
+        })
+        .await
+        .expect("tenant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "shop".into(),
+            label: String::new(),
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let client = reqwest::Client::new();
+    let call = |feature: Option<&'static str>, user: &'static str| {
+        let mut req = client
+            .post(n.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(chat_body(
+                "mock",
+                false,
+                &format!(r#""max_tokens":8,"user":"{user}""#),
+            ));
+        if let Some(f) = feature {
+            req = req.header("x-meridian-feature", f);
+        }
+        async move {
+            let resp = req.send().await.expect("sent");
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or_default();
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    assert_eq!(call(Some("search"), "ann").await.0, 200);
+    let second = call(Some("search"), "bob").await;
+    assert_eq!(
+        second,
+        (429, "requests_per_minute".to_owned()),
+        "the feature allows one request a minute, whoever sends it"
+    );
+    assert_eq!(
+        call(None, "ann").await.0,
+        200,
+        "other work is not held back"
+    );
+    assert_eq!(
+        call(None, "ann").await,
+        (429, "requests_per_minute".to_owned()),
+        "ann has used her 2 requests"
+    );
+    assert_eq!(call(None, "bob").await.0, 200);
+    let bad = client
+        .post(n.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-meridian-feature", "no spaces")
+        .body(chat_body("mock", false, ""))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), 400);
+    // Cost: each request costs 8,000 µ$, the day allows 1,000,000; the roll-up records it.
+    let mut users = 0;
+    let code = loop {
+        let user: &'static str = Box::leak(format!("user-{users}").into_boxed_str());
+        let (status, code) = call(None, user).await;
+        if status != 200 {
+            break code;
+        }
+        users += 1;
+        assert!(users < 400, "cost never limited");
+    };
+    assert_eq!(code, "cost_per_day");
+    assert!(
+        (100..=125).contains(&(users + 3)),
+        "{} requests at 8,000 µ$ against 1,000,000 µ$",
+        users + 3
+    );
+    // Roll-ups reach the replicated state within a flush or two.
+    wait_until("the usage roll-up", Duration::from_secs(5), || async {
+        let Some(state) = n.gateway.cluster_state() else {
+            return false;
+        };
+        let cost: u64 = state
+            .usage
+            .values()
+            .filter_map(|t| t.get("shop"))
+            .flat_map(|m| m.values())
+            .map(|t| t.cost_micro_usd)
+            .sum();
+        cost >= 8_000 * (users + 3)
+    })
+    .await
+    .expect("usage rolled up with its cost");
 }

@@ -41,6 +41,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         auth: false,
         quota: None,
         jwt: None,
+        prices: Default::default(),
     })
     .await
     .expect("gateway starts")

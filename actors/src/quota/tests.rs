@@ -61,7 +61,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         "t".into(),
         Tier {
             name: "t".into(),
-            limits: Limits::default(),
+            ..Tier::default()
         },
     );
     s.tenants.insert(
@@ -69,9 +69,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         Tenant {
             id: "acme".into(),
             tier: "t".into(),
-            overrides: Limits::default(),
-            created_at_unix_ms: 0,
-            updated_at_unix_ms: 0,
+            ..Tenant::default()
         },
     );
     Arc::new(Ledger {
@@ -101,14 +99,22 @@ fn tokens(n: u64) -> Estimate {
     Estimate {
         prompt: n / 2,
         completion: n - n / 2,
+        price: None,
     }
 }
 
-fn tpm(limit: u64) -> Limits {
-    Limits {
+fn tenant_scope(limits: Limits) -> Vec<Scope> {
+    vec![Scope {
+        key: "tenant/acme".into(),
+        limits,
+    }]
+}
+
+fn tpm(limit: u64) -> Vec<Scope> {
+    tenant_scope(Limits {
         tokens_per_minute: Some(limit),
         ..Limits::default()
-    }
+    })
 }
 
 #[tokio::test]
@@ -199,11 +205,11 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
 async fn without_quorum_limits_deny_or_share() {
     let ledger = ledger(4);
     let tenant: Arc<str> = "acme".into();
-    let limits = Limits {
+    let limits = tenant_scope(Limits {
         tokens_per_minute: Some(4_000),
         requests_per_minute: Some(400),
         ..Limits::default()
-    };
+    });
     ledger.down.store(true, Ordering::Relaxed);
     let deny = node(&ledger, 1, QuotaConfig::default());
     let e = deny
@@ -231,4 +237,89 @@ async fn without_quorum_limits_deny_or_share() {
     // limit ÷ 4 nodes.
     assert_eq!(admitted, 1_000);
     assert!(share.no_quorum_counts().0 >= 100);
+}
+
+#[tokio::test]
+async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let scopes = |user: &str| {
+        vec![
+            Scope {
+                key: "tenant/acme".into(),
+                limits: Limits {
+                    cost_per_day_micro_usd: Some(10_000),
+                    ..Limits::default()
+                },
+            },
+            Scope {
+                key: format!("tenant/acme/user/{user}"),
+                limits: Limits {
+                    requests_per_minute: Some(3),
+                    ..Limits::default()
+                },
+            },
+        ]
+    };
+    // $1 per million tokens in and $2 out: 100 in + 100 out = 300 µ$ a request.
+    let priced = Estimate {
+        prompt: 100,
+        completion: 100,
+        price: Some(crate::estimate::Price {
+            input_usd_per_mtok: 1.0,
+            output_usd_per_mtok: 2.0,
+        }),
+    };
+    for _ in 0..3 {
+        std::mem::forget(
+            q.admit(&tenant, &scopes("u1"), priced)
+                .await
+                .expect("admitted"),
+        );
+    }
+    let e = q
+        .admit(&tenant, &scopes("u1"), priced)
+        .await
+        .expect_err("u1 used its 3 requests");
+    assert_eq!(e.code.as_deref(), Some("requests_per_minute"));
+    // Another user of the same tenant is not affected, until the tenant's cost runs out.
+    let mut admitted = 3;
+    let err = loop {
+        match q
+            .admit(&tenant, &scopes(&format!("u{}", admitted + 10)), priced)
+            .await
+        {
+            Ok(r) => {
+                std::mem::forget(r);
+                admitted += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code.as_deref(), Some("cost_per_day"));
+    assert_eq!(admitted, 10_000 / 300, "cost_per_day admits {admitted}");
+    assert!(
+        err.headers
+            .iter()
+            .any(|(k, _)| k == "x-ratelimit-limit-cost-day")
+    );
+}
+
+#[tokio::test]
+async fn a_limit_of_one_admits_exactly_one() {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let scopes = tenant_scope(Limits {
+        requests_per_minute: Some(1),
+        ..Limits::default()
+    });
+    let first = q.admit(&tenant, &scopes, tokens(10)).await;
+    assert!(first.is_ok());
+    let second = q.admit(&tenant, &scopes, tokens(10)).await;
+    assert_eq!(
+        second.expect_err("one a minute").code.as_deref(),
+        Some("requests_per_minute")
+    );
 }
