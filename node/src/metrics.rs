@@ -130,6 +130,18 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
         "Supervisor restarts of the provider's actor",
         &per(&|p| p.restarts),
     );
+    if let Some(q) = gateway.quota() {
+        let (local_share, denied) = q.no_quorum_counts();
+        let _ = writeln!(
+            out,
+            "# HELP meridian_quota_local_share_admissions_total Admissions under a local share of a limit (no quorum)\n\
+             # TYPE meridian_quota_local_share_admissions_total counter\n\
+             meridian_quota_local_share_admissions_total {local_share}\n\
+             # HELP meridian_quota_no_quorum_denials_total Requests refused because no quota slice could be had (no quorum)\n\
+             # TYPE meridian_quota_no_quorum_denials_total counter\n\
+             meridian_quota_no_quorum_denials_total {denied}"
+        );
+    }
     gauge(
         &mut out,
         "meridian_draining",

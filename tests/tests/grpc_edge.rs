@@ -276,3 +276,37 @@ async fn health_reflection_and_admin_answer() {
         "missing_api_key"
     );
 }
+
+#[tokio::test]
+async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
+    use meridian_proto::pb::admin as pb;
+    let (_mock, node) = setup(&["mock"], "").await;
+    let mut admin = AdminClient::with_interceptor(channel(node.admin).await, node.admin_bearer());
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "dev".into(),
+                limits: Some(pb::Limits {
+                    requests_per_minute: Some(1),
+                    ..pb::Limits::default()
+                }),
+                ..pb::Tier::default()
+            }),
+        })
+        .await
+        .expect("the dev tier gets a limit");
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
+    client.chat(request("mock")).await.expect("the first fits");
+    let err = client
+        .chat(request("mock"))
+        .await
+        .expect_err("one a minute");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let md = err.metadata();
+    assert_eq!(
+        md.get("x-meridian-error-code").expect("code"),
+        "requests_per_minute"
+    );
+    assert!(md.get("retry-after").is_some());
+    assert_eq!(md.get("x-ratelimit-limit-requests").expect("limit"), "1");
+}

@@ -494,6 +494,7 @@ async fn models_health_and_readiness() {
         "meridian_cluster_is_leader 1",
         "meridian_cluster_members 1",
         "meridian_provider_requests_total{provider=\"mock\"} 1",
+        "meridian_quota_no_quorum_denials_total 0",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
