@@ -84,6 +84,37 @@ impl LimitKind {
         }
     }
 
+    /// `x-ratelimit-limit-*`, `x-ratelimit-remaining-*`, `x-ratelimit-reset-*`.
+    pub fn header_names(self) -> [&'static str; 3] {
+        match self {
+            Self::RequestsPerMinute => [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            Self::TokensPerMinute => [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            Self::TokensPerDay => [
+                "x-ratelimit-limit-tokens-day",
+                "x-ratelimit-remaining-tokens-day",
+                "x-ratelimit-reset-tokens-day",
+            ],
+            Self::TokensPerMonth => [
+                "x-ratelimit-limit-tokens-month",
+                "x-ratelimit-remaining-tokens-month",
+                "x-ratelimit-reset-tokens-month",
+            ],
+            Self::CostPerDay => [
+                "x-ratelimit-limit-cost-day",
+                "x-ratelimit-remaining-cost-day",
+                "x-ratelimit-reset-cost-day",
+            ],
+        }
+    }
+
     pub fn window_ms(self) -> u64 {
         match self {
             Self::RequestsPerMinute | Self::TokensPerMinute => 60_000,
@@ -276,17 +307,14 @@ pub struct RateLimitState {
 }
 
 impl RateLimitState {
-    /// The response headers for this limit.
-    pub fn headers(&self) -> [(String, String); 3] {
-        let s = self.kind.header_suffix();
+    /// The response headers for this limit: names are static, values formatted once.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        let [limit, remaining, reset] = self.kind.header_names();
         [
-            (format!("x-ratelimit-limit-{s}"), self.limit.to_string()),
+            (limit, self.limit.to_string()),
+            (remaining, self.remaining.to_string()),
             (
-                format!("x-ratelimit-remaining-{s}"),
-                self.remaining.to_string(),
-            ),
-            (
-                format!("x-ratelimit-reset-{s}"),
+                reset,
                 format!("{}s", self.reset.as_secs_f64().ceil() as u64),
             ),
         ]

@@ -102,11 +102,9 @@ async fn chat(
     };
     for state in &rate_limits {
         for (name, value) in state.headers() {
-            if let (Ok(n), Ok(v)) = (
-                header::HeaderName::try_from(name),
-                HeaderValue::from_str(&value),
-            ) {
-                resp.headers_mut().insert(n, v);
+            if let Ok(v) = HeaderValue::try_from(value) {
+                resp.headers_mut()
+                    .insert(header::HeaderName::from_static(name), v);
             }
         }
     }
