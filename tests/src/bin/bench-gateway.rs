@@ -317,11 +317,21 @@ fn main() -> anyhow::Result<()> {
     let on_url = format!("http://{on_addr}/v1/chat/completions");
     wrk(&on_url, &with_key, 8, 1)?;
     let mut rounds = Vec::new();
-    for _ in 0..args.rounds.max(1) {
-        let off1 = wrk(&off_url, &unary, 1, secs)?;
-        let on1 = wrk(&on_url, &with_key, 1, secs)?;
-        let off64 = wrk(&off_url, &unary, 64, secs)?;
-        let on64 = wrk(&on_url, &with_key, 64, secs)?;
+    for round in 0..args.rounds.max(1) {
+        // Alternate which node goes first, so drift in the machine's speed cancels out.
+        let (off1, on1, off64, on64) = if round % 2 == 0 {
+            let off1 = wrk(&off_url, &unary, 1, secs)?;
+            let on1 = wrk(&on_url, &with_key, 1, secs)?;
+            let off64 = wrk(&off_url, &unary, 64, secs)?;
+            let on64 = wrk(&on_url, &with_key, 64, secs)?;
+            (off1, on1, off64, on64)
+        } else {
+            let on1 = wrk(&on_url, &with_key, 1, secs)?;
+            let off1 = wrk(&off_url, &unary, 1, secs)?;
+            let on64 = wrk(&on_url, &with_key, 64, secs)?;
+            let off64 = wrk(&off_url, &unary, 64, secs)?;
+            (off1, on1, off64, on64)
+        };
         eprintln!(
             "auth+quota: round throughput on/off {:.3}, added p50 {:+.3} ms",
             on64.rps / off64.rps,
