@@ -330,6 +330,43 @@ mod tests {
         assert_eq!(code(v.verify(&confused)), "unsupported_algorithm");
     }
 
+    #[test]
+    fn rs256_keys_come_from_the_jwks() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+        let signing = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).expect("pem");
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, Algorithm::RS256).expect("jwk");
+        jwk.common.key_id = Some("rsa-1".into());
+        let jwks =
+            serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).expect("jwks");
+        let mut s = settings();
+        s.jwks = Some(jwks);
+        let v = JwtVerifier::new(s).expect("verifier");
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        let token = encode(&header, &claims(), &signing).expect("signed");
+        assert_eq!(&*v.verify(&token).expect("valid").tenant, "acme");
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+        let forged = encode(
+            &header,
+            &claims(),
+            &EncodingKey::from_rsa_pem(other.serialize_pem().as_bytes()).expect("pem"),
+        )
+        .expect("signed");
+        assert_eq!(code(v.verify(&forged)), "invalid_signature");
+        // An RS256 token presented as EdDSA finds no key of that type.
+        let mut eddsa = header.clone();
+        eddsa.alg = Algorithm::EdDSA;
+        let parts: Vec<&str> = token.split('.').collect();
+        let relabelled = format!(
+            "{}.{}.{}",
+            base64url(&serde_json::to_vec(&eddsa).expect("header")),
+            parts[1],
+            parts[2]
+        );
+        assert_eq!(code(v.verify(&relabelled)), "unsupported_algorithm");
+    }
+
     fn base64url(bytes: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
