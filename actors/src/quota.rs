@@ -234,6 +234,14 @@ struct Budget {
     dry_until: Option<Instant>,
 }
 
+/// One usage report, kept until the ledger has it.
+struct Batch {
+    seq: u64,
+    commands: Vec<Command>,
+    /// What each budget's `reported` advances by once it commits.
+    sent: Vec<(String, u64, i64)>,
+}
+
 /// Charged usage of a window this node has left but not yet reported.
 #[derive(Debug)]
 struct Late {
@@ -253,6 +261,10 @@ struct Inner {
     renew: mpsc::UnboundedSender<String>,
     /// One flush at a time: two at once would both report the same unreported charges.
     flushing: tokio::sync::Mutex<()>,
+    /// A report whose proposal failed (it may or may not have committed).
+    pending: Mutex<Option<Batch>>,
+    /// The next report's sequence number (see `Command::Once`).
+    seq: AtomicU64,
     /// Admissions under a local share, for metrics.
     local_share_admits: AtomicU64,
     denied_no_quorum: AtomicU64,
@@ -424,6 +436,14 @@ impl Quota {
         cluster: Replicated,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (renew, renewals) = mpsc::unbounded_channel();
+        let last_seq = cluster
+            .state
+            .borrow()
+            .applied_seq
+            .get(&node_id)
+            .copied()
+            .unwrap_or(0);
+        let first_seq = (last_seq + 1).max(now_unix_ms() * 1000);
         let quota = Self {
             inner: Arc::new(Inner {
                 node_id,
@@ -435,6 +455,10 @@ impl Quota {
                 granted: Notify::new(),
                 renew,
                 flushing: tokio::sync::Mutex::new(()),
+                pending: Mutex::new(None),
+                // Above anything this node sent before a restart: the applied state's last
+                // number, or the clock in µs, whichever is larger.
+                seq: AtomicU64::new(first_seq),
                 local_share_admits: AtomicU64::new(0),
                 denied_no_quorum: AtomicU64::new(0),
             }),
@@ -685,6 +709,43 @@ impl Quota {
     /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.
     async fn flush(&self) {
         let _one_at_a_time = self.inner.flushing.lock().await;
+        // A batch whose outcome is unknown (its proposal failed) goes again, unchanged and with
+        // the same sequence number, so the ledger applies it once whether or not the first try
+        // committed. Only then is a new batch made.
+        let batch = match lock(&self.inner.pending).take() {
+            Some(b) => b,
+            None => match self.next_batch() {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        let command = Command::Once {
+            node: self.inner.node_id,
+            seq: batch.seq,
+            command: Box::new(Command::Batch {
+                commands: batch.commands.clone(),
+            }),
+        };
+        match self.inner.cluster.proposer.propose(command).await {
+            Ok(_) => {
+                let mut budgets = lock(&self.inner.budgets);
+                for (key, window_start, delta) in batch.sent {
+                    if let Some(b) = budgets.get_mut(&key)
+                        && b.window_start == window_start
+                    {
+                        b.reported += delta;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "quota: usage report failed; it goes again");
+                *lock(&self.inner.pending) = Some(batch);
+            }
+        }
+    }
+
+    /// Everything charged and not yet reported (and the day's roll-ups), as one batch.
+    fn next_batch(&self) -> Option<Batch> {
         let mut commands = Vec::new();
         let mut sent: Vec<(String, u64, i64)> = Vec::new();
         {
@@ -702,57 +763,29 @@ impl Quota {
                 }
             }
         }
-        let late = std::mem::take(&mut *lock(&self.inner.late));
-        for l in &late {
+        for l in std::mem::take(&mut *lock(&self.inner.late)) {
             commands.push(Command::ReportUsage {
-                key: l.key.clone(),
+                key: l.key,
                 node: self.inner.node_id,
                 window_start_unix_ms: l.window_start,
                 delta: l.delta,
             });
         }
-        let rollups = std::mem::take(&mut *lock(&self.inner.rollups));
-        for ((tenant, model), totals) in &rollups {
+        for ((tenant, model), totals) in std::mem::take(&mut *lock(&self.inner.rollups)) {
             commands.push(Command::RecordUsage {
-                tenant: tenant.clone(),
-                model: model.clone(),
-                totals: *totals,
+                tenant,
+                model,
+                totals,
             });
         }
         if commands.is_empty() {
-            return;
+            return None;
         }
-        match self
-            .inner
-            .cluster
-            .proposer
-            .propose(Command::Batch { commands })
-            .await
-        {
-            Ok(_) => {
-                let mut budgets = lock(&self.inner.budgets);
-                for (key, window_start, delta) in sent {
-                    if let Some(b) = budgets.get_mut(&key)
-                        && b.window_start == window_start
-                    {
-                        b.reported += delta;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "quota: usage report failed; retrying");
-                lock(&self.inner.late).extend(late);
-                let mut r = lock(&self.inner.rollups);
-                for (k, v) in rollups {
-                    let t = r.entry(k).or_default();
-                    t.requests += v.requests;
-                    t.prompt_tokens += v.prompt_tokens;
-                    t.completion_tokens += v.completion_tokens;
-                    t.cached_tokens += v.cached_tokens;
-                    t.cost_micro_usd += v.cost_micro_usd;
-                }
-            }
-        }
+        Some(Batch {
+            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+            commands,
+            sent,
+        })
     }
 
     /// Asks the ledger for a new slice of `key` (after reporting, so the ledger has seen

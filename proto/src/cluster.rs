@@ -71,6 +71,13 @@ pub enum Command {
         model: String,
         totals: UsageTotals,
     },
+    /// `command`, applied only if `seq` is above the last `seq` applied for `node`: a proposal
+    /// that is retried after an indeterminate failure (its leader died) is applied once.
+    Once {
+        node: NodeId,
+        seq: u64,
+        command: Box<Command>,
+    },
     /// Several commands applied in order as one log entry (usage flushes, bulk writes).
     /// Answered with [`Applied::Changed`] if any of them changed the state.
     Batch {
@@ -324,6 +331,8 @@ pub struct ClusterState {
     pub breakers: BTreeMap<String, BreakerRecord>,
     /// Days since the Unix epoch → tenant → model → totals.
     pub usage: BTreeMap<u64, BTreeMap<String, BTreeMap<String, UsageTotals>>>,
+    /// The last `Once` sequence number applied per node.
+    pub applied_seq: BTreeMap<NodeId, u64>,
 }
 
 impl ClusterState {
@@ -525,6 +534,13 @@ impl ClusterState {
                 let oldest_kept = day.saturating_sub(ROLLUP_DAYS - 1);
                 self.usage = self.usage.split_off(&oldest_kept);
                 Applied::Changed
+            }
+            Command::Once { node, seq, command } => {
+                if self.applied_seq.get(node).is_some_and(|last| seq <= last) {
+                    return Applied::Unchanged;
+                }
+                self.applied_seq.insert(*node, *seq);
+                self.apply_command(at, proposer, command)
             }
             Command::Batch { commands } => {
                 let mut changed = false;
@@ -813,5 +829,25 @@ mod tests {
             serde_json::from_slice::<ClusterState>(&json).expect("decode"),
             s
         );
+    }
+
+    #[test]
+    fn a_retried_proposal_is_applied_once() {
+        let mut s = ClusterState::default();
+        s.apply(&proposal(1, grant(1, 500, 10_000)));
+        let report = Command::Once {
+            node: 1,
+            seq: 7,
+            command: Box::new(usage(1, 120_000, 100)),
+        };
+        assert_eq!(s.apply(&proposal(2, report.clone())), Applied::Changed);
+        assert_eq!(s.apply(&proposal(3, report)), Applied::Unchanged);
+        let older = Command::Once {
+            node: 1,
+            seq: 6,
+            command: Box::new(usage(1, 120_000, 100)),
+        };
+        assert_eq!(s.apply(&proposal(4, older)), Applied::Unchanged);
+        assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 100);
     }
 }

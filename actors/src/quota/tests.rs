@@ -16,6 +16,8 @@ struct Ledger {
     state: Mutex<ClusterState>,
     published: watch::Sender<Arc<ClusterState>>,
     down: AtomicBool,
+    /// The next proposal commits, but its answer is lost (the leader died after committing).
+    lose_next_ack: AtomicBool,
 }
 
 struct NodeProposer {
@@ -38,6 +40,9 @@ impl Proposer for NodeProposer {
                 command,
             });
             ledger.published.send_replace(Arc::new(s.clone()));
+            if ledger.lose_next_ack.swap(false, Ordering::Relaxed) {
+                return Err("the leader went away before answering".into());
+            }
             Ok(applied)
         })
     }
@@ -76,6 +81,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         published: watch::Sender::new(Arc::new(s.clone())),
         state: Mutex::new(s),
         down: AtomicBool::new(false),
+        lose_next_ack: AtomicBool::new(false),
     })
 }
 
@@ -322,4 +328,30 @@ async fn a_limit_of_one_admits_exactly_one() {
         second.expect_err("one a minute").code.as_deref(),
         Some("requests_per_minute")
     );
+}
+
+#[tokio::test]
+async fn a_report_whose_answer_was_lost_is_counted_once() {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let r = q
+        .admit(&tenant, &tpm(10_000), tokens(100))
+        .await
+        .expect("admitted");
+    std::mem::forget(r);
+    q.flush().await; // the slice's first report
+    let used = || ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
+    assert_eq!(used(), 100);
+    let r = q
+        .admit(&tenant, &tpm(10_000), tokens(50))
+        .await
+        .expect("admitted");
+    std::mem::forget(r);
+    ledger.lose_next_ack.store(true, Ordering::Relaxed);
+    q.flush().await; // committed, but the node never heard so
+    assert_eq!(used(), 150);
+    q.flush().await; // sent again with the same sequence number
+    q.flush().await;
+    assert_eq!(used(), 150, "the retried report is not counted twice");
 }
