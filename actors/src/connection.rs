@@ -16,13 +16,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
 use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
-use meridian_proto::{ApiError, RequestId};
+use meridian_proto::{ApiError, ErrorKind, RequestId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -81,8 +82,59 @@ pub struct Route {
 pub struct ConnectionArgs {
     pub request: ChatRequest,
     pub ctx: RequestContext,
-    pub route: Route,
+    /// The providers to try, best first: a failure before anything reaches the client moves
+    /// to the next, within the retry budget and the request's deadline.
+    pub routes: Vec<Route>,
+    pub retries: Arc<RetryBudget>,
     pub reply: oneshot::Sender<Result<ChatReply, ApiError>>,
+}
+
+/// How many extra attempts (fallbacks) the node allows: at most a fifth of its requests plus
+/// ten, over a rolling ten-second window, so that an outage cannot multiply the load.
+#[derive(Debug)]
+pub struct RetryBudget {
+    window: Mutex<Instant>,
+    requests: AtomicU32,
+    retries: AtomicU32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            window: Mutex::new(Instant::now()),
+            requests: AtomicU32::new(0),
+            retries: AtomicU32::new(0),
+        }
+    }
+}
+
+impl RetryBudget {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn roll(&self) {
+        let mut start = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if start.elapsed() >= Self::WINDOW {
+            *start = Instant::now();
+            self.requests.store(0, Ordering::Relaxed);
+            self.retries.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn count_request(&self) {
+        self.roll();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one extra attempt from the budget, if any is left.
+    pub fn try_retry(&self) -> bool {
+        self.roll();
+        let allowed = self.requests.load(Ordering::Relaxed) / 5 + 10;
+        self.retries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < allowed).then_some(r + 1)
+            })
+            .is_ok()
+    }
 }
 
 /// The ConnectionActor's vocabulary: it is told once to run, and stops itself when done.
@@ -134,69 +186,123 @@ enum Outcome {
     ClientGone(u32),
 }
 
+type Reply = oneshot::Sender<Result<ChatReply, ApiError>>;
+
+/// One attempt at one provider.
+enum Step {
+    /// The client has its answer (or left): this is how the request ended.
+    Done(Outcome),
+    /// It failed before anything reached the client; the next candidate may be tried.
+    Failed(ApiError, Reply),
+}
+
 async fn serve(args: ConnectionArgs) {
     let ConnectionArgs {
         request,
         mut ctx,
-        route,
+        routes,
+        retries,
         mut reply,
     } = args;
+    let mut last: Option<(ApiError, usize)> = None;
+    for (attempt, route) in routes.iter().enumerate() {
+        if attempt > 0 {
+            let past_deadline = ctx.deadline.is_some_and(|d| d <= Instant::now());
+            if past_deadline || !retries.try_retry() {
+                break;
+            }
+            tracing::info!(
+                request_id = %ctx.request_id,
+                provider = %route.provider.spec.id,
+                attempt = attempt + 1,
+                after = ?last.as_ref().map(|(e, _)| e.code.clone()),
+                "falling back to the next provider"
+            );
+        }
+        match attempt_at(&request, &ctx, route, reply).await {
+            Step::Done(outcome) => {
+                finish(&mut ctx, request.model(), &route.provider, outcome);
+                return;
+            }
+            Step::Failed(e, back) => {
+                route.provider.record(false);
+                reply = back;
+                let retryable = e.retryable();
+                last = Some((e, attempt));
+                if !retryable {
+                    break;
+                }
+            }
+        }
+    }
+    let Some((e, attempt)) = last else { return };
+    let e = if attempt > 0 {
+        // Every candidate tried failed: say so, and when to come back.
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "all {} providers tried for this model failed; the last said: {}",
+                attempt + 1,
+                e.message
+            ),
+        )
+        .with_code("all_providers_failed")
+        .with_retry_after(e.retry_after.unwrap_or(Duration::from_secs(1)))
+    } else {
+        e
+    };
+    if let Some(r) = ctx.reservation.take() {
+        r.settle_partial(request.model(), 0);
+    }
+    let _ = reply.send(Err(e));
+}
+
+/// Takes a slot at `route`'s provider and calls it.
+async fn attempt_at(
+    request: &ChatRequest,
+    ctx: &RequestContext,
+    route: &Route,
+    mut reply: Reply,
+) -> Step {
     let provider = &route.provider;
     let spec = &provider.spec;
     let now = Instant::now();
     let cap = |d| ctx.deadline.map_or(now + d, |c: Instant| c.min(now + d));
     let queue_deadline = cap(spec.queue_timeout);
-
+    let tenant = ctx.principal.as_ref().map(|p| Arc::clone(&p.tenant));
     let permit = tokio::select! {
-        p = provider.acquire(queue_deadline, ctx.principal.as_ref().map(|p| Arc::clone(&p.tenant))) => p,
-        () = reply.closed() => return,
+        p = provider.acquire(queue_deadline, tenant) => p,
+        () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
     let _permit = match permit {
         Ok(p) => p,
-        Err(e) => {
-            let _ = reply.send(Err(e));
-            return;
-        }
+        Err(e) => return Step::Failed(e, reply),
     };
     // The total deadline starts once the call starts, so queueing does not eat into it.
     let total = cap(spec.timeouts.total);
-    let outcome = if request.stream() {
-        stream(&request, &route, total, reply).await
-    } else {
-        let call = timeout_at(
-            total,
-            spec.upstream
-                .complete(&request, &route.upstream_model, &spec.timeouts),
-        );
-        let result = tokio::select! {
-            r = call => r.unwrap_or(Err(UpstreamError::Timeout(Phase::Total))),
-            () = reply.closed() => {
-                finish(&mut ctx, request.model(), provider, Outcome::ClientGone(0));
-                return;
-            }
-        };
-        match result {
-            Ok(c) => {
-                let usage = c.usage;
-                let _ = reply.send(Ok(ChatReply::Complete(c)));
-                Outcome::Ok(usage)
-            }
-            Err(e) => {
-                let e = e.into_api_error(&spec.id);
-                let _ = reply.send(Err(e.clone()));
-                Outcome::Failed(e, 0)
-            }
-        }
+    if request.stream() {
+        return stream(request, route, total, reply).await;
+    }
+    let call = timeout_at(
+        total,
+        spec.upstream
+            .complete(request, &route.upstream_model, &spec.timeouts),
+    );
+    let result = tokio::select! {
+        r = call => r.unwrap_or(Err(UpstreamError::Timeout(Phase::Total))),
+        () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
-    finish(&mut ctx, request.model(), provider, outcome);
+    match result {
+        Ok(c) => {
+            let usage = c.usage;
+            let _ = reply.send(Ok(ChatReply::Complete(c)));
+            Step::Done(Outcome::Ok(usage))
+        }
+        Err(e) => Step::Failed(e.into_api_error(&spec.id), reply),
+    }
 }
 
-async fn stream(
-    request: &ChatRequest,
-    route: &Route,
-    total: Instant,
-    mut reply: oneshot::Sender<Result<ChatReply, ApiError>>,
-) -> Outcome {
+async fn stream(request: &ChatRequest, route: &Route, total: Instant, mut reply: Reply) -> Step {
     let spec = &route.provider.spec;
     let open = timeout_at(
         total,
@@ -205,29 +311,21 @@ async fn stream(
     );
     let opened = tokio::select! {
         r = open => r.unwrap_or(Err(UpstreamError::Timeout(Phase::Total))),
-        () = reply.closed() => return Outcome::ClientGone(0),
+        () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
     let mut chunks = match opened {
         Ok(s) => s,
-        Err(e) => {
-            let e = e.into_api_error(&spec.id);
-            let _ = reply.send(Err(e.clone()));
-            return Outcome::Failed(e, 0);
-        }
+        Err(e) => return Step::Failed(e.into_api_error(&spec.id), reply),
     };
     // Nothing reaches the client before the upstream's first event: a failure up to here is
     // still a clean status (and, later, a reason to try another provider).
     let first = tokio::select! {
         n = chunks.next() => n,
         () = sleep_until(total) => Some(Err(UpstreamError::Timeout(Phase::Total))),
-        () = reply.closed() => return Outcome::ClientGone(0),
+        () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
     let first = match first {
-        Some(Err(e)) => {
-            let e = e.into_api_error(&spec.id);
-            let _ = reply.send(Err(e.clone()));
-            return Outcome::Failed(e, 0);
-        }
+        Some(Err(e)) => return Step::Failed(e.into_api_error(&spec.id), reply),
         other => other,
     };
     let shared = Arc::new(RelayShared {
@@ -246,16 +344,16 @@ async fn stream(
         report: Some(report),
     };
     if reply.send(Ok(ChatReply::Stream(relay))).is_err() {
-        return Outcome::ClientGone(0);
+        return Step::Done(Outcome::ClientGone(0));
     }
-    tokio::select! {
+    Step::Done(tokio::select! {
         v = verdict => v.unwrap_or(Outcome::ClientGone(generated.load(Ordering::Relaxed))),
         () = sleep_until(total) => {
             let e = UpstreamError::Timeout(Phase::Total).into_api_error(&spec.id);
             shared.cancel(e.clone());
             Outcome::Failed(e, generated.load(Ordering::Relaxed))
         }
-    }
+    })
 }
 
 /// The upstream side of a relay, shared with the ConnectionActor so it can cancel the call.

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
+use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::Price;
@@ -84,6 +85,7 @@ struct Inner {
     draining: AtomicBool,
     cluster: Option<Replicated>,
     auth: bool,
+    retries: Arc<RetryBudget>,
     jwt: Option<Arc<JwtVerifier>>,
     prices: HashMap<String, Price>,
     quota: Option<(Quota, JoinHandle<()>)>,
@@ -150,6 +152,7 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 cluster: config.cluster,
                 auth: config.auth,
+                retries: Arc::new(RetryBudget::default()),
                 jwt: config.jwt,
                 prices: config.prices,
                 quota,
@@ -330,12 +333,14 @@ impl Gateway {
                     .with_retry_after(Duration::from_secs(1)),
             );
         }
-        let route = self.route(request.model())?;
+        let routes = self.route(request.model())?;
+        self.inner.retries.count_request();
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {
             request,
             ctx,
-            route,
+            routes,
+            retries: Arc::clone(&self.inner.retries),
             reply,
         };
         Actor::spawn_linked(None, ConnectionActor, args, self.inner.connections.clone())
@@ -354,7 +359,8 @@ impl Gateway {
         })
     }
 
-    fn route(&self, model: &str) -> Result<Route, ApiError> {
+    /// The providers to try for `model`, best first (see [`policy::rank_by_load`]).
+    fn route(&self, model: &str) -> Result<Vec<Route>, ApiError> {
         let not_found = || {
             ApiError::new(
                 ErrorKind::NotFound,
@@ -369,8 +375,11 @@ impl Gateway {
             queued: r.provider.queued(),
             max_concurrency: r.provider.spec.max_concurrency,
         });
-        let i = policy::pick_least_loaded(loads).ok_or_else(not_found)?;
-        Ok(routes[i].clone())
+        let ranked = policy::rank_by_load(loads);
+        if ranked.is_empty() {
+            return Err(not_found());
+        }
+        Ok(ranked.into_iter().map(|i| routes[i].clone()).collect())
     }
 
     /// Stops the actor tree (after the edges have drained).

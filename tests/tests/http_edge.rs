@@ -1115,3 +1115,61 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
     .await
     .expect("usage rolled up with its cost");
 }
+
+#[tokio::test]
+async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
+    let m = mock(Flavor::Vllm).await;
+    let two = |first: &str, second: &str| {
+        format!(
+            "{}{}",
+            provider_toml("a", &m.base_url(), &[&format!("m={first}")], ""),
+            provider_toml("b", &m.base_url(), &[&format!("m={second}")], "")
+        )
+    };
+    let n = TestNode::start(&two("mock@fail:503", "mock"))
+        .await
+        .expect("node");
+    // Provider a (first in order) fails with 503; b answers. The client sees one success.
+    for stream in [false, true] {
+        let resp = post(&n, chat_body("m", stream, "")).await;
+        assert_eq!(resp.status(), 200, "stream={stream}");
+        let _ = resp.bytes().await.expect("body");
+    }
+    let failed = m.stats.failed.load(std::sync::atomic::Ordering::SeqCst);
+    let completed = m.stats.completed.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (failed, completed),
+        (2, 2),
+        "each request: a failed, then b served"
+    );
+    let a = n
+        .gateway
+        .providers()
+        .into_iter()
+        .find(|p| p.id == "a")
+        .expect("a");
+    assert_eq!(a.failures_total, 2, "every attempt is recorded");
+
+    // All candidates down: 503, naming it, with Retry-After.
+    let n = TestNode::start(&two("mock@fail:503", "mock@fail:500"))
+        .await
+        .expect("node");
+    let resp = post(&n, chat_body("m", false, "")).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "all_providers_failed");
+
+    // A client error is not retried elsewhere.
+    let n = TestNode::start(&two("mock@fail:400", "mock"))
+        .await
+        .expect("node");
+    let before = m.stats.completed.load(std::sync::atomic::Ordering::SeqCst);
+    let resp = post(&n, chat_body("m", false, "")).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        m.stats.completed.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "b was not tried"
+    );
+}

@@ -10,10 +10,21 @@ fn load(in_flight: u32, queued: u32, max_concurrency: u32) -> Load {
 
 fn check(candidates: &[Load], expected: Option<usize>) {
     assert_eq!(
-        pick_least_loaded(candidates.iter().copied()),
+        rank_by_load(candidates.iter().copied()).first().copied(),
         expected,
         "{candidates:?}"
     );
+}
+
+#[test]
+fn every_candidate_is_ranked_and_ties_keep_their_order() {
+    let ranked = rank_by_load([
+        load(8, 0, 10),
+        load(1, 0, 10),
+        load(5, 5, 10),
+        load(1, 0, 10),
+    ]);
+    assert_eq!(ranked, [1, 3, 0, 2]);
 }
 
 #[test]
