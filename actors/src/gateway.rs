@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
+use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
@@ -43,6 +44,8 @@ pub struct GatewayConfig {
     pub jwt: Option<Arc<JwtVerifier>>,
     /// Prices per model (client-facing name), for `cost_per_day`.
     pub prices: HashMap<String, Price>,
+    /// The exact response cache (`None`: off).
+    pub cache: Option<CacheConfig>,
 }
 
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
@@ -88,6 +91,7 @@ struct Inner {
     retries: Arc<RetryBudget>,
     jwt: Option<Arc<JwtVerifier>>,
     prices: HashMap<String, Price>,
+    cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
@@ -155,6 +159,7 @@ impl Gateway {
                 retries: Arc::new(RetryBudget::default()),
                 jwt: config.jwt,
                 prices: config.prices,
+                cache: config.cache.map(ResponseCache::new),
                 quota,
                 publisher,
             }),
@@ -273,6 +278,34 @@ impl Gateway {
             price,
         };
         quota.admit(tenant, &scopes, estimate).await.map(Some)
+    }
+
+    /// The cache key of `request` from `principal`, if the cache is on and the request may be
+    /// cached (see [`ResponseCache::key`]).
+    pub fn cache_key(
+        &self,
+        principal: Option<&Principal>,
+        request: &ChatRequest,
+        opt_in: bool,
+    ) -> Option<CacheKey> {
+        self.inner.cache.as_ref()?;
+        let tenant = principal.map_or("", |p| &p.tenant);
+        ResponseCache::key(tenant, request, opt_in)
+    }
+
+    pub fn cache_get(&self, key: CacheKey) -> Option<bytes::Bytes> {
+        self.inner.cache.as_ref()?.get(key)
+    }
+
+    pub fn cache_put(&self, key: CacheKey, body: bytes::Bytes) {
+        if let Some(c) = &self.inner.cache {
+            c.put(key, body);
+        }
+    }
+
+    /// Cache (hits, misses), when the cache is on.
+    pub fn cache_counts(&self) -> Option<(u64, u64)> {
+        self.inner.cache.as_ref().map(ResponseCache::counts)
     }
 
     /// The quota account (`None` when limits are not enforced).

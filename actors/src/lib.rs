@@ -22,6 +22,7 @@
 //! This crate never knows about HTTP listeners or the cluster: the node wires it up.
 
 pub mod auth;
+pub mod cache;
 pub mod connection;
 pub mod estimate;
 pub mod gateway;

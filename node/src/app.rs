@@ -96,6 +96,7 @@ impl App {
             quota: Some(config.quota.clone()),
             jwt: config.jwt.clone(),
             prices: config.prices.clone(),
+            cache: config.cache,
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

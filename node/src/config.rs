@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
+use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
@@ -43,6 +44,8 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub quota: RawQuota,
+    #[serde(default)]
+    pub cache: RawCache,
     pub jwt: Option<RawJwt>,
     #[serde(default)]
     pub limits: RawLimits,
@@ -137,6 +140,17 @@ pub struct RawAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// The exact response cache (default true).
+    pub enabled: Option<bool>,
+    /// Most answers kept (default 10000).
+    pub max_entries: Option<i64>,
+    /// How long an answer is kept (default 5m).
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawJwt {
     /// Required `iss`.
     pub issuer: Option<String>,
@@ -224,6 +238,8 @@ pub struct Config {
     pub jwt: Option<Arc<JwtVerifier>>,
     /// Prices by model.
     pub prices: std::collections::HashMap<String, Price>,
+    /// The response cache, when on.
+    pub cache: Option<CacheConfig>,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
@@ -972,6 +988,27 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             _ => e.push(at("model"), "is required"),
         }
     }
+    let cache = if raw.cache.enabled.unwrap_or(true) {
+        let mut c = CacheConfig::default();
+        match raw.cache.max_entries {
+            None => {}
+            Some(n) if (0..=10_000_000).contains(&n) => c.max_entries = n as usize,
+            Some(n) => e.push(
+                "cache.max_entries",
+                format!("must be between 0 and 10000000, got {n}"),
+            ),
+        }
+        if let Some(t) = &raw.cache.ttl {
+            match parse_duration(t) {
+                Ok(d) if !d.is_zero() => c.ttl = d,
+                Ok(_) => e.push("cache.ttl", "must be longer than 0"),
+                Err(m) => e.push("cache.ttl", m),
+            }
+        }
+        Some(c)
+    } else {
+        None
+    };
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -1187,6 +1224,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         quota,
         jwt,
         prices,
+        cache,
         limits,
         drain_timeout,
         providers,

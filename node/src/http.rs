@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::auth::Principal;
+use meridian_actors::cache::CacheKey;
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -71,10 +72,28 @@ async fn chat(
     let request_id =
         RequestId::from_client(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
     let mut rate_limits = Vec::new();
+    // Set when the request may be cached: its key, and whether it was answered from the cache.
+    let mut cached: Option<(CacheKey, bool)> = None;
     let result = async {
         let principal = authenticate(&st.gateway, &headers)?;
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
+        let opt_in = headers
+            .get("x-meridian-cache")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
+        if let Some(key) = st.gateway.cache_key(principal.as_ref(), &request, opt_in) {
+            if let Some(hit) = st.gateway.cache_get(key) {
+                // A hit is free: no admission, no provider.
+                cached = Some((key, true));
+                tracing::debug!(request_id = %request_id, "answered from the response cache");
+                return Ok(Answer::Cached(
+                    hit,
+                    request.stream(),
+                    request.include_usage(),
+                ));
+            }
+            cached = Some((key, false));
+        }
         let deadline = client_deadline(&headers)?;
         let feature = feature_of(headers.get("x-meridian-feature").map(HeaderValue::as_bytes))?;
         let reservation = st
@@ -90,16 +109,29 @@ async fn chat(
             deadline,
             reservation,
         };
-        st.gateway.chat(request, ctx).await
+        st.gateway.chat(request, ctx).await.map(Answer::Fresh)
     }
     .await;
     let mut resp = match result {
-        Ok(ChatReply::Complete(c)) => {
+        Ok(Answer::Fresh(ChatReply::Complete(c))) => {
+            if let Some((key, false)) = cached {
+                st.gateway.cache_put(key, c.body.clone());
+            }
             ([(header::CONTENT_TYPE, "application/json")], c.body).into_response()
         }
-        Ok(ChatReply::Stream(relay)) => sse_response(relay, st.sse_heartbeat),
+        Ok(Answer::Fresh(ChatReply::Stream(relay))) => sse_response(relay, st.sse_heartbeat),
+        Ok(Answer::Cached(body, false, _)) => {
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Ok(Answer::Cached(body, true, include_usage)) => cached_sse(&body, include_usage),
         Err(e) => http_error(&e),
     };
+    if let Some((_, hit)) = cached {
+        resp.headers_mut().insert(
+            "x-meridian-cache",
+            HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+        );
+    }
     for state in &rate_limits {
         for (name, value) in state.headers() {
             if let Ok(v) = HeaderValue::try_from(value) {
@@ -112,6 +144,39 @@ async fn chat(
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// What the chat handler answers with.
+enum Answer {
+    Fresh(ChatReply),
+    /// From the cache: the whole answer, whether a stream was asked, and with usage.
+    Cached(Bytes, bool, bool),
+}
+
+/// A cached whole answer as the SSE stream the client asked for.
+fn cached_sse(completion: &[u8], include_usage: bool) -> Response {
+    let Some(chunks) = meridian_actors::cache::as_chunks(completion, include_usage) else {
+        return http_error(&ApiError::new(
+            ErrorKind::Internal,
+            "a cached answer could not be replayed",
+        ));
+    };
+    let mut body = String::new();
+    for c in chunks {
+        body.push_str("data: ");
+        body.push_str(&c);
+        body.push_str("\n\n");
+    }
+    body.push_str("data: [DONE]\n\n");
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (http::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn body_error(rejection: BytesRejection) -> ApiError {

@@ -142,6 +142,15 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
              meridian_quota_no_quorum_denials_total {denied}"
         );
     }
+    if let Some((hits, misses)) = gateway.cache_counts() {
+        let _ = writeln!(
+            out,
+            "# HELP meridian_cache_lookups_total Response cache lookups, by result\n\
+             # TYPE meridian_cache_lookups_total counter\n\
+             meridian_cache_lookups_total{{result=\"hit\"}} {hits}\n\
+             meridian_cache_lookups_total{{result=\"miss\"}} {misses}"
+        );
+    }
     gauge(
         &mut out,
         "meridian_draining",

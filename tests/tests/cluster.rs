@@ -274,6 +274,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         quota: None,
         jwt: None,
         prices: Default::default(),
+        cache: None,
     })
     .await
     .unwrap();

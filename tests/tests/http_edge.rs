@@ -1173,3 +1173,94 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
         "b was not tried"
     );
 }
+
+#[tokio::test]
+async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
+    use meridian_proto::pb::admin as pb;
+    let m = mock(Flavor::Vllm).await;
+    let n = node(&m, &["mock"], "", "").await;
+    let mut admin = n.admin_client().await.expect("admin");
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "one".into(),
+                limits: Some(pb::Limits {
+                    requests_per_minute: Some(1),
+                    ..pb::Limits::default()
+                }),
+                ..pb::Tier::default()
+            }),
+        })
+        .await
+        .expect("tier");
+    let mut keys = Vec::new();
+    for tenant in ["t1", "t2"] {
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: tenant.into(),
+                    tier: "one".into(),
+                    ..pb::Tenant::default()
+                }),
+            })
+            .await
+            .expect("tenant");
+        keys.push(
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    tenant: tenant.into(),
+                    label: String::new(),
+                })
+                .await
+                .expect("key")
+                .into_inner()
+                .secret,
+        );
+    }
+    let client = reqwest::Client::new();
+    let call = |key: &str, stream: bool, extra: &str| {
+        client
+            .post(n.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(chat_body("mock", stream, extra))
+            .send()
+    };
+    let served = || m.stats.completed.load(std::sync::atomic::Ordering::SeqCst);
+    let det = r#""temperature":0"#;
+    let first = call(&keys[0], false, det).await.expect("sent");
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-meridian-cache"], "miss");
+    let first_body: Value = first.json().await.expect("json");
+    assert_eq!(served(), 1);
+    // Again: from the cache, free (the tenant's one request a minute is already spent).
+    let again = call(&keys[0], false, det).await.expect("sent");
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["x-meridian-cache"], "hit");
+    assert_eq!(again.json::<Value>().await.expect("json"), first_body);
+    // As a stream: the same answer, replayed as SSE.
+    let streamed = call(
+        &keys[0],
+        true,
+        r#""temperature":0,"stream_options":{"include_usage":true}"#,
+    )
+    .await
+    .expect("sent");
+    assert_eq!(streamed.headers()["x-meridian-cache"], "hit");
+    let text = streamed.text().await.expect("text");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(text.contains(r#""usage""#), "{text}");
+    let content = first_body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(text.contains(content), "{text}");
+    assert_eq!(served(), 1, "no provider call for hits");
+    // Another tenant never sees it.
+    let other = call(&keys[1], false, det).await.expect("sent");
+    assert_eq!(other.headers()["x-meridian-cache"], "miss");
+    assert_eq!(served(), 2);
+    // Non-deterministic requests are not cached (and here hit t2's limit).
+    let random = call(&keys[1], false, "").await.expect("sent");
+    assert!(random.headers().get("x-meridian-cache").is_none());
+    assert_eq!(random.status(), 429);
+}

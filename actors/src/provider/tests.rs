@@ -42,6 +42,7 @@ async fn gateway(spec: ProviderSpec) -> Gateway {
         quota: None,
         jwt: None,
         prices: Default::default(),
+        cache: None,
     })
     .await
     .expect("gateway starts")

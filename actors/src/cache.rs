@@ -1,0 +1,225 @@
+//! The exact response cache of a node: bounded, with a TTL, keyed by tenant + model + the
+//! normalised request. Only deterministic requests are cached (temperature 0, or a seed, or the
+//! client opts in), only whole (non-streamed) answers are stored, and a tenant never sees
+//! another tenant's entries (the tenant is part of the key).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_proto::openai::ChatRequest;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    pub max_entries: usize,
+    pub ttl: Duration,
+    /// Answers larger than this are not kept.
+    pub max_body_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 10_000,
+            ttl: Duration::from_secs(300),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ResponseCache {
+    config: CacheConfig,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<[u8; 32], (Instant, Bytes)>,
+    /// Insertion order, for eviction when full.
+    order: VecDeque<[u8; 32]>,
+    hits: u64,
+    misses: u64,
+}
+
+/// A request's cache key (present only for cacheable requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheKey([u8; 32]);
+
+impl ResponseCache {
+    pub fn new(config: CacheConfig) -> Self {
+        Self {
+            config,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// The key of `request` from `tenant`, if it may be cached: deterministic (temperature 0 or
+    /// a seed) or `opt_in`, and one choice. Streaming flags are not part of the key, so a
+    /// stream can be answered from a whole answer.
+    pub fn key(tenant: &str, request: &ChatRequest, opt_in: bool) -> Option<CacheKey> {
+        let p = &request.params;
+        let deterministic = p.temperature == Some(0.0) || p.seed.is_some();
+        if !(deterministic || opt_in) || p.n.unwrap_or(1) != 1 {
+            return None;
+        }
+        let mut body = request.body.clone();
+        body.remove("stream");
+        body.remove("stream_options");
+        // serde_json's map keeps keys sorted: the encoding is canonical.
+        let normalised = serde_json::to_vec(&Value::Object(body)).ok()?;
+        let mut h = Sha256::new();
+        h.update((tenant.len() as u64).to_be_bytes());
+        h.update(tenant.as_bytes());
+        h.update(normalised);
+        Some(CacheKey(h.finalize().into()))
+    }
+
+    pub fn get(&self, key: CacheKey) -> Option<Bytes> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let found = match inner.entries.get(&key.0) {
+            Some((expires, body)) if *expires > now => Some(body.clone()),
+            _ => None,
+        };
+        if found.is_some() {
+            inner.hits += 1;
+        } else {
+            inner.misses += 1;
+            inner.entries.remove(&key.0);
+        }
+        found
+    }
+
+    pub fn put(&self, key: CacheKey, body: Bytes) {
+        if body.len() > self.config.max_body_bytes || self.config.max_entries == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        let expires = Instant::now() + self.config.ttl;
+        if inner.entries.insert(key.0, (expires, body)).is_none() {
+            inner.order.push_back(key.0);
+        }
+        while inner.entries.len() > self.config.max_entries {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            inner.entries.remove(&oldest);
+        }
+        // Keep the order queue from growing with entries that expired and were removed.
+        if inner.order.len() > 2 * self.config.max_entries {
+            let Inner { entries, order, .. } = &mut *inner;
+            order.retain(|k| entries.contains_key(k));
+        }
+    }
+
+    /// (hits, misses) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.hits, inner.misses)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A cached whole answer replayed as the chunks a stream would have carried: the role, the
+/// content, the finish reason, and (if asked) the usage, each as one `chat.completion.chunk`.
+pub fn as_chunks(completion: &[u8], include_usage: bool) -> Option<Vec<String>> {
+    let c: Value = serde_json::from_slice(completion).ok()?;
+    let choice = c.get("choices")?.get(0)?;
+    let base = |choices: Value| {
+        serde_json::json!({
+            "id": c.get("id").cloned().unwrap_or(Value::Null),
+            "object": "chat.completion.chunk",
+            "created": c.get("created").cloned().unwrap_or(Value::Null),
+            "model": c.get("model").cloned().unwrap_or(Value::Null),
+            "choices": choices,
+        })
+    };
+    let content = choice
+        .get("message")
+        .and_then(|m| m.get("content"))
+        .cloned()
+        .unwrap_or(Value::String(String::new()));
+    let mut chunks = vec![
+        base(
+            serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+        ),
+        base(
+            serde_json::json!([{"index": 0, "delta": {"content": content}, "finish_reason": null}]),
+        ),
+        base(
+            serde_json::json!([{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason").cloned().unwrap_or(Value::Null)}]),
+        ),
+    ];
+    if include_usage {
+        let mut last = base(serde_json::json!([]));
+        last["usage"] = c.get("usage").cloned().unwrap_or(Value::Null);
+        chunks.push(last);
+    }
+    Some(chunks.iter().map(Value::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use meridian_proto::openai::RequestLimits;
+
+    use super::*;
+
+    fn request(body: &str) -> ChatRequest {
+        ChatRequest::from_json(body.as_bytes(), &RequestLimits::default()).expect("valid")
+    }
+
+    #[test]
+    fn only_deterministic_requests_have_keys_and_tenants_never_share_them() {
+        let det =
+            request(r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"x"}]}"#);
+        let streamed = request(
+            r#"{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        let random = request(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#);
+        assert!(ResponseCache::key("a", &random, false).is_none());
+        assert!(ResponseCache::key("a", &random, true).is_some());
+        assert_eq!(
+            ResponseCache::key("a", &det, false),
+            ResponseCache::key("a", &streamed, false),
+            "streaming does not change the answer"
+        );
+        assert_ne!(
+            ResponseCache::key("a", &det, false),
+            ResponseCache::key("b", &det, false)
+        );
+        let cache = ResponseCache::new(CacheConfig {
+            max_entries: 1,
+            ..CacheConfig::default()
+        });
+        let (ka, kb) = (
+            ResponseCache::key("a", &det, false).expect("key"),
+            ResponseCache::key("b", &det, false).expect("key"),
+        );
+        cache.put(ka, Bytes::from_static(b"A"));
+        assert_eq!(cache.get(ka).as_deref(), Some(&b"A"[..]));
+        assert_eq!(cache.get(kb), None, "never another tenant's answer");
+        cache.put(kb, Bytes::from_static(b"B"));
+        assert_eq!(cache.get(ka), None, "bounded: the oldest went");
+        assert_eq!(cache.counts(), (1, 2));
+    }
+
+    #[test]
+    fn a_whole_answer_replays_as_chunks() {
+        let body = br#"{"id":"c1","object":"chat.completion","created":5,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let chunks = as_chunks(body, true).expect("chunks");
+        assert_eq!(chunks.len(), 4);
+        let content: Value = serde_json::from_str(&chunks[1]).expect("json");
+        assert_eq!(content["choices"][0]["delta"]["content"], "hi there");
+        let last: Value = serde_json::from_str(&chunks[3]).expect("json");
+        assert_eq!(last["usage"]["total_tokens"], 5);
+        assert_eq!(as_chunks(body, false).expect("chunks").len(), 3);
+    }
+}
