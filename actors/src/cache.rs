@@ -67,11 +67,14 @@ impl ResponseCache {
         if !(deterministic || opt_in) || p.n.unwrap_or(1) != 1 {
             return None;
         }
-        let mut body = request.body.clone();
-        body.remove("stream");
-        body.remove("stream_options");
-        // serde_json's map keeps keys sorted: the encoding is canonical.
-        let normalised = serde_json::to_vec(&Value::Object(body)).ok()?;
+        // The body without its streaming flags, by reference (no copy), with sorted keys: the
+        // encoding is canonical.
+        let body: std::collections::BTreeMap<&String, &Value> = request
+            .body
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "stream" | "stream_options"))
+            .collect();
+        let normalised = serde_json::to_vec(&body).ok()?;
         let mut h = Sha256::new();
         h.update((tenant.len() as u64).to_be_bytes());
         h.update(tenant.as_bytes());

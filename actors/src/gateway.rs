@@ -48,6 +48,24 @@ pub struct GatewayConfig {
     pub cache: Option<CacheConfig>,
 }
 
+impl GatewayConfig {
+    /// `providers` alone on this node: default request limits, no cluster, no authentication,
+    /// no quotas, no cache.
+    pub fn standalone(providers: Vec<ProviderSpec>) -> Self {
+        Self {
+            providers,
+            limits: RequestLimits::default(),
+            restart_budget: RestartBudget::default(),
+            cluster: None,
+            auth: false,
+            quota: None,
+            jwt: None,
+            prices: HashMap::new(),
+            cache: None,
+        }
+    }
+}
+
 /// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
 pub trait Proposer: Send + Sync + 'static {
     /// Resolves once the command is committed and applied, or with why it was not.
@@ -235,31 +253,28 @@ impl Gateway {
                     .with_code("unknown_tenant")
                 });
             };
-            let mut scopes = vec![Scope {
-                key: format!("tenant/{tenant}"),
-                limits,
-            }];
+            // Only scopes with a limit are kept (and their keys only then formatted).
+            let mut scopes = Vec::new();
+            let mut scope = |limits: Limits, key: &dyn Fn() -> String| {
+                if limits != Limits::default() {
+                    scopes.push(Scope { key: key(), limits });
+                }
+            };
+            scope(limits, &|| format!("tenant/{tenant}"));
             if let Some(user) = user {
                 let per_user = state
                     .user_limits_of(tenant)
                     .or_else(|| tier_claim.map(|t| t.per_user))
                     .unwrap_or_default();
-                if per_user != Limits::default() {
-                    scopes.push(Scope {
-                        key: format!("tenant/{tenant}/user/{}", scope_part(user)),
-                        limits: per_user,
-                    });
-                }
+                scope(per_user, &|| {
+                    format!("tenant/{tenant}/user/{}", scope_part(user))
+                });
             }
             if let Some(f) = feature
                 && let Some(limits) = state.feature_limits_of(tenant, f)
             {
-                scopes.push(Scope {
-                    key: format!("tenant/{tenant}/feature/{f}"),
-                    limits,
-                });
+                scope(limits, &|| format!("tenant/{tenant}/feature/{f}"));
             }
-            scopes.retain(|s| s.limits != Limits::default());
             scopes
         };
         if scopes.is_empty() {

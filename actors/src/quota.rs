@@ -256,7 +256,8 @@ struct Inner {
     cluster: Replicated,
     budgets: Mutex<HashMap<String, Budget>>,
     late: Mutex<Vec<Late>>,
-    rollups: Mutex<HashMap<(String, String), UsageTotals>>,
+    /// Tenant → model → usage not yet reported.
+    rollups: Mutex<HashMap<Arc<str>, HashMap<String, UsageTotals>>>,
     granted: Notify,
     renew: mpsc::UnboundedSender<String>,
     /// One flush at a time: two at once would both report the same unreported charges.
@@ -398,14 +399,14 @@ impl Reservation {
 
     fn record(&self, model: &str, usage: UsageTotals) {
         let mut rollups = lock(&self.quota.inner.rollups);
-        let totals = rollups
-            .entry((self.tenant.to_string(), model.to_owned()))
-            .or_default();
-        totals.requests += usage.requests;
-        totals.prompt_tokens += usage.prompt_tokens;
-        totals.completion_tokens += usage.completion_tokens;
-        totals.cached_tokens += usage.cached_tokens;
-        totals.cost_micro_usd += usage.cost_micro_usd;
+        let models = rollups.entry(Arc::clone(&self.tenant)).or_default();
+        // No allocation once the model has an entry.
+        match models.get_mut(model) {
+            Some(totals) => totals.add(&usage),
+            None => {
+                models.insert(model.to_owned(), usage);
+            }
+        }
     }
 }
 
@@ -484,6 +485,7 @@ impl Quota {
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
         let deadline = Instant::now() + self.inner.config.grant_wait;
+        let mut last_look = false;
         loop {
             let waiting = self.inner.granted.notified();
             match self.try_admit(scopes, estimate) {
@@ -499,23 +501,10 @@ impl Quota {
                     });
                 }
                 Verdict::Refused(e) => return Err(e),
+                Verdict::Wait if last_look => return Err(self.no_slice_error()),
+                // Past the deadline, one last look: a slice may have landed just now.
                 Verdict::Wait => {
-                    if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-                        // One last look: a slice may have landed just now.
-                        return match self.try_admit(scopes, estimate) {
-                            Verdict::Admitted(entries, rate_limits) => Ok(Reservation {
-                                quota: self.clone(),
-                                tenant: Arc::clone(tenant),
-                                prompt_estimate: estimate.prompt,
-                                price: estimate.price,
-                                entries,
-                                settled: false,
-                                rate_limits,
-                            }),
-                            Verdict::Refused(e) => Err(e),
-                            Verdict::Wait => Err(self.no_slice_error()),
-                        };
-                    }
+                    last_look = tokio::time::timeout_at(deadline, waiting).await.is_err();
                 }
             }
         }
@@ -771,12 +760,14 @@ impl Quota {
                 delta: l.delta,
             });
         }
-        for ((tenant, model), totals) in std::mem::take(&mut *lock(&self.inner.rollups)) {
-            commands.push(Command::RecordUsage {
-                tenant,
-                model,
-                totals,
-            });
+        for (tenant, models) in std::mem::take(&mut *lock(&self.inner.rollups)) {
+            for (model, totals) in models {
+                commands.push(Command::RecordUsage {
+                    tenant: tenant.to_string(),
+                    model,
+                    totals,
+                });
+            }
         }
         if commands.is_empty() {
             return None;

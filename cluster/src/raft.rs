@@ -250,6 +250,13 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
+/// This node's wall clock, the timestamp its proposals carry.
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Where the cluster stands, as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterStatus {
@@ -382,11 +389,8 @@ impl ClusterNode {
     /// Proposes a command, stamped with this node's clock; a follower forwards it to the leader.
     /// Resolves once it is committed and applied on the leader.
     pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
-        let at_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         self.submit(Forwarded::Propose(Box::new(Proposal {
-            at_unix_ms,
+            at_unix_ms: now_unix_ms(),
             proposer: self.id,
             command,
         })))
@@ -523,12 +527,9 @@ impl ClusterNode {
                     return Ok(Applied::NotFound);
                 };
                 self.change_membership(change).await?;
-                let at_unix_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
                 self.raft
                     .client_write(Proposal {
-                        at_unix_ms,
+                        at_unix_ms: now_unix_ms(),
                         proposer: self.id,
                         command: Command::RemoveMember { id: *id },
                     })

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{leader_of, member, wait_until};
+use common::{has_member, leader_of, member, wait_until};
 use meridian_cluster::raft::local::LocalRouter;
 use meridian_cluster::raft::{ClusterNode, RaftTimings};
 use meridian_proto::cluster::{Applied, Command, Member, NodeId};
@@ -54,14 +54,7 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     // A write proposed on a follower is forwarded to the leader and reaches every node.
     assert_eq!(follower.propose(member(7)).await.unwrap(), Applied::Changed);
     for n in &c.nodes {
-        let mut state = n.state();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            state.wait_for(|s| s.members.contains_key(&7)),
-        )
-        .await
-        .expect("replicated in time")
-        .unwrap();
+        has_member(n, 7, Duration::from_secs(5), "replicated in time").await;
     }
 
     // Lose the leader: the others elect a new one and keep accepting writes.
@@ -98,27 +91,13 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
         Applied::Changed
     );
     for n in &survivors {
-        let mut state = n.state();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            state.wait_for(|s| s.members.contains_key(&8)),
-        )
-        .await
-        .expect("replicated after failover")
-        .unwrap();
+        has_member(n, 8, Duration::from_secs(5), "replicated after failover").await;
     }
 
     // The old leader rejoins and catches up.
     c.router.faults().heal(leader);
     let old = c.nodes.iter().find(|n| n.id == leader).unwrap();
-    let mut state = old.state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| s.members.contains_key(&8)),
-    )
-    .await
-    .expect("the old leader catches up")
-    .unwrap();
+    has_member(old, 8, Duration::from_secs(10), "the old leader catches up").await;
     for n in &c.nodes {
         n.shutdown().await;
     }
@@ -203,14 +182,13 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
         follower.add_learner(4, String::new()).await.unwrap(),
         Applied::Unchanged
     );
-    let mut state = four.state();
-    tokio::time::timeout(
+    has_member(
+        &four,
+        7,
         Duration::from_secs(5),
-        state.wait_for(|s| s.members.contains_key(&7)),
+        "the learner receives the log",
     )
-    .await
-    .expect("the learner receives the log")
-    .unwrap();
+    .await;
     let s = c.nodes[0].status();
     assert!(s.learners.contains(&4) && !s.voters.contains(&4), "{s:?}");
 
@@ -308,14 +286,13 @@ async fn writes_commit_through_delayed_and_lost_messages_and_a_cut_link() {
     );
     assert!(!cut.state().borrow().members.contains_key(&2_000));
     c.router.faults().heal_all();
-    let mut state = cut.state();
-    tokio::time::timeout(
+    has_member(
+        cut,
+        2_000,
         Duration::from_secs(5),
-        state.wait_for(|s| s.members.contains_key(&2_000)),
+        "the cut follower catches up once the link heals",
     )
-    .await
-    .expect("the cut follower catches up once the link heals")
-    .unwrap();
+    .await;
     for n in &c.nodes {
         n.shutdown().await;
     }

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{leader_of, member, wait_until};
+use common::{has_member, leader_of, member, wait_until};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
@@ -69,14 +69,7 @@ async fn a_cluster_over_quic_with_mutual_tls() {
         Applied::Changed
     );
     for n in &nodes {
-        let mut state = n.state();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            state.wait_for(|s| s.members.contains_key(&42)),
-        )
-        .await
-        .expect("replicated over QUIC")
-        .unwrap();
+        has_member(n, 42, Duration::from_secs(5), "replicated over QUIC").await;
     }
 
     // Lose the leader: close its endpoint and stop its Raft member.

@@ -11,18 +11,24 @@ mod common;
 
 use common::BIN;
 
-#[test]
-fn serve_answers_and_exits_cleanly_on_sigterm() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let started = common::start(
+/// `meridian serve` on the embedded default, on ports picked by the OS, with `data` as its
+/// data directory.
+fn serve_default(data: &std::path::Path) -> common::Started {
+    common::start(
         Command::new(BIN)
             .arg("serve")
-            .env("MERIDIAN_NODE__DATA_DIR", data.path())
+            .env("MERIDIAN_NODE__DATA_DIR", data)
             .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
             .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
             .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
             .env_remove("OPENAI_API_KEY"),
-    );
+    )
+}
+
+#[test]
+fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let started = serve_default(data.path());
     let http = started.addr("http");
     let admin = format!("http://{}", started.addr("admin"));
     // First start: an admin token (saved, owner-only) and a development API key, shown once.
@@ -104,15 +110,7 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
     }
 
     // A second start on the same data shows no secret again.
-    let mut again = common::start(
-        Command::new(BIN)
-            .arg("serve")
-            .env("MERIDIAN_NODE__DATA_DIR", data.path())
-            .env("MERIDIAN_HTTP__LISTEN", "127.0.0.1:0")
-            .env("MERIDIAN_GRPC__LISTEN", "127.0.0.1:0")
-            .env("MERIDIAN_ADMIN__LISTEN", "127.0.0.1:0")
-            .env_remove("OPENAI_API_KEY"),
-    );
+    let mut again = serve_default(data.path());
     assert_eq!(again.dev_key(), None);
     assert!(
         !again.preamble.iter().any(|l| l.starts_with("admin token")),

@@ -257,7 +257,8 @@ pub struct UsageTotals {
 }
 
 impl UsageTotals {
-    fn add(&mut self, other: &UsageTotals) {
+    /// Adds `other` to these totals (saturating).
+    pub fn add(&mut self, other: &UsageTotals) {
         self.requests = self.requests.saturating_add(other.requests);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self

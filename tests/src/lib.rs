@@ -122,6 +122,29 @@ impl TestNode {
         Bearer::new(Some(&self.admin_token))
     }
 
+    /// Creates (or updates) `tenant` through the admin API and makes an API key for it.
+    pub async fn tenant_with_key(
+        &self,
+        tenant: meridian_proto::pb::admin::Tenant,
+    ) -> anyhow::Result<String> {
+        use meridian_proto::pb::admin as pb;
+        let mut admin = self.admin_client().await?;
+        let id = tenant.id.clone();
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(tenant),
+            })
+            .await?;
+        Ok(admin
+            .create_api_key(pb::CreateApiKeyRequest {
+                tenant: id,
+                label: String::new(),
+            })
+            .await?
+            .into_inner()
+            .secret)
+    }
+
     /// An admin API client that sends the admin token.
     pub async fn admin_client(
         &self,

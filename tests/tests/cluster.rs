@@ -265,19 +265,10 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     meridian_cluster::certs::issue(foreign.path(), 9, &[]).unwrap();
     let (server_tls, client_tls) =
         meridian_cluster::certs::mtls_configs(foreign.path(), 9).unwrap();
-    let gateway = meridian_actors::Gateway::start(meridian_actors::GatewayConfig {
-        providers: Vec::new(),
-        limits: meridian_proto::openai::RequestLimits::default(),
-        restart_budget: meridian_actors::RestartBudget::default(),
-        cluster: None,
-        auth: false,
-        quota: None,
-        jwt: None,
-        prices: Default::default(),
-        cache: None,
-    })
-    .await
-    .unwrap();
+    let gateway =
+        meridian_actors::Gateway::start(meridian_actors::GatewayConfig::standalone(Vec::new()))
+            .await
+            .unwrap();
     let intruder = meridian_actors::mesh::Mesh::start(
         meridian_actors::mesh::MeshConfig {
             node_id: 9,

@@ -749,25 +749,14 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
         })
         .await
         .expect("tier");
-    admin
-        .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: "acme".into(),
-                tier: "small".into(),
-                ..pb::Tenant::default()
-            }),
+    let key = n
+        .tenant_with_key(pb::Tenant {
+            id: "acme".into(),
+            tier: "small".into(),
+            ..pb::Tenant::default()
         })
         .await
-        .expect("tenant");
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "acme".into(),
-            label: String::new(),
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
+        .expect("tenant and key");
     let client = reqwest::Client::new();
     let send = |body: String| {
         client
@@ -1010,26 +999,15 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
             ..pb::Limits::default()
         },
     );
-    admin
-        .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: "shop".into(),
-                tier: "paid".into(),
-                features,
-                ..pb::Tenant::default()
-            }),
+    let key = n
+        .tenant_with_key(pb::Tenant {
+            id: "shop".into(),
+            tier: "paid".into(),
+            features,
+            ..pb::Tenant::default()
         })
         .await
-        .expect("tenant");
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "shop".into(),
-            label: String::new(),
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
+        .expect("tenant and key");
     let client = reqwest::Client::new();
     let call = |feature: Option<&'static str>, user: &'static str| {
         let mut req = client
@@ -1195,26 +1173,14 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
         .expect("tier");
     let mut keys = Vec::new();
     for tenant in ["t1", "t2"] {
-        admin
-            .put_tenant(pb::PutTenantRequest {
-                tenant: Some(pb::Tenant {
-                    id: tenant.into(),
-                    tier: "one".into(),
-                    ..pb::Tenant::default()
-                }),
+        keys.push(
+            n.tenant_with_key(pb::Tenant {
+                id: tenant.into(),
+                tier: "one".into(),
+                ..pb::Tenant::default()
             })
             .await
-            .expect("tenant");
-        keys.push(
-            admin
-                .create_api_key(pb::CreateApiKeyRequest {
-                    tenant: tenant.into(),
-                    label: String::new(),
-                })
-                .await
-                .expect("key")
-                .into_inner()
-                .secret,
+            .expect("tenant and key"),
         );
     }
     let client = reqwest::Client::new();

@@ -10,7 +10,6 @@ use futures::StreamExt;
 
 use crate::connection::{ChatReply, RequestContext, StreamEnd};
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::supervisor::RestartBudget;
 use crate::upstream::DemoModel;
 
 fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
@@ -33,19 +32,9 @@ fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> P
 }
 
 async fn gateway(spec: ProviderSpec) -> Gateway {
-    Gateway::start(GatewayConfig {
-        providers: vec![spec],
-        limits: RequestLimits::default(),
-        restart_budget: RestartBudget::default(),
-        cluster: None,
-        auth: false,
-        quota: None,
-        jwt: None,
-        prices: Default::default(),
-        cache: None,
-    })
-    .await
-    .expect("gateway starts")
+    Gateway::start(GatewayConfig::standalone(vec![spec]))
+        .await
+        .expect("gateway starts")
 }
 
 fn request(stream: bool) -> ChatRequest {

@@ -32,3 +32,13 @@ pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() ->
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits until `node` has applied member `id` (a write made elsewhere); panics with `what`
+/// after `timeout`.
+pub async fn has_member(node: &ClusterNode, id: NodeId, timeout: Duration, what: &str) {
+    let mut state = node.state();
+    tokio::time::timeout(timeout, state.wait_for(|s| s.members.contains_key(&id)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
