@@ -698,6 +698,11 @@ impl Quota {
     /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.
     async fn flush(&self) {
         let _one_at_a_time = self.inner.flushing.lock().await;
+        self.flush_locked().await;
+    }
+
+    /// [`Self::flush`], for a caller that holds the `flushing` lock.
+    async fn flush_locked(&self) {
         // A batch whose outcome is unknown (its proposal failed) goes again, unchanged and with
         // the same sequence number, so the ledger applies it once whether or not the first try
         // committed. Only then is a new batch made.
@@ -781,8 +786,14 @@ impl Quota {
 
     /// Asks the ledger for a new slice of `key` (after reporting, so the ledger has seen
     /// everything this node charged).
+    ///
+    /// No report may commit between the flush and the grant: the new allowance is what this
+    /// node has reported plus the slice, which is only what the ledger holds for it if the two
+    /// agree on what was reported. A report that the ledger applied after the grant but that
+    /// this task saw complete first would count twice (once as used, once inside the slice).
     async fn renew(&self, key: String) {
-        self.flush().await;
+        let _no_report_in_between = self.inner.flushing.lock().await;
+        self.flush_locked().await;
         let (request, sent_at) = {
             let mut budgets = lock(&self.inner.budgets);
             let Some(b) = budgets.get_mut(&key) else {

@@ -45,6 +45,8 @@ use tokio::task::JoinHandle;
 pub enum Flavor {
     OpenAi,
     Vllm,
+    /// Anthropic Messages (`POST /v1/messages`), named stream events, Anthropic error bodies.
+    Anthropic,
 }
 
 #[derive(Debug, Clone)]
@@ -79,9 +81,32 @@ pub struct MockStats {
     pub completion_tokens: AtomicU64,
     /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
     pub connections: AtomicU64,
+    /// Tokens (prompt + completion) of completed requests by the wall-clock minute
+    /// (Unix minutes) in which each request arrived: what a per-minute limit must bound,
+    /// without the skew of reading the counters at a minute boundary.
+    pub tokens_by_minute: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
 impl MockStats {
+    /// Tokens of requests that arrived in Unix minute `minute`.
+    pub fn tokens_in_minute(&self, minute: u64) -> u64 {
+        let by = self
+            .tokens_by_minute
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        by.get(&minute).copied().unwrap_or(0)
+    }
+
+    fn served(&self, arrived_minute: u64, prompt: u64, completion: u64) {
+        self.prompt_tokens.fetch_add(prompt, SeqCst);
+        self.completion_tokens.fetch_add(completion, SeqCst);
+        let mut by = self
+            .tokens_by_minute
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *by.entry(arrived_minute).or_default() += prompt + completion;
+    }
+
     pub fn snapshot(&self) -> Value {
         json!({
             "requests": self.requests.load(SeqCst),
@@ -180,6 +205,7 @@ struct Shared {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics))
@@ -202,6 +228,10 @@ struct Script {
     stall_after: Option<usize>,
     content: Content,
     flavor: Option<Flavor>,
+    /// Anthropic: prompt tokens reported as read from the prompt cache.
+    cached: usize,
+    /// Anthropic: answer with a tool_use block calling this tool (after the text).
+    tool: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -238,6 +268,8 @@ impl Script {
                 "fail_after" => s.fail_after = Some(n()? as usize),
                 "close_after" => s.close_after = Some(n()? as usize),
                 "stall_after" => s.stall_after = Some(n()? as usize),
+                "cached" => s.cached = n()? as usize,
+                "tool" => s.tool = Some(v.to_owned()),
                 "content" => {
                     s.content = match v {
                         "cr" => Content::CarriageReturn,
@@ -250,6 +282,7 @@ impl Script {
                     s.flavor = Some(match v {
                         "vllm" => Flavor::Vllm,
                         "openai" => Flavor::OpenAi,
+                        "anthropic" => Flavor::Anthropic,
                         _ => return Err(format!("mock script: unknown flavor {v:?}")),
                     })
                 }
@@ -270,6 +303,21 @@ impl Script {
 
 fn error_body(flavor: Flavor, status: u16, message: &str) -> String {
     match flavor {
+        Flavor::Anthropic => {
+            let ty = match status {
+                400 | 409 | 422 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": ty, "message": message},
+                   "request_id": "req_mock"})
+            .to_string()
+        }
         Flavor::OpenAi => {
             let (ty, code) = match status {
                 400 => ("invalid_request_error", "invalid_value"),
@@ -301,14 +349,22 @@ fn error_response(flavor: Flavor, status: u16, message: &str) -> Response {
         error_body(flavor, status, message),
     )
         .into_response();
-    if matches!(status, 429 | 503) {
+    if matches!(status, 429 | 503 | 529) {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
     resp
 }
 
+/// The current Unix minute.
+pub fn unix_minute() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60)
+}
+
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = unix_minute();
     s.stats.requests.fetch_add(1, SeqCst);
     let flavor_default = s.opts.flavor;
     let req: Value = match serde_json::from_slice(&body) {
@@ -351,11 +407,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         }
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         s.stats
-            .prompt_tokens
-            .fetch_add(prompt_tokens as u64, SeqCst);
-        s.stats
-            .completion_tokens
-            .fetch_add(script.tokens as u64, SeqCst);
+            .served(arrived, prompt_tokens as u64, script.tokens as u64);
         s.stats.completed.fetch_add(1, SeqCst);
         let body = json!({
             "id": id, "object": "chat.completion", "created": 1763700000, "model": model,
@@ -387,6 +439,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         model,
         include_usage,
         prompt_tokens,
+        arrived,
         step: 0,
         guard,
     };
@@ -438,6 +491,7 @@ struct StreamPlan {
     model: String,
     include_usage: bool,
     prompt_tokens: usize,
+    arrived: u64,
     step: usize,
     guard: StreamGuard,
 }
@@ -513,12 +567,7 @@ impl StreamPlan {
             frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
             self.guard
                 .stats
-                .prompt_tokens
-                .fetch_add(self.prompt_tokens as u64, SeqCst);
-            self.guard
-                .stats
-                .completion_tokens
-                .fetch_add(n as u64, SeqCst);
+                .served(self.arrived, self.prompt_tokens as u64, n as u64);
             self.guard.end = End::Completed;
             return Some((frames, self));
         }
@@ -573,4 +622,285 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// Words of an Anthropic `content` (a string or text blocks) plus one per message: the mock's
+/// tokenizer.
+fn anthropic_tokens(content: &Value) -> usize {
+    let words = match content {
+        Value::String(t) => t.split_whitespace().count(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .map(|t| t.split_whitespace().count())
+            .sum(),
+        _ => 0,
+    };
+    words + 1
+}
+
+/// `POST /v1/messages`: validates what the real API validates (headers, `max_tokens`, roles,
+/// temperature range) and answers in its format.
+async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = unix_minute();
+    s.stats.requests.fetch_add(1, SeqCst);
+    let f = Flavor::Anthropic;
+    if headers.get("x-api-key").is_none_or(|v| v.is_empty()) {
+        return error_response(f, 401, "x-api-key header is required");
+    }
+    if headers.get("anthropic-version").is_none() {
+        return error_response(f, 400, "anthropic-version: header is required");
+    }
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(f, 400, &format!("invalid JSON: {e}")),
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_owned();
+    if model.is_empty() {
+        return error_response(f, 400, "model: Field required");
+    }
+    if req["max_tokens"].as_u64().is_none_or(|n| n == 0) {
+        return error_response(f, 400, "max_tokens: Field required");
+    }
+    if req["temperature"]
+        .as_f64()
+        .is_some_and(|t| !(0.0..=1.0).contains(&t))
+    {
+        return error_response(
+            f,
+            400,
+            "temperature: Input should be less than or equal to 1",
+        );
+    }
+    let Some(msgs) = req["messages"].as_array().filter(|m| !m.is_empty()) else {
+        return error_response(f, 400, "messages: Field required");
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        if role != "user" && role != "assistant" {
+            return error_response(
+                f,
+                400,
+                &format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+            );
+        }
+    }
+    for key in req.as_object().map(|o| o.keys()).into_iter().flatten() {
+        let known = [
+            "model",
+            "max_tokens",
+            "messages",
+            "system",
+            "stream",
+            "metadata",
+            "stop_sequences",
+            "temperature",
+            "top_p",
+            "top_k",
+            "tools",
+            "tool_choice",
+            "thinking",
+            "service_tier",
+        ];
+        if !known.contains(&key.as_str()) {
+            return error_response(f, 400, &format!("{key}: Extra inputs are not permitted"));
+        }
+    }
+    let script_text = headers
+        .get("x-mock-script")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| model.split_once('@').map(|(_, s)| s.to_owned()))
+        .unwrap_or_default();
+    let script = match Script::parse(&script_text) {
+        Ok(s) => s,
+        Err(e) => return error_response(f, 400, &e),
+    };
+    if let Some(status) = script.fail {
+        s.stats.failed.fetch_add(1, SeqCst);
+        return error_response(f, status, &format!("scripted failure {status}"));
+    }
+    let prompt_tokens = msgs
+        .iter()
+        .map(|m| anthropic_tokens(&m["content"]))
+        .sum::<usize>()
+        + req.get("system").map_or(0, anthropic_tokens);
+    let cached = script.cached.min(prompt_tokens);
+    let id = format!("msg_mock{}", s.stats.requests.load(SeqCst));
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    if !stream {
+        if !script.ttft.is_zero() {
+            tokio::time::sleep(script.ttft).await;
+        }
+        let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
+        let mut content = vec![json!({"type": "text", "text": text})];
+        let mut stop = "end_turn";
+        if let Some(tool) = &script.tool {
+            content.push(
+                json!({"type": "tool_use", "id": "toolu_mock", "name": tool, "input": {"q": "x"}}),
+            );
+            stop = "tool_use";
+        }
+        s.stats
+            .served(arrived, prompt_tokens as u64, script.tokens as u64);
+        s.stats.completed.fetch_add(1, SeqCst);
+        let body = json!({
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop, "stop_sequence": null,
+            "usage": {"input_tokens": prompt_tokens - cached, "output_tokens": script.tokens,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                      "service_tier": "standard"}
+        });
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+    }
+    s.stats.running.fetch_add(1, SeqCst);
+    let plan = AnthropicPlan {
+        script,
+        id,
+        model,
+        prompt_tokens,
+        cached,
+        arrived,
+        step: 0,
+        guard: StreamGuard {
+            stats: Arc::clone(&s.stats),
+            end: End::Open,
+        },
+    };
+    let body = Body::from_stream(
+        futures::stream::unfold(plan, AnthropicPlan::next)
+            .flat_map(|items: Vec<Result<Bytes, std::io::Error>>| futures::stream::iter(items)),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+struct AnthropicPlan {
+    script: Script,
+    id: String,
+    model: String,
+    prompt_tokens: usize,
+    cached: usize,
+    arrived: u64,
+    step: usize,
+    guard: StreamGuard,
+}
+
+fn event(name: &str, data: &Value) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
+}
+
+impl AnthropicPlan {
+    /// Step 0: message_start, content_block_start and a ping; 1..=tokens: text deltas; then
+    /// content_block_stop, an optional tool_use block, message_delta and message_stop.
+    async fn next(mut self) -> Option<(Vec<Result<Bytes, std::io::Error>>, Self)> {
+        if self.guard.end != End::Open {
+            return None;
+        }
+        let n = self.script.tokens;
+        let step = self.step;
+        self.step += 1;
+        if step == 0 {
+            if !self.script.ttft.is_zero() {
+                tokio::time::sleep(self.script.ttft).await;
+            }
+            let start = json!({"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": self.prompt_tokens - self.cached,
+                          "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": self.cached, "output_tokens": 1}}});
+            return Some((
+                vec![
+                    event("message_start", &start),
+                    event(
+                        "content_block_start",
+                        &json!({"type": "content_block_start", "index": 0,
+                                "content_block": {"type": "text", "text": ""}}),
+                    ),
+                    event("ping", &json!({"type": "ping"})),
+                ],
+                self,
+            ));
+        }
+        let emitted = step - 1;
+        if emitted < n {
+            if emitted > 0 && !self.script.itl.is_zero() {
+                tokio::time::sleep(self.script.itl).await;
+            }
+            if self.script.stall_after == Some(emitted) {
+                std::future::pending::<()>().await;
+            }
+            if self.script.close_after == Some(emitted) {
+                self.guard.end = End::Failed;
+                let err =
+                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "scripted close");
+                return Some((vec![Err(err)], self));
+            }
+            if self.script.fail_after == Some(emitted) {
+                self.guard.end = End::Failed;
+                let body: Value =
+                    serde_json::from_str(&error_body(Flavor::Anthropic, 529, "Overloaded"))
+                        .unwrap_or_default();
+                return Some((vec![event("error", &body)], self));
+            }
+            let delta = json!({"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "text_delta", "text": self.script.token(emitted)}});
+            return Some((vec![event("content_block_delta", &delta)], self));
+        }
+        if emitted == n {
+            let mut frames = vec![event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": 0}),
+            )];
+            let mut stop = "end_turn";
+            if let Some(tool) = &self.script.tool {
+                stop = "tool_use";
+                frames.extend([
+                    event(
+                        "content_block_start",
+                        &json!({"type": "content_block_start", "index": 1, "content_block":
+                                {"type": "tool_use", "id": "toolu_mock", "name": tool, "input": {}}}),
+                    ),
+                    event(
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": 1,
+                                "delta": {"type": "input_json_delta", "partial_json": "{\"q\":"}}),
+                    ),
+                    event(
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": 1,
+                                "delta": {"type": "input_json_delta", "partial_json": "\"x\"}"}}),
+                    ),
+                    event(
+                        "content_block_stop",
+                        &json!({"type": "content_block_stop", "index": 1}),
+                    ),
+                ]);
+            }
+            frames.push(event(
+                "message_delta",
+                &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                        "usage": {"output_tokens": n}}),
+            ));
+            frames.push(event("message_stop", &json!({"type": "message_stop"})));
+            self.guard
+                .stats
+                .served(self.arrived, self.prompt_tokens as u64, n as u64);
+            self.guard.end = End::Completed;
+            return Some((frames, self));
+        }
+        None
+    }
 }
