@@ -37,4 +37,4 @@ pub use connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPi
 pub use gateway::{Gateway, GatewayConfig};
 pub use provider::{ModelRoute, ProviderSpec, ProviderStatus};
 pub use supervisor::RestartBudget;
-pub use upstream::{DemoModel, OpenAiAdapter, Timeouts, Upstream};
+pub use upstream::{ApiAdapter, DemoModel, Dialect, Timeouts, Upstream};

@@ -4,6 +4,8 @@
 //! [`Chunk`]s. Chunks keep the upstream's JSON bytes as they came (parsed only as far as
 //! metering and error detection need), so the relay forwards them without re-serialising.
 
+pub mod anthropic;
+pub mod api;
 pub mod demo;
 pub mod http1;
 pub mod openai;
@@ -16,8 +18,8 @@ use futures::stream::BoxStream;
 use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
 use meridian_proto::{ApiError, ErrorKind};
 
+pub use api::{ApiAdapter, Dialect};
 pub use demo::DemoModel;
-pub use openai::OpenAiAdapter;
 
 /// Time limits on one upstream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,8 +176,9 @@ fn phase_name(phase: Phase) -> &'static str {
 /// A provider's way of answering: one variant per adapter.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// Any OpenAI-compatible endpoint: OpenAI itself, vLLM, other compatible servers.
-    OpenAi(OpenAiAdapter),
+    /// An HTTP API: OpenAI-compatible (OpenAI itself, vLLM, other compatible servers) or
+    /// Anthropic Messages.
+    Api(ApiAdapter),
     /// The built-in deterministic demo model (no network).
     Demo(DemoModel),
 }
@@ -184,14 +187,14 @@ impl Upstream {
     /// Where it is reached (`builtin:demo` for the demo model).
     pub fn base_url(&self) -> &str {
         match self {
-            Self::OpenAi(a) => a.base_url(),
+            Self::Api(a) => a.base_url(),
             Self::Demo(_) => "builtin:demo",
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::OpenAi(_) => "openai",
+            Self::Api(a) => a.dialect().name(),
             Self::Demo(_) => "demo",
         }
     }
@@ -204,7 +207,7 @@ impl Upstream {
         timeouts: &Timeouts,
     ) -> Result<Completion, UpstreamError> {
         match self {
-            Self::OpenAi(a) => a.complete(req, model, timeouts).await,
+            Self::Api(a) => a.complete(req, model, timeouts).await,
             Self::Demo(d) => d.complete(req, model),
         }
     }
@@ -217,7 +220,7 @@ impl Upstream {
         timeouts: &Timeouts,
     ) -> Result<ChunkStream, UpstreamError> {
         match self {
-            Self::OpenAi(a) => a.stream(req, model, timeouts).await,
+            Self::Api(a) => a.stream(req, model, timeouts).await,
             Self::Demo(d) => d.stream(req, model),
         }
     }

@@ -16,7 +16,9 @@ use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
-use meridian_actors::{DemoModel, ModelRoute, OpenAiAdapter, ProviderSpec, Timeouts, Upstream};
+use meridian_actors::{
+    ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
+};
 use meridian_cluster::raft::RaftTimings;
 use meridian_proto::openai::RequestLimits;
 use serde::Deserialize;
@@ -216,6 +218,8 @@ pub struct RawProvider {
     pub total_timeout: Option<String>,
     /// Demo only: pause before each streamed word.
     pub word_delay: Option<String>,
+    /// Anthropic only: `max_tokens` for requests that set none (Anthropic requires one).
+    pub default_max_tokens: Option<i64>,
     /// The tokenizer that counts prompts for admission: `o200k_base` (default) or `cl100k_base`.
     pub tokenizer: Option<String>,
 }
@@ -303,7 +307,9 @@ pub struct ProviderConfig {
 
 #[derive(Debug, Clone)]
 pub enum ProviderKind {
-    OpenAi {
+    /// An HTTP API in the given dialect (`openai` or `anthropic`).
+    Api {
+        dialect: Dialect,
         base_url: String,
         api_key: Option<Secret>,
     },
@@ -332,8 +338,13 @@ impl ProviderConfig {
     /// The actor-side spec, with its upstream client built.
     pub fn to_spec(&self) -> Result<ProviderSpec, ConfigError> {
         let upstream = match &self.kind {
-            ProviderKind::OpenAi { base_url, api_key } => Upstream::OpenAi(
-                OpenAiAdapter::new(
+            ProviderKind::Api {
+                dialect,
+                base_url,
+                api_key,
+            } => Upstream::Api(
+                ApiAdapter::new(
+                    *dialect,
                     base_url,
                     api_key.as_ref().map(|k| k.expose().to_owned()),
                     self.timeouts.connect,
@@ -472,7 +483,7 @@ pub fn load(text: Option<&str>, env: &dyn Env) -> Result<Config, ConfigError> {
 }
 
 /// The embedded default: one node on loopback serving the demo model, plus OpenAI when
-/// `OPENAI_API_KEY` is set.
+/// `OPENAI_API_KEY` is set and Anthropic when `ANTHROPIC_API_KEY` is set.
 fn embedded_default(env: &dyn Env) -> toml::Table {
     let mut text = String::from(
         r#"
@@ -492,6 +503,19 @@ region = "openai"
 base_url = "https://api.openai.com/v1"
 api_key_env = "OPENAI_API_KEY"
 models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini"]
+"#,
+        );
+    }
+    if env.get("ANTHROPIC_API_KEY").is_some_and(|k| !k.is_empty()) {
+        text.push_str(
+            r#"
+[[providers]]
+id = "anthropic"
+kind = "anthropic"
+region = "anthropic"
+base_url = "https://api.anthropic.com/v1"
+api_key_env = "ANTHROPIC_API_KEY"
+models = ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]
 "#,
         );
     }
@@ -1071,8 +1095,30 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             e.push(at("id"), format!("{id:?} is used by another provider"));
         }
         let kind = match p.kind.as_deref() {
-            Some("openai") => {
-                let base_url = p.base_url.clone().unwrap_or_default();
+            Some(name @ ("openai" | "anthropic")) => {
+                let dialect = if name == "openai" {
+                    Dialect::OpenAi
+                } else {
+                    Dialect::Anthropic {
+                        default_max_tokens: int(
+                            &mut e,
+                            &at("default_max_tokens"),
+                            p.default_max_tokens,
+                            4096,
+                            1,
+                            1_000_000,
+                        ),
+                    }
+                };
+                let default_base = match dialect {
+                    Dialect::OpenAi => None,
+                    Dialect::Anthropic { .. } => Some("https://api.anthropic.com/v1"),
+                };
+                let base_url = p
+                    .base_url
+                    .clone()
+                    .or(default_base.map(str::to_owned))
+                    .unwrap_or_default();
                 if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                     e.push(
                         at("base_url"),
@@ -1092,7 +1138,11 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                         }
                     },
                 };
-                ProviderKind::OpenAi { base_url, api_key }
+                ProviderKind::Api {
+                    dialect,
+                    base_url,
+                    api_key,
+                }
             }
             Some("demo") => {
                 for (field, set) in [
@@ -1116,17 +1166,28 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             Some(other) => {
                 e.push(
                     at("kind"),
-                    format!("unknown kind {other:?} (expected \"openai\" or \"demo\")"),
+                    format!(
+                        "unknown kind {other:?} (expected \"openai\", \"anthropic\" or \"demo\")"
+                    ),
                 );
                 continue;
             }
             None => {
-                e.push(at("kind"), "is required (\"openai\" or \"demo\")");
+                e.push(
+                    at("kind"),
+                    "is required (\"openai\", \"anthropic\" or \"demo\")",
+                );
                 continue;
             }
         };
         if p.word_delay.is_some() && !matches!(kind, ProviderKind::Demo { .. }) {
             e.push(at("word_delay"), "applies only to a demo provider");
+        }
+        if p.default_max_tokens.is_some() && p.kind.as_deref() != Some("anthropic") {
+            e.push(
+                at("default_max_tokens"),
+                "applies only to an anthropic provider",
+            );
         }
         if p.models.is_empty() {
             e.push(at("models"), "must list at least one model");

@@ -196,9 +196,20 @@ impl tonic::service::Interceptor for Bearer {
 
 /// A provider section for an OpenAI-compatible upstream at `base_url` serving `models`.
 pub fn provider_toml(id: &str, base_url: &str, models: &[&str], extra: &str) -> String {
+    provider_toml_kind(id, "openai", base_url, models, extra)
+}
+
+/// A `[[providers]]` section of the given kind (`openai`, `anthropic`).
+pub fn provider_toml_kind(
+    id: &str,
+    kind: &str,
+    base_url: &str,
+    models: &[&str],
+    extra: &str,
+) -> String {
     let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
     format!(
-        "[[providers]]\nid = \"{id}\"\nkind = \"openai\"\nbase_url = \"{base_url}\"\nmodels = [{}]\n{extra}\n",
+        "[[providers]]\nid = \"{id}\"\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\nmodels = [{}]\n{extra}\n",
         models.join(", ")
     )
 }

@@ -25,10 +25,33 @@ fn the_embedded_default_serves_the_demo_model() {
         .iter()
         .find(|p| p.id == "openai")
         .expect("openai added");
-    let ProviderKind::OpenAi { api_key, .. } = &openai.kind else {
+    let ProviderKind::Api {
+        dialect: Dialect::OpenAi,
+        api_key,
+        ..
+    } = &openai.kind
+    else {
         panic!("openai kind");
     };
     assert_eq!(api_key.as_ref().map(Secret::expose), Some("sk-test-secret"));
+
+    let c = load(None, &env(&[("ANTHROPIC_API_KEY", "sk-ant-secret")])).expect("valid");
+    let anthropic = c
+        .providers
+        .iter()
+        .find(|p| p.id == "anthropic")
+        .expect("anthropic added");
+    let ProviderKind::Api {
+        dialect: Dialect::Anthropic { default_max_tokens },
+        api_key,
+        base_url,
+    } = &anthropic.kind
+    else {
+        panic!("anthropic kind");
+    };
+    assert_eq!(*default_max_tokens, 4096);
+    assert_eq!(base_url, "https://api.anthropic.com/v1");
+    assert_eq!(api_key.as_ref().map(Secret::expose), Some("sk-ant-secret"));
     assert!(
         !format!("{c:?}").contains("sk-test-secret"),
         "secrets never reach Debug"

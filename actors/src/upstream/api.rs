@@ -1,0 +1,368 @@
+//! The HTTP API adapter: one client for every provider reached over HTTP, speaking a
+//! [`Dialect`]: OpenAI chat completions (OpenAI itself, vLLM and any compatible server) or
+//! Anthropic Messages. Whatever the dialect, callers get OpenAI-shaped completions and chunks.
+//!
+//! Streams always ask for usage (`stream_options.include_usage` in the OpenAI dialect;
+//! Anthropic always reports it), so every call is metered; the relay hides the usage chunk from
+//! clients that did not ask for it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::Request;
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
+use http_body_util::Full;
+use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
+use serde::Deserialize;
+use tokio::time::{Instant, Sleep, sleep, timeout};
+
+use super::anthropic::{self, Step};
+use super::http1::{Exchange, Pool};
+use super::openai;
+use super::sse::SseParser;
+use super::{Chunk, ChunkStream, Completion, Phase, Timeouts, UpstreamError};
+
+/// Most bytes of an upstream error body we read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Most bytes of a whole (non-streamed) completion we accept.
+const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `POST {base}/chat/completions`, `Authorization: Bearer`.
+    OpenAi,
+    /// `POST {base}/messages`, `x-api-key` and `anthropic-version`; requests without
+    /// `max_tokens` get `default_max_tokens` (Anthropic requires it).
+    Anthropic { default_max_tokens: u32 },
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Anthropic { .. } => "anthropic",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiAdapter {
+    pool: Arc<Pool>,
+    base_url: Arc<str>,
+    dialect: Dialect,
+    /// Path and query of the endpoint (`/v1/chat/completions`, `/v1/messages`).
+    path: Arc<str>,
+    /// The credential header (`Authorization: Bearer …` or `x-api-key`), marked sensitive so
+    /// it is never logged.
+    auth: Option<(HeaderName, HeaderValue)>,
+}
+
+impl std::fmt::Debug for ApiAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiAdapter")
+            .field("pool", &self.pool)
+            .field("dialect", &self.dialect)
+            .field("path", &self.path)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl ApiAdapter {
+    /// The API root it was made with.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// `base_url` is the API root that ends in `/v1` (e.g. `http://127.0.0.1:8000/v1`,
+    /// `https://api.anthropic.com/v1`).
+    pub fn new(
+        dialect: Dialect,
+        base_url: &str,
+        api_key: Option<String>,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
+        let pool = Pool::new(base_url, connect_timeout)?;
+        let uri: http::Uri = base_url
+            .parse()
+            .map_err(|e| format!("{base_url:?} is not a URL: {e}"))?;
+        let endpoint = match dialect {
+            Dialect::OpenAi => "chat/completions",
+            Dialect::Anthropic { .. } => "messages",
+        };
+        let path = format!("{}/{endpoint}", uri.path().trim_end_matches('/'));
+        let auth = match api_key {
+            None => None,
+            Some(key) => {
+                let (name, value) = match dialect {
+                    Dialect::OpenAi => (AUTHORIZATION, format!("Bearer {key}")),
+                    Dialect::Anthropic { .. } => (HeaderName::from_static("x-api-key"), key),
+                };
+                let mut v = HeaderValue::from_str(&value)
+                    .map_err(|_| "the API key contains characters not allowed in a header")?;
+                v.set_sensitive(true);
+                Some((name, v))
+            }
+        };
+        Ok(Self {
+            pool: Arc::new(pool),
+            base_url: base_url.into(),
+            dialect,
+            path: path.into(),
+            auth,
+        })
+    }
+
+    async fn send(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        stream: bool,
+        t: &Timeouts,
+    ) -> Result<Exchange, UpstreamError> {
+        let mut rb = Request::post(&*self.path)
+            .header(HOST, self.pool.authority())
+            .header(CONTENT_TYPE, "application/json")
+            .header(USER_AGENT, concat!("meridian/", env!("CARGO_PKG_VERSION")));
+        if let Some((name, value)) = &self.auth {
+            rb = rb.header(name, value.clone());
+        }
+        if stream {
+            rb = rb.header(ACCEPT, "text/event-stream");
+        }
+        let body = match self.dialect {
+            Dialect::OpenAi => req.upstream_body(model, stream),
+            Dialect::Anthropic { default_max_tokens } => {
+                rb = rb.header("anthropic-version", anthropic::API_VERSION);
+                anthropic::request_body(req, model, stream, default_max_tokens)?
+            }
+        };
+        let request = rb
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let mut exchange = self.pool.send(request).await?;
+        let head = timeout(t.first_byte, exchange.head())
+            .await
+            .map_err(|_| UpstreamError::Timeout(Phase::FirstByte))??;
+        if !head.status.is_success() {
+            return Err(status_error(head, exchange, t).await);
+        }
+        if stream {
+            let content_type = head
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !content_type.starts_with("text/event-stream") {
+                return Err(UpstreamError::Protocol(format!(
+                    "expected an event stream, got content-type {content_type:?}"
+                )));
+            }
+        }
+        Ok(exchange)
+    }
+
+    pub async fn complete(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        t: &Timeouts,
+    ) -> Result<Completion, UpstreamError> {
+        let mut exchange = self.send(req, model, false, t).await?;
+        let body = exchange.read_to_end(t.idle, MAX_COMPLETION_BODY).await?;
+        if let Dialect::Anthropic { .. } = self.dialect {
+            return anthropic::completion(&body);
+        }
+        #[derive(Deserialize)]
+        struct UsageProbe {
+            #[serde(default)]
+            usage: Option<Usage>,
+        }
+        let probe: UsageProbe = serde_json::from_slice(&body).map_err(|e| {
+            UpstreamError::Protocol(format!("the completion is not a JSON object: {e}"))
+        })?;
+        Ok(Completion {
+            body,
+            usage: probe.usage,
+        })
+    }
+
+    pub async fn stream(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        t: &Timeouts,
+    ) -> Result<ChunkStream, UpstreamError> {
+        let exchange = self.send(req, model, true, t).await?;
+        Ok(Box::pin(SseChunks {
+            bytes: exchange,
+            parser: SseParser::new(),
+            decoder: match self.dialect {
+                Dialect::OpenAi => Decoder::OpenAi,
+                Dialect::Anthropic { .. } => Decoder::Anthropic(Box::default()),
+            },
+            ready: VecDeque::new(),
+            seen_event: false,
+            done: false,
+            timeouts: *t,
+            last_progress: Instant::now(),
+            timer: Box::pin(sleep(t.first_byte)),
+        }))
+    }
+}
+
+/// How a stream's events become chunks.
+enum Decoder {
+    /// Each event is a chunk; `[DONE]` ends the stream.
+    OpenAi,
+    /// Named events translated (a message's end yields two chunks at once).
+    Anthropic(Box<anthropic::StreamState>),
+}
+
+/// The upstream's event stream as chunks. The first-byte and idle limits use one timer that
+/// is re-armed lazily (only when it fires early), not once per chunk.
+struct SseChunks {
+    bytes: Exchange,
+    parser: SseParser,
+    decoder: Decoder,
+    /// Chunks decoded and not yet taken.
+    ready: VecDeque<Chunk>,
+    seen_event: bool,
+    done: bool,
+    timeouts: Timeouts,
+    last_progress: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl SseChunks {
+    fn fail(&mut self, e: UpstreamError) -> Poll<Option<Result<Chunk, UpstreamError>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn limit(&self) -> (Duration, Phase) {
+        if self.seen_event {
+            (self.timeouts.idle, Phase::Idle)
+        } else {
+            (self.timeouts.first_byte, Phase::FirstByte)
+        }
+    }
+}
+
+impl Stream for SseChunks {
+    type Item = Result<Chunk, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(chunk) = this.ready.pop_front() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.parser.next_event() {
+                Err(e) => return this.fail(UpstreamError::Protocol(e.to_string())),
+                Ok(Some(ev)) => {
+                    if !this.seen_event {
+                        this.seen_event = true;
+                        // From now on the (possibly shorter) idle limit applies.
+                        let deadline = this.last_progress + this.timeouts.idle;
+                        this.timer.as_mut().reset(deadline);
+                    }
+                    let step = match &mut this.decoder {
+                        Decoder::OpenAi if &ev.data[..] == b"[DONE]" => Ok(Step::Done(Vec::new())),
+                        Decoder::OpenAi => openai::to_chunk(ev.data).map(|c| Step::Chunks(vec![c])),
+                        Decoder::Anthropic(state) => state.on_event(&ev.data),
+                    };
+                    let chunks = match step {
+                        Ok(Step::Chunks(chunks)) => chunks,
+                        Ok(Step::Done(chunks)) => {
+                            this.done = true;
+                            this.bytes.drain_ready(cx);
+                            chunks
+                        }
+                        Err(e) => return this.fail(e),
+                    };
+                    this.ready.extend(chunks);
+                    if let Some(chunk) = this.ready.pop_front() {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    if this.done {
+                        return Poll::Ready(None);
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            match this.bytes.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    this.parser.push(&bytes);
+                    this.last_progress = Instant::now();
+                }
+                Poll::Ready(Some(Err(e))) => return this.fail(e),
+                Poll::Ready(None) => {
+                    return this.fail(UpstreamError::Closed(
+                        "the stream ended before its end event".into(),
+                    ));
+                }
+                Poll::Pending => loop {
+                    let (limit, phase) = this.limit();
+                    let deadline = this.last_progress + limit;
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if Instant::now() >= deadline {
+                        return this.fail(UpstreamError::Timeout(phase));
+                    }
+                    // Fired early: progress was made since it was armed.
+                    this.timer.as_mut().reset(deadline);
+                },
+            }
+        }
+    }
+}
+
+async fn status_error(
+    head: http::response::Parts,
+    mut exchange: Exchange,
+    t: &Timeouts,
+) -> UpstreamError {
+    let status = head.status.as_u16();
+    let retry_after = head
+        .headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+    let body = exchange
+        .read_to_end(t.idle, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let info = UpstreamErrorInfo::parse(&body).unwrap_or_else(|| UpstreamErrorInfo {
+        message: format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
+        ..UpstreamErrorInfo::default()
+    });
+    UpstreamError::Status {
+        status,
+        info,
+        retry_after,
+    }
+}
