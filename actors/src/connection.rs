@@ -28,6 +28,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
+use crate::breaker::Breaker;
 use crate::provider::Provider;
 use crate::quota::Reservation;
 use crate::upstream::{Chunk, ChunkStream, Completion, Phase, UpstreamError};
@@ -77,6 +78,8 @@ pub enum StreamEnd {
 pub struct Route {
     pub provider: Arc<Provider>,
     pub upstream_model: Arc<str>,
+    /// The provider's circuit breaker (`None` without a cluster).
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 pub struct ConnectionArgs {
@@ -221,11 +224,16 @@ async fn serve(args: ConnectionArgs) {
         }
         match attempt_at(&request, &ctx, route, reply).await {
             Step::Done(outcome) => {
-                finish(&mut ctx, request.model(), &route.provider, outcome);
+                finish(&mut ctx, request.model(), route, outcome);
                 return;
             }
             Step::Failed(e, back) => {
                 route.provider.record(false);
+                if let Some(b) = &route.breaker
+                    && provider_failure(&e)
+                {
+                    b.observe(false);
+                }
                 reply = back;
                 let retryable = e.retryable();
                 last = Some((e, attempt));
@@ -280,6 +288,7 @@ async fn attempt_at(
     };
     // The total deadline starts once the call starts, so queueing does not eat into it.
     let total = cap(spec.timeouts.total);
+    let started = Instant::now();
     if request.stream() {
         return stream(request, route, total, reply).await;
     }
@@ -294,6 +303,9 @@ async fn attempt_at(
     };
     match result {
         Ok(c) => {
+            if let Some(b) = &route.breaker {
+                b.first_byte(started.elapsed());
+            }
             let usage = c.usage;
             let _ = reply.send(Ok(ChatReply::Complete(c)));
             Step::Done(Outcome::Ok(usage))
@@ -304,6 +316,7 @@ async fn attempt_at(
 
 async fn stream(request: &ChatRequest, route: &Route, total: Instant, mut reply: Reply) -> Step {
     let spec = &route.provider.spec;
+    let started = Instant::now();
     let open = timeout_at(
         total,
         spec.upstream
@@ -328,6 +341,9 @@ async fn stream(request: &ChatRequest, route: &Route, total: Instant, mut reply:
         Some(Err(e)) => return Step::Failed(e.into_api_error(&spec.id), reply),
         other => other,
     };
+    if let Some(b) = &route.breaker {
+        b.first_byte(started.elapsed());
+    }
     let shared = Arc::new(RelayShared {
         upstream: Mutex::new(UpstreamState::Live(chunks)),
         waker: AtomicWaker::new(),
@@ -488,8 +504,25 @@ impl Drop for RelayStream {
     }
 }
 
-fn finish(ctx: &mut RequestContext, model: &str, provider: &Provider, outcome: Outcome) {
+/// Whether a failure says something about the provider (its breaker counts it): not a client
+/// mistake, a full local queue or a missed deadline.
+fn provider_failure(e: &ApiError) -> bool {
+    matches!(
+        e.code.as_deref(),
+        Some("upstream_error" | "upstream_timeout" | "upstream_overloaded")
+    )
+}
+
+fn finish(ctx: &mut RequestContext, model: &str, route: &Route, outcome: Outcome) {
+    let provider: &Provider = &route.provider;
     let id = &provider.spec.id;
+    if let Some(b) = &route.breaker {
+        match &outcome {
+            Outcome::Ok(_) => b.observe(true),
+            Outcome::Failed(e, _) if provider_failure(e) => b.observe(false),
+            Outcome::Failed(..) | Outcome::ClientGone(_) => {}
+        }
+    }
     if let Some(reservation) = ctx.reservation.take() {
         match &outcome {
             Outcome::Ok(Some(u)) => reservation.settle(

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
+use crate::breaker::{Breaker, BreakerActor, BreakerArgs, BreakerConfig, BreakerStats};
 use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
@@ -46,6 +47,8 @@ pub struct GatewayConfig {
     pub prices: HashMap<String, Price>,
     /// The exact response cache (`None`: off).
     pub cache: Option<CacheConfig>,
+    /// Circuit breakers (they need `cluster`: a trip is a replicated decision).
+    pub breaker: BreakerConfig,
 }
 
 impl GatewayConfig {
@@ -62,6 +65,7 @@ impl GatewayConfig {
             jwt: None,
             prices: HashMap::new(),
             cache: None,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -111,6 +115,7 @@ struct Inner {
     prices: HashMap<String, Price>,
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
+    breaker_stats: Arc<BreakerStats>,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -128,6 +133,34 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> Result<Self, SpawnErr> {
         let providers: Vec<Arc<Provider>> =
             config.providers.into_iter().map(Provider::new).collect();
+        let (supervisor, _) = Actor::spawn(
+            None,
+            NodeSupervisor,
+            NodeSupervisorArgs {
+                providers: providers.clone(),
+                budget: config.restart_budget,
+            },
+        )
+        .await?;
+        let breaker_stats = Arc::new(BreakerStats::default());
+        let breakers = match &config.cluster {
+            Some(cluster) => {
+                let breaker_config = Arc::new(config.breaker);
+                let (actor, _) = Actor::spawn_linked(
+                    None,
+                    BreakerActor,
+                    BreakerArgs {
+                        cluster: cluster.clone(),
+                        config: Arc::clone(&breaker_config),
+                        stats: Arc::clone(&breaker_stats),
+                    },
+                    supervisor.get_cell(),
+                )
+                .await?;
+                breakers_for(&providers, cluster, &breaker_config, &actor)
+            }
+            None => HashMap::new(),
+        };
         let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
         let mut models = Vec::new();
         for p in &providers {
@@ -139,18 +172,10 @@ impl Gateway {
                 entry.push(Route {
                     provider: Arc::clone(p),
                     upstream_model: m.upstream_name.as_str().into(),
+                    breaker: breakers.get(&p.spec.id).cloned(),
                 });
             }
         }
-        let (supervisor, _) = Actor::spawn(
-            None,
-            NodeSupervisor,
-            NodeSupervisorArgs {
-                providers: providers.clone(),
-                budget: config.restart_budget,
-            },
-        )
-        .await?;
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
         let quota = match (&config.cluster, config.quota, config.auth) {
@@ -179,6 +204,7 @@ impl Gateway {
                 prices: config.prices,
                 cache: config.cache.map(ResponseCache::new),
                 quota,
+                breaker_stats,
                 publisher,
             }),
         })
@@ -418,16 +444,53 @@ impl Gateway {
             .with_code("model_not_found")
         };
         let routes = self.inner.routes.get(model).ok_or_else(not_found)?;
-        let loads = routes.iter().map(|r| Load {
-            in_flight: r.provider.in_flight(),
-            queued: r.provider.queued(),
-            max_concurrency: r.provider.spec.max_concurrency,
-        });
-        let ranked = policy::rank_by_load(loads);
-        if ranked.is_empty() {
-            return Err(not_found());
+        // Breakers: open ones are skipped; a half-open one this node probes goes first (its
+        // probe must actually be sent). One read of the applied state for all of them.
+        let (open, probing): (Vec<bool>, Vec<bool>) = match &self.inner.cluster {
+            Some(c) if routes.iter().any(|r| r.breaker.is_some()) => {
+                let state = c.state.borrow();
+                routes
+                    .iter()
+                    .map(|r| match &r.breaker {
+                        None => (false, false),
+                        Some(b) => {
+                            let half_open =
+                                state.breakers.get(&b.key).is_some_and(|rec| rec.is_open());
+                            let admits = b.admits(&state);
+                            (!admits, admits && half_open)
+                        }
+                    })
+                    .unzip()
+            }
+            _ => (vec![false; routes.len()], vec![false; routes.len()]),
+        };
+        let candidates: Vec<usize> = (0..routes.len()).filter(|&i| !open[i]).collect();
+        if candidates.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "every provider of `{model}` is ejected by its circuit breaker; retry shortly"
+                ),
+            )
+            .with_code("circuit_open")
+            .with_retry_after(Duration::from_secs(1)));
         }
+        let loads = candidates.iter().map(|&i| Load {
+            in_flight: routes[i].provider.in_flight(),
+            queued: routes[i].provider.queued(),
+            max_concurrency: routes[i].provider.spec.max_concurrency,
+        });
+        let mut ranked: Vec<usize> = policy::rank_by_load(loads)
+            .into_iter()
+            .map(|k| candidates[k])
+            .collect();
+        ranked.sort_by_key(|&i| !probing[i]);
         Ok(ranked.into_iter().map(|i| routes[i].clone()).collect())
+    }
+
+    /// Breaker counters, for metrics.
+    pub fn breaker_stats(&self) -> &BreakerStats {
+        &self.inner.breaker_stats
     }
 
     /// Stops the actor tree (after the edges have drained).
@@ -454,6 +517,37 @@ impl Gateway {
             .find(|p| p.spec.id == id)
             .cloned()
     }
+}
+
+/// One breaker per provider, each knowing, per model it serves, every provider id serving
+/// that model (for the panic threshold).
+fn breakers_for(
+    providers: &[Arc<Provider>],
+    cluster: &Replicated,
+    config: &Arc<BreakerConfig>,
+    actor: &ActorRef<crate::breaker::BreakerMsg>,
+) -> HashMap<String, Arc<Breaker>> {
+    let serving = |model: &str| -> Vec<String> {
+        providers
+            .iter()
+            .filter(|p| p.spec.models.iter().any(|m| m.name == model))
+            .map(|p| p.spec.id.clone())
+            .collect()
+    };
+    providers
+        .iter()
+        .map(|p| {
+            let groups = p.spec.models.iter().map(|m| serving(&m.name)).collect();
+            let breaker = Breaker::new(
+                p.spec.id.clone(),
+                groups,
+                Arc::clone(config),
+                cluster,
+                actor.clone(),
+            );
+            (p.spec.id.clone(), Arc::new(breaker))
+        })
+        .collect()
 }
 
 /// This node's providers as registry records: ids are `<node id>/<provider id>`, so nodes that

@@ -5,6 +5,7 @@
 //! ```text
 //! NodeSupervisor                 restarts a crashed ProviderActor (budget: 10 per 60 s each)
 //!  ├─ ProviderActor × N          one per upstream endpoint: wait queue, concurrency slots
+//!  ├─ BreakerActor               proposes this node's breaker trips and closes to Raft
 //!  └─ ConnectionSupervisor       observes; logs crashes, never restarts
 //!       └─ ConnectionActor × in-flight requests   admission to last byte; owns the client sink
 //! ```
@@ -15,13 +16,15 @@
 //!
 //! Map:
 //! - [`gateway`]: the [`Gateway`] handle the node's edges call;
-//! - [`connection`], [`provider`], [`supervisor`]: the actors;
+//! - [`connection`], [`provider`], [`supervisor`], [`breaker`]: the actors;
 //! - [`policy`]: routing decisions as pure functions;
-//! - [`upstream`]: the only outbound calls to LLM providers (OpenAI-compatible, demo).
+//! - [`upstream`]: the only outbound calls to LLM providers (OpenAI-compatible, Anthropic,
+//!   demo).
 //!
 //! This crate never knows about HTTP listeners or the cluster: the node wires it up.
 
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod connection;
 pub mod estimate;

@@ -634,7 +634,8 @@ impl Quota {
                 let left = (b.allowance as i64 - b.charged).max(0) as u64;
                 // Renew early, before the slice runs dry or lapses.
                 let low = left < b.last_slice / 2
-                    || b.expires.is_some_and(|e| e <= now + Duration::from_secs(1));
+                    || b.expires
+                        .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
                 if low && !b.renewing && !b.local_share {
                     b.renewing = true;
                     let _ = self.inner.renew.send(key.clone());
@@ -841,8 +842,13 @@ impl Quota {
                             b.last_slice = amount;
                             b.local_share = false;
                             b.no_quorum = false;
-                            // Counted from when it was asked for, less a 10 % margin.
-                            b.expires = Some(sent_at + self.inner.config.grant_ttl.mul_f64(0.9));
+                            // Counted from when it was asked for, and only the first half
+                            // is used: the second half is the time this node's last reports
+                            // have to reach the ledger before it takes back what they did not
+                            // cover (a report that lands after that, e.g. while Raft is slow
+                            // under load, would be counted on top of a slice re-granted to
+                            // another node).
+                            b.expires = Some(sent_at + self.inner.config.grant_ttl / 2);
                         }
                         Ok(other) => {
                             tracing::warn!(?other, %key, "quota: unexpected answer to a grant request");

@@ -10,7 +10,7 @@ use meridian_actors::mesh::Mesh;
 use meridian_actors::Gateway;
 use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
-use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Tenant, Tier};
+use meridian_proto::cluster::{ApiKeyRecord, Applied, BreakerState, Command, Tenant, Tier};
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
@@ -316,6 +316,95 @@ impl Admin for AdminService {
         )
     }
 
+    async fn list_breakers(
+        &self,
+        _req: Request<pb::ListBreakersRequest>,
+    ) -> Result<Response<pb::ListBreakersResponse>, Status> {
+        let state = self.cluster.state().borrow().clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let breakers = state
+            .breakers
+            .iter()
+            .map(|(provider, r)| {
+                let (state, until) = match r.state {
+                    BreakerState::Closed => ("closed", None),
+                    BreakerState::Open { until_unix_ms } if r.forced || now < until_unix_ms => {
+                        ("open", Some(until_unix_ms))
+                    }
+                    BreakerState::Open { until_unix_ms } => ("half_open", Some(until_unix_ms)),
+                };
+                pb::Breaker {
+                    provider: provider.clone(),
+                    state: state.into(),
+                    open_until_unix_ms: until,
+                    reason: r.reason.clone(),
+                    trips: r.trips,
+                    forced: r.forced,
+                    since_unix_ms: r.since_unix_ms,
+                    by_node: r.by,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListBreakersResponse { breakers }))
+    }
+
+    async fn set_breaker(
+        &self,
+        req: Request<pb::SetBreakerRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let req = req.into_inner();
+        if req.provider.is_empty() {
+            return Err(field("provider", "is required"));
+        }
+        let reason = |default: &str| {
+            if req.reason.is_empty() {
+                default.to_owned()
+            } else {
+                req.reason.clone()
+            }
+        };
+        let (state, forced, reason) = match pb::BreakerAction::try_from(req.action) {
+            Ok(pb::BreakerAction::ForceOpen) => (
+                BreakerState::Open {
+                    until_unix_ms: u64::MAX,
+                },
+                true,
+                reason("forced open by an operator"),
+            ),
+            Ok(pb::BreakerAction::ForceClosed) => (
+                BreakerState::Closed,
+                true,
+                reason("forced closed by an operator"),
+            ),
+            Ok(pb::BreakerAction::Reset) => {
+                (BreakerState::Closed, false, reason("reset by an operator"))
+            }
+            _ => {
+                return Err(field(
+                    "action",
+                    "must be BREAKER_ACTION_FORCE_OPEN, BREAKER_ACTION_FORCE_CLOSED or BREAKER_ACTION_RESET",
+                ));
+            }
+        };
+        let provider = req.provider.clone();
+        changed(
+            self.cluster
+                .propose(Command::SetBreaker {
+                    provider: req.provider,
+                    state,
+                    reason,
+                    trips: 0,
+                    forced,
+                    expect_version: None,
+                    groups: Vec::new(),
+                })
+                .await,
+            || format!("breaker {provider:?}"),
+        )
+    }
+
     async fn list_tenants(
         &self,
         _req: Request<pb::ListTenantsRequest>,
@@ -347,7 +436,9 @@ fn changed(
         Ok(Applied::Changed | Applied::Granted { .. }) => {
             Ok(Response::new(pb::ChangeResponse { changed: true }))
         }
-        Ok(Applied::Unchanged) => Ok(Response::new(pb::ChangeResponse { changed: false })),
+        Ok(Applied::Unchanged | Applied::Refused) => {
+            Ok(Response::new(pb::ChangeResponse { changed: false }))
+        }
         Ok(Applied::NotFound) => Err(Status::not_found(format!("{} does not exist", missing()))),
         Err(e @ (ClusterError::NoLeader | ClusterError::Unreached(_))) => {
             let mut s = Status::unavailable(e.to_string());

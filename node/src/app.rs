@@ -97,6 +97,7 @@ impl App {
             jwt: config.jwt.clone(),
             prices: config.prices.clone(),
             cache: config.cache,
+            breaker: config.breaker.clone(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

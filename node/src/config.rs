@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
+use meridian_actors::breaker::BreakerConfig;
 use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
@@ -48,6 +49,8 @@ pub struct RawConfig {
     pub quota: RawQuota,
     #[serde(default)]
     pub cache: RawCache,
+    #[serde(default)]
+    pub breaker: RawBreaker,
     pub jwt: Option<RawJwt>,
     #[serde(default)]
     pub limits: RawLimits,
@@ -151,6 +154,24 @@ pub struct RawCache {
     pub ttl: Option<String>,
 }
 
+/// Circuit breakers (see `meridian_actors::breaker`); every field has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub consecutive_failures: Option<i64>,
+    /// 0–1.
+    pub error_rate: Option<f64>,
+    pub min_calls: Option<i64>,
+    pub window: Option<String>,
+    pub slow_call: Option<String>,
+    /// 0–1.
+    pub slow_rate: Option<f64>,
+    pub open_base: Option<String>,
+    pub open_max: Option<String>,
+    pub probes: Option<i64>,
+    pub probe_grace: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
@@ -244,6 +265,7 @@ pub struct Config {
     pub prices: std::collections::HashMap<String, Price>,
     /// The response cache, when on.
     pub cache: Option<CacheConfig>,
+    pub breaker: BreakerConfig,
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
@@ -1033,6 +1055,66 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     } else {
         None
     };
+    let breaker = {
+        let b = &raw.breaker;
+        let d = BreakerConfig::default();
+        let rate = |e: &mut Errors, path: &str, v: Option<f64>, default: f64| match v {
+            None => default,
+            Some(r) if (0.0..=1.0).contains(&r) && r > 0.0 => r,
+            Some(r) => {
+                e.push(path, format!("must be in (0, 1], got {r}"));
+                default
+            }
+        };
+        let c = BreakerConfig {
+            consecutive_failures: int(
+                &mut e,
+                "breaker.consecutive_failures",
+                b.consecutive_failures,
+                d.consecutive_failures,
+                1,
+                1_000_000,
+            ),
+            error_rate: rate(&mut e, "breaker.error_rate", b.error_rate, d.error_rate),
+            min_calls: int(
+                &mut e,
+                "breaker.min_calls",
+                b.min_calls,
+                d.min_calls,
+                1,
+                1_000_000,
+            ),
+            window: duration(&mut e, "breaker.window", b.window.as_ref(), d.window),
+            slow_call: duration(
+                &mut e,
+                "breaker.slow_call",
+                b.slow_call.as_ref(),
+                d.slow_call,
+            ),
+            slow_rate: rate(&mut e, "breaker.slow_rate", b.slow_rate, d.slow_rate),
+            open_base: duration(
+                &mut e,
+                "breaker.open_base",
+                b.open_base.as_ref(),
+                d.open_base,
+            ),
+            open_max: duration(&mut e, "breaker.open_max", b.open_max.as_ref(), d.open_max),
+            probes: int(&mut e, "breaker.probes", b.probes, d.probes, 1, 1_000),
+            probe_grace: duration(
+                &mut e,
+                "breaker.probe_grace",
+                b.probe_grace.as_ref(),
+                d.probe_grace,
+            ),
+        };
+        if c.open_max < c.open_base {
+            e.push(
+                "breaker.open_max",
+                "must not be shorter than breaker.open_base",
+            );
+        }
+        c
+    };
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -1286,6 +1368,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         jwt,
         prices,
         cache,
+        breaker,
         limits,
         drain_timeout,
         providers,

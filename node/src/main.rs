@@ -102,6 +102,31 @@ enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Circuit breakers: list (the default), force open, force closed, reset.
+    Breaker {
+        #[command(subcommand)]
+        command: Option<BreakerCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakerCommand {
+    /// Every breaker with a record: state, open period, trips, reason.
+    List,
+    /// Stop all traffic to PROVIDER on every node until closed or reset.
+    Open {
+        provider: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Keep PROVIDER routable whatever detection sees.
+    Close {
+        provider: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Closed again and back under automatic detection, trip count cleared.
+    Reset { provider: String },
 }
 
 #[derive(Subcommand)]
@@ -518,6 +543,66 @@ async fn admin(
                 print_change(r.into_inner(), &format!("key {key_id} revoked"));
             }
         },
+        AdminCommand::Breaker { command } => {
+            let set = |provider: String, action: admin_pb::BreakerAction, reason: String| {
+                admin_pb::SetBreakerRequest {
+                    provider,
+                    action: action as i32,
+                    reason,
+                }
+            };
+            let (request, done) = match command.unwrap_or(BreakerCommand::List) {
+                BreakerCommand::List => {
+                    let l = client
+                        .list_breakers(admin_pb::ListBreakersRequest {})
+                        .await?
+                        .into_inner();
+                    if l.breakers.is_empty() {
+                        println!("no breaker has tripped or been set");
+                    }
+                    for b in l.breakers {
+                        let until = b
+                            .open_until_unix_ms
+                            .filter(|u| *u != u64::MAX)
+                            .map(|u| format!(" until {u}"))
+                            .unwrap_or_default();
+                        println!(
+                            "{:<24} {:<9}{}{} trips {}  by node {}  {}",
+                            b.provider,
+                            b.state,
+                            if b.forced { " (forced)" } else { "" },
+                            until,
+                            b.trips,
+                            b.by_node,
+                            b.reason
+                        );
+                    }
+                    return Ok(());
+                }
+                BreakerCommand::Open { provider, reason } => (
+                    set(provider.clone(), admin_pb::BreakerAction::ForceOpen, reason),
+                    format!("breaker {provider} forced open"),
+                ),
+                BreakerCommand::Close { provider, reason } => (
+                    set(
+                        provider.clone(),
+                        admin_pb::BreakerAction::ForceClosed,
+                        reason,
+                    ),
+                    format!("breaker {provider} forced closed"),
+                ),
+                BreakerCommand::Reset { provider } => (
+                    set(
+                        provider.clone(),
+                        admin_pb::BreakerAction::Reset,
+                        String::new(),
+                    ),
+                    format!("breaker {provider} reset"),
+                ),
+            };
+            let r = client.set_breaker(request).await?;
+            print_change(r.into_inner(), &done);
+        }
         AdminCommand::Tenant { command } => match command {
             TenantCommand::Put {
                 id,

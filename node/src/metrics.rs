@@ -151,6 +151,37 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
              meridian_cache_lookups_total{{result=\"miss\"}} {misses}"
         );
     }
+    {
+        let b = gateway.breaker_stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP meridian_breaker_proposals_total Breaker changes this node proposed, by kind\n\
+             # TYPE meridian_breaker_proposals_total counter\n\
+             meridian_breaker_proposals_total{{kind=\"trip\"}} {}\n\
+             meridian_breaker_proposals_total{{kind=\"close\"}} {}\n\
+             # HELP meridian_breaker_panic_refusals_total Trips refused because half of a model's providers were already ejected\n\
+             # TYPE meridian_breaker_panic_refusals_total counter\n\
+             meridian_breaker_panic_refusals_total {}",
+            load(&b.trips_proposed),
+            load(&b.closes_proposed),
+            load(&b.trips_refused_panic),
+        );
+        let state = cluster.state().borrow().clone();
+        let _ = writeln!(
+            out,
+            "# HELP meridian_breaker_open 1 while the provider's breaker is open (or half-open), cluster-wide\n\
+             # TYPE meridian_breaker_open gauge"
+        );
+        for (provider, r) in &state.breakers {
+            let _ = writeln!(
+                out,
+                "meridian_breaker_open{{provider=\"{}\"}} {}",
+                escape(provider),
+                u64::from(r.is_open())
+            );
+        }
+    }
     gauge(
         &mut out,
         "meridian_draining",

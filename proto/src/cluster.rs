@@ -60,10 +60,26 @@ pub enum Command {
         window_start_unix_ms: u64,
         delta: i64,
     },
+    /// Moves a provider's breaker (keyed by the provider id every node configures it under).
     SetBreaker {
         provider: String,
         state: BreakerState,
         reason: String,
+        /// Consecutive trips so far (sets how long the next open period lasts); 0 when closed.
+        #[serde(default)]
+        trips: u32,
+        /// An operator's decision: automatic changes leave a forced breaker alone.
+        #[serde(default)]
+        forced: bool,
+        /// For automatic changes: apply only if the record is still at this version (0: no
+        /// record), so that two nodes deciding from the same state do not both apply.
+        #[serde(default)]
+        expect_version: Option<u64>,
+        /// The panic threshold, for trips: per model the provider serves, the ids of every
+        /// provider serving it (this one included). A trip that would leave more than half of
+        /// any group open is refused.
+        #[serde(default)]
+        groups: Vec<Vec<String>>,
     },
     /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant` and `model`.
     RecordUsage {
@@ -228,12 +244,13 @@ impl Ledger {
     }
 }
 
+/// A breaker's replicated state. An open breaker whose `until` has passed is half-open: the
+/// node that tripped it lets a few probes through (see `actors::breaker`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,
     Open { until_unix_ms: u64 },
-    HalfOpen,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +260,20 @@ pub struct BreakerRecord {
     /// When it entered this state (the proposal's timestamp) and which node decided it.
     pub since_unix_ms: u64,
     pub by: NodeId,
+    #[serde(default)]
+    pub trips: u32,
+    #[serde(default)]
+    pub forced: bool,
+    /// Bumped by every change.
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl BreakerRecord {
+    /// Open (possibly half-open) at all, i.e. ejected from routing.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, BreakerState::Open { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -314,6 +345,8 @@ pub enum Applied {
     NotFound,
     /// A quota grant of this size (possibly 0) was recorded.
     Granted { amount: u64 },
+    /// Valid, but a guard refused it (a breaker's panic threshold).
+    Refused,
 }
 
 /// Everything the cluster agrees on.
@@ -503,9 +536,35 @@ impl ClusterState {
                 provider,
                 state,
                 reason,
+                trips,
+                forced,
+                expect_version,
+                groups,
             } => {
-                if self.breakers.get(provider).map(|b| b.state) == Some(*state) {
+                let current = self.breakers.get(provider);
+                let version = current.map_or(0, |b| b.version);
+                if let Some(expected) = expect_version {
+                    // Automatic: only from the state it was decided on, never over an operator.
+                    if *expected != version || current.is_some_and(|b| b.forced) {
+                        return Applied::Unchanged;
+                    }
+                }
+                if current.is_some_and(|b| b.state == *state && b.forced == *forced) {
                     return Applied::Unchanged;
+                }
+                let opening = matches!(state, BreakerState::Open { .. })
+                    && !current.is_some_and(BreakerRecord::is_open);
+                if opening && !*forced {
+                    let open = |id: &String| {
+                        id != provider && self.breakers.get(id).is_some_and(BreakerRecord::is_open)
+                    };
+                    let too_many = groups.iter().any(|g| {
+                        let already = g.iter().filter(|id| open(id)).count();
+                        (already + 1) * 2 > g.len()
+                    });
+                    if too_many {
+                        return Applied::Refused;
+                    }
                 }
                 self.breakers.insert(
                     provider.clone(),
@@ -514,6 +573,9 @@ impl ClusterState {
                         reason: reason.clone(),
                         since_unix_ms: at,
                         by: proposer,
+                        trips: *trips,
+                        forced: *forced,
+                        version: version + 1,
                     },
                 );
                 Applied::Changed
@@ -812,24 +874,83 @@ mod tests {
         assert_eq!(s.usage.len(), 1);
     }
 
-    #[test]
-    fn breaker_changes_record_who_and_when() {
-        let mut s = ClusterState::default();
-        let open = Command::SetBreaker {
-            provider: "vllm-a".into(),
+    fn trip(provider: &str, expect_version: u64, groups: &[&[&str]]) -> Command {
+        Command::SetBreaker {
+            provider: provider.into(),
             state: BreakerState::Open {
                 until_unix_ms: 5_000,
             },
-            reason: "5 failures in 10 s".into(),
-        };
+            reason: "5 failures in a row".into(),
+            trips: 1,
+            forced: false,
+            expect_version: Some(expect_version),
+            groups: groups
+                .iter()
+                .map(|g| g.iter().map(|s| (*s).to_owned()).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn breaker_changes_record_who_and_when() {
+        let mut s = ClusterState::default();
+        let open = trip("vllm-a", 0, &[]);
         assert_eq!(s.apply(&proposal(100, open.clone())), Applied::Changed);
-        assert_eq!(s.apply(&proposal(200, open)), Applied::Unchanged);
+        assert_eq!(
+            s.apply(&proposal(200, open)),
+            Applied::Unchanged,
+            "decided on a state that has moved on"
+        );
         assert_eq!(s.breakers["vllm-a"].since_unix_ms, 100);
+        assert_eq!(s.breakers["vllm-a"].version, 1);
         let json = serde_json::to_vec(&s).expect("encode");
         assert_eq!(
             serde_json::from_slice::<ClusterState>(&json).expect("decode"),
             s
         );
+    }
+
+    #[test]
+    fn at_most_half_of_a_models_providers_are_ejected() {
+        let mut s = ClusterState::default();
+        let group: &[&str] = &["a", "b", "c", "d"];
+        assert_eq!(
+            s.apply(&proposal(1, trip("a", 0, &[group]))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(2, trip("b", 0, &[group]))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(&proposal(3, trip("c", 0, &[group]))),
+            Applied::Refused,
+            "a third of four would leave fewer than half"
+        );
+        // A provider that also serves a model it has alone can never be ejected automatically.
+        assert_eq!(
+            s.apply(&proposal(4, trip("c", 0, &[&["c", "d"], &["c"]]))),
+            Applied::Refused
+        );
+        // An operator can force what detection may not.
+        let force = Command::SetBreaker {
+            provider: "c".into(),
+            state: BreakerState::Open {
+                until_unix_ms: u64::MAX,
+            },
+            reason: "forced by an operator".into(),
+            trips: 0,
+            forced: true,
+            expect_version: None,
+            groups: Vec::new(),
+        };
+        assert_eq!(s.apply(&proposal(5, force)), Applied::Changed);
+        assert_eq!(
+            s.apply(&proposal(6, trip("c", 1, &[]))),
+            Applied::Unchanged,
+            "detection leaves a forced breaker alone"
+        );
+        assert!(s.breakers["c"].forced);
     }
 
     #[test]

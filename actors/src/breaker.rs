@@ -1,0 +1,505 @@
+//! Circuit breakers, decided locally and held cluster-wide.
+//!
+//! Each node watches the outcomes of its own calls to each provider ([`Breaker::observe`]):
+//! consecutive failures, the error rate over a sliding window (with a minimum number of
+//! calls), and the share of slow calls (time to the first byte over `slow_call`). When one of
+//! them trips, the node's [`BreakerActor`] proposes `SetBreaker { Open { until } }` to Raft, and
+//! every node stops routing there as soon as it applies the entry ([`Breaker::admits`] reads
+//! the applied state; no round trip on the request path).
+//!
+//! Open periods back off exponentially with consecutive trips (`open_base` × 2^(trips−1), at
+//! most `open_max`). When the period ends the breaker is half-open: the node that tripped it
+//! (or, once `probe_grace` has passed without a verdict, any node) lets `probes` requests
+//! through; that many successes close it, one failure opens it again for longer. Automatic
+//! trips never eject more than half of a model's providers (the panic threshold, checked when
+//! the entry is applied, so two nodes tripping two providers at once cannot both pass it).
+//! Operators can force a breaker open or closed, or reset it; detection leaves a forced breaker
+//! alone.
+//!
+//! Which failures count: connect errors, timeouts, 5xx, 429/529 overload and failures in the
+//! middle of a stream. A client's own mistake (400, 404, …), a full local queue or a client
+//! that went away say nothing about the provider and are not counted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meridian_proto::cluster::{
+    Applied, BreakerRecord, BreakerState, ClusterState, Command, NodeId,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+use crate::gateway::Replicated;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    /// This many failures in a row trip it.
+    pub consecutive_failures: u32,
+    /// An error rate at or over this (0–1) over `window` trips it, once `min_calls` were made.
+    pub error_rate: f64,
+    pub min_calls: u32,
+    pub window: Duration,
+    /// A call whose first byte takes longer than this is slow; a share of slow calls at or
+    /// over `slow_rate` (with `min_calls`) trips it.
+    pub slow_call: Duration,
+    pub slow_rate: f64,
+    /// The first open period; each further consecutive trip doubles it, up to `open_max`.
+    pub open_base: Duration,
+    pub open_max: Duration,
+    /// Requests let through while half-open; that many successes close it.
+    pub probes: u32,
+    /// How long a half-open breaker waits for its tripping node's probes before any node may
+    /// probe (the tripping node may be gone, or see no traffic).
+    pub probe_grace: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            error_rate: 0.5,
+            min_calls: 20,
+            window: Duration::from_secs(10),
+            slow_call: Duration::from_secs(30),
+            slow_rate: 0.5,
+            open_base: Duration::from_secs(5),
+            open_max: Duration::from_secs(300),
+            probes: 3,
+            probe_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// How long the `trips`-th consecutive trip keeps the breaker open.
+    pub fn open_for(&self, trips: u32) -> Duration {
+        let doublings = trips.saturating_sub(1).min(20);
+        self.open_base
+            .saturating_mul(1 << doublings)
+            .min(self.open_max)
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a breaker's replicated record means for one node's routing right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Route normally.
+    Closed,
+    /// Do not route here.
+    Open,
+    /// Half-open and this node is a prober: a few requests may go, to test it.
+    Probe,
+}
+
+/// The gate for `record` at `now` on node `me` (pure; see the module docs).
+pub fn gate(record: Option<&BreakerRecord>, me: NodeId, now_ms: u64, grace: Duration) -> Gate {
+    let Some(r) = record else {
+        return Gate::Closed;
+    };
+    match r.state {
+        BreakerState::Closed => Gate::Closed,
+        BreakerState::Open { until_unix_ms } => {
+            if r.forced || now_ms < until_unix_ms {
+                Gate::Open
+            } else if r.by == me || now_ms >= until_unix_ms.saturating_add(grace.as_millis() as u64)
+            {
+                Gate::Probe
+            } else {
+                Gate::Open
+            }
+        }
+    }
+}
+
+const BUCKETS: usize = 10;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Which slice of time (since the epoch, in bucket lengths) this bucket counts.
+    slot: u64,
+    ok: u32,
+    failed: u32,
+    /// Calls whose first-byte time was measured, and of those the slow ones.
+    timed: u32,
+    slow: u32,
+}
+
+/// Calls over the last `window`, in ten buckets.
+#[derive(Debug, Clone)]
+pub struct Window {
+    bucket_ms: u64,
+    buckets: [Bucket; BUCKETS],
+}
+
+impl Window {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            bucket_ms: (window.as_millis() as u64 / BUCKETS as u64).max(1),
+            buckets: [Bucket::default(); BUCKETS],
+        }
+    }
+
+    fn bucket(&mut self, now_ms: u64) -> &mut Bucket {
+        let slot = now_ms / self.bucket_ms;
+        let b = &mut self.buckets[(slot % BUCKETS as u64) as usize];
+        if b.slot != slot {
+            *b = Bucket {
+                slot,
+                ..Bucket::default()
+            };
+        }
+        b
+    }
+
+    pub fn record(&mut self, now_ms: u64, ok: bool) {
+        let b = self.bucket(now_ms);
+        if ok {
+            b.ok += 1;
+        } else {
+            b.failed += 1;
+        }
+    }
+
+    pub fn record_latency(&mut self, now_ms: u64, slow: bool) {
+        let b = self.bucket(now_ms);
+        b.timed += 1;
+        if slow {
+            b.slow += 1;
+        }
+    }
+
+    /// (calls, failed, timed, slow) over the window ending at `now_ms`.
+    pub fn totals(&self, now_ms: u64) -> (u32, u32, u32, u32) {
+        let current = now_ms / self.bucket_ms;
+        self.buckets
+            .iter()
+            .filter(|b| b.slot + (BUCKETS as u64) > current && b.slot <= current)
+            .fold((0, 0, 0, 0), |(c, f, t, s), b| {
+                (c + b.ok + b.failed, f + b.failed, t + b.timed, s + b.slow)
+            })
+    }
+
+    pub fn clear(&mut self) {
+        self.buckets = [Bucket::default(); BUCKETS];
+    }
+}
+
+/// Why the detector would trip, if it would (pure).
+pub fn verdict(
+    config: &BreakerConfig,
+    window: &Window,
+    consecutive: u32,
+    now_ms: u64,
+) -> Option<String> {
+    if consecutive >= config.consecutive_failures {
+        return Some(format!("{consecutive} failures in a row"));
+    }
+    let (calls, failed, timed, slow) = window.totals(now_ms);
+    let min = config.min_calls.max(1);
+    let secs = config.window.as_secs_f64();
+    if calls >= min && f64::from(failed) >= config.error_rate * f64::from(calls) {
+        return Some(format!("{failed} of {calls} calls failed in {secs:.0} s"));
+    }
+    if timed >= min && f64::from(slow) >= config.slow_rate * f64::from(timed) {
+        return Some(format!(
+            "{slow} of {timed} calls took over {:?} to the first byte in {secs:.0} s",
+            config.slow_call
+        ));
+    }
+    None
+}
+
+#[derive(Debug)]
+struct Local {
+    window: Window,
+    consecutive: u32,
+    /// The record version this node last asked to change, and when (it asks once per version,
+    /// or again after a second if nothing changed, e.g. when the panic threshold refused).
+    asked: Option<(u64, u64)>,
+    /// Probing a half-open breaker: the record version, requests let through, successes.
+    probe: Option<(u64, u32, u32)>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct BreakerStats {
+    pub trips_proposed: AtomicU64,
+    pub trips_refused_panic: AtomicU64,
+    pub closes_proposed: AtomicU64,
+}
+
+/// One provider's breaker on this node.
+pub struct Breaker {
+    /// The provider id (the same on every node that configures the provider).
+    pub key: String,
+    /// Per model the provider serves, every provider id serving it (the panic threshold).
+    groups: Vec<Vec<String>>,
+    config: Arc<BreakerConfig>,
+    node: NodeId,
+    state: watch::Receiver<Arc<ClusterState>>,
+    actor: ActorRef<BreakerMsg>,
+    local: Mutex<Local>,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<Local>) -> MutexGuard<'_, Local> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Breaker {
+    pub fn new(
+        key: String,
+        groups: Vec<Vec<String>>,
+        config: Arc<BreakerConfig>,
+        cluster: &Replicated,
+        actor: ActorRef<BreakerMsg>,
+    ) -> Self {
+        Self {
+            local: Mutex::new(Local {
+                window: Window::new(config.window),
+                consecutive: 0,
+                asked: None,
+                probe: None,
+            }),
+            key,
+            groups,
+            config,
+            node: cluster.node_id,
+            state: cluster.state.clone(),
+            actor,
+        }
+    }
+
+    /// Whether a request may be routed here now (a half-open probe slot is taken if so).
+    pub fn admits(&self, state: &ClusterState) -> bool {
+        let record = state.breakers.get(&self.key);
+        match gate(record, self.node, now_unix_ms(), self.config.probe_grace) {
+            Gate::Closed => true,
+            Gate::Open => false,
+            Gate::Probe => {
+                let version = record.map_or(0, |r| r.version);
+                let mut local = lock(&self.local);
+                let probe = match &mut local.probe {
+                    Some(p) if p.0 == version => p,
+                    slot => slot.insert((version, 0, 0)),
+                };
+                if probe.1 < self.config.probes {
+                    probe.1 += 1;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// How long a call took to its first byte (slow calls can trip the breaker).
+    pub fn first_byte(&self, took: Duration) {
+        let now = now_unix_ms();
+        let mut local = lock(&self.local);
+        local
+            .window
+            .record_latency(now, took > self.config.slow_call);
+        let consecutive = local.consecutive;
+        if let Some(reason) = verdict(&self.config, &local.window, consecutive, now) {
+            drop(local);
+            self.ask_trip(reason);
+        }
+    }
+
+    fn ask_trip(&self, reason: String) {
+        let (version, open) = self.record_now();
+        if !open {
+            let trip = self.trip(reason, version);
+            self.send_once(&mut lock(&self.local), version, trip);
+        }
+    }
+
+    /// The record's version and whether it is open.
+    fn record_now(&self) -> (u64, bool) {
+        let state = self.state.borrow();
+        let r = state.breakers.get(&self.key);
+        (r.map_or(0, |r| r.version), r.is_some_and(|r| r.is_open()))
+    }
+
+    fn trip(&self, reason: String, version: u64) -> BreakerMsg {
+        BreakerMsg::Trip {
+            key: self.key.clone(),
+            reason,
+            version,
+            groups: self.groups.clone(),
+        }
+    }
+
+    /// Asks the actor once per record version (again after a second if nothing changed, e.g.
+    /// when the panic threshold refused), and starts counting afresh.
+    fn send_once(&self, local: &mut Local, version: u64, msg: BreakerMsg) {
+        let now = now_unix_ms();
+        if local
+            .asked
+            .is_some_and(|(v, at)| v == version && now < at + 1_000)
+        {
+            return;
+        }
+        local.asked = Some((version, now));
+        local.window.clear();
+        local.consecutive = 0;
+        let _ = self.actor.cast(msg);
+    }
+
+    /// One call's outcome: `ok` or a failure of the provider's own (see the module docs).
+    pub fn observe(&self, ok: bool) {
+        let now = now_unix_ms();
+        let (version, open) = self.record_now();
+        let mut local = lock(&self.local);
+        let msg = if open {
+            // Half-open probing (outcomes of calls started before the trip land here too, and
+            // count as evidence all the same).
+            match &mut local.probe {
+                Some((v, _, good)) if *v == version => {
+                    if ok {
+                        *good += 1;
+                        (*good >= self.config.probes).then(|| BreakerMsg::Close {
+                            key: self.key.clone(),
+                            version,
+                        })
+                    } else {
+                        Some(self.trip("a half-open probe failed".into(), version))
+                    }
+                }
+                _ => None,
+            }
+        } else {
+            local.window.record(now, ok);
+            local.consecutive = if ok { 0 } else { local.consecutive + 1 };
+            verdict(&self.config, &local.window, local.consecutive, now)
+                .map(|reason| self.trip(reason, version))
+        };
+        if let Some(msg) = msg {
+            self.send_once(&mut local, version, msg);
+        }
+    }
+}
+
+/// What the BreakerActor is asked to propose.
+#[derive(Debug)]
+pub enum BreakerMsg {
+    /// Open `key` (again), decided on record version `version`.
+    Trip {
+        key: String,
+        reason: String,
+        version: u64,
+        groups: Vec<Vec<String>>,
+    },
+    /// Close `key` after successful probes.
+    Close { key: String, version: u64 },
+}
+
+impl ractor::Message for BreakerMsg {}
+
+/// Turns this node's breaker decisions into Raft proposals, one at a time.
+pub struct BreakerActor;
+
+pub struct BreakerArgs {
+    pub cluster: Replicated,
+    pub config: Arc<BreakerConfig>,
+    pub stats: Arc<BreakerStats>,
+}
+
+impl Actor for BreakerActor {
+    type Msg = BreakerMsg;
+    type State = BreakerArgs;
+    type Arguments = BreakerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: BreakerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = now_unix_ms();
+        let (command, key) = match msg {
+            BreakerMsg::Trip {
+                key,
+                reason,
+                version,
+                groups,
+            } => {
+                let trips = {
+                    let state = s.cluster.state.borrow();
+                    state.breakers.get(&key).map_or(0, |r| r.trips) + 1
+                };
+                let open_for = s.config.open_for(trips);
+                tracing::warn!(provider = %key, %reason, trips, ?open_for, "breaker: tripping");
+                s.stats.trips_proposed.fetch_add(1, Ordering::Relaxed);
+                (
+                    Command::SetBreaker {
+                        provider: key.clone(),
+                        state: BreakerState::Open {
+                            until_unix_ms: now + open_for.as_millis() as u64,
+                        },
+                        reason,
+                        trips,
+                        forced: false,
+                        expect_version: Some(version),
+                        groups,
+                    },
+                    key,
+                )
+            }
+            BreakerMsg::Close { key, version } => {
+                tracing::info!(provider = %key, "breaker: probes succeeded, closing");
+                s.stats.closes_proposed.fetch_add(1, Ordering::Relaxed);
+                (
+                    Command::SetBreaker {
+                        provider: key.clone(),
+                        state: BreakerState::Closed,
+                        reason: "half-open probes succeeded".into(),
+                        trips: 0,
+                        forced: false,
+                        expect_version: Some(version),
+                        groups: Vec::new(),
+                    },
+                    key,
+                )
+            }
+        };
+        match s.cluster.proposer.propose(command).await {
+            Ok(Applied::Refused) => {
+                s.stats.trips_refused_panic.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    provider = %key,
+                    "breaker: not tripped: half of a model's providers are already ejected (panic threshold)"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(provider = %key, error = %e, "breaker: proposal failed"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

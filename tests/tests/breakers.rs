@@ -1,0 +1,247 @@
+//! Circuit breakers on one node (its own single-member cluster): failures trip a breaker through
+//! the replicated state, an open breaker takes the provider out of routing, half-open probes
+//! close it once the provider is back, and operators can force breakers open, closed or reset.
+//! (Propagation to other nodes is tested with real processes in `cluster.rs`.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meridian_proto::pb::admin as pb;
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::{TestNode, chat_body, provider_toml, wait_until};
+use serde_json::Value;
+
+/// A loopback address nothing listens on (yet).
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn breaker(node: &TestNode, provider: &str) -> Option<pb::Breaker> {
+    let mut admin = node.admin_client().await.unwrap();
+    let l = admin
+        .list_breakers(pb::ListBreakersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    l.breakers.into_iter().find(|b| b.provider == provider)
+}
+
+async fn attempts(node: &TestNode, provider: &str) -> u64 {
+    let mut admin = node.admin_client().await.unwrap();
+    let l = admin
+        .list_providers(pb::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    l.providers
+        .iter()
+        .find(|p| p.id == provider)
+        .map(|p| p.requests_total)
+        .unwrap()
+}
+
+async fn chat(node: &TestNode) -> reqwest::Response {
+    node.client()
+        .post(node.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat_body("m", false, ""))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn set(node: &TestNode, provider: &str, action: pb::BreakerAction) -> bool {
+    let mut admin = node.admin_client().await.unwrap();
+    admin
+        .set_breaker(pb::SetBreakerRequest {
+            provider: provider.into(),
+            action: action as i32,
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .changed
+}
+
+#[tokio::test]
+async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() {
+    let down = free_addr();
+    let healthy = MockUpstream::start(MockOptions {
+        flavor: Flavor::Vllm,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let toml = format!(
+        "[breaker]\nconsecutive_failures = 3\nopen_base = \"700ms\"\nprobes = 2\n\n{}{}",
+        provider_toml(
+            "flaky",
+            &format!("http://{down}/v1"),
+            &["m=mock@tokens:2"],
+            ""
+        ),
+        provider_toml("steady", &healthy.base_url(), &["m=mock@tokens:2"], ""),
+    );
+    let node = TestNode::start(&toml).await.unwrap();
+
+    // `flaky` refuses connections; every request still succeeds through `steady`, and after
+    // three failures in a row the breaker opens.
+    let mut sent = 0;
+    while breaker(&node, "flaky")
+        .await
+        .is_none_or(|b| b.state != "open")
+    {
+        assert_eq!(chat(&node).await.status(), 200, "the fallback serves it");
+        sent += 1;
+        assert!(sent <= 10, "the breaker should have tripped by now");
+    }
+    let b = breaker(&node, "flaky").await.unwrap();
+    assert_eq!(b.trips, 1);
+    assert!(b.reason.contains("3 failures in a row"), "{b:?}");
+    println!("tripped after {sent} requests: {b:?}");
+
+    // Open: no attempt reaches `flaky`, so requests no longer pay for a failed attempt.
+    let before = attempts(&node, "flaky").await;
+    for _ in 0..5 {
+        assert_eq!(chat(&node).await.status(), 200);
+    }
+    if breaker(&node, "flaky").await.unwrap().state == "open" {
+        assert_eq!(
+            attempts(&node, "flaky").await,
+            before,
+            "no traffic while open"
+        );
+    }
+
+    // Half-open with `flaky` still down: the probe fails and it opens again, for longer.
+    wait_until(
+        "a failed probe re-opens it",
+        Duration::from_secs(10),
+        || async {
+            let _ = chat(&node).await;
+            breaker(&node, "flaky").await.is_some_and(|b| b.trips == 2)
+        },
+    )
+    .await
+    .unwrap();
+    let b = breaker(&node, "flaky").await.unwrap();
+    assert!(b.reason.contains("probe failed"), "{b:?}");
+    let open_for = b.open_until_unix_ms.unwrap() - b.since_unix_ms;
+    assert!(
+        (1_300..=1_500).contains(&open_for),
+        "the second open period doubles the first (700 ms): {open_for} ms"
+    );
+
+    // `flaky` comes back; once the open period ends, two successful probes close it.
+    let _back = MockUpstream::start(MockOptions {
+        listen: down,
+        flavor: Flavor::Vllm,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    wait_until("probes close it", Duration::from_secs(10), || async {
+        assert_eq!(chat(&node).await.status(), 200);
+        breaker(&node, "flaky")
+            .await
+            .is_some_and(|b| b.state == "closed")
+    })
+    .await
+    .unwrap();
+    let b = breaker(&node, "flaky").await.unwrap();
+    assert_eq!(b.trips, 0, "a close clears the trip count");
+    println!(
+        "closed by probes {:?} after the provider came back",
+        started.elapsed()
+    );
+
+    // Operators: force `steady` open → everything goes to `flaky`.
+    assert!(set(&node, "steady", pb::BreakerAction::ForceOpen).await);
+    let before = attempts(&node, "steady").await;
+    for _ in 0..5 {
+        assert_eq!(chat(&node).await.status(), 200);
+    }
+    assert_eq!(attempts(&node, "steady").await, before);
+    // Both forced open: nothing to route to, said plainly.
+    assert!(set(&node, "flaky", pb::BreakerAction::ForceOpen).await);
+    let resp = chat(&node).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "circuit_open", "{v}");
+    // Force closed keeps a provider routable whatever detection sees; reset hands it back.
+    assert!(set(&node, "flaky", pb::BreakerAction::ForceClosed).await);
+    assert!(set(&node, "steady", pb::BreakerAction::Reset).await);
+    assert_eq!(chat(&node).await.status(), 200);
+    let b = breaker(&node, "flaky").await.unwrap();
+    assert!(b.forced && b.state == "closed", "{b:?}");
+    assert!(
+        !set(&node, "flaky", pb::BreakerAction::ForceClosed).await,
+        "a repeat changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
+    let mock = MockUpstream::start(MockOptions {
+        flavor: Flavor::Vllm,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let toml = format!(
+        "[breaker]\nconsecutive_failures = 2\n\n{}{}",
+        provider_toml(
+            "a",
+            &mock.base_url(),
+            &["bad=mock@fail:400", "down=mock@fail:500"],
+            ""
+        ),
+        provider_toml("b", &mock.base_url(), &["bad=mock@fail:400"], ""),
+    );
+    let node = TestNode::start(&toml).await.unwrap();
+    for _ in 0..6 {
+        let r = node
+            .client()
+            .post(node.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(chat_body("bad", false, ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    // `down` has one provider (`a`): ejecting it would eject all of the model's providers.
+    for _ in 0..6 {
+        let r = node
+            .client()
+            .post(node.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(chat_body("down", false, ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(breaker(&node, "a").await.is_none(), "400s are the client's");
+    assert!(breaker(&node, "b").await.is_none());
+    let metrics = node
+        .client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("meridian_breaker_panic_refusals_total "))
+        .unwrap();
+    assert_ne!(refused, "0", "the lone provider's trips were refused");
+}
