@@ -354,3 +354,113 @@ async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seco
     }
     println!("revoked through node 2: refused by all three nodes within {slowest:?}");
 }
+
+#[tokio::test]
+async fn a_breaker_tripped_on_one_node_stops_traffic_from_every_node_within_a_second() {
+    use meridian_proto::pb::admin as pb;
+    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::provider_toml;
+    use std::sync::atomic::Ordering::SeqCst;
+    let mock = |_| async {
+        MockUpstream::start(MockOptions {
+            flavor: Flavor::Vllm,
+            ..MockOptions::default()
+        })
+        .await
+        .unwrap()
+    };
+    let (flaky, steady) = (mock(1).await, mock(2).await);
+    let mut h = Harness::new(18);
+    // Every node has both providers. `m` is healthy at both; `bad` fails at `flaky` (and falls
+    // back to `steady`), so only the node that serves `bad` sees `flaky` fail.
+    h.providers = format!(
+        "[breaker]\nconsecutive_failures = 5\nopen_base = \"60s\"\n\n{}{}",
+        provider_toml(
+            "flaky",
+            &flaky.base_url(),
+            &["m=mock@tokens:2", "bad=mock@fail:500"],
+            ""
+        ),
+        provider_toml(
+            "steady",
+            &steady.base_url(),
+            &["m=mock@tokens:2", "bad=mock@tokens:2"],
+            ""
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    h.put_tenant(1, "acme").await.unwrap();
+    let mut admin = h.admin(1).await.unwrap();
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "acme".into(),
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let client = reqwest::Client::new();
+    let chat = |id: u64, model: &str| {
+        let req = client
+            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))
+            .send();
+        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("node {id} to serve"), T, || async {
+            (chat(id, "m").await == 200).then_some(())
+        })
+        .await;
+    }
+    // Node 1 sees `flaky` fail five times in a row (its clients are served by `steady`).
+    let mut tripped = None;
+    for _ in 0..5 {
+        assert_eq!(chat(1, "bad").await, 200);
+        tripped = Some(Instant::now());
+    }
+    let tripped = tripped.unwrap();
+    let h = &h;
+    let open_on = |id: u64| async move {
+        let mut a = h.admin(id).await?;
+        let l = a.list_breakers(pb::ListBreakersRequest {}).await.ok()?;
+        l.into_inner()
+            .breakers
+            .iter()
+            .any(|b| b.provider == "flaky" && b.state == "open")
+            .then_some(())
+    };
+    let mut slowest = Duration::ZERO;
+    for id in [2, 3] {
+        h.wait_for(
+            &format!("node {id} to see the breaker open"),
+            Duration::from_secs(1),
+            || open_on(id),
+        )
+        .await;
+        slowest = slowest.max(tripped.elapsed());
+    }
+    println!(
+        "breaker tripped by node 1's failures: open on nodes 2 and 3 within {slowest:?} of the last failure"
+    );
+    assert!(slowest <= Duration::from_secs(1));
+    // From then on no node sends `flaky` anything, while everything is still served.
+    let before = flaky.stats.requests.load(SeqCst);
+    for _ in 0..10 {
+        for id in [1, 2, 3] {
+            assert_eq!(chat(id, "m").await, 200);
+        }
+    }
+    assert_eq!(
+        flaky.stats.requests.load(SeqCst),
+        before,
+        "no node routes to an open provider"
+    );
+    assert!(steady.stats.requests.load(SeqCst) >= 30);
+}
