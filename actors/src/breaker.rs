@@ -284,12 +284,12 @@ impl Breaker {
         }
     }
 
-    /// Whether a request may be routed here now (a half-open probe slot is taken if so).
-    pub fn admits(&self, state: &ClusterState) -> bool {
+    /// What routing may do with this provider now: [`Gate::Probe`] means a half-open probe
+    /// slot was taken for this request (when none is left, it is [`Gate::Open`]).
+    pub fn gate(&self, state: &ClusterState) -> Gate {
         let record = state.breakers.get(&self.key);
         match gate(record, self.node, now_unix_ms(), self.config.probe_grace) {
-            Gate::Closed => true,
-            Gate::Open => false,
+            g @ (Gate::Closed | Gate::Open) => g,
             Gate::Probe => {
                 let version = record.map_or(0, |r| r.version);
                 let mut local = lock(&self.local);
@@ -299,9 +299,9 @@ impl Breaker {
                 };
                 if probe.1 < self.config.probes {
                     probe.1 += 1;
-                    true
+                    Gate::Probe
                 } else {
-                    false
+                    Gate::Open
                 }
             }
         }

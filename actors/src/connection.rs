@@ -88,6 +88,9 @@ pub struct ConnectionArgs {
     /// The providers to try, best first: a failure before anything reaches the client moves
     /// to the next, within the retry budget and the request's deadline.
     pub routes: Vec<Route>,
+    /// Providers of the model left out because their breakers are open: when every provider
+    /// tried fails too, the model is down as a whole (503), even after a single attempt.
+    pub ejected: usize,
     pub retries: Arc<RetryBudget>,
     pub reply: oneshot::Sender<Result<ChatReply, ApiError>>,
 }
@@ -204,6 +207,7 @@ async fn serve(args: ConnectionArgs) {
         request,
         mut ctx,
         routes,
+        ejected,
         retries,
         mut reply,
     } = args;
@@ -244,12 +248,17 @@ async fn serve(args: ConnectionArgs) {
         }
     }
     let Some((e, attempt)) = last else { return };
-    let e = if attempt > 0 {
-        // Every candidate tried failed: say so, and when to come back.
+    let e = if (attempt > 0 || ejected > 0) && e.retryable() {
+        // Every candidate failed or is ejected: say so, and when to come back.
+        let skipped = if ejected > 0 {
+            format!(" ({ejected} more ejected by circuit breakers)")
+        } else {
+            String::new()
+        };
         ApiError::new(
             ErrorKind::Unavailable,
             format!(
-                "all {} providers tried for this model failed; the last said: {}",
+                "all {} providers tried for this model failed{skipped}; the last said: {}",
                 attempt + 1,
                 e.message
             ),

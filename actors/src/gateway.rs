@@ -23,7 +23,7 @@ use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::Price;
-use crate::policy::{self, Load};
+use crate::policy::{self, Candidate, Gate, Load, NoRoute};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
 use crate::supervisor::{
@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub cache: Option<CacheConfig>,
     /// Circuit breakers (they need `cluster`: a trip is a replicated decision).
     pub breaker: BreakerConfig,
+    /// This node's region: its providers there are preferred.
+    pub region: String,
 }
 
 impl GatewayConfig {
@@ -66,6 +68,7 @@ impl GatewayConfig {
             prices: HashMap::new(),
             cache: None,
             breaker: BreakerConfig::default(),
+            region: String::new(),
         }
     }
 }
@@ -116,6 +119,7 @@ struct Inner {
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
+    region: String,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -205,6 +209,7 @@ impl Gateway {
                 cache: config.cache.map(ResponseCache::new),
                 quota,
                 breaker_stats,
+                region: config.region,
                 publisher,
             }),
         })
@@ -407,13 +412,14 @@ impl Gateway {
                     .with_retry_after(Duration::from_secs(1)),
             );
         }
-        let routes = self.route(request.model())?;
+        let (routes, ejected) = self.route(request.model(), ctx.principal.as_ref())?;
         self.inner.retries.count_request();
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {
             request,
             ctx,
             routes,
+            ejected,
             retries: Arc::clone(&self.inner.retries),
             reply,
         };
@@ -434,7 +440,12 @@ impl Gateway {
     }
 
     /// The providers to try for `model`, best first (see [`policy::rank_by_load`]).
-    fn route(&self, model: &str) -> Result<Vec<Route>, ApiError> {
+    /// The providers to try, best first, and how many of the allowed ones are ejected.
+    fn route(
+        &self,
+        model: &str,
+        principal: Option<&Principal>,
+    ) -> Result<(Vec<Route>, usize), ApiError> {
         let not_found = || {
             ApiError::new(
                 ErrorKind::NotFound,
@@ -444,48 +455,74 @@ impl Gateway {
             .with_code("model_not_found")
         };
         let routes = self.inner.routes.get(model).ok_or_else(not_found)?;
-        // Breakers: open ones are skipped; a half-open one this node probes goes first (its
-        // probe must actually be sent). One read of the applied state for all of them.
-        let (open, probing): (Vec<bool>, Vec<bool>) = match &self.inner.cluster {
+        let (regions, models) = match (principal, &self.inner.cluster) {
+            (Some(p), Some(c)) => c
+                .state
+                .borrow()
+                .tenants
+                .get(&*p.tenant)
+                .map(|t| (t.regions.clone(), t.models.clone()))
+                .unwrap_or_default(),
+            _ => Default::default(),
+        };
+        if !models.is_empty() && !models.iter().any(|m| m == model) {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                format!("this tenant may not call the model `{model}`"),
+            )
+            .with_param("model")
+            .with_code("model_not_allowed"));
+        }
+        let gates: Vec<Gate> = match &self.inner.cluster {
             Some(c) if routes.iter().any(|r| r.breaker.is_some()) => {
                 let state = c.state.borrow();
                 routes
                     .iter()
-                    .map(|r| match &r.breaker {
-                        None => (false, false),
-                        Some(b) => {
-                            let half_open =
-                                state.breakers.get(&b.key).is_some_and(|rec| rec.is_open());
-                            let admits = b.admits(&state);
-                            (!admits, admits && half_open)
-                        }
-                    })
-                    .unzip()
+                    .map(|r| r.breaker.as_ref().map_or(Gate::Closed, |b| b.gate(&state)))
+                    .collect()
             }
-            _ => (vec![false; routes.len()], vec![false; routes.len()]),
+            _ => vec![Gate::Closed; routes.len()],
         };
-        let candidates: Vec<usize> = (0..routes.len()).filter(|&i| !open[i]).collect();
-        if candidates.is_empty() {
-            return Err(ApiError::new(
+        let candidates: Vec<Candidate<'_>> = routes
+            .iter()
+            .zip(&gates)
+            .map(|(r, &breaker)| Candidate {
+                region: &r.provider.spec.region,
+                load: Load {
+                    in_flight: r.provider.in_flight(),
+                    queued: r.provider.queued(),
+                    max_concurrency: r.provider.spec.max_concurrency,
+                },
+                breaker,
+            })
+            .collect();
+        match policy::plan(&candidates, &self.inner.region, &regions) {
+            Ok(order) => {
+                let ejected = candidates
+                    .iter()
+                    .filter(|c| c.breaker == Gate::Open)
+                    .filter(|c| regions.is_empty() || regions.iter().any(|r| r == c.region))
+                    .count();
+                Ok((order.into_iter().map(|i| routes[i].clone()).collect(), ejected))
+            }
+            Err(NoRoute::Residency) => Err(ApiError::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "every provider of `{model}` is ejected by its circuit breaker; retry shortly"
+                    "no provider of `{model}` is in a region this tenant allows ({})",
+                    regions.join(", ")
+                ),
+            )
+            .with_code("no_provider_in_allowed_regions")
+            .no_retry()),
+            Err(NoRoute::AllEjected) => Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "every provider of `{model}` this tenant may use is ejected by its circuit breaker; retry shortly"
                 ),
             )
             .with_code("circuit_open")
-            .with_retry_after(Duration::from_secs(1)));
+            .with_retry_after(Duration::from_secs(1))),
         }
-        let loads = candidates.iter().map(|&i| Load {
-            in_flight: routes[i].provider.in_flight(),
-            queued: routes[i].provider.queued(),
-            max_concurrency: routes[i].provider.spec.max_concurrency,
-        });
-        let mut ranked: Vec<usize> = policy::rank_by_load(loads)
-            .into_iter()
-            .map(|k| candidates[k])
-            .collect();
-        ranked.sort_by_key(|&i| !probing[i]);
-        Ok(ranked.into_iter().map(|i| routes[i].clone()).collect())
     }
 
     /// Breaker counters, for metrics.

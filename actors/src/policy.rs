@@ -25,5 +25,58 @@ pub fn rank_by_load(candidates: impl IntoIterator<Item = Load>) -> Vec<usize> {
     order
 }
 
+/// What routing knows of one candidate provider for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub region: &'a str,
+    pub load: Load,
+    pub breaker: Gate,
+}
+
+pub use crate::breaker::Gate;
+
+/// Why no provider may serve a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// None of the model's providers is in a region the tenant allows.
+    Residency,
+    /// Every allowed provider is ejected by its breaker.
+    AllEjected,
+}
+
+/// The order to try candidates in, for a tenant allowed `regions` (empty: any) on a node in
+/// `own_region`: providers outside the allowed regions are never candidates (a fallback cannot
+/// break residency), open breakers are skipped, a half-open one this node probes goes first
+/// (so its probe is actually sent), then the node's own region before others, then the least
+/// loaded; ties keep configuration order.
+pub fn plan(
+    candidates: &[Candidate<'_>],
+    own_region: &str,
+    regions: &[String],
+) -> Result<Vec<usize>, NoRoute> {
+    let allowed: Vec<usize> = (0..candidates.len())
+        .filter(|&i| regions.is_empty() || regions.iter().any(|r| r == candidates[i].region))
+        .collect();
+    if allowed.is_empty() {
+        return Err(NoRoute::Residency);
+    }
+    let open: Vec<usize> = allowed
+        .into_iter()
+        .filter(|&i| candidates[i].breaker != Gate::Open)
+        .collect();
+    if open.is_empty() {
+        return Err(NoRoute::AllEjected);
+    }
+    let by_load = rank_by_load(open.iter().map(|&i| candidates[i].load));
+    let mut ranked: Vec<usize> = by_load.into_iter().map(|k| open[k]).collect();
+    ranked.sort_by_key(|&i| {
+        (
+            candidates[i].breaker != Gate::Probe,
+            candidates[i].region != own_region,
+        )
+    });
+    Ok(ranked)
+}
+
 #[cfg(test)]
 mod tests;

@@ -240,6 +240,8 @@ impl Admin for AdminService {
             overrides: t.overrides.unwrap_or_default().into(),
             per_user: t.per_user.unwrap_or_default().into(),
             features: t.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            regions: t.regions,
+            models: t.models,
             created_at_unix_ms: 0,
             updated_at_unix_ms: 0,
         };

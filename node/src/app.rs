@@ -98,6 +98,7 @@ impl App {
             prices: config.prices.clone(),
             cache: config.cache,
             breaker: config.breaker.clone(),
+            region: config.node.region.clone(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

@@ -29,6 +29,7 @@ struct Cli {
     command: Command,
 }
 
+#[allow(clippy::large_enum_variant)] // parsed once per run: size is irrelevant
 #[derive(Subcommand)]
 enum Command {
     /// Run a node. Without --config, runs the embedded default (demo model on 127.0.0.1:8080).
@@ -214,6 +215,7 @@ enum TierCommand {
     },
 }
 
+#[allow(clippy::large_enum_variant)] // parsed once per run: size is irrelevant
 #[derive(Subcommand)]
 enum TenantCommand {
     /// Create or update a tenant.
@@ -230,6 +232,12 @@ enum TenantCommand {
         /// (repeatable).
         #[arg(long = "feature")]
         features: Vec<String>,
+        /// Data residency: only providers in these regions serve the tenant, e.g. "eu-west,eu-central".
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// The only models the tenant may call.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
     },
     /// Tiers and tenants, as this node has applied them.
     List,
@@ -610,6 +618,8 @@ async fn admin(
                 overrides,
                 per_user,
                 features,
+                regions,
+                models,
             } => {
                 let r = client
                     .put_tenant(admin_pb::PutTenantRequest {
@@ -627,6 +637,8 @@ async fn admin(
                                     Ok((name.to_owned(), parse_limits(spec)?))
                                 })
                                 .collect::<anyhow::Result<_>>()?,
+                            regions,
+                            models,
                             created_at_unix_ms: 0,
                             updated_at_unix_ms: 0,
                         }),

@@ -151,6 +151,13 @@ pub struct Tenant {
     /// Limits of named features (`X-Meridian-Feature`), each on its own.
     #[serde(default)]
     pub features: BTreeMap<String, Limits>,
+    /// Data residency: the only regions whose providers may serve this tenant (empty: any).
+    /// Never broken, not even by a fallback.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// The only models this tenant may call (empty: any).
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub created_at_unix_ms: u64,

@@ -188,6 +188,8 @@ mod admin {
                     .iter()
                     .map(|(k, v)| (k.clone(), (*v).into()))
                     .collect(),
+                regions: t.regions.clone(),
+                models: t.models.clone(),
             }
         }
     }
