@@ -47,6 +47,8 @@ pub struct RequestContext {
     /// Its admission charge ([`crate::Gateway::admit`]), settled with the actual usage when
     /// the request ends.
     pub reservation: Option<Reservation>,
+    /// `X-Meridian-Complexity`, for a virtual model such as `auto`.
+    pub complexity: Option<crate::policy::Complexity>,
 }
 
 /// A request's answer, once the upstream has accepted it.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -23,7 +23,7 @@ use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::Price;
-use crate::policy::{self, Candidate, Gate, Load, NoRoute};
+use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
 use crate::supervisor::{
@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub breaker: BreakerConfig,
     /// This node's region: its providers there are preferred.
     pub region: String,
+    /// Virtual models (`auto`) by name.
+    pub aliases: HashMap<String, Alias>,
 }
 
 impl GatewayConfig {
@@ -69,6 +71,7 @@ impl GatewayConfig {
             cache: None,
             breaker: BreakerConfig::default(),
             region: String::new(),
+            aliases: HashMap::new(),
         }
     }
 }
@@ -120,6 +123,8 @@ struct Inner {
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
     region: String,
+    aliases: HashMap<String, Alias>,
+    draws: AtomicU64,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -182,6 +187,9 @@ impl Gateway {
         }
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
+        let mut aliases: Vec<&String> = config.aliases.keys().collect();
+        aliases.sort();
+        models.extend(aliases.into_iter().cloned());
         let quota = match (&config.cluster, config.quota, config.auth) {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
@@ -210,6 +218,8 @@ impl Gateway {
                 quota,
                 breaker_stats,
                 region: config.region,
+                aliases: config.aliases,
+                draws: AtomicU64::new(0),
                 publisher,
             }),
         })
@@ -412,7 +422,7 @@ impl Gateway {
                     .with_retry_after(Duration::from_secs(1)),
             );
         }
-        let (routes, ejected) = self.route(request.model(), ctx.principal.as_ref())?;
+        let (routes, ejected) = self.route(&request, &ctx)?;
         self.inner.retries.count_request();
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {
@@ -440,12 +450,15 @@ impl Gateway {
     }
 
     /// The providers to try for `model`, best first (see [`policy::rank_by_load`]).
-    /// The providers to try, best first, and how many of the allowed ones are ejected.
+    /// The providers to try, best first, and how many of the allowed ones are ejected. A
+    /// virtual model (`auto`) is resolved first: the request's complexity picks a list of
+    /// models, whose providers are tried in the list's order.
     fn route(
         &self,
-        model: &str,
-        principal: Option<&Principal>,
+        request: &ChatRequest,
+        ctx: &RequestContext,
     ) -> Result<(Vec<Route>, usize), ApiError> {
+        let model = request.model();
         let not_found = || {
             ApiError::new(
                 ErrorKind::NotFound,
@@ -454,8 +467,7 @@ impl Gateway {
             .with_param("model")
             .with_code("model_not_found")
         };
-        let routes = self.inner.routes.get(model).ok_or_else(not_found)?;
-        let (regions, models) = match (principal, &self.inner.cluster) {
+        let (regions, allowed) = match (&ctx.principal, &self.inner.cluster) {
             (Some(p), Some(c)) => c
                 .state
                 .borrow()
@@ -465,7 +477,46 @@ impl Gateway {
                 .unwrap_or_default(),
             _ => Default::default(),
         };
-        if !models.is_empty() && !models.iter().any(|m| m == model) {
+        let may_call = |m: &str| allowed.is_empty() || allowed.iter().any(|a| a == m);
+        let models: Vec<&str> = match self.inner.aliases.get(model) {
+            Some(alias) => {
+                let complexity = policy::classify(
+                    &alias.rules,
+                    Signals {
+                        prompt_tokens: estimate::prompt_tokens(request, Default::default()),
+                        has_code: request
+                            .params
+                            .messages
+                            .iter()
+                            .any(|m| m.text().contains("```")),
+                        has_tools: request
+                            .body
+                            .get("tools")
+                            .and_then(|t| t.as_array())
+                            .is_some_and(|t| !t.is_empty()),
+                        explicit: ctx.complexity,
+                    },
+                );
+                tracing::debug!(
+                    request_id = %ctx.request_id,
+                    alias = model,
+                    complexity = complexity.as_str(),
+                    "virtual model resolved"
+                );
+                alias
+                    .models(complexity)
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|m| may_call(m))
+                    .collect()
+            }
+            None if may_call(model) => vec![model],
+            None => Vec::new(),
+        };
+        if models.is_empty() {
+            if !self.inner.routes.contains_key(model) && !self.inner.aliases.contains_key(model) {
+                return Err(not_found());
+            }
             return Err(ApiError::new(
                 ErrorKind::PermissionDenied,
                 format!("this tenant may not call the model `{model}`"),
@@ -473,6 +524,49 @@ impl Gateway {
             .with_param("model")
             .with_code("model_not_allowed"));
         }
+        let mut chosen = Vec::new();
+        let mut ejected = 0;
+        let mut refusal = None;
+        for m in models {
+            let Some(routes) = self.inner.routes.get(m) else {
+                continue;
+            };
+            match self.plan(routes, &regions) {
+                Ok((order, e)) => {
+                    chosen.extend(order);
+                    ejected += e;
+                }
+                Err(no) => refusal = Some(no),
+            }
+        }
+        if !chosen.is_empty() {
+            return Ok((chosen, ejected));
+        }
+        Err(match refusal {
+            None => not_found(),
+            Some(NoRoute::Residency) => ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no provider of `{model}` is in a region this tenant allows ({})",
+                    regions.join(", ")
+                ),
+            )
+            .with_code("no_provider_in_allowed_regions")
+            .no_retry(),
+            Some(NoRoute::AllEjected) => ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "every provider of `{model}` this tenant may use is ejected by its circuit breaker; retry shortly"
+                ),
+            )
+            .with_code("circuit_open")
+            .with_retry_after(Duration::from_secs(1)),
+        })
+    }
+
+    /// One model's providers in the order to try them (see [`policy::plan`]), and how many of
+    /// those allowed are ejected by their breakers.
+    fn plan(&self, routes: &[Route], regions: &[String]) -> Result<(Vec<Route>, usize), NoRoute> {
         let gates: Vec<Gate> = match &self.inner.cluster {
             Some(c) if routes.iter().any(|r| r.breaker.is_some()) => {
                 let state = c.state.borrow();
@@ -496,33 +590,28 @@ impl Gateway {
                 breaker,
             })
             .collect();
-        match policy::plan(&candidates, &self.inner.region, &regions) {
-            Ok(order) => {
-                let ejected = candidates
-                    .iter()
-                    .filter(|c| c.breaker == Gate::Open)
-                    .filter(|c| regions.is_empty() || regions.iter().any(|r| r == c.region))
-                    .count();
-                Ok((order.into_iter().map(|i| routes[i].clone()).collect(), ejected))
-            }
-            Err(NoRoute::Residency) => Err(ApiError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "no provider of `{model}` is in a region this tenant allows ({})",
-                    regions.join(", ")
-                ),
-            )
-            .with_code("no_provider_in_allowed_regions")
-            .no_retry()),
-            Err(NoRoute::AllEjected) => Err(ApiError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "every provider of `{model}` this tenant may use is ejected by its circuit breaker; retry shortly"
-                ),
-            )
-            .with_code("circuit_open")
-            .with_retry_after(Duration::from_secs(1))),
-        }
+        let order = policy::plan(&candidates, &self.inner.region, regions, self.random())?;
+        let ejected = candidates
+            .iter()
+            .filter(|c| c.breaker == Gate::Open)
+            .filter(|c| regions.is_empty() || regions.iter().any(|r| r == c.region))
+            .count();
+        Ok((
+            order.into_iter().map(|i| routes[i].clone()).collect(),
+            ejected,
+        ))
+    }
+
+    /// A well-mixed number for the routing draw (splitmix64 over a counter: cheap, lock-free,
+    /// and good enough to spread picks; nothing depends on it being unpredictable).
+    fn random(&self) -> u64 {
+        let mut z = self
+            .inner
+            .draws
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     /// Breaker counters, for metrics.

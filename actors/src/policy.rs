@@ -48,11 +48,15 @@ pub enum NoRoute {
 /// `own_region`: providers outside the allowed regions are never candidates (a fallback cannot
 /// break residency), open breakers are skipped, a half-open one this node probes goes first
 /// (so its probe is actually sent), then the node's own region before others, then the least
-/// loaded; ties keep configuration order.
+/// loaded. The first choice among the best group (same probe and locality class) is made by
+/// the power of two choices: two of them drawn with `random`, the less loaded first, so that
+/// equally idle providers share the traffic instead of all of it going to the first listed
+/// (which is what detects a bad one early). The rest keep their order as fallbacks.
 pub fn plan(
     candidates: &[Candidate<'_>],
     own_region: &str,
     regions: &[String],
+    random: u64,
 ) -> Result<Vec<usize>, NoRoute> {
     let allowed: Vec<usize> = (0..candidates.len())
         .filter(|&i| regions.is_empty() || regions.iter().any(|r| r == candidates[i].region))
@@ -69,13 +73,146 @@ pub fn plan(
     }
     let by_load = rank_by_load(open.iter().map(|&i| candidates[i].load));
     let mut ranked: Vec<usize> = by_load.into_iter().map(|k| open[k]).collect();
-    ranked.sort_by_key(|&i| {
+    let class = |i: usize| {
         (
             candidates[i].breaker != Gate::Probe,
             candidates[i].region != own_region,
         )
-    });
+    };
+    ranked.sort_by_key(|&i| class(i));
+    let group = ranked
+        .iter()
+        .take_while(|&&i| class(i) == class(ranked[0]))
+        .count();
+    if group >= 2 {
+        let n = group as u64;
+        let a = (random % n) as usize;
+        let mut b = ((random / n) % (n - 1)) as usize;
+        if b >= a {
+            b += 1;
+        }
+        let ratio = |i: usize| {
+            let l = candidates[ranked[i]].load;
+            (
+                u64::from(l.in_flight + l.queued),
+                u64::from(l.max_concurrency.max(1)),
+            )
+        };
+        let ((la, ca), (lb, cb)) = (ratio(a), ratio(b));
+        let first = if lb * ca < la * cb { b } else { a };
+        let chosen = ranked.remove(first);
+        ranked.insert(0, chosen);
+    }
     Ok(ranked)
+}
+
+/// How hard a request is, for a virtual model such as `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Complexity {
+    Trivial,
+    Moderate,
+    Hard,
+}
+
+impl Complexity {
+    pub const ALL: [Complexity; 3] = [Self::Trivial, Self::Moderate, Self::Hard];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "trivial" => Some(Self::Trivial),
+            "moderate" => Some(Self::Moderate),
+            "hard" => Some(Self::Hard),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trivial => "trivial",
+            Self::Moderate => "moderate",
+            Self::Hard => "hard",
+        }
+    }
+}
+
+/// The rules that decide a request's complexity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComplexityRules {
+    /// A prompt shorter than this (in tokens), with no code or tools, is trivial.
+    pub trivial_below_tokens: u64,
+    /// A prompt at least this long is hard.
+    pub hard_from_tokens: u64,
+    /// At least this complex when the prompt holds code (a fenced block).
+    pub code: Complexity,
+    /// At least this complex when the request offers tools.
+    pub tools: Complexity,
+}
+
+impl Default for ComplexityRules {
+    fn default() -> Self {
+        Self {
+            trivial_below_tokens: 256,
+            hard_from_tokens: 4_000,
+            code: Complexity::Moderate,
+            tools: Complexity::Hard,
+        }
+    }
+}
+
+/// What classification looks at in a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Signals {
+    pub prompt_tokens: u64,
+    pub has_code: bool,
+    pub has_tools: bool,
+    /// `X-Meridian-Complexity`, which overrides the rules.
+    pub explicit: Option<Complexity>,
+}
+
+/// The request's complexity: the explicit one if given, else the rules.
+pub fn classify(rules: &ComplexityRules, s: Signals) -> Complexity {
+    if let Some(c) = s.explicit {
+        return c;
+    }
+    let by_length = if s.prompt_tokens >= rules.hard_from_tokens {
+        Complexity::Hard
+    } else if s.prompt_tokens < rules.trivial_below_tokens {
+        Complexity::Trivial
+    } else {
+        Complexity::Moderate
+    };
+    let mut c = by_length;
+    if s.has_code {
+        c = c.max(rules.code);
+    }
+    if s.has_tools {
+        c = c.max(rules.tools);
+    }
+    c
+}
+
+/// A virtual model: per complexity, the models to use, best first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Alias {
+    pub trivial: Vec<String>,
+    pub moderate: Vec<String>,
+    pub hard: Vec<String>,
+    pub rules: ComplexityRules,
+}
+
+impl Alias {
+    /// The models for `c`; a tier with no models borrows the next harder one (then easier).
+    pub fn models(&self, c: Complexity) -> &[String] {
+        let order: [&Vec<String>; 3] = match c {
+            Complexity::Trivial => [&self.trivial, &self.moderate, &self.hard],
+            Complexity::Moderate => [&self.moderate, &self.hard, &self.trivial],
+            Complexity::Hard => [&self.hard, &self.moderate, &self.trivial],
+        };
+        order
+            .into_iter()
+            .find(|m| !m.is_empty())
+            .map_or(&[], Vec::as_slice)
+    }
 }
 
 #[cfg(test)]

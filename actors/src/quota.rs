@@ -10,10 +10,12 @@
 //! is already on its way (bounded by `grant_wait`).
 //!
 //! What a node charged is reported to the ledger every `flush_every` in one batch (a negative
-//! delta when a reservation settles for less than estimated). Before asking for a new slice the
-//! node reports, so the ledger's `used` covers everything it admitted up to then; its previous
-//! slice goes back to the pool in the same step. A node that dies stops renewing: its slice
-//! lapses at expiry and returns to the pool.
+//! delta when a reservation settles for less than estimated). A new slice replaces the node's
+//! previous one (whose unused part goes back to the pool) and comes with what the ledger had seen
+//! reported by the node: the node may charge that plus the slice, so charges not yet reported
+//! come out of the new slice. A slice is used for half its TTL; the other half is the time late
+//! reports have to land before the ledger takes it back. A node that dies stops renewing: its
+//! slice lapses at expiry and returns to the pool.
 //!
 //! Without quorum (no slice can be renewed), each limit follows its policy: `deny` refuses with
 //! 503 `quota_unavailable`, `local_share` admits up to limit ÷ cluster size on this node alone.
@@ -175,7 +177,7 @@ impl Default for QuotaConfig {
         Self {
             flush_every: Duration::from_millis(50),
             grant_ttl: Duration::from_secs(5),
-            grant_wait: Duration::from_millis(500),
+            grant_wait: Duration::from_secs(1),
             max_slice: 0.05,
             slice_horizon: Duration::from_secs(2),
             no_quorum: HashMap::new(),
@@ -699,11 +701,6 @@ impl Quota {
     /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.
     async fn flush(&self) {
         let _one_at_a_time = self.inner.flushing.lock().await;
-        self.flush_locked().await;
-    }
-
-    /// [`Self::flush`], for a caller that holds the `flushing` lock.
-    async fn flush_locked(&self) {
         // A batch whose outcome is unknown (its proposal failed) goes again, unchanged and with
         // the same sequence number, so the ledger applies it once whether or not the first try
         // committed. Only then is a new batch made.
@@ -785,16 +782,13 @@ impl Quota {
         })
     }
 
-    /// Asks the ledger for a new slice of `key` (after reporting, so the ledger has seen
-    /// everything this node charged).
+    /// Asks the ledger for a new slice of `key`: one Raft round trip.
     ///
-    /// No report may commit between the flush and the grant: the new allowance is what this
-    /// node has reported plus the slice, which is only what the ledger holds for it if the two
-    /// agree on what was reported. A report that the ledger applied after the grant but that
-    /// this task saw complete first would count twice (once as used, once inside the slice).
+    /// The new allowance is what the ledger had seen reported by this node when it granted
+    /// (its answer says) plus the slice: whatever this node charged beyond that, reported
+    /// later or not yet, comes out of the slice. So no report has to land first, and it does
+    /// not matter which of this node's reports and grants complete first here.
     async fn renew(&self, key: String) {
-        let _no_report_in_between = self.inner.flushing.lock().await;
-        self.flush_locked().await;
         let (request, sent_at) = {
             let mut budgets = lock(&self.inner.budgets);
             let Some(b) = budgets.get_mut(&key) else {
@@ -834,9 +828,8 @@ impl Quota {
                 b.renewing = false;
                 if b.window_start == request.window_start_unix_ms {
                     match outcome {
-                        Ok(Applied::Granted { amount }) => {
-                            // The ledger now holds everything reported; the slice comes on top.
-                            b.allowance = b.reported.max(0) as u64 + amount;
+                        Ok(Applied::Granted { amount, used }) => {
+                            b.allowance = used + amount;
                             b.dry_until = (amount < request.amount)
                                 .then(|| Instant::now() + Duration::from_secs(1));
                             b.last_slice = amount;

@@ -99,6 +99,7 @@ impl App {
             cache: config.cache,
             breaker: config.breaker.clone(),
             region: config.node.region.clone(),
+            aliases: config.aliases.clone(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),

@@ -5,7 +5,7 @@
 //! Secrets (provider API keys) are read from the environment variable a provider names, and
 //! never reach `Debug`, logs or errors.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::breaker::BreakerConfig;
 use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
+use meridian_actors::policy::{Alias, Complexity, ComplexityRules};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{
     ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
@@ -60,6 +61,9 @@ pub struct RawConfig {
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
+    /// Virtual models (e.g. `auto`): per complexity, the models to use.
+    #[serde(default)]
+    pub aliases: Vec<RawAlias>,
     /// Model prices, for cost limits and roll-ups.
     #[serde(default)]
     pub prices: Vec<RawPrice>,
@@ -152,6 +156,26 @@ pub struct RawCache {
     pub max_entries: Option<i64>,
     /// How long an answer is kept (default 5m).
     pub ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlias {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub trivial: Vec<String>,
+    #[serde(default)]
+    pub moderate: Vec<String>,
+    #[serde(default)]
+    pub hard: Vec<String>,
+    /// A prompt shorter than this (tokens), without code or tools, is trivial (default 256).
+    pub trivial_below_tokens: Option<i64>,
+    /// A prompt at least this long is hard (default 4000).
+    pub hard_from_tokens: Option<i64>,
+    /// At least this complex when the prompt holds a code block (default "moderate").
+    pub code: Option<String>,
+    /// At least this complex when the request offers tools (default "hard").
+    pub tools: Option<String>,
 }
 
 /// Circuit breakers (see `meridian_actors::breaker`); every field has a default.
@@ -269,6 +293,7 @@ pub struct Config {
     pub limits: RequestLimits,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
+    pub aliases: HashMap<String, Alias>,
     pub raft: RaftTimings,
     /// Set when the node has peers; `None` runs a single-node cluster.
     pub cluster: Option<ClusterPeers>,
@@ -1353,11 +1378,98 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             timeouts,
         });
     }
+    let served: HashSet<&str> = providers
+        .iter()
+        .flat_map(|p| p.models.iter().map(|m| m.name.as_str()))
+        .collect();
+    let mut aliases = HashMap::new();
+    for (i, a) in raw.aliases.iter().enumerate() {
+        let at = |field: &str| format!("aliases[{i}].{field}");
+        let name = a.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            e.push(at("name"), "is required");
+        } else if served.contains(name.as_str()) {
+            e.push(
+                at("name"),
+                format!("{name:?} is already a model a provider serves"),
+            );
+        }
+        for (tier, list) in [
+            ("trivial", &a.trivial),
+            ("moderate", &a.moderate),
+            ("hard", &a.hard),
+        ] {
+            for (j, m) in list.iter().enumerate() {
+                if !served.contains(m.as_str()) {
+                    e.push(
+                        at(&format!("{tier}[{j}]")),
+                        format!("{m:?} is not a model any provider serves"),
+                    );
+                }
+            }
+        }
+        if a.trivial.is_empty() && a.moderate.is_empty() && a.hard.is_empty() {
+            e.push(at("hard"), "an alias needs at least one model in some tier");
+        }
+        let d = ComplexityRules::default();
+        let tokens = |e: &mut Errors, field: &str, v: Option<i64>, default: u64| match v {
+            None => default,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => {
+                e.push(at(field), format!("must not be negative, got {n}"));
+                default
+            }
+        };
+        let tier = |e: &mut Errors, field: &str, v: &Option<String>, default: Complexity| match v {
+            None => default,
+            Some(s) => Complexity::parse(s).unwrap_or_else(|| {
+                e.push(at(field), format!("{s:?} is not trivial, moderate or hard"));
+                default
+            }),
+        };
+        let rules = ComplexityRules {
+            trivial_below_tokens: tokens(
+                &mut e,
+                "trivial_below_tokens",
+                a.trivial_below_tokens,
+                d.trivial_below_tokens,
+            ),
+            hard_from_tokens: tokens(
+                &mut e,
+                "hard_from_tokens",
+                a.hard_from_tokens,
+                d.hard_from_tokens,
+            ),
+            code: tier(&mut e, "code", &a.code, d.code),
+            tools: tier(&mut e, "tools", &a.tools, d.tools),
+        };
+        if rules.trivial_below_tokens > rules.hard_from_tokens {
+            e.push(
+                at("trivial_below_tokens"),
+                "must not be above hard_from_tokens",
+            );
+        }
+        if aliases
+            .insert(
+                name.clone(),
+                Alias {
+                    trivial: a.trivial.clone(),
+                    moderate: a.moderate.clone(),
+                    hard: a.hard.clone(),
+                    rules,
+                },
+            )
+            .is_some()
+        {
+            e.push(at("name"), format!("{name:?} is defined twice"));
+        }
+    }
 
     if !e.0.is_empty() {
         return Err(ConfigError { errors: e.0 });
     }
     Ok(Config {
+        aliases,
         node,
         http,
         grpc_listen,

@@ -41,6 +41,12 @@ impl InferenceService {
         )
         .map_err(|e| grpc_status(&e))?
         .map(str::to_owned);
+        let complexity = crate::http::complexity_of(
+            req.metadata()
+                .get("x-meridian-complexity")
+                .map(|v| v.as_bytes()),
+        )
+        .map_err(|e| grpc_status(&e))?;
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -56,6 +62,7 @@ impl InferenceService {
             principal,
             deadline,
             reservation: None,
+            complexity,
         };
         Ok((chat, ctx, feature))
     }

@@ -24,6 +24,7 @@ use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::auth::Principal;
 use meridian_actors::cache::CacheKey;
+use meridian_actors::policy::Complexity;
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -95,6 +96,11 @@ async fn chat(
             cached = Some((key, false));
         }
         let deadline = client_deadline(&headers)?;
+        let complexity = complexity_of(
+            headers
+                .get("x-meridian-complexity")
+                .map(HeaderValue::as_bytes),
+        )?;
         let feature = feature_of(headers.get("x-meridian-feature").map(HeaderValue::as_bytes))?;
         let reservation = st
             .gateway
@@ -108,6 +114,7 @@ async fn chat(
             principal,
             deadline,
             reservation,
+            complexity,
         };
         st.gateway.chat(request, ctx).await.map(Answer::Fresh)
     }
@@ -211,6 +218,21 @@ pub fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
             "X-Meridian-Feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
         )),
     }
+}
+
+/// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
+pub fn complexity_of(value: Option<&[u8]>) -> Result<Option<Complexity>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(Complexity::parse)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "X-Meridian-Complexity",
+                "X-Meridian-Complexity must be trivial, moderate or hard",
+            )
+        })
 }
 
 /// The client's deadline from `X-Meridian-Deadline-Ms` (milliseconds from now).

@@ -208,6 +208,9 @@ pub struct Ledger {
     pub limit: u64,
     /// Usage reported in this window.
     pub used: u64,
+    /// Of `used`, what each node reported.
+    #[serde(default)]
+    pub used_by: BTreeMap<NodeId, u64>,
     pub grants: BTreeMap<NodeId, Grant>,
 }
 
@@ -350,8 +353,14 @@ pub enum Applied {
     Unchanged,
     /// It named something that does not exist.
     NotFound,
-    /// A quota grant of this size (possibly 0) was recorded.
-    Granted { amount: u64 },
+    /// A quota grant of this size (possibly 0) was recorded, when the ledger had seen `used`
+    /// reported by the requesting node in the window: the node may charge `used + amount` in
+    /// all, whatever of its reports are still on their way.
+    Granted {
+        amount: u64,
+        #[serde(default)]
+        used: u64,
+    },
     /// Valid, but a guard refused it (a breaker's panic threshold).
     Refused,
 }
@@ -503,7 +512,7 @@ impl ClusterState {
                 let ledger = self.ledger.entry(r.key.clone()).or_default();
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
-                    return Applied::Granted { amount: 0 };
+                    return Applied::Granted { amount: 0, used: 0 };
                 }
                 ledger.limit = r.limit;
                 // The node's previous slice goes back to the pool before it gets a new one.
@@ -517,7 +526,10 @@ impl ClusterState {
                         expires_at_unix_ms: at.saturating_add(r.ttl_ms),
                     },
                 );
-                Applied::Granted { amount }
+                Applied::Granted {
+                    amount,
+                    used: ledger.used_by.get(&r.node).copied().unwrap_or(0),
+                }
             }
             Command::ReportUsage {
                 key,
@@ -534,6 +546,8 @@ impl ClusterState {
                     return Applied::Unchanged;
                 }
                 ledger.used = ledger.used.saturating_add_signed(*delta);
+                let mine = ledger.used_by.entry(*node).or_default();
+                *mine = mine.saturating_add_signed(*delta);
                 if let Some(g) = ledger.grants.get_mut(node) {
                     g.used = g.used.saturating_add_signed(*delta);
                 }
@@ -730,11 +744,17 @@ mod tests {
         let t0 = 120_000; // a window boundary
         assert_eq!(
             s.apply(&proposal(t0 + 1, grant(1, 600, 10_000))),
-            Applied::Granted { amount: 600 }
+            Applied::Granted {
+                amount: 600,
+                used: 0
+            }
         );
         assert_eq!(
             s.apply(&proposal(t0 + 2, grant(2, 600, 10_000))),
-            Applied::Granted { amount: 400 },
+            Applied::Granted {
+                amount: 400,
+                used: 0
+            },
             "only what node 1 was not promised"
         );
         // Node 1 used 100 of its 600 and asks again: its 500 unused go back first.
@@ -744,14 +764,21 @@ mod tests {
         );
         assert_eq!(
             s.apply(&proposal(t0 + 4, grant(1, 1_000, 10_000))),
-            Applied::Granted { amount: 500 }
+            Applied::Granted {
+                amount: 500,
+                used: 100
+            },
+            "node 1 may charge what it reported plus the new slice"
         );
         let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
         assert_eq!((ledger.used, ledger.available()), (100, 0));
         // Node 2 dies: its grant lapses after its ttl and the budget is free again.
         assert_eq!(
             s.apply(&proposal(t0 + 10_003, grant(1, 1_000, 10_000))),
-            Applied::Granted { amount: 900 }
+            Applied::Granted {
+                amount: 900,
+                used: 100
+            }
         );
         // A settled reservation gives back what was not used.
         assert_eq!(
@@ -763,7 +790,10 @@ mod tests {
         // and a late grant request for the old window gets nothing.
         assert_eq!(
             s.apply(&proposal(t0 + 60_000, grant_in(2, t0 + 60_000, 10, 10_000))),
-            Applied::Granted { amount: 10 }
+            Applied::Granted {
+                amount: 10,
+                used: 0
+            }
         );
         assert_eq!(
             s.apply(&proposal(t0 + 60_001, usage(1, t0, 50))),
@@ -771,7 +801,7 @@ mod tests {
         );
         assert_eq!(
             s.apply(&proposal(t0 + 60_002, grant_in(1, t0, 10, 10_000))),
-            Applied::Granted { amount: 0 }
+            Applied::Granted { amount: 0, used: 0 }
         );
         let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
         assert_eq!(ledger.window_start_unix_ms, t0 + 60_000);

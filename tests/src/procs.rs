@@ -337,32 +337,50 @@ impl Harness {
         }
     }
 
-    /// Creates tier `free` (idempotent) through node `id`.
+    /// Creates tier `free` (idempotent) through node `id`, retrying for up to 10 s while the
+    /// node is unreachable or the cluster has no leader (as an operator would: a loaded
+    /// machine can hold an election right after boot).
     pub async fn put_tier(&self, id: u64) -> Result<bool, tonic::Status> {
-        let mut admin = self
-            .admin(id)
-            .await
-            .ok_or_else(|| tonic::Status::unavailable("unreachable"))?;
-        Ok(admin
-            .put_tier(pb::PutTierRequest {
-                tier: Some(pb::Tier {
-                    name: "free".into(),
-                    limits: Some(pb::Limits {
-                        tokens_per_day: Some(10_000),
-                        ..pb::Limits::default()
-                    }),
-                    ..pb::Tier::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .changed)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let result = match self.admin(id).await {
+                None => Err(tonic::Status::unavailable("unreachable")),
+                Some(mut admin) => admin
+                    .put_tier(pb::PutTierRequest {
+                        tier: Some(pb::Tier {
+                            name: "free".into(),
+                            limits: Some(pb::Limits {
+                                tokens_per_day: Some(10_000),
+                                ..pb::Limits::default()
+                            }),
+                            ..pb::Tier::default()
+                        }),
+                    })
+                    .await
+                    .map(|r| r.into_inner().changed),
+            };
+            match result {
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Writes tenant `name` (tier `free`) through node `id`: a replicated write, acknowledged
-    /// once committed.
+    /// once committed. Retried like [`Self::put_tier`] (the write is idempotent).
     pub async fn put_tenant(&self, id: u64, name: &str) -> Result<(), String> {
-        put_tenant_at(&self.node(id).admin(), name).await
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match put_tenant_at(&self.node(id).admin(), name).await {
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("put_tenant via node {id}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The tenants node `id` has applied.

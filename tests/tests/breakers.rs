@@ -83,7 +83,13 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
             &["m=mock@tokens:2"],
             ""
         ),
-        provider_toml("steady", &healthy.base_url(), &["m=mock@tokens:2"], ""),
+        // In another region, so `flaky` (in the node's own) is always tried first.
+        provider_toml(
+            "steady",
+            &healthy.base_url(),
+            &["m=mock@tokens:2"],
+            "region = \"elsewhere\""
+        ),
     );
     let node = TestNode::start(&toml).await.unwrap();
 

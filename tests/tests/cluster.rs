@@ -381,11 +381,12 @@ async fn a_breaker_tripped_on_one_node_stops_traffic_from_every_node_within_a_se
             &["m=mock@tokens:2", "bad=mock@fail:500"],
             ""
         ),
+        // In another region, so every node tries `flaky` (in its own) first.
         provider_toml(
             "steady",
             &steady.base_url(),
             &["m=mock@tokens:2", "bad=mock@tokens:2"],
-            ""
+            "region = \"elsewhere\""
         ),
     );
     h.boot(&[1, 2, 3]).await;

@@ -6,7 +6,10 @@ use std::path::Path;
 #[test]
 fn deploy_examples_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let env = vec![("OPENAI_API_KEY".to_owned(), "sk-example".to_owned())];
+    let env = vec![
+        ("OPENAI_API_KEY".to_owned(), "sk-example".to_owned()),
+        ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-example".to_owned()),
+    ];
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("deploy/ exists") {
         let path = entry.expect("entry").path();

@@ -1101,7 +1101,13 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
         format!(
             "{}{}",
             provider_toml("a", &m.base_url(), &[&format!("m={first}")], ""),
-            provider_toml("b", &m.base_url(), &[&format!("m={second}")], "")
+            // In another region: `a`, in the node's own, is always tried first.
+            provider_toml(
+                "b",
+                &m.base_url(),
+                &[&format!("m={second}")],
+                "region = \"elsewhere\""
+            )
         )
     };
     let n = TestNode::start(&two("mock@fail:503", "mock"))

@@ -189,3 +189,87 @@ async fn one_replica_of_four_failing_every_request_costs_clients_almost_nothing(
         "the breaker keeps traffic off the bad replica"
     );
 }
+
+#[tokio::test]
+async fn auto_picks_a_model_by_complexity() {
+    let small = mock().await;
+    let big = mock().await;
+    let toml = format!(
+        "[[aliases]]\nname = \"auto\"\ntrivial = [\"small\"]\nhard = [\"big\", \"small\"]\n\n{}{}",
+        provider_toml("s", &small.base_url(), &["small=mock@tokens:1"], ""),
+        provider_toml("b", &big.base_url(), &["big=mock@tokens:1"], ""),
+    );
+    let node = TestNode::start(&toml).await.unwrap();
+    let send = |body: String, complexity: Option<&str>| {
+        let mut req = node
+            .client()
+            .post(node.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(c) = complexity {
+            req = req.header("x-meridian-complexity", c);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let counts = || {
+        (
+            small.stats.requests.load(SeqCst),
+            big.stats.requests.load(SeqCst),
+        )
+    };
+    // A short question is trivial.
+    assert_eq!(send(chat_body("auto", false, ""), None).await, 200);
+    assert_eq!(counts(), (1, 0));
+    // Tools make it hard; so does a long prompt; moderate borrows the hard tier.
+    let tools =
+        r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#;
+    assert_eq!(send(chat_body("auto", false, tools), None).await, 200);
+    assert_eq!(counts(), (1, 1));
+    let long = format!(
+        r#"{{"model":"auto","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "word ".repeat(5_000)
+    );
+    assert_eq!(send(long, None).await, 200);
+    assert_eq!(counts(), (1, 2));
+    let code =
+        r#"{"model":"auto","messages":[{"role":"user","content":"fix this: ```let x = 1```"}]}"#;
+    assert_eq!(send(code.into(), None).await, 200);
+    assert_eq!(
+        counts(),
+        (1, 3),
+        "code is moderate, which borrows the hard tier"
+    );
+    // The header decides when given.
+    assert_eq!(
+        send(chat_body("auto", false, tools), Some("trivial")).await,
+        200
+    );
+    assert_eq!(counts(), (2, 3));
+    assert_eq!(send(chat_body("auto", false, ""), Some("hard")).await, 200);
+    assert_eq!(counts(), (2, 4));
+    assert_eq!(
+        send(chat_body("auto", false, ""), Some("extreme")).await,
+        400
+    );
+    // The hard tier's second model is its fallback.
+    drop(big);
+    assert_eq!(send(chat_body("auto", false, ""), Some("hard")).await, 200);
+    assert_eq!(small.stats.requests.load(SeqCst), 3);
+    // `auto` is listed with the real models.
+    let models: Value = node
+        .client()
+        .get(node.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["small", "big", "auto"]);
+}

@@ -122,9 +122,101 @@ fn the_routing_plan_table() {
     ];
     for (candidates, own, regions, expected) in cases {
         assert_eq!(
-            plan(&candidates, own, &regions),
+            plan(&candidates, own, &regions, 0),
             expected,
             "{candidates:?} own={own} allowed={regions:?}"
         );
+    }
+}
+
+#[test]
+fn the_complexity_table() {
+    use Complexity::{Hard, Moderate, Trivial};
+    let rules = ComplexityRules::default();
+    let s = |prompt_tokens, has_code, has_tools, explicit| Signals {
+        prompt_tokens,
+        has_code,
+        has_tools,
+        explicit,
+    };
+    let cases = [
+        (s(10, false, false, None), Trivial),
+        (s(255, false, false, None), Trivial),
+        (s(256, false, false, None), Moderate),
+        (s(3_999, false, false, None), Moderate),
+        (s(4_000, false, false, None), Hard),
+        // Code makes a short prompt at least moderate; tools make it hard.
+        (s(10, true, false, None), Moderate),
+        (s(10, false, true, None), Hard),
+        (s(5_000, true, false, None), Hard),
+        // The header wins, both ways.
+        (s(10, false, true, Some(Trivial)), Trivial),
+        (s(10, false, false, Some(Hard)), Hard),
+    ];
+    for (signals, expected) in cases {
+        assert_eq!(classify(&rules, signals), expected, "{signals:?}");
+    }
+    let strict = ComplexityRules {
+        code: Hard,
+        tools: Moderate,
+        ..rules
+    };
+    assert_eq!(classify(&strict, s(10, true, false, None)), Hard);
+    assert_eq!(classify(&strict, s(10, false, true, None)), Moderate);
+}
+
+#[test]
+fn an_empty_tier_borrows_the_next_harder_one() {
+    let alias = Alias {
+        trivial: vec![],
+        moderate: vec!["mid".into()],
+        hard: vec!["big".into(), "bigger".into()],
+        rules: ComplexityRules::default(),
+    };
+    assert_eq!(alias.models(Complexity::Trivial), ["mid"]);
+    assert_eq!(alias.models(Complexity::Moderate), ["mid"]);
+    assert_eq!(alias.models(Complexity::Hard), ["big", "bigger"]);
+    let only_small = Alias {
+        trivial: vec!["small".into()],
+        ..Alias::default()
+    };
+    assert_eq!(only_small.models(Complexity::Hard), ["small"]);
+}
+
+#[test]
+fn equally_idle_providers_share_the_first_choice_and_a_busy_one_never_wins_a_draw() {
+    use std::collections::BTreeMap;
+    let cands = [
+        cand("eu", 0, Gate::Closed),
+        cand("eu", 0, Gate::Closed),
+        cand("eu", 0, Gate::Closed),
+        cand("eu", 9, Gate::Closed),
+    ];
+    let mut first = BTreeMap::new();
+    for random in 0..1_000u64 {
+        let order = plan(
+            &cands,
+            "eu",
+            &[],
+            random.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
+        .unwrap();
+        assert_eq!(order.len(), 4, "every candidate stays a fallback");
+        *first.entry(order[0]).or_insert(0) += 1;
+    }
+    assert_eq!(
+        first.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2],
+        "{first:?}"
+    );
+    assert!(first.values().all(|&n| n > 200), "roughly even: {first:?}");
+    // Only the best class draws: an idle provider in another region never goes first.
+    let cands = [
+        cand("us", 0, Gate::Closed),
+        cand("eu", 5, Gate::Closed),
+        cand("eu", 6, Gate::Closed),
+    ];
+    for random in 0..100u64 {
+        assert_ne!(plan(&cands, "eu", &[], random).unwrap()[0], 0);
     }
 }

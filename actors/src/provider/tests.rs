@@ -50,6 +50,7 @@ fn ctx() -> RequestContext {
         reservation: None,
         request_id: RequestId::generate(),
         deadline: None,
+        complexity: None,
     }
 }
 

@@ -228,3 +228,57 @@ mesh_cookie_env = "MESH_COOKIE"
         Some("a-long-enough-shared-secret")
     );
 }
+
+#[test]
+fn aliases_and_anthropic_providers_are_checked_field_by_field() {
+    let toml = r#"
+[[providers]]
+id = "p"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+models = ["small", "big"]
+default_max_tokens = 10
+
+[[providers]]
+id = "claude"
+kind = "anthropic"
+models = ["claude"]
+default_max_tokens = 0
+
+[[aliases]]
+name = "auto"
+trivial = ["small"]
+hard = ["huge"]
+code = "extreme"
+trivial_below_tokens = 5000
+
+[[aliases]]
+name = "big"
+moderate = ["big"]
+"#;
+    let err = load(Some(toml), &env(&[])).expect_err("invalid");
+    assert_eq!(
+        paths(&err),
+        [
+            "providers[0].default_max_tokens",
+            "providers[1].default_max_tokens",
+            "aliases[0].hard[0]",
+            "aliases[0].code",
+            "aliases[0].trivial_below_tokens",
+            "aliases[1].name",
+        ]
+    );
+    let ok = r#"
+[[providers]]
+id = "claude"
+kind = "anthropic"
+models = ["claude"]
+
+[[aliases]]
+name = "auto"
+hard = ["claude"]
+"#;
+    let c = load(Some(ok), &env(&[])).expect("valid");
+    assert_eq!(c.aliases["auto"].hard, ["claude"]);
+    assert_eq!(c.aliases["auto"].rules.tools, Complexity::Hard);
+}
