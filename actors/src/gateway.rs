@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, NodeId, ProviderRecord};
-use meridian_proto::openai::{ChatRequest, RequestLimits};
+use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::{oneshot, watch};
@@ -125,6 +125,8 @@ struct Inner {
     region: String,
     aliases: HashMap<String, Alias>,
     draws: AtomicU64,
+    /// Some provider takes part in prefix affinity (else no request is hashed).
+    affinity: bool,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -190,6 +192,7 @@ impl Gateway {
         let mut aliases: Vec<&String> = config.aliases.keys().collect();
         aliases.sort();
         models.extend(aliases.into_iter().cloned());
+        let affinity = providers.iter().any(|p| p.spec.prefix_affinity);
         let quota = match (&config.cluster, config.quota, config.auth) {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
@@ -220,6 +223,7 @@ impl Gateway {
                 region: config.region,
                 aliases: config.aliases,
                 draws: AtomicU64::new(0),
+                affinity,
                 publisher,
             }),
         })
@@ -524,6 +528,7 @@ impl Gateway {
             .with_param("model")
             .with_code("model_not_allowed"));
         }
+        let prefix = self.inner.affinity.then(|| prefix_key(request));
         let mut chosen = Vec::new();
         let mut ejected = 0;
         let mut refusal = None;
@@ -531,7 +536,7 @@ impl Gateway {
             let Some(routes) = self.inner.routes.get(m) else {
                 continue;
             };
-            match self.plan(routes, &regions) {
+            match self.plan(routes, &regions, prefix) {
                 Ok((order, e)) => {
                     chosen.extend(order);
                     ejected += e;
@@ -566,7 +571,12 @@ impl Gateway {
 
     /// One model's providers in the order to try them (see [`policy::plan`]), and how many of
     /// those allowed are ejected by their breakers.
-    fn plan(&self, routes: &[Route], regions: &[String]) -> Result<(Vec<Route>, usize), NoRoute> {
+    fn plan(
+        &self,
+        routes: &[Route],
+        regions: &[String],
+        prefix: Option<u64>,
+    ) -> Result<(Vec<Route>, usize), NoRoute> {
         let gates: Vec<Gate> = match &self.inner.cluster {
             Some(c) if routes.iter().any(|r| r.breaker.is_some()) => {
                 let state = c.state.borrow();
@@ -588,9 +598,20 @@ impl Gateway {
                     max_concurrency: r.provider.spec.max_concurrency,
                 },
                 breaker,
+                affinity: r
+                    .provider
+                    .spec
+                    .prefix_affinity
+                    .then_some(r.provider.spec.id.as_str()),
             })
             .collect();
-        let order = policy::plan(&candidates, &self.inner.region, regions, self.random())?;
+        let order = policy::plan(
+            &candidates,
+            &self.inner.region,
+            regions,
+            self.random(),
+            prefix,
+        )?;
         let ejected = candidates
             .iter()
             .filter(|c| c.breaker == Gate::Open)
@@ -643,6 +664,26 @@ impl Gateway {
             .find(|p| p.spec.id == id)
             .cloned()
     }
+}
+
+/// The prefix-affinity key of a request: a hash of the start of its conversation — the leading
+/// system messages and the first user message, up to 2 KiB of text — which stays the same as
+/// the conversation grows turn by turn.
+fn prefix_key(request: &ChatRequest) -> u64 {
+    const PREFIX: usize = 2048;
+    let mut text = Vec::with_capacity(PREFIX);
+    for m in &request.params.messages {
+        text.extend_from_slice(m.role.as_str().as_bytes());
+        text.push(b':');
+        text.extend_from_slice(m.text().as_bytes());
+        text.push(b'\n');
+        let opening = matches!(m.role, Role::System | Role::Developer);
+        if !opening || text.len() >= PREFIX {
+            break;
+        }
+    }
+    text.truncate(PREFIX);
+    policy::fnv1a(&text)
 }
 
 /// One breaker per provider, each knowing, per model it serves, every provider id serving

@@ -31,6 +31,9 @@ pub struct Candidate<'a> {
     pub region: &'a str,
     pub load: Load,
     pub breaker: Gate,
+    /// The provider's id (its place in consistent hashing) when it takes part in prefix
+    /// affinity; `None` otherwise.
+    pub affinity: Option<&'a str>,
 }
 
 pub use crate::breaker::Gate;
@@ -51,12 +54,16 @@ pub enum NoRoute {
 /// loaded. The first choice among the best group (same probe and locality class) is made by
 /// the power of two choices: two of them drawn with `random`, the less loaded first, so that
 /// equally idle providers share the traffic instead of all of it going to the first listed
-/// (which is what detects a bad one early). The rest keep their order as fallbacks.
+/// (which is what detects a bad one early). When every provider of that group takes part in
+/// prefix affinity and the request has a `prefix` (a hash of its prompt's start), the first
+/// choice is instead [`affine`]'s: the same conversation keeps going to the replica that has
+/// its prefix cached. The rest keep their order as fallbacks.
 pub fn plan(
     candidates: &[Candidate<'_>],
     own_region: &str,
     regions: &[String],
     random: u64,
+    prefix: Option<u64>,
 ) -> Result<Vec<usize>, NoRoute> {
     let allowed: Vec<usize> = (0..candidates.len())
         .filter(|&i| regions.is_empty() || regions.iter().any(|r| r == candidates[i].region))
@@ -84,7 +91,18 @@ pub fn plan(
         .iter()
         .take_while(|&&i| class(i) == class(ranked[0]))
         .count();
-    if group >= 2 {
+    let members: Vec<(&str, Load)> = ranked[..group]
+        .iter()
+        .filter_map(|&i| Some((candidates[i].affinity?, candidates[i].load)))
+        .collect();
+    if let Some(key) = prefix
+        && group >= 2
+        && members.len() == group
+    {
+        let first = affine(key, &members);
+        let chosen = ranked.remove(first);
+        ranked.insert(0, chosen);
+    } else if group >= 2 {
         let n = group as u64;
         let a = (random % n) as usize;
         let mut b = ((random / n) % (n - 1)) as usize;
@@ -213,6 +231,47 @@ impl Alias {
             .find(|m| !m.is_empty())
             .map_or(&[], Vec::as_slice)
     }
+}
+
+/// Consistent hashing with bounded load (rendezvous form): every member scores `key` by a hash
+/// of (key, member id) and the request goes to the best-scoring member whose load is within
+/// 1.25 × the average (plus one request), so a conversation sticks to one replica unless that
+/// one is busy beyond its share; when a member joins or leaves, only the keys it wins or held
+/// move. Returns an index into `members`.
+pub fn affine(key: u64, members: &[(&str, Load)]) -> usize {
+    let ratio = |l: &Load| f64::from(l.in_flight + l.queued) / f64::from(l.max_concurrency.max(1));
+    let n = members.len().max(1) as f64;
+    let mean = members.iter().map(|(_, l)| ratio(l)).sum::<f64>() / n;
+    let one = members
+        .iter()
+        .map(|(_, l)| 1.0 / f64::from(l.max_concurrency.max(1)))
+        .fold(0.0, f64::max);
+    let bound = 1.25 * mean + one;
+    let mut order: Vec<(u64, usize)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (mix(key ^ fnv1a(id.as_bytes())), i))
+        .collect();
+    order.sort_unstable_by(|a, b| b.cmp(a));
+    order
+        .iter()
+        .map(|&(_, i)| i)
+        .find(|&i| ratio(&members[i].1) <= bound)
+        .unwrap_or(order[0].1)
+}
+
+/// FNV-1a: a stable hash (the same on every node and every build), for affinity keys.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser: spreads a hash's bits.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub struct ProviderSpec {
     pub timeouts: Timeouts,
     /// Counts its models' prompts for admission.
     pub tokenizer: crate::estimate::Tokenizer,
+    /// Keep a conversation on the same provider (vLLM replicas with prefix caching): see
+    /// [`crate::policy::plan`].
+    pub prefix_affinity: bool,
 }
 
 /// A provider's shared state: its spec, live counters, and the current actor incarnation.

@@ -267,6 +267,9 @@ pub struct RawProvider {
     pub default_max_tokens: Option<i64>,
     /// The tokenizer that counts prompts for admission: `o200k_base` (default) or `cl100k_base`.
     pub tokenizer: Option<String>,
+    /// Keep each conversation on one of the providers that set this (vLLM replicas with prefix
+    /// caching): consistent hashing of the prompt's start, with bounded load.
+    pub prefix_affinity: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,6 +353,7 @@ pub struct ProviderConfig {
     pub queue_timeout: Duration,
     pub timeouts: Timeouts,
     pub tokenizer: Tokenizer,
+    pub prefix_affinity: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +421,7 @@ impl ProviderConfig {
             queue_timeout: self.queue_timeout,
             timeouts: self.timeouts,
             tokenizer: self.tokenizer,
+            prefix_affinity: self.prefix_affinity,
         })
     }
 }
@@ -1349,6 +1354,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         };
         providers.push(ProviderConfig {
             tokenizer,
+            prefix_affinity: p.prefix_affinity.unwrap_or(false),
             id,
             region: p.region.clone().unwrap_or_else(|| node.region.clone()),
             kind,

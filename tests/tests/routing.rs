@@ -273,3 +273,59 @@ async fn auto_picks_a_model_by_complexity() {
         .collect();
     assert_eq!(ids, ["small", "big", "auto"]);
 }
+
+#[tokio::test]
+async fn a_conversation_stays_on_the_replica_that_has_its_prefix() {
+    let replicas = [mock().await, mock().await, mock().await];
+    let mut toml = String::new();
+    for (i, r) in replicas.iter().enumerate() {
+        toml.push_str(&provider_toml(
+            &format!("vllm-{i}"),
+            &r.base_url(),
+            &["llama=mock@tokens:2"],
+            "prefix_affinity = true",
+        ));
+    }
+    let node = TestNode::start(&toml).await.unwrap();
+    let counts = || -> Vec<u64> {
+        replicas
+            .iter()
+            .map(|r| r.stats.requests.load(SeqCst))
+            .collect()
+    };
+    let mut homes = std::collections::BTreeSet::new();
+    for conversation in 0..8 {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": format!("You are assistant number {conversation}.")}),
+            serde_json::json!({"role": "user", "content": "Hello!"}),
+        ];
+        let mut home = None;
+        for turn in 0..4 {
+            let before = counts();
+            let status = node
+                .client()
+                .post(node.url("/v1/chat/completions"))
+                .json(&serde_json::json!({"model": "llama", "messages": messages}))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200);
+            let after = counts();
+            let served = (0..3).find(|&i| after[i] > before[i]).unwrap();
+            match home {
+                None => home = Some(served),
+                Some(h) => assert_eq!(served, h, "conversation {conversation}, turn {turn} moved"),
+            }
+            messages.push(serde_json::json!({"role": "assistant", "content": "tok0 tok1 "}));
+            messages
+                .push(serde_json::json!({"role": "user", "content": format!("and turn {turn}?")}));
+        }
+        homes.insert(home.unwrap());
+    }
+    println!(
+        "8 conversations of 4 turns: each stayed on one replica; {} replicas used",
+        homes.len()
+    );
+    assert!(homes.len() >= 2, "conversations spread over the replicas");
+}

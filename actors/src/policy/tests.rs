@@ -46,6 +46,7 @@ fn cand(region: &str, in_flight: u32, breaker: Gate) -> Candidate<'_> {
         region,
         load: load(in_flight, 0, 10),
         breaker,
+        affinity: None,
     }
 }
 
@@ -122,7 +123,7 @@ fn the_routing_plan_table() {
     ];
     for (candidates, own, regions, expected) in cases {
         assert_eq!(
-            plan(&candidates, own, &regions, 0),
+            plan(&candidates, own, &regions, 0, None),
             expected,
             "{candidates:?} own={own} allowed={regions:?}"
         );
@@ -199,6 +200,7 @@ fn equally_idle_providers_share_the_first_choice_and_a_busy_one_never_wins_a_dra
             "eu",
             &[],
             random.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            None,
         )
         .unwrap();
         assert_eq!(order.len(), 4, "every candidate stays a fallback");
@@ -217,6 +219,80 @@ fn equally_idle_providers_share_the_first_choice_and_a_busy_one_never_wins_a_dra
         cand("eu", 6, Gate::Closed),
     ];
     for random in 0..100u64 {
-        assert_ne!(plan(&cands, "eu", &[], random).unwrap()[0], 0);
+        assert_ne!(plan(&cands, "eu", &[], random, None).unwrap()[0], 0);
     }
+}
+
+fn member(id: &str, in_flight: u32) -> (&str, Load) {
+    (id, load(in_flight, 0, 10))
+}
+
+#[test]
+fn a_conversation_sticks_to_one_replica_unless_it_is_overloaded() {
+    let idle = [member("r1", 0), member("r2", 0), member("r3", 0)];
+    // The same key always lands on the same replica; keys spread over all of them.
+    let mut spread = [0; 3];
+    for key in 0..3_000u64 {
+        let k = fnv1a(&key.to_le_bytes());
+        let first = affine(k, &idle);
+        assert_eq!(affine(k, &idle), first);
+        spread[first] += 1;
+    }
+    assert!(spread.iter().all(|&n| n > 800), "{spread:?}");
+    // Bounded load: a replica far above the average gives way to the next in the key's order.
+    let k = fnv1a(b"system: you are a pirate");
+    let home = affine(k, &idle);
+    let mut busy = idle;
+    busy[home].1 = load(9, 0, 10);
+    let moved = affine(k, &busy);
+    assert_ne!(moved, home);
+    // A little extra load does not move it.
+    let mut warm = idle;
+    warm[home].1 = load(1, 0, 10);
+    warm[(home + 1) % 3].1 = load(1, 0, 10);
+    assert_eq!(affine(k, &warm), home);
+    // Consistent: removing a replica moves only the keys it held.
+    let two = [member("r1", 0), member("r2", 0)];
+    for key in 0..1_000u64 {
+        let k = fnv1a(&key.to_le_bytes());
+        let before = affine(k, &idle);
+        if before != 2 {
+            assert_eq!(
+                affine(k, &two),
+                before,
+                "key {key} moved though its replica stayed"
+            );
+        }
+    }
+}
+
+#[test]
+fn plan_uses_affinity_only_when_the_whole_first_group_takes_part() {
+    let with = |id| Candidate {
+        region: "eu",
+        load: load(0, 0, 10),
+        breaker: Gate::Closed,
+        affinity: Some(id),
+    };
+    let cands = [with("r1"), with("r2"), with("r3")];
+    let key = fnv1a(b"a conversation");
+    let firsts: std::collections::BTreeSet<usize> = (0..50u64)
+        .map(|random| plan(&cands, "eu", &[], random, Some(key)).unwrap()[0])
+        .collect();
+    assert_eq!(firsts.len(), 1, "the draw does not matter: the key decides");
+    // One provider without affinity in the group: the power of two choices as usual.
+    let mixed = [with("r1"), with("r2"), cand("eu", 0, Gate::Closed)];
+    let firsts: std::collections::BTreeSet<usize> = (0..200u64)
+        .map(|r| {
+            plan(
+                &mixed,
+                "eu",
+                &[],
+                r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                Some(key),
+            )
+            .unwrap()[0]
+        })
+        .collect();
+    assert!(firsts.len() > 1);
 }

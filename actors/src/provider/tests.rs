@@ -14,6 +14,7 @@ use crate::upstream::DemoModel;
 
 fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
     ProviderSpec {
+        prefix_affinity: false,
         id: "demo".into(),
         region: "local".into(),
         models: vec![ModelRoute {
