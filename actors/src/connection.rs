@@ -543,7 +543,7 @@ fn finish(ctx: &mut RequestContext, model: &str, route: &Route, outcome: Outcome
                     prompt_tokens: u64::from(u.prompt_tokens),
                     completion_tokens: u64::from(u.completion_tokens),
                     cached_tokens: u64::from(u.cached_tokens()),
-                    cost_micro_usd: 0,
+                    ..UsageTotals::default()
                 },
             ),
             // No usage from the upstream: charge the estimate as it stands.

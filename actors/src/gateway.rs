@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, NodeId, ProviderRecord};
+use meridian_proto::cluster::{
+    Applied, ClusterState, Command, Limits, NodeId, ProviderRecord, UsageTotals,
+};
 use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
@@ -353,8 +355,27 @@ impl Gateway {
         ResponseCache::key(tenant, request, opt_in)
     }
 
-    pub fn cache_get(&self, key: CacheKey) -> Option<bytes::Bytes> {
-        self.inner.cache.as_ref()?.get(key)
+    /// A cached answer, if there is one; a hit is recorded in the tenant's roll-up as a free
+    /// request (a cache hit: no tokens, no cost).
+    pub fn cache_get(
+        &self,
+        key: CacheKey,
+        principal: Option<&Principal>,
+        model: &str,
+    ) -> Option<bytes::Bytes> {
+        let hit = self.inner.cache.as_ref()?.get(key)?;
+        if let (Some(quota), Some(p)) = (self.quota(), principal) {
+            quota.record(
+                &p.tenant,
+                model,
+                UsageTotals {
+                    requests: 1,
+                    cache_hits: 1,
+                    ..UsageTotals::default()
+                },
+            );
+        }
+        Some(hit)
     }
 
     pub fn cache_put(&self, key: CacheKey, body: bytes::Bytes) {

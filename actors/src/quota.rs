@@ -400,15 +400,7 @@ impl Reservation {
     }
 
     fn record(&self, model: &str, usage: UsageTotals) {
-        let mut rollups = lock(&self.quota.inner.rollups);
-        let models = rollups.entry(Arc::clone(&self.tenant)).or_default();
-        // No allocation once the model has an entry.
-        match models.get_mut(model) {
-            Some(totals) => totals.add(&usage),
-            None => {
-                models.insert(model.to_owned(), usage);
-            }
-        }
+        self.quota.record(&self.tenant, model, usage);
     }
 }
 
@@ -508,6 +500,19 @@ impl Quota {
                 Verdict::Wait => {
                     last_look = tokio::time::timeout_at(deadline, waiting).await.is_err();
                 }
+            }
+        }
+    }
+
+    /// Adds `usage` to `tenant`'s roll-up for `model` (reported with the next flush).
+    pub fn record(&self, tenant: &Arc<str>, model: &str, usage: UsageTotals) {
+        let mut rollups = lock(&self.inner.rollups);
+        let models = rollups.entry(Arc::clone(tenant)).or_default();
+        // No allocation once the model has an entry.
+        match models.get_mut(model) {
+            Some(totals) => totals.add(&usage),
+            None => {
+                models.insert(model.to_owned(), usage);
             }
         }
     }

@@ -83,7 +83,10 @@ async fn chat(
             .get("x-meridian-cache")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
         if let Some(key) = st.gateway.cache_key(principal.as_ref(), &request, opt_in) {
-            if let Some(hit) = st.gateway.cache_get(key) {
+            if let Some(hit) = st
+                .gateway
+                .cache_get(key, principal.as_ref(), request.model())
+            {
                 // A hit is free: no admission, no provider.
                 cached = Some((key, true));
                 tracing::debug!(request_id = %request_id, "answered from the response cache");

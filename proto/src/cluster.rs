@@ -295,6 +295,9 @@ pub struct UsageTotals {
     /// Prompt tokens served from a prefix cache (counted apart, also inside `prompt_tokens`).
     pub cached_tokens: u64,
     pub cost_micro_usd: u64,
+    /// Requests answered from a node's response cache (counted in `requests`, free: no tokens,
+    /// no cost).
+    pub cache_hits: u64,
 }
 
 impl UsageTotals {
@@ -307,6 +310,7 @@ impl UsageTotals {
             .saturating_add(other.completion_tokens);
         self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
         self.cost_micro_usd = self.cost_micro_usd.saturating_add(other.cost_micro_usd);
+        self.cache_hits = self.cache_hits.saturating_add(other.cache_hits);
     }
 }
 

@@ -1235,4 +1235,32 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
     let random = call(&keys[1], false, "").await.expect("sent");
     assert!(random.headers().get("x-meridian-cache").is_none());
     assert_eq!(random.status(), 429);
+    // The roll-up records t1's two hits as free requests: tokens only for the first call.
+    let t1 = || async {
+        let mut admin = n.admin_client().await.ok()?;
+        let state = admin
+            .cluster_state(pb::ClusterStateRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        let v: Value = serde_json::from_str(&state.json).ok()?;
+        v["usage"]
+            .as_object()?
+            .values()
+            .find_map(|day| day.get("t1").map(|t| t["mock"].clone()))
+    };
+    wait_until("t1's roll-up", Duration::from_secs(5), || async {
+        t1().await.is_some_and(|u| u["cache_hits"] == 2)
+    })
+    .await
+    .expect("hits recorded");
+    let u = t1().await.expect("roll-up");
+    assert_eq!(u["requests"], 3, "{u}");
+    assert_eq!(u["cost_micro_usd"], 0, "{u}");
+    let first_call_tokens = first_body["usage"]["total_tokens"].as_u64().expect("usage");
+    assert_eq!(
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap(),
+        first_call_tokens,
+        "hits add no tokens: {u}"
+    );
 }
