@@ -90,8 +90,9 @@ pub struct ConnectionArgs {
     /// The providers to try, best first: a failure before anything reaches the client moves
     /// to the next, within the retry budget and the request's deadline.
     pub routes: Vec<Route>,
-    /// Providers of the model left out because their breakers are open: when every provider
-    /// tried fails too, the model is down as a whole (503), even after a single attempt.
+    /// Providers of the model left out (open breakers, or outside the tenant's regions): when
+    /// every provider tried fails too, the model is unavailable to this request as a whole
+    /// (503 with Retry-After), even after a single attempt.
     pub ejected: usize,
     pub retries: Arc<RetryBudget>,
     pub reply: oneshot::Sender<Result<ChatReply, ApiError>>,
@@ -251,9 +252,11 @@ async fn serve(args: ConnectionArgs) {
     }
     let Some((e, attempt)) = last else { return };
     let e = if (attempt > 0 || ejected > 0) && e.retryable() {
-        // Every candidate failed or is ejected: say so, and when to come back.
+        // Every candidate failed or is left out: say so, and when to come back.
         let skipped = if ejected > 0 {
-            format!(" ({ejected} more ejected by circuit breakers)")
+            format!(
+                " ({ejected} more left out: open circuit breakers or outside the allowed regions)"
+            )
         } else {
             String::new()
         };

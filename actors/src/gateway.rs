@@ -474,8 +474,7 @@ impl Gateway {
         })
     }
 
-    /// The providers to try for `model`, best first (see [`policy::rank_by_load`]).
-    /// The providers to try, best first, and how many of the allowed ones are ejected. A
+    /// The providers to try, best first, and how many of the model's were left out. A
     /// virtual model (`auto`) is resolved first: the request's complexity picks a list of
     /// models, whose providers are tried in the list's order.
     fn route(
@@ -591,7 +590,7 @@ impl Gateway {
     }
 
     /// One model's providers in the order to try them (see [`policy::plan`]), and how many of
-    /// those allowed are ejected by their breakers.
+    /// its providers were left out (open breakers, outside the tenant's regions).
     fn plan(
         &self,
         routes: &[Route],
@@ -617,6 +616,8 @@ impl Gateway {
                     in_flight: r.provider.in_flight(),
                     queued: r.provider.queued(),
                     max_concurrency: r.provider.spec.max_concurrency,
+                    weight: r.provider.spec.weight,
+                    price: r.provider.spec.price.input + r.provider.spec.price.output,
                 },
                 breaker,
                 affinity: r
@@ -633,11 +634,8 @@ impl Gateway {
             self.random(),
             prefix,
         )?;
-        let ejected = candidates
-            .iter()
-            .filter(|c| c.breaker == Gate::Open)
-            .filter(|c| regions.is_empty() || regions.iter().any(|r| r == c.region))
-            .count();
+        // Left out: open breakers, and providers outside the tenant's regions.
+        let ejected = candidates.len() - order.len();
         Ok((
             order.into_iter().map(|i| routes[i].clone()).collect(),
             ejected,
@@ -750,6 +748,9 @@ fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRe
             base_url: p.spec.upstream.base_url().into(),
             models: p.spec.models.iter().map(|m| m.name.clone()).collect(),
             owner: node,
+            weight: p.spec.weight,
+            max_concurrency: p.spec.max_concurrency,
+            price: p.spec.price,
             updated_at_unix_ms: 0,
         })
         .collect()

@@ -6,22 +6,38 @@ pub struct Load {
     pub in_flight: u32,
     pub queued: u32,
     pub max_concurrency: u32,
+    /// Its capacity counts this many times (1: normal; 0 is taken as 1).
+    pub weight: u32,
+    /// Input + output price per million tokens (µ$; 0: unpriced, e.g. self-hosted).
+    pub price: u64,
 }
 
-/// The order to try candidates in: least loaded relative to its capacity first, counting
-/// queued requests as load; ties keep configuration order. The first is where a request goes;
-/// the rest are its fallbacks.
+impl Load {
+    fn capacity(&self) -> u64 {
+        u64::from(self.max_concurrency.max(1)) * u64::from(self.weight.max(1))
+    }
+
+    fn used(&self) -> u64 {
+        u64::from(self.in_flight) + u64::from(self.queued)
+    }
+
+    /// Less loaded relative to capacity (weighted) first; at equal load, cheaper first.
+    fn cmp_load(&self, other: &Load) -> std::cmp::Ordering {
+        // Compare used / capacity without floating point: cross-multiply.
+        (self.used() * other.capacity())
+            .cmp(&(other.used() * self.capacity()))
+            .then(self.price.cmp(&other.price))
+    }
+}
+
+/// The order to try candidates in: least loaded relative to its (weighted) capacity first,
+/// counting queued requests as load; at equal load the cheaper first; ties keep configuration
+/// order. The first is where a request goes; the rest are its fallbacks.
 pub fn rank_by_load(candidates: impl IntoIterator<Item = Load>) -> Vec<usize> {
     let loads: Vec<Load> = candidates.into_iter().collect();
     let mut order: Vec<usize> = (0..loads.len()).collect();
-    // Compare (in_flight + queued) / max without floating point: cross-multiply. The sort is
-    // stable, so ties stay in configuration order.
-    order.sort_by(|&i, &j| {
-        let (a, b) = (loads[i], loads[j]);
-        let lhs = u64::from(a.in_flight + a.queued) * u64::from(b.max_concurrency.max(1));
-        let rhs = u64::from(b.in_flight + b.queued) * u64::from(a.max_concurrency.max(1));
-        lhs.cmp(&rhs)
-    });
+    // The sort is stable, so ties stay in configuration order.
+    order.sort_by(|&i, &j| loads[i].cmp_load(&loads[j]));
     order
 }
 
@@ -109,15 +125,8 @@ pub fn plan(
         if b >= a {
             b += 1;
         }
-        let ratio = |i: usize| {
-            let l = candidates[ranked[i]].load;
-            (
-                u64::from(l.in_flight + l.queued),
-                u64::from(l.max_concurrency.max(1)),
-            )
-        };
-        let ((la, ca), (lb, cb)) = (ratio(a), ratio(b));
-        let first = if lb * ca < la * cb { b } else { a };
+        let (la, lb) = (candidates[ranked[a]].load, candidates[ranked[b]].load);
+        let first = if lb.cmp_load(&la).is_lt() { b } else { a };
         let chosen = ranked.remove(first);
         ranked.insert(0, chosen);
     }
@@ -239,12 +248,12 @@ impl Alias {
 /// one is busy beyond its share; when a member joins or leaves, only the keys it wins or held
 /// move. Returns an index into `members`.
 pub fn affine(key: u64, members: &[(&str, Load)]) -> usize {
-    let ratio = |l: &Load| f64::from(l.in_flight + l.queued) / f64::from(l.max_concurrency.max(1));
+    let ratio = |l: &Load| l.used() as f64 / l.capacity() as f64;
     let n = members.len().max(1) as f64;
     let mean = members.iter().map(|(_, l)| ratio(l)).sum::<f64>() / n;
     let one = members
         .iter()
-        .map(|(_, l)| 1.0 / f64::from(l.max_concurrency.max(1)))
+        .map(|(_, l)| 1.0 / l.capacity() as f64)
         .fold(0.0, f64::max);
     let bound = 1.25 * mean + one;
     let mut order: Vec<(u64, usize)> = members

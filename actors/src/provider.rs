@@ -47,6 +47,10 @@ pub struct ProviderSpec {
     /// Keep a conversation on the same provider (vLLM replicas with prefix caching): see
     /// [`crate::policy::plan`].
     pub prefix_affinity: bool,
+    /// Share of traffic relative to others at equal load: its capacity counts `weight` times.
+    pub weight: u32,
+    /// What it charges; cheaper providers go first at equal load.
+    pub price: meridian_proto::cluster::ProviderPrice,
 }
 
 /// A provider's shared state: its spec, live counters, and the current actor incarnation.

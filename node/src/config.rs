@@ -22,6 +22,7 @@ use meridian_actors::{
     ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
 };
 use meridian_cluster::raft::RaftTimings;
+use meridian_proto::cluster::ProviderPrice;
 use meridian_proto::openai::RequestLimits;
 use serde::Deserialize;
 
@@ -270,6 +271,13 @@ pub struct RawProvider {
     /// Keep each conversation on one of the providers that set this (vLLM replicas with prefix
     /// caching): consistent hashing of the prompt's start, with bounded load.
     pub prefix_affinity: Option<bool>,
+    /// Share of traffic relative to others at equal load (default 1).
+    pub weight: Option<i64>,
+    /// USD per million tokens: input, output, cached input (optional; cheaper goes first at
+    /// equal load, and the registry shows them).
+    pub price_input: Option<f64>,
+    pub price_output: Option<f64>,
+    pub price_cached_input: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,6 +362,8 @@ pub struct ProviderConfig {
     pub timeouts: Timeouts,
     pub tokenizer: Tokenizer,
     pub prefix_affinity: bool,
+    pub weight: u32,
+    pub price: ProviderPrice,
 }
 
 #[derive(Debug, Clone)]
@@ -422,6 +432,8 @@ impl ProviderConfig {
             timeouts: self.timeouts,
             tokenizer: self.tokenizer,
             prefix_affinity: self.prefix_affinity,
+            weight: self.weight,
+            price: self.price,
         })
     }
 }
@@ -1352,9 +1364,29 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 Tokenizer::default()
             }),
         };
+        let mut usd = |field: &str, v: Option<f64>| match v {
+            None => 0,
+            Some(x) if x.is_finite() && (0.0..=1_000_000.0).contains(&x) => {
+                (x * 1_000_000.0).round() as u64
+            }
+            Some(x) => {
+                e.push(
+                    at(field),
+                    format!("must be between 0 and 1000000 USD, got {x}"),
+                );
+                0
+            }
+        };
+        let price = ProviderPrice {
+            input: usd("price_input", p.price_input),
+            output: usd("price_output", p.price_output),
+            cached_input: usd("price_cached_input", p.price_cached_input),
+        };
         providers.push(ProviderConfig {
             tokenizer,
             prefix_affinity: p.prefix_affinity.unwrap_or(false),
+            weight: int(&mut e, &at("weight"), p.weight, 1, 1, 1_000),
+            price,
             id,
             region: p.region.clone().unwrap_or_else(|| node.region.clone()),
             kind,

@@ -341,9 +341,27 @@ pub struct ProviderRecord {
     pub models: Vec<String>,
     /// The node that registered it.
     pub owner: NodeId,
+    /// Its share of traffic relative to others at equal load (1: normal).
+    #[serde(default)]
+    pub weight: u32,
+    /// Calls it takes at once.
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// What it charges (none for self-hosted replicas).
+    #[serde(default)]
+    pub price: ProviderPrice,
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub updated_at_unix_ms: u64,
+}
+
+/// A provider's prices, in millionths of a US dollar per million tokens (0.15 USD → 150,000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProviderPrice {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
 }
 
 /// What applying a proposal did.
@@ -668,6 +686,9 @@ mod tests {
             base_url: "http://10.0.0.1:8000/v1".into(),
             models: vec!["llama".into()],
             owner: 1,
+            weight: 1,
+            max_concurrency: 64,
+            price: ProviderPrice::default(),
             updated_at_unix_ms: 0,
         }
     }

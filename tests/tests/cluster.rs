@@ -465,3 +465,95 @@ async fn a_breaker_tripped_on_one_node_stops_traffic_from_every_node_within_a_se
     );
     assert!(steady.stats.requests.load(SeqCst) >= 30);
 }
+
+#[tokio::test]
+async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
+    use meridian_proto::pb::admin as pb;
+    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::provider_toml;
+    use std::sync::atomic::Ordering::SeqCst;
+    let us = MockUpstream::start(MockOptions {
+        flavor: Flavor::Vllm,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    // The EU provider is down (nothing listens there); the US one is healthy and idle.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
+    let mut h = Harness::new(19);
+    h.providers = format!(
+        "{}{}",
+        provider_toml("eu", &dead, &["m=mock@tokens:2"], "region = \"eu-west\""),
+        provider_toml(
+            "us",
+            &us.base_url(),
+            &["m=mock@tokens:2"],
+            "region = \"us-east\""
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    // Tenants are written through node 1; every node enforces them from its applied state.
+    let mut admin = h.admin(1).await.unwrap();
+    let mut keys = Vec::new();
+    for (id, regions) in [("eu-co", vec!["eu-west".to_owned()]), ("global", vec![])] {
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: id.into(),
+                    tier: "free".into(),
+                    regions,
+                    ..pb::Tenant::default()
+                }),
+            })
+            .await
+            .unwrap();
+        keys.push(
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    tenant: id.into(),
+                    label: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .secret,
+        );
+    }
+    let client = reqwest::Client::new();
+    let chat = |id: u64, key: &str| {
+        let req = client
+            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send();
+        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    // Wait until every node knows both tenants (the global one is served by the US).
+    for id in [1, 2, 3] {
+        h.wait_for(
+            &format!("node {id} to serve the global tenant"),
+            T,
+            || async { (chat(id, &keys[1]).await == 200).then_some(()) },
+        )
+        .await;
+    }
+    let served_before = us.stats.requests.load(SeqCst);
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        for id in [1, 2, 3] {
+            *statuses.entry(chat(id, &keys[0]).await).or_insert(0) += 1;
+        }
+    }
+    println!("EU-only tenant through three nodes with the EU down: {statuses:?}");
+    assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), [503]);
+    assert_eq!(
+        us.stats.requests.load(SeqCst),
+        served_before,
+        "no node served the EU-only tenant from the US"
+    );
+}

@@ -5,6 +5,8 @@ fn load(in_flight: u32, queued: u32, max_concurrency: u32) -> Load {
         in_flight,
         queued,
         max_concurrency,
+        weight: 1,
+        price: 0,
     }
 }
 
@@ -295,4 +297,42 @@ fn plan_uses_affinity_only_when_the_whole_first_group_takes_part() {
         })
         .collect();
     assert!(firsts.len() > 1);
+}
+
+#[test]
+fn weight_scales_capacity_and_price_breaks_ties() {
+    let w = |in_flight, weight, price| Load {
+        in_flight,
+        queued: 0,
+        max_concurrency: 10,
+        weight,
+        price,
+    };
+    // 4 in flight of 2 × 10 is less loaded than 3 of 10.
+    assert_eq!(rank_by_load([w(3, 1, 0), w(4, 2, 0)]), [1, 0]);
+    // Equal load: the cheaper first (an unpriced provider, e.g. self-hosted, counts as free).
+    assert_eq!(
+        rank_by_load([w(1, 1, 900), w(1, 1, 100), w(1, 1, 0)]),
+        [2, 1, 0]
+    );
+    // Load still comes before price.
+    assert_eq!(rank_by_load([w(5, 1, 0), w(1, 1, 900)]), [1, 0]);
+    // In the draw too: an equally idle but dearer provider never goes first.
+    let cands = [
+        Candidate {
+            region: "eu",
+            load: w(0, 1, 500),
+            breaker: Gate::Closed,
+            affinity: None,
+        },
+        Candidate {
+            region: "eu",
+            load: w(0, 1, 100),
+            breaker: Gate::Closed,
+            affinity: None,
+        },
+    ];
+    for random in 0..50 {
+        assert_eq!(plan(&cands, "eu", &[], random, None).unwrap()[0], 1);
+    }
 }

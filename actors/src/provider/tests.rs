@@ -15,6 +15,8 @@ use crate::upstream::DemoModel;
 fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
     ProviderSpec {
         prefix_affinity: false,
+        weight: 1,
+        price: Default::default(),
         id: "demo".into(),
         region: "local".into(),
         models: vec![ModelRoute {

@@ -282,3 +282,32 @@ hard = ["claude"]
     assert_eq!(c.aliases["auto"].hard, ["claude"]);
     assert_eq!(c.aliases["auto"].rules.tools, Complexity::Hard);
 }
+
+#[test]
+fn provider_weights_and_prices_are_checked() {
+    let toml = r#"
+[[providers]]
+id = "p"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+models = ["m"]
+weight = 0
+price_input = -1.0
+price_output = 0.6
+"#;
+    let err = load(Some(toml), &env(&[])).expect_err("invalid");
+    assert_eq!(
+        paths(&err),
+        ["providers[0].price_input", "providers[0].weight"]
+    );
+    let ok = toml
+        .replace("weight = 0", "weight = 3")
+        .replace("-1.0", "0.15");
+    let c = load(Some(&ok), &env(&[])).expect("valid");
+    assert_eq!(c.providers[0].weight, 3);
+    assert_eq!(
+        (c.providers[0].price.input, c.providers[0].price.output),
+        (150_000, 600_000),
+        "µ$ per million tokens"
+    );
+}
