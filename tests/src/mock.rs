@@ -55,6 +55,9 @@ pub struct MockOptions {
     pub flavor: Flavor,
     /// The model name `/v1/models` lists and `/metrics` labels.
     pub served_model: String,
+    /// From this long after start, chat requests hang (no byte is ever sent) while `/health`
+    /// still answers 200: the failure a supervisor must detect by the lack of token progress.
+    pub hang_after: Option<Duration>,
 }
 
 impl Default for MockOptions {
@@ -63,6 +66,7 @@ impl Default for MockOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             flavor: Flavor::Vllm,
             served_model: "mock".into(),
+            hang_after: None,
         }
     }
 }
@@ -138,6 +142,7 @@ impl MockUpstream {
         let app = router(Arc::new(Shared {
             opts,
             stats: Arc::clone(&stats),
+            started: std::time::Instant::now(),
         }));
         let (stop, stopped) = oneshot::channel::<()>();
         // Without TCP_NODELAY, Nagle's algorithm holds back every chunk after the first for
@@ -200,6 +205,21 @@ impl Drop for MockUpstream {
 struct Shared {
     opts: MockOptions,
     stats: Arc<MockStats>,
+    started: std::time::Instant,
+}
+
+impl Shared {
+    /// Hangs for good once the scripted hang has begun (counted as running meanwhile).
+    async fn maybe_hang(&self) {
+        if self
+            .opts
+            .hang_after
+            .is_some_and(|after| self.started.elapsed() >= after)
+        {
+            self.stats.running.fetch_add(1, SeqCst);
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -366,6 +386,7 @@ pub fn unix_minute() -> u64 {
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = unix_minute();
     s.stats.requests.fetch_add(1, SeqCst);
+    s.maybe_hang().await;
     let flavor_default = s.opts.flavor;
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

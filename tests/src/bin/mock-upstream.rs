@@ -1,4 +1,4 @@
-//! The mock OpenAI/vLLM upstream as a process: `mock-upstream [--listen ADDR] [--flavor vllm|openai]
+//! The mock upstream as a process: `mock-upstream [--listen ADDR] [--flavor vllm|openai|anthropic]
 //! [--model NAME]`. Prints `mock-upstream listening on ADDR` once it accepts connections.
 
 use clap::Parser;
@@ -20,12 +20,14 @@ async fn main() -> anyhow::Result<()> {
     let flavor = match args.flavor.as_str() {
         "vllm" => Flavor::Vllm,
         "openai" => Flavor::OpenAi,
-        other => anyhow::bail!("--flavor must be vllm or openai, got {other:?}"),
+        "anthropic" => Flavor::Anthropic,
+        other => anyhow::bail!("--flavor must be vllm, openai or anthropic, got {other:?}"),
     };
     let mock = MockUpstream::start(MockOptions {
         listen: args.listen,
         flavor,
         served_model: args.model,
+        ..MockOptions::default()
     })
     .await?;
     println!("mock-upstream listening on {}", mock.addr);

@@ -1,0 +1,157 @@
+//! A stand-in for `vllm serve`, for supervising tests: it takes vLLM's command line
+//! (`mock-vllm serve MODEL --host H --port P [--served-model-name N] [any other vLLM flag]`),
+//! and behaves like the real server's lifecycle and failure modes:
+//!
+//! - while "loading" (`MOCK_VLLM_LOADING_MS`) nothing listens: connections are refused, as
+//!   they are while vLLM loads weights; then `/health`, `/v1/models`, chat completions
+//!   (streaming and not) and `/metrics` with vLLM's metric names are served;
+//! - `MOCK_VLLM_CRASH_AFTER_MS`: exits with status 1 that long after start (a crash; with a
+//!   short time, restarting it is a crash loop);
+//! - `MOCK_VLLM_HANG_AFTER_MS`: from then on chat requests never progress while `/health`
+//!   still answers 200;
+//! - `MOCK_VLLM_IGNORE_SIGTERM=1`: SIGTERM is ignored (only SIGKILL stops it);
+//! - `MOCK_VLLM_CHILDREN=N`: starts N child processes (`sleep`) in its process group, as
+//!   vLLM's engine and tensor-parallel workers are.
+//!
+//! Each knob can also be given as a flag (`--mock-loading-ms`, …), which wins over the
+//! environment. Prints `mock-vllm ready on HOST:PORT` once it serves.
+
+use std::time::Duration;
+
+use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+
+#[derive(Debug, Default)]
+struct Args {
+    model: String,
+    served: Option<String>,
+    host: String,
+    port: u16,
+    loading: Duration,
+    crash_after: Option<Duration>,
+    hang_after: Option<Duration>,
+    ignore_sigterm: bool,
+    children: u32,
+}
+
+fn ms(v: &str, what: &str) -> anyhow::Result<Duration> {
+    Ok(Duration::from_millis(v.parse().map_err(|_| {
+        anyhow::anyhow!("{what} needs milliseconds, got {v:?}")
+    })?))
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut a = Args {
+        host: "127.0.0.1".into(),
+        port: 8000,
+        ..Args::default()
+    };
+    if let Some(v) = env("MOCK_VLLM_LOADING_MS") {
+        a.loading = ms(&v, "MOCK_VLLM_LOADING_MS")?;
+    }
+    if let Some(v) = env("MOCK_VLLM_CRASH_AFTER_MS") {
+        a.crash_after = Some(ms(&v, "MOCK_VLLM_CRASH_AFTER_MS")?);
+    }
+    if let Some(v) = env("MOCK_VLLM_HANG_AFTER_MS") {
+        a.hang_after = Some(ms(&v, "MOCK_VLLM_HANG_AFTER_MS")?);
+    }
+    a.ignore_sigterm = env("MOCK_VLLM_IGNORE_SIGTERM").is_some_and(|v| v == "1");
+    if let Some(v) = env("MOCK_VLLM_CHILDREN") {
+        a.children = v.parse()?;
+    }
+    let mut it = std::env::args().skip(1).peekable();
+    if it.peek().map(String::as_str) == Some("serve") {
+        it.next();
+    }
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        if !flag.starts_with("--") {
+            a.model = flag;
+            continue;
+        }
+        // vLLM's boolean flags take no value; every other flag takes one.
+        let boolean = matches!(
+            flag.as_str(),
+            "--enable-prefix-caching"
+                | "--enable-lora"
+                | "--disable-log-requests"
+                | "--enforce-eager"
+                | "--trust-remote-code"
+                | "--mock-ignore-sigterm"
+        );
+        let mut value = || -> anyhow::Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("{flag} needs a value")),
+            }
+        };
+        match flag.as_str() {
+            "--host" => a.host = value()?,
+            "--port" => a.port = value()?.parse()?,
+            "--served-model-name" => a.served = Some(value()?),
+            "--mock-loading-ms" => a.loading = ms(&value()?, &flag)?,
+            "--mock-crash-after-ms" => a.crash_after = Some(ms(&value()?, &flag)?),
+            "--mock-hang-after-ms" => a.hang_after = Some(ms(&value()?, &flag)?),
+            "--mock-children" => a.children = value()?.parse()?,
+            "--mock-ignore-sigterm" => a.ignore_sigterm = true,
+            _ if boolean => {}
+            _ => {
+                value()?;
+            }
+        }
+    }
+    if a.model.is_empty() {
+        anyhow::bail!("usage: mock-vllm serve MODEL --host HOST --port PORT [vLLM flags]");
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if !args.ignore_sigterm {
+        tokio::spawn(async move {
+            term.recv().await;
+            eprintln!("mock-vllm: SIGTERM, shutting down");
+            std::process::exit(0);
+        });
+    } else {
+        // Handled and ignored: the process stays up until SIGKILL.
+        tokio::spawn(async move {
+            while term.recv().await.is_some() {
+                eprintln!("mock-vllm: SIGTERM ignored");
+            }
+        });
+    }
+    let mut children = Vec::new();
+    for _ in 0..args.children {
+        children.push(std::process::Command::new("sleep").arg("3600").spawn()?);
+    }
+    if let Some(after) = args.crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            eprintln!("mock-vllm: crashing as scripted");
+            std::process::exit(1);
+        });
+    }
+    eprintln!("mock-vllm: loading {} for {:?}", args.model, args.loading);
+    tokio::time::sleep(args.loading).await;
+    let listen = format!("{}:{}", args.host, args.port).parse()?;
+    let mock = MockUpstream::start(MockOptions {
+        listen,
+        flavor: Flavor::Vllm,
+        served_model: args.served.unwrap_or(args.model),
+        // Counted from when it serves.
+        hang_after: args.hang_after,
+    })
+    .await?;
+    println!("mock-vllm ready on {}", mock.addr);
+    mock.wait().await;
+    Ok(())
+}
