@@ -49,6 +49,8 @@ pub struct RequestContext {
     pub reservation: Option<Reservation>,
     /// `X-Meridian-Complexity`, for a virtual model such as `auto`.
     pub complexity: Option<crate::policy::Complexity>,
+    /// The tenant's share of provider queues (set by the gateway from the tenant's record).
+    pub weight: u32,
 }
 
 /// A request's answer, once the upstream has accepted it.
@@ -293,7 +295,7 @@ async fn attempt_at(
     let queue_deadline = cap(spec.queue_timeout);
     let tenant = ctx.principal.as_ref().map(|p| Arc::clone(&p.tenant));
     let permit = tokio::select! {
-        p = provider.acquire(queue_deadline, tenant) => p,
+        p = provider.acquire(queue_deadline, tenant, ctx.weight) => p,
         () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
     let _permit = match permit {

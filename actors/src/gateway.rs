@@ -438,7 +438,7 @@ impl Gateway {
     pub async fn chat(
         &self,
         request: ChatRequest,
-        ctx: RequestContext,
+        mut ctx: RequestContext,
     ) -> Result<ChatReply, ApiError> {
         if self.is_draining() {
             return Err(
@@ -448,6 +448,14 @@ impl Gateway {
             );
         }
         let (routes, ejected) = self.route(&request, &ctx)?;
+        if let (Some(p), Some(c)) = (&ctx.principal, &self.inner.cluster) {
+            ctx.weight = c
+                .state
+                .borrow()
+                .tenants
+                .get(&*p.tenant)
+                .map_or(1, |t| t.weight.max(1));
+        }
         self.inner.retries.count_request();
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {

@@ -148,13 +148,15 @@ impl Provider {
     }
 
     /// A concurrency slot, waiting in the provider's queue until `deadline` if none is free.
-    /// Waiters are served fairly across tenants (`tenant`), and one tenant may hold at most
-    /// half the queue. Queue full → 503 with Retry-After; a predicted wait past `deadline` →
-    /// 504 at once; deadline passed → 504.
+    /// Waiters are served by weighted round-robin across tenants (`tenant`, with its `weight`:
+    /// that many of its waiters per turn), and one tenant may hold at most half the queue.
+    /// Queue full → 503 with Retry-After; a predicted wait past `deadline` → 504 at once;
+    /// deadline passed → 504.
     pub async fn acquire(
         self: &Arc<Self>,
         deadline: Instant,
         tenant: Option<Arc<str>>,
+        weight: u32,
     ) -> Result<Permit, ApiError> {
         if self.queued() == 0
             && let Some(permit) = self.try_take_slot()
@@ -188,6 +190,7 @@ impl Provider {
                         |reply| ProviderMsg::Acquire {
                             deadline,
                             tenant: tenant.clone(),
+                            weight,
                             reply,
                         },
                         Some(remaining),
@@ -291,6 +294,8 @@ pub enum ProviderMsg {
         deadline: Instant,
         /// Whose request it is, for fair queueing (`None`: the anonymous share).
         tenant: Option<Arc<str>>,
+        /// The tenant's share: waiters served per turn (0 counts as 1).
+        weight: u32,
         reply: RpcReplyPort<Result<Permit, ApiError>>,
     },
     /// A slot was freed; hand it to the oldest live waiter.
@@ -307,10 +312,11 @@ pub struct ProviderActor;
 
 pub struct ProviderState {
     provider: Arc<Provider>,
-    /// Waiters per tenant, each queue oldest first.
-    queues: HashMap<Option<Arc<str>>, VecDeque<Waiter>>,
-    /// Tenants with waiters, in turn order: slots go round-robin across tenants.
-    turns: VecDeque<Option<Arc<str>>>,
+    /// Waiters per tenant, each queue oldest first, with the tenant's weight.
+    queues: HashMap<Option<Arc<str>>, (VecDeque<Waiter>, u32)>,
+    /// Tenants with waiters, in turn order, each with what is left of its turn: slots go
+    /// round-robin across tenants, `weight` waiters of a tenant per turn.
+    turns: VecDeque<(Option<Arc<str>>, u32)>,
     waiting: usize,
 }
 
@@ -358,8 +364,9 @@ impl Actor for ProviderActor {
             ProviderMsg::Acquire {
                 deadline,
                 tenant,
+                weight,
                 reply,
-            } => state.enqueue(deadline, tenant, reply),
+            } => state.enqueue(deadline, tenant, weight.max(1), reply),
             ProviderMsg::Released => state.grant(),
             #[cfg(test)]
             ProviderMsg::Crash => panic!("injected ProviderActor crash"),
@@ -373,6 +380,7 @@ impl ProviderState {
         &mut self,
         deadline: Instant,
         tenant: Option<Arc<str>>,
+        weight: u32,
         reply: RpcReplyPort<Result<Permit, ApiError>>,
     ) {
         self.grant();
@@ -388,7 +396,7 @@ impl ProviderState {
             let _ = reply.send(Err(self.provider.queue_full_error()));
             return;
         }
-        let mine = self.queues.get(&tenant).map_or(0, VecDeque::len);
+        let mine = self.queues.get(&tenant).map_or(0, |(q, _)| q.len());
         if tenant.is_some() && mine >= (capacity / 2).max(1) {
             let _ = reply.send(Err(self
                 .provider
@@ -396,9 +404,14 @@ impl ProviderState {
                 .with_code("tenant_queue_full")));
             return;
         }
-        let queue = self.queues.entry(tenant.clone()).or_default();
+        let (queue, w) = self
+            .queues
+            .entry(tenant.clone())
+            .or_insert_with(|| (VecDeque::new(), weight));
+        // The latest request's weight holds (an operator may have changed it).
+        *w = weight;
         if queue.is_empty() {
-            self.turns.push_back(tenant);
+            self.turns.push_back((tenant, weight));
         }
         queue.push_back(Waiter { deadline, reply });
         self.waiting += 1;
@@ -407,14 +420,16 @@ impl ProviderState {
         self.grant();
     }
 
-    /// Hands free slots to waiters, one tenant after another (round-robin), each tenant's
-    /// oldest first; waiters that gave up or expired are dropped on the way.
+    /// Hands free slots to waiters, one tenant after another (weighted round-robin: up to
+    /// `weight` waiters of a tenant per turn), each tenant's oldest first; waiters that gave up
+    /// or expired are dropped on the way.
     fn grant(&mut self) {
         let now = Instant::now();
-        while let Some(tenant) = self.turns.pop_front() {
-            let Some(queue) = self.queues.get_mut(&tenant) else {
+        while let Some((tenant, left)) = self.turns.pop_front() {
+            let Some((queue, weight)) = self.queues.get_mut(&tenant) else {
                 continue;
             };
+            let weight = *weight;
             // Drop the dead at the head of this tenant's queue.
             while let Some(front) = queue.front() {
                 if !(front.reply.is_closed() || front.deadline <= now) {
@@ -432,7 +447,7 @@ impl ProviderState {
             }
             let Some(permit) = self.provider.try_take_slot() else {
                 // No slot: this tenant keeps its turn.
-                self.turns.push_front(tenant);
+                self.turns.push_front((tenant, left));
                 break;
             };
             if let Some(w) = queue.pop_front() {
@@ -442,8 +457,11 @@ impl ProviderState {
             }
             if queue.is_empty() {
                 self.queues.remove(&tenant);
+            } else if left > 1 {
+                // The rest of this tenant's turn.
+                self.turns.push_front((tenant, left - 1));
             } else {
-                self.turns.push_back(tenant);
+                self.turns.push_back((tenant, weight));
             }
         }
     }

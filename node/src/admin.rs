@@ -242,6 +242,7 @@ impl Admin for AdminService {
             features: t.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
             regions: t.regions,
             models: t.models,
+            weight: t.weight,
             created_at_unix_ms: 0,
             updated_at_unix_ms: 0,
         };

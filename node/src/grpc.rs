@@ -63,6 +63,7 @@ impl InferenceService {
             deadline,
             reservation: None,
             complexity,
+            weight: 1,
         };
         Ok((chat, ctx, feature))
     }

@@ -118,6 +118,7 @@ async fn chat(
             deadline,
             reservation,
             complexity,
+            weight: 1,
         };
         st.gateway.chat(request, ctx).await.map(Answer::Fresh)
     }

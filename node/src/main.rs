@@ -238,6 +238,9 @@ enum TenantCommand {
         /// The only models the tenant may call.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// Share of provider queues when tenants wait: this many of its requests per turn.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
     },
     /// Tiers and tenants, as this node has applied them.
     List,
@@ -620,6 +623,7 @@ async fn admin(
                 features,
                 regions,
                 models,
+                weight,
             } => {
                 let r = client
                     .put_tenant(admin_pb::PutTenantRequest {
@@ -639,6 +643,7 @@ async fn admin(
                                 .collect::<anyhow::Result<_>>()?,
                             regions,
                             models,
+                            weight,
                             created_at_unix_ms: 0,
                             updated_at_unix_ms: 0,
                         }),

@@ -158,6 +158,10 @@ pub struct Tenant {
     /// The only models this tenant may call (empty: any).
     #[serde(default)]
     pub models: Vec<String>,
+    /// Its share of provider queues against other tenants' (waiters served per turn; 0 and 1
+    /// are the same).
+    #[serde(default)]
+    pub weight: u32,
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub created_at_unix_ms: u64,

@@ -190,6 +190,7 @@ mod admin {
                     .collect(),
                 regions: t.regions.clone(),
                 models: t.models.clone(),
+                weight: t.weight,
             }
         }
     }

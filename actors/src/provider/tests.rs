@@ -54,6 +54,7 @@ fn ctx() -> RequestContext {
         request_id: RequestId::generate(),
         deadline: None,
         complexity: None,
+        weight: 1,
     }
 }
 
@@ -159,7 +160,7 @@ async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_q
     let provider = gw.provider("demo").expect("provider");
     let deadline = Instant::now() + Duration::from_secs(10);
     let held = provider
-        .acquire(deadline, None)
+        .acquire(deadline, None, 1)
         .await
         .expect("the only slot");
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -176,7 +177,7 @@ async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_q
             Arc::clone(tenant),
         );
         tasks.push(tokio::spawn(async move {
-            let permit = p.acquire(deadline, Some(Arc::clone(&t))).await;
+            let permit = p.acquire(deadline, Some(Arc::clone(&t)), 1).await;
             order.lock().expect("lock").push(t.to_string());
             drop(permit.expect("granted"));
         }));
@@ -187,7 +188,7 @@ async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_q
     }
     // Tenant a already holds half the queue (3 of 6): a fourth is refused, b is not.
     let refused = provider
-        .acquire(deadline, Some(Arc::clone(&tenant_a)))
+        .acquire(deadline, Some(Arc::clone(&tenant_a)), 1)
         .await
         .expect_err("a's share is full");
     assert_eq!(refused.code.as_deref(), Some("tenant_queue_full"));
@@ -197,5 +198,43 @@ async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_q
     }
     // b queued last but is served second: turns alternate between tenants.
     assert_eq!(*order.lock().expect("lock"), ["a", "b", "a", "a"]);
+    gw.stop(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_heavier_tenant_gets_that_many_slots_per_turn() {
+    let gw = gateway(spec(1, 12, Duration::from_secs(10))).await;
+    let provider = gw.provider("demo").expect("provider");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = provider
+        .acquire(deadline, None, 1)
+        .await
+        .expect("the only slot");
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    // a (weight 3) queues four requests, then b (weight 1) two.
+    let plan = [("a", 3), ("a", 3), ("a", 3), ("a", 3), ("b", 1), ("b", 1)];
+    for (i, (tenant, weight)) in plan.into_iter().enumerate() {
+        let (p, order) = (Arc::clone(&provider), Arc::clone(&order));
+        let t: Arc<str> = tenant.into();
+        tasks.push(tokio::spawn(async move {
+            let permit = p.acquire(deadline, Some(Arc::clone(&t)), weight).await;
+            order.lock().expect("lock").push(t.to_string());
+            drop(permit.expect("granted"));
+        }));
+        wait_until("the waiter to queue", || {
+            provider.queued() as usize == i + 1
+        })
+        .await;
+    }
+    drop(held);
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        *order.lock().expect("lock"),
+        ["a", "a", "a", "b", "a", "b"],
+        "three of a's per turn, one of b's"
+    );
     gw.stop(Duration::from_secs(1)).await;
 }
