@@ -214,6 +214,19 @@ pub fn provider_toml_kind(
     )
 }
 
+/// Waits, if needed, until the next `needed` seconds fall inside one wall-clock minute: a test
+/// that checks per-minute limits must not straddle a window boundary (the next window brings a
+/// fresh budget and the limit is not reached when the test expects it).
+pub async fn inside_one_minute(needed: Duration) {
+    let into = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 60_000) as u64;
+    let needed = (needed.as_millis() as u64).min(50_000);
+    if into + needed > 60_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
+    }
+}
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
 where

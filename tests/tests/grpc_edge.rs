@@ -279,6 +279,7 @@ async fn health_reflection_and_admin_answer() {
 
 #[tokio::test]
 async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
+    meridian_tests::inside_one_minute(std::time::Duration::from_secs(10)).await;
     use meridian_proto::pb::admin as pb;
     let (_mock, node) = setup(&["mock"], "").await;
     let mut admin = AdminClient::with_interceptor(channel(node.admin).await, node.admin_bearer());

@@ -731,6 +731,7 @@ async fn api_keys_are_required_checked_and_revocable() {
 
 #[tokio::test]
 async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
+    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     let m = mock(Flavor::Vllm).await;
     let n = node(&m, &["mock"], "", "").await;
     let mut admin = n.admin_client().await.expect("admin");
@@ -829,6 +830,7 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
 
 #[tokio::test]
 async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
+    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     use jsonwebtoken::{EncodingKey, Header, encode};
     let m = mock(Flavor::Vllm).await;
     let secret = "a-shared-hs256-secret-for-this-test-only";
@@ -968,6 +970,7 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
 
 #[tokio::test]
 async fn features_users_and_daily_cost_have_their_own_limits() {
+    meridian_tests::inside_one_minute(Duration::from_secs(30)).await;
     use meridian_proto::pb::admin as pb;
     let m = mock(Flavor::Vllm).await;
     // The mock answers 8 completion tokens; $1,000 per million output tokens is 8,000 µ$.
@@ -1160,6 +1163,7 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
 
 #[tokio::test]
 async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
+    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     use meridian_proto::pb::admin as pb;
     let m = mock(Flavor::Vllm).await;
     let n = node(&m, &["mock"], "", "").await;

@@ -101,6 +101,18 @@ fn node(ledger: &Arc<Ledger>, id: NodeId, config: QuotaConfig) -> Quota {
     .0
 }
 
+/// Waits, if needed, so that the next few seconds fall inside one minute window: a test that
+/// counts admissions against a per-minute limit must not straddle a window boundary (the next
+/// window brings a fresh budget).
+async fn inside_one_window() {
+    let into = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 60_000) as u64;
+    if into > 55_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
+    }
+}
+
 fn tokens(n: u64) -> Estimate {
     Estimate {
         prompt: n / 2,
@@ -125,6 +137,7 @@ fn tpm(limit: u64) -> Vec<Scope> {
 
 #[tokio::test]
 async fn three_nodes_never_admit_more_than_the_limit_together() {
+    inside_one_window().await;
     let ledger = ledger(3);
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
@@ -159,6 +172,7 @@ async fn three_nodes_never_admit_more_than_the_limit_together() {
 
 #[tokio::test]
 async fn settled_reservations_give_back_what_they_did_not_use() {
+    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -209,6 +223,7 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
 
 #[tokio::test]
 async fn without_quorum_limits_deny_or_share() {
+    inside_one_window().await;
     let ledger = ledger(4);
     let tenant: Arc<str> = "acme".into();
     let limits = tenant_scope(Limits {
@@ -247,6 +262,7 @@ async fn without_quorum_limits_deny_or_share() {
 
 #[tokio::test]
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
+    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -314,6 +330,7 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
 
 #[tokio::test]
 async fn a_limit_of_one_admits_exactly_one() {
+    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -332,6 +349,7 @@ async fn a_limit_of_one_admits_exactly_one() {
 
 #[tokio::test]
 async fn a_report_whose_answer_was_lost_is_counted_once() {
+    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
