@@ -447,15 +447,9 @@ impl Gateway {
                     .with_retry_after(Duration::from_secs(1)),
             );
         }
-        let (routes, ejected) = self.route(&request, &ctx)?;
-        if let (Some(p), Some(c)) = (&ctx.principal, &self.inner.cluster) {
-            ctx.weight = c
-                .state
-                .borrow()
-                .tenants
-                .get(&*p.tenant)
-                .map_or(1, |t| t.weight.max(1));
-        }
+        let tenant = self.tenant_rules(ctx.principal.as_ref());
+        ctx.weight = tenant.weight;
+        let (routes, ejected) = self.route(&request, &ctx, &tenant)?;
         self.inner.retries.count_request();
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {
@@ -489,6 +483,7 @@ impl Gateway {
         &self,
         request: &ChatRequest,
         ctx: &RequestContext,
+        tenant: &TenantRules,
     ) -> Result<(Vec<Route>, usize), ApiError> {
         let model = request.model();
         let not_found = || {
@@ -499,16 +494,7 @@ impl Gateway {
             .with_param("model")
             .with_code("model_not_found")
         };
-        let (regions, allowed) = match (&ctx.principal, &self.inner.cluster) {
-            (Some(p), Some(c)) => c
-                .state
-                .borrow()
-                .tenants
-                .get(&*p.tenant)
-                .map(|t| (t.regions.clone(), t.models.clone()))
-                .unwrap_or_default(),
-            _ => Default::default(),
-        };
+        let (regions, allowed) = (&tenant.regions, &tenant.models);
         let may_call = |m: &str| allowed.is_empty() || allowed.iter().any(|a| a == m);
         let models: Vec<&str> = match self.inner.aliases.get(model) {
             Some(alias) => {
@@ -564,7 +550,7 @@ impl Gateway {
             let Some(routes) = self.inner.routes.get(m) else {
                 continue;
             };
-            match self.plan(routes, &regions, prefix) {
+            match self.plan(routes, regions, prefix) {
                 Ok((order, e)) => {
                     chosen.extend(order);
                     ejected += e;
@@ -595,6 +581,23 @@ impl Gateway {
             .with_code("circuit_open")
             .with_retry_after(Duration::from_secs(1)),
         })
+    }
+
+    /// What the caller's tenant record says about routing it (no restriction, weight 1, for
+    /// callers without a tenant record). One read of the applied state per request.
+    fn tenant_rules(&self, principal: Option<&Principal>) -> TenantRules {
+        let (Some(p), Some(c)) = (principal, &self.inner.cluster) else {
+            return TenantRules::default();
+        };
+        c.state
+            .borrow()
+            .tenants
+            .get(&*p.tenant)
+            .map_or_else(TenantRules::default, |t| TenantRules {
+                regions: t.regions.clone(),
+                models: t.models.clone(),
+                weight: t.weight.max(1),
+            })
     }
 
     /// One model's providers in the order to try them (see [`policy::plan`]), and how many of
@@ -711,6 +714,27 @@ fn prefix_key(request: &ChatRequest) -> u64 {
     }
     text.truncate(PREFIX);
     policy::fnv1a(&text)
+}
+
+/// A tenant's routing rules, read from its replicated record.
+#[derive(Debug)]
+struct TenantRules {
+    /// Allowed regions (empty: any).
+    regions: Vec<String>,
+    /// Allowed models (empty: any).
+    models: Vec<String>,
+    /// Share of provider queues.
+    weight: u32,
+}
+
+impl Default for TenantRules {
+    fn default() -> Self {
+        Self {
+            regions: Vec::new(),
+            models: Vec::new(),
+            weight: 1,
+        }
+    }
 }
 
 /// One breaker per provider, each knowing, per model it serves, every provider id serving

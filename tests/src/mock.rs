@@ -263,6 +263,28 @@ enum Content {
 }
 
 impl Script {
+    /// The request's script: the `x-mock-script` header, else what follows `@` in the model.
+    fn of(headers: &HeaderMap, model: &str) -> Result<Self, String> {
+        match headers.get("x-mock-script").and_then(|v| v.to_str().ok()) {
+            Some(text) => Self::parse(text),
+            None => Self::parse(model.split_once('@').map_or("", |(_, s)| s)),
+        }
+    }
+
+    /// What happens before content token `emitted` of a stream: the inter-token delay, then a
+    /// scripted stall (never returns) or cut (`Some`: the error that ends the body).
+    async fn before_token(&self, emitted: usize) -> Option<std::io::Error> {
+        // Time passes before each token, faults included, as on a real server.
+        if emitted > 0 && !self.itl.is_zero() {
+            tokio::time::sleep(self.itl).await;
+        }
+        if self.stall_after == Some(emitted) {
+            std::future::pending::<()>().await;
+        }
+        (self.close_after == Some(emitted))
+            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "scripted close"))
+    }
+
     fn parse(text: &str) -> Result<Self, String> {
         let mut s = Self {
             tokens: 8,
@@ -393,13 +415,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         Err(e) => return error_response(flavor_default, 400, &format!("invalid JSON: {e}")),
     };
     let model = req["model"].as_str().unwrap_or_default().to_owned();
-    let script_text = headers
-        .get("x-mock-script")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| model.split_once('@').map(|(_, s)| s.to_owned()))
-        .unwrap_or_default();
-    let script = match Script::parse(&script_text) {
+    let script = match Script::of(&headers, &model) {
         Ok(s) => s,
         Err(e) => return error_response(flavor_default, 400, &e),
     };
@@ -549,17 +565,8 @@ impl StreamPlan {
         }
         let emitted = step - 1;
         if emitted < n {
-            // Time passes before each token, faults included, as on a real server.
-            if emitted > 0 && !self.script.itl.is_zero() {
-                tokio::time::sleep(self.script.itl).await;
-            }
-            if self.script.stall_after == Some(emitted) {
-                std::future::pending::<()>().await;
-            }
-            if self.script.close_after == Some(emitted) {
+            if let Some(err) = self.script.before_token(emitted).await {
                 self.guard.end = End::Failed;
-                let err =
-                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "scripted close");
                 return Some((vec![Err(err)], self));
             }
             if self.script.fail_after == Some(emitted) {
@@ -727,13 +734,7 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
             return error_response(f, 400, &format!("{key}: Extra inputs are not permitted"));
         }
     }
-    let script_text = headers
-        .get("x-mock-script")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| model.split_once('@').map(|(_, s)| s.to_owned()))
-        .unwrap_or_default();
-    let script = match Script::parse(&script_text) {
+    let script = match Script::of(&headers, &model) {
         Ok(s) => s,
         Err(e) => return error_response(f, 400, &e),
     };
@@ -857,16 +858,8 @@ impl AnthropicPlan {
         }
         let emitted = step - 1;
         if emitted < n {
-            if emitted > 0 && !self.script.itl.is_zero() {
-                tokio::time::sleep(self.script.itl).await;
-            }
-            if self.script.stall_after == Some(emitted) {
-                std::future::pending::<()>().await;
-            }
-            if self.script.close_after == Some(emitted) {
+            if let Some(err) = self.script.before_token(emitted).await {
                 self.guard.end = End::Failed;
-                let err =
-                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "scripted close");
                 return Some((vec![Err(err)], self));
             }
             if self.script.fail_after == Some(emitted) {

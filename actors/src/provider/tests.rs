@@ -154,9 +154,14 @@ async fn a_request_that_cannot_start_before_its_queue_deadline_times_out() {
     .await;
 }
 
-#[tokio::test]
-async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_queue() {
-    let gw = gateway(spec(1, 6, Duration::from_secs(10))).await;
+/// The order in which waiters of `plan` ((tenant, weight), queued in that order behind the
+/// only slot, which `release_after` may inspect the queue before freeing) get their slots.
+async fn service_order(
+    queue_capacity: u32,
+    plan: &[(&str, u32)],
+    release_after: impl AsyncFnOnce(&Arc<Provider>, Instant),
+) -> Vec<String> {
+    let gw = gateway(spec(1, queue_capacity, Duration::from_secs(10))).await;
     let provider = gw.provider("demo").expect("provider");
     let deadline = Instant::now() + Duration::from_secs(10);
     let held = provider
@@ -165,56 +170,7 @@ async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_q
         .expect("the only slot");
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
-    let tenant_a: Arc<str> = "a".into();
-    let tenant_b: Arc<str> = "b".into();
-    for (i, tenant) in [&tenant_a, &tenant_a, &tenant_a, &tenant_b]
-        .into_iter()
-        .enumerate()
-    {
-        let (p, order, t) = (
-            Arc::clone(&provider),
-            Arc::clone(&order),
-            Arc::clone(tenant),
-        );
-        tasks.push(tokio::spawn(async move {
-            let permit = p.acquire(deadline, Some(Arc::clone(&t)), 1).await;
-            order.lock().expect("lock").push(t.to_string());
-            drop(permit.expect("granted"));
-        }));
-        wait_until("the waiter to queue", || {
-            provider.queued() as usize == i + 1
-        })
-        .await;
-    }
-    // Tenant a already holds half the queue (3 of 6): a fourth is refused, b is not.
-    let refused = provider
-        .acquire(deadline, Some(Arc::clone(&tenant_a)), 1)
-        .await
-        .expect_err("a's share is full");
-    assert_eq!(refused.code.as_deref(), Some("tenant_queue_full"));
-    drop(held);
-    for t in tasks {
-        t.await.expect("task");
-    }
-    // b queued last but is served second: turns alternate between tenants.
-    assert_eq!(*order.lock().expect("lock"), ["a", "b", "a", "a"]);
-    gw.stop(Duration::from_secs(1)).await;
-}
-
-#[tokio::test]
-async fn a_heavier_tenant_gets_that_many_slots_per_turn() {
-    let gw = gateway(spec(1, 12, Duration::from_secs(10))).await;
-    let provider = gw.provider("demo").expect("provider");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let held = provider
-        .acquire(deadline, None, 1)
-        .await
-        .expect("the only slot");
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    // a (weight 3) queues four requests, then b (weight 1) two.
-    let plan = [("a", 3), ("a", 3), ("a", 3), ("a", 3), ("b", 1), ("b", 1)];
-    for (i, (tenant, weight)) in plan.into_iter().enumerate() {
+    for (i, &(tenant, weight)) in plan.iter().enumerate() {
         let (p, order) = (Arc::clone(&provider), Arc::clone(&order));
         let t: Arc<str> = tenant.into();
         tasks.push(tokio::spawn(async move {
@@ -227,14 +183,39 @@ async fn a_heavier_tenant_gets_that_many_slots_per_turn() {
         })
         .await;
     }
+    release_after(&provider, deadline).await;
     drop(held);
     for t in tasks {
         t.await.expect("task");
     }
+    gw.stop(Duration::from_secs(1)).await;
+    order.lock().expect("lock").clone()
+}
+
+#[tokio::test]
+async fn waiters_are_served_round_robin_across_tenants_and_no_tenant_fills_the_queue() {
+    let plan = [("a", 1), ("a", 1), ("a", 1), ("b", 1)];
+    let order = service_order(6, &plan, async |provider, deadline| {
+        // Tenant a already holds half the queue (3 of 6): a fourth is refused, b is not.
+        let refused = provider
+            .acquire(deadline, Some("a".into()), 1)
+            .await
+            .expect_err("a's share is full");
+        assert_eq!(refused.code.as_deref(), Some("tenant_queue_full"));
+    })
+    .await;
+    // b queued last but is served second: turns alternate between tenants.
+    assert_eq!(order, ["a", "b", "a", "a"]);
+}
+
+#[tokio::test]
+async fn a_heavier_tenant_gets_that_many_slots_per_turn() {
+    // a (weight 3) queues four requests, then b (weight 1) two.
+    let plan = [("a", 3), ("a", 3), ("a", 3), ("a", 3), ("b", 1), ("b", 1)];
+    let order = service_order(12, &plan, async |_, _| {}).await;
     assert_eq!(
-        *order.lock().expect("lock"),
+        order,
         ["a", "a", "a", "b", "a", "b"],
         "three of a's per turn, one of b's"
     );
-    gw.stop(Duration::from_secs(1)).await;
 }
