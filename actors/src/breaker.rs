@@ -240,7 +240,8 @@ pub struct Breaker {
     /// The provider id (the same on every node that configures the provider).
     pub key: String,
     /// Per model the provider serves, every provider id serving it (the panic threshold).
-    groups: Vec<Vec<String>>,
+    /// Changes as replicas come and go.
+    groups: std::sync::RwLock<Vec<Vec<String>>>,
     config: Arc<BreakerConfig>,
     node: NodeId,
     state: watch::Receiver<Arc<ClusterState>>,
@@ -276,7 +277,7 @@ impl Breaker {
                 probe: None,
             }),
             key,
-            groups,
+            groups: std::sync::RwLock::new(groups),
             config,
             node: cluster.node_id,
             state: cluster.state.clone(),
@@ -341,8 +342,20 @@ impl Breaker {
             key: self.key.clone(),
             reason,
             version,
-            groups: self.groups.clone(),
+            groups: self
+                .groups
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
+    }
+
+    /// The providers serving each of this one's models, now (replicas came or went).
+    pub fn set_groups(&self, groups: Vec<Vec<String>>) {
+        *self
+            .groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
     }
 
     /// Asks the actor once per record version (again after a second if nothing changed, e.g.

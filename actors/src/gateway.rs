@@ -3,8 +3,8 @@
 //! the replicated state: [`Replicated`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
-use crate::breaker::{Breaker, BreakerActor, BreakerArgs, BreakerConfig, BreakerStats};
+use crate::breaker::{Breaker, BreakerActor, BreakerArgs, BreakerConfig, BreakerMsg, BreakerStats};
 use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
@@ -108,10 +108,17 @@ pub struct Gateway {
 }
 
 struct Inner {
-    routes: HashMap<String, Vec<Route>>,
-    /// Model names in configuration order, for `/v1/models`.
-    models: Vec<String>,
-    providers: Vec<Arc<Provider>>,
+    /// Where requests can go now; replaced whole when a provider comes or goes.
+    table: RwLock<Arc<Table>>,
+    /// Serialises changes to `table`.
+    changing: Mutex<()>,
+    /// The breaker of every provider in the table (cluster only).
+    breakers: Option<Breakers>,
+    /// Registry writes under way for this node's replicas, by provider id (a newer one for the
+    /// same id replaces an older).
+    registering: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Follows replicas other nodes register.
+    follower: Mutex<Option<JoinHandle<()>>>,
     limits: RequestLimits,
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
@@ -127,8 +134,6 @@ struct Inner {
     region: String,
     aliases: HashMap<String, Alias>,
     draws: AtomicU64,
-    /// Some provider takes part in prefix affinity (else no request is hashed).
-    affinity: bool,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
 }
@@ -136,7 +141,7 @@ struct Inner {
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("models", &self.inner.models)
+            .field("models", &self.table().models)
             .finish_non_exhaustive()
     }
 }
@@ -170,31 +175,18 @@ impl Gateway {
                     supervisor.get_cell(),
                 )
                 .await?;
-                breakers_for(&providers, cluster, &breaker_config, &actor)
+                Some(Breakers {
+                    cluster: cluster.clone(),
+                    config: breaker_config,
+                    actor,
+                    by_id: Mutex::new(HashMap::new()),
+                })
             }
-            None => HashMap::new(),
+            None => None,
         };
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
-        let mut models = Vec::new();
-        for p in &providers {
-            for m in &p.spec.models {
-                let entry = routes.entry(m.name.clone()).or_default();
-                if entry.is_empty() {
-                    models.push(m.name.clone());
-                }
-                entry.push(Route {
-                    provider: Arc::clone(p),
-                    upstream_model: m.upstream_name.as_str().into(),
-                    breaker: breakers.get(&p.spec.id).cloned(),
-                });
-            }
-        }
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
-        let mut aliases: Vec<&String> = config.aliases.keys().collect();
-        aliases.sort();
-        models.extend(aliases.into_iter().cloned());
-        let affinity = providers.iter().any(|p| p.spec.prefix_affinity);
+        let table = Table::build(providers.clone(), &config.aliases, breakers.as_ref());
         let quota = match (&config.cluster, config.quota, config.auth) {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
@@ -205,11 +197,13 @@ impl Gateway {
                 registry_records(c.node_id, &providers),
             ))
         });
-        Ok(Self {
+        let gateway = Self {
             inner: Arc::new(Inner {
-                routes,
-                models,
-                providers,
+                table: RwLock::new(Arc::new(table)),
+                changing: Mutex::new(()),
+                breakers,
+                registering: Mutex::new(HashMap::new()),
+                follower: Mutex::new(None),
                 limits: config.limits,
                 supervisor,
                 connections: connections.get_cell(),
@@ -225,10 +219,145 @@ impl Gateway {
                 region: config.region,
                 aliases: config.aliases,
                 draws: AtomicU64::new(0),
-                affinity,
                 publisher,
             }),
-        })
+        };
+        if let Some(c) = &gateway.inner.cluster {
+            let follower = tokio::spawn(follow_registry(
+                Arc::downgrade(&gateway.inner),
+                c.state.clone(),
+                c.node_id,
+            ));
+            *lock(&gateway.inner.follower) = Some(follower);
+        }
+        Ok(gateway)
+    }
+
+    /// The routing table as it is now.
+    fn table(&self) -> Arc<Table> {
+        Arc::clone(
+            &self
+                .inner
+                .table
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Rebuilds the table with `change` applied to its providers.
+    fn change_providers(&self, change: impl FnOnce(&mut Vec<Arc<Provider>>)) {
+        let _one_at_a_time = lock(&self.inner.changing);
+        let mut providers = self.table().providers.clone();
+        change(&mut providers);
+        let table = Table::build(providers, &self.inner.aliases, self.inner.breakers.as_ref());
+        *self
+            .inner
+            .table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+    }
+
+    /// Starts routing to a provider that was not configured (a vLLM replica that became ready,
+    /// here or on another node): its ProviderActor starts under the node supervisor, then the
+    /// provider joins the routing table. One with the same id is withdrawn first.
+    pub async fn add_provider(&self, spec: ProviderSpec) -> Result<Arc<Provider>, ApiError> {
+        let id = spec.id.clone();
+        let provider = Provider::new(spec);
+        self.inner
+            .supervisor
+            .call(
+                |reply| SupervisorMsg::Adopt(Arc::clone(&provider), reply),
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .ok()
+            .and_then(|r| match r {
+                ractor::rpc::CallResult::Success(()) => Some(()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("could not start the actor of provider {id}"),
+                )
+            })?;
+        let mut old = None;
+        self.change_providers(|ps| {
+            if let Some(i) = ps.iter().position(|p| p.spec.id == id) {
+                old = Some(ps.remove(i));
+            }
+            ps.push(Arc::clone(&provider));
+        });
+        if let Some(old) = old {
+            old.withdraw();
+        }
+        Ok(provider)
+    }
+
+    /// Stops routing to a provider at once: it leaves the routing table, requests waiting for
+    /// it go to their next candidate, calls in flight finish. Returns it (its counters say
+    /// what is still in flight), or `None` if it was not in the table.
+    pub fn withdraw_provider(&self, id: &str) -> Option<Arc<Provider>> {
+        let mut gone = None;
+        self.change_providers(|ps| {
+            if let Some(i) = ps.iter().position(|p| p.spec.id == id) {
+                gone = Some(ps.remove(i));
+            }
+        });
+        if let Some(p) = &gone {
+            p.withdraw();
+        }
+        gone
+    }
+
+    /// A provider in the routing table, by id.
+    pub fn provider_by_id(&self, id: &str) -> Option<Arc<Provider>> {
+        self.table()
+            .providers
+            .iter()
+            .find(|p| p.spec.id == id)
+            .cloned()
+    }
+
+    /// Routes to one of this node's vLLM replicas from now on (it became ready), and records
+    /// it in the cluster's provider registry so that other nodes route to it too.
+    pub async fn register_replica(&self, spec: ProviderSpec) -> Result<(), ApiError> {
+        let record = ProviderRecord {
+            id: spec.id.clone(),
+            kind: "vllm".into(),
+            region: spec.region.clone(),
+            base_url: spec.upstream.base_url().into(),
+            models: spec.models.iter().map(|m| m.name.clone()).collect(),
+            owner: self.inner.cluster.as_ref().map_or(0, |c| c.node_id),
+            weight: spec.weight,
+            max_concurrency: spec.max_concurrency,
+            price: spec.price,
+            replica: true,
+            updated_at_unix_ms: 0,
+        };
+        self.add_provider(spec).await?;
+        if let Some(c) = &self.inner.cluster {
+            let task = tokio::spawn(publish_providers(c.clone(), vec![record.clone()]));
+            self.replace_registration(&record.id, task);
+        }
+        Ok(())
+    }
+
+    /// Stops routing to one of this node's replicas at once (see
+    /// [`Self::withdraw_provider`]) and removes it from the cluster's registry.
+    pub fn deregister_replica(&self, id: &str) -> Option<Arc<Provider>> {
+        let gone = self.withdraw_provider(id);
+        if let Some(c) = &self.inner.cluster {
+            let task = tokio::spawn(unpublish_provider(c.clone(), id.to_owned()));
+            self.replace_registration(id, task);
+        }
+        gone
+    }
+
+    fn replace_registration(&self, id: &str, task: JoinHandle<()>) {
+        if let Some(old) = lock(&self.inner.registering).insert(id.to_owned(), task) {
+            old.abort();
+        }
     }
 
     /// Who the request is from: `Ok(None)` when authentication is off, else the key's tenant or
@@ -327,12 +456,13 @@ impl Gateway {
         if scopes.is_empty() {
             return Ok(None);
         }
-        let route = self
-            .inner
+        let tokenizer = self
+            .table()
             .routes
             .get(request.model())
-            .and_then(|r| r.first());
-        let tokenizer = route.map(|r| r.provider.spec.tokenizer).unwrap_or_default();
+            .and_then(|r| r.first())
+            .map(|r| r.provider.spec.tokenizer)
+            .unwrap_or_default();
         let price = self.inner.prices.get(request.model()).copied();
         let estimate = Estimate {
             prompt: estimate::prompt_tokens(request, tokenizer),
@@ -406,18 +536,19 @@ impl Gateway {
         &self.inner.limits
     }
 
-    /// Every model this node routes, in configuration order.
-    pub fn models(&self) -> &[String] {
-        &self.inner.models
+    /// Every model this node routes: configured ones in configuration order, then those of
+    /// replicas as they joined, then virtual models.
+    pub fn models(&self) -> Vec<String> {
+        self.table().models.clone()
     }
 
     pub fn providers(&self) -> Vec<ProviderStatus> {
-        self.inner.providers.iter().map(|p| p.status()).collect()
+        self.table().providers.iter().map(|p| p.status()).collect()
     }
 
     /// Requests holding or waiting for a provider slot.
     pub fn in_flight(&self) -> u64 {
-        self.inner
+        self.table()
             .providers
             .iter()
             .map(|p| u64::from(p.in_flight()) + u64::from(p.queued()))
@@ -531,8 +662,9 @@ impl Gateway {
             None if may_call(model) => vec![model],
             None => Vec::new(),
         };
+        let table = self.table();
         if models.is_empty() {
-            if !self.inner.routes.contains_key(model) && !self.inner.aliases.contains_key(model) {
+            if !table.routes.contains_key(model) && !self.inner.aliases.contains_key(model) {
                 return Err(not_found());
             }
             return Err(ApiError::new(
@@ -542,12 +674,12 @@ impl Gateway {
             .with_param("model")
             .with_code("model_not_allowed"));
         }
-        let prefix = self.inner.affinity.then(|| prefix_key(request));
+        let prefix = table.affinity.then(|| prefix_key(request));
         let mut chosen = Vec::new();
         let mut ejected = 0;
         let mut refusal = None;
         for m in models {
-            let Some(routes) = self.inner.routes.get(m) else {
+            let Some(routes) = table.routes.get(m) else {
                 continue;
             };
             match self.plan(routes, regions, prefix) {
@@ -629,6 +761,9 @@ impl Gateway {
                     max_concurrency: r.provider.spec.max_concurrency,
                     weight: r.provider.spec.weight,
                     price: r.provider.spec.price.input + r.provider.spec.price.output,
+                    engine_running: r.provider.upstream_load().running(),
+                    engine_waiting: r.provider.upstream_load().waiting(),
+                    kv_permille: (r.provider.upstream_load().kv_cache_usage() * 1000.0) as u32,
                 },
                 breaker,
                 affinity: r
@@ -675,6 +810,9 @@ impl Gateway {
         if let Some(p) = &self.inner.publisher {
             p.abort();
         }
+        if let Some(f) = lock(&self.inner.follower).take() {
+            f.abort();
+        }
         if let Some((_, task)) = &self.inner.quota {
             task.abort();
         }
@@ -688,11 +826,7 @@ impl Gateway {
     /// For the supervision tests: the live actor of a provider.
     #[cfg(test)]
     pub(crate) fn provider(&self, id: &str) -> Option<Arc<Provider>> {
-        self.inner
-            .providers
-            .iter()
-            .find(|p| p.spec.id == id)
-            .cloned()
+        self.provider_by_id(id)
     }
 }
 
@@ -737,35 +871,98 @@ impl Default for TenantRules {
     }
 }
 
-/// One breaker per provider, each knowing, per model it serves, every provider id serving
-/// that model (for the panic threshold).
-fn breakers_for(
-    providers: &[Arc<Provider>],
-    cluster: &Replicated,
-    config: &Arc<BreakerConfig>,
-    actor: &ActorRef<crate::breaker::BreakerMsg>,
-) -> HashMap<String, Arc<Breaker>> {
-    let serving = |model: &str| -> Vec<String> {
-        providers
-            .iter()
-            .filter(|p| p.spec.models.iter().any(|m| m.name == model))
-            .map(|p| p.spec.id.clone())
-            .collect()
-    };
-    providers
-        .iter()
-        .map(|p| {
-            let groups = p.spec.models.iter().map(|m| serving(&m.name)).collect();
-            let breaker = Breaker::new(
-                p.spec.id.clone(),
-                groups,
-                Arc::clone(config),
-                cluster,
-                actor.clone(),
-            );
-            (p.spec.id.clone(), Arc::new(breaker))
-        })
-        .collect()
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where requests can go: every provider this node routes to (configured ones, its own vLLM
+/// replicas that are ready, replicas other nodes registered), by model.
+struct Table {
+    routes: HashMap<String, Vec<Route>>,
+    /// Model names: providers' in order of arrival, then virtual models (sorted).
+    models: Vec<String>,
+    providers: Vec<Arc<Provider>>,
+    /// Some provider takes part in prefix affinity (else no request is hashed).
+    affinity: bool,
+}
+
+impl Table {
+    fn build(
+        providers: Vec<Arc<Provider>>,
+        aliases: &HashMap<String, Alias>,
+        breakers: Option<&Breakers>,
+    ) -> Self {
+        let breakers = breakers
+            .map(|b| b.for_providers(&providers))
+            .unwrap_or_default();
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut models = Vec::new();
+        for p in &providers {
+            for m in &p.spec.models {
+                let entry = routes.entry(m.name.clone()).or_default();
+                if entry.is_empty() {
+                    models.push(m.name.clone());
+                }
+                entry.push(Route {
+                    provider: Arc::clone(p),
+                    upstream_model: m.upstream_name.as_str().into(),
+                    breaker: breakers.get(&p.spec.id).cloned(),
+                });
+            }
+        }
+        let mut virtual_models: Vec<&String> = aliases.keys().collect();
+        virtual_models.sort();
+        models.extend(virtual_models.into_iter().cloned());
+        let affinity = providers.iter().any(|p| p.spec.prefix_affinity);
+        Self {
+            routes,
+            models,
+            providers,
+            affinity,
+        }
+    }
+}
+
+/// Every provider's breaker on this node.
+struct Breakers {
+    cluster: Replicated,
+    config: Arc<BreakerConfig>,
+    actor: ActorRef<BreakerMsg>,
+    by_id: Mutex<HashMap<String, Arc<Breaker>>>,
+}
+
+impl Breakers {
+    /// One breaker per provider (a provider that stays keeps its breaker and what it has
+    /// seen), each knowing, per model it serves, every provider id serving that model (for the
+    /// panic threshold).
+    fn for_providers(&self, providers: &[Arc<Provider>]) -> HashMap<String, Arc<Breaker>> {
+        let serving = |model: &str| -> Vec<String> {
+            providers
+                .iter()
+                .filter(|p| p.spec.models.iter().any(|m| m.name == model))
+                .map(|p| p.spec.id.clone())
+                .collect()
+        };
+        let mut by_id = lock(&self.by_id);
+        by_id.retain(|id, _| providers.iter().any(|p| &p.spec.id == id));
+        for p in providers {
+            let groups: Vec<Vec<String>> = p.spec.models.iter().map(|m| serving(&m.name)).collect();
+            match by_id.get(&p.spec.id) {
+                Some(b) => b.set_groups(groups),
+                None => {
+                    let breaker = Breaker::new(
+                        p.spec.id.clone(),
+                        groups,
+                        Arc::clone(&self.config),
+                        &self.cluster,
+                        self.actor.clone(),
+                    );
+                    by_id.insert(p.spec.id.clone(), Arc::new(breaker));
+                }
+            }
+        }
+        by_id.clone()
+    }
 }
 
 /// This node's providers as registry records: ids are `<node id>/<provider id>`, so nodes that
@@ -783,6 +980,7 @@ fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRe
             weight: p.spec.weight,
             max_concurrency: p.spec.max_concurrency,
             price: p.spec.price,
+            replica: false,
             updated_at_unix_ms: 0,
         })
         .collect()
@@ -815,6 +1013,109 @@ async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Removes a provider from the replicated registry, retrying until it is gone (and again if an
+/// earlier registration of it lands late).
+async fn unpublish_provider(cluster: Replicated, id: String) {
+    let mut backoff = Duration::from_millis(100);
+    let mut absent_since: Option<tokio::time::Instant> = None;
+    loop {
+        let present = cluster.state.borrow().providers.contains_key(&id);
+        if !present {
+            // Watch a little longer: a registration proposed before this removal may still
+            // commit after it.
+            let since = *absent_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(5) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
+        absent_since = None;
+        if let Err(e) = cluster
+            .proposer
+            .propose(Command::RemoveProvider { id: id.clone() })
+            .await
+        {
+            tracing::debug!(provider = %id, error = %e, "deregistering a provider; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Keeps the routing table in step with the replicas other nodes register: one that appears
+/// in the replicated registry is routed to directly, one that leaves it (or changes address or
+/// models) is withdrawn at once.
+async fn follow_registry(
+    gateway: Weak<Inner>,
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    me: NodeId,
+) {
+    let mut known: HashMap<String, ProviderRecord> = HashMap::new();
+    loop {
+        let records: HashMap<String, ProviderRecord> = state
+            .borrow_and_update()
+            .providers
+            .values()
+            .filter(|r| r.replica && r.owner != me)
+            .map(|r| (r.id.clone(), r.clone()))
+            .collect();
+        let Some(inner) = gateway.upgrade() else {
+            return;
+        };
+        let gateway_now = Gateway { inner };
+        let same = |a: &ProviderRecord, b: &ProviderRecord| {
+            (
+                &a.base_url,
+                &a.models,
+                &a.region,
+                a.max_concurrency,
+                a.weight,
+            ) == (
+                &b.base_url,
+                &b.models,
+                &b.region,
+                b.max_concurrency,
+                b.weight,
+            )
+        };
+        let gone: Vec<String> = known
+            .iter()
+            .filter(|(id, old)| records.get(*id).is_none_or(|new| !same(old, new)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            known.remove(&id);
+            gateway_now.withdraw_provider(&id);
+            tracing::info!(provider = %id, "a remote replica left the registry; no longer routed to");
+        }
+        for (id, record) in records {
+            if known.contains_key(&id) {
+                continue;
+            }
+            match crate::vllm::remote_replica_spec(&record) {
+                Ok(spec) => match gateway_now.add_provider(spec).await {
+                    Ok(_) => {
+                        tracing::info!(provider = %id, base_url = %record.base_url, "routing to a replica another node registered");
+                        known.insert(id, record);
+                    }
+                    Err(e) => {
+                        tracing::warn!(provider = %id, error = %e, "cannot route to a registered replica")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(provider = %id, error = %e, "cannot route to a registered replica");
+                    known.insert(id, record);
+                }
+            }
+        }
+        drop(gateway_now);
+        if state.changed().await.is_err() {
+            return;
         }
     }
 }

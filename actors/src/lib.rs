@@ -35,6 +35,7 @@ pub mod provider;
 pub mod quota;
 pub mod supervisor;
 pub mod upstream;
+pub mod vllm;
 
 pub use connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 pub use gateway::{Gateway, GatewayConfig};

@@ -1,15 +1,23 @@
 //! Routing decisions as pure functions: no async, no mailbox, table-tested.
 
 /// What the policy sees of one candidate provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Load {
+    /// This node's calls holding a slot there.
     pub in_flight: u32,
+    /// This node's requests waiting for a slot.
     pub queued: u32,
     pub max_concurrency: u32,
     /// Its capacity counts this many times (1: normal; 0 is taken as 1).
     pub weight: u32,
     /// Input + output price per million tokens (µ$; 0: unpriced, e.g. self-hosted).
     pub price: u64,
+    /// What the engine itself reports (a local vLLM replica's `/metrics`; 0 when unknown):
+    /// requests running, from every node, and waiting in its own queue.
+    pub engine_running: u32,
+    pub engine_waiting: u32,
+    /// The engine's KV-cache use in thousandths: at equal load, the emptier cache first.
+    pub kv_permille: u32,
 }
 
 impl Load {
@@ -17,15 +25,21 @@ impl Load {
         u64::from(self.max_concurrency.max(1)) * u64::from(self.weight.max(1))
     }
 
+    /// Requests running there (ours, or the engine's count when it reports more: other nodes
+    /// send there too) plus those waiting, in our queue and in the engine's.
     fn used(&self) -> u64 {
-        u64::from(self.in_flight) + u64::from(self.queued)
+        u64::from(self.in_flight.max(self.engine_running))
+            + u64::from(self.queued)
+            + u64::from(self.engine_waiting)
     }
 
-    /// Less loaded relative to capacity (weighted) first; at equal load, cheaper first.
+    /// Less loaded relative to capacity (weighted) first; at equal load, the emptier KV cache,
+    /// then the cheaper first.
     fn cmp_load(&self, other: &Load) -> std::cmp::Ordering {
         // Compare used / capacity without floating point: cross-multiply.
         (self.used() * other.capacity())
             .cmp(&(other.used() * self.capacity()))
+            .then(self.kv_permille.cmp(&other.kv_permille))
             .then(self.price.cmp(&other.price))
     }
 }

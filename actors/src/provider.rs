@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
 use meridian_proto::{ApiError, ErrorKind};
@@ -64,9 +64,46 @@ pub struct Provider {
     restarts: AtomicU64,
     /// Moving average of how long a call holds its slot, in µs (0: no sample yet).
     service_us: AtomicU64,
+    /// Taken out of routing for good (a vLLM replica that stopped or was drained): no new
+    /// slots, waiters are sent elsewhere, the actor stops.
+    withdrawn: AtomicBool,
+    /// Load reported by the upstream itself (a vLLM replica's `/metrics`), for routing.
+    upstream_load: UpstreamLoad,
     /// The live actor; replaced by each incarnation when it starts. A watch so that a request
     /// whose actor died can wait for the next one.
     actor: watch::Sender<Option<ActorRef<ProviderMsg>>>,
+}
+
+/// A provider's own report of its load (a vLLM replica's `/metrics`, scraped by its
+/// supervisor): requests running and waiting inside the engine, and KV-cache use.
+#[derive(Debug, Default)]
+pub struct UpstreamLoad {
+    running: AtomicU32,
+    waiting: AtomicU32,
+    /// KV-cache use in thousandths (0–1000).
+    kv_permille: AtomicU32,
+}
+
+impl UpstreamLoad {
+    pub fn set(&self, running: u32, waiting: u32, kv_cache_usage: f64) {
+        self.running.store(running, SeqCst);
+        self.waiting.store(waiting, SeqCst);
+        let kv = (kv_cache_usage.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        self.kv_permille.store(kv, SeqCst);
+    }
+
+    pub fn running(&self) -> u32 {
+        self.running.load(SeqCst)
+    }
+
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(SeqCst)
+    }
+
+    /// KV-cache use, 0.0–1.0.
+    pub fn kv_cache_usage(&self) -> f64 {
+        f64::from(self.kv_permille.load(SeqCst)) / 1000.0
+    }
 }
 
 /// A counters snapshot, for the admin API and metrics.
@@ -95,6 +132,8 @@ impl Provider {
             failures_total: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             service_us: AtomicU64::new(0),
+            withdrawn: AtomicBool::new(false),
+            upstream_load: UpstreamLoad::default(),
             actor: watch::Sender::new(None),
         })
     }
@@ -121,6 +160,25 @@ impl Provider {
             failures_total: self.failures_total.load(SeqCst),
             restarts: self.restarts.load(SeqCst),
         }
+    }
+
+    /// Takes the provider out of service for good: new requests get a retriable 503
+    /// (`provider_withdrawn`) and go to the next candidate, queued ones too; calls holding a
+    /// slot finish. Its actor stops.
+    pub fn withdraw(&self) {
+        self.withdrawn.store(true, SeqCst);
+        if let Some(actor) = self.actor.borrow().as_ref() {
+            let _ = actor.cast(ProviderMsg::Withdraw);
+        }
+    }
+
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(SeqCst)
+    }
+
+    /// What the upstream last reported about its own load (zeros when nobody reports).
+    pub fn upstream_load(&self) -> &UpstreamLoad {
+        &self.upstream_load
     }
 
     /// Counts one finished call.
@@ -158,6 +216,9 @@ impl Provider {
         tenant: Option<Arc<str>>,
         weight: u32,
     ) -> Result<Permit, ApiError> {
+        if self.is_withdrawn() {
+            return Err(self.withdrawn_error());
+        }
         if self.queued() == 0
             && let Some(permit) = self.try_take_slot()
         {
@@ -179,6 +240,9 @@ impl Provider {
         }
         let mut incarnations = self.actor.subscribe();
         loop {
+            if self.is_withdrawn() {
+                return Err(self.withdrawn_error());
+            }
             let actor = incarnations.borrow_and_update().clone();
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -258,6 +322,15 @@ impl Provider {
         .with_retry_after(Duration::from_secs(1))
     }
 
+    fn withdrawn_error(&self) -> ApiError {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!("provider {} was taken out of service", self.spec.id),
+        )
+        .with_code("provider_withdrawn")
+        .with_retry_after(Duration::from_secs(1))
+    }
+
     fn queue_full_error(&self) -> ApiError {
         ApiError::new(
             ErrorKind::Unavailable,
@@ -300,6 +373,8 @@ pub enum ProviderMsg {
     },
     /// A slot was freed; hand it to the oldest live waiter.
     Released,
+    /// The provider was withdrawn: turn every waiter away and stop.
+    Withdraw,
     /// Fault injection for the supervision tests.
     #[cfg(test)]
     Crash,
@@ -354,9 +429,21 @@ impl Actor for ProviderActor {
         Ok(())
     }
 
-    async fn handle(
+    async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.provider.is_withdrawn() {
+            // Wakes requests waiting for a next incarnation: there will be none.
+            state.provider.actor.send_replace(None);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -368,6 +455,10 @@ impl Actor for ProviderActor {
                 reply,
             } => state.enqueue(deadline, tenant, weight.max(1), reply),
             ProviderMsg::Released => state.grant(),
+            ProviderMsg::Withdraw => {
+                state.turn_away();
+                myself.stop(Some("withdrawn".into()));
+            }
             #[cfg(test)]
             ProviderMsg::Crash => panic!("injected ProviderActor crash"),
         }
@@ -383,6 +474,10 @@ impl ProviderState {
         weight: u32,
         reply: RpcReplyPort<Result<Permit, ApiError>>,
     ) {
+        if self.provider.is_withdrawn() {
+            let _ = reply.send(Err(self.provider.withdrawn_error()));
+            return;
+        }
         self.grant();
         if self.waiting == 0
             && let Some(permit) = self.provider.try_take_slot()
@@ -418,6 +513,18 @@ impl ProviderState {
         self.provider.queued.fetch_add(1, SeqCst);
         // A slot may have been freed between our check and the queued count going up.
         self.grant();
+    }
+
+    /// Sends every waiter away with a retriable error (the provider was withdrawn).
+    fn turn_away(&mut self) {
+        for (_, (queue, _)) in self.queues.drain() {
+            for w in queue {
+                self.provider.queued.fetch_sub(1, SeqCst);
+                let _ = w.reply.send(Err(self.provider.withdrawn_error()));
+            }
+        }
+        self.turns.clear();
+        self.waiting = 0;
     }
 
     /// Hands free slots to waiters, one tenant after another (weighted round-robin: up to

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
 use crate::provider::{Provider, ProviderActor};
@@ -34,9 +34,13 @@ impl Default for RestartBudget {
     }
 }
 
-/// Neither supervisor takes commands yet: they act on supervision events only.
+/// What the node supervisor is asked to do (the connection supervisor takes no commands).
 #[derive(Debug)]
-pub enum SupervisorMsg {}
+pub enum SupervisorMsg {
+    /// Start (and from now on supervise) the ProviderActor of a provider that joins at run
+    /// time; answers once it has started.
+    Adopt(Arc<Provider>, RpcReplyPort<()>),
+}
 
 /// Local only: it carries channels and streams that cannot leave the process.
 impl ractor::Message for SupervisorMsg {}
@@ -77,19 +81,50 @@ impl Actor for NodeSupervisor {
         })
     }
 
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Adopt(provider, reply) => {
+                let (actor, _) = Actor::spawn_linked(
+                    None,
+                    ProviderActor,
+                    Arc::clone(&provider),
+                    myself.get_cell(),
+                )
+                .await?;
+                state.providers.insert(actor.get_id(), provider);
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
     async fn handle_supervisor_evt(
         &self,
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SupervisionEvent::ActorFailed(cell, err) = event else {
-            return Ok(());
+        let (cell, err) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err),
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                // A withdrawn provider's actor stopped: nothing to restart.
+                state.providers.remove(&cell.get_id());
+                return Ok(());
+            }
+            _ => return Ok(()),
         };
         let Some(provider) = state.providers.remove(&cell.get_id()) else {
             // The ConnectionSupervisor only observes; if it fails, the node cannot serve.
             return Err(format!("connection supervisor failed: {err}").into());
         };
+        if provider.is_withdrawn() {
+            return Ok(());
+        }
         let id = provider.spec.id.clone();
         let now = Instant::now();
         let log = state.restarts.entry(id.clone()).or_default();

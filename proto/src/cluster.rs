@@ -354,6 +354,11 @@ pub struct ProviderRecord {
     /// What it charges (none for self-hosted replicas).
     #[serde(default)]
     pub price: ProviderPrice,
+    /// A vLLM replica a node launched and registered at run time: every node routes to it
+    /// directly at `base_url` while it is registered. (Configured providers are recorded for
+    /// inspection only: each node routes to its own configured ones.)
+    #[serde(default)]
+    pub replica: bool,
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub updated_at_unix_ms: u64,
@@ -693,6 +698,7 @@ mod tests {
             weight: 1,
             max_concurrency: 64,
             price: ProviderPrice::default(),
+            replica: false,
             updated_at_unix_ms: 0,
         }
     }

@@ -6,7 +6,7 @@ fn load(in_flight: u32, queued: u32, max_concurrency: u32) -> Load {
         queued,
         max_concurrency,
         weight: 1,
-        price: 0,
+        ..Load::default()
     }
 }
 
@@ -300,6 +300,34 @@ fn plan_uses_affinity_only_when_the_whole_first_group_takes_part() {
 }
 
 #[test]
+fn the_engines_own_counts_add_to_load() {
+    let engine = |in_flight, running, waiting, kv| Load {
+        in_flight,
+        max_concurrency: 10,
+        weight: 1,
+        engine_running: running,
+        engine_waiting: waiting,
+        kv_permille: kv,
+        ..Load::default()
+    };
+    // Our 2 in flight, but the engine runs 8 (other nodes' too): the other one is less loaded.
+    assert_eq!(
+        rank_by_load([engine(2, 8, 0, 0), engine(3, 3, 0, 0)]),
+        [1, 0]
+    );
+    // Requests waiting inside the engine count as load.
+    assert_eq!(
+        rank_by_load([engine(2, 2, 4, 0), engine(3, 3, 0, 0)]),
+        [1, 0]
+    );
+    // At equal load, the emptier KV cache first.
+    assert_eq!(
+        rank_by_load([engine(2, 2, 0, 900), engine(2, 2, 0, 100)]),
+        [1, 0]
+    );
+}
+
+#[test]
 fn weight_scales_capacity_and_price_breaks_ties() {
     let w = |in_flight, weight, price| Load {
         in_flight,
@@ -307,6 +335,7 @@ fn weight_scales_capacity_and_price_breaks_ties() {
         max_concurrency: 10,
         weight,
         price,
+        ..Load::default()
     };
     // 4 in flight of 2 × 10 is less loaded than 3 of 10.
     assert_eq!(rank_by_load([w(3, 1, 0), w(4, 2, 0)]), [1, 0]);

@@ -1,0 +1,550 @@
+//! VllmSupervisor: owns this node's `[[vllm]]` groups. It gives each replica a slot (its port
+//! and GPUs), starts one VllmActor per replica, scales groups between their minimum and
+//! maximum on in-flight load (only onto free GPUs, with a cool-down), and answers the admin
+//! API ([`Vllm`] is its handle).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr};
+use tokio::time::Instant;
+
+use super::actor::{Control, ReplicaArgs, VllmActor, VllmMsg};
+use super::gpu::{self, Discovery};
+use super::{ReplicaState, ReplicaStatus, VllmGroup};
+use crate::gateway::Gateway;
+
+/// What every replica looks like now, as its actor last published it (with when it entered its
+/// state and when it last became ready). Read by the admin API and metrics without a mailbox.
+#[derive(Clone, Default)]
+pub struct Board {
+    inner: Arc<Mutex<BoardMap>>,
+}
+
+type BoardMap = BTreeMap<String, (ReplicaStatus, Instant, Option<Instant>)>;
+
+impl Board {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BoardMap> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct VllmStats {
+    pub crashes: AtomicU64,
+    pub scale_ups: AtomicU64,
+    pub scale_downs: AtomicU64,
+    /// Scale-ups wanted but not done: no free GPU or port.
+    pub scale_blocked: AtomicU64,
+}
+
+/// The supervisor's vocabulary. Local only.
+#[derive(Debug)]
+pub enum VllmSupervisorMsg {
+    Control {
+        replica: String,
+        control: Control,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
+    Lora {
+        replica: String,
+        name: String,
+        path: Option<String>,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
+    /// Look at load and scale (a timer sends it every group's `autoscale.interval`).
+    Autoscale,
+}
+
+impl ractor::Message for VllmSupervisorMsg {}
+
+pub struct VllmSupervisor;
+
+pub struct VllmSupervisorArgs {
+    pub groups: Vec<VllmGroup>,
+    pub gateway: Gateway,
+    pub node_id: u64,
+    pub discovery: Discovery,
+    /// Re-run before each scale-up when discovery found GPUs (`None`: never).
+    pub nvidia_smi: Option<String>,
+    pub board: Board,
+    pub stats: Arc<VllmStats>,
+}
+
+struct Slot {
+    actor: ActorRef<VllmMsg>,
+    name: String,
+    gpus: Vec<u32>,
+    /// Drained by the autoscaler; removed once stopped.
+    retiring: bool,
+}
+
+struct GroupState {
+    group: Arc<VllmGroup>,
+    slots: BTreeMap<u32, Slot>,
+    last_scale: Option<Instant>,
+}
+
+pub struct SupervisorState {
+    groups: Vec<GroupState>,
+    gateway: Gateway,
+    node_id: u64,
+    nvidia_smi: Option<String>,
+    board: Board,
+    stats: Arc<VllmStats>,
+}
+
+impl Actor for VllmSupervisor {
+    type Msg = VllmSupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = VllmSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        a: VllmSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        match &a.discovery {
+            Discovery::Found(gpus) => {
+                tracing::info!(
+                    count = gpus.len(),
+                    free = gpus.iter().filter(|g| g.is_free()).count(),
+                    "GPUs discovered"
+                );
+            }
+            Discovery::Unavailable(why) => tracing::info!("GPU discovery: {why}"),
+        }
+        for g in &a.groups {
+            for &index in &g.gpus {
+                match a.discovery.gpu(index) {
+                    Some(gpu) if !gpu.is_free() => tracing::warn!(
+                        group = %g.id, gpu = index, used_mib = gpu.memory_used_mib,
+                        "a GPU of this group is already in use by another process"
+                    ),
+                    None if matches!(a.discovery, Discovery::Found(_)) => tracing::warn!(
+                        group = %g.id, gpu = index, "nvidia-smi does not list this GPU"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        Ok(SupervisorState {
+            groups: a
+                .groups
+                .into_iter()
+                .map(|g| GroupState {
+                    group: Arc::new(g),
+                    slots: BTreeMap::new(),
+                    last_scale: None,
+                })
+                .collect(),
+            gateway: a.gateway,
+            node_id: a.node_id,
+            nvidia_smi: a
+                .nvidia_smi
+                .filter(|_| matches!(a.discovery, Discovery::Found(_))),
+            board: a.board,
+            stats: a.stats,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for gi in 0..s.groups.len() {
+            for _ in 0..s.groups[gi].group.min_replicas {
+                if let Err(e) = s.add_replica(gi, &myself, false).await {
+                    tracing::error!(group = %s.groups[gi].group.id, error = %e, "cannot start a replica");
+                }
+            }
+        }
+        let scaling = s
+            .groups
+            .iter()
+            .filter(|g| g.group.max_replicas > g.group.min_replicas);
+        if let Some(every) = scaling.map(|g| g.group.autoscale.interval).min() {
+            myself.send_interval(every, || VllmSupervisorMsg::Autoscale);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            VllmSupervisorMsg::Control {
+                replica,
+                control,
+                reply,
+            } => {
+                let answer = match s.slot(&replica) {
+                    Some(slot) => ask(&slot.actor, |r| VllmMsg::Control(control, r)).await,
+                    None => Err(s.unknown(&replica)),
+                };
+                let _ = reply.send(answer);
+            }
+            VllmSupervisorMsg::Lora {
+                replica,
+                name,
+                path,
+                reply,
+            } => {
+                let answer = match s.slot(&replica) {
+                    Some(slot) => {
+                        ask(&slot.actor, |reply| VllmMsg::Lora { name, path, reply }).await
+                    }
+                    None => Err(s.unknown(&replica)),
+                };
+                let _ = reply.send(answer);
+            }
+            VllmSupervisorMsg::Autoscale => s.autoscale(&myself).await,
+        }
+        Ok(())
+    }
+}
+
+async fn ask(
+    actor: &ActorRef<VllmMsg>,
+    msg: impl FnOnce(RpcReplyPort<Result<String, String>>) -> VllmMsg,
+) -> Result<String, String> {
+    match actor.call(msg, Some(Duration::from_secs(150))).await {
+        Ok(ractor::rpc::CallResult::Success(answer)) => answer,
+        Ok(_) | Err(_) => Err("the replica's actor did not answer".into()),
+    }
+}
+
+impl SupervisorState {
+    fn slot(&self, name: &str) -> Option<&Slot> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.slots.values())
+            .find(|s| s.name == name)
+    }
+
+    fn unknown(&self, name: &str) -> String {
+        let known: Vec<&str> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.slots.values().map(|s| s.name.as_str()))
+            .collect();
+        format!(
+            "no replica {name:?} on this node (replicas: {})",
+            known.join(", ")
+        )
+    }
+
+    /// Starts a replica of group `gi` in its lowest free slot, on GPUs no other replica of the
+    /// group holds (and, when `only_free` and nvidia-smi is there, that it reports free).
+    async fn add_replica(
+        &mut self,
+        gi: usize,
+        myself: &ActorRef<VllmSupervisorMsg>,
+        only_free: bool,
+    ) -> Result<String, String> {
+        let discovery = match (&self.nvidia_smi, only_free) {
+            (Some(cmd), true) => Some(gpu::discover(cmd).await),
+            _ => None,
+        };
+        let g = &mut self.groups[gi];
+        let group = Arc::clone(&g.group);
+        let slot = (0..group.max_replicas)
+            .find(|i| !g.slots.contains_key(i))
+            .ok_or_else(|| {
+                format!(
+                    "group {} is at its maximum of {} replicas",
+                    group.id, group.max_replicas
+                )
+            })?;
+        let port = group
+            .port(slot)
+            .ok_or_else(|| format!("no port left in the range of group {}", group.id))?;
+        let taken: Vec<u32> = g
+            .slots
+            .values()
+            .flat_map(|s| s.gpus.iter().copied())
+            .collect();
+        let gpus: Vec<u32> = group
+            .gpus
+            .iter()
+            .copied()
+            .filter(|i| !taken.contains(i))
+            .filter(|i| {
+                discovery
+                    .as_ref()
+                    .is_none_or(|d| d.gpu(*i).is_some_and(gpu::Gpu::is_free))
+            })
+            .take(group.gpus_per_replica as usize)
+            .collect();
+        if gpus.len() < group.gpus_per_replica as usize {
+            return Err(format!(
+                "group {} needs {} free GPUs for another replica; {} are",
+                group.id,
+                group.gpus_per_replica,
+                gpus.len()
+            ));
+        }
+        let name = group.replica_name(slot);
+        let args = ReplicaArgs {
+            group: Arc::clone(&group),
+            name: name.clone(),
+            provider_id: format!("{}/{name}", self.node_id),
+            port,
+            gpus: gpus.clone(),
+            gateway: self.gateway.clone(),
+            board: self.board.clone(),
+            stats: Arc::clone(&self.stats),
+        };
+        let (actor, _) = Actor::spawn_linked(None, VllmActor, args, myself.get_cell())
+            .await
+            .map_err(|e| format!("cannot start the actor of {name}: {e}"))?;
+        g.slots.insert(
+            slot,
+            Slot {
+                actor,
+                name: name.clone(),
+                gpus,
+                retiring: false,
+            },
+        );
+        Ok(name)
+    }
+
+    async fn autoscale(&mut self, myself: &ActorRef<VllmSupervisorMsg>) {
+        let board: Vec<ReplicaStatus> = list(&self.board, &self.gateway);
+        for gi in 0..self.groups.len() {
+            self.reap(gi, &board);
+            let g = &self.groups[gi];
+            let group = Arc::clone(&g.group);
+            if group.max_replicas <= group.min_replicas {
+                continue;
+            }
+            let now = Instant::now();
+            if g.last_scale
+                .is_some_and(|t| now.duration_since(t) < group.autoscale.cooldown)
+            {
+                continue;
+            }
+            let active: Vec<(&u32, &Slot)> = g.slots.iter().filter(|(_, s)| !s.retiring).collect();
+            let status = |name: &str| board.iter().find(|r| r.name == name);
+            let ready: Vec<&ReplicaStatus> = active
+                .iter()
+                .filter_map(|(_, s)| status(&s.name))
+                .filter(|r| r.state == ReplicaState::Ready)
+                .collect();
+            let starting = active
+                .iter()
+                .filter_map(|(_, s)| status(&s.name))
+                .any(|r| r.state == ReplicaState::Starting);
+            if ready.is_empty() || starting {
+                continue;
+            }
+            let load: u32 = ready
+                .iter()
+                .map(|r| r.in_flight.max(r.running) + r.waiting)
+                .sum();
+            let per_replica = f64::from(load) / ready.len() as f64;
+            let target = f64::from(group.autoscale.target_in_flight.max(1));
+            let count = active.len() as u32;
+            if per_replica > target && count < group.max_replicas {
+                match self.add_replica(gi, myself, true).await {
+                    Ok(name) => {
+                        tracing::info!(group = %group.id, replica = %name, per_replica, target, replicas = count + 1, "autoscale: scaling up");
+                        self.stats.scale_ups.fetch_add(1, Ordering::Relaxed);
+                        self.groups[gi].last_scale = Some(now);
+                    }
+                    Err(why) => {
+                        tracing::warn!(group = %group.id, per_replica, target, "autoscale: cannot scale up: {why}");
+                        self.stats.scale_blocked.fetch_add(1, Ordering::Relaxed);
+                        self.groups[gi].last_scale = Some(now);
+                    }
+                }
+            } else if per_replica < target / 2.0 && count > group.min_replicas {
+                let g = &mut self.groups[gi];
+                let Some((_, slot)) = g.slots.iter_mut().rev().find(|(_, s)| !s.retiring) else {
+                    continue;
+                };
+                slot.retiring = true;
+                let _ = ask(&slot.actor, |r| VllmMsg::Control(Control::Drain, r)).await;
+                tracing::info!(group = %group.id, replica = %slot.name, per_replica, target, replicas = count - 1, "autoscale: scaling down (draining)");
+                self.stats.scale_downs.fetch_add(1, Ordering::Relaxed);
+                g.last_scale = Some(now);
+            }
+        }
+    }
+
+    /// Frees the slots of retired replicas once they have stopped.
+    fn reap(&mut self, gi: usize, board: &[ReplicaStatus]) {
+        let g = &mut self.groups[gi];
+        let done: Vec<u32> = g
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.retiring
+                    && board
+                        .iter()
+                        .find(|r| r.name == s.name)
+                        .is_none_or(|r| !r.state.is_running())
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        for i in done {
+            if let Some(slot) = g.slots.remove(&i) {
+                slot.actor.stop(Some("scaled down".into()));
+            }
+        }
+    }
+}
+
+/// Every replica as it is now, with this node's in-flight calls to it.
+fn list(board: &Board, gateway: &Gateway) -> Vec<ReplicaStatus> {
+    let now = Instant::now();
+    board
+        .lock()
+        .values()
+        .map(|(status, since, ready_since)| {
+            let mut s = status.clone();
+            s.state_for = now.duration_since(*since);
+            s.uptime = ready_since
+                .filter(|_| s.state == ReplicaState::Ready)
+                .map(|t| now.duration_since(t));
+            s.in_flight = gateway
+                .provider_by_id(&s.provider_id)
+                .map_or(0, |p| p.in_flight());
+            s
+        })
+        .collect()
+}
+
+/// The node's handle on its vLLM replicas.
+#[derive(Clone)]
+pub struct Vllm {
+    actor: ActorRef<VllmSupervisorMsg>,
+    board: Board,
+    gateway: Gateway,
+    stats: Arc<VllmStats>,
+}
+
+impl Vllm {
+    /// Discovers GPUs (with `nvidia_smi`, normally `nvidia-smi`) and starts every group's
+    /// minimum of replicas.
+    pub async fn start(
+        groups: Vec<VllmGroup>,
+        gateway: Gateway,
+        node_id: u64,
+        nvidia_smi: &str,
+    ) -> Result<Self, SpawnErr> {
+        let discovery = if groups.is_empty() {
+            Discovery::Unavailable("no [[vllm]] groups".into())
+        } else {
+            gpu::discover(nvidia_smi).await
+        };
+        let board = Board::default();
+        let stats = Arc::new(VllmStats::default());
+        let (actor, _) = Actor::spawn(
+            None,
+            VllmSupervisor,
+            VllmSupervisorArgs {
+                groups,
+                gateway: gateway.clone(),
+                node_id,
+                discovery,
+                nvidia_smi: Some(nvidia_smi.to_owned()),
+                board: board.clone(),
+                stats: Arc::clone(&stats),
+            },
+        )
+        .await?;
+        Ok(Self {
+            actor,
+            board,
+            gateway,
+            stats,
+        })
+    }
+
+    /// Every replica on this node, by name.
+    pub fn list(&self) -> Vec<ReplicaStatus> {
+        list(&self.board, &self.gateway)
+    }
+
+    pub fn stats(&self) -> &VllmStats {
+        &self.stats
+    }
+
+    /// Drains, stops, starts or restarts one replica; says what it did, or why not.
+    pub async fn control(&self, replica: &str, control: Control) -> Result<String, String> {
+        let replica = replica.to_owned();
+        match self
+            .actor
+            .call(
+                |reply| VllmSupervisorMsg::Control {
+                    replica,
+                    control,
+                    reply,
+                },
+                Some(Duration::from_secs(180)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(a)) => a,
+            _ => Err("the vLLM supervisor did not answer".into()),
+        }
+    }
+
+    /// Loads (`path: Some`) or unloads a LoRA adapter on one replica.
+    pub async fn lora(
+        &self,
+        replica: &str,
+        name: &str,
+        path: Option<&str>,
+    ) -> Result<String, String> {
+        let (replica, name, path) = (replica.to_owned(), name.to_owned(), path.map(str::to_owned));
+        match self
+            .actor
+            .call(
+                |reply| VllmSupervisorMsg::Lora {
+                    replica,
+                    name,
+                    path,
+                    reply,
+                },
+                Some(Duration::from_secs(180)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(a)) => a,
+            _ => Err("the vLLM supervisor did not answer".into()),
+        }
+    }
+
+    /// Node shutdown: drains every replica (deregistered first, in-flight requests finish up to
+    /// each group's drain timeout, then SIGTERM, then SIGKILL), waits for them to stop (up to
+    /// `timeout`), then stops the actors (which SIGKILL anything left).
+    pub async fn shutdown(&self, timeout: Duration) {
+        let names: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.state.is_running() || r.state == ReplicaState::Backoff)
+            .map(|r| r.name)
+            .collect();
+        for name in &names {
+            let _ = self.control(name, Control::Drain).await;
+        }
+        let deadline = Instant::now() + timeout;
+        while self.list().iter().any(|r| r.state.is_running()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self
+            .actor
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
+    }
+}
