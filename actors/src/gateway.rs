@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     pub region: String,
     /// Virtual models (`auto`) by name.
     pub aliases: HashMap<String, Alias>,
+    /// Models this node's vLLM replicas will serve once ready: until one is routable, a request
+    /// for one gets 503 with Retry-After (not 404), and `/v1/models` lists them.
+    pub awaited_models: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -74,6 +77,7 @@ impl GatewayConfig {
             breaker: BreakerConfig::default(),
             region: String::new(),
             aliases: HashMap::new(),
+            awaited_models: Vec::new(),
         }
     }
 }
@@ -133,6 +137,7 @@ struct Inner {
     breaker_stats: Arc<BreakerStats>,
     region: String,
     aliases: HashMap<String, Alias>,
+    awaited_models: Vec<String>,
     draws: AtomicU64,
     /// Publishes this node's providers to the replicated registry until it succeeds.
     publisher: Option<JoinHandle<()>>,
@@ -186,7 +191,12 @@ impl Gateway {
         };
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
-        let table = Table::build(providers.clone(), &config.aliases, breakers.as_ref());
+        let table = Table::build(
+            providers.clone(),
+            &config.aliases,
+            &config.awaited_models,
+            breakers.as_ref(),
+        );
         let quota = match (&config.cluster, config.quota, config.auth) {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
@@ -218,6 +228,7 @@ impl Gateway {
                 breaker_stats,
                 region: config.region,
                 aliases: config.aliases,
+                awaited_models: config.awaited_models,
                 draws: AtomicU64::new(0),
                 publisher,
             }),
@@ -249,7 +260,12 @@ impl Gateway {
         let _one_at_a_time = lock(&self.inner.changing);
         let mut providers = self.table().providers.clone();
         change(&mut providers);
-        let table = Table::build(providers, &self.inner.aliases, self.inner.breakers.as_ref());
+        let table = Table::build(
+            providers,
+            &self.inner.aliases,
+            &self.inner.awaited_models,
+            self.inner.breakers.as_ref(),
+        );
         *self
             .inner
             .table
@@ -664,7 +680,7 @@ impl Gateway {
         };
         let table = self.table();
         if models.is_empty() {
-            if !table.routes.contains_key(model) && !self.inner.aliases.contains_key(model) {
+            if !table.models.iter().any(|m| m == model) {
                 return Err(not_found());
             }
             return Err(ApiError::new(
@@ -694,6 +710,12 @@ impl Gateway {
             return Ok((chosen, ejected));
         }
         Err(match refusal {
+            None if self.inner.awaited_models.iter().any(|m| m == model) => ApiError::new(
+                ErrorKind::Unavailable,
+                format!("no replica of `{model}` is ready yet (its vLLM servers are starting or restarting)"),
+            )
+            .with_code("no_ready_replica")
+            .with_retry_after(Duration::from_secs(5)),
             None => not_found(),
             Some(NoRoute::Residency) => ApiError::new(
                 ErrorKind::Unavailable,
@@ -879,7 +901,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// replicas that are ready, replicas other nodes registered), by model.
 struct Table {
     routes: HashMap<String, Vec<Route>>,
-    /// Model names: providers' in order of arrival, then virtual models (sorted).
+    /// Model names: providers' in order of arrival, then awaited ones (replicas still
+    /// starting), then virtual models (sorted).
     models: Vec<String>,
     providers: Vec<Arc<Provider>>,
     /// Some provider takes part in prefix affinity (else no request is hashed).
@@ -890,6 +913,7 @@ impl Table {
     fn build(
         providers: Vec<Arc<Provider>>,
         aliases: &HashMap<String, Alias>,
+        awaited: &[String],
         breakers: Option<&Breakers>,
     ) -> Self {
         let breakers = breakers
@@ -908,6 +932,11 @@ impl Table {
                     upstream_model: m.upstream_name.as_str().into(),
                     breaker: breakers.get(&p.spec.id).cloned(),
                 });
+            }
+        }
+        for m in awaited {
+            if !routes.contains_key(m) && !models.contains(m) {
+                models.push(m.clone());
             }
         }
         let mut virtual_models: Vec<&String> = aliases.keys().collect();

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 pub struct AdminService {
     pub gateway: Gateway,
+    pub vllm: meridian_actors::vllm::supervisor::Vllm,
     pub cluster: ClusterNode,
     pub node_id: u64,
     pub region: String,
@@ -353,6 +354,76 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
+    async fn list_replicas(
+        &self,
+        _req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let replicas = self
+            .vllm
+            .list()
+            .into_iter()
+            .map(|r| pb::Replica {
+                name: r.name,
+                group: r.group,
+                provider_id: r.provider_id,
+                state: r.state.as_str().into(),
+                state_for_ms: r.state_for.as_millis() as u64,
+                uptime_ms: r.uptime.map_or(0, |u| u.as_millis() as u64),
+                pid: r.pid.unwrap_or(0),
+                port: u32::from(r.port),
+                gpus: r.gpus,
+                restarts: r.restarts,
+                in_flight: r.in_flight,
+                running: r.running,
+                waiting: r.waiting,
+                kv_cache_usage: r.kv_cache_usage,
+                prefix_cache_hit_rate: r.prefix_cache_hit_rate,
+                last_exit: r.last_exit.unwrap_or_default(),
+                models: r.models,
+            })
+            .collect();
+        Ok(Response::new(pb::ListReplicasResponse { replicas }))
+    }
+
+    async fn control_replica(
+        &self,
+        req: Request<pb::ControlReplicaRequest>,
+    ) -> Result<Response<pb::ControlReplicaResponse>, Status> {
+        use meridian_actors::vllm::actor::Control;
+        let req = req.into_inner();
+        if req.replica.is_empty() {
+            return Err(field("replica", "is required"));
+        }
+        let control = match pb::ReplicaAction::try_from(req.action) {
+            Ok(pb::ReplicaAction::Drain) => Control::Drain,
+            Ok(pb::ReplicaAction::Stop) => Control::Stop,
+            Ok(pb::ReplicaAction::Start) => Control::Start,
+            Ok(pb::ReplicaAction::Restart) => Control::Restart,
+            _ => {
+                return Err(field(
+                    "action",
+                    "must be REPLICA_ACTION_DRAIN, _STOP, _START or _RESTART",
+                ));
+            }
+        };
+        replica_answer(self.vllm.control(&req.replica, control).await)
+    }
+
+    async fn lora_adapter(
+        &self,
+        req: Request<pb::LoraAdapterRequest>,
+    ) -> Result<Response<pb::ControlReplicaResponse>, Status> {
+        let req = req.into_inner();
+        if req.replica.is_empty() {
+            return Err(field("replica", "is required"));
+        }
+        if req.name.is_empty() {
+            return Err(field("name", "is required"));
+        }
+        let path = (!req.path.is_empty()).then_some(req.path.as_str());
+        replica_answer(self.vllm.lora(&req.replica, &req.name, path).await)
+    }
+
     async fn set_breaker(
         &self,
         req: Request<pb::SetBreakerRequest>,
@@ -453,5 +524,16 @@ fn changed(
         }
         Err(e @ ClusterError::Rejected(_)) => Err(Status::failed_precondition(e.to_string())),
         Err(e @ ClusterError::Fatal(_)) => Err(Status::internal(e.to_string())),
+    }
+}
+
+/// A replica command's outcome: what was done, or why not (an unknown replica is NOT_FOUND).
+fn replica_answer(
+    outcome: Result<String, String>,
+) -> Result<Response<pb::ControlReplicaResponse>, Status> {
+    match outcome {
+        Ok(message) => Ok(Response::new(pb::ControlReplicaResponse { message })),
+        Err(e) if e.starts_with("no replica") => Err(Status::not_found(e)),
+        Err(e) => Err(Status::failed_precondition(e)),
     }
 }

@@ -17,6 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use meridian_actors::auth;
 use meridian_actors::gateway::{Proposer, Replicated};
 use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
+use meridian_actors::vllm::supervisor::Vllm;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
@@ -61,6 +62,8 @@ pub struct App {
     /// Secrets made at this start, to show once: a new admin token, a development API key.
     first_start: FirstStart,
     gateway: Gateway,
+    /// This node's vLLM replicas (none without `[[vllm]]` sections).
+    vllm: Vllm,
     cluster: ClusterNode,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
@@ -100,12 +103,25 @@ impl App {
             breaker: config.breaker.clone(),
             region: config.node.region.clone(),
             aliases: config.aliases.clone(),
+            awaited_models: config
+                .vllm
+                .iter()
+                .flat_map(|g| g.models().into_iter().map(|m| m.name))
+                .collect(),
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),
                 proposer: Arc::new(RaftProposer(cluster.clone())),
             }),
         })
+        .await
+        .map_err(|e| AppError::Actors(e.to_string()))?;
+        let vllm = Vllm::start(
+            config.vllm.clone(),
+            gateway.clone(),
+            config.node.id,
+            &config.nvidia_smi,
+        )
         .await
         .map_err(|e| AppError::Actors(e.to_string()))?;
         let peering = match (quic, &config.cluster) {
@@ -138,6 +154,7 @@ impl App {
                 dev_key,
             },
             gateway,
+            vllm,
             cluster,
             peering,
             http,
@@ -171,6 +188,10 @@ impl App {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    pub fn vllm(&self) -> &Vllm {
+        &self.vllm
     }
 
     pub fn cluster(&self) -> &ClusterNode {
@@ -219,6 +240,7 @@ impl App {
             .add_service(pb::admin::admin_server::AdminServer::with_interceptor(
                 AdminService {
                     gateway: self.gateway.clone(),
+                    vllm: self.vllm.clone(),
                     cluster: self.cluster.clone(),
                     node_id: self.config.node.id,
                     region: self.config.node.region.clone(),
@@ -236,6 +258,7 @@ impl App {
         let router = http::router(
             HttpState {
                 gateway: self.gateway.clone(),
+                vllm: self.vllm.clone(),
                 cluster: self.cluster.clone(),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
@@ -280,6 +303,9 @@ impl App {
             tracing::warn!("drain timeout reached; cutting the remaining connections");
             servers.shutdown().await;
         }
+        // Replicas: deregistered, their in-flight calls (if any are left) finish up to each
+        // group's drain timeout, then SIGTERM, then SIGKILL.
+        self.vllm.shutdown(Duration::from_secs(120)).await;
         self.gateway.stop(Duration::from_secs(5)).await;
         self.cluster.shutdown().await;
         if let Some(p) = self.peering {

@@ -68,6 +68,11 @@ pub struct RawConfig {
     /// Model prices, for cost limits and roll-ups.
     #[serde(default)]
     pub prices: Vec<RawPrice>,
+    /// vLLM replicas this node launches and supervises.
+    #[serde(default)]
+    pub vllm: Vec<vllm::RawVllm>,
+    #[serde(default)]
+    pub gpus: vllm::RawGpus,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -308,6 +313,10 @@ pub struct Config {
     pub raft: RaftTimings,
     /// Set when the node has peers; `None` runs a single-node cluster.
     pub cluster: Option<ClusterPeers>,
+    /// The vLLM groups this node supervises.
+    pub vllm: Vec<meridian_actors::vllm::VllmGroup>,
+    /// The GPU discovery command.
+    pub nvidia_smi: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1205,8 +1214,11 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         Duration::from_secs(30),
     );
 
-    if raw.providers.is_empty() {
-        e.push("providers", "at least one provider is required");
+    if raw.providers.is_empty() && raw.vllm.is_empty() {
+        e.push(
+            "providers",
+            "at least one provider (or a [[vllm]] section) is required",
+        );
     }
     let mut ids = HashSet::new();
     let mut providers = Vec::new();
@@ -1416,9 +1428,25 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             timeouts,
         });
     }
+    let listeners: Vec<(String, u16)> = [
+        ("http.listen", http.listen),
+        ("grpc.listen", grpc_listen),
+        ("admin.listen", admin_listen),
+    ]
+    .iter()
+    .filter(|(_, a)| a.port() != 0)
+    .map(|(name, a)| ((*name).to_owned(), a.port()))
+    .collect();
+    let vllm = vllm::validate(&mut e, &raw.vllm, &node.region, &listeners);
     let served: HashSet<&str> = providers
         .iter()
         .flat_map(|p| p.models.iter().map(|m| m.name.as_str()))
+        .chain(vllm.iter().flat_map(|g| {
+            g.served_names
+                .iter()
+                .chain(g.lora_modules.iter().map(|l| &l.name))
+                .map(String::as_str)
+        }))
         .collect();
     let mut aliases = HashMap::new();
     for (i, a) in raw.aliases.iter().enumerate() {
@@ -1524,8 +1552,15 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         providers,
         raft,
         cluster,
+        vllm,
+        nvidia_smi: raw
+            .gpus
+            .nvidia_smi
+            .clone()
+            .unwrap_or_else(|| "nvidia-smi".into()),
     })
 }
 
 #[cfg(test)]
 mod tests;
+mod vllm;

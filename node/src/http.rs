@@ -37,6 +37,7 @@ use crate::respond::http_error;
 #[derive(Clone)]
 pub struct HttpState {
     pub gateway: Gateway,
+    pub vllm: meridian_actors::vllm::supervisor::Vllm,
     pub cluster: ClusterNode,
     pub sse_heartbeat: Duration,
     /// `created` of every model in `/v1/models` (the node's start time).
@@ -282,7 +283,7 @@ async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Respons
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&st.gateway, &st.cluster),
+        crate::metrics::render(&st.gateway, &st.cluster, &st.vllm),
     )
         .into_response()
 }

@@ -108,6 +108,35 @@ enum AdminCommand {
         #[command(subcommand)]
         command: Option<BreakerCommand>,
     },
+    /// The vLLM replicas this node supervises: list (the default), drain, stop, start,
+    /// restart, LoRA adapters.
+    Vllm {
+        #[command(subcommand)]
+        command: Option<VllmCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VllmCommand {
+    /// Each replica: state (and for how long), GPUs, port, uptime, restarts, in-flight
+    /// requests, engine load and KV-cache use.
+    List,
+    /// Deregister REPLICA, let its in-flight requests finish, then stop it (it stays stopped).
+    Drain { replica: String },
+    /// Deregister REPLICA and stop it now.
+    Stop { replica: String },
+    /// Launch a stopped or failed REPLICA.
+    Start { replica: String },
+    /// Drain REPLICA, then launch it again.
+    Restart { replica: String },
+    /// Load the LoRA adapter NAME from PATH on REPLICA (its group needs lora_runtime = true).
+    LoraLoad {
+        replica: String,
+        name: String,
+        path: String,
+    },
+    /// Unload the LoRA adapter NAME from REPLICA.
+    LoraUnload { replica: String, name: String },
 }
 
 #[derive(Subcommand)]
@@ -614,6 +643,72 @@ async fn admin(
             let r = client.set_breaker(request).await?;
             print_change(r.into_inner(), &done);
         }
+        AdminCommand::Vllm { command } => {
+            let control = |replica: String, action: admin_pb::ReplicaAction| {
+                admin_pb::ControlReplicaRequest {
+                    replica,
+                    action: action as i32,
+                }
+            };
+            let answer = match command.unwrap_or(VllmCommand::List) {
+                VllmCommand::List => {
+                    let l = client
+                        .list_replicas(admin_pb::ListReplicasRequest {})
+                        .await?
+                        .into_inner();
+                    if l.replicas.is_empty() {
+                        println!("this node supervises no vLLM replica");
+                    }
+                    for r in l.replicas {
+                        print_replica(&r);
+                    }
+                    return Ok(());
+                }
+                VllmCommand::Drain { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Drain))
+                        .await?
+                }
+                VllmCommand::Stop { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Stop))
+                        .await?
+                }
+                VllmCommand::Start { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Start))
+                        .await?
+                }
+                VllmCommand::Restart { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Restart))
+                        .await?
+                }
+                VllmCommand::LoraLoad {
+                    replica,
+                    name,
+                    path,
+                } => {
+                    client
+                        .lora_adapter(admin_pb::LoraAdapterRequest {
+                            replica,
+                            name,
+                            path,
+                        })
+                        .await?
+                }
+                VllmCommand::LoraUnload { replica, name } => {
+                    client
+                        .lora_adapter(admin_pb::LoraAdapterRequest {
+                            replica,
+                            name,
+                            path: String::new(),
+                        })
+                        .await?
+                }
+            };
+            println!("{}", answer.into_inner().message);
+        }
         AdminCommand::Tenant { command } => match command {
             TenantCommand::Put {
                 id,
@@ -753,4 +848,46 @@ fn limits(l: Option<admin_pb::Limits>) -> String {
     .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
     .collect::<Vec<_>>()
     .join(" ")
+}
+
+/// One line per replica for `meridian admin vllm list`.
+fn print_replica(r: &admin_pb::Replica) {
+    let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
+    let state = match r.state.as_str() {
+        "starting" => format!("starting (loading for {})", secs(r.state_for_ms)),
+        "ready" => format!("ready (up {})", secs(r.uptime_ms)),
+        other => format!("{other} (for {})", secs(r.state_for_ms)),
+    };
+    let gpus = if r.gpus.is_empty() {
+        "-".to_owned()
+    } else {
+        r.gpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!(
+        "{:<16} {:<30} gpus {:<7} port {:<5} pid {:<7} restarts {:<3} in-flight {:<4} running {:<4} waiting {:<4} kv {:>5.1}%  models {}{}",
+        r.name,
+        state,
+        gpus,
+        r.port,
+        if r.pid == 0 {
+            "-".to_owned()
+        } else {
+            r.pid.to_string()
+        },
+        r.restarts,
+        r.in_flight,
+        r.running,
+        r.waiting,
+        r.kv_cache_usage * 100.0,
+        r.models.join(","),
+        if r.last_exit.is_empty() {
+            String::new()
+        } else {
+            format!("  last exit: {}", r.last_exit)
+        }
+    );
 }

@@ -4,10 +4,12 @@
 use std::fmt::Write;
 
 use meridian_actors::Gateway;
+use meridian_actors::vllm::ReplicaState;
+use meridian_actors::vllm::supervisor::Vllm;
 use meridian_cluster::raft::ClusterNode;
 
 /// The exposition text.
-pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
+pub fn render(gateway: &Gateway, cluster: &ClusterNode, vllm: &Vllm) -> String {
     let mut out = String::with_capacity(4096);
     let c = cluster.status();
     let members = cluster.state().borrow().members.len();
@@ -182,6 +184,7 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode) -> String {
             );
         }
     }
+    render_vllm(&mut out, vllm);
     gauge(
         &mut out,
         "meridian_draining",
@@ -196,4 +199,82 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// This node's vLLM replicas: state, restarts, engine load; crashes and scale decisions.
+fn render_vllm(out: &mut String, vllm: &Vllm) {
+    let replicas = vllm.list();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let st = vllm.stats();
+    let _ = writeln!(
+        out,
+        "# HELP meridian_vllm_crashes_total Replica processes that exited, hung or failed health checks unasked\n\
+         # TYPE meridian_vllm_crashes_total counter\n\
+         meridian_vllm_crashes_total {}\n\
+         # HELP meridian_vllm_scale_events_total Autoscaler decisions (blocked: wanted to scale up, no free GPU or port)\n\
+         # TYPE meridian_vllm_scale_events_total counter\n\
+         meridian_vllm_scale_events_total{{direction=\"up\"}} {}\n\
+         meridian_vllm_scale_events_total{{direction=\"down\"}} {}\n\
+         meridian_vllm_scale_events_total{{direction=\"blocked\"}} {}",
+        load(&st.crashes),
+        load(&st.scale_ups),
+        load(&st.scale_downs),
+        load(&st.scale_blocked),
+    );
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&meridian_actors::vllm::ReplicaStatus) -> f64,
+    );
+    let series: [Series; 6] = [
+        (
+            "meridian_vllm_replica_ready",
+            "gauge",
+            "1 while the replica is ready and routable",
+            |r| f64::from(u8::from(r.state == ReplicaState::Ready)),
+        ),
+        (
+            "meridian_vllm_replica_failed",
+            "gauge",
+            "ALERT: 1 once the replica crashed too often and is no longer restarted",
+            |r| f64::from(u8::from(r.state == ReplicaState::Failed)),
+        ),
+        (
+            "meridian_vllm_replica_restarts_total",
+            "counter",
+            "Restarts after crashes",
+            |r| r.restarts as f64,
+        ),
+        (
+            "meridian_vllm_replica_running",
+            "gauge",
+            "Requests running in the engine (its /metrics)",
+            |r| f64::from(r.running),
+        ),
+        (
+            "meridian_vllm_replica_waiting",
+            "gauge",
+            "Requests waiting in the engine (its /metrics)",
+            |r| f64::from(r.waiting),
+        ),
+        (
+            "meridian_vllm_replica_kv_cache_usage",
+            "gauge",
+            "KV-cache use, 0-1 (its /metrics)",
+            |r| r.kv_cache_usage,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for r in &replicas {
+            let _ = writeln!(
+                out,
+                "{name}{{replica=\"{}\",group=\"{}\"}} {}",
+                escape(&r.name),
+                escape(&r.group),
+                value(r)
+            );
+        }
+    }
 }

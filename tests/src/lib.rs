@@ -28,6 +28,8 @@ pub struct TestNode {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub gateway: Gateway,
+    /// The node's vLLM replicas.
+    pub vllm: meridian_actors::vllm::supervisor::Vllm,
     /// The development API key the node made on first start (`None` with auth off).
     pub api_key: Option<String>,
     /// What the admin API requires.
@@ -76,6 +78,7 @@ impl TestNode {
         let (stop, stopped) = oneshot::channel::<()>();
         let (http, grpc, admin) = (app.http_addr(), app.grpc_addr(), app.admin_addr());
         let gateway = app.gateway().clone();
+        let vllm = app.vllm().clone();
         let api_key = app.first_start().dev_key.clone();
         let admin_token = app.admin_token().to_owned();
         let task = tokio::spawn(app.run(async {
@@ -87,6 +90,7 @@ impl TestNode {
             grpc,
             admin,
             gateway,
+            vllm,
             api_key,
             admin_token,
             stop: Some(stop),

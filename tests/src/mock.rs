@@ -58,6 +58,17 @@ pub struct MockOptions {
     /// From this long after start, chat requests hang (no byte is ever sent) while `/health`
     /// still answers 200: the failure a supervisor must detect by the lack of token progress.
     pub hang_after: Option<Duration>,
+    /// Further names of the base model (`--served-model-name a b`).
+    pub aliases: Vec<String>,
+    /// LoRA adapters loaded at start (`--lora-modules name=path`), as (name, path).
+    pub lora: Vec<(String, String)>,
+    /// Serves vLLM's runtime LoRA endpoints (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`).
+    pub lora_runtime: bool,
+    /// Answers 404 `NotFoundError` for a model it does not serve, as vLLM does (off: any
+    /// name is accepted, for tests that route several model names to one mock).
+    pub strict_models: bool,
+    /// The script of requests that bring none (same syntax as `x-mock-script`).
+    pub default_script: String,
 }
 
 impl Default for MockOptions {
@@ -67,6 +78,11 @@ impl Default for MockOptions {
             flavor: Flavor::Vllm,
             served_model: "mock".into(),
             hang_after: None,
+            aliases: Vec::new(),
+            lora: Vec::new(),
+            lora_runtime: false,
+            strict_models: false,
+            default_script: String::new(),
         }
     }
 }
@@ -140,6 +156,7 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let stats = Arc::new(MockStats::default());
         let app = router(Arc::new(Shared {
+            adapters: std::sync::Mutex::new(opts.lora.clone()),
             opts,
             stats: Arc::clone(&stats),
             started: std::time::Instant::now(),
@@ -204,11 +221,25 @@ impl Drop for MockUpstream {
 
 struct Shared {
     opts: MockOptions,
+    /// LoRA adapters loaded now, as (name, path).
+    adapters: std::sync::Mutex<Vec<(String, String)>>,
     stats: Arc<MockStats>,
     started: std::time::Instant,
 }
 
 impl Shared {
+    fn adapters(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+        self.adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether it serves `model`: the base model by any of its names, or a loaded adapter.
+    fn serves(&self, model: &str) -> bool {
+        model == self.opts.served_model
+            || self.opts.aliases.iter().any(|a| a == model)
+            || self.adapters().iter().any(|(n, _)| n == model)
+    }
     /// Hangs for good once the scripted hang has begun (counted as running meanwhile).
     async fn maybe_hang(&self) {
         if self
@@ -227,6 +258,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(load_lora))
+        .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics))
         .route(
@@ -264,10 +297,10 @@ enum Content {
 
 impl Script {
     /// The request's script: the `x-mock-script` header, else what follows `@` in the model.
-    fn of(headers: &HeaderMap, model: &str) -> Result<Self, String> {
+    fn of(headers: &HeaderMap, model: &str, default: &str) -> Result<Self, String> {
         match headers.get("x-mock-script").and_then(|v| v.to_str().ok()) {
             Some(text) => Self::parse(text),
-            None => Self::parse(model.split_once('@').map_or("", |(_, s)| s)),
+            None => Self::parse(model.split_once('@').map_or(default, |(_, s)| s)),
         }
     }
 
@@ -415,7 +448,14 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         Err(e) => return error_response(flavor_default, 400, &format!("invalid JSON: {e}")),
     };
     let model = req["model"].as_str().unwrap_or_default().to_owned();
-    let script = match Script::of(&headers, &model) {
+    if s.opts.strict_models && !s.serves(&model) {
+        return error_response(
+            flavor_default,
+            404,
+            &format!("The model `{model}` does not exist."),
+        );
+    }
+    let script = match Script::of(&headers, &model, &s.opts.default_script) {
         Ok(s) => s,
         Err(e) => return error_response(flavor_default, 400, &e),
     };
@@ -605,11 +645,89 @@ impl StreamPlan {
 
 async fn models(State(s): State<Arc<Shared>>) -> Response {
     let m = &s.opts.served_model;
-    axum::Json(json!({"object": "list", "data": [{
-        "id": m, "object": "model", "created": 1763700000, "owned_by": "vllm",
-        "root": format!("/models/{m}"), "parent": null, "max_model_len": 8192, "permission": []
-    }]}))
-    .into_response()
+    let base = |id: &str| {
+        json!({"id": id, "object": "model", "created": 1763700000, "owned_by": "vllm",
+               "root": format!("/models/{m}"), "parent": null, "max_model_len": 8192,
+               "permission": []})
+    };
+    let mut data = vec![base(m)];
+    data.extend(s.opts.aliases.iter().map(|a| base(a)));
+    data.extend(s.adapters().iter().map(|(name, path)| {
+        json!({"id": name, "object": "model", "created": 1763700000, "owned_by": "vllm",
+               "root": path, "parent": m, "max_model_len": null, "permission": []})
+    }));
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `POST /v1/load_lora_adapter` (only with runtime LoRA updating): 200 with vLLM's plain-text
+/// success line, 400 `InvalidUserInput` for missing fields or a name already loaded.
+async fn load_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    if !s.opts.lora_runtime {
+        return error_response(Flavor::Vllm, 404, "Not Found");
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (Some(name), Some(path)) = (req["lora_name"].as_str(), req["lora_path"].as_str()) else {
+        return lora_error(
+            400,
+            "InvalidUserInput",
+            "Both 'lora_name' and 'lora_path' must be provided.",
+        );
+    };
+    let mut adapters = s.adapters();
+    if adapters.iter().any(|(n, _)| n == name) {
+        return lora_error(
+            400,
+            "InvalidUserInput",
+            &format!("The lora adapter '{name}' has already been loaded."),
+        );
+    }
+    adapters.push((name.to_owned(), path.to_owned()));
+    (
+        StatusCode::OK,
+        format!("Success: LoRA adapter '{name}' added successfully."),
+    )
+        .into_response()
+}
+
+/// `POST /v1/unload_lora_adapter`: 404 `NotFoundError` when it is not loaded.
+async fn unload_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    if !s.opts.lora_runtime {
+        return error_response(Flavor::Vllm, 404, "Not Found");
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let Some(name) = req["lora_name"].as_str() else {
+        return lora_error(
+            400,
+            "InvalidUserInput",
+            "'lora_name' needs to be provided to unload a LoRA adapter.",
+        );
+    };
+    let mut adapters = s.adapters();
+    let before = adapters.len();
+    adapters.retain(|(n, _)| n != name);
+    if adapters.len() == before {
+        return lora_error(
+            404,
+            "NotFoundError",
+            &format!("The lora adapter '{name}' cannot be found."),
+        );
+    }
+    (
+        StatusCode::OK,
+        format!("Success: LoRA adapter '{name}' removed successfully."),
+    )
+        .into_response()
+}
+
+fn lora_error(status: u16, ty: &str, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"error": {"message": message, "type": ty, "param": null, "code": status}})
+            .to_string(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -734,7 +852,7 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
             return error_response(f, 400, &format!("{key}: Extra inputs are not permitted"));
         }
     }
-    let script = match Script::of(&headers, &model) {
+    let script = match Script::of(&headers, &model, &s.opts.default_script) {
         Ok(s) => s,
         Err(e) => return error_response(f, 400, &e),
     };

@@ -311,3 +311,93 @@ price_output = 0.6
         "µ$ per million tokens"
     );
 }
+
+#[test]
+fn vllm_sections_map_to_groups_with_defaults() {
+    let c = load(
+        Some(
+            r#"
+[node]
+region = "eu-west"
+[[vllm]]
+id = "llama"
+model = "meta-llama/Llama-3.1-8B-Instruct"
+gpus = [0, 1, 2, 3]
+tensor_parallel_size = 2
+max_replicas = 2
+max_num_seqs = 128
+lora_modules = ["sql=/adapters/sql"]
+[vllm.env]
+HF_HOME = "/models"
+"#,
+        ),
+        &env(&[]),
+    )
+    .expect("valid");
+    assert!(c.providers.is_empty(), "a [[vllm]] section is enough");
+    let g = &c.vllm[0];
+    assert_eq!(g.served_names, ["meta-llama/Llama-3.1-8B-Instruct"]);
+    assert_eq!(g.command, ["vllm"]);
+    assert_eq!((g.gpus_per_replica, g.tensor_parallel_size), (2, 2));
+    assert_eq!((g.min_replicas, g.max_replicas), (1, 2));
+    assert_eq!(g.ports, (8100, 8101));
+    assert_eq!(g.max_concurrency, 128);
+    assert_eq!(g.region, "eu-west");
+    assert_eq!(g.restart.max_restarts, 3);
+    assert_eq!(g.autoscale.target_in_flight, 32);
+    assert_eq!(g.lora_modules[0].name, "sql");
+    assert_eq!(g.env, [("HF_HOME".to_owned(), "/models".to_owned())]);
+    assert_eq!(c.nvidia_smi, "nvidia-smi");
+}
+
+#[test]
+fn invalid_vllm_combinations_name_the_field() {
+    let err = load(
+        Some(
+            r#"
+[http]
+listen = "127.0.0.1:8101"
+[[vllm]]
+id = "a"
+model = "m"
+gpus = [0, 1]
+gpus_per_replica = 1
+tensor_parallel_size = 2
+max_replicas = 2
+[[vllm]]
+id = "b"
+model = "m2"
+gpus = [1, 2, 2]
+port = 8100
+min_replicas = 3
+max_replicas = 2
+gpu_memory_utilization = 1.5
+lora_modules = ["no-path"]
+[[vllm]]
+model = "m3"
+tensor_parallel_size = 2
+"#,
+        ),
+        &env(&[]),
+    )
+    .expect_err("invalid");
+    let p = paths(&err);
+    for expected in [
+        "vllm[0].tensor_parallel_size", // 2 > the 1 GPU a replica gets
+        "vllm[0].port",                 // 8101 is http.listen's
+        "vllm[1].gpus[2]",              // GPU 2 twice
+        "vllm[1].gpus",                 // GPU 1 is group a's
+        "vllm[1].max_replicas",         // below min_replicas
+        "vllm[1].min_replicas",         // 3 × 1 GPU > 2 GPUs
+        "vllm[1].port",                 // overlaps group a's ports
+        "vllm[1].gpu_memory_utilization",
+        "vllm[1].lora_modules[0]",
+        "vllm[2].id",
+        "vllm[2].tensor_parallel_size", // no GPUs at all
+    ] {
+        assert!(p.contains(&expected), "{expected} missing from {p:?}");
+    }
+    let text = err.to_string();
+    assert!(text.contains("GPU 1 is already given"), "{text}");
+    assert!(text.contains("already used by http.listen"), "{text}");
+}

@@ -11,7 +11,14 @@
 //!   still answers 200;
 //! - `MOCK_VLLM_IGNORE_SIGTERM=1`: SIGTERM is ignored (only SIGKILL stops it);
 //! - `MOCK_VLLM_CHILDREN=N`: starts N child processes (`sleep`) in its process group, as
-//!   vLLM's engine and tensor-parallel workers are.
+//!   vLLM's engine and tensor-parallel workers are;
+//! - `MOCK_VLLM_SCRIPT`: the script of requests that bring none (the mock's `x-mock-script`
+//!   syntax, e.g. `tokens=20;itl_ms=50`).
+//!
+//! Like vLLM, it serves only its model (every `--served-model-name`) and its LoRA adapters
+//! (`--lora-modules name=path …`, and at run time `/v1/load_lora_adapter` and
+//! `/v1/unload_lora_adapter` when `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); any other model
+//! gets 404 `NotFoundError`.
 //!
 //! Each knob can also be given as a flag (`--mock-loading-ms`, …), which wins over the
 //! environment. Prints `mock-vllm ready on HOST:PORT` once it serves.
@@ -23,7 +30,8 @@ use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
 #[derive(Debug, Default)]
 struct Args {
     model: String,
-    served: Option<String>,
+    served: Vec<String>,
+    lora: Vec<(String, String)>,
     host: String,
     port: u16,
     loading: Duration,
@@ -90,10 +98,30 @@ fn parse() -> anyhow::Result<Args> {
                     .ok_or_else(|| anyhow::anyhow!("{flag} needs a value")),
             }
         };
+        // vLLM's list flags take every value up to the next flag.
+        if matches!(flag.as_str(), "--served-model-name" | "--lora-modules") {
+            let mut values: Vec<String> = inline.clone().into_iter().collect();
+            while let Some(v) = it.next_if(|v| !v.starts_with("--")) {
+                values.push(v);
+            }
+            if values.is_empty() {
+                anyhow::bail!("{flag} needs at least one value");
+            }
+            if flag == "--served-model-name" {
+                a.served = values;
+            } else {
+                for m in values {
+                    let (name, path) = m.split_once('=').ok_or_else(|| {
+                        anyhow::anyhow!("--lora-modules takes name=path, got {m:?}")
+                    })?;
+                    a.lora.push((name.into(), path.into()));
+                }
+            }
+            continue;
+        }
         match flag.as_str() {
             "--host" => a.host = value()?,
             "--port" => a.port = value()?.parse()?,
-            "--served-model-name" => a.served = Some(value()?),
             "--mock-loading-ms" => a.loading = ms(&value()?, &flag)?,
             "--mock-crash-after-ms" => a.crash_after = Some(ms(&value()?, &flag)?),
             "--mock-hang-after-ms" => a.hang_after = Some(ms(&value()?, &flag)?),
@@ -146,7 +174,13 @@ async fn main() -> anyhow::Result<()> {
     let mock = MockUpstream::start(MockOptions {
         listen,
         flavor: Flavor::Vllm,
-        served_model: args.served.unwrap_or(args.model),
+        served_model: args.served.first().cloned().unwrap_or(args.model),
+        aliases: args.served.iter().skip(1).cloned().collect(),
+        lora: args.lora,
+        lora_runtime: std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+        strict_models: true,
+        default_script: std::env::var("MOCK_VLLM_SCRIPT").unwrap_or_default(),
         // Counted from when it serves.
         hang_after: args.hang_after,
     })

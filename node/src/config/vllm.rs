@@ -1,0 +1,468 @@
+//! `[[vllm]]` sections: the vLLM replicas this node launches and supervises, and `[gpus]`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use meridian_actors::Timeouts;
+use meridian_actors::vllm::{Autoscale, LoraModule, RestartPolicy, VllmGroup};
+use serde::Deserialize;
+
+use super::{Errors, parse_duration};
+
+/// One `[[vllm]]` section as written. Only `id` and `model` are required.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVllm {
+    /// The group's name; its replicas are `<id>-0`, `<id>-1`, …
+    pub id: Option<String>,
+    /// What `vllm serve` loads: a Hugging Face id or a local path.
+    pub model: Option<String>,
+    /// Names clients call it by (`--served-model-name`; default: `model`).
+    #[serde(default)]
+    pub served_model_names: Vec<String>,
+    /// The vLLM program, with leading arguments if any (default `vllm`).
+    pub command: Option<String>,
+    /// More flags for `vllm serve`, as given.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// More environment for the process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// GPU indices this group may use (`CUDA_VISIBLE_DEVICES` of its replicas).
+    #[serde(default)]
+    pub gpus: Vec<i64>,
+    /// GPUs per replica (default: the tensor parallel size, or 0 when `gpus` is empty).
+    pub gpus_per_replica: Option<i64>,
+    pub tensor_parallel_size: Option<i64>,
+    pub max_num_seqs: Option<i64>,
+    pub gpu_memory_utilization: Option<f64>,
+    /// Default true (vLLM's V1 default); replicas with it take part in prefix affinity.
+    pub enable_prefix_caching: Option<bool>,
+    /// Adapters loaded at startup, `name=path` each.
+    #[serde(default)]
+    pub lora_modules: Vec<String>,
+    /// Allow loading and unloading adapters at run time.
+    pub lora_runtime: Option<bool>,
+    /// Where replicas listen (default 127.0.0.1), and the host other nodes reach them at
+    /// (default: `host`, or 127.0.0.1 when `host` is a wildcard).
+    pub host: Option<String>,
+    pub advertise_host: Option<String>,
+    /// The first replica's port; replica `i` listens on `port + i` (default 8100).
+    pub port: Option<i64>,
+    pub min_replicas: Option<i64>,
+    pub max_replicas: Option<i64>,
+    pub startup_budget: Option<String>,
+    pub health_interval: Option<String>,
+    pub health_failures: Option<i64>,
+    pub scrape_interval: Option<String>,
+    pub hang_timeout: Option<String>,
+    pub restart_backoff: Option<String>,
+    pub restart_backoff_max: Option<String>,
+    pub restart_reset_after: Option<String>,
+    pub max_restarts: Option<i64>,
+    pub restart_window: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub stop_grace: Option<String>,
+    /// In-flight requests per replica above which the group scales up (default 32).
+    pub autoscale_target: Option<i64>,
+    pub autoscale_cooldown: Option<String>,
+    pub autoscale_interval: Option<String>,
+    /// Calls this node sends one replica at once (default: `max_num_seqs`, else 256).
+    pub max_concurrency: Option<i64>,
+    pub queue_capacity: Option<i64>,
+    pub queue_timeout: Option<String>,
+    pub first_byte_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub total_timeout: Option<String>,
+    pub weight: Option<i64>,
+}
+
+/// `[gpus]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGpus {
+    /// The discovery command (default `nvidia-smi`).
+    pub nvidia_smi: Option<String>,
+}
+
+fn duration(e: &mut Errors, path: &str, v: Option<&String>, default: Duration) -> Duration {
+    match v.map(|s| parse_duration(s)) {
+        None => default,
+        Some(Ok(d)) if !d.is_zero() => d,
+        Some(Ok(_)) => {
+            e.push(path, "must be greater than zero");
+            default
+        }
+        Some(Err(msg)) => {
+            e.push(path, msg);
+            default
+        }
+    }
+}
+
+fn int(e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64) -> u32 {
+    match v {
+        None => default,
+        Some(n) if (min..=max).contains(&n) => u32::try_from(n).unwrap_or(default),
+        Some(n) => {
+            e.push(path, format!("must be between {min} and {max}, got {n}"));
+            default
+        }
+    }
+}
+
+/// Validates every `[[vllm]]` section; `taken_ports` are the node's own listeners (a replica
+/// may not take one).
+pub(super) fn validate(
+    e: &mut Errors,
+    raw: &[RawVllm],
+    region: &str,
+    taken_ports: &[(String, u16)],
+) -> Vec<VllmGroup> {
+    let mut groups: Vec<VllmGroup> = Vec::new();
+    // GPU → the group that has it; port → who has it.
+    let mut gpu_owner: HashMap<u32, String> = HashMap::new();
+    let mut port_owner: HashMap<u16, String> = taken_ports
+        .iter()
+        .map(|(who, p)| (*p, who.clone()))
+        .collect();
+    for (i, v) in raw.iter().enumerate() {
+        let at = |field: &str| format!("vllm[{i}].{field}");
+        let id = v.id.clone().unwrap_or_default();
+        if id.is_empty() {
+            e.push(at("id"), "is required");
+        } else if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            e.push(
+                at("id"),
+                format!("{id:?} may hold only letters, digits, - and _"),
+            );
+        } else if groups.iter().any(|g| g.id == id) {
+            e.push(at("id"), format!("{id:?} names two [[vllm]] sections"));
+        }
+        let model = v.model.clone().unwrap_or_default();
+        if model.is_empty() {
+            e.push(
+                at("model"),
+                "is required (a Hugging Face model id or a path)",
+            );
+        }
+        let served_names = if v.served_model_names.is_empty() {
+            vec![model.clone()]
+        } else {
+            v.served_model_names.clone()
+        };
+        if served_names.iter().any(String::is_empty) {
+            e.push(at("served_model_names"), "must not hold an empty name");
+        }
+        let command: Vec<String> = v
+            .command
+            .as_deref()
+            .unwrap_or("vllm")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if command.is_empty() {
+            e.push(at("command"), "must name a program");
+        }
+        let tp = int(
+            e,
+            &at("tensor_parallel_size"),
+            v.tensor_parallel_size,
+            1,
+            1,
+            64,
+        );
+        let mut gpus = Vec::new();
+        for (j, &g) in v.gpus.iter().enumerate() {
+            match u32::try_from(g) {
+                Ok(g) if !gpus.contains(&g) => gpus.push(g),
+                Ok(g) => e.push(
+                    at(&format!("gpus[{j}]")),
+                    format!("GPU {g} is listed twice"),
+                ),
+                Err(_) => e.push(at(&format!("gpus[{j}]")), format!("{g} is not a GPU index")),
+            }
+        }
+        let per_replica = int(
+            e,
+            &at("gpus_per_replica"),
+            v.gpus_per_replica,
+            if gpus.is_empty() { 0 } else { tp },
+            0,
+            64,
+        );
+        if per_replica > 0 && tp > per_replica {
+            e.push(
+                at("tensor_parallel_size"),
+                format!(
+                    "{tp} is more than the {per_replica} GPUs a replica gets (gpus_per_replica)"
+                ),
+            );
+        } else if per_replica == 0 && tp > 1 {
+            e.push(
+                at("tensor_parallel_size"),
+                format!(
+                    "{tp} needs GPUs, but replicas get none (gpus is empty or gpus_per_replica = 0)"
+                ),
+            );
+        }
+        if per_replica > 0 && gpus.is_empty() {
+            e.push(
+                at("gpus"),
+                format!("is empty, but each replica needs {per_replica} (gpus_per_replica)"),
+            );
+        }
+        for &g in &gpus {
+            if let Some(other) = gpu_owner.insert(g, id.clone()) {
+                e.push(
+                    at("gpus"),
+                    format!("GPU {g} is already given to the [[vllm]] group {other:?}"),
+                );
+            }
+        }
+        let min_replicas = int(e, &at("min_replicas"), v.min_replicas, 1, 0, 1024);
+        let max_replicas = int(
+            e,
+            &at("max_replicas"),
+            v.max_replicas,
+            min_replicas.max(1),
+            1,
+            1024,
+        );
+        if max_replicas < min_replicas {
+            e.push(
+                at("max_replicas"),
+                format!("must not be below min_replicas ({min_replicas})"),
+            );
+        }
+        if per_replica > 0 && min_replicas.saturating_mul(per_replica) as usize > gpus.len() {
+            e.push(
+                at("min_replicas"),
+                format!(
+                    "{min_replicas} replicas × {per_replica} GPUs need more than the {} GPUs listed in gpus",
+                    gpus.len()
+                ),
+            );
+        }
+        let first_port = int(e, &at("port"), v.port, 8100, 1, 65535);
+        let last_port = first_port + max_replicas.saturating_sub(1);
+        if last_port > 65535 {
+            e.push(
+                at("port"),
+                format!("{first_port} + {max_replicas} replicas runs past port 65535"),
+            );
+        }
+        let (first_port, last_port) = (
+            u16::try_from(first_port).unwrap_or(8100),
+            u16::try_from(last_port.min(65535)).unwrap_or(8100),
+        );
+        for p in first_port..=last_port {
+            if let Some(other) = port_owner.insert(p, format!("the [[vllm]] group {id:?}")) {
+                e.push(at("port"), format!("port {p} (one per replica from port up to max_replicas) is already used by {other}"));
+                break;
+            }
+        }
+        let gpu_memory_utilization = match v.gpu_memory_utilization {
+            Some(u) if !(u > 0.0 && u <= 1.0) => {
+                e.push(
+                    at("gpu_memory_utilization"),
+                    format!("must be in (0, 1], got {u}"),
+                );
+                None
+            }
+            other => other,
+        };
+        let max_num_seqs = v
+            .max_num_seqs
+            .map(|n| int(e, &at("max_num_seqs"), Some(n), 256, 1, 1_000_000));
+        let mut lora_modules = Vec::new();
+        for (j, m) in v.lora_modules.iter().enumerate() {
+            match m.split_once('=') {
+                Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                    lora_modules.push(LoraModule {
+                        name: name.into(),
+                        path: path.into(),
+                    });
+                }
+                _ => e.push(
+                    at(&format!("lora_modules[{j}]")),
+                    format!("{m:?} is not name=path"),
+                ),
+            }
+        }
+        let host = v.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+        let advertise_host = v
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| match host.as_str() {
+                "0.0.0.0" | "::" | "[::]" => "127.0.0.1".into(),
+                h => h.into(),
+            });
+        let dr = RestartPolicy::default();
+        let restart = RestartPolicy {
+            backoff_initial: duration(
+                e,
+                &at("restart_backoff"),
+                v.restart_backoff.as_ref(),
+                dr.backoff_initial,
+            ),
+            backoff_max: duration(
+                e,
+                &at("restart_backoff_max"),
+                v.restart_backoff_max.as_ref(),
+                dr.backoff_max,
+            ),
+            reset_after: duration(
+                e,
+                &at("restart_reset_after"),
+                v.restart_reset_after.as_ref(),
+                dr.reset_after,
+            ),
+            max_restarts: int(
+                e,
+                &at("max_restarts"),
+                v.max_restarts,
+                dr.max_restarts,
+                0,
+                1000,
+            ),
+            window: duration(
+                e,
+                &at("restart_window"),
+                v.restart_window.as_ref(),
+                dr.window,
+            ),
+        };
+        if restart.backoff_max < restart.backoff_initial {
+            e.push(
+                at("restart_backoff_max"),
+                "must not be shorter than restart_backoff",
+            );
+        }
+        let da = Autoscale::default();
+        let autoscale = Autoscale {
+            target_in_flight: int(
+                e,
+                &at("autoscale_target"),
+                v.autoscale_target,
+                da.target_in_flight,
+                1,
+                1_000_000,
+            ),
+            cooldown: duration(
+                e,
+                &at("autoscale_cooldown"),
+                v.autoscale_cooldown.as_ref(),
+                da.cooldown,
+            ),
+            interval: duration(
+                e,
+                &at("autoscale_interval"),
+                v.autoscale_interval.as_ref(),
+                da.interval,
+            ),
+        };
+        let dt = Timeouts::default();
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(2),
+            first_byte: duration(
+                e,
+                &at("first_byte_timeout"),
+                v.first_byte_timeout.as_ref(),
+                dt.first_byte,
+            ),
+            idle: duration(e, &at("idle_timeout"), v.idle_timeout.as_ref(), dt.idle),
+            total: duration(e, &at("total_timeout"), v.total_timeout.as_ref(), dt.total),
+        };
+        let max_concurrency = int(
+            e,
+            &at("max_concurrency"),
+            v.max_concurrency,
+            max_num_seqs.unwrap_or(256),
+            1,
+            1_000_000,
+        );
+        groups.push(VllmGroup {
+            id,
+            model,
+            served_names,
+            command,
+            extra_args: v.args.clone(),
+            env: v.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            gpus,
+            gpus_per_replica: per_replica,
+            tensor_parallel_size: tp,
+            max_num_seqs,
+            gpu_memory_utilization,
+            enable_prefix_caching: v.enable_prefix_caching.unwrap_or(true),
+            lora_modules,
+            lora_runtime: v.lora_runtime.unwrap_or(false),
+            host,
+            advertise_host,
+            ports: (first_port, last_port),
+            min_replicas,
+            max_replicas,
+            startup_budget: duration(
+                e,
+                &at("startup_budget"),
+                v.startup_budget.as_ref(),
+                Duration::from_secs(600),
+            ),
+            health_interval: duration(
+                e,
+                &at("health_interval"),
+                v.health_interval.as_ref(),
+                Duration::from_secs(2),
+            ),
+            scrape_interval: duration(
+                e,
+                &at("scrape_interval"),
+                v.scrape_interval.as_ref(),
+                Duration::from_secs(5),
+            ),
+            health_failures: int(e, &at("health_failures"), v.health_failures, 3, 1, 100),
+            hang_timeout: duration(
+                e,
+                &at("hang_timeout"),
+                v.hang_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
+            restart,
+            drain_timeout: duration(
+                e,
+                &at("drain_timeout"),
+                v.drain_timeout.as_ref(),
+                Duration::from_secs(30),
+            ),
+            stop_grace: duration(
+                e,
+                &at("stop_grace"),
+                v.stop_grace.as_ref(),
+                Duration::from_secs(30),
+            ),
+            autoscale,
+            max_concurrency,
+            queue_capacity: int(
+                e,
+                &at("queue_capacity"),
+                v.queue_capacity,
+                max_concurrency.saturating_mul(2),
+                0,
+                1_000_000,
+            ),
+            queue_timeout: duration(
+                e,
+                &at("queue_timeout"),
+                v.queue_timeout.as_ref(),
+                Duration::from_secs(30),
+            ),
+            timeouts,
+            region: region.to_owned(),
+            weight: int(e, &at("weight"), v.weight, 1, 1, 1000),
+        });
+    }
+    groups
+}

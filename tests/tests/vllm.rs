@@ -1,0 +1,506 @@
+//! vLLM supervision end to end: a node launches the mock vLLM (`mock-vllm`, a separate process
+//! that behaves like `vllm serve`) from a `[[vllm]]` section and routes to it once it is ready.
+//! Each test prints the timeline it measured.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::time::{Duration, Instant};
+
+use meridian_actors::vllm::actor::Control;
+use meridian_actors::vllm::process::group_members;
+use meridian_actors::vllm::{ReplicaState, ReplicaStatus};
+use meridian_tests::TestNode;
+use meridian_tests::procs::meridian_bin;
+
+/// `count` consecutive free loopback ports.
+fn free_ports(count: u16) -> u16 {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id();
+    loop {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let base = 20_000 + (seed >> 8) as u16 % 40_000;
+        let all_free = (0..count).all(|i| {
+            base.checked_add(i)
+                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if all_free {
+            return base;
+        }
+    }
+}
+
+/// A node supervising one `[[vllm]]` group of the mock, with `fields` (`key = value` lines)
+/// set in the section over the defaults below, and `env` given to the mock.
+async fn node(port: u16, fields: &str, env: &[(&str, &str)]) -> TestNode {
+    let mut section: Vec<(String, String)> = [
+        ("id", "\"llama\""),
+        ("model", "\"meta-llama/Llama-3.1-8B-Instruct\""),
+        ("served_model_names", "[\"llama-8b\"]"),
+        ("health_interval", "\"100ms\""),
+        ("scrape_interval", "\"100ms\""),
+        ("startup_budget", "\"10s\""),
+        ("restart_backoff", "\"500ms\""),
+        ("restart_backoff_max", "\"4s\""),
+        ("drain_timeout", "\"5s\""),
+        ("stop_grace", "\"1s\""),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    section.push((
+        "command".into(),
+        format!("{:?}", env!("CARGO_BIN_EXE_mock-vllm")),
+    ));
+    section.push(("port".into(), port.to_string()));
+    for line in fields.lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.split_once('=').unwrap();
+        let k = k.trim().to_owned();
+        section.retain(|(key, _)| *key != k);
+        section.push((k, v.trim().to_owned()));
+    }
+    let section: String = section
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    let env: String = env
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    let toml = format!("[auth]\nenabled = false\n\n[[vllm]]\n{section}\n[vllm.env]\n{env}");
+    TestNode::start(&toml).await.unwrap()
+}
+
+fn replica(node: &TestNode, name: &str) -> ReplicaStatus {
+    node.vllm
+        .list()
+        .into_iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no replica {name}"))
+}
+
+/// Polls (every 5 ms) until `cond` holds for replica `name`; returns it and how long it took.
+async fn until(
+    node: &TestNode,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&ReplicaStatus) -> bool,
+) -> (ReplicaStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        let r = replica(node, name);
+        if cond(&r) {
+            return (r, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{name} never became {what} within {timeout:?}; it is {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
+    node.client()
+        .post(node.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(meridian_tests::chat_body("llama-8b", stream, ""))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// What the mock vLLM on `port` has received.
+async fn mock_requests(port: u16) -> u64 {
+    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["requests"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_starting_replica_is_routed_only_once_ready() {
+    let port = free_ports(1);
+    let node = node(port, "", &[("MOCK_VLLM_LOADING_MS", "1500")]).await;
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loading = replica(&node, "llama-0");
+    assert_eq!(loading.state, ReplicaState::Starting);
+    assert!(
+        loading.state_for >= Duration::from_millis(400),
+        "the list shows how long it has been loading: {loading:?}"
+    );
+    // While it loads, the model is known but not routable: 503 with Retry-After.
+    let (mut refused, mut raced) = (0, 0);
+    while replica(&node, "llama-0").state != ReplicaState::Ready {
+        let r = chat(&node, false).await;
+        if r.status() == 200 {
+            // It became ready between the look at the list and the request.
+            assert_eq!(replica(&node, "llama-0").state, ReplicaState::Ready);
+            raced = 1;
+            break;
+        }
+        assert_eq!(r.status(), 503, "while loading");
+        assert!(r.headers().contains_key("retry-after"));
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "no_ready_replica", "{body}");
+        refused += 1;
+        assert!(t0.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready_after = t0.elapsed();
+    assert!(
+        ready_after >= Duration::from_millis(1400),
+        "ready before it loaded"
+    );
+    assert!(refused > 0);
+    // Nothing reached the mock before it was ready; every request after does.
+    assert_eq!(mock_requests(port).await, raced);
+    for stream in [false, true, false] {
+        let r = chat(&node, stream).await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("chat.completion"), "{text}");
+    }
+    assert_eq!(mock_requests(port).await, raced + 3);
+    let models: serde_json::Value = node
+        .client()
+        .get(node.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "llama-8b");
+    println!(
+        "slow start: loading 1500 ms; shown as starting for {} ms at t+500 ms; ready and routed \
+         after {} ms; {refused} requests meanwhile got 503 no_ready_replica, 0 reached the mock",
+        loading.state_for.as_millis(),
+        ready_after.as_millis()
+    );
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
+    let port = free_ports(1);
+    let node = node(port, "", &[("MOCK_VLLM_CHILDREN", "2")]).await;
+    let (first, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    assert_eq!(chat(&node, false).await.status(), 200);
+    let mut timeline = Vec::new();
+    let mut pid = first.pid.unwrap();
+    for (round, backoff) in [(1, 500u64), (2, 1000)] {
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        let killed = Instant::now();
+        // Deregistered: out of the routing table.
+        while node.gateway.provider_by_id("1/llama-0").is_some() {
+            assert!(
+                killed.elapsed() < Duration::from_secs(2),
+                "still routed 2 s after the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let deregistered = killed.elapsed();
+        // From now on no request goes to the dead port: 503 until it is back.
+        let r = chat(&node, false).await;
+        assert_eq!(r.status(), 503);
+        let (relaunched, _) = until(
+            &node,
+            "llama-0",
+            "relaunched",
+            Duration::from_secs(5),
+            |r| r.pid.is_some_and(|p| p != pid),
+        )
+        .await;
+        let relaunch = killed.elapsed();
+        // The old group (the mock and its two children) is gone before the relaunch.
+        assert!(
+            group_members(pid).is_empty(),
+            "orphans of {pid}: {:?}",
+            group_members(pid)
+        );
+        let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+            r.state == ReplicaState::Ready
+        })
+        .await;
+        let back = killed.elapsed();
+        assert_eq!(ready.restarts, round);
+        assert!(
+            ready
+                .last_exit
+                .as_deref()
+                .unwrap_or("")
+                .contains("signal: 9"),
+            "{ready:?}"
+        );
+        let expected = Duration::from_millis(backoff);
+        assert!(
+            relaunch >= expected.mul_f64(0.9)
+                && relaunch <= expected.mul_f64(1.1) + Duration::from_millis(150),
+            "round {round}: relaunched {relaunch:?} after the kill; the backoff is {expected:?}"
+        );
+        assert_eq!(chat(&node, true).await.status(), 200);
+        timeline.push(format!(
+            "kill #{round}: deregistered +{} ms, relaunched +{} ms (backoff {backoff} ms), ready +{} ms",
+            deregistered.as_millis(),
+            relaunch.as_millis(),
+            back.as_millis()
+        ));
+        pid = relaunched.pid.unwrap();
+    }
+    println!("kill -9 after ready: {}", timeline.join("; "));
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+    assert!(group_members(pid).is_empty(), "orphans after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_ends_in_failed() {
+    let port = free_ports(1);
+    let node = node(
+        port,
+        "restart_backoff = \"100ms\"\nmax_restarts = 2\nrestart_window = \"60s\"",
+        &[("MOCK_VLLM_CRASH_AFTER_MS", "300")],
+    )
+    .await;
+    let t0 = Instant::now();
+    let (failed, after) = until(&node, "llama-0", "failed", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Failed
+    })
+    .await;
+    assert_eq!(
+        failed.restarts, 2,
+        "two restarts, then the third crash is one too many"
+    );
+    assert!(failed.pid.is_none());
+    // It stays down: no more launches.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = replica(&node, "llama-0");
+    assert_eq!((still.state, still.restarts), (ReplicaState::Failed, 2));
+    let metrics = node
+        .client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meridian_vllm_replica_failed{replica=\"llama-0\",group=\"llama\"} 1"),
+        "the alert metric is set"
+    );
+    assert!(
+        metrics.contains("meridian_vllm_crashes_total 3"),
+        "{metrics}"
+    );
+    // An operator can start it again (it crashes again, but it was launched).
+    let answer = node.vllm.control("llama-0", Control::Start).await.unwrap();
+    assert!(answer.contains("starting"), "{answer}");
+    println!(
+        "crash loop (crash 300 ms after start, backoff 100 ms doubling, max 2 restarts): failed \
+         after {} ms with {} restarts; last exit: {}",
+        after.as_millis(),
+        failed.restarts,
+        failed.last_exit.unwrap_or_default()
+    );
+    let _ = t0;
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_is_detected_and_restarted() {
+    let port = free_ports(1);
+    let node = node(
+        port,
+        "hang_timeout = \"1s\"",
+        &[("MOCK_VLLM_HANG_AFTER_MS", "1000")],
+    )
+    .await;
+    let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    // Wait until the mock hangs (1 s after its start), then send a request that never
+    // progresses while /health keeps answering 200.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sent = Instant::now();
+    let answer = chat(&node, true).await;
+    let answered = sent.elapsed();
+    assert!(
+        answer.status().is_server_error(),
+        "the hung request fails once the replica is killed: {}",
+        answer.status()
+    );
+    let (restarted, _) = until(
+        &node,
+        "llama-0",
+        "restarted",
+        Duration::from_secs(10),
+        |r| r.restarts >= 1 && r.pid != ready.pid,
+    )
+    .await;
+    let why = restarted.last_exit.clone().unwrap_or_default();
+    assert!(why.contains("hung"), "{why}");
+    assert!(
+        answered < Duration::from_secs(4),
+        "hang detected and the request ended within {answered:?}"
+    );
+    println!(
+        "hang (health 200, no tokens): the stuck request ended after {} ms (hang_timeout 1 s); \
+         replica restarted: {why}",
+        answered.as_millis()
+    );
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
+    let port = free_ports(2);
+    let node = node(
+        port,
+        "min_replicas = 2\nmax_replicas = 2",
+        &[
+            ("MOCK_VLLM_SCRIPT", "tokens=10;itl_ms=30;ttft_ms=100"),
+            ("MOCK_VLLM_CHILDREN", "2"),
+            ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
+        ],
+    )
+    .await;
+    for name in ["llama-0", "llama-1"] {
+        until(&node, name, "ready", Duration::from_secs(10), |r| {
+            r.state == ReplicaState::Ready
+        })
+        .await;
+    }
+    let leader = replica(&node, "llama-0").pid.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let (client, url, stop) = (
+            node.client(),
+            node.url("/v1/chat/completions"),
+            stop.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(meridian_tests::chat_body("llama-8b", i % 2 == 0, ""))
+                    .send()
+                    .await;
+                let (status, body) = match r {
+                    Ok(r) => (r.status(), r.text().await.unwrap_or_else(|e| e.to_string())),
+                    Err(e) => (reqwest::StatusCode::BAD_GATEWAY, e.to_string()),
+                };
+                if status == 200 && !body.contains("\"error\"") {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{status}: {body}"));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Through the CLI, as an operator would.
+    let drain = std::process::Command::new(meridian_bin())
+        .args([
+            "admin",
+            "--addr",
+            &format!("http://{}", node.admin),
+            "--token",
+            &node.admin_token,
+        ])
+        .args(["vllm", "drain", "llama-0"])
+        .output()
+        .unwrap();
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let drained_at = Instant::now();
+    let (stopped, _) = until(&node, "llama-0", "stopped", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Stopped
+    })
+    .await;
+    let stop_took = drained_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the drain: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 20, "only {ok} requests");
+    // It ignored SIGTERM, so it and its children were SIGKILLed after stop_grace; none left.
+    assert!(
+        group_members(leader).is_empty(),
+        "orphans: {:?}",
+        group_members(leader)
+    );
+    assert!(
+        stop_took >= Duration::from_secs(1),
+        "SIGKILL only after the 1 s grace"
+    );
+    let list = std::process::Command::new(meridian_bin())
+        .args([
+            "admin",
+            "--addr",
+            &format!("http://{}", node.admin),
+            "--token",
+            &node.admin_token,
+        ])
+        .args(["vllm", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        list.contains("llama-0") && list.contains("stopped"),
+        "{list}"
+    );
+    assert!(
+        list.contains("llama-1") && list.contains("ready (up"),
+        "{list}"
+    );
+    println!(
+        "drain under load: {ok} requests ok, 0 failed; llama-0 stopped {} ms after the drain \
+         (SIGTERM ignored, SIGKILL after 1 s), last exit: {}; no process of its group left\n{list}",
+        stop_took.as_millis(),
+        stopped.last_exit.unwrap_or_default()
+    );
+    let survivor = replica(&node, "llama-1").pid.unwrap();
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+    assert!(
+        group_members(survivor).is_empty(),
+        "orphans after shutdown: {:?}",
+        group_members(survivor)
+    );
+}
