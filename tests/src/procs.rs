@@ -104,6 +104,8 @@ impl Proc {
 pub struct Harness {
     /// The `[[providers]]` every node gets (default: the built-in demo model).
     pub providers: String,
+    /// More configuration for one node (appended to its file), by node id.
+    pub extra: BTreeMap<u64, String>,
     tmp: tempfile::TempDir,
     pki: PathBuf,
     subnet: u8,
@@ -120,6 +122,7 @@ impl Harness {
         Self {
             providers: "[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
                 .into(),
+            extra: BTreeMap::new(),
             tmp,
             pki,
             subnet,
@@ -158,8 +161,9 @@ impl Harness {
              [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
              [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
              [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
-             {providers}",
+             {providers}\n{extra}",
             providers = self.providers,
+            extra = self.extra.get(&id).map_or("", String::as_str),
             region = id % 2,
             pki = self.pki,
             peers = peers.join(", "),

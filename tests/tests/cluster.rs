@@ -557,3 +557,114 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
         "no node served the EU-only tenant from the US"
     );
 }
+
+#[tokio::test]
+async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
+    use meridian_proto::pb::admin as pb;
+    // A free loopback port for the replica.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut h = Harness::new(20);
+    h.extra.insert(
+        1,
+        format!(
+            "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
+             served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
+             health_interval = \"100ms\"\nrestart_backoff = \"1s\"\n",
+            env!("CARGO_BIN_EXE_mock-vllm")
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    h.put_tenant(1, "acme").await.unwrap();
+    let key = h
+        .admin(1)
+        .await
+        .unwrap()
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "acme".into(),
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let client = reqwest::Client::new();
+    let chat = |id: u64| {
+        let req = client
+            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"llama-8b","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send();
+        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let mock_requests = || async move {
+        let s: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        s["requests"].as_u64()
+    };
+    // Nodes 2 and 3 know the replica only from the registry, and call it directly.
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("node {id} to route to the replica"), T, || async {
+            (chat(id).await == 200).then_some(())
+        })
+        .await;
+    }
+    let before = mock_requests().await.unwrap();
+    for id in [2, 3, 2, 3] {
+        assert_eq!(chat(id).await, 200);
+    }
+    assert_eq!(
+        mock_requests().await.unwrap(),
+        before + 4,
+        "served by the replica"
+    );
+    let list = h.cli(1, &["vllm", "list"]);
+    let pid: u32 = list
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {list}"));
+    // kill -9: node 1 deregisters it, and the other nodes stop routing to it once that commits.
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    let mut gone = Duration::ZERO;
+    for id in [2, 3] {
+        h.wait_for(
+            &format!("node {id} to stop routing there"),
+            Duration::from_secs(2),
+            || async { (chat(id).await == 404).then_some(()) },
+        )
+        .await;
+        gone = gone.max(killed.elapsed());
+    }
+    // Restarted after its 1 s backoff, registered again, routed to again by every node.
+    for id in [2, 3] {
+        h.wait_for(
+            &format!("node {id} to route to the restarted replica"),
+            T,
+            || async { (chat(id).await == 200).then_some(()) },
+        )
+        .await;
+    }
+    let back = killed.elapsed();
+    println!(
+        "a replica on node 1 killed with -9: nodes 2 and 3 stopped routing to it within {} ms, \
+         and routed to its restart {} ms after the kill (backoff 1 s)",
+        gone.as_millis(),
+        back.as_millis()
+    );
+    assert!(gone <= Duration::from_secs(2));
+}
