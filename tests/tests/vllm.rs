@@ -504,3 +504,185 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
         group_members(survivor)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_scales_up_under_load_and_back_down_when_idle() {
+    let port = free_ports(2);
+    let node = node(
+        port,
+        "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"100ms\"\nautoscale_cooldown = \"500ms\"",
+        &[("MOCK_VLLM_SCRIPT", "tokens=20;itl_ms=25;ttft_ms=20")],
+    )
+    .await;
+    until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    assert_eq!(node.vllm.list().len(), 1, "min_replicas = 1 to begin with");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (client, url, stop) = (
+            node.client(),
+            node.url("/v1/chat/completions"),
+            stop.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut failed = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(meridian_tests::chat_body("llama-8b", true, ""))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.text().await;
+                    }
+                    _ => failed += 1,
+                }
+            }
+            failed
+        }));
+    }
+    let (_, up) = until(&node, "llama-1", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    // Both replicas take traffic.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let serving: Vec<u32> = node.vllm.list().iter().map(|r| r.in_flight).collect();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failed = 0;
+    for c in clients {
+        failed += c.await.unwrap();
+    }
+    assert_eq!(failed, 0, "requests failed while scaling up");
+    let idle = Instant::now();
+    let started = Instant::now();
+    while node.vllm.list().len() > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never scaled down: {:?}",
+            node.vllm.list()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let down = idle.elapsed();
+    assert_eq!(node.vllm.list()[0].name, "llama-0");
+    let metrics = node
+        .client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meridian_vllm_scale_events_total{direction=\"down\"} 1"),
+        "{metrics}"
+    );
+    println!(
+        "autoscale (target 2 in flight per replica, 8 streaming clients): llama-1 ready {} ms \
+         after the load began (in flight per replica then: {serving:?}); idle: scaled back to \
+         1 replica {} ms later (cool-down 500 ms)",
+        up.as_millis(),
+        down.as_millis()
+    );
+    let vllm = node.vllm.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            eprintln!("DEBUG {:?}", vllm.list());
+        }
+    });
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapters_are_routed_and_loaded_at_run_time() {
+    let port = free_ports(1);
+    let node = node(
+        port,
+        "lora_modules = [\"sql=/adapters/sql\"]\nlora_runtime = true",
+        &[],
+    )
+    .await;
+    until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    let chat_model = |model: &'static str| {
+        let req = node
+            .client()
+            .post(node.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(meridian_tests::chat_body(model, false, ""))
+            .send();
+        async move {
+            let r = req.await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body)
+        }
+    };
+    // The startup adapter is a model of its own, answered by the replica under its name.
+    let (status, body) = chat_model("sql").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "sql");
+    assert_eq!(chat_model("finance").await.0, 404);
+    // Loaded at run time through the CLI: routed from then on.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(meridian_bin())
+            .args([
+                "admin",
+                "--addr",
+                &format!("http://{}", node.admin),
+                "--token",
+                &node.admin_token,
+                "vllm",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("added successfully"));
+    let (status, body) = chat_model("finance").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        replica(&node, "llama-0")
+            .models
+            .contains(&"finance".to_owned())
+    );
+    // Loading it twice is vLLM's 400, passed on.
+    let again = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already been loaded"));
+    // Unloaded: no longer routed.
+    let out = cli(&["lora-unload", "llama-0", "finance"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(chat_model("finance").await.0, 404);
+    assert_eq!(chat_model("llama-8b").await.0, 200);
+    println!(
+        "LoRA: startup adapter `sql` routed; `finance` loaded, routed, refused twice, unloaded"
+    );
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
 use tokio::time::Instant;
 
 use super::actor::{Control, ReplicaArgs, VllmActor, VllmMsg};
@@ -209,6 +209,42 @@ impl Actor for VllmSupervisor {
         }
         Ok(())
     }
+
+    /// A replica's actor that stops (scaled down) is already out of its slot. One that
+    /// crashed is replaced in the same slot, after its process group is killed (a crashed
+    /// actor's own cleanup may not have run).
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = event else {
+            return Ok(());
+        };
+        let found = s.groups.iter_mut().enumerate().find_map(|(gi, g)| {
+            let slot = *g
+                .slots
+                .iter()
+                .find(|(_, slot)| slot.actor.get_id() == cell.get_id())?
+                .0;
+            g.slots.remove(&slot).map(|old| (gi, slot, old))
+        });
+        let Some((gi, slot, old)) = found else {
+            return Ok(());
+        };
+        tracing::error!(replica = %old.name, error = %err, "replica actor crashed; killing its process and starting it over");
+        let stale = s.board.lock().remove(&old.name);
+        if let Some(pid) = stale.and_then(|(status, ..)| status.pid) {
+            super::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        s.gateway
+            .deregister_replica(&format!("{}/{}", s.node_id, old.name));
+        if let Err(e) = s.start_in(gi, slot, old.gpus, &myself).await {
+            tracing::error!(replica = %old.name, error = %e, "cannot restart the replica's actor");
+        }
+        Ok(())
+    }
 }
 
 async fn ask(
@@ -263,9 +299,6 @@ impl SupervisorState {
                     group.id, group.max_replicas
                 )
             })?;
-        let port = group
-            .port(slot)
-            .ok_or_else(|| format!("no port left in the range of group {}", group.id))?;
         let taken: Vec<u32> = g
             .slots
             .values()
@@ -291,6 +324,22 @@ impl SupervisorState {
                 gpus.len()
             ));
         }
+        self.start_in(gi, slot, gpus, myself).await
+    }
+
+    /// Starts the actor of group `gi`'s replica in `slot`, on `gpus`.
+    async fn start_in(
+        &mut self,
+        gi: usize,
+        slot: u32,
+        gpus: Vec<u32>,
+        myself: &ActorRef<VllmSupervisorMsg>,
+    ) -> Result<String, String> {
+        let g = &mut self.groups[gi];
+        let group = Arc::clone(&g.group);
+        let port = group
+            .port(slot)
+            .ok_or_else(|| format!("no port left in the range of group {}", group.id))?;
         let name = group.replica_name(slot);
         let args = ReplicaArgs {
             group: Arc::clone(&group),
