@@ -1078,7 +1078,8 @@ async fn unpublish_provider(cluster: Replicated, id: String) {
 
 /// Keeps the routing table in step with the replicas other nodes register: one that appears
 /// in the replicated registry is routed to directly, one that leaves it (or changes address or
-/// models) is withdrawn at once.
+/// models) is withdrawn at once. Also removes this node's own replica records left from before
+/// it restarted.
 async fn follow_registry(
     gateway: Weak<Inner>,
     mut state: watch::Receiver<Arc<ClusterState>>,
@@ -1086,17 +1087,33 @@ async fn follow_registry(
 ) {
     let mut known: HashMap<String, ProviderRecord> = HashMap::new();
     loop {
-        let records: HashMap<String, ProviderRecord> = state
-            .borrow_and_update()
-            .providers
-            .values()
-            .filter(|r| r.replica && r.owner != me)
-            .map(|r| (r.id.clone(), r.clone()))
-            .collect();
+        let (records, own): (HashMap<String, ProviderRecord>, Vec<String>) = {
+            let state = state.borrow_and_update();
+            let replicas = state.providers.values().filter(|r| r.replica);
+            (
+                replicas
+                    .clone()
+                    .filter(|r| r.owner != me)
+                    .map(|r| (r.id.clone(), r.clone()))
+                    .collect(),
+                replicas
+                    .filter(|r| r.owner == me)
+                    .map(|r| r.id.clone())
+                    .collect(),
+            )
+        };
         let Some(inner) = gateway.upgrade() else {
             return;
         };
         let gateway_now = Gateway { inner };
+        // Records of this node's replicas that this run of the node never registered are left
+        // from before a restart (their processes died with the node): remove them.
+        for id in own {
+            if !lock(&gateway_now.inner.registering).contains_key(&id) {
+                tracing::info!(provider = %id, "removing a replica record left from before this node restarted");
+                gateway_now.deregister_replica(&id);
+            }
+        }
         let same = |a: &ProviderRecord, b: &ProviderRecord| {
             (
                 &a.base_url,

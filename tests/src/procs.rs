@@ -147,8 +147,11 @@ impl Harness {
     /// Writes node `id`'s certificate and config: `voters` are the initial voters it knows;
     /// with `join` it waits to be added instead of bootstrapping.
     pub fn configure(&mut self, id: u64, voters: &[u64], join: bool) {
-        meridian_cluster::certs::issue(&self.pki, id, &[])
-            .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
+        // A node reconfigured for a restart keeps its certificate.
+        if !self.pki.join(format!("node-{id}.key")).exists() {
+            meridian_cluster::certs::issue(&self.pki, id, &[])
+                .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
+        }
         let ip = format!("127.0.{}.{id}", self.subnet);
         let peers: Vec<String> = voters
             .iter()

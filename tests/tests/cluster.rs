@@ -593,9 +593,11 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
         .into_inner()
         .secret;
     let client = reqwest::Client::new();
+    // The nodes' addresses (they stay across restarts).
+    let http: Vec<String> = [1, 2, 3].iter().map(|id| h.node(*id).http()).collect();
     let chat = |id: u64| {
         let req = client
-            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .post(format!("{}/v1/chat/completions", http[id as usize - 1]))
             .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(r#"{"model":"llama-8b","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
@@ -667,4 +669,34 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
         back.as_millis()
     );
     assert!(gone <= Duration::from_secs(2));
+    // Node 1 itself killed with -9: its replica dies with it (parent-death signal). Restarted
+    // without the [[vllm]] section, it removes the record it left, and nobody routes there.
+    h.kill(1);
+    h.wait_for(
+        "the replica to die with its node",
+        Duration::from_secs(5),
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    h.extra.remove(&1);
+    h.configure(1, &[1, 2, 3], false);
+    h.start(1);
+    let restarted = Instant::now();
+    for id in [2, 3] {
+        h.wait_for(
+            &format!("node {id} to forget the dead replica"),
+            T,
+            || async { (chat(id).await == 404).then_some(()) },
+        )
+        .await;
+    }
+    println!(
+        "node 1 killed with -9 and restarted without its [[vllm]] section: its replica died with \
+         it and its stale registry record was gone {} ms after the restart",
+        restarted.elapsed().as_millis()
+    );
 }

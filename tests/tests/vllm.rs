@@ -521,6 +521,8 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
     assert_eq!(node.vllm.list().len(), 1, "min_replicas = 1 to begin with");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
+    // Clients start sending as they are made (making one takes a while).
+    let loaded = Instant::now();
     for _ in 0..8 {
         let (client, url, stop) = (
             node.client(),
@@ -546,10 +548,21 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
             failed
         }));
     }
-    let (_, up) = until(&node, "llama-1", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    let mut launched = None;
+    let up = loop {
+        let second = node.vllm.list().into_iter().find(|r| r.name == "llama-1");
+        if let Some(r) = second {
+            launched.get_or_insert(loaded.elapsed());
+            if r.state == ReplicaState::Ready {
+                break loaded.elapsed();
+            }
+        }
+        assert!(
+            loaded.elapsed() < Duration::from_secs(10),
+            "never scaled up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     // Both replicas take traffic.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let serving: Vec<u32> = node.vllm.list().iter().map(|r| r.in_flight).collect();
@@ -589,19 +602,13 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         "{metrics}"
     );
     println!(
-        "autoscale (target 2 in flight per replica, 8 streaming clients): llama-1 ready {} ms \
-         after the load began (in flight per replica then: {serving:?}); idle: scaled back to \
-         1 replica {} ms later (cool-down 500 ms)",
+        "autoscale (target 2 in flight per replica, 8 streaming clients): llama-1 launched {} ms \
+         and ready {} ms after the load began (in flight per replica then: {serving:?}); idle: \
+         scaled back to 1 replica {} ms later (cool-down 500 ms)",
+        launched.unwrap_or_default().as_millis(),
         up.as_millis(),
         down.as_millis()
     );
-    let vllm = node.vllm.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            eprintln!("DEBUG {:?}", vllm.list());
-        }
-    });
     let mut node = node;
     node.begin_shutdown().await.unwrap().unwrap();
 }
@@ -685,4 +692,113 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
     );
     let mut node = node;
     node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
+    let port = free_ports(1);
+    let node = node(
+        port,
+        "startup_budget = \"400ms\"\nrestart_backoff = \"100ms\"\nmax_restarts = 1",
+        &[
+            ("MOCK_VLLM_LOADING_MS", "5000"),
+            ("MOCK_VLLM_CHILDREN", "1"),
+        ],
+    )
+    .await;
+    let (launched, _) = until(&node, "llama-0", "launched", Duration::from_secs(5), |r| {
+        r.pid.is_some()
+    })
+    .await;
+    let first = launched.pid.unwrap();
+    let (failed, after) = until(&node, "llama-0", "failed", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Failed
+    })
+    .await;
+    let why = failed.last_exit.clone().unwrap_or_default();
+    assert!(why.contains("startup budget"), "{why}");
+    assert_eq!(failed.restarts, 1);
+    assert!(
+        group_members(first).is_empty(),
+        "orphans: {:?}",
+        group_members(first)
+    );
+    println!(
+        "startup budget 400 ms, loading 5 s: killed and restarted once, failed after {} ms ({why})",
+        after.as_millis()
+    );
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
+    let port = free_ports(2);
+    // A stand-in for nvidia-smi: two GPUs, the second busy with someone else's process.
+    let dir = tempfile::tempdir().unwrap();
+    let smi = dir.path().join("nvidia-smi");
+    std::fs::write(
+        &smi,
+        "#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 81559, 4'\necho '1, NVIDIA H100 80GB HBM3, 81559, 70211'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let toml_extra = "gpus = [0, 1]\ngpus_per_replica = 1\nmax_replicas = 2\nautoscale_target = 1\n\
+         autoscale_interval = \"100ms\"\nautoscale_cooldown = \"300ms\"\n";
+    let mock = env!("CARGO_BIN_EXE_mock-vllm");
+    let toml = format!(
+        "[auth]\nenabled = false\n[gpus]\nnvidia_smi = {smi:?}\n\n[[vllm]]\nid = \"llama\"\n\
+         model = \"m\"\nserved_model_names = [\"llama-8b\"]\ncommand = {mock:?}\n\
+         port = {port}\nhealth_interval = \"100ms\"\nscrape_interval = \"100ms\"\n{toml_extra}\
+         [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=20;itl_ms=25\"\n",
+    );
+    let mut n = TestNode::start(&toml).await.unwrap();
+    let (r, _) = until(&n, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    assert_eq!(r.gpus, [0], "CUDA_VISIBLE_DEVICES of the first replica");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url) = (n.client(), n.url("/v1/chat/completions"));
+            tokio::spawn(async move {
+                for _ in 0..6 {
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(meridian_tests::chat_body("llama-8b", true, ""))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    let _ = r.text().await;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let metrics = n
+        .client()
+        .get(n.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(n.vllm.list().len(), 1, "GPU 1 is busy: no second replica");
+    assert!(
+        metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 0"),
+        "{metrics}"
+    );
+    let blocked = metrics
+        .lines()
+        .find(|l| l.starts_with("meridian_vllm_scale_events_total{direction=\"blocked\"}"))
+        .unwrap()
+        .to_owned();
+    assert!(!blocked.ends_with(" 0"), "{blocked}");
+    println!("autoscaling under load with GPU 1 busy (per nvidia-smi): no scale-up; {blocked}");
+    n.begin_shutdown().await.unwrap().unwrap();
 }

@@ -104,7 +104,7 @@ impl Actor for VllmSupervisor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         a: VllmSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         match &a.discovery {
@@ -131,7 +131,7 @@ impl Actor for VllmSupervisor {
                 }
             }
         }
-        Ok(SupervisorState {
+        let mut s = SupervisorState {
             groups: a
                 .groups
                 .into_iter()
@@ -148,14 +148,8 @@ impl Actor for VllmSupervisor {
                 .filter(|_| matches!(a.discovery, Discovery::Found(_))),
             board: a.board,
             stats: a.stats,
-        })
-    }
-
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        s: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+        };
+        // Every replica is on the board by the time the supervisor has started.
         for gi in 0..s.groups.len() {
             for _ in 0..s.groups[gi].group.min_replicas {
                 if let Err(e) = s.add_replica(gi, &myself, false).await {
@@ -163,6 +157,14 @@ impl Actor for VllmSupervisor {
                 }
             }
         }
+        Ok(s)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let scaling = s
             .groups
             .iter()
