@@ -305,7 +305,7 @@ impl App {
         }
         // Replicas: deregistered, their in-flight calls (if any are left) finish up to each
         // group's drain timeout, then SIGTERM, then SIGKILL.
-        self.vllm.shutdown(Duration::from_secs(120)).await;
+        self.vllm.shutdown().await;
         self.gateway.stop(Duration::from_secs(5)).await;
         self.cluster.shutdown().await;
         if let Some(p) = self.peering {

@@ -1437,7 +1437,13 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     .filter(|(_, a)| a.port() != 0)
     .map(|(name, a)| ((*name).to_owned(), a.port()))
     .collect();
-    let vllm = vllm::validate(&mut e, &raw.vllm, &node.region, &listeners);
+    let vllm = vllm::validate(
+        &mut e,
+        &raw.vllm,
+        &node.region,
+        &listeners,
+        cluster.is_some(),
+    );
     let served: HashSet<&str> = providers
         .iter()
         .flat_map(|p| p.models.iter().map(|m| m.name.as_str()))

@@ -573,6 +573,7 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
         format!(
             "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
              served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
+             advertise_host = \"127.0.0.1\"\n\
              health_interval = \"100ms\"\nrestart_backoff = \"1s\"\n",
             env!("CARGO_BIN_EXE_mock-vllm")
         ),

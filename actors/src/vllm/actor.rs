@@ -275,6 +275,9 @@ impl Replica {
         self.await_group_gone().await;
         self.incarnation += 1;
         self.metrics = EngineMetrics::default();
+        // A new process serves what its launch line loads (adapters loaded at run time into
+        // the previous one are gone).
+        self.models = self.a.group.models();
         let launch = self.a.group.launch(self.a.port, &self.a.gpus);
         let mut child = match process::spawn(&launch, &self.a.name, &self.logs) {
             Ok(c) => c,
@@ -369,8 +372,17 @@ impl Replica {
         if let Some(w) = self.watcher.take() {
             w.abort();
         }
+        let stopping = matches!(self.state, ReplicaState::Draining | ReplicaState::Stopping);
         if let Some(pid) = self.pid.take() {
-            // Its engine and workers go with it.
+            if stopping {
+                // Stopping on purpose: its engine and workers get the rest of the grace period
+                // to exit on their own (the stopper SIGKILLs the group when it runs out).
+                let deadline = Instant::now() + self.a.group.stop_grace;
+                while !process::group_members(pid).is_empty() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+            // A crash: its engine and workers go with it at once.
             process::signal_group(pid, Signal::SIGKILL);
             self.last_group = Some(pid);
         }
@@ -471,7 +483,11 @@ impl Replica {
                 self.relaunch = control == Control::Restart;
                 self.set(if drain { S::Draining } else { S::Stopping });
                 if let Some(pid) = self.pid {
-                    let wait = drain.then(|| (in_flight, self.a.group.drain_timeout));
+                    let wait = drain.then(|| Drain {
+                        provider: in_flight,
+                        addr: format!("{}:{}", self.a.group.host_for_probes(), self.a.port),
+                        timeout: self.a.group.drain_timeout,
+                    });
                     tokio::spawn(terminate(pid, self.a.group.stop_grace, wait));
                 }
                 tracing::info!(replica = %name, action = control.as_str(), "replica deregistered; stopping it");
@@ -573,20 +589,35 @@ impl Replica {
     }
 }
 
-/// Stops the process group led by `pid`: first (when draining) waits until the provider has
-/// no call in flight or `wait.1` passes, then SIGTERM, then SIGKILL after `grace` if anything
-/// of the group is left.
-async fn terminate(
-    pid: u32,
-    grace: Duration,
-    wait: Option<(Option<Arc<crate::provider::Provider>>, Duration)>,
-) {
-    if let Some((provider, timeout)) = wait {
-        let deadline = Instant::now() + timeout;
-        if let Some(p) = provider {
-            while p.in_flight() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+/// What a drain waits for before SIGTERM: no call of this node in flight (`provider`) and none
+/// running or waiting in the engine at `addr` (other nodes'), or `timeout`.
+struct Drain {
+    provider: Option<Arc<crate::provider::Provider>>,
+    addr: String,
+    timeout: Duration,
+}
+
+/// Stops the process group led by `pid`: first (when draining) waits until nothing is in
+/// flight there (see [`Drain`]), then SIGTERM, then SIGKILL after `grace` if anything of the
+/// group is left.
+async fn terminate(pid: u32, grace: Duration, wait: Option<Drain>) {
+    if let Some(d) = wait {
+        let deadline = Instant::now() + d.timeout;
+        while Instant::now() < deadline {
+            let ours = d.provider.as_ref().map_or(0, |p| p.in_flight());
+            // Other nodes' calls count too: the engine's own count of running and waiting
+            // requests (an engine that does not answer has nothing left to finish).
+            let engine = match probe::get(&d.addr, "/metrics", Duration::from_secs(1)).await {
+                Ok(a) if a.status == 200 => {
+                    let m = EngineMetrics::parse(&String::from_utf8_lossy(&a.body));
+                    m.running + m.waiting
+                }
+                _ => 0.0,
+            };
+            if ours == 0 && engine <= 0.0 {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     if !process::signal_group(pid, Signal::SIGTERM) {

@@ -187,27 +187,59 @@ impl Actor for VllmSupervisor {
                 control,
                 reply,
             } => {
-                let answer = match s.slot(&replica) {
-                    Some(slot) => ask(&slot.actor, |r| VllmMsg::Control(control, r)).await,
-                    None => Err(s.unknown(&replica)),
-                };
-                let _ = reply.send(answer);
+                // The replica answers the caller itself: a slow stop never holds up the
+                // supervisor (autoscaling, other replicas' commands).
+                match s.slot(&replica) {
+                    Some(slot) => {
+                        let actor = slot.actor.clone();
+                        tokio::spawn(async move {
+                            let answer = ask(&actor, |r| VllmMsg::Control(control, r)).await;
+                            let _ = reply.send(answer);
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(Err(s.unknown(&replica)));
+                    }
+                }
             }
             VllmSupervisorMsg::Lora {
                 replica,
                 name,
                 path,
                 reply,
-            } => {
-                let answer = match s.slot(&replica) {
-                    Some(slot) => {
-                        ask(&slot.actor, |reply| VllmMsg::Lora { name, path, reply }).await
-                    }
-                    None => Err(s.unknown(&replica)),
-                };
-                let _ = reply.send(answer);
-            }
+            } => match s.slot(&replica) {
+                Some(slot) => {
+                    let actor = slot.actor.clone();
+                    tokio::spawn(async move {
+                        let answer = ask(&actor, |r| VllmMsg::Lora {
+                            name,
+                            path,
+                            reply: r,
+                        })
+                        .await;
+                        let _ = reply.send(answer);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(s.unknown(&replica)));
+                }
+            },
             VllmSupervisorMsg::Autoscale => s.autoscale(&myself).await,
+        }
+        Ok(())
+    }
+
+    /// The last line of defence: a replica actor stopped with the supervisor may not run its
+    /// own cleanup, so every process group still on the board is SIGKILLed.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for (status, ..) in s.board.lock().values() {
+            if let Some(pid) = status.pid {
+                super::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
         Ok(())
     }
@@ -478,6 +510,8 @@ fn list(board: &Board, gateway: &Gateway) -> Vec<ReplicaStatus> {
 #[derive(Clone)]
 pub struct Vllm {
     actor: ActorRef<VllmSupervisorMsg>,
+    /// The longest drain timeout + stop grace of any group: how long a shutdown may take.
+    longest_stop: Duration,
     board: Board,
     gateway: Gateway,
     stats: Arc<VllmStats>,
@@ -499,6 +533,11 @@ impl Vllm {
         };
         let board = Board::default();
         let stats = Arc::new(VllmStats::default());
+        let longest_stop = groups
+            .iter()
+            .map(|g| g.drain_timeout + g.stop_grace)
+            .max()
+            .unwrap_or_default();
         let (actor, _) = Actor::spawn(
             None,
             VllmSupervisor,
@@ -515,6 +554,7 @@ impl Vllm {
         .await?;
         Ok(Self {
             actor,
+            longest_stop,
             board,
             gateway,
             stats,
@@ -577,9 +617,10 @@ impl Vllm {
     }
 
     /// Node shutdown: drains every replica (deregistered first, in-flight requests finish up to
-    /// each group's drain timeout, then SIGTERM, then SIGKILL), waits for them to stop (up to
-    /// `timeout`), then stops the actors (which SIGKILL anything left).
-    pub async fn shutdown(&self, timeout: Duration) {
+    /// each group's drain timeout, then SIGTERM, then SIGKILL after its grace), waits for them
+    /// to stop, then stops the actors (which SIGKILL anything left).
+    pub async fn shutdown(&self) {
+        let timeout = self.longest_stop + Duration::from_secs(5);
         let names: Vec<String> = self
             .list()
             .into_iter()

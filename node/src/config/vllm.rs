@@ -118,6 +118,7 @@ pub(super) fn validate(
     raw: &[RawVllm],
     region: &str,
     taken_ports: &[(String, u16)],
+    multi_node: bool,
 ) -> Vec<VllmGroup> {
     let mut groups: Vec<VllmGroup> = Vec::new();
     // GPU → the group that has it; port → who has it.
@@ -223,7 +224,8 @@ pub(super) fn validate(
                 );
             }
         }
-        let min_replicas = int(e, &at("min_replicas"), v.min_replicas, 1, 0, 1024);
+        // Scaling from zero is not built: a group always keeps one replica.
+        let min_replicas = int(e, &at("min_replicas"), v.min_replicas, 1, 1, 1024);
         let max_replicas = int(
             e,
             &at("max_replicas"),
@@ -294,6 +296,14 @@ pub(super) fn validate(
             }
         }
         let host = v.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+        if multi_node && v.advertise_host.is_none() {
+            // Every node routes to a ready replica at this address: a default of loopback
+            // would send other machines' traffic to themselves.
+            e.push(
+                at("advertise_host"),
+                "is required in a multi-node cluster: the address other nodes reach this node's replicas at",
+            );
+        }
         let advertise_host = v
             .advertise_host
             .clone()
