@@ -94,6 +94,34 @@ struct Run {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Requests completed in the run.
+    requests: f64,
+}
+
+/// CPU time (user + system) the process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // `pid (comm) state …`: utime and stime are the 12th and 13th fields after `)`.
+    let after = &stat[stat.rfind(')').context("bad /proc stat")? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // The kernel's USER_HZ is 100 on Linux.
+    Ok(ticks as f64 / 100.0)
+}
+
+/// `wrk` against `url` while measuring how much CPU the node `pid` spends per request (µs).
+fn wrk_cpu(
+    url: &str,
+    script: &Path,
+    conns: u32,
+    secs: u64,
+    pid: u32,
+) -> anyhow::Result<(Run, f64)> {
+    let before = cpu_seconds(pid)?;
+    let run = wrk(url, script, conns, secs)?;
+    let used = cpu_seconds(pid)? - before;
+    let per_request_us = used * 1e6 / run.requests.max(1.0);
+    Ok((run, per_request_us))
 }
 
 fn parse_ms(s: &str) -> Option<f64> {
@@ -138,7 +166,17 @@ fn wrk(url: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<Run> {
             .map(str::trim)
             .with_context(|| format!("no {prefix:?} in wrk output:\n{text}"))
     };
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().to_owned())
+        })
+        .with_context(|| format!("no request count in wrk output:\n{text}"))?
+        .parse()?;
     Ok(Run {
+        requests,
         rps: pick("Requests/sec:")?.parse()?,
         p50_ms: parse_ms(pick("50%")?).context("p50")?,
         p99_ms: parse_ms(pick("99%")?).context("p99")?,
@@ -198,7 +236,7 @@ fn main() -> anyhow::Result<()> {
             tmp.path().join("data")
         ),
     )?;
-    let (_node, line) = spawn_ready(
+    let (node, line) = spawn_ready(
         Command::new(bin_dir.join("meridian"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -268,7 +306,7 @@ fn main() -> anyhow::Result<()> {
              models = [\"mock\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
         ),
     )?;
-    let (_node_on, line, before) = spawn_ready_with(
+    let (node_on, line, before) = spawn_ready_with(
         Command::new(bin_dir.join("meridian"))
             .args(["serve", "--config"])
             .arg(&on_config)
@@ -316,29 +354,38 @@ fn main() -> anyhow::Result<()> {
     let off_url = format!("http://{node_addr}/v1/chat/completions");
     let on_url = format!("http://{on_addr}/v1/chat/completions");
     wrk(&on_url, &with_key, 8, 1)?;
+    let (off_pid, on_pid) = (node.0.id(), node_on.0.id());
     let mut rounds = Vec::new();
+    // The node's CPU time per request at c=64, off and on: the cost that caps throughput when
+    // the node is the bottleneck, and far less noisy than req/s on a shared 2-core machine.
+    let mut cpu = Vec::new();
     for round in 0..args.rounds.max(1) {
         // Alternate which node goes first, so drift in the machine's speed cancels out.
-        let (off1, on1, off64, on64) = if round % 2 == 0 {
+        let (off1, on1, (off64, off_cpu), (on64, on_cpu)) = if round % 2 == 0 {
             let off1 = wrk(&off_url, &unary, 1, secs)?;
             let on1 = wrk(&on_url, &with_key, 1, secs)?;
-            let off64 = wrk(&off_url, &unary, 64, secs)?;
-            let on64 = wrk(&on_url, &with_key, 64, secs)?;
+            let off64 = wrk_cpu(&off_url, &unary, 64, secs, off_pid)?;
+            let on64 = wrk_cpu(&on_url, &with_key, 64, secs, on_pid)?;
             (off1, on1, off64, on64)
         } else {
             let on1 = wrk(&on_url, &with_key, 1, secs)?;
             let off1 = wrk(&off_url, &unary, 1, secs)?;
-            let on64 = wrk(&on_url, &with_key, 64, secs)?;
-            let off64 = wrk(&off_url, &unary, 64, secs)?;
+            let on64 = wrk_cpu(&on_url, &with_key, 64, secs, on_pid)?;
+            let off64 = wrk_cpu(&off_url, &unary, 64, secs, off_pid)?;
             (off1, on1, off64, on64)
         };
         eprintln!(
-            "auth+quota: round throughput on/off {:.3}, added p50 {:+.3} ms",
+            "auth+quota: round throughput on/off {:.3}, node CPU per request off {off_cpu:.1} µs, on {on_cpu:.1} µs ({:+.1} %), added p50 {:+.3} ms",
             on64.rps / off64.rps,
+            (on_cpu / off_cpu - 1.0) * 100.0,
             on1.p50_ms - off1.p50_ms
         );
+        cpu.push((off_cpu, on_cpu));
         rounds.push([off1, on1, off64, on64]);
     }
+    let cpu_off = median(cpu.iter().map(|c| c.0).collect());
+    let cpu_on = median(cpu.iter().map(|c| c.1).collect());
+    let cpu_ratio = median(cpu.iter().map(|c| c.1 / c.0).collect());
     let med = |f: &dyn Fn(&[Run; 4]) -> f64| median(rounds.iter().map(f).collect());
     report.push_str(&format!(
         "\n| non-streaming, c=64 | req/s auth+quota off | req/s on | on ÷ off | c=1 p50 off | c=1 p50 on |\n|---|---|---|---|---|---|\n| | {:.0} | {:.0} | {:.3} | {:.3} ms | {:.3} ms |\n",
@@ -347,6 +394,10 @@ fn main() -> anyhow::Result<()> {
         med(&|r| r[3].rps / r[2].rps),
         med(&|r| r[0].p50_ms),
         med(&|r| r[1].p50_ms),
+    ));
+    report.push_str(&format!(
+        "\n| node CPU per request, c=64 | auth+quota off | on | on ÷ off (median of rounds) | throughput cost when the node is the bottleneck |\n|---|---|---|---|---|\n| | {cpu_off:.1} µs | {cpu_on:.1} µs | {cpu_ratio:.3} | {:.1} % |\n",
+        (1.0 - 1.0 / cpu_ratio) * 100.0
     ));
     println!("{report}");
     let out = bin_dir.join("../bench-gateway.md");
