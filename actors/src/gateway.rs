@@ -278,6 +278,17 @@ impl Gateway {
     /// provider joins the routing table. One with the same id is withdrawn first.
     pub async fn add_provider(&self, spec: ProviderSpec) -> Result<Arc<Provider>, ApiError> {
         let id = spec.id.clone();
+        // The same endpoint with other models (a LoRA adapter loaded or unloaded): keep the
+        // provider, so its queue, its calls in flight and its concurrency limit carry on.
+        if let Some(same) = self.provider_by_id(&id).filter(|p| {
+            p.spec.upstream.base_url() == spec.upstream.base_url()
+                && p.spec.max_concurrency == spec.max_concurrency
+                && p.spec.region == spec.region
+        }) {
+            same.set_models(spec.models);
+            self.change_providers(|_| {});
+            return Ok(same);
+        }
         let provider = Provider::new(spec);
         self.inner
             .supervisor
@@ -922,7 +933,7 @@ impl Table {
         let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
         let mut models = Vec::new();
         for p in &providers {
-            for m in &p.spec.models {
+            for m in p.models().iter() {
                 let entry = routes.entry(m.name.clone()).or_default();
                 if entry.is_empty() {
                     models.push(m.name.clone());
@@ -968,14 +979,14 @@ impl Breakers {
         let serving = |model: &str| -> Vec<String> {
             providers
                 .iter()
-                .filter(|p| p.spec.models.iter().any(|m| m.name == model))
+                .filter(|p| p.models().iter().any(|m| m.name == model))
                 .map(|p| p.spec.id.clone())
                 .collect()
         };
         let mut by_id = lock(&self.by_id);
         by_id.retain(|id, _| providers.iter().any(|p| &p.spec.id == id));
         for p in providers {
-            let groups: Vec<Vec<String>> = p.spec.models.iter().map(|m| serving(&m.name)).collect();
+            let groups: Vec<Vec<String>> = p.models().iter().map(|m| serving(&m.name)).collect();
             match by_id.get(&p.spec.id) {
                 Some(b) => b.set_groups(groups),
                 None => {
@@ -1114,20 +1125,11 @@ async fn follow_registry(
                 gateway_now.deregister_replica(&id);
             }
         }
+        // Another address (or capacity) is another provider; other models alone are not
+        // (adding it again updates them in place).
         let same = |a: &ProviderRecord, b: &ProviderRecord| {
-            (
-                &a.base_url,
-                &a.models,
-                &a.region,
-                a.max_concurrency,
-                a.weight,
-            ) == (
-                &b.base_url,
-                &b.models,
-                &b.region,
-                b.max_concurrency,
-                b.weight,
-            )
+            (&a.base_url, &a.region, a.max_concurrency, a.weight)
+                == (&b.base_url, &b.region, b.max_concurrency, b.weight)
         };
         let gone: Vec<String> = known
             .iter()
@@ -1140,7 +1142,7 @@ async fn follow_registry(
             tracing::info!(provider = %id, "a remote replica left the registry; no longer routed to");
         }
         for (id, record) in records {
-            if known.contains_key(&id) {
+            if known.get(&id).is_some_and(|k| k.models == record.models) {
                 continue;
             }
             match crate::vllm::remote_replica_spec(&record) {

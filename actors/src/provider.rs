@@ -69,6 +69,9 @@ pub struct Provider {
     withdrawn: AtomicBool,
     /// Load reported by the upstream itself (a vLLM replica's `/metrics`), for routing.
     upstream_load: UpstreamLoad,
+    /// The models it serves now: `spec.models` at first; a vLLM replica's change as LoRA
+    /// adapters are loaded and unloaded.
+    models: std::sync::RwLock<Arc<Vec<ModelRoute>>>,
     /// The live actor; replaced by each incarnation when it starts. A watch so that a request
     /// whose actor died can wait for the next one.
     actor: watch::Sender<Option<ActorRef<ProviderMsg>>>,
@@ -124,6 +127,7 @@ pub struct ProviderStatus {
 
 impl Provider {
     pub fn new(spec: ProviderSpec) -> Arc<Self> {
+        let models = std::sync::RwLock::new(Arc::new(spec.models.clone()));
         Arc::new(Self {
             spec,
             in_flight: AtomicU32::new(0),
@@ -134,6 +138,7 @@ impl Provider {
             service_us: AtomicU64::new(0),
             withdrawn: AtomicBool::new(false),
             upstream_load: UpstreamLoad::default(),
+            models,
             actor: watch::Sender::new(None),
         })
     }
@@ -151,7 +156,7 @@ impl Provider {
             id: self.spec.id.clone(),
             kind: self.spec.upstream.kind(),
             region: self.spec.region.clone(),
-            models: self.spec.models.iter().map(|m| m.name.clone()).collect(),
+            models: self.models().iter().map(|m| m.name.clone()).collect(),
             max_concurrency: self.spec.max_concurrency,
             in_flight: self.in_flight(),
             queued: self.queued(),
@@ -170,6 +175,24 @@ impl Provider {
         if let Some(actor) = self.actor.borrow().as_ref() {
             let _ = actor.cast(ProviderMsg::Withdraw);
         }
+    }
+
+    /// The models it serves now.
+    pub fn models(&self) -> Arc<Vec<ModelRoute>> {
+        Arc::clone(
+            &self
+                .models
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Changes the models it serves (the routing table must be rebuilt to route by them).
+    pub fn set_models(&self, models: Vec<ModelRoute>) {
+        *self
+            .models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(models);
     }
 
     pub fn is_withdrawn(&self) -> bool {

@@ -660,6 +660,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
             .output()
             .unwrap()
     };
+    let provider = node.gateway.provider_by_id("1/llama-0").unwrap();
     let out = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
     assert!(
         out.status.success(),
@@ -667,6 +668,13 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("added successfully"));
+    // The same provider (its queue and calls in flight carry on), now with the adapter.
+    let after = node.gateway.provider_by_id("1/llama-0").unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&provider, &after),
+        "the provider was replaced"
+    );
+    assert!(after.models().iter().any(|m| m.name == "finance"));
     let (status, body) = chat_model("finance").await;
     assert_eq!(status, 200, "{body}");
     assert!(
