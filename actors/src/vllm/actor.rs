@@ -83,6 +83,15 @@ pub enum VllmMsg {
         path: Option<String>,
         reply: RpcReplyPort<Result<String, String>>,
     },
+    /// The replica of `incarnation` answered a LoRA call (made off the actor, so a slow load
+    /// never delays the handling of an exit or a failed health check): route by it.
+    LoraDone {
+        incarnation: u64,
+        name: String,
+        path: Option<String>,
+        answer: Result<String, String>,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
 }
 
 impl ractor::Message for VllmMsg {}
@@ -226,8 +235,24 @@ impl Actor for VllmActor {
                 let answer = r.control(control, &myself).await;
                 let _ = reply.send(answer);
             }
-            VllmMsg::Lora { name, path, reply } => {
-                let answer = r.lora(name, path).await;
+            VllmMsg::Lora { name, path, reply } => r.lora(name, path, reply, &myself),
+            VllmMsg::LoraDone {
+                incarnation,
+                name,
+                path,
+                answer,
+                reply,
+            } => {
+                let answer = match answer {
+                    Ok(text) if incarnation == r.incarnation && r.state == ReplicaState::Ready => {
+                        r.lora_applied(name, path.is_some()).await.map(|()| text)
+                    }
+                    Ok(_) => Err(format!(
+                        "{} restarted or stopped meanwhile; its adapters are those it launched with",
+                        r.a.name
+                    )),
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(answer);
             }
             // A report about an earlier process, or one that no longer matters.
@@ -528,50 +553,76 @@ impl Replica {
         }
     }
 
-    /// Loads (`path: Some`) or unloads an adapter through vLLM's runtime LoRA endpoints, then
-    /// routes the adapter's name here (or no longer).
-    async fn lora(&mut self, name: String, path: Option<String>) -> Result<String, String> {
+    /// Loads (`path: Some`) or unloads an adapter through vLLM's runtime LoRA endpoints; the
+    /// call runs off the actor and comes back as [`VllmMsg::LoraDone`].
+    fn lora(
+        &mut self,
+        name: String,
+        path: Option<String>,
+        reply: RpcReplyPort<Result<String, String>>,
+        myself: &ActorRef<VllmMsg>,
+    ) {
         if !self.a.group.lora_runtime {
-            return Err(format!(
+            let _ = reply.send(Err(format!(
                 "group {} does not allow runtime LoRA updates (set lora_runtime = true)",
                 self.a.group.id
-            ));
+            )));
+            return;
         }
         if self.state != ReplicaState::Ready {
-            return Err(format!(
+            let _ = reply.send(Err(format!(
                 "{} is {}, not ready",
                 self.a.name,
                 self.state.as_str()
-            ));
+            )));
+            return;
         }
         let addr = format!("{}:{}", self.a.group.host_for_probes(), self.a.port);
-        let (endpoint, body) = match &path {
-            Some(p) => (
-                "/v1/load_lora_adapter",
-                serde_json::json!({"lora_name": name, "lora_path": p}),
-            ),
-            None => (
-                "/v1/unload_lora_adapter",
-                serde_json::json!({"lora_name": name}),
-            ),
-        };
-        let answer = probe::post_json(
-            &addr,
-            endpoint,
-            body.to_string().as_bytes(),
-            Duration::from_secs(120),
-        )
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))?;
-        let text = String::from_utf8_lossy(&answer.body).into_owned();
-        if answer.status != 200 {
-            return Err(format!("{endpoint} answered {}: {text}", answer.status));
-        }
+        let (incarnation, me) = (self.incarnation, myself.clone());
+        tokio::spawn(async move {
+            let (endpoint, body) = match &path {
+                Some(p) => (
+                    "/v1/load_lora_adapter",
+                    serde_json::json!({"lora_name": name, "lora_path": p}),
+                ),
+                None => (
+                    "/v1/unload_lora_adapter",
+                    serde_json::json!({"lora_name": name}),
+                ),
+            };
+            let answer = match probe::post_json(
+                &addr,
+                endpoint,
+                body.to_string().as_bytes(),
+                Duration::from_secs(120),
+            )
+            .await
+            {
+                Ok(a) if a.status == 200 => Ok(String::from_utf8_lossy(&a.body).into_owned()),
+                Ok(a) => Err(format!(
+                    "{endpoint} answered {}: {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                )),
+                Err(e) => Err(format!("{endpoint}: {e}")),
+            };
+            let _ = me.cast(VllmMsg::LoraDone {
+                incarnation,
+                name,
+                path,
+                answer,
+                reply,
+            });
+        });
+    }
+
+    /// Routes an adapter the replica loaded (or no longer routes one it unloaded).
+    async fn lora_applied(&mut self, name: String, loaded: bool) -> Result<(), String> {
         self.models.retain(|m| m.name != name);
-        if path.is_some() {
+        if loaded {
             self.models.push(ModelRoute {
                 name: name.clone(),
-                upstream_name: name.clone(),
+                upstream_name: name,
             });
         }
         let spec = self.a.group.provider_spec(
@@ -585,7 +636,7 @@ impl Replica {
             .await
             .map_err(|e| e.message)?;
         self.publish();
-        Ok(text)
+        Ok(())
     }
 }
 
