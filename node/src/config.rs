@@ -680,10 +680,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
-    let mut e = Errors::default();
-
-    let duration = |e: &mut Errors, path: &str, v: Option<&String>, default: Duration| match v {
+/// A duration field (`"30s"`, `"500ms"`): `default` when absent; zero or unreadable is an error.
+fn duration(e: &mut Errors, path: &str, v: Option<&String>, default: Duration) -> Duration {
+    match v {
         None => default,
         Some(s) => match parse_duration(s) {
             Ok(d) if d.is_zero() => {
@@ -696,16 +695,24 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 default
             }
         },
-    };
-    let int = |e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64| match v
-    {
+    }
+}
+
+/// An integer field within `min..=max`: `default` when absent.
+fn int(e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64) -> u32 {
+    match v {
         None => default,
         Some(n) if (min..=max).contains(&n) => u32::try_from(n).unwrap_or(default),
         Some(n) => {
             e.push(path, format!("must be between {min} and {max}, got {n}"));
             default
         }
-    };
+    }
+}
+
+fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut e = Errors::default();
+
     let addr = |e: &mut Errors, path: &str, v: Option<&String>, default: &str| {
         let s = v.map_or(default, String::as_str);
         s.parse::<SocketAddr>().unwrap_or_else(|_| {

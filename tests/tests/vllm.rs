@@ -102,6 +102,28 @@ async fn until(
     }
 }
 
+/// `meridian admin … vllm ARGS` against `node`, as an operator runs it.
+fn vllm_cli(node: &TestNode, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(meridian_bin())
+        .args(["admin", "--addr", &format!("http://{}", node.admin)])
+        .args(["--token", &node.admin_token, "vllm"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The node's `/metrics` text.
+async fn metrics(node: &TestNode) -> String {
+    node.client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
     node.client()
         .post(node.url("/v1/chat/completions"))
@@ -277,7 +299,6 @@ async fn a_crash_loop_ends_in_failed() {
         &[("MOCK_VLLM_CRASH_AFTER_MS", "300")],
     )
     .await;
-    let t0 = Instant::now();
     let (failed, after) = until(&node, "llama-0", "failed", Duration::from_secs(10), |r| {
         r.state == ReplicaState::Failed
     })
@@ -291,15 +312,7 @@ async fn a_crash_loop_ends_in_failed() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let still = replica(&node, "llama-0");
     assert_eq!((still.state, still.restarts), (ReplicaState::Failed, 2));
-    let metrics = node
-        .client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&node).await;
     assert!(
         metrics.contains("meridian_vllm_replica_failed{replica=\"llama-0\",group=\"llama\"} 1"),
         "the alert metric is set"
@@ -318,7 +331,6 @@ async fn a_crash_loop_ends_in_failed() {
         failed.restarts,
         failed.last_exit.unwrap_or_default()
     );
-    let _ = t0;
     let mut node = node;
     node.begin_shutdown().await.unwrap().unwrap();
 }
@@ -422,17 +434,7 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Through the CLI, as an operator would.
-    let drain = std::process::Command::new(meridian_bin())
-        .args([
-            "admin",
-            "--addr",
-            &format!("http://{}", node.admin),
-            "--token",
-            &node.admin_token,
-        ])
-        .args(["vllm", "drain", "llama-0"])
-        .output()
-        .unwrap();
+    let drain = vllm_cli(&node, &["drain", "llama-0"]);
     assert!(
         drain.status.success(),
         "{}",
@@ -469,17 +471,7 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
         stop_took >= Duration::from_secs(1),
         "SIGKILL only after the 1 s grace"
     );
-    let list = std::process::Command::new(meridian_bin())
-        .args([
-            "admin",
-            "--addr",
-            &format!("http://{}", node.admin),
-            "--token",
-            &node.admin_token,
-        ])
-        .args(["vllm", "list"])
-        .output()
-        .unwrap();
+    let list = vllm_cli(&node, &["list"]);
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(
         list.contains("llama-0") && list.contains("stopped"),
@@ -584,15 +576,7 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
     }
     let down = idle.elapsed();
     assert_eq!(node.vllm.list()[0].name, "llama-0");
-    let metrics = node
-        .client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&node).await;
     assert!(
         metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 1"),
         "{metrics}"
@@ -646,20 +630,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
     assert_eq!(body["model"], "sql");
     assert_eq!(chat_model("finance").await.0, 404);
     // Loaded at run time through the CLI: routed from then on.
-    let cli = |args: &[&str]| {
-        std::process::Command::new(meridian_bin())
-            .args([
-                "admin",
-                "--addr",
-                &format!("http://{}", node.admin),
-                "--token",
-                &node.admin_token,
-                "vllm",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| vllm_cli(&node, args);
     let provider = node.gateway.provider_by_id("1/llama-0").unwrap();
     let out = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
     assert!(
@@ -787,15 +758,7 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     for c in clients {
         c.await.unwrap();
     }
-    let metrics = n
-        .client()
-        .get(n.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&n).await;
     assert_eq!(n.vllm.list().len(), 1, "GPU 1 is busy: no second replica");
     assert!(
         metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 0"),

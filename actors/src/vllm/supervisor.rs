@@ -44,15 +44,10 @@ pub struct VllmStats {
 /// The supervisor's vocabulary. Local only.
 #[derive(Debug)]
 pub enum VllmSupervisorMsg {
-    Control {
+    /// Hand `request` to the replica named `replica`; it answers the caller itself.
+    ToReplica {
         replica: String,
-        control: Control,
-        reply: RpcReplyPort<Result<String, String>>,
-    },
-    Lora {
-        replica: String,
-        name: String,
-        path: Option<String>,
+        request: ReplicaRequest,
         reply: RpcReplyPort<Result<String, String>>,
     },
     /// Look at load and scale (a timer sends it every group's `autoscale.interval`).
@@ -60,6 +55,17 @@ pub enum VllmSupervisorMsg {
 }
 
 impl ractor::Message for VllmSupervisorMsg {}
+
+/// What the admin API asks of one replica.
+#[derive(Debug)]
+pub enum ReplicaRequest {
+    Control(Control),
+    /// Load (`path: Some`) or unload a LoRA adapter.
+    Lora {
+        name: String,
+        path: Option<String>,
+    },
+}
 
 pub struct VllmSupervisor;
 
@@ -182,39 +188,23 @@ impl Actor for VllmSupervisor {
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            VllmSupervisorMsg::Control {
+            VllmSupervisorMsg::ToReplica {
                 replica,
-                control,
-                reply,
-            } => {
-                // The replica answers the caller itself: a slow stop never holds up the
-                // supervisor (autoscaling, other replicas' commands).
-                match s.slot(&replica) {
-                    Some(slot) => {
-                        let actor = slot.actor.clone();
-                        tokio::spawn(async move {
-                            let answer = ask(&actor, |r| VllmMsg::Control(control, r)).await;
-                            let _ = reply.send(answer);
-                        });
-                    }
-                    None => {
-                        let _ = reply.send(Err(s.unknown(&replica)));
-                    }
-                }
-            }
-            VllmSupervisorMsg::Lora {
-                replica,
-                name,
-                path,
+                request,
                 reply,
             } => match s.slot(&replica) {
+                // The replica answers the caller itself: a slow stop never holds up the
+                // supervisor (autoscaling, other replicas' commands).
                 Some(slot) => {
                     let actor = slot.actor.clone();
                     tokio::spawn(async move {
-                        let answer = ask(&actor, |r| VllmMsg::Lora {
-                            name,
-                            path,
-                            reply: r,
+                        let answer = ask(&actor, |r| match request {
+                            ReplicaRequest::Control(c) => VllmMsg::Control(c, r),
+                            ReplicaRequest::Lora { name, path } => VllmMsg::Lora {
+                                name,
+                                path,
+                                reply: r,
+                            },
                         })
                         .await;
                         let _ = reply.send(answer);
@@ -572,22 +562,8 @@ impl Vllm {
 
     /// Drains, stops, starts or restarts one replica; says what it did, or why not.
     pub async fn control(&self, replica: &str, control: Control) -> Result<String, String> {
-        let replica = replica.to_owned();
-        match self
-            .actor
-            .call(
-                |reply| VllmSupervisorMsg::Control {
-                    replica,
-                    control,
-                    reply,
-                },
-                Some(Duration::from_secs(180)),
-            )
+        self.to_replica(replica, ReplicaRequest::Control(control))
             .await
-        {
-            Ok(ractor::rpc::CallResult::Success(a)) => a,
-            _ => Err("the vLLM supervisor did not answer".into()),
-        }
     }
 
     /// Loads (`path: Some`) or unloads a LoRA adapter on one replica.
@@ -597,14 +573,21 @@ impl Vllm {
         name: &str,
         path: Option<&str>,
     ) -> Result<String, String> {
-        let (replica, name, path) = (replica.to_owned(), name.to_owned(), path.map(str::to_owned));
+        let request = ReplicaRequest::Lora {
+            name: name.to_owned(),
+            path: path.map(str::to_owned),
+        };
+        self.to_replica(replica, request).await
+    }
+
+    async fn to_replica(&self, replica: &str, request: ReplicaRequest) -> Result<String, String> {
+        let replica = replica.to_owned();
         match self
             .actor
             .call(
-                |reply| VllmSupervisorMsg::Lora {
+                |reply| VllmSupervisorMsg::ToReplica {
                     replica,
-                    name,
-                    path,
+                    request,
                     reply,
                 },
                 Some(Duration::from_secs(180)),

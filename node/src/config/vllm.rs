@@ -7,7 +7,7 @@ use meridian_actors::Timeouts;
 use meridian_actors::vllm::{Autoscale, LoraModule, RestartPolicy, VllmGroup};
 use serde::Deserialize;
 
-use super::{Errors, parse_duration};
+use super::{Errors, duration, int};
 
 /// One `[[vllm]]` section as written. Only `id` and `model` are required.
 #[derive(Debug, Default, Deserialize)]
@@ -83,32 +83,6 @@ pub struct RawVllm {
 pub struct RawGpus {
     /// The discovery command (default `nvidia-smi`).
     pub nvidia_smi: Option<String>,
-}
-
-fn duration(e: &mut Errors, path: &str, v: Option<&String>, default: Duration) -> Duration {
-    match v.map(|s| parse_duration(s)) {
-        None => default,
-        Some(Ok(d)) if !d.is_zero() => d,
-        Some(Ok(_)) => {
-            e.push(path, "must be greater than zero");
-            default
-        }
-        Some(Err(msg)) => {
-            e.push(path, msg);
-            default
-        }
-    }
-}
-
-fn int(e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64) -> u32 {
-    match v {
-        None => default,
-        Some(n) if (min..=max).contains(&n) => u32::try_from(n).unwrap_or(default),
-        Some(n) => {
-            e.push(path, format!("must be between {min} and {max}, got {n}"));
-            default
-        }
-    }
 }
 
 /// Validates every `[[vllm]]` section; `taken_ports` are the node's own listeners (a replica
