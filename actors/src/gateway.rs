@@ -347,15 +347,25 @@ impl Gateway {
     }
 
     /// Routes to one of this node's vLLM replicas from now on (it became ready), and records
-    /// it in the cluster's provider registry so that other nodes route to it too.
-    pub async fn register_replica(&self, spec: ProviderSpec) -> Result<(), ApiError> {
+    /// it in the cluster's provider registry so that other nodes route to it too: directly at
+    /// its address, or through this node on the actor mesh when `via_mesh`.
+    pub async fn register_replica(
+        &self,
+        spec: ProviderSpec,
+        via_mesh: bool,
+    ) -> Result<(), ApiError> {
+        let node = self.inner.cluster.as_ref().map_or(0, |c| c.node_id);
         let record = ProviderRecord {
             id: spec.id.clone(),
             kind: "vllm".into(),
             region: spec.region.clone(),
-            base_url: spec.upstream.base_url().into(),
+            base_url: if via_mesh {
+                crate::mesh::forward::mesh_url(node)
+            } else {
+                spec.upstream.base_url().into()
+            },
             models: spec.models.iter().map(|m| m.name.clone()).collect(),
-            owner: self.inner.cluster.as_ref().map_or(0, |c| c.node_id),
+            owner: node,
             weight: spec.weight,
             max_concurrency: spec.max_concurrency,
             price: spec.price,

@@ -2,10 +2,11 @@
 //! node can message an actor on another.
 //!
 //! Each node runs a `NodeServer` and one [`MeshAgent`] that joins the process group
-//! [`NODES_GROUP`]. Peers find each other's agents through the group (ractor syncs group
-//! membership across connected nodes) and ask them with RPCs. ProviderActors and (later)
-//! BreakerActors are reached through their node's agent: their own messages carry local
-//! streams and reply channels that cannot cross a process boundary.
+//! [`NODES_GROUP`] and its own node's group ([`forward::node_group`]). Peers find each other's
+//! agents through the groups (ractor syncs group membership across connected nodes) and ask them
+//! with RPCs. A node's providers are reached through its agent: their own messages carry local
+//! streams and reply channels that cannot cross a process boundary. [`forward`] uses this to
+//! call replicas only their owner can reach.
 //!
 //! Security: the TCP links are TLS with the cluster's certificates on both sides (the same
 //! mutual TLS as Raft: a peer without a certificate from the cluster CA cannot connect, and the
@@ -31,10 +32,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::gateway::Gateway;
 
+pub mod forward;
+
+use forward::Served;
+
 /// The process group every node's agent joins.
 pub const NODES_GROUP: &str = "meridian.nodes";
-/// Largest inbound mesh frame: agents exchange small JSON descriptions, never payloads.
-pub const MAX_FRAME: u64 = 1024 * 1024;
+/// Largest inbound mesh frame: a forwarded request, a whole answer or a batch of chunks fits.
+pub const MAX_FRAME: u64 = 16 * 1024 * 1024;
 
 /// Messages a node's agent answers, from this node or any other.
 #[derive(RactorClusterMessage)]
@@ -42,6 +47,14 @@ pub enum MeshMsg {
     /// Describes this node ([`NodeDescription`] as JSON); the argument names the asker.
     #[rpc]
     Describe(String, RpcReplyPort<String>),
+    /// Opens a call at one of this node's providers for another node (see [`forward`]).
+    #[rpc]
+    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// The next chunks of a forwarded stream, by call id.
+    #[rpc]
+    Pull(String, RpcReplyPort<Vec<u8>>),
+    /// Drops a forwarded call, by id.
+    Cancel(String),
 }
 
 /// What an agent answers to [`MeshMsg::Describe`].
@@ -65,6 +78,7 @@ pub struct MeshAgent {
     node_id: u64,
     region: String,
     gateway: Gateway,
+    served: Arc<Served>,
 }
 
 impl Actor for MeshAgent {
@@ -74,6 +88,7 @@ impl Actor for MeshAgent {
 
     async fn pre_start(&self, me: ActorRef<MeshMsg>, _: ()) -> Result<(), ActorProcessingErr> {
         pg::join(NODES_GROUP.to_owned(), vec![me.get_cell()]);
+        pg::join(forward::node_group(self.node_id), vec![me.get_cell()]);
         Ok(())
     }
 
@@ -103,6 +118,20 @@ impl Actor for MeshAgent {
                 };
                 let _ = reply.send(serde_json::to_string(&description)?);
             }
+            // Calls and pulls wait (on the upstream, or for chunks): never in the mailbox.
+            MeshMsg::Call(request, reply) => {
+                let served = Arc::clone(&self.served);
+                tokio::spawn(async move {
+                    let _ = reply.send(served.call(&request).await);
+                });
+            }
+            MeshMsg::Pull(call, reply) => {
+                let served = Arc::clone(&self.served);
+                tokio::spawn(async move {
+                    let _ = reply.send(served.pull(&call).await);
+                });
+            }
+            MeshMsg::Cancel(call) => self.served.cancel(&call),
         }
         Ok(())
     }
@@ -133,6 +162,7 @@ pub struct Mesh {
     node_id: u64,
     server: ActorRef<NodeServerMessage>,
     agent: ActorRef<MeshMsg>,
+    served: Arc<Served>,
     client_tls: Arc<rustls::ClientConfig>,
 }
 
@@ -174,12 +204,14 @@ impl Mesh {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| MeshError::Start(e.to_string()))?;
+        let served = Served::new(gateway.clone());
         let (agent, _) = Actor::spawn(
             None,
             MeshAgent {
                 node_id: config.node_id,
                 region: config.region,
                 gateway,
+                served: Arc::clone(&served),
             },
             (),
         )
@@ -189,6 +221,7 @@ impl Mesh {
             node_id: config.node_id,
             server,
             agent,
+            served,
             client_tls: config.client_tls,
         })
     }
@@ -247,8 +280,15 @@ impl Mesh {
         out
     }
 
-    /// Stops the agent and the node server (closing every session).
+    /// Streams other nodes are pulling from this node's providers now.
+    pub fn forwarded_streams(&self) -> usize {
+        self.served.open_streams()
+    }
+
+    /// Stops the agent and the node server (closing every session), and drops the calls other
+    /// nodes forwarded here.
     pub fn stop(&self) {
+        self.served.close_all();
         self.agent.stop(None);
         self.server.stop(None);
     }

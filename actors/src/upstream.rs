@@ -181,6 +181,8 @@ pub enum Upstream {
     Api(ApiAdapter),
     /// The built-in deterministic demo model (no network).
     Demo(DemoModel),
+    /// A provider only another node can reach, called through that node on the actor mesh.
+    Mesh(crate::mesh::forward::MeshUpstream),
 }
 
 impl Upstream {
@@ -189,6 +191,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.base_url(),
             Self::Demo(_) => "builtin:demo",
+            Self::Mesh(m) => m.base_url(),
         }
     }
 
@@ -196,6 +199,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.dialect().name(),
             Self::Demo(_) => "demo",
+            Self::Mesh(_) => "mesh",
         }
     }
 
@@ -209,6 +213,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.complete(req, model, timeouts).await,
             Self::Demo(d) => d.complete(req, model),
+            Self::Mesh(m) => m.complete(req, model, timeouts).await,
         }
     }
 
@@ -222,6 +227,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.stream(req, model, timeouts).await,
             Self::Demo(d) => d.stream(req, model),
+            Self::Mesh(m) => m.stream(req, model, timeouts).await,
         }
     }
 }

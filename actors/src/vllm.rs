@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use meridian_proto::cluster::{ProviderPrice, ProviderRecord};
 
+use crate::mesh::forward::MeshUpstream;
 use crate::provider::{ModelRoute, ProviderSpec};
 use crate::upstream::{ApiAdapter, Dialect, Timeouts, Upstream};
 use process::Launch;
@@ -60,9 +61,13 @@ pub struct VllmGroup {
     pub lora_modules: Vec<LoraModule>,
     /// Lets adapters be loaded and unloaded at run time (vLLM's runtime LoRA endpoints).
     pub lora_runtime: bool,
-    /// Where replicas listen, and the host other nodes reach them at.
+    /// Where replicas listen, and the host this node (and, unless `via_mesh`, every node)
+    /// calls them at.
     pub host: String,
     pub advertise_host: String,
+    /// Other nodes cannot reach the replicas at `advertise_host`: they call them through this
+    /// node on the actor mesh (the registry records them as `mesh://node-<id>`).
+    pub via_mesh: bool,
     /// Replica slot `i` listens on `ports.0 + i`; the range is inclusive.
     pub ports: (u16, u16),
     pub min_replicas: u32,
@@ -247,14 +252,15 @@ impl VllmGroup {
         models: Vec<ModelRoute>,
     ) -> Result<ProviderSpec, String> {
         let base_url = format!("http://{}:{port}/v1", self.advertise_host);
+        let adapter = ApiAdapter::new(Dialect::OpenAi, &base_url, None, REPLICA_CONNECT_TIMEOUT)?;
         let mut spec = replica_spec(
             provider_id,
             self.region.clone(),
-            &base_url,
+            Upstream::Api(adapter),
             models,
             self.max_concurrency,
             self.weight,
-        )?;
+        );
         spec.queue_capacity = self.queue_capacity;
         spec.queue_timeout = self.queue_timeout;
         spec.timeouts = self.timeouts;
@@ -263,27 +269,30 @@ impl VllmGroup {
     }
 }
 
-/// How any node routes to a vLLM replica: the OpenAI dialect at `base_url`, prefix affinity on
-/// (vLLM caches prefixes), queueing with the defaults.
+/// Connecting to a replica (on this node or a nearby one) takes no longer than this.
+const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How any node routes to a vLLM replica (through `upstream`: the OpenAI dialect at its address,
+/// or its owner on the actor mesh): prefix affinity on (vLLM caches prefixes), queueing with the
+/// defaults.
 pub fn replica_spec(
     id: String,
     region: String,
-    base_url: &str,
+    upstream: Upstream,
     models: Vec<ModelRoute>,
     max_concurrency: u32,
     weight: u32,
-) -> Result<ProviderSpec, String> {
+) -> ProviderSpec {
     let timeouts = Timeouts {
-        connect: Duration::from_secs(2),
+        connect: REPLICA_CONNECT_TIMEOUT,
         ..Timeouts::default()
     };
-    let adapter = ApiAdapter::new(Dialect::OpenAi, base_url, None, timeouts.connect)?;
     let max_concurrency = max_concurrency.max(1);
-    Ok(ProviderSpec {
+    ProviderSpec {
         id,
         region,
         models,
-        upstream: Upstream::Api(adapter),
+        upstream,
         max_concurrency,
         queue_capacity: max_concurrency.saturating_mul(2),
         queue_timeout: Duration::from_secs(30),
@@ -292,10 +301,11 @@ pub fn replica_spec(
         prefix_affinity: true,
         weight: weight.max(1),
         price: ProviderPrice::default(),
-    })
+    }
 }
 
-/// The routing spec of a replica another node registered.
+/// The routing spec of a replica another node registered: called directly at its address, or
+/// through its owner when the address is `mesh://node-<id>`.
 pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, String> {
     let models = record
         .models
@@ -305,10 +315,19 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Stri
             upstream_name: m.clone(),
         })
         .collect();
-    replica_spec(
+    let upstream = match crate::mesh::forward::mesh_node(&record.base_url) {
+        Some(node) => Upstream::Mesh(MeshUpstream::new(node, record.id.clone())),
+        None => Upstream::Api(ApiAdapter::new(
+            Dialect::OpenAi,
+            &record.base_url,
+            None,
+            REPLICA_CONNECT_TIMEOUT,
+        )?),
+    };
+    Ok(replica_spec(
         record.id.clone(),
         record.region.clone(),
-        &record.base_url,
+        upstream,
         models,
         if record.max_concurrency == 0 {
             256
@@ -316,7 +335,7 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Stri
             record.max_concurrency
         },
         record.weight,
-    )
+    ))
 }
 
 /// Where a replica is in its life.

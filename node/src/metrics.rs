@@ -144,6 +144,18 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode, vllm: &Vllm) -> String {
              meridian_quota_no_quorum_denials_total {denied}"
         );
     }
+    {
+        use meridian_actors::mesh::forward::{forwarded_total, served_total};
+        let _ = writeln!(
+            out,
+            "# HELP meridian_mesh_calls_total Calls forwarded through the actor mesh: sent to the node that reaches the provider, or served here for another node\n\
+             # TYPE meridian_mesh_calls_total counter\n\
+             meridian_mesh_calls_total{{direction=\"sent\"}} {}\n\
+             meridian_mesh_calls_total{{direction=\"served\"}} {}",
+            forwarded_total(),
+            served_total(),
+        );
+    }
     if let Some((hits, misses)) = gateway.cache_counts() {
         let _ = writeln!(
             out,

@@ -701,3 +701,210 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
         restarted.elapsed().as_millis()
     );
 }
+
+/// The value of the metric line that starts with `series` in node `url`'s `/metrics`.
+async fn metric(url: &str, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Reads an SSE response to its end: the `data:` payloads, in order.
+async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The text the content deltas of `events` spell.
+fn streamed_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
+    use futures::StreamExt;
+    use meridian_proto::pb::admin as pb;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut h = Harness::new(21);
+    // No advertise_host: node 1 publishes the replica as reachable through itself only.
+    h.extra.insert(
+        1,
+        format!(
+            "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
+             served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
+             health_interval = \"100ms\"\n\
+             [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=30;itl_ms=20\"\n",
+            env!("CARGO_BIN_EXE_mock-vllm")
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    h.put_tenant(1, "acme").await.unwrap();
+    let key = h
+        .admin(1)
+        .await
+        .unwrap()
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "acme".into(),
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let client = reqwest::Client::new();
+    let http: Vec<String> = [1, 2, 3].iter().map(|id| h.node(*id).http()).collect();
+    let post = |id: u64, stream: bool| {
+        let body = if stream {
+            r#"{"model":"llama-8b","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#
+        } else {
+            r#"{"model":"llama-8b","messages":[{"role":"user","content":"hi"}]}"#
+        };
+        client
+            .post(format!("{}/v1/chat/completions", http[id as usize - 1]))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let mock_stats = || async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+            .await
+            .ok()?
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+    };
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("node {id} to route to the replica"), T, || async {
+            let r = post(id, false).await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+    let sent = |id: u64| {
+        metric(
+            &http[id as usize - 1],
+            "meridian_mesh_calls_total{direction=\"sent\"}",
+        )
+    };
+    let served = || metric(&http[0], "meridian_mesh_calls_total{direction=\"served\"}");
+    let (sent_before, served_before) = (
+        sent(2).await.unwrap() + sent(3).await.unwrap(),
+        served().await.unwrap(),
+    );
+    assert_eq!(sent(1).await, Some(0.0), "node 1 calls its replica itself");
+    assert!(sent_before >= 2.0 && served_before == sent_before);
+
+    // Whole answers: the same through any node; nodes 2 and 3 go through node 1.
+    let local: serde_json::Value = post(1, false).await.unwrap().json().await.unwrap();
+    let requests_before = mock_stats().await.unwrap()["requests"].as_u64().unwrap();
+    for id in [2, 3] {
+        let r = post(id, false).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"], local["choices"][0]["message"]);
+        assert_eq!(v["usage"], local["usage"]);
+        assert_eq!(v["usage"]["completion_tokens"], 30);
+    }
+    // Streams: every chunk arrives, in order, with the usage chunk and [DONE].
+    let local_events = sse_events(post(1, true).await.unwrap()).await;
+    for id in [2, 3] {
+        let started = Instant::now();
+        let r = post(id, true).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let events = sse_events(r).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        assert_eq!(streamed_text(&events), streamed_text(&local_events));
+        assert_eq!(
+            streamed_text(&events),
+            local["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], 30, "{usage}");
+        println!(
+            "a 30-token stream (20 ms apart) through node {id} and the mesh: {} events in {} ms",
+            events.len(),
+            started.elapsed().as_millis()
+        );
+    }
+    assert_eq!(
+        mock_stats().await.unwrap()["requests"].as_u64().unwrap(),
+        requests_before + 5,
+        "each call reached the replica once"
+    );
+    assert_eq!(
+        sent(2).await.unwrap() + sent(3).await.unwrap(),
+        sent_before + 4.0
+    );
+    assert_eq!(served().await.unwrap(), served_before + 4.0);
+
+    // A client that leaves mid-stream: node 1 drops the upstream call.
+    let aborted_before = mock_stats().await.unwrap()["aborted"].as_u64().unwrap();
+    let mut body = post(2, true).await.unwrap().bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    let left = Instant::now();
+    h.wait_for(
+        "the replica to see the call cancelled",
+        Duration::from_secs(5),
+        || async {
+            let aborted = mock_stats().await?["aborted"].as_u64()?;
+            (aborted > aborted_before).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "a client that left a forwarded stream: the replica's call was closed {} ms later",
+        left.elapsed().as_millis()
+    );
+
+    // Node 1 killed mid-stream: the stream through node 2 ends with an error event, at once.
+    let resp = post(2, true).await.unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    h.kill(1);
+    let killed = Instant::now();
+    let mut rest = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(Ok(bytes)) = body.next().await {
+            rest.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream hung after its owner died");
+    assert!(rest.contains("\"error\""), "no error event: {rest}");
+    let stream_end = killed.elapsed();
+    // Its record lingers until node 1 is back, but calls through it fail fast.
+    let asked = Instant::now();
+    let status = post(2, false).await.unwrap().status().as_u16();
+    let refused = asked.elapsed();
+    assert!(matches!(status, 502 | 503), "{status}");
+    println!(
+        "node 1 killed with -9 during a forwarded stream: the client got an error event {} ms \
+         later; a new call for its replica got {status} in {} ms",
+        stream_end.as_millis(),
+        refused.as_millis()
+    );
+    assert!(refused < Duration::from_secs(3));
+}

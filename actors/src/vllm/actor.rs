@@ -369,7 +369,12 @@ impl Replica {
                 return;
             }
         };
-        if let Err(e) = self.a.gateway.register_replica(spec).await {
+        if let Err(e) = self
+            .a
+            .gateway
+            .register_replica(spec, self.a.group.via_mesh)
+            .await
+        {
             self.unhealthy(format!("cannot register it: {}", e.message));
             return;
         }
@@ -632,7 +637,7 @@ impl Replica {
         )?;
         self.a
             .gateway
-            .register_replica(spec)
+            .register_replica(spec, self.a.group.via_mesh)
             .await
             .map_err(|e| e.message)?;
         self.publish();

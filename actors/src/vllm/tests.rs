@@ -21,6 +21,7 @@ pub(crate) fn group() -> VllmGroup {
         lora_runtime: false,
         host: "0.0.0.0".into(),
         advertise_host: "10.0.0.7".into(),
+        via_mesh: false,
         ports: (8100, 8101),
         min_replicas: 1,
         max_replicas: 2,

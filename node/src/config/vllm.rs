@@ -43,8 +43,9 @@ pub struct RawVllm {
     pub lora_modules: Vec<String>,
     /// Allow loading and unloading adapters at run time.
     pub lora_runtime: Option<bool>,
-    /// Where replicas listen (default 127.0.0.1), and the host other nodes reach them at
-    /// (default: `host`, or 127.0.0.1 when `host` is a wildcard).
+    /// Where replicas listen (default 127.0.0.1), and the host other nodes reach them at. Without
+    /// `advertise_host` in a multi-node cluster, other nodes call the replicas through this node
+    /// on the actor mesh; this node calls them at `host` (127.0.0.1 when it is a wildcard).
     pub host: Option<String>,
     pub advertise_host: Option<String>,
     /// The first replica's port; replica `i` listens on `port + i` (default 8100).
@@ -270,14 +271,8 @@ pub(super) fn validate(
             }
         }
         let host = v.host.clone().unwrap_or_else(|| "127.0.0.1".into());
-        if multi_node && v.advertise_host.is_none() {
-            // Every node routes to a ready replica at this address: a default of loopback
-            // would send other machines' traffic to themselves.
-            e.push(
-                at("advertise_host"),
-                "is required in a multi-node cluster: the address other nodes reach this node's replicas at",
-            );
-        }
+        // Without an address other machines can use, they go through this node.
+        let via_mesh = multi_node && v.advertise_host.is_none();
         let advertise_host = v
             .advertise_host
             .clone()
@@ -386,6 +381,7 @@ pub(super) fn validate(
             lora_runtime: v.lora_runtime.unwrap_or(false),
             host,
             advertise_host,
+            via_mesh,
             ports: (first_port, last_port),
             min_replicas,
             max_replicas,
