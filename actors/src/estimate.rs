@@ -1,6 +1,10 @@
 //! What a request will cost before it runs: the prompt counted with a real tokenizer, plus the
 //! completion tokens it may generate.
 
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use meridian_proto::openai::{ChatRequest, MessageContent};
 
 /// A model family's tokenizer.
@@ -22,12 +26,76 @@ impl Tokenizer {
         }
     }
 
+    /// Tokens in `text`. Counts are remembered per text (see [`Memo`]): system prompts and
+    /// conversation history come back with every turn, and only new text is tokenized.
     pub fn count(self, text: &str) -> u64 {
+        let memo = Memo::get();
+        let hash = memo.hash(self, text);
+        if let Some(n) = memo.lookup(hash) {
+            return n;
+        }
+        let n = self.count_uncached(text);
+        memo.store(hash, n);
+        n
+    }
+
+    fn count_uncached(self, text: &str) -> u64 {
         let bpe = match self {
             Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
             Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
         };
         bpe.encode_ordinary(text).len() as u64
+    }
+}
+
+/// Token counts of recently seen texts: a direct-mapped table of [`MEMO_SLOTS`] words, each a
+/// 40-bit tag of the text's hash and a 24-bit count, read and written with single atomic
+/// operations (no lock; a slot holds whichever text was counted there last). The hash is keyed
+/// per process, so nobody can craft two texts that share a slot and tag; even then, only the
+/// estimate would be off, and the charge is settled from the provider's usage.
+struct Memo {
+    hasher: std::collections::hash_map::RandomState,
+    slots: Box<[AtomicU64]>,
+}
+
+const MEMO_SLOTS: usize = 1 << 14;
+const COUNT_BITS: u32 = 24;
+
+impl Memo {
+    fn get() -> &'static Memo {
+        static MEMO: OnceLock<Memo> = OnceLock::new();
+        MEMO.get_or_init(|| Memo {
+            hasher: std::collections::hash_map::RandomState::new(),
+            slots: (0..MEMO_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    fn hash(&self, tokenizer: Tokenizer, text: &str) -> u64 {
+        self.hasher.hash_one((tokenizer as u8, text))
+    }
+
+    /// The tag is the hash's top 40 bits; the slot comes from its low bits.
+    fn slot(&self, hash: u64) -> (&AtomicU64, u64) {
+        (
+            &self.slots[hash as usize & (MEMO_SLOTS - 1)],
+            hash >> COUNT_BITS,
+        )
+    }
+
+    fn lookup(&self, hash: u64) -> Option<u64> {
+        let (slot, tag) = self.slot(hash);
+        let word = slot.load(Ordering::Relaxed);
+        // An empty slot (0) reads as tag 0, count 0: a miss unless the tag is 0 too (then
+        // one text in 2^40 is counted again; no harm either way but a recount).
+        (word != 0 && word >> COUNT_BITS == tag).then_some(word & ((1 << COUNT_BITS) - 1))
+    }
+
+    fn store(&self, hash: u64, count: u64) {
+        if count >= 1 << COUNT_BITS {
+            return;
+        }
+        let (slot, tag) = self.slot(hash);
+        slot.store(tag << COUNT_BITS | count, Ordering::Relaxed);
     }
 }
 
@@ -109,5 +177,44 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(completion_reserve(&none), DEFAULT_COMPLETION_RESERVE);
+    }
+
+    #[test]
+    fn remembered_counts_are_the_tokenizers_counts() {
+        let texts: Vec<String> = (0..3000)
+            .map(|i| format!("message {i}: {}", "lorem ipsum ".repeat(i % 7)))
+            .collect();
+        for t in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
+            // Twice: counted, then (where the slot still holds it) remembered.
+            for _ in 0..2 {
+                for text in &texts {
+                    assert_eq!(t.count(text), t.count_uncached(text), "{text:?}");
+                }
+            }
+        }
+        // The same text under the two tokenizers is two entries.
+        let text = "The quick brown fox jumps over the lazy dog, 12345 times.";
+        assert_eq!(
+            Tokenizer::Cl100kBase.count(text),
+            Tokenizer::Cl100kBase.count_uncached(text)
+        );
+        assert_eq!(
+            Tokenizer::O200kBase.count(text),
+            Tokenizer::O200kBase.count_uncached(text)
+        );
+    }
+
+    #[test]
+    fn the_memo_keeps_tags_and_counts_apart() {
+        let memo = Memo::get();
+        let hash = 0xABCD_EF01_2345_6789_u64;
+        memo.store(hash, 77);
+        assert_eq!(memo.lookup(hash), Some(77));
+        // Same slot, another tag: a miss.
+        assert_eq!(memo.lookup(hash ^ (1 << 40)), None);
+        // Counts that do not fit are not remembered.
+        let big = 0x1111_2222_3333_4444_u64;
+        memo.store(big, 1 << COUNT_BITS);
+        assert_eq!(memo.lookup(big), None);
     }
 }

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::{HeaderName, HeaderValue};
 use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
 use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
@@ -86,35 +87,48 @@ impl LimitKind {
         }
     }
 
-    /// `x-ratelimit-limit-*`, `x-ratelimit-remaining-*`, `x-ratelimit-reset-*`.
-    pub fn header_names(self) -> [&'static str; 3] {
-        match self {
-            Self::RequestsPerMinute => [
+    /// `x-ratelimit-limit-*`, `x-ratelimit-remaining-*`, `x-ratelimit-reset-*` (built at
+    /// compile time: naming them costs nothing per response).
+    pub fn header_names(self) -> [HeaderName; 3] {
+        const fn names(
+            limit: &'static str,
+            remaining: &'static str,
+            reset: &'static str,
+        ) -> [HeaderName; 3] {
+            [
+                HeaderName::from_static(limit),
+                HeaderName::from_static(remaining),
+                HeaderName::from_static(reset),
+            ]
+        }
+        const NAMES: [[HeaderName; 3]; 5] = [
+            names(
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",
                 "x-ratelimit-reset-requests",
-            ],
-            Self::TokensPerMinute => [
+            ),
+            names(
                 "x-ratelimit-limit-tokens",
                 "x-ratelimit-remaining-tokens",
                 "x-ratelimit-reset-tokens",
-            ],
-            Self::TokensPerDay => [
+            ),
+            names(
                 "x-ratelimit-limit-tokens-day",
                 "x-ratelimit-remaining-tokens-day",
                 "x-ratelimit-reset-tokens-day",
-            ],
-            Self::TokensPerMonth => [
+            ),
+            names(
                 "x-ratelimit-limit-tokens-month",
                 "x-ratelimit-remaining-tokens-month",
                 "x-ratelimit-reset-tokens-month",
-            ],
-            Self::CostPerDay => [
+            ),
+            names(
                 "x-ratelimit-limit-cost-day",
                 "x-ratelimit-remaining-cost-day",
                 "x-ratelimit-reset-cost-day",
-            ],
-        }
+            ),
+        ];
+        NAMES[self as usize].clone()
     }
 
     pub fn window_ms(self) -> u64 {
@@ -236,6 +250,29 @@ struct Budget {
     dry_until: Option<Instant>,
 }
 
+impl Budget {
+    /// A budget first seen now: no slice yet.
+    fn new(kind: LimitKind, limit: u64, window_start: u64, now: Instant) -> Self {
+        Self {
+            kind,
+            limit,
+            window_start,
+            allowance: 0,
+            charged: 0,
+            reported: 0,
+            expires: None,
+            renewing: false,
+            demand: 0,
+            demand_since: now,
+            last_slice: 0,
+            local_share: false,
+            no_quorum: false,
+            need: 0,
+            dry_until: None,
+        }
+    }
+}
+
 /// One usage report, kept until the ledger has it.
 struct Batch {
     seq: u64,
@@ -322,16 +359,14 @@ pub struct RateLimitState {
 }
 
 impl RateLimitState {
-    /// The response headers for this limit: names are static, values formatted once.
-    pub fn headers(&self) -> [(&'static str, String); 3] {
+    /// The response headers for this limit: static names, values written without the
+    /// formatting machinery (this runs for every admitted response).
+    pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
         let [limit, remaining, reset] = self.kind.header_names();
         [
-            (limit, self.limit.to_string()),
-            (remaining, self.remaining.to_string()),
-            (
-                reset,
-                format!("{}s", self.reset.as_secs_f64().ceil() as u64),
-            ),
+            (limit, HeaderValue::from(self.limit)),
+            (remaining, HeaderValue::from(self.remaining)),
+            (reset, seconds_value(self.reset)),
         ]
     }
 }
@@ -542,23 +577,13 @@ impl Quota {
             let key = ledger_key(scope, kind);
             let window_ms = kind.window_ms();
             let window_start = unix - unix % window_ms;
-            let budget = budgets.entry(key.clone()).or_insert_with(|| Budget {
-                kind,
-                limit,
-                window_start,
-                allowance: 0,
-                charged: 0,
-                reported: 0,
-                expires: None,
-                renewing: false,
-                demand: 0,
-                demand_since: now,
-                last_slice: 0,
-                local_share: false,
-                no_quorum: false,
-                need: 0,
-                dry_until: None,
-            });
+            // Looked up by reference: the key is copied only when the budget is new.
+            if !budgets.contains_key(&key) {
+                budgets.insert(key.clone(), Budget::new(kind, limit, window_start, now));
+            }
+            let Some(budget) = budgets.get_mut(&key) else {
+                continue; // inserted just above
+            };
             budget.limit = limit;
             if budget.window_start != window_start {
                 // A new window: whatever was charged in the old one and not yet reported is
@@ -903,6 +928,23 @@ async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<String>)
             },
         }
     }
+}
+
+/// `d` in whole seconds, rounded up, as `<n>s`.
+fn seconds_value(d: Duration) -> HeaderValue {
+    let mut n = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+    let mut digits = [0u8; 21];
+    let mut at = digits.len() - 1;
+    digits[at] = b's';
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&digits[at..]).unwrap_or(HeaderValue::from_static("0s"))
 }
 
 fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {

@@ -1,10 +1,12 @@
-//! The gRPC edge: `meridian.v1.Inference` (same request path as HTTP), plus the standard
-//! `grpc.health.v1` service and server reflection.
+//! The gRPC edge: `meridian.v1.Inference` (same request path as HTTP, response cache
+//! included: `x-meridian-cache` metadata both ways), plus the standard `grpc.health.v1` service
+//! and server reflection.
 
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use meridian_actors::auth::Principal;
+use meridian_actors::cache::CacheKey;
 use meridian_actors::{ChatReply, Gateway, RequestContext, StreamEnd};
 use meridian_proto::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
@@ -21,12 +23,17 @@ pub struct InferenceService {
     pub started_unix: i64,
 }
 
+/// A call, checked and ready to route.
+struct Prepared {
+    chat: ChatRequest,
+    ctx: RequestContext,
+    feature: Option<String>,
+    /// Its response-cache key, when it may be cached.
+    cache: Option<CacheKey>,
+}
+
 impl InferenceService {
-    fn prepare(
-        &self,
-        req: Request<pb::ChatRequest>,
-        stream: bool,
-    ) -> Result<(ChatRequest, RequestContext, Option<String>), Status> {
+    fn prepare(&self, req: Request<pb::ChatRequest>, stream: bool) -> Result<Prepared, Status> {
         let request_id = RequestId::from_client(
             req.metadata()
                 .get("x-request-id")
@@ -47,6 +54,10 @@ impl InferenceService {
                 .map(|v| v.as_bytes()),
         )
         .map_err(|e| grpc_status(&e))?;
+        let opt_in = req
+            .metadata()
+            .get("x-meridian-cache")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -57,6 +68,7 @@ impl InferenceService {
         }
         let chat =
             ChatRequest::from_params(params, self.gateway.limits()).map_err(|e| grpc_status(&e))?;
+        let cache = self.gateway.cache_key(principal.as_ref(), &chat, opt_in);
         let ctx = RequestContext {
             request_id,
             principal,
@@ -65,7 +77,18 @@ impl InferenceService {
             complexity,
             weight: 1,
         };
-        Ok((chat, ctx, feature))
+        Ok(Prepared {
+            chat,
+            ctx,
+            feature,
+            cache,
+        })
+    }
+
+    /// The cached answer to `p`, if there is one (a hit is free: no admission, no provider).
+    fn cached(&self, p: &Prepared) -> Option<bytes::Bytes> {
+        self.gateway
+            .cache_get(p.cache?, p.ctx.principal.as_ref(), p.chat.model())
     }
 
     /// The caller, from the `authorization` (`Bearer …`) or `x-api-key` metadata.
@@ -113,6 +136,35 @@ fn internal(message: &str) -> Status {
     grpc_status(&ApiError::new(ErrorKind::Internal, message))
 }
 
+/// Marks a cacheable call's response as answered from the cache or not.
+fn cache_metadata<T>(resp: &mut Response<T>, hit: bool) {
+    resp.metadata_mut().insert(
+        "x-meridian-cache",
+        tonic::metadata::MetadataValue::from_static(if hit { "hit" } else { "miss" }),
+    );
+}
+
+fn completion_of(body: &[u8]) -> Result<pb::ChatResponse, Status> {
+    let completion: ChatCompletion = serde_json::from_slice(body).map_err(|e| {
+        grpc_status(&ApiError::new(
+            ErrorKind::Upstream,
+            format!("the provider's completion could not be read: {e}"),
+        ))
+    })?;
+    Ok(completion.into())
+}
+
+fn chunk_of(json: &[u8]) -> Result<pb::ChatChunk, Status> {
+    serde_json::from_slice::<ChatCompletionChunk>(json)
+        .map(pb::ChatChunk::from)
+        .map_err(|e| {
+            grpc_status(&ApiError::new(
+                ErrorKind::Upstream,
+                format!("a chunk from the provider could not be read: {e}"),
+            ))
+        })
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChatChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -121,21 +173,25 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
-        let (chat, mut ctx, feature) = self.prepare(req, false)?;
-        ctx.reservation = self
+        let mut p = self.prepare(req, false)?;
+        if let Some(hit) = self.cached(&p) {
+            let mut resp = Response::new(completion_of(&hit)?);
+            cache_metadata(&mut resp, true);
+            return Ok(resp);
+        }
+        p.ctx.reservation = self
             .gateway
-            .admit(ctx.principal.as_ref(), &chat, feature.as_deref())
+            .admit(p.ctx.principal.as_ref(), &p.chat, p.feature.as_deref())
             .await
             .map_err(|e| grpc_status(&e))?;
-        match self.gateway.chat(chat, ctx).await {
+        match self.gateway.chat(p.chat, p.ctx).await {
             Ok(ChatReply::Complete(c)) => {
-                let completion: ChatCompletion = serde_json::from_slice(&c.body).map_err(|e| {
-                    grpc_status(&ApiError::new(
-                        ErrorKind::Upstream,
-                        format!("the provider's completion could not be read: {e}"),
-                    ))
-                })?;
-                Ok(Response::new(completion.into()))
+                let mut resp = Response::new(completion_of(&c.body)?);
+                if let Some(key) = p.cache {
+                    self.gateway.cache_put(key, c.body);
+                    cache_metadata(&mut resp, false);
+                }
+                Ok(resp)
             }
             Ok(ChatReply::Stream(_)) => Err(internal("a unary call was answered with a stream")),
             Err(e) => Err(grpc_status(&e)),
@@ -148,13 +204,25 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let (chat, mut ctx, feature) = self.prepare(req, true)?;
-        ctx.reservation = self
+        let mut p = self.prepare(req, true)?;
+        if let Some(hit) = self.cached(&p) {
+            // A whole answer replayed as the chunks a stream of it would have had.
+            let chunks = meridian_actors::cache::as_chunks(&hit, true)
+                .ok_or_else(|| internal("a cached answer could not be replayed"))?;
+            let items: Vec<Result<pb::ChatChunk, Status>> =
+                chunks.iter().map(|c| chunk_of(c.as_bytes())).collect();
+            let mut resp: Response<ChunkStream> =
+                Response::new(Box::pin(futures::stream::iter(items)));
+            cache_metadata(&mut resp, true);
+            return Ok(resp);
+        }
+        let cacheable = p.cache.is_some();
+        p.ctx.reservation = self
             .gateway
-            .admit(ctx.principal.as_ref(), &chat, feature.as_deref())
+            .admit(p.ctx.principal.as_ref(), &p.chat, p.feature.as_deref())
             .await
             .map_err(|e| grpc_status(&e))?;
-        let relay = match self.gateway.chat(chat, ctx).await {
+        let relay = match self.gateway.chat(p.chat, p.ctx).await {
             Ok(ChatReply::Stream(relay)) => relay,
             Ok(ChatReply::Complete(_)) => {
                 return Err(internal("a streaming call was answered whole"));
@@ -170,13 +238,10 @@ impl Inference for InferenceService {
             };
             let mut items = Vec::with_capacity(piece.chunks.len() + 1);
             for json in &piece.chunks {
-                match serde_json::from_slice::<ChatCompletionChunk>(json) {
-                    Ok(chunk) => items.push(Ok(pb::ChatChunk::from(chunk))),
+                match chunk_of(json) {
+                    Ok(chunk) => items.push(Ok(chunk)),
                     Err(e) => {
-                        items.push(Err(grpc_status(&ApiError::new(
-                            ErrorKind::Upstream,
-                            format!("a chunk from the provider could not be read: {e}"),
-                        ))));
+                        items.push(Err(e));
                         return Some((items, None));
                     }
                 }
@@ -191,7 +256,12 @@ impl Inference for InferenceService {
             }
         })
         .flat_map(futures::stream::iter);
-        Ok(Response::new(Box::pin(stream)))
+        let mut resp: Response<ChunkStream> = Response::new(Box::pin(stream));
+        if cacheable {
+            // Streams are not stored (only whole answers are); a later whole call fills it.
+            cache_metadata(&mut resp, false);
+        }
+        Ok(resp)
     }
 
     async fn list_models(

@@ -144,12 +144,10 @@ async fn chat(
             HeaderValue::from_static(if hit { "hit" } else { "miss" }),
         );
     }
+    resp.headers_mut().reserve(rate_limits.len() * 3 + 2);
     for state in &rate_limits {
         for (name, value) in state.headers() {
-            if let Ok(v) = HeaderValue::try_from(value) {
-                resp.headers_mut()
-                    .insert(header::HeaderName::from_static(name), v);
-            }
+            resp.headers_mut().insert(name, value);
         }
     }
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {

@@ -311,3 +311,54 @@ async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
     assert!(md.get("retry-after").is_some());
     assert_eq!(md.get("x-ratelimit-limit-requests").expect("limit"), "1");
 }
+
+#[tokio::test]
+async fn deterministic_calls_are_answered_from_the_cache_unary_and_streamed() {
+    let (mock, node) = setup(&["mock"], "").await;
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
+    let deterministic = ChatRequest {
+        temperature: Some(0.0),
+        ..request("mock")
+    };
+    let served = || mock.stats.completed.load(SeqCst);
+
+    let first = client.chat(deterministic.clone()).await.expect("chat");
+    assert_eq!(first.metadata().get("x-meridian-cache").unwrap(), "miss");
+    let first = first.into_inner();
+    assert_eq!(served(), 1);
+    let again = client.chat(deterministic.clone()).await.expect("chat");
+    assert_eq!(again.metadata().get("x-meridian-cache").unwrap(), "hit");
+    assert_eq!(again.into_inner(), first);
+    assert_eq!(served(), 1, "a hit calls no provider");
+
+    // Streamed: the cached answer replayed as chunks, usage last.
+    let streamed = client
+        .chat_stream(deterministic.clone())
+        .await
+        .expect("stream");
+    assert_eq!(streamed.metadata().get("x-meridian-cache").unwrap(), "hit");
+    let chunks: Vec<_> = streamed
+        .into_inner()
+        .map(|c| c.expect("chunk"))
+        .collect()
+        .await;
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.as_ref().map(|d| d.content.clone()))
+        .collect();
+    assert_eq!(text, first.choices[0].message.as_ref().unwrap().content);
+    assert_eq!(
+        chunks
+            .last()
+            .and_then(|c| c.usage)
+            .map(|u| u.completion_tokens),
+        first.usage.map(|u| u.completion_tokens)
+    );
+    assert_eq!(served(), 1);
+
+    // Not deterministic: not cached, no metadata.
+    let random = client.chat(request("mock")).await.expect("chat");
+    assert!(random.metadata().get("x-meridian-cache").is_none());
+    assert_eq!(served(), 2);
+}

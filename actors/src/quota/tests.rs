@@ -373,3 +373,50 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
     q.flush().await;
     assert_eq!(used(), 150, "the retried report is not counted twice");
 }
+
+#[test]
+fn rate_limit_headers_are_named_and_written_exactly() {
+    let state = RateLimitState {
+        kind: LimitKind::TokensPerDay,
+        limit: 10_000,
+        remaining: 0,
+        reset: Duration::from_millis(1_200),
+    };
+    let h = state.headers();
+    let as_pairs: Vec<(String, String)> = h
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        as_pairs,
+        [
+            ("x-ratelimit-limit-tokens-day".into(), "10000".into()),
+            ("x-ratelimit-remaining-tokens-day".into(), "0".into()),
+            ("x-ratelimit-reset-tokens-day".into(), "2s".into()),
+        ]
+    );
+    for (d, want) in [
+        (Duration::ZERO, "0s"),
+        (Duration::from_secs(60), "60s"),
+        (Duration::from_nanos(1), "1s"),
+        (Duration::from_secs(u64::MAX), "18446744073709551615s"),
+        (Duration::MAX, "18446744073709551615s"),
+    ] {
+        assert_eq!(seconds_value(d), want);
+    }
+    for kind in LimitKind::ALL {
+        let [limit, remaining, reset] = kind.header_names();
+        assert_eq!(
+            limit.as_str(),
+            format!("x-ratelimit-limit-{}", kind.header_suffix())
+        );
+        assert_eq!(
+            remaining.as_str(),
+            format!("x-ratelimit-remaining-{}", kind.header_suffix())
+        );
+        assert_eq!(
+            reset.as_str(),
+            format!("x-ratelimit-reset-{}", kind.header_suffix())
+        );
+    }
+}
