@@ -212,6 +212,51 @@ pub struct Scope {
     pub limits: Limits,
 }
 
+/// A budget's identity: its scope and limit (its ledger key is made once, with it).
+#[derive(Debug, Clone)]
+struct BudgetKey {
+    scope: Arc<str>,
+    kind: LimitKind,
+    ledger: Arc<str>,
+}
+
+impl BudgetKey {
+    fn new(scope: &str, kind: LimitKind) -> Self {
+        Self {
+            scope: scope.into(),
+            kind,
+            ledger: ledger_key(scope, kind).into(),
+        }
+    }
+}
+
+impl PartialEq for BudgetKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.scope == other.scope
+    }
+}
+
+impl Eq for BudgetKey {}
+
+impl std::hash::Hash for BudgetKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        ScopeKind(&self.scope, self.kind).hash(h);
+    }
+}
+
+/// A budget looked up by a request's scope, without making its key.
+#[derive(Hash)]
+struct ScopeKind<'a>(&'a str, LimitKind);
+
+impl hashbrown::Equivalent<BudgetKey> for ScopeKind<'_> {
+    fn equivalent(&self, key: &BudgetKey) -> bool {
+        self.1 == key.kind && self.0 == &*key.scope
+    }
+}
+
+/// Admitted charges: the budget, the window, and what was reserved.
+type Charges = Vec<(BudgetKey, u64, u64)>;
+
 fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -278,13 +323,13 @@ struct Batch {
     seq: u64,
     commands: Vec<Command>,
     /// What each budget's `reported` advances by once it commits.
-    sent: Vec<(String, u64, i64)>,
+    sent: Vec<(BudgetKey, u64, i64)>,
 }
 
 /// Charged usage of a window this node has left but not yet reported.
 #[derive(Debug)]
 struct Late {
-    key: String,
+    key: BudgetKey,
     window_start: u64,
     delta: i64,
 }
@@ -293,12 +338,13 @@ struct Inner {
     node_id: NodeId,
     config: QuotaConfig,
     cluster: Replicated,
-    budgets: Mutex<HashMap<String, Budget>>,
+    /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
+    budgets: Mutex<hashbrown::HashMap<BudgetKey, Budget>>,
     late: Mutex<Vec<Late>>,
     /// Tenant → model → usage not yet reported.
     rollups: Mutex<HashMap<Arc<str>, HashMap<String, UsageTotals>>>,
     granted: Notify,
-    renew: mpsc::UnboundedSender<String>,
+    renew: mpsc::UnboundedSender<BudgetKey>,
     /// One flush at a time: two at once would both report the same unreported charges.
     flushing: tokio::sync::Mutex<()>,
     /// A report whose proposal failed (it may or may not have committed).
@@ -379,7 +425,7 @@ pub struct Reservation {
     tenant: Arc<str>,
     prompt_estimate: u64,
     price: Option<Price>,
-    entries: Vec<(String, LimitKind, u64, u64)>,
+    entries: Charges,
     settled: bool,
     pub rate_limits: Vec<RateLimitState>,
 }
@@ -405,8 +451,8 @@ impl Reservation {
         let tokens = self
             .entries
             .iter()
-            .find(|e| e.1.counts_tokens())
-            .map_or(0, |e| e.3);
+            .find(|e| e.0.kind.counts_tokens())
+            .map_or(0, |e| e.2);
         self.record(
             model,
             UsageTotals {
@@ -452,7 +498,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 enum Verdict {
-    Admitted(Vec<(String, LimitKind, u64, u64)>, Vec<RateLimitState>),
+    Admitted(Charges, Vec<RateLimitState>),
     /// Some budget is empty but a slice is on its way: wait and try again.
     Wait,
     Refused(ApiError),
@@ -479,7 +525,7 @@ impl Quota {
                 node_id,
                 config,
                 cluster,
-                budgets: Mutex::new(HashMap::new()),
+                budgets: Mutex::new(hashbrown::HashMap::new()),
                 late: Mutex::new(Vec::new()),
                 rollups: Mutex::new(HashMap::new()),
                 granted: Notify::new(),
@@ -513,7 +559,8 @@ impl Quota {
         scopes: &[Scope],
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
-        let deadline = Instant::now() + self.inner.config.grant_wait;
+        // Read the clock for the wait only when there is one (rarely).
+        let mut deadline = None;
         let mut last_look = false;
         loop {
             let waiting = self.inner.granted.notified();
@@ -533,7 +580,9 @@ impl Quota {
                 Verdict::Wait if last_look => return Err(self.no_slice_error()),
                 // Past the deadline, one last look: a slice may have landed just now.
                 Verdict::Wait => {
-                    last_look = tokio::time::timeout_at(deadline, waiting).await.is_err();
+                    let until = *deadline
+                        .get_or_insert_with(|| Instant::now() + self.inner.config.grant_wait);
+                    last_look = tokio::time::timeout_at(until, waiting).await.is_err();
                 }
             }
         }
@@ -574,16 +623,20 @@ impl Quota {
             .filter_map(|(s, k)| Some((&s.key, k, k.of(&s.limits)?)));
         for (scope, kind, limit) in limits {
             let cost = estimate.cost(kind);
-            let key = ledger_key(scope, kind);
             let window_ms = kind.window_ms();
             let window_start = unix - unix % window_ms;
-            // Looked up by reference: the key is copied only when the budget is new.
-            if !budgets.contains_key(&key) {
-                budgets.insert(key.clone(), Budget::new(kind, limit, window_start, now));
+            // Looked up by the request's scope: a key is made only for a new budget.
+            let probe = ScopeKind(scope, kind);
+            if !budgets.contains_key(&probe) {
+                budgets.insert(
+                    BudgetKey::new(scope, kind),
+                    Budget::new(kind, limit, window_start, now),
+                );
             }
-            let Some(budget) = budgets.get_mut(&key) else {
+            let Some((key, budget)) = budgets.get_key_value_mut(&probe) else {
                 continue; // inserted just above
             };
+            let key = key.clone();
             budget.limit = limit;
             if budget.window_start != window_start {
                 // A new window: whatever was charged in the old one and not yet reported is
@@ -610,7 +663,7 @@ impl Quota {
             let lapsed = budget.expires.is_none_or(|e| e <= now);
             let left = (budget.allowance as i64 - budget.charged).max(0) as u64;
             if (budget.local_share || !lapsed) && left >= cost {
-                charges.push((key, kind, window_start, cost));
+                charges.push((key, window_start, cost));
                 continue;
             }
             let policy = self
@@ -642,7 +695,7 @@ impl Quota {
                 wait = true;
                 continue;
             }
-            let cluster_left = self.cluster_left(&key).unwrap_or(0);
+            let cluster_left = self.cluster_left(&key.ledger).unwrap_or(0);
             let retry = if cluster_left >= cost && !budget.local_share {
                 Duration::from_secs(1).min(reset)
             } else {
@@ -654,7 +707,8 @@ impl Quota {
             return Verdict::Wait;
         }
         let mut states = Vec::with_capacity(charges.len());
-        for (key, kind, window_start, cost) in &charges {
+        for (key, window_start, cost) in &charges {
+            let kind = key.kind;
             if let Some(b) = budgets.get_mut(key) {
                 b.charged += *cost as i64;
                 b.demand += cost;
@@ -672,9 +726,9 @@ impl Quota {
                     b.renewing = true;
                     let _ = self.inner.renew.send(key.clone());
                 }
-                let cluster_left = self.cluster_left(key).unwrap_or(left);
+                let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
                 states.push(RateLimitState {
-                    kind: *kind,
+                    kind,
                     limit: b.limit,
                     remaining: cluster_left.saturating_sub((b.charged - b.reported).max(0) as u64),
                     reset: window_reset(*window_start, kind.window_ms(), unix),
@@ -700,15 +754,10 @@ impl Quota {
         )
     }
 
-    fn settle(
-        &self,
-        entries: &[(String, LimitKind, u64, u64)],
-        actual_tokens: u64,
-        actual_micro_usd: u64,
-    ) {
+    fn settle(&self, entries: &[(BudgetKey, u64, u64)], actual_tokens: u64, actual_micro_usd: u64) {
         let mut budgets = lock(&self.inner.budgets);
-        for (key, kind, window_start, reserved) in entries {
-            let actual = match kind.unit() {
+        for (key, window_start, reserved) in entries {
+            let actual = match key.kind.unit() {
                 Unit::Requests => continue,
                 Unit::Tokens => actual_tokens,
                 Unit::MicroUsd => actual_micro_usd,
@@ -769,14 +818,14 @@ impl Quota {
     /// Everything charged and not yet reported (and the day's roll-ups), as one batch.
     fn next_batch(&self) -> Option<Batch> {
         let mut commands = Vec::new();
-        let mut sent: Vec<(String, u64, i64)> = Vec::new();
+        let mut sent: Vec<(BudgetKey, u64, i64)> = Vec::new();
         {
             let budgets = lock(&self.inner.budgets);
             for (key, b) in budgets.iter() {
                 let delta = b.charged - b.reported;
                 if delta != 0 {
                     commands.push(Command::ReportUsage {
-                        key: key.clone(),
+                        key: key.ledger.to_string(),
                         node: self.inner.node_id,
                         window_start_unix_ms: b.window_start,
                         delta,
@@ -787,7 +836,7 @@ impl Quota {
         }
         for l in std::mem::take(&mut *lock(&self.inner.late)) {
             commands.push(Command::ReportUsage {
-                key: l.key,
+                key: l.key.ledger.to_string(),
                 node: self.inner.node_id,
                 window_start_unix_ms: l.window_start,
                 delta: l.delta,
@@ -818,7 +867,7 @@ impl Quota {
     /// (its answer says) plus the slice: whatever this node charged beyond that, reported
     /// later or not yet, comes out of the slice. So no report has to land first, and it does
     /// not matter which of this node's reports and grants complete first here.
-    async fn renew(&self, key: String) {
+    async fn renew(&self, key: BudgetKey) {
         let (request, sent_at) = {
             let mut budgets = lock(&self.inner.budgets);
             let Some(b) = budgets.get_mut(&key) else {
@@ -835,7 +884,7 @@ impl Quota {
             b.demand_since = now;
             (
                 GrantRequest {
-                    key: key.clone(),
+                    key: key.ledger.to_string(),
                     node: self.inner.node_id,
                     limit: b.limit,
                     window_ms: b.kind.window_ms(),
@@ -874,10 +923,10 @@ impl Quota {
                             b.expires = Some(sent_at + self.inner.config.grant_ttl / 2);
                         }
                         Ok(other) => {
-                            tracing::warn!(?other, %key, "quota: unexpected answer to a grant request");
+                            tracing::warn!(?other, key = %key.ledger, "quota: unexpected answer to a grant request");
                         }
                         Err(e) => {
-                            tracing::debug!(error = %e, %key, "quota: no slice (no quorum?)");
+                            tracing::debug!(error = %e, key = %key.ledger, "quota: no slice (no quorum?)");
                             b.no_quorum = true;
                             let lapsed = b.expires.is_none_or(|x| x <= Instant::now());
                             let policy = self
@@ -913,7 +962,7 @@ impl Quota {
 
 /// The flusher and the renewer: usage goes to the ledger every `flush_every`, and slices are
 /// renewed as admissions ask for them.
-async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<String>) {
+async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKey>) {
     let mut tick = tokio::time::interval(quota.inner.config.flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -22,6 +22,9 @@ struct Args {
     /// ratio is taken within a round, so drift in the machine's speed cancels out.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Only the auth + quota on/off comparison (skips direct versus through).
+    #[arg(long)]
+    auth_only: bool,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -188,6 +191,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The first and third quartiles (nearest rank).
+fn quartiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 4], v[(v.len() * 3) / 4])
+}
+
 fn lua(dir: &Path, name: &str, body: &str) -> anyhow::Result<PathBuf> {
     lua_with(dir, name, body, None)
 }
@@ -256,10 +265,16 @@ fn main() -> anyhow::Result<()> {
         r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
     )?;
     let secs = args.duration;
-    let mut report = String::from(
-        "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for (mode, script) in [("non-streaming", &unary), ("streaming, 16 chunks", &stream)] {
+    let mut report = String::new();
+    let modes = if args.auth_only {
+        Vec::new()
+    } else {
+        report.push_str(
+            "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        vec![("non-streaming", &unary), ("streaming, 16 chunks", &stream)]
+    };
+    for (mode, script) in modes {
         let direct_url = format!("http://{mock_addr}/v1/chat/completions");
         let node_url = format!("http://{node_addr}/v1/chat/completions");
         // Warm up connections and caches on both paths.
@@ -385,7 +400,9 @@ fn main() -> anyhow::Result<()> {
     }
     let cpu_off = median(cpu.iter().map(|c| c.0).collect());
     let cpu_on = median(cpu.iter().map(|c| c.1).collect());
-    let cpu_ratio = median(cpu.iter().map(|c| c.1 / c.0).collect());
+    let ratios: Vec<f64> = cpu.iter().map(|c| c.1 / c.0).collect();
+    let cpu_ratio = median(ratios.clone());
+    let (q1, q3) = quartiles(ratios);
     let med = |f: &dyn Fn(&[Run; 4]) -> f64| median(rounds.iter().map(f).collect());
     report.push_str(&format!(
         "\n| non-streaming, c=64 | req/s auth+quota off | req/s on | on ÷ off | c=1 p50 off | c=1 p50 on |\n|---|---|---|---|---|---|\n| | {:.0} | {:.0} | {:.3} | {:.3} ms | {:.3} ms |\n",
@@ -396,7 +413,8 @@ fn main() -> anyhow::Result<()> {
         med(&|r| r[1].p50_ms),
     ));
     report.push_str(&format!(
-        "\n| node CPU per request, c=64 | auth+quota off | on | on ÷ off (median of rounds) | throughput cost when the node is the bottleneck |\n|---|---|---|---|---|\n| | {cpu_off:.1} µs | {cpu_on:.1} µs | {cpu_ratio:.3} | {:.1} % |\n",
+        "\n| node CPU per request, c=64 | auth+quota off | on | on ÷ off (median of {} rounds) | quartiles | throughput cost when the node is the bottleneck |\n|---|---|---|---|---|---|\n| | {cpu_off:.1} µs | {cpu_on:.1} µs | {cpu_ratio:.3} | {q1:.3}–{q3:.3} | {:.1} % |\n",
+        cpu.len(),
         (1.0 - 1.0 / cpu_ratio) * 100.0
     ));
     println!("{report}");
