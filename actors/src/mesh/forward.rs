@@ -15,7 +15,10 @@
 //!
 //! A stream nobody pulls for [`LEASE`] is dropped the same way, so a forwarder that dies frees
 //! what it held. Chunks cross the mesh in batches, one message per pull rather than per token, and
-//! pulling gives back-pressure: the owner buffers at most [`BUFFER`] chunks per stream.
+//! pulling gives back-pressure: the owner buffers at most [`BUFFER`] chunks per stream. A call is
+//! registered at the owner as soon as its `Call` arrives, and the forwarder sends `Cancel` for
+//! every call it gives up on, so a cancelled call frees its slot whether it is queued, waiting
+//! for the upstream, or streaming.
 //!
 //! Quotas, breakers and fallbacks are the forwarder's business, as for any provider: the owner
 //! only makes the call. What is not carried: the tenant, so the owner's queue treats forwarded
@@ -31,10 +34,10 @@ use futures::StreamExt;
 use meridian_proto::ApiError;
 use meridian_proto::openai::{ChatCompletionRequest, ChatRequest, UpstreamErrorInfo, Usage};
 use ractor::rpc::CallResult;
-use ractor::{ActorRef, pg};
+use ractor::{ActorRef, RpcReplyPort, pg};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -44,12 +47,16 @@ use crate::upstream::{Chunk, ChunkStream, Completion, Phase, Timeouts, Upstream,
 
 /// How long the owner holds a pull open waiting for the stream's next chunk.
 pub const PULL_WAIT: Duration = Duration::from_millis(500);
-/// A stream not pulled for this long is dropped at the owner.
-pub const LEASE: Duration = Duration::from_secs(30);
+/// A stream not pulled for this long is dropped at the owner (longer than the default idle
+/// limit, so a slow client is not mistaken for a dead forwarder).
+pub const LEASE: Duration = Duration::from_secs(120);
 /// Chunks the owner buffers per stream before the upstream waits for a pull.
 pub const BUFFER: usize = 64;
-/// Chunk bytes one pull answer carries at most (more wait for the next pull).
+/// A pull answer stops taking chunks once it holds this many bytes of them.
 const BATCH_BYTES: usize = 256 * 1024;
+/// The largest chunk a stream may carry through the mesh: a batch (escaped, at most twice its
+/// size) then always fits in a frame.
+const MAX_CHUNK: usize = 4 * 1024 * 1024;
 /// Room left in a frame for the envelope around a request or an answer.
 const ENVELOPE: usize = 16 * 1024;
 
@@ -133,11 +140,16 @@ enum WireError {
     Protocol {
         message: String,
     },
+    /// Refused at the owner as it would refuse its own clients (bad request, queue full,
+    /// deadline unreachable): passed on as is, so it is retried elsewhere when its kind allows
+    /// and never counted against the provider's breaker.
     Rejected {
         kind: meridian_proto::ErrorKind,
         message: String,
         param: Option<String>,
         code: Option<String>,
+        retry_after_ms: Option<u64>,
+        no_retry: bool,
     },
 }
 
@@ -180,12 +192,7 @@ impl From<UpstreamError> for WireError {
             },
             UpstreamError::Closed(message) => Self::Closed { message },
             UpstreamError::Protocol(message) => Self::Protocol { message },
-            UpstreamError::Rejected(e) => Self::Rejected {
-                kind: e.kind,
-                message: e.message,
-                param: e.param,
-                code: e.code,
-            },
+            UpstreamError::Rejected(e) => refusal(e),
         }
     }
 }
@@ -231,40 +238,29 @@ impl From<WireError> for UpstreamError {
                 message,
                 param,
                 code,
+                retry_after_ms,
+                no_retry,
             } => {
                 let mut e = ApiError::new(kind, message);
                 e.param = param;
                 e.code = code;
+                e.retry_after = retry_after_ms.map(Duration::from_millis);
+                e.no_retry = no_retry;
                 Self::Rejected(e)
             }
         }
     }
 }
 
-/// The owner refused to start the call (queue full, deadline unreachable, provider gone): as
-/// an upstream status, so that the forwarder retries elsewhere when the refusal allows it.
+/// An error the owner made itself (not the upstream's), as it crosses the mesh.
 fn refusal(e: ApiError) -> WireError {
-    use meridian_proto::ErrorKind as K;
-    let status = match e.kind {
-        K::RateLimited => 429,
-        K::Unavailable => 503,
-        K::Timeout => 504,
-        K::Upstream => 502,
-        _ => {
-            return WireError::Rejected {
-                kind: e.kind,
-                message: e.message,
-                param: e.param,
-                code: e.code,
-            };
-        }
-    };
-    WireError::Status {
-        status,
+    WireError::Rejected {
+        kind: e.kind,
         message: e.message,
-        r#type: Some(e.kind.openai_type().into()),
+        param: e.param,
         code: e.code,
         retry_after_ms: e.retry_after.map(|d| d.as_millis() as u64),
+        no_retry: e.no_retry,
     }
 }
 
@@ -275,13 +271,22 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // The owner's side.
 
-/// Calls this node makes for other nodes, and the streams they are pulling.
+/// Calls this node makes for other nodes, from the moment each arrives until it ends.
 pub(crate) struct Served {
     gateway: Gateway,
-    streams: DashMap<String, Arc<OpenStream>>,
-    /// Calls cancelled before they opened (the forwarder gave up while this node queued them):
-    /// they are dropped when they do open.
-    cancelled: DashMap<String, Instant>,
+    calls: DashMap<String, Served1>,
+}
+
+/// One forwarded call at its owner.
+enum Served1 {
+    /// Waiting for a slot or for the upstream to answer. Dropping the sender (a `Cancel`)
+    /// stops the wait, which frees the slot and closes the upstream connection.
+    Opening {
+        /// Held only to be dropped.
+        _cancel: oneshot::Sender<()>,
+    },
+    /// A stream being pulled.
+    Open(Arc<OpenStream>),
 }
 
 struct OpenStream {
@@ -305,28 +310,50 @@ impl Served {
     pub(crate) fn new(gateway: Gateway) -> Arc<Self> {
         let served = Arc::new(Self {
             gateway,
-            streams: DashMap::new(),
-            cancelled: DashMap::new(),
+            calls: DashMap::new(),
         });
         tokio::spawn(expire(Arc::downgrade(&served)));
         served
     }
 
-    /// Answers a `Call` (a JSON [`CallRequest`]) with a JSON [`CallAnswer`].
-    pub(crate) async fn call(&self, bytes: &[u8]) -> Vec<u8> {
-        let answer = match serde_json::from_slice::<CallRequest<Map<String, Value>>>(bytes) {
-            Ok(req) => self.open(req).await,
-            Err(e) => CallAnswer::Failed {
-                error: WireError::Protocol {
-                    message: format!("a forwarded call this node cannot read: {e}"),
-                },
-            },
+    /// Handles a `Call` (a JSON [`CallRequest`]): registered at once, so that a `Cancel` sent
+    /// after it (the same session keeps them in order) always finds it; made in a task; the
+    /// JSON [`CallAnswer`] goes to `reply`.
+    pub(crate) fn call(self: &Arc<Self>, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>) {
+        let req = match serde_json::from_slice::<CallRequest<Map<String, Value>>>(bytes) {
+            Ok(req) => req,
+            Err(e) => {
+                let _ = reply.send(encode_answer(&CallAnswer::Failed {
+                    error: WireError::Protocol {
+                        message: format!("a forwarded call this node cannot read: {e}"),
+                    },
+                }));
+                return;
+            }
         };
-        encode(&answer)
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        let id = req.call.clone();
+        self.calls
+            .insert(id.clone(), Served1::Opening { _cancel: cancel });
+        let served = Arc::clone(self);
+        tokio::spawn(async move {
+            let answer = tokio::select! {
+                biased;
+                answer = served.open(req) => answer,
+                _ = cancelled => CallAnswer::Failed {
+                    error: WireError::Closed { message: "cancelled by the forwarder".into() },
+                },
+            };
+            if !matches!(answer, CallAnswer::Opened) {
+                served
+                    .calls
+                    .remove_if(&id, |_, c| matches!(c, Served1::Opening { .. }));
+            }
+            let _ = reply.send(encode_answer(&answer));
+        });
     }
 
     async fn open(&self, req: CallRequest<Map<String, Value>>) -> CallAnswer {
-        SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let failed = |error: WireError| CallAnswer::Failed { error };
         let provider = match self.gateway.provider_by_id(&req.provider) {
             // Never forward again: a provider this node reaches through the mesh is not ours.
@@ -337,6 +364,7 @@ impl Served {
                 });
             }
         };
+        SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The forwarder validated the request; only the typed view is rebuilt here.
         let params: ChatCompletionRequest =
             match serde_json::from_value(Value::Object(req.body.clone())) {
@@ -368,14 +396,6 @@ impl Served {
             drop(permit);
             provider.record(result.is_ok());
             return match result {
-                Ok(c) if c.body.len() + ENVELOPE > MAX_FRAME as usize => {
-                    failed(WireError::Protocol {
-                        message: format!(
-                            "the answer ({} bytes) is larger than the actor mesh carries",
-                            c.body.len()
-                        ),
-                    })
-                }
                 Ok(c) => CallAnswer::Complete {
                     body: String::from_utf8_lossy(&c.body).into_owned(),
                     usage: c.usage,
@@ -396,11 +416,6 @@ impl Served {
                 return failed(e.into());
             }
         };
-        if self.cancelled.remove(&req.call).is_some() {
-            return failed(WireError::Closed {
-                message: "cancelled by the forwarder".into(),
-            });
-        }
         let (tx, rx) = mpsc::channel(BUFFER);
         let counted = Arc::clone(&provider);
         let pump = tokio::spawn(async move {
@@ -410,7 +425,15 @@ impl Served {
                 let next = timeout_at(total, upstream.next())
                     .await
                     .unwrap_or(Some(Err(UpstreamError::Timeout(Phase::Total))));
-                let Some(item) = next else { break };
+                let Some(mut item) = next else { break };
+                if let Ok(chunk) = &item
+                    && chunk.json.len() > MAX_CHUNK
+                {
+                    item = Err(UpstreamError::Protocol(format!(
+                        "a chunk of {} bytes is larger than the actor mesh carries",
+                        chunk.json.len()
+                    )));
+                }
                 let failed = item.is_err();
                 ok &= !failed;
                 if tx.send(item).await.is_err() || failed {
@@ -419,28 +442,46 @@ impl Served {
             }
             counted.record(ok);
         });
-        self.streams.insert(
-            req.call,
-            Arc::new(OpenStream {
-                chunks: tokio::sync::Mutex::new(rx),
-                last_pull: Mutex::new(Instant::now()),
-                pump: pump.abort_handle(),
+        let open = Arc::new(OpenStream {
+            chunks: tokio::sync::Mutex::new(rx),
+            last_pull: Mutex::new(Instant::now()),
+            pump: pump.abort_handle(),
+        });
+        // Still wanted? (A Cancel removed it otherwise; dropping `open` then stops the pump.)
+        match self.calls.get_mut(&req.call) {
+            Some(mut call) if matches!(*call, Served1::Opening { .. }) => {
+                *call = Served1::Open(open);
+                CallAnswer::Opened
+            }
+            _ => failed(WireError::Closed {
+                message: "cancelled by the forwarder".into(),
             }),
-        );
-        CallAnswer::Opened
+        }
     }
 
     /// Answers a `Pull` of stream `call` with a JSON [`Pulled`].
     pub(crate) async fn pull(&self, call: &str) -> Vec<u8> {
-        let Some(open) = self.streams.get(call).map(|e| Arc::clone(e.value())) else {
-            return encode(&Pulled {
-                chunks: Vec::new(),
-                done: true,
-                error: Some(WireError::Closed {
-                    message: "the forwarded stream is gone (cancelled, or not pulled in time)"
-                        .into(),
-                }),
-            });
+        let open = match self.calls.get(call).as_deref() {
+            Some(Served1::Open(open)) => Arc::clone(open),
+            Some(Served1::Opening { .. }) => {
+                return encode(&Pulled {
+                    chunks: Vec::new(),
+                    done: true,
+                    error: Some(WireError::Protocol {
+                        message: "pulled before the stream opened".into(),
+                    }),
+                });
+            }
+            None => {
+                return encode(&Pulled {
+                    chunks: Vec::new(),
+                    done: true,
+                    error: Some(WireError::Closed {
+                        message: "the forwarded stream is gone (cancelled, or not pulled in time)"
+                            .into(),
+                    }),
+                });
+            }
         };
         touch(&open);
         let mut out = Pulled::default();
@@ -479,30 +520,50 @@ impl Served {
         }
         touch(&open);
         if out.done {
-            self.streams.remove(call);
+            self.calls.remove(call);
         }
         encode(&out)
     }
 
-    /// Drops call `call`, open or not yet.
+    /// Drops call `call`, open or still opening.
     pub(crate) fn cancel(&self, call: &str) {
-        if self.streams.remove(call).is_none() {
-            self.cancelled.insert(call.to_owned(), Instant::now());
-        }
+        self.calls.remove(call);
     }
 
-    /// Drops every forwarded stream (the node is leaving the mesh).
+    /// Drops every forwarded call (the node is leaving the mesh). A call still opening finds
+    /// itself gone when it opens, and drops its stream.
     pub(crate) fn close_all(&self) {
-        self.streams.clear();
+        self.calls.clear();
     }
 
     /// Forwarded streams open now.
     pub fn open_streams(&self) -> usize {
-        self.streams.len()
+        self.calls
+            .iter()
+            .filter(|c| matches!(c.value(), Served1::Open(_)))
+            .count()
     }
 }
 
-/// Drops streams nobody pulls any more, and forgets old cancellations.
+/// A whole answer that would not fit in a frame (its body travels escaped, inside JSON) is
+/// refused: the session would otherwise close, failing every call between the two nodes.
+fn encode_answer(answer: &CallAnswer) -> Vec<u8> {
+    let bytes = encode(answer);
+    if bytes.len() + ENVELOPE <= MAX_FRAME as usize {
+        return bytes;
+    }
+    encode(&CallAnswer::Failed {
+        error: WireError::Protocol {
+            message: format!(
+                "the answer ({} bytes encoded) is larger than the actor mesh carries ({} bytes)",
+                bytes.len(),
+                MAX_FRAME as usize - ENVELOPE
+            ),
+        },
+    })
+}
+
+/// Drops streams nobody pulls any more.
 async fn expire(served: Weak<Served>) {
     let mut tick = tokio::time::interval(LEASE / 6);
     loop {
@@ -511,7 +572,10 @@ async fn expire(served: Weak<Served>) {
             return;
         };
         let now = Instant::now();
-        served.streams.retain(|call, open| {
+        served.calls.retain(|call, c| {
+            let Served1::Open(open) = c else {
+                return true;
+            };
             let idle =
                 now.duration_since(*open.last_pull.lock().unwrap_or_else(|e| e.into_inner()));
             if idle > LEASE {
@@ -519,9 +583,6 @@ async fn expire(served: Weak<Served>) {
             }
             idle <= LEASE
         });
-        served
-            .cancelled
-            .retain(|_, at| now.duration_since(*at) <= LEASE * 2);
     }
 }
 
@@ -567,7 +628,9 @@ impl MeshUpstream {
             })
     }
 
-    /// Sends `Call` and reads the answer, within `limit` (cancelling the call past it).
+    /// Sends `Call` and reads the answer, within `limit`. The returned guard cancels the call
+    /// at the owner when dropped; it is disarmed when the owner has already ended the call. If
+    /// this future is dropped or runs out of time, the guard goes with it and cancels.
     async fn open(
         &self,
         req: &ChatRequest,
@@ -575,7 +638,7 @@ impl MeshUpstream {
         stream: bool,
         limit: Duration,
         phase: Phase,
-    ) -> Result<(ActorRef<MeshMsg>, String, CallAnswer), UpstreamError> {
+    ) -> Result<(CancelOnDrop, CallAnswer), UpstreamError> {
         let agent = self.agent()?;
         let call = call_id();
         let bytes = encode(&CallRequest {
@@ -595,20 +658,24 @@ impl MeshUpstream {
             )));
         }
         FORWARDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut guard = CancelOnDrop {
+            agent: agent.clone(),
+            call,
+            armed: true,
+        };
         match agent
             .call(|reply| MeshMsg::Call(bytes, reply), Some(limit))
             .await
         {
             Ok(CallResult::Success(answer)) => {
-                let answer = serde_json::from_slice(&answer).map_err(|e| {
+                let answer: CallAnswer = serde_json::from_slice(&answer).map_err(|e| {
                     UpstreamError::Protocol(format!("node {} answered badly: {e}", self.node))
                 })?;
-                Ok((agent, call, answer))
+                // Only an opened stream lives on at the owner.
+                guard.armed = matches!(answer, CallAnswer::Opened);
+                Ok((guard, answer))
             }
-            Ok(CallResult::Timeout) => {
-                let _ = agent.cast(MeshMsg::Cancel(call));
-                Err(UpstreamError::Timeout(phase))
-            }
+            Ok(CallResult::Timeout) => Err(UpstreamError::Timeout(phase)),
             Ok(CallResult::SenderError) => Err(UpstreamError::Closed(format!(
                 "node {} dropped the call (its mesh session closed)",
                 self.node
@@ -630,18 +697,16 @@ impl MeshUpstream {
             .open(req, model, false, timeouts.total, Phase::Total)
             .await?
         {
-            (_, _, CallAnswer::Complete { body, usage }) => Ok(Completion {
+            (_, CallAnswer::Complete { body, usage }) => Ok(Completion {
                 body: Bytes::from(body),
                 usage,
             }),
-            (_, _, CallAnswer::Failed { error }) => Err(error.into()),
-            (agent, call, CallAnswer::Opened) => {
-                let _ = agent.cast(MeshMsg::Cancel(call));
-                Err(UpstreamError::Protocol(format!(
-                    "node {} opened a stream for a whole answer",
-                    self.node
-                )))
-            }
+            (_, CallAnswer::Failed { error }) => Err(error.into()),
+            // The guard cancels it.
+            (_, CallAnswer::Opened) => Err(UpstreamError::Protocol(format!(
+                "node {} opened a stream for a whole answer",
+                self.node
+            ))),
         }
     }
 
@@ -651,13 +716,15 @@ impl MeshUpstream {
         model: &str,
         timeouts: &Timeouts,
     ) -> Result<ChunkStream, UpstreamError> {
-        let (agent, call) = match self
+        // The first-byte limit runs from here, across the open and the first pulls.
+        let started = Instant::now();
+        let guard = match self
             .open(req, model, true, timeouts.first_byte, Phase::FirstByte)
             .await?
         {
-            (agent, call, CallAnswer::Opened) => (agent, call),
-            (_, _, CallAnswer::Failed { error }) => return Err(error.into()),
-            (_, _, CallAnswer::Complete { .. }) => {
+            (guard, CallAnswer::Opened) => guard,
+            (_, CallAnswer::Failed { error }) => return Err(error.into()),
+            (_, CallAnswer::Complete { .. }) => {
                 return Err(UpstreamError::Protocol(format!(
                     "node {} answered a stream whole",
                     self.node
@@ -666,15 +733,11 @@ impl MeshUpstream {
         };
         let pulling = Pulling {
             node: self.node,
-            guard: CancelOnDrop {
-                agent,
-                call,
-                armed: true,
-            },
+            guard,
             buffer: VecDeque::new(),
             finished: false,
             first: true,
-            last_event: Instant::now(),
+            last_event: started,
             first_byte: timeouts.first_byte,
             idle: timeouts.idle,
         };
@@ -759,16 +822,8 @@ impl Pulling {
             if self.finished {
                 return None;
             }
-            let (limit, phase) = if self.first {
-                (self.first_byte, Phase::FirstByte)
-            } else {
-                (self.idle, Phase::Idle)
-            };
-            if self.last_event.elapsed() > limit {
-                // The guard cancels the call at the owner when the stream is dropped.
-                self.finished = true;
-                return Some(Err(UpstreamError::Timeout(phase)));
-            }
+            // Pull first: chunks already waiting at the owner count, however long the client
+            // took to read the last batch.
             let call = self.guard.call.clone();
             let answer = self
                 .guard
@@ -808,6 +863,18 @@ impl Pulling {
             if pulled.done {
                 self.finished = true;
                 self.guard.armed = false;
+            }
+            if self.buffer.is_empty() && !self.finished {
+                let (limit, phase) = if self.first {
+                    (self.first_byte, Phase::FirstByte)
+                } else {
+                    (self.idle, Phase::Idle)
+                };
+                if self.last_event.elapsed() > limit {
+                    // The guard cancels the call at the owner when the stream is dropped.
+                    self.finished = true;
+                    return Some(Err(UpstreamError::Timeout(phase)));
+                }
             }
         }
     }
@@ -860,17 +927,17 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_at_the_owner_is_retriable_where_the_refusal_is() {
+    fn a_refusal_at_the_owner_reaches_the_client_as_the_owner_made_it() {
         let full = ApiError::new(ErrorKind::Unavailable, "queue full")
             .with_code("queue_full")
             .with_retry_after(Duration::from_secs(2));
-        let e = UpstreamError::from(refusal(full));
+        let e = UpstreamError::from(refusal(full.clone())).into_api_error("1/llama-0");
+        // Retried elsewhere, with its Retry-After, and not an upstream failure (its code is
+        // not one the breaker counts).
+        assert_eq!(e, full);
         assert!(e.retryable());
-        assert!(matches!(
-            e,
-            UpstreamError::Status { status: 503, retry_after: Some(d), .. } if d == Duration::from_secs(2)
-        ));
-        let bad = UpstreamError::from(refusal(ApiError::new(ErrorKind::InvalidRequest, "no")));
+        let bad = UpstreamError::from(refusal(ApiError::new(ErrorKind::InvalidRequest, "no")))
+            .into_api_error("1/llama-0");
         assert!(!bad.retryable());
     }
 
@@ -912,8 +979,22 @@ mod tests {
         })
     }
 
-    fn answer(bytes: &[u8]) -> CallAnswer {
-        serde_json::from_slice(bytes).unwrap()
+    /// Waits (a little) until the provider has no call in flight.
+    async fn slot_freed(provider: &crate::provider::Provider) {
+        tokio::time::timeout(Duration::from_secs(1), async {
+            while provider.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the cancelled call's slot is freed");
+    }
+
+    /// Sends `Call` as the agent would, and waits for its answer.
+    async fn call(served: &Arc<Served>, bytes: Vec<u8>) -> CallAnswer {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        served.call(&bytes, tx.into());
+        serde_json::from_slice(&rx.await.unwrap()).unwrap()
     }
 
     async fn pull(served: &Served, call: &str) -> Pulled {
@@ -954,7 +1035,7 @@ mod tests {
         let provider = gateway.provider_by_id("1/demo-0").unwrap();
 
         // A whole answer comes back in the reply.
-        match answer(&served.call(&request("w", false, 1000)).await) {
+        match call(&served, request("w", false, 1000)).await {
             CallAnswer::Complete { body, usage } => {
                 assert!(body.contains("chat.completion"), "{body}");
                 assert!(usage.is_some_and(|u| u.completion_tokens > 0));
@@ -964,7 +1045,7 @@ mod tests {
 
         // A stream: pulled until done, the same chunks as a direct call, in order.
         assert!(matches!(
-            answer(&served.call(&request("s", true, 1000)).await),
+            call(&served, request("s", true, 1000)).await,
             CallAnswer::Opened
         ));
         assert_eq!(provider.in_flight(), 1, "the forwarded call holds a slot");
@@ -1000,38 +1081,47 @@ mod tests {
 
         // Cancelled mid-stream: the slot is free at once, and a queued call gets it.
         assert!(matches!(
-            answer(&served.call(&request("c", true, 1000)).await),
+            call(&served, request("c", true, 1000)).await,
             CallAnswer::Opened
         ));
         assert!(!pull(&served, "c").await.chunks.is_empty());
         served.cancel("c");
         assert_eq!(served.open_streams(), 0);
-        tokio::time::timeout(Duration::from_secs(1), async {
-            while provider.in_flight() > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the cancelled call's slot is freed");
+        slot_freed(&provider).await;
 
-        // A call cancelled before it opened is dropped when it opens.
-        served.cancel("early");
+        // A call cancelled while it waits for a slot ends at once, and never takes one.
         assert!(matches!(
-            answer(&served.call(&request("early", true, 1000)).await),
+            call(&served, request("hold", true, 1000)).await,
+            CallAnswer::Opened
+        ));
+        let queued = {
+            let served = Arc::clone(&served);
+            tokio::spawn(async move { call(&served, request("queued", true, 5000)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        served.cancel("queued");
+        let ended = tokio::time::timeout(Duration::from_secs(1), queued)
+            .await
+            .expect("the cancelled call ends at once")
+            .unwrap();
+        assert!(matches!(
+            ended,
             CallAnswer::Failed {
                 error: WireError::Closed { .. }
             }
         ));
+        served.cancel("hold");
         assert_eq!(served.open_streams(), 0);
+        slot_freed(&provider).await;
 
         // The slot taken: a call that may wait only 50 ms is refused, retriably.
         assert!(matches!(
-            answer(&served.call(&request("hold", true, 1000)).await),
+            call(&served, request("hold", true, 1000)).await,
             CallAnswer::Opened
         ));
-        match answer(&served.call(&request("late", true, 50)).await) {
+        match call(&served, request("late", true, 50)).await {
             CallAnswer::Failed { error } => {
-                let e = UpstreamError::from(error);
+                let e = UpstreamError::from(error).into_api_error("1/demo-0");
                 assert!(e.retryable(), "{e:?}");
             }
             _ => panic!("expected a refusal"),
@@ -1045,7 +1135,7 @@ mod tests {
             .replace("1/demo-0", "2/elsewhere")
             .into_bytes();
         assert!(matches!(
-            answer(&served.call(&other).await),
+            call(&served, other).await,
             CallAnswer::Failed {
                 error: WireError::Connect { .. }
             }
