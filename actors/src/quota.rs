@@ -820,7 +820,8 @@ impl Quota {
         let mut commands = Vec::new();
         let mut sent: Vec<(BudgetKey, u64, i64)> = Vec::new();
         {
-            let budgets = lock(&self.inner.budgets);
+            let mut budgets = lock(&self.inner.budgets);
+            forget_ended(&mut budgets, now_unix_ms());
             for (key, b) in budgets.iter() {
                 let delta = b.charged - b.reported;
                 if delta != 0 {
@@ -977,6 +978,16 @@ async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKe
             },
         }
     }
+}
+
+/// Forgets the budgets whose window has ended with everything reported: a request in a later
+/// window starts a fresh one anyway, and per-user budgets would otherwise pile up with every
+/// user ever seen.
+fn forget_ended(budgets: &mut hashbrown::HashMap<BudgetKey, Budget>, unix: u64) {
+    budgets.retain(|_, b| {
+        let ended = b.window_start + b.kind.window_ms() <= unix;
+        !(ended && b.charged == b.reported && !b.renewing)
+    });
 }
 
 /// `d` in whole seconds, rounded up, as `<n>s`.

@@ -274,11 +274,11 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Calls this node makes for other nodes, from the moment each arrives until it ends.
 pub(crate) struct Served {
     gateway: Gateway,
-    calls: DashMap<String, Served1>,
+    calls: DashMap<String, ForwardedCall>,
 }
 
 /// One forwarded call at its owner.
-enum Served1 {
+enum ForwardedCall {
     /// Waiting for a slot or for the upstream to answer. Dropping the sender (a `Cancel`)
     /// stops the wait, which frees the slot and closes the upstream connection.
     Opening {
@@ -334,7 +334,7 @@ impl Served {
         let (cancel, cancelled) = oneshot::channel::<()>();
         let id = req.call.clone();
         self.calls
-            .insert(id.clone(), Served1::Opening { _cancel: cancel });
+            .insert(id.clone(), ForwardedCall::Opening { _cancel: cancel });
         let served = Arc::clone(self);
         tokio::spawn(async move {
             let answer = tokio::select! {
@@ -347,7 +347,7 @@ impl Served {
             if !matches!(answer, CallAnswer::Opened) {
                 served
                     .calls
-                    .remove_if(&id, |_, c| matches!(c, Served1::Opening { .. }));
+                    .remove_if(&id, |_, c| matches!(c, ForwardedCall::Opening { .. }));
             }
             let _ = reply.send(encode_answer(&answer));
         });
@@ -449,8 +449,8 @@ impl Served {
         });
         // Still wanted? (A Cancel removed it otherwise; dropping `open` then stops the pump.)
         match self.calls.get_mut(&req.call) {
-            Some(mut call) if matches!(*call, Served1::Opening { .. }) => {
-                *call = Served1::Open(open);
+            Some(mut call) if matches!(*call, ForwardedCall::Opening { .. }) => {
+                *call = ForwardedCall::Open(open);
                 CallAnswer::Opened
             }
             _ => failed(WireError::Closed {
@@ -462,8 +462,8 @@ impl Served {
     /// Answers a `Pull` of stream `call` with a JSON [`Pulled`].
     pub(crate) async fn pull(&self, call: &str) -> Vec<u8> {
         let open = match self.calls.get(call).as_deref() {
-            Some(Served1::Open(open)) => Arc::clone(open),
-            Some(Served1::Opening { .. }) => {
+            Some(ForwardedCall::Open(open)) => Arc::clone(open),
+            Some(ForwardedCall::Opening { .. }) => {
                 return encode(&Pulled {
                     chunks: Vec::new(),
                     done: true,
@@ -540,7 +540,7 @@ impl Served {
     pub fn open_streams(&self) -> usize {
         self.calls
             .iter()
-            .filter(|c| matches!(c.value(), Served1::Open(_)))
+            .filter(|c| matches!(c.value(), ForwardedCall::Open(_)))
             .count()
     }
 }
@@ -573,7 +573,7 @@ async fn expire(served: Weak<Served>) {
         };
         let now = Instant::now();
         served.calls.retain(|call, c| {
-            let Served1::Open(open) = c else {
+            let ForwardedCall::Open(open) = c else {
                 return true;
             };
             let idle =

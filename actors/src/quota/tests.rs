@@ -420,3 +420,36 @@ fn rate_limit_headers_are_named_and_written_exactly() {
         );
     }
 }
+
+#[test]
+fn budgets_of_ended_windows_are_forgotten_once_reported() {
+    let now = Instant::now();
+    let minute = LimitKind::TokensPerMinute.window_ms();
+    let unix = 10 * minute + 5;
+    let mut budgets = hashbrown::HashMap::new();
+    let mut add = |user: &str, window_start: u64, charged: i64, reported: i64, renewing: bool| {
+        let mut b = Budget::new(LimitKind::TokensPerMinute, 100, window_start, now);
+        b.charged = charged;
+        b.reported = reported;
+        b.renewing = renewing;
+        budgets.insert(
+            BudgetKey::new(&format!("tenant/t/user/{user}"), LimitKind::TokensPerMinute),
+            b,
+        );
+    };
+    add("done", 9 * minute, 40, 40, false);
+    add("unreported", 9 * minute, 40, 30, false);
+    add("renewing", 9 * minute, 40, 40, true);
+    add("current", 10 * minute, 40, 40, false);
+    forget_ended(&mut budgets, unix);
+    let mut left: Vec<String> = budgets.keys().map(|k| k.scope.to_string()).collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "tenant/t/user/current",
+            "tenant/t/user/renewing",
+            "tenant/t/user/unreported"
+        ]
+    );
+}
