@@ -116,6 +116,14 @@ impl TestNode {
             .unwrap_or_default()
     }
 
+    /// The node's `/metrics` text (empty if it cannot be had).
+    pub async fn metrics(&self) -> String {
+        match self.client().get(self.url("/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     /// Sends this node's development API key on gRPC calls (nothing with auth off).
     pub fn key_bearer(&self) -> Bearer {
         Bearer::new(self.api_key.as_deref())

@@ -390,6 +390,22 @@ impl Harness {
         }
     }
 
+    /// A new API key for `tenant`, made through node `id`.
+    pub async fn api_key(&self, id: u64, tenant: &str) -> Result<String, String> {
+        let mut admin = self
+            .admin(id)
+            .await
+            .ok_or_else(|| format!("node {id}'s admin API does not answer"))?;
+        admin
+            .create_api_key(meridian_proto::pb::admin::CreateApiKeyRequest {
+                tenant: tenant.into(),
+                label: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().secret)
+            .map_err(|e| e.to_string())
+    }
+
     /// The tenants node `id` has applied.
     pub async fn tenants(&self, id: u64) -> Option<Vec<String>> {
         let mut admin = self.admin(id).await?;

@@ -236,15 +236,7 @@ async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(breaker(&node, "a").await.is_none(), "400s are the client's");
     assert!(breaker(&node, "b").await.is_none());
-    let metrics = node
-        .client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     let refused = metrics
         .lines()
         .find_map(|l| l.strip_prefix("meridian_breaker_panic_refusals_total "))

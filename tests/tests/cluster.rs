@@ -558,41 +558,43 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
     );
 }
 
-#[tokio::test]
-async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
-    use meridian_proto::pb::admin as pb;
-    // A free loopback port for the replica.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A free loopback port (for a replica).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let mut h = Harness::new(20);
+        .port()
+}
+
+/// Three nodes, node 1 with the `[[vllm]]` section `vllm` (the mock vLLM on `port`), and tenant
+/// `acme` with an API key, which is returned.
+async fn boot_with_replica(h: &mut Harness, port: u16, vllm: &str) -> String {
     h.extra.insert(
         1,
         format!(
             "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
              served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
-             advertise_host = \"127.0.0.1\"\n\
-             health_interval = \"100ms\"\nrestart_backoff = \"1s\"\n",
+             health_interval = \"100ms\"\n{vllm}",
             env!("CARGO_BIN_EXE_mock-vllm")
         ),
     );
     h.boot(&[1, 2, 3]).await;
     h.put_tier(1).await.unwrap();
     h.put_tenant(1, "acme").await.unwrap();
-    let key = h
-        .admin(1)
-        .await
-        .unwrap()
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "acme".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    h.api_key(1, "acme").await.unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
+    let port = free_port();
+    let mut h = Harness::new(20);
+    let key = boot_with_replica(
+        &mut h,
+        port,
+        "advertise_host = \"127.0.0.1\"\nrestart_backoff = \"1s\"\n",
+    )
+    .await;
     let client = reqwest::Client::new();
     // The nodes' addresses (they stay across restarts).
     let http: Vec<String> = [1, 2, 3].iter().map(|id| h.node(*id).http()).collect();
@@ -739,39 +741,15 @@ fn streamed_text(events: &[String]) -> String {
 #[tokio::test]
 async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     use futures::StreamExt;
-    use meridian_proto::pb::admin as pb;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut h = Harness::new(21);
     // No advertise_host: node 1 publishes the replica as reachable through itself only.
-    h.extra.insert(
-        1,
-        format!(
-            "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
-             served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
-             health_interval = \"100ms\"\n\
-             [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=30;itl_ms=20\"\n",
-            env!("CARGO_BIN_EXE_mock-vllm")
-        ),
-    );
-    h.boot(&[1, 2, 3]).await;
-    h.put_tier(1).await.unwrap();
-    h.put_tenant(1, "acme").await.unwrap();
-    let key = h
-        .admin(1)
-        .await
-        .unwrap()
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "acme".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let key = boot_with_replica(
+        &mut h,
+        port,
+        "[vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=30;itl_ms=20\"\n",
+    )
+    .await;
     let client = reqwest::Client::new();
     let http: Vec<String> = [1, 2, 3].iter().map(|id| h.node(*id).http()).collect();
     let post = |id: u64, stream: bool| {

@@ -72,15 +72,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         })
         .await
         .unwrap();
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "acme".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let key = h.api_key(2, "acme").await.unwrap();
 
     // Hammer: 12 clients spread over the three nodes, far more demand than the limit.
     let stop = Arc::new(AtomicBool::new(false));

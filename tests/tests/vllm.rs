@@ -112,18 +112,6 @@ fn vllm_cli(node: &TestNode, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// The node's `/metrics` text.
-async fn metrics(node: &TestNode) -> String {
-    node.client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
     node.client()
         .post(node.url("/v1/chat/completions"))
@@ -312,7 +300,7 @@ async fn a_crash_loop_ends_in_failed() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let still = replica(&node, "llama-0");
     assert_eq!((still.state, still.restarts), (ReplicaState::Failed, 2));
-    let metrics = metrics(&node).await;
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains("meridian_vllm_replica_failed{replica=\"llama-0\",group=\"llama\"} 1"),
         "the alert metric is set"
@@ -576,7 +564,7 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
     }
     let down = idle.elapsed();
     assert_eq!(node.vllm.list()[0].name, "llama-0");
-    let metrics = metrics(&node).await;
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 1"),
         "{metrics}"
@@ -758,7 +746,7 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     for c in clients {
         c.await.unwrap();
     }
-    let metrics = metrics(&n).await;
+    let metrics = n.metrics().await;
     assert_eq!(n.vllm.list().len(), 1, "GPU 1 is busy: no second replica");
     assert!(
         metrics.contains("meridian_vllm_scale_events_total{direction=\"up\"} 0"),

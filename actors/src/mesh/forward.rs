@@ -365,20 +365,23 @@ impl Served {
             }
         };
         SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The forwarder validated the request; only the typed view is rebuilt here.
-        let params: ChatCompletionRequest =
-            match serde_json::from_value(Value::Object(req.body.clone())) {
-                Ok(p) => p,
-                Err(e) => {
-                    return failed(WireError::Protocol {
-                        message: format!("a forwarded request this node cannot read: {e}"),
-                    });
-                }
-            };
-        let request = ChatRequest {
-            params,
-            body: req.body,
+        // The forwarder validated the request; only the typed view is rebuilt here (read from
+        // the body in place, not from a copy).
+        let body = Value::Object(req.body);
+        let params = match ChatCompletionRequest::deserialize(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return failed(WireError::Protocol {
+                    message: format!("a forwarded request this node cannot read: {e}"),
+                });
+            }
         };
+        let Value::Object(body) = body else {
+            return failed(WireError::Protocol {
+                message: "a forwarded request body that is not an object".into(),
+            });
+        };
+        let request = ChatRequest { params, body };
         let spec = &provider.spec;
         let wait = spec.queue_timeout.min(Duration::from_millis(req.wait_ms));
         let permit = match provider.acquire(Instant::now() + wait, None, 1).await {
