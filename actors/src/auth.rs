@@ -59,22 +59,47 @@ pub fn random_token(bytes: usize) -> Result<String, String> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    sha256_hex_digits(bytes)
+        .iter()
+        .map(|&d| char::from(d))
+        .collect()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+/// The SHA-256 of `bytes` as 64 lowercase hex digits, on the stack (the check of every request's
+/// key allocates nothing).
+fn sha256_hex_digits(bytes: &[u8]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    for (pair, b) in out.chunks_exact_mut(2).zip(Sha256::digest(bytes)) {
+        pair[0] = HEX_DIGITS[usize::from(b >> 4)];
+        pair[1] = HEX_DIGITS[usize::from(b & 0xf)];
     }
     out
 }
 
-/// Whether `a` and `b` are equal, in time that depends only on their lengths.
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths. Compared eight
+/// bytes at a time: every request's key check runs this.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, a_rest) = a.as_chunks::<8>();
+    let (b_words, b_rest) = b.as_chunks::<8>();
+    let mut equal = a_rest.ct_eq(b_rest);
+    for (x, y) in a_words.iter().zip(b_words) {
+        equal &= u64::from_ne_bytes(*x).ct_eq(&u64::from_ne_bytes(*y));
+    }
+    bool::from(equal)
 }
 
 /// Who a request is from.
@@ -94,15 +119,13 @@ fn unauthenticated(code: &str, message: &str) -> ApiError {
 }
 
 /// The credential in an `Authorization: Bearer …` or `X-API-Key` header value.
-pub fn bearer(authorization: Option<&str>, x_api_key: Option<&str>) -> Option<String> {
+pub fn bearer<'a>(authorization: Option<&'a str>, x_api_key: Option<&'a str>) -> Option<&'a str> {
     if let Some(v) = x_api_key {
-        return Some(v.trim().to_owned());
+        return Some(v.trim());
     }
     let v = authorization?.trim();
     let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Checks an API key against the key table. The errors say what is wrong (missing, malformed,
@@ -137,7 +160,7 @@ pub fn authenticate_key(
     };
     let record = state.api_keys.get(id).ok_or_else(unknown)?;
     if !constant_time_eq(
-        sha256_hex(key.as_bytes()).as_bytes(),
+        &sha256_hex_digits(key.as_bytes()),
         record.sha256_hex.as_bytes(),
     ) {
         return Err(unknown());
@@ -226,10 +249,18 @@ mod tests {
 
     #[test]
     fn credentials_come_from_either_header() {
-        assert_eq!(bearer(Some("Bearer abc"), None).as_deref(), Some("abc"));
-        assert_eq!(bearer(Some("bearer  abc "), None).as_deref(), Some("abc"));
+        assert_eq!(bearer(Some("Bearer abc"), None), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc "), None), Some("abc"));
         assert_eq!(bearer(Some("Basic abc"), None), None);
-        assert_eq!(bearer(None, Some("k")).as_deref(), Some("k"));
+        assert_eq!(bearer(None, Some("k")), Some("k"));
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
+        let long = b"0123456789abcdef0123456789abcdef0123";
+        assert!(constant_time_eq(long, long));
+        for i in 0..long.len() {
+            let mut other = *long;
+            other[i] ^= 1;
+            assert!(!constant_time_eq(long, &other), "byte {i}");
+        }
+        assert!(!constant_time_eq(long, &long[1..]) && constant_time_eq(b"", b""));
     }
 }

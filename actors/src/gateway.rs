@@ -414,12 +414,12 @@ impl Gateway {
             ));
         };
         let presented = auth::bearer(authorization, x_api_key);
-        if let (Some(jwt), Some(token)) = (&self.inner.jwt, presented.as_deref())
+        if let (Some(jwt), Some(token)) = (&self.inner.jwt, presented)
             && auth::jwt::looks_like_jwt(token)
         {
             return jwt.verify(token).map(Some);
         }
-        auth::authenticate_key(&cluster.state.borrow(), presented.as_deref()).map(Some)
+        auth::authenticate_key(&cluster.state.borrow(), presented).map(Some)
     }
 
     /// Admits `request` from `principal` against every limit that applies: its tenant's (tier

@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderName, HeaderValue};
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
 use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
@@ -88,8 +89,8 @@ impl LimitKind {
     }
 
     /// `x-ratelimit-limit-*`, `x-ratelimit-remaining-*`, `x-ratelimit-reset-*` (built at
-    /// compile time: naming them costs nothing per response).
-    pub fn header_names(self) -> [HeaderName; 3] {
+    /// compile time, in a static: naming them costs nothing per response).
+    pub fn header_names(self) -> &'static [HeaderName; 3] {
         const fn names(
             limit: &'static str,
             remaining: &'static str,
@@ -101,7 +102,7 @@ impl LimitKind {
                 HeaderName::from_static(reset),
             ]
         }
-        const NAMES: [[HeaderName; 3]; 5] = [
+        static NAMES: [[HeaderName; 3]; 5] = [
             names(
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",
@@ -128,7 +129,7 @@ impl LimitKind {
                 "x-ratelimit-reset-cost-day",
             ),
         ];
-        NAMES[self as usize].clone()
+        &NAMES[self as usize]
     }
 
     pub fn window_ms(self) -> u64 {
@@ -404,17 +405,72 @@ pub struct RateLimitState {
     pub reset: Duration,
 }
 
-impl RateLimitState {
-    /// The response headers for this limit: static names, values written without the
-    /// formatting machinery (this runs for every admitted response).
-    pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
-        let [limit, remaining, reset] = self.kind.header_names();
-        [
-            (limit, HeaderValue::from(self.limit)),
-            (remaining, HeaderValue::from(self.remaining)),
-            (reset, seconds_value(self.reset)),
-        ]
+/// Adds the `x-ratelimit-limit-*`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers
+/// of each limit to `headers`. This runs for every admitted response, so the names are static and
+/// the values are written without the formatting machinery into one buffer, each header value a
+/// slice of it: one allocation per response, however many limits apply.
+pub fn write_rate_limit_headers(states: &[RateLimitState], headers: &mut HeaderMap) {
+    if states.is_empty() {
+        return;
     }
+    // Three values of at most 21 bytes each per limit: the buffer never grows.
+    let mut buf = BytesMut::with_capacity(states.len() * 64);
+    // Room for these and a few more without growing again (a HeaderMap grows before it is
+    // full, so reserving only the three per limit still left it to grow once).
+    headers.reserve(states.len() * 4 + 2);
+    for state in states {
+        let [limit, remaining, reset] = state.kind.header_names();
+        write_digits(&mut buf, state.limit);
+        headers.insert(limit.clone(), header_value(&mut buf));
+        write_digits(&mut buf, state.remaining);
+        headers.insert(remaining.clone(), header_value(&mut buf));
+        write_digits(&mut buf, whole_seconds(state.reset));
+        buf.extend_from_slice(b"s");
+        headers.insert(reset.clone(), header_value(&mut buf));
+    }
+}
+
+/// What `buf` holds (ASCII digits, maybe an `s`), split off as a header value sharing the
+/// buffer's allocation.
+fn header_value(buf: &mut BytesMut) -> HeaderValue {
+    HeaderValue::from_maybe_shared(buf.split().freeze())
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Appends `n` in decimal, two digits at a time.
+fn write_digits(buf: &mut BytesMut, mut n: u64) {
+    /// "00", "01", … "99".
+    const PAIRS: [u8; 200] = {
+        let mut pairs = [0u8; 200];
+        let mut i = 0;
+        while i < 100 {
+            pairs[2 * i] = b'0' + (i / 10) as u8;
+            pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+            i += 1;
+        }
+        pairs
+    };
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[n as usize * 2..n as usize * 2 + 2]);
+    } else {
+        at -= 1;
+        digits[at] = b'0' + n as u8;
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
+/// `d` in whole seconds, rounded up.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// An admitted request's charge; settle it with the actual usage. Dropped unsettled (the
@@ -988,23 +1044,6 @@ fn forget_ended(budgets: &mut hashbrown::HashMap<BudgetKey, Budget>, unix: u64) 
         let ended = b.window_start + b.kind.window_ms() <= unix;
         !(ended && b.charged == b.reported && !b.renewing)
     });
-}
-
-/// `d` in whole seconds, rounded up, as `<n>s`.
-fn seconds_value(d: Duration) -> HeaderValue {
-    let mut n = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
-    let mut digits = [0u8; 21];
-    let mut at = digits.len() - 1;
-    digits[at] = b's';
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    HeaderValue::from_bytes(&digits[at..]).unwrap_or(HeaderValue::from_static("0s"))
 }
 
 fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {

@@ -25,6 +25,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::auth::Principal;
 use meridian_actors::cache::CacheKey;
 use meridian_actors::policy::Complexity;
+use meridian_actors::quota::write_rate_limit_headers;
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -106,12 +107,12 @@ async fn chat(
                 .map(HeaderValue::as_bytes),
         )?;
         let feature = feature_of(headers.get("x-meridian-feature").map(HeaderValue::as_bytes))?;
-        let reservation = st
+        let mut reservation = st
             .gateway
             .admit(principal.as_ref(), &request, feature)
             .await?;
-        if let Some(r) = &reservation {
-            rate_limits = r.rate_limits.clone();
+        if let Some(r) = &mut reservation {
+            rate_limits = std::mem::take(&mut r.rate_limits);
         }
         let ctx = RequestContext {
             request_id: request_id.clone(),
@@ -144,12 +145,7 @@ async fn chat(
             HeaderValue::from_static(if hit { "hit" } else { "miss" }),
         );
     }
-    resp.headers_mut().reserve(rate_limits.len() * 3 + 2);
-    for state in &rate_limits {
-        for (name, value) in state.headers() {
-            resp.headers_mut().insert(name, value);
-        }
-    }
+    write_rate_limit_headers(&rate_limits, resp.headers_mut());
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }

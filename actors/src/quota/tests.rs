@@ -376,33 +376,65 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
 
 #[test]
 fn rate_limit_headers_are_named_and_written_exactly() {
-    let state = RateLimitState {
-        kind: LimitKind::TokensPerDay,
-        limit: 10_000,
-        remaining: 0,
-        reset: Duration::from_millis(1_200),
+    let state = |kind, limit, remaining, reset| RateLimitState {
+        kind,
+        limit,
+        remaining,
+        reset,
     };
-    let h = state.headers();
-    let as_pairs: Vec<(String, String)> = h
+    let mut headers = HeaderMap::new();
+    headers.insert("x-request-id", HeaderValue::from_static("r1"));
+    write_rate_limit_headers(
+        &[
+            state(
+                LimitKind::TokensPerDay,
+                10_000,
+                0,
+                Duration::from_millis(1_200),
+            ),
+            state(LimitKind::RequestsPerMinute, u64::MAX, 7, Duration::ZERO),
+        ],
+        &mut headers,
+    );
+    let as_pairs: Vec<(String, String)> = headers
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
         .collect();
     assert_eq!(
         as_pairs,
         [
+            ("x-request-id".into(), "r1".into()),
             ("x-ratelimit-limit-tokens-day".into(), "10000".into()),
             ("x-ratelimit-remaining-tokens-day".into(), "0".into()),
             ("x-ratelimit-reset-tokens-day".into(), "2s".into()),
+            (
+                "x-ratelimit-limit-requests".into(),
+                "18446744073709551615".into()
+            ),
+            ("x-ratelimit-remaining-requests".into(), "7".into()),
+            ("x-ratelimit-reset-requests".into(), "0s".into()),
         ]
     );
+    let mut n = 1u64;
+    for probe in [0, 9, 10, 99, 100, 101, 999, 1_000, 12_345, u64::MAX]
+        .into_iter()
+        .chain(std::iter::from_fn(|| {
+            n = n.checked_mul(7)?;
+            Some(n - 1)
+        }))
+    {
+        let mut buf = BytesMut::new();
+        write_digits(&mut buf, probe);
+        assert_eq!(&buf[..], probe.to_string().as_bytes());
+    }
     for (d, want) in [
-        (Duration::ZERO, "0s"),
-        (Duration::from_secs(60), "60s"),
-        (Duration::from_nanos(1), "1s"),
-        (Duration::from_secs(u64::MAX), "18446744073709551615s"),
-        (Duration::MAX, "18446744073709551615s"),
+        (Duration::ZERO, 0),
+        (Duration::from_secs(60), 60),
+        (Duration::from_nanos(1), 1),
+        (Duration::from_secs(u64::MAX), u64::MAX),
+        (Duration::MAX, u64::MAX),
     ] {
-        assert_eq!(seconds_value(d), want);
+        assert_eq!(whole_seconds(d), want);
     }
     for kind in LimitKind::ALL {
         let [limit, remaining, reset] = kind.header_names();
