@@ -466,35 +466,45 @@ impl Gateway {
                     .with_code("unknown_tenant")
                 });
             };
-            // Only scopes with a limit are kept (and their keys only then formatted).
-            let mut scopes = Vec::new();
-            let mut scope = |limits: Limits, key: &dyn Fn() -> String| {
+            // At most three scopes, on the stack; only those with a limit are kept (and their
+            // keys only then written).
+            let mut scopes: [Scope; 3] = Default::default();
+            let mut kept = 0;
+            let mut scope = |limits: Limits, parts: &[&str]| {
                 if limits != Limits::default() {
-                    scopes.push(Scope { key: key(), limits });
+                    let key = &mut scopes[kept].key;
+                    key.reserve(parts.iter().map(|p| p.len()).sum());
+                    parts.iter().for_each(|p| key.push_str(p));
+                    scopes[kept].limits = limits;
+                    kept += 1;
                 }
             };
-            scope(limits, &|| format!("tenant/{tenant}"));
+            scope(limits, &["tenant/", tenant]);
             if let Some(user) = user {
                 let per_user = state
                     .user_limits_of(tenant)
                     .or_else(|| tier_claim.map(|t| t.per_user))
                     .unwrap_or_default();
-                scope(per_user, &|| {
-                    format!("tenant/{tenant}/user/{}", scope_part(user))
-                });
+                if per_user != Limits::default() {
+                    scope(per_user, &["tenant/", tenant, "/user/", &scope_part(user)]);
+                }
             }
             if let Some(f) = feature
                 && let Some(limits) = state.feature_limits_of(tenant, f)
             {
-                scope(limits, &|| format!("tenant/{tenant}/feature/{f}"));
+                scope(limits, &["tenant/", tenant, "/feature/", f]);
             }
-            scopes
+            (scopes, kept)
         };
-        if scopes.is_empty() {
+        let (scopes, kept) = scopes;
+        if kept == 0 {
             return Ok(None);
         }
         let tokenizer = self
-            .table()
+            .inner
+            .table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .routes
             .get(request.model())
             .and_then(|r| r.first())
@@ -506,7 +516,10 @@ impl Gateway {
             completion: estimate::completion_reserve(request),
             price,
         };
-        quota.admit(tenant, &scopes, estimate).await.map(Some)
+        quota
+            .admit(tenant, &scopes[..kept], estimate)
+            .await
+            .map(Some)
     }
 
     /// The cache key of `request` from `principal`, if the cache is on and the request may be

@@ -206,7 +206,7 @@ pub fn ledger_key(scope: &str, kind: LimitKind) -> String {
 }
 
 /// One set of limits to admit against, and the ledger scope they are kept under.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     /// `tenant/<t>`, `tenant/<t>/user/<u>` or `tenant/<t>/feature/<f>`.
     pub key: String,
