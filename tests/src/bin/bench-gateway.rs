@@ -25,6 +25,11 @@ struct Args {
     /// Only the auth + quota on/off comparison (skips direct versus through).
     #[arg(long)]
     auth_only: bool,
+    /// Instead of timing, count the instructions the node executes per request with auth +
+    /// quotas off and on (each node runs under valgrind's callgrind; `--duration` seconds of load
+    /// at c=64 each). Repeatable to the instruction, unlike CPU time on a shared machine.
+    #[arg(long)]
+    instructions: bool,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -150,6 +155,9 @@ fn wrk(url: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<Run> {
             "-d",
             &format!("{secs}s"),
             "--latency",
+            // Generous: under callgrind (`--instructions`) the node is ~50 times slower.
+            "--timeout",
+            "30s",
             "-s",
         ])
         .arg(script)
@@ -217,6 +225,170 @@ fn lua_with(dir: &Path, name: &str, body: &str, key: Option<&str>) -> anyhow::Re
     Ok(path)
 }
 
+/// The development API key a node prints on its first start.
+fn dev_key(lines: &[String]) -> anyhow::Result<String> {
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("development API key")?
+                .split_whitespace()
+                .find(|w| w.starts_with("mk_"))
+        })
+        .map(str::to_owned)
+        .context("the node printed no development key")
+}
+
+/// Gives the development tier (unreachable) tokens/min and requests/min limits, so that every
+/// request is estimated, admitted and settled.
+fn limit_dev_tier(bin_dir: &Path, admin_addr: &str, data: &Path) -> anyhow::Result<()> {
+    let limited = Command::new(bin_dir.join("meridian"))
+        .args([
+            "admin",
+            "--addr",
+            &format!("http://{admin_addr}"),
+            "--token-file",
+        ])
+        .arg(data.join("admin.token"))
+        .args([
+            "tier",
+            "put",
+            "dev",
+            "--tokens-per-minute",
+            "1000000000000",
+            "--requests-per-minute",
+            "1000000000000",
+        ])
+        .output()?;
+    if !limited.status.success() {
+        bail!(
+            "could not set the dev tier's limits: {}",
+            String::from_utf8_lossy(&limited.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn ensure_valgrind() -> anyhow::Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("valgrind not found; installing it with apt-get");
+    let ok = Command::new("sh")
+        .args([
+            "-c",
+            "apt-get update -qq && apt-get install -y -qq valgrind",
+        ])
+        .status()?
+        .success();
+    if !ok {
+        bail!("could not install valgrind (apt-get install valgrind)");
+    }
+    Ok(())
+}
+
+/// Instructions the node executes per request at c=64 with auth + quotas off and on, each node
+/// under callgrind with instrumentation switched on only for the measured load.
+fn instruction_counts(
+    bin_dir: &Path,
+    tmp: &Path,
+    mock_addr: &str,
+    secs: u64,
+) -> anyhow::Result<String> {
+    ensure_valgrind()?;
+    let body =
+        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
+    let mut per_request = Vec::new();
+    for on in [false, true] {
+        let name = if on { "on" } else { "off" };
+        let data = tmp.join(format!("data-cg-{name}"));
+        let config = tmp.join(format!("node-cg-{name}.toml"));
+        // The usage flush runs on a timer (20 times a second by default), not per request: at
+        // callgrind's pace each flush would be shared by a handful of requests instead of
+        // hundreds, so it is put off here and this counts the per-request path alone.
+        let auth = if on {
+            "[quota]\nflush_every = \"1h\"\n"
+        } else {
+            "[auth]\nenabled = false\n"
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\ndata_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{auth}\n\
+                 [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
+                 models = [\"mock\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
+            ),
+        )?;
+        let out = tmp.join(format!("callgrind.{name}"));
+        let (node, line, before) = spawn_ready_with(
+            Command::new("valgrind")
+                .args(["--tool=callgrind", "--instr-atstart=no"])
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(bin_dir.join("meridian"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("MERIDIAN_LOG", "warn"),
+            "meridian ready",
+        )?;
+        let http = field(&line, "http=")?.to_owned();
+        let key = if on {
+            limit_dev_tier(bin_dir, field(&line, "admin=")?, &data)?;
+            Some(dev_key(&before)?)
+        } else {
+            None
+        };
+        let script = lua_with(tmp, &format!("cg-{name}.lua"), body, key.as_deref())?;
+        let url = format!("http://{http}/v1/chat/completions");
+        wrk(&url, &script, 8, 2)?;
+        let control = |arg: &str| -> anyhow::Result<()> {
+            let ok = Command::new("callgrind_control")
+                .args([arg, &node.0.id().to_string()])
+                .output()?
+                .status
+                .success();
+            if !ok {
+                bail!("callgrind_control {arg} failed");
+            }
+            Ok(())
+        };
+        control("--instr=on")?;
+        let run = wrk(&url, &script, 64, secs)?;
+        control("--instr=off")?;
+        control("--dump")?;
+        // The dump is the first numbered file; its `totals:` line counts every instruction.
+        let dump = out.with_extension(format!("{name}.1"));
+        let mut totals = None;
+        for _ in 0..100 {
+            totals = std::fs::read_to_string(&dump).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("totals:"))
+                    .and_then(|n| n.trim().parse::<f64>().ok())
+            });
+            if totals.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let totals = totals.with_context(|| format!("no totals in {}", dump.display()))?;
+        eprintln!(
+            "auth+quota {name}: {} requests, {:.0} instructions each",
+            run.requests,
+            totals / run.requests
+        );
+        per_request.push(totals / run.requests);
+        drop(node);
+    }
+    Ok(format!(
+        "\n| node instructions per request, c=64, under callgrind | auth+quota off | on | on ÷ off |\n|---|---|---|---|\n| | {:.0} | {:.0} | {:.3} |\n\n\
+         Per-request path only: the on node's usage flush (a timer, not per request) is put off. \
+         Grant renewals, also on timers, still run and weigh more than at full speed. Valgrind's \
+         CPU has no SHA extensions, so the key's SHA-256 runs in software there: several thousand \
+         instructions per request more than on a CPU with them.\n",
+        per_request[0],
+        per_request[1],
+        per_request[1] / per_request[0]
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match args.bin_dir {
@@ -265,6 +437,11 @@ fn main() -> anyhow::Result<()> {
         r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
     )?;
     let secs = args.duration;
+    if args.instructions {
+        let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, secs)?;
+        println!("{report}");
+        return Ok(());
+    }
     let mut report = String::new();
     let modes = if args.auth_only {
         Vec::new()
@@ -330,39 +507,8 @@ fn main() -> anyhow::Result<()> {
     )?;
     let on_addr = field(&line, "http=")?.to_owned();
     let admin_addr = field(&line, "admin=")?.to_owned();
-    let key = before
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("development API key")?
-                .split_whitespace()
-                .find(|w| w.starts_with("mk_"))
-        })
-        .context("the node printed no development key")?
-        .to_owned();
-    let limited = Command::new(bin_dir.join("meridian"))
-        .args([
-            "admin",
-            "--addr",
-            &format!("http://{admin_addr}"),
-            "--token-file",
-        ])
-        .arg(on_data.join("admin.token"))
-        .args([
-            "tier",
-            "put",
-            "dev",
-            "--tokens-per-minute",
-            "1000000000000",
-            "--requests-per-minute",
-            "1000000000000",
-        ])
-        .output()?;
-    if !limited.status.success() {
-        bail!(
-            "could not set the dev tier's limits: {}",
-            String::from_utf8_lossy(&limited.stderr)
-        );
-    }
+    let key = dev_key(&before)?;
+    limit_dev_tier(&bin_dir, &admin_addr, &on_data)?;
     let body =
         r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
     let with_key = lua_with(tmp.path(), "unary-key.lua", body, Some(&key))?;
