@@ -442,7 +442,7 @@ impl Gateway {
         };
         let tenant = &principal.tenant;
         let user = principal.user.as_deref().or(request.params.user.as_deref());
-        let scopes = {
+        let (scopes, kept) = {
             let state = cluster.state.borrow();
             let tier_claim = principal.tier.as_deref().and_then(|t| state.tiers.get(t));
             // A JWT caller whose tenant is not in the table is limited by its tier claim.
@@ -496,7 +496,6 @@ impl Gateway {
             }
             (scopes, kept)
         };
-        let (scopes, kept) = scopes;
         if kept == 0 {
             return Ok(None);
         }

@@ -119,7 +119,7 @@ impl Actor for MeshAgent {
                 let _ = reply.send(serde_json::to_string(&description)?);
             }
             // Calls and pulls wait (on the upstream, or for chunks): never in the mailbox.
-            MeshMsg::Call(request, reply) => self.served.call(&request, reply),
+            MeshMsg::Call(request, reply) => self.served.call(request, reply),
             MeshMsg::Pull(call, reply) => {
                 let served = Arc::clone(&self.served);
                 tokio::spawn(async move {

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use hashbrown::hash_map::EntryRef;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
 use meridian_proto::{ApiError, ErrorKind};
@@ -77,8 +78,10 @@ impl LimitKind {
         }
     }
 
-    /// The suffix of its `x-ratelimit-*` headers (OpenAI's names for the per-minute ones).
-    pub fn header_suffix(self) -> &'static str {
+    /// The suffix of its `x-ratelimit-*` headers (OpenAI's names for the per-minute ones): the
+    /// tests' independent statement of what [`Self::header_names`] must say.
+    #[cfg(test)]
+    fn header_suffix(self) -> &'static str {
         match self {
             Self::RequestsPerMinute => "requests",
             Self::TokensPerMinute => "tokens",
@@ -248,6 +251,12 @@ impl std::hash::Hash for BudgetKey {
 /// A budget looked up by a request's scope, without making its key.
 #[derive(Hash)]
 struct ScopeKind<'a>(&'a str, LimitKind);
+
+impl From<&ScopeKind<'_>> for BudgetKey {
+    fn from(probe: &ScopeKind<'_>) -> Self {
+        Self::new(probe.0, probe.1)
+    }
+}
 
 impl hashbrown::Equivalent<BudgetKey> for ScopeKind<'_> {
     fn equivalent(&self, key: &BudgetKey) -> bool {
@@ -681,18 +690,15 @@ impl Quota {
             let cost = estimate.cost(kind);
             let window_ms = kind.window_ms();
             let window_start = unix - unix % window_ms;
-            // Looked up by the request's scope: a key is made only for a new budget.
-            let probe = ScopeKind(scope, kind);
-            if !budgets.contains_key(&probe) {
-                budgets.insert(
-                    BudgetKey::new(scope, kind),
-                    Budget::new(kind, limit, window_start, now),
-                );
-            }
-            let Some((key, budget)) = budgets.get_key_value_mut(&probe) else {
-                continue; // inserted just above
+            // One lookup, by the request's scope: a key is made only for a new budget.
+            let entry = match budgets.entry_ref(&ScopeKind(scope, kind)) {
+                EntryRef::Occupied(found) => found,
+                EntryRef::Vacant(new) => {
+                    new.insert_entry(Budget::new(kind, limit, window_start, now))
+                }
             };
-            let key = key.clone();
+            let key = entry.key().clone();
+            let budget = entry.into_mut();
             budget.limit = limit;
             if budget.window_start != window_start {
                 // A new window: whatever was charged in the old one and not yet reported is
@@ -1051,28 +1057,20 @@ fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {
 }
 
 fn limited(kind: LimitKind, limit: u64, left: u64, retry: Duration) -> ApiError {
+    let [limit_name, remaining_name, reset_name] = kind.header_names();
     ApiError::new(
         ErrorKind::RateLimited,
         format!(
             "rate limit reached: {} is {limit}; retry after {} s",
             kind.code(),
-            retry.as_secs_f64().ceil() as u64
+            whole_seconds(retry)
         ),
     )
     .with_code(kind.code())
     .with_retry_after(retry.max(Duration::from_secs(1)))
-    .with_header(
-        format!("x-ratelimit-limit-{}", kind.header_suffix()),
-        limit.to_string(),
-    )
-    .with_header(
-        format!("x-ratelimit-remaining-{}", kind.header_suffix()),
-        left.to_string(),
-    )
-    .with_header(
-        format!("x-ratelimit-reset-{}", kind.header_suffix()),
-        format!("{}s", retry.as_secs_f64().ceil() as u64),
-    )
+    .with_header(limit_name.as_str(), limit.to_string())
+    .with_header(remaining_name.as_str(), left.to_string())
+    .with_header(reset_name.as_str(), format!("{}s", whole_seconds(retry)))
 }
 
 /// A single request larger than the whole limit can never be admitted.

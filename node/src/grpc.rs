@@ -54,10 +54,8 @@ impl InferenceService {
                 .map(|v| v.as_bytes()),
         )
         .map_err(|e| grpc_status(&e))?;
-        let opt_in = req
-            .metadata()
-            .get("x-meridian-cache")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
+        let opt_in =
+            crate::http::cache_opt_in(req.metadata().get("x-meridian-cache").map(|v| v.as_bytes()));
         let mut params =
             ChatCompletionRequest::try_from(req.into_inner()).map_err(|e| grpc_status(&e))?;
         params.stream = Some(stream);
@@ -140,7 +138,7 @@ fn internal(message: &str) -> Status {
 fn cache_metadata<T>(resp: &mut Response<T>, hit: bool) {
     resp.metadata_mut().insert(
         "x-meridian-cache",
-        tonic::metadata::MetadataValue::from_static(if hit { "hit" } else { "miss" }),
+        tonic::metadata::MetadataValue::from_static(crate::http::cache_outcome(hit)),
     );
 }
 
@@ -216,7 +214,6 @@ impl Inference for InferenceService {
             cache_metadata(&mut resp, true);
             return Ok(resp);
         }
-        let cacheable = p.cache.is_some();
         p.ctx.reservation = self
             .gateway
             .admit(p.ctx.principal.as_ref(), &p.chat, p.feature.as_deref())
@@ -257,7 +254,7 @@ impl Inference for InferenceService {
         })
         .flat_map(futures::stream::iter);
         let mut resp: Response<ChunkStream> = Response::new(Box::pin(stream));
-        if cacheable {
+        if p.cache.is_some() {
             // Streams are not stored (only whole answers are); a later whole call fills it.
             cache_metadata(&mut resp, false);
         }

@@ -81,9 +81,7 @@ async fn chat(
         let principal = authenticate(&st.gateway, &headers)?;
         let body = body.map_err(body_error)?;
         let request = ChatRequest::from_json(&body, st.gateway.limits())?;
-        let opt_in = headers
-            .get("x-meridian-cache")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
+        let opt_in = cache_opt_in(headers.get("x-meridian-cache").map(HeaderValue::as_bytes));
         if let Some(key) = st.gateway.cache_key(principal.as_ref(), &request, opt_in) {
             if let Some(hit) = st
                 .gateway
@@ -142,7 +140,7 @@ async fn chat(
     if let Some((_, hit)) = cached {
         resp.headers_mut().insert(
             "x-meridian-cache",
-            HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+            HeaderValue::from_static(cache_outcome(hit)),
         );
     }
     write_rate_limit_headers(&rate_limits, resp.headers_mut());
@@ -217,6 +215,16 @@ pub fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
             "X-Meridian-Feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
         )),
     }
+}
+
+/// Whether the client opts in to the response cache (`X-Meridian-Cache: on`).
+pub fn cache_opt_in(value: Option<&[u8]>) -> bool {
+    value.is_some_and(|v| v.eq_ignore_ascii_case(b"on"))
+}
+
+/// The `x-meridian-cache` value of a cacheable answer: from the cache or not.
+pub fn cache_outcome(hit: bool) -> &'static str {
+    if hit { "hit" } else { "miss" }
 }
 
 /// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.

@@ -317,31 +317,40 @@ impl Served {
     }
 
     /// Handles a `Call` (a JSON [`CallRequest`]): registered at once, so that a `Cancel` sent
-    /// after it (the same session keeps them in order) always finds it; made in a task; the
-    /// JSON [`CallAnswer`] goes to `reply`.
-    pub(crate) fn call(self: &Arc<Self>, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>) {
-        let req = match serde_json::from_slice::<CallRequest<Map<String, Value>>>(bytes) {
-            Ok(req) => req,
+    /// after it (the same session keeps them in order) always finds it; read and made in a task,
+    /// so a large body never holds up the mesh agent's mailbox; the JSON [`CallAnswer`] goes
+    /// to `reply`.
+    pub(crate) fn call(self: &Arc<Self>, bytes: Vec<u8>, reply: RpcReplyPort<Vec<u8>>) {
+        /// Only the call's id, skipping the rest (no tree is built here).
+        #[derive(Deserialize)]
+        struct CallId {
+            call: String,
+        }
+        let unreadable = |e: serde_json::Error| CallAnswer::Failed {
+            error: WireError::Protocol {
+                message: format!("a forwarded call this node cannot read: {e}"),
+            },
+        };
+        let id = match serde_json::from_slice::<CallId>(&bytes) {
+            Ok(c) => c.call,
             Err(e) => {
-                let _ = reply.send(encode_answer(&CallAnswer::Failed {
-                    error: WireError::Protocol {
-                        message: format!("a forwarded call this node cannot read: {e}"),
-                    },
-                }));
+                let _ = reply.send(encode_answer(&unreadable(e)));
                 return;
             }
         };
         let (cancel, cancelled) = oneshot::channel::<()>();
-        let id = req.call.clone();
         self.calls
             .insert(id.clone(), ForwardedCall::Opening { _cancel: cancel });
         let served = Arc::clone(self);
         tokio::spawn(async move {
-            let answer = tokio::select! {
-                biased;
-                answer = served.open(req) => answer,
-                _ = cancelled => CallAnswer::Failed {
-                    error: WireError::Closed { message: "cancelled by the forwarder".into() },
+            let answer = match serde_json::from_slice::<CallRequest<Map<String, Value>>>(&bytes) {
+                Err(e) => unreadable(e),
+                Ok(req) => tokio::select! {
+                    biased;
+                    answer = served.open(req) => answer,
+                    _ = cancelled => CallAnswer::Failed {
+                        error: WireError::Closed { message: "cancelled by the forwarder".into() },
+                    },
                 },
             };
             if !matches!(answer, CallAnswer::Opened) {
@@ -367,8 +376,7 @@ impl Served {
         SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The forwarder validated the request; only the typed view is rebuilt here (read from
         // the body in place, not from a copy).
-        let body = Value::Object(req.body);
-        let params = match ChatCompletionRequest::deserialize(&body) {
+        let params = match ChatCompletionRequest::deserialize(&req.body) {
             Ok(p) => p,
             Err(e) => {
                 return failed(WireError::Protocol {
@@ -376,12 +384,10 @@ impl Served {
                 });
             }
         };
-        let Value::Object(body) = body else {
-            return failed(WireError::Protocol {
-                message: "a forwarded request body that is not an object".into(),
-            });
+        let request = ChatRequest {
+            params,
+            body: req.body,
         };
-        let request = ChatRequest { params, body };
         let spec = &provider.spec;
         let wait = spec.queue_timeout.min(Duration::from_millis(req.wait_ms));
         let permit = match provider.acquire(Instant::now() + wait, None, 1).await {
@@ -996,7 +1002,7 @@ mod tests {
     /// Sends `Call` as the agent would, and waits for its answer.
     async fn call(served: &Arc<Served>, bytes: Vec<u8>) -> CallAnswer {
         let (tx, rx) = ractor::concurrency::oneshot();
-        served.call(&bytes, tx.into());
+        served.call(bytes, tx.into());
         serde_json::from_slice(&rx.await.unwrap()).unwrap()
     }
 

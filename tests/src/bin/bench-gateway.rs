@@ -225,6 +225,42 @@ fn lua_with(dir: &Path, name: &str, body: &str, key: Option<&str>) -> anyhow::Re
     Ok(path)
 }
 
+/// The non-streaming request every unary run sends.
+const UNARY_BODY: &str =
+    r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
+
+/// Writes a node config to `path`: ephemeral listeners, data in `data`, the `extra` sections,
+/// and the mock upstream at `mock_addr` as provider `mock` serving `models` (a TOML list).
+fn write_node_config(
+    path: &Path,
+    data: &Path,
+    extra: &str,
+    mock_addr: &str,
+    models: &str,
+) -> anyhow::Result<()> {
+    std::fs::write(
+        path,
+        format!(
+            "[node]\ndata_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+             [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
+             models = {models}\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// `cmd` (the node binary itself, or a wrapper such as valgrind that runs it) with the
+/// arguments that serve `config`.
+fn serve(mut cmd: Command, meridian: &Path, config: &Path) -> Command {
+    if cmd.get_program() != meridian.as_os_str() {
+        cmd.arg(meridian);
+    }
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("MERIDIAN_LOG", "warn");
+    cmd
+}
+
 /// The development API key a node prints on its first start.
 fn dev_key(lines: &[String]) -> anyhow::Result<String> {
     lines
@@ -295,8 +331,6 @@ fn instruction_counts(
     secs: u64,
 ) -> anyhow::Result<String> {
     ensure_valgrind()?;
-    let body =
-        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
     let mut per_request = Vec::new();
     for on in [false, true] {
         let name = if on { "on" } else { "off" };
@@ -310,23 +344,14 @@ fn instruction_counts(
         } else {
             "[auth]\nenabled = false\n"
         };
-        std::fs::write(
-            &config,
-            format!(
-                "[node]\ndata_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{auth}\n\
-                 [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
-                 models = [\"mock\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
-            ),
-        )?;
+        write_node_config(&config, &data, auth, mock_addr, r#"["mock"]"#)?;
         let out = tmp.join(format!("callgrind.{name}"));
+        let mut callgrind = Command::new("valgrind");
+        callgrind
+            .args(["--tool=callgrind", "--instr-atstart=no"])
+            .arg(format!("--callgrind-out-file={}", out.display()));
         let (node, line, before) = spawn_ready_with(
-            Command::new("valgrind")
-                .args(["--tool=callgrind", "--instr-atstart=no"])
-                .arg(format!("--callgrind-out-file={}", out.display()))
-                .arg(bin_dir.join("meridian"))
-                .args(["serve", "--config"])
-                .arg(&config)
-                .env("MERIDIAN_LOG", "warn"),
+            &mut serve(callgrind, &bin_dir.join("meridian"), &config),
             "meridian ready",
         )?;
         let http = field(&line, "http=")?.to_owned();
@@ -336,7 +361,7 @@ fn instruction_counts(
         } else {
             None
         };
-        let script = lua_with(tmp, &format!("cg-{name}.lua"), body, key.as_deref())?;
+        let script = lua_with(tmp, &format!("cg-{name}.lua"), UNARY_BODY, key.as_deref())?;
         let url = format!("http://{http}/v1/chat/completions");
         wrk(&url, &script, 8, 2)?;
         let control = |arg: &str| -> anyhow::Result<()> {
@@ -406,42 +431,33 @@ fn main() -> anyhow::Result<()> {
         "listening on",
     )?;
     let mock_addr = line.rsplit(' ').next().context("mock address")?.to_owned();
-    let config = tmp.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [auth]\nenabled = false\n\n\
-             [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
-             models = [\"mock\", \"mock@tokens:16\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n",
-            tmp.path().join("data")
-        ),
-    )?;
-    let (node, line) = spawn_ready(
-        Command::new(bin_dir.join("meridian"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("MERIDIAN_LOG", "warn"),
-        "meridian ready",
-    )?;
-    let node_addr = field(&line, "http=")?.to_owned();
-
-    let unary = lua(
-        tmp.path(),
-        "unary.lua",
-        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#,
-    )?;
-    let stream = lua(
-        tmp.path(),
-        "stream.lua",
-        r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
-    )?;
     let secs = args.duration;
     if args.instructions {
         let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, secs)?;
         println!("{report}");
         return Ok(());
     }
+    let meridian = bin_dir.join("meridian");
+    let config = tmp.path().join("node.toml");
+    write_node_config(
+        &config,
+        &tmp.path().join("data"),
+        "[auth]\nenabled = false\n",
+        &mock_addr,
+        r#"["mock", "mock@tokens:16"]"#,
+    )?;
+    let (node, line) = spawn_ready(
+        &mut serve(Command::new(&meridian), &meridian, &config),
+        "meridian ready",
+    )?;
+    let node_addr = field(&line, "http=")?.to_owned();
+
+    let unary = lua(tmp.path(), "unary.lua", UNARY_BODY)?;
+    let stream = lua(
+        tmp.path(),
+        "stream.lua",
+        r#"{"model":"mock@tokens:16","stream":true,"messages":[{"role":"user","content":"benchmark"}]}"#,
+    )?;
     let mut report = String::new();
     let modes = if args.auth_only {
         Vec::new()
@@ -490,28 +506,16 @@ fn main() -> anyhow::Result<()> {
     // request is authenticated, estimated with the tokenizer, admitted and settled.
     let on_config = tmp.path().join("node-on.toml");
     let on_data = tmp.path().join("data-on");
-    std::fs::write(
-        &on_config,
-        format!(
-            "[node]\ndata_dir = {on_data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [[providers]]\nid = \"mock\"\nkind = \"openai\"\nbase_url = \"http://{mock_addr}/v1\"\n\
-             models = [\"mock\"]\nmax_concurrency = 4096\nqueue_capacity = 4096\n"
-        ),
-    )?;
+    write_node_config(&on_config, &on_data, "", &mock_addr, r#"["mock"]"#)?;
     let (node_on, line, before) = spawn_ready_with(
-        Command::new(bin_dir.join("meridian"))
-            .args(["serve", "--config"])
-            .arg(&on_config)
-            .env("MERIDIAN_LOG", "warn"),
+        &mut serve(Command::new(&meridian), &meridian, &on_config),
         "meridian ready",
     )?;
     let on_addr = field(&line, "http=")?.to_owned();
     let admin_addr = field(&line, "admin=")?.to_owned();
     let key = dev_key(&before)?;
     limit_dev_tier(&bin_dir, &admin_addr, &on_data)?;
-    let body =
-        r#"{"model":"mock","max_tokens":16,"messages":[{"role":"user","content":"benchmark"}]}"#;
-    let with_key = lua_with(tmp.path(), "unary-key.lua", body, Some(&key))?;
+    let with_key = lua_with(tmp.path(), "unary-key.lua", UNARY_BODY, Some(&key))?;
     let off_url = format!("http://{node_addr}/v1/chat/completions");
     let on_url = format!("http://{on_addr}/v1/chat/completions");
     wrk(&on_url, &with_key, 8, 1)?;
