@@ -8,7 +8,7 @@
 
 pub mod jwt;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 
 use meridian_proto::cluster::ClusterState;
 use meridian_proto::{ApiError, ErrorKind};
@@ -59,21 +59,7 @@ pub fn random_token(bytes: usize) -> Result<String, String> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha256_hex_digits(bytes)
-        .iter()
-        .map(|&d| char::from(d))
-        .collect()
-}
-
-/// The SHA-256 of `bytes` as 64 lowercase hex digits, on the stack (the check of every request's
-/// key allocates nothing).
-fn sha256_hex_digits(bytes: &[u8]) -> [u8; 64] {
-    let mut out = [0u8; 64];
-    for (pair, b) in out.chunks_exact_mut(2).zip(Sha256::digest(bytes)) {
-        pair[0] = HEX_DIGITS[usize::from(b >> 4)];
-        pair[1] = HEX_DIGITS[usize::from(b & 0xf)];
-    }
-    out
+    hex(&Sha256::digest(bytes))
 }
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -107,7 +93,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Principal {
     pub tenant: Arc<str>,
     /// The key id (`None` for JWT callers).
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     /// The end user, when the caller names one (JWT `sub`, or a header).
     pub user: Option<Arc<str>>,
     /// The tier a JWT names (used when the tenant is not in the tenant table).
@@ -128,55 +114,151 @@ pub fn bearer<'a>(authorization: Option<&'a str>, x_api_key: Option<&'a str>) ->
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Checks an API key against the key table. The errors say what is wrong (missing, malformed,
-/// unknown or revoked) and never repeat the key.
-pub fn authenticate_key(
-    state: &ClusterState,
-    presented: Option<&str>,
-) -> Result<Principal, ApiError> {
-    let Some(key) = presented.filter(|k| !k.is_empty()) else {
-        return Err(unauthenticated(
-            "missing_api_key",
-            "no API key: send it as `Authorization: Bearer mk_…` or in `X-API-Key`",
-        ));
-    };
-    let malformed = || {
-        unauthenticated(
-            "malformed_api_key",
-            "the API key is malformed: Meridian keys look like mk_<12 hex digits>_<64 hex digits>",
-        )
-    };
-    let rest = key.strip_prefix(KEY_PREFIX).ok_or_else(malformed)?;
-    let (id, secret) = rest.split_once('_').ok_or_else(malformed)?;
-    let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !hex_ok(id, ID_HEX) || !hex_ok(secret, SECRET_HEX) {
-        return Err(malformed());
+/// The key table as this node last read it: per key id, the stored digest (as bytes) and who
+/// the key stands for, each valid while the applied state it was read from is the current one.
+/// Checking a known key then costs one SHA-256, one lookup and no allocation. The state changes
+/// with every Raft apply (a revoke included), and an entry read from an older state is read
+/// again, so a revoke holds as soon as it is applied here. Only ids in the key table are
+/// kept: the cache is no larger than the table.
+#[derive(Default)]
+pub struct KeyTable {
+    by_id: RwLock<hashbrown::HashMap<Box<str>, KnownKey>>,
+}
+
+impl std::fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTable").finish_non_exhaustive()
     }
-    let unknown = || {
+}
+
+/// One key's record as of one applied state.
+struct KnownKey {
+    /// The state it was read from, held weakly (only its address is compared; holding it keeps
+    /// the address from being reused by a later state).
+    state: Weak<ClusterState>,
+    /// `None` if the stored digest is not 64 hex digits (no key can match it).
+    sha256: Option<[u8; 32]>,
+    /// `None` if the key is revoked or its tenant is gone.
+    principal: Option<Principal>,
+}
+
+impl KnownKey {
+    fn read(state: &Arc<ClusterState>, id: &str) -> Option<Self> {
+        let record = state.api_keys.get(id)?;
+        let live =
+            record.revoked_at_unix_ms.is_none() && state.tenants.contains_key(&record.tenant);
+        Some(Self {
+            state: Arc::downgrade(state),
+            sha256: digest_from_hex(&record.sha256_hex),
+            principal: live.then(|| Principal {
+                tenant: record.tenant.as_str().into(),
+                key_id: Some(record.id.as_str().into()),
+                user: None,
+                tier: None,
+            }),
+        })
+    }
+
+    fn verdict(&self, key: &str, digest: &[u8; 32]) -> Result<Principal, ApiError> {
+        if !self
+            .sha256
+            .is_some_and(|stored| constant_time_eq(digest, &stored))
+        {
+            return Err(unknown_or_malformed(key));
+        }
+        self.principal
+            .clone()
+            .ok_or_else(|| unauthenticated("revoked_api_key", "the API key has been revoked"))
+    }
+}
+
+impl KeyTable {
+    /// Checks an API key against the key table of `state` (the node's current applied state).
+    /// The errors say what is wrong (missing, malformed, unknown or revoked) and never repeat
+    /// the key.
+    pub fn check(
+        &self,
+        state: &Arc<ClusterState>,
+        presented: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        let Some(key) = presented.filter(|k| !k.is_empty()) else {
+            return Err(unauthenticated(
+                "missing_api_key",
+                "no API key: send it as `Authorization: Bearer mk_…` or in `X-API-Key`",
+            ));
+        };
+        // The id is looked up as given; the key's form is checked only when it does not match
+        // (a key whose digest matches is the key that was made, well formed).
+        let Some((id, _)) = key.strip_prefix(KEY_PREFIX).and_then(|r| r.split_once('_')) else {
+            return Err(malformed());
+        };
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if let Some(known) = read(&self.by_id).get(id)
+            && std::ptr::eq(known.state.as_ptr(), Arc::as_ptr(state))
+        {
+            return known.verdict(key, &digest);
+        }
+        // Not checked since the state last changed: read the record again.
+        let mut by_id = write(&self.by_id);
+        match KnownKey::read(state, id) {
+            Some(known) => {
+                let verdict = known.verdict(key, &digest);
+                by_id.insert(id.into(), known);
+                verdict
+            }
+            None => {
+                by_id.remove(id);
+                Err(unknown_or_malformed(key))
+            }
+        }
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn malformed() -> ApiError {
+    unauthenticated(
+        "malformed_api_key",
+        "the API key is malformed: Meridian keys look like mk_<12 hex digits>_<64 hex digits>",
+    )
+}
+
+/// A key that matches no record: malformed if it is not of the form keys are made in, else
+/// unknown.
+fn unknown_or_malformed(key: &str) -> ApiError {
+    let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let well_formed = key
+        .strip_prefix(KEY_PREFIX)
+        .and_then(|r| r.split_once('_'))
+        .is_some_and(|(id, secret)| hex_ok(id, ID_HEX) && hex_ok(secret, SECRET_HEX));
+    if well_formed {
         unauthenticated(
             "invalid_api_key",
             "the API key is not known to this cluster",
         )
-    };
-    let record = state.api_keys.get(id).ok_or_else(unknown)?;
-    if !constant_time_eq(
-        &sha256_hex_digits(key.as_bytes()),
-        record.sha256_hex.as_bytes(),
-    ) {
-        return Err(unknown());
+    } else {
+        malformed()
     }
-    if record.revoked_at_unix_ms.is_some() || !state.tenants.contains_key(&record.tenant) {
-        return Err(unauthenticated(
-            "revoked_api_key",
-            "the API key has been revoked",
-        ));
+}
+
+/// 64 hex digits as the 32 bytes they spell.
+fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
+    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
     }
-    Ok(Principal {
-        tenant: record.tenant.as_str().into(),
-        key_id: Some(record.id.clone()),
-        user: None,
-        tier: None,
-    })
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -185,7 +267,7 @@ mod tests {
 
     use super::*;
 
-    fn state_with(key: &NewKey, revoked: bool) -> ClusterState {
+    fn state_with(key: &NewKey, revoked: bool) -> Arc<ClusterState> {
         let mut s = ClusterState::default();
         s.tenants.insert(
             "acme".into(),
@@ -206,7 +288,7 @@ mod tests {
                 revoked_at_unix_ms: revoked.then_some(1),
             },
         );
-        s
+        Arc::new(s)
     }
 
     fn code(r: Result<Principal, ApiError>) -> String {
@@ -219,31 +301,46 @@ mod tests {
         assert!(key.secret.starts_with("mk_") && key.secret.len() == 3 + 12 + 1 + 64);
         assert_ne!(generate_key().expect("randomness").secret, key.secret);
         let s = state_with(&key, false);
-        let p = authenticate_key(&s, Some(&key.secret)).expect("valid key");
+        let keys = KeyTable::default();
+        let check = |s: &Arc<ClusterState>, k: Option<&str>| keys.check(s, k);
+        let p = check(&s, Some(&key.secret)).expect("valid key");
         assert_eq!(&*p.tenant, "acme");
-        assert_eq!(code(authenticate_key(&s, None)), "missing_api_key");
-        assert_eq!(
-            code(authenticate_key(&s, Some("sk-openai"))),
-            "malformed_api_key"
-        );
+        assert_eq!(p.key_id.as_deref(), Some(key.id.as_str()));
+        // Again, from the cache: the same answer.
+        assert_eq!(check(&s, Some(&key.secret)).expect("valid key"), p);
+        assert_eq!(code(check(&s, None)), "missing_api_key");
+        assert_eq!(code(check(&s, Some("sk-openai"))), "malformed_api_key");
+        // A known id with a secret of the wrong form is malformed, not unknown.
+        let short = &key.secret[..key.secret.len() - 1];
+        assert_eq!(code(check(&s, Some(short))), "malformed_api_key");
         let mut wrong = key.secret.clone();
         wrong.pop();
         wrong.push(if key.secret.ends_with('0') { '1' } else { '0' });
-        let err = authenticate_key(&s, Some(&wrong)).expect_err("wrong secret");
+        let err = check(&s, Some(&wrong)).expect_err("wrong secret");
         assert_eq!(err.code.as_deref(), Some("invalid_api_key"));
         assert!(
             !err.message.contains(&wrong[3..]),
             "the key is never echoed"
         );
         let other = generate_key().expect("randomness");
+        assert_eq!(code(check(&s, Some(&other.secret))), "invalid_api_key");
+        // A new state revokes the key: the cached entry is read again.
+        let revoked = state_with(&key, true);
+        assert_eq!(code(check(&revoked, Some(&key.secret))), "revoked_api_key");
+        // And one without the key at all forgets it.
+        let without = Arc::new(ClusterState::default());
+        assert_eq!(code(check(&without, Some(&key.secret))), "invalid_api_key");
+        assert!(read(&keys.by_id).is_empty());
+        // A stored digest that is not hex matches nothing.
+        let mut bad = (*s).clone();
+        bad.api_keys.get_mut(&key.id).expect("record").sha256_hex = "zz".repeat(32);
         assert_eq!(
-            code(authenticate_key(&s, Some(&other.secret))),
+            code(check(&Arc::new(bad), Some(&key.secret))),
             "invalid_api_key"
         );
-        let revoked = state_with(&key, true);
         assert_eq!(
-            code(authenticate_key(&revoked, Some(&key.secret))),
-            "revoked_api_key"
+            digest_from_hex(&key.sha256_hex).map(|d| hex(&d)),
+            Some(key.sha256_hex.clone())
         );
     }
 

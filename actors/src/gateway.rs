@@ -131,7 +131,9 @@ struct Inner {
     auth: bool,
     retries: Arc<RetryBudget>,
     jwt: Option<Arc<JwtVerifier>>,
-    prices: HashMap<String, Price>,
+    keys: auth::KeyTable,
+    /// Looked up on every admission, with the fast hash (the keys come from the config).
+    prices: hashbrown::HashMap<String, Price>,
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
@@ -222,7 +224,8 @@ impl Gateway {
                 auth: config.auth,
                 retries: Arc::new(RetryBudget::default()),
                 jwt: config.jwt,
-                prices: config.prices,
+                keys: auth::KeyTable::default(),
+                prices: config.prices.into_iter().collect(),
                 cache: config.cache.map(ResponseCache::new),
                 quota,
                 breaker_stats,
@@ -419,7 +422,10 @@ impl Gateway {
         {
             return jwt.verify(token).map(Some);
         }
-        auth::authenticate_key(&cluster.state.borrow(), presented).map(Some)
+        self.inner
+            .keys
+            .check(&cluster.state.borrow(), presented)
+            .map(Some)
     }
 
     /// Admits `request` from `principal` against every limit that applies: its tenant's (tier

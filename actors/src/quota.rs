@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use hashbrown::hash_map::EntryRef;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
@@ -297,6 +296,10 @@ struct Budget {
     last_slice: u64,
     /// Working from a local share (no quorum).
     local_share: bool,
+    /// `limit`, and the window's reset in whole seconds with its value, rendered for the
+    /// `x-ratelimit-*` headers (see [`RateLimitState`]).
+    limit_value: HeaderValue,
+    reset_value: Option<(u64, HeaderValue)>,
     /// The last renewal found no quorum.
     no_quorum: bool,
     /// The largest admission waiting for a slice (the next slice covers at least this).
@@ -321,6 +324,8 @@ impl Budget {
             demand_since: now,
             last_slice: 0,
             local_share: false,
+            limit_value: HeaderValue::from(limit),
+            reset_value: None,
             no_quorum: false,
             need: 0,
             dry_until: None,
@@ -351,8 +356,8 @@ struct Inner {
     /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
     budgets: Mutex<hashbrown::HashMap<BudgetKey, Budget>>,
     late: Mutex<Vec<Late>>,
-    /// Tenant → model → usage not yet reported.
-    rollups: Mutex<HashMap<Arc<str>, HashMap<String, UsageTotals>>>,
+    /// Tenant → model → usage not yet reported (names an admin chose: the fast hash is fine).
+    rollups: Mutex<hashbrown::HashMap<Arc<str>, hashbrown::HashMap<String, UsageTotals>>>,
     granted: Notify,
     renew: mpsc::UnboundedSender<BudgetKey>,
     /// One flush at a time: two at once would both report the same unreported charges.
@@ -412,69 +417,46 @@ pub struct RateLimitState {
     pub limit: u64,
     pub remaining: u64,
     pub reset: Duration,
+    /// `limit` and `reset` as header values. They change rarely (the reset once a second), so
+    /// each budget keeps them rendered and every response shares them.
+    rendered: [HeaderValue; 2],
+}
+
+impl RateLimitState {
+    pub fn new(kind: LimitKind, limit: u64, remaining: u64, reset: Duration) -> Self {
+        Self {
+            kind,
+            limit,
+            remaining,
+            reset,
+            rendered: [HeaderValue::from(limit), reset_value(whole_seconds(reset))],
+        }
+    }
+}
+
+/// `secs` as an `x-ratelimit-reset-*` value (`12s`).
+fn reset_value(secs: u64) -> HeaderValue {
+    HeaderValue::try_from(format!("{secs}s")).unwrap_or_else(|_| HeaderValue::from_static("0s"))
 }
 
 /// Adds the `x-ratelimit-limit-*`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers
-/// of each limit to `headers`. This runs for every admitted response, so the names are static and
-/// the values are written without the formatting machinery into one buffer, each header value a
-/// slice of it: one allocation per response, however many limits apply.
-pub fn write_rate_limit_headers(states: &[RateLimitState], headers: &mut HeaderMap) {
+/// of each limit to `headers`. This runs for every admitted response: the names are static, the
+/// limit and reset values come rendered (see [`RateLimitState`]), and only the remaining count
+/// is written here.
+pub fn write_rate_limit_headers(states: Vec<RateLimitState>, headers: &mut HeaderMap) {
     if states.is_empty() {
         return;
     }
-    // Three values of at most 21 bytes each per limit: the buffer never grows.
-    let mut buf = BytesMut::with_capacity(states.len() * 64);
     // Room for these and a few more without growing again (a HeaderMap grows before it is
     // full, so reserving only the three per limit still left it to grow once).
     headers.reserve(states.len() * 4 + 2);
     for state in states {
         let [limit, remaining, reset] = state.kind.header_names();
-        write_digits(&mut buf, state.limit);
-        headers.insert(limit.clone(), header_value(&mut buf));
-        write_digits(&mut buf, state.remaining);
-        headers.insert(remaining.clone(), header_value(&mut buf));
-        write_digits(&mut buf, whole_seconds(state.reset));
-        buf.extend_from_slice(b"s");
-        headers.insert(reset.clone(), header_value(&mut buf));
+        let [limit_value, reset_value] = state.rendered;
+        headers.insert(limit.clone(), limit_value);
+        headers.insert(remaining.clone(), HeaderValue::from(state.remaining));
+        headers.insert(reset.clone(), reset_value);
     }
-}
-
-/// What `buf` holds (ASCII digits, maybe an `s`), split off as a header value sharing the
-/// buffer's allocation.
-fn header_value(buf: &mut BytesMut) -> HeaderValue {
-    HeaderValue::from_maybe_shared(buf.split().freeze())
-        .unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// Appends `n` in decimal, two digits at a time.
-fn write_digits(buf: &mut BytesMut, mut n: u64) {
-    /// "00", "01", … "99".
-    const PAIRS: [u8; 200] = {
-        let mut pairs = [0u8; 200];
-        let mut i = 0;
-        while i < 100 {
-            pairs[2 * i] = b'0' + (i / 10) as u8;
-            pairs[2 * i + 1] = b'0' + (i % 10) as u8;
-            i += 1;
-        }
-        pairs
-    };
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    while n >= 100 {
-        let pair = (n % 100) as usize * 2;
-        n /= 100;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
-    }
-    if n >= 10 {
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&PAIRS[n as usize * 2..n as usize * 2 + 2]);
-    } else {
-        at -= 1;
-        digits[at] = b'0' + n as u8;
-    }
-    buf.extend_from_slice(&digits[at..]);
 }
 
 /// `d` in whole seconds, rounded up.
@@ -592,7 +574,7 @@ impl Quota {
                 cluster,
                 budgets: Mutex::new(hashbrown::HashMap::new()),
                 late: Mutex::new(Vec::new()),
-                rollups: Mutex::new(HashMap::new()),
+                rollups: Mutex::new(hashbrown::HashMap::new()),
                 granted: Notify::new(),
                 renew,
                 flushing: tokio::sync::Mutex::new(()),
@@ -656,7 +638,7 @@ impl Quota {
     /// Adds `usage` to `tenant`'s roll-up for `model` (reported with the next flush).
     pub fn record(&self, tenant: &Arc<str>, model: &str, usage: UsageTotals) {
         let mut rollups = lock(&self.inner.rollups);
-        let models = rollups.entry(Arc::clone(tenant)).or_default();
+        let models = rollups.entry_ref(&**tenant).or_default();
         // No allocation once the model has an entry.
         match models.get_mut(model) {
             Some(totals) => totals.add(&usage),
@@ -699,7 +681,10 @@ impl Quota {
             };
             let key = entry.key().clone();
             let budget = entry.into_mut();
-            budget.limit = limit;
+            if budget.limit != limit {
+                budget.limit = limit;
+                budget.limit_value = HeaderValue::from(limit);
+            }
             if budget.window_start != window_start {
                 // A new window: whatever was charged in the old one and not yet reported is
                 // reported to the old window; the new one starts with no slice.
@@ -789,11 +774,18 @@ impl Quota {
                     let _ = self.inner.renew.send(key.clone());
                 }
                 let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
+                let reset = window_reset(*window_start, kind.window_ms(), unix);
+                let secs = whole_seconds(reset);
+                let reset_value = match &b.reset_value {
+                    Some((s, v)) if *s == secs => v.clone(),
+                    _ => b.reset_value.insert((secs, reset_value(secs))).1.clone(),
+                };
                 states.push(RateLimitState {
                     kind,
                     limit: b.limit,
                     remaining: cluster_left.saturating_sub((b.charged - b.reported).max(0) as u64),
-                    reset: window_reset(*window_start, kind.window_ms(), unix),
+                    reset,
+                    rendered: [b.limit_value.clone(), reset_value],
                 });
             }
         }

@@ -540,7 +540,7 @@ async fn start_mesh(
             // Not a secret (anyone with the CA certificate can compute it): mutual TLS is what
             // keeps strangers out; `cluster.mesh_cookie_env` adds a real shared secret.
             let ca = std::fs::read(peers.certs_dir.join("ca.crt")).map_err(|e| failed(&e))?;
-            sha256_hex(&ca)
+            meridian_actors::auth::sha256_hex(&ca)
         }
     };
     Mesh::start(
@@ -556,14 +556,6 @@ async fn start_mesh(
     )
     .await
     .map_err(|e| failed(&e))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Keeps a mesh session to every member in the replicated member table. Each pair is dialled
