@@ -128,12 +128,10 @@ async fn chat(
             if let Some((key, false)) = cached {
                 st.gateway.cache_put(key, c.body.clone());
             }
-            ([(header::CONTENT_TYPE, "application/json")], c.body).into_response()
+            json_response(c.body, rate_limits.len())
         }
         Ok(Answer::Fresh(ChatReply::Stream(relay))) => sse_response(relay, st.sse_heartbeat),
-        Ok(Answer::Cached(body, false, _)) => {
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-        }
+        Ok(Answer::Cached(body, false, _)) => json_response(body, rate_limits.len()),
         Ok(Answer::Cached(body, true, include_usage)) => cached_sse(&body, include_usage),
         Err(e) => http_error(&e),
     };
@@ -147,6 +145,19 @@ async fn chat(
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    resp
+}
+
+/// A whole JSON answer, its header map sized up front for the `x-ratelimit-*` headers of `limits`
+/// limits and the few others every answer gets (growing it later rehashes it).
+fn json_response(body: Bytes, limits: usize) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    let headers = resp.headers_mut();
+    headers.reserve(3 * limits + 4);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
