@@ -118,6 +118,20 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// `wrk` against `url` while measuring how much CPU the node `pid` spends per request (µs).
+/// The machine's CPU ticks stolen by the hypervisor and its ticks in all, from `/proc/stat`.
+fn steal_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    Some((*ticks.get(7)?, ticks.iter().take(8).sum()))
+}
+
 fn wrk_cpu(
     url: &str,
     script: &Path,
@@ -533,6 +547,7 @@ fn main() -> anyhow::Result<()> {
     wrk(&on_url, &with_key, 8, 1)?;
     let (off_pid, on_pid) = (node.0.id(), node_on.0.id());
     let mut rounds = Vec::new();
+    let steal_before = steal_ticks();
     // The node's CPU time per request at c=64, off and on: the cost that caps throughput when
     // the node is the bottleneck, and far less noisy than req/s on a shared 2-core machine.
     let mut cpu = Vec::new();
@@ -560,6 +575,9 @@ fn main() -> anyhow::Result<()> {
         cpu.push((off_cpu, on_cpu));
         rounds.push([off1, on1, off64, on64]);
     }
+    let steal = steal_before.zip(steal_ticks()).map(|((s0, t0), (s1, t1))| {
+        100.0 * (s1.saturating_sub(s0)) as f64 / (t1.saturating_sub(t0)).max(1) as f64
+    });
     let cpu_off = median(cpu.iter().map(|c| c.0).collect());
     let cpu_on = median(cpu.iter().map(|c| c.1).collect());
     let ratios: Vec<f64> = cpu.iter().map(|c| c.1 / c.0).collect();
@@ -579,6 +597,14 @@ fn main() -> anyhow::Result<()> {
         cpu.len(),
         (1.0 - 1.0 / cpu_ratio) * 100.0
     ));
+    if let Some(steal) = steal {
+        // On a shared virtual machine, time taken by other guests makes every figure above
+        // noisier; `--instructions` is the measure that does not depend on it.
+        report.push_str(&format!(
+            "
+CPU time stolen by the hypervisor during these rounds: {steal:.1} % of the machine's.\n"
+        ));
+    }
     println!("{report}");
     let out = bin_dir.join("../bench-gateway.md");
     std::fs::write(&out, &report)?;
