@@ -26,10 +26,14 @@ struct Args {
     #[arg(long)]
     auth_only: bool,
     /// Instead of timing, count the instructions the node executes per request with auth +
-    /// quotas off and on (each node runs under valgrind's callgrind; `--duration` seconds of load
-    /// at c=64 each). Repeatable to the instruction, unlike CPU time on a shared machine.
+    /// quotas off and on (each node runs under valgrind's callgrind and serves `--requests`
+    /// requests, 64 at a time). Repeatable to a fraction of a percent, unlike CPU time on a
+    /// shared machine.
     #[arg(long)]
     instructions: bool,
+    /// With `--instructions`: requests per node, sent 64 at a time (a multiple of 64).
+    #[arg(long, default_value_t = 2048)]
+    requests: usize,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -336,6 +340,63 @@ fn ensure_valgrind() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `per_connection` requests (the unary body, with `key` if given) on each of 64
+/// keep-alive connections, one after another on each, and waits for every answer; returns how
+/// many were sent. The connections are opened and used once before `start` runs, so what is
+/// counted after it is whole requests only: no connection setup, and none cut off at the end.
+fn exact_load(
+    url: &str,
+    key: Option<&str>,
+    per_connection: usize,
+    start: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    const CONNECTIONS: usize = 64;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONNECTIONS)
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?;
+    let send = |client: reqwest::Client, count: usize| {
+        let mut request = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(UNARY_BODY);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move {
+            for _ in 0..count {
+                let answer = request.try_clone().context("request body")?.send().await?;
+                let status = answer.status();
+                answer.bytes().await?;
+                if !status.is_success() {
+                    bail!("the node answered {status}");
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    let all = |count: usize| {
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|_| runtime.spawn(send(client.clone(), count)))
+            .collect();
+        runtime.block_on(async {
+            for task in tasks {
+                task.await??;
+            }
+            anyhow::Ok(())
+        })
+    };
+    // 64 at once: each opens its own connection, and all stay in the pool.
+    all(1)?;
+    start()?;
+    all(per_connection)?;
+    Ok(CONNECTIONS * per_connection)
+}
+
 /// The portable SHA-256 block function, which the node runs only where the CPU lacks SHA
 /// extensions (as valgrind's does).
 const SOFT_SHA256: &str = "sha2::sha256::soft::*compress";
@@ -346,7 +407,7 @@ fn instruction_counts(
     bin_dir: &Path,
     tmp: &Path,
     mock_addr: &str,
-    secs: u64,
+    per_connection: usize,
 ) -> anyhow::Result<String> {
     ensure_valgrind()?;
     let mut per_request = Vec::new();
@@ -386,9 +447,7 @@ fn instruction_counts(
         } else {
             None
         };
-        let script = lua_with(tmp, &format!("cg-{name}.lua"), UNARY_BODY, key.as_deref())?;
         let url = format!("http://{http}/v1/chat/completions");
-        wrk(&url, &script, 8, 2)?;
         let control = |arg: &str| -> anyhow::Result<()> {
             let ok = Command::new("callgrind_control")
                 .args([arg, &node.0.id().to_string()])
@@ -400,8 +459,9 @@ fn instruction_counts(
             }
             Ok(())
         };
-        control("--instr=on")?;
-        let run = wrk(&url, &script, 64, secs)?;
+        let requests = exact_load(&url, key.as_deref(), per_connection, || {
+            control("--instr=on")
+        })?;
         control("--instr=off")?;
         control("--dump")?;
         // The dump is the first numbered file; its `totals:` line counts every instruction.
@@ -421,10 +481,10 @@ fn instruction_counts(
         let totals = totals.with_context(|| format!("no totals in {}", dump.display()))?;
         eprintln!(
             "auth+quota {name}: {} requests, {:.0} instructions each",
-            run.requests,
-            totals / run.requests
+            requests,
+            totals / requests as f64
         );
-        per_request.push(totals / run.requests);
+        per_request.push(totals / requests as f64);
         drop(node);
     }
     Ok(format!(
@@ -459,7 +519,7 @@ fn main() -> anyhow::Result<()> {
     let mock_addr = line.rsplit(' ').next().context("mock address")?.to_owned();
     let secs = args.duration;
     if args.instructions {
-        let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, secs)?;
+        let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, args.requests / 64)?;
         println!("{report}");
         return Ok(());
     }
