@@ -189,8 +189,12 @@ impl KeyTable {
         };
         // The id is looked up as given; the key's form is checked only when it does not match
         // (a key whose digest matches is the key that was made, well formed).
-        let Some((id, _)) = key.strip_prefix(KEY_PREFIX).and_then(|r| r.split_once('_')) else {
-            return Err(malformed());
+        let Some(id) = key
+            .strip_prefix(KEY_PREFIX)
+            .filter(|rest| rest.as_bytes().get(ID_HEX) == Some(&b'_'))
+            .and_then(|rest| rest.get(..ID_HEX))
+        else {
+            return Err(unknown_or_malformed(key));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if let Some(known) = read(&self.by_id).get(id)

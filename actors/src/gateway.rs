@@ -939,7 +939,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Where requests can go: every provider this node routes to (configured ones, its own vLLM
 /// replicas that are ready, replicas other nodes registered), by model.
 struct Table {
-    routes: HashMap<String, Vec<Route>>,
+    /// Looked up once or twice per request (the fast hash: the keys are configured models).
+    routes: hashbrown::HashMap<String, Vec<Route>>,
     /// Model names: providers' in order of arrival, then awaited ones (replicas still
     /// starting), then virtual models (sorted).
     models: Vec<String>,
@@ -958,7 +959,7 @@ impl Table {
         let breakers = breakers
             .map(|b| b.for_providers(&providers))
             .unwrap_or_default();
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut routes = hashbrown::HashMap::<String, Vec<Route>>::new();
         let mut models = Vec::new();
         for p in &providers {
             for m in p.models().iter() {

@@ -434,6 +434,11 @@ impl RateLimitState {
     }
 }
 
+/// `n` as a header value: one allocation of its exact size (http's `From<u64>` makes two).
+fn count_value(n: u64) -> HeaderValue {
+    HeaderValue::from_str(itoa::Buffer::new().format(n)).unwrap_or_else(|_| HeaderValue::from(n))
+}
+
 /// `secs` as an `x-ratelimit-reset-*` value (`12s`).
 fn reset_value(secs: u64) -> HeaderValue {
     HeaderValue::try_from(format!("{secs}s")).unwrap_or_else(|_| HeaderValue::from_static("0s"))
@@ -454,7 +459,7 @@ pub fn write_rate_limit_headers(states: Vec<RateLimitState>, headers: &mut Heade
         let [limit, remaining, reset] = state.kind.header_names();
         let [limit_value, reset_value] = state.rendered;
         headers.insert(limit.clone(), limit_value);
-        headers.insert(remaining.clone(), HeaderValue::from(state.remaining));
+        headers.insert(remaining.clone(), count_value(state.remaining));
         headers.insert(reset.clone(), reset_value);
     }
 }
@@ -657,13 +662,18 @@ impl Quota {
         .with_retry_after(Duration::from_secs(1))
     }
 
-    /// The whole admission decision, in one short critical section.
+    /// The whole admission decision, in one short critical section. Each limit is charged as it
+    /// is found to admit (one lookup per limit); if a later one does not, what was charged is
+    /// given back before the lock is let go.
     fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
         let unix = now_unix_ms();
         let mut budgets = lock(&self.inner.budgets);
         let mut charges = Vec::new();
+        let mut states = Vec::new();
+        let mut local_share_admits = 0;
         let mut wait = false;
+        let mut refusal = None;
         let limits = scopes
             .iter()
             .flat_map(|s| LimitKind::ALL.map(|k| (s, k)))
@@ -705,11 +715,44 @@ impl Quota {
                 budget.dry_until = None;
             }
             if cost > limit {
-                return Verdict::Refused(too_big(kind, limit, cost));
+                refusal = Some(too_big(kind, limit, cost));
+                break;
             }
             let lapsed = budget.expires.is_none_or(|e| e <= now);
             let left = (budget.allowance as i64 - budget.charged).max(0) as u64;
+            let reset = window_reset(window_start, window_ms, unix);
             if (budget.local_share || !lapsed) && left >= cost {
+                budget.charged += cost as i64;
+                budget.demand += cost;
+                local_share_admits += u64::from(budget.local_share);
+                let left = left - cost;
+                // Renew early, before the slice runs dry or lapses.
+                let low = left < budget.last_slice / 2
+                    || budget
+                        .expires
+                        .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
+                if low && !budget.renewing && !budget.local_share {
+                    budget.renewing = true;
+                    let _ = self.inner.renew.send(key.clone());
+                }
+                let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
+                let secs = whole_seconds(reset);
+                let reset_value = match &budget.reset_value {
+                    Some((s, v)) if *s == secs => v.clone(),
+                    _ => budget
+                        .reset_value
+                        .insert((secs, reset_value(secs)))
+                        .1
+                        .clone(),
+                };
+                states.push(RateLimitState {
+                    kind,
+                    limit,
+                    remaining: cluster_left
+                        .saturating_sub((budget.charged - budget.reported).max(0) as u64),
+                    reset,
+                    rendered: [budget.limit_value.clone(), reset_value],
+                });
                 charges.push((key, window_start, cost));
                 continue;
             }
@@ -727,9 +770,9 @@ impl Quota {
                     let _ = self.inner.renew.send(key.clone());
                 }
                 self.inner.denied_no_quorum.fetch_add(1, Ordering::Relaxed);
-                return Verdict::Refused(self.no_slice_error());
+                refusal = Some(self.no_slice_error());
+                break;
             }
-            let reset = window_reset(window_start, window_ms, unix);
             // A new slice can help if this one lapsed, or if the ledger has not lately
             // answered with less than was needed (the window's budget is spent or promised).
             let dry = budget.dry_until.is_some_and(|d| d > now);
@@ -748,46 +791,23 @@ impl Quota {
             } else {
                 reset
             };
-            return Verdict::Refused(limited(kind, limit, cluster_left, retry));
+            refusal = Some(limited(kind, limit, cluster_left, retry));
+            break;
         }
-        if wait {
-            return Verdict::Wait;
-        }
-        let mut states = Vec::with_capacity(charges.len());
-        for (key, window_start, cost) in &charges {
-            let kind = key.kind;
-            if let Some(b) = budgets.get_mut(key) {
-                b.charged += *cost as i64;
-                b.demand += cost;
-                if b.local_share {
-                    self.inner
-                        .local_share_admits
-                        .fetch_add(1, Ordering::Relaxed);
+        if wait || refusal.is_some() {
+            // Not admitted: give back what the limits that did admit were charged.
+            for (key, _, cost) in &charges {
+                if let Some(b) = budgets.get_mut(key) {
+                    b.charged -= *cost as i64;
+                    b.demand = b.demand.saturating_sub(*cost);
                 }
-                let left = (b.allowance as i64 - b.charged).max(0) as u64;
-                // Renew early, before the slice runs dry or lapses.
-                let low = left < b.last_slice / 2
-                    || b.expires
-                        .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
-                if low && !b.renewing && !b.local_share {
-                    b.renewing = true;
-                    let _ = self.inner.renew.send(key.clone());
-                }
-                let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
-                let reset = window_reset(*window_start, kind.window_ms(), unix);
-                let secs = whole_seconds(reset);
-                let reset_value = match &b.reset_value {
-                    Some((s, v)) if *s == secs => v.clone(),
-                    _ => b.reset_value.insert((secs, reset_value(secs))).1.clone(),
-                };
-                states.push(RateLimitState {
-                    kind,
-                    limit: b.limit,
-                    remaining: cluster_left.saturating_sub((b.charged - b.reported).max(0) as u64),
-                    reset,
-                    rendered: [b.limit_value.clone(), reset_value],
-                });
             }
+            return refusal.map_or(Verdict::Wait, Verdict::Refused);
+        }
+        if local_share_admits > 0 {
+            self.inner
+                .local_share_admits
+                .fetch_add(local_share_admits, Ordering::Relaxed);
         }
         Verdict::Admitted(charges, states)
     }

@@ -374,6 +374,39 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
     assert_eq!(used(), 150, "the retried report is not counted twice");
 }
 
+#[tokio::test]
+async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
+    inside_one_window().await;
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    // Tokens per minute come before tokens per day: the first admits, the second refuses.
+    let scopes = tenant_scope(Limits {
+        tokens_per_minute: Some(10_000),
+        tokens_per_day: Some(150),
+        ..Limits::default()
+    });
+    let charged = |kind| {
+        lock(&q.inner.budgets)
+            .get(&ScopeKind("tenant/acme", kind))
+            .map(|b| b.charged)
+    };
+    let first = q
+        .admit(&tenant, &scopes, tokens(100))
+        .await
+        .expect("admitted");
+    let err = q
+        .admit(&tenant, &scopes, tokens(100))
+        .await
+        .expect_err("over the daily limit");
+    assert_eq!(err.code.as_deref(), Some("tokens_per_day"));
+    assert_eq!(charged(LimitKind::TokensPerMinute), Some(100));
+    assert_eq!(charged(LimitKind::TokensPerDay), Some(100));
+    drop(first);
+    // The first request never reached a provider: its tokens come back too.
+    assert_eq!(charged(LimitKind::TokensPerMinute), Some(0));
+}
+
 /// The headers of `r`'s limits, as text.
 fn headers_of(r: &mut Reservation) -> Vec<(String, String)> {
     let mut headers = HeaderMap::new();
