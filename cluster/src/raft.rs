@@ -95,9 +95,16 @@ pub enum ClusterError {
     Unreached(#[from] Unreached),
     #[error("the proposal was rejected: {0}")]
     Rejected(String),
+    /// The node a request was forwarded to had stopped leading before it got there (the
+    /// request was not carried out); `leader` is the leader that node knew of.
+    #[error("the node the request was forwarded to no longer leads (leader now: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
     #[error("raft failed: {0}")]
     Fatal(String),
 }
+
+/// How many times one request is forwarded, to successive leaders, before its last answer stands.
+pub const MAX_FORWARDS: u32 = 3;
 
 /// What a node hands to the leader because only the leader can do it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -418,12 +425,13 @@ impl ClusterNode {
 
     /// Carries out `request` here if this node leads, else forwards it to the leader. While no
     /// leader is known (an election is under way) it waits up to two election timeouts. If the
-    /// leader it forwarded to fails, or another node takes over meanwhile, it forwards once more
-    /// to the new leader: a forwarded request is applied at least once, so a request whose first
-    /// leader died after committing it may be applied twice (as with any client retry).
+    /// leader it forwarded to fails, no longer leads when the request arrives, or another node
+    /// takes over meanwhile, it forwards again to the new leader (at most [`MAX_FORWARDS`] times
+    /// in all): a forwarded request is applied at least once, so a request whose first leader
+    /// died after committing it may be applied twice (as with any client retry).
     pub async fn submit(&self, request: Forwarded) -> Result<Applied, ClusterError> {
         let mut waited = false;
-        let mut retried = false;
+        let mut forwards = 0;
         loop {
             let leader = match self.execute_here(&request).await {
                 Ok(applied) => return Ok(applied),
@@ -437,10 +445,10 @@ impl ClusterNode {
                         self.transport.learn(leader, &node.addr);
                     }
                     let forwarded = self.transport.forward(leader, request.clone());
-                    if retried {
+                    forwards += 1;
+                    if forwards == MAX_FORWARDS {
                         return forwarded.await?;
                     }
-                    retried = true;
                     let mut metrics = self.raft.metrics();
                     let replaced = async move {
                         let replaced = metrics
@@ -454,6 +462,21 @@ impl ClusterNode {
                     };
                     tokio::select! {
                         reply = forwarded => match reply {
+                            Ok(Err(ClusterError::NotLeader { leader: next })) => {
+                                // Not carried out there. If that node knows of a newer leader,
+                                // wait until this one does too; else try again at once.
+                                tracing::debug!(?next, "the node forwarded to does not lead");
+                                if next.is_some_and(|n| n != leader) {
+                                    let _ = self
+                                        .raft
+                                        .wait(Some(self.leader_wait))
+                                        .metrics(
+                                            |m| m.current_leader.is_some_and(|l| l != leader),
+                                            "another leader",
+                                        )
+                                        .await;
+                                }
+                            }
                             Ok(reply) => return reply,
                             Err(unreached) => {
                                 tracing::debug!(%unreached, "forwarding to the leader failed; waiting for another");
@@ -483,11 +506,15 @@ impl ClusterNode {
         }
     }
 
-    /// Carries out a request forwarded by a peer (one hop: it is not forwarded again).
+    /// Carries out a request forwarded by a peer (one hop: it is not forwarded again; if this
+    /// node no longer leads, it says so and the sender forwards to the next leader).
     pub async fn execute(&self, request: &Forwarded) -> Result<Applied, ClusterError> {
-        self.execute_here(request)
-            .await
-            .map_err(|e| ClusterError::Rejected(e.to_string()))
+        self.execute_here(request).await.map_err(|e| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
+                leader: f.leader_id,
+            },
+            e => ClusterError::Rejected(e.to_string()),
+        })
     }
 
     async fn execute_here(

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{has_member, leader_of, member, wait_until};
 use meridian_cluster::raft::local::LocalRouter;
-use meridian_cluster::raft::{ClusterNode, RaftTimings};
-use meridian_proto::cluster::{Applied, Command, Member, NodeId};
+use meridian_cluster::raft::{ClusterError, ClusterNode, Forwarded, RaftTimings};
+use meridian_proto::cluster::{Applied, Command, Member, NodeId, Proposal};
 
 struct Cluster {
     router: Arc<LocalRouter>,
@@ -230,6 +230,41 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
     assert_eq!(follower.remove(4).await.unwrap(), Applied::NotFound);
     four.shutdown().await;
     c.nodes.push(four);
+    for n in &c.nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_forwarded_to_a_node_that_no_longer_leads_is_sent_on_to_the_leader() {
+    let c = cluster(3).await;
+    wait_until("a leader", Duration::from_secs(5), || {
+        leader_of(&c.nodes).is_some()
+    })
+    .await;
+    let leader = leader_of(&c.nodes).unwrap();
+    let followers: Vec<&ClusterNode> = c.nodes.iter().filter(|n| n.id != leader).collect();
+    let (from, stale) = (followers[0], followers[1]);
+    // A node that does not lead says so, and carries out nothing.
+    let proposal = Forwarded::Propose(Box::new(Proposal {
+        at_unix_ms: 0,
+        proposer: from.id,
+        command: member(9),
+    }));
+    match stale.execute(&proposal).await {
+        Err(ClusterError::NotLeader { leader: known }) => {
+            assert!(known.is_none_or(|l| l == leader), "{known:?}");
+        }
+        other => panic!("a follower carried out a forwarded proposal: {other:?}"),
+    }
+    // The sender's view of the leader is out of date: its forward lands on a follower first,
+    // and is sent on to the leader rather than failing.
+    c.router.faults().misdirect_next_forward(leader, stale.id);
+    assert_eq!(from.propose(member(8)).await.unwrap(), Applied::Changed);
+    for n in &c.nodes {
+        has_member(n, 8, Duration::from_secs(5), "replicated in time").await;
+        assert!(!n.state().borrow().members.contains_key(&9));
+    }
     for n in &c.nodes {
         n.shutdown().await;
     }

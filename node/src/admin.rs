@@ -514,7 +514,11 @@ fn changed(
             Ok(Response::new(pb::ChangeResponse { changed: false }))
         }
         Ok(Applied::NotFound) => Err(Status::not_found(format!("{} does not exist", missing()))),
-        Err(e @ (ClusterError::NoLeader | ClusterError::Unreached(_))) => {
+        Err(
+            e @ (ClusterError::NoLeader
+            | ClusterError::Unreached(_)
+            | ClusterError::NotLeader { .. }),
+        ) => {
             let mut s = Status::unavailable(e.to_string());
             s.metadata_mut().insert(
                 "retry-after",

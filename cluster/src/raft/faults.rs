@@ -32,6 +32,8 @@ struct State {
     isolated: HashSet<NodeId>,
     /// Cut links, stored as (lower id, higher id): both directions.
     cut: HashSet<(NodeId, NodeId)>,
+    /// The next request forwarded to this node goes to the other instead.
+    misdirect: Option<(NodeId, NodeId)>,
 }
 
 impl Faults {
@@ -70,6 +72,12 @@ impl Faults {
     /// Drops every message between `a` and `b`, both ways, until [`Faults::heal_all`].
     pub fn cut(&self, a: NodeId, b: NodeId) {
         self.lock().cut.insert((a.min(b), a.max(b)));
+    }
+
+    /// Delivers the next request forwarded to `leader` to `instead`, as if the sender's view of
+    /// the leader were out of date (the other node stepped up meanwhile, or this one down).
+    pub fn misdirect_next_forward(&self, leader: NodeId, instead: NodeId) {
+        self.lock().misdirect = Some((leader, instead));
     }
 
     /// Removes every fault.
@@ -150,6 +158,16 @@ impl Transport for Faulty {
     }
 
     fn forward(&self, target: NodeId, request: Forwarded) -> Reply<Applied, ClusterError> {
+        let target = {
+            let mut s = self.faults.lock();
+            match s.misdirect {
+                Some((leader, instead)) if leader == target => {
+                    s.misdirect = None;
+                    instead
+                }
+                _ => target,
+            }
+        };
         self.gate(target, |t| t.forward(target, request))
     }
 

@@ -46,7 +46,32 @@ enum RpcReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
-    Forward(Result<Applied, String>),
+    Forward(Result<Applied, Refusal>),
+}
+
+/// Why a forwarded request was not carried out, as sent back to the node that forwarded it.
+#[derive(Serialize, Deserialize)]
+enum Refusal {
+    NotLeader(Option<NodeId>),
+    Rejected(String),
+}
+
+impl From<ClusterError> for Refusal {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::NotLeader { leader } => Self::NotLeader(leader),
+            e => Self::Rejected(e.to_string()),
+        }
+    }
+}
+
+impl From<Refusal> for ClusterError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotLeader(leader) => Self::NotLeader { leader },
+            Refusal::Rejected(reason) => Self::Rejected(reason),
+        }
+    }
 }
 
 pub struct QuicTransport {
@@ -216,7 +241,7 @@ async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn:
         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
         Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
         Rpc::Forward(request) => {
-            RpcReply::Forward(node.execute(&request).await.map_err(|e| e.to_string()))
+            RpcReply::Forward(node.execute(&request).await.map_err(Refusal::from))
         }
     };
     if let Ok(bytes) = serde_json::to_vec(&reply) {
@@ -289,7 +314,7 @@ impl Transport for Arc<QuicTransport> {
                 .call(target, Rpc::Forward(request), t.rpc_timeout * 10)
                 .await?
             {
-                RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
+                RpcReply::Forward(r) => Ok(r.map_err(ClusterError::from)),
                 _ => Err(mismatch(target)),
             }
         }
