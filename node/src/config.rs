@@ -228,7 +228,7 @@ pub struct RawQuota {
     pub flush_every: Option<String>,
     /// How long a node's slice of a window's budget is valid (default 5s).
     pub grant_ttl: Option<String>,
-    /// Longest an admission waits for a slice already asked for (default 500ms).
+    /// Longest an admission waits for a slice already asked for (default 1s).
     pub grant_wait: Option<String>,
     /// Per limit, what to do without quorum once the node's slice is spent or lapsed:
     /// "deny" (default) or "local_share" (limit ÷ number of nodes, on this node alone).
