@@ -14,6 +14,7 @@ use meridian_proto::cluster::ClusterState;
 use meridian_proto::{ApiError, ErrorKind};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 /// The visible prefix of every Meridian API key.
 pub const KEY_PREFIX: &str = "mk_";
@@ -173,12 +174,13 @@ impl KnownKey {
 }
 
 impl KeyTable {
-    /// Checks an API key against the key table of `state` (the node's current applied state).
-    /// The errors say what is wrong (missing, malformed, unknown or revoked) and never repeat
-    /// the key.
+    /// Checks an API key against the key table of the node's current applied state. The errors
+    /// say what is wrong (missing, malformed, unknown or revoked) and never repeat the key.
+    /// The digest is computed before the state is looked at, and the state's lock is not held
+    /// while this table's is taken for writing.
     pub fn check(
         &self,
-        state: &Arc<ClusterState>,
+        state: &watch::Receiver<Arc<ClusterState>>,
         presented: Option<&str>,
     ) -> Result<Principal, ApiError> {
         let Some(key) = presented.filter(|k| !k.is_empty()) else {
@@ -197,24 +199,36 @@ impl KeyTable {
             return Err(unknown_or_malformed(key));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        if let Some(known) = read(&self.by_id).get(id)
-            && std::ptr::eq(known.state.as_ptr(), Arc::as_ptr(state))
-        {
-            return known.verdict(key, &digest);
-        }
-        // Not checked since the state last changed: read the record again.
+        let fresh = {
+            let state = state.borrow();
+            match read(&self.by_id).get(id) {
+                Some(known) if std::ptr::eq(known.state.as_ptr(), Arc::as_ptr(&state)) => {
+                    return known.verdict(key, &digest);
+                }
+                // An id this table does not hold, and the state does not either: nothing to
+                // forget, so no write.
+                None if !state.api_keys.contains_key(id) => {
+                    return Err(unknown_or_malformed(key));
+                }
+                // Read from an older state, or not yet read: read the record again.
+                _ => KnownKey::read(&state, id),
+            }
+        };
+        let verdict = fresh.as_ref().map_or_else(
+            || Err(unknown_or_malformed(key)),
+            |known| known.verdict(key, &digest),
+        );
         let mut by_id = write(&self.by_id);
-        match KnownKey::read(state, id) {
-            Some(known) => {
-                let verdict = known.verdict(key, &digest);
+        match (fresh, by_id.get_mut(id)) {
+            (Some(known), Some(entry)) => *entry = known,
+            (Some(known), None) => {
                 by_id.insert(id.into(), known);
-                verdict
             }
-            None => {
+            (None, _) => {
                 by_id.remove(id);
-                Err(unknown_or_malformed(key))
             }
         }
+        verdict
     }
 }
 
@@ -306,42 +320,43 @@ mod tests {
         assert_ne!(generate_key().expect("randomness").secret, key.secret);
         let s = state_with(&key, false);
         let keys = KeyTable::default();
-        let check = |s: &Arc<ClusterState>, k: Option<&str>| keys.check(s, k);
-        let p = check(&s, Some(&key.secret)).expect("valid key");
+        let (applied, state) = watch::channel(Arc::clone(&s));
+        let check = |k: Option<&str>| keys.check(&state, k);
+        let p = check(Some(&key.secret)).expect("valid key");
         assert_eq!(&*p.tenant, "acme");
         assert_eq!(p.key_id.as_deref(), Some(key.id.as_str()));
         // Again, from the cache: the same answer.
-        assert_eq!(check(&s, Some(&key.secret)).expect("valid key"), p);
-        assert_eq!(code(check(&s, None)), "missing_api_key");
-        assert_eq!(code(check(&s, Some("sk-openai"))), "malformed_api_key");
+        assert_eq!(check(Some(&key.secret)).expect("valid key"), p);
+        assert_eq!(code(check(None)), "missing_api_key");
+        assert_eq!(code(check(Some("sk-openai"))), "malformed_api_key");
         // A known id with a secret of the wrong form is malformed, not unknown.
         let short = &key.secret[..key.secret.len() - 1];
-        assert_eq!(code(check(&s, Some(short))), "malformed_api_key");
+        assert_eq!(code(check(Some(short))), "malformed_api_key");
         let mut wrong = key.secret.clone();
         wrong.pop();
         wrong.push(if key.secret.ends_with('0') { '1' } else { '0' });
-        let err = check(&s, Some(&wrong)).expect_err("wrong secret");
+        let err = check(Some(&wrong)).expect_err("wrong secret");
         assert_eq!(err.code.as_deref(), Some("invalid_api_key"));
         assert!(
             !err.message.contains(&wrong[3..]),
             "the key is never echoed"
         );
+        // An id the table does not hold is not remembered.
         let other = generate_key().expect("randomness");
-        assert_eq!(code(check(&s, Some(&other.secret))), "invalid_api_key");
+        assert_eq!(code(check(Some(&other.secret))), "invalid_api_key");
+        assert_eq!(read(&keys.by_id).len(), 1);
         // A new state revokes the key: the cached entry is read again.
-        let revoked = state_with(&key, true);
-        assert_eq!(code(check(&revoked, Some(&key.secret))), "revoked_api_key");
+        applied.send_replace(state_with(&key, true));
+        assert_eq!(code(check(Some(&key.secret))), "revoked_api_key");
         // And one without the key at all forgets it.
-        let without = Arc::new(ClusterState::default());
-        assert_eq!(code(check(&without, Some(&key.secret))), "invalid_api_key");
+        applied.send_replace(Arc::new(ClusterState::default()));
+        assert_eq!(code(check(Some(&key.secret))), "invalid_api_key");
         assert!(read(&keys.by_id).is_empty());
         // A stored digest that is not hex matches nothing.
         let mut bad = (*s).clone();
         bad.api_keys.get_mut(&key.id).expect("record").sha256_hex = "zz".repeat(32);
-        assert_eq!(
-            code(check(&Arc::new(bad), Some(&key.secret))),
-            "invalid_api_key"
-        );
+        applied.send_replace(Arc::new(bad));
+        assert_eq!(code(check(Some(&key.secret))), "invalid_api_key");
         assert_eq!(
             digest_from_hex(&key.sha256_hex).map(|d| hex(&d)),
             Some(key.sha256_hex.clone())

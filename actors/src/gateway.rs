@@ -422,10 +422,7 @@ impl Gateway {
         {
             return jwt.verify(token).map(Some);
         }
-        self.inner
-            .keys
-            .check(&cluster.state.borrow(), presented)
-            .map(Some)
+        self.inner.keys.check(&cluster.state, presented).map(Some)
     }
 
     /// Admits `request` from `principal` against every limit that applies: its tenant's (tier

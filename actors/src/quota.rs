@@ -410,26 +410,27 @@ impl Estimate {
     }
 }
 
-/// `x-ratelimit-*` values for one limit.
+/// `x-ratelimit-*` values for one limit, made by admission (see [`write_rate_limit_headers`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitState {
-    pub kind: LimitKind,
-    pub limit: u64,
-    pub remaining: u64,
-    pub reset: Duration,
+    kind: LimitKind,
+    limit: u64,
+    remaining: u64,
+    reset: Duration,
     /// `limit` and `reset` as header values. They change rarely (the reset once a second), so
     /// each budget keeps them rendered and every response shares them.
     rendered: [HeaderValue; 2],
 }
 
 impl RateLimitState {
-    pub fn new(kind: LimitKind, limit: u64, remaining: u64, reset: Duration) -> Self {
+    #[cfg(test)]
+    fn new(kind: LimitKind, limit: u64, remaining: u64, reset: Duration) -> Self {
         Self {
             kind,
             limit,
             remaining,
             reset,
-            rendered: [HeaderValue::from(limit), reset_value(whole_seconds(reset))],
+            rendered: [HeaderValue::from(limit), render_reset(whole_seconds(reset))],
         }
     }
 }
@@ -440,8 +441,15 @@ fn count_value(n: u64) -> HeaderValue {
 }
 
 /// `secs` as an `x-ratelimit-reset-*` value (`12s`).
-fn reset_value(secs: u64) -> HeaderValue {
+fn render_reset(secs: u64) -> HeaderValue {
     HeaderValue::try_from(format!("{secs}s")).unwrap_or_else(|_| HeaderValue::from_static("0s"))
+}
+
+/// Room in a header map for the `x-ratelimit-*` headers of `limits` limits and the few others
+/// every answer gets (a map grows before it is full, so reserving only the three per limit
+/// still left it to grow once).
+pub fn header_room(limits: usize) -> usize {
+    3 * limits + 4
 }
 
 /// Adds the `x-ratelimit-limit-*`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers
@@ -452,9 +460,7 @@ pub fn write_rate_limit_headers(states: Vec<RateLimitState>, headers: &mut Heade
     if states.is_empty() {
         return;
     }
-    // Room for these and a few more without growing again (a HeaderMap grows before it is
-    // full, so reserving only the three per limit still left it to grow once).
-    headers.reserve(states.len() * 4 + 2);
+    headers.reserve(header_room(states.len()));
     for state in states {
         let [limit, remaining, reset] = state.kind.header_names();
         let [limit_value, reset_value] = state.rendered;
@@ -672,6 +678,8 @@ impl Quota {
         let mut charges = Vec::new();
         let mut states = Vec::new();
         let mut local_share_admits = 0;
+        // Indexes into `charges` of the budgets to renew early if the request is admitted.
+        let mut renew_early = Vec::new();
         let mut wait = false;
         let mut refusal = None;
         let limits = scopes
@@ -726,14 +734,14 @@ impl Quota {
                 budget.demand += cost;
                 local_share_admits += u64::from(budget.local_share);
                 let left = left - cost;
-                // Renew early, before the slice runs dry or lapses.
+                // Renew early, before the slice runs dry or lapses (once the request is
+                // admitted: a request refused by a later limit asks for nothing).
                 let low = left < budget.last_slice / 2
                     || budget
                         .expires
                         .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
                 if low && !budget.renewing && !budget.local_share {
-                    budget.renewing = true;
-                    let _ = self.inner.renew.send(key.clone());
+                    renew_early.push(charges.len());
                 }
                 let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
                 let secs = whole_seconds(reset);
@@ -741,7 +749,7 @@ impl Quota {
                     Some((s, v)) if *s == secs => v.clone(),
                     _ => budget
                         .reset_value
-                        .insert((secs, reset_value(secs)))
+                        .insert((secs, render_reset(secs)))
                         .1
                         .clone(),
                 };
@@ -803,6 +811,15 @@ impl Quota {
                 }
             }
             return refusal.map_or(Verdict::Wait, Verdict::Refused);
+        }
+        for i in renew_early {
+            let key = &charges[i].0;
+            if let Some(b) = budgets.get_mut(key)
+                && !b.renewing
+            {
+                b.renewing = true;
+                let _ = self.inner.renew.send(key.clone());
+            }
         }
         if local_share_admits > 0 {
             self.inner

@@ -463,10 +463,12 @@ impl ClusterNode {
                     tokio::select! {
                         reply = forwarded => match reply {
                             Ok(Err(ClusterError::NotLeader { leader: next })) => {
-                                // Not carried out there. If that node knows of a newer leader,
-                                // wait until this one does too; else try again at once.
+                                // Not carried out there. Unless that node still names the one
+                                // this node forwarded to (a stale view; try again at once), wait
+                                // until this node knows of another leader (an election may be
+                                // under way).
                                 tracing::debug!(?next, "the node forwarded to does not lead");
-                                if next.is_some_and(|n| n != leader) {
+                                if next != Some(leader) {
                                     let _ = self
                                         .raft
                                         .wait(Some(self.leader_wait))
@@ -547,13 +549,19 @@ impl ClusterNode {
             Forwarded::Remove { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
                 let change = if m.membership().voter_ids().any(|v| v == *id) {
-                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                    Some(ChangeMembers::RemoveVoters(BTreeSet::from([*id])))
                 } else if m.membership().get_node(id).is_some() {
-                    ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+                    Some(ChangeMembers::RemoveNodes(BTreeSet::from([*id])))
                 } else {
-                    return Ok(Applied::NotFound);
+                    None
                 };
-                self.change_membership(change).await?;
+                match change {
+                    Some(change) => self.change_membership(change).await?,
+                    // Out of the membership but still in the member table: an earlier try
+                    // (forwarded again after a leader change) got halfway. Finish it.
+                    None if self.state().borrow().members.contains_key(id) => {}
+                    None => return Ok(Applied::NotFound),
+                }
                 self.raft
                     .client_write(Proposal {
                         at_unix_ms: now_unix_ms(),

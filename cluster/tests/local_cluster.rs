@@ -261,6 +261,11 @@ async fn a_request_forwarded_to_a_node_that_no_longer_leads_is_sent_on_to_the_le
     // and is sent on to the leader rather than failing.
     c.router.faults().misdirect_next_forward(leader, stale.id);
     assert_eq!(from.propose(member(8)).await.unwrap(), Applied::Changed);
+    assert_eq!(
+        c.router.faults().misdirected(),
+        1,
+        "the forward went astray first"
+    );
     for n in &c.nodes {
         has_member(n, 8, Duration::from_secs(5), "replicated in time").await;
         assert!(!n.state().borrow().members.contains_key(&9));

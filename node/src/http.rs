@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::auth::Principal;
 use meridian_actors::cache::CacheKey;
 use meridian_actors::policy::Complexity;
-use meridian_actors::quota::write_rate_limit_headers;
+use meridian_actors::quota::{header_room, write_rate_limit_headers};
 use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -153,7 +153,7 @@ async fn chat(
 fn json_response(body: Bytes, limits: usize) -> Response {
     let mut resp = Response::new(Body::from(body));
     let headers = resp.headers_mut();
-    headers.reserve(3 * limits + 4);
+    headers.reserve(header_room(limits));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -34,6 +34,8 @@ struct State {
     cut: HashSet<(NodeId, NodeId)>,
     /// The next request forwarded to this node goes to the other instead.
     misdirect: Option<(NodeId, NodeId)>,
+    /// Forwards misdirected so far.
+    misdirected: u64,
 }
 
 impl Faults {
@@ -78,6 +80,11 @@ impl Faults {
     /// the leader were out of date (the other node stepped up meanwhile, or this one down).
     pub fn misdirect_next_forward(&self, leader: NodeId, instead: NodeId) {
         self.lock().misdirect = Some((leader, instead));
+    }
+
+    /// How many forwards [`Faults::misdirect_next_forward`] has sent astray.
+    pub fn misdirected(&self) -> u64 {
+        self.lock().misdirected
     }
 
     /// Removes every fault.
@@ -163,6 +170,7 @@ impl Transport for Faulty {
             match s.misdirect {
                 Some((leader, instead)) if leader == target => {
                     s.misdirect = None;
+                    s.misdirected += 1;
                     instead
                 }
                 _ => target,

@@ -46,30 +46,20 @@ enum RpcReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
-    Forward(Result<Applied, Refusal>),
+    Forward(Result<Applied, String>),
+    /// A forwarded request reached a node that no longer leads (it names the leader it knows).
+    /// A variant of its own, so that the `Forward` answer keeps its shape between versions: a
+    /// node that does not know this one reads it as an unreadable reply (unreached) and
+    /// forwards again, as it would after losing the leader.
+    ForwardNotLeader(Option<NodeId>),
 }
 
-/// Why a forwarded request was not carried out, as sent back to the node that forwarded it.
-#[derive(Serialize, Deserialize)]
-enum Refusal {
-    NotLeader(Option<NodeId>),
-    Rejected(String),
-}
-
-impl From<ClusterError> for Refusal {
-    fn from(e: ClusterError) -> Self {
-        match e {
-            ClusterError::NotLeader { leader } => Self::NotLeader(leader),
-            e => Self::Rejected(e.to_string()),
-        }
-    }
-}
-
-impl From<Refusal> for ClusterError {
-    fn from(r: Refusal) -> Self {
-        match r {
-            Refusal::NotLeader(leader) => Self::NotLeader { leader },
-            Refusal::Rejected(reason) => Self::Rejected(reason),
+impl RpcReply {
+    /// The answer to a forwarded request.
+    fn forward(answer: Result<Applied, ClusterError>) -> Self {
+        match answer {
+            Err(ClusterError::NotLeader { leader }) => Self::ForwardNotLeader(leader),
+            answer => Self::Forward(answer.map_err(|e| e.to_string())),
         }
     }
 }
@@ -240,9 +230,7 @@ async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn:
         Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
         Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
-        Rpc::Forward(request) => {
-            RpcReply::Forward(node.execute(&request).await.map_err(Refusal::from))
-        }
+        Rpc::Forward(request) => RpcReply::forward(node.execute(&request).await),
     };
     if let Ok(bytes) = serde_json::to_vec(&reply) {
         let _ = send.write_all(&bytes).await;
@@ -314,7 +302,8 @@ impl Transport for Arc<QuicTransport> {
                 .call(target, Rpc::Forward(request), t.rpc_timeout * 10)
                 .await?
             {
-                RpcReply::Forward(r) => Ok(r.map_err(ClusterError::from)),
+                RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
+                RpcReply::ForwardNotLeader(leader) => Ok(Err(ClusterError::NotLeader { leader })),
                 _ => Err(mismatch(target)),
             }
         }
@@ -325,5 +314,41 @@ impl Transport for Arc<QuicTransport> {
         if let Ok(addr) = raft_addr.parse() {
             self.set_peer(id, addr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(reply: &RpcReply) -> RpcReply {
+        serde_json::from_slice(&serde_json::to_vec(reply).expect("encodes")).expect("decodes")
+    }
+
+    #[test]
+    fn forward_answers_keep_their_wire_shape() {
+        // Applied answers and refusals are encoded as they were before `NotLeader` existed.
+        let applied = RpcReply::forward(Ok(Applied::Changed));
+        assert_eq!(
+            serde_json::to_string(&applied).expect("encodes"),
+            r#"{"Forward":{"Ok":"changed"}}"#
+        );
+        let rejected = RpcReply::forward(Err(ClusterError::Rejected("no".into())));
+        assert!(matches!(
+            round_trip(&rejected),
+            RpcReply::Forward(Err(reason)) if reason.contains("no")
+        ));
+        // Not leading has its own variant, and names the leader.
+        let moved = RpcReply::forward(Err(ClusterError::NotLeader { leader: Some(3) }));
+        assert!(matches!(
+            round_trip(&moved),
+            RpcReply::ForwardNotLeader(Some(3))
+        ));
+        assert!(matches!(
+            round_trip(&RpcReply::forward(Err(ClusterError::NotLeader {
+                leader: None
+            }))),
+            RpcReply::ForwardNotLeader(None)
+        ));
     }
 }
