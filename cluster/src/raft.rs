@@ -469,27 +469,13 @@ impl ClusterNode {
                                 // under way).
                                 tracing::debug!(?next, "the node forwarded to does not lead");
                                 if next != Some(leader) {
-                                    let _ = self
-                                        .raft
-                                        .wait(Some(self.leader_wait))
-                                        .metrics(
-                                            |m| m.current_leader.is_some_and(|l| l != leader),
-                                            "another leader",
-                                        )
-                                        .await;
+                                    self.wait_for_another_leader(leader).await;
                                 }
                             }
                             Ok(reply) => return reply,
                             Err(unreached) => {
                                 tracing::debug!(%unreached, "forwarding to the leader failed; waiting for another");
-                                let _ = self
-                                    .raft
-                                    .wait(Some(self.leader_wait))
-                                    .metrics(
-                                        |m| m.current_leader.is_some_and(|l| l != leader),
-                                        "another leader",
-                                    )
-                                    .await;
+                                self.wait_for_another_leader(leader).await;
                             }
                         },
                         () = replaced => {}
@@ -506,6 +492,19 @@ impl ClusterNode {
                 }
             }
         }
+    }
+
+    /// Waits (up to two election timeouts) until this node knows of a leader other than
+    /// `leader`.
+    async fn wait_for_another_leader(&self, leader: NodeId) {
+        let _ = self
+            .raft
+            .wait(Some(self.leader_wait))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != leader),
+                "another leader",
+            )
+            .await;
     }
 
     /// Carries out a request forwarded by a peer (one hop: it is not forwarded again; if this
