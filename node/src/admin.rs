@@ -10,7 +10,9 @@ use meridian_actors::mesh::Mesh;
 use meridian_actors::Gateway;
 use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
-use meridian_proto::cluster::{ApiKeyRecord, Applied, BreakerState, Command, Tenant, Tier};
+use meridian_proto::cluster::{
+    ApiKeyRecord, Applied, BreakerState, Command, Tenant, Tier, changed_fields,
+};
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
@@ -212,10 +214,12 @@ impl Admin for AdminService {
             limits: tier.limits.unwrap_or_default().into(),
             per_user: tier.per_user.unwrap_or_default().into(),
         };
-        changed(
-            self.cluster.propose(Command::UpsertTier(tier)).await,
-            String::new,
-        )
+        let before = self.cluster.state().borrow().tiers.get(&tier.name).cloned();
+        let outcome = self
+            .cluster
+            .propose(Command::UpsertTier(tier.clone()))
+            .await;
+        with_changes(changed(outcome, String::new)?, before.as_ref(), &tier, &[])
     }
 
     async fn put_tenant(
@@ -243,13 +247,27 @@ impl Admin for AdminService {
             features: t.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
             regions: t.regions,
             models: t.models,
-            weight: t.weight,
+            // 0 and 1 are the same weight: stored as 1 so that neither reads as a change.
+            weight: t.weight.max(1),
             created_at_unix_ms: 0,
             updated_at_unix_ms: 0,
         };
-        changed(
-            self.cluster.propose(Command::UpsertTenant(tenant)).await,
-            || format!("tier {tier:?}"),
+        let before = self
+            .cluster
+            .state()
+            .borrow()
+            .tenants
+            .get(&tenant.id)
+            .cloned();
+        let outcome = self
+            .cluster
+            .propose(Command::UpsertTenant(tenant.clone()))
+            .await;
+        with_changes(
+            changed(outcome, || format!("tier {tier:?}"))?,
+            before.as_ref(),
+            &tenant,
+            &["created_at_unix_ms", "updated_at_unix_ms"],
         )
     }
 
@@ -275,12 +293,14 @@ impl Admin for AdminService {
         };
         let outcome = self.cluster.propose(Command::CreateApiKey(record)).await;
         match changed(outcome, || format!("tenant {:?}", r.tenant))?.into_inner() {
-            pb::ChangeResponse { changed: true } => Ok(Response::new(pb::CreateApiKeyResponse {
-                key_id: key.id.clone(),
-                secret: key.secret.clone(),
-            })),
+            pb::ChangeResponse { changed: true, .. } => {
+                Ok(Response::new(pb::CreateApiKeyResponse {
+                    key_id: key.id.clone(),
+                    secret: key.secret.clone(),
+                }))
+            }
             // 48 random bits collided with an existing id: vanishingly rare, and safe to retry.
-            pb::ChangeResponse { changed: false } => Err(Status::aborted(
+            pb::ChangeResponse { changed: false, .. } => Err(Status::aborted(
                 "the new key's id is already taken; create it again",
             )),
         }
@@ -507,12 +527,14 @@ fn changed(
     missing: impl FnOnce() -> String,
 ) -> Result<Response<pb::ChangeResponse>, Status> {
     match outcome {
-        Ok(Applied::Changed | Applied::Granted { .. }) => {
-            Ok(Response::new(pb::ChangeResponse { changed: true }))
-        }
-        Ok(Applied::Unchanged | Applied::Refused) => {
-            Ok(Response::new(pb::ChangeResponse { changed: false }))
-        }
+        Ok(Applied::Changed | Applied::Granted { .. }) => Ok(Response::new(pb::ChangeResponse {
+            changed: true,
+            changes: Vec::new(),
+        })),
+        Ok(Applied::Unchanged | Applied::Refused) => Ok(Response::new(pb::ChangeResponse {
+            changed: false,
+            changes: Vec::new(),
+        })),
         Ok(Applied::NotFound) => Err(Status::not_found(format!("{} does not exist", missing()))),
         Err(
             e @ (ClusterError::NoLeader
@@ -529,6 +551,20 @@ fn changed(
         Err(e @ ClusterError::Rejected(_)) => Err(Status::failed_precondition(e.to_string())),
         Err(e @ ClusterError::Fatal(_)) => Err(Status::internal(e.to_string())),
     }
+}
+
+/// An upsert's answer with what it changed: `after` against `before`, the record as this node
+/// had applied it when the write was proposed (`skip`: fields apply sets itself).
+fn with_changes<T: serde::Serialize>(
+    mut answer: Response<pb::ChangeResponse>,
+    before: Option<&T>,
+    after: &T,
+    skip: &[&str],
+) -> Result<Response<pb::ChangeResponse>, Status> {
+    if answer.get_ref().changed {
+        answer.get_mut().changes = changed_fields(before, after, skip);
+    }
+    Ok(answer)
 }
 
 /// A replica command's outcome: what was done, or why not (an unknown replica is NOT_FOUND).

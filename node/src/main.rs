@@ -755,12 +755,28 @@ async fn admin(
                     println!("tier   {:<20} {}", t.name, limits(t.limits));
                 }
                 for t in l.tenants {
-                    println!(
-                        "tenant {:<20} tier {:<12} {}",
+                    let list = |v: &[String]| match v {
+                        [] => "any".to_owned(),
+                        v => v.join(","),
+                    };
+                    let mut line = format!(
+                        "tenant {:<20} tier {:<12} regions {} models {} weight {}",
                         t.id,
                         t.tier,
-                        limits(t.overrides)
+                        list(&t.regions),
+                        list(&t.models),
+                        t.weight.max(1),
                     );
+                    for (what, l) in [("limits", t.overrides), ("per-user", t.per_user)] {
+                        let l = limits(l);
+                        if !l.is_empty() {
+                            line.push_str(&format!(" {what} {l}"));
+                        }
+                    }
+                    for (name, l) in t.features {
+                        line.push_str(&format!(" feature {name}: {}", limits(Some(l))));
+                    }
+                    println!("{line}");
                 }
             }
         },
@@ -827,10 +843,15 @@ fn parse_limits(spec: &str) -> anyhow::Result<admin_pb::Limits> {
 }
 
 fn print_change(r: admin_pb::ChangeResponse, done: &str) {
-    if r.changed {
+    if !r.changed {
+        println!("{done} (already so; nothing changed)");
+    } else if r.changes.is_empty() {
         println!("{done}");
     } else {
-        println!("{done} (already so; nothing changed)");
+        println!("{done}; changed:");
+        for change in r.changes {
+            println!("  {change}");
+        }
     }
 }
 

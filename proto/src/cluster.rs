@@ -42,8 +42,9 @@ pub enum Command {
     RemoveTenant {
         id: String,
     },
-    /// Refused with [`Applied::NotFound`] when the tenant does not exist, and with
-    /// [`Applied::Unchanged`] when the key id is already taken.
+    /// Refused with [`Applied::NotFound`] when the tenant does not exist. A key id already
+    /// taken is [`Applied::Unchanged`] for the same record (a retried proposal) and
+    /// [`Applied::Refused`] for any other (keys never change; a revoked one stays revoked).
     CreateApiKey(ApiKeyRecord),
     RevokeApiKey {
         id: String,
@@ -490,20 +491,19 @@ impl ClusterState {
                 if !self.tiers.contains_key(&tenant.tier) {
                     return Applied::NotFound;
                 }
-                let created = self
-                    .tenants
-                    .get(&tenant.id)
-                    .map_or(at, |t| t.created_at_unix_ms);
-                if let Some(old) = self.tenants.get(&tenant.id)
-                    && old.tier == tenant.tier
-                    && old.overrides == tenant.overrides
-                    && old.per_user == tenant.per_user
-                    && old.features == tenant.features
-                {
-                    return Applied::Unchanged;
-                }
+                // Unchanged only when the whole record, timestamps aside, is equal: comparing
+                // chosen fields once let a change of regions alone be dropped.
                 let mut tenant = tenant.clone();
-                tenant.created_at_unix_ms = created;
+                match self.tenants.get(&tenant.id) {
+                    Some(old) => {
+                        tenant.created_at_unix_ms = old.created_at_unix_ms;
+                        tenant.updated_at_unix_ms = old.updated_at_unix_ms;
+                        if tenant == *old {
+                            return Applied::Unchanged;
+                        }
+                    }
+                    None => tenant.created_at_unix_ms = at,
+                }
                 tenant.updated_at_unix_ms = at;
                 self.tenants.insert(tenant.id.clone(), tenant);
                 Applied::Changed
@@ -522,10 +522,18 @@ impl ClusterState {
                 if !self.tenants.contains_key(&key.tenant) {
                     return Applied::NotFound;
                 }
-                if self.api_keys.contains_key(&key.id) {
-                    return Applied::Unchanged;
-                }
                 let mut key = key.clone();
+                if let Some(old) = self.api_keys.get(&key.id) {
+                    // Keys never change: the same record again is a repeat, anything else
+                    // (another tenant or secret, or a revoked key brought back) is refused.
+                    key.created_at_unix_ms = old.created_at_unix_ms;
+                    key.revoked_at_unix_ms = old.revoked_at_unix_ms;
+                    return if key == *old && old.revoked_at_unix_ms.is_none() {
+                        Applied::Unchanged
+                    } else {
+                        Applied::Refused
+                    };
+                }
                 key.created_at_unix_ms = at;
                 key.revoked_at_unix_ms = None;
                 self.api_keys.insert(key.id.clone(), key);
@@ -601,8 +609,24 @@ impl ClusterState {
                         return Applied::Unchanged;
                     }
                 }
-                if current.is_some_and(|b| b.state == *state && b.forced == *forced) {
-                    return Applied::Unchanged;
+                let record = BreakerRecord {
+                    state: *state,
+                    reason: reason.clone(),
+                    since_unix_ms: at,
+                    by: proposer,
+                    trips: *trips,
+                    forced: *forced,
+                    version: version + 1,
+                };
+                if let Some(current) = current {
+                    // A repeat only when every field but those apply sets is equal.
+                    let mut same = record.clone();
+                    same.since_unix_ms = current.since_unix_ms;
+                    same.by = current.by;
+                    same.version = current.version;
+                    if same == *current {
+                        return Applied::Unchanged;
+                    }
                 }
                 let opening = matches!(state, BreakerState::Open { .. })
                     && !current.is_some_and(BreakerRecord::is_open);
@@ -618,18 +642,7 @@ impl ClusterState {
                         return Applied::Refused;
                     }
                 }
-                self.breakers.insert(
-                    provider.clone(),
-                    BreakerRecord {
-                        state: *state,
-                        reason: reason.clone(),
-                        since_unix_ms: at,
-                        by: proposer,
-                        trips: *trips,
-                        forced: *forced,
-                        version: version + 1,
-                    },
-                );
+                self.breakers.insert(provider.clone(), record);
                 Applied::Changed
             }
             Command::RecordUsage {
@@ -673,6 +686,28 @@ impl ClusterState {
             }
         }
     }
+}
+
+/// What an upsert of `new` over `old` changes, one `field: old → new` line per top-level field
+/// that differs (`skip`: fields apply sets itself, such as timestamps); `created` for a new
+/// record. Read from the records' serialized form, so a field added later is never left out.
+pub fn changed_fields<T: Serialize>(old: Option<&T>, new: &T, skip: &[&str]) -> Vec<String> {
+    let as_map = |v: &T| match serde_json::to_value(v) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let Some(old) = old else {
+        return vec!["created".into()];
+    };
+    let (old, new) = (as_map(old), as_map(new));
+    let null = serde_json::Value::Null;
+    new.iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .filter_map(|(k, v)| {
+            let before = old.get(k).unwrap_or(&null);
+            (before != v).then(|| format!("{k}: {before} → {v}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1043,5 +1078,368 @@ mod tests {
         };
         assert_eq!(s.apply(&proposal(4, older)), Applied::Unchanged);
         assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 100);
+    }
+    /// Every record with one field changed: each leaf (number + 1, string + "x", bool flipped)
+    /// and each list one entry longer, with the top-level field it belongs to. Null and empty
+    /// lists cannot be changed without knowing their type, so a fixture must set every field.
+    fn one_field_changes(v: &serde_json::Value, path: &str) -> Vec<(String, serde_json::Value)> {
+        use serde_json::Value;
+        match v {
+            Value::Null => panic!("the fixture leaves {path} unset: set every field"),
+            Value::Bool(b) => vec![(path.into(), Value::Bool(!b))],
+            Value::Number(n) => {
+                let n = n
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{path}: {n} is not a u64"));
+                vec![(path.into(), Value::from(n + 1))]
+            }
+            Value::String(t) => vec![(path.into(), Value::String(format!("{t}x")))],
+            Value::Array(items) => {
+                let last = items
+                    .last()
+                    .unwrap_or_else(|| panic!("the fixture leaves {path} empty: fill every list"));
+                let mut longer = items.clone();
+                longer.push(last.clone());
+                let mut all = vec![(path.into(), Value::Array(longer))];
+                for (i, item) in items.iter().enumerate() {
+                    for (p, changed) in one_field_changes(item, &format!("{path}[{i}]")) {
+                        let mut copy = items.clone();
+                        copy[i] = changed;
+                        all.push((p, Value::Array(copy)));
+                    }
+                }
+                all
+            }
+            Value::Object(fields) => {
+                let mut all = Vec::new();
+                for (k, field) in fields {
+                    for (p, changed) in one_field_changes(field, &format!("{path}.{k}")) {
+                        let mut copy = fields.clone();
+                        copy.insert(k.clone(), changed);
+                        all.push((p, Value::Object(copy)));
+                    }
+                }
+                all
+            }
+        }
+    }
+
+    /// Builds `fixture` (every field set), then for every one-field change of it except in
+    /// `set_by_apply`, applies the upsert `command` of the changed record to `state` and hands
+    /// `check` the outcome and the record as it went in. Returns the top-level fields changed,
+    /// so the caller can see that each field was tried.
+    fn for_each_field_change<T>(
+        fixture: &T,
+        set_by_apply: &[&str],
+        mut apply: impl FnMut(&T) -> Applied,
+        mut check: impl FnMut(&str, Applied, &T),
+    ) -> std::collections::BTreeSet<String>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let json = serde_json::to_value(fixture).expect("serializes");
+        let mut fields = std::collections::BTreeSet::new();
+        for (path, changed) in one_field_changes(&json, "") {
+            let top = path.trim_start_matches('.');
+            let top = top.split(['.', '[']).next().unwrap_or(top).to_owned();
+            if set_by_apply.contains(&top.as_str()) {
+                continue;
+            }
+            // A changed enum tag names no variant: skipped (its other fields still change).
+            let Ok(record) = serde_json::from_value::<T>(changed) else {
+                continue;
+            };
+            let outcome = apply(&record);
+            check(&path, outcome, &record);
+            fields.insert(top);
+        }
+        fields
+    }
+
+    /// The top-level fields of `fixture`'s serialized form but `set_by_apply`.
+    fn fields_of<T: Serialize>(fixture: &T, set_by_apply: &[&str]) -> Vec<String> {
+        match serde_json::to_value(fixture).expect("serializes") {
+            serde_json::Value::Object(m) => m
+                .keys()
+                .filter(|k| !set_by_apply.contains(&k.as_str()))
+                .cloned()
+                .collect(),
+            other => panic!("not a record: {other}"),
+        }
+    }
+
+    fn limits(base: u64) -> Limits {
+        Limits {
+            requests_per_minute: Some(base + 1),
+            tokens_per_minute: Some(base + 2),
+            tokens_per_day: Some(base + 3),
+            tokens_per_month: Some(base + 4),
+            cost_per_day_micro_usd: Some(base + 5),
+        }
+    }
+
+    /// A state with `record` applied first, then each one-field change of it applied on a copy:
+    /// every change must be applied (Changed) and read back as it went in.
+    fn assert_every_field_is_compared<T>(
+        name: &str,
+        base: &ClusterState,
+        record: &T,
+        set_by_apply: &[&str],
+        command: impl Fn(&T) -> Command,
+        stored: impl Fn(&ClusterState, &T) -> Option<T>,
+    ) where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let mut first = base.clone();
+        assert_eq!(
+            first.apply(&proposal(100, command(record))),
+            Applied::Changed,
+            "{name}: the fixture is applied"
+        );
+        assert_eq!(
+            first.apply(&proposal(101, command(record))),
+            Applied::Unchanged,
+            "{name}: the same record again is a repeat"
+        );
+        let normalized = |s: &ClusterState, r: &T| {
+            let mut v = serde_json::to_value(stored(s, r).expect("stored")).expect("serializes");
+            for f in set_by_apply {
+                v.as_object_mut().expect("record").remove(*f);
+            }
+            v
+        };
+        let tried = for_each_field_change(
+            record,
+            set_by_apply,
+            |changed| {
+                let mut s = first.clone();
+                let outcome = s.apply(&proposal(200, command(changed)));
+                let mut want = serde_json::to_value(changed).expect("serializes");
+                for f in set_by_apply {
+                    want.as_object_mut().expect("record").remove(*f);
+                }
+                if outcome == Applied::Changed {
+                    assert_eq!(normalized(&s, changed), want, "{name}: read back");
+                }
+                outcome
+            },
+            |path, outcome, _| {
+                assert_eq!(
+                    outcome,
+                    Applied::Changed,
+                    "{name}: changing only {path} must be applied"
+                );
+            },
+        );
+        let all: std::collections::BTreeSet<_> =
+            fields_of(record, set_by_apply).into_iter().collect();
+        assert_eq!(tried, all, "{name}: every field was changed once");
+    }
+
+    #[test]
+    fn an_upsert_that_changes_any_one_field_of_any_record_is_applied() {
+        let mut base = ClusterState::default();
+        for tier in ["pro", "prox"] {
+            base.tiers.insert(
+                tier.into(),
+                Tier {
+                    name: tier.into(),
+                    ..Tier::default()
+                },
+            );
+        }
+        let tenant = Tenant {
+            id: "acme".into(),
+            tier: "pro".into(),
+            overrides: limits(10),
+            per_user: limits(20),
+            features: BTreeMap::from([("search".into(), limits(30))]),
+            regions: vec!["eu-west".into()],
+            models: vec!["llama".into()],
+            weight: 3,
+            created_at_unix_ms: 1,
+            updated_at_unix_ms: 1,
+        };
+        assert_every_field_is_compared(
+            "tenant",
+            &base,
+            &tenant,
+            &["created_at_unix_ms", "updated_at_unix_ms"],
+            |t| Command::UpsertTenant(t.clone()),
+            |s, t| s.tenants.get(&t.id).cloned(),
+        );
+        let tier = Tier {
+            name: "team".into(),
+            limits: limits(40),
+            per_user: limits(50),
+        };
+        assert_every_field_is_compared(
+            "tier",
+            &base,
+            &tier,
+            &[],
+            |t| Command::UpsertTier(t.clone()),
+            |s, t| s.tiers.get(&t.name).cloned(),
+        );
+        let record = ProviderRecord {
+            price: ProviderPrice {
+                input: 1,
+                output: 2,
+                cached_input: 3,
+            },
+            replica: true,
+            updated_at_unix_ms: 1,
+            ..provider("a")
+        };
+        assert_every_field_is_compared(
+            "provider",
+            &base,
+            &record,
+            &["updated_at_unix_ms"],
+            |p| Command::UpsertProvider(p.clone()),
+            |s, p| s.providers.get(&p.id).cloned(),
+        );
+        let member = Member {
+            id: 2,
+            region: "eu".into(),
+            raft_addr: "127.0.0.2:7000".into(),
+            http_addr: "127.0.0.2:8080".into(),
+            mesh_addr: "127.0.0.2:7001".into(),
+        };
+        assert_every_field_is_compared(
+            "member",
+            &base,
+            &member,
+            &[],
+            |m| Command::UpsertMember(m.clone()),
+            |s, m| s.members.get(&m.id).cloned(),
+        );
+        // A breaker is written by SetBreaker; its record is what the command sets.
+        #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+        struct Breaker {
+            provider: String,
+            #[serde(flatten)]
+            record: BreakerRecord,
+        }
+        let breaker = Breaker {
+            provider: "a".into(),
+            record: BreakerRecord {
+                state: BreakerState::Open {
+                    until_unix_ms: 5_000,
+                },
+                reason: "5 consecutive failures".into(),
+                since_unix_ms: 1,
+                by: 1,
+                trips: 2,
+                forced: true,
+                version: 1,
+            },
+        };
+        assert_every_field_is_compared(
+            "breaker",
+            &base,
+            &breaker,
+            &["since_unix_ms", "by", "version"],
+            |b| Command::SetBreaker {
+                provider: b.provider.clone(),
+                state: b.record.state,
+                reason: b.record.reason.clone(),
+                trips: b.record.trips,
+                forced: b.record.forced,
+                expect_version: None,
+                groups: Vec::new(),
+            },
+            |s, b| {
+                s.breakers.get(&b.provider).map(|r| Breaker {
+                    provider: b.provider.clone(),
+                    record: r.clone(),
+                })
+            },
+        );
+    }
+
+    #[test]
+    fn a_key_id_taken_by_another_record_is_refused_never_reported_unchanged() {
+        let mut s = ClusterState::default();
+        for (tier, tenant) in [("pro", "acme"), ("pro", "acmex")] {
+            s.tiers.insert(
+                tier.into(),
+                Tier {
+                    name: tier.into(),
+                    ..Tier::default()
+                },
+            );
+            s.tenants.insert(
+                tenant.into(),
+                Tenant {
+                    id: tenant.into(),
+                    tier: tier.into(),
+                    ..Tenant::default()
+                },
+            );
+        }
+        let key = ApiKeyRecord {
+            id: "mk_1".into(),
+            tenant: "acme".into(),
+            sha256_hex: "ab".repeat(32),
+            label: "ci".into(),
+            created_at_unix_ms: 1,
+            revoked_at_unix_ms: Some(1),
+        };
+        assert_eq!(
+            s.apply(&proposal(1, Command::CreateApiKey(key.clone()))),
+            Applied::Changed
+        );
+        let skip = ["created_at_unix_ms", "revoked_at_unix_ms", "id"];
+        let tried = for_each_field_change(
+            &key,
+            &skip,
+            |changed| {
+                s.clone()
+                    .apply(&proposal(2, Command::CreateApiKey(changed.clone())))
+            },
+            |path, outcome, _| {
+                assert_eq!(
+                    outcome,
+                    Applied::Refused,
+                    "a key with another {path} is refused"
+                );
+            },
+        );
+        assert_eq!(
+            tried,
+            fields_of(&key, &skip).into_iter().collect(),
+            "every field was changed once"
+        );
+        s.apply(&proposal(3, Command::RevokeApiKey { id: "mk_1".into() }));
+        assert_eq!(
+            s.apply(&proposal(4, Command::CreateApiKey(key))),
+            Applied::Refused,
+            "a revoked key is not brought back by creating it again"
+        );
+        assert!(s.api_keys["mk_1"].revoked_at_unix_ms.is_some());
+    }
+
+    #[test]
+    fn changed_fields_names_each_difference_and_skips_what_apply_sets() {
+        let old = Tenant {
+            id: "acme".into(),
+            tier: "t1".into(),
+            regions: vec!["us".into()],
+            updated_at_unix_ms: 1,
+            ..Tenant::default()
+        };
+        let new = Tenant {
+            regions: vec!["eu".into()],
+            weight: 2,
+            updated_at_unix_ms: 2,
+            ..old.clone()
+        };
+        assert_eq!(
+            changed_fields(Some(&old), &new, &["updated_at_unix_ms"]),
+            [r#"regions: ["us"] → ["eu"]"#, "weight: 0 → 2"]
+        );
+        assert_eq!(changed_fields(None, &new, &[]), ["created"]);
+        assert!(changed_fields(Some(&old), &old, &[]).is_empty());
     }
 }

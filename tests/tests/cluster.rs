@@ -886,3 +886,117 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     );
     assert!(refused < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn a_tenant_moved_to_another_region_is_served_only_there_by_every_node() {
+    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::provider_toml;
+    use std::sync::atomic::Ordering::SeqCst;
+    let mock = || {
+        MockUpstream::start(MockOptions {
+            flavor: Flavor::Vllm,
+            ..MockOptions::default()
+        })
+    };
+    let (us, eu) = (mock().await.unwrap(), mock().await.unwrap());
+    let mut h = Harness::new(22);
+    h.providers = format!(
+        "{}{}",
+        provider_toml(
+            "us",
+            &us.base_url(),
+            &["m=mock@tokens:2"],
+            "region = \"us\""
+        ),
+        provider_toml(
+            "eu",
+            &eu.base_url(),
+            &["m=mock@tokens:2"],
+            "region = \"eu\""
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    h.put_tier(1).await.unwrap();
+    // As an operator would: the CLI, through node 1.
+    let out = h.cli(
+        1,
+        &["tenant", "put", "acme", "--tier", "free", "--regions", "us"],
+    );
+    assert!(out.contains("tenant acme saved; changed:"), "{out}");
+    let key = h.api_key(1, "acme").await.unwrap();
+    let client = reqwest::Client::new();
+    let chat = |id: u64| {
+        let req = client
+            .post(format!("{}/v1/chat/completions", h.node(id).http()))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send();
+        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("node {id} to serve acme"), T, || async {
+            (chat(id).await == 200).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(eu.stats.requests.load(SeqCst), 0, "acme is held to the US");
+
+    let out = h.cli(
+        1,
+        &["tenant", "put", "acme", "--tier", "free", "--regions", "eu"],
+    );
+    println!("moving acme to the EU: {out}");
+    assert!(
+        out.contains(r#"regions: ["us"] → ["eu"]"#),
+        "the CLI says what changed: {out}"
+    );
+    assert!(!out.contains("nothing changed"), "{out}");
+    for id in [1, 2, 3] {
+        h.wait_for(&format!("node {id} to apply the move"), T, || async {
+            let list = h.cli(id, &["tenant", "list"]);
+            list.lines()
+                .any(|l| {
+                    l.starts_with("tenant acme") && l.contains("regions eu models any weight 1")
+                })
+                .then_some(())
+        })
+        .await;
+    }
+    let (us_before, eu_before) = (
+        us.stats.requests.load(SeqCst),
+        eu.stats.requests.load(SeqCst),
+    );
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..5 {
+        for id in [1, 2, 3] {
+            *statuses.entry(chat(id).await).or_insert(0) += 1;
+        }
+    }
+    let (us_after, eu_after) = (
+        us.stats.requests.load(SeqCst),
+        eu.stats.requests.load(SeqCst),
+    );
+    println!(
+        "after the move, through three nodes: {statuses:?}; upstream calls us +{} eu +{}",
+        us_after - us_before,
+        eu_after - eu_before
+    );
+    assert_eq!(statuses, [(200, 15)].into());
+    assert_eq!(
+        us_after, us_before,
+        "no node served acme in the US after the move"
+    );
+    assert_eq!(
+        eu_after - eu_before,
+        15,
+        "every request was served in the EU"
+    );
+
+    // The same put again changes nothing, and says so.
+    let out = h.cli(
+        2,
+        &["tenant", "put", "acme", "--tier", "free", "--regions", "eu"],
+    );
+    assert!(out.contains("already so; nothing changed"), "{out}");
+}
