@@ -1126,14 +1126,13 @@ async fn follow_registry(
     loop {
         let (records, own): (HashMap<String, ProviderRecord>, Vec<String>) = {
             let state = state.borrow_and_update();
-            let replicas = state.providers.values().filter(|r| r.replica);
+            let replicas = || state.providers.values().filter(|r| r.replica);
             (
-                replicas
-                    .clone()
+                replicas()
                     .filter(|r| r.owner != me)
                     .map(|r| (r.id.clone(), r.clone()))
                     .collect(),
-                replicas
+                replicas()
                     .filter(|r| r.owner == me)
                     .map(|r| r.id.clone())
                     .collect(),

@@ -187,6 +187,8 @@ pub struct QuotaConfig {
     /// ... and covers about this much of this node's recent demand.
     pub slice_horizon: Duration,
     pub no_quorum: HashMap<LimitKind, NoQuorum>,
+    /// Days of daily usage roll-ups the cluster keeps (sent with each report).
+    pub usage_retention_days: u64,
 }
 
 impl Default for QuotaConfig {
@@ -198,6 +200,7 @@ impl Default for QuotaConfig {
             max_slice: 0.05,
             slice_horizon: Duration::from_secs(2),
             no_quorum: HashMap::new(),
+            usage_retention_days: meridian_proto::cluster::DEFAULT_RETAIN_DAYS,
         }
     }
 }
@@ -906,16 +909,19 @@ impl Quota {
         }
     }
 
-    /// Everything charged and not yet reported (and the day's roll-ups), as one batch.
+    /// What is charged and not yet reported (and the day's roll-ups), as one batch of at most
+    /// about [`MAX_FLUSH_BYTES`] encoded: what does not fit goes with the next flush.
     fn next_batch(&self) -> Option<Batch> {
         let mut commands = Vec::new();
         let mut sent: Vec<(BudgetKey, u64, i64)> = Vec::new();
+        let mut room = Room(MAX_FLUSH_BYTES);
         {
             let mut budgets = lock(&self.inner.budgets);
             forget_ended(&mut budgets, now_unix_ms());
             for (key, b) in budgets.iter() {
                 let delta = b.charged - b.reported;
-                if delta != 0 {
+                // Left unreported, a budget's charge is reported by a later flush.
+                if delta != 0 && room.take(REPORT_BYTES + key.ledger.len()) {
                     commands.push(Command::ReportUsage {
                         key: key.ledger.to_string(),
                         node: self.inner.node_id,
@@ -926,21 +932,43 @@ impl Quota {
                 }
             }
         }
-        for l in std::mem::take(&mut *lock(&self.inner.late)) {
-            commands.push(Command::ReportUsage {
-                key: l.key.ledger.to_string(),
-                node: self.inner.node_id,
-                window_start_unix_ms: l.window_start,
-                delta: l.delta,
-            });
-        }
-        for (tenant, models) in std::mem::take(&mut *lock(&self.inner.rollups)) {
-            for (model, totals) in models {
-                commands.push(Command::RecordUsage {
-                    tenant: tenant.to_string(),
-                    model,
-                    totals,
+        {
+            let mut late = lock(&self.inner.late);
+            let fits = late
+                .iter()
+                .take_while(|l| room.take(REPORT_BYTES + l.key.ledger.len()))
+                .count();
+            for l in late.drain(..fits) {
+                commands.push(Command::ReportUsage {
+                    key: l.key.ledger.to_string(),
+                    node: self.inner.node_id,
+                    window_start_unix_ms: l.window_start,
+                    delta: l.delta,
                 });
+            }
+        }
+        {
+            let mut rollups = lock(&self.inner.rollups);
+            let tenants: Vec<Arc<str>> = rollups.keys().cloned().collect();
+            'tenants: for tenant in tenants {
+                let Some(models) = rollups.get_mut(&tenant) else {
+                    continue;
+                };
+                let names: Vec<String> = models.keys().cloned().collect();
+                for model in names {
+                    if !room.take(ROLLUP_BYTES + tenant.len() + model.len()) {
+                        break 'tenants;
+                    }
+                    if let Some(totals) = models.remove(&model) {
+                        commands.push(Command::RecordUsage {
+                            tenant: tenant.to_string(),
+                            model,
+                            totals,
+                            retain_days: self.inner.config.usage_retention_days,
+                        });
+                    }
+                }
+                rollups.remove(&tenant);
             }
         }
         if commands.is_empty() {
@@ -1067,6 +1095,31 @@ async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKe
                 }
                 None => return,
             },
+        }
+    }
+}
+
+/// A usage flush is one Raft entry: it stays under this many bytes (by the estimates below,
+/// which are over the JSON each command encodes to), half of the 1 MiB an entry may hold
+/// (`meridian_cluster::raft::MAX_ENTRY_BYTES`).
+const MAX_FLUSH_BYTES: usize = 512 * 1024;
+/// A `ReportUsage` command's encoded size, less its key.
+const REPORT_BYTES: usize = 160;
+/// A `RecordUsage` command's encoded size, less its tenant and model names.
+const ROLLUP_BYTES: usize = 320;
+
+/// What is left of a flush's size budget.
+struct Room(usize);
+
+impl Room {
+    /// Takes `bytes` if they fit.
+    fn take(&mut self, bytes: usize) -> bool {
+        match self.0.checked_sub(bytes) {
+            Some(left) => {
+                self.0 = left;
+                true
+            }
+            None => false,
         }
     }
 }

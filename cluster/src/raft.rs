@@ -106,6 +106,70 @@ pub enum ClusterError {
 /// How many times one request is forwarded, to successive leaders, before its last answer stands.
 pub const MAX_FORWARDS: u32 = 3;
 
+/// The most a proposal may weigh, JSON-encoded as it travels: a larger one is refused with
+/// [`ClusterError::Rejected`] before it reaches the log. Usage flushes split themselves well
+/// under it.
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// The entries of one AppendEntries message weigh at most this, encoded (a larger one is sent
+/// as several consecutive messages), so with [`MAX_ENTRY_BYTES`] every message fits the
+/// transport's 16 MiB frame.
+pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Splits `rpc` into consecutive messages whose entries weigh at most `max` bytes each (an
+/// entry over `max` alone goes alone). Each part's `prev_log_id` is the previous part's last
+/// entry, and no part announces a commit beyond its own last entry (a follower may only mark
+/// committed what it holds, and whatever the leader has committed up to there is committed).
+fn split_by_size(
+    rpc: AppendEntriesRequest<TypeConfig>,
+    max: usize,
+) -> Vec<AppendEntriesRequest<TypeConfig>> {
+    // Entries are at most MAX_ENTRY_BYTES each: this many always fit without measuring.
+    if rpc.entries.len() <= max / MAX_ENTRY_BYTES {
+        return vec![rpc];
+    }
+    let AppendEntriesRequest {
+        vote,
+        mut prev_log_id,
+        entries,
+        leader_commit,
+    } = rpc;
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    let mut close = |part: &mut Vec<openraft::Entry<TypeConfig>>,
+                     prev: &mut Option<openraft::LogId<NodeId>>| {
+        let Some(last) = part.last().map(|e| e.log_id) else {
+            return;
+        };
+        let commit = match leader_commit {
+            Some(c) if c.index > last.index => Some(last),
+            other => other,
+        };
+        parts.push(AppendEntriesRequest {
+            vote,
+            prev_log_id: *prev,
+            entries: std::mem::take(part),
+            leader_commit: commit,
+        });
+        *prev = Some(last);
+    };
+    for entry in entries {
+        let size = serde_json::to_vec(&entry).map_or(MAX_ENTRY_BYTES, |v| v.len());
+        if !part.is_empty() && bytes + size > max {
+            close(&mut part, &mut prev_log_id);
+            bytes = 0;
+        }
+        bytes += size;
+        part.push(entry);
+    }
+    close(&mut part, &mut prev_log_id);
+    if let Some(last) = parts.last_mut() {
+        last.leader_commit = leader_commit;
+    }
+    parts
+}
+
 /// What a node hands to the leader because only the leader can do it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Forwarded {
@@ -220,11 +284,25 @@ impl RaftNetwork<TypeConfig> for Peer {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let target = self.target;
-        match self.transport.append_entries(target, rpc).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
-            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        let parts = split_by_size(rpc, MAX_PAYLOAD_BYTES);
+        let count = parts.len();
+        // What the follower has accepted of the parts sent so far.
+        let mut accepted = None;
+        for (i, part) in parts.into_iter().enumerate() {
+            let last = part.entries.last().map(|e| e.log_id);
+            let answer = self.transport.append_entries(target, part).await;
+            match answer {
+                Ok(Ok(AppendEntriesResponse::Success)) if i + 1 < count => accepted = last,
+                Ok(Ok(resp)) => return Ok(resp),
+                // Parts before this one were taken: say so, so the leader goes on from there.
+                Ok(Err(_)) | Err(_) if i > 0 => {
+                    return Ok(AppendEntriesResponse::PartialSuccess(accepted));
+                }
+                Ok(Err(e)) => return Err(RPCError::RemoteError(RemoteError::new(target, e))),
+                Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            }
         }
+        Ok(AppendEntriesResponse::Success)
     }
 
     async fn install_snapshot(
@@ -396,12 +474,18 @@ impl ClusterNode {
     /// Proposes a command, stamped with this node's clock; a follower forwards it to the leader.
     /// Resolves once it is committed and applied on the leader.
     pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
-        self.submit(Forwarded::Propose(Box::new(Proposal {
+        let proposal = Proposal {
             at_unix_ms: now_unix_ms(),
             proposer: self.id,
             command,
-        })))
-        .await
+        };
+        let size = serde_json::to_vec(&proposal).map_or(0, |v| v.len());
+        if size > MAX_ENTRY_BYTES {
+            return Err(ClusterError::Rejected(format!(
+                "the command encodes to {size} bytes, over the {MAX_ENTRY_BYTES} one log entry may hold"
+            )));
+        }
+        self.submit(Forwarded::Propose(Box::new(proposal))).await
     }
 
     /// Adds node `id` as a learner (see [`Forwarded::AddLearner`]).
@@ -639,5 +723,93 @@ impl ClusterNode {
     /// Stops the Raft member (its storage stays on disk).
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+
+    use super::*;
+
+    fn entry(index: u64, bytes: usize) -> openraft::Entry<TypeConfig> {
+        openraft::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                at_unix_ms: index,
+                proposer: 1,
+                command: Command::RemoveTenant {
+                    id: "x".repeat(bytes),
+                },
+            }),
+        }
+    }
+
+    #[test]
+    fn a_large_append_is_split_into_consecutive_parts_that_each_fit() {
+        let log = |i| Some(LogId::new(CommittedLeaderId::new(1, 1), i));
+        let rpc = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: log(9),
+            entries: (10..40).map(|i| entry(i, 900_000)).collect(),
+            leader_commit: log(35),
+        };
+        let parts = split_by_size(rpc, MAX_PAYLOAD_BYTES);
+        assert!(
+            parts.len() > 1,
+            "30 entries of ~900 kB do not fit one message"
+        );
+        let mut prev = log(9);
+        for (i, part) in parts.iter().enumerate() {
+            let bytes: usize = part
+                .entries
+                .iter()
+                .map(|e| serde_json::to_vec(e).expect("encodes").len())
+                .sum();
+            assert!(bytes <= MAX_PAYLOAD_BYTES, "part {i} weighs {bytes}");
+            let framed = serde_json::to_vec(part).expect("encodes").len();
+            assert!(framed < 16 * 1024 * 1024, "part {i} fits a frame: {framed}");
+            assert_eq!(part.prev_log_id, prev, "part {i} follows the one before");
+            let last = part.entries.last().expect("not empty").log_id;
+            let commit = part.leader_commit.expect("a commit").index;
+            if i + 1 < parts.len() {
+                assert!(commit <= last.index, "part {i} commits only what it holds");
+            } else {
+                assert_eq!(commit, 35, "the last part carries the leader's commit");
+            }
+            prev = Some(last);
+        }
+        let sent: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.entries.iter().map(|e| e.log_id.index))
+            .collect();
+        assert_eq!(
+            sent,
+            (10..40).collect::<Vec<_>>(),
+            "every entry once, in order"
+        );
+        // A few small entries go as they came.
+        let small = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: log(9),
+            entries: (10..14).map(|i| entry(i, 100)).collect(),
+            leader_commit: log(12),
+        };
+        assert_eq!(split_by_size(small, MAX_PAYLOAD_BYTES).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_command_over_the_entry_limit_is_refused_with_its_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = ClusterNode::start(1, dir.path(), RaftTimings::default(), Arc::new(NoPeers))
+            .await
+            .expect("a node");
+        let big = Command::RemoveTenant {
+            id: "x".repeat(MAX_ENTRY_BYTES),
+        };
+        match node.propose(big).await {
+            Err(ClusterError::Rejected(why)) => assert!(why.contains("one log entry"), "{why}"),
+            other => panic!("not refused: {other:?}"),
+        }
     }
 }

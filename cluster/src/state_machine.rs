@@ -133,7 +133,9 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, data) = {
+        // Under the lock only the O(1) copy of the state (its tables are shared, not copied);
+        // encoding runs off the lock and off the async runtime.
+        let (meta, body) = {
             let mut g = self.lock();
             g.built += 1;
             let body = SnapshotBody {
@@ -141,14 +143,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 last_membership: g.last_membership.clone(),
                 state: g.state.clone(),
             };
-            let data = serde_json::to_vec(&body).map_err(|e| snap_err(ErrorVerb::Write, e))?;
             let meta = Meta {
                 last_log_id: g.last_applied,
                 last_membership: g.last_membership.clone(),
                 snapshot_id: format!("{}-{}", g.last_applied.map_or(0, |l| l.index), g.built),
             };
-            (meta, data)
+            (meta, body)
         };
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&body))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         self.persist(meta.clone(), data.clone()).await?;
         self.lock().current = Some((meta.clone(), data.clone()));
         Ok(Snapshot {

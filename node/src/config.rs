@@ -230,6 +230,9 @@ pub struct RawQuota {
     pub grant_ttl: Option<String>,
     /// Longest an admission waits for a slice already asked for (default 1s).
     pub grant_wait: Option<String>,
+    /// Days of daily usage roll-ups the cluster keeps (default 90; set it alike on every node:
+    /// each usage report drops the days older than its proposer's setting).
+    pub usage_retention_days: Option<i64>,
     /// Per limit, what to do without quorum once the node's slice is spent or lapsed:
     /// "deny" (default) or "local_share" (limit ÷ number of nodes, on this node alone).
     #[serde(default)]
@@ -973,6 +976,14 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         raw.quota.grant_wait.as_ref(),
         &mut quota.grant_wait,
     );
+    match raw.quota.usage_retention_days {
+        None => {}
+        Some(days @ 1..=3660) => quota.usage_retention_days = days as u64,
+        Some(days) => e.push(
+            "quota.usage_retention_days",
+            format!("{days} is not between 1 and 3660"),
+        ),
+    }
     for (limit, policy) in &raw.quota.no_quorum {
         let path = format!("quota.no_quorum.{limit}");
         let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == limit) else {

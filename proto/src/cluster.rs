@@ -82,11 +82,14 @@ pub enum Command {
         #[serde(default)]
         groups: Vec<Vec<String>>,
     },
-    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant` and `model`.
+    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant` and `model`, and
+    /// drops the days older than `retain_days` (the proposer's setting).
     RecordUsage {
         tenant: String,
         model: String,
         totals: UsageTotals,
+        #[serde(default = "default_retain_days")]
+        retain_days: u64,
     },
     /// `command`, applied only if `seq` is above the last `seq` applied for `node`: a proposal
     /// that is retried after an indeterminate failure (its leader died) is applied once.
@@ -319,8 +322,13 @@ impl UsageTotals {
     }
 }
 
-/// Days of usage roll-ups kept; older days are dropped as new ones are written.
-pub const ROLLUP_DAYS: u64 = 400;
+/// Days of usage roll-ups kept unless configured otherwise; older days are dropped as new ones
+/// are written.
+pub const DEFAULT_RETAIN_DAYS: u64 = 90;
+
+fn default_retain_days() -> u64 {
+    DEFAULT_RETAIN_DAYS
+}
 const DAY_MS: u64 = 86_400_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,25 +405,40 @@ pub enum Applied {
     Refused,
 }
 
-/// Everything the cluster agrees on.
+/// A table of the replicated state: a persistent B-tree. Cloning it is O(1) (the clone shares
+/// every node) and a write copies only the nodes on the path to what it changes, so the state
+/// machine publishes each applied state without copying what the command did not touch.
+pub type Table<K, V> = imbl::OrdMap<K, V>;
+
+/// Everything the cluster agrees on. Cloning it costs a handful of reference counts, whatever
+/// it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClusterState {
-    pub members: BTreeMap<NodeId, Member>,
-    pub providers: BTreeMap<String, ProviderRecord>,
-    pub tiers: BTreeMap<String, Tier>,
-    pub tenants: BTreeMap<String, Tenant>,
+    pub members: Table<NodeId, Member>,
+    pub providers: Table<String, ProviderRecord>,
+    pub tiers: Table<String, Tier>,
+    pub tenants: Table<String, Tenant>,
     /// By key id.
-    pub api_keys: BTreeMap<String, ApiKeyRecord>,
+    pub api_keys: Table<String, ApiKeyRecord>,
     /// Quota windows by limit key.
-    pub ledger: BTreeMap<String, Ledger>,
+    pub ledger: Table<String, Ledger>,
     /// By provider id.
-    pub breakers: BTreeMap<String, BreakerRecord>,
+    pub breakers: Table<String, BreakerRecord>,
     /// Days since the Unix epoch → tenant → model → totals.
-    pub usage: BTreeMap<u64, BTreeMap<String, BTreeMap<String, UsageTotals>>>,
+    /// (A tenant's models are a few: a plain map, copied whole when one of them changes.)
+    pub usage: Table<u64, Table<String, BTreeMap<String, UsageTotals>>>,
     /// The last `Once` sequence number applied per node.
-    pub applied_seq: BTreeMap<NodeId, u64>,
+    pub applied_seq: Table<NodeId, u64>,
+    /// Where the ledger sweep stopped (see [`ClusterState::sweep_ledger`]).
+    pub ledger_sweep_after: String,
 }
+
+/// Ledger entries each applied entry looks at for removal.
+const SWEEP_PER_APPLY: usize = 64;
+/// A window's ledger entry is removed this long after the window ends (and only once no grant
+/// on it is live); a grant asked for a window that ended longer ago than this is not made.
+pub const LEDGER_GRACE_MS: u64 = 120_000;
 
 impl ClusterState {
     /// The limits that apply to `tenant` (its tier's, with its overrides), if it exists.
@@ -447,7 +470,47 @@ impl ClusterState {
     }
 
     pub fn apply(&mut self, p: &Proposal) -> Applied {
-        self.apply_command(p.at_unix_ms, p.proposer, &p.command)
+        let applied = self.apply_command(p.at_unix_ms, p.proposer, &p.command);
+        self.sweep_ledger(p.at_unix_ms, SWEEP_PER_APPLY);
+        applied
+    }
+
+    /// Looks at the next `count` ledger entries after where the last sweep stopped (wrapping
+    /// around): lapsed grants are dropped, and an entry whose window ended more than
+    /// [`LEDGER_GRACE_MS`] ago with no live grant is removed. So the ledger holds the windows
+    /// in use, not every scope ever seen, and each apply pays a bounded share of the cleanup.
+    /// Deterministic: it reads only the proposal's timestamp and the state.
+    pub fn sweep_ledger(&mut self, at: u64, count: usize) {
+        use std::ops::Bound;
+        let live = |g: &Grant| g.expires_at_unix_ms > at;
+        // Only the keys to act on are copied (rarely any); the rest are looked at in place.
+        let mut remove = Vec::new();
+        let mut prune = Vec::new();
+        let mut last = None;
+        let after = self.ledger.range::<_, str>((
+            Bound::Excluded(self.ledger_sweep_after.as_str()),
+            Bound::Unbounded,
+        ));
+        let from_start = self.ledger.iter();
+        for (key, ledger) in after.chain(from_start).take(count.min(self.ledger.len())) {
+            last = Some(key);
+            let ended = ledger.window_start_unix_ms + ledger.window_ms + LEDGER_GRACE_MS <= at;
+            if ended && !ledger.grants.values().any(live) {
+                remove.push(key.clone());
+            } else if !ledger.grants.values().all(live) {
+                prune.push(key.clone());
+            }
+        }
+        // The next sweep starts after the last key looked at.
+        self.ledger_sweep_after = last.cloned().unwrap_or_default();
+        for key in remove {
+            self.ledger.remove(&key);
+        }
+        for key in prune {
+            if let Some(ledger) = self.ledger.get_mut(&key) {
+                ledger.grants.retain(|_, g| live(g));
+            }
+        }
     }
 
     fn apply_command(&mut self, at: u64, proposer: NodeId, command: &Command) -> Applied {
@@ -511,8 +574,14 @@ impl ClusterState {
             Command::RemoveTenant { id } => match self.tenants.remove(id) {
                 Some(_) => {
                     // Its keys stop working with it.
-                    for key in self.api_keys.values_mut().filter(|k| &k.tenant == id) {
-                        key.revoked_at_unix_ms.get_or_insert(at);
+                    let keys: Vec<String> = (self.api_keys.values())
+                        .filter(|k| &k.tenant == id && k.revoked_at_unix_ms.is_none())
+                        .map(|k| k.id.clone())
+                        .collect();
+                    for key in keys {
+                        if let Some(k) = self.api_keys.get_mut(&key) {
+                            k.revoked_at_unix_ms = Some(at);
+                        }
                     }
                     Applied::Changed
                 }
@@ -548,6 +617,11 @@ impl ClusterState {
                 None => Applied::NotFound,
             },
             Command::RequestGrant(r) => {
+                let window_end = r.window_start_unix_ms.saturating_add(r.window_ms);
+                if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
+                    // Long over (its entry may be gone): nothing to grant from.
+                    return Applied::Granted { amount: 0, used: 0 };
+                }
                 let ledger = self.ledger.entry(r.key.clone()).or_default();
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
@@ -649,6 +723,7 @@ impl ClusterState {
                 tenant,
                 model,
                 totals,
+                retain_days,
             } => {
                 let day = at / DAY_MS;
                 self.usage
@@ -659,8 +734,12 @@ impl ClusterState {
                     .entry(model.clone())
                     .or_default()
                     .add(totals);
-                let oldest_kept = day.saturating_sub(ROLLUP_DAYS - 1);
-                self.usage = self.usage.split_off(&oldest_kept);
+                let oldest_kept = day.saturating_sub(retain_days.saturating_sub(1));
+                while let Some(&(old, _)) = self.usage.get_min()
+                    && old < oldest_kept
+                {
+                    self.usage.remove(&old);
+                }
                 Applied::Changed
             }
             Command::Once { node, seq, command } => {
@@ -806,6 +885,90 @@ mod tests {
             window_start_unix_ms,
             delta,
         }
+    }
+
+    #[test]
+    fn ended_windows_leave_the_ledger_and_their_grants_are_not_remade() {
+        let mut s = ClusterState::default();
+        let per_user = |user: u64, window: u64| {
+            Command::RequestGrant(GrantRequest {
+                key: format!("tenant/acme/user/u{user}/tokens_per_minute"),
+                node: 1,
+                limit: 1_000,
+                window_ms: 60_000,
+                window_start_unix_ms: window,
+                amount: 10,
+                ttl_ms: 5_000,
+            })
+        };
+        // 1,000 users in the minute starting at 120 s.
+        for user in 0..1_000 {
+            s.apply(&proposal(120_001 + user, per_user(user, 120_000)));
+        }
+        assert_eq!(s.ledger.len(), 1_000);
+        // Their grants lapse at ~125 s; the minute ends at 180 s, the grace at 300 s. Steady
+        // traffic of one other user goes on through the sweep.
+        let mut at = 130_000;
+        while at < 300_000 {
+            s.apply(&proposal(at, per_user(5_000, at - at % 60_000)));
+            at += 1_000;
+        }
+        assert!(
+            s.ledger
+                .values()
+                .all(|l| l.grants.values().all(|g| g.expires_at_unix_ms > at - 1_000)),
+            "lapsed grants are dropped by the sweep"
+        );
+        for _ in 0..(1_000 / SWEEP_PER_APPLY + 2) {
+            s.apply(&proposal(at, per_user(5_000, at - at % 60_000)));
+            at += 1;
+        }
+        assert_eq!(
+            s.ledger.keys().cloned().collect::<Vec<_>>(),
+            ["tenant/acme/user/u5000/tokens_per_minute"],
+            "every ended window is gone, the live one stays"
+        );
+        // A late request for the long-gone window is granted nothing and makes no entry.
+        assert_eq!(
+            s.apply(&proposal(at, per_user(1, 120_000))),
+            Applied::Granted { amount: 0, used: 0 }
+        );
+        assert_eq!(s.ledger.len(), 1);
+    }
+
+    #[test]
+    fn a_clone_of_the_state_shares_its_tables_and_a_write_copies_only_its_path() {
+        let mut s = ClusterState::default();
+        for user in 0..10_000u64 {
+            s.apply(&proposal(
+                120_001,
+                Command::RequestGrant(GrantRequest {
+                    key: format!("tenant/acme/user/u{user}/tokens_per_day"),
+                    node: 1,
+                    limit: 1_000,
+                    window_ms: 86_400_000,
+                    window_start_unix_ms: 0,
+                    amount: 10,
+                    ttl_ms: 5_000,
+                }),
+            ));
+        }
+        let published = s.clone();
+        assert!(
+            published.ledger.ptr_eq(&s.ledger),
+            "a clone shares the table"
+        );
+        s.apply(&proposal(120_002, grant(1, 5, 5_000)));
+        assert!(
+            !published.ledger.ptr_eq(&s.ledger),
+            "the writer got its own root"
+        );
+        assert_eq!(
+            published.ledger.len(),
+            10_000,
+            "what was published stays as it was"
+        );
+        assert_eq!(s.ledger.len(), 10_001);
     }
 
     #[test]
@@ -958,6 +1121,7 @@ mod tests {
                 prompt_tokens: tokens,
                 ..UsageTotals::default()
             },
+            retain_days: DEFAULT_RETAIN_DAYS,
         };
         s.apply(&proposal(DAY_MS * 10 + 5, record(3)));
         s.apply(&proposal(
@@ -976,9 +1140,21 @@ mod tests {
             batch
         );
         assert_eq!(s.usage[&10]["acme"]["llama"].requests, 3);
-        s.apply(&proposal(DAY_MS * (10 + ROLLUP_DAYS), record(1)));
+        s.apply(&proposal(DAY_MS * (10 + DEFAULT_RETAIN_DAYS), record(1)));
         assert!(!s.usage.contains_key(&10), "day 10 is past the retention");
         assert_eq!(s.usage.len(), 1);
+        let short = Command::RecordUsage {
+            tenant: "acme".into(),
+            model: "llama".into(),
+            totals: UsageTotals::default(),
+            retain_days: 1,
+        };
+        s.apply(&proposal(DAY_MS * (11 + DEFAULT_RETAIN_DAYS), short));
+        assert_eq!(
+            s.usage.keys().copied().collect::<Vec<_>>(),
+            [11 + DEFAULT_RETAIN_DAYS],
+            "a shorter retention drops every older day"
+        );
     }
 
     fn trip(provider: &str, expect_version: u64, groups: &[&[&str]]) -> Command {
@@ -1079,6 +1255,7 @@ mod tests {
         assert_eq!(s.apply(&proposal(4, older)), Applied::Unchanged);
         assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 100);
     }
+
     /// Every record with one field changed: each leaf (number + 1, string + "x", bool flipped)
     /// and each list one entry longer, with the top-level field it belongs to. Null and empty
     /// lists cannot be changed without knowing their type, so a fixture must set every field.

@@ -555,3 +555,81 @@ fn budgets_of_ended_windows_are_forgotten_once_reported() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
+    let config = QuotaConfig {
+        flush_every: Duration::from_secs(3_600),
+        ..QuotaConfig::default()
+    };
+    let q = node(&ledger(1), 1, config);
+    // Let the flusher's first (immediate) tick pass before there is anything to flush.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let now = Instant::now();
+    let window = now_unix_ms() - now_unix_ms() % LimitKind::TokensPerDay.window_ms();
+    let users = 20_000;
+    {
+        let mut budgets = lock(&q.inner.budgets);
+        for u in 0..users {
+            let mut b = Budget::new(LimitKind::TokensPerDay, 10_000, window, now);
+            b.charged = 5;
+            budgets.insert(
+                BudgetKey::new(
+                    &format!("tenant/acme/user/a-rather-long-end-user-id-{u:08}"),
+                    LimitKind::TokensPerDay,
+                ),
+                b,
+            );
+        }
+        let mut rollups = lock(&q.inner.rollups);
+        for t in 0..2_000 {
+            let models = rollups.entry(format!("tenant-{t}").into()).or_default();
+            for m in ["llama-3.1-8b-instruct", "gpt-4o-mini"] {
+                models.insert(
+                    m.to_owned(),
+                    UsageTotals {
+                        requests: u64::MAX,
+                        prompt_tokens: u64::MAX,
+                        completion_tokens: u64::MAX,
+                        cached_tokens: u64::MAX,
+                        cost_micro_usd: u64::MAX,
+                        cache_hits: u64::MAX,
+                    },
+                );
+            }
+        }
+    }
+    let (mut reports, mut rollups, mut batches) = (0, 0, 0);
+    while let Some(batch) = q.next_batch() {
+        batches += 1;
+        let entry = Command::Once {
+            node: u64::MAX,
+            seq: u64::MAX,
+            command: Box::new(Command::Batch {
+                commands: batch.commands.clone(),
+            }),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("encodes").len();
+        assert!(
+            bytes <= MAX_FLUSH_BYTES,
+            "batch {batches} encodes to {bytes} bytes"
+        );
+        for c in &batch.commands {
+            match c {
+                Command::ReportUsage { .. } => reports += 1,
+                Command::RecordUsage { .. } => rollups += 1,
+                other => panic!("not a usage command: {other:?}"),
+            }
+        }
+        // As a committed flush does.
+        let mut budgets = lock(&q.inner.budgets);
+        for (key, _, delta) in batch.sent {
+            if let Some(b) = budgets.get_mut(&key) {
+                b.reported += delta;
+            }
+        }
+    }
+    println!("{users} reports and 4,000 roll-ups went in {batches} batches");
+    assert!(batches > 1, "that much does not fit one entry");
+    assert_eq!((reports, rollups), (users, 4_000), "everything went, once");
+}
