@@ -871,8 +871,9 @@ impl Gateway {
         if let Some(f) = lock(&self.inner.follower).take() {
             f.abort();
         }
-        if let Some((_, task)) = &self.inner.quota {
+        if let Some((quota, task)) = &self.inner.quota {
             task.abort();
+            quota.save_shares();
         }
         let _ = self
             .inner

@@ -30,7 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_map::EntryRef;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use meridian_proto::cluster::{Applied, Command, GrantRequest, Limits, NodeId, UsageTotals};
+use meridian_proto::cluster::{
+    Applied, ClusterState, Command, GrantRequest, Limits, NodeId, UsageTotals,
+};
 use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
@@ -189,6 +191,14 @@ pub struct QuotaConfig {
     pub no_quorum: HashMap<LimitKind, NoQuorum>,
     /// Days of daily usage roll-ups the cluster keeps (sent with each report).
     pub usage_retention_days: u64,
+    /// The share of each limit set aside as static shares, split evenly among the cluster's
+    /// nodes: each node admits up to its part of a window on its own, with no Raft round trip
+    /// and no ledger entry, and goes to the ledger only beyond it (0: every scope through the
+    /// ledger).
+    pub static_share: f64,
+    /// Where this node keeps its share counts over a restart (the node's data directory);
+    /// `None`: never restarted (tests).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for QuotaConfig {
@@ -201,6 +211,8 @@ impl Default for QuotaConfig {
             slice_horizon: Duration::from_secs(2),
             no_quorum: HashMap::new(),
             usage_retention_days: meridian_proto::cluster::DEFAULT_RETAIN_DAYS,
+            static_share: 0.5,
+            state_dir: None,
         }
     }
 }
@@ -309,6 +321,22 @@ struct Budget {
     need: u64,
     /// The ledger lately gave less than needed: until then, do not ask again for more.
     dry_until: Option<Instant>,
+    /// This node's static share of the window (0: none), of `share_nodes` shares in all.
+    share: u64,
+    share_nodes: u64,
+    share_mode: ShareMode,
+}
+
+/// Where a budget's window stands with this node's static share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShareMode {
+    /// Admitting from the share: nothing is reported, the ledger holds no entry for it.
+    Open,
+    /// Given up having admitted this much from it (sent with a grant request or a release,
+    /// again with each retry until one commits); admissions wait for a grant.
+    Releasing(u64),
+    /// Released (or there was none): the window goes through the ledger like any other.
+    Released,
 }
 
 impl Budget {
@@ -332,6 +360,33 @@ impl Budget {
             no_quorum: false,
             need: 0,
             dry_until: None,
+            share: 0,
+            share_nodes: 0,
+            share_mode: ShareMode::Released,
+        }
+    }
+
+    /// Starts the window with this node's share: `share` of `nodes` shares; `open` when this
+    /// node can vouch for everything it admitted in the window (it has run since the window
+    /// began), else the share counts as used up and is released at once.
+    fn start_share(&mut self, share: u64, nodes: u64, open: bool) {
+        self.share = share;
+        self.share_nodes = nodes;
+        self.share_mode = match (share, open) {
+            (0, _) => ShareMode::Released,
+            (_, true) => {
+                self.allowance = share;
+                ShareMode::Open
+            }
+            (_, false) => ShareMode::Releasing(share),
+        };
+    }
+
+    /// Charges not yet reported that the ledger must hear of (share usage never is).
+    fn unreported(&self) -> i64 {
+        match self.share_mode {
+            ShareMode::Released => self.charged - self.reported,
+            ShareMode::Open | ShareMode::Releasing(_) => 0,
         }
     }
 }
@@ -371,6 +426,8 @@ struct Inner {
     seq: AtomicU64,
     /// Admissions under a local share, for metrics.
     local_share_admits: AtomicU64,
+    /// When this node started: it can vouch for its static share only in windows begun since.
+    started_unix_ms: u64,
     denied_no_quorum: AtomicU64,
 }
 
@@ -581,12 +638,32 @@ impl Quota {
             .copied()
             .unwrap_or(0);
         let first_seq = (last_seq + 1).max(now_unix_ms() * 1000);
+        let (started_unix_ms, kept) = match &config.state_dir {
+            Some(dir) => shares::restore(dir),
+            None => (0, Vec::new()),
+        };
+        let mut budgets = hashbrown::HashMap::new();
+        let now = Instant::now();
+        for k in kept {
+            let mut b = Budget::new(k.kind, k.limit, k.window_start, now);
+            b.charged = k.charged;
+            b.share = k.share;
+            b.share_nodes = k.share_nodes;
+            b.share_mode = match k.released {
+                Some(used) => ShareMode::Releasing(used),
+                None => {
+                    b.allowance = k.share;
+                    ShareMode::Open
+                }
+            };
+            budgets.insert(BudgetKey::new(&k.scope, k.kind), b);
+        }
         let quota = Self {
             inner: Arc::new(Inner {
                 node_id,
                 config,
                 cluster,
-                budgets: Mutex::new(hashbrown::HashMap::new()),
+                budgets: Mutex::new(budgets),
                 late: Mutex::new(Vec::new()),
                 rollups: Mutex::new(hashbrown::HashMap::new()),
                 granted: Notify::new(),
@@ -597,6 +674,7 @@ impl Quota {
                 // number, or the clock in µs, whichever is larger.
                 seq: AtomicU64::new(first_seq),
                 local_share_admits: AtomicU64::new(0),
+                started_unix_ms,
                 denied_no_quorum: AtomicU64::new(0),
             }),
         };
@@ -697,7 +775,10 @@ impl Quota {
             let entry = match budgets.entry_ref(&ScopeKind(scope, kind)) {
                 EntryRef::Occupied(found) => found,
                 EntryRef::Vacant(new) => {
-                    new.insert_entry(Budget::new(kind, limit, window_start, now))
+                    let mut budget = Budget::new(kind, limit, window_start, now);
+                    let (share, nodes) = self.share_of(limit);
+                    budget.start_share(share, nodes, self.vouches_for(window_start));
+                    new.insert_entry(budget)
                 }
             };
             let key = entry.key().clone();
@@ -708,8 +789,9 @@ impl Quota {
             }
             if budget.window_start != window_start {
                 // A new window: whatever was charged in the old one and not yet reported is
-                // reported to the old window; the new one starts with no slice.
-                let unreported = budget.charged - budget.reported;
+                // reported to the old window; the new one starts with no slice, and with this
+                // node's share of it.
+                let unreported = budget.unreported();
                 if unreported != 0 {
                     lock(&self.inner.late).push(Late {
                         key: key.clone(),
@@ -724,12 +806,15 @@ impl Quota {
                 budget.expires = None;
                 budget.local_share = false;
                 budget.dry_until = None;
+                let (share, nodes) = self.share_of(limit);
+                budget.start_share(share, nodes, self.vouches_for(window_start));
             }
             if cost > limit {
                 refusal = Some(too_big(kind, limit, cost));
                 break;
             }
-            let lapsed = budget.expires.is_none_or(|e| e <= now);
+            let open_share = budget.share_mode == ShareMode::Open;
+            let lapsed = !open_share && budget.expires.is_none_or(|e| e <= now);
             let left = (budget.allowance as i64 - budget.charged).max(0) as u64;
             let reset = window_reset(window_start, window_ms, unix);
             if (budget.local_share || !lapsed) && left >= cost {
@@ -746,7 +831,13 @@ impl Quota {
                 if low && !budget.renewing && !budget.local_share {
                     renew_early.push(charges.len());
                 }
-                let cluster_left = self.cluster_left(&key.ledger).unwrap_or(left);
+                // From a share, with no ledger entry: the limit less what this node charged (what
+                // others charged from their shares is not known here).
+                let cluster_left = match self.cluster_left(&key.ledger) {
+                    Some(l) => l,
+                    None if open_share => limit,
+                    None => left,
+                };
                 let secs = whole_seconds(reset);
                 let reset_value = match &budget.reset_value {
                     Some((s, v)) if *s == secs => v.clone(),
@@ -759,8 +850,12 @@ impl Quota {
                 states.push(RateLimitState {
                     kind,
                     limit,
-                    remaining: cluster_left
-                        .saturating_sub((budget.charged - budget.reported).max(0) as u64),
+                    remaining: cluster_left.saturating_sub(match budget.share_mode {
+                        ShareMode::Open => budget.charged.max(0) as u64,
+                        ShareMode::Releasing(_) | ShareMode::Released => {
+                            (budget.charged - budget.reported).max(0) as u64
+                        }
+                    }),
                     reset,
                     rendered: [budget.limit_value.clone(), reset_value],
                 });
@@ -784,8 +879,15 @@ impl Quota {
                 refusal = Some(self.no_slice_error());
                 break;
             }
+            if open_share {
+                // The share is spent: it is given up with the grant request (having admitted
+                // what was charged from it), and the window goes through the ledger.
+                budget.share_mode = ShareMode::Releasing(budget.charged.max(0) as u64);
+                budget.allowance = 0;
+            }
             // A new slice can help if this one lapsed, or if the ledger has not lately
             // answered with less than was needed (the window's budget is spent or promised).
+            let lapsed = lapsed || open_share;
             let dry = budget.dry_until.is_some_and(|d| d > now);
             if !budget.local_share && (lapsed || !dry) {
                 budget.need = budget.need.max(cost);
@@ -830,6 +932,53 @@ impl Quota {
                 .fetch_add(local_share_admits, Ordering::Relaxed);
         }
         Verdict::Admitted(charges, states)
+    }
+
+    /// Keeps this node's share counts of the windows still running for its next start (a
+    /// clean stop): written durably, then the running marker is removed. Without this (a
+    /// crash), the next start counts the shares of windows begun before it as spent.
+    pub fn save_shares(&self) {
+        let Some(dir) = &self.inner.config.state_dir else {
+            return;
+        };
+        let unix = now_unix_ms();
+        let kept: Vec<shares::Kept> = lock(&self.inner.budgets)
+            .iter()
+            .filter(|(_, b)| b.window_start + b.kind.window_ms() > unix)
+            .filter_map(|(key, b)| {
+                let released = match b.share_mode {
+                    ShareMode::Open => None,
+                    ShareMode::Releasing(used) => Some(used),
+                    ShareMode::Released => return None,
+                };
+                Some(shares::Kept {
+                    scope: key.scope.to_string(),
+                    kind: key.kind,
+                    limit: b.limit,
+                    window_start: b.window_start,
+                    charged: b.charged,
+                    share: b.share,
+                    share_nodes: b.share_nodes,
+                    released,
+                })
+            })
+            .collect();
+        if let Err(e) = shares::save(dir, &kept) {
+            tracing::warn!(error = %e, "quota: could not keep the share counts; the next start counts this window's shares as spent");
+        }
+    }
+
+    /// This node's static share of `limit`, and how many nodes hold one.
+    fn share_of(&self, limit: u64) -> (u64, u64) {
+        let nodes = self.inner.cluster.state.borrow().members.len().max(1) as u64;
+        let share = (limit as f64 * self.inner.config.static_share / nodes as f64).floor() as u64;
+        (share, nodes)
+    }
+
+    /// Whether this node knows everything it admitted in the window that began at `start`
+    /// (it has run since then, or it kept its counts over a clean restart).
+    fn vouches_for(&self, start: u64) -> bool {
+        start >= self.inner.started_unix_ms
     }
 
     /// What the ledger (as applied here) says is left in the window, not yet promised.
@@ -919,7 +1068,7 @@ impl Quota {
             let mut budgets = lock(&self.inner.budgets);
             forget_ended(&mut budgets, now_unix_ms());
             for (key, b) in budgets.iter() {
-                let delta = b.charged - b.reported;
+                let delta = b.unreported();
                 // Left unreported, a budget's charge is reported by a later flush.
                 if delta != 0 && room.take(REPORT_BYTES + key.ledger.len()) {
                     commands.push(Command::ReportUsage {
@@ -1011,6 +1160,12 @@ impl Quota {
                     window_start_unix_ms: b.window_start,
                     amount,
                     ttl_ms: self.inner.config.grant_ttl.as_millis() as u64,
+                    share: b.share,
+                    share_nodes: b.share_nodes,
+                    share_used: match b.share_mode {
+                        ShareMode::Releasing(used) => used,
+                        ShareMode::Open | ShareMode::Released => 0,
+                    },
                 },
                 now,
             )
@@ -1028,6 +1183,11 @@ impl Quota {
                 if b.window_start == request.window_start_unix_ms {
                     match outcome {
                         Ok(Applied::Granted { amount, used }) => {
+                            if let ShareMode::Releasing(share_used) = b.share_mode {
+                                // The ledger has counted what the share admitted.
+                                b.reported = share_used as i64;
+                                b.share_mode = ShareMode::Released;
+                            }
                             b.allowance = used + amount;
                             b.dry_until = (amount < request.amount)
                                 .then(|| Instant::now() + Duration::from_secs(1));
@@ -1080,14 +1240,134 @@ impl Quota {
     }
 }
 
+/// A ledger entry that asks for this node's share.
+#[derive(Debug)]
+struct Wanted {
+    key: String,
+    limit: u64,
+    window_ms: u64,
+    window_start: u64,
+}
+
+impl Quota {
+    /// The ledger entries that changed from `before` to `after` and now ask for this node's
+    /// share (only what changed is looked at: the tables share everything else).
+    fn shares_wanted(&self, before: &ClusterState, after: &ClusterState) -> Vec<Wanted> {
+        use imbl::ordmap::DiffItem;
+        let me = self.inner.node_id;
+        before
+            .ledger
+            .diff(&after.ledger)
+            .filter_map(|item| match item {
+                DiffItem::Add(key, l) | DiffItem::Update { new: (key, l), .. } => Some((key, l)),
+                DiffItem::Remove(..) => None,
+            })
+            .filter(|(_, l)| l.wanted && l.share > 0 && !l.released.contains_key(&me))
+            .map(|(key, l)| Wanted {
+                key: key.clone(),
+                limit: l.limit,
+                window_ms: l.window_ms,
+                window_start: l.window_start_unix_ms,
+            })
+            .collect()
+    }
+
+    /// Gives up this node's share of a window another node needs more of: what it admitted
+    /// from it (nothing, for a scope it never saw) is counted, and it admits the scope only
+    /// through grants from then on in the window.
+    async fn release_share(&self, wanted: Wanted) {
+        let Some((scope, code)) = wanted.key.rsplit_once('/') else {
+            return;
+        };
+        let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == code) else {
+            return;
+        };
+        let unix = now_unix_ms();
+        if kind.window_ms() != wanted.window_ms
+            || wanted.window_start != unix - unix % wanted.window_ms
+        {
+            return; // not the window this node admits in
+        }
+        let (share, nodes) = self.share_of(wanted.limit);
+        let used = {
+            let mut budgets = lock(&self.inner.budgets);
+            let budget = match budgets.entry_ref(&ScopeKind(scope, kind)) {
+                EntryRef::Occupied(found) => found.into_mut(),
+                EntryRef::Vacant(new) => {
+                    let mut b =
+                        Budget::new(kind, wanted.limit, wanted.window_start, Instant::now());
+                    b.start_share(share, nodes, self.vouches_for(wanted.window_start));
+                    new.insert_entry(b).into_mut()
+                }
+            };
+            // A budget still in an earlier window starts this one with its share when it next
+            // admits; left alone here (the share stays held, which only costs utilisation).
+            if budget.window_start != wanted.window_start {
+                return;
+            }
+            match budget.share_mode {
+                ShareMode::Open => {
+                    let used = budget.charged.max(0) as u64;
+                    budget.share_mode = ShareMode::Releasing(used);
+                    budget.allowance = 0;
+                    used
+                }
+                // A grant request carries the release already.
+                ShareMode::Releasing(_) if budget.renewing => return,
+                ShareMode::Releasing(used) => used,
+                ShareMode::Released => return,
+            }
+        };
+        let outcome = self
+            .inner
+            .cluster
+            .proposer
+            .propose(Command::ReleaseShare {
+                key: wanted.key.clone(),
+                node: self.inner.node_id,
+                limit: wanted.limit,
+                window_ms: wanted.window_ms,
+                window_start_unix_ms: wanted.window_start,
+                share,
+                share_nodes: nodes,
+                used,
+            })
+            .await;
+        if outcome.is_ok() {
+            let mut budgets = lock(&self.inner.budgets);
+            if let Some(b) = budgets.get_mut(&ScopeKind(scope, kind))
+                && b.window_start == wanted.window_start
+                && b.share_mode == ShareMode::Releasing(used)
+            {
+                // Counted by the ledger; the budget goes through grants from here on.
+                b.reported = used as i64;
+                b.allowance = used;
+                b.share_mode = ShareMode::Released;
+            }
+        }
+        // Admissions that waited on the share being given up may ask for a grant now.
+        self.inner.granted.notify_waiters();
+    }
+}
+
 /// The flusher and the renewer: usage goes to the ledger every `flush_every`, and slices are
 /// renewed as admissions ask for them.
 async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKey>) {
     let mut tick = tokio::time::interval(quota.inner.config.flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = quota.inner.cluster.state.clone();
+    let mut seen = Arc::clone(&state.borrow_and_update());
     loop {
         tokio::select! {
             _ = tick.tick() => quota.flush().await,
+            Ok(()) = state.changed() => {
+                let now = Arc::clone(&state.borrow_and_update());
+                for wanted in quota.shares_wanted(&seen, &now) {
+                    let q = quota.clone();
+                    tokio::spawn(async move { q.release_share(wanted).await });
+                }
+                seen = now;
+            }
             key = renewals.recv() => match key {
                 Some(key) => {
                     let q = quota.clone();
@@ -1096,6 +1376,112 @@ async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKe
                 None => return,
             },
         }
+    }
+}
+
+/// A node's share counts across its restarts, in its data directory.
+///
+/// While the node runs, `quota.running` exists; a clean stop writes `quota-shares.json` and
+/// then removes the marker. A start that finds the marker knows the node stopped without saving
+/// (a crash): it cannot know what it admitted from its shares, so it counts the shares of
+/// windows begun before this start as spent (released at once, as fully used). A start that
+/// finds the saved counts takes them up and goes on from them.
+mod shares {
+    use std::io::Write;
+    use std::path::Path;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{LimitKind, now_unix_ms};
+
+    const MARKER: &str = "quota.running";
+    const SAVED: &str = "quota-shares.json";
+
+    /// One budget's share, as kept over a restart.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) struct Kept {
+        pub scope: String,
+        #[serde(with = "kind_code")]
+        pub kind: LimitKind,
+        pub limit: u64,
+        pub window_start: u64,
+        pub charged: i64,
+        pub share: u64,
+        pub share_nodes: u64,
+        /// Being released, having admitted this much.
+        pub released: Option<u64>,
+    }
+
+    mod kind_code {
+        use super::LimitKind;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(k: &LimitKind, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(k.code())
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LimitKind, D::Error> {
+            let code = String::deserialize(d)?;
+            LimitKind::ALL
+                .into_iter()
+                .find(|k| k.code() == code)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown limit {code:?}")))
+        }
+    }
+
+    /// From when this start can vouch for its shares (0: always), and the counts kept by a
+    /// clean stop. Marks the node running.
+    pub(super) fn restore(dir: &Path) -> (u64, Vec<Kept>) {
+        let marker = dir.join(MARKER);
+        let saved = dir.join(SAVED);
+        let crashed = marker.exists();
+        let (kept, unreadable) = match std::fs::read(&saved) {
+            _ if crashed => (Vec::new(), false),
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(kept) => (kept, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "quota: saved share counts unreadable");
+                    (Vec::new(), true)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), false),
+            Err(e) => {
+                tracing::warn!(error = %e, "quota: saved share counts unreadable");
+                (Vec::new(), true)
+            }
+        };
+        let _ = std::fs::remove_file(&saved);
+        let from = if crashed || unreadable {
+            tracing::warn!(
+                "quota: this node's share counts from before this start are lost (no clean stop); the shares of windows begun before now count as spent"
+            );
+            now_unix_ms()
+        } else {
+            0
+        };
+        if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| durable_write(dir, MARKER, b""))
+        {
+            tracing::warn!(error = %e, "quota: cannot mark the node running; shares are not kept over a restart");
+            return (now_unix_ms(), Vec::new());
+        }
+        (from, kept)
+    }
+
+    pub(super) fn save(dir: &Path, kept: &[Kept]) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(kept)?;
+        durable_write(dir, SAVED, &bytes)?;
+        std::fs::remove_file(dir.join(MARKER))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Writes `name` in `dir` atomically and durably: temp file, fsync, rename, fsync the dir.
+    fn durable_write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        std::fs::File::open(dir)?.sync_all()
     }
 }
 
@@ -1130,7 +1516,7 @@ impl Room {
 fn forget_ended(budgets: &mut hashbrown::HashMap<BudgetKey, Budget>, unix: u64) {
     budgets.retain(|_, b| {
         let ended = b.window_start + b.kind.window_ms() <= unix;
-        !(ended && b.charged == b.reported && !b.renewing)
+        !(ended && b.unreported() == 0 && !b.renewing)
     });
 }
 

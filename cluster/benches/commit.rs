@@ -87,6 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 window_start_unix_ms: 0,
                 amount: 1,
                 ttl_ms: 3_600_000_000,
+                ..GrantRequest::default()
             }))
             .await?;
     }

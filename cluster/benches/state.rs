@@ -70,6 +70,7 @@ fn grant(user: u64, tenant: u64, window_start: u64) -> Command {
         window_start_unix_ms: window_start,
         amount: 500,
         ttl_ms: DAY_MS,
+        ..GrantRequest::default()
     })
 }
 

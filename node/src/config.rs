@@ -233,6 +233,9 @@ pub struct RawQuota {
     /// Days of daily usage roll-ups the cluster keeps (default 90; set it alike on every node:
     /// each usage report drops the days older than its proposer's setting).
     pub usage_retention_days: Option<i64>,
+    /// The share of each limit that nodes admit from on their own, split evenly among them,
+    /// with no Raft round trip (default 0.5; 0: every scope through the ledger).
+    pub static_share: Option<f64>,
     /// Per limit, what to do without quorum once the node's slice is spent or lapsed:
     /// "deny" (default) or "local_share" (limit ÷ number of nodes, on this node alone).
     #[serde(default)]
@@ -976,6 +979,12 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         raw.quota.grant_wait.as_ref(),
         &mut quota.grant_wait,
     );
+    quota.state_dir = Some(node.data_dir.clone());
+    match raw.quota.static_share {
+        None => {}
+        Some(f) if (0.0..=1.0).contains(&f) => quota.static_share = f,
+        Some(f) => e.push("quota.static_share", format!("{f} is not between 0 and 1")),
+    }
     match raw.quota.usage_retention_days {
         None => {}
         Some(days @ 1..=3660) => quota.usage_retention_days = days as u64,

@@ -52,6 +52,18 @@ pub enum Command {
     /// Asks for a slice of a quota window's remaining budget for `node`; answered with
     /// [`Applied::Granted`]. The node's previous grant on this key is returned to the pool first.
     RequestGrant(GrantRequest),
+    /// `node` gives up its static share of `key`'s window, having admitted `used` from it (asked
+    /// by [`Ledger::wanted`]); from then on it admits the scope only through grants.
+    ReleaseShare {
+        key: String,
+        node: NodeId,
+        limit: u64,
+        window_ms: u64,
+        window_start_unix_ms: u64,
+        share: u64,
+        share_nodes: u64,
+        used: u64,
+    },
     /// Usage charged by `node` against its grant on `key` in the window starting at
     /// `window_start_unix_ms`: positive when admitted, negative when a reservation is settled
     /// for less. Usage for a window that has already rolled over is dropped.
@@ -190,7 +202,7 @@ pub struct ApiKeyRecord {
     pub revoked_at_unix_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct GrantRequest {
     /// The limit this budget belongs to, e.g. `tenant/acme/tokens_per_minute`.
     pub key: String,
@@ -206,6 +218,16 @@ pub struct GrantRequest {
     pub amount: u64,
     /// The grant lapses this long after the proposal (so a dead node's slice comes back).
     pub ttl_ms: u64,
+    /// Static shares (0: none): each of `share_nodes` nodes may admit up to `share` in the
+    /// window on its own, with no ledger entry; the ledger keeps that much aside for every node
+    /// that has not released its share. A request releases the requester's share.
+    #[serde(default)]
+    pub share: u64,
+    #[serde(default)]
+    pub share_nodes: u64,
+    /// What the requester admitted from its share in the window (counted as its usage).
+    #[serde(default)]
+    pub share_used: u64,
 }
 
 /// One quota window's account.
@@ -220,6 +242,19 @@ pub struct Ledger {
     #[serde(default)]
     pub used_by: BTreeMap<NodeId, u64>,
     pub grants: BTreeMap<NodeId, Grant>,
+    /// Each node's static share of the window, and how many nodes hold one (see
+    /// [`GrantRequest::share`]).
+    #[serde(default)]
+    pub share: u64,
+    #[serde(default)]
+    pub share_nodes: u64,
+    /// Nodes that released their share, with what they had admitted from it (in `used`).
+    #[serde(default)]
+    pub released: BTreeMap<NodeId, u64>,
+    /// A grant got less than it asked for while shares were still held: the nodes holding one
+    /// are asked (by this flag) to release it.
+    #[serde(default)]
+    pub wanted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -238,12 +273,35 @@ impl Grant {
 }
 
 impl Ledger {
-    /// Budget neither used nor promised to a node.
+    /// Budget neither used, nor promised to a node, nor kept aside as a share not released.
     pub fn available(&self) -> u64 {
         let promised: u64 = self.grants.values().map(Grant::outstanding).sum();
         self.limit
             .saturating_sub(self.used)
             .saturating_sub(promised)
+            .saturating_sub(self.shares_held())
+    }
+
+    /// What the shares not yet released may still admit, at most.
+    pub fn shares_held(&self) -> u64 {
+        let holders = self.share_nodes.saturating_sub(self.released.len() as u64);
+        self.share.saturating_mul(holders)
+    }
+
+    /// Records `node`'s release of its share, having admitted `used` from it (once).
+    fn release(&mut self, node: NodeId, share: u64, share_nodes: u64, used: u64) {
+        self.share = self.share.max(share);
+        self.share_nodes = self.share_nodes.max(share_nodes);
+        if self.released.contains_key(&node) {
+            return;
+        }
+        self.released.insert(node, used);
+        self.used = self.used.saturating_add(used);
+        let mine = self.used_by.entry(node).or_default();
+        *mine = mine.saturating_add(used);
+        if self.shares_held() == 0 {
+            self.wanted = false;
+        }
     }
 
     /// Moves the ledger to the window starting at `start` (if later) and to time `at`: a new
@@ -628,9 +686,15 @@ impl ClusterState {
                     return Applied::Granted { amount: 0, used: 0 };
                 }
                 ledger.limit = r.limit;
+                if r.share > 0 {
+                    ledger.release(r.node, r.share, r.share_nodes, r.share_used);
+                }
                 // The node's previous slice goes back to the pool before it gets a new one.
                 ledger.grants.remove(&r.node);
                 let amount = r.amount.min(ledger.available());
+                if amount < r.amount && ledger.shares_held() > 0 {
+                    ledger.wanted = true;
+                }
                 ledger.grants.insert(
                     r.node,
                     Grant {
@@ -643,6 +707,32 @@ impl ClusterState {
                     amount,
                     used: ledger.used_by.get(&r.node).copied().unwrap_or(0),
                 }
+            }
+            Command::ReleaseShare {
+                key,
+                node,
+                limit,
+                window_ms,
+                window_start_unix_ms,
+                share,
+                share_nodes,
+                used,
+            } => {
+                let window_end = window_start_unix_ms.saturating_add(*window_ms);
+                if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
+                    return Applied::Unchanged;
+                }
+                let ledger = self.ledger.entry(key.clone()).or_default();
+                ledger.advance(at, *window_start_unix_ms, *window_ms);
+                if ledger.window_start_unix_ms != *window_start_unix_ms {
+                    return Applied::Unchanged;
+                }
+                ledger.limit = *limit;
+                if ledger.released.contains_key(node) {
+                    return Applied::Unchanged;
+                }
+                ledger.release(*node, *share, *share_nodes, *used);
+                Applied::Changed
             }
             Command::ReportUsage {
                 key,
@@ -871,6 +961,7 @@ mod tests {
             window_start_unix_ms: window,
             amount,
             ttl_ms,
+            ..GrantRequest::default()
         })
     }
 
@@ -899,6 +990,7 @@ mod tests {
                 window_start_unix_ms: window,
                 amount: 10,
                 ttl_ms: 5_000,
+                ..GrantRequest::default()
             })
         };
         // 1,000 users in the minute starting at 120 s.
@@ -950,6 +1042,7 @@ mod tests {
                     window_start_unix_ms: 0,
                     amount: 10,
                     ttl_ms: 5_000,
+                    ..GrantRequest::default()
                 }),
             ));
         }

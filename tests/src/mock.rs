@@ -105,6 +105,9 @@ pub struct MockStats {
     /// (Unix minutes) in which each request arrived: what a per-minute limit must bound,
     /// without the skew of reading the counters at a minute boundary.
     pub tokens_by_minute: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// Tokens (prompt + completion) of completed non-streaming chat requests by their `user`
+    /// field: what a per-user limit must bound.
+    pub tokens_by_user: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl MockStats {
@@ -125,6 +128,16 @@ impl MockStats {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         *by.entry(arrived_minute).or_default() += prompt + completion;
+    }
+
+    fn served_user(&self, user: Option<&str>, tokens: u64) {
+        if let Some(user) = user {
+            let mut by = self
+                .tokens_by_user
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *by.entry(user.to_owned()).or_default() += tokens;
+        }
     }
 
     pub fn snapshot(&self) -> Value {
@@ -485,6 +498,8 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         s.stats
             .served(arrived, prompt_tokens as u64, script.tokens as u64);
+        s.stats
+            .served_user(req["user"].as_str(), (prompt_tokens + script.tokens) as u64);
         s.stats.completed.fetch_add(1, SeqCst);
         let body = json!({
             "id": id, "object": "chat.completion", "created": 1763700000, "model": model,

@@ -210,3 +210,157 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         "the limit was never reached"
     );
 }
+
+/// Per-user limits across the cluster: 1,000 end users of one tenant, each limited to
+/// `PER_USER` tokens a day, each sending more than that through all three nodes in turn. Ground
+/// truth is the mock's count of tokens served per `user`: none may exceed 1.02 × its limit.
+#[tokio::test]
+async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() {
+    const USERS: u64 = 1_000;
+    const PER_USER: u64 = 400;
+    // A day window: keep clear of midnight (UTC), when every user's window starts again.
+    let into_day = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 86_400;
+    if into_day > 86_400 - 180 {
+        tokio::time::sleep(Duration::from_secs(86_400 - into_day + 5)).await;
+    }
+    let mock = MockUpstream::start(MockOptions {
+        flavor: Flavor::Vllm,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut h = Harness::new(23);
+    h.providers = provider_toml(
+        "mock",
+        &mock.base_url(),
+        &["mock@tokens:40"],
+        "max_concurrency = 256\nqueue_capacity = 1024",
+    );
+    h.boot(&[1, 2, 3]).await;
+    let mut admin = h.admin(1).await.unwrap();
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "users".into(),
+                per_user: Some(pb::Limits {
+                    tokens_per_day: Some(PER_USER),
+                    ..pb::Limits::default()
+                }),
+                ..pb::Tier::default()
+            }),
+        })
+        .await
+        .unwrap();
+    admin
+        .put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: "app".into(),
+                tier: "users".into(),
+                ..pb::Tenant::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let key = h.api_key(1, "app").await.unwrap();
+    let urls: Arc<Vec<String>> = Arc::new(
+        [1, 2, 3]
+            .iter()
+            .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
+            .collect(),
+    );
+    // Every node must know the tenant before the users arrive.
+    for url in urls.iter() {
+        let client = reqwest::Client::new();
+        h.wait_for("the tenant on every node", T, || {
+            let req = client
+                .post(url)
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body(r#"{"model":"mock@tokens:40","max_tokens":40,"user":"warm-up","messages":[{"role":"user","content":"hi"}]}"#)
+                .send();
+            async move { req.await.ok().filter(|r| r.status().as_u16() == 200).map(|_| ()) }
+        })
+        .await;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let answers = Arc::new(std::sync::Mutex::new(
+        std::collections::BTreeMap::<u16, u64>::new(),
+    ));
+    let started = std::time::Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (next, answers, urls, key) = (
+            Arc::clone(&next),
+            Arc::clone(&answers),
+            Arc::clone(&urls),
+            key.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            loop {
+                let user = next.fetch_add(1, Ordering::Relaxed);
+                if user >= USERS {
+                    return;
+                }
+                let body = format!(
+                    r#"{{"model":"mock@tokens:40","max_tokens":40,"user":"u{user}","messages":[{{"role":"user","content":"count to forty"}}]}}"#
+                );
+                // More than the limit allows, through the three nodes in turn; done after
+                // three refusals in a row.
+                let mut refused = 0;
+                for attempt in 0..20u64 {
+                    let status = client
+                        .post(&urls[((user + attempt) % 3) as usize])
+                        .bearer_auth(&key)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    *answers.lock().unwrap().entry(status).or_default() += 1;
+                    refused = if status == 429 { refused + 1 } else { 0 };
+                    if refused == 3 {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let served = mock.stats.tokens_by_user.lock().unwrap().clone();
+    let per_user: Vec<u64> = (0..USERS)
+        .map(|u| served.get(&format!("u{u}")).copied().unwrap_or(0))
+        .collect();
+    let over: u64 = per_user.iter().map(|s| s.saturating_sub(PER_USER)).sum();
+    let worst = per_user.iter().copied().max().unwrap_or(0);
+    let mean = per_user.iter().sum::<u64>() as f64 / USERS as f64;
+    let ledger_entries = {
+        let state = h.cli(1, &["cluster", "state"]);
+        state.matches("/user/u").count()
+    };
+    println!(
+        "{USERS} users × {PER_USER} tokens/day through 3 nodes in {:.1} s: answers {:?}; served per user: mean {mean:.0} ({:.3} × the limit), max {worst}; over-admission summed over all users: {over} tokens; per-user keys in the replicated state: {ledger_entries}",
+        elapsed.as_secs_f64(),
+        answers.lock().unwrap(),
+        mean / PER_USER as f64,
+    );
+    assert!(
+        worst as f64 <= 1.02 * PER_USER as f64,
+        "a user was served {worst} tokens, over 1.02 × {PER_USER}"
+    );
+    assert!(
+        mean >= 0.5 * PER_USER as f64,
+        "users got too little of their limit: mean {mean:.0}"
+    );
+}

@@ -18,6 +18,8 @@ struct Ledger {
     down: AtomicBool,
     /// The next proposal commits, but its answer is lost (the leader died after committing).
     lose_next_ack: AtomicBool,
+    /// Grant requests and usage reports proposed so far (what a scope costs the ledger).
+    grants_and_reports: AtomicU64,
 }
 
 struct NodeProposer {
@@ -30,6 +32,9 @@ impl Proposer for NodeProposer {
         let ledger = Arc::clone(&self.ledger);
         let node = self.node;
         Box::pin(async move {
+            ledger
+                .grants_and_reports
+                .fetch_add(grants_and_reports(&command), Ordering::Relaxed);
             if ledger.down.load(Ordering::Relaxed) {
                 return Err("no leader is known".into());
             }
@@ -45,6 +50,15 @@ impl Proposer for NodeProposer {
             }
             Ok(applied)
         })
+    }
+}
+
+fn grants_and_reports(command: &Command) -> u64 {
+    match command {
+        Command::RequestGrant(_) | Command::ReportUsage { .. } => 1,
+        Command::Once { command, .. } => grants_and_reports(command),
+        Command::Batch { commands } => commands.iter().map(grants_and_reports).sum(),
+        _ => 0,
     }
 }
 
@@ -82,6 +96,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         state: Mutex::new(s),
         down: AtomicBool::new(false),
         lose_next_ack: AtomicBool::new(false),
+        grants_and_reports: AtomicU64::new(0),
     })
 }
 
@@ -99,6 +114,14 @@ fn node(ledger: &Arc<Ledger>, id: NodeId, config: QuotaConfig) -> Quota {
         },
     )
     .0
+}
+
+/// Every scope through the ledger (no static shares): for the tests of grants and reports.
+fn ledger_only() -> QuotaConfig {
+    QuotaConfig {
+        static_share: 0.0,
+        ..QuotaConfig::default()
+    }
 }
 
 /// Waits, if needed, so that the next few seconds fall inside one minute window: a test that
@@ -232,7 +255,7 @@ async fn without_quorum_limits_deny_or_share() {
         ..Limits::default()
     });
     ledger.down.store(true, Ordering::Relaxed);
-    let deny = node(&ledger, 1, QuotaConfig::default());
+    let deny = node(&ledger, 1, ledger_only());
     let e = deny
         .admit(&tenant, &limits, tokens(10))
         .await
@@ -240,7 +263,7 @@ async fn without_quorum_limits_deny_or_share() {
     assert_eq!(e.code.as_deref(), Some("quota_unavailable"));
     assert_eq!(e.kind, ErrorKind::Unavailable);
 
-    let mut config = QuotaConfig::default();
+    let mut config = ledger_only();
     config
         .no_quorum
         .insert(LimitKind::TokensPerMinute, NoQuorum::LocalShare);
@@ -351,7 +374,7 @@ async fn a_limit_of_one_admits_exactly_one() {
 async fn a_report_whose_answer_was_lost_is_counted_once() {
     inside_one_window().await;
     let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let q = node(&ledger, 1, ledger_only());
     let tenant: Arc<str> = "acme".into();
     let r = q
         .admit(&tenant, &tpm(10_000), tokens(100))
@@ -632,4 +655,180 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
     println!("{users} reports and 4,000 roll-ups went in {batches} batches");
     assert!(batches > 1, "that much does not fit one entry");
     assert_eq!((reports, rollups), (users, 4_000), "everything went, once");
+}
+
+fn user_scope(user: u64, tokens_per_minute: u64) -> Vec<Scope> {
+    vec![Scope {
+        key: format!("tenant/acme/user/u{user}"),
+        limits: Limits {
+            tokens_per_minute: Some(tokens_per_minute),
+            ..Limits::default()
+        },
+    }]
+}
+
+#[tokio::test]
+async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_entry() {
+    inside_one_window().await;
+    let ledger = ledger(3);
+    let nodes: Vec<Quota> = (1..=3)
+        .map(|id| node(&ledger, id, QuotaConfig::default()))
+        .collect();
+    let tenant: Arc<str> = "acme".into();
+    // Let each flusher's first tick pass, so that every proposal counted below is one the
+    // admissions caused.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = ledger.grants_and_reports.load(Ordering::Relaxed);
+    for user in 0..1_000 {
+        // 3 × 100 tokens of a 3,000/min limit: within this node's share (3,000 × 0.5 / 3).
+        for _ in 0..3 {
+            let r = nodes[user as usize % 3]
+                .admit(&tenant, &user_scope(user, 3_000), tokens(100))
+                .await
+                .expect("admitted from the share");
+            r.settle(
+                "m",
+                UsageTotals {
+                    completion_tokens: 90,
+                    ..UsageTotals::default()
+                },
+            );
+        }
+    }
+    for n in &nodes {
+        n.flush().await;
+    }
+    assert_eq!(
+        ledger.grants_and_reports.load(Ordering::Relaxed) - before,
+        0,
+        "no grant and no report for users within their share"
+    );
+    assert!(
+        ledger.published.borrow().ledger.is_empty(),
+        "the ledger did not grow"
+    );
+}
+
+#[tokio::test]
+async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
+    inside_one_window().await;
+    let ledger = ledger(3);
+    let nodes: Vec<Quota> = (1..=3)
+        .map(|id| node(&ledger, id, QuotaConfig::default()))
+        .collect();
+    let tenant: Arc<str> = "acme".into();
+    // The other nodes have seen this user a little (they hold shares with some use).
+    for n in &nodes[1..] {
+        std::mem::forget(
+            n.admit(&tenant, &user_scope(7, 3_000), tokens(100))
+                .await
+                .expect("admitted"),
+        );
+    }
+    let mut admitted = 200;
+    let mut refusals = Vec::new();
+    // As a client does: on a 429, again after its Retry-After (the first one comes when the
+    // pool is spent, while the other nodes are asked for their shares).
+    while refusals.len() < 3 {
+        let user = user_scope(7, 3_000);
+        match nodes[0].admit(&tenant, &user, tokens(100)).await {
+            Ok(r) => {
+                admitted += 100;
+                std::mem::forget(r);
+            }
+            Err(e) => {
+                let wait = e.retry_after.expect("a retry-after");
+                refusals.push(e);
+                if wait > Duration::from_secs(1) {
+                    break;
+                }
+                tokio::time::sleep(wait + Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let e = refusals.pop().expect("the limit was reached");
+    assert_eq!(e.code.as_deref(), Some("tokens_per_minute"));
+    let ledger_entry =
+        ledger.published.borrow().ledger["tenant/acme/user/u7/tokens_per_minute"].clone();
+    println!(
+        "hot on one node: {admitted} of 3,000 admitted; shares released by {:?}",
+        ledger_entry.released
+    );
+    assert!(admitted <= 3_000, "over-admitted: {admitted}");
+    // Beyond its share and the pool, the others' shares were released to it on request.
+    assert!(admitted >= 2_900, "under-admitted: {admitted}");
+    assert_eq!(ledger_entry.released.len(), 3, "every share was released");
+}
+
+#[tokio::test]
+async fn with_static_shares_a_node_without_quorum_still_admits_its_share() {
+    inside_one_window().await;
+    let ledger = ledger(4);
+    ledger.down.store(true, Ordering::Relaxed);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let mut admitted = 0;
+    for _ in 0..100 {
+        match q.admit(&tenant, &tpm(4_000), tokens(10)).await {
+            Ok(r) => {
+                admitted += 10;
+                std::mem::forget(r);
+            }
+            Err(e) => {
+                assert_eq!(e.code.as_deref(), Some("quota_unavailable"));
+                break;
+            }
+        }
+    }
+    // 4,000 × 0.5 ÷ 4 nodes.
+    assert_eq!(admitted, 500);
+}
+
+/// Admits 10-token requests of `tpm(4_000)` until one is refused; returns what was admitted.
+async fn admit_until_refused(q: &Quota) -> u64 {
+    let tenant: Arc<str> = "acme".into();
+    let mut admitted = 0;
+    while let Ok(r) = q.admit(&tenant, &tpm(4_000), tokens(10)).await {
+        admitted += 10;
+        std::mem::forget(r);
+        assert!(admitted <= 4_000, "runaway");
+    }
+    admitted
+}
+
+#[tokio::test]
+async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_spent() {
+    inside_one_window().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || QuotaConfig {
+        state_dir: Some(dir.path().to_path_buf()),
+        ..QuotaConfig::default()
+    };
+    // Without quorum, only this node's share (4,000 × 0.5 ÷ 4 = 500) can be admitted.
+    let ledger = ledger(4);
+    ledger.down.store(true, Ordering::Relaxed);
+    let tenant: Arc<str> = "acme".into();
+    let first = node(&ledger, 1, config());
+    for _ in 0..30 {
+        std::mem::forget(
+            first
+                .admit(&tenant, &tpm(4_000), tokens(10))
+                .await
+                .expect("from the share"),
+        );
+    }
+    first.save_shares(); // a clean stop
+    let second = node(&ledger, 1, config());
+    assert_eq!(
+        admit_until_refused(&second).await,
+        200,
+        "the restarted node goes on from the 300 it had admitted"
+    );
+    // A crash: nothing saved, the running marker left behind.
+    let third = node(&ledger, 1, config());
+    assert_eq!(
+        admit_until_refused(&third).await,
+        0,
+        "after a crash the window's share counts as spent"
+    );
 }
