@@ -96,6 +96,78 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         h.max() as f64 / 1000.0
     );
 
+    // End users: the tenant's limits plus a per-user tokens/day limit (10,000, the free tier of
+    // the design), for a user admitted before and for users never seen (each one's first
+    // request), after 1,000 and after 1,000,000 distinct users. The scope keys are built
+    // before timing. The ledger here applies at once, but with static shares a user within its
+    // share asks it for nothing: the point is that a new user costs what a known one does.
+    let user_limits = |u: u64| {
+        [
+            limits[0].clone(),
+            Scope {
+                key: format!("tenant/acme/user/u{u}"),
+                limits: Limits {
+                    tokens_per_day: Some(10_000),
+                    ..Limits::default()
+                },
+            },
+        ]
+    };
+    let known = user_limits(u64::MAX);
+    let mut next_user = 0u64;
+    let users_seen = |quota: &Quota, from: u64, count: u64| {
+        let scopes: Vec<_> = (from..from + count).map(user_limits).collect();
+        let quota = quota.clone();
+        let tenant = Arc::clone(&tenant);
+        async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            for s in &scopes {
+                let t = Instant::now();
+                let r = quota.admit(&tenant, s, estimate).await?;
+                h.record(t.elapsed().as_nanos() as u64)?;
+                drop(r);
+            }
+            Ok::<_, Box<dyn std::error::Error>>(h)
+        }
+    };
+    let known_user = |quota: &Quota| {
+        let quota = quota.clone();
+        let tenant = Arc::clone(&tenant);
+        let known = known.clone();
+        async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            for _ in 0..100_000 {
+                let t = Instant::now();
+                let r = quota.admit(&tenant, &known, estimate).await?;
+                h.record(t.elapsed().as_nanos() as u64)?;
+                drop(r);
+            }
+            Ok::<_, Box<dyn std::error::Error>>(h)
+        }
+    };
+    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    for (label, total) in [("1,000", 1_000u64), ("1,000,000", 1_000_000)] {
+        // Users before the ones timed (the last 1,000 of `total` are timed).
+        while next_user + 1_000 < total {
+            let batch = (total - 1_000 - next_user).min(100_000);
+            users_seen(&quota, next_user, batch).await?;
+            next_user += batch;
+        }
+        let fresh = users_seen(&quota, next_user, 1_000).await?;
+        next_user += 1_000;
+        let seen = known_user(&quota).await?;
+        println!(
+            "per-user limit, after {label} users: a new user's first request p50 {:.3} µs, p99 {:.3} µs; a known user's p50 {:.3} µs, p99 {:.3} µs (new ÷ known at p50: {:.2})",
+            q(&fresh, 0.5),
+            q(&fresh, 0.99),
+            q(&seen, 0.5),
+            q(&seen, 0.99),
+            q(&fresh, 0.5) / q(&seen, 0.5)
+        );
+    }
+    let proposals = ledger.published.borrow().ledger.len();
+    println!("ledger entries after 1,000,000 users (each within its share): {proposals}");
+
     // The estimate that precedes it: counting a short prompt's tokens, for a message seen
     // before (remembered: system prompts and history come back every turn) and for new text.
     let request = meridian_proto::openai::ChatRequest::from_json(
@@ -121,7 +193,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fresh.record(t.elapsed().as_nanos() as u64)?;
         assert!(n > 0);
     }
-    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "prompt estimate (o200k, one short message): seen before p50 {:.3} µs, p99 {:.3} µs; \
          new text (~10 tokens) p50 {:.3} µs, p99 {:.3} µs",

@@ -806,6 +806,7 @@ impl Quota {
                 budget.expires = None;
                 budget.local_share = false;
                 budget.dry_until = None;
+                budget.last_slice = 0;
                 let (share, nodes) = self.share_of(limit);
                 budget.start_share(share, nodes, self.vouches_for(window_start));
             }
@@ -828,7 +829,8 @@ impl Quota {
                     || budget
                         .expires
                         .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
-                if low && !budget.renewing && !budget.local_share {
+                // (Never from a share: a grant request releases it, and it is still in use.)
+                if low && !budget.renewing && !budget.local_share && !open_share {
                     renew_early.push(charges.len());
                 }
                 // From a share, with no ledger entry: the limit less what this node charged (what
@@ -1148,6 +1150,10 @@ impl Quota {
             let cap = ((b.limit as f64 * self.inner.config.max_slice).ceil() as u64).max(1);
             let want = (rate * self.inner.config.slice_horizon.as_secs_f64()).ceil() as u64;
             let amount = want.clamp((cap / 10).max(1), cap).max(b.need).min(b.limit);
+            if b.share_mode == ShareMode::Open {
+                b.share_mode = ShareMode::Releasing(b.charged.max(0) as u64);
+                b.allowance = 0;
+            }
             b.need = 0;
             b.demand = 0;
             b.demand_since = now;
@@ -1164,7 +1170,10 @@ impl Quota {
                     share_nodes: b.share_nodes,
                     share_used: match b.share_mode {
                         ShareMode::Releasing(used) => used,
-                        ShareMode::Open | ShareMode::Released => 0,
+                        ShareMode::Released => 0,
+                        // Not asked for from an open share; if it ever is, the request gives
+                        // the share up with what it admitted (see below), never as unused.
+                        ShareMode::Open => b.charged.max(0) as u64,
                     },
                 },
                 now,

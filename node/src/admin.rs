@@ -11,7 +11,7 @@ use meridian_actors::Gateway;
 use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
 use meridian_proto::cluster::{
-    ApiKeyRecord, Applied, BreakerState, Command, Tenant, Tier, changed_fields,
+    ApiKeyRecord, Applied, BreakerState, Command, Table, Tenant, Tier, changed_fields,
 };
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
@@ -111,13 +111,60 @@ impl Admin for AdminService {
 
     async fn cluster_state(
         &self,
-        _req: Request<pb::ClusterStateRequest>,
+        req: Request<pb::ClusterStateRequest>,
     ) -> Result<Response<pb::ClusterStateResponse>, Status> {
-        let state = self.cluster.state().borrow().clone();
-        let json = serde_json::to_string(&*state).map_err(|e| Status::internal(e.to_string()))?;
+        let r = req.into_inner();
+        let state = Arc::clone(&self.cluster.state().borrow());
+        let limit = page_limit(r.limit);
+        let page = |what: Page| -> Result<(String, String), Status> {
+            let (records, next) = what;
+            let json =
+                serde_json::to_string(&records).map_err(|e| Status::internal(e.to_string()))?;
+            Ok((json, next))
+        };
+        let (json, next_after) = match r.section.as_str() {
+            "" => {
+                let summary = serde_json::json!({
+                    "counts": {
+                        "members": state.members.len(),
+                        "providers": state.providers.len(),
+                        "tiers": state.tiers.len(),
+                        "tenants": state.tenants.len(),
+                        "api_keys": state.api_keys.len(),
+                        "ledger": state.ledger.len(),
+                        "breakers": state.breakers.len(),
+                        "usage_days": state.usage.len(),
+                        "applied_seq": state.applied_seq.len(),
+                    },
+                    "members": state.members,
+                    "tiers": state.tiers,
+                    "providers": state.providers,
+                    "breakers": state.breakers,
+                });
+                (summary.to_string(), String::new())
+            }
+            "members" => page(page_of(&state.members, &r.prefix, &r.after, limit)?)?,
+            "providers" => page(page_of(&state.providers, &r.prefix, &r.after, limit)?)?,
+            "tiers" => page(page_of(&state.tiers, &r.prefix, &r.after, limit)?)?,
+            "tenants" => page(page_of(&state.tenants, &r.prefix, &r.after, limit)?)?,
+            "api_keys" => page(page_of(&state.api_keys, &r.prefix, &r.after, limit)?)?,
+            "ledger" => page(page_of(&state.ledger, &r.prefix, &r.after, limit)?)?,
+            "breakers" => page(page_of(&state.breakers, &r.prefix, &r.after, limit)?)?,
+            "usage" => page(page_of(&state.usage, &r.prefix, &r.after, limit)?)?,
+            "applied_seq" => page(page_of(&state.applied_seq, &r.prefix, &r.after, limit)?)?,
+            other => {
+                return Err(field(
+                    "section",
+                    &format!(
+                        "{other:?} is not one of members, providers, tiers, tenants, api_keys, ledger, breakers, usage, applied_seq"
+                    ),
+                ));
+            }
+        };
         Ok(Response::new(pb::ClusterStateResponse {
             applied_index: self.cluster.status().applied_index,
             json,
+            next_after,
         }))
     }
 
@@ -310,12 +357,13 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let tenant = req.into_inner().tenant;
-        let state = self.cluster.state().borrow().clone();
-        let keys = state
-            .api_keys
-            .values()
-            .filter(|k| tenant.is_empty() || k.tenant == tenant)
+        let r = req.into_inner();
+        let state = Arc::clone(&self.cluster.state().borrow());
+        let limit = page_limit(r.limit);
+        let mut keys: Vec<pb::ApiKeyInfo> = after_key(&state.api_keys, &r.after)
+            .map(|(_, k)| k)
+            .filter(|k| r.tenant.is_empty() || k.tenant == r.tenant)
+            .take(limit + 1)
             .map(|k| pb::ApiKeyInfo {
                 key_id: k.id.clone(),
                 tenant: k.tenant.clone(),
@@ -324,7 +372,8 @@ impl Admin for AdminService {
                 revoked_at_unix_ms: k.revoked_at_unix_ms,
             })
             .collect();
-        Ok(Response::new(pb::ListApiKeysResponse { keys }))
+        let next_after = next_page(&mut keys, limit, |k| k.key_id.clone());
+        Ok(Response::new(pb::ListApiKeysResponse { keys, next_after }))
     }
 
     async fn revoke_api_key(
@@ -501,15 +550,101 @@ impl Admin for AdminService {
 
     async fn list_tenants(
         &self,
-        _req: Request<pb::ListTenantsRequest>,
+        req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let state = self.cluster.state().borrow().clone();
+        let r = req.into_inner();
+        let state = Arc::clone(&self.cluster.state().borrow());
+        let limit = page_limit(r.limit);
+        let mut tenants: Vec<pb::Tenant> = after_key(&state.tenants, &r.after)
+            .take(limit + 1)
+            .map(|(_, t)| t.into())
+            .collect();
+        let next_after = next_page(&mut tenants, limit, |t| t.id.clone());
         Ok(Response::new(pb::ListTenantsResponse {
-            tiers: state.tiers.values().map(Into::into).collect(),
-            tenants: state.tenants.values().map(Into::into).collect(),
+            tiers: if r.after.is_empty() {
+                state.tiers.values().map(Into::into).collect()
+            } else {
+                Vec::new()
+            },
+            tenants,
             applied_index: self.cluster.status().applied_index,
+            next_after,
         }))
     }
+}
+
+/// A page's records by key, and where the next page starts.
+type Page = (serde_json::Map<String, serde_json::Value>, String);
+
+/// A page's size: `requested` (0: 1,000), at most 10,000.
+fn page_limit(requested: u32) -> usize {
+    match requested {
+        0 => 1_000,
+        n => n.min(10_000) as usize,
+    }
+}
+
+/// A page stops growing past this many bytes of JSON, well inside the 4 MiB gRPC message.
+const PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// The records of `table` after key `after`, in key order.
+fn after_key<'a, K, V>(
+    table: &'a Table<K, V>,
+    after: &str,
+) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>
+where
+    K: Ord + Clone + std::fmt::Display + std::str::FromStr,
+    V: Clone,
+{
+    match after.parse::<K>() {
+        Ok(key) if !after.is_empty() => {
+            Box::new(table.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)))
+        }
+        _ => Box::new(table.iter()),
+    }
+}
+
+/// Keeps the first `limit` of `items` (fetched as `limit + 1`) and says where the next page
+/// starts: after the last one kept, if there were more.
+fn next_page<T>(items: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> String {
+    if items.len() <= limit {
+        return String::new();
+    }
+    items.truncate(limit);
+    items.last().map(key).unwrap_or_default()
+}
+
+/// Up to `limit` records of `table` whose key starts with `prefix`, after `after`, as JSON by
+/// key; stops early at [`PAGE_BYTES`].
+fn page_of<K, V>(
+    table: &Table<K, V>,
+    prefix: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Page, Status>
+where
+    K: Ord + Clone + std::fmt::Display + std::str::FromStr,
+    V: Clone + serde::Serialize,
+{
+    if !after.is_empty() && after.parse::<K>().is_err() {
+        return Err(field(
+            "after",
+            &format!("{after:?} is not a key of this section"),
+        ));
+    }
+    let mut records = serde_json::Map::new();
+    let mut bytes = 0;
+    let mut last = String::new();
+    for (k, v) in after_key(table, after).filter(|(k, _)| k.to_string().starts_with(prefix)) {
+        if records.len() == limit || bytes > PAGE_BYTES {
+            return Ok((records, last));
+        }
+        let value = serde_json::to_value(v).map_err(|e| Status::internal(e.to_string()))?;
+        last = k.to_string();
+        bytes += last.len() + value.to_string().len();
+        records.insert(last.clone(), value);
+    }
+    Ok((records, String::new()))
 }
 
 /// INVALID_ARGUMENT naming the field, the way the inference API does.
@@ -575,5 +710,53 @@ fn replica_answer(
         Ok(message) => Ok(Response::new(pb::ControlReplicaResponse { message })),
         Err(e) if e.starts_with("no replica") => Err(Status::not_found(e)),
         Err(e) => Err(Status::failed_precondition(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_a_section_once_in_order_and_stay_small() {
+        let mut table: Table<String, String> = Table::new();
+        for i in 0..2_500 {
+            table.insert(format!("tenant/t{:04}/user/u{i}", i % 7), "x".repeat(100));
+        }
+        let mut seen = Vec::new();
+        let mut after = String::new();
+        let mut pages = 0;
+        loop {
+            let (records, next) = page_of(&table, "", &after, 1_000).expect("a page");
+            pages += 1;
+            assert!(records.len() <= 1_000);
+            seen.extend(records.keys().cloned());
+            if next.is_empty() {
+                break;
+            }
+            after = next;
+        }
+        assert_eq!(pages, 3);
+        let all: Vec<String> = table.keys().cloned().collect();
+        assert_eq!(seen, all, "every record once, in key order");
+
+        let (one_tenant, next) = page_of(&table, "tenant/t0003/", "", 10_000).expect("a page");
+        assert!(next.is_empty());
+        assert!(one_tenant.keys().all(|k| k.starts_with("tenant/t0003/")));
+        assert_eq!(one_tenant.len(), 357);
+
+        // Large records: a page stops at about PAGE_BYTES whatever the limit.
+        let mut big: Table<u64, String> = Table::new();
+        for day in 0..40 {
+            big.insert(day, "y".repeat(256 * 1024));
+        }
+        let (records, next) = page_of(&big, "", "", 10_000).expect("a page");
+        let bytes = serde_json::to_string(&records).expect("encodes").len();
+        assert!(bytes < 4 * 1024 * 1024, "{bytes} bytes");
+        assert!(!next.is_empty() && records.len() < 40);
+        assert!(
+            page_of(&big, "", "not-a-day", 10).is_err(),
+            "a bad cursor names the field"
+        );
     }
 }

@@ -180,8 +180,18 @@ enum KeyCommand {
 enum ClusterCommand {
     /// Leader, term, commit and applied indexes, voters, learners, members.
     Status,
-    /// The node's applied replicated state, as JSON.
-    State,
+    /// The node's applied replicated state: a summary (record counts, members, tiers,
+    /// providers, breakers), or one section's records as JSON, one page per line.
+    State {
+        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, applied_seq.
+        section: Option<String>,
+        /// Only records whose key starts with this, e.g. "tenant/acme/" in the ledger.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many records (default: all, fetched page by page).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// The actor mesh: connected peers, and each peer's answer when asked through it.
     Mesh,
     /// Add a node started with `cluster.join = true` as a learner.
@@ -493,12 +503,37 @@ async fn admin(
                     println!("  no answer: {e}");
                 }
             }
-            ClusterCommand::State => {
-                let s = client
-                    .cluster_state(admin_pb::ClusterStateRequest {})
-                    .await?
-                    .into_inner();
-                println!("{}", s.json);
+            ClusterCommand::State {
+                section,
+                prefix,
+                limit,
+            } => {
+                let mut after = String::new();
+                let mut left = limit.map(u64::from);
+                loop {
+                    let page = client
+                        .cluster_state(admin_pb::ClusterStateRequest {
+                            section: section.clone().unwrap_or_default(),
+                            prefix: prefix.clone(),
+                            after: after.clone(),
+                            limit: left.map_or(0, |l| l.min(10_000) as u32),
+                        })
+                        .await?
+                        .into_inner();
+                    println!("{}", page.json);
+                    if let Some(l) = &mut left {
+                        let got =
+                            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+                                &page.json,
+                            )
+                            .map_or(0, |m| m.len() as u64);
+                        *l = l.saturating_sub(got);
+                    }
+                    if page.next_after.is_empty() || left == Some(0) {
+                        break;
+                    }
+                    after = page.next_after;
+                }
             }
             ClusterCommand::AddLearner { node, raft_addr } => {
                 let r = client
@@ -556,11 +591,24 @@ async fn admin(
                 );
             }
             KeyCommand::List { tenant } => {
-                let l = client
-                    .list_api_keys(admin_pb::ListApiKeysRequest { tenant })
-                    .await?
-                    .into_inner();
-                for k in l.keys {
+                let mut keys = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let page = client
+                        .list_api_keys(admin_pb::ListApiKeysRequest {
+                            tenant: tenant.clone(),
+                            after,
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    keys.extend(page.keys);
+                    if page.next_after.is_empty() {
+                        break;
+                    }
+                    after = page.next_after;
+                }
+                for k in keys {
                     println!(
                         "{}  tenant {:<20} {}{}",
                         k.key_id,
@@ -747,10 +795,21 @@ async fn admin(
                 print_change(r.into_inner(), &format!("tenant {id} saved"));
             }
             TenantCommand::List => {
-                let l = client
-                    .list_tenants(admin_pb::ListTenantsRequest {})
+                let mut l = client
+                    .list_tenants(admin_pb::ListTenantsRequest::default())
                     .await?
                     .into_inner();
+                while !l.next_after.is_empty() {
+                    let page = client
+                        .list_tenants(admin_pb::ListTenantsRequest {
+                            after: std::mem::take(&mut l.next_after),
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    l.tenants.extend(page.tenants);
+                    l.next_after = page.next_after;
+                }
                 for t in l.tiers {
                     println!("tier   {:<20} {}", t.name, limits(t.limits));
                 }

@@ -410,7 +410,7 @@ impl Harness {
     pub async fn tenants(&self, id: u64) -> Option<Vec<String>> {
         let mut admin = self.admin(id).await?;
         let list = admin
-            .list_tenants(ListTenantsRequest {})
+            .list_tenants(ListTenantsRequest::default())
             .await
             .ok()?
             .into_inner();

@@ -32,15 +32,21 @@ async fn until_next_minute() -> u64 {
     now.as_secs() / 60 + 1
 }
 
-#[tokio::test]
-async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() {
+/// A mock upstream (`mock@tokens:40`) behind three nodes on `127.0.{subnet}.0/24`, with `tier`
+/// and a tenant `tenant` on it written through node `via`; returns the tenant's API key.
+async fn three_nodes_with(
+    subnet: u8,
+    via: u64,
+    tier: pb::Tier,
+    tenant: &str,
+) -> (MockUpstream, Harness, String) {
     let mock = MockUpstream::start(MockOptions {
         flavor: Flavor::Vllm,
         ..MockOptions::default()
     })
     .await
     .unwrap();
-    let mut h = Harness::new(16);
+    let mut h = Harness::new(subnet);
     h.providers = provider_toml(
         "mock",
         &mock.base_url(),
@@ -48,31 +54,42 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         "max_concurrency = 256\nqueue_capacity = 1024",
     );
     h.boot(&[1, 2, 3]).await;
-    let mut admin = h.admin(2).await.unwrap();
+    let mut admin = h.admin(via).await.unwrap();
+    let tier_name = tier.name.clone();
     admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "metered".into(),
-                limits: Some(pb::Limits {
-                    tokens_per_minute: Some(LIMIT),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
-            }),
-        })
+        .put_tier(pb::PutTierRequest { tier: Some(tier) })
         .await
         .unwrap();
     admin
         .put_tenant(pb::PutTenantRequest {
             tenant: Some(pb::Tenant {
-                id: "acme".into(),
-                tier: "metered".into(),
+                id: tenant.into(),
+                tier: tier_name,
                 ..pb::Tenant::default()
             }),
         })
         .await
         .unwrap();
-    let key = h.api_key(2, "acme").await.unwrap();
+    let key = h.api_key(via, tenant).await.unwrap();
+    (mock, h, key)
+}
+
+#[tokio::test]
+async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() {
+    let (mock, mut h, key) = three_nodes_with(
+        16,
+        2,
+        pb::Tier {
+            name: "metered".into(),
+            limits: Some(pb::Limits {
+                tokens_per_minute: Some(LIMIT),
+                ..pb::Limits::default()
+            }),
+            ..pb::Tier::default()
+        },
+        "acme",
+    )
+    .await;
 
     // Hammer: 12 clients spread over the three nodes, far more demand than the limit.
     let stop = Arc::new(AtomicBool::new(false));
@@ -158,11 +175,17 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         tokio::time::sleep(Duration::from_millis(to_end.saturating_sub(400))).await;
         let alive = h.running();
         if let Some(mut a) = h.admin(alive[0]).await
-            && let Ok(r) = a.cluster_state(pb::ClusterStateRequest {}).await
+            && let Ok(r) = a
+                .cluster_state(pb::ClusterStateRequest {
+                    section: "ledger".into(),
+                    prefix: "tenant/acme/tokens_per_minute".into(),
+                    ..Default::default()
+                })
+                .await
         {
             let v: serde_json::Value =
                 serde_json::from_str(&r.into_inner().json).unwrap_or_default();
-            let l = &v["ledger"]["tenant/acme/tokens_per_minute"];
+            let l = &v["tenant/acme/tokens_per_minute"];
             println!(
                 "window {window}: the ledger holds used = {} (grants {})",
                 l["used"], l["grants"]
@@ -227,45 +250,20 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
     if into_day > 86_400 - 180 {
         tokio::time::sleep(Duration::from_secs(86_400 - into_day + 5)).await;
     }
-    let mock = MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
-    let mut h = Harness::new(23);
-    h.providers = provider_toml(
-        "mock",
-        &mock.base_url(),
-        &["mock@tokens:40"],
-        "max_concurrency = 256\nqueue_capacity = 1024",
-    );
-    h.boot(&[1, 2, 3]).await;
-    let mut admin = h.admin(1).await.unwrap();
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "users".into(),
-                per_user: Some(pb::Limits {
-                    tokens_per_day: Some(PER_USER),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
+    let (mock, h, key) = three_nodes_with(
+        23,
+        1,
+        pb::Tier {
+            name: "users".into(),
+            per_user: Some(pb::Limits {
+                tokens_per_day: Some(PER_USER),
+                ..pb::Limits::default()
             }),
-        })
-        .await
-        .unwrap();
-    admin
-        .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: "app".into(),
-                tier: "users".into(),
-                ..pb::Tenant::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let key = h.api_key(1, "app").await.unwrap();
+            ..pb::Tier::default()
+        },
+        "app",
+    )
+    .await;
     let urls: Arc<Vec<String>> = Arc::new(
         [1, 2, 3]
             .iter()
@@ -346,7 +344,10 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
     let worst = per_user.iter().copied().max().unwrap_or(0);
     let mean = per_user.iter().sum::<u64>() as f64 / USERS as f64;
     let ledger_entries = {
-        let state = h.cli(1, &["cluster", "state"]);
+        let state = h.cli(
+            1,
+            &["cluster", "state", "ledger", "--prefix", "tenant/app/user/"],
+        );
         state.matches("/user/u").count()
     };
     println!(

@@ -832,3 +832,43 @@ async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_sp
         "after a crash the window's share counts as spent"
     );
 }
+
+#[tokio::test]
+async fn a_grant_asked_for_while_a_share_is_open_counts_what_the_share_admitted() {
+    inside_one_window().await;
+    let ledger = ledger(3);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    for _ in 0..4 {
+        std::mem::forget(
+            q.admit(&tenant, &tpm(3_000), tokens(100))
+                .await
+                .expect("from the share"),
+        );
+    }
+    // However a renewal comes about while the share is open (early, or for want of quorum),
+    // it gives the share up with its use: the 400 admitted are counted, never lost.
+    q.renew(BudgetKey::new("tenant/acme", LimitKind::TokensPerMinute))
+        .await;
+    let state = ledger.published.borrow().clone();
+    let entry = &state.ledger["tenant/acme/tokens_per_minute"];
+    assert_eq!(entry.released.get(&1), Some(&400));
+    assert_eq!(entry.used, 400);
+    let more = admit_until_refused_tpm(&q, 3_000).await;
+    assert!(
+        400 + more == 3_000 - 2 * 500,
+        "the other shares stay set aside: {more}"
+    );
+}
+
+/// Admits 100-token requests of `tpm(limit)` until one is refused; returns what was admitted.
+async fn admit_until_refused_tpm(q: &Quota, limit: u64) -> u64 {
+    let tenant: Arc<str> = "acme".into();
+    let mut admitted = 0;
+    while let Ok(r) = q.admit(&tenant, &tpm(limit), tokens(100)).await {
+        admitted += 100;
+        std::mem::forget(r);
+        assert!(admitted <= limit, "runaway");
+    }
+    admitted
+}
