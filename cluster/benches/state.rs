@@ -243,12 +243,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut flush = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     for i in 0..samples {
         let reports = (0..100)
-            .map(|j| Command::ReportUsage {
-                key: format!(
-                    "tenant/t{}/user/u{}/tokens_per_day",
-                    (i * 100 + j) % tenants,
-                    (i * 100 + j) % users
-                ),
+            .map(|j| {
+                // A hot user's entry (the ones in the ledger).
+                let user = ((i * 100 + j) % (users / 100).max(1)) * 100;
+                (user, user % tenants)
+            })
+            .map(|(user, tenant)| Command::ReportUsage {
+                key: format!("tenant/t{tenant}/user/u{user}/tokens_per_day"),
                 node: 1,
                 window_start_unix_ms: today,
                 delta: 7,
