@@ -1,6 +1,7 @@
 //! The Raft state machine: applies [`Proposal`]s to a [`ClusterState`], publishes every applied
 //! state on a `watch` (the hot path reads that, never Raft), and keeps its current snapshot in
-//! `snapshot.json` in the data directory, replaced atomically (write, fsync, rename, fsync dir).
+//! `snapshot.bin` in the data directory (MessagePack body), replaced atomically (write, fsync,
+//! rename, fsync dir).
 //!
 //! The state itself lives in memory: on restart it comes back from the snapshot, and openraft
 //! re-applies the committed log entries after it.
@@ -24,7 +25,59 @@ type Entry = openraft::Entry<TypeConfig>;
 type Meta = SnapshotMeta<NodeId, BasicNode>;
 type Membership = StoredMembership<NodeId, BasicNode>;
 
-const SNAPSHOT_FILE: &str = "snapshot.json";
+/// The snapshot file: its meta as JSON (length-prefixed), then the body's bytes as they are.
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// The file of earlier versions (meta and body in one JSON document), read if no
+/// [`SNAPSHOT_FILE`] exists yet; replaced by it at the next snapshot.
+const OLD_SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// A snapshot body as MessagePack (structs as arrays: compact; a field added later with a
+/// default reads as its default from an older body). Bodies from earlier versions are JSON.
+fn encode_body(body: &SnapshotBody) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(body)
+}
+
+fn decode_body(bytes: &[u8]) -> Result<SnapshotBody, String> {
+    if bytes.first() == Some(&b'{') {
+        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// `meta` and `data` as the snapshot file holds them.
+fn file_bytes(meta: &Meta, data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let meta = serde_json::to_vec(meta)?;
+    let mut out = Vec::with_capacity(8 + meta.len() + data.len());
+    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// The meta and data of a snapshot file (either format).
+fn read_file(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>, String> {
+    match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => {
+            let (len, rest) = bytes.split_at_checked(8).ok_or("snapshot file too short")?;
+            let len = u64::from_le_bytes(len.try_into().map_err(|_| "bad length")?) as usize;
+            let (meta, data) = rest
+                .split_at_checked(len)
+                .ok_or("snapshot meta cut short")?;
+            let meta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            return Ok(Some((meta, data.to_vec())));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    match std::fs::read(dir.join(OLD_SNAPSHOT_FILE)) {
+        Ok(bytes) => {
+            let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            Ok(Some((file.meta, file.data)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// What a snapshot's bytes hold.
 #[derive(Serialize, Deserialize)]
@@ -34,7 +87,7 @@ struct SnapshotBody {
     state: ClusterState,
 }
 
-/// The file on disk: the snapshot's meta and its bytes.
+/// The file of earlier versions: the snapshot's meta and its bytes.
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: Meta,
@@ -80,19 +133,12 @@ impl StateMachine {
             current: None,
             built: 0,
         };
-        match std::fs::read(dir.join(SNAPSHOT_FILE)) {
-            Ok(bytes) => {
-                let file: SnapshotFile =
-                    serde_json::from_slice(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-                let body: SnapshotBody =
-                    serde_json::from_slice(&file.data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-                inner.state = body.state;
-                inner.last_applied = body.last_applied;
-                inner.last_membership = body.last_membership;
-                inner.current = Some((file.meta, file.data));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
+        if let Some((meta, data)) = read_file(dir).map_err(|e| snap_err(ErrorVerb::Read, e))? {
+            let body = decode_body(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            inner.state = body.state;
+            inner.last_applied = body.last_applied;
+            inner.last_membership = body.last_membership;
+            inner.current = Some((meta, data));
         }
         let published = watch::Sender::new(Arc::new(inner.state.clone()));
         Ok(Self {
@@ -116,12 +162,16 @@ impl StateMachine {
     async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<(), StorageError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            let bytes = serde_json::to_vec(&SnapshotFile { meta, data })?;
+            let bytes = file_bytes(&meta, &data)?;
             let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+            match std::fs::remove_file(dir.join(OLD_SNAPSHOT_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
             std::fs::File::open(&dir)?.sync_all()?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         })
@@ -150,7 +200,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             (meta, body)
         };
-        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&body))
+        let data = tokio::task::spawn_blocking(move || encode_body(&body))
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
@@ -207,8 +257,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody =
-            serde_json::from_slice(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let body = decode_body(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.persist(meta.clone(), data.clone()).await?;
         let mut g = self.lock();
         g.state = body.state;

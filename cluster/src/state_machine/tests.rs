@@ -84,3 +84,135 @@ async fn log_vote_and_snapshot_survive_a_reopen() -> Result<(), StorageError> {
     assert!(sm.get_current_snapshot().await?.is_some());
     Ok(())
 }
+
+/// A state with something in every table, breakers open and closed among them.
+fn full_state() -> ClusterState {
+    use meridian_proto::cluster::*;
+    let mut s = ClusterState::default();
+    let mut at = 1_000;
+    let mut apply = |command: Command| {
+        at += 1;
+        s.apply(&Proposal {
+            at_unix_ms: at,
+            proposer: 1,
+            command,
+        });
+    };
+    apply(member(1));
+    apply(Command::UpsertTier(Tier {
+        name: "free".into(),
+        ..Tier::default()
+    }));
+    apply(Command::UpsertTenant(Tenant {
+        id: "acme".into(),
+        tier: "free".into(),
+        regions: vec!["eu".into()],
+        weight: 2,
+        ..Tenant::default()
+    }));
+    apply(Command::CreateApiKey(ApiKeyRecord {
+        id: "0123456789ab".into(),
+        tenant: "acme".into(),
+        sha256_hex: "ab".repeat(32),
+        label: "ci".into(),
+        created_at_unix_ms: 0,
+        revoked_at_unix_ms: None,
+    }));
+    apply(Command::RequestGrant(GrantRequest {
+        key: "tenant/acme/tokens_per_minute".into(),
+        node: 1,
+        limit: 1_000,
+        window_ms: 60_000,
+        window_start_unix_ms: 0,
+        amount: 10,
+        ttl_ms: 60_000,
+        share: 100,
+        share_nodes: 3,
+        share_used: 40,
+    }));
+    for (provider, state) in [
+        (
+            "a",
+            BreakerState::Open {
+                until_unix_ms: 9_000,
+            },
+        ),
+        ("b", BreakerState::Closed),
+    ] {
+        apply(Command::SetBreaker {
+            provider: provider.into(),
+            state,
+            reason: "test".into(),
+            trips: 1,
+            forced: true,
+            expect_version: None,
+            groups: Vec::new(),
+        });
+    }
+    apply(Command::RecordUsage {
+        tenant: "acme".into(),
+        model: "m".into(),
+        totals: UsageTotals {
+            requests: 1,
+            prompt_tokens: 5,
+            ..UsageTotals::default()
+        },
+        retain_days: 90,
+    });
+    assert!(!s.ledger.is_empty() && !s.breakers.is_empty() && !s.usage.is_empty());
+    s
+}
+
+#[test]
+fn snapshot_bodies_round_trip_in_messagepack_and_json_bodies_still_read() {
+    let body = SnapshotBody {
+        last_applied: Some(LogId::new(CommittedLeaderId::new(2, 1), 42)),
+        last_membership: Membership::default(),
+        state: full_state(),
+    };
+    let packed = encode_body(&body).expect("encodes");
+    let json = serde_json::to_vec(&body).expect("encodes");
+    println!(
+        "snapshot body: {} bytes packed, {} as JSON",
+        packed.len(),
+        json.len()
+    );
+    assert!(packed.len() < json.len());
+    for bytes in [&packed, &json] {
+        let back = decode_body(bytes).expect("decodes");
+        assert_eq!(back.state, body.state);
+        assert_eq!(back.last_applied, body.last_applied);
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_file_of_the_earlier_format_is_read_and_replaced() -> Result<(), StorageError> {
+    let dir = tempfile::tempdir().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let state = full_state();
+    let meta = Meta {
+        last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 7)),
+        last_membership: Membership::default(),
+        snapshot_id: "7-1".into(),
+    };
+    let body = SnapshotBody {
+        last_applied: meta.last_log_id,
+        last_membership: Membership::default(),
+        state: state.clone(),
+    };
+    let old = SnapshotFile {
+        meta,
+        data: serde_json::to_vec(&body).map_err(|e| snap_err(ErrorVerb::Write, e))?,
+    };
+    std::fs::write(
+        dir.path().join(OLD_SNAPSHOT_FILE),
+        serde_json::to_vec(&old).map_err(|e| snap_err(ErrorVerb::Write, e))?,
+    )
+    .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let mut sm = StateMachine::open(dir.path())?;
+    assert_eq!(*sm.subscribe().borrow().as_ref(), state);
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    assert!(!dir.path().join(OLD_SNAPSHOT_FILE).exists());
+    let reopened = StateMachine::open(dir.path())?;
+    assert_eq!(*reopened.subscribe().borrow().as_ref(), state);
+    Ok(())
+}
