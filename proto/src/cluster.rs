@@ -479,8 +479,9 @@ pub struct ClusterState {
     pub tenants: Table<String, Tenant>,
     /// By key id.
     pub api_keys: Table<String, ApiKeyRecord>,
-    /// Quota windows by limit key.
-    pub ledger: Table<String, Ledger>,
+    /// Quota windows by limit key. Each behind its own `Arc`, so a write copies the B-tree
+    /// nodes on its path as pointers and clones only the one entry it changes.
+    pub ledger: Table<String, std::sync::Arc<Ledger>>,
     /// By provider id.
     pub breakers: Table<String, BreakerRecord>,
     /// Days since the Unix epoch → tenant → model → totals.
@@ -566,7 +567,9 @@ impl ClusterState {
         }
         for key in prune {
             if let Some(ledger) = self.ledger.get_mut(&key) {
-                ledger.grants.retain(|_, g| live(g));
+                std::sync::Arc::make_mut(ledger)
+                    .grants
+                    .retain(|_, g| live(g));
             }
         }
     }
@@ -680,7 +683,8 @@ impl ClusterState {
                     // Long over (its entry may be gone): nothing to grant from.
                     return Applied::Granted { amount: 0, used: 0 };
                 }
-                let ledger = self.ledger.entry(r.key.clone()).or_default();
+                let ledger =
+                    std::sync::Arc::make_mut(self.ledger.entry(r.key.clone()).or_default());
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
                     return Applied::Granted { amount: 0, used: 0 };
@@ -722,7 +726,7 @@ impl ClusterState {
                 if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
                     return Applied::Unchanged;
                 }
-                let ledger = self.ledger.entry(key.clone()).or_default();
+                let ledger = std::sync::Arc::make_mut(self.ledger.entry(key.clone()).or_default());
                 ledger.advance(at, *window_start_unix_ms, *window_ms);
                 if ledger.window_start_unix_ms != *window_start_unix_ms {
                     return Applied::Unchanged;
@@ -740,7 +744,7 @@ impl ClusterState {
                 window_start_unix_ms,
                 delta,
             } => {
-                let Some(ledger) = self.ledger.get_mut(key) else {
+                let Some(ledger) = self.ledger.get_mut(key).map(std::sync::Arc::make_mut) else {
                     return Applied::NotFound;
                 };
                 let window_ms = ledger.window_ms;
