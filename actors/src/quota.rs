@@ -199,6 +199,10 @@ pub struct QuotaConfig {
     /// Where this node keeps its share counts over a restart (the node's data directory);
     /// `None`: never restarted (tests).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Shares are split among at least this many nodes (the configured voters), so that a node
+    /// that has not yet seen every member register does not take a larger share than the
+    /// others count it for.
+    pub min_nodes: u64,
 }
 
 impl Default for QuotaConfig {
@@ -213,6 +217,7 @@ impl Default for QuotaConfig {
             usage_retention_days: meridian_proto::cluster::DEFAULT_RETAIN_DAYS,
             static_share: 0.5,
             state_dir: None,
+            min_nodes: 1,
         }
     }
 }
@@ -972,7 +977,8 @@ impl Quota {
 
     /// This node's static share of `limit`, and how many nodes hold one.
     fn share_of(&self, limit: u64) -> (u64, u64) {
-        let nodes = self.inner.cluster.state.borrow().members.len().max(1) as u64;
+        let members = self.inner.cluster.state.borrow().members.len() as u64;
+        let nodes = members.max(self.inner.config.min_nodes).max(1);
         let share = (limit as f64 * self.inner.config.static_share / nodes as f64).floor() as u64;
         (share, nodes)
     }

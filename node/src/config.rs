@@ -980,6 +980,8 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         &mut quota.grant_wait,
     );
     quota.state_dir = Some(node.data_dir.clone());
+    // Shares are split among at least the initial voters, even before all have registered.
+    quota.min_nodes = raw.cluster.peers.len() as u64 + 1;
     match raw.quota.static_share {
         None => {}
         Some(f) if (0.0..=1.0).contains(&f) => quota.static_share = f,

@@ -872,3 +872,21 @@ async fn admit_until_refused_tpm(q: &Quota, limit: u64) -> u64 {
     }
     admitted
 }
+
+#[tokio::test]
+async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
+    inside_one_window().await;
+    // Only this node is in the member table yet; the cluster is configured with three voters.
+    let ledger = ledger(1);
+    ledger.down.store(true, Ordering::Relaxed);
+    let q = node(
+        &ledger,
+        1,
+        QuotaConfig {
+            min_nodes: 3,
+            ..QuotaConfig::default()
+        },
+    );
+    // 3,000 × 0.5 ÷ 3, not ÷ 1.
+    assert_eq!(admit_until_refused_tpm(&q, 3_000).await, 500);
+}
