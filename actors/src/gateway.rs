@@ -873,6 +873,7 @@ impl Gateway {
         }
         if let Some((quota, task)) = &self.inner.quota {
             task.abort();
+            quota.flush_before_stop(Duration::from_secs(2)).await;
             quota.save_shares();
         }
         let _ = self

@@ -941,6 +941,27 @@ impl Quota {
         Verdict::Admitted(charges, states)
     }
 
+    /// Reports what is still unreported (a clean stop), trying for up to `within`: the
+    /// charges of the last flush interval would otherwise never reach the ledger.
+    pub async fn flush_before_stop(&self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                self.flush().await;
+                let empty = lock(&self.inner.pending).is_none()
+                    && lock(&self.inner.late).is_empty()
+                    && lock(&self.inner.rollups).is_empty()
+                    && lock(&self.inner.budgets)
+                        .values()
+                        .all(|b| b.unreported() == 0);
+                if empty {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+
     /// Keeps this node's share counts of the windows still running for its next start (a
     /// clean stop): written durably, then the running marker is removed. Without this (a
     /// crash), the next start counts the shares of windows begun before it as spent.

@@ -111,63 +111,46 @@ pub const MAX_FORWARDS: u32 = 3;
 /// under it.
 pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
 
-/// The entries of one AppendEntries message weigh at most this, encoded (a larger one is sent
-/// as several consecutive messages), so with [`MAX_ENTRY_BYTES`] every message fits the
-/// transport's 16 MiB frame.
-pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+/// The entries of one AppendEntries message weigh at most this, encoded, beyond its first
+/// entry (which [`MAX_ENTRY_BYTES`] bounds): a longer backlog goes a part at a time, each
+/// answered as a partial success so that the leader sends the next. So every message fits the
+/// transport's 16 MiB frame, and is sent and stored well within the heartbeat interval that
+/// bounds each AppendEntries call (a whole backlog of large entries in one message never would
+/// be, and the follower would never catch up).
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
-/// Splits `rpc` into consecutive messages whose entries weigh at most `max` bytes each (an
-/// entry over `max` alone goes alone). Each part's `prev_log_id` is the previous part's last
-/// entry, and no part announces a commit beyond its own last entry (a follower may only mark
-/// committed what it holds, and whatever the leader has committed up to there is committed).
-fn split_by_size(
-    rpc: AppendEntriesRequest<TypeConfig>,
+/// The first part of `rpc` whose entries weigh at most `max` bytes encoded (at least one
+/// entry), and whether entries were left out. The part announces no commit beyond its own last
+/// entry (a follower may only mark committed what it holds; whatever the leader committed up
+/// to there is committed).
+fn first_part(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
     max: usize,
-) -> Vec<AppendEntriesRequest<TypeConfig>> {
+) -> (AppendEntriesRequest<TypeConfig>, bool) {
     // Entries are at most MAX_ENTRY_BYTES each: this many always fit without measuring.
-    if rpc.entries.len() <= max / MAX_ENTRY_BYTES {
-        return vec![rpc];
+    if rpc.entries.len() <= (max / MAX_ENTRY_BYTES).max(1) && max >= MAX_ENTRY_BYTES {
+        return (rpc, false);
     }
-    let AppendEntriesRequest {
-        vote,
-        mut prev_log_id,
-        entries,
-        leader_commit,
-    } = rpc;
-    let mut parts = Vec::new();
-    let mut part = Vec::new();
     let mut bytes = 0;
-    let mut close = |part: &mut Vec<openraft::Entry<TypeConfig>>,
-                     prev: &mut Option<openraft::LogId<NodeId>>| {
-        let Some(last) = part.last().map(|e| e.log_id) else {
-            return;
-        };
-        let commit = match leader_commit {
-            Some(c) if c.index > last.index => Some(last),
-            other => other,
-        };
-        parts.push(AppendEntriesRequest {
-            vote,
-            prev_log_id: *prev,
-            entries: std::mem::take(part),
-            leader_commit: commit,
-        });
-        *prev = Some(last);
-    };
-    for entry in entries {
-        let size = serde_json::to_vec(&entry).map_or(MAX_ENTRY_BYTES, |v| v.len());
-        if !part.is_empty() && bytes + size > max {
-            close(&mut part, &mut prev_log_id);
-            bytes = 0;
+    let mut keep = 0;
+    for entry in &rpc.entries {
+        let size = serde_json::to_vec(entry).map_or(MAX_ENTRY_BYTES, |v| v.len());
+        if keep > 0 && bytes + size > max {
+            break;
         }
         bytes += size;
-        part.push(entry);
+        keep += 1;
     }
-    close(&mut part, &mut prev_log_id);
-    if let Some(last) = parts.last_mut() {
-        last.leader_commit = leader_commit;
+    if keep == rpc.entries.len() {
+        return (rpc, false);
     }
-    parts
+    rpc.entries.truncate(keep);
+    if let (Some(last), Some(commit)) = (rpc.entries.last(), rpc.leader_commit)
+        && commit.index > last.log_id.index
+    {
+        rpc.leader_commit = Some(last.log_id);
+    }
+    (rpc, true)
 }
 
 /// What a node hands to the leader because only the leader can do it.
@@ -284,25 +267,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let target = self.target;
-        let parts = split_by_size(rpc, MAX_PAYLOAD_BYTES);
-        let count = parts.len();
-        // What the follower has accepted of the parts sent so far.
-        let mut accepted = None;
-        for (i, part) in parts.into_iter().enumerate() {
-            let last = part.entries.last().map(|e| e.log_id);
-            let answer = self.transport.append_entries(target, part).await;
-            match answer {
-                Ok(Ok(AppendEntriesResponse::Success)) if i + 1 < count => accepted = last,
-                Ok(Ok(resp)) => return Ok(resp),
-                // Parts before this one were taken: say so, so the leader goes on from there.
-                Ok(Err(_)) | Err(_) if i > 0 => {
-                    return Ok(AppendEntriesResponse::PartialSuccess(accepted));
-                }
-                Ok(Err(e)) => return Err(RPCError::RemoteError(RemoteError::new(target, e))),
-                Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+        let (part, more) = first_part(rpc, MAX_PAYLOAD_BYTES);
+        let last = part.entries.last().map(|e| e.log_id);
+        match self.transport.append_entries(target, part).await {
+            // The follower took this part: the leader goes on from its last entry.
+            Ok(Ok(AppendEntriesResponse::Success)) if more => {
+                Ok(AppendEntriesResponse::PartialSuccess(last))
             }
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
         }
-        Ok(AppendEntriesResponse::Success)
     }
 
     async fn install_snapshot(
@@ -746,43 +721,39 @@ mod size_tests {
     }
 
     #[test]
-    fn a_large_append_is_split_into_consecutive_parts_that_each_fit() {
+    fn a_large_append_goes_a_part_at_a_time_and_every_part_fits() {
         let log = |i| Some(LogId::new(CommittedLeaderId::new(1, 1), i));
-        let rpc = AppendEntriesRequest::<TypeConfig> {
-            vote: Vote::new_committed(1, 1),
-            prev_log_id: log(9),
-            entries: (10..40).map(|i| entry(i, 900_000)).collect(),
-            leader_commit: log(35),
-        };
-        let parts = split_by_size(rpc, MAX_PAYLOAD_BYTES);
-        assert!(
-            parts.len() > 1,
-            "30 entries of ~900 kB do not fit one message"
-        );
+        // As the leader does with partial successes: send the first part, go on after it.
         let mut prev = log(9);
-        for (i, part) in parts.iter().enumerate() {
+        let mut next = 10;
+        let mut sent = Vec::new();
+        while next < 40 {
+            let rpc = AppendEntriesRequest::<TypeConfig> {
+                vote: Vote::new_committed(1, 1),
+                prev_log_id: prev,
+                entries: (next..40).map(|i| entry(i, 400_000)).collect(),
+                leader_commit: log(35),
+            };
+            let (part, more) = first_part(rpc, MAX_PAYLOAD_BYTES);
             let bytes: usize = part
                 .entries
                 .iter()
                 .map(|e| serde_json::to_vec(e).expect("encodes").len())
                 .sum();
-            assert!(bytes <= MAX_PAYLOAD_BYTES, "part {i} weighs {bytes}");
-            let framed = serde_json::to_vec(part).expect("encodes").len();
-            assert!(framed < 16 * 1024 * 1024, "part {i} fits a frame: {framed}");
-            assert_eq!(part.prev_log_id, prev, "part {i} follows the one before");
+            assert!(bytes <= MAX_PAYLOAD_BYTES, "a part weighs {bytes}");
+            assert!(!part.entries.is_empty());
+            assert_eq!(part.prev_log_id, prev, "each part follows the one before");
             let last = part.entries.last().expect("not empty").log_id;
             let commit = part.leader_commit.expect("a commit").index;
-            if i + 1 < parts.len() {
-                assert!(commit <= last.index, "part {i} commits only what it holds");
+            if more {
+                assert!(commit <= last.index, "a part commits only what it holds");
             } else {
                 assert_eq!(commit, 35, "the last part carries the leader's commit");
             }
+            sent.extend(part.entries.iter().map(|e| e.log_id.index));
             prev = Some(last);
+            next = last.index + 1;
         }
-        let sent: Vec<u64> = parts
-            .iter()
-            .flat_map(|p| p.entries.iter().map(|e| e.log_id.index))
-            .collect();
         assert_eq!(
             sent,
             (10..40).collect::<Vec<_>>(),
@@ -795,7 +766,19 @@ mod size_tests {
             entries: (10..14).map(|i| entry(i, 100)).collect(),
             leader_commit: log(12),
         };
-        assert_eq!(split_by_size(small, MAX_PAYLOAD_BYTES).len(), 1);
+        let (part, more) = first_part(small, MAX_PAYLOAD_BYTES);
+        assert!(!more);
+        assert_eq!(part.entries.len(), 4);
+        // An entry as large as allowed goes alone.
+        let big = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: log(9),
+            entries: (10..12).map(|i| entry(i, MAX_ENTRY_BYTES - 200)).collect(),
+            leader_commit: log(11),
+        };
+        let (part, more) = first_part(big, MAX_PAYLOAD_BYTES);
+        assert!(more);
+        assert_eq!(part.entries.len(), 1);
     }
 
     #[tokio::test]

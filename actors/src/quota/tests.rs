@@ -890,3 +890,38 @@ async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
     // 3,000 × 0.5 ÷ 3, not ÷ 1.
     assert_eq!(admit_until_refused_tpm(&q, 3_000).await, 500);
 }
+
+#[tokio::test]
+async fn a_clean_stop_reports_what_the_last_interval_charged() {
+    inside_one_window().await;
+    let ledger = ledger(1);
+    let q = node(
+        &ledger,
+        1,
+        QuotaConfig {
+            flush_every: Duration::from_secs(3_600),
+            ..ledger_only()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await; // the flusher's first tick
+    let tenant: Arc<str> = "acme".into();
+    let r = q
+        .admit(&tenant, &tpm(10_000), tokens(100))
+        .await
+        .expect("admitted");
+    r.settle(
+        "m",
+        UsageTotals {
+            prompt_tokens: 20,
+            completion_tokens: 60,
+            ..UsageTotals::default()
+        },
+    );
+    q.flush_before_stop(Duration::from_secs(2)).await;
+    let state = ledger.published.borrow().clone();
+    assert_eq!(state.ledger["tenant/acme/tokens_per_minute"].used, 80);
+    assert_eq!(
+        state.usage.values().next().expect("a day")["acme"]["m"].completion_tokens,
+        60
+    );
+}
