@@ -1,6 +1,7 @@
 //! Three Raft members over the real QUIC + mutual-TLS transport on loopback: the cluster forms
 //! with the peers' addresses taken from the membership alone, a follower's write is forwarded and replicated, losing the leader elects another, and a node
-//! certified by a foreign CA cannot talk to the cluster.
+//! certified by a foreign CA cannot talk to the cluster; and a follower cut off while the leader
+//! commits more usage flushes than one 16 MiB frame may carry catches up once reachable again.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 mod common;
@@ -10,31 +11,40 @@ use std::time::{Duration, Instant};
 
 use common::{has_member, leader_of, member, wait_until};
 use meridian_cluster::certs;
+use meridian_cluster::raft::faults::Faults;
 use meridian_cluster::raft::quic::QuicTransport;
-use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
-use meridian_proto::cluster::{Applied, NodeId};
+use meridian_cluster::raft::{ClusterError, ClusterNode, MAX_ENTRY_BYTES, RaftTimings, Transport};
+use meridian_proto::cluster::{Applied, Command, NodeId, UsageTotals};
 use openraft::Vote;
 use openraft::raft::VoteRequest;
 
-#[tokio::test]
-async fn a_cluster_over_quic_with_mutual_tls() {
+/// Members `ids` over QUIC with mutual TLS on loopback, not yet initialized: each sends
+/// through `faults` and answers RPCs within `rpc_timeout`. No node is told its peers'
+/// addresses: they travel in the initial membership (`voters`).
+struct QuicCluster {
+    nodes: Vec<ClusterNode>,
+    transports: Vec<Arc<QuicTransport>>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    voters: Vec<(NodeId, String)>,
+    _dirs: (tempfile::TempDir, Vec<tempfile::TempDir>),
+}
+
+async fn quic_cluster(
+    ids: &[NodeId],
+    timings: RaftTimings,
+    rpc_timeout: Duration,
+    faults: &Arc<Faults>,
+) -> QuicCluster {
     let pki = tempfile::tempdir().unwrap();
     certs::init_ca(pki.path()).unwrap();
-    let ids: Vec<NodeId> = vec![1, 2, 3];
     let mut transports = Vec::new();
-    for &id in &ids {
+    for &id in ids {
         certs::issue(pki.path(), id, &[]).unwrap();
         transports.push(
-            QuicTransport::bind(
-                "127.0.0.1:0".parse().unwrap(),
-                pki.path(),
-                id,
-                Duration::from_millis(300),
-            )
-            .unwrap(),
+            QuicTransport::bind("127.0.0.1:0".parse().unwrap(), pki.path(), id, rpc_timeout)
+                .unwrap(),
         );
     }
-    // No node is told its peers' addresses: they travel in the initial membership.
     let voters: Vec<(NodeId, String)> = ids
         .iter()
         .zip(&transports)
@@ -45,12 +55,37 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     let mut servers = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
         let transport: Arc<dyn Transport> = Arc::new(Arc::clone(&transports[i]));
-        let node = ClusterNode::start(id, data[i].path(), RaftTimings::fast(), transport)
+        let node = ClusterNode::start(id, data[i].path(), timings, faults.wrap(id, transport))
             .await
             .unwrap();
         servers.push(transports[i].serve(node.clone()));
         nodes.push(node);
     }
+    QuicCluster {
+        nodes,
+        transports,
+        servers,
+        voters,
+        _dirs: (pki, data),
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_over_quic_with_mutual_tls() {
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let QuicCluster {
+        nodes,
+        transports,
+        servers,
+        voters,
+        _dirs,
+    } = quic_cluster(
+        &ids,
+        RaftTimings::fast(),
+        Duration::from_millis(300),
+        &Faults::new(),
+    )
+    .await;
     let started = Instant::now();
     nodes[0].initialize(&voters).await.unwrap();
     wait_until("a leader", Duration::from_secs(10), || {
@@ -111,6 +146,106 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     assert!(answer.is_err(), "a foreign certificate gets no answer");
 
     for n in &survivors {
+        n.shutdown().await;
+    }
+    for (t, s) in transports.iter().zip(servers) {
+        t.close();
+        s.abort();
+    }
+}
+
+/// A usage flush of about `bytes` encoded: roll-ups of many tenants with long names.
+fn flush(round: u64, bytes: usize) -> Command {
+    let rollup = |i: usize| Command::RecordUsage {
+        tenant: format!("tenant-{round:06}-{i:06}-{}", "x".repeat(60)),
+        model: "llama-3.1-8b-instruct".into(),
+        totals: UsageTotals {
+            requests: 1,
+            prompt_tokens: 1_000,
+            completion_tokens: 500,
+            ..UsageTotals::default()
+        },
+        retain_days: 90,
+    };
+    let per = serde_json::to_vec(&rollup(0)).unwrap().len() + 1;
+    Command::Batch {
+        commands: (0..bytes.div_ceil(per)).map(rollup).collect(),
+    }
+}
+
+/// How many tenants' roll-ups `node` holds.
+fn rollups(node: &ClusterNode) -> usize {
+    node.state()
+        .borrow()
+        .usage
+        .values()
+        .map(|day| day.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_under_large_flushes_catches_up_over_quic() {
+    let faults = Faults::new();
+    let QuicCluster {
+        nodes,
+        transports,
+        servers,
+        voters,
+        _dirs,
+    } = quic_cluster(
+        &[1, 2, 3],
+        RaftTimings::default(),
+        Duration::from_secs(5),
+        &faults,
+    )
+    .await;
+    nodes[0].initialize(&voters).await.unwrap();
+    nodes[0]
+        .wait_for_leader(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // An entry over the limit is refused with its size, before it reaches the log.
+    match nodes[0].propose(flush(0, MAX_ENTRY_BYTES + 4_096)).await {
+        Err(ClusterError::Rejected(why)) => assert!(why.contains("one log entry"), "{why}"),
+        other => panic!("an oversized entry was not refused: {other:?}"),
+    }
+
+    // Node 3 is cut off while 20 flushes of ~900 kB commit (~18 MB: more than one 16 MiB
+    // frame may carry).
+    faults.isolate(3);
+    let started = Instant::now();
+    for round in 1..=20 {
+        nodes[0].propose(flush(round, 900_000)).await.unwrap();
+    }
+    let target = nodes[0].status().applied_index.unwrap();
+    let behind = nodes[2].status().applied_index.unwrap_or(0);
+    println!(
+        "20 flushes of ~900 kB committed in {:.1} s; node 3 applied {behind}, the leader {target}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(behind < target, "node 3 was cut off");
+
+    faults.heal(3);
+    let healed = Instant::now();
+    let deadline = healed + Duration::from_secs(90);
+    // Caught up: the same state as the leader's (every flush applied).
+    let expected = rollups(&nodes[0]);
+    assert!(expected > 20 * 2_000, "every flush applied on the leader");
+    while rollups(&nodes[2]) < expected {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not catch up: applied {:?} of {target}",
+            nodes[2].status().applied_index
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "node 3 caught up with {target} entries in {:.1} s",
+        healed.elapsed().as_secs_f64()
+    );
+    assert_eq!(rollups(&nodes[2]), expected, "the same state");
+    for n in &nodes {
         n.shutdown().await;
     }
     for (t, s) in transports.iter().zip(servers) {
