@@ -784,18 +784,6 @@ async fn with_static_shares_a_node_without_quorum_still_admits_its_share() {
     assert_eq!(admitted, 500);
 }
 
-/// Admits 10-token requests of `tpm(4_000)` until one is refused; returns what was admitted.
-async fn admit_until_refused(q: &Quota) -> u64 {
-    let tenant: Arc<str> = "acme".into();
-    let mut admitted = 0;
-    while let Ok(r) = q.admit(&tenant, &tpm(4_000), tokens(10)).await {
-        admitted += 10;
-        std::mem::forget(r);
-        assert!(admitted <= 4_000, "runaway");
-    }
-    admitted
-}
-
 #[tokio::test]
 async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_spent() {
     inside_one_window().await;
@@ -820,14 +808,14 @@ async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_sp
     first.save_shares(); // a clean stop
     let second = node(&ledger, 1, config());
     assert_eq!(
-        admit_until_refused(&second).await,
+        admit_until_refused(&second, 4_000, 10).await,
         200,
         "the restarted node goes on from the 300 it had admitted"
     );
     // A crash: nothing saved, the running marker left behind.
     let third = node(&ledger, 1, config());
     assert_eq!(
-        admit_until_refused(&third).await,
+        admit_until_refused(&third, 4_000, 10).await,
         0,
         "after a crash the window's share counts as spent"
     );
@@ -854,19 +842,20 @@ async fn a_grant_asked_for_while_a_share_is_open_counts_what_the_share_admitted(
     let entry = &state.ledger["tenant/acme/tokens_per_minute"];
     assert_eq!(entry.released.get(&1), Some(&400));
     assert_eq!(entry.used, 400);
-    let more = admit_until_refused_tpm(&q, 3_000).await;
+    let more = admit_until_refused(&q, 3_000, 100).await;
     assert!(
         400 + more == 3_000 - 2 * 500,
         "the other shares stay set aside: {more}"
     );
 }
 
-/// Admits 100-token requests of `tpm(limit)` until one is refused; returns what was admitted.
-async fn admit_until_refused_tpm(q: &Quota, limit: u64) -> u64 {
+/// Admits `each`-token requests of `tpm(limit)` until one is refused; returns what was
+/// admitted.
+async fn admit_until_refused(q: &Quota, limit: u64, each: u64) -> u64 {
     let tenant: Arc<str> = "acme".into();
     let mut admitted = 0;
-    while let Ok(r) = q.admit(&tenant, &tpm(limit), tokens(100)).await {
-        admitted += 100;
+    while let Ok(r) = q.admit(&tenant, &tpm(limit), tokens(each)).await {
+        admitted += each;
         std::mem::forget(r);
         assert!(admitted <= limit, "runaway");
     }
@@ -888,7 +877,7 @@ async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
         },
     );
     // 3,000 × 0.5 ÷ 3, not ÷ 1.
-    assert_eq!(admit_until_refused_tpm(&q, 3_000).await, 500);
+    assert_eq!(admit_until_refused(&q, 3_000, 100).await, 500);
 }
 
 #[tokio::test]
