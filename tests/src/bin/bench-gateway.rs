@@ -34,6 +34,11 @@ struct Args {
     /// With `--instructions`: requests per node, sent 64 at a time (a multiple of 64).
     #[arg(long, default_value_t = 2048)]
     requests: usize,
+    /// Instead: end users under a per-user tokens/day limit. Times a known user's request and
+    /// a new user's first request (c=1, in turns), after 1,000 users and again after this many
+    /// more new users (sent 32 at a time).
+    #[arg(long)]
+    users: Option<u64>,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -322,6 +327,129 @@ fn limit_dev_tier(bin_dir: &Path, admin_addr: &str, data: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// A request of end user `user`.
+fn user_body(user: &str) -> String {
+    format!(
+        r#"{{"model":"mock","max_tokens":16,"user":"{user}","messages":[{{"role":"user","content":"benchmark"}}]}}"#
+    )
+}
+
+/// A known user's request against a new user's first, whole requests through a node with auth
+/// and a per-user limit on (c=1, in turns, 2,000 of each), after 1,000 users and after `more`.
+fn new_and_known_users(
+    bin_dir: &Path,
+    dir: &Path,
+    mock_addr: &str,
+    more: u64,
+) -> anyhow::Result<String> {
+    let meridian = bin_dir.join("meridian");
+    let config = dir.join("node-users.toml");
+    let data = dir.join("data-users");
+    write_node_config(&config, &data, "", mock_addr, r#"["mock"]"#)?;
+    let (_node, line, before) = spawn_ready_with(
+        &mut serve(Command::new(&meridian), &meridian, &config),
+        "meridian ready",
+    )?;
+    let url = format!("http://{}/v1/chat/completions", field(&line, "http=")?);
+    let key = dev_key(&before)?;
+    let admin = field(&line, "admin=")?.to_owned();
+    let tier = Command::new(&meridian)
+        .args([
+            "admin",
+            "--addr",
+            &format!("http://{admin}"),
+            "--token-file",
+        ])
+        .arg(data.join("admin.token"))
+        .args(["tier", "put", "dev", "--per-user", "tokens_per_day=1000000"])
+        .output()?;
+    if !tier.status.success() {
+        bail!("tier put: {}", String::from_utf8_lossy(&tier.stderr));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let send = |user: String| {
+        let request = client
+            .post(&url)
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(user_body(&user));
+        async move {
+            let started = std::time::Instant::now();
+            let answer = request.send().await?;
+            let status = answer.status();
+            answer.bytes().await?;
+            if !status.is_success() {
+                bail!("the node answered {status} for {user}");
+            }
+            anyhow::Ok(started.elapsed().as_secs_f64() * 1_000.0)
+        }
+    };
+    let mut next = 0u64;
+    let mut add_users = |count: u64| -> anyhow::Result<()> {
+        let from = next;
+        next += count;
+        runtime.block_on(async {
+            let lanes = (0..32).map(|lane| {
+                let send = &send;
+                async move {
+                    let mut u = from + lane;
+                    while u < from + count {
+                        send(format!("seen-{u}")).await?;
+                        u += 32;
+                    }
+                    anyhow::Ok(())
+                }
+            });
+            for done in futures::future::join_all(lanes).await {
+                done?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut fresh = 0u64;
+    let mut turns = |label: &str| -> anyhow::Result<String> {
+        let (mut known, mut new) = (Vec::new(), Vec::new());
+        runtime.block_on(async {
+            for _ in 0..2_000 {
+                known.push(send("known".into()).await?);
+                fresh += 1;
+                new.push(send(format!("new-{fresh}")).await?);
+            }
+            anyhow::Ok(())
+        })?;
+        let (known_p50, new_p50) = (median(known.clone()), median(new.clone()));
+        let p99 = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() * 99 / 100]
+        };
+        Ok(format!(
+            "| {label} | {known_p50:.3} ms | {:.3} ms | {new_p50:.3} ms | {:.3} ms | {:.2} |\n",
+            p99(known),
+            p99(new),
+            new_p50 / known_p50
+        ))
+    };
+    add_users(1_000)?;
+    let mut report = String::from(
+        "| users seen | known user p50 | p99 | new user's first request p50 | p99 | new ÷ known (p50) |\n|---|---|---|---|---|---|\n",
+    );
+    report.push_str(&turns("1,000")?);
+    let started = std::time::Instant::now();
+    add_users(more)?;
+    eprintln!(
+        "{more} more users in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    report.push_str(&turns(&format!("{}", 1_000 + more + 2_000))?);
+    Ok(report)
+}
+
 fn ensure_valgrind() -> anyhow::Result<()> {
     if Command::new("valgrind").arg("--version").output().is_ok() {
         return Ok(());
@@ -520,6 +648,11 @@ fn main() -> anyhow::Result<()> {
     let secs = args.duration;
     if args.instructions {
         let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, args.requests / 64)?;
+        println!("{report}");
+        return Ok(());
+    }
+    if let Some(more) = args.users {
+        let report = new_and_known_users(&bin_dir, tmp.path(), &mock_addr, more)?;
         println!("{report}");
         return Ok(());
     }
