@@ -165,8 +165,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             q(&fresh, 0.5) / q(&seen, 0.5)
         );
     }
-    let proposals = ledger.published.borrow().ledger.len();
-    println!("ledger entries after 1,000,000 users (each within its share): {proposals}");
+    let entries = ledger.published.borrow().ledger.len();
+    println!("ledger entries after 1,000,000 users (each within its share): {entries}");
 
     // The estimate that precedes it: counting a short prompt's tokens, for a message seen
     // before (remembered: system prompts and history come back every turn) and for new text.

@@ -387,6 +387,15 @@ impl Budget {
         };
     }
 
+    /// Gives an open share up, having admitted what was charged from it: admissions wait for a
+    /// grant from then on. Nothing changes if the share is not open.
+    fn give_up_share(&mut self) {
+        if self.share_mode == ShareMode::Open {
+            self.share_mode = ShareMode::Releasing(self.charged.max(0) as u64);
+            self.allowance = 0;
+        }
+    }
+
     /// Charges not yet reported that the ledger must hear of (share usage never is).
     fn unreported(&self) -> i64 {
         match self.share_mode {
@@ -652,15 +661,11 @@ impl Quota {
         for k in kept {
             let mut b = Budget::new(k.kind, k.limit, k.window_start, now);
             b.charged = k.charged;
-            b.share = k.share;
-            b.share_nodes = k.share_nodes;
-            b.share_mode = match k.released {
-                Some(used) => ShareMode::Releasing(used),
-                None => {
-                    b.allowance = k.share;
-                    ShareMode::Open
-                }
-            };
+            b.start_share(k.share, k.share_nodes, true);
+            if let Some(used) = k.released {
+                b.share_mode = ShareMode::Releasing(used);
+                b.allowance = 0;
+            }
             budgets.insert(BudgetKey::new(&k.scope, k.kind), b);
         }
         let quota = Self {
@@ -886,12 +891,9 @@ impl Quota {
                 refusal = Some(self.no_slice_error());
                 break;
             }
-            if open_share {
-                // The share is spent: it is given up with the grant request (having admitted
-                // what was charged from it), and the window goes through the ledger.
-                budget.share_mode = ShareMode::Releasing(budget.charged.max(0) as u64);
-                budget.allowance = 0;
-            }
+            // A spent share is given up with the grant request; the window goes through the
+            // ledger from here.
+            budget.give_up_share();
             // A new slice can help if this one lapsed, or if the ledger has not lately
             // answered with less than was needed (the window's budget is spent or promised).
             let lapsed = lapsed || open_share;
@@ -1177,10 +1179,7 @@ impl Quota {
             let cap = ((b.limit as f64 * self.inner.config.max_slice).ceil() as u64).max(1);
             let want = (rate * self.inner.config.slice_horizon.as_secs_f64()).ceil() as u64;
             let amount = want.clamp((cap / 10).max(1), cap).max(b.need).min(b.limit);
-            if b.share_mode == ShareMode::Open {
-                b.share_mode = ShareMode::Releasing(b.charged.max(0) as u64);
-                b.allowance = 0;
-            }
+            b.give_up_share();
             b.need = 0;
             b.demand = 0;
             b.demand_since = now;
@@ -1341,17 +1340,13 @@ impl Quota {
             if budget.window_start != wanted.window_start {
                 return;
             }
+            let was_open = budget.share_mode == ShareMode::Open;
+            budget.give_up_share();
             match budget.share_mode {
-                ShareMode::Open => {
-                    let used = budget.charged.max(0) as u64;
-                    budget.share_mode = ShareMode::Releasing(used);
-                    budget.allowance = 0;
-                    used
-                }
                 // A grant request carries the release already.
-                ShareMode::Releasing(_) if budget.renewing => return,
+                ShareMode::Releasing(_) if budget.renewing && !was_open => return,
                 ShareMode::Releasing(used) => used,
-                ShareMode::Released => return,
+                ShareMode::Open | ShareMode::Released => return,
             }
         };
         let outcome = self
