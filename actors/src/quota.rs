@@ -37,6 +37,10 @@ use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
+mod budget;
+
+use budget::{Budget, BudgetKey, Budgets, ScopeKind, ShareMode};
+
 use crate::estimate::Price;
 use crate::gateway::Replicated;
 
@@ -235,54 +239,6 @@ pub struct Scope {
     pub limits: Limits,
 }
 
-/// A budget's identity: its scope and limit (its ledger key is made once, with it).
-#[derive(Debug, Clone)]
-struct BudgetKey {
-    scope: Arc<str>,
-    kind: LimitKind,
-    ledger: Arc<str>,
-}
-
-impl BudgetKey {
-    fn new(scope: &str, kind: LimitKind) -> Self {
-        Self {
-            scope: scope.into(),
-            kind,
-            ledger: ledger_key(scope, kind).into(),
-        }
-    }
-}
-
-impl PartialEq for BudgetKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && self.scope == other.scope
-    }
-}
-
-impl Eq for BudgetKey {}
-
-impl std::hash::Hash for BudgetKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        ScopeKind(&self.scope, self.kind).hash(h);
-    }
-}
-
-/// A budget looked up by a request's scope, without making its key.
-#[derive(Hash)]
-struct ScopeKind<'a>(&'a str, LimitKind);
-
-impl From<&ScopeKind<'_>> for BudgetKey {
-    fn from(probe: &ScopeKind<'_>) -> Self {
-        Self::new(probe.0, probe.1)
-    }
-}
-
-impl hashbrown::Equivalent<BudgetKey> for ScopeKind<'_> {
-    fn equivalent(&self, key: &BudgetKey) -> bool {
-        self.1 == key.kind && self.0 == &*key.scope
-    }
-}
-
 /// Admitted charges: the budget, the window, and what was reserved.
 type Charges = Vec<(BudgetKey, u64, u64)>;
 
@@ -290,119 +246,6 @@ fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// This node's account of one limit key in the current window.
-#[derive(Debug)]
-struct Budget {
-    kind: LimitKind,
-    limit: u64,
-    window_start: u64,
-    /// What this node may charge in the window: what the ledger has seen from it plus its
-    /// current slice.
-    allowance: u64,
-    /// Charged in the window (admitted, adjusted as reservations settle).
-    charged: i64,
-    /// Of `charged`, what the ledger has been told.
-    reported: i64,
-    /// The slice's local expiry (from when it was asked for, shortened by a margin).
-    expires: Option<Instant>,
-    /// A renewal is under way.
-    renewing: bool,
-    /// Admitted since the last renewal, and since when (demand for the next slice).
-    demand: u64,
-    demand_since: Instant,
-    /// The last slice's size.
-    last_slice: u64,
-    /// Working from a local share (no quorum).
-    local_share: bool,
-    /// `limit`, and the window's reset in whole seconds with its value, rendered for the
-    /// `x-ratelimit-*` headers (see [`RateLimitState`]).
-    limit_value: HeaderValue,
-    reset_value: Option<(u64, HeaderValue)>,
-    /// The last renewal found no quorum.
-    no_quorum: bool,
-    /// The largest admission waiting for a slice (the next slice covers at least this).
-    need: u64,
-    /// The ledger lately gave less than needed: until then, do not ask again for more.
-    dry_until: Option<Instant>,
-    /// This node's static share of the window (0: none), of `share_nodes` shares in all.
-    share: u64,
-    share_nodes: u64,
-    share_mode: ShareMode,
-}
-
-/// Where a budget's window stands with this node's static share.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ShareMode {
-    /// Admitting from the share: nothing is reported, the ledger holds no entry for it.
-    Open,
-    /// Given up having admitted this much from it (sent with a grant request or a release,
-    /// again with each retry until one commits); admissions wait for a grant.
-    Releasing(u64),
-    /// Released (or there was none): the window goes through the ledger like any other.
-    Released,
-}
-
-impl Budget {
-    /// A budget first seen now: no slice yet.
-    fn new(kind: LimitKind, limit: u64, window_start: u64, now: Instant) -> Self {
-        Self {
-            kind,
-            limit,
-            window_start,
-            allowance: 0,
-            charged: 0,
-            reported: 0,
-            expires: None,
-            renewing: false,
-            demand: 0,
-            demand_since: now,
-            last_slice: 0,
-            local_share: false,
-            limit_value: HeaderValue::from(limit),
-            reset_value: None,
-            no_quorum: false,
-            need: 0,
-            dry_until: None,
-            share: 0,
-            share_nodes: 0,
-            share_mode: ShareMode::Released,
-        }
-    }
-
-    /// Starts the window with this node's share: `share` of `nodes` shares; `open` when this
-    /// node can vouch for everything it admitted in the window (it has run since the window
-    /// began), else the share counts as used up and is released at once.
-    fn start_share(&mut self, share: u64, nodes: u64, open: bool) {
-        self.share = share;
-        self.share_nodes = nodes;
-        self.share_mode = match (share, open) {
-            (0, _) => ShareMode::Released,
-            (_, true) => {
-                self.allowance = share;
-                ShareMode::Open
-            }
-            (_, false) => ShareMode::Releasing(share),
-        };
-    }
-
-    /// Gives an open share up, having admitted what was charged from it: admissions wait for a
-    /// grant from then on. Nothing changes if the share is not open.
-    fn give_up_share(&mut self) {
-        if self.share_mode == ShareMode::Open {
-            self.share_mode = ShareMode::Releasing(self.charged.max(0) as u64);
-            self.allowance = 0;
-        }
-    }
-
-    /// Charges not yet reported that the ledger must hear of (share usage never is).
-    fn unreported(&self) -> i64 {
-        match self.share_mode {
-            ShareMode::Released => self.charged - self.reported,
-            ShareMode::Open | ShareMode::Releasing(_) => 0,
-        }
-    }
 }
 
 /// One usage report, kept until the ledger has it.
@@ -426,7 +269,7 @@ struct Inner {
     config: QuotaConfig,
     cluster: Replicated,
     /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
-    budgets: Mutex<hashbrown::HashMap<BudgetKey, Budget>>,
+    budgets: Mutex<Budgets>,
     late: Mutex<Vec<Late>>,
     /// Tenant → model → usage not yet reported (names an admin chose: the fast hash is fine).
     rollups: Mutex<hashbrown::HashMap<Arc<str>, hashbrown::HashMap<String, UsageTotals>>>,
@@ -656,7 +499,7 @@ impl Quota {
             Some(dir) => shares::restore(dir),
             None => (0, Vec::new()),
         };
-        let mut budgets = hashbrown::HashMap::new();
+        let mut budgets = Budgets::default();
         let now = Instant::now();
         for k in kept {
             let mut b = Budget::new(k.kind, k.limit, k.window_start, now);
@@ -765,7 +608,8 @@ impl Quota {
     fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
         let unix = now_unix_ms();
-        let mut budgets = lock(&self.inner.budgets);
+        let mut guard = lock(&self.inner.budgets);
+        let budgets = &mut *guard;
         let mut charges = Vec::new();
         let mut states = Vec::new();
         let mut local_share_admits = 0;
@@ -782,13 +626,15 @@ impl Quota {
             let window_ms = kind.window_ms();
             let window_start = unix - unix % window_ms;
             // One lookup, by the request's scope: a key is made only for a new budget.
-            let entry = match budgets.entry_ref(&ScopeKind(scope, kind)) {
+            let entry = match budgets.map.entry_ref(&ScopeKind(scope, kind)) {
                 EntryRef::Occupied(found) => found,
                 EntryRef::Vacant(new) => {
                     let mut budget = Budget::new(kind, limit, window_start, now);
                     let (share, nodes) = self.share_of(limit);
                     budget.start_share(share, nodes, self.vouches_for(window_start));
-                    new.insert_entry(budget)
+                    let entry = new.insert_entry(budget);
+                    Budgets::list_end(&mut budgets.ends, entry.key(), window_start);
+                    entry
                 }
             };
             let key = entry.key().clone();
@@ -819,6 +665,7 @@ impl Quota {
                 budget.last_slice = 0;
                 let (share, nodes) = self.share_of(limit);
                 budget.start_share(share, nodes, self.vouches_for(window_start));
+                Budgets::list_end(&mut budgets.ends, &key, window_start);
             }
             if cost > limit {
                 refusal = Some(too_big(kind, limit, cost));
@@ -919,16 +766,19 @@ impl Quota {
         if wait || refusal.is_some() {
             // Not admitted: give back what the limits that did admit were charged.
             for (key, _, cost) in &charges {
-                if let Some(b) = budgets.get_mut(key) {
+                if let Some(b) = budgets.map.get_mut(key) {
                     b.charged -= *cost as i64;
                     b.demand = b.demand.saturating_sub(*cost);
                 }
             }
             return refusal.map_or(Verdict::Wait, Verdict::Refused);
         }
+        for (key, _, _) in &charges {
+            budgets.touch(key);
+        }
         for i in renew_early {
             let key = &charges[i].0;
-            if let Some(b) = budgets.get_mut(key)
+            if let Some(b) = budgets.map.get_mut(key)
                 && !b.renewing
             {
                 b.renewing = true;
@@ -953,6 +803,7 @@ impl Quota {
                     && lock(&self.inner.late).is_empty()
                     && lock(&self.inner.rollups).is_empty()
                     && lock(&self.inner.budgets)
+                        .map
                         .values()
                         .all(|b| b.unreported() == 0);
                 if empty {
@@ -973,6 +824,7 @@ impl Quota {
         };
         let unix = now_unix_ms();
         let kept: Vec<shares::Kept> = lock(&self.inner.budgets)
+            .map
             .iter()
             .filter(|(_, b)| b.window_start + b.kind.window_ms() > unix)
             .filter_map(|(key, b)| {
@@ -1040,8 +892,11 @@ impl Quota {
             if delta == 0 {
                 continue;
             }
-            match budgets.get_mut(key) {
-                Some(b) if b.window_start == *window_start => b.charged += delta,
+            match budgets.map.get_mut(key) {
+                Some(b) if b.window_start == *window_start => {
+                    b.charged += delta;
+                    budgets.touch(key);
+                }
                 _ => lock(&self.inner.late).push(Late {
                     key: key.clone(),
                     window_start: *window_start,
@@ -1075,7 +930,7 @@ impl Quota {
             Ok(_) => {
                 let mut budgets = lock(&self.inner.budgets);
                 for (key, window_start, delta) in batch.sent {
-                    if let Some(b) = budgets.get_mut(&key)
+                    if let Some(b) = budgets.map.get_mut(&key)
                         && b.window_start == window_start
                     {
                         b.reported += delta;
@@ -1093,24 +948,22 @@ impl Quota {
     /// about [`MAX_FLUSH_BYTES`] encoded: what does not fit goes with the next flush.
     fn next_batch(&self) -> Option<Batch> {
         let mut commands = Vec::new();
-        let mut sent: Vec<(BudgetKey, u64, i64)> = Vec::new();
+        let sent;
         let mut room = Room(MAX_FLUSH_BYTES);
         {
             let mut budgets = lock(&self.inner.budgets);
-            forget_ended(&mut budgets, now_unix_ms());
-            for (key, b) in budgets.iter() {
-                let delta = b.unreported();
-                // Left unreported, a budget's charge is reported by a later flush.
-                if delta != 0 && room.take(REPORT_BYTES + key.ledger.len()) {
-                    commands.push(Command::ReportUsage {
+            budgets.forget_ended(now_unix_ms());
+            // What does not fit is reported by a later flush.
+            sent = budgets.unreported(|key| room.take(REPORT_BYTES + key.ledger.len()));
+            commands.extend(
+                sent.iter()
+                    .map(|(key, window_start, delta)| Command::ReportUsage {
                         key: key.ledger.to_string(),
                         node: self.inner.node_id,
-                        window_start_unix_ms: b.window_start,
-                        delta,
-                    });
-                    sent.push((key.clone(), b.window_start, delta));
-                }
-            }
+                        window_start_unix_ms: *window_start,
+                        delta: *delta,
+                    }),
+            );
         }
         {
             let mut late = lock(&self.inner.late);
@@ -1170,7 +1023,7 @@ impl Quota {
     async fn renew(&self, key: BudgetKey) {
         let (request, sent_at) = {
             let mut budgets = lock(&self.inner.budgets);
-            let Some(b) = budgets.get_mut(&key) else {
+            let Some(b) = budgets.map.get_mut(&key) else {
                 return;
             };
             let now = Instant::now();
@@ -1212,8 +1065,9 @@ impl Quota {
             .propose(Command::RequestGrant(request.clone()))
             .await;
         {
-            let mut budgets = lock(&self.inner.budgets);
-            if let Some(b) = budgets.get_mut(&key) {
+            let mut guard = lock(&self.inner.budgets);
+            let budgets = &mut *guard;
+            if let Some(b) = budgets.map.get_mut(&key) {
                 b.renewing = false;
                 if b.window_start == request.window_start_unix_ms {
                     match outcome {
@@ -1222,6 +1076,8 @@ impl Quota {
                                 // The ledger has counted what the share admitted.
                                 b.reported = share_used as i64;
                                 b.share_mode = ShareMode::Released;
+                                // Charges settled since are the ledger's to hear of now.
+                                Budgets::touch_one(&mut budgets.touched, &key, b);
                             }
                             b.allowance = used + amount;
                             b.dry_until = (amount < request.amount)
@@ -1325,14 +1181,17 @@ impl Quota {
         }
         let (share, nodes) = self.share_of(wanted.limit);
         let used = {
-            let mut budgets = lock(&self.inner.budgets);
-            let budget = match budgets.entry_ref(&ScopeKind(scope, kind)) {
+            let mut guard = lock(&self.inner.budgets);
+            let budgets = &mut *guard;
+            let budget = match budgets.map.entry_ref(&ScopeKind(scope, kind)) {
                 EntryRef::Occupied(found) => found.into_mut(),
                 EntryRef::Vacant(new) => {
                     let mut b =
                         Budget::new(kind, wanted.limit, wanted.window_start, Instant::now());
                     b.start_share(share, nodes, self.vouches_for(wanted.window_start));
-                    new.insert_entry(b).into_mut()
+                    let entry = new.insert_entry(b);
+                    Budgets::list_end(&mut budgets.ends, entry.key(), wanted.window_start);
+                    entry.into_mut()
                 }
             };
             // A budget still in an earlier window starts this one with its share when it next
@@ -1365,15 +1224,18 @@ impl Quota {
             })
             .await;
         if outcome.is_ok() {
-            let mut budgets = lock(&self.inner.budgets);
-            if let Some(b) = budgets.get_mut(&ScopeKind(scope, kind))
+            let mut guard = lock(&self.inner.budgets);
+            let budgets = &mut *guard;
+            if let Some((key, b)) = budgets.map.get_key_value_mut(&ScopeKind(scope, kind))
                 && b.window_start == wanted.window_start
                 && b.share_mode == ShareMode::Releasing(used)
             {
-                // Counted by the ledger; the budget goes through grants from here on.
+                // Counted by the ledger; the budget goes through grants from here on (charges
+                // settled since are the ledger's to hear of).
                 b.reported = used as i64;
                 b.allowance = used;
                 b.share_mode = ShareMode::Released;
+                Budgets::touch_one(&mut budgets.touched, key, b);
             }
         }
         // Admissions that waited on the share being given up may ask for a grant now.
@@ -1539,16 +1401,6 @@ impl Room {
             None => false,
         }
     }
-}
-
-/// Forgets the budgets whose window has ended with everything reported: a request in a later
-/// window starts a fresh one anyway, and per-user budgets would otherwise pile up with every
-/// user ever seen.
-fn forget_ended(budgets: &mut hashbrown::HashMap<BudgetKey, Budget>, unix: u64) {
-    budgets.retain(|_, b| {
-        let ended = b.window_start + b.kind.window_ms() <= unix;
-        !(ended && b.unreported() == 0 && !b.renewing)
-    });
 }
 
 fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {

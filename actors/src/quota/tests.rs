@@ -411,6 +411,7 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
     });
     let charged = |kind| {
         lock(&q.inner.budgets)
+            .map
             .get(&ScopeKind("tenant/acme", kind))
             .map(|b| b.charged)
     };
@@ -551,32 +552,97 @@ fn budgets_of_ended_windows_are_forgotten_once_reported() {
     let now = Instant::now();
     let minute = LimitKind::TokensPerMinute.window_ms();
     let unix = 10 * minute + 5;
-    let mut budgets = hashbrown::HashMap::new();
+    let mut budgets = Budgets::default();
     let mut add = |user: &str, window_start: u64, charged: i64, reported: i64, renewing: bool| {
         let mut b = Budget::new(LimitKind::TokensPerMinute, 100, window_start, now);
         b.charged = charged;
         b.reported = reported;
         b.renewing = renewing;
-        budgets.insert(
-            BudgetKey::new(&format!("tenant/t/user/{user}"), LimitKind::TokensPerMinute),
-            b,
-        );
+        let key = BudgetKey::new(&format!("tenant/t/user/{user}"), LimitKind::TokensPerMinute);
+        budgets.insert(key.clone(), b);
+        key
     };
     add("done", 9 * minute, 40, 40, false);
-    add("unreported", 9 * minute, 40, 30, false);
+    let unreported = add("unreported", 9 * minute, 40, 30, false);
     add("renewing", 9 * minute, 40, 40, true);
     add("current", 10 * minute, 40, 40, false);
-    forget_ended(&mut budgets, unix);
-    let mut left: Vec<String> = budgets.keys().map(|k| k.scope.to_string()).collect();
-    left.sort();
+    // Listed under the end of minute 9, then moved on to minute 10 (as a request in the new
+    // window does): the old listing passes it over.
+    let moved = add("moved", 9 * minute, 40, 40, false);
+    let b = budgets.map.get_mut(&moved).expect("there");
+    b.window_start = 10 * minute;
+    Budgets::list_end(&mut budgets.ends, &moved, 10 * minute);
+    let left = |budgets: &Budgets| {
+        let mut left: Vec<String> = budgets.map.keys().map(|k| k.scope.to_string()).collect();
+        left.sort();
+        left
+    };
+    budgets.forget_ended(unix);
     assert_eq!(
-        left,
+        left(&budgets),
         [
             "tenant/t/user/current",
+            "tenant/t/user/moved",
             "tenant/t/user/renewing",
             "tenant/t/user/unreported"
         ]
     );
+    // Once its charge is reported, the budget left behind goes on a later pass.
+    budgets.map.get_mut(&unreported).expect("there").reported = 40;
+    budgets.forget_ended(unix);
+    assert_eq!(
+        left(&budgets).len(),
+        4,
+        "not looked at again before its retry"
+    );
+    budgets.forget_ended(unix + 1_000);
+    assert_eq!(
+        left(&budgets),
+        [
+            "tenant/t/user/current",
+            "tenant/t/user/moved",
+            "tenant/t/user/renewing"
+        ]
+    );
+}
+
+#[test]
+fn a_flush_looks_only_at_budgets_touched_since_the_last() {
+    let now = Instant::now();
+    let mut budgets = Budgets::default();
+    let keys: Vec<BudgetKey> = (0..1_000)
+        .map(|u| {
+            let key = BudgetKey::new(&format!("tenant/t/user/{u}"), LimitKind::TokensPerDay);
+            let mut b = Budget::new(LimitKind::TokensPerDay, 100, 0, now);
+            b.charged = 10;
+            budgets.insert(key.clone(), b);
+            key
+        })
+        .collect();
+    let sent = budgets.unreported(|_| true);
+    assert_eq!(sent.len(), 1_000, "every new budget is reported once");
+    for (key, _, delta) in sent {
+        budgets.map.get_mut(&key).expect("there").reported += delta;
+    }
+    assert!(
+        budgets.unreported(|_| true).is_empty(),
+        "nothing touched since"
+    );
+    assert!(budgets.touched.is_empty());
+    // Two charges to one budget and one to another: two budgets to look at, each once.
+    for key in [&keys[7], &keys[7], &keys[300]] {
+        budgets.map.get_mut(key).expect("there").charged += 5;
+        budgets.touch(key);
+    }
+    assert_eq!(budgets.touched.len(), 2);
+    // One fits this flush; the other stays touched for the next.
+    let mut room = 1;
+    let first = budgets.unreported(|_| std::mem::take(&mut room) == 1);
+    assert_eq!(first.len(), 1);
+    let second = budgets.unreported(|_| true);
+    assert_eq!(second.len(), 1);
+    assert_ne!(first[0].0, second[0].0, "each budget reported once");
+    assert_eq!(first[0].2 + second[0].2, 15, "every charge, once");
 }
 
 #[tokio::test]
@@ -647,7 +713,7 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
         // As a committed flush does.
         let mut budgets = lock(&q.inner.budgets);
         for (key, _, delta) in batch.sent {
-            if let Some(b) = budgets.get_mut(&key) {
+            if let Some(b) = budgets.map.get_mut(&key) {
                 b.reported += delta;
             }
         }
