@@ -1155,7 +1155,7 @@ impl Quota {
             })
             .filter(|(_, l)| l.wanted && l.share > 0 && !l.released.contains_key(&me))
             .map(|(key, l)| Wanted {
-                key: key.clone(),
+                key: key.to_string(),
                 limit: l.limit,
                 window_ms: l.window_ms,
                 window_start: l.window_start_unix_ms,

@@ -25,6 +25,11 @@ use meridian_proto::cluster::{
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
+/// The node's allocator (see `node/src/main.rs`): the apply path's path copies are many small
+/// allocations, and the figures are the node's only with the allocator it runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DAY_MS: u64 = 86_400_000;
 
 fn arg(name: &str, default: u64) -> u64 {

@@ -588,16 +588,39 @@ fn page_limit(requested: u32) -> usize {
 const PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// The records of `table` after key `after`, in key order.
+/// A key of a state table, as a page's `after` names it.
+trait PageKey: Ord + Clone + std::fmt::Display {
+    fn parse_key(s: &str) -> Option<Self>;
+}
+
+impl PageKey for String {
+    fn parse_key(s: &str) -> Option<Self> {
+        Some(s.to_owned())
+    }
+}
+
+impl PageKey for std::sync::Arc<str> {
+    fn parse_key(s: &str) -> Option<Self> {
+        Some(s.into())
+    }
+}
+
+impl PageKey for u64 {
+    fn parse_key(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
 fn after_key<'a, K, V>(
     table: &'a Table<K, V>,
     after: &str,
 ) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>
 where
-    K: Ord + Clone + std::fmt::Display + std::str::FromStr,
+    K: PageKey,
     V: Clone,
 {
-    match after.parse::<K>() {
-        Ok(key) if !after.is_empty() => {
+    match K::parse_key(after) {
+        Some(key) if !after.is_empty() => {
             Box::new(table.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)))
         }
         _ => Box::new(table.iter()),
@@ -623,10 +646,10 @@ fn page_of<K, V>(
     limit: usize,
 ) -> Result<Page, Status>
 where
-    K: Ord + Clone + std::fmt::Display + std::str::FromStr,
+    K: PageKey,
     V: Clone + serde::Serialize,
 {
-    if !after.is_empty() && after.parse::<K>().is_err() {
+    if !after.is_empty() && K::parse_key(after).is_none() {
         return Err(field(
             "after",
             &format!("{after:?} is not a key of this section"),

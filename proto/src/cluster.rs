@@ -480,8 +480,9 @@ pub struct ClusterState {
     /// By key id.
     pub api_keys: Table<String, ApiKeyRecord>,
     /// Quota windows by limit key. Each behind its own `Arc`, so a write copies the B-tree
-    /// nodes on its path as pointers and clones only the one entry it changes.
-    pub ledger: Table<String, std::sync::Arc<Ledger>>,
+    /// nodes on its path as pointers (keys are shared strings, so a path copy allocates
+    /// nothing) and clones only the one entry it changes.
+    pub ledger: Table<std::sync::Arc<str>, std::sync::Arc<Ledger>>,
     /// By provider id.
     pub breakers: Table<String, BreakerRecord>,
     /// Days since the Unix epoch → tenant → model → totals.
@@ -561,7 +562,7 @@ impl ClusterState {
             }
         }
         // The next sweep starts after the last key looked at.
-        self.ledger_sweep_after = last.cloned().unwrap_or_default();
+        self.ledger_sweep_after = last.map(|k| k.to_string()).unwrap_or_default();
         for key in remove {
             self.ledger.remove(&key);
         }
@@ -684,7 +685,7 @@ impl ClusterState {
                     return Applied::Granted { amount: 0, used: 0 };
                 }
                 let ledger =
-                    std::sync::Arc::make_mut(self.ledger.entry(r.key.clone()).or_default());
+                    std::sync::Arc::make_mut(self.ledger.entry(r.key.as_str().into()).or_default());
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
                     return Applied::Granted { amount: 0, used: 0 };
@@ -726,7 +727,8 @@ impl ClusterState {
                 if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
                     return Applied::Unchanged;
                 }
-                let ledger = std::sync::Arc::make_mut(self.ledger.entry(key.clone()).or_default());
+                let ledger =
+                    std::sync::Arc::make_mut(self.ledger.entry(key.as_str().into()).or_default());
                 ledger.advance(at, *window_start_unix_ms, *window_ms);
                 if ledger.window_start_unix_ms != *window_start_unix_ms {
                     return Applied::Unchanged;
@@ -744,7 +746,11 @@ impl ClusterState {
                 window_start_unix_ms,
                 delta,
             } => {
-                let Some(ledger) = self.ledger.get_mut(key).map(std::sync::Arc::make_mut) else {
+                let Some(ledger) = self
+                    .ledger
+                    .get_mut(key.as_str())
+                    .map(std::sync::Arc::make_mut)
+                else {
                     return Applied::NotFound;
                 };
                 let window_ms = ledger.window_ms;
@@ -1020,7 +1026,7 @@ mod tests {
             at += 1;
         }
         assert_eq!(
-            s.ledger.keys().cloned().collect::<Vec<_>>(),
+            s.ledger.keys().map(|k| &**k).collect::<Vec<_>>(),
             ["tenant/acme/user/u5000/tokens_per_minute"],
             "every ended window is gone, the live one stays"
         );

@@ -446,8 +446,21 @@ fn new_and_known_users(
         "{more} more users in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    report.push_str(&turns(&format!("{}", 1_000 + more + 2_000))?);
+    report.push_str(&turns(&grouped(1_000 + more + 2_000))?);
     Ok(report)
+}
+
+/// `n` with its thousands grouped by commas (1,003,000).
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn ensure_valgrind() -> anyhow::Result<()> {
