@@ -36,7 +36,8 @@ struct Args {
     requests: usize,
     /// Instead: end users under a per-user tokens/day limit. Times a known user's request and
     /// a new user's first request (c=1, in turns), after 1,000 users and again after this many
-    /// more new users (sent 32 at a time).
+    /// more new users (sent 32 at a time); and the node's c=64 throughput and resident memory
+    /// before and after those users.
     #[arg(long)]
     users: Option<u64>,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
@@ -346,12 +347,42 @@ fn new_and_known_users(
     let config = dir.join("node-users.toml");
     let data = dir.join("data-users");
     write_node_config(&config, &data, "", mock_addr, r#"["mock"]"#)?;
-    let (_node, line, before) = spawn_ready_with(
+    let (node, line, before) = spawn_ready_with(
         &mut serve(Command::new(&meridian), &meridian, &config),
         "meridian ready",
     )?;
     let url = format!("http://{}/v1/chat/completions", field(&line, "http=")?);
     let key = dev_key(&before)?;
+    // c=64, each request from one of the first 1,000 users (budgets already made).
+    let spread = dir.join("users-c64.lua");
+    std::fs::write(
+        &spread,
+        format!(
+            "wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\nwrk.headers['Authorization'] = 'Bearer {key}'\nlocal n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, nil, nil, '{{\"model\":\"mock\",\"max_tokens\":16,\"user\":\"seen-' .. (n % 1000) .. '\",\"messages\":[{{\"role\":\"user\",\"content\":\"benchmark\"}}]}}')\nend\n"
+        ),
+    )?;
+    let pid = node.0.id();
+    let load = |label: &str| -> anyhow::Result<String> {
+        wrk(&url, &spread, 8, 1)?;
+        // The median of three 5 s runs by throughput: one run on a shared 2-core machine
+        // varies by more than the difference looked for.
+        // The node's CPU time per request is steadier than throughput on a shared machine.
+        let mut runs = (0..3)
+            .map(|_| wrk_cpu(&url, &spread, 64, 5, pid))
+            .collect::<anyhow::Result<Vec<(Run, f64)>>>()?;
+        runs.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
+        let (run, _) = runs[1];
+        let mut cpu: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        cpu.sort_by(f64::total_cmp);
+        Ok(format!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs | {} MiB |\n",
+            run.rps,
+            run.p50_ms,
+            run.p99_ms,
+            cpu[1],
+            rss_mib(pid)?
+        ))
+    };
     let admin = field(&line, "admin=")?.to_owned();
     let tier = Command::new(&meridian)
         .args([
@@ -440,6 +471,10 @@ fn new_and_known_users(
         "| users seen | known user p50 | p99 | new user's first request p50 | p99 | new ÷ known (p50) |\n|---|---|---|---|---|---|\n",
     );
     report.push_str(&turns("1,000")?);
+    let mut throughput = String::from(
+        "\n| users seen | c=64 requests/s | p50 | p99 | node CPU per request | node RSS |\n|---|---|---|---|---|---|\n",
+    );
+    throughput.push_str(&load("3,000")?);
     let started = std::time::Instant::now();
     add_users(more)?;
     eprintln!(
@@ -447,7 +482,20 @@ fn new_and_known_users(
         started.elapsed().as_secs_f64()
     );
     report.push_str(&turns(&grouped(1_000 + more + 2_000))?);
+    throughput.push_str(&load(&grouped(1_000 + more + 4_000))?);
+    report.push_str(&throughput);
     Ok(report)
+}
+
+/// The resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc status")?;
+    Ok(kb / 1024)
 }
 
 /// `n` with its thousands grouped by commas (1,003,000).
