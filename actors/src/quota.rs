@@ -20,8 +20,8 @@
 //! Without quorum (no slice can be renewed), each limit follows its policy: `deny` refuses with
 //! 503 `quota_unavailable`, `local_share` admits up to limit ÷ cluster size on this node alone.
 //!
-//! Windows are aligned multiples of their length since the Unix epoch (minute, day, and 30-day
-//! "months": calendar months are not modelled).
+//! Windows are aligned multiples of their length since the Unix epoch (minute, day) and calendar
+//! months in UTC (`tokens_per_month`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,12 +140,21 @@ impl LimitKind {
         &NAMES[self as usize]
     }
 
-    pub fn window_ms(self) -> u64 {
+    /// The window that holds `unix_ms`: its start and its length, both in ms. Minutes and days
+    /// are aligned multiples of their length since the Unix epoch; months are calendar months
+    /// in UTC (28 to 31 days).
+    pub fn window(self, unix_ms: u64) -> (u64, u64) {
+        let fixed = |len: u64| (unix_ms - unix_ms % len, len);
         match self {
-            Self::RequestsPerMinute | Self::TokensPerMinute => 60_000,
-            Self::TokensPerDay | Self::CostPerDay => 86_400_000,
-            Self::TokensPerMonth => 30 * 86_400_000,
+            Self::RequestsPerMinute | Self::TokensPerMinute => fixed(60_000),
+            Self::TokensPerDay | Self::CostPerDay => fixed(86_400_000),
+            Self::TokensPerMonth => calendar_month(unix_ms),
         }
+    }
+
+    /// The length of the window that begins at `start` (ms).
+    pub fn window_len(self, start: u64) -> u64 {
+        self.window(start).1
     }
 
     fn of(self, limits: &Limits) -> Option<u64> {
@@ -262,6 +271,8 @@ struct Late {
     key: BudgetKey,
     window_start: u64,
     delta: i64,
+    /// The window's limit (0: not known here, the usage only adds to a ledger entry).
+    limit: u64,
 }
 
 struct Inner {
@@ -623,8 +634,7 @@ impl Quota {
             .filter_map(|(s, k)| Some((&s.key, k, k.of(&s.limits)?)));
         for (scope, kind, limit) in limits {
             let cost = estimate.cost(kind);
-            let window_ms = kind.window_ms();
-            let window_start = unix - unix % window_ms;
+            let (window_start, window_ms) = kind.window(unix);
             // One lookup, by the request's scope: a key is made only for a new budget.
             let entry = match budgets.map.entry_ref(&ScopeKind(scope, kind)) {
                 EntryRef::Occupied(found) => found,
@@ -632,7 +642,7 @@ impl Quota {
                     let mut budget = Budget::new(kind, limit, window_start, now);
                     let (share, nodes) = self.share_of(limit);
                     budget.start_share(share, nodes, self.vouches_for(window_start));
-                    let entry = new.insert_entry(budget);
+                    let entry = new.insert_entry(Box::new(budget));
                     Budgets::list_end(&mut budgets.ends, entry.key(), window_start);
                     entry
                 }
@@ -653,6 +663,7 @@ impl Quota {
                         key: key.clone(),
                         window_start: budget.window_start,
                         delta: unreported,
+                        limit: budget.limit,
                     });
                 }
                 budget.window_start = window_start;
@@ -686,8 +697,11 @@ impl Quota {
                     || budget
                         .expires
                         .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
-                // (Never from a share: a grant request releases it, and it is still in use.)
-                if low && !budget.renewing && !budget.local_share && !open_share {
+                // (Never from a static share: a grant request releases it, and it is still in
+                // use. A local share, taken for want of quorum, asks again once its time is up:
+                // quorum may be back, and the window goes on through grants if it is.)
+                let ask = if budget.local_share { lapsed } else { low };
+                if ask && !budget.renewing && !open_share {
                     renew_early.push(charges.len());
                 }
                 // From a share, with no ledger entry: the limit less what this node charged (what
@@ -745,7 +759,14 @@ impl Quota {
             // answered with less than was needed (the window's budget is spent or promised).
             let lapsed = lapsed || open_share;
             let dry = budget.dry_until.is_some_and(|d| d > now);
-            if !budget.local_share && (lapsed || !dry) {
+            if budget.local_share {
+                // Spent: refused without waiting, but once its time is up a renewal goes out
+                // (without quorum it fails fast and the local share is taken again).
+                if lapsed && !budget.renewing {
+                    budget.renewing = true;
+                    let _ = self.inner.renew.send(key.clone());
+                }
+            } else if lapsed || !dry {
                 budget.need = budget.need.max(cost);
                 if !budget.renewing {
                     budget.renewing = true;
@@ -755,7 +776,14 @@ impl Quota {
                 continue;
             }
             let cluster_left = self.cluster_left(&key.ledger).unwrap_or(0);
-            let retry = if cluster_left >= cost && !budget.local_share {
+            let retry = if budget.local_share {
+                // When the local share's time is up and a renewal may find quorum.
+                budget
+                    .expires
+                    .map_or(reset, |e| e.saturating_duration_since(now))
+                    .max(Duration::from_secs(1))
+                    .min(reset)
+            } else if cluster_left >= cost {
                 Duration::from_secs(1).min(reset)
             } else {
                 reset
@@ -826,7 +854,7 @@ impl Quota {
         let kept: Vec<shares::Kept> = lock(&self.inner.budgets)
             .map
             .iter()
-            .filter(|(_, b)| b.window_start + b.kind.window_ms() > unix)
+            .filter(|(_, b)| b.window_start + b.kind.window_len(b.window_start) > unix)
             .filter_map(|(key, b)| {
                 let released = match b.share_mode {
                     ShareMode::Open => None,
@@ -897,11 +925,15 @@ impl Quota {
                     b.charged += delta;
                     budgets.touch(key);
                 }
-                _ => lock(&self.inner.late).push(Late {
-                    key: key.clone(),
-                    window_start: *window_start,
-                    delta,
-                }),
+                other => {
+                    let limit = other.map_or(0, |b| b.limit);
+                    lock(&self.inner.late).push(Late {
+                        key: key.clone(),
+                        window_start: *window_start,
+                        delta,
+                        limit,
+                    });
+                }
             }
         }
     }
@@ -954,16 +986,21 @@ impl Quota {
             let mut budgets = lock(&self.inner.budgets);
             budgets.forget_ended(now_unix_ms());
             // What does not fit is reported by a later flush.
-            sent = budgets.unreported(|key| room.take(REPORT_BYTES + key.ledger.len()));
-            commands.extend(
-                sent.iter()
-                    .map(|(key, window_start, delta)| Command::ReportUsage {
-                        key: key.ledger.to_string(),
-                        node: self.inner.node_id,
-                        window_start_unix_ms: *window_start,
-                        delta: *delta,
-                    }),
-            );
+            let reports = budgets.unreported(|key| room.take(REPORT_BYTES + key.ledger.len()));
+            commands.extend(reports.iter().map(|(key, window_start, delta, limit)| {
+                Command::ReportUsage {
+                    key: key.ledger.to_string(),
+                    node: self.inner.node_id,
+                    window_start_unix_ms: *window_start,
+                    delta: *delta,
+                    limit: *limit,
+                    window_ms: key.kind.window_len(*window_start),
+                }
+            }));
+            sent = reports
+                .into_iter()
+                .map(|(key, window_start, delta, _)| (key, window_start, delta))
+                .collect();
         }
         {
             let mut late = lock(&self.inner.late);
@@ -977,6 +1014,8 @@ impl Quota {
                     node: self.inner.node_id,
                     window_start_unix_ms: l.window_start,
                     delta: l.delta,
+                    limit: l.limit,
+                    window_ms: l.key.kind.window_len(l.window_start),
                 });
             }
         }
@@ -1041,7 +1080,7 @@ impl Quota {
                     key: key.ledger.to_string(),
                     node: self.inner.node_id,
                     limit: b.limit,
-                    window_ms: b.kind.window_ms(),
+                    window_ms: b.kind.window_len(b.window_start),
                     window_start_unix_ms: b.window_start,
                     amount,
                     ttl_ms: self.inner.config.grant_ttl.as_millis() as u64,
@@ -1174,9 +1213,7 @@ impl Quota {
             return;
         };
         let unix = now_unix_ms();
-        if kind.window_ms() != wanted.window_ms
-            || wanted.window_start != unix - unix % wanted.window_ms
-        {
+        if kind.window(unix) != (wanted.window_start, wanted.window_ms) {
             return; // not the window this node admits in
         }
         let (share, nodes) = self.share_of(wanted.limit);
@@ -1189,7 +1226,7 @@ impl Quota {
                     let mut b =
                         Budget::new(kind, wanted.limit, wanted.window_start, Instant::now());
                     b.start_share(share, nodes, self.vouches_for(wanted.window_start));
-                    let entry = new.insert_entry(b);
+                    let entry = new.insert_entry(Box::new(b));
                     Budgets::list_end(&mut budgets.ends, entry.key(), wanted.window_start);
                     entry.into_mut()
                 }
@@ -1383,7 +1420,7 @@ mod shares {
 /// (`meridian_cluster::raft::MAX_ENTRY_BYTES`).
 const MAX_FLUSH_BYTES: usize = 512 * 1024;
 /// A `ReportUsage` command's encoded size, less its key.
-const REPORT_BYTES: usize = 160;
+const REPORT_BYTES: usize = 224;
 /// A `RecordUsage` command's encoded size, less its tenant and model names.
 const ROLLUP_BYTES: usize = 320;
 
@@ -1401,6 +1438,27 @@ impl Room {
             None => false,
         }
     }
+}
+
+/// The calendar month (UTC) that holds `unix_ms`: its first midnight and its length, in ms.
+fn calendar_month(unix_ms: u64) -> (u64, u64) {
+    use time::{Date, Month, OffsetDateTime};
+    let at = i64::try_from(unix_ms / 1000)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let first = |year: i32, month: Month| {
+        Date::from_calendar_date(year, month, 1).map_or(0, |d| {
+            d.midnight().assume_utc().unix_timestamp().max(0) as u64 * 1000
+        })
+    };
+    let (year, month) = (at.year(), at.month());
+    let start = first(year, month);
+    let next = match month {
+        Month::December => first(year + 1, Month::January),
+        m => first(year, m.next()),
+    };
+    (start, next.saturating_sub(start))
 }
 
 fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {

@@ -33,6 +33,8 @@ fn flush(node: NodeId, round: u64, batch: u64) -> Command {
                 node,
                 window_start_unix_ms: 0,
                 delta: 1 + i as i64,
+                limit: 0,
+                window_ms: 0,
             })
             .collect(),
     }

@@ -294,6 +294,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 node: 1,
                 window_start_unix_ms: today,
                 delta: 7,
+                limit: 10_000,
+                window_ms: DAY_MS,
             })
             .collect();
         flush.saturating_record(f.apply(batch(reports)).await?.as_nanos() as u64);

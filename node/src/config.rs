@@ -552,12 +552,36 @@ pub fn load(text: Option<&str>, env: &dyn Env) -> Result<Config, ConfigError> {
             .map_err(|e: toml::de::Error| ConfigError::one("(file)", e.to_string()))?,
         None => embedded_default(env),
     };
-    apply_env_overrides(&mut table, env)?;
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::one(path, e.into_inner().to_string())
-        })?;
+    let mut typed = apply_env_overrides(&mut table, env)?;
+    let raw: RawConfig = loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(raw) => break raw,
+            Err(e) => {
+                // An override read as a number, boolean or list where the field takes text
+                // (a region `2024`) is the text it was written as.
+                let at: Vec<String> = e
+                    .path()
+                    .iter()
+                    .filter_map(|segment| match segment {
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                match typed.iter().position(|(path, _)| *path == at) {
+                    Some(i) => {
+                        let (path, text) = typed.swap_remove(i);
+                        set_path(&mut table, &path, toml::Value::String(text))
+                            .map_err(|msg| ConfigError::one(path.join("."), msg))?;
+                    }
+                    None => {
+                        let path = e.path().to_string();
+                        return Err(ConfigError::one(path, e.into_inner().to_string()));
+                    }
+                }
+            }
+        }
+    };
     validate(raw, env)
 }
 
@@ -601,10 +625,21 @@ models = ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]
     text.parse().unwrap_or_default()
 }
 
+/// Maps whose keys are the user's own, kept as written in an override's name (`*`: any list
+/// index): `MERIDIAN_VLLM__0__ENV__HF_HOME` sets `vllm[0].env.HF_HOME`. Every other name is a
+/// field, written lowercase.
+const VERBATIM_KEYS: &[&[&str]] = &[&["vllm", "*", "env"]];
+
 /// `MERIDIAN_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`; `MERIDIAN_PROVIDERS__0__BASE_URL`
 /// sets `providers[0].base_url`. Values are read as TOML values when they parse as one (numbers,
-/// booleans, arrays), else as strings. An override that names no field is an error.
-fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
+/// booleans, arrays), else as strings; the overrides read as TOML values are returned (path and
+/// text), so that one landing on a text field can be taken as its text. An override that names
+/// no field is an error.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &dyn Env,
+) -> Result<Vec<(Vec<String>, String)>, ConfigError> {
+    let mut typed = Vec::new();
     let mut errors = Errors::default();
     let mut vars: Vec<_> = env
         .vars()
@@ -613,10 +648,17 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
         .collect();
     vars.sort();
     for (name, value) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let mut path: Vec<String> = Vec::new();
+        for segment in name[ENV_PREFIX.len()..].split("__") {
+            let verbatim = VERBATIM_KEYS.iter().any(|map| {
+                map.len() == path.len() && map.iter().zip(&path).all(|(m, p)| *m == "*" || m == p)
+            });
+            path.push(if verbatim {
+                segment.to_owned()
+            } else {
+                segment.to_ascii_lowercase()
+            });
+        }
         if path.iter().any(String::is_empty) {
             errors.push(&name, "malformed override: use MERIDIAN_SECTION__FIELD");
             continue;
@@ -624,14 +666,21 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
         let parsed = format!("v = {value}")
             .parse::<toml::Table>()
             .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
+            .and_then(|mut t| t.remove("v"));
+        let parsed = match parsed {
+            Some(v) if v.is_str() => v,
+            Some(v) => {
+                typed.push((path.clone(), value));
+                v
+            }
+            None => toml::Value::String(value),
+        };
         if let Err(msg) = set_path(table, &path, parsed) {
             errors.push(&name, msg);
         }
     }
     if errors.0.is_empty() {
-        Ok(())
+        Ok(typed)
     } else {
         Err(ConfigError { errors: errors.0 })
     }

@@ -64,14 +64,20 @@ pub enum Command {
         share_nodes: u64,
         used: u64,
     },
-    /// Usage charged by `node` against its grant on `key` in the window starting at
-    /// `window_start_unix_ms`: positive when admitted, negative when a reservation is settled
-    /// for less. Usage for a window that has already rolled over is dropped.
+    /// Usage charged by `node` on `key` in the window starting at `window_start_unix_ms`:
+    /// positive when admitted, negative when a reservation is settled for less. Usage for a
+    /// window that has already rolled over is dropped. A key with no entry yet (usage a node
+    /// admitted on its own, without quorum) gets one from `limit` and `window_ms`, unless the
+    /// window is long over; reports from before these fields (0) only add to an entry.
     ReportUsage {
         key: String,
         node: NodeId,
         window_start_unix_ms: u64,
         delta: i64,
+        #[serde(default)]
+        limit: u64,
+        #[serde(default)]
+        window_ms: u64,
     },
     /// Moves a provider's breaker (keyed by the provider id every node configures it under).
     SetBreaker {
@@ -745,13 +751,25 @@ impl ClusterState {
                 node,
                 window_start_unix_ms,
                 delta,
+                limit,
+                window_ms,
             } => {
-                let Some(ledger) = self
-                    .ledger
-                    .get_mut(key.as_str())
-                    .map(std::sync::Arc::make_mut)
-                else {
-                    return Applied::NotFound;
+                let window_end = window_start_unix_ms.saturating_add(*window_ms);
+                let fresh =
+                    *limit > 0 && *window_ms > 0 && window_end.saturating_add(LEDGER_GRACE_MS) > at;
+                let ledger = match self.ledger.get_mut(key.as_str()) {
+                    Some(ledger) => std::sync::Arc::make_mut(ledger),
+                    None if fresh => {
+                        let entry = Ledger {
+                            window_start_unix_ms: *window_start_unix_ms,
+                            window_ms: *window_ms,
+                            limit: *limit,
+                            ..Ledger::default()
+                        };
+                        let slot = self.ledger.entry(key.as_str().into());
+                        std::sync::Arc::make_mut(slot.or_insert(std::sync::Arc::new(entry)))
+                    }
+                    None => return Applied::NotFound,
                 };
                 let window_ms = ledger.window_ms;
                 ledger.advance(at, *window_start_unix_ms, window_ms);
@@ -985,7 +1003,55 @@ mod tests {
             node,
             window_start_unix_ms,
             delta,
+            limit: 1_000,
+            window_ms: 60_000,
         }
+    }
+
+    #[test]
+    fn usage_on_a_key_with_no_entry_makes_one_unless_its_window_is_over() {
+        let mut s = ClusterState::default();
+        let report = |limit: u64, window_start_unix_ms: u64| Command::ReportUsage {
+            key: "tenant/acme/tokens_per_minute".into(),
+            node: 2,
+            window_start_unix_ms,
+            delta: 300,
+            limit,
+            window_ms: 60_000,
+        };
+        // A report of before `limit` and `window_ms` were sent makes nothing.
+        assert_eq!(
+            s.apply(&proposal(130_000, report(0, 120_000))),
+            Applied::NotFound
+        );
+        // A window long over makes nothing.
+        let long_ago = 130_000 + LEDGER_GRACE_MS;
+        assert_eq!(
+            s.apply(&proposal(long_ago + 60_000, report(1_000, 120_000))),
+            Applied::NotFound
+        );
+        assert!(s.ledger.is_empty());
+        // Usage a node admitted on its own (no quorum, so no grant) is counted.
+        assert_eq!(
+            s.apply(&proposal(130_000, report(1_000, 120_000))),
+            Applied::Changed
+        );
+        let entry = &s.ledger["tenant/acme/tokens_per_minute"];
+        assert_eq!(
+            (entry.limit, entry.used, entry.window_ms),
+            (1_000, 300, 60_000)
+        );
+        assert_eq!(entry.used_by.get(&2), Some(&300));
+        // A grant in the window then comes from what is left.
+        let Applied::Granted { used, .. } =
+            s.apply(&proposal(131_000, grant_in(2, 120_000, 100, 5_000)))
+        else {
+            panic!("a grant");
+        };
+        assert_eq!(
+            used, 300,
+            "the node's reported usage comes back with its grant"
+        );
     }
 
     #[test]

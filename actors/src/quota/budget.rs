@@ -186,7 +186,9 @@ const FORGET_RETRY_MS: u64 = 1_000;
 /// budgets touched since the last flush, and the budgets by the end of their window.
 #[derive(Debug, Default)]
 pub(super) struct Budgets {
-    pub(super) map: hashbrown::HashMap<BudgetKey, Budget>,
+    /// Boxed: a table of a million budgets is about half empty slots, and a slot of a boxed
+    /// budget is 48 bytes, not 280 (about 450 MB less at a million end users).
+    pub(super) map: hashbrown::HashMap<BudgetKey, Box<Budget>>,
     /// Budgets whose charge or share changed since the flusher last looked, each once.
     pub(super) touched: Vec<BudgetKey>,
     /// Budgets by the end of their window. A budget that moves on to a later window is listed
@@ -216,7 +218,7 @@ impl Budgets {
         key: &BudgetKey,
         window_start: u64,
     ) {
-        ends.entry(window_start + key.kind.window_ms())
+        ends.entry(window_start + key.kind.window_len(window_start))
             .or_default()
             .push(key.clone());
     }
@@ -225,16 +227,16 @@ impl Budgets {
     /// and touched.
     pub(super) fn insert(&mut self, key: BudgetKey, budget: Budget) {
         Self::list_end(&mut self.ends, &key, budget.window_start);
-        self.map.insert(key.clone(), budget);
+        self.map.insert(key.clone(), Box::new(budget));
         self.touch(&key);
     }
 
-    /// The unreported charges of the touched budgets, each as (budget, window, delta), as many
-    /// as `fits` lets in; the budgets left out stay touched for the next flush.
+    /// The unreported charges of the touched budgets, each as (budget, window, delta, limit),
+    /// as many as `fits` lets in; the budgets left out stay touched for the next flush.
     pub(super) fn unreported(
         &mut self,
         mut fits: impl FnMut(&BudgetKey) -> bool,
-    ) -> Vec<(BudgetKey, u64, i64)> {
+    ) -> Vec<(BudgetKey, u64, i64, u64)> {
         let mut sent = Vec::new();
         let mut left = Vec::new();
         for key in std::mem::take(&mut self.touched) {
@@ -247,7 +249,7 @@ impl Budgets {
                 continue;
             }
             if fits(&key) {
-                sent.push((key, b.window_start, delta));
+                sent.push((key, b.window_start, delta, b.limit));
             } else {
                 b.queued = true;
                 left.push(key);
@@ -282,7 +284,7 @@ impl Budgets {
                 let Some(b) = self.map.get(&key) else {
                     continue;
                 };
-                let ended = b.window_start + b.kind.window_ms() <= unix;
+                let ended = b.window_start + b.kind.window_len(b.window_start) <= unix;
                 if !ended {
                     continue; // moved on to a later window, listed under its end
                 }

@@ -284,6 +284,66 @@ async fn without_quorum_limits_deny_or_share() {
 }
 
 #[tokio::test]
+async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
+    inside_one_window().await;
+    let ledger = ledger(4);
+    let tenant: Arc<str> = "acme".into();
+    let limits = tenant_scope(Limits {
+        tokens_per_minute: Some(4_000),
+        ..Limits::default()
+    });
+    let mut config = ledger_only();
+    config.grant_ttl = Duration::from_millis(300);
+    config
+        .no_quorum
+        .insert(LimitKind::TokensPerMinute, NoQuorum::LocalShare);
+    ledger.down.store(true, Ordering::Relaxed);
+    let q = node(&ledger, 1, config);
+    let mut admitted = 0;
+    let spend = async |q: &Quota, admitted: &mut u64| {
+        for _ in 0..500 {
+            match q.admit(&tenant, &limits, tokens(10)).await {
+                Ok(r) => {
+                    *admitted += 10;
+                    std::mem::forget(r);
+                }
+                Err(e) => return e,
+            }
+        }
+        panic!("never refused");
+    };
+    let refused = spend(&q, &mut admitted).await;
+    assert_eq!(admitted, 1_000, "limit ÷ 4 nodes without quorum");
+    assert_eq!(refused.kind, ErrorKind::RateLimited);
+    let retry = refused.retry_after.expect("a Retry-After");
+    assert!(
+        retry <= Duration::from_secs(1),
+        "retry when the local share's time is up, not at the window's end: {retry:?}"
+    );
+    // Quorum is back: once the local share's time is up, a renewal gets a grant, and the
+    // node admits beyond its local share (the ledger has the rest of the limit).
+    ledger.down.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admitted <= 1_000 {
+        assert!(Instant::now() < deadline, "still held to the local share");
+        if let Ok(r) = q.admit(&tenant, &limits, tokens(10)).await {
+            admitted += 10;
+            std::mem::forget(r);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    spend(&q, &mut admitted).await;
+    assert!(
+        admitted > 1_000 && admitted <= 4_000,
+        "{admitted} admitted in the window"
+    );
+    // The ledger counted everything the node admitted, on its own without quorum included.
+    q.flush().await;
+    let entry = ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].clone();
+    assert_eq!(entry.used_by.get(&1).copied(), Some(admitted));
+}
+
+#[tokio::test]
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
     inside_one_window().await;
     let ledger = ledger(1);
@@ -548,9 +608,36 @@ fn rate_limit_headers_are_named_and_written_exactly() {
 }
 
 #[test]
+fn months_are_calendar_months_in_utc() {
+    let day = 86_400_000;
+    // 2024-02-10T12:00:00Z: February of a leap year, 29 days from 2024-02-01T00:00:00Z.
+    let (start, len) = LimitKind::TokensPerMonth.window(1_707_566_400_000);
+    assert_eq!((start, len), (1_706_745_600_000, 29 * day));
+    // The last millisecond of 2024-12 and the first of 2025-01.
+    let new_year = 1_735_689_600_000;
+    assert_eq!(
+        LimitKind::TokensPerMonth.window(new_year - 1),
+        (new_year - 31 * day, 31 * day)
+    );
+    assert_eq!(
+        LimitKind::TokensPerMonth.window(new_year),
+        (new_year, 31 * day)
+    );
+    // April has 30 days; a window's length is found from its start.
+    let april = 1_743_465_600_000; // 2025-04-01T00:00:00Z
+    assert_eq!(LimitKind::TokensPerMonth.window_len(april), 30 * day);
+    // Minutes and days stay aligned to the epoch.
+    assert_eq!(
+        LimitKind::TokensPerDay.window(new_year + 5),
+        (new_year, day)
+    );
+    assert_eq!(LimitKind::TokensPerMinute.window(61_000), (60_000, 60_000));
+}
+
+#[test]
 fn budgets_of_ended_windows_are_forgotten_once_reported() {
     let now = Instant::now();
-    let minute = LimitKind::TokensPerMinute.window_ms();
+    let minute = LimitKind::TokensPerMinute.window(0).1;
     let unix = 10 * minute + 5;
     let mut budgets = Budgets::default();
     let mut add = |user: &str, window_start: u64, charged: i64, reported: i64, renewing: bool| {
@@ -621,7 +708,7 @@ fn a_flush_looks_only_at_budgets_touched_since_the_last() {
         .collect();
     let sent = budgets.unreported(|_| true);
     assert_eq!(sent.len(), 1_000, "every new budget is reported once");
-    for (key, _, delta) in sent {
+    for (key, _, delta, _) in sent {
         budgets.map.get_mut(&key).expect("there").reported += delta;
     }
     assert!(
@@ -655,7 +742,7 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
     // Let the flusher's first (immediate) tick pass before there is anything to flush.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let now = Instant::now();
-    let window = now_unix_ms() - now_unix_ms() % LimitKind::TokensPerDay.window_ms();
+    let window = LimitKind::TokensPerDay.window(now_unix_ms()).0;
     let users = 20_000;
     {
         let mut budgets = lock(&q.inner.budgets);

@@ -176,6 +176,42 @@ fn environment_overrides_fields_and_names_bad_ones() {
 }
 
 #[test]
+fn overrides_keep_the_case_of_map_keys_and_text_that_looks_like_a_number() {
+    let text =
+        "[[vllm]]\nid = \"llama\"\nmodel = \"m\"\ngpus = [0]\n[vllm.env]\nHF_HOME = \"/models\"\n";
+    let c = load(
+        Some(text),
+        &env(&[
+            // A text field given digits, and a map of the user's own keys.
+            ("MERIDIAN_NODE__REGION", "2024"),
+            ("MERIDIAN_VLLM__0__ENV__HF_HOME", "/data/hf"),
+            ("MERIDIAN_VLLM__0__ENV__CUDA_LAUNCH_BLOCKING", "1"),
+            // A numeric field still takes a number.
+            ("MERIDIAN_VLLM__0__MAX_NUM_SEQS", "64"),
+        ]),
+    )
+    .expect("valid");
+    assert_eq!(c.node.region, "2024");
+    let g = &c.vllm[0];
+    assert_eq!(
+        g.env,
+        [
+            ("CUDA_LAUNCH_BLOCKING".to_owned(), "1".to_owned()),
+            ("HF_HOME".to_owned(), "/data/hf".to_owned())
+        ]
+    );
+    assert_eq!(g.max_concurrency, 64);
+    // A number where a number is wanted but out of range, or text where a number is wanted,
+    // still names the field.
+    let err = load(
+        Some(text),
+        &env(&[("MERIDIAN_VLLM__0__MAX_NUM_SEQS", "many")]),
+    )
+    .expect_err("not a number");
+    assert!(err.to_string().contains("max_num_seqs"), "{err}");
+}
+
+#[test]
 fn durations_parse() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
