@@ -131,6 +131,25 @@ impl Harness {
         }
     }
 
+    /// A PKI directory for node `id` that trusts this cluster's CA but holds a certificate
+    /// from another CA: a client that accepts the cluster's servers, so that only a server's
+    /// check of the client's certificate can refuse it.
+    pub fn impostor_pki(&self, id: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        meridian_cluster::certs::init_ca(dir.path()).unwrap_or_else(|e| panic!("certs: {e}"));
+        meridian_cluster::certs::issue(dir.path(), id, &[])
+            .unwrap_or_else(|e| panic!("certs: {e}"));
+        std::fs::copy(self.pki.join("ca.crt"), dir.path().join("ca.crt"))
+            .unwrap_or_else(|e| panic!("copy the CA: {e}"));
+        dir
+    }
+
+    /// The mesh cookie the nodes use when none is configured (derived from the CA).
+    pub fn mesh_cookie(&self) -> String {
+        let ca = std::fs::read(self.pki.join("ca.crt")).unwrap_or_else(|e| panic!("CA: {e}"));
+        meridian_actors::auth::sha256_hex(&ca)
+    }
+
     /// Boots `voters` as a new cluster (each lists the others as peers) and waits until they
     /// agree on a leader and every one is in the member table.
     pub async fn boot(&mut self, voters: &[u64]) -> u64 {

@@ -259,10 +259,10 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         started.elapsed()
     );
 
-    // A node with a certificate from another CA is refused at the TLS handshake.
-    let foreign = tempfile::tempdir().unwrap();
-    meridian_cluster::certs::init_ca(foreign.path()).unwrap();
-    meridian_cluster::certs::issue(foreign.path(), 9, &[]).unwrap();
+    // A node with a certificate from another CA is refused by the server's check of it: the
+    // impostor trusts the cluster's CA (it accepts the server) and knows the cookie derived
+    // from it, so nothing else stands in its way.
+    let foreign = h.impostor_pki(9);
     let (server_tls, client_tls) =
         meridian_cluster::certs::mtls_configs(foreign.path(), 9).unwrap();
     let gateway =
@@ -274,7 +274,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
             node_id: 9,
             region: "x".into(),
             listen: "127.0.15.9:0".parse().unwrap(),
-            cookie: "guess".into(),
+            cookie: h.mesh_cookie(),
             server_tls,
             client_tls,
         },
@@ -284,10 +284,14 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     .unwrap();
     let target = h.node(1).ip.clone();
     let addr = format!("{target}:7001").parse().unwrap();
+    // Under TLS 1.3 the client's side of the handshake completes before the server has
+    // checked the client's certificate, so the dial itself may succeed: what counts is that no
+    // session forms on either side, given the time a real peer takes (milliseconds, above).
     let dialled = intruder
         .connect(1, addr, meridian_cluster::certs::server_name(1).unwrap())
         .await;
-    assert!(dialled.is_err(), "the TLS handshake must fail: {dialled:?}");
+    println!("mesh: the impostor dialled node 1: {dialled:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut admin = h.admin(1).await.unwrap();
     let m = admin
         .mesh_status(meridian_proto::pb::admin::MeshStatusRequest {})
@@ -298,6 +302,8 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
         !m.connected.iter().any(|c| c.starts_with("node-9")),
         "{m:?}"
     );
+    let seen = intruder.connected().await;
+    assert!(seen.is_empty(), "the impostor has a session: {seen:?}");
     intruder.stop();
 }
 
