@@ -69,6 +69,9 @@ pub struct MockOptions {
     pub strict_models: bool,
     /// The script of requests that bring none (same syntax as `x-mock-script`).
     pub default_script: String,
+    /// Requires `Authorization: Bearer <key>` on `/v1` paths (vLLM's `--api-key`, or an OpenAI
+    /// key), answered as each server answers a missing or wrong key.
+    pub api_key: Option<String>,
 }
 
 impl Default for MockOptions {
@@ -83,6 +86,7 @@ impl Default for MockOptions {
             lora_runtime: false,
             strict_models: false,
             default_script: String::new(),
+            api_key: None,
         }
     }
 }
@@ -444,6 +448,168 @@ fn error_response(flavor: Flavor, status: u16, message: &str) -> Response {
     resp
 }
 
+/// A missing or wrong key, answered as the server does: OpenAI's error object, or vLLM's flat
+/// `{"error":"Unauthorized"}` (its `--api-key` check).
+fn unauthorized(flavor: Flavor, key: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    let key = key?;
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if sent == Some(key) {
+        return None;
+    }
+    let body = match (flavor, sent) {
+        (Flavor::Vllm, _) => json!({"error": "Unauthorized"}).to_string(),
+        (_, None) => json!({"error": {
+            "message": "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "type": "invalid_request_error", "param": null, "code": null}})
+        .to_string(),
+        (_, Some(_)) => json!({"error": {
+            "message": "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        .to_string(),
+    };
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+/// The chat request fields OpenAI accepts; anything else is refused there (vLLM ignores it).
+const OPENAI_CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "metadata",
+    "modalities",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+];
+
+/// What the real server refuses in a chat request, as (param, message): a role it does not
+/// know, a number out of its range, `stream_options` without `stream`, and (OpenAI) an unknown
+/// field.
+fn invalid_chat(flavor: Flavor, req: &Value) -> Option<(Option<String>, String)> {
+    let roles = [
+        "system",
+        "developer",
+        "user",
+        "assistant",
+        "tool",
+        "function",
+    ];
+    if let Some(messages) = req["messages"].as_array() {
+        for (i, m) in messages.iter().enumerate() {
+            let role = m["role"].as_str().unwrap_or_default();
+            if !roles.contains(&role) {
+                return Some((
+                    Some(format!("messages[{i}].role")),
+                    format!(
+                        "Invalid value: '{role}'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'."
+                    ),
+                ));
+            }
+        }
+    }
+    let ranges: [(&str, f64, f64); 6] = [
+        ("temperature", 0.0, 2.0),
+        ("top_p", 0.0, 1.0),
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+        ("n", 1.0, 128.0),
+        ("max_tokens", 1.0, f64::MAX),
+    ];
+    for (field, min, max) in ranges {
+        let Some(v) = req[field].as_f64() else {
+            continue;
+        };
+        if v < min {
+            return Some((
+                Some(field.into()),
+                format!(
+                    "Invalid '{field}': value below minimum. Expected a value >= {min}, but got {v} instead."
+                ),
+            ));
+        }
+        if v > max {
+            return Some((
+                Some(field.into()),
+                format!(
+                    "Invalid '{field}': value above maximum. Expected a value <= {max}, but got {v} instead."
+                ),
+            ));
+        }
+    }
+    let streaming = req["stream"].as_bool().unwrap_or(false);
+    if !req["stream_options"].is_null() && !streaming {
+        let message = match flavor {
+            Flavor::Vllm => "Stream options can only be defined when `stream=True`.",
+            _ => "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        };
+        return Some((Some("stream_options".into()), message.into()));
+    }
+    if flavor == Flavor::OpenAi
+        && let Some(fields) = req.as_object()
+        && let Some(unknown) = fields
+            .keys()
+            .find(|k| !OPENAI_CHAT_FIELDS.contains(&k.as_str()))
+    {
+        return Some((
+            None,
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
+    None
+}
+
+/// A 400 naming `param`, in the flavor's error body.
+fn invalid(flavor: Flavor, param: Option<&str>, message: &str) -> Response {
+    let body = match flavor {
+        Flavor::OpenAi => json!({"error": {"message": message, "type": "invalid_request_error",
+                                           "param": param, "code": param.map(|_| "invalid_value")}})
+        .to_string(),
+        _ => error_body(flavor, 400, message),
+    };
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 /// The current Unix minute.
 pub fn unix_minute() -> u64 {
     std::time::SystemTime::now()
@@ -456,10 +622,16 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     s.stats.requests.fetch_add(1, SeqCst);
     s.maybe_hang().await;
     let flavor_default = s.opts.flavor;
+    if let Some(refused) = unauthorized(flavor_default, s.opts.api_key.as_deref(), &headers) {
+        return refused;
+    }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return error_response(flavor_default, 400, &format!("invalid JSON: {e}")),
     };
+    if let Some((param, message)) = invalid_chat(flavor_default, &req) {
+        return invalid(flavor_default, param.as_deref(), &message);
+    }
     let model = req["model"].as_str().unwrap_or_default().to_owned();
     if s.opts.strict_models && !s.serves(&model) {
         return error_response(
@@ -496,17 +668,24 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             tokio::time::sleep(script.ttft).await;
         }
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
+        let n = req["n"].as_u64().unwrap_or(1).max(1) as usize;
+        let completion_tokens = script.tokens * n;
         s.stats
-            .served(arrived, prompt_tokens as u64, script.tokens as u64);
-        s.stats
-            .served_user(req["user"].as_str(), (prompt_tokens + script.tokens) as u64);
+            .served(arrived, prompt_tokens as u64, completion_tokens as u64);
+        s.stats.served_user(
+            req["user"].as_str(),
+            (prompt_tokens + completion_tokens) as u64,
+        );
         s.stats.completed.fetch_add(1, SeqCst);
+        let choices: Vec<Value> = (0..n)
+            .map(|index| json!({"index": index, "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
+                                "logprobs": null, "finish_reason": "stop"}))
+            .collect();
         let body = json!({
             "id": id, "object": "chat.completion", "created": 1763700000, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
-                         "logprobs": null, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": script.tokens,
-                      "total_tokens": prompt_tokens + script.tokens,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
                       "prompt_tokens_details": {"cached_tokens": 0}},
             "service_tier": "default", "system_fingerprint": "fp_mock"
         });
@@ -576,6 +755,8 @@ impl Drop for StreamGuard {
     }
 }
 
+/// A streamed answer. It carries one choice whatever `n` asks (a real server streams `n`,
+/// told apart by `index`; the non-streamed answer here has all `n`).
 struct StreamPlan {
     script: Script,
     flavor: Flavor,

@@ -1271,3 +1271,117 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
         "hits add no tokens: {u}"
     );
 }
+
+/// The mock refuses what OpenAI refuses (a missing or wrong key, unknown fields, values out of
+/// range, `stream_options` without `stream`): a request the gateway turns away nothing of still
+/// reaches it whole, with the provider's key.
+#[tokio::test]
+async fn the_openai_adapter_sends_the_providers_key_and_only_fields_openai_knows() {
+    let upstream = MockUpstream::start(MockOptions {
+        flavor: Flavor::OpenAi,
+        api_key: Some("sk-provider-key".into()),
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock starts");
+    let toml = provider_toml(
+        "mock",
+        &upstream.base_url(),
+        &["gpt-4o-mini"],
+        "api_key_env = \"MOCK_OPENAI_KEY\"",
+    );
+    let with_key = TestNode::start_with_env(
+        &toml,
+        vec![("MOCK_OPENAI_KEY".into(), "sk-provider-key".into())],
+    )
+    .await
+    .expect("node starts");
+    let answer = post(&with_key, chat_body("gpt-4o-mini", false, "")).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    // `n` and `user` are OpenAI's own fields: passed, and `n` choices come back.
+    let mut body: Value = serde_json::from_str(&chat_body("gpt-4o-mini", false, "")).unwrap();
+    body["n"] = 2.into();
+    body["user"] = "u-1".into();
+    let answer = post(&with_key, body.to_string()).await;
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["choices"].as_array().map(Vec::len), Some(2));
+
+    // The same request through a node holding the wrong key: the upstream's 401 is not the
+    // client's fault, and never shown as its own key being wrong.
+    let wrong =
+        TestNode::start_with_env(&toml, vec![("MOCK_OPENAI_KEY".into(), "sk-stale".into())])
+            .await
+            .expect("node starts");
+    let answer = post(&wrong, chat_body("gpt-4o-mini", false, "")).await;
+    let status = answer.status().as_u16();
+    let text = answer.text().await.unwrap();
+    assert!(status >= 500, "{status}: {text}");
+    assert_eq!(
+        upstream.stats.completed.load(SeqCst),
+        2,
+        "the wrong key was refused upstream"
+    );
+}
+
+/// The mock itself answers as OpenAI does: the checks above are only worth what these are.
+#[tokio::test]
+async fn the_openai_mock_refuses_what_openai_refuses() {
+    let upstream = MockUpstream::start(MockOptions {
+        flavor: Flavor::OpenAi,
+        api_key: Some("sk-k".into()),
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock starts");
+    let client = reqwest::Client::new();
+    let send = |body: Value, key: Option<&str>| {
+        let mut r = client
+            .post(format!("{}/chat/completions", upstream.base_url()))
+            .json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        async move {
+            let answer = r.send().await.unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.json::<Value>().await.unwrap())
+        }
+    };
+    let ok = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(send(ok.clone(), Some("sk-k")).await.0, 200);
+    let (status, body) = send(ok.clone(), None).await;
+    assert_eq!((status, body["error"]["code"].clone()), (401, Value::Null));
+    let (status, body) = send(ok.clone(), Some("sk-other")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    let with = |field: &str, value: Value| {
+        let mut b = ok.clone();
+        b[field] = value;
+        b
+    };
+    for (body, param) in [
+        (with("temperature", 2.5.into()), Some("temperature")),
+        (with("top_p", (-0.1).into()), Some("top_p")),
+        (with("n", 0.into()), Some("n")),
+        (
+            with("stream_options", serde_json::json!({"include_usage": true})),
+            Some("stream_options"),
+        ),
+        (
+            with(
+                "messages",
+                serde_json::json!([{"role": "robot", "content": "hi"}]),
+            ),
+            Some("messages[0].role"),
+        ),
+        (with("ignore_eos", true.into()), None),
+    ] {
+        let (status, answer) = send(body.clone(), Some("sk-k")).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+        assert_eq!(answer["error"]["param"].as_str(), param, "{answer}");
+    }
+}

@@ -1,5 +1,5 @@
 //! The mock upstream as a process: `mock-upstream [--listen ADDR] [--flavor vllm|openai|anthropic]
-//! [--model NAME]`. Prints `mock-upstream listening on ADDR` once it accepts connections.
+//! [--model NAME] [--api-key KEY]`. Prints `mock-upstream listening on ADDR` once it accepts connections.
 
 use clap::Parser;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
@@ -12,6 +12,9 @@ struct Args {
     flavor: String,
     #[arg(long, default_value = "mock")]
     model: String,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[tokio::main]
@@ -27,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         listen: args.listen,
         flavor,
         served_model: args.model,
+        api_key: args.api_key,
         ..MockOptions::default()
     })
     .await?;

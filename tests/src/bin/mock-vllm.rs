@@ -39,6 +39,8 @@ struct Args {
     hang_after: Option<Duration>,
     ignore_sigterm: bool,
     children: u32,
+    /// `--api-key` (or `VLLM_API_KEY`): a Bearer key on `/v1` paths.
+    api_key: Option<String>,
 }
 
 fn ms(v: &str, what: &str) -> anyhow::Result<Duration> {
@@ -64,6 +66,7 @@ fn parse() -> anyhow::Result<Args> {
         a.hang_after = Some(ms(&v, "MOCK_VLLM_HANG_AFTER_MS")?);
     }
     a.ignore_sigterm = env("MOCK_VLLM_IGNORE_SIGTERM").is_some_and(|v| v == "1");
+    a.api_key = env("VLLM_API_KEY");
     if let Some(v) = env("MOCK_VLLM_CHILDREN") {
         a.children = v.parse()?;
     }
@@ -127,6 +130,7 @@ fn parse() -> anyhow::Result<Args> {
             "--mock-hang-after-ms" => a.hang_after = Some(ms(&value()?, &flag)?),
             "--mock-children" => a.children = value()?.parse()?,
             "--mock-ignore-sigterm" => a.ignore_sigterm = true,
+            "--api-key" => a.api_key = Some(value()?),
             _ if boolean => {}
             _ => {
                 value()?;
@@ -183,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         default_script: std::env::var("MOCK_VLLM_SCRIPT").unwrap_or_default(),
         // Counted from when it serves.
         hang_after: args.hang_after,
+        api_key: args.api_key,
     })
     .await?;
     println!("mock-vllm ready on {}", mock.addr);
