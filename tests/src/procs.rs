@@ -363,6 +363,44 @@ impl Harness {
         }
     }
 
+    /// Polls `holds` on every node of `ids` at once until it holds on each, and returns how
+    /// long after `since` it held on the last; fails if any node is past `since + bound`.
+    pub async fn all_within<F, Fut>(
+        &self,
+        ids: &[u64],
+        what: &str,
+        since: Instant,
+        bound: Duration,
+        holds: F,
+    ) -> Duration
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let holds = &holds;
+        let each = ids.iter().map(|&id| async move {
+            loop {
+                let asked = since.elapsed();
+                if holds(id).await {
+                    // Counted from when the check that found it was made.
+                    return asked;
+                }
+                assert!(
+                    since.elapsed() <= bound,
+                    "node {id}: {what}: not within {bound:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let slowest = futures::future::join_all(each)
+            .await
+            .into_iter()
+            .max()
+            .unwrap_or_default();
+        assert!(slowest <= bound, "{what}: {slowest:?}, over {bound:?}");
+        slowest
+    }
+
     /// Creates tier `free` (idempotent) through node `id`, retrying for up to 10 s while the
     /// node is unreachable or the cluster has no leader (as an operator would: a loaded
     /// machine can hold an election right after boot).

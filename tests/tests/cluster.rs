@@ -9,6 +9,13 @@ use meridian_tests::procs::Harness;
 
 const T: Duration = Duration::from_secs(30);
 
+/// The harness's `election_timeout_max` (`meridian_tests::procs`).
+const ELECTION_MAX: Duration = Duration::from_millis(600);
+/// A failover's bound, for a new leader and for the gap in acknowledged writes: a follower
+/// notices the silence within one election timeout, and an election can take a few more rounds
+/// when votes split (two kills at once, a loaded machine).
+const FAILOVER: Duration = ELECTION_MAX.saturating_mul(5);
+
 #[tokio::test]
 async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {
     let mut h = Harness::new(11);
@@ -52,6 +59,8 @@ async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {
     writes.wait_more(20, T).await;
     let (acked, outage) = writes.finish(killed).await;
     h.wait_replicated(&[1, 2, 3], &acked, T).await;
+    assert!(elected <= FAILOVER, "a new leader after {elected:?}");
+    assert!(outage <= FAILOVER, "no write acknowledged for {outage:?}");
     println!(
         "kill -9 of leader {leader}: new leader {new_leader} after {elected:?}; longest gap between \
          acknowledged writes {outage:?}; node {leader} restarted and caught up after {:?}; {} \
@@ -100,13 +109,15 @@ async fn five_nodes_survive_losing_two() {
     let survivors = h.running();
     assert_eq!(survivors.len(), 3);
     let new_leader = h.agreed_leader(&survivors, Some(leader), T).await;
+    let elected = killed.elapsed();
     writes.wait_more(30, T).await;
     let (acked, outage) = writes.finish(killed).await;
     h.wait_replicated(&survivors, &acked, T).await;
+    assert!(elected <= FAILOVER, "a new leader after {elected:?}");
+    assert!(outage <= FAILOVER, "no write acknowledged for {outage:?}");
     println!(
-        "5 nodes, kill -9 of {leader} (leader) and {other}: leader {new_leader} after {:?}; \
+        "5 nodes, kill -9 of {leader} (leader) and {other}: leader {new_leader} after {elected:?}; \
          longest write gap {outage:?}; {} acknowledged writes on all 3 survivors",
-        killed.elapsed(),
         acked.len()
     );
     // Both come back and catch up.
@@ -125,6 +136,7 @@ async fn a_frozen_leader_is_replaced_and_rejoins_as_a_follower() {
     let others = h.running();
     let new_leader = h.agreed_leader(&others, Some(leader), T).await;
     let elected = frozen.elapsed();
+    assert!(elected <= FAILOVER, "a new leader after {elected:?}");
     h.put_tenant(others[0], "while-frozen").await.unwrap();
     h.thaw(leader);
     let thawed = Instant::now();
@@ -348,21 +360,20 @@ async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seco
         .await
         .unwrap();
     let revoked = Instant::now();
-    let mut slowest = Duration::ZERO;
-    for id in [1, 2, 3] {
-        h.wait_for(
-            &format!("node {id} to refuse the key"),
+    let slowest = h
+        .all_within(
+            &[1, 2, 3],
+            "refuses the revoked key",
+            revoked,
             Duration::from_secs(2),
-            || async { (status(id).await == 401).then_some(()) },
+            |id| async move { status(id).await == 401 },
         )
         .await;
-        slowest = slowest.max(revoked.elapsed());
-    }
     println!("revoked through node 2: refused by all three nodes within {slowest:?}");
 }
 
 #[tokio::test]
-async fn a_breaker_tripped_on_one_node_stops_traffic_from_every_node_within_a_second() {
+async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_second() {
     use meridian_proto::pb::admin as pb;
     use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
     use meridian_tests::provider_toml;
@@ -443,20 +454,19 @@ async fn a_breaker_tripped_on_one_node_stops_traffic_from_every_node_within_a_se
             .any(|b| b.provider == "flaky" && b.state == "open")
             .then_some(())
     };
-    let mut slowest = Duration::ZERO;
-    for id in [2, 3] {
-        h.wait_for(
-            &format!("node {id} to see the breaker open"),
-            Duration::from_secs(1),
-            || open_on(id),
+    // The README says milliseconds: half a second is ten heartbeats.
+    let slowest = h
+        .all_within(
+            &[2, 3],
+            "sees the breaker open",
+            tripped,
+            Duration::from_millis(500),
+            |id| async move { open_on(id).await.is_some() },
         )
         .await;
-        slowest = slowest.max(tripped.elapsed());
-    }
     println!(
         "breaker tripped by node 1's failures: open on nodes 2 and 3 within {slowest:?} of the last failure"
     );
-    assert!(slowest <= Duration::from_secs(1));
     // From then on no node sends `flaky` anything, while everything is still served.
     let before = flaky.stats.requests.load(SeqCst);
     for _ in 0..10 {
