@@ -111,16 +111,24 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
 
     // Open: no attempt reaches `flaky`, so requests no longer pay for a failed attempt.
     let before = attempts(&node, "flaky").await;
+    let until = b.open_until_unix_ms.expect("an open breaker says until when");
     for _ in 0..5 {
         assert_eq!(chat(&node).await.status(), 200);
     }
-    if breaker(&node, "flaky").await.unwrap().state == "open" {
-        assert_eq!(
-            attempts(&node, "flaky").await,
-            before,
-            "no traffic while open"
-        );
-    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        now < until,
+        "the five requests must run while the breaker is open ({} ms past it)",
+        now - until
+    );
+    assert_eq!(
+        attempts(&node, "flaky").await,
+        before,
+        "no traffic while open"
+    );
 
     // Half-open with `flaky` still down: the probe fails and it opens again, for longer.
     wait_until(
