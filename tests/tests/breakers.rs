@@ -111,7 +111,9 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
 
     // Open: no attempt reaches `flaky`, so requests no longer pay for a failed attempt.
     let before = attempts(&node, "flaky").await;
-    let until = b.open_until_unix_ms.expect("an open breaker says until when");
+    let until = b
+        .open_until_unix_ms
+        .expect("an open breaker says until when");
     for _ in 0..5 {
         assert_eq!(chat(&node).await.status(), 200);
     }

@@ -861,7 +861,7 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     let left = Instant::now();
     h.wait_for(
         "the replica to see the call cancelled",
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         || async {
             let aborted = mock_stats().await?["aborted"].as_u64()?;
             (aborted > aborted_before).then_some(())
@@ -889,6 +889,11 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     assert!(ended.is_ok(), "the stream hung after its owner died");
     assert!(rest.contains("\"error\""), "no error event: {rest}");
     let stream_end = killed.elapsed();
+    // At once: the owner's connection closes with its process.
+    assert!(
+        stream_end <= Duration::from_secs(1),
+        "the error event came {stream_end:?} after the kill"
+    );
     // Its record lingers until node 1 is back, but calls through it fail fast.
     let asked = Instant::now();
     let status = post(2, false).await.unwrap().status().as_u16();
