@@ -47,6 +47,19 @@ impl LogStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let db = Database::create(path).map_err(|e| logs_err(ErrorVerb::Read, e))?;
+        Self::on(db)
+    }
+
+    /// Opens (or creates) the store on a storage backend of redb's other than a file (a disk
+    /// that keeps only what was synced, to test what survives a crash).
+    pub fn open_on(backend: impl redb::StorageBackend) -> Result<Self, StorageError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
+        Self::on(db)
+    }
+
+    fn on(db: Database) -> Result<Self, StorageError> {
         // Tables must exist before the first read transaction opens them.
         let tx = db
             .begin_write()
