@@ -72,6 +72,11 @@ pub struct MockOptions {
     /// Requires `Authorization: Bearer <key>` on `/v1` paths (vLLM's `--api-key`, or an OpenAI
     /// key), answered as each server answers a missing or wrong key.
     pub api_key: Option<String>,
+    /// While this file exists, `/health` answers the status written in it (503, vLLM's answer
+    /// for a dead engine, when it holds none): a health failure on demand.
+    pub unhealthy_when: Option<std::path::PathBuf>,
+    /// The GPUs it was given (`CUDA_VISIBLE_DEVICES`), reported in `/mock/stats`.
+    pub visible_gpus: Option<String>,
 }
 
 impl Default for MockOptions {
@@ -87,6 +92,8 @@ impl Default for MockOptions {
             strict_models: false,
             default_script: String::new(),
             api_key: None,
+            unhealthy_when: None,
+            visible_gpus: None,
         }
     }
 }
@@ -270,6 +277,21 @@ impl Shared {
     }
 }
 
+async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
+    let Some(file) = &s.opts.unhealthy_when else {
+        return StatusCode::OK;
+    };
+    match std::fs::read_to_string(file) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .ok()
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        Err(_) => StatusCode::OK,
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -277,11 +299,15 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(load_lora))
         .route("/v1/unload_lora_adapter", post(unload_lora))
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(
             "/mock/stats",
-            get(|State(s): State<Arc<Shared>>| async move { axum::Json(s.stats.snapshot()) }),
+            get(|State(s): State<Arc<Shared>>| async move {
+                let mut stats = s.stats.snapshot();
+                stats["cuda_visible_devices"] = s.opts.visible_gpus.clone().into();
+                axum::Json(stats)
+            }),
         )
         .with_state(shared)
 }
@@ -869,6 +895,14 @@ async fn load_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             "Both 'lora_name' and 'lora_path' must be provided.",
         );
     };
+    if !std::path::Path::new(path).exists() {
+        // vLLM loads the adapter to check it: nothing at the path is its 404.
+        return lora_error(
+            404,
+            "NotFoundError",
+            &format!("Loading lora {name} failed: No adapter found for {path}"),
+        );
+    }
     let mut adapters = s.adapters();
     if adapters.iter().any(|(n, _)| n == name) {
         return lora_error(

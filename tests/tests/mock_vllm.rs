@@ -205,3 +205,35 @@ async fn only_sigkill_to_its_group_stops_one_that_ignores_sigterm_and_its_childr
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn an_unknown_flag_is_refused_as_vllms_argument_parser_refuses_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mock-vllm"))
+        .args(["serve", "m", "--port", "1", "--no-such-flag", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: unrecognized arguments: --no-such-flag"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn health_fails_on_demand_with_the_status_asked() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unhealthy");
+    let file_env = file.display().to_string();
+    let mut child = spawn(port, &[], &[("MOCK_VLLM_UNHEALTHY_FILE", &file_env)]);
+    until_healthy(port).await;
+    std::fs::write(&file, "").unwrap();
+    assert_eq!(health(port).await, Some(503), "a dead engine by default");
+    std::fs::write(&file, "500").unwrap();
+    assert_eq!(health(port).await, Some(500));
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(health(port).await, Some(200));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -371,6 +371,75 @@ async fn a_hung_replica_is_detected_and_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_failing_its_health_checks_is_restarted() {
+    let port = free_ports(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unhealthy");
+    let file_env = file.display().to_string();
+    let node = node(
+        port,
+        "health_failures = 3",
+        &[("MOCK_VLLM_UNHEALTHY_FILE", &file_env)],
+    )
+    .await;
+    let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    // `/health` answers 500 (the process is up): three failures in a row, 100 ms apart.
+    std::fs::write(&file, "500").unwrap();
+    let failing = Instant::now();
+    let (seen, _) = until(&node, "llama-0", "taken out", Duration::from_secs(3), |r| {
+        r.state != ReplicaState::Ready
+    })
+    .await;
+    let detected = failing.elapsed();
+    // The next process is healthy.
+    std::fs::remove_file(&file).unwrap();
+    let (back, _) = until(
+        &node,
+        "llama-0",
+        "ready again",
+        Duration::from_secs(10),
+        |r| r.state == ReplicaState::Ready && r.restarts >= 1 && r.pid != ready.pid,
+    )
+    .await;
+    let why = back.last_exit.clone().unwrap_or_default();
+    assert!(why.contains("/health failed 3 times in a row"), "{why}");
+    assert!(
+        detected <= Duration::from_secs(1),
+        "three failed checks 100 ms apart took {detected:?} to act on"
+    );
+    // A dead engine (503) is acted on at its first answer.
+    std::fs::write(&file, "503").unwrap();
+    let dead = Instant::now();
+    until(&node, "llama-0", "taken out", Duration::from_secs(3), |r| {
+        r.state != ReplicaState::Ready
+    })
+    .await;
+    let dead_after = dead.elapsed();
+    std::fs::remove_file(&file).unwrap();
+    let (again, _) = until(
+        &node,
+        "llama-0",
+        "ready again",
+        Duration::from_secs(10),
+        |r| r.state == ReplicaState::Ready && r.restarts >= 2,
+    )
+    .await;
+    let why = again.last_exit.clone().unwrap_or_default();
+    assert!(why.contains("engine is dead"), "{why}");
+    println!(
+        "health failures: three 500s taken out after {} ms ({:?}), a 503 after {} ms",
+        detected.as_millis(),
+        seen.state,
+        dead_after.as_millis()
+    );
+    let mut node = node;
+    node.begin_shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
     let port = free_ports(2);
     let node = node(
@@ -617,10 +686,22 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], "sql");
     assert_eq!(chat_model("finance").await.0, 404);
-    // Loaded at run time through the CLI: routed from then on.
+    // Loaded at run time through the CLI: routed from then on. An adapter that is not where
+    // it is said to be is vLLM's 404, passed on.
     let cli = |args: &[&str]| vllm_cli(&node, args);
+    let missing = cli(&["lora-load", "llama-0", "finance", "/no/such/adapter"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("No adapter found"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let adapters = tempfile::tempdir().unwrap();
+    let finance = adapters.path().join("finance");
+    std::fs::create_dir(&finance).unwrap();
+    let finance = finance.display().to_string();
     let provider = node.gateway.provider_by_id("1/llama-0").unwrap();
-    let out = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
+    let out = cli(&["lora-load", "llama-0", "finance", &finance]);
     assert!(
         out.status.success(),
         "{}",
@@ -642,7 +723,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
             .contains(&"finance".to_owned())
     );
     // Loading it twice is vLLM's 400, passed on.
-    let again = cli(&["lora-load", "llama-0", "finance", "/adapters/finance"]);
+    let again = cli(&["lora-load", "llama-0", "finance", &finance]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already been loaded"));
     // Unloaded: no longer routed.
@@ -725,6 +806,14 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     })
     .await;
     assert_eq!(r.gpus, [0], "CUDA_VISIBLE_DEVICES of the first replica");
+    // What the process itself was given, not only what the supervisor says it gave.
+    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["cuda_visible_devices"], "0");
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let (client, url) = (n.client(), n.url("/v1/chat/completions"));

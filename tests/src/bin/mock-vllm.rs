@@ -1,6 +1,7 @@
 //! A stand-in for `vllm serve`, for supervising tests: it takes vLLM's command line
-//! (`mock-vllm serve MODEL --host H --port P [--served-model-name N] [any other vLLM flag]`),
-//! and behaves like the real server's lifecycle and failure modes:
+//! (`mock-vllm serve MODEL --host H --port P [--served-model-name N] [other vLLM flags]`),
+//! refuses a flag vLLM does not know as vLLM's argument parser does (exit status 2,
+//! `unrecognized arguments`), and behaves like the real server's lifecycle and failure modes:
 //!
 //! - while "loading" (`MOCK_VLLM_LOADING_MS`) nothing listens: connections are refused, as
 //!   they are while vLLM loads weights; then `/health`, `/v1/models`, chat completions
@@ -13,7 +14,13 @@
 //! - `MOCK_VLLM_CHILDREN=N`: starts N child processes (`sleep`) in its process group, as
 //!   vLLM's engine and tensor-parallel workers are;
 //! - `MOCK_VLLM_SCRIPT`: the script of requests that bring none (the mock's `x-mock-script`
-//!   syntax, e.g. `tokens=20;itl_ms=50`).
+//!   syntax, e.g. `tokens=20;itl_ms=50`);
+//! - `MOCK_VLLM_UNHEALTHY_FILE`: while that file exists, `/health` answers the status written
+//!   in it (503, a dead engine, when none);
+//! - `--api-key K` (or `VLLM_API_KEY`): Bearer key on `/v1` paths, refused with vLLM's flat
+//!   `{"error":"Unauthorized"}`;
+//! - the GPUs it was given (`CUDA_VISIBLE_DEVICES`) are in `/mock/stats`
+//!   (`cuda_visible_devices`).
 //!
 //! Like vLLM, it serves only its model (every `--served-model-name`) and its LoRA adapters
 //! (`--lora-modules name=path …`, and at run time `/v1/load_lora_adapter` and
@@ -42,6 +49,57 @@ struct Args {
     /// `--api-key` (or `VLLM_API_KEY`): a Bearer key on `/v1` paths.
     api_key: Option<String>,
 }
+
+/// vLLM's flags that take no value (a subset of `vllm serve --help`), and the mock's own.
+const BOOLEAN_FLAGS: &[&str] = &[
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
+    "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill",
+    "--enable-lora",
+    "--disable-log-requests",
+    "--disable-log-stats",
+    "--enforce-eager",
+    "--trust-remote-code",
+    "--mock-ignore-sigterm",
+];
+
+/// vLLM's flags that take a value (a subset of `vllm serve --help`), and the mock's own.
+const VALUE_FLAGS: &[&str] = &[
+    "--host",
+    "--port",
+    "--api-key",
+    "--served-model-name",
+    "--lora-modules",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--data-parallel-size",
+    "--gpu-memory-utilization",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--max-model-len",
+    "--max-loras",
+    "--max-lora-rank",
+    "--dtype",
+    "--kv-cache-dtype",
+    "--quantization",
+    "--seed",
+    "--download-dir",
+    "--tokenizer",
+    "--revision",
+    "--chat-template",
+    "--swap-space",
+    "--block-size",
+    "--load-format",
+    "--uvicorn-log-level",
+    "--distributed-executor-backend",
+    "--generation-config",
+    "--device",
+    "--mock-loading-ms",
+    "--mock-crash-after-ms",
+    "--mock-hang-after-ms",
+    "--mock-children",
+];
 
 fn ms(v: &str, what: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(v.parse().map_err(|_| {
@@ -84,15 +142,13 @@ fn parse() -> anyhow::Result<Args> {
             continue;
         }
         // vLLM's boolean flags take no value; every other flag takes one.
-        let boolean = matches!(
-            flag.as_str(),
-            "--enable-prefix-caching"
-                | "--enable-lora"
-                | "--disable-log-requests"
-                | "--enforce-eager"
-                | "--trust-remote-code"
-                | "--mock-ignore-sigterm"
-        );
+        let boolean = BOOLEAN_FLAGS.contains(&flag.as_str());
+        if !boolean && !VALUE_FLAGS.contains(&flag.as_str()) {
+            eprintln!(
+                "usage: vllm serve [model_tag] [options]\nvllm serve: error: unrecognized arguments: {flag}"
+            );
+            std::process::exit(2);
+        }
         let mut value = || -> anyhow::Result<String> {
             match &inline {
                 Some(v) => Ok(v.clone()),
@@ -188,6 +244,8 @@ async fn main() -> anyhow::Result<()> {
         // Counted from when it serves.
         hang_after: args.hang_after,
         api_key: args.api_key,
+        unhealthy_when: std::env::var_os("MOCK_VLLM_UNHEALTHY_FILE").map(Into::into),
+        visible_gpus: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
     })
     .await?;
     println!("mock-vllm ready on {}", mock.addr);
