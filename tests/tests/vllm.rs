@@ -612,10 +612,17 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    // Both replicas take traffic.
+    // Both replicas take traffic: each one's process has been sent requests.
+    let second = replica(&node, "llama-1").port;
+    let before = mock_requests(second).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let serving: Vec<u32> = node.vllm.list().iter().map(|r| r.in_flight).collect();
+    let sent_to_second = mock_requests(second).await - before;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent_to_second > 0,
+        "the new replica got no request in 500 ms of load (in flight: {serving:?})"
+    );
     let mut failed = 0;
     for c in clients {
         failed += c.await.unwrap();
