@@ -1290,12 +1290,9 @@ async fn the_openai_adapter_sends_the_providers_key_and_only_fields_openai_knows
         &["gpt-4o-mini"],
         "api_key_env = \"MOCK_OPENAI_KEY\"",
     );
-    let with_key = TestNode::start_with_env(
-        &toml,
-        vec![("MOCK_OPENAI_KEY".into(), "sk-provider-key".into())],
-    )
-    .await
-    .expect("node starts");
+    let node_holding =
+        |key: &str| TestNode::start_with_env(&toml, vec![("MOCK_OPENAI_KEY".into(), key.into())]);
+    let with_key = node_holding("sk-provider-key").await.expect("node starts");
     let answer = post(&with_key, chat_body("gpt-4o-mini", false, "")).await;
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     // `n` and `user` are OpenAI's own fields: passed, and `n` choices come back.
@@ -1309,10 +1306,7 @@ async fn the_openai_adapter_sends_the_providers_key_and_only_fields_openai_knows
 
     // The same request through a node holding the wrong key: the upstream's 401 is not the
     // client's fault, and never shown as its own key being wrong.
-    let wrong =
-        TestNode::start_with_env(&toml, vec![("MOCK_OPENAI_KEY".into(), "sk-stale".into())])
-            .await
-            .expect("node starts");
+    let wrong = node_holding("sk-stale").await.expect("node starts");
     let answer = post(&wrong, chat_body("gpt-4o-mini", false, "")).await;
     let status = answer.status().as_u16();
     let text = answer.text().await.unwrap();

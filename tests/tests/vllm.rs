@@ -123,15 +123,19 @@ async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
         .unwrap()
 }
 
-/// What the mock vLLM on `port` has received.
-async fn mock_requests(port: u16) -> u64 {
-    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+/// What the mock vLLM on `port` reports of itself (`/mock/stats`).
+async fn mock_stats(port: u16) -> serde_json::Value {
+    reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    stats["requests"].as_u64().unwrap()
+        .unwrap()
+}
+
+/// What the mock vLLM on `port` has received.
+async fn mock_requests(port: u16) -> u64 {
+    mock_stats(port).await["requests"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,53 +390,44 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
         r.state == ReplicaState::Ready
     })
     .await;
-    // `/health` answers 500 (the process is up): three failures in a row, 100 ms apart.
-    std::fs::write(&file, "500").unwrap();
-    let failing = Instant::now();
-    let (seen, _) = until(&node, "llama-0", "taken out", Duration::from_secs(3), |r| {
-        r.state != ReplicaState::Ready
-    })
-    .await;
-    let detected = failing.elapsed();
-    // The next process is healthy.
-    std::fs::remove_file(&file).unwrap();
-    let (back, _) = until(
-        &node,
-        "llama-0",
-        "ready again",
-        Duration::from_secs(10),
-        |r| r.state == ReplicaState::Ready && r.restarts >= 1 && r.pid != ready.pid,
-    )
-    .await;
-    let why = back.last_exit.clone().unwrap_or_default();
+    // `/health` answers `status` until the replica is taken out; the next process is healthy.
+    // Returns how long it took to be taken out and why it was restarted.
+    let fail_with = |status: &'static str, restarts: u64| {
+        let (node, file) = (&node, &file);
+        async move {
+            std::fs::write(file, status).unwrap();
+            let failing = Instant::now();
+            until(node, "llama-0", "taken out", Duration::from_secs(3), |r| {
+                r.state != ReplicaState::Ready
+            })
+            .await;
+            let detected = failing.elapsed();
+            std::fs::remove_file(file).unwrap();
+            let (back, _) = until(
+                node,
+                "llama-0",
+                "ready again",
+                Duration::from_secs(10),
+                |r| r.state == ReplicaState::Ready && r.restarts >= restarts,
+            )
+            .await;
+            (detected, back.last_exit.unwrap_or_default(), back.pid)
+        }
+    };
+    // 500s (the process is up): three failures in a row, 100 ms apart.
+    let (detected, why, pid) = fail_with("500", 1).await;
+    assert_ne!(pid, ready.pid, "a new process");
     assert!(why.contains("/health failed 3 times in a row"), "{why}");
     assert!(
         detected <= Duration::from_secs(1),
         "three failed checks 100 ms apart took {detected:?} to act on"
     );
     // A dead engine (503) is acted on at its first answer.
-    std::fs::write(&file, "503").unwrap();
-    let dead = Instant::now();
-    until(&node, "llama-0", "taken out", Duration::from_secs(3), |r| {
-        r.state != ReplicaState::Ready
-    })
-    .await;
-    let dead_after = dead.elapsed();
-    std::fs::remove_file(&file).unwrap();
-    let (again, _) = until(
-        &node,
-        "llama-0",
-        "ready again",
-        Duration::from_secs(10),
-        |r| r.state == ReplicaState::Ready && r.restarts >= 2,
-    )
-    .await;
-    let why = again.last_exit.clone().unwrap_or_default();
+    let (dead_after, why, _) = fail_with("503", 2).await;
     assert!(why.contains("engine is dead"), "{why}");
     println!(
-        "health failures: three 500s taken out after {} ms ({:?}), a 503 after {} ms",
+        "health failures: three 500s taken out after {} ms, a 503 after {} ms",
         detected.as_millis(),
-        seen.state,
         dead_after.as_millis()
     );
     let mut node = node;
@@ -814,13 +809,7 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     .await;
     assert_eq!(r.gpus, [0], "CUDA_VISIBLE_DEVICES of the first replica");
     // What the process itself was given, not only what the supervisor says it gave.
-    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(stats["cuda_visible_devices"], "0");
+    assert_eq!(mock_stats(port).await["cuda_visible_devices"], "0");
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let (client, url) = (n.client(), n.url("/v1/chat/completions"));
