@@ -157,7 +157,7 @@ impl Harness {
             self.configure(id, voters, false);
         }
         for &id in voters {
-            self.start(id);
+            self.start(id).await;
         }
         self.agreed_leader(voters, None, Duration::from_secs(30))
             .await
@@ -213,7 +213,7 @@ impl Harness {
 
     /// Starts (or restarts, on the same data) node `id` and waits for its readiness line. Its
     /// stdout and stderr go to its log file (appended across restarts).
-    pub fn start(&mut self, id: u64) {
+    pub async fn start(&mut self, id: u64) {
         let bin = self.bin.clone();
         let node = self
             .nodes
@@ -255,7 +255,7 @@ impl Harness {
                 Instant::now() < deadline,
                 "node {id} not ready in 30 s:\n{new}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

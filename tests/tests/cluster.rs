@@ -53,7 +53,7 @@ async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {
 
     // The killed node restarts from its disk and catches up.
     let restarted = Instant::now();
-    h.start(leader);
+    h.start(leader).await;
     let so_far: Vec<String> = names.clone();
     h.wait_replicated(&[leader], &so_far, T).await;
     writes.wait_more(20, T).await;
@@ -76,7 +76,7 @@ async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {
     }
     let again = Instant::now();
     for id in [1, 2, 3] {
-        h.start(id);
+        h.start(id).await;
     }
     let leader_after = h.agreed_leader(&[1, 2, 3], None, T).await;
     h.wait_replicated(&[1, 2, 3], &acked, T).await;
@@ -121,8 +121,8 @@ async fn five_nodes_survive_losing_two() {
         acked.len()
     );
     // Both come back and catch up.
-    h.start(leader);
-    h.start(other);
+    h.start(leader).await;
+    h.start(other).await;
     h.wait_replicated(&ids, &acked, T).await;
 }
 
@@ -163,7 +163,7 @@ async fn a_node_joins_as_a_learner_is_promoted_and_removed_with_the_cli() {
     h.put_tenant(1, "before-join").await.unwrap();
 
     h.configure(4, &[1, 2, 3], true);
-    h.start(4);
+    h.start(4).await;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     let raft_addr = h.node(4).raft_addr();
     let out = h.cli(follower, &["cluster", "add-learner", "4", &raft_addr]);
@@ -703,7 +703,7 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
     .await;
     h.extra.remove(&1);
     h.configure(1, &[1, 2, 3], false);
-    h.start(1);
+    h.start(1).await;
     let restarted = Instant::now();
     for id in [2, 3] {
         h.wait_for(
