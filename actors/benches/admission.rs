@@ -93,7 +93,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // Warm up: the first admissions wait for the first slices.
     for _ in 0..1_000 {
-        quota.admit(&tenant, &limits, estimate).await?.settle("m", used);
+        quota
+            .admit(&tenant, &limits, estimate)
+            .await?
+            .settle("m", used);
     }
     let grants_before = grants.load(std::sync::atomic::Ordering::Relaxed);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
