@@ -97,14 +97,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "3 nodes on loopback (QUIC + mTLS, redb with fsync); proposals of {batch} commands, {seconds} s per row"
     );
     println!(
-        "{:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "{:>28} {:>12} {:>12} {:>10} {:>10} {:>10}",
         "proposers", "proposals/s", "commands/s", "p50 ms", "p99 ms", "max ms"
     );
-    for proposers in [1u64, 4, 16] {
+    // Node 1 leads. A proposal made on a follower is forwarded to it (one more round trip).
+    let scenarios: [(&str, Vec<usize>); 5] = [
+        ("1 on the leader", vec![0]),
+        ("4 on the leader", vec![0; 4]),
+        ("16 on the leader", vec![0; 16]),
+        ("1 on a follower", vec![1]),
+        ("1 on each node", vec![0, 1, 2]),
+    ];
+    for (label, on) in scenarios {
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let mut tasks = tokio::task::JoinSet::new();
-        for p in 0..proposers {
-            let leader = nodes[0].clone();
+        for (p, &at) in on.iter().enumerate() {
+            let leader = nodes[at].clone();
+            let p = p as u64;
             tasks.spawn(async move {
                 let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
                 let mut round = p * 1_000_000;
@@ -129,7 +138,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let secs = started.elapsed().as_secs_f64();
         let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
         println!(
-            "{proposers:>10} {:>12.0} {:>12.0} {:>10.2} {:>10.2} {:>10.2}",
+            "{label:>28} {:>12.0} {:>12.0} {:>10.2} {:>10.2} {:>10.2}",
             all.len() as f64 / secs,
             (all.len() * batch) as f64 / secs,
             ms(0.5),
