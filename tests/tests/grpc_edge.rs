@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
 
 use futures::StreamExt;
 use meridian_proto::pb::admin::admin_client::AdminClient;
@@ -361,4 +362,70 @@ async fn deterministic_calls_are_answered_from_the_cache_unary_and_streamed() {
     let random = client.chat(request("mock")).await.expect("chat");
     assert!(random.metadata().get("x-meridian-cache").is_none());
     assert_eq!(served(), 2);
+}
+
+#[tokio::test]
+async fn a_cancelled_chat_stream_closes_the_upstream_call_and_grpc_timeout_bounds_a_call() {
+    let slow_stream = "mock@tokens:200;itl_ms:20";
+    let slow_answer = "mock@ttft_ms:3000";
+    let (mock, node) = setup(&[slow_stream, slow_answer], "").await;
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
+    // The client cancels a stream after its first chunk: the node closes the upstream call.
+    let mut stream = client
+        .chat_stream(request(slow_stream))
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.next().await.expect("a chunk").expect("no error");
+    drop(stream);
+    let cancelled = std::time::Instant::now();
+    meridian_tests::wait_until(
+        "the upstream call to close",
+        Duration::from_secs(1),
+        || async { mock.stats.aborted.load(SeqCst) == 1 },
+    )
+    .await
+    .expect("closed upstream");
+    println!(
+        "gRPC: a cancelled ChatStream closed its upstream call {} ms later",
+        cancelled.elapsed().as_millis()
+    );
+    // `grpc-timeout` on a call made by hand (tonic's client would start its own timer from
+    // it and cancel first): the node ends the call itself at the deadline. tonic's server
+    // answers an expired `grpc-timeout` with CANCELLED ("Timeout expired"); the client's own
+    // timer is what shows DEADLINE_EXCEEDED to a gRPC client.
+    let mut frame = vec![0u8];
+    let message = prost::Message::encode_to_vec(&request(slow_answer));
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    let http2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let asked = std::time::Instant::now();
+    let answer = http2
+        .post(format!("http://{}/meridian.v1.Inference/Chat", node.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .bearer_auth(node.api_key.as_deref().expect("a key"))
+        .body(frame)
+        .send()
+        .await
+        .expect("answered");
+    let ended = asked.elapsed();
+    let status = answer
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert!(
+        matches!(status.as_deref(), Some("1" | "4")),
+        "CANCELLED or DEADLINE_EXCEEDED: {:?}",
+        answer.headers()
+    );
+    assert!(
+        ended < Duration::from_secs(1),
+        "a 300 ms deadline ended the call after {ended:?}"
+    );
 }
