@@ -1379,3 +1379,67 @@ async fn the_openai_mock_refuses_what_openai_refuses() {
         assert_eq!(answer["error"]["param"].as_str(), param, "{answer}");
     }
 }
+
+/// A stream the client drops is charged what was generated before it went: in the usage
+/// roll-up, more than nothing and less than the whole answer or the reserve.
+#[tokio::test]
+async fn a_stream_the_client_drops_is_charged_what_was_generated() {
+    let m = mock(Flavor::Vllm).await;
+    let model = "mock@tokens:200;itl_ms:20";
+    let n = node(&m, &[model], "", "").await;
+    // The development tenant gets a limit: usage is kept per limited tenant.
+    let mut admin = n.admin_client().await.expect("admin");
+    admin
+        .put_tier(meridian_proto::pb::admin::PutTierRequest {
+            tier: Some(meridian_proto::pb::admin::Tier {
+                name: "dev".into(),
+                limits: Some(meridian_proto::pb::admin::Limits {
+                    tokens_per_minute: Some(1_000_000_000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("tier");
+    let body = chat_body(model, true, r#""max_tokens":300"#);
+    let resp = post(&n, body).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut read = 0;
+    while read < 5 {
+        stream.next().await.expect("a chunk").expect("no error");
+        read += 1;
+    }
+    drop(stream);
+    wait_until(
+        "the upstream call to be dropped",
+        Duration::from_secs(1),
+        || async { m.stats.aborted.load(SeqCst) == 1 },
+    )
+    .await
+    .expect("aborted upstream");
+    let completion = || async {
+        let state = n.gateway.cluster_state()?;
+        let tokens: u64 = state
+            .usage
+            .values()
+            .flat_map(|tenants| tenants.values())
+            .flat_map(|models| models.values())
+            .map(|t| t.completion_tokens)
+            .sum();
+        (tokens > 0).then_some(tokens)
+    };
+    wait_until("the roll-up", Duration::from_secs(5), || async {
+        completion().await.is_some()
+    })
+    .await
+    .expect("rolled up");
+    let charged = completion().await.expect("charged");
+    println!("a stream dropped after 5 chunks of 200: charged {charged} completion tokens");
+    assert!(
+        (1..100).contains(&charged),
+        "charged {charged} completion tokens for a stream dropped after about five of 200 \
+         (reserved 300)"
+    );
+}
