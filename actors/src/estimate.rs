@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use meridian_proto::openai::{ChatRequest, MessageContent};
 
 /// A model family's tokenizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Tokenizer {
     /// GPT-4o, GPT-4.1, o-series.
     #[default]
@@ -37,6 +37,11 @@ impl Tokenizer {
         let n = self.count_uncached(text);
         memo.store(hash, n);
         n
+    }
+
+    /// Loads the tokenizer's tables (they load on first use otherwise).
+    pub fn load(self) {
+        self.count_uncached("");
     }
 
     fn count_uncached(self, text: &str) -> u64 {

@@ -2,7 +2,7 @@
 //! read-only routing table built from configuration, and (in a node) holds the actors' view of
 //! the replicated state: [`Replicated`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
-use crate::estimate::Price;
+use crate::estimate::{Price, Tokenizer};
 use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
@@ -203,6 +203,20 @@ impl Gateway {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
         };
+        if quota.is_some() {
+            // Every admitted request is estimated with its model's tokenizer: they are loaded
+            // before the node serves (off the runtime), not by its first requests (a few
+            // hundred ms each).
+            let tokenizers: HashSet<Tokenizer> =
+                providers.iter().map(|p| p.spec.tokenizer).collect();
+            let loaded = tokio::task::spawn_blocking(move || {
+                tokenizers.into_iter().for_each(Tokenizer::load);
+            })
+            .await;
+            if let Err(e) = loaded {
+                tracing::warn!(error = %e, "tokenizers not loaded at start; the first requests load them");
+            }
+        }
         let publisher = config.cluster.as_ref().map(|c| {
             tokio::spawn(publish_providers(
                 c.clone(),
@@ -428,8 +442,9 @@ impl Gateway {
     /// Admits `request` from `principal` against every limit that applies: its tenant's (tier
     /// defaults with the tenant's overrides), its end user's (the request's `user` or the JWT's
     /// `sub`; the tier's per-user limits with the tenant's overrides) and its feature's
-    /// (`feature`, from `X-Meridian-Feature`, if the tenant limits it). `Ok(None)` when nothing
-    /// is limited; else the reservation to hand the request, or a 429 naming the limit. The
+    /// (`feature`, from `X-Meridian-Feature`, if the tenant limits it). `Ok(None)` without
+    /// quotas or a caller; else the reservation to hand the request (also for a caller with no
+    /// limit: settling it records the usage), or a 429 naming the limit. The
     /// prompt is counted with the model's tokenizer; `max_tokens` (or a default reserve) is
     /// added, and priced when the model has a price.
     pub async fn admit(
@@ -499,9 +514,8 @@ impl Gateway {
             }
             (scopes, kept)
         };
-        if kept == 0 {
-            return Ok(None);
-        }
+        // A caller with no limit still gets a reservation (with nothing to charge), so that what
+        // its calls cost is recorded in the usage roll-ups like anyone's.
         let tokenizer = self
             .inner
             .table
