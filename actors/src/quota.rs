@@ -249,7 +249,18 @@ pub struct Scope {
 }
 
 /// Admitted charges: the budget, the window, and what was reserved.
-type Charges = Vec<(BudgetKey, u64, u64)>;
+type Charges = Vec<Charge>;
+
+/// One limit's charge for an admitted request.
+#[derive(Debug)]
+struct Charge {
+    key: BudgetKey,
+    /// The window it was admitted in.
+    window_start: u64,
+    reserved: u64,
+    /// The limit it was admitted under (to charge a later window if the request outlives it).
+    limit: u64,
+}
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -437,8 +448,8 @@ impl Reservation {
         let tokens = self
             .entries
             .iter()
-            .find(|e| e.0.kind.counts_tokens())
-            .map_or(0, |e| e.2);
+            .find(|e| e.key.kind.counts_tokens())
+            .map_or(0, |e| e.reserved);
         self.record(
             model,
             UsageTotals {
@@ -654,29 +665,7 @@ impl Quota {
                 budget.limit_value = HeaderValue::from(limit);
             }
             if budget.window_start != window_start {
-                // A new window: whatever was charged in the old one and not yet reported is
-                // reported to the old window; the new one starts with no slice, and with this
-                // node's share of it.
-                let unreported = budget.unreported();
-                if unreported != 0 {
-                    lock(&self.inner.late).push(Late {
-                        key: key.clone(),
-                        window_start: budget.window_start,
-                        delta: unreported,
-                        limit: budget.limit,
-                    });
-                }
-                budget.window_start = window_start;
-                budget.allowance = 0;
-                budget.charged = 0;
-                budget.reported = 0;
-                budget.expires = None;
-                budget.local_share = false;
-                budget.dry_until = None;
-                budget.last_slice = 0;
-                let (share, nodes) = self.share_of(limit);
-                budget.start_share(share, nodes, self.vouches_for(window_start));
-                Budgets::list_end(&mut budgets.ends, &key, window_start);
+                self.enter_window(&mut budgets.ends, &key, budget, window_start);
             }
             if cost > limit {
                 refusal = Some(too_big(kind, limit, cost));
@@ -732,7 +721,12 @@ impl Quota {
                     reset,
                     rendered: [budget.limit_value.clone(), reset_value],
                 });
-                charges.push((key, window_start, cost));
+                charges.push(Charge {
+                    key,
+                    window_start,
+                    reserved: cost,
+                    limit,
+                });
                 continue;
             }
             let policy = self
@@ -793,19 +787,19 @@ impl Quota {
         }
         if wait || refusal.is_some() {
             // Not admitted: give back what the limits that did admit were charged.
-            for (key, _, cost) in &charges {
-                if let Some(b) = budgets.map.get_mut(key) {
-                    b.charged -= *cost as i64;
-                    b.demand = b.demand.saturating_sub(*cost);
+            for c in &charges {
+                if let Some(b) = budgets.map.get_mut(&c.key) {
+                    b.charged -= c.reserved as i64;
+                    b.demand = b.demand.saturating_sub(c.reserved);
                 }
             }
             return refusal.map_or(Verdict::Wait, Verdict::Refused);
         }
-        for (key, _, _) in &charges {
-            budgets.touch(key);
+        for c in &charges {
+            budgets.touch(&c.key);
         }
         for i in renew_early {
-            let key = &charges[i].0;
+            let key = &charges[i].key;
             if let Some(b) = budgets.map.get_mut(key)
                 && !b.renewing
             {
@@ -908,34 +902,79 @@ impl Quota {
         )
     }
 
-    fn settle(&self, entries: &[(BudgetKey, u64, u64)], actual_tokens: u64, actual_micro_usd: u64) {
-        let mut budgets = lock(&self.inner.budgets);
-        for (key, window_start, reserved) in entries {
-            let actual = match key.kind.unit() {
+    /// Settles `entries` at the actual usage. A request that outlived the window it was
+    /// admitted in (a long stream across a minute boundary) is charged what it used beyond its
+    /// reserve in the window now running; a refund for a window that has closed is dropped
+    /// (nothing in it is left to give back).
+    fn settle(&self, entries: &[Charge], actual_tokens: u64, actual_micro_usd: u64) {
+        let mut guard = lock(&self.inner.budgets);
+        let budgets = &mut *guard;
+        let unix = now_unix_ms();
+        for c in entries {
+            let actual = match c.key.kind.unit() {
                 Unit::Requests => continue,
                 Unit::Tokens => actual_tokens,
                 Unit::MicroUsd => actual_micro_usd,
             };
-            let delta = actual as i64 - *reserved as i64;
+            let delta = actual as i64 - c.reserved as i64;
             if delta == 0 {
                 continue;
             }
-            match budgets.map.get_mut(key) {
-                Some(b) if b.window_start == *window_start => {
-                    b.charged += delta;
-                    budgets.touch(key);
-                }
-                other => {
-                    let limit = other.map_or(0, |b| b.limit);
-                    lock(&self.inner.late).push(Late {
-                        key: key.clone(),
-                        window_start: *window_start,
-                        delta,
-                        limit,
-                    });
-                }
+            let same_window = budgets
+                .map
+                .get(&c.key)
+                .is_some_and(|b| b.window_start == c.window_start);
+            if !same_window && delta < 0 {
+                continue;
             }
+            let (current, _) = c.key.kind.window(unix);
+            if !same_window && !budgets.map.contains_key(&c.key) {
+                let mut b = Budget::new(c.key.kind, c.limit, current, Instant::now());
+                let (share, nodes) = self.share_of(c.limit);
+                b.start_share(share, nodes, self.vouches_for(current));
+                budgets.insert(c.key.clone(), b);
+            }
+            let Some(b) = budgets.map.get_mut(&c.key) else {
+                continue;
+            };
+            if !same_window && b.window_start != current {
+                self.enter_window(&mut budgets.ends, &c.key, b, current);
+            }
+            b.charged += delta;
+            budgets.touch(&c.key);
         }
+    }
+
+    /// Moves `budget` on to the window that begins at `window_start`: whatever was charged in
+    /// its old window and not yet reported is reported to that window; the new one starts with
+    /// no slice, and with this node's share of it.
+    fn enter_window(
+        &self,
+        ends: &mut std::collections::BTreeMap<u64, Vec<BudgetKey>>,
+        key: &BudgetKey,
+        budget: &mut Budget,
+        window_start: u64,
+    ) {
+        let unreported = budget.unreported();
+        if unreported != 0 {
+            lock(&self.inner.late).push(Late {
+                key: key.clone(),
+                window_start: budget.window_start,
+                delta: unreported,
+                limit: budget.limit,
+            });
+        }
+        budget.window_start = window_start;
+        budget.allowance = 0;
+        budget.charged = 0;
+        budget.reported = 0;
+        budget.expires = None;
+        budget.local_share = false;
+        budget.dry_until = None;
+        budget.last_slice = 0;
+        let (share, nodes) = self.share_of(budget.limit);
+        budget.start_share(share, nodes, self.vouches_for(window_start));
+        Budgets::list_end(ends, key, window_start);
     }
 
     /// Reports every unreported charge (and the day's roll-ups) to the ledger in one batch.

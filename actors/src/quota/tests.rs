@@ -344,6 +344,52 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
 }
 
 #[tokio::test]
+async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_running() {
+    inside_one_window().await;
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let tenant: Arc<str> = "acme".into();
+    let scopes = tpm(100_000);
+    let charged = || {
+        lock(&q.inner.budgets)
+            .map
+            .get(&ScopeKind("tenant/acme", LimitKind::TokensPerMinute))
+            .map(|b| b.charged)
+    };
+    let usage = |tokens: u64| UsageTotals {
+        requests: 1,
+        prompt_tokens: tokens / 2,
+        completion_tokens: tokens - tokens / 2,
+        ..UsageTotals::default()
+    };
+    // Two requests of 100 tokens, admitted as if in the minute before this one (a long stream
+    // that crossed the boundary): one used 900 tokens, the other 40.
+    let mut long = q
+        .admit(&tenant, &scopes, tokens(100))
+        .await
+        .expect("admitted");
+    let mut short = q
+        .admit(&tenant, &scopes, tokens(100))
+        .await
+        .expect("admitted");
+    for r in [&mut long, &mut short] {
+        for c in &mut r.entries {
+            c.window_start -= 60_000;
+        }
+    }
+    assert_eq!(charged(), Some(200));
+    long.settle("m", usage(900));
+    assert_eq!(
+        charged(),
+        Some(1_000),
+        "the 800 beyond its reserve count in the minute now running"
+    );
+    // A refund for a window that has closed gives nothing back in this one.
+    short.settle("m", usage(40));
+    assert_eq!(charged(), Some(1_000));
+}
+
+#[tokio::test]
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
     inside_one_window().await;
     let ledger = ledger(1);
