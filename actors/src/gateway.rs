@@ -205,8 +205,8 @@ impl Gateway {
         };
         if quota.is_some() {
             // Every admitted request is estimated with its model's tokenizer: they are loaded
-            // before the node serves (off the runtime), not by its first requests (a few
-            // hundred ms each).
+            // before the node serves (off the runtime), not by its first requests (o200k took
+            // 0.2 s optimized, 0.9 s unoptimized, on the development machine).
             let tokenizers: HashSet<Tokenizer> =
                 providers.iter().map(|p| p.spec.tokenizer).collect();
             let loaded = tokio::task::spawn_blocking(move || {

@@ -573,6 +573,18 @@ impl Quota {
         scopes: &[Scope],
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
+        if scopes.is_empty() {
+            // Nothing to charge (a caller with no limit): no lock, only the usage to record.
+            return Ok(Reservation {
+                quota: self.clone(),
+                tenant: Arc::clone(tenant),
+                prompt_estimate: estimate.prompt,
+                price: estimate.price,
+                entries: Vec::new(),
+                settled: false,
+                rate_limits: Vec::new(),
+            });
+        }
         // Read the clock for the wait only when there is one (rarely).
         let mut deadline = None;
         let mut last_look = false;
@@ -678,6 +690,9 @@ impl Quota {
             if (budget.local_share || !lapsed) && left >= cost {
                 budget.charged += cost as i64;
                 budget.demand += cost;
+                // Listed for the flusher with the budget in hand (a refusal by a later limit
+                // gives the charge back; the flusher then finds nothing to report).
+                Budgets::touch_one(&mut budgets.touched, &key, budget);
                 local_share_admits += u64::from(budget.local_share);
                 let left = left - cost;
                 // Renew early, before the slice runs dry or lapses (once the request is
@@ -794,9 +809,6 @@ impl Quota {
                 }
             }
             return refusal.map_or(Verdict::Wait, Verdict::Refused);
-        }
-        for c in &charges {
-            budgets.touch(&c.key);
         }
         for i in renew_early {
             let key = &charges[i].key;
@@ -920,15 +932,18 @@ impl Quota {
             if delta == 0 {
                 continue;
             }
-            let same_window = budgets
-                .map
-                .get(&c.key)
-                .is_some_and(|b| b.window_start == c.window_start);
-            if !same_window && delta < 0 {
-                continue;
+            // The usual case: one lookup, in the window it was admitted in.
+            match budgets.map.get_mut(&c.key) {
+                Some(b) if b.window_start == c.window_start => {
+                    b.charged += delta;
+                    Budgets::touch_one(&mut budgets.touched, &c.key, b);
+                    continue;
+                }
+                _ if delta < 0 => continue,
+                _ => {}
             }
             let (current, _) = c.key.kind.window(unix);
-            if !same_window && !budgets.map.contains_key(&c.key) {
+            if !budgets.map.contains_key(&c.key) {
                 let mut b = Budget::new(c.key.kind, c.limit, current, Instant::now());
                 let (share, nodes) = self.share_of(c.limit);
                 b.start_share(share, nodes, self.vouches_for(current));
@@ -937,11 +952,11 @@ impl Quota {
             let Some(b) = budgets.map.get_mut(&c.key) else {
                 continue;
             };
-            if !same_window && b.window_start != current {
+            if b.window_start != current {
                 self.enter_window(&mut budgets.ends, &c.key, b, current);
             }
             b.charged += delta;
-            budgets.touch(&c.key);
+            Budgets::touch_one(&mut budgets.touched, &c.key, b);
         }
     }
 
