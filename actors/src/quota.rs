@@ -921,7 +921,6 @@ impl Quota {
     fn settle(&self, entries: &[Charge], actual_tokens: u64, actual_micro_usd: u64) {
         let mut guard = lock(&self.inner.budgets);
         let budgets = &mut *guard;
-        let unix = now_unix_ms();
         for c in entries {
             let actual = match c.key.kind.unit() {
                 Unit::Requests => continue,
@@ -942,7 +941,7 @@ impl Quota {
                 _ if delta < 0 => continue,
                 _ => {}
             }
-            let (current, _) = c.key.kind.window(unix);
+            let (current, _) = c.key.kind.window(now_unix_ms());
             if !budgets.map.contains_key(&c.key) {
                 let mut b = Budget::new(c.key.kind, c.limit, current, Instant::now());
                 let (share, nodes) = self.share_of(c.limit);

@@ -223,7 +223,7 @@ async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn:
     let Ok(frame) = recv.read_to_end(MAX_FRAME).await else {
         return;
     };
-    let Ok(rpc) = decode(&frame) else {
+    let Ok(rpc) = decode(frame) else {
         return;
     };
     let raft = node.raft();
@@ -259,14 +259,15 @@ fn encode(rpc: Rpc) -> serde_json::Result<Vec<u8>> {
     }
 }
 
-/// The request in a frame made by [`encode`].
-fn decode(frame: &[u8]) -> serde_json::Result<Rpc> {
+/// The request in a frame made by [`encode`] (a snapshot chunk's bytes are moved, not copied).
+fn decode(mut frame: Vec<u8>) -> serde_json::Result<Rpc> {
     let Some(nul) = frame.iter().position(|b| *b == 0) else {
-        return serde_json::from_slice(frame);
+        return serde_json::from_slice(&frame);
     };
+    let data = frame.split_off(nul + 1);
     let mut rpc: Rpc = serde_json::from_slice(&frame[..nul])?;
     if let Rpc::InstallSnapshot(request) = &mut rpc {
-        request.data = frame[nul + 1..].to_vec();
+        request.data = data;
     }
     Ok(rpc)
 }
@@ -382,7 +383,7 @@ mod tests {
             frame.len(),
             data.len()
         );
-        match decode(&frame).expect("decodes") {
+        match decode(frame).expect("decodes") {
             Rpc::InstallSnapshot(r) => {
                 assert_eq!(r.data, data);
                 assert_eq!((r.offset, r.done), (3 << 20, false));
@@ -393,7 +394,7 @@ mod tests {
         // Every other RPC is plain JSON.
         let vote = encode(Rpc::Vote(VoteRequest::new(Vote::new(4, 2), None))).expect("encodes");
         assert!(!vote.contains(&0));
-        assert!(matches!(decode(&vote), Ok(Rpc::Vote(_))));
+        assert!(matches!(decode(vote), Ok(Rpc::Vote(_))));
     }
 
     #[test]
