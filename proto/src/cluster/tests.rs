@@ -1,0 +1,879 @@
+use super::*;
+
+fn proposal(at: u64, command: Command) -> Proposal {
+    Proposal {
+        at_unix_ms: at,
+        proposer: 1,
+        command,
+    }
+}
+
+fn provider(id: &str) -> ProviderRecord {
+    ProviderRecord {
+        id: id.into(),
+        kind: "openai".into(),
+        region: "eu".into(),
+        base_url: "http://10.0.0.1:8000/v1".into(),
+        models: vec!["llama".into()],
+        owner: 1,
+        weight: 1,
+        max_concurrency: 64,
+        price: ProviderPrice::default(),
+        replica: false,
+        updated_at_unix_ms: 0,
+    }
+}
+
+#[test]
+fn apply_is_deterministic_and_idempotent_for_repeats() {
+    let log = [
+        proposal(10, Command::UpsertProvider(provider("a"))),
+        proposal(20, Command::UpsertProvider(provider("a"))),
+        proposal(
+            30,
+            Command::UpsertMember(Member {
+                id: 2,
+                region: "eu".into(),
+                raft_addr: "127.0.0.2:7000".into(),
+                http_addr: "127.0.0.2:8080".into(),
+                mesh_addr: String::new(),
+            }),
+        ),
+        proposal(40, Command::RemoveProvider { id: "zzz".into() }),
+        proposal(50, Command::RemoveMember { id: 2 }),
+    ];
+    let run = || {
+        let mut s = ClusterState::default();
+        let outcomes: Vec<Applied> = log.iter().map(|p| s.apply(p)).collect();
+        (s, outcomes)
+    };
+    let (a, outcomes) = run();
+    assert_eq!(
+        outcomes,
+        [
+            Applied::Changed,
+            Applied::Unchanged,
+            Applied::Changed,
+            Applied::NotFound,
+            Applied::Changed
+        ]
+    );
+    assert_eq!(a, run().0, "the same log gives the same state");
+    assert_eq!(
+        a.providers["a"].updated_at_unix_ms, 10,
+        "time comes from the proposal"
+    );
+    assert!(a.members.is_empty());
+    let round_trip: ClusterState =
+        serde_json::from_slice(&serde_json::to_vec(&a).expect("encode")).expect("decode");
+    assert_eq!(round_trip, a);
+}
+
+fn grant_in(node: NodeId, window: u64, amount: u64, ttl_ms: u64) -> Command {
+    Command::RequestGrant(GrantRequest {
+        key: "tenant/acme/tokens_per_minute".into(),
+        node,
+        limit: 1_000,
+        window_ms: 60_000,
+        window_start_unix_ms: window,
+        amount,
+        ttl_ms,
+        ..GrantRequest::default()
+    })
+}
+
+fn grant(node: NodeId, amount: u64, ttl_ms: u64) -> Command {
+    grant_in(node, 120_000, amount, ttl_ms)
+}
+
+fn usage(node: NodeId, window_start_unix_ms: u64, delta: i64) -> Command {
+    Command::ReportUsage {
+        key: "tenant/acme/tokens_per_minute".into(),
+        node,
+        window_start_unix_ms,
+        delta,
+        limit: 1_000,
+        window_ms: 60_000,
+    }
+}
+
+#[test]
+fn usage_on_a_key_with_no_entry_makes_one_unless_its_window_is_over() {
+    let mut s = ClusterState::default();
+    let report = |limit: u64, window_start_unix_ms: u64| Command::ReportUsage {
+        key: "tenant/acme/tokens_per_minute".into(),
+        node: 2,
+        window_start_unix_ms,
+        delta: 300,
+        limit,
+        window_ms: 60_000,
+    };
+    // A report of before `limit` and `window_ms` were sent makes nothing.
+    assert_eq!(
+        s.apply(&proposal(130_000, report(0, 120_000))),
+        Applied::NotFound
+    );
+    // A window long over makes nothing.
+    let long_ago = 130_000 + LEDGER_GRACE_MS;
+    assert_eq!(
+        s.apply(&proposal(long_ago + 60_000, report(1_000, 120_000))),
+        Applied::NotFound
+    );
+    assert!(s.ledger.is_empty());
+    // Usage a node admitted on its own (no quorum, so no grant) is counted.
+    assert_eq!(
+        s.apply(&proposal(130_000, report(1_000, 120_000))),
+        Applied::Changed
+    );
+    let entry = &s.ledger["tenant/acme/tokens_per_minute"];
+    assert_eq!(
+        (entry.limit, entry.used, entry.window_ms),
+        (1_000, 300, 60_000)
+    );
+    assert_eq!(entry.used_by.get(&2), Some(&300));
+    // A grant in the window then comes from what is left.
+    let Applied::Granted { used, .. } =
+        s.apply(&proposal(131_000, grant_in(2, 120_000, 100, 5_000)))
+    else {
+        panic!("a grant");
+    };
+    assert_eq!(
+        used, 300,
+        "the node's reported usage comes back with its grant"
+    );
+}
+
+#[test]
+fn ended_windows_leave_the_ledger_and_their_grants_are_not_remade() {
+    let mut s = ClusterState::default();
+    let per_user = |user: u64, window: u64| {
+        Command::RequestGrant(GrantRequest {
+            key: format!("tenant/acme/user/u{user}/tokens_per_minute"),
+            node: 1,
+            limit: 1_000,
+            window_ms: 60_000,
+            window_start_unix_ms: window,
+            amount: 10,
+            ttl_ms: 5_000,
+            ..GrantRequest::default()
+        })
+    };
+    // 1,000 users in the minute starting at 120 s.
+    for user in 0..1_000 {
+        s.apply(&proposal(120_001 + user, per_user(user, 120_000)));
+    }
+    assert_eq!(s.ledger.len(), 1_000);
+    // Their grants lapse at ~125 s; the minute ends at 180 s, the grace at 300 s. Steady
+    // traffic of one other user goes on through the sweep.
+    let mut at = 130_000;
+    while at < 300_000 {
+        s.apply(&proposal(at, per_user(5_000, at - at % 60_000)));
+        at += 1_000;
+    }
+    assert!(
+        s.ledger
+            .values()
+            .all(|l| l.grants.values().all(|g| g.expires_at_unix_ms > at - 1_000)),
+        "lapsed grants are dropped by the sweep"
+    );
+    for _ in 0..(1_000 / SWEEP_PER_APPLY + 2) {
+        s.apply(&proposal(at, per_user(5_000, at - at % 60_000)));
+        at += 1;
+    }
+    assert_eq!(
+        s.ledger.keys().map(|k| &**k).collect::<Vec<_>>(),
+        ["tenant/acme/user/u5000/tokens_per_minute"],
+        "every ended window is gone, the live one stays"
+    );
+    // A late request for the long-gone window is granted nothing and makes no entry.
+    assert_eq!(
+        s.apply(&proposal(at, per_user(1, 120_000))),
+        Applied::Granted { amount: 0, used: 0 }
+    );
+    assert_eq!(s.ledger.len(), 1);
+}
+
+#[test]
+fn a_clone_of_the_state_shares_its_tables_and_a_write_copies_only_its_path() {
+    let mut s = ClusterState::default();
+    for user in 0..10_000u64 {
+        s.apply(&proposal(
+            120_001,
+            Command::RequestGrant(GrantRequest {
+                key: format!("tenant/acme/user/u{user}/tokens_per_day"),
+                node: 1,
+                limit: 1_000,
+                window_ms: 86_400_000,
+                window_start_unix_ms: 0,
+                amount: 10,
+                ttl_ms: 5_000,
+                ..GrantRequest::default()
+            }),
+        ));
+    }
+    let published = s.clone();
+    assert!(
+        published.ledger.ptr_eq(&s.ledger),
+        "a clone shares the table"
+    );
+    s.apply(&proposal(120_002, grant(1, 5, 5_000)));
+    assert!(
+        !published.ledger.ptr_eq(&s.ledger),
+        "the writer got its own root"
+    );
+    assert_eq!(
+        published.ledger.len(),
+        10_000,
+        "what was published stays as it was"
+    );
+    assert_eq!(s.ledger.len(), 10_001);
+}
+
+#[test]
+fn grants_never_promise_more_than_the_window_has_left() {
+    let mut s = ClusterState::default();
+    let t0 = 120_000; // a window boundary
+    assert_eq!(
+        s.apply(&proposal(t0 + 1, grant(1, 600, 10_000))),
+        Applied::Granted {
+            amount: 600,
+            used: 0
+        }
+    );
+    assert_eq!(
+        s.apply(&proposal(t0 + 2, grant(2, 600, 10_000))),
+        Applied::Granted {
+            amount: 400,
+            used: 0
+        },
+        "only what node 1 was not promised"
+    );
+    // Node 1 used 100 of its 600 and asks again: its 500 unused go back first.
+    assert_eq!(
+        s.apply(&proposal(t0 + 3, usage(1, t0, 100))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(t0 + 4, grant(1, 1_000, 10_000))),
+        Applied::Granted {
+            amount: 500,
+            used: 100
+        },
+        "node 1 may charge what it reported plus the new slice"
+    );
+    let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
+    assert_eq!((ledger.used, ledger.available()), (100, 0));
+    // Node 2 dies: its grant lapses after its ttl and the budget is free again.
+    assert_eq!(
+        s.apply(&proposal(t0 + 10_003, grant(1, 1_000, 10_000))),
+        Applied::Granted {
+            amount: 900,
+            used: 100
+        }
+    );
+    // A settled reservation gives back what was not used.
+    assert_eq!(
+        s.apply(&proposal(t0 + 10_004, usage(1, t0, -40))),
+        Applied::Changed
+    );
+    assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 60);
+    // The next window: a request for it rolls the ledger; usage for the old one is dropped,
+    // and a late grant request for the old window gets nothing.
+    assert_eq!(
+        s.apply(&proposal(t0 + 60_000, grant_in(2, t0 + 60_000, 10, 10_000))),
+        Applied::Granted {
+            amount: 10,
+            used: 0
+        }
+    );
+    assert_eq!(
+        s.apply(&proposal(t0 + 60_001, usage(1, t0, 50))),
+        Applied::Unchanged
+    );
+    assert_eq!(
+        s.apply(&proposal(t0 + 60_002, grant_in(1, t0, 10, 10_000))),
+        Applied::Granted { amount: 0, used: 0 }
+    );
+    let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
+    assert_eq!(ledger.window_start_unix_ms, t0 + 60_000);
+    assert_eq!((ledger.used, ledger.available()), (0, 990));
+}
+
+#[test]
+fn tenants_need_a_tier_and_their_keys_die_with_them() {
+    let mut s = ClusterState::default();
+    let tenant = Tenant {
+        id: "acme".into(),
+        tier: "pro".into(),
+        overrides: Limits {
+            tokens_per_day: Some(5),
+            ..Limits::default()
+        },
+        ..Tenant::default()
+    };
+    assert_eq!(
+        s.apply(&proposal(1, Command::UpsertTenant(tenant.clone()))),
+        Applied::NotFound
+    );
+    let tier = Tier {
+        name: "pro".into(),
+        limits: Limits {
+            tokens_per_day: Some(1_000_000),
+            requests_per_minute: Some(600),
+            ..Limits::default()
+        },
+        ..Tier::default()
+    };
+    assert_eq!(
+        s.apply(&proposal(2, Command::UpsertTier(tier))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(3, Command::UpsertTenant(tenant.clone()))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(4, Command::UpsertTenant(tenant))),
+        Applied::Unchanged
+    );
+    let limits = s.limits_of("acme").expect("tenant exists");
+    assert_eq!(limits.tokens_per_day, Some(5), "the override wins");
+    assert_eq!(limits.requests_per_minute, Some(600), "the tier fills in");
+
+    let key = ApiKeyRecord {
+        id: "mk_1".into(),
+        tenant: "acme".into(),
+        sha256_hex: "ab".repeat(32),
+        label: String::new(),
+        created_at_unix_ms: 0,
+        revoked_at_unix_ms: None,
+    };
+    assert_eq!(
+        s.apply(&proposal(5, Command::CreateApiKey(key.clone()))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(6, Command::CreateApiKey(key))),
+        Applied::Unchanged,
+        "a key id is never reused"
+    );
+    assert_eq!(
+        s.apply(&proposal(7, Command::RemoveTenant { id: "acme".into() })),
+        Applied::Changed
+    );
+    assert_eq!(s.api_keys["mk_1"].revoked_at_unix_ms, Some(7));
+    assert_eq!(
+        s.apply(&proposal(8, Command::RevokeApiKey { id: "mk_1".into() })),
+        Applied::Unchanged
+    );
+}
+
+#[test]
+fn usage_rolls_up_by_day_and_old_days_are_dropped() {
+    let mut s = ClusterState::default();
+    let record = |tokens| Command::RecordUsage {
+        tenant: "acme".into(),
+        model: "llama".into(),
+        totals: UsageTotals {
+            requests: 1,
+            prompt_tokens: tokens,
+            ..UsageTotals::default()
+        },
+        retain_days: DEFAULT_RETAIN_DAYS,
+    };
+    s.apply(&proposal(DAY_MS * 10 + 5, record(3)));
+    s.apply(&proposal(
+        DAY_MS * 10 + 9,
+        Command::Batch {
+            commands: vec![record(4), record(5)],
+        },
+    ));
+    assert_eq!(s.usage[&10]["acme"]["llama"].prompt_tokens, 12);
+    let batch = Command::Batch {
+        commands: vec![record(1), grant(1, 5, 5)],
+    };
+    let json = serde_json::to_vec(&batch).expect("a batch encodes");
+    assert_eq!(
+        serde_json::from_slice::<Command>(&json).expect("and decodes"),
+        batch
+    );
+    assert_eq!(s.usage[&10]["acme"]["llama"].requests, 3);
+    s.apply(&proposal(DAY_MS * (10 + DEFAULT_RETAIN_DAYS), record(1)));
+    assert!(!s.usage.contains_key(&10), "day 10 is past the retention");
+    assert_eq!(s.usage.len(), 1);
+    let short = Command::RecordUsage {
+        tenant: "acme".into(),
+        model: "llama".into(),
+        totals: UsageTotals::default(),
+        retain_days: 1,
+    };
+    s.apply(&proposal(DAY_MS * (11 + DEFAULT_RETAIN_DAYS), short));
+    assert_eq!(
+        s.usage.keys().copied().collect::<Vec<_>>(),
+        [11 + DEFAULT_RETAIN_DAYS],
+        "a shorter retention drops every older day"
+    );
+}
+
+fn trip(provider: &str, expect_version: u64, groups: &[&[&str]]) -> Command {
+    Command::SetBreaker {
+        provider: provider.into(),
+        state: BreakerState::Open {
+            until_unix_ms: 5_000,
+        },
+        reason: "5 failures in a row".into(),
+        trips: 1,
+        forced: false,
+        expect_version: Some(expect_version),
+        groups: groups
+            .iter()
+            .map(|g| g.iter().map(|s| (*s).to_owned()).collect())
+            .collect(),
+    }
+}
+
+#[test]
+fn breaker_changes_record_who_and_when() {
+    let mut s = ClusterState::default();
+    let open = trip("vllm-a", 0, &[]);
+    assert_eq!(s.apply(&proposal(100, open.clone())), Applied::Changed);
+    assert_eq!(
+        s.apply(&proposal(200, open)),
+        Applied::Unchanged,
+        "decided on a state that has moved on"
+    );
+    assert_eq!(s.breakers["vllm-a"].since_unix_ms, 100);
+    assert_eq!(s.breakers["vllm-a"].version, 1);
+    let json = serde_json::to_vec(&s).expect("encode");
+    assert_eq!(
+        serde_json::from_slice::<ClusterState>(&json).expect("decode"),
+        s
+    );
+}
+
+#[test]
+fn at_most_half_of_a_models_providers_are_ejected() {
+    let mut s = ClusterState::default();
+    let group: &[&str] = &["a", "b", "c", "d"];
+    assert_eq!(
+        s.apply(&proposal(1, trip("a", 0, &[group]))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(2, trip("b", 0, &[group]))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(3, trip("c", 0, &[group]))),
+        Applied::Refused,
+        "a third of four would leave fewer than half"
+    );
+    // A provider that also serves a model it has alone can never be ejected automatically.
+    assert_eq!(
+        s.apply(&proposal(4, trip("c", 0, &[&["c", "d"], &["c"]]))),
+        Applied::Refused
+    );
+    // An operator can force what detection may not.
+    let force = Command::SetBreaker {
+        provider: "c".into(),
+        state: BreakerState::Open {
+            until_unix_ms: u64::MAX,
+        },
+        reason: "forced by an operator".into(),
+        trips: 0,
+        forced: true,
+        expect_version: None,
+        groups: Vec::new(),
+    };
+    assert_eq!(s.apply(&proposal(5, force)), Applied::Changed);
+    assert_eq!(
+        s.apply(&proposal(6, trip("c", 1, &[]))),
+        Applied::Unchanged,
+        "detection leaves a forced breaker alone"
+    );
+    assert!(s.breakers["c"].forced);
+}
+
+#[test]
+fn a_retried_proposal_is_applied_once() {
+    let mut s = ClusterState::default();
+    s.apply(&proposal(1, grant(1, 500, 10_000)));
+    let report = Command::Once {
+        node: 1,
+        seq: 7,
+        command: Box::new(usage(1, 120_000, 100)),
+    };
+    assert_eq!(s.apply(&proposal(2, report.clone())), Applied::Changed);
+    assert_eq!(s.apply(&proposal(3, report)), Applied::Unchanged);
+    let older = Command::Once {
+        node: 1,
+        seq: 6,
+        command: Box::new(usage(1, 120_000, 100)),
+    };
+    assert_eq!(s.apply(&proposal(4, older)), Applied::Unchanged);
+    assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].used, 100);
+}
+
+/// Every record with one field changed: each leaf (number + 1, string + "x", bool flipped)
+/// and each list one entry longer, with the top-level field it belongs to. Null and empty
+/// lists cannot be changed without knowing their type, so a fixture must set every field.
+fn one_field_changes(v: &serde_json::Value, path: &str) -> Vec<(String, serde_json::Value)> {
+    use serde_json::Value;
+    match v {
+        Value::Null => panic!("the fixture leaves {path} unset: set every field"),
+        Value::Bool(b) => vec![(path.into(), Value::Bool(!b))],
+        Value::Number(n) => {
+            let n = n
+                .as_u64()
+                .unwrap_or_else(|| panic!("{path}: {n} is not a u64"));
+            vec![(path.into(), Value::from(n + 1))]
+        }
+        Value::String(t) => vec![(path.into(), Value::String(format!("{t}x")))],
+        Value::Array(items) => {
+            let last = items
+                .last()
+                .unwrap_or_else(|| panic!("the fixture leaves {path} empty: fill every list"));
+            let mut longer = items.clone();
+            longer.push(last.clone());
+            let mut all = vec![(path.into(), Value::Array(longer))];
+            for (i, item) in items.iter().enumerate() {
+                for (p, changed) in one_field_changes(item, &format!("{path}[{i}]")) {
+                    let mut copy = items.clone();
+                    copy[i] = changed;
+                    all.push((p, Value::Array(copy)));
+                }
+            }
+            all
+        }
+        Value::Object(fields) => {
+            let mut all = Vec::new();
+            for (k, field) in fields {
+                for (p, changed) in one_field_changes(field, &format!("{path}.{k}")) {
+                    let mut copy = fields.clone();
+                    copy.insert(k.clone(), changed);
+                    all.push((p, Value::Object(copy)));
+                }
+            }
+            all
+        }
+    }
+}
+
+/// Builds `fixture` (every field set), then for every one-field change of it except in
+/// `set_by_apply`, applies the upsert `command` of the changed record to `state` and hands
+/// `check` the outcome and the record as it went in. Returns the top-level fields changed,
+/// so the caller can see that each field was tried.
+fn for_each_field_change<T>(
+    fixture: &T,
+    set_by_apply: &[&str],
+    mut apply: impl FnMut(&T) -> Applied,
+    mut check: impl FnMut(&str, Applied, &T),
+) -> std::collections::BTreeSet<String>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    let json = serde_json::to_value(fixture).expect("serializes");
+    let mut fields = std::collections::BTreeSet::new();
+    for (path, changed) in one_field_changes(&json, "") {
+        let top = path.trim_start_matches('.');
+        let top = top.split(['.', '[']).next().unwrap_or(top).to_owned();
+        if set_by_apply.contains(&top.as_str()) {
+            continue;
+        }
+        // A changed enum tag names no variant: skipped (its other fields still change).
+        let Ok(record) = serde_json::from_value::<T>(changed) else {
+            continue;
+        };
+        let outcome = apply(&record);
+        check(&path, outcome, &record);
+        fields.insert(top);
+    }
+    fields
+}
+
+/// The top-level fields of `fixture`'s serialized form but `set_by_apply`.
+fn fields_of<T: Serialize>(fixture: &T, set_by_apply: &[&str]) -> Vec<String> {
+    match serde_json::to_value(fixture).expect("serializes") {
+        serde_json::Value::Object(m) => m
+            .keys()
+            .filter(|k| !set_by_apply.contains(&k.as_str()))
+            .cloned()
+            .collect(),
+        other => panic!("not a record: {other}"),
+    }
+}
+
+fn limits(base: u64) -> Limits {
+    Limits {
+        requests_per_minute: Some(base + 1),
+        tokens_per_minute: Some(base + 2),
+        tokens_per_day: Some(base + 3),
+        tokens_per_month: Some(base + 4),
+        cost_per_day_micro_usd: Some(base + 5),
+    }
+}
+
+/// A state with `record` applied first, then each one-field change of it applied on a copy:
+/// every change must be applied (Changed) and read back as it went in.
+fn assert_every_field_is_compared<T>(
+    name: &str,
+    base: &ClusterState,
+    record: &T,
+    set_by_apply: &[&str],
+    command: impl Fn(&T) -> Command,
+    stored: impl Fn(&ClusterState, &T) -> Option<T>,
+) where
+    T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let mut first = base.clone();
+    assert_eq!(
+        first.apply(&proposal(100, command(record))),
+        Applied::Changed,
+        "{name}: the fixture is applied"
+    );
+    assert_eq!(
+        first.apply(&proposal(101, command(record))),
+        Applied::Unchanged,
+        "{name}: the same record again is a repeat"
+    );
+    let normalized = |s: &ClusterState, r: &T| {
+        let mut v = serde_json::to_value(stored(s, r).expect("stored")).expect("serializes");
+        for f in set_by_apply {
+            v.as_object_mut().expect("record").remove(*f);
+        }
+        v
+    };
+    let tried = for_each_field_change(
+        record,
+        set_by_apply,
+        |changed| {
+            let mut s = first.clone();
+            let outcome = s.apply(&proposal(200, command(changed)));
+            let mut want = serde_json::to_value(changed).expect("serializes");
+            for f in set_by_apply {
+                want.as_object_mut().expect("record").remove(*f);
+            }
+            if outcome == Applied::Changed {
+                assert_eq!(normalized(&s, changed), want, "{name}: read back");
+            }
+            outcome
+        },
+        |path, outcome, _| {
+            assert_eq!(
+                outcome,
+                Applied::Changed,
+                "{name}: changing only {path} must be applied"
+            );
+        },
+    );
+    let all: std::collections::BTreeSet<_> =
+        fields_of(record, set_by_apply).into_iter().collect();
+    assert_eq!(tried, all, "{name}: every field was changed once");
+}
+
+#[test]
+fn an_upsert_that_changes_any_one_field_of_any_record_is_applied() {
+    let mut base = ClusterState::default();
+    for tier in ["pro", "prox"] {
+        base.tiers.insert(
+            tier.into(),
+            Tier {
+                name: tier.into(),
+                ..Tier::default()
+            },
+        );
+    }
+    let tenant = Tenant {
+        id: "acme".into(),
+        tier: "pro".into(),
+        overrides: limits(10),
+        per_user: limits(20),
+        features: BTreeMap::from([("search".into(), limits(30))]),
+        regions: vec!["eu-west".into()],
+        models: vec!["llama".into()],
+        weight: 3,
+        created_at_unix_ms: 1,
+        updated_at_unix_ms: 1,
+    };
+    assert_every_field_is_compared(
+        "tenant",
+        &base,
+        &tenant,
+        &["created_at_unix_ms", "updated_at_unix_ms"],
+        |t| Command::UpsertTenant(t.clone()),
+        |s, t| s.tenants.get(&t.id).cloned(),
+    );
+    let tier = Tier {
+        name: "team".into(),
+        limits: limits(40),
+        per_user: limits(50),
+    };
+    assert_every_field_is_compared(
+        "tier",
+        &base,
+        &tier,
+        &[],
+        |t| Command::UpsertTier(t.clone()),
+        |s, t| s.tiers.get(&t.name).cloned(),
+    );
+    let record = ProviderRecord {
+        price: ProviderPrice {
+            input: 1,
+            output: 2,
+            cached_input: 3,
+        },
+        replica: true,
+        updated_at_unix_ms: 1,
+        ..provider("a")
+    };
+    assert_every_field_is_compared(
+        "provider",
+        &base,
+        &record,
+        &["updated_at_unix_ms"],
+        |p| Command::UpsertProvider(p.clone()),
+        |s, p| s.providers.get(&p.id).cloned(),
+    );
+    let member = Member {
+        id: 2,
+        region: "eu".into(),
+        raft_addr: "127.0.0.2:7000".into(),
+        http_addr: "127.0.0.2:8080".into(),
+        mesh_addr: "127.0.0.2:7001".into(),
+    };
+    assert_every_field_is_compared(
+        "member",
+        &base,
+        &member,
+        &[],
+        |m| Command::UpsertMember(m.clone()),
+        |s, m| s.members.get(&m.id).cloned(),
+    );
+    // A breaker is written by SetBreaker; its record is what the command sets.
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    struct Breaker {
+        provider: String,
+        #[serde(flatten)]
+        record: BreakerRecord,
+    }
+    let breaker = Breaker {
+        provider: "a".into(),
+        record: BreakerRecord {
+            state: BreakerState::Open {
+                until_unix_ms: 5_000,
+            },
+            reason: "5 consecutive failures".into(),
+            since_unix_ms: 1,
+            by: 1,
+            trips: 2,
+            forced: true,
+            version: 1,
+        },
+    };
+    assert_every_field_is_compared(
+        "breaker",
+        &base,
+        &breaker,
+        &["since_unix_ms", "by", "version"],
+        |b| Command::SetBreaker {
+            provider: b.provider.clone(),
+            state: b.record.state,
+            reason: b.record.reason.clone(),
+            trips: b.record.trips,
+            forced: b.record.forced,
+            expect_version: None,
+            groups: Vec::new(),
+        },
+        |s, b| {
+            s.breakers.get(&b.provider).map(|r| Breaker {
+                provider: b.provider.clone(),
+                record: r.clone(),
+            })
+        },
+    );
+}
+
+#[test]
+fn a_key_id_taken_by_another_record_is_refused_never_reported_unchanged() {
+    let mut s = ClusterState::default();
+    for (tier, tenant) in [("pro", "acme"), ("pro", "acmex")] {
+        s.tiers.insert(
+            tier.into(),
+            Tier {
+                name: tier.into(),
+                ..Tier::default()
+            },
+        );
+        s.tenants.insert(
+            tenant.into(),
+            Tenant {
+                id: tenant.into(),
+                tier: tier.into(),
+                ..Tenant::default()
+            },
+        );
+    }
+    let key = ApiKeyRecord {
+        id: "mk_1".into(),
+        tenant: "acme".into(),
+        sha256_hex: "ab".repeat(32),
+        label: "ci".into(),
+        created_at_unix_ms: 1,
+        revoked_at_unix_ms: Some(1),
+    };
+    assert_eq!(
+        s.apply(&proposal(1, Command::CreateApiKey(key.clone()))),
+        Applied::Changed
+    );
+    let skip = ["created_at_unix_ms", "revoked_at_unix_ms", "id"];
+    let tried = for_each_field_change(
+        &key,
+        &skip,
+        |changed| {
+            s.clone()
+                .apply(&proposal(2, Command::CreateApiKey(changed.clone())))
+        },
+        |path, outcome, _| {
+            assert_eq!(
+                outcome,
+                Applied::Refused,
+                "a key with another {path} is refused"
+            );
+        },
+    );
+    assert_eq!(
+        tried,
+        fields_of(&key, &skip).into_iter().collect(),
+        "every field was changed once"
+    );
+    s.apply(&proposal(3, Command::RevokeApiKey { id: "mk_1".into() }));
+    assert_eq!(
+        s.apply(&proposal(4, Command::CreateApiKey(key))),
+        Applied::Refused,
+        "a revoked key is not brought back by creating it again"
+    );
+    assert!(s.api_keys["mk_1"].revoked_at_unix_ms.is_some());
+}
+
+#[test]
+fn changed_fields_names_each_difference_and_skips_what_apply_sets() {
+    let old = Tenant {
+        id: "acme".into(),
+        tier: "t1".into(),
+        regions: vec!["us".into()],
+        updated_at_unix_ms: 1,
+        ..Tenant::default()
+    };
+    let new = Tenant {
+        regions: vec!["eu".into()],
+        weight: 2,
+        updated_at_unix_ms: 2,
+        ..old.clone()
+    };
+    assert_eq!(
+        changed_fields(Some(&old), &new, &["updated_at_unix_ms"]),
+        [r#"regions: ["us"] → ["eu"]"#, "weight: 0 → 2"]
+    );
+    assert_eq!(changed_fields(None, &new, &[]), ["created"]);
+    assert!(changed_fields(Some(&old), &old, &[]).is_empty());
+}
