@@ -25,6 +25,7 @@ use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::{Price, Tokenizer};
+use crate::pipeline::Credentials;
 use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
@@ -416,10 +417,9 @@ impl Gateway {
 
     /// Who the request is from: `Ok(None)` when authentication is off, else the key's tenant or
     /// a 401 that says what is wrong. Reads the applied key table; never waits on Raft.
-    pub fn authenticate(
+    pub(crate) fn authenticate(
         &self,
-        authorization: Option<&str>,
-        x_api_key: Option<&str>,
+        credentials: Credentials<'_>,
     ) -> Result<Option<Principal>, ApiError> {
         if !self.inner.auth {
             return Ok(None);
@@ -430,7 +430,7 @@ impl Gateway {
                 "authentication is on but this node has no key table",
             ));
         };
-        let presented = auth::bearer(authorization, x_api_key);
+        let presented = auth::bearer(credentials.authorization, credentials.api_key);
         if let (Some(jwt), Some(token)) = (&self.inner.jwt, presented)
             && auth::jwt::looks_like_jwt(token)
         {
@@ -447,7 +447,7 @@ impl Gateway {
     /// limit: settling it records the usage), or a 429 naming the limit. The
     /// prompt is counted with the model's tokenizer; `max_tokens` (or a default reserve) is
     /// added, and priced when the model has a price.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         principal: Option<&Principal>,
         request: &ChatRequest,
@@ -540,7 +540,7 @@ impl Gateway {
 
     /// The cache key of `request` from `principal`, if the cache is on and the request may be
     /// cached (see [`ResponseCache::key`]).
-    pub fn cache_key(
+    pub(crate) fn cache_key(
         &self,
         principal: Option<&Principal>,
         request: &ChatRequest,
@@ -553,7 +553,7 @@ impl Gateway {
 
     /// A cached answer, if there is one; a hit is recorded in the tenant's roll-up as a free
     /// request (a cache hit: no tokens, no cost).
-    pub fn cache_get(
+    pub(crate) fn cache_get(
         &self,
         key: CacheKey,
         principal: Option<&Principal>,
@@ -574,7 +574,7 @@ impl Gateway {
         Some(hit)
     }
 
-    pub fn cache_put(&self, key: CacheKey, body: bytes::Bytes) {
+    pub(crate) fn cache_put(&self, key: CacheKey, body: bytes::Bytes) {
         if let Some(c) = &self.inner.cache {
             c.put(key, body);
         }
@@ -608,6 +608,12 @@ impl Gateway {
         self.table().models.clone()
     }
 
+    /// [`Gateway::models`], for a caller with these credentials (a 401 if it is not let in).
+    pub fn list_models(&self, credentials: Credentials<'_>) -> Result<Vec<String>, ApiError> {
+        self.authenticate(credentials)?;
+        Ok(self.models())
+    }
+
     pub fn providers(&self) -> Vec<ProviderStatus> {
         self.table().providers.iter().map(|p| p.status()).collect()
     }
@@ -632,7 +638,7 @@ impl Gateway {
 
     /// Routes and runs one request. Resolves when the upstream has answered (unary) or accepted
     /// the request (stream); failures before that are returned here, with their status.
-    pub async fn chat(
+    pub(crate) async fn chat(
         &self,
         request: ChatRequest,
         mut ctx: RequestContext,

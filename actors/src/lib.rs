@@ -30,6 +30,7 @@ pub mod connection;
 pub mod estimate;
 pub mod gateway;
 pub mod mesh;
+pub mod pipeline;
 pub mod policy;
 pub mod provider;
 pub mod quota;
@@ -39,6 +40,9 @@ pub mod vllm;
 
 pub use connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 pub use gateway::{Gateway, GatewayConfig};
+pub use pipeline::{
+    Answer, CacheHit, CacheOutcome, Call, CallOptions, Credentials, Served, ServedStream,
+};
 pub use provider::{ModelRoute, ProviderSpec, ProviderStatus};
 pub use supervisor::RestartBudget;
 pub use upstream::{ApiAdapter, DemoModel, Dialect, Timeouts, Upstream};

@@ -22,14 +22,11 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use meridian_actors::auth::Principal;
-use meridian_actors::cache::CacheKey;
-use meridian_actors::policy::Complexity;
 use meridian_actors::quota::{header_room, write_rate_limit_headers};
-use meridian_actors::{ChatReply, Gateway, RelayStream, RequestContext, StreamEnd};
+use meridian_actors::{Answer, CacheHit, Call, Gateway, ServedStream, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
-use meridian_proto::{ApiError, ErrorKind, RequestId};
+use meridian_proto::{ApiError, ErrorKind};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -72,77 +69,33 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request_id =
-        RequestId::from_client(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
-    let mut rate_limits = Vec::new();
-    // Set when the request may be cached: its key, and whether it was answered from the cache.
-    let mut cached: Option<(CacheKey, bool)> = None;
-    let result = async {
-        let principal = authenticate(&st.gateway, &headers)?;
-        let body = body.map_err(body_error)?;
-        let request = ChatRequest::from_json(&body, st.gateway.limits())?;
-        let opt_in = cache_opt_in(headers.get("x-meridian-cache").map(HeaderValue::as_bytes));
-        if let Some(key) = st.gateway.cache_key(principal.as_ref(), &request, opt_in) {
-            if let Some(hit) = st
-                .gateway
-                .cache_get(key, principal.as_ref(), request.model())
-            {
-                // A hit is free: no admission, no provider.
-                cached = Some((key, true));
-                tracing::debug!(request_id = %request_id, "answered from the response cache");
-                return Ok(Answer::Cached(
-                    hit,
-                    request.stream(),
-                    request.include_usage(),
-                ));
-            }
-            cached = Some((key, false));
-        }
-        let deadline = client_deadline(&headers)?;
-        let complexity = complexity_of(
-            headers
-                .get("x-meridian-complexity")
-                .map(HeaderValue::as_bytes),
-        )?;
-        let feature = feature_of(headers.get("x-meridian-feature").map(HeaderValue::as_bytes))?;
-        let mut reservation = st
-            .gateway
-            .admit(principal.as_ref(), &request, feature)
-            .await?;
-        if let Some(r) = &mut reservation {
-            rate_limits = std::mem::take(&mut r.rate_limits);
-        }
-        let ctx = RequestContext {
-            request_id: request_id.clone(),
-            principal,
-            deadline,
-            reservation,
-            complexity,
-            weight: 1,
-        };
-        st.gateway.chat(request, ctx).await.map(Answer::Fresh)
-    }
-    .await;
-    let mut resp = match result {
-        Ok(Answer::Fresh(ChatReply::Complete(c))) => {
-            if let Some((key, false)) = cached {
-                st.gateway.cache_put(key, c.body.clone());
-            }
-            json_response(c.body, rate_limits.len())
-        }
-        Ok(Answer::Fresh(ChatReply::Stream(relay))) => sse_response(relay, st.sse_heartbeat),
-        Ok(Answer::Cached(body, false, _)) => json_response(body, rate_limits.len()),
-        Ok(Answer::Cached(body, true, include_usage)) => cached_sse(&body, include_usage),
+    let (request_id, credentials, options) =
+        crate::headers::call_parts(|name| headers.get(name).map(HeaderValue::as_bytes));
+    let request = body
+        .map_err(body_error)
+        .and_then(|body| ChatRequest::from_json(&body, st.gateway.limits()));
+    let served = st
+        .gateway
+        .serve(Call {
+            request_id,
+            credentials,
+            options,
+            request,
+        })
+        .await;
+    let mut resp = match served.answer {
+        Ok(Answer::Complete(body)) => json_response(body, served.rate_limits.len()),
+        Ok(Answer::Stream(stream)) => sse_response(stream, st.sse_heartbeat),
+        Ok(Answer::Cached(hit)) if hit.stream => cached_sse(&hit),
+        Ok(Answer::Cached(hit)) => json_response(hit.completion, 0),
         Err(e) => http_error(&e),
     };
-    if let Some((_, hit)) = cached {
-        resp.headers_mut().insert(
-            "x-meridian-cache",
-            HeaderValue::from_static(cache_outcome(hit)),
-        );
+    if let Some(cache) = served.cache {
+        resp.headers_mut()
+            .insert("x-meridian-cache", HeaderValue::from_static(cache.as_str()));
     }
-    write_rate_limit_headers(rate_limits, resp.headers_mut());
-    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+    write_rate_limit_headers(served.rate_limits, resp.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(served.request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
@@ -161,20 +114,11 @@ fn json_response(body: Bytes, limits: usize) -> Response {
     resp
 }
 
-/// What the chat handler answers with.
-enum Answer {
-    Fresh(ChatReply),
-    /// From the cache: the whole answer, whether a stream was asked, and with usage.
-    Cached(Bytes, bool, bool),
-}
-
 /// A cached whole answer as the SSE stream the client asked for.
-fn cached_sse(completion: &[u8], include_usage: bool) -> Response {
-    let Some(chunks) = meridian_actors::cache::as_chunks(completion, include_usage) else {
-        return http_error(&ApiError::new(
-            ErrorKind::Internal,
-            "a cached answer could not be replayed",
-        ));
+fn cached_sse(hit: &CacheHit) -> Response {
+    let chunks = match hit.chunks() {
+        Ok(chunks) => chunks,
+        Err(e) => return http_error(&e),
     };
     let mut body = String::new();
     for c in chunks {
@@ -216,79 +160,14 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
-/// The feature a request is for (`X-Meridian-Feature`), checked: 1 to 64 of `A-Z a-z 0-9 _ . -`.
-pub fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
-    let Some(v) = value else { return Ok(None) };
-    match std::str::from_utf8(v) {
-        Ok(name) if meridian_proto::convert::invalid_name(name).is_none() => Ok(Some(name)),
-        _ => Err(ApiError::invalid(
-            "X-Meridian-Feature",
-            "X-Meridian-Feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
-        )),
-    }
-}
-
-/// Whether the client opts in to the response cache (`X-Meridian-Cache: on`).
-pub fn cache_opt_in(value: Option<&[u8]>) -> bool {
-    value.is_some_and(|v| v.eq_ignore_ascii_case(b"on"))
-}
-
-/// The `x-meridian-cache` value of a cacheable answer: from the cache or not.
-pub fn cache_outcome(hit: bool) -> &'static str {
-    if hit { "hit" } else { "miss" }
-}
-
-/// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
-pub fn complexity_of(value: Option<&[u8]>) -> Result<Option<Complexity>, ApiError> {
-    let Some(v) = value else { return Ok(None) };
-    std::str::from_utf8(v)
-        .ok()
-        .and_then(Complexity::parse)
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "X-Meridian-Complexity",
-                "X-Meridian-Complexity must be trivial, moderate or hard",
-            )
-        })
-}
-
-/// The client's deadline from `X-Meridian-Deadline-Ms` (milliseconds from now).
-fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
-    let Some(v) = headers.get("x-meridian-deadline-ms") else {
-        return Ok(None);
-    };
-    match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-        Some(ms) if (1..=86_400_000).contains(&ms) => {
-            Ok(Some(Instant::now() + Duration::from_millis(ms)))
-        }
-        _ => Err(ApiError::invalid(
-            "X-Meridian-Deadline-Ms",
-            "X-Meridian-Deadline-Ms must be a whole number of milliseconds between 1 and 86400000",
-        )),
-    }
-}
-
-/// The caller, from `Authorization: Bearer …` or `X-API-Key`.
-fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
-    static X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
-    // UTF-8 is all the key check needs (it says what is wrong with anything else), and checks
-    // faster than `to_str`'s visible-ASCII test.
-    let header = |name: &header::HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-    };
-    gateway.authenticate(header(&header::AUTHORIZATION), header(&X_API_KEY))
-}
-
 async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authenticate(&st.gateway, &headers) {
-        return http_error(&e);
-    }
-    let data: Vec<_> = st
-        .gateway
-        .models()
+    let (_, credentials, _) =
+        crate::headers::call_parts(|name| headers.get(name).map(HeaderValue::as_bytes));
+    let models = match st.gateway.list_models(credentials) {
+        Ok(models) => models,
+        Err(e) => return http_error(&e),
+    };
+    let data: Vec<_> = models
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": st.started_unix, "owned_by": "meridian"}))
         .collect();
@@ -328,7 +207,7 @@ async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-fn sse_response(relay: RelayStream, heartbeat: Duration) -> Response {
+fn sse_response(relay: ServedStream, heartbeat: Duration) -> Response {
     let body = SseBody {
         relay,
         heartbeat,
@@ -352,7 +231,7 @@ fn sse_response(relay: RelayStream, heartbeat: Duration) -> Response {
 /// (and no `[DONE]`) at a failed one, and `: ping` while the upstream is silent. The heartbeat
 /// timer is re-armed only when it fires, not once per chunk.
 struct SseBody {
-    relay: RelayStream,
+    relay: ServedStream,
     heartbeat: Duration,
     last_write: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,

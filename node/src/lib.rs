@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod grpc;
+pub mod headers;
 pub mod http;
 pub mod metrics;
 pub mod respond;

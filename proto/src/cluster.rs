@@ -556,10 +556,9 @@ impl ClusterState {
         let mut remove = Vec::new();
         let mut prune = Vec::new();
         let mut last = None;
-        let after = self.ledger.range::<_, str>((
-            Bound::Excluded(&*self.ledger_sweep_after),
-            Bound::Unbounded,
-        ));
+        let after = self
+            .ledger
+            .range::<_, str>((Bound::Excluded(&*self.ledger_sweep_after), Bound::Unbounded));
         let from_start = self.ledger.iter();
         for (key, ledger) in after.chain(from_start).take(count.min(self.ledger.len())) {
             last = Some(key);

@@ -666,8 +666,7 @@ fn assert_every_field_is_compared<T>(
             );
         },
     );
-    let all: std::collections::BTreeSet<_> =
-        fields_of(record, set_by_apply).into_iter().collect();
+    let all: std::collections::BTreeSet<_> = fields_of(record, set_by_apply).into_iter().collect();
     assert_eq!(tried, all, "{name}: every field was changed once");
 }
 

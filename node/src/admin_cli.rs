@@ -1,0 +1,784 @@
+//! `meridian admin …`: the operator's client of a node's admin gRPC API (`meridian.admin.v1`):
+//! the subcommands, their arguments, and how each answer is printed.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_proto::pb::admin::{
+    self as admin_pb, ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest,
+};
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// The node's identity, addresses, uptime and load.
+    Status,
+    /// The providers the node routes to, with their live load.
+    Providers,
+    /// The Raft cluster: status (the default), state, and membership changes.
+    Cluster {
+        #[command(subcommand)]
+        command: Option<ClusterCommand>,
+    },
+    /// Tiers: named sets of default limits.
+    Tier {
+        #[command(subcommand)]
+        command: TierCommand,
+    },
+    /// Tenants: who may call, on which tier, with which overrides.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Circuit breakers: list (the default), force open, force closed, reset.
+    Breaker {
+        #[command(subcommand)]
+        command: Option<BreakerCommand>,
+    },
+    /// The vLLM replicas this node supervises: list (the default), drain, stop, start,
+    /// restart, LoRA adapters.
+    Vllm {
+        #[command(subcommand)]
+        command: Option<VllmCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VllmCommand {
+    /// Each replica: state (and for how long), GPUs, port, uptime, restarts, in-flight
+    /// requests, engine load and KV-cache use.
+    List,
+    /// Deregister REPLICA, let its in-flight requests finish, then stop it (it stays stopped).
+    Drain { replica: String },
+    /// Deregister REPLICA and stop it now.
+    Stop { replica: String },
+    /// Launch a stopped or failed REPLICA.
+    Start { replica: String },
+    /// Drain REPLICA, then launch it again.
+    Restart { replica: String },
+    /// Load the LoRA adapter NAME from PATH on REPLICA (its group needs lora_runtime = true).
+    LoraLoad {
+        replica: String,
+        name: String,
+        path: String,
+    },
+    /// Unload the LoRA adapter NAME from REPLICA.
+    LoraUnload { replica: String, name: String },
+}
+
+#[derive(Subcommand)]
+pub enum BreakerCommand {
+    /// Every breaker with a record: state, open period, trips, reason.
+    List,
+    /// Stop all traffic to PROVIDER on every node until closed or reset.
+    Open {
+        provider: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Keep PROVIDER routable whatever detection sees.
+    Close {
+        provider: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Closed again and back under automatic detection, trip count cleared.
+    Reset { provider: String },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a key for TENANT; the key is printed this once.
+    Create {
+        tenant: String,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List keys (ids only, never secrets).
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Revoke a key by id: refused on every node once applied.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Leader, term, commit and applied indexes, voters, learners, members.
+    Status,
+    /// The node's applied replicated state: a summary (record counts, members, tiers,
+    /// providers, breakers), or one section's records as JSON, one page per line.
+    State {
+        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, applied_seq.
+        section: Option<String>,
+        /// Only records whose key starts with this, e.g. "tenant/acme/" in the ledger.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many records (default: all, fetched page by page).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// The actor mesh: connected peers, and each peer's answer when asked through it.
+    Mesh,
+    /// Add a node started with `cluster.join = true` as a learner.
+    AddLearner {
+        node: u64,
+        /// Its Raft (QUIC) address, HOST:PORT.
+        raft_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote { node: u64 },
+    /// Take a voter or learner out of the cluster.
+    Remove { node: u64 },
+}
+
+/// Limits as command-line flags (unset: no limit on a tier, the tier's on a tenant).
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    #[arg(long)]
+    requests_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_day: Option<u64>,
+    #[arg(long)]
+    tokens_per_month: Option<u64>,
+    /// US dollars per day, e.g. 12.50.
+    #[arg(long)]
+    cost_per_day_usd: Option<f64>,
+}
+
+impl LimitArgs {
+    fn into_pb(self) -> anyhow::Result<admin_pb::Limits> {
+        let cost = match self.cost_per_day_usd {
+            Some(usd) if !(0.0..=1e9).contains(&usd) => {
+                anyhow::bail!("--cost-per-day-usd must be between 0 and 1e9, got {usd}")
+            }
+            Some(usd) => Some((usd * 1e6).round() as u64),
+            None => None,
+        };
+        Ok(admin_pb::Limits {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            tokens_per_month: self.tokens_per_month,
+            cost_per_day_micro_usd: cost,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TierCommand {
+    /// Create or replace a tier.
+    Put {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Limits of each end user of a tenant on the tier, e.g. "tokens_per_minute=2000".
+        #[arg(long)]
+        per_user: Option<String>,
+    },
+}
+
+#[allow(clippy::large_enum_variant)] // parsed once per run: size is irrelevant
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create or update a tenant.
+    Put {
+        id: String,
+        #[arg(long)]
+        tier: String,
+        #[command(flatten)]
+        overrides: LimitArgs,
+        /// Limits of each end user, e.g. "tokens_per_minute=2000,requests_per_minute=20".
+        #[arg(long)]
+        per_user: Option<String>,
+        /// Limits of a feature (X-Meridian-Feature), e.g. "search:tokens_per_day=50000"
+        /// (repeatable).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Data residency: only providers in these regions serve the tenant, e.g. "eu-west,eu-central".
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// The only models the tenant may call.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Share of provider queues when tenants wait: this many of its requests per turn.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Tiers and tenants, as this node has applied them.
+    List,
+}
+
+pub async fn run(
+    addr: String,
+    token: Option<String>,
+    token_file: PathBuf,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    let token = match token {
+        Some(t) => t,
+        None => std::fs::read_to_string(&token_file)
+            .map(|t| t.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "no admin token: pass --token, set MERIDIAN_ADMIN_TOKEN, or point --token-file at the node's admin.token (tried {})",
+                    token_file.display()
+                )
+            })?,
+    };
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token has characters not allowed in a header")?;
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("{addr} is not a URL"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    match command {
+        AdminCommand::Status => {
+            let s = client.node_status(NodeStatusRequest {}).await?.into_inner();
+            println!(
+                "node {} (region {}), version {}, up {} s, {} in flight{}\n  http {}  grpc {}",
+                s.node_id,
+                s.region,
+                s.version,
+                s.uptime_seconds,
+                s.in_flight,
+                if s.draining { ", draining" } else { "" },
+                s.http_addr,
+                s.grpc_addr
+            );
+        }
+        AdminCommand::Cluster { command } => match command.unwrap_or(ClusterCommand::Status) {
+            ClusterCommand::Status => {
+                let c = client
+                    .cluster_status(ClusterStatusRequest {})
+                    .await?
+                    .into_inner();
+                let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+                println!(
+                    "node {}: leader {}, term {}, last log {}, commit {}, applied {}, snapshot {}, purged {}",
+                    c.node_id,
+                    opt(c.leader),
+                    c.term,
+                    opt(c.last_log_index),
+                    opt(c.commit_index),
+                    opt(c.applied_index),
+                    opt(c.snapshot_index),
+                    opt(c.purged_index),
+                );
+                println!("  voters {:?}  learners {:?}", c.voters, c.learners);
+                for m in c.members {
+                    println!(
+                        "  member {:<4} region {:<10} raft {:<21} http {}",
+                        m.id, m.region, m.raft_addr, m.http_addr
+                    );
+                }
+            }
+            ClusterCommand::Mesh => {
+                let m = client
+                    .mesh_status(admin_pb::MeshStatusRequest {})
+                    .await?
+                    .into_inner();
+                if !m.enabled {
+                    println!("no actor mesh: this node runs a single-node cluster");
+                }
+                println!("connected: {}", m.connected.join(" "));
+                for p in m.peers {
+                    let providers: Vec<String> = p
+                        .providers
+                        .iter()
+                        .map(|q| format!("{}({}/{})", q.id, q.in_flight, q.queued))
+                        .collect();
+                    println!(
+                        "  node {} region {} answered via the mesh; providers {}",
+                        p.node_id,
+                        p.region,
+                        providers.join(" ")
+                    );
+                }
+                for e in m.errors {
+                    println!("  no answer: {e}");
+                }
+            }
+            ClusterCommand::State {
+                section,
+                prefix,
+                limit,
+            } => {
+                let mut after = String::new();
+                let mut left = limit.map(u64::from);
+                loop {
+                    let page = client
+                        .cluster_state(admin_pb::ClusterStateRequest {
+                            section: section.clone().unwrap_or_default(),
+                            prefix: prefix.clone(),
+                            after: after.clone(),
+                            limit: left.map_or(0, |l| l.min(10_000) as u32),
+                        })
+                        .await?
+                        .into_inner();
+                    println!("{}", page.json);
+                    if let Some(l) = &mut left {
+                        let got =
+                            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+                                &page.json,
+                            )
+                            .map_or(0, |m| m.len() as u64);
+                        *l = l.saturating_sub(got);
+                    }
+                    if page.next_after.is_empty() || left == Some(0) {
+                        break;
+                    }
+                    after = page.next_after;
+                }
+            }
+            ClusterCommand::AddLearner { node, raft_addr } => {
+                let r = client
+                    .add_learner(admin_pb::AddLearnerRequest {
+                        node_id: node,
+                        raft_addr,
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} added as a learner"));
+            }
+            ClusterCommand::Promote { node } => {
+                let r = client
+                    .promote_voter(admin_pb::PromoteVoterRequest { node_id: node })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} is a voter"));
+            }
+            ClusterCommand::Remove { node } => {
+                let r = client
+                    .remove_member(admin_pb::RemoveMemberRequest { node_id: node })
+                    .await?;
+                print_change(r.into_inner(), &format!("node {node} removed"));
+            }
+        },
+        AdminCommand::Tier {
+            command:
+                TierCommand::Put {
+                    name,
+                    limits,
+                    per_user,
+                },
+        } => {
+            let r = client
+                .put_tier(admin_pb::PutTierRequest {
+                    tier: Some(admin_pb::Tier {
+                        name: name.clone(),
+                        limits: Some(limits.into_pb()?),
+                        per_user: per_user.as_deref().map(parse_limits).transpose()?,
+                    }),
+                })
+                .await?;
+            print_change(r.into_inner(), &format!("tier {name} saved"));
+        }
+        AdminCommand::Key { command } => match command {
+            KeyCommand::Create { tenant, label } => {
+                let k = client
+                    .create_api_key(admin_pb::CreateApiKeyRequest {
+                        tenant: tenant.clone(),
+                        label,
+                    })
+                    .await?
+                    .into_inner();
+                println!(
+                    "key {} for tenant {tenant} (shown once):\n{}",
+                    k.key_id, k.secret
+                );
+            }
+            KeyCommand::List { tenant } => {
+                let mut keys = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let page = client
+                        .list_api_keys(admin_pb::ListApiKeysRequest {
+                            tenant: tenant.clone(),
+                            after,
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    keys.extend(page.keys);
+                    if page.next_after.is_empty() {
+                        break;
+                    }
+                    after = page.next_after;
+                }
+                for k in keys {
+                    println!(
+                        "{}  tenant {:<20} {}{}",
+                        k.key_id,
+                        k.tenant,
+                        if k.revoked_at_unix_ms.is_some() {
+                            "revoked "
+                        } else {
+                            "active  "
+                        },
+                        k.label
+                    );
+                }
+            }
+            KeyCommand::Revoke { key_id } => {
+                let r = client
+                    .revoke_api_key(admin_pb::RevokeApiKeyRequest {
+                        key_id: key_id.clone(),
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("key {key_id} revoked"));
+            }
+        },
+        AdminCommand::Breaker { command } => {
+            let set = |provider: String, action: admin_pb::BreakerAction, reason: String| {
+                admin_pb::SetBreakerRequest {
+                    provider,
+                    action: action as i32,
+                    reason,
+                }
+            };
+            let (request, done) = match command.unwrap_or(BreakerCommand::List) {
+                BreakerCommand::List => {
+                    let l = client
+                        .list_breakers(admin_pb::ListBreakersRequest {})
+                        .await?
+                        .into_inner();
+                    if l.breakers.is_empty() {
+                        println!("no breaker has tripped or been set");
+                    }
+                    for b in l.breakers {
+                        let until = b
+                            .open_until_unix_ms
+                            .filter(|u| *u != u64::MAX)
+                            .map(|u| format!(" until {u}"))
+                            .unwrap_or_default();
+                        println!(
+                            "{:<24} {:<9}{}{} trips {}  by node {}  {}",
+                            b.provider,
+                            b.state,
+                            if b.forced { " (forced)" } else { "" },
+                            until,
+                            b.trips,
+                            b.by_node,
+                            b.reason
+                        );
+                    }
+                    return Ok(());
+                }
+                BreakerCommand::Open { provider, reason } => (
+                    set(provider.clone(), admin_pb::BreakerAction::ForceOpen, reason),
+                    format!("breaker {provider} forced open"),
+                ),
+                BreakerCommand::Close { provider, reason } => (
+                    set(
+                        provider.clone(),
+                        admin_pb::BreakerAction::ForceClosed,
+                        reason,
+                    ),
+                    format!("breaker {provider} forced closed"),
+                ),
+                BreakerCommand::Reset { provider } => (
+                    set(
+                        provider.clone(),
+                        admin_pb::BreakerAction::Reset,
+                        String::new(),
+                    ),
+                    format!("breaker {provider} reset"),
+                ),
+            };
+            let r = client.set_breaker(request).await?;
+            print_change(r.into_inner(), &done);
+        }
+        AdminCommand::Vllm { command } => {
+            let control = |replica: String, action: admin_pb::ReplicaAction| {
+                admin_pb::ControlReplicaRequest {
+                    replica,
+                    action: action as i32,
+                }
+            };
+            let answer = match command.unwrap_or(VllmCommand::List) {
+                VllmCommand::List => {
+                    let l = client
+                        .list_replicas(admin_pb::ListReplicasRequest {})
+                        .await?
+                        .into_inner();
+                    if l.replicas.is_empty() {
+                        println!("this node supervises no vLLM replica");
+                    }
+                    for r in l.replicas {
+                        print_replica(&r);
+                    }
+                    return Ok(());
+                }
+                VllmCommand::Drain { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Drain))
+                        .await?
+                }
+                VllmCommand::Stop { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Stop))
+                        .await?
+                }
+                VllmCommand::Start { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Start))
+                        .await?
+                }
+                VllmCommand::Restart { replica } => {
+                    client
+                        .control_replica(control(replica, admin_pb::ReplicaAction::Restart))
+                        .await?
+                }
+                VllmCommand::LoraLoad {
+                    replica,
+                    name,
+                    path,
+                } => {
+                    client
+                        .lora_adapter(admin_pb::LoraAdapterRequest {
+                            replica,
+                            name,
+                            path,
+                        })
+                        .await?
+                }
+                VllmCommand::LoraUnload { replica, name } => {
+                    client
+                        .lora_adapter(admin_pb::LoraAdapterRequest {
+                            replica,
+                            name,
+                            path: String::new(),
+                        })
+                        .await?
+                }
+            };
+            println!("{}", answer.into_inner().message);
+        }
+        AdminCommand::Tenant { command } => match command {
+            TenantCommand::Put {
+                id,
+                tier,
+                overrides,
+                per_user,
+                features,
+                regions,
+                models,
+                weight,
+            } => {
+                let r = client
+                    .put_tenant(admin_pb::PutTenantRequest {
+                        tenant: Some(admin_pb::Tenant {
+                            id: id.clone(),
+                            tier,
+                            overrides: Some(overrides.into_pb()?),
+                            per_user: per_user.as_deref().map(parse_limits).transpose()?,
+                            features: features
+                                .iter()
+                                .map(|f| {
+                                    let (name, spec) = f.split_once(':').with_context(|| {
+                                        format!("--feature {f:?} is not NAME:LIMIT=N,…")
+                                    })?;
+                                    Ok((name.to_owned(), parse_limits(spec)?))
+                                })
+                                .collect::<anyhow::Result<_>>()?,
+                            regions,
+                            models,
+                            weight,
+                            created_at_unix_ms: 0,
+                            updated_at_unix_ms: 0,
+                        }),
+                    })
+                    .await?;
+                print_change(r.into_inner(), &format!("tenant {id} saved"));
+            }
+            TenantCommand::List => {
+                let mut l = client
+                    .list_tenants(admin_pb::ListTenantsRequest::default())
+                    .await?
+                    .into_inner();
+                while !l.next_after.is_empty() {
+                    let page = client
+                        .list_tenants(admin_pb::ListTenantsRequest {
+                            after: std::mem::take(&mut l.next_after),
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    l.tenants.extend(page.tenants);
+                    l.next_after = page.next_after;
+                }
+                for t in l.tiers {
+                    println!("tier   {:<20} {}", t.name, limits(t.limits));
+                }
+                for t in l.tenants {
+                    let list = |v: &[String]| match v {
+                        [] => "any".to_owned(),
+                        v => v.join(","),
+                    };
+                    let mut line = format!(
+                        "tenant {:<20} tier {:<12} regions {} models {} weight {}",
+                        t.id,
+                        t.tier,
+                        list(&t.regions),
+                        list(&t.models),
+                        t.weight.max(1),
+                    );
+                    for (what, l) in [("limits", t.overrides), ("per-user", t.per_user)] {
+                        let l = limits(l);
+                        if !l.is_empty() {
+                            line.push_str(&format!(" {what} {l}"));
+                        }
+                    }
+                    for (name, l) in t.features {
+                        line.push_str(&format!(" feature {name}: {}", limits(Some(l))));
+                    }
+                    println!("{line}");
+                }
+            }
+        },
+        AdminCommand::Providers => {
+            let list = client
+                .list_providers(ListProvidersRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "{:<16} {:<7} {:<10} {:>9} {:>7} {:>9} {:>9} {:>8}  models",
+                "id", "kind", "region", "in-flight", "queued", "requests", "failures", "restarts"
+            );
+            for p in list.providers {
+                println!(
+                    "{:<16} {:<7} {:<10} {:>4}/{:<4} {:>3}/{:<3} {:>9} {:>9} {:>8}  {}",
+                    p.id,
+                    p.kind,
+                    p.region,
+                    p.in_flight,
+                    p.max_concurrency,
+                    p.queued,
+                    p.queue_capacity,
+                    p.requests_total,
+                    p.failures_total,
+                    p.restarts,
+                    p.models.join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tokens_per_minute=2000,requests_per_minute=20` as limits; costs in USD
+/// (`cost_per_day_usd=1.5`).
+fn parse_limits(spec: &str) -> anyhow::Result<admin_pb::Limits> {
+    let mut l = admin_pb::Limits::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("{part:?} is not LIMIT=N"))?;
+        let n = || {
+            v.parse::<u64>()
+                .with_context(|| format!("{k}: {v:?} is not a whole number"))
+        };
+        match k {
+            "requests_per_minute" => l.requests_per_minute = Some(n()?),
+            "tokens_per_minute" => l.tokens_per_minute = Some(n()?),
+            "tokens_per_day" => l.tokens_per_day = Some(n()?),
+            "tokens_per_month" => l.tokens_per_month = Some(n()?),
+            "cost_per_day_usd" => {
+                let usd: f64 = v
+                    .parse()
+                    .with_context(|| format!("{k}: {v:?} is not a number"))?;
+                anyhow::ensure!((0.0..=1e9).contains(&usd), "{k} must be between 0 and 1e9");
+                l.cost_per_day_micro_usd = Some((usd * 1e6).round() as u64);
+            }
+            other => anyhow::bail!(
+                "{other:?} is not a limit (requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, cost_per_day_usd)"
+            ),
+        }
+    }
+    Ok(l)
+}
+
+fn print_change(r: admin_pb::ChangeResponse, done: &str) {
+    if !r.changed {
+        println!("{done} (already so; nothing changed)");
+    } else if r.changes.is_empty() {
+        println!("{done}");
+    } else {
+        println!("{done}; changed:");
+        for change in r.changes {
+            println!("  {change}");
+        }
+    }
+}
+
+/// `tokens_per_day=5000 …`, only the limits that are set.
+fn limits(l: Option<admin_pb::Limits>) -> String {
+    let l = l.unwrap_or_default();
+    [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+        ("tokens_per_day", l.tokens_per_day),
+        ("tokens_per_month", l.tokens_per_month),
+        ("cost_per_day_micro_usd", l.cost_per_day_micro_usd),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// One line per replica for `meridian admin vllm list`.
+fn print_replica(r: &admin_pb::Replica) {
+    let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
+    let state = match r.state.as_str() {
+        "starting" => format!("starting (loading for {})", secs(r.state_for_ms)),
+        "ready" => format!("ready (up {})", secs(r.uptime_ms)),
+        other => format!("{other} (for {})", secs(r.state_for_ms)),
+    };
+    let gpus = if r.gpus.is_empty() {
+        "-".to_owned()
+    } else {
+        r.gpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!(
+        "{:<16} {:<30} gpus {:<7} port {:<5} pid {:<7} restarts {:<3} in-flight {:<4} running {:<4} waiting {:<4} kv {:>5.1}%  models {}{}",
+        r.name,
+        state,
+        gpus,
+        r.port,
+        if r.pid == 0 {
+            "-".to_owned()
+        } else {
+            r.pid.to_string()
+        },
+        r.restarts,
+        r.in_flight,
+        r.running,
+        r.waiting,
+        r.kv_cache_usage * 100.0,
+        r.models.join(","),
+        if r.last_exit.is_empty() {
+            String::new()
+        } else {
+            format!("  last exit: {}", r.last_exit)
+        }
+    );
+}

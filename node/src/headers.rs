@@ -1,0 +1,161 @@
+//! The request headers both inference edges read, parsed in one place: HTTP headers and gRPC
+//! metadata carry the same names (`authorization`, `x-api-key`, `x-request-id`,
+//! `x-meridian-*`), so each edge hands over a lookup and gets the pipeline's parts back.
+
+use std::time::Duration;
+
+use meridian_actors::policy::Complexity;
+use meridian_actors::{CallOptions, Credentials};
+use meridian_proto::{ApiError, RequestId};
+use tokio::time::Instant;
+
+/// The request id, the credentials and the checked options of a request whose header (or
+/// metadata) `name` has the value `get(name)`.
+pub fn call_parts<'a>(
+    get: impl Fn(&str) -> Option<&'a [u8]>,
+) -> (RequestId, Credentials<'a>, Result<CallOptions, ApiError>) {
+    // UTF-8 is all the key check needs (it says what is wrong with anything else), and checks
+    // faster than a visible-ASCII test.
+    let text = |name| get(name).and_then(|v| std::str::from_utf8(v).ok());
+    let request_id = RequestId::from_client(text("x-request-id"));
+    let credentials = Credentials {
+        authorization: text("authorization"),
+        api_key: text("x-api-key"),
+    };
+    let options = (|| {
+        Ok(CallOptions {
+            deadline: deadline_of(get("x-meridian-deadline-ms"))?,
+            complexity: complexity_of(get("x-meridian-complexity"))?,
+            feature: feature_of(get("x-meridian-feature"))?.map(str::to_owned),
+            cache: get("x-meridian-cache").is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
+        })
+    })();
+    (request_id, credentials, options)
+}
+
+/// The feature a request is for (`X-Meridian-Feature`), checked: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    match std::str::from_utf8(v) {
+        Ok(name) if meridian_proto::convert::invalid_name(name).is_none() => Ok(Some(name)),
+        _ => Err(ApiError::invalid(
+            "X-Meridian-Feature",
+            "X-Meridian-Feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+        )),
+    }
+}
+
+/// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
+fn complexity_of(value: Option<&[u8]>) -> Result<Option<Complexity>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(Complexity::parse)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "X-Meridian-Complexity",
+                "X-Meridian-Complexity must be trivial, moderate or hard",
+            )
+        })
+}
+
+/// The client's deadline from `X-Meridian-Deadline-Ms` (milliseconds from now).
+fn deadline_of(value: Option<&[u8]>) -> Result<Option<Instant>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let ms = std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match ms {
+        Some(ms) if (1..=86_400_000).contains(&ms) => {
+            Ok(Some(Instant::now() + Duration::from_millis(ms)))
+        }
+        _ => Err(ApiError::invalid(
+            "X-Meridian-Deadline-Ms",
+            "X-Meridian-Deadline-Ms must be a whole number of milliseconds between 1 and 86400000",
+        )),
+    }
+}
+
+/// The deadline a gRPC client set with `grpc-timeout` (e.g. `250m`: 250 ms; units H M S m u n).
+pub fn grpc_timeout(value: Option<&[u8]>) -> Result<Option<Instant>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let v = String::from_utf8_lossy(v);
+    let bad = || {
+        ApiError::invalid(
+            "grpc-timeout",
+            format!(
+                "grpc-timeout {v:?} is not a number of 1 to 8 digits followed by H, M, S, m, u or n"
+            ),
+        )
+    };
+    if v.len() < 2 || v.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Some(Instant::now() + d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&'static str, &'static str)]) -> Result<CallOptions, ApiError> {
+        call_parts(|name| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes())
+        })
+        .2
+    }
+
+    #[test]
+    fn every_bad_option_names_its_header() {
+        for (name, value) in [
+            ("x-meridian-deadline-ms", "0"),
+            ("x-meridian-deadline-ms", "soon"),
+            ("x-meridian-complexity", "extreme"),
+            ("x-meridian-feature", "has space"),
+        ] {
+            let e = parts(&[(name, value)]).unwrap_err();
+            assert!(
+                e.param.as_deref().unwrap().eq_ignore_ascii_case(name),
+                "{name}: {e:?}"
+            );
+        }
+        for bad in ["", "5", "123456789S", "10x", "-1S"] {
+            let e = grpc_timeout(Some(bad.as_bytes())).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("grpc-timeout"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn good_options_are_read() {
+        let o = parts(&[
+            ("x-meridian-deadline-ms", " 1500 "),
+            ("x-meridian-complexity", "hard"),
+            ("x-meridian-feature", "search.v2"),
+            ("x-meridian-cache", "ON"),
+        ])
+        .unwrap();
+        let left = o.deadline.unwrap() - Instant::now();
+        assert!(left <= Duration::from_millis(1500) && left > Duration::from_millis(1000));
+        assert_eq!(o.complexity, Some(Complexity::Hard));
+        assert_eq!(o.feature.as_deref(), Some("search.v2"));
+        assert!(o.cache);
+        assert!(!parts(&[("x-meridian-cache", "off")]).unwrap().cache);
+        let left = grpc_timeout(Some(b"250m")).unwrap().unwrap() - Instant::now();
+        assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(100));
+    }
+}
