@@ -151,6 +151,9 @@ pub enum Ending<'a> {
 /// here as they are built. (Usage is charged by the reservation's settlement, in the
 /// connection, and counted in the tenant's roll-up from there.)
 pub fn record(request_id: &RequestId, model: &str, started: Instant, ending: Ending<'_>) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     let elapsed_ms = started.elapsed().as_secs_f64() * 1_000.0;
     match ending {
         Ending::Failed(e) => tracing::debug!(
@@ -202,7 +205,10 @@ impl Gateway {
         let principal = self.authenticate(call.credentials)?;
         let options = call.options?;
         let request = call.request?;
-        served.model.push_str(request.model());
+        // Only [`record`] reads it, and only when its event is on: no copy per request otherwise.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            served.model.push_str(request.model());
+        }
         let cache_key = self.cache_key(principal.as_ref(), &request, options.cache);
         if let Some(key) = cache_key {
             if let Some(completion) = self.cache_get(key, principal.as_ref(), request.model()) {
@@ -242,7 +248,7 @@ impl Gateway {
             ChatReply::Stream(relay) => Ok(Answer::Stream(ServedStream {
                 relay,
                 request_id,
-                model: served.model.clone(),
+                model: std::mem::take(&mut served.model),
                 started: served.started,
                 recorded: false,
             })),

@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_map::EntryRef;
-use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_proto::cluster::{
     Applied, ClusterState, Command, GrantRequest, Limits, NodeId, UsageTotals,
 };
@@ -83,10 +82,9 @@ impl LimitKind {
         }
     }
 
-    /// The suffix of its `x-ratelimit-*` headers (OpenAI's names for the per-minute ones): the
-    /// tests' independent statement of what [`Self::header_names`] must say.
-    #[cfg(test)]
-    fn header_suffix(self) -> &'static str {
+    /// The suffix of its `x-ratelimit-*` headers (OpenAI's names for the per-minute ones):
+    /// `x-ratelimit-limit-<suffix>`, `-remaining-<suffix>`, `-reset-<suffix>`.
+    pub fn header_suffix(self) -> &'static str {
         match self {
             Self::RequestsPerMinute => "requests",
             Self::TokensPerMinute => "tokens",
@@ -94,50 +92,6 @@ impl LimitKind {
             Self::TokensPerMonth => "tokens-month",
             Self::CostPerDay => "cost-day",
         }
-    }
-
-    /// `x-ratelimit-limit-*`, `x-ratelimit-remaining-*`, `x-ratelimit-reset-*` (built at
-    /// compile time, in a static: naming them costs nothing per response).
-    pub fn header_names(self) -> &'static [HeaderName; 3] {
-        const fn names(
-            limit: &'static str,
-            remaining: &'static str,
-            reset: &'static str,
-        ) -> [HeaderName; 3] {
-            [
-                HeaderName::from_static(limit),
-                HeaderName::from_static(remaining),
-                HeaderName::from_static(reset),
-            ]
-        }
-        static NAMES: [[HeaderName; 3]; 5] = [
-            names(
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ),
-            names(
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ),
-            names(
-                "x-ratelimit-limit-tokens-day",
-                "x-ratelimit-remaining-tokens-day",
-                "x-ratelimit-reset-tokens-day",
-            ),
-            names(
-                "x-ratelimit-limit-tokens-month",
-                "x-ratelimit-remaining-tokens-month",
-                "x-ratelimit-reset-tokens-month",
-            ),
-            names(
-                "x-ratelimit-limit-cost-day",
-                "x-ratelimit-remaining-cost-day",
-                "x-ratelimit-reset-cost-day",
-            ),
-        ];
-        &NAMES[self as usize]
     }
 
     /// The window that holds `unix_ms`: its start and its length, both in ms. Minutes and days
@@ -349,68 +303,20 @@ impl Estimate {
     }
 }
 
-/// `x-ratelimit-*` values for one limit, made by admission (see [`write_rate_limit_headers`]).
+/// One limit's state as an admission left it: what the edge renders as its `x-ratelimit-*`
+/// headers (or whatever its protocol says instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitState {
-    kind: LimitKind,
-    limit: u64,
-    remaining: u64,
-    reset: Duration,
-    /// `limit` and `reset` as header values. They change rarely (the reset once a second), so
-    /// each budget keeps them rendered and every response shares them.
-    rendered: [HeaderValue; 2],
-}
-
-impl RateLimitState {
-    #[cfg(test)]
-    fn new(kind: LimitKind, limit: u64, remaining: u64, reset: Duration) -> Self {
-        Self {
-            kind,
-            limit,
-            remaining,
-            reset,
-            rendered: [HeaderValue::from(limit), render_reset(whole_seconds(reset))],
-        }
-    }
-}
-
-/// `n` as a header value: one allocation of its exact size (http's `From<u64>` makes two).
-fn count_value(n: u64) -> HeaderValue {
-    HeaderValue::from_str(itoa::Buffer::new().format(n)).unwrap_or_else(|_| HeaderValue::from(n))
-}
-
-/// `secs` as an `x-ratelimit-reset-*` value (`12s`).
-fn render_reset(secs: u64) -> HeaderValue {
-    HeaderValue::try_from(format!("{secs}s")).unwrap_or_else(|_| HeaderValue::from_static("0s"))
-}
-
-/// Room in a header map for the `x-ratelimit-*` headers of `limits` limits and the few others
-/// every answer gets (a map grows before it is full, so reserving only the three per limit
-/// still left it to grow once).
-pub fn header_room(limits: usize) -> usize {
-    3 * limits + 4
-}
-
-/// Adds the `x-ratelimit-limit-*`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers
-/// of each limit to `headers`. This runs for every admitted response: the names are static, the
-/// limit and reset values come rendered (see [`RateLimitState`]), and only the remaining count
-/// is written here.
-pub fn write_rate_limit_headers(states: Vec<RateLimitState>, headers: &mut HeaderMap) {
-    if states.is_empty() {
-        return;
-    }
-    headers.reserve(header_room(states.len()));
-    for state in states {
-        let [limit, remaining, reset] = state.kind.header_names();
-        let [limit_value, reset_value] = state.rendered;
-        headers.insert(limit.clone(), limit_value);
-        headers.insert(remaining.clone(), count_value(state.remaining));
-        headers.insert(reset.clone(), reset_value);
-    }
+    pub kind: LimitKind,
+    pub limit: u64,
+    /// What the cluster may still admit in this window, as far as this node knows.
+    pub remaining: u64,
+    /// Until the window ends.
+    pub reset: Duration,
 }
 
 /// `d` in whole seconds, rounded up.
-fn whole_seconds(d: Duration) -> u64 {
+pub fn whole_seconds(d: Duration) -> u64 {
     d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
@@ -672,10 +578,7 @@ impl Quota {
             };
             let key = entry.key().clone();
             let budget = entry.into_mut();
-            if budget.limit != limit {
-                budget.limit = limit;
-                budget.limit_value = HeaderValue::from(limit);
-            }
+            budget.limit = limit;
             if budget.window_start != window_start {
                 self.enter_window(&mut budgets.ends, &key, budget, window_start);
             }
@@ -715,15 +618,6 @@ impl Quota {
                     None if open_share => limit,
                     None => left,
                 };
-                let secs = whole_seconds(reset);
-                let reset_value = match &budget.reset_value {
-                    Some((s, v)) if *s == secs => v.clone(),
-                    _ => budget
-                        .reset_value
-                        .insert((secs, render_reset(secs)))
-                        .1
-                        .clone(),
-                };
                 states.push(RateLimitState {
                     kind,
                     limit,
@@ -734,7 +628,6 @@ impl Quota {
                         }
                     }),
                     reset,
-                    rendered: [budget.limit_value.clone(), reset_value],
                 });
                 charges.push(Charge {
                     key,
@@ -1519,7 +1412,7 @@ fn window_reset(window_start: u64, window_ms: u64, now: u64) -> Duration {
 }
 
 fn limited(kind: LimitKind, limit: u64, left: u64, retry: Duration) -> ApiError {
-    let [limit_name, remaining_name, reset_name] = kind.header_names();
+    let suffix = kind.header_suffix();
     ApiError::new(
         ErrorKind::RateLimited,
         format!(
@@ -1530,9 +1423,12 @@ fn limited(kind: LimitKind, limit: u64, left: u64, retry: Duration) -> ApiError 
     )
     .with_code(kind.code())
     .with_retry_after(retry.max(Duration::from_secs(1)))
-    .with_header(limit_name.as_str(), limit.to_string())
-    .with_header(remaining_name.as_str(), left.to_string())
-    .with_header(reset_name.as_str(), format!("{}s", whole_seconds(retry)))
+    .with_header(format!("x-ratelimit-limit-{suffix}"), limit.to_string())
+    .with_header(format!("x-ratelimit-remaining-{suffix}"), left.to_string())
+    .with_header(
+        format!("x-ratelimit-reset-{suffix}"),
+        format!("{}s", whole_seconds(retry)),
+    )
 }
 
 /// A single request larger than the whole limit can never be admitted.

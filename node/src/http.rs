@@ -22,7 +22,6 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use meridian_actors::quota::{header_room, write_rate_limit_headers};
 use meridian_actors::{Answer, CacheHit, Call, Gateway, ServedStream, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::ChatRequest;
@@ -94,7 +93,7 @@ async fn chat(
         resp.headers_mut()
             .insert("x-meridian-cache", HeaderValue::from_static(cache.as_str()));
     }
-    write_rate_limit_headers(served.rate_limits, resp.headers_mut());
+    crate::ratelimit::write_headers(served.rate_limits, resp.headers_mut());
     if let Ok(v) = HeaderValue::from_str(served.request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -106,7 +105,7 @@ async fn chat(
 fn json_response(body: Bytes, limits: usize) -> Response {
     let mut resp = Response::new(Body::from(body));
     let headers = resp.headers_mut();
-    headers.reserve(header_room(limits));
+    headers.reserve(crate::ratelimit::header_room(limits));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod metrics;
+pub mod ratelimit;
 pub mod respond;
 
 pub use app::{App, AppError};

@@ -6,14 +6,14 @@ use std::fmt;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// A request's id: taken from the client's `X-Request-Id` when it is a sane token, else
-/// generated. It is echoed in responses and carried in logs.
+/// generated. It is echoed in responses and carried in logs; copies share it.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RequestId(String);
+pub struct RequestId(std::sync::Arc<str>);
 
 impl RequestId {
     /// A fresh random id (128 bits, hex).
     pub fn generate() -> Self {
-        Self(random_hex())
+        Self(random_hex().into())
     }
 
     /// The client's id if it is 1..=128 visible ASCII characters, else a fresh one. Anything
@@ -25,7 +25,7 @@ impl RequestId {
                     && v.len() <= MAX_REQUEST_ID_LEN
                     && v.bytes().all(|b| b.is_ascii_graphic()) =>
             {
-                Self(v.to_owned())
+                Self(v.into())
             }
             _ => Self::generate(),
         }

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{LimitKind, ledger_key};
@@ -82,10 +81,6 @@ pub(super) struct Budget {
     pub(super) last_slice: u64,
     /// Working from a local share (no quorum).
     pub(super) local_share: bool,
-    /// `limit`, and the window's reset in whole seconds with its value, rendered for the
-    /// `x-ratelimit-*` headers (see [`super::RateLimitState`]).
-    pub(super) limit_value: HeaderValue,
-    pub(super) reset_value: Option<(u64, HeaderValue)>,
     /// The last renewal found no quorum.
     pub(super) no_quorum: bool,
     /// The largest admission waiting for a slice (the next slice covers at least this).
@@ -128,8 +123,6 @@ impl Budget {
             demand_since: now,
             last_slice: 0,
             local_share: false,
-            limit_value: HeaderValue::from(limit),
-            reset_value: None,
             no_quorum: false,
             need: 0,
             dry_until: None,

@@ -537,119 +537,49 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
     assert_eq!(charged(LimitKind::TokensPerMinute), Some(0));
 }
 
-/// The headers of `r`'s limits, as text.
-fn headers_of(r: &mut Reservation) -> Vec<(String, String)> {
-    let mut headers = HeaderMap::new();
-    write_rate_limit_headers(std::mem::take(&mut r.rate_limits), &mut headers);
-    headers
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
-        .collect()
-}
-
 #[tokio::test]
-async fn a_budgets_rendered_limit_and_reset_follow_the_limit_and_the_clock() {
+async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
     inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
-    let expect = |limit: u64, remaining: u64, reset: Duration| {
-        vec![
-            ("x-ratelimit-limit-tokens".to_owned(), limit.to_string()),
-            (
-                "x-ratelimit-remaining-tokens".to_owned(),
-                remaining.to_string(),
-            ),
-            (
-                "x-ratelimit-reset-tokens".to_owned(),
-                format!("{}s", whole_seconds(reset)),
-            ),
-        ]
-    };
-    let mut first = q.admit(&tenant, &tpm(1_000), tokens(100)).await.unwrap();
-    let reset = first.rate_limits[0].reset;
-    assert_eq!(headers_of(&mut first), expect(1_000, 900, reset));
-    // The tenant's limit is raised: the same budget now renders the new one.
-    let mut second = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
+    let first = q.admit(&tenant, &tpm(1_000), tokens(100)).await.unwrap();
+    let state = &first.rate_limits[0];
+    assert_eq!(
+        (state.kind, state.limit, state.remaining),
+        (LimitKind::TokensPerMinute, 1_000, 900)
+    );
+    let reset = state.reset;
+    assert!(reset <= Duration::from_secs(60), "{reset:?}");
+    // The tenant's limit is raised: the same budget now states the new one.
+    let second = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
     let state = &second.rate_limits[0];
     assert_eq!(
         (state.limit, state.kind),
         (5_000, LimitKind::TokensPerMinute)
     );
-    let reset = state.reset;
-    let remaining = state.remaining;
-    assert_eq!(headers_of(&mut second), expect(5_000, remaining, reset));
-    // A second later the reset is a second nearer, and rendered anew.
+    assert!(state.remaining <= 4_900, "{state:?}");
+    // A second later the reset is a second nearer.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let mut third = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
+    let third = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
     let later = third.rate_limits[0].reset;
     assert!(
         whole_seconds(later) < whole_seconds(reset),
         "{later:?} vs {reset:?}"
     );
-    let remaining = third.rate_limits[0].remaining;
-    assert_eq!(headers_of(&mut third), expect(5_000, remaining, later));
 }
 
 #[test]
-fn rate_limit_headers_are_named_and_written_exactly() {
-    let state = RateLimitState::new;
-    let mut headers = HeaderMap::new();
-    headers.insert("x-request-id", HeaderValue::from_static("r1"));
-    write_rate_limit_headers(
-        vec![
-            state(
-                LimitKind::TokensPerDay,
-                10_000,
-                0,
-                Duration::from_millis(1_200),
-            ),
-            state(LimitKind::RequestsPerMinute, u64::MAX, 7, Duration::ZERO),
-        ],
-        &mut headers,
-    );
-    let as_pairs: Vec<(String, String)> = headers
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
-        .collect();
-    assert_eq!(
-        as_pairs,
-        [
-            ("x-request-id".into(), "r1".into()),
-            ("x-ratelimit-limit-tokens-day".into(), "10000".into()),
-            ("x-ratelimit-remaining-tokens-day".into(), "0".into()),
-            ("x-ratelimit-reset-tokens-day".into(), "2s".into()),
-            (
-                "x-ratelimit-limit-requests".into(),
-                "18446744073709551615".into()
-            ),
-            ("x-ratelimit-remaining-requests".into(), "7".into()),
-            ("x-ratelimit-reset-requests".into(), "0s".into()),
-        ]
-    );
+fn whole_seconds_round_up() {
     for (d, want) in [
         (Duration::ZERO, 0),
         (Duration::from_secs(60), 60),
         (Duration::from_nanos(1), 1),
+        (Duration::from_millis(1_200), 2),
         (Duration::from_secs(u64::MAX), u64::MAX),
         (Duration::MAX, u64::MAX),
     ] {
         assert_eq!(whole_seconds(d), want);
-    }
-    for kind in LimitKind::ALL {
-        let [limit, remaining, reset] = kind.header_names();
-        assert_eq!(
-            limit.as_str(),
-            format!("x-ratelimit-limit-{}", kind.header_suffix())
-        );
-        assert_eq!(
-            remaining.as_str(),
-            format!("x-ratelimit-remaining-{}", kind.header_suffix())
-        );
-        assert_eq!(
-            reset.as_str(),
-            format!("x-ratelimit-reset-{}", kind.header_suffix())
-        );
     }
 }
 

@@ -1,10 +1,12 @@
-//! A minimal HTTP/1.1 client for the supervisor's own calls to a local replica (`/health`,
-//! `/v1/models`, `/metrics`, the LoRA endpoints): one request per connection, and a refused
-//! connection told apart from other failures (while vLLM loads, nothing listens).
+//! The supervisor's own calls to a local replica (`/health`, `/v1/models`, `/metrics`, the LoRA
+//! endpoints): hyper's HTTP/1.1 client, one request per connection, with a refused connection
+//! told apart from other failures (while vLLM loads, nothing listens).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// Why a call got no answer.
@@ -62,106 +64,95 @@ async fn exchange(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<Answer, ProbeError> {
-    let mut conn = TcpStream::connect(addr).await.map_err(|e| {
+    let failed = |what: &str, e: &dyn std::fmt::Display| ProbeError::Failed(format!("{what}: {e}"));
+    let conn = TcpStream::connect(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
             ProbeError::Refused
         } else {
-            ProbeError::Failed(format!("cannot connect: {e}"))
+            failed("cannot connect", &e)
         }
     })?;
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n");
-    if let Some(b) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    request.push_str("\r\n");
-    let io = |e: std::io::Error| ProbeError::Failed(e.to_string());
-    conn.write_all(request.as_bytes()).await.map_err(io)?;
-    if let Some(b) = body {
-        conn.write_all(b).await.map_err(io)?;
-    }
-    let mut raw = Vec::new();
-    conn.take(MAX_BODY as u64 + 16 * 1024)
-        .read_to_end(&mut raw)
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
         .await
-        .map_err(io)?;
-    parse_response(&raw)
-}
-
-/// Status and body of a whole HTTP/1.1 response (`Content-Length`, chunked, or to the end).
-fn parse_response(raw: &[u8]) -> Result<Answer, ProbeError> {
-    let bad = |why: &str| ProbeError::Failed(format!("bad HTTP response: {why}"));
-    let head_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..head_end]).map_err(|_| bad("headers not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim(), v.trim());
-            if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k.eq_ignore_ascii_case("content-length") {
-                length = v.parse::<usize>().ok();
-            }
-        }
+        .map_err(|e| failed("HTTP handshake", &e))?;
+    // The connection is driven here until the answer is read, then dropped (closed).
+    let driver = tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr)
+        .header(http::header::ACCEPT, "*/*");
+    if body.is_some() {
+        request = request.header(http::header::CONTENT_TYPE, "application/json");
     }
-    let rest = &raw[head_end + 4..];
-    let body = if chunked {
-        dechunk(rest).ok_or_else(|| bad("broken chunked body"))?
-    } else {
-        match length {
-            Some(n) if n <= rest.len() => rest[..n].to_vec(),
-            Some(_) => return Err(bad("body shorter than its Content-Length")),
-            None => rest.to_vec(),
-        }
-    };
-    Ok(Answer { status, body })
-}
-
-fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Some(body);
-        }
-        body.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+        .map_err(|e| failed("bad request", &e))?;
+    let answer = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| failed("no answer", &e))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| failed("body not read", &e))?
+            .to_bytes()
+            .to_vec();
+        Ok(Answer { status, body })
     }
+    .await;
+    driver.abort();
+    answer
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_lengths_chunks_and_bodies_to_the_end() {
-        let a = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA").unwrap();
+    /// A one-shot server on loopback that answers `response` as written.
+    async fn serve_once(response: &'static [u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 4096];
+            let _ = conn.read(&mut head).await;
+            conn.write_all(response).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn reads_lengths_chunks_and_statuses() {
+        let t = Duration::from_secs(5);
+        let addr = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let a = get(&addr, "/health", t).await.unwrap();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
-        let a = parse_response(
+        let addr = serve_once(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         )
-        .unwrap();
+        .await;
+        let a = post_json(&addr, "/v1/load_lora_adapter", b"{}", t)
+            .await
+            .unwrap();
         assert_eq!(a.body, b"abcde");
-        let a = parse_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").unwrap();
+        let addr =
+            serve_once(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").await;
+        let a = get(&addr, "/health", t).await.unwrap();
         assert_eq!((a.status, a.body.len()), (503, 0));
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
+        let addr = serve_once(b"garbage\r\n\r\n").await;
+        assert!(matches!(
+            get(&addr, "/health", t).await,
+            Err(ProbeError::Failed(_))
+        ));
+        let addr = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").await;
+        assert!(matches!(
+            get(&addr, "/metrics", t).await,
+            Err(ProbeError::Failed(_))
+        ));
     }
 
     #[tokio::test]

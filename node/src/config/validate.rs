@@ -1,0 +1,597 @@
+//! A [`RawConfig`] checked, section by section, into a [`Config`]: every problem is collected
+//! with its field path and reported at once. Providers and aliases are checked in
+//! `providers.rs`, `[[vllm]]` groups in `vllm.rs`.
+
+use super::*;
+
+pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut e = Errors::default();
+
+    let addr = |e: &mut Errors, path: &str, v: Option<&String>, default: &str| {
+        let s = v.map_or(default, String::as_str);
+        s.parse::<SocketAddr>().unwrap_or_else(|_| {
+            e.push(
+                path,
+                format!("{s:?} is not a socket address like 127.0.0.1:8080"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    };
+
+    let node = NodeConfig {
+        id: match raw.node.id {
+            None => 1,
+            Some(id) if id >= 1 => id as u64,
+            Some(id) => {
+                e.push("node.id", format!("must be a positive integer, got {id}"));
+                1
+            }
+        },
+        region: raw.node.region.unwrap_or_else(|| "local".into()),
+        data_dir: PathBuf::from(
+            raw.node
+                .data_dir
+                .unwrap_or_else(|| "./meridian-data".into()),
+        ),
+    };
+    if node.region.is_empty() {
+        e.push("node.region", "must not be empty");
+    }
+    let rd = RaftTimings::default();
+    let c = &raw.cluster;
+    let raft = RaftTimings {
+        heartbeat: duration(
+            &mut e,
+            "cluster.heartbeat",
+            c.heartbeat.as_ref(),
+            rd.heartbeat,
+        ),
+        election_min: duration(
+            &mut e,
+            "cluster.election_timeout_min",
+            c.election_timeout_min.as_ref(),
+            rd.election_min,
+        ),
+        election_max: duration(
+            &mut e,
+            "cluster.election_timeout_max",
+            c.election_timeout_max.as_ref(),
+            rd.election_max,
+        ),
+        snapshot_every: u64::from(int(
+            &mut e,
+            "cluster.snapshot_every",
+            c.snapshot_every,
+            10_000,
+            10,
+            100_000_000,
+        )),
+        keep_after_snapshot: u64::from(int(
+            &mut e,
+            "cluster.keep_after_snapshot",
+            c.keep_after_snapshot,
+            1_000,
+            0,
+            100_000_000,
+        )),
+    };
+    if raft.election_min <= raft.heartbeat {
+        e.push(
+            "cluster.election_timeout_min",
+            "must be longer than cluster.heartbeat",
+        );
+    }
+    if raft.election_max <= raft.election_min {
+        e.push(
+            "cluster.election_timeout_max",
+            "must be longer than cluster.election_timeout_min",
+        );
+    }
+    let cluster = if c.peers.is_empty() && !c.join {
+        None
+    } else {
+        let mut peers = Vec::new();
+        for (i, p) in c.peers.iter().enumerate() {
+            let parsed = p.split_once('@').and_then(|(id, addr)| {
+                Some((id.parse::<u64>().ok()?, addr.parse::<SocketAddr>().ok()?))
+            });
+            match parsed {
+                Some((id, _)) if id == node.id => {
+                    e.push(format!("cluster.peers[{i}]"), "lists this node itself");
+                }
+                Some(peer) => peers.push(peer),
+                None => e.push(
+                    format!("cluster.peers[{i}]"),
+                    format!("{p:?} is not ID@HOST:PORT (e.g. 2@10.0.0.2:7000)"),
+                ),
+            }
+        }
+        let listen = addr(
+            &mut e,
+            "cluster.listen",
+            c.listen.as_ref(),
+            "127.0.0.1:7000",
+        );
+        let advertise = match &c.advertise {
+            Some(_) => addr(&mut e, "cluster.advertise", c.advertise.as_ref(), ""),
+            None => listen,
+        };
+        if advertise.ip().is_unspecified() {
+            e.push(
+                if c.advertise.is_some() {
+                    "cluster.advertise"
+                } else {
+                    "cluster.listen"
+                },
+                format!(
+                    "{advertise} is not an address peers can reach; set cluster.advertise to this node's address"
+                ),
+            );
+        }
+        let certs_dir = PathBuf::from(
+            c.certs_dir
+                .clone()
+                .unwrap_or_else(|| "./meridian-certs".into()),
+        );
+        for file in [
+            "ca.crt".to_owned(),
+            format!("node-{}.crt", node.id),
+            format!("node-{}.key", node.id),
+        ] {
+            if !certs_dir.join(&file).exists() {
+                e.push(
+                    "cluster.certs_dir",
+                    format!(
+                        "{} has no {file} (create it with `meridian certs init` and `meridian certs issue {}`)",
+                        certs_dir.display(),
+                        node.id
+                    ),
+                );
+            }
+        }
+        let mesh_listen = match &c.mesh_listen {
+            Some(_) => addr(&mut e, "cluster.mesh_listen", c.mesh_listen.as_ref(), ""),
+            None => SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)),
+        };
+        let mesh_advertise = SocketAddr::new(advertise.ip(), mesh_listen.port());
+        let mesh_cookie = match &c.mesh_cookie_env {
+            None => None,
+            Some(var) => match env.get(var) {
+                Some(v) if v.len() >= 16 => Some(Secret(v)),
+                Some(_) => {
+                    e.push(
+                        "cluster.mesh_cookie_env",
+                        format!("${var} must hold at least 16 characters"),
+                    );
+                    None
+                }
+                None => {
+                    e.push("cluster.mesh_cookie_env", format!("${var} is not set"));
+                    None
+                }
+            },
+        };
+        Some(ClusterPeers {
+            listen,
+            advertise,
+            certs_dir,
+            peers,
+            join: c.join,
+            mesh_listen,
+            mesh_advertise,
+            mesh_cookie,
+        })
+    };
+    let http = HttpConfig {
+        listen: addr(
+            &mut e,
+            "http.listen",
+            raw.http.listen.as_ref(),
+            "127.0.0.1:8080",
+        ),
+        max_body_bytes: int(
+            &mut e,
+            "http.max_body_bytes",
+            raw.http.max_body_bytes,
+            4 * 1024 * 1024,
+            1024,
+            i64::from(u32::MAX),
+        ) as usize,
+        header_read_timeout: duration(
+            &mut e,
+            "http.header_read_timeout",
+            raw.http.header_read_timeout.as_ref(),
+            Duration::from_secs(10),
+        ),
+        sse_heartbeat: duration(
+            &mut e,
+            "http.sse_heartbeat",
+            raw.http.sse_heartbeat.as_ref(),
+            Duration::from_secs(15),
+        ),
+    };
+    let grpc_listen = addr(
+        &mut e,
+        "grpc.listen",
+        raw.grpc.listen.as_ref(),
+        "127.0.0.1:50051",
+    );
+    let admin_listen = addr(
+        &mut e,
+        "admin.listen",
+        raw.admin.listen.as_ref(),
+        "127.0.0.1:50052",
+    );
+    let admin_token = match &raw.admin.token_env {
+        None => None,
+        Some(var) => match env.get(var) {
+            Some(v) if v.len() >= 32 => Some(Secret(v)),
+            Some(_) => {
+                e.push(
+                    "admin.token_env",
+                    format!("${var} must hold at least 32 characters"),
+                );
+                None
+            }
+            None => {
+                e.push("admin.token_env", format!("${var} is not set"));
+                None
+            }
+        },
+    };
+    let mut quota = QuotaConfig::default();
+    let quota_duration = |e: &mut Errors, field: &str, v: Option<&String>, into: &mut Duration| {
+        if let Some(v) = v {
+            match parse_duration(v) {
+                Ok(d) if !d.is_zero() => *into = d,
+                Ok(_) => e.push(format!("quota.{field}"), "must be longer than 0"),
+                Err(m) => e.push(format!("quota.{field}"), m),
+            }
+        }
+    };
+    quota_duration(
+        &mut e,
+        "flush_every",
+        raw.quota.flush_every.as_ref(),
+        &mut quota.flush_every,
+    );
+    quota_duration(
+        &mut e,
+        "grant_ttl",
+        raw.quota.grant_ttl.as_ref(),
+        &mut quota.grant_ttl,
+    );
+    quota_duration(
+        &mut e,
+        "grant_wait",
+        raw.quota.grant_wait.as_ref(),
+        &mut quota.grant_wait,
+    );
+    quota.state_dir = Some(node.data_dir.clone());
+    // Shares are split among at least the initial voters, even before all have registered.
+    quota.min_nodes = raw.cluster.peers.len() as u64 + 1;
+    match raw.quota.static_share {
+        None => {}
+        Some(f) if (0.0..=1.0).contains(&f) => quota.static_share = f,
+        Some(f) => e.push("quota.static_share", format!("{f} is not between 0 and 1")),
+    }
+    match raw.quota.usage_retention_days {
+        None => {}
+        Some(days @ 1..=3660) => quota.usage_retention_days = days as u64,
+        Some(days) => e.push(
+            "quota.usage_retention_days",
+            format!("{days} is not between 1 and 3660"),
+        ),
+    }
+    for (limit, policy) in &raw.quota.no_quorum {
+        let path = format!("quota.no_quorum.{limit}");
+        let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == limit) else {
+            e.push(
+                path,
+                "is not a limit (requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month)",
+            );
+            continue;
+        };
+        match policy.as_str() {
+            "deny" => {
+                quota.no_quorum.insert(kind, NoQuorum::Deny);
+            }
+            "local_share" => {
+                quota.no_quorum.insert(kind, NoQuorum::LocalShare);
+            }
+            other => e.push(
+                path,
+                format!("{other:?} is not \"deny\" or \"local_share\""),
+            ),
+        }
+    }
+    let jwt = raw.jwt.as_ref().and_then(|j| {
+        let mut required = |field: &str, v: &Option<String>| match v {
+            Some(s) if !s.is_empty() => s.clone(),
+            _ => {
+                e.push(format!("jwt.{field}"), "is required when [jwt] is set");
+                String::new()
+            }
+        };
+        let issuer = required("issuer", &j.issuer);
+        let audience = required("audience", &j.audience);
+        let leeway = match j.leeway.as_deref().map(parse_duration) {
+            None => Duration::from_secs(30),
+            Some(Ok(d)) => d,
+            Some(Err(m)) => {
+                e.push("jwt.leeway", m);
+                Duration::from_secs(30)
+            }
+        };
+        let hs256_secret = match &j.hs256_secret_env {
+            None => None,
+            Some(var) => match env.get(var) {
+                Some(v) if v.len() >= 32 => Some(v.into_bytes()),
+                Some(_) => {
+                    e.push(
+                        "jwt.hs256_secret_env",
+                        format!("${var} must hold at least 32 bytes"),
+                    );
+                    None
+                }
+                None => {
+                    e.push("jwt.hs256_secret_env", format!("${var} is not set"));
+                    None
+                }
+            },
+        };
+        let jwks = match &j.jwks_file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => Some(text),
+                Err(err) => {
+                    e.push("jwt.jwks_file", format!("cannot read {path}: {err}"));
+                    None
+                }
+            },
+        };
+        let settings = JwtSettings {
+            issuer,
+            audience,
+            leeway,
+            hs256_secret,
+            jwks,
+            tenant_claim: j.tenant_claim.clone().unwrap_or_else(|| "tenant".into()),
+            tier_claim: j.tier_claim.clone(),
+        };
+        match JwtVerifier::new(settings) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(m) => {
+                let field = if j.jwks_file.is_some() {
+                    "jwt.jwks_file"
+                } else {
+                    "jwt"
+                };
+                e.push(field, m);
+                None
+            }
+        }
+    });
+    let mut prices = std::collections::HashMap::new();
+    for (i, p) in raw.prices.iter().enumerate() {
+        let at = |f: &str| format!("prices[{i}].{f}");
+        let usd = |e: &mut Errors, f: &str, v: Option<f64>| match v {
+            Some(x) if x.is_finite() && (0.0..=1e6).contains(&x) => x,
+            Some(x) => {
+                e.push(
+                    at(f),
+                    format!("{x} is not a price between 0 and 1000000 USD per million tokens"),
+                );
+                0.0
+            }
+            None => {
+                e.push(at(f), "is required");
+                0.0
+            }
+        };
+        let price = Price {
+            input_usd_per_mtok: usd(&mut e, "input_usd_per_mtok", p.input_usd_per_mtok),
+            output_usd_per_mtok: usd(&mut e, "output_usd_per_mtok", p.output_usd_per_mtok),
+        };
+        match p.model.as_deref() {
+            Some(m) if !m.is_empty() => {
+                if prices.insert(m.to_owned(), price).is_some() {
+                    e.push(at("model"), format!("{m:?} is priced twice"));
+                }
+            }
+            _ => e.push(at("model"), "is required"),
+        }
+    }
+    let cache = if raw.cache.enabled.unwrap_or(true) {
+        let mut c = CacheConfig::default();
+        match raw.cache.max_entries {
+            None => {}
+            Some(n) if (0..=10_000_000).contains(&n) => c.max_entries = n as usize,
+            Some(n) => e.push(
+                "cache.max_entries",
+                format!("must be between 0 and 10000000, got {n}"),
+            ),
+        }
+        if let Some(t) = &raw.cache.ttl {
+            match parse_duration(t) {
+                Ok(d) if !d.is_zero() => c.ttl = d,
+                Ok(_) => e.push("cache.ttl", "must be longer than 0"),
+                Err(m) => e.push("cache.ttl", m),
+            }
+        }
+        Some(c)
+    } else {
+        None
+    };
+    let breaker = {
+        let b = &raw.breaker;
+        let d = BreakerConfig::default();
+        let rate = |e: &mut Errors, path: &str, v: Option<f64>, default: f64| match v {
+            None => default,
+            Some(r) if (0.0..=1.0).contains(&r) && r > 0.0 => r,
+            Some(r) => {
+                e.push(path, format!("must be in (0, 1], got {r}"));
+                default
+            }
+        };
+        let c = BreakerConfig {
+            consecutive_failures: int(
+                &mut e,
+                "breaker.consecutive_failures",
+                b.consecutive_failures,
+                d.consecutive_failures,
+                1,
+                1_000_000,
+            ),
+            error_rate: rate(&mut e, "breaker.error_rate", b.error_rate, d.error_rate),
+            min_calls: int(
+                &mut e,
+                "breaker.min_calls",
+                b.min_calls,
+                d.min_calls,
+                1,
+                1_000_000,
+            ),
+            window: duration(&mut e, "breaker.window", b.window.as_ref(), d.window),
+            slow_call: duration(
+                &mut e,
+                "breaker.slow_call",
+                b.slow_call.as_ref(),
+                d.slow_call,
+            ),
+            slow_rate: rate(&mut e, "breaker.slow_rate", b.slow_rate, d.slow_rate),
+            open_base: duration(
+                &mut e,
+                "breaker.open_base",
+                b.open_base.as_ref(),
+                d.open_base,
+            ),
+            open_max: duration(&mut e, "breaker.open_max", b.open_max.as_ref(), d.open_max),
+            probes: int(&mut e, "breaker.probes", b.probes, d.probes, 1, 1_000),
+            probe_grace: duration(
+                &mut e,
+                "breaker.probe_grace",
+                b.probe_grace.as_ref(),
+                d.probe_grace,
+            ),
+        };
+        if c.open_max < c.open_base {
+            e.push(
+                "breaker.open_max",
+                "must not be shorter than breaker.open_base",
+            );
+        }
+        c
+    };
+    let auth = AuthConfig {
+        enabled: raw.auth.enabled.unwrap_or(true),
+        dev_key: raw.auth.dev_key.unwrap_or(true),
+    };
+    let mut seen = HashSet::new();
+    for (path, a) in [
+        ("http.listen", http.listen),
+        ("grpc.listen", grpc_listen),
+        ("admin.listen", admin_listen),
+    ] {
+        if a.port() != 0 && !seen.insert(a) {
+            e.push(path, format!("{a} is already used by another listener"));
+        }
+    }
+    let defaults = RequestLimits::default();
+    let limits = RequestLimits {
+        max_messages: int(
+            &mut e,
+            "limits.max_messages",
+            raw.limits.max_messages,
+            u32::try_from(defaults.max_messages).unwrap_or(u32::MAX),
+            1,
+            1_000_000,
+        ) as usize,
+        max_output_tokens: int(
+            &mut e,
+            "limits.max_output_tokens",
+            raw.limits.max_output_tokens,
+            defaults.max_output_tokens,
+            1,
+            10_000_000,
+        ),
+        max_n: int(
+            &mut e,
+            "limits.max_n",
+            raw.limits.max_n,
+            defaults.max_n,
+            1,
+            128,
+        ),
+    };
+    let drain_timeout = duration(
+        &mut e,
+        "shutdown.drain_timeout",
+        raw.shutdown.drain_timeout.as_ref(),
+        Duration::from_secs(30),
+    );
+
+    if raw.providers.is_empty() && raw.vllm.is_empty() {
+        e.push(
+            "providers",
+            "at least one provider (or a [[vllm]] section) is required",
+        );
+    }
+    let providers = providers::validate(&mut e, raw.providers, env, &node.region);
+    let listeners: Vec<(String, u16)> = [
+        ("http.listen", http.listen),
+        ("grpc.listen", grpc_listen),
+        ("admin.listen", admin_listen),
+    ]
+    .iter()
+    .filter(|(_, a)| a.port() != 0)
+    .map(|(name, a)| ((*name).to_owned(), a.port()))
+    .collect();
+    let vllm = vllm::validate(
+        &mut e,
+        &raw.vllm,
+        &node.region,
+        &listeners,
+        cluster.is_some(),
+    );
+    let served: HashSet<&str> = providers
+        .iter()
+        .flat_map(|p| p.models.iter().map(|m| m.name.as_str()))
+        .chain(vllm.iter().flat_map(|g| {
+            g.served_names
+                .iter()
+                .chain(g.lora_modules.iter().map(|l| &l.name))
+                .map(String::as_str)
+        }))
+        .collect();
+    let aliases = providers::aliases(&mut e, &raw.aliases, &served);
+
+    if !e.0.is_empty() {
+        return Err(ConfigError { errors: e.0 });
+    }
+    Ok(Config {
+        aliases,
+        node,
+        http,
+        grpc_listen,
+        admin_listen,
+        admin_token,
+        auth,
+        quota,
+        jwt,
+        prices,
+        cache,
+        breaker,
+        limits,
+        drain_timeout,
+        providers,
+        raft,
+        cluster,
+        vllm,
+        nvidia_smi: raw
+            .gpus
+            .nvidia_smi
+            .clone()
+            .unwrap_or_else(|| "nvidia-smi".into()),
+    })
+}
