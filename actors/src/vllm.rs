@@ -338,6 +338,20 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Stri
     ))
 }
 
+/// Why a command to a replica was not done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No replica by that name on this node.
+    #[error("no replica {name:?} on this node (replicas: {known})")]
+    NoSuchReplica { name: String, known: String },
+    /// Not possible in the replica's state or configuration, or the engine refused it.
+    #[error("{0}")]
+    Refused(String),
+    /// The actor that should have answered did not (it stopped, or took too long).
+    #[error("{0} did not answer")]
+    NoAnswer(&'static str),
+}
+
 /// Where a replica is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaState {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_actors::mesh::Mesh;
+use meridian_actors::vllm::ControlError;
 
 use meridian_actors::Gateway;
 use meridian_actors::auth;
@@ -725,14 +726,15 @@ fn with_changes<T: serde::Serialize>(
     Ok(answer)
 }
 
-/// A replica command's outcome: what was done, or why not (an unknown replica is NOT_FOUND).
+/// A replica command's outcome: what was done, or why not.
 fn replica_answer(
-    outcome: Result<String, String>,
+    outcome: Result<String, ControlError>,
 ) -> Result<Response<pb::ControlReplicaResponse>, Status> {
     match outcome {
         Ok(message) => Ok(Response::new(pb::ControlReplicaResponse { message })),
-        Err(e) if e.starts_with("no replica") => Err(Status::not_found(e)),
-        Err(e) => Err(Status::failed_precondition(e)),
+        Err(e @ ControlError::NoSuchReplica { .. }) => Err(Status::not_found(e.to_string())),
+        Err(e @ ControlError::Refused(_)) => Err(Status::failed_precondition(e.to_string())),
+        Err(e @ ControlError::NoAnswer(_)) => Err(Status::unavailable(e.to_string())),
     }
 }
 

@@ -25,7 +25,6 @@ use meridian_cluster::raft::RaftTimings;
 use meridian_proto::cluster::ProviderPrice;
 use meridian_proto::openai::RequestLimits;
 
-
 /// Prefix of environment variables that override configuration fields. Only names of the form
 /// `MERIDIAN_SECTION__FIELD` are overrides; others with the prefix (`MERIDIAN_LOG`) are not.
 pub const ENV_PREFIX: &str = "MERIDIAN_";

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::metrics::EngineMetrics;
 use super::process::{self, LogRing};
 use super::supervisor::{Board, VllmStats};
-use super::{ReplicaState, ReplicaStatus, VllmGroup, probe};
+use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup, probe};
 use crate::gateway::Gateway;
 use crate::provider::ModelRoute;
 
@@ -76,12 +76,12 @@ pub enum VllmMsg {
         incarnation: u64,
         metrics: EngineMetrics,
     },
-    Control(Control, RpcReplyPort<Result<String, String>>),
+    Control(Control, RpcReplyPort<Result<String, ControlError>>),
     /// Load (`path: Some`) or unload a LoRA adapter at run time.
     Lora {
         name: String,
         path: Option<String>,
-        reply: RpcReplyPort<Result<String, String>>,
+        reply: RpcReplyPort<Result<String, ControlError>>,
     },
     /// The replica of `incarnation` answered a LoRA call (made off the actor, so a slow load
     /// never delays the handling of an exit or a failed health check): route by it.
@@ -89,8 +89,8 @@ pub enum VllmMsg {
         incarnation: u64,
         name: String,
         path: Option<String>,
-        answer: Result<String, String>,
-        reply: RpcReplyPort<Result<String, String>>,
+        answer: Result<String, ControlError>,
+        reply: RpcReplyPort<Result<String, ControlError>>,
     },
 }
 
@@ -244,13 +244,15 @@ impl Actor for VllmActor {
                 reply,
             } => {
                 let answer = match answer {
-                    Ok(text) if incarnation == r.incarnation && r.state == ReplicaState::Ready => {
-                        r.lora_applied(name, path.is_some()).await.map(|()| text)
-                    }
-                    Ok(_) => Err(format!(
+                    Ok(text) if incarnation == r.incarnation && r.state == ReplicaState::Ready => r
+                        .lora_applied(name, path.is_some())
+                        .await
+                        .map(|()| text)
+                        .map_err(ControlError::Refused),
+                    Ok(_) => Err(ControlError::Refused(format!(
                         "{} restarted or stopped meanwhile; its adapters are those it launched with",
                         r.a.name
-                    )),
+                    ))),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(answer);
@@ -499,7 +501,7 @@ impl Replica {
         &mut self,
         control: Control,
         myself: &ActorRef<VllmMsg>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ControlError> {
         use ReplicaState as S;
         let name = self.a.name.clone();
         match (control, self.state) {
@@ -548,10 +550,12 @@ impl Replica {
                 self.relaunch = true;
                 Ok(format!("{name}: restarts once stopped"))
             }
-            (Control::Start, _) | (Control::Restart, S::Restarting) => Err(format!(
-                "{name} is {} already; drain or stop it first",
-                self.state.as_str()
-            )),
+            (Control::Start, _) | (Control::Restart, S::Restarting) => {
+                Err(ControlError::Refused(format!(
+                    "{name} is {} already; drain or stop it first",
+                    self.state.as_str()
+                )))
+            }
             (Control::Drain | Control::Stop, S::Draining | S::Stopping) => {
                 Ok(format!("{name}: {} already", self.state.as_str()))
             }
@@ -564,22 +568,22 @@ impl Replica {
         &mut self,
         name: String,
         path: Option<String>,
-        reply: RpcReplyPort<Result<String, String>>,
+        reply: RpcReplyPort<Result<String, ControlError>>,
         myself: &ActorRef<VllmMsg>,
     ) {
         if !self.a.group.lora_runtime {
-            let _ = reply.send(Err(format!(
+            let _ = reply.send(Err(ControlError::Refused(format!(
                 "group {} does not allow runtime LoRA updates (set lora_runtime = true)",
                 self.a.group.id
-            )));
+            ))));
             return;
         }
         if self.state != ReplicaState::Ready {
-            let _ = reply.send(Err(format!(
+            let _ = reply.send(Err(ControlError::Refused(format!(
                 "{} is {}, not ready",
                 self.a.name,
                 self.state.as_str()
-            )));
+            ))));
             return;
         }
         let addr = format!("{}:{}", self.a.group.host_for_probes(), self.a.port);
@@ -604,12 +608,12 @@ impl Replica {
             .await
             {
                 Ok(a) if a.status == 200 => Ok(String::from_utf8_lossy(&a.body).into_owned()),
-                Ok(a) => Err(format!(
+                Ok(a) => Err(ControlError::Refused(format!(
                     "{endpoint} answered {}: {}",
                     a.status,
                     String::from_utf8_lossy(&a.body)
-                )),
-                Err(e) => Err(format!("{endpoint}: {e}")),
+                ))),
+                Err(e) => Err(ControlError::Refused(format!("{endpoint}: {e}"))),
             };
             let _ = me.cast(VllmMsg::LoraDone {
                 incarnation,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::actor::{Control, ReplicaArgs, VllmActor, VllmMsg};
 use super::gpu::{self, Discovery};
-use super::{ReplicaState, ReplicaStatus, VllmGroup};
+use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup};
 use crate::gateway::Gateway;
 
 /// What every replica looks like now, as its actor last published it (with when it entered its
@@ -48,7 +48,7 @@ pub enum VllmSupervisorMsg {
     ToReplica {
         replica: String,
         request: ReplicaRequest,
-        reply: RpcReplyPort<Result<String, String>>,
+        reply: RpcReplyPort<Result<String, ControlError>>,
     },
     /// Look at load and scale (a timer sends it every group's `autoscale.interval`).
     Autoscale,
@@ -273,11 +273,11 @@ impl Actor for VllmSupervisor {
 
 async fn ask(
     actor: &ActorRef<VllmMsg>,
-    msg: impl FnOnce(RpcReplyPort<Result<String, String>>) -> VllmMsg,
-) -> Result<String, String> {
+    msg: impl FnOnce(RpcReplyPort<Result<String, ControlError>>) -> VllmMsg,
+) -> Result<String, ControlError> {
     match actor.call(msg, Some(Duration::from_secs(150))).await {
         Ok(ractor::rpc::CallResult::Success(answer)) => answer,
-        Ok(_) | Err(_) => Err("the replica's actor did not answer".into()),
+        Ok(_) | Err(_) => Err(ControlError::NoAnswer("the replica's actor")),
     }
 }
 
@@ -289,16 +289,16 @@ impl SupervisorState {
             .find(|s| s.name == name)
     }
 
-    fn unknown(&self, name: &str) -> String {
+    fn unknown(&self, name: &str) -> ControlError {
         let known: Vec<&str> = self
             .groups
             .iter()
             .flat_map(|g| g.slots.values().map(|s| s.name.as_str()))
             .collect();
-        format!(
-            "no replica {name:?} on this node (replicas: {})",
-            known.join(", ")
-        )
+        ControlError::NoSuchReplica {
+            name: name.to_owned(),
+            known: known.join(", "),
+        }
     }
 
     /// Starts a replica of group `gi` in its lowest free slot, on GPUs no other replica of the
@@ -561,7 +561,7 @@ impl Vllm {
     }
 
     /// Drains, stops, starts or restarts one replica; says what it did, or why not.
-    pub async fn control(&self, replica: &str, control: Control) -> Result<String, String> {
+    pub async fn control(&self, replica: &str, control: Control) -> Result<String, ControlError> {
         self.to_replica(replica, ReplicaRequest::Control(control))
             .await
     }
@@ -572,7 +572,7 @@ impl Vllm {
         replica: &str,
         name: &str,
         path: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ControlError> {
         let request = ReplicaRequest::Lora {
             name: name.to_owned(),
             path: path.map(str::to_owned),
@@ -580,7 +580,11 @@ impl Vllm {
         self.to_replica(replica, request).await
     }
 
-    async fn to_replica(&self, replica: &str, request: ReplicaRequest) -> Result<String, String> {
+    async fn to_replica(
+        &self,
+        replica: &str,
+        request: ReplicaRequest,
+    ) -> Result<String, ControlError> {
         let replica = replica.to_owned();
         match self
             .actor
@@ -595,7 +599,7 @@ impl Vllm {
             .await
         {
             Ok(ractor::rpc::CallResult::Success(a)) => a,
-            _ => Err("the vLLM supervisor did not answer".into()),
+            _ => Err(ControlError::NoAnswer("the vLLM supervisor")),
         }
     }
 

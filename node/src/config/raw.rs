@@ -1,7 +1,6 @@
 //! The configuration as written: TOML sections and fields as they parse, every field optional
 //! and unknown ones refused. [`super::validate`] turns this into a [`super::Config`].
 
-
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
