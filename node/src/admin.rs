@@ -743,6 +743,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_replica_commands_failure_maps_to_its_code() {
+        let code = |e| replica_answer(Err(e)).unwrap_err().code();
+        let missing = ControlError::NoSuchReplica {
+            name: "x-0".into(),
+            known: "llama-0".into(),
+        };
+        assert_eq!(code(missing), tonic::Code::NotFound);
+        assert_eq!(
+            code(ControlError::Refused("llama-0 is ready already".into())),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ControlError::NoAnswer("the vLLM supervisor")),
+            tonic::Code::Unavailable
+        );
+        let done = replica_answer(Ok("llama-0: draining".into())).unwrap();
+        assert_eq!(done.get_ref().message, "llama-0: draining");
+    }
+
+    #[test]
     fn pages_cover_a_section_once_in_order_and_stay_small() {
         let mut table: Table<String, String> = Table::new();
         for i in 0..2_500 {
