@@ -37,6 +37,15 @@ impl std::fmt::Debug for NewKey {
     }
 }
 
+/// The credentials a client presented, as they came.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// `Authorization` (`Bearer …`).
+    pub authorization: Option<&'a str>,
+    /// `X-API-Key`.
+    pub api_key: Option<&'a str>,
+}
+
 /// Makes a new key from the OS random source.
 pub fn generate_key() -> Result<NewKey, String> {
     let mut id = [0u8; ID_HEX / 2];

@@ -30,7 +30,8 @@ use meridian_proto::cluster::{
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
-use crate::gateway::Replicated;
+use crate::policy::Gate;
+use crate::replicated::Replicated;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
@@ -85,17 +86,6 @@ fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// What a breaker's replicated record means for one node's routing right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
-    /// Route normally.
-    Closed,
-    /// Do not route here.
-    Open,
-    /// Half-open and this node is a prober: a few requests may go, to test it.
-    Probe,
 }
 
 /// The gate for `record` at `now` on node `me` (pure; see the module docs).

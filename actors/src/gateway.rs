@@ -7,16 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use meridian_proto::cluster::{
-    Applied, ClusterState, Command, Limits, NodeId, ProviderRecord, UsageTotals,
-};
+use meridian_proto::cluster::{ClusterState, Command, Limits, NodeId, ProviderRecord, UsageTotals};
 use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::Credentials;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
 use crate::breaker::{Breaker, BreakerActor, BreakerArgs, BreakerConfig, BreakerMsg, BreakerStats};
@@ -25,10 +23,10 @@ use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::{Price, Tokenizer};
-use crate::pipeline::Credentials;
 use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
+use crate::replicated::Replicated;
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
@@ -80,29 +78,6 @@ impl GatewayConfig {
             aliases: HashMap::new(),
             awaited_models: Vec::new(),
         }
-    }
-}
-
-/// Proposes commands to the cluster (the node's Raft member; a follower forwards to the leader).
-pub trait Proposer: Send + Sync + 'static {
-    /// Resolves once the command is committed and applied, or with why it was not.
-    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>>;
-}
-
-/// The actors' view of the replicated state: they read the applied state from a `watch` (the
-/// hot path never waits on Raft) and change it only by proposing commands.
-#[derive(Clone)]
-pub struct Replicated {
-    pub node_id: NodeId,
-    pub state: watch::Receiver<Arc<ClusterState>>,
-    pub proposer: Arc<dyn Proposer>,
-}
-
-impl std::fmt::Debug for Replicated {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replicated")
-            .field("node_id", &self.node_id)
-            .finish_non_exhaustive()
     }
 }
 

@@ -20,19 +20,11 @@ use meridian_proto::openai::ChatRequest;
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
+pub use crate::auth::Credentials;
 use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 use crate::gateway::Gateway;
 use crate::policy::Complexity;
 use crate::quota::RateLimitState;
-
-/// The credentials a client presented, as they came.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Credentials<'a> {
-    /// `Authorization` (`Bearer …`).
-    pub authorization: Option<&'a str>,
-    /// `X-API-Key`.
-    pub api_key: Option<&'a str>,
-}
 
 /// What the client asked of Meridian itself, beside the request (the `X-Meridian-*` headers,
 /// or their gRPC metadata).

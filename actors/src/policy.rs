@@ -66,7 +66,16 @@ pub struct Candidate<'a> {
     pub affinity: Option<&'a str>,
 }
 
-pub use crate::breaker::Gate;
+/// What a breaker's replicated record means for one node's routing right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Route normally.
+    Closed,
+    /// Do not route here.
+    Open,
+    /// Half-open and this node is a prober: a few requests may go, to test it.
+    Probe,
+}
 
 /// Why no provider may serve a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -41,7 +41,7 @@ mod budget;
 use budget::{Budget, BudgetKey, Budgets, ScopeKind, ShareMode};
 
 use crate::estimate::Price;
-use crate::gateway::Replicated;
+use crate::replicated::Replicated;
 
 /// A limit a tenant can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

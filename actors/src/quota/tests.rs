@@ -8,7 +8,7 @@ use meridian_proto::cluster::{ClusterState, Member, Proposal, Tenant, Tier};
 use tokio::sync::watch;
 
 use super::*;
-use crate::gateway::Proposer;
+use crate::replicated::Proposer;
 
 /// One in-memory cluster: proposals are applied at once; `down` makes every proposal fail
 /// (no quorum).
