@@ -20,6 +20,7 @@
 //! through Raft, so every node routes to it; it leaves both the moment it is seen dead.
 
 pub mod actor;
+pub mod board;
 pub mod gpu;
 pub mod metrics;
 pub mod probe;

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::metrics::EngineMetrics;
 use super::process::{self, LogRing};
-use super::supervisor::{Board, VllmStats};
+use super::board::{Board, VllmStats};
 use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup, probe};
 use crate::gateway::Gateway;
 use crate::provider::ModelRoute;

@@ -4,42 +4,18 @@
 //! API ([`Vllm`] is its handle).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
 use tokio::time::Instant;
 
 use super::actor::{Control, ReplicaArgs, VllmActor, VllmMsg};
+use super::board::{Board, VllmStats};
 use super::gpu::{self, Discovery};
 use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup};
 use crate::gateway::Gateway;
-
-/// What every replica looks like now, as its actor last published it (with when it entered its
-/// state and when it last became ready). Read by the admin API and metrics without a mailbox.
-#[derive(Clone, Default)]
-pub struct Board {
-    inner: Arc<Mutex<BoardMap>>,
-}
-
-type BoardMap = BTreeMap<String, (ReplicaStatus, Instant, Option<Instant>)>;
-
-impl Board {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, BoardMap> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Counters for metrics.
-#[derive(Debug, Default)]
-pub struct VllmStats {
-    pub crashes: AtomicU64,
-    pub scale_ups: AtomicU64,
-    pub scale_downs: AtomicU64,
-    /// Scale-ups wanted but not done: no free GPU or port.
-    pub scale_blocked: AtomicU64,
-}
 
 /// The supervisor's vocabulary. Local only.
 #[derive(Debug)]
