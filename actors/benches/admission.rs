@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
-use meridian_actors::replicated::{Proposer, Replicated};
 use meridian_actors::quota::{Estimate, Quota, QuotaConfig, Scope};
+use meridian_actors::replicated::{Proposer, Replicated};
 use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, Proposal, UsageTotals};
 use tokio::sync::watch;
 

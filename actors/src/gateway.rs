@@ -4,20 +4,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_proto::cluster::{ClusterState, Command, Limits, NodeId, ProviderRecord, UsageTotals};
+use meridian_proto::cluster::{ClusterState, Limits, UsageTotals};
 use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::auth::Credentials;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
-use crate::breaker::{Breaker, BreakerActor, BreakerArgs, BreakerConfig, BreakerMsg, BreakerStats};
+use crate::breaker::{BreakerActor, BreakerArgs, BreakerConfig, BreakerStats};
 use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
@@ -26,6 +26,7 @@ use crate::estimate::{Price, Tokenizer};
 use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
+use crate::registry::{Breakers, Registry};
 use crate::replicated::Replicated;
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
@@ -88,17 +89,8 @@ pub struct Gateway {
 }
 
 struct Inner {
-    /// Where requests can go now; replaced whole when a provider comes or goes.
-    table: RwLock<Arc<Table>>,
-    /// Serialises changes to `table`.
-    changing: Mutex<()>,
-    /// The breaker of every provider in the table (cluster only).
-    breakers: Option<Breakers>,
-    /// Registry writes under way for this node's replicas, by provider id (a newer one for the
-    /// same id replaces an older).
-    registering: Mutex<HashMap<String, JoinHandle<()>>>,
-    /// Follows replicas other nodes register.
-    follower: Mutex<Option<JoinHandle<()>>>,
+    /// Where requests can go, and the providers behind it.
+    registry: Registry,
     limits: RequestLimits,
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
@@ -114,17 +106,13 @@ struct Inner {
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
     region: String,
-    aliases: HashMap<String, Alias>,
-    awaited_models: Vec<String>,
     draws: AtomicU64,
-    /// Publishes this node's providers to the replicated registry until it succeeds.
-    publisher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("models", &self.table().models)
+            .field("registry", &self.inner.registry)
             .finish_non_exhaustive()
     }
 }
@@ -169,12 +157,6 @@ impl Gateway {
         };
         let (connections, _) =
             Actor::spawn_linked(None, ConnectionSupervisor, (), supervisor.get_cell()).await?;
-        let table = Table::build(
-            providers.clone(),
-            &config.aliases,
-            &config.awaited_models,
-            breakers.as_ref(),
-        );
         let quota = match (&config.cluster, config.quota, config.auth) {
             (Some(c), Some(q), true) => Some(Quota::start(c.node_id, q, c.clone())),
             _ => None,
@@ -193,19 +175,17 @@ impl Gateway {
                 tracing::warn!(error = %e, "tokenizers not loaded at start; the first requests load them");
             }
         }
-        let publisher = config.cluster.as_ref().map(|c| {
-            tokio::spawn(publish_providers(
-                c.clone(),
-                registry_records(c.node_id, &providers),
-            ))
-        });
+        let registry = Registry::start(
+            providers,
+            supervisor.clone(),
+            breakers,
+            config.cluster.clone(),
+            config.aliases,
+            config.awaited_models,
+        );
         let gateway = Self {
             inner: Arc::new(Inner {
-                table: RwLock::new(Arc::new(table)),
-                changing: Mutex::new(()),
-                breakers,
-                registering: Mutex::new(HashMap::new()),
-                follower: Mutex::new(None),
+                registry,
                 limits: config.limits,
                 supervisor,
                 connections: connections.get_cell(),
@@ -220,174 +200,10 @@ impl Gateway {
                 quota,
                 breaker_stats,
                 region: config.region,
-                aliases: config.aliases,
-                awaited_models: config.awaited_models,
                 draws: AtomicU64::new(0),
-                publisher,
             }),
         };
-        if let Some(c) = &gateway.inner.cluster {
-            let follower = tokio::spawn(follow_registry(
-                Arc::downgrade(&gateway.inner),
-                c.state.clone(),
-                c.node_id,
-            ));
-            *lock(&gateway.inner.follower) = Some(follower);
-        }
         Ok(gateway)
-    }
-
-    /// The routing table as it is now.
-    fn table(&self) -> Arc<Table> {
-        Arc::clone(
-            &self
-                .inner
-                .table
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-    }
-
-    /// Rebuilds the table with `change` applied to its providers.
-    fn change_providers(&self, change: impl FnOnce(&mut Vec<Arc<Provider>>)) {
-        let _one_at_a_time = lock(&self.inner.changing);
-        let mut providers = self.table().providers.clone();
-        change(&mut providers);
-        let table = Table::build(
-            providers,
-            &self.inner.aliases,
-            &self.inner.awaited_models,
-            self.inner.breakers.as_ref(),
-        );
-        *self
-            .inner
-            .table
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
-    }
-
-    /// Starts routing to a provider that was not configured (a vLLM replica that became ready,
-    /// here or on another node): its ProviderActor starts under the node supervisor, then the
-    /// provider joins the routing table. One with the same id is withdrawn first.
-    pub async fn add_provider(&self, spec: ProviderSpec) -> Result<Arc<Provider>, ApiError> {
-        let id = spec.id.clone();
-        // The same endpoint with other models (a LoRA adapter loaded or unloaded): keep the
-        // provider, so its queue, its calls in flight and its concurrency limit carry on.
-        if let Some(same) = self.provider_by_id(&id).filter(|p| {
-            p.spec.upstream.base_url() == spec.upstream.base_url()
-                && p.spec.max_concurrency == spec.max_concurrency
-                && p.spec.region == spec.region
-        }) {
-            same.set_models(spec.models);
-            self.change_providers(|_| {});
-            return Ok(same);
-        }
-        let provider = Provider::new(spec);
-        self.inner
-            .supervisor
-            .call(
-                |reply| SupervisorMsg::Adopt(Arc::clone(&provider), reply),
-                Some(Duration::from_secs(5)),
-            )
-            .await
-            .ok()
-            .and_then(|r| match r {
-                ractor::rpc::CallResult::Success(()) => Some(()),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::Internal,
-                    format!("could not start the actor of provider {id}"),
-                )
-            })?;
-        let mut old = None;
-        self.change_providers(|ps| {
-            if let Some(i) = ps.iter().position(|p| p.spec.id == id) {
-                old = Some(ps.remove(i));
-            }
-            ps.push(Arc::clone(&provider));
-        });
-        if let Some(old) = old {
-            old.withdraw();
-        }
-        Ok(provider)
-    }
-
-    /// Stops routing to a provider at once: it leaves the routing table, requests waiting for
-    /// it go to their next candidate, calls in flight finish. Returns it (its counters say
-    /// what is still in flight), or `None` if it was not in the table.
-    pub fn withdraw_provider(&self, id: &str) -> Option<Arc<Provider>> {
-        let mut gone = None;
-        self.change_providers(|ps| {
-            if let Some(i) = ps.iter().position(|p| p.spec.id == id) {
-                gone = Some(ps.remove(i));
-            }
-        });
-        if let Some(p) = &gone {
-            p.withdraw();
-        }
-        gone
-    }
-
-    /// A provider in the routing table, by id.
-    pub fn provider_by_id(&self, id: &str) -> Option<Arc<Provider>> {
-        self.table()
-            .providers
-            .iter()
-            .find(|p| p.spec.id == id)
-            .cloned()
-    }
-
-    /// Routes to one of this node's vLLM replicas from now on (it became ready), and records
-    /// it in the cluster's provider registry so that other nodes route to it too: directly at
-    /// its address, or through this node on the actor mesh when `via_mesh`.
-    pub async fn register_replica(
-        &self,
-        spec: ProviderSpec,
-        via_mesh: bool,
-    ) -> Result<(), ApiError> {
-        let node = self.inner.cluster.as_ref().map_or(0, |c| c.node_id);
-        let record = ProviderRecord {
-            id: spec.id.clone(),
-            kind: "vllm".into(),
-            region: spec.region.clone(),
-            base_url: if via_mesh {
-                crate::mesh::forward::mesh_url(node)
-            } else {
-                spec.upstream.base_url().into()
-            },
-            models: spec.models.iter().map(|m| m.name.clone()).collect(),
-            owner: node,
-            weight: spec.weight,
-            max_concurrency: spec.max_concurrency,
-            price: spec.price,
-            replica: true,
-            updated_at_unix_ms: 0,
-        };
-        self.add_provider(spec).await?;
-        if let Some(c) = &self.inner.cluster {
-            let task = tokio::spawn(publish_providers(c.clone(), vec![record.clone()]));
-            self.replace_registration(&record.id, task);
-        }
-        Ok(())
-    }
-
-    /// Stops routing to one of this node's replicas at once (see
-    /// [`Self::withdraw_provider`]) and removes it from the cluster's registry.
-    pub fn deregister_replica(&self, id: &str) -> Option<Arc<Provider>> {
-        let gone = self.withdraw_provider(id);
-        if let Some(c) = &self.inner.cluster {
-            let task = tokio::spawn(unpublish_provider(c.clone(), id.to_owned()));
-            self.replace_registration(id, task);
-        }
-        gone
-    }
-
-    fn replace_registration(&self, id: &str, task: JoinHandle<()>) {
-        if let Some(old) = lock(&self.inner.registering).insert(id.to_owned(), task) {
-            old.abort();
-        }
     }
 
     /// Who the request is from: `Ok(None)` when authentication is off, else the key's tenant or
@@ -491,16 +307,13 @@ impl Gateway {
         };
         // A caller with no limit still gets a reservation (with nothing to charge), so that what
         // its calls cost is recorded in the usage roll-ups like anyone's.
-        let tokenizer = self
-            .inner
-            .table
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .routes
-            .get(request.model())
-            .and_then(|r| r.first())
-            .map(|r| r.provider.spec.tokenizer)
-            .unwrap_or_default();
+        let tokenizer = self.inner.registry.with_table(|t| {
+            t.routes
+                .get(request.model())
+                .and_then(|r| r.first())
+                .map(|r| r.provider.spec.tokenizer)
+                .unwrap_or_default()
+        });
         let price = self.inner.prices.get(request.model()).copied();
         let estimate = Estimate {
             prompt: estimate::prompt_tokens(request, tokenizer),
@@ -580,7 +393,7 @@ impl Gateway {
     /// Every model this node routes: configured ones in configuration order, then those of
     /// replicas as they joined, then virtual models.
     pub fn models(&self) -> Vec<String> {
-        self.table().models.clone()
+        self.inner.registry.models()
     }
 
     /// [`Gateway::models`], for a caller with these credentials (a 401 if it is not let in).
@@ -590,12 +403,24 @@ impl Gateway {
     }
 
     pub fn providers(&self) -> Vec<ProviderStatus> {
-        self.table().providers.iter().map(|p| p.status()).collect()
+        self.inner.registry.providers()
+    }
+
+    /// Where requests can go, and the providers behind it.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// A provider in the routing table, by id.
+    pub fn provider_by_id(&self, id: &str) -> Option<Arc<Provider>> {
+        self.inner.registry.provider_by_id(id)
     }
 
     /// Requests holding or waiting for a provider slot.
     pub fn in_flight(&self) -> u64 {
-        self.table()
+        self.inner
+            .registry
+            .table()
             .providers
             .iter()
             .map(|p| u64::from(p.in_flight()) + u64::from(p.queued()))
@@ -674,7 +499,7 @@ impl Gateway {
         };
         let (regions, allowed) = (&tenant.regions, &tenant.models);
         let may_call = |m: &str| allowed.is_empty() || allowed.iter().any(|a| a == m);
-        let models: Vec<&str> = match self.inner.aliases.get(model) {
+        let models: Vec<&str> = match self.inner.registry.aliases().get(model) {
             Some(alias) => {
                 let complexity = policy::classify(
                     &alias.rules,
@@ -709,7 +534,7 @@ impl Gateway {
             None if may_call(model) => vec![model],
             None => Vec::new(),
         };
-        let table = self.table();
+        let table = self.inner.registry.table();
         if models.is_empty() {
             if !table.models.iter().any(|m| m == model) {
                 return Err(not_found());
@@ -741,7 +566,7 @@ impl Gateway {
             return Ok((chosen, ejected));
         }
         Err(match refusal {
-            None if self.inner.awaited_models.iter().any(|m| m == model) => ApiError::new(
+            None if self.inner.registry.awaited_models().iter().any(|m| m == model) => ApiError::new(
                 ErrorKind::Unavailable,
                 format!("no replica of `{model}` is ready yet (its vLLM servers are starting or restarting)"),
             )
@@ -860,12 +685,7 @@ impl Gateway {
 
     /// Stops the actor tree (after the edges have drained).
     pub async fn stop(&self, timeout: Duration) {
-        if let Some(p) = &self.inner.publisher {
-            p.abort();
-        }
-        if let Some(f) = lock(&self.inner.follower).take() {
-            f.abort();
-        }
+        self.inner.registry.stop_following();
         if let Some((quota, task)) = &self.inner.quota {
             task.abort();
             quota.flush_before_stop(Duration::from_secs(2)).await;
@@ -922,270 +742,6 @@ impl Default for TenantRules {
             regions: Vec::new(),
             models: Vec::new(),
             weight: 1,
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Where requests can go: every provider this node routes to (configured ones, its own vLLM
-/// replicas that are ready, replicas other nodes registered), by model.
-struct Table {
-    /// Looked up once or twice per request (the fast hash: the keys are configured models).
-    routes: hashbrown::HashMap<String, Vec<Route>>,
-    /// Model names: providers' in order of arrival, then awaited ones (replicas still
-    /// starting), then virtual models (sorted).
-    models: Vec<String>,
-    providers: Vec<Arc<Provider>>,
-    /// Some provider takes part in prefix affinity (else no request is hashed).
-    affinity: bool,
-}
-
-impl Table {
-    fn build(
-        providers: Vec<Arc<Provider>>,
-        aliases: &HashMap<String, Alias>,
-        awaited: &[String],
-        breakers: Option<&Breakers>,
-    ) -> Self {
-        let breakers = breakers
-            .map(|b| b.for_providers(&providers))
-            .unwrap_or_default();
-        let mut routes = hashbrown::HashMap::<String, Vec<Route>>::new();
-        let mut models = Vec::new();
-        for p in &providers {
-            for m in p.models().iter() {
-                let entry = routes.entry(m.name.clone()).or_default();
-                if entry.is_empty() {
-                    models.push(m.name.clone());
-                }
-                entry.push(Route {
-                    provider: Arc::clone(p),
-                    upstream_model: m.upstream_name.as_str().into(),
-                    breaker: breakers.get(&p.spec.id).cloned(),
-                });
-            }
-        }
-        for m in awaited {
-            if !routes.contains_key(m) && !models.contains(m) {
-                models.push(m.clone());
-            }
-        }
-        let mut virtual_models: Vec<&String> = aliases.keys().collect();
-        virtual_models.sort();
-        models.extend(virtual_models.into_iter().cloned());
-        let affinity = providers.iter().any(|p| p.spec.prefix_affinity);
-        Self {
-            routes,
-            models,
-            providers,
-            affinity,
-        }
-    }
-}
-
-/// Every provider's breaker on this node.
-struct Breakers {
-    cluster: Replicated,
-    config: Arc<BreakerConfig>,
-    actor: ActorRef<BreakerMsg>,
-    by_id: Mutex<HashMap<String, Arc<Breaker>>>,
-}
-
-impl Breakers {
-    /// One breaker per provider (a provider that stays keeps its breaker and what it has
-    /// seen), each knowing, per model it serves, every provider id serving that model (for the
-    /// panic threshold).
-    fn for_providers(&self, providers: &[Arc<Provider>]) -> HashMap<String, Arc<Breaker>> {
-        let serving = |model: &str| -> Vec<String> {
-            providers
-                .iter()
-                .filter(|p| p.models().iter().any(|m| m.name == model))
-                .map(|p| p.spec.id.clone())
-                .collect()
-        };
-        let mut by_id = lock(&self.by_id);
-        by_id.retain(|id, _| providers.iter().any(|p| &p.spec.id == id));
-        for p in providers {
-            let groups: Vec<Vec<String>> = p.models().iter().map(|m| serving(&m.name)).collect();
-            match by_id.get(&p.spec.id) {
-                Some(b) => b.set_groups(groups),
-                None => {
-                    let breaker = Breaker::new(
-                        p.spec.id.clone(),
-                        groups,
-                        Arc::clone(&self.config),
-                        &self.cluster,
-                        self.actor.clone(),
-                    );
-                    by_id.insert(p.spec.id.clone(), Arc::new(breaker));
-                }
-            }
-        }
-        by_id.clone()
-    }
-}
-
-/// This node's providers as registry records: ids are `<node id>/<provider id>`, so nodes that
-/// configure the same provider name never overwrite each other's records.
-fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRecord> {
-    providers
-        .iter()
-        .map(|p| ProviderRecord {
-            id: format!("{node}/{}", p.spec.id),
-            kind: p.spec.upstream.kind().into(),
-            region: p.spec.region.clone(),
-            base_url: p.spec.upstream.base_url().into(),
-            models: p.spec.models.iter().map(|m| m.name.clone()).collect(),
-            owner: node,
-            weight: p.spec.weight,
-            max_concurrency: p.spec.max_concurrency,
-            price: p.spec.price,
-            replica: false,
-            updated_at_unix_ms: 0,
-        })
-        .collect()
-}
-
-/// Records `records` in the replicated provider registry, retrying each until it commits (the
-/// cluster may still be electing its first leader).
-async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
-    for record in records {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let already = cluster
-                .state
-                .borrow()
-                .providers
-                .get(&record.id)
-                .is_some_and(|r| r.models == record.models && r.base_url == record.base_url);
-            if already {
-                break;
-            }
-            match cluster
-                .proposer
-                .propose(Command::UpsertProvider(record.clone()))
-                .await
-            {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!(provider = %record.id, error = %e, "registering a provider; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
-/// Removes a provider from the replicated registry, retrying until it is gone (and again if an
-/// earlier registration of it lands late).
-async fn unpublish_provider(cluster: Replicated, id: String) {
-    let mut backoff = Duration::from_millis(100);
-    let mut absent_since: Option<tokio::time::Instant> = None;
-    loop {
-        let present = cluster.state.borrow().providers.contains_key(&id);
-        if !present {
-            // Watch a little longer: a registration proposed before this removal may still
-            // commit after it.
-            let since = *absent_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() > Duration::from_secs(5) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
-        }
-        absent_since = None;
-        if let Err(e) = cluster
-            .proposer
-            .propose(Command::RemoveProvider { id: id.clone() })
-            .await
-        {
-            tracing::debug!(provider = %id, error = %e, "deregistering a provider; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-/// Keeps the routing table in step with the replicas other nodes register: one that appears
-/// in the replicated registry is routed to directly, one that leaves it (or changes address or
-/// models) is withdrawn at once. Also removes this node's own replica records left from before
-/// it restarted.
-async fn follow_registry(
-    gateway: Weak<Inner>,
-    mut state: watch::Receiver<Arc<ClusterState>>,
-    me: NodeId,
-) {
-    let mut known: HashMap<String, ProviderRecord> = HashMap::new();
-    loop {
-        let (records, own): (HashMap<String, ProviderRecord>, Vec<String>) = {
-            let state = state.borrow_and_update();
-            let replicas = || state.providers.values().filter(|r| r.replica);
-            (
-                replicas()
-                    .filter(|r| r.owner != me)
-                    .map(|r| (r.id.clone(), r.clone()))
-                    .collect(),
-                replicas()
-                    .filter(|r| r.owner == me)
-                    .map(|r| r.id.clone())
-                    .collect(),
-            )
-        };
-        let Some(inner) = gateway.upgrade() else {
-            return;
-        };
-        let gateway_now = Gateway { inner };
-        // Records of this node's replicas that this run of the node never registered are left
-        // from before a restart (their processes died with the node): remove them.
-        for id in own {
-            if !lock(&gateway_now.inner.registering).contains_key(&id) {
-                tracing::info!(provider = %id, "removing a replica record left from before this node restarted");
-                gateway_now.deregister_replica(&id);
-            }
-        }
-        // Another address (or capacity) is another provider; other models alone are not
-        // (adding it again updates them in place).
-        let same = |a: &ProviderRecord, b: &ProviderRecord| {
-            (&a.base_url, &a.region, a.max_concurrency, a.weight)
-                == (&b.base_url, &b.region, b.max_concurrency, b.weight)
-        };
-        let gone: Vec<String> = known
-            .iter()
-            .filter(|(id, old)| records.get(*id).is_none_or(|new| !same(old, new)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            known.remove(&id);
-            gateway_now.withdraw_provider(&id);
-            tracing::info!(provider = %id, "a remote replica left the registry; no longer routed to");
-        }
-        for (id, record) in records {
-            if known.get(&id).is_some_and(|k| k.models == record.models) {
-                continue;
-            }
-            match crate::vllm::remote_replica_spec(&record) {
-                Ok(spec) => match gateway_now.add_provider(spec).await {
-                    Ok(_) => {
-                        tracing::info!(provider = %id, base_url = %record.base_url, "routing to a replica another node registered");
-                        known.insert(id, record);
-                    }
-                    Err(e) => {
-                        tracing::warn!(provider = %id, error = %e, "cannot route to a registered replica")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(provider = %id, error = %e, "cannot route to a registered replica");
-                    known.insert(id, record);
-                }
-            }
-        }
-        drop(gateway_now);
-        if state.changed().await.is_err() {
-            return;
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod provider;
 pub mod quota;
+pub mod registry;
 pub mod replicated;
 pub mod supervisor;
 pub mod upstream;

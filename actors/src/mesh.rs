@@ -2,7 +2,7 @@
 //! node can message an actor on another.
 //!
 //! Each node runs a `NodeServer` and one [`MeshAgent`] that joins the process group
-//! [`NODES_GROUP`] and its own node's group ([`forward::node_group`]). Peers find each other's
+//! [`NODES_GROUP`] and its own node's group ([`wire::node_group`]). Peers find each other's
 //! agents through the groups (ractor syncs group membership across connected nodes) and ask them
 //! with RPCs. A node's providers are reached through its agent: their own messages carry local
 //! streams and reply channels that cannot cross a process boundary. [`forward`] uses this to
@@ -24,39 +24,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, pg};
+use ractor::{Actor, ActorProcessingErr, ActorRef, pg};
 use ractor_cluster::node::NodeConnectionMode;
-use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage, RactorClusterMessage};
+use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage};
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::Gateway;
+use crate::registry::Registry;
 
+pub mod caller;
 pub mod forward;
+pub mod wire;
+
+pub use wire::{MAX_FRAME, MeshMsg};
 
 use forward::Served;
 
 /// The process group every node's agent joins.
 pub const NODES_GROUP: &str = "meridian.nodes";
-/// Largest inbound mesh frame: a forwarded request, a whole answer or a batch of chunks fits.
-pub const MAX_FRAME: u64 = 16 * 1024 * 1024;
-
-/// Messages a node's agent answers, from this node or any other.
-#[derive(RactorClusterMessage)]
-pub enum MeshMsg {
-    /// Describes this node ([`NodeDescription`] as JSON); the argument names the asker.
-    #[rpc]
-    Describe(String, RpcReplyPort<String>),
-    /// Opens a call at one of this node's providers for another node (see [`forward`]).
-    #[rpc]
-    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// The next chunks of a forwarded stream, by call id.
-    #[rpc]
-    Pull(String, RpcReplyPort<Vec<u8>>),
-    /// Drops a forwarded call, by id.
-    Cancel(String),
-}
-
 /// What an agent answers to [`MeshMsg::Describe`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDescription {
@@ -77,7 +62,7 @@ pub struct ProviderLoad {
 pub struct MeshAgent {
     node_id: u64,
     region: String,
-    gateway: Gateway,
+    registry: Registry,
     served: Arc<Served>,
 }
 
@@ -88,7 +73,7 @@ impl Actor for MeshAgent {
 
     async fn pre_start(&self, me: ActorRef<MeshMsg>, _: ()) -> Result<(), ActorProcessingErr> {
         pg::join(NODES_GROUP.to_owned(), vec![me.get_cell()]);
-        pg::join(forward::node_group(self.node_id), vec![me.get_cell()]);
+        pg::join(wire::node_group(self.node_id), vec![me.get_cell()]);
         Ok(())
     }
 
@@ -105,7 +90,7 @@ impl Actor for MeshAgent {
                     node_id: self.node_id,
                     region: self.region.clone(),
                     providers: self
-                        .gateway
+                        .registry
                         .providers()
                         .into_iter()
                         .map(|p| ProviderLoad {
@@ -182,7 +167,7 @@ pub fn peer_id(peer_name: &str) -> Option<u64> {
 
 impl Mesh {
     /// Starts the node server on `config.listen` and this node's agent.
-    pub async fn start(config: MeshConfig, gateway: Gateway) -> Result<Self, MeshError> {
+    pub async fn start(config: MeshConfig, registry: Registry) -> Result<Self, MeshError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(config.server_tls);
         let server = NodeServer::new(
             config.listen.port(),
@@ -199,13 +184,13 @@ impl Mesh {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| MeshError::Start(e.to_string()))?;
-        let served = Served::new(gateway.clone());
+        let served = Served::new(registry.clone());
         let (agent, _) = Actor::spawn(
             None,
             MeshAgent {
                 node_id: config.node_id,
                 region: config.region,
-                gateway,
+                registry,
                 served: Arc::clone(&served),
             },
             (),

@@ -21,6 +21,9 @@ use tokio::time::Instant;
 
 use crate::upstream::{Timeouts, Upstream};
 
+pub mod replica;
+pub use replica::remote_replica_spec;
+
 /// A model name as clients say it, and the upstream's own name for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRoute {

@@ -11,9 +11,11 @@ pub mod http1;
 pub mod openai;
 pub mod sse;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
 use meridian_proto::{ApiError, ErrorKind};
@@ -173,6 +175,30 @@ fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
+/// A provider this node does not call itself: another node makes the calls for it (see the
+/// actor mesh's forwarding). Kept abstract here, so that calling providers knows nothing of
+/// how nodes reach each other.
+pub trait Relay: std::fmt::Debug + Send + Sync {
+    /// Where it is reached, as the registry records it.
+    fn base_url(&self) -> &str;
+
+    /// One whole answer.
+    fn complete<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+        timeouts: &'a Timeouts,
+    ) -> BoxFuture<'a, Result<Completion, UpstreamError>>;
+
+    /// A stream of chunks, once the far end has accepted the request.
+    fn stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+        timeouts: &'a Timeouts,
+    ) -> BoxFuture<'a, Result<ChunkStream, UpstreamError>>;
+}
+
 /// A provider's way of answering: one variant per adapter.
 #[derive(Debug, Clone)]
 pub enum Upstream {
@@ -181,8 +207,8 @@ pub enum Upstream {
     Api(ApiAdapter),
     /// The built-in deterministic demo model (no network).
     Demo(DemoModel),
-    /// A provider only another node can reach, called through that node on the actor mesh.
-    Mesh(crate::mesh::forward::MeshUpstream),
+    /// A provider only another node can reach, called through that node.
+    Relayed(Arc<dyn Relay>),
 }
 
 impl Upstream {
@@ -191,7 +217,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.base_url(),
             Self::Demo(_) => "builtin:demo",
-            Self::Mesh(m) => m.base_url(),
+            Self::Relayed(r) => r.base_url(),
         }
     }
 
@@ -199,7 +225,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.dialect().name(),
             Self::Demo(_) => "demo",
-            Self::Mesh(_) => "mesh",
+            Self::Relayed(_) => "mesh",
         }
     }
 
@@ -213,7 +239,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.complete(req, model, timeouts).await,
             Self::Demo(d) => d.complete(req, model),
-            Self::Mesh(m) => m.complete(req, model, timeouts).await,
+            Self::Relayed(r) => r.complete(req, model, timeouts).await,
         }
     }
 
@@ -227,7 +253,7 @@ impl Upstream {
         match self {
             Self::Api(a) => a.stream(req, model, timeouts).await,
             Self::Demo(d) => d.stream(req, model),
-            Self::Mesh(m) => m.stream(req, model, timeouts).await,
+            Self::Relayed(r) => r.stream(req, model, timeouts).await,
         }
     }
 }

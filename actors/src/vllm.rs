@@ -22,16 +22,16 @@
 pub mod actor;
 pub mod board;
 pub mod gpu;
+pub mod messages;
 pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod supervisor;
+mod tasks;
 
 use std::time::Duration;
 
-use meridian_proto::cluster::{ProviderPrice, ProviderRecord};
-
-use crate::mesh::forward::MeshUpstream;
+use crate::provider::replica::{REPLICA_CONNECT_TIMEOUT, replica_spec};
 use crate::provider::{ModelRoute, ProviderSpec};
 use crate::upstream::{ApiAdapter, Dialect, Timeouts, Upstream};
 use process::Launch;
@@ -268,75 +268,6 @@ impl VllmGroup {
         spec.prefix_affinity = self.enable_prefix_caching;
         Ok(spec)
     }
-}
-
-/// Connecting to a replica (on this node or a nearby one) takes no longer than this.
-const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How any node routes to a vLLM replica (through `upstream`: the OpenAI dialect at its address,
-/// or its owner on the actor mesh): prefix affinity on (vLLM caches prefixes), queueing with the
-/// defaults.
-pub fn replica_spec(
-    id: String,
-    region: String,
-    upstream: Upstream,
-    models: Vec<ModelRoute>,
-    max_concurrency: u32,
-    weight: u32,
-) -> ProviderSpec {
-    let timeouts = Timeouts {
-        connect: REPLICA_CONNECT_TIMEOUT,
-        ..Timeouts::default()
-    };
-    let max_concurrency = max_concurrency.max(1);
-    ProviderSpec {
-        id,
-        region,
-        models,
-        upstream,
-        max_concurrency,
-        queue_capacity: max_concurrency.saturating_mul(2),
-        queue_timeout: Duration::from_secs(30),
-        timeouts,
-        tokenizer: crate::estimate::Tokenizer::default(),
-        prefix_affinity: true,
-        weight: weight.max(1),
-        price: ProviderPrice::default(),
-    }
-}
-
-/// The routing spec of a replica another node registered: called directly at its address, or
-/// through its owner when the address is `mesh://node-<id>`.
-pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, String> {
-    let models = record
-        .models
-        .iter()
-        .map(|m| ModelRoute {
-            name: m.clone(),
-            upstream_name: m.clone(),
-        })
-        .collect();
-    let upstream = match crate::mesh::forward::mesh_node(&record.base_url) {
-        Some(node) => Upstream::Mesh(MeshUpstream::new(node, record.id.clone())),
-        None => Upstream::Api(ApiAdapter::new(
-            Dialect::OpenAi,
-            &record.base_url,
-            None,
-            REPLICA_CONNECT_TIMEOUT,
-        )?),
-    };
-    Ok(replica_spec(
-        record.id.clone(),
-        record.region.clone(),
-        upstream,
-        models,
-        if record.max_concurrency == 0 {
-            256
-        } else {
-            record.max_concurrency
-        },
-        record.weight,
-    ))
 }
 
 /// Why a command to a replica was not done.

@@ -118,7 +118,7 @@ impl App {
         .map_err(|e| AppError::Actors(e.to_string()))?;
         let vllm = Vllm::start(
             config.vllm.clone(),
-            gateway.clone(),
+            gateway.registry().clone(),
             config.node.id,
             &config.nvidia_smi,
         )
@@ -552,7 +552,7 @@ async fn start_mesh(
             server_tls,
             client_tls,
         },
-        gateway.clone(),
+        gateway.registry().clone(),
     )
     .await
     .map_err(|e| failed(&e))

@@ -145,7 +145,8 @@ pub fn render(gateway: &Gateway, cluster: &ClusterNode, vllm: &Vllm) -> String {
         );
     }
     {
-        use meridian_actors::mesh::forward::{forwarded_total, served_total};
+        use meridian_actors::mesh::caller::forwarded_total;
+        use meridian_actors::mesh::forward::served_total;
         let _ = writeln!(
             out,
             "# HELP meridian_mesh_calls_total Calls forwarded through the actor mesh: sent to the node that reaches the provider, or served here for another node\n\

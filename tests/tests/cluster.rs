@@ -290,7 +290,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
             server_tls,
             client_tls,
         },
-        gateway,
+        gateway.registry().clone(),
     )
     .await
     .unwrap();

@@ -1,5 +1,5 @@
 //! Calls forwarded through the actor mesh. A replica that only its own node can reach (it
-//! listens on that node's loopback or private network) is registered as `mesh://node-<id>`;
+//! listens on that node's loopback or private network) is registered as reached through its owner (`Reach::Through`);
 //! other nodes route to it like any provider, and their calls go to the owner's
 //! [`MeshAgent`](super::MeshAgent), which makes them at its local provider.
 //!
@@ -24,256 +24,29 @@
 //! only makes the call. What is not carried: the tenant, so the owner's queue treats forwarded
 //! calls as one anonymous tenant of weight 1 for its fair share.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt;
-use meridian_proto::ApiError;
-use meridian_proto::openai::{ChatCompletionRequest, ChatRequest, UpstreamErrorInfo, Usage};
-use ractor::rpc::CallResult;
-use ractor::{ActorRef, RpcReplyPort, pg};
-use serde::{Deserialize, Serialize};
+use meridian_proto::openai::{ChatCompletionRequest, ChatRequest};
+use ractor::RpcReplyPort;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use super::{MAX_FRAME, MeshMsg};
-use crate::gateway::Gateway;
-use crate::upstream::{Chunk, ChunkStream, Completion, Phase, Timeouts, Upstream, UpstreamError};
-
-/// How long the owner holds a pull open waiting for the stream's next chunk.
-pub const PULL_WAIT: Duration = Duration::from_millis(500);
-/// A stream not pulled for this long is dropped at the owner (longer than the default idle
-/// limit, so a slow client is not mistaken for a dead forwarder).
-pub const LEASE: Duration = Duration::from_secs(120);
-/// Chunks the owner buffers per stream before the upstream waits for a pull.
-pub const BUFFER: usize = 64;
-/// A pull answer stops taking chunks once it holds this many bytes of them.
-const BATCH_BYTES: usize = 256 * 1024;
-/// The largest chunk a stream may carry through the mesh: a batch (escaped, at most twice its
-/// size) then always fits in a frame.
-const MAX_CHUNK: usize = 4 * 1024 * 1024;
-/// Room left in a frame for the envelope around a request or an answer.
-const ENVELOPE: usize = 16 * 1024;
-
-/// The process group of node `id`'s agent alone.
-pub fn node_group(id: u64) -> String {
-    format!("meridian.node.{id}")
-}
-
-/// The registry address of a provider reached through node `id`.
-pub fn mesh_url(id: u64) -> String {
-    format!("mesh://node-{id}")
-}
-
-/// The node a `mesh://node-<id>` address names.
-pub fn mesh_node(url: &str) -> Option<u64> {
-    url.strip_prefix("mesh://node-")?.parse().ok()
-}
-
-#[derive(Serialize, Deserialize)]
-struct CallRequest<B> {
-    /// Chosen by the forwarder; names the call in `Pull` and `Cancel`.
-    call: String,
-    provider: String,
-    /// The upstream's name for the model.
-    model: String,
-    stream: bool,
-    /// How long the forwarder waits for the call to open (queueing at the owner included).
-    wait_ms: u64,
-    /// The client's request as the forwarder validated it.
-    body: B,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "answer", rename_all = "snake_case")]
-enum CallAnswer {
-    Complete { body: String, usage: Option<Usage> },
-    Opened,
-    Failed { error: WireError },
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct Pulled {
-    chunks: Vec<WireChunk>,
-    /// No more chunks will come (after `error`, if any).
-    done: bool,
-    error: Option<WireError>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct WireChunk {
-    json: String,
-    usage: Option<Usage>,
-    usage_only: bool,
-}
-
-/// An [`UpstreamError`] as it crosses the mesh.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "error", rename_all = "snake_case")]
-enum WireError {
-    Connect {
-        message: String,
-    },
-    Timeout {
-        phase: WirePhase,
-    },
-    Status {
-        status: u16,
-        message: String,
-        r#type: Option<String>,
-        code: Option<String>,
-        retry_after_ms: Option<u64>,
-    },
-    InStream {
-        message: String,
-        r#type: Option<String>,
-        code: Option<String>,
-    },
-    Closed {
-        message: String,
-    },
-    Protocol {
-        message: String,
-    },
-    /// Refused at the owner as it would refuse its own clients (bad request, queue full,
-    /// deadline unreachable): passed on as is, so it is retried elsewhere when its kind allows
-    /// and never counted against the provider's breaker.
-    Rejected {
-        kind: meridian_proto::ErrorKind,
-        message: String,
-        param: Option<String>,
-        code: Option<String>,
-        retry_after_ms: Option<u64>,
-        no_retry: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum WirePhase {
-    Connect,
-    FirstByte,
-    Idle,
-    Total,
-}
-
-impl From<UpstreamError> for WireError {
-    fn from(e: UpstreamError) -> Self {
-        match e {
-            UpstreamError::Connect(message) => Self::Connect { message },
-            UpstreamError::Timeout(phase) => Self::Timeout {
-                phase: match phase {
-                    Phase::Connect => WirePhase::Connect,
-                    Phase::FirstByte => WirePhase::FirstByte,
-                    Phase::Idle => WirePhase::Idle,
-                    Phase::Total => WirePhase::Total,
-                },
-            },
-            UpstreamError::Status {
-                status,
-                info,
-                retry_after,
-            } => Self::Status {
-                status,
-                message: info.message,
-                r#type: info.r#type,
-                code: info.code,
-                retry_after_ms: retry_after.map(|d| d.as_millis() as u64),
-            },
-            UpstreamError::InStream(info) => Self::InStream {
-                message: info.message,
-                r#type: info.r#type,
-                code: info.code,
-            },
-            UpstreamError::Closed(message) => Self::Closed { message },
-            UpstreamError::Protocol(message) => Self::Protocol { message },
-            UpstreamError::Rejected(e) => refusal(e),
-        }
-    }
-}
-
-impl From<WireError> for UpstreamError {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::Connect { message } => Self::Connect(message),
-            WireError::Timeout { phase } => Self::Timeout(match phase {
-                WirePhase::Connect => Phase::Connect,
-                WirePhase::FirstByte => Phase::FirstByte,
-                WirePhase::Idle => Phase::Idle,
-                WirePhase::Total => Phase::Total,
-            }),
-            WireError::Status {
-                status,
-                message,
-                r#type,
-                code,
-                retry_after_ms,
-            } => Self::Status {
-                status,
-                info: UpstreamErrorInfo {
-                    message,
-                    r#type,
-                    code,
-                },
-                retry_after: retry_after_ms.map(Duration::from_millis),
-            },
-            WireError::InStream {
-                message,
-                r#type,
-                code,
-            } => Self::InStream(UpstreamErrorInfo {
-                message,
-                r#type,
-                code,
-            }),
-            WireError::Closed { message } => Self::Closed(message),
-            WireError::Protocol { message } => Self::Protocol(message),
-            WireError::Rejected {
-                kind,
-                message,
-                param,
-                code,
-                retry_after_ms,
-                no_retry,
-            } => {
-                let mut e = ApiError::new(kind, message);
-                e.param = param;
-                e.code = code;
-                e.retry_after = retry_after_ms.map(Duration::from_millis);
-                e.no_retry = no_retry;
-                Self::Rejected(e)
-            }
-        }
-    }
-}
-
-/// An error the owner made itself (not the upstream's), as it crosses the mesh.
-fn refusal(e: ApiError) -> WireError {
-    WireError::Rejected {
-        kind: e.kind,
-        message: e.message,
-        param: e.param,
-        code: e.code,
-        retry_after_ms: e.retry_after.map(|d| d.as_millis() as u64),
-        no_retry: e.no_retry,
-    }
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
-}
+use super::wire::*;
+use crate::registry::Registry;
+use crate::upstream::{Chunk, Phase, Upstream, UpstreamError};
 
 // ---------------------------------------------------------------------------------------------
 // The owner's side.
 
 /// Calls this node makes for other nodes, from the moment each arrives until it ends.
 pub(crate) struct Served {
-    gateway: Gateway,
+    registry: Registry,
     calls: DashMap<String, ForwardedCall>,
 }
 
@@ -307,9 +80,9 @@ fn touch(open: &OpenStream) {
 }
 
 impl Served {
-    pub(crate) fn new(gateway: Gateway) -> Arc<Self> {
+    pub(crate) fn new(registry: Registry) -> Arc<Self> {
         let served = Arc::new(Self {
-            gateway,
+            registry,
             calls: DashMap::new(),
         });
         tokio::spawn(expire(Arc::downgrade(&served)));
@@ -364,9 +137,9 @@ impl Served {
 
     async fn open(&self, req: CallRequest<Map<String, Value>>) -> CallAnswer {
         let failed = |error: WireError| CallAnswer::Failed { error };
-        let provider = match self.gateway.provider_by_id(&req.provider) {
+        let provider = match self.registry.provider_by_id(&req.provider) {
             // Never forward again: a provider this node reaches through the mesh is not ours.
-            Some(p) if !matches!(p.spec.upstream, Upstream::Mesh(_)) => p,
+            Some(p) if !matches!(p.spec.upstream, Upstream::Relayed(_)) => p,
             _ => {
                 return failed(WireError::Connect {
                     message: format!("provider {} is not served by this node", req.provider),
@@ -595,315 +368,22 @@ async fn expire(served: Weak<Served>) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The forwarder's side.
-
-/// A provider reached through its owner's agent on the actor mesh.
-#[derive(Debug, Clone)]
-pub struct MeshUpstream {
-    node: u64,
-    provider: String,
-    url: String,
-}
-
-impl MeshUpstream {
-    /// Provider `provider` of node `node`.
-    pub fn new(node: u64, provider: String) -> Self {
-        Self {
-            node,
-            provider,
-            url: mesh_url(node),
-        }
-    }
-
-    pub fn base_url(&self) -> &str {
-        &self.url
-    }
-
-    pub fn node(&self) -> u64 {
-        self.node
-    }
-
-    fn agent(&self) -> Result<ActorRef<MeshMsg>, UpstreamError> {
-        pg::get_members(&node_group(self.node))
-            .into_iter()
-            .find(|cell| !cell.get_id().is_local())
-            .map(ActorRef::from)
-            .ok_or_else(|| {
-                UpstreamError::Connect(format!(
-                    "node {} is not connected on the actor mesh",
-                    self.node
-                ))
-            })
-    }
-
-    /// Sends `Call` and reads the answer, within `limit`. The returned guard cancels the call
-    /// at the owner when dropped; it is disarmed when the owner has already ended the call. If
-    /// this future is dropped or runs out of time, the guard goes with it and cancels.
-    async fn open(
-        &self,
-        req: &ChatRequest,
-        model: &str,
-        stream: bool,
-        limit: Duration,
-        phase: Phase,
-    ) -> Result<(CancelOnDrop, CallAnswer), UpstreamError> {
-        let agent = self.agent()?;
-        let call = call_id();
-        let bytes = encode(&CallRequest {
-            call: call.clone(),
-            provider: self.provider.clone(),
-            model: model.to_owned(),
-            stream,
-            wait_ms: limit.as_millis() as u64,
-            body: &req.body,
-        });
-        if bytes.len() + ENVELOPE > MAX_FRAME as usize {
-            // Retriable: another provider may be reachable directly.
-            return Err(UpstreamError::Connect(format!(
-                "the request ({} bytes) is too large to forward through the actor mesh (at most {})",
-                bytes.len(),
-                MAX_FRAME as usize - ENVELOPE
-            )));
-        }
-        FORWARDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut guard = CancelOnDrop {
-            agent: agent.clone(),
-            call,
-            armed: true,
-        };
-        match agent
-            .call(|reply| MeshMsg::Call(bytes, reply), Some(limit))
-            .await
-        {
-            Ok(CallResult::Success(answer)) => {
-                let answer: CallAnswer = serde_json::from_slice(&answer).map_err(|e| {
-                    UpstreamError::Protocol(format!("node {} answered badly: {e}", self.node))
-                })?;
-                // Only an opened stream lives on at the owner.
-                guard.armed = matches!(answer, CallAnswer::Opened);
-                Ok((guard, answer))
-            }
-            Ok(CallResult::Timeout) => Err(UpstreamError::Timeout(phase)),
-            Ok(CallResult::SenderError) => Err(UpstreamError::Closed(format!(
-                "node {} dropped the call (its mesh session closed)",
-                self.node
-            ))),
-            Err(e) => Err(UpstreamError::Connect(format!(
-                "node {} on the actor mesh: {e}",
-                self.node
-            ))),
-        }
-    }
-
-    pub async fn complete(
-        &self,
-        req: &ChatRequest,
-        model: &str,
-        timeouts: &Timeouts,
-    ) -> Result<Completion, UpstreamError> {
-        match self
-            .open(req, model, false, timeouts.total, Phase::Total)
-            .await?
-        {
-            (_, CallAnswer::Complete { body, usage }) => Ok(Completion {
-                body: Bytes::from(body),
-                usage,
-            }),
-            (_, CallAnswer::Failed { error }) => Err(error.into()),
-            // The guard cancels it.
-            (_, CallAnswer::Opened) => Err(UpstreamError::Protocol(format!(
-                "node {} opened a stream for a whole answer",
-                self.node
-            ))),
-        }
-    }
-
-    pub async fn stream(
-        &self,
-        req: &ChatRequest,
-        model: &str,
-        timeouts: &Timeouts,
-    ) -> Result<ChunkStream, UpstreamError> {
-        // The first-byte limit runs from here, across the open and the first pulls.
-        let started = Instant::now();
-        let guard = match self
-            .open(req, model, true, timeouts.first_byte, Phase::FirstByte)
-            .await?
-        {
-            (guard, CallAnswer::Opened) => guard,
-            (_, CallAnswer::Failed { error }) => return Err(error.into()),
-            (_, CallAnswer::Complete { .. }) => {
-                return Err(UpstreamError::Protocol(format!(
-                    "node {} answered a stream whole",
-                    self.node
-                )));
-            }
-        };
-        let pulling = Pulling {
-            node: self.node,
-            guard,
-            buffer: VecDeque::new(),
-            finished: false,
-            first: true,
-            last_event: started,
-            first_byte: timeouts.first_byte,
-            idle: timeouts.idle,
-        };
-        Ok(futures::stream::unfold(pulling, |mut p| async move {
-            let item = p.next().await?;
-            Some((item, p))
-        })
-        .boxed())
-    }
-}
-
-/// Calls this node has forwarded to other nodes through the mesh since it started.
-pub fn forwarded_total() -> u64 {
-    FORWARDED.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Calls other nodes have forwarded to this node since it started.
 pub fn served_total() -> u64 {
     SERVED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-static FORWARDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn call_id() -> String {
-    let mut id = [0u8; 12];
-    if getrandom::fill(&mut id).is_err() {
-        // Unique within the process is enough then: the owner keys calls per id.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        id[..8].copy_from_slice(&n.to_le_bytes());
-        id[8..].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Cancels the call at its owner unless the owner already ended it.
-struct CancelOnDrop {
-    agent: ActorRef<MeshMsg>,
-    call: String,
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self
-                .agent
-                .cast(MeshMsg::Cancel(std::mem::take(&mut self.call)));
-        }
-    }
-}
-
-/// A forwarded stream, pulled from its owner.
-struct Pulling {
-    node: u64,
-    guard: CancelOnDrop,
-    buffer: VecDeque<Result<Chunk, UpstreamError>>,
-    finished: bool,
-    /// No chunk yet (the first-byte limit applies, not the idle one).
-    first: bool,
-    last_event: Instant,
-    first_byte: Duration,
-    idle: Duration,
-}
-
-impl Pulling {
-    /// The owner stopped answering: the stream ends with a retriable error.
-    fn lost(&mut self, why: &str) -> Result<Chunk, UpstreamError> {
-        self.finished = true;
-        Err(UpstreamError::Closed(format!(
-            "node {} stopped answering on the actor mesh: {why}",
-            self.node
-        )))
-    }
-
-    async fn next(&mut self) -> Option<Result<Chunk, UpstreamError>> {
-        loop {
-            if let Some(item) = self.buffer.pop_front() {
-                return Some(item);
-            }
-            if self.finished {
-                return None;
-            }
-            // Pull first: chunks already waiting at the owner count, however long the client
-            // took to read the last batch.
-            let call = self.guard.call.clone();
-            let answer = self
-                .guard
-                .agent
-                .call(|reply| MeshMsg::Pull(call, reply), Some(PULL_WAIT * 10))
-                .await;
-            let bytes = match answer {
-                Ok(CallResult::Success(bytes)) => bytes,
-                Ok(CallResult::Timeout) => return Some(self.lost("no answer in time")),
-                Ok(CallResult::SenderError) => return Some(self.lost("its mesh session closed")),
-                Err(e) => return Some(self.lost(&e.to_string())),
-            };
-            let pulled: Pulled = match serde_json::from_slice(&bytes) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.finished = true;
-                    return Some(Err(UpstreamError::Protocol(format!(
-                        "node {} answered a pull badly: {e}",
-                        self.node
-                    ))));
-                }
-            };
-            if !pulled.chunks.is_empty() {
-                self.first = false;
-                self.last_event = Instant::now();
-            }
-            self.buffer.extend(pulled.chunks.into_iter().map(|c| {
-                Ok(Chunk {
-                    json: Bytes::from(c.json),
-                    usage: c.usage,
-                    usage_only: c.usage_only,
-                })
-            }));
-            if let Some(e) = pulled.error {
-                self.buffer.push_back(Err(e.into()));
-            }
-            if pulled.done {
-                self.finished = true;
-                self.guard.armed = false;
-            }
-            if self.buffer.is_empty() && !self.finished {
-                let (limit, phase) = if self.first {
-                    (self.first_byte, Phase::FirstByte)
-                } else {
-                    (self.idle, Phase::Idle)
-                };
-                if self.last_event.elapsed() > limit {
-                    // The guard cancels the call at the owner when the stream is dropped.
-                    self.finished = true;
-                    return Some(Err(UpstreamError::Timeout(phase)));
-                }
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::gateway::GatewayConfig;
-    use crate::provider::{ModelRoute, ProviderSpec};
-    use crate::upstream::DemoModel;
-    use meridian_proto::ErrorKind;
-    use meridian_proto::openai::RequestLimits;
+    use meridian_proto::openai::{RequestLimits, UpstreamErrorInfo};
+    use meridian_proto::{ApiError, ErrorKind};
 
-    #[test]
-    fn mesh_addresses_name_their_node() {
-        assert_eq!(mesh_node(&mesh_url(7)), Some(7));
-        assert_eq!(mesh_node("mesh://node-x"), None);
-        assert_eq!(mesh_node("http://10.0.0.1:8100/v1"), None);
-    }
+    use super::*;
+    use crate::gateway::{Gateway, GatewayConfig};
+    use crate::provider::{ModelRoute, ProviderSpec};
+    use crate::upstream::{DemoModel, Timeouts};
 
     #[test]
     fn errors_cross_the_mesh_unchanged() {
@@ -1040,7 +520,7 @@ mod tests {
         let gateway = Gateway::start(GatewayConfig::standalone(vec![demo(1)]))
             .await
             .unwrap();
-        let served = Served::new(gateway.clone());
+        let served = Served::new(gateway.registry().clone());
         let provider = gateway.provider_by_id("1/demo-0").unwrap();
 
         // A whole answer comes back in the reply.

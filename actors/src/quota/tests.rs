@@ -4,9 +4,10 @@
 use std::sync::atomic::AtomicBool;
 
 use futures::future::BoxFuture;
-use meridian_proto::cluster::{ClusterState, Member, Proposal, Tenant, Tier};
+use meridian_proto::cluster::{Applied, ClusterState, Member, Proposal, Tenant, Tier};
 use tokio::sync::watch;
 
+use super::sync::MAX_FLUSH_BYTES;
 use super::*;
 use crate::replicated::Proposer;
 

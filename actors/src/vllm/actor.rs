@@ -17,84 +17,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::board::{Board, VllmStats};
 use super::metrics::EngineMetrics;
 use super::process::{self, LogRing};
-use super::board::{Board, VllmStats};
+pub use super::messages::{Control, VllmMsg};
+use super::tasks::{Drain, Watch, terminate, watch};
 use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup, probe};
-use crate::gateway::Gateway;
 use crate::provider::ModelRoute;
-
-/// What an operator (or the autoscaler, or node shutdown) asks of a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Deregister, let in-flight requests finish (up to `drain_timeout`), then stop.
-    Drain,
-    /// Deregister and stop now (SIGTERM, then SIGKILL after `stop_grace`).
-    Stop,
-    /// Launch a stopped or failed replica (its crash count starts over).
-    Start,
-    /// Drain, then launch again.
-    Restart,
-}
-
-impl Control {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Drain => "drain",
-            Self::Stop => "stop",
-            Self::Start => "start",
-            Self::Restart => "restart",
-        }
-    }
-}
-
-/// The VllmActor's vocabulary. Local only (it carries reply ports).
-#[derive(Debug)]
-pub enum VllmMsg {
-    /// Launch now (from a backoff timer of `epoch`; a later decision bumps the epoch and so
-    /// cancels the timer).
-    Launch {
-        epoch: u64,
-    },
-    /// The process of `incarnation` exited.
-    Exited {
-        incarnation: u64,
-        status: String,
-    },
-    /// It answered `/health` and lists its model, `after` its launch.
-    Ready {
-        incarnation: u64,
-        after: Duration,
-    },
-    /// It must be restarted: over its startup budget, failing `/health`, or hung.
-    Unhealthy {
-        incarnation: u64,
-        reason: String,
-    },
-    /// Its `/metrics`.
-    Scraped {
-        incarnation: u64,
-        metrics: EngineMetrics,
-    },
-    Control(Control, RpcReplyPort<Result<String, ControlError>>),
-    /// Load (`path: Some`) or unload a LoRA adapter at run time.
-    Lora {
-        name: String,
-        path: Option<String>,
-        reply: RpcReplyPort<Result<String, ControlError>>,
-    },
-    /// The replica of `incarnation` answered a LoRA call (made off the actor, so a slow load
-    /// never delays the handling of an exit or a failed health check): route by it.
-    LoraDone {
-        incarnation: u64,
-        name: String,
-        path: Option<String>,
-        answer: Result<String, ControlError>,
-        reply: RpcReplyPort<Result<String, ControlError>>,
-    },
-}
-
-impl ractor::Message for VllmMsg {}
+use crate::registry::Registry;
 
 /// Who a replica is and where it runs.
 #[derive(Clone)]
@@ -105,7 +35,7 @@ pub struct ReplicaArgs {
     pub provider_id: String,
     pub port: u16,
     pub gpus: Vec<u32>,
-    pub gateway: Gateway,
+    pub registry: Registry,
     pub board: Board,
     pub stats: Arc<VllmStats>,
 }
@@ -192,7 +122,7 @@ impl Actor for VllmActor {
             w.abort();
         }
         if r.state == ReplicaState::Ready {
-            r.a.gateway.deregister_replica(&r.a.provider_id);
+            r.a.registry.deregister_replica(&r.a.provider_id);
         }
         for group in [r.pid.take(), r.last_group.take()].into_iter().flatten() {
             process::signal_group(group, Signal::SIGKILL);
@@ -337,7 +267,7 @@ impl Replica {
             incarnation,
             me: myself.clone(),
             provider_id: self.a.provider_id.clone(),
-            gateway: self.a.gateway.clone(),
+            registry: self.a.registry.clone(),
             served: self
                 .models
                 .first()
@@ -373,7 +303,7 @@ impl Replica {
         };
         if let Err(e) = self
             .a
-            .gateway
+            .registry
             .register_replica(spec, self.a.group.via_mesh)
             .await
         {
@@ -390,7 +320,7 @@ impl Replica {
             return;
         }
         if self.state == ReplicaState::Ready {
-            self.a.gateway.deregister_replica(&self.a.provider_id);
+            self.a.registry.deregister_replica(&self.a.provider_id);
         }
         tracing::warn!(replica = %self.a.name, reason = %reason, "replica unhealthy; deregistered and killing it");
         self.killing_for = Some(reason);
@@ -432,7 +362,7 @@ impl Replica {
             ReplicaState::Ready | ReplicaState::Starting | ReplicaState::Restarting => {
                 if self.state == ReplicaState::Ready {
                     // No request goes to a dead port from now on.
-                    self.a.gateway.deregister_replica(&self.a.provider_id);
+                    self.a.registry.deregister_replica(&self.a.provider_id);
                 }
                 let reason = self
                     .killing_for
@@ -508,7 +438,7 @@ impl Replica {
             (Control::Drain | Control::Stop | Control::Restart, S::Starting | S::Ready) => {
                 let drain = control != Control::Stop;
                 let in_flight = if self.state == S::Ready {
-                    self.a.gateway.deregister_replica(&self.a.provider_id)
+                    self.a.registry.deregister_replica(&self.a.provider_id)
                 } else {
                     None
                 };
@@ -640,195 +570,11 @@ impl Replica {
             self.models.clone(),
         )?;
         self.a
-            .gateway
+            .registry
             .register_replica(spec, self.a.group.via_mesh)
             .await
             .map_err(|e| e.message)?;
         self.publish();
         Ok(())
     }
-}
-
-/// What a drain waits for before SIGTERM: no call of this node in flight (`provider`) and none
-/// running or waiting in the engine at `addr` (other nodes'), or `timeout`.
-struct Drain {
-    provider: Option<Arc<crate::provider::Provider>>,
-    addr: String,
-    timeout: Duration,
-}
-
-/// Stops the process group led by `pid`: first (when draining) waits until nothing is in
-/// flight there (see [`Drain`]), then SIGTERM, then SIGKILL after `grace` if anything of the
-/// group is left.
-async fn terminate(pid: u32, grace: Duration, wait: Option<Drain>) {
-    if let Some(d) = wait {
-        let deadline = Instant::now() + d.timeout;
-        while Instant::now() < deadline {
-            let ours = d.provider.as_ref().map_or(0, |p| p.in_flight());
-            // Other nodes' calls count too: the engine's own count of running and waiting
-            // requests (an engine that does not answer has nothing left to finish).
-            let engine = match probe::get(&d.addr, "/metrics", Duration::from_secs(1)).await {
-                Ok(a) if a.status == 200 => {
-                    let m = EngineMetrics::parse(&String::from_utf8_lossy(&a.body));
-                    m.running + m.waiting
-                }
-                _ => 0.0,
-            };
-            if ours == 0 && engine <= 0.0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    if !process::signal_group(pid, Signal::SIGTERM) {
-        return;
-    }
-    let deadline = Instant::now() + grace;
-    while !process::group_members(pid).is_empty() {
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                pid,
-                grace_ms = grace.as_millis() as u64,
-                "replica ignored SIGTERM; SIGKILL"
-            );
-            process::signal_group(pid, Signal::SIGKILL);
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-struct Watch {
-    addr: String,
-    group: Arc<VllmGroup>,
-    incarnation: u64,
-    me: ActorRef<VllmMsg>,
-    provider_id: String,
-    gateway: Gateway,
-    served: String,
-}
-
-/// Readiness, then liveness, load and progress of one process.
-async fn watch(w: Watch) {
-    let g = &w.group;
-    let probe_timeout = g
-        .health_interval
-        .clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let report = |msg: VllmMsg| {
-        let _ = w.me.cast(msg);
-    };
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(g.health_interval).await;
-        if started.elapsed() > g.startup_budget {
-            report(VllmMsg::Unhealthy {
-                incarnation: w.incarnation,
-                reason: format!(
-                    "not ready within its startup budget of {:?}",
-                    g.startup_budget
-                ),
-            });
-            return;
-        }
-        // A refused connection is normal while vLLM loads.
-        let healthy = probe::get(&w.addr, "/health", probe_timeout)
-            .await
-            .is_ok_and(|a| a.status == 200);
-        if healthy
-            && let Ok(a) = probe::get(&w.addr, "/v1/models", probe_timeout).await
-            && a.status == 200
-            && lists_model(&a.body, &w.served)
-        {
-            report(VllmMsg::Ready {
-                incarnation: w.incarnation,
-                after: started.elapsed(),
-            });
-            break;
-        }
-    }
-    let mut failures = 0;
-    let mut last_failure = String::new();
-    let mut last_scrape: Option<Instant> = None;
-    // Generated tokens when progress was last seen, and when.
-    let mut progress: Option<(f64, Instant)> = None;
-    loop {
-        tokio::time::sleep(g.health_interval).await;
-        match probe::get(&w.addr, "/health", probe_timeout).await {
-            Ok(a) if a.status == 200 => failures = 0,
-            Ok(a) if a.status == 503 => {
-                report(VllmMsg::Unhealthy {
-                    incarnation: w.incarnation,
-                    reason: "/health answered 503: its engine is dead".into(),
-                });
-                return;
-            }
-            Ok(a) => {
-                failures += 1;
-                last_failure = format!("answered {}", a.status);
-            }
-            Err(e) => {
-                failures += 1;
-                last_failure = e.to_string();
-            }
-        }
-        if failures >= g.health_failures.max(1) {
-            report(VllmMsg::Unhealthy {
-                incarnation: w.incarnation,
-                reason: format!("/health failed {failures} times in a row ({last_failure})"),
-            });
-            return;
-        }
-        if last_scrape.is_some_and(|t| t.elapsed() < g.scrape_interval) {
-            continue;
-        }
-        last_scrape = Some(Instant::now());
-        let Ok(a) = probe::get(&w.addr, "/metrics", probe_timeout).await else {
-            continue;
-        };
-        if a.status != 200 {
-            continue;
-        }
-        let m = EngineMetrics::parse(&String::from_utf8_lossy(&a.body));
-        let provider = w.gateway.provider_by_id(&w.provider_id);
-        if let Some(p) = &provider {
-            p.upstream_load()
-                .set(m.running as u32, m.waiting as u32, m.kv_cache_usage);
-        }
-        let ours = provider.map_or(0, |p| p.in_flight());
-        let busy = m.running > 0.0 || ours > 0;
-        let now = Instant::now();
-        match progress {
-            Some((tokens, since)) if busy && m.generation_tokens <= tokens => {
-                if now.duration_since(since) >= g.hang_timeout {
-                    report(VllmMsg::Unhealthy {
-                        incarnation: w.incarnation,
-                        reason: format!(
-                            "hung: {} requests running and no token generated for {:?}",
-                            m.running.max(f64::from(ours)),
-                            now.duration_since(since)
-                        ),
-                    });
-                    return;
-                }
-            }
-            _ => progress = Some((m.generation_tokens, now)),
-        }
-        report(VllmMsg::Scraped {
-            incarnation: w.incarnation,
-            metrics: m,
-        });
-    }
-}
-
-/// Whether a `/v1/models` body lists `model`.
-fn lists_model(body: &[u8], model: &str) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("data")?.as_array().map(|d| {
-                d.iter()
-                    .any(|m| m.get("id").and_then(|i| i.as_str()) == Some(model))
-            })
-        })
-        .unwrap_or(false)
 }

@@ -4,8 +4,8 @@
 //! API ([`Vllm`] is its handle).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
@@ -15,7 +15,7 @@ use super::actor::{Control, ReplicaArgs, VllmActor, VllmMsg};
 use super::board::{Board, VllmStats};
 use super::gpu::{self, Discovery};
 use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup};
-use crate::gateway::Gateway;
+use crate::registry::Registry;
 
 /// The supervisor's vocabulary. Local only.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ pub struct VllmSupervisor;
 
 pub struct VllmSupervisorArgs {
     pub groups: Vec<VllmGroup>,
-    pub gateway: Gateway,
+    pub registry: Registry,
     pub node_id: u64,
     pub discovery: Discovery,
     /// Re-run before each scale-up when discovery found GPUs (`None`: never).
@@ -72,7 +72,7 @@ struct GroupState {
 
 pub struct SupervisorState {
     groups: Vec<GroupState>,
-    gateway: Gateway,
+    registry: Registry,
     node_id: u64,
     nvidia_smi: Option<String>,
     board: Board,
@@ -123,7 +123,7 @@ impl Actor for VllmSupervisor {
                     last_scale: None,
                 })
                 .collect(),
-            gateway: a.gateway,
+            registry: a.registry,
             node_id: a.node_id,
             nvidia_smi: a
                 .nvidia_smi
@@ -238,7 +238,7 @@ impl Actor for VllmSupervisor {
         if let Some(pid) = stale.and_then(|(status, ..)| status.pid) {
             super::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        s.gateway
+        s.registry
             .deregister_replica(&format!("{}/{}", s.node_id, old.name));
         if let Err(e) = s.start_in(gi, slot, old.gpus, &myself).await {
             tracing::error!(replica = %old.name, error = %e, "cannot restart the replica's actor");
@@ -347,7 +347,7 @@ impl SupervisorState {
             provider_id: format!("{}/{name}", self.node_id),
             port,
             gpus: gpus.clone(),
-            gateway: self.gateway.clone(),
+            registry: self.registry.clone(),
             board: self.board.clone(),
             stats: Arc::clone(&self.stats),
         };
@@ -367,7 +367,7 @@ impl SupervisorState {
     }
 
     async fn autoscale(&mut self, myself: &ActorRef<VllmSupervisorMsg>) {
-        let board: Vec<ReplicaStatus> = list(&self.board, &self.gateway);
+        let board: Vec<ReplicaStatus> = list(&self.board, &self.registry);
         for gi in 0..self.groups.len() {
             self.reap(gi, &board);
             let g = &self.groups[gi];
@@ -453,7 +453,7 @@ impl SupervisorState {
 }
 
 /// Every replica as it is now, with this node's in-flight calls to it.
-fn list(board: &Board, gateway: &Gateway) -> Vec<ReplicaStatus> {
+fn list(board: &Board, registry: &Registry) -> Vec<ReplicaStatus> {
     let now = Instant::now();
     board
         .lock()
@@ -464,7 +464,7 @@ fn list(board: &Board, gateway: &Gateway) -> Vec<ReplicaStatus> {
             s.uptime = ready_since
                 .filter(|_| s.state == ReplicaState::Ready)
                 .map(|t| now.duration_since(t));
-            s.in_flight = gateway
+            s.in_flight = registry
                 .provider_by_id(&s.provider_id)
                 .map_or(0, |p| p.in_flight());
             s
@@ -479,7 +479,7 @@ pub struct Vllm {
     /// The longest drain timeout + stop grace of any group: how long a shutdown may take.
     longest_stop: Duration,
     board: Board,
-    gateway: Gateway,
+    registry: Registry,
     stats: Arc<VllmStats>,
 }
 
@@ -488,7 +488,7 @@ impl Vllm {
     /// minimum of replicas.
     pub async fn start(
         groups: Vec<VllmGroup>,
-        gateway: Gateway,
+        registry: Registry,
         node_id: u64,
         nvidia_smi: &str,
     ) -> Result<Self, SpawnErr> {
@@ -509,7 +509,7 @@ impl Vllm {
             VllmSupervisor,
             VllmSupervisorArgs {
                 groups,
-                gateway: gateway.clone(),
+                registry: registry.clone(),
                 node_id,
                 discovery,
                 nvidia_smi: Some(nvidia_smi.to_owned()),
@@ -522,14 +522,14 @@ impl Vllm {
             actor,
             longest_stop,
             board,
-            gateway,
+            registry,
             stats,
         })
     }
 
     /// Every replica on this node, by name.
     pub fn list(&self) -> Vec<ReplicaStatus> {
-        list(&self.board, &self.gateway)
+        list(&self.board, &self.registry)
     }
 
     pub fn stats(&self) -> &VllmStats {

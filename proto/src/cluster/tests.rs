@@ -13,7 +13,7 @@ fn provider(id: &str) -> ProviderRecord {
         id: id.into(),
         kind: "openai".into(),
         region: "eu".into(),
-        base_url: "http://10.0.0.1:8000/v1".into(),
+        reach: Reach::Direct("http://10.0.0.1:8000/v1".into()),
         models: vec!["llama".into()],
         owner: 1,
         weight: 1,
