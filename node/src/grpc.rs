@@ -15,7 +15,7 @@ use meridian_proto::{ApiError, ErrorKind};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::headers;
+use crate::headers::{self, Edge};
 use crate::respond::grpc_status;
 
 pub struct InferenceService {
@@ -25,17 +25,9 @@ pub struct InferenceService {
 
 impl InferenceService {
     /// The pipeline's call for a gRPC request (`stream`: `ChatStream`, whose streams always end
-    /// with a usage chunk). `grpc-timeout` and `x-meridian-deadline-ms` both set a deadline:
-    /// the earlier one holds.
+    /// with a usage chunk).
     fn call<'a>(&self, md: &'a MetadataMap, message: pb::ChatRequest, stream: bool) -> Call<'a> {
-        let get = |name: &str| md.get(name).map(|v| v.as_bytes());
-        let (request_id, credentials, options) = headers::call_parts(get);
-        let options = options.and_then(|mut o| {
-            if let Some(t) = headers::grpc_timeout(get("grpc-timeout"))? {
-                o.deadline = Some(o.deadline.map_or(t, |d| d.min(t)));
-            }
-            Ok(o)
-        });
+        let (request_id, credentials, options) = headers::call_parts(Edge::Grpc, ascii(md));
         let request = ChatCompletionRequest::try_from(message).and_then(|mut params| {
             params.stream = Some(stream);
             if stream {
@@ -52,6 +44,14 @@ impl InferenceService {
             request,
         }
     }
+}
+
+/// The text (not `-bin`) metadata of a call, as the header parser reads it.
+fn ascii(md: &MetadataMap) -> impl Iterator<Item = (&str, &[u8])> {
+    md.iter().filter_map(|entry| match entry {
+        tonic::metadata::KeyAndValueRef::Ascii(k, v) => Some((k.as_str(), v.as_bytes())),
+        tonic::metadata::KeyAndValueRef::Binary(..) => None,
+    })
 }
 
 fn internal(message: &str) -> Status {
@@ -171,8 +171,7 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let (_, credentials, _) =
-            headers::call_parts(|name| req.metadata().get(name).map(|v| v.as_bytes()));
+        let (_, credentials, _) = headers::call_parts(Edge::Grpc, ascii(req.metadata()));
         let models = self
             .gateway
             .list_models(credentials)

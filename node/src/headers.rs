@@ -9,25 +9,76 @@ use meridian_actors::{CallOptions, Credentials};
 use meridian_proto::{ApiError, RequestId};
 use tokio::time::Instant;
 
-/// The request id, the credentials and the checked options of a request whose header (or
-/// metadata) `name` has the value `get(name)`.
+/// The headers (or metadata) the pipeline reads, as a request carried them (the first of each).
+#[derive(Default)]
+struct Read<'a> {
+    request_id: Option<&'a [u8]>,
+    authorization: Option<&'a [u8]>,
+    api_key: Option<&'a [u8]>,
+    deadline_ms: Option<&'a [u8]>,
+    complexity: Option<&'a [u8]>,
+    feature: Option<&'a [u8]>,
+    cache: Option<&'a [u8]>,
+    grpc_timeout: Option<&'a [u8]>,
+}
+
+impl<'a> Read<'a> {
+    /// One pass over `headers` (lower-case names, as HTTP/2, gRPC and `http`'s `HeaderMap` keep
+    /// them): cheaper than a lookup per name, each of which hashes and checks the name again.
+    fn from(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Self {
+        let mut read = Read::default();
+        for (name, value) in headers {
+            let slot = match name {
+                "x-request-id" => &mut read.request_id,
+                "authorization" => &mut read.authorization,
+                "x-api-key" => &mut read.api_key,
+                "x-meridian-deadline-ms" => &mut read.deadline_ms,
+                "x-meridian-complexity" => &mut read.complexity,
+                "x-meridian-feature" => &mut read.feature,
+                "x-meridian-cache" => &mut read.cache,
+                "grpc-timeout" => &mut read.grpc_timeout,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        read
+    }
+}
+
+/// Which edge a request came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    Http,
+    /// Also reads `grpc-timeout`: with `x-meridian-deadline-ms`, the earlier deadline holds.
+    Grpc,
+}
+
+/// The request id, the credentials and the checked options of a request with these headers
+/// (or gRPC metadata).
 pub fn call_parts<'a>(
-    get: impl Fn(&str) -> Option<&'a [u8]>,
+    edge: Edge,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
 ) -> (RequestId, Credentials<'a>, Result<CallOptions, ApiError>) {
+    let read = Read::from(headers);
     // UTF-8 is all the key check needs (it says what is wrong with anything else), and checks
     // faster than a visible-ASCII test.
-    let text = |name| get(name).and_then(|v| std::str::from_utf8(v).ok());
-    let request_id = RequestId::from_client(text("x-request-id"));
+    let text = |v: Option<&'a [u8]>| v.and_then(|v| std::str::from_utf8(v).ok());
+    let request_id = RequestId::from_client(text(read.request_id));
     let credentials = Credentials {
-        authorization: text("authorization"),
-        api_key: text("x-api-key"),
+        authorization: text(read.authorization),
+        api_key: text(read.api_key),
     };
     let options = (|| {
+        let mut deadline = deadline_of(read.deadline_ms)?;
+        let grpc = read.grpc_timeout.filter(|_| edge == Edge::Grpc);
+        if let Some(t) = grpc_timeout(grpc)? {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
         Ok(CallOptions {
-            deadline: deadline_of(get("x-meridian-deadline-ms"))?,
-            complexity: complexity_of(get("x-meridian-complexity"))?,
-            feature: feature_of(get("x-meridian-feature"))?.map(str::to_owned),
-            cache: get("x-meridian-cache").is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
+            deadline,
+            complexity: complexity_of(read.complexity)?,
+            feature: feature_of(read.feature)?.map(str::to_owned),
+            cache: read.cache.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
         })
     })();
     (request_id, credentials, options)
@@ -78,7 +129,7 @@ fn deadline_of(value: Option<&[u8]>) -> Result<Option<Instant>, ApiError> {
 }
 
 /// The deadline a gRPC client set with `grpc-timeout` (e.g. `250m`: 250 ms; units H M S m u n).
-pub fn grpc_timeout(value: Option<&[u8]>) -> Result<Option<Instant>, ApiError> {
+fn grpc_timeout(value: Option<&[u8]>) -> Result<Option<Instant>, ApiError> {
     let Some(v) = value else { return Ok(None) };
     let v = String::from_utf8_lossy(v);
     let bad = || {
@@ -111,13 +162,7 @@ mod tests {
     use super::*;
 
     fn parts(headers: &[(&'static str, &'static str)]) -> Result<CallOptions, ApiError> {
-        call_parts(|name| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_bytes())
-        })
-        .2
+        call_parts(Edge::Http, headers.iter().map(|(n, v)| (*n, v.as_bytes()))).2
     }
 
     #[test]
@@ -157,5 +202,20 @@ mod tests {
         assert!(!parts(&[("x-meridian-cache", "off")]).unwrap().cache);
         let left = grpc_timeout(Some(b"250m")).unwrap().unwrap() - Instant::now();
         assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(100));
+        // Both deadlines on gRPC: the earlier holds; `grpc-timeout` means nothing over HTTP.
+        let both = [
+            ("x-meridian-deadline-ms", &b"60000"[..]),
+            ("grpc-timeout", &b"2S"[..]),
+        ];
+        let grpc = call_parts(Edge::Grpc, both).2.unwrap().deadline.unwrap();
+        assert!(grpc - Instant::now() <= Duration::from_secs(2));
+        let http = call_parts(Edge::Http, both).2.unwrap().deadline.unwrap();
+        assert!(http - Instant::now() > Duration::from_secs(50));
+        // The first of a repeated header counts, as a lookup by name would give it.
+        let (id, ..) = call_parts(
+            Edge::Http,
+            [("x-request-id", &b"a1"[..]), ("x-request-id", b"b2")],
+        );
+        assert_eq!(id.as_str(), "a1");
     }
 }

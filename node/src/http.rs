@@ -29,6 +29,7 @@ use meridian_proto::{ApiError, ErrorKind};
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::headers::Edge;
 use crate::respond::http_error;
 
 #[derive(Clone)]
@@ -68,8 +69,10 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (request_id, credentials, options) =
-        crate::headers::call_parts(|name| headers.get(name).map(HeaderValue::as_bytes));
+    let (request_id, credentials, options) = crate::headers::call_parts(
+        Edge::Http,
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+    );
     let request = body
         .map_err(body_error)
         .and_then(|body| ChatRequest::from_json(&body, st.gateway.limits()));
@@ -160,8 +163,10 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 }
 
 async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    let (_, credentials, _) =
-        crate::headers::call_parts(|name| headers.get(name).map(HeaderValue::as_bytes));
+    let (_, credentials, _) = crate::headers::call_parts(
+        Edge::Http,
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+    );
     let models = match st.gateway.list_models(credentials) {
         Ok(models) => models,
         Err(e) => return http_error(&e),

@@ -51,7 +51,15 @@ impl fmt::Debug for RequestId {
 /// 32 lowercase hex digits from a non-cryptographic generator: ids are for correlation, not
 /// for secrets.
 pub fn random_hex() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    // Written by hand: `format!`'s machinery cost about 1,000 instructions per request here.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(32);
+    for word in [fastrand::u64(..), fastrand::u64(..)] {
+        for shift in (0..16).rev() {
+            text.push(char::from(DIGITS[((word >> (shift * 4)) & 0xf) as usize]));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -67,5 +75,16 @@ mod tests {
             assert_eq!(id.as_str().len(), 32);
         }
         assert_eq!(RequestId::from_client(None).as_str().len(), 32);
+    }
+
+    #[test]
+    fn generated_ids_are_32_lowercase_hex_digits_and_differ() {
+        let a = random_hex();
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_ne!(a, random_hex());
     }
 }

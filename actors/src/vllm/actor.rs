@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::board::{Board, VllmStats};
+pub use super::messages::{Control, VllmMsg};
 use super::metrics::EngineMetrics;
 use super::process::{self, LogRing};
-pub use super::messages::{Control, VllmMsg};
 use super::tasks::{Drain, Watch, terminate, watch};
 use super::{ControlError, ReplicaState, ReplicaStatus, VllmGroup, probe};
 use crate::provider::ModelRoute;

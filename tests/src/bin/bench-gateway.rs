@@ -34,6 +34,10 @@ struct Args {
     /// With `--instructions`: requests per node, sent 64 at a time (a multiple of 64).
     #[arg(long, default_value_t = 2048)]
     requests: usize,
+    /// With `--instructions`: keep each node's callgrind profile in this folder
+    /// (`callgrind.off.1`, `callgrind.on.1`; read them with `callgrind_annotate`).
+    #[arg(long)]
+    keep_profiles: Option<PathBuf>,
     /// Instead: end users under a per-user tokens/day limit. Times a known user's request and
     /// a new user's first request (c=1, in turns), after 1,000 users and again after this many
     /// more new users (sent 32 at a time); and the node's c=64 throughput and resident memory
@@ -595,6 +599,7 @@ const SOFT_SHA256: &str = "sha2::sha256::soft::*compress";
 fn instruction_counts(
     bin_dir: &Path,
     tmp: &Path,
+    profiles: &Path,
     mock_addr: &str,
     per_connection: usize,
 ) -> anyhow::Result<String> {
@@ -614,7 +619,7 @@ fn instruction_counts(
             "[auth]\nenabled = false\n"
         };
         write_node_config(&config, &data, auth, mock_addr, r#"["mock"]"#)?;
-        let out = tmp.join(format!("callgrind.{name}"));
+        let out = profiles.join(format!("callgrind.{name}"));
         let mut callgrind = Command::new("valgrind");
         callgrind
             .args(["--tool=callgrind", "--instr-atstart=no"])
@@ -708,7 +713,18 @@ fn main() -> anyhow::Result<()> {
     let mock_addr = line.rsplit(' ').next().context("mock address")?.to_owned();
     let secs = args.duration;
     if args.instructions {
-        let report = instruction_counts(&bin_dir, tmp.path(), &mock_addr, args.requests / 64)?;
+        let profiles = args
+            .keep_profiles
+            .clone()
+            .unwrap_or_else(|| tmp.path().to_owned());
+        std::fs::create_dir_all(&profiles)?;
+        let report = instruction_counts(
+            &bin_dir,
+            tmp.path(),
+            &profiles,
+            &mock_addr,
+            args.requests / 64,
+        )?;
         println!("{report}");
         return Ok(());
     }
