@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use meridian_actors::quota::{Estimate, Quota, QuotaConfig, Scope};
-use meridian_actors::replicated::{Proposer, Replicated};
+use meridian_actors::replicated::{ProposeError, Proposer, Replicated};
 use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, Proposal, UsageTotals};
 use tokio::sync::watch;
 
@@ -26,7 +26,7 @@ struct Ledger {
 struct Local(Arc<Ledger>, Arc<std::sync::atomic::AtomicU64>);
 
 impl Proposer for Local {
-    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>> {
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, ProposeError>> {
         let ledger = Arc::clone(&self.0);
         if matches!(command, Command::RequestGrant(_)) {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -35,7 +35,10 @@ impl Proposer for Local {
             let at_unix_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            let mut s = ledger.state.lock().map_err(|e| e.to_string())?;
+            let mut s = ledger
+                .state
+                .lock()
+                .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
             let applied = s.apply(&Proposal {
                 at_unix_ms,
                 proposer: 1,

@@ -23,6 +23,23 @@ use meridian_proto::{ApiError, ErrorKind};
 pub use api::{ApiAdapter, Dialect};
 pub use demo::DemoModel;
 
+/// Why an upstream's client cannot be built from its address (or its key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{url:?} is not a URL: {reason}")]
+    NotAUrl { url: String, reason: String },
+    #[error("{url:?} has no host")]
+    NoHost { url: String },
+    #[error("{url:?}: unsupported scheme {scheme:?} (http or https)")]
+    Scheme { url: String, scheme: Option<String> },
+    #[error("{host:?} is not a valid TLS server name")]
+    ServerName { host: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("the API key contains characters not allowed in a header")]
+    KeyNotAHeader,
+}
+
 /// Time limits on one upstream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

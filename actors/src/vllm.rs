@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use crate::provider::replica::{REPLICA_CONNECT_TIMEOUT, replica_spec};
 use crate::provider::{ModelRoute, ProviderSpec};
-use crate::upstream::{ApiAdapter, Dialect, Timeouts, Upstream};
+use crate::upstream::{ApiAdapter, Dialect, EndpointError, Timeouts, Upstream};
 use process::Launch;
 
 /// One `[[vllm]]` section: a model served by a group of replicas on this node.
@@ -251,7 +251,7 @@ impl VllmGroup {
         provider_id: String,
         port: u16,
         models: Vec<ModelRoute>,
-    ) -> Result<ProviderSpec, String> {
+    ) -> Result<ProviderSpec, EndpointError> {
         let base_url = format!("http://{}:{port}/v1", self.advertise_host);
         let adapter = ApiAdapter::new(Dialect::OpenAi, &base_url, None, REPLICA_CONNECT_TIMEOUT)?;
         let mut spec = replica_spec(

@@ -16,12 +16,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use meridian_actors::auth;
 use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
-use meridian_actors::replicated::{Proposer, Replicated};
+use meridian_actors::replicated::{ProposeError, Proposer, Replicated};
 use meridian_actors::vllm::supervisor::Vllm;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
-use meridian_cluster::raft::{ClusterNode, NoPeers};
+use meridian_cluster::raft::{ClusterError, ClusterNode, NoPeers};
 use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
@@ -519,9 +519,14 @@ async fn start_cluster(
 struct RaftProposer(ClusterNode);
 
 impl Proposer for RaftProposer {
-    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>> {
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, ProposeError>> {
         let cluster = self.0.clone();
-        Box::pin(async move { cluster.propose(command).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            cluster.propose(command).await.map_err(|e| match e {
+                ClusterError::Rejected(why) => ProposeError::Refused(why),
+                other => ProposeError::Unavailable(other.to_string()),
+            })
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use meridian_proto::cluster::{ProviderPrice, ProviderRecord, Reach};
 
 use super::{ModelRoute, ProviderSpec};
 use crate::mesh::caller::MeshUpstream;
-use crate::upstream::{ApiAdapter, Dialect, Timeouts, Upstream};
+use crate::upstream::{ApiAdapter, Dialect, EndpointError, Timeouts, Upstream};
 
 /// Connecting to a replica (on this node or a nearby one) takes no longer than this.
 pub(crate) const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,7 +47,7 @@ pub fn replica_spec(
 
 /// The routing spec of a replica another node registered: called directly at its address, or
 /// through its owner on the actor mesh when the record says it is reached through it.
-pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, String> {
+pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, EndpointError> {
     let models = record
         .models
         .iter()

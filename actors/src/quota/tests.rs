@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::sync::MAX_FLUSH_BYTES;
 use super::*;
-use crate::replicated::Proposer;
+use crate::replicated::{ProposeError, Proposer};
 
 /// One in-memory cluster: proposals are applied at once; `down` makes every proposal fail
 /// (no quorum).
@@ -29,7 +29,7 @@ struct NodeProposer {
 }
 
 impl Proposer for NodeProposer {
-    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, String>> {
+    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, ProposeError>> {
         let ledger = Arc::clone(&self.ledger);
         let node = self.node;
         Box::pin(async move {
@@ -37,7 +37,7 @@ impl Proposer for NodeProposer {
                 .grants_and_reports
                 .fetch_add(grants_and_reports(&command), Ordering::Relaxed);
             if ledger.down.load(Ordering::Relaxed) {
-                return Err("no leader is known".into());
+                return Err(ProposeError::Unavailable("no leader is known".into()));
             }
             let mut s = lock(&ledger.state);
             let applied = s.apply(&Proposal {
@@ -47,7 +47,9 @@ impl Proposer for NodeProposer {
             });
             ledger.published.send_replace(Arc::new(s.clone()));
             if ledger.lose_next_ack.swap(false, Ordering::Relaxed) {
-                return Err("the leader went away before answering".into());
+                return Err(ProposeError::Unavailable(
+                    "the leader went away before answering".into(),
+                ));
             }
             Ok(applied)
         })

@@ -28,7 +28,7 @@ use super::anthropic::{self, Step};
 use super::http1::{Exchange, Pool};
 use super::openai;
 use super::sse::SseParser;
-use super::{Chunk, ChunkStream, Completion, Phase, Timeouts, UpstreamError};
+use super::{Chunk, ChunkStream, Completion, EndpointError, Phase, Timeouts, UpstreamError};
 
 /// Most bytes of an upstream error body we read.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -94,11 +94,15 @@ impl ApiAdapter {
         base_url: &str,
         api_key: Option<String>,
         connect_timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EndpointError> {
         let pool = Pool::new(base_url, connect_timeout)?;
-        let uri: http::Uri = base_url
-            .parse()
-            .map_err(|e| format!("{base_url:?} is not a URL: {e}"))?;
+        let uri: http::Uri =
+            base_url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| EndpointError::NotAUrl {
+                    url: base_url.into(),
+                    reason: e.to_string(),
+                })?;
         let endpoint = match dialect {
             Dialect::OpenAi => "chat/completions",
             Dialect::Anthropic { .. } => "messages",
@@ -111,8 +115,8 @@ impl ApiAdapter {
                     Dialect::OpenAi => (AUTHORIZATION, format!("Bearer {key}")),
                     Dialect::Anthropic { .. } => (HeaderName::from_static("x-api-key"), key),
                 };
-                let mut v = HeaderValue::from_str(&value)
-                    .map_err(|_| "the API key contains characters not allowed in a header")?;
+                let mut v =
+                    HeaderValue::from_str(&value).map_err(|_| EndpointError::KeyNotAHeader)?;
                 v.set_sensitive(true);
                 Some((name, v))
             }

@@ -28,6 +28,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
+
+use super::EndpointError;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -107,20 +109,31 @@ impl Conn {
 impl Pool {
     /// A pool for `base_url` (`http://host:port/...` or `https://...`). The path part is the
     /// caller's business.
-    pub fn new(base_url: &str, connect_timeout: Duration) -> Result<Self, String> {
-        let uri: http::Uri = base_url
-            .parse()
-            .map_err(|e| format!("{base_url:?} is not a URL: {e}"))?;
+    pub fn new(base_url: &str, connect_timeout: Duration) -> Result<Self, EndpointError> {
+        let uri: http::Uri =
+            base_url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| EndpointError::NotAUrl {
+                    url: base_url.into(),
+                    reason: e.to_string(),
+                })?;
         let host = uri
             .host()
-            .ok_or_else(|| format!("{base_url:?} has no host"))?
+            .ok_or_else(|| EndpointError::NoHost {
+                url: base_url.into(),
+            })?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
         let tls = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
-            other => return Err(format!("{base_url:?}: unsupported scheme {other:?}")),
+            other => {
+                return Err(EndpointError::Scheme {
+                    url: base_url.into(),
+                    scheme: other.map(str::to_owned),
+                });
+            }
         };
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let authority = uri
@@ -130,10 +143,10 @@ impl Pool {
         let tls = if tls {
             use rustls_platform_verifier::ConfigVerifierExt;
             let mut config = rustls::ClientConfig::with_platform_verifier()
-                .map_err(|e| format!("TLS setup failed: {e}"))?;
+                .map_err(|e| EndpointError::Tls(e.to_string()))?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let name = ServerName::try_from(host.clone())
-                .map_err(|e| format!("{host:?} is not a valid TLS server name: {e}"))?;
+                .map_err(|_| EndpointError::ServerName { host: host.clone() })?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None

@@ -174,11 +174,9 @@ impl Actor for VllmActor {
                 reply,
             } => {
                 let answer = match answer {
-                    Ok(text) if incarnation == r.incarnation && r.state == ReplicaState::Ready => r
-                        .lora_applied(name, path.is_some())
-                        .await
-                        .map(|()| text)
-                        .map_err(ControlError::Refused),
+                    Ok(text) if incarnation == r.incarnation && r.state == ReplicaState::Ready => {
+                        r.lora_applied(name, path.is_some()).await.map(|()| text)
+                    }
                     Ok(_) => Err(ControlError::Refused(format!(
                         "{} restarted or stopped meanwhile; its adapters are those it launched with",
                         r.a.name
@@ -556,7 +554,7 @@ impl Replica {
     }
 
     /// Routes an adapter the replica loaded (or no longer routes one it unloaded).
-    async fn lora_applied(&mut self, name: String, loaded: bool) -> Result<(), String> {
+    async fn lora_applied(&mut self, name: String, loaded: bool) -> Result<(), ControlError> {
         self.models.retain(|m| m.name != name);
         if loaded {
             self.models.push(ModelRoute {
@@ -564,16 +562,16 @@ impl Replica {
                 upstream_name: name,
             });
         }
-        let spec = self.a.group.provider_spec(
-            self.a.provider_id.clone(),
-            self.a.port,
-            self.models.clone(),
-        )?;
+        let spec = self
+            .a
+            .group
+            .provider_spec(self.a.provider_id.clone(), self.a.port, self.models.clone())
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
         self.a
             .registry
             .register_replica(spec, self.a.group.via_mesh)
             .await
-            .map_err(|e| e.message)?;
+            .map_err(|e| ControlError::Refused(e.message))?;
         self.publish();
         Ok(())
     }
