@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_actors::mesh::Mesh;
-use meridian_actors::vllm::ControlError;
+use meridian_actors::vllm::{ControlError, ReplicaState};
 
 use meridian_actors::Gateway;
 use meridian_actors::auth;
@@ -437,6 +437,7 @@ impl Admin for AdminService {
                 group: r.group,
                 provider_id: r.provider_id,
                 state: r.state.as_str().into(),
+                life: life(r.state) as i32,
                 state_for_ms: r.state_for.as_millis() as u64,
                 uptime_ms: r.uptime.map_or(0, |u| u.as_millis() as u64),
                 pid: r.pid.unwrap_or(0),
@@ -724,6 +725,21 @@ fn with_changes<T: serde::Serialize>(
         answer.get_mut().changes = changed_fields(before, after, skip);
     }
     Ok(answer)
+}
+
+/// A replica's state as the admin API types it.
+fn life(state: ReplicaState) -> pb::ReplicaLife {
+    use pb::ReplicaLife as L;
+    match state {
+        ReplicaState::Starting => L::Starting,
+        ReplicaState::Ready => L::Ready,
+        ReplicaState::Restarting => L::Restarting,
+        ReplicaState::Backoff => L::Backoff,
+        ReplicaState::Draining => L::Draining,
+        ReplicaState::Stopping => L::Stopping,
+        ReplicaState::Stopped => L::Stopped,
+        ReplicaState::Failed => L::Failed,
+    }
 }
 
 /// A replica command's outcome: what was done, or why not.

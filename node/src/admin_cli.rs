@@ -744,10 +744,12 @@ fn limits(l: Option<admin_pb::Limits>) -> String {
 /// One line per replica for `meridian admin vllm list`.
 fn print_replica(r: &admin_pb::Replica) {
     let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
-    let state = match r.state.as_str() {
-        "starting" => format!("starting (loading for {})", secs(r.state_for_ms)),
-        "ready" => format!("ready (up {})", secs(r.uptime_ms)),
-        other => format!("{other} (for {})", secs(r.state_for_ms)),
+    let state = match r.life() {
+        admin_pb::ReplicaLife::Starting => {
+            format!("starting (loading for {})", secs(r.state_for_ms))
+        }
+        admin_pb::ReplicaLife::Ready => format!("ready (up {})", secs(r.uptime_ms)),
+        _ => format!("{} (for {})", r.state, secs(r.state_for_ms)),
     };
     let gpus = if r.gpus.is_empty() {
         "-".to_owned()

@@ -62,3 +62,24 @@ fn pages_cover_a_section_once_in_order_and_stay_small() {
         "a bad cursor names the field"
     );
 }
+
+#[test]
+fn every_replica_state_has_its_typed_life_with_the_same_name() {
+    use meridian_actors::vllm::ReplicaState as S;
+    for state in [
+        S::Starting,
+        S::Ready,
+        S::Restarting,
+        S::Backoff,
+        S::Draining,
+        S::Stopping,
+        S::Stopped,
+        S::Failed,
+    ] {
+        let name = life(state).as_str_name();
+        assert_eq!(
+            name.strip_prefix("REPLICA_LIFE_").map(str::to_lowercase),
+            Some(state.as_str().to_owned()),
+        );
+    }
+}
