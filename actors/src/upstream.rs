@@ -40,6 +40,17 @@ pub enum EndpointError {
     KeyNotAHeader,
 }
 
+impl EndpointError {
+    /// `url` as a URI, or why it is not one.
+    pub(crate) fn parse(url: &str) -> Result<http::Uri, EndpointError> {
+        url.parse()
+            .map_err(|e: http::uri::InvalidUri| EndpointError::NotAUrl {
+                url: url.into(),
+                reason: e.to_string(),
+            })
+    }
+}
+
 /// Time limits on one upstream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

@@ -96,13 +96,7 @@ impl ApiAdapter {
         connect_timeout: Duration,
     ) -> Result<Self, EndpointError> {
         let pool = Pool::new(base_url, connect_timeout)?;
-        let uri: http::Uri =
-            base_url
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| EndpointError::NotAUrl {
-                    url: base_url.into(),
-                    reason: e.to_string(),
-                })?;
+        let uri = EndpointError::parse(base_url)?;
         let endpoint = match dialect {
             Dialect::OpenAi => "chat/completions",
             Dialect::Anthropic { .. } => "messages",

@@ -110,13 +110,7 @@ impl Pool {
     /// A pool for `base_url` (`http://host:port/...` or `https://...`). The path part is the
     /// caller's business.
     pub fn new(base_url: &str, connect_timeout: Duration) -> Result<Self, EndpointError> {
-        let uri: http::Uri =
-            base_url
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| EndpointError::NotAUrl {
-                    url: base_url.into(),
-                    reason: e.to_string(),
-                })?;
+        let uri = EndpointError::parse(base_url)?;
         let host = uri
             .host()
             .ok_or_else(|| EndpointError::NoHost {
