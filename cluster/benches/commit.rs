@@ -15,14 +15,8 @@ use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
 use meridian_proto::cluster::{Command, GrantRequest, NodeId};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::arg;
 
 /// A usage flush: `batch` usage reports over as many limit keys.
 fn flush(node: NodeId, round: u64, batch: u64) -> Command {

@@ -32,21 +32,15 @@ use meridian_proto::cluster::{
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, Membership};
 
+mod common;
+use common::arg;
+
 /// The node's allocator (see `node/src/main.rs`): the apply path's path copies are many small
 /// allocations, and the figures are the node's only with the allocator it runs with.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DAY_MS: u64 = 86_400_000;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Feeds entries to the state machine one at a time, as openraft does after each commit.
 struct Feeder {

@@ -116,6 +116,17 @@ impl TestNode {
             .unwrap_or_default()
     }
 
+    /// `GET path` on this node, its body read as JSON.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .client()
+            .get(self.url(path))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     /// The node's `/metrics` text (empty if it cannot be had).
     pub async fn metrics(&self) -> String {
         match self.client().get(self.url("/metrics")).send().await {
@@ -207,6 +218,13 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 /// A provider section for an OpenAI-compatible upstream at `base_url` serving `models`.
+/// A loopback port free when asked (bound and let go: another process may take it first).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 pub fn provider_toml(id: &str, base_url: &str, models: &[&str], extra: &str) -> String {
     provider_toml_kind(id, "openai", base_url, models, extra)
 }

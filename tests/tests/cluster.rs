@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use meridian_tests::free_port;
+
 use meridian_tests::procs::Harness;
 
 const T: Duration = Duration::from_secs(30);
@@ -574,15 +576,6 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
     );
 }
 
-/// A free loopback port (for a replica).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Three nodes, node 1 with the `[[vllm]]` section `vllm` (the mock vLLM on `port`), and tenant
 /// `acme` with an API key, which is returned.
 async fn boot_with_replica(h: &mut Harness, port: u16, vllm: &str) -> String {
@@ -603,7 +596,7 @@ async fn boot_with_replica(h: &mut Harness, port: u16, vllm: &str) -> String {
 
 #[tokio::test]
 async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
-    let port = free_port();
+    let port = free_port().unwrap();
     let mut h = Harness::new(20);
     let key = boot_with_replica(
         &mut h,
@@ -757,7 +750,7 @@ fn streamed_text(events: &[String]) -> String {
 #[tokio::test]
 async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     use futures::StreamExt;
-    let port = free_port();
+    let port = free_port().unwrap();
     let mut h = Harness::new(21);
     // No advertise_host: node 1 publishes the replica as reachable through itself only.
     let key = boot_with_replica(

@@ -442,15 +442,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 async fn models_health_and_readiness() {
     let m = mock(Flavor::Vllm).await;
     let n = node(&m, &["mock", "alias=mock"], "", "").await;
-    let v: Value = n
-        .client()
-        .get(n.url("/v1/models"))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let v = n.get_json("/v1/models").await.expect("models");
     assert_eq!(v["object"], "list");
     let ids: Vec<&str> = v["data"]
         .as_array()

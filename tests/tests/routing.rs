@@ -256,15 +256,7 @@ async fn auto_picks_a_model_by_complexity() {
     assert_eq!(send(chat_body("auto", false, ""), Some("hard")).await, 200);
     assert_eq!(small.stats.requests.load(SeqCst), 3);
     // `auto` is listed with the real models.
-    let models: Value = node
-        .client()
-        .get(node.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = node.get_json("/v1/models").await.unwrap();
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

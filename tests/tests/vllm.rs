@@ -183,15 +183,7 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
         assert!(text.contains("chat.completion"), "{text}");
     }
     assert_eq!(mock_requests(port).await, raced + 3);
-    let models: serde_json::Value = node
-        .client()
-        .get(node.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = node.get_json("/v1/models").await.unwrap();
     assert_eq!(models["data"][0]["id"], "llama-8b");
     println!(
         "slow start: loading 1500 ms; shown as starting for {} ms at t+500 ms; ready and routed \
