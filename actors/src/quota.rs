@@ -56,6 +56,30 @@ pub enum NoQuorum {
     LocalShare,
 }
 
+/// The wall clock that places quota windows: the system's, or one a test sets and moves.
+#[derive(Debug, Clone, Default)]
+pub struct WallClock(Option<Arc<AtomicU64>>);
+
+impl WallClock {
+    /// The system's clock.
+    pub fn system() -> Self {
+        WallClock(None)
+    }
+
+    /// A clock that reads `unix_ms` (Unix ms), wherever its holder sets it.
+    pub fn set_by(unix_ms: Arc<AtomicU64>) -> Self {
+        WallClock(Some(unix_ms))
+    }
+
+    /// Now, in Unix ms.
+    pub fn now_ms(&self) -> u64 {
+        match &self.0 {
+            Some(set) => set.load(Ordering::Relaxed),
+            None => now_unix_ms(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
     /// How often charged usage is reported to the ledger.
@@ -83,6 +107,8 @@ pub struct QuotaConfig {
     /// that has not yet seen every member register does not take a larger share than the
     /// others count it for.
     pub min_nodes: u64,
+    /// Where windows are read from (the system's clock; tests set their own).
+    pub clock: WallClock,
 }
 
 impl Default for QuotaConfig {
@@ -98,6 +124,7 @@ impl Default for QuotaConfig {
             static_share: 0.5,
             state_dir: None,
             min_nodes: 1,
+            clock: WallClock::system(),
         }
     }
 }
@@ -320,7 +347,7 @@ impl Quota {
             .unwrap_or(0);
         let first_seq = (last_seq + 1).max(now_unix_ms() * 1000);
         let (started_unix_ms, kept) = match &config.state_dir {
-            Some(dir) => shares::restore(dir),
+            Some(dir) => shares::restore(dir, config.clock.now_ms()),
             None => (0, Vec::new()),
         };
         let mut budgets = Budgets::default();
@@ -443,7 +470,7 @@ impl Quota {
     /// given back before the lock is let go.
     fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
-        let unix = now_unix_ms();
+        let unix = self.inner.config.clock.now_ms();
         let mut guard = lock(&self.inner.budgets);
         let budgets = &mut *guard;
         let mut charges = Vec::new();
@@ -645,7 +672,7 @@ impl Quota {
         let Some(dir) = &self.inner.config.state_dir else {
             return;
         };
-        let unix = now_unix_ms();
+        let unix = self.inner.config.clock.now_ms();
         let kept: Vec<shares::Kept> = lock(&self.inner.budgets)
             .map
             .iter()
@@ -730,7 +757,7 @@ impl Quota {
                 _ if delta < 0 => continue,
                 _ => {}
             }
-            let (current, _) = c.key.kind.window(now_unix_ms());
+            let (current, _) = c.key.kind.window(self.inner.config.clock.now_ms());
             if !budgets.map.contains_key(&c.key) {
                 let mut b = Budget::new(c.key.kind, c.limit, current, Instant::now());
                 let (share, nodes) = self.share_of(c.limit);

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{LimitKind, now_unix_ms};
+use super::LimitKind;
 
 const MARKER: &str = "quota.running";
 const SAVED: &str = "quota-shares.json";
@@ -50,7 +50,7 @@ mod kind_code {
 
 /// From when this start can vouch for its shares (0: always), and the counts kept by a
 /// clean stop. Marks the node running.
-pub(super) fn restore(dir: &Path) -> (u64, Vec<Kept>) {
+pub(super) fn restore(dir: &Path, now_ms: u64) -> (u64, Vec<Kept>) {
     let marker = dir.join(MARKER);
     let saved = dir.join(SAVED);
     let crashed = marker.exists();
@@ -74,13 +74,13 @@ pub(super) fn restore(dir: &Path) -> (u64, Vec<Kept>) {
         tracing::warn!(
             "quota: this node's share counts from before this start are lost (no clean stop); the shares of windows begun before now count as spent"
         );
-        now_unix_ms()
+        now_ms
     } else {
         0
     };
     if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| durable_write(dir, MARKER, b"")) {
         tracing::warn!(error = %e, "quota: cannot mark the node running; shares are not kept over a restart");
-        return (now_unix_ms(), Vec::new());
+        return (now_ms, Vec::new());
     }
     (from, kept)
 }

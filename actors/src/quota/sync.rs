@@ -56,7 +56,7 @@ impl Quota {
         let mut room = Room(MAX_FLUSH_BYTES);
         {
             let mut budgets = lock(&self.inner.budgets);
-            budgets.forget_ended(now_unix_ms());
+            budgets.forget_ended(self.inner.config.clock.now_ms());
             // What does not fit is reported by a later flush.
             let reports = budgets.unreported(|key| room.take(REPORT_BYTES + key.ledger.len()));
             commands.extend(reports.iter().map(|(key, window_start, delta, limit)| {
@@ -284,7 +284,7 @@ impl Quota {
         let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == code) else {
             return;
         };
-        let unix = now_unix_ms();
+        let unix = self.inner.config.clock.now_ms();
         if kind.window(unix) != (wanted.window_start, wanted.window_ms) {
             return; // not the window this node admits in
         }

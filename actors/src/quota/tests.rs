@@ -21,7 +21,13 @@ struct Ledger {
     lose_next_ack: AtomicBool,
     /// Grant requests and usage reports proposed so far (what a scope costs the ledger).
     grants_and_reports: AtomicU64,
+    /// The wall clock of every node on this ledger and of its proposals (Unix ms): set by the
+    /// tests, so that no test depends on where in a minute it happens to run.
+    clock: Arc<AtomicU64>,
 }
+
+/// Where the tests' clocks start: a second into a minute (and a day, and a month).
+const TEST_START_MS: u64 = 1_767_225_601_000; // 2026-01-01T00:00:01Z
 
 struct NodeProposer {
     ledger: Arc<Ledger>,
@@ -41,7 +47,7 @@ impl Proposer for NodeProposer {
             }
             let mut s = lock(&ledger.state);
             let applied = s.apply(&Proposal {
-                at_unix_ms: now_unix_ms(),
+                at_unix_ms: ledger.clock.load(Ordering::Relaxed),
                 proposer: node,
                 command,
             });
@@ -100,10 +106,15 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         down: AtomicBool::new(false),
         lose_next_ack: AtomicBool::new(false),
         grants_and_reports: AtomicU64::new(0),
+        clock: Arc::new(AtomicU64::new(TEST_START_MS)),
     })
 }
 
 fn node(ledger: &Arc<Ledger>, id: NodeId, config: QuotaConfig) -> Quota {
+    let config = QuotaConfig {
+        clock: WallClock::set_by(Arc::clone(&ledger.clock)),
+        ..config
+    };
     Quota::start(
         id,
         config,
@@ -130,15 +141,6 @@ fn ledger_only() -> QuotaConfig {
 /// Waits, if needed, so that the next few seconds fall inside one minute window: a test that
 /// counts admissions against a per-minute limit must not straddle a window boundary (the next
 /// window brings a fresh budget).
-async fn inside_one_window() {
-    let into = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() % 60_000) as u64;
-    if into > 55_000 {
-        tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
-    }
-}
-
 fn tokens(n: u64) -> Estimate {
     Estimate {
         prompt: n / 2,
@@ -163,7 +165,6 @@ fn tpm(limit: u64) -> Vec<Scope> {
 
 #[tokio::test]
 async fn three_nodes_never_admit_more_than_the_limit_together() {
-    inside_one_window().await;
     let ledger = ledger(3);
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
@@ -198,7 +199,6 @@ async fn three_nodes_never_admit_more_than_the_limit_together() {
 
 #[tokio::test]
 async fn settled_reservations_give_back_what_they_did_not_use() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -233,7 +233,7 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
     q.flush().await;
     let used = ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
     assert_eq!(used, 700, "the ledger holds actual usage");
-    let day = now_unix_ms() / 86_400_000;
+    let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
     assert_eq!(
         ledger.published.borrow().usage[&day]["acme"]["m"].requests,
         7,
@@ -249,7 +249,6 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
 
 #[tokio::test]
 async fn without_quorum_limits_deny_or_share() {
-    inside_one_window().await;
     let ledger = ledger(4);
     let tenant: Arc<str> = "acme".into();
     let limits = tenant_scope(Limits {
@@ -288,7 +287,6 @@ async fn without_quorum_limits_deny_or_share() {
 
 #[tokio::test]
 async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
-    inside_one_window().await;
     let ledger = ledger(4);
     let tenant: Arc<str> = "acme".into();
     let limits = tenant_scope(Limits {
@@ -348,7 +346,6 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
 
 #[tokio::test]
 async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_running() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -394,7 +391,6 @@ async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_runn
 
 #[tokio::test]
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -462,7 +458,6 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
 
 #[tokio::test]
 async fn a_limit_of_one_admits_exactly_one() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -481,7 +476,6 @@ async fn a_limit_of_one_admits_exactly_one() {
 
 #[tokio::test]
 async fn a_report_whose_answer_was_lost_is_counted_once() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, ledger_only());
     let tenant: Arc<str> = "acme".into();
@@ -508,7 +502,6 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
 
 #[tokio::test]
 async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -542,7 +535,6 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
 
 #[tokio::test]
 async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -563,7 +555,7 @@ async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
     );
     assert!(state.remaining <= 4_900, "{state:?}");
     // A second later the reset is a second nearer.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    ledger.clock.fetch_add(1_100, Ordering::Relaxed);
     let third = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
     let later = third.rate_limits[0].reset;
     assert!(
@@ -721,7 +713,9 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
     // Let the flusher's first (immediate) tick pass before there is anything to flush.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let now = Instant::now();
-    let window = LimitKind::TokensPerDay.window(now_unix_ms()).0;
+    let window = LimitKind::TokensPerDay
+        .window(q.inner.config.clock.now_ms())
+        .0;
     let users = 20_000;
     {
         let mut budgets = lock(&q.inner.budgets);
@@ -801,7 +795,6 @@ fn user_scope(user: u64, tokens_per_minute: u64) -> Vec<Scope> {
 
 #[tokio::test]
 async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_entry() {
-    inside_one_window().await;
     let ledger = ledger(3);
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
@@ -843,7 +836,6 @@ async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_
 
 #[tokio::test]
 async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
-    inside_one_window().await;
     let ledger = ledger(3);
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
@@ -894,7 +886,6 @@ async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
 
 #[tokio::test]
 async fn with_static_shares_a_node_without_quorum_still_admits_its_share() {
-    inside_one_window().await;
     let ledger = ledger(4);
     ledger.down.store(true, Ordering::Relaxed);
     let q = node(&ledger, 1, QuotaConfig::default());
@@ -918,7 +909,6 @@ async fn with_static_shares_a_node_without_quorum_still_admits_its_share() {
 
 #[tokio::test]
 async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_spent() {
-    inside_one_window().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = || QuotaConfig {
         state_dir: Some(dir.path().to_path_buf()),
@@ -955,7 +945,6 @@ async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_sp
 
 #[tokio::test]
 async fn a_grant_asked_for_while_a_share_is_open_counts_what_the_share_admitted() {
-    inside_one_window().await;
     let ledger = ledger(3);
     let q = node(&ledger, 1, QuotaConfig::default());
     let tenant: Arc<str> = "acme".into();
@@ -996,7 +985,6 @@ async fn admit_until_refused(q: &Quota, limit: u64, each: u64) -> u64 {
 
 #[tokio::test]
 async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
-    inside_one_window().await;
     // Only this node is in the member table yet; the cluster is configured with three voters.
     let ledger = ledger(1);
     ledger.down.store(true, Ordering::Relaxed);
@@ -1014,7 +1002,6 @@ async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
 
 #[tokio::test]
 async fn a_clean_stop_reports_what_the_last_interval_charged() {
-    inside_one_window().await;
     let ledger = ledger(1);
     let q = node(
         &ledger,
