@@ -510,13 +510,13 @@ async fn follow_registry(
         let Some(inner) = registry.upgrade() else {
             return;
         };
-        let now = Registry { inner };
+        let live = Registry { inner };
         // Records of this node's replicas that this run of the node never registered are left
         // from before a restart (their processes died with the node): remove them.
         for id in own {
-            if !lock(&now.inner.registering).contains_key(&id) {
+            if !lock(&live.inner.registering).contains_key(&id) {
                 tracing::info!(provider = %id, "removing a replica record left from before this node restarted");
-                now.deregister_replica(&id);
+                live.deregister_replica(&id);
             }
         }
         // Another address (or capacity) is another provider; other models alone are not
@@ -532,7 +532,7 @@ async fn follow_registry(
             .collect();
         for id in gone {
             known.remove(&id);
-            now.withdraw_provider(&id);
+            live.withdraw_provider(&id);
             tracing::info!(provider = %id, "a remote replica left the registry; no longer routed to");
         }
         for (id, record) in records {
@@ -540,7 +540,7 @@ async fn follow_registry(
                 continue;
             }
             match crate::provider::remote_replica_spec(&record) {
-                Ok(spec) => match now.add_provider(spec).await {
+                Ok(spec) => match live.add_provider(spec).await {
                     Ok(_) => {
                         tracing::info!(provider = %id, reach = %record.reach, "routing to a replica another node registered");
                         known.insert(id, record);
@@ -555,7 +555,7 @@ async fn follow_registry(
                 }
             }
         }
-        drop(now);
+        drop(live);
         if state.changed().await.is_err() {
             return;
         }
