@@ -47,11 +47,11 @@ pub struct Credentials<'a> {
 }
 
 /// Makes a new key from the OS random source.
-pub fn generate_key() -> Result<NewKey, String> {
+pub fn generate_key() -> Result<NewKey, getrandom::Error> {
     let mut id = [0u8; ID_HEX / 2];
     let mut secret = [0u8; SECRET_HEX / 2];
-    getrandom::fill(&mut id).map_err(|e| format!("no OS randomness: {e}"))?;
-    getrandom::fill(&mut secret).map_err(|e| format!("no OS randomness: {e}"))?;
+    getrandom::fill(&mut id)?;
+    getrandom::fill(&mut secret)?;
     let id = hex(&id);
     let whole = format!("{KEY_PREFIX}{id}_{}", hex(&secret));
     Ok(NewKey {
@@ -62,9 +62,9 @@ pub fn generate_key() -> Result<NewKey, String> {
 }
 
 /// A random token of `bytes` bytes, hex-encoded (admin tokens).
-pub fn random_token(bytes: usize) -> Result<String, String> {
+pub fn random_token(bytes: usize) -> Result<String, getrandom::Error> {
     let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).map_err(|e| format!("no OS randomness: {e}"))?;
+    getrandom::fill(&mut buf)?;
     Ok(hex(&buf))
 }
 

@@ -330,7 +330,8 @@ impl Admin for AdminService {
         if r.label.len() > 200 {
             return Err(field("label", "must be at most 200 bytes"));
         }
-        let key = auth::generate_key().map_err(Status::internal)?;
+        let key =
+            auth::generate_key().map_err(|e| Status::internal(format!("no OS randomness: {e}")))?;
         let record = ApiKeyRecord {
             id: key.id.clone(),
             tenant: r.tenant.clone(),

@@ -346,7 +346,7 @@ fn admin_token(config: &Config) -> Result<(String, Option<String>), AppError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(failed(&e)),
     }
-    let token = auth::random_token(32).map_err(|e| failed(&e))?;
+    let token = auth::random_token(32).map_err(|e| failed(&format!("no OS randomness: {e}")))?;
     std::fs::create_dir_all(&config.node.data_dir).map_err(|e| failed(&e))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -388,7 +388,7 @@ async fn bootstrap_dev_key(cluster: &ClusterNode) -> Result<Option<String>, AppE
         return Ok(None);
     }
     let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("development key: {e}"));
-    let key = auth::generate_key().map_err(|e| failed(&e))?;
+    let key = auth::generate_key().map_err(|e| failed(&format!("no OS randomness: {e}")))?;
     let commands = vec![
         Command::UpsertTier(Tier {
             name: "dev".into(),
