@@ -11,6 +11,7 @@ pub mod jwt;
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 
 use meridian_proto::cluster::ClusterState;
+use meridian_proto::ids::hex;
 use meridian_proto::{ApiError, ErrorKind};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -70,17 +71,6 @@ pub fn random_token(bytes: usize) -> Result<String, getrandom::Error> {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
-}
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
-    }
-    out
 }
 
 /// Whether `a` and `b` are equal, in time that depends only on their lengths. Compared eight

@@ -169,16 +169,15 @@ pub fn record(request_id: &RequestId, model: &str, started: Instant, ending: End
 impl Gateway {
     /// Serves one inference request from start to end (see the module's steps).
     pub async fn serve(&self, call: Call<'_>) -> Served {
-        let started = Instant::now();
         let request_id = call.request_id.clone();
         let mut extras = Extras {
-            started,
+            started: Instant::now(),
             model: String::new(),
             rate_limits: Vec::new(),
             cache: None,
         };
         let answer = self.run(call, &mut extras).await;
-        let model = &extras.model;
+        let (model, started) = (&extras.model, extras.started);
         match &answer {
             Ok(Answer::Stream(_)) => {}
             Ok(Answer::Complete(_)) => record(&request_id, model, started, Ending::Complete),
