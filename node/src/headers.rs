@@ -1,6 +1,6 @@
 //! The request headers both inference edges read, parsed in one place: HTTP headers and gRPC
 //! metadata carry the same names (`authorization`, `x-api-key`, `x-request-id`,
-//! `x-meridian-*`), so each edge hands over a lookup and gets the pipeline's parts back.
+//! `x-meridian-*`), so each edge hands over its headers and gets the pipeline's parts back.
 
 use std::time::Duration;
 
