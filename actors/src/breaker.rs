@@ -24,63 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use meridian_policy::breaker::BreakerConfig;
+use meridian_policy::breaker::{self, Window, verdict};
+use meridian_policy::route::Gate;
 use meridian_proto::cluster::{
     Applied, BreakerRecord, BreakerState, ClusterState, Command, NodeId,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
-use crate::policy::Gate;
 use crate::replicated::Replicated;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct BreakerConfig {
-    /// This many failures in a row trip it.
-    pub consecutive_failures: u32,
-    /// An error rate at or over this (0–1) over `window` trips it, once `min_calls` were made.
-    pub error_rate: f64,
-    pub min_calls: u32,
-    pub window: Duration,
-    /// A call whose first byte takes longer than this is slow; a share of slow calls at or
-    /// over `slow_rate` (with `min_calls`) trips it.
-    pub slow_call: Duration,
-    pub slow_rate: f64,
-    /// The first open period; each further consecutive trip doubles it, up to `open_max`.
-    pub open_base: Duration,
-    pub open_max: Duration,
-    /// Requests let through while half-open; that many successes close it.
-    pub probes: u32,
-    /// How long a half-open breaker waits for its tripping node's probes before any node may
-    /// probe (the tripping node may be gone, or see no traffic).
-    pub probe_grace: Duration,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            consecutive_failures: 5,
-            error_rate: 0.5,
-            min_calls: 20,
-            window: Duration::from_secs(10),
-            slow_call: Duration::from_secs(30),
-            slow_rate: 0.5,
-            open_base: Duration::from_secs(5),
-            open_max: Duration::from_secs(300),
-            probes: 3,
-            probe_grace: Duration::from_secs(10),
-        }
-    }
-}
-
-impl BreakerConfig {
-    /// How long the `trips`-th consecutive trip keeps the breaker open.
-    pub fn open_for(&self, trips: u32) -> Duration {
-        let doublings = trips.saturating_sub(1).min(20);
-        self.open_base
-            .saturating_mul(1 << doublings)
-            .min(self.open_max)
-    }
-}
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -88,122 +41,17 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The gate for `record` at `now` on node `me` (pure; see the module docs).
+/// The gate for `record` at `now` on node `me` (see [`meridian_policy::breaker::gate`]).
 pub fn gate(record: Option<&BreakerRecord>, me: NodeId, now_ms: u64, grace: Duration) -> Gate {
-    let Some(r) = record else {
-        return Gate::Closed;
-    };
-    match r.state {
-        BreakerState::Closed => Gate::Closed,
-        BreakerState::Open { until_unix_ms } => {
-            if r.forced || now_ms < until_unix_ms {
-                Gate::Open
-            } else if r.by == me || now_ms >= until_unix_ms.saturating_add(grace.as_millis() as u64)
-            {
-                Gate::Probe
-            } else {
-                Gate::Open
-            }
-        }
-    }
-}
-
-const BUCKETS: usize = 10;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    /// Which slice of time (since the epoch, in bucket lengths) this bucket counts.
-    slot: u64,
-    ok: u32,
-    failed: u32,
-    /// Calls whose first-byte time was measured, and of those the slow ones.
-    timed: u32,
-    slow: u32,
-}
-
-/// Calls over the last `window`, in ten buckets.
-#[derive(Debug, Clone)]
-pub struct Window {
-    bucket_ms: u64,
-    buckets: [Bucket; BUCKETS],
-}
-
-impl Window {
-    pub fn new(window: Duration) -> Self {
-        Self {
-            bucket_ms: (window.as_millis() as u64 / BUCKETS as u64).max(1),
-            buckets: [Bucket::default(); BUCKETS],
-        }
-    }
-
-    fn bucket(&mut self, now_ms: u64) -> &mut Bucket {
-        let slot = now_ms / self.bucket_ms;
-        let b = &mut self.buckets[(slot % BUCKETS as u64) as usize];
-        if b.slot != slot {
-            *b = Bucket {
-                slot,
-                ..Bucket::default()
-            };
-        }
-        b
-    }
-
-    pub fn record(&mut self, now_ms: u64, ok: bool) {
-        let b = self.bucket(now_ms);
-        if ok {
-            b.ok += 1;
-        } else {
-            b.failed += 1;
-        }
-    }
-
-    pub fn record_latency(&mut self, now_ms: u64, slow: bool) {
-        let b = self.bucket(now_ms);
-        b.timed += 1;
-        if slow {
-            b.slow += 1;
-        }
-    }
-
-    /// (calls, failed, timed, slow) over the window ending at `now_ms`.
-    pub fn totals(&self, now_ms: u64) -> (u32, u32, u32, u32) {
-        let current = now_ms / self.bucket_ms;
-        self.buckets
-            .iter()
-            .filter(|b| b.slot + (BUCKETS as u64) > current && b.slot <= current)
-            .fold((0, 0, 0, 0), |(c, f, t, s), b| {
-                (c + b.ok + b.failed, f + b.failed, t + b.timed, s + b.slow)
-            })
-    }
-
-    pub fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
-    }
-}
-
-/// Why the detector would trip, if it would (pure).
-pub fn verdict(
-    config: &BreakerConfig,
-    window: &Window,
-    consecutive: u32,
-    now_ms: u64,
-) -> Option<String> {
-    if consecutive >= config.consecutive_failures {
-        return Some(format!("{consecutive} failures in a row"));
-    }
-    let (calls, failed, timed, slow) = window.totals(now_ms);
-    let min = config.min_calls.max(1);
-    let secs = config.window.as_secs_f64();
-    if calls >= min && f64::from(failed) >= config.error_rate * f64::from(calls) {
-        return Some(format!("{failed} of {calls} calls failed in {secs:.0} s"));
-    }
-    if timed >= min && f64::from(slow) >= config.slow_rate * f64::from(timed) {
-        return Some(format!(
-            "{slow} of {timed} calls took over {:?} to the first byte in {secs:.0} s",
-            config.slow_call
-        ));
-    }
-    None
+    let view = record.map(|r| breaker::Record {
+        open_until_ms: match r.state {
+            BreakerState::Closed => None,
+            BreakerState::Open { until_unix_ms } => Some(until_unix_ms),
+        },
+        forced: r.forced,
+        by: r.by,
+    });
+    breaker::gate(view, me, now_ms, grace)
 }
 
 #[derive(Debug)]

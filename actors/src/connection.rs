@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
+pub use meridian_policy::retry::RetryBudget;
 use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
@@ -48,7 +49,7 @@ pub struct RequestContext {
     /// the request ends.
     pub reservation: Option<Reservation>,
     /// `X-Meridian-Complexity`, for a virtual model such as `auto`.
-    pub complexity: Option<crate::policy::Complexity>,
+    pub complexity: Option<meridian_policy::route::Complexity>,
     /// The tenant's share of provider queues (set by the gateway from the tenant's record).
     pub weight: u32,
 }
@@ -98,54 +99,6 @@ pub struct ConnectionArgs {
     pub ejected: usize,
     pub retries: Arc<RetryBudget>,
     pub reply: oneshot::Sender<Result<ChatReply, ApiError>>,
-}
-
-/// How many extra attempts (fallbacks) the node allows: at most a fifth of its requests plus
-/// ten, over a rolling ten-second window, so that an outage cannot multiply the load.
-#[derive(Debug)]
-pub struct RetryBudget {
-    window: Mutex<Instant>,
-    requests: AtomicU32,
-    retries: AtomicU32,
-}
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        Self {
-            window: Mutex::new(Instant::now()),
-            requests: AtomicU32::new(0),
-            retries: AtomicU32::new(0),
-        }
-    }
-}
-
-impl RetryBudget {
-    const WINDOW: Duration = Duration::from_secs(10);
-
-    fn roll(&self) {
-        let mut start = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if start.elapsed() >= Self::WINDOW {
-            *start = Instant::now();
-            self.requests.store(0, Ordering::Relaxed);
-            self.retries.store(0, Ordering::Relaxed);
-        }
-    }
-
-    pub fn count_request(&self) {
-        self.roll();
-        self.requests.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Takes one extra attempt from the budget, if any is left.
-    pub fn try_retry(&self) -> bool {
-        self.roll();
-        let allowed = self.requests.load(Ordering::Relaxed) / 5 + 10;
-        self.retries
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                (r < allowed).then_some(r + 1)
-            })
-            .is_ok()
-    }
 }
 
 /// The ConnectionActor's vocabulary: it is told once to run, and stops itself when done.
@@ -220,7 +173,7 @@ async fn serve(args: ConnectionArgs) {
     for (attempt, route) in routes.iter().enumerate() {
         if attempt > 0 {
             let past_deadline = ctx.deadline.is_some_and(|d| d <= Instant::now());
-            if past_deadline || !retries.try_retry() {
+            if past_deadline || !retries.try_retry(Instant::now().into_std()) {
                 break;
             }
             tracing::info!(

@@ -23,7 +23,6 @@ use crate::connection::RetryBudget;
 use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
 use crate::estimate;
 use crate::estimate::{Price, Tokenizer};
-use crate::policy::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
 use crate::registry::{Breakers, Registry};
@@ -31,6 +30,7 @@ use crate::replicated::Replicated;
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
+use meridian_policy::route::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -192,7 +192,7 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 cluster: config.cluster,
                 auth: config.auth,
-                retries: Arc::new(RetryBudget::default()),
+                retries: Arc::new(RetryBudget::new(std::time::Instant::now())),
                 jwt: config.jwt,
                 keys: auth::KeyTable::default(),
                 prices: config.prices.into_iter().collect(),
@@ -453,7 +453,9 @@ impl Gateway {
         let tenant = self.tenant_rules(ctx.principal.as_ref());
         ctx.weight = tenant.weight;
         let (routes, ejected) = self.route(&request, &ctx, &tenant)?;
-        self.inner.retries.count_request();
+        self.inner
+            .retries
+            .count_request(tokio::time::Instant::now().into_std());
         let (reply, answer) = oneshot::channel();
         let args = ConnectionArgs {
             request,
@@ -501,7 +503,7 @@ impl Gateway {
         let may_call = |m: &str| allowed.is_empty() || allowed.iter().any(|a| a == m);
         let models: Vec<&str> = match self.inner.registry.aliases().get(model) {
             Some(alias) => {
-                let complexity = policy::classify(
+                let complexity = route::classify(
                     &alias.rules,
                     Signals {
                         prompt_tokens: estimate::prompt_tokens(request, Default::default()),
@@ -610,7 +612,7 @@ impl Gateway {
             })
     }
 
-    /// One model's providers in the order to try them (see [`policy::plan`]), and how many of
+    /// One model's providers in the order to try them (see [`route::plan`]), and how many of
     /// its providers were left out (open breakers, outside the tenant's regions).
     fn plan(
         &self,
@@ -651,7 +653,7 @@ impl Gateway {
                     .then_some(r.provider.spec.id.as_str()),
             })
             .collect();
-        let order = policy::plan(
+        let order = route::plan(
             &candidates,
             &self.inner.region,
             regions,
@@ -722,7 +724,7 @@ fn prefix_key(request: &ChatRequest) -> u64 {
         }
     }
     text.truncate(PREFIX);
-    policy::fnv1a(&text)
+    route::fnv1a(&text)
 }
 
 /// A tenant's routing rules, read from its replicated record.

@@ -1,4 +1,4 @@
-//! Meridian's actors, provider adapters and routing policy.
+//! Meridian's actors, request pipeline and provider adapters.
 //!
 //! Supervision tree (one per node):
 //!
@@ -17,7 +17,8 @@
 //! Map:
 //! - [`gateway`]: the [`Gateway`] handle the node's edges call;
 //! - [`connection`], [`provider`], [`supervisor`], [`breaker`]: the actors;
-//! - [`policy`]: routing decisions as pure functions;
+//! - the pure decisions (routing plan, breaker gate and windows, retry budget, limit windows)
+//!   live in the `meridian-policy` crate below this one, which no async code can reach;
 //! - [`upstream`]: the only outbound calls to LLM providers (OpenAI-compatible, Anthropic,
 //!   demo).
 //!
@@ -31,7 +32,6 @@ pub mod estimate;
 pub mod gateway;
 pub mod mesh;
 pub mod pipeline;
-pub mod policy;
 pub mod provider;
 pub mod quota;
 pub mod registry;

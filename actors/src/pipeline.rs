@@ -23,8 +23,8 @@ use tokio::time::Instant;
 pub use crate::auth::Credentials;
 use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 use crate::gateway::Gateway;
-use crate::policy::Complexity;
 use crate::quota::RateLimitState;
+use meridian_policy::route::Complexity;
 
 /// What the client asked of Meridian itself, beside the request (the `X-Meridian-*` headers,
 /// or their gRPC metadata).

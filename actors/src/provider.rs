@@ -48,7 +48,7 @@ pub struct ProviderSpec {
     /// Counts its models' prompts for admission.
     pub tokenizer: crate::estimate::Tokenizer,
     /// Keep a conversation on the same provider (vLLM replicas with prefix caching): see
-    /// [`crate::policy::plan`].
+    /// [`meridian_policy::route::plan`].
     pub prefix_affinity: bool,
     /// Share of traffic relative to others at equal load: its capacity counts `weight` times.
     pub weight: u32,

@@ -41,7 +41,9 @@ mod sync;
 
 use budget::{Budget, BudgetKey, Budgets, ScopeKind, ShareMode};
 pub use limits::{LimitKind, RateLimitState, whole_seconds};
-use limits::{Unit, limited, too_big, window_reset};
+use limits::{limit_of, limited, too_big};
+pub use meridian_policy::clock::WallClock;
+use meridian_policy::limit::{Unit, static_share, window_reset};
 use sync::background;
 
 use crate::estimate::Price;
@@ -54,30 +56,6 @@ pub enum NoQuorum {
     Deny,
     /// Admit up to limit ÷ number of nodes per window on this node alone.
     LocalShare,
-}
-
-/// The wall clock that places quota windows: the system's, or one a test sets and moves.
-#[derive(Debug, Clone, Default)]
-pub struct WallClock(Option<Arc<AtomicU64>>);
-
-impl WallClock {
-    /// The system's clock.
-    pub fn system() -> Self {
-        WallClock(None)
-    }
-
-    /// A clock that reads `unix_ms` (Unix ms), wherever its holder sets it.
-    pub fn set_by(unix_ms: Arc<AtomicU64>) -> Self {
-        WallClock(Some(unix_ms))
-    }
-
-    /// Now, in Unix ms.
-    pub fn now_ms(&self) -> u64 {
-        match &self.0 {
-            Some(set) => set.load(Ordering::Relaxed),
-            None => now_unix_ms(),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -483,7 +461,7 @@ impl Quota {
         let limits = scopes
             .iter()
             .flat_map(|s| LimitKind::ALL.map(|k| (s, k)))
-            .filter_map(|(s, k)| Some((&s.key, k, k.of(&s.limits)?)));
+            .filter_map(|(s, k)| Some((&s.key, k, limit_of(k, &s.limits)?)));
         for (scope, kind, limit) in limits {
             let cost = estimate.cost(kind);
             let (window_start, window_ms) = kind.window(unix);
@@ -704,8 +682,10 @@ impl Quota {
     fn share_of(&self, limit: u64) -> (u64, u64) {
         let members = self.inner.cluster.state.borrow().members.len() as u64;
         let nodes = members.max(self.inner.config.min_nodes).max(1);
-        let share = (limit as f64 * self.inner.config.static_share / nodes as f64).floor() as u64;
-        (share, nodes)
+        (
+            static_share(limit, self.inner.config.static_share, nodes),
+            nodes,
+        )
     }
 
     /// Whether this node knows everything it admitted in the window that began at `start`

@@ -15,10 +15,10 @@ use tokio::task::JoinHandle;
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerMsg};
 use crate::connection::Route;
-use crate::policy::Alias;
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::replicated::Replicated;
 use crate::supervisor::SupervisorMsg;
+use meridian_policy::route::Alias;
 
 /// A handle to the routing table and the providers behind it. Cheap to clone.
 #[derive(Clone)]

@@ -1,5 +1,6 @@
 //! The crate's layering, checked from its sources: no import circle among the files of
-//! `actors/src`, only the layers above the gateway import it, and routing policy stays pure.
+//! `actors/src`, only the layers above the gateway import it, and the pure decisions' crate
+//! depends on nothing async.
 //!
 //! A file's imports are the `crate::…` paths and `super::…` names it uses outside comments and
 //! its inline test module; each names the file of the module it reaches.
@@ -201,13 +202,27 @@ fn nothing_below_the_gateway_imports_it() {
     );
 }
 
-/// Routing decisions are pure: no async runtime, actor framework, HTTP type or other module
-/// of the crate can reach them.
+/// The pure decisions (the `meridian-policy` crate) stay pure: the compiler keeps out what the
+/// crate does not depend on, and this keeps its dependencies free of an async runtime, an actor
+/// framework, HTTP, or another Meridian crate.
 #[test]
-fn routing_policy_is_pure() {
-    let mods = modules();
-    let text = code(&mods["policy"]);
-    for forbidden in ["tokio", "ractor", "http::", "hyper", "crate::"] {
-        assert!(!text.contains(forbidden), "policy.rs names {forbidden:?}");
+fn the_policy_crate_depends_on_nothing_async() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).expect("the policy crate's manifest");
+    let deps: Vec<&str> = text
+        .split("\n[")
+        .filter(|section| section.starts_with("dependencies]"))
+        .flat_map(|section| section.lines().skip(1))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split(['.', '=', ' ']).next())
+        .collect();
+    assert!(!deps.is_empty(), "no [dependencies] read from {manifest:?}");
+    for dep in &deps {
+        assert!(
+            ["time"].contains(dep),
+            "meridian-policy depends on {dep:?}: only `time` is allowed (add a pure crate here \
+             only after checking it pulls in no runtime, actor framework or HTTP type)"
+        );
     }
 }

@@ -16,12 +16,12 @@ use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::breaker::BreakerConfig;
 use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
-use meridian_actors::policy::{Alias, Complexity, ComplexityRules};
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{
     ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
 };
 use meridian_cluster::raft::RaftTimings;
+use meridian_policy::route::{Alias, Complexity, ComplexityRules};
 use meridian_proto::cluster::ProviderPrice;
 use meridian_proto::openai::RequestLimits;
 

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use meridian_actors::policy::Complexity;
 use meridian_actors::{CallOptions, Credentials};
+use meridian_policy::route::Complexity;
 use meridian_proto::{ApiError, RequestId};
 use tokio::time::Instant;
 

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use meridian_policy::limit::slice_size;
 use meridian_proto::cluster::{Applied, ClusterState, Command, GrantRequest};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -138,11 +139,14 @@ impl Quota {
                 return;
             };
             let now = Instant::now();
-            let elapsed = now.duration_since(b.demand_since).as_secs_f64().max(0.05);
-            let rate = b.demand as f64 / elapsed;
-            let cap = ((b.limit as f64 * self.inner.config.max_slice).ceil() as u64).max(1);
-            let want = (rate * self.inner.config.slice_horizon.as_secs_f64()).ceil() as u64;
-            let amount = want.clamp((cap / 10).max(1), cap).max(b.need).min(b.limit);
+            let amount = slice_size(
+                b.limit,
+                self.inner.config.max_slice,
+                b.demand,
+                now.duration_since(b.demand_since),
+                self.inner.config.slice_horizon,
+                b.need,
+            );
             b.give_up_share();
             b.need = 0;
             b.demand = 0;

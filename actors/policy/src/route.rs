@@ -1,4 +1,5 @@
-//! Routing decisions as pure functions: no async, no mailbox, table-tested.
+//! Routing decisions: the order to try providers in, complexity classes, model aliases and
+//! session affinity.
 
 /// What the policy sees of one candidate provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
