@@ -22,10 +22,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub use meridian_policy::breaker::BreakerConfig;
 use meridian_policy::breaker::{self, Window, verdict};
+use meridian_policy::clock::WallClock;
 use meridian_policy::route::Gate;
 use meridian_proto::cluster::{
     Applied, BreakerRecord, BreakerState, ClusterState, Command, NodeId,
@@ -34,12 +35,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
 use crate::replicated::Replicated;
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The gate for `record` at `now` on node `me` (see [`meridian_policy::breaker::gate`]).
 pub fn gate(record: Option<&BreakerRecord>, me: NodeId, now_ms: u64, grace: Duration) -> Gate {
@@ -81,6 +76,7 @@ pub struct Breaker {
     /// Changes as replicas come and go.
     groups: std::sync::RwLock<Vec<Vec<String>>>,
     config: Arc<BreakerConfig>,
+    clock: WallClock,
     node: NodeId,
     state: watch::Receiver<Arc<ClusterState>>,
     actor: ActorRef<BreakerMsg>,
@@ -104,6 +100,7 @@ impl Breaker {
         key: String,
         groups: Vec<Vec<String>>,
         config: Arc<BreakerConfig>,
+        clock: WallClock,
         cluster: &Replicated,
         actor: ActorRef<BreakerMsg>,
     ) -> Self {
@@ -117,6 +114,7 @@ impl Breaker {
             key,
             groups: std::sync::RwLock::new(groups),
             config,
+            clock,
             node: cluster.node_id,
             state: cluster.state.clone(),
             actor,
@@ -127,7 +125,12 @@ impl Breaker {
     /// slot was taken for this request (when none is left, it is [`Gate::Open`]).
     pub fn gate(&self, state: &ClusterState) -> Gate {
         let record = state.breakers.get(&self.key);
-        match gate(record, self.node, now_unix_ms(), self.config.probe_grace) {
+        match gate(
+            record,
+            self.node,
+            self.clock.now_ms(),
+            self.config.probe_grace,
+        ) {
             g @ (Gate::Closed | Gate::Open) => g,
             Gate::Probe => {
                 let version = record.map_or(0, |r| r.version);
@@ -148,7 +151,7 @@ impl Breaker {
 
     /// How long a call took to its first byte (slow calls can trip the breaker).
     pub fn first_byte(&self, took: Duration) {
-        let now = now_unix_ms();
+        let now = self.clock.now_ms();
         let mut local = lock(&self.local);
         local
             .window
@@ -199,7 +202,7 @@ impl Breaker {
     /// Asks the actor once per record version (again after a second if nothing changed, e.g.
     /// when the panic threshold refused), and starts counting afresh.
     fn send_once(&self, local: &mut Local, version: u64, msg: BreakerMsg) {
-        let now = now_unix_ms();
+        let now = self.clock.now_ms();
         if local
             .asked
             .is_some_and(|(v, at)| v == version && now < at + 1_000)
@@ -214,7 +217,7 @@ impl Breaker {
 
     /// One call's outcome: `ok` or a failure of the provider's own (see the module docs).
     pub fn observe(&self, ok: bool) {
-        let now = now_unix_ms();
+        let now = self.clock.now_ms();
         let (version, open) = self.record_now();
         let mut local = lock(&self.local);
         let msg = if open {
@@ -269,6 +272,8 @@ pub struct BreakerArgs {
     pub cluster: Replicated,
     pub config: Arc<BreakerConfig>,
     pub stats: Arc<BreakerStats>,
+    /// What open periods are counted on.
+    pub clock: WallClock,
 }
 
 impl Actor for BreakerActor {
@@ -290,7 +295,7 @@ impl Actor for BreakerActor {
         msg: Self::Msg,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let now = now_unix_ms();
+        let now = s.clock.now_ms();
         let (command, key) = match msg {
             BreakerMsg::Trip {
                 key,

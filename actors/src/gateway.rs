@@ -30,6 +30,7 @@ use crate::replicated::Replicated;
 use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
+use meridian_policy::clock::WallClock;
 use meridian_policy::route::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 
 #[derive(Debug, Clone)]
@@ -51,6 +52,9 @@ pub struct GatewayConfig {
     pub cache: Option<CacheConfig>,
     /// Circuit breakers (they need `cluster`: a trip is a replicated decision).
     pub breaker: BreakerConfig,
+    /// The clock breaker windows and open periods are read on (quota windows read the
+    /// quota's own, `QuotaConfig::clock`).
+    pub breaker_clock: WallClock,
     /// This node's region: its providers there are preferred.
     pub region: String,
     /// Virtual models (`auto`) by name.
@@ -75,6 +79,7 @@ impl GatewayConfig {
             prices: HashMap::new(),
             cache: None,
             breaker: BreakerConfig::default(),
+            breaker_clock: WallClock::system(),
             region: String::new(),
             aliases: HashMap::new(),
             awaited_models: Vec::new(),
@@ -142,6 +147,7 @@ impl Gateway {
                         cluster: cluster.clone(),
                         config: Arc::clone(&breaker_config),
                         stats: Arc::clone(&breaker_stats),
+                        clock: config.breaker_clock.clone(),
                     },
                     supervisor.get_cell(),
                 )
@@ -149,6 +155,7 @@ impl Gateway {
                 Some(Breakers {
                     cluster: cluster.clone(),
                     config: breaker_config,
+                    clock: config.breaker_clock,
                     actor,
                     by_id: Mutex::new(HashMap::new()),
                 })

@@ -18,6 +18,7 @@ use crate::connection::Route;
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::replicated::Replicated;
 use crate::supervisor::SupervisorMsg;
+use meridian_policy::clock::WallClock;
 use meridian_policy::route::Alias;
 
 /// A handle to the routing table and the providers behind it. Cheap to clone.
@@ -362,6 +363,7 @@ impl Table {
 pub(crate) struct Breakers {
     pub(crate) cluster: Replicated,
     pub(crate) config: Arc<BreakerConfig>,
+    pub(crate) clock: WallClock,
     pub(crate) actor: ActorRef<BreakerMsg>,
     pub(crate) by_id: Mutex<HashMap<String, Arc<Breaker>>>,
 }
@@ -389,6 +391,7 @@ impl Breakers {
                         p.spec.id.clone(),
                         groups,
                         Arc::clone(&self.config),
+                        self.clock.clone(),
                         &self.cluster,
                         self.actor.clone(),
                     );

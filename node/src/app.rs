@@ -22,6 +22,7 @@ use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterError, ClusterNode, NoPeers};
+use meridian_policy::clock::WallClock;
 use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
@@ -101,6 +102,7 @@ impl App {
             prices: config.prices.clone(),
             cache: config.cache,
             breaker: config.breaker.clone(),
+            breaker_clock: WallClock::system(),
             region: config.node.region.clone(),
             aliases: config.aliases.clone(),
             awaited_models: config
