@@ -165,6 +165,20 @@ pub fn peer_id(peer_name: &str) -> Option<u64> {
     name.strip_prefix("node-")?.parse().ok()
 }
 
+/// Why a peer's agent did not describe itself.
+#[derive(Debug, thiserror::Error)]
+pub enum DescribeError {
+    #[error("bad description: {0}")]
+    Unreadable(serde_json::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the agent dropped the question")]
+    Dropped,
+    /// The question could not be sent (the session is gone); the messaging error's text.
+    #[error("not sent: {0}")]
+    Unsent(String),
+}
+
 impl Mesh {
     /// Starts the node server on `config.listen` and this node's agent.
     pub async fn start(config: MeshConfig, registry: Registry) -> Result<Self, MeshError> {
@@ -235,7 +249,10 @@ impl Mesh {
 
     /// Asks every other node's agent to describe itself, through the mesh. An agent that does
     /// not answer within `timeout` is reported with its error.
-    pub async fn describe_peers(&self, timeout: Duration) -> Vec<Result<NodeDescription, String>> {
+    pub async fn describe_peers(
+        &self,
+        timeout: Duration,
+    ) -> Vec<Result<NodeDescription, DescribeError>> {
         let asker = mesh_name(self.node_id);
         let remote = pg::get_members(&NODES_GROUP.to_owned())
             .into_iter()
@@ -251,10 +268,11 @@ impl Mesh {
                 .await;
             out.push(match answer {
                 Ok(ractor::rpc::CallResult::Success(json)) => {
-                    serde_json::from_str(&json).map_err(|e| format!("bad description: {e}"))
+                    serde_json::from_str(&json).map_err(DescribeError::Unreadable)
                 }
-                Ok(other) => Err(format!("no answer: {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Ok(ractor::rpc::CallResult::Timeout) => Err(DescribeError::Timeout(timeout)),
+                Ok(ractor::rpc::CallResult::SenderError) => Err(DescribeError::Dropped),
+                Err(e) => Err(DescribeError::Unsent(e.to_string())),
             });
         }
         out

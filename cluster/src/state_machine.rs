@@ -37,11 +37,26 @@ fn encode_body(body: &SnapshotBody) -> Result<Vec<u8>, rmp_serde::encode::Error>
     rmp_serde::to_vec(body)
 }
 
-fn decode_body(bytes: &[u8]) -> Result<SnapshotBody, String> {
+fn decode_body(bytes: &[u8]) -> Result<SnapshotBody, SnapshotFileError> {
     if bytes.first() == Some(&b'{') {
-        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+        return Ok(serde_json::from_slice(bytes)?);
     }
-    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+/// Why a snapshot file or body cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotFileError {
+    #[error("snapshot file too short")]
+    TooShort,
+    #[error("snapshot meta cut short")]
+    MetaCut,
+    #[error("snapshot JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("snapshot MessagePack: {0}")]
+    MessagePack(#[from] rmp_serde::decode::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// `meta` and `data` as the snapshot file holds them.
@@ -55,27 +70,27 @@ fn file_bytes(meta: &Meta, data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
 }
 
 /// The meta and data of a snapshot file (either format).
-fn read_file(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>, String> {
+fn read_file(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>, SnapshotFileError> {
     match std::fs::read(dir.join(SNAPSHOT_FILE)) {
         Ok(bytes) => {
-            let (len, rest) = bytes.split_at_checked(8).ok_or("snapshot file too short")?;
-            let len = u64::from_le_bytes(len.try_into().map_err(|_| "bad length")?) as usize;
+            let (len, rest) = bytes
+                .split_first_chunk::<8>()
+                .ok_or(SnapshotFileError::TooShort)?;
             let (meta, data) = rest
-                .split_at_checked(len)
-                .ok_or("snapshot meta cut short")?;
-            let meta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
-            return Ok(Some((meta, data.to_vec())));
+                .split_at_checked(u64::from_le_bytes(*len) as usize)
+                .ok_or(SnapshotFileError::MetaCut)?;
+            return Ok(Some((serde_json::from_slice(meta)?, data.to_vec())));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     }
     match std::fs::read(dir.join(OLD_SNAPSHOT_FILE)) {
         Ok(bytes) => {
-            let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            let file: SnapshotFile = serde_json::from_slice(&bytes)?;
             Ok(Some((file.meta, file.data)))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -196,7 +196,7 @@ impl Admin for AdminService {
                         })
                         .collect(),
                 }),
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         peers.sort_by_key(|p| p.node_id);

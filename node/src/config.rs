@@ -244,10 +244,10 @@ impl fmt::Display for ConfigError {
 struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    fn push(&mut self, path: impl Into<String>, message: impl std::fmt::Display) {
         self.0.push(FieldError {
             path: path.into(),
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 }
@@ -317,7 +317,7 @@ pub fn load(text: Option<&str>, env: &dyn Env) -> Result<Config, ConfigError> {
                     Some(i) => {
                         let (path, text) = typed.swap_remove(i);
                         set_path(&mut table, &path, toml::Value::String(text))
-                            .map_err(|msg| ConfigError::one(path.join("."), msg))?;
+                            .map_err(|msg| ConfigError::one(path.join("."), msg.to_string()))?;
                     }
                     None => {
                         let path = e.path().to_string();
@@ -431,8 +431,25 @@ fn apply_env_overrides(
     }
 }
 
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
-    let (first, rest) = path.split_first().ok_or("empty path")?;
+/// Why an environment override cannot be placed in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverridePathError {
+    #[error("empty path")]
+    Empty,
+    #[error("{list} is a list; expected an index, got {got}")]
+    NotAnIndex { list: String, got: String },
+    #[error("{list}[{index}] does not exist")]
+    NoSuchItem { list: String, index: usize },
+    #[error("{0} is not a section")]
+    NotASection(String),
+}
+
+fn set_path(
+    table: &mut toml::Table,
+    path: &[String],
+    value: toml::Value,
+) -> Result<(), OverridePathError> {
+    let (first, rest) = path.split_first().ok_or(OverridePathError::Empty)?;
     if rest.is_empty() {
         table.insert(first.clone(), value);
         return Ok(());
@@ -443,41 +460,66 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
     match entry {
         toml::Value::Table(t) => set_path(t, rest, value),
         toml::Value::Array(items) => {
-            let (index, rest) = rest.split_first().ok_or("empty path")?;
-            let i: usize = index
-                .parse()
-                .map_err(|_| format!("{first} is a list; expected an index, got {index}"))?;
+            let (index, rest) = rest.split_first().ok_or(OverridePathError::Empty)?;
+            let i: usize = index.parse().map_err(|_| OverridePathError::NotAnIndex {
+                list: first.clone(),
+                got: index.clone(),
+            })?;
             match items.get_mut(i) {
                 Some(toml::Value::Table(t)) if !rest.is_empty() => set_path(t, rest, value),
                 Some(slot) if rest.is_empty() => {
                     *slot = value;
                     Ok(())
                 }
-                _ => Err(format!("{first}[{i}] does not exist")),
+                _ => Err(OverridePathError::NoSuchItem {
+                    list: first.clone(),
+                    index: i,
+                }),
             }
         }
-        _ => Err(format!("{first} is not a section")),
+        _ => Err(OverridePathError::NotASection(first.clone())),
     }
 }
 
+/// Why a duration (`250ms`, `30s`, `5m`, `1h`) cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} has no unit (use ms, s, m or h)")]
+    NoUnit(String),
+    #[error("{0:?} is not a duration like 250ms, 30s, 5m")]
+    NotANumber(String),
+    #[error("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{text:?}: {why}")]
+    OutOfRange { text: String, why: String },
+}
+
 /// Parses `250ms`, `30s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m or h)"))?;
+        .ok_or_else(|| DurationError::NoUnit(s.into()))?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m"))?;
+        .map_err(|_| DurationError::NotANumber(s.into()))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(DurationError::UnknownUnit {
+                text: s.into(),
+                unit: unit.into(),
+            });
+        }
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    Duration::try_from_secs_f64(secs).map_err(|e| DurationError::OutOfRange {
+        text: s.into(),
+        why: e.to_string(),
+    })
 }
 
 /// A duration field (`"30s"`, `"500ms"`): `default` when absent; zero or unreadable is an error.

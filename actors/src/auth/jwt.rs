@@ -57,31 +57,44 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// Why the configured keys cannot verify tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("the JWKS is not valid: {0}")]
+    NotJwks(serde_json::Error),
+    #[error("JWKS key {index}: only RSA (RS256) and OKP (EdDSA) keys are accepted")]
+    KeyType { index: usize },
+    #[error("JWKS key {index}: its \"alg\" does not match its key type ({alg:?})")]
+    AlgMismatch { index: usize, alg: Algorithm },
+    #[error("JWKS key {index}: {source}")]
+    Key {
+        index: usize,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("no key: set an HS256 secret or a JWKS file")]
+    NoKey,
+}
+
 fn refused(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Unauthenticated, message).with_code(code)
 }
 
 impl JwtVerifier {
     /// Builds the verifier; errors say which key of the JWKS is unusable.
-    pub fn new(settings: JwtSettings) -> Result<Self, String> {
+    pub fn new(settings: JwtSettings) -> Result<Self, JwksError> {
         let hs256 = settings
             .hs256_secret
             .as_deref()
             .map(DecodingKey::from_secret);
         let mut keys = Vec::new();
         if let Some(doc) = &settings.jwks {
-            let set: JwkSet =
-                serde_json::from_str(doc).map_err(|e| format!("the JWKS is not valid: {e}"))?;
+            let set: JwkSet = serde_json::from_str(doc).map_err(JwksError::NotJwks)?;
             for (i, jwk) in set.keys.iter().enumerate() {
                 // The key's type decides its algorithm; a key that claims another is refused.
                 let alg = match &jwk.algorithm {
                     AlgorithmParameters::RSA(_) => Algorithm::RS256,
                     AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
-                    _ => {
-                        return Err(format!(
-                            "JWKS key {i}: only RSA (RS256) and OKP (EdDSA) keys are accepted"
-                        ));
-                    }
+                    _ => return Err(JwksError::KeyType { index: i }),
                 };
                 let expected = match alg {
                     Algorithm::RS256 => KeyAlgorithm::RS256,
@@ -90,11 +103,10 @@ impl JwtVerifier {
                 if let Some(claimed) = jwk.common.key_algorithm
                     && claimed != expected
                 {
-                    return Err(format!(
-                        "JWKS key {i}: its \"alg\" does not match its key type ({alg:?})"
-                    ));
+                    return Err(JwksError::AlgMismatch { index: i, alg });
                 }
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?;
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|source| JwksError::Key { index: i, source })?;
                 keys.push(Key {
                     kid: jwk.common.key_id.clone(),
                     alg,
@@ -103,7 +115,7 @@ impl JwtVerifier {
             }
         }
         if hs256.is_none() && keys.is_empty() {
-            return Err("no key: set an HS256 secret or a JWKS file".into());
+            return Err(JwksError::NoKey);
         }
         Ok(Self {
             settings,

@@ -66,23 +66,36 @@ pub async fn discover(command: &str) -> Discovery {
     }
 }
 
+/// A line of nvidia-smi's output that is not what was asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuListError {
+    #[error("expected 4 fields, got {line:?}")]
+    Fields { line: String },
+    #[error("{field} is not a number in {line:?}")]
+    NotANumber { field: &'static str, line: String },
+    #[error("index out of range in {line:?}")]
+    IndexRange { line: String },
+}
+
 /// `index, name, memory.total, memory.used` per line (CSV, no header, no units).
-pub fn parse(text: &str) -> Result<Vec<Gpu>, String> {
+pub fn parse(text: &str) -> Result<Vec<Gpu>, GpuListError> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             let [index, name, total, used] = fields[..] else {
-                return Err(format!("expected 4 fields, got {line:?}"));
+                return Err(GpuListError::Fields { line: line.into() });
             };
-            let number = |v: &str, what: &str| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("{what} is not a number in {line:?}"))
+            let number = |v: &str, field: &'static str| {
+                v.parse::<u64>().map_err(|_| GpuListError::NotANumber {
+                    field,
+                    line: line.into(),
+                })
             };
             Ok(Gpu {
                 index: u32::try_from(number(index, "index")?)
-                    .map_err(|_| format!("index out of range in {line:?}"))?,
+                    .map_err(|_| GpuListError::IndexRange { line: line.into() })?,
                 name: name.to_owned(),
                 memory_total_mib: number(total, "memory.total")?,
                 memory_used_mib: number(used, "memory.used")?,
@@ -108,9 +121,15 @@ mod tests {
         assert!(
             parse("0, H100, lots, 1")
                 .unwrap_err()
+                .to_string()
                 .contains("memory.total")
         );
-        assert!(parse("0, H100").unwrap_err().contains("4 fields"));
+        assert!(
+            parse("0, H100")
+                .unwrap_err()
+                .to_string()
+                .contains("4 fields")
+        );
     }
 
     #[tokio::test]

@@ -43,6 +43,26 @@ pub enum ReplicaRequest {
     },
 }
 
+/// Why another replica of a group could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("group {group} is at its maximum of {max} replicas")]
+    AtMaximum { group: String, max: u32 },
+    #[error("group {group} needs {need} free GPUs for another replica; {free} are")]
+    NotEnoughGpus {
+        group: String,
+        need: u32,
+        free: usize,
+    },
+    #[error("no port left in the range of group {group}")]
+    NoPort { group: String },
+    #[error("cannot start the actor of {replica}: {source}")]
+    Actor {
+        replica: String,
+        source: ractor::SpawnErr,
+    },
+}
+
 pub struct VllmSupervisor;
 
 pub struct VllmSupervisorArgs {
@@ -284,7 +304,7 @@ impl SupervisorState {
         gi: usize,
         myself: &ActorRef<VllmSupervisorMsg>,
         only_free: bool,
-    ) -> Result<String, String> {
+    ) -> Result<String, StartError> {
         let discovery = match (&self.nvidia_smi, only_free) {
             (Some(cmd), true) => Some(gpu::discover(cmd).await),
             _ => None,
@@ -293,11 +313,9 @@ impl SupervisorState {
         let group = Arc::clone(&g.group);
         let slot = (0..group.max_replicas)
             .find(|i| !g.slots.contains_key(i))
-            .ok_or_else(|| {
-                format!(
-                    "group {} is at its maximum of {} replicas",
-                    group.id, group.max_replicas
-                )
+            .ok_or_else(|| StartError::AtMaximum {
+                group: group.id.clone(),
+                max: group.max_replicas,
             })?;
         let taken: Vec<u32> = g
             .slots
@@ -317,12 +335,11 @@ impl SupervisorState {
             .take(group.gpus_per_replica as usize)
             .collect();
         if gpus.len() < group.gpus_per_replica as usize {
-            return Err(format!(
-                "group {} needs {} free GPUs for another replica; {} are",
-                group.id,
-                group.gpus_per_replica,
-                gpus.len()
-            ));
+            return Err(StartError::NotEnoughGpus {
+                group: group.id.clone(),
+                need: group.gpus_per_replica,
+                free: gpus.len(),
+            });
         }
         self.start_in(gi, slot, gpus, myself).await
     }
@@ -334,12 +351,12 @@ impl SupervisorState {
         slot: u32,
         gpus: Vec<u32>,
         myself: &ActorRef<VllmSupervisorMsg>,
-    ) -> Result<String, String> {
+    ) -> Result<String, StartError> {
         let g = &mut self.groups[gi];
         let group = Arc::clone(&g.group);
-        let port = group
-            .port(slot)
-            .ok_or_else(|| format!("no port left in the range of group {}", group.id))?;
+        let port = group.port(slot).ok_or_else(|| StartError::NoPort {
+            group: group.id.clone(),
+        })?;
         let name = group.replica_name(slot);
         let args = ReplicaArgs {
             group: Arc::clone(&group),
@@ -353,7 +370,10 @@ impl SupervisorState {
         };
         let (actor, _) = Actor::spawn_linked(None, VllmActor, args, myself.get_cell())
             .await
-            .map_err(|e| format!("cannot start the actor of {name}: {e}"))?;
+            .map_err(|e| StartError::Actor {
+                replica: name.clone(),
+                source: e,
+            })?;
         g.slots.insert(
             slot,
             Slot {

@@ -367,7 +367,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 } else {
                     "jwt"
                 };
-                e.push(field, m);
+                e.push(field, m.to_string());
                 None
             }
         }
