@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
+use meridian_proto::cluster::ProviderKind;
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, rpc::CallResult};
 use tokio::sync::watch;
@@ -116,7 +117,7 @@ impl UpstreamLoad {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderStatus {
     pub id: String,
-    pub kind: &'static str,
+    pub kind: ProviderKind,
     pub region: String,
     pub models: Vec<String>,
     pub max_concurrency: u32,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use meridian_proto::cluster::{ClusterState, Command, NodeId, ProviderRecord, Reach};
+use meridian_proto::cluster::{ClusterState, Command, NodeId, ProviderKind, ProviderRecord, Reach};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::ActorRef;
 use tokio::sync::watch;
@@ -228,7 +228,7 @@ impl Registry {
         let node = self.inner.cluster.as_ref().map_or(0, |c| c.node_id);
         let record = ProviderRecord {
             id: spec.id.clone(),
-            kind: "vllm".into(),
+            kind: ProviderKind::Vllm,
             region: spec.region.clone(),
             reach: if via_mesh {
                 Reach::Through(node)
@@ -410,7 +410,7 @@ fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRe
         .iter()
         .map(|p| ProviderRecord {
             id: format!("{node}/{}", p.spec.id),
-            kind: p.spec.upstream.kind().into(),
+            kind: p.spec.upstream.kind(),
             region: p.spec.region.clone(),
             reach: Reach::parse(p.spec.upstream.base_url()),
             models: p.spec.models.iter().map(|m| m.name.clone()).collect(),

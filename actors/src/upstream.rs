@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use meridian_proto::cluster::ProviderKind;
 use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
 use meridian_proto::{ApiError, ErrorKind};
 
@@ -249,11 +250,14 @@ impl Upstream {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ProviderKind {
         match self {
-            Self::Api(a) => a.dialect().name(),
-            Self::Demo(_) => "demo",
-            Self::Relayed(_) => "mesh",
+            Self::Api(a) => match a.dialect() {
+                Dialect::OpenAi => ProviderKind::OpenAi,
+                Dialect::Anthropic { .. } => ProviderKind::Anthropic,
+            },
+            Self::Demo(_) => ProviderKind::Demo,
+            Self::Relayed(_) => ProviderKind::Mesh,
         }
     }
 

@@ -12,7 +12,7 @@ use meridian_actors::Gateway;
 use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
 use meridian_proto::cluster::{
-    ApiKeyRecord, Applied, BreakerState, Command, Table, Tenant, Tier, changed_fields,
+    ApiKeyRecord, Applied, BreakerState, Command, ProviderKind, Table, Tenant, Tier, changed_fields,
 };
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
@@ -60,7 +60,8 @@ impl Admin for AdminService {
             .into_iter()
             .map(|p| pb::ProviderStatus {
                 id: p.id,
-                kind: p.kind.into(),
+                kind: p.kind.to_string(),
+                upstream: upstream_kind(&p.kind) as i32,
                 region: p.region,
                 models: p.models,
                 max_concurrency: p.max_concurrency,
@@ -403,16 +404,24 @@ impl Admin for AdminService {
             .breakers
             .iter()
             .map(|(provider, r)| {
-                let (state, until) = match r.state {
-                    BreakerState::Closed => ("closed", None),
+                use pb::BreakerPosition as P;
+                let (position, until) = match r.state {
+                    BreakerState::Closed => (P::Closed, None),
                     BreakerState::Open { until_unix_ms } if r.forced || now < until_unix_ms => {
-                        ("open", Some(until_unix_ms))
+                        (P::Open, Some(until_unix_ms))
                     }
-                    BreakerState::Open { until_unix_ms } => ("half_open", Some(until_unix_ms)),
+                    BreakerState::Open { until_unix_ms } => (P::HalfOpen, Some(until_unix_ms)),
                 };
                 pb::Breaker {
                     provider: provider.clone(),
-                    state: state.into(),
+                    state: match position {
+                        P::Closed => "closed",
+                        P::Open => "open",
+                        P::HalfOpen => "half_open",
+                        P::Unspecified => "unspecified",
+                    }
+                    .into(),
+                    position: position as i32,
                     open_until_unix_ms: until,
                     reason: r.reason.clone(),
                     trips: r.trips,
@@ -729,6 +738,17 @@ fn with_changes<T: serde::Serialize>(
 }
 
 /// A replica's state as the admin API types it.
+fn upstream_kind(kind: &ProviderKind) -> pb::UpstreamKind {
+    match kind {
+        ProviderKind::OpenAi => pb::UpstreamKind::Openai,
+        ProviderKind::Anthropic => pb::UpstreamKind::Anthropic,
+        ProviderKind::Demo => pb::UpstreamKind::Demo,
+        ProviderKind::Mesh => pb::UpstreamKind::Mesh,
+        ProviderKind::Vllm => pb::UpstreamKind::Vllm,
+        ProviderKind::Other(_) => pb::UpstreamKind::Unspecified,
+    }
+}
+
 fn life(state: ReplicaState) -> pb::ReplicaLife {
     use pb::ReplicaLife as L;
     match state {

@@ -414,11 +414,73 @@ pub struct Member {
     pub mesh_addr: String,
 }
 
+/// What kind of upstream a provider is. Recorded as its name (`openai`, `anthropic`, `demo`,
+/// `mesh`, `vllm`), as earlier versions wrote it; a name this version does not know is kept as
+/// it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible endpoint.
+    OpenAi,
+    Anthropic,
+    /// The built-in demo model.
+    Demo,
+    /// Another node's provider, reached through the actor mesh.
+    Mesh,
+    /// A vLLM replica a node launched.
+    Vllm,
+    Other(String),
+}
+
+impl ProviderKind {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
+            Self::Demo => "demo",
+            Self::Mesh => "mesh",
+            Self::Vllm => "vllm",
+            Self::Other(name) => name,
+        }
+    }
+}
+
+impl From<&str> for ProviderKind {
+    fn from(name: &str) -> Self {
+        match name {
+            "openai" => Self::OpenAi,
+            "anthropic" => Self::Anthropic,
+            "demo" => Self::Demo,
+            "mesh" => Self::Mesh,
+            "vllm" => Self::Vllm,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl From<String> for ProviderKind {
+    fn from(name: String) -> Self {
+        Self::from(name.as_str())
+    }
+}
+
+impl From<ProviderKind> for String {
+    fn from(kind: ProviderKind) -> Self {
+        kind.as_str().to_owned()
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A provider in the cluster-wide registry (e.g. a vLLM replica that became ready).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderRecord {
     pub id: String,
-    pub kind: String,
+    pub kind: ProviderKind,
     pub region: String,
     /// Where it is reached (recorded as its URL, or `mesh://node-<id>`).
     #[serde(rename = "base_url")]

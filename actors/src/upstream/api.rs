@@ -45,15 +45,6 @@ pub enum Dialect {
     Anthropic { default_max_tokens: u32 },
 }
 
-impl Dialect {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::Anthropic { .. } => "anthropic",
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct ApiAdapter {
     pool: Arc<Pool>,
