@@ -13,7 +13,7 @@ use meridian_actors::Gateway;
 use meridian_actors::upstream::sse::{SseEvent, SseParser};
 use meridian_node::config;
 use meridian_node::{App, AppError};
-use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_proto::pb::admin::{self as pb, admin_client::AdminClient};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -116,20 +116,35 @@ impl TestNode {
             .unwrap_or_default()
     }
 
+    /// `GET path` on this node with its development API key.
+    pub async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.client().get(self.url(path)).send().await
+    }
+
     /// `GET path` on this node, its body read as JSON.
     pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        Ok(self
-            .client()
-            .get(self.url(path))
+        Ok(self.get(path).await?.json().await?)
+    }
+
+    /// A `POST /v1/chat/completions` to this node with its development API key, for the caller
+    /// to finish (headers, body) and send.
+    pub fn chat_request(&self) -> reqwest::RequestBuilder {
+        self.client().post(self.url("/v1/chat/completions"))
+    }
+
+    /// Sends the JSON text `body` to this node's `/v1/chat/completions` with its development
+    /// API key.
+    pub async fn post_chat(&self, body: String) -> reqwest::Result<reqwest::Response> {
+        self.chat_request()
+            .header("content-type", "application/json")
+            .body(body)
             .send()
-            .await?
-            .json()
-            .await?)
+            .await
     }
 
     /// The node's `/metrics` text (empty if it cannot be had).
     pub async fn metrics(&self) -> String {
-        match self.client().get(self.url("/metrics")).send().await {
+        match self.get("/metrics").await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
@@ -145,12 +160,17 @@ impl TestNode {
         Bearer::new(Some(&self.admin_token))
     }
 
+    /// Creates (or updates) `tier` through the admin API.
+    pub async fn put_tier(&self, tier: pb::Tier) -> anyhow::Result<()> {
+        self.admin_client()
+            .await?
+            .put_tier(pb::PutTierRequest { tier: Some(tier) })
+            .await?;
+        Ok(())
+    }
+
     /// Creates (or updates) `tenant` through the admin API and makes an API key for it.
-    pub async fn tenant_with_key(
-        &self,
-        tenant: meridian_proto::pb::admin::Tenant,
-    ) -> anyhow::Result<String> {
-        use meridian_proto::pb::admin as pb;
+    pub async fn tenant_with_key(&self, tenant: pb::Tenant) -> anyhow::Result<String> {
         let mut admin = self.admin_client().await?;
         let id = tenant.id.clone();
         admin
@@ -217,7 +237,68 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-/// A provider section for an OpenAI-compatible upstream at `base_url` serving `models`.
+/// A mock upstream of `flavor` and a node in front of it: provider `mock` serving `models`,
+/// with `provider_extra` in the provider's section and `node_extra` (more sections) before it.
+pub async fn node_with_mock(
+    flavor: mock::Flavor,
+    models: &[&str],
+    provider_extra: &str,
+    node_extra: &str,
+) -> anyhow::Result<(mock::MockUpstream, TestNode)> {
+    let mock = mock::MockUpstream::with_flavor(flavor).await?;
+    let toml = format!(
+        "{node_extra}\n{}",
+        provider_toml("mock", &mock.base_url(), models, provider_extra)
+    );
+    let node = TestNode::start(&toml).await?;
+    Ok((mock, node))
+}
+
+/// Tier `name` with `limits` on each tenant's whole use (and none per user).
+pub fn tier(name: &str, limits: pb::Limits) -> pb::Tier {
+    pb::Tier {
+        name: name.into(),
+        limits: Some(limits),
+        ..pb::Tier::default()
+    }
+}
+
+/// A `POST {base}/v1/chat/completions` of the JSON text `body` with `key` as the bearer token
+/// (`base`: a node's `http://host:port`), for the caller to send.
+pub fn chat_as(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+}
+
+/// Sends `req` and returns the answer's status, 0 when none came.
+pub async fn status_of(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+/// Asserts that `resp` is a `status` error that says when to retry (`Retry-After`), and
+/// returns its body (which must be JSON).
+pub async fn retry_later(resp: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert!(resp.headers().contains_key("retry-after"));
+    resp.json().await.expect("an OpenAI-style error body")
+}
+
+/// What the mock vLLM (`mock-vllm`) on loopback port `port` reports of itself (`/mock/stats`).
+pub async fn mock_vllm_stats(port: u16) -> reqwest::Result<serde_json::Value> {
+    reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .await?
+        .json()
+        .await
+}
+
 /// A loopback port free when asked (bound and let go: another process may take it first).
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -225,6 +306,7 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// A provider section for an OpenAI-compatible upstream at `base_url` serving `models`.
 pub fn provider_toml(id: &str, base_url: &str, models: &[&str], extra: &str) -> String {
     provider_toml_kind(id, "openai", base_url, models, extra)
 }

@@ -208,6 +208,24 @@ impl MockUpstream {
         })
     }
 
+    /// Starts a mock of `flavor`, every other option at its default.
+    pub async fn with_flavor(flavor: Flavor) -> std::io::Result<Self> {
+        Self::start(MockOptions {
+            flavor,
+            ..MockOptions::default()
+        })
+        .await
+    }
+
+    /// Waits until `n` streams in all have been aborted by their client (the caller went away
+    /// or the gateway dropped the call).
+    pub async fn wait_aborted(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        crate::wait_until("the upstream call to be dropped", timeout, || async {
+            self.stats.aborted.load(SeqCst) == n
+        })
+        .await
+    }
+
     /// The API root to configure a provider with.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
@@ -339,6 +357,13 @@ enum Content {
 }
 
 impl Script {
+    /// Waits the scripted time to the first token (`ttft_ms`).
+    async fn wait_first_token(&self) {
+        if !self.ttft.is_zero() {
+            tokio::time::sleep(self.ttft).await;
+        }
+    }
+
     /// The request's script: the `x-mock-script` header, else what follows `@` in the model.
     fn of(headers: &HeaderMap, model: &str, default: &str) -> Result<Self, String> {
         match headers.get("x-mock-script").and_then(|v| v.to_str().ok()) {
@@ -690,9 +715,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         .unwrap_or(false);
     let id = format!("chatcmpl-mock{}", s.stats.requests.load(SeqCst));
     if !stream {
-        if !script.ttft.is_zero() {
-            tokio::time::sleep(script.ttft).await;
-        }
+        script.wait_first_token().await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         let n = req["n"].as_u64().unwrap_or(1).max(1) as usize;
         let completion_tokens = script.tokens * n;
@@ -715,20 +738,12 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
                       "prompt_tokens_details": {"cached_tokens": 0}},
             "service_tier": "default", "system_fingerprint": "fp_mock"
         });
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
+        return json_response(&body);
     }
-    s.stats.running.fetch_add(1, SeqCst);
     if include_usage {
         s.stats.usage_requested.fetch_add(1, SeqCst);
     }
-    let guard = StreamGuard {
-        stats: Arc::clone(&s.stats),
-        end: End::Open,
-    };
+    let guard = StreamGuard::start(&s.stats);
     let plan = StreamPlan {
         script,
         flavor,
@@ -740,10 +755,24 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         step: 0,
         guard,
     };
-    let body = Body::from_stream(
-        futures::stream::unfold(plan, StreamPlan::next)
-            .flat_map(|items: Vec<Result<Bytes, std::io::Error>>| futures::stream::iter(items)),
-    );
+    sse_response(futures::stream::unfold(plan, StreamPlan::next))
+}
+
+/// A whole JSON answer (a non-streamed completion or message).
+fn json_response(body: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A streamed answer: the frames of `steps` (each step's, in order) as an SSE body.
+fn sse_response<S>(steps: S) -> Response
+where
+    S: futures::Stream<Item = Vec<Result<Bytes, std::io::Error>>> + Send + 'static,
+{
+    let body = Body::from_stream(steps.flat_map(futures::stream::iter));
     (
         [
             (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
@@ -767,6 +796,26 @@ enum End {
 struct StreamGuard {
     stats: Arc<MockStats>,
     end: End,
+}
+
+impl StreamGuard {
+    /// The step a stream takes now (counted in `step`, from 0), or `None` once it has ended.
+    fn next_step(&self, step: &mut usize) -> Option<usize> {
+        if self.end != End::Open {
+            return None;
+        }
+        *step += 1;
+        Some(*step - 1)
+    }
+
+    /// Counts a stream as running until the guard is dropped.
+    fn start(stats: &Arc<MockStats>) -> Self {
+        stats.running.fetch_add(1, SeqCst);
+        Self {
+            stats: Arc::clone(stats),
+            end: End::Open,
+        }
+    }
 }
 
 impl Drop for StreamGuard {
@@ -812,16 +861,10 @@ impl StreamPlan {
     /// Emits the next group of frames. Step 0: role chunk; 1..=tokens: content; then the
     /// finish chunk, the usage chunk (if asked) and `[DONE]`.
     async fn next(mut self) -> Option<(Vec<Result<Bytes, std::io::Error>>, Self)> {
-        if self.guard.end != End::Open {
-            return None;
-        }
+        let step = self.guard.next_step(&mut self.step)?;
         let n = self.script.tokens;
-        let step = self.step;
-        self.step += 1;
         if step == 0 {
-            if !self.script.ttft.is_zero() {
-                tokio::time::sleep(self.script.ttft).await;
-            }
+            self.script.wait_first_token().await;
             let first = self.chunk(r#"{"role":"assistant","content":""}"#, None);
             return Some((vec![Ok(first)], self));
         }
@@ -1099,9 +1142,7 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
     let id = format!("msg_mock{}", s.stats.requests.load(SeqCst));
     let stream = req["stream"].as_bool().unwrap_or(false);
     if !stream {
-        if !script.ttft.is_zero() {
-            tokio::time::sleep(script.ttft).await;
-        }
+        script.wait_first_token().await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         let mut content = vec![json!({"type": "text", "text": text})];
         let mut stop = "end_turn";
@@ -1122,13 +1163,8 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
                       "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
                       "service_tier": "standard"}
         });
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
+        return json_response(&body);
     }
-    s.stats.running.fetch_add(1, SeqCst);
     let plan = AnthropicPlan {
         script,
         id,
@@ -1137,23 +1173,9 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         cached,
         arrived,
         step: 0,
-        guard: StreamGuard {
-            stats: Arc::clone(&s.stats),
-            end: End::Open,
-        },
+        guard: StreamGuard::start(&s.stats),
     };
-    let body = Body::from_stream(
-        futures::stream::unfold(plan, AnthropicPlan::next)
-            .flat_map(|items: Vec<Result<Bytes, std::io::Error>>| futures::stream::iter(items)),
-    );
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response()
+    sse_response(futures::stream::unfold(plan, AnthropicPlan::next))
 }
 
 struct AnthropicPlan {
@@ -1175,16 +1197,10 @@ impl AnthropicPlan {
     /// Step 0: message_start, content_block_start and a ping; 1..=tokens: text deltas; then
     /// content_block_stop, an optional tool_use block, message_delta and message_stop.
     async fn next(mut self) -> Option<(Vec<Result<Bytes, std::io::Error>>, Self)> {
-        if self.guard.end != End::Open {
-            return None;
-        }
+        let step = self.guard.next_step(&mut self.step)?;
         let n = self.script.tokens;
-        let step = self.step;
-        self.step += 1;
         if step == 0 {
-            if !self.script.ttft.is_zero() {
-                tokio::time::sleep(self.script.ttft).await;
-            }
+            self.script.wait_first_token().await;
             let start = json!({"type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,

@@ -211,14 +211,17 @@ impl Harness {
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
+    fn node_mut(&mut self, id: u64) -> &mut Proc {
+        self.nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
     /// Starts (or restarts, on the same data) node `id` and waits for its readiness line. Its
     /// stdout and stderr go to its log file (appended across restarts).
     pub async fn start(&mut self, id: u64) {
         let bin = self.bin.clone();
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .unwrap_or_else(|| panic!("no node {id}"));
+        let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
         let log = File::options()
             .create(true)
@@ -261,10 +264,7 @@ impl Harness {
 
     /// `kill -9` node `id` and reaps it.
     pub fn kill(&mut self, id: u64) {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .unwrap_or_else(|| panic!("no node {id}"));
+        let node = self.node_mut(id);
         if let Some(mut child) = node.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -274,20 +274,14 @@ impl Harness {
 
     /// Freezes node `id` (SIGSTOP): it holds its sockets but answers nothing.
     pub fn freeze(&mut self, id: u64) {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .unwrap_or_else(|| panic!("no node {id}"));
+        let node = self.node_mut(id);
         node.signal("-STOP");
         node.frozen = true;
     }
 
     /// Thaws a frozen node (SIGCONT).
     pub fn thaw(&mut self, id: u64) {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .unwrap_or_else(|| panic!("no node {id}"));
+        let node = self.node_mut(id);
         node.signal("-CONT");
         node.frozen = false;
     }
@@ -363,6 +357,22 @@ impl Harness {
         }
     }
 
+    /// Waits for each node of `ids` in turn until `holds` for it, or panics naming the node and
+    /// `what` (`"to serve"`: "node 2 to serve") after `timeout` on one node.
+    pub async fn wait_each<F, Fut>(&self, ids: &[u64], what: &str, timeout: Duration, holds: F)
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        for &id in ids {
+            self.wait_for(&format!("node {id} {what}"), timeout, || {
+                let held = holds(id);
+                async move { held.await.then_some(()) }
+            })
+            .await;
+        }
+    }
+
     /// Polls `holds` on every node of `ids` at once until it holds on each, and returns how
     /// long after `since` it held on the last; fails if any node is past `since + bound`.
     pub async fn all_within<F, Fut>(
@@ -411,14 +421,13 @@ impl Harness {
                 None => Err(tonic::Status::unavailable("unreachable")),
                 Some(mut admin) => admin
                     .put_tier(pb::PutTierRequest {
-                        tier: Some(pb::Tier {
-                            name: "free".into(),
-                            limits: Some(pb::Limits {
+                        tier: Some(crate::tier(
+                            "free",
+                            pb::Limits {
                                 tokens_per_day: Some(10_000),
                                 ..pb::Limits::default()
-                            }),
-                            ..pb::Tier::default()
-                        }),
+                            },
+                        )),
                     })
                     .await
                     .map(|r| r.into_inner().changed),

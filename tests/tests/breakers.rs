@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{TestNode, chat_body, provider_toml, wait_until};
-use serde_json::Value;
+use meridian_tests::{TestNode, chat_body, provider_toml, retry_later, wait_until};
 
 /// A loopback address nothing listens on (yet).
 fn free_addr() -> SocketAddr {
@@ -43,13 +42,7 @@ async fn attempts(node: &TestNode, provider: &str) -> u64 {
 }
 
 async fn chat(node: &TestNode) -> reqwest::Response {
-    node.client()
-        .post(node.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat_body("m", false, ""))
-        .send()
-        .await
-        .unwrap()
+    node.post_chat(chat_body("m", false, "")).await.unwrap()
 }
 
 async fn set(node: &TestNode, provider: &str, action: pb::BreakerAction) -> bool {
@@ -69,12 +62,7 @@ async fn set(node: &TestNode, provider: &str, action: pb::BreakerAction) -> bool
 #[tokio::test]
 async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() {
     let down = free_addr();
-    let healthy = MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let healthy = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let toml = format!(
         "[breaker]\nconsecutive_failures = 3\nopen_base = \"700ms\"\nprobes = 2\n\n{}{}",
         provider_toml(
@@ -184,10 +172,7 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
     assert_eq!(attempts(&node, "steady").await, before);
     // Both forced open: nothing to route to, said plainly.
     assert!(set(&node, "flaky", pb::BreakerAction::ForceOpen).await);
-    let resp = chat(&node).await;
-    assert_eq!(resp.status(), 503);
-    assert!(resp.headers().contains_key("retry-after"));
-    let v: Value = resp.json().await.unwrap();
+    let v = retry_later(chat(&node).await, 503).await;
     assert_eq!(v["error"]["code"], "circuit_open", "{v}");
     // Force closed keeps a provider routable whatever detection sees; reset hands it back.
     assert!(set(&node, "flaky", pb::BreakerAction::ForceClosed).await);
@@ -203,12 +188,7 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
 
 #[tokio::test]
 async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
-    let mock = MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let toml = format!(
         "[breaker]\nconsecutive_failures = 2\n\n{}{}",
         provider_toml(
@@ -221,26 +201,12 @@ async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
     );
     let node = TestNode::start(&toml).await.unwrap();
     for _ in 0..6 {
-        let r = node
-            .client()
-            .post(node.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(chat_body("bad", false, ""))
-            .send()
-            .await
-            .unwrap();
+        let r = node.post_chat(chat_body("bad", false, "")).await.unwrap();
         assert_eq!(r.status(), 400);
     }
     // `down` has one provider (`a`): ejecting it would eject all of the model's providers.
     for _ in 0..6 {
-        let r = node
-            .client()
-            .post(node.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(chat_body("down", false, ""))
-            .send()
-            .await
-            .unwrap();
+        let r = node.post_chat(chat_body("down", false, "")).await.unwrap();
         assert_eq!(r.status(), 502);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -5,9 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_tests::free_port;
-
 use meridian_tests::procs::Harness;
+use meridian_tests::{chat_as, free_port, mock_vllm_stats, status_of};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -325,9 +324,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
 async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seconds() {
     use meridian_proto::pb::admin as pb;
     let mut h = Harness::new(17);
-    h.boot(&[1, 2, 3]).await;
-    h.put_tier(1).await.unwrap();
-    h.put_tenant(1, "acme").await.unwrap();
+    boot_with_acme(&mut h).await;
     let mut admin = h.admin(1).await.unwrap();
     let key = admin
         .create_api_key(pb::CreateApiKeyRequest {
@@ -339,21 +336,14 @@ async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seco
         .into_inner();
     let client = reqwest::Client::new();
     let status = |id: u64| {
-        let req = client
-            .post(format!("{}/v1/chat/completions", h.node(id).http()))
-            .bearer_auth(&key.secret)
-            .header("content-type", "application/json")
-            .body(r#"{"model":"demo","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
-            .send();
-        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        let body = r#"{"model":"demo","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#;
+        status_of(chat_as(&client, &h.node(id).http(), &key.secret, body))
     };
     // The key works on every node once replicated.
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("the key to work on node {id}"), T, || async {
-            (status(id).await == 200).then_some(())
-        })
-        .await;
-    }
+    h.wait_each(&[1, 2, 3], "to take the key", T, |id| async move {
+        status(id).await == 200
+    })
+    .await;
     let mut other = h.admin(2).await.unwrap();
     other
         .revoke_api_key(pb::RevokeApiKeyRequest {
@@ -377,17 +367,10 @@ async fn a_key_revoked_through_one_node_is_refused_by_every_node_within_two_seco
 #[tokio::test]
 async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_second() {
     use meridian_proto::pb::admin as pb;
-    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::mock::{Flavor, MockUpstream};
     use meridian_tests::provider_toml;
     use std::sync::atomic::Ordering::SeqCst;
-    let mock = |_| async {
-        MockUpstream::start(MockOptions {
-            flavor: Flavor::Vllm,
-            ..MockOptions::default()
-        })
-        .await
-        .unwrap()
-    };
+    let mock = |_| async { MockUpstream::with_flavor(Flavor::Vllm).await.unwrap() };
     let (flaky, steady) = (mock(1).await, mock(2).await);
     let mut h = Harness::new(18);
     // Every node has both providers. `m` is healthy at both; `bad` fails at `flaky` (and falls
@@ -408,37 +391,19 @@ async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_secon
             "region = \"elsewhere\""
         ),
     );
-    h.boot(&[1, 2, 3]).await;
-    h.put_tier(1).await.unwrap();
-    h.put_tenant(1, "acme").await.unwrap();
-    let mut admin = h.admin(1).await.unwrap();
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            tenant: "acme".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    boot_with_acme(&mut h).await;
+    let key = h.api_key(1, "acme").await.unwrap();
     let client = reqwest::Client::new();
     let chat = |id: u64, model: &str| {
-        let req = client
-            .post(format!("{}/v1/chat/completions", h.node(id).http()))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(format!(
-                r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
-            ))
-            .send();
-        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        let body = format!(
+            r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        status_of(chat_as(&client, &h.node(id).http(), &key, body))
     };
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("node {id} to serve"), T, || async {
-            (chat(id, "m").await == 200).then_some(())
-        })
-        .await;
-    }
+    h.wait_each(&[1, 2, 3], "to serve", T, |id| async move {
+        chat(id, "m").await == 200
+    })
+    .await;
     // Node 1 sees `flaky` fail five times in a row (its clients are served by `steady`).
     let mut tripped = None;
     for _ in 0..5 {
@@ -487,15 +452,10 @@ async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_secon
 #[tokio::test]
 async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
     use meridian_proto::pb::admin as pb;
-    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::mock::{Flavor, MockUpstream};
     use meridian_tests::provider_toml;
     use std::sync::atomic::Ordering::SeqCst;
-    let us = MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let us = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     // The EU provider is down (nothing listens there); the US one is healthy and idle.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -543,23 +503,18 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
     }
     let client = reqwest::Client::new();
     let chat = |id: u64, key: &str| {
-        let req = client
-            .post(format!("{}/v1/chat/completions", h.node(id).http()))
-            .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
-            .send();
-        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        let body = r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#;
+        status_of(chat_as(&client, &h.node(id).http(), key, body))
     };
     // Wait until every node knows both tenants (the global one is served by the US).
-    for id in [1, 2, 3] {
-        h.wait_for(
-            &format!("node {id} to serve the global tenant"),
-            T,
-            || async { (chat(id, &keys[1]).await == 200).then_some(()) },
-        )
-        .await;
-    }
+    let global = &keys[1];
+    h.wait_each(
+        &[1, 2, 3],
+        "to serve the global tenant",
+        T,
+        |id| async move { chat(id, global).await == 200 },
+    )
+    .await;
     let served_before = us.stats.requests.load(SeqCst);
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..10 {
@@ -588,10 +543,15 @@ async fn boot_with_replica(h: &mut Harness, port: u16, vllm: &str) -> String {
             env!("CARGO_BIN_EXE_mock-vllm")
         ),
     );
+    boot_with_acme(h).await;
+    h.api_key(1, "acme").await.unwrap()
+}
+
+/// Boots nodes 1, 2 and 3 and writes tenant `acme` (tier `free`) through node 1.
+async fn boot_with_acme(h: &mut Harness) {
     h.boot(&[1, 2, 3]).await;
     h.put_tier(1).await.unwrap();
     h.put_tenant(1, "acme").await.unwrap();
-    h.api_key(1, "acme").await.unwrap()
 }
 
 #[tokio::test]
@@ -608,30 +568,16 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
     // The nodes' addresses (they stay across restarts).
     let http: Vec<String> = [1, 2, 3].iter().map(|id| h.node(*id).http()).collect();
     let chat = |id: u64| {
-        let req = client
-            .post(format!("{}/v1/chat/completions", http[id as usize - 1]))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(r#"{"model":"llama-8b","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
-            .send();
-        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        let body =
+            r#"{"model":"llama-8b","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#;
+        status_of(chat_as(&client, &http[id as usize - 1], &key, body))
     };
-    let mock_requests = || async move {
-        let s: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        s["requests"].as_u64()
-    };
+    let mock_requests = || async move { mock_vllm_stats(port).await.ok()?["requests"].as_u64() };
     // Nodes 2 and 3 know the replica only from the registry, and call it directly.
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("node {id} to route to the replica"), T, || async {
-            (chat(id).await == 200).then_some(())
-        })
-        .await;
-    }
+    h.wait_each(&[1, 2, 3], "to route to the replica", T, |id| async move {
+        chat(id).await == 200
+    })
+    .await;
     let before = mock_requests().await.unwrap();
     for id in [2, 3, 2, 3] {
         assert_eq!(chat(id).await, 200);
@@ -654,25 +600,22 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
         .status()
         .unwrap();
     let killed = Instant::now();
-    let mut gone = Duration::ZERO;
-    for id in [2, 3] {
-        h.wait_for(
-            &format!("node {id} to stop routing there"),
-            Duration::from_secs(2),
-            || async { (chat(id).await == 404).then_some(()) },
-        )
-        .await;
-        gone = gone.max(killed.elapsed());
-    }
+    h.wait_each(
+        &[2, 3],
+        "to stop routing there",
+        Duration::from_secs(2),
+        |id| async move { chat(id).await == 404 },
+    )
+    .await;
+    let gone = killed.elapsed();
     // Restarted after its 1 s backoff, registered again, routed to again by every node.
-    for id in [2, 3] {
-        h.wait_for(
-            &format!("node {id} to route to the restarted replica"),
-            T,
-            || async { (chat(id).await == 200).then_some(()) },
-        )
-        .await;
-    }
+    h.wait_each(
+        &[2, 3],
+        "to route to the restarted replica",
+        T,
+        |id| async move { chat(id).await == 200 },
+    )
+    .await;
     let back = killed.elapsed();
     println!(
         "a replica on node 1 killed with -9: nodes 2 and 3 stopped routing to it within {} ms, \
@@ -698,14 +641,10 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
     h.configure(1, &[1, 2, 3], false);
     h.start(1).await;
     let restarted = Instant::now();
-    for id in [2, 3] {
-        h.wait_for(
-            &format!("node {id} to forget the dead replica"),
-            T,
-            || async { (chat(id).await == 404).then_some(()) },
-        )
-        .await;
-    }
+    h.wait_each(&[2, 3], "to forget the dead replica", T, |id| async move {
+        chat(id).await == 404
+    })
+    .await;
     println!(
         "node 1 killed with -9 and restarted without its [[vllm]] section: its replica died with \
          it and its stale registry record was gone {} ms after the restart",
@@ -767,28 +706,13 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
         } else {
             r#"{"model":"llama-8b","messages":[{"role":"user","content":"hi"}]}"#
         };
-        client
-            .post(format!("{}/v1/chat/completions", http[id as usize - 1]))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
+        chat_as(&client, &http[id as usize - 1], &key, body).send()
     };
-    let mock_stats = || async move {
-        reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
-            .await
-            .ok()?
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-    };
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("node {id} to route to the replica"), T, || async {
-            let r = post(id, false).await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
-    }
+    let mock_stats = || async move { mock_vllm_stats(port).await.ok() };
+    h.wait_each(&[1, 2, 3], "to route to the replica", T, |id| async move {
+        post(id, false).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     let sent = |id: u64| {
         metric(
             &http[id as usize - 1],
@@ -903,15 +827,10 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
 
 #[tokio::test]
 async fn a_tenant_moved_to_another_region_is_served_only_there_by_every_node() {
-    use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+    use meridian_tests::mock::{Flavor, MockUpstream};
     use meridian_tests::provider_toml;
     use std::sync::atomic::Ordering::SeqCst;
-    let mock = || {
-        MockUpstream::start(MockOptions {
-            flavor: Flavor::Vllm,
-            ..MockOptions::default()
-        })
-    };
+    let mock = || MockUpstream::with_flavor(Flavor::Vllm);
     let (us, eu) = (mock().await.unwrap(), mock().await.unwrap());
     let mut h = Harness::new(22);
     h.providers = format!(
@@ -940,20 +859,13 @@ async fn a_tenant_moved_to_another_region_is_served_only_there_by_every_node() {
     let key = h.api_key(1, "acme").await.unwrap();
     let client = reqwest::Client::new();
     let chat = |id: u64| {
-        let req = client
-            .post(format!("{}/v1/chat/completions", h.node(id).http()))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#)
-            .send();
-        async move { req.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        let body = r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#;
+        status_of(chat_as(&client, &h.node(id).http(), &key, body))
     };
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("node {id} to serve acme"), T, || async {
-            (chat(id).await == 200).then_some(())
-        })
-        .await;
-    }
+    h.wait_each(&[1, 2, 3], "to serve acme", T, |id| async move {
+        chat(id).await == 200
+    })
+    .await;
     assert_eq!(eu.stats.requests.load(SeqCst), 0, "acme is held to the US");
 
     let out = h.cli(
@@ -966,17 +878,14 @@ async fn a_tenant_moved_to_another_region_is_served_only_there_by_every_node() {
         "the CLI says what changed: {out}"
     );
     assert!(!out.contains("nothing changed"), "{out}");
-    for id in [1, 2, 3] {
-        h.wait_for(&format!("node {id} to apply the move"), T, || async {
-            let list = h.cli(id, &["tenant", "list"]);
-            list.lines()
-                .any(|l| {
-                    l.starts_with("tenant acme") && l.contains("regions eu models any weight 1")
-                })
-                .then_some(())
-        })
-        .await;
-    }
+    h.wait_each(&[1, 2, 3], "to apply the move", T, |id| {
+        let list = h.cli(id, &["tenant", "list"]);
+        let applied = list
+            .lines()
+            .any(|l| l.starts_with("tenant acme") && l.contains("regions eu models any weight 1"));
+        async move { applied }
+    })
+    .await;
     let (us_before, eu_before) = (
         us.stats.requests.load(SeqCst),
         eu.stats.requests.load(SeqCst),

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_proto::pb::admin as pb;
-use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
 use meridian_tests::provider_toml;
 
@@ -40,12 +40,7 @@ async fn three_nodes_with(
     tier: pb::Tier,
     tenant: &str,
 ) -> (MockUpstream, Harness, String) {
-    let mock = MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(subnet);
     h.providers = provider_toml(
         "mock",

@@ -7,7 +7,7 @@
 //! request fails here.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, provider_toml_kind, sse_events};
 use serde_json::{Value, json};
 
@@ -266,12 +266,7 @@ async fn every_adapter_gives_clients_the_same_answers() {
         ("anthropic", Flavor::Anthropic),
     ];
     for (kind, flavor) in adapters {
-        let mock = MockUpstream::start(MockOptions {
-            flavor,
-            ..MockOptions::default()
-        })
-        .await
-        .unwrap();
+        let mock = MockUpstream::with_flavor(flavor).await.unwrap();
         let extra = if kind == "anthropic" {
             "api_key_env = \"UPSTREAM_KEY\""
         } else {
@@ -302,12 +297,7 @@ async fn every_adapter_gives_clients_the_same_answers() {
 
 #[tokio::test]
 async fn anthropic_cache_reads_and_tool_calls_come_back_in_openai_form() {
-    let mock = MockUpstream::start(MockOptions {
-        flavor: Flavor::Anthropic,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let mock = MockUpstream::with_flavor(Flavor::Anthropic).await.unwrap();
     let toml = provider_toml_kind(
         "claude",
         "anthropic",

@@ -9,27 +9,15 @@ use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_proto::pb::admin::{ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest};
 use meridian_proto::pb::v1::inference_client::InferenceClient;
 use meridian_proto::pb::v1::{ChatMessage, ChatRequest, FinishReason, ListModelsRequest, Role};
-use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{TestNode, provider_toml};
+use meridian_tests::mock::{Flavor, MockUpstream};
+use meridian_tests::{TestNode, node_with_mock, tier};
 use tonic::Code;
 use tonic::transport::Channel;
 
 async fn setup(models: &[&str], provider_extra: &str) -> (MockUpstream, TestNode) {
-    let mock = MockUpstream::start(MockOptions {
-        flavor: Flavor::OpenAi,
-        ..MockOptions::default()
-    })
-    .await
-    .expect("mock");
-    let node = TestNode::start(&provider_toml(
-        "mock",
-        &mock.base_url(),
-        models,
-        provider_extra,
-    ))
-    .await
-    .expect("node");
-    (mock, node)
+    node_with_mock(Flavor::OpenAi, models, provider_extra, "")
+        .await
+        .expect("mock and node start")
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
@@ -283,20 +271,15 @@ async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
     meridian_tests::inside_one_minute(std::time::Duration::from_secs(10)).await;
     use meridian_proto::pb::admin as pb;
     let (_mock, node) = setup(&["mock"], "").await;
-    let mut admin = AdminClient::with_interceptor(channel(node.admin).await, node.admin_bearer());
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "dev".into(),
-                limits: Some(pb::Limits {
-                    requests_per_minute: Some(1),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
-            }),
-        })
-        .await
-        .expect("the dev tier gets a limit");
+    node.put_tier(tier(
+        "dev",
+        pb::Limits {
+            requests_per_minute: Some(1),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("the dev tier gets a limit");
     let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
     client.chat(request("mock")).await.expect("the first fits");
     let err = client
@@ -379,13 +362,9 @@ async fn a_cancelled_chat_stream_closes_the_upstream_call_and_grpc_timeout_bound
     stream.next().await.expect("a chunk").expect("no error");
     drop(stream);
     let cancelled = std::time::Instant::now();
-    meridian_tests::wait_until(
-        "the upstream call to close",
-        Duration::from_secs(1),
-        || async { mock.stats.aborted.load(SeqCst) == 1 },
-    )
-    .await
-    .expect("closed upstream");
+    mock.wait_aborted(1, Duration::from_secs(1))
+        .await
+        .expect("closed upstream");
     println!(
         "gRPC: a cancelled ChatStream closed its upstream call {} ms later",
         cancelled.elapsed().as_millis()

@@ -5,38 +5,51 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use futures::StreamExt;
+use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{TestNode, chat_body, provider_toml, sse_events, wait_until};
+use meridian_tests::{
+    TestNode, chat_as, chat_body, node_with_mock, provider_toml, retry_later, sse_events, tier,
+    wait_until,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn mock(flavor: Flavor) -> MockUpstream {
+/// A mock of `flavor` and a node in front of it (provider `mock`): see [`node_with_mock`].
+async fn setup(
+    flavor: Flavor,
+    models: &[&str],
+    provider_extra: &str,
+    node_extra: &str,
+) -> (MockUpstream, TestNode) {
+    node_with_mock(flavor, models, provider_extra, node_extra)
+        .await
+        .expect("mock and node start")
+}
+
+/// An OpenAI mock that requires the provider key `key`.
+async fn openai_mock_with_key(key: &str) -> MockUpstream {
     MockUpstream::start(MockOptions {
-        flavor,
+        flavor: Flavor::OpenAi,
+        api_key: Some(key.into()),
         ..MockOptions::default()
     })
     .await
     .expect("mock starts")
 }
 
-/// A node in front of `mock` serving `models`, with extra provider settings and node sections.
-async fn node(
-    mock: &MockUpstream,
-    models: &[&str],
-    provider_extra: &str,
-    node_extra: &str,
-) -> TestNode {
-    let toml = format!(
-        "{node_extra}\n{}",
-        provider_toml("mock", &mock.base_url(), models, provider_extra)
-    );
-    TestNode::start(&toml).await.expect("node starts")
+async fn post(node: &TestNode, body: String) -> reqwest::Response {
+    node.post_chat(body).await.expect("request sent")
 }
 
-async fn post(node: &TestNode, body: String) -> reqwest::Response {
-    node.client()
-        .post(node.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
+/// Sends `body` with the header `name: value` (and no content type).
+async fn post_with_header(
+    node: &TestNode,
+    name: &str,
+    value: &str,
+    body: String,
+) -> reqwest::Response {
+    node.chat_request()
+        .header(name, value)
         .body(body)
         .send()
         .await
@@ -66,8 +79,7 @@ fn content(chunks: &[Value]) -> String {
 
 #[tokio::test]
 async fn non_streaming_chat_returns_the_completion_and_usage() {
-    let m = mock(Flavor::OpenAi).await;
-    let n = node(&m, &["mock"], "", "").await;
+    let (m, n) = setup(Flavor::OpenAi, &["mock"], "", "").await;
     let resp = post(&n, chat_body("mock", false, "")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
@@ -85,8 +97,7 @@ async fn non_streaming_chat_returns_the_completion_and_usage() {
 #[tokio::test]
 async fn streaming_chat_is_relayed_exactly_and_always_metered() {
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let m = mock(flavor).await;
-        let n = node(&m, &["mock"], "", "").await;
+        let (m, n) = setup(flavor, &["mock"], "", "").await;
         let resp = post(&n, chat_body("mock", true, "")).await;
         assert_eq!(resp.status(), 200);
         let h = resp.headers();
@@ -133,16 +144,14 @@ async fn streaming_chat_is_relayed_exactly_and_always_metered() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "").await;
-    let resp = n
-        .client()
-        .post(n.url("/v1/chat/completions"))
-        .header("x-request-id", "trace-abc-123")
-        .body(chat_body("mock", false, ""))
-        .send()
-        .await
-        .expect("sent");
+    let (_m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    let resp = post_with_header(
+        &n,
+        "x-request-id",
+        "trace-abc-123",
+        chat_body("mock", false, ""),
+    )
+    .await;
     assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
     let resp = post(&n, chat_body("nope", false, "")).await;
     assert_eq!(
@@ -154,8 +163,7 @@ async fn request_ids_are_echoed_or_generated() {
 
 #[tokio::test]
 async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "[http]\nmax_body_bytes = 2048").await;
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "[http]\nmax_body_bytes = 2048").await;
     let big = format!(
         r#"{{"model":"mock","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(4096)
@@ -221,19 +229,9 @@ async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
             );
         }
     }
-    let resp = n
-        .client()
-        .get(n.url("/v1/chat/completions"))
-        .send()
-        .await
-        .expect("sent");
+    let resp = n.get("/v1/chat/completions").await.expect("sent");
     assert_eq!(resp.status(), 405);
-    let resp = n
-        .client()
-        .get(n.url("/v2/nothing"))
-        .send()
-        .await
-        .expect("sent");
+    let resp = n.get("/v2/nothing").await.expect("sent");
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["error"]["code"], "unknown_url");
@@ -246,7 +244,6 @@ async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
 
 #[tokio::test]
 async fn upstream_failures_before_the_first_byte_map_to_statuses() {
-    let m = mock(Flavor::Vllm).await;
     let models = [
         "mock@fail:400",
         "mock@fail:500",
@@ -254,7 +251,7 @@ async fn upstream_failures_before_the_first_byte_map_to_statuses() {
         "mock@fail:503",
         "mock@ttft_ms:3000",
     ];
-    let n = node(&m, &models, "first_byte_timeout = \"200ms\"", "").await;
+    let (_m, n) = setup(Flavor::Vllm, &models, "first_byte_timeout = \"200ms\"", "").await;
     let cases = [
         ("mock@fail:400", 400, false),
         ("mock@fail:500", 502, false),
@@ -289,7 +286,6 @@ async fn upstream_failures_before_the_first_byte_map_to_statuses() {
 #[tokio::test]
 async fn failures_after_the_first_byte_end_with_an_error_event_and_no_done() {
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let m = mock(flavor).await;
         // Small inter-token delays so the first tokens are on the wire before the fault, as
         // with a real server.
         let models = [
@@ -297,7 +293,7 @@ async fn failures_after_the_first_byte_end_with_an_error_event_and_no_done() {
             "mock@close_after:2;itl_ms:10",
             "mock@stall_after:2;itl_ms:10",
         ];
-        let n = node(&m, &models, "idle_timeout = \"300ms\"", "").await;
+        let (_m, n) = setup(flavor, &models, "idle_timeout = \"300ms\"", "").await;
         for (model, tokens) in [(models[0], 3), (models[1], 2), (models[2], 2)] {
             let resp = post(&n, chat_body(model, true, "")).await;
             assert_eq!(resp.status(), 200, "{model}");
@@ -318,20 +314,15 @@ async fn failures_after_the_first_byte_end_with_an_error_event_and_no_done() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_the_upstream_call() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock@tokens:200;itl_ms:20"], "", "").await;
+    let (m, n) = setup(Flavor::Vllm, &["mock@tokens:200;itl_ms:20"], "", "").await;
     let resp = post(&n, chat_body("mock@tokens:200;itl_ms:20", true, "")).await;
     let mut body = resp.bytes_stream();
     let first = body.next().await.expect("a first chunk").expect("bytes");
     assert!(first.starts_with(b"data: "));
     drop(body);
-    wait_until(
-        "the mock to see its stream aborted",
-        Duration::from_secs(5),
-        || async { m.stats.aborted.load(SeqCst) == 1 },
-    )
-    .await
-    .expect("upstream call cancelled");
+    m.wait_aborted(1, Duration::from_secs(5))
+        .await
+        .expect("upstream call cancelled");
     assert_eq!(m.stats.completed.load(SeqCst), 0);
     wait_until("the slot to be freed", Duration::from_secs(5), || async {
         n.gateway.in_flight() == 0
@@ -342,10 +333,9 @@ async fn a_client_that_disconnects_cancels_the_upstream_call() {
 
 #[tokio::test]
 async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
-    let m = mock(Flavor::Vllm).await;
     let slow = "mock@tokens:100;itl_ms:20";
-    let n = node(
-        &m,
+    let (_m, n) = setup(
+        Flavor::Vllm,
         &[slow, "mock"],
         "max_concurrency = 1\nqueue_capacity = 1\nqueue_timeout = \"1s\"",
         "",
@@ -355,17 +345,7 @@ async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
     let holder = post(&n, chat_body(slow, true, "")).await;
     assert_eq!(holder.status(), 200);
     // The second waits in the queue and misses its deadline: 504.
-    let queued = tokio::spawn({
-        let url = n.url("/v1/chat/completions");
-        let client = n.client();
-        async move {
-            client
-                .post(url)
-                .body(chat_body("mock", false, ""))
-                .send()
-                .await
-        }
-    });
+    let queued = tokio::spawn(n.chat_request().body(chat_body("mock", false, "")).send());
     wait_until("one queued request", Duration::from_secs(5), || async {
         n.gateway.providers()[0].queued == 1
     })
@@ -373,24 +353,19 @@ async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
     .expect("queued");
     // The third finds the queue full: 503 with Retry-After.
     let full = post(&n, chat_body("mock", false, "")).await;
-    assert_eq!(full.status(), 503);
-    assert!(full.headers().contains_key("retry-after"));
-    let v: Value = full.json().await.expect("json");
+    let v = retry_later(full, 503).await;
     assert_eq!(v["error"]["code"], "queue_full");
 
     let timed_out = queued.await.expect("task").expect("response");
-    assert_eq!(timed_out.status(), 504);
-    assert!(timed_out.headers().contains_key("retry-after"));
-    let v: Value = timed_out.json().await.expect("json");
+    let v = retry_later(timed_out, 504).await;
     assert_eq!(v["error"]["code"], "queue_timeout");
     drop(holder);
 }
 
 #[tokio::test]
 async fn hostile_content_cannot_break_the_event_framing() {
-    let m = mock(Flavor::OpenAi).await;
-    let n = node(
-        &m,
+    let (_m, n) = setup(
+        Flavor::OpenAi,
         &["mock@content:cr;tokens:3", "mock@content:done;tokens:3"],
         "",
         "",
@@ -408,9 +383,14 @@ async fn hostile_content_cannot_break_the_event_framing() {
 
 #[tokio::test]
 async fn heartbeats_flow_while_the_upstream_is_silent() {
-    let m = mock(Flavor::Vllm).await;
     let model = "mock@tokens:2;itl_ms:400";
-    let n = node(&m, &[model], "", "[http]\nsse_heartbeat = \"50ms\"").await;
+    let (_m, n) = setup(
+        Flavor::Vllm,
+        &[model],
+        "",
+        "[http]\nsse_heartbeat = \"50ms\"",
+    )
+    .await;
     let resp = post(&n, chat_body(model, true, "")).await;
     let body = resp.bytes().await.expect("body");
     let text = String::from_utf8_lossy(&body);
@@ -422,8 +402,13 @@ async fn heartbeats_flow_while_the_upstream_is_silent() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "[http]\nheader_read_timeout = \"300ms\"").await;
+    let (_m, n) = setup(
+        Flavor::Vllm,
+        &["mock"],
+        "",
+        "[http]\nheader_read_timeout = \"300ms\"",
+    )
+    .await;
     let mut conn = tokio::net::TcpStream::connect(n.http)
         .await
         .expect("connect");
@@ -440,8 +425,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 
 #[tokio::test]
 async fn models_health_and_readiness() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock", "alias=mock"], "", "").await;
+    let (_m, n) = setup(Flavor::Vllm, &["mock", "alias=mock"], "", "").await;
     let v = n.get_json("/v1/models").await.expect("models");
     assert_eq!(v["object"], "list");
     let ids: Vec<&str> = v["data"]
@@ -452,14 +436,9 @@ async fn models_health_and_readiness() {
         .collect();
     assert_eq!(ids, ["mock", "alias"]);
     assert_eq!(v["data"][0]["object"], "model");
-    let resp = n
-        .client()
-        .get(n.url("/healthz"))
-        .send()
-        .await
-        .expect("sent");
+    let resp = n.get("/healthz").await.expect("sent");
     assert_eq!(resp.status(), 200);
-    let resp = n.client().get(n.url("/readyz")).send().await.expect("sent");
+    let resp = n.get("/readyz").await.expect("sent");
     assert_eq!(resp.status(), 200);
     let ready: Value = resp.json().await.expect("json");
     assert_eq!(ready["cluster"]["quorum"], "ok", "{ready}");
@@ -468,12 +447,7 @@ async fn models_health_and_readiness() {
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["model"], "mock");
     // Metrics: cluster health and the provider's counters, in Prometheus text format.
-    let resp = n
-        .client()
-        .get(n.url("/metrics"))
-        .send()
-        .await
-        .expect("sent");
+    let resp = n.get("/metrics").await.expect("sent");
     assert_eq!(resp.status(), 200);
     assert!(
         resp.headers()[http::header::CONTENT_TYPE]
@@ -494,9 +468,14 @@ async fn models_health_and_readiness() {
 
 #[tokio::test]
 async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
-    let m = mock(Flavor::Vllm).await;
     let model = "mock@tokens:15;itl_ms:20";
-    let mut n = node(&m, &[model], "", "[shutdown]\ndrain_timeout = \"10s\"").await;
+    let (_m, mut n) = setup(
+        Flavor::Vllm,
+        &[model],
+        "",
+        "[shutdown]\ndrain_timeout = \"10s\"",
+    )
+    .await;
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
     let drained = n.begin_shutdown();
@@ -507,8 +486,7 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
     .expect("draining");
     // New work is refused: either the listener is gone or the request gets a 503.
     match n
-        .client()
-        .post(n.url("/v1/chat/completions"))
+        .chat_request()
         .body(chat_body(model, false, ""))
         .send()
         .await
@@ -524,9 +502,8 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
 
 #[tokio::test]
 async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
-    let m = mock(Flavor::Vllm).await;
     let model = "mock@tokens:500;itl_ms:10";
-    let n = node(&m, &[model], "total_timeout = \"500ms\"", "").await;
+    let (m, n) = setup(Flavor::Vllm, &[model], "total_timeout = \"500ms\"", "").await;
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
     let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
@@ -538,20 +515,15 @@ async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
         "cut short: {}",
         chunks.len()
     );
-    wait_until(
-        "the upstream call to be dropped",
-        Duration::from_secs(5),
-        || async { m.stats.aborted.load(SeqCst) == 1 },
-    )
-    .await
-    .expect("aborted upstream");
+    m.wait_aborted(1, Duration::from_secs(5))
+        .await
+        .expect("aborted upstream");
 }
 
 #[tokio::test]
 async fn upstream_connections_are_reused_and_replaced_when_the_upstream_closes_them() {
-    let m = mock(Flavor::Vllm).await;
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
     let addr = m.addr;
-    let n = node(&m, &["mock"], "", "").await;
     for stream in [true, false, true, false, true] {
         let resp = post(&n, chat_body("mock", stream, "")).await;
         assert_eq!(resp.status(), 200);
@@ -632,8 +604,7 @@ async fn an_upstream_that_never_completes_the_handshake_hits_the_connect_timeout
 
 #[tokio::test]
 async fn api_keys_are_required_checked_and_revocable() {
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "").await;
+    let (_m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
     let bare = reqwest::Client::new();
     let call = |key: Option<(&'static str, String)>| {
         let mut req = bare
@@ -679,7 +650,7 @@ async fn api_keys_are_required_checked_and_revocable() {
     // A key made through the admin API works in either header, then stops working once revoked.
     let mut admin = n.admin_client().await.expect("admin");
     let key = admin
-        .create_api_key(meridian_proto::pb::admin::CreateApiKeyRequest {
+        .create_api_key(pb::CreateApiKeyRequest {
             tenant: "dev".into(),
             label: "test".into(),
         })
@@ -692,7 +663,7 @@ async fn api_keys_are_required_checked_and_revocable() {
     let ok = call(Some(("authorization", format!("Bearer {}", key.secret)))).await;
     assert_eq!(ok.status(), 200);
     let listed = admin
-        .list_api_keys(meridian_proto::pb::admin::ListApiKeysRequest {
+        .list_api_keys(pb::ListApiKeysRequest {
             tenant: "dev".into(),
             ..Default::default()
         })
@@ -701,7 +672,7 @@ async fn api_keys_are_required_checked_and_revocable() {
         .into_inner();
     assert_eq!(listed.keys.len(), 2, "the development key and this one");
     admin
-        .revoke_api_key(meridian_proto::pb::admin::RevokeApiKeyRequest {
+        .revoke_api_key(pb::RevokeApiKeyRequest {
             key_id: key.key_id.clone(),
         })
         .await
@@ -713,7 +684,7 @@ async fn api_keys_are_required_checked_and_revocable() {
     )
     .await;
     let err = admin
-        .create_api_key(meridian_proto::pb::admin::CreateApiKeyRequest {
+        .create_api_key(pb::CreateApiKeyRequest {
             tenant: "nobody".into(),
             label: String::new(),
         })
@@ -725,24 +696,17 @@ async fn api_keys_are_required_checked_and_revocable() {
 #[tokio::test]
 async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
     meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "").await;
-    let mut admin = n.admin_client().await.expect("admin");
-    use meridian_proto::pb::admin as pb;
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "small".into(),
-                limits: Some(pb::Limits {
-                    tokens_per_minute: Some(1_000),
-                    requests_per_minute: Some(1_000),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
-            }),
-        })
-        .await
-        .expect("tier");
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    n.put_tier(tier(
+        "small",
+        pb::Limits {
+            tokens_per_minute: Some(1_000),
+            requests_per_minute: Some(1_000),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
     let key = n
         .tenant_with_key(pb::Tenant {
             id: "acme".into(),
@@ -752,14 +716,7 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
         .await
         .expect("tenant and key");
     let client = reqwest::Client::new();
-    let send = |body: String| {
-        client
-            .post(n.url("/v1/chat/completions"))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
+    let send = |body: String| chat_as(&client, &n.url(""), &key, body).send();
     // The mock answers 8 completion tokens; each request reserves its prompt + 100.
     let resp = send(chat_body("mock", false, r#""max_tokens":100"#))
         .await
@@ -825,7 +782,9 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
 async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
     meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     use jsonwebtoken::{EncodingKey, Header, encode};
-    let m = mock(Flavor::Vllm).await;
+    let m = MockUpstream::with_flavor(Flavor::Vllm)
+        .await
+        .expect("mock starts");
     let secret = "a-shared-hs256-secret-for-this-test-only";
     let toml = format!(
         "[jwt]\nissuer = \"https://idp.example\"\naudience = \"meridian\"\nhs256_secret_env = \"TEST_JWT_SECRET\"\ntier_claim = \"tier\"\n{}",
@@ -834,21 +793,15 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
     let n = TestNode::start_with_env(&toml, vec![("TEST_JWT_SECRET".into(), secret.into())])
         .await
         .expect("node");
-    let mut admin = n.admin_client().await.expect("admin");
-    use meridian_proto::pb::admin as pb;
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "tiny".into(),
-                limits: Some(pb::Limits {
-                    requests_per_minute: Some(2),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
-            }),
-        })
-        .await
-        .expect("tier");
+    n.put_tier(tier(
+        "tiny",
+        pb::Limits {
+            requests_per_minute: Some(2),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -862,14 +815,8 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
         )
         .expect("signed")
     };
-    let call = |t: String| {
-        reqwest::Client::new()
-            .post(n.url("/v1/chat/completions"))
-            .bearer_auth(t)
-            .header("content-type", "application/json")
-            .body(chat_body("mock", false, ""))
-            .send()
-    };
+    let client = reqwest::Client::new();
+    let call = |t: String| chat_as(&client, &n.url(""), &t, chat_body("mock", false, "")).send();
     let good = token(now + 300, "meridian");
     assert_eq!(call(good.clone()).await.expect("sent").status(), 200);
     assert_eq!(call(good.clone()).await.expect("sent").status(), 200);
@@ -889,8 +836,7 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
     }
     // API keys keep working alongside.
     let resp = n
-        .client()
-        .post(n.url("/v1/chat/completions"))
+        .chat_request()
         .body(chat_body("mock", false, ""))
         .send()
         .await
@@ -900,23 +846,21 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
 
 #[tokio::test]
 async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
-    let m = mock(Flavor::Vllm).await;
     let slow = "mock@ttft_ms:300";
-    let n = node(
-        &m,
+    let (_m, n) = setup(
+        Flavor::Vllm,
         &[slow],
         "max_concurrency = 1\nqueue_capacity = 8\nqueue_timeout = \"10s\"",
         "",
     )
     .await;
-    let bad = n
-        .client()
-        .post(n.url("/v1/chat/completions"))
-        .header("x-meridian-deadline-ms", "soon")
-        .body(chat_body(slow, false, ""))
-        .send()
-        .await
-        .expect("sent");
+    let bad = post_with_header(
+        &n,
+        "x-meridian-deadline-ms",
+        "soon",
+        chat_body(slow, false, ""),
+    )
+    .await;
     assert_eq!(bad.status(), 400);
     let v: Value = bad.json().await.expect("json");
     assert_eq!(v["error"]["param"], "X-Meridian-Deadline-Ms");
@@ -925,34 +869,22 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
         assert_eq!(post(&n, chat_body(slow, false, "")).await.status(), 200);
     }
     // One call holds the only slot; a request that must start within 100 ms cannot.
-    let holder = tokio::spawn({
-        let (client, url) = (n.client(), n.url("/v1/chat/completions"));
-        async move {
-            client
-                .post(url)
-                .body(chat_body(slow, false, ""))
-                .send()
-                .await
-        }
-    });
+    let holder = tokio::spawn(n.chat_request().body(chat_body(slow, false, "")).send());
     wait_until("the slot to be taken", Duration::from_secs(5), || async {
         n.gateway.providers()[0].in_flight == 1
     })
     .await
     .expect("slot taken");
     let started = std::time::Instant::now();
-    let resp = n
-        .client()
-        .post(n.url("/v1/chat/completions"))
-        .header("x-meridian-deadline-ms", "100")
-        .body(chat_body(slow, false, ""))
-        .send()
-        .await
-        .expect("sent");
+    let resp = post_with_header(
+        &n,
+        "x-meridian-deadline-ms",
+        "100",
+        chat_body(slow, false, ""),
+    )
+    .await;
     let took = started.elapsed();
-    assert_eq!(resp.status(), 504);
-    assert!(resp.headers().contains_key("retry-after"));
-    let v: Value = resp.json().await.expect("json");
+    let v = retry_later(resp, 504).await;
     assert_eq!(v["error"]["code"], "deadline_unreachable", "{v}");
     assert!(
         took < Duration::from_millis(100),
@@ -964,29 +896,23 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
 #[tokio::test]
 async fn features_users_and_daily_cost_have_their_own_limits() {
     meridian_tests::inside_one_minute(Duration::from_secs(30)).await;
-    use meridian_proto::pb::admin as pb;
-    let m = mock(Flavor::Vllm).await;
     // The mock answers 8 completion tokens; $1,000 per million output tokens is 8,000 µ$.
     let prices =
         "[[prices]]\nmodel = \"mock\"\ninput_usd_per_mtok = 0.0\noutput_usd_per_mtok = 1000.0\n";
-    let n = node(&m, &["mock"], "", prices).await;
-    let mut admin = n.admin_client().await.expect("admin");
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "paid".into(),
-                limits: Some(pb::Limits {
-                    cost_per_day_micro_usd: Some(1_000_000),
-                    ..pb::Limits::default()
-                }),
-                per_user: Some(pb::Limits {
-                    requests_per_minute: Some(2),
-                    ..pb::Limits::default()
-                }),
-            }),
-        })
-        .await
-        .expect("tier");
+    let (_m, n) = setup(Flavor::Vllm, &["mock"], "", prices).await;
+    let limits = pb::Limits {
+        cost_per_day_micro_usd: Some(1_000_000),
+        ..pb::Limits::default()
+    };
+    n.put_tier(pb::Tier {
+        per_user: Some(pb::Limits {
+            requests_per_minute: Some(2),
+            ..pb::Limits::default()
+        }),
+        ..tier("paid", limits)
+    })
+    .await
+    .expect("tier");
     let mut features = std::collections::HashMap::new();
     features.insert(
         "search".to_owned(),
@@ -1006,15 +932,8 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
         .expect("tenant and key");
     let client = reqwest::Client::new();
     let call = |feature: Option<&'static str>, user: &'static str| {
-        let mut req = client
-            .post(n.url("/v1/chat/completions"))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(chat_body(
-                "mock",
-                false,
-                &format!(r#""max_tokens":8,"user":"{user}""#),
-            ));
+        let body = chat_body("mock", false, &format!(r#""max_tokens":8,"user":"{user}""#));
+        let mut req = chat_as(&client, &n.url(""), &key, body);
         if let Some(f) = feature {
             req = req.header("x-meridian-feature", f);
         }
@@ -1046,11 +965,8 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
         "ann has used her 2 requests"
     );
     assert_eq!(call(None, "bob").await.0, 200);
-    let bad = client
-        .post(n.url("/v1/chat/completions"))
-        .bearer_auth(&key)
+    let bad = chat_as(&client, &n.url(""), &key, chat_body("mock", false, ""))
         .header("x-meridian-feature", "no spaces")
-        .body(chat_body("mock", false, ""))
         .send()
         .await
         .expect("sent");
@@ -1092,7 +1008,9 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
 
 #[tokio::test]
 async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
-    let m = mock(Flavor::Vllm).await;
+    let m = MockUpstream::with_flavor(Flavor::Vllm)
+        .await
+        .expect("mock starts");
     let two = |first: &str, second: &str| {
         format!(
             "{}{}",
@@ -1135,9 +1053,7 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
         .await
         .expect("node");
     let resp = post(&n, chat_body("m", false, "")).await;
-    assert_eq!(resp.status(), 503);
-    assert!(resp.headers().contains_key("retry-after"));
-    let v: Value = resp.json().await.expect("json");
+    let v = retry_later(resp, 503).await;
     assert_eq!(v["error"]["code"], "all_providers_failed");
 
     // A client error is not retried elsewhere.
@@ -1157,23 +1073,16 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
 #[tokio::test]
 async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
     meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
-    use meridian_proto::pb::admin as pb;
-    let m = mock(Flavor::Vllm).await;
-    let n = node(&m, &["mock"], "", "").await;
-    let mut admin = n.admin_client().await.expect("admin");
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "one".into(),
-                limits: Some(pb::Limits {
-                    requests_per_minute: Some(1),
-                    ..pb::Limits::default()
-                }),
-                ..pb::Tier::default()
-            }),
-        })
-        .await
-        .expect("tier");
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    n.put_tier(tier(
+        "one",
+        pb::Limits {
+            requests_per_minute: Some(1),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
     let mut keys = Vec::new();
     for tenant in ["t1", "t2"] {
         keys.push(
@@ -1188,12 +1097,7 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
     }
     let client = reqwest::Client::new();
     let call = |key: &str, stream: bool, extra: &str| {
-        client
-            .post(n.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(chat_body("mock", stream, extra))
-            .send()
+        chat_as(&client, &n.url(""), key, chat_body("mock", stream, extra)).send()
     };
     let served = || m.stats.completed.load(std::sync::atomic::Ordering::SeqCst);
     let det = r#""temperature":0"#;
@@ -1269,13 +1173,7 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
 /// reaches it whole, with the provider's key.
 #[tokio::test]
 async fn the_openai_adapter_sends_the_providers_key_and_only_fields_openai_knows() {
-    let upstream = MockUpstream::start(MockOptions {
-        flavor: Flavor::OpenAi,
-        api_key: Some("sk-provider-key".into()),
-        ..MockOptions::default()
-    })
-    .await
-    .expect("mock starts");
+    let upstream = openai_mock_with_key("sk-provider-key").await;
     let toml = provider_toml(
         "mock",
         &upstream.base_url(),
@@ -1313,13 +1211,7 @@ async fn the_openai_adapter_sends_the_providers_key_and_only_fields_openai_knows
 /// The mock itself answers as OpenAI does: the checks above are only worth what these are.
 #[tokio::test]
 async fn the_openai_mock_refuses_what_openai_refuses() {
-    let upstream = MockUpstream::start(MockOptions {
-        flavor: Flavor::OpenAi,
-        api_key: Some("sk-k".into()),
-        ..MockOptions::default()
-    })
-    .await
-    .expect("mock starts");
+    let upstream = openai_mock_with_key("sk-k").await;
     let client = reqwest::Client::new();
     let send = |body: Value, key: Option<&str>| {
         let mut r = client
@@ -1376,9 +1268,8 @@ async fn the_openai_mock_refuses_what_openai_refuses() {
 /// roll-up, more than nothing and less than the whole answer or the reserve.
 #[tokio::test]
 async fn a_stream_the_client_drops_is_charged_what_was_generated() {
-    let m = mock(Flavor::Vllm).await;
     let model = "mock@tokens:200;itl_ms:20";
-    let n = node(&m, &[model], "", "").await;
+    let (m, n) = setup(Flavor::Vllm, &[model], "", "").await;
     // The development tenant has no limit: its usage is recorded all the same.
     let body = chat_body(model, true, r#""max_tokens":300"#);
     let resp = post(&n, body).await;
@@ -1390,13 +1281,9 @@ async fn a_stream_the_client_drops_is_charged_what_was_generated() {
         read += 1;
     }
     drop(stream);
-    wait_until(
-        "the upstream call to be dropped",
-        Duration::from_secs(1),
-        || async { m.stats.aborted.load(SeqCst) == 1 },
-    )
-    .await
-    .expect("aborted upstream");
+    m.wait_aborted(1, Duration::from_secs(1))
+        .await
+        .expect("aborted upstream");
     let completion = || async {
         let state = n.gateway.cluster_state()?;
         let tokens: u64 = state

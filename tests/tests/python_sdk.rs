@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, provider_toml};
 use serde_json::Value;
 
@@ -56,12 +56,7 @@ fn python_with_openai() -> PathBuf {
 async fn the_official_openai_sdk_parses_our_answers() {
     let python = python_with_openai();
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let mock = MockUpstream::start(MockOptions {
-            flavor,
-            ..MockOptions::default()
-        })
-        .await
-        .expect("mock");
+        let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
         let node = TestNode::start(&provider_toml("mock", &mock.base_url(), &["mock"], ""))
             .await
             .expect("node");

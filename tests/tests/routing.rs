@@ -5,17 +5,12 @@
 use std::sync::atomic::Ordering::SeqCst;
 
 use meridian_proto::pb::admin as pb;
-use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
+use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, chat_body, provider_toml};
 use serde_json::Value;
 
 async fn mock() -> MockUpstream {
-    MockUpstream::start(MockOptions {
-        flavor: Flavor::Vllm,
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap()
+    MockUpstream::with_flavor(Flavor::Vllm).await.unwrap()
 }
 
 /// An address where nothing listens: a provider that is down.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use meridian_actors::vllm::actor::Control;
 use meridian_actors::vllm::process::group_members;
 use meridian_actors::vllm::{ReplicaState, ReplicaStatus};
-use meridian_tests::TestNode;
 use meridian_tests::procs::meridian_bin;
+use meridian_tests::{TestNode, mock_vllm_stats};
 
 /// `count` consecutive free loopback ports.
 fn free_ports(count: u16) -> u16 {
@@ -123,19 +123,25 @@ async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
         .unwrap()
 }
 
-/// What the mock vLLM on `port` reports of itself (`/mock/stats`).
-async fn mock_stats(port: u16) -> serde_json::Value {
-    reqwest::get(format!("http://127.0.0.1:{port}/mock/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
+/// What the mock vLLM on `port` has received.
+async fn mock_requests(port: u16) -> u64 {
+    mock_vllm_stats(port).await.unwrap()["requests"]
+        .as_u64()
         .unwrap()
 }
 
-/// What the mock vLLM on `port` has received.
-async fn mock_requests(port: u16) -> u64 {
-    mock_stats(port).await["requests"].as_u64().unwrap()
+/// Waits (up to 10 s) until replica `name` is ready, and returns it.
+async fn ready(node: &TestNode, name: &str) -> ReplicaStatus {
+    let (ready, _) = until(node, name, "ready", Duration::from_secs(10), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    ready
+}
+
+/// Shuts `node` down and waits until it has drained.
+async fn shut_down(mut node: TestNode) {
+    node.begin_shutdown().await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,18 +197,14 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
         loading.state_for.as_millis(),
         ready_after.as_millis()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
     let port = free_ports(1);
     let node = node(port, "", &[("MOCK_VLLM_CHILDREN", "2")]).await;
-    let (first, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    let first = ready(&node, "llama-0").await;
     assert_eq!(chat(&node, false).await.status(), 200);
     let mut timeline = Vec::new();
     let mut pid = first.pid.unwrap();
@@ -239,10 +241,7 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
             "orphans of {pid}: {:?}",
             group_members(pid)
         );
-        let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-            r.state == ReplicaState::Ready
-        })
-        .await;
+        let ready = ready(&node, "llama-0").await;
         let back = killed.elapsed();
         assert_eq!(ready.restarts, round);
         assert!(
@@ -269,8 +268,7 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
         pid = relaunched.pid.unwrap();
     }
     println!("kill -9 after ready: {}", timeline.join("; "));
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
     assert!(group_members(pid).is_empty(), "orphans after shutdown");
 }
 
@@ -315,8 +313,7 @@ async fn a_crash_loop_ends_in_failed() {
         failed.restarts,
         failed.last_exit.unwrap_or_default()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,10 +325,7 @@ async fn a_hung_replica_is_detected_and_restarted() {
         &[("MOCK_VLLM_HANG_AFTER_MS", "1000")],
     )
     .await;
-    let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    let ready = ready(&node, "llama-0").await;
     // Wait until the mock hangs (1 s after its start), then send a request that never
     // progresses while /health keeps answering 200.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -362,8 +356,7 @@ async fn a_hung_replica_is_detected_and_restarted() {
          replica restarted: {why}",
         answered.as_millis()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,10 +371,7 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
         &[("MOCK_VLLM_UNHEALTHY_FILE", &file_env)],
     )
     .await;
-    let (ready, _) = until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    let ready = ready(&node, "llama-0").await;
     // `/health` answers `status` until the replica is taken out; the next process is healthy.
     // Returns how long it took to be taken out and why it was restarted.
     let fail_with = |status: &'static str, restarts: u64| {
@@ -422,8 +412,7 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
         detected.as_millis(),
         dead_after.as_millis()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,8 +521,7 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
         stopped.last_exit.unwrap_or_default()
     );
     let survivor = replica(&node, "llama-1").pid.unwrap();
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
     assert!(
         group_members(survivor).is_empty(),
         "orphans after shutdown: {:?}",
@@ -550,10 +538,7 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         &[("MOCK_VLLM_SCRIPT", "tokens=20;itl_ms=25;ttft_ms=20")],
     )
     .await;
-    until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    ready(&node, "llama-0").await;
     assert_eq!(node.vllm.list().len(), 1, "min_replicas = 1 to begin with");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -644,8 +629,7 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         up.as_millis(),
         down.as_millis()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,10 +641,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
         &[],
     )
     .await;
-    until(&node, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    ready(&node, "llama-0").await;
     let chat_model = |model: &'static str| {
         let req = node
             .client()
@@ -732,8 +713,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
     println!(
         "LoRA: startup adapter `sql` routed; `finance` loaded, routed, refused twice, unloaded"
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,8 +749,7 @@ async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
         "startup budget 400 ms, loading 5 s: killed and restarted once, failed after {} ms ({why})",
         after.as_millis()
     );
-    let mut node = node;
-    node.begin_shutdown().await.unwrap().unwrap();
+    shut_down(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -795,13 +774,13 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
          [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=20;itl_ms=25\"\n",
     );
     let mut n = TestNode::start(&toml).await.unwrap();
-    let (r, _) = until(&n, "llama-0", "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
+    let r = ready(&n, "llama-0").await;
     assert_eq!(r.gpus, [0], "CUDA_VISIBLE_DEVICES of the first replica");
     // What the process itself was given, not only what the supervisor says it gave.
-    assert_eq!(mock_stats(port).await["cuda_visible_devices"], "0");
+    assert_eq!(
+        mock_vllm_stats(port).await.unwrap()["cuda_visible_devices"],
+        "0"
+    );
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let (client, url) = (n.client(), n.url("/v1/chat/completions"));
