@@ -70,9 +70,7 @@ impl Actor for NodeSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut providers = HashMap::new();
         for p in args.providers {
-            let (actor, _) =
-                Actor::spawn_linked(None, ProviderActor, Arc::clone(&p), myself.get_cell()).await?;
-            providers.insert(actor.get_id(), p);
+            supervise(&myself, &mut providers, p).await?;
         }
         Ok(NodeSupervisorState {
             budget: args.budget,
@@ -89,14 +87,7 @@ impl Actor for NodeSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Adopt(provider, reply) => {
-                let (actor, _) = Actor::spawn_linked(
-                    None,
-                    ProviderActor,
-                    Arc::clone(&provider),
-                    myself.get_cell(),
-                )
-                .await?;
-                state.providers.insert(actor.get_id(), provider);
+                supervise(&myself, &mut state.providers, provider).await?;
                 let _ = reply.send(());
             }
         }
@@ -142,16 +133,25 @@ impl Actor for NodeSupervisor {
         log.push_back(now);
         tracing::warn!(provider = %id, error = %err, "provider actor crashed; restarting");
         provider.record_restart();
-        let (actor, _) = Actor::spawn_linked(
-            None,
-            ProviderActor,
-            Arc::clone(&provider),
-            myself.get_cell(),
-        )
-        .await?;
-        state.providers.insert(actor.get_id(), provider);
-        Ok(())
+        supervise(&myself, &mut state.providers, provider).await
     }
+}
+
+/// Starts `provider`'s actor linked under the node supervisor, and remembers whose it is.
+async fn supervise(
+    supervisor: &ActorRef<SupervisorMsg>,
+    providers: &mut HashMap<ActorId, Arc<Provider>>,
+    provider: Arc<Provider>,
+) -> Result<(), ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(
+        None,
+        ProviderActor,
+        Arc::clone(&provider),
+        supervisor.get_cell(),
+    )
+    .await?;
+    providers.insert(actor.get_id(), provider);
+    Ok(())
 }
 
 /// Parent of every ConnectionActor. Logs their crashes; never restarts them.

@@ -87,53 +87,52 @@ impl From<openai::Usage> for pb::Usage {
     }
 }
 
-impl From<ChatCompletion> for pb::ChatResponse {
-    fn from(c: ChatCompletion) -> Self {
+impl From<openai::Choice> for pb::ChatChoice {
+    fn from(ch: openai::Choice) -> Self {
         Self {
-            id: c.id,
-            model: c.model,
-            created: c.created,
-            choices: c
-                .choices
-                .into_iter()
-                .map(|ch| pb::ChatChoice {
-                    index: ch.index,
-                    message: Some(pb::ChatMessage {
-                        role: role(&ch.message.role) as i32,
-                        content: ch.message.content.unwrap_or_default(),
-                        name: None,
-                        tool_call_id: None,
-                    }),
-                    finish_reason: finish_reason(ch.finish_reason.as_deref()) as i32,
-                })
-                .collect(),
-            usage: c.usage.map(Into::into),
+            index: ch.index,
+            message: Some(pb::ChatMessage {
+                role: role(&ch.message.role) as i32,
+                content: ch.message.content.unwrap_or_default(),
+                name: None,
+                tool_call_id: None,
+            }),
+            finish_reason: finish_reason(ch.finish_reason.as_deref()) as i32,
         }
     }
 }
 
-impl From<ChatCompletionChunk> for pb::ChatChunk {
-    fn from(c: ChatCompletionChunk) -> Self {
+impl From<openai::ChunkChoice> for pb::ChunkChoice {
+    fn from(ch: openai::ChunkChoice) -> Self {
         Self {
-            id: c.id,
-            model: c.model,
-            created: c.created,
-            choices: c
-                .choices
-                .into_iter()
-                .map(|ch| pb::ChunkChoice {
-                    index: ch.index,
-                    delta: Some(pb::ChatDelta {
-                        role: ch.delta.role.as_deref().map(|r| role(r) as i32),
-                        content: ch.delta.content.unwrap_or_default(),
-                    }),
-                    finish_reason: finish_reason(ch.finish_reason.as_deref()) as i32,
-                })
-                .collect(),
-            usage: c.usage.map(Into::into),
+            index: ch.index,
+            delta: Some(pb::ChatDelta {
+                role: ch.delta.role.as_deref().map(|r| role(r) as i32),
+                content: ch.delta.content.unwrap_or_default(),
+            }),
+            finish_reason: finish_reason(ch.finish_reason.as_deref()) as i32,
         }
     }
 }
+
+/// gRPC's answer and chunk from OpenAI's: the same envelope around different choices.
+macro_rules! from_completion_object {
+    ($($from:ty => $to:ty),*) => {$(
+        impl From<$from> for $to {
+            fn from(c: $from) -> Self {
+                Self {
+                    id: c.id,
+                    model: c.model,
+                    created: c.created,
+                    choices: c.choices.into_iter().map(Into::into).collect(),
+                    usage: c.usage.map(Into::into),
+                }
+            }
+        }
+    )*};
+}
+
+from_completion_object!(ChatCompletion => pb::ChatResponse, ChatCompletionChunk => pb::ChatChunk);
 
 /// Admin API ↔ replicated state.
 mod admin {

@@ -431,9 +431,13 @@ impl Usage {
     }
 }
 
-/// `chat.completion` (non-streaming response).
+/// The object OpenAI answers a completion with, whole (`chat.completion`, choices
+/// [`Choice`]) or one streamed event at a time (`chat.completion.chunk`, choices
+/// [`ChunkChoice`]). `usage` is always serialised (`null` until a stream's usage chunk), as
+/// OpenAI does with `include_usage`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct ChatCompletion {
+#[serde(bound(deserialize = "C: Deserialize<'de>"))]
+pub struct CompletionObject<C> {
     #[serde(default, deserialize_with = "null_as_default")]
     pub id: String,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -443,10 +447,16 @@ pub struct ChatCompletion {
     #[serde(default, deserialize_with = "null_as_default")]
     pub model: String,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub choices: Vec<Choice>,
+    pub choices: Vec<C>,
     #[serde(default)]
     pub usage: Option<Usage>,
 }
+
+/// `chat.completion` (non-streaming response).
+pub type ChatCompletion = CompletionObject<Choice>;
+
+/// `chat.completion.chunk` (one streaming event).
+pub type ChatCompletionChunk = CompletionObject<ChunkChoice>;
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Choice {
@@ -467,24 +477,6 @@ pub struct ResponseMessage {
 
 fn assistant() -> String {
     "assistant".into()
-}
-
-/// `chat.completion.chunk` (one streaming event).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct ChatCompletionChunk {
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub id: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub object: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub created: i64,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub model: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub choices: Vec<ChunkChoice>,
-    /// Always serialised (`null` until the usage chunk), as OpenAI does with `include_usage`.
-    #[serde(default)]
-    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -876,3 +876,23 @@ fn changed_fields_names_each_difference_and_skips_what_apply_sets() {
     assert_eq!(changed_fields(None, &new, &[]), ["created"]);
     assert!(changed_fields(Some(&old), &old, &[]).is_empty());
 }
+
+/// A provider's kind is written as the name earlier versions wrote, and read back from it;
+/// a name this version does not know survives a round trip.
+#[test]
+fn provider_kinds_keep_their_recorded_names() {
+    for (text, kind) in [
+        ("\"openai\"", ProviderKind::OpenAi),
+        ("\"anthropic\"", ProviderKind::Anthropic),
+        ("\"demo\"", ProviderKind::Demo),
+        ("\"mesh\"", ProviderKind::Mesh),
+        ("\"vllm\"", ProviderKind::Vllm),
+        ("\"tgi\"", ProviderKind::Other("tgi".into())),
+    ] {
+        let read: ProviderKind = serde_json::from_str(text).unwrap();
+        assert_eq!(read, kind, "{text}");
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
+    }
+    let record = serde_json::to_value(provider("a")).unwrap();
+    assert_eq!(record["kind"], "openai");
+}
