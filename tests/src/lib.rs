@@ -288,7 +288,10 @@ pub async fn status_of(req: reqwest::RequestBuilder) -> u16 {
 pub async fn retry_later(resp: reqwest::Response, status: u16) -> serde_json::Value {
     assert_eq!(resp.status().as_u16(), status);
     assert!(resp.headers().contains_key("retry-after"));
-    resp.json().await.expect("an OpenAI-style error body")
+    match resp.json().await {
+        Ok(body) => body,
+        Err(e) => panic!("a {status} without an OpenAI-style error body: {e}"),
+    }
 }
 
 /// What the mock vLLM (`mock-vllm`) on loopback port `port` reports of itself (`/mock/stats`).
