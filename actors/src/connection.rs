@@ -54,6 +54,26 @@ pub struct RequestContext {
     pub weight: u32,
 }
 
+/// Where a request went and what it took to get there, handed back with its answer.
+#[derive(Debug, Clone, Default)]
+pub struct Via {
+    /// The provider that answered, or was tried last (`None`: none was tried).
+    pub provider: Option<Arc<str>>,
+    /// Providers tried, the one that answered included.
+    pub attempts: u32,
+    /// Waiting for a slot at that provider.
+    pub queue_wait: Option<Duration>,
+    /// When the call to it began.
+    pub called_at: Option<Instant>,
+}
+
+/// What a request's actor answers: the reply or the error, and where it went.
+#[derive(Debug)]
+pub struct Routed {
+    pub answer: Result<ChatReply, ApiError>,
+    pub via: Via,
+}
+
 /// A request's answer, once the upstream has accepted it.
 #[derive(Debug)]
 pub enum ChatReply {
@@ -98,7 +118,7 @@ pub struct ConnectionArgs {
     /// (503 with Retry-After), even after a single attempt.
     pub ejected: usize,
     pub retries: Arc<RetryBudget>,
-    pub reply: oneshot::Sender<Result<ChatReply, ApiError>>,
+    pub reply: oneshot::Sender<Routed>,
 }
 
 /// The ConnectionActor's vocabulary: it is told once to run, and stops itself when done.
@@ -150,7 +170,7 @@ enum Outcome {
     ClientGone(u32),
 }
 
-type Reply = oneshot::Sender<Result<ChatReply, ApiError>>;
+type Reply = oneshot::Sender<Routed>;
 
 /// One attempt at one provider.
 enum Step {
@@ -184,7 +204,12 @@ async fn serve(args: ConnectionArgs) {
                 "falling back to the next provider"
             );
         }
-        match attempt_at(&request, &ctx, route, reply).await {
+        let mut via = Via {
+            provider: Some(Arc::clone(&route.provider.name)),
+            attempts: attempt as u32 + 1,
+            ..Via::default()
+        };
+        match attempt_at(&request, &ctx, route, reply, &mut via).await {
             Step::Done(outcome) => {
                 finish(&mut ctx, request.model(), route, outcome);
                 return;
@@ -206,6 +231,11 @@ async fn serve(args: ConnectionArgs) {
         }
     }
     let Some((e, attempt)) = last else { return };
+    let via = Via {
+        provider: Some(Arc::clone(&routes[attempt].provider.name)),
+        attempts: attempt as u32 + 1,
+        ..Via::default()
+    };
     let e = if (attempt > 0 || ejected > 0) && e.retryable() {
         // Every candidate failed or is left out: say so, and when to come back.
         let skipped = if ejected > 0 {
@@ -231,7 +261,10 @@ async fn serve(args: ConnectionArgs) {
     if let Some(r) = ctx.reservation.take() {
         r.settle_partial(request.model(), 0);
     }
-    let _ = reply.send(Err(e));
+    let _ = reply.send(Routed {
+        answer: Err(e),
+        via,
+    });
 }
 
 /// Takes a slot at `route`'s provider and calls it.
@@ -240,6 +273,7 @@ async fn attempt_at(
     ctx: &RequestContext,
     route: &Route,
     mut reply: Reply,
+    via: &mut Via,
 ) -> Step {
     let provider = &route.provider;
     let spec = &provider.spec;
@@ -258,8 +292,10 @@ async fn attempt_at(
     // The total deadline starts once the call starts, so queueing does not eat into it.
     let total = cap(spec.timeouts.total);
     let started = Instant::now();
+    via.queue_wait = Some(started - now);
+    via.called_at = Some(started);
     if request.stream() {
-        return stream(request, route, total, reply).await;
+        return stream(request, route, total, reply, via).await;
     }
     let call = timeout_at(
         total,
@@ -276,14 +312,23 @@ async fn attempt_at(
                 b.first_byte(started.elapsed());
             }
             let usage = c.usage;
-            let _ = reply.send(Ok(ChatReply::Complete(c)));
+            let _ = reply.send(Routed {
+                answer: Ok(ChatReply::Complete(c)),
+                via: via.clone(),
+            });
             Step::Done(Outcome::Ok(usage))
         }
         Err(e) => Step::Failed(e.into_api_error(&spec.id), reply),
     }
 }
 
-async fn stream(request: &ChatRequest, route: &Route, total: Instant, mut reply: Reply) -> Step {
+async fn stream(
+    request: &ChatRequest,
+    route: &Route,
+    total: Instant,
+    mut reply: Reply,
+    via: &Via,
+) -> Step {
     let spec = &route.provider.spec;
     let started = Instant::now();
     let open = timeout_at(
@@ -325,10 +370,14 @@ async fn stream(request: &ChatRequest, route: &Route, total: Instant, mut reply:
         include_usage: request.include_usage(),
         usage: None,
         generated: Arc::clone(&generated),
-        provider: spec.id.as_str().into(),
+        provider: Arc::clone(&route.provider.name),
         report: Some(report),
     };
-    if reply.send(Ok(ChatReply::Stream(relay))).is_err() {
+    let routed = Routed {
+        answer: Ok(ChatReply::Stream(relay)),
+        via: via.clone(),
+    };
+    if reply.send(routed).is_err() {
         return Step::Done(Outcome::ClientGone(0));
     }
     Step::Done(tokio::select! {
@@ -391,6 +440,16 @@ impl std::fmt::Debug for RelayStream {
 }
 
 impl RelayStream {
+    /// The usage the provider reported, once its usage chunk has passed.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Content chunks relayed so far (≈ tokens generated).
+    pub fn generated(&self) -> u32 {
+        self.generated.load(Ordering::Relaxed)
+    }
+
     fn end(&mut self, end: StreamEnd) -> Option<StreamEnd> {
         let outcome = match &end {
             StreamEnd::Done => Outcome::Ok(self.usage),

@@ -20,9 +20,10 @@ use crate::auth::{self, Principal};
 use crate::breaker::{BreakerActor, BreakerArgs, BreakerConfig, BreakerStats};
 use crate::cache::{CacheConfig, CacheKey, ResponseCache};
 use crate::connection::RetryBudget;
-use crate::connection::{ChatReply, ConnectionActor, ConnectionArgs, RequestContext, Route};
+use crate::connection::{ConnectionActor, ConnectionArgs, RequestContext, Route, Routed, Via};
 use crate::estimate;
 use crate::estimate::{Price, Tokenizer};
+use crate::metrics::{LabelCaps, Metrics};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
 use crate::registry::{Breakers, Registry};
@@ -55,6 +56,8 @@ pub struct GatewayConfig {
     /// The clock breaker windows and open periods are read on (quota windows read the
     /// quota's own, `QuotaConfig::clock`).
     pub breaker_clock: WallClock,
+    /// How many tenants and features the request metrics name (the rest are `other`).
+    pub label_caps: LabelCaps,
     /// This node's region: its providers there are preferred.
     pub region: String,
     /// Virtual models (`auto`) by name.
@@ -80,6 +83,7 @@ impl GatewayConfig {
             cache: None,
             breaker: BreakerConfig::default(),
             breaker_clock: WallClock::system(),
+            label_caps: LabelCaps::default(),
             region: String::new(),
             aliases: HashMap::new(),
             awaited_models: Vec::new(),
@@ -110,6 +114,9 @@ struct Inner {
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
+    metrics: Arc<Metrics>,
+    /// The label of a model this node does not serve (a client may name any).
+    unknown_model: Arc<str>,
     region: String,
     draws: AtomicU64,
 }
@@ -206,6 +213,8 @@ impl Gateway {
                 cache: config.cache.map(ResponseCache::new),
                 quota,
                 breaker_stats,
+                metrics: Arc::new(Metrics::new(config.label_caps)),
+                unknown_model: "other".into(),
                 region: config.region,
                 draws: AtomicU64::new(0),
             }),
@@ -445,13 +454,13 @@ impl Gateway {
 
     /// Routes and runs one request. Resolves when the upstream has answered (unary) or accepted
     /// the request (stream); failures before that are returned here, with their status.
-    pub(crate) async fn chat(
-        &self,
-        request: ChatRequest,
-        mut ctx: RequestContext,
-    ) -> Result<ChatReply, ApiError> {
+    pub(crate) async fn chat(&self, request: ChatRequest, mut ctx: RequestContext) -> Routed {
+        let unrouted = |e: ApiError| Routed {
+            answer: Err(e),
+            via: Via::default(),
+        };
         if self.is_draining() {
-            return Err(
+            return unrouted(
                 ApiError::new(ErrorKind::Unavailable, "this node is shutting down")
                     .with_code("node_draining")
                     .with_retry_after(Duration::from_secs(1)),
@@ -459,7 +468,10 @@ impl Gateway {
         }
         let tenant = self.tenant_rules(ctx.principal.as_ref());
         ctx.weight = tenant.weight;
-        let (routes, ejected) = self.route(&request, &ctx, &tenant)?;
+        let (routes, ejected) = match self.route(&request, &ctx, &tenant) {
+            Ok(r) => r,
+            Err(e) => return unrouted(e),
+        };
         self.inner
             .retries
             .count_request(tokio::time::Instant::now().into_std());
@@ -472,16 +484,16 @@ impl Gateway {
             retries: Arc::clone(&self.inner.retries),
             reply,
         };
-        Actor::spawn_linked(None, ConnectionActor, args, self.inner.connections.clone())
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorKind::Internal,
-                    format!("could not start the request: {e}"),
-                )
-            })?;
+        if let Err(e) =
+            Actor::spawn_linked(None, ConnectionActor, args, self.inner.connections.clone()).await
+        {
+            return unrouted(ApiError::new(
+                ErrorKind::Internal,
+                format!("could not start the request: {e}"),
+            ));
+        }
         answer.await.unwrap_or_else(|_| {
-            Err(ApiError::new(
+            unrouted(ApiError::new(
                 ErrorKind::Internal,
                 "the request's actor stopped without answering",
             ))
@@ -690,6 +702,23 @@ impl Gateway {
     /// Breaker counters, for metrics.
     pub fn breaker_stats(&self) -> &BreakerStats {
         &self.inner.breaker_stats
+    }
+
+    /// The request metrics, counted by the pipeline.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// `model` as a metrics label: its name if this node serves it (or will, or it is a
+    /// virtual model), else `other` — a client may name any model, and labels stay bounded.
+    pub(crate) fn model_label(&self, model: &str) -> Arc<str> {
+        let table = self.inner.registry.table();
+        Arc::clone(table.labels.get(model).unwrap_or(&self.inner.unknown_model))
+    }
+
+    /// What `model` costs, if it is priced.
+    pub(crate) fn price_of(&self, model: &str) -> Option<Price> {
+        self.inner.prices.get(model).copied()
     }
 
     /// Stops the actor tree (after the edges have drained).

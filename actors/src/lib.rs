@@ -31,6 +31,7 @@ pub mod connection;
 pub mod estimate;
 pub mod gateway;
 pub mod mesh;
+pub mod metrics;
 pub mod pipeline;
 pub mod provider;
 pub mod quota;

@@ -12,19 +12,23 @@
 //! a stream (an error, a cache hit, a whole completion), from the stream's end for a stream.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use meridian_proto::openai::ChatRequest;
+use meridian_policy::route::Complexity;
+use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
 pub use crate::auth::Credentials;
-use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
+use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via};
+use crate::estimate::Price;
 use crate::gateway::Gateway;
+pub use crate::metrics::Edge;
+use crate::metrics::{CallRecord, Metrics, Operation, Tokens};
 use crate::quota::RateLimitState;
-use meridian_policy::route::Complexity;
 
 /// What the client asked of Meridian itself, beside the request (the `X-Meridian-*` headers,
 /// or their gRPC metadata).
@@ -45,6 +49,7 @@ pub struct CallOptions {
 /// an edge hands over what its decoding came to, failures included.
 #[derive(Debug)]
 pub struct Call<'a> {
+    pub edge: Edge,
     pub request_id: RequestId,
     pub credentials: Credentials<'a>,
     pub options: Result<CallOptions, ApiError>,
@@ -114,12 +119,34 @@ pub struct Served {
     pub cache: Option<CacheOutcome>,
 }
 
+/// What is known of a request when it ends, for [`record`]: filled in on its way through.
+struct Summary {
+    request_id: RequestId,
+    edge: Edge,
+    started: Instant,
+    /// The model asked for, as a metrics label (see [`Gateway::model_label`]).
+    model: Arc<str>,
+    tenant: Option<Arc<str>>,
+    feature: Option<String>,
+    via: Via,
+    price: Option<Price>,
+}
+
 /// What [`Gateway::serve`] learns on the way, beside the answer.
 struct Extras {
-    started: Instant,
-    model: String,
+    summary: Summary,
     rate_limits: Vec<RateLimitState>,
     cache: Option<CacheOutcome>,
+    /// A whole answer's usage, as its provider reported it.
+    usage: Option<Usage>,
+}
+
+/// How far [`Gateway::run`] got: an answer, or a provider's stream still to be wrapped (it
+/// takes the request's summary along, to record itself at its end).
+enum Reached {
+    Complete(Bytes),
+    Cached(CacheHit),
+    Stream(RelayStream),
 }
 
 /// How a request ended, as [`record`] sees it.
@@ -137,33 +164,55 @@ pub enum Ending<'a> {
     Abandoned,
 }
 
-/// The one place where a request's outcome is recorded, once per request.
-///
-/// Today this is a debug event; per-request metrics, traces and usage records are written
-/// here as they are built. (Usage is charged by the reservation's settlement, in the
-/// connection, and counted in the tenant's roll-up from there.)
-pub fn record(request_id: &RequestId, model: &str, started: Instant, ending: Ending<'_>) {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return;
-    }
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1_000.0;
-    match ending {
-        Ending::Failed(e) => tracing::debug!(
-            request_id = %request_id,
-            model,
-            elapsed_ms,
-            kind = ?e.kind,
-            code = e.code.as_deref().unwrap_or(""),
-            "request failed"
-        ),
-        ending => tracing::debug!(
-            request_id = %request_id,
-            model,
-            elapsed_ms,
-            ending = ?ending,
-            "request served"
-        ),
-    }
+/// The one place where a request's outcome is recorded, once per request: its metrics, and a
+/// debug event. (Usage is charged by the reservation's settlement, in the connection, and
+/// counted in the tenant's roll-up from there.)
+fn record(
+    metrics: &Metrics,
+    s: &Summary,
+    ending: Ending<'_>,
+    usage: Option<Usage>,
+    first_token: Option<Instant>,
+) {
+    let now = Instant::now();
+    let code = match &ending {
+        Ending::Complete | Ending::Streamed => "ok",
+        Ending::Cached => "cached",
+        Ending::Abandoned => "cancelled",
+        Ending::Failed(e) => e.code.as_deref().unwrap_or(e.kind.openai_type()),
+    };
+    let tokens = usage.map(|u| Tokens {
+        input: u64::from(u.prompt_tokens),
+        output: u64::from(u.completion_tokens),
+        cached_input: u64::from(u.cached_tokens()),
+    });
+    let duration = now - s.started;
+    metrics.record(&CallRecord {
+        edge: s.edge,
+        operation: Operation::Chat,
+        model: &s.model,
+        provider: s.via.provider.as_ref(),
+        tenant: s.tenant.as_deref(),
+        feature: s.feature.as_deref(),
+        code,
+        duration,
+        first_token: first_token.map(|t| t - s.started),
+        queue_wait: s.via.queue_wait,
+        upstream: s.via.called_at.map(|t| now - t),
+        tokens,
+        cost_micro_usd: match (s.price, tokens) {
+            (Some(p), Some(t)) => p.micro_usd(t.input, t.output),
+            _ => 0,
+        },
+    });
+    tracing::debug!(
+        request_id = %s.request_id,
+        model = &*s.model,
+        provider = s.via.provider.as_deref().unwrap_or(""),
+        elapsed_ms = duration.as_secs_f64() * 1_000.0,
+        code,
+        "request ended"
+    );
 }
 
 impl Gateway {
@@ -171,19 +220,44 @@ impl Gateway {
     pub async fn serve(&self, call: Call<'_>) -> Served {
         let request_id = call.request_id.clone();
         let mut extras = Extras {
-            started: Instant::now(),
-            model: String::new(),
+            summary: Summary {
+                request_id: call.request_id.clone(),
+                edge: call.edge,
+                started: Instant::now(),
+                model: self.model_label(""),
+                tenant: None,
+                feature: None,
+                via: Via::default(),
+                price: None,
+            },
             rate_limits: Vec::new(),
             cache: None,
+            usage: None,
         };
-        let answer = self.run(call, &mut extras).await;
-        let (model, started) = (&extras.model, extras.started);
-        match &answer {
-            Ok(Answer::Stream(_)) => {}
-            Ok(Answer::Complete(_)) => record(&request_id, model, started, Ending::Complete),
-            Ok(Answer::Cached(_)) => record(&request_id, model, started, Ending::Cached),
-            Err(e) => record(&request_id, model, started, Ending::Failed(e)),
-        }
+        let reached = self.run(call, &mut extras).await;
+        let (metrics, summary) = (self.metrics(), &extras.summary);
+        let answer = match reached {
+            // The stream records itself, at its end.
+            Ok(Reached::Stream(relay)) => Ok(Answer::Stream(ServedStream {
+                relay,
+                metrics: Arc::clone(metrics),
+                summary: extras.summary,
+                first_chunk: None,
+                recorded: false,
+            })),
+            Ok(Reached::Complete(body)) => {
+                record(metrics, summary, Ending::Complete, extras.usage, None);
+                Ok(Answer::Complete(body))
+            }
+            Ok(Reached::Cached(hit)) => {
+                record(metrics, summary, Ending::Cached, None, None);
+                Ok(Answer::Cached(hit))
+            }
+            Err(e) => {
+                record(metrics, summary, Ending::Failed(&e), None, None);
+                Err(e)
+            }
+        };
         Served {
             request_id,
             answer,
@@ -192,20 +266,19 @@ impl Gateway {
         }
     }
 
-    async fn run(&self, call: Call<'_>, served: &mut Extras) -> Result<Answer, ApiError> {
+    async fn run(&self, call: Call<'_>, served: &mut Extras) -> Result<Reached, ApiError> {
         let principal = self.authenticate(call.credentials)?;
+        let summary = &mut served.summary;
+        summary.tenant = principal.as_ref().map(|p| Arc::clone(&p.tenant));
         let options = call.options?;
         let request = call.request?;
-        // Only [`record`] reads it, and only when its event is on: no copy per request otherwise.
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            served.model.push_str(request.model());
-        }
+        summary.model = self.model_label(request.model());
         let cache_key = self.cache_key(principal.as_ref(), &request, options.cache);
         if let Some(key) = cache_key {
             if let Some(completion) = self.cache_get(key, principal.as_ref(), request.model()) {
                 // A hit is free: no admission, no provider.
                 served.cache = Some(CacheOutcome::Hit);
-                return Ok(Answer::Cached(CacheHit {
+                return Ok(Reached::Cached(CacheHit {
                     completion,
                     stream: request.stream(),
                     include_usage: request.include_usage(),
@@ -216,6 +289,8 @@ impl Gateway {
         let mut reservation = self
             .admit(principal.as_ref(), &request, options.feature.as_deref())
             .await?;
+        summary.feature = options.feature;
+        summary.price = self.price_of(request.model());
         if let Some(r) = &mut reservation {
             served.rate_limits = std::mem::take(&mut r.rate_limits);
         }
@@ -227,22 +302,18 @@ impl Gateway {
             complexity: options.complexity,
             weight: 1,
         };
-        let request_id = ctx.request_id.clone();
-        match self.chat(request, ctx).await? {
+        let routed = self.chat(request, ctx).await;
+        summary.via = routed.via;
+        match routed.answer? {
             ChatReply::Complete(c) => {
                 if let Some(key) = cache_key {
                     self.cache_put(key, c.body.clone());
                 }
-                Ok(Answer::Complete(c.body))
+                served.usage = c.usage;
+                Ok(Reached::Complete(c.body))
             }
             // Streams are not stored (only whole answers are); a later whole call fills it.
-            ChatReply::Stream(relay) => Ok(Answer::Stream(ServedStream {
-                relay,
-                request_id,
-                model: std::mem::take(&mut served.model),
-                started: served.started,
-                recorded: false,
-            })),
+            ChatReply::Stream(relay) => Ok(Reached::Stream(relay)),
         }
     }
 }
@@ -251,9 +322,10 @@ impl Gateway {
 /// when the client drops it first).
 pub struct ServedStream {
     relay: RelayStream,
-    request_id: RequestId,
-    model: String,
-    started: Instant,
+    metrics: Arc<Metrics>,
+    summary: Summary,
+    /// When its first content was handed to the edge.
+    first_chunk: Option<Instant>,
     recorded: bool,
 }
 
@@ -269,7 +341,14 @@ impl ServedStream {
     fn record(&mut self, ending: Ending<'_>) {
         if !self.recorded {
             self.recorded = true;
-            record(&self.request_id, &self.model, self.started, ending);
+            let usage = self.relay.usage();
+            record(
+                &self.metrics,
+                &self.summary,
+                ending,
+                usage,
+                self.first_chunk,
+            );
         }
     }
 }
@@ -280,6 +359,9 @@ impl Stream for ServedStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamPiece>> {
         let this = &mut *self;
         let piece = std::task::ready!(this.relay.poll_next_unpin(cx));
+        if this.first_chunk.is_none() && piece.as_ref().is_some_and(|p| !p.chunks.is_empty()) {
+            this.first_chunk = Some(Instant::now());
+        }
         match piece.as_ref().map(|p| &p.end) {
             Some(None) => {}
             Some(Some(StreamEnd::Done)) => this.record(Ending::Streamed),

@@ -61,6 +61,8 @@ pub struct ProviderSpec {
 #[derive(Debug)]
 pub struct Provider {
     pub spec: ProviderSpec,
+    /// `spec.id`, shared (metrics labels, relays): made once, cloned per request.
+    pub name: Arc<str>,
     in_flight: AtomicU32,
     queued: AtomicU32,
     requests_total: AtomicU64,
@@ -133,6 +135,7 @@ impl Provider {
     pub fn new(spec: ProviderSpec) -> Arc<Self> {
         let models = std::sync::RwLock::new(Arc::new(spec.models.clone()));
         Arc::new(Self {
+            name: spec.id.as_str().into(),
             spec,
             in_flight: AtomicU32::new(0),
             queued: AtomicU32::new(0),

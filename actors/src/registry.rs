@@ -311,6 +311,8 @@ pub(crate) struct Table {
     /// Model names: providers' in order of arrival, then awaited ones (replicas still
     /// starting), then virtual models (sorted).
     pub(crate) models: Vec<String>,
+    /// Each of `models` as a metrics label, shared by every request that names it.
+    pub(crate) labels: hashbrown::HashMap<String, Arc<str>>,
     pub(crate) providers: Vec<Arc<Provider>>,
     /// Some provider takes part in prefix affinity (else no request is hashed).
     pub(crate) affinity: bool,
@@ -350,9 +352,14 @@ impl Table {
         virtual_models.sort();
         models.extend(virtual_models.into_iter().cloned());
         let affinity = providers.iter().any(|p| p.spec.prefix_affinity);
+        let labels = models
+            .iter()
+            .map(|m| (m.clone(), Arc::from(m.as_str())))
+            .collect();
         Self {
             routes,
             models,
+            labels,
             providers,
             affinity,
         }

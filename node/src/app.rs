@@ -103,6 +103,7 @@ impl App {
             cache: config.cache,
             breaker: config.breaker.clone(),
             breaker_clock: WallClock::system(),
+            label_caps: config.label_caps,
             region: config.node.region.clone(),
             aliases: config.aliases.clone(),
             awaited_models: config
@@ -262,6 +263,11 @@ impl App {
                 gateway: self.gateway.clone(),
                 vllm: self.vllm.clone(),
                 cluster: self.cluster.clone(),
+                metrics: crate::metrics::NodeMetrics::new(
+                    self.gateway.clone(),
+                    self.cluster.clone(),
+                    self.vllm.clone(),
+                ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
             },

@@ -16,6 +16,7 @@ use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::breaker::BreakerConfig;
 use meridian_actors::cache::CacheConfig;
 use meridian_actors::estimate::{Price, Tokenizer};
+use meridian_actors::metrics::LabelCaps;
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{
     ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
@@ -58,6 +59,8 @@ pub struct Config {
     pub cache: Option<CacheConfig>,
     pub breaker: BreakerConfig,
     pub limits: RequestLimits,
+    /// How many tenants and features the request metrics name (`[metrics]`).
+    pub label_caps: LabelCaps,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub aliases: HashMap<String, Alias>,

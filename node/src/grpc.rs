@@ -38,6 +38,7 @@ impl InferenceService {
             ChatRequest::from_params(params, self.gateway.limits())
         });
         Call {
+            edge: Edge::Grpc,
             request_id,
             credentials,
             options,

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use meridian_actors::pipeline::Edge;
 use meridian_actors::{CallOptions, Credentials};
 use meridian_policy::route::Complexity;
 use meridian_proto::{ApiError, RequestId};
@@ -43,14 +44,6 @@ impl<'a> Read<'a> {
         }
         read
     }
-}
-
-/// Which edge a request came in by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Edge {
-    Http,
-    /// Also reads `grpc-timeout`: with `x-meridian-deadline-ms`, the earlier deadline holds.
-    Grpc,
 }
 
 /// The request id, the credentials and the checked options of a request with these headers

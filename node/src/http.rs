@@ -37,6 +37,7 @@ pub struct HttpState {
     pub gateway: Gateway,
     pub vllm: meridian_actors::vllm::supervisor::Vllm,
     pub cluster: ClusterNode,
+    pub metrics: crate::metrics::NodeMetrics,
     pub sse_heartbeat: Duration,
     /// `created` of every model in `/v1/models` (the node's start time).
     pub started_unix: i64,
@@ -79,6 +80,7 @@ async fn chat(
     let served = st
         .gateway
         .serve(Call {
+            edge: Edge::Http,
             request_id,
             credentials,
             options,
@@ -180,12 +182,24 @@ async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Respons
 
 /// Ready unless draining. Without a known Raft leader the node still serves from its last
 /// applied state, and says so under `cluster`.
-async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&st.gateway, &st.cluster, &st.vllm),
-    )
-        .into_response()
+async fn metrics(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, crate::metrics::OPENMETRICS)],
+            st.metrics.render(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, crate::metrics::PROMETHEUS_TEXT)],
+            st.metrics.render_prometheus(),
+        )
+            .into_response()
+    }
 }
 
 /// Ready while not draining. Without quorum the node stays ready (it serves from its last

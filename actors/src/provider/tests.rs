@@ -60,8 +60,11 @@ fn ctx() -> RequestContext {
 
 /// Runs a streaming request to the end; returns the number of chunks, or the error.
 async fn run_stream(gw: Gateway) -> Result<usize, String> {
-    let ChatReply::Stream(mut relay) =
-        gw.chat(request(true), ctx()).await.map_err(|e| e.message)?
+    let ChatReply::Stream(mut relay) = gw
+        .chat(request(true), ctx())
+        .await
+        .answer
+        .map_err(|e| e.message)?
     else {
         return Err("expected a stream".into());
     };
@@ -125,6 +128,7 @@ async fn a_full_queue_is_refused_with_retry_after() {
     let err = gw
         .chat(request(false), ctx())
         .await
+        .answer
         .expect_err("queue is full");
     assert_eq!(err.kind, ErrorKind::Unavailable);
     assert_eq!(err.code.as_deref(), Some("queue_full"));
@@ -144,6 +148,7 @@ async fn a_request_that_cannot_start_before_its_queue_deadline_times_out() {
     let err = gw
         .chat(request(false), ctx())
         .await
+        .answer
         .expect_err("deadline passes");
     assert_eq!(err.kind, ErrorKind::Timeout);
     assert_eq!(err.code.as_deref(), Some("queue_timeout"));

@@ -28,6 +28,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub shutdown: RawShutdown,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
@@ -217,6 +219,14 @@ pub struct RawLimits {
     pub max_messages: Option<i64>,
     pub max_output_tokens: Option<i64>,
     pub max_n: Option<i64>,
+}
+
+/// `[metrics]`: how many tenants and features name their own series.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub tenant_labels: Option<i64>,
+    pub feature_labels: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -524,6 +524,25 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             128,
         ),
     };
+    let caps = LabelCaps::default();
+    let label_caps = LabelCaps {
+        tenants: int(
+            &mut e,
+            "metrics.tenant_labels",
+            raw.metrics.tenant_labels,
+            caps.tenants as u32,
+            0,
+            100_000,
+        ) as usize,
+        features: int(
+            &mut e,
+            "metrics.feature_labels",
+            raw.metrics.feature_labels,
+            caps.features as u32,
+            0,
+            10_000,
+        ) as usize,
+    };
     let drain_timeout = duration(
         &mut e,
         "shutdown.drain_timeout",
@@ -583,6 +602,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         cache,
         breaker,
         limits,
+        label_caps,
         drain_timeout,
         providers,
         raft,
