@@ -59,6 +59,8 @@ pub struct RequestContext {
 pub struct Via {
     /// The provider that answered, or was tried last (`None`: none was tried).
     pub provider: Option<Arc<str>>,
+    /// Its name for the model.
+    pub upstream_model: Option<Arc<str>>,
     /// Providers tried, the one that answered included.
     pub attempts: u32,
     /// Waiting for a slot at that provider.
@@ -206,6 +208,7 @@ async fn serve(args: ConnectionArgs) {
         }
         let mut via = Via {
             provider: Some(Arc::clone(&route.provider.name)),
+            upstream_model: Some(Arc::clone(&route.upstream_model)),
             attempts: attempt as u32 + 1,
             ..Via::default()
         };
@@ -233,6 +236,7 @@ async fn serve(args: ConnectionArgs) {
     let Some((e, attempt)) = last else { return };
     let via = Via {
         provider: Some(Arc::clone(&routes[attempt].provider.name)),
+        upstream_model: Some(Arc::clone(&routes[attempt].upstream_model)),
         attempts: attempt as u32 + 1,
         ..Via::default()
     };

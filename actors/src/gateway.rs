@@ -19,6 +19,7 @@ use crate::auth::jwt::JwtVerifier;
 use crate::auth::{self, Principal};
 use crate::breaker::{BreakerActor, BreakerArgs, BreakerConfig, BreakerStats};
 use crate::cache::{CacheConfig, CacheKey, ResponseCache};
+use crate::calllog::{CallLog, Recorder};
 use crate::connection::RetryBudget;
 use crate::connection::{ConnectionActor, ConnectionArgs, RequestContext, Route, Routed, Via};
 use crate::estimate;
@@ -58,6 +59,8 @@ pub struct GatewayConfig {
     pub breaker_clock: WallClock,
     /// How many tenants and features the request metrics name (the rest are `other`).
     pub label_caps: LabelCaps,
+    /// Where each request's record goes (`None`: no per-call log).
+    pub call_log: Option<Arc<dyn CallLog>>,
     /// This node's region: its providers there are preferred.
     pub region: String,
     /// Virtual models (`auto`) by name.
@@ -84,6 +87,7 @@ impl GatewayConfig {
             breaker: BreakerConfig::default(),
             breaker_clock: WallClock::system(),
             label_caps: LabelCaps::default(),
+            call_log: None,
             region: String::new(),
             aliases: HashMap::new(),
             awaited_models: Vec::new(),
@@ -114,7 +118,7 @@ struct Inner {
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
-    metrics: Arc<Metrics>,
+    recorder: Arc<Recorder>,
     /// The label of a model this node does not serve (a client may name any).
     unknown_model: Arc<str>,
     region: String,
@@ -213,7 +217,10 @@ impl Gateway {
                 cache: config.cache.map(ResponseCache::new),
                 quota,
                 breaker_stats,
-                metrics: Arc::new(Metrics::new(config.label_caps)),
+                recorder: Arc::new(Recorder {
+                    metrics: Metrics::new(config.label_caps),
+                    calls: config.call_log,
+                }),
                 unknown_model: "other".into(),
                 region: config.region,
                 draws: AtomicU64::new(0),
@@ -705,8 +712,13 @@ impl Gateway {
     }
 
     /// The request metrics, counted by the pipeline.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.recorder.metrics
+    }
+
+    /// Where the pipeline records each request's outcome.
+    pub(crate) fn recorder(&self) -> &Arc<Recorder> {
+        &self.inner.recorder
     }
 
     /// `model` as a metrics label: its name if this node serves it (or will, or it is a

@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod breaker;
 pub mod cache;
+pub mod calllog;
 pub mod connection;
 pub mod estimate;
 pub mod gateway;

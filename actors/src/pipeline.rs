@@ -11,6 +11,7 @@
 //! outcome is recorded, reached exactly once per request: here for an answer that ends before
 //! a stream (an error, a cache hit, a whole completion), from the stream's end for a stream.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,11 +24,12 @@ use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
 pub use crate::auth::Credentials;
+use crate::calllog::{CallEntry, Recorder};
 use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via};
 use crate::estimate::Price;
 use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
-use crate::metrics::{CallRecord, Metrics, Operation, Tokens};
+use crate::metrics::{CallRecord, Operation, Tokens};
 use crate::quota::RateLimitState;
 
 /// What the client asked of Meridian itself, beside the request (the `X-Meridian-*` headers,
@@ -124,12 +126,41 @@ struct Summary {
     request_id: RequestId,
     edge: Edge,
     started: Instant,
+    /// When it arrived (Unix ms), for the per-call record.
+    at_unix_ms: u64,
     /// The model asked for, as a metrics label (see [`Gateway::model_label`]).
     model: Arc<str>,
+    /// The model asked for, as written (the label, unless this node does not serve it).
+    asked: Option<Arc<str>>,
     tenant: Option<Arc<str>>,
+    key_id: Option<Arc<str>>,
+    user: Option<Arc<str>>,
     feature: Option<String>,
+    stream: bool,
     via: Via,
     price: Option<Price>,
+}
+
+impl Summary {
+    fn new(request_id: RequestId, edge: Edge, model: Arc<str>) -> Self {
+        Self {
+            request_id,
+            edge,
+            started: Instant::now(),
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            model,
+            asked: None,
+            tenant: None,
+            key_id: None,
+            user: None,
+            feature: None,
+            stream: false,
+            via: Via::default(),
+            price: None,
+        }
+    }
 }
 
 /// What [`Gateway::serve`] learns on the way, beside the answer.
@@ -168,18 +199,22 @@ pub enum Ending<'a> {
 /// debug event. (Usage is charged by the reservation's settlement, in the connection, and
 /// counted in the tenant's roll-up from there.)
 fn record(
-    metrics: &Metrics,
+    recorder: &Recorder,
     s: &Summary,
     ending: Ending<'_>,
     usage: Option<Usage>,
     first_token: Option<Instant>,
 ) {
     let now = Instant::now();
+    let fixed: Option<&'static str> = match &ending {
+        Ending::Complete | Ending::Streamed => Some("ok"),
+        Ending::Cached => Some("cached"),
+        Ending::Abandoned => Some("cancelled"),
+        Ending::Failed(_) => None,
+    };
     let code = match &ending {
-        Ending::Complete | Ending::Streamed => "ok",
-        Ending::Cached => "cached",
-        Ending::Abandoned => "cancelled",
         Ending::Failed(e) => e.code.as_deref().unwrap_or(e.kind.openai_type()),
+        _ => fixed.unwrap_or("ok"),
     };
     let tokens = usage.map(|u| Tokens {
         input: u64::from(u.prompt_tokens),
@@ -187,7 +222,12 @@ fn record(
         cached_input: u64::from(u.cached_tokens()),
     });
     let duration = now - s.started;
-    metrics.record(&CallRecord {
+    let cost_micro_usd = match (s.price, tokens) {
+        (Some(p), Some(t)) => p.micro_usd(t.input, t.output),
+        _ => 0,
+    };
+    let first_token = first_token.map(|t| t - s.started);
+    recorder.metrics.record(&CallRecord {
         edge: s.edge,
         operation: Operation::Chat,
         model: &s.model,
@@ -196,15 +236,38 @@ fn record(
         feature: s.feature.as_deref(),
         code,
         duration,
-        first_token: first_token.map(|t| t - s.started),
+        first_token,
         queue_wait: s.via.queue_wait,
         upstream: s.via.called_at.map(|t| now - t),
         tokens,
-        cost_micro_usd: match (s.price, tokens) {
-            (Some(p), Some(t)) => p.micro_usd(t.input, t.output),
-            _ => 0,
-        },
+        cost_micro_usd,
     });
+    if let Some(log) = &recorder.calls {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1_000.0;
+        log.write(CallEntry {
+            at_unix_ms: s.at_unix_ms,
+            request_id: s.request_id.clone(),
+            edge: s.edge,
+            api: "chat.completions",
+            tenant: s.tenant.clone(),
+            key_id: s.key_id.clone(),
+            user: s.user.clone(),
+            feature: s.feature.clone(),
+            model: s.asked.clone().unwrap_or_else(|| Arc::clone(&s.model)),
+            served_model: s.via.upstream_model.clone(),
+            provider: s.via.provider.clone(),
+            attempts: s.via.attempts,
+            code: fixed.map_or_else(|| Cow::Owned(code.to_owned()), Cow::Borrowed),
+            tokens,
+            ttft_ms: first_token.map(ms),
+            duration_ms: ms(duration),
+            queue_wait_ms: s.via.queue_wait.map(ms),
+            cost_micro_usd,
+            cache_hit: matches!(ending, Ending::Cached),
+            stream: s.stream,
+            cancelled: matches!(ending, Ending::Abandoned),
+        });
+    }
     tracing::debug!(
         request_id = %s.request_id,
         model = &*s.model,
@@ -220,41 +283,32 @@ impl Gateway {
     pub async fn serve(&self, call: Call<'_>) -> Served {
         let request_id = call.request_id.clone();
         let mut extras = Extras {
-            summary: Summary {
-                request_id: call.request_id.clone(),
-                edge: call.edge,
-                started: Instant::now(),
-                model: self.model_label(""),
-                tenant: None,
-                feature: None,
-                via: Via::default(),
-                price: None,
-            },
+            summary: Summary::new(call.request_id.clone(), call.edge, self.model_label("")),
             rate_limits: Vec::new(),
             cache: None,
             usage: None,
         };
         let reached = self.run(call, &mut extras).await;
-        let (metrics, summary) = (self.metrics(), &extras.summary);
+        let (recorder, summary) = (self.recorder(), &extras.summary);
         let answer = match reached {
             // The stream records itself, at its end.
             Ok(Reached::Stream(relay)) => Ok(Answer::Stream(ServedStream {
                 relay,
-                metrics: Arc::clone(metrics),
+                recorder: Arc::clone(recorder),
                 summary: extras.summary,
                 first_chunk: None,
                 recorded: false,
             })),
             Ok(Reached::Complete(body)) => {
-                record(metrics, summary, Ending::Complete, extras.usage, None);
+                record(recorder, summary, Ending::Complete, extras.usage, None);
                 Ok(Answer::Complete(body))
             }
             Ok(Reached::Cached(hit)) => {
-                record(metrics, summary, Ending::Cached, None, None);
+                record(recorder, summary, Ending::Cached, None, None);
                 Ok(Answer::Cached(hit))
             }
             Err(e) => {
-                record(metrics, summary, Ending::Failed(&e), None, None);
+                record(recorder, summary, Ending::Failed(&e), None, None);
                 Err(e)
             }
         };
@@ -269,10 +323,21 @@ impl Gateway {
     async fn run(&self, call: Call<'_>, served: &mut Extras) -> Result<Reached, ApiError> {
         let principal = self.authenticate(call.credentials)?;
         let summary = &mut served.summary;
-        summary.tenant = principal.as_ref().map(|p| Arc::clone(&p.tenant));
+        if let Some(p) = &principal {
+            summary.tenant = Some(Arc::clone(&p.tenant));
+            summary.key_id = p.key_id.clone();
+            summary.user = p.user.clone();
+        }
         let options = call.options?;
         let request = call.request?;
         summary.model = self.model_label(request.model());
+        if &*summary.model != request.model() {
+            summary.asked = Some(request.model().into());
+        }
+        if summary.user.is_none() {
+            summary.user = request.params.user.as_deref().map(Arc::from);
+        }
+        summary.stream = request.stream();
         let cache_key = self.cache_key(principal.as_ref(), &request, options.cache);
         if let Some(key) = cache_key {
             if let Some(completion) = self.cache_get(key, principal.as_ref(), request.model()) {
@@ -322,7 +387,7 @@ impl Gateway {
 /// when the client drops it first).
 pub struct ServedStream {
     relay: RelayStream,
-    metrics: Arc<Metrics>,
+    recorder: Arc<Recorder>,
     summary: Summary,
     /// When its first content was handed to the edge.
     first_chunk: Option<Instant>,
@@ -343,7 +408,7 @@ impl ServedStream {
             self.recorded = true;
             let usage = self.relay.usage();
             record(
-                &self.metrics,
+                &self.recorder,
                 &self.summary,
                 ending,
                 usage,

@@ -23,6 +23,8 @@ use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterError, ClusterNode, NoPeers};
 use meridian_policy::clock::WallClock;
+
+use crate::calls::{CallsError, Origin, SqliteCalls};
 use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
 use meridian_proto::pb;
 use tokio::net::TcpListener;
@@ -54,6 +56,8 @@ pub enum AppError {
     Cluster(String),
     #[error("the {0} server failed: {1}")]
     Serve(&'static str, String),
+    #[error(transparent)]
+    Calls(#[from] CallsError),
 }
 
 pub struct App {
@@ -66,6 +70,8 @@ pub struct App {
     /// This node's vLLM replicas (none without `[[vllm]]` sections).
     vllm: Vllm,
     cluster: ClusterNode,
+    /// The per-call log (`None` with `[calls] enabled = false`).
+    calls: Option<Arc<SqliteCalls>>,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
     http: TcpListener,
@@ -92,6 +98,17 @@ impl App {
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
         let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
+        let calls = match config.calls_retention {
+            Some(retention) => Some(Arc::new(SqliteCalls::open(
+                &config.node.data_dir,
+                Origin {
+                    node: config.node.id,
+                    region: config.node.region.clone(),
+                },
+                retention,
+            )?)),
+            None => None,
+        };
         let gateway = Gateway::start(GatewayConfig {
             providers: specs,
             limits: config.limits,
@@ -104,6 +121,9 @@ impl App {
             breaker: config.breaker.clone(),
             breaker_clock: WallClock::system(),
             label_caps: config.label_caps,
+            call_log: calls
+                .as_ref()
+                .map(|c| Arc::clone(c) as Arc<dyn meridian_actors::calllog::CallLog>),
             region: config.node.region.clone(),
             aliases: config.aliases.clone(),
             awaited_models: config
@@ -159,6 +179,7 @@ impl App {
             gateway,
             vllm,
             cluster,
+            calls,
             peering,
             http,
             grpc,
@@ -267,6 +288,7 @@ impl App {
                     self.gateway.clone(),
                     self.cluster.clone(),
                     self.vllm.clone(),
+                    self.calls.clone(),
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
@@ -315,6 +337,11 @@ impl App {
         // group's drain timeout, then SIGTERM, then SIGKILL.
         self.vllm.shutdown().await;
         self.gateway.stop(Duration::from_secs(5)).await;
+        if let Some(calls) = &self.calls {
+            // Every request has ended: what they recorded is written before the node exits.
+            let calls = Arc::clone(calls);
+            let _ = tokio::task::spawn_blocking(move || calls.close(Duration::from_secs(5))).await;
+        }
         self.cluster.shutdown().await;
         if let Some(p) = self.peering {
             p.mesh.stop();

@@ -61,6 +61,8 @@ pub struct Config {
     pub limits: RequestLimits,
     /// How many tenants and features the request metrics name (`[metrics]`).
     pub label_caps: LabelCaps,
+    /// How long the per-call log keeps a call (`None`: no per-call log).
+    pub calls_retention: Option<Duration>,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub aliases: HashMap<String, Alias>,

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod calls;
 pub mod config;
 pub mod grpc;
 pub mod headers;

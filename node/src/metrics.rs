@@ -5,6 +5,9 @@
 //! providers' load, quota, mesh, cache, breakers, vLLM replicas) by a collector that keeps
 //! nothing itself.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use meridian_actors::Gateway;
 use meridian_actors::vllm::ReplicaState;
 use meridian_actors::vllm::supervisor::Vllm;
@@ -18,6 +21,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::calls::SqliteCalls;
+
 /// The content type of [`NodeMetrics::render`]'s text (OpenMetrics).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -27,20 +32,26 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Everything `/metrics` shows. Clones share it.
 #[derive(Debug, Clone)]
 pub struct NodeMetrics {
-    registry: std::sync::Arc<Registry>,
+    registry: Arc<Registry>,
 }
 
 impl NodeMetrics {
-    pub fn new(gateway: Gateway, cluster: ClusterNode, vllm: Vllm) -> Self {
+    pub fn new(
+        gateway: Gateway,
+        cluster: ClusterNode,
+        vllm: Vllm,
+        calls: Option<Arc<SqliteCalls>>,
+    ) -> Self {
         let mut registry = Registry::default();
         gateway.metrics().register(&mut registry);
         registry.register_collector(Box::new(Live {
             gateway,
             cluster,
             vllm,
+            calls,
         }));
         Self {
-            registry: std::sync::Arc::new(registry),
+            registry: Arc::new(registry),
         }
     }
 
@@ -107,6 +118,7 @@ struct Live {
     gateway: Gateway,
     cluster: ClusterNode,
     vllm: Vllm,
+    calls: Option<Arc<SqliteCalls>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -156,6 +168,19 @@ impl Collector for Live {
         self.providers(&mut e)?;
         self.admission(&mut e)?;
         self.replicas(&mut e)?;
+        if let Some(calls) = &self.calls {
+            let st = calls.stats();
+            family(
+                &mut e,
+                "meridian_call_records",
+                "Per-call records: written to the node's call log, or dropped (queue full, or a write failed)",
+                MetricType::Counter,
+                [
+                    ([("result", "written")], st.written.load(Ordering::Relaxed)),
+                    ([("result", "dropped")], st.dropped.load(Ordering::Relaxed)),
+                ],
+            )?;
+        }
         gauge(
             &mut e,
             "meridian_draining",

@@ -30,6 +30,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
+    pub calls: RawCalls,
+    #[serde(default)]
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
@@ -219,6 +221,14 @@ pub struct RawLimits {
     pub max_messages: Option<i64>,
     pub max_output_tokens: Option<i64>,
     pub max_n: Option<i64>,
+}
+
+/// `[calls]`: the per-call log.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCalls {
+    pub enabled: Option<bool>,
+    pub retention_days: Option<i64>,
 }
 
 /// `[metrics]`: how many tenants and features name their own series.

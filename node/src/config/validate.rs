@@ -543,6 +543,19 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             10_000,
         ) as usize,
     };
+    let retention_days = int(
+        &mut e,
+        "calls.retention_days",
+        raw.calls.retention_days,
+        30,
+        1,
+        3_650,
+    );
+    let calls_retention = raw
+        .calls
+        .enabled
+        .unwrap_or(true)
+        .then(|| Duration::from_secs(u64::from(retention_days) * 86_400));
     let drain_timeout = duration(
         &mut e,
         "shutdown.drain_timeout",
@@ -603,6 +616,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         breaker,
         limits,
         label_caps,
+        calls_retention,
         drain_timeout,
         providers,
         raft,
