@@ -12,7 +12,7 @@
 //! series exists).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -210,6 +210,115 @@ pub struct CallRecord<'a> {
     pub cost_micro_usd: u64,
 }
 
+/// The series one kind of request lands in, found once and kept: a request whose edge,
+/// model, provider, tenant, feature and outcome were seen before costs one lookup here, not one
+/// per series.
+#[derive(Debug)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    first_token: Histogram,
+    per_output_token: Histogram,
+    /// Made once a request of this kind reached a provider.
+    provider: OnceLock<ProviderSeries>,
+    /// Made once a request of this kind reported usage (no usage, no token series).
+    spend: OnceLock<SpendSeries>,
+}
+
+#[derive(Debug)]
+struct ProviderSeries {
+    queue_wait: Histogram,
+    upstream: Histogram,
+}
+
+#[derive(Debug)]
+struct SpendSeries {
+    input_usage: Histogram,
+    output_usage: Histogram,
+    input: Counter,
+    output: Counter,
+    cached_input: Counter,
+    cost: Counter,
+}
+
+/// What picks a request's [`Series`], as the cache keeps it.
+#[derive(Debug, PartialEq, Eq)]
+struct SeriesKey {
+    edge: Edge,
+    model: Box<str>,
+    provider: Box<str>,
+    tenant: Option<Box<str>>,
+    feature: Option<Box<str>>,
+    code: Box<str>,
+}
+
+/// The same, borrowed from a request (no copy to look it up).
+#[derive(Debug, Clone, Copy)]
+struct SeriesOf<'a> {
+    edge: Edge,
+    model: &'a str,
+    provider: &'a str,
+    tenant: Option<&'a str>,
+    feature: Option<&'a str>,
+    code: &'a str,
+}
+
+impl std::hash::Hash for SeriesKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        SeriesOf {
+            edge: self.edge,
+            model: &self.model,
+            provider: &self.provider,
+            tenant: self.tenant.as_deref(),
+            feature: self.feature.as_deref(),
+            code: &self.code,
+        }
+        .hash(h);
+    }
+}
+
+impl std::hash::Hash for SeriesOf<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (
+            self.edge,
+            self.model,
+            self.provider,
+            self.tenant,
+            self.feature,
+            self.code,
+        )
+            .hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for SeriesOf<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        self.edge == key.edge
+            && self.model == &*key.model
+            && self.provider == &*key.provider
+            && self.tenant == key.tenant.as_deref()
+            && self.feature == key.feature.as_deref()
+            && self.code == &*key.code
+    }
+}
+
+impl From<SeriesOf<'_>> for SeriesKey {
+    fn from(s: SeriesOf<'_>) -> Self {
+        Self {
+            edge: s.edge,
+            model: s.model.into(),
+            provider: s.provider.into(),
+            tenant: s.tenant.map(Into::into),
+            feature: s.feature.map(Into::into),
+            code: s.code.into(),
+        }
+    }
+}
+
+/// Kinds of request whose series are kept found; past it, a new kind looks its series up
+/// each time (a client can name any feature).
+const KEPT_SERIES: usize = 4_096;
+
 /// The request metrics' series; clones share them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -225,6 +334,7 @@ pub struct Metrics {
     tenants: Arc<Capped>,
     features: Arc<Capped>,
     none: Text,
+    found: Arc<std::sync::RwLock<hashbrown::HashMap<SeriesKey, Arc<Series>>>>,
 }
 
 fn histograms<S: Clone + Eq + std::hash::Hash>(make: fn() -> Histogram) -> Family<S, Histogram> {
@@ -246,6 +356,7 @@ impl Metrics {
             tenants: Arc::new(Capped::new(caps.tenants)),
             features: Arc::new(Capped::new(caps.features)),
             none: "none".into(),
+            found: Arc::default(),
         }
     }
 
@@ -305,80 +416,122 @@ impl Metrics {
 
     /// Counts one request, once.
     pub fn record(&self, r: &CallRecord<'_>) {
-        let provider = r.provider.unwrap_or(&self.none);
-        self.requests
-            .get_or_create(&RequestLabels {
-                edge: r.edge,
-                gen_ai_operation_name: r.operation,
-                gen_ai_request_model: Arc::clone(r.model),
-                provider: Arc::clone(provider),
-                code: r.code.into(),
-            })
-            .inc();
-        let model = ModelLabels {
-            gen_ai_operation_name: r.operation,
-            gen_ai_request_model: Arc::clone(r.model),
+        let of = SeriesOf {
+            edge: r.edge,
+            model: r.model,
+            provider: r.provider.map_or(&*self.none, |p| &**p),
+            tenant: r.tenant,
+            feature: r.feature,
+            code: r.code,
         };
-        self.duration
-            .get_or_create(&model)
-            .observe(r.duration.as_secs_f64());
+        let found = self
+            .found
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&of)
+            .cloned();
+        let series = match found {
+            Some(s) => s,
+            None => self.find(of, r),
+        };
+        series.requests.inc();
+        series.duration.observe(r.duration.as_secs_f64());
         if let Some(first) = r.first_token {
-            self.first_token
-                .get_or_create(&model)
-                .observe(first.as_secs_f64());
+            series.first_token.observe(first.as_secs_f64());
             if let Some(t) = r.tokens.filter(|t| t.output > 1) {
                 let after = r.duration.saturating_sub(first).as_secs_f64();
-                self.per_output_token
-                    .get_or_create(&model)
+                series
+                    .per_output_token
                     .observe(after / (t.output - 1) as f64);
             }
         }
         if let Some(provider) = r.provider {
-            let at = ProviderLabels {
-                provider: Arc::clone(provider),
-            };
+            let at = series.provider.get_or_init(|| {
+                let at = ProviderLabels {
+                    provider: Arc::clone(provider),
+                };
+                ProviderSeries {
+                    queue_wait: self.queue_wait.get_or_create_owned(&at),
+                    upstream: self.upstream.get_or_create_owned(&at),
+                }
+            });
             if let Some(wait) = r.queue_wait {
-                self.queue_wait
-                    .get_or_create(&at)
-                    .observe(wait.as_secs_f64());
+                at.queue_wait.observe(wait.as_secs_f64());
             }
             if let Some(took) = r.upstream {
-                self.upstream.get_or_create(&at).observe(took.as_secs_f64());
+                at.upstream.observe(took.as_secs_f64());
             }
         }
         let Some(tokens) = r.tokens else { return };
-        for (kind, n) in [("input", tokens.input), ("output", tokens.output)] {
-            self.token_usage
-                .get_or_create(&TokenUsageLabels {
-                    gen_ai_operation_name: r.operation,
-                    gen_ai_provider_name: Arc::clone(provider),
-                    gen_ai_request_model: Arc::clone(r.model),
-                    gen_ai_token_type: kind,
-                })
-                .observe(n as f64);
-        }
+        let spend = series.spend.get_or_init(|| self.spend_series(r));
+        spend.input_usage.observe(tokens.input as f64);
+        spend.output_usage.observe(tokens.output as f64);
+        spend.input.inc_by(tokens.input);
+        spend.output.inc_by(tokens.output);
+        spend.cached_input.inc_by(tokens.cached_input);
+        spend.cost.inc_by(r.cost_micro_usd);
+    }
+
+    fn spend_series(&self, r: &CallRecord<'_>) -> SpendSeries {
+        let provider = r.provider.unwrap_or(&self.none);
+        let usage = |kind| TokenUsageLabels {
+            gen_ai_operation_name: r.operation,
+            gen_ai_provider_name: Arc::clone(provider),
+            gen_ai_request_model: Arc::clone(r.model),
+            gen_ai_token_type: kind,
+        };
         let spend = SpendLabels {
             model: Arc::clone(r.model),
             provider: Arc::clone(provider),
             tenant: self.tenants.label(r.tenant),
             feature: self.features.label(r.feature),
         };
-        for (kind, n) in [
-            ("input", tokens.input),
-            ("output", tokens.output),
-            ("cached_input", tokens.cached_input),
-        ] {
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: Arc::clone(&spend.model),
-                    provider: Arc::clone(&spend.provider),
-                    tenant: Arc::clone(&spend.tenant),
-                    feature: Arc::clone(&spend.feature),
-                    r#type: kind,
-                })
-                .inc_by(n);
+        let tokens = |kind| TokenLabels {
+            model: Arc::clone(&spend.model),
+            provider: Arc::clone(&spend.provider),
+            tenant: Arc::clone(&spend.tenant),
+            feature: Arc::clone(&spend.feature),
+            r#type: kind,
+        };
+        SpendSeries {
+            input_usage: self.token_usage.get_or_create_owned(&usage("input")),
+            output_usage: self.token_usage.get_or_create_owned(&usage("output")),
+            input: self.tokens.get_or_create_owned(&tokens("input")),
+            output: self.tokens.get_or_create_owned(&tokens("output")),
+            cached_input: self.tokens.get_or_create_owned(&tokens("cached_input")),
+            cost: self.cost.get_or_create_owned(&spend),
         }
-        self.cost.get_or_create(&spend).inc_by(r.cost_micro_usd);
+    }
+
+    /// Looks up (creating them if new) the series of one kind of request, and keeps them.
+    fn find(&self, of: SeriesOf<'_>, r: &CallRecord<'_>) -> Arc<Series> {
+        let provider = r.provider.unwrap_or(&self.none);
+        let model = ModelLabels {
+            gen_ai_operation_name: r.operation,
+            gen_ai_request_model: Arc::clone(r.model),
+        };
+        let series = Arc::new(Series {
+            requests: self.requests.get_or_create_owned(&RequestLabels {
+                edge: r.edge,
+                gen_ai_operation_name: r.operation,
+                gen_ai_request_model: Arc::clone(r.model),
+                provider: Arc::clone(provider),
+                code: r.code.into(),
+            }),
+            duration: self.duration.get_or_create_owned(&model),
+            first_token: self.first_token.get_or_create_owned(&model),
+            per_output_token: self.per_output_token.get_or_create_owned(&model),
+            provider: OnceLock::new(),
+            spend: OnceLock::new(),
+        });
+        let mut found = self
+            .found
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if found.len() < KEPT_SERIES {
+            found.insert(of.into(), Arc::clone(&series));
+        }
+        series
     }
 }
 

@@ -30,6 +30,8 @@ pub struct AdminService {
     pub grpc_addr: String,
     /// The actor mesh (multi-node only).
     pub mesh: Option<Arc<Mesh>>,
+    /// The call log's file (`None`: the node keeps no call log).
+    pub calls: Option<std::path::PathBuf>,
 }
 
 #[tonic::async_trait]
@@ -488,6 +490,30 @@ impl Admin for AdminService {
             }
         };
         replica_answer(self.vllm.control(&req.replica, control).await)
+    }
+
+    async fn list_calls(
+        &self,
+        req: Request<pb::ListCallsRequest>,
+    ) -> Result<Response<pb::ListCallsResponse>, Status> {
+        let req = req.into_inner();
+        let Some(path) = self.calls.clone() else {
+            return Err(Status::failed_precondition(
+                "this node keeps no call log ([calls] enabled = false)",
+            ));
+        };
+        if req.last > 1_000 {
+            return Err(field("last", "is at most 1000"));
+        }
+        let last = if req.last == 0 { 20 } else { req.last };
+        let tenant = (!req.tenant.is_empty()).then_some(req.tenant);
+        let calls = tokio::task::spawn_blocking(move || {
+            crate::calls::newest(&path, tenant.as_deref(), last)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the call log query stopped: {e}")))?
+        .map_err(|e| Status::unavailable(format!("the call log cannot be read: {e}")))?;
+        Ok(Response::new(pb::ListCallsResponse { calls }))
     }
 
     async fn lora_adapter(

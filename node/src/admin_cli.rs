@@ -1,6 +1,8 @@
 //! `meridian admin …`: the operator's client of a node's admin gRPC API (`meridian.admin.v1`):
 //! the subcommands, their arguments, and how each answer is printed.
 
+mod usage;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,6 +11,7 @@ use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_proto::pb::admin::{
     self as admin_pb, ClusterStatusRequest, ListProvidersRequest, NodeStatusRequest,
 };
+pub use usage::UsageCommand;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -46,6 +49,11 @@ pub enum AdminCommand {
     Vllm {
         #[command(subcommand)]
         command: Option<VllmCommand>,
+    },
+    /// Usage: the calls this node served.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
     },
 }
 
@@ -501,6 +509,14 @@ pub async fn run(
             };
             let r = client.set_breaker(request).await?;
             print_change(r.into_inner(), &done);
+        }
+        AdminCommand::Usage { command } => {
+            let calls = client
+                .list_calls(command.calls_request())
+                .await?
+                .into_inner()
+                .calls;
+            usage::print_calls(&calls);
         }
         AdminCommand::Vllm { command } => {
             let control = |replica: String, action: admin_pb::ReplicaAction| {

@@ -272,6 +272,10 @@ impl App {
                     http_addr: http_addr.to_string(),
                     grpc_addr: grpc_addr.to_string(),
                     mesh: self.peering.as_ref().map(|p| Arc::clone(&p.mesh)),
+                    calls: self
+                        .calls
+                        .as_ref()
+                        .map(|_| self.config.node.data_dir.join(crate::calls::FILE)),
                 },
                 admin_auth(Arc::clone(&self.admin_token)),
             ))

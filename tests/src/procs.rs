@@ -177,7 +177,7 @@ impl Harness {
             .filter(|p| **p != id)
             .map(|p| format!("\"{p}@127.0.{}.{p}:{QUIC_PORT}\"", self.subnet))
             .collect();
-        let data = self.tmp.path().join(format!("node-{id}"));
+        let data = self.data_dir(id);
         let text = format!(
             "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
              [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
@@ -203,6 +203,11 @@ impl Harness {
                 frozen: false,
             },
         );
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.tmp.path().join(format!("node-{id}"))
     }
 
     pub fn node(&self, id: u64) -> &Proc {
