@@ -15,6 +15,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use meridian_policy::limit::LimitKind;
+use meridian_proto::{ApiError, ErrorKind};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -83,6 +85,14 @@ struct RequestLabels {
     provider: Text,
     /// `ok`, `cached`, `cancelled`, or the error's code.
     code: Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QuotaLabels {
+    /// `admitted`, `limited` (a 429) or `unavailable` (no slice could be had: no quorum).
+    result: &'static str,
+    /// The limit that refused (`requests_per_minute`, …); `none` when admitted.
+    limit: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -331,6 +341,9 @@ pub struct Metrics {
     upstream: Family<ProviderLabels, Histogram>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<SpendLabels, Counter>,
+    quota: Family<QuotaLabels, Counter>,
+    /// `quota`'s admitted series, found once (it is counted on every admission).
+    admitted: Counter,
     tenants: Arc<Capped>,
     features: Arc<Capped>,
     none: Text,
@@ -343,7 +356,14 @@ fn histograms<S: Clone + Eq + std::hash::Hash>(make: fn() -> Histogram) -> Famil
 
 impl Metrics {
     pub fn new(caps: LabelCaps) -> Self {
+        let quota: Family<QuotaLabels, Counter> = Family::default();
+        let admitted = quota.get_or_create_owned(&QuotaLabels {
+            result: "admitted",
+            limit: "none",
+        });
         Self {
+            quota,
+            admitted,
             requests: Family::default(),
             duration: histograms(|| Histogram::new(DURATION)),
             first_token: histograms(|| Histogram::new(FIRST_TOKEN)),
@@ -408,10 +428,44 @@ impl Metrics {
             self.tokens.clone(),
         );
         registry.register(
+            "meridian_quota_decisions",
+            "Admission decisions of requests under limits: admitted, limited (429, by the limit that refused) or unavailable (no quota slice could be had)",
+            self.quota.clone(),
+        );
+        registry.register(
             "meridian_cost_micro_usd",
             "Cost of calls in millionths of a US dollar, by model, provider, tenant and feature",
             self.cost.clone(),
         );
+    }
+
+    /// Counts an admission's outcome for an authenticated caller: admitted, refused by a limit,
+    /// or refused for want of a quota slice. (With authentication off nothing is admitted, and
+    /// a refusal for another reason is not counted here.)
+    pub fn quota_decision<T>(&self, admitted: &Result<Option<T>, ApiError>) {
+        match admitted {
+            Ok(Some(_)) => {
+                self.admitted.inc();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let limit = LimitKind::ALL
+                    .into_iter()
+                    .find(|k| e.code.as_deref() == Some(k.code()));
+                let labels = match (e.kind, limit) {
+                    (ErrorKind::RateLimited, Some(k)) => QuotaLabels {
+                        result: "limited",
+                        limit: k.code(),
+                    },
+                    (_, _) if e.code.as_deref() == Some("quota_unavailable") => QuotaLabels {
+                        result: "unavailable",
+                        limit: "none",
+                    },
+                    _ => return,
+                };
+                self.quota.get_or_create(&labels).inc();
+            }
+        }
     }
 
     /// Counts one request, once.
@@ -623,5 +677,33 @@ mod tests {
         assert!(text.contains(&format!("{} 1", cost("b"))), "{text}");
         assert!(text.contains(&format!("{} 2", cost("other"))), "{text}");
         assert!(!text.contains(&cost("c")), "{text}");
+    }
+
+    #[test]
+    fn admissions_are_counted_by_result_and_the_limit_that_refused() {
+        let m = Metrics::new(LabelCaps::default());
+        let limited = ApiError::new(ErrorKind::RateLimited, "over").with_code("tokens_per_minute");
+        let unavailable =
+            ApiError::new(ErrorKind::Unavailable, "no slice").with_code("quota_unavailable");
+        let other = ApiError::new(ErrorKind::InvalidRequest, "bad feature").with_code("feature");
+        m.quota_decision::<()>(&Ok(Some(())));
+        m.quota_decision::<()>(&Ok(Some(())));
+        m.quota_decision::<()>(&Ok(None));
+        m.quota_decision::<()>(&Err(limited));
+        m.quota_decision::<()>(&Err(unavailable));
+        m.quota_decision::<()>(&Err(other));
+        let text = exposition(&m);
+        for line in [
+            r#"meridian_quota_decisions_total{result="admitted",limit="none"} 2"#,
+            r#"meridian_quota_decisions_total{result="limited",limit="tokens_per_minute"} 1"#,
+            r#"meridian_quota_decisions_total{result="unavailable",limit="none"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert_eq!(
+            text.matches("meridian_quota_decisions_total{").count(),
+            3,
+            "{text}"
+        );
     }
 }

@@ -351,9 +351,11 @@ impl Gateway {
             }
             served.cache = Some(CacheOutcome::Miss);
         }
-        let mut reservation = self
+        let admitted = self
             .admit(principal.as_ref(), &request, options.feature.as_deref())
-            .await?;
+            .await;
+        self.metrics().quota_decision(&admitted);
+        let mut reservation = admitted?;
         summary.feature = options.feature;
         summary.price = self.price_of(request.model());
         if let Some(r) = &mut reservation {

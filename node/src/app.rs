@@ -27,6 +27,7 @@ use meridian_policy::clock::WallClock;
 use crate::calls::{CallsError, Origin, SqliteCalls};
 use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
 use meridian_proto::pb;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -72,6 +73,8 @@ pub struct App {
     cluster: ClusterNode,
     /// The per-call log (`None` with `[calls] enabled = false`).
     calls: Option<Arc<SqliteCalls>>,
+    /// This node's proposals' time to commit (its own; `/metrics`).
+    commit_latency: Histogram,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
     http: TcpListener,
@@ -98,6 +101,7 @@ impl App {
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
         let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
+        let commit_latency = crate::metrics::commit_histogram();
         let calls = match config.calls_retention {
             Some(retention) => Some(Arc::new(SqliteCalls::open(
                 &config.node.data_dir,
@@ -134,7 +138,10 @@ impl App {
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),
-                proposer: Arc::new(RaftProposer(cluster.clone())),
+                proposer: Arc::new(RaftProposer {
+                    cluster: cluster.clone(),
+                    took: commit_latency.clone(),
+                }),
             }),
         })
         .await
@@ -180,6 +187,7 @@ impl App {
             vllm,
             cluster,
             calls,
+            commit_latency,
             peering,
             http,
             grpc,
@@ -293,6 +301,7 @@ impl App {
                     self.cluster.clone(),
                     self.vllm.clone(),
                     self.calls.clone(),
+                    self.commit_latency.clone(),
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
@@ -555,13 +564,22 @@ async fn start_cluster(
 }
 
 /// The actors' proposer: the node's Raft member.
-struct RaftProposer(ClusterNode);
+struct RaftProposer {
+    cluster: ClusterNode,
+    /// How long each proposal took to be committed and applied here (`/metrics`).
+    took: Histogram,
+}
 
 impl Proposer for RaftProposer {
     fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, ProposeError>> {
-        let cluster = self.0.clone();
+        let (cluster, took) = (self.cluster.clone(), self.took.clone());
         Box::pin(async move {
-            cluster.propose(command).await.map_err(|e| match e {
+            let started = Instant::now();
+            let applied = cluster.propose(command).await;
+            if applied.is_ok() {
+                took.observe(started.elapsed().as_secs_f64());
+            }
+            applied.map_err(|e| match e {
                 ClusterError::Rejected(why) => ProposeError::Refused(why),
                 other => ProposeError::Unavailable(other.to_string()),
             })
