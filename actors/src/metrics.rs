@@ -85,6 +85,8 @@ struct RequestLabels {
     provider: Text,
     /// `ok`, `cached`, `cancelled`, or the error's code.
     code: Text,
+    /// `2xx`, `4xx` or `5xx`: the class of the status the request's answer had.
+    status_class: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -208,6 +210,8 @@ pub struct CallRecord<'a> {
     pub feature: Option<&'a str>,
     /// `ok`, `cached`, `cancelled`, or the error's code.
     pub code: &'a str,
+    /// `2xx`, `4xx` or `5xx`.
+    pub status_class: &'static str,
     /// From the request's arrival to its last byte (or its error).
     pub duration: Duration,
     /// From the request's arrival to the first content sent (streams).
@@ -260,6 +264,7 @@ struct SeriesKey {
     tenant: Option<Box<str>>,
     feature: Option<Box<str>>,
     code: Box<str>,
+    status_class: &'static str,
 }
 
 /// The same, borrowed from a request (no copy to look it up).
@@ -271,6 +276,7 @@ struct SeriesOf<'a> {
     tenant: Option<&'a str>,
     feature: Option<&'a str>,
     code: &'a str,
+    status_class: &'static str,
 }
 
 impl std::hash::Hash for SeriesKey {
@@ -282,6 +288,7 @@ impl std::hash::Hash for SeriesKey {
             tenant: self.tenant.as_deref(),
             feature: self.feature.as_deref(),
             code: &self.code,
+            status_class: self.status_class,
         }
         .hash(h);
     }
@@ -296,6 +303,7 @@ impl std::hash::Hash for SeriesOf<'_> {
             self.tenant,
             self.feature,
             self.code,
+            self.status_class,
         )
             .hash(h);
     }
@@ -309,6 +317,7 @@ impl hashbrown::Equivalent<SeriesKey> for SeriesOf<'_> {
             && self.tenant == key.tenant.as_deref()
             && self.feature == key.feature.as_deref()
             && self.code == &*key.code
+            && self.status_class == key.status_class
     }
 }
 
@@ -321,6 +330,7 @@ impl From<SeriesOf<'_>> for SeriesKey {
             tenant: s.tenant.map(Into::into),
             feature: s.feature.map(Into::into),
             code: s.code.into(),
+            status_class: s.status_class,
         }
     }
 }
@@ -384,7 +394,7 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "meridian_requests",
-            "Inference requests by edge, model, provider and outcome code (ok, cached, cancelled, or the error's code)",
+            "Inference requests by edge, model, provider, outcome code (ok, cached, cancelled, or the error's code) and status class",
             self.requests.clone(),
         );
         registry.register_with_unit(
@@ -477,6 +487,7 @@ impl Metrics {
             tenant: r.tenant,
             feature: r.feature,
             code: r.code,
+            status_class: r.status_class,
         };
         let found = self
             .found
@@ -571,6 +582,7 @@ impl Metrics {
                 gen_ai_request_model: Arc::clone(r.model),
                 provider: Arc::clone(provider),
                 code: r.code.into(),
+                status_class: r.status_class,
             }),
             duration: self.duration.get_or_create_owned(&model),
             first_token: self.first_token.get_or_create_owned(&model),
@@ -613,6 +625,7 @@ mod tests {
             tenant: Some("acme"),
             feature: Some("search"),
             code: "ok",
+            status_class: "2xx",
             duration: Duration::from_millis(1_100),
             first_token: Some(Duration::from_millis(100)),
             queue_wait: Some(Duration::from_millis(5)),
@@ -626,7 +639,7 @@ mod tests {
         });
         let text = exposition(&m);
         for line in [
-            r#"meridian_requests_total{edge="http",gen_ai_operation_name="chat",gen_ai_request_model="llama",provider="vllm-1",code="ok"} 1"#,
+            r#"meridian_requests_total{edge="http",gen_ai_operation_name="chat",gen_ai_request_model="llama",provider="vllm-1",code="ok",status_class="2xx"} 1"#,
             r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="llama"} 1"#,
             // (1.1 s - 0.1 s) / (11 - 1) tokens.
             r#"gen_ai_server_time_per_output_token_seconds_sum{gen_ai_operation_name="chat",gen_ai_request_model="llama"} 0.1"#,
@@ -655,6 +668,7 @@ mod tests {
                 tenant: Some(tenant),
                 feature: None,
                 code: "ok",
+                status_class: "2xx",
                 duration: Duration::from_millis(10),
                 first_token: None,
                 queue_wait: None,

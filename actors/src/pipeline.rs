@@ -235,6 +235,11 @@ fn record(
         tenant: s.tenant.as_deref(),
         feature: s.feature.as_deref(),
         code,
+        status_class: match &ending {
+            Ending::Failed(e) => e.kind.status_class(),
+            // A stream the client dropped had its 200 sent.
+            _ => "2xx",
+        },
         duration,
         first_token,
         queue_wait: s.via.queue_wait,

@@ -85,3 +85,27 @@ pub fn grpc_status(e: &ApiError) -> tonic::Status {
     }
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_class_metrics_use_is_the_status_sent() {
+        for kind in [
+            ErrorKind::InvalidRequest,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::NotFound,
+            ErrorKind::Unauthenticated,
+            ErrorKind::PermissionDenied,
+            ErrorKind::RateLimited,
+            ErrorKind::Unavailable,
+            ErrorKind::Timeout,
+            ErrorKind::Upstream,
+            ErrorKind::Internal,
+        ] {
+            let class = format!("{}xx", http_status(kind).as_u16() / 100);
+            assert_eq!(kind.status_class(), class, "{kind:?}");
+        }
+    }
+}

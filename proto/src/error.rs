@@ -52,6 +52,20 @@ impl ErrorKind {
         }
     }
 
+    /// The class of its HTTP status, `4xx` (the client's) or `5xx` (ours or a provider's), as
+    /// metrics label it (the status itself is the edge's: `node::respond::http_status`).
+    pub fn status_class(self) -> &'static str {
+        match self {
+            Self::Unavailable | Self::Timeout | Self::Upstream | Self::Internal => "5xx",
+            Self::InvalidRequest
+            | Self::PayloadTooLarge
+            | Self::NotFound
+            | Self::Unauthenticated
+            | Self::PermissionDenied
+            | Self::RateLimited => "4xx",
+        }
+    }
+
     /// Whether sending the same request again later may succeed.
     pub fn retryable(self) -> bool {
         matches!(

@@ -49,22 +49,22 @@ async fn every_request_is_counted_with_its_outcome_latency_tokens_and_cost() {
     assert_eq!(refused.status(), 401);
 
     let text = node.get("/metrics").await.unwrap().text().await.unwrap();
-    let requests = |model: &str, provider: &str, code: &str| {
+    let requests = |model: &str, provider: &str, code: &str, class: &str| {
         value(
             &text,
             &format!(
-                r#"meridian_requests_total{{edge="http",gen_ai_operation_name="chat",gen_ai_request_model="{model}",provider="{provider}",code="{code}"}}"#
+                r#"meridian_requests_total{{edge="http",gen_ai_operation_name="chat",gen_ai_request_model="{model}",provider="{provider}",code="{code}",status_class="{class}"}}"#
             ),
         )
     };
-    assert_eq!(requests("m", "mock", "ok"), Some(2.0), "{text}");
+    assert_eq!(requests("m", "mock", "ok", "2xx"), Some(2.0), "{text}");
     assert_eq!(
-        requests("other", "none", "model_not_found"),
+        requests("other", "none", "model_not_found", "4xx"),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        requests("other", "none", "missing_api_key"),
+        requests("other", "none", "missing_api_key", "4xx"),
         Some(1.0),
         "{text}"
     );
