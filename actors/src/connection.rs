@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
+use meridian_policy::cost::Rates;
 pub use meridian_policy::retry::RetryBudget;
 use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
@@ -67,6 +68,8 @@ pub struct Via {
     pub queue_wait: Option<Duration>,
     /// When the call to it began.
     pub called_at: Option<Instant>,
+    /// Its own price list, if it has one (else the model's applies).
+    pub rates: Option<Rates>,
 }
 
 /// What a request's actor answers: the reply or the error, and where it went.
@@ -210,10 +213,15 @@ async fn serve(args: ConnectionArgs) {
             provider: Some(Arc::clone(&route.provider.name)),
             upstream_model: Some(Arc::clone(&route.upstream_model)),
             attempts: attempt as u32 + 1,
+            rates: route.provider.spec.rates(),
             ..Via::default()
         };
         match attempt_at(&request, &ctx, route, reply, &mut via).await {
             Step::Done(outcome) => {
+                if let (Some(r), Some(rates)) = (&mut ctx.reservation, route.provider.spec.rates())
+                {
+                    r.bill_at(rates);
+                }
                 finish(&mut ctx, request.model(), route, outcome);
                 return;
             }

@@ -109,23 +109,6 @@ impl Memo {
     }
 }
 
-/// A model's price, in US dollars per million tokens (which is millionths of a dollar per
-/// token).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Price {
-    pub input_usd_per_mtok: f64,
-    pub output_usd_per_mtok: f64,
-}
-
-impl Price {
-    /// What `prompt` and `completion` tokens cost, in millionths of a dollar (rounded up).
-    pub fn micro_usd(&self, prompt: u64, completion: u64) -> u64 {
-        (prompt as f64 * self.input_usd_per_mtok + completion as f64 * self.output_usd_per_mtok)
-            .ceil()
-            .max(0.0) as u64
-    }
-}
-
 /// Completion tokens reserved for a request that sets no `max_tokens`.
 pub const DEFAULT_COMPLETION_RESERVE: u64 = 1024;
 

@@ -23,7 +23,7 @@ use crate::calllog::{CallLog, Recorder};
 use crate::connection::RetryBudget;
 use crate::connection::{ConnectionActor, ConnectionArgs, RequestContext, Route, Routed, Via};
 use crate::estimate;
-use crate::estimate::{Price, Tokenizer};
+use crate::estimate::Tokenizer;
 use crate::metrics::{LabelCaps, Metrics};
 use crate::provider::{Provider, ProviderSpec, ProviderStatus};
 use crate::quota::{Estimate, Quota, QuotaConfig, Reservation, Scope};
@@ -33,6 +33,7 @@ use crate::supervisor::{
     ConnectionSupervisor, NodeSupervisor, NodeSupervisorArgs, RestartBudget, SupervisorMsg,
 };
 use meridian_policy::clock::WallClock;
+use meridian_policy::cost::Rates;
 use meridian_policy::route::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
 
 #[derive(Debug, Clone)]
@@ -49,7 +50,7 @@ pub struct GatewayConfig {
     /// Accepts JWTs besides API keys, when set.
     pub jwt: Option<Arc<JwtVerifier>>,
     /// Prices per model (client-facing name), for `cost_per_day`.
-    pub prices: HashMap<String, Price>,
+    pub prices: HashMap<String, Rates>,
     /// The exact response cache (`None`: off).
     pub cache: Option<CacheConfig>,
     /// Circuit breakers (they need `cluster`: a trip is a replicated decision).
@@ -114,7 +115,7 @@ struct Inner {
     jwt: Option<Arc<JwtVerifier>>,
     keys: auth::KeyTable,
     /// Looked up on every admission, with the fast hash (the keys come from the config).
-    prices: hashbrown::HashMap<String, Price>,
+    prices: hashbrown::HashMap<String, Rates>,
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
@@ -729,7 +730,7 @@ impl Gateway {
     }
 
     /// What `model` costs, if it is priced.
-    pub(crate) fn price_of(&self, model: &str) -> Option<Price> {
+    pub(crate) fn price_of(&self, model: &str) -> Option<Rates> {
         self.inner.prices.get(model).copied()
     }
 

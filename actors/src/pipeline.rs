@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use meridian_policy::cost::{Billable, Rates};
 use meridian_policy::route::Complexity;
 use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
@@ -26,7 +27,6 @@ use tokio::time::Instant;
 pub use crate::auth::Credentials;
 use crate::calllog::{CallEntry, Recorder};
 use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via};
-use crate::estimate::Price;
 use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
 use crate::metrics::{CallRecord, Operation, Tokens};
@@ -138,7 +138,8 @@ struct Summary {
     feature: Option<String>,
     stream: bool,
     via: Via,
-    price: Option<Price>,
+    /// The model's price list (the provider's own, when it has one, is in `via`).
+    price: Option<Rates>,
 }
 
 impl Summary {
@@ -221,9 +222,17 @@ fn record(
         output: u64::from(u.completion_tokens),
         cached_input: u64::from(u.cached_tokens()),
     });
+    let billable = usage.map(|u| Billable {
+        input: u64::from(u.prompt_tokens),
+        cached_input: u64::from(u.cached_tokens()),
+        cache_write: u64::from(u.cache_write_tokens),
+        output: u64::from(u.completion_tokens),
+        reasoning: u64::from(u.reasoning_tokens()),
+    });
     let duration = now - s.started;
-    let cost_micro_usd = match (s.price, tokens) {
-        (Some(p), Some(t)) => p.micro_usd(t.input, t.output),
+    // At the price list of the provider that answered, else the model's.
+    let cost_micro_usd = match (s.via.rates.or(s.price), billable) {
+        (Some(rates), Some(b)) => rates.micro_usd(&b),
         _ => 0,
     };
     let first_token = first_token.map(|t| t - s.started);

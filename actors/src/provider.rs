@@ -57,6 +57,20 @@ pub struct ProviderSpec {
     pub price: meridian_proto::cluster::ProviderPrice,
 }
 
+impl ProviderSpec {
+    /// Its price list, if it has one: calls it answers are billed at it.
+    pub fn rates(&self) -> Option<meridian_policy::cost::Rates> {
+        let p = self.price;
+        let rates = meridian_policy::cost::Rates {
+            input: p.input,
+            cached_input: (p.cached_input > 0).then_some(p.cached_input),
+            output: p.output,
+            ..Default::default()
+        };
+        rates.is_priced().then_some(rates)
+    }
+}
+
 /// A provider's shared state: its spec, live counters, and the current actor incarnation.
 #[derive(Debug)]
 pub struct Provider {

@@ -46,8 +46,8 @@ pub use meridian_policy::clock::WallClock;
 use meridian_policy::limit::{Unit, static_share, window_reset};
 use sync::background;
 
-use crate::estimate::Price;
 use crate::replicated::Replicated;
+use meridian_policy::cost::{Billable, Rates};
 
 /// What a limit does while no new slice can be had (no quorum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ pub struct Estimate {
     /// The completion tokens it may generate (`max_tokens`, or a default reserve).
     pub completion: u64,
     /// The model's price, when it has one (for `cost_per_day`).
-    pub price: Option<Price>,
+    pub price: Option<Rates>,
 }
 
 impl Estimate {
@@ -214,9 +214,9 @@ impl Estimate {
         match kind.unit() {
             Unit::Requests => 1,
             Unit::Tokens => self.tokens(),
-            Unit::MicroUsd => self
-                .price
-                .map_or(0, |p| p.micro_usd(self.prompt, self.completion)),
+            Unit::MicroUsd => self.price.map_or(0, |p| {
+                p.micro_usd(&Billable::plain(self.prompt, self.completion))
+            }),
         }
     }
 }
@@ -228,13 +228,19 @@ pub struct Reservation {
     quota: Quota,
     tenant: Arc<str>,
     prompt_estimate: u64,
-    price: Option<Price>,
+    price: Option<Rates>,
     entries: Charges,
     settled: bool,
     pub rate_limits: Vec<RateLimitState>,
 }
 
 impl Reservation {
+    /// The call is billed at `rates` (the provider that answered has a price list of its own)
+    /// rather than at the model's.
+    pub fn bill_at(&mut self, rates: Rates) {
+        self.price = Some(rates);
+    }
+
     /// Replaces the estimate with what the request actually used, and records it in the
     /// tenant's daily roll-up.
     pub fn settle(mut self, model: &str, usage: UsageTotals) {
@@ -242,7 +248,12 @@ impl Reservation {
         let actual = usage.prompt_tokens + usage.completion_tokens;
         let mut usage = usage;
         usage.cost_micro_usd = self.price.map_or(0, |p| {
-            p.micro_usd(usage.prompt_tokens, usage.completion_tokens)
+            p.micro_usd(&Billable {
+                input: usage.prompt_tokens,
+                cached_input: usage.cached_tokens,
+                output: usage.completion_tokens,
+                ..Billable::default()
+            })
         });
         self.quota
             .settle(&self.entries, actual, usage.cost_micro_usd);

@@ -15,13 +15,14 @@ use std::time::Duration;
 use meridian_actors::auth::jwt::{JwtSettings, JwtVerifier};
 use meridian_actors::breaker::BreakerConfig;
 use meridian_actors::cache::CacheConfig;
-use meridian_actors::estimate::{Price, Tokenizer};
+use meridian_actors::estimate::Tokenizer;
 use meridian_actors::metrics::LabelCaps;
 use meridian_actors::quota::{LimitKind, NoQuorum, QuotaConfig};
 use meridian_actors::{
     ApiAdapter, DemoModel, Dialect, ModelRoute, ProviderSpec, Timeouts, Upstream,
 };
 use meridian_cluster::raft::RaftTimings;
+use meridian_policy::cost::Rates;
 use meridian_policy::route::{Alias, Complexity, ComplexityRules};
 use meridian_proto::cluster::ProviderPrice;
 use meridian_proto::openai::RequestLimits;
@@ -54,7 +55,7 @@ pub struct Config {
     /// JWT callers, when `[jwt]` is configured.
     pub jwt: Option<Arc<JwtVerifier>>,
     /// Prices by model.
-    pub prices: std::collections::HashMap<String, Price>,
+    pub prices: std::collections::HashMap<String, Rates>,
     /// The response cache, when on.
     pub cache: Option<CacheConfig>,
     pub breaker: BreakerConfig,

@@ -408,6 +408,20 @@ pub struct Usage {
     pub total_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+    /// Prompt tokens written into the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`, a part of `prompt_tokens`). Meridian's own: billed at
+    /// the cache-write price, never sent to a client.
+    #[serde(skip)]
+    pub cache_write_tokens: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CompletionTokensDetails {
+    /// Tokens the model spent reasoning (a part of `completion_tokens`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub reasoning_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -423,11 +437,18 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: 0 }),
+            completion_tokens_details: None,
+            cache_write_tokens: 0,
         }
     }
 
     pub fn cached_tokens(&self) -> u32 {
         self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+
+    pub fn reasoning_tokens(&self) -> u32 {
+        self.completion_tokens_details
+            .map_or(0, |d| d.reasoning_tokens)
     }
 }
 

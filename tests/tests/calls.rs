@@ -261,3 +261,48 @@ async fn a_kill_9_under_load_loses_only_the_calls_of_the_last_moments() {
         recent(500)
     );
 }
+
+/// A call is billed at the price list of the provider that answered, when it has one, and at
+/// its model's otherwise; the call log, the metrics and the tenant's roll-up agree.
+#[tokio::test]
+async fn a_call_is_billed_at_the_price_of_the_provider_that_answered() {
+    // The model's price: $2 in, $8 out. The provider's own: $1 in, $3 out.
+    let prices = "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
+    let (_mock, node) = node_with_mock(
+        Flavor::Vllm,
+        &["m"],
+        "price_input = 1.0\nprice_output = 3.0",
+        prices,
+    )
+    .await
+    .unwrap();
+    let answer: serde_json::Value = node
+        .post_chat(chat_body("m", false, ""))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (p, c) = (
+        answer["usage"]["prompt_tokens"].as_u64().unwrap(),
+        answer["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    let want = p + 3 * c;
+    let db = node.data.as_ref().unwrap().path().join("calls.sqlite");
+    wait_until("the row", Duration::from_secs(5), || async {
+        db.exists() && sqlite3(&db, "SELECT COUNT(*) FROM calls") == ["1"]
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sqlite3(&db, "SELECT cost_micro_usd FROM calls"),
+        [want.to_string()]
+    );
+    let text = node.metrics().await;
+    assert!(
+        text.contains(&format!(
+            r#"meridian_cost_micro_usd_total{{model="m",provider="mock",tenant="dev",feature=""}} {want}"#
+        )),
+        "{text}"
+    );
+}

@@ -7,10 +7,12 @@
 //! - [`breaker`]: a breaker's gate, open periods, and the window that decides a trip.
 //! - [`retry`]: the node's retry budget.
 //! - [`limit`]: limit kinds and their windows, a node's static share, slice sizes.
+//! - [`cost`]: what a call costs, by kind of token, in whole millionths of a dollar.
 //! - [`clock`]: the wall clock those decisions read, which a test can set.
 
 pub mod breaker;
 pub mod clock;
+pub mod cost;
 pub mod limit;
 pub mod retry;
 pub mod route;

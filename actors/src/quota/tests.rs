@@ -416,9 +416,10 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
     let priced = Estimate {
         prompt: 100,
         completion: 100,
-        price: Some(crate::estimate::Price {
-            input_usd_per_mtok: 1.0,
-            output_usd_per_mtok: 2.0,
+        price: Some(meridian_policy::cost::Rates {
+            input: 1_000_000,
+            output: 2_000_000,
+            ..Default::default()
         }),
     };
     for _ in 0..3 {

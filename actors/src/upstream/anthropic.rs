@@ -286,6 +286,8 @@ impl AnthropicUsage {
             prompt_tokens_details: Some(PromptTokensDetails {
                 cached_tokens: cached,
             }),
+            completion_tokens_details: None,
+            cache_write_tokens: self.cache_creation_input_tokens.unwrap_or(0),
         }
     }
 }

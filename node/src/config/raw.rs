@@ -55,6 +55,12 @@ pub struct RawPrice {
     pub model: Option<String>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
+    /// Input served from the provider's prompt cache (default: the input price).
+    pub cached_input_usd_per_mtok: Option<f64>,
+    /// Input written into the provider's prompt cache (default: the input price).
+    pub cache_write_usd_per_mtok: Option<f64>,
+    /// Reasoning tokens (default: the output price).
+    pub reasoning_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

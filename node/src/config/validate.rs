@@ -389,9 +389,27 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 0.0
             }
         };
-        let price = Price {
-            input_usd_per_mtok: usd(&mut e, "input_usd_per_mtok", p.input_usd_per_mtok),
-            output_usd_per_mtok: usd(&mut e, "output_usd_per_mtok", p.output_usd_per_mtok),
+        // USD per million tokens, as price lists give them, to whole µ$ per million.
+        let micro = |usd: f64| (usd * 1_000_000.0).round() as u64;
+        let optional =
+            |e: &mut Errors, f: &str, v: Option<f64>| v.map(|x| micro(usd(e, f, Some(x))));
+        let cached_input = optional(
+            &mut e,
+            "cached_input_usd_per_mtok",
+            p.cached_input_usd_per_mtok,
+        );
+        let cache_write = optional(
+            &mut e,
+            "cache_write_usd_per_mtok",
+            p.cache_write_usd_per_mtok,
+        );
+        let reasoning = optional(&mut e, "reasoning_usd_per_mtok", p.reasoning_usd_per_mtok);
+        let price = Rates {
+            input: micro(usd(&mut e, "input_usd_per_mtok", p.input_usd_per_mtok)),
+            cached_input,
+            cache_write,
+            output: micro(usd(&mut e, "output_usd_per_mtok", p.output_usd_per_mtok)),
+            reasoning,
         };
         match p.model.as_deref() {
             Some(m) if !m.is_empty() => {
