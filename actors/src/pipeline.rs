@@ -44,6 +44,8 @@ pub struct CallOptions {
     pub feature: Option<String>,
     /// The client opts in to the response cache.
     pub cache: bool,
+    /// The client asks what a whole answer cost (`X-Meridian-Cost: on`).
+    pub cost: bool,
 }
 
 /// One inference request as an edge decoded it. The options and the request are checked after
@@ -119,6 +121,9 @@ pub struct Served {
     pub rate_limits: Vec<RateLimitState>,
     /// For a request that may be cached: whether it was answered from the cache.
     pub cache: Option<CacheOutcome>,
+    /// What a whole answer cost, in millionths of a dollar, when the client asked
+    /// (`X-Meridian-Cost: on`; a stream's cost is known only at its end, in the call log).
+    pub cost_micro_usd: Option<u64>,
 }
 
 /// What is known of a request when it ends, for [`record`]: filled in on its way through.
@@ -171,6 +176,8 @@ struct Extras {
     cache: Option<CacheOutcome>,
     /// A whole answer's usage, as its provider reported it.
     usage: Option<Usage>,
+    /// The client asked for the answer's cost.
+    wants_cost: bool,
 }
 
 /// How far [`Gateway::run`] got: an answer, or a provider's stream still to be wrapped (it
@@ -205,7 +212,7 @@ fn record(
     ending: Ending<'_>,
     usage: Option<Usage>,
     first_token: Option<Instant>,
-) {
+) -> u64 {
     let now = Instant::now();
     let fixed: Option<&'static str> = match &ending {
         Ending::Complete | Ending::Streamed => Some("ok"),
@@ -290,6 +297,7 @@ fn record(
         code,
         "request ended"
     );
+    cost_micro_usd
 }
 
 impl Gateway {
@@ -301,8 +309,10 @@ impl Gateway {
             rate_limits: Vec::new(),
             cache: None,
             usage: None,
+            wants_cost: false,
         };
         let reached = self.run(call, &mut extras).await;
+        let mut cost_micro_usd = None;
         let (recorder, summary) = (self.recorder(), &extras.summary);
         let answer = match reached {
             // The stream records itself, at its end.
@@ -314,11 +324,12 @@ impl Gateway {
                 recorded: false,
             })),
             Ok(Reached::Complete(body)) => {
-                record(recorder, summary, Ending::Complete, extras.usage, None);
+                let cost = record(recorder, summary, Ending::Complete, extras.usage, None);
+                cost_micro_usd = Some(cost);
                 Ok(Answer::Complete(body))
             }
             Ok(Reached::Cached(hit)) => {
-                record(recorder, summary, Ending::Cached, None, None);
+                cost_micro_usd = Some(record(recorder, summary, Ending::Cached, None, None));
                 Ok(Answer::Cached(hit))
             }
             Err(e) => {
@@ -331,6 +342,7 @@ impl Gateway {
             answer,
             rate_limits: extras.rate_limits,
             cache: extras.cache,
+            cost_micro_usd: cost_micro_usd.filter(|_| extras.wants_cost),
         }
     }
 
@@ -343,6 +355,7 @@ impl Gateway {
             summary.user = p.user.clone();
         }
         let options = call.options?;
+        served.wants_cost = options.cost;
         let request = call.request?;
         summary.model = self.model_label(request.model());
         if &*summary.model != request.model() {

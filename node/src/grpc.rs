@@ -140,6 +140,12 @@ impl Inference for InferenceService {
             Err(e) => return Err(grpc_status(&e)),
         };
         cache_metadata(&mut resp, served.cache);
+        if let Some(v) = served
+            .cost_micro_usd
+            .and_then(|c| crate::headers::usd(c).parse().ok())
+        {
+            resp.metadata_mut().insert("x-meridian-cost-usd", v);
+        }
         Ok(resp)
     }
 

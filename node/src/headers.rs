@@ -20,6 +20,7 @@ struct Read<'a> {
     complexity: Option<&'a [u8]>,
     feature: Option<&'a [u8]>,
     cache: Option<&'a [u8]>,
+    cost: Option<&'a [u8]>,
     grpc_timeout: Option<&'a [u8]>,
 }
 
@@ -37,6 +38,7 @@ impl<'a> Read<'a> {
                 "x-meridian-complexity" => &mut read.complexity,
                 "x-meridian-feature" => &mut read.feature,
                 "x-meridian-cache" => &mut read.cache,
+                "x-meridian-cost" => &mut read.cost,
                 "grpc-timeout" => &mut read.grpc_timeout,
                 _ => continue,
             };
@@ -72,9 +74,16 @@ pub fn call_parts<'a>(
             complexity: complexity_of(read.complexity)?,
             feature: feature_of(read.feature)?.map(str::to_owned),
             cache: read.cache.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
+            cost: read.cost.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
         })
     })();
     (request_id, credentials, options)
+}
+
+/// Millionths of a dollar as the `x-meridian-cost-usd` header (and gRPC metadata) says it:
+/// dollars with six decimals.
+pub fn usd(micro: u64) -> String {
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
 /// The feature a request is for (`X-Meridian-Feature`), checked: 1 to 64 of `A-Z a-z 0-9 _ . -`.
@@ -210,5 +219,12 @@ mod tests {
             [("x-request-id", &b"a1"[..]), ("x-request-id", b"b2")],
         );
         assert_eq!(id.as_str(), "a1");
+    }
+
+    #[test]
+    fn costs_are_dollars_with_six_decimals() {
+        assert_eq!(usd(0), "0.000000");
+        assert_eq!(usd(42), "0.000042");
+        assert_eq!(usd(1_234_567), "1.234567");
     }
 }

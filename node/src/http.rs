@@ -98,6 +98,12 @@ async fn chat(
         resp.headers_mut()
             .insert("x-meridian-cache", HeaderValue::from_static(cache.as_str()));
     }
+    if let Some(v) = served
+        .cost_micro_usd
+        .and_then(|c| HeaderValue::from_str(&crate::headers::usd(c)).ok())
+    {
+        resp.headers_mut().insert("x-meridian-cost-usd", v);
+    }
     crate::ratelimit::write_headers(served.rate_limits, resp.headers_mut());
     if let Ok(v) = HeaderValue::from_str(served.request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);

@@ -276,32 +276,47 @@ async fn a_call_is_billed_at_the_price_of_the_provider_that_answered() {
     )
     .await
     .unwrap();
-    let answer: serde_json::Value = node
-        .post_chat(chat_body("m", false, ""))
-        .await
-        .unwrap()
-        .json()
+    let resp = node
+        .chat_request()
+        .header("content-type", "application/json")
+        .header("x-meridian-cost", "on")
+        .body(chat_body("m", false, ""))
+        .send()
         .await
         .unwrap();
+    let header = resp.headers()["x-meridian-cost-usd"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer: serde_json::Value = resp.json().await.unwrap();
     let (p, c) = (
         answer["usage"]["prompt_tokens"].as_u64().unwrap(),
         answer["usage"]["completion_tokens"].as_u64().unwrap(),
     );
     let want = p + 3 * c;
+    assert_eq!(
+        header,
+        format!("0.{want:06}"),
+        "the cost the client asked for"
+    );
+    // Not asked for: not given.
+    let plain = node.post_chat(chat_body("m", false, "")).await.unwrap();
+    assert!(plain.headers().get("x-meridian-cost-usd").is_none());
     let db = node.data.as_ref().unwrap().path().join("calls.sqlite");
     wait_until("the row", Duration::from_secs(5), || async {
-        db.exists() && sqlite3(&db, "SELECT COUNT(*) FROM calls") == ["1"]
+        db.exists() && sqlite3(&db, "SELECT COUNT(*) FROM calls") == ["2"]
     })
     .await
     .unwrap();
     assert_eq!(
-        sqlite3(&db, "SELECT cost_micro_usd FROM calls"),
+        sqlite3(&db, "SELECT DISTINCT cost_micro_usd FROM calls"),
         [want.to_string()]
     );
     let text = node.metrics().await;
     assert!(
         text.contains(&format!(
-            r#"meridian_cost_micro_usd_total{{model="m",provider="mock",tenant="dev",feature=""}} {want}"#
+            r#"meridian_cost_micro_usd_total{{model="m",provider="mock",tenant="dev",feature=""}} {}"#,
+            2 * want
         )),
         "{text}"
     );
