@@ -33,6 +33,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use crate::breaker::Breaker;
 use crate::provider::Provider;
 use crate::quota::Reservation;
+use crate::trace;
 use crate::upstream::{Chunk, ChunkStream, Completion, Phase, UpstreamError};
 
 /// Most chunks handed to the client in one piece (one write).
@@ -53,6 +54,8 @@ pub struct RequestContext {
     pub complexity: Option<meridian_policy::route::Complexity>,
     /// The tenant's share of provider queues (set by the gateway from the tenant's record).
     pub weight: u32,
+    /// The request's server span, when traces are on: each attempt is a child of it.
+    pub trace: Option<opentelemetry::Context>,
 }
 
 /// Where a request went and what it took to get there, handed back with its answer.
@@ -70,6 +73,8 @@ pub struct Via {
     pub called_at: Option<Instant>,
     /// Its own price list, if it has one (else the model's applies).
     pub rates: Option<Rates>,
+    /// What kind of provider it is.
+    pub kind: Option<meridian_proto::cluster::ProviderKind>,
 }
 
 /// What a request's actor answers: the reply or the error, and where it went.
@@ -214,9 +219,45 @@ async fn serve(args: ConnectionArgs) {
             upstream_model: Some(Arc::clone(&route.upstream_model)),
             attempts: attempt as u32 + 1,
             rates: route.provider.spec.rates(),
+            kind: Some(route.provider.spec.upstream.kind()),
             ..Via::default()
         };
-        match attempt_at(&request, &ctx, route, reply, &mut via).await {
+        let traced = ctx.trace.as_ref().map(|cx| {
+            trace::client_span(
+                cx,
+                "chat",
+                &route.provider.spec.id,
+                &route.upstream_model,
+                attempt as u32 + 1,
+            )
+        });
+        let (mut span, traceparent) = match traced {
+            Some((span, tp)) => (Some(span), tp),
+            None => (None, None),
+        };
+        let step = trace::TRACEPARENT
+            .scope(
+                traceparent,
+                attempt_at(&request, &ctx, route, reply, &mut via),
+            )
+            .await;
+        if let Some(span) = &mut span {
+            use opentelemetry::trace::Span;
+            let failed = match &step {
+                Step::Failed(e, _) | Step::Done(Outcome::Failed(e, _)) => Some(e),
+                _ => None,
+            };
+            if let Some(e) = failed {
+                let kind = e
+                    .code
+                    .clone()
+                    .unwrap_or_else(|| e.kind.openai_type().to_owned());
+                span.set_attribute(opentelemetry::KeyValue::new("error.type", kind));
+                span.set_status(opentelemetry::trace::Status::error(e.message.clone()));
+            }
+            span.end();
+        }
+        match step {
             Step::Done(outcome) => {
                 if let (Some(r), Some(rates)) = (&mut ctx.reservation, route.provider.spec.rates())
                 {

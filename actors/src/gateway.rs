@@ -62,6 +62,8 @@ pub struct GatewayConfig {
     pub label_caps: LabelCaps,
     /// Where each request's record goes (`None`: no per-call log).
     pub call_log: Option<Arc<dyn CallLog>>,
+    /// Trace requests (the node has installed a tracer provider and the W3C propagator).
+    pub traces: bool,
     /// This node's region: its providers there are preferred.
     pub region: String,
     /// Virtual models (`auto`) by name.
@@ -89,6 +91,7 @@ impl GatewayConfig {
             breaker_clock: WallClock::system(),
             label_caps: LabelCaps::default(),
             call_log: None,
+            traces: false,
             region: String::new(),
             aliases: HashMap::new(),
             awaited_models: Vec::new(),
@@ -120,6 +123,7 @@ struct Inner {
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
     recorder: Arc<Recorder>,
+    traces: bool,
     /// The label of a model this node does not serve (a client may name any).
     unknown_model: Arc<str>,
     region: String,
@@ -223,6 +227,7 @@ impl Gateway {
                     calls: config.call_log,
                 }),
                 unknown_model: "other".into(),
+                traces: config.traces,
                 region: config.region,
                 draws: AtomicU64::new(0),
             }),
@@ -715,6 +720,11 @@ impl Gateway {
     /// The request metrics, counted by the pipeline.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.recorder.metrics
+    }
+
+    /// Whether requests are traced.
+    pub(crate) fn traces(&self) -> bool {
+        self.inner.traces
     }
 
     /// Where the pipeline records each request's outcome.

@@ -39,6 +39,7 @@ pub mod quota;
 pub mod registry;
 pub mod replicated;
 pub mod supervisor;
+pub mod trace;
 pub mod upstream;
 pub mod vllm;
 

@@ -31,6 +31,10 @@ use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
 use crate::metrics::{CallRecord, Operation, Tokens};
 use crate::quota::RateLimitState;
+pub use crate::trace::TraceHeaders;
+use crate::trace::{self, text};
+use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedSpan;
 
 /// What the client asked of Meridian itself, beside the request (the `X-Meridian-*` headers,
 /// or their gRPC metadata).
@@ -54,6 +58,8 @@ pub struct CallOptions {
 #[derive(Debug)]
 pub struct Call<'a> {
     pub edge: Edge,
+    /// The client's W3C trace headers, if it sent them.
+    pub trace: TraceHeaders<'a>,
     pub request_id: RequestId,
     pub credentials: Credentials<'a>,
     pub options: Result<CallOptions, ApiError>,
@@ -143,6 +149,8 @@ struct Summary {
     feature: Option<String>,
     stream: bool,
     via: Via,
+    /// The request's server span, when traces are on (ended where the request is recorded).
+    span: Option<BoxedSpan>,
     /// The model's price list (the provider's own, when it has one, is in `via`).
     price: Option<Rates>,
 }
@@ -164,6 +172,7 @@ impl Summary {
             feature: None,
             stream: false,
             via: Via::default(),
+            span: None,
             price: None,
         }
     }
@@ -208,7 +217,7 @@ pub enum Ending<'a> {
 /// counted in the tenant's roll-up from there.)
 fn record(
     recorder: &Recorder,
-    s: &Summary,
+    s: &mut Summary,
     ending: Ending<'_>,
     usage: Option<Usage>,
     first_token: Option<Instant>,
@@ -289,6 +298,9 @@ fn record(
             cancelled: matches!(ending, Ending::Abandoned),
         });
     }
+    if let Some(span) = s.span.take() {
+        end_span(span, s, code, &ending, tokens, first_token);
+    }
     tracing::debug!(
         request_id = %s.request_id,
         model = &*s.model,
@@ -298,6 +310,65 @@ fn record(
         "request ended"
     );
     cost_micro_usd
+}
+
+/// Ends a request's server span with what it came to (GenAI attributes and Meridian's own).
+fn end_span(
+    mut span: BoxedSpan,
+    s: &Summary,
+    code: &str,
+    ending: &Ending<'_>,
+    tokens: Option<Tokens>,
+    first_token: Option<std::time::Duration>,
+) {
+    use opentelemetry::trace::{Span, Status};
+    span.update_name(format!("chat {}", s.asked.as_deref().unwrap_or(&s.model)));
+    let mut attributes = vec![
+        text(
+            "gen_ai.request.model",
+            s.asked.as_deref().unwrap_or(&s.model).to_owned(),
+        ),
+        text("meridian.request_id", s.request_id.as_str().to_owned()),
+        text("meridian.code", code.to_owned()),
+        KeyValue::new("meridian.attempts", i64::from(s.via.attempts)),
+        KeyValue::new("meridian.cache_hit", matches!(ending, Ending::Cached)),
+        KeyValue::new("gen_ai.request.stream", s.stream),
+    ];
+    if let Some(kind) = &s.via.kind {
+        attributes.push(text("gen_ai.provider.name", kind.as_str().to_owned()));
+    }
+    if let Some(p) = &s.via.provider {
+        attributes.push(text("meridian.provider", p.to_string()));
+    }
+    if let Some(m) = &s.via.upstream_model {
+        attributes.push(text("gen_ai.response.model", m.to_string()));
+    }
+    if let Some(t) = &s.tenant {
+        attributes.push(text("meridian.tenant", t.to_string()));
+    }
+    if let Some(f) = &s.feature {
+        attributes.push(text("meridian.feature", f.clone()));
+    }
+    if let Some(t) = tokens {
+        attributes.push(KeyValue::new("gen_ai.usage.input_tokens", t.input as i64));
+        attributes.push(KeyValue::new("gen_ai.usage.output_tokens", t.output as i64));
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.cache_read.input_tokens",
+            t.cached_input as i64,
+        ));
+    }
+    if let Some(first) = first_token {
+        attributes.push(KeyValue::new(
+            "gen_ai.response.time_to_first_chunk",
+            first.as_secs_f64(),
+        ));
+    }
+    if let Ending::Failed(e) = ending {
+        attributes.push(text("error.type", code.to_owned()));
+        span.set_status(Status::error(e.message.clone()));
+    }
+    span.set_attributes(attributes);
+    span.end();
 }
 
 impl Gateway {
@@ -311,9 +382,12 @@ impl Gateway {
             usage: None,
             wants_cost: false,
         };
+        if self.traces() {
+            extras.summary.span = Some(trace::server_span(call.trace, "chat"));
+        }
         let reached = self.run(call, &mut extras).await;
         let mut cost_micro_usd = None;
-        let (recorder, summary) = (self.recorder(), &extras.summary);
+        let (recorder, summary) = (self.recorder(), &mut extras.summary);
         let answer = match reached {
             // The stream records itself, at its end.
             Ok(Reached::Stream(relay)) => Ok(Answer::Stream(ServedStream {
@@ -395,6 +469,7 @@ impl Gateway {
             reservation,
             complexity: options.complexity,
             weight: 1,
+            trace: summary.span.as_ref().map(trace::context_of),
         };
         let routed = self.chat(request, ctx).await;
         summary.via = routed.via;
@@ -438,7 +513,7 @@ impl ServedStream {
             let usage = self.relay.usage();
             record(
                 &self.recorder,
-                &self.summary,
+                &mut self.summary,
                 ending,
                 usage,
                 self.first_chunk,

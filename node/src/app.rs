@@ -75,6 +75,8 @@ pub struct App {
     calls: Option<Arc<SqliteCalls>>,
     /// This node's proposals' time to commit (its own; `/metrics`).
     commit_latency: Histogram,
+    /// The trace exporter (`None`: traces off).
+    traces: Option<crate::traces::Traces>,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
     http: TcpListener,
@@ -102,6 +104,13 @@ impl App {
         let admin = bind("admin gRPC", config.admin_listen).await?;
         let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
         let commit_latency = crate::metrics::commit_histogram();
+        let traces = match &config.traces_endpoint {
+            Some(endpoint) => Some(
+                crate::traces::Traces::start(endpoint, config.node.id, &config.node.region)
+                    .map_err(|e| AppError::Actors(e.to_string()))?,
+            ),
+            None => None,
+        };
         let calls = match config.calls_retention {
             Some(retention) => Some(Arc::new(SqliteCalls::open(
                 &config.node.data_dir,
@@ -125,6 +134,7 @@ impl App {
             breaker: config.breaker.clone(),
             breaker_clock: WallClock::system(),
             label_caps: config.label_caps,
+            traces: traces.is_some(),
             call_log: calls
                 .as_ref()
                 .map(|c| Arc::clone(c) as Arc<dyn meridian_actors::calllog::CallLog>),
@@ -188,6 +198,7 @@ impl App {
             cluster,
             calls,
             commit_latency,
+            traces,
             peering,
             http,
             grpc,
@@ -356,6 +367,9 @@ impl App {
             let _ = tokio::task::spawn_blocking(move || calls.close(Duration::from_secs(5))).await;
         }
         self.cluster.shutdown().await;
+        if let Some(traces) = &self.traces {
+            traces.shutdown();
+        }
         if let Some(p) = self.peering {
             p.mesh.stop();
             p.transport.close();

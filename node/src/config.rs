@@ -64,6 +64,8 @@ pub struct Config {
     pub label_caps: LabelCaps,
     /// How long the per-call log keeps a call (`None`: no per-call log).
     pub calls_retention: Option<Duration>,
+    /// Where spans are exported (`None`: traces off).
+    pub traces_endpoint: Option<String>,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub aliases: HashMap<String, Alias>,

@@ -27,7 +27,7 @@ impl InferenceService {
     /// The pipeline's call for a gRPC request (`stream`: `ChatStream`, whose streams always end
     /// with a usage chunk).
     fn call<'a>(&self, md: &'a MetadataMap, message: pb::ChatRequest, stream: bool) -> Call<'a> {
-        let (request_id, credentials, options) = headers::call_parts(Edge::Grpc, ascii(md));
+        let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(md));
         let request = ChatCompletionRequest::try_from(message).and_then(|mut params| {
             params.stream = Some(stream);
             if stream {
@@ -39,6 +39,7 @@ impl InferenceService {
         });
         Call {
             edge: Edge::Grpc,
+            trace,
             request_id,
             credentials,
             options,
@@ -178,7 +179,7 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let (_, credentials, _) = headers::call_parts(Edge::Grpc, ascii(req.metadata()));
+        let (_, credentials, ..) = headers::call_parts(Edge::Grpc, ascii(req.metadata()));
         let models = self
             .gateway
             .list_models(credentials)

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub use meridian_actors::pipeline::Edge;
+use meridian_actors::pipeline::TraceHeaders;
 use meridian_actors::{CallOptions, Credentials};
 use meridian_policy::route::Complexity;
 use meridian_proto::{ApiError, RequestId};
@@ -21,6 +22,8 @@ struct Read<'a> {
     feature: Option<&'a [u8]>,
     cache: Option<&'a [u8]>,
     cost: Option<&'a [u8]>,
+    traceparent: Option<&'a [u8]>,
+    tracestate: Option<&'a [u8]>,
     grpc_timeout: Option<&'a [u8]>,
 }
 
@@ -39,6 +42,8 @@ impl<'a> Read<'a> {
                 "x-meridian-feature" => &mut read.feature,
                 "x-meridian-cache" => &mut read.cache,
                 "x-meridian-cost" => &mut read.cost,
+                "traceparent" => &mut read.traceparent,
+                "tracestate" => &mut read.tracestate,
                 "grpc-timeout" => &mut read.grpc_timeout,
                 _ => continue,
             };
@@ -53,7 +58,12 @@ impl<'a> Read<'a> {
 pub fn call_parts<'a>(
     edge: Edge,
     headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> (RequestId, Credentials<'a>, Result<CallOptions, ApiError>) {
+) -> (
+    RequestId,
+    Credentials<'a>,
+    Result<CallOptions, ApiError>,
+    TraceHeaders<'a>,
+) {
     let read = Read::from(headers);
     // UTF-8 is all the key check needs (it says what is wrong with anything else), and checks
     // faster than a visible-ASCII test.
@@ -77,7 +87,11 @@ pub fn call_parts<'a>(
             cost: read.cost.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
         })
     })();
-    (request_id, credentials, options)
+    let trace = TraceHeaders {
+        traceparent: text(read.traceparent),
+        tracestate: text(read.tracestate),
+    };
+    (request_id, credentials, options, trace)
 }
 
 /// Millionths of a dollar as the `x-meridian-cost-usd` header (and gRPC metadata) says it:

@@ -70,7 +70,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (request_id, credentials, options) = crate::headers::call_parts(
+    let (request_id, credentials, options, trace) = crate::headers::call_parts(
         Edge::Http,
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
     );
@@ -81,6 +81,7 @@ async fn chat(
         .gateway
         .serve(Call {
             edge: Edge::Http,
+            trace,
             request_id,
             credentials,
             options,
@@ -171,7 +172,7 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 }
 
 async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    let (_, credentials, _) = crate::headers::call_parts(
+    let (_, credentials, ..) = crate::headers::call_parts(
         Edge::Http,
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
     );

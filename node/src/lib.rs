@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod ratelimit;
 pub mod respond;
+pub mod traces;
 
 pub use app::{App, AppError};
 pub use config::{Config, ConfigError};

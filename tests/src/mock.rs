@@ -119,6 +119,8 @@ pub struct MockStats {
     /// Tokens (prompt + completion) of completed non-streaming chat requests by their `user`
     /// field: what a per-user limit must bound.
     pub tokens_by_user: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The W3C `traceparent` of each chat request that carried one, in arrival order.
+    pub traceparents: std::sync::Mutex<Vec<String>>,
 }
 
 impl MockStats {
@@ -175,6 +177,15 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
+    /// The `traceparent`s its chat requests carried, in arrival order.
+    pub fn traceparents(&self) -> Vec<String> {
+        self.stats
+            .traceparents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub async fn start(opts: MockOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(opts.listen).await?;
         let addr = listener.local_addr()?;
@@ -669,6 +680,13 @@ pub fn unix_minute() -> u64 {
 }
 
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        s.stats
+            .traceparents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tp.to_owned());
+    }
     let arrived = unix_minute();
     s.stats.requests.fetch_add(1, SeqCst);
     s.maybe_hang().await;

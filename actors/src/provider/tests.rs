@@ -49,6 +49,7 @@ fn request(stream: bool) -> ChatRequest {
 
 fn ctx() -> RequestContext {
     RequestContext {
+        trace: None,
         principal: None,
         reservation: None,
         request_id: RequestId::generate(),

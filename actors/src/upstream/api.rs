@@ -126,6 +126,9 @@ impl ApiAdapter {
             .header(HOST, self.pool.authority())
             .header(CONTENT_TYPE, "application/json")
             .header(USER_AGENT, concat!("meridian/", env!("CARGO_PKG_VERSION")));
+        if let Some(traceparent) = crate::trace::outgoing_traceparent() {
+            rb = rb.header("traceparent", traceparent);
+        }
         if let Some((name, value)) = &self.auth {
             rb = rb.header(name, value.clone());
         }

@@ -32,6 +32,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub calls: RawCalls,
     #[serde(default)]
+    pub traces: RawTraces,
+    #[serde(default)]
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
@@ -227,6 +229,13 @@ pub struct RawLimits {
     pub max_messages: Option<i64>,
     pub max_output_tokens: Option<i64>,
     pub max_n: Option<i64>,
+}
+
+/// `[traces]`: where spans are exported (OTLP over gRPC).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTraces {
+    pub endpoint: Option<String>,
 }
 
 /// `[calls]`: the per-call log.

@@ -561,6 +561,15 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             10_000,
         ) as usize,
     };
+    let traces_endpoint = crate::traces::endpoint(raw.traces.endpoint.as_deref(), &|k| env.get(k));
+    if let Some(ep) = &traces_endpoint
+        && !(ep.starts_with("http://") || ep.starts_with("https://"))
+    {
+        e.push(
+            "traces.endpoint",
+            format!("{ep:?} is not an http:// or https:// URL of an OTLP/gRPC collector"),
+        );
+    }
     let retention_days = int(
         &mut e,
         "calls.retention_days",
@@ -635,6 +644,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         limits,
         label_caps,
         calls_retention,
+        traces_endpoint,
         drain_timeout,
         providers,
         raft,

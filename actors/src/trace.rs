@@ -1,0 +1,112 @@
+//! Traces of requests, through the OpenTelemetry API: a server span per request (the pipeline
+//! starts it when the request arrives and ends it where the request is recorded), joined to the
+//! client's W3C `traceparent`, and a client span per attempt at a provider, whose
+//! `traceparent` the upstream call carries (a vLLM that exports traces joins the trace).
+//!
+//! The node installs the tracer provider and the W3C propagator when traces are on; without
+//! them nothing here runs (the gateway makes no span at all).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use opentelemetry::global::{self, BoxedSpan, BoxedTracer};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+
+/// The W3C trace headers a request came with (HTTP headers or gRPC metadata).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceHeaders<'a> {
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
+}
+
+impl Extractor for TraceHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent,
+            "tracestate" => self.tracestate,
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        ["traceparent", "tracestate"]
+            .into_iter()
+            .filter(|k| self.get(k).is_some())
+            .collect()
+    }
+}
+
+fn tracer() -> BoxedTracer {
+    global::tracer("meridian")
+}
+
+/// Starts a request's server span, a child of the client's trace when it sent one.
+pub fn server_span(headers: TraceHeaders<'_>, operation: &'static str) -> BoxedSpan {
+    let parent = global::get_text_map_propagator(|p| p.extract(&headers));
+    tracer().build_with_context(
+        SpanBuilder::from_name(operation)
+            .with_kind(SpanKind::Server)
+            .with_attributes([KeyValue::new("gen_ai.operation.name", operation)]),
+        &parent,
+    )
+}
+
+/// The context a span's children are made in.
+pub fn context_of(span: &BoxedSpan) -> Context {
+    use opentelemetry::trace::Span;
+    Context::new().with_remote_span_context(span.span_context().clone())
+}
+
+/// Starts the client span of one attempt at `provider` (`{operation} {model}`, as the GenAI
+/// conventions name it), and the `traceparent` the upstream call carries.
+pub fn client_span(
+    parent: &Context,
+    operation: &'static str,
+    provider: &str,
+    model: &str,
+    attempt: u32,
+) -> (BoxedSpan, Option<String>) {
+    use opentelemetry::trace::Span;
+    let span = tracer().build_with_context(
+        SpanBuilder::from_name(format!("{operation} {model}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("gen_ai.operation.name", operation),
+                KeyValue::new("gen_ai.request.model", model.to_owned()),
+                KeyValue::new("meridian.provider", provider.to_owned()),
+                KeyValue::new("meridian.attempt", i64::from(attempt)),
+            ]),
+        parent,
+    );
+    let cx = Context::new().with_remote_span_context(span.span_context().clone());
+    let mut carrier = Carrier::default();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    (span, carrier.0.remove("traceparent"))
+}
+
+/// Where the propagator writes the headers to send.
+#[derive(Default)]
+struct Carrier(HashMap<String, String>);
+
+impl Injector for Carrier {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+tokio::task_local! {
+    /// The `traceparent` the upstream call being made carries (set around the call).
+    pub static TRACEPARENT: Option<String>;
+}
+
+/// The `traceparent` of the upstream call being made, if it is traced.
+pub fn outgoing_traceparent() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok().flatten()
+}
+
+/// A string attribute.
+pub fn text(key: &'static str, value: impl Into<Cow<'static, str>>) -> KeyValue {
+    KeyValue::new(key, value.into())
+}

@@ -1,0 +1,168 @@
+//! Traces: a node exporting to an OTLP/gRPC collector (here one in the test, on loopback) sends
+//! a server span per request, joined to the client's `traceparent`, with the GenAI attributes,
+//! and a client span per attempt at a provider, whose `traceparent` the provider receives.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meridian_tests::mock::Flavor;
+use meridian_tests::{chat_body, node_with_mock, wait_until};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+/// A collector that keeps every span it is sent.
+#[derive(Default, Clone)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = request
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans);
+        self.0.lock().unwrap().extend(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The value of attribute `key` of `span`, as text.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?;
+    Some(match value.value.as_ref()? {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        Value::DoubleValue(d) => d.to_string(),
+        Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let (mock, node) = node_with_mock(
+        Flavor::Vllm,
+        &["m"],
+        "",
+        &format!("[traces]\nendpoint = \"http://{addr}\"\n"),
+    )
+    .await
+    .unwrap();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let resp = node
+        .chat_request()
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+        .body(chat_body(
+            "m",
+            true,
+            r#""stream_options":{"include_usage":true}"#,
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.bytes().await.unwrap();
+
+    wait_until(
+        "the server and client spans",
+        Duration::from_secs(15),
+        || {
+            let collector = collector.clone();
+            async move {
+                let spans = collector.0.lock().unwrap();
+                spans.iter().any(|s| s.kind == SpanKind::Server as i32)
+                    && spans.iter().any(|s| s.kind == SpanKind::Client as i32)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let spans = collector.0.lock().unwrap().clone();
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    assert_eq!(
+        hex(&server.trace_id),
+        trace_id,
+        "joined to the client's trace"
+    );
+    assert_eq!(hex(&server.parent_span_id), client_span);
+    assert_eq!(server.name, "chat m");
+    for (key, want) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.request.model", "m"),
+        ("gen_ai.response.model", "m"),
+        ("gen_ai.provider.name", "openai"),
+        ("meridian.provider", "mock"),
+        ("meridian.tenant", "dev"),
+        ("meridian.code", "ok"),
+        ("meridian.attempts", "1"),
+        ("gen_ai.request.stream", "true"),
+    ] {
+        assert_eq!(
+            attribute(server, key).as_deref(),
+            Some(want),
+            "{key}: {server:?}"
+        );
+    }
+    for key in [
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.time_to_first_chunk",
+    ] {
+        assert!(attribute(server, key).is_some(), "{key}: {server:?}");
+    }
+    let client = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32)
+        .unwrap();
+    assert_eq!(hex(&client.trace_id), trace_id);
+    assert_eq!(
+        client.parent_span_id, server.span_id,
+        "an attempt is the request's child"
+    );
+    assert_eq!(client.name, "chat m");
+    // The provider was sent the attempt's own traceparent.
+    let sent = mock.traceparents();
+    assert_eq!(
+        sent,
+        [format!("00-{trace_id}-{}-01", hex(&client.span_id))],
+        "the traceparent the provider received"
+    );
+}
