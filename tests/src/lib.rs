@@ -254,6 +254,59 @@ pub async fn node_with_mock(
     Ok((mock, node))
 }
 
+/// A mock upstream (vLLM's flavour) and a node in front of it serving model `m`, priced at $2
+/// per million input tokens and $8 per million output tokens; `provider_extra` goes in the
+/// provider's section.
+pub async fn node_with_priced_mock(
+    provider_extra: &str,
+) -> anyhow::Result<(mock::MockUpstream, TestNode)> {
+    let prices = "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
+    node_with_mock(mock::Flavor::Vllm, &["m"], provider_extra, prices).await
+}
+
+/// What `program args…` (run in `dir`, given `stdin`) printed; a failed run fails the test with
+/// everything it printed. `package` is the Debian package that installs the program.
+pub fn run_tool(
+    program: &str,
+    package: &str,
+    args: &[&str],
+    dir: Option<&std::path::Path>,
+    stdin: Option<&[u8]>,
+) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("{program} does not run ({e}): install Debian's `{package}` package"),
+    };
+    if let Some(mut input) = child.stdin.take()
+        && let Some(bytes) = stdin
+        && let Err(e) = input.write_all(bytes)
+    {
+        panic!("{program}'s input: {e}");
+    }
+    let out = match child.wait_with_output() {
+        Ok(out) => out,
+        Err(e) => panic!("{program}: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Tier `name` with `limits` on each tenant's whole use (and none per user).
 pub fn tier(name: &str, limits: pb::Limits) -> pb::Tier {
     pb::Tier {

@@ -3,41 +3,32 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
-use meridian_tests::mock::Flavor;
 use meridian_tests::procs::Harness;
-use meridian_tests::{chat_body, node_with_mock, wait_until};
+use meridian_tests::{chat_body, node_with_priced_mock, run_tool, wait_until};
 
-/// `sql` run by the `sqlite3` shell on `db` (Debian's `sqlite3` package), as CSV rows.
+/// `sql` run by the `sqlite3` shell on `db`, as CSV rows.
 fn sqlite3(db: &Path, sql: &str) -> Vec<String> {
-    let out = Command::new("sqlite3")
-        .args(["-csv", "-readonly"])
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("the sqlite3 shell runs (install Debian's `sqlite3` package)");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    let db = db.to_string_lossy();
+    run_tool(
+        "sqlite3",
+        "sqlite3",
+        &["-csv", "-readonly", &db, sql],
+        None,
+        None,
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 #[tokio::test]
 async fn every_call_leaves_one_row_that_the_sqlite3_shell_reports_on() {
-    let prices = "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
-    let (_mock, node) = node_with_mock(Flavor::Vllm, &["m"], "", prices)
-        .await
-        .unwrap();
+    let (_mock, node) = node_with_priced_mock("").await.unwrap();
     let db = node.data.as_ref().unwrap().path().join("calls.sqlite");
     // Three calls for feature "search" (one streamed), two for "chat", one with none, and one
     // for a model nobody serves.
@@ -267,15 +258,9 @@ async fn a_kill_9_under_load_loses_only_the_calls_of_the_last_moments() {
 #[tokio::test]
 async fn a_call_is_billed_at_the_price_of_the_provider_that_answered() {
     // The model's price: $2 in, $8 out. The provider's own: $1 in, $3 out.
-    let prices = "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
-    let (_mock, node) = node_with_mock(
-        Flavor::Vllm,
-        &["m"],
-        "price_input = 1.0\nprice_output = 3.0",
-        prices,
-    )
-    .await
-    .unwrap();
+    let (_mock, node) = node_with_priced_mock("price_input = 1.0\nprice_output = 3.0")
+        .await
+        .unwrap();
     let resp = node
         .chat_request()
         .header("content-type", "application/json")

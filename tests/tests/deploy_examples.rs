@@ -28,19 +28,9 @@ fn deploy_examples_validate() {
     );
 }
 
-/// `promtool` with `args`, failing the test with its output unless it succeeds.
+/// `promtool args…` in `dir`; fails the test with its output unless it succeeds.
 fn promtool(args: &[&str], dir: &Path) {
-    let out = std::process::Command::new("promtool")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("promtool runs (install Debian's `prometheus` package)");
-    assert!(
-        out.status.success(),
-        "promtool {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meridian_tests::run_tool("promtool", "prometheus", args, Some(dir), None);
 }
 
 /// The metric names an expression reads (Meridian's and the GenAI conventions' own).

@@ -2,10 +2,7 @@
 //! cost, in both exposition formats, and accepted by `promtool check metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::process::{Command, Stdio};
-
-use meridian_tests::mock::Flavor;
-use meridian_tests::{chat_body, node_with_mock};
+use meridian_tests::{chat_body, node_with_priced_mock, run_tool};
 
 /// The value of the one series whose line starts with `series` (name and labels).
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -15,10 +12,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn every_request_is_counted_with_its_outcome_latency_tokens_and_cost() {
-    let prices = "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
-    let (_mock, node) = node_with_mock(Flavor::Vllm, &["m"], "", prices)
-        .await
-        .unwrap();
+    let (_mock, node) = node_with_priced_mock("").await.unwrap();
     // A whole answer, a stream, a model nobody serves (its name is not a label), and a
     // request no key lets in.
     let whole = node.post_chat(chat_body("m", false, "")).await.unwrap();
@@ -129,26 +123,12 @@ async fn every_request_is_counted_with_its_outcome_latency_tokens_and_cost() {
     );
     assert!(open.text().await.unwrap().ends_with("# EOF\n"));
 
-    // promtool (Debian's `prometheus` package) lints the Prometheus text.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs (install Debian's `prometheus` package)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // promtool lints the Prometheus text.
+    run_tool(
+        "promtool",
+        "prometheus",
+        &["check", "metrics"],
+        None,
+        Some(text.as_bytes()),
     );
 }
