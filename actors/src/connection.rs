@@ -226,7 +226,7 @@ async fn serve(args: ConnectionArgs) {
             trace::client_span(
                 cx,
                 "chat",
-                &route.provider.spec.id,
+                &route.provider.name,
                 &route.upstream_model,
                 attempt as u32 + 1,
             )

@@ -324,9 +324,9 @@ fn end_span(
     use opentelemetry::trace::{Span, Status};
     span.update_name(format!("chat {}", s.asked.as_deref().unwrap_or(&s.model)));
     let mut attributes = vec![
-        text(
+        KeyValue::new(
             "gen_ai.request.model",
-            s.asked.as_deref().unwrap_or(&s.model).to_owned(),
+            Arc::clone(s.asked.as_ref().unwrap_or(&s.model)),
         ),
         text("meridian.request_id", s.request_id.as_str().to_owned()),
         text("meridian.code", code.to_owned()),
@@ -338,13 +338,13 @@ fn end_span(
         attributes.push(text("gen_ai.provider.name", kind.as_str().to_owned()));
     }
     if let Some(p) = &s.via.provider {
-        attributes.push(text("meridian.provider", p.to_string()));
+        attributes.push(KeyValue::new("meridian.provider", Arc::clone(p)));
     }
     if let Some(m) = &s.via.upstream_model {
-        attributes.push(text("gen_ai.response.model", m.to_string()));
+        attributes.push(KeyValue::new("gen_ai.response.model", Arc::clone(m)));
     }
     if let Some(t) = &s.tenant {
-        attributes.push(text("meridian.tenant", t.to_string()));
+        attributes.push(KeyValue::new("meridian.tenant", Arc::clone(t)));
     }
     if let Some(f) = &s.feature {
         attributes.push(text("meridian.feature", f.clone()));

@@ -7,10 +7,10 @@
 //! them nothing here runs (the gateway makes no span at all).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use opentelemetry::global::{self, BoxedSpan, BoxedTracer};
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
@@ -64,8 +64,8 @@ pub fn context_of(span: &BoxedSpan) -> Context {
 pub fn client_span(
     parent: &Context,
     operation: &'static str,
-    provider: &str,
-    model: &str,
+    provider: &Arc<str>,
+    model: &Arc<str>,
     attempt: u32,
 ) -> (BoxedSpan, Option<String>) {
     use opentelemetry::trace::Span;
@@ -74,26 +74,23 @@ pub fn client_span(
             .with_kind(SpanKind::Client)
             .with_attributes([
                 KeyValue::new("gen_ai.operation.name", operation),
-                KeyValue::new("gen_ai.request.model", model.to_owned()),
-                KeyValue::new("meridian.provider", provider.to_owned()),
+                KeyValue::new("gen_ai.request.model", Arc::clone(model)),
+                KeyValue::new("meridian.provider", Arc::clone(provider)),
                 KeyValue::new("meridian.attempt", i64::from(attempt)),
             ]),
         parent,
     );
-    let cx = Context::new().with_remote_span_context(span.span_context().clone());
-    let mut carrier = Carrier::default();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
-    (span, carrier.0.remove("traceparent"))
-}
-
-/// Where the propagator writes the headers to send.
-#[derive(Default)]
-struct Carrier(HashMap<String, String>);
-
-impl Injector for Carrier {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
-    }
+    // W3C trace context, written directly (the propagator would go through a map of headers).
+    let sc = span.span_context();
+    let traceparent = sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    });
+    (span, traceparent)
 }
 
 tokio::task_local! {
