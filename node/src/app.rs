@@ -313,6 +313,7 @@ impl App {
                     self.vllm.clone(),
                     self.calls.clone(),
                     self.commit_latency.clone(),
+                    self.traces.as_ref().map(|t| Arc::clone(t.counts())),
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,

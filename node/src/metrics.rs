@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::calls::SqliteCalls;
+use crate::traces::SpanCounts;
 
 /// The content type of [`NodeMetrics::render`]'s text (OpenMetrics).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -43,6 +44,7 @@ impl NodeMetrics {
         vllm: Vllm,
         calls: Option<Arc<SqliteCalls>>,
         commit_latency: Histogram,
+        spans: Option<Arc<SpanCounts>>,
     ) -> Self {
         let mut registry = Registry::default();
         gateway.metrics().register(&mut registry);
@@ -57,6 +59,7 @@ impl NodeMetrics {
             cluster,
             vllm,
             calls,
+            spans,
         }));
         Self {
             registry: Arc::new(registry),
@@ -132,6 +135,7 @@ struct Live {
     cluster: ClusterNode,
     vllm: Vllm,
     calls: Option<Arc<SqliteCalls>>,
+    spans: Option<Arc<SpanCounts>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -191,6 +195,21 @@ impl Collector for Live {
                 [
                     ([("result", "written")], st.written.load(Ordering::Relaxed)),
                     ([("result", "dropped")], st.dropped.load(Ordering::Relaxed)),
+                ],
+            )?;
+        }
+        if let Some(spans) = &self.spans {
+            family(
+                &mut e,
+                "meridian_trace_spans",
+                "Spans sent to the trace collector: exported, or failed (in a batch the collector did not take)",
+                MetricType::Counter,
+                [
+                    (
+                        [("result", "exported")],
+                        spans.exported.load(Ordering::Relaxed),
+                    ),
+                    ([("result", "failed")], spans.failed.load(Ordering::Relaxed)),
                 ],
             )?;
         }

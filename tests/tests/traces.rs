@@ -158,6 +158,16 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         "an attempt is the request's child"
     );
     assert_eq!(client.name, "chat m");
+    // The node counts what it exported.
+    wait_until("the export counted", Duration::from_secs(10), || async {
+        node.metrics().await.lines().any(|l| {
+            l.strip_prefix(r#"meridian_trace_spans_total{result="exported"} "#)
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n >= 2)
+        })
+    })
+    .await
+    .unwrap();
     // The provider was sent the attempt's own traceparent.
     let sent = mock.traceparents();
     assert_eq!(
