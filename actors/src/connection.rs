@@ -259,8 +259,7 @@ async fn serve(args: ConnectionArgs) {
         }
         match step {
             Step::Done(outcome) => {
-                if let (Some(r), Some(rates)) = (&mut ctx.reservation, route.provider.spec.rates())
-                {
+                if let (Some(r), Some(rates)) = (&mut ctx.reservation, via.rates) {
                     r.bill_at(rates);
                 }
                 finish(&mut ctx, request.model(), route, outcome);

@@ -739,6 +739,11 @@ impl Gateway {
         Arc::clone(table.labels.get(model).unwrap_or(&self.inner.unknown_model))
     }
 
+    /// The label of a model this node does not serve (and of a request not yet read).
+    pub(crate) fn unknown_model(&self) -> Arc<str> {
+        Arc::clone(&self.inner.unknown_model)
+    }
+
     /// What `model` costs, if it is priced.
     pub(crate) fn price_of(&self, model: &str) -> Option<Rates> {
         self.inner.prices.get(model).copied()

@@ -376,7 +376,7 @@ impl Gateway {
     pub async fn serve(&self, call: Call<'_>) -> Served {
         let request_id = call.request_id.clone();
         let mut extras = Extras {
-            summary: Summary::new(call.request_id.clone(), call.edge, self.model_label("")),
+            summary: Summary::new(call.request_id.clone(), call.edge, self.unknown_model()),
             rate_limits: Vec::new(),
             cache: None,
             usage: None,
