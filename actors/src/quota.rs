@@ -10,12 +10,13 @@
 //! is already on its way (bounded by `grant_wait`).
 //!
 //! What a node charged is reported to the ledger every `flush_every` in one batch (a negative
-//! delta when a reservation settles for less than estimated). A new slice replaces the node's
-//! previous one (whose unused part goes back to the pool) and comes with what the ledger had seen
-//! reported by the node: the node may charge that plus the slice, so charges not yet reported
-//! come out of the new slice. A slice is used for half its TTL; the other half is the time late
-//! reports have to land before the ledger takes it back. A node that dies stops renewing: its
-//! slice lapses at expiry and returns to the pool.
+//! delta when a reservation settles for less than estimated). A new slice comes on top of what
+//! the node's previous grant still promised (the node charges against that until it hears the
+//! answer, so the ledger never hands it to another node meanwhile), with what the ledger had
+//! seen reported by the node: the node may charge that, plus what is held, plus the slice, so
+//! charges not yet reported come out of what is held. A slice is used for half its TTL; the
+//! other half is the time late reports have to land before the ledger takes it back. A node that
+//! dies stops renewing: its slice lapses at expiry and returns to the pool.
 //!
 //! Without quorum (no slice can be renewed), each limit follows its policy: `deny` refuses with
 //! 503 `quota_unavailable`, `local_share` admits up to limit ÷ cluster size on this node alone.

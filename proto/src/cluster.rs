@@ -56,7 +56,9 @@ pub enum Command {
         id: String,
     },
     /// Asks for a slice of a quota window's remaining budget for `node`; answered with
-    /// [`Applied::Granted`]. The node's previous grant on this key is returned to the pool first.
+    /// [`Applied::Granted`]. What the node's previous grant on this key still promised stays
+    /// with it (the node goes on charging against it until it hears the answer); the new slice
+    /// comes on top, from what is available.
     RequestGrant(GrantRequest),
     /// `node` gives up its static share of `key`'s window, having admitted `used` from it (asked
     /// by [`Ledger::wanted`]); from then on it admits the scope only through grants.
@@ -240,6 +242,10 @@ pub struct GrantRequest {
     /// What the requester admitted from its share in the window (counted as its usage).
     #[serde(default)]
     pub share_used: u64,
+    /// What the requester has charged in the window in all, reported or not (a report may
+    /// still be on its way when its grant lapses: the ledger holds that much for it).
+    #[serde(default)]
+    pub charged: u64,
 }
 
 /// One quota window's account.
@@ -527,13 +533,17 @@ pub enum Applied {
     Unchanged,
     /// It named something that does not exist.
     NotFound,
-    /// A quota grant of this size (possibly 0) was recorded, when the ledger had seen `used`
-    /// reported by the requesting node in the window: the node may charge `used + amount` in
-    /// all, whatever of its reports are still on their way.
+    /// A quota grant was recorded: a new slice of `amount` (possibly 0) on top of `held`,
+    /// what the node's previous grant still promised (or, once that lapsed, what the node said
+    /// it had charged beyond its reports), when the ledger had seen `used` reported by the node
+    /// in the window. The node may charge `used + held + amount` in all, whatever of its
+    /// reports are still on their way.
     Granted {
         amount: u64,
         #[serde(default)]
         used: u64,
+        #[serde(default)]
+        held: u64,
     },
     /// Valid, but a guard refused it (a breaker's panic threshold).
     Refused,

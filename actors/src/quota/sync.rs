@@ -129,9 +129,11 @@ impl Quota {
     /// Asks the ledger for a new slice of `key`: one Raft round trip.
     ///
     /// The new allowance is what the ledger had seen reported by this node when it granted
-    /// (its answer says) plus the slice: whatever this node charged beyond that, reported
-    /// later or not yet, comes out of the slice. So no report has to land first, and it does
-    /// not matter which of this node's reports and grants complete first here.
+    /// (its answer says), plus what it still held for this node (the rest of the previous
+    /// grant, or the charges this request says were made beyond the reports), plus the slice:
+    /// whatever this node charged beyond its reports, reported later or not yet, comes out of
+    /// what was held. So no report has to land first, and it does not matter which of this
+    /// node's reports and grants complete first here.
     pub(super) async fn renew(&self, key: BudgetKey) {
         let (request, sent_at) = {
             let mut budgets = lock(&self.inner.budgets);
@@ -169,6 +171,7 @@ impl Quota {
                         // the share up with what it admitted (see below), never as unused.
                         ShareMode::Open => b.charged.max(0) as u64,
                     },
+                    charged: b.charged.max(0) as u64,
                 },
                 now,
             )
@@ -186,7 +189,7 @@ impl Quota {
                 b.renewing = false;
                 if b.window_start == request.window_start_unix_ms {
                     match outcome {
-                        Ok(Applied::Granted { amount, used }) => {
+                        Ok(Applied::Granted { amount, used, held }) => {
                             if let ShareMode::Releasing(share_used) = b.share_mode {
                                 // The ledger has counted what the share admitted.
                                 b.reported = share_used as i64;
@@ -194,7 +197,7 @@ impl Quota {
                                 // Charges settled since are the ledger's to hear of now.
                                 Budgets::touch_one(&mut budgets.touched, &key, b);
                             }
-                            b.allowance = used + amount;
+                            b.allowance = used + held + amount;
                             b.dry_until = (amount < request.amount)
                                 .then(|| Instant::now() + Duration::from_secs(1));
                             b.last_slice = amount;

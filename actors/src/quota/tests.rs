@@ -197,6 +197,51 @@ async fn three_nodes_never_admit_more_than_the_limit_together() {
     assert!(admitted >= 10_000 - 3 * 500, "under-admitted: {admitted}");
 }
 
+/// A node renews its slice as soon as an admission leaves it low, ahead of the report of that
+/// admission (reports go with the flush). A renewal smaller than what the node has charged and
+/// not reported must not hand the difference to another node.
+#[tokio::test]
+async fn a_renewal_ahead_of_the_report_hands_no_spent_budget_to_another_node() {
+    let ledger = ledger(2);
+    let config = QuotaConfig {
+        // No report lands during the test.
+        flush_every: Duration::from_secs(3_600),
+        static_share: 0.0,
+        ..QuotaConfig::default()
+    };
+    let (a, b) = (node(&ledger, 1, config.clone()), node(&ledger, 2, config));
+    let tenant: Arc<str> = "acme".into();
+    let limits = tpm(400);
+    // Node 1 is granted what one large request needs (100, over the 5 % cap of 20), admits it,
+    // and at once renews for a slice sized to its demand (at most the cap).
+    std::mem::forget(
+        a.admit(&tenant, &limits, tokens(100))
+            .await
+            .expect("admitted"),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut admitted = 100;
+    loop {
+        match b.admit(&tenant, &limits, tokens(20)).await {
+            Ok(r) => {
+                std::mem::forget(r);
+                admitted += 20;
+            }
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::RateLimited, "{e:?}");
+                break;
+            }
+        }
+        assert!(admitted <= 400, "over-admitted: {admitted} of 400");
+    }
+    while let Ok(r) = a.admit(&tenant, &limits, tokens(20)).await {
+        std::mem::forget(r);
+        admitted += 20;
+        assert!(admitted <= 400, "over-admitted: {admitted} of 400");
+    }
+    assert!(admitted >= 400 - 2 * 20, "under-admitted: {admitted}");
+}
+
 #[tokio::test]
 async fn settled_reservations_give_back_what_they_did_not_use() {
     let ledger = ledger(1);

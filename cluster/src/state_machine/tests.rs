@@ -222,6 +222,7 @@ fn full_state() -> ClusterState {
         share: 100,
         share_nodes: 3,
         share_used: 40,
+        charged: 40,
     }));
     for (provider, state) in [
         (

@@ -156,36 +156,47 @@ impl ClusterState {
                 let window_end = r.window_start_unix_ms.saturating_add(r.window_ms);
                 if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
                     // Long over (its entry may be gone): nothing to grant from.
-                    return Applied::Granted { amount: 0, used: 0 };
+                    return Applied::Granted {
+                        amount: 0,
+                        used: 0,
+                        held: 0,
+                    };
                 }
                 let ledger =
                     std::sync::Arc::make_mut(self.ledger.entry(r.key.as_str().into()).or_default());
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
-                    return Applied::Granted { amount: 0, used: 0 };
+                    return Applied::Granted {
+                        amount: 0,
+                        used: 0,
+                        held: 0,
+                    };
                 }
                 ledger.limit = r.limit;
                 if r.share > 0 {
                     ledger.release(r.node, r.share, r.share_nodes, r.share_used);
                 }
-                // The node's previous slice goes back to the pool before it gets a new one.
-                ledger.grants.remove(&r.node);
-                let amount = r.amount.min(ledger.available());
+                // What the node's live grant still promises stays with it: until it hears this
+                // answer it goes on charging against that, and what it charged and has not yet
+                // reported is in it. (Handing the unused part back here would let another node
+                // be granted budget this one has already spent.) A lapsed grant promises
+                // nothing, but the node's word for what it charged beyond its reports is held.
+                let used = ledger.used_by.get(&r.node).copied().unwrap_or(0);
+                let kept = ledger.grants.remove(&r.node).map_or(0, |g| g.outstanding());
+                let held = kept.max(r.charged.saturating_sub(used));
+                let amount = r.amount.min(ledger.available().saturating_sub(held));
                 if amount < r.amount && ledger.shares_held() > 0 {
                     ledger.wanted = true;
                 }
                 ledger.grants.insert(
                     r.node,
                     Grant {
-                        amount,
+                        amount: held + amount,
                         used: 0,
                         expires_at_unix_ms: at.saturating_add(r.ttl_ms),
                     },
                 );
-                Applied::Granted {
-                    amount,
-                    used: ledger.used_by.get(&r.node).copied().unwrap_or(0),
-                }
+                Applied::Granted { amount, used, held }
             }
             Command::ReleaseShare {
                 key,

@@ -188,7 +188,11 @@ fn ended_windows_leave_the_ledger_and_their_grants_are_not_remade() {
     // A late request for the long-gone window is granted nothing and makes no entry.
     assert_eq!(
         s.apply(&proposal(at, per_user(1, 120_000))),
-        Applied::Granted { amount: 0, used: 0 }
+        Applied::Granted {
+            amount: 0,
+            used: 0,
+            held: 0,
+        }
     );
     assert_eq!(s.ledger.len(), 1);
 }
@@ -229,6 +233,62 @@ fn a_clone_of_the_state_shares_its_tables_and_a_write_copies_only_its_path() {
     assert_eq!(s.ledger.len(), 10_001);
 }
 
+/// A node asks again for a slice before its reports of the last one land (a renewal goes out as
+/// soon as the slice runs low, the report with the next flush). What it was promised stays
+/// held for it, so the budget it has already spent is never granted to another node.
+#[test]
+fn a_renewal_ahead_of_its_reports_hands_nothing_spent_to_another_node() {
+    let mut s = ClusterState::default();
+    let t0 = 120_000;
+    let with_charged = |node, amount, charged| match grant(node, amount, 10_000) {
+        Command::RequestGrant(r) => Command::RequestGrant(GrantRequest { charged, ..r }),
+        _ => unreachable!(),
+    };
+    s.apply(&proposal(t0 + 1, grant(1, 600, 10_000)));
+    // Node 1 admits all 600, unreported, and asks for a small slice more.
+    assert_eq!(
+        s.apply(&proposal(t0 + 2, with_charged(1, 100, 600))),
+        Applied::Granted {
+            amount: 100,
+            used: 0,
+            held: 600,
+        }
+    );
+    assert_eq!(
+        s.apply(&proposal(t0 + 3, grant(2, 1_000, 10_000))),
+        Applied::Granted {
+            amount: 300,
+            used: 0,
+            held: 0,
+        },
+        "only what node 1 neither spent nor was promised"
+    );
+    // Its report lands: what was held for it is counted as used, nothing is freed twice.
+    s.apply(&proposal(t0 + 4, usage(1, t0, 600)));
+    let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
+    assert_eq!((ledger.used, ledger.available()), (600, 0));
+
+    // A grant that lapsed with its node's reports still on their way: the node's word for
+    // what it charged is held for it before anything new.
+    let t1 = t0 + 60_000;
+    let next = |node, amount, charged, at| match grant_in(node, t1, amount, 1_000) {
+        Command::RequestGrant(r) => {
+            proposal(at, Command::RequestGrant(GrantRequest { charged, ..r }))
+        }
+        _ => unreachable!(),
+    };
+    s.apply(&next(1, 500, 0, t1 + 1));
+    assert_eq!(
+        s.apply(&next(1, 100, 500, t1 + 2_000)),
+        Applied::Granted {
+            amount: 100,
+            used: 0,
+            held: 500,
+        }
+    );
+    assert_eq!(s.ledger["tenant/acme/tokens_per_minute"].available(), 400);
+}
+
 #[test]
 fn grants_never_promise_more_than_the_window_has_left() {
     let mut s = ClusterState::default();
@@ -237,18 +297,21 @@ fn grants_never_promise_more_than_the_window_has_left() {
         s.apply(&proposal(t0 + 1, grant(1, 600, 10_000))),
         Applied::Granted {
             amount: 600,
-            used: 0
+            used: 0,
+            held: 0,
         }
     );
     assert_eq!(
         s.apply(&proposal(t0 + 2, grant(2, 600, 10_000))),
         Applied::Granted {
             amount: 400,
-            used: 0
+            used: 0,
+            held: 0,
         },
         "only what node 1 was not promised"
     );
-    // Node 1 used 100 of its 600 and asks again: its 500 unused go back first.
+    // Node 1 reported 100 of its 600 and asks again: the 500 it was promised and did not
+    // report stay with it, and nothing is left for a new slice.
     assert_eq!(
         s.apply(&proposal(t0 + 3, usage(1, t0, 100))),
         Applied::Changed
@@ -256,10 +319,11 @@ fn grants_never_promise_more_than_the_window_has_left() {
     assert_eq!(
         s.apply(&proposal(t0 + 4, grant(1, 1_000, 10_000))),
         Applied::Granted {
-            amount: 500,
-            used: 100
+            amount: 0,
+            used: 100,
+            held: 500,
         },
-        "node 1 may charge what it reported plus the new slice"
+        "node 1 may charge what it reported plus what was held for it"
     );
     let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
     assert_eq!((ledger.used, ledger.available()), (100, 0));
@@ -267,8 +331,9 @@ fn grants_never_promise_more_than_the_window_has_left() {
     assert_eq!(
         s.apply(&proposal(t0 + 10_003, grant(1, 1_000, 10_000))),
         Applied::Granted {
-            amount: 900,
-            used: 100
+            amount: 400,
+            used: 100,
+            held: 500,
         }
     );
     // A settled reservation gives back what was not used.
@@ -283,7 +348,8 @@ fn grants_never_promise_more_than_the_window_has_left() {
         s.apply(&proposal(t0 + 60_000, grant_in(2, t0 + 60_000, 10, 10_000))),
         Applied::Granted {
             amount: 10,
-            used: 0
+            used: 0,
+            held: 0,
         }
     );
     assert_eq!(
@@ -292,7 +358,11 @@ fn grants_never_promise_more_than_the_window_has_left() {
     );
     assert_eq!(
         s.apply(&proposal(t0 + 60_002, grant_in(1, t0, 10, 10_000))),
-        Applied::Granted { amount: 0, used: 0 }
+        Applied::Granted {
+            amount: 0,
+            used: 0,
+            held: 0,
+        }
     );
     let ledger = &s.ledger["tenant/acme/tokens_per_minute"];
     assert_eq!(ledger.window_start_unix_ms, t0 + 60_000);
