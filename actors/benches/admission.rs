@@ -15,7 +15,8 @@ use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use meridian_actors::quota::{Estimate, Quota, QuotaConfig, Scope};
 use meridian_actors::replicated::{ProposeError, Proposer, Replicated};
-use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, Proposal, UsageTotals};
+use meridian_policy::cost::Billable;
+use meridian_proto::cluster::{Applied, ClusterState, Command, Limits, Proposal};
 use tokio::sync::watch;
 
 struct Ledger {
@@ -72,7 +73,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         static_share: 0.0,
         ..QuotaConfig::default()
     });
-    let tenant: Arc<str> = "acme".into();
     // A billion tokens and requests a minute: each slice (5 % of the limit) lasts ~10^5
     // admissions of 500 tokens, so a million admissions spend several and renew them.
     let limits = [Scope {
@@ -83,12 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Limits::default()
         },
     }];
-    let used = UsageTotals {
-        requests: 1,
-        prompt_tokens: 200,
-        completion_tokens: 300,
-        ..UsageTotals::default()
-    };
+    let used = Billable::plain(200, 300);
     let estimate = Estimate {
         prompt: 200,
         completion: 300,
@@ -96,10 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // Warm up: the first admissions wait for the first slices.
     for _ in 0..1_000 {
-        quota
-            .admit(&tenant, &limits, estimate)
-            .await?
-            .settle("m", used);
+        quota.admit(&limits, estimate).await?.settle(&used);
     }
     let grants_before = grants.load(std::sync::atomic::Ordering::Relaxed);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
@@ -107,9 +99,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = 1_000_000u64;
     for _ in 0..n {
         let t = Instant::now();
-        let r = quota.admit(&tenant, &limits, estimate).await?;
+        let r = quota.admit(&limits, estimate).await?;
         h.record(t.elapsed().as_nanos() as u64)?;
-        r.settle("m", used); // at its estimate: the usage is kept
+        r.settle(&used); // at its estimate: the usage is kept
     }
     let elapsed = started.elapsed();
     let renewals = grants.load(std::sync::atomic::Ordering::Relaxed) - grants_before;
@@ -150,12 +142,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let users_seen = |quota: &Quota, from: u64, count: u64| {
         let scopes: Vec<_> = (from..from + count).map(user_limits).collect();
         let quota = quota.clone();
-        let tenant = Arc::clone(&tenant);
         async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
             for s in &scopes {
                 let t = Instant::now();
-                let r = quota.admit(&tenant, s, estimate).await?;
+                let r = quota.admit(s, estimate).await?;
                 h.record(t.elapsed().as_nanos() as u64)?;
                 drop(r);
             }
@@ -164,13 +155,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let known_user = |quota: &Quota| {
         let quota = quota.clone();
-        let tenant = Arc::clone(&tenant);
         let known = known.clone();
         async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
             for _ in 0..100_000 {
                 let t = Instant::now();
-                let r = quota.admit(&tenant, &known, estimate).await?;
+                let r = quota.admit(&known, estimate).await?;
                 h.record(t.elapsed().as_nanos() as u64)?;
                 drop(r);
             }

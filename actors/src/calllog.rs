@@ -8,6 +8,7 @@ use std::sync::Arc;
 use meridian_proto::RequestId;
 
 use crate::metrics::{Edge, Metrics, Tokens};
+use crate::quota::Quota;
 
 /// One call, as the per-call log keeps it.
 #[derive(Debug, Clone)]
@@ -50,10 +51,12 @@ pub trait CallLog: Send + Sync + std::fmt::Debug {
     fn write(&self, entry: CallEntry);
 }
 
-/// Where a request's outcome is recorded: the request metrics, and the per-call log if the
-/// node keeps one.
+/// Where a request's outcome is recorded: the request metrics, the per-call log if the node
+/// keeps one, and the tenant's daily usage roll-up when the node is in a cluster that admits
+/// against limits.
 #[derive(Debug)]
 pub struct Recorder {
     pub metrics: Metrics,
     pub calls: Option<Arc<dyn CallLog>>,
+    pub usage: Option<Quota>,
 }

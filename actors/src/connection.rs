@@ -21,9 +21,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
-use meridian_policy::cost::Rates;
+use meridian_policy::cost::{Billable, Rates};
 pub use meridian_policy::retry::RetryBudget;
-use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -262,7 +261,7 @@ async fn serve(args: ConnectionArgs) {
                 if let (Some(r), Some(rates)) = (&mut ctx.reservation, via.rates) {
                     r.bill_at(rates);
                 }
-                finish(&mut ctx, request.model(), route, outcome);
+                finish(&mut ctx, route, outcome);
                 return;
             }
             Step::Failed(e, back) => {
@@ -311,7 +310,7 @@ async fn serve(args: ConnectionArgs) {
         e
     };
     if let Some(r) = ctx.reservation.take() {
-        r.settle_partial(request.model(), 0);
+        r.settle_partial(0);
     }
     let _ = reply.send(Routed {
         answer: Err(e),
@@ -584,6 +583,17 @@ impl Drop for RelayStream {
     }
 }
 
+/// What a provider's usage report bills: every kind of token it counts.
+pub(crate) fn billable(u: &Usage) -> Billable {
+    Billable {
+        input: u64::from(u.prompt_tokens),
+        cached_input: u64::from(u.cached_tokens()),
+        cache_write: u64::from(u.cache_write_tokens),
+        output: u64::from(u.completion_tokens),
+        reasoning: u64::from(u.reasoning_tokens()),
+    }
+}
+
 /// Whether a failure says something about the provider (its breaker counts it): not a client
 /// mistake, a full local queue or a missed deadline.
 fn provider_failure(e: &ApiError) -> bool {
@@ -593,7 +603,7 @@ fn provider_failure(e: &ApiError) -> bool {
     )
 }
 
-fn finish(ctx: &mut RequestContext, model: &str, route: &Route, outcome: Outcome) {
+fn finish(ctx: &mut RequestContext, route: &Route, outcome: Outcome) {
     let provider: &Provider = &route.provider;
     let id = &provider.spec.id;
     if let Some(b) = &route.breaker {
@@ -605,21 +615,12 @@ fn finish(ctx: &mut RequestContext, model: &str, route: &Route, outcome: Outcome
     }
     if let Some(reservation) = ctx.reservation.take() {
         match &outcome {
-            Outcome::Ok(Some(u)) => reservation.settle(
-                model,
-                UsageTotals {
-                    requests: 1,
-                    prompt_tokens: u64::from(u.prompt_tokens),
-                    completion_tokens: u64::from(u.completion_tokens),
-                    cached_tokens: u64::from(u.cached_tokens()),
-                    ..UsageTotals::default()
-                },
-            ),
+            Outcome::Ok(Some(u)) => reservation.settle(&billable(u)),
             // No usage from the upstream: charge the estimate as it stands.
-            Outcome::Ok(None) => reservation.keep(model),
+            Outcome::Ok(None) => reservation.keep(),
             // Charged only for what was generated (and the prompt it read).
             Outcome::Failed(_, generated) | Outcome::ClientGone(generated) => {
-                reservation.settle_partial(model, u64::from(*generated));
+                reservation.settle_partial(u64::from(*generated));
             }
         }
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_proto::cluster::{ClusterState, Limits, UsageTotals};
+use meridian_proto::cluster::{ClusterState, Limits};
 use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
@@ -206,6 +206,7 @@ impl Gateway {
             config.aliases,
             config.awaited_models,
         );
+        let usage_rollup = quota.as_ref().map(|(q, _)| q.clone());
         let gateway = Self {
             inner: Arc::new(Inner {
                 registry,
@@ -225,6 +226,7 @@ impl Gateway {
                 recorder: Arc::new(Recorder {
                     metrics: Metrics::new(config.label_caps),
                     calls: config.call_log,
+                    usage: usage_rollup,
                 }),
                 unknown_model: "other".into(),
                 traces: config.traces,
@@ -334,8 +336,8 @@ impl Gateway {
             }
             (scopes, kept)
         };
-        // A caller with no limit still gets a reservation (with nothing to charge), so that what
-        // its calls cost is recorded in the usage roll-ups like anyone's.
+        // A caller with no limit still gets a reservation (with nothing to charge): it carries
+        // the prompt's estimate, which a call cut short is billed for in its record.
         let tokenizer = self.inner.registry.with_table(|t| {
             t.routes
                 .get(request.model())
@@ -349,10 +351,7 @@ impl Gateway {
             completion: estimate::completion_reserve(request),
             price,
         };
-        quota
-            .admit(tenant, &scopes[..kept], estimate)
-            .await
-            .map(Some)
+        quota.admit(&scopes[..kept], estimate).await.map(Some)
     }
 
     /// The cache key of `request` from `principal`, if the cache is on and the request may be
@@ -368,27 +367,9 @@ impl Gateway {
         ResponseCache::key(tenant, request, opt_in)
     }
 
-    /// A cached answer, if there is one; a hit is recorded in the tenant's roll-up as a free
-    /// request (a cache hit: no tokens, no cost).
-    pub(crate) fn cache_get(
-        &self,
-        key: CacheKey,
-        principal: Option<&Principal>,
-        model: &str,
-    ) -> Option<bytes::Bytes> {
-        let hit = self.inner.cache.as_ref()?.get(key)?;
-        if let (Some(quota), Some(p)) = (self.quota(), principal) {
-            quota.record(
-                &p.tenant,
-                model,
-                UsageTotals {
-                    requests: 1,
-                    cache_hits: 1,
-                    ..UsageTotals::default()
-                },
-            );
-        }
-        Some(hit)
+    /// A cached answer, if there is one (recorded as a free request: no tokens, no cost).
+    pub(crate) fn cache_get(&self, key: CacheKey) -> Option<bytes::Bytes> {
+        self.inner.cache.as_ref()?.get(key)
     }
 
     pub(crate) fn cache_put(&self, key: CacheKey, body: bytes::Bytes) {

@@ -18,19 +18,22 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use meridian_policy::cost::{Billable, Rates};
+use meridian_policy::cost::Rates;
 use meridian_policy::route::Complexity;
+use meridian_proto::cluster::UsageTotals;
 use meridian_proto::openai::{ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
 pub use crate::auth::Credentials;
 use crate::calllog::{CallEntry, Recorder};
-use crate::connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via};
+use crate::connection::{
+    ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via, billable,
+};
 use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
 use crate::metrics::{CallRecord, Operation, Tokens};
-use crate::quota::RateLimitState;
+use crate::quota::{RateLimitState, RollupKey};
 pub use crate::trace::TraceHeaders;
 use crate::trace::{self, text};
 use opentelemetry::KeyValue;
@@ -153,6 +156,8 @@ struct Summary {
     span: Option<BoxedSpan>,
     /// The model's price list (the provider's own, when it has one, is in `via`).
     price: Option<Rates>,
+    /// The prompt's tokens as estimated at admission (0: not admitted against limits).
+    prompt_estimate: u64,
 }
 
 impl Summary {
@@ -174,6 +179,7 @@ impl Summary {
             via: Via::default(),
             span: None,
             price: None,
+            prompt_estimate: 0,
         }
     }
 }
@@ -212,9 +218,10 @@ pub enum Ending<'a> {
     Abandoned,
 }
 
-/// The one place where a request's outcome is recorded, once per request: its metrics, and a
-/// debug event. (Usage is charged by the reservation's settlement, in the connection, and
-/// counted in the tenant's roll-up from there.)
+/// The one place where a request's outcome is recorded, once per request: its metrics, its
+/// per-call record, its tenant's daily roll-up (from the same figures, so that reports add up
+/// to the records), its span and a debug event. (Limits are charged by the reservation's
+/// settlement, in the connection.)
 fn record(
     recorder: &Recorder,
     s: &mut Summary,
@@ -238,13 +245,7 @@ fn record(
         output: u64::from(u.completion_tokens),
         cached_input: u64::from(u.cached_tokens()),
     });
-    let billable = usage.map(|u| Billable {
-        input: u64::from(u.prompt_tokens),
-        cached_input: u64::from(u.cached_tokens()),
-        cache_write: u64::from(u.cache_write_tokens),
-        output: u64::from(u.completion_tokens),
-        reasoning: u64::from(u.reasoning_tokens()),
-    });
+    let billable = usage.as_ref().map(billable);
     let duration = now - s.started;
     // At the price list of the provider that answered, else the model's.
     let cost_micro_usd = match (s.via.rates.or(s.price), billable) {
@@ -297,6 +298,27 @@ fn record(
             stream: s.stream,
             cancelled: matches!(ending, Ending::Abandoned),
         });
+    }
+    // Calls that reached a provider or the cache are billed; a refusal is not a call.
+    if let (Some(quota), Some(tenant)) = (&recorder.usage, &s.tenant)
+        && (s.via.provider.is_some() || matches!(ending, Ending::Cached))
+    {
+        let t = tokens.unwrap_or_default();
+        let key = RollupKey {
+            model: s.asked.as_deref().unwrap_or(&s.model),
+            provider: s.via.provider.as_deref().unwrap_or(""),
+            feature: s.feature.as_deref().unwrap_or(""),
+            user: s.user.as_deref().unwrap_or(""),
+        };
+        let usage = UsageTotals {
+            requests: 1,
+            prompt_tokens: t.input,
+            completion_tokens: t.output,
+            cached_tokens: t.cached_input,
+            cost_micro_usd,
+            cache_hits: u64::from(matches!(ending, Ending::Cached)),
+        };
+        quota.record(tenant, key, &usage);
     }
     if let Some(span) = s.span.take() {
         end_span(span, s, code, &ending, tokens, first_token);
@@ -441,7 +463,7 @@ impl Gateway {
         summary.stream = request.stream();
         let cache_key = self.cache_key(principal.as_ref(), &request, options.cache);
         if let Some(key) = cache_key {
-            if let Some(completion) = self.cache_get(key, principal.as_ref(), request.model()) {
+            if let Some(completion) = self.cache_get(key) {
                 // A hit is free: no admission, no provider.
                 served.cache = Some(CacheOutcome::Hit);
                 return Ok(Reached::Cached(CacheHit {
@@ -461,6 +483,7 @@ impl Gateway {
         summary.price = self.price_of(request.model());
         if let Some(r) = &mut reservation {
             served.rate_limits = std::mem::take(&mut r.rate_limits);
+            summary.prompt_estimate = r.prompt_estimate();
         }
         let ctx = RequestContext {
             request_id: call.request_id,
@@ -510,7 +533,16 @@ impl ServedStream {
     fn record(&mut self, ending: Ending<'_>) {
         if !self.recorded {
             self.recorded = true;
-            let usage = self.relay.usage();
+            // A stream cut short before its usage report is billed as its limits were charged:
+            // the prompt as estimated and the chunks relayed.
+            let generated = self.relay.generated();
+            let usage = self.relay.usage().or_else(|| {
+                (generated > 0).then(|| Usage {
+                    prompt_tokens: u32::try_from(self.summary.prompt_estimate).unwrap_or(u32::MAX),
+                    completion_tokens: generated,
+                    ..Usage::default()
+                })
+            });
             record(
                 &self.recorder,
                 &mut self.summary,

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_map::EntryRef;
-use meridian_proto::cluster::{Command, Limits, NodeId, UsageTotals};
+use meridian_proto::cluster::{Command, Limits, NodeId, UsageKey, UsageTotals};
 use meridian_proto::{ApiError, ErrorKind};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
@@ -74,6 +74,8 @@ pub struct QuotaConfig {
     pub no_quorum: HashMap<LimitKind, NoQuorum>,
     /// Days of daily usage roll-ups the cluster keeps (sent with each report).
     pub usage_retention_days: u64,
+    /// End users a tenant's daily roll-up keeps by name (sent with each report).
+    pub usage_users_per_day: u64,
     /// The share of each limit set aside as static shares, split evenly among the cluster's
     /// nodes: each node admits up to its part of a window on its own, with no Raft round trip
     /// and no ledger entry, and goes to the ledger only beyond it (0: every scope through the
@@ -100,6 +102,7 @@ impl Default for QuotaConfig {
             slice_horizon: Duration::from_secs(2),
             no_quorum: HashMap::new(),
             usage_retention_days: meridian_proto::cluster::DEFAULT_RETAIN_DAYS,
+            usage_users_per_day: meridian_proto::cluster::DEFAULT_MAX_USERS,
             static_share: 0.5,
             state_dir: None,
             min_nodes: 1,
@@ -166,8 +169,9 @@ struct Inner {
     /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
     budgets: Mutex<Budgets>,
     late: Mutex<Vec<Late>>,
-    /// Tenant → model → usage not yet reported (names an admin chose: the fast hash is fine).
-    rollups: Mutex<hashbrown::HashMap<Arc<str>, hashbrown::HashMap<String, UsageTotals>>>,
+    /// Tenant → model, provider, feature and user → usage not yet reported (keyed with the
+    /// fast hash: a client can name users and features, but a table lives one flush long).
+    rollups: Mutex<hashbrown::HashMap<Arc<str>, hashbrown::HashMap<UsageKey, UsageTotals>>>,
     granted: Notify,
     renew: mpsc::UnboundedSender<BudgetKey>,
     /// One flush at a time: two at once would both report the same unreported charges.
@@ -192,6 +196,36 @@ pub struct Quota {
 impl std::fmt::Debug for Quota {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Quota").finish_non_exhaustive()
+    }
+}
+
+/// A call's row in its tenant's daily roll-up, borrowed (made into a [`UsageKey`] only for a
+/// row new to this flush). Hashes as a `UsageKey` does: field by field, as strings.
+#[derive(Debug, Clone, Copy, Hash)]
+pub struct RollupKey<'a> {
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub feature: &'a str,
+    pub user: &'a str,
+}
+
+impl RollupKey<'_> {
+    fn to_owned(self) -> UsageKey {
+        UsageKey {
+            model: self.model.to_owned(),
+            provider: self.provider.to_owned(),
+            feature: self.feature.to_owned(),
+            user: self.user.to_owned(),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<UsageKey> for RollupKey<'_> {
+    fn equivalent(&self, key: &UsageKey) -> bool {
+        self.model == key.model
+            && self.provider == key.provider
+            && self.feature == key.feature
+            && self.user == key.user
     }
 }
 
@@ -227,7 +261,6 @@ impl Estimate {
 #[derive(Debug)]
 pub struct Reservation {
     quota: Quota,
-    tenant: Arc<str>,
     prompt_estimate: u64,
     price: Option<Rates>,
     entries: Charges,
@@ -242,62 +275,35 @@ impl Reservation {
         self.price = Some(rates);
     }
 
-    /// Replaces the estimate with what the request actually used, and records it in the
-    /// tenant's daily roll-up.
-    pub fn settle(mut self, model: &str, usage: UsageTotals) {
+    /// The prompt's tokens as estimated before the call (what a call cut short is charged for
+    /// its prompt).
+    pub fn prompt_estimate(&self) -> u64 {
+        self.prompt_estimate
+    }
+
+    /// Replaces the estimate with what the request actually used. (The tenant's daily roll-up
+    /// is written where the call is recorded, with its per-call record.)
+    pub fn settle(mut self, usage: &Billable) {
         self.settled = true;
-        let actual = usage.prompt_tokens + usage.completion_tokens;
-        let mut usage = usage;
-        usage.cost_micro_usd = self.price.map_or(0, |p| {
-            p.micro_usd(&Billable {
-                input: usage.prompt_tokens,
-                cached_input: usage.cached_tokens,
-                output: usage.completion_tokens,
-                ..Billable::default()
-            })
-        });
-        self.quota
-            .settle(&self.entries, actual, usage.cost_micro_usd);
-        self.record(model, usage);
+        let actual = usage.input + usage.output;
+        let cost = self.price.map_or(0, |p| p.micro_usd(usage));
+        self.quota.settle(&self.entries, actual, cost);
     }
 
     /// The request ended without a usage report: the estimate stands.
-    pub fn keep(mut self, model: &str) {
+    pub fn keep(mut self) {
         self.settled = true;
-        let tokens = self
-            .entries
-            .iter()
-            .find(|e| e.key.kind.counts_tokens())
-            .map_or(0, |e| e.reserved);
-        self.record(
-            model,
-            UsageTotals {
-                requests: 1,
-                prompt_tokens: self.prompt_estimate,
-                completion_tokens: tokens.saturating_sub(self.prompt_estimate),
-                ..UsageTotals::default()
-            },
-        );
     }
 
     /// The request was cut short after `generated` completion tokens (client gone, upstream
     /// failure): it is charged its prompt and what was generated.
-    pub fn settle_partial(self, model: &str, generated: u64) {
-        let usage = UsageTotals {
-            requests: 1,
-            prompt_tokens: if generated > 0 {
-                self.prompt_estimate
-            } else {
-                0
-            },
-            completion_tokens: generated,
-            ..UsageTotals::default()
+    pub fn settle_partial(self, generated: u64) {
+        let prompt = if generated > 0 {
+            self.prompt_estimate
+        } else {
+            0
         };
-        self.settle(model, usage);
-    }
-
-    fn record(&self, model: &str, usage: UsageTotals) {
-        self.quota.record(&self.tenant, model, usage);
+        self.settle(&Billable::plain(prompt, generated));
     }
 }
 
@@ -384,11 +390,10 @@ impl Quota {
         )
     }
 
-    /// Admits a request of `tenant` (with `limits`) costing `estimate`, or refuses it with a
+    /// Admits a request (with `limits`) costing `estimate`, or refuses it with a
     /// 429 naming the limit (or 503 when no quorum and the policy denies).
     pub async fn admit(
         &self,
-        tenant: &Arc<str>,
         scopes: &[Scope],
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
@@ -396,7 +401,6 @@ impl Quota {
             // Nothing to charge (a caller with no limit): no lock, only the usage to record.
             return Ok(Reservation {
                 quota: self.clone(),
-                tenant: Arc::clone(tenant),
                 prompt_estimate: estimate.prompt,
                 price: estimate.price,
                 entries: Vec::new(),
@@ -413,7 +417,6 @@ impl Quota {
                 Verdict::Admitted(entries, rate_limits) => {
                     return Ok(Reservation {
                         quota: self.clone(),
-                        tenant: Arc::clone(tenant),
                         prompt_estimate: estimate.prompt,
                         price: estimate.price,
                         entries,
@@ -433,15 +436,15 @@ impl Quota {
         }
     }
 
-    /// Adds `usage` to `tenant`'s roll-up for `model` (reported with the next flush).
-    pub fn record(&self, tenant: &Arc<str>, model: &str, usage: UsageTotals) {
+    /// Adds `usage` to `tenant`'s roll-up row `key` (reported with the next flush).
+    pub fn record(&self, tenant: &Arc<str>, key: RollupKey<'_>, usage: &UsageTotals) {
         let mut rollups = lock(&self.inner.rollups);
-        let models = rollups.entry_ref(&**tenant).or_default();
-        // No allocation once the model has an entry.
-        match models.get_mut(model) {
-            Some(totals) => totals.add(&usage),
+        let rows = rollups.entry_ref(&**tenant).or_default();
+        // No allocation once the row has an entry in this flush's table.
+        match rows.get_mut(&key) {
+            Some(totals) => totals.add(usage),
             None => {
-                models.insert(model.to_owned(), usage);
+                rows.insert(key.to_owned(), *usage);
             }
         }
     }

@@ -109,7 +109,7 @@ fn deep_copy(s: &ClusterState) -> usize {
     fn copy<K: Clone + Ord, V: Clone>(t: &meridian_proto::cluster::Table<K, V>) -> BTreeMap<K, V> {
         t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
-    let usage: BTreeMap<u64, BTreeMap<String, BTreeMap<String, UsageTotals>>> = s
+    let usage: BTreeMap<u64, BTreeMap<String, meridian_proto::cluster::TenantDay>> = s
         .usage
         .iter()
         .map(|(d, t)| {
@@ -247,6 +247,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             ..UsageTotals::default()
                         },
                         retain_days: days + 1,
+                        provider: "vllm-a".into(),
+                        feature: String::new(),
+                        user: String::new(),
+                        max_users: 1_000,
                     })
                     .collect(),
             ))

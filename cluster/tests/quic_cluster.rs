@@ -177,6 +177,10 @@ fn flush(round: u64, bytes: usize) -> Command {
             ..UsageTotals::default()
         },
         retain_days: 90,
+        provider: "vllm-a".into(),
+        feature: "search".into(),
+        user: format!("user-{i:06}"),
+        max_users: 1_000,
     };
     let per = serde_json::to_vec(&rollup(0)).unwrap().len() + 1;
     Command::Batch {

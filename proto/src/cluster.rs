@@ -16,8 +16,12 @@ use serde::{Deserialize, Serialize};
 mod apply;
 mod node_map;
 mod reach;
+mod usage;
 pub use node_map::NodeMap;
 pub use reach::Reach;
+pub use usage::{
+    DEFAULT_MAX_USERS, OTHER_USERS, ReportRow, TenantDay, UsageDimension, UsageKey, report,
+};
 
 /// A node's id in the cluster (Raft's node id).
 pub type NodeId = u64;
@@ -108,14 +112,23 @@ pub enum Command {
         #[serde(default)]
         groups: Vec<Vec<String>>,
     },
-    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant` and `model`, and
-    /// drops the days older than `retain_days` (the proposer's setting).
+    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant`, by model,
+    /// provider, feature and end user (the first `max_users` of the tenant's day by name, the
+    /// rest as one), and drops the days older than `retain_days` (the proposer's settings).
     RecordUsage {
         tenant: String,
         model: String,
         totals: UsageTotals,
         #[serde(default = "default_retain_days")]
         retain_days: u64,
+        #[serde(default)]
+        provider: String,
+        #[serde(default)]
+        feature: String,
+        #[serde(default)]
+        user: String,
+        #[serde(default = "usage::default_max_users")]
+        max_users: u64,
     },
     /// `command`, applied only if `seq` is above the last `seq` applied for `node`: a proposal
     /// that is retried after an indeterminate failure (its leader died) is applied once.
@@ -571,9 +584,10 @@ pub struct ClusterState {
     pub ledger: Table<std::sync::Arc<str>, std::sync::Arc<Ledger>>,
     /// By provider id.
     pub breakers: Table<String, BreakerRecord>,
-    /// Days since the Unix epoch → tenant → model → totals.
-    /// (A tenant's models are a few: a plain map, copied whole when one of them changes.)
-    pub usage: Table<u64, Table<String, BTreeMap<String, UsageTotals>>>,
+    /// Days since the Unix epoch → tenant → the day's roll-up.
+    /// (A tenant's day is copied whole when a row of it changes: its rows are a tenant's models,
+    /// providers and features by its users, at most `max_users` users.)
+    pub usage: Table<u64, Table<String, TenantDay>>,
     /// The last `Once` sequence number applied per node.
     pub applied_seq: Table<NodeId, u64>,
     /// Where the ledger sweep stopped (see [`ClusterState::sweep_ledger`]).

@@ -96,20 +96,26 @@ impl Quota {
             let mut rollups = lock(&self.inner.rollups);
             let tenants: Vec<Arc<str>> = rollups.keys().cloned().collect();
             'tenants: for tenant in tenants {
-                let Some(models) = rollups.get_mut(&tenant) else {
+                let Some(rows) = rollups.get_mut(&tenant) else {
                     continue;
                 };
-                let names: Vec<String> = models.keys().cloned().collect();
-                for model in names {
-                    if !room.take(ROLLUP_BYTES + tenant.len() + model.len()) {
+                let keys: Vec<UsageKey> = rows.keys().cloned().collect();
+                for key in keys {
+                    let names =
+                        key.model.len() + key.provider.len() + key.feature.len() + key.user.len();
+                    if !room.take(ROLLUP_BYTES + tenant.len() + names) {
                         break 'tenants;
                     }
-                    if let Some(totals) = models.remove(&model) {
+                    if let Some(totals) = rows.remove(&key) {
                         commands.push(Command::RecordUsage {
                             tenant: tenant.to_string(),
-                            model,
+                            model: key.model,
                             totals,
                             retain_days: self.inner.config.usage_retention_days,
+                            provider: key.provider,
+                            feature: key.feature,
+                            user: key.user,
+                            max_users: self.inner.config.usage_users_per_day,
                         });
                     }
                 }
@@ -394,8 +400,9 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
 pub(super) const MAX_FLUSH_BYTES: usize = 512 * 1024;
 /// A `ReportUsage` command's encoded size, less its key.
 pub(super) const REPORT_BYTES: usize = 224;
-/// A `RecordUsage` command's encoded size, less its tenant and model names.
-pub(super) const ROLLUP_BYTES: usize = 320;
+/// A `RecordUsage` command's encoded size, less its tenant, model, provider, feature and user
+/// names.
+pub(super) const ROLLUP_BYTES: usize = 384;
 
 /// What is left of a flush's size budget.
 struct Room(usize);

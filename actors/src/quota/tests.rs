@@ -141,6 +141,26 @@ fn ledger_only() -> QuotaConfig {
 /// Waits, if needed, so that the next few seconds fall inside one minute window: a test that
 /// counts admissions against a per-minute limit must not straddle a window boundary (the next
 /// window brings a fresh budget).
+/// A call of `model` with no provider, feature or user named.
+fn rollup_key(model: &str) -> RollupKey<'_> {
+    RollupKey {
+        model,
+        provider: "",
+        feature: "",
+        user: "",
+    }
+}
+
+/// One call's roll-up of `prompt` and `completion` tokens.
+fn usage_of(prompt: u64, completion: u64) -> UsageTotals {
+    UsageTotals {
+        requests: 1,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        ..UsageTotals::default()
+    }
+}
+
 fn tokens(n: u64) -> Estimate {
     Estimate {
         prompt: n / 2,
@@ -169,13 +189,12 @@ async fn three_nodes_never_admit_more_than_the_limit_together() {
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
         .collect();
-    let tenant: Arc<str> = "acme".into();
     let limits = tpm(10_000);
     let mut admitted = 0;
     let mut refused = None;
     // Far more demand than the limit, spread over the nodes.
     for i in 0..400 {
-        match nodes[i % 3].admit(&tenant, &limits, tokens(100)).await {
+        match nodes[i % 3].admit(&limits, tokens(100)).await {
             Ok(r) => {
                 admitted += 100;
                 std::mem::forget(r); // charged in full
@@ -210,19 +229,14 @@ async fn a_renewal_ahead_of_the_report_hands_no_spent_budget_to_another_node() {
         ..QuotaConfig::default()
     };
     let (a, b) = (node(&ledger, 1, config.clone()), node(&ledger, 2, config));
-    let tenant: Arc<str> = "acme".into();
     let limits = tpm(400);
     // Node 1 is granted what one large request needs (100, over the 5 % cap of 20), admits it,
     // and at once renews for a slice sized to its demand (at most the cap).
-    std::mem::forget(
-        a.admit(&tenant, &limits, tokens(100))
-            .await
-            .expect("admitted"),
-    );
+    std::mem::forget(a.admit(&limits, tokens(100)).await.expect("admitted"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut admitted = 100;
     loop {
-        match b.admit(&tenant, &limits, tokens(20)).await {
+        match b.admit(&limits, tokens(20)).await {
             Ok(r) => {
                 std::mem::forget(r);
                 admitted += 20;
@@ -234,7 +248,7 @@ async fn a_renewal_ahead_of_the_report_hands_no_spent_budget_to_another_node() {
         }
         assert!(admitted <= 400, "over-admitted: {admitted} of 400");
     }
-    while let Ok(r) = a.admit(&tenant, &limits, tokens(20)).await {
+    while let Ok(r) = a.admit(&limits, tokens(20)).await {
         std::mem::forget(r);
         admitted += 20;
         assert!(admitted <= 400, "over-admitted: {admitted} of 400");
@@ -250,52 +264,37 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
     let limits = tpm(1_000);
     // Each reserves 400 but uses 100: seven fit, not two.
     for _ in 0..7 {
-        let r = q
-            .admit(&tenant, &limits, tokens(400))
-            .await
-            .expect("admitted");
+        let r = q.admit(&limits, tokens(400)).await.expect("admitted");
         assert!(
             r.rate_limits
                 .iter()
                 .any(|s| s.kind == LimitKind::TokensPerMinute)
         );
-        r.settle(
-            "m",
-            UsageTotals {
-                requests: 1,
-                prompt_tokens: 60,
-                completion_tokens: 40,
-                ..UsageTotals::default()
-            },
-        );
+        r.settle(&Billable::plain(60, 40));
+        q.record(&tenant, rollup_key("m"), &usage_of(60, 40));
     }
     // The eighth would need 400 with 300 left.
-    let e = q
-        .admit(&tenant, &limits, tokens(400))
-        .await
-        .expect_err("300 left");
+    let e = q.admit(&limits, tokens(400)).await.expect_err("300 left");
     assert_eq!(e.code.as_deref(), Some("tokens_per_minute"));
     q.flush().await;
     let used = ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
     assert_eq!(used, 700, "the ledger holds actual usage");
     let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
     assert_eq!(
-        ledger.published.borrow().usage[&day]["acme"]["m"].requests,
+        ledger.published.borrow().usage[&day]["acme"]
+            .model("m")
+            .requests,
         7,
         "roll-ups are reported with the usage"
     );
     // A request bigger than the limit can never pass.
-    let e = q
-        .admit(&tenant, &limits, tokens(5_000))
-        .await
-        .expect_err("too big");
+    let e = q.admit(&limits, tokens(5_000)).await.expect_err("too big");
     assert!(e.no_retry);
 }
 
 #[tokio::test]
 async fn without_quorum_limits_deny_or_share() {
     let ledger = ledger(4);
-    let tenant: Arc<str> = "acme".into();
     let limits = tenant_scope(Limits {
         tokens_per_minute: Some(4_000),
         requests_per_minute: Some(400),
@@ -304,7 +303,7 @@ async fn without_quorum_limits_deny_or_share() {
     ledger.down.store(true, Ordering::Relaxed);
     let deny = node(&ledger, 1, ledger_only());
     let e = deny
-        .admit(&tenant, &limits, tokens(10))
+        .admit(&limits, tokens(10))
         .await
         .expect_err("no slice without quorum");
     assert_eq!(e.code.as_deref(), Some("quota_unavailable"));
@@ -320,7 +319,7 @@ async fn without_quorum_limits_deny_or_share() {
     let share = node(&ledger, 2, config);
     let mut admitted = 0;
     for _ in 0..300 {
-        if let Ok(r) = share.admit(&tenant, &limits, tokens(10)).await {
+        if let Ok(r) = share.admit(&limits, tokens(10)).await {
             admitted += 10;
             std::mem::forget(r);
         }
@@ -333,7 +332,6 @@ async fn without_quorum_limits_deny_or_share() {
 #[tokio::test]
 async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
     let ledger = ledger(4);
-    let tenant: Arc<str> = "acme".into();
     let limits = tenant_scope(Limits {
         tokens_per_minute: Some(4_000),
         ..Limits::default()
@@ -348,7 +346,7 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
     let mut admitted = 0;
     let spend = async |q: &Quota, admitted: &mut u64| {
         for _ in 0..500 {
-            match q.admit(&tenant, &limits, tokens(10)).await {
+            match q.admit(&limits, tokens(10)).await {
                 Ok(r) => {
                     *admitted += 10;
                     std::mem::forget(r);
@@ -372,7 +370,7 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while admitted <= 1_000 {
         assert!(Instant::now() < deadline, "still held to the local share");
-        if let Ok(r) = q.admit(&tenant, &limits, tokens(10)).await {
+        if let Ok(r) = q.admit(&limits, tokens(10)).await {
             admitted += 10;
             std::mem::forget(r);
         }
@@ -393,7 +391,6 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
 async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_running() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     let scopes = tpm(100_000);
     let charged = || {
         lock(&q.inner.budgets)
@@ -401,36 +398,25 @@ async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_runn
             .get(&ScopeKind("tenant/acme", LimitKind::TokensPerMinute))
             .map(|b| b.charged)
     };
-    let usage = |tokens: u64| UsageTotals {
-        requests: 1,
-        prompt_tokens: tokens / 2,
-        completion_tokens: tokens - tokens / 2,
-        ..UsageTotals::default()
-    };
+    let usage = |tokens: u64| Billable::plain(tokens / 2, tokens - tokens / 2);
     // Two requests of 100 tokens, admitted as if in the minute before this one (a long stream
     // that crossed the boundary): one used 900 tokens, the other 40.
-    let mut long = q
-        .admit(&tenant, &scopes, tokens(100))
-        .await
-        .expect("admitted");
-    let mut short = q
-        .admit(&tenant, &scopes, tokens(100))
-        .await
-        .expect("admitted");
+    let mut long = q.admit(&scopes, tokens(100)).await.expect("admitted");
+    let mut short = q.admit(&scopes, tokens(100)).await.expect("admitted");
     for r in [&mut long, &mut short] {
         for c in &mut r.entries {
             c.window_start -= 60_000;
         }
     }
     assert_eq!(charged(), Some(200));
-    long.settle("m", usage(900));
+    long.settle(&usage(900));
     assert_eq!(
         charged(),
         Some(1_000),
         "the 800 beyond its reserve count in the minute now running"
     );
     // A refund for a window that has closed gives nothing back in this one.
-    short.settle("m", usage(40));
+    short.settle(&usage(40));
     assert_eq!(charged(), Some(1_000));
 }
 
@@ -438,7 +424,6 @@ async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_runn
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     let scopes = |user: &str| {
         vec![
             Scope {
@@ -468,14 +453,10 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
         }),
     };
     for _ in 0..3 {
-        std::mem::forget(
-            q.admit(&tenant, &scopes("u1"), priced)
-                .await
-                .expect("admitted"),
-        );
+        std::mem::forget(q.admit(&scopes("u1"), priced).await.expect("admitted"));
     }
     let e = q
-        .admit(&tenant, &scopes("u1"), priced)
+        .admit(&scopes("u1"), priced)
         .await
         .expect_err("u1 used its 3 requests");
     assert_eq!(e.code.as_deref(), Some("requests_per_minute"));
@@ -483,7 +464,7 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
     let mut admitted = 3;
     let err = loop {
         match q
-            .admit(&tenant, &scopes(&format!("u{}", admitted + 10)), priced)
+            .admit(&scopes(&format!("u{}", admitted + 10)), priced)
             .await
         {
             Ok(r) => {
@@ -506,14 +487,13 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
 async fn a_limit_of_one_admits_exactly_one() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     let scopes = tenant_scope(Limits {
         requests_per_minute: Some(1),
         ..Limits::default()
     });
-    let first = q.admit(&tenant, &scopes, tokens(10)).await;
+    let first = q.admit(&scopes, tokens(10)).await;
     assert!(first.is_ok());
-    let second = q.admit(&tenant, &scopes, tokens(10)).await;
+    let second = q.admit(&scopes, tokens(10)).await;
     assert_eq!(
         second.expect_err("one a minute").code.as_deref(),
         Some("requests_per_minute")
@@ -524,19 +504,12 @@ async fn a_limit_of_one_admits_exactly_one() {
 async fn a_report_whose_answer_was_lost_is_counted_once() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, ledger_only());
-    let tenant: Arc<str> = "acme".into();
-    let r = q
-        .admit(&tenant, &tpm(10_000), tokens(100))
-        .await
-        .expect("admitted");
+    let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
     std::mem::forget(r);
     q.flush().await; // the slice's first report
     let used = || ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
     assert_eq!(used(), 100);
-    let r = q
-        .admit(&tenant, &tpm(10_000), tokens(50))
-        .await
-        .expect("admitted");
+    let r = q.admit(&tpm(10_000), tokens(50)).await.expect("admitted");
     std::mem::forget(r);
     ledger.lose_next_ack.store(true, Ordering::Relaxed);
     q.flush().await; // committed, but the node never heard so
@@ -550,7 +523,6 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
 async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     // Tokens per minute come before tokens per day: the first admits, the second refuses.
     let scopes = tenant_scope(Limits {
         tokens_per_minute: Some(10_000),
@@ -563,12 +535,9 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
             .get(&ScopeKind("tenant/acme", kind))
             .map(|b| b.charged)
     };
-    let first = q
-        .admit(&tenant, &scopes, tokens(100))
-        .await
-        .expect("admitted");
+    let first = q.admit(&scopes, tokens(100)).await.expect("admitted");
     let err = q
-        .admit(&tenant, &scopes, tokens(100))
+        .admit(&scopes, tokens(100))
         .await
         .expect_err("over the daily limit");
     assert_eq!(err.code.as_deref(), Some("tokens_per_day"));
@@ -583,8 +552,7 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
 async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
     let ledger = ledger(1);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
-    let first = q.admit(&tenant, &tpm(1_000), tokens(100)).await.unwrap();
+    let first = q.admit(&tpm(1_000), tokens(100)).await.unwrap();
     let state = &first.rate_limits[0];
     assert_eq!(
         (state.kind, state.limit, state.remaining),
@@ -593,7 +561,7 @@ async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
     let reset = state.reset;
     assert!(reset <= Duration::from_secs(60), "{reset:?}");
     // The tenant's limit is raised: the same budget now states the new one.
-    let second = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
+    let second = q.admit(&tpm(5_000), tokens(100)).await.unwrap();
     let state = &second.rate_limits[0];
     assert_eq!(
         (state.limit, state.kind),
@@ -602,7 +570,7 @@ async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
     assert!(state.remaining <= 4_900, "{state:?}");
     // A second later the reset is a second nearer.
     ledger.clock.fetch_add(1_100, Ordering::Relaxed);
-    let third = q.admit(&tenant, &tpm(5_000), tokens(100)).await.unwrap();
+    let third = q.admit(&tpm(5_000), tokens(100)).await.unwrap();
     let later = third.rate_limits[0].reset;
     assert!(
         whole_seconds(later) < whole_seconds(reset),
@@ -781,7 +749,12 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
             let models = rollups.entry(format!("tenant-{t}").into()).or_default();
             for m in ["llama-3.1-8b-instruct", "gpt-4o-mini"] {
                 models.insert(
-                    m.to_owned(),
+                    UsageKey {
+                        model: m.to_owned(),
+                        provider: "vllm-pool-eu-west".to_owned(),
+                        feature: "document-summaries".to_owned(),
+                        user: format!("a-rather-long-end-user-id-{t:08}"),
+                    },
                     UsageTotals {
                         requests: u64::MAX,
                         prompt_tokens: u64::MAX,
@@ -845,7 +818,6 @@ async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
         .collect();
-    let tenant: Arc<str> = "acme".into();
     // Let each flusher's first tick pass, so that every proposal counted below is one the
     // admissions caused.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -854,16 +826,10 @@ async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_
         // 3 × 100 tokens of a 3,000/min limit: within this node's share (3,000 × 0.5 / 3).
         for _ in 0..3 {
             let r = nodes[user as usize % 3]
-                .admit(&tenant, &user_scope(user, 3_000), tokens(100))
+                .admit(&user_scope(user, 3_000), tokens(100))
                 .await
                 .expect("admitted from the share");
-            r.settle(
-                "m",
-                UsageTotals {
-                    completion_tokens: 90,
-                    ..UsageTotals::default()
-                },
-            );
+            r.settle(&Billable::plain(0, 90));
         }
     }
     for n in &nodes {
@@ -886,11 +852,10 @@ async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
     let nodes: Vec<Quota> = (1..=3)
         .map(|id| node(&ledger, id, QuotaConfig::default()))
         .collect();
-    let tenant: Arc<str> = "acme".into();
     // The other nodes have seen this user a little (they hold shares with some use).
     for n in &nodes[1..] {
         std::mem::forget(
-            n.admit(&tenant, &user_scope(7, 3_000), tokens(100))
+            n.admit(&user_scope(7, 3_000), tokens(100))
                 .await
                 .expect("admitted"),
         );
@@ -901,7 +866,7 @@ async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
     // pool is spent, while the other nodes are asked for their shares).
     while refusals.len() < 3 {
         let user = user_scope(7, 3_000);
-        match nodes[0].admit(&tenant, &user, tokens(100)).await {
+        match nodes[0].admit(&user, tokens(100)).await {
             Ok(r) => {
                 admitted += 100;
                 std::mem::forget(r);
@@ -935,10 +900,9 @@ async fn with_static_shares_a_node_without_quorum_still_admits_its_share() {
     let ledger = ledger(4);
     ledger.down.store(true, Ordering::Relaxed);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     let mut admitted = 0;
     for _ in 0..100 {
-        match q.admit(&tenant, &tpm(4_000), tokens(10)).await {
+        match q.admit(&tpm(4_000), tokens(10)).await {
             Ok(r) => {
                 admitted += 10;
                 std::mem::forget(r);
@@ -963,12 +927,11 @@ async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_sp
     // Without quorum, only this node's share (4,000 × 0.5 ÷ 4 = 500) can be admitted.
     let ledger = ledger(4);
     ledger.down.store(true, Ordering::Relaxed);
-    let tenant: Arc<str> = "acme".into();
     let first = node(&ledger, 1, config());
     for _ in 0..30 {
         std::mem::forget(
             first
-                .admit(&tenant, &tpm(4_000), tokens(10))
+                .admit(&tpm(4_000), tokens(10))
                 .await
                 .expect("from the share"),
         );
@@ -993,10 +956,9 @@ async fn share_counts_survive_a_clean_restart_and_a_crash_counts_the_share_as_sp
 async fn a_grant_asked_for_while_a_share_is_open_counts_what_the_share_admitted() {
     let ledger = ledger(3);
     let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
     for _ in 0..4 {
         std::mem::forget(
-            q.admit(&tenant, &tpm(3_000), tokens(100))
+            q.admit(&tpm(3_000), tokens(100))
                 .await
                 .expect("from the share"),
         );
@@ -1019,9 +981,8 @@ async fn a_grant_asked_for_while_a_share_is_open_counts_what_the_share_admitted(
 /// Admits `each`-token requests of `tpm(limit)` until one is refused; returns what was
 /// admitted.
 async fn admit_until_refused(q: &Quota, limit: u64, each: u64) -> u64 {
-    let tenant: Arc<str> = "acme".into();
     let mut admitted = 0;
-    while let Ok(r) = q.admit(&tenant, &tpm(limit), tokens(each)).await {
+    while let Ok(r) = q.admit(&tpm(limit), tokens(each)).await {
         admitted += each;
         std::mem::forget(r);
         assert!(admitted <= limit, "runaway");
@@ -1059,23 +1020,16 @@ async fn a_clean_stop_reports_what_the_last_interval_charged() {
     );
     tokio::time::sleep(Duration::from_millis(20)).await; // the flusher's first tick
     let tenant: Arc<str> = "acme".into();
-    let r = q
-        .admit(&tenant, &tpm(10_000), tokens(100))
-        .await
-        .expect("admitted");
-    r.settle(
-        "m",
-        UsageTotals {
-            prompt_tokens: 20,
-            completion_tokens: 60,
-            ..UsageTotals::default()
-        },
-    );
+    let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
+    r.settle(&Billable::plain(20, 60));
+    q.record(&tenant, rollup_key("m"), &usage_of(20, 60));
     q.flush_before_stop(Duration::from_secs(2)).await;
     let state = ledger.published.borrow().clone();
     assert_eq!(state.ledger["tenant/acme/tokens_per_minute"].used, 80);
     assert_eq!(
-        state.usage.values().next().expect("a day")["acme"]["m"].completion_tokens,
+        state.usage.values().next().expect("a day")["acme"]
+            .model("m")
+            .completion_tokens,
         60
     );
 }

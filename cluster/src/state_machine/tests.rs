@@ -252,6 +252,10 @@ fn full_state() -> ClusterState {
             ..UsageTotals::default()
         },
         retain_days: 90,
+        provider: "vllm-a".into(),
+        feature: "search".into(),
+        user: "u1".into(),
+        max_users: 1_000,
     });
     assert!(!s.ledger.is_empty() && !s.breakers.is_empty() && !s.usage.is_empty());
     s

@@ -214,6 +214,9 @@ pub struct RawQuota {
     /// Days of daily usage roll-ups the cluster keeps (default 90; set it alike on every node:
     /// each usage report drops the days older than its proposer's setting).
     pub usage_retention_days: Option<i64>,
+    /// End users a tenant's daily roll-up keeps by name (default 1000); the day's other users
+    /// are counted as one, "(other users)". Per-call records keep every user.
+    pub usage_users_per_day: Option<i64>,
     /// The share of each limit that nodes admit from on their own, split evenly among them,
     /// with no Raft round trip (default 0.5; 0: every scope through the ledger).
     pub static_share: Option<f64>,

@@ -283,6 +283,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             format!("{days} is not between 1 and 3660"),
         ),
     }
+    match raw.quota.usage_users_per_day {
+        None => {}
+        Some(users @ 0..=1_000_000) => quota.usage_users_per_day = users as u64,
+        Some(users) => e.push(
+            "quota.usage_users_per_day",
+            format!("{users} is not between 0 and 1000000"),
+        ),
+    }
     for (limit, policy) in &raw.quota.no_quorum {
         let path = format!("quota.no_quorum.{limit}");
         let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == limit) else {

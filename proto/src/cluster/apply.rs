@@ -321,16 +321,24 @@ impl ClusterState {
                 model,
                 totals,
                 retain_days,
+                provider,
+                feature,
+                user,
+                max_users,
             } => {
                 let day = at / DAY_MS;
+                let key = UsageKey {
+                    model: model.clone(),
+                    provider: provider.clone(),
+                    feature: feature.clone(),
+                    user: user.clone(),
+                };
                 self.usage
                     .entry(day)
                     .or_default()
                     .entry(tenant.clone())
                     .or_default()
-                    .entry(model.clone())
-                    .or_default()
-                    .add(totals);
+                    .add(key, totals, *max_users);
                 let oldest_kept = day.saturating_sub(retain_days.saturating_sub(1));
                 while let Some(&(old, _)) = self.usage.get_min()
                     && old < oldest_kept
