@@ -496,24 +496,16 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ListCallsRequest>,
     ) -> Result<Response<pb::ListCallsResponse>, Status> {
-        let req = req.into_inner();
-        let Some(path) = self.calls.clone() else {
-            return Err(Status::failed_precondition(
-                "this node keeps no call log ([calls] enabled = false)",
-            ));
-        };
-        if req.last > 1_000 {
-            return Err(field("last", "is at most 1000"));
-        }
-        let last = if req.last == 0 { 20 } else { req.last };
-        let tenant = (!req.tenant.is_empty()).then_some(req.tenant);
-        let calls = tokio::task::spawn_blocking(move || {
-            crate::calls::newest(&path, tenant.as_deref(), last)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the call log query stopped: {e}")))?
-        .map_err(|e| Status::unavailable(format!("the call log cannot be read: {e}")))?;
-        Ok(Response::new(pb::ListCallsResponse { calls }))
+        usage::list_calls(self.calls.clone(), req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn usage_report(
+        &self,
+        req: Request<pb::UsageReportRequest>,
+    ) -> Result<Response<pb::UsageReportResponse>, Status> {
+        usage::report(&self.cluster, req.into_inner()).map(Response::new)
     }
 
     async fn lora_adapter(
@@ -800,6 +792,8 @@ fn replica_answer(
         Err(e @ ControlError::NoAnswer(_)) => Err(Status::unavailable(e.to_string())),
     }
 }
+
+mod usage;
 
 #[cfg(test)]
 mod tests;

@@ -50,7 +50,7 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: Option<VllmCommand>,
     },
-    /// Usage: the calls this node served.
+    /// Usage: the calls this node served, and cluster-wide reports of what calls cost.
     Usage {
         #[command(subcommand)]
         command: UsageCommand,
@@ -511,12 +511,14 @@ pub async fn run(
             print_change(r.into_inner(), &done);
         }
         AdminCommand::Usage { command } => {
-            let calls = client
-                .list_calls(command.calls_request())
-                .await?
-                .into_inner()
-                .calls;
-            usage::print_calls(&calls);
+            if let Some(request) = command.calls_request() {
+                let calls = client.list_calls(request).await?.into_inner().calls;
+                usage::print_calls(&calls);
+            }
+            if let Some(asked) = command.report_request() {
+                let report = client.usage_report(asked.request).await?.into_inner();
+                usage::print_report(&report, asked.format)?;
+            }
         }
         AdminCommand::Vllm { command } => {
             let control = |replica: String, action: admin_pb::ReplicaAction| {

@@ -923,3 +923,137 @@ async fn a_tenant_moved_to_another_region_is_served_only_there_by_every_node() {
     );
     assert!(out.contains("already so; nothing changed"), "{out}");
 }
+
+/// Reports are cluster-wide: calls through all three nodes, for three features and four end
+/// users, some streamed, add up to a report that every node gives alike (`usage report`, from
+/// the replicated roll-ups), and its totals are the sums of the three nodes' per-call records.
+#[tokio::test]
+async fn a_usage_report_is_the_same_on_every_node_and_adds_up_to_the_call_records() {
+    use meridian_proto::pb::admin as pb;
+    use meridian_tests::mock::{Flavor, MockUpstream};
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let mut h = Harness::new(25);
+    h.providers = meridian_tests::provider_toml("mock", &mock.base_url(), &["m"], "")
+        + "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n";
+    boot_with_acme(&mut h).await;
+    let key = h.api_key(1, "acme").await.unwrap();
+    let client = reqwest::Client::new();
+    const CALLS: usize = 30;
+    for i in 0..CALLS {
+        let node = h.node(1 + (i % 3) as u64).http();
+        let feature = ["search", "chat", "summaries"][(i / 3) % 3];
+        let body = format!(
+            r#"{{"model":"m","max_tokens":20,"user":"u{}","stream":{},"messages":[{{"role":"user","content":"call {i}"}}]}}"#,
+            i % 4,
+            i % 5 == 0
+        );
+        // The key was made through node 1: the others may not have applied it yet.
+        h.wait_for("an answered call", T, || {
+            let req = chat_as(&client, &node, &key, body.clone())
+                .header("x-meridian-feature", feature)
+                .send();
+            async move {
+                let resp = req.await.ok().filter(|r| r.status() == 200)?;
+                resp.bytes().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    // The per-call records of the three nodes, summed by feature.
+    let records = || async {
+        let mut by_feature = std::collections::BTreeMap::<String, [u64; 4]>::new();
+        let mut n = 0;
+        for id in [1, 2, 3] {
+            let mut admin = h.admin(id).await?;
+            let calls = admin
+                .list_calls(pb::ListCallsRequest {
+                    tenant: "acme".into(),
+                    last: 1_000,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .calls;
+            for c in calls.iter().filter(|c| c.code == "ok") {
+                let sum = by_feature.entry(c.feature.clone()).or_default();
+                sum[0] += 1;
+                sum[1] += c.input_tokens;
+                sum[2] += c.output_tokens;
+                sum[3] += c.cost_micro_usd;
+                n += 1;
+            }
+        }
+        (n == CALLS).then_some(by_feature)
+    };
+    let from_records = h.wait_for("every call's record", T, records).await;
+    let report = |id: u64| {
+        let out = h.cli(
+            id,
+            &[
+                "usage", "report", "--days", "7", "--by", "feature", "--format", "json",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let n = |f: &str| r[f].as_u64().unwrap();
+                (
+                    r["feature"].as_str().unwrap().to_owned(),
+                    [
+                        n("requests"),
+                        n("input_tokens"),
+                        n("output_tokens"),
+                        n("cost_micro_usd"),
+                    ],
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    h.wait_for("the report to add up on every node", T, || {
+        let reports = [report(1), report(2), report(3)];
+        let same = reports.iter().all(|r| *r == from_records);
+        async move { same.then_some(()) }
+    })
+    .await;
+    println!("usage by feature, from the records and from every node's report: {from_records:?}");
+    assert_eq!(from_records.len(), 3, "three features");
+    assert!(
+        from_records
+            .values()
+            .all(|[_, input, output, cost]| *input > 0 && *output > 0 && *cost > 0),
+        "{from_records:?}"
+    );
+
+    // Other groupings, formats and a bad request.
+    let users = h.cli(
+        1,
+        &[
+            "usage", "report", "--by", "user", "--tenant", "acme", "--format", "csv",
+        ],
+    );
+    let mut lines = users.lines();
+    assert_eq!(
+        lines.next(),
+        Some("user,requests,input_tokens,output_tokens,cached_tokens,cache_hits,cost_usd")
+    );
+    assert_eq!(lines.count(), 4, "four users: {users}");
+    let table = h.cli(2, &["usage", "report", "--by", "model"]);
+    assert!(
+        table.contains("usage by model from ") && table.contains("\nm "),
+        "{table}"
+    );
+    let mut admin = h.admin(3).await.unwrap();
+    let bad = admin
+        .usage_report(pb::UsageReportRequest {
+            by: "colour".into(),
+            ..pb::UsageReportRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("by"), "{}", bad.message());
+}

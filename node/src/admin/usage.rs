@@ -1,0 +1,101 @@
+//! The admin API's usage answers: this node's per-call records, and cluster-wide reports from
+//! the replicated daily roll-ups.
+
+use meridian_cluster::raft::ClusterNode;
+use meridian_proto::cluster::{UsageDimension, report as sum_days};
+use meridian_proto::pb::admin as pb;
+use tonic::Status;
+
+use super::field;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// The newest per-call records of this node's call log.
+pub(super) async fn list_calls(
+    log: Option<std::path::PathBuf>,
+    req: pb::ListCallsRequest,
+) -> Result<pb::ListCallsResponse, Status> {
+    let Some(path) = log else {
+        return Err(Status::failed_precondition(
+            "this node keeps no call log ([calls] enabled = false)",
+        ));
+    };
+    if req.last > 1_000 {
+        return Err(field("last", "is at most 1000"));
+    }
+    let last = if req.last == 0 { 20 } else { req.last };
+    let tenant = (!req.tenant.is_empty()).then_some(req.tenant);
+    let calls =
+        tokio::task::spawn_blocking(move || crate::calls::newest(&path, tenant.as_deref(), last))
+            .await
+            .map_err(|e| Status::internal(format!("the call log query stopped: {e}")))?
+            .map_err(|e| Status::unavailable(format!("the call log cannot be read: {e}")))?;
+    Ok(pb::ListCallsResponse { calls })
+}
+
+/// The last `days` UTC days of the replicated roll-ups, summed by one dimension.
+pub(super) fn report(
+    cluster: &ClusterNode,
+    req: pb::UsageReportRequest,
+) -> Result<pb::UsageReportResponse, Status> {
+    let days = match req.days {
+        0 => 7,
+        d @ 1..=3_660 => u64::from(d),
+        _ => return Err(field("days", "is between 1 and 3660")),
+    };
+    let by_name = if req.by.is_empty() { "tenant" } else { &req.by };
+    let Some(by) = UsageDimension::parse(by_name) else {
+        return Err(field(
+            "by",
+            &format!("{by_name:?} is not one of tenant, model, provider, feature, user"),
+        ));
+    };
+    let tenant = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
+    let state = cluster.state().borrow().clone();
+    let applied_index = cluster.status().applied_index.unwrap_or(0);
+    let today = now_unix_ms() / DAY_MS;
+    let first = today.saturating_sub(days - 1);
+    let rows = sum_days(
+        state.usage.iter().map(|(day, tenants)| (*day, tenants)),
+        first,
+        today,
+        tenant,
+        by,
+    )
+    .into_iter()
+    .map(|r| pb::UsageReportRow {
+        key: r.key,
+        requests: r.totals.requests,
+        input_tokens: r.totals.prompt_tokens,
+        output_tokens: r.totals.completion_tokens,
+        cached_tokens: r.totals.cached_tokens,
+        cost_micro_usd: r.totals.cost_micro_usd,
+        cache_hits: r.totals.cache_hits,
+    })
+    .collect();
+    Ok(pb::UsageReportResponse {
+        rows,
+        from_day: date(first),
+        to_day: date(today),
+        applied_index,
+        by: by.name().to_owned(),
+    })
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Day `day` since the Unix epoch as YYYY-MM-DD.
+fn date(day: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(day as i64 * 86_400)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
+    )
+}
