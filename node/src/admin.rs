@@ -138,6 +138,7 @@ impl Admin for AdminService {
                         "ledger": state.ledger.len(),
                         "breakers": state.breakers.len(),
                         "usage_days": state.usage.len(),
+                        "alerts": state.alerts.len(),
                         "applied_seq": state.applied_seq.len(),
                     },
                     "members": state.members,
@@ -155,12 +156,13 @@ impl Admin for AdminService {
             "ledger" => page(page_of(&state.ledger, &r.prefix, &r.after, limit)?)?,
             "breakers" => page(page_of(&state.breakers, &r.prefix, &r.after, limit)?)?,
             "usage" => page(page_of(&state.usage, &r.prefix, &r.after, limit)?)?,
+            "alerts" => page(page_of(&state.alerts, &r.prefix, &r.after, limit)?)?,
             "applied_seq" => page(page_of(&state.applied_seq, &r.prefix, &r.after, limit)?)?,
             other => {
                 return Err(field(
                     "section",
                     &format!(
-                        "{other:?} is not one of members, providers, tiers, tenants, api_keys, ledger, breakers, usage, applied_seq"
+                        "{other:?} is not one of members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts, applied_seq"
                     ),
                 ));
             }

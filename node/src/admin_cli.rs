@@ -124,7 +124,7 @@ pub enum ClusterCommand {
     /// The node's applied replicated state: a summary (record counts, members, tiers,
     /// providers, breakers), or one section's records as JSON, one page per line.
     State {
-        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, applied_seq.
+        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts, applied_seq.
         section: Option<String>,
         /// Only records whose key starts with this, e.g. "tenant/acme/" in the ledger.
         #[arg(long, default_value = "")]

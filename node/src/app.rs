@@ -79,6 +79,8 @@ pub struct App {
     traces: Option<crate::traces::Traces>,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
+    /// The spend alert task (it acts while this node leads), and what it did.
+    alerts: (tokio::task::JoinHandle<()>, Arc<crate::alerts::AlertCounts>),
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -180,6 +182,13 @@ impl App {
             }
             _ => None,
         };
+        let alert_counts = Arc::new(crate::alerts::AlertCounts::default());
+        let alerts = crate::alerts::start(
+            cluster.clone(),
+            config.node.id,
+            config.alerts.clone(),
+            Arc::clone(&alert_counts),
+        );
         let (admin_token, new_admin_token) = admin_token(&config)?;
         let dev_key = if config.auth.enabled && config.auth.dev_key && config.cluster.is_none() {
             bootstrap_dev_key(&cluster).await?
@@ -200,6 +209,7 @@ impl App {
             commit_latency,
             traces,
             peering,
+            alerts: (alerts, alert_counts),
             http,
             grpc,
             admin,
@@ -314,6 +324,7 @@ impl App {
                     self.calls.clone(),
                     self.commit_latency.clone(),
                     self.traces.as_ref().map(|t| Arc::clone(t.counts())),
+                    Arc::clone(&self.alerts.1),
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
@@ -361,6 +372,7 @@ impl App {
         // Replicas: deregistered, their in-flight calls (if any are left) finish up to each
         // group's drain timeout, then SIGTERM, then SIGKILL.
         self.vllm.shutdown().await;
+        self.alerts.0.abort();
         self.gateway.stop(Duration::from_secs(5)).await;
         if let Some(calls) = &self.calls {
             // Every request has ended: what they recorded is written before the node exits.

@@ -66,6 +66,7 @@ pub struct Config {
     pub calls_retention: Option<Duration>,
     /// Where spans are exported (`None`: traces off).
     pub traces_endpoint: Option<String>,
+    pub alerts: crate::alerts::AlertsConfig,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,
     pub aliases: HashMap<String, Alias>,

@@ -3,6 +3,7 @@
 //! run the very same [`App`] in-process.
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod calls;
 pub mod config;

@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::alerts::AlertCounts;
 use crate::calls::SqliteCalls;
 use crate::traces::SpanCounts;
 
@@ -45,6 +46,7 @@ impl NodeMetrics {
         calls: Option<Arc<SqliteCalls>>,
         commit_latency: Histogram,
         spans: Option<Arc<SpanCounts>>,
+        alerts: Arc<AlertCounts>,
     ) -> Self {
         let mut registry = Registry::default();
         gateway.metrics().register(&mut registry);
@@ -60,6 +62,7 @@ impl NodeMetrics {
             vllm,
             calls,
             spans,
+            alerts,
         }));
         Self {
             registry: Arc::new(registry),
@@ -136,6 +139,7 @@ struct Live {
     vllm: Vllm,
     calls: Option<Arc<SqliteCalls>>,
     spans: Option<Arc<SpanCounts>>,
+    alerts: Arc<AlertCounts>,
 }
 
 impl std::fmt::Debug for Live {
@@ -213,6 +217,24 @@ impl Collector for Live {
                 ],
             )?;
         }
+        let alerts = &self.alerts;
+        family(
+            &mut e,
+            "meridian_spend_alerts",
+            "Spend alerts this node fired (recorded for the cluster), delivered to the webhook, or failed to deliver after every retry",
+            MetricType::Counter,
+            [
+                ([("result", "fired")], alerts.fired.load(Ordering::Relaxed)),
+                (
+                    [("result", "delivered")],
+                    alerts.delivered.load(Ordering::Relaxed),
+                ),
+                (
+                    [("result", "failed")],
+                    alerts.failed.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
         gauge(
             &mut e,
             "meridian_draining",

@@ -13,14 +13,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod alerts;
 mod apply;
 mod node_map;
 mod reach;
 mod usage;
+pub use alerts::SpendAlert;
 pub use node_map::NodeMap;
 pub use reach::Reach;
 pub use usage::{
     DEFAULT_MAX_USERS, OTHER_USERS, ReportRow, TenantDay, UsageDimension, UsageKey, report,
+    utc_date,
 };
 
 /// A node's id in the cluster (Raft's node id).
@@ -129,6 +132,14 @@ pub enum Command {
         user: String,
         #[serde(default = "usage::default_max_users")]
         max_users: u64,
+    },
+    /// Records a spend alert unless one with its id exists: [`Applied::Changed`] once for the
+    /// whole cluster (that proposer delivers it), [`Applied::Unchanged`] for any repeat.
+    /// Alerts of days before the alert's previous day are dropped.
+    FireAlert(SpendAlert),
+    /// Marks alert `id` delivered ([`Applied::NotFound`] if it is not kept).
+    AlertDelivered {
+        id: String,
     },
     /// `command`, applied only if `seq` is above the last `seq` applied for `node`: a proposal
     /// that is retried after an indeterminate failure (its leader died) is applied once.
@@ -590,6 +601,8 @@ pub struct ClusterState {
     pub usage: Table<u64, Table<String, TenantDay>>,
     /// The last `Once` sequence number applied per node.
     pub applied_seq: Table<NodeId, u64>,
+    /// Spend alerts of the last two days, by id.
+    pub alerts: Table<String, SpendAlert>,
     /// Where the ledger sweep stopped (see [`ClusterState::sweep_ledger`]).
     pub ledger_sweep_after: std::sync::Arc<str>,
 }

@@ -1057,3 +1057,142 @@ async fn a_usage_report_is_the_same_on_every_node_and_adds_up_to_the_call_record
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("by"), "{}", bad.message());
 }
+
+/// Spend alerts are decided once for the whole cluster: a tenant's calls through all three
+/// nodes take it past 50 % and 80 % of its daily cost cap, and the webhook (which refuses its
+/// first post, so that the retry is seen) takes exactly one alert of each, whichever nodes
+/// saw the spend and however often the leader looks.
+#[tokio::test]
+async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactly_once() {
+    use axum::routing::post;
+    use meridian_proto::pb::admin as pb;
+    use meridian_tests::mock::{Flavor, MockUpstream};
+    use std::sync::{Arc, Mutex};
+
+    // The webhook: refuses the first post, keeps every later one.
+    let posts: Arc<Mutex<(u32, Vec<serde_json::Value>)>> = Arc::default();
+    let hook = {
+        let posts = Arc::clone(&posts);
+        axum::Router::new().route(
+            "/hook",
+            post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let posts = Arc::clone(&posts);
+                async move {
+                    let mut p = posts.lock().unwrap();
+                    p.0 += 1;
+                    if p.0 == 1 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    p.1.push(body);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let webhook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let mut h = Harness::new(26);
+    // Each call: 3 prompt tokens at $20/M and 8 completion tokens at $80/M = 700 µ$.
+    h.providers = meridian_tests::provider_toml("mock", &mock.base_url(), &["m"], "")
+        + "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 20.0\noutput_usd_per_mtok = 80.0\n";
+    for id in [1, 2, 3] {
+        h.extra.insert(
+            id,
+            format!("[alerts]\nwebhook = {webhook:?}\ncheck_every = \"200ms\"\n"),
+        );
+    }
+    h.boot(&[1, 2, 3]).await;
+    let mut admin = h.admin(1).await.unwrap();
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(meridian_tests::tier(
+                "capped",
+                pb::Limits {
+                    cost_per_day_micro_usd: Some(10_000), // one cent a day
+                    ..pb::Limits::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    admin
+        .put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: "acme".into(),
+                tier: "capped".into(),
+                ..pb::Tenant::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let key = h.api_key(1, "acme").await.unwrap();
+    let client = reqwest::Client::new();
+    // Twelve calls: $0.0084 of the $0.01 cap (84 %).
+    for i in 0..12u64 {
+        let node = h.node(1 + i % 3).http();
+        let body = format!(
+            r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"call {i}"}}]}}"#
+        );
+        h.wait_for("an answered call", T, || {
+            let req = chat_as(&client, &node, &key, body.clone()).send();
+            async move {
+                let resp = req.await.ok().filter(|r| r.status() == 200)?;
+                resp.bytes().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+    let delivered = |threshold: &str| {
+        let p = posts.lock().unwrap();
+        p.1.iter()
+            .filter(|b| b["alert"]["threshold"] == threshold)
+            .count()
+    };
+    h.wait_for("the 80 % alert at the webhook", T, || {
+        let n = delivered("80%");
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    // Several more looks by the leader, and every node's flushes: nothing more comes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (attempts, bodies) = posts.lock().unwrap().clone();
+    println!("webhook: {attempts} posts, kept {bodies:?}");
+    assert_eq!(delivered("80%"), 1, "{bodies:?}");
+    assert_eq!(delivered("50%"), 1, "{bodies:?}");
+    assert_eq!(delivered("100%"), 0, "{bodies:?}");
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(attempts, 3, "one refused post, retried");
+    let eighty = bodies
+        .iter()
+        .find(|b| b["alert"]["threshold"] == "80%")
+        .unwrap();
+    assert_eq!(eighty["alert"]["tenant"], "acme");
+    assert_eq!(eighty["alert"]["cap_usd"], 0.01);
+    let text = eighty["text"].as_str().unwrap();
+    assert!(
+        text.contains("Tenant acme has spent $0.0084")
+            && text.contains("80% of its daily cap of $0.01"),
+        "{text}"
+    );
+    // Recorded once in the replicated state (delivered), and counted once in the cluster.
+    let mut fired = 0.0;
+    for id in [1, 2, 3] {
+        fired += metric(
+            &h.node(id).http(),
+            "meridian_spend_alerts_total{result=\"fired\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+    }
+    assert_eq!(fired, 2.0, "fired once each, over the whole cluster");
+    let state = h.cli(2, &["cluster", "state", "alerts"]);
+    assert_eq!(
+        state.matches("\"delivered_at_unix_ms\":").count(),
+        2,
+        "{state}"
+    );
+    assert!(!state.contains("\"delivered_at_unix_ms\":null"), "{state}");
+}

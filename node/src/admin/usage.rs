@@ -2,7 +2,7 @@
 //! the replicated daily roll-ups.
 
 use meridian_cluster::raft::ClusterNode;
-use meridian_proto::cluster::{UsageDimension, report as sum_days};
+use meridian_proto::cluster::{UsageDimension, report as sum_days, utc_date};
 use meridian_proto::pb::admin as pb;
 use tonic::Status;
 
@@ -75,8 +75,8 @@ pub(super) fn report(
     .collect();
     Ok(pb::UsageReportResponse {
         rows,
-        from_day: date(first),
-        to_day: date(today),
+        from_day: utc_date(first),
+        to_day: utc_date(today),
         applied_index,
         by: by.name().to_owned(),
     })
@@ -86,16 +86,4 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Day `day` since the Unix epoch as YYYY-MM-DD.
-fn date(day: u64) -> String {
-    let at = time::OffsetDateTime::from_unix_timestamp(day as i64 * 86_400)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}",
-        at.year(),
-        u8::from(at.month()),
-        at.day()
-    )
 }

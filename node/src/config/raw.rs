@@ -34,6 +34,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub traces: RawTraces,
     #[serde(default)]
+    pub alerts: RawAlerts,
+    #[serde(default)]
     pub cluster: RawCluster,
     #[serde(default)]
     pub providers: Vec<RawProvider>,
@@ -239,6 +241,21 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawTraces {
     pub endpoint: Option<String>,
+}
+
+/// `[alerts]`: spend alerts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Where alerts are POSTed (JSON with a Slack-compatible `text`); none: logged and counted.
+    pub webhook: Option<String>,
+    /// Fractions of each tenant's and feature's daily cost cap that alert (default
+    /// [0.5, 0.8, 1.0]).
+    pub cap_fractions: Option<Vec<f64>>,
+    /// A tenant's daily spend in dollars that alerts whatever its cap (default none).
+    pub daily_usd: Option<Vec<f64>>,
+    /// How often the leader looks at the day's spend (default 1s).
+    pub check_every: Option<String>,
 }
 
 /// `[calls]`: the per-call log.

@@ -349,6 +349,48 @@ price_output = 0.6
 }
 
 #[test]
+fn spend_alerts_are_checked_field_by_field() {
+    let toml = r#"
+[[providers]]
+id = "demo"
+kind = "demo"
+models = ["demo"]
+[alerts]
+webhook = "ftp://hooks.example.com/x"
+cap_fractions = [0.5, 0.0]
+daily_usd = [-3.0]
+check_every = "soon"
+"#;
+    let err = load(Some(toml), &env(&[])).expect_err("invalid");
+    assert_eq!(
+        paths(&err),
+        [
+            "alerts.webhook",
+            "alerts.cap_fractions",
+            "alerts.daily_usd",
+            "alerts.check_every"
+        ]
+    );
+    let ok = toml
+        .replace("ftp://", "https://")
+        .replace("0.0]", "0.9]")
+        .replace("-3.0", "250.5")
+        .replace("soon", "5s");
+    let c = load(Some(&ok), &env(&[])).expect("valid");
+    assert_eq!(
+        c.alerts.webhook.map(|u| u.to_string()),
+        Some("https://hooks.example.com/x".into())
+    );
+    assert_eq!(c.alerts.cap_fractions, [0.5, 0.9]);
+    assert_eq!(c.alerts.daily_micro_usd, [250_500_000]);
+    assert_eq!(c.alerts.check_every, Duration::from_secs(5));
+    // Not configured: the caps' 50, 80 and 100 %, logged and counted only.
+    let plain = load(Some(&toml[..toml.find("[alerts]").unwrap()]), &env(&[])).expect("valid");
+    assert_eq!(plain.alerts.cap_fractions, [0.5, 0.8, 1.0]);
+    assert!(plain.alerts.webhook.is_none());
+}
+
+#[test]
 fn vllm_sections_map_to_groups_with_defaults() {
     let c = load(
         Some(

@@ -591,6 +591,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         .enabled
         .unwrap_or(true)
         .then(|| Duration::from_secs(u64::from(retention_days) * 86_400));
+    let alerts = alerts(&mut e, &raw.alerts);
     let drain_timeout = duration(
         &mut e,
         "shutdown.drain_timeout",
@@ -653,6 +654,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         label_caps,
         calls_retention,
         traces_endpoint,
+        alerts,
         drain_timeout,
         providers,
         raft,
@@ -664,4 +666,47 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             .clone()
             .unwrap_or_else(|| "nvidia-smi".into()),
     })
+}
+
+/// `[alerts]`: the webhook must be an http(s) URL, fractions above 0 (at most 10: ten times the
+/// cap), amounts above 0.
+fn alerts(e: &mut Errors, raw: &super::raw::RawAlerts) -> crate::alerts::AlertsConfig {
+    let mut config = crate::alerts::AlertsConfig::default();
+    if let Some(url) = &raw.webhook {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => config.webhook = Some(u),
+            Ok(_) => e.push(
+                "alerts.webhook",
+                format!("{url:?} is not an http:// or https:// URL"),
+            ),
+            Err(err) => e.push("alerts.webhook", format!("{url:?} is not a URL: {err}")),
+        }
+    }
+    if let Some(fractions) = &raw.cap_fractions {
+        match fractions.iter().find(|f| !(**f > 0.0 && **f <= 10.0)) {
+            Some(bad) => e.push(
+                "alerts.cap_fractions",
+                format!("{bad} is not a fraction of the cap above 0 (and at most 10)"),
+            ),
+            None => config.cap_fractions = fractions.clone(),
+        }
+    }
+    if let Some(amounts) = &raw.daily_usd {
+        match amounts.iter().find(|a| !(**a > 0.0 && **a < 1e9)) {
+            Some(bad) => e.push(
+                "alerts.daily_usd",
+                format!("{bad} is not an amount of dollars above 0"),
+            ),
+            None => {
+                config.daily_micro_usd = amounts.iter().map(|a| (a * 1e6).round() as u64).collect()
+            }
+        }
+    }
+    config.check_every = duration(
+        e,
+        "alerts.check_every",
+        raw.check_every.as_ref(),
+        config.check_every,
+    );
+    config
 }

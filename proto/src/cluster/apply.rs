@@ -347,6 +347,34 @@ impl ClusterState {
                 }
                 Applied::Changed
             }
+            Command::FireAlert(alert) => {
+                if self.alerts.contains_key(&alert.id) {
+                    return Applied::Unchanged;
+                }
+                let mut alert = alert.clone();
+                alert.fired_at_unix_ms = at;
+                alert.fired_by = proposer;
+                alert.delivered_at_unix_ms = None;
+                let oldest_kept = alert.day.saturating_sub(1);
+                // Alerts are a few a day: a scan is fine.
+                let old: Vec<String> = (self.alerts.iter())
+                    .filter(|(_, a)| a.day < oldest_kept)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in old {
+                    self.alerts.remove(&id);
+                }
+                self.alerts.insert(alert.id.clone(), alert);
+                Applied::Changed
+            }
+            Command::AlertDelivered { id } => match self.alerts.get_mut(id) {
+                Some(a) if a.delivered_at_unix_ms.is_some() => Applied::Unchanged,
+                Some(a) => {
+                    a.delivered_at_unix_ms = Some(at);
+                    Applied::Changed
+                }
+                None => Applied::NotFound,
+            },
             Command::Once { node, seq, command } => {
                 if self.applied_seq.get(node).is_some_and(|last| seq <= last) {
                     return Applied::Unchanged;

@@ -603,6 +603,50 @@ fn reports_sum_roll_ups_by_any_dimension_and_cap_users_per_day() {
     assert_eq!(old.model("llama").prompt_tokens, 30);
 }
 
+#[test]
+fn a_spend_alert_is_recorded_once_and_old_days_are_dropped() {
+    let mut s = ClusterState::default();
+    let alert = |day: u64, threshold: &str| SpendAlert {
+        id: SpendAlert::id_of(day, "acme", "", threshold),
+        day,
+        tenant: "acme".into(),
+        threshold: threshold.into(),
+        ..SpendAlert::default()
+    };
+    let fire = |a| Command::FireAlert(a);
+    assert_eq!(
+        s.apply(&proposal(5, fire(alert(10, "80%")))),
+        Applied::Changed
+    );
+    // Another node (or a new leader) finding the same threshold crossed changes nothing.
+    assert_eq!(
+        s.apply(&proposal(6, fire(alert(10, "80%")))),
+        Applied::Unchanged
+    );
+    assert_eq!(s.alerts[&alert(10, "80%").id].fired_at_unix_ms, 5);
+    let delivered = |id: String| Command::AlertDelivered { id };
+    assert_eq!(
+        s.apply(&proposal(7, delivered(alert(10, "80%").id))),
+        Applied::Changed
+    );
+    assert_eq!(
+        s.apply(&proposal(8, delivered(alert(10, "80%").id))),
+        Applied::Unchanged
+    );
+    assert_eq!(s.alerts[&alert(10, "80%").id].delivered_at_unix_ms, Some(7));
+    assert_eq!(
+        s.apply(&proposal(9, delivered("nope".into()))),
+        Applied::NotFound
+    );
+    // Two days on, day 10's alerts go; day 11's stay.
+    s.apply(&proposal(10, fire(alert(11, "50%"))));
+    s.apply(&proposal(11, fire(alert(12, "50%"))));
+    assert_eq!(
+        s.alerts.keys().cloned().collect::<Vec<_>>(),
+        [alert(11, "50%").id, alert(12, "50%").id]
+    );
+}
+
 fn trip(provider: &str, expect_version: u64, groups: &[&[&str]]) -> Command {
     Command::SetBreaker {
         provider: provider.into(),

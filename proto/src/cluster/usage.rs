@@ -151,6 +151,20 @@ impl<'de> Deserialize<'de> for TenantDay {
     }
 }
 
+/// Day `day` since the Unix epoch (UTC) as YYYY-MM-DD.
+pub fn utc_date(day: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(
+        day.min(i64::MAX as u64 / 86_400) as i64 * 86_400,
+    )
+    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
+    )
+}
+
 /// One line of a usage report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportRow {
