@@ -1,7 +1,9 @@
 //! Traces of requests, through the OpenTelemetry API: a server span per request (the pipeline
 //! starts it when the request arrives and ends it where the request is recorded), joined to the
 //! client's W3C `traceparent`, and a client span per attempt at a provider, whose
-//! `traceparent` the upstream call carries (a vLLM that exports traces joins the trace).
+//! `traceparent` the upstream call carries (a vLLM that exports traces joins the trace). A call
+//! forwarded over the actor mesh carries its attempt's `traceparent` too: the owner's span of it
+//! is that attempt's child.
 //!
 //! The node installs the tracer provider and the W3C propagator when traces are on; without
 //! them nothing here runs (the gateway makes no span at all).
@@ -68,7 +70,6 @@ pub fn client_span(
     model: &Arc<str>,
     attempt: u32,
 ) -> (BoxedSpan, Option<String>) {
-    use opentelemetry::trace::Span;
     let span = tracer().build_with_context(
         SpanBuilder::from_name(format!("{operation} {model}"))
             .with_kind(SpanKind::Client)
@@ -80,17 +81,53 @@ pub fn client_span(
             ]),
         parent,
     );
-    // W3C trace context, written directly (the propagator would go through a map of headers).
+    let traceparent = traceparent_of(&span);
+    (span, traceparent)
+}
+
+/// Starts the server span of a call another node forwarded here over the actor mesh, a child of
+/// the forwarder's attempt (its `traceparent`), and the `traceparent` this node's upstream call
+/// carries: a forwarded call is one trace over both nodes (and the provider).
+pub fn forwarded_span(
+    traceparent: &str,
+    provider: &str,
+    model: &str,
+    stream: bool,
+) -> (BoxedSpan, Option<String>) {
+    let headers = TraceHeaders {
+        traceparent: Some(traceparent),
+        tracestate: None,
+    };
+    let parent = global::get_text_map_propagator(|p| p.extract(&headers));
+    let span = tracer().build_with_context(
+        SpanBuilder::from_name(format!("chat {model}"))
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.request.model", model.to_owned()),
+                KeyValue::new("gen_ai.request.stream", stream),
+                KeyValue::new("meridian.provider", provider.to_owned()),
+                KeyValue::new("meridian.forwarded", true),
+            ]),
+        &parent,
+    );
+    let traceparent = traceparent_of(&span);
+    (span, traceparent)
+}
+
+/// `span`'s W3C `traceparent`, written directly (the propagator would go through a map of
+/// headers); none for a span that is not recorded.
+fn traceparent_of(span: &BoxedSpan) -> Option<String> {
+    use opentelemetry::trace::Span;
     let sc = span.span_context();
-    let traceparent = sc.is_valid().then(|| {
+    sc.is_valid().then(|| {
         format!(
             "00-{}-{}-{:02x}",
             sc.trace_id(),
             sc.span_id(),
             sc.trace_flags().to_u8()
         )
-    });
-    (span, traceparent)
+    })
 }
 
 tokio::task_local! {

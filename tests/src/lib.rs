@@ -3,6 +3,7 @@
 //! The integration tests live in `tests/tests/`; the load benchmark in `src/bin/bench-gateway.rs`.
 
 pub mod mock;
+pub mod otlp;
 pub mod procs;
 
 use std::future::Future;

@@ -1196,3 +1196,110 @@ async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactl
     );
     assert!(!state.contains("\"delivered_at_unix_ms\":null"), "{state}");
 }
+
+/// A call forwarded over the actor mesh is one trace over two nodes: node 2 (which the client
+/// called) exports its server span, joined to the client's trace, and its attempt (a client
+/// span); node 1, which owns the replica, exports its span of the forwarded call as that
+/// attempt's child.
+#[tokio::test]
+async fn a_streamed_call_forwarded_over_the_mesh_is_one_trace_over_two_nodes() {
+    use meridian_tests::otlp::{Collector, attribute, hex};
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let (collector, otlp) = Collector::start().await.unwrap();
+    let traces = format!("[traces]\nendpoint = \"http://{otlp}\"\n");
+    let port = free_port().unwrap();
+    let mut h = Harness::new(27);
+    h.extra.insert(2, traces.clone());
+    h.extra.insert(3, traces.clone());
+    let key = boot_with_replica(
+        &mut h,
+        port,
+        &format!("[vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=5;itl_ms=5\"\n{traces}"),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let node2 = h.node(2).http();
+    h.wait_for("node 2 to route to node 1's replica", T, || {
+        let req = chat_as(
+            &client,
+            &node2,
+            &key,
+            r#"{"model":"llama-8b","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .send();
+        async move { req.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
+
+    let trace_id = "5af7183fb1d4cf5f0a6b1e2c3d4e5f60";
+    let client_span = "1a2b3c4d5e6f7081";
+    let resp = chat_as(
+        &client,
+        &node2,
+        &key,
+        r#"{"model":"llama-8b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("[DONE]"));
+
+    let of_trace = || {
+        collector
+            .by_node()
+            .into_iter()
+            .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+            .collect::<Vec<_>>()
+    };
+    let spans = h
+        .wait_for("the spans of both nodes", T, || {
+            let spans = of_trace();
+            let from = |node: &str, kind: SpanKind| {
+                spans
+                    .iter()
+                    .any(|(n, s)| n == node && s.kind == kind as i32)
+            };
+            let all = from("2", SpanKind::Server)
+                && from("2", SpanKind::Client)
+                && from("1", SpanKind::Server);
+            async move { all.then_some(spans) }
+        })
+        .await;
+    let find = |node: &str, kind: SpanKind| {
+        spans
+            .iter()
+            .find(|(n, s)| n == node && s.kind == kind as i32)
+            .map(|(_, s)| s)
+            .unwrap()
+    };
+    let (server, attempt, owner) = (
+        find("2", SpanKind::Server),
+        find("2", SpanKind::Client),
+        find("1", SpanKind::Server),
+    );
+    println!(
+        "trace {trace_id}: node 2 {} ← client; node 2 {} (attempt); node 1 {} (forwarded)",
+        server.name, attempt.name, owner.name
+    );
+    assert_eq!(hex(&server.parent_span_id), client_span);
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(
+        owner.parent_span_id, attempt.span_id,
+        "the owner's span is the forwarder's attempt's child"
+    );
+    assert_eq!(
+        attribute(owner, "meridian.forwarded").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        attribute(owner, "gen_ai.request.stream").as_deref(),
+        Some("true")
+    );
+    assert!(
+        attribute(owner, "meridian.provider").is_some_and(|p| p.starts_with("1/")),
+        "{owner:?}"
+    );
+    assert_eq!(attribute(server, "meridian.code").as_deref(), Some("ok"));
+}

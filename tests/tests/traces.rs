@@ -3,75 +3,16 @@
 //! and a client span per attempt at a provider, whose `traceparent` the provider receives.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_tests::mock::Flavor;
+use meridian_tests::otlp::{Collector, attribute, hex};
 use meridian_tests::{chat_body, node_with_mock, wait_until};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-
-/// A collector that keeps every span it is sent.
-#[derive(Default, Clone)]
-struct Collector(Arc<Mutex<Vec<Span>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|r| r.scope_spans)
-            .flat_map(|s| s.spans);
-        self.0.lock().unwrap().extend(spans);
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// The value of attribute `key` of `span`, as text.
-fn attribute(span: &Span, key: &str) -> Option<String> {
-    let value = span
-        .attributes
-        .iter()
-        .find(|a| a.key == key)?
-        .value
-        .as_ref()?;
-    Some(match value.value.as_ref()? {
-        Value::StringValue(s) => s.clone(),
-        Value::IntValue(i) => i.to_string(),
-        Value::DoubleValue(d) => d.to_string(),
-        Value::BoolValue(b) => b.to_string(),
-        other => format!("{other:?}"),
-    })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[tokio::test]
 async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (collector, addr) = Collector::start().await.unwrap();
     let (mock, node) = node_with_mock(
         Flavor::Vllm,
         &["m"],
@@ -104,7 +45,7 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         || {
             let collector = collector.clone();
             async move {
-                let spans = collector.0.lock().unwrap();
+                let spans = collector.spans();
                 spans.iter().any(|s| s.kind == SpanKind::Server as i32)
                     && spans.iter().any(|s| s.kind == SpanKind::Client as i32)
             }
@@ -112,7 +53,7 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     )
     .await
     .unwrap();
-    let spans = collector.0.lock().unwrap().clone();
+    let spans = collector.spans();
     let server = spans
         .iter()
         .find(|s| s.kind == SpanKind::Server as i32)

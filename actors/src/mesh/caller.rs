@@ -80,6 +80,7 @@ impl MeshUpstream {
             stream,
             wait_ms: limit.as_millis() as u64,
             body: &req.body,
+            traceparent: crate::trace::outgoing_traceparent(),
         });
         if bytes.len() + ENVELOPE > MAX_FRAME as usize {
             // Retriable: another provider may be reachable directly.

@@ -39,6 +39,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use super::wire::*;
 use crate::registry::Registry;
+use crate::trace;
 use crate::upstream::{Chunk, Phase, Upstream, UpstreamError};
 
 // ---------------------------------------------------------------------------------------------
@@ -161,20 +162,36 @@ impl Served {
             params,
             body: req.body,
         };
+        // The forwarder's attempt, when traced: this node's span of the call is its child, and
+        // the upstream call carries this span's own traceparent.
+        let (mut span, traceparent) = match req.traceparent.as_deref() {
+            Some(tp) => {
+                let (span, own) = trace::forwarded_span(tp, &req.provider, &req.model, req.stream);
+                (Some(span), own)
+            }
+            None => (None, None),
+        };
         let spec = &provider.spec;
         let wait = spec.queue_timeout.min(Duration::from_millis(req.wait_ms));
         let permit = match provider.acquire(Instant::now() + wait, None, 1).await {
             Ok(p) => p,
-            Err(e) => return failed(refusal(e)),
+            Err(e) => {
+                failed_span(&mut span, || e.to_string());
+                return failed(refusal(e));
+            }
         };
         let total = Instant::now() + spec.timeouts.total;
         if !req.stream {
-            let result = timeout_at(
-                total,
-                spec.upstream.complete(&request, &req.model, &spec.timeouts),
-            )
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
+            let result = trace::TRACEPARENT
+                .scope(
+                    traceparent,
+                    timeout_at(
+                        total,
+                        spec.upstream.complete(&request, &req.model, &spec.timeouts),
+                    ),
+                )
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
             drop(permit);
             provider.record(result.is_ok());
             return match result {
@@ -182,19 +199,27 @@ impl Served {
                     body: String::from_utf8_lossy(&c.body).into_owned(),
                     usage: c.usage,
                 },
-                Err(e) => failed(e.into()),
+                Err(e) => {
+                    failed_span(&mut span, || e.to_string());
+                    failed(e.into())
+                }
             };
         }
-        let opened = timeout_at(
-            total,
-            spec.upstream.stream(&request, &req.model, &spec.timeouts),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
+        let opened = trace::TRACEPARENT
+            .scope(
+                traceparent,
+                timeout_at(
+                    total,
+                    spec.upstream.stream(&request, &req.model, &spec.timeouts),
+                ),
+            )
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
         let mut upstream = match opened {
             Ok(s) => s,
             Err(e) => {
                 provider.record(false);
+                failed_span(&mut span, || e.to_string());
                 return failed(e.into());
             }
         };
@@ -202,6 +227,8 @@ impl Served {
         let counted = Arc::clone(&provider);
         let pump = tokio::spawn(async move {
             let _permit = permit;
+            // Ends with the stream (or when the forwarder's pulls stop and it is dropped).
+            let mut span = span;
             let mut ok = true;
             loop {
                 let next = timeout_at(total, upstream.next())
@@ -217,6 +244,9 @@ impl Served {
                     )));
                 }
                 let failed = item.is_err();
+                if let Err(e) = &item {
+                    failed_span(&mut span, || e.to_string());
+                }
                 ok &= !failed;
                 if tx.send(item).await.is_err() || failed {
                     break;
@@ -329,6 +359,14 @@ impl Served {
 
 /// A whole answer that would not fit in a frame (its body travels escaped, inside JSON) is
 /// refused: the session would otherwise close, failing every call between the two nodes.
+/// Marks a forwarded call's span failed, for the reason `why` tells.
+fn failed_span(span: &mut Option<opentelemetry::global::BoxedSpan>, why: impl FnOnce() -> String) {
+    if let Some(span) = span {
+        use opentelemetry::trace::Span;
+        span.set_status(opentelemetry::trace::Status::error(why()));
+    }
+}
+
 fn encode_answer(answer: &CallAnswer) -> Vec<u8> {
     let bytes = encode(answer);
     if bytes.len() + ENVELOPE <= MAX_FRAME as usize {
@@ -465,6 +503,7 @@ mod tests {
             stream,
             wait_ms,
             body,
+            traceparent: None,
         })
     }
 

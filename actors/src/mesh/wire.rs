@@ -63,6 +63,9 @@ pub(super) struct CallRequest<B> {
     pub(super) wait_ms: u64,
     /// The client's request as the forwarder validated it.
     pub(super) body: B,
+    /// The forwarder's attempt, when it is traced (W3C `traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) traceparent: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
