@@ -59,6 +59,8 @@ pub enum AppError {
     Serve(&'static str, String),
     #[error(transparent)]
     Calls(#[from] CallsError),
+    #[error(transparent)]
+    Export(#[from] crate::otlp::ExportError),
 }
 
 pub struct App {
@@ -77,6 +79,8 @@ pub struct App {
     commit_latency: Histogram,
     /// The trace exporter (`None`: traces off).
     traces: Option<crate::traces::Traces>,
+    /// The call records' OTLP exporter (`None`: not configured).
+    calls_otlp: Option<Arc<crate::otlp::OtlpCalls>>,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
     peering: Option<Peering>,
     /// The spend alert task (it acts while this node leads), and what it did.
@@ -106,11 +110,20 @@ impl App {
         let admin = bind("admin gRPC", config.admin_listen).await?;
         let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
         let commit_latency = crate::metrics::commit_histogram();
-        let traces = match &config.traces_endpoint {
-            Some(endpoint) => Some(
-                crate::traces::Traces::start(endpoint, config.node.id, &config.node.region)
-                    .map_err(|e| AppError::Actors(e.to_string()))?,
-            ),
+        let traces = match &config.traces {
+            Some(target) => Some(crate::traces::Traces::start(
+                target,
+                config.node.id,
+                &config.node.region,
+            )?),
+            None => None,
+        };
+        let calls_otlp = match &config.calls_otlp {
+            Some(target) => Some(Arc::new(crate::otlp::OtlpCalls::start(
+                target,
+                config.node.id,
+                &config.node.region,
+            )?)),
             None => None,
         };
         let calls = match config.calls_retention {
@@ -137,9 +150,23 @@ impl App {
             breaker_clock: WallClock::system(),
             label_caps: config.label_caps,
             traces: traces.is_some(),
-            call_log: calls
-                .as_ref()
-                .map(|c| Arc::clone(c) as Arc<dyn meridian_actors::calllog::CallLog>),
+            call_log: {
+                use meridian_actors::calllog::CallLog;
+                let sinks: Vec<Arc<dyn CallLog>> = [
+                    calls.as_ref().map(|c| Arc::clone(c) as Arc<dyn CallLog>),
+                    calls_otlp
+                        .as_ref()
+                        .map(|c| Arc::clone(c) as Arc<dyn CallLog>),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                match sinks.len() {
+                    0 => None,
+                    1 => sinks.into_iter().next(),
+                    _ => Some(Arc::new(crate::otlp::CallSinks(sinks)) as Arc<dyn CallLog>),
+                }
+            },
             region: config.node.region.clone(),
             aliases: config.aliases.clone(),
             awaited_models: config
@@ -208,6 +235,7 @@ impl App {
             calls,
             commit_latency,
             traces,
+            calls_otlp,
             peering,
             alerts: (alerts, alert_counts),
             http,
@@ -323,7 +351,10 @@ impl App {
                     self.vllm.clone(),
                     self.calls.clone(),
                     self.commit_latency.clone(),
-                    self.traces.as_ref().map(|t| Arc::clone(t.counts())),
+                    crate::metrics::Exports {
+                        spans: self.traces.as_ref().map(|t| Arc::clone(t.counts())),
+                        call_records: self.calls_otlp.as_ref().map(|c| Arc::clone(c.counts())),
+                    },
                     Arc::clone(&self.alerts.1),
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
@@ -382,6 +413,9 @@ impl App {
         self.cluster.shutdown().await;
         if let Some(traces) = &self.traces {
             traces.shutdown();
+        }
+        if let Some(calls) = &self.calls_otlp {
+            calls.shutdown();
         }
         if let Some(p) = self.peering {
             p.mesh.stop();

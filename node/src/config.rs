@@ -65,7 +65,9 @@ pub struct Config {
     /// How long the per-call log keeps a call (`None`: no per-call log).
     pub calls_retention: Option<Duration>,
     /// Where spans are exported (`None`: traces off).
-    pub traces_endpoint: Option<String>,
+    pub traces: Option<crate::otlp::Target>,
+    /// Where per-call records also go as OTLP log records (`None`: only the SQLite log).
+    pub calls_otlp: Option<crate::otlp::Target>,
     pub alerts: crate::alerts::AlertsConfig,
     pub drain_timeout: Duration,
     pub providers: Vec<ProviderConfig>,

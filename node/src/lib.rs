@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod metrics;
+pub mod otlp;
 pub mod ratelimit;
 pub mod respond;
 pub mod traces;

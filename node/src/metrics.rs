@@ -24,7 +24,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::alerts::AlertCounts;
 use crate::calls::SqliteCalls;
-use crate::traces::SpanCounts;
+use crate::otlp::ExportCounts;
 
 /// The content type of [`NodeMetrics::render`]'s text (OpenMetrics).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -45,7 +45,7 @@ impl NodeMetrics {
         vllm: Vllm,
         calls: Option<Arc<SqliteCalls>>,
         commit_latency: Histogram,
-        spans: Option<Arc<SpanCounts>>,
+        exports: Exports,
         alerts: Arc<AlertCounts>,
     ) -> Self {
         let mut registry = Registry::default();
@@ -61,7 +61,7 @@ impl NodeMetrics {
             cluster,
             vllm,
             calls,
-            spans,
+            exports,
             alerts,
         }));
         Self {
@@ -138,8 +138,15 @@ struct Live {
     cluster: ClusterNode,
     vllm: Vllm,
     calls: Option<Arc<SqliteCalls>>,
-    spans: Option<Arc<SpanCounts>>,
+    exports: Exports,
     alerts: Arc<AlertCounts>,
+}
+
+/// What the OTLP exporters' batches came to (each `None` when it is not configured).
+#[derive(Debug, Default)]
+pub struct Exports {
+    pub spans: Option<Arc<ExportCounts>>,
+    pub call_records: Option<Arc<ExportCounts>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -202,20 +209,31 @@ impl Collector for Live {
                 ],
             )?;
         }
-        if let Some(spans) = &self.spans {
-            family(
-                &mut e,
+        let exported = [
+            (
                 "meridian_trace_spans",
                 "Spans sent to the trace collector: exported, or failed (in a batch the collector did not take)",
-                MetricType::Counter,
-                [
-                    (
-                        [("result", "exported")],
-                        spans.exported.load(Ordering::Relaxed),
-                    ),
-                    ([("result", "failed")], spans.failed.load(Ordering::Relaxed)),
-                ],
-            )?;
+                &self.exports.spans,
+            ),
+            (
+                "meridian_call_records_exported",
+                "Per-call records sent to the OTLP collector as log records: exported, or failed (in a batch the collector did not take)",
+                &self.exports.call_records,
+            ),
+        ];
+        for (name, help, counts) in exported {
+            if let Some(c) = counts {
+                family(
+                    &mut e,
+                    name,
+                    help,
+                    MetricType::Counter,
+                    [
+                        ([("result", "exported")], c.exported.load(Ordering::Relaxed)),
+                        ([("result", "failed")], c.failed.load(Ordering::Relaxed)),
+                    ],
+                )?;
+            }
         }
         let alerts = &self.alerts;
         family(

@@ -1,12 +1,14 @@
 //! Traces: a node exporting to an OTLP/gRPC collector (here one in the test, on loopback) sends
 //! a server span per request, joined to the client's `traceparent`, with the GenAI attributes,
-//! and a client span per attempt at a provider, whose `traceparent` the provider receives.
+//! and a client span per attempt at a provider, whose `traceparent` the provider receives; the
+//! per-call records go to the collector too, as OTLP log records; over gRPC and over
+//! HTTP/protobuf.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::time::Duration;
 
 use meridian_tests::mock::Flavor;
-use meridian_tests::otlp::{Collector, attribute, hex};
+use meridian_tests::otlp::{Collector, attribute, hex, log_attribute};
 use meridian_tests::{chat_body, node_with_mock, wait_until};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
@@ -17,7 +19,9 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         Flavor::Vllm,
         &["m"],
         "",
-        &format!("[traces]\nendpoint = \"http://{addr}\"\n"),
+        &format!(
+            "[traces]\nendpoint = \"http://{addr}\"\n[calls]\notlp_endpoint = \"http://{addr}\"\n"
+        ),
     )
     .await
     .unwrap();
@@ -37,6 +41,7 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     let _ = resp.bytes().await.unwrap();
 
     wait_until(
@@ -116,4 +121,92 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         [format!("00-{trace_id}-{}-01", hex(&client.span_id))],
         "the traceparent the provider received"
     );
+    // The call's record, as an OTLP log record.
+    let of_call = || {
+        collector
+            .logs()
+            .into_iter()
+            .map(|(_, r)| r)
+            .find(|r| log_attribute(r, "meridian.request_id").as_deref() == Some(&request_id))
+    };
+    wait_until("the call's log record", Duration::from_secs(15), || async {
+        of_call().is_some()
+    })
+    .await
+    .unwrap();
+    let record = of_call().unwrap();
+    for (key, want) in [
+        ("meridian.code", "ok"),
+        ("meridian.tenant", "dev"),
+        ("meridian.provider", "mock"),
+        ("gen_ai.request.model", "m"),
+        ("gen_ai.request.stream", "true"),
+        ("meridian.edge", "http"),
+    ] {
+        assert_eq!(
+            log_attribute(&record, key).as_deref(),
+            Some(want),
+            "{key}: {record:?}"
+        );
+    }
+    assert!(log_attribute(&record, "gen_ai.usage.output_tokens").is_some());
+    // The node counts the records it exported.
+    wait_until(
+        "the records' export counted",
+        Duration::from_secs(10),
+        || async {
+            node.metrics().await.lines().any(|l| {
+                l.strip_prefix(r#"meridian_call_records_exported_total{result="exported"} "#)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|n| n >= 1)
+            })
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The same over OTLP/HTTP with protobuf bodies: spans to `/v1/traces`, call records to
+/// `/v1/logs` (the collector refuses anything but `application/x-protobuf`).
+#[tokio::test]
+async fn spans_and_call_records_go_over_http_protobuf_too() {
+    let (collector, addr) = Collector::start_http().await.unwrap();
+    let (_mock, node) = node_with_mock(
+        Flavor::Vllm,
+        &["m"],
+        "",
+        &format!(
+            "[traces]\nendpoint = \"http://{addr}\"\nprotocol = \"http/protobuf\"\n\
+             [calls]\notlp_endpoint = \"http://{addr}\"\notlp_protocol = \"http/protobuf\"\n"
+        ),
+    )
+    .await
+    .unwrap();
+    let resp = node
+        .chat_request()
+        .header("content-type", "application/json")
+        .body(chat_body("m", false, ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    wait_until(
+        "a span and the call's record",
+        Duration::from_secs(15),
+        || async {
+            let span = collector
+                .spans()
+                .iter()
+                .any(|s| s.kind == SpanKind::Server as i32 && s.name == "chat m");
+            let record = collector.logs().iter().any(|(_, r)| {
+                log_attribute(r, "meridian.request_id").as_deref() == Some(&request_id)
+            });
+            span && record
+        },
+    )
+    .await
+    .unwrap();
+    let (node_id, _) = &collector.logs()[0];
+    assert!(!node_id.is_empty(), "records carry the node's resource");
 }

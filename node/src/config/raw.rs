@@ -241,6 +241,8 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawTraces {
     pub endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf`.
+    pub protocol: Option<String>,
 }
 
 /// `[alerts]`: spend alerts.
@@ -264,6 +266,11 @@ pub struct RawAlerts {
 pub struct RawCalls {
     pub enabled: Option<bool>,
     pub retention_days: Option<i64>,
+    /// Where the records also go as OTLP log records (else `OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT`; none: only the SQLite log).
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf`.
+    pub otlp_protocol: Option<String>,
 }
 
 /// `[metrics]`: how many tenants and features name their own series.

@@ -569,15 +569,37 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             10_000,
         ) as usize,
     };
-    let traces_endpoint = crate::traces::endpoint(raw.traces.endpoint.as_deref(), &|k| env.get(k));
-    if let Some(ep) = &traces_endpoint
-        && !(ep.starts_with("http://") || ep.starts_with("https://"))
-    {
-        e.push(
-            "traces.endpoint",
-            format!("{ep:?} is not an http:// or https:// URL of an OTLP/gRPC collector"),
-        );
-    }
+    let mut otlp =
+        |signal: &str, endpoint: &Option<String>, protocol: &Option<String>, path: [&str; 2]| {
+            let field = |problem: &str| {
+                if problem.contains("grpc or") {
+                    path[1]
+                } else {
+                    path[0]
+                }
+            };
+            match crate::otlp::target(endpoint.as_deref(), protocol.as_deref(), signal, &|k| {
+                env.get(k)
+            }) {
+                Ok(t) => t,
+                Err(problem) => {
+                    e.push(field(&problem), problem);
+                    None
+                }
+            }
+        };
+    let traces = otlp(
+        "TRACES",
+        &raw.traces.endpoint,
+        &raw.traces.protocol,
+        ["traces.endpoint", "traces.protocol"],
+    );
+    let calls_otlp = otlp(
+        "LOGS",
+        &raw.calls.otlp_endpoint,
+        &raw.calls.otlp_protocol,
+        ["calls.otlp_endpoint", "calls.otlp_protocol"],
+    );
     let retention_days = int(
         &mut e,
         "calls.retention_days",
@@ -653,7 +675,8 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         limits,
         label_caps,
         calls_retention,
-        traces_endpoint,
+        traces,
+        calls_otlp,
         alerts,
         drain_timeout,
         providers,
