@@ -158,6 +158,8 @@ struct Summary {
     price: Option<Rates>,
     /// The prompt's tokens as estimated at admission (0: not admitted against limits).
     prompt_estimate: u64,
+    /// The choices' `finish_reason`s, read only for a traced request (for its span).
+    finish_reasons: Vec<String>,
 }
 
 impl Summary {
@@ -180,6 +182,7 @@ impl Summary {
             span: None,
             price: None,
             prompt_estimate: 0,
+            finish_reasons: Vec::new(),
         }
     }
 }
@@ -334,6 +337,28 @@ fn record(
     cost_micro_usd
 }
 
+/// Adds the `finish_reason`s of an answer's (or a stream chunk's) choices to `into`. Read only
+/// for a traced request: a second, partial parse of JSON the relay already probed.
+fn finish_reasons(json: &[u8], into: &mut Vec<String>) {
+    #[derive(serde::Deserialize)]
+    struct Choices<'a> {
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        finish_reason: Option<Cow<'a, str>>,
+    }
+    if let Ok(c) = serde_json::from_slice::<Choices<'_>>(json) {
+        into.extend(
+            (c.choices.into_iter())
+                .filter_map(|c| c.finish_reason)
+                .map(Cow::into_owned),
+        );
+    }
+}
+
 /// Ends a request's server span with what it came to (GenAI attributes and Meridian's own).
 fn end_span(
     mut span: BoxedSpan,
@@ -385,6 +410,13 @@ fn end_span(
             first.as_secs_f64(),
         ));
     }
+    if !s.finish_reasons.is_empty() {
+        let reasons = s.finish_reasons.iter().cloned().map(Into::into).collect();
+        attributes.push(KeyValue::new(
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(opentelemetry::Array::String(reasons)),
+        ));
+    }
     if let Ending::Failed(e) = ending {
         attributes.push(text("error.type", code.to_owned()));
         span.set_status(Status::error(e.message.clone()));
@@ -420,6 +452,9 @@ impl Gateway {
                 recorded: false,
             })),
             Ok(Reached::Complete(body)) => {
+                if summary.span.is_some() {
+                    finish_reasons(&body, &mut summary.finish_reasons);
+                }
                 let cost = record(recorder, summary, Ending::Complete, extras.usage, None);
                 cost_micro_usd = Some(cost);
                 Ok(Answer::Complete(body))
@@ -562,6 +597,13 @@ impl Stream for ServedStream {
         let piece = std::task::ready!(this.relay.poll_next_unpin(cx));
         if this.first_chunk.is_none() && piece.as_ref().is_some_and(|p| !p.chunks.is_empty()) {
             this.first_chunk = Some(Instant::now());
+        }
+        if this.summary.span.is_some()
+            && let Some(p) = &piece
+        {
+            for chunk in &p.chunks {
+                finish_reasons(chunk, &mut this.summary.finish_reasons);
+            }
         }
         match piece.as_ref().map(|p| &p.end) {
             Some(None) => {}

@@ -94,6 +94,10 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     ] {
         assert!(attribute(server, key).is_some(), "{key}: {server:?}");
     }
+    assert!(
+        attribute(server, "gen_ai.response.finish_reasons").is_some_and(|r| r.contains("\"stop\"")),
+        "{server:?}"
+    );
     let client = spans
         .iter()
         .find(|s| s.kind == SpanKind::Client as i32)
