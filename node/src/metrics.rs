@@ -520,6 +520,22 @@ impl Live {
             MetricType::Gauge,
             replicas.iter().map(|r| (of(r), r.kv_cache_usage)),
         )?;
+        // The engine's own time to first token, as its histogram's sum and count (the mean
+        // over an interval: rate of the one over rate of the other).
+        family(
+            e,
+            "meridian_vllm_replica_time_to_first_token_seconds",
+            "The engine's own time to first token, summed (its /metrics; restarts with the process)",
+            MetricType::Counter,
+            replicas.iter().map(|r| (of(r), r.ttft_seconds_sum)),
+        )?;
+        family(
+            e,
+            "meridian_vllm_replica_first_tokens",
+            "First tokens the engine timed (its /metrics; restarts with the process)",
+            MetricType::Counter,
+            replicas.iter().map(|r| (of(r), r.first_tokens)),
+        )?;
         Ok(())
     }
 }

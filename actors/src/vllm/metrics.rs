@@ -16,6 +16,10 @@ pub struct EngineMetrics {
     /// `vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total` (tokens).
     pub prefix_cache_queries: f64,
     pub prefix_cache_hits: f64,
+    /// `vllm:time_to_first_token_seconds` (a histogram): its sum and count, the engine's own
+    /// time to first token since it started.
+    pub ttft_seconds_sum: f64,
+    pub ttft_count: f64,
 }
 
 impl EngineMetrics {
@@ -44,6 +48,8 @@ impl EngineMetrics {
                 "vllm:prefix_cache_hits_total" | "vllm:gpu_prefix_cache_hits_total" => {
                     m.prefix_cache_hits += value;
                 }
+                "vllm:time_to_first_token_seconds_sum" => m.ttft_seconds_sum += value,
+                "vllm:time_to_first_token_seconds_count" => m.ttft_count += value,
                 _ => {}
             }
         }
@@ -109,6 +115,9 @@ vllm:generation_tokens_created{engine=\"0\",model_name=\"llama-8b\"} 1.7637e+09
 vllm:prefix_cache_queries_total{engine=\"0\",model_name=\"llama-8b\"} 1000.0
 vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"llama-8b\"} 250.0
 vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"+Inf\",model_name=\"llama-8b\"} 42.0
+vllm:time_to_first_token_seconds_sum{engine=\"0\",model_name=\"llama-8b\"} 6.3
+vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"llama-8b\"} 42.0
+vllm:time_to_first_token_seconds_count{engine=\"1\",model_name=\"llama-8b\"} 8.0
 vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1.7637e+09
 ";
         let m = EngineMetrics::parse(text);
@@ -117,6 +126,7 @@ vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"a,b\",waiting_lor
         assert_eq!(m.kv_cache_usage, 0.63);
         assert_eq!(m.generation_tokens, 18234.0);
         assert_eq!(m.prefix_cache_hit_rate(), 0.25);
+        assert_eq!((m.ttft_seconds_sum, m.ttft_count), (6.3, 50.0));
     }
 
     #[test]
