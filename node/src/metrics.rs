@@ -212,7 +212,7 @@ impl Collector for Live {
         let exported = [
             (
                 "meridian_trace_spans",
-                "Spans sent to the trace collector: exported, or failed (in a batch the collector did not take)",
+                "Spans for the trace collector: exported, failed (in a batch the collector did not take), or dropped (the queue was full)",
                 &self.exports.spans,
             ),
             (
@@ -231,6 +231,7 @@ impl Collector for Live {
                     [
                         ([("result", "exported")], c.exported.load(Ordering::Relaxed)),
                         ([("result", "failed")], c.failed.load(Ordering::Relaxed)),
+                        ([("result", "dropped")], c.dropped.load(Ordering::Relaxed)),
                     ],
                 )?;
             }

@@ -113,11 +113,13 @@ pub struct ExportError {
     pub source: opentelemetry_otlp::ExporterBuildError,
 }
 
-/// Records in batches the collector took, and in batches it did not.
+/// Records in batches the collector took, in batches it did not, and records dropped before
+/// export because the queue was full (the collector slow or gone).
 #[derive(Debug, Default)]
 pub struct ExportCounts {
     pub exported: AtomicU64,
     pub failed: AtomicU64,
+    pub dropped: AtomicU64,
 }
 
 impl ExportCounts {

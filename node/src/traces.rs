@@ -7,11 +7,13 @@
 //!
 //! Export never holds up a request: spans are batched on the runtime and sent in the
 //! background; when the collector is slow or gone, the batch queue (2,048 spans) fills and
-//! further spans are dropped, not waited for. Spans in batches the collector did not take are
-//! counted ([`ExportCounts`], `meridian_trace_spans_total{result}` in `/metrics`); spans the SDK
-//! dropped from a full queue are only logged by it.
+//! further spans are dropped, not waited for. Spans exported, spans in batches the collector did
+//! not take, and spans dropped from the full queue are counted ([`ExportCounts`],
+//! `meridian_trace_spans_total{result}` in `/metrics`): the SDK's batch processor only logs its
+//! drops, so [`Bounded`] keeps the queue's bound in front of it and counts them itself.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use opentelemetry_otlp::WithExportConfig;
@@ -20,15 +22,22 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, SpanData, SpanExporter, SpanProcessor};
 
 use crate::otlp::{ExportCounts, ExportError, Protocol, Target};
 
-/// An exporter that counts what its batches came to.
+/// Spans handed to the batch processor and not yet through an export.
+#[derive(Debug, Default)]
+struct Queue {
+    held: AtomicUsize,
+}
+
+/// An exporter that counts what its batches came to (and lets the [`Queue`] know).
 #[derive(Debug)]
 struct Counted<E> {
     inner: E,
     counts: Arc<ExportCounts>,
+    queue: Arc<Queue>,
 }
 
 impl<E: SpanExporter> SpanExporter for Counted<E> {
@@ -36,6 +45,7 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         let n = batch.len();
         let sent = self.inner.export(batch).await;
         self.counts.count(n, &sent);
+        self.queue.held.fetch_sub(n, Ordering::Relaxed);
         sent
     }
 
@@ -45,6 +55,44 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 
     fn force_flush(&self) -> OTelSdkResult {
         self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The batch processor behind a bound of its own: a span that finds `limit` spans queued (or
+/// being exported) is dropped and counted. The processor's own queue is twice as long, so it
+/// never drops first.
+#[derive(Debug)]
+struct Bounded<P> {
+    inner: P,
+    queue: Arc<Queue>,
+    limit: usize,
+    counts: Arc<ExportCounts>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.queue.held.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.queue.held.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -83,14 +131,32 @@ impl Traces {
             source,
         })?;
         let counts = Arc::new(ExportCounts::default());
+        let queue = Arc::new(Queue::default());
         let exporter = Counted {
             inner: exporter,
             counts: Arc::clone(&counts),
+            queue: Arc::clone(&queue),
         };
-        let batches =
-            BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+        // The standard variable's bound (or the SDK's default), kept by `Bounded`.
+        let limit = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(2_048);
+        let batches = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(limit * 2)
+                    .build(),
+            )
+            .build();
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(batches)
+            .with_span_processor(Bounded {
+                inner: batches,
+                queue,
+                limit,
+                counts: Arc::clone(&counts),
+            })
             .with_resource(crate::otlp::resource(node, region))
             .build();
         opentelemetry::global::set_tracer_provider(provider.clone());
@@ -108,5 +174,72 @@ impl Traces {
         if let Err(e) = self.provider.shutdown() {
             tracing::warn!(error = %e, "traces could not all be sent at shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use opentelemetry::trace::{SpanContext, SpanKind, Status};
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+
+    use super::*;
+
+    /// A processor that keeps what it is handed (and never exports).
+    #[derive(Debug, Default)]
+    struct Keeps(Mutex<usize>);
+
+    impl SpanProcessor for Keeps {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, _: SpanData) {
+            *self.0.lock().unwrap() += 1;
+        }
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    fn span() -> SpanData {
+        SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: opentelemetry::trace::SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "chat m".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    #[test]
+    fn spans_past_the_queues_bound_are_dropped_and_counted() {
+        let counts = Arc::new(ExportCounts::default());
+        let queue = Arc::new(Queue::default());
+        let bounded = Bounded {
+            inner: Keeps::default(),
+            queue: Arc::clone(&queue),
+            limit: 3,
+            counts: Arc::clone(&counts),
+        };
+        for _ in 0..5 {
+            bounded.on_end(span());
+        }
+        assert_eq!(*bounded.inner.0.lock().unwrap(), 3);
+        assert_eq!(counts.dropped.load(Ordering::Relaxed), 2);
+        // An export that went through (or failed) makes room again.
+        queue.held.fetch_sub(3, Ordering::Relaxed);
+        bounded.on_end(span());
+        assert_eq!(*bounded.inner.0.lock().unwrap(), 4);
+        assert_eq!(counts.dropped.load(Ordering::Relaxed), 2);
     }
 }
