@@ -164,6 +164,8 @@ impl JwtVerifier {
         v.set_issuer(&[&self.settings.issuer]);
         v.set_audience(&[&self.settings.audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        // A token whose `nbf` is still ahead (beyond the leeway) is not valid yet.
+        v.validate_nbf = true;
         v.leeway = self.settings.leeway.as_secs();
         let data = decode::<Map<String, Value>>(token, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
@@ -197,6 +199,17 @@ impl JwtVerifier {
                 format!("the token has no `{}` claim", self.settings.tenant_claim),
             )
         })?;
+        // The tenant names ledger keys and roll-ups (`tenant/<t>/…`): only a name an admin could
+        // have given a tenant is taken.
+        if let Some(problem) = meridian_proto::convert::invalid_name(tenant) {
+            return Err(refused(
+                "invalid_claim",
+                format!(
+                    "the token's `{}` claim: {problem}",
+                    self.settings.tenant_claim
+                ),
+            ));
+        }
         Ok(Principal {
             tenant: tenant.into(),
             key_id: None,
@@ -290,6 +303,18 @@ mod tests {
         let mut c = claims();
         c.as_object_mut().expect("object").remove("tenant");
         assert_eq!(code(v.verify(&hs256(&c))), "missing_claim");
+        // Not valid before a minute from now (the leeway is 5 s); within the leeway it is.
+        let mut c = claims();
+        c["nbf"] = json!(now() + 60);
+        assert_eq!(code(v.verify(&hs256(&c))), "token_not_yet_valid");
+        c["nbf"] = json!(now() + 2);
+        assert!(v.verify(&hs256(&c)).is_ok());
+        // A tenant claim that could reach into another scope's keys, or is no name at all.
+        for bad in ["acme/user/x", "", "a b", &"x".repeat(65)] {
+            let mut c = claims();
+            c["tenant"] = json!(bad);
+            assert_eq!(code(v.verify(&hs256(&c))), "invalid_claim", "{bad:?}");
+        }
         let forged = encode(
             &Header::default(),
             &claims(),
