@@ -1,7 +1,9 @@
-//! The exact response cache of a node: bounded, with a TTL, keyed by tenant + model + the
-//! normalised request. Only deterministic requests are cached (temperature 0, or a seed, or the
-//! client opts in), only whole (non-streamed) answers are stored, and a tenant never sees
-//! another tenant's entries (the tenant is part of the key).
+//! The exact response cache of a node: bounded in entries and in bytes, with a TTL, keyed by
+//! tenant + model + the normalised request (+ the complexity a virtual model was asked with).
+//! Only deterministic requests are cached (temperature 0, or a seed, or the client opts in), only
+//! whole (non-streamed) answers are stored, and a tenant never sees another tenant's entries
+//! (the tenant is part of the key). A hit is still admitted (see the pipeline): the tenant must
+//! still be allowed the model, and it counts against its request limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -19,6 +21,8 @@ pub struct CacheConfig {
     pub ttl: Duration,
     /// Answers larger than this are not kept.
     pub max_body_bytes: usize,
+    /// Most bytes of answers kept in all (the oldest go first).
+    pub max_bytes: usize,
 }
 
 impl Default for CacheConfig {
@@ -27,6 +31,7 @@ impl Default for CacheConfig {
             max_entries: 10_000,
             ttl: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
+            max_bytes: 256 << 20,
         }
     }
 }
@@ -42,6 +47,8 @@ struct Inner {
     entries: HashMap<[u8; 32], (Instant, Bytes)>,
     /// Insertion order, for eviction when full.
     order: VecDeque<[u8; 32]>,
+    /// Bytes of the answers kept.
+    bytes: usize,
     hits: u64,
     misses: u64,
 }
@@ -61,7 +68,12 @@ impl ResponseCache {
     /// The key of `request` from `tenant`, if it may be cached: deterministic (temperature 0 or
     /// a seed) or `opt_in`, and one choice. Streaming flags are not part of the key, so a
     /// stream can be answered from a whole answer.
-    pub fn key(tenant: &str, request: &ChatRequest, opt_in: bool) -> Option<CacheKey> {
+    pub fn key(
+        tenant: &str,
+        request: &ChatRequest,
+        opt_in: bool,
+        complexity: Option<&str>,
+    ) -> Option<CacheKey> {
         let p = &request.params;
         let deterministic = p.temperature == Some(0.0) || p.seed.is_some();
         if !(deterministic || opt_in) || p.n.unwrap_or(1) != 1 {
@@ -78,6 +90,10 @@ impl ResponseCache {
         let mut h = Sha256::new();
         h.update((tenant.len() as u64).to_be_bytes());
         h.update(tenant.as_bytes());
+        // The complexity a client names picks the model behind a virtual one.
+        let complexity = complexity.unwrap_or("");
+        h.update((complexity.len() as u64).to_be_bytes());
+        h.update(complexity.as_bytes());
         h.update(normalised);
         Some(CacheKey(h.finalize().into()))
     }
@@ -93,25 +109,34 @@ impl ResponseCache {
             inner.hits += 1;
         } else {
             inner.misses += 1;
-            inner.entries.remove(&key.0);
+            if let Some((_, gone)) = inner.entries.remove(&key.0) {
+                inner.bytes -= gone.len();
+            }
         }
         found
     }
 
     pub fn put(&self, key: CacheKey, body: Bytes) {
-        if body.len() > self.config.max_body_bytes || self.config.max_entries == 0 {
+        let size = body.len();
+        if size > self.config.max_body_bytes.min(self.config.max_bytes)
+            || self.config.max_entries == 0
+        {
             return;
         }
         let mut inner = self.lock();
         let expires = Instant::now() + self.config.ttl;
-        if inner.entries.insert(key.0, (expires, body)).is_none() {
-            inner.order.push_back(key.0);
+        inner.bytes += size;
+        match inner.entries.insert(key.0, (expires, body)) {
+            None => inner.order.push_back(key.0),
+            Some((_, old)) => inner.bytes -= old.len(),
         }
-        while inner.entries.len() > self.config.max_entries {
+        while inner.entries.len() > self.config.max_entries || inner.bytes > self.config.max_bytes {
             let Some(oldest) = inner.order.pop_front() else {
                 break;
             };
-            inner.entries.remove(&oldest);
+            if let Some((_, gone)) = inner.entries.remove(&oldest) {
+                inner.bytes -= gone.len();
+            }
         }
         // Keep the order queue from growing with entries that expired and were removed.
         if inner.order.len() > 2 * self.config.max_entries {
@@ -187,24 +212,24 @@ mod tests {
             r#"{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"x"}]}"#,
         );
         let random = request(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#);
-        assert!(ResponseCache::key("a", &random, false).is_none());
-        assert!(ResponseCache::key("a", &random, true).is_some());
+        assert!(ResponseCache::key("a", &random, false, None).is_none());
+        assert!(ResponseCache::key("a", &random, true, None).is_some());
         assert_eq!(
-            ResponseCache::key("a", &det, false),
-            ResponseCache::key("a", &streamed, false),
+            ResponseCache::key("a", &det, false, None),
+            ResponseCache::key("a", &streamed, false, None),
             "streaming does not change the answer"
         );
         assert_ne!(
-            ResponseCache::key("a", &det, false),
-            ResponseCache::key("b", &det, false)
+            ResponseCache::key("a", &det, false, None),
+            ResponseCache::key("b", &det, false, None)
         );
         let cache = ResponseCache::new(CacheConfig {
             max_entries: 1,
             ..CacheConfig::default()
         });
         let (ka, kb) = (
-            ResponseCache::key("a", &det, false).expect("key"),
-            ResponseCache::key("b", &det, false).expect("key"),
+            ResponseCache::key("a", &det, false, None).expect("key"),
+            ResponseCache::key("b", &det, false, None).expect("key"),
         );
         cache.put(ka, Bytes::from_static(b"A"));
         assert_eq!(cache.get(ka).as_deref(), Some(&b"A"[..]));
@@ -212,6 +237,37 @@ mod tests {
         cache.put(kb, Bytes::from_static(b"B"));
         assert_eq!(cache.get(ka), None, "bounded: the oldest went");
         assert_eq!(cache.counts(), (1, 2));
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes_and_keyed_by_the_complexity_asked() {
+        let det = request(
+            r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        assert_ne!(
+            ResponseCache::key("a", &det, false, Some("hard")),
+            ResponseCache::key("a", &det, false, Some("easy")),
+            "another complexity, another model behind `auto`"
+        );
+        let cache = ResponseCache::new(CacheConfig {
+            max_bytes: 10,
+            ..CacheConfig::default()
+        });
+        let key = |n: &str| ResponseCache::key("a", &det, false, Some(n)).expect("a key");
+        cache.put(key("1"), Bytes::from_static(b"12345"));
+        cache.put(key("2"), Bytes::from_static(b"12345"));
+        cache.put(key("3"), Bytes::from_static(b"123"));
+        assert_eq!(cache.get(key("1")), None, "over 10 bytes: the oldest went");
+        assert!(cache.get(key("2")).is_some() && cache.get(key("3")).is_some());
+        cache.put(key("4"), Bytes::from_static(b"12345678901"));
+        assert_eq!(
+            cache.get(key("4")),
+            None,
+            "larger than the whole cache: not kept"
+        );
+        // Replacing an entry counts its new size only.
+        cache.put(key("3"), Bytes::from_static(b"1"));
+        assert!(cache.get(key("2")).is_some() && cache.get(key("3")).is_some());
     }
 
     #[test]

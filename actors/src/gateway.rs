@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meridian_proto::cluster::{ClusterState, Limits};
 use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
-use meridian_proto::{ApiError, ErrorKind};
+use meridian_proto::{ApiError, ErrorKind, RequestId};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -34,7 +34,7 @@ use crate::supervisor::{
 };
 use meridian_policy::clock::WallClock;
 use meridian_policy::cost::Rates;
-use meridian_policy::route::{self, Alias, Candidate, Gate, Load, NoRoute, Signals};
+use meridian_policy::route::{self, Alias, Candidate, Complexity, Gate, Load, NoRoute, Signals};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -274,6 +274,7 @@ impl Gateway {
         principal: Option<&Principal>,
         request: &ChatRequest,
         feature: Option<&str>,
+        cache_hit: bool,
     ) -> Result<Option<Reservation>, ApiError> {
         let (Some((quota, _)), Some(principal), Some(cluster)) =
             (&self.inner.quota, principal, &self.inner.cluster)
@@ -346,10 +347,19 @@ impl Gateway {
                 .unwrap_or_default()
         });
         let price = self.inner.prices.get(request.model()).copied();
-        let estimate = Estimate {
-            prompt: estimate::prompt_tokens(request, tokenizer),
-            completion: estimate::completion_reserve(request),
-            price,
+        let estimate = if cache_hit {
+            // Answered from the cache: a request, no tokens, no cost.
+            Estimate {
+                prompt: 0,
+                completion: 0,
+                price: None,
+            }
+        } else {
+            Estimate {
+                prompt: estimate::prompt_tokens(request, tokenizer),
+                completion: estimate::completion_reserve(request),
+                price,
+            }
         };
         quota.admit(&scopes[..kept], estimate).await.map(Some)
     }
@@ -361,10 +371,11 @@ impl Gateway {
         principal: Option<&Principal>,
         request: &ChatRequest,
         opt_in: bool,
+        complexity: Option<Complexity>,
     ) -> Option<CacheKey> {
         self.inner.cache.as_ref()?;
         let tenant = principal.map_or("", |p| &p.tenant);
-        ResponseCache::key(tenant, request, opt_in)
+        ResponseCache::key(tenant, request, opt_in, complexity.map(Complexity::as_str))
     }
 
     /// A cached answer, if there is one (recorded as a free request: no tokens, no cost).
@@ -462,7 +473,8 @@ impl Gateway {
         }
         let tenant = self.tenant_rules(ctx.principal.as_ref());
         ctx.weight = tenant.weight;
-        let (routes, ejected) = match self.route(&request, &ctx, &tenant) {
+        let (routes, ejected) = match self.route(&request, ctx.complexity, &ctx.request_id, &tenant)
+        {
             Ok(r) => r,
             Err(e) => return unrouted(e),
         };
@@ -500,7 +512,8 @@ impl Gateway {
     fn route(
         &self,
         request: &ChatRequest,
-        ctx: &RequestContext,
+        complexity: Option<Complexity>,
+        request_id: &RequestId,
         tenant: &TenantRules,
     ) -> Result<(Vec<Route>, usize), ApiError> {
         let model = request.model();
@@ -530,11 +543,11 @@ impl Gateway {
                             .get("tools")
                             .and_then(|t| t.as_array())
                             .is_some_and(|t| !t.is_empty()),
-                        explicit: ctx.complexity,
+                        explicit: complexity,
                     },
                 );
                 tracing::debug!(
-                    request_id = %ctx.request_id,
+                    request_id = %request_id,
                     alias = model,
                     complexity = complexity.as_str(),
                     "virtual model resolved"
@@ -606,6 +619,23 @@ impl Gateway {
             .with_code("circuit_open")
             .with_retry_after(Duration::from_secs(1)),
         })
+    }
+
+    /// Whether a cached answer to `request` may be served to `principal`: the model is still
+    /// served, the tenant may call it, and one of its providers is in the tenant's regions (open
+    /// breakers aside: a cached answer needs no provider).
+    pub(crate) fn may_serve_cached(
+        &self,
+        principal: Option<&Principal>,
+        request: &ChatRequest,
+        complexity: Option<Complexity>,
+        request_id: &RequestId,
+    ) -> Result<(), ApiError> {
+        let tenant = self.tenant_rules(principal);
+        match self.route(request, complexity, request_id, &tenant) {
+            Err(e) if e.code.as_deref() != Some("circuit_open") => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// What the caller's tenant record says about routing it (no restriction, weight 1, for

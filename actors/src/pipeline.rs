@@ -496,21 +496,52 @@ impl Gateway {
             summary.user = request.params.user.as_deref().map(Arc::from);
         }
         summary.stream = request.stream();
-        let cache_key = self.cache_key(principal.as_ref(), &request, options.cache);
-        if let Some(key) = cache_key {
-            if let Some(completion) = self.cache_get(key) {
-                // A hit is free: no admission, no provider.
-                served.cache = Some(CacheOutcome::Hit);
-                return Ok(Reached::Cached(CacheHit {
-                    completion,
-                    stream: request.stream(),
-                    include_usage: request.include_usage(),
-                }));
+        let cache_key = self.cache_key(
+            principal.as_ref(),
+            &request,
+            options.cache,
+            options.complexity,
+        );
+        let hit = cache_key.and_then(|key| self.cache_get(key));
+        if let Some(completion) = hit {
+            // A hit needs no provider, but the tenant must still be allowed the model here,
+            // and it counts against its request limits (a request, no tokens, no cost).
+            self.may_serve_cached(
+                principal.as_ref(),
+                &request,
+                options.complexity,
+                &call.request_id,
+            )?;
+            let admitted = self
+                .admit(
+                    principal.as_ref(),
+                    &request,
+                    options.feature.as_deref(),
+                    true,
+                )
+                .await;
+            self.metrics().quota_decision(&admitted);
+            if let Some(r) = &mut admitted? {
+                served.rate_limits = std::mem::take(&mut r.rate_limits);
             }
+            summary.feature = options.feature;
+            served.cache = Some(CacheOutcome::Hit);
+            return Ok(Reached::Cached(CacheHit {
+                completion,
+                stream: request.stream(),
+                include_usage: request.include_usage(),
+            }));
+        }
+        if cache_key.is_some() {
             served.cache = Some(CacheOutcome::Miss);
         }
         let admitted = self
-            .admit(principal.as_ref(), &request, options.feature.as_deref())
+            .admit(
+                principal.as_ref(),
+                &request,
+                options.feature.as_deref(),
+                false,
+            )
             .await;
         self.metrics().quota_decision(&admitted);
         let mut reservation = admitted?;

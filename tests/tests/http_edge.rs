@@ -1071,13 +1071,13 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
 }
 
 #[tokio::test]
-async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
+async fn deterministic_answers_are_cached_per_tenant_and_hits_obey_the_tenants_rules() {
     meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
     n.put_tier(tier(
-        "one",
+        "three",
         pb::Limits {
-            requests_per_minute: Some(1),
+            requests_per_minute: Some(3),
             ..pb::Limits::default()
         },
     ))
@@ -1088,7 +1088,7 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
         keys.push(
             n.tenant_with_key(pb::Tenant {
                 id: tenant.into(),
-                tier: "one".into(),
+                tier: "three".into(),
                 ..pb::Tenant::default()
             })
             .await
@@ -1106,7 +1106,7 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
     assert_eq!(first.headers()["x-meridian-cache"], "miss");
     let first_body: Value = first.json().await.expect("json");
     assert_eq!(served(), 1);
-    // Again: from the cache, free (the tenant's one request a minute is already spent).
+    // Again: from the cache, free of tokens, but a request all the same.
     let again = call(&keys[0], false, det).await.expect("sent");
     assert_eq!(again.status(), 200);
     assert_eq!(again.headers()["x-meridian-cache"], "hit");
@@ -1128,14 +1128,33 @@ async fn deterministic_answers_are_cached_per_tenant_and_replayed_free() {
         .expect("content");
     assert!(text.contains(content), "{text}");
     assert_eq!(served(), 1, "no provider call for hits");
+    // A hit counts against the tenant's requests a minute: the fourth is refused.
+    let over = call(&keys[0], false, det).await.expect("sent");
+    assert_eq!(over.status(), 429, "hits count as requests");
     // Another tenant never sees it.
     let other = call(&keys[1], false, det).await.expect("sent");
     assert_eq!(other.headers()["x-meridian-cache"], "miss");
     assert_eq!(served(), 2);
-    // Non-deterministic requests are not cached (and here hit t2's limit).
+    // Non-deterministic requests are not cached.
     let random = call(&keys[1], false, "").await.expect("sent");
     assert!(random.headers().get("x-meridian-cache").is_none());
-    assert_eq!(random.status(), 429);
+    assert_eq!(random.status(), 200);
+    // A tenant no longer allowed the model is not served it from the cache either.
+    n.tenant_with_key(pb::Tenant {
+        id: "t2".into(),
+        tier: "three".into(),
+        models: vec!["another".into()],
+        ..pb::Tenant::default()
+    })
+    .await
+    .expect("tenant");
+    let barred = wait_until("t2's new rules", Duration::from_secs(5), || async {
+        call(&keys[1], false, det)
+            .await
+            .is_ok_and(|r| r.status() == 403)
+    })
+    .await;
+    assert!(barred.is_ok(), "a hit for a model the tenant may not call");
     // The roll-up records t1's two hits as free requests: tokens only for the first call.
     let t1 = || async {
         let mut admin = n.admin_client().await.ok()?;

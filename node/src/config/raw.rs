@@ -145,6 +145,8 @@ pub struct RawCache {
     pub max_entries: Option<i64>,
     /// How long an answer is kept (default 5m).
     pub ttl: Option<String>,
+    /// Most bytes of answers kept in all (default 256 MiB).
+    pub max_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -438,6 +438,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 format!("must be between 0 and 10000000, got {n}"),
             ),
         }
+        match raw.cache.max_bytes {
+            None => {}
+            Some(n) if (0..=1 << 40).contains(&n) => c.max_bytes = n as usize,
+            Some(n) => e.push(
+                "cache.max_bytes",
+                format!("must be between 0 and 1099511627776, got {n}"),
+            ),
+        }
         if let Some(t) = &raw.cache.ttl {
             match parse_duration(t) {
                 Ok(d) if !d.is_zero() => c.ttl = d,
