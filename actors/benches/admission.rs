@@ -203,11 +203,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &meridian_proto::openai::RequestLimits::default(),
     )?;
     let tokenizer = meridian_actors::estimate::Tokenizer::default();
-    let _ = meridian_actors::estimate::prompt_tokens(&request, tokenizer);
+    let _ = meridian_actors::estimate::prompt_tokens(
+        &request,
+        tokenizer,
+        meridian_actors::estimate::DEFAULT_IMAGE_TOKENS,
+    );
     let mut seen = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     for _ in 0..100_000 {
         let t = Instant::now();
-        let n = meridian_actors::estimate::prompt_tokens(&request, tokenizer);
+        let n = meridian_actors::estimate::prompt_tokens(
+            &request,
+            tokenizer,
+            meridian_actors::estimate::DEFAULT_IMAGE_TOKENS,
+        );
         seen.record(t.elapsed().as_nanos() as u64)?;
         assert!(n > 0);
     }

@@ -199,6 +199,9 @@ async fn serve(args: ConnectionArgs) {
         mut reply,
     } = args;
     let mut last: Option<(ApiError, usize)> = None;
+    // Whether some attempt's call reached a provider (its prompt is then charged, however
+    // the request ends).
+    let mut sent = false;
     for (attempt, route) in routes.iter().enumerate() {
         if attempt > 0 {
             let past_deadline = ctx.deadline.is_some_and(|d| d <= Instant::now());
@@ -256,12 +259,13 @@ async fn serve(args: ConnectionArgs) {
             }
             span.end();
         }
+        sent |= via.called_at.is_some();
         match step {
             Step::Done(outcome) => {
                 if let (Some(r), Some(rates)) = (&mut ctx.reservation, via.rates) {
                     r.bill_at(rates);
                 }
-                finish(&mut ctx, route, outcome);
+                finish(&mut ctx, route, outcome, sent);
                 return;
             }
             Step::Failed(e, back) => {
@@ -310,7 +314,7 @@ async fn serve(args: ConnectionArgs) {
         e
     };
     if let Some(r) = ctx.reservation.take() {
-        r.settle_partial(0);
+        r.settle_partial(0, sent);
     }
     let _ = reply.send(Routed {
         answer: Err(e),
@@ -603,7 +607,9 @@ fn provider_failure(e: &ApiError) -> bool {
     )
 }
 
-fn finish(ctx: &mut RequestContext, route: &Route, outcome: Outcome) {
+/// How the request ended: the breaker hears of it, the reservation is settled (a request whose
+/// call reached a provider, `sent`, is charged at least its prompt), the provider's counts.
+fn finish(ctx: &mut RequestContext, route: &Route, outcome: Outcome, sent: bool) {
     let provider: &Provider = &route.provider;
     let id = &provider.spec.id;
     if let Some(b) = &route.breaker {
@@ -620,7 +626,7 @@ fn finish(ctx: &mut RequestContext, route: &Route, outcome: Outcome) {
             Outcome::Ok(None) => reservation.keep(),
             // Charged only for what was generated (and the prompt it read).
             Outcome::Failed(_, generated) | Outcome::ClientGone(generated) => {
-                reservation.settle_partial(u64::from(*generated));
+                reservation.settle_partial(u64::from(*generated), sent);
             }
         }
     }

@@ -112,9 +112,15 @@ impl Memo {
 /// Completion tokens reserved for a request that sets no `max_tokens`.
 pub const DEFAULT_COMPLETION_RESERVE: u64 = 1024;
 
+/// Prompt tokens an image is counted as unless configured otherwise (`[quota] image_tokens`):
+/// OpenAI's count for a 1024×1024 image in high detail.
+pub const DEFAULT_IMAGE_TOKENS: u64 = 765;
+
 /// Prompt tokens: every message's text, plus OpenAI's framing overhead (about 3 tokens a
-/// message and 3 to prime the reply).
-pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer) -> u64 {
+/// message and 3 to prime the reply), and everything else a provider puts in the prompt: the
+/// tool definitions and a response schema (counted as their JSON text), the tool calls of
+/// earlier turns, and `image_tokens` per image.
+pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer, image_tokens: u64) -> u64 {
     let mut tokens = 3;
     for m in &request.params.messages {
         tokens += 3;
@@ -125,12 +131,23 @@ pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer) -> u64 {
                     if let Some(t) = &p.text {
                         tokens += tokenizer.count(t);
                     }
+                    if matches!(p.kind.as_str(), "image_url" | "input_image" | "image") {
+                        tokens += image_tokens;
+                    }
                 }
             }
             None => {}
         }
         if let Some(name) = &m.name {
             tokens += 1 + tokenizer.count(name);
+        }
+        if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            tokens += tokenizer.count(&calls.to_string());
+        }
+    }
+    for key in ["tools", "functions", "response_format"] {
+        if let Some(v) = request.body.get(key).filter(|v| !v.is_null()) {
+            tokens += tokenizer.count(&v.to_string());
         }
     }
     tokens
@@ -162,7 +179,10 @@ mod tests {
         let user = t.count("Say hello to the whole world, please.");
         assert!((8..=10).contains(&user), "{user}");
         // The text, plus 3 to prime the reply and 3 per message.
-        assert_eq!(prompt_tokens(&r, t), 3 + 3 + 4 + 3 + user);
+        assert_eq!(
+            prompt_tokens(&r, t, DEFAULT_IMAGE_TOKENS),
+            3 + 3 + 4 + 3 + user
+        );
         assert_eq!(completion_reserve(&r), 100);
         let none = ChatRequest::from_json(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
@@ -170,6 +190,45 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(completion_reserve(&none), DEFAULT_COMPLETION_RESERVE);
+    }
+
+    #[test]
+    fn tools_schemas_tool_calls_and_images_count_as_prompt() {
+        let t = Tokenizer::O200kBase;
+        let plain = br#"{"model":"m","messages":[{"role":"user","content":"weather in Paris?"}]}"#;
+        let base = prompt_tokens(
+            &ChatRequest::from_json(plain, &RequestLimits::default()).expect("valid"),
+            t,
+            DEFAULT_IMAGE_TOKENS,
+        );
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather for a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let schema = serde_json::json!({"type": "json_schema", "json_schema": {"name": "w",
+            "schema": {"type": "object", "properties": {"temp": {"type": "number"}}}}});
+        let calls = serde_json::json!([{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]);
+        let body = serde_json::json!({"model": "m", "tools": tools, "response_format": schema,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "weather in Paris?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+                {"role": "assistant", "content": null, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]});
+        let r = ChatRequest::from_json(body.to_string().as_bytes(), &RequestLimits::default())
+            .expect("valid");
+        let json = |v: &serde_json::Value| t.count(&v.to_string());
+        let expected = base
+            + DEFAULT_IMAGE_TOKENS
+            + json(&tools)
+            + json(&schema)
+            + json(&calls)
+            + (3 + 3 + t.count("18 C"));
+        assert_eq!(prompt_tokens(&r, t, DEFAULT_IMAGE_TOKENS), expected);
+        assert_eq!(
+            prompt_tokens(&r, t, 100),
+            expected - DEFAULT_IMAGE_TOKENS + 100,
+            "the configured cost of an image"
+        );
     }
 
     #[test]

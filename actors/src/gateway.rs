@@ -356,7 +356,7 @@ impl Gateway {
             }
         } else {
             Estimate {
-                prompt: estimate::prompt_tokens(request, tokenizer),
+                prompt: estimate::prompt_tokens(request, tokenizer, quota.image_tokens()),
                 completion: estimate::completion_reserve(request),
                 price,
             }
@@ -532,7 +532,11 @@ impl Gateway {
                 let complexity = route::classify(
                     &alias.rules,
                     Signals {
-                        prompt_tokens: estimate::prompt_tokens(request, Default::default()),
+                        prompt_tokens: estimate::prompt_tokens(
+                            request,
+                            Default::default(),
+                            estimate::DEFAULT_IMAGE_TOKENS,
+                        ),
                         has_code: request
                             .params
                             .messages

@@ -600,11 +600,12 @@ impl ServedStream {
         if !self.recorded {
             self.recorded = true;
             // A stream cut short before its usage report is billed as its limits were charged:
-            // the prompt as estimated and the chunks relayed.
+            // the prompt as estimated (the provider read it) and the chunks relayed.
             let generated = self.relay.generated();
+            let prompt = self.summary.prompt_estimate;
             let usage = self.relay.usage().or_else(|| {
-                (generated > 0).then(|| Usage {
-                    prompt_tokens: u32::try_from(self.summary.prompt_estimate).unwrap_or(u32::MAX),
+                (generated > 0 || prompt > 0).then(|| Usage {
+                    prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
                     completion_tokens: generated,
                     ..Usage::default()
                 })

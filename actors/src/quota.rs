@@ -76,6 +76,8 @@ pub struct QuotaConfig {
     pub usage_retention_days: u64,
     /// End users a tenant's daily roll-up keeps by name (sent with each report).
     pub usage_users_per_day: u64,
+    /// Prompt tokens an image in a request is estimated at.
+    pub image_tokens: u64,
     /// The share of each limit set aside as static shares, split evenly among the cluster's
     /// nodes: each node admits up to its part of a window on its own, with no Raft round trip
     /// and no ledger entry, and goes to the ledger only beyond it (0: every scope through the
@@ -103,6 +105,7 @@ impl Default for QuotaConfig {
             no_quorum: HashMap::new(),
             usage_retention_days: meridian_proto::cluster::DEFAULT_RETAIN_DAYS,
             usage_users_per_day: meridian_proto::cluster::DEFAULT_MAX_USERS,
+            image_tokens: crate::estimate::DEFAULT_IMAGE_TOKENS,
             static_share: 0.5,
             state_dir: None,
             min_nodes: 1,
@@ -296,9 +299,10 @@ impl Reservation {
     }
 
     /// The request was cut short after `generated` completion tokens (client gone, upstream
-    /// failure): it is charged its prompt and what was generated.
-    pub fn settle_partial(self, generated: u64) {
-        let prompt = if generated > 0 {
+    /// failure): it is charged what was generated, and its prompt once it was `sent` to a
+    /// provider (the provider read it, whether or not it answered).
+    pub fn settle_partial(self, generated: u64, sent: bool) {
+        let prompt = if sent || generated > 0 {
             self.prompt_estimate
         } else {
             0
@@ -380,6 +384,11 @@ impl Quota {
         };
         let task = tokio::spawn(background(quota.clone(), renewals));
         (quota, task)
+    }
+
+    /// Prompt tokens an image is estimated at (`[quota] image_tokens`).
+    pub fn image_tokens(&self) -> u64 {
+        self.inner.config.image_tokens
     }
 
     /// Admissions made under a local share, and refusals for want of quorum.

@@ -256,6 +256,35 @@ async fn a_renewal_ahead_of_the_report_hands_no_spent_budget_to_another_node() {
     assert!(admitted >= 400 - 2 * 20, "under-admitted: {admitted}");
 }
 
+/// A request cut short is charged what the provider did: its prompt once the call reached the
+/// provider (answered or not), and what it generated; nothing when it never got there.
+#[tokio::test]
+async fn a_request_cut_short_after_it_was_sent_is_charged_its_prompt() {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, QuotaConfig::default());
+    let limits = tpm(10_000);
+    let charged = || {
+        lock(&q.inner.budgets)
+            .map
+            .get(&ScopeKind("tenant/acme", LimitKind::TokensPerMinute))
+            .map(|b| b.charged)
+    };
+    // tokens(100): a prompt of 50, a reserve of 50.
+    let r = q.admit(&limits, tokens(100)).await.expect("admitted");
+    r.settle_partial(0, false);
+    assert_eq!(charged(), Some(0), "never reached a provider: nothing");
+    let r = q.admit(&limits, tokens(100)).await.expect("admitted");
+    r.settle_partial(0, true);
+    assert_eq!(
+        charged(),
+        Some(50),
+        "sent, failed or left before a token: the prompt"
+    );
+    let r = q.admit(&limits, tokens(100)).await.expect("admitted");
+    r.settle_partial(7, true);
+    assert_eq!(charged(), Some(107), "and what was generated");
+}
+
 #[tokio::test]
 async fn settled_reservations_give_back_what_they_did_not_use() {
     let ledger = ledger(1);

@@ -221,6 +221,8 @@ pub struct RawQuota {
     /// End users a tenant's daily roll-up keeps by name (default 1000); the day's other users
     /// are counted as one, "(other users)". Per-call records keep every user.
     pub usage_users_per_day: Option<i64>,
+    /// Prompt tokens an image in a request is estimated at for admission (default 765).
+    pub image_tokens: Option<i64>,
     /// The share of each limit that nodes admit from on their own, split evenly among them,
     /// with no Raft round trip (default 0.5; 0: every scope through the ledger).
     pub static_share: Option<f64>,

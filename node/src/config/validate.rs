@@ -283,6 +283,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             format!("{days} is not between 1 and 3660"),
         ),
     }
+    match raw.quota.image_tokens {
+        None => {}
+        Some(n @ 0..=1_000_000) => quota.image_tokens = n as u64,
+        Some(n) => e.push(
+            "quota.image_tokens",
+            format!("{n} is not between 0 and 1000000"),
+        ),
+    }
     match raw.quota.usage_users_per_day {
         None => {}
         Some(users @ 0..=1_000_000) => quota.usage_users_per_day = users as u64,
