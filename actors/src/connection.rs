@@ -345,12 +345,23 @@ async fn attempt_at(
         Err(e) => return Step::Failed(e, reply),
     };
     // The total deadline starts once the call starts, so queueing does not eat into it.
-    let total = cap(spec.timeouts.total);
     let started = Instant::now();
+    let total = ctx.deadline.map_or(started + spec.timeouts.total, |c| {
+        c.min(started + spec.timeouts.total)
+    });
+    // Whose limit `total` is: a call that runs out of the request's own deadline says nothing
+    // about the provider (its breaker does not hear of it, and no other provider is tried).
+    let own_deadline = ctx
+        .deadline
+        .is_some_and(|c| c < started + spec.timeouts.total);
+    let timed_out = |e: UpstreamError| match e {
+        UpstreamError::Timeout(Phase::Total) if own_deadline => deadline_passed(),
+        e => e.into_api_error(&spec.id),
+    };
     via.queue_wait = Some(started - now);
     via.called_at = Some(started);
     if request.stream() {
-        return stream(request, route, total, reply, via).await;
+        return stream(request, route, total, own_deadline, reply, via).await;
     }
     let call = timeout_at(
         total,
@@ -373,17 +384,32 @@ async fn attempt_at(
             });
             Step::Done(Outcome::Ok(usage))
         }
-        Err(e) => Step::Failed(e.into_api_error(&spec.id), reply),
+        Err(e) => Step::Failed(timed_out(e), reply),
     }
+}
+
+/// The request's own deadline (`X-Request-Timeout`, `grpc-timeout`) passed during the call.
+fn deadline_passed() -> ApiError {
+    ApiError::new(
+        ErrorKind::Timeout,
+        "the request's own deadline passed before the provider finished",
+    )
+    .with_code("deadline_exceeded")
+    .no_retry()
 }
 
 async fn stream(
     request: &ChatRequest,
     route: &Route,
     total: Instant,
+    own_deadline: bool,
     mut reply: Reply,
     via: &Via,
 ) -> Step {
+    let timed_out = |e: UpstreamError| match e {
+        UpstreamError::Timeout(Phase::Total) if own_deadline => deadline_passed(),
+        e => e.into_api_error(&route.provider.spec.id),
+    };
     let spec = &route.provider.spec;
     let started = Instant::now();
     let open = timeout_at(
@@ -397,7 +423,7 @@ async fn stream(
     };
     let mut chunks = match opened {
         Ok(s) => s,
-        Err(e) => return Step::Failed(e.into_api_error(&spec.id), reply),
+        Err(e) => return Step::Failed(timed_out(e), reply),
     };
     // Nothing reaches the client before the upstream's first event: a failure up to here is
     // still a clean status (and, later, a reason to try another provider).
@@ -407,7 +433,7 @@ async fn stream(
         () = reply.closed() => return Step::Done(Outcome::ClientGone(0)),
     };
     let first = match first {
-        Some(Err(e)) => return Step::Failed(e.into_api_error(&spec.id), reply),
+        Some(Err(e)) => return Step::Failed(timed_out(e), reply),
         other => other,
     };
     if let Some(b) = &route.breaker {
@@ -438,7 +464,7 @@ async fn stream(
     Step::Done(tokio::select! {
         v = verdict => v.unwrap_or(Outcome::ClientGone(generated.load(Ordering::Relaxed))),
         () = sleep_until(total) => {
-            let e = UpstreamError::Timeout(Phase::Total).into_api_error(&spec.id);
+            let e = timed_out(UpstreamError::Timeout(Phase::Total));
             shared.cancel(e.clone());
             Outcome::Failed(e, generated.load(Ordering::Relaxed))
         }
