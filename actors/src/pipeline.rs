@@ -339,8 +339,8 @@ fn record(
 
 /// Adds the `finish_reason`s of an answer's (or a stream chunk's) choices to `into`; read only
 /// for a traced request. Found by searching the JSON for the key rather than parsing it again:
-/// parsing every chunk again came to about 18,000 more instructions a traced request in the
-/// gateway bench (16-chunk streams). The key can only match where it is a key, since a quote
+/// parsing every chunk again came to about 10,500 more instructions a traced request in the
+/// gateway bench (16-chunk streams; 201,692 against 191,217 with this search). The key can only match where it is a key, since a quote
 /// inside a JSON string is escaped.
 fn finish_reasons(json: &[u8], into: &mut Vec<String>) {
     const KEY: &[u8] = b"\"finish_reason\"";
