@@ -10,6 +10,7 @@ pub mod config;
 pub mod grpc;
 pub mod headers;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod ratelimit;

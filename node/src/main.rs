@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(meridian_node::logs::Stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
