@@ -506,28 +506,34 @@ impl Gateway {
             options.complexity,
         );
         let hit = cache_key.and_then(|key| self.cache_get(key));
-        if let Some(completion) = hit {
+        if hit.is_some() {
             // A hit needs no provider, but the tenant must still be allowed the model here,
-            // and it counts against its request limits (a request, no tokens, no cost).
+            // and it counts against its request limits (admitted as a request, no tokens).
             self.may_serve_cached(
                 principal.as_ref(),
                 &request,
                 options.complexity,
                 &call.request_id,
             )?;
-            let admitted = self
-                .admit(
-                    principal.as_ref(),
-                    &request,
-                    options.feature.as_deref(),
-                    true,
-                )
-                .await;
-            self.metrics().quota_decision(&admitted);
-            if let Some(r) = &mut admitted? {
-                served.rate_limits = std::mem::take(&mut r.rate_limits);
-            }
-            summary.feature = options.feature;
+        }
+        let admitted = self
+            .admit(
+                principal.as_ref(),
+                &request,
+                options.feature.as_deref(),
+                hit.is_some(),
+            )
+            .await;
+        self.metrics().quota_decision(&admitted);
+        let mut reservation = admitted?;
+        summary.feature = options.feature;
+        if let Some(r) = &mut reservation {
+            served.rate_limits = std::mem::take(&mut r.rate_limits);
+            summary.prompt_estimate = r.prompt_estimate();
+        }
+        if let Some(completion) = hit {
+            // Dropped unsettled: the request stays counted, there were no tokens to give back.
+            drop(reservation);
             served.cache = Some(CacheOutcome::Hit);
             return Ok(Reached::Cached(CacheHit {
                 completion,
@@ -538,22 +544,7 @@ impl Gateway {
         if cache_key.is_some() {
             served.cache = Some(CacheOutcome::Miss);
         }
-        let admitted = self
-            .admit(
-                principal.as_ref(),
-                &request,
-                options.feature.as_deref(),
-                false,
-            )
-            .await;
-        self.metrics().quota_decision(&admitted);
-        let mut reservation = admitted?;
-        summary.feature = options.feature;
         summary.price = self.price_of(request.model());
-        if let Some(r) = &mut reservation {
-            served.rate_limits = std::mem::take(&mut r.rate_limits);
-            summary.prompt_estimate = r.prompt_estimate();
-        }
         let ctx = RequestContext {
             request_id: call.request_id,
             principal,
