@@ -275,6 +275,11 @@ impl App {
         &self.vllm
     }
 
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.config.node.data_dir
+    }
+
     pub fn cluster(&self) -> &ClusterNode {
         &self.cluster
     }
@@ -456,18 +461,30 @@ fn admin_token(config: &Config) -> Result<(String, Option<String>), AppError> {
         Err(e) => return Err(failed(&e)),
     }
     let token = auth::random_token(32).map_err(|e| failed(&format!("no OS randomness: {e}")))?;
-    std::fs::create_dir_all(&config.node.data_dir).map_err(|e| failed(&e))?;
+    save_secret(&config.node.data_dir, "admin.token", &token).map_err(|e| failed(&e))?;
+    Ok((token.clone(), Some(token)))
+}
+
+/// Writes `secret` to `<dir>/<name>`, readable by this user only (made, or replaced, with mode
+/// 0600), and returns the path.
+pub fn save_secret(
+    dir: &std::path::Path,
+    name: &str,
+    secret: &str,
+) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| failed(&e))?;
-    file.write_all(format!("{token}\n").as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| failed(&e))?;
-    Ok((token.clone(), Some(token)))
+        .open(&path)?;
+    // An older file keeps its mode through `open`: set it again.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(format!("{secret}\n").as_bytes())?;
+    file.sync_all()?;
+    Ok(path)
 }
 
 /// The admin API's gate: `authorization: Bearer <admin token>`, compared in constant time.

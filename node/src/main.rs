@@ -157,17 +157,37 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let app = App::build(config).await?;
     // Secrets made at this start come first, then the readiness line (scripts read the bound
     // addresses from it, and may stop reading there).
+    // Printed only to a person at a terminal: output a service manager keeps (a journal, a log
+    // file) would keep them. Otherwise they are in files only this user can read.
     let first = app.first_start();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let admin_token_file = app.data_dir().join("admin.token");
     if let Some(token) = &first.admin_token {
-        println!("admin token (saved in the data directory as admin.token): {token}");
+        if terminal {
+            println!("admin token (saved in the data directory as admin.token): {token}");
+        } else {
+            println!(
+                "admin token made and saved in {} (readable by this user only; not printed: standard output is not a terminal)",
+                admin_token_file.display()
+            );
+        }
     }
     if let Some(key) = &first.dev_key {
-        println!(
-            "development API key for tenant `dev` (shown once, not stored): {key}\n  try: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \
-             -H 'authorization: Bearer {key}' \
-             -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
-            app.http_addr()
-        );
+        if terminal {
+            println!(
+                "development API key for tenant `dev` (shown once, not stored): {key}\n  try: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \
+                 -H 'authorization: Bearer {key}' \
+                 -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+                app.http_addr()
+            );
+        } else {
+            let saved = meridian_node::app::save_secret(app.data_dir(), "dev.key", key)
+                .with_context(|| "cannot write the development API key to the data directory")?;
+            println!(
+                "development API key for tenant `dev` written to {} (readable by this user only; not printed: standard output is not a terminal)",
+                saved.display()
+            );
+        }
     } else if path.is_none() {
         println!(
             "requests need an API key: `meridian admin key create dev` makes one (the development key was shown on first start)"

@@ -1303,3 +1303,66 @@ async fn a_streamed_call_forwarded_over_the_mesh_is_one_trace_over_two_nodes() {
     );
     assert_eq!(attribute(server, "meridian.code").as_deref(), Some("ok"));
 }
+
+/// A node started by a service manager (standard output not a terminal) prints no secret: the
+/// admin token and the development key it makes on first start go to files only its user can
+/// read, and it says where. The key in the file works.
+#[tokio::test]
+async fn first_start_secrets_are_not_printed_where_a_log_would_keep_them() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\ndata_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(meridian_tests::procs::meridian_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut printed = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let http = loop {
+        let line = lines.next().expect("a readiness line").unwrap();
+        printed.push(line.clone());
+        if let Some(rest) = line.strip_prefix("meridian ready http=") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let secret = |name: &str| {
+        let path = data.join(name);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} is readable by its user only");
+        std::fs::read_to_string(path).unwrap().trim().to_owned()
+    };
+    let (token, key) = (secret("admin.token"), secret("dev.key"));
+    let text = printed.join("\n");
+    println!("printed on first start:\n{text}");
+    assert!(!text.contains(&token) && !text.contains(&key), "{text}");
+    assert!(
+        text.contains("dev.key") && text.contains("admin.token"),
+        "{text}"
+    );
+    let status = chat_as(
+        &reqwest::Client::new(),
+        &format!("http://{http}"),
+        &key,
+        r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .send()
+    .await
+    .unwrap()
+    .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "the key in the file works");
+}
