@@ -142,8 +142,15 @@ impl UpstreamError {
 
     /// The error as the client sees it. Upstream client errors (400, 404, 413, 422) are the
     /// client's own mistake and keep their status and message; everything else is ours to own:
-    /// 429/529/503 → 503 with Retry-After, timeouts → 504, the rest → 502.
+    /// 429/529/503 → 503 with Retry-After, timeouts → 504, the rest → 502. What the provider
+    /// said passes through [`sanitise`] first.
     pub fn into_api_error(self, provider: &str) -> ApiError {
+        let mut e = self.into_api_error_as_said(provider);
+        e.message = sanitise(&e.message);
+        e
+    }
+
+    fn into_api_error_as_said(self, provider: &str) -> ApiError {
         match self {
             Self::Rejected(e) => e,
             Self::Timeout(phase) => ApiError::new(
@@ -193,6 +200,41 @@ impl UpstreamError {
             }
         }
     }
+}
+
+/// What an upstream's error text must not carry to a client, and what stands in for it: key
+/// fragments (an OpenAI-style `sk-…`, a bearer token, a long opaque string) and where things
+/// live inside (URLs, IP addresses, `host:port`).
+static HIDDEN: std::sync::LazyLock<Vec<(regex::Regex, &'static str)>> =
+    std::sync::LazyLock::new(|| {
+        [
+            (
+                r"(?i)\b(?:https?|wss?|grpcs?)://[^\s\x22'<>()]*[^\s\x22'<>().,;:]",
+                "[url]",
+            ),
+            (
+                r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}",
+                "Bearer [redacted]",
+            ),
+            (r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{8,}", "[redacted]"),
+            (r"\b[A-Za-z0-9_+/=-]{32,}", "[redacted]"),
+            (r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b", "[address]"),
+            (r"(?i)\b[a-z0-9-]+(?:\.[a-z0-9-]+)+:\d{2,5}\b", "[address]"),
+        ]
+        .into_iter()
+        .filter_map(|(pattern, with)| regex::Regex::new(pattern).ok().map(|r| (r, with)))
+        .collect()
+    });
+
+/// `text` with provider key fragments and internal addresses replaced (see [`HIDDEN`]).
+pub fn sanitise(text: &str) -> String {
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for (pattern, with) in HIDDEN.iter() {
+        if pattern.is_match(&out) {
+            out = std::borrow::Cow::Owned(pattern.replace_all(&out, *with).into_owned());
+        }
+    }
+    out.into_owned()
 }
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -287,5 +329,59 @@ impl Upstream {
             Self::Demo(d) => d.stream(req, model),
             Self::Relayed(r) => r.stream(req, model, timeouts).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod sanitise_tests {
+    use super::*;
+
+    #[test]
+    fn provider_keys_and_internal_addresses_never_reach_a_client() {
+        let cases = [
+            (
+                "Incorrect API key provided: sk-proj-abcDEF123456789. You can find your API key at https://platform.openai.com/account/api-keys.",
+                "Incorrect API key provided: [redacted]. You can find your API key at [url]",
+            ),
+            (
+                "error sending request for url (http://10.0.3.7:8000/v1/chat/completions): connection refused",
+                "error sending request for url ([url]): connection refused",
+            ),
+            (
+                "dial tcp 10.0.3.7:8000: i/o timeout",
+                "dial tcp [address]: i/o timeout",
+            ),
+            (
+                "upstream vllm-0.gpu.internal:8000 is gone",
+                "upstream [address] is gone",
+            ),
+            (
+                "header was Bearer abcdefghijklmnop",
+                "header was Bearer [redacted]",
+            ),
+            (
+                "token 0123456789abcdef0123456789abcdef0123 rejected",
+                "token [redacted] rejected",
+            ),
+        ];
+        for (said, shown) in cases {
+            assert_eq!(sanitise(said).trim_end_matches('.'), shown, "{said}");
+        }
+        // What a client needs to fix its request stays.
+        let plain = "max_tokens must be at most 4096 for model llama-3.1-8b (got 10000)";
+        assert_eq!(sanitise(plain), plain);
+        let e = UpstreamError::Status {
+            status: 401,
+            info: UpstreamErrorInfo {
+                message: "invalid key sk-live-0000000000000000".into(),
+                ..UpstreamErrorInfo::default()
+            },
+            retry_after: None,
+        }
+        .into_api_error("openai");
+        assert_eq!(
+            e.message,
+            "provider openai failed (401): invalid key [redacted]"
+        );
     }
 }
