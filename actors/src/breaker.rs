@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use meridian_policy::breaker::BreakerConfig;
-use meridian_policy::breaker::{self, Window, verdict};
+use meridian_policy::breaker::{self, Callers, Window, verdict};
 use meridian_policy::clock::WallClock;
 use meridian_policy::route::Gate;
 use meridian_proto::cluster::{
@@ -53,6 +53,8 @@ pub fn gate(record: Option<&BreakerRecord>, me: NodeId, now_ms: u64, grace: Dura
 struct Local {
     window: Window,
     consecutive: u32,
+    /// Who the window's calls came from (one tenant's failures alone trip nothing).
+    callers: Callers,
     /// The record version this node last asked to change, and when (it asks once per version,
     /// or again after a second if nothing changed, e.g. when the panic threshold refused).
     asked: Option<(u64, u64)>,
@@ -108,6 +110,7 @@ impl Breaker {
             local: Mutex::new(Local {
                 window: Window::new(config.window),
                 consecutive: 0,
+                callers: Callers::default(),
                 asked: None,
                 probe: None,
             }),
@@ -212,11 +215,14 @@ impl Breaker {
         local.asked = Some((version, now));
         local.window.clear();
         local.consecutive = 0;
+        local.callers.clear();
         let _ = self.actor.cast(msg);
     }
 
-    /// One call's outcome: `ok` or a failure of the provider's own (see the module docs).
-    pub fn observe(&self, ok: bool) {
+    /// One call's outcome: `ok` or a failure of the provider's own (see the module docs), for
+    /// `tenant` (none with authentication off). Failures of one tenant alone, while another
+    /// tenant's calls succeed, do not trip it.
+    pub fn observe(&self, ok: bool, tenant: Option<&str>) {
         let now = self.clock.now_ms();
         let (version, open) = self.record_now();
         let mut local = lock(&self.local);
@@ -240,7 +246,20 @@ impl Breaker {
         } else {
             local.window.record(now, ok);
             local.consecutive = if ok { 0 } else { local.consecutive + 1 };
+            let caller = tenant.map_or(0, |t| {
+                std::hash::BuildHasher::hash_one(&std::hash::BuildHasherDefault::<
+                    std::collections::hash_map::DefaultHasher,
+                >::default(), t)
+            });
+            local.callers.record(now, caller, ok, self.config.window);
             verdict(&self.config, &local.window, local.consecutive, now)
+                .filter(|reason| {
+                    let alone = local.callers.one_callers_alone();
+                    if alone {
+                        tracing::debug!(provider = %self.key, %reason, "one tenant's failures alone: not tripped");
+                    }
+                    !alone
+                })
                 .map(|reason| self.trip(reason, version))
         };
         if let Some(msg) = msg {

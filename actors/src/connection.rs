@@ -273,7 +273,7 @@ async fn serve(args: ConnectionArgs) {
                 if let Some(b) = &route.breaker
                     && provider_failure(&e)
                 {
-                    b.observe(false);
+                    b.observe(false, ctx.principal.as_ref().map(|p| &*p.tenant));
                 }
                 reply = back;
                 let retryable = e.retryable();
@@ -639,9 +639,10 @@ fn finish(ctx: &mut RequestContext, route: &Route, outcome: Outcome, sent: bool)
     let provider: &Provider = &route.provider;
     let id = &provider.spec.id;
     if let Some(b) = &route.breaker {
+        let tenant = ctx.principal.as_ref().map(|p| &*p.tenant);
         match &outcome {
-            Outcome::Ok(_) => b.observe(true),
-            Outcome::Failed(e, _) if provider_failure(e) => b.observe(false),
+            Outcome::Ok(_) => b.observe(true, tenant),
+            Outcome::Failed(e, _) if provider_failure(e) => b.observe(false, tenant),
             Outcome::Failed(..) | Outcome::ClientGone(_) => {}
         }
     }

@@ -219,3 +219,72 @@ async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
         .unwrap();
     assert_ne!(refused, "0", "the lone provider's trips were refused");
 }
+
+/// One tenant whose requests fail at a provider (here its requests for a model the provider
+/// fails) cannot trip that provider's breaker while another tenant's calls there succeed; once
+/// the other tenant's calls fail too, the provider is failing, and it trips.
+#[tokio::test]
+async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let toml = format!(
+        "[breaker]\nconsecutive_failures = 3\n\n{}{}",
+        provider_toml(
+            "shared",
+            &mock.base_url(),
+            &["good=mock@tokens:2", "bad=mock@fail:502"],
+            ""
+        ),
+        // A second provider of both models, so that `shared` may be ejected at all.
+        provider_toml(
+            "spare",
+            &mock.base_url(),
+            &["good=mock@tokens:2", "bad=mock@tokens:2"],
+            "region = \"elsewhere\""
+        ),
+    );
+    let node = TestNode::start(&toml).await.unwrap();
+    node.put_tier(meridian_tests::tier("open", pb::Limits::default()))
+        .await
+        .unwrap();
+    let hostile = node
+        .tenant_with_key(pb::Tenant {
+            id: "hostile".into(),
+            tier: "open".into(),
+            ..pb::Tenant::default()
+        })
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let call = |key: &str, model: &str| {
+        meridian_tests::chat_as(&client, &node.url(""), key, chat_body(model, false, "")).send()
+    };
+    let dev = node.api_key.clone().unwrap();
+    assert_eq!(call(&dev, "good").await.unwrap().status(), 200);
+    // The hostile tenant's calls fail at `shared` (and are answered by `spare`).
+    for _ in 0..8 {
+        assert_eq!(call(&hostile, "bad").await.unwrap().status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        breaker(&node, "shared")
+            .await
+            .is_none_or(|b| b.position != pb::BreakerPosition::Open as i32),
+        "one tenant's failures alone tripped the shared provider"
+    );
+    assert_eq!(call(&dev, "good").await.unwrap().status(), 200);
+    // Now the other tenant's calls fail there too: the provider is failing for everyone.
+    for _ in 0..3 {
+        let _ = call(&dev, "bad").await.unwrap();
+    }
+    wait_until(
+        "the shared provider tripped",
+        Duration::from_secs(5),
+        || async {
+            breaker(&node, "shared")
+                .await
+                .is_some_and(|b| b.position == pb::BreakerPosition::Open as i32)
+        },
+    )
+    .await
+    .expect("tripped once two tenants' calls failed");
+}

@@ -159,6 +159,53 @@ impl Window {
     }
 }
 
+/// Calls a breaker's window remembers by who made them, at most this many.
+const CALLERS_KEPT: usize = 1_024;
+
+/// Who the recent calls came from (each caller as a number: its tenant, hashed by the caller
+/// of [`Callers::record`]; one number for callers without a tenant), so that one tenant whose
+/// requests fail cannot trip a provider that serves the other tenants well.
+#[derive(Debug, Clone, Default)]
+pub struct Callers {
+    recent: std::collections::VecDeque<(u64, u64, bool)>,
+}
+
+impl Callers {
+    /// One call of `caller` at `now_ms`, `ok` or failed; calls older than `window` go.
+    pub fn record(&mut self, now_ms: u64, caller: u64, ok: bool, window: Duration) {
+        let since = now_ms.saturating_sub(window.as_millis() as u64);
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, ..)| *at < since || self.recent.len() >= CALLERS_KEPT)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now_ms, caller, ok));
+    }
+
+    /// Whether the failures remembered are one caller's alone while another caller's calls
+    /// succeeded: they then say more about that caller's requests than about the provider, and
+    /// do not trip it. (When every caller fails, or only one caller uses the provider, they do.)
+    pub fn one_callers_alone(&self) -> bool {
+        let mut failing = None;
+        for (_, caller, ok) in &self.recent {
+            if !ok {
+                match failing {
+                    None => failing = Some(*caller),
+                    Some(f) if f != *caller => return false,
+                    Some(_) => {}
+                }
+            }
+        }
+        failing.is_some_and(|f| self.recent.iter().any(|(_, c, ok)| *ok && *c != f))
+    }
+
+    pub fn clear(&mut self) {
+        self.recent.clear();
+    }
+}
+
 /// Why the detector would trip, if it would (pure).
 pub fn verdict(
     config: &BreakerConfig,
@@ -182,4 +229,35 @@ pub fn verdict(
         ));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_callers_failures_alone_do_not_count_against_the_provider() {
+        let w = Duration::from_secs(30);
+        let (hostile, other) = (7, 9);
+        let mut c = Callers::default();
+        c.record(1_000, other, true, w);
+        for at in 2_000..2_006 {
+            c.record(at, hostile, false, w);
+        }
+        assert!(c.one_callers_alone(), "another tenant's calls succeed");
+        // The other tenant's calls fail too: the provider is failing.
+        c.record(2_010, other, false, w);
+        assert!(!c.one_callers_alone());
+        // Only one caller uses the provider: its failures count.
+        let mut lone = Callers::default();
+        for at in 0..5 {
+            lone.record(at, hostile, false, w);
+        }
+        assert!(!lone.one_callers_alone());
+        // The other's success left the window: one caller's failures, nobody else's calls.
+        let mut old = Callers::default();
+        old.record(0, other, true, w);
+        old.record(40_000, hostile, false, w);
+        assert!(!old.one_callers_alone());
+    }
 }
