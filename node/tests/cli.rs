@@ -34,6 +34,11 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
     // First start: an admin token (saved, owner-only) and a development API key, shown once.
     let key = started.dev_key().expect("a development key on first start");
     assert!(
+        !started.preamble.iter().any(|l| l.contains(&key)),
+        "standard output is a pipe here: the key is not printed, {:?}",
+        started.preamble
+    );
+    assert!(
         started
             .preamble
             .iter()

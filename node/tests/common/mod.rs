@@ -17,12 +17,23 @@ pub struct Started {
 
 impl Started {
     /// The development API key printed on first start.
+    /// The development key the first start made: printed (a terminal), or written to the file
+    /// the preamble names (standard output piped, as here).
     pub fn dev_key(&self) -> Option<String> {
         self.preamble.iter().find_map(|l| {
-            l.strip_prefix("development API key")?
-                .split_whitespace()
-                .find(|w| w.starts_with("mk_"))
-                .map(str::to_owned)
+            let rest = l.strip_prefix("development API key")?;
+            match rest.split_once(" written to ") {
+                Some((_, path)) => {
+                    let path = path.split(" (").next()?;
+                    std::fs::read_to_string(path)
+                        .ok()
+                        .map(|k| k.trim().to_owned())
+                }
+                None => rest
+                    .split_whitespace()
+                    .find(|w| w.starts_with("mk_"))
+                    .map(str::to_owned),
+            }
         })
     }
 
