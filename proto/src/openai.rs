@@ -189,6 +189,7 @@ impl ChatRequest {
         let Value::Object(body) = value else {
             return Err(not_object());
         };
+        validate_passed_through(&body)?;
         Ok(Self { params, body })
     }
 
@@ -274,6 +275,106 @@ fn schema_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     ApiError::new(ErrorKind::InvalidRequest, message)
         .with_param(param)
         .with_code("invalid_type")
+}
+
+/// The fields passed to providers as the client wrote them (not modelled here) must at least
+/// have their documented shape: a malformed one is the client's 400 here, not a provider's
+/// failure (which would count against the provider's breaker).
+fn validate_passed_through(body: &Map<String, Value>) -> Result<(), ApiError> {
+    let is_name = |v: &Value| {
+        v.as_str().is_some_and(|s| {
+            (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        })
+    };
+    let typed = |v: &Value| v.get("type").is_some_and(Value::is_string);
+    if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
+        let Some(list) = tools.as_array() else {
+            return Err(ApiError::invalid(
+                "tools",
+                "tools must be an array of tool objects",
+            ));
+        };
+        for (i, t) in list.iter().enumerate() {
+            if !t.is_object() || !typed(t) {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}]"),
+                    format!("tools[{i}] must be an object with a string `type`"),
+                ));
+            }
+            if t["type"] == "function" {
+                let f = &t["function"];
+                if !f.is_object() || !is_name(&f["name"]) {
+                    return Err(ApiError::invalid(
+                        format!("tools[{i}].function.name"),
+                        format!(
+                            "tools[{i}].function.name must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -"
+                        ),
+                    ));
+                }
+                if !(f["parameters"].is_null() || f["parameters"].is_object()) {
+                    return Err(ApiError::invalid(
+                        format!("tools[{i}].function.parameters"),
+                        format!("tools[{i}].function.parameters must be a JSON Schema object"),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(choice) = body.get("tool_choice").filter(|v| !v.is_null()) {
+        let ok = match choice {
+            Value::String(s) => matches!(s.as_str(), "none" | "auto" | "required"),
+            Value::Object(_) => typed(choice),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool_choice must be \"none\", \"auto\", \"required\" or an object with a `type`",
+            ));
+        }
+    }
+    if let Some(format) = body.get("response_format").filter(|v| !v.is_null()) {
+        let ok = match format["type"].as_str() {
+            Some("text" | "json_object") => true,
+            Some("json_schema") => {
+                format["json_schema"].is_object() && is_name(&format["json_schema"]["name"])
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format must be {\"type\":\"text\"}, {\"type\":\"json_object\"} or {\"type\":\"json_schema\",\"json_schema\":{\"name\":…,\"schema\":…}}",
+            ));
+        }
+    }
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        for (i, m) in messages.iter().enumerate() {
+            let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let well_formed = calls.as_array().is_some_and(|list| {
+                list.iter().all(|c| {
+                    c["id"].is_string()
+                        && typed(c)
+                        && (c["type"] != "function"
+                            || (is_name(&c["function"]["name"])
+                                && c["function"]["arguments"].is_string()))
+                })
+            });
+            if !well_formed {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    format!(
+                        "messages[{i}].tool_calls must be an array of {{id, type, function: {{name, arguments (a string)}}}}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), ApiError> {

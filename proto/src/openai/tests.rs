@@ -168,3 +168,44 @@ fn upstream_errors_in_every_shape() {
     }
     assert!(UpstreamErrorInfo::parse(b"<html>").is_none());
 }
+
+#[test]
+fn fields_passed_through_must_have_their_documented_shape() {
+    let with = |extra: &str| {
+        format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+    };
+    let good_tools = r#","tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}],"tool_choice":{"type":"function","function":{"name":"get_weather"}},"response_format":{"type":"json_schema","json_schema":{"name":"w","schema":{}}}"#;
+    check(&with(good_tools), None);
+    check(
+        &with(r#","tool_choice":"auto","response_format":{"type":"json_object"}"#),
+        None,
+    );
+    for (extra, param) in [
+        (r#","tools":{"type":"function"}"#, "tools"),
+        (r#","tools":["get_weather"]"#, "tools[0]"),
+        (
+            r#","tools":[{"type":"function","function":{"name":"bad name!"}}]"#,
+            "tools[0].function.name",
+        ),
+        (
+            r#","tools":[{"type":"function","function":{"name":"f","parameters":"any"}}]"#,
+            "tools[0].function.parameters",
+        ),
+        (r#","tool_choice":"sometimes""#, "tool_choice"),
+        (r#","response_format":{"type":"xml"}"#, "response_format"),
+        (
+            r#","response_format":{"type":"json_schema"}"#,
+            "response_format",
+        ),
+    ] {
+        check(&with(extra), Some(param));
+    }
+    check(
+        r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":{"city":"x"}}}]}]}"#,
+        Some("messages[0].tool_calls"),
+    );
+    check(
+        r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"ok"}]}"#,
+        None,
+    );
+}
