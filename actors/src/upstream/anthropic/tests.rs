@@ -152,7 +152,8 @@ fn what_anthropic_cannot_do_is_refused_naming_the_field() {
             "messages[0].content[0].type",
         ),
         (
-            json!({"model": "c", "tool_choice": "sometimes", "messages": [{"role": "user", "content": "x"}]}),
+            // A shape the edge accepts (an object with a type) that Anthropic has no match for.
+            json!({"model": "c", "tool_choice": {"type": "allowed_tools"}, "messages": [{"role": "user", "content": "x"}]}),
             "tool_choice",
         ),
     ];
