@@ -642,6 +642,39 @@ impl Gateway {
         }
     }
 
+    /// Refuses a request that sends an engine-specific field (see
+    /// [`meridian_proto::openai::RESTRICTED_FIELDS`]) its tenant was not granted. With
+    /// authentication off there is no tenant to grant them, and nothing is refused.
+    pub(crate) fn check_engine_fields(
+        &self,
+        principal: Option<&Principal>,
+        request: &ChatRequest,
+    ) -> Result<(), ApiError> {
+        let (Some(p), Some(c)) = (principal, &self.inner.cluster) else {
+            return Ok(());
+        };
+        // Most requests send none of them: the tenant record is read only when one does.
+        if request.restricted_field(&[]).is_none() {
+            return Ok(());
+        }
+        let state = c.state.borrow();
+        let granted = state
+            .tenants
+            .get(&*p.tenant)
+            .map_or(&[][..], |t| &t.engine_fields[..]);
+        match request.restricted_field(granted) {
+            None => Ok(()),
+            Some(field) => Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "`{field}` changes how the engine schedules, templates or decodes the request; this tenant may not send it"
+                ),
+            )
+            .with_param(field)
+            .with_code("field_not_allowed")),
+        }
+    }
+
     /// What the caller's tenant record says about routing it (no restriction, weight 1, for
     /// callers without a tenant record). One read of the applied state per request.
     fn tenant_rules(&self, principal: Option<&Principal>) -> TenantRules {

@@ -499,6 +499,7 @@ impl Gateway {
             summary.user = request.params.user.as_deref().map(Arc::from);
         }
         summary.stream = request.stream();
+        self.check_engine_fields(principal.as_ref(), &request)?;
         let cache_key = self.cache_key(
             principal.as_ref(),
             &request,

@@ -304,6 +304,7 @@ impl Admin for AdminService {
             weight: t.weight.max(1),
             created_at_unix_ms: 0,
             updated_at_unix_ms: 0,
+            engine_fields: t.engine_fields,
         };
         let before = self
             .cluster

@@ -221,6 +221,9 @@ pub enum TenantCommand {
         /// Share of provider queues when tenants wait: this many of its requests per turn.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Engine-specific request fields the tenant may send, e.g. "priority,chat_template".
+        #[arg(long, value_delimiter = ',')]
+        engine_fields: Vec<String>,
     },
     /// Tiers and tenants, as this node has applied them.
     List,
@@ -596,6 +599,7 @@ pub async fn run(
                 regions,
                 models,
                 weight,
+                engine_fields,
             } => {
                 let r = client
                     .put_tenant(admin_pb::PutTenantRequest {
@@ -618,6 +622,7 @@ pub async fn run(
                             weight,
                             created_at_unix_ms: 0,
                             updated_at_unix_ms: 0,
+                            engine_fields,
                         }),
                     })
                     .await?;

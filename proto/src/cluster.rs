@@ -221,6 +221,10 @@ pub struct Tenant {
     pub created_at_unix_ms: u64,
     #[serde(default)]
     pub updated_at_unix_ms: u64,
+    /// Engine-specific request fields this tenant may send (see
+    /// [`crate::openai::RESTRICTED_FIELDS`]; last, so records kept before it still read).
+    #[serde(default)]
+    pub engine_fields: Vec<String>,
 }
 
 /// An API key as the cluster stores it: never the secret, only its SHA-256.

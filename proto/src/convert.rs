@@ -190,6 +190,7 @@ mod admin {
                 regions: t.regions.clone(),
                 models: t.models.clone(),
                 weight: t.weight,
+                engine_fields: t.engine_fields.clone(),
             }
         }
     }

@@ -277,6 +277,36 @@ fn schema_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         .with_code("invalid_type")
 }
 
+/// Request fields of particular engines that change scheduling, prompt templates, decoding or
+/// cost: only a tenant granted them (`Tenant::engine_fields`) may send them.
+pub const RESTRICTED_FIELDS: [&str; 15] = [
+    "chat_template",
+    "chat_template_kwargs",
+    "guided_choice",
+    "guided_decoding_backend",
+    "guided_grammar",
+    "guided_json",
+    "guided_regex",
+    "guided_whitespace_pattern",
+    "mm_processor_kwargs",
+    "priority",
+    "prompt_logprobs",
+    "service_tier",
+    "store",
+    "structured_outputs",
+    "vllm_xargs",
+];
+
+impl ChatRequest {
+    /// The first engine-specific field this request sends that `granted` does not list.
+    pub fn restricted_field(&self, granted: &[String]) -> Option<&'static str> {
+        RESTRICTED_FIELDS
+            .iter()
+            .find(|f| self.body.contains_key(**f) && !granted.iter().any(|g| g == *f))
+            .copied()
+    }
+}
+
 /// The fields passed to providers as the client wrote them (not modelled here) must at least
 /// have their documented shape: a malformed one is the client's 400 here, not a provider's
 /// failure (which would count against the provider's breaker).

@@ -1338,3 +1338,53 @@ async fn a_stream_the_client_drops_is_charged_what_was_generated() {
          (reserved 300)"
     );
 }
+
+/// Engine-specific fields that change scheduling, templates, decoding or cost (vLLM `priority`,
+/// `chat_template`, guided decoding; OpenAI `store`, `service_tier`, ...) reach a provider only
+/// from a tenant granted them; anyone else gets a 403 naming the field.
+#[tokio::test]
+async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    n.put_tier(tier("open", pb::Limits::default()))
+        .await
+        .expect("tier");
+    let granted = n
+        .tenant_with_key(pb::Tenant {
+            id: "batch".into(),
+            tier: "open".into(),
+            engine_fields: vec!["priority".into()],
+            ..pb::Tenant::default()
+        })
+        .await
+        .expect("tenant and key");
+    let dev = n.api_key.clone().expect("dev key");
+    let client = reqwest::Client::new();
+    let call = |key: &str, extra: &'static str| {
+        chat_as(&client, &n.url(""), key, chat_body("mock", false, extra)).send()
+    };
+    let refused = call(&dev, r#""priority":-10"#).await.expect("sent");
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "field_not_allowed", "{body}");
+    assert_eq!(body["error"]["param"], "priority", "{body}");
+    let before = m.stats.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        call(&granted, r#""priority":-10"#)
+            .await
+            .expect("sent")
+            .status(),
+        200
+    );
+    assert_eq!(
+        m.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1,
+        "only the granted tenant's request reached the provider"
+    );
+    // Granted one field, not the others.
+    let other = call(&granted, r#""chat_template":"{{ messages }}""#)
+        .await
+        .expect("sent");
+    assert_eq!(other.status(), 403);
+    // Requests without them are not affected.
+    assert_eq!(call(&dev, "").await.expect("sent").status(), 200);
+}

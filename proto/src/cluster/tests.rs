@@ -925,6 +925,7 @@ fn an_upsert_that_changes_any_one_field_of_any_record_is_applied() {
         weight: 3,
         created_at_unix_ms: 1,
         updated_at_unix_ms: 1,
+        engine_fields: vec!["priority".into()],
     };
     assert_every_field_is_compared(
         "tenant",
