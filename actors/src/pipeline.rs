@@ -30,6 +30,7 @@ use crate::calllog::{CallEntry, Recorder};
 use crate::connection::{
     ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via, billable,
 };
+use crate::estimate;
 use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
 use crate::metrics::{CallRecord, Operation, Tokens};
@@ -490,7 +491,7 @@ impl Gateway {
         }
         let options = call.options?;
         served.wants_cost = options.cost;
-        let request = call.request?;
+        let mut request = call.request?;
         summary.model = self.model_label(request.model());
         if &*summary.model != request.model() {
             summary.asked = Some(request.model().into());
@@ -531,6 +532,11 @@ impl Gateway {
         if let Some(r) = &mut reservation {
             served.rate_limits = std::mem::take(&mut r.rate_limits);
             summary.prompt_estimate = r.prompt_estimate();
+            // Reserved for a default output: the engine is told so, and cannot generate (or be
+            // asked, with `ignore_eos`, to go on) beyond what the limits were charged for.
+            if r.limits_output() {
+                request.cap_output(estimate::DEFAULT_COMPLETION_RESERVE as u32);
+            }
         }
         if let Some(completion) = hit {
             // Dropped unsettled: the request stays counted, there were no tokens to give back.

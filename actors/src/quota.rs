@@ -284,6 +284,14 @@ impl Reservation {
         self.prompt_estimate
     }
 
+    /// Whether a limit on tokens or cost was charged: the output must then stay within what
+    /// was reserved for it.
+    pub fn limits_output(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.key.kind != LimitKind::RequestsPerMinute)
+    }
+
     /// Replaces the estimate with what the request actually used. (The tenant's daily roll-up
     /// is written where the call is recorded, with its per-call record.)
     pub fn settle(mut self, usage: &Billable) {

@@ -232,6 +232,16 @@ impl ChatRequest {
         self.params.max_completion_tokens.or(self.params.max_tokens)
     }
 
+    /// Caps the output at `tokens` per choice when the client set no cap
+    /// (`max_completion_tokens`, which OpenAI, vLLM and Anthropic's translation all read).
+    pub fn cap_output(&mut self, tokens: u32) {
+        if self.max_output_tokens().is_none() {
+            self.params.max_completion_tokens = Some(tokens);
+            self.body
+                .insert("max_completion_tokens".into(), Value::from(tokens));
+        }
+    }
+
     /// The JSON body for an OpenAI-compatible upstream: the client's body with `model` set to the
     /// upstream's name for it, and, when streaming, usage always requested (we meter every
     /// stream, whatever the client asked).

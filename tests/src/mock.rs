@@ -121,6 +121,8 @@ pub struct MockStats {
     pub tokens_by_user: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The W3C `traceparent` of each chat request that carried one, in arrival order.
     pub traceparents: std::sync::Mutex<Vec<String>>,
+    /// The output cap each chat request asked for (`max_completion_tokens`, else `max_tokens`).
+    pub output_caps: std::sync::Mutex<Vec<Option<u64>>>,
 }
 
 impl MockStats {
@@ -177,6 +179,15 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
+    /// The output caps its chat requests asked for, in arrival order.
+    pub fn output_caps(&self) -> Vec<Option<u64>> {
+        self.stats
+            .output_caps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The `traceparent`s its chat requests carried, in arrival order.
     pub fn traceparents(&self) -> Vec<String> {
         self.stats
@@ -698,6 +709,15 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         Ok(v) => v,
         Err(e) => return error_response(flavor_default, 400, &format!("invalid JSON: {e}")),
     };
+    s.stats
+        .output_caps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(
+            req["max_completion_tokens"]
+                .as_u64()
+                .or(req["max_tokens"].as_u64()),
+        );
     if let Some((param, message)) = invalid_chat(flavor_default, &req) {
         return invalid(flavor_default, param.as_deref(), &message);
     }

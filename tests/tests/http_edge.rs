@@ -1388,3 +1388,61 @@ async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
     // Requests without them are not affected.
     assert_eq!(call(&dev, "").await.expect("sent").status(), 200);
 }
+
+/// A request without `max_tokens` from a tenant limited in tokens is reserved the default
+/// output, and the engine is told that cap, so it cannot generate beyond what was charged; a
+/// cap the client set is kept, and a tenant limited only in requests is not capped.
+#[tokio::test]
+async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    n.put_tier(tier(
+        "metered",
+        pb::Limits {
+            tokens_per_minute: Some(1_000_000),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
+    n.put_tier(tier(
+        "counted",
+        pb::Limits {
+            requests_per_minute: Some(1_000),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
+    let mut keys = Vec::new();
+    for (id, tier) in [("metered", "metered"), ("counted", "counted")] {
+        keys.push(
+            n.tenant_with_key(pb::Tenant {
+                id: id.into(),
+                tier: tier.into(),
+                ..pb::Tenant::default()
+            })
+            .await
+            .expect("tenant and key"),
+        );
+    }
+    let client = reqwest::Client::new();
+    for (key, extra) in [
+        (&keys[0], ""),
+        (&keys[0], r#""max_tokens":20"#),
+        (&keys[1], ""),
+    ] {
+        let r = chat_as(&client, &n.url(""), key, chat_body("mock", false, extra))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        m.output_caps(),
+        [
+            Some(meridian_actors::estimate::DEFAULT_COMPLETION_RESERVE),
+            Some(20),
+            None
+        ]
+    );
+}
