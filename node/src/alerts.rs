@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use meridian_cluster::raft::ClusterNode;
-use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, SpendAlert, TenantDay};
+use meridian_policy::clock::WallClock;
+use meridian_proto::cluster::{
+    Applied, ClusterState, Command, NodeId, SpendAlert, TenantDay, day_of,
+};
 use tokio::sync::mpsc;
-
-const DAY_MS: u64 = 86_400_000;
 
 /// Tries per delivery, and the first wait between them (doubled each time).
 const TRIES: u32 = 6;
@@ -136,10 +137,13 @@ async fn run(
     config: AlertsConfig,
     counts: Arc<AlertCounts>,
 ) {
-    let client = reqwest::Client::builder()
-        .timeout(DELIVERY_TIMEOUT)
-        .build()
-        .unwrap_or_default();
+    let client = match reqwest::Client::builder().timeout(DELIVERY_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "spend alerts: no webhook client with a timeout; using one without");
+            reqwest::Client::new()
+        }
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     // Alerts being delivered by this node (so that each is posted by one task at a time).
     let mut in_flight: HashSet<String> = HashSet::new();
@@ -160,7 +164,7 @@ async fn run(
             continue;
         }
         let state = cluster.state().borrow().clone();
-        let today = now_unix_ms() / DAY_MS;
+        let today = day_of(WallClock::system().now_ms());
         let tenants = state.usage.get(&today).cloned().unwrap_or_default();
         // Only the tenants whose day changed (all of them on becoming leader, or on a new day).
         let changed: Vec<String> = match &seen {
@@ -178,6 +182,7 @@ async fn run(
             }
             _ => tenants.keys().cloned().collect(),
         };
+        let mut unrecorded = false;
         for tenant in &changed {
             let Some(usage) = tenants.get(tenant) else {
                 continue;
@@ -193,12 +198,15 @@ async fn run(
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(alert = %alert.id, error = %e, "spend alert not recorded; tried again next look")
+                        unrecorded = true;
+                        tracing::warn!(alert = %alert.id, error = %e, "spend alert not recorded; tried again next look");
                     }
                 }
             }
         }
-        seen = Some((today, tenants));
+        // After a failed proposal every tenant is looked at again next time (its day may not
+        // change again), so that the alert is tried again as the log line says.
+        seen = (!unrecorded).then_some((today, tenants));
         let Some(webhook) = &config.webhook else {
             continue;
         };
@@ -277,12 +285,6 @@ async fn deliver(
     counts.failed.fetch_add(1, Ordering::Relaxed);
     tracing::error!(alert = %alert.id, tries = TRIES, "spend alert not delivered; the next leader tries again");
     // Not sent back as done: this node does not try again while it leads.
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_actors::calllog::{CallEntry, CallLog};
 use opentelemetry::logs::{AnyValue, LogRecord, Logger, LoggerProvider, Severity};
 use opentelemetry::{Key, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor;
@@ -113,6 +112,33 @@ pub struct ExportError {
     pub source: opentelemetry_otlp::ExporterBuildError,
 }
 
+/// Builds the OTLP exporter `$exporter` (`opentelemetry_otlp::SpanExporter` or `LogExporter`)
+/// for a [`Target`], over gRPC or over HTTP/protobuf (posting to `$path` when the endpoint has
+/// none). A macro: the two exporters' builders share no trait a function could take.
+macro_rules! exporter {
+    ($exporter:ty, $target:expr, $path:literal, $signal:literal) => {{
+        use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+        let target: &$crate::otlp::Target = $target;
+        match target.protocol {
+            $crate::otlp::Protocol::Grpc => <$exporter>::builder()
+                .with_tonic()
+                .with_endpoint(&target.endpoint)
+                .build(),
+            $crate::otlp::Protocol::HttpProtobuf => <$exporter>::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(target.http_url($path))
+                .with_http_client(reqwest::Client::new())
+                .build(),
+        }
+        .map_err(|source| $crate::otlp::ExportError {
+            signal: $signal,
+            source,
+        })
+    }};
+}
+pub(crate) use exporter;
+
 /// Records in batches the collector took, in batches it did not, and records dropped before
 /// export because the queue was full (the collector slow or gone).
 #[derive(Debug, Default)]
@@ -169,25 +195,12 @@ pub struct OtlpCalls {
 impl OtlpCalls {
     /// Builds the exporter for `target`. Call inside the Tokio runtime.
     pub fn start(target: &Target, node: u64, region: &str) -> Result<Self, ExportError> {
-        let built = match target.protocol {
-            Protocol::Grpc => opentelemetry_otlp::LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(&target.endpoint)
-                .build(),
-            Protocol::HttpProtobuf => {
-                use opentelemetry_otlp::WithHttpConfig as _;
-                opentelemetry_otlp::LogExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(target.http_url("/v1/logs"))
-                    .with_http_client(reqwest::Client::new())
-                    .build()
-            }
-        };
-        let exporter = built.map_err(|source| ExportError {
-            signal: "call records",
-            source,
-        })?;
+        let exporter = exporter!(
+            opentelemetry_otlp::LogExporter,
+            target,
+            "/v1/logs",
+            "call records"
+        )?;
         let counts = Arc::new(ExportCounts::default());
         let exporter = CountedLogs {
             inner: exporter,

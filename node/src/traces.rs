@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -24,7 +23,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, SpanData, SpanExporter, SpanProcessor};
 
-use crate::otlp::{ExportCounts, ExportError, Protocol, Target};
+use crate::otlp::{ExportCounts, ExportError, Target};
 
 /// Spans handed to the batch processor and not yet through an export.
 #[derive(Debug, Default)]
@@ -111,25 +110,12 @@ impl Traces {
     /// Builds the exporter for `target` and installs the provider and the W3C trace-context
     /// propagator for the process. Call inside the Tokio runtime.
     pub fn start(target: &Target, node: u64, region: &str) -> Result<Self, ExportError> {
-        let built = match target.protocol {
-            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(&target.endpoint)
-                .build(),
-            Protocol::HttpProtobuf => {
-                use opentelemetry_otlp::WithHttpConfig as _;
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(target.http_url("/v1/traces"))
-                    .with_http_client(reqwest::Client::new())
-                    .build()
-            }
-        };
-        let exporter = built.map_err(|source| ExportError {
-            signal: "traces",
-            source,
-        })?;
+        let exporter = crate::otlp::exporter!(
+            opentelemetry_otlp::SpanExporter,
+            target,
+            "/v1/traces",
+            "traces"
+        )?;
         let counts = Arc::new(ExportCounts::default());
         let queue = Arc::new(Queue::default());
         let exporter = Counted {

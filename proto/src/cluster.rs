@@ -22,7 +22,7 @@ pub use alerts::SpendAlert;
 pub use node_map::NodeMap;
 pub use reach::Reach;
 pub use usage::{
-    DEFAULT_MAX_USERS, OTHER_USERS, ReportRow, TenantDay, UsageDimension, UsageKey, report,
+    DEFAULT_MAX_USERS, OTHER_USERS, ReportRow, TenantDay, UsageDimension, UsageKey, day_of, report,
     utc_date,
 };
 

@@ -2,13 +2,12 @@
 //! the replicated daily roll-ups.
 
 use meridian_cluster::raft::ClusterNode;
-use meridian_proto::cluster::{UsageDimension, report as sum_days, utc_date};
+use meridian_policy::clock::WallClock;
+use meridian_proto::cluster::{UsageDimension, day_of, report as sum_days, utc_date};
 use meridian_proto::pb::admin as pb;
 use tonic::Status;
 
 use super::field;
-
-const DAY_MS: u64 = 86_400_000;
 
 /// The newest per-call records of this node's call log.
 pub(super) async fn list_calls(
@@ -53,7 +52,7 @@ pub(super) fn report(
     let tenant = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
     let state = cluster.state().borrow().clone();
     let applied_index = cluster.status().applied_index.unwrap_or(0);
-    let today = now_unix_ms() / DAY_MS;
+    let today = day_of(WallClock::system().now_ms());
     let first = today.saturating_sub(days - 1);
     let rows = sum_days(
         state.usage.iter().map(|(day, tenants)| (*day, tenants)),
@@ -80,10 +79,4 @@ pub(super) fn report(
         applied_index,
         by: by.name().to_owned(),
     })
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

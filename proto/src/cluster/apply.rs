@@ -326,7 +326,7 @@ impl ClusterState {
                 user,
                 max_users,
             } => {
-                let day = at / DAY_MS;
+                let day = day_of(at);
                 let key = UsageKey {
                     model: model.clone(),
                     provider: provider.clone(),

@@ -151,6 +151,11 @@ impl<'de> Deserialize<'de> for TenantDay {
     }
 }
 
+/// The day (since the Unix epoch, UTC) of `unix_ms`: what roll-ups and alerts are kept by.
+pub fn day_of(unix_ms: u64) -> u64 {
+    unix_ms / super::DAY_MS
+}
+
 /// Day `day` since the Unix epoch (UTC) as YYYY-MM-DD.
 pub fn utc_date(day: u64) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp(
