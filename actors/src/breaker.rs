@@ -246,12 +246,9 @@ impl Breaker {
         } else {
             local.window.record(now, ok);
             local.consecutive = if ok { 0 } else { local.consecutive + 1 };
-            let caller = tenant.map_or(0, |t| {
-                std::hash::BuildHasher::hash_one(&std::hash::BuildHasherDefault::<
-                    std::collections::hash_map::DefaultHasher,
-                >::default(), t)
-            });
-            local.callers.record(now, caller, ok, self.config.window);
+            local
+                .callers
+                .record(now, caller_of(tenant), ok, self.config.window);
             verdict(&self.config, &local.window, local.consecutive, now)
                 .filter(|reason| {
                     let alone = local.callers.one_callers_alone();
@@ -266,6 +263,15 @@ impl Breaker {
             self.send_once(&mut local, version, msg);
         }
     }
+}
+
+/// A tenant as a breaker's [`Callers`] count it (one number for callers without a tenant): a
+/// fixed-key hash, the same on every call.
+fn caller_of(tenant: Option<&str>) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    tenant.map_or(0, |t| {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(t)
+    })
 }
 
 /// What the BreakerActor is asked to propose.

@@ -346,18 +346,13 @@ async fn attempt_at(
     };
     // The total deadline starts once the call starts, so queueing does not eat into it.
     let started = Instant::now();
-    let total = ctx.deadline.map_or(started + spec.timeouts.total, |c| {
-        c.min(started + spec.timeouts.total)
-    });
+    let provider_limit = started + spec.timeouts.total;
     // Whose limit `total` is: a call that runs out of the request's own deadline says nothing
     // about the provider (its breaker does not hear of it, and no other provider is tried).
-    let own_deadline = ctx
+    let own_deadline = ctx.deadline.is_some_and(|c| c < provider_limit);
+    let total = ctx
         .deadline
-        .is_some_and(|c| c < started + spec.timeouts.total);
-    let timed_out = |e: UpstreamError| match e {
-        UpstreamError::Timeout(Phase::Total) if own_deadline => deadline_passed(),
-        e => e.into_api_error(&spec.id),
-    };
+        .map_or(provider_limit, |c| c.min(provider_limit));
     via.queue_wait = Some(started - now);
     via.called_at = Some(started);
     if request.stream() {
@@ -384,18 +379,23 @@ async fn attempt_at(
             });
             Step::Done(Outcome::Ok(usage))
         }
-        Err(e) => Step::Failed(timed_out(e), reply),
+        Err(e) => Step::Failed(call_error(e, own_deadline, &spec.id), reply),
     }
 }
 
-/// The request's own deadline (`X-Request-Timeout`, `grpc-timeout`) passed during the call.
-fn deadline_passed() -> ApiError {
-    ApiError::new(
-        ErrorKind::Timeout,
-        "the request's own deadline passed before the provider finished",
-    )
-    .with_code("deadline_exceeded")
-    .no_retry()
+/// A call's error as the client sees it. Running out of the whole call's time is the request's
+/// own deadline passing when that was the tighter limit (`own_deadline`: `grpc-timeout`), and
+/// then not the provider's failure.
+fn call_error(e: UpstreamError, own_deadline: bool, provider: &str) -> ApiError {
+    match e {
+        UpstreamError::Timeout(Phase::Total) if own_deadline => ApiError::new(
+            ErrorKind::Timeout,
+            "the request's own deadline passed before the provider finished",
+        )
+        .with_code("deadline_exceeded")
+        .no_retry(),
+        e => e.into_api_error(provider),
+    }
 }
 
 async fn stream(
@@ -406,11 +406,8 @@ async fn stream(
     mut reply: Reply,
     via: &Via,
 ) -> Step {
-    let timed_out = |e: UpstreamError| match e {
-        UpstreamError::Timeout(Phase::Total) if own_deadline => deadline_passed(),
-        e => e.into_api_error(&route.provider.spec.id),
-    };
     let spec = &route.provider.spec;
+    let timed_out = |e: UpstreamError| call_error(e, own_deadline, &spec.id);
     let started = Instant::now();
     let open = timeout_at(
         total,

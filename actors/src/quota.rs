@@ -213,7 +213,7 @@ pub struct RollupKey<'a> {
 }
 
 impl RollupKey<'_> {
-    fn to_owned(self) -> UsageKey {
+    fn to_key(self) -> UsageKey {
         UsageKey {
             model: self.model.to_owned(),
             provider: self.provider.to_owned(),
@@ -415,7 +415,8 @@ impl Quota {
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
         if scopes.is_empty() {
-            // Nothing to charge (a caller with no limit): no lock, only the usage to record.
+            // Nothing to charge (a caller with no limit): no lock; the reservation carries the
+            // prompt's estimate.
             return Ok(Reservation {
                 quota: self.clone(),
                 prompt_estimate: estimate.prompt,
@@ -461,7 +462,7 @@ impl Quota {
         match rows.get_mut(&key) {
             Some(totals) => totals.add(usage),
             None => {
-                rows.insert(key.to_owned(), *usage);
+                rows.insert(key.to_key(), *usage);
             }
         }
     }

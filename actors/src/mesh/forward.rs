@@ -357,8 +357,6 @@ impl Served {
     }
 }
 
-/// A whole answer that would not fit in a frame (its body travels escaped, inside JSON) is
-/// refused: the session would otherwise close, failing every call between the two nodes.
 /// Marks a forwarded call's span failed, for the reason `why` tells.
 fn failed_span(span: &mut Option<opentelemetry::global::BoxedSpan>, why: impl FnOnce() -> String) {
     if let Some(span) = span {
@@ -367,6 +365,8 @@ fn failed_span(span: &mut Option<opentelemetry::global::BoxedSpan>, why: impl Fn
     }
 }
 
+/// A whole answer that would not fit in a frame (its body travels escaped, inside JSON) is
+/// refused: the session would otherwise close, failing every call between the two nodes.
 fn encode_answer(answer: &CallAnswer) -> Vec<u8> {
     let bytes = encode(answer);
     if bytes.len() + ENVELOPE <= MAX_FRAME as usize {

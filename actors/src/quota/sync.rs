@@ -96,30 +96,31 @@ impl Quota {
             let mut rollups = lock(&self.inner.rollups);
             let tenants: Vec<Arc<str>> = rollups.keys().cloned().collect();
             'tenants: for tenant in tenants {
-                let Some(rows) = rollups.get_mut(&tenant) else {
+                let Some(rows) = rollups.remove(&tenant) else {
                     continue;
                 };
-                let keys: Vec<UsageKey> = rows.keys().cloned().collect();
-                for key in keys {
+                // Taken whole (the keys move into the commands); what does not fit goes back.
+                let mut rows = rows.into_iter();
+                while let Some((key, totals)) = rows.next() {
                     let names =
                         key.model.len() + key.provider.len() + key.feature.len() + key.user.len();
                     if !room.take(ROLLUP_BYTES + tenant.len() + names) {
+                        let back = rollups.entry(tenant).or_default();
+                        back.insert(key, totals);
+                        back.extend(rows);
                         break 'tenants;
                     }
-                    if let Some(totals) = rows.remove(&key) {
-                        commands.push(Command::RecordUsage {
-                            tenant: tenant.to_string(),
-                            model: key.model,
-                            totals,
-                            retain_days: self.inner.config.usage_retention_days,
-                            provider: key.provider,
-                            feature: key.feature,
-                            user: key.user,
-                            max_users: self.inner.config.usage_users_per_day,
-                        });
-                    }
+                    commands.push(Command::RecordUsage {
+                        tenant: tenant.to_string(),
+                        model: key.model,
+                        totals,
+                        retain_days: self.inner.config.usage_retention_days,
+                        provider: key.provider,
+                        feature: key.feature,
+                        user: key.user,
+                        max_users: self.inner.config.usage_users_per_day,
+                    });
                 }
-                rollups.remove(&tenant);
             }
         }
         if commands.is_empty() {

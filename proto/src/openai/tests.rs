@@ -209,3 +209,8 @@ fn fields_passed_through_must_have_their_documented_shape() {
         None,
     );
 }
+
+#[test]
+fn the_restricted_fields_are_sorted_for_their_binary_search() {
+    assert!(RESTRICTED_FIELDS.is_sorted());
+}
