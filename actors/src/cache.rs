@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_proto::openai::ChatRequest;
+use meridian_proto::openai::{Api, ChatRequest};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -75,8 +75,14 @@ impl ResponseCache {
         complexity: Option<&str>,
     ) -> Option<CacheKey> {
         let p = &request.params;
-        let deterministic = p.temperature == Some(0.0) || p.seed.is_some();
+        // An embedding is a function of its input.
+        let deterministic =
+            request.api == Api::Embeddings || p.temperature == Some(0.0) || p.seed.is_some();
         if !(deterministic || opt_in) || p.n.unwrap_or(1) != 1 {
+            return None;
+        }
+        // Only a chat answer can be replayed as a stream today (`as_chunks`).
+        if request.api != Api::Chat && request.stream() {
             return None;
         }
         // The body without its streaming flags, by reference (no copy), with sorted keys: the
@@ -94,6 +100,7 @@ impl ResponseCache {
         let complexity = complexity.unwrap_or("");
         h.update((complexity.len() as u64).to_be_bytes());
         h.update(complexity.as_bytes());
+        h.update([request.api as u8]);
         h.update(normalised);
         Some(CacheKey(h.finalize().into()))
     }

@@ -227,7 +227,7 @@ async fn serve(args: ConnectionArgs) {
         let traced = ctx.trace.as_ref().map(|cx| {
             trace::client_span(
                 cx,
-                "chat",
+                request.api.operation(),
                 &route.provider.name,
                 &route.upstream_model,
                 attempt as u32 + 1,

@@ -5,7 +5,9 @@ use std::hash::BuildHasher;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use meridian_proto::openai::{ChatRequest, MessageContent};
+use meridian_proto::openai::{
+    Api, ChatRequest, DEFAULT_COMPLETION_MAX_TOKENS, Input, MessageContent,
+};
 
 /// A model family's tokenizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -120,7 +122,20 @@ pub const DEFAULT_IMAGE_TOKENS: u64 = 765;
 /// message and 3 to prime the reply), and everything else a provider puts in the prompt: the
 /// tool definitions and a response schema (counted as their JSON text), the tool calls of
 /// earlier turns, and `image_tokens` per image.
+///
+/// A text completion's prompts and an embeddings request's inputs are counted as they are (no
+/// framing); token arrays by their length.
 pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer, image_tokens: u64) -> u64 {
+    if request.api != Api::Chat {
+        return request
+            .inputs
+            .iter()
+            .map(|input| match input {
+                Input::Text(t) => tokenizer.count(t),
+                Input::Tokens(n) => *n,
+            })
+            .sum();
+    }
     let mut tokens = 3;
     for m in &request.params.messages {
         tokens += 3;
@@ -153,14 +168,28 @@ pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer, image_tokens: 
     tokens
 }
 
-/// The most completion tokens the request may generate (`n` choices each).
+/// The most completion tokens the request may generate (`n` choices each; a text completion
+/// generates `best_of` and returns the best `n`; an embedding generates none). A text completion
+/// without `max_tokens` is capped by its engine at [`DEFAULT_COMPLETION_MAX_TOKENS`].
 pub fn completion_reserve(request: &ChatRequest) -> u64 {
-    let per_choice = request
-        .params
+    let p = &request.params;
+    let (default, choices) = match request.api {
+        Api::Embeddings => return 0,
+        Api::Chat => (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1)),
+        Api::Completions => {
+            let best_of = request.body.get("best_of").and_then(|b| b.as_u64());
+            let n = u64::from(p.n.unwrap_or(1)).max(best_of.unwrap_or(1));
+            (
+                u64::from(DEFAULT_COMPLETION_MAX_TOKENS),
+                u32::try_from(n).unwrap_or(u32::MAX),
+            )
+        }
+    };
+    let per_choice = p
         .max_completion_tokens
-        .or(request.params.max_tokens)
-        .map_or(DEFAULT_COMPLETION_RESERVE, u64::from);
-    per_choice * u64::from(request.params.n.unwrap_or(1).max(1))
+        .or(p.max_tokens)
+        .map_or(default, u64::from);
+    per_choice * u64::from(choices.max(1))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_proto::cluster::{ClusterState, Limits};
-use meridian_proto::openai::{ChatRequest, RequestLimits, Role};
+use meridian_proto::openai::{ChatRequest, Input, RequestLimits, Role};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::oneshot;
@@ -822,9 +822,13 @@ impl Gateway {
 /// The prefix-affinity key of a request: a hash of the start of its conversation — the leading
 /// system messages and the first user message, up to 2 KiB of text — which stays the same as
 /// the conversation grows turn by turn.
+/// A text completion's is the start of its first prompt; an embedding has none worth keeping.
 fn prefix_key(request: &ChatRequest) -> u64 {
     const PREFIX: usize = 2048;
     let mut text = Vec::with_capacity(PREFIX);
+    if let Some(Input::Text(prompt)) = request.inputs.first() {
+        text.extend_from_slice(prompt.as_bytes());
+    }
     for m in &request.params.messages {
         text.extend_from_slice(m.role.as_str().as_bytes());
         text.push(b':');

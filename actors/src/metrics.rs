@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use meridian_policy::limit::LimitKind;
+use meridian_proto::openai::Api;
 use meridian_proto::{ApiError, ErrorKind};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -48,13 +49,11 @@ impl EncodeLabelValue for Edge {
 
 /// The GenAI operation a request is (`gen_ai.operation.name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    Chat,
-}
+pub struct Operation(pub Api);
 
 impl EncodeLabelValue for Operation {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&"chat", encoder)
+        EncodeLabelValue::encode(&self.0.operation(), encoder)
     }
 }
 
@@ -619,7 +618,7 @@ mod tests {
         let (model, provider): (Text, Text) = ("llama".into(), "vllm-1".into());
         m.record(&CallRecord {
             edge: Edge::Http,
-            operation: Operation::Chat,
+            operation: Operation(Api::Chat),
             model: &model,
             provider: Some(&provider),
             tenant: Some("acme"),
@@ -662,7 +661,7 @@ mod tests {
         for tenant in ["a", "b", "c", "d", "a"] {
             m.record(&CallRecord {
                 edge: Edge::Grpc,
-                operation: Operation::Chat,
+                operation: Operation(Api::Chat),
                 model: &model,
                 provider: Some(&provider),
                 tenant: Some(tenant),

@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use meridian_policy::cost::Rates;
 use meridian_policy::route::Complexity;
 use meridian_proto::cluster::UsageTotals;
-use meridian_proto::openai::{ChatRequest, Usage};
+use meridian_proto::openai::{Api, ChatRequest, Usage};
 use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
@@ -62,6 +62,8 @@ pub struct CallOptions {
 #[derive(Debug)]
 pub struct Call<'a> {
     pub edge: Edge,
+    /// The API called (what the request is read as, even when reading it failed).
+    pub api: Api,
     /// The client's W3C trace headers, if it sent them.
     pub trace: TraceHeaders<'a>,
     pub request_id: RequestId,
@@ -140,6 +142,7 @@ pub struct Served {
 struct Summary {
     request_id: RequestId,
     edge: Edge,
+    api: Api,
     started: Instant,
     /// When it arrived (Unix ms), for the per-call record.
     at_unix_ms: u64,
@@ -164,10 +167,11 @@ struct Summary {
 }
 
 impl Summary {
-    fn new(request_id: RequestId, edge: Edge, model: Arc<str>) -> Self {
+    fn new(request_id: RequestId, edge: Edge, api: Api, model: Arc<str>) -> Self {
         Self {
             request_id,
             edge,
+            api,
             started: Instant::now(),
             at_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -259,7 +263,7 @@ fn record(
     let first_token = first_token.map(|t| t - s.started);
     recorder.metrics.record(&CallRecord {
         edge: s.edge,
-        operation: Operation::Chat,
+        operation: Operation(s.api),
         model: &s.model,
         provider: s.via.provider.as_ref(),
         tenant: s.tenant.as_deref(),
@@ -283,7 +287,7 @@ fn record(
             at_unix_ms: s.at_unix_ms,
             request_id: s.request_id.clone(),
             edge: s.edge,
-            api: "chat.completions",
+            api: s.api.as_str(),
             tenant: s.tenant.clone(),
             key_id: s.key_id.clone(),
             user: s.user.clone(),
@@ -371,7 +375,11 @@ fn end_span(
     first_token: Option<std::time::Duration>,
 ) {
     use opentelemetry::trace::{Span, Status};
-    span.update_name(format!("chat {}", s.asked.as_deref().unwrap_or(&s.model)));
+    span.update_name(format!(
+        "{} {}",
+        s.api.operation(),
+        s.asked.as_deref().unwrap_or(&s.model)
+    ));
     let mut attributes = vec![
         KeyValue::new(
             "gen_ai.request.model",
@@ -432,14 +440,19 @@ impl Gateway {
     pub async fn serve(&self, call: Call<'_>) -> Served {
         let request_id = call.request_id.clone();
         let mut extras = Extras {
-            summary: Summary::new(call.request_id.clone(), call.edge, self.unknown_model()),
+            summary: Summary::new(
+                call.request_id.clone(),
+                call.edge,
+                call.api,
+                self.unknown_model(),
+            ),
             rate_limits: Vec::new(),
             cache: None,
             usage: None,
             wants_cost: false,
         };
         if self.traces() {
-            extras.summary.span = Some(trace::server_span(call.trace, "chat"));
+            extras.summary.span = Some(trace::server_span(call.trace, call.api.operation()));
         }
         let reached = self.run(call, &mut extras).await;
         let mut cost_micro_usd = None;

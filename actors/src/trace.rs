@@ -90,6 +90,7 @@ pub fn client_span(
 /// carries: a forwarded call is one trace over both nodes (and the provider).
 pub fn forwarded_span(
     traceparent: &str,
+    operation: &'static str,
     provider: &str,
     model: &str,
     stream: bool,
@@ -100,10 +101,10 @@ pub fn forwarded_span(
     };
     let parent = global::get_text_map_propagator(|p| p.extract(&headers));
     let span = tracer().build_with_context(
-        SpanBuilder::from_name(format!("chat {model}"))
+        SpanBuilder::from_name(format!("{operation} {model}"))
             .with_kind(SpanKind::Server)
             .with_attributes([
-                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.operation.name", operation),
                 KeyValue::new("gen_ai.request.model", model.to_owned()),
                 KeyValue::new("gen_ai.request.stream", stream),
                 KeyValue::new("meridian.provider", provider.to_owned()),

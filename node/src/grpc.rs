@@ -39,6 +39,7 @@ impl InferenceService {
         });
         Call {
             edge: Edge::Grpc,
+            api: meridian_proto::openai::Api::Chat,
             trace,
             request_id,
             credentials,

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible HTTP/SSE edge (axum on hyper).
 //!
-//! `POST /v1/chat/completions` (stream and not), `GET /v1/models`, `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `POST /v1/chat/completions` and `/v1/completions` (stream and not), `POST /v1/embeddings`,
+//! `GET /v1/models`, `/healthz`, `/readyz`, `/metrics`.
 //! Every error is an OpenAI error body. The SSE body pulls the upstream stream directly, writes
 //! each chunk's JSON as it came, and puts every chunk that has already arrived into one write
 //! (never waiting for more), which is what keeps streaming through us close to a bare proxy.
@@ -24,7 +24,7 @@ use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use meridian_actors::{Answer, CacheHit, Call, Gateway, ServedStream, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
-use meridian_proto::openai::ChatRequest;
+use meridian_proto::openai::{Api, ChatRequest};
 use meridian_proto::{ApiError, ErrorKind};
 use serde_json::json;
 use tokio::time::Instant;
@@ -46,6 +46,8 @@ pub struct HttpState {
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -65,10 +67,26 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .with_state(Arc::new(state))
 }
 
-async fn chat(
+type RequestBody = Result<Bytes, BytesRejection>;
+
+async fn chat(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+    serve(Api::Chat, st, headers, body).await
+}
+
+async fn completions(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+    serve(Api::Completions, st, headers, body).await
+}
+
+async fn embeddings(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+    serve(Api::Embeddings, st, headers, body).await
+}
+
+/// One call of an OpenAI-style API, through the pipeline.
+async fn serve(
+    api: Api,
     State(st): State<Arc<HttpState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Response {
     let (request_id, credentials, options, trace) = crate::headers::call_parts(
         Edge::Http,
@@ -76,11 +94,12 @@ async fn chat(
     );
     let request = body
         .map_err(body_error)
-        .and_then(|body| ChatRequest::from_json(&body, st.gateway.limits()));
+        .and_then(|body| ChatRequest::from_json_as(api, &body, st.gateway.limits()));
     let served = st
         .gateway
         .serve(Call {
             edge: Edge::Http,
+            api,
             trace,
             request_id,
             credentials,

@@ -159,38 +159,29 @@ impl ChatMessage {
 /// we do not model (tools, response_format, logprobs, vLLM extras) pass through untouched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
+    /// The API it came in by (chat unless said otherwise; see [`apis`]).
+    pub api: Api,
     pub params: ChatCompletionRequest,
     pub body: Map<String, Value>,
+    /// A text completion's prompts or an embeddings request's inputs (a chat request's prompt
+    /// is its messages).
+    pub inputs: Vec<Input>,
 }
 
 impl ChatRequest {
     /// Parses and validates a JSON body. Errors name the field at fault.
     pub fn from_json(bytes: &[u8], limits: &RequestLimits) -> Result<Self, ApiError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("the request body is not valid JSON: {e}"),
-            )
-            .with_code("invalid_json")
-        })?;
-        let not_object = || {
-            ApiError::new(
-                ErrorKind::InvalidRequest,
-                "the request body must be a JSON object",
-            )
-            .with_code("invalid_json")
-        };
-        if !value.is_object() {
-            return Err(not_object());
-        }
+        let body = json_object(bytes)?;
         let params: ChatCompletionRequest =
-            serde_path_to_error::deserialize(&value).map_err(schema_error)?;
+            serde_path_to_error::deserialize(&body).map_err(schema_error)?;
         validate(&params, limits)?;
-        let Value::Object(body) = value else {
-            return Err(not_object());
-        };
         validate_passed_through(&body)?;
-        Ok(Self { params, body })
+        Ok(Self {
+            api: Api::Chat,
+            params,
+            body,
+            inputs: Vec::new(),
+        })
     }
 
     /// Validates a request built in code (the gRPC edge). Its JSON form becomes the body.
@@ -208,7 +199,12 @@ impl ChatRequest {
                 ));
             }
         };
-        Ok(Self { params, body })
+        Ok(Self {
+            api: Api::Chat,
+            params,
+            body,
+            inputs: Vec::new(),
+        })
     }
 
     pub fn model(&self) -> &str {
@@ -234,8 +230,10 @@ impl ChatRequest {
 
     /// Caps the output at `tokens` per choice when the client set no cap
     /// (`max_completion_tokens`, which OpenAI, vLLM and Anthropic's translation all read).
+    /// A text completion is already capped by its engine's default
+    /// ([`apis::DEFAULT_COMPLETION_MAX_TOKENS`]); an embedding generates nothing.
     pub fn cap_output(&mut self, tokens: u32) {
-        if self.max_output_tokens().is_none() {
+        if self.api == Api::Chat && self.max_output_tokens().is_none() {
             self.params.max_completion_tokens = Some(tokens);
             self.body
                 .insert("max_completion_tokens".into(), Value::from(tokens));
@@ -248,6 +246,9 @@ impl ChatRequest {
     pub fn upstream_body(&self, upstream_model: &str, stream: bool) -> Vec<u8> {
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_owned()));
+        if self.api == Api::Embeddings {
+            return serde_json::to_vec(&body).unwrap_or_default();
+        }
         body.insert("stream".into(), Value::Bool(stream));
         if stream {
             let mut opts = match body.remove("stream_options") {
@@ -260,6 +261,25 @@ impl ChatRequest {
             body.remove("stream_options");
         }
         serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// A request body: JSON, and an object.
+fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("the request body is not valid JSON: {e}"),
+        )
+        .with_code("invalid_json")
+    })?;
+    match value {
+        Value::Object(body) => Ok(body),
+        _ => Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            "the request body must be a JSON object",
+        )
+        .with_code("invalid_json")),
     }
 }
 
@@ -421,9 +441,6 @@ fn validate_passed_through(body: &Map<String, Value>) -> Result<(), ApiError> {
 }
 
 fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), ApiError> {
-    if p.model.trim().is_empty() {
-        return Err(ApiError::invalid("model", "model must not be empty"));
-    }
     if p.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -461,6 +478,15 @@ fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), Api
                 format!("messages[{i}].tool_call_id is required for a tool message"),
             ));
         }
+    }
+    validate_common(p, limits)
+}
+
+/// What a chat request and a text completion check alike: the model, the output caps and the
+/// sampling parameters.
+fn validate_common(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), ApiError> {
+    if p.model.trim().is_empty() {
+        return Err(ApiError::invalid("model", "model must not be empty"));
     }
     for (field, value) in [
         ("max_tokens", p.max_tokens),
@@ -721,6 +747,10 @@ impl UpstreamErrorInfo {
         })
     }
 }
+
+mod apis;
+pub use apis::{Api, Input};
+pub use apis::{DEFAULT_COMPLETION_MAX_TOKENS, MAX_EMBEDDING_INPUTS};
 
 #[cfg(test)]
 mod tests;

@@ -37,9 +37,42 @@ def main() -> None:
         if chunk.usage is not None:
             usage = chunk.usage
 
+    text = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=5, echo=True, logprobs=2
+    )
+    text_stream = client.completions.create(
+        model=model,
+        prompt=["streamed prompt"],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text_parts, text_usage = [], None
+    for chunk in text_stream:
+        for choice in chunk.choices:
+            text_parts.append(choice.text)
+        if chunk.usage is not None:
+            text_usage = chunk.usage
+
+    # The SDK asks for base64 unless told otherwise, and decodes it itself.
+    embedded = client.embeddings.create(model=model, input=["first text", "second text"])
+    embedded_floats = client.embeddings.create(
+        model=model, input=[[1, 2, 3]], encoding_format="float", dimensions=4
+    )
+
     print(
         json.dumps(
             {
+                "text": text.choices[0].text,
+                "text_logprobs": text.choices[0].logprobs.model_dump()
+                if text.choices[0].logprobs
+                else None,
+                "text_usage": text.usage.model_dump() if text.usage else None,
+                "text_stream": "".join(text_parts),
+                "text_stream_usage": text_usage.model_dump() if text_usage else None,
+                "embeddings": [d.embedding for d in embedded.data],
+                "embeddings_usage": embedded.usage.model_dump(),
+                "embeddings_floats": [d.embedding for d in embedded_floats.data],
                 "unary_content": unary.choices[0].message.content,
                 "unary_finish": unary.choices[0].finish_reason,
                 "unary_usage": unary.usage.model_dump() if unary.usage else None,

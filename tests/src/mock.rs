@@ -41,6 +41,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod apis;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
     OpenAi,
@@ -123,6 +125,8 @@ pub struct MockStats {
     pub traceparents: std::sync::Mutex<Vec<String>>,
     /// The output cap each chat request asked for (`max_completion_tokens`, else `max_tokens`).
     pub output_caps: std::sync::Mutex<Vec<Option<u64>>>,
+    /// The body of the last text completion or embeddings request, as received.
+    pub last_request: std::sync::Mutex<Option<Value>>,
 }
 
 impl MockStats {
@@ -335,6 +339,8 @@ async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(apis::completions))
+        .route("/v1/embeddings", post(apis::embeddings))
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(load_lora))

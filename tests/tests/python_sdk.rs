@@ -87,5 +87,32 @@ async fn the_official_openai_sdk_parses_our_answers() {
             v["stream_usage"]["total_tokens"],
             v["stream_usage"]["prompt_tokens"].as_u64().unwrap() + 8
         );
+        // Text completions: `echo` gives the prompt back first; five tokens asked for.
+        assert_eq!(
+            v["text"], "Once upon a timetok0 tok1 tok2 tok3 tok4 ",
+            "{v}"
+        );
+        assert_eq!(
+            v["text_logprobs"]["tokens"].as_array().map(Vec::len),
+            Some(5)
+        );
+        assert_eq!(v["text_usage"]["completion_tokens"], 5, "{flavor:?}: {v}");
+        assert_eq!(v["text_stream"], "tok0 tok1 tok2 tok3 ", "{flavor:?}: {v}");
+        assert_eq!(v["text_stream_usage"]["completion_tokens"], 4, "{v}");
+        // Embeddings: base64 decoded by the SDK into the mock's 8 floats; floats cut to 4.
+        let vectors = v["embeddings"].as_array().expect("embeddings");
+        assert_eq!(vectors.len(), 2);
+        assert!(
+            vectors
+                .iter()
+                .all(|e| e.as_array().map(Vec::len) == Some(8)),
+            "{v}"
+        );
+        assert_eq!(v["embeddings_usage"]["prompt_tokens"], 4, "{v}");
+        assert_eq!(
+            v["embeddings_floats"][0].as_array().map(Vec::len),
+            Some(4),
+            "{v}"
+        );
     }
 }

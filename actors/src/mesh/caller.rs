@@ -79,6 +79,7 @@ impl MeshUpstream {
             model: model.to_owned(),
             stream,
             wait_ms: limit.as_millis() as u64,
+            api: req.api,
             body: &req.body,
             traceparent: crate::trace::outgoing_traceparent(),
         });

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::StreamExt;
-use meridian_proto::openai::{ChatCompletionRequest, ChatRequest};
+use meridian_proto::openai::{ChatRequest, RequestLimits};
 use ractor::RpcReplyPort;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -150,23 +150,31 @@ impl Served {
         SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The forwarder validated the request; only the typed view is rebuilt here (read from
         // the body in place, not from a copy).
-        let params = match ChatCompletionRequest::deserialize(&req.body) {
-            Ok(p) => p,
+        // The forwarder's own limits held it; none are applied again here.
+        let unbounded = RequestLimits {
+            max_messages: usize::MAX,
+            max_output_tokens: u32::MAX,
+            max_n: u32::MAX,
+        };
+        let request = match ChatRequest::from_body(req.api, req.body, &unbounded) {
+            Ok(r) => r,
             Err(e) => {
                 return failed(WireError::Protocol {
-                    message: format!("a forwarded request this node cannot read: {e}"),
+                    message: format!("a forwarded request this node cannot read: {}", e.message),
                 });
             }
-        };
-        let request = ChatRequest {
-            params,
-            body: req.body,
         };
         // The forwarder's attempt, when traced: this node's span of the call is its child, and
         // the upstream call carries this span's own traceparent.
         let (mut span, traceparent) = match req.traceparent.as_deref() {
             Some(tp) => {
-                let (span, own) = trace::forwarded_span(tp, &req.provider, &req.model, req.stream);
+                let (span, own) = trace::forwarded_span(
+                    tp,
+                    request.api.operation(),
+                    &req.provider,
+                    &req.model,
+                    req.stream,
+                );
                 (Some(span), own)
             }
             None => (None, None),
@@ -502,6 +510,7 @@ mod tests {
             model: "demo".to_owned(),
             stream,
             wait_ms,
+            api: Default::default(),
             body,
             traceparent: None,
         })

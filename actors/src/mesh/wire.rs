@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use meridian_proto::ApiError;
-use meridian_proto::openai::{UpstreamErrorInfo, Usage};
+use meridian_proto::openai::{Api, UpstreamErrorInfo, Usage};
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,9 @@ pub(super) struct CallRequest<B> {
     pub(super) stream: bool,
     /// How long the forwarder waits for the call to open (queueing at the owner included).
     pub(super) wait_ms: u64,
+    /// The API the client called (chat when an older node leaves it out).
+    #[serde(default)]
+    pub(super) api: Api,
     /// The client's request as the forwarder validated it.
     pub(super) body: B,
     /// The forwarder's attempt, when it is traced (W3C `traceparent`).

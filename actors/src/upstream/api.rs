@@ -20,7 +20,8 @@ use http::header::{
     ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
 };
 use http_body_util::Full;
-use meridian_proto::openai::{ChatRequest, UpstreamErrorInfo, Usage};
+use meridian_proto::openai::{Api, ChatRequest, UpstreamErrorInfo, Usage};
+use meridian_proto::{ApiError, ErrorKind};
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep, sleep, timeout};
 
@@ -50,8 +51,9 @@ pub struct ApiAdapter {
     pool: Arc<Pool>,
     base_url: Arc<str>,
     dialect: Dialect,
-    /// Path and query of the endpoint (`/v1/chat/completions`, `/v1/messages`).
-    path: Arc<str>,
+    /// Path of each API's endpoint, by [`Api`] (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/embeddings`; Anthropic's `/v1/messages` serves chat only).
+    paths: Arc<[String; 3]>,
     /// The credential header (`Authorization: Bearer …` or `x-api-key`), marked sensitive so
     /// it is never logged.
     auth: Option<(HeaderName, HeaderValue)>,
@@ -62,7 +64,7 @@ impl std::fmt::Debug for ApiAdapter {
         f.debug_struct("ApiAdapter")
             .field("pool", &self.pool)
             .field("dialect", &self.dialect)
-            .field("path", &self.path)
+            .field("paths", &self.paths)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -88,11 +90,12 @@ impl ApiAdapter {
     ) -> Result<Self, EndpointError> {
         let pool = Pool::new(base_url, connect_timeout)?;
         let uri = EndpointError::parse(base_url)?;
-        let endpoint = match dialect {
-            Dialect::OpenAi => "chat/completions",
-            Dialect::Anthropic { .. } => "messages",
+        let root = uri.path().trim_end_matches('/');
+        let path = |api: Api| match dialect {
+            Dialect::OpenAi => format!("{root}/{}", api.path()),
+            Dialect::Anthropic { .. } => format!("{root}/messages"),
         };
-        let path = format!("{}/{endpoint}", uri.path().trim_end_matches('/'));
+        let paths = [Api::Chat, Api::Completions, Api::Embeddings].map(path);
         let auth = match api_key {
             None => None,
             Some(key) => {
@@ -110,7 +113,7 @@ impl ApiAdapter {
             pool: Arc::new(pool),
             base_url: base_url.into(),
             dialect,
-            path: path.into(),
+            paths: Arc::new(paths),
             auth,
         })
     }
@@ -122,7 +125,22 @@ impl ApiAdapter {
         stream: bool,
         t: &Timeouts,
     ) -> Result<Exchange, UpstreamError> {
-        let mut rb = Request::post(&*self.path)
+        if req.api != Api::Chat && matches!(self.dialect, Dialect::Anthropic { .. }) {
+            return Err(UpstreamError::Rejected(
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "the model `{}` is served by Anthropic, which has no {} API",
+                        req.model(),
+                        req.api.as_str()
+                    ),
+                )
+                .with_param("model")
+                .with_code("unsupported_api"),
+            ));
+        }
+        let path = &self.paths[req.api as usize];
+        let mut rb = Request::post(path.as_str())
             .header(HOST, self.pool.authority())
             .header(CONTENT_TYPE, "application/json")
             .header(USER_AGENT, concat!("meridian/", env!("CARGO_PKG_VERSION")));

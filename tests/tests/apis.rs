@@ -1,0 +1,432 @@
+//! The OpenAI APIs beside chat — text completions and embeddings — through the one pipeline:
+//! a real node on loopback in front of the mock (OpenAI and vLLM wire formats), an Anthropic
+//! mock that has neither API, and the built-in demo model.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use base64::Engine;
+use meridian_proto::pb::admin as pb;
+use meridian_tests::mock::{Flavor, MockUpstream};
+use meridian_tests::{TestNode, provider_toml, provider_toml_kind, sse_events, tier};
+use serde_json::{Value, json};
+
+/// A node serving `mock` from a mock of `flavor`, `claude` from an Anthropic mock and `demo`.
+async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
+    let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
+    let anthropic = MockUpstream::with_flavor(Flavor::Anthropic)
+        .await
+        .expect("anthropic mock");
+    let toml = format!(
+        "{}{}[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+        provider_toml("mock", &mock.base_url(), &["mock"], ""),
+        provider_toml_kind(
+            "claude",
+            "anthropic",
+            &anthropic.base_url(),
+            &["claude"],
+            ""
+        ),
+    );
+    let node = TestNode::start(&toml).await.expect("node");
+    (mock, anthropic, node)
+}
+
+async fn post(node: &TestNode, path: &str, body: &Value) -> reqwest::Response {
+    node.client()
+        .post(node.url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+fn last_request(m: &MockUpstream) -> Value {
+    m.stats
+        .last_request
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the mock got a request")
+}
+
+/// The chunk objects of an SSE body, and whether it ended with `[DONE]`.
+fn chunks(body: &[u8]) -> (Vec<Value>, bool) {
+    let events = sse_events(body);
+    let done = events.last().is_some_and(|e| &e.data[..] == b"[DONE]");
+    let chunks = events
+        .iter()
+        .filter(|e| &e.data[..] != b"[DONE]")
+        .map(|e| serde_json::from_slice(&e.data).expect("every event is JSON"))
+        .collect();
+    (chunks, done)
+}
+
+#[tokio::test]
+async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let (m, _a, n) = node(flavor).await;
+        let resp = post(
+            &n,
+            "/v1/completions",
+            &json!({"model": "mock", "prompt": "Say this", "max_tokens": 3, "echo": true,
+                    "logprobs": 2, "suffix": " the end", "temperature": 0.5}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{flavor:?}");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["object"], "text_completion", "{flavor:?}: {v}");
+        assert_eq!(v["choices"][0]["text"], "Say thistok0 tok1 tok2 ", "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert_eq!(v["choices"][0]["logprobs"]["tokens"][2], "tok2 ");
+        assert_eq!(v["usage"]["prompt_tokens"], 2);
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+        let sent = last_request(&m);
+        assert_eq!(
+            (&sent["suffix"], &sent["echo"], &sent["logprobs"]),
+            (&json!(" the end"), &json!(true), &json!(2)),
+            "passed to the provider as the client wrote them"
+        );
+        assert_eq!(sent["stream"], false);
+
+        // Streamed, without asking for usage: the provider is asked (every stream is
+        // metered) and the usage chunk is kept from the client.
+        let resp = post(
+            &n,
+            "/v1/completions",
+            &json!({"model": "mock", "prompt": ["Go on"], "max_tokens": 4, "stream": true}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let (events, done) = chunks(&resp.bytes().await.expect("body"));
+        assert!(done, "{flavor:?}: ends with [DONE]");
+        assert!(events.iter().all(|c| c["object"] == "text_completion"));
+        let text: String = events
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(text, "tok0 tok1 tok2 tok3 ");
+        assert!(
+            events
+                .iter()
+                .all(|c| !c["choices"].as_array().unwrap().is_empty()),
+            "{flavor:?}: no usage chunk unless asked: {events:?}"
+        );
+        assert_eq!(last_request(&m)["stream_options"]["include_usage"], true);
+
+        // Asked for: the last chunk carries it.
+        let resp = post(
+            &n,
+            "/v1/completions",
+            &json!({"model": "mock", "prompt": [1, 2, 3], "max_tokens": 2, "stream": true,
+                    "stream_options": {"include_usage": true}}),
+        )
+        .await;
+        let (events, done) = chunks(&resp.bytes().await.expect("body"));
+        assert!(done);
+        let usage = &events.last().expect("chunks")["usage"];
+        assert_eq!(
+            usage["prompt_tokens"], 3,
+            "token ids count as tokens: {usage}"
+        );
+        assert_eq!(usage["completion_tokens"], 2);
+
+        // Recorded as its own operation.
+        let metrics = n.metrics().await;
+        assert!(
+            metrics.contains(r#"gen_ai_operation_name="text_completion""#),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn embeddings_are_served_metered_and_cached() {
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let (m, _a, n) = node(flavor).await;
+        let resp = post(
+            &n,
+            "/v1/embeddings",
+            &json!({"model": "mock", "input": ["one two three", "four"]}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{flavor:?}");
+        assert_eq!(resp.headers()["x-meridian-cache"], "miss");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["data"][1]["index"], 1);
+        assert_eq!(v["data"][0]["embedding"].as_array().map(Vec::len), Some(8));
+        assert_eq!(v["usage"]["prompt_tokens"], 4);
+        let sent = last_request(&m);
+        assert!(
+            sent.get("stream").is_none() && sent.get("stream_options").is_none(),
+            "nothing of chat's added: {sent}"
+        );
+
+        // The same input again: an embedding is deterministic, so it comes from the cache.
+        let served = m.stats.completed.load(SeqCst);
+        let again = post(
+            &n,
+            "/v1/embeddings",
+            &json!({"model": "mock", "input": ["one two three", "four"]}),
+        )
+        .await;
+        assert_eq!(again.headers()["x-meridian-cache"], "hit");
+        assert_eq!(again.json::<Value>().await.expect("json"), v);
+        assert_eq!(m.stats.completed.load(SeqCst), served, "no provider call");
+
+        // base64 (what the official SDKs ask for), token ids, and fewer dimensions.
+        let resp = post(
+            &n,
+            "/v1/embeddings",
+            &json!({"model": "mock", "input": [[5, 6, 7, 8]], "encoding_format": "base64",
+                    "dimensions": 3}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.expect("json");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["embedding"].as_str().expect("base64 text"))
+            .expect("base64");
+        assert_eq!(bytes.len(), 3 * 4, "three little-endian f32s");
+        assert_eq!(v["usage"]["prompt_tokens"], 4);
+        assert_eq!(last_request(&m)["dimensions"], 3);
+        let metrics = n.metrics().await;
+        assert!(
+            metrics.contains(r#"gen_ai_operation_name="embeddings""#),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn embeddings_are_admitted_on_their_input_tokens() {
+    meridian_tests::inside_one_minute(Duration::from_secs(15)).await;
+    let (m, _a, n) = node(Flavor::Vllm).await;
+    n.put_tier(tier(
+        "small",
+        pb::Limits {
+            tokens_per_minute: Some(40),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
+    let key = n
+        .tenant_with_key(pb::Tenant {
+            id: "rag".into(),
+            tier: "small".into(),
+            ..pb::Tenant::default()
+        })
+        .await
+        .expect("tenant");
+    let embed = |words: usize, tag: &str| {
+        let text = format!("{tag} {}", "word ".repeat(words));
+        reqwest::Client::new()
+            .post(n.url("/v1/embeddings"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "mock", "input": text}))
+            .send()
+    };
+    let first = embed(25, "a").await.expect("sent");
+    assert_eq!(first.status(), 200, "{:?}", first.text().await);
+    // No output is reserved for an embedding: 26 of 40 tokens used, 26 more do not fit.
+    let second = embed(25, "b").await.expect("sent");
+    assert_eq!(second.status(), 429, "{:?}", second.text().await);
+    let body: Value = second.json().await.expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tokens")),
+        "{body}"
+    );
+    assert_eq!(
+        m.stats.completed.load(SeqCst),
+        1,
+        "the refused call never left"
+    );
+    // A small one still fits.
+    assert_eq!(embed(5, "c").await.expect("sent").status(), 200);
+}
+
+#[tokio::test]
+async fn the_other_apis_refuse_what_they_cannot_serve_naming_the_field() {
+    let (_m, a, n) = node(Flavor::OpenAi).await;
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": ""}),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": []}),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": {"x": 1}}),
+            400,
+            "prompt",
+        ),
+        ("/v1/completions", json!({"model": "mock"}), 400, "prompt"),
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": "x", "logprobs": 6}),
+            400,
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": "x", "n": 3, "best_of": 2}),
+            400,
+            "best_of",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock", "prompt": "x", "max_tokens": 0}),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "mock", "input": ""}),
+            400,
+            "input",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "mock", "input": "x", "encoding_format": "hex"}),
+            400,
+            "encoding_format",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "mock", "input": "x", "dimensions": 0}),
+            400,
+            "dimensions",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "mock", "input": "x", "stream": true}),
+            400,
+            "stream",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "nope", "input": "x"}),
+            404,
+            "model",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "claude", "input": "x"}),
+            400,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "claude", "prompt": "x"}),
+            400,
+            "model",
+        ),
+    ];
+    for (path, body, status, param) in cases {
+        let resp = post(&n, path, &body).await;
+        assert_eq!(resp.status(), status, "{path} {body}");
+        let v: Value = resp.json().await.expect("an OpenAI error body");
+        assert_eq!(v["error"]["param"], param, "{path} {body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    assert_eq!(
+        a.stats.requests.load(SeqCst),
+        0,
+        "Anthropic is never asked for an API it does not have"
+    );
+    let v: Value = post(
+        &n,
+        "/v1/embeddings",
+        &json!({"model": "claude", "input": "x"}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(v["error"]["code"], "unsupported_api", "{v}");
+}
+
+#[tokio::test]
+async fn the_demo_model_answers_text_completions_and_embeddings() {
+    let (_m, _a, n) = node(Flavor::Vllm).await;
+    let v: Value = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "hi there"}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(
+        v["choices"][0]["finish_reason"], "length",
+        "16 words by default: {v}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    let resp = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "hi", "max_tokens": 3, "stream": true,
+                "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    let (events, done) = chunks(&resp.bytes().await.expect("body"));
+    assert!(done);
+    assert_eq!(
+        events.last().expect("chunks")["usage"]["completion_tokens"],
+        3
+    );
+    let floats: Value = post(
+        &n,
+        "/v1/embeddings",
+        &json!({"model": "demo", "input": "same"}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let vector = floats["data"][0]["embedding"].as_array().expect("floats");
+    assert_eq!(vector.len(), 16);
+    let norm: f64 = vector.iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+    assert!((norm - 1.0).abs() < 1e-3, "unit length: {norm}");
+    let encoded: Value = post(
+        &n,
+        "/v1/embeddings",
+        &json!({"model": "demo", "input": "same", "encoding_format": "base64"}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded["data"][0]["embedding"].as_str().expect("text"))
+        .expect("base64");
+    let decoded: Vec<f64> = bytes
+        .chunks(4)
+        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+        .collect();
+    let same = decoded
+        .iter()
+        .zip(vector)
+        .all(|(a, b)| (a - b.as_f64().unwrap()).abs() < 1e-6);
+    assert!(same, "the same input, the same vector in either encoding");
+}
