@@ -1,0 +1,83 @@
+"""Drives a Meridian node in front of a real engine with the official `openai` Python SDK:
+chat and text completions, each whole and streamed.
+
+Usage: engine_check.py BASE_URL MODEL API_KEY
+Prints one JSON object with what the SDK parsed (usage of every call); exits non-zero if the
+SDK raised. Generated words are never checked: a small model's answers vary.
+"""
+
+import json
+import sys
+
+from openai import OpenAI
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
+
+
+def main() -> None:
+    base_url, model, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
+    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    out = {}
+
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[SYSTEM, {"role": "user", "content": "Name a colour."}],
+        max_tokens=12,
+    )
+    out["chat"] = {
+        "content": chat.choices[0].message.content,
+        "finish": chat.choices[0].finish_reason,
+        "usage": chat.usage.model_dump(),
+    }
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[SYSTEM, {"role": "user", "content": "Count to five."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage, chunks = [], None, None, 0
+    for chunk in stream:
+        chunks += 1
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+    out["chat_stream"] = {
+        "content": "".join(parts),
+        "finish": finish,
+        "chunks": chunks,
+        "usage": usage,
+    }
+
+    text = client.completions.create(model=model, prompt="The sky is", max_tokens=6)
+    out["text"] = {
+        "text": text.choices[0].text,
+        "finish": text.choices[0].finish_reason,
+        "usage": text.usage.model_dump(),
+    }
+
+    text_stream = client.completions.create(
+        model=model,
+        prompt="Once upon a time",
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for chunk in text_stream:
+        for choice in chunk.choices:
+            parts.append(choice.text)
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+    out["text_stream"] = {"text": "".join(parts), "usage": usage}
+
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+//! A real engine behind a node: llama.cpp's own server with SmolLM2-135M (see
+//! `meridian_tests::engine`), driven through Meridian with the official `openai` SDK. Asserts
+//! structure, counts and timings — never the generated words.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use meridian_proto::pb::admin as pb;
+use meridian_tests::engine::{self, LlamaServer};
+use meridian_tests::{TestNode, provider_toml, tier, wait_until};
+use serde_json::{Value, json};
+
+/// What the tenant may use in a day (far more than the test needs: settlement is read back
+/// from what the limit has left).
+const DAY: u64 = 1_000_000;
+
+/// A counter of the engine's own Prometheus text (`llamacpp:NAME`).
+async fn engine_counter(engine: &LlamaServer, name: &str) -> f64 {
+    let text = reqwest::get(engine.url("/metrics"))
+        .await
+        .expect("engine metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("llamacpp:{name} "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("llamacpp:{name} not in the engine's metrics:\n{text}"))
+}
+
+fn usage_of(v: &Value) -> (u64, u64) {
+    let u = &v["usage"];
+    let (p, c) = (
+        u["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        u["completion_tokens"].as_u64().expect("completion_tokens"),
+    );
+    assert_eq!(u["total_tokens"].as_u64(), Some(p + c), "{u}");
+    assert!(p > 0, "{u}");
+    (p, c)
+}
+
+#[tokio::test]
+async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_the_engine_counts()
+{
+    let engine = LlamaServer::start(2).expect("llama.cpp's server starts");
+    let node = TestNode::start(&provider_toml(
+        "llama",
+        &engine.base_url(),
+        &["smollm2"],
+        "",
+    ))
+    .await
+    .expect("node");
+    node.put_tier(tier(
+        "metered",
+        pb::Limits {
+            tokens_per_day: Some(DAY),
+            ..pb::Limits::default()
+        },
+    ))
+    .await
+    .expect("tier");
+    let key = node
+        .tenant_with_key(pb::Tenant {
+            id: "eng".into(),
+            tier: "metered".into(),
+            ..pb::Tenant::default()
+        })
+        .await
+        .expect("tenant");
+
+    let python = engine::python().expect("the engine's python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/engine_check.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://{}/v1", node.http))
+        .arg("smollm2")
+        .arg(&key)
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "the SDK raised:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+    eprintln!("the SDK saw: {v}");
+
+    // Whole and streamed chat and text completions: what a client parses, counted as the
+    // engine counted it, within the caps asked for.
+    let (mut prompt, mut completion) = (0, 0);
+    for (call, cap) in [
+        ("chat", 12),
+        ("chat_stream", 12),
+        ("text", 6),
+        ("text_stream", 6),
+    ] {
+        let (p, c) = usage_of(&v[call]);
+        assert!(
+            (1..=cap).contains(&c),
+            "{call}: {c} tokens for a cap of {cap}"
+        );
+        prompt += p;
+        completion += c;
+    }
+    for call in ["chat", "chat_stream"] {
+        let finish = v[call]["finish"].as_str().unwrap_or_default();
+        assert!(matches!(finish, "stop" | "length"), "{call}: {finish}");
+    }
+    assert!(
+        v["chat_stream"]["chunks"].as_u64()
+            > v["chat_stream"]["usage"]["completion_tokens"].as_u64(),
+        "one chunk a token, plus the usage: {v}"
+    );
+    assert_eq!(
+        engine_counter(&engine, "tokens_predicted_total").await,
+        completion as f64,
+        "the engine generated what the clients were told"
+    );
+
+    // The tenant's daily roll-up holds the same figures.
+    let admin = node.admin_client().await.expect("admin");
+    wait_until(
+        "the roll-up has the four calls",
+        Duration::from_secs(10),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let report = admin
+                    .usage_report(pb::UsageReportRequest {
+                        days: 1,
+                        tenant: "eng".into(),
+                        ..pb::UsageReportRequest::default()
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+                report.is_ok_and(|r| {
+                    r.rows.iter().any(|row| {
+                        row.requests == 4
+                            && row.input_tokens == prompt
+                            && row.output_tokens == completion
+                    })
+                })
+            }
+        },
+    )
+    .await
+    .expect("roll-up");
+
+    // Settlement: the limit was charged what the engine counted. A text completion of three
+    // token ids capped at one token reserves exactly 4, so what the day has left at its
+    // admission is the limit, less the four calls as the engine counted them, less 4.
+    let probe = node
+        .client()
+        .post(node.url("/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "smollm2", "prompt": [1, 2, 3], "max_tokens": 1}))
+        .send()
+        .await
+        .expect("probe");
+    assert_eq!(probe.status(), 200);
+    let left: u64 = probe.headers()["x-ratelimit-remaining-tokens-day"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        left,
+        DAY - (prompt + completion) - 4,
+        "settled at the engine's counts ({prompt} in, {completion} out)"
+    );
+    let probed: Value = probe.json().await.expect("json");
+    assert_eq!(probed["usage"]["prompt_tokens"], 3, "{probed}");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_the_engines_slot_within_a_second() {
+    let engine = LlamaServer::start(2).expect("llama.cpp's server starts");
+    let node = TestNode::start(&provider_toml(
+        "llama",
+        &engine.base_url(),
+        &["smollm2"],
+        "",
+    ))
+    .await
+    .expect("node");
+    let busy_slots = || async {
+        let slots: Value = reqwest::get(engine.url("/slots"))
+            .await
+            .expect("slots")
+            .json()
+            .await
+            .expect("json");
+        slots
+            .as_array()
+            .expect("a list of slots")
+            .iter()
+            .filter(|s| s["is_processing"] == true)
+            .count()
+    };
+    let resp = node
+        .client()
+        .post(node.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "smollm2", "stream": true, "max_tokens": 1500,
+                      "messages": [{"role": "user", "content": "Tell me a very long story."}]}),
+        )
+        .send()
+        .await
+        .expect("stream opens");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 3 {
+        let piece = body.next().await.expect("a chunk").expect("bytes");
+        seen += piece.windows(6).filter(|w| w == b"data: ").count();
+    }
+    assert_eq!(busy_slots().await, 1, "the engine is generating for us");
+    let left_at = Instant::now();
+    drop(body);
+    wait_until(
+        "the engine's slot is free",
+        Duration::from_secs(1),
+        || async { busy_slots().await == 0 },
+    )
+    .await
+    .expect("the slot is freed within a second of the client leaving");
+    eprintln!("slot freed {:?} after the client left", left_at.elapsed());
+}
