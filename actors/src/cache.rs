@@ -82,7 +82,7 @@ impl ResponseCache {
             return None;
         }
         // Only a chat answer can be replayed as a stream today (`as_chunks`).
-        if request.api != Api::Chat && request.stream() {
+        if request.api.upstream() != Api::Chat && request.stream() {
             return None;
         }
         // The body without its streaming flags, by reference (no copy), with sorted keys: the

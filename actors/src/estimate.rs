@@ -126,7 +126,7 @@ pub const DEFAULT_IMAGE_TOKENS: u64 = 765;
 /// A text completion's prompts and an embeddings request's inputs are counted as they are (no
 /// framing); token arrays by their length.
 pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer, image_tokens: u64) -> u64 {
-    if request.api != Api::Chat {
+    if request.api.upstream() != Api::Chat {
         return request
             .inputs
             .iter()
@@ -175,7 +175,7 @@ pub fn completion_reserve(request: &ChatRequest) -> u64 {
     let p = &request.params;
     let (default, choices) = match request.api {
         Api::Embeddings => return 0,
-        Api::Chat => (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1)),
+        Api::Chat | Api::Messages => (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1)),
         Api::Completions => {
             let best_of = request.body.get("best_of").and_then(|b| b.as_u64());
             let n = u64::from(p.n.unwrap_or(1)).max(best_of.unwrap_or(1));

@@ -339,13 +339,7 @@ impl Gateway {
         };
         // A caller with no limit still gets a reservation (with nothing to charge): it carries
         // the prompt's estimate, which a call cut short is billed for in its record.
-        let tokenizer = self.inner.registry.with_table(|t| {
-            t.routes
-                .get(request.model())
-                .and_then(|r| r.first())
-                .map(|r| r.provider.spec.tokenizer)
-                .unwrap_or_default()
-        });
+        let tokenizer = self.tokenizer_of(request.model());
         let price = self.inner.prices.get(request.model()).copied();
         let estimate = if cache_hit {
             // Answered from the cache: a request, no tokens, no cost.
@@ -362,6 +356,25 @@ impl Gateway {
             }
         };
         quota.admit(&scopes[..kept], estimate).await.map(Some)
+    }
+
+    /// The tokenizer of the first provider of `model` (the default for a model not served).
+    fn tokenizer_of(&self, model: &str) -> estimate::Tokenizer {
+        self.inner.registry.with_table(|t| {
+            t.routes
+                .get(model)
+                .and_then(|r| r.first())
+                .map(|r| r.provider.spec.tokenizer)
+                .unwrap_or_default()
+        })
+    }
+
+    /// The prompt's tokens as admission counts them.
+    pub(crate) fn prompt_estimate(&self, request: &ChatRequest) -> u64 {
+        let images = self
+            .quota()
+            .map_or(estimate::DEFAULT_IMAGE_TOKENS, Quota::image_tokens);
+        estimate::prompt_tokens(request, self.tokenizer_of(request.model()), images)
     }
 
     /// The cache key of `request` from `principal`, if the cache is on and the request may be

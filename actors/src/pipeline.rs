@@ -436,6 +436,18 @@ fn end_span(
 }
 
 impl Gateway {
+    /// The prompt tokens of `request` as admission counts them (with the model's tokenizer),
+    /// for a caller let in: Anthropic's `count_tokens`. No provider is asked, nothing charged.
+    pub fn count_tokens(
+        &self,
+        credentials: Credentials<'_>,
+        request: Result<ChatRequest, ApiError>,
+    ) -> Result<u64, ApiError> {
+        self.authenticate(credentials)?;
+        let request = request?;
+        Ok(self.prompt_estimate(&request))
+    }
+
     /// Serves one inference request from start to end (see the module's steps).
     pub async fn serve(&self, call: Call<'_>) -> Served {
         let request_id = call.request_id.clone();

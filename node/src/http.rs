@@ -48,6 +48,11 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(crate::messages::messages))
+        .route(
+            "/v1/messages/count_tokens",
+            post(crate::messages::count_tokens),
+        )
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -107,25 +112,42 @@ async fn serve(
             request,
         })
         .await;
-    let mut resp = match served.answer {
+    let resp = match served.answer {
         Ok(Answer::Complete(body)) => json_response(body, served.rate_limits.len()),
-        Ok(Answer::Stream(stream)) => sse_response(stream, st.sse_heartbeat),
-        Ok(Answer::Cached(hit)) if hit.stream => cached_sse(&hit),
+        Ok(Answer::Stream(stream)) => sse_response(stream, Framing::OpenAi, st.sse_heartbeat),
+        Ok(Answer::Cached(hit)) if hit.stream => cached_sse(&hit, Framing::OpenAi),
         Ok(Answer::Cached(hit)) => json_response(hit.completion, 0),
         Err(e) => http_error(&e),
     };
-    if let Some(cache) = served.cache {
+    decorate(
+        resp,
+        served.cache,
+        served.cost_micro_usd,
+        served.rate_limits,
+        &served.request_id,
+    )
+}
+
+/// The headers every answer of the pipeline gets: whether it came from the cache, what it
+/// cost (when asked), the limits' `x-ratelimit-*` and the request id.
+pub(crate) fn decorate(
+    mut resp: Response,
+    cache: Option<meridian_actors::CacheOutcome>,
+    cost_micro_usd: Option<u64>,
+    rate_limits: Vec<meridian_actors::quota::RateLimitState>,
+    request_id: &meridian_proto::RequestId,
+) -> Response {
+    if let Some(cache) = cache {
         resp.headers_mut()
             .insert("x-meridian-cache", HeaderValue::from_static(cache.as_str()));
     }
-    if let Some(v) = served
-        .cost_micro_usd
-        .and_then(|c| HeaderValue::from_str(&crate::headers::usd(c)).ok())
+    if let Some(v) =
+        cost_micro_usd.and_then(|c| HeaderValue::from_str(&crate::headers::usd(c)).ok())
     {
         resp.headers_mut().insert("x-meridian-cost-usd", v);
     }
-    crate::ratelimit::write_headers(served.rate_limits, resp.headers_mut());
-    if let Ok(v) = HeaderValue::from_str(served.request_id.as_str()) {
+    crate::ratelimit::write_headers(rate_limits, resp.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
@@ -133,7 +155,7 @@ async fn serve(
 
 /// A whole JSON answer, its header map sized up front for the `x-ratelimit-*` headers of `limits`
 /// limits and the few others every answer gets (growing it later rehashes it).
-fn json_response(body: Bytes, limits: usize) -> Response {
+pub(crate) fn json_response(body: Bytes, limits: usize) -> Response {
     let mut resp = Response::new(Body::from(body));
     let headers = resp.headers_mut();
     headers.reserve(crate::ratelimit::header_room(limits));
@@ -145,30 +167,98 @@ fn json_response(body: Bytes, limits: usize) -> Response {
 }
 
 /// A cached whole answer as the SSE stream the client asked for.
-fn cached_sse(hit: &CacheHit) -> Response {
+pub(crate) fn cached_sse(hit: &CacheHit, mut framing: Framing) -> Response {
     let chunks = match hit.chunks() {
         Ok(chunks) => chunks,
-        Err(e) => return http_error(&e),
+        Err(e) => return framing.error_response(&e),
     };
-    let mut body = String::new();
+    let mut body = BytesMut::new();
     for c in chunks {
-        body.push_str("data: ");
-        body.push_str(&c);
-        body.push_str("\n\n");
+        framing.chunk(&mut body, c.as_bytes());
     }
-    body.push_str("data: [DONE]\n\n");
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (http::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        body,
-    )
-        .into_response()
+    framing.done(&mut body);
+    (SSE_HEADERS, Body::from(body.freeze())).into_response()
 }
 
-fn body_error(rejection: BytesRejection) -> ApiError {
+const SSE_HEADERS: [(http::HeaderName, &str); 3] = [
+    (header::CONTENT_TYPE, "text/event-stream"),
+    (header::CACHE_CONTROL, "no-cache"),
+    (http::HeaderName::from_static("x-accel-buffering"), "no"),
+];
+
+/// How a stream's chunks are written: OpenAI's `data:` frames ending in `[DONE]`, or
+/// Anthropic's named events (the chat chunks translated as they pass).
+pub(crate) enum Framing {
+    OpenAi,
+    Anthropic {
+        events: Box<meridian_proto::anthropic::MessageStream>,
+        request_id: String,
+    },
+}
+
+impl Framing {
+    fn chunk(&mut self, buf: &mut BytesMut, json: &[u8]) {
+        match self {
+            Self::OpenAi => {
+                buf.extend_from_slice(b"data: ");
+                buf.extend_from_slice(json);
+                buf.extend_from_slice(b"\n\n");
+            }
+            Self::Anthropic { events, .. } => write_events(buf, events.on_chunk(json)),
+        }
+    }
+
+    fn done(&mut self, buf: &mut BytesMut) {
+        match self {
+            Self::OpenAi => buf.extend_from_slice(b"data: [DONE]\n\n"),
+            Self::Anthropic { events, .. } => write_events(buf, events.finish()),
+        }
+    }
+
+    /// A failure once the stream has begun: an error event, and no end event.
+    fn error(&mut self, buf: &mut BytesMut, e: &ApiError) {
+        match self {
+            Self::OpenAi => {
+                buf.extend_from_slice(b"data: ");
+                buf.extend_from_slice(&e.body().to_json());
+                buf.extend_from_slice(b"\n\n");
+            }
+            Self::Anthropic { request_id, .. } => {
+                let body = meridian_proto::anthropic::error_body(e, Some(request_id));
+                write_events(buf, vec![("error", body)]);
+            }
+        }
+    }
+
+    /// A failure before the stream began, as a whole answer.
+    fn error_response(&self, e: &ApiError) -> Response {
+        match self {
+            Self::OpenAi => http_error(e),
+            Self::Anthropic { request_id, .. } => crate::respond::anthropic_error(e, request_id),
+        }
+    }
+
+    fn ping(&self) -> Bytes {
+        match self {
+            Self::OpenAi => Bytes::from_static(b": ping\n\n"),
+            Self::Anthropic { .. } => {
+                Bytes::from_static(b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
+            }
+        }
+    }
+}
+
+fn write_events(buf: &mut BytesMut, events: Vec<meridian_proto::anthropic::Event>) {
+    for (name, data) in events {
+        buf.extend_from_slice(b"event: ");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\ndata: ");
+        buf.extend_from_slice(data.to_string().as_bytes());
+        buf.extend_from_slice(b"\n\n");
+    }
+}
+
+pub(crate) fn body_error(rejection: BytesRejection) -> ApiError {
     let too_large = matches!(
         &rejection,
         BytesRejection::FailedToBufferBody(
@@ -251,31 +341,25 @@ async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-fn sse_response(relay: ServedStream, heartbeat: Duration) -> Response {
+pub(crate) fn sse_response(relay: ServedStream, framing: Framing, heartbeat: Duration) -> Response {
     let body = SseBody {
         relay,
+        framing,
         heartbeat,
         last_write: Instant::now(),
         timer: Box::pin(tokio::time::sleep(heartbeat)),
         finished: false,
     };
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (http::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response()
+    (SSE_HEADERS, Body::from_stream(body)).into_response()
 }
 
-/// The SSE response body: `data: <json>\n\n` per chunk, written as they come (every chunk
-/// that is ready goes out in one write), `data: [DONE]` at a clean end, an OpenAI error event
-/// (and no `[DONE]`) at a failed one, and `: ping` while the upstream is silent. The heartbeat
+/// The SSE response body: each chunk framed as it comes (every chunk that is ready goes out in
+/// one write), the end (`data: [DONE]`, or Anthropic's closing events) at a clean end, an error
+/// event (and no end) at a failed one, and a ping while the upstream is silent. The heartbeat
 /// timer is re-armed only when it fires, not once per chunk.
 struct SseBody {
     relay: ServedStream,
+    framing: Framing,
     heartbeat: Duration,
     last_write: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -296,25 +380,23 @@ impl Stream for SseBody {
                 match piece {
                     Some(piece) => {
                         for json in &piece.chunks {
-                            buf.extend_from_slice(b"data: ");
-                            buf.extend_from_slice(json);
-                            buf.extend_from_slice(b"\n\n");
+                            this.framing.chunk(&mut buf, json);
                         }
                         match piece.end {
                             None => {}
                             Some(StreamEnd::Done) => {
-                                buf.extend_from_slice(b"data: [DONE]\n\n");
+                                this.framing.done(&mut buf);
                                 this.finished = true;
                             }
                             Some(StreamEnd::Failed(e)) => {
-                                write_error(&mut buf, &e);
+                                this.framing.error(&mut buf, &e);
                                 this.finished = true;
                             }
                         }
                     }
                     None => {
                         // The relay ended without a verdict: say so, never end as if complete.
-                        write_error(
+                        this.framing.error(
                             &mut buf,
                             &ApiError::new(ErrorKind::Internal, "the stream ended unexpectedly"),
                         );
@@ -333,16 +415,10 @@ impl Stream for SseBody {
                 if now >= due {
                     this.last_write = now;
                     this.timer.as_mut().reset(now + this.heartbeat);
-                    return Poll::Ready(Some(Ok(Bytes::from_static(b": ping\n\n"))));
+                    return Poll::Ready(Some(Ok(this.framing.ping())));
                 }
                 this.timer.as_mut().reset(due);
             },
         }
     }
-}
-
-fn write_error(buf: &mut BytesMut, e: &ApiError) {
-    buf.extend_from_slice(b"data: ");
-    buf.extend_from_slice(&e.body().to_json());
-    buf.extend_from_slice(b"\n\n");
 }

@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod logs;
+pub mod messages;
 pub mod metrics;
 pub mod otlp;
 pub mod ratelimit;

@@ -22,16 +22,21 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
 /// The OpenAI error body with its status, `Retry-After` when a retry helps later, and
 /// `x-should-retry: false` when it cannot help (so SDKs do not hammer us).
 pub fn http_error(e: &ApiError) -> Response {
+    error_with_body(e, e.body().to_json())
+}
+
+/// The same answer with Anthropic's error body (the Messages route).
+pub fn anthropic_error(e: &ApiError, request_id: &str) -> Response {
+    let body = meridian_proto::anthropic::error_body(e, Some(request_id)).to_string();
+    error_with_body(e, body.into_bytes())
+}
+
+fn error_with_body(e: &ApiError, body: Vec<u8>) -> Response {
     let status = http_status(e.kind);
     if status.is_server_error() {
         tracing::warn!(status = status.as_u16(), error = %e, "request failed");
     }
-    let mut resp = (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        e.body().to_json(),
-    )
-        .into_response();
+    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     let headers = resp.headers_mut();
     if let Some(after) = e.retry_after {
         let secs = after.as_secs_f64().ceil().max(1.0) as u64;

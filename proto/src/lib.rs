@@ -11,6 +11,7 @@
 //!
 //! This crate has no runtime: construction, validation and conversion only.
 
+pub mod anthropic;
 pub mod cluster;
 pub mod convert;
 pub mod error;

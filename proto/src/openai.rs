@@ -233,7 +233,7 @@ impl ChatRequest {
     /// A text completion is already capped by its engine's default
     /// ([`apis::DEFAULT_COMPLETION_MAX_TOKENS`]); an embedding generates nothing.
     pub fn cap_output(&mut self, tokens: u32) {
-        if self.api == Api::Chat && self.max_output_tokens().is_none() {
+        if self.api.upstream() == Api::Chat && self.max_output_tokens().is_none() {
             self.params.max_completion_tokens = Some(tokens);
             self.body
                 .insert("max_completion_tokens".into(), Value::from(tokens));

@@ -372,8 +372,13 @@ struct Script {
     flavor: Option<Flavor>,
     /// Anthropic: prompt tokens reported as read from the prompt cache.
     cached: usize,
-    /// Anthropic: answer with a tool_use block calling this tool (after the text).
+    /// Answer with a call of this tool: Anthropic, a tool_use block after the text; OpenAI
+    /// flavours, `tool_calls` instead of content, until the conversation holds `rounds` tool
+    /// results (then a text answer, as a model that got what it needed).
     tool: Option<String>,
+    /// How many tool results a conversation needs before the model answers in text (OpenAI
+    /// flavours; default 1).
+    rounds: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -417,6 +422,7 @@ impl Script {
     fn parse(text: &str) -> Result<Self, String> {
         let mut s = Self {
             tokens: 8,
+            rounds: 1,
             ..Self::default()
         };
         for pair in text
@@ -441,6 +447,7 @@ impl Script {
                 "stall_after" => s.stall_after = Some(n()? as usize),
                 "cached" => s.cached = n()? as usize,
                 "tool" => s.tool = Some(v.to_owned()),
+                "rounds" => s.rounds = n()? as usize,
                 "content" => {
                     s.content = match v {
                         "cr" => Content::CarriageReturn,
@@ -758,6 +765,24 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         .as_bool()
         .unwrap_or(false);
     let id = format!("chatcmpl-mock{}", s.stats.requests.load(SeqCst));
+    let results = req["messages"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["role"] == "tool").count());
+    if let Some(tool) = script.tool.as_deref().filter(|_| results < script.rounds) {
+        s.stats.completed.fetch_add(1, SeqCst);
+        let call = ToolCall {
+            id: &id,
+            model: &model,
+            tool,
+            round: results,
+            prompt_tokens,
+        };
+        return if stream {
+            call.stream(include_usage)
+        } else {
+            call.whole()
+        };
+    }
     if !stream {
         script.wait_first_token().await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
@@ -800,6 +825,75 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         guard,
     };
     sse_response(futures::stream::unfold(plan, StreamPlan::next))
+}
+
+/// A chat answer that calls a tool (OpenAI's shape: `tool_calls`, no content).
+struct ToolCall<'a> {
+    id: &'a str,
+    model: &'a str,
+    tool: &'a str,
+    round: usize,
+    prompt_tokens: usize,
+}
+
+impl ToolCall<'_> {
+    const ARGUMENTS: [&'static str; 2] = ["{\"q\": ", "\"x\"}"];
+
+    fn call_id(&self) -> String {
+        format!("call_mock{}", self.round)
+    }
+
+    fn usage(&self) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": 5,
+               "total_tokens": self.prompt_tokens + 5})
+    }
+
+    fn whole(&self) -> Response {
+        json_response(&json!({
+            "id": self.id, "object": "chat.completion", "created": 1763700000, "model": self.model,
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": null, "message": {
+                "role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": self.call_id(), "type": "function",
+                                "function": {"name": self.tool, "arguments": Self::ARGUMENTS.concat()}}]}}],
+            "usage": self.usage(),
+        }))
+    }
+
+    /// The call streamed as OpenAI does: the id and name first, the arguments in pieces.
+    fn stream(&self, include_usage: bool) -> Response {
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": self.id, "object": "chat.completion.chunk", "created": 1763700000,
+                   "model": self.model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        };
+        let mut frames = vec![
+            chunk(json!({"role": "assistant", "content": null}), Value::Null),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": self.call_id(), "type": "function",
+                                       "function": {"name": self.tool, "arguments": ""}}]}),
+                Value::Null,
+            ),
+        ];
+        for part in Self::ARGUMENTS {
+            frames.push(chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+                Value::Null,
+            ));
+        }
+        frames.push(chunk(json!({}), json!("tool_calls")));
+        if include_usage {
+            let mut last = chunk(json!({}), Value::Null);
+            last["choices"] = json!([]);
+            last["usage"] = self.usage();
+            frames.push(last);
+        }
+        let mut body: Vec<Result<Bytes, std::io::Error>> = frames
+            .into_iter()
+            .map(|f| Ok(Bytes::from(format!("data: {f}\n\n"))))
+            .collect();
+        body.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        sse_response(futures::stream::iter([body]))
+    }
 }
 
 /// A whole JSON answer (a non-streamed completion or message).

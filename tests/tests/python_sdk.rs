@@ -1,7 +1,7 @@
-//! A real client: the official `openai` Python SDK against a running node.
+//! Real clients: the official `openai` and `anthropic` Python SDKs against a running node.
 //!
 //! The interpreter comes from `MERIDIAN_TEST_PYTHON` (what `.ci/run` sets up), else a virtualenv
-//! this test creates once under `target/py-venv` with `pip install openai`.
+//! this test creates once under `target/py-venv` with `pip install openai anthropic`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ fn python_with_openai() -> PathBuf {
     let python = venv.join("bin/python");
     let has_openai = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import openai"])
+            .args(["-c", "import openai, anthropic"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -41,12 +41,12 @@ fn python_with_openai() -> PathBuf {
             "python3 -m venv failed: install python3-venv, or set MERIDIAN_TEST_PYTHON"
         );
         let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "openai"])
+            .args(["install", "--quiet", "openai", "anthropic"])
             .status()
             .is_ok_and(|s| s.success());
         assert!(
             ok,
-            "pip install openai failed; set MERIDIAN_TEST_PYTHON to a python that has it"
+            "pip install openai anthropic failed; set MERIDIAN_TEST_PYTHON to a python that has them"
         );
     }
     python
@@ -114,5 +114,79 @@ async fn the_official_openai_sdk_parses_our_answers() {
             Some(4),
             "{v}"
         );
+    }
+}
+
+/// The official `anthropic` SDK against `/v1/messages`, served by OpenAI-style providers
+/// through translation: a plain and a streamed message, a tool-use loop of three turns (two
+/// calls, then text), a streamed tool call, token counting, and errors in Anthropic's shape.
+#[tokio::test]
+async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() {
+    let python = python_with_openai();
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
+        let node = TestNode::start(&provider_toml(
+            "mock",
+            &mock.base_url(),
+            &["mock", "tooly=mock@tool:lookup,rounds:2"],
+            "",
+        ))
+        .await
+        .expect("node");
+        let script = workspace().join("tests/python/anthropic_check.py");
+        let out = tokio::process::Command::new(&python)
+            .arg(&script)
+            .arg(format!("http://{}", node.http))
+            .arg("mock")
+            .arg("tooly")
+            .arg(node.api_key.as_deref().expect("auth is on by default"))
+            .output()
+            .await
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{flavor:?}: the SDK raised:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+        let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
+        assert_eq!(v["plain"]["text"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["plain"]["model"], "mock");
+        assert!(v["plain"]["id"].as_str().unwrap().starts_with("msg_"));
+        assert_eq!(v["plain"]["stop_reason"], "end_turn");
+        assert_eq!(v["plain"]["usage"]["output_tokens"], 8);
+        assert!(v["plain"]["usage"]["input_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(v["stream"]["text"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["stream"]["final_text"], expected);
+        assert_eq!(v["stream"]["stop_reason"], "end_turn");
+        assert_eq!(v["stream"]["usage"]["output_tokens"], 8, "{v}");
+        // Two tool calls, each answered, then a text answer: three turns.
+        assert_eq!(v["loop"]["turns"], 3, "{flavor:?}: {v}");
+        let calls = v["loop"]["calls"].as_array().expect("calls");
+        assert_eq!(calls.len(), 2);
+        assert!(
+            calls
+                .iter()
+                .all(|c| c["name"] == "lookup" && c["input"]["q"] == "x"),
+            "{v}"
+        );
+        assert_ne!(calls[0]["id"], calls[1]["id"]);
+        assert_eq!(v["loop"]["last_stop_reason"], "end_turn");
+        assert_eq!(v["loop"]["last_text"], expected);
+        assert_eq!(v["stream_tool"]["stop_reason"], "tool_use", "{v}");
+        let block = &v["stream_tool"]["content"][0];
+        assert_eq!(
+            (&block["type"], &block["name"]),
+            (&"tool_use".into(), &"lookup".into())
+        );
+        assert_eq!(
+            block["input"]["q"], "x",
+            "input_json_delta pieces assembled: {v}"
+        );
+        assert!(v["count_tokens"].as_u64().unwrap() > 3, "{v}");
+        assert_eq!(v["error"]["status"], 404, "{v}");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["auth_error"]["status"], 401, "{v}");
+        assert_eq!(v["auth_error"]["type"], "authentication_error");
     }
 }

@@ -125,7 +125,7 @@ impl ApiAdapter {
         stream: bool,
         t: &Timeouts,
     ) -> Result<Exchange, UpstreamError> {
-        if req.api != Api::Chat && matches!(self.dialect, Dialect::Anthropic { .. }) {
+        if req.api.upstream() != Api::Chat && matches!(self.dialect, Dialect::Anthropic { .. }) {
             return Err(UpstreamError::Rejected(
                 ApiError::new(
                     ErrorKind::InvalidRequest,
@@ -139,7 +139,8 @@ impl ApiAdapter {
                 .with_code("unsupported_api"),
             ));
         }
-        let path = &self.paths[req.api as usize];
+        // In the order of `paths` (and of `Api`'s variants).
+        let path = &self.paths[req.api.upstream() as usize];
         let mut rb = Request::post(path.as_str())
             .header(HOST, self.pool.authority())
             .header(CONTENT_TYPE, "application/json")

@@ -25,8 +25,8 @@ pub struct DemoModel {
 
 impl DemoModel {
     pub fn complete(&self, req: &ChatRequest, model: &str) -> Result<Completion, UpstreamError> {
-        match req.api {
-            Api::Chat => {}
+        match req.api.upstream() {
+            Api::Chat | Api::Messages => {}
             Api::Completions => return text_completion(req, model),
             Api::Embeddings => return embeddings(req, model),
         }
@@ -56,8 +56,8 @@ impl DemoModel {
 
     pub fn stream(&self, req: &ChatRequest, model: &str) -> Result<ChunkStream, UpstreamError> {
         let answer = Answer::for_request(req)?;
-        let events = match req.api {
-            Api::Chat => chat_chunks(&answer, model),
+        let events = match req.api.upstream() {
+            Api::Chat | Api::Messages => chat_chunks(&answer, model),
             Api::Completions => text_chunks(&answer, model),
             Api::Embeddings => {
                 return Err(UpstreamError::Rejected(ApiError::invalid(
@@ -269,7 +269,7 @@ impl Answer {
                 "n: the demo model answers with one choice only",
             )));
         }
-        let (prompt_tokens, last_user) = if req.api == Api::Chat {
+        let (prompt_tokens, last_user) = if req.api.upstream() == Api::Chat {
             let tokens: usize = req
                 .params
                 .messages

@@ -21,15 +21,25 @@ pub enum Api {
     Completions,
     /// `POST /v1/embeddings`.
     Embeddings,
+    /// Anthropic's `POST /v1/messages`, read as a chat request (see [`crate::anthropic`]).
+    Messages,
 }
 
 impl Api {
-    /// The endpoint under an API root that ends in `/v1`.
-    pub fn path(self) -> &'static str {
+    /// The API a provider is asked on: a Messages request is a chat request once read.
+    pub fn upstream(self) -> Self {
         match self {
-            Self::Chat => "chat/completions",
+            Self::Messages => Self::Chat,
+            other => other,
+        }
+    }
+
+    /// The endpoint of [`Api::upstream`] under an OpenAI-style API root that ends in `/v1`.
+    pub fn path(self) -> &'static str {
+        match self.upstream() {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Chat | Self::Messages => "chat/completions",
         }
     }
 
@@ -39,13 +49,14 @@ impl Api {
             Self::Chat => "chat.completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Messages => "messages",
         }
     }
 
     /// The GenAI semantic conventions' `gen_ai.operation.name`.
     pub fn operation(self) -> &'static str {
         match self {
-            Self::Chat => "chat",
+            Self::Chat | Self::Messages => "chat",
             Self::Completions => "text_completion",
             Self::Embeddings => "embeddings",
         }
@@ -169,6 +180,7 @@ impl ChatRequest {
     pub fn from_json_as(api: Api, bytes: &[u8], limits: &RequestLimits) -> Result<Self, ApiError> {
         match api {
             Api::Chat => Self::from_json(bytes, limits),
+            Api::Messages => crate::anthropic::messages_request(bytes, limits, false),
             Api::Completions | Api::Embeddings => {
                 let body = super::json_object(bytes)?;
                 Self::from_body(api, body, limits)
@@ -184,7 +196,7 @@ impl ChatRequest {
         limits: &RequestLimits,
     ) -> Result<Self, ApiError> {
         let (params, inputs) = match api {
-            Api::Chat => {
+            Api::Chat | Api::Messages => {
                 let params: ChatCompletionRequest =
                     serde_path_to_error::deserialize(&body).map_err(super::schema_error)?;
                 (params, Vec::new())
