@@ -1,5 +1,5 @@
-"""Drives a Meridian node in front of a real engine with the official `openai` Python SDK:
-chat and text completions, each whole and streamed.
+"""Drives a Meridian node in front of a real engine with the official `openai` and `anthropic`
+Python SDKs: chat, text completions and Anthropic Messages, each whole and streamed.
 
 Usage: engine_check.py BASE_URL MODEL API_KEY
 Prints one JSON object with what the SDK parsed (usage of every call); exits non-zero if the
@@ -9,6 +9,7 @@ SDK raised. Generated words are never checked: a small model's answers vary.
 import json
 import sys
 
+import anthropic
 from openai import OpenAI
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
@@ -76,7 +77,43 @@ def main() -> None:
             usage = chunk.usage.model_dump()
     out["text_stream"] = {"text": "".join(parts), "usage": usage}
 
+    messages = anthropic.Anthropic(
+        base_url=base_url.removesuffix("/v1"), api_key=api_key, max_retries=0
+    )
+    message = messages.messages.create(
+        model=model,
+        max_tokens=8,
+        system="You are a helpful assistant. Answer briefly.",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+    )
+    out["messages"] = {
+        "stop_reason": message.stop_reason,
+        "usage": anthropic_usage(message.usage),
+    }
+    with messages.messages.stream(
+        model=model,
+        max_tokens=8,
+        messages=[{"role": "user", "content": "Name an animal."}],
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    out["messages_stream"] = {
+        "text_matches": streamed == "".join(b.text for b in final.content if b.type == "text"),
+        "stop_reason": final.stop_reason,
+        "usage": anthropic_usage(final.usage),
+    }
+
     print(json.dumps(out))
+
+
+def anthropic_usage(u) -> dict:
+    """In OpenAI's terms: Anthropic's input tokens exclude those read from the cache."""
+    prompt = u.input_tokens + (u.cache_read_input_tokens or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": prompt + u.output_tokens,
+    }
 
 
 if __name__ == "__main__":

