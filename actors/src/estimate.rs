@@ -175,7 +175,9 @@ pub fn completion_reserve(request: &ChatRequest) -> u64 {
     let p = &request.params;
     let (default, choices) = match request.api {
         Api::Embeddings => return 0,
-        Api::Chat | Api::Messages => (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1)),
+        Api::Chat | Api::Messages | Api::Responses => {
+            (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1))
+        }
         Api::Completions => {
             let best_of = request.body.get("best_of").and_then(|b| b.as_u64());
             let n = u64::from(p.n.unwrap_or(1)).max(best_of.unwrap_or(1));

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP/SSE edge (axum on hyper).
 //!
 //! `POST /v1/chat/completions` and `/v1/completions` (stream and not), `POST /v1/embeddings`,
-//! `GET /v1/models`, `/healthz`, `/readyz`, `/metrics`.
+//! Anthropic's `POST /v1/messages` and OpenAI's `POST /v1/responses` (by translation, in
+//! `translated.rs`), `GET /v1/models`, `/healthz`, `/readyz`, `/metrics`.
 //! Every error is an OpenAI error body. The SSE body pulls the upstream stream directly, writes
 //! each chunk's JSON as it came, and puts every chunk that has already arrived into one write
 //! (never waiting for more), which is what keeps streaming through us close to a bare proxy.
@@ -48,11 +49,12 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
-        .route("/v1/messages", post(crate::messages::messages))
+        .route("/v1/messages", post(crate::translated::messages))
         .route(
             "/v1/messages/count_tokens",
-            post(crate::messages::count_tokens),
+            post(crate::translated::count_tokens),
         )
+        .route("/v1/responses", post(crate::translated::responses))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -194,6 +196,10 @@ pub(crate) enum Framing {
         events: Box<meridian_proto::anthropic::MessageStream>,
         request_id: String,
     },
+    /// The Responses API's semantic events (no `[DONE]`).
+    Responses {
+        events: Box<meridian_proto::responses::ResponseStream>,
+    },
 }
 
 impl Framing {
@@ -205,6 +211,7 @@ impl Framing {
                 buf.extend_from_slice(b"\n\n");
             }
             Self::Anthropic { events, .. } => write_events(buf, events.on_chunk(json)),
+            Self::Responses { events } => write_events(buf, events.on_chunk(json)),
         }
     }
 
@@ -212,6 +219,7 @@ impl Framing {
         match self {
             Self::OpenAi => buf.extend_from_slice(b"data: [DONE]\n\n"),
             Self::Anthropic { events, .. } => write_events(buf, events.finish()),
+            Self::Responses { events } => write_events(buf, events.finish()),
         }
     }
 
@@ -227,20 +235,21 @@ impl Framing {
                 let body = meridian_proto::anthropic::error_body(e, Some(request_id));
                 write_events(buf, vec![("error", body)]);
             }
+            Self::Responses { events } => write_events(buf, events.error(e)),
         }
     }
 
     /// A failure before the stream began, as a whole answer.
     fn error_response(&self, e: &ApiError) -> Response {
         match self {
-            Self::OpenAi => http_error(e),
+            Self::OpenAi | Self::Responses { .. } => http_error(e),
             Self::Anthropic { request_id, .. } => crate::respond::anthropic_error(e, request_id),
         }
     }
 
     fn ping(&self) -> Bytes {
         match self {
-            Self::OpenAi => Bytes::from_static(b": ping\n\n"),
+            Self::OpenAi | Self::Responses { .. } => Bytes::from_static(b": ping\n\n"),
             Self::Anthropic { .. } => {
                 Bytes::from_static(b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
             }

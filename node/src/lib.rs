@@ -11,12 +11,12 @@ pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod logs;
-pub mod messages;
 pub mod metrics;
 pub mod otlp;
 pub mod ratelimit;
 pub mod respond;
 pub mod traces;
+pub mod translated;
 
 pub use app::{App, AppError};
 pub use config::{Config, ConfigError};

@@ -17,6 +17,7 @@ pub mod convert;
 pub mod error;
 pub mod ids;
 pub mod openai;
+pub mod responses;
 
 pub use error::{ApiError, ErrorKind};
 pub use ids::RequestId;

@@ -1,5 +1,5 @@
 """Drives a Meridian node in front of a real engine with the official `openai` and `anthropic`
-Python SDKs: chat, text completions and Anthropic Messages, each whole and streamed.
+Python SDKs: chat, text completions, Responses and Anthropic Messages, each whole and streamed.
 
 Usage: engine_check.py BASE_URL MODEL API_KEY
 Prints one JSON object with what the SDK parsed (usage of every call); exits non-zero if the
@@ -77,6 +77,25 @@ def main() -> None:
             usage = chunk.usage.model_dump()
     out["text_stream"] = {"text": "".join(parts), "usage": usage}
 
+    resp = client.responses.create(
+        model=model,
+        instructions="You are a helpful assistant. Answer briefly.",
+        input="Name a city.",
+        max_output_tokens=8,
+        store=False,
+    )
+    out["responses"] = {"status": resp.status, "usage": responses_usage(resp.usage)}
+    completed = None
+    for event in client.responses.create(
+        model=model, input="Name a river.", max_output_tokens=8, stream=True, store=False
+    ):
+        if event.type in ("response.completed", "response.incomplete"):
+            completed = event.response
+    out["responses_stream"] = {
+        "status": completed.status if completed else None,
+        "usage": responses_usage(completed.usage) if completed else None,
+    }
+
     messages = anthropic.Anthropic(
         base_url=base_url.removesuffix("/v1"), api_key=api_key, max_retries=0
     )
@@ -104,6 +123,14 @@ def main() -> None:
     }
 
     print(json.dumps(out))
+
+
+def responses_usage(u) -> dict:
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+    }
 
 
 def anthropic_usage(u) -> dict:

@@ -1,17 +1,17 @@
 """Drives a Meridian node with the official `openai` Python SDK.
 
-Usage: sdk_check.py BASE_URL MODEL API_KEY
+Usage: sdk_check.py BASE_URL MODEL API_KEY TOOL_MODEL
 Prints one JSON object with what the SDK parsed; exits non-zero if the SDK raised.
 """
 
 import json
 import sys
 
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 
 def main() -> None:
-    base_url, model, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
+    base_url, model, api_key, tool_model = sys.argv[1:5]
     client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
     unary = client.chat.completions.create(
@@ -60,9 +60,52 @@ def main() -> None:
         model=model, input=[[1, 2, 3]], encoding_format="float", dimensions=4
     )
 
+    # The Responses API, which Meridian serves by translation (nothing stored).
+    resp = client.responses.create(
+        model=model, instructions="Be brief.", input="hello", max_output_tokens=32, store=False
+    )
+    events, streamed_text, completed = [], "", None
+    for event in client.responses.create(
+        model=model, input=[{"role": "user", "content": "stream"}], stream=True, store=False
+    ):
+        events.append(event.type)
+        if event.type == "response.output_text.delta":
+            streamed_text += event.delta
+        if event.type == "response.completed":
+            completed = event.response
+    # The SDK's stream helper accumulates the events and checks they fit together.
+    with client.responses.stream(model=model, input="helper") as helper:
+        helped = helper.get_final_response()
+    # A function call, its output sent back, then the answer.
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    called = client.responses.create(model=tool_model, input="look it up", tools=tools)
+    calls = [item for item in called.output if item.type == "function_call"]
+    answered = client.responses.create(
+        model=tool_model,
+        tools=tools,
+        input=[{"role": "user", "content": "look it up"}]
+        + [c.model_dump(exclude_none=True) for c in calls]
+        + [{"type": "function_call_output", "call_id": c.call_id, "output": "found"} for c in calls],
+    )
+    try:
+        client.responses.create(model=model, input="hi", store=True)
+        refused = None
+    except BadRequestError as e:
+        refused = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+
     print(
         json.dumps(
             {
+                "responses_text": resp.output_text,
+                "responses_status": resp.status,
+                "responses_usage": resp.usage.model_dump() if resp.usage else None,
+                "responses_events": events,
+                "responses_stream_text": streamed_text,
+                "responses_stream_usage": completed.usage.model_dump() if completed else None,
+                "responses_helper_text": helped.output_text,
+                "responses_calls": [c.model_dump() for c in calls],
+                "responses_answered": answered.output_text,
+                "responses_refused_param": refused,
                 "text": text.choices[0].text,
                 "text_logprobs": text.choices[0].logprobs.model_dump()
                 if text.choices[0].logprobs

@@ -57,9 +57,14 @@ async fn the_official_openai_sdk_parses_our_answers() {
     let python = python_with_openai();
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
         let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
-        let node = TestNode::start(&provider_toml("mock", &mock.base_url(), &["mock"], ""))
-            .await
-            .expect("node");
+        let node = TestNode::start(&provider_toml(
+            "mock",
+            &mock.base_url(),
+            &["mock", "tooly=mock@tool:lookup"],
+            "",
+        ))
+        .await
+        .expect("node");
         let script = workspace().join("tests/python/sdk_check.py");
         let base_url = format!("http://{}/v1", node.http);
         let out = tokio::process::Command::new(&python)
@@ -67,6 +72,7 @@ async fn the_official_openai_sdk_parses_our_answers() {
             .arg(&base_url)
             .arg("mock")
             .arg(node.api_key.as_deref().expect("auth is on by default"))
+            .arg("tooly")
             .output()
             .await
             .expect("python runs");
@@ -114,6 +120,20 @@ async fn the_official_openai_sdk_parses_our_answers() {
             Some(4),
             "{v}"
         );
+        // The Responses API, whole and streamed, through the SDK's own types.
+        assert_eq!(v["responses_text"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["responses_status"], "completed");
+        assert_eq!(v["responses_usage"]["output_tokens"], 8);
+        assert_eq!(v["responses_stream_text"], expected, "{v}");
+        assert_eq!(v["responses_stream_usage"]["output_tokens"], 8, "{v}");
+        assert_eq!(v["responses_helper_text"], expected, "{v}");
+        let events = v["responses_events"].as_array().expect("events");
+        assert_eq!(events.first(), Some(&"response.created".into()), "{v}");
+        assert_eq!(events.last(), Some(&"response.completed".into()), "{v}");
+        assert_eq!(v["responses_calls"][0]["name"], "lookup", "{v}");
+        assert_eq!(v["responses_calls"][0]["call_id"], "call_mock0");
+        assert_eq!(v["responses_answered"], expected, "{v}");
+        assert_eq!(v["responses_refused_param"], "store", "{v}");
     }
 }
 

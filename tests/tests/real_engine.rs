@@ -1,6 +1,6 @@
 //! A real engine behind a node: llama.cpp's own server with SmolLM2-135M (see
 //! `meridian_tests::engine`), driven through Meridian with the official `openai` and `anthropic`
-//! SDKs (chat, text completions, Messages). Asserts
+//! SDKs (chat, text completions, Responses, Messages). Asserts
 //! structure, counts and timings — never the generated words.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -102,6 +102,8 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
         ("text_stream", 6),
         ("messages", 8),
         ("messages_stream", 8),
+        ("responses", 8),
+        ("responses_stream", 8),
     ] {
         let (p, c) = usage_of(&v[call]);
         assert!(
@@ -120,6 +122,13 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
         assert!(matches!(stop, "end_turn" | "max_tokens"), "{call}: {stop}");
     }
     assert_eq!(v["messages_stream"]["text_matches"], true, "{v}");
+    for call in ["responses", "responses_stream"] {
+        let status = v[call]["status"].as_str().unwrap_or_default();
+        assert!(
+            matches!(status, "completed" | "incomplete"),
+            "{call}: {status}"
+        );
+    }
     assert!(
         v["chat_stream"]["chunks"].as_u64()
             > v["chat_stream"]["usage"]["completion_tokens"].as_u64(),
@@ -134,7 +143,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
     // The tenant's daily roll-up holds the same figures.
     let admin = node.admin_client().await.expect("admin");
     wait_until(
-        "the roll-up has the six calls",
+        "the roll-up has the eight calls",
         Duration::from_secs(10),
         || {
             let mut admin = admin.clone();
@@ -149,7 +158,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
                     .map(tonic::Response::into_inner);
                 report.is_ok_and(|r| {
                     r.rows.iter().any(|row| {
-                        row.requests == 6
+                        row.requests == 8
                             && row.input_tokens == prompt
                             && row.output_tokens == completion
                     })
@@ -162,7 +171,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
     // Settlement: the limit was charged what the engine counted. A text completion of three
     // token ids capped at one token reserves exactly 4, so what the day has left at its
-    // admission is the limit, less the six calls as the engine counted them, less 4.
+    // admission is the limit, less the eight calls as the engine counted them, less 4.
     let probe = node
         .client()
         .post(node.url("/v1/completions"))

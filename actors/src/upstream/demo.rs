@@ -26,7 +26,7 @@ pub struct DemoModel {
 impl DemoModel {
     pub fn complete(&self, req: &ChatRequest, model: &str) -> Result<Completion, UpstreamError> {
         match req.api.upstream() {
-            Api::Chat | Api::Messages => {}
+            Api::Chat | Api::Messages | Api::Responses => {}
             Api::Completions => return text_completion(req, model),
             Api::Embeddings => return embeddings(req, model),
         }
@@ -57,7 +57,7 @@ impl DemoModel {
     pub fn stream(&self, req: &ChatRequest, model: &str) -> Result<ChunkStream, UpstreamError> {
         let answer = Answer::for_request(req)?;
         let events = match req.api.upstream() {
-            Api::Chat | Api::Messages => chat_chunks(&answer, model),
+            Api::Chat | Api::Messages | Api::Responses => chat_chunks(&answer, model),
             Api::Completions => text_chunks(&answer, model),
             Api::Embeddings => {
                 return Err(UpstreamError::Rejected(ApiError::invalid(

@@ -23,13 +23,15 @@ pub enum Api {
     Embeddings,
     /// Anthropic's `POST /v1/messages`, read as a chat request (see [`crate::anthropic`]).
     Messages,
+    /// OpenAI's `POST /v1/responses`, read as a chat request (see [`crate::responses`]).
+    Responses,
 }
 
 impl Api {
     /// The API a provider is asked on: a Messages request is a chat request once read.
     pub fn upstream(self) -> Self {
         match self {
-            Self::Messages => Self::Chat,
+            Self::Messages | Self::Responses => Self::Chat,
             other => other,
         }
     }
@@ -39,7 +41,7 @@ impl Api {
         match self.upstream() {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
-            Self::Chat | Self::Messages => "chat/completions",
+            Self::Chat | Self::Messages | Self::Responses => "chat/completions",
         }
     }
 
@@ -50,13 +52,14 @@ impl Api {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
             Self::Messages => "messages",
+            Self::Responses => "responses",
         }
     }
 
     /// The GenAI semantic conventions' `gen_ai.operation.name`.
     pub fn operation(self) -> &'static str {
         match self {
-            Self::Chat | Self::Messages => "chat",
+            Self::Chat | Self::Messages | Self::Responses => "chat",
             Self::Completions => "text_completion",
             Self::Embeddings => "embeddings",
         }
@@ -181,6 +184,7 @@ impl ChatRequest {
         match api {
             Api::Chat => Self::from_json(bytes, limits),
             Api::Messages => crate::anthropic::messages_request(bytes, limits, false),
+            Api::Responses => crate::responses::responses_request(bytes, limits).map(|(r, _)| r),
             Api::Completions | Api::Embeddings => {
                 let body = super::json_object(bytes)?;
                 Self::from_body(api, body, limits)
@@ -196,7 +200,7 @@ impl ChatRequest {
         limits: &RequestLimits,
     ) -> Result<Self, ApiError> {
         let (params, inputs) = match api {
-            Api::Chat | Api::Messages => {
+            Api::Chat | Api::Messages | Api::Responses => {
                 let params: ChatCompletionRequest =
                     serde_path_to_error::deserialize(&body).map_err(super::schema_error)?;
                 (params, Vec::new())
