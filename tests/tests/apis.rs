@@ -372,8 +372,26 @@ async fn the_other_apis_refuse_what_they_cannot_serve_naming_the_field() {
 }
 
 #[tokio::test]
-async fn the_demo_model_answers_text_completions_and_embeddings() {
+async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
     let (_m, _a, n) = node(Flavor::Vllm).await;
+    let chat = json!({"model": "demo", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let v: Value = post(&n, "/v1/chat/completions", &chat)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+    let mut streamed = chat.clone();
+    streamed["stream"] = true.into();
+    let resp = post(&n, "/v1/chat/completions", &streamed).await;
+    let (events, done) = chunks(&resp.bytes().await.expect("body"));
+    assert!(
+        done && events
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
     let v: Value = post(
         &n,
         "/v1/completions",
@@ -458,7 +476,7 @@ fn events(body: &str) -> Vec<(String, Value)> {
 }
 
 #[tokio::test]
-async fn messages_are_served_by_anthropic_and_demo_providers_too() {
+async fn messages_and_responses_are_served_by_anthropic_and_demo_providers_too() {
     let (_m, a, n) = node(Flavor::Vllm).await;
     for model in ["claude", "demo"] {
         let message = json!({"model": model, "max_tokens": 5,
@@ -503,6 +521,43 @@ async fn messages_are_served_by_anthropic_and_demo_providers_too() {
             "{model}: {body}"
         );
         assert!(names.iter().any(|n| n == "content_block_delta"));
+
+        // The Responses API, whole and streamed.
+        let asked = json!({"model": model, "input": "hello there", "max_output_tokens": 5});
+        let v: Value = post(&n, "/v1/responses", &asked)
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["object"], "response", "{model}: {v}");
+        assert!(
+            v["output"][0]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        );
+        let mut streamed = asked.clone();
+        streamed["stream"] = true.into();
+        let body = post(&n, "/v1/responses", &streamed)
+            .await
+            .text()
+            .await
+            .expect("body");
+        let seen = events(&body);
+        assert_eq!(
+            seen.first().map(|(n, _)| n.as_str()),
+            Some("response.created"),
+            "{body}"
+        );
+        let (last, data) = seen.last().expect("events");
+        assert!(
+            last == "response.completed" || last == "response.incomplete",
+            "{model}: {body}"
+        );
+        assert!(
+            data["response"]["usage"]["output_tokens"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+        );
     }
     assert!(
         a.stats.requests.load(SeqCst) >= 2,

@@ -249,3 +249,138 @@ async fn a_client_that_disconnects_frees_the_engines_slot_within_a_second() {
     .expect("the slot is freed within a second of the client leaving");
     eprintln!("slot freed {:?} after the client left", left_at.elapsed());
 }
+
+/// The VllmActor supervises the same real server process as it would `vllm serve`: the
+/// `[[vllm]]` command is a stand-in (`tests/python/vllm_llama.py`) that takes vLLM's arguments
+/// and runs llama.cpp's server on the port and under the name given. Launch, readiness, a
+/// request, `kill -9` and the restart, then a drain with a stream in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vllm_supervisor_launches_restarts_and_drains_a_real_engine() {
+    use meridian_actors::vllm::ReplicaState;
+    use meridian_actors::vllm::process::group_members;
+
+    let python = engine::python().expect("the engine's python");
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/vllm_llama.py");
+    let port = meridian_tests::free_port().expect("a port");
+    let command = format!("{} {}", python.display(), wrapper.display());
+    let toml = format!(
+        "[auth]\nenabled = false\n\n[[vllm]]\nid = \"smol\"\nmodel = \"SmolLM2-135M-Instruct\"\n\
+         served_model_names = [\"smol\"]\ncommand = {command:?}\nport = {port}\nmax_num_seqs = 2\n\
+         health_interval = \"100ms\"\nscrape_interval = \"200ms\"\nstartup_budget = \"90s\"\n\
+         restart_backoff = \"500ms\"\ndrain_timeout = \"20s\"\nstop_grace = \"2s\"\n"
+    );
+    let mut node = TestNode::start(&toml).await.expect("node");
+    let replica = |node: &TestNode| {
+        node.vllm
+            .list()
+            .into_iter()
+            .find(|r| r.name == "smol-0")
+            .expect("the replica is listed")
+    };
+    let launched = Instant::now();
+    until(&node, "ready", Duration::from_secs(90), |r| {
+        r.state == ReplicaState::Ready
+    })
+    .await;
+    let ready_after = launched.elapsed();
+    let chat = |stream: bool, max_tokens: u32| {
+        node.client()
+            .post(node.url("/v1/chat/completions"))
+            .json(
+                &json!({"model": "smol", "stream": stream, "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": "Tell me about rivers."}]}),
+            )
+            .send()
+    };
+    let first = chat(false, 8).await.expect("sent");
+    assert_eq!(first.status(), 200);
+    let answer: Value = first.json().await.expect("json");
+    assert!(
+        answer["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| (1..=8).contains(&n))
+    );
+
+    // kill -9: deregistered, relaunched after the backoff, ready again, serving again.
+    let pid = replica(&node).pid.expect("a pid");
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    let down = until(&node, "down", Duration::from_secs(5), |r| {
+        r.state != ReplicaState::Ready
+    })
+    .await;
+    until(
+        &node,
+        "relaunched and ready",
+        Duration::from_secs(60),
+        |r| r.state == ReplicaState::Ready && r.pid.is_some_and(|p| p != pid),
+    )
+    .await;
+    let back = killed.elapsed();
+    assert!(
+        group_members(pid).is_empty(),
+        "nothing of the killed process is left"
+    );
+    assert_eq!(replica(&node).restarts, 1);
+    assert_eq!(chat(false, 4).await.expect("sent").status(), 200);
+
+    // A drain lets the stream in flight finish, then stops the process.
+    let stream = chat(true, 48).await.expect("stream opens");
+    assert_eq!(stream.status(), 200);
+    let pid = replica(&node).pid.expect("a pid");
+    let drained = Instant::now();
+    node.vllm
+        .control("smol-0", meridian_actors::vllm::actor::Control::Drain)
+        .await
+        .expect("drain");
+    let body = stream.text().await.expect("the stream runs to its end");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    until(&node, "stopped", Duration::from_secs(30), |r| {
+        r.state == ReplicaState::Stopped
+    })
+    .await;
+    let stop_took = drained.elapsed();
+    assert!(
+        group_members(pid).is_empty(),
+        "no process of the drained replica is left"
+    );
+    eprintln!(
+        "real engine under the VllmActor: ready {ready_after:?} after launch; kill -9 → \
+         deregistered in {down:?}, ready again {back:?} after the kill; drained with a stream in \
+         flight, stopped {stop_took:?} after the drain began"
+    );
+    node.begin_shutdown()
+        .await
+        .expect("shutdown")
+        .expect("drained");
+}
+
+/// Polls (every 20 ms) until replica `smol-0` of `node` meets `cond`; how long it took.
+async fn until(
+    node: &TestNode,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&meridian_actors::vllm::ReplicaStatus) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = node
+            .vllm
+            .list()
+            .into_iter()
+            .find(|r| r.name == "smol-0")
+            .expect("the replica is listed");
+        if cond(&r) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "smol-0 never became {what}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
