@@ -163,8 +163,97 @@ impl ResponseCache {
     }
 }
 
+/// A stream's chat chunks gathered into the whole `chat.completion` they make, so that a
+/// streamed answer is cached like a whole one (and replayed either way). One choice: a request
+/// with `n > 1` is never cached.
+#[derive(Debug, Default)]
+pub struct StreamCollector {
+    first: Option<Value>,
+    content: String,
+    /// Tool calls by their index: id, name and the arguments' pieces joined.
+    tool_calls: Vec<Value>,
+    finish_reason: Option<Value>,
+    usage: Option<Value>,
+    /// A chunk that was not JSON: the answer is not kept.
+    broken: bool,
+}
+
+impl StreamCollector {
+    pub fn push(&mut self, chunk: &[u8]) {
+        let Ok(c) = serde_json::from_slice::<Value>(chunk) else {
+            self.broken = true;
+            return;
+        };
+        if let Some(u) = c.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+        }
+        let choice = &c["choices"][0];
+        let delta = &choice["delta"];
+        if let Some(t) = delta["content"].as_str() {
+            self.content.push_str(t);
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = call["index"].as_u64().unwrap_or(0) as usize;
+            while self.tool_calls.len() <= i {
+                self.tool_calls.push(serde_json::json!({
+                    "id": null, "type": "function", "function": {"name": null, "arguments": ""}}));
+            }
+            let into = &mut self.tool_calls[i];
+            if call["id"].is_string() {
+                into["id"] = call["id"].clone();
+            }
+            if call["function"]["name"].is_string() {
+                into["function"]["name"] = call["function"]["name"].clone();
+            }
+            if let Some(a) = call["function"]["arguments"].as_str() {
+                let joined = format!(
+                    "{}{a}",
+                    into["function"]["arguments"].as_str().unwrap_or("")
+                );
+                into["function"]["arguments"] = joined.into();
+            }
+        }
+        if !choice["finish_reason"].is_null() && choice.get("finish_reason").is_some() {
+            self.finish_reason = Some(choice["finish_reason"].clone());
+        }
+        if self.first.is_none() {
+            self.first = Some(c);
+        }
+    }
+
+    /// The usage as the provider reported it (when the client did not ask for the usage
+    /// chunk, it never passes through [`StreamCollector::push`]).
+    pub fn set_usage(&mut self, usage: &meridian_proto::openai::Usage) {
+        self.usage = serde_json::to_value(usage).ok();
+    }
+
+    /// The whole answer, once the stream ran to its end.
+    pub fn completion(self) -> Option<Bytes> {
+        if self.broken {
+            return None;
+        }
+        let first = self.first?;
+        let mut message = serde_json::json!({"role": "assistant", "content": self.content});
+        if !self.tool_calls.is_empty() {
+            message["tool_calls"] = self.tool_calls.into();
+            if self.content.is_empty() {
+                message["content"] = Value::Null;
+            }
+        }
+        let completion = serde_json::json!({
+            "id": first["id"], "object": "chat.completion", "created": first["created"],
+            "model": first["model"],
+            "choices": [{"index": 0, "message": message, "logprobs": null,
+                         "finish_reason": self.finish_reason.unwrap_or(Value::Null)}],
+            "usage": self.usage.unwrap_or(Value::Null),
+        });
+        serde_json::to_vec(&completion).ok().map(Bytes::from)
+    }
+}
+
 /// A cached whole answer replayed as the chunks a stream would have carried: the role, the
-/// content, the finish reason, and (if asked) the usage, each as one `chat.completion.chunk`.
+/// content, the tool calls, the finish reason, and (if asked) the usage, each as one
+/// `chat.completion.chunk`.
 pub fn as_chunks(completion: &[u8], include_usage: bool) -> Option<Vec<String>> {
     let c: Value = serde_json::from_slice(completion).ok()?;
     let choice = c.get("choices")?.get(0)?;
@@ -189,10 +278,30 @@ pub fn as_chunks(completion: &[u8], include_usage: bool) -> Option<Vec<String>> 
         base(
             serde_json::json!([{"index": 0, "delta": {"content": content}, "finish_reason": null}]),
         ),
+    ];
+    if let Some(calls) = choice
+        .get("message")
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                c["index"] = i.into();
+                c
+            })
+            .collect();
+        chunks.push(base(
+            serde_json::json!([{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": null}]),
+        ));
+    }
+    chunks.extend([
         base(
             serde_json::json!([{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason").cloned().unwrap_or(Value::Null)}]),
         ),
-    ];
+    ]);
     if include_usage {
         let mut last = base(serde_json::json!([]));
         last["usage"] = c.get("usage").cloned().unwrap_or(Value::Null);

@@ -26,6 +26,7 @@ use meridian_proto::{ApiError, ErrorKind, RequestId};
 use tokio::time::Instant;
 
 pub use crate::auth::Credentials;
+use crate::cache::{CacheKey, StreamCollector};
 use crate::calllog::{CallEntry, Recorder};
 use crate::connection::{
     ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via, billable,
@@ -205,10 +206,13 @@ struct Extras {
 
 /// How far [`Gateway::run`] got: an answer, or a provider's stream still to be wrapped (it
 /// takes the request's summary along, to record itself at its end).
+// Made once per request and moved once, like `Answer`.
+#[allow(clippy::large_enum_variant)]
 enum Reached {
     Complete(Bytes),
     Cached(CacheHit),
-    Stream(RelayStream),
+    /// With the cache key it is stored under once it has run to its end, if it may be cached.
+    Stream(RelayStream, Option<CacheKey>),
 }
 
 /// How a request ended, as [`record`] sees it.
@@ -471,12 +475,13 @@ impl Gateway {
         let (recorder, summary) = (self.recorder(), &mut extras.summary);
         let answer = match reached {
             // The stream records itself, at its end.
-            Ok(Reached::Stream(relay)) => Ok(Answer::Stream(ServedStream {
+            Ok(Reached::Stream(relay, cache_key)) => Ok(Answer::Stream(ServedStream {
                 relay,
                 recorder: Arc::clone(recorder),
                 summary: extras.summary,
                 first_chunk: None,
                 recorded: false,
+                cache: cache_key.map(|key| (key, self.clone(), StreamCollector::default())),
             })),
             Ok(Reached::Complete(body)) => {
                 if summary.span.is_some() {
@@ -594,8 +599,8 @@ impl Gateway {
                 served.usage = c.usage;
                 Ok(Reached::Complete(c.body))
             }
-            // Streams are not stored (only whole answers are); a later whole call fills it.
-            ChatReply::Stream(relay) => Ok(Reached::Stream(relay)),
+            // Stored once it has run to its end (see `ServedStream`).
+            ChatReply::Stream(relay) => Ok(Reached::Stream(relay, cache_key)),
         }
     }
 }
@@ -609,6 +614,9 @@ pub struct ServedStream {
     /// When its first content was handed to the edge.
     first_chunk: Option<Instant>,
     recorded: bool,
+    /// For a stream that may be cached: its key, and the whole answer gathered as it passes
+    /// (stored when the stream ends complete; a failed or abandoned one is not).
+    cache: Option<(CacheKey, Gateway, StreamCollector)>,
 }
 
 impl std::fmt::Debug for ServedStream {
@@ -661,9 +669,26 @@ impl Stream for ServedStream {
                 finish_reasons(chunk, &mut this.summary.finish_reasons);
             }
         }
+        if let (Some((_, _, collector)), Some(p)) = (&mut this.cache, &piece) {
+            for chunk in &p.chunks {
+                collector.push(chunk);
+            }
+        }
         match piece.as_ref().map(|p| &p.end) {
             Some(None) => {}
-            Some(Some(StreamEnd::Done)) => this.record(Ending::Streamed),
+            Some(Some(StreamEnd::Done)) => {
+                // The relay kept the usage chunk from a client that did not ask for it; the
+                // stored answer has the usage all the same.
+                if let Some((key, gateway, mut collector)) = this.cache.take() {
+                    if let Some(u) = this.relay.usage() {
+                        collector.set_usage(&u);
+                    }
+                    if let Some(completion) = collector.completion() {
+                        gateway.cache_put(key, completion);
+                    }
+                }
+                this.record(Ending::Streamed)
+            }
             Some(Some(StreamEnd::Failed(e))) => this.record(Ending::Failed(e)),
             None => this.record(Ending::Failed(&ApiError::new(
                 ErrorKind::Internal,

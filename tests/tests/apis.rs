@@ -23,7 +23,12 @@ async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
         provider_toml(
             "mock",
             &mock.base_url(),
-            &["mock", "flaky=mock@fail_after:2", "down=mock@fail:503"],
+            &[
+                "mock",
+                "flaky=mock@fail_after:2",
+                "down=mock@fail:503",
+                "tooly=mock@tool:lookup",
+            ],
             ""
         ),
         provider_toml_kind(
@@ -651,4 +656,81 @@ async fn the_messages_route_answers_in_anthropics_shape_even_when_things_fail() 
         seen.iter().any(|(n, _)| n == "content_block_delta"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
+    let (m, _a, n) = node(Flavor::OpenAi).await;
+    let ask = |model: &str, stream: bool| {
+        json!({"model": model, "temperature": 0, "stream": stream,
+               "messages": [{"role": "user", "content": "cache me"}]})
+    };
+    // First as a stream (the usage chunk not asked for): a miss, and stored once it ends.
+    let first = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
+    assert_eq!(first.headers()["x-meridian-cache"], "miss");
+    let (events, done) = chunks(&first.bytes().await.expect("body"));
+    assert!(done);
+    let streamed: String = events
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let served = m.stats.completed.load(SeqCst);
+    // Then whole: the same answer from the cache, with the provider's usage.
+    let whole = post(&n, "/v1/chat/completions", &ask("mock", false)).await;
+    assert_eq!(whole.headers()["x-meridian-cache"], "hit");
+    let v: Value = whole.json().await.expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], streamed.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    // And streamed again, from the cache.
+    let again = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
+    assert_eq!(again.headers()["x-meridian-cache"], "hit");
+    let (events, done) = chunks(&again.bytes().await.expect("body"));
+    assert!(done);
+    let replayed: String = events
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(replayed, streamed);
+    assert_eq!(
+        m.stats.completed.load(SeqCst),
+        served,
+        "no provider call for hits"
+    );
+
+    // A streamed tool call is kept whole: its id, name and the arguments' pieces joined.
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    let mut call = ask("tooly", true);
+    call["tools"] = tools.clone();
+    let resp = post(&n, "/v1/chat/completions", &call).await;
+    assert_eq!(resp.headers()["x-meridian-cache"], "miss");
+    let _ = resp.bytes().await.expect("body");
+    call["stream"] = false.into();
+    let hit = post(&n, "/v1/chat/completions", &call).await;
+    assert_eq!(hit.headers()["x-meridian-cache"], "hit");
+    let v: Value = hit.json().await.expect("json");
+    let tool_call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(tool_call["id"], "call_mock0", "{v}");
+    assert_eq!(tool_call["function"]["name"], "lookup");
+    assert_eq!(tool_call["function"]["arguments"], r#"{"q": "x"}"#);
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    // Replayed as a stream, the tool call is there too.
+    call["stream"] = true.into();
+    let replay = post(&n, "/v1/chat/completions", &call).await;
+    let (events, _) = chunks(&replay.bytes().await.expect("body"));
+    assert!(
+        events
+            .iter()
+            .any(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup"),
+        "{events:?}"
+    );
+
+    // A stream that fails is not stored.
+    let failing = ask("flaky", true);
+    let _ = post(&n, "/v1/chat/completions", &failing)
+        .await
+        .bytes()
+        .await;
+    let retry = post(&n, "/v1/chat/completions", &failing).await;
+    assert_eq!(retry.headers()["x-meridian-cache"], "miss");
 }
