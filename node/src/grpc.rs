@@ -1,4 +1,5 @@
-//! The gRPC edge: `meridian.v1.Inference` (same request path as HTTP, response cache
+//! The gRPC edge: `meridian.v1.Inference` — `Chat`, `ChatStream`, `Embed`, `ListModels` (same
+//! request path as HTTP, response cache
 //! included: `x-meridian-cache` metadata both ways), plus the standard `grpc.health.v1` service
 //! and server reflection.
 
@@ -7,7 +8,8 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use meridian_actors::{Answer, CacheOutcome, Call, Gateway, ServedStream, StreamEnd};
 use meridian_proto::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
+    Api, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
+    Usage,
 };
 use meridian_proto::pb::v1 as pb;
 use meridian_proto::pb::v1::inference_server::Inference;
@@ -28,6 +30,7 @@ impl InferenceService {
     /// with a usage chunk).
     fn call<'a>(&self, md: &'a MetadataMap, message: pb::ChatRequest, stream: bool) -> Call<'a> {
         let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(md));
+        let options = headers::with_feature(options, message.feature.clone());
         let request = ChatCompletionRequest::try_from(message).and_then(|mut params| {
             params.stream = Some(stream);
             if stream {
@@ -39,7 +42,7 @@ impl InferenceService {
         });
         Call {
             edge: Edge::Grpc,
-            api: meridian_proto::openai::Api::Chat,
+            api: Api::Chat,
             trace,
             request_id,
             credentials,
@@ -90,6 +93,47 @@ fn chunk_of(json: &[u8]) -> Result<pb::ChatChunk, Status> {
                 format!("a chunk from the provider could not be read: {e}"),
             ))
         })
+}
+
+/// A provider's embeddings answer (floats) as the gRPC response.
+fn embeddings_of(body: &[u8]) -> Result<pb::EmbedResponse, Status> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        model: String,
+        data: Vec<Item>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(default)]
+        index: u32,
+        embedding: Vec<f32>,
+    }
+    let a: Answer = serde_json::from_slice(body).map_err(|e| {
+        grpc_status(&ApiError::new(
+            ErrorKind::Upstream,
+            format!("the provider's embeddings could not be read: {e}"),
+        ))
+    })?;
+    Ok(pb::EmbedResponse {
+        model: a.model,
+        data: a
+            .data
+            .into_iter()
+            .map(|i| pb::Embedding {
+                index: i.index,
+                embedding: i.embedding,
+            })
+            .collect(),
+        usage: a.usage.map(|u| pb::Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+            cached_tokens: u.cached_tokens(),
+        }),
+    })
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChatChunk, Status>> + Send>>;
@@ -172,6 +216,51 @@ impl Inference for InferenceService {
             Err(e) => return Err(grpc_status(&e)),
         };
         let mut resp = Response::new(stream);
+        cache_metadata(&mut resp, served.cache);
+        Ok(resp)
+    }
+
+    async fn embed(
+        &self,
+        req: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let (md, _, message) = req.into_parts();
+        let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(&md));
+        let options = headers::with_feature(options, message.feature.clone());
+        // The provider is asked for floats, which the response carries as they are.
+        let mut body = serde_json::json!({
+            "model": message.model, "input": message.input, "encoding_format": "float",
+        });
+        if let Some(d) = message.dimensions {
+            body["dimensions"] = d.into();
+        }
+        if let Some(u) = message.user {
+            body["user"] = u.into();
+        }
+        let request = serde_json::to_vec(&body)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+            .and_then(|b| ChatRequest::from_json_as(Api::Embeddings, &b, self.gateway.limits()));
+        let served = self
+            .gateway
+            .serve(Call {
+                edge: Edge::Grpc,
+                api: Api::Embeddings,
+                trace,
+                request_id,
+                credentials,
+                options,
+                request,
+            })
+            .await;
+        let body = match served.answer {
+            Ok(Answer::Complete(body)) => body,
+            Ok(Answer::Cached(hit)) => hit.completion,
+            Ok(Answer::Stream(_)) => {
+                return Err(internal("an embeddings call was answered with a stream"));
+            }
+            Err(e) => return Err(grpc_status(&e)),
+        };
+        let mut resp = Response::new(embeddings_of(&body)?);
         cache_metadata(&mut resp, served.cache);
         Ok(resp)
     }

@@ -100,6 +100,25 @@ pub fn usd(micro: u64) -> String {
     format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
+/// Sets the feature a gRPC message names (its `feature` field, which wins over the metadata),
+/// checked like the header.
+pub fn with_feature(
+    options: Result<CallOptions, ApiError>,
+    feature: Option<String>,
+) -> Result<CallOptions, ApiError> {
+    let mut options = options?;
+    if let Some(f) = feature {
+        if meridian_proto::convert::invalid_name(&f).is_some() {
+            return Err(ApiError::invalid(
+                "feature",
+                "feature must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+            ));
+        }
+        options.feature = Some(f);
+    }
+    Ok(options)
+}
+
 /// The feature a request is for (`X-Meridian-Feature`), checked: 1 to 64 of `A-Z a-z 0-9 _ . -`.
 fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
     let Some(v) = value else { return Ok(None) };

@@ -408,3 +408,65 @@ async fn a_cancelled_chat_stream_closes_the_upstream_call_and_grpc_timeout_bound
         "a 300 ms deadline ended the call after {ended:?}"
     );
 }
+
+#[tokio::test]
+async fn embed_returns_one_vector_per_input_is_cached_and_refuses_empty_input() {
+    use meridian_proto::pb::v1::EmbedRequest;
+    let (mock, node) = setup(&["mock"], "").await;
+    let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
+    let ask = || EmbedRequest {
+        model: "mock".into(),
+        input: vec!["first text".into(), "second".into()],
+        dimensions: Some(4),
+        feature: Some("search".into()),
+        ..EmbedRequest::default()
+    };
+    let resp = client.embed(ask()).await.expect("embed");
+    assert_eq!(
+        resp.metadata()
+            .get("x-meridian-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("miss")
+    );
+    let body = resp.into_inner();
+    assert_eq!(body.data.len(), 2);
+    assert_eq!(body.data[1].index, 1);
+    assert!(body.data.iter().all(|e| e.embedding.len() == 4));
+    assert_eq!(body.usage.expect("usage").prompt_tokens, 3);
+    let served = mock.stats.completed.load(SeqCst);
+    let again = client.embed(ask()).await.expect("embed");
+    assert_eq!(
+        again
+            .metadata()
+            .get("x-meridian-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("hit")
+    );
+    assert_eq!(again.into_inner().data, body.data);
+    assert_eq!(mock.stats.completed.load(SeqCst), served, "from the cache");
+    // The message's feature is the call's feature (its tokens are counted under it).
+    let metrics = node.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meridian_tokens_total") && l.contains("feature=\"search\"")),
+        "{metrics}"
+    );
+    let empty = client
+        .embed(EmbedRequest {
+            model: "mock".into(),
+            ..EmbedRequest::default()
+        })
+        .await
+        .expect_err("no input");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert!(empty.message().contains("input"), "{}", empty.message());
+    let bad_feature = client
+        .embed(EmbedRequest {
+            feature: Some("has space".into()),
+            ..ask()
+        })
+        .await
+        .expect_err("a bad feature");
+    assert_eq!(bad_feature.code(), Code::InvalidArgument);
+}
