@@ -205,7 +205,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokenizer = meridian_actors::estimate::Tokenizer::default();
     let _ = meridian_actors::estimate::prompt_tokens(
         &request,
-        tokenizer,
+        &tokenizer,
         meridian_actors::estimate::DEFAULT_IMAGE_TOKENS,
     );
     let mut seen = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
@@ -213,7 +213,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let n = meridian_actors::estimate::prompt_tokens(
             &request,
-            tokenizer,
+            &tokenizer,
             meridian_actors::estimate::DEFAULT_IMAGE_TOKENS,
         );
         seen.record(t.elapsed().as_nanos() as u64)?;

@@ -2,24 +2,57 @@
 //! completion tokens it may generate.
 
 use std::hash::BuildHasher;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use meridian_proto::openai::{
     Api, ChatRequest, DEFAULT_COMPLETION_MAX_TOKENS, Input, MessageContent,
 };
 
 /// A model family's tokenizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Tokenizer {
     /// GPT-4o, GPT-4.1, o-series.
     #[default]
     O200kBase,
     /// GPT-4, GPT-3.5, and a fair stand-in for many open models.
     Cl100kBase,
+    /// A model's own `tokenizer.json` (Llama, Qwen, SmolLM and the other open models engines
+    /// serve), read with Hugging Face's `tokenizers`: prompts are counted as the engine bills
+    /// them.
+    File(Arc<TokenizerFile>),
+}
+
+/// A `tokenizer.json`, loaded once per node and shared by the providers that name it.
+pub struct TokenizerFile {
+    path: String,
+    /// Tells its counts apart from other tokenizers' in the memo.
+    tag: u64,
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for TokenizerFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TokenizerFile").field(&self.path).finish()
+    }
+}
+
+impl PartialEq for TokenizerFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+impl Eq for TokenizerFile {}
+
+impl std::hash::Hash for TokenizerFile {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.path.hash(state);
+    }
 }
 
 impl Tokenizer {
+    /// A tiktoken encoding by name.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "o200k_base" => Some(Self::O200kBase),
@@ -28,11 +61,22 @@ impl Tokenizer {
         }
     }
 
+    /// A model's `tokenizer.json`; the error says why it cannot be used.
+    pub fn from_file(path: &str) -> Result<Self, String> {
+        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+        let tag = std::collections::hash_map::RandomState::new().hash_one(path) | 2;
+        Ok(Self::File(Arc::new(TokenizerFile {
+            path: path.to_owned(),
+            tag,
+            tokenizer,
+        })))
+    }
+
     /// Tokens in `text`. Counts are remembered per text (see [`Memo`]): system prompts and
     /// conversation history come back with every turn, and only new text is tokenized.
-    pub fn count(self, text: &str) -> u64 {
+    pub fn count(&self, text: &str) -> u64 {
         let memo = Memo::get();
-        let hash = memo.hash(self, text);
+        let hash = memo.hash(self.tag(), text);
         if let Some(n) = memo.lookup(hash) {
             return n;
         }
@@ -46,10 +90,27 @@ impl Tokenizer {
         self.count_uncached("");
     }
 
-    fn count_uncached(self, text: &str) -> u64 {
+    fn tag(&self) -> u64 {
+        match self {
+            Self::O200kBase => 0,
+            Self::Cl100kBase => 1,
+            Self::File(f) => f.tag,
+        }
+    }
+
+    fn count_uncached(&self, text: &str) -> u64 {
         let bpe = match self {
             Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
             Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+            // No special tokens: the chat framing is counted apart, as for tiktoken.
+            Self::File(f) => {
+                return f.tokenizer.encode_fast(text, false).map_or_else(
+                    // A text the tokenizer cannot take (it never happens with valid UTF-8):
+                    // about four bytes a token, settled from the engine's usage afterwards.
+                    |_| text.len().div_ceil(4) as u64,
+                    |e| e.len() as u64,
+                );
+            }
         };
         bpe.encode_ordinary(text).len() as u64
     }
@@ -82,8 +143,8 @@ impl Memo {
         }
     }
 
-    fn hash(&self, tokenizer: Tokenizer, text: &str) -> u64 {
-        self.hasher.hash_one((tokenizer as u8, text))
+    fn hash(&self, tokenizer: u64, text: &str) -> u64 {
+        self.hasher.hash_one((tokenizer, text))
     }
 
     /// The tag is the hash's top 40 bits; the slot comes from its low bits.
@@ -125,7 +186,7 @@ pub const DEFAULT_IMAGE_TOKENS: u64 = 765;
 ///
 /// A text completion's prompts and an embeddings request's inputs are counted as they are (no
 /// framing); token arrays by their length.
-pub fn prompt_tokens(request: &ChatRequest, tokenizer: Tokenizer, image_tokens: u64) -> u64 {
+pub fn prompt_tokens(request: &ChatRequest, tokenizer: &Tokenizer, image_tokens: u64) -> u64 {
     if request.api.upstream() != Api::Chat {
         return request
             .inputs
@@ -211,7 +272,7 @@ mod tests {
         assert!((8..=10).contains(&user), "{user}");
         // The text, plus 3 to prime the reply and 3 per message.
         assert_eq!(
-            prompt_tokens(&r, t, DEFAULT_IMAGE_TOKENS),
+            prompt_tokens(&r, &t, DEFAULT_IMAGE_TOKENS),
             3 + 3 + 4 + 3 + user
         );
         assert_eq!(completion_reserve(&r), 100);
@@ -229,7 +290,7 @@ mod tests {
         let plain = br#"{"model":"m","messages":[{"role":"user","content":"weather in Paris?"}]}"#;
         let base = prompt_tokens(
             &ChatRequest::from_json(plain, &RequestLimits::default()).expect("valid"),
-            t,
+            &t,
             DEFAULT_IMAGE_TOKENS,
         );
         let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
@@ -254,9 +315,9 @@ mod tests {
             + json(&schema)
             + json(&calls)
             + (3 + 3 + t.count("18 C"));
-        assert_eq!(prompt_tokens(&r, t, DEFAULT_IMAGE_TOKENS), expected);
+        assert_eq!(prompt_tokens(&r, &t, DEFAULT_IMAGE_TOKENS), expected);
         assert_eq!(
-            prompt_tokens(&r, t, 100),
+            prompt_tokens(&r, &t, 100),
             expected - DEFAULT_IMAGE_TOKENS + 100,
             "the configured cost of an image"
         );

@@ -2,7 +2,7 @@
 //! read-only routing table built from configuration, and (in a node) holds the actors' view of
 //! the replicated state: [`Replicated`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -188,8 +188,12 @@ impl Gateway {
             // Every admitted request is estimated with its model's tokenizer: they are loaded
             // before the node serves (off the runtime), not by its first requests (o200k took
             // 0.2 s optimized, 0.9 s unoptimized, on the development machine).
-            let tokenizers: HashSet<Tokenizer> =
-                providers.iter().map(|p| p.spec.tokenizer).collect();
+            let mut tokenizers: Vec<Tokenizer> = Vec::new();
+            for p in providers.iter() {
+                if !tokenizers.contains(&p.spec.tokenizer) {
+                    tokenizers.push(p.spec.tokenizer.clone());
+                }
+            }
             let loaded = tokio::task::spawn_blocking(move || {
                 tokenizers.into_iter().for_each(Tokenizer::load);
             })
@@ -350,7 +354,7 @@ impl Gateway {
             }
         } else {
             Estimate {
-                prompt: estimate::prompt_tokens(request, tokenizer, quota.image_tokens()),
+                prompt: estimate::prompt_tokens(request, &tokenizer, quota.image_tokens()),
                 completion: estimate::completion_reserve(request),
                 price,
             }
@@ -364,7 +368,7 @@ impl Gateway {
             t.routes
                 .get(model)
                 .and_then(|r| r.first())
-                .map(|r| r.provider.spec.tokenizer)
+                .map(|r| r.provider.spec.tokenizer.clone())
                 .unwrap_or_default()
         })
     }
@@ -374,7 +378,7 @@ impl Gateway {
         let images = self
             .quota()
             .map_or(estimate::DEFAULT_IMAGE_TOKENS, Quota::image_tokens);
-        estimate::prompt_tokens(request, self.tokenizer_of(request.model()), images)
+        estimate::prompt_tokens(request, &self.tokenizer_of(request.model()), images)
     }
 
     /// The cache key of `request` from `principal`, if the cache is on and the request may be
@@ -547,7 +551,7 @@ impl Gateway {
                     Signals {
                         prompt_tokens: estimate::prompt_tokens(
                             request,
-                            Default::default(),
+                            &Default::default(),
                             estimate::DEFAULT_IMAGE_TOKENS,
                         ),
                         has_code: request

@@ -201,7 +201,7 @@ impl ProviderConfig {
             queue_capacity: self.queue_capacity,
             queue_timeout: self.queue_timeout,
             timeouts: self.timeouts,
-            tokenizer: self.tokenizer,
+            tokenizer: self.tokenizer.clone(),
             prefix_affinity: self.prefix_affinity,
             weight: self.weight,
             price: self.price,

@@ -154,10 +154,21 @@ pub(super) fn validate(
         };
         let tokenizer = match p.tokenizer.as_deref() {
             None => Tokenizer::default(),
+            Some(name) if name.ends_with(".json") => {
+                Tokenizer::from_file(name).unwrap_or_else(|why| {
+                    e.push(
+                        at("tokenizer"),
+                        format!("the tokenizer file {name:?} cannot be used: {why}"),
+                    );
+                    Tokenizer::default()
+                })
+            }
             Some(name) => Tokenizer::parse(name).unwrap_or_else(|| {
                 e.push(
                     at("tokenizer"),
-                    format!("{name:?} is not a known tokenizer (o200k_base, cl100k_base)"),
+                    format!(
+                        "{name:?} is not a known tokenizer (o200k_base, cl100k_base, or a path to a model's tokenizer.json)"
+                    ),
                 );
                 Tokenizer::default()
             }),

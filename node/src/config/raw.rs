@@ -312,7 +312,8 @@ pub struct RawProvider {
     pub word_delay: Option<String>,
     /// Anthropic only: `max_tokens` for requests that set none (Anthropic requires one).
     pub default_max_tokens: Option<i64>,
-    /// The tokenizer that counts prompts for admission: `o200k_base` (default) or `cl100k_base`.
+    /// The tokenizer that counts prompts for admission: `o200k_base` (default), `cl100k_base`,
+    /// or the path of the model's own `tokenizer.json`.
     pub tokenizer: Option<String>,
     /// Keep each conversation on one of the providers that set this (vLLM replicas with prefix
     /// caching): consistent hashing of the prompt's start, with bounded load.
