@@ -137,6 +137,9 @@ pub struct Served {
     /// What a whole answer cost, in millionths of a dollar, when the client asked
     /// (`X-Meridian-Cost: on`; a stream's cost is known only at its end, in the call log).
     pub cost_micro_usd: Option<u64>,
+    /// The answer is in the API the client called, as a provider that speaks it natively sent
+    /// it (Messages from an Anthropic provider), not a chat completion to translate back.
+    pub native: bool,
 }
 
 /// What is known of a request when it ends, for [`record`]: filled in on its way through.
@@ -202,6 +205,8 @@ struct Extras {
     usage: Option<Usage>,
     /// The client asked for the answer's cost.
     wants_cost: bool,
+    /// See [`Served::native`].
+    native: bool,
 }
 
 /// How far [`Gateway::run`] got: an answer, or a provider's stream still to be wrapped (it
@@ -466,6 +471,7 @@ impl Gateway {
             cache: None,
             usage: None,
             wants_cost: false,
+            native: false,
         };
         if self.traces() {
             extras.summary.span = Some(trace::server_span(call.trace, call.api.operation()));
@@ -506,6 +512,7 @@ impl Gateway {
             rate_limits: extras.rate_limits,
             cache: extras.cache,
             cost_micro_usd: cost_micro_usd.filter(|_| extras.wants_cost),
+            native: extras.native,
         }
     }
 
@@ -589,8 +596,14 @@ impl Gateway {
             weight: 1,
             trace: summary.span.as_ref().map(trace::context_of),
         };
+        let speaks_native = request.native.is_some();
         let routed = self.chat(request, ctx).await;
         summary.via = routed.via;
+        // Only an Anthropic provider (called directly) is sent the client's own request, and
+        // what it answers is passed on as it is; it is not cached (the cache keeps chat).
+        served.native = speaks_native
+            && summary.via.kind == Some(meridian_proto::cluster::ProviderKind::Anthropic);
+        let cache_key = cache_key.filter(|_| !served.native);
         match routed.answer? {
             ChatReply::Complete(c) => {
                 if let Some(key) = cache_key {

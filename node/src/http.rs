@@ -196,6 +196,11 @@ pub(crate) enum Framing {
         events: Box<meridian_proto::anthropic::MessageStream>,
         request_id: String,
     },
+    /// Anthropic's events as an Anthropic provider sent them (each chunk is one event's data,
+    /// named by its `type`; the provider's `message_stop` ends it).
+    AnthropicNative {
+        request_id: String,
+    },
     /// The Responses API's semantic events (no `[DONE]`).
     Responses {
         events: Box<meridian_proto::responses::ResponseStream>,
@@ -212,6 +217,20 @@ impl Framing {
             }
             Self::Anthropic { events, .. } => write_events(buf, events.on_chunk(json)),
             Self::Responses { events } => write_events(buf, events.on_chunk(json)),
+            Self::AnthropicNative { .. } => {
+                #[derive(serde::Deserialize)]
+                struct Named<'a> {
+                    #[serde(borrow, rename = "type")]
+                    kind: std::borrow::Cow<'a, str>,
+                }
+                let name = serde_json::from_slice::<Named<'_>>(json)
+                    .map_or(std::borrow::Cow::Borrowed("message"), |n| n.kind);
+                buf.extend_from_slice(b"event: ");
+                buf.extend_from_slice(name.as_bytes());
+                buf.extend_from_slice(b"\ndata: ");
+                buf.extend_from_slice(json);
+                buf.extend_from_slice(b"\n\n");
+            }
         }
     }
 
@@ -220,6 +239,8 @@ impl Framing {
             Self::OpenAi => buf.extend_from_slice(b"data: [DONE]\n\n"),
             Self::Anthropic { events, .. } => write_events(buf, events.finish()),
             Self::Responses { events } => write_events(buf, events.finish()),
+            // The provider's own `message_stop` was its last event.
+            Self::AnthropicNative { .. } => {}
         }
     }
 
@@ -231,7 +252,7 @@ impl Framing {
                 buf.extend_from_slice(&e.body().to_json());
                 buf.extend_from_slice(b"\n\n");
             }
-            Self::Anthropic { request_id, .. } => {
+            Self::Anthropic { request_id, .. } | Self::AnthropicNative { request_id } => {
                 let body = meridian_proto::anthropic::error_body(e, Some(request_id));
                 write_events(buf, vec![("error", body)]);
             }
@@ -243,14 +264,16 @@ impl Framing {
     fn error_response(&self, e: &ApiError) -> Response {
         match self {
             Self::OpenAi | Self::Responses { .. } => http_error(e),
-            Self::Anthropic { request_id, .. } => crate::respond::anthropic_error(e, request_id),
+            Self::Anthropic { request_id, .. } | Self::AnthropicNative { request_id } => {
+                crate::respond::anthropic_error(e, request_id)
+            }
         }
     }
 
     fn ping(&self) -> Bytes {
         match self {
             Self::OpenAi | Self::Responses { .. } => Bytes::from_static(b": ping\n\n"),
-            Self::Anthropic { .. } => {
+            Self::Anthropic { .. } | Self::AnthropicNative { .. } => {
                 Bytes::from_static(b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
             }
         }

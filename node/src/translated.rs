@@ -121,13 +121,24 @@ async fn serve(
         Edge::Http,
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
     );
-    let (translated, request) = match body {
+    let (translated, mut request) = match body {
         Ok(body) => Translated::read(api, &body, &st),
         Err(rejected) => {
             let (translated, _) = Translated::read(api, b"", &st);
             (translated, Err(body_error(rejected)))
         }
     };
+    // What an Anthropic provider is sent with the client's own request.
+    if let Ok(Some(native)) = request.as_mut().map(|r| r.native.as_mut()) {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        native.version = header("anthropic-version");
+        native.beta = header("anthropic-beta");
+    }
     let served = st
         .gateway
         .serve(Call {
@@ -146,6 +157,17 @@ async fn serve(
         Err(e) => translated.error(&e, &id),
     };
     let mut resp = match served.answer {
+        // An Anthropic provider's own answer to the client's own request: as it came.
+        Ok(Answer::Complete(body)) if served.native => {
+            json_response(body, served.rate_limits.len())
+        }
+        Ok(Answer::Stream(stream)) if served.native => sse_response(
+            stream,
+            Framing::AnthropicNative {
+                request_id: id.clone(),
+            },
+            st.sse_heartbeat,
+        ),
         Ok(Answer::Complete(body)) => whole(&body, served.rate_limits.len()),
         Ok(Answer::Stream(stream)) => {
             sse_response(stream, translated.framing(&id), st.sse_heartbeat)

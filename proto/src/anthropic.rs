@@ -26,6 +26,29 @@ use crate::openai::{Api, ChatRequest, MAX_STOP_SEQUENCES, RequestLimits};
 /// The API version Meridian answers as (`anthropic-version`).
 pub const API_VERSION: &str = "2023-06-01";
 
+/// A Messages request as the client sent it, for an Anthropic provider, which gets it as it is
+/// (only `model` and `stream` set), with the client's `anthropic-version` and `anthropic-beta`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Native {
+    pub body: Map<String, Value>,
+    pub version: Option<String>,
+    pub beta: Option<String>,
+}
+
+impl Native {
+    /// The body for `model` (the provider's name for it), streamed or not.
+    pub fn body_for(&self, model: &str, stream: bool) -> Vec<u8> {
+        let mut body = self.body.clone();
+        body.insert("model".into(), model.into());
+        if stream {
+            body.insert("stream".into(), true.into());
+        } else {
+            body.remove("stream");
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
 }
@@ -170,6 +193,10 @@ pub fn messages_request(
         e
     })?;
     request.api = Api::Messages;
+    request.native = Some(Box::new(Native {
+        body,
+        ..Native::default()
+    }));
     Ok(request)
 }
 

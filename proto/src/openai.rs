@@ -166,6 +166,9 @@ pub struct ChatRequest {
     /// A text completion's prompts or an embeddings request's inputs (a chat request's prompt
     /// is its messages).
     pub inputs: Vec<Input>,
+    /// The request as the client wrote it, for a provider that speaks its API natively
+    /// (Anthropic's Messages to an Anthropic provider: sent as it is, not as the translation).
+    pub native: Option<Box<crate::anthropic::Native>>,
 }
 
 impl ChatRequest {
@@ -181,6 +184,7 @@ impl ChatRequest {
             params,
             body,
             inputs: Vec::new(),
+            native: None,
         })
     }
 
@@ -204,6 +208,7 @@ impl ChatRequest {
             params,
             body,
             inputs: Vec::new(),
+            native: None,
         })
     }
 

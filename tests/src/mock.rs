@@ -125,7 +125,8 @@ pub struct MockStats {
     pub traceparents: std::sync::Mutex<Vec<String>>,
     /// The output cap each chat request asked for (`max_completion_tokens`, else `max_tokens`).
     pub output_caps: std::sync::Mutex<Vec<Option<u64>>>,
-    /// The body of the last text completion or embeddings request, as received.
+    /// The body of the last text completion, embeddings or Messages request, as received (a
+    /// Messages request's `anthropic-beta` header under the key `(anthropic-beta)`).
     pub last_request: std::sync::Mutex<Option<Value>>,
 }
 
@@ -1212,6 +1213,17 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         Ok(v) => v,
         Err(e) => return error_response(f, 400, &format!("invalid JSON: {e}")),
     };
+    {
+        // As received, with the beta features asked for (kept under a key of the mock's own).
+        let mut seen = req.clone();
+        if let Some(beta) = headers.get("anthropic-beta").and_then(|v| v.to_str().ok()) {
+            seen["(anthropic-beta)"] = beta.into();
+        }
+        *s.stats
+            .last_request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(seen);
+    }
     let model = req["model"].as_str().unwrap_or_default().to_owned();
     if model.is_empty() {
         return error_response(f, 400, "model: Field required");

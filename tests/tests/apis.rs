@@ -734,3 +734,90 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     let retry = post(&n, "/v1/chat/completions", &failing).await;
     assert_eq!(retry.headers()["x-meridian-cache"], "miss");
 }
+
+#[tokio::test]
+async fn an_anthropic_provider_gets_the_clients_own_messages_and_its_answer_passes_as_it_is() {
+    let (_m, a, n) = node(Flavor::Vllm).await;
+    // Fields the translation to chat has no place for: thinking, top_k, a cache_control mark,
+    // a beta header.
+    let message = json!({
+        "model": "claude", "max_tokens": 50, "top_k": 5,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "hello there"}],
+    });
+    let send = |body: &Value| {
+        n.client()
+            .post(n.url("/v1/messages"))
+            .header("anthropic-version", "2023-06-01")
+            .header("anthropic-beta", "interleaved-thinking-2025-05-14")
+            .json(body)
+            .send()
+    };
+    let v: Value = send(&message)
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let seen = last_request(&a);
+    assert_eq!(seen["thinking"], message["thinking"], "{seen}");
+    assert_eq!(seen["top_k"], 5);
+    assert_eq!(
+        seen["system"], message["system"],
+        "cache_control kept: {seen}"
+    );
+    assert_eq!(seen["(anthropic-beta)"], "interleaved-thinking-2025-05-14");
+    // The mock's own message, as it wrote it: its id, its usage fields.
+    assert!(
+        v["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_mock")),
+        "{v}"
+    );
+    assert_eq!(v["type"], "message");
+    assert!(v["usage"]["cache_read_input_tokens"].is_number(), "{v}");
+
+    // Streamed: the provider's events, each named by its type, ending with its message_stop.
+    let mut streamed = message.clone();
+    streamed["stream"] = true.into();
+    let body = send(&streamed)
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    let seen_events = events(&body);
+    assert_eq!(
+        seen_events.first().map(|(n, _)| n.as_str()),
+        Some("message_start")
+    );
+    assert_eq!(
+        seen_events.last().map(|(n, _)| n.as_str()),
+        Some("message_stop"),
+        "{body}"
+    );
+    assert!(
+        seen_events
+            .iter()
+            .all(|(name, data)| data["type"] == name.as_str())
+    );
+    assert!(
+        seen_events[0].1["message"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_mock")),
+        "{body}"
+    );
+    assert_eq!(last_request(&a)["stream"], true);
+    // Metered like any call: the tenant's usage shows both calls with the mock's token counts.
+    let metrics = n.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meridian_tokens_total")
+                && l.contains("provider=\"claude\"")
+                && l.contains("type=\"output\"")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

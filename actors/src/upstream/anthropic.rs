@@ -369,6 +369,23 @@ pub fn completion(body: &[u8]) -> Result<Completion, UpstreamError> {
     })
 }
 
+/// A whole message passed on as Anthropic sent it (the client asked in Messages too); its
+/// usage is read for metering.
+pub fn native_completion(body: Bytes) -> Result<Completion, UpstreamError> {
+    #[derive(Deserialize)]
+    struct Message {
+        #[serde(default)]
+        usage: AnthropicUsage,
+    }
+    let m: Message = serde_json::from_slice(&body).map_err(|e| {
+        UpstreamError::Protocol(format!("the message is not an Anthropic message: {e}"))
+    })?;
+    Ok(Completion {
+        body,
+        usage: Some(m.usage.to_openai()),
+    })
+}
+
 /// Translates Anthropic's stream events, one at a time, into OpenAI chunks.
 #[derive(Debug, Default)]
 pub struct StreamState {
@@ -407,6 +424,45 @@ impl StreamState {
     }
 
     /// One event's `data` (its JSON repeats the event name in `type`).
+    /// One event passed on as Anthropic sent it, for a client that asked in Messages too: its
+    /// usage is read (for metering, carried by the last events), and only content deltas count
+    /// as generated (the others are marked as carrying no content).
+    pub fn on_native_event(&mut self, data: Bytes) -> Result<Step, UpstreamError> {
+        let v: Value = serde_json::from_slice(&data).map_err(|e| {
+            UpstreamError::Protocol(format!("an Anthropic stream event is not JSON: {e}"))
+        })?;
+        let kind = v["type"].as_str().unwrap_or_default();
+        let usage = match kind {
+            "message_start" => &v["message"]["usage"],
+            "message_delta" => &v["usage"],
+            "error" => {
+                return Err(UpstreamError::InStream(
+                    UpstreamErrorInfo::from_value(&v).unwrap_or_default(),
+                ));
+            }
+            _ => &Value::Null,
+        };
+        if let Ok(u) = AnthropicUsage::deserialize(usage) {
+            self.usage.update(u);
+        }
+        // A newline inside a relayed `data:` field would break the client's framing.
+        let json = if memchr::memchr2(b'\n', b'\r', &data).is_some() {
+            Bytes::from(v.to_string())
+        } else {
+            data
+        };
+        let chunk = Chunk {
+            json,
+            usage: matches!(kind, "message_delta" | "message_stop").then(|| self.usage.to_openai()),
+            usage_only: kind != "content_block_delta",
+        };
+        Ok(if kind == "message_stop" {
+            Step::Done(vec![chunk])
+        } else {
+            Step::Chunks(vec![chunk])
+        })
+    }
+
     pub fn on_event(&mut self, data: &[u8]) -> Result<Step, UpstreamError> {
         let v: Value = serde_json::from_slice(data).map_err(|e| {
             UpstreamError::Protocol(format!("an Anthropic stream event is not JSON: {e}"))

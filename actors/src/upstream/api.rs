@@ -156,6 +156,17 @@ impl ApiAdapter {
         }
         let body = match self.dialect {
             Dialect::OpenAi => req.upstream_body(model, stream),
+            // A client that asked in Messages: its request as it wrote it.
+            Dialect::Anthropic { .. } if let Some(native) = &req.native => {
+                rb = rb.header(
+                    "anthropic-version",
+                    native.version.as_deref().unwrap_or(anthropic::API_VERSION),
+                );
+                if let Some(beta) = &native.beta {
+                    rb = rb.header("anthropic-beta", beta.as_str());
+                }
+                native.body_for(model, stream)
+            }
             Dialect::Anthropic { default_max_tokens } => {
                 rb = rb.header("anthropic-version", anthropic::API_VERSION);
                 anthropic::request_body(req, model, stream, default_max_tokens)?
@@ -195,7 +206,10 @@ impl ApiAdapter {
         let mut exchange = self.send(req, model, false, t).await?;
         let body = exchange.read_to_end(t.idle, MAX_COMPLETION_BODY).await?;
         if let Dialect::Anthropic { .. } = self.dialect {
-            return anthropic::completion(&body);
+            return match req.native {
+                Some(_) => anthropic::native_completion(body),
+                None => anthropic::completion(&body),
+            };
         }
         #[derive(Deserialize)]
         struct UsageProbe {
@@ -223,6 +237,9 @@ impl ApiAdapter {
             parser: SseParser::new(),
             decoder: match self.dialect {
                 Dialect::OpenAi => Decoder::OpenAi,
+                Dialect::Anthropic { .. } if req.native.is_some() => {
+                    Decoder::AnthropicNative(Box::default())
+                }
                 Dialect::Anthropic { .. } => Decoder::Anthropic(Box::default()),
             },
             ready: VecDeque::new(),
@@ -241,6 +258,8 @@ enum Decoder {
     OpenAi,
     /// Named events translated (a message's end yields two chunks at once).
     Anthropic(Box<anthropic::StreamState>),
+    /// Named events passed on as they are (the client speaks Messages), their usage read.
+    AnthropicNative(Box<anthropic::StreamState>),
 }
 
 /// The upstream's event stream as chunks. The first-byte and idle limits use one timer that
@@ -298,6 +317,7 @@ impl Stream for SseChunks {
                         Decoder::OpenAi if &ev.data[..] == b"[DONE]" => Ok(Step::Done(Vec::new())),
                         Decoder::OpenAi => openai::to_chunk(ev.data).map(|c| Step::Chunks(vec![c])),
                         Decoder::Anthropic(state) => state.on_event(&ev.data),
+                        Decoder::AnthropicNative(state) => state.on_native_event(ev.data),
                     };
                     let chunks = match step {
                         Ok(Step::Chunks(chunks)) => chunks,

@@ -213,6 +213,7 @@ impl ChatRequest {
             params,
             body,
             inputs,
+            native: None,
         })
     }
 }
