@@ -95,25 +95,10 @@ async fn serve(
     headers: HeaderMap,
     body: RequestBody,
 ) -> Response {
-    let (request_id, credentials, options, trace) = crate::headers::call_parts(
-        Edge::Http,
-        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-    );
     let request = body
         .map_err(body_error)
         .and_then(|body| ChatRequest::from_json_as(api, &body, st.gateway.limits()));
-    let served = st
-        .gateway
-        .serve(Call {
-            edge: Edge::Http,
-            api,
-            trace,
-            request_id,
-            credentials,
-            options,
-            request,
-        })
-        .await;
+    let served = call(&st, api, &headers, request).await;
     let resp = match served.answer {
         Ok(Answer::Complete(body)) => json_response(body, served.rate_limits.len()),
         Ok(Answer::Stream(stream)) => sse_response(stream, Framing::OpenAi, st.sse_heartbeat),
@@ -128,6 +113,31 @@ async fn serve(
         served.rate_limits,
         &served.request_id,
     )
+}
+
+/// One call of `api` through the pipeline: the request as the edge read it, with what the
+/// HTTP headers say of the caller and the call.
+pub(crate) async fn call(
+    st: &HttpState,
+    api: Api,
+    headers: &HeaderMap,
+    request: Result<ChatRequest, ApiError>,
+) -> meridian_actors::Served {
+    let (request_id, credentials, options, trace) = crate::headers::call_parts(
+        Edge::Http,
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+    );
+    st.gateway
+        .serve(Call {
+            edge: Edge::Http,
+            api,
+            trace,
+            request_id,
+            credentials,
+            options,
+            request,
+        })
+        .await
 }
 
 /// The headers every answer of the pipeline gets: whether it came from the cache, what it

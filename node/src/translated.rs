@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue};
-use meridian_actors::{Answer, Call};
+use meridian_actors::Answer;
 use meridian_proto::ApiError;
 use meridian_proto::anthropic::{self, MessageStream};
 use meridian_proto::openai::{Api, ChatRequest};
@@ -117,10 +117,6 @@ async fn serve(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (request_id, credentials, options, trace) = crate::headers::call_parts(
-        Edge::Http,
-        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-    );
     let (translated, mut request) = match body {
         Ok(body) => Translated::read(api, &body, &st),
         Err(rejected) => {
@@ -139,18 +135,7 @@ async fn serve(
         native.version = header("anthropic-version");
         native.beta = header("anthropic-beta");
     }
-    let served = st
-        .gateway
-        .serve(Call {
-            edge: Edge::Http,
-            api,
-            trace,
-            request_id,
-            credentials,
-            options,
-            request,
-        })
-        .await;
+    let served = crate::http::call(&st, api, &headers, request).await;
     let id = served.request_id.as_str().to_owned();
     let whole = |completion: &[u8], limits: usize| match translated.whole(completion) {
         Ok(answer) => json_response(Bytes::from(answer), limits),

@@ -60,20 +60,8 @@ pub fn messages_request(
     limits: &RequestLimits,
     count_only: bool,
 ) -> Result<ChatRequest, ApiError> {
-    let body: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("the request body is not valid JSON: {e}"),
-        )
-        .with_code("invalid_json")
-    })?;
-    let Value::Object(body) = body else {
-        return Err(invalid("", "the request body must be a JSON object"));
-    };
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        _ => return Err(invalid("model", "model: a model name is required")),
-    };
+    let body = crate::openai::json_object(bytes)?;
+    let model = crate::openai::model_of(&body)?;
     let mut chat = Map::new();
     chat.insert("model".into(), model.into());
     match body.get("max_tokens") {
@@ -178,21 +166,14 @@ pub fn messages_request(
             }
         }
     }
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        chat.insert("stream".into(), true.into());
-        // The message_delta event carries the usage: always ask for it.
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    let text = serde_json::to_vec(&chat)
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("a translated request: {e}")))?;
-    let mut request = ChatRequest::from_json(&text, limits).map_err(|mut e| {
-        // Name the field as the client wrote it where the names differ.
-        if e.param.as_deref() == Some("stop") {
-            e.param = Some("stop_sequences".into());
-        }
-        e
-    })?;
-    request.api = Api::Messages;
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let mut request = ChatRequest::translated(
+        Api::Messages,
+        chat,
+        stream,
+        limits,
+        &[("stop", "stop_sequences")],
+    )?;
     request.native = Some(Box::new(Native {
         body,
         ..Native::default()

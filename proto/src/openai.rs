@@ -269,8 +269,55 @@ impl ChatRequest {
     }
 }
 
+impl ChatRequest {
+    /// The chat request an API served by translation (Messages, Responses) was read as:
+    /// `chat`, a chat body, validated like any, tagged `api`. A stream asks for the usage (the
+    /// API's last events carry it); an error naming a chat field names it as the client wrote
+    /// it (`renamed`: chat name → the API's).
+    pub(crate) fn translated(
+        api: Api,
+        mut chat: Map<String, Value>,
+        stream: bool,
+        limits: &RequestLimits,
+        renamed: &[(&str, &str)],
+    ) -> Result<Self, ApiError> {
+        if stream {
+            chat.insert("stream".into(), true.into());
+            chat.insert(
+                "stream_options".into(),
+                serde_json::json!({"include_usage": true}),
+            );
+        }
+        let text = serde_json::to_vec(&chat).map_err(|e| {
+            ApiError::new(ErrorKind::Internal, format!("a translated request: {e}"))
+        })?;
+        let mut request = Self::from_json(&text, limits).map_err(|mut e| {
+            if let Some((_, theirs)) = renamed
+                .iter()
+                .find(|(ours, _)| e.param.as_deref() == Some(*ours))
+            {
+                e.param = Some((*theirs).to_owned());
+            }
+            e
+        })?;
+        request.api = api;
+        Ok(request)
+    }
+}
+
+/// The `model` a body names, required.
+pub(crate) fn model_of(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => Ok(m.clone()),
+        _ => Err(ApiError::invalid(
+            "model",
+            "model: a model name is required",
+        )),
+    }
+}
+
 /// A request body: JSON, and an object.
-fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             ErrorKind::InvalidRequest,

@@ -77,16 +77,7 @@ pub fn responses_request(
     bytes: &[u8],
     limits: &RequestLimits,
 ) -> Result<(ChatRequest, Echo), ApiError> {
-    let body: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("the request body is not valid JSON: {e}"),
-        )
-        .with_code("invalid_json")
-    })?;
-    let Value::Object(body) = body else {
-        return Err(invalid("", "the request body must be a JSON object"));
-    };
+    let body = crate::openai::json_object(bytes)?;
     for (field, refused) in [
         ("store", body.get("store") == Some(&Value::Bool(true))),
         (
@@ -113,10 +104,7 @@ pub fn responses_request(
             .with_code("unsupported_parameter"));
         }
     }
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        _ => return Err(invalid("model", "model: a model name is required")),
-    };
+    let model = crate::openai::model_of(&body)?;
     let mut chat = Map::new();
     chat.insert("model".into(), model.into());
     let mut messages = Vec::new();
@@ -166,20 +154,14 @@ pub fn responses_request(
     {
         chat.insert("response_format".into(), f);
     }
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        chat.insert("stream".into(), true.into());
-        // `response.completed` carries the usage: always ask for it.
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    let text = serde_json::to_vec(&chat)
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("a translated request: {e}")))?;
-    let mut request = ChatRequest::from_json(&text, limits).map_err(|mut e| {
-        if e.param.as_deref() == Some("max_completion_tokens") {
-            e.param = Some("max_output_tokens".into());
-        }
-        e
-    })?;
-    request.api = Api::Responses;
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let request = ChatRequest::translated(
+        Api::Responses,
+        chat,
+        stream,
+        limits,
+        &[("max_completion_tokens", "max_output_tokens")],
+    )?;
     Ok((request, Echo::of(&body)))
 }
 
