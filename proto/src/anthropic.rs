@@ -30,14 +30,21 @@ pub const API_VERSION: &str = "2023-06-01";
 /// (only `model` and `stream` set), with the client's `anthropic-version` and `anthropic-beta`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Native {
+    /// The body's bytes as the client sent them.
+    pub raw: Vec<u8>,
     pub body: Map<String, Value>,
     pub version: Option<String>,
     pub beta: Option<String>,
 }
 
 impl Native {
-    /// The body for `model` (the provider's name for it), streamed or not.
+    /// The body for `model` (the provider's name for it), streamed or not: the client's own
+    /// bytes when they already say so, else its JSON with `model` and `stream` set.
     pub fn body_for(&self, model: &str, stream: bool) -> Vec<u8> {
+        let asked_stream = self.body.get("stream").and_then(Value::as_bool) == Some(true);
+        if self.body.get("model").and_then(Value::as_str) == Some(model) && asked_stream == stream {
+            return self.raw.clone();
+        }
         let mut body = self.body.clone();
         body.insert("model".into(), model.into());
         if stream {
@@ -175,6 +182,7 @@ pub fn messages_request(
         &[("stop", "stop_sequences")],
     )?;
     request.native = Some(Box::new(Native {
+        raw: bytes.to_vec(),
         body,
         ..Native::default()
     }));

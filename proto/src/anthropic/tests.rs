@@ -257,3 +257,44 @@ fn errors_have_anthropics_shape() {
                "request_id": "req_1"})
     );
 }
+
+#[test]
+fn an_anthropic_provider_gets_the_clients_own_bytes_when_they_already_fit() {
+    let sent = br#"{"stream":true,  "model":"claude-x","max_tokens":9,"messages":[{"role":"user","content":"hi"}],"thinking":{"type":"enabled","budget_tokens":1024}}"#;
+    let r = messages_request(sent, &RequestLimits::default(), false).expect("valid");
+    let native = r.native.as_ref().expect("kept");
+    assert_eq!(
+        native.body_for("claude-x", true),
+        sent.to_vec(),
+        "byte for byte"
+    );
+    // Another name upstream, or not streamed: the same JSON with those two set.
+    let renamed: Value =
+        serde_json::from_slice(&native.body_for("claude-x-20250101", false)).expect("json");
+    assert_eq!(renamed["model"], "claude-x-20250101");
+    assert!(renamed.get("stream").is_none());
+    assert_eq!(renamed["thinking"]["budget_tokens"], 1024);
+}
+
+#[test]
+fn images_become_image_parts() {
+    let r = read(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+        {"type": "image", "source": {"type": "url", "url": "https://e.com/cat.jpg"}},
+        {"type": "text", "text": "What are these?"}]}]}),
+    )
+    .expect("valid");
+    let parts = &Value::Object(r.body.clone())["messages"][0]["content"];
+    assert_eq!(parts[0]["image_url"]["url"], "data:image/png;base64,iVBOR");
+    assert_eq!(parts[1]["image_url"]["url"], "https://e.com/cat.jpg");
+    assert_eq!(parts[2]["text"], "What are these?");
+    let bad = read(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}),
+    );
+    assert_eq!(
+        bad.expect_err("refused").param.as_deref(),
+        Some("messages[0].content[0].source.type")
+    );
+}
