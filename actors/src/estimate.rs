@@ -23,12 +23,77 @@ pub enum Tokenizer {
     File(Arc<TokenizerFile>),
 }
 
-/// A `tokenizer.json`, loaded once per node and shared by the providers that name it.
+/// A `tokenizer.json`, loaded once per node and shared by the providers that name it, with
+/// the model's chat template when one is beside it.
 pub struct TokenizerFile {
     path: String,
     /// Tells its counts apart from other tokenizers' in the memo.
     tag: u64,
     tokenizer: tokenizers::Tokenizer,
+    /// The chat template the engine wraps messages in (`chat_template.jinja` in the same
+    /// folder, else `chat_template` in `tokenizer_config.json`), with the special tokens it
+    /// names.
+    template: Option<ChatTemplate>,
+}
+
+struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// The template beside `tokenizer.json`, if there is one that parses.
+    fn beside(path: &str) -> Option<Self> {
+        let folder = std::path::Path::new(path).parent()?;
+        let config: serde_json::Value = std::fs::read(folder.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let source = std::fs::read_to_string(folder.join("chat_template.jinja"))
+            .ok()
+            .or_else(|| match &config["chat_template"] {
+                serde_json::Value::String(t) => Some(t.clone()),
+                // Named templates: the default one.
+                serde_json::Value::Array(named) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_owned),
+                _ => None,
+            })?;
+        let special = |key: &str| match &config[key] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or_default().to_owned(),
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template_owned("chat", source).ok()?;
+        Some(Self {
+            env,
+            bos: special("bos_token"),
+            eos: special("eos_token"),
+        })
+    }
+
+    /// The template's text around messages of these roles with no content, ready for the
+    /// reply; `None` if the template refuses them.
+    fn scaffold(&self, roles: &[&str]) -> Option<String> {
+        let messages: Vec<_> = roles
+            .iter()
+            .map(|role| minijinja::context! { role => *role, content => "" })
+            .collect();
+        self.env
+            .get_template("chat")
+            .ok()?
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            })
+            .ok()
+    }
 }
 
 impl std::fmt::Debug for TokenizerFile {
@@ -63,13 +128,30 @@ impl Tokenizer {
 
     /// A model's `tokenizer.json`; the error says why it cannot be used.
     pub fn from_file(path: &str) -> Result<Self, String> {
-        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+        // Counted as the engine tokenizes a rendered template: special tokens written in the
+        // text (`<|im_start|>`) are the special tokens, not their letters.
+        tokenizer.set_encode_special_tokens(false);
         let tag = std::collections::hash_map::RandomState::new().hash_one(path) | 2;
         Ok(Self::File(Arc::new(TokenizerFile {
             path: path.to_owned(),
             tag,
             tokenizer,
+            template: ChatTemplate::beside(path),
         })))
+    }
+
+    /// Whether it counts chat messages with the model's own template.
+    pub fn has_chat_template(&self) -> bool {
+        matches!(self, Self::File(f) if f.template.is_some())
+    }
+
+    /// The tokens a chat template adds around messages of these roles (and to open the reply),
+    /// counted with this tokenizer: `None` without a template, or if it refuses them.
+    fn template_tokens(&self, roles: &[&str]) -> Option<u64> {
+        let Self::File(f) = self else { return None };
+        let scaffold = f.template.as_ref()?.scaffold(roles)?;
+        Some(self.count(&scaffold))
     }
 
     /// Tokens in `text`. Counts are remembered per text (see [`Memo`]): system prompts and
@@ -179,10 +261,12 @@ pub const DEFAULT_COMPLETION_RESERVE: u64 = 1024;
 /// OpenAI's count for a 1024×1024 image in high detail.
 pub const DEFAULT_IMAGE_TOKENS: u64 = 765;
 
-/// Prompt tokens: every message's text, plus OpenAI's framing overhead (about 3 tokens a
-/// message and 3 to prime the reply), and everything else a provider puts in the prompt: the
-/// tool definitions and a response schema (counted as their JSON text), the tool calls of
-/// earlier turns, and `image_tokens` per image.
+/// Prompt tokens: every message's text, plus the framing around the messages — the model's
+/// own chat template when its tokenizer has one (what it adds around messages of these roles,
+/// a default system prompt included), else OpenAI's overhead (about 3 tokens a message and 3
+/// to prime the reply) — and everything else a provider puts in the prompt: the tool
+/// definitions and a response schema (counted as their JSON text), the tool calls of earlier
+/// turns, and `image_tokens` per image.
 ///
 /// A text completion's prompts and an embeddings request's inputs are counted as they are (no
 /// framing); token arrays by their length.
@@ -197,9 +281,16 @@ pub fn prompt_tokens(request: &ChatRequest, tokenizer: &Tokenizer, image_tokens:
             })
             .sum();
     }
-    let mut tokens = 3;
-    for m in &request.params.messages {
-        tokens += 3;
+    let messages = &request.params.messages;
+    let roles: Vec<&str> = if tokenizer.has_chat_template() {
+        messages.iter().map(|m| m.role.as_str()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut tokens = tokenizer
+        .template_tokens(&roles)
+        .unwrap_or(3 + 3 * messages.len() as u64);
+    for m in messages {
         match &m.content {
             Some(MessageContent::Text(t)) => tokens += tokenizer.count(t),
             Some(MessageContent::Parts(parts)) => {

@@ -154,13 +154,27 @@ tokenizer = "{MODEL}/tokenizer.json"
 
         # The estimate with the model's tokenizer.json against vLLM's own count.
         ratios = []
-        for text in ["Hello!", "Write a short paragraph about rivers.",
-                     "Explain tokenization, with numbers like 1234567 and code: `let x = 2;`"]:
-            msg = [{"role": "user", "content": text}]
+        probes = [
+            [{"role": "user", "content": "Hello!"}],
+            [{"role": "user", "content": "Write a short paragraph about rivers."}],
+            [{"role": "user", "content":
+              "Explain tokenization, with numbers like 1234567 and code: `let x = 2;`"}],
+            [{"role": "system", "content": "You are terse."},
+             {"role": "user", "content": "Name three rivers."},
+             {"role": "assistant", "content": "Nile, Amazon, Yangtze."},
+             {"role": "user", "content": "And three lakes?"}],
+        ]
+        for msg in probes:
+            text = msg[-1]["content"] if len(msg) == 1 else f"{len(msg)} turns"
+            # Counted as admission counts them (Anthropic's count_tokens: a system message is
+            # its `system` field there).
+            counted = {"messages": [m for m in msg if m["role"] != "system"]}
+            if msg[0]["role"] == "system":
+                counted["system"] = msg[0]["content"]
             _, est = http("POST", base + "/v1/messages/count_tokens",
-                          {"model": "smol-own-tokenizer", "messages": msg})
+                          dict(counted, model="smol-own-tokenizer"))
             _, tik = http("POST", base + "/v1/messages/count_tokens",
-                          {"model": "smol", "messages": msg})
+                          dict(counted, model="smol"))
             _, ans = http("POST", base + "/v1/chat/completions",
                           {"model": "smol-own-tokenizer", "max_tokens": 1, "messages": msg})
             billed = json.loads(ans)["usage"]["prompt_tokens"]

@@ -86,8 +86,18 @@ async fn a_provider_naming_a_tokenizer_json_is_admitted_on_its_counts() {
         }
     };
     let qwen_file = Tokenizer::from_file(qwen.to_str().unwrap()).unwrap();
-    // The message's text plus the chat framing (3 a message, 3 to prime the reply).
-    assert_eq!(count("qwen").await, qwen_file.count(TEXT) + 6);
+    assert!(qwen_file.has_chat_template(), "Qwen3's tokenizer_config.json carries one");
+    // With the model's template: the whole prompt as Qwen3's template renders one user message,
+    // ready for the reply, tokenized at once — what the engine bills.
+    let qwen_count = count("qwen").await;
+    let rendered = format!("<|im_start|>user\n{TEXT}<|im_end|>\n<|im_start|>assistant\n");
+    println!(
+        "qwen3 with its template: {qwen_count} (text alone {}, rendered prompt {})",
+        qwen_file.count(TEXT),
+        qwen_file.count(&rendered)
+    );
+    assert_eq!(qwen_count, qwen_file.count(&rendered));
+    // Without one: OpenAI's framing (3 a message, 3 to prime the reply).
     assert_eq!(count("gpt").await, Tokenizer::O200kBase.count(TEXT) + 6);
     assert_ne!(qwen_file.count(TEXT), Tokenizer::O200kBase.count(TEXT));
 
