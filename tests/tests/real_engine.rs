@@ -384,3 +384,59 @@ async fn until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Embeddings from the real engine through a node, asked by the official SDK (which asks for
+/// base64 and decodes it) and over plain HTTP (floats): one vector per input, of the model's
+/// width, counted as the engine counted them, and the same input a second time from the cache.
+#[tokio::test]
+async fn embeddings_from_a_real_engine_reach_the_official_sdk() {
+    let engine = LlamaServer::start_embeddings().expect("llama.cpp's server starts");
+    let node = TestNode::start(&provider_toml(
+        "llama",
+        &engine.base_url(),
+        &["smollm2-embed"],
+        "",
+    ))
+    .await
+    .expect("node");
+    let python = engine::python().expect("the engine's python");
+    let script = "import json, sys\n\
+from openai import OpenAI\n\
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)\n\
+r = client.embeddings.create(model='smollm2-embed', input=['rivers run to the sea', 'lakes'])\n\
+print(json.dumps({'lengths': [len(d.embedding) for d in r.data], 'usage': r.usage.model_dump()}))\n";
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(format!("http://{}/v1", node.http))
+        .arg(node.api_key.as_deref().expect("auth is on"))
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "the SDK raised:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    eprintln!("the SDK saw: {v}");
+    // SmolLM2-135M's hidden size.
+    assert_eq!(v["lengths"], json!([576, 576]), "{v}");
+    let sdk_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(sdk_tokens >= 2, "{v}");
+    let floats = |input: &str| {
+        node.client()
+            .post(node.url("/v1/embeddings"))
+            .json(&json!({"model": "smollm2-embed", "input": input, "encoding_format": "float"}))
+            .send()
+    };
+    let first = floats("the same text").await.expect("sent");
+    assert_eq!(first.headers()["x-meridian-cache"], "miss");
+    let body: Value = first.json().await.expect("json");
+    assert_eq!(
+        body["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(576)
+    );
+    let again = floats("the same text").await.expect("sent");
+    assert_eq!(again.headers()["x-meridian-cache"], "hit");
+    assert_eq!(again.json::<Value>().await.expect("json"), body);
+}

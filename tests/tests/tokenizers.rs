@@ -86,7 +86,10 @@ async fn a_provider_naming_a_tokenizer_json_is_admitted_on_its_counts() {
         }
     };
     let qwen_file = Tokenizer::from_file(qwen.to_str().unwrap()).unwrap();
-    assert!(qwen_file.has_chat_template(), "Qwen3's tokenizer_config.json carries one");
+    assert!(
+        qwen_file.has_chat_template(),
+        "Qwen3's tokenizer_config.json carries one"
+    );
     // With the model's template: the whole prompt as Qwen3's template renders one user message,
     // ready for the reply, tokenized at once — what the engine bills.
     let qwen_count = count("qwen").await;
