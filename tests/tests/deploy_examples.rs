@@ -10,21 +10,57 @@ fn deploy_examples_validate() {
         ("OPENAI_API_KEY".to_owned(), "sk-example".to_owned()),
         ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-example".to_owned()),
     ];
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).expect("deploy/ exists") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path).expect("readable");
-            if let Err(e) = meridian_node::config::load(Some(&text), &env) {
-                panic!("{}: {e}", path.display());
+    let mut checked = Vec::new();
+    let mut folders = vec![dir.clone()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).expect("readable folder") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).expect("readable");
+                if let Err(e) = meridian_node::config::load(Some(&text), &env) {
+                    panic!("{}: {e}", path.display());
+                }
+                checked.push(path);
             }
-            checked += 1;
         }
     }
     assert!(
-        checked > 0,
-        "no example configuration found in {}",
+        checked.iter().any(|p| p.ends_with("systemd/node.toml")),
+        "the systemd example was not found in {}: {checked:?}",
         dir.display()
+    );
+}
+
+/// The systemd unit passes `systemd-analyze verify` with nothing to say (an unknown key or a
+/// bad value is a warning there, and fails this test), its binary put where the test built it.
+#[test]
+fn the_systemd_unit_verifies_clean() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/meridian.service");
+    let text = std::fs::read_to_string(&unit).expect("the unit");
+    assert!(
+        text.contains("ExecStart=/usr/local/bin/meridian serve"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = meridian_tests::procs::meridian_bin();
+    let copy = dir.path().join("meridian.service");
+    std::fs::write(
+        &copy,
+        text.replace("/usr/local/bin/meridian", bin.to_str().expect("utf-8 path")),
+    )
+    .expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze runs (Debian's systemd package)");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {}\n{said}",
+        out.status
     );
 }
 
@@ -145,4 +181,70 @@ async fn dashboards_and_alert_rules_use_only_what_a_node_exports() {
         missing.is_empty(),
         "read but not exported: {missing:?}\nexported: {exported:?}"
     );
+}
+
+/// The container image cannot be built here (no container daemon, no registry for base images),
+/// so what can be checked without one is: two stages, the release build of the `meridian`
+/// binary, a runtime stage with CA certificates that runs as a non-root numeric user, and
+/// configuration overrides that a node accepts (loaded as the image would start it).
+#[test]
+fn the_dockerfile_builds_the_node_and_runs_it_as_a_non_root_user_with_a_valid_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let text = std::fs::read_to_string(&path).expect("deploy/Dockerfile");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let stages: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(
+        stages.len(),
+        2,
+        "a build stage and a runtime stage: {stages:?}"
+    );
+    assert!(stages[0].ends_with(" AS build"), "{}", stages[0]);
+    assert!(
+        text.contains("cargo build --release --locked -p meridian-node --bin meridian"),
+        "the release build of the node"
+    );
+    let runtime = text.split_once(stages[1]).expect("the runtime stage").1;
+    assert!(
+        runtime.contains("ca-certificates"),
+        "CA certificates for HTTPS providers"
+    );
+    assert!(
+        runtime.contains("COPY --from=build"),
+        "only the binary comes from the build"
+    );
+    let user = runtime
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("USER "))
+        .expect("a USER line");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .and_then(|u| u.parse().ok())
+        .expect("a numeric user (Kubernetes' runAsNonRoot checks it)");
+    assert_ne!(uid, 0, "not root");
+    // The ENV instruction (continued over lines) sets configuration overrides a node accepts.
+    let mut env_text = String::new();
+    for line in runtime.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            env_text.push_str(rest);
+        } else if !env_text.is_empty() {
+            env_text.push(' ');
+            env_text.push_str(line);
+        }
+        if !env_text.is_empty() && !line.ends_with('\\') {
+            break;
+        }
+    }
+    let env: Vec<(String, String)> = env_text
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(env.len() >= 3, "{env:?}");
+    let config = meridian_node::config::load(None, &env).expect("the image's config is valid");
+    assert_eq!(config.http.listen.to_string(), "0.0.0.0:8080");
 }
