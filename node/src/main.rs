@@ -10,6 +10,7 @@ use meridian_node::App;
 use meridian_node::config::{self, ProcessEnv};
 
 mod admin_cli;
+mod dev_cluster;
 
 use admin_cli::AdminCommand;
 
@@ -44,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// For trying Meridian on one machine.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
     /// Operator commands against a node's admin API.
     Admin {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
@@ -56,6 +62,22 @@ enum Command {
         token_file: PathBuf,
         #[command(subcommand)]
         command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// A local cluster in one command: certificates, configs and N nodes on 127.0.0.1 serving
+    /// the demo model, with an admin token and an API key printed; Ctrl-C stops them all.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// Where the certificates, configs, data and logs go (kept between runs).
+        #[arg(long, default_value = "./meridian-dev-cluster")]
+        dir: PathBuf,
+        /// Node N listens on HTTP BASE+N, gRPC BASE+100+N, admin BASE+200+N, Raft BASE+300+2N.
+        #[arg(long, default_value_t = 18000)]
+        port_base: u16,
     },
 }
 
@@ -143,6 +165,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             token_file,
             command,
         } => admin_cli::run(addr, token, token_file, command).await,
+        Command::Dev {
+            command:
+                DevCommand::Cluster {
+                    nodes,
+                    dir,
+                    port_base,
+                },
+        } => dev_cluster::run(nodes, dir, port_base).await,
     }
 }
 

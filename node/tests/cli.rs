@@ -189,3 +189,96 @@ fn certs_init_and_issue_write_a_ca_and_node_certificates() {
     assert!(!again.status.success(), "init never overwrites the CA");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+/// `meridian dev cluster`: three nodes on loopback that agree on a leader, a key that every node
+/// accepts, and Ctrl-C (SIGINT) stopping them all and exiting 0.
+#[test]
+fn dev_cluster_starts_three_nodes_that_serve_with_one_key_and_stops_on_ctrl_c() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A base whose ports are free now (HTTP, gRPC, admin, Raft and mesh of each node).
+    let base = (0..200)
+        .map(|i| 20_000 + (std::process::id() as u16 % 200 + i) * 150)
+        .find(|&base| {
+            (1..=3u16).all(|n| {
+                [n, 100 + n, 200 + n, 300 + 2 * n, 301 + 2 * n]
+                    .iter()
+                    .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok())
+            })
+        })
+        .expect("free ports");
+    let mut child = Command::new(BIN)
+        .args([
+            "dev",
+            "cluster",
+            "--nodes",
+            "3",
+            "--port-base",
+            &base.to_string(),
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("meridian dev cluster");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut said = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("a line");
+        let done = line.starts_with("Ctrl-C");
+        said.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        said.first().is_some_and(|l| l.contains("3 node(s) up")),
+        "{said:?}"
+    );
+    let key = said
+        .iter()
+        .find_map(|l| l.strip_prefix("API key (tenant dev): "))
+        .expect("a key")
+        .to_owned();
+    assert!(
+        said.iter().any(|l| l.starts_with("admin token: ")),
+        "{said:?}"
+    );
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    for n in 1..=3u16 {
+        let mut conn = TcpStream::connect(("127.0.0.1", base + n)).expect("connect");
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("read");
+        assert!(resp.starts_with("HTTP/1.1 200"), "node {n}: {resp}");
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(code) = child.try_wait().expect("wait") {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dev cluster did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in 1..=3u16 {
+        assert!(
+            TcpStream::connect(("127.0.0.1", base + n)).is_err(),
+            "node {n} still listens after the dev cluster stopped"
+        );
+    }
+}
