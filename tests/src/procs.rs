@@ -267,6 +267,28 @@ impl Harness {
         }
     }
 
+    /// Stops node `id` as an operator does (SIGTERM: it drains, then exits) and waits (up to
+    /// 30 s) for it; its exit status.
+    pub async fn stop(&mut self, id: u64) -> std::process::ExitStatus {
+        let node = self.node_mut(id);
+        node.signal("-TERM");
+        let mut child = node
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not stop within 30 s of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `kill -9` node `id` and reaps it.
     pub fn kill(&mut self, id: u64) {
         let node = self.node_mut(id);
@@ -598,6 +620,11 @@ pub struct SteadyWrites {
 impl SteadyWrites {
     pub fn acked(&self) -> usize {
         lock(&self.acked).len()
+    }
+
+    /// The writes acknowledged so far.
+    pub fn acked_names(&self) -> Vec<String> {
+        lock(&self.acked).iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// Waits until `n` more writes than now are acknowledged.
