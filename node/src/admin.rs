@@ -32,6 +32,8 @@ pub struct AdminService {
     pub mesh: Option<Arc<Mesh>>,
     /// The call log's file (`None`: the node keeps no call log).
     pub calls: Option<std::path::PathBuf>,
+    /// Reloads the configuration file (`None`: started without one).
+    pub reloader: Option<crate::reload::Reloader>,
 }
 
 #[tonic::async_trait]
@@ -493,6 +495,32 @@ impl Admin for AdminService {
             }
         };
         replica_answer(self.vllm.control(&req.replica, control).await)
+    }
+
+    async fn reload_config(
+        &self,
+        _req: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        use crate::reload::ReloadError;
+        let Some(reloader) = &self.reloader else {
+            return Err(Status::failed_precondition(ReloadError::NoFile.to_string()));
+        };
+        match reloader.reload().await {
+            Ok(r) => {
+                tracing::info!(%r, "configuration reloaded (admin API)");
+                Ok(Response::new(pb::ReloadConfigResponse {
+                    providers_added: r.added,
+                    providers_removed: r.removed,
+                    providers_changed: r.changed,
+                    restart_only: r.restart_only.iter().map(|s| (*s).to_owned()).collect(),
+                }))
+            }
+            Err(e @ (ReloadError::Invalid(_) | ReloadError::Read { .. })) => {
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e @ ReloadError::NoFile) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ ReloadError::Apply(_)) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn list_calls(

@@ -19,6 +19,9 @@ pub enum AdminCommand {
     Status,
     /// The providers the node routes to, with their live load.
     Providers,
+    /// Read the node's configuration file again (as SIGHUP does): providers are applied at
+    /// once; other changed sections are named as taking a restart.
+    Reload,
     /// The Raft cluster: status (the default), state, and membership changes.
     Cluster {
         #[command(subcommand)]
@@ -259,6 +262,31 @@ pub async fn run(
         Ok(req)
     });
     match command {
+        AdminCommand::Reload => {
+            let r = client
+                .reload_config(admin_pb::ReloadConfigRequest {})
+                .await?
+                .into_inner();
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "reloaded: providers added {}; removed {}; changed {}",
+                list(&r.providers_added),
+                list(&r.providers_removed),
+                list(&r.providers_changed)
+            );
+            if !r.restart_only.is_empty() {
+                println!(
+                    "changed but applied only at the next restart: {}",
+                    r.restart_only.join(", ")
+                );
+            }
+        }
         AdminCommand::Status => {
             let s = client.node_status(NodeStatusRequest {}).await?.into_inner();
             println!(

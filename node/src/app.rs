@@ -89,6 +89,9 @@ pub struct App {
     grpc: TcpListener,
     admin: TcpListener,
     started: Instant,
+    /// Reloads the configuration file on SIGHUP and through the admin API (`None`: the node
+    /// runs the embedded default, or was built from a config in code).
+    reloader: Option<crate::reload::Reloader>,
 }
 
 impl App {
@@ -242,7 +245,18 @@ impl App {
             grpc,
             admin,
             started: Instant::now(),
+            reloader: None,
         })
+    }
+
+    /// The configuration came from `path`: SIGHUP and the admin API's `ReloadConfig` read it
+    /// again (see [`crate::reload`]).
+    pub fn reload_from(&mut self, path: std::path::PathBuf) {
+        self.reloader = Some(crate::reload::Reloader::new(
+            Some(path),
+            self.gateway.clone(),
+            self.config.clone(),
+        ));
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -298,6 +312,26 @@ impl App {
             let _ = rx.wait_for(|s| *s).await;
         };
 
+        // SIGHUP reloads the configuration file; the task ends with the process.
+        if let Some(reloader) = self.reloader.clone() {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(mut hangups) => {
+                    tokio::spawn(async move {
+                        while hangups.recv().await.is_some() {
+                            match reloader.reload().await {
+                                Ok(r) => tracing::info!(%r, "configuration reloaded (SIGHUP)"),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "configuration not reloaded (SIGHUP)")
+                                }
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the admin API")
+                }
+            }
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
@@ -338,6 +372,7 @@ impl App {
                         .calls
                         .as_ref()
                         .map(|_| self.config.node.data_dir.join(crate::calls::FILE)),
+                    reloader: self.reloader.clone(),
                 },
                 admin_auth(Arc::clone(&self.admin_token)),
             ))

@@ -87,7 +87,14 @@ pub async fn run(nodes: u16, dir: PathBuf, port_base: u16) -> anyhow::Result<()>
         }
     };
     let key = match dev_key(port_base, leader, &token).await {
-        Ok(k) => k,
+        // Printed once every node has applied it: any node then takes it.
+        Ok(k) => match all_applied(&ids, port_base, leader, &token).await {
+            Ok(()) => k,
+            Err(e) => {
+                stop(&mut children).await;
+                return Err(e);
+            }
+        },
         Err(e) => {
             stop(&mut children).await;
             return Err(e);
@@ -273,6 +280,38 @@ async fn dev_key(base: u16, leader: u16, token: &str) -> anyhow::Result<String> 
         .context("cannot make an API key")?
         .into_inner();
     Ok(key.secret)
+}
+
+/// Waits (up to 30 s) until every node has applied what the leader has committed.
+async fn all_applied(ids: &[u16], base: u16, leader: u16, token: &str) -> anyhow::Result<()> {
+    let committed = admin(base, leader, token)
+        .await?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner()
+        .commit_index
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &id in ids {
+        loop {
+            let applied = match admin(base, id, token).await {
+                Ok(mut c) => c
+                    .cluster_status(pb::ClusterStatusRequest {})
+                    .await
+                    .ok()
+                    .and_then(|s| s.into_inner().applied_index),
+                Err(_) => None,
+            };
+            if applied.is_some_and(|a| a >= committed) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not apply the cluster's log within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Resolves with the id of the first node whose process ends.

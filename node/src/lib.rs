@@ -14,6 +14,7 @@ pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod ratelimit;
+pub mod reload;
 pub mod respond;
 pub mod traces;
 pub mod translated;

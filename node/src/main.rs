@@ -184,7 +184,10 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         None => None,
     };
     let config = config::load(text.as_deref(), &ProcessEnv)?;
-    let app = App::build(config).await?;
+    let mut app = App::build(config).await?;
+    if let Some(p) = &path {
+        app.reload_from(p.clone());
+    }
     // Secrets made at this start come first, then the readiness line (scripts read the bound
     // addresses from it, and may stop reading there).
     // Printed only to a person at a terminal: output a service manager keeps (a journal, a log

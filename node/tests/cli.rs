@@ -282,3 +282,188 @@ fn dev_cluster_starts_three_nodes_that_serve_with_one_key_and_stops_on_ctrl_c() 
         );
     }
 }
+
+/// Hot reload on SIGHUP under streaming load: the provider serving the model is replaced by
+/// another and a model is added; streams in flight run to their end, no request fails. A bad
+/// file is refused with its field named, the running configuration stays, and the admin API's
+/// reload says the same.
+#[test]
+fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("node.toml");
+    let config = |providers: &str| {
+        format!(
+            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
+             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             token_env = \"RELOAD_TEST_ADMIN_TOKEN\"\n[auth]\nenabled = false\n{providers}",
+            dir.path().join("data")
+        )
+    };
+    let first =
+        "[[providers]]\nid = \"one\"\nkind = \"demo\"\nmodels = [\"m\"]\nword_delay = \"30ms\"\n";
+    std::fs::write(&file, config(first)).expect("write");
+    let started = common::start(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env(
+                "RELOAD_TEST_ADMIN_TOKEN",
+                "reload-test-admin-token-0123456789",
+            )
+            .env_remove("OPENAI_API_KEY"),
+    );
+    let http = started.addr("http");
+    let admin = format!("http://{}", started.addr("admin"));
+    let mut child = started.child;
+    let request = |model: &str, stream: bool| chat_at(&http, model, stream);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        let http = http.clone();
+        clients.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let resp = chat_at(&http, "m", true);
+                if resp.starts_with("HTTP/1.1 200") && resp.contains("data: [DONE]") {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.lock().unwrap().push(resp);
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    // Provider `one` goes, `two` serves `m` now, and `three` brings model `n`.
+    let second = "[[providers]]\nid = \"two\"\nkind = \"demo\"\nmodels = [\"m\"]\nword_delay = \"30ms\"\n\
+                  [[providers]]\nid = \"three\"\nkind = \"demo\"\nmodels = [\"n\"]\n";
+    std::fs::write(&file, config(second)).expect("write");
+    let hup = |child: &std::process::Child| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !request("n", false).starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "model n never became available");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        served.load(Ordering::Relaxed) >= 6,
+        "streams served: {served:?}"
+    );
+    let providers = Command::new(BIN)
+        .args([
+            "admin",
+            "--addr",
+            &admin,
+            "--token",
+            "reload-test-admin-token-0123456789",
+            "providers",
+        ])
+        .output()
+        .expect("admin cli");
+    let listed = String::from_utf8_lossy(&providers.stdout);
+    assert!(
+        listed.contains("two") && listed.contains("three") && !listed.contains("one "),
+        "{listed}"
+    );
+
+    // A bad file: refused, naming the field; the running providers stay.
+    std::fs::write(
+        &file,
+        config("[[providers]]\nid = \"bad\"\nkind = \"nonsense\"\nmodels = [\"m\"]\n"),
+    )
+    .expect("write");
+    let reload = Command::new(BIN)
+        .args([
+            "admin",
+            "--addr",
+            &admin,
+            "--token",
+            "reload-test-admin-token-0123456789",
+            "reload",
+        ])
+        .output()
+        .expect("admin cli");
+    let said = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success(), "a bad file is refused");
+    assert!(said.contains("providers[0].kind"), "{said}");
+    hup(&child);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        request("m", false).starts_with("HTTP/1.1 200"),
+        "the running config stays"
+    );
+
+    // A change that takes a restart is named, not applied.
+    std::fs::write(
+        &file,
+        config(second).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
+    )
+    .expect("write");
+    let reload = Command::new(BIN)
+        .args([
+            "admin",
+            "--addr",
+            &admin,
+            "--token",
+            "reload-test-admin-token-0123456789",
+            "reload",
+        ])
+        .output()
+        .expect("admin cli");
+    let said = String::from_utf8_lossy(&reload.stdout);
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    assert!(
+        said.contains("applied only at the next restart: auth"),
+        "{said}"
+    );
+    assert!(
+        request("m", false).starts_with("HTTP/1.1 200"),
+        "auth still off until a restart"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A chat request for `model` to the node at `addr` (no credentials), whole answer as text.
+fn chat_at(addr: &str, model: &str, stream: bool) -> String {
+    let body = format!(
+        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read");
+    resp
+}

@@ -1,0 +1,176 @@
+//! Hot reload: on SIGHUP (and the admin API's `ReloadConfig`) the node reads its configuration
+//! file again and validates it like at start — a bad file is refused with the same field-named
+//! errors and the running configuration stays. What this build applies without a restart is
+//! the providers: one no longer listed leaves routing (calls in flight, streams included,
+//! finish), a new or changed one starts (a changed one replaces the old under its id), an
+//! unchanged one keeps its queue and counters. Every other section that changed is named in the
+//! answer as applied at the next restart only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use meridian_actors::Gateway;
+use tokio::sync::Mutex;
+
+use crate::config::{self, Config, ConfigError, ProcessEnv, ProviderConfig};
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    /// Sections that differ from the running configuration but take a restart.
+    pub restart_only: Vec<&'static str>,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "providers added: {}; removed: {}; changed: {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.changed)
+        )?;
+        if !self.restart_only.is_empty() {
+            write!(
+                f,
+                "; changed but applied only at the next restart: {}",
+                self.restart_only.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the node was started without --config: there is no file to reload")]
+    NoFile,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}; the running configuration stays")]
+    Invalid(#[from] ConfigError),
+    #[error("{0}")]
+    Apply(String),
+}
+
+/// Reloads the node's configuration file; one reload at a time.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: Option<PathBuf>,
+    gateway: Gateway,
+    /// The configuration running now (its providers as last applied).
+    running: Mutex<Config>,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, gateway: Gateway, running: Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                path,
+                gateway,
+                running: Mutex::new(running),
+            }),
+        }
+    }
+
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let path = self.inner.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let new = config::load(Some(&text), &ProcessEnv)?;
+        let mut running = self.inner.running.lock().await;
+        let mut done = Reloaded {
+            restart_only: restart_only(&running, &new),
+            ..Reloaded::default()
+        };
+        let registry = self.inner.gateway.registry();
+        for old in &running.providers {
+            if !new.providers.iter().any(|p| p.id == old.id) {
+                registry.withdraw_provider(&old.id);
+                done.removed.push(old.id.clone());
+            }
+        }
+        for p in &new.providers {
+            let before = running.providers.iter().find(|o| o.id == p.id);
+            if before.is_some_and(|b| fingerprint(b) == fingerprint(p)) {
+                continue;
+            }
+            let spec = p.to_spec()?;
+            registry
+                .add_provider(spec)
+                .await
+                .map_err(|e| ReloadError::Apply(format!("provider {}: {}", p.id, e.message)))?;
+            if before.is_some() {
+                done.changed.push(p.id.clone());
+            } else {
+                done.added.push(p.id.clone());
+            }
+        }
+        running.providers = new.providers;
+        Ok(done)
+    }
+}
+
+/// What tells two provider configurations apart (the secret included, which `Debug` hides).
+fn fingerprint(p: &ProviderConfig) -> String {
+    let key = match &p.kind {
+        config::ProviderKind::Api {
+            api_key: Some(k), ..
+        } => k.expose(),
+        _ => "",
+    };
+    format!("{p:?}\u{0}{key}")
+}
+
+/// The sections that changed but are not applied without a restart.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut names = Vec::new();
+    let mut check = |name: &'static str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+        if !same(a, b) {
+            names.push(name);
+        }
+    };
+    check("node (id, region, data_dir)", &old.node, &new.node);
+    check("http", &old.http, &new.http);
+    check("grpc.listen", &old.grpc_listen, &new.grpc_listen);
+    check("admin.listen", &old.admin_listen, &new.admin_listen);
+    check("cluster", &old.cluster, &new.cluster);
+    check("auth", &old.auth, &new.auth);
+    check("quota", &old.quota, &new.quota);
+    check("prices", &sorted(&old.prices), &sorted(&new.prices));
+    check("aliases", &sorted(&old.aliases), &sorted(&new.aliases));
+    check("cache", &old.cache, &new.cache);
+    check("breakers", &old.breaker, &new.breaker);
+    check("limits", &old.limits, &new.limits);
+    check("vllm", &old.vllm, &new.vllm);
+    check("shutdown", &old.drain_timeout, &new.drain_timeout);
+    names
+}
+
+/// A map's entries in key order (a `HashMap`'s `Debug` order is not stable).
+fn sorted<V: std::fmt::Debug>(m: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
+    let mut entries: Vec<_> = m.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries
+}
