@@ -142,7 +142,8 @@ async fn a_cluster_over_quic_with_mutual_tls() {
         target,
         transports[ids.iter().position(|&i| i == target).unwrap()]
             .local_addr()
-            .unwrap(),
+            .unwrap()
+            .to_string(),
     );
     let vote = VoteRequest::new(Vote::new(99, 9), None);
     let answer = Transport::vote(&intruder, target, vote).await;

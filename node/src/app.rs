@@ -647,10 +647,10 @@ async fn start_cluster(
     )
     .map_err(|e| failed(&e))?;
     for (id, addr) in &peers.peers {
-        transport.set_peer(*id, *addr);
+        transport.set_peer(*id, addr.clone());
     }
-    me.raft_addr = peers.advertise.to_string();
-    me.mesh_addr = peers.mesh_advertise.to_string();
+    me.raft_addr = peers.advertise.clone();
+    me.mesh_addr = peers.mesh_advertise.clone();
     let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
         .map_err(|e| failed(&e))?;
@@ -659,7 +659,7 @@ async fn start_cluster(
         let mut voters: Vec<(u64, String)> = peers
             .peers
             .iter()
-            .map(|(id, addr)| (*id, addr.to_string()))
+            .map(|(id, addr)| (*id, addr.clone()))
             .collect();
         voters.push((node.id, me.raft_addr.clone()));
         cluster.initialize(&voters).await.map_err(|e| failed(&e))?;
@@ -758,12 +758,21 @@ async fn keep_mesh_connected(mesh: Arc<Mesh>, cluster: ClusterNode, me: u64) {
             if connected.contains(&id) {
                 continue;
             }
-            let (Ok(addr), Ok(name)) = (addr.parse(), certs::server_name(id)) else {
+            // A name is resolved each time (a restarted pod has a new address); each address
+            // it resolves to is tried in turn.
+            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr.as_str())
+                .await
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            let (false, Ok(name)) = (resolved.is_empty(), certs::server_name(id)) else {
                 tracing::warn!(node = id, %addr, "member has an unusable mesh address");
                 continue;
             };
-            if let Err(e) = mesh.connect(id, addr, name).await {
-                tracing::debug!(error = %e, "mesh: dialling a peer failed; retrying");
+            for to in resolved {
+                match mesh.connect(id, to, name.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => tracing::debug!(error = %e, "mesh: dialling a peer failed; retrying"),
+                }
             }
         }
     }

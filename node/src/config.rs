@@ -91,16 +91,17 @@ pub struct AuthConfig {
 #[derive(Debug, Clone)]
 pub struct ClusterPeers {
     pub listen: SocketAddr,
-    /// Where peers reach this node (`listen` unless `advertise` is set).
-    pub advertise: SocketAddr,
+    /// Where peers reach this node (`listen` unless `advertise` is set): `HOST:PORT`, the host
+    /// an address or a DNS name (resolved each time a peer dials).
+    pub advertise: String,
     pub certs_dir: PathBuf,
-    /// The other initial voters (a joining node may list none).
-    pub peers: Vec<(u64, SocketAddr)>,
+    /// The other initial voters (a joining node may list none), at `HOST:PORT` each.
+    pub peers: Vec<(u64, String)>,
     /// Joins a running cluster instead of bootstrapping one.
     pub join: bool,
     /// The actor mesh's listener, and where peers reach it.
     pub mesh_listen: SocketAddr,
-    pub mesh_advertise: SocketAddr,
+    pub mesh_advertise: String,
     /// From `mesh_cookie_env`; `None`: derived from the CA certificate (not a secret).
     pub mesh_cookie: Option<Secret>,
 }

@@ -143,14 +143,15 @@ fn write_config(dir: &Path, certs: &Path, id: u16, ids: &[u16], base: u16) -> an
     let peers: Vec<String> = ids
         .iter()
         .filter(|&&other| other != id)
-        .map(|&other| Ports::of(base, other).map(|o| format!("\"{other}@127.0.0.1:{}\"", o.quic)))
+        .map(|&other| Ports::of(base, other).map(|o| format!("\"{other}@localhost:{}\"", o.quic)))
         .collect::<anyhow::Result<_>>()?;
     let single = ids.len() == 1;
     let cluster = if single {
         String::new()
     } else {
         format!(
-            "[cluster]\nlisten = \"127.0.0.1:{quic}\"\nmesh_listen = \"127.0.0.1:{mesh}\"\n\
+            "[cluster]\nlisten = \"127.0.0.1:{quic}\"\nadvertise = \"localhost:{quic}\"\n\
+             mesh_listen = \"127.0.0.1:{mesh}\"\n\
              certs_dir = {certs:?}\npeers = [{peers}]\n\
              heartbeat = \"100ms\"\nelection_timeout_min = \"500ms\"\nelection_timeout_max = \"1s\"\n",
             quic = p.quic,

@@ -69,7 +69,8 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     /// Deadline of one Raft RPC; a forwarded proposal gets ten times this.
     rpc_timeout: Duration,
-    peers: Mutex<HashMap<NodeId, SocketAddr>>,
+    /// Where each peer is reached: `HOST:PORT`, resolved each time it is dialled.
+    peers: Mutex<HashMap<NodeId, String>>,
     connections: Mutex<HashMap<NodeId, quinn::Connection>>,
 }
 
@@ -122,7 +123,7 @@ impl QuicTransport {
     }
 
     /// Where node `id` listens.
-    pub fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+    pub fn set_peer(&self, id: NodeId, addr: String) {
         lock(&self.peers).insert(id, addr);
     }
 
@@ -159,10 +160,18 @@ impl QuicTransport {
         {
             return Ok(c.clone());
         }
-        let addr = lock(&self.peers)
+        let name = lock(&self.peers)
             .get(&target)
-            .copied()
+            .cloned()
             .ok_or_else(|| unreached("no address known".into()))?;
+        // A DNS name is resolved at each dial (a restarted pod has a new address); of what it
+        // resolves to, the first address of this endpoint's family.
+        let ipv4 = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+        let addr = tokio::net::lookup_host(name.as_str())
+            .await
+            .map_err(|e| unreached(format!("cannot resolve {name}: {e}")))?
+            .find(|a| a.is_ipv4() == ipv4)
+            .ok_or_else(|| unreached(format!("{name} has no address of this endpoint's family")))?;
         let conn = self
             .endpoint
             .connect(addr, &certs::node_name(target))
@@ -347,8 +356,8 @@ impl Transport for Arc<QuicTransport> {
     }
 
     fn learn(&self, id: NodeId, raft_addr: &str) {
-        if let Ok(addr) = raft_addr.parse() {
-            self.set_peer(id, addr);
+        if !raft_addr.is_empty() {
+            self.set_peer(id, raft_addr.to_owned());
         }
     }
 }

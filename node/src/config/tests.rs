@@ -263,6 +263,27 @@ mesh_cookie_env = "MESH_COOKIE"
         peers.mesh_cookie.as_ref().map(|c| c.expose()),
         Some("a-long-enough-shared-secret")
     );
+
+    // Peers and the advertised address may be DNS names (a StatefulSet's stable names).
+    let named = format!(
+        "[cluster]\nlisten = \"0.0.0.0:7000\"\nadvertise = \"meridian-0.meridian.ns.svc:7000\"\n\
+         peers = [\"2@meridian-1.meridian.ns.svc:7000\"]\ncerts_dir = {:?}\n\
+         [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+        certs.path()
+    );
+    let peers = load(Some(&named), &env(&[]))
+        .expect("names are valid")
+        .cluster
+        .expect("multi-node");
+    assert_eq!(
+        peers.peers,
+        vec![(2, "meridian-1.meridian.ns.svc:7000".to_owned())]
+    );
+    assert_eq!(peers.advertise, "meridian-0.meridian.ns.svc:7000");
+    assert_eq!(peers.mesh_advertise, "meridian-0.meridian.ns.svc:7001");
+    let bad = named.replace("2@meridian-1.meridian.ns.svc:7000", "2@not a name:7000");
+    let e = load(Some(&bad), &env(&[])).expect_err("refused");
+    assert!(e.to_string().contains("cluster.peers[0]"), "{e}");
 }
 
 #[test]

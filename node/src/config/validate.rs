@@ -92,9 +92,9 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     } else {
         let mut peers = Vec::new();
         for (i, p) in c.peers.iter().enumerate() {
-            let parsed = p.split_once('@').and_then(|(id, addr)| {
-                Some((id.parse::<u64>().ok()?, addr.parse::<SocketAddr>().ok()?))
-            });
+            let parsed = p
+                .split_once('@')
+                .and_then(|(id, addr)| Some((id.parse::<u64>().ok()?, host_port(addr)?)));
             match parsed {
                 Some((id, _)) if id == node.id => {
                     e.push(format!("cluster.peers[{i}]"), "lists this node itself");
@@ -102,7 +102,9 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 Some(peer) => peers.push(peer),
                 None => e.push(
                     format!("cluster.peers[{i}]"),
-                    format!("{p:?} is not ID@HOST:PORT (e.g. 2@10.0.0.2:7000)"),
+                    format!(
+                        "{p:?} is not ID@HOST:PORT (e.g. 2@10.0.0.2:7000 or 2@meridian-1.meridian:7000)"
+                    ),
                 ),
             }
         }
@@ -112,11 +114,22 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             c.listen.as_ref(),
             "127.0.0.1:7000",
         );
+        // Where peers reach this node: an address, or a name resolved each time they dial
+        // (a Kubernetes pod's stable DNS name outlives its IP).
         let advertise = match &c.advertise {
-            Some(_) => addr(&mut e, "cluster.advertise", c.advertise.as_ref(), ""),
-            None => listen,
+            Some(a) => host_port(a).unwrap_or_else(|| {
+                e.push(
+                    "cluster.advertise",
+                    format!("{a:?} is not HOST:PORT (an address or a DNS name, and a port)"),
+                );
+                listen.to_string()
+            }),
+            None => listen.to_string(),
         };
-        if advertise.ip().is_unspecified() {
+        if advertise
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_unspecified())
+        {
             e.push(
                 if c.advertise.is_some() {
                     "cluster.advertise"
@@ -153,7 +166,13 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             Some(_) => addr(&mut e, "cluster.mesh_listen", c.mesh_listen.as_ref(), ""),
             None => SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)),
         };
-        let mesh_advertise = SocketAddr::new(advertise.ip(), mesh_listen.port());
+        let mesh_advertise = match advertise.parse::<SocketAddr>() {
+            Ok(a) => SocketAddr::new(a.ip(), mesh_listen.port()).to_string(),
+            Err(_) => {
+                let host = advertise.rsplit_once(':').map_or("", |(h, _)| h);
+                format!("{host}:{}", mesh_listen.port())
+            }
+        };
         let mesh_cookie = match &c.mesh_cookie_env {
             None => None,
             Some(var) => match env.get(var) {
@@ -748,4 +767,18 @@ fn alerts(e: &mut Errors, raw: &super::raw::RawAlerts) -> crate::alerts::AlertsC
         config.check_every,
     );
     config
+}
+
+/// `HOST:PORT` where HOST is an IP address or a DNS name: the text as given, if it is one.
+fn host_port(text: &str) -> Option<String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Some(text.to_owned());
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    (name_ok && port.parse::<u16>().is_ok_and(|p| p > 0)).then(|| text.to_owned())
 }
