@@ -248,3 +248,122 @@ fn the_dockerfile_builds_the_node_and_runs_it_as_a_non_root_user_with_a_valid_co
     let config = meridian_node::config::load(None, &env).expect("the image's config is valid");
     assert_eq!(config.http.listen.to_string(), "0.0.0.0:8080");
 }
+
+/// The Python with `kubernetes-validate` (its schemas are in the package: no cluster and no
+/// network needed), in a virtualenv under `target/` made on first use.
+fn kubernetes_validate() -> std::path::PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/k8s-venv");
+    let python = venv.join("bin/python");
+    let has = |py: &Path| {
+        std::process::Command::new(py)
+            .args(["-c", "import kubernetes_validate, yaml"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has(&python) {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "python3 -m venv failed (install python3-venv)");
+        let out = std::process::Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "kubernetes-validate",
+            ])
+            .output()
+            .expect("pip runs");
+        assert!(
+            out.status.success(),
+            "pip install kubernetes-validate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
+/// The Kubernetes manifests validate against Kubernetes' own schemas (strict: no unknown
+/// field; the KEDA and Prometheus Operator custom resources are parsed, their schemas are not
+/// Kubernetes'), and a router's start script with the ConfigMap's `node.toml` gives a valid
+/// configuration for each pod of the StatefulSet (its id, its peers by DNS name, itself left
+/// out), checked by the node's own `check-config`.
+#[test]
+fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() {
+    let python = kubernetes_validate();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let manifests: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+        })
+        .collect();
+    assert!(manifests.len() >= 4, "{manifests:?}");
+    let out = std::process::Command::new(&python)
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(&manifests)
+        .output()
+        .expect("kubernetes-validate runs");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for line in said.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            line.contains("ScaledObject") || line.contains("ServiceMonitor"),
+            "only the custom resources go unchecked: {line}"
+        );
+    }
+    assert!(said.contains("statefulset/meridian"), "{said}");
+
+    // The ConfigMap's files, as a pod mounts them.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let extract = "import sys, yaml\n\
+        cm = yaml.safe_load(open(sys.argv[1]))\n\
+        for name, text in cm['data'].items():\n\
+        \x20   open(sys.argv[2] + '/' + name, 'w').write(text)\n";
+    let ok = std::process::Command::new(&python)
+        .args(["-c", extract])
+        .arg(dir.join("meridian-config.yaml"))
+        .arg(tmp.path())
+        .status()
+        .expect("python runs");
+    assert!(ok.success());
+    let certs = tmp.path().join("certs");
+    meridian_cluster::certs::init_ca(&certs).expect("ca");
+    for id in 1..=3 {
+        meridian_cluster::certs::issue(&certs, id, &[]).expect("cert");
+    }
+    let script = std::fs::read_to_string(tmp.path().join("start.sh")).expect("start.sh");
+    let exec = "exec /usr/local/bin/meridian serve --config /etc/meridian/node.toml";
+    assert!(script.contains(exec), "{script}");
+    let bin = meridian_tests::procs::meridian_bin();
+    let checking = script.replace(
+        exec,
+        &format!(
+            "exec {} check-config {}",
+            bin.display(),
+            tmp.path().join("node.toml").display()
+        ),
+    );
+    std::fs::write(tmp.path().join("check.sh"), checking).expect("write");
+    for ordinal in 0..3 {
+        let out = std::process::Command::new("sh")
+            .arg(tmp.path().join("check.sh"))
+            .env("HOSTNAME", format!("meridian-{ordinal}"))
+            .env("NAMESPACE", "meridian")
+            .env("ROUTERS", "3")
+            .env("MERIDIAN_ADMIN_TOKEN", "a-kubernetes-secret-admin-token-0123456789")
+            .env("MERIDIAN_CLUSTER__CERTS_DIR", &certs)
+            .output()
+            .expect("sh runs");
+        assert!(
+            out.status.success(),
+            "pod meridian-{ordinal}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
