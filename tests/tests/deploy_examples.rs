@@ -6,9 +6,21 @@ use std::path::Path;
 #[test]
 fn deploy_examples_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    // Multi-node examples name their certificates' folder: one made here stands in.
+    let certs = tempfile::tempdir().expect("tempdir");
+    meridian_cluster::certs::init_ca(certs.path()).expect("ca");
+    meridian_cluster::certs::issue(certs.path(), 1, &[]).expect("cert");
     let env = vec![
         ("OPENAI_API_KEY".to_owned(), "sk-example".to_owned()),
         ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-example".to_owned()),
+        (
+            "MERIDIAN_ADMIN_TOKEN".to_owned(),
+            "an-example-admin-token-0123456789abcdef".to_owned(),
+        ),
+        (
+            "MERIDIAN_CLUSTER__CERTS_DIR".to_owned(),
+            certs.path().display().to_string(),
+        ),
     ];
     let mut checked = Vec::new();
     let mut folders = vec![dir.clone()];
@@ -355,13 +367,77 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
             .env("HOSTNAME", format!("meridian-{ordinal}"))
             .env("NAMESPACE", "meridian")
             .env("ROUTERS", "3")
-            .env("MERIDIAN_ADMIN_TOKEN", "a-kubernetes-secret-admin-token-0123456789")
+            .env(
+                "MERIDIAN_ADMIN_TOKEN",
+                "a-kubernetes-secret-admin-token-0123456789",
+            )
             .env("MERIDIAN_CLUSTER__CERTS_DIR", &certs)
             .output()
             .expect("sh runs");
         assert!(
             out.status.success(),
             "pod meridian-{ordinal}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The compose file: each node's environment over the shared `node.toml` is a valid
+/// configuration (checked by the node's `check-config`), its peers are the other services by
+/// name, and every node is published on its own port. (`docker compose` itself is not on
+/// these machines.)
+#[test]
+fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name() {
+    let python = kubernetes_validate();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose");
+    let dump = "import json, sys, yaml\nprint(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let out = std::process::Command::new(&python)
+        .args(["-c", dump])
+        .arg(dir.join("compose.yaml"))
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compose: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let services = compose["services"].as_object().expect("services");
+    let nodes: Vec<(&String, &serde_json::Value)> = services
+        .iter()
+        .filter(|(name, _)| name.starts_with("node"))
+        .collect();
+    assert_eq!(nodes.len(), 3);
+    let certs = tempfile::tempdir().expect("tempdir");
+    meridian_cluster::certs::init_ca(certs.path()).expect("ca");
+    let mut ports = std::collections::BTreeSet::new();
+    for (name, service) in &nodes {
+        let env = service["environment"].as_object().expect("environment");
+        let id: u64 = env["MERIDIAN_NODE__ID"]
+            .as_str()
+            .expect("id")
+            .parse()
+            .expect("a number");
+        meridian_cluster::certs::issue(certs.path(), id, &[]).expect("cert");
+        assert_eq!(env["MERIDIAN_CLUSTER__ADVERTISE"], format!("{name}:7000"));
+        let peers = env["MERIDIAN_CLUSTER__PEERS"].as_str().expect("peers");
+        for (other, _) in nodes.iter().filter(|(o, _)| o != name) {
+            assert!(peers.contains(&format!("@{other}:7000")), "{name}: {peers}");
+        }
+        assert!(ports.insert(service["ports"][0].as_str().expect("a port").to_owned()));
+        let mut check = std::process::Command::new(meridian_tests::procs::meridian_bin());
+        check
+            .arg("check-config")
+            .arg(dir.join("node.toml"))
+            .env("MERIDIAN_CLUSTER__CERTS_DIR", certs.path());
+        for (k, v) in env {
+            check.env(k, v.as_str().expect("text"));
+        }
+        let out = check.output().expect("check-config runs");
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
