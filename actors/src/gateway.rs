@@ -118,7 +118,8 @@ struct Inner {
     jwt: Option<Arc<JwtVerifier>>,
     keys: auth::KeyTable,
     /// Looked up on every admission, with the fast hash (the keys come from the config).
-    prices: hashbrown::HashMap<String, Rates>,
+    /// Prices by model; replaced whole by a configuration reload.
+    prices: std::sync::RwLock<Arc<hashbrown::HashMap<String, Rates>>>,
     cache: Option<ResponseCache>,
     quota: Option<(Quota, JoinHandle<()>)>,
     breaker_stats: Arc<BreakerStats>,
@@ -223,7 +224,7 @@ impl Gateway {
                 retries: Arc::new(RetryBudget::new(std::time::Instant::now())),
                 jwt: config.jwt,
                 keys: auth::KeyTable::default(),
-                prices: config.prices.into_iter().collect(),
+                prices: std::sync::RwLock::new(Arc::new(config.prices.into_iter().collect())),
                 cache: config.cache.map(ResponseCache::new),
                 quota,
                 breaker_stats,
@@ -344,7 +345,7 @@ impl Gateway {
         // A caller with no limit still gets a reservation (with nothing to charge): it carries
         // the prompt's estimate, which a call cut short is billed for in its record.
         let tokenizer = self.tokenizer_of(request.model());
-        let price = self.inner.prices.get(request.model()).copied();
+        let price = self.price_of(request.model());
         let estimate = if cache_hit {
             // Answered from the cache: a request, no tokens, no cost.
             Estimate {
@@ -544,7 +545,8 @@ impl Gateway {
         };
         let (regions, allowed) = (&tenant.regions, &tenant.models);
         let may_call = |m: &str| allowed.is_empty() || allowed.iter().any(|a| a == m);
-        let models: Vec<&str> = match self.inner.registry.aliases().get(model) {
+        let table = self.inner.registry.table();
+        let models: Vec<&str> = match table.aliases.get(model) {
             Some(alias) => {
                 let complexity = route::classify(
                     &alias.rules,
@@ -811,7 +813,23 @@ impl Gateway {
 
     /// What `model` costs, if it is priced.
     pub(crate) fn price_of(&self, model: &str) -> Option<Rates> {
-        self.inner.prices.get(model).copied()
+        self.inner
+            .prices
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(model)
+            .copied()
+    }
+
+    /// Replaces the price list (a configuration reload): calls admitted from now on are
+    /// estimated and billed at it.
+    pub fn set_prices(&self, prices: HashMap<String, Rates>) {
+        *self
+            .inner
+            .prices
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(prices.into_iter().collect());
     }
 
     /// Stops the actor tree (after the edges have drained).

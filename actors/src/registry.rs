@@ -44,7 +44,8 @@ struct Shared {
     /// Starts and restarts the providers' actors.
     supervisor: ActorRef<SupervisorMsg>,
     cluster: Option<Replicated>,
-    aliases: HashMap<String, Alias>,
+    /// Virtual models; the table holds them too (replaced by a reload).
+    aliases: Mutex<Arc<HashMap<String, Alias>>>,
     awaited_models: Vec<String>,
 }
 
@@ -70,7 +71,7 @@ impl Registry {
     ) -> Self {
         let table = Table::build(
             providers.clone(),
-            &aliases,
+            Arc::new(aliases.clone()),
             &awaited_models,
             breakers.as_ref(),
         );
@@ -90,7 +91,7 @@ impl Registry {
                 publisher,
                 supervisor,
                 cluster,
-                aliases,
+                aliases: Mutex::new(Arc::new(aliases)),
                 awaited_models,
             }),
         };
@@ -131,9 +132,10 @@ impl Registry {
         let _one_at_a_time = lock(&self.inner.changing);
         let mut providers = self.table().providers.clone();
         change(&mut providers);
+        let aliases = Arc::clone(&lock(&self.inner.aliases));
         let table = Table::build(
             providers,
-            &self.inner.aliases,
+            aliases,
             &self.inner.awaited_models,
             self.inner.breakers.as_ref(),
         );
@@ -278,9 +280,11 @@ impl Registry {
         self.table().providers.iter().map(|p| p.status()).collect()
     }
 
-    /// Virtual models (`auto`) by name.
-    pub(crate) fn aliases(&self) -> &HashMap<String, Alias> {
-        &self.inner.aliases
+    /// Replaces the virtual models (a configuration reload): requests read the new ones from
+    /// the next table on.
+    pub fn set_aliases(&self, aliases: HashMap<String, Alias>) {
+        *lock(&self.inner.aliases) = Arc::new(aliases);
+        self.change_providers(|_| {});
     }
 
     /// Models this node's replicas will serve once one is ready.
@@ -316,12 +320,14 @@ pub(crate) struct Table {
     pub(crate) providers: Vec<Arc<Provider>>,
     /// Some provider takes part in prefix affinity (else no request is hashed).
     pub(crate) affinity: bool,
+    /// Virtual models (`auto`) by name.
+    pub(crate) aliases: Arc<HashMap<String, Alias>>,
 }
 
 impl Table {
     fn build(
         providers: Vec<Arc<Provider>>,
-        aliases: &HashMap<String, Alias>,
+        aliases: Arc<HashMap<String, Alias>>,
         awaited: &[String],
         breakers: Option<&Breakers>,
     ) -> Self {
@@ -362,6 +368,7 @@ impl Table {
             labels,
             providers,
             affinity,
+            aliases,
         }
     }
 }

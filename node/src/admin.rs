@@ -513,6 +513,8 @@ impl Admin for AdminService {
                     providers_removed: r.removed,
                     providers_changed: r.changed,
                     restart_only: r.restart_only.iter().map(|s| (*s).to_owned()).collect(),
+                    prices_applied: r.prices,
+                    aliases_applied: r.aliases,
                 }))
             }
             Err(e @ (ReloadError::Invalid(_) | ReloadError::Read { .. })) => {

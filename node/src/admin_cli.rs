@@ -280,6 +280,12 @@ pub async fn run(
                 list(&r.providers_removed),
                 list(&r.providers_changed)
             );
+            if r.prices_applied {
+                println!("prices applied");
+            }
+            if r.aliases_applied {
+                println!("aliases applied");
+            }
             if !r.restart_only.is_empty() {
                 println!(
                     "changed but applied only at the next restart: {}",

@@ -1,10 +1,10 @@
 //! Hot reload: on SIGHUP (and the admin API's `ReloadConfig`) the node reads its configuration
 //! file again and validates it like at start — a bad file is refused with the same field-named
-//! errors and the running configuration stays. What this build applies without a restart is
-//! the providers: one no longer listed leaves routing (calls in flight, streams included,
-//! finish), a new or changed one starts (a changed one replaces the old under its id), an
-//! unchanged one keeps its queue and counters. Every other section that changed is named in the
-//! answer as applied at the next restart only.
+//! errors and the running configuration stays. Applied without a restart: the providers (one
+//! no longer listed leaves routing while its calls in flight, streams included, finish; a new
+//! or changed one starts, a changed one replacing the old under its id; an unchanged one keeps
+//! its queue and counters), the price list and the virtual models (aliases). Every other
+//! section that changed is named in the answer as applied at the next restart only.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +20,9 @@ pub struct Reloaded {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
+    /// The price list or the virtual models changed and were applied.
+    pub prices: bool,
+    pub aliases: bool,
     /// Sections that differ from the running configuration but take a restart.
     pub restart_only: Vec<&'static str>,
 }
@@ -40,6 +43,12 @@ impl std::fmt::Display for Reloaded {
             list(&self.removed),
             list(&self.changed)
         )?;
+        if self.prices {
+            write!(f, "; prices applied")?;
+        }
+        if self.aliases {
+            write!(f, "; aliases applied")?;
+        }
         if !self.restart_only.is_empty() {
             write!(
                 f,
@@ -125,7 +134,17 @@ impl Reloader {
                 done.added.push(p.id.clone());
             }
         }
+        if format!("{:?}", sorted(&running.prices)) != format!("{:?}", sorted(&new.prices)) {
+            self.inner.gateway.set_prices(new.prices.clone());
+            done.prices = true;
+        }
+        if format!("{:?}", sorted(&running.aliases)) != format!("{:?}", sorted(&new.aliases)) {
+            registry.set_aliases(new.aliases.clone());
+            done.aliases = true;
+        }
         running.providers = new.providers;
+        running.prices = new.prices;
+        running.aliases = new.aliases;
         Ok(done)
     }
 }
@@ -158,8 +177,6 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     check("cluster", &old.cluster, &new.cluster);
     check("auth", &old.auth, &new.auth);
     check("quota", &old.quota, &new.quota);
-    check("prices", &sorted(&old.prices), &sorted(&new.prices));
-    check("aliases", &sorted(&old.aliases), &sorted(&new.aliases));
     check("cache", &old.cache, &new.cache);
     check("breakers", &old.breaker, &new.breaker);
     check("limits", &old.limits, &new.limits);

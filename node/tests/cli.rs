@@ -416,10 +416,58 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         "the running config stays"
     );
 
+    // Prices and virtual models are applied at once.
+    let priced = format!(
+        "{second}[[aliases]]\nname = \"auto\"\ntrivial = [\"n\"]\nmoderate = [\"n\"]\nhard = [\"m\"]\n\
+         [[prices]]\nmodel = \"n\"\ninput_usd_per_mtok = 1000.0\noutput_usd_per_mtok = 1000.0\n"
+    );
+    assert!(
+        !chat_at(&http, "auto", false).starts_with("HTTP/1.1 200"),
+        "no alias yet"
+    );
+    std::fs::write(&file, config(&priced)).expect("write");
+    let reload = Command::new(BIN)
+        .args([
+            "admin",
+            "--addr",
+            &admin,
+            "--token",
+            "reload-test-admin-token-0123456789",
+            "reload",
+        ])
+        .output()
+        .expect("admin cli");
+    let said = String::from_utf8_lossy(&reload.stdout);
+    assert!(
+        said.contains("prices applied") && said.contains("aliases applied"),
+        "{said}{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    assert!(
+        chat_at(&http, "auto", false).starts_with("HTTP/1.1 200"),
+        "the alias serves"
+    );
+    let body = r#"{"model":"n","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = TcpStream::connect(&http).expect("connect");
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Meridian-Cost: on\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read");
+    let cost = resp
+        .lines()
+        .find_map(|l| l.strip_prefix("x-meridian-cost-usd: "))
+        .and_then(|c| c.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(cost > 0.0, "billed at the new price: {resp}");
+
     // A change that takes a restart is named, not applied.
     std::fs::write(
         &file,
-        config(second).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
+        config(&priced).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
     )
     .expect("write");
     let reload = Command::new(BIN)
