@@ -92,15 +92,19 @@ pub struct App {
     /// Reloads the configuration file on SIGHUP and through the admin API (`None`: the node
     /// runs the embedded default, or was built from a config in code).
     reloader: Option<crate::reload::Reloader>,
+    /// The lookups of providers found by DNS (`discover = true`).
+    discovery: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
     /// Starts the actors and binds every listener (port 0 picks a free port; see the `*_addr`
     /// accessors). Nothing is served until [`App::run`].
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        // Providers found by DNS join once the gateway runs (see `crate::discover`).
         let specs = config
             .providers
             .iter()
+            .filter(|p| p.discover.is_none())
             .map(|p| p.to_spec())
             .collect::<Result<Vec<_>, _>>()?;
         let bind = |what, addr| async move {
@@ -188,6 +192,19 @@ impl App {
         })
         .await
         .map_err(|e| AppError::Actors(e.to_string()))?;
+        let mut discovery = Vec::new();
+        for p in config.providers.iter().filter(|p| p.discover.is_some()) {
+            let every = p.discover.unwrap_or(Duration::from_secs(10));
+            discovery.push(
+                crate::discover::start(
+                    p.clone(),
+                    every,
+                    gateway.clone(),
+                    Arc::new(crate::discover::Dns),
+                )
+                .await,
+            );
+        }
         let vllm = Vllm::start(
             config.vllm.clone(),
             gateway.registry().clone(),
@@ -246,6 +263,7 @@ impl App {
             admin,
             started: Instant::now(),
             reloader: None,
+            discovery,
         })
     }
 
@@ -442,6 +460,9 @@ impl App {
         }
         // Replicas: deregistered, their in-flight calls (if any are left) finish up to each
         // group's drain timeout, then SIGTERM, then SIGKILL.
+        for lookup in &self.discovery {
+            lookup.abort();
+        }
         self.vllm.shutdown().await;
         self.alerts.0.abort();
         self.gateway.stop(Duration::from_secs(5)).await;

@@ -136,6 +136,9 @@ pub struct ProviderConfig {
     pub prefix_affinity: bool,
     pub weight: u32,
     pub price: ProviderPrice,
+    /// One provider per address `base_url`'s host resolves to, looked up this often (see
+    /// `crate::discover`); `None`: the URL as it is.
+    pub discover: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

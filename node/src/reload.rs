@@ -112,13 +112,25 @@ impl Reloader {
             ..Reloaded::default()
         };
         let registry = self.inner.gateway.registry();
-        for old in &running.providers {
+        // Providers found by DNS are looked up by a task of their own: a change to one takes a
+        // restart.
+        let discovered = |c: &Config| -> Vec<String> {
+            c.providers
+                .iter()
+                .filter(|p| p.discover.is_some())
+                .map(fingerprint)
+                .collect()
+        };
+        if discovered(&running) != discovered(&new) {
+            done.restart_only.push("providers with discover = true");
+        }
+        for old in running.providers.iter().filter(|p| p.discover.is_none()) {
             if !new.providers.iter().any(|p| p.id == old.id) {
                 registry.withdraw_provider(&old.id);
                 done.removed.push(old.id.clone());
             }
         }
-        for p in &new.providers {
+        for p in new.providers.iter().filter(|p| p.discover.is_none()) {
             let before = running.providers.iter().find(|o| o.id == p.id);
             if before.is_some_and(|b| fingerprint(b) == fingerprint(p)) {
                 continue;
@@ -142,7 +154,19 @@ impl Reloader {
             registry.set_aliases(new.aliases.clone());
             done.aliases = true;
         }
-        running.providers = new.providers;
+        // The discovered providers stay as they started (see above).
+        let kept: Vec<ProviderConfig> = running
+            .providers
+            .iter()
+            .filter(|p| p.discover.is_some())
+            .cloned()
+            .collect();
+        running.providers = new
+            .providers
+            .into_iter()
+            .filter(|p| p.discover.is_none())
+            .chain(kept)
+            .collect();
         running.prices = new.prices;
         running.aliases = new.aliases;
         Ok(done)

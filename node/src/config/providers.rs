@@ -191,7 +191,27 @@ pub(super) fn validate(
             output: usd("price_output", p.price_output),
             cached_input: usd("price_cached_input", p.price_cached_input),
         };
+        let discover = if p.discover.unwrap_or(false) {
+            if !matches!(kind, ProviderKind::Api { .. }) {
+                e.push(
+                    at("discover"),
+                    "applies only to a provider reached over HTTP",
+                );
+            }
+            Some(duration(
+                e,
+                &at("discover_every"),
+                p.discover_every.as_ref(),
+                Duration::from_secs(10),
+            ))
+        } else {
+            if p.discover_every.is_some() {
+                e.push(at("discover_every"), "applies only with discover = true");
+            }
+            None
+        };
         providers.push(ProviderConfig {
+            discover,
             tokenizer,
             prefix_affinity: p.prefix_affinity.unwrap_or(false),
             weight: int(e, &at("weight"), p.weight, 1, 1, 1_000),

@@ -320,6 +320,10 @@ pub struct RawProvider {
     pub prefix_affinity: Option<bool>,
     /// Share of traffic relative to others at equal load (default 1).
     pub weight: Option<i64>,
+    /// `base_url` names many servers (a Kubernetes headless Service): one provider per
+    /// address its host resolves to, looked up again every `discover_every` (default 10s).
+    pub discover: Option<bool>,
+    pub discover_every: Option<String>,
     /// USD per million tokens: input, output, cached input (optional; cheaper goes first at
     /// equal load, and the registry shows them).
     pub price_input: Option<f64>,
