@@ -318,6 +318,13 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
     let admin = format!("http://{}", started.addr("admin"));
     let mut child = started.child;
     let request = |model: &str, stream: bool| chat_at(&http, model, stream);
+    let admin_cli = |command: &str| {
+        Command::new(BIN)
+            .args(["admin", "--addr", &admin, "--token"])
+            .args(["reload-test-admin-token-0123456789", command])
+            .output()
+            .expect("admin cli")
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (served, failed) = (
         Arc::new(AtomicU64::new(0)),
@@ -372,17 +379,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         served.load(Ordering::Relaxed) >= 6,
         "streams served: {served:?}"
     );
-    let providers = Command::new(BIN)
-        .args([
-            "admin",
-            "--addr",
-            &admin,
-            "--token",
-            "reload-test-admin-token-0123456789",
-            "providers",
-        ])
-        .output()
-        .expect("admin cli");
+    let providers = admin_cli("providers");
     let listed = String::from_utf8_lossy(&providers.stdout);
     assert!(
         listed.contains("two") && listed.contains("three") && !listed.contains("one "),
@@ -395,17 +392,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         config("[[providers]]\nid = \"bad\"\nkind = \"nonsense\"\nmodels = [\"m\"]\n"),
     )
     .expect("write");
-    let reload = Command::new(BIN)
-        .args([
-            "admin",
-            "--addr",
-            &admin,
-            "--token",
-            "reload-test-admin-token-0123456789",
-            "reload",
-        ])
-        .output()
-        .expect("admin cli");
+    let reload = admin_cli("reload");
     let said = String::from_utf8_lossy(&reload.stderr);
     assert!(!reload.status.success(), "a bad file is refused");
     assert!(said.contains("providers[0].kind"), "{said}");
@@ -426,17 +413,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         "no alias yet"
     );
     std::fs::write(&file, config(&priced)).expect("write");
-    let reload = Command::new(BIN)
-        .args([
-            "admin",
-            "--addr",
-            &admin,
-            "--token",
-            "reload-test-admin-token-0123456789",
-            "reload",
-        ])
-        .output()
-        .expect("admin cli");
+    let reload = admin_cli("reload");
     let said = String::from_utf8_lossy(&reload.stdout);
     assert!(
         said.contains("prices applied") && said.contains("aliases applied"),
@@ -470,17 +447,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         config(&priced).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
     )
     .expect("write");
-    let reload = Command::new(BIN)
-        .args([
-            "admin",
-            "--addr",
-            &admin,
-            "--token",
-            "reload-test-admin-token-0123456789",
-            "reload",
-        ])
-        .output()
-        .expect("admin cli");
+    let reload = admin_cli("reload");
     let said = String::from_utf8_lossy(&reload.stdout);
     assert!(
         reload.status.success(),
