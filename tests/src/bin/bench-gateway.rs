@@ -289,17 +289,24 @@ fn serve(mut cmd: Command, meridian: &Path, config: &Path) -> Command {
     cmd
 }
 
-/// The development API key a node prints on its first start.
+/// The development API key a node makes on its first start: printed to a terminal, else
+/// written to the file its line names (as here: standard output is a pipe).
 fn dev_key(lines: &[String]) -> anyhow::Result<String> {
     lines
         .iter()
         .find_map(|l| {
-            l.strip_prefix("development API key")?
-                .split_whitespace()
-                .find(|w| w.starts_with("mk_"))
+            let rest = l.strip_prefix("development API key")?;
+            match rest.split_once(" written to ") {
+                Some((_, path)) => std::fs::read_to_string(path.split(" (").next()?)
+                    .ok()
+                    .map(|k| k.trim().to_owned()),
+                None => rest
+                    .split_whitespace()
+                    .find(|w| w.starts_with("mk_"))
+                    .map(str::to_owned),
+            }
         })
-        .map(str::to_owned)
-        .context("the node printed no development key")
+        .context("the node made no development key (or its file could not be read)")
 }
 
 /// Gives the development tier (unreachable) tokens/min and requests/min limits, so that every
