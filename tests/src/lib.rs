@@ -437,3 +437,35 @@ pub fn chat_body(model: &str, stream: bool, extra: &str) -> String {
         r#"{{"model":{model:?},"stream":{stream},"messages":[{{"role":"user","content":"say something"}}]{extra}}}"#
     )
 }
+
+/// Runs `install` once across every test process (nextest runs each test in a process of its
+/// own, and several may need the same virtualenv or download at once): `ready` is asked only
+/// while holding the lock folder `lock` (a half-done install can look ready from outside), and
+/// `install` runs under it when `ready` does not hold. A lock left by a process that died is
+/// taken over after 15 minutes.
+pub fn install_once(
+    lock: &std::path::Path,
+    ready: impl Fn() -> bool,
+    install: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(parent) = lock.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::create_dir(lock) {
+            Ok(()) => {
+                let done = if ready() { Ok(()) } else { install() };
+                let _ = std::fs::remove_dir(lock);
+                return done;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if started.elapsed() > Duration::from_secs(15 * 60) {
+                    let _ = std::fs::remove_dir(lock);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

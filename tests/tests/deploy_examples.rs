@@ -272,28 +272,33 @@ fn kubernetes_validate() -> std::path::PathBuf {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !has(&python) {
-        let ok = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "python3 -m venv failed (install python3-venv)");
-        let out = std::process::Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "kubernetes-validate",
-            ])
-            .output()
-            .expect("pip runs");
-        assert!(
-            out.status.success(),
-            "pip install kubernetes-validate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    meridian_tests::install_once(
+        &venv.with_extension("lock"),
+        || has(&python),
+        || {
+            let ok = std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success());
+            anyhow::ensure!(ok, "python3 -m venv failed (install python3-venv)");
+            let out = std::process::Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "kubernetes-validate",
+                ])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "pip install kubernetes-validate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        },
+    )
+    .expect("kubernetes-validate");
     python
 }
 

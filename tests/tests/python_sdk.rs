@@ -30,13 +30,13 @@ fn python_with_openai() -> PathBuf {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !has_openai(&python) {
+    meridian_tests::install_once(&venv.with_extension("lock"), || has_openai(&python), || {
         let ok = Command::new("python3")
             .args(["-m", "venv"])
             .arg(&venv)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(
+        anyhow::ensure!(
             ok,
             "python3 -m venv failed: install python3-venv, or set MERIDIAN_TEST_PYTHON"
         );
@@ -44,11 +44,13 @@ fn python_with_openai() -> PathBuf {
             .args(["install", "--quiet", "openai", "anthropic"])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(
+        anyhow::ensure!(
             ok,
             "pip install openai anthropic failed; set MERIDIAN_TEST_PYTHON to a python that has them"
         );
-    }
+        Ok(())
+    })
+    .expect("the SDKs");
     python
 }
 

