@@ -128,10 +128,9 @@ impl Tokenizer {
 
     /// A model's `tokenizer.json`; the error says why it cannot be used.
     pub fn from_file(path: &str) -> Result<Self, String> {
-        let mut tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
-        // Counted as the engine tokenizes a rendered template: special tokens written in the
-        // text (`<|im_start|>`) are the special tokens, not their letters.
-        tokenizer.set_encode_special_tokens(false);
+        // Special tokens written in a text (`<|im_start|>` in a rendered template) are read
+        // as the special tokens, as the engine reads them (the library's default).
+        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
         let tag = std::collections::hash_map::RandomState::new().hash_one(path) | 2;
         Ok(Self::File(Arc::new(TokenizerFile {
             path: path.to_owned(),

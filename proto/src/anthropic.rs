@@ -447,12 +447,7 @@ fn tool_input(arguments: &str) -> Value {
 
 /// A whole `chat.completion` as a Messages `message`, named `model` as the client asked.
 pub fn message_from_completion(completion: &[u8], model: &str) -> Result<Vec<u8>, ApiError> {
-    let c: Value = serde_json::from_slice(completion).map_err(|e| {
-        ApiError::new(
-            ErrorKind::Upstream,
-            format!("the provider's answer is not JSON: {e}"),
-        )
-    })?;
+    let c = crate::openai::completion_json(completion)?;
     let choice = &c["choices"][0];
     let message = &choice["message"];
     let mut content = Vec::new();

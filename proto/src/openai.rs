@@ -288,10 +288,16 @@ impl ChatRequest {
                 serde_json::json!({"include_usage": true}),
             );
         }
-        let text = serde_json::to_vec(&chat).map_err(|e| {
-            ApiError::new(ErrorKind::Internal, format!("a translated request: {e}"))
-        })?;
-        let mut request = Self::from_json(&text, limits).map_err(|mut e| {
+        // Read and checked as `from_json` does, from the map itself (not written out and
+        // parsed again).
+        let checked = serde_path_to_error::deserialize(&chat)
+            .map_err(schema_error)
+            .and_then(|params: ChatCompletionRequest| {
+                validate(&params, limits)?;
+                validate_passed_through(&chat)?;
+                Ok(params)
+            });
+        let params = checked.map_err(|mut e| {
             if let Some((_, theirs)) = renamed
                 .iter()
                 .find(|(ours, _)| e.param.as_deref() == Some(*ours))
@@ -300,9 +306,24 @@ impl ChatRequest {
             }
             e
         })?;
-        request.api = api;
-        Ok(request)
+        Ok(Self {
+            api,
+            params,
+            body: chat,
+            inputs: Vec::new(),
+            native: None,
+        })
     }
+}
+
+/// A provider's whole `chat.completion`, read to be written back in another API's shape.
+pub(crate) fn completion_json(completion: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(completion).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Upstream,
+            format!("the provider's answer is not JSON: {e}"),
+        )
+    })
 }
 
 /// The `model` a body names, required.

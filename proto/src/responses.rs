@@ -19,7 +19,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::error::{ApiError, ErrorKind};
+use crate::error::ApiError;
 use crate::openai::{Api, ChatRequest, RequestLimits};
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
@@ -428,12 +428,7 @@ fn call_item(id: &str, status: &str, call_id: &Value, name: &Value, arguments: &
 
 /// A whole `chat.completion` as a `response` object.
 pub fn response_from_completion(completion: &[u8], echo: &Echo) -> Result<Vec<u8>, ApiError> {
-    let c: Value = serde_json::from_slice(completion).map_err(|e| {
-        ApiError::new(
-            ErrorKind::Upstream,
-            format!("the provider's answer is not JSON: {e}"),
-        )
-    })?;
+    let c = crate::openai::completion_json(completion)?;
     let choice = &c["choices"][0];
     let message = &choice["message"];
     let mut output = Vec::new();
