@@ -108,7 +108,8 @@ pub struct Gateway {
 struct Inner {
     /// Where requests can go, and the providers behind it.
     registry: Registry,
-    limits: RequestLimits,
+    /// Replaced by a configuration reload.
+    limits: std::sync::RwLock<RequestLimits>,
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
     draining: AtomicBool,
@@ -215,7 +216,7 @@ impl Gateway {
         let gateway = Self {
             inner: Arc::new(Inner {
                 registry,
-                limits: config.limits,
+                limits: std::sync::RwLock::new(config.limits),
                 supervisor,
                 connections: connections.get_cell(),
                 draining: AtomicBool::new(false),
@@ -425,8 +426,14 @@ impl Gateway {
             .map(|c| c.state.borrow().clone())
     }
 
-    pub fn limits(&self) -> &RequestLimits {
-        &self.inner.limits
+    /// The request limits in force now.
+    pub fn limits(&self) -> RequestLimits {
+        *self.inner.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies reloaded request limits from the next request on.
+    pub fn set_limits(&self, limits: RequestLimits) {
+        *self.inner.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     /// Every model this node routes: configured ones in configuration order, then those of

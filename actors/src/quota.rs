@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_map::EntryRef;
@@ -167,7 +167,8 @@ struct Late {
 
 struct Inner {
     node_id: NodeId,
-    config: QuotaConfig,
+    /// Replaced whole by a configuration reload ([`Quota::retune`]); read once per use.
+    config: RwLock<Arc<QuotaConfig>>,
     cluster: Replicated,
     /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
     budgets: Mutex<Budgets>,
@@ -188,6 +189,13 @@ struct Inner {
     /// When this node started: it can vouch for its static share only in windows begun since.
     started_unix_ms: u64,
     denied_no_quorum: AtomicU64,
+}
+
+impl Inner {
+    /// The `[quota]` settings in force now.
+    fn config(&self) -> Arc<QuotaConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// The node's quota account. Cheap to clone.
@@ -373,7 +381,7 @@ impl Quota {
         let quota = Self {
             inner: Arc::new(Inner {
                 node_id,
-                config,
+                config: RwLock::new(Arc::new(config)),
                 cluster,
                 budgets: Mutex::new(budgets),
                 late: Mutex::new(Vec::new()),
@@ -394,9 +402,27 @@ impl Quota {
         (quota, task)
     }
 
+    /// Applies a reloaded `[quota]` section from the next admission, flush and renewal on.
+    /// What the node was started with stays for what must not change while it runs: the static
+    /// share (every node must split the same one, and this window's shares were counted under
+    /// it), where the share counts are kept, the node count shares are split among, the clock.
+    /// Returns whether the static share differed (it takes a restart of every node).
+    pub fn retune(&self, new: QuotaConfig) -> bool {
+        let mut slot = self.inner.config.write().unwrap_or_else(|e| e.into_inner());
+        let old = Arc::clone(&slot);
+        *slot = Arc::new(QuotaConfig {
+            static_share: old.static_share,
+            state_dir: old.state_dir.clone(),
+            min_nodes: old.min_nodes,
+            clock: old.clock.clone(),
+            ..new.clone()
+        });
+        new.static_share != old.static_share
+    }
+
     /// Prompt tokens an image is estimated at (`[quota] image_tokens`).
     pub fn image_tokens(&self) -> u64 {
-        self.inner.config.image_tokens
+        self.inner.config().image_tokens
     }
 
     /// Admissions made under a local share, and refusals for want of quorum.
@@ -447,7 +473,7 @@ impl Quota {
                 // Past the deadline, one last look: a slice may have landed just now.
                 Verdict::Wait => {
                     let until = *deadline
-                        .get_or_insert_with(|| Instant::now() + self.inner.config.grant_wait);
+                        .get_or_insert_with(|| Instant::now() + self.inner.config().grant_wait);
                     last_look = tokio::time::timeout_at(until, waiting).await.is_err();
                 }
             }
@@ -481,7 +507,7 @@ impl Quota {
     /// given back before the lock is let go.
     fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
-        let unix = self.inner.config.clock.now_ms();
+        let unix = self.inner.config().clock.now_ms();
         let mut guard = lock(&self.inner.budgets);
         let budgets = &mut *guard;
         let mut charges = Vec::new();
@@ -537,7 +563,7 @@ impl Quota {
                 let low = left < budget.last_slice / 2
                     || budget
                         .expires
-                        .is_some_and(|e| e <= now + self.inner.config.grant_ttl / 5);
+                        .is_some_and(|e| e <= now + self.inner.config().grant_ttl / 5);
                 // (Never from a static share: a grant request releases it, and it is still in
                 // use. A local share, taken for want of quorum, asks again once its time is up:
                 // quorum may be back, and the window goes on through grants if it is.)
@@ -573,7 +599,7 @@ impl Quota {
             }
             let policy = self
                 .inner
-                .config
+                .config()
                 .no_quorum
                 .get(&kind)
                 .copied()
@@ -680,10 +706,11 @@ impl Quota {
     /// clean stop): written durably, then the running marker is removed. Without this (a
     /// crash), the next start counts the shares of windows begun before it as spent.
     pub fn save_shares(&self) {
-        let Some(dir) = &self.inner.config.state_dir else {
+        let config = self.inner.config();
+        let Some(dir) = &config.state_dir else {
             return;
         };
-        let unix = self.inner.config.clock.now_ms();
+        let unix = config.clock.now_ms();
         let kept: Vec<shares::Kept> = lock(&self.inner.budgets)
             .map
             .iter()
@@ -714,11 +741,9 @@ impl Quota {
     /// This node's static share of `limit`, and how many nodes hold one.
     fn share_of(&self, limit: u64) -> (u64, u64) {
         let members = self.inner.cluster.state.borrow().members.len() as u64;
-        let nodes = members.max(self.inner.config.min_nodes).max(1);
-        (
-            static_share(limit, self.inner.config.static_share, nodes),
-            nodes,
-        )
+        let config = self.inner.config();
+        let nodes = members.max(config.min_nodes).max(1);
+        (static_share(limit, config.static_share, nodes), nodes)
     }
 
     /// Whether this node knows everything it admitted in the window that began at `start`
@@ -770,7 +795,7 @@ impl Quota {
                 _ if delta < 0 => continue,
                 _ => {}
             }
-            let (current, _) = c.key.kind.window(self.inner.config.clock.now_ms());
+            let (current, _) = c.key.kind.window(self.inner.config().clock.now_ms());
             if !budgets.map.contains_key(&c.key) {
                 let mut b = Budget::new(c.key.kind, c.limit, current, Instant::now());
                 let (share, nodes) = self.share_of(c.limit);

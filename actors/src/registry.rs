@@ -194,6 +194,31 @@ impl Registry {
         Ok(provider)
     }
 
+    /// Adds or replaces a configured provider (a configuration reload) and, in a cluster,
+    /// records it in the replicated registry as this node's.
+    pub async fn add_configured(&self, spec: ProviderSpec) -> Result<Arc<Provider>, ApiError> {
+        let provider = self.add_provider(spec).await?;
+        if let Some(c) = &self.inner.cluster {
+            let records = registry_records(c.node_id, std::slice::from_ref(&provider));
+            let id = records[0].id.clone();
+            let task = tokio::spawn(publish_providers(c.clone(), records));
+            self.replace_registration(&id, task);
+        }
+        Ok(provider)
+    }
+
+    /// Withdraws a configured provider (see [`Self::withdraw_provider`]; a configuration
+    /// reload) and, in a cluster, removes this node's record of it.
+    pub fn withdraw_configured(&self, id: &str) -> Option<Arc<Provider>> {
+        let gone = self.withdraw_provider(id);
+        if let Some(c) = &self.inner.cluster {
+            let record = format!("{}/{id}", c.node_id);
+            let task = tokio::spawn(unpublish_provider(c.clone(), record.clone()));
+            self.replace_registration(&record, task);
+        }
+        gone
+    }
+
     /// Stops routing to a provider at once: it leaves the routing table, requests waiting for
     /// it go to their next candidate, calls in flight finish. Returns it (its counters say
     /// what is still in flight), or `None` if it was not in the table.
@@ -449,7 +474,12 @@ async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
                 .borrow()
                 .providers
                 .get(&record.id)
-                .is_some_and(|r| r.models == record.models && r.reach == record.reach);
+                .is_some_and(|r| {
+                    *r == ProviderRecord {
+                        updated_at_unix_ms: r.updated_at_unix_ms,
+                        ..record.clone()
+                    }
+                });
             if already {
                 break;
             }

@@ -515,6 +515,8 @@ impl Admin for AdminService {
                     restart_only: r.restart_only.iter().map(|s| (*s).to_owned()).collect(),
                     prices_applied: r.prices,
                     aliases_applied: r.aliases,
+                    limits_applied: r.limits,
+                    quota_applied: r.quota,
                 }))
             }
             Err(e @ (ReloadError::Invalid(_) | ReloadError::Read { .. })) => {

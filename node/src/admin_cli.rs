@@ -286,6 +286,12 @@ pub async fn run(
             if r.aliases_applied {
                 println!("aliases applied");
             }
+            if r.limits_applied {
+                println!("request limits applied");
+            }
+            if r.quota_applied {
+                println!("quota settings applied");
+            }
             if !r.restart_only.is_empty() {
                 println!(
                     "changed but applied only at the next restart: {}",

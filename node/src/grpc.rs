@@ -38,7 +38,7 @@ impl InferenceService {
                     include_usage: Some(true),
                 });
             }
-            ChatRequest::from_params(params, self.gateway.limits())
+            ChatRequest::from_params(params, &self.gateway.limits())
         });
         Call {
             edge: Edge::Grpc,
@@ -239,7 +239,7 @@ impl Inference for InferenceService {
         }
         let request = serde_json::to_vec(&body)
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
-            .and_then(|b| ChatRequest::from_json_as(Api::Embeddings, &b, self.gateway.limits()));
+            .and_then(|b| ChatRequest::from_json_as(Api::Embeddings, &b, &self.gateway.limits()));
         let served = self
             .gateway
             .serve(Call {

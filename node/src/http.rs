@@ -97,7 +97,7 @@ async fn serve(
 ) -> Response {
     let request = body
         .map_err(body_error)
-        .and_then(|body| ChatRequest::from_json_as(api, &body, st.gateway.limits()));
+        .and_then(|body| ChatRequest::from_json_as(api, &body, &st.gateway.limits()));
     let served = call(&st, api, &headers, request).await;
     let resp = match served.answer {
         Ok(Answer::Complete(body)) => json_response(body, served.rate_limits.len()),

@@ -3,8 +3,11 @@
 //! errors and the running configuration stays. Applied without a restart: the providers (one
 //! no longer listed leaves routing while its calls in flight, streams included, finish; a new
 //! or changed one starts, a changed one replacing the old under its id; an unchanged one keeps
-//! its queue and counters), the price list and the virtual models (aliases). Every other
-//! section that changed is named in the answer as applied at the next restart only.
+//! its queue and counters; in a cluster the replicated registry's record of this node's
+//! providers follows), the price list, the virtual models (aliases), the request limits
+//! (`[limits]`) and the quota's settings (`[quota]`, but for its static share, which every node
+//! must split alike: that takes a restart of each). Every other section that changed is named in
+//! the answer as applied at the next restart only.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +26,10 @@ pub struct Reloaded {
     /// The price list or the virtual models changed and were applied.
     pub prices: bool,
     pub aliases: bool,
+    /// `[limits]` changed and was applied.
+    pub limits: bool,
+    /// `[quota]` changed and was applied (but for `static_share`, named under `restart_only`).
+    pub quota: bool,
     /// Sections that differ from the running configuration but take a restart.
     pub restart_only: Vec<&'static str>,
 }
@@ -48,6 +55,12 @@ impl std::fmt::Display for Reloaded {
         }
         if self.aliases {
             write!(f, "; aliases applied")?;
+        }
+        if self.limits {
+            write!(f, "; request limits applied")?;
+        }
+        if self.quota {
+            write!(f, "; quota settings applied")?;
         }
         if !self.restart_only.is_empty() {
             write!(
@@ -126,7 +139,7 @@ impl Reloader {
         }
         for old in running.providers.iter().filter(|p| p.discover.is_none()) {
             if !new.providers.iter().any(|p| p.id == old.id) {
-                registry.withdraw_provider(&old.id);
+                registry.withdraw_configured(&old.id);
                 done.removed.push(old.id.clone());
             }
         }
@@ -137,7 +150,7 @@ impl Reloader {
             }
             let spec = p.to_spec()?;
             registry
-                .add_provider(spec)
+                .add_configured(spec)
                 .await
                 .map_err(|e| ReloadError::Apply(format!("provider {}: {}", p.id, e.message)))?;
             if before.is_some() {
@@ -154,6 +167,19 @@ impl Reloader {
             registry.set_aliases(new.aliases.clone());
             done.aliases = true;
         }
+        if running.limits != new.limits {
+            self.inner.gateway.set_limits(new.limits);
+            done.limits = true;
+        }
+        if quota_settings(&running.quota) != quota_settings(&new.quota) {
+            if let Some(quota) = self.inner.gateway.quota() {
+                quota.retune(new.quota.clone());
+            }
+            done.quota = true;
+        }
+        if running.quota.static_share != new.quota.static_share {
+            done.restart_only.push("quota.static_share");
+        }
         // The discovered providers stay as they started (see above).
         let kept: Vec<ProviderConfig> = running
             .providers
@@ -169,6 +195,11 @@ impl Reloader {
             .collect();
         running.prices = new.prices;
         running.aliases = new.aliases;
+        running.limits = new.limits;
+        let static_share = running.quota.static_share;
+        running.quota = new.quota;
+        // What the quota runs with: its static share stays until a restart.
+        running.quota.static_share = static_share;
         Ok(done)
     }
 }
@@ -200,13 +231,28 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     check("admin.listen", &old.admin_listen, &new.admin_listen);
     check("cluster", &old.cluster, &new.cluster);
     check("auth", &old.auth, &new.auth);
-    check("quota", &old.quota, &new.quota);
     check("cache", &old.cache, &new.cache);
     check("breakers", &old.breaker, &new.breaker);
-    check("limits", &old.limits, &new.limits);
     check("vllm", &old.vllm, &new.vllm);
     check("shutdown", &old.drain_timeout, &new.drain_timeout);
     names
+}
+
+/// The `[quota]` settings a reload applies, comparable (the static share apart).
+fn quota_settings(q: &meridian_actors::quota::QuotaConfig) -> String {
+    let mut no_quorum: Vec<String> = q.no_quorum.iter().map(|e| format!("{e:?}")).collect();
+    no_quorum.sort();
+    format!(
+        "{:?} {:?} {:?} {} {:?} {no_quorum:?} {} {} {}",
+        q.flush_every,
+        q.grant_ttl,
+        q.grant_wait,
+        q.max_slice,
+        q.slice_horizon,
+        q.usage_retention_days,
+        q.usage_users_per_day,
+        q.image_tokens
+    )
 }
 
 /// A map's entries in key order (a `HashMap`'s `Debug` order is not stable).

@@ -41,7 +41,7 @@ enum Translated {
 
 impl Translated {
     fn read(api: Api, body: &[u8], st: &HttpState) -> (Self, Result<ChatRequest, ApiError>) {
-        let limits = st.gateway.limits();
+        let limits = &st.gateway.limits();
         match api {
             Api::Responses => match responses::responses_request(body, limits) {
                 Ok((request, echo)) => (
@@ -187,7 +187,7 @@ pub async fn count_tokens(
     );
     let request = body
         .map_err(body_error)
-        .and_then(|body| anthropic::messages_request(&body, st.gateway.limits(), true));
+        .and_then(|body| anthropic::messages_request(&body, &st.gateway.limits(), true));
     match st.gateway.count_tokens(credentials, request) {
         Ok(n) => axum::Json(json!({ "input_tokens": n })).into_response(),
         Err(e) => anthropic_error(&e, request_id.as_str()),

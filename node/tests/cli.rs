@@ -385,6 +385,32 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         listed.contains("two") && listed.contains("three") && !listed.contains("one "),
         "{listed}"
     );
+    // The replicated registry's record of this node's providers follows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = Command::new(BIN)
+            .args(["admin", "--addr", &admin, "--token"])
+            .args([
+                "reload-test-admin-token-0123456789",
+                "cluster",
+                "state",
+                "providers",
+            ])
+            .output()
+            .expect("admin cli");
+        let records = String::from_utf8_lossy(&state.stdout);
+        if records.contains("\"1/two\"")
+            && records.contains("\"1/three\"")
+            && !records.contains("\"1/one\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the registry never followed the reload: {records}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A bad file: refused, naming the field; the running providers stay.
     std::fs::write(
@@ -441,10 +467,34 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         .unwrap_or(0.0);
     assert!(cost > 0.0, "billed at the new price: {resp}");
 
+    // Request limits and quota settings are applied at once; the quota's static share is
+    // named as taking a restart.
+    let two_messages = r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}"#;
+    let served = post_at(&http, two_messages);
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let limited = format!(
+        "{priced}[limits]\nmax_messages = 1\n[quota]\ngrant_wait = \"2s\"\nstatic_share = 0.25\n"
+    );
+    std::fs::write(&file, config(&limited)).expect("write");
+    let reload = admin_cli("reload");
+    let said = String::from_utf8_lossy(&reload.stdout);
+    assert!(
+        said.contains("request limits applied")
+            && said.contains("quota settings applied")
+            && said.contains("applied only at the next restart: quota.static_share"),
+        "{said}{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let refused = post_at(&http, two_messages);
+    assert!(
+        refused.starts_with("HTTP/1.1 400") && refused.contains("\"param\":\"messages\""),
+        "{refused}"
+    );
+
     // A change that takes a restart is named, not applied.
     std::fs::write(
         &file,
-        config(&priced).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
+        config(&limited).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
     )
     .expect("write");
     let reload = admin_cli("reload");
@@ -459,6 +509,10 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         "{said}"
     );
     assert!(
+        !said.contains("quota settings applied") && !said.contains("limits applied"),
+        "what was applied is not applied again: {said}"
+    );
+    assert!(
         request("m", false).starts_with("HTTP/1.1 200"),
         "auth still off until a restart"
     );
@@ -468,9 +522,16 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
 
 /// A chat request for `model` to the node at `addr` (no credentials), whole answer as text.
 fn chat_at(addr: &str, model: &str, stream: bool) -> String {
-    let body = format!(
-        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
-    );
+    post_at(
+        addr,
+        &format!(
+            r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        ),
+    )
+}
+
+/// A chat request with `body` to the node at `addr` (no credentials), whole answer as text.
+fn post_at(addr: &str, body: &str) -> String {
     let mut conn = TcpStream::connect(addr).expect("connect");
     write!(
         conn,

@@ -57,7 +57,7 @@ impl Quota {
         let mut room = Room(MAX_FLUSH_BYTES);
         {
             let mut budgets = lock(&self.inner.budgets);
-            budgets.forget_ended(self.inner.config.clock.now_ms());
+            budgets.forget_ended(self.inner.config().clock.now_ms());
             // What does not fit is reported by a later flush.
             let reports = budgets.unreported(|key| room.take(REPORT_BYTES + key.ledger.len()));
             commands.extend(reports.iter().map(|(key, window_start, delta, limit)| {
@@ -114,11 +114,11 @@ impl Quota {
                         tenant: tenant.to_string(),
                         model: key.model,
                         totals,
-                        retain_days: self.inner.config.usage_retention_days,
+                        retain_days: self.inner.config().usage_retention_days,
                         provider: key.provider,
                         feature: key.feature,
                         user: key.user,
-                        max_users: self.inner.config.usage_users_per_day,
+                        max_users: self.inner.config().usage_users_per_day,
                     });
                 }
             }
@@ -150,10 +150,10 @@ impl Quota {
             let now = Instant::now();
             let amount = slice_size(
                 b.limit,
-                self.inner.config.max_slice,
+                self.inner.config().max_slice,
                 b.demand,
                 now.duration_since(b.demand_since),
-                self.inner.config.slice_horizon,
+                self.inner.config().slice_horizon,
                 b.need,
             );
             b.give_up_share();
@@ -168,7 +168,7 @@ impl Quota {
                     window_ms: b.kind.window_len(b.window_start),
                     window_start_unix_ms: b.window_start,
                     amount,
-                    ttl_ms: self.inner.config.grant_ttl.as_millis() as u64,
+                    ttl_ms: self.inner.config().grant_ttl.as_millis() as u64,
                     share: b.share,
                     share_nodes: b.share_nodes,
                     share_used: match b.share_mode {
@@ -216,7 +216,7 @@ impl Quota {
                             // cover (a report that lands after that, e.g. while Raft is slow
                             // under load, would be counted on top of a slice re-granted to
                             // another node).
-                            b.expires = Some(sent_at + self.inner.config.grant_ttl / 2);
+                            b.expires = Some(sent_at + self.inner.config().grant_ttl / 2);
                         }
                         Ok(other) => {
                             tracing::warn!(?other, key = %key.ledger, "quota: unexpected answer to a grant request");
@@ -227,7 +227,7 @@ impl Quota {
                             let lapsed = b.expires.is_none_or(|x| x <= Instant::now());
                             let policy = self
                                 .inner
-                                .config
+                                .config()
                                 .no_quorum
                                 .get(&b.kind)
                                 .copied()
@@ -240,7 +240,7 @@ impl Quota {
                                         b.local_share = true;
                                         b.allowance = b.limit / nodes as u64;
                                         b.expires =
-                                            Some(Instant::now() + self.inner.config.grant_ttl);
+                                            Some(Instant::now() + self.inner.config().grant_ttl);
                                     }
                                     NoQuorum::Deny => {
                                         b.expires = None;
@@ -298,7 +298,7 @@ impl Quota {
         let Some(kind) = LimitKind::ALL.into_iter().find(|k| k.code() == code) else {
             return;
         };
-        let unix = self.inner.config.clock.now_ms();
+        let unix = self.inner.config().clock.now_ms();
         if kind.window(unix) != (wanted.window_start, wanted.window_ms) {
             return; // not the window this node admits in
         }
@@ -369,13 +369,27 @@ impl Quota {
 /// The flusher and the renewer: usage goes to the ledger every `flush_every`, and slices are
 /// renewed as admissions ask for them.
 pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiver<BudgetKey>) {
-    let mut tick = tokio::time::interval(quota.inner.config.flush_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticker = |every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut every = quota.inner.config().flush_every;
+    let mut tick = ticker(every);
     let mut state = quota.inner.cluster.state.clone();
     let mut seen = Arc::clone(&state.borrow_and_update());
     loop {
         tokio::select! {
-            _ = tick.tick() => quota.flush().await,
+            _ = tick.tick() => {
+                quota.flush().await;
+                // A reload may have changed the period.
+                let now = quota.inner.config().flush_every;
+                if now != every {
+                    every = now;
+                    tick = ticker(every);
+                    tick.reset();
+                }
+            }
             Ok(()) = state.changed() => {
                 let now = Arc::clone(&state.borrow_and_update());
                 for wanted in quota.shares_wanted(&seen, &now) {

@@ -358,6 +358,42 @@ async fn without_quorum_limits_deny_or_share() {
     assert!(share.no_quorum_counts().0 >= 100);
 }
 
+/// A reload's `[quota]` applies from the next admission on (here: what a limit does without
+/// quorum, and the estimate of an image), but the static share the node started with stays.
+#[tokio::test]
+async fn a_reload_retunes_the_quota_but_keeps_its_static_share() {
+    let ledger = ledger(4);
+    let limits = tenant_scope(Limits {
+        tokens_per_minute: Some(4_000),
+        ..Limits::default()
+    });
+    ledger.down.store(true, Ordering::Relaxed);
+    let mut config = ledger_only();
+    config.grant_wait = Duration::from_millis(100);
+    let q = node(&ledger, 1, config.clone());
+    let e = q.admit(&limits, tokens(10)).await.expect_err("denied");
+    assert_eq!(e.code.as_deref(), Some("quota_unavailable"));
+
+    config
+        .no_quorum
+        .insert(LimitKind::TokensPerMinute, NoQuorum::LocalShare);
+    config.image_tokens = 77;
+    config.static_share = 0.5;
+    assert!(q.retune(config), "a changed static share is reported");
+    assert_eq!(q.image_tokens(), 77);
+    assert_eq!(q.inner.config().static_share, 0.0, "kept until a restart");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match q.admit(&limits, tokens(10)).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the local share never applied: {e:?}"
+            ),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
     let ledger = ledger(4);
@@ -757,7 +793,7 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let now = Instant::now();
     let window = LimitKind::TokensPerDay
-        .window(q.inner.config.clock.now_ms())
+        .window(q.inner.config().clock.now_ms())
         .0;
     let users = 20_000;
     {
