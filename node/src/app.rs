@@ -12,7 +12,6 @@ use axum::Router;
 use futures::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use meridian_actors::auth;
 use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
@@ -89,6 +88,8 @@ pub struct App {
     grpc: TcpListener,
     admin: TcpListener,
     started: Instant,
+    /// This run's start, as the node records it in the member table (see [`Member`]).
+    started_unix_ms: u64,
     /// Reloads the configuration file on SIGHUP and through the admin API (`None`: the node
     /// runs the embedded default, or was built from a config in code).
     reloader: Option<crate::reload::Reloader>,
@@ -115,7 +116,11 @@ impl App {
         let http = bind("HTTP", config.http.listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin gRPC", config.admin_listen).await?;
-        let (cluster, quic) = start_cluster(&config, http.local_addr().ok()).await?;
+        let started_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let (cluster, quic) =
+            start_cluster(&config, http.local_addr().ok(), started_unix_ms).await?;
         let commit_latency = crate::metrics::commit_histogram();
         let traces = match &config.traces {
             Some(target) => Some(crate::traces::Traces::start(
@@ -262,6 +267,7 @@ impl App {
             grpc,
             admin,
             started: Instant::now(),
+            started_unix_ms,
             reloader: None,
             discovery,
         })
@@ -325,6 +331,38 @@ impl App {
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
             .unwrap_or(0);
         let (http_addr, grpc_addr) = (self.http_addr(), self.grpc_addr());
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Ready once this run has caught up with the cluster: it has applied its own record in
+        // the member table (proposed at start), and with it everything committed before.
+        // The gRPC health service says the same as `/readyz`.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_not_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
+            .await;
+        let caught_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (me, run) = (self.config.node.id, self.started_unix_ms);
+        let this_run = move |s: &Arc<meridian_proto::cluster::ClusterState>| {
+            s.members.get(&me).is_some_and(|m| m.started_unix_ms == run)
+        };
+        let catching_up = tokio::spawn({
+            let (mut state, caught_up) = (self.cluster.state(), Arc::clone(&caught_up));
+            let health = health.clone();
+            async move {
+                let _ = state.wait_for(this_run).await;
+                caught_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                health
+                    .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
+                    .await;
+                tracing::info!("caught up with the cluster: ready");
+            }
+        });
+        // A single node (or one whose record applied already) is ready before it serves.
+        if this_run(&self.cluster.state().borrow()) {
+            caught_up.store(true, std::sync::atomic::Ordering::Relaxed);
+            health
+                .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
+                .await;
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -350,10 +388,6 @@ impl App {
                 }
             }
         }
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
-            .await;
         let reflection = |set| {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(set)
@@ -417,6 +451,8 @@ impl App {
                 ),
                 sse_heartbeat: self.config.http.sse_heartbeat,
                 started_unix,
+                stopping: Arc::clone(&stopping),
+                caught_up: Arc::clone(&caught_up),
             },
             self.config.http.max_body_bytes,
         );
@@ -447,6 +483,19 @@ impl App {
             () = &mut shutdown => None,
             Some(done) = servers.join_next() => Some(done),
         };
+        // Out of rotation first: readiness fails (HTTP `/readyz`, gRPC health) while requests
+        // are still served for the unready period, so that balancers stop sending here before
+        // the drain refuses anything. A server that failed skips the wait.
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        catching_up.abort();
+        health
+            .set_not_serving::<pb::v1::inference_server::InferenceServer<InferenceService>>()
+            .await;
+        let unready = self.config.unready_period;
+        if failure.is_none() && !unready.is_zero() {
+            tracing::info!(unready_period = ?unready, "stopping: not ready, still serving");
+            tokio::time::sleep(unready).await;
+        }
         tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight requests");
         self.gateway.begin_drain();
         let _ = stop_tx.send(true);
@@ -621,6 +670,7 @@ struct Peering {
 async fn start_cluster(
     config: &Config,
     http_addr: Option<SocketAddr>,
+    started_unix_ms: u64,
 ) -> Result<(ClusterNode, Quic), AppError> {
     let node = &config.node;
     let failed = |e: &dyn std::fmt::Display| {
@@ -633,6 +683,7 @@ async fn start_cluster(
         raft_addr: String::new(),
         http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
         mesh_addr: String::new(),
+        started_unix_ms,
     };
     let Some(peers) = &config.cluster else {
         let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))
@@ -799,8 +850,18 @@ async fn keep_mesh_connected(mesh: Arc<Mesh>, cluster: ClusterNode, me: u64) {
     }
 }
 
+/// How long a connection taken just before a stop has to send its first bytes before it is
+/// shut down: hyper drops a connection that has not yet read enough to tell HTTP/1 from HTTP/2
+/// without an answer, which for a client that connected in that instant is a reset request.
+const FIRST_BYTES_GRACE: Duration = Duration::from_secs(1);
+
 /// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout
-/// (slow-loris guard) is actually armed; graceful shutdown lets in-flight requests finish.
+/// (slow-loris guard) is actually armed. At a stop, every connection is shut down gracefully —
+/// in-flight requests finish, HTTP/1 closes after its current response, HTTP/2 sends `GOAWAY` —
+/// once it is [`FIRST_BYTES_GRACE`] old; the connections the kernel completed before the
+/// listener closes are taken and answered too, rather than reset by the close (a request after
+/// the drain began gets a 503 `node_draining` with `Retry-After`). One that completes between
+/// the last accept and the close is still reset: nothing closes a listener atomically.
 async fn serve_http(
     listener: TcpListener,
     router: Router,
@@ -816,24 +877,36 @@ async fn serve_http(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS);
-    let graceful = GracefulShutdown::new();
+    let (stopping, stopped) = watch::channel(false);
     // Every connection task is tracked here and reaped as it ends.
     let mut connections = JoinSet::new();
+    let serve = |connections: &mut JoinSet<()>, stream: tokio::net::TcpStream| {
+        let accepted = tokio::time::Instant::now();
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = tokio::time::sleep_until(accepted + FIRST_BYTES_GRACE) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    };
     tokio::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let service = TowerToHyperService::new(router.clone());
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
-                    connections.spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
+                Ok((stream, _peer)) => serve(&mut connections, stream),
                 Err(e) => {
                     // Out of file descriptors or similar: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -844,7 +917,77 @@ async fn serve_http(
             () = &mut stop => break,
         }
     }
-    drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Taken with accept(2) itself until it would block: the runtime's readiness for the listener
+    // may not have caught up with connections the kernel has already completed.
+    match listener.into_std() {
+        Ok(listener) => loop {
+            match listener.accept() {
+                Ok((stream, _peer)) => {
+                    let stream = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                    match stream {
+                        Ok(stream) => serve(&mut connections, stream),
+                        Err(e) => tracing::warn!(error = %e, "a connection taken at the stop"),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed at the stop");
+                    break;
+                }
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "the listener could not be drained at the stop"),
+    }
     while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Connections that reached the listener before a stop — one the kernel had queued with its
+    /// request already sent, one whose client writes a moment after the stop — are answered,
+    /// not reset by the listener's close or dropped before their first bytes are read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_made_before_a_stop_are_answered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+        let request = "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        // Queued by the kernel before the server takes anything: the request already sent.
+        let mut sent = std::net::TcpStream::connect(addr).expect("connect");
+        sent.write_all(request.as_bytes()).expect("write");
+        // Queued too, its request sent only after the stop.
+        let late = std::net::TcpStream::connect(addr).expect("connect");
+        let writer = std::thread::spawn(move || {
+            let mut late = late;
+            std::thread::sleep(Duration::from_millis(300));
+            late.write_all(request.as_bytes()).expect("write");
+            let mut answer = String::new();
+            let _ = late.read_to_string(&mut answer);
+            answer
+        });
+        // The stop has already come when the accept loop starts.
+        serve_http(listener, router, Duration::from_secs(10), async {}).await;
+        let mut answer = String::new();
+        let _ = sent.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("pong"),
+            "the queued request: {answer:?}"
+        );
+        let answer = writer.join().expect("late client");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("pong"),
+            "the request sent after the stop: {answer:?}"
+        );
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "the listener is closed"
+        );
+    }
 }

@@ -70,6 +70,10 @@ pub struct Config {
     pub calls_otlp: Option<crate::otlp::Target>,
     pub alerts: crate::alerts::AlertsConfig,
     pub drain_timeout: Duration,
+    /// On a stop, how long the node keeps serving with `/readyz` failing before it drains, so
+    /// that load balancers take it out of rotation first (`[shutdown] unready_period`, 0 s by
+    /// default).
+    pub unready_period: Duration,
     pub providers: Vec<ProviderConfig>,
     pub aliases: HashMap<String, Alias>,
     pub raft: RaftTimings,

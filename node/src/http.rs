@@ -42,6 +42,12 @@ pub struct HttpState {
     pub sse_heartbeat: Duration,
     /// `created` of every model in `/v1/models` (the node's start time).
     pub started_unix: i64,
+    /// Set when the node begins to stop: `/readyz` fails from then on, while requests are still
+    /// served until the drain begins (`[shutdown] unready_period`).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once this run of the node has applied everything the cluster committed before it
+    /// started: `/readyz` fails until then.
+    pub caught_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
@@ -360,8 +366,11 @@ async fn metrics(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Respon
     }
 }
 
-/// Ready while not draining. Without quorum the node stays ready (it serves from its last
-/// applied state) and says so under `cluster`.
+/// Ready once the node has caught up with the cluster (it has applied what was committed before
+/// it started: a restarted node does not take traffic it cannot yet admit), until it begins to
+/// stop (it may still serve for `[shutdown] unready_period`, so
+/// that balancers take it out of rotation before its drain refuses anything). Without quorum
+/// the node stays ready (it serves from its last applied state) and says so under `cluster`.
 async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
     let c = st.cluster.status();
     let cluster = json!({
@@ -372,10 +381,23 @@ async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
         "quorum": if c.quorum { "ok" } else { "lost" },
         "state": if c.quorum { "current" } else { "serving from the last applied state; writes wait for a quorum" },
     });
-    if st.gateway.is_draining() {
+    if !st.caught_up.load(std::sync::atomic::Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "draining", "cluster": cluster})),
+            axum::Json(json!({"status": "starting", "cluster": cluster})),
+        )
+            .into_response();
+    }
+    let stopping = st.stopping.load(std::sync::atomic::Ordering::Relaxed);
+    if stopping || st.gateway.is_draining() {
+        let status = if st.gateway.is_draining() {
+            "draining"
+        } else {
+            "stopping"
+        };
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": status, "cluster": cluster})),
         )
             .into_response();
     }

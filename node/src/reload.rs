@@ -234,7 +234,11 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     check("cache", &old.cache, &new.cache);
     check("breakers", &old.breaker, &new.breaker);
     check("vllm", &old.vllm, &new.vllm);
-    check("shutdown", &old.drain_timeout, &new.drain_timeout);
+    check(
+        "shutdown",
+        &(old.drain_timeout, old.unready_period),
+        &(new.drain_timeout, new.unready_period),
+    );
     names
 }
 

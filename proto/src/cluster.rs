@@ -446,6 +446,11 @@ pub struct Member {
     /// Where peers reach this node's actor mesh (empty on a single node).
     #[serde(default)]
     pub mesh_addr: String,
+    /// When this run of the node started (Unix ms; 0 in records of earlier versions). Each run
+    /// records itself anew, and is ready once it has applied that record: it has then applied
+    /// everything the cluster committed before it started.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 /// What kind of upstream a provider is. Recorded as its name (`openai`, `anthropic`, `demo`,

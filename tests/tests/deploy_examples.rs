@@ -365,6 +365,29 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         .status()
         .expect("python runs");
     assert!(ok.success());
+    // A pod is given longer to stop than the node takes: out of rotation, then its drain.
+    let grace = "import sys, re, tomllib, yaml\n\
+        docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]\n\
+        pod = next(d for d in docs if d['kind'] == 'StatefulSet')['spec']['template']['spec']\n\
+        stop = tomllib.load(open(sys.argv[2], 'rb'))['shutdown']\n\
+        def secs(v):\n\
+        \x20   n, unit = re.fullmatch(r'([0-9.]+)(ms|s|m)', v).groups()\n\
+        \x20   return float(n) * {'ms': 0.001, 's': 1, 'm': 60}[unit]\n\
+        need = secs(stop.get('unready_period', '0s')) + secs(stop['drain_timeout'])\n\
+        print(pod['terminationGracePeriodSeconds'], need)\n\
+        sys.exit(0 if pod['terminationGracePeriodSeconds'] > need else 1)\n";
+    let out = std::process::Command::new(&python)
+        .args(["-c", grace])
+        .arg(dir.join("meridian.yaml"))
+        .arg(tmp.path().join("node.toml"))
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "terminationGracePeriodSeconds is not longer than unready_period + drain_timeout: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let certs = tmp.path().join("certs");
     meridian_cluster::certs::init_ca(&certs).expect("ca");
     for id in 1..=3 {

@@ -82,6 +82,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
                 raft_addr: String::new(),
                 http_addr: String::new(),
                 mesh_addr: String::new(),
+                started_unix_ms: 0,
             },
         );
     }

@@ -41,6 +41,7 @@ fn member(id: NodeId) -> meridian_proto::cluster::Command {
         raft_addr: format!("127.0.0.{id}:7000"),
         http_addr: format!("127.0.0.{id}:8080"),
         mesh_addr: String::new(),
+        started_unix_ms: 0,
     })
 }
 

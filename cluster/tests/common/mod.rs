@@ -13,6 +13,7 @@ pub fn member(id: NodeId) -> Command {
         raft_addr: format!("127.0.0.1:{}", 7000 + id),
         http_addr: format!("127.0.0.1:{}", 8000 + id),
         mesh_addr: String::new(),
+        started_unix_ms: 0,
     })
 }
 

@@ -289,6 +289,7 @@ pub struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub struct RawShutdown {
     pub drain_timeout: Option<String>,
+    pub unready_period: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

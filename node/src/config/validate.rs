@@ -655,6 +655,21 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         raw.shutdown.drain_timeout.as_ref(),
         Duration::from_secs(30),
     );
+    let unready_period = match raw.shutdown.unready_period.as_deref().map(parse_duration) {
+        None => Duration::ZERO,
+        Some(Ok(d)) if d <= Duration::from_secs(300) => d,
+        Some(Ok(d)) => {
+            e.push(
+                "shutdown.unready_period",
+                format!("{d:?} is longer than 5 minutes"),
+            );
+            Duration::ZERO
+        }
+        Some(Err(m)) => {
+            e.push("shutdown.unready_period", m);
+            Duration::ZERO
+        }
+    };
 
     if raw.providers.is_empty() && raw.vllm.is_empty() {
         e.push(
@@ -714,6 +729,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         calls_otlp,
         alerts,
         drain_timeout,
+        unready_period,
         providers,
         raft,
         cluster,
