@@ -46,7 +46,7 @@ pub mod vllm;
 pub use connection::{ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece};
 pub use gateway::{Gateway, GatewayConfig};
 pub use pipeline::{
-    Answer, CacheHit, CacheOutcome, Call, CallOptions, Credentials, Served, ServedStream,
+    Answer, CacheHit, CacheOutcome, Call, CallOptions, Credentials, Incoming, Served, ServedStream,
 };
 pub use provider::{ModelRoute, ProviderSpec, ProviderStatus};
 pub use supervisor::RestartBudget;

@@ -70,7 +70,35 @@ pub struct Call<'a> {
     pub request_id: RequestId,
     pub credentials: Credentials<'a>,
     pub options: Result<CallOptions, ApiError>,
-    pub request: Result<ChatRequest, ApiError>,
+    pub request: Incoming<'a>,
+}
+
+/// The request of a call: decoded already (a gRPC message), or read only once the caller has
+/// been let in (an HTTP body: a client without valid credentials never gets to send one).
+// The decoded request moves once, by value, as it did before there were two kinds; boxing it
+// would add an allocation to every gRPC call.
+#[allow(clippy::large_enum_variant)]
+pub enum Incoming<'a> {
+    Read(Result<ChatRequest, ApiError>),
+    Later(futures::future::BoxFuture<'a, Result<ChatRequest, ApiError>>),
+}
+
+impl Incoming<'_> {
+    async fn read(self) -> Result<ChatRequest, ApiError> {
+        match self {
+            Incoming::Read(request) => request,
+            Incoming::Later(reading) => reading.await,
+        }
+    }
+}
+
+impl std::fmt::Debug for Incoming<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Incoming::Read(request) => f.debug_tuple("Read").field(request).finish(),
+            Incoming::Later(_) => f.write_str("Later(..)"),
+        }
+    }
 }
 
 /// Whether a cacheable request was answered from the response cache.
@@ -526,7 +554,7 @@ impl Gateway {
         }
         let options = call.options?;
         served.wants_cost = options.cost;
-        let mut request = call.request?;
+        let mut request = call.request.read().await?;
         summary.model = self.model_label(request.model());
         if &*summary.model != request.model() {
             summary.asked = Some(request.model().into());

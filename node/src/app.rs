@@ -332,6 +332,10 @@ impl App {
             .unwrap_or(0);
         let (http_addr, grpc_addr) = (self.http_addr(), self.grpc_addr());
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = crate::conns::ConnLimits::new(
+            self.config.http.max_connections,
+            self.config.http.max_connections_per_client,
+        );
         // Ready once this run has caught up with the cluster: it has applied its own record in
         // the member table (proposed at start), and with it everything committed before.
         // The gRPC health service says the same as `/readyz`.
@@ -438,11 +442,14 @@ impl App {
                 vllm: self.vllm.clone(),
                 cluster: self.cluster.clone(),
                 metrics: crate::metrics::NodeMetrics::new(
+                    crate::metrics::NodeMetrics::node_parts(
+                        self.commit_latency.clone(),
+                        &connections,
+                    ),
                     self.gateway.clone(),
                     self.cluster.clone(),
                     self.vllm.clone(),
                     self.calls.clone(),
-                    self.commit_latency.clone(),
                     crate::metrics::Exports {
                         spans: self.traces.as_ref().map(|t| Arc::clone(t.counts())),
                         call_records: self.calls_otlp.as_ref().map(|c| Arc::clone(c.counts())),
@@ -453,6 +460,11 @@ impl App {
                 started_unix,
                 stopping: Arc::clone(&stopping),
                 caught_up: Arc::clone(&caught_up),
+                body: crate::http::BodyBounds {
+                    max_bytes: self.config.http.max_body_bytes,
+                    timeout: self.config.http.body_timeout,
+                    min_rate: self.config.http.min_body_rate,
+                },
             },
             self.config.http.max_body_bytes,
         );
@@ -460,6 +472,7 @@ impl App {
             self.http,
             router,
             self.config.http.header_read_timeout,
+            connections,
             stopped(stop_rx),
         );
 
@@ -866,6 +879,7 @@ async fn serve_http(
     listener: TcpListener,
     router: Router,
     header_read_timeout: Duration,
+    limits: Arc<crate::conns::ConnLimits>,
     stop: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -880,7 +894,11 @@ async fn serve_http(
     let (stopping, stopped) = watch::channel(false);
     // Every connection task is tracked here and reaped as it ends.
     let mut connections = JoinSet::new();
-    let serve = |connections: &mut JoinSet<()>, stream: tokio::net::TcpStream| {
+    let serve = |connections: &mut JoinSet<()>, stream: tokio::net::TcpStream, peer: SocketAddr| {
+        let admitted = match limits.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(limit) => return limits.refuse(stream, limit),
+        };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
@@ -889,6 +907,7 @@ async fn serve_http(
             .into_owned();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
+            let _admitted = admitted;
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -906,7 +925,7 @@ async fn serve_http(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => serve(&mut connections, stream),
+                Ok((stream, peer)) => serve(&mut connections, stream, peer),
                 Err(e) => {
                     // Out of file descriptors or similar: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -923,12 +942,12 @@ async fn serve_http(
     match listener.into_std() {
         Ok(listener) => loop {
             match listener.accept() {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let stream = stream
                         .set_nonblocking(true)
                         .and_then(|()| tokio::net::TcpStream::from_std(stream));
                     match stream {
-                        Ok(stream) => serve(&mut connections, stream),
+                        Ok(stream) => serve(&mut connections, stream, peer),
                         Err(e) => tracing::warn!(error = %e, "a connection taken at the stop"),
                     }
                 }
@@ -973,7 +992,8 @@ mod tests {
             answer
         });
         // The stop has already come when the accept loop starts.
-        serve_http(listener, router, Duration::from_secs(10), async {}).await;
+        let limits = crate::conns::ConnLimits::new(100, 100);
+        serve_http(listener, router, Duration::from_secs(10), limits, async {}).await;
         let mut answer = String::new();
         let _ = sent.read_to_string(&mut answer);
         assert!(

@@ -124,6 +124,13 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
     pub sse_heartbeat: Duration,
+    /// An inference request's body: its timeout and the least average rate it must keep.
+    pub body_timeout: Duration,
+    pub min_body_rate: u64,
+    /// Open connections the edge holds at most, in all and from one client address (0: no cap
+    /// per address); one more is answered 503 and closed.
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use meridian_actors::{Answer, CacheOutcome, Call, Gateway, ServedStream, StreamEnd};
+use meridian_actors::{Answer, CacheOutcome, Call, Gateway, Incoming, ServedStream, StreamEnd};
 use meridian_proto::openai::{
     Api, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, StreamOptions,
     Usage,
@@ -47,7 +47,7 @@ impl InferenceService {
             request_id,
             credentials,
             options,
-            request,
+            request: Incoming::Read(request),
         }
     }
 }
@@ -249,7 +249,7 @@ impl Inference for InferenceService {
                 request_id,
                 credentials,
                 options,
-                request,
+                request: Incoming::Read(request),
             })
             .await;
         let body = match served.answer {

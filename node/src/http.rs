@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use meridian_actors::{Answer, CacheHit, Call, Gateway, ServedStream, StreamEnd};
+use meridian_actors::{Answer, CacheHit, Call, Gateway, Incoming, ServedStream, StreamEnd};
 use meridian_cluster::raft::ClusterNode;
 use meridian_proto::openai::{Api, ChatRequest};
 use meridian_proto::{ApiError, ErrorKind};
@@ -48,6 +48,8 @@ pub struct HttpState {
     /// Set once this run of the node has applied everything the cluster committed before it
     /// started: `/readyz` fails until then.
     pub caught_up: Arc<std::sync::atomic::AtomicBool>,
+    /// How inference request bodies must arrive.
+    pub body: BodyBounds,
 }
 
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
@@ -80,30 +82,30 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .with_state(Arc::new(state))
 }
 
-type RequestBody = Result<Bytes, BytesRejection>;
-
-async fn chat(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+async fn chat(st: State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     serve(Api::Chat, st, headers, body).await
 }
 
-async fn completions(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+async fn completions(st: State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     serve(Api::Completions, st, headers, body).await
 }
 
-async fn embeddings(st: State<Arc<HttpState>>, headers: HeaderMap, body: RequestBody) -> Response {
+async fn embeddings(st: State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     serve(Api::Embeddings, st, headers, body).await
 }
 
-/// One call of an OpenAI-style API, through the pipeline.
+/// One call of an OpenAI-style API, through the pipeline; the body is read once the caller is
+/// let in.
 async fn serve(
     api: Api,
     State(st): State<Arc<HttpState>>,
     headers: HeaderMap,
-    body: RequestBody,
+    body: Body,
 ) -> Response {
-    let request = body
-        .map_err(body_error)
-        .and_then(|body| ChatRequest::from_json_as(api, &body, &st.gateway.limits()));
+    let request = Incoming::Later(Box::pin(async {
+        let body = read_body(body, &headers, &st.body).await?;
+        ChatRequest::from_json_as(api, &body, &st.gateway.limits())
+    }));
     let served = call(&st, api, &headers, request).await;
     let resp = match served.answer {
         Ok(Answer::Complete(body)) => json_response(body, served.rate_limits.len()),
@@ -127,7 +129,7 @@ pub(crate) async fn call(
     st: &HttpState,
     api: Api,
     headers: &HeaderMap,
-    request: Result<ChatRequest, ApiError>,
+    request: Incoming<'_>,
 ) -> meridian_actors::Served {
     let (request_id, credentials, options, trace) = crate::headers::call_parts(
         Edge::Http,
@@ -303,6 +305,99 @@ fn write_events(buf: &mut BytesMut, events: Vec<meridian_proto::anthropic::Event
         buf.extend_from_slice(b"\ndata: ");
         buf.extend_from_slice(data.to_string().as_bytes());
         buf.extend_from_slice(b"\n\n");
+    }
+}
+
+/// How a request body must arrive (`[http]`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyBounds {
+    /// Larger bodies are refused (413), from their `Content-Length` or as they arrive.
+    pub max_bytes: usize,
+    /// The whole body must arrive within this (408 after).
+    pub timeout: Duration,
+    /// The least rate a body must keep, in bytes a second (0: none): it has
+    /// [`BODY_RATE_GRACE`], and each byte received gives it `1 / min_rate` s more; past that,
+    /// 408. A client cannot hold a connection and a task with a trickle.
+    pub min_rate: u64,
+}
+
+/// The time a body has before what it has sent must pay for more ([`BodyBounds::min_rate`]).
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Reads a request body within `bounds`.
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    bounds: &BodyBounds,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "the request body is larger than this node accepts ({} bytes)",
+                bounds.max_bytes
+            ),
+        )
+        .with_code("request_too_large")
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > bounds.max_bytes as u64) {
+        return Err(too_large());
+    }
+    let slow = |why: String| {
+        ApiError::new(ErrorKind::RequestTimeout, why)
+            .with_code("body_timeout")
+            .with_retry_after(Duration::from_secs(1))
+    };
+    let start = tokio::time::Instant::now();
+    let mut buf = bytes::BytesMut::with_capacity(
+        declared
+            .map_or(8 * 1024, |n| n as usize)
+            .min(bounds.max_bytes),
+    );
+    let mut frames = body.into_data_stream();
+    loop {
+        // The moment the body falls behind: its timeout, or the grace plus the time what has
+        // come pays for at the least rate.
+        let behind = if bounds.min_rate == 0 {
+            bounds.timeout
+        } else {
+            BODY_RATE_GRACE + Duration::from_secs_f64(buf.len() as f64 / bounds.min_rate as f64)
+        };
+        let deadline = start + bounds.timeout.min(behind);
+        match tokio::time::timeout_at(deadline, frames.next()).await {
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Ok(data))) => {
+                if buf.len() + data.len() > bounds.max_bytes {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("the request body could not be read: {e}"),
+                )
+                .with_code("invalid_body"));
+            }
+            Err(_) if start.elapsed() >= bounds.timeout => {
+                return Err(slow(format!(
+                    "the request body did not arrive within {:?}",
+                    bounds.timeout
+                )));
+            }
+            Err(_) => {
+                return Err(slow(format!(
+                    "the request body arrives slower than {} bytes a second ({} bytes in {:.1} s)",
+                    bounds.min_rate,
+                    buf.len(),
+                    start.elapsed().as_secs_f64()
+                )));
+            }
+        }
     }
 }
 
@@ -484,5 +579,97 @@ impl Stream for SseBody {
                 this.timer.as_mut().reset(due);
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trickle(pieces: usize, every: Duration) -> Body {
+        Body::from_stream(futures::stream::unfold(0, move |n| async move {
+            if n == pieces {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789")),
+                n + 1,
+            ))
+        }))
+    }
+
+    const BOUNDS: BodyBounds = BodyBounds {
+        max_bytes: 1 << 20,
+        timeout: Duration::from_secs(60),
+        min_rate: 1024,
+    };
+
+    /// Past the grace, a body under the least rate is refused (408) at the moment it falls
+    /// behind; one that keeps the rate, or ends within the grace, is read whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_under_the_least_rate_is_refused_once_the_grace_is_over() {
+        let started = tokio::time::Instant::now();
+        let e = read_body(
+            trickle(100, Duration::from_secs(1)),
+            &HeaderMap::new(),
+            &BOUNDS,
+        )
+        .await
+        .expect_err("too slow");
+        assert_eq!(e.kind, ErrorKind::RequestTimeout);
+        assert_eq!(e.code.as_deref(), Some("body_timeout"));
+        assert!(
+            e.message.contains("slower than 1024 bytes a second"),
+            "{e:?}"
+        );
+        // Five pieces (50 bytes) came in the grace; they pay for 50 / 1024 s more.
+        let behind = BODY_RATE_GRACE + Duration::from_secs_f64(50.0 / 1024.0);
+        assert!(
+            started.elapsed().abs_diff(behind) < Duration::from_millis(2),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let whole = read_body(
+            trickle(40, Duration::from_millis(100)),
+            &HeaderMap::new(),
+            &BOUNDS,
+        )
+        .await
+        .expect("within the grace");
+        assert_eq!(whole.len(), 400);
+        let fast = BodyBounds {
+            min_rate: 10,
+            ..BOUNDS
+        };
+        let whole = read_body(
+            trickle(8, Duration::from_millis(900)),
+            &HeaderMap::new(),
+            &fast,
+        )
+        .await
+        .expect("at its rate");
+        assert_eq!(whole.len(), 80);
+    }
+
+    /// A body larger than the bound is refused by its `Content-Length` before a byte is read,
+    /// or as it arrives when it names none.
+    #[tokio::test]
+    async fn a_body_over_the_bound_is_413() {
+        let small = BodyBounds {
+            max_bytes: 15,
+            ..BOUNDS
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("16"));
+        let e = read_body(Body::empty(), &headers, &small)
+            .await
+            .expect_err("declared too large");
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
+        let e = read_body(trickle(2, Duration::ZERO), &HeaderMap::new(), &small)
+            .await
+            .expect_err("too large as it came");
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
     }
 }

@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod app;
 pub mod calls;
 pub mod config;
+pub mod conns;
 pub mod discover;
 pub mod grpc;
 pub mod headers;

@@ -39,23 +39,18 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// The node's metrics: `registry` with what the node's own parts registered (see
+    /// [`Self::node_parts`]), the gateway's, and the live collector's.
     pub fn new(
+        mut registry: Registry,
         gateway: Gateway,
         cluster: ClusterNode,
         vllm: Vllm,
         calls: Option<Arc<SqliteCalls>>,
-        commit_latency: Histogram,
         exports: Exports,
         alerts: Arc<AlertCounts>,
     ) -> Self {
-        let mut registry = Registry::default();
         gateway.metrics().register(&mut registry);
-        registry.register_with_unit(
-            "meridian_cluster_commit",
-            "From this node's proposal (usage reports, grants, breaker changes, admin writes) to its being applied here",
-            Unit::Seconds,
-            commit_latency,
-        );
         registry.register_collector(Box::new(Live {
             gateway,
             cluster,
@@ -67,6 +62,23 @@ impl NodeMetrics {
         Self {
             registry: Arc::new(registry),
         }
+    }
+
+    /// A registry holding the metrics of the node's parts outside the gateway: the commit
+    /// latency of its proposals and its HTTP connections.
+    pub fn node_parts(
+        commit_latency: Histogram,
+        connections: &crate::conns::ConnLimits,
+    ) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_with_unit(
+            "meridian_cluster_commit",
+            "From this node's proposal (usage reports, grants, breaker changes, admin writes) to its being applied here",
+            Unit::Seconds,
+            commit_latency,
+        );
+        connections.register(&mut registry);
+        registry
     }
 
     /// The exposition text, OpenMetrics (what Prometheus asks for first).

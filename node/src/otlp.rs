@@ -232,6 +232,21 @@ impl OtlpCalls {
     }
 }
 
+impl Drop for OtlpCalls {
+    /// Dropped without [`OtlpCalls::shutdown`] (a node stopped before its drain ran, a test's
+    /// runtime ending): the SDK's own drop would shut the provider down by blocking this thread
+    /// until its batch task answers — on a runtime thread, possibly the thread that task needs.
+    /// The shutdown runs on a thread of its own instead (after a shutdown, it returns at once).
+    fn drop(&mut self) {
+        let provider = self.provider.clone();
+        let _ = std::thread::Builder::new()
+            .name("otlp-calls-stop".into())
+            .spawn(move || {
+                let _ = provider.shutdown();
+            });
+    }
+}
+
 impl CallLog for OtlpCalls {
     fn write(&self, e: CallEntry) {
         let mut r = self.logger.create_log_record();

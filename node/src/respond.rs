@@ -8,6 +8,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
@@ -66,7 +67,7 @@ pub fn grpc_status(e: &ApiError) -> tonic::Status {
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::RateLimited => Code::ResourceExhausted,
         ErrorKind::Unavailable | ErrorKind::Upstream => Code::Unavailable,
-        ErrorKind::Timeout => Code::DeadlineExceeded,
+        ErrorKind::Timeout | ErrorKind::RequestTimeout => Code::DeadlineExceeded,
         ErrorKind::Internal => Code::Internal,
     };
     let mut status = tonic::Status::new(code, e.message.clone());
@@ -100,6 +101,7 @@ mod tests {
         for kind in [
             ErrorKind::InvalidRequest,
             ErrorKind::PayloadTooLarge,
+            ErrorKind::RequestTimeout,
             ErrorKind::NotFound,
             ErrorKind::Unauthenticated,
             ErrorKind::PermissionDenied,

@@ -10,12 +10,12 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue};
-use meridian_actors::Answer;
+use meridian_actors::{Answer, Incoming};
 use meridian_proto::ApiError;
 use meridian_proto::anthropic::{self, MessageStream};
 use meridian_proto::openai::{Api, ChatRequest};
@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::headers::Edge;
 use crate::http::{
-    Framing, HttpState, body_error, cached_sse, decorate, json_response, sse_response,
+    Framing, HttpState, body_error, cached_sse, decorate, json_response, read_body, sse_response,
 };
 use crate::respond::{anthropic_error, http_error};
 
@@ -95,47 +95,46 @@ impl Translated {
     }
 }
 
-pub async fn messages(
-    st: State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn messages(st: State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     serve(Api::Messages, st, headers, body).await
 }
 
-pub async fn responses(
-    st: State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn responses(st: State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     serve(Api::Responses, st, headers, body).await
 }
 
+/// One call of a translated API; the body is read once the caller is let in, and what its
+/// translation needs to answer is kept aside as it is read.
 async fn serve(
     api: Api,
     State(st): State<Arc<HttpState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let (translated, mut request) = match body {
-        Ok(body) => Translated::read(api, &body, &st),
-        Err(rejected) => {
-            let (translated, _) = Translated::read(api, b"", &st);
-            (translated, Err(body_error(rejected)))
+    let kept = std::sync::Mutex::new(None);
+    let request = Incoming::Later(Box::pin(async {
+        let body = read_body(body, &headers, &st.body).await?;
+        let (translated, mut request) = Translated::read(api, &body, &st);
+        *kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(translated);
+        // What an Anthropic provider is sent with the client's own request.
+        if let Ok(Some(native)) = request.as_mut().map(|r| r.native.as_mut()) {
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            native.version = header("anthropic-version");
+            native.beta = header("anthropic-beta");
         }
-    };
-    // What an Anthropic provider is sent with the client's own request.
-    if let Ok(Some(native)) = request.as_mut().map(|r| r.native.as_mut()) {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        native.version = header("anthropic-version");
-        native.beta = header("anthropic-beta");
-    }
+        request
+    }));
     let served = crate::http::call(&st, api, &headers, request).await;
+    // A body never read (the caller was not let in, or it did not arrive): the API's shape.
+    let translated = kept
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| Translated::read(api, b"", &st).0);
     let id = served.request_id.as_str().to_owned();
     let whole = |completion: &[u8], limits: usize| match translated.whole(completion) {
         Ok(answer) => json_response(Bytes::from(answer), limits),

@@ -642,7 +642,10 @@ pub fn error_type(kind: ErrorKind) -> &'static str {
         ErrorKind::PermissionDenied => "permission_error",
         ErrorKind::RateLimited => "rate_limit_error",
         ErrorKind::Unavailable => "overloaded_error",
-        ErrorKind::Timeout | ErrorKind::Upstream | ErrorKind::Internal => "api_error",
+        ErrorKind::RequestTimeout
+        | ErrorKind::Timeout
+        | ErrorKind::Upstream
+        | ErrorKind::Internal => "api_error",
     }
 }
 

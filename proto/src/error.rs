@@ -17,6 +17,9 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The body is larger than the configured limit (413).
     PayloadTooLarge,
+    /// The client did not send its request in time: a body slower than the configured rate or
+    /// past the body timeout (408).
+    RequestTimeout,
     /// No such model (404).
     NotFound,
     /// Missing or bad credentials (401).
@@ -42,6 +45,7 @@ impl ErrorKind {
             Self::InvalidRequest | Self::PayloadTooLarge | Self::NotFound => {
                 "invalid_request_error"
             }
+            Self::RequestTimeout => "timeout_error",
             Self::Unauthenticated => "authentication_error",
             Self::PermissionDenied => "permission_error",
             Self::RateLimited => "rate_limit_error",
@@ -59,6 +63,7 @@ impl ErrorKind {
             Self::Unavailable | Self::Timeout | Self::Upstream | Self::Internal => "5xx",
             Self::InvalidRequest
             | Self::PayloadTooLarge
+            | Self::RequestTimeout
             | Self::NotFound
             | Self::Unauthenticated
             | Self::PermissionDenied
@@ -70,7 +75,11 @@ impl ErrorKind {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Upstream
+            Self::RateLimited
+                | Self::Unavailable
+                | Self::Timeout
+                | Self::Upstream
+                | Self::RequestTimeout
         )
     }
 }

@@ -442,19 +442,25 @@ impl Harness {
     /// node is unreachable or the cluster has no leader (as an operator would: a loaded
     /// machine can hold an election right after boot).
     pub async fn put_tier(&self, id: u64) -> Result<bool, tonic::Status> {
+        self.put_tier_with(
+            id,
+            pb::Limits {
+                tokens_per_day: Some(10_000),
+                ..pb::Limits::default()
+            },
+        )
+        .await
+    }
+
+    /// Tier `free` with `limits`, written through node `id` (see [`Self::put_tier`]).
+    pub async fn put_tier_with(&self, id: u64, limits: pb::Limits) -> Result<bool, tonic::Status> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let result = match self.admin(id).await {
                 None => Err(tonic::Status::unavailable("unreachable")),
                 Some(mut admin) => admin
                     .put_tier(pb::PutTierRequest {
-                        tier: Some(crate::tier(
-                            "free",
-                            pb::Limits {
-                                tokens_per_day: Some(10_000),
-                                ..pb::Limits::default()
-                            },
-                        )),
+                        tier: Some(crate::tier("free", limits)),
                     })
                     .await
                     .map(|r| r.into_inner().changed),

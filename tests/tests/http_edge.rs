@@ -1446,3 +1446,135 @@ async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
         ]
     );
 }
+
+/// Sends `head` (a request's head, its blank line included) on a new connection, then `body` in
+/// pieces of `piece` bytes every `every`; the whole answer as text (or what came before the
+/// node closed). Writing stops quietly once the node has answered and closed.
+async fn raw_request(
+    node: &TestNode,
+    head: &str,
+    body: &[u8],
+    piece: usize,
+    every: Duration,
+) -> String {
+    let mut conn = tokio::net::TcpStream::connect(node.http)
+        .await
+        .expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("head");
+    let (mut read, mut write) = conn.into_split();
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        for chunk in body.chunks(piece.max(1)) {
+            if write.write_all(chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+        // Keep the connection open until the node has answered.
+        std::future::pending::<()>().await;
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), read.read_to_end(&mut answer)).await;
+    writer.abort();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The body is read only after the headers authenticate: a caller with a bad key is refused at
+/// once, without the node waiting for (or buffering) the body it announced.
+#[tokio::test]
+async fn a_request_with_bad_credentials_is_refused_before_its_body_is_read() {
+    let (_m, n) = setup(Flavor::Vllm, &["m"], "", "").await;
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-not-a-key\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n";
+    let started = std::time::Instant::now();
+    // The body never comes.
+    let answer = raw_request(&n, head, b"", 1, Duration::from_secs(60)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
+}
+
+/// A body slower than the node allows is cut off with 408 and a clear error: past its timeout,
+/// or (past the first seconds) under its least rate.
+#[tokio::test]
+async fn a_body_that_trickles_or_never_ends_is_cut_off_with_408() {
+    let (_m, n) = setup(Flavor::Vllm, &["m"], "", "[http]\nbody_timeout = \"1s\"\n").await;
+    let key = n.api_key.clone().expect("dev key");
+    let body = chat_body("m", false, "");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let started = std::time::Instant::now();
+    let answer = raw_request(&n, &head, body.as_bytes(), 4, Duration::from_millis(200)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_timeout\""), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "cut off after {took:?}, its timeout being 1 s"
+    );
+    // The same body sent at once is served.
+    let answer = raw_request(&n, &head, body.as_bytes(), body.len(), Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Connections beyond the cap for one client address are answered 503 (`too_many_connections`,
+/// `Retry-After`) and closed, and counted; a place freed is taken again.
+#[tokio::test]
+async fn connections_over_the_per_client_cap_are_refused_and_counted() {
+    let (_m, n) = setup(
+        Flavor::Vllm,
+        &["m"],
+        "",
+        "[http]\nmax_connections_per_client = 2\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            tokio::net::TcpStream::connect(n.http)
+                .await
+                .expect("connect"),
+        );
+    }
+    let answer = raw_request(&n, "", b"", 1, Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    drop(held.pop());
+    // The node notices the close and frees the place.
+    let mut served = false;
+    for _ in 0..50 {
+        let head = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        if raw_request(&n, head, b"", 1, Duration::ZERO)
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed place is taken again");
+    drop(held);
+    let metrics = n
+        .get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("meridian_http_connections_refused_total{limit=\"client\"}"))
+        .unwrap_or_default();
+    assert!(refused.ends_with(" 1"), "{refused:?} in\n{metrics}");
+}

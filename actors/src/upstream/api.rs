@@ -57,6 +57,8 @@ pub struct ApiAdapter {
     /// The credential header (`Authorization: Bearer …` or `x-api-key`), marked sensitive so
     /// it is never logged.
     auth: Option<(HeaderName, HeaderValue)>,
+    /// The most bytes one stream may send ([`MAX_STREAM_BYTES`]; less in tests).
+    max_stream_bytes: u64,
 }
 
 impl std::fmt::Debug for ApiAdapter {
@@ -115,6 +117,7 @@ impl ApiAdapter {
             dialect,
             paths: Arc::new(paths),
             auth,
+            max_stream_bytes: MAX_STREAM_BYTES,
         })
     }
 
@@ -245,6 +248,8 @@ impl ApiAdapter {
             ready: VecDeque::new(),
             seen_event: false,
             done: false,
+            received: 0,
+            max_bytes: self.max_stream_bytes,
             timeouts: *t,
             last_progress: Instant::now(),
             timer: Box::pin(sleep(t.first_byte)),
@@ -272,10 +277,18 @@ struct SseChunks {
     ready: VecDeque<Chunk>,
     seen_event: bool,
     done: bool,
+    /// Bytes the upstream has sent on this stream (bounded by [`MAX_STREAM_BYTES`]).
+    received: u64,
+    max_bytes: u64,
     timeouts: Timeouts,
     last_progress: Instant,
     timer: Pin<Box<Sleep>>,
 }
+
+/// The most one upstream stream may send. The most output tokens a request may ask for
+/// (262,144 by default) at a few hundred bytes a chunk stays well under it, logprobs included;
+/// an upstream beyond it is broken or hostile, and is cut off.
+pub const MAX_STREAM_BYTES: u64 = 1 << 30;
 
 impl SseChunks {
     fn fail(&mut self, e: UpstreamError) -> Poll<Option<Result<Chunk, UpstreamError>>> {
@@ -341,6 +354,11 @@ impl Stream for SseChunks {
             }
             match this.bytes.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
+                    this.received += bytes.len() as u64;
+                    if this.received > this.max_bytes {
+                        let e = format!("the stream exceeded {} bytes", this.max_bytes);
+                        return this.fail(UpstreamError::Protocol(e));
+                    }
                     this.parser.push(&bytes);
                     this.last_progress = Instant::now();
                 }
@@ -395,5 +413,62 @@ async fn status_error(
         status,
         info,
         retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// An upstream that streams without end (comment lines: no event, but bytes, so neither the
+    /// idle limit nor the line bound stops it) is cut off at the stream's byte bound.
+    #[tokio::test]
+    async fn an_endless_stream_is_cut_off_at_its_byte_bound() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                  transfer-encoding: chunked\r\n\r\n",
+            );
+            let line = format!(": {}\n", "x".repeat(1_000));
+            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+            while conn.write_all(chunk.as_bytes()).is_ok() {}
+        });
+        let mut upstream = ApiAdapter::new(
+            Dialect::OpenAi,
+            &format!("http://{addr}/v1"),
+            None,
+            Duration::from_secs(5),
+        )
+        .expect("adapter");
+        upstream.max_stream_bytes = 256 * 1024;
+        let limits = meridian_proto::openai::RequestLimits::default();
+        let req = ChatRequest::from_json_as(
+            Api::Chat,
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            &limits,
+        )
+        .expect("request");
+        let t = Timeouts {
+            total: Duration::from_secs(20),
+            ..Timeouts::default()
+        };
+        let mut stream = upstream.stream(&req, "m", &t).await.expect("stream");
+        let ended = tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .expect("cut off, not left running");
+        match ended {
+            Some(Err(UpstreamError::Protocol(m))) => assert!(m.contains("exceeded"), "{m}"),
+            other => panic!("not cut off at its bound: {other:?}"),
+        }
     }
 }

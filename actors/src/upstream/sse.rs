@@ -27,10 +27,17 @@ pub struct SseParser {
 
 /// Longest line we buffer; an upstream that exceeds it is broken or hostile.
 pub const MAX_LINE: usize = 8 * 1024 * 1024;
+/// Largest event we assemble (its `data:` lines together): the same bound, so that many short
+/// lines cannot build what one long line may not.
+pub const MAX_EVENT: usize = MAX_LINE;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("an SSE line exceeded {MAX_LINE} bytes")]
-pub struct LineTooLong;
+pub enum TooLarge {
+    #[error("an SSE line exceeded {MAX_LINE} bytes")]
+    Line,
+    #[error("an SSE event's data exceeded {MAX_EVENT} bytes")]
+    Event,
+}
 
 impl SseParser {
     pub fn new() -> Self {
@@ -42,7 +49,7 @@ impl SseParser {
     }
 
     /// The next complete event, if the buffered bytes hold one.
-    pub fn next_event(&mut self) -> Result<Option<SseEvent>, LineTooLong> {
+    pub fn next_event(&mut self) -> Result<Option<SseEvent>, TooLarge> {
         loop {
             if self.skip_lf && !self.buf.is_empty() {
                 if self.buf[0] == b'\n' {
@@ -52,7 +59,7 @@ impl SseParser {
             }
             let Some(end) = memchr::memchr2(b'\n', b'\r', &self.buf) else {
                 if self.buf.len() > MAX_LINE {
-                    return Err(LineTooLong);
+                    return Err(TooLarge::Line);
                 }
                 return Ok(None);
             };
@@ -72,13 +79,13 @@ impl SseParser {
                 }
                 continue;
             }
-            self.field(line);
+            self.field(line)?;
         }
     }
 
-    fn field(&mut self, line: Bytes) {
+    fn field(&mut self, line: Bytes) -> Result<(), TooLarge> {
         if line[0] == b':' {
-            return;
+            return Ok(());
         }
         let (name, value) = match memchr::memchr(b':', &line) {
             Some(i) => {
@@ -92,6 +99,9 @@ impl SseParser {
         };
         match &name[..] {
             b"data" => {
+                if self.data.len() + 1 + value.len() > MAX_EVENT {
+                    return Err(TooLarge::Event);
+                }
                 if self.has_data {
                     self.data.extend_from_slice(b"\n");
                 }
@@ -101,6 +111,7 @@ impl SseParser {
             b"event" => self.event = Some(String::from_utf8_lossy(&value).into_owned()),
             _ => {} // id, retry and unknown fields do not matter to a relay.
         }
+        Ok(())
     }
 
     fn dispatch(&mut self) -> Option<SseEvent> {
@@ -156,6 +167,25 @@ mod tests {
         for piece in 1..wire.len() {
             assert_eq!(parse_in_pieces(wire, piece), expected, "piece size {piece}");
         }
+    }
+
+    /// Neither one long line nor many short `data:` lines build an event past the bound.
+    #[test]
+    fn lines_and_events_are_bounded() {
+        let mut p = SseParser::new();
+        p.push(&vec![b'x'; MAX_LINE + 1]);
+        assert_eq!(p.next_event(), Err(TooLarge::Line));
+        let mut p = SseParser::new();
+        let line = format!("data: {}\n", "y".repeat(1 << 20));
+        let mut result = Ok(None);
+        for _ in 0..9 {
+            p.push(line.as_bytes());
+            result = p.next_event();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(TooLarge::Event));
     }
 
     #[test]

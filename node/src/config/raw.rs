@@ -109,6 +109,10 @@ pub struct RawHttp {
     pub max_body_bytes: Option<i64>,
     pub header_read_timeout: Option<String>,
     pub sse_heartbeat: Option<String>,
+    pub body_timeout: Option<String>,
+    pub min_body_rate: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub max_connections_per_client: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

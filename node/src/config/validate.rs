@@ -228,6 +228,36 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             raw.http.sse_heartbeat.as_ref(),
             Duration::from_secs(15),
         ),
+        body_timeout: duration(
+            &mut e,
+            "http.body_timeout",
+            raw.http.body_timeout.as_ref(),
+            Duration::from_secs(60),
+        ),
+        min_body_rate: u64::from(int(
+            &mut e,
+            "http.min_body_rate",
+            raw.http.min_body_rate,
+            1024,
+            0,
+            i64::from(u32::MAX),
+        )),
+        max_connections: int(
+            &mut e,
+            "http.max_connections",
+            raw.http.max_connections,
+            10_000,
+            1,
+            1_000_000,
+        ) as usize,
+        max_connections_per_client: int(
+            &mut e,
+            "http.max_connections_per_client",
+            raw.http.max_connections_per_client,
+            1_000,
+            0,
+            1_000_000,
+        ) as usize,
     };
     let grpc_listen = addr(
         &mut e,
