@@ -34,6 +34,13 @@ fn free_ports(count: u16) -> u16 {
 /// A node supervising one `[[vllm]]` group of the mock, with `fields` (`key = value` lines)
 /// set in the section over the defaults below, and `env` given to the mock.
 async fn node(port: u16, fields: &str, env: &[(&str, &str)]) -> TestNode {
+    TestNode::start(&vllm_toml(port, fields, env))
+        .await
+        .unwrap()
+}
+
+/// The configuration [`node`] runs.
+fn vllm_toml(port: u16, fields: &str, env: &[(&str, &str)]) -> String {
     let mut section: Vec<(String, String)> = [
         ("id", "\"llama\""),
         ("model", "\"meta-llama/Llama-3.1-8B-Instruct\""),
@@ -68,8 +75,7 @@ async fn node(port: u16, fields: &str, env: &[(&str, &str)]) -> TestNode {
         .iter()
         .map(|(k, v)| format!("{k} = \"{v}\"\n"))
         .collect();
-    let toml = format!("[auth]\nenabled = false\n\n[[vllm]]\n{section}\n[vllm.env]\n{env}");
-    TestNode::start(&toml).await.unwrap()
+    format!("[auth]\nenabled = false\n\n[[vllm]]\n{section}\n[vllm.env]\n{env}")
 }
 
 fn replica(node: &TestNode, name: &str) -> ReplicaStatus {
@@ -816,4 +822,87 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     assert!(!blocked.ends_with(" 0"), "{blocked}");
     println!("autoscaling under load with GPU 1 busy (per nvidia-smi): no scale-up; {blocked}");
     n.begin_shutdown().await.unwrap().unwrap();
+}
+
+/// A node killed with -9 cleans nothing up itself: its replica's whole process group still goes
+/// (the guard leading it gets its parent-death signal and kills the group), the server's own
+/// children included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_9_leaves_no_replica_process_behind() {
+    let port = free_ports(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    let toml = format!(
+        "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
+         listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        dir.path().join("data"),
+        vllm_toml(port, "", &[("MOCK_VLLM_CHILDREN", "2")])
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut node = std::process::Command::new(meridian_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The mock answers its health check once it runs; its group is the replica's.
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while !client
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the replica never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let server = process_with_args(&["--port", &port.to_string()]).expect("the mock's process");
+    let group = std::fs::read_to_string(format!("/proc/{server}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().nth(2)?.parse::<u32>().ok()
+        })
+        .expect("its process group");
+    let members = group_members(group);
+    // The mock and its two children (and the guard leading them).
+    assert!(members.len() >= 3, "{members:?}");
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let killed = Instant::now();
+    while !group_members(group).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "left behind after the node's kill -9: {:?}",
+            group_members(group)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "node killed with -9: its replica's {} processes gone within {:?}",
+        members.len(),
+        killed.elapsed()
+    );
+}
+
+/// The pid of a live process whose arguments hold `args` in a row.
+fn process_with_args(args: &[&str]) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let words: Vec<String> = raw
+                    .split(|b| *b == 0)
+                    .map(|w| String::from_utf8_lossy(w).into_owned())
+                    .collect();
+                words.windows(args.len()).any(|w| w == args)
+            })
+        })
 }

@@ -64,12 +64,42 @@ impl LogRing {
     }
 }
 
-/// Starts `launch` as the leader of a new process group, its output going to `logs` and to
-/// tracing (tagged with `replica`). The child gets SIGKILL if the node's process dies first, so
-/// a crashed node leaves no server holding its GPUs.
+/// The shell that leads each replica's process group, with the server as its child: signals to
+/// the group (the node's SIGTERM, then SIGKILL) reach every process in it as before, and the
+/// shell ends with the server's own status (or its signal). If the node dies first — even by
+/// SIGKILL, when it can clean nothing up — the kernel sends the shell SIGUSR1 (its parent-death
+/// signal), and it kills the whole group: the server and every process it started that stayed
+/// in the group (vLLM's engine and workers, the mock's children). A process that leaves the
+/// group (its own `setsid`) is beyond it: a cgroup (systemd's unit, a container) covers that.
+///
+/// `trap ':' TERM INT` (a handler, not an ignore, so the server's own signals stay at their
+/// defaults) keeps the shell alive until the server has gone; a trapped signal interrupts
+/// `wait`, hence the loop.
+const GUARD: &str = r#"trap 'kill -s KILL 0' USR1
+trap ':' TERM INT
+"$@" &
+server=$!
+while :; do
+  wait "$server"
+  status=$?
+  kill -0 "$server" 2>/dev/null || break
+done
+if [ "$status" -gt 128 ]; then
+  trap - TERM INT
+  kill -s "$(kill -l "$status")" $$
+fi
+exit "$status""#;
+
+/// Starts `launch` under [`GUARD`], the leader of a new process group, its output going to
+/// `logs` and to tracing (tagged with `replica`); a crashed or killed node leaves no process of
+/// the group holding its GPUs.
 pub fn spawn(launch: &Launch, replica: &str, logs: &Arc<LogRing>) -> std::io::Result<Child> {
-    let mut cmd = Command::new(&launch.program);
-    cmd.args(&launch.args)
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(GUARD)
+        .arg("meridian-replica-guard")
+        .arg(&launch.program)
+        .args(&launch.args)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -89,12 +119,18 @@ pub fn spawn(launch: &Launch, replica: &str, logs: &Arc<LogRing>) -> std::io::Re
 
 #[allow(unsafe_code)]
 fn set_parent_death_signal(cmd: &mut Command) {
+    let node = nix::unistd::getpid();
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: it makes one prctl(2) system call through nix
-    // (no allocation, no lock) and returns its error, if any, as an io::Error.
+    // async-signal-safe calls are allowed: prctl(2), getppid(2) and, if the node died before
+    // the signal was set (it would never come), exit(2) — system calls through nix, with no
+    // allocation and no lock.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != node {
+                nix::libc::_exit(1);
+            }
+            Ok(())
         });
     }
 }
