@@ -320,14 +320,16 @@ pub fn prompt_tokens(request: &ChatRequest, tokenizer: &Tokenizer, image_tokens:
 }
 
 /// The most completion tokens the request may generate (`n` choices each; a text completion
-/// generates `best_of` and returns the best `n`; an embedding generates none). A text completion
-/// without `max_tokens` is capped by its engine at [`DEFAULT_COMPLETION_MAX_TOKENS`].
-pub fn completion_reserve(request: &ChatRequest) -> u64 {
+/// generates `best_of` and returns the best `n`; an embedding generates none). A chat request
+/// without a cap is reserved `default_max_tokens` a choice (its provider's setting, which it is
+/// also capped at upstream); a text completion without `max_tokens` is capped by its engine at
+/// [`DEFAULT_COMPLETION_MAX_TOKENS`].
+pub fn completion_reserve(request: &ChatRequest, default_max_tokens: u32) -> u64 {
     let p = &request.params;
     let (default, choices) = match request.api {
         Api::Embeddings => return 0,
         Api::Chat | Api::Messages | Api::Responses => {
-            (DEFAULT_COMPLETION_RESERVE, p.n.unwrap_or(1))
+            (u64::from(default_max_tokens), p.n.unwrap_or(1))
         }
         Api::Completions => {
             let best_of = request.body.get("best_of").and_then(|b| b.as_u64());
@@ -365,13 +367,17 @@ mod tests {
             prompt_tokens(&r, &t, DEFAULT_IMAGE_TOKENS),
             3 + 3 + 4 + 3 + user
         );
-        assert_eq!(completion_reserve(&r), 100);
+        assert_eq!(completion_reserve(&r, 300), 100, "the client's own cap");
         let none = ChatRequest::from_json(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
             &RequestLimits::default(),
         )
         .expect("valid");
-        assert_eq!(completion_reserve(&none), DEFAULT_COMPLETION_RESERVE);
+        assert_eq!(
+            completion_reserve(&none, 300),
+            300,
+            "its provider's default"
+        );
     }
 
     #[test]

@@ -357,7 +357,10 @@ impl Gateway {
         } else {
             Estimate {
                 prompt: estimate::prompt_tokens(request, &tokenizer, quota.image_tokens()),
-                completion: estimate::completion_reserve(request),
+                completion: estimate::completion_reserve(
+                    request,
+                    self.default_max_tokens_of(request.model()),
+                ),
                 price,
             }
         };
@@ -372,6 +375,19 @@ impl Gateway {
                 .and_then(|r| r.first())
                 .map(|r| r.provider.spec.tokenizer.clone())
                 .unwrap_or_default()
+        })
+    }
+
+    /// Output tokens a request for `model` that names no cap is reserved and capped at: its
+    /// first provider's `default_max_tokens` (the one whose tokenizer counts its prompt).
+    pub(crate) fn default_max_tokens_of(&self, model: &str) -> u32 {
+        self.inner.registry.with_table(|t| {
+            t.routes
+                .get(model)
+                .and_then(|r| r.first())
+                .map_or(estimate::DEFAULT_COMPLETION_RESERVE as u32, |r| {
+                    r.provider.spec.default_max_tokens
+                })
         })
     }
 

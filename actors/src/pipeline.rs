@@ -31,7 +31,6 @@ use crate::calllog::{CallEntry, Recorder};
 use crate::connection::{
     ChatReply, RelayStream, RequestContext, StreamEnd, StreamPiece, Via, billable,
 };
-use crate::estimate;
 use crate::gateway::Gateway;
 pub use crate::metrics::Edge;
 use crate::metrics::{CallRecord, Operation, Tokens};
@@ -598,7 +597,7 @@ impl Gateway {
             // Reserved for a default output: the engine is told so, and cannot generate (or be
             // asked, with `ignore_eos`, to go on) beyond what the limits were charged for.
             if r.limits_output() {
-                request.cap_output(estimate::DEFAULT_COMPLETION_RESERVE as u32);
+                request.cap_output(self.default_max_tokens_of(request.model()));
             }
         }
         if let Some(completion) = hit {

@@ -48,6 +48,9 @@ pub struct ProviderSpec {
     pub timeouts: Timeouts,
     /// Counts its models' prompts for admission.
     pub tokenizer: crate::estimate::Tokenizer,
+    /// A request naming no output cap is reserved, and capped upstream, at this many tokens a
+    /// choice.
+    pub default_max_tokens: u32,
     /// Keep a conversation on the same provider (vLLM replicas with prefix caching): see
     /// [`meridian_policy::route::plan`].
     pub prefix_affinity: bool,

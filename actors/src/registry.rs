@@ -269,6 +269,7 @@ impl Registry {
             price: spec.price,
             replica: true,
             updated_at_unix_ms: 0,
+            default_max_tokens: spec.default_max_tokens,
         };
         self.add_provider(spec).await?;
         if let Some(c) = &self.inner.cluster {
@@ -459,6 +460,7 @@ fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRe
             price: p.spec.price,
             replica: false,
             updated_at_unix_ms: 0,
+            default_max_tokens: p.spec.default_max_tokens,
         })
         .collect()
 }

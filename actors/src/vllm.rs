@@ -39,6 +39,8 @@ use process::Launch;
 /// One `[[vllm]]` section: a model served by a group of replicas on this node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VllmGroup {
+    /// A request naming no output cap is reserved, and capped upstream, at this many tokens.
+    pub default_max_tokens: u32,
     /// The group's name; replicas are `<id>-<slot>`.
     pub id: String,
     /// What `vllm serve` loads (a Hugging Face id or a path).
@@ -266,6 +268,7 @@ impl VllmGroup {
         spec.queue_timeout = self.queue_timeout;
         spec.timeouts = self.timeouts;
         spec.prefix_affinity = self.enable_prefix_caching;
+        spec.default_max_tokens = self.default_max_tokens;
         Ok(spec)
     }
 }

@@ -27,6 +27,10 @@ use meridian_policy::route::{Alias, Complexity, ComplexityRules};
 use meridian_proto::cluster::ProviderPrice;
 use meridian_proto::openai::RequestLimits;
 
+/// Output tokens a request that names no cap is reserved and capped at, unless its provider
+/// (or vLLM group) says otherwise (`default_max_tokens`).
+pub const DEFAULT_MAX_TOKENS: u32 = meridian_actors::estimate::DEFAULT_COMPLETION_RESERVE as u32;
+
 /// Prefix of environment variables that override configuration fields. Only names of the form
 /// `MERIDIAN_SECTION__FIELD` are overrides; others with the prefix (`MERIDIAN_LOG`) are not.
 pub const ENV_PREFIX: &str = "MERIDIAN_";
@@ -144,6 +148,9 @@ pub struct ProviderConfig {
     pub queue_timeout: Duration,
     pub timeouts: Timeouts,
     pub tokenizer: Tokenizer,
+    /// A request naming no output cap is reserved, and capped upstream, at this many tokens a
+    /// choice.
+    pub default_max_tokens: u32,
     pub prefix_affinity: bool,
     pub weight: u32,
     pub price: ProviderPrice,
@@ -217,6 +224,7 @@ impl ProviderConfig {
             queue_timeout: self.queue_timeout,
             timeouts: self.timeouts,
             tokenizer: self.tokenizer.clone(),
+            default_max_tokens: self.default_max_tokens,
             prefix_affinity: self.prefix_affinity,
             weight: self.weight,
             price: self.price,

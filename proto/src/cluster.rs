@@ -544,6 +544,9 @@ pub struct ProviderRecord {
     /// Set by apply from the proposal's timestamp.
     #[serde(default)]
     pub updated_at_unix_ms: u64,
+    /// Output tokens a request naming no cap is reserved and capped at (0: the default, 1,024).
+    #[serde(default)]
+    pub default_max_tokens: u32,
 }
 
 /// A provider's prices, in millionths of a US dollar per million tokens (0.15 USD → 150,000).

@@ -1394,7 +1394,7 @@ async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
 /// cap the client set is kept, and a tenant limited only in requests is not capped.
 #[tokio::test]
 async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
-    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    let (m, n) = setup(Flavor::Vllm, &["mock"], "default_max_tokens = 300", "").await;
     n.put_tier(tier(
         "metered",
         pb::Limits {
@@ -1439,11 +1439,9 @@ async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
     }
     assert_eq!(
         m.output_caps(),
-        [
-            Some(meridian_actors::estimate::DEFAULT_COMPLETION_RESERVE),
-            Some(20),
-            None
-        ]
+        [Some(300), Some(20), None],
+        "the provider's default_max_tokens, the client's own cap, no cap for a tenant limited \
+         in requests only"
     );
 }
 

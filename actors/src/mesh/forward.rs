@@ -492,6 +492,7 @@ mod tests {
             queue_timeout: Duration::from_secs(5),
             timeouts: Timeouts::default(),
             tokenizer: Default::default(),
+            default_max_tokens: 1024,
             prefix_affinity: false,
             weight: 1,
             price: Default::default(),

@@ -39,6 +39,7 @@ pub fn replica_spec(
         queue_timeout: Duration::from_secs(30),
         timeouts,
         tokenizer: crate::estimate::Tokenizer::default(),
+        default_max_tokens: crate::estimate::DEFAULT_COMPLETION_RESERVE as u32,
         prefix_affinity: true,
         weight: weight.max(1),
         price: ProviderPrice::default(),
@@ -67,7 +68,7 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Endp
             REPLICA_CONNECT_TIMEOUT,
         )?),
     };
-    Ok(replica_spec(
+    let mut spec = replica_spec(
         record.id.clone(),
         record.region.clone(),
         upstream,
@@ -78,5 +79,9 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Endp
             record.max_concurrency
         },
         record.weight,
-    ))
+    );
+    if record.default_max_tokens > 0 {
+        spec.default_max_tokens = record.default_max_tokens;
+    }
+    Ok(spec)
 }

@@ -31,6 +31,7 @@ fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> P
         queue_timeout,
         timeouts: Timeouts::default(),
         tokenizer: Default::default(),
+        default_max_tokens: 1024,
     }
 }
 

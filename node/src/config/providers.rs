@@ -21,21 +21,25 @@ pub(super) fn validate(
         } else if !ids.insert(id.clone()) {
             e.push(at("id"), format!("{id:?} is used by another provider"));
         }
+        // Anthropic requires a cap on every request; its default stays what it was.
+        let default_max_tokens = int(
+            e,
+            &at("default_max_tokens"),
+            p.default_max_tokens,
+            if p.kind.as_deref() == Some("anthropic") {
+                4096
+            } else {
+                crate::config::DEFAULT_MAX_TOKENS
+            },
+            1,
+            1_000_000,
+        );
         let kind = match p.kind.as_deref() {
             Some(name @ ("openai" | "anthropic")) => {
                 let dialect = if name == "openai" {
                     Dialect::OpenAi
                 } else {
-                    Dialect::Anthropic {
-                        default_max_tokens: int(
-                            e,
-                            &at("default_max_tokens"),
-                            p.default_max_tokens,
-                            4096,
-                            1,
-                            1_000_000,
-                        ),
-                    }
+                    Dialect::Anthropic { default_max_tokens }
                 };
                 let default_base = match dialect {
                     Dialect::OpenAi => None,
@@ -109,12 +113,6 @@ pub(super) fn validate(
         };
         if p.word_delay.is_some() && !matches!(kind, ProviderKind::Demo { .. }) {
             e.push(at("word_delay"), "applies only to a demo provider");
-        }
-        if p.default_max_tokens.is_some() && p.kind.as_deref() != Some("anthropic") {
-            e.push(
-                at("default_max_tokens"),
-                "applies only to an anthropic provider",
-            );
         }
         if p.models.is_empty() {
             e.push(at("models"), "must list at least one model");
@@ -211,6 +209,7 @@ pub(super) fn validate(
             None
         };
         providers.push(ProviderConfig {
+            default_max_tokens,
             discover,
             tokenizer,
             prefix_affinity: p.prefix_affinity.unwrap_or(false),

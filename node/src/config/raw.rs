@@ -315,7 +315,8 @@ pub struct RawProvider {
     pub total_timeout: Option<String>,
     /// Demo only: pause before each streamed word.
     pub word_delay: Option<String>,
-    /// Anthropic only: `max_tokens` for requests that set none (Anthropic requires one).
+    /// Output tokens a request that sets no cap is reserved and capped at, a choice (default
+    /// 1,024; Anthropic, which requires a cap: 4,096).
     pub default_max_tokens: Option<i64>,
     /// The tokenizer that counts prompts for admission: `o200k_base` (default), `cl100k_base`,
     /// or the path of the model's own `tokenizer.json`.

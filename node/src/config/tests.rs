@@ -317,7 +317,6 @@ moderate = ["big"]
     assert_eq!(
         paths(&err),
         [
-            "providers[0].default_max_tokens",
             "providers[1].default_max_tokens",
             "aliases[0].hard[0]",
             "aliases[0].code",

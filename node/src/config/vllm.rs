@@ -70,6 +70,8 @@ pub struct RawVllm {
     pub autoscale_interval: Option<String>,
     /// Calls this node sends one replica at once (default: `max_num_seqs`, else 256).
     pub max_concurrency: Option<i64>,
+    /// Output tokens a request that sets no cap is reserved and capped at (default 1,024).
+    pub default_max_tokens: Option<i64>,
     pub queue_capacity: Option<i64>,
     pub queue_timeout: Option<String>,
     pub first_byte_timeout: Option<String>,
@@ -365,6 +367,14 @@ pub(super) fn validate(
             1_000_000,
         );
         groups.push(VllmGroup {
+            default_max_tokens: int(
+                e,
+                &at("default_max_tokens"),
+                v.default_max_tokens,
+                crate::config::DEFAULT_MAX_TOKENS,
+                1,
+                1_000_000,
+            ),
             id,
             model,
             served_names,
