@@ -83,8 +83,8 @@ pub fn call_parts<'a>(
             deadline,
             complexity: complexity_of(read.complexity)?,
             feature: feature_of(read.feature)?.map(str::to_owned),
-            cache: read.cache.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
-            cost: read.cost.is_some_and(|v| v.eq_ignore_ascii_case(b"on")),
+            cache: on_off("X-Meridian-Cache", read.cache)?,
+            cost: on_off("X-Meridian-Cost", read.cost)?,
         })
     })();
     let trace = TraceHeaders {
@@ -132,6 +132,16 @@ fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
 }
 
 /// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
+/// A switch header: `on` or `off` (any case); absent is off.
+fn on_off(name: &str, value: Option<&[u8]>) -> Result<bool, ApiError> {
+    match value.map(<[u8]>::trim_ascii) {
+        None => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case(b"on") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case(b"off") => Ok(false),
+        Some(_) => Err(ApiError::invalid(name, format!("{name} must be on or off"))),
+    }
+}
+
 fn complexity_of(value: Option<&[u8]>) -> Result<Option<Complexity>, ApiError> {
     let Some(v) = value else { return Ok(None) };
     std::str::from_utf8(v)
@@ -207,6 +217,8 @@ mod tests {
             ("x-meridian-deadline-ms", "soon"),
             ("x-meridian-complexity", "extreme"),
             ("x-meridian-feature", "has space"),
+            ("x-meridian-cache", "forever"),
+            ("x-meridian-cost", "yes"),
         ] {
             let e = parts(&[(name, value)]).unwrap_err();
             assert!(

@@ -344,7 +344,11 @@ pub(crate) async fn read_body(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut frames = body.into_data_stream();
     if declared.is_some_and(|n| n > bounds.max_bytes as u64) {
+        if declared.is_some_and(|n| n <= LINGER_BYTES) {
+            discard(&mut frames).await;
+        }
         return Err(too_large());
     }
     let slow = |why: String| {
@@ -358,7 +362,6 @@ pub(crate) async fn read_body(
             .map_or(8 * 1024, |n| n as usize)
             .min(bounds.max_bytes),
     );
-    let mut frames = body.into_data_stream();
     loop {
         // The moment the body falls behind: its timeout, or the grace plus the time what has
         // come pays for at the least rate.
@@ -372,6 +375,7 @@ pub(crate) async fn read_body(
             Ok(None) => return Ok(buf.freeze()),
             Ok(Some(Ok(data))) => {
                 if buf.len() + data.len() > bounds.max_bytes {
+                    discard(&mut frames).await;
                     return Err(too_large());
                 }
                 buf.extend_from_slice(&data);
@@ -399,6 +403,25 @@ pub(crate) async fn read_body(
             }
         }
     }
+}
+
+/// A refused body is read and thrown away for up to this long, and this many bytes, before the
+/// 413 goes out (a "lingering close"): a client still sending it would otherwise meet a reset,
+/// which on its side discards the answer too.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 64 << 20;
+
+async fn discard(frames: &mut axum::body::BodyDataStream) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut read = 0u64;
+        while let Some(Ok(data)) = frames.next().await {
+            read += data.len() as u64;
+            if read > LINGER_BYTES {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 pub(crate) fn body_error(rejection: BytesRejection) -> ApiError {

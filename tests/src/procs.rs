@@ -84,6 +84,29 @@ impl Proc {
         format!("http://{}:{ADMIN_PORT}", self.ip)
     }
 
+    pub fn grpc(&self) -> String {
+        format!("http://{}:{GRPC_PORT}", self.ip)
+    }
+
+    /// Its HTTP listener's address, `IP:PORT`.
+    pub fn http_addr(&self) -> String {
+        format!("{}:{HTTP_PORT}", self.ip)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its resident memory now (`VmRSS`, KiB), while it runs.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -106,6 +129,8 @@ pub struct Harness {
     pub providers: String,
     /// More configuration for one node (appended to its file), by node id.
     pub extra: BTreeMap<u64, String>,
+    /// More `[http]` fields for every node (`key = value` lines).
+    pub http_extra: String,
     tmp: tempfile::TempDir,
     pki: PathBuf,
     subnet: u8,
@@ -123,6 +148,7 @@ impl Harness {
             providers: "[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
                 .into(),
             extra: BTreeMap::new(),
+            http_extra: String::new(),
             tmp,
             pki,
             subnet,
@@ -180,11 +206,12 @@ impl Harness {
         let data = self.data_dir(id);
         let text = format!(
             "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
-             [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
+             [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n{http_extra}\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
              [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
              [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
              {providers}\n{extra}",
             providers = self.providers,
+            http_extra = self.http_extra,
             extra = self.extra.get(&id).map_or("", String::as_str),
             region = id % 2,
             pki = self.pki,
