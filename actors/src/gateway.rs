@@ -113,6 +113,9 @@ struct Inner {
     supervisor: ActorRef<SupervisorMsg>,
     connections: ActorCell,
     draining: AtomicBool,
+    /// Set when the drain has run out of time: every stream still open ends with an error
+    /// event (see [`Gateway::cut_streams`]).
+    cut: tokio::sync::watch::Sender<bool>,
     cluster: Option<Replicated>,
     auth: bool,
     retries: Arc<RetryBudget>,
@@ -220,6 +223,7 @@ impl Gateway {
                 supervisor,
                 connections: connections.get_cell(),
                 draining: AtomicBool::new(false),
+                cut: tokio::sync::watch::Sender::new(false),
                 cluster: config.cluster,
                 auth: config.auth,
                 retries: Arc::new(RetryBudget::new(std::time::Instant::now())),
@@ -496,6 +500,21 @@ impl Gateway {
     /// Refuses new requests from now on (503); requests already admitted finish.
     pub fn begin_drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The drain is out of time: every stream still open ends now with an error event that
+    /// says so (and is charged what it generated), rather than its connection being dropped
+    /// mid-stream.
+    pub fn cut_streams(&self) {
+        self.inner.cut.send_replace(true);
+    }
+
+    /// Resolves once [`Self::cut_streams`] is called.
+    pub(crate) fn streams_cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut cut = self.inner.cut.subscribe();
+        async move {
+            let _ = cut.wait_for(|c| *c).await;
+        }
     }
 
     /// Routes and runs one request. Resolves when the upstream has answered (unary) or accepted

@@ -515,6 +515,8 @@ impl Gateway {
                 first_chunk: None,
                 recorded: false,
                 cache: cache_key.map(|key| (key, self.clone(), StreamCollector::default())),
+                cut: Some(Box::pin(self.streams_cut())),
+                ended: false,
             })),
             Ok(Reached::Complete(body)) => {
                 if summary.span.is_some() {
@@ -657,6 +659,10 @@ pub struct ServedStream {
     /// For a stream that may be cached: its key, and the whole answer gathered as it passes
     /// (stored when the stream ends complete; a failed or abandoned one is not).
     cache: Option<(CacheKey, Gateway, StreamCollector)>,
+    /// Resolves when the node's drain runs out of time (`None` once it has ended the stream).
+    cut: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// The stream has given its last piece.
+    ended: bool,
 }
 
 impl std::fmt::Debug for ServedStream {
@@ -698,7 +704,30 @@ impl Stream for ServedStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamPiece>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(cut) = &mut this.cut
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            this.cut = None;
+            this.ended = true;
+            let e = ApiError::new(
+                ErrorKind::Unavailable,
+                "this node is shutting down and its drain timeout has passed; the stream was cut",
+            )
+            .with_code("node_draining")
+            .with_retry_after(std::time::Duration::from_secs(1));
+            this.record(Ending::Failed(&e));
+            return Poll::Ready(Some(StreamPiece {
+                chunks: Vec::new(),
+                end: Some(StreamEnd::Failed(e)),
+            }));
+        }
         let piece = std::task::ready!(this.relay.poll_next_unpin(cx));
+        if piece.as_ref().is_none_or(|p| p.end.is_some()) {
+            this.ended = true;
+        }
         if this.first_chunk.is_none() && piece.as_ref().is_some_and(|p| !p.chunks.is_empty()) {
             this.first_chunk = Some(Instant::now());
         }

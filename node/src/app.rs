@@ -517,7 +517,14 @@ impl App {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("drain timeout reached; cutting the remaining connections");
+            // Streams still open end with an error event that says why; what is left after a
+            // moment to send those is dropped.
+            tracing::warn!("drain timeout reached; cutting the remaining streams and connections");
+            self.gateway.cut_streams();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while servers.join_next().await.is_some() {}
+            })
+            .await;
             servers.shutdown().await;
         }
         // Replicas: deregistered, their in-flight calls (if any are left) finish up to each

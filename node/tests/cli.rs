@@ -543,3 +543,99 @@ fn post_at(addr: &str, body: &str) -> String {
     conn.read_to_string(&mut resp).expect("read");
     resp
 }
+
+/// A stop as a balancer sees it, timed: at SIGTERM `/readyz` turns 503 `stopping` while
+/// requests are still served for `unready_period`; then the drain refuses new requests (503
+/// `node_draining`), lets a stream run on, and cuts it at `drain_timeout` (an error event, no
+/// `[DONE]`); the node exits soon after.
+#[test]
+fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("node.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
+             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\n\
+             enabled = false\n[shutdown]\nunready_period = \"1500ms\"\ndrain_timeout = \"1s\"\n\
+             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n\
+             word_delay = \"200ms\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write");
+    let started = common::start(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env_remove("OPENAI_API_KEY"),
+    );
+    let http = started.addr("http");
+    let mut child = started.child;
+    let get = |path: &str| {
+        let mut conn = TcpStream::connect(&http).expect("connect");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("read");
+        resp
+    };
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"));
+    // A long stream: the demo model's two dozen words, one every 200 ms.
+    let long = {
+        let http = http.clone();
+        std::thread::spawn(move || {
+            post_at(
+                &http,
+                r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let term = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let ready = get("/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("\"status\":\"stopping\""),
+        "{ready}"
+    );
+    let served = chat_at(&http, "demo", false);
+    assert!(
+        served.starts_with("HTTP/1.1 200"),
+        "still served while out of rotation: {served}"
+    );
+    assert!(term.elapsed() < Duration::from_millis(1500));
+    // Past the unready period: draining.
+    std::thread::sleep(Duration::from_millis(1500) - term.elapsed() + Duration::from_millis(200));
+    let refused = TcpStream::connect(&http).map(|_| ());
+    assert!(
+        refused.is_err(),
+        "the listener is closed once the drain begins"
+    );
+    let stream = long.join().expect("stream");
+    assert!(
+        stream.contains("\"error\"") && !stream.contains("data: [DONE]"),
+        "cut at the drain timeout with an error event: {}",
+        &stream[stream.len().saturating_sub(400)..]
+    );
+    let deadline = term + Duration::from_secs(6);
+    let exited = loop {
+        if let Some(code) = child.try_wait().expect("wait") {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "not exited 6 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "stop: not ready at once, drain from 1.5 s, stream cut and exit ({exited}) after {:?}",
+        term.elapsed()
+    );
+}
