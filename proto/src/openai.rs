@@ -175,6 +175,7 @@ impl ChatRequest {
     /// Parses and validates a JSON body. Errors name the field at fault.
     pub fn from_json(bytes: &[u8], limits: &RequestLimits) -> Result<Self, ApiError> {
         let body = json_object(bytes)?;
+        fields::check_known(Api::Chat, &body)?;
         let params: ChatCompletionRequest =
             serde_path_to_error::deserialize(&body).map_err(schema_error)?;
         validate(&params, limits)?;
@@ -822,6 +823,7 @@ impl UpstreamErrorInfo {
 }
 
 mod apis;
+mod fields;
 pub use apis::{Api, Input};
 pub use apis::{DEFAULT_COMPLETION_MAX_TOKENS, MAX_EMBEDDING_INPUTS};
 

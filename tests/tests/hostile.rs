@@ -152,6 +152,12 @@ fn http_cases() -> Vec<Case> {
             "stream_options",
         ),
         json_case(
+            "a misspelled parameter",
+            &chat_with(r#","temprature":0.5"#),
+            400,
+            "unknown_parameter",
+        ),
+        json_case(
             "an engine field the tenant is not granted",
             &chat_with(r#","priority":-100"#),
             403,

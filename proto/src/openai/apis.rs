@@ -187,6 +187,7 @@ impl ChatRequest {
             Api::Responses => crate::responses::responses_request(bytes, limits).map(|(r, _)| r),
             Api::Completions | Api::Embeddings => {
                 let body = super::json_object(bytes)?;
+                super::fields::check_known(api, &body)?;
                 Self::from_body(api, body, limits)
             }
         }

@@ -22,8 +22,13 @@ fn request_validation_names_the_field() {
     let ok = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
     check(ok, None);
     check(
-        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stream_options":{"include_usage":true},"temperature":0,"top_p":1,"n":1,"stop":["a","b"],"seed":1,"user":"u","tools":[],"unknown_field":{"x":1}}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stream_options":{"include_usage":true},"temperature":0,"top_p":1,"n":1,"stop":["a","b"],"seed":1,"user":"u","tools":[],"top_k":4}"#,
         None,
+    );
+    // A field no OpenAI-compatible provider takes is refused, named (OpenAI refuses it too).
+    check(
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"unknown_field":{"x":1}}"#,
+        Some("unknown_field"),
     );
     check(
         r#"{"model":"m","messages":[],"max_tokens":null}"#,
