@@ -5,8 +5,8 @@
 //! with 400 `unknown_parameter` naming it, as OpenAI refuses it — never passed to an engine
 //! that might act on it, and never dropped without a word. The engine-specific fields that
 //! change scheduling, templates or cost are taken too, but pass only for tenants granted them
-//! ([`RESTRICTED_FIELDS`], checked with the tenant's record). Anthropic providers are sent a body built from the
-//! typed request, so only what the translation knows reaches them.
+//! ([`RESTRICTED_FIELDS`], checked with the tenant's record). Anthropic providers are sent a
+//! body built from the typed request, so only what the translation knows reaches them.
 //!
 //! Each list is sorted (a test checks), so a request's few keys are looked up by binary search.
 
