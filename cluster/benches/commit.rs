@@ -40,11 +40,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch = arg("--batch", 100);
     let tmp = tempfile::tempdir()?;
     let pki = tmp.path().join("pki");
-    certs::init_ca(&pki)?;
+    certs::init_ca(&pki, &meridian_cluster::certs::ca_key_beside(&pki))?;
     let ids: Vec<NodeId> = vec![1, 2, 3];
     let mut transports = Vec::new();
     for &id in &ids {
-        certs::issue(&pki, id, &[])?;
+        certs::issue(&pki, &meridian_cluster::certs::ca_key_beside(&pki), id, &[])?;
         transports.push(QuicTransport::bind(
             "127.0.0.1:0".parse()?,
             &pki,

@@ -2,9 +2,12 @@
 //! that nodes will use between themselves (the QUIC transport is not built yet; these configs
 //! are what it will take).
 //!
-//! Files in the certs directory: `ca.crt`, `ca.key`, `node-<id>.crt`, `node-<id>.key` (PEM; keys
-//! are created mode 0600 and never overwritten). A node certificate names `node-<id>.meridian`
-//! (plus any extra hosts), so a peer checks that it reached the node it meant to.
+//! Files in the certs directory: `ca.crt`, `node-<id>.crt`, `node-<id>.key` (PEM; keys are
+//! created mode 0600 and never overwritten). The CA's private key is written apart, to a file
+//! of its own outside that directory: the directory (or a Secret made from it) goes to the
+//! nodes, the CA key never does — a node holding it could mint a certificate for any node id.
+//! A node certificate names `node-<id>.meridian` (plus any extra hosts), so a peer checks that
+//! it reached the node it meant to.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -88,24 +91,69 @@ fn ca_params() -> Result<CertificateParams, CertError> {
     Ok(params)
 }
 
-/// Creates the cluster CA in `dir`.
-pub fn init_ca(dir: &Path) -> Result<(), CertError> {
-    std::fs::create_dir_all(dir).map_err(|e| CertError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
+/// Where the CA key of the certs directory `dir` is kept unless told otherwise: beside the
+/// directory, not in it (`./meridian-certs` → `./meridian-certs-ca.key`).
+pub fn ca_key_beside(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map_or_else(
+        || "meridian-certs".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    dir.parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("{name}-ca.key"))
+}
+
+/// The file name a CA key is looked for under in a certs directory: only to say that it must
+/// not be there (see the module's doc).
+pub const CA_KEY_IN_CERTS_DIR: &str = "ca.key";
+
+/// Creates the cluster CA: its certificate `ca.crt` in `dir`, its private key at `ca_key` (mode
+/// 0600), which must be outside `dir`.
+pub fn init_ca(dir: &Path, ca_key: &Path) -> Result<(), CertError> {
+    for d in [Some(dir), ca_key.parent()].into_iter().flatten() {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        std::fs::create_dir_all(d).map_err(|e| CertError::Io {
+            path: d.to_path_buf(),
+            source: e,
+        })?;
+    }
+    let same_dir = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if ca_key.parent().is_some_and(|p| {
+        same_dir(
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            },
+            dir,
+        )
+    }) {
+        return Err(CertError::Io {
+            path: ca_key.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the CA key must be kept outside the certs directory the nodes are given",
+            ),
+        });
+    }
     let params = ca_params()?;
     let key = KeyPair::generate()?;
     let key_pem = key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(params, key)?;
-    write_new(&dir.join("ca.key"), &key_pem, 0o600)?;
+    write_new(ca_key, &key_pem, 0o600)?;
     write_new(&dir.join("ca.crt"), &ca.pem(), 0o644)
 }
 
-/// Issues node `id`'s certificate, signed by the CA in `dir`, for `node-<id>.meridian` and
-/// `hosts` (DNS names or IP addresses). It serves both as server and client certificate.
-pub fn issue(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), CertError> {
-    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+/// Issues node `id`'s certificate into `dir`, signed with the CA key at `ca_key`, for
+/// `node-<id>.meridian` and `hosts` (DNS names or IP addresses). It serves both as server and
+/// client certificate.
+pub fn issue(dir: &Path, ca_key: &Path, id: NodeId, hosts: &[String]) -> Result<(), CertError> {
+    let ca_key = KeyPair::from_pem(&read(ca_key)?)?;
     let issuer = Issuer::new(ca_params()?, ca_key);
     let mut names = vec![node_name(id)];
     names.extend(hosts.iter().cloned());

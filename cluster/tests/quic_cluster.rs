@@ -36,10 +36,20 @@ async fn quic_cluster(
     faults: &Arc<Faults>,
 ) -> QuicCluster {
     let pki = tempfile::tempdir().unwrap();
-    certs::init_ca(pki.path()).unwrap();
+    certs::init_ca(
+        pki.path(),
+        &meridian_cluster::certs::ca_key_beside(pki.path()),
+    )
+    .unwrap();
     let mut transports = Vec::new();
     for &id in ids {
-        certs::issue(pki.path(), id, &[]).unwrap();
+        certs::issue(
+            pki.path(),
+            &meridian_cluster::certs::ca_key_beside(pki.path()),
+            id,
+            &[],
+        )
+        .unwrap();
         transports.push(
             QuicTransport::bind("127.0.0.1:0".parse().unwrap(), pki.path(), id, rpc_timeout)
                 .unwrap(),
@@ -127,8 +137,18 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     // cluster's CA, so it accepts the server: only the server's check of its certificate can
     // refuse it.
     let foreign = tempfile::tempdir().unwrap();
-    certs::init_ca(foreign.path()).unwrap();
-    certs::issue(foreign.path(), 9, &[]).unwrap();
+    certs::init_ca(
+        foreign.path(),
+        &meridian_cluster::certs::ca_key_beside(foreign.path()),
+    )
+    .unwrap();
+    certs::issue(
+        foreign.path(),
+        &meridian_cluster::certs::ca_key_beside(foreign.path()),
+        9,
+        &[],
+    )
+    .unwrap();
     std::fs::copy(dirs.0.path().join("ca.crt"), foreign.path().join("ca.crt")).unwrap();
     let intruder = QuicTransport::bind(
         "127.0.0.1:0".parse().unwrap(),

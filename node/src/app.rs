@@ -731,6 +731,18 @@ async fn start_cluster(
             .map_err(|e| failed(&e))?;
         return Ok((cluster, None));
     };
+    if peers
+        .certs_dir
+        .join(meridian_cluster::certs::CA_KEY_IN_CERTS_DIR)
+        .exists()
+    {
+        tracing::warn!(
+            certs_dir = %peers.certs_dir.display(),
+            "the cluster CA's private key is in this node's certs directory: whoever reads this \
+             node can mint a certificate for any node id. Move it off the nodes (`meridian \
+             certs` keeps it apart, beside the directory)"
+        );
+    }
     let transport = QuicTransport::bind(
         peers.listen,
         &peers.certs_dir,

@@ -49,13 +49,15 @@ pub async fn run(nodes: u16, dir: PathBuf, port_base: u16) -> anyhow::Result<()>
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
     let certs = dir.join("certs");
-    if !certs.join("ca.key").exists() {
-        meridian_cluster::certs::init_ca(&certs)?;
+    // The CA key beside the certs the nodes read, not among them.
+    let ca_key = dir.join("ca.key");
+    if !ca_key.exists() {
+        meridian_cluster::certs::init_ca(&certs, &ca_key)?;
     }
     let ids: Vec<u16> = (1..=nodes).collect();
     for &id in &ids {
         if !certs.join(format!("node-{id}.key")).exists() {
-            meridian_cluster::certs::issue(&certs, u64::from(id), &["127.0.0.1".into()])?;
+            meridian_cluster::certs::issue(&certs, &ca_key, u64::from(id), &["127.0.0.1".into()])?;
         }
         write_config(&dir, &certs, id, &ids, port_base)?;
     }

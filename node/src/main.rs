@@ -83,16 +83,23 @@ enum DevCommand {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create the cluster CA (`ca.crt`, `ca.key`) in DIR. Never overwrites.
+    /// Create the cluster CA: its certificate `ca.crt` in DIR, its private key apart at CA_KEY
+    /// (default: beside DIR, `DIR-ca.key`), never in DIR — DIR goes to the nodes, the CA key
+    /// stays with whoever issues certificates. Never overwrites.
     Init {
         #[arg(long, default_value = "./meridian-certs")]
         dir: PathBuf,
+        #[arg(long)]
+        ca_key: Option<PathBuf>,
     },
-    /// Issue node NODE's certificate (`node-NODE.crt`, `.key`), signed by the CA in DIR.
+    /// Issue node NODE's certificate (`node-NODE.crt`, `.key`) into DIR, signed with the CA key
+    /// at CA_KEY (default: `DIR-ca.key`).
     Issue {
         node: u64,
         #[arg(long, default_value = "./meridian-certs")]
         dir: PathBuf,
+        #[arg(long)]
+        ca_key: Option<PathBuf>,
         /// Extra DNS names or IP addresses the certificate is valid for (repeatable).
         #[arg(long = "host")]
         hosts: Vec<String>,
@@ -144,12 +151,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Certs { command } => {
             match command {
-                CertsCommand::Init { dir } => {
-                    meridian_cluster::certs::init_ca(&dir)?;
-                    println!("cluster CA created in {}", dir.display());
+                CertsCommand::Init { dir, ca_key } => {
+                    let ca_key =
+                        ca_key.unwrap_or_else(|| meridian_cluster::certs::ca_key_beside(&dir));
+                    meridian_cluster::certs::init_ca(&dir, &ca_key)?;
+                    println!(
+                        "cluster CA certificate written to {}; its private key to {} (mode 0600). \
+                         Give the nodes {} (ca.crt and each node's own node-N files); keep the \
+                         CA key off them: `certs issue` needs it, a node never does.",
+                        dir.join("ca.crt").display(),
+                        ca_key.display(),
+                        dir.display()
+                    );
                 }
-                CertsCommand::Issue { node, dir, hosts } => {
-                    meridian_cluster::certs::issue(&dir, node, &hosts)?;
+                CertsCommand::Issue {
+                    node,
+                    dir,
+                    ca_key,
+                    hosts,
+                } => {
+                    let ca_key =
+                        ca_key.unwrap_or_else(|| meridian_cluster::certs::ca_key_beside(&dir));
+                    meridian_cluster::certs::issue(&dir, &ca_key, node, &hosts)?;
                     println!(
                         "certificate for {} written to {}",
                         meridian_cluster::certs::node_name(node),

@@ -169,22 +169,47 @@ fn check_config_reports_every_bad_field() {
 }
 
 #[test]
-fn certs_init_and_issue_write_a_ca_and_node_certificates() {
-    let dir = tempfile::tempdir().expect("tempdir");
+fn certs_init_and_issue_write_a_ca_and_node_certificates_and_keep_the_ca_key_apart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("certs");
     let run = |args: &[&str]| {
         Command::new(BIN)
             .arg("certs")
             .args(args)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(&dir)
             .output()
             .expect("run")
     };
-    assert!(run(&["init"]).status.success());
+    let init = run(&["init"]);
+    assert!(init.status.success());
+    let said = String::from_utf8_lossy(&init.stdout);
+    assert!(
+        said.contains("certs-ca.key") && said.contains("keep the CA key off them"),
+        "{said}"
+    );
     assert!(run(&["issue", "1", "--host", "127.0.0.1"]).status.success());
-    for f in ["ca.crt", "ca.key", "node-1.crt", "node-1.key"] {
-        assert!(dir.path().join(f).exists(), "{f} written");
+    for f in ["ca.crt", "node-1.crt", "node-1.key"] {
+        assert!(dir.join(f).exists(), "{f} written");
     }
+    assert!(
+        !dir.join("ca.key").exists() && tmp.path().join("certs-ca.key").exists(),
+        "the CA key is beside the directory the nodes get, not in it"
+    );
+    // Asked to put it among the node files: refused.
+    let inside = Command::new(BIN)
+        .args(["certs", "init", "--dir"])
+        .arg(tmp.path().join("other"))
+        .arg("--ca-key")
+        .arg(tmp.path().join("other/ca.key"))
+        .output()
+        .expect("run");
+    assert!(!inside.status.success());
+    assert!(
+        String::from_utf8_lossy(&inside.stderr).contains("outside the certs directory"),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
     let again = run(&["init"]);
     assert!(!again.status.success(), "init never overwrites the CA");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));

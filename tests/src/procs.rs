@@ -143,7 +143,8 @@ impl Harness {
     pub fn new(subnet: u8) -> Self {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let pki = tmp.path().join("pki");
-        meridian_cluster::certs::init_ca(&pki).unwrap_or_else(|e| panic!("certs init: {e}"));
+        meridian_cluster::certs::init_ca(&pki, &meridian_cluster::certs::ca_key_beside(&pki))
+            .unwrap_or_else(|e| panic!("certs init: {e}"));
         Self {
             providers: "[[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
                 .into(),
@@ -162,9 +163,18 @@ impl Harness {
     /// check of the client's certificate can refuse it.
     pub fn impostor_pki(&self, id: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        meridian_cluster::certs::init_ca(dir.path()).unwrap_or_else(|e| panic!("certs: {e}"));
-        meridian_cluster::certs::issue(dir.path(), id, &[])
-            .unwrap_or_else(|e| panic!("certs: {e}"));
+        meridian_cluster::certs::init_ca(
+            dir.path(),
+            &meridian_cluster::certs::ca_key_beside(dir.path()),
+        )
+        .unwrap_or_else(|e| panic!("certs: {e}"));
+        meridian_cluster::certs::issue(
+            dir.path(),
+            &meridian_cluster::certs::ca_key_beside(dir.path()),
+            id,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("certs: {e}"));
         std::fs::copy(self.pki.join("ca.crt"), dir.path().join("ca.crt"))
             .unwrap_or_else(|e| panic!("copy the CA: {e}"));
         dir
@@ -194,8 +204,13 @@ impl Harness {
     pub fn configure(&mut self, id: u64, voters: &[u64], join: bool) {
         // A node reconfigured for a restart keeps its certificate.
         if !self.pki.join(format!("node-{id}.key")).exists() {
-            meridian_cluster::certs::issue(&self.pki, id, &[])
-                .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
+            meridian_cluster::certs::issue(
+                &self.pki,
+                &meridian_cluster::certs::ca_key_beside(&self.pki),
+                id,
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
         }
         let ip = format!("127.0.{}.{id}", self.subnet);
         let peers: Vec<String> = voters

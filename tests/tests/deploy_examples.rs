@@ -8,8 +8,18 @@ fn deploy_examples_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     // Multi-node examples name their certificates' folder: one made here stands in.
     let certs = tempfile::tempdir().expect("tempdir");
-    meridian_cluster::certs::init_ca(certs.path()).expect("ca");
-    meridian_cluster::certs::issue(certs.path(), 1, &[]).expect("cert");
+    meridian_cluster::certs::init_ca(
+        certs.path(),
+        &meridian_cluster::certs::ca_key_beside(certs.path()),
+    )
+    .expect("ca");
+    meridian_cluster::certs::issue(
+        certs.path(),
+        &meridian_cluster::certs::ca_key_beside(certs.path()),
+        1,
+        &[],
+    )
+    .expect("cert");
     let env = vec![
         ("OPENAI_API_KEY".to_owned(), "sk-example".to_owned()),
         ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-example".to_owned()),
@@ -389,9 +399,16 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         String::from_utf8_lossy(&out.stderr)
     );
     let certs = tmp.path().join("certs");
-    meridian_cluster::certs::init_ca(&certs).expect("ca");
+    meridian_cluster::certs::init_ca(&certs, &meridian_cluster::certs::ca_key_beside(&certs))
+        .expect("ca");
     for id in 1..=3 {
-        meridian_cluster::certs::issue(&certs, id, &[]).expect("cert");
+        meridian_cluster::certs::issue(
+            &certs,
+            &meridian_cluster::certs::ca_key_beside(&certs),
+            id,
+            &[],
+        )
+        .expect("cert");
     }
     let script = std::fs::read_to_string(tmp.path().join("start.sh")).expect("start.sh");
     let exec = "exec /usr/local/bin/meridian serve --config /etc/meridian/node.toml";
@@ -455,7 +472,11 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
         .collect();
     assert_eq!(nodes.len(), 3);
     let certs = tempfile::tempdir().expect("tempdir");
-    meridian_cluster::certs::init_ca(certs.path()).expect("ca");
+    meridian_cluster::certs::init_ca(
+        certs.path(),
+        &meridian_cluster::certs::ca_key_beside(certs.path()),
+    )
+    .expect("ca");
     let mut ports = std::collections::BTreeSet::new();
     for (name, service) in &nodes {
         let env = service["environment"].as_object().expect("environment");
@@ -464,7 +485,13 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
             .expect("id")
             .parse()
             .expect("a number");
-        meridian_cluster::certs::issue(certs.path(), id, &[]).expect("cert");
+        meridian_cluster::certs::issue(
+            certs.path(),
+            &meridian_cluster::certs::ca_key_beside(certs.path()),
+            id,
+            &[],
+        )
+        .expect("cert");
         assert_eq!(env["MERIDIAN_CLUSTER__ADVERTISE"], format!("{name}:7000"));
         let peers = env["MERIDIAN_CLUSTER__PEERS"].as_str().expect("peers");
         for (other, _) in nodes.iter().filter(|(o, _)| o != name) {
