@@ -150,19 +150,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // it directly (as committed entries would be), so the node later starts as one whose log
     // was compacted into its snapshot.
     let pki = tempfile::tempdir()?;
-    certs::init_ca(
-        pki.path(),
-        &meridian_cluster::certs::ca_key_beside(pki.path()),
-    )?;
+    certs::init_ca(pki.path(), &pki.path().join("issuer/ca.key"))?;
     let rpc_timeout = RaftTimings::default().election_min;
     let mut transports = Vec::new();
     for id in [1, 2] {
-        certs::issue(
-            pki.path(),
-            &meridian_cluster::certs::ca_key_beside(pki.path()),
-            id,
-            &[],
-        )?;
+        certs::issue(pki.path(), &pki.path().join("issuer/ca.key"), id, &[])?;
         transports.push(QuicTransport::bind(
             "127.0.0.1:0".parse()?,
             pki.path(),

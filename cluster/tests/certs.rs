@@ -43,31 +43,18 @@ async fn handshake(dir: &Path, server_id: u64, client: Arc<rustls::ClientConfig>
 #[tokio::test]
 async fn nodes_of_one_cluster_authenticate_each_other_and_strangers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    certs::init_ca(
-        dir.path(),
-        &meridian_cluster::certs::ca_key_beside(dir.path()),
-    )
-    .unwrap();
+    certs::init_ca(dir.path(), &dir.path().join("issuer/ca.key")).unwrap();
     certs::issue(
         dir.path(),
-        &meridian_cluster::certs::ca_key_beside(dir.path()),
+        &dir.path().join("issuer/ca.key"),
         1,
         &["127.0.0.1".into()],
     )
     .unwrap();
-    certs::issue(
-        dir.path(),
-        &meridian_cluster::certs::ca_key_beside(dir.path()),
-        2,
-        &[],
-    )
-    .unwrap();
+    certs::issue(dir.path(), &dir.path().join("issuer/ca.key"), 2, &[]).unwrap();
     assert!(
         matches!(
-            certs::init_ca(
-                dir.path(),
-                &meridian_cluster::certs::ca_key_beside(dir.path())
-            ),
+            certs::init_ca(dir.path(), &dir.path().join("issuer/ca.key")),
             Err(CertError::Exists(_))
         ),
         "never overwrites"
@@ -87,18 +74,8 @@ async fn nodes_of_one_cluster_authenticate_each_other_and_strangers_are_refused(
 
     // A node certified by another cluster's CA.
     let other = tempfile::tempdir().unwrap();
-    certs::init_ca(
-        other.path(),
-        &meridian_cluster::certs::ca_key_beside(other.path()),
-    )
-    .unwrap();
-    certs::issue(
-        other.path(),
-        &meridian_cluster::certs::ca_key_beside(other.path()),
-        3,
-        &[],
-    )
-    .unwrap();
+    certs::init_ca(other.path(), &other.path().join("issuer/ca.key")).unwrap();
+    certs::issue(other.path(), &other.path().join("issuer/ca.key"), 3, &[]).unwrap();
     let (_, stranger) = certs::mtls_configs(other.path(), 3).unwrap();
     assert!(
         !handshake(dir.path(), 1, stranger).await,

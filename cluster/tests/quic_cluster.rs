@@ -36,20 +36,10 @@ async fn quic_cluster(
     faults: &Arc<Faults>,
 ) -> QuicCluster {
     let pki = tempfile::tempdir().unwrap();
-    certs::init_ca(
-        pki.path(),
-        &meridian_cluster::certs::ca_key_beside(pki.path()),
-    )
-    .unwrap();
+    certs::init_ca(pki.path(), &pki.path().join("issuer/ca.key")).unwrap();
     let mut transports = Vec::new();
     for &id in ids {
-        certs::issue(
-            pki.path(),
-            &meridian_cluster::certs::ca_key_beside(pki.path()),
-            id,
-            &[],
-        )
-        .unwrap();
+        certs::issue(pki.path(), &pki.path().join("issuer/ca.key"), id, &[]).unwrap();
         transports.push(
             QuicTransport::bind("127.0.0.1:0".parse().unwrap(), pki.path(), id, rpc_timeout)
                 .unwrap(),
@@ -137,14 +127,10 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     // cluster's CA, so it accepts the server: only the server's check of its certificate can
     // refuse it.
     let foreign = tempfile::tempdir().unwrap();
-    certs::init_ca(
-        foreign.path(),
-        &meridian_cluster::certs::ca_key_beside(foreign.path()),
-    )
-    .unwrap();
+    certs::init_ca(foreign.path(), &foreign.path().join("issuer/ca.key")).unwrap();
     certs::issue(
         foreign.path(),
-        &meridian_cluster::certs::ca_key_beside(foreign.path()),
+        &foreign.path().join("issuer/ca.key"),
         9,
         &[],
     )

@@ -163,18 +163,10 @@ impl Harness {
     /// check of the client's certificate can refuse it.
     pub fn impostor_pki(&self, id: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        meridian_cluster::certs::init_ca(
-            dir.path(),
-            &meridian_cluster::certs::ca_key_beside(dir.path()),
-        )
-        .unwrap_or_else(|e| panic!("certs: {e}"));
-        meridian_cluster::certs::issue(
-            dir.path(),
-            &meridian_cluster::certs::ca_key_beside(dir.path()),
-            id,
-            &[],
-        )
-        .unwrap_or_else(|e| panic!("certs: {e}"));
+        meridian_cluster::certs::init_ca(dir.path(), &dir.path().join("issuer/ca.key"))
+            .unwrap_or_else(|e| panic!("certs: {e}"));
+        meridian_cluster::certs::issue(dir.path(), &dir.path().join("issuer/ca.key"), id, &[])
+            .unwrap_or_else(|e| panic!("certs: {e}"));
         std::fs::copy(self.pki.join("ca.crt"), dir.path().join("ca.crt"))
             .unwrap_or_else(|e| panic!("copy the CA: {e}"));
         dir

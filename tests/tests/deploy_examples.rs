@@ -8,18 +8,10 @@ fn deploy_examples_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     // Multi-node examples name their certificates' folder: one made here stands in.
     let certs = tempfile::tempdir().expect("tempdir");
-    meridian_cluster::certs::init_ca(
-        certs.path(),
-        &meridian_cluster::certs::ca_key_beside(certs.path()),
-    )
-    .expect("ca");
-    meridian_cluster::certs::issue(
-        certs.path(),
-        &meridian_cluster::certs::ca_key_beside(certs.path()),
-        1,
-        &[],
-    )
-    .expect("cert");
+    meridian_cluster::certs::init_ca(certs.path(), &certs.path().join("issuer/ca.key"))
+        .expect("ca");
+    meridian_cluster::certs::issue(certs.path(), &certs.path().join("issuer/ca.key"), 1, &[])
+        .expect("cert");
     let env = vec![
         ("OPENAI_API_KEY".to_owned(), "sk-example".to_owned()),
         ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-example".to_owned()),
@@ -472,11 +464,8 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
         .collect();
     assert_eq!(nodes.len(), 3);
     let certs = tempfile::tempdir().expect("tempdir");
-    meridian_cluster::certs::init_ca(
-        certs.path(),
-        &meridian_cluster::certs::ca_key_beside(certs.path()),
-    )
-    .expect("ca");
+    meridian_cluster::certs::init_ca(certs.path(), &certs.path().join("issuer/ca.key"))
+        .expect("ca");
     let mut ports = std::collections::BTreeSet::new();
     for (name, service) in &nodes {
         let env = service["environment"].as_object().expect("environment");
@@ -485,13 +474,8 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
             .expect("id")
             .parse()
             .expect("a number");
-        meridian_cluster::certs::issue(
-            certs.path(),
-            &meridian_cluster::certs::ca_key_beside(certs.path()),
-            id,
-            &[],
-        )
-        .expect("cert");
+        meridian_cluster::certs::issue(certs.path(), &certs.path().join("issuer/ca.key"), id, &[])
+            .expect("cert");
         assert_eq!(env["MERIDIAN_CLUSTER__ADVERTISE"], format!("{name}:7000"));
         let peers = env["MERIDIAN_CLUSTER__PEERS"].as_str().expect("peers");
         for (other, _) in nodes.iter().filter(|(o, _)| o != name) {
