@@ -251,6 +251,7 @@ impl Registry {
         &self,
         spec: ProviderSpec,
         via_mesh: bool,
+        api_key: Option<String>,
     ) -> Result<(), ApiError> {
         let node = self.inner.cluster.as_ref().map_or(0, |c| c.node_id);
         let record = ProviderRecord {
@@ -270,6 +271,12 @@ impl Registry {
             replica: true,
             updated_at_unix_ms: 0,
             default_max_tokens: spec.default_max_tokens,
+            // Only a node calling it directly needs it; through the mesh, its owner calls it.
+            api_key: if via_mesh {
+                String::new()
+            } else {
+                api_key.unwrap_or_default()
+            },
         };
         self.add_provider(spec).await?;
         if let Some(c) = &self.inner.cluster {
@@ -461,6 +468,7 @@ fn registry_records(node: NodeId, providers: &[Arc<Provider>]) -> Vec<ProviderRe
             replica: false,
             updated_at_unix_ms: 0,
             default_max_tokens: p.spec.default_max_tokens,
+            api_key: String::new(),
         })
         .collect()
 }

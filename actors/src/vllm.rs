@@ -39,6 +39,9 @@ use process::Launch;
 /// One `[[vllm]]` section: a model served by a group of replicas on this node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VllmGroup {
+    /// The key its replicas are started with and called with (see [`ReplicaKey`]); set when the
+    /// supervisor starts.
+    pub api_key: Option<ReplicaKey>,
     /// A request naming no output cap is reserved, and capped upstream, at this many tokens.
     pub default_max_tokens: u32,
     /// The group's name; replicas are `<id>-<slot>`.
@@ -244,6 +247,12 @@ impl VllmGroup {
             env.push(("VLLM_ALLOW_RUNTIME_LORA_UPDATING".into(), "True".into()));
         }
         env.extend(self.env.iter().cloned());
+        // In the environment, not on the command line, where any local user could read it.
+        if let Some(key) = &self.api_key
+            && !env.iter().any(|(k, _)| k == "VLLM_API_KEY")
+        {
+            env.push(("VLLM_API_KEY".into(), key.expose().to_owned()));
+        }
         Launch { program, args, env }
     }
 
@@ -255,7 +264,8 @@ impl VllmGroup {
         models: Vec<ModelRoute>,
     ) -> Result<ProviderSpec, EndpointError> {
         let base_url = format!("http://{}:{port}/v1", self.advertise_host);
-        let adapter = ApiAdapter::new(Dialect::OpenAi, &base_url, None, REPLICA_CONNECT_TIMEOUT)?;
+        let key = self.api_key.as_ref().map(|k| k.expose().to_owned());
+        let adapter = ApiAdapter::new(Dialect::OpenAi, &base_url, key, REPLICA_CONNECT_TIMEOUT)?;
         let mut spec = replica_spec(
             provider_id,
             self.region.clone(),
@@ -270,6 +280,30 @@ impl VllmGroup {
         spec.prefix_affinity = self.enable_prefix_caching;
         spec.default_max_tokens = self.default_max_tokens;
         Ok(spec)
+    }
+}
+
+/// The key a node's replicas are started with (vLLM's API key, `VLLM_API_KEY`), made at random
+/// when the supervisor starts (or the group's own `VLLM_API_KEY`, if its `[vllm.env]` sets
+/// one): vLLM then refuses any `/v1` call without it, so nothing else on the network can call
+/// the replicas or load adapters into them. The nodes that route to a replica directly have it
+/// from its registry record. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReplicaKey(String);
+
+impl ReplicaKey {
+    pub fn new(key: String) -> Self {
+        Self(key)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaKey(<redacted>)")
     }
 }
 

@@ -151,7 +151,18 @@ impl Admin for AdminService {
                 (summary.to_string(), String::new())
             }
             "members" => page(page_of(&state.members, &r.prefix, &r.after, limit)?)?,
-            "providers" => page(page_of(&state.providers, &r.prefix, &r.after, limit)?)?,
+            "providers" => {
+                // A replica's key is for the nodes that call it, not for the admin API.
+                let mut shown = state.providers.clone();
+                for (id, record) in state.providers.iter() {
+                    if !record.api_key.is_empty() {
+                        let mut record = record.clone();
+                        record.api_key = "<redacted>".into();
+                        shown.insert(id.clone(), record);
+                    }
+                }
+                page(page_of(&shown, &r.prefix, &r.after, limit)?)?
+            }
             "tiers" => page(page_of(&state.tiers, &r.prefix, &r.after, limit)?)?,
             "tenants" => page(page_of(&state.tenants, &r.prefix, &r.after, limit)?)?,
             "api_keys" => page(page_of(&state.api_keys, &r.prefix, &r.after, limit)?)?,

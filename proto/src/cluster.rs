@@ -547,6 +547,10 @@ pub struct ProviderRecord {
     /// Output tokens a request naming no cap is reserved and capped at (0: the default, 1,024).
     #[serde(default)]
     pub default_max_tokens: u32,
+    /// The key a replica was started with (vLLM's `--api-key`, given as `VLLM_API_KEY`): the
+    /// nodes that call it directly send it. Never shown by the admin API.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_key: String,
 }
 
 /// A provider's prices, in millionths of a US dollar per million tokens (0.15 USD → 150,000).

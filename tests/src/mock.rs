@@ -1047,7 +1047,11 @@ impl StreamPlan {
     }
 }
 
-async fn models(State(s): State<Arc<Shared>>) -> Response {
+async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    // vLLM's key check covers every path under /v1.
+    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), &headers) {
+        return refused;
+    }
     let m = &s.opts.served_model;
     let base = |id: &str| {
         json!({"id": id, "object": "model", "created": 1763700000, "owned_by": "vllm",
@@ -1065,7 +1069,10 @@ async fn models(State(s): State<Arc<Shared>>) -> Response {
 
 /// `POST /v1/load_lora_adapter` (only with runtime LoRA updating): 200 with vLLM's plain-text
 /// success line, 400 `InvalidUserInput` for missing fields or a name already loaded.
-async fn load_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn load_lora(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), &headers) {
+        return refused;
+    }
     if !s.opts.lora_runtime {
         return error_response(Flavor::Vllm, 404, "Not Found");
     }
@@ -1102,7 +1109,10 @@ async fn load_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 /// `POST /v1/unload_lora_adapter`: 404 `NotFoundError` when it is not loaded.
-async fn unload_lora(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn unload_lora(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), &headers) {
+        return refused;
+    }
     if !s.opts.lora_runtime {
         return error_response(Flavor::Vllm, 404, "Not Found");
     }

@@ -906,3 +906,59 @@ fn process_with_args(args: &[&str]) -> Option<u32> {
             })
         })
 }
+
+/// A replica is started with a key only the cluster's nodes hold (in its environment, not on
+/// its command line): its API refuses anyone else, the node's calls carry it, and the admin API
+/// never shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_answers_only_the_node_that_holds_its_key() {
+    let port = free_ports(1);
+    let node = node(port, "", &[]).await;
+    let replica = ready(&node, "llama-0").await;
+    assert_eq!(chat(&node, false).await.status(), 200, "through the node");
+    let direct = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(meridian_tests::chat_body("llama-8b", false, ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.status(),
+        401,
+        "straight to the replica, without its key"
+    );
+    let models = reqwest::get(format!("http://127.0.0.1:{port}/v1/models"))
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 401);
+    // Not on its command line, where any local user could read it.
+    let pid = replica.pid.unwrap();
+    let cmdlines: Vec<String> = group_members(pid)
+        .iter()
+        .filter_map(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .collect();
+    assert!(
+        cmdlines.iter().all(|c| !c.contains("api-key")),
+        "{cmdlines:?}"
+    );
+    let out = std::process::Command::new(meridian_bin())
+        .args(["admin", "--addr", &format!("http://{}", node.admin)])
+        .args([
+            "--token",
+            &node.admin_token,
+            "cluster",
+            "state",
+            "providers",
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("llama-0"), "{shown}");
+    assert!(
+        shown.contains("<redacted>") || !shown.contains("api_key"),
+        "{shown}"
+    );
+    shut_down(node).await;
+}

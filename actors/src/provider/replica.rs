@@ -64,7 +64,7 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Endp
         Reach::Direct(url) => Upstream::Api(ApiAdapter::new(
             Dialect::OpenAi,
             url,
-            None,
+            (!record.api_key.is_empty()).then(|| record.api_key.clone()),
             REPLICA_CONNECT_TIMEOUT,
         )?),
     };

@@ -304,7 +304,11 @@ impl Replica {
         if let Err(e) = self
             .a
             .registry
-            .register_replica(spec, self.a.group.via_mesh)
+            .register_replica(
+                spec,
+                self.a.group.via_mesh,
+                self.a.group.api_key.as_ref().map(|k| k.expose().to_owned()),
+            )
             .await
         {
             self.unhealthy(format!("cannot register it: {}", e.message));
@@ -517,6 +521,7 @@ impl Replica {
             return;
         }
         let addr = format!("{}:{}", self.a.group.host_for_probes(), self.a.port);
+        let key = self.a.group.api_key.clone();
         let (incarnation, me) = (self.incarnation, myself.clone());
         tokio::spawn(async move {
             let (endpoint, body) = match &path {
@@ -533,6 +538,7 @@ impl Replica {
                 &addr,
                 endpoint,
                 body.to_string().as_bytes(),
+                key.as_ref().map(|k| k.expose()),
                 Duration::from_secs(120),
             )
             .await
@@ -571,7 +577,11 @@ impl Replica {
             .map_err(|e| ControlError::Refused(e.to_string()))?;
         self.a
             .registry
-            .register_replica(spec, self.a.group.via_mesh)
+            .register_replica(
+                spec,
+                self.a.group.via_mesh,
+                self.a.group.api_key.as_ref().map(|k| k.expose().to_owned()),
+            )
             .await
             .map_err(|e| ControlError::Refused(e.message))?;
         self.publish();

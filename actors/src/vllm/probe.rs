@@ -33,17 +33,28 @@ const MAX_BODY: usize = 4 << 20;
 
 /// `GET path` at `addr` (`host:port`).
 pub async fn get(addr: &str, path: &str, timeout: Duration) -> Result<Answer, ProbeError> {
-    call(addr, "GET", path, None, timeout).await
+    call(addr, "GET", path, None, None, timeout).await
 }
 
-/// `POST path` with a JSON body.
+/// `GET path` of vLLM's API (under `/v1`), with the replica's key when it has one.
+pub async fn get_api(
+    addr: &str,
+    path: &str,
+    key: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, ProbeError> {
+    call(addr, "GET", path, None, key, timeout).await
+}
+
+/// `POST path` of vLLM's API with a JSON body, with the replica's key when it has one.
 pub async fn post_json(
     addr: &str,
     path: &str,
     body: &[u8],
+    key: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, ProbeError> {
-    call(addr, "POST", path, Some(body), timeout).await
+    call(addr, "POST", path, Some(body), key, timeout).await
 }
 
 async fn call(
@@ -51,9 +62,10 @@ async fn call(
     method: &str,
     path: &str,
     body: Option<&[u8]>,
+    key: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, ProbeError> {
-    tokio::time::timeout(timeout, exchange(addr, method, path, body))
+    tokio::time::timeout(timeout, exchange(addr, method, path, body, key))
         .await
         .unwrap_or(Err(ProbeError::Timeout(timeout)))
 }
@@ -63,6 +75,7 @@ async fn exchange(
     method: &str,
     path: &str,
     body: Option<&[u8]>,
+    key: Option<&str>,
 ) -> Result<Answer, ProbeError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| ProbeError::Failed(format!("{what}: {e}"));
     let conn = TcpStream::connect(addr).await.map_err(|e| {
@@ -84,6 +97,9 @@ async fn exchange(
         .header(http::header::ACCEPT, "*/*");
     if body.is_some() {
         request = request.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(key) = key {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
     }
     let request = request
         .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
@@ -135,7 +151,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         )
         .await;
-        let a = post_json(&addr, "/v1/load_lora_adapter", b"{}", t)
+        let a = post_json(&addr, "/v1/load_lora_adapter", b"{}", None, t)
             .await
             .unwrap();
         assert_eq!(a.body, b"abcde");

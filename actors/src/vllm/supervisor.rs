@@ -507,11 +507,20 @@ impl Vllm {
     /// Discovers GPUs (with `nvidia_smi`, normally `nvidia-smi`) and starts every group's
     /// minimum of replicas.
     pub async fn start(
-        groups: Vec<VllmGroup>,
+        mut groups: Vec<VllmGroup>,
         registry: Registry,
         node_id: u64,
         nvidia_smi: &str,
     ) -> Result<Self, SpawnErr> {
+        for g in &mut groups {
+            let own = g
+                .env
+                .iter()
+                .find(|(k, _)| k == "VLLM_API_KEY")
+                .map(|(_, v)| v.clone());
+            let key = own.or_else(|| crate::auth::random_token(24).ok());
+            g.api_key = key.map(super::ReplicaKey::new);
+        }
         let discovery = if groups.is_empty() {
             Discovery::Unavailable("no [[vllm]] groups".into())
         } else {

@@ -100,7 +100,13 @@ pub(super) async fn watch(w: Watch) {
             .await
             .is_ok_and(|a| a.status == 200);
         if healthy
-            && let Ok(a) = probe::get(&w.addr, "/v1/models", probe_timeout).await
+            && let Ok(a) = probe::get_api(
+                &w.addr,
+                "/v1/models",
+                w.group.api_key.as_ref().map(|k| k.expose()),
+                probe_timeout,
+            )
+            .await
             && a.status == 200
             && lists_model(&a.body, &w.served)
         {

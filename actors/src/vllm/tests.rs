@@ -2,6 +2,7 @@ use super::*;
 
 pub(crate) fn group() -> VllmGroup {
     VllmGroup {
+        api_key: None,
         default_max_tokens: 1024,
         id: "llama".into(),
         model: "meta-llama/Llama-3.1-8B-Instruct".into(),

@@ -367,6 +367,7 @@ pub(super) fn validate(
             1_000_000,
         );
         groups.push(VllmGroup {
+            api_key: None,
             default_max_tokens: int(
                 e,
                 &at("default_max_tokens"),

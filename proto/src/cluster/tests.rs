@@ -22,6 +22,7 @@ fn provider(id: &str) -> ProviderRecord {
         replica: false,
         updated_at_unix_ms: 0,
         default_max_tokens: 0,
+        api_key: String::new(),
     }
 }
 
@@ -959,6 +960,7 @@ fn an_upsert_that_changes_any_one_field_of_any_record_is_applied() {
         replica: true,
         updated_at_unix_ms: 1,
         default_max_tokens: 300,
+        api_key: "k".into(),
         ..provider("a")
     };
     assert_every_field_is_compared(
