@@ -660,6 +660,16 @@ impl ClusterNode {
         }
     }
 
+    /// The members (voters and learners) as this node knows them now.
+    pub(crate) fn membership(&self) -> openraft::Membership<NodeId, BasicNode> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone()
+    }
+
     /// Node `id` as the current membership records it (its Raft address).
     fn membership_node(&self, id: NodeId) -> Option<BasicNode> {
         self.raft

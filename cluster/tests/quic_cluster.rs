@@ -163,6 +163,39 @@ async fn a_cluster_over_quic_with_mutual_tls() {
         refused.reason
     );
 
+    // A node with a certificate of the cluster's own CA is still refused when it speaks for a
+    // node its certificate does not name, or for a node that is not a member.
+    certs::issue(dirs.0.path(), &dirs.0.path().join("issuer/ca.key"), 9, &[]).unwrap();
+    let stranger = QuicTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        dirs.0.path(),
+        9,
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    stranger.set_peer(
+        target,
+        transports[ids.iter().position(|&i| i == target).unwrap()]
+            .local_addr()
+            .unwrap()
+            .to_string(),
+    );
+    let member = survivors
+        .iter()
+        .map(|n| n.id)
+        .find(|&i| i != target)
+        .unwrap();
+    for (claim, why) in [
+        (member, "a member its certificate does not name"),
+        (9, "itself, not a member"),
+    ] {
+        let vote = VoteRequest::new(Vote::new(99, claim), None);
+        let answer = Transport::vote(&stranger, target, vote).await;
+        assert!(answer.is_err(), "a vote for {why} got an answer");
+    }
+    let term = survivors[0].status().term;
+    assert!(term < 99, "no forged vote moved the term: {term}");
+
     for n in &survivors {
         n.shutdown().await;
     }

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use super::{ClusterError, ClusterNode, Forwarded, Reply, Transport, Unreached};
 use crate::TypeConfig;
 use crate::certs;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// Largest request or reply frame accepted (snapshots travel in chunks below this).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -137,9 +138,16 @@ impl QuicTransport {
                 let node = node.clone();
                 tasks.spawn(async move {
                     let Ok(conn) = incoming.await else { return };
+                    // The handshake checked the chain; which node it speaks for is checked
+                    // against each message's claim.
+                    let Some(cert) = peer_certificate(&conn) else {
+                        conn.close(1u32.into(), b"no certificate");
+                        return;
+                    };
+                    let cert = Arc::new(cert);
                     let mut streams = tokio::task::JoinSet::new();
                     while let Ok((send, recv)) = conn.accept_bi().await {
-                        streams.spawn(answer(node.clone(), send, recv));
+                        streams.spawn(answer(node.clone(), Arc::clone(&cert), send, recv));
                         while streams.try_join_next().is_some() {}
                     }
                 });
@@ -228,13 +236,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn answer(
+    node: ClusterNode,
+    cert: Arc<CertificateDer<'static>>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let Ok(frame) = recv.read_to_end(MAX_FRAME).await else {
         return;
     };
     let Ok(rpc) = decode(frame) else {
         return;
     };
+    if let Err(why) = may_speak_for(&node, &cert, &rpc) {
+        // No answer at all: an impostor learns nothing.
+        tracing::warn!("refused a peer's message: {why}");
+        let _ = send.reset(1u32.into());
+        return;
+    }
     let raft = node.raft();
     let reply = match rpc {
         Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
@@ -247,6 +266,54 @@ async fn answer(node: ClusterNode, mut send: quinn::SendStream, mut recv: quinn:
         let _ = send.finish();
         // Wait until the peer has the reply before the stream is dropped.
         let _ = send.stopped().await;
+    }
+}
+
+/// The certificate a peer presented (its chain was checked by the handshake).
+fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// Whether the peer whose certificate is `cert` may send `rpc`: the node the message speaks
+/// for (the leader of an append or a snapshot, the candidate of a vote, the proposer of a
+/// forwarded proposal) must be the one its certificate names, and a member of the cluster as
+/// this node knows it (a node taken out of the cluster is refused, whatever certificate it
+/// holds). Before this node knows any membership (a node waiting to join), the certificate's
+/// name alone is checked.
+fn may_speak_for(node: &ClusterNode, cert: &CertificateDer<'_>, rpc: &Rpc) -> Result<(), String> {
+    let claimed = match rpc {
+        Rpc::AppendEntries(r) => r.vote.leader_id().voted_for(),
+        Rpc::Vote(r) => r.vote.leader_id().voted_for(),
+        Rpc::InstallSnapshot(r) => r.vote.leader_id().voted_for(),
+        Rpc::Forward(Forwarded::Propose(p)) => Some(p.proposer),
+        // Membership changes: any member may ask the leader (the operator's request reached it).
+        Rpc::Forward(_) => None,
+    };
+    let names = |id: NodeId| {
+        let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+            return false;
+        };
+        ServerName::try_from(certs::node_name(id))
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    };
+    let membership = node.membership();
+    let members: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+    let member_named = || members.iter().copied().find(|id| names(*id));
+    match claimed {
+        Some(id) if !names(id) => Err(format!(
+            "a message for node {id} from a certificate that does not name it"
+        )),
+        Some(id) if !members.is_empty() && !members.contains(&id) => {
+            Err(format!("node {id} is not a member of this cluster"))
+        }
+        None if !members.is_empty() && member_named().is_none() => {
+            Err("a forwarded request from a certificate that names no member".into())
+        }
+        _ => Ok(()),
     }
 }
 
