@@ -232,10 +232,17 @@ pub enum TenantCommand {
     List,
 }
 
+/// How the CLI checks an `https://` admin API.
+pub struct Tls {
+    pub ca_cert: Option<PathBuf>,
+    pub tls_name: Option<String>,
+}
+
 pub async fn run(
     addr: String,
     token: Option<String>,
     token_file: PathBuf,
+    tls: Tls,
     command: AdminCommand,
 ) -> anyhow::Result<()> {
     let token = match token {
@@ -252,8 +259,30 @@ pub async fn run(
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .context("the admin token has characters not allowed in a header")?;
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .with_context(|| format!("{addr} is not a URL"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("{addr} is not a URL"))?;
+    if addr.starts_with("https://") {
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        match &tls.ca_cert {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+                config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            None => anyhow::bail!(
+                "an https:// admin address needs --ca-cert (the CA that signed its certificate)"
+            ),
+        }
+        if let Some(name) = &tls.tls_name {
+            config = config.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .context("the admin API's TLS settings")?;
+    } else if tls.ca_cert.is_some() {
+        anyhow::bail!("--ca-cert applies to an https:// admin address");
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {addr}"))?;

@@ -411,7 +411,17 @@ impl App {
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
-        let admin = tonic::transport::Server::builder()
+        let mut admin = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.admin_tls {
+            let identity = tonic::transport::Identity::from_pem(
+                &tls.cert_pem,
+                tls.key_pem.expose().as_bytes(),
+            );
+            admin = admin
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| AppError::Serve("admin", format!("TLS: {e}")))?;
+        }
+        let admin = admin
             .add_service(reflection(pb::ADMIN_DESCRIPTOR_SET)?)
             .add_service(pb::admin::admin_server::AdminServer::with_interceptor(
                 AdminService {

@@ -54,6 +54,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// The admin token from `admin.token_env`; `None`: `<data_dir>/admin.token`.
     pub admin_token: Option<Secret>,
+    /// The admin API's TLS identity (`None`: plain HTTP/2).
+    pub admin_tls: Option<AdminTls>,
     pub auth: AuthConfig,
     pub quota: QuotaConfig,
     /// JWT callers, when `[jwt]` is configured.
@@ -87,6 +89,19 @@ pub struct Config {
     pub vllm: Vec<meridian_actors::vllm::VllmGroup>,
     /// The GPU discovery command.
     pub nvidia_smi: String,
+}
+
+/// The certificate chain and key the admin API serves TLS with (PEM).
+#[derive(Clone)]
+pub struct AdminTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Secret,
+}
+
+impl std::fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminTls").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -60,6 +60,14 @@ enum Command {
         /// The node's token file, when --token is not given.
         #[arg(long, default_value = "./meridian-data/admin.token")]
         token_file: PathBuf,
+        /// The CA certificate that signed the admin API's TLS certificate (for an `https://`
+        /// address; the cluster's `ca.crt` when the node serves it with `tls_from_cluster`).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// The name the admin API's certificate must hold (default: the address's host; a
+        /// node's cluster certificate names `node-<id>.meridian`).
+        #[arg(long)]
+        tls_name: Option<String>,
         #[command(subcommand)]
         command: AdminCommand,
     },
@@ -186,8 +194,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             addr,
             token,
             token_file,
+            ca_cert,
+            tls_name,
             command,
-        } => admin_cli::run(addr, token, token_file, command).await,
+        } => {
+            let tls = admin_cli::Tls { ca_cert, tls_name };
+            admin_cli::run(addr, token, token_file, tls, command).await
+        }
         Command::Dev {
             command:
                 DevCommand::Cluster {

@@ -664,3 +664,98 @@ fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
         term.elapsed()
     );
 }
+
+/// The admin API over TLS: with certificate files, the CLI verifying them against the CA that
+/// signed them; a plain-text client gets nothing, a CLI without the CA is told what it needs,
+/// and a bad TLS setting is refused naming its field.
+#[test]
+fn the_admin_api_serves_tls_and_the_cli_verifies_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let ca_key = dir.path().join("ca.key");
+    meridian_cluster::certs::init_ca(&certs, &ca_key).expect("ca");
+    meridian_cluster::certs::issue(&certs, &ca_key, 1, &["127.0.0.1".into()]).expect("cert");
+    let file = dir.path().join("node.toml");
+    let config = |admin_tls: &str| {
+        format!(
+            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
+             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             token_env = \"TLS_TEST_ADMIN_TOKEN\"\n{admin_tls}\n[auth]\nenabled = false\n\
+             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
+            dir.path().join("data")
+        )
+    };
+    // Half a setting: refused, naming the field.
+    std::fs::write(
+        &file,
+        config(&format!("tls_cert = {:?}", certs.join("node-1.crt"))),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&file)
+        .env(
+            "TLS_TEST_ADMIN_TOKEN",
+            "tls-test-admin-token-0123456789abcdef",
+        )
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin.tls_key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        &file,
+        config(&format!(
+            "tls_cert = {:?}\ntls_key = {:?}",
+            certs.join("node-1.crt"),
+            certs.join("node-1.key")
+        )),
+    )
+    .expect("write");
+    let started = common::start(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env(
+                "TLS_TEST_ADMIN_TOKEN",
+                "tls-test-admin-token-0123456789abcdef",
+            )
+            .env_remove("OPENAI_API_KEY"),
+    );
+    let admin = started.addr("admin");
+    let mut child = started.child;
+    let cli = |addr: String, extra: &[&std::ffi::OsStr]| {
+        Command::new(BIN)
+            .args(["admin", "--addr", &addr])
+            .args(["--token", "tls-test-admin-token-0123456789abcdef"])
+            .args(extra)
+            .arg("status")
+            .output()
+            .expect("admin cli")
+    };
+    let ca = certs.join("ca.crt");
+    let ok = cli(
+        format!("https://{admin}"),
+        &["--ca-cert".as_ref(), ca.as_os_str()],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("node 1"));
+    let plain = cli(format!("http://{admin}"), &[]);
+    assert!(!plain.status.success(), "plain text is not served");
+    let unverified = cli(format!("https://{admin}"), &[]);
+    assert!(!unverified.status.success());
+    assert!(
+        String::from_utf8_lossy(&unverified.stderr).contains("--ca-cert"),
+        "{}",
+        String::from_utf8_lossy(&unverified.stderr)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

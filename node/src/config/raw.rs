@@ -128,6 +128,12 @@ pub struct RawAdmin {
     /// The environment variable holding the admin token; without it the node makes one in
     /// `<data_dir>/admin.token` on first start.
     pub token_env: Option<String>,
+    /// Serve the admin API over TLS with this certificate chain and key (PEM files) ...
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// ... or with the node's cluster certificate (`node-<id>.crt`/`.key` in
+    /// `cluster.certs_dir`), which operators verify against the cluster CA.
+    pub tls_from_cluster: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

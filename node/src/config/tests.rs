@@ -499,3 +499,25 @@ tensor_parallel_size = 2
     assert!(text.contains("GPU 1 is already given"), "{text}");
     assert!(text.contains("already used by http.listen"), "{text}");
 }
+
+#[test]
+fn admin_tls_settings_are_checked_field_by_field() {
+    let with = |admin: &str| {
+        let text = format!(
+            "[admin]\n{admin}\n[[providers]]\nid = \"d\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
+        );
+        load(Some(&text), &env(&[])).expect_err("invalid")
+    };
+    let err = with("tls_from_cluster = true");
+    assert_eq!(paths(&err), ["admin.tls_from_cluster"], "needs [cluster]");
+    let err = with("tls_from_cluster = true\ntls_cert = \"a\"\ntls_key = \"b\"");
+    assert_eq!(paths(&err), ["admin.tls_from_cluster"], "one or the other");
+    let err = with("tls_key = \"b\"");
+    assert_eq!(paths(&err), ["admin.tls_cert"]);
+    let err = with("tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"");
+    assert_eq!(
+        paths(&err),
+        ["admin.tls_cert", "admin.tls_key"],
+        "unreadable files"
+    );
+}

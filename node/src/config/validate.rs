@@ -288,6 +288,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             }
         },
     };
+    let admin_tls = admin_tls(&mut e, &raw.admin, cluster.as_ref(), node.id);
     let mut quota = QuotaConfig::default();
     let quota_duration = |e: &mut Errors, field: &str, v: Option<&String>, into: &mut Duration| {
         if let Some(v) = v {
@@ -746,6 +747,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         grpc_listen,
         admin_listen,
         admin_token,
+        admin_tls,
         auth,
         quota,
         jwt,
@@ -827,4 +829,73 @@ fn host_port(text: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
     (name_ok && port.parse::<u16>().is_ok_and(|p| p > 0)).then(|| text.to_owned())
+}
+
+/// The admin API's TLS identity: from `tls_cert` and `tls_key`, or the node's cluster
+/// certificate (`tls_from_cluster`); read now, so that a missing or unreadable file is named.
+fn admin_tls(
+    e: &mut Errors,
+    raw: &RawAdmin,
+    cluster: Option<&ClusterPeers>,
+    node_id: u64,
+) -> Option<AdminTls> {
+    let read = |e: &mut Errors, field: &str, path: &std::path::Path| match std::fs::read(path) {
+        Ok(bytes) if !bytes.is_empty() => Some(bytes),
+        Ok(_) => {
+            e.push(field, format!("{} is empty", path.display()));
+            None
+        }
+        Err(err) => {
+            e.push(field, format!("cannot read {}: {err}", path.display()));
+            None
+        }
+    };
+    let from_cluster = raw.tls_from_cluster.unwrap_or(false);
+    let (cert, key) = match (&raw.tls_cert, &raw.tls_key, from_cluster) {
+        (None, None, false) => return None,
+        (Some(c), Some(k), false) => (
+            read(e, "admin.tls_cert", std::path::Path::new(c)),
+            read(e, "admin.tls_key", std::path::Path::new(k)),
+        ),
+        (None, None, true) => {
+            let Some(c) = cluster else {
+                e.push(
+                    "admin.tls_from_cluster",
+                    "needs [cluster] (its certs_dir holds the node's certificate)",
+                );
+                return None;
+            };
+            (
+                read(
+                    e,
+                    "admin.tls_from_cluster",
+                    &c.certs_dir.join(format!("node-{node_id}.crt")),
+                ),
+                read(
+                    e,
+                    "admin.tls_from_cluster",
+                    &c.certs_dir.join(format!("node-{node_id}.key")),
+                ),
+            )
+        }
+        (_, _, true) => {
+            e.push(
+                "admin.tls_from_cluster",
+                "takes the place of tls_cert and tls_key: set one or the other",
+            );
+            return None;
+        }
+        (Some(_), None, false) => {
+            e.push("admin.tls_key", "is required with tls_cert");
+            return None;
+        }
+        (None, Some(_), false) => {
+            e.push("admin.tls_cert", "is required with tls_key");
+            return None;
+        }
+    };
+    Some(AdminTls {
+        cert_pem: cert?,
+        key_pem: Secret(String::from_utf8_lossy(&key?).into_owned()),
+    })
 }
