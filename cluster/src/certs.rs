@@ -91,6 +91,24 @@ fn ca_params() -> Result<CertificateParams, CertError> {
     Ok(params)
 }
 
+/// The SHA-256 (hex) of a certificate's DER encoding: what a revocation names.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The fingerprint of the first certificate in the PEM file `path`.
+pub fn fingerprint_file(path: &Path) -> Result<String, CertError> {
+    let cert = CertificateDer::from_pem_file(path).map_err(|e| CertError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    Ok(fingerprint(&cert))
+}
+
 /// Where the CA key of the certs directory `dir` is kept unless told otherwise: beside the
 /// directory, not in it (`./meridian-certs` → `./meridian-certs-ca.key`).
 pub fn ca_key_beside(dir: &Path) -> PathBuf {

@@ -196,6 +196,65 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     let term = survivors[0].status().term;
     assert!(term < 99, "no forged vote moved the term: {term}");
 
+    // A second certificate of a member (an old or stolen one) is answered like the member's
+    // own until it is revoked; then it is refused, and the member goes on with its own.
+    let second = tempfile::tempdir().unwrap();
+    std::fs::copy(dirs.0.path().join("ca.crt"), second.path().join("ca.crt")).unwrap();
+    certs::issue(
+        second.path(),
+        &dirs.0.path().join("issuer/ca.key"),
+        member,
+        &[],
+    )
+    .unwrap();
+    let twin = QuicTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        second.path(),
+        member,
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    twin.set_peer(
+        target,
+        transports[ids.iter().position(|&i| i == target).unwrap()]
+            .local_addr()
+            .unwrap()
+            .to_string(),
+    );
+    // A stale term: answered (and refused) without changing anything.
+    let stale = || VoteRequest::new(Vote::new(0, member), None);
+    assert!(
+        Transport::vote(&twin, target, stale()).await.is_ok(),
+        "a member's certificate is answered"
+    );
+    let fingerprint =
+        certs::fingerprint_file(&second.path().join(format!("node-{member}.crt"))).unwrap();
+    assert_eq!(
+        survivors[0]
+            .propose(Command::RevokeCertificate {
+                fingerprint: fingerprint.clone(),
+                node: member,
+            })
+            .await
+            .unwrap(),
+        Applied::Changed
+    );
+    wait_until("the revocation applied", Duration::from_secs(5), || {
+        survivors
+            .iter()
+            .all(|n| n.state().borrow().revoked_certs.contains_key(&fingerprint))
+    })
+    .await;
+    assert!(
+        Transport::vote(&twin, target, stale()).await.is_err(),
+        "a revoked certificate gets no answer"
+    );
+    assert_eq!(
+        survivors[0].propose(common::member(44)).await.unwrap(),
+        Applied::Changed,
+        "the member itself goes on"
+    );
+
     for n in &survivors {
         n.shutdown().await;
     }

@@ -170,12 +170,13 @@ impl Admin for AdminService {
             "breakers" => page(page_of(&state.breakers, &r.prefix, &r.after, limit)?)?,
             "usage" => page(page_of(&state.usage, &r.prefix, &r.after, limit)?)?,
             "alerts" => page(page_of(&state.alerts, &r.prefix, &r.after, limit)?)?,
+            "revoked_certs" => page(page_of(&state.revoked_certs, &r.prefix, &r.after, limit)?)?,
             "applied_seq" => page(page_of(&state.applied_seq, &r.prefix, &r.after, limit)?)?,
             other => {
                 return Err(field(
                     "section",
                     &format!(
-                        "{other:?} is not one of members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts, applied_seq"
+                        "{other:?} is not one of members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts, revoked_certs, applied_seq"
                     ),
                 ));
             }
@@ -262,6 +263,29 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ChangeResponse>, Status> {
         let id = req.into_inner().node_id;
         changed(self.cluster.remove(id).await, || format!("node {id}"))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        req: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let r = req.into_inner();
+        let fingerprint = r.fingerprint_sha256.to_ascii_lowercase();
+        if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(field(
+                "fingerprint_sha256",
+                "must be the 64 hex digits of a SHA-256",
+            ));
+        }
+        changed(
+            self.cluster
+                .propose(Command::RevokeCertificate {
+                    fingerprint: fingerprint.clone(),
+                    node: r.node_id,
+                })
+                .await,
+            || format!("certificate {fingerprint}"),
+        )
     }
 
     async fn put_tier(

@@ -127,7 +127,8 @@ pub enum ClusterCommand {
     /// The node's applied replicated state: a summary (record counts, members, tiers,
     /// providers, breakers), or one section's records as JSON, one page per line.
     State {
-        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts, applied_seq.
+        /// members, providers, tiers, tenants, api_keys, ledger, breakers, usage, alerts,
+        /// revoked_certs, applied_seq.
         section: Option<String>,
         /// Only records whose key starts with this, e.g. "tenant/acme/" in the ledger.
         #[arg(long, default_value = "")]
@@ -148,6 +149,14 @@ pub enum ClusterCommand {
     Promote { node: u64 },
     /// Take a voter or learner out of the cluster.
     Remove { node: u64 },
+    /// Refuse the cluster certificate in the PEM file CERT on every node from now on (a node's
+    /// old or stolen certificate; the node may stay a member with a new one).
+    RevokeCert {
+        cert: PathBuf,
+        /// The node it was issued to.
+        #[arg(long)]
+        node: u64,
+    },
 }
 
 /// Limits as command-line flags (unset: no limit on a tier, the tier's on a tenant).
@@ -446,6 +455,20 @@ pub async fn run(
                     .remove_member(admin_pb::RemoveMemberRequest { node_id: node })
                     .await?;
                 print_change(r.into_inner(), &format!("node {node} removed"));
+            }
+            ClusterCommand::RevokeCert { cert, node } => {
+                let fingerprint = meridian_cluster::certs::fingerprint_file(&cert)
+                    .with_context(|| format!("cannot read the certificate {}", cert.display()))?;
+                let r = client
+                    .revoke_certificate(admin_pb::RevokeCertificateRequest {
+                        fingerprint_sha256: fingerprint.clone(),
+                        node_id: node,
+                    })
+                    .await?;
+                print_change(
+                    r.into_inner(),
+                    &format!("certificate {fingerprint} of node {node} revoked"),
+                );
             }
         },
         AdminCommand::Tier {

@@ -62,6 +62,13 @@ pub enum Command {
     RevokeApiKey {
         id: String,
     },
+    /// Refuses, from now on, the cluster certificate whose DER encoding hashes (SHA-256, hex) to
+    /// `fingerprint` — a node's old or stolen certificate — while its node id may stay a
+    /// member with another one. Never undone.
+    RevokeCertificate {
+        fingerprint: String,
+        node: NodeId,
+    },
     /// Asks for a slice of a quota window's remaining budget for `node`; answered with
     /// [`Applied::Granted`]. What the node's previous grant on this key still promised stays
     /// with it (the node goes on charging against it until it hears the answer); the new slice
@@ -621,6 +628,15 @@ pub struct ClusterState {
     pub alerts: Table<String, SpendAlert>,
     /// Where the ledger sweep stopped (see [`ClusterState::sweep_ledger`]).
     pub ledger_sweep_after: std::sync::Arc<str>,
+    /// Cluster certificates refused by every node, by the SHA-256 of their DER encoding (hex).
+    pub revoked_certs: Table<String, RevokedCert>,
+}
+
+/// A revoked cluster certificate: the node it was issued to, and when it was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RevokedCert {
+    pub node: NodeId,
+    pub revoked_at_unix_ms: u64,
 }
 
 /// Ledger entries each applied entry looks at for removal.

@@ -240,6 +240,15 @@ impl Harness {
     }
 
     /// Node `id`'s data directory.
+    /// The cluster's certs directory (its CA key is beside it, [`Self::ca_key`]).
+    pub fn pki(&self) -> &Path {
+        &self.pki
+    }
+
+    pub fn ca_key(&self) -> PathBuf {
+        meridian_cluster::certs::ca_key_beside(&self.pki)
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.tmp.path().join(format!("node-{id}"))
     }

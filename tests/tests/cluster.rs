@@ -1372,3 +1372,41 @@ async fn first_start_secrets_are_not_printed_where_a_log_would_keep_them() {
     let _ = child.wait();
     assert_eq!(status, 200, "the key in the file works");
 }
+
+/// `meridian admin cluster revoke-cert`: a second certificate of node 2 (an old or stolen one)
+/// is revoked through one node and every node holds the revocation (the transport then refuses
+/// it: `cluster/tests/quic_cluster.rs`); node 2 itself goes on.
+#[tokio::test]
+async fn a_certificate_revoked_through_one_node_is_revoked_on_every_node() {
+    let mut h = Harness::new(30);
+    let ids = [1, 2, 3];
+    let leader = h.boot(&ids).await;
+    let other = tempfile::tempdir().unwrap();
+    meridian_cluster::certs::issue(other.path(), &h.ca_key(), 2, &[]).unwrap();
+    let cert = other.path().join("node-2.crt");
+    let fingerprint = meridian_cluster::certs::fingerprint_file(&cert).unwrap();
+    let said = h.cli(
+        leader,
+        &[
+            "cluster",
+            "revoke-cert",
+            cert.to_str().unwrap(),
+            "--node",
+            "2",
+        ],
+    );
+    assert!(said.contains(&fingerprint), "{said}");
+    for id in ids {
+        let mut found = false;
+        for _ in 0..50 {
+            let state = h.cli(id, &["cluster", "state", "revoked_certs"]);
+            if state.contains(&fingerprint) {
+                found = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(found, "node {id} does not hold the revocation");
+    }
+    h.put_tier(2).await.expect("node 2 still writes");
+}

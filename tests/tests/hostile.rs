@@ -665,6 +665,17 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
         other => failures.push(format!("admin: key for nobody: {:?}", other.map(|_| ()))),
     }
+    classes.push("admin: a revocation of something that is not a fingerprint");
+    match admin
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            fingerprint_sha256: "not-a-sha256".into(),
+            node_id: 2,
+        })
+        .await
+    {
+        Err(s) if s.code() == Code::InvalidArgument => {}
+        other => failures.push(format!("admin: bad fingerprint: {:?}", other.map(|_| ()))),
+    }
     classes.push("admin: an unknown state section");
     match admin
         .cluster_state(pb::ClusterStateRequest {

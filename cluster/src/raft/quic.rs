@@ -144,7 +144,10 @@ impl QuicTransport {
                         conn.close(1u32.into(), b"no certificate");
                         return;
                     };
-                    let cert = Arc::new(cert);
+                    let cert = Arc::new(Peer {
+                        fingerprint: certs::fingerprint(&cert),
+                        cert,
+                    });
                     let mut streams = tokio::task::JoinSet::new();
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         streams.spawn(answer(node.clone(), Arc::clone(&cert), send, recv));
@@ -238,7 +241,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn answer(
     node: ClusterNode,
-    cert: Arc<CertificateDer<'static>>,
+    cert: Arc<Peer>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -269,6 +272,12 @@ async fn answer(
     }
 }
 
+/// A connected peer's certificate, and its fingerprint (what a revocation names).
+struct Peer {
+    cert: CertificateDer<'static>,
+    fingerprint: String,
+}
+
 /// The certificate a peer presented (its chain was checked by the handshake).
 fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     conn.peer_identity()?
@@ -282,9 +291,10 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
 /// for (the leader of an append or a snapshot, the candidate of a vote, the proposer of a
 /// forwarded proposal) must be the one its certificate names, and a member of the cluster as
 /// this node knows it (a node taken out of the cluster is refused, whatever certificate it
-/// holds). Before this node knows any membership (a node waiting to join), the certificate's
-/// name alone is checked.
-fn may_speak_for(node: &ClusterNode, cert: &CertificateDer<'_>, rpc: &Rpc) -> Result<(), String> {
+/// holds), and the certificate must not be revoked. Before this node knows any membership (a
+/// node waiting to join), the certificate's name alone is checked.
+fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), String> {
+    let cert = &peer.cert;
     let claimed = match rpc {
         Rpc::AppendEntries(r) => r.vote.leader_id().voted_for(),
         Rpc::Vote(r) => r.vote.leader_id().voted_for(),
@@ -300,6 +310,14 @@ fn may_speak_for(node: &ClusterNode, cert: &CertificateDer<'_>, rpc: &Rpc) -> Re
         ServerName::try_from(certs::node_name(id))
             .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
     };
+    if node
+        .state()
+        .borrow()
+        .revoked_certs
+        .contains_key(&peer.fingerprint)
+    {
+        return Err("a revoked certificate".into());
+    }
     let membership = node.membership();
     let members: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
     let member_named = || members.iter().copied().find(|id| names(*id));

@@ -144,6 +144,19 @@ impl ClusterState {
                 self.api_keys.insert(key.id.clone(), key);
                 Applied::Changed
             }
+            Command::RevokeCertificate { fingerprint, node } => {
+                if self.revoked_certs.contains_key(fingerprint) {
+                    return Applied::Unchanged;
+                }
+                self.revoked_certs.insert(
+                    fingerprint.clone(),
+                    RevokedCert {
+                        node: *node,
+                        revoked_at_unix_ms: at,
+                    },
+                );
+                Applied::Changed
+            }
             Command::RevokeApiKey { id } => match self.api_keys.get_mut(id) {
                 Some(k) if k.revoked_at_unix_ms.is_some() => Applied::Unchanged,
                 Some(k) => {
