@@ -18,9 +18,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use meridian_proto::cluster::NodeId;
@@ -194,11 +196,24 @@ pub fn issue(dir: &Path, ca_key: &Path, id: NodeId, hosts: &[String]) -> Result<
     write_new(&dir.join(format!("node-{id}.crt")), &cert.pem(), 0o644)
 }
 
+/// Whether a certificate, by its fingerprint ([`fingerprint`]), is revoked.
+pub type Revoked = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Node `id`'s mutual-TLS configs: the server side requires a client certificate from the
 /// cluster CA; the client side presents this node's certificate and trusts only the cluster CA.
 pub fn mtls_configs(
     dir: &Path,
     id: NodeId,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), CertError> {
+    mtls_configs_refusing(dir, id, Arc::new(|_: &str| false))
+}
+
+/// [`mtls_configs`] whose server side also refuses, in the handshake, a client certificate
+/// `revoked` names.
+pub fn mtls_configs_refusing(
+    dir: &Path,
+    id: NodeId,
+    revoked: Revoked,
 ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), CertError> {
     let ca_path = dir.join("ca.crt");
     let ca =
@@ -227,6 +242,10 @@ pub fn mtls_configs(
     let verifier = WebPkiClientVerifier::builder(Arc::clone(&roots))
         .build()
         .map_err(|e| CertError::Tls(e.to_string()))?;
+    let verifier = Arc::new(RefusingRevoked {
+        inner: verifier,
+        revoked,
+    });
     let server = ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key()?)
@@ -236,6 +255,61 @@ pub fn mtls_configs(
         .with_client_auth_cert(chain, key()?)
         .map_err(|e| CertError::Tls(e.to_string()))?;
     Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// The cluster CA's client-certificate check, refusing revoked certificates first.
+struct RefusingRevoked {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl std::fmt::Debug for RefusingRevoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusingRevoked").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for RefusingRevoked {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if (self.revoked)(&fingerprint(end_entity)) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The name a client verifies when it connects to node `id`.

@@ -13,6 +13,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// client got the server's byte back.
 async fn handshake(dir: &Path, server_id: u64, client: Arc<rustls::ClientConfig>) -> bool {
     let (server_cfg, _) = certs::mtls_configs(dir, server_id).unwrap();
+    handshake_with(server_cfg, server_id, client).await
+}
+
+async fn handshake_with(
+    server_cfg: Arc<rustls::ServerConfig>,
+    server_id: u64,
+    client: Arc<rustls::ClientConfig>,
+) -> bool {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -95,5 +103,22 @@ async fn nodes_of_one_cluster_authenticate_each_other_and_strangers_are_refused(
     assert!(
         !handshake(dir.path(), 1, Arc::new(anonymous)).await,
         "no certificate, no entry"
+    );
+
+    // A revoked certificate of the cluster's own CA is refused in the handshake.
+    let revoked = certs::fingerprint_file(&dir.path().join("node-2.crt")).unwrap();
+    let (refusing, _) =
+        certs::mtls_configs_refusing(dir.path(), 1, Arc::new(move |fp: &str| fp == revoked))
+            .unwrap();
+    let (_, node2) = certs::mtls_configs(dir.path(), 2).unwrap();
+    assert!(
+        !handshake_with(Arc::clone(&refusing), 1, node2).await,
+        "a revoked certificate is refused"
+    );
+    certs::issue(dir.path(), &dir.path().join("issuer/ca.key"), 3, &[]).unwrap();
+    let (_, node3) = certs::mtls_configs(dir.path(), 3).unwrap();
+    assert!(
+        handshake_with(refusing, 1, node3).await,
+        "one that is not revoked still connects"
     );
 }

@@ -821,8 +821,18 @@ async fn start_mesh(
     gateway: &Gateway,
 ) -> Result<Mesh, AppError> {
     let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("actor mesh: {e}"));
+    // A certificate revoked in the replicated state is refused in the mesh's handshake.
+    let revoked: certs::Revoked = {
+        let gateway = gateway.clone();
+        Arc::new(move |fp: &str| {
+            gateway
+                .cluster_state()
+                .is_some_and(|s| s.revoked_certs.contains_key(fp))
+        })
+    };
     let (server_tls, client_tls) =
-        certs::mtls_configs(&peers.certs_dir, config.node.id).map_err(|e| failed(&e))?;
+        certs::mtls_configs_refusing(&peers.certs_dir, config.node.id, revoked)
+            .map_err(|e| failed(&e))?;
     let cookie = match &peers.mesh_cookie {
         Some(c) => c.expose().to_owned(),
         None => {
