@@ -8,37 +8,29 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use futures::future::BoxFuture;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use meridian_actors::auth;
-use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
-use meridian_actors::replicated::{ProposeError, Proposer, Replicated};
+use meridian_actors::replicated::Replicated;
 use meridian_actors::vllm::supervisor::Vllm;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
-use meridian_cluster::certs;
-use meridian_cluster::raft::quic::QuicTransport;
-use meridian_cluster::raft::{ClusterError, ClusterNode, NoPeers};
+use meridian_cluster::raft::ClusterNode;
 use meridian_policy::clock::WallClock;
 
 use crate::calls::{CallsError, Origin, SqliteCalls};
-use meridian_proto::cluster::{ApiKeyRecord, Applied, Command, Member, Tenant, Tier};
+use meridian_proto::cluster::{ApiKeyRecord, Command, Tenant, Tier};
 use meridian_proto::pb;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
-use crate::config::{ClusterPeers, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::grpc::InferenceService;
 use crate::http::{self, HttpState};
 
 /// Most concurrent HTTP/2 streams per connection (a bound against rapid-reset floods).
-const H2_MAX_STREAMS: u32 = 100;
+pub(crate) const H2_MAX_STREAMS: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -81,7 +73,7 @@ pub struct App {
     /// The call records' OTLP exporter (`None`: not configured).
     calls_otlp: Option<Arc<crate::otlp::OtlpCalls>>,
     /// The QUIC endpoint, the actor mesh, and the tasks that serve them (multi-node only).
-    peering: Option<Peering>,
+    peering: Option<crate::peering::Peering>,
     /// The spend alert task (it acts while this node leads), and what it did.
     alerts: (tokio::task::JoinHandle<()>, Arc<crate::alerts::AlertCounts>),
     http: TcpListener,
@@ -120,7 +112,7 @@ impl App {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let (cluster, quic) =
-            start_cluster(&config, http.local_addr().ok(), started_unix_ms).await?;
+            crate::peering::start_cluster(&config, http.local_addr().ok(), started_unix_ms).await?;
         let commit_latency = crate::metrics::commit_histogram();
         let traces = match &config.traces {
             Some(target) => Some(crate::traces::Traces::start(
@@ -189,7 +181,7 @@ impl App {
             cluster: Some(Replicated {
                 node_id: config.node.id,
                 state: cluster.state(),
-                proposer: Arc::new(RaftProposer {
+                proposer: Arc::new(crate::peering::RaftProposer {
                     cluster: cluster.clone(),
                     took: commit_latency.clone(),
                 }),
@@ -220,13 +212,13 @@ impl App {
         .map_err(|e| AppError::Actors(e.to_string()))?;
         let peering = match (quic, &config.cluster) {
             (Some((transport, mut tasks)), Some(peers)) => {
-                let mesh = Arc::new(start_mesh(&config, peers, &gateway).await?);
-                tasks.push(tokio::spawn(keep_mesh_connected(
+                let mesh = Arc::new(crate::peering::start_mesh(&config, peers, &gateway).await?);
+                tasks.push(tokio::spawn(crate::peering::keep_mesh_connected(
                     Arc::clone(&mesh),
                     cluster.clone(),
                     config.node.id,
                 )));
-                Some(Peering {
+                Some(crate::peering::Peering {
                     transport,
                     mesh,
                     tasks,
@@ -478,7 +470,7 @@ impl App {
             },
             self.config.http.max_body_bytes,
         );
-        let http = serve_http(
+        let http = crate::listener::serve_http(
             self.http,
             router,
             self.config.http.header_read_timeout,
@@ -674,379 +666,4 @@ async fn bootstrap_dev_key(cluster: &ClusterNode) -> Result<Option<String>, AppE
         .await
         .map_err(|e| failed(&e))?;
     Ok(Some(key.secret))
-}
-
-/// The QUIC endpoint and its tasks, before the mesh joins them.
-type Quic = Option<(Arc<QuicTransport>, Vec<JoinHandle<()>>)>;
-
-/// A multi-node member's links to its peers.
-struct Peering {
-    transport: Arc<QuicTransport>,
-    mesh: Arc<Mesh>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-/// Starts this node's Raft member on its data directory.
-///
-/// Alone (no `cluster.peers`): it initializes a single-voter cluster on first start, waits to
-/// lead, and records itself in the member table before serving.
-///
-/// With peers: it talks QUIC with mutual TLS, every node initializes the same initial voter set
-/// (openraft accepts that), and the node serves at once. A task records it in the member table
-/// as soon as some leader accepts the write.
-///
-/// Joining (`cluster.join`): it initializes nothing and waits for an operator to add it as a
-/// learner (`meridian admin cluster add-learner`); it records itself once it is in.
-async fn start_cluster(
-    config: &Config,
-    http_addr: Option<SocketAddr>,
-    started_unix_ms: u64,
-) -> Result<(ClusterNode, Quic), AppError> {
-    let node = &config.node;
-    let failed = |e: &dyn std::fmt::Display| {
-        AppError::Cluster(format!("in {}: {e}", node.data_dir.display()))
-    };
-    let dir = node.data_dir.join("raft");
-    let mut me = Member {
-        id: node.id,
-        region: node.region.clone(),
-        raft_addr: String::new(),
-        http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
-        mesh_addr: String::new(),
-        started_unix_ms,
-    };
-    let Some(peers) = &config.cluster else {
-        let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))
-            .await
-            .map_err(|e| failed(&e))?;
-        cluster
-            .initialize(&[(node.id, String::new())])
-            .await
-            .map_err(|e| failed(&e))?;
-        cluster
-            .wait_for_leader(
-                node.id,
-                config.raft.election_max * 5 + Duration::from_secs(5),
-            )
-            .await
-            .map_err(|_| {
-                AppError::Cluster(format!(
-                    "node {} did not become leader of its single-node cluster",
-                    node.id
-                ))
-            })?;
-        cluster
-            .propose(Command::UpsertMember(me))
-            .await
-            .map_err(|e| failed(&e))?;
-        return Ok((cluster, None));
-    };
-    if peers
-        .certs_dir
-        .join(meridian_cluster::certs::CA_KEY_IN_CERTS_DIR)
-        .exists()
-    {
-        tracing::warn!(
-            certs_dir = %peers.certs_dir.display(),
-            "the cluster CA's private key is in this node's certs directory: whoever reads this \
-             node can mint a certificate for any node id. Move it off the nodes (`meridian \
-             certs` keeps it apart, beside the directory)"
-        );
-    }
-    let transport = QuicTransport::bind(
-        peers.listen,
-        &peers.certs_dir,
-        node.id,
-        config.raft.election_min,
-    )
-    .map_err(|e| failed(&e))?;
-    for (id, addr) in &peers.peers {
-        transport.set_peer(*id, addr.clone());
-    }
-    me.raft_addr = peers.advertise.clone();
-    me.mesh_addr = peers.mesh_advertise.clone();
-    let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
-        .await
-        .map_err(|e| failed(&e))?;
-    let server = transport.serve(cluster.clone());
-    if !peers.join {
-        let mut voters: Vec<(u64, String)> = peers
-            .peers
-            .iter()
-            .map(|(id, addr)| (*id, addr.clone()))
-            .collect();
-        voters.push((node.id, me.raft_addr.clone()));
-        cluster.initialize(&voters).await.map_err(|e| failed(&e))?;
-    }
-    let register = tokio::spawn({
-        let cluster = cluster.clone();
-        async move {
-            while let Err(e) = cluster.propose(Command::UpsertMember(me.clone())).await {
-                tracing::debug!(error = %e, "registering this node in the member table; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    });
-    Ok((cluster, Some((transport, vec![server, register]))))
-}
-
-/// The actors' proposer: the node's Raft member.
-struct RaftProposer {
-    cluster: ClusterNode,
-    /// How long each proposal took to be committed and applied here (`/metrics`).
-    took: Histogram,
-}
-
-impl Proposer for RaftProposer {
-    fn propose(&self, command: Command) -> BoxFuture<'static, Result<Applied, ProposeError>> {
-        let (cluster, took) = (self.cluster.clone(), self.took.clone());
-        Box::pin(async move {
-            let started = Instant::now();
-            let applied = cluster.propose(command).await;
-            if applied.is_ok() {
-                took.observe(started.elapsed().as_secs_f64());
-            }
-            applied.map_err(|e| match e {
-                ClusterError::Rejected(why) => ProposeError::Refused(why),
-                other => ProposeError::Unavailable(other.to_string()),
-            })
-        })
-    }
-}
-
-/// Joins the actor mesh on `cluster.mesh_listen`, with the node's cluster certificates.
-async fn start_mesh(
-    config: &Config,
-    peers: &ClusterPeers,
-    gateway: &Gateway,
-) -> Result<Mesh, AppError> {
-    let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("actor mesh: {e}"));
-    // A certificate revoked in the replicated state is refused in the mesh's handshake.
-    let revoked: certs::Revoked = {
-        let gateway = gateway.clone();
-        Arc::new(move |fp: &str| {
-            gateway
-                .cluster_state()
-                .is_some_and(|s| s.revoked_certs.contains_key(fp))
-        })
-    };
-    let (server_tls, client_tls) =
-        certs::mtls_configs_refusing(&peers.certs_dir, config.node.id, revoked)
-            .map_err(|e| failed(&e))?;
-    let cookie = match &peers.mesh_cookie {
-        Some(c) => c.expose().to_owned(),
-        None => {
-            // Not a secret (anyone with the CA certificate can compute it): mutual TLS is what
-            // keeps strangers out; `cluster.mesh_cookie_env` adds a real shared secret.
-            let ca = std::fs::read(peers.certs_dir.join("ca.crt")).map_err(|e| failed(&e))?;
-            meridian_actors::auth::sha256_hex(&ca)
-        }
-    };
-    Mesh::start(
-        MeshConfig {
-            node_id: config.node.id,
-            region: config.node.region.clone(),
-            listen: peers.mesh_listen,
-            cookie,
-            server_tls,
-            client_tls,
-        },
-        gateway.registry().clone(),
-    )
-    .await
-    .map_err(|e| failed(&e))
-}
-
-/// Keeps a mesh session to every member in the replicated member table. Each pair is dialled
-/// by its lower id only, so two nodes never race to open duplicate sessions.
-async fn keep_mesh_connected(mesh: Arc<Mesh>, cluster: ClusterNode, me: u64) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let connected: Vec<u64> = mesh
-            .connected()
-            .await
-            .iter()
-            .filter_map(|n| peer_id(n))
-            .collect();
-        let peers: Vec<(u64, String)> = cluster
-            .state()
-            .borrow()
-            .members
-            .values()
-            .filter(|m| m.id > me && !m.mesh_addr.is_empty())
-            .map(|m| (m.id, m.mesh_addr.clone()))
-            .collect();
-        for (id, addr) in peers {
-            if connected.contains(&id) {
-                continue;
-            }
-            // A name is resolved each time (a restarted pod has a new address); each address
-            // it resolves to is tried in turn.
-            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr.as_str())
-                .await
-                .map(Iterator::collect)
-                .unwrap_or_default();
-            let (false, Ok(name)) = (resolved.is_empty(), certs::server_name(id)) else {
-                tracing::warn!(node = id, %addr, "member has an unusable mesh address");
-                continue;
-            };
-            for to in resolved {
-                match mesh.connect(id, to, name.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => tracing::debug!(error = %e, "mesh: dialling a peer failed; retrying"),
-                }
-            }
-        }
-    }
-}
-
-/// How long a connection taken just before a stop has to send its first bytes before it is
-/// shut down: hyper drops a connection that has not yet read enough to tell HTTP/1 from HTTP/2
-/// without an answer, which for a client that connected in that instant is a reset request.
-const FIRST_BYTES_GRACE: Duration = Duration::from_secs(1);
-
-/// The HTTP accept loop: hyper with an explicit timer, so the HTTP/1 header-read timeout
-/// (slow-loris guard) is actually armed. At a stop, every connection is shut down gracefully —
-/// in-flight requests finish, HTTP/1 closes after its current response, HTTP/2 sends `GOAWAY` —
-/// once it is [`FIRST_BYTES_GRACE`] old; the connections the kernel completed before the
-/// listener closes are taken and answered too, rather than reset by the close (a request after
-/// the drain began gets a 503 `node_draining` with `Retry-After`). One that completes between
-/// the last accept and the close is still reset: nothing closes a listener atomically.
-async fn serve_http(
-    listener: TcpListener,
-    router: Router,
-    header_read_timeout: Duration,
-    limits: Arc<crate::conns::ConnLimits>,
-    stop: impl Future<Output = ()>,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS);
-    let (stopping, stopped) = watch::channel(false);
-    // Every connection task is tracked here and reaped as it ends.
-    let mut connections = JoinSet::new();
-    let serve = |connections: &mut JoinSet<()>, stream: tokio::net::TcpStream, peer: SocketAddr| {
-        let admitted = match limits.admit(peer.ip()) {
-            Ok(admitted) => admitted,
-            Err(limit) => return limits.refuse(stream, limit),
-        };
-        let accepted = tokio::time::Instant::now();
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let mut stopped = stopped.clone();
-        connections.spawn(async move {
-            let _admitted = admitted;
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stopped.wait_for(|s| *s) => {}
-            }
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = tokio::time::sleep_until(accepted + FIRST_BYTES_GRACE) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        });
-    };
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(&mut connections, stream, peer),
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = &mut stop => break,
-        }
-    }
-    let _ = stopping.send(true);
-    // Taken with accept(2) itself until it would block: the runtime's readiness for the listener
-    // may not have caught up with connections the kernel has already completed.
-    match listener.into_std() {
-        Ok(listener) => loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let stream = stream
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::TcpStream::from_std(stream));
-                    match stream {
-                        Ok(stream) => serve(&mut connections, stream, peer),
-                        Err(e) => tracing::warn!(error = %e, "a connection taken at the stop"),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed at the stop");
-                    break;
-                }
-            }
-        },
-        Err(e) => tracing::warn!(error = %e, "the listener could not be drained at the stop"),
-    }
-    while connections.join_next().await.is_some() {}
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::{Read, Write};
-
-    use super::*;
-
-    /// Connections that reached the listener before a stop — one the kernel had queued with its
-    /// request already sent, one whose client writes a moment after the stop — are answered,
-    /// not reset by the listener's close or dropped before their first bytes are read.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_made_before_a_stop_are_answered() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let router = Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
-        let request = "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        // Queued by the kernel before the server takes anything: the request already sent.
-        let mut sent = std::net::TcpStream::connect(addr).expect("connect");
-        sent.write_all(request.as_bytes()).expect("write");
-        // Queued too, its request sent only after the stop.
-        let late = std::net::TcpStream::connect(addr).expect("connect");
-        let writer = std::thread::spawn(move || {
-            let mut late = late;
-            std::thread::sleep(Duration::from_millis(300));
-            late.write_all(request.as_bytes()).expect("write");
-            let mut answer = String::new();
-            let _ = late.read_to_string(&mut answer);
-            answer
-        });
-        // The stop has already come when the accept loop starts.
-        let limits = crate::conns::ConnLimits::new(100, 100);
-        serve_http(listener, router, Duration::from_secs(10), limits, async {}).await;
-        let mut answer = String::new();
-        let _ = sent.read_to_string(&mut answer);
-        assert!(
-            answer.starts_with("HTTP/1.1 200") && answer.ends_with("pong"),
-            "the queued request: {answer:?}"
-        );
-        let answer = writer.join().expect("late client");
-        assert!(
-            answer.starts_with("HTTP/1.1 200") && answer.ends_with("pong"),
-            "the request sent after the stop: {answer:?}"
-        );
-        assert!(
-            std::net::TcpStream::connect(addr).is_err(),
-            "the listener is closed"
-        );
-    }
 }
