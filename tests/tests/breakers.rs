@@ -288,3 +288,72 @@ async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
     .await
     .expect("tripped once two tenants' calls failed");
 }
+
+/// A call cut by the request's own deadline (`X-Meridian-Deadline-Ms`, tighter than the
+/// provider's timeouts) is the request's doing: 504 `deadline_exceeded`, not retried, and not
+/// counted against the provider; the same slow calls cut by the provider's own timeout trip it.
+#[tokio::test]
+async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let toml = format!(
+        "[breaker]\nconsecutive_failures = 2\n\n{}{}{}",
+        provider_toml(
+            "a",
+            &mock.base_url(),
+            &["slow=mock@ttft_ms:1500"],
+            "total_timeout = \"10s\""
+        ),
+        provider_toml(
+            "timing-out",
+            &mock.base_url(),
+            &["tight=mock@ttft_ms:1500"],
+            "first_byte_timeout = \"200ms\""
+        ),
+        // Second providers, so that either may be ejected at all.
+        provider_toml(
+            "spare",
+            &mock.base_url(),
+            &["slow=mock@tokens:2", "tight=mock@tokens:2"],
+            "region = \"elsewhere\""
+        ),
+    );
+    let node = TestNode::start(&toml).await.unwrap();
+    let client = reqwest::Client::new();
+    for _ in 0..4 {
+        let r = node
+            .chat_request()
+            .header("content-type", "application/json")
+            .header("x-meridian-deadline-ms", "200")
+            .body(chat_body("slow", false, ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("deadline_exceeded"), "{text}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        breaker(&node, "a").await.is_none(),
+        "its own deadline is not the provider's failure"
+    );
+    // The provider's own first-byte timeout is: two of them trip it.
+    for _ in 0..2 {
+        let _ = client
+            .post(node.url("/v1/chat/completions"))
+            .bearer_auth(node.api_key.as_deref().unwrap_or_default())
+            .header("content-type", "application/json")
+            .body(chat_body("tight", false, ""))
+            .send()
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while breaker(&node, "timing-out").await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the provider's own timeouts never tripped it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
