@@ -19,8 +19,9 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::danger::HandshakeSignatureValid;
+pub use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -100,6 +101,15 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Whether `cert` is valid for node `id`'s name (`node-<id>.meridian`).
+pub fn names_node(cert: &CertificateDer<'_>, id: NodeId) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    ServerName::try_from(node_name(id))
+        .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 /// The fingerprint of the first certificate in the PEM file `path`.
@@ -196,8 +206,8 @@ pub fn issue(dir: &Path, ca_key: &Path, id: NodeId, hosts: &[String]) -> Result<
     write_new(&dir.join(format!("node-{id}.crt")), &cert.pem(), 0o644)
 }
 
-/// Whether a certificate, by its fingerprint ([`fingerprint`]), is revoked.
-pub type Revoked = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Why a client certificate is refused beyond the CA's check (`None`: it is not).
+pub type Refuse = Arc<dyn Fn(&CertificateDer<'_>) -> Option<String> + Send + Sync>;
 
 /// Node `id`'s mutual-TLS configs: the server side requires a client certificate from the
 /// cluster CA; the client side presents this node's certificate and trusts only the cluster CA.
@@ -205,15 +215,15 @@ pub fn mtls_configs(
     dir: &Path,
     id: NodeId,
 ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), CertError> {
-    mtls_configs_refusing(dir, id, Arc::new(|_: &str| false))
+    mtls_configs_refusing(dir, id, Arc::new(|_: &CertificateDer<'_>| None))
 }
 
 /// [`mtls_configs`] whose server side also refuses, in the handshake, a client certificate
-/// `revoked` names.
+/// `refuse` has a reason against (a revoked one, one that names no member).
 pub fn mtls_configs_refusing(
     dir: &Path,
     id: NodeId,
-    revoked: Revoked,
+    refuse: Refuse,
 ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), CertError> {
     let ca_path = dir.join("ca.crt");
     let ca =
@@ -242,9 +252,9 @@ pub fn mtls_configs_refusing(
     let verifier = WebPkiClientVerifier::builder(Arc::clone(&roots))
         .build()
         .map_err(|e| CertError::Tls(e.to_string()))?;
-    let verifier = Arc::new(RefusingRevoked {
+    let verifier = Arc::new(Refusing {
         inner: verifier,
-        revoked,
+        refuse,
     });
     let server = ServerConfig::builder()
         .with_client_cert_verifier(verifier)
@@ -257,19 +267,19 @@ pub fn mtls_configs_refusing(
     Ok((Arc::new(server), Arc::new(client)))
 }
 
-/// The cluster CA's client-certificate check, refusing revoked certificates first.
-struct RefusingRevoked {
+/// The cluster CA's client-certificate check, after the caller's own refusals.
+struct Refusing {
     inner: Arc<dyn ClientCertVerifier>,
-    revoked: Revoked,
+    refuse: Refuse,
 }
 
-impl std::fmt::Debug for RefusingRevoked {
+impl std::fmt::Debug for Refusing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RefusingRevoked").finish_non_exhaustive()
+        f.debug_struct("Refusing").finish_non_exhaustive()
     }
 }
 
-impl ClientCertVerifier for RefusingRevoked {
+impl ClientCertVerifier for Refusing {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -280,9 +290,10 @@ impl ClientCertVerifier for RefusingRevoked {
         intermediates: &[CertificateDer<'_>],
         now: rustls::pki_types::UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if (self.revoked)(&fingerprint(end_entity)) {
+        if let Some(why) = (self.refuse)(end_entity) {
+            tracing::warn!("refused a peer's certificate: {why}");
             return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Revoked,
+                rustls::CertificateError::ApplicationVerificationFailure,
             ));
         }
         self.inner

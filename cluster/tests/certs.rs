@@ -107,9 +107,14 @@ async fn nodes_of_one_cluster_authenticate_each_other_and_strangers_are_refused(
 
     // A revoked certificate of the cluster's own CA is refused in the handshake.
     let revoked = certs::fingerprint_file(&dir.path().join("node-2.crt")).unwrap();
-    let (refusing, _) =
-        certs::mtls_configs_refusing(dir.path(), 1, Arc::new(move |fp: &str| fp == revoked))
-            .unwrap();
+    let (refusing, _) = certs::mtls_configs_refusing(
+        dir.path(),
+        1,
+        Arc::new(move |cert: &certs::CertificateDer<'_>| {
+            (certs::fingerprint(cert) == revoked).then(|| "revoked".to_owned())
+        }),
+    )
+    .unwrap();
     let (_, node2) = certs::mtls_configs(dir.path(), 2).unwrap();
     assert!(
         !handshake_with(Arc::clone(&refusing), 1, node2).await,

@@ -164,17 +164,22 @@ pub(crate) async fn start_mesh(
     gateway: &Gateway,
 ) -> Result<Mesh, AppError> {
     let failed = |e: &dyn std::fmt::Display| AppError::Cluster(format!("actor mesh: {e}"));
-    // A certificate revoked in the replicated state is refused in the mesh's handshake.
-    let revoked: certs::Revoked = {
+    // In the mesh's handshake, beyond the CA: a certificate revoked in the replicated state is
+    // refused, and so is one that names no node of the member table (a removed node's).
+    let refuse: certs::Refuse = {
         let gateway = gateway.clone();
-        Arc::new(move |fp: &str| {
-            gateway
-                .cluster_state()
-                .is_some_and(|s| s.revoked_certs.contains_key(fp))
+        Arc::new(move |cert: &certs::CertificateDer<'_>| {
+            let state = gateway.cluster_state()?;
+            if state.revoked_certs.contains_key(&certs::fingerprint(cert)) {
+                return Some("a revoked certificate".into());
+            }
+            let member = state.members.keys().any(|id| certs::names_node(cert, *id));
+            (!state.members.is_empty() && !member)
+                .then(|| "a certificate that names no member of the cluster".into())
         })
     };
     let (server_tls, client_tls) =
-        certs::mtls_configs_refusing(&peers.certs_dir, config.node.id, revoked)
+        certs::mtls_configs_refusing(&peers.certs_dir, config.node.id, refuse)
             .map_err(|e| failed(&e))?;
     let cookie = match &peers.mesh_cookie {
         Some(c) => c.expose().to_owned(),

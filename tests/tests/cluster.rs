@@ -318,6 +318,44 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     let seen = intruder.connected().await;
     assert!(seen.is_empty(), "the impostor has a session: {seen:?}");
     intruder.stop();
+
+    // A certificate of the cluster's own CA for a node that is not a member (a removed one's,
+    // say) is refused the same way.
+    let stranger_pki = tempfile::tempdir().unwrap();
+    std::fs::copy(h.pki().join("ca.crt"), stranger_pki.path().join("ca.crt")).unwrap();
+    meridian_cluster::certs::issue(stranger_pki.path(), &h.ca_key(), 9, &[]).unwrap();
+    let (server_tls, client_tls) =
+        meridian_cluster::certs::mtls_configs(stranger_pki.path(), 9).unwrap();
+    let stranger = meridian_actors::mesh::Mesh::start(
+        meridian_actors::mesh::MeshConfig {
+            node_id: 9,
+            region: "x".into(),
+            listen: "127.0.15.10:0".parse().unwrap(),
+            cookie: h.mesh_cookie(),
+            server_tls,
+            client_tls,
+        },
+        gateway.registry().clone(),
+    )
+    .await
+    .unwrap();
+    let dialled = stranger
+        .connect(1, addr, meridian_cluster::certs::server_name(1).unwrap())
+        .await;
+    println!("mesh: a non-member with a cluster certificate dialled node 1: {dialled:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = admin
+        .mesh_status(meridian_proto::pb::admin::MeshStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !m.connected.iter().any(|c| c.starts_with("node-9")),
+        "{m:?}"
+    );
+    let seen = stranger.connected().await;
+    assert!(seen.is_empty(), "a non-member has a session: {seen:?}");
+    stranger.stop();
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use super::{ClusterError, ClusterNode, Forwarded, Reply, Transport, Unreached};
 use crate::TypeConfig;
 use crate::certs;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 /// Largest request or reply frame accepted (snapshots travel in chunks below this).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -303,13 +303,7 @@ fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Strin
         // Membership changes: any member may ask the leader (the operator's request reached it).
         Rpc::Forward(_) => None,
     };
-    let names = |id: NodeId| {
-        let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
-            return false;
-        };
-        ServerName::try_from(certs::node_name(id))
-            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
-    };
+    let names = |id: NodeId| certs::names_node(cert, id);
     if node
         .state()
         .borrow()
