@@ -660,14 +660,12 @@ impl ClusterNode {
         }
     }
 
-    /// The members (voters and learners) as this node knows them now.
-    pub(crate) fn membership(&self) -> openraft::Membership<NodeId, BasicNode> {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone()
+    /// `f` of the members (voters and learners) as this node knows them now, read in place.
+    pub(crate) fn with_membership<R>(
+        &self,
+        f: impl FnOnce(&openraft::Membership<NodeId, BasicNode>) -> R,
+    ) -> R {
+        f(self.raft.metrics().borrow().membership_config.membership())
     }
 
     /// Node `id` as the current membership records it (its Raft address).

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,6 +148,7 @@ impl QuicTransport {
                     let cert = Arc::new(Peer {
                         fingerprint: certs::fingerprint(&cert),
                         cert,
+                        named: AtomicU64::new(NO_NODE),
                     });
                     let mut streams = tokio::task::JoinSet::new();
                     while let Ok((send, recv)) = conn.accept_bi().await {
@@ -276,6 +278,24 @@ async fn answer(
 struct Peer {
     cert: CertificateDer<'static>,
     fingerprint: String,
+    /// The last node id the certificate was found to name ([`NO_NODE`]: none yet), so that a
+    /// connection's stream of messages for one node parses the certificate once.
+    named: AtomicU64,
+}
+
+const NO_NODE: u64 = u64::MAX;
+
+impl Peer {
+    fn names(&self, id: NodeId) -> bool {
+        if self.named.load(Ordering::Relaxed) == id {
+            return true;
+        }
+        let names = certs::names_node(&self.cert, id);
+        if names {
+            self.named.store(id, Ordering::Relaxed);
+        }
+        names
+    }
 }
 
 /// The certificate a peer presented (its chain was checked by the handshake).
@@ -294,7 +314,6 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
 /// holds), and the certificate must not be revoked. Before this node knows any membership (a
 /// node waiting to join), the certificate's name alone is checked.
 fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), String> {
-    let cert = &peer.cert;
     let claimed = match rpc {
         Rpc::AppendEntries(r) => r.vote.leader_id().voted_for(),
         Rpc::Vote(r) => r.vote.leader_id().voted_for(),
@@ -303,7 +322,6 @@ fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Strin
         // Membership changes: any member may ask the leader (the operator's request reached it).
         Rpc::Forward(_) => None,
     };
-    let names = |id: NodeId| certs::names_node(cert, id);
     if node
         .state()
         .borrow()
@@ -312,21 +330,22 @@ fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Strin
     {
         return Err("a revoked certificate".into());
     }
-    let membership = node.membership();
-    let members: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-    let member_named = || members.iter().copied().find(|id| names(*id));
-    match claimed {
-        Some(id) if !names(id) => Err(format!(
-            "a message for node {id} from a certificate that does not name it"
-        )),
-        Some(id) if !members.is_empty() && !members.contains(&id) => {
-            Err(format!("node {id} is not a member of this cluster"))
+    node.with_membership(|membership| {
+        let mut members = membership.nodes().map(|(id, _)| *id).peekable();
+        let known = members.peek().is_some();
+        match claimed {
+            Some(id) if !peer.names(id) => Err(format!(
+                "a message for node {id} from a certificate that does not name it"
+            )),
+            Some(id) if known && membership.get_node(&id).is_none() => {
+                Err(format!("node {id} is not a member of this cluster"))
+            }
+            None if known && !members.any(|id| peer.names(id)) => {
+                Err("a forwarded request from a certificate that names no member".into())
+            }
+            _ => Ok(()),
         }
-        None if !members.is_empty() && member_named().is_none() => {
-            Err("a forwarded request from a certificate that names no member".into())
-        }
-        _ => Ok(()),
-    }
+    })
 }
 
 /// A request's frame. A snapshot chunk (openraft's, up to its `snapshot_max_chunk_size`) would
