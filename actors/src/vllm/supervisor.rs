@@ -518,7 +518,13 @@ impl Vllm {
                 .iter()
                 .find(|(k, _)| k == "VLLM_API_KEY")
                 .map(|(_, v)| v.clone());
-            let key = own.or_else(|| crate::auth::random_token(24).ok());
+            let key = own.or_else(|| match crate::auth::random_token(24) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    tracing::error!(group = %g.id, error = %e, "no randomness for the replicas' API key: they start without one, callable by anyone who reaches their port");
+                    None
+                }
+            });
             g.api_key = key.map(super::ReplicaKey::new);
         }
         let discovery = if groups.is_empty() {
