@@ -507,7 +507,9 @@ impl Quota {
     /// given back before the lock is let go.
     fn try_admit(&self, scopes: &[Scope], estimate: Estimate) -> Verdict {
         let now = Instant::now();
-        let unix = self.inner.config().clock.now_ms();
+        // The settings in force, read once for the whole decision (not under the budget lock).
+        let config = self.inner.config();
+        let unix = config.clock.now_ms();
         let mut guard = lock(&self.inner.budgets);
         let budgets = &mut *guard;
         let mut charges = Vec::new();
@@ -563,7 +565,7 @@ impl Quota {
                 let low = left < budget.last_slice / 2
                     || budget
                         .expires
-                        .is_some_and(|e| e <= now + self.inner.config().grant_ttl / 5);
+                        .is_some_and(|e| e <= now + config.grant_ttl / 5);
                 // (Never from a static share: a grant request releases it, and it is still in
                 // use. A local share, taken for want of quorum, asks again once its time is up:
                 // quorum may be back, and the window goes on through grants if it is.)
@@ -597,9 +599,7 @@ impl Quota {
                 });
                 continue;
             }
-            let policy = self
-                .inner
-                .config()
+            let policy = config
                 .no_quorum
                 .get(&kind)
                 .copied()
