@@ -10,7 +10,10 @@
 //!
 //! Security: the TCP links are TLS with the cluster's certificates on both sides (the same
 //! mutual TLS as Raft: a peer without a certificate from the cluster CA cannot connect, and the
-//! dialler checks the server's name `node-<id>.meridian`). On top of that ractor's cookie
+//! dialler checks the server's name `node-<id>.meridian`), and the node a peer names itself in
+//! ractor's handshake must be the one its certificate vouches for ([`link`]: a member cannot
+//! pose as another, and an actor in a node's process group is believed only behind that node's
+//! session). On top of that ractor's cookie
 //! handshake (a SHA-256 challenge-response; the cookie itself never crosses the wire) must pass
 //! before any actor message is accepted. What this does **not** protect: any node with a valid
 //! certificate and the cookie is fully trusted and can message every remotable actor by id, not
@@ -29,13 +32,16 @@ use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage};
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
+use tokio::task::AbortHandle;
 
 use crate::registry::Registry;
 
 pub mod caller;
 pub mod forward;
+pub mod link;
 pub mod wire;
 
+pub use link::{Vouch, session_peer};
 pub use wire::{MAX_FRAME, MeshMsg};
 
 use forward::Served;
@@ -135,6 +141,8 @@ pub struct MeshConfig {
     /// This node's mutual-TLS configs from the cluster PKI.
     pub server_tls: Arc<rustls::ServerConfig>,
     pub client_tls: Arc<rustls::ClientConfig>,
+    /// Whether a peer's certificate may be the node it names itself (revocations, members).
+    pub vouch: Vouch,
 }
 
 /// This node's place in the mesh.
@@ -144,6 +152,8 @@ pub struct Mesh {
     agent: ActorRef<MeshMsg>,
     served: Arc<Served>,
     client_tls: Arc<rustls::ClientConfig>,
+    vouch: Vouch,
+    accept: AbortHandle,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -177,27 +187,57 @@ pub enum DescribeError {
     /// The question could not be sent (the session is gone); the messaging error's text.
     #[error("not sent: {0}")]
     Unsent(String),
+    #[error("an agent behind node {session}'s session described node {answered}")]
+    Impostor { session: u64, answered: u64 },
+}
+
+/// ractor's id of the session a remote actor lives behind (`None`: a local actor).
+pub fn remote_session(cell: &ractor::ActorCell) -> Option<u64> {
+    match cell.get_id() {
+        ractor::ActorId::Remote { node_id, .. } => Some(node_id),
+        ractor::ActorId::Local(_) => None,
+    }
 }
 
 impl Mesh {
     /// Starts the node server on `config.listen` and this node's agent.
     pub async fn start(config: MeshConfig, registry: Registry) -> Result<Self, MeshError> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(config.server_tls);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| MeshError::Start(format!("cannot listen on {}: {e}", config.listen)))?;
+        // ractor's node server always runs a listener of its own: it gets a loopback port and
+        // a TLS config that completes no handshake; the mesh's connections are accepted by
+        // `link::accept`, which binds each peer to its certificate.
         let server = NodeServer::new(
-            config.listen.port(),
+            0,
             config.cookie,
             mesh_name(config.node_id),
             config.listen.ip().to_string(),
-            Some(IncomingEncryptionMode::Tls(acceptor)),
+            Some(IncomingEncryptionMode::Tls(
+                tokio_rustls::TlsAcceptor::from(link::refuse_all()),
+            )),
             // Peers are dialled explicitly (over TLS); never auto-connect to advertised
             // addresses, which ractor would do without TLS.
             Some(NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(config.listen.ip())
+        .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
         .with_max_inbound_frame_size(MAX_FRAME);
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| MeshError::Start(e.to_string()))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "meridian.sessions".into(),
+                subscription: Box::new(link::Track),
+            })
+            .map_err(|e| MeshError::Start(e.to_string()))?;
+        let accept = tokio::spawn(link::accept(
+            listener,
+            tokio_rustls::TlsAcceptor::from(config.server_tls),
+            Arc::clone(&config.vouch),
+            server.clone(),
+        ))
+        .abort_handle();
         let served = Served::new(registry.clone());
         let (agent, _) = Actor::spawn(
             None,
@@ -217,11 +257,14 @@ impl Mesh {
             agent,
             served,
             client_tls: config.client_tls,
+            vouch: config.vouch,
+            accept,
         })
     }
 
-    /// Dials node `peer` at `addr` over mutual TLS. The session authenticates in the
-    /// background; [`Mesh::connected`] lists it once it has.
+    /// Dials node `peer` at `addr` over mutual TLS (its certificate must carry `server_name`
+    /// and be vouched for as `peer`). The session authenticates in the background;
+    /// [`Mesh::connected`] lists it once it has.
     pub async fn connect(
         &self,
         peer: u64,
@@ -229,7 +272,8 @@ impl Mesh {
         server_name: ServerName<'static>,
     ) -> Result<(), MeshError> {
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.client_tls));
-        ractor_cluster::client_connect_enc(&self.server, addr, connector, server_name)
+        let vouch = Arc::clone(&self.vouch);
+        link::dial(&self.server, connector, peer, addr, server_name, vouch)
             .await
             .map_err(|e| MeshError::Connect {
                 addr,
@@ -254,11 +298,13 @@ impl Mesh {
         timeout: Duration,
     ) -> Vec<Result<NodeDescription, DescribeError>> {
         let asker = mesh_name(self.node_id);
+        // Only an agent behind an authenticated session is asked, and its answer must be for
+        // the node of that session.
         let remote = pg::get_members(&NODES_GROUP.to_owned())
             .into_iter()
-            .filter(|cell| !cell.get_id().is_local());
+            .filter_map(|cell| Some((session_peer(remote_session(&cell)?)?, cell)));
         let mut out = Vec::new();
-        for cell in remote {
+        for (peer, cell) in remote {
             let agent: ActorRef<MeshMsg> = cell.into();
             let answer = agent
                 .call(
@@ -268,7 +314,13 @@ impl Mesh {
                 .await;
             out.push(match answer {
                 Ok(ractor::rpc::CallResult::Success(json)) => {
-                    serde_json::from_str(&json).map_err(DescribeError::Unreadable)
+                    match serde_json::from_str::<NodeDescription>(&json) {
+                        Ok(d) if d.node_id != peer => Err(DescribeError::Impostor {
+                            session: peer,
+                            answered: d.node_id,
+                        }),
+                        answer => answer.map_err(DescribeError::Unreadable),
+                    }
                 }
                 Ok(ractor::rpc::CallResult::Timeout) => Err(DescribeError::Timeout(timeout)),
                 Ok(ractor::rpc::CallResult::SenderError) => Err(DescribeError::Dropped),
@@ -287,6 +339,7 @@ impl Mesh {
     /// nodes forwarded here.
     pub fn stop(&self) {
         self.served.close_all();
+        self.accept.abort();
         self.agent.stop(None);
         self.server.stop(None);
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use meridian_actors::Gateway;
-use meridian_actors::mesh::{Mesh, MeshConfig, peer_id};
+use meridian_actors::mesh::{Mesh, MeshConfig, Vouch, peer_id};
 use meridian_actors::replicated::{ProposeError, Proposer};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
@@ -190,6 +190,26 @@ pub(crate) async fn start_mesh(
             meridian_actors::auth::sha256_hex(&ca)
         }
     };
+    // Who a peer may be: the node its certificate names, a member (once members are known),
+    // with a certificate not revoked.
+    let vouch: Vouch = {
+        let gateway = gateway.clone();
+        Arc::new(move |cert: &certs::CertificateDer<'_>, id: u64| {
+            if !certs::names_node(cert, id) {
+                return Err(format!("a certificate that does not name node {id}"));
+            }
+            let Some(state) = gateway.cluster_state() else {
+                return Ok(());
+            };
+            if state.revoked_certs.contains_key(&certs::fingerprint(cert)) {
+                return Err(format!("node {id}'s certificate is revoked"));
+            }
+            if !state.members.is_empty() && !state.members.contains_key(&id) {
+                return Err(format!("node {id} is not a member of the cluster"));
+            }
+            Ok(())
+        })
+    };
     Mesh::start(
         MeshConfig {
             node_id: config.node.id,
@@ -198,6 +218,7 @@ pub(crate) async fn start_mesh(
             cookie,
             server_tls,
             client_tls,
+            vouch,
         },
         gateway.registry().clone(),
     )

@@ -276,7 +276,7 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     // impostor trusts the cluster's CA (it accepts the server) and knows the cookie derived
     // from it, so nothing else stands in its way.
     let foreign = h.impostor_pki(9);
-    refused_on_the_mesh(&h, foreign.path(), "127.0.15.9:0", "the impostor").await;
+    refused_on_the_mesh(&h, foreign.path(), 9, "127.0.15.9:0", "the impostor").await;
 
     // A certificate of the cluster's own CA for a node that is not a member (a removed one's,
     // say) is refused the same way.
@@ -286,28 +286,59 @@ async fn actors_answer_across_nodes_over_the_authenticated_mesh() {
     refused_on_the_mesh(
         &h,
         stranger_pki.path(),
+        9,
         "127.0.15.10:0",
         "a non-member with a cluster certificate",
     )
     .await;
+
+    // A member's own certificate naming itself another member (one that is down, so nothing
+    // else stands in the way of a session under its name) is refused too.
+    h.kill(3);
+    let posing = tempfile::tempdir().unwrap();
+    std::fs::copy(h.pki().join("ca.crt"), posing.path().join("ca.crt")).unwrap();
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            h.pki().join(format!("node-2.{ext}")),
+            posing.path().join(format!("node-3.{ext}")),
+        )
+        .unwrap();
+    }
+    refused_on_the_mesh(
+        &h,
+        posing.path(),
+        3,
+        "127.0.15.11:0",
+        "node 2's certificate posing as node 3",
+    )
+    .await;
 }
 
-/// A mesh member as node 9 with the certificates in `pki`, listening on `listen`, dials node 1
-/// of `h` with the cluster's cookie: no session forms on either side.
-async fn refused_on_the_mesh(h: &Harness, pki: &std::path::Path, listen: &str, who: &str) {
-    let (server_tls, client_tls) = meridian_cluster::certs::mtls_configs(pki, 9).unwrap();
+/// A mesh member as node `as_node` with the certificates in `pki` (its files named for that
+/// node), listening on `listen`, dials node 1 of `h` with the cluster's cookie: no session
+/// forms on either side.
+async fn refused_on_the_mesh(
+    h: &Harness,
+    pki: &std::path::Path,
+    as_node: u64,
+    listen: &str,
+    who: &str,
+) {
+    let (server_tls, client_tls) = meridian_cluster::certs::mtls_configs(pki, as_node).unwrap();
     let gateway =
         meridian_actors::Gateway::start(meridian_actors::GatewayConfig::standalone(Vec::new()))
             .await
             .unwrap();
     let intruder = meridian_actors::mesh::Mesh::start(
         meridian_actors::mesh::MeshConfig {
-            node_id: 9,
+            node_id: as_node,
             region: "x".into(),
             listen: listen.parse().unwrap(),
             cookie: h.mesh_cookie(),
             server_tls,
             client_tls,
+            // The intruder believes anyone: what is tested is node 1's refusal.
+            vouch: std::sync::Arc::new(|_: &_, _| Ok(())),
         },
         gateway.registry().clone(),
     )
@@ -328,8 +359,9 @@ async fn refused_on_the_mesh(h: &Harness, pki: &std::path::Path, listen: &str, w
         .await
         .unwrap()
         .into_inner();
+    let name = format!("node-{as_node}@");
     assert!(
-        !m.connected.iter().any(|c| c.starts_with("node-9")),
+        !m.connected.iter().any(|c| c.starts_with(&name)),
         "{who}: {m:?}"
     );
     let seen = intruder.connected().await;

@@ -48,9 +48,13 @@ impl MeshUpstream {
     }
 
     fn agent(&self) -> Result<ActorRef<MeshMsg>, UpstreamError> {
+        // Any node may put an actor in any group: the agent is the one behind this node's own
+        // (certificate-bound) session.
         pg::get_members(&node_group(self.node))
             .into_iter()
-            .find(|cell| !cell.get_id().is_local())
+            .find(|cell| {
+                super::remote_session(cell).and_then(super::session_peer) == Some(self.node)
+            })
             .map(ActorRef::from)
             .ok_or_else(|| {
                 UpstreamError::Connect(format!(
