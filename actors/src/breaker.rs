@@ -251,7 +251,7 @@ impl Breaker {
                 .record(now, caller_of(tenant), ok, self.config.window);
             verdict(&self.config, &local.window, local.consecutive, now)
                 .filter(|reason| {
-                    let alone = local.callers.one_callers_alone();
+                    let alone = local.callers.one_callers_alone(self.config.lone_tenant_share);
                     if alone {
                         tracing::debug!(provider = %self.key, %reason, "one tenant's failures alone: not tripped");
                     }

@@ -26,6 +26,9 @@ pub struct BreakerConfig {
     /// How long a half-open breaker waits for its tripping node's probes before any node may
     /// probe (the tripping node may be gone, or see no traffic).
     pub probe_grace: Duration,
+    /// One tenant's failures, while another tenant's calls succeed, trip the provider only if
+    /// that tenant made at least this share (0–1) of the window's calls; 1: never.
+    pub lone_tenant_share: f64,
 }
 
 impl Default for BreakerConfig {
@@ -41,6 +44,7 @@ impl Default for BreakerConfig {
             open_max: Duration::from_secs(300),
             probes: 3,
             probe_grace: Duration::from_secs(10),
+            lone_tenant_share: 1.0,
         }
     }
 }
@@ -185,9 +189,11 @@ impl Callers {
     }
 
     /// Whether the failures remembered are one caller's alone while another caller's calls
-    /// succeeded: they then say more about that caller's requests than about the provider, and
-    /// do not trip it. (When every caller fails, or only one caller uses the provider, they do.)
-    pub fn one_callers_alone(&self) -> bool {
+    /// succeeded, and that caller made less than `share` of the calls: they then say more about
+    /// that caller's requests than about the provider, and do not trip it. (When every caller
+    /// fails, only one caller uses the provider, or the failing caller is at least `share` of
+    /// the traffic, they do.)
+    pub fn one_callers_alone(&self, share: f64) -> bool {
         let mut failing = None;
         for (_, caller, ok) in &self.recent {
             if !ok {
@@ -198,7 +204,14 @@ impl Callers {
                 }
             }
         }
-        failing.is_some_and(|f| self.recent.iter().any(|(_, c, ok)| *ok && *c != f))
+        let Some(f) = failing else {
+            return false;
+        };
+        if !self.recent.iter().any(|(_, c, ok)| *ok && *c != f) {
+            return false;
+        }
+        let theirs = self.recent.iter().filter(|(_, c, _)| *c == f).count();
+        share >= 1.0 || (theirs as f64) < share * self.recent.len() as f64
     }
 
     pub fn clear(&mut self) {
@@ -244,20 +257,38 @@ mod tests {
         for at in 2_000..2_006 {
             c.record(at, hostile, false, w);
         }
-        assert!(c.one_callers_alone(), "another tenant's calls succeed");
+        assert!(c.one_callers_alone(1.0), "another tenant's calls succeed");
         // The other tenant's calls fail too: the provider is failing.
         c.record(2_010, other, false, w);
-        assert!(!c.one_callers_alone());
+        assert!(!c.one_callers_alone(1.0));
         // Only one caller uses the provider: its failures count.
         let mut lone = Callers::default();
         for at in 0..5 {
             lone.record(at, hostile, false, w);
         }
-        assert!(!lone.one_callers_alone());
+        assert!(!lone.one_callers_alone(1.0));
         // The other's success left the window: one caller's failures, nobody else's calls.
         let mut old = Callers::default();
         old.record(0, other, true, w);
         old.record(40_000, hostile, false, w);
-        assert!(!old.one_callers_alone());
+        assert!(!old.one_callers_alone(1.0));
+    }
+
+    #[test]
+    fn a_lone_tenant_that_is_most_of_the_traffic_trips_at_the_configured_share() {
+        let w = Duration::from_secs(30);
+        let (big, small) = (7, 9);
+        let mut c = Callers::default();
+        c.record(0, small, true, w);
+        for at in 1..10 {
+            c.record(at, big, false, w);
+        }
+        // 9 of 10 calls are the failing tenant's.
+        assert!(
+            c.one_callers_alone(1.0),
+            "1: never on one tenant's failures"
+        );
+        assert!(!c.one_callers_alone(0.9), "at the share: counts");
+        assert!(c.one_callers_alone(0.95), "under the share: does not");
     }
 }

@@ -195,6 +195,8 @@ pub struct RawBreaker {
     pub open_max: Option<String>,
     pub probes: Option<i64>,
     pub probe_grace: Option<String>,
+    /// 0–1.
+    pub lone_tenant_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -111,6 +111,9 @@ id = 0
 heartbeat = "2s"
 peers = ["127.0.0.2:7000"]
 certs_dir = "/nonexistent"
+
+[breaker]
+lone_tenant_share = 1.5
 "#;
     let err = load(Some(text), &env(&[])).expect_err("invalid");
     let got = paths(&err);
@@ -130,6 +133,7 @@ certs_dir = "/nonexistent"
         "cluster.election_timeout_min",
         "cluster.peers[0]",
         "cluster.certs_dir",
+        "breaker.lone_tenant_share",
     ] {
         assert!(got.contains(&want), "missing {want} in {got:?}");
     }

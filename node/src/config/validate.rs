@@ -566,6 +566,12 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 b.probe_grace.as_ref(),
                 d.probe_grace,
             ),
+            lone_tenant_share: rate(
+                &mut e,
+                "breaker.lone_tenant_share",
+                b.lone_tenant_share,
+                d.lone_tenant_share,
+            ),
         };
         if c.open_max < c.open_base {
             e.push(
