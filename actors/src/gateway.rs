@@ -655,6 +655,21 @@ impl Gateway {
                 Err(no) => refusal = Some(no),
             }
         }
+        // vLLM's own fields go only to providers that take them.
+        if let Some(field) = request.engine_field()
+            && !chosen.is_empty()
+        {
+            chosen.retain(|r| r.provider.spec.upstream.takes_engine_fields(request));
+            if chosen.is_empty() {
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "`{field}` is one of vLLM's own parameters, and no provider of `{model}` this request may use takes it (they speak another API); send it to a model served by vLLM"
+                    ),
+                )
+                .with_code("unsupported_parameter"));
+            }
+        }
         if !chosen.is_empty() {
             return Ok((chosen, ejected));
         }

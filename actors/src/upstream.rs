@@ -295,11 +295,26 @@ impl Upstream {
     pub fn kind(&self) -> ProviderKind {
         match self {
             Self::Api(a) => match a.dialect() {
-                Dialect::OpenAi => ProviderKind::OpenAi,
+                Dialect::OpenAi | Dialect::Vllm => ProviderKind::OpenAi,
                 Dialect::Anthropic { .. } => ProviderKind::Anthropic,
             },
             Self::Demo(_) => ProviderKind::Demo,
             Self::Relayed(_) => ProviderKind::Mesh,
+        }
+    }
+
+    /// Whether `req`, which sends vLLM's own fields ([`ChatRequest::engine_field`]), may be
+    /// sent here: to a vLLM server (a replica, here or through its owner; a provider of kind
+    /// `vllm`), to the demo model (which reads none of them), or to an Anthropic provider when
+    /// it is sent the client's own Messages body (those fields are then Anthropic's own).
+    pub fn takes_engine_fields(&self, req: &ChatRequest) -> bool {
+        match self {
+            Self::Api(a) => match a.dialect() {
+                Dialect::Vllm => true,
+                Dialect::OpenAi => false,
+                Dialect::Anthropic { .. } => req.native.is_some(),
+            },
+            Self::Demo(_) | Self::Relayed(_) => true,
         }
     }
 

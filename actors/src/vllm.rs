@@ -265,7 +265,7 @@ impl VllmGroup {
     ) -> Result<ProviderSpec, EndpointError> {
         let base_url = format!("http://{}:{port}/v1", self.advertise_host);
         let key = self.api_key.as_ref().map(|k| k.expose().to_owned());
-        let adapter = ApiAdapter::new(Dialect::OpenAi, &base_url, key, REPLICA_CONNECT_TIMEOUT)?;
+        let adapter = ApiAdapter::new(Dialect::Vllm, &base_url, key, REPLICA_CONNECT_TIMEOUT)?;
         let mut spec = replica_spec(
             provider_id,
             self.region.clone(),

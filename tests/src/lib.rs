@@ -248,9 +248,14 @@ pub async fn node_with_mock(
     node_extra: &str,
 ) -> anyhow::Result<(mock::MockUpstream, TestNode)> {
     let mock = mock::MockUpstream::with_flavor(flavor).await?;
+    let kind = match flavor {
+        mock::Flavor::OpenAi => "openai",
+        mock::Flavor::Vllm => "vllm",
+        mock::Flavor::Anthropic => "anthropic",
+    };
     let toml = format!(
         "{node_extra}\n{}",
-        provider_toml("mock", &mock.base_url(), models, provider_extra)
+        provider_toml_kind("mock", kind, &mock.base_url(), models, provider_extra)
     );
     let node = TestNode::start(&toml).await?;
     Ok((mock, node))
@@ -369,7 +374,7 @@ pub fn provider_toml(id: &str, base_url: &str, models: &[&str], extra: &str) -> 
     provider_toml_kind(id, "openai", base_url, models, extra)
 }
 
-/// A `[[providers]]` section of the given kind (`openai`, `anthropic`).
+/// A `[[providers]]` section of the given kind (`openai`, `vllm`, `anthropic`).
 pub fn provider_toml_kind(
     id: &str,
     kind: &str,

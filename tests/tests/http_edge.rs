@@ -8,8 +8,8 @@ use futures::StreamExt;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
 use meridian_tests::{
-    TestNode, chat_as, chat_body, node_with_mock, provider_toml, retry_later, sse_events, tier,
-    wait_until,
+    TestNode, chat_as, chat_body, node_with_mock, provider_toml, provider_toml_kind, retry_later,
+    sse_events, tier, wait_until,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1387,6 +1387,41 @@ async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
     assert_eq!(other.status(), 403);
     // Requests without them are not affected.
     assert_eq!(call(&dev, "").await.expect("sent").status(), 200);
+}
+
+/// vLLM's own fields (`top_k`, `min_p`, guided decoding, ...) reach only providers that speak
+/// vLLM's dialect: a model served only by a provider of OpenAI's API refuses them with a 400
+/// naming the field, and a model a vLLM server serves too sends such requests there alone.
+#[tokio::test]
+async fn vllms_own_fields_reach_only_providers_that_speak_vllm() {
+    let api = MockUpstream::with_flavor(Flavor::OpenAi).await.unwrap();
+    let engine = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let toml = format!(
+        "{}{}",
+        provider_toml_kind("api", "openai", &api.base_url(), &["both", "api-only"], ""),
+        provider_toml_kind("engine", "vllm", &engine.base_url(), &["both"], ""),
+    );
+    let n = TestNode::start(&toml).await.unwrap();
+    let refused = post(&n, chat_body("api-only", false, r#""top_k":5"#)).await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_parameter", "{body}");
+    assert_eq!(body["error"]["param"], "top_k", "{body}");
+    assert_eq!(api.stats.requests.load(SeqCst), 0, "nothing reached it");
+    // OpenAI's own fields go to either.
+    let ok = post(&n, chat_body("api-only", false, r#""seed":5"#)).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(api.stats.requests.load(SeqCst), 1);
+    for _ in 0..8 {
+        let resp = post(&n, chat_body("both", false, r#""min_p":0.1"#)).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    assert_eq!(
+        engine.stats.requests.load(SeqCst),
+        8,
+        "all went to the vLLM server"
+    );
+    assert_eq!(api.stats.requests.load(SeqCst), 1, "none to OpenAI's API");
 }
 
 /// A request without `max_tokens` from a tenant limited in tokens is reserved the default

@@ -62,7 +62,7 @@ pub fn remote_replica_spec(record: &ProviderRecord) -> Result<ProviderSpec, Endp
             Upstream::Relayed(Arc::new(MeshUpstream::new(*node, record.id.clone())))
         }
         Reach::Direct(url) => Upstream::Api(ApiAdapter::new(
-            Dialect::OpenAi,
+            Dialect::Vllm,
             url,
             (!record.api_key.is_empty()).then(|| record.api_key.clone()),
             REPLICA_CONNECT_TIMEOUT,

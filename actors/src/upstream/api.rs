@@ -39,8 +39,12 @@ const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
 /// The wire format a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
-    /// `POST {base}/chat/completions`, `Authorization: Bearer`.
+    /// `POST {base}/chat/completions`, `Authorization: Bearer`: OpenAI's API, and servers that
+    /// take only its parameters.
     OpenAi,
+    /// The same wire format, from a vLLM server: it also takes vLLM's own parameters (`top_k`,
+    /// `min_p`, guided decoding, ...), which are sent to no other dialect.
+    Vllm,
     /// `POST {base}/messages`, `x-api-key` and `anthropic-version`; requests without
     /// `max_tokens` get `default_max_tokens` (Anthropic requires it).
     Anthropic { default_max_tokens: u32 },
@@ -94,7 +98,7 @@ impl ApiAdapter {
         let uri = EndpointError::parse(base_url)?;
         let root = uri.path().trim_end_matches('/');
         let path = |api: Api| match dialect {
-            Dialect::OpenAi => format!("{root}/{}", api.path()),
+            Dialect::OpenAi | Dialect::Vllm => format!("{root}/{}", api.path()),
             Dialect::Anthropic { .. } => format!("{root}/messages"),
         };
         let paths = [Api::Chat, Api::Completions, Api::Embeddings].map(path);
@@ -102,7 +106,7 @@ impl ApiAdapter {
             None => None,
             Some(key) => {
                 let (name, value) = match dialect {
-                    Dialect::OpenAi => (AUTHORIZATION, format!("Bearer {key}")),
+                    Dialect::OpenAi | Dialect::Vllm => (AUTHORIZATION, format!("Bearer {key}")),
                     Dialect::Anthropic { .. } => (HeaderName::from_static("x-api-key"), key),
                 };
                 let mut v =
@@ -158,7 +162,7 @@ impl ApiAdapter {
             rb = rb.header(ACCEPT, "text/event-stream");
         }
         let body = match self.dialect {
-            Dialect::OpenAi => req.upstream_body(model, stream),
+            Dialect::OpenAi | Dialect::Vllm => req.upstream_body(model, stream),
             // A client that asked in Messages: its request as it wrote it.
             Dialect::Anthropic { .. } if let Some(native) = &req.native => {
                 rb = rb.header(
@@ -239,7 +243,7 @@ impl ApiAdapter {
             bytes: exchange,
             parser: SseParser::new(),
             decoder: match self.dialect {
-                Dialect::OpenAi => Decoder::OpenAi,
+                Dialect::OpenAi | Dialect::Vllm => Decoder::OpenAi,
                 Dialect::Anthropic { .. } if req.native.is_some() => {
                     Decoder::AnthropicNative(Box::default())
                 }

@@ -35,14 +35,14 @@ pub(super) fn validate(
             1_000_000,
         );
         let kind = match p.kind.as_deref() {
-            Some(name @ ("openai" | "anthropic")) => {
-                let dialect = if name == "openai" {
-                    Dialect::OpenAi
-                } else {
-                    Dialect::Anthropic { default_max_tokens }
+            Some(name @ ("openai" | "vllm" | "anthropic")) => {
+                let dialect = match name {
+                    "openai" => Dialect::OpenAi,
+                    "vllm" => Dialect::Vllm,
+                    _ => Dialect::Anthropic { default_max_tokens },
                 };
                 let default_base = match dialect {
-                    Dialect::OpenAi => None,
+                    Dialect::OpenAi | Dialect::Vllm => None,
                     Dialect::Anthropic { .. } => Some("https://api.anthropic.com/v1"),
                 };
                 let base_url = p
@@ -98,7 +98,7 @@ pub(super) fn validate(
                 e.push(
                     at("kind"),
                     format!(
-                        "unknown kind {other:?} (expected \"openai\", \"anthropic\" or \"demo\")"
+                        "unknown kind {other:?} (expected \"openai\", \"vllm\", \"anthropic\" or \"demo\")"
                     ),
                 );
                 continue;
@@ -106,7 +106,7 @@ pub(super) fn validate(
             None => {
                 e.push(
                     at("kind"),
-                    "is required (\"openai\", \"anthropic\" or \"demo\")",
+                    "is required (\"openai\", \"vllm\", \"anthropic\" or \"demo\")",
                 );
                 continue;
             }

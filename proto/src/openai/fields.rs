@@ -3,7 +3,8 @@
 //! model still work), but only fields on these lists: OpenAI's own, and the sampling and
 //! prompt options vLLM's OpenAI-compatible server adds. Anything else is refused at the edge
 //! with 400 `unknown_parameter` naming it, as OpenAI refuses it — never passed to an engine
-//! that might act on it, and never dropped without a word. The engine-specific fields that
+//! that might act on it, and never dropped without a word. vLLM's own fields reach only
+//! providers that speak vLLM's dialect ([`is_vllm_field`]; routing leaves the others out). The engine-specific fields that
 //! change scheduling, templates or cost are taken too, but pass only for tenants granted them
 //! ([`RESTRICTED_FIELDS`], checked with the tenant's record). Anthropic providers are sent a
 //! body built from the typed request, so only what the translation knows reaches them.
@@ -12,55 +13,56 @@
 
 use serde_json::{Map, Value};
 
-use super::{Api, RESTRICTED_FIELDS};
+use super::{Api, ChatRequest, RESTRICTED_FIELDS};
 use crate::error::ApiError;
 
-/// What chat and text completions both take: OpenAI's common parameters and vLLM's sampling
-/// and prompt options.
+/// What chat and text completions both take, in OpenAI's API.
 const SAMPLING: &[&str] = &[
-    "add_special_tokens",
-    "allowed_token_ids",
-    "bad_words",
     "best_of",
-    "cache_salt",
     "echo",
     "frequency_penalty",
-    "ignore_eos",
-    "include_stop_str_in_output",
-    "length_penalty",
     "logit_bias",
     "logprobs",
     "max_tokens",
-    "min_p",
-    "min_tokens",
     "model",
     "n",
     "presence_penalty",
-    "repetition_penalty",
-    "request_id",
     "response_format",
-    "return_tokens_as_token_ids",
     "seed",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
     "stop",
-    "stop_token_ids",
     "stream",
     "stream_options",
     "temperature",
-    "top_k",
     "top_p",
-    "truncate_prompt_tokens",
-    "use_beam_search",
     "user",
 ];
 
-/// Chat's own: OpenAI's chat parameters and vLLM's chat-template options.
+/// vLLM's sampling and prompt options, for chat and text completions: they reach only
+/// providers that speak vLLM's dialect (see [`ChatRequest::engine_field`]).
+const VLLM_SAMPLING: &[&str] = &[
+    "add_special_tokens",
+    "allowed_token_ids",
+    "bad_words",
+    "cache_salt",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "length_penalty",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "request_id",
+    "return_tokens_as_token_ids",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "stop_token_ids",
+    "top_k",
+    "truncate_prompt_tokens",
+    "use_beam_search",
+];
+
+/// Chat's own, in OpenAI's API.
 const CHAT: &[&str] = &[
-    "add_generation_prompt",
     "audio",
-    "continue_final_message",
-    "documents",
     "function_call",
     "functions",
     "max_completion_tokens",
@@ -79,30 +81,49 @@ const CHAT: &[&str] = &[
     "web_search_options",
 ];
 
+/// vLLM's chat-template options.
+const VLLM_CHAT: &[&str] = &[
+    "add_generation_prompt",
+    "continue_final_message",
+    "documents",
+];
+
 /// Text completions' own.
 const COMPLETIONS: &[&str] = &["prompt", "suffix"];
 
-/// OpenAI's embeddings parameters, and vLLM's additions to them.
-const EMBEDDINGS: &[&str] = &[
+/// OpenAI's embeddings parameters.
+const EMBEDDINGS: &[&str] = &["dimensions", "encoding_format", "input", "model", "user"];
+
+/// vLLM's additions to them (its `priority` is among [`RESTRICTED_FIELDS`]).
+const VLLM_EMBEDDINGS: &[&str] = &[
     "add_special_tokens",
-    "dimensions",
-    "encoding_format",
-    "input",
-    "model",
     "priority",
     "request_id",
     "truncate_prompt_tokens",
-    "user",
 ];
+
+/// The engine-specific fields that are OpenAI's own (the rest of [`RESTRICTED_FIELDS`] are
+/// vLLM's).
+const OPENAI_RESTRICTED: &[&str] = &["service_tier", "store"];
+
+/// Whether `field` is one of vLLM's own (not OpenAI's): a provider that does not speak vLLM's
+/// dialect is never sent it.
+pub fn is_vllm_field(field: &str) -> bool {
+    let on = |list: &[&str]| list.binary_search(&field).is_ok();
+    on(VLLM_SAMPLING)
+        || on(VLLM_CHAT)
+        || on(VLLM_EMBEDDINGS)
+        || (on(&RESTRICTED_FIELDS) && !on(OPENAI_RESTRICTED))
+}
 
 /// The lists of fields a request of `api`, as a client writes it, may hold (`None`: the API is
 /// read into a chat request by translation, which knows its own fields). The engine-specific
 /// fields ([`RESTRICTED_FIELDS`]) are checked apart, against the tenant's grant.
 fn allowed(api: Api) -> Option<&'static [&'static [&'static str]]> {
     match api {
-        Api::Chat => Some(&[SAMPLING, CHAT, &RESTRICTED_FIELDS]),
-        Api::Completions => Some(&[SAMPLING, COMPLETIONS, &RESTRICTED_FIELDS]),
-        Api::Embeddings => Some(&[EMBEDDINGS]),
+        Api::Chat => Some(&[SAMPLING, VLLM_SAMPLING, CHAT, VLLM_CHAT, &RESTRICTED_FIELDS]),
+        Api::Completions => Some(&[SAMPLING, VLLM_SAMPLING, COMPLETIONS, &RESTRICTED_FIELDS]),
+        Api::Embeddings => Some(&[EMBEDDINGS, VLLM_EMBEDDINGS]),
         Api::Messages | Api::Responses => None,
     }
 }
@@ -123,14 +144,63 @@ pub(crate) fn check_known(api: Api, body: &Map<String, Value>) -> Result<(), Api
     }
 }
 
+impl ChatRequest {
+    /// The first of vLLM's own fields this request sends (`None`: OpenAI's only). Walks the
+    /// request's own keys.
+    pub fn engine_field(&self) -> Option<&str> {
+        self.body
+            .keys()
+            .map(String::as_str)
+            .find(|k| is_vllm_field(k))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_lists_are_sorted() {
-        for list in [SAMPLING, CHAT, COMPLETIONS, EMBEDDINGS, &RESTRICTED_FIELDS] {
+        for list in [
+            SAMPLING,
+            VLLM_SAMPLING,
+            CHAT,
+            VLLM_CHAT,
+            COMPLETIONS,
+            EMBEDDINGS,
+            VLLM_EMBEDDINGS,
+            OPENAI_RESTRICTED,
+            &RESTRICTED_FIELDS,
+        ] {
             assert!(list.windows(2).all(|w| w[0] < w[1]), "{list:?}");
+        }
+    }
+
+    #[test]
+    fn vllms_fields_are_told_from_openais() {
+        for f in [
+            "top_k",
+            "min_p",
+            "ignore_eos",
+            "priority",
+            "chat_template",
+            "documents",
+        ] {
+            assert!(is_vllm_field(f), "{f}");
+        }
+        for f in [
+            "temperature",
+            "store",
+            "service_tier",
+            "tools",
+            "messages",
+            "dimensions",
+        ] {
+            assert!(!is_vllm_field(f), "{f}");
+        }
+        // No field is on both sides.
+        for list in [SAMPLING, CHAT, COMPLETIONS, EMBEDDINGS, OPENAI_RESTRICTED] {
+            assert!(list.iter().all(|f| !is_vllm_field(f)), "{list:?}");
         }
     }
 
