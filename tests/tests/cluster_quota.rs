@@ -1,7 +1,9 @@
 //! Cluster-exact quotas with real processes: three `meridian` nodes admit one tenant limited to
-//! 60,000 tokens/min, hammered through all three at once. Ground truth is the mock upstream's
-//! own count of tokens it served. Two full windows must each land within [0.9, 1.02] × the
-//! limit; a window in which the Raft leader is killed must stay ≤ 1.05 × the limit.
+//! 60,000 tokens/min, hammered through all three at once — short requests with and without
+//! `max_tokens`, and 70-second streams, each crossing a window boundary. Ground truth is the
+//! mock upstream's own count of tokens it served. Two full windows must each land within
+//! [0.9, 1.02] × the limit; a window in which the Raft leader is killed must stay ≤ 1.05 × the
+//! limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::sync::Arc;
@@ -32,8 +34,13 @@ async fn until_next_minute() -> u64 {
     now.as_secs() / 60 + 1
 }
 
-/// A mock upstream (`mock@tokens:40`) behind three nodes on `127.0.{subnet}.0/24`, with `tier`
-/// and a tenant `tenant` on it written through node `via`; returns the tenant's API key.
+/// The long stream's model: 350 tokens, 200 ms apart (70 s: longer than a window, so every
+/// such stream crosses a window boundary).
+const LONG: &str = "mock@tokens:350;itl_ms:200";
+
+/// A mock upstream (`mock@tokens:40` and [`LONG`]; a request without `max_tokens` is reserved
+/// 300) behind three nodes on `127.0.{subnet}.0/24`, with `tier` and a tenant `tenant` on it
+/// written through node `via`; returns the tenant's API key.
 async fn three_nodes_with(
     subnet: u8,
     via: u64,
@@ -45,8 +52,8 @@ async fn three_nodes_with(
     h.providers = provider_toml(
         "mock",
         &mock.base_url(),
-        &["mock@tokens:40"],
-        "max_concurrency = 256\nqueue_capacity = 1024",
+        &["mock@tokens:40", LONG],
+        "max_concurrency = 256\nqueue_capacity = 1024\ndefault_max_tokens = 300",
     );
     h.boot(&[1, 2, 3]).await;
     let mut admin = h.admin(via).await.unwrap();
@@ -86,9 +93,14 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
     )
     .await;
 
-    // Hammer: 12 clients spread over the three nodes, far more demand than the limit.
+    // Hammer: 12 clients spread over the three nodes, far more demand than the limit; three of
+    // them send no `max_tokens` (reserved 300, 40 generated), and three more stream for 70 s
+    // (one of them without `max_tokens`, reserved 300 then), so that streams admitted in one
+    // window are still running in the next.
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
+    // Answered in full, by kind: short, short without `max_tokens`, long stream.
+    let served_by_kind: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
     let limited = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
     // What the "other" answers were: status and error code → count.
@@ -100,8 +112,17 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         .iter()
         .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
         .collect();
+    let short = r#"{"model":"mock@tokens:40","max_tokens":40,"messages":[{"role":"user","content":"count to forty"}]}"#;
+    let uncapped =
+        r#"{"model":"mock@tokens:40","messages":[{"role":"user","content":"count to forty"}]}"#;
+    let long = format!(
+        r#"{{"model":"{LONG}","stream":true,"max_tokens":350,"messages":[{{"role":"user","content":"a long story"}}]}}"#
+    );
+    let long_uncapped = format!(
+        r#"{{"model":"{LONG}","stream":true,"messages":[{{"role":"user","content":"a long story"}}]}}"#
+    );
     let mut clients = Vec::new();
-    for c in 0..12 {
+    for c in 0..15 {
         let (stop, ok, limited, other, others) = (
             Arc::clone(&stop),
             Arc::clone(&ok),
@@ -111,46 +132,62 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         );
         let url = urls[c % 3].clone();
         let key = key.clone();
-        clients.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
-            let body = r#"{"model":"mock@tokens:40","max_tokens":40,"messages":[{"role":"user","content":"count to forty"}]}"#;
-            while !stop.load(Ordering::Relaxed) {
-                let resp = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                let what = match resp {
-                    Ok(r) if r.status().as_u16() == 200 => {
-                        // Read the body: the connection goes back to the client's pool.
-                        let _ = r.bytes().await;
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    Ok(r) if r.status().as_u16() == 429 => {
-                        let _ = r.bytes().await;
-                        limited.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    Ok(r) => {
-                        let s = r.status().as_u16();
-                        let body: serde_json::Value = r.json().await.unwrap_or_default();
-                        format!("{s} {}", body["error"]["code"].as_str().unwrap_or("?"))
-                    }
-                    Err(e) if e.is_timeout() => "client timeout".to_owned(),
-                    Err(_) => "connection error".to_owned(),
-                };
-                *others.lock().unwrap().entry(what).or_default() += 1;
-                other.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }));
+        let (kind, body) = match c {
+            0..9 => (0, short.to_owned()),
+            9..12 => (1, uncapped.to_owned()),
+            12 | 14 => (2, long.clone()),
+            _ => (2, long_uncapped.clone()),
+        };
+        let by_kind = Arc::clone(&served_by_kind);
+        clients.push((
+            kind,
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(if kind == 2 { 120 } else { 10 }))
+                    .build()
+                    .unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let resp = client
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    let what = match resp {
+                        Ok(r) if r.status().as_u16() == 200 => {
+                            // Read the body (a stream to its end): the connection goes back to
+                            // the client's pool.
+                            match r.bytes().await {
+                                Ok(b) if !b.windows(6).any(|w| w == b"\"error") => {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                    by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                Ok(_) => "200 with an error event".to_owned(),
+                                Err(_) => "200 cut short".to_owned(),
+                            }
+                        }
+                        Ok(r) if r.status().as_u16() == 429 => {
+                            let _ = r.bytes().await;
+                            limited.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let body: serde_json::Value = r.json().await.unwrap_or_default();
+                            format!("{s} {}", body["error"]["code"].as_str().unwrap_or("?"))
+                        }
+                        Err(e) if e.is_timeout() => "client timeout".to_owned(),
+                        Err(_) => "connection error".to_owned(),
+                    };
+                    *others.lock().unwrap().entry(what).or_default() += 1;
+                    other.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }),
+        ));
     }
 
     let first = until_next_minute().await;
@@ -200,8 +237,14 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         );
     }
     stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
+    for (kind, c) in clients {
+        if kind == 2 {
+            // A stream admitted in the last window could run another minute: it is dropped
+            // (the mock counts only what it finished, the node charges what was generated).
+            c.abort();
+        } else {
+            c.await.unwrap();
+        }
     }
     let others = others.lock().unwrap().clone();
     println!("other answers: {others:?}");
@@ -215,7 +258,8 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
     );
     for (what, count) in &others {
         match what.as_str() {
-            "connection error" => {}
+            // The dead node's clients, and its streams running when it died.
+            "connection error" | "200 cut short" => {}
             "503 quota_unavailable" => assert!(*count <= 100, "{count} × {what}"),
             _ => panic!("unexpected answers after the leader kill: {count} × {what}"),
         }
@@ -247,6 +291,15 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         limited.load(Ordering::Relaxed) > 0,
         "the limit was never reached"
     );
+    let by_kind: Vec<u64> = served_by_kind
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    println!(
+        "answered in full: {} short, {} short without max_tokens, {} long streams",
+        by_kind[0], by_kind[1], by_kind[2]
+    );
+    assert!(by_kind.iter().all(|n| *n > 0), "a kind was never served");
 }
 
 /// Per-user limits across the cluster: 1,000 end users of one tenant, each limited to
