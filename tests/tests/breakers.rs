@@ -1,7 +1,8 @@
 //! Circuit breakers on one node (its own single-member cluster): failures trip a breaker through
 //! the replicated state, an open breaker takes the provider out of routing, half-open probes
-//! close it once the provider is back, and operators can force breakers open, closed or reset.
-//! (Propagation to other nodes is tested with real processes in `cluster.rs`.)
+//! close it once the provider is back, and operators can force breakers open, closed or reset;
+//! the retry budget bounds the fallbacks an outage brings. (Propagation to other nodes is
+//! tested with real processes in `cluster.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::net::SocketAddr;
@@ -356,4 +357,46 @@ async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// While every provider of a model fails (and no breaker trips), each request would be tried at
+/// both; the node's retry budget allows at most a fifth of its requests plus ten extra attempts
+/// per 10-second window, so the providers see far fewer than twice the requests.
+#[tokio::test]
+async fn the_retry_budget_bounds_the_fallbacks_an_outage_brings() {
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let toml = format!(
+        "[breaker]\nconsecutive_failures = 1000000\nmin_calls = 1000000\n\n{}{}",
+        provider_toml("a", &mock.base_url(), &["m=mock@fail:503"], ""),
+        provider_toml("b", &mock.base_url(), &["m=mock@fail:503"], ""),
+    );
+    let started = Instant::now();
+    let node = TestNode::start(&toml).await.unwrap();
+    const N: u64 = 200;
+    for _ in 0..N {
+        let resp = chat(&node).await;
+        assert_eq!(resp.status(), 503);
+        let _ = resp.bytes().await;
+    }
+    let elapsed = started.elapsed();
+    let sent = mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let windows = elapsed.as_secs() / 10 + 1;
+    println!(
+        "retry budget: {N} requests, {sent} upstream attempts in {elapsed:?} ({windows} budget window(s))"
+    );
+    // The budget's windows start with the node: every window this run touched may grant ten.
+    let bound = N + N / 5 + 10 * windows;
+    assert!(sent > N, "no fallback was made at all: {sent}");
+    assert!(
+        sent <= bound,
+        "{sent} upstream attempts for {N} requests (bound {bound}; {} without a budget)",
+        2 * N
+    );
+    assert!(
+        attempts(&node, "a").await + attempts(&node, "b").await == sent,
+        "the providers' own counts agree"
+    );
 }

@@ -470,3 +470,129 @@ async fn embed_returns_one_vector_per_input_is_cached_and_refuses_empty_input() 
         .expect_err("a bad feature");
     assert_eq!(bad_feature.code(), Code::InvalidArgument);
 }
+
+/// Callers with JWTs from a JWKS file, end to end: RS256 and EdDSA tokens are let in over HTTP
+/// and gRPC alike; a token without `iss` or `aud`, signed by a key the file does not hold, or
+/// naming no tenant is refused (401, its code saying why) on both.
+#[tokio::test]
+async fn jwts_from_a_jwks_file_rs256_and_eddsa_are_checked_over_http_and_grpc() {
+    use base64::Engine as _;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, jwk};
+    let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+    let rsa_signing = EncodingKey::from_rsa_pem(rsa.serialize_pem().as_bytes()).expect("pem");
+    let mut rsa_jwk = jwk::Jwk::from_encoding_key(&rsa_signing, Algorithm::RS256).expect("jwk");
+    rsa_jwk.common.key_id = Some("rsa-1".into());
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+    let ed_signing = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).expect("pem");
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ed.public_key_raw());
+    let mut jwks = serde_json::to_value(jwk::JwkSet {
+        keys: vec![rsa_jwk],
+    })
+    .expect("jwks");
+    jwks["keys"].as_array_mut().expect("keys").push(
+        serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "ed-1", "alg": "EdDSA"}),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks.to_string()).expect("jwks written");
+
+    let mock = MockUpstream::with_flavor(Flavor::OpenAi)
+        .await
+        .expect("mock");
+    let toml = format!(
+        "[jwt]\nissuer = \"https://idp.example\"\naudience = \"meridian\"\njwks_file = {:?}\ntier_claim = \"tier\"\n{}",
+        file.display().to_string(),
+        meridian_tests::provider_toml("mock", &mock.base_url(), &["mock"], "")
+    );
+    let node = TestNode::start(&toml).await.expect("node");
+    node.put_tier(tier("open", meridian_proto::pb::admin::Limits::default()))
+        .await
+        .expect("tier");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({"iss": "https://idp.example", "aud": "meridian",
+        "exp": now + 300, "sub": "user-1", "tenant": "partner-co", "tier": "open"});
+    let sign = |alg: Algorithm, kid: &str, key: &EncodingKey, claims: &serde_json::Value| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        encode(&header, claims, key).expect("signed")
+    };
+    let without = |field: &str| {
+        let mut c = claims.clone();
+        c.as_object_mut().expect("object").remove(field);
+        c
+    };
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+    let forged_key = EncodingKey::from_rsa_pem(other.serialize_pem().as_bytes()).expect("pem");
+    let good = [
+        sign(Algorithm::RS256, "rsa-1", &rsa_signing, &claims),
+        sign(Algorithm::EdDSA, "ed-1", &ed_signing, &claims),
+    ];
+    let bad = [
+        (
+            sign(Algorithm::RS256, "rsa-1", &rsa_signing, &without("iss")),
+            "missing_claim",
+        ),
+        (
+            sign(Algorithm::EdDSA, "ed-1", &ed_signing, &without("aud")),
+            "missing_claim",
+        ),
+        (
+            sign(Algorithm::RS256, "rsa-1", &forged_key, &claims),
+            "invalid_signature",
+        ),
+        (
+            sign(Algorithm::EdDSA, "ed-1", &ed_signing, &without("tenant")),
+            "missing_claim",
+        ),
+    ];
+
+    let http = reqwest::Client::new();
+    let body = meridian_tests::chat_body("mock", false, "");
+    for token in &good {
+        let resp = meridian_tests::chat_as(&http, &node.url(""), token, body.clone())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(
+            resp.status(),
+            200,
+            "{}",
+            resp.text().await.unwrap_or_default()
+        );
+        let mut grpc = InferenceClient::with_interceptor(
+            channel(node.grpc).await,
+            meridian_tests::Bearer::new(Some(token)),
+        );
+        grpc.chat(request("mock")).await.expect("let in over gRPC");
+    }
+    for (token, code) in &bad {
+        let resp = meridian_tests::chat_as(&http, &node.url(""), token, body.clone())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 401);
+        let v: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(v["error"]["code"], *code, "{v}");
+        let mut grpc = InferenceClient::with_interceptor(
+            channel(node.grpc).await,
+            meridian_tests::Bearer::new(Some(token)),
+        );
+        let err = grpc
+            .chat(request("mock"))
+            .await
+            .expect_err("refused over gRPC");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert_eq!(
+            err.metadata().get("x-meridian-error-code").expect("code"),
+            *code
+        );
+    }
+    assert_eq!(
+        mock.stats.requests.load(SeqCst),
+        4,
+        "only the good tokens' calls reached the provider"
+    );
+}
