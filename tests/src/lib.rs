@@ -393,12 +393,23 @@ pub fn provider_toml_kind(
 /// that checks per-minute limits must not straddle a window boundary (the next window brings a
 /// fresh budget and the limit is not reached when the test expects it).
 pub async fn inside_one_minute(needed: Duration) {
+    inside_one(60_000, needed.min(Duration::from_secs(50))).await;
+}
+
+/// Waits, if needed, until the next `needed` fall inside one UTC day: a test of daily limits
+/// must not straddle midnight (the next day brings a fresh budget).
+pub async fn inside_one_day(needed: Duration) {
+    inside_one(86_400_000, needed).await;
+}
+
+/// Waits until the next `needed` fall inside one period of `period_ms` of Unix time.
+async fn inside_one(period_ms: u64, needed: Duration) {
     let into = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() % 60_000) as u64;
-    let needed = (needed.as_millis() as u64).min(50_000);
-    if into + needed > 60_000 {
-        tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
+        .map_or(0, |d| d.as_millis() as u64 % period_ms);
+    let needed = needed.as_millis() as u64;
+    if into + needed > period_ms {
+        tokio::time::sleep(Duration::from_millis(period_ms - into + 100)).await;
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
-use meridian_tests::provider_toml;
+use meridian_tests::{inside_one_day, provider_toml};
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -310,14 +310,7 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
     const USERS: u64 = 1_000;
     const PER_USER: u64 = 400;
     // A day window: keep clear of midnight (UTC), when every user's window starts again.
-    let into_day = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        % 86_400;
-    if into_day > 86_400 - 180 {
-        tokio::time::sleep(Duration::from_secs(86_400 - into_day + 5)).await;
-    }
+    inside_one_day(Duration::from_secs(180)).await;
     let (mock, h, key) = three_nodes_with(
         23,
         1,
@@ -432,4 +425,160 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
         mean >= 0.5 * PER_USER as f64,
         "users got too little of their limit: mean {mean:.0}"
     );
+}
+
+/// A feature's daily token limit and a tenant's daily spend cap, each across three nodes: two
+/// tenants hammer through all three at once, one with every request under the feature
+/// `summarize` (20,000 tokens a day), the other limited to $0.06 a day on a priced model.
+/// Ground truth is each tenant's own mock: its tokens, and their cost at the model's prices,
+/// must land within [0.9, 1.02] × the limit.
+#[tokio::test]
+async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
+    const FEATURE_TOKENS: u64 = 20_000;
+    const SPEND_MICRO_USD: u64 = 60_000;
+    inside_one_day(Duration::from_secs(120)).await;
+    let featured = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let priced = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let mut h = Harness::new(31);
+    // $2 per million input tokens and $8 per million output tokens: 2 and 8 micro-USD a token.
+    h.providers = format!(
+        "{}{}[[prices]]\nmodel = \"p\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n",
+        provider_toml(
+            "featured",
+            &featured.base_url(),
+            &["f=mock@tokens:40"],
+            "max_concurrency = 256"
+        ),
+        provider_toml(
+            "priced",
+            &priced.base_url(),
+            &["p=mock@tokens:40"],
+            "max_concurrency = 256"
+        ),
+    );
+    h.boot(&[1, 2, 3]).await;
+    let mut admin = h.admin(1).await.unwrap();
+    admin
+        .put_tier(pb::PutTierRequest {
+            tier: Some(pb::Tier {
+                name: "open".into(),
+                ..pb::Tier::default()
+            }),
+        })
+        .await
+        .unwrap();
+    for tenant in [
+        pb::Tenant {
+            id: "writer".into(),
+            tier: "open".into(),
+            features: [(
+                "summarize".to_owned(),
+                pb::Limits {
+                    tokens_per_day: Some(FEATURE_TOKENS),
+                    ..pb::Limits::default()
+                },
+            )]
+            .into(),
+            ..pb::Tenant::default()
+        },
+        pb::Tenant {
+            id: "spender".into(),
+            tier: "open".into(),
+            overrides: Some(pb::Limits {
+                cost_per_day_micro_usd: Some(SPEND_MICRO_USD),
+                ..pb::Limits::default()
+            }),
+            ..pb::Tenant::default()
+        },
+    ] {
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(tenant),
+            })
+            .await
+            .unwrap();
+    }
+    let writer = h.api_key(1, "writer").await.unwrap();
+    let spender = h.api_key(1, "spender").await.unwrap();
+    // Both tenants' records on every node before the hammer starts.
+    h.wait_replicated(&[1, 2, 3], &["spender".to_owned(), "writer".to_owned()], T)
+        .await;
+
+    // Six clients per tenant, two on each node, each until it has been refused 20 times (its
+    // node out of budget for good: a daily limit does not come back within the test).
+    let mut clients = Vec::new();
+    for c in 0..12 {
+        let url = format!("{}/v1/chat/completions", h.node(c % 3 + 1).http());
+        let (key, model, feature) = if c < 6 {
+            (writer.clone(), "f", Some("summarize"))
+        } else {
+            (spender.clone(), "p", None)
+        };
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let body = format!(
+                r#"{{"model":"{model}","max_tokens":40,"messages":[{{"role":"user","content":"count to forty"}}]}}"#
+            );
+            let (mut ok, mut refused) = (0u64, 0u64);
+            let mut codes = std::collections::BTreeMap::<String, u64>::new();
+            while refused < 20 {
+                let mut req = client.post(&url).bearer_auth(&key).body(body.clone());
+                req = req.header("content-type", "application/json");
+                if let Some(f) = feature {
+                    req = req.header("x-meridian-feature", f);
+                }
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                match status {
+                    200 => ok += 1,
+                    429 => {
+                        refused += 1;
+                        *codes
+                            .entry(v["error"]["code"].as_str().unwrap_or("?").to_owned())
+                            .or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("answered {other}: {v}"),
+                }
+            }
+            (ok, codes)
+        }));
+    }
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    let mut ok = 0;
+    for c in clients {
+        let (n, seen) = c.await.unwrap();
+        ok += n;
+        for (code, k) in seen {
+            *codes.entry(code).or_default() += k;
+        }
+    }
+    let tokens = |m: &MockUpstream| {
+        (
+            m.stats.prompt_tokens.load(Ordering::SeqCst),
+            m.stats.completion_tokens.load(Ordering::SeqCst),
+        )
+    };
+    let (fp, fc) = tokens(&featured);
+    let (pp, pc) = tokens(&priced);
+    let spent = 2 * pp + 8 * pc;
+    let feature_share = (fp + fc) as f64 / FEATURE_TOKENS as f64;
+    let spend_share = spent as f64 / SPEND_MICRO_USD as f64;
+    println!(
+        "{ok} answered; refusals {codes:?}; feature: {} tokens = {feature_share:.3} × its limit; \
+         spend: {spent} micro-USD = {spend_share:.3} × the cap",
+        fp + fc
+    );
+    assert_eq!(
+        codes.keys().cloned().collect::<Vec<_>>(),
+        ["cost_per_day", "tokens_per_day"],
+        "each tenant refused by its own limit"
+    );
+    for (what, share) in [("feature", feature_share), ("spend", spend_share)] {
+        assert!(
+            (0.9..=1.02).contains(&share),
+            "{what}: {share:.3} × its limit is outside [0.9, 1.02]"
+        );
+    }
 }
