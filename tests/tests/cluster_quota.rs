@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
-use meridian_tests::{inside_one_day, provider_toml};
+use meridian_tests::{inside_one_day, inside_one_minute, provider_toml};
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -581,4 +581,222 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
             "{what}: {share:.3} × its limit is outside [0.9, 1.02]"
         );
     }
+}
+
+/// Sends `body` to `url` as `key` one request at a time until an answer other than 200; the
+/// 200s counted, and that answer's status and error code.
+async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
+    let client = reqwest::Client::new();
+    let mut ok = 0;
+    loop {
+        let resp = client
+            .post(url)
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if status != 200 {
+            return (
+                ok,
+                status,
+                v["error"]["code"].as_str().unwrap_or("?").into(),
+            );
+        }
+        ok += 1;
+        assert!(ok < 100_000, "never refused");
+    }
+}
+
+/// Without quorum, with real processes: two of three nodes are killed. The survivor admits
+/// its static share of each limit on its own, then follows each limit's policy — a daily token
+/// limit (`deny`) answers 503 `quota_unavailable`, a per-minute request limit (`local_share`)
+/// admits up to a third of the limit and then 429. Once the others are back, the survivor
+/// admits again through grants, what it admitted alone reaches the ledger, and the day's total
+/// across the cluster still lands within [0.9, 1.02] × the limit.
+#[tokio::test]
+async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_returns() {
+    const DAY: u64 = 30_000;
+    const RPM: u64 = 300;
+    inside_one_day(Duration::from_secs(180)).await;
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let mut h = Harness::new(32);
+    h.providers = provider_toml(
+        "mock",
+        &mock.base_url(),
+        &["mock@tokens:40"],
+        "max_concurrency = 256",
+    );
+    for id in [1, 2, 3] {
+        h.extra.insert(
+            id,
+            "[quota.no_quorum]\nrequests_per_minute = \"local_share\"\ntokens_per_day = \"deny\"\n"
+                .into(),
+        );
+    }
+    h.boot(&[1, 2, 3]).await;
+    let mut admin = h.admin(1).await.unwrap();
+    for (name, limits) in [
+        (
+            "daily",
+            pb::Limits {
+                tokens_per_day: Some(DAY),
+                ..pb::Limits::default()
+            },
+        ),
+        (
+            "minute",
+            pb::Limits {
+                requests_per_minute: Some(RPM),
+                ..pb::Limits::default()
+            },
+        ),
+    ] {
+        admin
+            .put_tier(pb::PutTierRequest {
+                tier: Some(pb::Tier {
+                    name: name.into(),
+                    limits: Some(limits),
+                    ..pb::Tier::default()
+                }),
+            })
+            .await
+            .unwrap();
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: name.into(),
+                    tier: name.into(),
+                    ..pb::Tenant::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let daily = h.api_key(1, "daily").await.unwrap();
+    let minute = h.api_key(1, "minute").await.unwrap();
+    h.wait_replicated(&[1, 2, 3], &["daily".to_owned(), "minute".to_owned()], T)
+        .await;
+    let urls: Vec<String> = [1, 2, 3]
+        .iter()
+        .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
+        .collect();
+    let url = |id: u64| urls[id as usize - 1].clone();
+    // The daily tenant's requests name a user, so the mock counts its tokens apart.
+    let day_body = r#"{"model":"mock@tokens:40","max_tokens":40,"user":"day","messages":[{"role":"user","content":"count to forty"}]}"#;
+    let body = r#"{"model":"mock@tokens:40","max_tokens":40,"messages":[{"role":"user","content":"count to forty"}]}"#;
+    let day_tokens = || {
+        mock.stats
+            .tokens_by_user
+            .lock()
+            .unwrap()
+            .get("day")
+            .copied()
+            .unwrap_or(0)
+    };
+
+    // Quorum lost: node 1 alone.
+    inside_one_minute(Duration::from_secs(30)).await;
+    h.kill(2);
+    h.kill(3);
+    let (alone, status, code) = until_refused(&url(1), &daily, day_body).await;
+    let served_alone = day_tokens();
+    println!(
+        "no quorum, daily tokens (deny): {alone} answered ({served_alone} tokens), then {status} {code}"
+    );
+    assert_eq!((status, code.as_str()), (503, "quota_unavailable"));
+    // Its static share: half the limit split three ways, give or take one request.
+    let share = DAY / 2 / 3;
+    assert!(
+        served_alone <= share + 100 && served_alone >= share / 2,
+        "{served_alone} tokens served alone, its share is {share}"
+    );
+    // The per-minute limit: its static share first; while the node finds out that no slice
+    // can be had (its grant request must fail first) it answers 503 `quota_unavailable`, then
+    // it admits up to a third of the limit on its own, then 429.
+    let lost = Instant::now();
+    let mut minute_alone = 0;
+    let mut unavailable = 0;
+    let (status, code) = loop {
+        let (ok, status, code) = until_refused(&url(1), &minute, body).await;
+        minute_alone += ok;
+        if (status, code.as_str()) != (503, "quota_unavailable") || lost.elapsed() > T {
+            break (status, code);
+        }
+        unavailable += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "no quorum, requests per minute (local_share): {minute_alone} answered, {unavailable} \
+         × 503 quota_unavailable while the grant request failed, then {status} {code} after {:?}",
+        lost.elapsed()
+    );
+    assert_eq!((status, code.as_str()), (429, "requests_per_minute"));
+    assert!(
+        (RPM / 3 - 5..=RPM / 3).contains(&minute_alone),
+        "{minute_alone} requests admitted alone; a third of the limit is {}",
+        RPM / 3
+    );
+
+    // Quorum back: node 1 admits the daily tenant again, through grants.
+    let back = Instant::now();
+    h.start(2).await;
+    h.start(3).await;
+    h.agreed_leader(&[1, 2, 3], None, T).await;
+    let client = reqwest::Client::new();
+    h.wait_for("node 1 to admit the daily tenant again", T, || async {
+        let resp = client
+            .post(url(1))
+            .bearer_auth(&daily)
+            .header("content-type", "application/json")
+            .body(day_body)
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    println!(
+        "admitting again {:?} after the restarts began",
+        back.elapsed()
+    );
+    // What node 1 admitted alone is in the ledger.
+    h.wait_for("the ledger to hold node 1's usage alone", T, || async {
+        let mut a = h.admin(2).await?;
+        let r = a
+            .cluster_state(pb::ClusterStateRequest {
+                section: "ledger".into(),
+                prefix: "tenant/daily/tokens_per_day".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
+        let used = v["tenant/daily/tokens_per_day"]["used"].as_u64()?;
+        (used >= served_alone).then_some(())
+    })
+    .await;
+    // The rest of the day's budget through all three nodes: the total stays within bounds.
+    let rest = futures::future::join_all([1, 2, 3].map(|id| {
+        let (u, k) = (url(id), daily.clone());
+        async move { until_refused(&u, &k, day_body).await }
+    }))
+    .await;
+    for (ok, status, code) in &rest {
+        assert_eq!(
+            (*status, code.as_str()),
+            (429, "tokens_per_day"),
+            "after {ok}"
+        );
+    }
+    let total = day_tokens();
+    let day_share = total as f64 / DAY as f64;
+    println!("the day's total across the cluster: {total} tokens = {day_share:.3} × the limit");
+    assert!(
+        (0.9..=1.02).contains(&day_share),
+        "{day_share:.3} × the daily limit is outside [0.9, 1.02]"
+    );
 }
