@@ -201,7 +201,7 @@ impl Registry {
         if let Some(c) = &self.inner.cluster {
             let records = registry_records(c.node_id, std::slice::from_ref(&provider));
             let id = records[0].id.clone();
-            let task = tokio::spawn(publish_providers(c.clone(), records));
+            let task = tokio::spawn(keep_published(c.clone(), records[0].clone()));
             self.replace_registration(&id, task);
         }
         Ok(provider)
@@ -280,7 +280,7 @@ impl Registry {
         };
         self.add_provider(spec).await?;
         if let Some(c) = &self.inner.cluster {
-            let task = tokio::spawn(publish_providers(c.clone(), vec![record.clone()]));
+            let task = tokio::spawn(keep_published(c.clone(), record.clone()));
             self.replace_registration(&record.id, task);
         }
         Ok(())
@@ -505,6 +505,22 @@ async fn publish_providers(cluster: Replicated, records: Vec<ProviderRecord>) {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Keeps one of this node's records in the replicated registry for as long as it stands (the
+/// task is aborted when the record is replaced or removed): published until it commits, and
+/// again whenever it goes missing — a removal proposed before it may commit after it (a
+/// restarted node clearing the record it left from before, while the same replica registers
+/// anew: the old record looked like the new one, the removal landed last, and the live replica
+/// was left unregistered).
+async fn keep_published(cluster: Replicated, record: ProviderRecord) {
+    let mut state = cluster.state.clone();
+    loop {
+        publish_providers(cluster.clone(), vec![record.clone()]).await;
+        if state.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -583,17 +583,19 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
 /// Three nodes, node 1 with the `[[vllm]]` section `vllm` (the mock vLLM on `port`), and tenant
 /// `acme` with an API key, which is returned.
 async fn boot_with_replica(h: &mut Harness, port: u16, vllm: &str) -> String {
-    h.extra.insert(
-        1,
-        format!(
-            "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
-             served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
-             health_interval = \"100ms\"\n{vllm}",
-            env!("CARGO_BIN_EXE_mock-vllm")
-        ),
-    );
+    h.extra.insert(1, replica_section(port, vllm));
     boot_with_acme(h).await;
     h.api_key(1, "acme").await.unwrap()
+}
+
+/// A `[[vllm]]` group of one mock-vllm replica on `port`, with `vllm` in its section.
+fn replica_section(port: u16, vllm: &str) -> String {
+    format!(
+        "[[vllm]]\nid = \"llama\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n\
+         served_model_names = [\"llama-8b\"]\ncommand = {:?}\nport = {port}\n\
+         health_interval = \"100ms\"\n{vllm}",
+        env!("CARGO_BIN_EXE_mock-vllm")
+    )
 }
 
 /// Boots nodes 1, 2 and 3 and writes tenant `acme` (tier `free`) through node 1.
@@ -878,6 +880,58 @@ async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
         refused.as_millis()
     );
     assert!(refused < Duration::from_secs(3));
+
+    // The owner back (its replica now 1.5 s to its first token): calls through it work again.
+    h.extra.insert(
+        1,
+        replica_section(
+            port,
+            "[vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=30;itl_ms=20;ttft_ms=1500\"\n",
+        ),
+    );
+    h.configure(1, &[1, 2, 3], false);
+    h.start(1).await;
+    let restarted = Instant::now();
+    h.wait_each(
+        &[2, 3],
+        "to call the restarted owner's replica",
+        T,
+        |id| async move { post(id, false).await.is_ok_and(|r| r.status() == 200) },
+    )
+    .await;
+    println!(
+        "node 1 restarted: nodes 2 and 3 called its replica through the mesh again {} ms later",
+        restarted.elapsed().as_millis()
+    );
+    // A client that leaves a forwarded stream before its first byte: the owner's call is
+    // cancelled, not run to its end.
+    let before = mock_stats().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), post(2, true)).await;
+    let left = Instant::now();
+    h.wait_for(
+        "the replica to see the call cancelled before its first token",
+        Duration::from_secs(3),
+        || async {
+            let s = mock_stats().await?;
+            (s["aborted"].as_u64()? > before["aborted"].as_u64()?).then_some(())
+        },
+    )
+    .await;
+    let after = mock_stats().await.unwrap();
+    println!(
+        "a client that left a forwarded stream before its first byte: the replica's call was \
+         closed {} ms later",
+        left.elapsed().as_millis()
+    );
+    assert_eq!(
+        after["requests"].as_u64(),
+        before["requests"].as_u64().map(|n| n + 1),
+        "the call reached the replica"
+    );
+    assert_eq!(
+        after["completed"], before["completed"],
+        "and was not run to its end"
+    );
 }
 
 #[tokio::test]
