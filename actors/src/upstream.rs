@@ -295,7 +295,8 @@ impl Upstream {
     pub fn kind(&self) -> ProviderKind {
         match self {
             Self::Api(a) => match a.dialect() {
-                Dialect::OpenAi | Dialect::Vllm => ProviderKind::OpenAi,
+                Dialect::OpenAi => ProviderKind::OpenAi,
+                Dialect::Vllm => ProviderKind::Vllm,
                 Dialect::Anthropic { .. } => ProviderKind::Anthropic,
             },
             Self::Demo(_) => ProviderKind::Demo,

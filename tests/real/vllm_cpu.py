@@ -99,7 +99,7 @@ VLLM_TARGET_DEVICE = "cpu"
 # compared with what vLLM bills.
 [[providers]]
 id = "direct"
-kind = "openai"
+kind = "vllm"
 base_url = "http://127.0.0.1:{vllm_port}/v1"
 models = ["smol-own-tokenizer=smol"]
 tokenizer = "{MODEL}/tokenizer.json"

@@ -262,7 +262,7 @@ fn cases() -> Vec<(&'static str, Value, Seen)> {
 async fn every_adapter_gives_clients_the_same_answers() {
     let adapters = [
         ("openai", Flavor::OpenAi),
-        ("openai", Flavor::Vllm),
+        ("vllm", Flavor::Vllm),
         ("anthropic", Flavor::Anthropic),
     ];
     for (kind, flavor) in adapters {

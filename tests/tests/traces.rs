@@ -74,7 +74,7 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         ("gen_ai.operation.name", "chat"),
         ("gen_ai.request.model", "m"),
         ("gen_ai.response.model", "m"),
-        ("gen_ai.provider.name", "openai"),
+        ("gen_ai.provider.name", "vllm"),
         ("meridian.provider", "mock"),
         ("meridian.tenant", "dev"),
         ("meridian.code", "ok"),
