@@ -389,6 +389,13 @@ pub fn provider_toml_kind(
     )
 }
 
+/// Seconds since the Unix epoch, now.
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Waits, if needed, until the next `needed` seconds fall inside one wall-clock minute: a test
 /// that checks per-minute limits must not straddle a window boundary (the next window brings a
 /// fresh budget and the limit is not reached when the test expects it).

@@ -508,10 +508,7 @@ async fn jwts_from_a_jwks_file_rs256_and_eddsa_are_checked_over_http_and_grpc() 
     node.put_tier(tier("open", meridian_proto::pb::admin::Limits::default()))
         .await
         .expect("tier");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = meridian_tests::unix_secs();
     let claims = serde_json::json!({"iss": "https://idp.example", "aud": "meridian",
         "exp": now + 300, "sub": "user-1", "tenant": "partner-co", "tier": "open"});
     let sign = |alg: Algorithm, kid: &str, key: &EncodingKey, claims: &serde_json::Value| {

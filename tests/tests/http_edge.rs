@@ -802,10 +802,7 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
     ))
     .await
     .expect("tier");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = meridian_tests::unix_secs();
     let token = |exp: u64, aud: &str| {
         encode(
             &Header::default(),
