@@ -41,7 +41,7 @@ pub mod forward;
 pub mod link;
 pub mod wire;
 
-pub use link::{Vouch, session_peer};
+pub use link::{Vouch, peer_id, remote_session, session_peer};
 pub use wire::{MAX_FRAME, MeshMsg};
 
 use forward::Served;
@@ -169,12 +169,6 @@ pub fn mesh_name(id: u64) -> String {
     format!("node-{id}")
 }
 
-/// The node id in a session's peer name (`node-<id>@<host>`).
-pub fn peer_id(peer_name: &str) -> Option<u64> {
-    let name = peer_name.split_once('@').map_or(peer_name, |(n, _)| n);
-    name.strip_prefix("node-")?.parse().ok()
-}
-
 /// Why a peer's agent did not describe itself.
 #[derive(Debug, thiserror::Error)]
 pub enum DescribeError {
@@ -189,14 +183,6 @@ pub enum DescribeError {
     Unsent(String),
     #[error("an agent behind node {session}'s session described node {answered}")]
     Impostor { session: u64, answered: u64 },
-}
-
-/// ractor's id of the session a remote actor lives behind (`None`: a local actor).
-pub fn remote_session(cell: &ractor::ActorCell) -> Option<u64> {
-    match cell.get_id() {
-        ractor::ActorId::Remote { node_id, .. } => Some(node_id),
-        ractor::ActorId::Local(_) => None,
-    }
 }
 
 impl Mesh {

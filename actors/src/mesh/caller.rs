@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use meridian_proto::cluster::Reach;
 
+use super::link;
 use super::wire::*;
 use crate::upstream::{Chunk, ChunkStream, Completion, Phase, Relay, Timeouts, UpstreamError};
 
@@ -52,9 +53,7 @@ impl MeshUpstream {
         // (certificate-bound) session.
         pg::get_members(&node_group(self.node))
             .into_iter()
-            .find(|cell| {
-                super::remote_session(cell).and_then(super::session_peer) == Some(self.node)
-            })
+            .find(|cell| link::remote_session(cell).and_then(link::session_peer) == Some(self.node))
             .map(ActorRef::from)
             .ok_or_else(|| {
                 UpstreamError::Connect(format!(

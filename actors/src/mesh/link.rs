@@ -25,8 +25,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::peer_id;
-
 /// Whether a peer holding certificate `cert` may be node `id` on the mesh (`Err`: why not).
 pub type Vouch = Arc<dyn Fn(&CertificateDer<'_>, u64) -> Result<(), String> + Send + Sync>;
 
@@ -300,6 +298,20 @@ struct Auth {
 struct Named {
     #[prost(string, tag = "1")]
     name: String,
+}
+
+/// The node id in a session's peer name (`node-<id>@<host>`).
+pub fn peer_id(peer_name: &str) -> Option<u64> {
+    let name = peer_name.split_once('@').map_or(peer_name, |(n, _)| n);
+    name.strip_prefix("node-")?.parse().ok()
+}
+
+/// ractor's id of the session a remote actor lives behind (`None`: a local actor).
+pub fn remote_session(cell: &ractor::ActorCell) -> Option<u64> {
+    match cell.get_id() {
+        ractor::ActorId::Remote { node_id, .. } => Some(node_id),
+        ractor::ActorId::Local(_) => None,
+    }
 }
 
 /// Node ids of the authenticated sessions, by ractor's id of the session (the `node_id` of
