@@ -193,7 +193,10 @@ fn nothing_below_the_gateway_imports_it() {
     ];
     let below: Vec<&String> = graph
         .iter()
-        .filter(|(m, to)| to.contains("gateway") && !above.contains(&m.as_str()))
+        // The gateway's own modules (`gateway::routing`) are the gateway.
+        .filter(|(m, to)| {
+            to.contains("gateway") && !above.contains(&m.as_str()) && !m.starts_with("gateway::")
+        })
         .map(|(m, _)| m)
         .collect();
     assert!(
