@@ -4,19 +4,10 @@
 
 use super::*;
 
+mod cluster;
+
 pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut e = Errors::default();
-
-    let addr = |e: &mut Errors, path: &str, v: Option<&String>, default: &str| {
-        let s = v.map_or(default, String::as_str);
-        s.parse::<SocketAddr>().unwrap_or_else(|_| {
-            e.push(
-                path,
-                format!("{s:?} is not a socket address like 127.0.0.1:8080"),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })
-    };
 
     let node = NodeConfig {
         id: match raw.node.id {
@@ -37,170 +28,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     if node.region.is_empty() {
         e.push("node.region", "must not be empty");
     }
-    let rd = RaftTimings::default();
-    let c = &raw.cluster;
-    let raft = RaftTimings {
-        heartbeat: duration(
-            &mut e,
-            "cluster.heartbeat",
-            c.heartbeat.as_ref(),
-            rd.heartbeat,
-        ),
-        election_min: duration(
-            &mut e,
-            "cluster.election_timeout_min",
-            c.election_timeout_min.as_ref(),
-            rd.election_min,
-        ),
-        election_max: duration(
-            &mut e,
-            "cluster.election_timeout_max",
-            c.election_timeout_max.as_ref(),
-            rd.election_max,
-        ),
-        snapshot_every: u64::from(int(
-            &mut e,
-            "cluster.snapshot_every",
-            c.snapshot_every,
-            10_000,
-            10,
-            100_000_000,
-        )),
-        keep_after_snapshot: u64::from(int(
-            &mut e,
-            "cluster.keep_after_snapshot",
-            c.keep_after_snapshot,
-            1_000,
-            0,
-            100_000_000,
-        )),
-    };
-    if raft.election_min <= raft.heartbeat {
-        e.push(
-            "cluster.election_timeout_min",
-            "must be longer than cluster.heartbeat",
-        );
-    }
-    if raft.election_max <= raft.election_min {
-        e.push(
-            "cluster.election_timeout_max",
-            "must be longer than cluster.election_timeout_min",
-        );
-    }
-    let cluster = if c.peers.is_empty() && !c.join {
-        None
-    } else {
-        let mut peers = Vec::new();
-        for (i, p) in c.peers.iter().enumerate() {
-            let parsed = p
-                .split_once('@')
-                .and_then(|(id, addr)| Some((id.parse::<u64>().ok()?, host_port(addr)?)));
-            match parsed {
-                Some((id, _)) if id == node.id => {
-                    e.push(format!("cluster.peers[{i}]"), "lists this node itself");
-                }
-                Some(peer) => peers.push(peer),
-                None => e.push(
-                    format!("cluster.peers[{i}]"),
-                    format!(
-                        "{p:?} is not ID@HOST:PORT (e.g. 2@10.0.0.2:7000 or 2@meridian-1.meridian:7000)"
-                    ),
-                ),
-            }
-        }
-        let listen = addr(
-            &mut e,
-            "cluster.listen",
-            c.listen.as_ref(),
-            "127.0.0.1:7000",
-        );
-        // Where peers reach this node: an address, or a name resolved each time they dial
-        // (a Kubernetes pod's stable DNS name outlives its IP).
-        let advertise = match &c.advertise {
-            Some(a) => host_port(a).unwrap_or_else(|| {
-                e.push(
-                    "cluster.advertise",
-                    format!("{a:?} is not HOST:PORT (an address or a DNS name, and a port)"),
-                );
-                listen.to_string()
-            }),
-            None => listen.to_string(),
-        };
-        if advertise
-            .parse::<SocketAddr>()
-            .is_ok_and(|a| a.ip().is_unspecified())
-        {
-            e.push(
-                if c.advertise.is_some() {
-                    "cluster.advertise"
-                } else {
-                    "cluster.listen"
-                },
-                format!(
-                    "{advertise} is not an address peers can reach; set cluster.advertise to this node's address"
-                ),
-            );
-        }
-        let certs_dir = PathBuf::from(
-            c.certs_dir
-                .clone()
-                .unwrap_or_else(|| "./meridian-certs".into()),
-        );
-        for file in [
-            "ca.crt".to_owned(),
-            format!("node-{}.crt", node.id),
-            format!("node-{}.key", node.id),
-        ] {
-            if !certs_dir.join(&file).exists() {
-                e.push(
-                    "cluster.certs_dir",
-                    format!(
-                        "{} has no {file} (create it with `meridian certs init` and `meridian certs issue {}`)",
-                        certs_dir.display(),
-                        node.id
-                    ),
-                );
-            }
-        }
-        let mesh_listen = match &c.mesh_listen {
-            Some(_) => addr(&mut e, "cluster.mesh_listen", c.mesh_listen.as_ref(), ""),
-            None => SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)),
-        };
-        let mesh_advertise = match advertise.parse::<SocketAddr>() {
-            Ok(a) => SocketAddr::new(a.ip(), mesh_listen.port()).to_string(),
-            Err(_) => {
-                let host = advertise.rsplit_once(':').map_or("", |(h, _)| h);
-                format!("{host}:{}", mesh_listen.port())
-            }
-        };
-        let mesh_cookie = match &c.mesh_cookie_env {
-            None => None,
-            Some(var) => match env.get(var) {
-                Some(v) if v.len() >= 16 => Some(Secret(v)),
-                Some(_) => {
-                    e.push(
-                        "cluster.mesh_cookie_env",
-                        format!("${var} must hold at least 16 characters"),
-                    );
-                    None
-                }
-                None => {
-                    e.push("cluster.mesh_cookie_env", format!("${var} is not set"));
-                    None
-                }
-            },
-        };
-        Some(ClusterPeers {
-            listen,
-            advertise,
-            certs_dir,
-            peers,
-            join: c.join,
-            mesh_listen,
-            mesh_advertise,
-            mesh_cookie,
-        })
-    };
+    let (raft, cluster) = cluster::validate(&mut e, &raw.cluster, node.id, env);
     let http = HttpConfig {
         listen: addr(
             &mut e,
@@ -515,72 +343,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     } else {
         None
     };
-    let breaker = {
-        let b = &raw.breaker;
-        let d = BreakerConfig::default();
-        let rate = |e: &mut Errors, path: &str, v: Option<f64>, default: f64| match v {
-            None => default,
-            Some(r) if (0.0..=1.0).contains(&r) && r > 0.0 => r,
-            Some(r) => {
-                e.push(path, format!("must be in (0, 1], got {r}"));
-                default
-            }
-        };
-        let c = BreakerConfig {
-            consecutive_failures: int(
-                &mut e,
-                "breaker.consecutive_failures",
-                b.consecutive_failures,
-                d.consecutive_failures,
-                1,
-                1_000_000,
-            ),
-            error_rate: rate(&mut e, "breaker.error_rate", b.error_rate, d.error_rate),
-            min_calls: int(
-                &mut e,
-                "breaker.min_calls",
-                b.min_calls,
-                d.min_calls,
-                1,
-                1_000_000,
-            ),
-            window: duration(&mut e, "breaker.window", b.window.as_ref(), d.window),
-            slow_call: duration(
-                &mut e,
-                "breaker.slow_call",
-                b.slow_call.as_ref(),
-                d.slow_call,
-            ),
-            slow_rate: rate(&mut e, "breaker.slow_rate", b.slow_rate, d.slow_rate),
-            open_base: duration(
-                &mut e,
-                "breaker.open_base",
-                b.open_base.as_ref(),
-                d.open_base,
-            ),
-            open_max: duration(&mut e, "breaker.open_max", b.open_max.as_ref(), d.open_max),
-            probes: int(&mut e, "breaker.probes", b.probes, d.probes, 1, 1_000),
-            probe_grace: duration(
-                &mut e,
-                "breaker.probe_grace",
-                b.probe_grace.as_ref(),
-                d.probe_grace,
-            ),
-            lone_tenant_share: rate(
-                &mut e,
-                "breaker.lone_tenant_share",
-                b.lone_tenant_share,
-                d.lone_tenant_share,
-            ),
-        };
-        if c.open_max < c.open_base {
-            e.push(
-                "breaker.open_max",
-                "must not be shorter than breaker.open_base",
-            );
-        }
-        c
-    };
+    let breaker = breaker(&mut e, &raw.breaker);
     let auth = AuthConfig {
         enabled: raw.auth.enabled.unwrap_or(true),
         dev_key: raw.auth.dev_key.unwrap_or(true),
@@ -824,6 +587,75 @@ fn alerts(e: &mut Errors, raw: &super::raw::RawAlerts) -> crate::alerts::AlertsC
 }
 
 /// `HOST:PORT` where HOST is an IP address or a DNS name: the text as given, if it is one.
+/// `[breaker]`.
+fn breaker(e: &mut Errors, b: &super::raw::RawBreaker) -> BreakerConfig {
+    let d = BreakerConfig::default();
+    let rate = |e: &mut Errors, path: &str, v: Option<f64>, default: f64| match v {
+        None => default,
+        Some(r) if (0.0..=1.0).contains(&r) && r > 0.0 => r,
+        Some(r) => {
+            e.push(path, format!("must be in (0, 1], got {r}"));
+            default
+        }
+    };
+    let c = BreakerConfig {
+        consecutive_failures: int(
+            e,
+            "breaker.consecutive_failures",
+            b.consecutive_failures,
+            d.consecutive_failures,
+            1,
+            1_000_000,
+        ),
+        error_rate: rate(e, "breaker.error_rate", b.error_rate, d.error_rate),
+        min_calls: int(
+            e,
+            "breaker.min_calls",
+            b.min_calls,
+            d.min_calls,
+            1,
+            1_000_000,
+        ),
+        window: duration(e, "breaker.window", b.window.as_ref(), d.window),
+        slow_call: duration(e, "breaker.slow_call", b.slow_call.as_ref(), d.slow_call),
+        slow_rate: rate(e, "breaker.slow_rate", b.slow_rate, d.slow_rate),
+        open_base: duration(e, "breaker.open_base", b.open_base.as_ref(), d.open_base),
+        open_max: duration(e, "breaker.open_max", b.open_max.as_ref(), d.open_max),
+        probes: int(e, "breaker.probes", b.probes, d.probes, 1, 1_000),
+        probe_grace: duration(
+            e,
+            "breaker.probe_grace",
+            b.probe_grace.as_ref(),
+            d.probe_grace,
+        ),
+        lone_tenant_share: rate(
+            e,
+            "breaker.lone_tenant_share",
+            b.lone_tenant_share,
+            d.lone_tenant_share,
+        ),
+    };
+    if c.open_max < c.open_base {
+        e.push(
+            "breaker.open_max",
+            "must not be shorter than breaker.open_base",
+        );
+    }
+    c
+}
+
+/// `v` (or `default`) as a socket address; a bad one is reported at `path`.
+fn addr(e: &mut Errors, path: &str, v: Option<&String>, default: &str) -> SocketAddr {
+    let s = v.map_or(default, String::as_str);
+    s.parse::<SocketAddr>().unwrap_or_else(|_| {
+        e.push(
+            path,
+            format!("{s:?} is not a socket address like 127.0.0.1:8080"),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
 fn host_port(text: &str) -> Option<String> {
     if text.parse::<SocketAddr>().is_ok() {
         return Some(text.to_owned());
