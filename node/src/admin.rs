@@ -12,12 +12,14 @@ use meridian_actors::Gateway;
 use meridian_actors::auth;
 use meridian_cluster::raft::{ClusterError, ClusterNode};
 use meridian_proto::cluster::{
-    ApiKeyRecord, Applied, BreakerState, Command, ProviderKind, Table, Tenant, Tier, changed_fields,
+    ApiKeyRecord, Applied, BreakerState, Command, ProviderKind, Tenant, Tier, changed_fields,
 };
 use meridian_proto::convert::invalid_name;
 use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
+
+use pages::{Page, after_key, next_page, page_limit, page_of};
 
 pub struct AdminService {
     pub gateway: Gateway,
@@ -673,103 +675,6 @@ impl Admin for AdminService {
     }
 }
 
-/// A page's records by key, and where the next page starts.
-type Page = (serde_json::Map<String, serde_json::Value>, String);
-
-/// A page's size: `requested` (0: 1,000), at most 10,000.
-fn page_limit(requested: u32) -> usize {
-    match requested {
-        0 => 1_000,
-        n => n.min(10_000) as usize,
-    }
-}
-
-/// A page stops growing past this many bytes of JSON, well inside the 4 MiB gRPC message.
-const PAGE_BYTES: usize = 3 * 1024 * 1024;
-
-/// The records of `table` after key `after`, in key order.
-/// A key of a state table, as a page's `after` names it.
-trait PageKey: Ord + Clone + std::fmt::Display {
-    fn parse_key(s: &str) -> Option<Self>;
-}
-
-impl PageKey for String {
-    fn parse_key(s: &str) -> Option<Self> {
-        Some(s.to_owned())
-    }
-}
-
-impl PageKey for std::sync::Arc<str> {
-    fn parse_key(s: &str) -> Option<Self> {
-        Some(s.into())
-    }
-}
-
-impl PageKey for u64 {
-    fn parse_key(s: &str) -> Option<Self> {
-        s.parse().ok()
-    }
-}
-
-fn after_key<'a, K, V>(
-    table: &'a Table<K, V>,
-    after: &str,
-) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>
-where
-    K: PageKey,
-    V: Clone,
-{
-    match K::parse_key(after) {
-        Some(key) if !after.is_empty() => {
-            Box::new(table.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)))
-        }
-        _ => Box::new(table.iter()),
-    }
-}
-
-/// Keeps the first `limit` of `items` (fetched as `limit + 1`) and says where the next page
-/// starts: after the last one kept, if there were more.
-fn next_page<T>(items: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> String {
-    if items.len() <= limit {
-        return String::new();
-    }
-    items.truncate(limit);
-    items.last().map(key).unwrap_or_default()
-}
-
-/// Up to `limit` records of `table` whose key starts with `prefix`, after `after`, as JSON by
-/// key; stops early at [`PAGE_BYTES`].
-fn page_of<K, V>(
-    table: &Table<K, V>,
-    prefix: &str,
-    after: &str,
-    limit: usize,
-) -> Result<Page, Status>
-where
-    K: PageKey,
-    V: Clone + serde::Serialize,
-{
-    if !after.is_empty() && K::parse_key(after).is_none() {
-        return Err(field(
-            "after",
-            &format!("{after:?} is not a key of this section"),
-        ));
-    }
-    let mut records = serde_json::Map::new();
-    let mut bytes = 0;
-    let mut last = String::new();
-    for (k, v) in after_key(table, after).filter(|(k, _)| k.to_string().starts_with(prefix)) {
-        if records.len() == limit || bytes > PAGE_BYTES {
-            return Ok((records, last));
-        }
-        let value = serde_json::to_value(v).map_err(|e| Status::internal(e.to_string()))?;
-        last = k.to_string();
-        bytes += last.len() + value.to_string().len();
-        records.insert(last.clone(), value);
-    }
-    Ok((records, String::new()))
-}
-
 /// INVALID_ARGUMENT naming the field, the way the inference API does.
 fn field(name: &str, problem: &str) -> Status {
     let mut s = Status::invalid_argument(format!("{name} {problem}"));
@@ -863,6 +768,7 @@ fn replica_answer(
     }
 }
 
+mod pages;
 mod usage;
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use meridian_proto::cluster::Table;
 
 #[test]
 fn a_replica_commands_failure_maps_to_its_code() {
