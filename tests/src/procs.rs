@@ -27,11 +27,10 @@ use tonic::transport::Channel;
 
 use crate::Bearer;
 
-/// The fixed ports of every node (each node has its own IP).
+/// The Raft port of every node (each node has its own IP; peers must know it before the node
+/// starts; the mesh takes the next one). The client-facing listeners take ports the system
+/// picks on a node's first start, kept across its restarts ([`Ports`]).
 const QUIC_PORT: u16 = 7000;
-const HTTP_PORT: u16 = 8080;
-const GRPC_PORT: u16 = 9090;
-const ADMIN_PORT: u16 = 9091;
 
 /// The admin token every node of a harness accepts (through `admin.token_env`).
 const ADMIN_TOKEN: &str = "harness-admin-token-0123456789abcdef";
@@ -61,12 +60,41 @@ pub fn meridian_bin() -> PathBuf {
     bin
 }
 
+/// A node's client-facing ports: 0 until its first start has bound them (the system picks
+/// free ones, so nothing listening on a wildcard address can be in the way), then the same
+/// ones at each restart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ports {
+    pub http: u16,
+    pub grpc: u16,
+    pub admin: u16,
+}
+
+impl Ports {
+    /// The ports a node's readiness line (`meridian ready http=A grpc=B admin=C`) names.
+    fn of_ready_line(line: &str) -> Option<Self> {
+        let port = |name: &str| -> Option<u16> {
+            let word = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?;
+            word.rsplit_once(':')?.1.parse().ok()
+        };
+        Some(Self {
+            http: port("http")?,
+            grpc: port("grpc")?,
+            admin: port("admin")?,
+        })
+    }
+}
+
 /// One node of a [`Harness`].
 pub struct Proc {
     pub id: u64,
     pub ip: String,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Its client-facing ports (see [`Ports`]).
+    pub ports: Ports,
     child: Option<Child>,
     frozen: bool,
 }
@@ -77,20 +105,48 @@ impl Proc {
     }
 
     pub fn http(&self) -> String {
-        format!("http://{}:{HTTP_PORT}", self.ip)
+        format!("http://{}", self.http_addr())
     }
 
     pub fn admin(&self) -> String {
-        format!("http://{}:{ADMIN_PORT}", self.ip)
+        format!("http://{}:{}", self.ip, self.bound(self.ports.admin))
     }
 
     pub fn grpc(&self) -> String {
-        format!("http://{}:{GRPC_PORT}", self.ip)
+        format!("http://{}:{}", self.ip, self.bound(self.ports.grpc))
     }
 
     /// Its HTTP listener's address, `IP:PORT`.
     pub fn http_addr(&self) -> String {
-        format!("{}:{HTTP_PORT}", self.ip)
+        format!("{}:{}", self.ip, self.bound(self.ports.http))
+    }
+
+    /// Writes its ports into its configuration, where it first asked for any (`:0`).
+    fn pin_ports(&self) {
+        let text =
+            std::fs::read_to_string(&self.config).unwrap_or_else(|e| panic!("read config: {e}"));
+        let ip = &self.ip;
+        let mut pinned = text;
+        for (section, port) in [
+            ("http", self.ports.http),
+            ("grpc", self.ports.grpc),
+            ("admin", self.ports.admin),
+        ] {
+            pinned = pinned.replace(
+                &format!("[{section}]\nlisten = \"{ip}:0\""),
+                &format!("[{section}]\nlisten = \"{ip}:{port}\""),
+            );
+        }
+        std::fs::write(&self.config, pinned).unwrap_or_else(|e| panic!("write config: {e}"));
+    }
+
+    fn bound(&self, port: u16) -> u16 {
+        assert!(
+            port != 0,
+            "node {} has not started yet: its ports are not known",
+            self.id
+        );
+        port
     }
 
     /// Its process id, while it runs.
@@ -205,6 +261,8 @@ impl Harness {
             .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
         }
         let ip = format!("127.0.{}.{id}", self.subnet);
+        // A node configured again (for a restart) keeps the ports it has.
+        let ports = self.nodes.get(&id).map_or_else(Ports::default, |n| n.ports);
         let peers: Vec<String> = voters
             .iter()
             .filter(|p| **p != id)
@@ -213,13 +271,16 @@ impl Harness {
         let data = self.data_dir(id);
         let text = format!(
             "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
-             [http]\nlisten = \"{ip}:{HTTP_PORT}\"\n{http_extra}\n[grpc]\nlisten = \"{ip}:{GRPC_PORT}\"\n\
-             [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
+             [http]\nlisten = \"{ip}:{http}\"\n{http_extra}\n[grpc]\nlisten = \"{ip}:{grpc}\"\n\
+             [admin]\nlisten = \"{ip}:{admin}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
              [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
              {providers}\n{extra}",
             providers = self.providers,
             http_extra = self.http_extra,
             extra = self.extra.get(&id).map_or("", String::as_str),
+            http = ports.http,
+            grpc = ports.grpc,
+            admin = ports.admin,
             region = id % 2,
             pki = self.pki,
             peers = peers.join(", "),
@@ -233,6 +294,7 @@ impl Harness {
                 ip,
                 config,
                 log: self.tmp.path().join(format!("node-{id}.log")),
+                ports,
                 child: None,
                 frozen: false,
             },
@@ -294,7 +356,14 @@ impl Harness {
         loop {
             let text = std::fs::read(&node.log).unwrap_or_default();
             let new = String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]);
-            if new.lines().any(|l| l.starts_with("meridian ready")) {
+            if let Some(ready) = new.lines().find(|l| l.starts_with("meridian ready")) {
+                let ports = Ports::of_ready_line(ready)
+                    .unwrap_or_else(|| panic!("node {id}: no ports in {ready:?}"));
+                if node.ports != ports {
+                    // Its first start: the ports the system picked are kept for its restarts.
+                    node.ports = ports;
+                    node.pin_ports();
+                }
                 return;
             }
             if let Some(child) = node.child.as_mut()
