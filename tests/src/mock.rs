@@ -380,6 +380,9 @@ struct Script {
     /// How many tool results a conversation needs before the model answers in text (OpenAI
     /// flavours; default 1).
     rounds: usize,
+    /// The request's output cap was below `tokens`: the answer stops there, as an engine's
+    /// does (`length`, Anthropic's `max_tokens`).
+    capped: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -391,6 +394,25 @@ enum Content {
 }
 
 impl Script {
+    /// Holds the answer to the request's output cap (`max_completion_tokens`, else
+    /// `max_tokens`), as vLLM, OpenAI and Anthropic do.
+    fn cap_at(&mut self, req: &Value) {
+        let cap = req["max_completion_tokens"]
+            .as_u64()
+            .or(req["max_tokens"].as_u64());
+        if let Some(cap) = cap.map(|c| c as usize)
+            && cap < self.tokens
+        {
+            self.tokens = cap;
+            self.capped = true;
+        }
+    }
+
+    /// The OpenAI finish reason of an answer that ran to its end.
+    fn finish(&self) -> &'static str {
+        if self.capped { "length" } else { "stop" }
+    }
+
     /// Waits the scripted time to the first token (`ttft_ms`).
     async fn wait_first_token(&self) {
         if !self.ttft.is_zero() {
@@ -743,10 +765,11 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             &format!("The model `{model}` does not exist."),
         );
     }
-    let script = match Script::of(&headers, &model, &s.opts.default_script) {
+    let mut script = match Script::of(&headers, &model, &s.opts.default_script) {
         Ok(s) => s,
         Err(e) => return error_response(flavor_default, 400, &e),
     };
+    script.cap_at(&req);
     let flavor = script.flavor.unwrap_or(flavor_default);
     if let Some(status) = script.fail {
         s.stats.failed.fetch_add(1, SeqCst);
@@ -798,7 +821,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         s.stats.completed.fetch_add(1, SeqCst);
         let choices: Vec<Value> = (0..n)
             .map(|index| json!({"index": index, "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
-                                "logprobs": null, "finish_reason": "stop"}))
+                                "logprobs": null, "finish_reason": script.finish()}))
             .collect();
         let body = json!({
             "id": id, "object": "chat.completion", "created": 1763700000, "model": model,
@@ -1026,7 +1049,7 @@ impl StreamPlan {
             return Some((vec![Ok(self.chunk(&delta, None))], self));
         }
         if emitted == n {
-            let mut frames = vec![Ok(self.chunk("{}", Some("stop")))];
+            let mut frames = vec![Ok(self.chunk("{}", Some(self.script.finish())))];
             if self.include_usage {
                 frames.push(Ok(Bytes::from(format!(
                     "data: {{\"id\":\"{}\",\"object\":\"chat.completion.chunk\",\"created\":1763700000,\"model\":{},\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{n},\"total_tokens\":{t},\"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\n",
@@ -1285,10 +1308,11 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
             return error_response(f, 400, &format!("{key}: Extra inputs are not permitted"));
         }
     }
-    let script = match Script::of(&headers, &model, &s.opts.default_script) {
+    let mut script = match Script::of(&headers, &model, &s.opts.default_script) {
         Ok(s) => s,
         Err(e) => return error_response(f, 400, &e),
     };
+    script.cap_at(&req);
     if let Some(status) = script.fail {
         s.stats.failed.fetch_add(1, SeqCst);
         return error_response(f, status, &format!("scripted failure {status}"));
@@ -1305,7 +1329,11 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         script.wait_first_token().await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         let mut content = vec![json!({"type": "text", "text": text})];
-        let mut stop = "end_turn";
+        let mut stop = if script.capped {
+            "max_tokens"
+        } else {
+            "end_turn"
+        };
         if let Some(tool) = &script.tool {
             content.push(
                 json!({"type": "tool_use", "id": "toolu_mock", "name": tool, "input": {"q": "x"}}),
@@ -1402,7 +1430,11 @@ impl AnthropicPlan {
                 "content_block_stop",
                 &json!({"type": "content_block_stop", "index": 0}),
             )];
-            let mut stop = "end_turn";
+            let mut stop = if self.script.capped {
+                "max_tokens"
+            } else {
+                "end_turn"
+            };
             if let Some(tool) = &self.script.tool {
                 stop = "tool_use";
                 frames.extend([

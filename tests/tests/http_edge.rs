@@ -1386,6 +1386,33 @@ async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
     assert_eq!(call(&dev, "").await.expect("sent").status(), 200);
 }
 
+/// The mock stops at a request's output cap as engines do (`finish_reason` `length`), whole or
+/// streamed, and the node passes that on.
+#[tokio::test]
+async fn an_answer_stops_at_the_output_cap_as_an_engines_does() {
+    let (_m, n) = setup(Flavor::Vllm, &["mock@tokens:8"], "", "").await;
+    let v: Value = post(&n, chat_body("mock@tokens:8", false, r#""max_tokens":3"#))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let body = post(&n, chat_body("mock@tokens:8", true, r#""max_tokens":3"#))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let events = sse_events(&body);
+    let finish: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+        .filter_map(|c| c["choices"][0].get("finish_reason").cloned())
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [Value::from("length")], "{events:?}");
+}
+
 /// vLLM's own fields (`top_k`, `min_p`, guided decoding, ...) reach only providers that speak
 /// vLLM's dialect: a model served only by a provider of OpenAI's API refuses them with a 400
 /// naming the field, and a model a vLLM server serves too sends such requests there alone.
