@@ -519,8 +519,15 @@ async fn keep_published(cluster: Replicated, record: ProviderRecord) {
     let mut state = cluster.state.clone();
     loop {
         publish_providers(cluster.clone(), vec![record.clone()]).await;
-        if state.changed().await.is_err() {
-            return;
+        // Only this node writes its records: once committed, it changes only by going missing.
+        // Each apply wakes this task, which then only looks the record up.
+        loop {
+            if state.changed().await.is_err() {
+                return;
+            }
+            if !state.borrow().providers.contains_key(&record.id) {
+                break;
+            }
         }
     }
 }

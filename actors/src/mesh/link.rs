@@ -486,8 +486,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_name_split_across_reads_is_held_until_whole() {
-        // One byte at a time: nothing passes before the name is checked.
+    async fn a_name_split_across_reads_passes_once_whole() {
+        // One byte at a time: the gate gathers the frame across reads before it checks it.
         let bytes = name_frame("node-2@x");
         let (mut tx, rx) = tokio::io::duplex(1);
         let check: Check = Box::new(|c| (c == 2).then_some(()).ok_or_else(String::new));
