@@ -130,6 +130,18 @@ impl Admin for AdminService {
                 serde_json::to_string(&records).map_err(|e| Status::internal(e.to_string()))?;
             Ok((json, next))
         };
+        // A replica's key is for the nodes that call it, not for the admin API.
+        let shown_providers = || {
+            let mut shown = state.providers.clone();
+            for (id, record) in state.providers.iter() {
+                if !record.api_key.is_empty() {
+                    let mut record = record.clone();
+                    record.api_key = "<redacted>".into();
+                    shown.insert(id.clone(), record);
+                }
+            }
+            shown
+        };
         let (json, next_after) = match r.section.as_str() {
             "" => {
                 let summary = serde_json::json!({
@@ -147,24 +159,13 @@ impl Admin for AdminService {
                     },
                     "members": state.members,
                     "tiers": state.tiers,
-                    "providers": state.providers,
+                    "providers": shown_providers(),
                     "breakers": state.breakers,
                 });
                 (summary.to_string(), String::new())
             }
             "members" => page(page_of(&state.members, &r.prefix, &r.after, limit)?)?,
-            "providers" => {
-                // A replica's key is for the nodes that call it, not for the admin API.
-                let mut shown = state.providers.clone();
-                for (id, record) in state.providers.iter() {
-                    if !record.api_key.is_empty() {
-                        let mut record = record.clone();
-                        record.api_key = "<redacted>".into();
-                        shown.insert(id.clone(), record);
-                    }
-                }
-                page(page_of(&shown, &r.prefix, &r.after, limit)?)?
-            }
+            "providers" => page(page_of(&shown_providers(), &r.prefix, &r.after, limit)?)?,
             "tiers" => page(page_of(&state.tiers, &r.prefix, &r.after, limit)?)?,
             "tenants" => page(page_of(&state.tenants, &r.prefix, &r.after, limit)?)?,
             "api_keys" => page(page_of(&state.api_keys, &r.prefix, &r.after, limit)?)?,

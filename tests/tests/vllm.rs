@@ -960,5 +960,14 @@ async fn a_replica_answers_only_the_node_that_holds_its_key() {
         shown.contains("<redacted>") || !shown.contains("api_key"),
         "{shown}"
     );
+    // The summary (no section) lists the providers too: redacted there as well.
+    let out = std::process::Command::new(meridian_bin())
+        .args(["admin", "--addr", &format!("http://{}", node.admin)])
+        .args(["--token", &node.admin_token, "cluster", "state"])
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("llama-0"), "{summary}");
+    assert!(summary.contains("<redacted>"), "{summary}");
     shut_down(node).await;
 }
