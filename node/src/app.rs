@@ -438,38 +438,32 @@ impl App {
                 TcpIncoming::from(self.admin).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
-        let router = http::router(
-            HttpState {
-                gateway: self.gateway.clone(),
-                vllm: self.vllm.clone(),
-                cluster: self.cluster.clone(),
-                metrics: crate::metrics::NodeMetrics::new(
-                    crate::metrics::NodeMetrics::node_parts(
-                        self.commit_latency.clone(),
-                        &connections,
-                    ),
-                    self.gateway.clone(),
-                    self.cluster.clone(),
-                    self.vllm.clone(),
-                    self.calls.clone(),
-                    crate::metrics::Exports {
-                        spans: self.traces.as_ref().map(|t| Arc::clone(t.counts())),
-                        call_records: self.calls_otlp.as_ref().map(|c| Arc::clone(c.counts())),
-                    },
-                    Arc::clone(&self.alerts.1),
-                ),
-                sse_heartbeat: self.config.http.sse_heartbeat,
-                started_unix,
-                stopping: Arc::clone(&stopping),
-                caught_up: Arc::clone(&caught_up),
-                body: crate::http::BodyBounds {
-                    max_bytes: self.config.http.max_body_bytes,
-                    timeout: self.config.http.body_timeout,
-                    min_rate: self.config.http.min_body_rate,
+        let router = http::router(HttpState {
+            gateway: self.gateway.clone(),
+            vllm: self.vllm.clone(),
+            cluster: self.cluster.clone(),
+            metrics: crate::metrics::NodeMetrics::new(
+                crate::metrics::NodeMetrics::node_parts(self.commit_latency.clone(), &connections),
+                self.gateway.clone(),
+                self.cluster.clone(),
+                self.vllm.clone(),
+                self.calls.clone(),
+                crate::metrics::Exports {
+                    spans: self.traces.as_ref().map(|t| Arc::clone(t.counts())),
+                    call_records: self.calls_otlp.as_ref().map(|c| Arc::clone(c.counts())),
                 },
+                Arc::clone(&self.alerts.1),
+            ),
+            sse_heartbeat: self.config.http.sse_heartbeat,
+            started_unix,
+            stopping: Arc::clone(&stopping),
+            caught_up: Arc::clone(&caught_up),
+            body: crate::http::BodyBounds {
+                max_bytes: self.config.http.max_body_bytes,
+                timeout: self.config.http.body_timeout,
+                min_rate: self.config.http.min_body_rate,
             },
-            self.config.http.max_body_bytes,
-        );
+        });
         let http = crate::listener::serve_http(
             self.http,
             router,

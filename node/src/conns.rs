@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meridian_proto::{ApiError, ErrorKind};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -121,21 +122,27 @@ impl ConnLimits {
         }
         let limits = Arc::clone(self);
         tokio::spawn(async move {
-            let body = format!(
-                "{{\"error\":{{\"message\":\"this node holds as many connections as it allows{}; retry shortly\",\"type\":\"service_unavailable\",\"param\":null,\"code\":\"too_many_connections\"}}}}",
-                if limit == "client" {
-                    " from your address"
-                } else {
-                    ""
-                }
-            );
-            let answer = format!(
+            let from = if limit == "client" {
+                " from your address"
+            } else {
+                ""
+            };
+            let body = ApiError::new(
+                ErrorKind::Unavailable,
+                format!("this node holds as many connections as it allows{from}; retry shortly"),
+            )
+            .with_code("too_many_connections")
+            .body()
+            .to_json();
+            let mut answer = format!(
                 "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-                 retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                 retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
                 body.len()
-            );
+            )
+            .into_bytes();
+            answer.extend_from_slice(&body);
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                stream.write_all(answer.as_bytes()).await?;
+                stream.write_all(&answer).await?;
                 stream.shutdown().await?;
                 // Read what the client sent until it closes, so that the close does not reset
                 // the answer away; bounded in time and bytes.

@@ -131,7 +131,6 @@ fn feature_of(value: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
     }
 }
 
-/// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
 /// A switch header: `on` or `off` (any case); absent is off.
 fn on_off(name: &str, value: Option<&[u8]>) -> Result<bool, ApiError> {
     match value.map(<[u8]>::trim_ascii) {
@@ -142,6 +141,7 @@ fn on_off(name: &str, value: Option<&[u8]>) -> Result<bool, ApiError> {
     }
 }
 
+/// `X-Meridian-Complexity` (`trivial`, `moderate` or `hard`), for a virtual model like `auto`.
 fn complexity_of(value: Option<&[u8]>) -> Result<Option<Complexity>, ApiError> {
     let Some(v) = value else { return Ok(None) };
     std::str::from_utf8(v)

@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::BytesMut;
@@ -52,7 +51,7 @@ pub struct HttpState {
     pub body: BodyBounds,
 }
 
-pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -78,7 +77,6 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
             *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             r
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(Arc::new(state))
 }
 
@@ -345,8 +343,8 @@ pub(crate) async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut frames = body.into_data_stream();
-    if declared.is_some_and(|n| n > bounds.max_bytes as u64) {
-        if declared.is_some_and(|n| n <= LINGER_BYTES) {
+    if let Some(n) = declared.filter(|&n| n > bounds.max_bytes as u64) {
+        if n <= LINGER_BYTES {
             discard(&mut frames).await;
         }
         return Err(too_large());
@@ -357,10 +355,12 @@ pub(crate) async fn read_body(
             .with_retry_after(Duration::from_secs(1))
     };
     let start = tokio::time::Instant::now();
+    // What the client announces is reserved only up to 64 KiB: the rest grows as bytes come.
     let mut buf = bytes::BytesMut::with_capacity(
         declared
             .map_or(8 * 1024, |n| n as usize)
-            .min(bounds.max_bytes),
+            .min(bounds.max_bytes)
+            .min(64 * 1024),
     );
     loop {
         // The moment the body falls behind: its timeout, or the grace plus the time what has
@@ -422,28 +422,6 @@ async fn discard(frames: &mut axum::body::BodyDataStream) {
         }
     })
     .await;
-}
-
-pub(crate) fn body_error(rejection: BytesRejection) -> ApiError {
-    let too_large = matches!(
-        &rejection,
-        BytesRejection::FailedToBufferBody(
-            axum::extract::rejection::FailedToBufferBody::LengthLimitError(_)
-        )
-    );
-    if too_large {
-        ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            "the request body is larger than this node accepts",
-        )
-        .with_code("request_too_large")
-    } else {
-        ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("the request body could not be read: {rejection}"),
-        )
-        .with_code("invalid_body")
-    }
 }
 
 async fn models(State(st): State<Arc<HttpState>>, headers: HeaderMap) -> Response {

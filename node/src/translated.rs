@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue};
 use meridian_actors::{Answer, Incoming};
@@ -24,7 +23,7 @@ use serde_json::json;
 
 use crate::headers::Edge;
 use crate::http::{
-    Framing, HttpState, body_error, cached_sse, decorate, json_response, read_body, sse_response,
+    Framing, HttpState, cached_sse, decorate, json_response, read_body, sse_response,
 };
 use crate::respond::{anthropic_error, http_error};
 
@@ -178,14 +177,14 @@ async fn serve(
 pub async fn count_tokens(
     State(st): State<Arc<HttpState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let (request_id, credentials, ..) = crate::headers::call_parts(
         Edge::Http,
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
     );
-    let request = body
-        .map_err(body_error)
+    let request = read_body(body, &headers, &st.body)
+        .await
         .and_then(|body| anthropic::messages_request(&body, &st.gateway.limits(), true));
     match st.gateway.count_tokens(credentials, request) {
         Ok(n) => axum::Json(json!({ "input_tokens": n })).into_response(),
