@@ -97,10 +97,7 @@ fn ca_params() -> Result<CertificateParams, CertError> {
 /// The SHA-256 (hex) of a certificate's DER encoding: what a revocation names.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(cert.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    meridian_proto::ids::hex(&sha2::Sha256::digest(cert.as_ref()))
 }
 
 /// Whether `cert` is valid for node `id`'s name (`node-<id>.meridian`).
@@ -290,14 +287,18 @@ impl ClientCertVerifier for Refusing {
         intermediates: &[CertificateDer<'_>],
         now: rustls::pki_types::UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // The CA first: a certificate nobody here signed costs no more than the CA's check, and
+        // its refusal says so.
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if let Some(why) = (self.refuse)(end_entity) {
             tracing::warn!("refused a peer's certificate: {why}");
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
         }
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
