@@ -511,12 +511,9 @@ impl Gateway {
         self.inner.cut.send_replace(true);
     }
 
-    /// Resolves once [`Self::cut_streams`] is called.
-    pub(crate) fn streams_cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut cut = self.inner.cut.subscribe();
-        async move {
-            let _ = cut.wait_for(|c| *c).await;
-        }
+    /// Turns true once [`Self::cut_streams`] is called.
+    pub(crate) fn streams_cut(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.cut.subscribe()
     }
 
     /// Routes and runs one request. Resolves when the upstream has answered (unary) or accepted

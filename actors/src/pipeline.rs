@@ -515,8 +515,10 @@ impl Gateway {
                 first_chunk: None,
                 recorded: false,
                 cache: cache_key.map(|key| (key, self.clone(), StreamCollector::default())),
-                cut: Some(Box::pin(self.streams_cut())),
-                ended: false,
+                cut: CutSignal {
+                    rx: self.streams_cut(),
+                    wait: None,
+                },
             })),
             Ok(Reached::Complete(body)) => {
                 if summary.span.is_some() {
@@ -659,10 +661,35 @@ pub struct ServedStream {
     /// For a stream that may be cached: its key, and the whole answer gathered as it passes
     /// (stored when the stream ends complete; a failed or abandoned one is not).
     cache: Option<(CacheKey, Gateway, StreamCollector)>,
-    /// Resolves when the node's drain runs out of time (`None` once it has ended the stream).
-    cut: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-    /// The stream has given its last piece.
-    ended: bool,
+    /// Whether the node's drain has run out of time.
+    cut: CutSignal,
+}
+
+/// The drain's cut, as one stream watches it: looked at (a version compare, no lock) before each
+/// piece, and waited for (which registers with the channel, under its lock) only while the
+/// stream has nothing to give.
+struct CutSignal {
+    rx: tokio::sync::watch::Receiver<bool>,
+    wait: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl CutSignal {
+    fn is_cut(&self) -> bool {
+        self.rx.has_changed().unwrap_or(false) && *self.rx.borrow()
+    }
+
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let rx = &self.rx;
+        self.wait
+            .get_or_insert_with(|| {
+                let mut rx = rx.clone();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|c| *c).await;
+                })
+            })
+            .as_mut()
+            .poll(cx)
+    }
 }
 
 impl std::fmt::Debug for ServedStream {
@@ -704,14 +731,20 @@ impl Stream for ServedStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamPiece>> {
         let this = &mut *self;
-        if this.ended {
+        // Recorded: it has given its last piece.
+        if this.recorded {
             return Poll::Ready(None);
         }
-        if let Some(cut) = &mut this.cut
-            && cut.as_mut().poll(cx).is_ready()
-        {
-            this.cut = None;
-            this.ended = true;
+        let piece = if this.cut.is_cut() {
+            None
+        } else {
+            match this.relay.poll_next_unpin(cx) {
+                Poll::Ready(piece) => Some(piece),
+                Poll::Pending if this.cut.poll_wait(cx).is_ready() => None,
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        let Some(piece) = piece else {
             let e = ApiError::new(
                 ErrorKind::Unavailable,
                 "this node is shutting down and its drain timeout has passed; the stream was cut",
@@ -723,11 +756,7 @@ impl Stream for ServedStream {
                 chunks: Vec::new(),
                 end: Some(StreamEnd::Failed(e)),
             }));
-        }
-        let piece = std::task::ready!(this.relay.poll_next_unpin(cx));
-        if piece.as_ref().is_none_or(|p| p.end.is_some()) {
-            this.ended = true;
-        }
+        };
         if this.first_chunk.is_none() && piece.as_ref().is_some_and(|p| !p.chunks.is_empty()) {
             this.first_chunk = Some(Instant::now());
         }
