@@ -373,28 +373,27 @@ impl Gateway {
         quota.admit(&scopes[..kept], estimate).await.map(Some)
     }
 
-    /// The tokenizer of the first provider of `model` (the default for a model not served).
-    fn tokenizer_of(&self, model: &str) -> estimate::Tokenizer {
+    /// What `f` reads from the spec of `model`'s first provider (`None`: a model not served).
+    fn first_spec_of<T>(&self, model: &str, f: impl FnOnce(&ProviderSpec) -> T) -> Option<T> {
         self.inner.registry.with_table(|t| {
             t.routes
                 .get(model)
                 .and_then(|r| r.first())
-                .map(|r| r.provider.spec.tokenizer.clone())
-                .unwrap_or_default()
+                .map(|r| f(&r.provider.spec))
         })
+    }
+
+    /// The tokenizer of the first provider of `model` (the default for a model not served).
+    fn tokenizer_of(&self, model: &str) -> estimate::Tokenizer {
+        self.first_spec_of(model, |s| s.tokenizer.clone())
+            .unwrap_or_default()
     }
 
     /// Output tokens a request for `model` that names no cap is reserved and capped at: its
     /// first provider's `default_max_tokens` (the one whose tokenizer counts its prompt).
     pub(crate) fn default_max_tokens_of(&self, model: &str) -> u32 {
-        self.inner.registry.with_table(|t| {
-            t.routes
-                .get(model)
-                .and_then(|r| r.first())
-                .map_or(estimate::DEFAULT_COMPLETION_RESERVE as u32, |r| {
-                    r.provider.spec.default_max_tokens
-                })
-        })
+        self.first_spec_of(model, |s| s.default_max_tokens)
+            .unwrap_or(estimate::DEFAULT_COMPLETION_RESERVE as u32)
     }
 
     /// The prompt's tokens as admission counts them.
