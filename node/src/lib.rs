@@ -10,6 +10,7 @@ pub mod config;
 pub mod conns;
 pub mod discover;
 pub mod grpc;
+pub mod handover;
 pub mod headers;
 pub mod http;
 pub mod listener;

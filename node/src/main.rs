@@ -115,6 +115,8 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: it clears the protocol's variables from the environment.
+    meridian_node::handover::capture();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

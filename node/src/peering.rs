@@ -96,12 +96,19 @@ pub(crate) async fn start_cluster(
              certs` keeps it apart, beside the directory)"
         );
     }
-    let transport = QuicTransport::bind(
-        peers.listen,
-        &peers.certs_dir,
-        node.id,
-        config.raft.election_min,
-    )
+    let transport = match crate::handover::udp_socket(peers.listen, "cluster.listen")
+        .map_err(|e| AppError::Cluster(e.to_string()))?
+    {
+        Some(socket) => {
+            QuicTransport::on_socket(socket, &peers.certs_dir, node.id, config.raft.election_min)
+        }
+        None => QuicTransport::bind(
+            peers.listen,
+            &peers.certs_dir,
+            node.id,
+            config.raft.election_min,
+        ),
+    }
     .map_err(|e| failed(&e))?;
     for (id, addr) in &peers.peers {
         transport.set_peer(*id, addr.clone());

@@ -116,6 +116,8 @@ pub fn python() -> anyhow::Result<PathBuf> {
 pub struct LlamaServer {
     pub port: u16,
     child: Child,
+    /// Held until the server has gone (see [`crate::ReservedPort`]).
+    _held: crate::ReservedPort,
 }
 
 impl LlamaServer {
@@ -133,7 +135,8 @@ impl LlamaServer {
 
     fn launch(slots: u32, embeddings: bool) -> anyhow::Result<Self> {
         let python = python()?;
-        let port = crate::free_port()?;
+        let held = crate::ReservedPort::new()?;
+        let port = held.port();
         let script = workspace().join("tests/python/llama_server.py");
         let mut child = Command::new(&python)
             .arg(&script)
@@ -156,7 +159,11 @@ impl LlamaServer {
             let line = std::io::BufReader::new(stdout).lines().next();
             let _ = tx.send(line);
         });
-        let server = Self { port, child };
+        let server = Self {
+            port,
+            child,
+            _held: held,
+        };
         match rx.recv_timeout(Duration::from_secs(150)) {
             Ok(Some(Ok(line))) if line.trim() == "ready" => Ok(server),
             other => bail!(

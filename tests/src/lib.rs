@@ -362,11 +362,75 @@ pub async fn mock_vllm_stats(port: u16) -> reqwest::Result<serde_json::Value> {
         .await
 }
 
-/// A loopback port free when asked (bound and let go: another process may take it first).
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A loopback TCP port held for a server for as long as this lives: a socket bound to it
+/// that never listens. It is bound without `SO_REUSEADDR` (so it fails where anyone else holds
+/// the port) and then takes the option (and `SO_REUSEPORT`): the system hands the port to no
+/// one else (neither `bind` to port 0 nor an outgoing connection takes a port a socket is
+/// bound to), while a server that binds it with `SO_REUSEADDR` — Tokio's listeners, Python's
+/// and vLLM's servers, llama.cpp's — may listen on it, again after a restart. Until one
+/// listens, connections to it are refused: it is also an address where nothing answers.
+#[derive(Debug)]
+pub struct ReservedPort {
+    _socket: socket2::Socket,
+    addr: std::net::SocketAddr,
+}
+
+impl ReservedPort {
+    /// A port on `127.0.0.1`.
+    pub fn new() -> std::io::Result<Self> {
+        Self::on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// A port on the loopback address `ip` (a harness node's own, for instance).
+    pub fn on(ip: std::net::Ipv4Addr) -> std::io::Result<Self> {
+        Self::at((ip, 0).into())
+    }
+
+    /// `count` consecutive ports on `127.0.0.1` (replicas of a `[[vllm]]` group take the ports
+    /// from its `port` on).
+    pub fn consecutive(count: u16) -> std::io::Result<Vec<Self>> {
+        loop {
+            let first = Self::new()?;
+            let base = first.port();
+            let rest: std::io::Result<Vec<Self>> = (1..count)
+                .map(|i| match base.checked_add(i) {
+                    Some(port) => Self::at((std::net::Ipv4Addr::LOCALHOST, port).into()),
+                    None => Err(std::io::ErrorKind::AddrNotAvailable.into()),
+                })
+                .collect();
+            if let Ok(rest) = rest {
+                return Ok(std::iter::once(first).chain(rest).collect());
+            }
+        }
+    }
+
+    fn at(addr: std::net::SocketAddr) -> std::io::Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&addr.into())?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        let addr = socket.local_addr()?.as_socket().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP address")
+        })?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR/v1`: an upstream URL where nothing answers (connections are refused).
+    pub fn dead_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
 }
 
 /// A provider section for an OpenAI-compatible upstream at `base_url` serving `models`.

@@ -6,6 +6,9 @@
 //! same data. Every wait polls a condition against a deadline; nothing sleeps a fixed time and
 //! hopes. When a test panics, the tail of every node's log is printed.
 //!
+//! No port is fixed or picked by binding and letting go: the system picks every port, and the
+//! harness holds each for the node's whole life (`NodeSockets`).
+//!
 //! The binary is the workspace's `target/<profile>/meridian`, which `cargo nextest run
 //! --workspace` (or `cargo test --workspace`) builds with the node's own tests; set
 //! `MERIDIAN_BIN` to use another one.
@@ -25,12 +28,9 @@ use meridian_proto::pb::admin::{
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::Bearer;
+use command_fds::{CommandFdExt, FdMapping};
 
-/// The Raft port of every node (each node has its own IP; peers must know it before the node
-/// starts; the mesh takes the next one). The client-facing listeners take ports the system
-/// picks on a node's first start, kept across its restarts ([`Ports`]).
-const QUIC_PORT: u16 = 7000;
+use crate::{Bearer, ReservedPort};
 
 /// The admin token every node of a harness accepts (through `admin.token_env`).
 const ADMIN_TOKEN: &str = "harness-admin-token-0123456789abcdef";
@@ -60,9 +60,7 @@ pub fn meridian_bin() -> PathBuf {
     bin
 }
 
-/// A node's client-facing ports: 0 until its first start has bound them (the system picks
-/// free ones, so nothing listening on a wildcard address can be in the way), then the same
-/// ones at each restart.
+/// A node's client-facing ports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ports {
     pub http: u16,
@@ -70,20 +68,45 @@ pub struct Ports {
     pub admin: u16,
 }
 
-impl Ports {
-    /// The ports a node's readiness line (`meridian ready http=A grpc=B admin=C`) names.
-    fn of_ready_line(line: &str) -> Option<Self> {
-        let port = |name: &str| -> Option<u16> {
-            let word = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?;
-            word.rsplit_once(':')?.1.parse().ok()
-        };
-        Some(Self {
-            http: port("http")?,
-            grpc: port("grpc")?,
-            admin: port("admin")?,
-        })
+/// A node's sockets. The system picks every port when the node is first configured (its
+/// peers must know its Raft port before it starts), and the harness holds them all for its
+/// whole life, so nothing else can take one while the node is down: the Raft (QUIC) socket
+/// itself is handed to each start of the node (`LISTEN_FDS`); the TCP ports are held by
+/// [`ReservedPort`]s the node's listeners bind beside.
+struct NodeSockets {
+    raft: std::net::UdpSocket,
+    mesh: ReservedPort,
+    http: ReservedPort,
+    grpc: ReservedPort,
+    admin: ReservedPort,
+}
+
+impl NodeSockets {
+    fn on(ip: &str) -> Self {
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        let tcp = || ReservedPort::on(ip).unwrap_or_else(|e| panic!("{ip}: {e}"));
+        Self {
+            raft: std::net::UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("{ip}: {e}")),
+            mesh: tcp(),
+            http: tcp(),
+            grpc: tcp(),
+            admin: tcp(),
+        }
+    }
+
+    fn raft_port(&self) -> u16 {
+        self.raft
+            .local_addr()
+            .unwrap_or_else(|e| panic!("raft socket: {e}"))
+            .port()
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            http: self.http.port(),
+            grpc: self.grpc.port(),
+            admin: self.admin.port(),
+        }
     }
 }
 
@@ -95,13 +118,23 @@ pub struct Proc {
     pub log: PathBuf,
     /// Its client-facing ports (see [`Ports`]).
     pub ports: Ports,
+    /// Its Raft (QUIC) and actor-mesh ports.
+    pub raft_port: u16,
+    pub mesh_port: u16,
     child: Option<Child>,
     frozen: bool,
 }
 
 impl Proc {
     pub fn raft_addr(&self) -> String {
-        format!("{}:{QUIC_PORT}", self.ip)
+        format!("{}:{}", self.ip, self.raft_port)
+    }
+
+    /// Its actor-mesh listener's address.
+    pub fn mesh_addr(&self) -> std::net::SocketAddr {
+        format!("{}:{}", self.ip, self.mesh_port)
+            .parse()
+            .unwrap_or_else(|e| panic!("mesh address: {e}"))
     }
 
     pub fn http(&self) -> String {
@@ -109,44 +142,16 @@ impl Proc {
     }
 
     pub fn admin(&self) -> String {
-        format!("http://{}:{}", self.ip, self.bound(self.ports.admin))
+        format!("http://{}:{}", self.ip, self.ports.admin)
     }
 
     pub fn grpc(&self) -> String {
-        format!("http://{}:{}", self.ip, self.bound(self.ports.grpc))
+        format!("http://{}:{}", self.ip, self.ports.grpc)
     }
 
     /// Its HTTP listener's address, `IP:PORT`.
     pub fn http_addr(&self) -> String {
-        format!("{}:{}", self.ip, self.bound(self.ports.http))
-    }
-
-    /// Writes its ports into its configuration, where it first asked for any (`:0`).
-    fn pin_ports(&self) {
-        let text =
-            std::fs::read_to_string(&self.config).unwrap_or_else(|e| panic!("read config: {e}"));
-        let ip = &self.ip;
-        let mut pinned = text;
-        for (section, port) in [
-            ("http", self.ports.http),
-            ("grpc", self.ports.grpc),
-            ("admin", self.ports.admin),
-        ] {
-            pinned = pinned.replace(
-                &format!("[{section}]\nlisten = \"{ip}:0\""),
-                &format!("[{section}]\nlisten = \"{ip}:{port}\""),
-            );
-        }
-        std::fs::write(&self.config, pinned).unwrap_or_else(|e| panic!("write config: {e}"));
-    }
-
-    fn bound(&self, port: u16) -> u16 {
-        assert!(
-            port != 0,
-            "node {} has not started yet: its ports are not known",
-            self.id
-        );
-        port
+        format!("{}:{}", self.ip, self.ports.http)
     }
 
     /// Its process id, while it runs.
@@ -192,6 +197,7 @@ pub struct Harness {
     subnet: u8,
     bin: PathBuf,
     pub nodes: BTreeMap<u64, Proc>,
+    sockets: BTreeMap<u64, NodeSockets>,
 }
 
 impl Harness {
@@ -211,6 +217,7 @@ impl Harness {
             subnet,
             bin: meridian_bin(),
             nodes: BTreeMap::new(),
+            sockets: BTreeMap::new(),
         }
     }
 
@@ -260,20 +267,23 @@ impl Harness {
             )
             .unwrap_or_else(|e| panic!("certs issue {id}: {e}"));
         }
-        let ip = format!("127.0.{}.{id}", self.subnet);
-        // A node configured again (for a restart) keeps the ports it has.
-        let ports = self.nodes.get(&id).map_or_else(Ports::default, |n| n.ports);
+        let ip = self.ip(id);
         let peers: Vec<String> = voters
             .iter()
             .filter(|p| **p != id)
-            .map(|p| format!("\"{p}@127.0.{}.{p}:{QUIC_PORT}\"", self.subnet))
+            .map(|&p| format!("\"{p}@{}:{}\"", self.ip(p), self.sockets(p).raft_port()))
             .collect();
+        let (ports, raft_port, mesh_port) = {
+            let own = self.sockets(id);
+            (own.ports(), own.raft_port(), own.mesh.port())
+        };
         let data = self.data_dir(id);
         let text = format!(
             "[node]\nid = {id}\nregion = \"r{region}\"\ndata_dir = {data:?}\n\
              [http]\nlisten = \"{ip}:{http}\"\n{http_extra}\n[grpc]\nlisten = \"{ip}:{grpc}\"\n\
              [admin]\nlisten = \"{ip}:{admin}\"\ntoken_env = \"{ADMIN_TOKEN_ENV}\"\n\
-             [cluster]\nlisten = \"{ip}:{QUIC_PORT}\"\ncerts_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
+             [cluster]\nlisten = \"{ip}:{raft_port}\"\nmesh_listen = \"{ip}:{mesh_port}\"\n\
+             certs_dir = {pki:?}\npeers = [{peers}]\njoin = {join}\n{TIMINGS}\
              {providers}\n{extra}",
             providers = self.providers,
             http_extra = self.http_extra,
@@ -295,10 +305,25 @@ impl Harness {
                 config,
                 log: self.tmp.path().join(format!("node-{id}.log")),
                 ports,
+                raft_port,
+                mesh_port,
                 child: None,
                 frozen: false,
             },
         );
+    }
+
+    /// Node `id`'s loopback address.
+    fn ip(&self, id: u64) -> String {
+        format!("127.0.{}.{id}", self.subnet)
+    }
+
+    /// Node `id`'s cluster sockets, made the first time they are asked for.
+    fn sockets(&mut self, id: u64) -> &NodeSockets {
+        let ip = self.ip(id);
+        self.sockets
+            .entry(id)
+            .or_insert_with(|| NodeSockets::on(&ip))
     }
 
     /// Node `id`'s data directory.
@@ -331,6 +356,8 @@ impl Harness {
     /// stdout and stderr go to its log file (appended across restarts).
     pub async fn start(&mut self, id: u64) {
         let bin = self.bin.clone();
+        let raft =
+            (self.sockets(id).raft.try_clone()).unwrap_or_else(|e| panic!("the Raft socket: {e}"));
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
         let log = File::options()
@@ -345,6 +372,13 @@ impl Harness {
             .arg(&node.config)
             .env("MERIDIAN_LOG", "info,openraft=warn")
             .env(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
+            .env("LISTEN_FDS", "1")
+            .env_remove("LISTEN_PID")
+            .fd_mappings(vec![FdMapping {
+                parent_fd: raft.into(),
+                child_fd: 3,
+            }])
+            .unwrap_or_else(|e| panic!("hand over the Raft socket: {e}"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -356,14 +390,7 @@ impl Harness {
         loop {
             let text = std::fs::read(&node.log).unwrap_or_default();
             let new = String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]);
-            if let Some(ready) = new.lines().find(|l| l.starts_with("meridian ready")) {
-                let ports = Ports::of_ready_line(ready)
-                    .unwrap_or_else(|| panic!("node {id}: no ports in {ready:?}"));
-                if node.ports != ports {
-                    // Its first start: the ports the system picked are kept for its restarts.
-                    node.ports = ports;
-                    node.pin_ports();
-                }
+            if new.lines().any(|l| l.starts_with("meridian ready")) {
                 return;
             }
             if let Some(child) = node.child.as_mut()

@@ -5,18 +5,11 @@
 //! tested with real processes in `cluster.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{TestNode, chat_body, provider_toml, retry_later, wait_until};
-
-/// A loopback address nothing listens on (yet).
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+use meridian_tests::{ReservedPort, TestNode, chat_body, provider_toml, retry_later, wait_until};
 
 async fn breaker(node: &TestNode, provider: &str) -> Option<pb::Breaker> {
     let mut admin = node.admin_client().await.unwrap();
@@ -62,7 +55,9 @@ async fn set(node: &TestNode, provider: &str, action: pb::BreakerAction) -> bool
 
 #[tokio::test]
 async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() {
-    let down = free_addr();
+    // Nothing listens there until the test starts a server on it.
+    let held = ReservedPort::new().unwrap();
+    let down = held.addr();
     let healthy = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let toml = format!(
         "[breaker]\nconsecutive_failures = 3\nopen_base = \"700ms\"\nprobes = 2\n\n{}{}",

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use meridian_tests::procs::Harness;
-use meridian_tests::{chat_as, free_port, mock_vllm_stats, status_of};
+use meridian_tests::{ReservedPort, chat_as, mock_vllm_stats, status_of};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -344,7 +344,7 @@ async fn refused_on_the_mesh(
     )
     .await
     .unwrap();
-    let addr = format!("{}:7001", h.node(1).ip).parse().unwrap();
+    let addr = h.node(1).mesh_addr();
     // Under TLS 1.3 the client's side of the handshake completes before the server has
     // checked the client's certificate, so the dial itself may succeed: what counts is that no
     // session forms on either side, given the time a real peer takes (milliseconds, above).
@@ -506,10 +506,8 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu_by_any_node() {
     use std::sync::atomic::Ordering::SeqCst;
     let us = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     // The EU provider is down (nothing listens there); the US one is healthy and idle.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}/v1", l.local_addr().unwrap())
-    };
+    let held = ReservedPort::new().unwrap();
+    let dead = held.dead_url();
     let mut h = Harness::new(19);
     h.providers = format!(
         "{}{}",
@@ -607,7 +605,8 @@ async fn boot_with_acme(h: &mut Harness) {
 
 #[tokio::test]
 async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut h = Harness::new(20);
     let key = boot_with_replica(
         &mut h,
@@ -746,7 +745,8 @@ fn streamed_text(events: &[String]) -> String {
 #[tokio::test]
 async fn a_replica_only_its_node_reaches_is_called_through_the_actor_mesh() {
     use futures::StreamExt;
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut h = Harness::new(21);
     // No advertise_host: node 1 publishes the replica as reachable through itself only.
     let key = boot_with_replica(
@@ -1316,7 +1316,8 @@ async fn a_streamed_call_forwarded_over_the_mesh_is_one_trace_over_two_nodes() {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
     let (collector, otlp) = Collector::start().await.unwrap();
     let traces = format!("[traces]\nendpoint = \"http://{otlp}\"\n");
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut h = Harness::new(27);
     h.extra.insert(2, traces.clone());
     h.extra.insert(3, traces.clone());

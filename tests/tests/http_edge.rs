@@ -273,9 +273,8 @@ async fn upstream_failures_before_the_first_byte_map_to_statuses() {
         }
     }
     // An upstream that refuses connections.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
-    drop(closed);
+    let held = meridian_tests::ReservedPort::new().expect("a port");
+    let dead = held.dead_url();
     let n = TestNode::start(&provider_toml("dead", &dead, &["m"], ""))
         .await
         .expect("node");

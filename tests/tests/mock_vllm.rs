@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_tests::free_port;
+use meridian_tests::ReservedPort;
 
 fn spawn(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mock-vllm"));
@@ -86,7 +86,8 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test]
 async fn it_refuses_connections_while_loading_then_serves_like_vllm() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut child = spawn(port, &["--mock-loading-ms", "500"], &[]);
     assert_eq!(health(port).await, None, "refused while loading");
     let took = until_healthy(port).await;
@@ -132,7 +133,8 @@ async fn it_refuses_connections_while_loading_then_serves_like_vllm() {
 
 #[tokio::test]
 async fn it_crashes_when_told() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut child = spawn(port, &[], &[("MOCK_VLLM_CRASH_AFTER_MS", "300")]);
     until_healthy(port).await;
     let started = Instant::now();
@@ -149,7 +151,8 @@ async fn it_crashes_when_told() {
 
 #[tokio::test]
 async fn a_hung_server_stays_healthy_but_makes_no_progress() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut child = spawn(port, &["--mock-hang-after-ms", "0"], &[]);
     until_healthy(port).await;
     let resp = reqwest::Client::new()
@@ -166,7 +169,8 @@ async fn a_hung_server_stays_healthy_but_makes_no_progress() {
 
 #[tokio::test]
 async fn only_sigkill_to_its_group_stops_one_that_ignores_sigterm_and_its_children() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let mut child = spawn(
         port,
         &["--mock-ignore-sigterm"],
@@ -216,7 +220,8 @@ fn an_unknown_flag_is_refused_as_vllms_argument_parser_refuses_it() {
 
 #[tokio::test]
 async fn health_fails_on_demand_with_the_status_asked() {
-    let port = free_port().unwrap();
+    let held = ReservedPort::new().unwrap();
+    let port = held.port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("unhealthy");
     let file_env = file.display().to_string();

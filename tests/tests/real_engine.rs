@@ -261,7 +261,8 @@ async fn the_vllm_supervisor_launches_restarts_and_drains_a_real_engine() {
 
     let python = engine::python().expect("the engine's python");
     let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/vllm_llama.py");
-    let port = meridian_tests::free_port().expect("a port");
+    let held = meridian_tests::ReservedPort::new().expect("a port");
+    let port = held.port();
     let command = format!("{} {}", python.display(), wrapper.display());
     let toml = format!(
         "[auth]\nenabled = false\n\n[[vllm]]\nid = \"smol\"\nmodel = \"SmolLM2-135M-Instruct\"\n\

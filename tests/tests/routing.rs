@@ -13,12 +13,6 @@ async fn mock() -> MockUpstream {
     MockUpstream::with_flavor(Flavor::Vllm).await.unwrap()
 }
 
-/// An address where nothing listens: a provider that is down.
-fn dead_url() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}/v1", l.local_addr().unwrap())
-}
-
 fn tenant(id: &str, regions: &[&str], models: &[&str]) -> pb::Tenant {
     pb::Tenant {
         id: id.into(),
@@ -46,6 +40,8 @@ async fn chat(node: &TestNode, key: &str, model: &str) -> (u16, Value) {
 async fn an_eu_only_tenant_is_never_served_outside_the_eu() {
     let us = mock().await;
     let eu = mock().await;
+    // A provider that is down: nothing listens there.
+    let down = meridian_tests::ReservedPort::new().unwrap();
     let toml = format!(
         "[node]\nregion = \"eu-west\"\n\n{}{}{}",
         provider_toml(
@@ -56,7 +52,7 @@ async fn an_eu_only_tenant_is_never_served_outside_the_eu() {
         ),
         provider_toml(
             "eu-2",
-            &dead_url(),
+            &down.dead_url(),
             &["m=mock@tokens:2"],
             "region = \"eu-central\""
         ),

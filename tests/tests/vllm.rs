@@ -9,27 +9,7 @@ use meridian_actors::vllm::actor::Control;
 use meridian_actors::vllm::process::group_members;
 use meridian_actors::vllm::{ReplicaState, ReplicaStatus};
 use meridian_tests::procs::meridian_bin;
-use meridian_tests::{TestNode, mock_vllm_stats};
-
-/// `count` consecutive free loopback ports.
-fn free_ports(count: u16) -> u16 {
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        ^ std::process::id();
-    loop {
-        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let base = 20_000 + (seed >> 8) as u16 % 40_000;
-        let all_free = (0..count).all(|i| {
-            base.checked_add(i)
-                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        });
-        if all_free {
-            return base;
-        }
-    }
-}
+use meridian_tests::{ReservedPort, TestNode, mock_vllm_stats};
 
 /// A node supervising one `[[vllm]]` group of the mock, with `fields` (`key = value` lines)
 /// set in the section over the defaults below, and `env` given to the mock.
@@ -152,7 +132,8 @@ async fn shut_down(mut node: TestNode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_starting_replica_is_routed_only_once_ready() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(port, "", &[("MOCK_VLLM_LOADING_MS", "1500")]).await;
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -208,7 +189,8 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(port, "", &[("MOCK_VLLM_CHILDREN", "2")]).await;
     let first = ready(&node, "llama-0").await;
     assert_eq!(chat(&node, false).await.status(), 200);
@@ -280,7 +262,8 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_ends_in_failed() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "restart_backoff = \"100ms\"\nmax_restarts = 2\nrestart_window = \"60s\"",
@@ -324,7 +307,8 @@ async fn a_crash_loop_ends_in_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_replica_is_detected_and_restarted() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "hang_timeout = \"1s\"",
@@ -367,7 +351,8 @@ async fn a_hung_replica_is_detected_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_failing_its_health_checks_is_restarted() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("unhealthy");
     let file_env = file.display().to_string();
@@ -423,7 +408,8 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
-    let port = free_ports(2);
+    let held = ReservedPort::consecutive(2).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "min_replicas = 2\nmax_replicas = 2",
@@ -537,7 +523,8 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_scales_up_under_load_and_back_down_when_idle() {
-    let port = free_ports(2);
+    let held = ReservedPort::consecutive(2).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"100ms\"\nautoscale_cooldown = \"500ms\"",
@@ -640,7 +627,8 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_adapters_are_routed_and_loaded_at_run_time() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "lora_modules = [\"sql=/adapters/sql\"]\nlora_runtime = true",
@@ -724,7 +712,8 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(
         port,
         "startup_budget = \"400ms\"\nrestart_backoff = \"100ms\"\nmax_restarts = 1",
@@ -760,7 +749,8 @@ async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
-    let port = free_ports(2);
+    let held = ReservedPort::consecutive(2).unwrap();
+    let port = held[0].port();
     // A stand-in for nvidia-smi: two GPUs, the second busy with someone else's process.
     let dir = tempfile::tempdir().unwrap();
     let smi = dir.path().join("nvidia-smi");
@@ -829,7 +819,8 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
 /// children included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_9_leaves_no_replica_process_behind() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
     let toml = format!(
@@ -912,7 +903,8 @@ fn process_with_args(args: &[&str]) -> Option<u32> {
 /// never shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_answers_only_the_node_that_holds_its_key() {
-    let port = free_ports(1);
+    let held = ReservedPort::consecutive(1).unwrap();
+    let port = held[0].port();
     let node = node(port, "", &[]).await;
     let replica = ready(&node, "llama-0").await;
     assert_eq!(chat(&node, false).await.status(), 200, "through the node");

@@ -173,10 +173,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_is_refused() {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        // Bound (so the port is no one else's) but not listening: connections are refused.
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let port = held.local_addr().unwrap().as_socket().unwrap().port();
         let e = get(
             &format!("127.0.0.1:{port}"),
             "/health",

@@ -92,6 +92,19 @@ impl QuicTransport {
         id: NodeId,
         rpc_timeout: Duration,
     ) -> Result<Arc<Self>, ClusterError> {
+        let socket = std::net::UdpSocket::bind(listen)
+            .map_err(|e| ClusterError::Fatal(format!("cannot bind {listen}: {e}")))?;
+        Self::on_socket(socket, certs_dir, id, rpc_timeout)
+    }
+
+    /// As [`Self::bind`], on a UDP socket already bound (one handed over by whoever started
+    /// the node).
+    pub fn on_socket(
+        socket: std::net::UdpSocket,
+        certs_dir: &Path,
+        id: NodeId,
+        rpc_timeout: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
         let fatal = |e: &dyn std::fmt::Display| ClusterError::Fatal(e.to_string());
         let (server, client) = certs::mtls_configs(certs_dir, id).map_err(|e| fatal(&e))?;
         let server = QuicServerConfig::try_from(server).map_err(|e| fatal(&e))?;
@@ -108,7 +121,14 @@ impl QuicTransport {
         server_config.transport_config(Arc::clone(&transport));
         let mut client_config = quinn::ClientConfig::new(Arc::new(client));
         client_config.transport_config(transport);
-        let mut endpoint = quinn::Endpoint::server(server_config, listen).map_err(|e| fatal(&e))?;
+        socket.set_nonblocking(true).map_err(|e| fatal(&e))?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| fatal(&e))?;
         endpoint.set_default_client_config(client_config);
         Ok(Arc::new(Self {
             endpoint,
