@@ -215,21 +215,37 @@ fn certs_init_and_issue_write_a_ca_and_node_certificates_and_keep_the_ca_key_apa
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
 
+/// Holds TCP port `port` on loopback for a server: bound without SO_REUSEADDR (so it fails
+/// where anyone else holds it), then given SO_REUSEADDR, never listening; a server that binds
+/// the port with SO_REUSEADDR (Tokio's listeners do) may listen on it beside this socket.
+fn hold(port: u16) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    s.set_reuse_address(true)?;
+    Ok(s)
+}
+
 /// `meridian dev cluster`: three nodes on loopback that agree on a leader, a key that every node
 /// accepts, and Ctrl-C (SIGINT) stopping them all and exiting 0.
 #[test]
 fn dev_cluster_starts_three_nodes_that_serve_with_one_key_and_stops_on_ctrl_c() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().expect("tempdir");
-    // A base whose ports are free now (HTTP, gRPC, admin, Raft and mesh of each node).
-    let base = (0..200)
-        .map(|i| 20_000 + (std::process::id() as u16 % 200 + i) * 150)
-        .find(|&base| {
-            (1..=3u16).all(|n| {
-                [n, 100 + n, 200 + n, 300 + 2 * n, 301 + 2 * n]
-                    .iter()
-                    .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok())
-            })
+    // A base whose ports are all below the system's range for ports it picks itself
+    // (32768 on), so only an explicit bind can take one. The TCP ones (HTTP, gRPC, admin and
+    // mesh of each node) are held for the test by sockets bound to them that never listen
+    // (the nodes' listeners bind beside them with SO_REUSEADDR); the Raft (UDP) ones cannot be
+    // held while a node binds them, and are only checked free.
+    let (base, _held) = (0..80u16)
+        .map(|i| 20_000 + (std::process::id() as u16 + i) % 80 * 150)
+        .find_map(|base| {
+            let held: std::io::Result<Vec<socket2::Socket>> = (1..=3u16)
+                .flat_map(|n| [n, 100 + n, 200 + n, 301 + 2 * n])
+                .map(|o| hold(base + o))
+                .collect();
+            let udp_free = (1..=3u16)
+                .all(|n| std::net::UdpSocket::bind(("127.0.0.1", base + 300 + 2 * n)).is_ok());
+            Some((base, held.ok().filter(|_| udp_free)?))
         })
         .expect("free ports");
     let mut child = Command::new(BIN)
