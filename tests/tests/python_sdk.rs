@@ -56,7 +56,10 @@ fn python_with_openai() -> PathBuf {
 
 #[tokio::test]
 async fn the_official_openai_sdk_parses_our_answers() {
-    let python = python_with_openai();
+    // Made on first use, waiting out another test's install: off the runtime's threads.
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .expect("the SDKs");
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
         let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
         let node = TestNode::start(&provider_toml(
@@ -144,7 +147,10 @@ async fn the_official_openai_sdk_parses_our_answers() {
 /// calls, then text), a streamed tool call, token counting, and errors in Anthropic's shape.
 #[tokio::test]
 async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() {
-    let python = python_with_openai();
+    // Made on first use, waiting out another test's install: off the runtime's threads.
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .expect("the SDKs");
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
         let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
         let node = TestNode::start(&provider_toml(

@@ -33,6 +33,13 @@ async fn engine_counter(engine: &LlamaServer, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("llamacpp:{name} not in the engine's metrics:\n{text}"))
 }
 
+/// Runs `f` (an install or an engine's start: seconds of waiting) off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("the blocking task")
+}
+
 fn usage_of(v: &Value) -> (u64, u64) {
     let u = &v["usage"];
     let (p, c) = (
@@ -47,7 +54,9 @@ fn usage_of(v: &Value) -> (u64, u64) {
 #[tokio::test]
 async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_the_engine_counts()
 {
-    let engine = LlamaServer::start(2).expect("llama.cpp's server starts");
+    let engine = blocking(|| LlamaServer::start(2))
+        .await
+        .expect("llama.cpp's server starts");
     let node = TestNode::start(&provider_toml(
         "llama",
         &engine.base_url(),
@@ -74,7 +83,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
         .await
         .expect("tenant");
 
-    let python = engine::python().expect("the engine's python");
+    let python = blocking(engine::python).await.expect("the engine's python");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/engine_check.py");
     let out = tokio::process::Command::new(&python)
         .arg(&script)
@@ -197,7 +206,9 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
 #[tokio::test]
 async fn a_client_that_disconnects_frees_the_engines_slot_within_a_second() {
-    let engine = LlamaServer::start(2).expect("llama.cpp's server starts");
+    let engine = blocking(|| LlamaServer::start(2))
+        .await
+        .expect("llama.cpp's server starts");
     let node = TestNode::start(&provider_toml(
         "llama",
         &engine.base_url(),
@@ -259,7 +270,7 @@ async fn the_vllm_supervisor_launches_restarts_and_drains_a_real_engine() {
     use meridian_actors::vllm::ReplicaState;
     use meridian_actors::vllm::process::group_members;
 
-    let python = engine::python().expect("the engine's python");
+    let python = blocking(engine::python).await.expect("the engine's python");
     let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/vllm_llama.py");
     let held = meridian_tests::ReservedPort::new().expect("a port");
     let port = held.port();
@@ -391,7 +402,9 @@ async fn until(
 /// width, counted as the engine counted them, and the same input a second time from the cache.
 #[tokio::test]
 async fn embeddings_from_a_real_engine_reach_the_official_sdk() {
-    let engine = LlamaServer::start_embeddings().expect("llama.cpp's server starts");
+    let engine = blocking(LlamaServer::start_embeddings)
+        .await
+        .expect("llama.cpp's server starts");
     let node = TestNode::start(&provider_toml(
         "llama",
         &engine.base_url(),
@@ -400,7 +413,7 @@ async fn embeddings_from_a_real_engine_reach_the_official_sdk() {
     ))
     .await
     .expect("node");
-    let python = engine::python().expect("the engine's python");
+    let python = blocking(engine::python).await.expect("the engine's python");
     let script = "import json, sys\n\
 from openai import OpenAI\n\
 client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)\n\
