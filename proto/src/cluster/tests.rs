@@ -1135,3 +1135,41 @@ fn provider_kinds_keep_their_recorded_names() {
     let record = serde_json::to_value(provider("a")).unwrap();
     assert_eq!(record["kind"], "openai");
 }
+
+/// A key's digest is its 32 bytes in MessagePack (snapshots) and hex text in JSON (the log and
+/// the wire); a snapshot written when it was text in both still reads; text that is not
+/// lowercase hex stays text.
+#[test]
+fn key_digests_are_bytes_in_snapshots_and_text_in_json() {
+    let key = ApiKeyRecord {
+        id: "k1".into(),
+        tenant: "acme".into(),
+        sha256_hex: crate::ids::hex(&[0xab; 32]),
+        label: String::new(),
+        created_at_unix_ms: 1,
+        revoked_at_unix_ms: None,
+    };
+    let packed = rmp_serde::to_vec(&key).unwrap();
+    let back: ApiKeyRecord = rmp_serde::from_slice(&packed).unwrap();
+    assert_eq!(back, key);
+    assert!(packed.windows(32).any(|w| w == [0xab; 32]), "the raw bytes");
+    let json = serde_json::to_value(&key).unwrap();
+    assert_eq!(json["sha256_hex"], "ab".repeat(32));
+    assert_eq!(serde_json::from_value::<ApiKeyRecord>(json).unwrap(), key);
+
+    // The earlier form, text in MessagePack too.
+    #[derive(serde::Serialize)]
+    struct Before<'a>(&'a str, &'a str, &'a str, &'a str, u64, Option<u64>);
+    let before = rmp_serde::to_vec(&Before("k1", "acme", &key.sha256_hex, "", 1, None)).unwrap();
+    assert_eq!(packed.len() + 32, before.len(), "half the digest's size");
+    assert_eq!(rmp_serde::from_slice::<ApiKeyRecord>(&before).unwrap(), key);
+
+    for odd in ["ABCD", "abc", "not hex", ""] {
+        let key = ApiKeyRecord {
+            sha256_hex: odd.into(),
+            ..key.clone()
+        };
+        let back: ApiKeyRecord = rmp_serde::from_slice(&rmp_serde::to_vec(&key).unwrap()).unwrap();
+        assert_eq!(back.sha256_hex, odd);
+    }
+}
