@@ -629,10 +629,11 @@ fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
     let long = {
         let http = http.clone();
         std::thread::spawn(move || {
-            post_at(
+            let text = post_at(
                 &http,
                 r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-            )
+            );
+            (text, Instant::now())
         })
     };
     std::thread::sleep(Duration::from_millis(200));
@@ -661,11 +662,18 @@ fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
         refused.is_err(),
         "the listener is closed once the drain begins"
     );
-    let stream = long.join().expect("stream");
+    let (stream, ended) = long.join().expect("stream");
     assert!(
         stream.contains("\"error\"") && !stream.contains("data: [DONE]"),
         "cut at the drain timeout with an error event: {}",
         &stream[stream.len().saturating_sub(400)..]
+    );
+    // The drain begins 1.5 s after SIGTERM and lasts its 1 s timeout: the stream is cut then,
+    // not before, and within 3 × the timeout.
+    let cut = ended.duration_since(term);
+    assert!(
+        (Duration::from_millis(2_400)..Duration::from_millis(4_500)).contains(&cut),
+        "the stream was cut {cut:?} after SIGTERM"
     );
     let deadline = term + Duration::from_secs(6);
     let exited = loop {

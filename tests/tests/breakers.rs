@@ -117,9 +117,10 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
     );
 
     // Half-open with `flaky` still down: the probe fails and it opens again, for longer.
+    // Within 3 × the 700 ms open period it is waiting out.
     wait_until(
         "a failed probe re-opens it",
-        Duration::from_secs(10),
+        Duration::from_millis(2_100),
         || async {
             let _ = chat(&node).await;
             breaker(&node, "flaky").await.is_some_and(|b| b.trips == 2)
@@ -144,7 +145,8 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
     .await
     .unwrap();
     let started = Instant::now();
-    wait_until("probes close it", Duration::from_secs(10), || async {
+    // Within 3 × the 1.4 s second open period.
+    wait_until("probes close it", Duration::from_millis(4_200), || async {
         assert_eq!(chat(&node).await.status(), 200);
         breaker(&node, "flaky")
             .await
@@ -272,9 +274,10 @@ async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
     for _ in 0..3 {
         let _ = call(&dev, "bad").await.unwrap();
     }
+    // At once: a trip is one local decision and one Raft write.
     wait_until(
         "the shared provider tripped",
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         || async {
             breaker(&node, "shared")
                 .await
@@ -344,7 +347,8 @@ async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
             .await
             .unwrap();
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    // At once: a trip is one local decision and one Raft write.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while breaker(&node, "timing-out").await.is_none() {
         assert!(
             std::time::Instant::now() < deadline,

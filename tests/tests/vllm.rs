@@ -205,8 +205,8 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
         // Deregistered: out of the routing table.
         while node.gateway.provider_by_id("1/llama-0").is_some() {
             assert!(
-                killed.elapsed() < Duration::from_secs(2),
-                "still routed 2 s after the kill"
+                killed.elapsed() < Duration::from_secs(1),
+                "still routed 1 s after the kill"
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -338,8 +338,8 @@ async fn a_hung_replica_is_detected_and_restarted() {
     let why = restarted.last_exit.clone().unwrap_or_default();
     assert!(why.contains("hung"), "{why}");
     assert!(
-        answered < Duration::from_secs(4),
-        "hang detected and the request ended within {answered:?}"
+        answered < Duration::from_secs(3),
+        "hang detected and the request ended within 3 × hang_timeout: {answered:?}"
     );
     println!(
         "hang (health 200, no tokens): the stuck request ended after {} ms (hang_timeout 1 s); \
@@ -398,6 +398,10 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
     // A dead engine (503) is acted on at its first answer.
     let (dead_after, why, _) = fail_with("503", 2).await;
     assert!(why.contains("engine is dead"), "{why}");
+    assert!(
+        dead_after <= Duration::from_millis(300),
+        "a 503 is acted on at its first answer (checks 100 ms apart): {dead_after:?}"
+    );
     println!(
         "health failures: three 500s taken out after {} ms, a 503 after {} ms",
         detected.as_millis(),
@@ -527,7 +531,7 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
     let port = held[0].port();
     let node = node(
         port,
-        "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"100ms\"\nautoscale_cooldown = \"500ms\"",
+        "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"300ms\"\nautoscale_cooldown = \"500ms\"",
         &[("MOCK_VLLM_SCRIPT", "tokens=20;itl_ms=25;ttft_ms=20")],
     )
     .await;
@@ -571,22 +575,33 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
                 break loaded.elapsed();
             }
         }
+        // Decided within 3 autoscale intervals of the load; then the mock's own start.
         assert!(
-            loaded.elapsed() < Duration::from_secs(10),
-            "never scaled up"
+            launched.is_some() || loaded.elapsed() < Duration::from_millis(900),
+            "not scaled up within 3 × the 300 ms autoscale interval"
+        );
+        assert!(
+            loaded.elapsed() < Duration::from_secs(5),
+            "the second replica never became ready"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    // Both replicas take traffic: each one's process has been sent requests.
-    let second = replica(&node, "llama-1").port;
-    let before = mock_requests(second).await;
+    // Both replicas take traffic: each one's process is sent requests.
+    let (first, second) = (
+        replica(&node, "llama-0").port,
+        replica(&node, "llama-1").port,
+    );
+    let before = (mock_requests(first).await, mock_requests(second).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let serving: Vec<u32> = node.vllm.list().iter().map(|r| r.in_flight).collect();
-    let sent_to_second = mock_requests(second).await - before;
+    let sent = (
+        mock_requests(first).await - before.0,
+        mock_requests(second).await - before.1,
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(
-        sent_to_second > 0,
-        "the new replica got no request in 500 ms of load (in flight: {serving:?})"
+        sent.0 > 0 && sent.1 > 0,
+        "in 500 ms of load the replicas were sent {sent:?} requests (in flight: {serving:?})"
     );
     let mut failed = 0;
     for c in clients {
@@ -597,8 +612,8 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
     let started = Instant::now();
     while node.vllm.list().len() > 1 {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never scaled down: {:?}",
+            started.elapsed() < Duration::from_millis(1_500),
+            "not scaled down within 3 × the 500 ms cool-down: {:?}",
             node.vllm.list()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -339,6 +339,24 @@ fn limit_dev_tier(bin_dir: &Path, admin_addr: &str, data: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// How many of its own proposals node `addr` has had applied (`meridian_cluster_commit`'s
+/// count in its `/metrics`): the grants, renewals and usage flushes its quotas made.
+fn proposals(addr: &str) -> anyhow::Result<u64> {
+    let text = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            reqwest::get(format!("http://{addr}/metrics"))
+                .await?
+                .text()
+                .await
+        })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("meridian_cluster_commit_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no meridian_cluster_commit_seconds_count in /metrics")
+}
+
 /// A request of end user `user`.
 fn user_body(user: &str) -> String {
     format!(
@@ -758,15 +776,17 @@ fn main() -> anyhow::Result<()> {
     let unary = lua(tmp.path(), "unary.lua", UNARY_BODY)?;
     // The same gateway as a user runs it, authentication and cluster-wide quotas on: a second
     // node whose development tenant gets (unreachable) tokens/min and requests/min limits, so
-    // every request is authenticated, estimated with the tokenizer, admitted and settled. The
-    // gateway table below goes through this one; the auth + quota rounds compare it with the
-    // first.
+    // every request is authenticated, estimated with the tokenizer, admitted and settled. With
+    // no static share, every admission draws on slices granted through Raft, renewed as they
+    // are spent (with the default share of half the limit, limits this large would never be
+    // spent past it, and nothing would renew). The gateway table below goes through this one;
+    // the auth + quota rounds compare it with the first.
     let on_config = tmp.path().join("node-on.toml");
     let on_data = tmp.path().join("data-on");
     write_node_config(
         &on_config,
         &on_data,
-        "",
+        "[quota]\nstatic_share = 0.0\n",
         &mock_addr,
         r#"["mock", "mock@tokens:16"]"#,
     )?;
@@ -790,7 +810,7 @@ fn main() -> anyhow::Result<()> {
         Vec::new()
     } else {
         report.push_str(
-            "Through Meridian as it runs by default: auth on (an API key), the tenant limited (tokens/min and requests/min of 10^12: admitted and settled, never renewed).\n\n",
+            "Through Meridian with auth on (an API key) and the tenant limited (tokens/min and requests/min of 10^12, no static share: every request admitted from slices granted through Raft and renewed as they are spent, and settled).\n\n",
         );
         report.push_str(
             "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -843,6 +863,7 @@ fn main() -> anyhow::Result<()> {
     // The node's CPU time per request at c=64, off and on: the cost that caps throughput when
     // the node is the bottleneck, and far less noisy than req/s on a shared 2-core machine.
     let mut cpu = Vec::new();
+    let proposals_before = proposals(&on_addr)?;
     for round in 0..args.rounds.max(1) {
         // Alternate which node goes first, so drift in the machine's speed cancels out.
         let (off1, on1, (off64, off_cpu), (on64, on_cpu)) = if round % 2 == 0 {
@@ -867,6 +888,7 @@ fn main() -> anyhow::Result<()> {
         cpu.push((off_cpu, on_cpu));
         rounds.push([off1, on1, off64, on64]);
     }
+    let proposed = proposals(&on_addr)? - proposals_before;
     let steal = steal_before.zip(steal_ticks()).map(|((s0, t0), (s1, t1))| {
         100.0 * (s1.saturating_sub(s0)) as f64 / (t1.saturating_sub(t0)).max(1) as f64
     });
@@ -888,6 +910,9 @@ fn main() -> anyhow::Result<()> {
         "\n| node CPU per request, c=64 | auth+quota off | on | on ÷ off (median of {} rounds) | quartiles | throughput cost when the node is the bottleneck |\n|---|---|---|---|---|---|\n| | {cpu_off:.1} µs | {cpu_on:.1} µs | {cpu_ratio:.3} | {q1:.3}–{q3:.3} | {:.1} % |\n",
         cpu.len(),
         (1.0 - 1.0 / cpu_ratio) * 100.0
+    ));
+    report.push_str(&format!(
+        "\nThe on node's quotas made {proposed} Raft proposals during these rounds (slice grants and renewals, usage flushes).\n"
     ));
     if let Some(steal) = steal {
         // On a shared virtual machine, time taken by other guests makes every figure above
