@@ -1176,6 +1176,8 @@ async fn a_usage_report_is_the_same_on_every_node_and_adds_up_to_the_call_record
 #[tokio::test]
 async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactly_once() {
     use axum::routing::post;
+    // A daily cap: not across midnight (the next day starts from nothing).
+    meridian_tests::inside_one_day(Duration::from_secs(120)).await;
     use meridian_proto::pb::admin as pb;
     use meridian_tests::mock::{Flavor, MockUpstream};
     use std::sync::{Arc, Mutex};

@@ -54,6 +54,8 @@ fn usage_of(v: &Value) -> (u64, u64) {
 #[tokio::test]
 async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_the_engine_counts()
 {
+    // A daily limit: not across midnight (the next day starts from nothing).
+    meridian_tests::inside_one_day(Duration::from_secs(180)).await;
     let engine = blocking(|| LlamaServer::start(2))
         .await
         .expect("llama.cpp's server starts");
