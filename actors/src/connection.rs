@@ -586,7 +586,7 @@ impl Stream for RelayStream {
                     if chunk.usage.is_some() {
                         this.usage = chunk.usage;
                     }
-                    if !chunk.usage_only {
+                    if chunk.generated {
                         this.generated.fetch_add(1, Ordering::Relaxed);
                     }
                     if !chunk.usage_only || this.include_usage {

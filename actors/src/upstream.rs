@@ -90,6 +90,10 @@ pub struct Chunk {
     pub usage: Option<Usage>,
     /// The final usage-only chunk (`choices: []`), which the client gets only if it asked.
     pub usage_only: bool,
+    /// It carries generated output (text, reasoning, a tool call): what a stream cut short is
+    /// charged for, counted a token each. The chunk that opens a stream with the role, and the
+    /// one with the finish reason, do not.
+    pub generated: bool,
 }
 
 /// The chunks of a stream; it ends after the upstream's `[DONE]`, or with one `Err`.

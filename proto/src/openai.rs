@@ -4,8 +4,9 @@
 //! Rule from the upstream reference: parse leniently (unknown fields ignored, absent or `null`
 //! both accepted, both vLLM error shapes), emit strictly (exactly OpenAI's shapes).
 
-use serde::de::{Deserializer, IgnoredAny};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ErrorKind};
@@ -515,21 +516,72 @@ pub struct Delta {
 }
 
 /// What the relay needs to know of a chunk, without materialising its text: whether it is the
-/// usage-only chunk, its usage, and whether it is an in-band error.
+/// usage-only chunk, whether it carries generated output, its usage, and whether it is an
+/// in-band error.
 #[derive(Debug, Deserialize)]
-pub struct ChunkProbe {
-    #[serde(default)]
-    pub choices: Option<Vec<IgnoredAny>>,
+pub struct ChunkProbe<'a> {
+    #[serde(default, borrow)]
+    pub choices: Option<Vec<ChoiceProbe<'a>>>,
     #[serde(default)]
     pub usage: Option<Usage>,
     #[serde(default)]
     pub error: Option<Value>,
 }
 
-impl ChunkProbe {
+/// A streamed choice's output, as raw JSON (borrowed from the chunk: nothing is unescaped or
+/// copied).
+#[derive(Debug, Deserialize)]
+pub struct ChoiceProbe<'a> {
+    /// A chat chunk's delta.
+    #[serde(default, borrow)]
+    delta: Option<DeltaProbe<'a>>,
+    /// A text completion chunk's text.
+    #[serde(default, borrow)]
+    text: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeltaProbe<'a> {
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    refusal: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// A raw value that holds something: not absent, `null`, `""` or `[]`.
+fn holds(v: Option<&RawValue>) -> bool {
+    v.is_some_and(|v| !matches!(v.get(), "null" | "\"\"" | "[]"))
+}
+
+impl ChunkProbe<'_> {
     /// The final chunk OpenAI sends for `include_usage`: no choices, a usage object.
     pub fn is_usage_only(&self) -> bool {
         self.usage.is_some() && self.choices.as_ref().is_none_or(Vec::is_empty)
+    }
+
+    /// Whether the chunk carries generated output (text, reasoning, a refusal, a tool call):
+    /// the role chunk that opens a stream and the one that gives its finish reason do not.
+    pub fn generates(&self) -> bool {
+        self.choices.iter().flatten().any(|c| {
+            holds(c.text)
+                || c.delta.as_ref().is_some_and(|d| {
+                    [
+                        d.content,
+                        d.reasoning_content,
+                        d.reasoning,
+                        d.refusal,
+                        d.tool_calls,
+                    ]
+                    .into_iter()
+                    .any(holds)
+                })
+        })
     }
 }
 

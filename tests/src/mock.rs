@@ -106,6 +106,8 @@ pub struct MockStats {
     pub requests: AtomicU64,
     pub completed: AtomicU64,
     pub aborted: AtomicU64,
+    /// Content tokens that streams the client went away from had been handed to the wire.
+    pub aborted_tokens: AtomicU64,
     pub failed: AtomicU64,
     pub running: AtomicU64,
     /// Streaming requests that asked for the final usage chunk.
@@ -958,6 +960,8 @@ enum End {
 struct StreamGuard {
     stats: Arc<MockStats>,
     end: End,
+    /// Content tokens handed to the body so far.
+    sent: u64,
 }
 
 impl StreamGuard {
@@ -976,6 +980,7 @@ impl StreamGuard {
         Self {
             stats: Arc::clone(stats),
             end: End::Open,
+            sent: 0,
         }
     }
 }
@@ -983,6 +988,9 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.stats.running.fetch_sub(1, SeqCst);
+        if self.end == End::Open {
+            self.stats.aborted_tokens.fetch_add(self.sent, SeqCst);
+        }
         let counter = match self.end {
             End::Open => &self.stats.aborted,
             End::Completed => &self.stats.completed,
@@ -1046,6 +1054,7 @@ impl StreamPlan {
                 return Some((frames, self));
             }
             let delta = json!({ "content": self.script.token(emitted) }).to_string();
+            self.guard.sent += 1;
             return Some((vec![Ok(self.chunk(&delta, None))], self));
         }
         if emitted == n {
@@ -1423,6 +1432,7 @@ impl AnthropicPlan {
             }
             let delta = json!({"type": "content_block_delta", "index": 0,
                                "delta": {"type": "text_delta", "text": self.script.token(emitted)}});
+            self.guard.sent += 1;
             return Some((vec![event("content_block_delta", &delta)], self));
         }
         if emitted == n {

@@ -1349,11 +1349,17 @@ async fn a_stream_the_client_drops_is_charged_what_was_generated() {
     .await
     .expect("rolled up");
     let charged = completion().await.expect("charged");
-    println!("a stream dropped after 5 chunks of 200: charged {charged} completion tokens");
+    // What the upstream generated before the call was cut: the node may not have read the
+    // last of it, and is never charged more.
+    let generated = m.stats.aborted_tokens.load(SeqCst);
+    println!(
+        "a stream dropped after 5 chunks of 200: charged {charged} completion tokens, \
+         {generated} generated"
+    );
     assert!(
-        (1..100).contains(&charged),
+        generated < 200 && (1..=generated).contains(&charged),
         "charged {charged} completion tokens for a stream dropped after about five of 200 \
-         (reserved 300)"
+         (the upstream generated {generated}; reserved 300)"
     );
 }
 

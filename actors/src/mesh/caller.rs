@@ -286,6 +286,7 @@ impl Pulling {
                     json: Bytes::from(c.json),
                     usage: c.usage,
                     usage_only: c.usage_only,
+                    generated: c.generated && !c.usage_only,
                 })
             }));
             if let Some(e) = pulled.error {

@@ -321,6 +321,7 @@ impl Served {
                             json: String::from_utf8_lossy(&chunk.json).into_owned(),
                             usage: chunk.usage,
                             usage_only: chunk.usage_only,
+                            generated: chunk.generated,
                         });
                     }
                     Some(Err(e)) => {

@@ -92,6 +92,14 @@ pub(super) struct WireChunk {
     pub(super) json: String,
     pub(super) usage: Option<Usage>,
     pub(super) usage_only: bool,
+    /// See [`crate::upstream::Chunk::generated`]. A peer of an earlier version does not send
+    /// it: every chunk but the usage one is taken as generated, as that version counted them.
+    #[serde(default = "assumed_generated")]
+    pub(super) generated: bool,
+}
+
+fn assumed_generated() -> bool {
+    true
 }
 
 /// An [`UpstreamError`] as it crosses the mesh.

@@ -409,6 +409,8 @@ pub enum Step {
 
 impl StreamState {
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Chunk {
+        let generated = delta.get("tool_calls").is_some()
+            || delta["content"].as_str().is_some_and(|t| !t.is_empty());
         let v = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -420,6 +422,7 @@ impl StreamState {
             json: Bytes::from(v.to_string()),
             usage: None,
             usage_only: false,
+            generated,
         }
     }
 
@@ -455,6 +458,7 @@ impl StreamState {
             json,
             usage: matches!(kind, "message_delta" | "message_stop").then(|| self.usage.to_openai()),
             usage_only: kind != "content_block_delta",
+            generated: kind == "content_block_delta",
         };
         Ok(if kind == "message_stop" {
             Step::Done(vec![chunk])
@@ -549,6 +553,7 @@ impl StreamState {
                         json: Bytes::from(usage_chunk.to_string()),
                         usage: Some(usage),
                         usage_only: true,
+                        generated: false,
                     },
                 ]))
             }

@@ -143,6 +143,7 @@ fn text_chunks(answer: &Answer, model: &str) -> Vec<Result<Chunk, UpstreamError>
             json: Bytes::from(json.to_string()),
             usage,
             usage_only: usage.is_some(),
+            generated: !text.is_empty(),
         })
     };
     let mut events = Vec::with_capacity(answer.words.len() + 2);
@@ -248,10 +249,13 @@ fn encode(
     usage_only: bool,
 ) -> Result<Chunk, UpstreamError> {
     let json = serde_json::to_vec(c).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let generated = (c.choices.iter())
+        .any(|choice| choice.delta.content.as_ref().is_some_and(|t| !t.is_empty()));
     Ok(Chunk {
         json: Bytes::from(json),
         usage,
         usage_only,
+        generated,
     })
 }
 

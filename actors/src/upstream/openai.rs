@@ -15,6 +15,7 @@ pub fn to_chunk(data: Bytes) -> Result<Chunk, UpstreamError> {
         let info = UpstreamErrorInfo::parse(&data).unwrap_or_default();
         return Err(UpstreamError::InStream(info));
     }
+    let (usage_only, generated, usage) = (probe.is_usage_only(), probe.generates(), probe.usage);
     let json = if memchr::memchr2(b'\n', b'\r', &data).is_some() {
         let v: serde_json::Value =
             serde_json::from_slice(&data).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
@@ -23,8 +24,9 @@ pub fn to_chunk(data: Bytes) -> Result<Chunk, UpstreamError> {
         data
     };
     Ok(Chunk {
-        usage_only: probe.is_usage_only(),
-        usage: probe.usage,
+        usage_only,
+        generated,
+        usage,
         json,
     })
 }

@@ -138,6 +138,50 @@ fn usage_and_chunks_parse_leniently() {
     let err: ChunkProbe =
         serde_json::from_str(r#"{"error":{"message":"boom","code":500}}"#).expect("chunk");
     assert!(err.error.is_some());
+
+    // What a stream cut short is charged for: chunks with output, not the role or finish ones.
+    for (chunk, generates) in [
+        (
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            false,
+        ),
+        (
+            r#"{"choices":[{"delta":{"role":"assistant","content":"","refusal":null}}]}"#,
+            false,
+        ),
+        (
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+            false,
+        ),
+        (
+            r#"{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}"#,
+            false,
+        ),
+        (
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            false,
+        ),
+        (r#"{"choices":[{"delta":{"content":"a\nb \"c\""}}]}"#, true),
+        (
+            r#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#,
+            true,
+        ),
+        (
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#,
+            true,
+        ),
+        (
+            r#"{"choices":[{"text":"word","finish_reason":null}]}"#,
+            true,
+        ),
+        (
+            r#"{"choices":[{"text":"","finish_reason":"length"}]}"#,
+            false,
+        ),
+    ] {
+        let probe: ChunkProbe = serde_json::from_str(chunk).expect("chunk");
+        assert_eq!(probe.generates(), generates, "{chunk}");
+    }
 }
 
 #[test]
