@@ -2,6 +2,7 @@
 //! cluster harness ([`procs`]), and helpers.
 //! The integration tests live in `tests/tests/`; the load benchmark in `src/bin/bench-gateway.rs`.
 
+pub mod big_state;
 pub mod engine;
 pub mod mock;
 pub mod otlp;

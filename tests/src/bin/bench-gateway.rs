@@ -9,6 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -44,6 +45,13 @@ struct Args {
     /// before and after those users.
     #[arg(long)]
     users: Option<u64>,
+    /// Instead: a node started on a replicated state at production scale (10,000 tenants,
+    /// 100,000 API keys, 10,000 hot users' ledger entries, 90 days of roll-ups, written into
+    /// its data directory before it starts) against one started on an empty state: the time
+    /// each takes to be ready, then in alternating rounds each one's c=64 throughput, CPU per
+    /// request and resident memory.
+    #[arg(long)]
+    large_state: bool,
     /// Where `meridian` and `mock-upstream` live (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -516,6 +524,91 @@ fn new_and_known_users(
     Ok(report)
 }
 
+/// See `Args::large_state`. Both nodes run with auth on and the product's defaults; their
+/// one client tenant has tokens/min and requests/min limits of 10^12.
+fn large_state(
+    bin_dir: &Path,
+    tmp: &Path,
+    mock_addr: &str,
+    secs: u64,
+    rounds: usize,
+) -> anyhow::Result<String> {
+    use meridian_tests::big_state::{self, Scale};
+    let meridian = bin_dir.join("meridian");
+    let key = meridian_actors::auth::generate_key()?;
+    let limits = meridian_proto::cluster::Limits {
+        tokens_per_minute: Some(1_000_000_000_000),
+        requests_per_minute: Some(1_000_000_000_000),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut nodes = Vec::new();
+    for (name, scale) in [("empty", Scale::EMPTY), ("large", Scale::PRODUCTION)] {
+        let data = tmp.join(format!("data-{name}"));
+        let written = Instant::now();
+        runtime.block_on(big_state::write(&data, scale, limits, &key))?;
+        let written = written.elapsed();
+        let config = tmp.join(format!("node-{name}.toml"));
+        write_node_config(&config, &data, "", mock_addr, r#"["mock"]"#)?;
+        let started = Instant::now();
+        let (node, line) = spawn_ready(
+            &mut serve(Command::new(&meridian), &meridian, &config),
+            "meridian ready",
+        )?;
+        let ready = started.elapsed();
+        let url = format!("http://{}/v1/chat/completions", field(&line, "http=")?);
+        eprintln!("{name} state written in {written:?}; node ready {ready:?} after it started");
+        nodes.push((name, node, url, ready));
+    }
+    let script = lua_with(tmp, "unary-bench.lua", UNARY_BODY, Some(&key.secret))?;
+    for (_, _, url, _) in &nodes {
+        wrk(url, &script, 8, 1)?;
+    }
+    // (req/s, CPU µs per request) of each node, per round; which goes first alternates.
+    let mut runs: Vec<[(f64, f64); 2]> = Vec::new();
+    for round in 0..rounds.max(1) {
+        let mut pair = [(0.0, 0.0); 2];
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (_, node, url, _) = &nodes[i];
+            let (run, cpu) = wrk_cpu(url, &script, 64, secs, node.0.id())?;
+            pair[i] = (run.rps, cpu);
+        }
+        eprintln!(
+            "large state ÷ empty: throughput {:.3}, CPU per request {:.3}",
+            pair[1].0 / pair[0].0,
+            pair[1].1 / pair[0].1
+        );
+        runs.push(pair);
+    }
+    let mut report = String::from(
+        "| state | node ready after start | c=64 req/s | node CPU per request | node RSS |
+|---|---|---|---|---|
+",
+    );
+    for (i, (name, node, _, ready)) in nodes.iter().enumerate() {
+        report.push_str(&format!(
+            "| {name} | {:.2} s | {:.0} | {:.1} µs | {} MiB |
+",
+            ready.as_secs_f64(),
+            median(runs.iter().map(|r| r[i].0).collect()),
+            median(runs.iter().map(|r| r[i].1).collect()),
+            rss_mib(node.0.id())?
+        ));
+    }
+    let ratios: Vec<f64> = runs.iter().map(|r| r[1].0 / r[0].0).collect();
+    let (q1, q3) = quartiles(ratios.clone());
+    report.push_str(&format!(
+        "
+c=64 throughput, large ÷ empty: {:.3} (median of {} rounds; quartiles {q1:.3}–{q3:.3}); node CPU per request, large ÷ empty: {:.3}.
+",
+        median(ratios),
+        runs.len(),
+        median(runs.iter().map(|r| r[1].1 / r[0].1).collect()),
+    ));
+    Ok(report)
+}
+
 /// The resident memory of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -750,6 +843,11 @@ fn main() -> anyhow::Result<()> {
             &mock_addr,
             args.requests / 64,
         )?;
+        println!("{report}");
+        return Ok(());
+    }
+    if args.large_state {
+        let report = large_state(&bin_dir, tmp.path(), &mock_addr, secs, args.rounds)?;
         println!("{report}");
         return Ok(());
     }
