@@ -234,67 +234,13 @@ pub struct Tenant {
     pub engine_fields: Vec<String>,
 }
 
-/// A lowercase hex digest, kept as text in memory and in formats meant for people (JSON: the
-/// log, the wire) and as its bytes in those that are not (MessagePack snapshots, where 100,000
-/// keys' digests are 3.2 MB less). Either form reads back; text that is not lowercase hex
-/// (which would not come back the same) is kept as text.
-mod digest {
-    use serde::{Deserializer, Serializer, de};
-
-    pub fn serialize<S: Serializer>(hex: &str, s: S) -> Result<S::Ok, S::Error> {
-        match decode(hex) {
-            Some(bytes) if !s.is_human_readable() => s.serialize_bytes(&bytes),
-            _ => s.serialize_str(hex),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        struct Digest;
-        impl<'de> de::Visitor<'de> for Digest {
-            type Value = String;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a hex digest as text or bytes")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
-                Ok(v.to_owned())
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
-                Ok(v)
-            }
-            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<String, E> {
-                Ok(crate::ids::hex(v))
-            }
-        }
-        if d.is_human_readable() {
-            d.deserialize_str(Digest)
-        } else {
-            d.deserialize_any(Digest)
-        }
-    }
-
-    /// The bytes of lowercase hex text, or `None` for anything else.
-    fn decode(hex: &str) -> Option<Vec<u8>> {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        (hex.len().is_multiple_of(2) && !hex.is_empty()).then_some(())?;
-        hex.as_bytes()
-            .chunks_exact(2)
-            .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-            .collect()
-    }
-}
-
 /// An API key as the cluster stores it: never the secret, only its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     /// Public id of the key (safe to show and log).
     pub id: String,
     pub tenant: String,
-    /// Lowercase hex SHA-256 of the whole secret (its 32 bytes in snapshots: see [`digest`]).
-    #[serde(with = "digest")]
+    /// Lowercase hex SHA-256 of the whole secret.
     pub sha256_hex: String,
     #[serde(default)]
     pub label: String,
