@@ -61,8 +61,9 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     let started = Instant::now();
     c.router.faults().isolate(leader);
     let survivors: Vec<ClusterNode> = c.nodes.iter().filter(|n| n.id != leader).cloned().collect();
-    // Within 3 election timeouts: the silence noticed, and a split vote's second round.
-    let bound = RaftTimings::fast().election_max * 3;
+    // Within 3 election timeouts (the silence noticed, a split vote's second round), and the
+    // polling on top.
+    let bound = RaftTimings::fast().election_max * 3 + Duration::from_millis(100);
     wait_until("a new leader", bound, || {
         leader_of(&survivors).is_some_and(|l| l != leader)
     })

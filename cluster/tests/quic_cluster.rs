@@ -113,8 +113,9 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     transports[li].close();
     nodes[li].shutdown().await;
     let survivors: Vec<ClusterNode> = nodes.iter().filter(|n| n.id != leader).cloned().collect();
-    // Within 3 election timeouts: the silence noticed, and a split vote's second round.
-    let bound = RaftTimings::fast().election_max * 3;
+    // Within 3 election timeouts (the silence noticed, a split vote's second round), and the
+    // polling on top.
+    let bound = RaftTimings::fast().election_max * 3 + Duration::from_millis(100);
     wait_until("a new leader", bound, || {
         leader_of(&survivors).is_some_and(|l| l != leader)
     })

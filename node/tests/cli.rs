@@ -237,7 +237,7 @@ fn dev_cluster_starts_three_nodes_that_serve_with_one_key_and_stops_on_ctrl_c() 
     // (the nodes' listeners bind beside them with SO_REUSEADDR); the Raft (UDP) ones cannot be
     // held while a node binds them, and are only checked free.
     let (base, _held) = (0..80u16)
-        .map(|i| 20_000 + (std::process::id() as u16 + i) % 80 * 150)
+        .map(|i| 20_000 + ((std::process::id() % 80) as u16 + i) % 80 * 150)
         .find_map(|base| {
             let held: std::io::Result<Vec<socket2::Socket>> = (1..=3u16)
                 .flat_map(|n| [n, 100 + n, 200 + n, 301 + 2 * n])

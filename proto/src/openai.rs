@@ -521,7 +521,7 @@ pub struct Delta {
 #[derive(Debug, Deserialize)]
 pub struct ChunkProbe<'a> {
     #[serde(default, borrow)]
-    pub choices: Option<Vec<ChoiceProbe<'a>>>,
+    pub choices: Option<Vec<Option<ChoiceProbe<'a>>>>,
     #[serde(default)]
     pub usage: Option<Usage>,
     #[serde(default)]
@@ -552,6 +552,11 @@ struct DeltaProbe<'a> {
     refusal: Option<&'a RawValue>,
     #[serde(default, borrow)]
     tool_calls: Option<&'a RawValue>,
+    /// The legacy single function call, and audio output.
+    #[serde(default, borrow)]
+    function_call: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    audio: Option<&'a RawValue>,
 }
 
 /// A raw value that holds something: not absent, `null`, `""` or `[]`.
@@ -568,7 +573,7 @@ impl ChunkProbe<'_> {
     /// Whether the chunk carries generated output (text, reasoning, a refusal, a tool call):
     /// the role chunk that opens a stream and the one that gives its finish reason do not.
     pub fn generates(&self) -> bool {
-        self.choices.iter().flatten().any(|c| {
+        self.choices.iter().flatten().flatten().any(|c| {
             holds(c.text)
                 || c.delta.as_ref().is_some_and(|d| {
                     [
@@ -577,6 +582,8 @@ impl ChunkProbe<'_> {
                         d.reasoning,
                         d.refusal,
                         d.tool_calls,
+                        d.function_call,
+                        d.audio,
                     ]
                     .into_iter()
                     .any(holds)

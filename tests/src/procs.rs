@@ -11,7 +11,8 @@
 //!
 //! The binary is the workspace's `target/<profile>/meridian`, which `cargo nextest run
 //! --workspace` (or `cargo test --workspace`) builds with the node's own tests; set
-//! `MERIDIAN_BIN` to use another one.
+//! `MERIDIAN_BIN` to use another one (one that takes its Raft socket from `LISTEN_FDS`: the
+//! harness holds that port itself).
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -13,8 +13,11 @@ const T: Duration = Duration::from_secs(30);
 /// The harness's `election_timeout_max` (`meridian_tests::procs`).
 const ELECTION_MAX: Duration = Duration::from_millis(600);
 /// A failover's bound, for a new leader and for the gap in acknowledged writes: 3 election
-/// timeouts (a follower notices the silence within one; a split vote takes another round).
-const FAILOVER: Duration = ELECTION_MAX.saturating_mul(3);
+/// timeouts (a follower notices the silence within one; a split vote takes another round),
+/// and the harness's polling and the writers' retry on top.
+const FAILOVER: Duration = ELECTION_MAX
+    .saturating_mul(3)
+    .saturating_add(Duration::from_millis(300));
 
 #[tokio::test]
 async fn three_nodes_form_replicate_fail_over_and_lose_nothing() {

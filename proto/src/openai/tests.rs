@@ -178,6 +178,11 @@ fn usage_and_chunks_parse_leniently() {
             r#"{"choices":[{"text":"","finish_reason":"length"}]}"#,
             false,
         ),
+        (r#"{"choices":[null]}"#, false),
+        (
+            r#"{"choices":[{"delta":{"function_call":{"arguments":"{"}}}]}"#,
+            true,
+        ),
     ] {
         let probe: ChunkProbe = serde_json::from_str(chunk).expect("chunk");
         assert_eq!(probe.generates(), generates, "{chunk}");

@@ -875,9 +875,9 @@ fn main() -> anyhow::Result<()> {
     // The same gateway as a user runs it, authentication and cluster-wide quotas on: a second
     // node whose development tenant gets (unreachable) tokens/min and requests/min limits, so
     // every request is authenticated, estimated with the tokenizer, admitted and settled. With
-    // no static share, every admission draws on slices granted through Raft, renewed as they
-    // are spent (with the default share of half the limit, limits this large would never be
-    // spent past it, and nothing would renew). The gateway table below goes through this one;
+    // no static share, every admission draws on slices granted through Raft, renewed as their
+    // grants run out and at each new minute (with the default share of half the limit, limits
+    // this large would never be spent past it, and no grant would be asked for). The gateway table below goes through this one;
     // the auth + quota rounds compare it with the first.
     let on_config = tmp.path().join("node-on.toml");
     let on_data = tmp.path().join("data-on");
@@ -908,7 +908,7 @@ fn main() -> anyhow::Result<()> {
         Vec::new()
     } else {
         report.push_str(
-            "Through Meridian with auth on (an API key) and the tenant limited (tokens/min and requests/min of 10^12, no static share: every request admitted from slices granted through Raft and renewed as they are spent, and settled).\n\n",
+            "Through Meridian with auth on (an API key) and the tenant limited (tokens/min and requests/min of 10^12, no static share: every request admitted from slices granted through Raft, renewed as their grants run out and at each new minute, and settled).\n\n",
         );
         report.push_str(
             "| mode | c=1 p50 direct | c=1 p50 through | added p50 | c=1 p99 direct | c=1 p99 through | c=64 req/s direct | c=64 req/s through | ratio | c=64 p99 direct | c=64 p99 through |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
