@@ -73,9 +73,13 @@ impl UsageDimension {
 ///
 /// Encoded as a list of `(key, totals)` rows; a map of model → totals (how roll-ups were kept
 /// before they had providers, features and users) is read as rows of those models.
+///
+/// The rows are a vector sorted by key: most days of most tenants hold one row or a few, and
+/// a `BTreeMap`'s first node has room for eleven (1.6 KB here): 90 days of 10,000 tenants
+/// took 1.4 GB of mostly empty nodes, and seconds to allocate at a node's start.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TenantDay {
-    rows: BTreeMap<UsageKey, UsageTotals>,
+    rows: Vec<(UsageKey, UsageTotals)>,
     /// The users kept by name (rebuilt from the rows when read).
     users: BTreeSet<String>,
 }
@@ -91,11 +95,23 @@ impl TenantDay {
                 key.user = OTHER_USERS.to_owned();
             }
         }
-        self.rows.entry(key).or_default().add(totals);
+        self.row(key).add(totals);
+    }
+
+    /// The totals of `key`'s row, made (in its place) if it has none.
+    fn row(&mut self, key: UsageKey) -> &mut UsageTotals {
+        let at = match self.rows.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(at) => at,
+            Err(at) => {
+                self.rows.insert(at, (key, UsageTotals::default()));
+                at
+            }
+        };
+        &mut self.rows[at].1
     }
 
     pub fn rows(&self) -> impl Iterator<Item = (&UsageKey, &UsageTotals)> {
-        self.rows.iter()
+        self.rows.iter().map(|(k, t)| (k, t))
     }
 
     /// The day's totals of `model`, over every provider, feature and user.
@@ -130,7 +146,7 @@ impl<'de> Deserialize<'de> for TenantDay {
                     if !key.user.is_empty() && key.user != OTHER_USERS {
                         day.users.insert(key.user.clone());
                     }
-                    day.rows.entry(key).or_default().add(&totals);
+                    day.row(key).add(&totals);
                 }
                 Ok(day)
             }
@@ -142,7 +158,7 @@ impl<'de> Deserialize<'de> for TenantDay {
                         model,
                         ..UsageKey::default()
                     };
-                    day.rows.entry(key).or_default().add(&totals);
+                    day.row(key).add(&totals);
                 }
                 Ok(day)
             }
