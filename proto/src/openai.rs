@@ -519,19 +519,53 @@ pub struct Delta {
 /// usage-only chunk, whether it carries generated output, its usage, and whether it is an
 /// in-band error.
 #[derive(Debug, Deserialize)]
-pub struct ChunkProbe<'a> {
-    #[serde(default, borrow)]
-    pub choices: Option<Vec<Option<ChoiceProbe<'a>>>>,
+pub struct ChunkProbe {
+    #[serde(default)]
+    choices: Option<ChoicesProbe>,
     #[serde(default)]
     pub usage: Option<Usage>,
     #[serde(default)]
     pub error: Option<Value>,
 }
 
+/// A chunk's `choices`, folded as they are read: how many, and whether any carries output.
+/// (No vector is made: this runs for every streamed chunk.)
+#[derive(Debug, Clone, Copy, Default)]
+struct ChoicesProbe {
+    len: usize,
+    generates: bool,
+}
+
+impl<'de> Deserialize<'de> for ChoicesProbe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fold;
+        impl<'de> serde::de::Visitor<'de> for Fold {
+            type Value = ChoicesProbe;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ChoicesProbe, A::Error> {
+                let mut probe = ChoicesProbe::default();
+                while let Some(choice) = seq.next_element::<Option<ChoiceProbe<'de>>>()? {
+                    probe.len += 1;
+                    probe.generates |= choice.is_some_and(|c| c.generates());
+                }
+                Ok(probe)
+            }
+        }
+        d.deserialize_seq(Fold)
+    }
+}
+
 /// A streamed choice's output, as raw JSON (borrowed from the chunk: nothing is unescaped or
 /// copied).
 #[derive(Debug, Deserialize)]
-pub struct ChoiceProbe<'a> {
+struct ChoiceProbe<'a> {
     /// A chat chunk's delta.
     #[serde(default, borrow)]
     delta: Option<DeltaProbe<'a>>,
@@ -564,31 +598,35 @@ fn holds(v: Option<&RawValue>) -> bool {
     v.is_some_and(|v| !matches!(v.get(), "null" | "\"\"" | "[]"))
 }
 
-impl ChunkProbe<'_> {
+impl ChoiceProbe<'_> {
+    fn generates(&self) -> bool {
+        holds(self.text)
+            || self.delta.as_ref().is_some_and(|d| {
+                [
+                    d.content,
+                    d.reasoning_content,
+                    d.reasoning,
+                    d.refusal,
+                    d.tool_calls,
+                    d.function_call,
+                    d.audio,
+                ]
+                .into_iter()
+                .any(holds)
+            })
+    }
+}
+
+impl ChunkProbe {
     /// The final chunk OpenAI sends for `include_usage`: no choices, a usage object.
     pub fn is_usage_only(&self) -> bool {
-        self.usage.is_some() && self.choices.as_ref().is_none_or(Vec::is_empty)
+        self.usage.is_some() && self.choices.is_none_or(|c| c.len == 0)
     }
 
     /// Whether the chunk carries generated output (text, reasoning, a refusal, a tool call):
     /// the role chunk that opens a stream and the one that gives its finish reason do not.
     pub fn generates(&self) -> bool {
-        self.choices.iter().flatten().flatten().any(|c| {
-            holds(c.text)
-                || c.delta.as_ref().is_some_and(|d| {
-                    [
-                        d.content,
-                        d.reasoning_content,
-                        d.reasoning,
-                        d.refusal,
-                        d.tool_calls,
-                        d.function_call,
-                        d.audio,
-                    ]
-                    .into_iter()
-                    .any(holds)
-                })
-        })
+        self.choices.is_some_and(|c| c.generates)
     }
 }
 
