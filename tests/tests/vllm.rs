@@ -594,6 +594,10 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    assert!(
+        overloaded.is_some(),
+        "scaled up without the node ever showing llama-0 over its target"
+    );
     // Both replicas take traffic: each one's process is sent requests.
     let (first, second) = (
         replica(&node, "llama-0").port,
