@@ -66,7 +66,6 @@ impl Gateway {
             None if may_call(model) => vec![model],
             None => Vec::new(),
         };
-        let table = self.inner.registry.table();
         if models.is_empty() {
             if !table.models.iter().any(|m| m == model) {
                 return Err(not_found());
