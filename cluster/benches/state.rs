@@ -27,10 +27,13 @@ use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
 use meridian_cluster::state_machine::StateMachine;
 use meridian_cluster::{StorageError, TypeConfig};
 use meridian_proto::cluster::{
-    ApiKeyRecord, ClusterState, Command, GrantRequest, Limits, Proposal, Tenant, Tier, UsageTotals,
+    ApiKeyRecord, ClusterState, Command, GrantRequest, Limits, Member, Proposal, Tenant, Tier,
+    UsageTotals,
 };
+use meridian_proto::ids::hex;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, Membership};
+use sha2::{Digest, Sha256};
 
 mod common;
 use common::arg;
@@ -84,6 +87,24 @@ fn grant(user: u64, tenant: u64, window_start: u64) -> Command {
         ttl_ms: DAY_MS,
         ..GrantRequest::default()
     })
+}
+
+/// A tenant's day of use: figures that differ from tenant to tenant and day to day, as real
+/// ones do (identical rows would compress to nothing).
+fn day_totals(tenant: u64, day: u64) -> UsageTotals {
+    let h = Sha256::digest([tenant.to_le_bytes(), day.to_le_bytes()].concat());
+    let n = |i: usize| u64::from(u16::from_le_bytes([h[2 * i], h[2 * i + 1]]));
+    let requests = 1 + n(0) % 2_000;
+    let prompt_tokens = requests * (50 + n(1) % 2_000);
+    let completion_tokens = requests * (10 + n(2) % 500);
+    UsageTotals {
+        requests,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens: prompt_tokens * (n(3) % 50) / 100,
+        cost_micro_usd: (prompt_tokens + 4 * completion_tokens) / 10,
+        cache_hits: n(4) % 20,
+    }
 }
 
 fn tenant(id: u64, region: &str) -> Tenant {
@@ -177,6 +198,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )))
     .await?;
 
+    // Node 1's own record, as it writes it at every start.
+    f.apply(Command::UpsertMember(Member {
+        id: 1,
+        region: "eu".into(),
+        raft_addr: addr(0)?,
+        http_addr: String::new(),
+        mesh_addr: String::new(),
+        started_unix_ms: f.at,
+        snapshot_format: meridian_cluster::state_machine::SNAPSHOT_FORMAT,
+    }))
+    .await?;
+
     let started = Instant::now();
     f.apply(Command::UpsertTier(Tier {
         name: "free".into(),
@@ -203,10 +236,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             chunk
                 .iter()
                 .map(|k| {
+                    // As random as real keys' ids and digests, which no compressor shrinks.
+                    let digest = Sha256::digest(k.to_le_bytes());
                     Command::CreateApiKey(ApiKeyRecord {
-                        id: format!("{k:012x}"),
+                        id: hex(&digest[..6]),
                         tenant: format!("t{}", k % tenants),
-                        sha256_hex: format!("{k:064x}"),
+                        sha256_hex: hex(&Sha256::digest(digest)),
                         label: String::new(),
                         created_at_unix_ms: 0,
                         revoked_at_unix_ms: None,
@@ -240,12 +275,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(|t| Command::RecordUsage {
                         tenant: format!("t{t}"),
                         model: "llama-3.1-8b".into(),
-                        totals: UsageTotals {
-                            requests: 100,
-                            prompt_tokens: 10_000,
-                            completion_tokens: 5_000,
-                            ..UsageTotals::default()
-                        },
+                        totals: day_totals(*t, day),
                         retain_days: days + 1,
                         provider: "vllm-a".into(),
                         feature: String::new(),
@@ -320,11 +350,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let snap_started = Instant::now();
     let snapshot = f.sm.build_snapshot().await?;
-    let size = snapshot.snapshot.get_ref().len();
+    let built = snap_started.elapsed();
+    let data = snapshot.snapshot.get_ref();
+    // Node 1 recorded that it reads compressed snapshots, so the body is a zstd frame.
+    let raw = zstd::decode_all(&data[..])?.len();
     println!(
-        "snapshot: {:.1} MB, built (encoded and written with fsync) in {:.2} s",
-        size as f64 / 1e6,
-        snap_started.elapsed().as_secs_f64()
+        "snapshot: {:.1} MB ({:.1} MB of MessagePack, compressed), built (encoded, compressed and written with fsync) in {:.2} s",
+        data.len() as f64 / 1e6,
+        raw as f64 / 1e6,
+        built.as_secs_f64()
     );
     drop(snapshot);
     drop(state);

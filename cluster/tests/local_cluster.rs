@@ -218,6 +218,7 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
         http_addr: String::new(),
         mesh_addr: String::new(),
         started_unix_ms: 0,
+        snapshot_format: 0,
     }))
     .await
     .unwrap();
@@ -382,6 +383,7 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
                             http_addr: format!("10.0.0.1:{i}"),
                             mesh_addr: String::new(),
                             started_unix_ms: 0,
+                            snapshot_format: 0,
                         }))
                         .await
                         .unwrap();

@@ -57,6 +57,7 @@ pub(crate) async fn start_cluster(
         http_addr: http_addr.map(|a| a.to_string()).unwrap_or_default(),
         mesh_addr: String::new(),
         started_unix_ms,
+        snapshot_format: meridian_cluster::state_machine::SNAPSHOT_FORMAT,
     };
     let Some(peers) = &config.cluster else {
         let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))

@@ -458,6 +458,11 @@ pub struct Member {
     /// everything the cluster committed before it started.
     #[serde(default)]
     pub started_unix_ms: u64,
+    /// The newest snapshot form this run reads (0 in records of earlier versions, which read
+    /// only uncompressed snapshots). A leader compresses its snapshots only once every member
+    /// says it reads them.
+    #[serde(default)]
+    pub snapshot_format: u32,
 }
 
 /// What kind of upstream a provider is. Recorded as its name (`openai`, `anthropic`, `demo`,

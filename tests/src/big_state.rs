@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use meridian_actors::auth::sha256_hex;
 use meridian_cluster::state_machine::StateMachine;
 use meridian_cluster::{StorageError, TypeConfig};
 use meridian_proto::cluster::{
@@ -135,10 +136,12 @@ pub async fn write(
     let keys: Vec<u64> = (0..scale.tenants * 10).collect();
     for chunk in keys.chunks(10_000) {
         let commands = chunk.iter().map(|k| {
+            // As random as real keys' ids and digests, which no compressor shrinks.
+            let digest = sha256_hex(&k.to_le_bytes());
             key_record(
-                &format!("{k:012x}"),
+                &digest[..12],
                 &format!("t{}", k % scale.tenants),
-                &format!("{k:064x}"),
+                &sha256_hex(digest.as_bytes()),
             )
         });
         f.batch(commands.collect()).await?;
@@ -166,12 +169,7 @@ pub async fn write(
             let commands = chunk.iter().map(|t| Command::RecordUsage {
                 tenant: format!("t{t}"),
                 model: "llama-3.1-8b".into(),
-                totals: UsageTotals {
-                    requests: 100,
-                    prompt_tokens: 10_000,
-                    completion_tokens: 5_000,
-                    ..UsageTotals::default()
-                },
+                totals: day_totals(*t, day),
                 retain_days: scale.days + 1,
                 provider: "vllm-a".into(),
                 feature: String::new(),
@@ -183,6 +181,24 @@ pub async fn write(
     }
     f.sm.build_snapshot().await?;
     Ok(())
+}
+
+/// A tenant's day of use: figures that differ from tenant to tenant and day to day, as real
+/// ones do (identical rows would compress to nothing).
+fn day_totals(tenant: u64, day: u64) -> UsageTotals {
+    let h = sha256_hex(&[tenant.to_le_bytes(), day.to_le_bytes()].concat());
+    let n = |i: usize| u64::from_str_radix(&h[4 * i..4 * i + 4], 16).unwrap_or(0);
+    let requests = 1 + n(0) % 2_000;
+    let prompt_tokens = requests * (50 + n(1) % 2_000);
+    let completion_tokens = requests * (10 + n(2) % 500);
+    UsageTotals {
+        requests,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens: prompt_tokens * (n(3) % 50) / 100,
+        cost_micro_usd: (prompt_tokens + 4 * completion_tokens) / 10,
+        cache_hits: n(4) % 20,
+    }
 }
 
 fn key_record(id: &str, tenant: &str, sha256_hex: &str) -> Command {

@@ -83,6 +83,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
                 http_addr: String::new(),
                 mesh_addr: String::new(),
                 started_unix_ms: 0,
+                snapshot_format: 0,
             },
         );
     }

@@ -35,6 +35,11 @@ fn entry(index: u64, command: meridian_proto::cluster::Command) -> Entry {
 }
 
 fn member(id: NodeId) -> meridian_proto::cluster::Command {
+    member_reading(id, 0)
+}
+
+/// Node `id`'s record, saying it reads snapshots up to `snapshot_format`.
+fn member_reading(id: NodeId, snapshot_format: u32) -> meridian_proto::cluster::Command {
     meridian_proto::cluster::Command::UpsertMember(meridian_proto::cluster::Member {
         id,
         region: "eu".into(),
@@ -42,6 +47,7 @@ fn member(id: NodeId) -> meridian_proto::cluster::Command {
         http_addr: format!("127.0.0.{id}:8080"),
         mesh_addr: String::new(),
         started_unix_ms: 0,
+        snapshot_format,
     })
 }
 
@@ -263,21 +269,24 @@ fn full_state() -> ClusterState {
 }
 
 #[test]
-fn snapshot_bodies_round_trip_in_messagepack_and_json_bodies_still_read() {
+fn snapshot_bodies_round_trip_compressed_and_not_and_json_bodies_still_read() {
     let body = SnapshotBody {
         last_applied: Some(LogId::new(CommittedLeaderId::new(2, 1), 42)),
         last_membership: Membership::default(),
         state: full_state(),
     };
-    let packed = encode_body(&body).expect("encodes");
+    let packed = encode_body(&body, false).expect("encodes");
+    let compressed = encode_body(&body, true).expect("encodes");
     let json = serde_json::to_vec(&body).expect("encodes");
     println!(
-        "snapshot body: {} bytes packed, {} as JSON",
+        "snapshot body: {} bytes compressed, {} packed, {} as JSON",
+        compressed.len(),
         packed.len(),
         json.len()
     );
     assert!(packed.len() < json.len());
-    for bytes in [&packed, &json] {
+    assert!(compressed.starts_with(&ZSTD_MAGIC) && !packed.starts_with(&ZSTD_MAGIC));
+    for bytes in [&compressed, &packed, &json] {
         let back = decode_body(bytes).expect("decodes");
         assert_eq!(back.state, body.state);
         assert_eq!(back.last_applied, body.last_applied);
@@ -313,5 +322,66 @@ async fn a_snapshot_file_of_the_earlier_format_is_read_and_replaced() -> Result<
     assert!(!dir.path().join(OLD_SNAPSHOT_FILE).exists());
     let reopened = StateMachine::open(dir.path())?;
     assert_eq!(*reopened.subscribe().borrow().as_ref(), state);
+    Ok(())
+}
+
+/// What a snapshot's body starts with, as the file on disk holds it.
+fn body_on_disk(dir: &Path) -> Vec<u8> {
+    let (_, data) = read_file(dir).expect("reads").expect("a snapshot file");
+    data
+}
+
+#[tokio::test]
+async fn snapshots_are_compressed_only_once_every_member_reads_them() -> Result<(), StorageError> {
+    let dir = tempfile::tempdir().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let mut sm = StateMachine::open(dir.path())?;
+    let nodes = |index: u64, ids: &[NodeId]| {
+        let nodes: std::collections::BTreeMap<NodeId, BasicNode> =
+            ids.iter().map(|id| (*id, BasicNode::new("x"))).collect();
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Membership(openraft::Membership::new(
+                vec![ids.iter().copied().collect()],
+                nodes,
+            )),
+        }
+    };
+    let build = async |sm: &mut StateMachine| -> Result<bool, StorageError> {
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        let data = body_on_disk(dir.path());
+        let state = decode_body(&data)
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?
+            .state;
+        assert_eq!(
+            state,
+            **sm.subscribe().borrow(),
+            "the snapshot holds the state"
+        );
+        Ok(data.starts_with(&ZSTD_MAGIC))
+    };
+    sm.apply([nodes(1, &[1, 2])]).await?;
+    sm.apply([entry(2, member_reading(1, SNAPSHOT_FORMAT))])
+        .await?;
+    assert!(!build(&mut sm).await?, "node 2 has not said what it reads");
+    sm.apply([entry(3, member_reading(2, 0))]).await?;
+    assert!(
+        !build(&mut sm).await?,
+        "node 2 runs a version that reads no compressed snapshot"
+    );
+    sm.apply([entry(4, member_reading(2, SNAPSHOT_FORMAT))])
+        .await?;
+    assert!(
+        build(&mut sm).await?,
+        "every member reads compressed snapshots"
+    );
+    // A member added later that has not said what it reads turns compression off again.
+    sm.apply([nodes(5, &[1, 2, 3])]).await?;
+    assert!(!build(&mut sm).await?);
+    // A compressed snapshot is what the state machine reopens from.
+    sm.apply([entry(6, member_reading(3, SNAPSHOT_FORMAT))])
+        .await?;
+    assert!(build(&mut sm).await?);
+    let reopened = StateMachine::open(dir.path())?;
+    assert_eq!(**reopened.subscribe().borrow(), **sm.subscribe().borrow());
     Ok(())
 }

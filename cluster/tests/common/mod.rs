@@ -14,6 +14,7 @@ pub fn member(id: NodeId) -> Command {
         http_addr: format!("127.0.0.1:{}", 8000 + id),
         mesh_addr: String::new(),
         started_unix_ms: 0,
+        snapshot_format: 0,
     })
 }
 

@@ -40,6 +40,7 @@ fn apply_is_deterministic_and_idempotent_for_repeats() {
                 http_addr: "127.0.0.2:8080".into(),
                 mesh_addr: String::new(),
                 started_unix_ms: 0,
+                snapshot_format: 0,
             }),
         ),
         proposal(40, Command::RemoveProvider { id: "zzz".into() }),
@@ -978,6 +979,7 @@ fn an_upsert_that_changes_any_one_field_of_any_record_is_applied() {
         http_addr: "127.0.0.2:8080".into(),
         mesh_addr: "127.0.0.2:7001".into(),
         started_unix_ms: 0,
+        snapshot_format: 1,
     };
     assert_every_field_is_compared(
         "member",
