@@ -118,8 +118,9 @@ fn tenant(id: u64, region: &str) -> Tenant {
 
 fn report(h: Histogram<u64>, what: &str) {
     println!(
-        "  {what:<44} p50 {:>8.1} µs  p99 {:>8.1} µs  max {:>9.1} µs",
+        "  {what:<44} p50 {:>8.1} µs  p90 {:>8.1} µs  p99 {:>8.1} µs  max {:>9.1} µs",
         h.value_at_quantile(0.5) as f64 / 1_000.0,
+        h.value_at_quantile(0.9) as f64 / 1_000.0,
         h.value_at_quantile(0.99) as f64 / 1_000.0,
         h.max() as f64 / 1_000.0
     );
@@ -143,7 +144,10 @@ fn deep_copy(s: &ClusterState) -> usize {
         + copy(&s.tiers).len()
         + copy(&s.tenants).len()
         + copy(&s.api_keys).len()
-        + copy(&s.ledger).len()
+        + (s.ledger.iter())
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+            .len()
         + copy(&s.breakers).len()
         + usage.len()
         + copy(&s.applied_seq).len()

@@ -19,7 +19,7 @@ use meridian_proto::pb::admin as pb;
 use meridian_proto::pb::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
-use pages::{Page, after_key, next_page, page_limit, page_of};
+use pages::{Page, after_key, ledger_page, next_page, page_limit, page_of};
 
 pub struct AdminService {
     pub gateway: Gateway,
@@ -169,7 +169,7 @@ impl Admin for AdminService {
             "tiers" => page(page_of(&state.tiers, &r.prefix, &r.after, limit)?)?,
             "tenants" => page(page_of(&state.tenants, &r.prefix, &r.after, limit)?)?,
             "api_keys" => page(page_of(&state.api_keys, &r.prefix, &r.after, limit)?)?,
-            "ledger" => page(page_of(&state.ledger, &r.prefix, &r.after, limit)?)?,
+            "ledger" => page(ledger_page(&state.ledger, &r.prefix, &r.after, limit)?)?,
             "breakers" => page(page_of(&state.breakers, &r.prefix, &r.after, limit)?)?,
             "usage" => page(page_of(&state.usage, &r.prefix, &r.after, limit)?)?,
             "alerts" => page(page_of(&state.alerts, &r.prefix, &r.after, limit)?)?,

@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 
 mod alerts;
 mod apply;
+mod ledger_table;
 mod node_map;
 mod reach;
 mod usage;
 pub use alerts::SpendAlert;
+pub use ledger_table::{LedgerKey, LedgerTable};
 pub use node_map::NodeMap;
 pub use reach::Reach;
 pub use usage::{
@@ -286,6 +288,9 @@ pub struct GrantRequest {
 /// One quota window's account.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ledger {
+    /// The limit key it accounts for (the table's key; not serialized with the entry).
+    #[serde(skip)]
+    pub key: LedgerKey,
     pub window_start_unix_ms: u64,
     pub window_ms: u64,
     pub limit: u64,
@@ -363,6 +368,7 @@ impl Ledger {
         let window_ms = window_ms.max(1);
         if self.window_ms != window_ms || start > self.window_start_unix_ms {
             *self = Ledger {
+                key: std::mem::take(&mut self.key),
                 window_start_unix_ms: start,
                 window_ms,
                 limit: self.limit,
@@ -617,10 +623,10 @@ pub struct ClusterState {
     pub tenants: Table<String, Tenant>,
     /// By key id.
     pub api_keys: Table<String, ApiKeyRecord>,
-    /// Quota windows by limit key. Each behind its own `Arc`, so a write copies the B-tree
-    /// nodes on its path as pointers (keys are shared strings, so a path copy allocates
-    /// nothing) and clones only the one entry it changes.
-    pub ledger: Table<std::sync::Arc<str>, std::sync::Arc<Ledger>>,
+    /// Quota windows by limit key, each behind its own `Arc`: a write copies the B-tree nodes
+    /// on its path (keyed by a hash of the key: see [`LedgerTable`]) and clones only the one
+    /// entry it changes.
+    pub ledger: LedgerTable,
     /// By provider id.
     pub breakers: Table<String, BreakerRecord>,
     /// Days since the Unix epoch → tenant → the day's roll-up.

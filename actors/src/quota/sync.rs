@@ -269,18 +269,11 @@ impl Quota {
     /// The ledger entries that changed from `before` to `after` and now ask for this node's
     /// share (only what changed is looked at: the tables share everything else).
     pub(super) fn shares_wanted(&self, before: &ClusterState, after: &ClusterState) -> Vec<Wanted> {
-        use imbl::ordmap::DiffItem;
         let me = self.inner.node_id;
-        before
-            .ledger
-            .diff(&after.ledger)
-            .filter_map(|item| match item {
-                DiffItem::Add(key, l) | DiffItem::Update { new: (key, l), .. } => Some((key, l)),
-                DiffItem::Remove(..) => None,
-            })
-            .filter(|(_, l)| l.wanted && l.share > 0 && !l.released.contains_key(&me))
-            .map(|(key, l)| Wanted {
-                key: key.to_string(),
+        (after.ledger.changed_since(&before.ledger))
+            .filter(|l| l.wanted && l.share > 0 && !l.released.contains_key(&me))
+            .map(|l| Wanted {
+                key: l.key.to_string(),
                 limit: l.limit,
                 window_ms: l.window_ms,
                 window_start: l.window_start_unix_ms,

@@ -1,7 +1,7 @@
 //! Paging through the replicated state's tables for the admin API: pages by key, bounded in
 //! records and bytes, each saying where the next starts.
 
-use meridian_proto::cluster::Table;
+use meridian_proto::cluster::{LedgerTable, Table};
 use tonic::Status;
 
 use super::field;
@@ -28,12 +28,6 @@ pub(super) trait PageKey: Ord + Clone + std::fmt::Display {
 impl PageKey for String {
     fn parse_key(s: &str) -> Option<Self> {
         Some(s.to_owned())
-    }
-}
-
-impl PageKey for std::sync::Arc<str> {
-    fn parse_key(s: &str) -> Option<Self> {
-        Some(s.into())
     }
 }
 
@@ -88,10 +82,35 @@ where
             &format!("{after:?} is not a key of this section"),
         ));
     }
+    page_from(after_key(table, after), prefix, limit)
+}
+
+/// A page of the quota ledger, in the ledger's own order (by a hash of the key: see
+/// [`LedgerTable`]), after key `after`.
+pub(super) fn ledger_page(
+    table: &LedgerTable,
+    prefix: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Page, Status> {
+    page_from(table.after(after).map(|l| (&l.key, &**l)), prefix, limit)
+}
+
+/// The first `limit` of `items` (at most [`PAGE_BYTES`] of them) whose key starts with
+/// `prefix`, and the key the next page starts after.
+fn page_from<'a, K, V>(
+    items: impl Iterator<Item = (&'a K, &'a V)>,
+    prefix: &str,
+    limit: usize,
+) -> Result<Page, Status>
+where
+    K: std::fmt::Display + 'a,
+    V: serde::Serialize + 'a,
+{
     let mut records = serde_json::Map::new();
     let mut bytes = 0;
     let mut last = String::new();
-    for (k, v) in after_key(table, after).filter(|(k, _)| k.to_string().starts_with(prefix)) {
+    for (k, v) in items.filter(|(k, _)| k.to_string().starts_with(prefix)) {
         if records.len() == limit || bytes > PAGE_BYTES {
             return Ok((records, last));
         }

@@ -84,3 +84,32 @@ fn every_replica_state_has_its_typed_life_with_the_same_name() {
         );
     }
 }
+
+#[test]
+fn ledger_pages_cover_every_entry_once_in_the_ledgers_order() {
+    use meridian_proto::cluster::{Ledger, LedgerTable};
+    let mut ledger = LedgerTable::default();
+    for i in 0..2_500 {
+        let key = format!("tenant/t{:04}/user/u{i}/tokens_per_day", i % 7);
+        ledger.get_or_insert_with(&key, Ledger::default);
+    }
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (records, next) = ledger_page(&ledger, "tenant/t0003/", &after, 100).expect("a page");
+        assert!(records.len() <= 100);
+        seen.extend(records.keys().cloned());
+        if next.is_empty() {
+            break;
+        }
+        after = next;
+    }
+    let mut all: Vec<String> = (ledger.keys())
+        .filter(|k| k.starts_with("tenant/t0003/"))
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(all.len(), 357);
+    seen.sort();
+    all.sort();
+    assert_eq!(seen, all, "every entry of the prefix once");
+}

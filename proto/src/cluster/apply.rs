@@ -16,17 +16,15 @@ impl ClusterState {
     /// in use, not every scope ever seen, and each apply pays a bounded share of the cleanup.
     /// Deterministic: it reads only the proposal's timestamp and the state.
     pub fn sweep_ledger(&mut self, at: u64, count: usize) {
-        use std::ops::Bound;
         let live = |g: &Grant| g.expires_at_unix_ms > at;
         // Only the keys to act on are copied (rarely any); the rest are looked at in place.
         let mut remove = Vec::new();
         let mut prune = Vec::new();
         let mut last = None;
-        let after = self
-            .ledger
-            .range::<_, str>((Bound::Excluded(&*self.ledger_sweep_after), Bound::Unbounded));
-        let from_start = self.ledger.iter();
-        for (key, ledger) in after.chain(from_start).take(count.min(self.ledger.len())) {
+        let after = self.ledger.after(&self.ledger_sweep_after);
+        let from_start = self.ledger.values();
+        for ledger in after.chain(from_start).take(count.min(self.ledger.len())) {
+            let key = &ledger.key;
             last = Some(key);
             let ended = ledger.window_start_unix_ms + ledger.window_ms + LEDGER_GRACE_MS <= at;
             if ended && !ledger.grants.values().any(live) {
@@ -36,7 +34,7 @@ impl ClusterState {
             }
         }
         // The next sweep starts after the last key looked at.
-        self.ledger_sweep_after = last.cloned().unwrap_or_else(|| "".into());
+        self.ledger_sweep_after = last.map_or_else(|| "".into(), |k| k.as_str().into());
         for key in remove {
             self.ledger.remove(&key);
         }
@@ -175,8 +173,9 @@ impl ClusterState {
                         held: 0,
                     };
                 }
-                let ledger =
-                    std::sync::Arc::make_mut(self.ledger.entry(r.key.as_str().into()).or_default());
+                let ledger = std::sync::Arc::make_mut(
+                    self.ledger.get_or_insert_with(&r.key, Ledger::default),
+                );
                 ledger.advance(at, r.window_start_unix_ms, r.window_ms);
                 if ledger.window_start_unix_ms != r.window_start_unix_ms {
                     return Applied::Granted {
@@ -226,7 +225,7 @@ impl ClusterState {
                     return Applied::Unchanged;
                 }
                 let ledger =
-                    std::sync::Arc::make_mut(self.ledger.entry(key.as_str().into()).or_default());
+                    std::sync::Arc::make_mut(self.ledger.get_or_insert_with(key, Ledger::default));
                 ledger.advance(at, *window_start_unix_ms, *window_ms);
                 if ledger.window_start_unix_ms != *window_start_unix_ms {
                     return Applied::Unchanged;
@@ -252,14 +251,13 @@ impl ClusterState {
                 let ledger = match self.ledger.get_mut(key.as_str()) {
                     Some(ledger) => std::sync::Arc::make_mut(ledger),
                     None if fresh => {
-                        let entry = Ledger {
+                        let entry = || Ledger {
                             window_start_unix_ms: *window_start_unix_ms,
                             window_ms: *window_ms,
                             limit: *limit,
                             ..Ledger::default()
                         };
-                        let slot = self.ledger.entry(key.as_str().into());
-                        std::sync::Arc::make_mut(slot.or_insert(std::sync::Arc::new(entry)))
+                        std::sync::Arc::make_mut(self.ledger.get_or_insert_with(key, entry))
                     }
                     None => return Applied::NotFound,
                 };
