@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
 use openraft::error::{
-    ChangeMembershipError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError,
-    RaftError, RemoteError, Unreachable,
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InstallSnapshotError,
+    NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -104,6 +104,10 @@ pub enum ClusterError {
     NotLeader { leader: Option<NodeId> },
     #[error("raft failed: {0}")]
     Fatal(String),
+    /// A linearizable read: this node did not apply the log up to the leader's read index in
+    /// time.
+    #[error("this node did not catch up with the leader's read index {index} in time")]
+    Behind { index: u64 },
 }
 
 /// How many times one request is forwarded, to successive leaders, before its last answer stands.
@@ -174,6 +178,42 @@ pub enum Forwarded {
     Remove {
         id: NodeId,
     },
+    /// Asks the leader for its read index ([`Applied::ReadIndex`]), confirming with a quorum
+    /// that it still leads: what a linearizable read waits to have applied.
+    ReadIndex,
+}
+
+/// Why this node did not carry out a request itself.
+enum Declined {
+    /// It does not lead; `leader` is the leader it knows of.
+    Forward(Option<NodeId>),
+    Failed(ClusterError),
+}
+
+impl From<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> for Declined {
+    fn from(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Self {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                Declined::Forward(f.leader_id)
+            }
+            RaftError::APIError(e) => Declined::Failed(ClusterError::Rejected(e.to_string())),
+            RaftError::Fatal(e) => Declined::Failed(ClusterError::Fatal(e.to_string())),
+        }
+    }
+}
+
+impl From<RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>> for Declined {
+    fn from(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> Self {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                Declined::Forward(f.leader_id)
+            }
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Declined::Failed(
+                ClusterError::Rejected(format!("no quorum confirmed the leader: {q}")),
+            ),
+            RaftError::Fatal(e) => Declined::Failed(ClusterError::Fatal(e.to_string())),
+        }
+    }
 }
 
 /// A transport call's result: the remote node's answer, or why the message did not get there.
@@ -356,6 +396,28 @@ impl ClusterNode {
         self.submit(Forwarded::Propose(Box::new(proposal))).await
     }
 
+    /// The replicated state for a linearizable read: the leader's read index (forwarded to the
+    /// leader if this node does not lead; the leader confirms with a quorum that it still
+    /// leads), then this node's state once it has applied the log that far (waiting up to two
+    /// election timeouts). So a read that starts after a write was acknowledged, on any node,
+    /// sees that write. Returns the state and the read index (the state is at least there).
+    pub async fn read_linearizable(&self) -> Result<(Arc<ClusterState>, u64), ClusterError> {
+        let index = match self.submit(Forwarded::ReadIndex).await? {
+            Applied::ReadIndex { index } => index,
+            other => {
+                return Err(ClusterError::Rejected(format!(
+                    "asked for a read index, the leader answered {other:?}"
+                )));
+            }
+        };
+        self.raft
+            .wait(Some(self.leader_wait))
+            .applied_index_at_least(Some(index), "the read index")
+            .await
+            .map_err(|_| ClusterError::Behind { index })?;
+        Ok((self.state().borrow().clone(), index))
+    }
+
     /// Adds node `id` as a learner (see [`Forwarded::AddLearner`]).
     pub async fn add_learner(
         &self,
@@ -387,9 +449,8 @@ impl ClusterNode {
         loop {
             let leader = match self.execute_here(&request).await {
                 Ok(applied) => return Ok(applied),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
-                Err(RaftError::APIError(e)) => return Err(ClusterError::Rejected(e.to_string())),
-                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                Err(Declined::Forward(leader)) => leader,
+                Err(Declined::Failed(e)) => return Err(e),
             };
             match leader {
                 Some(leader) if leader != self.id => {
@@ -463,27 +524,28 @@ impl ClusterNode {
     /// node no longer leads, it says so and the sender forwards to the next leader).
     pub async fn execute(&self, request: &Forwarded) -> Result<Applied, ClusterError> {
         self.execute_here(request).await.map_err(|e| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
-                leader: f.leader_id,
-            },
-            e => ClusterError::Rejected(e.to_string()),
+            Declined::Forward(leader) => ClusterError::NotLeader { leader },
+            Declined::Failed(e) => e,
         })
     }
 
-    async fn execute_here(
-        &self,
-        request: &Forwarded,
-    ) -> Result<Applied, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+    async fn execute_here(&self, request: &Forwarded) -> Result<Applied, Declined> {
         match request {
-            Forwarded::Propose(p) => self.raft.client_write((**p).clone()).await.map(|r| r.data),
+            Forwarded::Propose(p) => Ok(self.raft.client_write((**p).clone()).await?.data),
+            Forwarded::ReadIndex => {
+                let (read, _applied) = self.raft.get_read_log_id().await?;
+                Ok(Applied::ReadIndex {
+                    index: read.map_or(0, |l| l.index),
+                })
+            }
             Forwarded::AddLearner { id, raft_addr } => {
                 if self.membership_node(*id).is_some() {
                     return Ok(Applied::Unchanged);
                 }
                 let node = BTreeMap::from([(*id, BasicNode::new(raft_addr))]);
                 self.change_membership(ChangeMembers::AddNodes(node))
-                    .await
-                    .map(|()| Applied::Changed)
+                    .await?;
+                Ok(Applied::Changed)
             }
             Forwarded::Promote { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
@@ -494,8 +556,8 @@ impl ClusterNode {
                     return Ok(Applied::NotFound);
                 }
                 self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])))
-                    .await
-                    .map(|()| Applied::Changed)
+                    .await?;
+                Ok(Applied::Changed)
             }
             Forwarded::Remove { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();

@@ -418,3 +418,53 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_linearizable_read_never_answers_without_a_committed_write() {
+    let c = cluster(3).await;
+    wait_until("a leader", Duration::from_secs(5), || {
+        leader_of(&c.nodes).is_some()
+    })
+    .await;
+    let leader_id = leader_of(&c.nodes).unwrap();
+    let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let follower = c.nodes.iter().find(|n| n.id != leader_id).unwrap();
+    for n in &c.nodes {
+        let (_, index) = n.read_linearizable().await.unwrap();
+        assert!(index > 0, "node {} read at index {index}", n.id);
+    }
+    // The follower stops hearing from the leader, and a write commits without it.
+    c.router.faults().cut(leader_id, follower.id);
+    assert_eq!(
+        leader.propose(member(3_000)).await.unwrap(),
+        Applied::Changed
+    );
+    assert!(
+        !follower.state().borrow().members.contains_key(&3_000),
+        "the follower has not seen the write"
+    );
+    // A read there now waits or fails; if it answers, the write is in its answer.
+    match tokio::time::timeout(Duration::from_millis(500), follower.read_linearizable()).await {
+        Ok(Ok((state, _))) => assert!(state.members.contains_key(&3_000)),
+        Ok(Err(e)) => println!("cut off, the follower's read failed: {e}"),
+        Err(_) => println!("cut off, the follower's read waited"),
+    }
+    c.router.faults().heal_all();
+    let started = Instant::now();
+    let state = loop {
+        match follower.read_linearizable().await {
+            Ok((state, _)) => break state,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "no read after the link healed: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(state.members.contains_key(&3_000));
+    for n in &c.nodes {
+        n.shutdown().await;
+    }
+}

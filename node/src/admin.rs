@@ -578,7 +578,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UsageReportRequest>,
     ) -> Result<Response<pb::UsageReportResponse>, Status> {
-        usage::report(&self.cluster, req.into_inner()).map(Response::new)
+        (usage::report(&self.cluster, req.into_inner()).await).map(Response::new)
     }
 
     async fn lora_adapter(
@@ -700,10 +700,14 @@ fn changed(
             changes: Vec::new(),
         })),
         Ok(Applied::NotFound) => Err(Status::not_found(format!("{} does not exist", missing()))),
+        Ok(other @ Applied::ReadIndex { .. }) => Err(Status::internal(format!(
+            "a write was answered {other:?}, which is no write's outcome"
+        ))),
         Err(
             e @ (ClusterError::NoLeader
             | ClusterError::Unreached(_)
-            | ClusterError::NotLeader { .. }),
+            | ClusterError::NotLeader { .. }
+            | ClusterError::Behind { .. }),
         ) => {
             let mut s = Status::unavailable(e.to_string());
             s.metadata_mut().insert(

@@ -605,6 +605,10 @@ pub enum Applied {
     },
     /// Valid, but a guard refused it (a breaker's panic threshold).
     Refused,
+    /// The leader's read index, asked for a linearizable read: a node that has applied the log
+    /// up to `index` holds every write committed before the leader was asked. Not the outcome
+    /// of a command.
+    ReadIndex { index: u64 },
 }
 
 /// A table of the replicated state: a persistent B-tree. Cloning it is O(1) (the clone shares

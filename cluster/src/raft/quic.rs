@@ -339,7 +339,8 @@ fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Strin
         Rpc::Vote(r) => r.vote.leader_id().voted_for(),
         Rpc::InstallSnapshot(r) => r.vote.leader_id().voted_for(),
         Rpc::Forward(Forwarded::Propose(p)) => Some(p.proposer),
-        // Membership changes: any member may ask the leader (the operator's request reached it).
+        // Membership changes and read indexes: any member may ask the leader (the operator's
+        // request reached it).
         Rpc::Forward(_) => None,
     };
     if node

@@ -32,8 +32,9 @@ pub(super) async fn list_calls(
     Ok(pb::ListCallsResponse { calls })
 }
 
-/// The last `days` UTC days of the replicated roll-ups, summed by one dimension.
-pub(super) fn report(
+/// The last `days` UTC days of the replicated roll-ups, summed by one dimension: a
+/// linearizable read, so every node answers with every roll-up committed before it was asked.
+pub(super) async fn report(
     cluster: &ClusterNode,
     req: pb::UsageReportRequest,
 ) -> Result<pb::UsageReportResponse, Status> {
@@ -50,8 +51,8 @@ pub(super) fn report(
         ));
     };
     let tenant = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
-    let state = cluster.state().borrow().clone();
-    let applied_index = cluster.status().applied_index.unwrap_or(0);
+    let (state, applied_index) = (cluster.read_linearizable().await)
+        .map_err(|e| Status::unavailable(format!("no linearizable read of the roll-ups: {e}")))?;
     let today = day_of(WallClock::system().now_ms());
     let first = today.saturating_sub(days - 1);
     let rows = sum_days(
