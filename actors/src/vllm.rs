@@ -388,10 +388,9 @@ pub struct ReplicaStatus {
     pub waiting: u32,
     pub kv_cache_usage: f64,
     pub prefix_cache_hit_rate: f64,
-    /// The engine's own time to first token, summed, and how many first tokens (since its
-    /// process started).
-    pub ttft_seconds_sum: f64,
-    pub first_tokens: u64,
+    /// The engine's own time to first token since its process started, with the engine's
+    /// buckets.
+    pub ttft: metrics::EngineHistogram,
     /// Why its process last ended (or was killed).
     pub last_exit: Option<String>,
     pub models: Vec<String>,

@@ -14,7 +14,7 @@ use meridian_actors::vllm::supervisor::Vllm;
 use meridian_cluster::raft::ClusterNode;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric,
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, NoLabelSet,
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
@@ -533,22 +533,22 @@ impl Live {
             MetricType::Gauge,
             replicas.iter().map(|r| (of(r), r.kv_cache_usage)),
         )?;
-        // The engine's own time to first token, as its histogram's sum and count (the mean
-        // over an interval: rate of the one over rate of the other).
-        family(
-            e,
+        // The engine's own time to first token: its histogram, with the engine's buckets.
+        let mut m = e.encode_descriptor(
             "meridian_vllm_replica_time_to_first_token_seconds",
-            "The engine's own time to first token, summed (its /metrics; restarts with the process)",
-            MetricType::Counter,
-            replicas.iter().map(|r| (of(r), r.ttft_seconds_sum)),
+            "The engine's own time to first token (its /metrics; restarts with the process)",
+            None,
+            MetricType::Histogram,
         )?;
-        family(
-            e,
-            "meridian_vllm_replica_first_tokens",
-            "First tokens the engine timed (its /metrics; restarts with the process)",
-            MetricType::Counter,
-            replicas.iter().map(|r| (of(r), r.first_tokens)),
-        )?;
+        for r in replicas.iter().filter(|r| !r.ttft.buckets.is_empty()) {
+            let h = &r.ttft;
+            m.encode_family(&of(r))?.encode_histogram::<NoLabelSet>(
+                h.sum,
+                h.count as u64,
+                &h.per_bucket(),
+                None,
+            )?;
+        }
         Ok(())
     }
 }

@@ -130,6 +130,53 @@ pub struct MockStats {
     /// The body of the last text completion, embeddings or Messages request, as received (a
     /// Messages request's `anthropic-beta` header under the key `(anthropic-beta)`).
     pub last_request: std::sync::Mutex<Option<Value>>,
+    /// Each answer's wait to its first token, as vLLM's `vllm:time_to_first_token_seconds`
+    /// histogram counts it.
+    pub ttft: std::sync::Mutex<FirstTokens>,
+}
+
+/// vLLM's time-to-first-token buckets (seconds), as its `/metrics` exposes them.
+pub const VLLM_TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// Times to first token, counted into [`VLLM_TTFT_BUCKETS`] (and `+Inf`, the last count).
+#[derive(Debug, Default)]
+pub struct FirstTokens {
+    pub counts: [u64; 23],
+    pub sum_seconds: f64,
+}
+
+impl FirstTokens {
+    fn record(&mut self, ttft: Duration) {
+        let s = ttft.as_secs_f64();
+        let i = VLLM_TTFT_BUCKETS.iter().position(|b| s <= *b).unwrap_or(22);
+        self.counts[i] += 1;
+        self.sum_seconds += s;
+    }
+
+    /// The histogram's lines in vLLM's exposition form, for model `m`.
+    fn exposition(&self, m: &str) -> String {
+        let mut out = String::from(
+            "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.\n\
+             # TYPE vllm:time_to_first_token_seconds histogram\n",
+        );
+        let mut cumulative = 0;
+        let bounds = VLLM_TTFT_BUCKETS.iter().map(|b| b.to_string());
+        for (i, le) in bounds.chain(["+Inf".to_owned()]).enumerate() {
+            cumulative += self.counts[i];
+            out += &format!(
+                "vllm:time_to_first_token_seconds_bucket{{engine=\"0\",le=\"{le}\",model_name=\"{m}\"}} {cumulative}.0\n"
+            );
+        }
+        out += &format!(
+            "vllm:time_to_first_token_seconds_count{{engine=\"0\",model_name=\"{m}\"}} {cumulative}.0\n\
+             vllm:time_to_first_token_seconds_sum{{engine=\"0\",model_name=\"{m}\"}} {}\n",
+            self.sum_seconds
+        );
+        out
+    }
 }
 
 impl MockStats {
@@ -415,11 +462,17 @@ impl Script {
         if self.capped { "length" } else { "stop" }
     }
 
-    /// Waits the scripted time to the first token (`ttft_ms`).
-    async fn wait_first_token(&self) {
+    /// Waits the scripted time to the first token (`ttft_ms`), and counts it as the engine's
+    /// time to first token.
+    async fn wait_first_token(&self, stats: &MockStats) {
         if !self.ttft.is_zero() {
             tokio::time::sleep(self.ttft).await;
         }
+        stats
+            .ttft
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(self.ttft);
     }
 
     /// The request's script: the `x-mock-script` header, else what follows `@` in the model.
@@ -810,7 +863,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         };
     }
     if !stream {
-        script.wait_first_token().await;
+        script.wait_first_token(&s.stats).await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         let n = req["n"].as_u64().unwrap_or(1).max(1) as usize;
         let completion_tokens = script.tokens * n;
@@ -1034,7 +1087,7 @@ impl StreamPlan {
         let step = self.guard.next_step(&mut self.step)?;
         let n = self.script.tokens;
         if step == 0 {
-            self.script.wait_first_token().await;
+            self.script.wait_first_token(&self.guard.stats).await;
             let first = self.chunk(r#"{"role":"assistant","content":""}"#, None);
             return Some((vec![Ok(first)], self));
         }
@@ -1208,11 +1261,12 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
          vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"{m}\"}} {prompt}.0\n\
          # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n\
          # TYPE vllm:prefix_cache_hits_total counter\n\
-         vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{m}\"}} 0.0\n",
+         vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{m}\"}} 0.0\n{ttft}",
         running = st.running.load(SeqCst),
         kv = (st.running.load(SeqCst) as f64 / 256.0).min(1.0),
         prompt = st.prompt_tokens.load(SeqCst),
         gen = st.completion_tokens.load(SeqCst),
+        ttft = st.ttft.lock().unwrap_or_else(|p| p.into_inner()).exposition(m),
     );
     (
         [(
@@ -1335,7 +1389,7 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
     let id = format!("msg_mock{}", s.stats.requests.load(SeqCst));
     let stream = req["stream"].as_bool().unwrap_or(false);
     if !stream {
-        script.wait_first_token().await;
+        script.wait_first_token(&s.stats).await;
         let text: String = (0..script.tokens).map(|i| script.token(i)).collect();
         let mut content = vec![json!({"type": "text", "text": text})];
         let mut stop = if script.capped {
@@ -1397,7 +1451,7 @@ impl AnthropicPlan {
         let step = self.guard.next_step(&mut self.step)?;
         let n = self.script.tokens;
         if step == 0 {
-            self.script.wait_first_token().await;
+            self.script.wait_first_token(&self.guard.stats).await;
             let start = json!({"type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,

@@ -176,6 +176,34 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
         assert!(text.contains("chat.completion"), "{text}");
     }
     assert_eq!(mock_requests(port).await, raced + 3);
+    // The engine's own time to first token, re-exported as its histogram with its buckets
+    // (the mock answers at once: every first token in vLLM's first bucket, 1 ms).
+    let first_tokens = raced + 3;
+    let labels = "replica=\"llama-0\",group=\"llama\"";
+    let wanted = [
+        format!(
+            "meridian_vllm_replica_time_to_first_token_seconds_count{{{labels}}} {first_tokens}"
+        ),
+        format!(
+            "meridian_vllm_replica_time_to_first_token_seconds_bucket{{le=\"0.001\",{labels}}} {first_tokens}"
+        ),
+        format!(
+            "meridian_vllm_replica_time_to_first_token_seconds_bucket{{le=\"+Inf\",{labels}}} {first_tokens}"
+        ),
+        "# TYPE meridian_vllm_replica_time_to_first_token_seconds histogram".to_owned(),
+    ];
+    let scraped = Instant::now();
+    loop {
+        let metrics = node.metrics().await;
+        if wanted.iter().all(|w| metrics.contains(w.as_str())) {
+            break;
+        }
+        assert!(
+            scraped.elapsed() < Duration::from_secs(3),
+            "the engine TTFT histogram is not exported: {wanted:?} in\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let models = node.get_json("/v1/models").await.unwrap();
     assert_eq!(models["data"][0]["id"], "llama-8b");
     println!(

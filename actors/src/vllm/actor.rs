@@ -217,8 +217,7 @@ impl Replica {
             waiting: self.metrics.waiting as u32,
             kv_cache_usage: self.metrics.kv_cache_usage,
             prefix_cache_hit_rate: self.metrics.prefix_cache_hit_rate(),
-            ttft_seconds_sum: self.metrics.ttft_seconds_sum,
-            first_tokens: self.metrics.ttft_count as u64,
+            ttft: self.metrics.ttft.clone(),
             last_exit: self.last_exit.clone(),
             models: self.models.iter().map(|m| m.name.clone()).collect(),
         };

@@ -2,7 +2,7 @@
 //! hang watchdog read.
 
 /// What a replica's engine says about itself, summed over its series (engines, model names).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineMetrics {
     /// `vllm:num_requests_running`.
     pub running: f64,
@@ -16,10 +16,40 @@ pub struct EngineMetrics {
     /// `vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total` (tokens).
     pub prefix_cache_queries: f64,
     pub prefix_cache_hits: f64,
-    /// `vllm:time_to_first_token_seconds` (a histogram): its sum and count, the engine's own
-    /// time to first token since it started.
-    pub ttft_seconds_sum: f64,
-    pub ttft_count: f64,
+    /// `vllm:time_to_first_token_seconds`: the engine's own time to first token since it
+    /// started, a histogram with the engine's buckets.
+    pub ttft: EngineHistogram,
+}
+
+/// A histogram an engine exposes, summed over its series (engines, model names).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineHistogram {
+    pub sum: f64,
+    pub count: f64,
+    /// Cumulative counts by upper bound (`le`), in increasing order; the last is `+Inf`.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl EngineHistogram {
+    /// Adds one series' bucket line.
+    fn add_bucket(&mut self, le: f64, count: f64) {
+        match (self.buckets).binary_search_by(|(b, _)| b.total_cmp(&le)) {
+            Ok(i) => self.buckets[i].1 += count,
+            Err(i) => self.buckets.insert(i, (le, count)),
+        }
+    }
+
+    /// The count in each bucket alone (not cumulative), as Prometheus encoders take them.
+    pub fn per_bucket(&self) -> Vec<(f64, u64)> {
+        let mut below = 0.0;
+        (self.buckets.iter())
+            .map(|&(le, cumulative)| {
+                let own = (cumulative - below).max(0.0);
+                below = cumulative.max(below);
+                (le, own as u64)
+            })
+            .collect()
+    }
 }
 
 impl EngineMetrics {
@@ -48,8 +78,13 @@ impl EngineMetrics {
                 "vllm:prefix_cache_hits_total" | "vllm:gpu_prefix_cache_hits_total" => {
                     m.prefix_cache_hits += value;
                 }
-                "vllm:time_to_first_token_seconds_sum" => m.ttft_seconds_sum += value,
-                "vllm:time_to_first_token_seconds_count" => m.ttft_count += value,
+                "vllm:time_to_first_token_seconds_sum" => m.ttft.sum += value,
+                "vllm:time_to_first_token_seconds_count" => m.ttft.count += value,
+                "vllm:time_to_first_token_seconds_bucket" => {
+                    if let Some(le) = label(line, "le").and_then(|v| parse_value(&v)) {
+                        m.ttft.add_bucket(le, value);
+                    }
+                }
                 _ => {}
             }
         }
@@ -87,13 +122,57 @@ fn sample(line: &str) -> Option<(&str, f64)> {
         })?;
         rest = &rest[close + 1..];
     }
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
+    let value = parse_value(rest.split_whitespace().next()?)?;
     Some((name, value))
+}
+
+/// A sample value or an `le` bound as the exposition format writes it.
+fn parse_value(value: &str) -> Option<f64> {
+    match value {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        v => v.parse().ok(),
+    }
+}
+
+/// The value of label `key` of a sample line, unescaped (`None` if the line has no such
+/// label).
+fn label(line: &str, key: &str) -> Option<String> {
+    let open = line.find('{')?;
+    let mut rest = &line[open + 1..];
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        let eq = rest.find('=')?;
+        let name = rest[..eq].trim();
+        let mut value = String::new();
+        let mut chars = rest[eq + 1..].char_indices();
+        if chars.next().map(|(_, c)| c) != Some('"') {
+            return None;
+        }
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c)) => value.push(c),
+                    None => return None,
+                },
+                '"' => {
+                    end = Some(eq + 1 + i + 1);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end?;
+        if name == key {
+            return Some(value);
+        }
+        rest = &rest[end..];
+        if rest.starts_with('}') {
+            return None;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -126,7 +205,36 @@ vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"a,b\",waiting_lor
         assert_eq!(m.kv_cache_usage, 0.63);
         assert_eq!(m.generation_tokens, 18234.0);
         assert_eq!(m.prefix_cache_hit_rate(), 0.25);
-        assert_eq!((m.ttft_seconds_sum, m.ttft_count), (6.3, 50.0));
+        assert_eq!((m.ttft.sum, m.ttft.count), (6.3, 50.0));
+        assert_eq!(m.ttft.buckets, [(f64::INFINITY, 42.0)]);
+    }
+
+    #[test]
+    fn sums_a_histograms_buckets_over_engines_and_gives_each_buckets_own_count() {
+        let text = "\
+vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"0.1\",model_name=\"m\"} 3.0
+vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"0.5\",model_name=\"m\"} 5.0
+vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"+Inf\",model_name=\"m\"} 6.0
+vllm:time_to_first_token_seconds_bucket{model_name=\"a \\\"quoted\\\" {name}\",le=\"0.1\",engine=\"1\"} 1.0
+vllm:time_to_first_token_seconds_bucket{model_name=\"a \\\"quoted\\\" {name}\",le=\"0.5\",engine=\"1\"} 1.0
+vllm:time_to_first_token_seconds_bucket{model_name=\"a \\\"quoted\\\" {name}\",le=\"+Inf\",engine=\"1\"} 2.0
+vllm:time_to_first_token_seconds_bucket{engine=\"2\",model_name=\"m\"} 9.0
+";
+        let m = EngineMetrics::parse(text);
+        assert_eq!(
+            m.ttft.buckets,
+            [(0.1, 4.0), (0.5, 6.0), (f64::INFINITY, 8.0)],
+            "a line without `le` is skipped"
+        );
+        assert_eq!(
+            m.ttft.per_bucket(),
+            [(0.1, 4), (0.5, 2), (f64::INFINITY, 2)]
+        );
+        assert_eq!(
+            label(r#"x{a="1",b="x\"y"} 2"#, "b").as_deref(),
+            Some("x\"y")
+        );
+        assert_eq!(label("x 2", "b"), None);
     }
 
     #[test]

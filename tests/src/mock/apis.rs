@@ -130,7 +130,7 @@ pub(super) async fn completions(
     };
     let texts: Vec<String> = (0..tokens).map(|i| script.token(i)).collect();
     if req["stream"].as_bool() != Some(true) {
-        script.wait_first_token().await;
+        script.wait_first_token(&s.stats).await;
         s.stats.served(
             arrived,
             prompt_tokens as u64,
@@ -213,7 +213,7 @@ pub(super) async fn completions(
                     None => return None,
                 };
                 if i == 0 {
-                    script.wait_first_token().await;
+                    script.wait_first_token(&stats).await;
                 } else if i < total && !script.itl.is_zero() {
                     tokio::time::sleep(script.itl).await;
                 }
