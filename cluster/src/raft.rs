@@ -398,11 +398,13 @@ impl ClusterNode {
 
     /// The replicated state for a linearizable read: the leader's read index (forwarded to the
     /// leader if this node does not lead; the leader confirms with a quorum that it still
-    /// leads), then this node's state once it has applied the log that far (waiting up to two
-    /// election timeouts). So a read that starts after a write was acknowledged, on any node,
-    /// sees that write. Returns the state and the read index (the state is at least there).
+    /// leads; the whole ask bounded by three times two election timeouts), then this node's
+    /// state once it has applied the log that far (waiting up to two election timeouts). So a
+    /// read that starts after a write was acknowledged, on any node, sees that write. Returns
+    /// the state and the read index (the state is at least there).
     pub async fn read_linearizable(&self) -> Result<(Arc<ClusterState>, u64), ClusterError> {
-        let index = match self.submit(Forwarded::ReadIndex).await? {
+        let asked = tokio::time::timeout(self.leader_wait * 3, self.submit(Forwarded::ReadIndex));
+        let index = match asked.await.map_err(|_| ClusterError::NoLeader)?? {
             Applied::ReadIndex { index } => index,
             other => {
                 return Err(ClusterError::Rejected(format!(
@@ -410,11 +412,15 @@ impl ClusterNode {
                 )));
             }
         };
-        self.raft
-            .wait(Some(self.leader_wait))
+        (self.raft.wait(Some(self.leader_wait)))
             .applied_index_at_least(Some(index), "the read index")
             .await
-            .map_err(|_| ClusterError::Behind { index })?;
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => ClusterError::Behind { index },
+                e @ openraft::metrics::WaitError::ShuttingDown => {
+                    ClusterError::Fatal(e.to_string())
+                }
+            })?;
         Ok((self.state().borrow().clone(), index))
     }
 

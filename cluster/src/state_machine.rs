@@ -44,9 +44,12 @@ const OLD_SNAPSHOT_FILE: &str = "snapshot.json";
 /// Versions before this one read no snapshot this one writes, compressed or not: the member
 /// record gained this field, and a MessagePack body holds structs as arrays, which an earlier
 /// reader refuses when they are longer than it knows (as with every field added to a replicated
-/// record). So a node rolled back past this version rejoins with an empty data directory, and
-/// in a rolling upgrade followers go first (as the README says) so that no follower of an
-/// earlier version needs a snapshot from an upgraded leader.
+/// record). So one node cannot be rolled back past this version: an earlier version reads
+/// neither its own data directory nor, emptied, the leader's snapshot. Rolling back means the
+/// whole cluster at once, on the data directories kept from before the upgrade. In a rolling
+/// upgrade followers go first (as the README says), so that no follower of an earlier version
+/// needs a snapshot from an upgraded leader; a follower's record that an earlier leader wrote
+/// without this field is proposed again until a leader of this version records it whole.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
 /// zstd's level 1. On the state bench's state (`benches/state.rs`) 61.2 MB of MessagePack became
@@ -314,7 +317,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let body = decode_body(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        // Decompressed and decoded off the async runtime, as a snapshot is built.
+        let (body, data) = tokio::task::spawn_blocking(move || (decode_body(&data), data))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let body = body.map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.persist(meta.clone(), data.clone()).await?;
         let mut g = self.lock();
         g.state = body.state;

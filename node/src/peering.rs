@@ -12,7 +12,7 @@ use meridian_actors::replicated::{ProposeError, Proposer};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterError, ClusterNode, NoPeers};
-use meridian_proto::cluster::{Applied, Command, Member};
+use meridian_proto::cluster::{Applied, ClusterState, Command, Member};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::task::JoinHandle;
 
@@ -132,9 +132,23 @@ pub(crate) async fn start_cluster(
     let register = tokio::spawn({
         let cluster = cluster.clone();
         async move {
-            while let Err(e) = cluster.propose(Command::UpsertMember(me.clone())).await {
-                tracing::debug!(error = %e, "registering this node in the member table; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut state = cluster.state();
+            loop {
+                if let Err(e) = cluster.propose(Command::UpsertMember(me.clone())).await {
+                    tracing::debug!(error = %e, "registering this node in the member table; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                // A leader of an earlier version records only the fields it knows (a rolling
+                // upgrade goes followers first): this node proposes its record again until it
+                // is recorded whole, which a leader of this version does.
+                let whole = |s: &Arc<ClusterState>| s.members.get(&me.id) == Some(&me);
+                if tokio::time::timeout(Duration::from_secs(5), state.wait_for(whole))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    return;
+                }
             }
         }
     });

@@ -288,9 +288,10 @@ pub struct GrantRequest {
 /// One quota window's account.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ledger {
-    /// The limit key it accounts for (the table's key; not serialized with the entry).
+    /// The limit key it accounts for (the table's key; not serialized with the entry). Set by
+    /// the table, never changed: see [`Ledger::key`].
     #[serde(skip)]
-    pub key: LedgerKey,
+    key: LedgerKey,
     pub window_start_unix_ms: u64,
     pub window_ms: u64,
     pub limit: u64,
@@ -331,6 +332,11 @@ impl Grant {
 }
 
 impl Ledger {
+    /// The limit key this entry accounts for.
+    pub fn key(&self) -> &LedgerKey {
+        &self.key
+    }
+
     /// Budget neither used, nor promised to a node, nor kept aside as a share not released.
     pub fn available(&self) -> u64 {
         let promised: u64 = self.grants.values().map(Grant::outstanding).sum();

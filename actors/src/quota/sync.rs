@@ -273,7 +273,7 @@ impl Quota {
         (after.ledger.changed_since(&before.ledger))
             .filter(|l| l.wanted && l.share > 0 && !l.released.contains_key(&me))
             .map(|l| Wanted {
-                key: l.key.to_string(),
+                key: l.key().to_string(),
                 limit: l.limit,
                 window_ms: l.window_ms,
                 window_start: l.window_start_unix_ms,

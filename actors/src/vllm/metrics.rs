@@ -141,11 +141,14 @@ fn label(line: &str, key: &str) -> Option<String> {
     let open = line.find('{')?;
     let mut rest = &line[open + 1..];
     loop {
-        rest = rest.trim_start_matches([',', ' ']);
+        rest = rest.trim_start_matches([',', ' ', '\t']);
         let eq = rest.find('=')?;
         let name = rest[..eq].trim();
+        // The exposition format allows blanks around `=`.
+        let quoted = rest[eq + 1..].trim_start_matches([' ', '\t']);
+        let at = rest.len() - quoted.len();
         let mut value = String::new();
-        let mut chars = rest[eq + 1..].char_indices();
+        let mut chars = quoted.char_indices();
         if chars.next().map(|(_, c)| c) != Some('"') {
             return None;
         }
@@ -158,7 +161,7 @@ fn label(line: &str, key: &str) -> Option<String> {
                     None => return None,
                 },
                 '"' => {
-                    end = Some(eq + 1 + i + 1);
+                    end = Some(at + i + 1);
                     break;
                 }
                 c => value.push(c),
@@ -168,7 +171,7 @@ fn label(line: &str, key: &str) -> Option<String> {
         if name == key {
             return Some(value);
         }
-        rest = &rest[end..];
+        rest = rest[end..].trim_start_matches([' ', '\t']);
         if rest.starts_with('}') {
             return None;
         }
@@ -235,6 +238,10 @@ vllm:time_to_first_token_seconds_bucket{engine=\"2\",model_name=\"m\"} 9.0
             Some("x\"y")
         );
         assert_eq!(label("x 2", "b"), None);
+        assert_eq!(
+            label("x{a = \"1\" ,\tle= \"0.5\"} 2", "le").as_deref(),
+            Some("0.5")
+        );
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub(super) fn ledger_page(
     after: &str,
     limit: usize,
 ) -> Result<Page, Status> {
-    page_from(table.after(after).map(|l| (&l.key, &**l)), prefix, limit)
+    page_from(table.after(after).map(|l| (l.key(), &**l)), prefix, limit)
 }
 
 /// The first `limit` of `items` (at most [`PAGE_BYTES`] of them) whose key starts with

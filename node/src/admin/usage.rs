@@ -51,8 +51,14 @@ pub(super) async fn report(
         ));
     };
     let tenant = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
-    let (state, applied_index) = (cluster.read_linearizable().await)
-        .map_err(|e| Status::unavailable(format!("no linearizable read of the roll-ups: {e}")))?;
+    let (state, applied_index) = (cluster.read_linearizable().await).map_err(|e| {
+        let mut s = Status::unavailable(format!("no linearizable read of the roll-ups: {e}"));
+        s.metadata_mut().insert(
+            "retry-after",
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        s
+    })?;
     let today = day_of(WallClock::system().now_ms());
     let first = today.saturating_sub(days - 1);
     let rows = sum_days(

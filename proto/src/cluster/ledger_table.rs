@@ -15,10 +15,9 @@
 //! came in (by log or by snapshot), as the state machine's determinism requires, and every key
 //! is found: a lookup checks the key of its hash's holder, then `spill`.
 //!
-//! Serialized as a map from key to entry, as the string-keyed table before it was, so either
-//! reads the other's snapshots.
+//! Serialized as a map from key to entry, as the string-keyed table before it was: the ledger
+//! reads the same from a snapshot of either.
 
-use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -33,8 +32,8 @@ use super::Ledger;
 pub struct LedgerTable {
     /// Each hash's smallest key.
     by_hash: OrdMap<u64, Arc<Ledger>>,
-    /// Keys whose hash a smaller key holds (none but for collisions).
-    spill: OrdMap<Arc<str>, Arc<Ledger>>,
+    /// Keys whose hash a smaller key holds, by hash and key (none but for collisions).
+    spill: OrdMap<(u64, Arc<str>), Arc<Ledger>>,
 }
 
 fn hash(key: &str) -> u64 {
@@ -61,7 +60,10 @@ const INLINE_KEY: usize = 62;
 /// it is about to change anyway, and copying the entry copies the key with it (no allocation,
 /// no reference count). Keys longer than [`INLINE_KEY`] bytes are shared strings.
 #[derive(Clone, PartialEq, Eq)]
-pub enum LedgerKey {
+pub struct LedgerKey(Repr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum Repr {
     Inline { len: u8, bytes: [u8; INLINE_KEY] },
     Shared(Arc<str>),
 }
@@ -72,24 +74,24 @@ impl LedgerKey {
             Ok(len) if key.len() <= INLINE_KEY => {
                 let mut bytes = [0; INLINE_KEY];
                 bytes[..key.len()].copy_from_slice(key.as_bytes());
-                LedgerKey::Inline { len, bytes }
+                LedgerKey(Repr::Inline { len, bytes })
             }
-            _ => LedgerKey::Shared(key.into()),
+            _ => LedgerKey(Repr::Shared(key.into())),
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            LedgerKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            LedgerKey::Shared(s) => s.as_bytes(),
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(s) => s.as_bytes(),
         }
     }
 
     pub fn as_str(&self) -> &str {
-        match self {
+        match &self.0 {
             // Made from a whole `str` and never changed, so always valid.
-            LedgerKey::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            LedgerKey::Shared(s) => s,
+            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Repr::Shared(s) => s,
         }
     }
 
@@ -145,9 +147,10 @@ impl LedgerTable {
     }
 
     pub fn get(&self, key: &str) -> Option<&Arc<Ledger>> {
-        match self.by_hash.get(&hash(key)) {
+        let h = hash(key);
+        match self.by_hash.get(&h) {
             Some(l) if l.key.is(key) => Some(l),
-            Some(_) => self.spill.get(key),
+            Some(_) => self.spill.get(&spilled(h, key)),
             // A key is spilled only while its hash's slot is held.
             None => None,
         }
@@ -162,7 +165,7 @@ impl LedgerTable {
         }
         match self.by_hash.get(&h) {
             Some(l) if l.key.is(key) => self.by_hash.get_mut(&h),
-            Some(_) => self.spill.get_mut(key),
+            Some(_) => self.spill.get_mut(&spilled(h, key)),
             None => None,
         }
     }
@@ -183,12 +186,12 @@ impl LedgerTable {
             Slot::Spill => {
                 return self
                     .spill
-                    .entry(key.into())
+                    .entry(spilled(h, key))
                     .or_insert_with(|| named(key, make));
             }
             Slot::Take => {
                 if let Some(holder) = self.by_hash.remove(&h) {
-                    self.spill.insert(holder.key.as_str().into(), holder);
+                    self.spill.insert(spilled(h, holder.key.as_str()), holder);
                 }
             }
             Slot::Own => {}
@@ -201,8 +204,10 @@ impl LedgerTable {
         match self.by_hash.get(&h) {
             Some(l) if l.key.is(key) => {
                 let removed = self.by_hash.remove(&h);
-                // The smallest spilled key of this hash takes the slot (`spill` is in key order).
-                let next = (self.spill.keys()).find(|k| hash(k) == h).cloned();
+                // The smallest spilled key of this hash, if any, takes the slot.
+                let next = (self.spill.range(spilled(h, "")..).next())
+                    .filter(|((next, _), _)| *next == h)
+                    .map(|(k, _)| k.clone());
                 if let Some(next) = next
                     && let Some(l) = self.spill.remove(&next)
                 {
@@ -210,14 +215,17 @@ impl LedgerTable {
                 }
                 removed
             }
-            Some(_) => self.spill.remove(key),
+            Some(_) => self.spill.remove(&spilled(h, key)),
             None => None,
         }
     }
 
-    /// Every entry, in the table's order: by hash, then the spilled ones by key.
+    /// Every entry, in the table's order: by hash, and by key among keys of one hash.
     pub fn values(&self) -> impl Iterator<Item = &Arc<Ledger>> {
-        self.by_hash.values().chain(self.spill.values())
+        merge(
+            self.by_hash.iter().map(|(h, l)| (*h, l)),
+            self.spill.iter().map(|((h, _), l)| (*h, l)),
+        )
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &LedgerKey> {
@@ -228,22 +236,23 @@ impl LedgerTable {
         self.values().map(|l| (&l.key, l))
     }
 
-    /// The entries after `key` in the table's order (all of them after `""`), for a sweep or a
-    /// page that goes on where the last one stopped. `key` need not be in the table any more.
-    pub fn after<'a>(&'a self, key: &str) -> Box<dyn Iterator<Item = &'a Arc<Ledger>> + 'a> {
-        if key.is_empty() {
-            return Box::new(self.values());
-        }
-        if self.spill.contains_key(key) {
-            let rest = self
-                .spill
-                .range::<_, str>((Bound::Excluded(key), Bound::Unbounded));
-            return Box::new(rest.map(|(_, l)| l));
-        }
-        let rest = self
-            .by_hash
-            .range((Bound::Excluded(hash(key)), Bound::Unbounded));
-        Box::new(rest.map(|(_, l)| l).chain(self.spill.values()))
+    /// The entries after `key` in the table's order (all of them after `""`, as no key is
+    /// empty), for a sweep or a page that goes on where the last one stopped. `key` need not be
+    /// in the table any more: the order is by (hash, key), whatever the table holds.
+    pub fn after<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a Arc<Ledger>> + 'a {
+        let (h, all) = (hash(key), key.is_empty());
+        let beyond = move |hh: u64, l: &Ledger| all || (hh, l.key.as_bytes()) > (h, key.as_bytes());
+        let start = if all { 0 } else { h };
+        let held = (self.by_hash.range(start..)).map(|(hh, l)| (*hh, l));
+        let spilled = (!self.spill.is_empty())
+            .then(|| self.spill.range((start, Arc::<str>::from(""))..))
+            .into_iter()
+            .flatten()
+            .map(|((hh, _), l)| (*hh, l));
+        merge(
+            held.filter(move |(hh, l)| beyond(*hh, l)),
+            spilled.filter(move |(hh, l)| beyond(*hh, l)),
+        )
     }
 
     /// The entries added or changed since `before`. Only what changed is looked at: the two
@@ -268,6 +277,29 @@ impl LedgerTable {
     pub fn ptr_eq(&self, other: &LedgerTable) -> bool {
         self.by_hash.ptr_eq(&other.by_hash) && self.spill.ptr_eq(&other.spill)
     }
+}
+
+/// `key`'s place in `spill`. (An allocation: made only where a hash's slot holds another key,
+/// which takes a collision.)
+fn spilled(h: u64, key: &str) -> (u64, Arc<str>) {
+    (h, Arc::from(key))
+}
+
+/// Two runs of entries, each in (hash, key) order, as one run in that order.
+fn merge<'a>(
+    a: impl Iterator<Item = (u64, &'a Arc<Ledger>)>,
+    b: impl Iterator<Item = (u64, &'a Arc<Ledger>)>,
+) -> impl Iterator<Item = &'a Arc<Ledger>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some((ha, la)), Some((hb, lb))) => (ha, la.key.as_bytes()) <= (hb, lb.key.as_bytes()),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let next = if take_a { a.next() } else { b.next() };
+        next.map(|(_, l)| l)
+    })
 }
 
 impl std::ops::Index<&str> for LedgerTable {
@@ -394,14 +426,14 @@ mod tests {
         );
         let mut t = tables.swap_remove(0);
         assert_eq!(
-            t.spill.keys().map(|k| &**k).collect::<Vec<_>>(),
+            t.spill.keys().map(|(_, k)| &**k).collect::<Vec<_>>(),
             ["collide/m", "collide/x"],
             "the smallest key holds the slot"
         );
         // Removing the holder hands its slot to the next smallest key; every key stays found.
         assert!(t.remove("collide/b").is_some());
         assert_eq!(
-            t.spill.keys().map(|k| &**k).collect::<Vec<_>>(),
+            t.spill.keys().map(|(_, k)| &**k).collect::<Vec<_>>(),
             ["collide/x"]
         );
         assert_eq!(t["collide/m"].used, 2);
@@ -410,12 +442,33 @@ mod tests {
         assert_eq!(t["collide/m"].used, 2);
         assert!(t.remove("collide/m").is_some());
         assert_eq!(t.len(), 1);
-        // Resuming after a spilled key goes on in the spill.
+        // Resuming after a key goes on in (hash, key) order, whether the key is there or not:
+        // here after the holder, gone and replaced by the next key of its hash.
         let mut t = tables.swap_remove(0);
         let after: Vec<_> = t.after("collide/m").map(|l| &*l.key).collect();
-        assert_eq!(after, ["collide/x"]);
+        assert_eq!(after, ["collide/x", "tenant/t/tokens_per_day"]);
+        let lap = |t: &LedgerTable, from: &str| -> Vec<String> {
+            (t.after(from).chain(t.values()))
+                .take(t.len())
+                .map(|l| l.key.to_string())
+                .collect()
+        };
+        assert!(t.remove("collide/b").is_some());
+        let seen = lap(&t, "collide/b");
+        assert_eq!(seen.len(), 3);
+        assert_eq!(
+            seen.iter().collect::<std::collections::BTreeSet<_>>().len(),
+            3,
+            "each entry once: {seen:?}"
+        );
+        assert_eq!(
+            &seen[..2],
+            ["collide/m", "collide/x"],
+            "the new holder comes next"
+        );
         t.remove("collide/m");
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 2);
+        assert_eq!(lap(&t, "collide/m")[0], "collide/x");
     }
 
     #[test]
