@@ -116,6 +116,11 @@ impl std::hash::Hash for TokenizerFile {
     }
 }
 
+/// Why a model's `tokenizer.json` cannot be used (what the tokenizer library says).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenizerFileError(tokenizers::Error);
+
 impl Tokenizer {
     /// A tiktoken encoding by name.
     pub fn parse(name: &str) -> Option<Self> {
@@ -127,10 +132,10 @@ impl Tokenizer {
     }
 
     /// A model's `tokenizer.json`; the error says why it cannot be used.
-    pub fn from_file(path: &str) -> Result<Self, String> {
+    pub fn from_file(path: &str) -> Result<Self, TokenizerFileError> {
         // Special tokens written in a text (`<|im_start|>` in a rendered template) are read
         // as the special tokens, as the engine reads them (the library's default).
-        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(TokenizerFileError)?;
         let tag = std::collections::hash_map::RandomState::new().hash_one(path) | 2;
         Ok(Self::File(Arc::new(TokenizerFile {
             path: path.to_owned(),

@@ -41,7 +41,7 @@ pub mod forward;
 pub mod link;
 pub mod wire;
 
-pub use link::{Vouch, peer_id, remote_session, session_peer};
+pub use link::{DialError, Refusal, Vouch, peer_id, remote_session, session_peer};
 pub use wire::{MAX_FRAME, MeshMsg};
 
 use forward::Served;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use meridian_actors::Gateway;
-use meridian_actors::mesh::{Mesh, MeshConfig, Vouch, peer_id};
+use meridian_actors::mesh::{Mesh, MeshConfig, Refusal, Vouch, peer_id};
 use meridian_actors::replicated::{ProposeError, Proposer};
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
@@ -218,16 +218,16 @@ pub(crate) async fn start_mesh(
         let gateway = gateway.clone();
         Arc::new(move |cert: &certs::CertificateDer<'_>, id: u64| {
             if !certs::names_node(cert, id) {
-                return Err(format!("a certificate that does not name node {id}"));
+                return Err(Refusal::NotNamed(id));
             }
             let Some(state) = gateway.cluster_state() else {
                 return Ok(());
             };
             if state.revoked_certs.contains_key(&certs::fingerprint(cert)) {
-                return Err(format!("node {id}'s certificate is revoked"));
+                return Err(Refusal::Revoked(id));
             }
             if !state.members.is_empty() && !state.members.contains_key(&id) {
-                return Err(format!("node {id} is not a member of the cluster"));
+                return Err(Refusal::NotAMember(id));
             }
             Ok(())
         })

@@ -26,7 +26,35 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Whether a peer holding certificate `cert` may be node `id` on the mesh (`Err`: why not).
-pub type Vouch = Arc<dyn Fn(&CertificateDer<'_>, u64) -> Result<(), String> + Send + Sync>;
+pub type Vouch = Arc<dyn Fn(&CertificateDer<'_>, u64) -> Result<(), Refusal> + Send + Sync>;
+
+/// Why a peer may not be the node it says it is on the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("a certificate that does not name node {0}")]
+    NotNamed(u64),
+    #[error("node {0}'s certificate is revoked")]
+    Revoked(u64),
+    #[error("node {0} is not a member of the cluster")]
+    NotAMember(u64),
+    #[error("node {peer} (by its certificate) named itself node {claimed}")]
+    NamedOther { peer: u64, claimed: u64 },
+}
+
+/// Why dialling a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no TLS session within {0:?}")]
+    Timeout(Duration),
+    #[error("TCP or TLS: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("this node's session server has stopped")]
+    ServerGone,
+}
 
 /// How long a peer has to finish the TCP and TLS handshakes.
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -86,20 +114,19 @@ pub(super) async fn dial(
     addr: SocketAddr,
     name: ServerName<'static>,
     vouch: Vouch,
-) -> Result<(), String> {
+) -> Result<(), DialError> {
     let tls = tokio::time::timeout(HANDSHAKE, async {
         let tcp = TcpStream::connect(addr).await?;
         connector.connect(name, tcp).await
     })
     .await
-    .map_err(|_| format!("no TLS session within {HANDSHAKE:?}"))?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| DialError::Timeout(HANDSHAKE))??;
     let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .ok_or("the peer presented no certificate")?
+        .ok_or(DialError::NoCertificate)?
         .clone()
         .into_owned();
     vouch(&cert, peer)?;
@@ -107,9 +134,7 @@ pub(super) async fn dial(
         if claimed == peer {
             Ok(())
         } else {
-            Err(format!(
-                "node {peer} (by its certificate) named itself node {claimed}"
-            ))
+            Err(Refusal::NamedOther { peer, claimed })
         }
     });
     let link = Link::new(tls.into(), addr, Side::Dialled, check);
@@ -118,7 +143,7 @@ pub(super) async fn dial(
             stream: Box::new(link),
             is_server: false,
         })
-        .map_err(|e| e.to_string())
+        .map_err(|_| DialError::ServerGone)
 }
 
 /// Which side of the connection this node is: which of the peer's handshake frames names it.
@@ -130,7 +155,7 @@ enum Side {
     Dialled,
 }
 
-type Check = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+type Check = Box<dyn Fn(u64) -> Result<(), Refusal> + Send + Sync>;
 
 /// A checked TLS connection, as ractor's node server takes it.
 struct Link {
@@ -216,7 +241,7 @@ impl Gate {
                 Some(Named { name }) => {
                     let claimed = peer_id(&name)
                         .ok_or_else(|| refused(format!("the peer named itself {name:?}")))?;
-                    (self.check)(claimed).map_err(refused)?;
+                    (self.check)(claimed).map_err(|r| refused(r.to_string()))?;
                     self.open = true;
                 }
                 // The server's status before its challenge.
@@ -415,9 +440,10 @@ mod tests {
     async fn read_through(side: Side, only: u64, bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
         use tokio::io::AsyncReadExt;
         let check: Check = Box::new(move |claimed| {
-            (claimed == only)
-                .then_some(())
-                .ok_or_else(|| format!("not node {claimed}"))
+            (claimed == only).then_some(()).ok_or(Refusal::NamedOther {
+                peer: only,
+                claimed,
+            })
         });
         let mut gated = Gated {
             inner: std::io::Cursor::new(bytes),
@@ -456,12 +482,12 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
-        assert!(err.to_string().contains("not node 1"), "{err}");
+        assert!(err.to_string().contains("named itself node 1"), "{err}");
 
         let mut bytes = status_frame();
         bytes.extend(challenge_frame("node-1@h"));
         let err = read_through(Side::Dialled, 3, bytes).await.unwrap_err();
-        assert!(err.to_string().contains("not node 1"), "{err}");
+        assert!(err.to_string().contains("named itself node 1"), "{err}");
     }
 
     #[tokio::test]
@@ -490,7 +516,7 @@ mod tests {
         // One byte at a time: the gate gathers the frame across reads before it checks it.
         let bytes = name_frame("node-2@x");
         let (mut tx, rx) = tokio::io::duplex(1);
-        let check: Check = Box::new(|c| (c == 2).then_some(()).ok_or_else(String::new));
+        let check: Check = Box::new(|c| (c == 2).then_some(()).ok_or(Refusal::NotAMember(c)));
         let mut gated = Gated {
             inner: rx,
             gate: Some(Gate {

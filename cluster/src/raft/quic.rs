@@ -49,6 +49,8 @@ enum RpcReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    /// The leader's answer, or why it refused (as text: the wire shape earlier versions
+    /// read, which a typed error would change).
     Forward(Result<Applied, String>),
     /// A forwarded request reached a node that no longer leads (it names the leader it knows).
     /// A variant of its own, so that the `Forward` answer keeps its shape between versions: a
@@ -327,13 +329,26 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
         .next()
 }
 
+/// Why a peer's message is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Refused {
+    #[error("a revoked certificate")]
+    Revoked,
+    #[error("a message for node {0} from a certificate that does not name it")]
+    NotNamed(NodeId),
+    #[error("node {0} is not a member of this cluster")]
+    NotAMember(NodeId),
+    #[error("a forwarded request from a certificate that names no member")]
+    NoMember,
+}
+
 /// Whether the peer whose certificate is `cert` may send `rpc`: the node the message speaks
 /// for (the leader of an append or a snapshot, the candidate of a vote, the proposer of a
 /// forwarded proposal) must be the one its certificate names, and a member of the cluster as
 /// this node knows it (a node taken out of the cluster is refused, whatever certificate it
 /// holds), and the certificate must not be revoked. Before this node knows any membership (a
 /// node waiting to join), the certificate's name alone is checked.
-fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), String> {
+fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Refused> {
     let claimed = match rpc {
         Rpc::AppendEntries(r) => r.vote.leader_id().voted_for(),
         Rpc::Vote(r) => r.vote.leader_id().voted_for(),
@@ -349,21 +364,15 @@ fn may_speak_for(node: &ClusterNode, peer: &Peer, rpc: &Rpc) -> Result<(), Strin
         .revoked_certs
         .contains_key(&peer.fingerprint)
     {
-        return Err("a revoked certificate".into());
+        return Err(Refused::Revoked);
     }
     node.with_membership(|membership| {
         let mut members = membership.nodes().map(|(id, _)| *id).peekable();
         let known = members.peek().is_some();
         match claimed {
-            Some(id) if !peer.names(id) => Err(format!(
-                "a message for node {id} from a certificate that does not name it"
-            )),
-            Some(id) if known && membership.get_node(&id).is_none() => {
-                Err(format!("node {id} is not a member of this cluster"))
-            }
-            None if known && !members.any(|id| peer.names(id)) => {
-                Err("a forwarded request from a certificate that names no member".into())
-            }
+            Some(id) if !peer.names(id) => Err(Refused::NotNamed(id)),
+            Some(id) if known && membership.get_node(&id).is_none() => Err(Refused::NotAMember(id)),
+            None if known && !members.any(|id| peer.names(id)) => Err(Refused::NoMember),
             _ => Ok(()),
         }
     })
