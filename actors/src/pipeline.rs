@@ -411,10 +411,9 @@ fn end_span(
     first_token: Option<std::time::Duration>,
 ) {
     use opentelemetry::trace::{Span, Status};
-    span.update_name(format!(
-        "{} {}",
+    span.update_name(trace::span_name(
         s.api.operation(),
-        s.asked.as_deref().unwrap_or(&s.model)
+        s.asked.as_deref().unwrap_or(&s.model),
     ));
     let mut attributes = vec![
         KeyValue::new(

@@ -71,7 +71,7 @@ pub fn client_span(
     attempt: u32,
 ) -> (BoxedSpan, Option<String>) {
     let span = tracer().build_with_context(
-        SpanBuilder::from_name(format!("{operation} {model}"))
+        SpanBuilder::from_name(span_name(operation, model))
             .with_kind(SpanKind::Client)
             .with_attributes([
                 KeyValue::new("gen_ai.operation.name", operation),
@@ -101,7 +101,7 @@ pub fn forwarded_span(
     };
     let parent = global::get_text_map_propagator(|p| p.extract(&headers));
     let span = tracer().build_with_context(
-        SpanBuilder::from_name(format!("{operation} {model}"))
+        SpanBuilder::from_name(span_name(operation, model))
             .with_kind(SpanKind::Server)
             .with_attributes([
                 KeyValue::new("gen_ai.operation.name", operation),
@@ -116,18 +116,31 @@ pub fn forwarded_span(
     (span, traceparent)
 }
 
+/// A GenAI span's name, `{operation} {model}`. (Not `format!`: every traced request names
+/// two or three spans, and its machinery costs more than the copy.)
+pub fn span_name(operation: &str, model: &str) -> String {
+    let mut name = String::with_capacity(operation.len() + 1 + model.len());
+    name.push_str(operation);
+    name.push(' ');
+    name.push_str(model);
+    name
+}
+
 /// `span`'s W3C `traceparent`, written directly (the propagator would go through a map of
-/// headers); none for a span that is not recorded.
+/// headers, and `format!` through its machinery); none for a span that is not recorded.
 fn traceparent_of(span: &BoxedSpan) -> Option<String> {
+    use meridian_proto::ids::hex;
     use opentelemetry::trace::Span;
     let sc = span.span_context();
     sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(&hex(&sc.trace_id().to_bytes()));
+        out.push('-');
+        out.push_str(&hex(&sc.span_id().to_bytes()));
+        out.push('-');
+        out.push_str(&hex(&[sc.trace_flags().to_u8()]));
+        out
     })
 }
 
