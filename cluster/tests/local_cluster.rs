@@ -19,6 +19,17 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+impl Cluster {
+    /// The leader's id, once there is one (within 5 s).
+    async fn leader(&self) -> NodeId {
+        wait_until("a leader", Duration::from_secs(5), || {
+            leader_of(&self.nodes).is_some()
+        })
+        .await;
+        leader_of(&self.nodes).unwrap()
+    }
+}
+
 async fn cluster(n: u64) -> Cluster {
     let router = LocalRouter::new();
     let mut nodes = Vec::new();
@@ -44,11 +55,7 @@ async fn cluster(n: u64) -> Cluster {
 #[tokio::test]
 async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     let c = cluster(3).await;
-    wait_until("a leader", Duration::from_secs(5), || {
-        leader_of(&c.nodes).is_some()
-    })
-    .await;
-    let leader = leader_of(&c.nodes).unwrap();
+    let leader = c.leader().await;
     let follower = c.nodes.iter().find(|n| n.id != leader).unwrap();
 
     // A write proposed on a follower is forwarded to the leader and reaches every node.
@@ -163,11 +170,7 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
 #[tokio::test]
 async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
     let mut c = cluster(3).await;
-    wait_until("a leader", Duration::from_secs(5), || {
-        leader_of(&c.nodes).is_some()
-    })
-    .await;
-    let leader = leader_of(&c.nodes).unwrap();
+    let leader = c.leader().await;
     c.nodes[0].propose(member(7)).await.unwrap();
 
     // Node 4 starts empty and bootstraps nothing; an operator adds it through a follower.
@@ -243,11 +246,7 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
 #[tokio::test]
 async fn a_request_forwarded_to_a_node_that_no_longer_leads_is_sent_on_to_the_leader() {
     let c = cluster(3).await;
-    wait_until("a leader", Duration::from_secs(5), || {
-        leader_of(&c.nodes).is_some()
-    })
-    .await;
-    let leader = leader_of(&c.nodes).unwrap();
+    let leader = c.leader().await;
     let followers: Vec<&ClusterNode> = c.nodes.iter().filter(|n| n.id != leader).collect();
     let (from, stale) = (followers[0], followers[1]);
     // A node that does not lead says so, and carries out nothing.
@@ -283,11 +282,7 @@ async fn a_request_forwarded_to_a_node_that_no_longer_leads_is_sent_on_to_the_le
 #[tokio::test]
 async fn writes_commit_through_delayed_and_lost_messages_and_a_cut_link() {
     let c = cluster(3).await;
-    wait_until("a leader", Duration::from_secs(5), || {
-        leader_of(&c.nodes).is_some()
-    })
-    .await;
-    let leader_id = leader_of(&c.nodes).unwrap();
+    let leader_id = c.leader().await;
     let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
     c.router.faults().set_delay(Duration::from_millis(5));
     c.router.faults().set_drop_rate(100);
@@ -422,11 +417,7 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
 #[tokio::test]
 async fn a_linearizable_read_never_answers_without_a_committed_write() {
     let c = cluster(3).await;
-    wait_until("a leader", Duration::from_secs(5), || {
-        leader_of(&c.nodes).is_some()
-    })
-    .await;
-    let leader_id = leader_of(&c.nodes).unwrap();
+    let leader_id = c.leader().await;
     let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
     let follower = c.nodes.iter().find(|n| n.id != leader_id).unwrap();
     for n in &c.nodes {
