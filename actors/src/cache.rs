@@ -67,7 +67,9 @@ impl ResponseCache {
 
     /// The key of `request` from `tenant`, if it may be cached: deterministic (temperature 0 or
     /// a seed) or `opt_in`, and one choice. Streaming flags are not part of the key, so a
-    /// stream can be answered from a whole answer.
+    /// stream can be answered from a whole answer; nor are the end user's identifiers (`user`,
+    /// `safety_identifier`), which do not change the answer, so users of one tenant asking the
+    /// same share it (each is still admitted, and counted, as itself).
     pub fn key(
         tenant: &str,
         request: &ChatRequest,
@@ -85,12 +87,17 @@ impl ResponseCache {
         if request.api.upstream() != Api::Chat && request.stream() {
             return None;
         }
-        // The body without its streaming flags, by reference (no copy), with sorted keys: the
-        // encoding is canonical.
+        // The body without its streaming flags and user identifiers, by reference (no copy),
+        // with sorted keys: the encoding is canonical.
         let body: std::collections::BTreeMap<&String, &Value> = request
             .body
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "stream" | "stream_options"))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "stream" | "stream_options" | "user" | "safety_identifier"
+                )
+            })
             .collect();
         let normalised = serde_json::to_vec(&body).ok()?;
         let mut h = Sha256::new();
@@ -335,6 +342,14 @@ mod tests {
             ResponseCache::key("a", &streamed, false, None),
             "streaming does not change the answer"
         );
+        let by_user = |user: &str| {
+            let body = format!(
+                r#"{{"model":"m","temperature":0,"user":"{user}","safety_identifier":"{user}","messages":[{{"role":"user","content":"x"}}]}}"#
+            );
+            ResponseCache::key("a", &request(&body), false, None)
+        };
+        assert_eq!(by_user("u1"), by_user("u2"), "nor does the end user's id");
+        assert_eq!(by_user("u1"), ResponseCache::key("a", &det, false, None));
         assert_ne!(
             ResponseCache::key("a", &det, false, None),
             ResponseCache::key("b", &det, false, None)
