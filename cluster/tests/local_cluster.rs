@@ -459,3 +459,80 @@ async fn a_linearizable_read_never_answers_without_a_committed_write() {
         n.shutdown().await;
     }
 }
+
+/// The body of the snapshot in `dir` (its meta is length-prefixed JSON before it).
+fn snapshot_body(dir: &std::path::Path) -> Vec<u8> {
+    let file = std::fs::read(dir.join("state").join("snapshot.bin")).unwrap();
+    let meta_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    file[8 + meta_len..].to_vec()
+}
+
+#[tokio::test]
+async fn a_fresh_node_installs_the_leaders_compressed_snapshot() {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+    let router = LocalRouter::new();
+    let timings = RaftTimings {
+        snapshot_every: 50,
+        keep_after_snapshot: 0,
+        ..RaftTimings::fast()
+    };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let one = ClusterNode::start(1, dirs[0].path(), timings, router.transport(1))
+        .await
+        .unwrap();
+    router.add(one.clone());
+    one.initialize(&[(1, String::new())]).await.unwrap();
+    wait_until("leadership", Duration::from_secs(5), || {
+        one.status().leader == Some(1)
+    })
+    .await;
+    // Node 1 says it reads compressed snapshots, as a node of this version does at start; then
+    // enough writes that the log before them is purged behind a snapshot.
+    let mut me = Member {
+        id: 1,
+        region: "eu".into(),
+        raft_addr: String::new(),
+        http_addr: String::new(),
+        mesh_addr: String::new(),
+        started_unix_ms: 0,
+        snapshot_format: meridian_cluster::state_machine::SNAPSHOT_FORMAT,
+    };
+    for i in 0..120 {
+        me.http_addr = format!("10.0.0.1:{i}");
+        one.propose(Command::UpsertMember(me.clone()))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "a snapshot with the log purged behind it",
+        Duration::from_secs(5),
+        || {
+            let s = one.status();
+            s.snapshot_index.is_some() && s.purged_index.is_some()
+        },
+    )
+    .await;
+    assert!(
+        snapshot_body(dirs[0].path()).starts_with(&ZSTD_MAGIC),
+        "every member reads compressed snapshots: the snapshot is compressed"
+    );
+    // Node 2 starts empty; the log it would need is gone, so it is sent the snapshot.
+    let two = ClusterNode::start(2, dirs[1].path(), timings, router.transport(2))
+        .await
+        .unwrap();
+    router.add(two.clone());
+    one.add_learner(2, String::new()).await.unwrap();
+    let target = one.status().applied_index;
+    wait_until("node 2 caught up", Duration::from_secs(5), || {
+        two.status().applied_index >= target
+    })
+    .await;
+    assert_eq!(*two.state().borrow(), *one.state().borrow());
+    assert!(
+        snapshot_body(dirs[1].path()).starts_with(&ZSTD_MAGIC),
+        "node 2 installed the compressed snapshot"
+    );
+    for n in [one, two] {
+        n.shutdown().await;
+    }
+}
