@@ -11,9 +11,10 @@
 //! The hash (XXH3-64, a published algorithm, so every node and version computes the same) is
 //! no secret: keys can collide, and a tenant can make its own users' keys collide on purpose.
 //! Each hash has one slot, held by the smallest of its keys; the others are kept in `spill`
-//! by their string. So the layout depends only on which keys there are, not on the order they
+//! by (hash, key). So the layout depends only on which keys there are, not on the order they
 //! came in (by log or by snapshot), as the state machine's determinism requires, and every key
-//! is found: a lookup checks the key of its hash's holder, then `spill`.
+//! is found: a lookup checks the key of its hash's holder, then `spill`. The table is walked
+//! (swept, paged, serialized) in one order, by (hash, key).
 //!
 //! Serialized as a map from key to entry, as the string-keyed table before it was: the ledger
 //! reads the same from a snapshot of either.
