@@ -140,13 +140,19 @@ pub(crate) async fn start_cluster(
                     continue;
                 }
                 // A leader of an earlier version records only the fields it knows (a rolling
-                // upgrade goes followers first): this node proposes its record again until it
-                // is recorded whole, which a leader of this version does.
-                let whole = |s: &Arc<ClusterState>| s.members.get(&me.id) == Some(&me);
-                if tokio::time::timeout(Duration::from_secs(5), state.wait_for(whole))
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-                {
+                // upgrade goes followers first): this node proposes its record again, every
+                // 5 s, until it is recorded whole, which a leader of this version does. It stops
+                // if its record is taken out of the table meanwhile (the node was removed).
+                let recorded = |s: &Arc<ClusterState>| s.members.contains_key(&me.id);
+                let seen = tokio::time::timeout(Duration::from_secs(5), state.wait_for(recorded));
+                if !seen.await.is_ok_and(|r| r.is_ok()) {
+                    continue;
+                }
+                if state.borrow().members.get(&me.id) == Some(&me) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if !state.borrow().members.contains_key(&me.id) {
                     return;
                 }
             }
