@@ -153,6 +153,29 @@ fn deep_copy(s: &ClusterState) -> usize {
         + copy(&s.applied_seq).len()
 }
 
+/// `samples` runs of a bare arithmetic loop that takes about `length` each, timed as the
+/// applies are.
+fn busy_loop(length: Duration, samples: u64) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
+    let spin = |n: u64| {
+        let mut x = 1u64;
+        for _ in 0..n {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+    };
+    let calibrating = Instant::now();
+    spin(10_000_000);
+    let per_iteration = calibrating.elapsed().as_secs_f64() / 10_000_000.0;
+    let n = (length.as_secs_f64() / per_iteration) as u64;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    for _ in 0..samples {
+        let started = Instant::now();
+        spin(n);
+        h.saturating_record(started.elapsed().as_nanos() as u64);
+    }
+    Ok(h)
+}
+
 fn rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -332,7 +355,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         flush.saturating_record(f.apply(batch(reports)).await?.as_nanos() as u64);
     }
+    let flush_p50 = Duration::from_nanos(flush.value_at_quantile(0.5));
     report(flush, "a usage flush of 100 reports");
+    // What this machine does to any run of that length: its timer interrupts and the like
+    // stall a few samples in a hundred, whatever the code.
+    report(
+        busy_loop(flush_p50, samples)?,
+        "  for scale: a bare loop as long as its p50",
+    );
     let mut update = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     for i in 0..samples {
         let region = if i % 2 == 0 { "us" } else { "eu" };
