@@ -461,6 +461,24 @@ pub fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Runs `python` with `args` (a script and its arguments, or `-c CODE …`) and reads the JSON
+/// it prints; the error carries what Python wrote to stderr when it exits with an error.
+pub async fn python_json(
+    python: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::process::Command::new(python)
+        .args(args)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the SDK raised:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// Waits, if needed, until the next `needed` seconds fall inside one wall-clock minute: a test
 /// that checks per-minute limits must not straddle a window boundary (the next window brings a
 /// fresh budget and the limit is not reached when the test expects it).

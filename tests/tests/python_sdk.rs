@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use meridian_tests::mock::{Flavor, MockUpstream};
-use meridian_tests::{TestNode, provider_toml};
-use serde_json::Value;
+use meridian_tests::{TestNode, provider_toml, python_json};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -72,21 +71,11 @@ async fn the_official_openai_sdk_parses_our_answers() {
         .expect("node");
         let script = workspace().join("tests/python/sdk_check.py");
         let base_url = format!("http://{}/v1", node.http);
-        let out = tokio::process::Command::new(&python)
-            .arg(&script)
-            .arg(&base_url)
-            .arg("mock")
-            .arg(node.api_key.as_deref().expect("auth is on by default"))
-            .arg("tooly")
-            .output()
+        let key = node.api_key.as_deref().expect("auth is on by default");
+        let script = script.to_str().expect("a UTF-8 path");
+        let v = python_json(&python, &[script, &base_url, "mock", key, "tooly"])
             .await
-            .expect("python runs");
-        assert!(
-            out.status.success(),
-            "the SDK raised:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+            .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
         let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
         assert_eq!(v["unary_content"], expected, "{flavor:?}: {v}");
         assert_eq!(v["unary_finish"], "stop");
@@ -162,21 +151,12 @@ async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() 
         .await
         .expect("node");
         let script = workspace().join("tests/python/anthropic_check.py");
-        let out = tokio::process::Command::new(&python)
-            .arg(&script)
-            .arg(format!("http://{}", node.http))
-            .arg("mock")
-            .arg("tooly")
-            .arg(node.api_key.as_deref().expect("auth is on by default"))
-            .output()
+        let base_url = format!("http://{}", node.http);
+        let key = node.api_key.as_deref().expect("auth is on by default");
+        let script = script.to_str().expect("a UTF-8 path");
+        let v = python_json(&python, &[script, &base_url, "mock", "tooly", key])
             .await
-            .expect("python runs");
-        assert!(
-            out.status.success(),
-            "{flavor:?}: the SDK raised:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+            .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
         let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
         assert_eq!(v["plain"]["text"], expected, "{flavor:?}: {v}");
         assert_eq!(v["plain"]["model"], "mock");

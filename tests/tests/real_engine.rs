@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::engine::{self, LlamaServer};
-use meridian_tests::{TestNode, provider_toml, tier, wait_until};
+use meridian_tests::{TestNode, provider_toml, python_json, tier, wait_until};
 use serde_json::{Value, json};
 
 /// What the tenant may use in a day (far more than the test needs: settlement is read back
@@ -87,20 +87,11 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
     let python = blocking(engine::python).await.expect("the engine's python");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/engine_check.py");
-    let out = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://{}/v1", node.http))
-        .arg("smollm2")
-        .arg(&key)
-        .output()
+    let base_url = format!("http://{}/v1", node.http);
+    let script = script.to_str().expect("a UTF-8 path");
+    let v = python_json(&python, &[script, &base_url, "smollm2", &key])
         .await
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "the SDK raised:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json from the script");
+        .unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("the SDK saw: {v}");
 
     // Whole and streamed chat and text completions: what a client parses, counted as the
@@ -421,19 +412,11 @@ from openai import OpenAI\n\
 client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)\n\
 r = client.embeddings.create(model='smollm2-embed', input=['rivers run to the sea', 'lakes'])\n\
 print(json.dumps({'lengths': [len(d.embedding) for d in r.data], 'usage': r.usage.model_dump()}))\n";
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", script])
-        .arg(format!("http://{}/v1", node.http))
-        .arg(node.api_key.as_deref().expect("auth is on"))
-        .output()
+    let base_url = format!("http://{}/v1", node.http);
+    let key = node.api_key.as_deref().expect("auth is on");
+    let v = python_json(&python, &["-c", script, &base_url, key])
         .await
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "the SDK raised:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        .unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("the SDK saw: {v}");
     // SmolLM2-135M's hidden size.
     assert_eq!(v["lengths"], json!([576, 576]), "{v}");
