@@ -30,6 +30,24 @@ impl Cluster {
     }
 }
 
+/// Node 1 alone in `dir`, initialized (a repeat is refused quietly) and leading.
+async fn lead_alone(
+    dir: &std::path::Path,
+    timings: RaftTimings,
+    router: &Arc<LocalRouter>,
+) -> ClusterNode {
+    let node = ClusterNode::start(1, dir, timings, router.transport(1))
+        .await
+        .unwrap();
+    router.add(node.clone());
+    node.initialize(&[(1, String::new())]).await.unwrap();
+    wait_until("leadership", Duration::from_secs(5), || {
+        node.status().leader == Some(1)
+    })
+    .await;
+    node
+}
+
 async fn cluster(n: u64) -> Cluster {
     let router = LocalRouter::new();
     let mut nodes = Vec::new();
@@ -123,15 +141,7 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
         ..RaftTimings::fast()
     };
     {
-        let node = ClusterNode::start(1, dir.path(), timings, router.transport(1))
-            .await
-            .unwrap();
-        router.add(node.clone());
-        node.initialize(&[(1, String::new())]).await.unwrap();
-        wait_until("leadership", Duration::from_secs(5), || {
-            node.status().leader == Some(1)
-        })
-        .await;
+        let node = lead_alone(dir.path(), timings, &router).await;
         for i in 0..120 {
             node.propose(member(100 + i)).await.unwrap();
         }
@@ -146,15 +156,8 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
         node.shutdown().await;
         router.remove(1);
     }
-    let node = ClusterNode::start(1, dir.path(), timings, router.transport(1))
-        .await
-        .unwrap();
-    router.add(node.clone());
-    node.initialize(&[(1, String::new())]).await.unwrap(); // refused quietly: already initialized
-    wait_until("leadership again", Duration::from_secs(5), || {
-        node.status().leader == Some(1)
-    })
-    .await;
+    // Restarted on its disk (initializing again is refused quietly).
+    let node = lead_alone(dir.path(), timings, &router).await;
     let mut state = node.state();
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -347,15 +350,7 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
         keep_after_snapshot: 50,
         ..RaftTimings::fast()
     };
-    let node = ClusterNode::start(1, dir.path(), timings, router.transport(1))
-        .await
-        .unwrap();
-    router.add(node.clone());
-    node.initialize(&[(1, String::new())]).await.unwrap();
-    wait_until("leadership", Duration::from_secs(5), || {
-        node.status().leader == Some(1)
-    })
-    .await;
+    let node = lead_alone(dir.path(), timings, &router).await;
     let size = || {
         std::fs::metadata(dir.path().join("raft.redb"))
             .unwrap()
@@ -477,15 +472,7 @@ async fn a_fresh_node_installs_the_leaders_compressed_snapshot() {
         ..RaftTimings::fast()
     };
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let one = ClusterNode::start(1, dirs[0].path(), timings, router.transport(1))
-        .await
-        .unwrap();
-    router.add(one.clone());
-    one.initialize(&[(1, String::new())]).await.unwrap();
-    wait_until("leadership", Duration::from_secs(5), || {
-        one.status().leader == Some(1)
-    })
-    .await;
+    let one = lead_alone(dirs[0].path(), timings, &router).await;
     // Node 1 says it reads compressed snapshots, as a node of this version does at start; then
     // enough writes that the log before them is purged behind a snapshot.
     let mut me = Member {
