@@ -129,17 +129,17 @@ pub fn span_name(operation: &str, model: &str) -> String {
 /// `span`'s W3C `traceparent`, written directly (the propagator would go through a map of
 /// headers, and `format!` through its machinery); none for a span that is not recorded.
 fn traceparent_of(span: &BoxedSpan) -> Option<String> {
-    use meridian_proto::ids::hex;
+    use meridian_proto::ids::push_hex;
     use opentelemetry::trace::Span;
     let sc = span.span_context();
     sc.is_valid().then(|| {
         let mut out = String::with_capacity(55);
         out.push_str("00-");
-        out.push_str(&hex(&sc.trace_id().to_bytes()));
+        push_hex(&mut out, &sc.trace_id().to_bytes());
         out.push('-');
-        out.push_str(&hex(&sc.span_id().to_bytes()));
+        push_hex(&mut out, &sc.span_id().to_bytes());
         out.push('-');
-        out.push_str(&hex(&[sc.trace_flags().to_u8()]));
+        push_hex(&mut out, &[sc.trace_flags().to_u8()]);
         out
     })
 }
