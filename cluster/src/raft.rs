@@ -108,6 +108,10 @@ pub enum ClusterError {
     /// time.
     #[error("this node did not catch up with the leader's read index {index} in time")]
     Behind { index: u64 },
+    /// A linearizable read: no leader gave its read index in time (none known, no quorum to
+    /// confirm it, or the forward stalled).
+    #[error("no leader gave its read index within {0:?}")]
+    NoReadIndex(Duration),
 }
 
 /// How many times one request is forwarded, to successive leaders, before its last answer stands.
@@ -403,8 +407,12 @@ impl ClusterNode {
     /// read that starts after a write was acknowledged, on any node, sees that write. Returns
     /// the state and the read index (the state is at least there).
     pub async fn read_linearizable(&self) -> Result<(Arc<ClusterState>, u64), ClusterError> {
-        let asked = tokio::time::timeout(self.leader_wait * 3, self.submit(Forwarded::ReadIndex));
-        let index = match asked.await.map_err(|_| ClusterError::NoLeader)?? {
+        let within = self.leader_wait * 3;
+        let asked = tokio::time::timeout(within, self.submit(Forwarded::ReadIndex));
+        let index = match asked
+            .await
+            .map_err(|_| ClusterError::NoReadIndex(within))??
+        {
             Applied::ReadIndex { index } => index,
             other => {
                 return Err(ClusterError::Rejected(format!(

@@ -707,7 +707,8 @@ fn changed(
             e @ (ClusterError::NoLeader
             | ClusterError::Unreached(_)
             | ClusterError::NotLeader { .. }
-            | ClusterError::Behind { .. }),
+            | ClusterError::Behind { .. }
+            | ClusterError::NoReadIndex(_)),
         ) => {
             let mut s = Status::unavailable(e.to_string());
             s.metadata_mut().insert(

@@ -648,7 +648,7 @@ pub struct ClusterState {
     /// Spend alerts of the last two days, by id.
     pub alerts: Table<String, SpendAlert>,
     /// Where the ledger sweep stopped (see [`ClusterState::sweep_ledger`]).
-    pub ledger_sweep_after: std::sync::Arc<str>,
+    pub ledger_sweep_after: LedgerKey,
     /// Cluster certificates refused by every node, by the SHA-256 of their DER encoding (hex).
     pub revoked_certs: Table<String, RevokedCert>,
 }

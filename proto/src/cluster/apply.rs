@@ -34,7 +34,7 @@ impl ClusterState {
             }
         }
         // The next sweep starts after the last key looked at.
-        self.ledger_sweep_after = last.map_or_else(|| "".into(), |k| k.as_str().into());
+        self.ledger_sweep_after = last.cloned().unwrap_or_default();
         for key in remove {
             self.ledger.remove(&key);
         }
