@@ -112,6 +112,15 @@ pub enum ClusterError {
     /// confirm it, or the forward stalled).
     #[error("no leader gave its read index within {0:?}")]
     NoReadIndex(Duration),
+    /// This node leads, but no quorum has acknowledged it for longer than the given time: the
+    /// proposal was not committed. It stays in the leader's log and is committed if a quorum
+    /// comes back while this node still leads, so a caller retrying must be able to see its
+    /// own write twice (the grant and flush commands are).
+    #[error(
+        "this node leads but no quorum has acknowledged it for over {0:?}; the write was not \
+         committed (it may still be, if a quorum returns)"
+    )]
+    NoQuorum(Duration),
 }
 
 /// How many times one request is forwarded, to successive leaders, before its last answer stands.
@@ -545,7 +554,7 @@ impl ClusterNode {
 
     async fn execute_here(&self, request: &Forwarded) -> Result<Applied, Declined> {
         match request {
-            Forwarded::Propose(p) => Ok(self.raft.client_write((**p).clone()).await?.data),
+            Forwarded::Propose(p) => Ok(self.write((**p).clone()).await?.data),
             Forwarded::ReadIndex => {
                 let (read, _applied) = self.raft.get_read_log_id().await?;
                 Ok(Applied::ReadIndex {
@@ -589,14 +598,37 @@ impl ClusterNode {
                     None if self.state().borrow().members.contains_key(id) => {}
                     None => return Ok(Applied::NotFound),
                 }
-                self.raft
-                    .client_write(Proposal {
-                        at_unix_ms: now_unix_ms(),
-                        proposer: self.id,
-                        command: Command::RemoveMember { id: *id },
-                    })
-                    .await?;
+                self.write(Proposal {
+                    at_unix_ms: now_unix_ms(),
+                    proposer: self.id,
+                    command: Command::RemoveMember { id: *id },
+                })
+                .await?;
                 Ok(Applied::Changed)
+            }
+        }
+    }
+
+    /// Appends `proposal` on this node and waits until it is committed and applied, or until
+    /// it is seen that this node leads without a quorum: openraft's leader does not step down
+    /// when its followers go away, and its writes would otherwise wait for as long as they
+    /// stay away. Checked each time `leader_wait` passes, so a leader that lost its quorum
+    /// fails a write within two such waits of its sending.
+    async fn write(
+        &self,
+        proposal: Proposal,
+    ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, Declined> {
+        let write = self.raft.client_write(proposal);
+        tokio::pin!(write);
+        loop {
+            match tokio::time::timeout(self.leader_wait, &mut write).await {
+                Ok(written) => return Ok(written?),
+                Err(_) => {
+                    let status = self.status();
+                    if status.leader == Some(self.id) && !status.quorum {
+                        return Err(Declined::Failed(ClusterError::NoQuorum(self.leader_wait)));
+                    }
+                }
             }
         }
     }

@@ -103,6 +103,22 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
         || !old.status().quorum,
     )
     .await;
+    // A write on the cut-off leader fails, saying that its quorum is gone, instead of waiting
+    // for the quorum to come back (openraft's leader does not step down on its own).
+    let asked = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(10), old.propose(member(9))).await {
+        Ok(Err(ClusterError::NoQuorum(_))) => {}
+        other => panic!("a write on a leader without quorum answered {other:?}"),
+    }
+    println!(
+        "a write on the cut-off leader failed after {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        asked.elapsed() <= Duration::from_secs(5),
+        "a write on a leader without quorum took {:?} to fail",
+        asked.elapsed()
+    );
     wait_until(
         "the new leader to report a quorum",
         Duration::from_secs(10),

@@ -708,7 +708,8 @@ fn changed(
             | ClusterError::Unreached(_)
             | ClusterError::NotLeader { .. }
             | ClusterError::Behind { .. }
-            | ClusterError::NoReadIndex(_)),
+            | ClusterError::NoReadIndex(_)
+            | ClusterError::NoQuorum(_)),
         ) => {
             let mut s = Status::unavailable(e.to_string());
             s.metadata_mut().insert(

@@ -611,7 +611,7 @@ async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
     }
 }
 
-/// Without quorum, with real processes: two of three nodes are killed. The survivor admits
+/// Without quorum, with real processes: two of three nodes are killed, leaving the leader. The survivor admits
 /// its static share of each limit on its own, then follows each limit's policy — a daily token
 /// limit (`deny`) answers 503 `quota_unavailable`, a per-minute request limit (`local_share`)
 /// admits up to a third of the limit and then 429. Once the others are back, the survivor
@@ -637,7 +637,10 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
                 .into(),
         );
     }
-    h.boot(&[1, 2, 3]).await;
+    // The leader is the node left alone: its grant requests are writes on a leader whose
+    // followers are gone, which must fail (not wait for them) for its policies to take over.
+    let survivor = h.boot(&[1, 2, 3]).await;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != survivor).collect();
     let mut admin = h.admin(1).await.unwrap();
     for (name, limits) in [
         (
@@ -698,12 +701,13 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
             .unwrap_or(0)
     };
 
-    // Quorum lost: node 1 alone. Everything up to its recovery below falls in one minute, so
+    // Quorum lost: the leader alone. Everything up to its recovery below falls in one minute, so
     // the per-minute limit is seen to leave local_share within its window.
     inside_one_minute(Duration::from_secs(50)).await;
-    h.kill(2);
-    h.kill(3);
-    let (alone, status, code) = until_refused(&url(1), &daily, day_body).await;
+    for id in &others {
+        h.kill(*id);
+    }
+    let (alone, status, code) = until_refused(&url(survivor), &daily, day_body).await;
     let served_alone = day_tokens();
     println!(
         "no quorum, daily tokens (deny): {alone} answered ({served_alone} tokens), then {status} {code}"
@@ -723,7 +727,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     let mut minute_alone = 0;
     let mut unavailable = 0;
     let (status, code) = loop {
-        let (ok, status, code) = until_refused(&url(1), &minute, body).await;
+        let (ok, status, code) = until_refused(&url(survivor), &minute, body).await;
         minute_alone += ok;
         if (status, code.as_str()) != (503, "quota_unavailable") || lost.elapsed() > T {
             break (status, code);
@@ -749,20 +753,21 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         RPM / 3
     );
 
-    // Quorum back: node 1 admits the daily tenant again, through grants.
+    // Quorum back: the survivor admits the daily tenant again, through grants.
     let back = Instant::now();
-    h.start(2).await;
-    h.start(3).await;
+    for id in &others {
+        h.start(*id).await;
+    }
     h.agreed_leader(&[1, 2, 3], None, T).await;
     let client = reqwest::Client::new();
-    // The per-minute limit leaves local_share within its window: node 1, refused at a third of
+    // The per-minute limit leaves local_share within its window: the survivor, refused at a third of
     // the limit while alone, admits the tenant again through grants in the same minute.
     h.wait_for(
-        "node 1 to admit the per-minute tenant again within its window",
+        "the survivor to admit the per-minute tenant again within its window",
         Duration::from_secs(10),
         || async {
             let resp = client
-                .post(url(1))
+                .post(url(survivor))
                 .bearer_auth(&minute)
                 .header("content-type", "application/json")
                 .body(body)
@@ -782,37 +787,45 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         "the per-minute tenant admitted again {:?} after the restarts began, in the same minute",
         back.elapsed()
     );
-    h.wait_for("node 1 to admit the daily tenant again", T, || async {
-        let resp = client
-            .post(url(1))
-            .bearer_auth(&daily)
-            .header("content-type", "application/json")
-            .body(day_body)
-            .send()
-            .await
-            .ok()?;
-        (resp.status() == 200).then_some(())
-    })
+    h.wait_for(
+        "the survivor to admit the daily tenant again",
+        T,
+        || async {
+            let resp = client
+                .post(url(survivor))
+                .bearer_auth(&daily)
+                .header("content-type", "application/json")
+                .body(day_body)
+                .send()
+                .await
+                .ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    )
     .await;
     println!(
         "admitting again {:?} after the restarts began",
         back.elapsed()
     );
-    // What node 1 admitted alone is in the ledger.
-    h.wait_for("the ledger to hold node 1's usage alone", T, || async {
-        let mut a = h.admin(2).await?;
-        let r = a
-            .cluster_state(pb::ClusterStateRequest {
-                section: "ledger".into(),
-                prefix: "tenant/daily/tokens_per_day".into(),
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
-        let used = v["tenant/daily/tokens_per_day"]["used"].as_u64()?;
-        (used >= served_alone).then_some(())
-    })
+    // What the survivor admitted alone is in the ledger.
+    h.wait_for(
+        "the ledger to hold what the survivor admitted alone",
+        T,
+        || async {
+            let mut a = h.admin(others[0]).await?;
+            let r = a
+                .cluster_state(pb::ClusterStateRequest {
+                    section: "ledger".into(),
+                    prefix: "tenant/daily/tokens_per_day".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
+            let used = v["tenant/daily/tokens_per_day"]["used"].as_u64()?;
+            (used >= served_alone).then_some(())
+        },
+    )
     .await;
     // The rest of the day's budget through all three nodes: the total stays within bounds.
     let rest = futures::future::join_all([1, 2, 3].map(|id| {

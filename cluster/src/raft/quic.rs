@@ -57,6 +57,10 @@ enum RpcReply {
     /// node that does not know this one reads it as an unreadable reply (unreached) and
     /// forwards again, as it would after losing the leader.
     ForwardNotLeader(Option<NodeId>),
+    /// The leader could not commit the forwarded write: no quorum acknowledged it for this
+    /// many milliseconds. Its own variant for the same reason as `ForwardNotLeader` (an older
+    /// node reads it as unreached, and waits for another leader).
+    ForwardNoQuorum(u64),
 }
 
 impl RpcReply {
@@ -64,6 +68,7 @@ impl RpcReply {
     fn forward(answer: Result<Applied, ClusterError>) -> Self {
         match answer {
             Err(ClusterError::NotLeader { leader }) => Self::ForwardNotLeader(leader),
+            Err(ClusterError::NoQuorum(after)) => Self::ForwardNoQuorum(after.as_millis() as u64),
             answer => Self::Forward(answer.map_err(|e| e.to_string())),
         }
     }
@@ -477,6 +482,9 @@ impl Transport for Arc<QuicTransport> {
             {
                 RpcReply::Forward(r) => Ok(r.map_err(ClusterError::Rejected)),
                 RpcReply::ForwardNotLeader(leader) => Ok(Err(ClusterError::NotLeader { leader })),
+                RpcReply::ForwardNoQuorum(ms) => {
+                    Ok(Err(ClusterError::NoQuorum(Duration::from_millis(ms))))
+                }
                 _ => Err(mismatch(target)),
             }
         }
@@ -558,6 +566,13 @@ mod tests {
                 leader: None
             }))),
             RpcReply::ForwardNotLeader(None)
+        ));
+        // So has a leader without quorum, with how long it went unacknowledged.
+        assert!(matches!(
+            round_trip(&RpcReply::forward(Err(ClusterError::NoQuorum(
+                Duration::from_millis(1200)
+            )))),
+            RpcReply::ForwardNoQuorum(1200)
         ));
     }
 }
