@@ -32,6 +32,9 @@ struct State {
     isolated: HashSet<NodeId>,
     /// Cut links, stored as (lower id, higher id): both directions.
     cut: HashSet<(NodeId, NodeId)>,
+    /// (from, to): log entries and snapshots from `from` to `to` are lost; heartbeats, votes
+    /// and forwards get through.
+    held: HashSet<(NodeId, NodeId)>,
     /// The next request forwarded to this node goes to the other instead.
     misdirect: Option<(NodeId, NodeId)>,
     /// Forwards misdirected so far.
@@ -74,6 +77,13 @@ impl Faults {
     /// Drops every message between `a` and `b`, both ways, until [`Faults::heal_all`].
     pub fn cut(&self, a: NodeId, b: NodeId) {
         self.lock().cut.insert((a.min(b), a.max(b)));
+    }
+
+    /// Loses every log entry and snapshot `from` sends `to` until [`Faults::heal_all`], while
+    /// the rest gets through: `to` keeps following `from` (it hears its heartbeats, and
+    /// forwards to it) but falls behind its log.
+    pub fn hold_entries(&self, from: NodeId, to: NodeId) {
+        self.lock().held.insert((from, to));
     }
 
     /// Delivers the next request forwarded to `leader` to `instead`, as if the sender's view of
@@ -123,6 +133,22 @@ struct Faulty {
 }
 
 impl Faulty {
+    fn holds(&self, target: NodeId) -> bool {
+        self.faults.lock().held.contains(&(self.from, target))
+    }
+
+    fn lost<T: Send + 'static, E: Send + 'static>(
+        &self,
+        target: NodeId,
+        reason: &str,
+    ) -> Reply<T, E> {
+        futures::future::ready(Err(Unreached {
+            target,
+            reason: reason.into(),
+        }))
+        .boxed()
+    }
+
     fn gate<T: Send + 'static, E: Send + 'static>(
         &self,
         target: NodeId,
@@ -149,6 +175,9 @@ impl Transport for Faulty {
         target: NodeId,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Reply<AppendEntriesResponse<NodeId>> {
+        if !rpc.entries.is_empty() && self.holds(target) {
+            return self.lost(target, "entries held back (injected)");
+        }
         self.gate(target, |t| t.append_entries(target, rpc))
     }
 
@@ -161,6 +190,9 @@ impl Transport for Faulty {
         target: NodeId,
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> Reply<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        if self.holds(target) {
+            return self.lost(target, "snapshot held back (injected)");
+        }
         self.gate(target, |t| t.install_snapshot(target, rpc))
     }
 
