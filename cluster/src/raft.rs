@@ -609,26 +609,34 @@ impl ClusterNode {
         }
     }
 
-    /// Appends `proposal` on this node and waits until it is committed and applied, or until
-    /// it is seen that this node leads without a quorum: openraft's leader does not step down
-    /// when its followers go away, and its writes would otherwise wait for as long as they
-    /// stay away. Checked each time `leader_wait` passes, so a leader that lost its quorum
-    /// fails a write within two such waits of its sending.
+    /// Appends `proposal` on this node and waits until it is committed and applied (see
+    /// [`Self::unless_quorum_lost`]).
     async fn write(
         &self,
         proposal: Proposal,
     ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, Declined> {
-        let write = self.raft.client_write(proposal);
+        Ok(self
+            .unless_quorum_lost(self.raft.client_write(proposal))
+            .await??)
+    }
+
+    /// `write`'s answer, or [`ClusterError::NoQuorum`] once it is seen that this node leads
+    /// without a quorum: openraft's leader does not step down when its followers go away, and
+    /// its writes would otherwise wait for as long as they stay away. Checked each time
+    /// `leader_wait` passes, so a leader that lost its quorum fails a write within two such
+    /// waits of its sending.
+    async fn unless_quorum_lost<T>(
+        &self,
+        write: impl std::future::Future<Output = T>,
+    ) -> Result<T, Declined> {
         tokio::pin!(write);
         loop {
-            match tokio::time::timeout(self.leader_wait, &mut write).await {
-                Ok(written) => return Ok(written?),
-                Err(_) => {
-                    let status = self.status();
-                    if status.leader == Some(self.id) && !status.quorum {
-                        return Err(Declined::Failed(ClusterError::NoQuorum(self.leader_wait)));
-                    }
-                }
+            if let Ok(written) = tokio::time::timeout(self.leader_wait, &mut write).await {
+                return Ok(written);
+            }
+            let status = self.status();
+            if status.leader == Some(self.id) && !status.quorum {
+                return Err(Declined::Failed(ClusterError::NoQuorum(self.leader_wait)));
             }
         }
     }
@@ -639,10 +647,12 @@ impl ClusterNode {
     async fn change_membership(
         &self,
         change: ChangeMembers<NodeId, BasicNode>,
-    ) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+    ) -> Result<(), Declined> {
         let deadline = tokio::time::Instant::now() + self.leader_wait;
         loop {
-            match self.raft.change_membership(change.clone(), false).await {
+            match (self.unless_quorum_lost(self.raft.change_membership(change.clone(), false)))
+                .await?
+            {
                 Ok(resp) => {
                     while self.committed.load(Ordering::Relaxed) <= resp.log_id.index
                         && tokio::time::Instant::now() < deadline
@@ -656,7 +666,7 @@ impl ClusterNode {
                 ))) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -119,6 +119,11 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
         "a write on a leader without quorum took {:?} to fail",
         asked.elapsed()
     );
+    // So does a membership change there.
+    match tokio::time::timeout(Duration::from_secs(10), old.add_learner(9, String::new())).await {
+        Ok(Err(ClusterError::NoQuorum(_))) => {}
+        other => panic!("a membership change on a leader without quorum answered {other:?}"),
+    }
     wait_until(
         "the new leader to report a quorum",
         Duration::from_secs(10),
