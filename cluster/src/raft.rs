@@ -112,13 +112,15 @@ pub enum ClusterError {
     /// confirm it, or the forward stalled).
     #[error("no leader gave its read index within {0:?}")]
     NoReadIndex(Duration),
-    /// This node leads, but no quorum has acknowledged it for longer than the given time: the
-    /// proposal was not committed. It stays in the leader's log and is committed if a quorum
-    /// comes back while this node still leads, so a caller retrying must be able to see its
-    /// own write twice (the grant and flush commands are).
+    /// The node that took a write lost its quorum before the write was committed: it leads
+    /// but no quorum has acknowledged it for longer than the given time, or it stopped
+    /// leading and the write has been waiting that long. The entry stays in that node's log
+    /// and may still be committed (by it, or by a later leader that holds the entry), so a
+    /// caller retrying must be able to see its own write twice (the grant and flush commands
+    /// are).
     #[error(
-        "this node leads but no quorum has acknowledged it for over {0:?}; the write was not \
-         committed (it may still be, if a quorum returns)"
+        "the write was not committed: the node that took it has had no quorum for over \
+         {0:?} (it may still be committed, if a quorum returns)"
     )]
     NoQuorum(Duration),
 }
@@ -296,6 +298,8 @@ pub struct ClusterNode {
     raft: Raft,
     /// How long a proposal waits for a leader to become known (two election timeouts).
     leader_wait: Duration,
+    /// How often a write that has not come back looks whether it still can (a heartbeat).
+    write_check: Duration,
     state: watch::Receiver<Arc<ClusterState>>,
     transport: Arc<dyn Transport>,
     /// Committed index + 1 (0: nothing committed yet), as the log store last saved it.
@@ -348,6 +352,7 @@ impl ClusterNode {
             id,
             raft,
             leader_wait: timings.election_max * 2,
+            write_check: timings.heartbeat,
             state,
             transport,
             committed,
@@ -620,24 +625,41 @@ impl ClusterNode {
             .await??)
     }
 
-    /// `write`'s answer, or [`ClusterError::NoQuorum`] once it is seen that this node leads
-    /// without a quorum: openraft's leader does not step down when its followers go away, and
-    /// its writes would otherwise wait for as long as they stay away. Checked each time
-    /// `leader_wait` passes, so a leader that lost its quorum fails a write within two such
-    /// waits of its sending.
+    /// `write`'s answer, or [`ClusterError::NoQuorum`] once this node is seen to lead
+    /// without a quorum (none acknowledged it for `leader_wait`), or to have stopped leading
+    /// while the write has waited `leader_wait`. openraft's leader does not step down when
+    /// its followers go away, and a deposed one that hears from no new leader keeps its
+    /// writes; either would wait for as long as the others stay away. Looked at every
+    /// heartbeat: a write fails about `leader_wait` after the last acknowledgement, or after
+    /// its sending if that is later. (A write that a leader with a quorum does not commit,
+    /// e.g. because a follower's disk fails every append, still waits.)
     async fn unless_quorum_lost<T>(
         &self,
         write: impl std::future::Future<Output = T>,
     ) -> Result<T, Declined> {
+        let sent = tokio::time::Instant::now();
         tokio::pin!(write);
         loop {
-            if let Ok(written) = tokio::time::timeout(self.leader_wait, &mut write).await {
+            if let Ok(written) = tokio::time::timeout(self.write_check, &mut write).await {
                 return Ok(written);
             }
-            let status = self.status();
-            if status.leader == Some(self.id) && !status.quorum {
+            if self.lost_quorum(sent.elapsed()) {
                 return Err(Declined::Failed(ClusterError::NoQuorum(self.leader_wait)));
             }
+        }
+    }
+
+    /// Whether a write this node took `waited` ago can no longer be committed through it.
+    fn lost_quorum(&self, waited: Duration) -> bool {
+        let status = self.status();
+        if status.leader == Some(self.id) {
+            // `None` (just elected, no acknowledgement yet) is not taken for a loss.
+            status
+                .millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) > self.leader_wait.as_millis())
+                || (waited >= self.leader_wait && !status.quorum)
+        } else {
+            waited >= self.leader_wait
         }
     }
 
@@ -665,6 +687,13 @@ impl ClusterNode {
                     ChangeMembershipError::InProgress(_),
                 ))) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // The change in progress is one this leader could not commit for want of a
+                // quorum (an earlier try that failed so): say that, not that one is in progress.
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if self.lost_quorum(self.leader_wait) => {
+                    return Err(Declined::Failed(ClusterError::NoQuorum(self.leader_wait)));
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -637,10 +637,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
                 .into(),
         );
     }
-    // The leader is the node left alone: its grant requests are writes on a leader whose
-    // followers are gone, which must fail (not wait for them) for its policies to take over.
-    let survivor = h.boot(&[1, 2, 3]).await;
-    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != survivor).collect();
+    h.boot(&[1, 2, 3]).await;
     let mut admin = h.admin(1).await.unwrap();
     for (name, limits) in [
         (
@@ -704,6 +701,10 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     // Quorum lost: the leader alone. Everything up to its recovery below falls in one minute, so
     // the per-minute limit is seen to leave local_share within its window.
     inside_one_minute(Duration::from_secs(50)).await;
+    // The leader is the node left alone: its grant requests are writes on a leader whose
+    // followers are gone, which must fail (not wait for them) for its policies to take over.
+    let survivor = h.agreed_leader(&[1, 2, 3], None, T).await;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != survivor).collect();
     for id in &others {
         h.kill(*id);
     }

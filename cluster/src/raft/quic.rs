@@ -57,9 +57,11 @@ enum RpcReply {
     /// node that does not know this one reads it as an unreadable reply (unreached) and
     /// forwards again, as it would after losing the leader.
     ForwardNotLeader(Option<NodeId>),
-    /// The leader could not commit the forwarded write: no quorum acknowledged it for this
-    /// many milliseconds. Its own variant for the same reason as `ForwardNotLeader` (an older
-    /// node reads it as unreached, and waits for another leader).
+    /// The leader could not commit the forwarded write: it had no quorum for this many
+    /// milliseconds. Its own variant, so that `Forward` keeps its shape. An older node reads
+    /// it as unreached and waits for another leader; if none comes it forwards again to the
+    /// same one, whose log then holds the write twice (the commands nodes retry by themselves
+    /// are safe to apply twice).
     ForwardNoQuorum(u64),
 }
 
