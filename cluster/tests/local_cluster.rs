@@ -454,20 +454,26 @@ async fn a_linearizable_read_never_answers_without_a_committed_write() {
     // A read there gets the leader's read index, which covers the write, and cannot answer
     // until the follower has applied that far: it waits, then says it is behind. (A read
     // answered from the follower's own state would come back at once, without the write.)
+    // While it waits the follower may also stop hearing heartbeats (openraft sends them on
+    // the replication stream, which backs off after a lost append) and start an election; it
+    // may then fail otherwise, or answer once another leader has sent it the write.
     assert_eq!(follower.status().leader, Some(leader_id));
     let read = Instant::now();
     match tokio::time::timeout(Duration::from_secs(5), follower.read_linearizable()).await {
-        Ok(Err(ClusterError::Behind { index })) => {
+        Ok(Ok((state, index))) => {
+            assert!(
+                state.members.contains_key(&3_000),
+                "a follower without the write answered a linearizable read at index {index}"
+            );
+            println!("the follower's read answered with the write, from another leader");
+        }
+        Ok(Err(e)) => {
             println!(
-                "behind the leader's log, the follower's read failed after {:?}: behind read index {index}",
+                "behind the leader's log, the follower's read failed after {:?}: {e}",
                 read.elapsed()
             );
         }
-        Ok(Ok((state, index))) => panic!(
-            "a follower without the write answered a linearizable read at index {index} (member 3000 there: {})",
-            state.members.contains_key(&3_000)
-        ),
-        other => panic!("the follower's read answered {other:?}"),
+        Err(_) => panic!("the follower's read did not end within 5 s"),
     }
     c.router.faults().heal_all();
     let started = Instant::now();
