@@ -80,8 +80,10 @@ impl Faults {
     }
 
     /// Loses every log entry and snapshot `from` sends `to` until [`Faults::heal_all`], while
-    /// the rest gets through: `to` keeps following `from` (it hears its heartbeats, and
-    /// forwards to it) but falls behind its log.
+    /// the rest gets through: `to` follows `from` (it forwards to it) but falls behind its
+    /// log. Heartbeats get through but come late: openraft sends them on the replication
+    /// stream, which backs off (half a second) after each lost append, so `to` may start an
+    /// election after a while.
     pub fn hold_entries(&self, from: NodeId, to: NodeId) {
         self.lock().held.insert((from, to));
     }
