@@ -168,6 +168,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    // Resident memory after each step: what a user leaves behind on a node's quota (its
+    // budgets and share counts), apart from the rest of the node.
+    let mut resident = Vec::new();
     for (label, total) in [("1,000", 1_000u64), ("1,000,000", 1_000_000)] {
         // Users before the ones timed (the last 1,000 of `total` are timed).
         while next_user + 1_000 < total {
@@ -185,6 +188,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             q(&seen, 0.5),
             q(&seen, 0.99),
             q(&fresh, 0.5) / q(&seen, 0.5)
+        );
+        resident.push((next_user, rss_bytes()));
+    }
+    if let [(few, before), (many, after)] = resident[..] {
+        println!(
+            "resident memory: {} MiB after {few} users, {} MiB after {many}: {} bytes per user \
+             on the quota (glibc's heap, as the process counts it)",
+            before >> 20,
+            after >> 20,
+            after.saturating_sub(before) / (many - few)
         );
     }
     let entries = ledger
@@ -239,4 +252,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
+}
+
+/// This process's resident memory, in bytes (0 where `/proc` cannot tell).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
