@@ -625,14 +625,17 @@ impl ClusterNode {
             .await??)
     }
 
-    /// `write`'s answer, or [`ClusterError::NoQuorum`] once this node is seen to lead
-    /// without a quorum (none acknowledged it for `leader_wait`), or to have stopped leading
-    /// while the write has waited `leader_wait`. openraft's leader does not step down when
-    /// its followers go away, and a deposed one that hears from no new leader keeps its
-    /// writes; either would wait for as long as the others stay away. Looked at every
-    /// heartbeat: a write fails about `leader_wait` after the last acknowledgement, or after
-    /// its sending if that is later. (A write that a leader with a quorum does not commit,
-    /// e.g. because a follower's disk fails every append, still waits.)
+    /// `write`'s answer, or [`ClusterError::NoQuorum`] once the write has waited
+    /// `leader_wait` and this node does not lead with a quorum (it leads but none has
+    /// acknowledged it for `leader_wait`, or it stopped leading meanwhile). openraft's leader
+    /// does not step down when its followers go away, and a deposed one that hears from no
+    /// new leader keeps its writes; either would wait for as long as the others stay away.
+    /// Looked at every heartbeat, so a write fails about `leader_wait` after its sending or
+    /// after the last acknowledgement, whichever is later: well before a forwarding
+    /// follower gives up on it. Every write gets `leader_wait` to commit, so a leader whose
+    /// acknowledgements come late under load does not fail writes that would commit. (A
+    /// write that a leader with a quorum does not commit, e.g. because a follower's disk
+    /// fails every append, still waits.)
     async fn unless_quorum_lost<T>(
         &self,
         write: impl std::future::Future<Output = T>,
@@ -649,18 +652,13 @@ impl ClusterNode {
         }
     }
 
-    /// Whether a write this node took `waited` ago can no longer be committed through it.
+    /// Whether a write this node took `waited` ago is given up for want of a quorum.
     fn lost_quorum(&self, waited: Duration) -> bool {
-        let status = self.status();
-        if status.leader == Some(self.id) {
-            // `None` (just elected, no acknowledgement yet) is not taken for a loss.
-            status
-                .millis_since_quorum_ack
-                .is_some_and(|ms| u128::from(ms) > self.leader_wait.as_millis())
-                || (waited >= self.leader_wait && !status.quorum)
-        } else {
-            waited >= self.leader_wait
+        if waited < self.leader_wait {
+            return false;
         }
+        let status = self.status();
+        !(status.leader == Some(self.id) && status.quorum)
     }
 
     /// Makes a membership change on this node (the leader) and waits until it is committed. A
