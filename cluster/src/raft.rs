@@ -626,8 +626,8 @@ impl ClusterNode {
     }
 
     /// `write`'s answer, or [`ClusterError::NoQuorum`] once the write has waited
-    /// `leader_wait` and this node does not lead with a quorum (it leads but none has
-    /// acknowledged it for `leader_wait`, or it stopped leading meanwhile). openraft's leader
+    /// `leader_wait` and this node leads but no quorum has acknowledged it for as long, or
+    /// the write has waited twice that on a node deposed meanwhile. openraft's leader
     /// does not step down when its followers go away, and a deposed one that hears from no
     /// new leader keeps its writes; either would wait for as long as the others stay away.
     /// Looked at every heartbeat, so a write fails about `leader_wait` after its sending or
@@ -658,7 +658,14 @@ impl ClusterNode {
             return false;
         }
         let status = self.status();
-        !(status.leader == Some(self.id) && status.quorum)
+        if status.leader == Some(self.id) {
+            !status.quorum
+        } else {
+            // Deposed while the write waited: the new leader's log settles it (committed, or
+            // cut off here, and then forwarded to that leader) within an election or two. Only
+            // a node that hears from no new leader for twice as long gives it up.
+            waited >= self.leader_wait * 2
+        }
     }
 
     /// Makes a membership change on this node (the leader) and waits until it is committed. A
