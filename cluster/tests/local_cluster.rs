@@ -440,7 +440,7 @@ async fn a_linearizable_read_never_answers_without_a_committed_write() {
         let (_, index) = n.read_linearizable().await.unwrap();
         assert!(index > 0, "node {} read at index {index}", n.id);
     }
-    // The follower stops getting the leader's log (it still hears its heartbeats and forwards
+    // The follower stops getting the leader's log (it still follows the leader and forwards
     // to it), and a write commits without it.
     c.router.faults().hold_entries(leader_id, follower.id);
     assert_eq!(

@@ -611,12 +611,12 @@ async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
     }
 }
 
-/// Without quorum, with real processes: two of three nodes are killed, leaving the leader. The survivor admits
-/// its static share of each limit on its own, then follows each limit's policy — a daily token
-/// limit (`deny`) answers 503 `quota_unavailable`, a per-minute request limit (`local_share`)
-/// admits up to a third of the limit and then 429. Once the others are back, the survivor
-/// admits again through grants, what it admitted alone reaches the ledger, and the day's total
-/// across the cluster still lands within [0.9, 1.02] × the limit.
+/// Without quorum, with real processes: two of three nodes are killed, leaving the leader. The
+/// survivor admits its static share of each limit on its own, then follows each limit's policy
+/// — a daily token limit (`deny`) answers 503 `quota_unavailable`, a per-minute request limit
+/// (`local_share`) admits up to a third of the limit and then 429. Once the others are back,
+/// the survivor admits again through grants, what it admitted alone reaches the ledger, and
+/// the day's total across the cluster still lands within [0.9, 1.02] × the limit.
 #[tokio::test]
 async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_returns() {
     const DAY: u64 = 30_000;
@@ -761,8 +761,8 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     }
     h.agreed_leader(&[1, 2, 3], None, T).await;
     let client = reqwest::Client::new();
-    // The per-minute limit leaves local_share within its window: the survivor, refused at a third of
-    // the limit while alone, admits the tenant again through grants in the same minute.
+    // The per-minute limit leaves local_share within its window: the survivor, refused at a
+    // third of the limit while alone, admits the tenant again through grants in the same minute.
     h.wait_for(
         "the survivor to admit the per-minute tenant again within its window",
         Duration::from_secs(10),

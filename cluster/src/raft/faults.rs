@@ -144,11 +144,10 @@ impl Faulty {
         target: NodeId,
         reason: &str,
     ) -> Reply<T, E> {
-        futures::future::ready(Err(Unreached {
+        lost(Unreached {
             target,
             reason: reason.into(),
-        }))
-        .boxed()
+        })
     }
 
     fn gate<T: Send + 'static, E: Send + 'static>(
@@ -157,7 +156,7 @@ impl Faulty {
         call: impl FnOnce(&dyn Transport) -> Reply<T, E>,
     ) -> Reply<T, E> {
         match self.faults.verdict(self.from, target) {
-            Err(lost) => futures::future::ready(Err(lost)).boxed(),
+            Err(unreached) => lost(unreached),
             Ok(delay) if delay.is_zero() => call(self.inner.as_ref()),
             Ok(delay) => {
                 let reply = call(self.inner.as_ref());
@@ -216,4 +215,9 @@ impl Transport for Faulty {
     fn learn(&self, id: NodeId, raft_addr: &str) {
         self.inner.learn(id, raft_addr);
     }
+}
+
+/// A message lost on the way: the sender's reply is `unreached` at once.
+fn lost<T: Send + 'static, E: Send + 'static>(unreached: Unreached) -> Reply<T, E> {
+    futures::future::ready(Err(unreached)).boxed()
 }
