@@ -472,10 +472,12 @@ async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_secon
             .any(|b| b.provider == "flaky" && b.state == "open")
             .then_some(())
     };
-    // The README says milliseconds: half a second is ten heartbeats.
+    // The README says milliseconds: half a second is ten heartbeats. Node 1 routes on the
+    // replicated record too (it proposes the trip, it does not take it locally), so it is
+    // waited for as well: as a follower it may apply the entry after the others.
     let slowest = h
         .all_within(
-            &[2, 3],
+            &[1, 2, 3],
             "sees the breaker open",
             tripped,
             Duration::from_millis(500),
@@ -483,7 +485,7 @@ async fn a_breaker_tripped_on_one_node_is_open_on_every_node_within_half_a_secon
         )
         .await;
     println!(
-        "breaker tripped by node 1's failures: open on nodes 2 and 3 within {slowest:?} of the last failure"
+        "breaker tripped by node 1's failures: open on all three nodes within {slowest:?} of the last failure"
     );
     // From then on no node sends `flaky` anything, while everything is still served.
     let before = flaky.stats.requests.load(SeqCst);
