@@ -204,9 +204,7 @@ impl Summary {
             edge,
             api,
             started: Instant::now(),
-            at_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            at_unix_ms: meridian_policy::clock::unix_ms(),
             model,
             asked: None,
             tenant: None,

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hashbrown::hash_map::EntryRef;
 use meridian_proto::cluster::{Command, Limits, NodeId, UsageKey, UsageTotals};
@@ -144,9 +144,7 @@ struct Charge {
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    meridian_policy::clock::unix_ms()
 }
 
 /// One usage report, kept until the ledger has it.

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
@@ -260,9 +260,7 @@ pub trait Transport: Send + Sync + 'static {
 
 /// This node's wall clock, the timestamp its proposals carry.
 fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    meridian_policy::clock::unix_ms()
 }
 
 /// Where the cluster stands, as this node sees it.

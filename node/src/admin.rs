@@ -442,9 +442,7 @@ impl Admin for AdminService {
         _req: Request<pb::ListBreakersRequest>,
     ) -> Result<Response<pb::ListBreakersResponse>, Status> {
         let state = self.cluster.state().borrow().clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = meridian_policy::clock::unix_ms();
         let breakers = state
             .breakers
             .iter()

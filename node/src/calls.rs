@@ -247,10 +247,8 @@ impl Writer {
             return;
         }
         *last = Some(Instant::now());
-        let cutoff = std::time::SystemTime::now()
-            .checked_sub(self.retention)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as i64);
+        let cutoff = meridian_policy::clock::unix_ms()
+            .saturating_sub(self.retention.as_millis() as u64) as i64;
         if let Err(e) = self
             .db
             .execute("DELETE FROM calls WHERE time_unix_ms < ?1", [cutoff])

@@ -21,6 +21,7 @@ pub mod peering;
 pub mod ratelimit;
 pub mod reload;
 pub mod respond;
+pub mod skew;
 pub mod traces;
 pub mod translated;
 

@@ -125,6 +125,10 @@ fn main() -> ExitCode {
         )
         .with_writer(meridian_node::logs::Stderr)
         .init();
+    if let Err(e) = meridian_node::skew::follow_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -36,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use futures::StreamExt;
+use meridian_policy::clock::WallClock;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -117,9 +118,13 @@ pub struct MockStats {
     /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
     pub connections: AtomicU64,
     /// Tokens (prompt + completion) of completed requests by the wall-clock minute
-    /// (Unix minutes) in which each request arrived: what a per-minute limit must bound,
-    /// without the skew of reading the counters at a minute boundary.
+    /// (Unix minutes, on [`MockStats::clock`]) in which each request arrived: what a
+    /// per-minute limit must bound, without the skew of reading the counters at a minute
+    /// boundary.
     pub tokens_by_minute: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// The clock those minutes are read from: the system's, or the one of the nodes it serves
+    /// when a test moves theirs ([`MockStats::follow`]).
+    clock: std::sync::Mutex<WallClock>,
     /// Tokens (prompt + completion) of completed non-streaming chat requests by their `user`
     /// field: what a per-user limit must bound.
     pub tokens_by_user: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -180,6 +185,20 @@ impl FirstTokens {
 }
 
 impl MockStats {
+    /// Reads minutes from `clock` from now on (the clock of the nodes it serves).
+    pub fn follow(&self, clock: WallClock) {
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = clock;
+    }
+
+    /// The current Unix minute on its clock.
+    pub fn minute_now(&self) -> u64 {
+        self.clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .now_ms()
+            / 60_000
+    }
+
     /// Tokens of requests that arrived in Unix minute `minute`.
     pub fn tokens_in_minute(&self, minute: u64) -> u64 {
         let by = self
@@ -774,13 +793,6 @@ fn invalid(flavor: Flavor, param: Option<&str>, message: &str) -> Response {
         .into_response()
 }
 
-/// The current Unix minute.
-pub fn unix_minute() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 60)
-}
-
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
         s.stats
@@ -789,7 +801,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(tp.to_owned());
     }
-    let arrived = unix_minute();
+    let arrived = s.stats.minute_now();
     s.stats.requests.fetch_add(1, SeqCst);
     s.maybe_hang().await;
     let flavor_default = s.opts.flavor;
@@ -1296,7 +1308,7 @@ fn anthropic_tokens(content: &Value) -> usize {
 /// `POST /v1/messages`: validates what the real API validates (headers, `max_tokens`, roles,
 /// temperature range) and answers in its format.
 async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let arrived = unix_minute();
+    let arrived = s.stats.minute_now();
     s.stats.requests.fetch_add(1, SeqCst);
     let f = Flavor::Anthropic;
     if headers.get("x-api-key").is_none_or(|v| v.is_empty()) {

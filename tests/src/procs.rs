@@ -18,10 +18,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meridian_policy::clock::WallClock;
 use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_proto::pb::admin::{
     self as pb, ClusterStatusRequest, ClusterStatusResponse, ListTenantsRequest,
@@ -199,6 +200,8 @@ pub struct Harness {
     bin: PathBuf,
     pub nodes: BTreeMap<u64, Proc>,
     sockets: BTreeMap<u64, NodeSockets>,
+    /// How far ahead of the system's clock the nodes run, once [`Harness::test_clock`] asked.
+    skew: Option<Arc<AtomicI64>>,
 }
 
 impl Harness {
@@ -219,7 +222,67 @@ impl Harness {
             bin: meridian_bin(),
             nodes: BTreeMap::new(),
             sockets: BTreeMap::new(),
+            skew: None,
         }
+    }
+
+    /// Runs every node started from now on on a clock this harness moves forward
+    /// ([`Harness::advance_clock`]) instead of the system's, and returns it: the test reads
+    /// the nodes' time through it (a mock counts its minutes on it).
+    pub fn test_clock(&mut self) -> WallClock {
+        let file = self.skew_file();
+        let skew = self.skew.get_or_insert_with(|| {
+            std::fs::write(&file, "0").unwrap_or_else(|e| panic!("the clock's skew file: {e}"));
+            Arc::new(AtomicI64::new(0))
+        });
+        WallClock::ahead_by(Arc::clone(skew))
+    }
+
+    fn skew_file(&self) -> PathBuf {
+        self.tmp.path().join("clock-skew-ms")
+    }
+
+    /// Moves the nodes' clock forward by `by` and waits until every node reads it (each reads
+    /// the skew file every 5 ms).
+    pub async fn advance_clock(&self, by: Duration) {
+        let skew = self
+            .skew
+            .as_ref()
+            .unwrap_or_else(|| panic!("advance_clock needs test_clock before the nodes start"));
+        let to = skew.load(SeqCst) + i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        // Replaced whole, so that a node never reads half a number.
+        let (file, next) = (self.skew_file(), self.tmp.path().join("clock-skew-ms.next"));
+        std::fs::write(&next, to.to_string()).unwrap_or_else(|e| panic!("skew file: {e}"));
+        std::fs::rename(&next, &file).unwrap_or_else(|e| panic!("skew file: {e}"));
+        skew.store(to, SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Moves the nodes' clock forward until the minute it is in has `left` to run (not at
+    /// all if less is left), and returns the Unix minute that follows.
+    pub async fn skip_to_minute_end(&self, left: Duration) -> u64 {
+        let now = self.test_clock_now();
+        let next = now / 60_000 + 1;
+        let by = (next * 60_000).saturating_sub(left.as_millis() as u64 + now);
+        if by > 0 {
+            self.advance_clock(Duration::from_millis(by)).await;
+        }
+        next
+    }
+
+    /// Makes sure the nodes' current minute has `needed` left to run: if it has not, skips
+    /// their clock to the start of the next one (instead of waiting for it).
+    pub async fn inside_one_minute(&self, needed: Duration) {
+        let left = 60_000 - self.test_clock_now() % 60_000;
+        if left < needed.as_millis() as u64 {
+            self.skip_to_minute_end(Duration::ZERO).await;
+        }
+    }
+
+    /// Now on the nodes' clock, in Unix ms.
+    pub fn test_clock_now(&self) -> u64 {
+        let skew = self.skew.as_ref().map_or(0, |s| s.load(SeqCst));
+        meridian_policy::clock::unix_ms().saturating_add_signed(skew)
     }
 
     /// A PKI directory for node `id` that trusts this cluster's CA but holds a certificate
@@ -359,6 +422,7 @@ impl Harness {
         let bin = self.bin.clone();
         let raft =
             (self.sockets(id).raft.try_clone()).unwrap_or_else(|e| panic!("the Raft socket: {e}"));
+        let skew = (self.skew.is_some()).then(|| (meridian_node::skew::ENV, self.skew_file()));
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
         let log = File::options()
@@ -375,6 +439,7 @@ impl Harness {
             .env(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
             .env("LISTEN_FDS", "1")
             .env_remove("LISTEN_PID")
+            .envs(skew)
             .fd_mappings(vec![FdMapping {
                 parent_fd: raft.into(),
                 child_fd: 3,

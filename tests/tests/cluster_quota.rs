@@ -1,19 +1,23 @@
 //! Cluster-exact quotas with real processes: three `meridian` nodes admit one tenant limited to
 //! 60,000 tokens/min, hammered through all three at once — short requests with and without
-//! `max_tokens`, and 70-second streams, each crossing a window boundary. Ground truth is the
+//! `max_tokens`, and 21-second streams, which cross window boundaries. Ground truth is the
 //! mock upstream's own count of tokens it served. Two full windows must each land within
 //! [0.9, 1.02] × the limit; a window in which the Raft leader is killed must stay ≤ 1.05 × the
 //! limit.
+//!
+//! The nodes run on a clock the test moves ([`Harness::test_clock`]): once a window's budget
+//! is spent, the test skips the nodes (and the mock's count) to the window's last second
+//! instead of waiting out the minute.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
-use meridian_tests::{inside_one_day, inside_one_minute, provider_toml, unix_secs};
+use meridian_tests::{inside_one_day, provider_toml};
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -25,18 +29,52 @@ fn served(mock: &MockUpstream, minute: u64) -> u64 {
     mock.stats.tokens_in_minute(minute)
 }
 
-/// Sleeps until the next whole minute of wall-clock time (quota windows are aligned to it)
-/// and returns it (in Unix minutes).
-async fn until_next_minute() -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let into = now.as_millis() % 60_000;
-    tokio::time::sleep(Duration::from_millis((60_000 - into) as u64)).await;
-    now.as_secs() / 60 + 1
+/// Sleeps until the nodes' clock reads `unix_ms`.
+async fn until_clock(h: &Harness, unix_ms: u64) {
+    let left = unix_ms.saturating_sub(h.test_clock_now());
+    tokio::time::sleep(Duration::from_millis(left)).await;
 }
 
-/// The long stream's model: 350 tokens, 200 ms apart (70 s: longer than a window, so every
-/// such stream crosses a window boundary).
-const LONG: &str = "mock@tokens:350;itl_ms:200";
+/// What the ledger holds for the tenant's per-minute limit, asked of a running node: the
+/// window it accounts for (its start, Unix ms) and the usage reported in it.
+async fn ledger_of(h: &Harness) -> Option<serde_json::Value> {
+    let mut a = h.admin(h.running()[0]).await?;
+    let r = a
+        .cluster_state(pb::ClusterStateRequest {
+            section: "ledger".into(),
+            prefix: "tenant/acme/tokens_per_minute".into(),
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
+    Some(v["tenant/acme/tokens_per_minute"].clone())
+}
+
+/// Waits until the ledger holds 97 % of `minute`'s budget used, and 3 s more for the last
+/// reports to land and grants to settle, or until the minute ends on its own; returns how long
+/// that took.
+async fn until_spent(h: &Harness, minute: u64) -> Duration {
+    let started = Instant::now();
+    while h.test_clock_now() / 60_000 == minute {
+        let used = ledger_of(h)
+            .await
+            .filter(|l| l["window_start_unix_ms"].as_u64() == Some(minute * 60_000))
+            .and_then(|l| l["used"].as_u64())
+            .unwrap_or(0);
+        if used * 100 >= LIMIT * 97 {
+            let end = (minute + 1) * 60_000 - 1_500;
+            until_clock(h, (h.test_clock_now() + 3_000).min(end)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    started.elapsed()
+}
+
+/// The long stream's model: 350 tokens, 60 ms apart (21 s: longer than a window lasts once
+/// its spent rest is skipped, so streams run on across window boundaries).
+const LONG: &str = "mock@tokens:350;itl_ms:60";
 
 /// A mock upstream (`mock@tokens:40` and [`LONG`]; a request without `max_tokens` is reserved
 /// 300) behind three nodes on `127.0.{subnet}.0/24`, with `tier` and a tenant `tenant` on it
@@ -49,6 +87,7 @@ async fn three_nodes_with(
 ) -> (MockUpstream, Harness, String) {
     let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(subnet);
+    mock.stats.follow(h.test_clock());
     h.providers = provider_toml(
         "mock",
         &mock.base_url(),
@@ -94,7 +133,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
     .await;
 
     // Hammer: 12 clients spread over the three nodes, far more demand than the limit; three of
-    // them send no `max_tokens` (reserved 300, 40 generated), and three more stream for 70 s
+    // them send no `max_tokens` (reserved 300, 40 generated), and three more stream for 21 s
     // (one of them without `max_tokens`, reserved 300 then), so that streams admitted in one
     // window are still running in the next.
     let stop = Arc::new(AtomicBool::new(false));
@@ -190,9 +229,12 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         ));
     }
 
-    let first = until_next_minute().await;
+    // Window 1 is the nodes' next minute: skipped to, not waited for.
+    let first = h.skip_to_minute_end(Duration::from_secs(1)).await;
     let mut other_before_kill = None;
     for window in 1..=3 {
+        let minute = first + window - 1;
+        until_clock(&h, minute * 60_000).await;
         if window == 3 {
             // Kill the leader 2 s into the third window, while the budget is being spent.
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -200,31 +242,19 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
             h.kill(leader);
             println!("window 3: killed leader {leader} 2 s in");
         }
+        let spending = until_spent(&h, minute).await;
+        h.skip_to_minute_end(Duration::from_millis(1_400)).await;
         // Just before the window ends, what the ledger says was used in it (all reports are
-        // in by then: the budget ran out long before). Printed next to the mock's count, it
-        // tells an over-grant (ledger over the limit) from usage that never reached the ledger.
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-        let to_end = 60_000 - (now.as_millis() % 60_000) as u64;
-        tokio::time::sleep(Duration::from_millis(to_end.saturating_sub(400))).await;
-        let alive = h.running();
-        if let Some(mut a) = h.admin(alive[0]).await
-            && let Ok(r) = a
-                .cluster_state(pb::ClusterStateRequest {
-                    section: "ledger".into(),
-                    prefix: "tenant/acme/tokens_per_minute".into(),
-                    ..Default::default()
-                })
-                .await
-        {
-            let v: serde_json::Value =
-                serde_json::from_str(&r.into_inner().json).unwrap_or_default();
-            let l = &v["tenant/acme/tokens_per_minute"];
+        // in by then: the budget ran out before). Printed next to the mock's count, it tells
+        // an over-grant (ledger over the limit) from usage that never reached the ledger.
+        until_clock(&h, (minute + 1) * 60_000 - 400).await;
+        if let Some(l) = ledger_of(&h).await {
             println!(
-                "window {window}: the ledger holds used = {} (grants {})",
+                "window {window}: spent in {spending:.1?}; the ledger holds used = {} (grants {})",
                 l["used"], l["grants"]
             );
         }
-        until_next_minute().await;
+        until_clock(&h, (minute + 1) * 60_000).await;
         if window == 2 {
             other_before_kill = Some(other.load(Ordering::Relaxed));
         }
@@ -237,14 +267,13 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         );
     }
     stop.store(true, Ordering::Relaxed);
-    for (kind, c) in clients {
-        if kind == 2 {
-            // A stream admitted in the last window could run another minute: it is dropped
-            // (the mock counts only what it finished, the node charges what was generated).
-            c.abort();
-        } else {
-            c.await.unwrap();
-        }
+    // Every client ends with the request it is in (a stream within 21 s), so that the mock
+    // has counted every stream it served in full.
+    for (_, c) in clients {
+        tokio::time::timeout(Duration::from_secs(40), c)
+            .await
+            .expect("a client's last request is over within 40 s")
+            .unwrap();
     }
     let others = others.lock().unwrap().clone();
     println!("other answers: {others:?}");
@@ -624,6 +653,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     inside_one_day(Duration::from_secs(180)).await;
     let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(32);
+    h.test_clock();
     h.providers = provider_toml(
         "mock",
         &mock.base_url(),
@@ -700,7 +730,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
 
     // Quorum lost: the leader alone. Everything up to its recovery below falls in one minute, so
     // the per-minute limit is seen to leave local_share within its window.
-    inside_one_minute(Duration::from_secs(50)).await;
+    h.inside_one_minute(Duration::from_secs(50)).await;
     // The leader is the node left alone: its grant requests are writes on a leader whose
     // followers are gone, which must fail (not wait for them) for its policies to take over.
     let survivor = h.agreed_leader(&[1, 2, 3], None, T).await;
@@ -724,7 +754,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     // can be had (its grant request must fail first) it answers 503 `quota_unavailable`, then
     // it admits up to a third of the limit on its own, then 429.
     let lost = Instant::now();
-    let window = unix_secs() / 60;
+    let window = h.test_clock_now() / 60_000;
     let mut minute_alone = 0;
     let mut unavailable = 0;
     let (status, code) = loop {
@@ -780,7 +810,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     )
     .await;
     assert_eq!(
-        unix_secs() / 60,
+        h.test_clock_now() / 60_000,
         window,
         "admitted again only in the next minute: the test's timing, not a proof"
     );

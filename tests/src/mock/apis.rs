@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::{
     End, Flavor, Script, Shared, StreamGuard, error_response, json_response, sse_response,
-    unauthorized, unix_minute,
+    unauthorized,
 };
 
 /// The output cap both servers apply to a text completion that sets no `max_tokens`.
@@ -73,7 +73,7 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let arrived = unix_minute();
+    let arrived = s.stats.minute_now();
     let req = match read(&s, &headers, &body).await {
         Ok(r) => r,
         Err(refused) => return refused,
@@ -230,7 +230,7 @@ pub(super) async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let arrived = unix_minute();
+    let arrived = s.stats.minute_now();
     let req = match read(&s, &headers, &body).await {
         Ok(r) => r,
         Err(refused) => return refused,

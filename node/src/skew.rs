@@ -1,0 +1,70 @@
+//! A test's hold on this node's wall clock. With `MERIDIAN_TEST_CLOCK_SKEW_FILE` set, the node
+//! runs ahead of the system's clock by the number of milliseconds that file holds, read at
+//! start and every 5 ms after (see `meridian_policy::clock`). Tests with real processes use it
+//! to take a cluster to a window's end instead of waiting up to a minute for it; a deployment
+//! never sets it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The variable naming the file.
+pub const ENV: &str = "MERIDIAN_TEST_CLOCK_SKEW_FILE";
+
+/// How often the file is read again.
+const EVERY: Duration = Duration::from_millis(5);
+
+/// Follows the file `ENV` names, if it is set: its first reading is in place when this
+/// returns, later ones follow on a thread of their own.
+pub fn follow_from_env() -> Result<(), String> {
+    let Some(path) = std::env::var_os(ENV).map(PathBuf::from) else {
+        return Ok(());
+    };
+    let first = read(&path).map_err(|e| format!("{ENV}={}: {e}", path.display()))?;
+    meridian_policy::clock::set_skew_ms(first);
+    tracing::warn!(
+        file = %path.display(),
+        skew_ms = first,
+        "this node's clock follows a test's skew file ({ENV})"
+    );
+    std::thread::Builder::new()
+        .name("test-clock".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EVERY);
+                // The test replaces the file whole (a rename), so a reading is either the old
+                // number or the new one; a failed one keeps the last.
+                if let Ok(ms) = read(&path) {
+                    meridian_policy::clock::set_skew_ms(ms);
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the thread following {ENV}: {e}"))?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<i64, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    text.trim().parse().map_err(|e| {
+        format!(
+            "{:?} is not a whole number of milliseconds: {e}",
+            text.trim()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_skew_file_holds_whole_milliseconds_and_anything_else_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("skew");
+        std::fs::write(&file, "61500\n").unwrap();
+        assert_eq!(read(&file), Ok(61_500));
+        std::fs::write(&file, "1.5s").unwrap();
+        let e = read(&file).unwrap_err();
+        assert!(e.contains("\"1.5s\" is not a whole number of milliseconds"), "{e}");
+        assert!(read(&dir.path().join("none")).is_err());
+    }
+}
