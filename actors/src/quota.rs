@@ -65,7 +65,8 @@ pub enum NoQuorum {
 pub struct QuotaConfig {
     /// How often charged usage is reported to the ledger.
     pub flush_every: Duration,
-    /// How long a slice is valid (the ledger counts from commit, this node from its request).
+    /// How long a slice is valid (the ledger counts from its proposal's timestamp, this node
+    /// from its request).
     pub grant_ttl: Duration,
     /// Longest an admission waits for a slice already on its way.
     pub grant_wait: Duration,

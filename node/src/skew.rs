@@ -29,12 +29,31 @@ pub fn follow_from_env() -> Result<(), String> {
     std::thread::Builder::new()
         .name("test-clock".into())
         .spawn(move || {
+            let (mut last, mut warned) = (first, false);
             loop {
                 std::thread::sleep(EVERY);
                 // The test replaces the file whole (a rename), so a reading is either the old
-                // number or the new one; a failed one keeps the last.
-                if let Ok(ms) = read(&path) {
-                    meridian_policy::clock::set_skew_ms(ms);
+                // number or the new one. A failed reading, or a skew smaller than the last
+                // (time going back, which windows and sequence numbers do not allow), keeps
+                // the last; each is said once.
+                match read(&path) {
+                    Ok(ms) if ms >= last => {
+                        last = ms;
+                        meridian_policy::clock::set_skew_ms(ms);
+                    }
+                    Ok(ms) if !warned => {
+                        warned = true;
+                        tracing::warn!(
+                            skew_ms = ms,
+                            kept_ms = last,
+                            "{ENV}: a skew smaller than the last is ignored"
+                        );
+                    }
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(file = %path.display(), "{ENV}: {e}; the last skew is kept");
+                    }
+                    _ => {}
                 }
             }
         })
@@ -64,7 +83,10 @@ mod tests {
         assert_eq!(read(&file), Ok(61_500));
         std::fs::write(&file, "1.5s").unwrap();
         let e = read(&file).unwrap_err();
-        assert!(e.contains("\"1.5s\" is not a whole number of milliseconds"), "{e}");
+        assert!(
+            e.contains("\"1.5s\" is not a whole number of milliseconds"),
+            "{e}"
+        );
         assert!(read(&dir.path().join("none")).is_err());
     }
 }

@@ -226,10 +226,14 @@ impl Harness {
         }
     }
 
-    /// Runs every node started from now on on a clock this harness moves forward
-    /// ([`Harness::advance_clock`]) instead of the system's, and returns it: the test reads
-    /// the nodes' time through it (a mock counts its minutes on it).
+    /// Runs every node on a clock this harness moves forward ([`Harness::skip_clock_to`])
+    /// instead of the system's, and returns it: the test reads the nodes' time through it (a
+    /// mock counts its minutes on it). Asked before any node starts.
     pub fn test_clock(&mut self) -> WallClock {
+        assert!(
+            self.running().is_empty(),
+            "test_clock before the nodes start: a running node would keep the system's clock"
+        );
         let file = self.skew_file();
         let skew = self.skew.get_or_insert_with(|| {
             std::fs::write(&file, "0").unwrap_or_else(|e| panic!("the clock's skew file: {e}"));
@@ -242,40 +246,32 @@ impl Harness {
         self.tmp.path().join("clock-skew-ms")
     }
 
-    /// Moves the nodes' clock forward by `by` and waits until every node reads it (each reads
-    /// the skew file every 5 ms).
-    pub async fn advance_clock(&self, by: Duration) {
+    /// Moves the nodes' clock forward to `unix_ms` (not at all if it is there already), and
+    /// gives every node time to read it: each reads the skew file every 5 ms, so for a few
+    /// milliseconds the nodes differ by the step, as nodes' clocks may.
+    pub async fn skip_clock_to(&self, unix_ms: u64) {
         let skew = self
             .skew
             .as_ref()
-            .unwrap_or_else(|| panic!("advance_clock needs test_clock before the nodes start"));
-        let to = skew.load(SeqCst) + i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+            .unwrap_or_else(|| panic!("skip_clock_to needs test_clock before the nodes start"));
+        let by = i64::try_from(unix_ms.saturating_sub(self.test_clock_now())).unwrap_or(0);
+        if by == 0 {
+            return;
+        }
+        let to = skew.fetch_add(by, SeqCst) + by;
         // Replaced whole, so that a node never reads half a number.
         let (file, next) = (self.skew_file(), self.tmp.path().join("clock-skew-ms.next"));
         std::fs::write(&next, to.to_string()).unwrap_or_else(|e| panic!("skew file: {e}"));
         std::fs::rename(&next, &file).unwrap_or_else(|e| panic!("skew file: {e}"));
-        skew.store(to, SeqCst);
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    /// Moves the nodes' clock forward until the minute it is in has `left` to run (not at
-    /// all if less is left), and returns the Unix minute that follows.
-    pub async fn skip_to_minute_end(&self, left: Duration) -> u64 {
-        let now = self.test_clock_now();
-        let next = now / 60_000 + 1;
-        let by = (next * 60_000).saturating_sub(left.as_millis() as u64 + now);
-        if by > 0 {
-            self.advance_clock(Duration::from_millis(by)).await;
-        }
-        next
     }
 
     /// Makes sure the nodes' current minute has `needed` left to run: if it has not, skips
     /// their clock to the start of the next one (instead of waiting for it).
     pub async fn inside_one_minute(&self, needed: Duration) {
-        let left = 60_000 - self.test_clock_now() % 60_000;
-        if left < needed.as_millis() as u64 {
-            self.skip_to_minute_end(Duration::ZERO).await;
+        let now = self.test_clock_now();
+        if 60_000 - now % 60_000 < needed.as_millis() as u64 {
+            self.skip_clock_to((now / 60_000 + 1) * 60_000).await;
         }
     }
 
