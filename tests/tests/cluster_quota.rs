@@ -10,7 +10,7 @@
 //! test skips the nodes (and the mock's count) to the window's last 1.4 s instead of waiting
 //! out the minute. A skip lapses every grant the ledger holds while their holders may still
 //! admit from them for half a lifetime, so it can over-admit by what the ledger has not seen
-//! used of them (printed with the ledger before each window ends; the most seen over five runs
+//! used of them (printed with the ledger before each window ends; the most seen over six runs
 //! was 324 tokens over the limit in a window, 0.5 %).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
