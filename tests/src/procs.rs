@@ -275,6 +275,22 @@ impl Harness {
         }
     }
 
+    /// The ledger's entry for limit key `key` (e.g. `tenant/acme/tokens_per_minute`) as node
+    /// `id` holds it, in the admin API's JSON; `None` if the node does not answer or holds none.
+    pub async fn ledger_entry(&self, id: u64, key: &str) -> Option<serde_json::Value> {
+        let mut a = self.admin(id).await?;
+        let r = a
+            .cluster_state(pb::ClusterStateRequest {
+                section: "ledger".into(),
+                prefix: key.into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let mut v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
+        Some(v.get_mut(key)?.take())
+    }
+
     /// Now on the nodes' clock, in Unix ms.
     pub fn test_clock_now(&self) -> u64 {
         let skew = self.skew.as_ref().map_or(0, |s| s.load(SeqCst));

@@ -42,17 +42,8 @@ async fn until_clock(h: &Harness, unix_ms: u64) {
 /// What the ledger holds for the tenant's per-minute limit, asked of a running node: the
 /// window it accounts for (its start, Unix ms) and the usage reported in it.
 async fn ledger_of(h: &Harness) -> Option<serde_json::Value> {
-    let mut a = h.admin(h.running()[0]).await?;
-    let r = a
-        .cluster_state(pb::ClusterStateRequest {
-            section: "ledger".into(),
-            prefix: "tenant/acme/tokens_per_minute".into(),
-            ..Default::default()
-        })
+    h.ledger_entry(h.running()[0], "tenant/acme/tokens_per_minute")
         .await
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
-    Some(v["tenant/acme/tokens_per_minute"].clone())
 }
 
 /// Waits until `minute`'s budget is spent — the ledger holds 97 % of it used, or what it holds
@@ -862,18 +853,10 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         "the ledger to hold what the survivor admitted alone",
         T,
         || async {
-            let mut a = h.admin(others[0]).await?;
-            let r = a
-                .cluster_state(pb::ClusterStateRequest {
-                    section: "ledger".into(),
-                    prefix: "tenant/daily/tokens_per_day".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_str(&r.into_inner().json).ok()?;
-            let used = v["tenant/daily/tokens_per_day"]["used"].as_u64()?;
-            (used >= served_alone).then_some(())
+            let entry = h
+                .ledger_entry(others[0], "tenant/daily/tokens_per_day")
+                .await?;
+            (entry["used"].as_u64()? >= served_alone).then_some(())
         },
     )
     .await;
