@@ -53,29 +53,45 @@ fn python_with_openai() -> PathBuf {
     python
 }
 
-#[tokio::test]
-async fn the_official_openai_sdk_parses_our_answers() {
+/// What `script` (in `tests/python`) printed, its JSON, run with the SDKs against a node in
+/// front of a `flavor` mock serving `models`. The script is given the node's URL with `path`
+/// appended, then `args`, where `KEY` stands for the node's API key.
+async fn sdk_check(
+    flavor: Flavor,
+    models: &[&str],
+    script: &str,
+    path: &str,
+    args: &[&str],
+) -> serde_json::Value {
     // Made on first use, waiting out another test's install: off the runtime's threads.
     let python = tokio::task::spawn_blocking(python_with_openai)
         .await
         .expect("the SDKs");
-    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
-        let node = TestNode::start(&provider_toml(
-            "mock",
-            &mock.base_url(),
-            &["mock", "tooly=mock@tool:lookup"],
-            "",
-        ))
+    let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
+    let node = TestNode::start(&provider_toml("mock", &mock.base_url(), models, ""))
         .await
         .expect("node");
-        let script = workspace().join("tests/python/sdk_check.py");
-        let base_url = format!("http://{}/v1", node.http);
-        let key = node.api_key.as_deref().expect("auth is on by default");
-        let script = script.to_str().expect("a UTF-8 path");
-        let v = python_json(&python, &[script, &base_url, "mock", key, "tooly"])
-            .await
-            .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
+    let script = workspace().join("tests/python").join(script);
+    let base_url = format!("http://{}{path}", node.http);
+    let key = node.api_key.as_deref().expect("auth is on by default");
+    let mut all = vec![script.to_str().expect("a UTF-8 path"), &base_url];
+    all.extend(args.iter().map(|a| if *a == "KEY" { key } else { a }));
+    python_json(&python, &all)
+        .await
+        .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"))
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_parses_our_answers() {
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let v = sdk_check(
+            flavor,
+            &["mock", "tooly=mock@tool:lookup"],
+            "sdk_check.py",
+            "/v1",
+            &["mock", "KEY", "tooly"],
+        )
+        .await;
         let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
         assert_eq!(v["unary_content"], expected, "{flavor:?}: {v}");
         assert_eq!(v["unary_finish"], "stop");
@@ -136,27 +152,15 @@ async fn the_official_openai_sdk_parses_our_answers() {
 /// calls, then text), a streamed tool call, token counting, and errors in Anthropic's shape.
 #[tokio::test]
 async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() {
-    // Made on first use, waiting out another test's install: off the runtime's threads.
-    let python = tokio::task::spawn_blocking(python_with_openai)
-        .await
-        .expect("the SDKs");
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
-        let node = TestNode::start(&provider_toml(
-            "mock",
-            &mock.base_url(),
+        let v = sdk_check(
+            flavor,
             &["mock", "tooly=mock@tool:lookup,rounds:2"],
+            "anthropic_check.py",
             "",
-        ))
-        .await
-        .expect("node");
-        let script = workspace().join("tests/python/anthropic_check.py");
-        let base_url = format!("http://{}", node.http);
-        let key = node.api_key.as_deref().expect("auth is on by default");
-        let script = script.to_str().expect("a UTF-8 path");
-        let v = python_json(&python, &[script, &base_url, "mock", "tooly", key])
-            .await
-            .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
+            &["mock", "tooly", "KEY"],
+        )
+        .await;
         let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
         assert_eq!(v["plain"]["text"], expected, "{flavor:?}: {v}");
         assert_eq!(v["plain"]["model"], "mock");

@@ -40,6 +40,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("the blocking task")
 }
 
+/// A llama.cpp server started by `start` (off the runtime's threads) and a node in front of it
+/// serving it as `model`.
+async fn engine_behind_a_node(
+    start: impl FnOnce() -> anyhow::Result<LlamaServer> + Send + 'static,
+    model: &str,
+) -> (LlamaServer, TestNode) {
+    let engine = blocking(start).await.expect("llama.cpp's server starts");
+    let node = TestNode::start(&provider_toml("llama", &engine.base_url(), &[model], ""))
+        .await
+        .expect("node");
+    (engine, node)
+}
+
 fn usage_of(v: &Value) -> (u64, u64) {
     let u = &v["usage"];
     let (p, c) = (
@@ -56,17 +69,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 {
     // A daily limit: not across midnight (the next day starts from nothing).
     meridian_tests::inside_one_day(Duration::from_secs(180)).await;
-    let engine = blocking(|| LlamaServer::start(2))
-        .await
-        .expect("llama.cpp's server starts");
-    let node = TestNode::start(&provider_toml(
-        "llama",
-        &engine.base_url(),
-        &["smollm2"],
-        "",
-    ))
-    .await
-    .expect("node");
+    let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2").await;
     node.put_tier(tier(
         "metered",
         pb::Limits {
@@ -199,17 +202,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
 #[tokio::test]
 async fn a_client_that_disconnects_frees_the_engines_slot_within_a_second() {
-    let engine = blocking(|| LlamaServer::start(2))
-        .await
-        .expect("llama.cpp's server starts");
-    let node = TestNode::start(&provider_toml(
-        "llama",
-        &engine.base_url(),
-        &["smollm2"],
-        "",
-    ))
-    .await
-    .expect("node");
+    let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2").await;
     let busy_slots = || async {
         let slots: Value = reqwest::get(engine.url("/slots"))
             .await
@@ -395,17 +388,8 @@ async fn until(
 /// width, counted as the engine counted them, and the same input a second time from the cache.
 #[tokio::test]
 async fn embeddings_from_a_real_engine_reach_the_official_sdk() {
-    let engine = blocking(LlamaServer::start_embeddings)
-        .await
-        .expect("llama.cpp's server starts");
-    let node = TestNode::start(&provider_toml(
-        "llama",
-        &engine.base_url(),
-        &["smollm2-embed"],
-        "",
-    ))
-    .await
-    .expect("node");
+    let (_engine, node) =
+        engine_behind_a_node(LlamaServer::start_embeddings, "smollm2-embed").await;
     let python = blocking(engine::python).await.expect("the engine's python");
     let script = "import json, sys\n\
 from openai import OpenAI\n\
