@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use meridian_policy::clock::WallClock;
 use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InstallSnapshotError,
@@ -258,11 +259,6 @@ pub trait Transport: Send + Sync + 'static {
     fn learn(&self, _id: NodeId, _raft_addr: &str) {}
 }
 
-/// This node's wall clock, the timestamp its proposals carry.
-fn now_unix_ms() -> u64 {
-    meridian_policy::clock::unix_ms()
-}
-
 /// Where the cluster stands, as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterStatus {
@@ -302,6 +298,8 @@ pub struct ClusterNode {
     transport: Arc<dyn Transport>,
     /// Committed index + 1 (0: nothing committed yet), as the log store last saved it.
     committed: Arc<AtomicU64>,
+    /// The wall clock its proposals are stamped with (the node's: see [`ClusterNode::with_clock`]).
+    clock: WallClock,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -354,7 +352,21 @@ impl ClusterNode {
             state,
             transport,
             committed,
+            clock: WallClock::system(),
         })
+    }
+
+    /// Stamps its proposals with `clock` instead of the system's: the clock the rest of the
+    /// node places windows by, so that the ledger and the node agree on the time.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now on the clock its proposals are stamped with, in Unix ms (what "today" is for the
+    /// roll-ups it keeps).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// The Raft handle, for the transport's receiving side.
@@ -399,7 +411,7 @@ impl ClusterNode {
     /// Resolves once it is committed and applied on the leader.
     pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
         let proposal = Proposal {
-            at_unix_ms: now_unix_ms(),
+            at_unix_ms: self.clock.now_ms(),
             proposer: self.id,
             command,
         };
@@ -602,7 +614,7 @@ impl ClusterNode {
                     None => return Ok(Applied::NotFound),
                 }
                 self.write(Proposal {
-                    at_unix_ms: now_unix_ms(),
+                    at_unix_ms: self.clock.now_ms(),
                     proposer: self.id,
                     command: Command::RemoveMember { id: *id },
                 })

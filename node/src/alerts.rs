@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use meridian_cluster::raft::ClusterNode;
-use meridian_policy::clock::WallClock;
 use meridian_proto::cluster::{
     Applied, ClusterState, Command, NodeId, SpendAlert, TenantDay, day_of,
 };
@@ -164,7 +163,7 @@ async fn run(
             continue;
         }
         let state = cluster.state().borrow().clone();
-        let today = day_of(WallClock::system().now_ms());
+        let today = day_of(cluster.now_ms());
         let tenants = state.usage.get(&today).cloned().unwrap_or_default();
         // Only the tenants whose day changed (all of them on becoming leader, or on a new day).
         let changed: Vec<String> = match &seen {

@@ -13,7 +13,6 @@ use meridian_actors::replicated::Replicated;
 use meridian_actors::vllm::supervisor::Vllm;
 use meridian_actors::{Gateway, GatewayConfig, RestartBudget};
 use meridian_cluster::raft::ClusterNode;
-use meridian_policy::clock::WallClock;
 
 use crate::calls::{CallsError, Origin, SqliteCalls};
 use meridian_proto::cluster::{ApiKeyRecord, Command, Tenant, Tier};
@@ -151,7 +150,7 @@ impl App {
             prices: config.prices.clone(),
             cache: config.cache,
             breaker: config.breaker.clone(),
-            breaker_clock: WallClock::system(),
+            breaker_clock: config.quota.clock.clone(),
             label_caps: config.label_caps,
             traces: traces.is_some(),
             call_log: {

@@ -62,7 +62,8 @@ pub(crate) async fn start_cluster(
     let Some(peers) = &config.cluster else {
         let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(NoPeers))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(&e))?
+            .with_clock(config.quota.clock.clone());
         cluster
             .initialize(&[(node.id, String::new())])
             .await
@@ -118,7 +119,8 @@ pub(crate) async fn start_cluster(
     me.mesh_addr = peers.mesh_advertise.clone();
     let cluster = ClusterNode::start(node.id, &dir, config.raft, Arc::new(Arc::clone(&transport)))
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(|e| failed(&e))?
+        .with_clock(config.quota.clock.clone());
     let server = transport.serve(cluster.clone());
     if !peers.join {
         let mut voters: Vec<(u64, String)> = peers

@@ -8,6 +8,7 @@ pub mod mock;
 pub mod otlp;
 pub mod procs;
 
+use meridian_policy::clock::WallClock;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,9 +49,16 @@ impl TestNode {
         Self::start_with_env(toml, Vec::new()).await
     }
 
-    pub async fn start_with_env(
+    pub async fn start_with_env(toml: &str, env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        Self::start_on(toml, env, WallClock::system()).await
+    }
+
+    /// [`TestNode::start_with_env`] on `clock`: the node places its windows and stamps its
+    /// Raft proposals by it (e.g. [`clock_inside_one_minute`]'s).
+    pub async fn start_on(
         toml: &str,
         mut env: Vec<(String, String)>,
+        clock: WallClock,
     ) -> anyhow::Result<Self> {
         for section in ["HTTP", "GRPC", "ADMIN"] {
             env.push((format!("MERIDIAN_{section}__LISTEN"), "127.0.0.1:0".into()));
@@ -70,7 +78,8 @@ impl TestNode {
             "MERIDIAN_CLUSTER__ELECTION_TIMEOUT_MAX".into(),
             "300ms".into(),
         ));
-        let config = config::load(Some(toml), &env)?;
+        let mut config = config::load(Some(toml), &env)?;
+        config.quota.clock = clock;
         let mut node = Self::start_config(config).await?;
         node.data = Some(data);
         Ok(node)
@@ -248,6 +257,24 @@ pub async fn node_with_mock(
     provider_extra: &str,
     node_extra: &str,
 ) -> anyhow::Result<(mock::MockUpstream, TestNode)> {
+    node_with_mock_on(
+        flavor,
+        models,
+        provider_extra,
+        node_extra,
+        WallClock::system(),
+    )
+    .await
+}
+
+/// [`node_with_mock`] on `clock` (see [`TestNode::start_on`]).
+pub async fn node_with_mock_on(
+    flavor: mock::Flavor,
+    models: &[&str],
+    provider_extra: &str,
+    node_extra: &str,
+    clock: WallClock,
+) -> anyhow::Result<(mock::MockUpstream, TestNode)> {
     let mock = mock::MockUpstream::with_flavor(flavor).await?;
     let kind = match flavor {
         mock::Flavor::OpenAi => "openai",
@@ -258,7 +285,7 @@ pub async fn node_with_mock(
         "{node_extra}\n{}",
         provider_toml_kind("mock", kind, &mock.base_url(), models, provider_extra)
     );
-    let node = TestNode::start(&toml).await?;
+    let node = TestNode::start_on(&toml, Vec::new(), clock).await?;
     Ok((mock, node))
 }
 
@@ -479,11 +506,19 @@ pub async fn python_json(
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// Waits, if needed, until the next `needed` seconds fall inside one wall-clock minute: a test
-/// that checks per-minute limits must not straddle a window boundary (the next window brings a
-/// fresh budget and the limit is not reached when the test expects it).
-pub async fn inside_one_minute(needed: Duration) {
-    inside_one(60_000, needed.min(Duration::from_secs(50))).await;
+/// A clock for an in-process node on which the next `needed` (at most 50 s) fall inside one
+/// minute: the system's, or, when less of its minute is left, the system's moved ahead to the
+/// start of the next minute. A test that checks per-minute limits must not straddle a window
+/// boundary (the next window brings a fresh budget and the limit is not reached when the test
+/// expects it), and this way it does not wait for one either.
+pub fn clock_inside_one_minute(needed: Duration) -> WallClock {
+    let now = meridian_policy::clock::unix_ms();
+    let left = 60_000 - now % 60_000;
+    let needed = needed.min(Duration::from_secs(50)).as_millis() as u64;
+    let skew = if left < needed { left + 100 } else { 0 };
+    WallClock::ahead_by(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
+        skew as i64,
+    )))
 }
 
 /// Waits, if needed, until the next `needed` fall inside one UTC day: a test of daily limits

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use base64::Engine;
+use meridian_policy::clock::WallClock;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, provider_toml, provider_toml_kind, sse_events, tier};
@@ -14,6 +15,11 @@ use serde_json::{Value, json};
 
 /// A node serving `mock` from a mock of `flavor`, `claude` from an Anthropic mock and `demo`.
 async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
+    node_on(flavor, WallClock::system()).await
+}
+
+/// [`node`] on `clock` (see `TestNode::start_on`).
+async fn node_on(flavor: Flavor, clock: WallClock) -> (MockUpstream, MockUpstream, TestNode) {
     let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
     let anthropic = MockUpstream::with_flavor(Flavor::Anthropic)
         .await
@@ -39,9 +45,8 @@ async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
             "api_key_env = \"UPSTREAM_KEY\""
         ),
     );
-    let node = TestNode::start_with_env(&toml, vec![("UPSTREAM_KEY".into(), "sk-ant-test".into())])
-        .await
-        .expect("node");
+    let env = vec![("UPSTREAM_KEY".into(), "sk-ant-test".into())];
+    let node = TestNode::start_on(&toml, env, clock).await.expect("node");
     (mock, anthropic, node)
 }
 
@@ -216,8 +221,8 @@ async fn embeddings_are_served_metered_and_cached() {
 
 #[tokio::test]
 async fn embeddings_are_admitted_on_their_input_tokens() {
-    meridian_tests::inside_one_minute(Duration::from_secs(15)).await;
-    let (m, _a, n) = node(Flavor::Vllm).await;
+    let clock = meridian_tests::clock_inside_one_minute(Duration::from_secs(15));
+    let (m, _a, n) = node_on(Flavor::Vllm, clock).await;
     n.put_tier(tier(
         "small",
         pb::Limits {

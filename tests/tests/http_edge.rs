@@ -26,6 +26,15 @@ async fn setup(
         .expect("mock and node start")
 }
 
+/// [`setup`] of a node of the default flavour and model on a clock with `needed` left in its
+/// minute (per-minute limits must not roll over under the test).
+async fn setup_within_a_minute(needed: Duration, node_extra: &str) -> (MockUpstream, TestNode) {
+    let clock = meridian_tests::clock_inside_one_minute(needed);
+    meridian_tests::node_with_mock_on(Flavor::Vllm, &["mock"], "", node_extra, clock)
+        .await
+        .expect("mock and node start")
+}
+
 /// An OpenAI mock that requires the provider key `key`.
 async fn openai_mock_with_key(key: &str) -> MockUpstream {
     MockUpstream::start(MockOptions {
@@ -716,8 +725,7 @@ async fn api_keys_are_required_checked_and_revocable() {
 
 #[tokio::test]
 async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
-    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
-    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    let (m, n) = setup_within_a_minute(Duration::from_secs(10), "").await;
     n.put_tier(tier(
         "small",
         pb::Limits {
@@ -801,7 +809,6 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
 
 #[tokio::test]
 async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
-    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
     use jsonwebtoken::{EncodingKey, Header, encode};
     let m = MockUpstream::with_flavor(Flavor::Vllm)
         .await
@@ -811,9 +818,14 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
         "[jwt]\nissuer = \"https://idp.example\"\naudience = \"meridian\"\nhs256_secret_env = \"TEST_JWT_SECRET\"\ntier_claim = \"tier\"\n{}",
         provider_toml("mock", &m.base_url(), &["mock"], "")
     );
-    let n = TestNode::start_with_env(&toml, vec![("TEST_JWT_SECRET".into(), secret.into())])
-        .await
-        .expect("node");
+    let clock = meridian_tests::clock_inside_one_minute(Duration::from_secs(10));
+    let n = TestNode::start_on(
+        &toml,
+        vec![("TEST_JWT_SECRET".into(), secret.into())],
+        clock,
+    )
+    .await
+    .expect("node");
     n.put_tier(tier(
         "tiny",
         pb::Limits {
@@ -913,11 +925,10 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
 
 #[tokio::test]
 async fn features_users_and_daily_cost_have_their_own_limits() {
-    meridian_tests::inside_one_minute(Duration::from_secs(30)).await;
     // The mock answers 8 completion tokens; $1,000 per million output tokens is 8,000 µ$.
     let prices =
         "[[prices]]\nmodel = \"mock\"\ninput_usd_per_mtok = 0.0\noutput_usd_per_mtok = 1000.0\n";
-    let (_m, n) = setup(Flavor::Vllm, &["mock"], "", prices).await;
+    let (_m, n) = setup_within_a_minute(Duration::from_secs(30), prices).await;
     let limits = pb::Limits {
         cost_per_day_micro_usd: Some(1_000_000),
         ..pb::Limits::default()
@@ -1090,8 +1101,7 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
 
 #[tokio::test]
 async fn deterministic_answers_are_cached_per_tenant_and_hits_obey_the_tenants_rules() {
-    meridian_tests::inside_one_minute(Duration::from_secs(10)).await;
-    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
+    let (m, n) = setup_within_a_minute(Duration::from_secs(10), "").await;
     n.put_tier(tier(
         "three",
         pb::Limits {

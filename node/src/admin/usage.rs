@@ -2,7 +2,6 @@
 //! the replicated daily roll-ups.
 
 use meridian_cluster::raft::ClusterNode;
-use meridian_policy::clock::WallClock;
 use meridian_proto::cluster::{UsageDimension, day_of, report as sum_days, utc_date};
 use meridian_proto::pb::admin as pb;
 use tonic::Status;
@@ -59,7 +58,7 @@ pub(super) async fn report(
         );
         s
     })?;
-    let today = day_of(WallClock::system().now_ms());
+    let today = day_of(cluster.now_ms());
     let first = today.saturating_sub(days - 1);
     let rows = sum_days(
         state.usage.iter().map(|(day, tenants)| (*day, tenants)),
