@@ -442,7 +442,8 @@ impl Admin for AdminService {
         _req: Request<pb::ListBreakersRequest>,
     ) -> Result<Response<pb::ListBreakersResponse>, Status> {
         let state = self.cluster.state().borrow().clone();
-        let now = meridian_policy::clock::unix_ms();
+        // The node's clock, the one breakers were opened by.
+        let now = self.cluster.now_ms();
         let breakers = state
             .breakers
             .iter()

@@ -196,10 +196,11 @@ impl Reloader {
         running.prices = new.prices;
         running.aliases = new.aliases;
         running.limits = new.limits;
-        let static_share = running.quota.static_share;
+        let (static_share, clock) = (running.quota.static_share, running.quota.clock.clone());
         running.quota = new.quota;
-        // What the quota runs with: its static share stays until a restart.
+        // What the quota runs with: its static share and its clock stay until a restart.
         running.quota.static_share = static_share;
+        running.quota.clock = clock;
         Ok(done)
     }
 }

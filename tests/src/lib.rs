@@ -8,7 +8,6 @@ pub mod mock;
 pub mod otlp;
 pub mod procs;
 
-use meridian_policy::clock::WallClock;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use meridian_actors::Gateway;
 use meridian_actors::upstream::sse::{SseEvent, SseParser};
 use meridian_node::config;
 use meridian_node::{App, AppError};
+use meridian_policy::clock::WallClock;
 use meridian_proto::pb::admin::{self as pb, admin_client::AdminClient};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

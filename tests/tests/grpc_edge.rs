@@ -269,7 +269,7 @@ async fn health_reflection_and_admin_answer() {
 #[tokio::test]
 async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
     use meridian_proto::pb::admin as pb;
-    let clock = meridian_tests::clock_inside_one_minute(std::time::Duration::from_secs(10));
+    let clock = meridian_tests::clock_inside_one_minute(Duration::from_secs(10));
     let (_mock, node) = meridian_tests::node_with_mock_on(Flavor::OpenAi, &["mock"], "", "", clock)
         .await
         .expect("mock and node start");
