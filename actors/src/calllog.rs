@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use meridian_policy::clock::WallClock;
 use meridian_proto::RequestId;
 
 use crate::metrics::{Edge, Metrics, Tokens};
@@ -59,4 +60,6 @@ pub struct Recorder {
     pub metrics: Metrics,
     pub calls: Option<Arc<dyn CallLog>>,
     pub usage: Option<Quota>,
+    /// The node's clock: a call is dated by it (its record's time, its roll-up's day).
+    pub clock: WallClock,
 }

@@ -57,9 +57,9 @@ pub struct GatewayConfig {
     pub cache: Option<CacheConfig>,
     /// Circuit breakers (they need `cluster`: a trip is a replicated decision).
     pub breaker: BreakerConfig,
-    /// The clock breaker windows and open periods are read on (quota windows read the
-    /// quota's own, `QuotaConfig::clock`).
-    pub breaker_clock: WallClock,
+    /// The node's clock: breaker windows and open periods are read on it, and calls are dated
+    /// by it (quota windows read `QuotaConfig::clock`, which a node sets to the same).
+    pub clock: WallClock,
     /// How many tenants and features the request metrics name (the rest are `other`).
     pub label_caps: LabelCaps,
     /// Where each request's record goes (`None`: no per-call log).
@@ -90,7 +90,7 @@ impl GatewayConfig {
             prices: HashMap::new(),
             cache: None,
             breaker: BreakerConfig::default(),
-            breaker_clock: WallClock::system(),
+            clock: WallClock::system(),
             label_caps: LabelCaps::default(),
             call_log: None,
             traces: false,
@@ -170,7 +170,7 @@ impl Gateway {
                         cluster: cluster.clone(),
                         config: Arc::clone(&breaker_config),
                         stats: Arc::clone(&breaker_stats),
-                        clock: config.breaker_clock.clone(),
+                        clock: config.clock.clone(),
                     },
                     supervisor.get_cell(),
                 )
@@ -178,7 +178,7 @@ impl Gateway {
                 Some(Breakers {
                     cluster: cluster.clone(),
                     config: breaker_config,
-                    clock: config.breaker_clock,
+                    clock: config.clock.clone(),
                     actor,
                     by_id: Mutex::new(HashMap::new()),
                 })
@@ -239,6 +239,7 @@ impl Gateway {
                     metrics: Metrics::new(config.label_caps),
                     calls: config.call_log,
                     usage: usage_rollup,
+                    clock: config.clock.clone(),
                 }),
                 unknown_model: "other".into(),
                 traces: config.traces,

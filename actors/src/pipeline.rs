@@ -198,13 +198,13 @@ struct Summary {
 }
 
 impl Summary {
-    fn new(request_id: RequestId, edge: Edge, api: Api, model: Arc<str>) -> Self {
+    fn new(request_id: RequestId, edge: Edge, api: Api, model: Arc<str>, at_unix_ms: u64) -> Self {
         Self {
             request_id,
             edge,
             api,
             started: Instant::now(),
-            at_unix_ms: meridian_policy::clock::unix_ms(),
+            at_unix_ms,
             model,
             asked: None,
             tenant: None,
@@ -360,7 +360,9 @@ fn record(
             cost_micro_usd,
             cache_hits: u64::from(matches!(ending, Ending::Cached)),
         };
-        quota.record(tenant, key, &usage);
+        // In the call's own day (its record's), however late the flush commits.
+        let day = meridian_proto::cluster::day_of(s.at_unix_ms);
+        quota.record(tenant, day, key, &usage);
     }
     if let Some(span) = s.span.take() {
         end_span(span, s, code, &ending, tokens, first_token);
@@ -490,6 +492,7 @@ impl Gateway {
                 call.edge,
                 call.api,
                 self.unknown_model(),
+                self.recorder().clock.now_ms(),
             ),
             rate_limits: Vec::new(),
             cache: None,

@@ -148,6 +148,12 @@ fn now_unix_ms() -> u64 {
     meridian_policy::clock::unix_ms()
 }
 
+/// Day (since the Unix epoch) → tenant → row → usage: see `Inner::rollups`.
+type Rollups = hashbrown::HashMap<
+    u64,
+    hashbrown::HashMap<Arc<str>, hashbrown::HashMap<UsageKey, UsageTotals>>,
+>;
+
 /// One usage report, kept until the ledger has it.
 struct Batch {
     seq: u64,
@@ -174,9 +180,11 @@ struct Inner {
     /// Keyed with a fast seeded hash (foldhash): one lookup per limit per request.
     budgets: Mutex<Budgets>,
     late: Mutex<Vec<Late>>,
-    /// Tenant → model, provider, feature and user → usage not yet reported (keyed with the
-    /// fast hash: a client can name users and features, but a table lives one flush long).
-    rollups: Mutex<hashbrown::HashMap<Arc<str>, hashbrown::HashMap<UsageKey, UsageTotals>>>,
+    /// Usage not yet reported, by the calls' day, then tenant, then model, provider, feature
+    /// and user (keyed with the fast hash: a client can name users and features, but a table
+    /// lives one flush long). By day, so that a call is counted in its own day however late
+    /// its flush commits.
+    rollups: Mutex<Rollups>,
     granted: Notify,
     renew: mpsc::UnboundedSender<BudgetKey>,
     /// One flush at a time: two at once would both report the same unreported charges.
@@ -386,10 +394,15 @@ impl Quota {
         }
     }
 
-    /// Adds `usage` to `tenant`'s roll-up row `key` (reported with the next flush).
-    pub fn record(&self, tenant: &Arc<str>, key: RollupKey<'_>, usage: &UsageTotals) {
+    /// Adds `usage` to `tenant`'s roll-up row `key` of day `day` (since the Unix epoch: the
+    /// call's own), reported with the next flush.
+    pub fn record(&self, tenant: &Arc<str>, day: u64, key: RollupKey<'_>, usage: &UsageTotals) {
         let mut rollups = lock(&self.inner.rollups);
-        let rows = rollups.entry_ref(&**tenant).or_default();
+        let rows = rollups
+            .entry(day)
+            .or_default()
+            .entry_ref(&**tenant)
+            .or_default();
         // No allocation once the row has an entry in this flush's table.
         match rows.get_mut(&key) {
             Some(totals) => totals.add(usage),

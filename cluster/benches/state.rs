@@ -308,6 +308,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         feature: String::new(),
                         user: String::new(),
                         max_users: 1_000,
+                        day: None,
                     })
                     .collect(),
             ))

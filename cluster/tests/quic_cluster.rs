@@ -286,6 +286,7 @@ fn flush(round: u64, bytes: usize) -> Command {
         feature: "search".into(),
         user: format!("user-{i:06}"),
         max_users: 1_000,
+        day: None,
     };
     let per = serde_json::to_vec(&rollup(0)).unwrap().len() + 1;
     Command::Batch {

@@ -150,7 +150,7 @@ impl App {
             prices: config.prices.clone(),
             cache: config.cache,
             breaker: config.breaker.clone(),
-            breaker_clock: config.quota.clock.clone(),
+            clock: config.quota.clock.clone(),
             label_caps: config.label_caps,
             traces: traces.is_some(),
             call_log: {

@@ -124,9 +124,11 @@ pub enum Command {
         #[serde(default)]
         groups: Vec<Vec<String>>,
     },
-    /// Adds to the day's (from the proposal's timestamp) roll-up for `tenant`, by model,
-    /// provider, feature and end user (the first `max_users` of the tenant's day by name, the
-    /// rest as one), and drops the days older than `retain_days` (the proposer's settings).
+    /// Adds to the roll-up of day `day` (the calls' own, dated by the node that served them;
+    /// absent, as older nodes send it, or later than the proposal's day: the proposal's day)
+    /// for `tenant`, by model, provider, feature and end user (the first `max_users` of the
+    /// tenant's day by name, the rest as one), and drops the days older than `retain_days`
+    /// (the proposer's settings).
     RecordUsage {
         tenant: String,
         model: String,
@@ -141,6 +143,9 @@ pub enum Command {
         user: String,
         #[serde(default = "usage::default_max_users")]
         max_users: u64,
+        /// Days since the Unix epoch (UTC).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        day: Option<u64>,
     },
     /// Records a spend alert unless one with its id exists: [`Applied::Changed`] once for the
     /// whole cluster (that proposer delivers it), [`Applied::Unchanged`] for any repeat.

@@ -175,6 +175,7 @@ pub async fn write(
                 feature: String::new(),
                 user: String::new(),
                 max_users: 1_000,
+                day: None,
             });
             f.batch(commands.collect()).await?;
         }

@@ -466,6 +466,112 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
     );
 }
 
+/// A daily limit starts again at midnight (UTC) on every node: three nodes spend a tenant's
+/// day to the last token just before midnight, their clock is taken past it, and the next day
+/// admits the tenant afresh, through all three, up to the limit again. Ground truth is the
+/// mock's count of the tenant's tokens (its requests name a user).
+#[tokio::test]
+async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
+    const DAY: u64 = 6_000;
+    let (mock, h, key) = three_nodes_with(
+        33,
+        3,
+        pb::Tier {
+            name: "daily".into(),
+            limits: Some(pb::Limits {
+                tokens_per_day: Some(DAY),
+                ..pb::Limits::default()
+            }),
+            ..pb::Tier::default()
+        },
+        "night-owl",
+    )
+    .await;
+    let url = |id: u64| format!("{}/v1/chat/completions", h.node(id).http());
+    let body = r#"{"model":"mock@tokens:40","max_tokens":40,"user":"owl","messages":[{"role":"user","content":"count to forty"}]}"#;
+    let served = || {
+        mock.stats
+            .tokens_by_user
+            .lock()
+            .unwrap()
+            .get("owl")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Half a minute before midnight on the nodes' clock.
+    const DAY_MS: u64 = 86_400_000;
+    let midnight = (h.test_clock_now() / DAY_MS + 1) * DAY_MS;
+    h.skip_clock_to(midnight - 30_000).await;
+    let mut totals = Vec::new();
+    for day in ["the first day", "the next day"] {
+        let before = served();
+        // Every node admits until the day is spent, then refuses naming the limit.
+        let refusals = futures::future::join_all([1, 2, 3].map(|id| {
+            let (u, k) = (url(id), key.clone());
+            async move { until_refused(&u, &k, body).await }
+        }))
+        .await;
+        for (ok, status, code) in &refusals {
+            assert_eq!(
+                (*status, code.as_str()),
+                (429, "tokens_per_day"),
+                "after {ok}"
+            );
+        }
+        let total = served() - before;
+        println!(
+            "{day}: {total} tokens served = {:.3} × the limit; admitted per node {:?}",
+            total as f64 / DAY as f64,
+            refusals.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
+        assert!(
+            (0.9..=1.02).contains(&(total as f64 / DAY as f64)),
+            "{day}: {total} tokens against a limit of {DAY}"
+        );
+        totals.push(total);
+        if totals.len() == 1 {
+            assert!(
+                h.test_clock_now() < midnight,
+                "the first day was spent after midnight: the test's timing, not a proof"
+            );
+            h.skip_clock_to(midnight + 100).await;
+        }
+    }
+    // The ledger counts the new day, from its first millisecond.
+    let entry = h
+        .ledger_entry(1, "tenant/night-owl/tokens_per_day")
+        .await
+        .expect("the day's ledger entry");
+    assert_eq!(
+        entry["window_start_unix_ms"].as_u64(),
+        Some(midnight),
+        "{entry}"
+    );
+    // Every node's report of today is the new day's tokens alone.
+    let today = |id: u64| {
+        let out = h.cli(
+            id,
+            &[
+                "usage", "report", "--days", "1", "--by", "tenant", "--format", "json",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["tenant"] == "night-owl")
+            .map(|r| r["input_tokens"].as_u64().unwrap() + r["output_tokens"].as_u64().unwrap())
+    };
+    h.wait_for("every node to report today's tokens", T, || {
+        let reports = [today(1), today(2), today(3)];
+        let all = reports.iter().all(|r| *r == Some(totals[1]));
+        async move { all.then_some(()) }
+    })
+    .await;
+    println!("every node reports today's {} tokens alone", totals[1]);
+}
+
 /// A feature's daily token limit and a tenant's daily spend cap, each across three nodes: two
 /// tenants hammer through all three at once, one with every request under the feature
 /// `summarize` (20,000 tokens a day), the other limited to $0.06 a day on a priced model.

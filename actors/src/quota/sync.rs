@@ -94,33 +94,45 @@ impl Quota {
         }
         {
             let mut rollups = lock(&self.inner.rollups);
-            let tenants: Vec<Arc<str>> = rollups.keys().cloned().collect();
-            'tenants: for tenant in tenants {
-                let Some(rows) = rollups.remove(&tenant) else {
+            let mut days: Vec<u64> = rollups.keys().copied().collect();
+            days.sort_unstable();
+            'days: for day in days {
+                let Some(tenants) = rollups.get_mut(&day) else {
                     continue;
                 };
-                // Taken whole (the keys move into the commands); what does not fit goes back.
-                let mut rows = rows.into_iter();
-                while let Some((key, totals)) = rows.next() {
-                    let names =
-                        key.model.len() + key.provider.len() + key.feature.len() + key.user.len();
-                    if !room.take(ROLLUP_BYTES + tenant.len() + names) {
-                        let back = rollups.entry(tenant).or_default();
-                        back.insert(key, totals);
-                        back.extend(rows);
-                        break 'tenants;
+                let names: Vec<Arc<str>> = tenants.keys().cloned().collect();
+                for tenant in names {
+                    let Some(rows) = tenants.remove(&tenant) else {
+                        continue;
+                    };
+                    // Taken whole (the keys move into the commands); what does not fit goes
+                    // back.
+                    let mut rows = rows.into_iter();
+                    while let Some((key, totals)) = rows.next() {
+                        let names = key.model.len()
+                            + key.provider.len()
+                            + key.feature.len()
+                            + key.user.len();
+                        if !room.take(ROLLUP_BYTES + tenant.len() + names) {
+                            let back = tenants.entry(tenant).or_default();
+                            back.insert(key, totals);
+                            back.extend(rows);
+                            break 'days;
+                        }
+                        commands.push(Command::RecordUsage {
+                            tenant: tenant.to_string(),
+                            model: key.model,
+                            totals,
+                            retain_days: self.inner.config().usage_retention_days,
+                            provider: key.provider,
+                            feature: key.feature,
+                            user: key.user,
+                            max_users: self.inner.config().usage_users_per_day,
+                            day: Some(day),
+                        });
                     }
-                    commands.push(Command::RecordUsage {
-                        tenant: tenant.to_string(),
-                        model: key.model,
-                        totals,
-                        retain_days: self.inner.config().usage_retention_days,
-                        provider: key.provider,
-                        feature: key.feature,
-                        user: key.user,
-                        max_users: self.inner.config().usage_users_per_day,
-                    });
                 }
+                rollups.remove(&day);
             }
         }
         if commands.is_empty() {
@@ -409,8 +421,8 @@ pub(super) const MAX_FLUSH_BYTES: usize = 512 * 1024;
 /// A `ReportUsage` command's encoded size, less its key.
 pub(super) const REPORT_BYTES: usize = 224;
 /// A `RecordUsage` command's encoded size, less its tenant, model, provider, feature and user
-/// names.
-pub(super) const ROLLUP_BYTES: usize = 384;
+/// names (408 bytes with every number at its longest: a test holds it to this).
+pub(super) const ROLLUP_BYTES: usize = 416;
 
 /// What is left of a flush's size budget.
 struct Room(usize);

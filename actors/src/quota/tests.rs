@@ -302,7 +302,12 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
                 .any(|s| s.kind == LimitKind::TokensPerMinute)
         );
         r.settle(&Billable::plain(60, 40));
-        q.record(&tenant, rollup_key("m"), &usage_of(60, 40));
+        q.record(
+            &tenant,
+            ledger.clock.load(Ordering::Relaxed) / 86_400_000,
+            rollup_key("m"),
+            &usage_of(60, 40),
+        );
     }
     // The eighth would need 400 with 300 left.
     let e = q.admit(&limits, tokens(400)).await.expect_err("300 left");
@@ -812,8 +817,10 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
             );
         }
         let mut rollups = lock(&q.inner.rollups);
+        // The longest day number there is, as the longest counts below.
+        let day = rollups.entry(u64::MAX).or_default();
         for t in 0..2_000 {
-            let models = rollups.entry(format!("tenant-{t}").into()).or_default();
+            let models = day.entry(format!("tenant-{t}").into()).or_default();
             for m in ["llama-3.1-8b-instruct", "gpt-4o-mini"] {
                 models.insert(
                     UsageKey {
@@ -1089,7 +1096,12 @@ async fn a_clean_stop_reports_what_the_last_interval_charged() {
     let tenant: Arc<str> = "acme".into();
     let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
     r.settle(&Billable::plain(20, 60));
-    q.record(&tenant, rollup_key("m"), &usage_of(20, 60));
+    q.record(
+        &tenant,
+        ledger.clock.load(Ordering::Relaxed) / 86_400_000,
+        rollup_key("m"),
+        &usage_of(20, 60),
+    );
     q.flush_before_stop(Duration::from_secs(2)).await;
     let state = ledger.published.borrow().clone();
     assert_eq!(state.ledger["tenant/acme/tokens_per_minute"].used, 80);
@@ -1098,5 +1110,34 @@ async fn a_clean_stop_reports_what_the_last_interval_charged() {
             .model("m")
             .completion_tokens,
         60
+    );
+}
+
+#[test]
+fn a_roll_up_command_encodes_within_its_size_estimate() {
+    let most = u64::MAX;
+    let command = Command::RecordUsage {
+        tenant: String::new(),
+        model: String::new(),
+        totals: UsageTotals {
+            requests: most,
+            prompt_tokens: most,
+            completion_tokens: most,
+            cached_tokens: most,
+            cost_micro_usd: most,
+            cache_hits: most,
+        },
+        retain_days: most,
+        provider: String::new(),
+        feature: String::new(),
+        user: String::new(),
+        max_users: most,
+        day: Some(most),
+    };
+    let bytes = serde_json::to_vec(&command).expect("encodes").len();
+    assert!(
+        bytes <= super::sync::ROLLUP_BYTES,
+        "{bytes} bytes, over the estimate of {}",
+        super::sync::ROLLUP_BYTES
     );
 }

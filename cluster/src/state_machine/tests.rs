@@ -263,6 +263,7 @@ fn full_state() -> ClusterState {
         feature: "search".into(),
         user: "u1".into(),
         max_users: 1_000,
+        day: None,
     });
     assert!(!s.ledger.is_empty() && !s.breakers.is_empty() && !s.usage.is_empty());
     s

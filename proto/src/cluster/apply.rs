@@ -336,8 +336,10 @@ impl ClusterState {
                 feature,
                 user,
                 max_users,
+                day,
             } => {
-                let day = day_of(at);
+                // A node's calls are dated by its clock; never a day past the proposal's.
+                let day = day.map_or(day_of(at), |d| d.min(day_of(at)));
                 let key = UsageKey {
                     model: model.clone(),
                     provider: provider.clone(),

@@ -454,7 +454,63 @@ fn rollup(tenant: &str, key: [&str; 4], totals: UsageTotals, max_users: u64) -> 
         feature,
         user,
         max_users,
+        day: None,
     }
+}
+
+#[test]
+fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
+    let mut s = ClusterState::default();
+    let on = |day: Option<u64>, tokens| match rollup(
+        "acme",
+        ["llama", "", "", ""],
+        UsageTotals {
+            requests: 1,
+            prompt_tokens: tokens,
+            ..UsageTotals::default()
+        },
+        DEFAULT_MAX_USERS,
+    ) {
+        Command::RecordUsage {
+            tenant,
+            model,
+            totals,
+            retain_days,
+            provider,
+            feature,
+            user,
+            max_users,
+            ..
+        } => Command::RecordUsage {
+            tenant,
+            model,
+            totals,
+            retain_days,
+            provider,
+            feature,
+            user,
+            max_users,
+            day,
+        },
+        _ => unreachable!(),
+    };
+    // Flushed just after midnight: the calls of the day before count there.
+    s.apply(&proposal(DAY_MS * 11 + 20, on(Some(10), 3)));
+    // No day (an older node): the proposal's. A day after the proposal's: the proposal's.
+    s.apply(&proposal(DAY_MS * 11 + 30, on(None, 4)));
+    s.apply(&proposal(DAY_MS * 11 + 40, on(Some(12), 5)));
+    assert_eq!(s.usage[&10]["acme"].model("llama").prompt_tokens, 3);
+    assert_eq!(s.usage[&11]["acme"].model("llama").prompt_tokens, 9);
+    assert!(!s.usage.contains_key(&12));
+    // No day is written for none, so what an older node writes and reads is unchanged (it
+    // reads a command by its fields' names); a day goes and comes back.
+    let none = serde_json::to_string(&on(None, 1)).expect("encodes");
+    assert!(!none.contains("\"day\""), "{none}");
+    let back: Command = serde_json::from_str(&none).expect("decodes");
+    assert!(matches!(back, Command::RecordUsage { day: None, .. }));
+    let some = serde_json::to_string(&on(Some(10), 1)).expect("encodes");
+    let back: Command = serde_json::from_str(&some).expect("decodes");
+    assert!(matches!(back, Command::RecordUsage { day: Some(10), .. }));
 }
 
 #[test]
@@ -511,6 +567,7 @@ fn usage_rolls_up_by_day_and_old_days_are_dropped() {
             feature,
             user,
             max_users,
+            day: None,
         },
         _ => unreachable!(),
     };
