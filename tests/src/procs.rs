@@ -750,6 +750,20 @@ impl Harness {
 
     /// Runs `meridian admin --addr <node id's admin> ARGS…` and returns its stdout; panics with
     /// its stderr if it fails.
+    /// The rows of node `id`'s `meridian admin usage report` with `args` (`--days`, `--by`, …),
+    /// in JSON.
+    pub fn usage_report(&self, id: u64, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = vec!["usage", "report", "--format", "json"];
+        all.extend_from_slice(args);
+        let out = self.cli(id, &all);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {out}"));
+        v["rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("a report without rows: {out}"))
+    }
+
     pub fn cli(&self, id: u64, args: &[&str]) -> String {
         let out = Command::new(&self.bin)
             .args([

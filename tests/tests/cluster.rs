@@ -1105,16 +1105,7 @@ async fn a_usage_report_is_the_same_on_every_node_and_adds_up_to_the_call_record
     };
     let from_records = h.wait_for("every call's record", T, records).await;
     let report = |id: u64| {
-        let out = h.cli(
-            id,
-            &[
-                "usage", "report", "--days", "7", "--by", "feature", "--format", "json",
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["rows"]
-            .as_array()
-            .unwrap()
+        h.usage_report(id, &["--days", "7", "--by", "feature"])
             .iter()
             .map(|r| {
                 let n = |f: &str| r[f].as_u64().unwrap();

@@ -549,17 +549,8 @@ async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
     );
     // Every node's report of today is the new day's tokens alone.
     let today = |id: u64| {
-        let out = h.cli(
-            id,
-            &[
-                "usage", "report", "--days", "1", "--by", "tenant", "--format", "json",
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
+        let rows = h.usage_report(id, &["--days", "1", "--by", "tenant"]);
+        rows.iter()
             .find(|r| r["tenant"] == "night-owl")
             .map(|r| r["input_tokens"].as_u64().unwrap() + r["output_tokens"].as_u64().unwrap())
     };

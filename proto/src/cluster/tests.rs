@@ -458,10 +458,9 @@ fn rollup(tenant: &str, key: [&str; 4], totals: UsageTotals, max_users: u64) -> 
     }
 }
 
-#[test]
-fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
-    let mut s = ClusterState::default();
-    let on = |day: Option<u64>, tokens| match rollup(
+/// A roll-up of one call of `acme` on `llama` with `tokens` prompt tokens.
+fn acme_on_llama(tokens: u64) -> Command {
+    rollup(
         "acme",
         ["llama", "", "", ""],
         UsageTotals {
@@ -470,29 +469,18 @@ fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
             ..UsageTotals::default()
         },
         DEFAULT_MAX_USERS,
-    ) {
-        Command::RecordUsage {
-            tenant,
-            model,
-            totals,
-            retain_days,
-            provider,
-            feature,
-            user,
-            max_users,
-            ..
-        } => Command::RecordUsage {
-            tenant,
-            model,
-            totals,
-            retain_days,
-            provider,
-            feature,
-            user,
-            max_users,
-            day,
-        },
-        _ => unreachable!(),
+    )
+}
+
+#[test]
+fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
+    let mut s = ClusterState::default();
+    let on = |day: Option<u64>, tokens| {
+        let mut c = acme_on_llama(tokens);
+        if let Command::RecordUsage { day: d, .. } = &mut c {
+            *d = day;
+        }
+        c
     };
     // Flushed just after midnight: the calls of the day before count there.
     s.apply(&proposal(DAY_MS * 11 + 20, on(Some(10), 3)));
@@ -516,18 +504,7 @@ fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
 #[test]
 fn usage_rolls_up_by_day_and_old_days_are_dropped() {
     let mut s = ClusterState::default();
-    let record = |tokens| {
-        rollup(
-            "acme",
-            ["llama", "", "", ""],
-            UsageTotals {
-                requests: 1,
-                prompt_tokens: tokens,
-                ..UsageTotals::default()
-            },
-            DEFAULT_MAX_USERS,
-        )
-    };
+    let record = acme_on_llama;
     s.apply(&proposal(DAY_MS * 10 + 5, record(3)));
     s.apply(&proposal(
         DAY_MS * 10 + 9,
@@ -548,29 +525,10 @@ fn usage_rolls_up_by_day_and_old_days_are_dropped() {
     s.apply(&proposal(DAY_MS * (10 + DEFAULT_RETAIN_DAYS), record(1)));
     assert!(!s.usage.contains_key(&10), "day 10 is past the retention");
     assert_eq!(s.usage.len(), 1);
-    let short = match record(0) {
-        Command::RecordUsage {
-            tenant,
-            model,
-            totals,
-            provider,
-            feature,
-            user,
-            max_users,
-            ..
-        } => Command::RecordUsage {
-            tenant,
-            model,
-            totals,
-            retain_days: 1,
-            provider,
-            feature,
-            user,
-            max_users,
-            day: None,
-        },
-        _ => unreachable!(),
-    };
+    let mut short = record(0);
+    if let Command::RecordUsage { retain_days, .. } = &mut short {
+        *retain_days = 1;
+    }
     s.apply(&proposal(DAY_MS * (11 + DEFAULT_RETAIN_DAYS), short));
     assert_eq!(
         s.usage.keys().copied().collect::<Vec<_>>(),
