@@ -269,9 +269,19 @@ impl Harness {
     /// Makes sure the nodes' current minute has `needed` left to run: if it has not, skips
     /// their clock to the start of the next one (instead of waiting for it).
     pub async fn inside_one_minute(&self, needed: Duration) {
+        self.inside_one(60_000, needed).await;
+    }
+
+    /// Makes sure the nodes' current day (UTC) has `needed` left to run, the same way: a test
+    /// of daily limits must not straddle midnight (the next day starts from nothing).
+    pub async fn inside_one_day(&self, needed: Duration) {
+        self.inside_one(86_400_000, needed).await;
+    }
+
+    async fn inside_one(&self, period_ms: u64, needed: Duration) {
         let now = self.test_clock_now();
-        if 60_000 - now % 60_000 < needed.as_millis() as u64 {
-            self.skip_clock_to((now / 60_000 + 1) * 60_000).await;
+        if period_ms - now % period_ms < needed.as_millis() as u64 {
+            self.skip_clock_to((now / period_ms + 1) * period_ms).await;
         }
     }
 

@@ -1173,8 +1173,6 @@ async fn a_usage_report_is_the_same_on_every_node_and_adds_up_to_the_call_record
 #[tokio::test]
 async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactly_once() {
     use axum::routing::post;
-    // A daily cap: not across midnight (the next day starts from nothing).
-    meridian_tests::inside_one_day(Duration::from_secs(120)).await;
     use meridian_proto::pb::admin as pb;
     use meridian_tests::mock::{Flavor, MockUpstream};
     use std::sync::{Arc, Mutex};
@@ -1205,6 +1203,7 @@ async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactl
 
     let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(26);
+    h.test_clock();
     // Each call: 3 prompt tokens at $20/M and 8 completion tokens at $80/M = 700 µ$.
     h.providers = meridian_tests::provider_toml("mock", &mock.base_url(), &["m"], "")
         + "[[prices]]\nmodel = \"m\"\ninput_usd_per_mtok = 20.0\noutput_usd_per_mtok = 80.0\n";
@@ -1215,6 +1214,8 @@ async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactl
         );
     }
     h.boot(&[1, 2, 3]).await;
+    // A daily cap: not across midnight (the next day starts from nothing).
+    h.inside_one_day(Duration::from_secs(120)).await;
     let mut admin = h.admin(1).await.unwrap();
     admin
         .put_tier(pb::PutTierRequest {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
-use meridian_tests::{inside_one_day, provider_toml};
+use meridian_tests::provider_toml;
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -348,8 +348,6 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
 async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() {
     const USERS: u64 = 1_000;
     const PER_USER: u64 = 400;
-    // A day window: keep clear of midnight (UTC), when every user's window starts again.
-    inside_one_day(Duration::from_secs(180)).await;
     let (mock, h, key) = three_nodes_with(
         23,
         1,
@@ -364,6 +362,8 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
         "app",
     )
     .await;
+    // A day window: keep clear of midnight (UTC), when every user's window starts again.
+    h.inside_one_day(Duration::from_secs(180)).await;
     let urls: Arc<Vec<String>> = Arc::new(
         [1, 2, 3]
             .iter()
@@ -572,10 +572,10 @@ async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
 async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
     const FEATURE_TOKENS: u64 = 20_000;
     const SPEND_MICRO_USD: u64 = 60_000;
-    inside_one_day(Duration::from_secs(120)).await;
     let featured = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let priced = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(31);
+    h.test_clock();
     // $2 per million input tokens and $8 per million output tokens: 2 and 8 micro-USD a token.
     h.providers = format!(
         "{}{}[[prices]]\nmodel = \"p\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n",
@@ -593,6 +593,8 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
         ),
     );
     h.boot(&[1, 2, 3]).await;
+    // Daily limits: not across midnight (the next day starts from nothing).
+    h.inside_one_day(Duration::from_secs(120)).await;
     let mut admin = h.admin(1).await.unwrap();
     admin
         .put_tier(pb::PutTierRequest {
@@ -757,7 +759,6 @@ async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
 async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_returns() {
     const DAY: u64 = 30_000;
     const RPM: u64 = 300;
-    inside_one_day(Duration::from_secs(180)).await;
     let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
     let mut h = Harness::new(32);
     h.test_clock();
@@ -775,6 +776,8 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         );
     }
     h.boot(&[1, 2, 3]).await;
+    // A daily limit: not across midnight (the next day starts from nothing).
+    h.inside_one_day(Duration::from_secs(180)).await;
     let mut admin = h.admin(1).await.unwrap();
     for (name, limits) in [
         (
