@@ -512,30 +512,28 @@ pub async fn python_json(
 /// boundary (the next window brings a fresh budget and the limit is not reached when the test
 /// expects it), and this way it does not wait for one either.
 pub fn clock_inside_one_minute(needed: Duration) -> WallClock {
+    clock_inside_one(60_000, needed.min(Duration::from_secs(50)))
+}
+
+/// The same for one UTC day: a test of daily limits must not straddle midnight (the next day
+/// brings a fresh budget).
+pub fn clock_inside_one_day(needed: Duration) -> WallClock {
+    clock_inside_one(86_400_000, needed)
+}
+
+/// The system's clock, moved ahead to the start of the next period of `period_ms` if less
+/// than `needed` of the current one is left.
+fn clock_inside_one(period_ms: u64, needed: Duration) -> WallClock {
     let now = meridian_policy::clock::unix_ms();
-    let left = 60_000 - now % 60_000;
-    let needed = needed.min(Duration::from_secs(50)).as_millis() as u64;
-    let skew = if left < needed { left + 100 } else { 0 };
+    let left = period_ms - now % period_ms;
+    let skew = if left < needed.as_millis() as u64 {
+        left + 100
+    } else {
+        0
+    };
     WallClock::ahead_by(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
         skew as i64,
     )))
-}
-
-/// Waits, if needed, until the next `needed` fall inside one UTC day: a test of daily limits
-/// must not straddle midnight (the next day brings a fresh budget).
-pub async fn inside_one_day(needed: Duration) {
-    inside_one(86_400_000, needed).await;
-}
-
-/// Waits until the next `needed` fall inside one period of `period_ms` of Unix time.
-async fn inside_one(period_ms: u64, needed: Duration) {
-    let into = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64 % period_ms);
-    let needed = needed.as_millis() as u64;
-    if into + needed > period_ms {
-        tokio::time::sleep(Duration::from_millis(period_ms - into + 100)).await;
-    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes.

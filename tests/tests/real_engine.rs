@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use meridian_policy::clock::WallClock;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::engine::{self, LlamaServer};
 use meridian_tests::{TestNode, provider_toml, python_json, tier, wait_until};
@@ -41,13 +42,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// A llama.cpp server started by `start` (off the runtime's threads) and a node in front of it
-/// serving it as `model`.
+/// serving it as `model`, on `clock`.
 async fn engine_behind_a_node(
     start: impl FnOnce() -> anyhow::Result<LlamaServer> + Send + 'static,
     model: &str,
+    clock: WallClock,
 ) -> (LlamaServer, TestNode) {
     let engine = blocking(start).await.expect("llama.cpp's server starts");
-    let node = TestNode::start(&provider_toml("llama", &engine.base_url(), &[model], ""))
+    let toml = provider_toml("llama", &engine.base_url(), &[model], "");
+    let node = TestNode::start_on(&toml, Vec::new(), clock)
         .await
         .expect("node");
     (engine, node)
@@ -68,8 +71,8 @@ fn usage_of(v: &Value) -> (u64, u64) {
 async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_the_engine_counts()
 {
     // A daily limit: not across midnight (the next day starts from nothing).
-    meridian_tests::inside_one_day(Duration::from_secs(180)).await;
-    let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2").await;
+    let clock = meridian_tests::clock_inside_one_day(Duration::from_secs(180));
+    let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2", clock).await;
     node.put_tier(tier(
         "metered",
         pb::Limits {
@@ -202,7 +205,8 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
 
 #[tokio::test]
 async fn a_client_that_disconnects_frees_the_engines_slot_within_a_second() {
-    let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2").await;
+    let (engine, node) =
+        engine_behind_a_node(|| LlamaServer::start(2), "smollm2", WallClock::system()).await;
     let busy_slots = || async {
         let slots: Value = reqwest::get(engine.url("/slots"))
             .await
@@ -388,8 +392,12 @@ async fn until(
 /// width, counted as the engine counted them, and the same input a second time from the cache.
 #[tokio::test]
 async fn embeddings_from_a_real_engine_reach_the_official_sdk() {
-    let (_engine, node) =
-        engine_behind_a_node(LlamaServer::start_embeddings, "smollm2-embed").await;
+    let (_engine, node) = engine_behind_a_node(
+        LlamaServer::start_embeddings,
+        "smollm2-embed",
+        WallClock::system(),
+    )
+    .await;
     let python = blocking(engine::python).await.expect("the engine's python");
     let script = "import json, sys\n\
 from openai import OpenAI\n\
