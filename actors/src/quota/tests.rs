@@ -140,9 +140,6 @@ fn ledger_only() -> QuotaConfig {
     }
 }
 
-/// Waits, if needed, so that the next few seconds fall inside one minute window: a test that
-/// counts admissions against a per-minute limit must not straddle a window boundary (the next
-/// window brings a fresh budget).
 /// A call of `model` with no provider, feature or user named.
 fn rollup_key(model: &str) -> RollupKey<'_> {
     RollupKey {
