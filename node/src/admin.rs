@@ -387,7 +387,25 @@ impl Admin for AdminService {
             revoked_at_unix_ms: None,
         };
         let outcome = self.cluster.propose(Command::CreateApiKey(record)).await;
-        match changed(outcome, || format!("tenant {:?}", r.tenant))?.into_inner() {
+        let answer = changed(outcome, || format!("tenant {:?}", r.tenant)).map_err(|s| {
+            if s.code() != tonic::Code::Unavailable {
+                return s;
+            }
+            // The write may still commit (a leader without quorum keeps it in its log): a key
+            // whose secret nobody was shown. Its id lets the operator find and revoke it.
+            Status::with_metadata(
+                s.code(),
+                format!(
+                    "{}; key {id} may still be created once the cluster recovers, with its \
+                     secret unseen: if `meridian admin key list` shows it, revoke it \
+                     (`meridian admin key revoke {id}`)",
+                    s.message(),
+                    id = key.id
+                ),
+                s.metadata().clone(),
+            )
+        })?;
+        match answer.into_inner() {
             pb::ChangeResponse { changed: true, .. } => {
                 Ok(Response::new(pb::CreateApiKeyResponse {
                     key_id: key.id.clone(),

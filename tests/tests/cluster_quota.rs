@@ -893,6 +893,24 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         "{minute_alone} requests admitted alone; a third of the limit is {}",
         RPM / 3
     );
+    // An API key asked of the survivor alone: UNAVAILABLE, naming the key it may still create
+    // (its leader keeps the write) and how to revoke it.
+    let mut admin = h.admin(survivor).await.unwrap();
+    let refused = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            tenant: "daily".into(),
+            label: "asked without quorum".into(),
+        })
+        .await
+        .expect_err("no key without quorum");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("may still be created")
+            && refused.message().contains("(`meridian admin key revoke "),
+        "{}",
+        refused.message()
+    );
+    println!("no quorum, a new API key: {}", refused.message());
 
     // Quorum back: the survivor admits the daily tenant again, through grants.
     let back = Instant::now();
