@@ -29,7 +29,7 @@ pub fn follow_from_env() -> Result<(), String> {
     std::thread::Builder::new()
         .name("test-clock".into())
         .spawn(move || {
-            let (mut last, mut warned) = (first, false);
+            let (mut last, mut said_back, mut said_failed) = (first, false, false);
             loop {
                 std::thread::sleep(EVERY);
                 // The test replaces the file whole (a rename), so a reading is either the old
@@ -41,16 +41,16 @@ pub fn follow_from_env() -> Result<(), String> {
                         last = ms;
                         meridian_policy::clock::set_skew_ms(ms);
                     }
-                    Ok(ms) if !warned => {
-                        warned = true;
+                    Ok(ms) if ms < last && !said_back => {
+                        said_back = true;
                         tracing::warn!(
                             skew_ms = ms,
                             kept_ms = last,
                             "{ENV}: a skew smaller than the last is ignored"
                         );
                     }
-                    Err(e) if !warned => {
-                        warned = true;
+                    Err(e) if !said_failed => {
+                        said_failed = true;
                         tracing::warn!(file = %path.display(), "{ENV}: {e}; the last skew is kept");
                     }
                     _ => {}

@@ -758,8 +758,6 @@ impl Harness {
         }
     }
 
-    /// Runs `meridian admin --addr <node id's admin> ARGS…` and returns its stdout; panics with
-    /// its stderr if it fails.
     /// The rows of node `id`'s `meridian admin usage report` with `args` (`--days`, `--by`, …),
     /// in JSON.
     pub fn usage_report(&self, id: u64, args: &[&str]) -> Vec<serde_json::Value> {
@@ -774,6 +772,8 @@ impl Harness {
             .unwrap_or_else(|| panic!("a report without rows: {out}"))
     }
 
+    /// Runs `meridian admin --addr <node id's admin> ARGS…` and returns its stdout; panics with
+    /// its stderr if it fails.
     pub fn cli(&self, id: u64, args: &[&str]) -> String {
         let out = Command::new(&self.bin)
             .args([

@@ -561,6 +561,14 @@ async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
     })
     .await;
     println!("every node reports today's {} tokens alone", totals[1]);
+    // And the two days together hold both days' tokens: nothing was lost at midnight.
+    let both: u64 = h
+        .usage_report(1, &["--days", "2", "--by", "tenant"])
+        .iter()
+        .filter(|r| r["tenant"] == "night-owl")
+        .map(|r| r["input_tokens"].as_u64().unwrap() + r["output_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(both, totals[0] + totals[1]);
 }
 
 /// A feature's daily token limit and a tenant's daily spend cap, each across three nodes: two

@@ -17,8 +17,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Milliseconds this process's clock runs ahead of the system's (zero but under a test).
 static SKEW_MS: AtomicI64 = AtomicI64::new(0);
 
-/// Now, in Unix ms: the system's clock plus this process's skew. Every wall-clock reading a
-/// decision or a replicated record depends on goes through here.
+/// Now, in Unix ms: the system's clock plus this process's skew. The node's own clock
+/// (`WallClock::system()`) reads it, and so does what reads no configured clock (call-log
+/// retention, flush sequence numbers). JWT expiry is checked by its library against the
+/// system's clock.
 pub fn unix_ms() -> u64 {
     let system = SystemTime::now()
         .duration_since(UNIX_EPOCH)

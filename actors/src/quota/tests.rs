@@ -814,10 +814,14 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
             );
         }
         let mut rollups = lock(&q.inner.rollups);
-        // The longest day number there is, as the longest counts below.
-        let day = rollups.entry(u64::MAX).or_default();
-        for t in 0..2_000 {
-            let models = day.entry(format!("tenant-{t}").into()).or_default();
+        // Over two days (the flush goes day by day), with the longest day numbers there are,
+        // as the longest counts below.
+        for t in 0..2_000u64 {
+            let models = rollups
+                .entry(u64::MAX - t % 2)
+                .or_default()
+                .entry(format!("tenant-{t}").into())
+                .or_default();
             for m in ["llama-3.1-8b-instruct", "gpt-4o-mini"] {
                 models.insert(
                     UsageKey {
@@ -856,7 +860,14 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
         for c in &batch.commands {
             match c {
                 Command::ReportUsage { .. } => reports += 1,
-                Command::RecordUsage { .. } => rollups += 1,
+                Command::RecordUsage { day, .. } => {
+                    // The earlier day's rows go first.
+                    assert!(
+                        *day == Some(u64::MAX - 1) || rollups >= 2_000,
+                        "a row of the later day before all of the earlier"
+                    );
+                    rollups += 1;
+                }
                 other => panic!("not a usage command: {other:?}"),
             }
         }
@@ -871,6 +882,7 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
     println!("{users} reports and 4,000 roll-ups went in {batches} batches");
     assert!(batches > 1, "that much does not fit one entry");
     assert_eq!((reports, rollups), (users, 4_000), "everything went, once");
+    assert!(lock(&q.inner.rollups).is_empty(), "no day is left behind");
 }
 
 fn user_scope(user: u64, tokens_per_minute: u64) -> Vec<Scope> {
@@ -1137,4 +1149,28 @@ fn a_roll_up_command_encodes_within_its_size_estimate() {
         "{bytes} bytes, over the estimate of {}",
         super::sync::ROLLUP_BYTES
     );
+}
+
+#[tokio::test]
+async fn a_call_is_rolled_up_in_its_own_day_when_its_flush_commits_the_next() {
+    let ledger = ledger(1);
+    let q = node(
+        &ledger,
+        1,
+        QuotaConfig {
+            flush_every: Duration::from_secs(3_600),
+            ..ledger_only()
+        },
+    );
+    let tenant: Arc<str> = "acme".into();
+    let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
+    q.record(&tenant, day, rollup_key("m"), &usage_of(20, 60));
+    // The flush is proposed after midnight.
+    ledger
+        .clock
+        .store((day + 1) * 86_400_000 + 10, Ordering::Relaxed);
+    q.flush().await;
+    let state = ledger.published.borrow().clone();
+    assert_eq!(state.usage[&day]["acme"].model("m").completion_tokens, 60);
+    assert!(!state.usage.contains_key(&(day + 1)), "{:?}", state.usage);
 }

@@ -338,8 +338,15 @@ impl ClusterState {
                 max_users,
                 day,
             } => {
-                // A node's calls are dated by its clock; never a day past the proposal's.
-                let day = day.map_or(day_of(at), |d| d.min(day_of(at)));
+                // A node's calls are dated by its clock; never a day past the proposal's. The
+                // retention counts back from the proposal's day: a late row of a day already
+                // dropped is not kept.
+                let today = day_of(at);
+                let day = day.map_or(today, |d| d.min(today));
+                let oldest_kept = today.saturating_sub(retain_days.saturating_sub(1));
+                if day < oldest_kept {
+                    return Applied::Unchanged;
+                }
                 let key = UsageKey {
                     model: model.clone(),
                     provider: provider.clone(),
@@ -352,7 +359,6 @@ impl ClusterState {
                     .entry(tenant.clone())
                     .or_default()
                     .add(key, totals, *max_users);
-                let oldest_kept = day.saturating_sub(retain_days.saturating_sub(1));
                 while let Some(&(old, _)) = self.usage.get_min()
                     && old < oldest_kept
                 {

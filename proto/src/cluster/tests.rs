@@ -490,6 +490,10 @@ fn a_roll_up_counts_in_its_calls_day_never_a_later_one_than_its_proposal() {
     assert_eq!(s.usage[&10]["acme"].model("llama").prompt_tokens, 3);
     assert_eq!(s.usage[&11]["acme"].model("llama").prompt_tokens, 9);
     assert!(!s.usage.contains_key(&12));
+    // A row of a day past the retention (counted back from the proposal's day) is not kept.
+    let late = proposal(DAY_MS * (11 + DEFAULT_RETAIN_DAYS) + 50, on(Some(10), 7));
+    assert_eq!(s.apply(&late), Applied::Unchanged);
+    assert_eq!(s.usage[&10]["acme"].model("llama").prompt_tokens, 3);
     // No day is written for none, so what an older node writes and reads is unchanged (it
     // reads a command by its fields' names); a day goes and comes back.
     let none = serde_json::to_string(&on(None, 1)).expect("encodes");
