@@ -1090,17 +1090,23 @@ async fn a_node_that_has_not_seen_every_voter_register_takes_no_larger_share() {
     assert_eq!(admit_until_refused(&q, 3_000, 100).await, 500);
 }
 
-#[tokio::test]
-async fn a_clean_stop_reports_what_the_last_interval_charged() {
-    let ledger = ledger(1);
-    let q = node(
-        &ledger,
+/// Node 1 of `ledger`, every scope through the ledger, whose flusher waits an hour: the test
+/// flushes.
+fn flushed_by_hand(ledger: &Arc<Ledger>) -> Quota {
+    node(
+        ledger,
         1,
         QuotaConfig {
             flush_every: Duration::from_secs(3_600),
             ..ledger_only()
         },
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_clean_stop_reports_what_the_last_interval_charged() {
+    let ledger = ledger(1);
+    let q = flushed_by_hand(&ledger);
     tokio::time::sleep(Duration::from_millis(20)).await; // the flusher's first tick
     let tenant: Arc<str> = "acme".into();
     let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
@@ -1154,14 +1160,7 @@ fn a_roll_up_command_encodes_within_its_size_estimate() {
 #[tokio::test]
 async fn a_call_is_rolled_up_in_its_own_day_when_its_flush_commits_the_next() {
     let ledger = ledger(1);
-    let q = node(
-        &ledger,
-        1,
-        QuotaConfig {
-            flush_every: Duration::from_secs(3_600),
-            ..ledger_only()
-        },
-    );
+    let q = flushed_by_hand(&ledger);
     let tenant: Arc<str> = "acme".into();
     let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
     q.record(&tenant, day, rollup_key("m"), &usage_of(20, 60));
