@@ -525,15 +525,17 @@ pub fn clock_inside_one_day(needed: Duration) -> WallClock {
 /// than `needed` of the current one is left.
 fn clock_inside_one(period_ms: u64, needed: Duration) -> WallClock {
     let now = meridian_policy::clock::unix_ms();
-    let left = period_ms - now % period_ms;
-    let skew = if left < needed.as_millis() as u64 {
-        left + 100
-    } else {
-        0
-    };
+    let skew = next_period_if_short(now, period_ms, needed).map_or(0, |next| next + 100 - now);
     WallClock::ahead_by(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
         skew as i64,
     )))
+}
+
+/// The start of the next period of `period_ms` (Unix ms) if less than `needed` of the one
+/// `now` is in is left.
+pub fn next_period_if_short(now: u64, period_ms: u64, needed: Duration) -> Option<u64> {
+    let next = (now / period_ms + 1) * period_ms;
+    (next - now < needed.as_millis() as u64).then_some(next)
 }
 
 /// Polls `cond` until it holds or `timeout` passes.

@@ -279,9 +279,8 @@ impl Harness {
     }
 
     async fn inside_one(&self, period_ms: u64, needed: Duration) {
-        let now = self.test_clock_now();
-        if period_ms - now % period_ms < needed.as_millis() as u64 {
-            self.skip_clock_to((now / period_ms + 1) * period_ms).await;
+        if let Some(next) = crate::next_period_if_short(self.test_clock_now(), period_ms, needed) {
+            self.skip_clock_to(next).await;
         }
     }
 
