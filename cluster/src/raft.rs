@@ -587,15 +587,14 @@ impl ClusterNode {
             }
             Forwarded::Promote { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
-                if m.membership().voter_ids().any(|v| v == *id) {
-                    return Ok(Applied::Unchanged);
+                match promotion(m.membership(), *id) {
+                    Promotion::Done => Ok(Applied::Unchanged),
+                    Promotion::NotFound => Ok(Applied::NotFound),
+                    Promotion::Change(change) => {
+                        self.change_membership(change).await?;
+                        Ok(Applied::Changed)
+                    }
                 }
-                if m.membership().get_node(id).is_none() {
-                    return Ok(Applied::NotFound);
-                }
-                self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])))
-                    .await?;
-                Ok(Applied::Changed)
             }
             Forwarded::Remove { id } => {
                 let m = self.raft.metrics().borrow().membership_config.clone();
@@ -761,6 +760,72 @@ impl ClusterNode {
     /// Stops the Raft member (its storage stays on disk).
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// What promoting a node to voter takes, given the membership now.
+#[derive(Debug, PartialEq, Eq)]
+enum Promotion {
+    /// A voter already, in a settled (uniform) config.
+    Done,
+    /// Neither a voter nor a learner.
+    NotFound,
+    Change(ChangeMembers<NodeId, BasicNode>),
+}
+
+fn promotion(m: &openraft::Membership<NodeId, BasicNode>, id: NodeId) -> Promotion {
+    let configs = m.get_joint_config();
+    let settled = configs.len() <= 1;
+    if settled && m.voter_ids().any(|v| v == id) {
+        return Promotion::Done;
+    }
+    if m.get_node(&id).is_none() {
+        return Promotion::NotFound;
+    }
+    // A change cut off between its joint and its final config (its leader died in between)
+    // leaves the joint config, in which `id` already counts as a voter; openraft does not
+    // finish it by itself. Adding `id` to the joint config's last set is that set, reached
+    // from the joint config in one step: the promotion that was under way is finished.
+    Promotion::Change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+}
+
+#[cfg(test)]
+mod promotion_tests {
+    use super::*;
+
+    fn membership(
+        configs: Vec<BTreeSet<NodeId>>,
+        nodes: &[NodeId],
+    ) -> openraft::Membership<NodeId, BasicNode> {
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            nodes.iter().map(|id| (*id, BasicNode::new(""))).collect();
+        openraft::Membership::new(configs, nodes)
+    }
+
+    #[test]
+    fn a_promotion_cut_off_in_its_joint_config_is_finished_not_called_done() {
+        let old = BTreeSet::from([1, 2, 3]);
+        let new = BTreeSet::from([1, 2, 3, 4]);
+        let joint = membership(vec![old.clone(), new.clone()], &[1, 2, 3, 4]);
+        assert!(
+            joint.voter_ids().any(|v| v == 4),
+            "4 counts as a voter already"
+        );
+        assert_eq!(
+            promotion(&joint, 4),
+            Promotion::Change(ChangeMembers::AddVoterIds(BTreeSet::from([4])))
+        );
+        // Settled with 4 in it: nothing to do. A learner: promoted. Unknown: not found.
+        assert_eq!(
+            promotion(&membership(vec![new], &[1, 2, 3, 4]), 4),
+            Promotion::Done
+        );
+        let with_learner = membership(vec![old], &[1, 2, 3, 4]);
+        assert_eq!(
+            promotion(&with_learner, 4),
+            Promotion::Change(ChangeMembers::AddVoterIds(BTreeSet::from([4])))
+        );
+        assert_eq!(promotion(&with_learner, 9), Promotion::NotFound);
     }
 }
 
