@@ -343,6 +343,15 @@ pub fn run_tool(
 }
 
 /// Tier `name` with `limits` on each tenant's whole use (and none per user).
+/// A tenant on `tier`, with nothing else set.
+pub fn tenant(id: &str, tier: &str) -> pb::Tenant {
+    pb::Tenant {
+        id: id.into(),
+        tier: tier.into(),
+        ..pb::Tenant::default()
+    }
+}
+
 pub fn tier(name: &str, limits: pb::Limits) -> pb::Tier {
     pb::Tier {
         name: name.into(),

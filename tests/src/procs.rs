@@ -926,11 +926,7 @@ async fn put_tenant_at(admin: &str, name: &str) -> Result<(), String> {
     let mut client = admin_at(admin, Duration::from_millis(300)).await?;
     client
         .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: name.into(),
-                tier: "free".into(),
-                ..pb::Tenant::default()
-            }),
+            tenant: Some(crate::tenant(name, "free")),
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -233,11 +233,7 @@ async fn embeddings_are_admitted_on_their_input_tokens() {
     .await
     .expect("tier");
     let key = n
-        .tenant_with_key(pb::Tenant {
-            id: "rag".into(),
-            tier: "small".into(),
-            ..pb::Tenant::default()
-        })
+        .tenant_with_key(meridian_tests::tenant("rag", "small"))
         .await
         .expect("tenant");
     let embed = |words: usize, tag: &str| {

@@ -245,11 +245,7 @@ async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
         .await
         .unwrap();
     let hostile = node
-        .tenant_with_key(pb::Tenant {
-            id: "hostile".into(),
-            tier: "open".into(),
-            ..pb::Tenant::default()
-        })
+        .tenant_with_key(meridian_tests::tenant("hostile", "open"))
         .await
         .unwrap();
     let client = reqwest::Client::new();

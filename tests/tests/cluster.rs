@@ -1231,11 +1231,7 @@ async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactl
         .unwrap();
     admin
         .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: "acme".into(),
-                tier: "capped".into(),
-                ..pb::Tenant::default()
-            }),
+            tenant: Some(meridian_tests::tenant("acme", "capped")),
         })
         .await
         .unwrap();

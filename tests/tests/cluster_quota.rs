@@ -815,11 +815,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
             .unwrap();
         admin
             .put_tenant(pb::PutTenantRequest {
-                tenant: Some(pb::Tenant {
-                    id: name.into(),
-                    tier: name.into(),
-                    ..pb::Tenant::default()
-                }),
+                tenant: Some(meridian_tests::tenant(name, name)),
             })
             .await
             .unwrap();

@@ -633,11 +633,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
     classes.push("admin: a tenant id with a slash");
     match admin
         .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: "a/b".into(),
-                tier: "free".into(),
-                ..pb::Tenant::default()
-            }),
+            tenant: Some(meridian_tests::tenant("a/b", "free")),
         })
         .await
     {

@@ -737,11 +737,7 @@ async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
     .await
     .expect("tier");
     let key = n
-        .tenant_with_key(pb::Tenant {
-            id: "acme".into(),
-            tier: "small".into(),
-            ..pb::Tenant::default()
-        })
+        .tenant_with_key(meridian_tests::tenant("acme", "small"))
         .await
         .expect("tenant and key");
     let client = reqwest::Client::new();
@@ -1114,13 +1110,9 @@ async fn deterministic_answers_are_cached_per_tenant_and_hits_obey_the_tenants_r
     let mut keys = Vec::new();
     for tenant in ["t1", "t2"] {
         keys.push(
-            n.tenant_with_key(pb::Tenant {
-                id: tenant.into(),
-                tier: "three".into(),
-                ..pb::Tenant::default()
-            })
-            .await
-            .expect("tenant and key"),
+            n.tenant_with_key(meridian_tests::tenant(tenant, "three"))
+                .await
+                .expect("tenant and key"),
         );
     }
     let client = reqwest::Client::new();
@@ -1512,13 +1504,9 @@ async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
     let mut keys = Vec::new();
     for (id, tier) in [("metered", "metered"), ("counted", "counted")] {
         keys.push(
-            n.tenant_with_key(pb::Tenant {
-                id: id.into(),
-                tier: tier.into(),
-                ..pb::Tenant::default()
-            })
-            .await
-            .expect("tenant and key"),
+            n.tenant_with_key(meridian_tests::tenant(id, tier))
+                .await
+                .expect("tenant and key"),
         );
     }
     let client = reqwest::Client::new();

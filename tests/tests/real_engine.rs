@@ -83,11 +83,7 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
     .await
     .expect("tier");
     let key = node
-        .tenant_with_key(pb::Tenant {
-            id: "eng".into(),
-            tier: "metered".into(),
-            ..pb::Tenant::default()
-        })
+        .tenant_with_key(meridian_tests::tenant("eng", "metered"))
         .await
         .expect("tenant");
 

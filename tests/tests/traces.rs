@@ -186,13 +186,7 @@ async fn spans_and_call_records_go_over_http_protobuf_too() {
     )
     .await
     .unwrap();
-    let resp = node
-        .chat_request()
-        .header("content-type", "application/json")
-        .body(chat_body("m", false, ""))
-        .send()
-        .await
-        .unwrap();
+    let resp = node.post_chat(chat_body("m", false, "")).await.unwrap();
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     wait_until(
