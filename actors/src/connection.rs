@@ -233,10 +233,7 @@ async fn serve(args: ConnectionArgs) {
                 attempt as u32 + 1,
             )
         });
-        let (mut span, traceparent) = match traced {
-            Some((span, tp)) => (Some(span), tp),
-            None => (None, None),
-        };
+        let (mut span, traceparent) = traced.unwrap_or_default();
         let step = trace::TRACEPARENT
             .scope(
                 traceparent,

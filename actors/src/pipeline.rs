@@ -193,11 +193,19 @@ struct Summary {
     price: Option<Rates>,
     /// The prompt's tokens as estimated at admission (0: not admitted against limits).
     prompt_estimate: u64,
-    /// The choices' `finish_reason`s, read only for a traced request (for its span).
+    /// The choices' `finish_reason`s, read only for a recorded span.
     finish_reasons: Vec<String>,
 }
 
 impl Summary {
+    /// Whether the request's span is recorded (traces are on and the sampler kept it): only
+    /// then is anything gathered for it.
+    fn recorded(&self) -> bool {
+        self.span
+            .as_ref()
+            .is_some_and(opentelemetry::trace::Span::is_recording)
+    }
+
     fn new(request_id: RequestId, edge: Edge, api: Api, model: Arc<str>, at_unix_ms: u64) -> Self {
         Self {
             request_id,
@@ -364,7 +372,9 @@ fn record(
         let day = meridian_proto::cluster::day_of(s.at_unix_ms);
         quota.record(tenant, day, key, &usage);
     }
-    if let Some(span) = s.span.take() {
+    if s.recorded()
+        && let Some(span) = s.span.take()
+    {
         end_span(span, s, code, &ending, tokens, first_token);
     }
     tracing::debug!(
@@ -521,7 +531,7 @@ impl Gateway {
                 },
             })),
             Ok(Reached::Complete(body)) => {
-                if summary.span.is_some() {
+                if summary.recorded() {
                     finish_reasons(&body, &mut summary.finish_reasons);
                 }
                 let cost = record(recorder, summary, Ending::Complete, extras.usage, None);
@@ -760,7 +770,7 @@ impl Stream for ServedStream {
         if this.first_chunk.is_none() && piece.as_ref().is_some_and(|p| !p.chunks.is_empty()) {
             this.first_chunk = Some(Instant::now());
         }
-        if this.summary.span.is_some()
+        if this.summary.recorded()
             && let Some(p) = &piece
         {
             for chunk in &p.chunks {

@@ -62,14 +62,22 @@ pub fn context_of(span: &BoxedSpan) -> Context {
 }
 
 /// Starts the client span of one attempt at `provider` (`{operation} {model}`, as the GenAI
-/// conventions name it), and the `traceparent` the upstream call carries.
+/// conventions name it), and the `traceparent` the upstream call carries. A trace the sampler
+/// left out gets no client span (nothing of it is recorded): the upstream call carries the
+/// request's own span context, still marked not sampled, so the trace goes on unrecorded
+/// downstream too.
 pub fn client_span(
     parent: &Context,
     operation: &'static str,
     provider: &Arc<str>,
     model: &Arc<str>,
     attempt: u32,
-) -> (BoxedSpan, Option<String>) {
+) -> (Option<BoxedSpan>, Option<String>) {
+    use opentelemetry::trace::TraceContextExt;
+    let sc = parent.span().span_context().clone();
+    if sc.is_valid() && !sc.is_sampled() {
+        return (None, Some(traceparent(&sc)));
+    }
     let span = tracer().build_with_context(
         SpanBuilder::from_name(span_name(operation, model))
             .with_kind(SpanKind::Client)
@@ -82,7 +90,7 @@ pub fn client_span(
         parent,
     );
     let traceparent = traceparent_of(&span);
-    (span, traceparent)
+    (Some(span), traceparent)
 }
 
 /// Starts the server span of a call another node forwarded here over the actor mesh, a child of
@@ -129,19 +137,22 @@ pub fn span_name(operation: &str, model: &str) -> String {
 /// `span`'s W3C `traceparent`, written directly (the propagator would go through a map of
 /// headers, and `format!` through its machinery); none for a span that is not recorded.
 fn traceparent_of(span: &BoxedSpan) -> Option<String> {
-    use meridian_proto::ids::push_hex;
     use opentelemetry::trace::Span;
     let sc = span.span_context();
-    sc.is_valid().then(|| {
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &sc.trace_id().to_bytes());
-        out.push('-');
-        push_hex(&mut out, &sc.span_id().to_bytes());
-        out.push('-');
-        push_hex(&mut out, &[sc.trace_flags().to_u8()]);
-        out
-    })
+    sc.is_valid().then(|| traceparent(sc))
+}
+
+/// `sc` as a W3C `traceparent`.
+fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
+    use meridian_proto::ids::push_hex;
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &sc.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &sc.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[sc.trace_flags().to_u8()]);
+    out
 }
 
 tokio::task_local! {

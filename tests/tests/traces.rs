@@ -208,3 +208,60 @@ async fn spans_and_call_records_go_over_http_protobuf_too() {
     let (node_id, _) = &collector.logs()[0];
     assert!(!node_id.is_empty(), "records carry the node's resource");
 }
+
+#[tokio::test]
+async fn a_trace_the_client_did_not_sample_is_carried_on_and_nothing_of_it_recorded() {
+    let (collector, addr) = Collector::start().await.unwrap();
+    let (mock, node) = node_with_mock(
+        Flavor::Vllm,
+        &["m"],
+        "",
+        &format!("[traces]\nendpoint = \"http://{addr}\"\n"),
+    )
+    .await
+    .unwrap();
+    let send = |trace_id: &'static str, flags: &'static str| {
+        node.chat_request()
+            .header("content-type", "application/json")
+            .header(
+                "traceparent",
+                format!("00-{trace_id}-00f067aa0ba902b7-{flags}"),
+            )
+            .body(chat_body("m", false, ""))
+            .send()
+    };
+    let unsampled = "11111111111111111111111111111111";
+    let sampled = "22222222222222222222222222222222";
+    assert_eq!(send(unsampled, "00").await.unwrap().status(), 200);
+    // The provider is told of the trace, still not sampled.
+    let sent = mock.traceparents();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0].starts_with(&format!("00-{unsampled}-")) && sent[0].ends_with("-00"),
+        "{sent:?}"
+    );
+    // A sampled call after it: once its spans are in, the unsampled one's would have been.
+    assert_eq!(send(sampled, "01").await.unwrap().status(), 200);
+    wait_until("the sampled call's spans", Duration::from_secs(15), || {
+        let collector = collector.clone();
+        async move {
+            let spans = collector.spans();
+            let of = |kind: SpanKind| {
+                spans
+                    .iter()
+                    .any(|s| s.kind == kind as i32 && hex(&s.trace_id) == sampled)
+            };
+            of(SpanKind::Server) && of(SpanKind::Client)
+        }
+    })
+    .await
+    .unwrap();
+    let recorded: Vec<_> = (collector.spans().iter())
+        .filter(|s| hex(&s.trace_id) == unsampled)
+        .map(|s| s.name.clone())
+        .collect();
+    assert!(
+        recorded.is_empty(),
+        "spans of the unsampled trace: {recorded:?}"
+    );
+}

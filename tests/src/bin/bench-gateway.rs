@@ -39,6 +39,12 @@ struct Args {
     /// (`callgrind.off.1`, `callgrind.on.1`; read them with `callgrind_annotate`).
     #[arg(long)]
     keep_profiles: Option<PathBuf>,
+    /// With `--instructions`: both nodes trace, sampling this fraction of requests (`--traces`
+    /// alone: every request), and export over OTLP/gRPC to a collector in this process that
+    /// takes the spans, as a collector in production would; the spans each node sent are
+    /// counted and printed.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "RATIO")]
+    traces: Option<f64>,
     /// Instead: end users under a per-user tokens/day limit. Times a known user's request and
     /// a new user's first request (c=1, in turns), after 1,000 users and again after this many
     /// more new users (sent 32 at a time); and the node's c=64 throughput and resident memory
@@ -720,9 +726,20 @@ fn instruction_counts(
     profiles: &Path,
     mock_addr: &str,
     per_connection: usize,
+    traces: Option<f64>,
 ) -> anyhow::Result<String> {
     ensure_valgrind()?;
+    // The collector runs on a runtime of its own for as long as the nodes do.
+    let collector_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let collector = match traces {
+        Some(_) => Some(collector_runtime.block_on(meridian_tests::otlp::Collector::start())?),
+        None => None,
+    };
     let mut per_request = Vec::new();
+    let mut spans_seen = 0;
     for on in [false, true] {
         let name = if on { "on" } else { "off" };
         let data = tmp.join(format!("data-cg-{name}"));
@@ -748,6 +765,15 @@ fn instruction_counts(
             .arg(format!("--toggle-collect={SOFT_SHA256}"))
             .arg("--collect-atstart=yes")
             .arg(format!("--callgrind-out-file={}", out.display()));
+        if let Some((_, addr)) = &collector {
+            callgrind
+                .env(
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    format!("http://{addr}"),
+                )
+                .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+                .env("OTEL_TRACES_SAMPLER_ARG", traces.unwrap_or(1.0).to_string());
+        }
         let (node, line, before) = spawn_ready_with(
             &mut serve(callgrind, &bin_dir.join("meridian"), &config),
             "meridian ready",
@@ -797,7 +823,27 @@ fn instruction_counts(
             totals / requests as f64
         );
         per_request.push(totals / requests as f64);
+        if let Some((collector, _)) = &collector {
+            // Until the node's batches stop coming (it sends a partial batch every 5 s).
+            let mut last = (collector.spans().len(), Instant::now());
+            while last.1.elapsed() < std::time::Duration::from_secs(7) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let now = collector.spans().len();
+                if now != last.0 {
+                    last = (now, Instant::now());
+                }
+            }
+        }
         drop(node);
+        if let Some((collector, _)) = &collector {
+            // Every span of the measured requests and of the 64 that opened the connections.
+            let spans = collector.spans().len();
+            eprintln!(
+                "auth+quota {name}: the collector took {} spans",
+                spans - spans_seen
+            );
+            spans_seen = spans;
+        }
     }
     Ok(format!(
         "\n| node instructions per request, c=64, under callgrind | auth+quota off | on | on ÷ off |\n|---|---|---|---|\n| | {:.0} | {:.0} | {:.3} |\n\n\
@@ -842,6 +888,7 @@ fn main() -> anyhow::Result<()> {
             &profiles,
             &mock_addr,
             args.requests / 64,
+            args.traces,
         )?;
         println!("{report}");
         return Ok(());
