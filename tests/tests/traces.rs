@@ -7,24 +7,34 @@
 
 use std::time::Duration;
 
-use meridian_tests::mock::Flavor;
+use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::otlp::{Collector, attribute, hex, log_attribute};
-use meridian_tests::{chat_body, node_with_mock, wait_until};
+use meridian_tests::{TestNode, chat_body, node_with_mock, wait_until};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-#[tokio::test]
-async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
+/// A node (serving `m` from a mock vLLM) that sends its spans, and with `records` its call
+/// records, to a collector started here over OTLP/gRPC.
+async fn traced_node(records: bool) -> (Collector, MockUpstream, TestNode) {
     let (collector, addr) = Collector::start().await.unwrap();
+    let records = if records {
+        format!("[calls]\notlp_endpoint = \"http://{addr}\"\n")
+    } else {
+        String::new()
+    };
     let (mock, node) = node_with_mock(
         Flavor::Vllm,
         &["m"],
         "",
-        &format!(
-            "[traces]\nendpoint = \"http://{addr}\"\n[calls]\notlp_endpoint = \"http://{addr}\"\n"
-        ),
+        &format!("[traces]\nendpoint = \"http://{addr}\"\n{records}"),
     )
     .await
     .unwrap();
+    (collector, mock, node)
+}
+
+#[tokio::test]
+async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
+    let (collector, mock, node) = traced_node(true).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
@@ -211,15 +221,7 @@ async fn spans_and_call_records_go_over_http_protobuf_too() {
 
 #[tokio::test]
 async fn a_trace_the_client_did_not_sample_is_carried_on_and_nothing_of_it_recorded() {
-    let (collector, addr) = Collector::start().await.unwrap();
-    let (mock, node) = node_with_mock(
-        Flavor::Vllm,
-        &["m"],
-        "",
-        &format!("[traces]\nendpoint = \"http://{addr}\"\n"),
-    )
-    .await
-    .unwrap();
+    let (collector, mock, node) = traced_node(false).await;
     let send = |trace_id: &'static str, flags: &'static str| {
         node.chat_request()
             .header("content-type", "application/json")
