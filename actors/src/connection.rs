@@ -162,7 +162,9 @@ impl Actor for ConnectionActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(args) = state.take() {
-            serve(args).await;
+            // Boxed: the request's future is several kilobytes, and the actor framework moves
+            // its own (which would hold it) when it starts the actor.
+            Box::pin(serve(args)).await;
         }
         myself.stop(None);
         Ok(())
