@@ -74,9 +74,10 @@ pub fn client_span(
     attempt: u32,
 ) -> (Option<BoxedSpan>, Option<String>) {
     use opentelemetry::trace::TraceContextExt;
-    let sc = parent.span().span_context().clone();
+    let request = parent.span();
+    let sc = request.span_context();
     if sc.is_valid() && !sc.is_sampled() {
-        return (None, Some(traceparent(&sc)));
+        return (None, Some(traceparent(sc)));
     }
     let span = tracer().build_with_context(
         SpanBuilder::from_name(span_name(operation, model))

@@ -784,8 +784,9 @@ fn promotion(m: &openraft::Membership<NodeId, BasicNode>, id: NodeId) -> Promoti
     }
     // A change cut off between its joint and its final config (its leader died in between)
     // leaves the joint config, in which `id` already counts as a voter; openraft does not
-    // finish it by itself. Adding `id` to the joint config's last set is that set, reached
-    // from the joint config in one step: the promotion that was under way is finished.
+    // finish it by itself. When the last set holds `id` (a promotion was under way), adding
+    // `id` to it is that set, reached from the joint config in one step: the change is
+    // finished. Otherwise it is a promotion like any other, from the last set.
     Promotion::Change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
 }
 

@@ -41,7 +41,7 @@ pub fn follow_from_env() -> Result<(), String> {
                         last = ms;
                         meridian_policy::clock::set_skew_ms(ms);
                     }
-                    Ok(ms) if ms < last && !said_back => {
+                    Ok(ms) if !said_back => {
                         said_back = true;
                         tracing::warn!(
                             skew_ms = ms,

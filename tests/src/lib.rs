@@ -342,7 +342,6 @@ pub fn run_tool(
     stdout
 }
 
-/// Tier `name` with `limits` on each tenant's whole use (and none per user).
 /// A tenant on `tier`, with nothing else set.
 pub fn tenant(id: &str, tier: &str) -> pb::Tenant {
     pb::Tenant {
@@ -352,6 +351,7 @@ pub fn tenant(id: &str, tier: &str) -> pb::Tenant {
     }
 }
 
+/// Tier `name` with `limits` on each tenant's whole use (and none per user).
 pub fn tier(name: &str, limits: pb::Limits) -> pb::Tier {
     pb::Tier {
         name: name.into(),

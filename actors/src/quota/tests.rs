@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 
 use futures::future::BoxFuture;
-use meridian_proto::cluster::{Applied, ClusterState, Member, Proposal, Tenant, Tier};
+use meridian_proto::cluster::{Applied, ClusterState, Member, Proposal, Tenant, Tier, day_of};
 use tokio::sync::watch;
 
 use super::sync::MAX_FLUSH_BYTES;
@@ -301,7 +301,7 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
         r.settle(&Billable::plain(60, 40));
         q.record(
             &tenant,
-            ledger.clock.load(Ordering::Relaxed) / 86_400_000,
+            day_of(ledger.clock.load(Ordering::Relaxed)),
             rollup_key("m"),
             &usage_of(60, 40),
         );
@@ -312,7 +312,7 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
     q.flush().await;
     let used = ledger.published.borrow().ledger["tenant/acme/tokens_per_minute"].used;
     assert_eq!(used, 700, "the ledger holds actual usage");
-    let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
+    let day = day_of(ledger.clock.load(Ordering::Relaxed));
     assert_eq!(
         ledger.published.borrow().usage[&day]["acme"]
             .model("m")
@@ -1113,7 +1113,7 @@ async fn a_clean_stop_reports_what_the_last_interval_charged() {
     r.settle(&Billable::plain(20, 60));
     q.record(
         &tenant,
-        ledger.clock.load(Ordering::Relaxed) / 86_400_000,
+        day_of(ledger.clock.load(Ordering::Relaxed)),
         rollup_key("m"),
         &usage_of(20, 60),
     );
@@ -1162,7 +1162,7 @@ async fn a_call_is_rolled_up_in_its_own_day_when_its_flush_commits_the_next() {
     let ledger = ledger(1);
     let q = flushed_by_hand(&ledger);
     let tenant: Arc<str> = "acme".into();
-    let day = ledger.clock.load(Ordering::Relaxed) / 86_400_000;
+    let day = day_of(ledger.clock.load(Ordering::Relaxed));
     q.record(&tenant, day, rollup_key("m"), &usage_of(20, 60));
     // The flush is proposed after midnight.
     ledger
