@@ -374,6 +374,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     report(update, "a tenant update");
+    // The state machine's two copies each hold their own copy of what these applies changed
+    // (the bulk writes that built the state joined them: see `state_machine`).
+    println!("  RSS after them: {} MiB", rss_mib());
 
     let state = f.sm.subscribe().borrow().clone();
     let copy_started = Instant::now();

@@ -5,18 +5,36 @@
 //!
 //! The state itself lives in memory: on restart it comes back from the snapshot, and openraft
 //! re-applies the committed log entries after it.
+//!
+//! Two copies, as in a left-right map. The published version is immutable (readers hold it
+//! as long as they like), so applying to it would copy every changed path of its persistent
+//! tables, and publishing a clone of a working copy would make the next apply copy them again:
+//! copying a B-tree node takes a reference on each of its entries, and dropping the replaced
+//! version releases them, one cache miss each. Instead the state machine keeps a spare copy,
+//! the version published before the current one, and the entries applied since (`lag`). An
+//! apply first replays `lag` onto the spare, then applies its entries, publishes the spare and
+//! takes the replaced version back as the next spare. Where no reader holds a node of the
+//! spare, both steps change it in place: no copy, no allocation, nothing to drop. Apply is
+//! deterministic (it reads only the proposal and the state), so the replay makes the spare equal
+//! to what was published. A replaced version that someone still holds (a snapshot being written,
+//! an admin read) is left to them; the spare is then a clone of the published version, which
+//! shares its nodes, and applies copy paths as a single copy would until the copies part again.
+//! So that the state is not held twice for good, the copies also join that way every
+//! [`REJOIN_AFTER`], and after a bulk write ([`BULK`]).
 
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use meridian_proto::cluster::{Applied, ClusterState, NodeId};
+use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, SnapshotMeta,
     StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::{StorageError, TypeConfig, io_error};
@@ -56,6 +74,19 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 /// 24.7 MB in 0.32 s, encoding and writing included (level 3: 23.6 MB in 0.49 s). API keys'
 /// random digests do not shrink; the names and figures around them do.
 const ZSTD_LEVEL: i32 = 1;
+/// How long the two copies of the state go on apart (see the module's doc) before the spare is
+/// made a clone of the published version again. Apart, the copies each hold their own copy of
+/// every node either changed; joined, they share all of them again, and part only where the
+/// applies after change: what the state holds twice is what changed in the last ten seconds or
+/// so, not all that ever changed (90 days of roll-ups, say). The applies just after pay for the
+/// copies as a single copy would, until what they change has parted again.
+const REJOIN_AFTER: Duration = Duration::from_secs(10);
+/// An apply of this many commands or more (a bulk write, a catch-up) joins the copies at once:
+/// replaying it onto the spare would cost as much again, and would make the copies each hold
+/// their own copy of all it wrote, where a clone costs nothing. A node's usage flushes are
+/// mostly far smaller (one of up to 512 KiB can hold a few thousand reports: it is applied as a
+/// single copy would apply it).
+const BULK: usize = 1_000;
 /// A zstd frame's first bytes (RFC 8878, 3.1.1).
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
@@ -152,7 +183,15 @@ struct SnapshotFile {
 }
 
 struct Inner {
-    state: ClusterState,
+    /// The version published before the current one, unless it was still held when replaced
+    /// (then a clone of the current one); `lag` brings it up to the current one.
+    spare: ClusterState,
+    /// The proposals applied since `spare` was published.
+    lag: Vec<Proposal>,
+    /// When the spare was last made a clone of the published version.
+    parted_at: Instant,
+    /// [`REJOIN_AFTER`], but in tests.
+    rejoin_after: Duration,
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
     current: Option<(Meta, Vec<u8>)>,
@@ -184,7 +223,10 @@ impl StateMachine {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let mut inner = Inner {
-            state: ClusterState::default(),
+            spare: ClusterState::default(),
+            lag: Vec::new(),
+            parted_at: Instant::now(),
+            rejoin_after: REJOIN_AFTER,
             last_applied: None,
             last_membership: Membership::default(),
             current: None,
@@ -192,12 +234,12 @@ impl StateMachine {
         };
         if let Some((meta, data)) = read_file(dir).map_err(|e| snap_err(ErrorVerb::Read, e))? {
             let body = decode_body(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            inner.state = body.state;
+            inner.spare = body.state;
             inner.last_applied = body.last_applied;
             inner.last_membership = body.last_membership;
             inner.current = Some((meta, data));
         }
-        let published = watch::Sender::new(Arc::new(inner.state.clone()));
+        let published = watch::Sender::new(Arc::new(inner.spare.clone()));
         Ok(Self {
             inner: Arc::new(Mutex::new(inner)),
             dir: dir.to_path_buf(),
@@ -213,6 +255,39 @@ impl StateMachine {
     /// A short lock: never held across an await.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state as last applied (under the lock, it goes with `last_applied`).
+    fn current(&self) -> Arc<ClusterState> {
+        self.published.borrow().clone()
+    }
+
+    /// Publishes `state` (the spare, brought up to date and applied to) and keeps the version
+    /// it replaces as the next spare, or a clone of `state` if that version is still held.
+    ///
+    /// Every [`REJOIN_AFTER`], and after a bulk write ([`BULK`]), the copies join again: the
+    /// spare becomes a clone of `state` too, and the nodes only the replaced version held are
+    /// freed off the apply path.
+    fn publish(&self, g: &mut Inner, state: ClusterState) {
+        let replaced = self.published.send_replace(Arc::new(state));
+        let commands: usize = (g.lag.iter())
+            .map(|p| match &p.command {
+                Command::Batch { commands } => commands.len(),
+                _ => 1,
+            })
+            .sum();
+        let rejoin = g.parted_at.elapsed() >= g.rejoin_after || commands >= BULK;
+        match Arc::try_unwrap(replaced) {
+            Ok(replaced) if !rejoin => g.spare = replaced,
+            replaced => {
+                g.lag.clear();
+                g.spare = ClusterState::clone(&self.current());
+                g.parted_at = Instant::now();
+                if let (Ok(replaced), Ok(runtime)) = (replaced, Handle::try_current()) {
+                    runtime.spawn_blocking(move || drop(replaced));
+                }
+            }
+        }
     }
 
     /// Writes the snapshot file atomically: temp file, fsync, rename, fsync the directory.
@@ -246,12 +321,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let mut g = self.lock();
             g.built += 1;
             // Compressed only if every member reads that (see `SNAPSHOT_FORMAT`).
+            let state = ClusterState::clone(&self.current());
             let compress = (g.last_membership.membership().nodes())
-                .all(|(id, _)| (g.state.members.get(id)).is_some_and(|m| m.snapshot_format >= 1));
+                .all(|(id, _)| (state.members.get(id)).is_some_and(|m| m.snapshot_format >= 1));
             let body = SnapshotBody {
                 last_applied: g.last_applied,
                 last_membership: g.last_membership.clone(),
-                state: g.state.clone(),
+                state,
             };
             let meta = Meta {
                 last_log_id: g.last_applied,
@@ -287,19 +363,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut g = self.lock();
+        let g = &mut *g;
+        for p in g.lag.drain(..) {
+            g.spare.apply(&p);
+        }
         let mut out = Vec::new();
         for entry in entries {
             g.last_applied = Some(entry.log_id);
             out.push(match entry.payload {
                 EntryPayload::Blank => Applied::Unchanged,
-                EntryPayload::Normal(p) => g.state.apply(&p),
+                EntryPayload::Normal(p) => {
+                    let applied = g.spare.apply(&p);
+                    g.lag.push(p);
+                    applied
+                }
                 EntryPayload::Membership(m) => {
                     g.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     Applied::Changed
                 }
             });
         }
-        self.published.send_replace(Arc::new(g.state.clone()));
+        let state = std::mem::take(&mut g.spare);
+        self.publish(g, state);
         Ok(out)
     }
 
@@ -324,11 +409,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body = body.map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.persist(meta.clone(), data.clone()).await?;
         let mut g = self.lock();
-        g.state = body.state;
+        let g = &mut *g;
         g.last_applied = meta.last_log_id;
         g.last_membership = meta.last_membership.clone();
         g.current = Some((meta.clone(), data));
-        self.published.send_replace(Arc::new(g.state.clone()));
+        // The spare starts again from the snapshot: what it lagged by came before it.
+        g.lag.clear();
+        g.spare = body.state.clone();
+        self.published.send_replace(Arc::new(body.state));
         Ok(())
     }
 

@@ -386,3 +386,179 @@ async fn snapshots_are_compressed_only_once_every_member_reads_them() -> Result<
     assert_eq!(**reopened.subscribe().borrow(), **sm.subscribe().borrow());
     Ok(())
 }
+
+/// The state machine applies to a spare copy and takes the version it replaces back as the
+/// next spare. What it publishes is what one copy applying every entry in turn holds, whether
+/// or not readers hold versions and across a snapshot installed; and once the copies have
+/// parted, an apply that no reader overlaps changes its entries in place: it allocates the
+/// published version's handle and its answers, and copies no node or entry.
+#[test]
+fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_them()
+-> Result<(), StorageError> {
+    use meridian_proto::cluster::Command;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let dir = tempfile::tempdir().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let sm = StateMachine::open(dir.path())?;
+    let report = |user: u64| Command::ReportUsage {
+        key: format!("tenant/t/user/u{user}/tokens_per_day"),
+        node: 1 + user % 3,
+        window_start_unix_ms: 0,
+        delta: 7,
+        limit: 1_000_000,
+        window_ms: 86_400_000,
+    };
+    /// The state machine, and one copy applying every entry in turn.
+    struct Pair {
+        runtime: tokio::runtime::Runtime,
+        sm: StateMachine,
+        one: ClusterState,
+        index: u64,
+    }
+    impl Pair {
+        /// Applies `commands` as one call, checks what is published and kept, and says how
+        /// many allocations the call made.
+        fn apply(&mut self, commands: Vec<Command>, held: bool) -> Result<u64, StorageError> {
+            let count = |c: &Command| match c {
+                Command::Batch { commands } => commands.len(),
+                _ => 1,
+            };
+            let rejoins = self.sm.lock().rejoin_after.is_zero()
+                || commands.iter().map(count).sum::<usize>() >= BULK;
+            let entries: Vec<Entry> = (commands.into_iter())
+                .map(|c| {
+                    self.index += 1;
+                    entry(self.index, c)
+                })
+                .collect();
+            let before = self.one.clone();
+            for e in &entries {
+                if let EntryPayload::Normal(p) = &e.payload {
+                    self.one.apply(p);
+                }
+            }
+            let held = held.then(|| self.sm.subscribe().borrow().clone());
+            let mut applied = Ok(Vec::new());
+            let allocated = allocation_counter::measure(|| {
+                applied = self.runtime.block_on(self.sm.apply(entries));
+            })
+            .count_total;
+            applied?;
+            assert_eq!(
+                **self.sm.subscribe().borrow(),
+                self.one,
+                "entry {}",
+                self.index
+            );
+            let g = self.sm.lock();
+            if let Some(held) = &held {
+                assert_eq!(**held, before, "the version held is left as it was");
+            }
+            if held.is_some() || rejoins {
+                assert!(
+                    g.lag.is_empty(),
+                    "the spare is a clone of the current version"
+                );
+                assert!(g.spare.ledger.ptr_eq(&self.sm.current().ledger));
+                assert_eq!(g.spare, self.one);
+            } else {
+                assert_eq!(g.spare, before, "the spare is the version replaced");
+            }
+            Ok(allocated)
+        }
+    }
+    let mut pair = Pair {
+        runtime,
+        sm,
+        one: ClusterState::default(),
+        index: 0,
+    };
+    for round in 0..60u64 {
+        // A report on the first user, new users and members, in one to three entries; every
+        // seventh round a reader holds the published version across the apply.
+        let mut commands = vec![report(0)];
+        for j in 0..round % 3 {
+            commands.push(match j {
+                0 => report(round * 7 + 1),
+                _ => member(round % 4),
+            });
+        }
+        pair.apply(commands, round % 7 == 3)?;
+        if round == 30 {
+            // A snapshot of this state installed again: the copies start over from it.
+            let sm = &mut pair.sm;
+            pair.runtime.block_on(async {
+                let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
+                sm.install_snapshot(&snapshot.meta, snapshot.snapshot).await
+            })?;
+            assert_eq!(
+                **pair.sm.subscribe().borrow(),
+                pair.one,
+                "after the snapshot"
+            );
+        }
+    }
+    // A flush of reports on every user: once the copies hold those entries apart, the call
+    // allocates what driving a future does, what applying the flush to a copy of one's own
+    // does (twice: the replay and the apply), the published version's `Arc` and the vector of
+    // answers, however many entries it changes; no node, no entry is copied.
+    let users: Vec<u64> = (pair.one.ledger.keys())
+        .filter_map(|k| {
+            k.strip_prefix("tenant/t/user/u")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        users.len() > 30,
+        "{} users, over several B-tree leaves",
+        users.len()
+    );
+    let flush = || Command::Batch {
+        commands: users.iter().map(|u| report(*u)).collect(),
+    };
+    let on_its_own = {
+        let mut own = pair.one.clone();
+        let p = meridian_proto::cluster::Proposal {
+            at_unix_ms: pair.index * 10,
+            proposer: 1,
+            command: flush(),
+        };
+        own.apply(&p);
+        allocation_counter::measure(|| {
+            own.apply(&p);
+        })
+        .count_total
+    };
+    let driving = allocation_counter::measure(|| pair.runtime.block_on(async {})).count_total;
+    for _ in 0..3 {
+        pair.apply(vec![flush()], false)?;
+    }
+    for _ in 0..2 {
+        let allocated = pair.apply(vec![flush()], false)?;
+        assert_eq!(
+            allocated,
+            driving + 2 * on_its_own + 2,
+            "a flush of {} reports",
+            users.len()
+        );
+    }
+    // A bulk write joins the copies at once.
+    pair.apply(
+        vec![Command::Batch {
+            commands: (0..BULK as u64).map(report).collect(),
+        }],
+        false,
+    )?;
+    pair.apply(vec![flush()], false)?;
+    // When the copies join again (here at every apply), the spare is a clone of what is
+    // published, and what is published is still what one copy holds.
+    pair.sm.lock().rejoin_after = Duration::ZERO;
+    for round in 0..5 {
+        pair.apply(vec![flush(), member(round)], round == 2)?;
+    }
+    Ok(())
+}
