@@ -278,11 +278,11 @@ pub(super) struct Wanted {
 }
 
 impl Quota {
-    /// The ledger entries that changed from `before` to `after` and now ask for this node's
-    /// share (only what changed is looked at: the tables share everything else).
-    pub(super) fn shares_wanted(&self, before: &ClusterState, after: &ClusterState) -> Vec<Wanted> {
+    /// The ledger entries that ask for this node's share. A walk of the whole ledger, made only
+    /// when an entry was marked wanted since the last (see `LedgerTable::wants`).
+    pub(super) fn shares_wanted(&self, state: &ClusterState) -> Vec<Wanted> {
         let me = self.inner.node_id;
-        (after.ledger.changed_since(&before.ledger))
+        (state.ledger.values())
             .filter(|l| l.wanted && l.share > 0 && !l.released.contains_key(&me))
             .map(|l| Wanted {
                 key: l.key().to_string(),
@@ -382,7 +382,9 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
     let mut every = quota.inner.config().flush_every;
     let mut tick = ticker(every);
     let mut state = quota.inner.cluster.state.clone();
-    let mut seen = Arc::clone(&state.borrow_and_update());
+    // Not the version last seen: holding it would keep the state machine from reusing it
+    // (see `meridian_cluster::state_machine`). Only its ledger's marks.
+    let mut seen = state.borrow_and_update().ledger.wants();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -397,11 +399,13 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
             }
             Ok(()) = state.changed() => {
                 let now = Arc::clone(&state.borrow_and_update());
-                for wanted in quota.shares_wanted(&seen, &now) {
-                    let q = quota.clone();
-                    tokio::spawn(async move { q.release_share(wanted).await });
+                if now.ledger.wants() != seen {
+                    seen = now.ledger.wants();
+                    for wanted in quota.shares_wanted(&now) {
+                        let q = quota.clone();
+                        tokio::spawn(async move { q.release_share(wanted).await });
+                    }
                 }
-                seen = now;
             }
             key = renewals.recv() => match key {
                 Some(key) => {

@@ -197,7 +197,8 @@ impl ClusterState {
                 let kept = ledger.grants.remove(&r.node).map_or(0, |g| g.outstanding());
                 let held = kept.max(r.charged.saturating_sub(used));
                 let amount = r.amount.min(ledger.available().saturating_sub(held));
-                if amount < r.amount && ledger.shares_held() > 0 {
+                let wanted = amount < r.amount && ledger.shares_held() > 0;
+                if wanted {
                     ledger.wanted = true;
                 }
                 ledger.grants.insert(
@@ -208,6 +209,9 @@ impl ClusterState {
                         expires_at_unix_ms: at.saturating_add(r.ttl_ms),
                     },
                 );
+                if wanted {
+                    self.ledger.mark_wanted();
+                }
                 Applied::Granted { amount, used, held }
             }
             Command::ReleaseShare {

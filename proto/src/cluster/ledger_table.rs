@@ -35,7 +35,29 @@ pub struct LedgerTable {
     by_hash: OrdMap<u64, Arc<Ledger>>,
     /// Keys whose hash a smaller key holds, by hash and key (none but for collisions).
     spill: OrdMap<(u64, Arc<str>), Arc<Ledger>>,
+    wants: Wants,
 }
+
+/// How often an entry was marked [`Ledger::wanted`], for a node to tell without comparing
+/// versions whether it should look for shares to give up. Not part of the replicated state:
+/// two tables are equal whatever their marks, and a table read from a snapshot starts a
+/// new `epoch` (unique in the process), so that it reads as changed to whoever saw another.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wants {
+    epoch: u64,
+    marks: u64,
+}
+
+impl PartialEq for Wants {
+    fn eq(&self, _: &Wants) -> bool {
+        true
+    }
+}
+
+impl Eq for Wants {}
+
+/// The next epoch of a table read from a snapshot.
+static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn hash(key: &str) -> u64 {
     // The tests' keys under `collide/` share a hash: XXH3 collisions take longer to find than a
@@ -153,6 +175,17 @@ enum Slot {
 }
 
 impl LedgerTable {
+    /// Says that an entry was marked [`Ledger::wanted`] (again).
+    pub fn mark_wanted(&mut self) {
+        self.wants.marks += 1;
+    }
+
+    /// Changes whenever an entry is marked [`Ledger::wanted`], and when the table is read from
+    /// a snapshot. The same in every copy made by applying the same entries to one table.
+    pub fn wants(&self) -> (u64, u64) {
+        (self.wants.epoch, self.wants.marks)
+    }
+
     pub fn len(&self) -> usize {
         self.by_hash.len() + self.spill.len()
     }
@@ -270,24 +303,6 @@ impl LedgerTable {
         )
     }
 
-    /// The entries added or changed since `before`. Only what changed is looked at: the two
-    /// share the rest.
-    pub fn changed_since<'a>(
-        &'a self,
-        before: &'a LedgerTable,
-    ) -> impl Iterator<Item = &'a Arc<Ledger>> {
-        use imbl::ordmap::DiffItem;
-        let by_hash = before.by_hash.diff(&self.by_hash).filter_map(|d| match d {
-            DiffItem::Add(_, l) | DiffItem::Update { new: (_, l), .. } => Some(l),
-            DiffItem::Remove(..) => None,
-        });
-        let spilled = before.spill.diff(&self.spill).filter_map(|d| match d {
-            DiffItem::Add(_, l) | DiffItem::Update { new: (_, l), .. } => Some(l),
-            DiffItem::Remove(..) => None,
-        });
-        by_hash.chain(spilled)
-    }
-
     /// Whether the two share all their nodes (one is a clone of the other, unchanged).
     pub fn ptr_eq(&self, other: &LedgerTable) -> bool {
         self.by_hash.ptr_eq(&other.by_hash) && self.spill.ptr_eq(&other.spill)
@@ -354,6 +369,7 @@ impl<'de> Deserialize<'de> for LedgerTable {
                 while let Some((key, ledger)) = map.next_entry::<String, Ledger>()? {
                     *table.get_or_insert_with(&key, Ledger::default) = named(&key, || ledger);
                 }
+                table.wants.epoch = EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(table)
             }
         }
@@ -393,8 +409,7 @@ mod tests {
         if let Some(l) = t.get_mut("tenant/t9/tokens_per_day") {
             Arc::make_mut(l).used = 99;
         }
-        let changed: Vec<_> = t.changed_since(&before).map(|l| &*l.key).collect();
-        assert_eq!(changed, ["tenant/t9/tokens_per_day"]);
+        assert!(!before.ptr_eq(&t));
         assert_eq!(
             before["tenant/t9/tokens_per_day"].used, 10,
             "the clone is unchanged"
@@ -484,6 +499,26 @@ mod tests {
         t.remove("collide/m");
         assert_eq!(t.len(), 2);
         assert_eq!(lap(&t, "collide/m")[0], "collide/x");
+    }
+
+    #[test]
+    fn a_wanted_mark_changes_what_wants_says_and_not_what_the_table_equals() {
+        let mut t = LedgerTable::default();
+        t.get_or_insert_with("a", entry(1));
+        let (before, copy) = (t.wants(), t.clone());
+        t.mark_wanted();
+        assert_ne!(t.wants(), before);
+        assert_eq!(t, copy, "marks are not part of the replicated state");
+        let json = serde_json::to_value(&t).expect("serializes");
+        let read: LedgerTable = serde_json::from_value(json.clone()).expect("reads back");
+        let again: LedgerTable = serde_json::from_value(json).expect("reads back");
+        assert_eq!(read, t);
+        assert_ne!(read.wants(), t.wants());
+        assert_ne!(
+            read.wants(),
+            again.wants(),
+            "each read starts an epoch of its own"
+        );
     }
 
     #[test]
