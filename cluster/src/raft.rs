@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::TypeConfig;
-use crate::state_machine::StateMachine;
+use crate::state_machine::{SpareCounts, StateMachine};
 use crate::store::LogStore;
 use network::Network;
 pub use network::NoPeers;
@@ -300,6 +300,7 @@ pub struct ClusterNode {
     committed: Arc<AtomicU64>,
     /// The wall clock its proposals are stamped with (the node's: see [`ClusterNode::with_clock`]).
     clock: WallClock,
+    spares: Arc<SpareCounts>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -324,6 +325,7 @@ impl ClusterNode {
         let committed = log.committed_index();
         let sm = StateMachine::open(&dir.join("state")).map_err(|e| fatal(&e))?;
         let state = sm.subscribe();
+        let spares = sm.spares();
         let config = Config {
             cluster_name: "meridian".into(),
             heartbeat_interval: timings.heartbeat.as_millis() as u64,
@@ -353,6 +355,7 @@ impl ClusterNode {
             transport,
             committed,
             clock: WallClock::system(),
+            spares,
         })
     }
 
@@ -731,6 +734,12 @@ impl ClusterNode {
             .membership()
             .get_node(&id)
             .cloned()
+    }
+
+    /// What became of the state versions its applies replaced (see
+    /// [`crate::state_machine`]).
+    pub fn spares(&self) -> &SpareCounts {
+        &self.spares
     }
 
     pub fn status(&self) -> ClusterStatus {

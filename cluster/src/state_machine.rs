@@ -24,6 +24,7 @@
 
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -204,6 +205,19 @@ pub struct StateMachine {
     inner: Arc<Mutex<Inner>>,
     dir: PathBuf,
     published: watch::Sender<Arc<ClusterState>>,
+    spares: Arc<SpareCounts>,
+}
+
+/// What became of the version each apply replaced (see the module's doc), counted since the
+/// state machine opened.
+#[derive(Debug, Default)]
+pub struct SpareCounts {
+    /// Taken back as the spare: the next apply changes it in place.
+    pub reused: AtomicU64,
+    /// Still held by a reader: the spare is a clone of the published version instead.
+    pub held: AtomicU64,
+    /// Dropped because the copies joined (on the clock or after a bulk write).
+    pub joined: AtomicU64,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -244,6 +258,7 @@ impl StateMachine {
             inner: Arc::new(Mutex::new(inner)),
             dir: dir.to_path_buf(),
             published,
+            spares: Arc::default(),
         })
     }
 
@@ -255,6 +270,11 @@ impl StateMachine {
     /// A short lock: never held across an await.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What became of the versions applies replaced.
+    pub fn spares(&self) -> Arc<SpareCounts> {
+        Arc::clone(&self.spares)
     }
 
     /// The state as last applied (under the lock, it goes with `last_applied`).
@@ -278,8 +298,16 @@ impl StateMachine {
             .sum();
         let rejoin = g.parted_at.elapsed() >= g.rejoin_after || commands >= BULK;
         match Arc::try_unwrap(replaced) {
-            Ok(replaced) if !rejoin => g.spare = replaced,
+            Ok(replaced) if !rejoin => {
+                self.spares.reused.fetch_add(1, Ordering::Relaxed);
+                g.spare = replaced;
+            }
             replaced => {
+                let counter = match replaced {
+                    Ok(_) => &self.spares.joined,
+                    Err(_) => &self.spares.held,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 g.lag.clear();
                 g.spare = ClusterState::clone(&self.current());
                 g.parted_at = Instant::now();

@@ -375,6 +375,18 @@ pub fn chat_as(
         .body(body)
 }
 
+/// The value of the metric line that starts with `series` in node `url`'s `/metrics`.
+pub async fn metric(url: &str, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// Sends `req` and returns the answer's status, 0 when none came.
 pub async fn status_of(req: reqwest::RequestBuilder) -> u16 {
     req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use meridian_tests::procs::Harness;
-use meridian_tests::{ReservedPort, chat_as, mock_vllm_stats, status_of};
+use meridian_tests::{ReservedPort, chat_as, metric, mock_vllm_stats, status_of};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -714,18 +714,6 @@ async fn a_replica_one_node_launches_is_routed_to_by_every_node() {
          it and its stale registry record was gone {} ms after the restart",
         restarted.elapsed().as_millis()
     );
-}
-
-/// The value of the metric line that starts with `series` in node `url`'s `/metrics`.
-async fn metric(url: &str, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// Reads an SSE response to its end: the `data:` payloads, in order.

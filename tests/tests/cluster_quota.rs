@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
-use meridian_tests::provider_toml;
+use meridian_tests::{metric, provider_toml};
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -464,6 +464,28 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
         mean >= 0.5 * PER_USER as f64,
         "users got too little of their limit: mean {mean:.0}"
     );
+    // Each node's state machine took back nearly every version its applies replaced (no
+    // reader held on to one), so it applied in place.
+    for id in [1, 2, 3] {
+        let http = h.node(id).http();
+        let spare = |what: &str| {
+            let series = format!("meridian_cluster_state_applies_total{{spare=\"{what}\"}}");
+            let http = http.clone();
+            async move { metric(&http, &series).await.unwrap_or(0.0) }
+        };
+        let (reused, held, joined) = (
+            spare("reused").await,
+            spare("held").await,
+            spare("joined").await,
+        );
+        println!(
+            "node {id}: applies whose replaced version was reused {reused}, held {held}, joined {joined}"
+        );
+        assert!(
+            reused >= 0.9 * (reused + held + joined) && reused > 100.0,
+            "node {id}: reused {reused}, held {held}, joined {joined}"
+        );
+    }
 }
 
 /// A daily limit starts again at midnight (UTC) on every node: three nodes spend a tenant's
