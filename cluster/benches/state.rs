@@ -6,7 +6,8 @@
 //! `--days` days (default 90) of daily roll-ups, one model per tenant.
 //!
 //! Prints: the time to apply and publish one entry (a hot user's first grant, a usage flush of 100
-//! reports, a tenant update), p50/p99/max over `--samples` each; what publishing would cost if
+//! reports, a tenant update), p50/p99/max over `--samples` each, and the 50 flushes just after
+//! the state machine's two copies joined again; what publishing would cost if
 //! the state were copied whole on each apply (a deep copy of its tables, for comparison); the
 //! snapshot's size and build time; how long the state machine takes to open it; then, as a
 //! Raft member over QUIC with mutual TLS on loopback and production timings: how long the node
@@ -24,7 +25,7 @@ use hdrhistogram::Histogram;
 use meridian_cluster::certs;
 use meridian_cluster::raft::quic::QuicTransport;
 use meridian_cluster::raft::{ClusterNode, RaftTimings, Transport};
-use meridian_cluster::state_machine::StateMachine;
+use meridian_cluster::state_machine::{REJOIN_AFTER, StateMachine};
 use meridian_cluster::{StorageError, TypeConfig};
 use meridian_proto::cluster::{
     ApiKeyRecord, ClusterState, Command, GrantRequest, Limits, Member, Proposal, Tenant, Tier,
@@ -248,7 +249,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }))
     .await?;
     let batch = |commands: Vec<Command>| Command::Batch { commands };
-    for chunk in (0..tenants).collect::<Vec<_>>().chunks(1_000) {
+    // Written in bulk (entries of 10,000 commands): the state machine joins its two copies
+    // after each, so the state is held once, as a node restoring it from a snapshot holds it.
+    // Smaller entries would leave it held twice until the copies next join.
+    for chunk in (0..tenants).collect::<Vec<_>>().chunks(10_000) {
         f.apply(batch(
             chunk
                 .iter()
@@ -295,7 +299,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for day in 0..days {
         f.at = (start_day - days + day) * DAY_MS + 1;
         let all: Vec<u64> = (0..tenants).collect();
-        for chunk in all.chunks(5_000) {
+        for chunk in all.chunks(10_000) {
             f.apply(batch(
                 chunk
                     .iter()
@@ -337,11 +341,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     report(new_user, "a hot user's first grant");
-    let mut flush = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    for i in 0..samples {
+    // The `i`th flush: 100 hot users' entries (the ones in the ledger), the next 100 each time.
+    let flush_of = |i: u64| {
         let reports = (0..100)
             .map(|j| {
-                // A hot user's entry (the ones in the ledger).
                 let user = ((i * 100 + j) % (users / 100).max(1)) * 100;
                 (user, user % tenants)
             })
@@ -354,7 +357,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 window_ms: DAY_MS,
             })
             .collect();
-        flush.saturating_record(f.apply(batch(reports)).await?.as_nanos() as u64);
+        batch(reports)
+    };
+    let mut flush = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    for i in 0..samples {
+        flush.saturating_record(f.apply(flush_of(i)).await?.as_nanos() as u64);
     }
     let flush_p50 = Duration::from_nanos(flush.value_at_quantile(0.5));
     report(flush, "a usage flush of 100 reports");
@@ -364,6 +371,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         busy_loop(flush_p50, samples)?,
         "  for scale: a bare loop as long as its p50",
     );
+    // The state machine's two copies join every `REJOIN_AFTER` (the run above is shorter):
+    // the flushes just after pay for copying what they change until it has parted again.
+    f.sm.join_after(Duration::ZERO);
+    f.apply(flush_of(samples)).await?;
+    f.sm.join_after(REJOIN_AFTER);
+    let mut joined = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    for i in samples + 1..samples + 51 {
+        joined.saturating_record(f.apply(flush_of(i)).await?.as_nanos() as u64);
+    }
+    report(joined, "  the 50 flushes after the copies joined");
     let mut update = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     for i in 0..samples {
         let region = if i % 2 == 0 { "us" } else { "eu" };

@@ -77,17 +77,19 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 const ZSTD_LEVEL: i32 = 1;
 /// How long the two copies of the state go on apart (see the module's doc) before the spare is
 /// made a clone of the published version again. Apart, the copies each hold their own copy of
-/// every node either changed; joined, they share all of them again, and part only where the
-/// applies after change: what the state holds twice is what changed in the last ten seconds or
-/// so, not all that ever changed (90 days of roll-ups, say). The applies just after pay for the
-/// copies as a single copy would, until what they change has parted again.
-const REJOIN_AFTER: Duration = Duration::from_secs(10);
+/// every node either changed; joined, they share all of them again. What is written all the
+/// time (the ledger, today's roll-ups) parts again within seconds whatever the period; what
+/// the period bounds is the rest, written once and then only read (a day's roll-ups once the
+/// day is over, tenants and keys an operator changed), which would otherwise stay held twice.
+/// The applies just after a join pay for copying what they change in both copies, about twice
+/// what a single copy paid (the state bench prints them): once in ten minutes, they are a few
+/// dozen of the tens of thousands of applies a busy node makes in that time.
+pub const REJOIN_AFTER: Duration = Duration::from_secs(600);
 /// An apply of this many commands or more (a bulk write, a catch-up) joins the copies at once:
 /// replaying it onto the spare would cost as much again, and would make the copies each hold
-/// their own copy of all it wrote, where a clone costs nothing. A node's usage flushes are
-/// mostly far smaller (one of up to 512 KiB can hold a few thousand reports: it is applied as a
-/// single copy would apply it).
-const BULK: usize = 1_000;
+/// their own copy of all it wrote, where a clone costs nothing. No usage flush is that large
+/// (at most 512 KiB, some 6,000 reports).
+const BULK: usize = 10_000;
 /// A zstd frame's first bytes (RFC 8878, 3.1.1).
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
@@ -191,7 +193,7 @@ struct Inner {
     lag: Vec<Proposal>,
     /// When the spare was last made a clone of the published version.
     parted_at: Instant,
-    /// [`REJOIN_AFTER`], but in tests.
+    /// [`REJOIN_AFTER`], unless set otherwise ([`StateMachine::join_after`]).
     rejoin_after: Duration,
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
@@ -270,6 +272,12 @@ impl StateMachine {
     /// A short lock: never held across an await.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how long the two copies go on apart before they join ([`REJOIN_AFTER`] unless set;
+    /// for tests and benches).
+    pub fn join_after(&self, period: Duration) {
+        self.lock().rejoin_after = period;
     }
 
     /// What became of the versions applies replaced.

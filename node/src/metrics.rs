@@ -346,7 +346,7 @@ impl Live {
         family(
             e,
             "meridian_cluster_state_applies",
-            "Applies of the replicated state by what became of the version each replaced: reused (the next apply changes it in place), held (a reader still held it: the next apply copies what it changes), joined (the two copies joined again, every 10 s and after a bulk write)",
+            "Applies of the replicated state by what became of the version each replaced: reused (the next apply changes it in place), held (a reader still held it: the next apply copies what it changes), joined (the two copies joined again, every 10 minutes and after a bulk write)",
             MetricType::Counter,
             [
                 ([("spare", "reused")], spares.reused.load(Ordering::Relaxed)),

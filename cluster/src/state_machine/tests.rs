@@ -556,7 +556,7 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
     pair.apply(vec![flush()], false)?;
     // When the copies join again (here at every apply), the spare is a clone of what is
     // published, and what is published is still what one copy holds.
-    pair.sm.lock().rejoin_after = Duration::ZERO;
+    pair.sm.join_after(Duration::ZERO);
     for round in 0..5 {
         pair.apply(vec![flush(), member(round)], round == 2)?;
     }
