@@ -1164,14 +1164,20 @@ async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Why a LoRA request is refused before its body is read: the caller is not let in, or
+/// runtime LoRA updating is off (vLLM's 404).
+fn lora_refused(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), headers) {
+        return Some(refused);
+    }
+    (!s.opts.lora_runtime).then(|| error_response(Flavor::Vllm, 404, "Not Found"))
+}
+
 /// `POST /v1/load_lora_adapter` (only with runtime LoRA updating): 200 with vLLM's plain-text
 /// success line, 400 `InvalidUserInput` for missing fields or a name already loaded.
 async fn load_lora(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), &headers) {
+    if let Some(refused) = lora_refused(&s, &headers) {
         return refused;
-    }
-    if !s.opts.lora_runtime {
-        return error_response(Flavor::Vllm, 404, "Not Found");
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let (Some(name), Some(path)) = (req["lora_name"].as_str(), req["lora_path"].as_str()) else {
@@ -1207,11 +1213,8 @@ async fn load_lora(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 
 /// `POST /v1/unload_lora_adapter`: 404 `NotFoundError` when it is not loaded.
 async fn unload_lora(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = unauthorized(Flavor::Vllm, s.opts.api_key.as_deref(), &headers) {
+    if let Some(refused) = lora_refused(&s, &headers) {
         return refused;
-    }
-    if !s.opts.lora_runtime {
-        return error_response(Flavor::Vllm, 404, "Not Found");
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let Some(name) = req["lora_name"].as_str() else {

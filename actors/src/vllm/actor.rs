@@ -288,29 +288,22 @@ impl Replica {
         }
     }
 
-    async fn ready(&mut self, after: Duration) {
-        let spec = match self.a.group.provider_spec(
-            self.a.provider_id.clone(),
-            self.a.port,
-            self.models.clone(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                self.unhealthy(format!("cannot route to it: {e}"));
-                return;
-            }
-        };
-        if let Err(e) = self
-            .a
-            .registry
-            .register_replica(
-                spec,
-                self.a.group.via_mesh,
-                self.a.group.api_key.as_ref().map(|k| k.expose().to_owned()),
-            )
+    /// Routes the replica with the models it serves now: its provider, registered for the
+    /// cluster. Says which step failed.
+    async fn route(&self) -> Result<(), String> {
+        let spec = (self.a.group)
+            .provider_spec(self.a.provider_id.clone(), self.a.port, self.models.clone())
+            .map_err(|e| format!("cannot route to it: {e}"))?;
+        let api_key = self.a.group.api_key.as_ref().map(|k| k.expose().to_owned());
+        (self.a.registry)
+            .register_replica(spec, self.a.group.via_mesh, api_key)
             .await
-        {
-            self.unhealthy(format!("cannot register it: {}", e.message));
+            .map_err(|e| format!("cannot register it: {}", e.message))
+    }
+
+    async fn ready(&mut self, after: Duration) {
+        if let Err(why) = self.route().await {
+            self.unhealthy(why);
             return;
         }
         self.ready_since = Some(Instant::now());
@@ -569,20 +562,7 @@ impl Replica {
                 upstream_name: name,
             });
         }
-        let spec = self
-            .a
-            .group
-            .provider_spec(self.a.provider_id.clone(), self.a.port, self.models.clone())
-            .map_err(|e| ControlError::Refused(e.to_string()))?;
-        self.a
-            .registry
-            .register_replica(
-                spec,
-                self.a.group.via_mesh,
-                self.a.group.api_key.as_ref().map(|k| k.expose().to_owned()),
-            )
-            .await
-            .map_err(|e| ControlError::Refused(e.message))?;
+        self.route().await.map_err(ControlError::Refused)?;
         self.publish();
         Ok(())
     }

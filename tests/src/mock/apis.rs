@@ -68,25 +68,36 @@ async fn read(s: &Shared, headers: &HeaderMap, body: &Bytes) -> Result<Value, Re
     Ok(req)
 }
 
+/// [`read`], then the request's inputs under `field` (see [`inputs`]) and its model.
+async fn read_inputs(
+    s: &Shared,
+    headers: &HeaderMap,
+    body: &Bytes,
+    field: &str,
+) -> Result<(Value, Vec<(String, usize)>, String), Response> {
+    let req = read(s, headers, body).await?;
+    let Some(items) = inputs(&req[field]) else {
+        return Err(error_response(
+            s.opts.flavor,
+            400,
+            &format!("{field} must be a string, a list of strings or token ids"),
+        ));
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_owned();
+    Ok((req, items, model))
+}
+
 pub(super) async fn completions(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let arrived = s.stats.minute_now();
-    let req = match read(&s, &headers, &body).await {
-        Ok(r) => r,
+    let (req, prompts, model) = match read_inputs(&s, &headers, &body, "prompt").await {
+        Ok(read) => read,
         Err(refused) => return refused,
     };
     let flavor = s.opts.flavor;
-    let Some(prompts) = inputs(&req["prompt"]) else {
-        return error_response(
-            flavor,
-            400,
-            "prompt must be a string, a list of strings or token ids",
-        );
-    };
-    let model = req["model"].as_str().unwrap_or_default().to_owned();
     let script = match Script::of(&headers, &model, &s.opts.default_script) {
         Ok(s) => s,
         Err(e) => return error_response(flavor, 400, &e),
@@ -231,19 +242,11 @@ pub(super) async fn embeddings(
     body: Bytes,
 ) -> Response {
     let arrived = s.stats.minute_now();
-    let req = match read(&s, &headers, &body).await {
-        Ok(r) => r,
+    let (req, items, model) = match read_inputs(&s, &headers, &body, "input").await {
+        Ok(read) => read,
         Err(refused) => return refused,
     };
     let flavor = s.opts.flavor;
-    let Some(items) = inputs(&req["input"]) else {
-        return error_response(
-            flavor,
-            400,
-            "input must be a string, a list of strings or token ids",
-        );
-    };
-    let model = req["model"].as_str().unwrap_or_default().to_owned();
     let base64 = match req["encoding_format"].as_str() {
         None | Some("float") => false,
         Some("base64") => true,
