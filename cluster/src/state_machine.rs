@@ -16,9 +16,11 @@
 //! takes the replaced version back as the next spare. Where no reader holds a node of the
 //! spare, both steps change it in place: no copy, no allocation, nothing to drop. Apply is
 //! deterministic (it reads only the proposal and the state), so the replay makes the spare equal
-//! to what was published. A replaced version that someone still holds (a snapshot being written,
-//! an admin read) is left to them; the spare is then a clone of the published version, which
-//! shares its nodes, and applies copy paths as a single copy would until the copies part again.
+//! to what was published. A replaced version that a reader still holds (an admin read, a metrics
+//! scrape) is left to it (and freed here, off its thread, once it lets go); the spare is then a
+//! clone of the published version, which shares its nodes, and applies copy paths as a single
+//! copy would until the copies part again. A snapshot being written shares the nodes of the
+//! version it was taken from in the same way, until it is written.
 //! So that the state is not held twice for good, the copies also join that way every
 //! [`REJOIN_AFTER`], and after a bulk write ([`BULK`]).
 
@@ -90,6 +92,9 @@ pub const REJOIN_AFTER: Duration = Duration::from_secs(600);
 /// their own copy of all it wrote, where a clone costs nothing. No usage flush is that large
 /// (at most 512 KiB, some 6,000 reports).
 const BULK: usize = 10_000;
+/// How many replaced versions readers still hold the state machine keeps to free itself; one
+/// more lets go of the oldest (its last reader then frees it).
+const RETIRED: usize = 16;
 /// A zstd frame's first bytes (RFC 8878, 3.1.1).
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
@@ -195,6 +200,9 @@ struct Inner {
     parted_at: Instant,
     /// [`REJOIN_AFTER`], unless set otherwise ([`StateMachine::join_after`]).
     rejoin_after: Duration,
+    /// Replaced versions a reader still held, kept until it lets go so that the nodes only they
+    /// hold are freed here, off the reader's thread (at most [`RETIRED`]).
+    retired: Vec<Arc<ClusterState>>,
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
     current: Option<(Meta, Vec<u8>)>,
@@ -243,6 +251,7 @@ impl StateMachine {
             lag: Vec::new(),
             parted_at: Instant::now(),
             rejoin_after: REJOIN_AFTER,
+            retired: Vec::new(),
             last_applied: None,
             last_membership: Membership::default(),
             current: None,
@@ -311,18 +320,31 @@ impl StateMachine {
                 g.spare = replaced;
             }
             replaced => {
-                let counter = match replaced {
-                    Ok(_) => &self.spares.joined,
-                    Err(_) => &self.spares.held,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
                 g.lag.clear();
                 g.spare = ClusterState::clone(&self.current());
                 g.parted_at = Instant::now();
-                if let (Ok(replaced), Ok(runtime)) = (replaced, Handle::try_current()) {
-                    runtime.spawn_blocking(move || drop(replaced));
+                match replaced {
+                    Ok(replaced) => {
+                        self.spares.joined.fetch_add(1, Ordering::Relaxed);
+                        free(replaced);
+                    }
+                    Err(held) => {
+                        self.spares.held.fetch_add(1, Ordering::Relaxed);
+                        if g.retired.len() == RETIRED {
+                            g.retired.remove(0);
+                        }
+                        g.retired.push(held);
+                    }
                 }
             }
+        }
+        // Retired versions no reader holds any more.
+        if g.retired.iter().any(|r| Arc::strong_count(r) == 1) {
+            let (unheld, held) = std::mem::take(&mut g.retired)
+                .into_iter()
+                .partition(|r| Arc::strong_count(r) == 1);
+            g.retired = held;
+            free(unheld);
         }
     }
 
@@ -346,6 +368,15 @@ impl StateMachine {
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?
         .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+}
+
+/// Drops `what` (a version of the state, or several) on the blocking pool: the nodes only it
+/// holds can take milliseconds to free, which is no work for the apply or a runtime thread.
+fn free<T: Send + 'static>(what: T) {
+    match Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(what))),
+        Err(_) => drop(what),
     }
 }
 

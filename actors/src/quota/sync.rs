@@ -1,10 +1,11 @@
 //! The quota account's Raft side: usage flushed to the ledger, slices renewed, static shares
 //! released when the ledger asks for them, and the task that runs all three.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use meridian_policy::limit::slice_size;
-use meridian_proto::cluster::{Applied, ClusterState, Command, GrantRequest};
+use meridian_proto::cluster::{Applied, ClusterState, Command, GrantRequest, Ledger};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -278,11 +279,25 @@ pub(super) struct Wanted {
 }
 
 impl Quota {
-    /// The ledger entries that ask for this node's share. A walk of the whole ledger, made only
-    /// when an entry was marked wanted since the last (see `LedgerTable::wants`).
-    pub(super) fn shares_wanted(&self, state: &ClusterState) -> Vec<Wanted> {
+    /// The ledger entries marked wanted since `seen` (`LedgerTable::wants`) that ask for this
+    /// node's share: those marked last, or every entry when the ledger does not know them all
+    /// (at start, after a snapshot, after many marks).
+    pub(super) fn shares_wanted(
+        &self,
+        state: &ClusterState,
+        seen: Option<(u64, u64)>,
+    ) -> Vec<Wanted> {
+        let ledger = &state.ledger;
+        let marked: Box<dyn Iterator<Item = &Arc<Ledger>>> =
+            match seen.and_then(|seen| ledger.wanted_since(seen)) {
+                Some(keys) => {
+                    let keys: BTreeSet<&str> = keys.map(|k| k.as_str()).collect();
+                    Box::new(keys.into_iter().filter_map(|k| ledger.get(k)))
+                }
+                None => Box::new(ledger.values()),
+            };
         let me = self.inner.node_id;
-        (state.ledger.values())
+        marked
             .filter(|l| l.wanted && l.share > 0 && !l.released.contains_key(&me))
             .map(|l| Wanted {
                 key: l.key().to_string(),
@@ -383,8 +398,31 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
     let mut tick = ticker(every);
     let mut state = quota.inner.cluster.state.clone();
     // Not the version last seen: holding it would keep the state machine from reusing it
-    // (see `meridian_cluster::state_machine`). Only its ledger's marks.
-    let mut seen = state.borrow_and_update().ledger.wants();
+    // (see `meridian_cluster::state_machine`). Only its ledger's marks; none at first, so that
+    // the first look walks the whole ledger.
+    let mut seen = None;
+    // The keys whose release is under way, so that marks made meanwhile start no other.
+    let releasing: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    let release = |state: &ClusterState, seen: &mut Option<(u64, u64)>| {
+        let wants = state.ledger.wants();
+        if *seen == Some(wants) {
+            return;
+        }
+        let wanted = quota.shares_wanted(state, *seen);
+        *seen = Some(wants);
+        for wanted in wanted {
+            if !lock(&releasing).insert(wanted.key.clone()) {
+                continue;
+            }
+            let (q, releasing) = (quota.clone(), Arc::clone(&releasing));
+            tokio::spawn(async move {
+                let key = wanted.key.clone();
+                q.release_share(wanted).await;
+                lock(&releasing).remove(&key);
+            });
+        }
+    };
+    release(&Arc::clone(&state.borrow_and_update()), &mut seen);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -399,13 +437,7 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
             }
             Ok(()) = state.changed() => {
                 let now = Arc::clone(&state.borrow_and_update());
-                if now.ledger.wants() != seen {
-                    seen = now.ledger.wants();
-                    for wanted in quota.shares_wanted(&now) {
-                        let q = quota.clone();
-                        tokio::spawn(async move { q.release_share(wanted).await });
-                    }
-                }
+                release(&now, &mut seen);
             }
             key = renewals.recv() => match key {
                 Some(key) => {

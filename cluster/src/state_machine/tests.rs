@@ -426,12 +426,20 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
             };
             let rejoins = self.sm.lock().rejoin_after.is_zero()
                 || commands.iter().map(count).sum::<usize>() >= BULK;
-            let entries: Vec<Entry> = (commands.into_iter())
+            let mut entries: Vec<Entry> = (commands.into_iter())
                 .map(|c| {
                     self.index += 1;
                     entry(self.index, c)
                 })
                 .collect();
+            // Now and then an entry that changes no state (openraft's blank one).
+            if self.index.is_multiple_of(5) {
+                self.index += 1;
+                entries.push(Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
+                    payload: EntryPayload::Blank,
+                });
+            }
             let before = self.one.clone();
             for e in &entries {
                 if let EntryPayload::Normal(p) = &e.payload {
@@ -452,9 +460,24 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
                 self.index
             );
             let g = self.sm.lock();
-            if let Some(held) = &held {
-                assert_eq!(**held, before, "the version held is left as it was");
+            // Brought up to date, the spare holds what was published, wanted marks included
+            // (they are no part of the state's equality).
+            let mut caught_up = g.spare.clone();
+            for p in &g.lag {
+                caught_up.apply(p);
             }
+            assert_eq!(caught_up, self.one);
+            let current = self.sm.current();
+            assert_eq!(caught_up.ledger.wants(), current.ledger.wants());
+            let (epoch, _) = current.ledger.wants();
+            let marked = |l: &meridian_proto::cluster::LedgerTable| -> Option<Vec<String>> {
+                Some(l.wanted_since((epoch, 0))?.map(|k| k.to_string()).collect())
+            };
+            assert_eq!(marked(&caught_up.ledger), marked(&current.ledger));
+            drop(caught_up);
+            // The version held is kept to be freed here once its reader lets go; the one held
+            // at the apply before is gone.
+            assert_eq!(g.retired.len(), usize::from(held.is_some()));
             if held.is_some() || rejoins {
                 assert!(
                     g.lag.is_empty(),
@@ -474,9 +497,27 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
         one: ClusterState::default(),
         index: 0,
     };
+    // A grant that comes up short while static shares are held: its entry is marked wanted.
+    let short_grant = |user: u64| {
+        Command::RequestGrant(meridian_proto::cluster::GrantRequest {
+            key: format!("tenant/t/user/u{user}/tokens_per_day"),
+            node: 1,
+            limit: 1_000,
+            window_ms: 86_400_000,
+            window_start_unix_ms: 0,
+            amount: 1_000,
+            ttl_ms: 5_000,
+            share: 300,
+            share_nodes: 3,
+            share_used: 0,
+            charged: 0,
+        })
+    };
+    let mut snapshot = None;
     for round in 0..60u64 {
-        // A report on the first user, new users and members, in one to three entries; every
-        // seventh round a reader holds the published version across the apply.
+        // A report on the first user, new users and members, in one to three entries, and now
+        // and then a short grant; every seventh round a reader holds the published version
+        // across the apply.
         let mut commands = vec![report(0)];
         for j in 0..round % 3 {
             commands.push(match j {
@@ -484,14 +525,25 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
                 _ => member(round % 4),
             });
         }
+        if round % 5 == 1 {
+            commands.push(short_grant(1_000 + round));
+        }
         pair.apply(commands, round % 7 == 3)?;
         if round == 30 {
-            // A snapshot of this state installed again: the copies start over from it.
+            let snapshot_of = pair
+                .runtime
+                .block_on(async { pair.sm.get_snapshot_builder().await.build_snapshot().await })?;
+            snapshot = Some((snapshot_of, pair.one.clone()));
+        }
+        if round == 36
+            && let Some((taken, then)) = snapshot.take()
+        {
+            // The snapshot of round 30 installed (a follower catching up): the copies start
+            // over from it, whatever they held since.
             let sm = &mut pair.sm;
-            pair.runtime.block_on(async {
-                let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
-                sm.install_snapshot(&snapshot.meta, snapshot.snapshot).await
-            })?;
+            pair.runtime
+                .block_on(sm.install_snapshot(&taken.meta, taken.snapshot))?;
+            pair.one = then;
             assert_eq!(
                 **pair.sm.subscribe().borrow(),
                 pair.one,
@@ -499,6 +551,11 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
             );
         }
     }
+    let (_, marks) = pair.sm.current().ledger.wants();
+    assert!(
+        marks >= 4,
+        "short grants marked their entries wanted ({marks} since the snapshot)"
+    );
     // A flush of reports on every user: once the copies hold those entries apart, the call
     // allocates what driving a future does, what applying the flush to a copy of one's own
     // does (twice: the replay and the apply), the published version's `Arc` and the vector of

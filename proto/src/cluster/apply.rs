@@ -210,7 +210,7 @@ impl ClusterState {
                     },
                 );
                 if wanted {
-                    self.ledger.mark_wanted();
+                    self.ledger.mark_wanted(&r.key);
                 }
                 Applied::Granted { amount, used, held }
             }

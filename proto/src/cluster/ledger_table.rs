@@ -38,15 +38,22 @@ pub struct LedgerTable {
     wants: Wants,
 }
 
-/// How often an entry was marked [`Ledger::wanted`], for a node to tell without comparing
-/// versions whether it should look for shares to give up. Not part of the replicated state:
-/// two tables are equal whatever their marks, and a table read from a snapshot starts a
-/// new `epoch` (unique in the process), so that it reads as changed to whoever saw another.
-#[derive(Debug, Clone, Copy, Default)]
+/// How often an entry was marked [`Ledger::wanted`], and which entries were marked last, for a
+/// node to find the shares it should give up without comparing versions of the state (see
+/// [`LedgerTable::wanted_since`]). Not part of the replicated state: two tables are equal
+/// whatever their marks, and a table read from a snapshot starts a new `epoch` (unique in the
+/// process), so that it reads as changed to whoever saw another. Deterministic otherwise: every
+/// copy that applies the same entries marks the same.
+#[derive(Debug, Clone, Default)]
 pub struct Wants {
     epoch: u64,
     marks: u64,
+    /// The keys of the last [`RECENT_WANTS`] marks, oldest first.
+    recent: imbl::Vector<LedgerKey>,
 }
+
+/// How many of the last marks [`Wants`] keeps the keys of.
+const RECENT_WANTS: usize = 256;
 
 impl PartialEq for Wants {
     fn eq(&self, _: &Wants) -> bool {
@@ -175,15 +182,31 @@ enum Slot {
 }
 
 impl LedgerTable {
-    /// Says that an entry was marked [`Ledger::wanted`] (again).
-    pub fn mark_wanted(&mut self) {
-        self.wants.marks += 1;
+    /// Says that `key`'s entry was marked [`Ledger::wanted`] (again).
+    pub fn mark_wanted(&mut self, key: &str) {
+        let wants = &mut self.wants;
+        wants.marks += 1;
+        wants.recent.push_back(LedgerKey::new(key));
+        if wants.recent.len() > RECENT_WANTS {
+            wants.recent.pop_front();
+        }
     }
 
     /// Changes whenever an entry is marked [`Ledger::wanted`], and when the table is read from
     /// a snapshot. The same in every copy made by applying the same entries to one table.
     pub fn wants(&self) -> (u64, u64) {
         (self.wants.epoch, self.wants.marks)
+    }
+
+    /// The keys marked wanted since `seen` (an earlier [`LedgerTable::wants`]), a key once for
+    /// each mark; `None` when they are not all known (too many marks since, or a table read
+    /// from a snapshot since): then every entry must be looked at.
+    pub fn wanted_since(&self, seen: (u64, u64)) -> Option<impl Iterator<Item = &LedgerKey>> {
+        let (epoch, marks) = seen;
+        let new = self.wants.marks.checked_sub(marks)?;
+        let new = usize::try_from(new).ok()?;
+        (epoch == self.wants.epoch && new <= self.wants.recent.len())
+            .then(|| self.wants.recent.iter().skip(self.wants.recent.len() - new))
     }
 
     pub fn len(&self) -> usize {
@@ -506,14 +529,33 @@ mod tests {
         let mut t = LedgerTable::default();
         t.get_or_insert_with("a", entry(1));
         let (before, copy) = (t.wants(), t.clone());
-        t.mark_wanted();
+        t.mark_wanted("a");
         assert_ne!(t.wants(), before);
         assert_eq!(t, copy, "marks are not part of the replicated state");
+        let since = |t: &LedgerTable, seen| {
+            (t.wanted_since(seen)).map(|keys| keys.map(|k| k.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(since(&t, before), Some(vec!["a".to_owned()]));
+        assert_eq!(since(&t, t.wants()), Some(vec![]));
+        let marked = t.wants();
+        for i in 0..RECENT_WANTS {
+            t.mark_wanted(&format!("k{i}"));
+        }
+        assert_eq!(since(&t, marked).map(|k| k.len()), Some(RECENT_WANTS));
+        assert_eq!(
+            since(&t, before),
+            None,
+            "one mark too many to know them all"
+        );
         let json = serde_json::to_value(&t).expect("serializes");
         let read: LedgerTable = serde_json::from_value(json.clone()).expect("reads back");
         let again: LedgerTable = serde_json::from_value(json).expect("reads back");
         assert_eq!(read, t);
         assert_ne!(read.wants(), t.wants());
+        assert!(
+            read.wanted_since(t.wants()).is_none(),
+            "a snapshot read: walk it all"
+        );
         assert_ne!(
             read.wants(),
             again.wants(),
