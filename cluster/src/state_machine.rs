@@ -216,6 +216,10 @@ pub struct StateMachine {
     dir: PathBuf,
     published: watch::Sender<Arc<ClusterState>>,
     spares: Arc<SpareCounts>,
+    /// Held while a snapshot is written to disk and made current: a snapshot built from this
+    /// node's state and one installed from the leader can be on their way at once (the builder
+    /// runs as a task of its own), and they write the same files.
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What became of the version each apply replaced (see the module's doc), counted since the
@@ -270,6 +274,7 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             published,
             spares: Arc::default(),
+            writing: Arc::default(),
         })
     }
 
@@ -348,6 +353,22 @@ impl StateMachine {
         }
     }
 
+    /// Makes a snapshot built from this node's state current (written to disk first), unless
+    /// a newer one is current already (installed from the leader while this one was being
+    /// built): then that one stays, and is what is returned.
+    async fn keep_built(&self, meta: Meta, data: Vec<u8>) -> Result<(Meta, Vec<u8>), StorageError> {
+        let _writing = self.writing.lock().await;
+        let newer = (self.lock().current.as_ref())
+            .filter(|(current, _)| current.last_log_id > meta.last_log_id)
+            .cloned();
+        if let Some(current) = newer {
+            return Ok(current);
+        }
+        self.persist(meta.clone(), data.clone()).await?;
+        self.lock().current = Some((meta.clone(), data.clone()));
+        Ok((meta, data))
+    }
+
     /// Writes the snapshot file atomically: temp file, fsync, rename, fsync the directory.
     async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<(), StorageError> {
         let dir = self.dir.clone();
@@ -407,8 +428,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.persist(meta.clone(), data.clone()).await?;
-        self.lock().current = Some((meta.clone(), data.clone()));
+        let (meta, data) = self.keep_built(meta, data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -474,6 +494,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let body = body.map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let _writing = self.writing.lock().await;
         self.persist(meta.clone(), data.clone()).await?;
         let mut g = self.lock();
         let g = &mut *g;

@@ -619,3 +619,40 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
     }
     Ok(())
 }
+
+/// A snapshot built from the node's own state that is written after a newer one was installed
+/// from the leader (the builder runs as a task of its own) leaves the installed one current,
+/// on disk as well.
+#[tokio::test]
+async fn a_snapshot_built_before_one_installed_does_not_replace_it() -> Result<(), StorageError> {
+    let dir = tempfile::tempdir().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let mut sm = StateMachine::open(dir.path())?;
+    sm.apply([entry(1, member(1)), entry(2, member(2))]).await?;
+    let own = sm.get_snapshot_builder().await.build_snapshot().await?;
+    let leaders = tempfile::tempdir().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    let mut leader = StateMachine::open(leaders.path())?;
+    leader
+        .apply((1..=4).map(|id| entry(id, member(id))))
+        .await?;
+    let newer = leader.get_snapshot_builder().await.build_snapshot().await?;
+    sm.install_snapshot(&newer.meta, newer.snapshot).await?;
+    // The node's own build, finishing now.
+    let (kept, _) = sm
+        .keep_built(own.meta.clone(), own.snapshot.into_inner())
+        .await?;
+    assert_eq!(
+        kept.last_log_id, newer.meta.last_log_id,
+        "the installed one is kept"
+    );
+    let current = sm.get_current_snapshot().await?.map(|s| s.meta.last_log_id);
+    assert_eq!(current, Some(newer.meta.last_log_id));
+    let on_disk =
+        decode_body(&body_on_disk(dir.path())).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+    assert_eq!(
+        on_disk.state.members.len(),
+        4,
+        "the file holds the installed snapshot"
+    );
+    assert_eq!(on_disk.state, **sm.subscribe().borrow());
+    Ok(())
+}
