@@ -336,7 +336,7 @@ impl StateMachine {
                     Err(held) => {
                         self.spares.held.fetch_add(1, Ordering::Relaxed);
                         if g.retired.len() == RETIRED {
-                            g.retired.remove(0);
+                            free(g.retired.remove(0));
                         }
                         g.retired.push(held);
                     }
@@ -501,10 +501,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         g.last_applied = meta.last_log_id;
         g.last_membership = meta.last_membership.clone();
         g.current = Some((meta.clone(), data));
-        // The spare starts again from the snapshot: what it lagged by came before it.
+        // The spare starts again from the snapshot: what it lagged by came before it. The
+        // copies replaced share nothing with it: freed off this thread.
         g.lag.clear();
-        g.spare = body.state.clone();
-        self.published.send_replace(Arc::new(body.state));
+        let spare = std::mem::replace(&mut g.spare, body.state.clone());
+        let published = self.published.send_replace(Arc::new(body.state));
+        free((spare, published));
         Ok(())
     }
 

@@ -269,6 +269,15 @@ impl Quota {
     }
 }
 
+/// Takes a key out of the releases under way when its release ends, however it ends.
+struct Released(Arc<std::sync::Mutex<HashSet<String>>>, String);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
 /// A ledger entry that asks for this node's share.
 #[derive(Debug)]
 pub(super) struct Wanted {
@@ -296,16 +305,18 @@ impl Quota {
                 }
                 None => Box::new(ledger.values()),
             };
+        marked.filter_map(|l| self.share_wanted(l)).collect()
+    }
+
+    /// What `ledger` asks of this node's share, if anything.
+    fn share_wanted(&self, ledger: &Ledger) -> Option<Wanted> {
         let me = self.inner.node_id;
-        marked
-            .filter(|l| l.wanted && l.share > 0 && !l.released.contains_key(&me))
-            .map(|l| Wanted {
-                key: l.key().to_string(),
-                limit: l.limit,
-                window_ms: l.window_ms,
-                window_start: l.window_start_unix_ms,
-            })
-            .collect()
+        (ledger.wanted && ledger.share > 0 && !ledger.released.contains_key(&me)).then(|| Wanted {
+            key: ledger.key().to_string(),
+            limit: ledger.limit,
+            window_ms: ledger.window_ms,
+            window_start: ledger.window_start_unix_ms,
+        })
     }
 
     /// Gives up this node's share of a window another node needs more of: what it admitted
@@ -403,26 +414,40 @@ pub(super) async fn background(quota: Quota, mut renewals: mpsc::UnboundedReceiv
     let mut seen = None;
     // The keys whose release is under way, so that marks made meanwhile start no other.
     let releasing: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
-    let release = |state: &ClusterState, seen: &mut Option<(u64, u64)>| {
+    // Keys marked while their release was under way, looked at again at each change until it
+    // is done (that release may have failed, or been for another window).
+    let mut missed: HashSet<String> = HashSet::new();
+    let mut release = |state: &ClusterState, seen: &mut Option<(u64, u64)>| {
         let wants = state.ledger.wants();
-        if *seen == Some(wants) {
+        if *seen == Some(wants) && missed.is_empty() {
             return;
         }
-        let wanted = quota.shares_wanted(state, *seen);
+        let mut wanted = if *seen == Some(wants) {
+            Vec::new()
+        } else {
+            quota.shares_wanted(state, *seen)
+        };
         *seen = Some(wants);
+        let again = std::mem::take(&mut missed).into_iter();
+        wanted.extend(again.filter_map(|key| quota.share_wanted(state.ledger.get(&key)?)));
         for wanted in wanted {
             if !lock(&releasing).insert(wanted.key.clone()) {
+                missed.insert(wanted.key);
                 continue;
             }
-            let (q, releasing) = (quota.clone(), Arc::clone(&releasing));
+            let (q, done) = (
+                quota.clone(),
+                Released(Arc::clone(&releasing), wanted.key.clone()),
+            );
             tokio::spawn(async move {
-                let key = wanted.key.clone();
                 q.release_share(wanted).await;
-                lock(&releasing).remove(&key);
+                drop(done);
             });
         }
     };
-    release(&Arc::clone(&state.borrow_and_update()), &mut seen);
+    let now = Arc::clone(&state.borrow_and_update());
+    release(&now, &mut seen);
+    drop(now);
     loop {
         tokio::select! {
             _ = tick.tick() => {

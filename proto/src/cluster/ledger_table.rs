@@ -556,6 +556,12 @@ mod tests {
             read.wanted_since(t.wants()).is_none(),
             "a snapshot read: walk it all"
         );
+        let (epoch, _) = t.wants();
+        assert!(
+            read.wanted_since((epoch, 0)).is_none(),
+            "as many marks in another epoch are not the same marks"
+        );
+        assert_eq!(read.wanted_since(read.wants()).map(|k| k.count()), Some(0));
         assert_ne!(
             read.wants(),
             again.wants(),
