@@ -10,7 +10,7 @@
 //! backoff, and records the delivery through the log; a leader that dies before recording it
 //! leaves it to the next one (delivery is at least once). None of this is on a request's path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -146,8 +146,11 @@ async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     // Alerts being delivered by this node (so that each is posted by one task at a time).
     let mut in_flight: HashSet<String> = HashSet::new();
-    // The day's roll-ups as last looked at, while this node leads.
-    let mut seen: Option<(u64, meridian_proto::cluster::Table<String, TenantDay>)> = None;
+    // Each tenant's cost in the day as last looked at, while this node leads. Not the day's
+    // roll-ups themselves: holding a version's table would make the state machine copy it
+    // (see `meridian_cluster::state_machine`), and comparing two versions' tables finds what
+    // changed quickly only where they share nodes, which its two copies mostly do not.
+    let mut seen: Option<(u64, HashMap<String, u64>)> = None;
     let mut tick = tokio::time::interval(config.check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,21 +168,20 @@ async fn run(
         let state = cluster.state().borrow().clone();
         let today = day_of(cluster.now_ms());
         let tenants = state.usage.get(&today).cloned().unwrap_or_default();
-        // Only the tenants whose day changed (all of them on becoming leader, or on a new day).
+        // Only the tenants whose cost in the day changed (all of them on becoming leader, or on
+        // a new day): every alert is about cost, which only grows.
+        let costs: HashMap<String, u64> = (tenants.iter())
+            .map(|(tenant, day)| {
+                let cost = day.rows().map(|(_, t)| t.cost_micro_usd);
+                (tenant.clone(), cost.fold(0u64, u64::saturating_add))
+            })
+            .collect();
         let changed: Vec<String> = match &seen {
-            Some((day, before)) if *day == today => {
-                use imbl::ordmap::DiffItem;
-                before
-                    .diff(&tenants)
-                    .filter_map(|d| match d {
-                        DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => {
-                            Some(k.clone())
-                        }
-                        DiffItem::Remove(..) => None,
-                    })
-                    .collect()
-            }
-            _ => tenants.keys().cloned().collect(),
+            Some((day, before)) if *day == today => (costs.iter())
+                .filter(|(tenant, cost)| before.get(*tenant) != Some(cost))
+                .map(|(tenant, _)| tenant.clone())
+                .collect(),
+            _ => costs.keys().cloned().collect(),
         };
         let mut unrecorded = false;
         for tenant in &changed {
@@ -205,7 +207,7 @@ async fn run(
         }
         // After a failed proposal every tenant is looked at again next time (its day may not
         // change again), so that the alert is tried again as the log line says.
-        seen = (!unrecorded).then_some((today, tenants));
+        seen = (!unrecorded).then_some((today, costs));
         let Some(webhook) = &config.webhook else {
             continue;
         };
