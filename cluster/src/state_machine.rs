@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meridian_proto::cluster::{Applied, ClusterState, Command, NodeId, Proposal};
+use meridian_proto::cluster::{Applied, ClusterState, NodeId, Proposal};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, SnapshotMeta,
@@ -312,43 +312,40 @@ impl StateMachine {
     /// freed off the apply path.
     fn publish(&self, g: &mut Inner, state: ClusterState) {
         let replaced = self.published.send_replace(Arc::new(state));
-        let commands: usize = (g.lag.iter())
-            .map(|p| match &p.command {
-                Command::Batch { commands } => commands.len(),
-                _ => 1,
-            })
-            .sum();
+        let commands: usize = g.lag.iter().map(|p| p.command.commands()).sum();
         let rejoin = g.parted_at.elapsed() >= g.rejoin_after || commands >= BULK;
-        match Arc::try_unwrap(replaced) {
-            Ok(replaced) if !rejoin => {
+        let kept = match Arc::try_unwrap(replaced) {
+            Ok(replaced) if !rejoin => Some(replaced),
+            Ok(replaced) => {
+                self.spares.joined.fetch_add(1, Ordering::Relaxed);
+                free(replaced);
+                None
+            }
+            Err(held) => {
+                self.spares.held.fetch_add(1, Ordering::Relaxed);
+                if g.retired.len() == RETIRED {
+                    free(g.retired.remove(0));
+                }
+                g.retired.push(held);
+                None
+            }
+        };
+        match kept {
+            Some(replaced) => {
                 self.spares.reused.fetch_add(1, Ordering::Relaxed);
                 g.spare = replaced;
             }
-            replaced => {
+            None => {
                 g.lag.clear();
                 g.spare = ClusterState::clone(&self.current());
                 g.parted_at = Instant::now();
-                match replaced {
-                    Ok(replaced) => {
-                        self.spares.joined.fetch_add(1, Ordering::Relaxed);
-                        free(replaced);
-                    }
-                    Err(held) => {
-                        self.spares.held.fetch_add(1, Ordering::Relaxed);
-                        if g.retired.len() == RETIRED {
-                            free(g.retired.remove(0));
-                        }
-                        g.retired.push(held);
-                    }
-                }
             }
         }
         // Retired versions no reader holds any more.
-        if g.retired.iter().any(|r| Arc::strong_count(r) == 1) {
-            let (unheld, held) = std::mem::take(&mut g.retired)
-                .into_iter()
-                .partition(|r| Arc::strong_count(r) == 1);
-            g.retired = held;
+        let unheld: Vec<_> = (g.retired)
+            .extract_if(.., |r| Arc::strong_count(r) == 1)
+            .collect();
+        if !unheld.is_empty() {
             free(unheld);
         }
     }

@@ -169,6 +169,16 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// How many commands this is: a batch's, or one.
+    pub fn commands(&self) -> usize {
+        match self {
+            Command::Batch { commands } => commands.len(),
+            _ => 1,
+        }
+    }
+}
+
 /// Limits of a tier, or a tenant's overrides of them (`None`: no limit / not overridden).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]

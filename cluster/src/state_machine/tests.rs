@@ -420,12 +420,8 @@ fn the_two_copies_publish_what_one_would_and_change_in_place_when_no_one_holds_t
         /// Applies `commands` as one call, checks what is published and kept, and says how
         /// many allocations the call made.
         fn apply(&mut self, commands: Vec<Command>, held: bool) -> Result<u64, StorageError> {
-            let count = |c: &Command| match c {
-                Command::Batch { commands } => commands.len(),
-                _ => 1,
-            };
             let rejoins = self.sm.lock().rejoin_after.is_zero()
-                || commands.iter().map(count).sum::<usize>() >= BULK;
+                || commands.iter().map(Command::commands).sum::<usize>() >= BULK;
             let mut entries: Vec<Entry> = (commands.into_iter())
                 .map(|c| {
                     self.index += 1;
