@@ -21,7 +21,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::openai::{Api, ChatRequest, MAX_STOP_SEQUENCES, RequestLimits};
+use crate::openai::{Api, ChatRequest, MAX_STOP_SEQUENCES, RequestLimits, function_tools};
 
 /// The API version Meridian answers as (`anthropic-version`).
 pub const API_VERSION: &str = "2023-06-01";
@@ -351,34 +351,29 @@ fn image_part(source: &Value, at: &str) -> Result<Value, ApiError> {
 }
 
 fn translate_tools(tools: &Value) -> Result<Value, ApiError> {
-    let list = tools
-        .as_array()
-        .ok_or_else(|| invalid("tools", "tools: an array of tools is required"))?;
-    list.iter()
-        .enumerate()
-        .map(|(j, t)| {
+    function_tools(
+        tools,
+        |j, t| match t["type"].as_str().filter(|k| *k != "custom") {
             // Server tools (web search, code execution, …) have a versioned `type`; a custom
             // tool has none, or `custom`.
-            if let Some(kind) = t["type"].as_str().filter(|k| *k != "custom") {
-                return Err(invalid(
-                    format!("tools[{j}].type"),
-                    format!("tools[{j}].type: Anthropic's server tools ({kind}) are served by Anthropic only"),
-                ));
-            }
-            let name = t["name"].as_str().ok_or_else(|| {
-                invalid(format!("tools[{j}].name"), format!("tools[{j}].name is required"))
-            })?;
-            let mut function = json!({
-                "name": name,
-                "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
-            });
+            Some(kind) => Err(invalid(
+                format!("tools[{j}].type"),
+                format!(
+                    "tools[{j}].type: Anthropic's server tools ({kind}) are served by Anthropic only"
+                ),
+            )),
+            None => Ok(()),
+        },
+        |t, function| {
+            function["parameters"] = t
+                .get("input_schema")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
             if let Some(d) = t["description"].as_str() {
                 function["description"] = d.into();
             }
-            Ok(json!({"type": "function", "function": function}))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Value::from)
+        },
+    )
 }
 
 /// `tool_choice` and, when it says so, whether tools may be called in parallel.

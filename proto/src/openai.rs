@@ -671,6 +671,35 @@ impl UpstreamErrorInfo {
     }
 }
 
+/// OpenAI's `tools` list from another API's (`tools` as the client sent it): each entry
+/// passes `check` (a tool this route cannot serve is refused, naming its index) and must name
+/// itself; `fill` adds the function's `parameters` and whatever else it carries over.
+pub(crate) fn function_tools(
+    tools: &Value,
+    check: impl Fn(usize, &Value) -> Result<(), ApiError>,
+    fill: impl Fn(&Value, &mut Value),
+) -> Result<Value, ApiError> {
+    let list = tools
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("tools", "tools: an array of tools is required"))?;
+    list.iter()
+        .enumerate()
+        .map(|(j, t)| {
+            check(j, t)?;
+            let name = t["name"].as_str().ok_or_else(|| {
+                ApiError::invalid(
+                    format!("tools[{j}].name"),
+                    format!("tools[{j}].name is required"),
+                )
+            })?;
+            let mut function = serde_json::json!({ "name": name });
+            fill(t, &mut function);
+            Ok(serde_json::json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::from)
+}
+
 mod apis;
 mod fields;
 mod validate;

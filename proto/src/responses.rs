@@ -20,7 +20,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
-use crate::openai::{Api, ChatRequest, RequestLimits};
+use crate::openai::{Api, ChatRequest, RequestLimits, function_tools};
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
@@ -286,39 +286,31 @@ fn content_parts(parts: &[Value], role: &str, at: &str) -> Result<Value, ApiErro
 }
 
 fn translate_tools(tools: &Value) -> Result<Value, ApiError> {
-    let list = tools
-        .as_array()
-        .ok_or_else(|| invalid("tools", "tools: an array of tools is required"))?;
-    list.iter()
-        .enumerate()
-        .map(|(j, t)| {
-            match t["type"].as_str() {
-                Some("function") => {}
-                other => {
-                    return Err(invalid(
-                        format!("tools[{j}].type"),
-                        format!(
-                            "tools[{j}].type: only function tools are served, not built-in tools ({})",
-                            other.unwrap_or("no type")
-                        ),
-                    )
-                    .with_code("unsupported_parameter"));
-                }
-            }
-            let name = t["name"].as_str().ok_or_else(|| {
-                invalid(format!("tools[{j}].name"), format!("tools[{j}].name is required"))
-            })?;
-            let mut function = json!({"name": name,
-                "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))});
+    function_tools(
+        tools,
+        |j, t| match t["type"].as_str() {
+            Some("function") => Ok(()),
+            other => Err(invalid(
+                format!("tools[{j}].type"),
+                format!(
+                    "tools[{j}].type: only function tools are served, not built-in tools ({})",
+                    other.unwrap_or("no type")
+                ),
+            )
+            .with_code("unsupported_parameter")),
+        },
+        |t, function| {
+            function["parameters"] = t
+                .get("parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
             for key in ["description", "strict"] {
                 if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
                     function[key] = v.clone();
                 }
             }
-            Ok(json!({"type": "function", "function": function}))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Value::from)
+        },
+    )
 }
 
 fn translate_tool_choice(choice: &Value) -> Result<Value, ApiError> {

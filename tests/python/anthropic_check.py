@@ -11,6 +11,7 @@ import json
 import sys
 
 import anthropic
+from sdk_common import message_text
 
 TOOLS = [
     {
@@ -35,7 +36,7 @@ def main() -> None:
     out["plain"] = {
         "id": plain.id,
         "model": plain.model,
-        "text": "".join(b.text for b in plain.content if b.type == "text"),
+        "text": message_text(plain),
         "stop_reason": plain.stop_reason,
         "usage": plain.usage.model_dump(),
     }
@@ -49,7 +50,7 @@ def main() -> None:
         final = stream.get_final_message()
     out["stream"] = {
         "text": streamed_text,
-        "final_text": "".join(b.text for b in final.content if b.type == "text"),
+        "final_text": message_text(final),
         "stop_reason": final.stop_reason,
         "usage": final.usage.model_dump(),
     }
@@ -84,7 +85,7 @@ def main() -> None:
         "turns": turns,
         "calls": calls,
         "last_stop_reason": reply.stop_reason,
-        "last_text": "".join(b.text for b in reply.content if b.type == "text"),
+        "last_text": message_text(reply),
     }
 
     with client.messages.stream(

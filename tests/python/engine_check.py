@@ -11,6 +11,7 @@ import sys
 
 import anthropic
 from openai import OpenAI
+from sdk_common import message_text, read_chat_stream, read_text_stream
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
 
@@ -38,22 +39,10 @@ def main() -> None:
         stream=True,
         stream_options={"include_usage": True},
     )
-    parts, finish, usage, chunks = [], None, None, 0
-    for chunk in stream:
-        chunks += 1
-        for choice in chunk.choices:
-            if choice.delta.content:
-                parts.append(choice.delta.content)
-            if choice.finish_reason:
-                finish = choice.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
-    out["chat_stream"] = {
-        "content": "".join(parts),
-        "finish": finish,
-        "chunks": chunks,
-        "usage": usage,
-    }
+    chat_stream = read_chat_stream(stream)
+    if chat_stream["usage"] is not None:
+        chat_stream["usage"] = chat_stream["usage"].model_dump()
+    out["chat_stream"] = chat_stream
 
     text = client.completions.create(model=model, prompt="The sky is", max_tokens=6)
     out["text"] = {
@@ -69,13 +58,10 @@ def main() -> None:
         stream=True,
         stream_options={"include_usage": True},
     )
-    parts, usage = [], None
-    for chunk in text_stream:
-        for choice in chunk.choices:
-            parts.append(choice.text)
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
-    out["text_stream"] = {"text": "".join(parts), "usage": usage}
+    text_read = read_text_stream(text_stream)
+    if text_read["usage"] is not None:
+        text_read["usage"] = text_read["usage"].model_dump()
+    out["text_stream"] = text_read
 
     resp = client.responses.create(
         model=model,
@@ -117,7 +103,7 @@ def main() -> None:
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     out["messages_stream"] = {
-        "text_matches": streamed == "".join(b.text for b in final.content if b.type == "text"),
+        "text_matches": streamed == message_text(final),
         "stop_reason": final.stop_reason,
         "usage": anthropic_usage(final.usage),
     }

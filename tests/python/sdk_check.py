@@ -8,6 +8,7 @@ import json
 import sys
 
 from openai import BadRequestError, OpenAI
+from sdk_common import read_chat_stream, read_text_stream
 
 
 def main() -> None:
@@ -26,16 +27,8 @@ def main() -> None:
         stream=True,
         stream_options={"include_usage": True},
     )
-    parts, finish, usage, chunks = [], None, None, 0
-    for chunk in stream:
-        chunks += 1
-        for choice in chunk.choices:
-            if choice.delta.content:
-                parts.append(choice.delta.content)
-            if choice.finish_reason:
-                finish = choice.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage
+    streamed = read_chat_stream(stream)
+    usage = streamed["usage"]
 
     text = client.completions.create(
         model=model, prompt="Once upon a time", max_tokens=5, echo=True, logprobs=2
@@ -47,12 +40,8 @@ def main() -> None:
         stream=True,
         stream_options={"include_usage": True},
     )
-    text_parts, text_usage = [], None
-    for chunk in text_stream:
-        for choice in chunk.choices:
-            text_parts.append(choice.text)
-        if chunk.usage is not None:
-            text_usage = chunk.usage
+    text_read = read_text_stream(text_stream)
+    text_usage = text_read["usage"]
 
     # The SDK asks for base64 unless told otherwise, and decodes it itself.
     embedded = client.embeddings.create(model=model, input=["first text", "second text"])
@@ -111,7 +100,7 @@ def main() -> None:
                 if text.choices[0].logprobs
                 else None,
                 "text_usage": text.usage.model_dump() if text.usage else None,
-                "text_stream": "".join(text_parts),
+                "text_stream": text_read["text"],
                 "text_stream_usage": text_usage.model_dump() if text_usage else None,
                 "embeddings": [d.embedding for d in embedded.data],
                 "embeddings_usage": embedded.usage.model_dump(),
@@ -119,9 +108,9 @@ def main() -> None:
                 "unary_content": unary.choices[0].message.content,
                 "unary_finish": unary.choices[0].finish_reason,
                 "unary_usage": unary.usage.model_dump() if unary.usage else None,
-                "stream_content": "".join(parts),
-                "stream_finish": finish,
-                "stream_chunks": chunks,
+                "stream_content": streamed["content"],
+                "stream_finish": streamed["finish"],
+                "stream_chunks": streamed["chunks"],
                 "stream_usage": usage.model_dump() if usage else None,
             }
         )

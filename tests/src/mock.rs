@@ -1029,7 +1029,39 @@ struct StreamGuard {
     sent: u64,
 }
 
+/// What a stream sends for one content token.
+enum TokenStep {
+    /// The script cuts the body here; the error ends it.
+    Cut(std::io::Error),
+    /// The script fails the stream here, with its flavor's in-stream error.
+    Fail,
+    /// The token's text.
+    Token(String),
+}
+
 impl StreamGuard {
+    /// Content token `emitted` of `script`'s stream, after its delay; a cut or a scripted
+    /// failure ends the stream as failed.
+    async fn token(&mut self, script: &Script, emitted: usize) -> TokenStep {
+        if let Some(err) = script.before_token(emitted).await {
+            self.end = End::Failed;
+            return TokenStep::Cut(err);
+        }
+        if script.fail_after == Some(emitted) {
+            self.end = End::Failed;
+            return TokenStep::Fail;
+        }
+        self.sent += 1;
+        TokenStep::Token(script.token(emitted))
+    }
+
+    /// The stream ended as it should, having served `tokens` for `prompt_tokens`.
+    fn completed(&mut self, arrived: u64, prompt_tokens: usize, tokens: usize) {
+        self.stats
+            .served(arrived, prompt_tokens as u64, tokens as u64);
+        self.end = End::Completed;
+    }
+
     /// The step a stream takes now (counted in `step`, from 0), or `None` once it has ended.
     fn next_step(&self, step: &mut usize) -> Option<usize> {
         if self.end != End::Open {
@@ -1105,22 +1137,21 @@ impl StreamPlan {
         }
         let emitted = step - 1;
         if emitted < n {
-            if let Some(err) = self.script.before_token(emitted).await {
-                self.guard.end = End::Failed;
-                return Some((vec![Err(err)], self));
-            }
-            if self.script.fail_after == Some(emitted) {
-                let body = error_body(self.flavor, 500, "scripted mid-stream failure");
-                self.guard.end = End::Failed;
-                let frames = vec![
-                    Ok(Bytes::from(format!("data: {body}\n\n"))),
-                    Ok(Bytes::from_static(b"data: [DONE]\n\n")),
-                ];
-                return Some((frames, self));
-            }
-            let delta = json!({ "content": self.script.token(emitted) }).to_string();
-            self.guard.sent += 1;
-            return Some((vec![Ok(self.chunk(&delta, None))], self));
+            let frames = match self.guard.token(&self.script, emitted).await {
+                TokenStep::Cut(err) => vec![Err(err)],
+                TokenStep::Fail => {
+                    let body = error_body(self.flavor, 500, "scripted mid-stream failure");
+                    vec![
+                        Ok(Bytes::from(format!("data: {body}\n\n"))),
+                        Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                    ]
+                }
+                TokenStep::Token(text) => {
+                    let delta = json!({ "content": text }).to_string();
+                    vec![Ok(self.chunk(&delta, None))]
+                }
+            };
+            return Some((frames, self));
         }
         if emitted == n {
             let mut frames = vec![Ok(self.chunk("{}", Some(self.script.finish())))];
@@ -1134,10 +1165,7 @@ impl StreamPlan {
                 ))));
             }
             frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-            self.guard
-                .stats
-                .served(self.arrived, self.prompt_tokens as u64, n as u64);
-            self.guard.end = End::Completed;
+            self.guard.completed(self.arrived, self.prompt_tokens, n);
             return Some((frames, self));
         }
         None
@@ -1488,21 +1516,21 @@ impl AnthropicPlan {
         }
         let emitted = step - 1;
         if emitted < n {
-            if let Some(err) = self.script.before_token(emitted).await {
-                self.guard.end = End::Failed;
-                return Some((vec![Err(err)], self));
-            }
-            if self.script.fail_after == Some(emitted) {
-                self.guard.end = End::Failed;
-                let body: Value =
-                    serde_json::from_str(&error_body(Flavor::Anthropic, 529, "Overloaded"))
-                        .unwrap_or_default();
-                return Some((vec![event("error", &body)], self));
-            }
-            let delta = json!({"type": "content_block_delta", "index": 0,
-                               "delta": {"type": "text_delta", "text": self.script.token(emitted)}});
-            self.guard.sent += 1;
-            return Some((vec![event("content_block_delta", &delta)], self));
+            let frame = match self.guard.token(&self.script, emitted).await {
+                TokenStep::Cut(err) => Err(err),
+                TokenStep::Fail => {
+                    let body: Value =
+                        serde_json::from_str(&error_body(Flavor::Anthropic, 529, "Overloaded"))
+                            .unwrap_or_default();
+                    event("error", &body)
+                }
+                TokenStep::Token(text) => {
+                    let delta = json!({"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": text}});
+                    event("content_block_delta", &delta)
+                }
+            };
+            return Some((vec![frame], self));
         }
         if emitted == n {
             let mut frames = vec![event(
@@ -1544,10 +1572,7 @@ impl AnthropicPlan {
                         "usage": {"output_tokens": n}}),
             ));
             frames.push(event("message_stop", &json!({"type": "message_stop"})));
-            self.guard
-                .stats
-                .served(self.arrived, self.prompt_tokens as u64, n as u64);
-            self.guard.end = End::Completed;
+            self.guard.completed(self.arrived, self.prompt_tokens, n);
             return Some((frames, self));
         }
         None
