@@ -589,6 +589,32 @@ fn duration(e: &mut Errors, path: &str, v: Option<&String>, default: Duration) -
     }
 }
 
+/// One entry of a list section (`vllm[2]`): its fields' paths, and its durations and whole
+/// numbers read with errors that name them.
+struct Entry(String);
+
+impl Entry {
+    fn at(&self, field: &str) -> String {
+        format!("{}.{field}", self.0)
+    }
+
+    fn dur(&self, e: &mut Errors, field: &str, v: &Option<String>, default: Duration) -> Duration {
+        duration(e, &self.at(field), v.as_ref(), default)
+    }
+
+    fn num(
+        &self,
+        e: &mut Errors,
+        field: &str,
+        v: Option<i64>,
+        default: u32,
+        min: i64,
+        max: i64,
+    ) -> u32 {
+        int(e, &self.at(field), v, default, min, max)
+    }
+}
+
 /// An integer field within `min..=max`: `default` when absent.
 fn int(e: &mut Errors, path: &str, v: Option<i64>, default: u32, min: i64, max: i64) -> u32 {
     match v {

@@ -200,6 +200,18 @@ impl TestNode {
             .secret)
     }
 
+    /// Creates tier `tier_name` with `limits` and tenant `id` on it, and makes the tenant an API
+    /// key (returned).
+    pub async fn tenant_in_tier(
+        &self,
+        id: &str,
+        tier_name: &str,
+        limits: pb::Limits,
+    ) -> anyhow::Result<String> {
+        self.put_tier(tier(tier_name, limits)).await?;
+        self.tenant_with_key(tenant(id, tier_name)).await
+    }
+
     /// An admin API client that sends the admin token.
     pub async fn admin_client(
         &self,
@@ -348,6 +360,40 @@ pub fn tenant(id: &str, tier: &str) -> pb::Tenant {
         id: id.into(),
         tier: tier.into(),
         ..pb::Tenant::default()
+    }
+}
+
+/// Limits that set one field: `limit::requests_per_minute(2)`; more than one with struct
+/// update syntax (`pb::Limits { tokens_per_minute: Some(9), ..limit::requests_per_minute(2) }`).
+pub mod limit {
+    use meridian_proto::pb::admin::Limits;
+
+    pub fn requests_per_minute(n: u64) -> Limits {
+        Limits {
+            requests_per_minute: Some(n),
+            ..Limits::default()
+        }
+    }
+
+    pub fn tokens_per_minute(n: u64) -> Limits {
+        Limits {
+            tokens_per_minute: Some(n),
+            ..Limits::default()
+        }
+    }
+
+    pub fn tokens_per_day(n: u64) -> Limits {
+        Limits {
+            tokens_per_day: Some(n),
+            ..Limits::default()
+        }
+    }
+
+    pub fn cost_per_day_micro_usd(n: u64) -> Limits {
+        Limits {
+            cost_per_day_micro_usd: Some(n),
+            ..Limits::default()
+        }
     }
 }
 

@@ -668,14 +668,8 @@ impl Harness {
     /// node is unreachable or the cluster has no leader (as an operator would: a loaded
     /// machine can hold an election right after boot).
     pub async fn put_tier(&self, id: u64) -> Result<bool, tonic::Status> {
-        self.put_tier_with(
-            id,
-            pb::Limits {
-                tokens_per_day: Some(10_000),
-                ..pb::Limits::default()
-            },
-        )
-        .await
+        self.put_tier_with(id, crate::limit::tokens_per_day(10_000))
+            .await
     }
 
     /// Tier `free` with `limits`, written through node `id` (see [`Self::put_tier`]).

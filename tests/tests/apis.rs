@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use meridian_policy::clock::WallClock;
-use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockUpstream};
-use meridian_tests::{TestNode, provider_toml, provider_toml_kind, sse_events, tier};
+use meridian_tests::{TestNode, limit, provider_toml, provider_toml_kind, sse_events};
 use serde_json::{Value, json};
 
 /// A node serving `mock` from a mock of `flavor`, `claude` from an Anthropic mock and `demo`.
@@ -223,19 +222,10 @@ async fn embeddings_are_served_metered_and_cached() {
 async fn embeddings_are_admitted_on_their_input_tokens() {
     let clock = meridian_tests::clock_inside_one_minute(Duration::from_secs(15));
     let (m, _a, n) = node_on(Flavor::Vllm, clock).await;
-    n.put_tier(tier(
-        "small",
-        pb::Limits {
-            tokens_per_minute: Some(40),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
     let key = n
-        .tenant_with_key(meridian_tests::tenant("rag", "small"))
+        .tenant_in_tier("rag", "small", limit::tokens_per_minute(40))
         .await
-        .expect("tenant");
+        .expect("tier, tenant and key");
     let embed = |words: usize, tag: &str| {
         let text = format!("{tag} {}", "word ".repeat(words));
         reqwest::Client::new()

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use meridian_tests::limit;
 use meridian_tests::procs::Harness;
 use meridian_tests::{ReservedPort, chat_as, metric, mock_vllm_stats, status_of};
 
@@ -1209,10 +1210,7 @@ async fn a_tenant_crossing_80_percent_of_its_daily_cap_alerts_the_webhook_exactl
         .put_tier(pb::PutTierRequest {
             tier: Some(meridian_tests::tier(
                 "capped",
-                pb::Limits {
-                    cost_per_day_micro_usd: Some(10_000), // one cent a day
-                    ..pb::Limits::default()
-                },
+                limit::cost_per_day_micro_usd(10_000), // one cent a day
             )),
         })
         .await

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
+use meridian_tests::limit;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::procs::Harness;
 use meridian_tests::{metric, provider_toml};
@@ -127,10 +128,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         2,
         pb::Tier {
             name: "metered".into(),
-            limits: Some(pb::Limits {
-                tokens_per_minute: Some(LIMIT),
-                ..pb::Limits::default()
-            }),
+            limits: Some(limit::tokens_per_minute(LIMIT)),
             ..pb::Tier::default()
         },
         "acme",
@@ -353,10 +351,7 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
         1,
         pb::Tier {
             name: "users".into(),
-            per_user: Some(pb::Limits {
-                tokens_per_day: Some(PER_USER),
-                ..pb::Limits::default()
-            }),
+            per_user: Some(limit::tokens_per_day(PER_USER)),
             ..pb::Tier::default()
         },
         "app",
@@ -500,10 +495,7 @@ async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
         3,
         pb::Tier {
             name: "daily".into(),
-            limits: Some(pb::Limits {
-                tokens_per_day: Some(DAY),
-                ..pb::Limits::default()
-            }),
+            limits: Some(limit::tokens_per_day(DAY)),
             ..pb::Tier::default()
         },
         "night-owl",
@@ -641,10 +633,7 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
             tier: "open".into(),
             features: [(
                 "summarize".to_owned(),
-                pb::Limits {
-                    tokens_per_day: Some(FEATURE_TOKENS),
-                    ..pb::Limits::default()
-                },
+                limit::tokens_per_day(FEATURE_TOKENS),
             )]
             .into(),
             ..pb::Tenant::default()
@@ -652,10 +641,7 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
         pb::Tenant {
             id: "spender".into(),
             tier: "open".into(),
-            overrides: Some(pb::Limits {
-                cost_per_day_micro_usd: Some(SPEND_MICRO_USD),
-                ..pb::Limits::default()
-            }),
+            overrides: Some(limit::cost_per_day_micro_usd(SPEND_MICRO_USD)),
             ..pb::Tenant::default()
         },
     ] {
@@ -810,20 +796,8 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     h.inside_one_day(Duration::from_secs(180)).await;
     let mut admin = h.admin(1).await.unwrap();
     for (name, limits) in [
-        (
-            "daily",
-            pb::Limits {
-                tokens_per_day: Some(DAY),
-                ..pb::Limits::default()
-            },
-        ),
-        (
-            "minute",
-            pb::Limits {
-                requests_per_minute: Some(RPM),
-                ..pb::Limits::default()
-            },
-        ),
+        ("daily", limit::tokens_per_day(DAY)),
+        ("minute", limit::requests_per_minute(RPM)),
     ] {
         admin
             .put_tier(pb::PutTierRequest {

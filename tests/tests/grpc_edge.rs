@@ -10,7 +10,7 @@ use meridian_proto::pb::admin::{ClusterStatusRequest, ListProvidersRequest, Node
 use meridian_proto::pb::v1::inference_client::InferenceClient;
 use meridian_proto::pb::v1::{ChatMessage, ChatRequest, FinishReason, ListModelsRequest, Role};
 use meridian_tests::mock::{Flavor, MockUpstream};
-use meridian_tests::{TestNode, node_with_mock, tier};
+use meridian_tests::{TestNode, limit, node_with_mock, tier};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -268,20 +268,13 @@ async fn health_reflection_and_admin_answer() {
 
 #[tokio::test]
 async fn limits_answer_resource_exhausted_with_the_limit_and_retry_after() {
-    use meridian_proto::pb::admin as pb;
     let clock = meridian_tests::clock_inside_one_minute(Duration::from_secs(10));
     let (_mock, node) = meridian_tests::node_with_mock_on(Flavor::OpenAi, &["mock"], "", "", clock)
         .await
         .expect("mock and node start");
-    node.put_tier(tier(
-        "dev",
-        pb::Limits {
-            requests_per_minute: Some(1),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("the dev tier gets a limit");
+    node.put_tier(tier("dev", limit::requests_per_minute(1)))
+        .await
+        .expect("the dev tier gets a limit");
     let mut client = InferenceClient::with_interceptor(channel(node.grpc).await, node.key_bearer());
     client.chat(request("mock")).await.expect("the first fits");
     let err = client

@@ -13,6 +13,7 @@ use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_proto::pb::v1::inference_client::InferenceClient;
 use meridian_proto::pb::v1::{ChatMessage, ChatRequest, EmbedRequest, Role};
 use meridian_tests::Bearer;
+use meridian_tests::limit;
 use meridian_tests::procs::Harness;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -309,15 +310,9 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
     let mut h = Harness::new(29);
     h.http_extra = "body_timeout = \"1s\"".into();
     let leader = h.boot(&[1]).await;
-    h.put_tier_with(
-        leader,
-        pb::Limits {
-            requests_per_minute: Some(200),
-            ..pb::Limits::default()
-        },
-    )
-    .await
-    .expect("tier");
+    h.put_tier_with(leader, limit::requests_per_minute(200))
+        .await
+        .expect("tier");
     h.put_tenant(leader, "hostile").await.expect("tenant");
     let key = h.api_key(leader, "hostile").await.expect("key");
     h.put_tenant(leader, "flooder").await.expect("tenant");

@@ -8,8 +8,8 @@ use futures::StreamExt;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
 use meridian_tests::{
-    TestNode, chat_as, chat_body, node_with_mock, provider_toml, provider_toml_kind, retry_later,
-    sse_events, tier, wait_until,
+    TestNode, chat_as, chat_body, limit, node_with_mock, provider_toml, provider_toml_kind,
+    retry_later, sse_events, tier, wait_until,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -726,20 +726,14 @@ async fn api_keys_are_required_checked_and_revocable() {
 #[tokio::test]
 async fn limits_answer_429_naming_the_limit_with_rate_limit_headers() {
     let (m, n) = setup_within_a_minute(Duration::from_secs(10), "").await;
-    n.put_tier(tier(
-        "small",
-        pb::Limits {
-            tokens_per_minute: Some(1_000),
-            requests_per_minute: Some(1_000),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
+    let limits = pb::Limits {
+        tokens_per_minute: Some(1_000),
+        ..limit::requests_per_minute(1_000)
+    };
     let key = n
-        .tenant_with_key(meridian_tests::tenant("acme", "small"))
+        .tenant_in_tier("acme", "small", limits)
         .await
-        .expect("tenant and key");
+        .expect("tier, tenant and key");
     let client = reqwest::Client::new();
     let send = |body: String| chat_as(&client, &n.url(""), &key, body).send();
     // The mock answers 8 completion tokens; each request reserves its prompt + 100.
@@ -822,15 +816,9 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
     )
     .await
     .expect("node");
-    n.put_tier(tier(
-        "tiny",
-        pb::Limits {
-            requests_per_minute: Some(2),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
+    n.put_tier(tier("tiny", limit::requests_per_minute(2)))
+        .await
+        .expect("tier");
     let now = meridian_tests::unix_secs();
     let token = |exp: u64, aud: &str| {
         encode(
@@ -925,27 +913,15 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
     let prices =
         "[[prices]]\nmodel = \"mock\"\ninput_usd_per_mtok = 0.0\noutput_usd_per_mtok = 1000.0\n";
     let (_m, n) = setup_within_a_minute(Duration::from_secs(30), prices).await;
-    let limits = pb::Limits {
-        cost_per_day_micro_usd: Some(1_000_000),
-        ..pb::Limits::default()
-    };
+    let limits = limit::cost_per_day_micro_usd(1_000_000);
     n.put_tier(pb::Tier {
-        per_user: Some(pb::Limits {
-            requests_per_minute: Some(2),
-            ..pb::Limits::default()
-        }),
+        per_user: Some(limit::requests_per_minute(2)),
         ..tier("paid", limits)
     })
     .await
     .expect("tier");
     let mut features = std::collections::HashMap::new();
-    features.insert(
-        "search".to_owned(),
-        pb::Limits {
-            requests_per_minute: Some(1),
-            ..pb::Limits::default()
-        },
-    );
+    features.insert("search".to_owned(), limit::requests_per_minute(1));
     let key = n
         .tenant_with_key(pb::Tenant {
             id: "shop".into(),
@@ -1098,15 +1074,9 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
 #[tokio::test]
 async fn deterministic_answers_are_cached_per_tenant_and_hits_obey_the_tenants_rules() {
     let (m, n) = setup_within_a_minute(Duration::from_secs(10), "").await;
-    n.put_tier(tier(
-        "three",
-        pb::Limits {
-            requests_per_minute: Some(3),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
+    n.put_tier(tier("three", limit::requests_per_minute(3)))
+        .await
+        .expect("tier");
     let mut keys = Vec::new();
     for tenant in ["t1", "t2"] {
         keys.push(
@@ -1483,24 +1453,12 @@ async fn vllms_own_fields_reach_only_providers_that_speak_vllm() {
 #[tokio::test]
 async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
     let (m, n) = setup(Flavor::Vllm, &["mock"], "default_max_tokens = 300", "").await;
-    n.put_tier(tier(
-        "metered",
-        pb::Limits {
-            tokens_per_minute: Some(1_000_000),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
-    n.put_tier(tier(
-        "counted",
-        pb::Limits {
-            requests_per_minute: Some(1_000),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
+    n.put_tier(tier("metered", limit::tokens_per_minute(1_000_000)))
+        .await
+        .expect("tier");
+    n.put_tier(tier("counted", limit::requests_per_minute(1_000)))
+        .await
+        .expect("tier");
     let mut keys = Vec::new();
     for (id, tier) in [("metered", "metered"), ("counted", "counted")] {
         keys.push(

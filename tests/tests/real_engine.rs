@@ -11,7 +11,7 @@ use futures::StreamExt;
 use meridian_policy::clock::WallClock;
 use meridian_proto::pb::admin as pb;
 use meridian_tests::engine::{self, LlamaServer};
-use meridian_tests::{TestNode, provider_toml, python_json, tier, wait_until};
+use meridian_tests::{TestNode, limit, provider_toml, python_json, wait_until};
 use serde_json::{Value, json};
 
 /// What the tenant may use in a day (far more than the test needs: settlement is read back
@@ -73,19 +73,10 @@ async fn the_official_sdk_through_a_node_to_llama_cpp_is_metered_and_settled_as_
     // A daily limit: not across midnight (the next day starts from nothing).
     let clock = meridian_tests::clock_inside_one_day(Duration::from_secs(180));
     let (engine, node) = engine_behind_a_node(|| LlamaServer::start(2), "smollm2", clock).await;
-    node.put_tier(tier(
-        "metered",
-        pb::Limits {
-            tokens_per_day: Some(DAY),
-            ..pb::Limits::default()
-        },
-    ))
-    .await
-    .expect("tier");
     let key = node
-        .tenant_with_key(meridian_tests::tenant("eng", "metered"))
+        .tenant_in_tier("eng", "metered", limit::tokens_per_day(DAY))
         .await
-        .expect("tenant");
+        .expect("tier, tenant and key");
 
     let python = blocking(engine::python).await.expect("the engine's python");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/engine_check.py");

@@ -14,7 +14,8 @@ pub(super) fn validate(
     let mut ids = HashSet::new();
     let mut providers = Vec::new();
     for (i, p) in raw.into_iter().enumerate() {
-        let at = |field: &str| format!("providers[{i}].{field}");
+        let entry = Entry(format!("providers[{i}]"));
+        let at = |field: &str| entry.at(field);
         let id = p.id.clone().unwrap_or_default();
         if id.is_empty() {
             e.push(at("id"), "is required");
@@ -135,20 +136,10 @@ pub(super) fn validate(
         }
         let d = Timeouts::default();
         let timeouts = Timeouts {
-            connect: duration(
-                e,
-                &at("connect_timeout"),
-                p.connect_timeout.as_ref(),
-                d.connect,
-            ),
-            first_byte: duration(
-                e,
-                &at("first_byte_timeout"),
-                p.first_byte_timeout.as_ref(),
-                d.first_byte,
-            ),
-            idle: duration(e, &at("idle_timeout"), p.idle_timeout.as_ref(), d.idle),
-            total: duration(e, &at("total_timeout"), p.total_timeout.as_ref(), d.total),
+            connect: entry.dur(e, "connect_timeout", &p.connect_timeout, d.connect),
+            first_byte: entry.dur(e, "first_byte_timeout", &p.first_byte_timeout, d.first_byte),
+            idle: entry.dur(e, "idle_timeout", &p.idle_timeout, d.idle),
+            total: entry.dur(e, "total_timeout", &p.total_timeout, d.total),
         };
         let tokenizer = match p.tokenizer.as_deref() {
             None => Tokenizer::default(),
@@ -196,10 +187,10 @@ pub(super) fn validate(
                     "applies only to a provider reached over HTTP",
                 );
             }
-            Some(duration(
+            Some(entry.dur(
                 e,
-                &at("discover_every"),
-                p.discover_every.as_ref(),
+                "discover_every",
+                &p.discover_every,
                 Duration::from_secs(10),
             ))
         } else {
@@ -213,32 +204,18 @@ pub(super) fn validate(
             discover,
             tokenizer,
             prefix_affinity: p.prefix_affinity.unwrap_or(false),
-            weight: int(e, &at("weight"), p.weight, 1, 1, 1_000),
+            weight: entry.num(e, "weight", p.weight, 1, 1, 1_000),
             price,
             id,
             region: p.region.clone().unwrap_or_else(|| region.to_owned()),
             kind,
             models,
-            max_concurrency: int(
+            max_concurrency: entry.num(e, "max_concurrency", p.max_concurrency, 64, 1, 1_000_000),
+            queue_capacity: entry.num(e, "queue_capacity", p.queue_capacity, 256, 0, 1_000_000),
+            queue_timeout: entry.dur(
                 e,
-                &at("max_concurrency"),
-                p.max_concurrency,
-                64,
-                1,
-                1_000_000,
-            ),
-            queue_capacity: int(
-                e,
-                &at("queue_capacity"),
-                p.queue_capacity,
-                256,
-                0,
-                1_000_000,
-            ),
-            queue_timeout: duration(
-                e,
-                &at("queue_timeout"),
-                p.queue_timeout.as_ref(),
+                "queue_timeout",
+                &p.queue_timeout,
                 Duration::from_secs(10),
             ),
             timeouts,

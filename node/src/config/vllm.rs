@@ -7,7 +7,7 @@ use meridian_actors::Timeouts;
 use meridian_actors::vllm::{Autoscale, LoraModule, RestartPolicy, VllmGroup};
 use serde::Deserialize;
 
-use super::{Errors, duration, int};
+use super::{Entry, Errors, int};
 
 /// One `[[vllm]]` section as written. Only `id` and `model` are required.
 #[derive(Debug, Default, Deserialize)]
@@ -105,7 +105,8 @@ pub(super) fn validate(
         .map(|(who, p)| (*p, who.clone()))
         .collect();
     for (i, v) in raw.iter().enumerate() {
-        let at = |field: &str| format!("vllm[{i}].{field}");
+        let entry = Entry(format!("vllm[{i}]"));
+        let at = |field: &str| entry.at(field);
         let id = v.id.clone().unwrap_or_default();
         if id.is_empty() {
             e.push(at("id"), "is required");
@@ -145,14 +146,7 @@ pub(super) fn validate(
         if command.is_empty() {
             e.push(at("command"), "must name a program");
         }
-        let tp = int(
-            e,
-            &at("tensor_parallel_size"),
-            v.tensor_parallel_size,
-            1,
-            1,
-            64,
-        );
+        let tp = entry.num(e, "tensor_parallel_size", v.tensor_parallel_size, 1, 1, 64);
         let mut gpus = Vec::new();
         for (j, &g) in v.gpus.iter().enumerate() {
             match u32::try_from(g) {
@@ -164,9 +158,9 @@ pub(super) fn validate(
                 Err(_) => e.push(at(&format!("gpus[{j}]")), format!("{g} is not a GPU index")),
             }
         }
-        let per_replica = int(
+        let per_replica = entry.num(
             e,
-            &at("gpus_per_replica"),
+            "gpus_per_replica",
             v.gpus_per_replica,
             if gpus.is_empty() { 0 } else { tp },
             0,
@@ -202,10 +196,10 @@ pub(super) fn validate(
             }
         }
         // Scaling from zero is not built: a group always keeps one replica.
-        let min_replicas = int(e, &at("min_replicas"), v.min_replicas, 1, 1, 1024);
-        let max_replicas = int(
+        let min_replicas = entry.num(e, "min_replicas", v.min_replicas, 1, 1, 1024);
+        let max_replicas = entry.num(
             e,
-            &at("max_replicas"),
+            "max_replicas",
             v.max_replicas,
             min_replicas.max(1),
             1,
@@ -226,7 +220,7 @@ pub(super) fn validate(
                 ),
             );
         }
-        let first_port = int(e, &at("port"), v.port, 8100, 1, 65535);
+        let first_port = entry.num(e, "port", v.port, 8100, 1, 65535);
         let last_port = first_port + max_replicas.saturating_sub(1);
         if last_port > 65535 {
             e.push(
@@ -284,38 +278,26 @@ pub(super) fn validate(
             });
         let dr = RestartPolicy::default();
         let restart = RestartPolicy {
-            backoff_initial: duration(
+            backoff_initial: entry.dur(
                 e,
-                &at("restart_backoff"),
-                v.restart_backoff.as_ref(),
+                "restart_backoff",
+                &v.restart_backoff,
                 dr.backoff_initial,
             ),
-            backoff_max: duration(
+            backoff_max: entry.dur(
                 e,
-                &at("restart_backoff_max"),
-                v.restart_backoff_max.as_ref(),
+                "restart_backoff_max",
+                &v.restart_backoff_max,
                 dr.backoff_max,
             ),
-            reset_after: duration(
+            reset_after: entry.dur(
                 e,
-                &at("restart_reset_after"),
-                v.restart_reset_after.as_ref(),
+                "restart_reset_after",
+                &v.restart_reset_after,
                 dr.reset_after,
             ),
-            max_restarts: int(
-                e,
-                &at("max_restarts"),
-                v.max_restarts,
-                dr.max_restarts,
-                0,
-                1000,
-            ),
-            window: duration(
-                e,
-                &at("restart_window"),
-                v.restart_window.as_ref(),
-                dr.window,
-            ),
+            max_restarts: entry.num(e, "max_restarts", v.max_restarts, dr.max_restarts, 0, 1000),
+            window: entry.dur(e, "restart_window", &v.restart_window, dr.window),
         };
         if restart.backoff_max < restart.backoff_initial {
             e.push(
@@ -325,42 +307,32 @@ pub(super) fn validate(
         }
         let da = Autoscale::default();
         let autoscale = Autoscale {
-            target_in_flight: int(
+            target_in_flight: entry.num(
                 e,
-                &at("autoscale_target"),
+                "autoscale_target",
                 v.autoscale_target,
                 da.target_in_flight,
                 1,
                 1_000_000,
             ),
-            cooldown: duration(
-                e,
-                &at("autoscale_cooldown"),
-                v.autoscale_cooldown.as_ref(),
-                da.cooldown,
-            ),
-            interval: duration(
-                e,
-                &at("autoscale_interval"),
-                v.autoscale_interval.as_ref(),
-                da.interval,
-            ),
+            cooldown: entry.dur(e, "autoscale_cooldown", &v.autoscale_cooldown, da.cooldown),
+            interval: entry.dur(e, "autoscale_interval", &v.autoscale_interval, da.interval),
         };
         let dt = Timeouts::default();
         let timeouts = Timeouts {
             connect: Duration::from_secs(2),
-            first_byte: duration(
+            first_byte: entry.dur(
                 e,
-                &at("first_byte_timeout"),
-                v.first_byte_timeout.as_ref(),
+                "first_byte_timeout",
+                &v.first_byte_timeout,
                 dt.first_byte,
             ),
-            idle: duration(e, &at("idle_timeout"), v.idle_timeout.as_ref(), dt.idle),
-            total: duration(e, &at("total_timeout"), v.total_timeout.as_ref(), dt.total),
+            idle: entry.dur(e, "idle_timeout", &v.idle_timeout, dt.idle),
+            total: entry.dur(e, "total_timeout", &v.total_timeout, dt.total),
         };
-        let max_concurrency = int(
+        let max_concurrency = entry.num(
             e,
-            &at("max_concurrency"),
+            "max_concurrency",
             v.max_concurrency,
             max_num_seqs.unwrap_or(256),
             1,
@@ -368,9 +340,9 @@ pub(super) fn validate(
         );
         groups.push(VllmGroup {
             api_key: None,
-            default_max_tokens: int(
+            default_max_tokens: entry.num(
                 e,
-                &at("default_max_tokens"),
+                "default_max_tokens",
                 v.default_max_tokens,
                 crate::config::DEFAULT_MAX_TOKENS,
                 1,
@@ -396,63 +368,53 @@ pub(super) fn validate(
             ports: (first_port, last_port),
             min_replicas,
             max_replicas,
-            startup_budget: duration(
+            startup_budget: entry.dur(
                 e,
-                &at("startup_budget"),
-                v.startup_budget.as_ref(),
+                "startup_budget",
+                &v.startup_budget,
                 Duration::from_secs(600),
             ),
-            health_interval: duration(
+            health_interval: entry.dur(
                 e,
-                &at("health_interval"),
-                v.health_interval.as_ref(),
+                "health_interval",
+                &v.health_interval,
                 Duration::from_secs(2),
             ),
-            scrape_interval: duration(
+            scrape_interval: entry.dur(
                 e,
-                &at("scrape_interval"),
-                v.scrape_interval.as_ref(),
+                "scrape_interval",
+                &v.scrape_interval,
                 Duration::from_secs(5),
             ),
-            health_failures: int(e, &at("health_failures"), v.health_failures, 3, 1, 100),
-            hang_timeout: duration(
-                e,
-                &at("hang_timeout"),
-                v.hang_timeout.as_ref(),
-                Duration::from_secs(60),
-            ),
+            health_failures: entry.num(e, "health_failures", v.health_failures, 3, 1, 100),
+            hang_timeout: entry.dur(e, "hang_timeout", &v.hang_timeout, Duration::from_secs(60)),
             restart,
-            drain_timeout: duration(
+            drain_timeout: entry.dur(
                 e,
-                &at("drain_timeout"),
-                v.drain_timeout.as_ref(),
+                "drain_timeout",
+                &v.drain_timeout,
                 Duration::from_secs(30),
             ),
-            stop_grace: duration(
-                e,
-                &at("stop_grace"),
-                v.stop_grace.as_ref(),
-                Duration::from_secs(30),
-            ),
+            stop_grace: entry.dur(e, "stop_grace", &v.stop_grace, Duration::from_secs(30)),
             autoscale,
             max_concurrency,
-            queue_capacity: int(
+            queue_capacity: entry.num(
                 e,
-                &at("queue_capacity"),
+                "queue_capacity",
                 v.queue_capacity,
                 max_concurrency.saturating_mul(2),
                 0,
                 1_000_000,
             ),
-            queue_timeout: duration(
+            queue_timeout: entry.dur(
                 e,
-                &at("queue_timeout"),
-                v.queue_timeout.as_ref(),
+                "queue_timeout",
+                &v.queue_timeout,
                 Duration::from_secs(30),
             ),
             timeouts,
             region: region.to_owned(),
-            weight: int(e, &at("weight"), v.weight, 1, 1, 1000),
+            weight: entry.num(e, "weight", v.weight, 1, 1, 1000),
         });
     }
     groups
