@@ -162,6 +162,14 @@ impl TestNode {
         }
     }
 
+    /// The value of the series that starts with `series` in the node's `/metrics`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
     /// Sends this node's development API key on gRPC calls (nothing with auth off).
     pub fn key_bearer(&self) -> Bearer {
         Bearer::new(self.api_key.as_deref())
@@ -632,6 +640,23 @@ pub fn sse_events(body: &[u8]) -> Vec<SseEvent> {
         out.push(ev);
     }
     out
+}
+
+/// The chunks of an SSE body as JSON, and whether it ended with `[DONE]` (sent at most once).
+pub fn sse_chunks(body: &[u8]) -> (Vec<serde_json::Value>, bool) {
+    let events = sse_events(body);
+    let done = events.last().is_some_and(|e| &e.data[..] == b"[DONE]");
+    let done_count = events.iter().filter(|e| &e.data[..] == b"[DONE]").count();
+    assert!(done_count <= 1, "at most one [DONE]");
+    let chunks = events
+        .iter()
+        .filter(|e| &e.data[..] != b"[DONE]")
+        .map(|e| {
+            serde_json::from_slice(&e.data)
+                .unwrap_or_else(|err| panic!("every data line is JSON: {err}"))
+        })
+        .collect();
+    (chunks, done)
 }
 
 /// A chat request body with one user message.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine;
 use meridian_policy::clock::WallClock;
 use meridian_tests::mock::{Flavor, MockUpstream};
-use meridian_tests::{TestNode, limit, provider_toml, provider_toml_kind, sse_events};
+use meridian_tests::{TestNode, limit, provider_toml, provider_toml_kind, sse_chunks};
 use serde_json::{Value, json};
 
 /// A node serving `mock` from a mock of `flavor`, `claude` from an Anthropic mock and `demo`.
@@ -67,18 +67,6 @@ fn last_request(m: &MockUpstream) -> Value {
         .expect("the mock got a request")
 }
 
-/// The chunk objects of an SSE body, and whether it ended with `[DONE]`.
-fn chunks(body: &[u8]) -> (Vec<Value>, bool) {
-    let events = sse_events(body);
-    let done = events.last().is_some_and(|e| &e.data[..] == b"[DONE]");
-    let chunks = events
-        .iter()
-        .filter(|e| &e.data[..] != b"[DONE]")
-        .map(|e| serde_json::from_slice(&e.data).expect("every event is JSON"))
-        .collect();
-    (chunks, done)
-}
-
 #[tokio::test]
 async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
@@ -116,7 +104,7 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
         .await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        let (events, done) = chunks(&resp.bytes().await.expect("body"));
+        let (events, done) = sse_chunks(&resp.bytes().await.expect("body"));
         assert!(done, "{flavor:?}: ends with [DONE]");
         assert!(events.iter().all(|c| c["object"] == "text_completion"));
         let text: String = events
@@ -140,7 +128,7 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
                     "stream_options": {"include_usage": true}}),
         )
         .await;
-        let (events, done) = chunks(&resp.bytes().await.expect("body"));
+        let (events, done) = sse_chunks(&resp.bytes().await.expect("body"));
         assert!(done);
         let usage = &events.last().expect("chunks")["usage"];
         assert_eq!(
@@ -382,7 +370,7 @@ async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
     let mut streamed = chat.clone();
     streamed["stream"] = true.into();
     let resp = post(&n, "/v1/chat/completions", &streamed).await;
-    let (events, done) = chunks(&resp.bytes().await.expect("body"));
+    let (events, done) = sse_chunks(&resp.bytes().await.expect("body"));
     assert!(
         done && events
             .iter()
@@ -410,7 +398,7 @@ async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
                 "stream_options": {"include_usage": true}}),
     )
     .await;
-    let (events, done) = chunks(&resp.bytes().await.expect("body"));
+    let (events, done) = sse_chunks(&resp.bytes().await.expect("body"));
     assert!(done);
     assert_eq!(
         events.last().expect("chunks")["usage"]["completion_tokens"],
@@ -659,7 +647,7 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     // First as a stream (the usage chunk not asked for): a miss, and stored once it ends.
     let first = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
     assert_eq!(first.headers()["x-meridian-cache"], "miss");
-    let (events, done) = chunks(&first.bytes().await.expect("body"));
+    let (events, done) = sse_chunks(&first.bytes().await.expect("body"));
     assert!(done);
     let streamed: String = events
         .iter()
@@ -676,7 +664,7 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     // And streamed again, from the cache.
     let again = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
     assert_eq!(again.headers()["x-meridian-cache"], "hit");
-    let (events, done) = chunks(&again.bytes().await.expect("body"));
+    let (events, done) = sse_chunks(&again.bytes().await.expect("body"));
     assert!(done);
     let replayed: String = events
         .iter()
@@ -708,7 +696,7 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     // Replayed as a stream, the tool call is there too.
     call["stream"] = true.into();
     let replay = post(&n, "/v1/chat/completions", &call).await;
-    let (events, _) = chunks(&replay.bytes().await.expect("body"));
+    let (events, _) = sse_chunks(&replay.bytes().await.expect("body"));
     assert!(
         events
             .iter()

@@ -9,7 +9,7 @@ use meridian_proto::pb::admin as pb;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
 use meridian_tests::{
     TestNode, chat_as, chat_body, limit, node_with_mock, provider_toml, provider_toml_kind,
-    retry_later, sse_events, tier, wait_until,
+    retry_later, sse_chunks, sse_events, tier, wait_until,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,20 +65,6 @@ async fn post_with_header(
         .expect("request sent")
 }
 
-/// The chunk JSON objects and whether the stream ended with `[DONE]`.
-fn parse_stream(body: &[u8]) -> (Vec<Value>, bool) {
-    let events = sse_events(body);
-    let done = events.last().is_some_and(|e| &e.data[..] == b"[DONE]");
-    let done_count = events.iter().filter(|e| &e.data[..] == b"[DONE]").count();
-    assert!(done_count <= 1, "at most one [DONE]");
-    let chunks = events
-        .iter()
-        .filter(|e| &e.data[..] != b"[DONE]")
-        .map(|e| serde_json::from_slice(&e.data).expect("every data line is JSON"))
-        .collect();
-    (chunks, done)
-}
-
 fn content(chunks: &[Value]) -> String {
     chunks
         .iter()
@@ -114,7 +100,7 @@ async fn streaming_chat_is_relayed_exactly_and_always_metered() {
         assert_eq!(h["cache-control"], "no-cache");
         assert_eq!(h["x-accel-buffering"], "no");
         let body = resp.bytes().await.expect("body");
-        let (chunks, done) = parse_stream(&body);
+        let (chunks, done) = sse_chunks(&body);
         assert!(done, "{flavor:?}: ends with [DONE]");
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(content(&chunks), "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ");
@@ -139,7 +125,7 @@ async fn streaming_chat_is_relayed_exactly_and_always_metered() {
             chat_body("mock", true, r#""stream_options":{"include_usage":true}"#),
         )
         .await;
-        let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+        let (chunks, done) = sse_chunks(&resp.bytes().await.expect("body"));
         assert!(done);
         let last = chunks.last().expect("chunks");
         assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
@@ -315,7 +301,7 @@ async fn failures_after_the_first_byte_end_with_an_error_event_and_no_done() {
                     "{flavor:?}: a stalled stream ended after {took:?}"
                 );
             }
-            let (chunks, done) = parse_stream(&body);
+            let (chunks, done) = sse_chunks(&body);
             assert!(
                 !done,
                 "{flavor:?} {model}: a truncated answer never ends with [DONE]"
@@ -390,11 +376,11 @@ async fn hostile_content_cannot_break_the_event_framing() {
     )
     .await;
     let resp = post(&n, chat_body("mock@content:cr;tokens:3", true, "")).await;
-    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    let (chunks, done) = sse_chunks(&resp.bytes().await.expect("body"));
     assert!(done);
     assert_eq!(content(&chunks), "line0\r\nline1\r\nline2\r\n");
     let resp = post(&n, chat_body("mock@content:done;tokens:3", true, "")).await;
-    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    let (chunks, done) = sse_chunks(&resp.bytes().await.expect("body"));
     assert!(done);
     assert_eq!(content(&chunks), "\n\ndata: [DONE]\n\n".repeat(3));
 }
@@ -413,7 +399,7 @@ async fn heartbeats_flow_while_the_upstream_is_silent() {
     let body = resp.bytes().await.expect("body");
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains(": ping\n\n"), "{text}");
-    let (chunks, done) = parse_stream(&body);
+    let (chunks, done) = sse_chunks(&body);
     assert!(done);
     assert_eq!(content(&chunks), "tok0 tok1 ");
 }
@@ -518,7 +504,7 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
         Ok(r) => assert_eq!(r.status(), 503),
         Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
     }
-    let (chunks, done) = parse_stream(&resp.bytes().await.expect("the in-flight stream finishes"));
+    let (chunks, done) = sse_chunks(&resp.bytes().await.expect("the in-flight stream finishes"));
     assert!(done);
     assert_eq!(content(&chunks).split_whitespace().count(), 15);
     drained.await.expect("task").expect("clean shutdown");
@@ -531,7 +517,7 @@ async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
     let started = Instant::now();
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
-    let (chunks, done) = parse_stream(&resp.bytes().await.expect("body"));
+    let (chunks, done) = sse_chunks(&resp.bytes().await.expect("body"));
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(500) && took < Duration::from_millis(1_500),

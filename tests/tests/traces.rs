@@ -120,11 +120,9 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     assert_eq!(client.name, "chat m");
     // The node counts what it exported.
     wait_until("the export counted", Duration::from_secs(10), || async {
-        node.metrics().await.lines().any(|l| {
-            l.strip_prefix(r#"meridian_trace_spans_total{result="exported"} "#)
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|n| n >= 2)
-        })
+        node.metric(r#"meridian_trace_spans_total{result="exported"}"#)
+            .await
+            .is_some_and(|n| n >= 2.0)
     })
     .await
     .unwrap();
@@ -169,11 +167,9 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         "the records' export counted",
         Duration::from_secs(10),
         || async {
-            node.metrics().await.lines().any(|l| {
-                l.strip_prefix(r#"meridian_call_records_exported_total{result="exported"} "#)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|n| n >= 1)
-            })
+            node.metric(r#"meridian_call_records_exported_total{result="exported"}"#)
+                .await
+                .is_some_and(|n| n >= 1.0)
         },
     )
     .await
