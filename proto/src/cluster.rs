@@ -684,25 +684,26 @@ pub const LEDGER_GRACE_MS: u64 = 120_000;
 impl ClusterState {
     /// The limits that apply to `tenant` (its tier's, with its overrides), if it exists.
     pub fn limits_of(&self, tenant: &str) -> Option<Limits> {
-        let t = self.tenants.get(tenant)?;
-        let tier = self
-            .tiers
-            .get(&t.tier)
-            .map(|t| t.limits)
-            .unwrap_or_default();
-        Some(tier.overlay(&t.overrides))
+        self.overlaid(tenant, |tier| tier.limits, |t| &t.overrides)
     }
 
     /// The limits of each end user of `tenant` (the tier's per-user limits, with the tenant's
     /// overrides), if the tenant exists.
     pub fn user_limits_of(&self, tenant: &str) -> Option<Limits> {
+        self.overlaid(tenant, |tier| tier.per_user, |t| &t.per_user)
+    }
+
+    /// One set of `tenant`'s limits: its tier's (none without the tier) with the tenant's own
+    /// over them.
+    fn overlaid(
+        &self,
+        tenant: &str,
+        of_tier: impl Fn(&Tier) -> Limits,
+        own: impl Fn(&Tenant) -> &Limits,
+    ) -> Option<Limits> {
         let t = self.tenants.get(tenant)?;
-        let tier = self
-            .tiers
-            .get(&t.tier)
-            .map(|t| t.per_user)
-            .unwrap_or_default();
-        Some(tier.overlay(&t.per_user))
+        let tier = self.tiers.get(&t.tier).map(of_tier).unwrap_or_default();
+        Some(tier.overlay(own(t)))
     }
 
     /// The limits of `feature` of `tenant`, if it has any.

@@ -190,16 +190,8 @@ impl Served {
         };
         let total = Instant::now() + spec.timeouts.total;
         if !req.stream {
-            let result = trace::TRACEPARENT
-                .scope(
-                    traceparent,
-                    timeout_at(
-                        total,
-                        spec.upstream.complete(&request, &req.model, &spec.timeouts),
-                    ),
-                )
-                .await
-                .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
+            let call = spec.upstream.complete(&request, &req.model, &spec.timeouts);
+            let result = upstream_call(traceparent, total, call).await;
             drop(permit);
             provider.record(result.is_ok());
             return match result {
@@ -213,16 +205,8 @@ impl Served {
                 }
             };
         }
-        let opened = trace::TRACEPARENT
-            .scope(
-                traceparent,
-                timeout_at(
-                    total,
-                    spec.upstream.stream(&request, &req.model, &spec.timeouts),
-                ),
-            )
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
+        let call = spec.upstream.stream(&request, &req.model, &spec.timeouts);
+        let opened = upstream_call(traceparent, total, call).await;
         let mut upstream = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -364,6 +348,18 @@ impl Served {
             .filter(|c| matches!(c.value(), ForwardedCall::Open(_)))
             .count()
     }
+}
+
+/// The upstream `call`, carrying `traceparent`, cut off at `total`.
+async fn upstream_call<T>(
+    traceparent: Option<String>,
+    total: Instant,
+    call: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    trace::TRACEPARENT
+        .scope(traceparent, timeout_at(total, call))
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)))
 }
 
 /// Marks a forwarded call's span failed, for the reason `why` tells.
