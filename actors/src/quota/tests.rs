@@ -4,7 +4,9 @@
 use std::sync::atomic::AtomicBool;
 
 use futures::future::BoxFuture;
-use meridian_proto::cluster::{Applied, ClusterState, Member, Proposal, Tenant, Tier, day_of};
+use meridian_proto::cluster::{
+    Applied, ClusterState, GrantRequest, Member, Proposal, Tenant, Tier, day_of,
+};
 use tokio::sync::watch;
 
 use super::sync::MAX_FLUSH_BYTES;
@@ -19,6 +21,12 @@ struct Ledger {
     down: AtomicBool,
     /// The next proposal commits, but its answer is lost (the leader died after committing).
     lose_next_ack: AtomicBool,
+    /// While set, a share release's proposal waits for a permit here (its release is under
+    /// way until then).
+    release_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// Share releases proposed so far; how many of those still to come fail unapplied.
+    releases_proposed: AtomicU64,
+    fail_releases: AtomicU64,
     /// Grant requests and usage reports proposed so far (what a scope costs the ledger).
     grants_and_reports: AtomicU64,
     /// The wall clock of every node on this ledger and of its proposals (Unix ms): set by the
@@ -42,6 +50,18 @@ impl Proposer for NodeProposer {
             ledger
                 .grants_and_reports
                 .fetch_add(grants_and_reports(&command), Ordering::Relaxed);
+            if matches!(command, Command::ReleaseShare { .. }) {
+                ledger.releases_proposed.fetch_add(1, Ordering::Relaxed);
+                let gate = lock(&ledger.release_gate).clone();
+                if let Some(gate) = gate {
+                    gate.acquire().await.expect("the gate stays open").forget();
+                }
+                let fail = ledger.fail_releases.load(Ordering::Relaxed);
+                if fail > 0 {
+                    ledger.fail_releases.store(fail - 1, Ordering::Relaxed);
+                    return Err(ProposeError::Unavailable("the release was lost".into()));
+                }
+            }
             if ledger.down.load(Ordering::Relaxed) {
                 return Err(ProposeError::Unavailable("no leader is known".into()));
             }
@@ -107,6 +127,9 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         state: Mutex::new(s),
         down: AtomicBool::new(false),
         lose_next_ack: AtomicBool::new(false),
+        release_gate: Mutex::new(None),
+        releases_proposed: AtomicU64::new(0),
+        fail_releases: AtomicU64::new(0),
         grants_and_reports: AtomicU64::new(0),
         clock: Arc::new(AtomicU64::new(TEST_START_MS)),
     })
@@ -1172,4 +1195,83 @@ async fn a_call_is_rolled_up_in_its_own_day_when_its_flush_commits_the_next() {
     let state = ledger.published.borrow().clone();
     assert_eq!(state.usage[&day]["acme"].model("m").completion_tokens, 60);
     assert!(!state.usage.contains_key(&(day + 1)), "{:?}", state.usage);
+}
+
+/// `command` applied as node `proposer` proposed it, and published (a node that is not
+/// running here).
+fn propose_as(ledger: &Ledger, proposer: NodeId, command: Command) {
+    let mut s = lock(&ledger.state);
+    s.apply(&Proposal {
+        at_unix_ms: ledger.clock.load(Ordering::Relaxed),
+        proposer,
+        command,
+    });
+    ledger.published.send_replace(Arc::new(s.clone()));
+}
+
+/// Lets the node's background tasks run until they wait on something (one runtime thread).
+async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A share wanted again while this node's release of it is under way starts no second release;
+/// when that release fails, the key is looked at again at the next change to the state (one
+/// that marks nothing), and the share is released then.
+#[tokio::test]
+async fn a_share_wanted_while_its_release_is_under_way_is_released_after_that_one_fails() {
+    let ledger = ledger(3);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *lock(&ledger.release_gate) = Some(Arc::clone(&gate));
+    ledger.fail_releases.store(1, Ordering::Relaxed);
+    let _node_2 = node(&ledger, 2, QuotaConfig::default());
+    settle().await;
+    let key = "tenant/acme/tokens_per_minute";
+    let now = ledger.clock.load(Ordering::Relaxed);
+    // Node 1 gives up its share (500 of 3,000 over three nodes) and asks for more than the
+    // ledger has to give while the other two hold theirs: the entry is marked wanted.
+    let ask = || {
+        Command::RequestGrant(GrantRequest {
+            key: key.into(),
+            node: 1,
+            limit: 3_000,
+            window_ms: 60_000,
+            window_start_unix_ms: now / 60_000 * 60_000,
+            amount: 3_000,
+            ttl_ms: 10_000,
+            share: 500,
+            share_nodes: 3,
+            share_used: 0,
+            charged: 0,
+        })
+    };
+    let released_by_2 = || {
+        ledger.published.borrow().ledger[key]
+            .released
+            .contains_key(&2)
+    };
+    let proposed = || ledger.releases_proposed.load(Ordering::Relaxed);
+    propose_as(&ledger, 1, ask());
+    settle().await;
+    assert_eq!(proposed(), 1, "node 2 started giving up its share");
+    // Marked again while that release waits: no second one starts.
+    propose_as(&ledger, 1, ask());
+    settle().await;
+    assert_eq!(
+        proposed(),
+        1,
+        "a second release while the first is under way"
+    );
+    // The first release fails (its proposal is lost).
+    *lock(&ledger.release_gate) = None;
+    gate.add_permits(1);
+    settle().await;
+    assert!(!released_by_2(), "the failed release was not applied");
+    assert_eq!(proposed(), 1);
+    // A change that marks nothing: node 2 looks at the key it missed again, and releases.
+    propose_as(&ledger, 1, Command::RevokeApiKey { id: "none".into() });
+    settle().await;
+    assert_eq!(proposed(), 2, "the missed key was looked at again");
+    assert!(released_by_2(), "node 2's share is released");
 }
