@@ -1,8 +1,10 @@
 //! A test's hold on this node's wall clock. With `MERIDIAN_TEST_CLOCK_SKEW_FILE` set, the node
 //! runs ahead of the system's clock by the number of milliseconds that file holds, read at
 //! start and every 5 ms after (see `meridian_policy::clock`). Tests with real processes use it
-//! to take a cluster to a window's end instead of waiting up to a minute for it; a deployment
-//! never sets it.
+//! to take a cluster to a window's end instead of waiting up to a minute for it. Only builds
+//! with the `test-clock` feature follow it (the test suite's: `meridian-tests` asks for the
+//! feature); any other build refuses to start when the variable is set, so a deployment's
+//! clock is the system's whatever its environment holds.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +21,11 @@ pub fn follow_from_env() -> Result<(), String> {
     let Some(path) = std::env::var_os(ENV).map(PathBuf::from) else {
         return Ok(());
     };
+    if !cfg!(feature = "test-clock") {
+        return Err(format!(
+            "{ENV} is a test hook, and this build has none (only builds with the `test-clock` feature follow it)"
+        ));
+    }
     let first = read(&path).map_err(|e| format!("{ENV}={}: {e}", path.display()))?;
     meridian_policy::clock::set_skew_ms(first);
     tracing::warn!(
