@@ -146,6 +146,7 @@ impl Traces {
             .with_resource(crate::otlp::resource(node, region))
             .build();
         opentelemetry::global::set_tracer_provider(provider.clone());
+        meridian_actors::trace::install(opentelemetry::global::tracer("meridian"));
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         Ok(Self { provider, counts })
     }
