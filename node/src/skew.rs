@@ -2,9 +2,11 @@
 //! runs ahead of the system's clock by the number of milliseconds that file holds, read at
 //! start and every 5 ms after (see `meridian_policy::clock`). Tests with real processes use it
 //! to take a cluster to a window's end instead of waiting up to a minute for it. Only builds
-//! with the `test-clock` feature follow it (the test suite's: `meridian-tests` asks for the
-//! feature); any other build refuses to start when the variable is set, so a deployment's
-//! clock is the system's whatever its environment holds.
+//! with the `test-clock` feature follow it: those that include `meridian-tests`, which asks for
+//! it (the test suite's, the bench's, a bare `cargo build` at the workspace root). A build of
+//! the node alone (`cargo build --release -p meridian-node`, as the Dockerfile and the README's
+//! install do) refuses to start when the variable is set, so a deployment's clock is the
+//! system's whatever its environment holds.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,7 +25,7 @@ pub fn follow_from_env() -> Result<(), String> {
     };
     if !cfg!(feature = "test-clock") {
         return Err(format!(
-            "{ENV} is a test hook, and this build has none (only builds with the `test-clock` feature follow it)"
+            "{ENV} is a test hook, and this build has none: tests need a node built with the `test-clock` feature (`cargo build -p meridian-node --features test-clock`, or the workspace's test command)"
         ));
     }
     let first = read(&path).map_err(|e| format!("{ENV}={}: {e}", path.display()))?;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -146,7 +147,11 @@ impl Traces {
             .with_resource(crate::otlp::resource(node, region))
             .build();
         opentelemetry::global::set_tracer_provider(provider.clone());
-        meridian_actors::trace::install(opentelemetry::global::tracer("meridian"));
+        // This provider's own tracer (not the global one read back: another node in the same
+        // process may have installed its provider in between).
+        meridian_actors::trace::install(opentelemetry::global::BoxedTracer::new(Box::new(
+            provider.tracer("meridian"),
+        )));
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         Ok(Self { provider, counts })
     }

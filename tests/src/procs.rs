@@ -12,7 +12,9 @@
 //! The binary is the workspace's `target/<profile>/meridian`, which `cargo nextest run
 //! --workspace` (or `cargo test --workspace`) builds with the node's own tests; set
 //! `MERIDIAN_BIN` to use another one (one that takes its Raft socket from `LISTEN_FDS`: the
-//! harness holds that port itself).
+//! harness holds that port itself). The tests that move a cluster's clock need a binary built
+//! with the node's `test-clock` feature, as the workspace's builds are; one built by
+//! `cargo build -p meridian-node` alone refuses their skew file at start.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -55,8 +57,8 @@ pub fn meridian_bin() -> PathBuf {
     let bin = profile_dir.join("meridian");
     assert!(
         bin.exists(),
-        "{} does not exist: build it with `cargo build -p meridian-node` (the workspace test \
-         command does) or set MERIDIAN_BIN",
+        "{} does not exist: build it with `cargo build -p meridian-node --features test-clock` \
+         (the workspace test command does) or set MERIDIAN_BIN",
         bin.display()
     );
     bin

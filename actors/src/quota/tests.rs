@@ -1225,7 +1225,14 @@ async fn a_share_wanted_while_its_release_is_under_way_is_released_after_that_on
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *lock(&ledger.release_gate) = Some(Arc::clone(&gate));
     ledger.fail_releases.store(1, Ordering::Relaxed);
-    let _node_2 = node(&ledger, 2, QuotaConfig::default());
+    let _node_2 = node(
+        &ledger,
+        2,
+        QuotaConfig {
+            flush_every: Duration::from_secs(3_600),
+            ..QuotaConfig::default()
+        },
+    );
     settle().await;
     let key = "tenant/acme/tokens_per_minute";
     let now = ledger.clock.load(Ordering::Relaxed);
