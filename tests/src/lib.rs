@@ -162,14 +162,6 @@ impl TestNode {
         }
     }
 
-    /// The value of the series that starts with `series` in the node's `/metrics`.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-    }
-
     /// Sends this node's development API key on gRPC calls (nothing with auth off).
     pub fn key_bearer(&self) -> Bearer {
         Bearer::new(self.api_key.as_deref())
@@ -376,32 +368,26 @@ pub fn tenant(id: &str, tier: &str) -> pb::Tenant {
 pub mod limit {
     use meridian_proto::pb::admin::Limits;
 
+    fn only(set: impl FnOnce(&mut Limits)) -> Limits {
+        let mut limits = Limits::default();
+        set(&mut limits);
+        limits
+    }
+
     pub fn requests_per_minute(n: u64) -> Limits {
-        Limits {
-            requests_per_minute: Some(n),
-            ..Limits::default()
-        }
+        only(|l| l.requests_per_minute = Some(n))
     }
 
     pub fn tokens_per_minute(n: u64) -> Limits {
-        Limits {
-            tokens_per_minute: Some(n),
-            ..Limits::default()
-        }
+        only(|l| l.tokens_per_minute = Some(n))
     }
 
     pub fn tokens_per_day(n: u64) -> Limits {
-        Limits {
-            tokens_per_day: Some(n),
-            ..Limits::default()
-        }
+        only(|l| l.tokens_per_day = Some(n))
     }
 
     pub fn cost_per_day_micro_usd(n: u64) -> Limits {
-        Limits {
-            cost_per_day_micro_usd: Some(n),
-            ..Limits::default()
-        }
+        only(|l| l.cost_per_day_micro_usd = Some(n))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::otlp::{Collector, attribute, hex, log_attribute};
-use meridian_tests::{TestNode, chat_body, node_with_mock, wait_until};
+use meridian_tests::{TestNode, chat_body, metric, node_with_mock, wait_until};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 /// A node (serving `m` from a mock vLLM) that sends its spans, and with `records` its call
@@ -120,9 +120,12 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     assert_eq!(client.name, "chat m");
     // The node counts what it exported.
     wait_until("the export counted", Duration::from_secs(10), || async {
-        node.metric(r#"meridian_trace_spans_total{result="exported"}"#)
-            .await
-            .is_some_and(|n| n >= 2.0)
+        metric(
+            &node.url(""),
+            r#"meridian_trace_spans_total{result="exported"}"#,
+        )
+        .await
+        .is_some_and(|n| n >= 2.0)
     })
     .await
     .unwrap();
@@ -167,9 +170,12 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
         "the records' export counted",
         Duration::from_secs(10),
         || async {
-            node.metric(r#"meridian_call_records_exported_total{result="exported"}"#)
-                .await
-                .is_some_and(|n| n >= 1.0)
+            metric(
+                &node.url(""),
+                r#"meridian_call_records_exported_total{result="exported"}"#,
+            )
+            .await
+            .is_some_and(|n| n >= 1.0)
         },
     )
     .await
