@@ -390,31 +390,36 @@ kind = "demo"
 models = ["demo"]
 "#,
     );
-    if env.get("OPENAI_API_KEY").is_some_and(|k| !k.is_empty()) {
-        text.push_str(
-            r#"
+    // Each hosted API whose key is set: its kind (also its id and region), its URL, the key's
+    // variable and the models it is asked for.
+    let hosted = [
+        (
+            "openai",
+            "https://api.openai.com/v1",
+            "OPENAI_API_KEY",
+            r#"["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini"]"#,
+        ),
+        (
+            "anthropic",
+            "https://api.anthropic.com/v1",
+            "ANTHROPIC_API_KEY",
+            r#"["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]"#,
+        ),
+    ];
+    for (kind, base_url, key, models) in hosted {
+        if env.get(key).is_some_and(|k| !k.is_empty()) {
+            text.push_str(&format!(
+                r#"
 [[providers]]
-id = "openai"
-kind = "openai"
-region = "openai"
-base_url = "https://api.openai.com/v1"
-api_key_env = "OPENAI_API_KEY"
-models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini"]
-"#,
-        );
-    }
-    if env.get("ANTHROPIC_API_KEY").is_some_and(|k| !k.is_empty()) {
-        text.push_str(
-            r#"
-[[providers]]
-id = "anthropic"
-kind = "anthropic"
-region = "anthropic"
-base_url = "https://api.anthropic.com/v1"
-api_key_env = "ANTHROPIC_API_KEY"
-models = ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]
-"#,
-        );
+id = "{kind}"
+kind = "{kind}"
+region = "{kind}"
+base_url = "{base_url}"
+api_key_env = "{key}"
+models = {models}
+"#
+            ));
+        }
     }
     text.parse().unwrap_or_default()
 }

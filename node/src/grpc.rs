@@ -26,11 +26,15 @@ pub struct InferenceService {
 }
 
 impl InferenceService {
-    /// The pipeline's call for a gRPC request (`stream`: `ChatStream`, whose streams always end
+    /// The pipeline's call for a chat request (`stream`: `ChatStream`, whose streams always end
     /// with a usage chunk).
-    fn call<'a>(&self, md: &'a MetadataMap, message: pb::ChatRequest, stream: bool) -> Call<'a> {
-        let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(md));
-        let options = headers::with_feature(options, message.feature.clone());
+    fn chat_call<'a>(
+        &self,
+        md: &'a MetadataMap,
+        message: pb::ChatRequest,
+        stream: bool,
+    ) -> Call<'a> {
+        let feature = message.feature.clone();
         let request = ChatCompletionRequest::try_from(message).and_then(|mut params| {
             params.stream = Some(stream);
             if stream {
@@ -40,15 +44,27 @@ impl InferenceService {
             }
             ChatRequest::from_params(params, &self.gateway.limits())
         });
-        Call {
-            edge: Edge::Grpc,
-            api: Api::Chat,
-            trace,
-            request_id,
-            credentials,
-            options,
-            request: Incoming::Read(request),
-        }
+        call(md, Api::Chat, feature, request)
+    }
+}
+
+/// The pipeline's call for a gRPC request: the request as read from its message, with what the
+/// metadata says of the caller and the call.
+fn call(
+    md: &MetadataMap,
+    api: Api,
+    feature: Option<String>,
+    request: Result<ChatRequest, ApiError>,
+) -> Call<'_> {
+    let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(md));
+    Call {
+        edge: Edge::Grpc,
+        api,
+        trace,
+        request_id,
+        credentials,
+        options: headers::with_feature(options, feature),
+        request: Incoming::Read(request),
     }
 }
 
@@ -176,7 +192,10 @@ impl Inference for InferenceService {
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
         let (md, _, message) = req.into_parts();
-        let served = self.gateway.serve(self.call(&md, message, false)).await;
+        let served = self
+            .gateway
+            .serve(self.chat_call(&md, message, false))
+            .await;
         let mut resp = match served.answer {
             Ok(Answer::Complete(body)) => Response::new(completion_of(&body)?),
             Ok(Answer::Cached(hit)) => Response::new(completion_of(&hit.completion)?),
@@ -202,7 +221,7 @@ impl Inference for InferenceService {
         req: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let (md, _, message) = req.into_parts();
-        let served = self.gateway.serve(self.call(&md, message, true)).await;
+        let served = self.gateway.serve(self.chat_call(&md, message, true)).await;
         let stream: ChunkStream = match served.answer {
             Ok(Answer::Stream(relay)) => Box::pin(relayed(relay)),
             Ok(Answer::Cached(hit)) => {
@@ -225,8 +244,6 @@ impl Inference for InferenceService {
         req: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let (md, _, message) = req.into_parts();
-        let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(&md));
-        let options = headers::with_feature(options, message.feature.clone());
         // The provider is asked for floats, which the response carries as they are.
         let mut body = serde_json::json!({
             "model": message.model, "input": message.input, "encoding_format": "float",
@@ -242,15 +259,7 @@ impl Inference for InferenceService {
             .and_then(|b| ChatRequest::from_json_as(Api::Embeddings, &b, &self.gateway.limits()));
         let served = self
             .gateway
-            .serve(Call {
-                edge: Edge::Grpc,
-                api: Api::Embeddings,
-                trace,
-                request_id,
-                credentials,
-                options,
-                request: Incoming::Read(request),
-            })
+            .serve(call(&md, Api::Embeddings, message.feature, request))
             .await;
         let body = match served.answer {
             Ok(Answer::Complete(body)) => body,

@@ -600,6 +600,15 @@ mod tests {
         }))
     }
 
+    /// `trickle(pieces, every)` read as a body with no headers.
+    async fn read_trickle(
+        pieces: usize,
+        every: Duration,
+        bounds: &BodyBounds,
+    ) -> Result<Bytes, ApiError> {
+        read_body(trickle(pieces, every), &HeaderMap::new(), bounds).await
+    }
+
     const BOUNDS: BodyBounds = BodyBounds {
         max_bytes: 1 << 20,
         timeout: Duration::from_secs(60),
@@ -611,13 +620,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_under_the_least_rate_is_refused_once_the_grace_is_over() {
         let started = tokio::time::Instant::now();
-        let e = read_body(
-            trickle(100, Duration::from_secs(1)),
-            &HeaderMap::new(),
-            &BOUNDS,
-        )
-        .await
-        .expect_err("too slow");
+        let e = read_trickle(100, Duration::from_secs(1), &BOUNDS)
+            .await
+            .expect_err("too slow");
         assert_eq!(e.kind, ErrorKind::RequestTimeout);
         assert_eq!(e.code.as_deref(), Some("body_timeout"));
         assert!(
@@ -632,25 +637,17 @@ mod tests {
             started.elapsed()
         );
 
-        let whole = read_body(
-            trickle(40, Duration::from_millis(100)),
-            &HeaderMap::new(),
-            &BOUNDS,
-        )
-        .await
-        .expect("within the grace");
+        let whole = read_trickle(40, Duration::from_millis(100), &BOUNDS)
+            .await
+            .expect("within the grace");
         assert_eq!(whole.len(), 400);
         let fast = BodyBounds {
             min_rate: 10,
             ..BOUNDS
         };
-        let whole = read_body(
-            trickle(8, Duration::from_millis(900)),
-            &HeaderMap::new(),
-            &fast,
-        )
-        .await
-        .expect("at its rate");
+        let whole = read_trickle(8, Duration::from_millis(900), &fast)
+            .await
+            .expect("at its rate");
         assert_eq!(whole.len(), 80);
     }
 
@@ -668,7 +665,7 @@ mod tests {
             .await
             .expect_err("declared too large");
         assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
-        let e = read_body(trickle(2, Duration::ZERO), &HeaderMap::new(), &small)
+        let e = read_trickle(2, Duration::ZERO, &small)
             .await
             .expect_err("too large as it came");
         assert_eq!(e.kind, ErrorKind::PayloadTooLarge);

@@ -37,7 +37,7 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 
 /// The typed view of `POST /v1/chat/completions`. Unknown fields are not kept here; they stay
 /// in [`ChatRequest::body`] and reach the upstream untouched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,

@@ -532,6 +532,20 @@ mod tests {
         serde_json::from_slice(&rx.await.unwrap()).unwrap()
     }
 
+    /// Opens the stream `id` (waiting up to a second for a slot).
+    async fn open_stream(served: &Arc<Served>, id: &str) {
+        assert!(matches!(
+            call(served, request(id, true, 1000)).await,
+            CallAnswer::Opened
+        ));
+    }
+
+    /// No stream is left open, and the provider's slot is free.
+    async fn ended(served: &Served, provider: &crate::provider::Provider) {
+        assert_eq!(served.open_streams(), 0);
+        slot_freed(provider).await;
+    }
+
     async fn pull(served: &Served, call: &str) -> Pulled {
         serde_json::from_slice(&served.pull(call).await).unwrap()
     }
@@ -579,10 +593,7 @@ mod tests {
         }
 
         // A stream: pulled until done, the same chunks as a direct call, in order.
-        assert!(matches!(
-            call(&served, request("s", true, 1000)).await,
-            CallAnswer::Opened
-        ));
+        open_stream(&served, "s").await;
         assert_eq!(provider.in_flight(), 1, "the forwarded call holds a slot");
         let mut chunks = Vec::new();
         loop {
@@ -615,45 +626,34 @@ mod tests {
         assert!(p.done && matches!(p.error, Some(WireError::Closed { .. })));
 
         // Cancelled mid-stream: the slot is free at once, and a queued call gets it.
-        assert!(matches!(
-            call(&served, request("c", true, 1000)).await,
-            CallAnswer::Opened
-        ));
+        open_stream(&served, "c").await;
         assert!(!pull(&served, "c").await.chunks.is_empty());
         served.cancel("c");
-        assert_eq!(served.open_streams(), 0);
-        slot_freed(&provider).await;
+        ended(&served, &provider).await;
 
         // A call cancelled while it waits for a slot ends at once, and never takes one.
-        assert!(matches!(
-            call(&served, request("hold", true, 1000)).await,
-            CallAnswer::Opened
-        ));
+        open_stream(&served, "hold").await;
         let queued = {
             let served = Arc::clone(&served);
             tokio::spawn(async move { call(&served, request("queued", true, 5000)).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         served.cancel("queued");
-        let ended = tokio::time::timeout(Duration::from_secs(1), queued)
+        let refused = tokio::time::timeout(Duration::from_secs(1), queued)
             .await
             .expect("the cancelled call ends at once")
             .unwrap();
         assert!(matches!(
-            ended,
+            refused,
             CallAnswer::Failed {
                 error: WireError::Closed { .. }
             }
         ));
         served.cancel("hold");
-        assert_eq!(served.open_streams(), 0);
-        slot_freed(&provider).await;
+        ended(&served, &provider).await;
 
         // The slot taken: a call that may wait only 50 ms is refused, retriably.
-        assert!(matches!(
-            call(&served, request("hold", true, 1000)).await,
-            CallAnswer::Opened
-        ));
+        open_stream(&served, "hold").await;
         match call(&served, request("late", true, 50)).await {
             CallAnswer::Failed { error } => {
                 let e = UpstreamError::from(error).into_api_error("1/demo-0");

@@ -155,14 +155,10 @@ impl ClusterState {
                 );
                 Applied::Changed
             }
-            Command::RevokeApiKey { id } => match self.api_keys.get_mut(id) {
-                Some(k) if k.revoked_at_unix_ms.is_some() => Applied::Unchanged,
-                Some(k) => {
-                    k.revoked_at_unix_ms = Some(at);
-                    Applied::Changed
-                }
-                None => Applied::NotFound,
-            },
+            Command::RevokeApiKey { id } => stamp_once(
+                self.api_keys.get_mut(id).map(|k| &mut k.revoked_at_unix_ms),
+                at,
+            ),
             Command::RequestGrant(r) => {
                 let window_end = r.window_start_unix_ms.saturating_add(r.window_ms);
                 if window_end.saturating_add(LEDGER_GRACE_MS) <= at {
@@ -390,14 +386,10 @@ impl ClusterState {
                 self.alerts.insert(alert.id.clone(), alert);
                 Applied::Changed
             }
-            Command::AlertDelivered { id } => match self.alerts.get_mut(id) {
-                Some(a) if a.delivered_at_unix_ms.is_some() => Applied::Unchanged,
-                Some(a) => {
-                    a.delivered_at_unix_ms = Some(at);
-                    Applied::Changed
-                }
-                None => Applied::NotFound,
-            },
+            Command::AlertDelivered { id } => stamp_once(
+                self.alerts.get_mut(id).map(|a| &mut a.delivered_at_unix_ms),
+                at,
+            ),
             Command::Once { node, seq, command } => {
                 if self.applied_seq.get(node).is_some_and(|last| seq <= last) {
                     return Applied::Unchanged;
@@ -419,6 +411,19 @@ impl ClusterState {
                     Applied::Unchanged
                 }
             }
+        }
+    }
+}
+
+/// A record's one-time mark (revoked, delivered) set to `at`: the first mark stands, and a
+/// record that is not there is not found.
+fn stamp_once(mark: Option<&mut Option<u64>>, at: u64) -> Applied {
+    match mark {
+        None => Applied::NotFound,
+        Some(Some(_)) => Applied::Unchanged,
+        Some(mark) => {
+            *mark = Some(at);
+            Applied::Changed
         }
     }
 }

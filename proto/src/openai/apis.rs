@@ -251,19 +251,19 @@ fn completion(
             ));
         }
     }
+    // The prompt is carried as inputs, not messages.
     let params = ChatCompletionRequest {
         model: p.model,
-        messages: Vec::new(),
         stream: p.stream,
         stream_options: p.stream_options,
         max_tokens: p.max_tokens,
-        max_completion_tokens: None,
         temperature: p.temperature,
         top_p: p.top_p,
         n: p.n,
         stop: p.stop,
         seed: p.seed,
         user: p.user,
+        ..ChatCompletionRequest::default()
     };
     super::validate_common(&params, limits)?;
     Ok((params, inputs))
@@ -308,17 +308,8 @@ fn embedding(
     }
     let params = ChatCompletionRequest {
         model: p.model,
-        messages: Vec::new(),
-        stream: None,
-        stream_options: None,
-        max_tokens: None,
-        max_completion_tokens: None,
-        temperature: None,
-        top_p: None,
-        n: None,
-        stop: None,
-        seed: None,
         user: p.user,
+        ..ChatCompletionRequest::default()
     };
     Ok((params, inputs))
 }
