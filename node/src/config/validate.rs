@@ -99,23 +99,13 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         raw.admin.listen.as_ref(),
         "127.0.0.1:50052",
     );
-    let admin_token = match &raw.admin.token_env {
-        None => None,
-        Some(var) => match env.get(var) {
-            Some(v) if v.len() >= 32 => Some(Secret(v)),
-            Some(_) => {
-                e.push(
-                    "admin.token_env",
-                    format!("${var} must hold at least 32 characters"),
-                );
-                None
-            }
-            None => {
-                e.push("admin.token_env", format!("${var} is not set"));
-                None
-            }
-        },
-    };
+    let admin_token = secret_env(
+        &mut e,
+        env,
+        "admin.token_env",
+        raw.admin.token_env.as_ref(),
+        32,
+    );
     let admin_tls = admin_tls(&mut e, &raw.admin, cluster.as_ref(), node.id);
     let mut quota = QuotaConfig::default();
     let quota_duration = |e: &mut Errors, field: &str, v: Option<&String>, into: &mut Duration| {
@@ -217,23 +207,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
                 Duration::from_secs(30)
             }
         };
-        let hs256_secret = match &j.hs256_secret_env {
-            None => None,
-            Some(var) => match env.get(var) {
-                Some(v) if v.len() >= 32 => Some(v.into_bytes()),
-                Some(_) => {
-                    e.push(
-                        "jwt.hs256_secret_env",
-                        format!("${var} must hold at least 32 bytes"),
-                    );
-                    None
-                }
-                None => {
-                    e.push("jwt.hs256_secret_env", format!("${var} is not set"));
-                    None
-                }
-            },
-        };
+        let hs256_secret = secret_env(
+            &mut e,
+            env,
+            "jwt.hs256_secret_env",
+            j.hs256_secret_env.as_ref(),
+            32,
+        )
+        .map(|s| s.0.into_bytes());
         let jwks = match &j.jwks_file {
             None => None,
             Some(path) => match std::fs::read_to_string(path) {
@@ -642,6 +623,29 @@ fn breaker(e: &mut Errors, b: &super::raw::RawBreaker) -> BreakerConfig {
         );
     }
     c
+}
+
+/// A secret read from the environment variable that `path` names: set, and at least `min_len`
+/// bytes long.
+fn secret_env(
+    e: &mut Errors,
+    env: &dyn Env,
+    path: &str,
+    var: Option<&String>,
+    min_len: usize,
+) -> Option<Secret> {
+    let var = var?;
+    match env.get(var) {
+        Some(v) if v.len() >= min_len => Some(Secret(v)),
+        Some(_) => {
+            e.push(path, format!("${var} must hold at least {min_len} bytes"));
+            None
+        }
+        None => {
+            e.push(path, format!("${var} is not set"));
+            None
+        }
+    }
 }
 
 /// `v` (or `default`) as a socket address; a bad one is reported at `path`.

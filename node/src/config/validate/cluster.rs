@@ -134,23 +134,13 @@ pub(super) fn validate(
                 format!("{host}:{}", mesh_listen.port())
             }
         };
-        let mesh_cookie = match &c.mesh_cookie_env {
-            None => None,
-            Some(var) => match env.get(var) {
-                Some(v) if v.len() >= 16 => Some(Secret(v)),
-                Some(_) => {
-                    e.push(
-                        "cluster.mesh_cookie_env",
-                        format!("${var} must hold at least 16 characters"),
-                    );
-                    None
-                }
-                None => {
-                    e.push("cluster.mesh_cookie_env", format!("${var} is not set"));
-                    None
-                }
-            },
-        };
+        let mesh_cookie = secret_env(
+            e,
+            env,
+            "cluster.mesh_cookie_env",
+            c.mesh_cookie_env.as_ref(),
+            16,
+        );
         Some(ClusterPeers {
             listen,
             advertise,
