@@ -117,24 +117,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             }
         }
     };
-    quota_duration(
-        &mut e,
-        "flush_every",
-        raw.quota.flush_every.as_ref(),
-        &mut quota.flush_every,
-    );
-    quota_duration(
-        &mut e,
-        "grant_ttl",
-        raw.quota.grant_ttl.as_ref(),
-        &mut quota.grant_ttl,
-    );
-    quota_duration(
-        &mut e,
-        "grant_wait",
-        raw.quota.grant_wait.as_ref(),
-        &mut quota.grant_wait,
-    );
+    let q = &raw.quota;
+    for (field, v, into) in [
+        ("flush_every", &q.flush_every, &mut quota.flush_every),
+        ("grant_ttl", &q.grant_ttl, &mut quota.grant_ttl),
+        ("grant_wait", &q.grant_wait, &mut quota.grant_wait),
+    ] {
+        quota_duration(&mut e, field, v.as_ref(), into);
+    }
     quota.state_dir = Some(node.data_dir.clone());
     // Shares are split among at least the initial voters, even before all have registered.
     quota.min_nodes = raw.cluster.peers.len() as u64 + 1;
@@ -143,29 +133,31 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         Some(f) if (0.0..=1.0).contains(&f) => quota.static_share = f,
         Some(f) => e.push("quota.static_share", format!("{f} is not between 0 and 1")),
     }
-    match raw.quota.usage_retention_days {
-        None => {}
-        Some(days @ 1..=3660) => quota.usage_retention_days = days as u64,
-        Some(days) => e.push(
-            "quota.usage_retention_days",
-            format!("{days} is not between 1 and 3660"),
+    for (field, v, into, min, max) in [
+        (
+            "usage_retention_days",
+            q.usage_retention_days,
+            &mut quota.usage_retention_days,
+            1,
+            3660,
         ),
-    }
-    match raw.quota.image_tokens {
-        None => {}
-        Some(n @ 0..=1_000_000) => quota.image_tokens = n as u64,
-        Some(n) => e.push(
-            "quota.image_tokens",
-            format!("{n} is not between 0 and 1000000"),
+        (
+            "image_tokens",
+            q.image_tokens,
+            &mut quota.image_tokens,
+            0,
+            1_000_000,
         ),
-    }
-    match raw.quota.usage_users_per_day {
-        None => {}
-        Some(users @ 0..=1_000_000) => quota.usage_users_per_day = users as u64,
-        Some(users) => e.push(
-            "quota.usage_users_per_day",
-            format!("{users} is not between 0 and 1000000"),
+        (
+            "usage_users_per_day",
+            q.usage_users_per_day,
+            &mut quota.usage_users_per_day,
+            0,
+            1_000_000,
         ),
+    ] {
+        let path = format!("quota.{field}");
+        *into = u64::from(int(&mut e, &path, v, *into as u32, min, max));
     }
     for (limit, policy) in &raw.quota.no_quorum {
         let path = format!("quota.no_quorum.{limit}");
