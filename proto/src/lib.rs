@@ -12,6 +12,8 @@
 //! This crate has no runtime: construction, validation and conversion only.
 
 pub mod anthropic;
+#[cfg(test)]
+mod chat_stream_fixtures;
 pub mod cluster;
 pub mod convert;
 pub mod error;

@@ -66,6 +66,23 @@ fn open_periods_double_up_to_the_cap() {
     assert_eq!(c.open_for(u32::MAX), Duration::from_secs(60), "no overflow");
 }
 
+/// A window of `c`'s length holding `count` calls, one every 100 ms from 0; call `i` succeeded
+/// when `ok(i)`.
+fn calls(c: &BreakerConfig, count: u64, ok: impl Fn(u64) -> bool) -> Window {
+    let mut w = Window::new(c.window);
+    for i in 0..count {
+        w.record(i * 100, ok(i));
+    }
+    w
+}
+
+/// Asserts that the detector trips on `w` (after `consecutive` failures in a row, at `now_ms`),
+/// for a reason that says `why`.
+fn assert_trips(c: &BreakerConfig, w: &Window, consecutive: u32, now_ms: u64, why: &str) {
+    let reason = verdict(c, w, consecutive, now_ms).expect("the detector trips");
+    assert!(reason.contains(why), "{reason:?} does not say {why:?}");
+}
+
 #[test]
 fn the_detector_trips_on_consecutive_failures_error_rate_or_slow_calls() {
     let c = BreakerConfig {
@@ -78,42 +95,23 @@ fn the_detector_trips_on_consecutive_failures_error_rate_or_slow_calls() {
     };
     let w = Window::new(c.window);
     assert_eq!(verdict(&c, &w, 4, 0), None);
-    assert!(
-        verdict(&c, &w, 5, 0)
-            .unwrap()
-            .contains("5 failures in a row")
-    );
+    assert_trips(&c, &w, 5, 0, "5 failures in a row");
 
     // Error rate: 10 failures in 19 calls is below the minimum count; the 20th call decides.
-    let mut w = Window::new(c.window);
-    for i in 0..19 {
-        w.record(i * 100, i % 2 == 0);
-    }
+    let mut w = calls(&c, 19, |i| i % 2 == 0);
     assert_eq!(verdict(&c, &w, 1, 1_900), None, "too few calls to judge");
     w.record(1_950, false);
-    assert!(
-        verdict(&c, &w, 1, 1_950)
-            .unwrap()
-            .contains("10 of 20 calls failed")
-    );
+    assert_trips(&c, &w, 1, 1_950, "10 of 20 calls failed");
     // A healthy majority does not trip.
-    let mut w = Window::new(c.window);
-    for i in 0..40 {
-        w.record(i * 100, i % 3 != 0);
-    }
+    let w = calls(&c, 40, |i| i % 3 != 0);
     assert_eq!(verdict(&c, &w, 0, 4_000), None);
 
     // Slow calls.
-    let mut w = Window::new(c.window);
+    let mut w = calls(&c, 20, |_| true);
     for i in 0..20 {
-        w.record(i * 100, true);
         w.record_latency(i * 100, i < 10);
     }
-    assert!(
-        verdict(&c, &w, 0, 2_000)
-            .unwrap()
-            .contains("10 of 20 calls took over")
-    );
+    assert_trips(&c, &w, 0, 2_000, "10 of 20 calls took over");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::connection::{ChatReply, RequestContext, StreamEnd};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::upstream::DemoModel;
 
-fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
+fn spec(queue_capacity: u32, queue_timeout: Duration) -> ProviderSpec {
     ProviderSpec {
         prefix_affinity: false,
         weight: 1,
@@ -26,7 +26,7 @@ fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> P
         upstream: Upstream::Demo(DemoModel {
             word_delay: Duration::from_millis(5),
         }),
-        max_concurrency,
+        max_concurrency: 1,
         queue_capacity,
         queue_timeout,
         timeouts: Timeouts::default(),
@@ -35,10 +35,13 @@ fn spec(max_concurrency: u32, queue_capacity: u32, queue_timeout: Duration) -> P
     }
 }
 
-async fn gateway(spec: ProviderSpec) -> Gateway {
-    Gateway::start(GatewayConfig::standalone(vec![spec]))
-        .await
-        .expect("gateway starts")
+/// A gateway whose demo provider has one slot and queues up to `queue_capacity` waiters for at
+/// most `queue_timeout` each; and that provider.
+async fn one_slot(queue_capacity: u32, queue_timeout: Duration) -> (Gateway, Arc<Provider>) {
+    let config = GatewayConfig::standalone(vec![spec(queue_capacity, queue_timeout)]);
+    let gw = Gateway::start(config).await.expect("gateway starts");
+    let provider = gw.provider("demo").expect("provider");
+    (gw, provider)
 }
 
 fn request(stream: bool) -> ChatRequest {
@@ -82,6 +85,11 @@ async fn run_stream(gw: Gateway) -> Result<usize, String> {
     Err("stream ended without a verdict".into())
 }
 
+/// Sends a plain request that must be refused (`why`); returns its error.
+async fn refused(gw: &Gateway, why: &str) -> ApiError {
+    gw.chat(request(false), ctx()).await.answer.expect_err(why)
+}
+
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !cond() {
@@ -92,8 +100,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_crashed_provider_actor_is_restarted_and_loses_no_request() {
-    let gw = gateway(spec(1, 16, Duration::from_secs(10))).await;
-    let provider = gw.provider("demo").expect("provider");
+    let (gw, provider) = one_slot(16, Duration::from_secs(10)).await;
     let tasks: Vec<_> = (0..4)
         .map(|_| tokio::spawn(run_stream(gw.clone())))
         .collect();
@@ -120,18 +127,13 @@ async fn a_crashed_provider_actor_is_restarted_and_loses_no_request() {
 
 #[tokio::test]
 async fn a_full_queue_is_refused_with_retry_after() {
-    let gw = gateway(spec(1, 1, Duration::from_secs(10))).await;
-    let provider = gw.provider("demo").expect("provider");
+    let (gw, provider) = one_slot(1, Duration::from_secs(10)).await;
     let first = tokio::spawn(run_stream(gw.clone()));
     wait_until("one in flight", || provider.in_flight() == 1).await;
     let second = tokio::spawn(run_stream(gw.clone()));
     wait_until("one queued", || provider.queued() == 1).await;
 
-    let err = gw
-        .chat(request(false), ctx())
-        .await
-        .answer
-        .expect_err("queue is full");
+    let err = refused(&gw, "queue is full").await;
     assert_eq!(err.kind, ErrorKind::Unavailable);
     assert_eq!(err.code.as_deref(), Some("queue_full"));
     assert!(err.retry_after.is_some());
@@ -142,16 +144,11 @@ async fn a_full_queue_is_refused_with_retry_after() {
 
 #[tokio::test]
 async fn a_request_that_cannot_start_before_its_queue_deadline_times_out() {
-    let gw = gateway(spec(1, 8, Duration::from_millis(30))).await;
-    let provider = gw.provider("demo").expect("provider");
+    let (gw, provider) = one_slot(8, Duration::from_millis(30)).await;
     let first = tokio::spawn(run_stream(gw.clone()));
     wait_until("one in flight", || provider.in_flight() == 1).await;
 
-    let err = gw
-        .chat(request(false), ctx())
-        .await
-        .answer
-        .expect_err("deadline passes");
+    let err = refused(&gw, "deadline passes").await;
     assert_eq!(err.kind, ErrorKind::Timeout);
     assert_eq!(err.code.as_deref(), Some("queue_timeout"));
     first.await.expect("task").expect("first completes");
@@ -168,8 +165,7 @@ async fn service_order(
     plan: &[(&str, u32)],
     release_after: impl AsyncFnOnce(&Arc<Provider>, Instant),
 ) -> Vec<String> {
-    let gw = gateway(spec(1, queue_capacity, Duration::from_secs(10))).await;
-    let provider = gw.provider("demo").expect("provider");
+    let (gw, provider) = one_slot(queue_capacity, Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let held = provider
         .acquire(deadline, None, 1)

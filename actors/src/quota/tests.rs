@@ -155,6 +155,22 @@ fn node(ledger: &Arc<Ledger>, id: NodeId, config: QuotaConfig) -> Quota {
     .0
 }
 
+/// A ledger and `count` nodes on it, each with the default configuration.
+fn cluster(count: u64) -> (Arc<Ledger>, Vec<Quota>) {
+    let ledger = ledger(count);
+    let nodes = (1..=count)
+        .map(|id| node(&ledger, id, QuotaConfig::default()))
+        .collect();
+    (ledger, nodes)
+}
+
+/// A ledger with one node on it, configured by `config`.
+fn lone_node(config: QuotaConfig) -> (Arc<Ledger>, Quota) {
+    let ledger = ledger(1);
+    let q = node(&ledger, 1, config);
+    (ledger, q)
+}
+
 /// Every scope through the ledger (no static shares): for the tests of grants and reports.
 fn ledger_only() -> QuotaConfig {
     QuotaConfig {
@@ -183,6 +199,20 @@ fn usage_of(prompt: u64, completion: u64) -> UsageTotals {
     }
 }
 
+/// Records the roll-up of one call of acme's model `m` on `day`.
+fn record_call(q: &Quota, day: u64, prompt: u64, completion: u64) {
+    let tenant: Arc<str> = "acme".into();
+    q.record(&tenant, day, rollup_key("m"), &usage_of(prompt, completion));
+}
+
+/// Ends a call of acme's model `m` as the edge does: settles `r` at what it used and records
+/// its roll-up on the day the ledger's clock is in.
+fn finish_call(q: &Quota, ledger: &Ledger, r: Reservation, prompt: u64, completion: u64) {
+    r.settle(&Billable::plain(prompt, completion));
+    let day = day_of(ledger.clock.load(Ordering::Relaxed));
+    record_call(q, day, prompt, completion);
+}
+
 fn tokens(n: u64) -> Estimate {
     Estimate {
         prompt: n / 2,
@@ -198,19 +228,29 @@ fn tenant_scope(limits: Limits) -> Vec<Scope> {
     }]
 }
 
-fn tpm(limit: u64) -> Vec<Scope> {
-    tenant_scope(Limits {
+/// What `q` has charged to acme's budget for `kind` (None: it holds no such budget).
+fn charged_to(q: &Quota, kind: LimitKind) -> Option<i64> {
+    lock(&q.inner.budgets)
+        .map
+        .get(&ScopeKind("tenant/acme", kind))
+        .map(|b| b.charged)
+}
+
+/// Limits of `tokens_per_minute` alone.
+fn tpm_limits(limit: u64) -> Limits {
+    Limits {
         tokens_per_minute: Some(limit),
         ..Limits::default()
-    })
+    }
+}
+
+fn tpm(limit: u64) -> Vec<Scope> {
+    tenant_scope(tpm_limits(limit))
 }
 
 #[tokio::test]
 async fn three_nodes_never_admit_more_than_the_limit_together() {
-    let ledger = ledger(3);
-    let nodes: Vec<Quota> = (1..=3)
-        .map(|id| node(&ledger, id, QuotaConfig::default()))
-        .collect();
+    let (_, nodes) = cluster(3);
     let limits = tpm(10_000);
     let mut admitted = 0;
     let mut refused = None;
@@ -282,15 +322,9 @@ async fn a_renewal_ahead_of_the_report_hands_no_spent_budget_to_another_node() {
 /// provider (answered or not), and what it generated; nothing when it never got there.
 #[tokio::test]
 async fn a_request_cut_short_after_it_was_sent_is_charged_its_prompt() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (_, q) = lone_node(QuotaConfig::default());
     let limits = tpm(10_000);
-    let charged = || {
-        lock(&q.inner.budgets)
-            .map
-            .get(&ScopeKind("tenant/acme", LimitKind::TokensPerMinute))
-            .map(|b| b.charged)
-    };
+    let charged = || charged_to(&q, LimitKind::TokensPerMinute);
     // tokens(100): a prompt of 50, a reserve of 50.
     let r = q.admit(&limits, tokens(100)).await.expect("admitted");
     r.settle_partial(0, false);
@@ -309,9 +343,7 @@ async fn a_request_cut_short_after_it_was_sent_is_charged_its_prompt() {
 
 #[tokio::test]
 async fn settled_reservations_give_back_what_they_did_not_use() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
-    let tenant: Arc<str> = "acme".into();
+    let (ledger, q) = lone_node(QuotaConfig::default());
     let limits = tpm(1_000);
     // Each reserves 400 but uses 100: seven fit, not two.
     for _ in 0..7 {
@@ -321,13 +353,7 @@ async fn settled_reservations_give_back_what_they_did_not_use() {
                 .iter()
                 .any(|s| s.kind == LimitKind::TokensPerMinute)
         );
-        r.settle(&Billable::plain(60, 40));
-        q.record(
-            &tenant,
-            day_of(ledger.clock.load(Ordering::Relaxed)),
-            rollup_key("m"),
-            &usage_of(60, 40),
-        );
+        finish_call(&q, &ledger, r, 60, 40);
     }
     // The eighth would need 400 with 300 left.
     let e = q.admit(&limits, tokens(400)).await.expect_err("300 left");
@@ -390,10 +416,7 @@ async fn without_quorum_limits_deny_or_share() {
 #[tokio::test]
 async fn a_reload_retunes_the_quota_but_keeps_its_static_share() {
     let ledger = ledger(4);
-    let limits = tenant_scope(Limits {
-        tokens_per_minute: Some(4_000),
-        ..Limits::default()
-    });
+    let limits = tpm(4_000);
     ledger.down.store(true, Ordering::Relaxed);
     let mut config = ledger_only();
     config.grant_wait = Duration::from_millis(100);
@@ -424,10 +447,7 @@ async fn a_reload_retunes_the_quota_but_keeps_its_static_share() {
 #[tokio::test]
 async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
     let ledger = ledger(4);
-    let limits = tenant_scope(Limits {
-        tokens_per_minute: Some(4_000),
-        ..Limits::default()
-    });
+    let limits = tpm(4_000);
     let mut config = ledger_only();
     config.grant_ttl = Duration::from_millis(300);
     config
@@ -481,15 +501,9 @@ async fn a_local_share_gives_way_to_grants_once_quorum_is_back() {
 
 #[tokio::test]
 async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_running() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (_, q) = lone_node(QuotaConfig::default());
     let scopes = tpm(100_000);
-    let charged = || {
-        lock(&q.inner.budgets)
-            .map
-            .get(&ScopeKind("tenant/acme", LimitKind::TokensPerMinute))
-            .map(|b| b.charged)
-    };
+    let charged = || charged_to(&q, LimitKind::TokensPerMinute);
     let usage = |tokens: u64| Billable::plain(tokens / 2, tokens - tokens / 2);
     // Two requests of 100 tokens, admitted as if in the minute before this one (a long stream
     // that crossed the boundary): one used 900 tokens, the other 40.
@@ -514,8 +528,7 @@ async fn usage_settled_after_its_window_closed_is_charged_to_the_window_now_runn
 
 #[tokio::test]
 async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (_, q) = lone_node(QuotaConfig::default());
     let scopes = |user: &str| {
         vec![
             Scope {
@@ -577,8 +590,7 @@ async fn users_features_and_cost_are_limited_each_in_their_own_scope() {
 
 #[tokio::test]
 async fn a_limit_of_one_admits_exactly_one() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (_, q) = lone_node(QuotaConfig::default());
     let scopes = tenant_scope(Limits {
         requests_per_minute: Some(1),
         ..Limits::default()
@@ -594,8 +606,7 @@ async fn a_limit_of_one_admits_exactly_one() {
 
 #[tokio::test]
 async fn a_report_whose_answer_was_lost_is_counted_once() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, ledger_only());
+    let (ledger, q) = lone_node(ledger_only());
     let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
     std::mem::forget(r);
     q.flush().await; // the slice's first report
@@ -613,20 +624,14 @@ async fn a_report_whose_answer_was_lost_is_counted_once() {
 
 #[tokio::test]
 async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (_, q) = lone_node(QuotaConfig::default());
     // Tokens per minute come before tokens per day: the first admits, the second refuses.
     let scopes = tenant_scope(Limits {
         tokens_per_minute: Some(10_000),
         tokens_per_day: Some(150),
         ..Limits::default()
     });
-    let charged = |kind| {
-        lock(&q.inner.budgets)
-            .map
-            .get(&ScopeKind("tenant/acme", kind))
-            .map(|b| b.charged)
-    };
+    let charged = |kind| charged_to(&q, kind);
     let first = q.admit(&scopes, tokens(100)).await.expect("admitted");
     let err = q
         .admit(&scopes, tokens(100))
@@ -642,8 +647,7 @@ async fn a_limit_that_refuses_gives_back_what_the_others_were_charged() {
 
 #[tokio::test]
 async fn a_budgets_limit_and_reset_follow_the_limit_and_the_clock() {
-    let ledger = ledger(1);
-    let q = node(&ledger, 1, QuotaConfig::default());
+    let (ledger, q) = lone_node(QuotaConfig::default());
     let first = q.admit(&tpm(1_000), tokens(100)).await.unwrap();
     let state = &first.rate_limits[0];
     assert_eq!(
@@ -911,19 +915,13 @@ async fn a_flush_of_any_size_goes_in_batches_that_fit_one_raft_entry() {
 fn user_scope(user: u64, tokens_per_minute: u64) -> Vec<Scope> {
     vec![Scope {
         key: format!("tenant/acme/user/u{user}"),
-        limits: Limits {
-            tokens_per_minute: Some(tokens_per_minute),
-            ..Limits::default()
-        },
+        limits: tpm_limits(tokens_per_minute),
     }]
 }
 
 #[tokio::test]
 async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_entry() {
-    let ledger = ledger(3);
-    let nodes: Vec<Quota> = (1..=3)
-        .map(|id| node(&ledger, id, QuotaConfig::default()))
-        .collect();
+    let (ledger, nodes) = cluster(3);
     // Let each flusher's first tick pass, so that every proposal counted below is one the
     // admissions caused.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -954,10 +952,7 @@ async fn a_new_users_first_requests_take_no_raft_round_trip_and_leave_no_ledger_
 
 #[tokio::test]
 async fn a_user_hot_on_one_node_gets_its_whole_limit_and_never_more() {
-    let ledger = ledger(3);
-    let nodes: Vec<Quota> = (1..=3)
-        .map(|id| node(&ledger, id, QuotaConfig::default()))
-        .collect();
+    let (ledger, nodes) = cluster(3);
     // The other nodes have seen this user a little (they hold shares with some use).
     for n in &nodes[1..] {
         std::mem::forget(
@@ -1131,15 +1126,8 @@ async fn a_clean_stop_reports_what_the_last_interval_charged() {
     let ledger = ledger(1);
     let q = flushed_by_hand(&ledger);
     tokio::time::sleep(Duration::from_millis(20)).await; // the flusher's first tick
-    let tenant: Arc<str> = "acme".into();
     let r = q.admit(&tpm(10_000), tokens(100)).await.expect("admitted");
-    r.settle(&Billable::plain(20, 60));
-    q.record(
-        &tenant,
-        day_of(ledger.clock.load(Ordering::Relaxed)),
-        rollup_key("m"),
-        &usage_of(20, 60),
-    );
+    finish_call(&q, &ledger, r, 20, 60);
     q.flush_before_stop(Duration::from_secs(2)).await;
     let state = ledger.published.borrow().clone();
     assert_eq!(state.ledger["tenant/acme/tokens_per_minute"].used, 80);
@@ -1184,9 +1172,8 @@ fn a_roll_up_command_encodes_within_its_size_estimate() {
 async fn a_call_is_rolled_up_in_its_own_day_when_its_flush_commits_the_next() {
     let ledger = ledger(1);
     let q = flushed_by_hand(&ledger);
-    let tenant: Arc<str> = "acme".into();
     let day = day_of(ledger.clock.load(Ordering::Relaxed));
-    q.record(&tenant, day, rollup_key("m"), &usage_of(20, 60));
+    record_call(&q, day, 20, 60);
     // The flush is proposed after midnight.
     ledger
         .clock

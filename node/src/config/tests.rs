@@ -11,6 +11,12 @@ fn paths(err: &ConfigError) -> Vec<&str> {
     err.errors.iter().map(|e| e.path.as_str()).collect()
 }
 
+/// The kind of the provider `id` in `c`, which must have one.
+fn kind_of<'c>(c: &'c Config, id: &str) -> &'c ProviderKind {
+    let provider = c.providers.iter().find(|p| p.id == id);
+    &provider.unwrap_or_else(|| panic!("{id} added")).kind
+}
+
 #[test]
 fn the_embedded_default_serves_the_demo_model() {
     let c = load(None, &env(&[])).expect("default is valid");
@@ -20,32 +26,22 @@ fn the_embedded_default_serves_the_demo_model() {
     assert_eq!(c.http.max_body_bytes, 4 * 1024 * 1024);
 
     let c = load(None, &env(&[("OPENAI_API_KEY", "sk-test-secret")])).expect("valid");
-    let openai = c
-        .providers
-        .iter()
-        .find(|p| p.id == "openai")
-        .expect("openai added");
     let ProviderKind::Api {
         dialect: Dialect::OpenAi,
         api_key,
         ..
-    } = &openai.kind
+    } = kind_of(&c, "openai")
     else {
         panic!("openai kind");
     };
     assert_eq!(api_key.as_ref().map(Secret::expose), Some("sk-test-secret"));
 
     let c = load(None, &env(&[("ANTHROPIC_API_KEY", "sk-ant-secret")])).expect("valid");
-    let anthropic = c
-        .providers
-        .iter()
-        .find(|p| p.id == "anthropic")
-        .expect("anthropic added");
     let ProviderKind::Api {
         dialect: Dialect::Anthropic { default_max_tokens },
         api_key,
         base_url,
-    } = &anthropic.kind
+    } = kind_of(&c, "anthropic")
     else {
         panic!("anthropic kind");
     };
@@ -53,7 +49,7 @@ fn the_embedded_default_serves_the_demo_model() {
     assert_eq!(base_url, "https://api.anthropic.com/v1");
     assert_eq!(api_key.as_ref().map(Secret::expose), Some("sk-ant-secret"));
     assert!(
-        !format!("{c:?}").contains("sk-test-secret"),
+        !format!("{c:?}").contains("sk-ant-secret"),
         "secrets never reach Debug"
     );
 }
@@ -290,13 +286,18 @@ mesh_cookie_env = "MESH_COOKIE"
     assert!(e.to_string().contains("cluster.peers[0]"), "{e}");
 }
 
+/// A configuration that opens with the OpenAI-style provider `p` on a local port: `rest` goes on
+/// with `p`'s models and other fields, and may add sections of its own.
+fn with_provider_p(rest: &str) -> String {
+    format!(
+        "[[providers]]\nid = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"{rest}"
+    )
+}
+
 #[test]
 fn aliases_and_anthropic_providers_are_checked_field_by_field() {
-    let toml = r#"
-[[providers]]
-id = "p"
-kind = "openai"
-base_url = "http://127.0.0.1:9/v1"
+    let toml = with_provider_p(
+        r#"
 models = ["small", "big"]
 default_max_tokens = 10
 
@@ -316,8 +317,9 @@ trivial_below_tokens = 5000
 [[aliases]]
 name = "big"
 moderate = ["big"]
-"#;
-    let err = load(Some(toml), &env(&[])).expect_err("invalid");
+"#,
+    );
+    let err = load(Some(&toml), &env(&[])).expect_err("invalid");
     assert_eq!(
         paths(&err),
         [
@@ -345,17 +347,15 @@ hard = ["claude"]
 
 #[test]
 fn provider_weights_and_prices_are_checked() {
-    let toml = r#"
-[[providers]]
-id = "p"
-kind = "openai"
-base_url = "http://127.0.0.1:9/v1"
+    let toml = with_provider_p(
+        r#"
 models = ["m"]
 weight = 0
 price_input = -1.0
 price_output = 0.6
-"#;
-    let err = load(Some(toml), &env(&[])).expect_err("invalid");
+"#,
+    );
+    let err = load(Some(&toml), &env(&[])).expect_err("invalid");
     assert_eq!(
         paths(&err),
         ["providers[0].price_input", "providers[0].weight"]

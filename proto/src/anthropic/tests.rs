@@ -1,6 +1,7 @@
 use serde_json::{Value, json};
 
 use super::*;
+use crate::chat_stream_fixtures::{event_names, stream_events, text_then_tool_call};
 
 fn read(body: Value) -> Result<ChatRequest, ApiError> {
     messages_request(
@@ -186,39 +187,12 @@ fn a_whole_completion_becomes_a_message() {
 #[test]
 fn chat_chunks_become_anthropic_events_in_order() {
     let mut s = MessageStream::new("claude-x");
-    let chunk = |delta: Value, finish: Value| {
-        json!({"id": "c1", "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        .to_string()
-    };
-    let mut events = Vec::new();
-    for c in [
-        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-        chunk(json!({"content": "Hel"}), Value::Null),
-        chunk(json!({"content": "lo"}), Value::Null),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
-                                   "function": {"name": "f", "arguments": ""}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
-            Value::Null,
-        ),
-        chunk(json!({}), json!("tool_calls")),
-        json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}})
-            .to_string(),
-    ] {
-        events.extend(s.on_chunk(c.as_bytes()));
-    }
-    events.extend(s.finish());
-    let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+    let events = stream_events(
+        &mut s,
+        &text_then_tool_call(&["Hel", "lo"], "call_9", &["{\"a\":", "1}"], (5, 4)),
+    );
     assert_eq!(
-        names,
+        event_names(&events),
         [
             "message_start",
             "content_block_start",

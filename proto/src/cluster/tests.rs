@@ -552,27 +552,16 @@ fn reports_sum_roll_ups_by_any_dimension_and_cap_users_per_day() {
         ..UsageTotals::default()
     };
     let day = |d: u64| DAY_MS * d + 1;
-    s.apply(&proposal(
-        day(20),
-        rollup("acme", ["llama", "vllm-a", "search", "u1"], cost(300), 2),
-    ));
-    s.apply(&proposal(
-        day(20),
-        rollup("acme", ["llama", "vllm-b", "chat", "u2"], cost(200), 2),
-    ));
-    // A third user of the day is over the cap of two: counted with the others.
-    s.apply(&proposal(
-        day(20),
-        rollup("acme", ["gpt", "openai", "chat", "u3"], cost(1_000), 2),
-    ));
-    s.apply(&proposal(
-        day(21),
-        rollup("acme", ["llama", "vllm-a", "search", "u3"], cost(50), 2),
-    ));
-    s.apply(&proposal(
-        day(21),
-        rollup("beta", ["llama", "vllm-a", "", "u9"], cost(7), 2),
-    ));
+    for (d, tenant, key, micro) in [
+        (20, "acme", ["llama", "vllm-a", "search", "u1"], 300),
+        (20, "acme", ["llama", "vllm-b", "chat", "u2"], 200),
+        // A third user of the day is over the cap of two: counted with the others.
+        (20, "acme", ["gpt", "openai", "chat", "u3"], 1_000),
+        (21, "acme", ["llama", "vllm-a", "search", "u3"], 50),
+        (21, "beta", ["llama", "vllm-a", "", "u9"], 7),
+    ] {
+        s.apply(&proposal(day(d), rollup(tenant, key, cost(micro), 2)));
+    }
     let by = |dim, tenant, first, last| {
         report(
             s.usage.iter().map(|(d, t)| (*d, t)),

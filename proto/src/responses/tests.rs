@@ -1,6 +1,7 @@
 use serde_json::{Value, json};
 
 use super::*;
+use crate::chat_stream_fixtures::{event_names, stream_events, text_then_tool_call};
 
 fn read(body: Value) -> Result<(ChatRequest, Echo), ApiError> {
     responses_request(body.to_string().as_bytes(), &RequestLimits::default())
@@ -150,33 +151,12 @@ fn chat_chunks_become_semantic_events_numbered_in_order() {
         model: "m".into(),
         ..Echo::default()
     });
-    let chunk = |delta: Value, finish: Value| {
-        json!({"id": "c1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-            .to_string()
-    };
-    let mut events = Vec::new();
-    for c in [
-        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-        chunk(json!({"content": "Hi"}), Value::Null),
-        chunk(json!({"content": " there"}), Value::Null),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
-            Value::Null,
-        ),
-        chunk(json!({}), json!("tool_calls")),
-        json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
-            .to_string(),
-    ] {
-        events.extend(s.on_chunk(c.as_bytes()));
-    }
-    events.extend(s.finish());
-    let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+    let events = stream_events(
+        &mut s,
+        &text_then_tool_call(&["Hi", " there"], "call_1", &["{}"], (3, 4)),
+    );
     assert_eq!(
-        names,
+        event_names(&events),
         [
             "response.created",
             "response.in_progress",
