@@ -137,10 +137,7 @@ impl Default for RestartPolicy {
 impl RestartPolicy {
     /// The wait before restart number `n` (1 = the first restart after a crash).
     pub fn backoff(&self, n: u32) -> Duration {
-        let doublings = n.saturating_sub(1).min(30);
-        self.backoff_initial
-            .saturating_mul(1u32 << doublings)
-            .min(self.backoff_max)
+        meridian_policy::retry::doubling(self.backoff_initial, n, self.backoff_max)
     }
 }
 

@@ -52,10 +52,7 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// How long the `trips`-th consecutive trip keeps the breaker open.
     pub fn open_for(&self, trips: u32) -> Duration {
-        let doublings = trips.saturating_sub(1).min(20);
-        self.open_base
-            .saturating_mul(1 << doublings)
-            .min(self.open_max)
+        crate::retry::doubling(self.open_base, trips, self.open_max)
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! - [`route`]: the order to try providers in, complexity classes, aliases, session affinity.
 //! - [`breaker`]: a breaker's gate, open periods, and the window that decides a trip.
-//! - [`retry`]: the node's retry budget.
+//! - [`retry`]: the node's retry budget, and waits that double.
 //! - [`limit`]: limit kinds and their windows, a node's static share, slice sizes.
 //! - [`cost`]: what a call costs, by kind of token, in whole millionths of a dollar.
 //! - [`clock`]: the wall clock those decisions read, which a test can set.

@@ -5,6 +5,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// The wait before the `n`-th attempt in a row (1: the first): `base`, doubled at each
+/// attempt after the first, and never more than `max`. Breakers' open periods and the vLLM
+/// supervisor's restart backoff grow this way.
+pub fn doubling(base: Duration, n: u32, max: Duration) -> Duration {
+    let doublings = n.saturating_sub(1).min(31);
+    base.saturating_mul(1 << doublings).min(max)
+}
+
 /// At most a fifth of the node's requests plus ten may be retried, over a rolling ten-second
 /// window. The caller says what time it is, so a test can move it.
 #[derive(Debug)]
@@ -56,6 +64,30 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubling_waits_start_at_the_base_and_stop_at_the_cap() {
+        let (base, max) = (Duration::from_millis(500), Duration::from_secs(5));
+        for (n, want_ms) in [
+            (0, 500),
+            (1, 500),
+            (2, 1_000),
+            (4, 4_000),
+            (5, 5_000),
+            (u32::MAX, 5_000),
+        ] {
+            assert_eq!(
+                doubling(base, n, max),
+                Duration::from_millis(want_ms),
+                "attempt {n}"
+            );
+        }
+        // A cap beyond what 31 doublings reach: no overflow, the largest doubling.
+        assert_eq!(
+            doubling(Duration::from_secs(1), 40, Duration::MAX),
+            Duration::from_secs(1 << 31)
+        );
+    }
 
     #[test]
     fn a_fifth_of_the_requests_plus_ten_may_be_retried_per_window() {
