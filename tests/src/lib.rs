@@ -3,6 +3,7 @@
 //! The integration tests live in `tests/tests/`; the load benchmark in `src/bin/bench-gateway.rs`.
 
 pub mod big_state;
+pub mod chat_requests;
 pub mod engine;
 pub mod mock;
 pub mod otlp;

@@ -55,44 +55,40 @@ impl Collector {
     /// A collector serving OTLP/HTTP with protobuf bodies (`POST /v1/traces`, `/v1/logs`) on
     /// a free loopback port, and its address.
     pub async fn start_http() -> std::io::Result<(Self, SocketAddr)> {
-        use axum::body::Bytes;
-        use axum::http::{HeaderMap, StatusCode, header};
         let collector = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let protobuf = |headers: &HeaderMap| {
-            headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v == "application/x-protobuf")
-        };
-        let (traces, logs) = (collector.clone(), collector.clone());
         let app = axum::Router::new()
             .route(
                 "/v1/traces",
-                axum::routing::post(move |headers: HeaderMap, body: Bytes| async move {
-                    match ExportTraceServiceRequest::decode(body) {
-                        Ok(r) if protobuf(&headers) => {
-                            traces.keep_spans(r);
-                            StatusCode::OK
-                        }
-                        _ => StatusCode::BAD_REQUEST,
-                    }
-                }),
+                collector.http_export::<ExportTraceServiceRequest>(),
             )
             .route(
                 "/v1/logs",
-                axum::routing::post(move |headers: HeaderMap, body: Bytes| async move {
-                    match ExportLogsServiceRequest::decode(body) {
-                        Ok(r) if protobuf(&headers) => {
-                            logs.keep_logs(r);
-                            StatusCode::OK
-                        }
-                        _ => StatusCode::BAD_REQUEST,
-                    }
-                }),
+                collector.http_export::<ExportLogsServiceRequest>(),
             );
         tokio::spawn(async move { axum::serve(listener, app).await });
         Ok((collector, addr))
+    }
+
+    /// The OTLP/HTTP handler of export requests `R`: it keeps what a protobuf body carries and
+    /// refuses anything else.
+    fn http_export<R: Export>(&self) -> axum::routing::MethodRouter {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode, header};
+        let collector = self.clone();
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| async move {
+            let protobuf = headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v == "application/x-protobuf");
+            match R::decode(body) {
+                Ok(r) if protobuf => {
+                    r.keep(&collector);
+                    StatusCode::OK
+                }
+                _ => StatusCode::BAD_REQUEST,
+            }
+        })
     }
 
     pub fn spans(&self) -> Vec<Span> {
@@ -109,24 +105,54 @@ impl Collector {
         self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn keep_spans(&self, request: ExportTraceServiceRequest) {
-        let mut kept = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        for r in request.resource_spans {
-            let node = node_of(r.resource.as_ref());
-            for span in r.scope_spans.into_iter().flat_map(|s| s.spans) {
-                kept.push((node.clone(), span));
-            }
+    /// Keeps each batch's items with the node its resource names.
+    fn keep_by_node<T, I: IntoIterator<Item = T>>(
+        kept: &Mutex<Vec<(String, T)>>,
+        batches: impl IntoIterator<Item = (Option<Resource>, I)>,
+    ) {
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        for (resource, items) in batches {
+            let node = node_of(resource.as_ref());
+            kept.extend(items.into_iter().map(|item| (node.clone(), item)));
         }
     }
 
-    fn keep_logs(&self, request: ExportLogsServiceRequest) {
-        let mut kept = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        for r in request.resource_logs {
-            let node = node_of(r.resource.as_ref());
-            for record in r.scope_logs.into_iter().flat_map(|s| s.log_records) {
-                kept.push((node.clone(), record));
-            }
-        }
+    /// Keeps what `request` carries and answers the exporter.
+    fn accept<R: Export, A: Default>(&self, request: tonic::Request<R>) -> ExportResult<A> {
+        request.into_inner().keep(self);
+        Ok(tonic::Response::new(A::default()))
+    }
+}
+
+type ExportResult<A> = Result<tonic::Response<A>, tonic::Status>;
+
+/// An OTLP export request: the spans or the log records the collector keeps of it.
+trait Export: Message + Default + Send + 'static {
+    fn keep(self, collector: &Collector);
+}
+
+impl Export for ExportTraceServiceRequest {
+    fn keep(self, collector: &Collector) {
+        Collector::keep_by_node(
+            &collector.spans,
+            self.resource_spans
+                .into_iter()
+                .map(|r| (r.resource, r.scope_spans.into_iter().flat_map(|s| s.spans))),
+        );
+    }
+}
+
+impl Export for ExportLogsServiceRequest {
+    fn keep(self, collector: &Collector) {
+        Collector::keep_by_node(
+            &collector.logs,
+            self.resource_logs.into_iter().map(|r| {
+                (
+                    r.resource,
+                    r.scope_logs.into_iter().flat_map(|s| s.log_records),
+                )
+            }),
+        );
     }
 }
 
@@ -135,11 +161,8 @@ impl TraceService for Collector {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.keep_spans(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
+    ) -> ExportResult<ExportTraceServiceResponse> {
+        self.accept(request)
     }
 }
 
@@ -148,11 +171,8 @@ impl LogsService for Collector {
     async fn export(
         &self,
         request: tonic::Request<ExportLogsServiceRequest>,
-    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
-        self.keep_logs(request.into_inner());
-        Ok(tonic::Response::new(ExportLogsServiceResponse {
-            partial_success: None,
-        }))
+    ) -> ExportResult<ExportLogsServiceResponse> {
+        self.accept(request)
     }
 }
 

@@ -8,26 +8,39 @@
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
+use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{ReservedPort, TestNode, chat_body, provider_toml, retry_later, wait_until};
+use meridian_tests::{
+    Bearer, ReservedPort, TestNode, chat_body, provider_toml, retry_later, wait_until,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// An admin API client that sends the admin token.
+type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// The answer of `call` on an admin API client of `node`.
+async fn admin<T>(
+    node: &TestNode,
+    call: impl AsyncFnOnce(&mut Admin) -> Result<tonic::Response<T>, tonic::Status>,
+) -> T {
+    let mut admin = node.admin_client().await.unwrap();
+    call(&mut admin).await.unwrap().into_inner()
+}
 
 async fn breaker(node: &TestNode, provider: &str) -> Option<pb::Breaker> {
-    let mut admin = node.admin_client().await.unwrap();
-    let l = admin
-        .list_breakers(pb::ListBreakersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let l = admin(node, async |a| {
+        a.list_breakers(pb::ListBreakersRequest {}).await
+    })
+    .await;
     l.breakers.into_iter().find(|b| b.provider == provider)
 }
 
 async fn attempts(node: &TestNode, provider: &str) -> u64 {
-    let mut admin = node.admin_client().await.unwrap();
-    let l = admin
-        .list_providers(pb::ListProvidersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let l = admin(node, async |a| {
+        a.list_providers(pb::ListProvidersRequest {}).await
+    })
+    .await;
     l.providers
         .iter()
         .find(|p| p.id == provider)
@@ -40,17 +53,29 @@ async fn chat(node: &TestNode) -> reqwest::Response {
 }
 
 async fn set(node: &TestNode, provider: &str, action: pb::BreakerAction) -> bool {
-    let mut admin = node.admin_client().await.unwrap();
-    admin
-        .set_breaker(pb::SetBreakerRequest {
-            provider: provider.into(),
-            action: action as i32,
-            reason: String::new(),
-        })
+    let request = pb::SetBreakerRequest {
+        provider: provider.into(),
+        action: action as i32,
+        reason: String::new(),
+    };
+    admin(node, async |a| a.set_breaker(request).await)
         .await
-        .unwrap()
-        .into_inner()
         .changed
+}
+
+/// A mock vLLM upstream and a node in front of it with `[breaker]` settings `breaker` and one
+/// provider per `(id, models, extra)` of `providers`, each at the mock.
+async fn node_on_mock(
+    breaker: &str,
+    providers: &[(&str, &[&str], &str)],
+) -> (MockUpstream, TestNode) {
+    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
+    let mut toml = format!("[breaker]\n{breaker}\n\n");
+    for (id, models, extra) in providers {
+        toml.push_str(&provider_toml(id, &mock.base_url(), models, extra));
+    }
+    let node = TestNode::start(&toml).await.unwrap();
+    (mock, node)
 }
 
 #[tokio::test]
@@ -186,18 +211,14 @@ async fn failures_trip_the_breaker_probes_close_it_and_operators_can_force_it() 
 
 #[tokio::test]
 async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
-    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
-    let toml = format!(
-        "[breaker]\nconsecutive_failures = 2\n\n{}{}",
-        provider_toml(
-            "a",
-            &mock.base_url(),
-            &["bad=mock@fail:400", "down=mock@fail:500"],
-            ""
-        ),
-        provider_toml("b", &mock.base_url(), &["bad=mock@fail:400"], ""),
-    );
-    let node = TestNode::start(&toml).await.unwrap();
+    let (_mock, node) = node_on_mock(
+        "consecutive_failures = 2",
+        &[
+            ("a", &["bad=mock@fail:400", "down=mock@fail:500"], ""),
+            ("b", &["bad=mock@fail:400"], ""),
+        ],
+    )
+    .await;
     for _ in 0..6 {
         let r = node.post_chat(chat_body("bad", false, "")).await.unwrap();
         assert_eq!(r.status(), 400);
@@ -223,24 +244,19 @@ async fn client_errors_and_a_lone_provider_never_trip_a_breaker() {
 /// the other tenant's calls fail too, the provider is failing, and it trips.
 #[tokio::test]
 async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
-    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
-    let toml = format!(
-        "[breaker]\nconsecutive_failures = 3\n\n{}{}",
-        provider_toml(
-            "shared",
-            &mock.base_url(),
-            &["good=mock@tokens:2", "bad=mock@fail:502"],
-            ""
-        ),
-        // A second provider of both models, so that `shared` may be ejected at all.
-        provider_toml(
-            "spare",
-            &mock.base_url(),
-            &["good=mock@tokens:2", "bad=mock@tokens:2"],
-            "region = \"elsewhere\""
-        ),
-    );
-    let node = TestNode::start(&toml).await.unwrap();
+    let (_mock, node) = node_on_mock(
+        "consecutive_failures = 3",
+        &[
+            ("shared", &["good=mock@tokens:2", "bad=mock@fail:502"], ""),
+            // A second provider of both models, so that `shared` may be ejected at all.
+            (
+                "spare",
+                &["good=mock@tokens:2", "bad=mock@tokens:2"],
+                "region = \"elsewhere\"",
+            ),
+        ],
+    )
+    .await;
     node.put_tier(meridian_tests::tier("open", pb::Limits::default()))
         .await
         .unwrap();
@@ -289,38 +305,31 @@ async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
 /// counted against the provider; the same slow calls cut by the provider's own timeout trip it.
 #[tokio::test]
 async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
-    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
-    let toml = format!(
-        "[breaker]\nconsecutive_failures = 2\n\n{}{}{}",
-        provider_toml(
-            "a",
-            &mock.base_url(),
-            &["slow=mock@ttft_ms:1500"],
-            "total_timeout = \"10s\""
-        ),
-        provider_toml(
-            "timing-out",
-            &mock.base_url(),
-            &["tight=mock@ttft_ms:1500"],
-            "first_byte_timeout = \"200ms\""
-        ),
-        // Second providers, so that either may be ejected at all.
-        provider_toml(
-            "spare",
-            &mock.base_url(),
-            &["slow=mock@tokens:2", "tight=mock@tokens:2"],
-            "region = \"elsewhere\""
-        ),
-    );
-    let node = TestNode::start(&toml).await.unwrap();
-    let client = reqwest::Client::new();
+    let (_mock, node) = node_on_mock(
+        "consecutive_failures = 2",
+        &[
+            ("a", &["slow=mock@ttft_ms:1500"], "total_timeout = \"10s\""),
+            (
+                "timing-out",
+                &["tight=mock@ttft_ms:1500"],
+                "first_byte_timeout = \"200ms\"",
+            ),
+            // Second providers, so that either may be ejected at all.
+            (
+                "spare",
+                &["slow=mock@tokens:2", "tight=mock@tokens:2"],
+                "region = \"elsewhere\"",
+            ),
+        ],
+    )
+    .await;
     for _ in 0..4 {
         let r = node
-            .chat_request()
-            .header("content-type", "application/json")
-            .header("x-meridian-deadline-ms", "200")
-            .body(chat_body("slow", false, ""))
-            .send()
+            .post_chat_with_header(
+                "x-meridian-deadline-ms",
+                "200",
+                chat_body("slow", false, ""),
+            )
             .await
             .unwrap();
         assert_eq!(r.status(), 504);
@@ -334,14 +343,7 @@ async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
     );
     // The provider's own first-byte timeout is: two of them trip it.
     for _ in 0..2 {
-        let _ = client
-            .post(node.url("/v1/chat/completions"))
-            .bearer_auth(node.api_key.as_deref().unwrap_or_default())
-            .header("content-type", "application/json")
-            .body(chat_body("tight", false, ""))
-            .send()
-            .await
-            .unwrap();
+        let _ = node.post_chat(chat_body("tight", false, "")).await.unwrap();
     }
     // At once: a trip is one local decision and one Raft write.
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
@@ -359,14 +361,15 @@ async fn a_request_that_runs_out_of_its_own_deadline_trips_nothing() {
 /// per 10-second window, so the providers see far fewer than twice the requests.
 #[tokio::test]
 async fn the_retry_budget_bounds_the_fallbacks_an_outage_brings() {
-    let mock = MockUpstream::with_flavor(Flavor::Vllm).await.unwrap();
-    let toml = format!(
-        "[breaker]\nconsecutive_failures = 1000000\nmin_calls = 1000000\n\n{}{}",
-        provider_toml("a", &mock.base_url(), &["m=mock@fail:503"], ""),
-        provider_toml("b", &mock.base_url(), &["m=mock@fail:503"], ""),
-    );
     let started = Instant::now();
-    let node = TestNode::start(&toml).await.unwrap();
+    let (mock, node) = node_on_mock(
+        "consecutive_failures = 1000000\nmin_calls = 1000000",
+        &[
+            ("a", &["m=mock@fail:503"], ""),
+            ("b", &["m=mock@fail:503"], ""),
+        ],
+    )
+    .await;
     const N: u64 = 200;
     for _ in 0..N {
         let resp = chat(&node).await;

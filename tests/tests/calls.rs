@@ -8,8 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
+use meridian_proto::pb::admin::admin_client::AdminClient;
+use meridian_tests::Bearer;
 use meridian_tests::procs::Harness;
 use meridian_tests::{chat_body, node_with_priced_mock, run_tool, wait_until};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// `sql` run by the `sqlite3` shell on `db`, as CSV rows.
 fn sqlite3(db: &Path, sql: &str) -> Vec<String> {
@@ -24,6 +28,19 @@ fn sqlite3(db: &Path, sql: &str) -> Vec<String> {
     .lines()
     .map(str::to_owned)
     .collect()
+}
+
+/// The admin API's last `last` calls (0: all) of `tenant` (empty: every tenant's), newest first.
+async fn list_calls(
+    admin: &mut AdminClient<InterceptedService<Channel, Bearer>>,
+    tenant: &str,
+    last: u32,
+) -> Result<Vec<pb::CallRecord>, tonic::Status> {
+    let list = pb::ListCallsRequest {
+        tenant: tenant.into(),
+        last,
+    };
+    Ok(admin.list_calls(list).await?.into_inner().calls)
 }
 
 #[tokio::test]
@@ -131,16 +148,7 @@ async fn every_call_leaves_one_row_that_the_sqlite3_shell_reports_on() {
 
     // The admin API lists them, newest first, for one tenant or all.
     let mut admin = node.admin_client().await.unwrap();
-    let list = |tenant: &str, last: u32| pb::ListCallsRequest {
-        tenant: tenant.into(),
-        last,
-    };
-    let newest = admin
-        .list_calls(list("", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .calls;
+    let newest = list_calls(&mut admin, "", 2).await.unwrap();
     assert_eq!(newest.len(), 2);
     assert_eq!(newest[0].code, "model_not_found");
     assert_eq!(
@@ -148,12 +156,7 @@ async fn every_call_leaves_one_row_that_the_sqlite3_shell_reports_on() {
         "the call with no feature came just before"
     );
     assert!(newest[0].time_unix_ms >= newest[1].time_unix_ms);
-    let all = admin
-        .list_calls(list("dev", 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .calls;
+    let all = list_calls(&mut admin, "dev", 0).await.unwrap();
     assert_eq!(all.len(), 7);
     let streamed: Vec<_> = all.iter().filter(|c| c.stream).collect();
     assert_eq!(streamed.len(), 1);
@@ -163,15 +166,12 @@ async fn every_call_leaves_one_row_that_the_sqlite3_shell_reports_on() {
         expected_cost.values().sum::<u64>()
     );
     assert!(
-        admin
-            .list_calls(list("nobody", 0))
+        list_calls(&mut admin, "nobody", 0)
             .await
             .unwrap()
-            .into_inner()
-            .calls
             .is_empty()
     );
-    let refused = admin.list_calls(list("", 5_000)).await.unwrap_err();
+    let refused = list_calls(&mut admin, "", 5_000).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 }
 
@@ -262,11 +262,7 @@ async fn a_call_is_billed_at_the_price_of_the_provider_that_answered() {
         .await
         .unwrap();
     let resp = node
-        .chat_request()
-        .header("content-type", "application/json")
-        .header("x-meridian-cost", "on")
-        .body(chat_body("m", false, ""))
-        .send()
+        .post_chat_with_header("x-meridian-cost", "on", chat_body("m", false, ""))
         .await
         .unwrap();
     let header = resp.headers()["x-meridian-cost-usd"]

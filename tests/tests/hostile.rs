@@ -33,14 +33,29 @@ struct Case {
     names: &'static str,
 }
 
-fn json_case(name: &'static str, body: &str, status: u16, names: &'static str) -> Case {
+/// A JSON `body` sent to `/v1/chat/completions`.
+fn json_case(name: &'static str, body: impl AsRef<[u8]>, status: u16, names: &'static str) -> Case {
     Case {
         name,
         path: "/v1/chat/completions",
         headers: vec![("content-type", "application/json".into())],
-        body: body.as_bytes().to_vec(),
+        body: body.as_ref().to_vec(),
         status,
         names,
+    }
+}
+
+impl Case {
+    /// The same request sent to `path` instead.
+    fn at(mut self, path: &'static str) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// The same request with the header `name: value` too.
+    fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 }
 
@@ -55,7 +70,7 @@ fn http_cases() -> Vec<Case> {
         r#"{{"model":"demo","messages":[{}]}}"#,
         vec![r#"{"role":"user","content":"x"}"#; 5_000].join(",")
     );
-    let mut cases = vec![
+    vec![
         json_case("not JSON", "{not json", 400, "invalid_json"),
         json_case("a JSON array", "[1,2,3]", 400, "error"),
         json_case("a JSON string", r#""hello""#, 400, "error"),
@@ -99,68 +114,68 @@ fn http_cases() -> Vec<Case> {
         ),
         json_case(
             "max_tokens negative",
-            &chat_with(r#","max_tokens":-5"#),
+            chat_with(r#","max_tokens":-5"#),
             400,
             "max_tokens",
         ),
         json_case(
             "max_tokens past the node's bound",
-            &chat_with(r#","max_tokens":99999999"#),
+            chat_with(r#","max_tokens":99999999"#),
             400,
             "max_tokens",
         ),
         json_case(
             "temperature out of range",
-            &chat_with(r#","temperature":5"#),
+            chat_with(r#","temperature":5"#),
             400,
             "temperature",
         ),
-        json_case("n of zero", &chat_with(r#","n":0"#), 400, "\"n\""),
+        json_case("n of zero", chat_with(r#","n":0"#), 400, "\"n\""),
         json_case(
             "five stop sequences",
-            &chat_with(r#","stop":["a","b","c","d","e"]"#),
+            chat_with(r#","stop":["a","b","c","d","e"]"#),
             400,
             "stop",
         ),
         json_case(
             "tools not a list",
-            &chat_with(r#","tools":"all of them""#),
+            chat_with(r#","tools":"all of them""#),
             400,
             "tools",
         ),
         json_case(
             "a tool without a function",
-            &chat_with(r#","tools":[{"type":"function"}]"#),
+            chat_with(r#","tools":[{"type":"function"}]"#),
             400,
             "tools",
         ),
         json_case(
             "response_format of an unknown type",
-            &chat_with(r#","response_format":{"type":"telepathy"}"#),
+            chat_with(r#","response_format":{"type":"telepathy"}"#),
             400,
             "response_format",
         ),
         json_case(
             "stream not a boolean",
-            &chat_with(r#","stream":"yes""#),
+            chat_with(r#","stream":"yes""#),
             400,
             "stream",
         ),
         json_case(
             "stream_options without stream",
-            &chat_with(r#","stream_options":{"include_usage":true}"#),
+            chat_with(r#","stream_options":{"include_usage":true}"#),
             400,
             "stream_options",
         ),
         json_case(
             "a misspelled parameter",
-            &chat_with(r#","temprature":0.5"#),
+            chat_with(r#","temprature":0.5"#),
             400,
             "unknown_parameter",
         ),
         json_case(
             "an engine field the tenant is not granted",
-            &chat_with(r#","priority":-100"#),
+            chat_with(r#","priority":-100"#),
             403,
             "field_not_allowed",
         ),
@@ -170,106 +185,107 @@ fn http_cases() -> Vec<Case> {
             404,
             "model",
         ),
-        json_case("JSON nested 100,000 deep", &deep, 400, "error"),
-        json_case("5,000 messages", &many_messages, 400, "messages"),
+        json_case("JSON nested 100,000 deep", deep, 400, "error"),
+        json_case("5,000 messages", many_messages, 400, "messages"),
         json_case(
             "user not a string",
-            &chat_with(r#","user":{"id":1}"#),
+            chat_with(r#","user":{"id":1}"#),
             400,
             "user",
         ),
-        Case {
-            name: "bytes that are not UTF-8",
-            path: "/v1/chat/completions",
-            headers: vec![("content-type", "application/json".into())],
-            body:
-                b"{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}"
-                    .to_vec(),
-            status: 400,
-            names: "error",
-        },
-        Case {
-            name: "a body over max_body_bytes",
-            path: "/v1/chat/completions",
-            headers: vec![("content-type", "application/json".into())],
-            body: chat_with(&format!(r#","user":"{}""#, "x".repeat(5 << 20))).into_bytes(),
-            status: 413,
-            names: "request_too_large",
-        },
-        Case {
-            name: "a feature header with a line break",
-            path: "/v1/chat/completions",
-            headers: vec![("x-meridian-feature", "a b\tc".into())],
-            body: chat_with("").into_bytes(),
-            status: 400,
-            names: "X-Meridian-Feature",
-        },
-        Case {
-            name: "an unknown cache directive",
-            path: "/v1/chat/completions",
-            headers: vec![("x-meridian-cache", "forever".into())],
-            body: chat_with("").into_bytes(),
-            status: 400,
-            names: "X-Meridian-Cache",
-        },
-        Case {
-            name: "an unknown URL",
-            path: "/v1/teleport",
-            headers: vec![],
-            body: chat_with("").into_bytes(),
-            status: 404,
-            names: "unknown_url",
-        },
-        Case {
-            name: "Messages without max_tokens",
-            path: "/v1/messages",
-            headers: vec![("anthropic-version", "2023-06-01".into())],
-            body: br#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
-            status: 400,
-            names: "max_tokens",
-        },
-        Case {
-            name: "Messages with a role Anthropic does not have",
-            path: "/v1/messages",
-            headers: vec![("anthropic-version", "2023-06-01".into())],
-            body:
-                br#"{"model":"demo","max_tokens":5,"messages":[{"role":"system","content":"hi"}]}"#
-                    .to_vec(),
-            status: 400,
-            names: "invalid_request_error",
-        },
-        Case {
-            name: "Responses asking for stored state",
-            path: "/v1/responses",
-            headers: vec![],
-            body: br#"{"model":"demo","input":"hi","previous_response_id":"resp_1"}"#.to_vec(),
-            status: 400,
-            names: "previous_response_id",
-        },
-        Case {
-            name: "embeddings of an object",
-            path: "/v1/embeddings",
-            headers: vec![],
-            body: br#"{"model":"demo","input":{"text":"hi"}}"#.to_vec(),
-            status: 400,
-            names: "input",
-        },
-        Case {
-            name: "a text completion without a prompt",
-            path: "/v1/completions",
-            headers: vec![],
-            body: br#"{"model":"demo"}"#.to_vec(),
-            status: 400,
-            names: "prompt",
-        },
-    ];
-    for case in &mut cases {
-        if !case.headers.iter().any(|(n, _)| *n == "content-type") {
-            case.headers
-                .push(("content-type", "application/json".into()));
+        json_case(
+            "bytes that are not UTF-8",
+            b"{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}",
+            400,
+            "error",
+        ),
+        json_case(
+            "a body over max_body_bytes",
+            chat_with(&format!(r#","user":"{}""#, "x".repeat(5 << 20))),
+            413,
+            "request_too_large",
+        ),
+        json_case(
+            "a feature header with a line break",
+            chat_with(""),
+            400,
+            "X-Meridian-Feature",
+        )
+        .with_header("x-meridian-feature", "a b\tc"),
+        json_case(
+            "an unknown cache directive",
+            chat_with(""),
+            400,
+            "X-Meridian-Cache",
+        )
+        .with_header("x-meridian-cache", "forever"),
+        json_case("an unknown URL", chat_with(""), 404, "unknown_url").at("/v1/teleport"),
+        json_case(
+            "Messages without max_tokens",
+            r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#,
+            400,
+            "max_tokens",
+        )
+        .at("/v1/messages")
+        .with_header("anthropic-version", "2023-06-01"),
+        json_case(
+            "Messages with a role Anthropic does not have",
+            r#"{"model":"demo","max_tokens":5,"messages":[{"role":"system","content":"hi"}]}"#,
+            400,
+            "invalid_request_error",
+        )
+        .at("/v1/messages")
+        .with_header("anthropic-version", "2023-06-01"),
+        json_case(
+            "Responses asking for stored state",
+            r#"{"model":"demo","input":"hi","previous_response_id":"resp_1"}"#,
+            400,
+            "previous_response_id",
+        )
+        .at("/v1/responses"),
+        json_case(
+            "embeddings of an object",
+            r#"{"model":"demo","input":{"text":"hi"}}"#,
+            400,
+            "input",
+        )
+        .at("/v1/embeddings"),
+        json_case(
+            "a text completion without a prompt",
+            r#"{"model":"demo"}"#,
+            400,
+            "prompt",
+        )
+        .at("/v1/completions"),
+    ]
+}
+
+/// The classes of hostile input tried, and what went wrong with them.
+#[derive(Default)]
+struct Tally {
+    classes: Vec<&'static str>,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// Counts the class `class`: a failure unless `answer` is an error with one of `codes`.
+    fn refused<T: std::fmt::Debug>(
+        &mut self,
+        class: &'static str,
+        codes: &[Code],
+        answer: Result<T, tonic::Status>,
+    ) {
+        self.classes.push(class);
+        match answer {
+            Err(s) if codes.contains(&s.code()) => {}
+            Err(s) => self
+                .failures
+                .push(format!("{class}: {:?} {}", s.code(), s.message())),
+            Ok(accepted) => self
+                .failures
+                .push(format!("{class}: accepted: {accepted:?}")),
         }
     }
-    cases
 }
 
 /// Sends raw bytes on a new connection; what came back before the node closed it (or the
@@ -329,8 +345,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
     };
     assert_eq!(good().send().await.unwrap().status(), 200);
     let rss_before = node.rss_kib().expect("rss");
-    let mut classes = Vec::new();
-    let mut failures = Vec::new();
+    let mut tally = Tally::default();
 
     // Well-formed HTTP, hostile content.
     for case in http_cases() {
@@ -341,15 +356,17 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         for (n, v) in &case.headers {
             req = req.header(*n, v);
         }
-        classes.push(case.name);
+        tally.classes.push(case.name);
         match req.send().await {
-            Err(e) => failures.push(format!("{}: no answer: {e}", case.name)),
+            Err(e) => tally
+                .failures
+                .push(format!("{}: no answer: {e}", case.name)),
             Ok(r) => {
                 let status = r.status().as_u16();
                 let text = r.text().await.unwrap_or_default();
                 let named = text.contains(case.names) && text.contains("\"message\"");
                 if status != case.status || !named {
-                    failures.push(format!(
+                    tally.failures.push(format!(
                         "{}: {status} (wanted {} naming {:?}): {}",
                         case.name,
                         case.status,
@@ -371,7 +388,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         ),
         ("a key in another scheme", Some("Basic dXNlcjpwYXNz")),
     ] {
-        classes.push(name);
+        tally.classes.push(name);
         let mut req = client
             .post(format!("{base}/v1/chat/completions"))
             .header("content-type", "application/json")
@@ -383,7 +400,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         let status = r.status().as_u16();
         let text = r.text().await.unwrap_or_default();
         if status != 401 || !text.contains("authentication_error") {
-            failures.push(format!("{name}: {status} {text}"));
+            tally.failures.push(format!("{name}: {status} {text}"));
         }
     }
 
@@ -439,9 +456,9 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
             true,
         ),
     ] {
-        classes.push(name);
+        tally.classes.push(name);
         match raw(&addr, &bytes).await {
-            None => failures.push(format!("{name}: hung")),
+            None => tally.failures.push(format!("{name}: hung")),
             Some(answer) => {
                 let status = status_of(&answer);
                 let ok = if answered {
@@ -450,14 +467,18 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
                     status == 0 || (400..500).contains(&status)
                 };
                 if !ok {
-                    failures.push(format!("{name}: {:?}", &answer[..answer.len().min(200)]));
+                    tally
+                        .failures
+                        .push(format!("{name}: {:?}", &answer[..answer.len().min(200)]));
                 }
             }
         }
     }
 
     // A flood from one tenant: refused with 429 as its limit says, never a 5xx.
-    classes.push("a request flood past the tenant's limit");
+    tally
+        .classes
+        .push("a request flood past the tenant's limit");
     let mut statuses = std::collections::BTreeMap::new();
     let flood: Vec<_> = (0..300)
         .map(|_| {
@@ -474,7 +495,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         *statuses.entry(status).or_insert(0) += 1;
     }
     if statuses.keys().any(|s| !matches!(s, 200 | 429)) || !statuses.contains_key(&429) {
-        failures.push(format!("flood: {statuses:?}"));
+        tally.failures.push(format!("flood: {statuses:?}"));
     }
 
     // gRPC.
@@ -542,63 +563,57 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         ),
     ];
     for (name, req, code) in grpc_cases {
-        classes.push(name);
+        tally.classes.push(name);
         match tokio::time::timeout(ANSWER, inference.chat(req)).await {
-            Err(_) => failures.push(format!("{name}: hung")),
-            Ok(Ok(_)) => failures.push(format!("{name}: accepted")),
+            Err(_) => tally.failures.push(format!("{name}: hung")),
+            Ok(Ok(_)) => tally.failures.push(format!("{name}: accepted")),
             Ok(Err(s)) if s.code() != code || s.message().is_empty() => {
-                failures.push(format!("{name}: {:?} {}", s.code(), s.message()));
+                tally
+                    .failures
+                    .push(format!("{name}: {:?} {}", s.code(), s.message()));
             }
             Ok(Err(_)) => {}
         }
     }
-    classes.push("gRPC: an embedding of nothing");
-    match inference
+    let answer = inference
         .embed(EmbedRequest {
             model: "demo".into(),
             ..EmbedRequest::default()
         })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!("gRPC: an embedding of nothing: {other:?}")),
-    }
-    classes.push("gRPC: a message over the size bound");
-    match inference
+        .await;
+    tally.refused(
+        "gRPC: an embedding of nothing",
+        &[Code::InvalidArgument],
+        answer,
+    );
+    let answer = inference
         .chat(chat("demo", vec![message(&"x".repeat(8 << 20))]))
-        .await
-    {
-        Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {}
-        other => failures.push(format!(
-            "gRPC: a message over the size bound: {:?}",
-            other.map(|_| ()).map_err(|s| s.code())
-        )),
-    }
-    classes.push("gRPC: no credentials");
+        .await;
+    tally.refused(
+        "gRPC: a message over the size bound",
+        &[Code::ResourceExhausted, Code::OutOfRange],
+        answer,
+    );
     let mut anonymous = InferenceClient::new(channel.clone());
-    match anonymous.chat(chat("demo", vec![message("hi")])).await {
-        Err(s) if s.code() == Code::Unauthenticated => {}
-        other => failures.push(format!("gRPC: no credentials: {:?}", other.map(|_| ()))),
-    }
-    classes.push("gRPC: a malformed grpc-timeout");
+    let answer = anonymous.chat(chat("demo", vec![message("hi")])).await;
+    tally.refused("gRPC: no credentials", &[Code::Unauthenticated], answer);
     let mut req = tonic::Request::new(chat("demo", vec![message("hi")]));
     req.metadata_mut()
         .insert("grpc-timeout", "forever".parse().unwrap());
-    match inference.chat(req).await {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!(
-            "gRPC: a malformed grpc-timeout: {:?}",
-            other
-                .map(|_| ())
-                .map_err(|s| (s.code(), s.message().to_owned()))
-        )),
-    }
-    classes.push("gRPC: HTTP/1 garbage on its port");
+    let answer = inference.chat(req).await;
+    tally.refused(
+        "gRPC: a malformed grpc-timeout",
+        &[Code::InvalidArgument],
+        answer,
+    );
+    tally.classes.push("gRPC: HTTP/1 garbage on its port");
     let grpc_addr = node.grpc().trim_start_matches("http://").to_owned();
     match raw(&grpc_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await {
-        None => failures.push("gRPC port: hung on HTTP/1 garbage".into()),
+        None => tally
+            .failures
+            .push("gRPC port: hung on HTTP/1 garbage".into()),
         Some(answer) if status_of(&answer) >= 500 => {
-            failures.push(format!("gRPC port: {answer:?}"));
+            tally.failures.push(format!("gRPC port: {answer:?}"));
         }
         Some(_) => {}
     }
@@ -609,78 +624,74 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
         .connect()
         .await
         .expect("admin connects");
-    let mut stranger = AdminClient::new(admin_channel.clone());
-    classes.push("admin: no token");
-    match stranger.node_status(pb::NodeStatusRequest {}).await {
-        Err(s) if s.code() == Code::Unauthenticated => {}
-        other => failures.push(format!("admin without a token: {:?}", other.map(|_| ()))),
-    }
-    classes.push("admin: a wrong token");
-    let mut impostor = AdminClient::with_interceptor(
-        admin_channel.clone(),
-        Bearer::new(Some("not-the-admin-token-not-the-admin-token")),
-    );
-    match impostor.node_status(pb::NodeStatusRequest {}).await {
-        Err(s) if s.code() == Code::Unauthenticated => {}
-        other => failures.push(format!("admin with a wrong token: {:?}", other.map(|_| ()))),
+    for (class, token) in [
+        ("admin: no token", None),
+        (
+            "admin: a wrong token",
+            Some("not-the-admin-token-not-the-admin-token"),
+        ),
+    ] {
+        let mut stranger = AdminClient::with_interceptor(admin_channel.clone(), Bearer::new(token));
+        let answer = stranger.node_status(pb::NodeStatusRequest {}).await;
+        tally.refused(class, &[Code::Unauthenticated], answer);
     }
     let mut admin = h.admin(leader).await.expect("admin");
-    classes.push("admin: a tenant id with a slash");
-    match admin
+    let answer = admin
         .put_tenant(pb::PutTenantRequest {
             tenant: Some(meridian_tests::tenant("a/b", "free")),
         })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!("admin: tenant a/b: {:?}", other.map(|_| ()))),
-    }
-    classes.push("admin: a tier with no name");
-    match admin
+        .await;
+    tally.refused(
+        "admin: a tenant id with a slash",
+        &[Code::InvalidArgument],
+        answer,
+    );
+    let answer = admin
         .put_tier(pb::PutTierRequest {
             tier: Some(pb::Tier::default()),
         })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!("admin: unnamed tier: {:?}", other.map(|_| ()))),
-    }
-    classes.push("admin: a key for a tenant that does not exist");
-    match admin
+        .await;
+    tally.refused(
+        "admin: a tier with no name",
+        &[Code::InvalidArgument],
+        answer,
+    );
+    let answer = admin
         .create_api_key(pb::CreateApiKeyRequest {
             tenant: "nobody".into(),
             label: String::new(),
         })
-        .await
-    {
-        Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
-        other => failures.push(format!("admin: key for nobody: {:?}", other.map(|_| ()))),
-    }
-    classes.push("admin: a revocation of something that is not a fingerprint");
-    match admin
+        .await;
+    tally.refused(
+        "admin: a key for a tenant that does not exist",
+        &[Code::NotFound, Code::FailedPrecondition],
+        answer,
+    );
+    let answer = admin
         .revoke_certificate(pb::RevokeCertificateRequest {
             fingerprint_sha256: "not-a-sha256".into(),
             node_id: 2,
         })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!("admin: bad fingerprint: {:?}", other.map(|_| ()))),
-    }
-    classes.push("admin: an unknown state section");
-    match admin
+        .await;
+    tally.refused(
+        "admin: a revocation of something that is not a fingerprint",
+        &[Code::InvalidArgument],
+        answer,
+    );
+    let answer = admin
         .cluster_state(pb::ClusterStateRequest {
             section: "secrets".into(),
             ..pb::ClusterStateRequest::default()
         })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => {}
-        other => failures.push(format!("admin: section secrets: {:?}", other.map(|_| ()))),
-    }
+        .await;
+    tally.refused(
+        "admin: an unknown state section",
+        &[Code::InvalidArgument],
+        answer,
+    );
 
     // A slow body (the node's body timeout is 1 s here), then the node still serves.
-    classes.push("a body that never arrives");
+    tally.classes.push("a body that never arrives");
     let slow = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
@@ -692,7 +703,7 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
             if status_of(&answer) == 408
                 && (Duration::from_millis(900)..Duration::from_secs(3))
                     .contains(&sent.elapsed()) => {}
-        other => failures.push(format!(
+        other => tally.failures.push(format!(
             "a body that never arrives: {other:?} after {:?}",
             sent.elapsed()
         )),
@@ -702,19 +713,19 @@ async fn hostile_input_gets_a_clear_4xx_never_a_5xx_a_panic_or_a_hang() {
     let rss_after = node.rss_kib().expect("rss");
     println!(
         "{} classes of hostile input; node RSS {} KiB before, {} KiB after (+{} KiB)",
-        classes.len(),
+        tally.classes.len(),
         rss_before,
         rss_after,
         rss_after.saturating_sub(rss_before)
     );
     assert!(
-        failures.is_empty(),
+        tally.failures.is_empty(),
         "{} of {} classes failed:\n{}",
-        failures.len(),
-        classes.len(),
-        failures.join("\n")
+        tally.failures.len(),
+        tally.classes.len(),
+        tally.failures.join("\n")
     );
-    assert!(classes.len() >= 40, "{} classes", classes.len());
+    assert!(tally.classes.len() >= 40, "{} classes", tally.classes.len());
     assert!(
         rss_after < rss_before + 128 * 1024,
         "RSS grew by {} KiB",

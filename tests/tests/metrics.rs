@@ -33,11 +33,8 @@ async fn every_request_is_counted_with_its_outcome_latency_tokens_and_cost() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
-    let refused = reqwest::Client::new()
-        .post(node.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat_body("m", false, ""))
-        .send()
+    let refused = node
+        .post_chat_without_key(chat_body("m", false, ""))
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);

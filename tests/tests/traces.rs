@@ -32,6 +32,18 @@ async fn traced_node(records: bool) -> (Collector, MockUpstream, TestNode) {
     (collector, mock, node)
 }
 
+/// Waits up to 10 s for `node`'s metric `series` to reach `at_least`; `what` names it in the
+/// failure.
+async fn wait_for_count(node: &TestNode, what: &str, series: &str, at_least: f64) {
+    wait_until(what, Duration::from_secs(10), || async {
+        metric(&node.url(""), series)
+            .await
+            .is_some_and(|n| n >= at_least)
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     let (collector, mock, node) = traced_node(true).await;
@@ -39,15 +51,11 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let resp = node
-        .chat_request()
-        .header("content-type", "application/json")
-        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
-        .body(chat_body(
-            "m",
-            true,
-            r#""stream_options":{"include_usage":true}"#,
-        ))
-        .send()
+        .post_chat_with_header(
+            "traceparent",
+            &format!("00-{trace_id}-{client_span}-01"),
+            chat_body("m", true, r#""stream_options":{"include_usage":true}"#),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -119,16 +127,13 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     );
     assert_eq!(client.name, "chat m");
     // The node counts what it exported.
-    wait_until("the export counted", Duration::from_secs(10), || async {
-        metric(
-            &node.url(""),
-            r#"meridian_trace_spans_total{result="exported"}"#,
-        )
-        .await
-        .is_some_and(|n| n >= 2.0)
-    })
-    .await
-    .unwrap();
+    wait_for_count(
+        &node,
+        "the export counted",
+        r#"meridian_trace_spans_total{result="exported"}"#,
+        2.0,
+    )
+    .await;
     // The provider was sent the attempt's own traceparent.
     let sent = mock.traceparents();
     assert_eq!(
@@ -166,20 +171,13 @@ async fn a_streamed_call_is_one_trace_with_the_client_and_the_provider() {
     }
     assert!(log_attribute(&record, "gen_ai.usage.output_tokens").is_some());
     // The node counts the records it exported.
-    wait_until(
+    wait_for_count(
+        &node,
         "the records' export counted",
-        Duration::from_secs(10),
-        || async {
-            metric(
-                &node.url(""),
-                r#"meridian_call_records_exported_total{result="exported"}"#,
-            )
-            .await
-            .is_some_and(|n| n >= 1.0)
-        },
+        r#"meridian_call_records_exported_total{result="exported"}"#,
+        1.0,
     )
-    .await
-    .unwrap();
+    .await;
 }
 
 /// The same over OTLP/HTTP with protobuf bodies: spans to `/v1/traces`, call records to
@@ -224,15 +222,10 @@ async fn spans_and_call_records_go_over_http_protobuf_too() {
 #[tokio::test]
 async fn a_trace_the_client_did_not_sample_is_carried_on_and_nothing_of_it_recorded() {
     let (collector, mock, node) = traced_node(false).await;
-    let send = |trace_id: &'static str, flags: &'static str| {
-        node.chat_request()
-            .header("content-type", "application/json")
-            .header(
-                "traceparent",
-                format!("00-{trace_id}-00f067aa0ba902b7-{flags}"),
-            )
-            .body(chat_body("m", false, ""))
-            .send()
+    let send = async |trace_id: &str, flags: &str| {
+        let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-{flags}");
+        node.post_chat_with_header("traceparent", &traceparent, chat_body("m", false, ""))
+            .await
     };
     let unsampled = "11111111111111111111111111111111";
     let sampled = "22222222222222222222222222222222";
