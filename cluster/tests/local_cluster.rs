@@ -28,6 +28,51 @@ impl Cluster {
         .await;
         leader_of(&self.nodes).unwrap()
     }
+
+    /// The leader, once there is one (within 5 s).
+    async fn leader_node(&self) -> &ClusterNode {
+        let id = self.leader().await;
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+
+    /// Shuts every node down.
+    async fn shutdown(&self) {
+        for n in &self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// Node 1's disk and transport, which outlive its restarts.
+struct LoneNode {
+    dir: tempfile::TempDir,
+    router: Arc<LocalRouter>,
+    timings: RaftTimings,
+}
+
+impl LoneNode {
+    fn new(timings: RaftTimings) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            router: LocalRouter::new(),
+            timings,
+        }
+    }
+
+    /// Starts node 1 on its disk: see [`lead_alone`].
+    async fn lead(&self) -> ClusterNode {
+        lead_alone(self.dir.path(), self.timings, &self.router).await
+    }
+}
+
+/// The fast timings, with a snapshot every `every` log entries and `keep` entries kept in the
+/// log behind each.
+fn snapshotting(every: u64, keep: u64) -> RaftTimings {
+    RaftTimings {
+        snapshot_every: every,
+        keep_after_snapshot: keep,
+        ..RaftTimings::fast()
+    }
 }
 
 /// Node 1 alone in `dir`, initialized (a repeat is refused quietly) and leading.
@@ -147,22 +192,14 @@ async fn three_nodes_replicate_forward_and_survive_losing_the_leader() {
     c.router.faults().heal(leader);
     let old = c.nodes.iter().find(|n| n.id == leader).unwrap();
     has_member(old, 8, Duration::from_secs(10), "the old leader catches up").await;
-    for n in &c.nodes {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let router = LocalRouter::new();
-    let timings = RaftTimings {
-        snapshot_every: 50,
-        keep_after_snapshot: 10,
-        ..RaftTimings::fast()
-    };
+    let lone = LoneNode::new(snapshotting(50, 10));
     {
-        let node = lead_alone(dir.path(), timings, &router).await;
+        let node = lone.lead().await;
         for i in 0..120 {
             node.propose(member(100 + i)).await.unwrap();
         }
@@ -175,10 +212,10 @@ async fn a_restarted_single_node_keeps_its_state_and_compacts_its_log() {
         println!("before restart: {s:?}");
         assert!(s.purged_index.unwrap() > 0, "the log is compacted");
         node.shutdown().await;
-        router.remove(1);
+        lone.router.remove(1);
     }
     // Restarted on its disk (initializing again is refused quietly).
-    let node = lead_alone(dir.path(), timings, &router).await;
+    let node = lone.lead().await;
     let mut state = node.state();
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -262,9 +299,7 @@ async fn a_learner_joins_is_promoted_and_removed_through_any_node() {
     assert_eq!(follower.remove(4).await.unwrap(), Applied::NotFound);
     four.shutdown().await;
     c.nodes.push(four);
-    for n in &c.nodes {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test]
@@ -298,16 +333,13 @@ async fn a_request_forwarded_to_a_node_that_no_longer_leads_is_sent_on_to_the_le
         has_member(n, 8, Duration::from_secs(5), "replicated in time").await;
         assert!(!n.state().borrow().members.contains_key(&9));
     }
-    for n in &c.nodes {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test]
 async fn writes_commit_through_delayed_and_lost_messages_and_a_cut_link() {
     let c = cluster(3).await;
-    let leader_id = c.leader().await;
-    let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let leader = c.leader_node().await;
     c.router.faults().set_delay(Duration::from_millis(5));
     c.router.faults().set_drop_rate(100);
     // Lost heartbeats can cost the leader its term, and a lost forward fails a write: a client
@@ -357,23 +389,15 @@ async fn writes_commit_through_delayed_and_lost_messages_and_a_cut_link() {
         "the cut follower catches up once the link heals",
     )
     .await;
-    for n in &c.nodes {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test]
 async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let router = LocalRouter::new();
-    let timings = RaftTimings {
-        snapshot_every: 200,
-        keep_after_snapshot: 50,
-        ..RaftTimings::fast()
-    };
-    let node = lead_alone(dir.path(), timings, &router).await;
+    let lone = LoneNode::new(snapshotting(200, 50));
+    let node = lone.lead().await;
     let size = || {
-        std::fs::metadata(dir.path().join("raft.redb"))
+        std::fs::metadata(lone.dir.path().join("raft.redb"))
             .unwrap()
             .len()
     };
@@ -433,16 +457,15 @@ async fn snapshots_and_purging_keep_the_disk_bounded_under_steady_writes() {
 #[tokio::test]
 async fn a_linearizable_read_never_answers_without_a_committed_write() {
     let c = cluster(3).await;
-    let leader_id = c.leader().await;
-    let leader = c.nodes.iter().find(|n| n.id == leader_id).unwrap();
-    let follower = c.nodes.iter().find(|n| n.id != leader_id).unwrap();
+    let leader = c.leader_node().await;
+    let follower = c.nodes.iter().find(|n| n.id != leader.id).unwrap();
     for n in &c.nodes {
         let (_, index) = n.read_linearizable().await.unwrap();
         assert!(index > 0, "node {} read at index {index}", n.id);
     }
     // The follower stops getting the leader's log (it still follows the leader and forwards
     // to it), and a write commits without it.
-    c.router.faults().hold_entries(leader_id, follower.id);
+    c.router.faults().hold_entries(leader.id, follower.id);
     assert_eq!(
         leader.propose(member(3_000)).await.unwrap(),
         Applied::Changed
@@ -457,7 +480,7 @@ async fn a_linearizable_read_never_answers_without_a_committed_write() {
     // While it waits the follower may also stop hearing heartbeats (openraft sends them on
     // the replication stream, which backs off after a lost append) and start an election; it
     // may then fail otherwise, or answer once another leader has sent it the write.
-    assert_eq!(follower.status().leader, Some(leader_id));
+    assert_eq!(follower.status().leader, Some(leader.id));
     let read = Instant::now();
     match tokio::time::timeout(Duration::from_secs(5), follower.read_linearizable()).await {
         Ok(Ok((state, index))) => {
@@ -490,9 +513,7 @@ async fn a_linearizable_read_never_answers_without_a_committed_write() {
         }
     };
     assert!(state.members.contains_key(&3_000));
-    for n in &c.nodes {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 /// The body of the snapshot in `dir` (its meta is length-prefixed JSON before it).
@@ -506,11 +527,7 @@ fn snapshot_body(dir: &std::path::Path) -> Vec<u8> {
 async fn a_fresh_node_installs_the_leaders_compressed_snapshot() {
     const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
     let router = LocalRouter::new();
-    let timings = RaftTimings {
-        snapshot_every: 50,
-        keep_after_snapshot: 0,
-        ..RaftTimings::fast()
-    };
+    let timings = snapshotting(50, 0);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let one = lead_alone(dirs[0].path(), timings, &router).await;
     // Node 1 says it reads compressed snapshots, as a node of this version does at start; then

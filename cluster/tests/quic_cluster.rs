@@ -70,6 +70,25 @@ async fn quic_cluster(
     }
 }
 
+/// A transport on loopback that speaks as node `id` with the certificates in `pki` (answering
+/// RPCs within 300 ms), and knows node `target` at `target_addr`.
+fn speaking_as(
+    id: NodeId,
+    pki: &std::path::Path,
+    target: NodeId,
+    target_addr: &str,
+) -> Arc<QuicTransport> {
+    let transport = QuicTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        pki,
+        id,
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    transport.set_peer(target, target_addr.to_owned());
+    transport
+}
+
 #[tokio::test]
 async fn a_cluster_over_quic_with_mutual_tls() {
     let ids: Vec<NodeId> = vec![1, 2, 3];
@@ -142,21 +161,12 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     )
     .unwrap();
     std::fs::copy(dirs.0.path().join("ca.crt"), foreign.path().join("ca.crt")).unwrap();
-    let intruder = QuicTransport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        foreign.path(),
-        9,
-        Duration::from_millis(300),
-    )
-    .unwrap();
     let target = survivors[0].id;
-    intruder.set_peer(
-        target,
-        transports[ids.iter().position(|&i| i == target).unwrap()]
-            .local_addr()
-            .unwrap()
-            .to_string(),
-    );
+    let target_addr = transports[ids.iter().position(|&i| i == target).unwrap()]
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let intruder = speaking_as(9, foreign.path(), target, &target_addr);
     let vote = VoteRequest::new(Vote::new(99, 9), None);
     let answer = Transport::vote(&intruder, target, vote).await;
     let refused = answer.expect_err("a foreign certificate gets no answer");
@@ -172,20 +182,7 @@ async fn a_cluster_over_quic_with_mutual_tls() {
     // A node with a certificate of the cluster's own CA is still refused when it speaks for a
     // node its certificate does not name, or for a node that is not a member.
     certs::issue(dirs.0.path(), &dirs.0.path().join("issuer/ca.key"), 9, &[]).unwrap();
-    let stranger = QuicTransport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        dirs.0.path(),
-        9,
-        Duration::from_millis(300),
-    )
-    .unwrap();
-    stranger.set_peer(
-        target,
-        transports[ids.iter().position(|&i| i == target).unwrap()]
-            .local_addr()
-            .unwrap()
-            .to_string(),
-    );
+    let stranger = speaking_as(9, dirs.0.path(), target, &target_addr);
     let member = survivors
         .iter()
         .map(|n| n.id)
@@ -213,20 +210,7 @@ async fn a_cluster_over_quic_with_mutual_tls() {
         &[],
     )
     .unwrap();
-    let twin = QuicTransport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        second.path(),
-        member,
-        Duration::from_millis(300),
-    )
-    .unwrap();
-    twin.set_peer(
-        target,
-        transports[ids.iter().position(|&i| i == target).unwrap()]
-            .local_addr()
-            .unwrap()
-            .to_string(),
-    );
+    let twin = speaking_as(member, second.path(), target, &target_addr);
     // A stale term: answered (and refused) without changing anything.
     let stale = || VoteRequest::new(Vote::new(0, member), None);
     assert!(

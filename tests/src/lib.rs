@@ -8,6 +8,7 @@ pub mod engine;
 pub mod mock;
 pub mod otlp;
 pub mod procs;
+pub mod serve;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use meridian_tests::limit;
 use meridian_tests::procs::Harness;
+use meridian_tests::serve::serve;
 use meridian_tests::{ReservedPort, chat_as, metric, mock_vllm_stats, status_of};
 
 const T: Duration = Duration::from_secs(30);
@@ -1416,13 +1417,7 @@ async fn first_start_secrets_are_not_printed_where_a_log_would_keep_them() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(meridian_tests::procs::meridian_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&config, std::process::Stdio::piped()).unwrap();
     let mut printed = Vec::new();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let http = loop {

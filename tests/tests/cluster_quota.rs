@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use meridian_proto::pb::admin as pb;
 use meridian_tests::limit;
 use meridian_tests::mock::{Flavor, MockUpstream};
-use meridian_tests::procs::Harness;
-use meridian_tests::{metric, provider_toml};
+use meridian_tests::procs::{Admin, Harness};
+use meridian_tests::{chat_as, metric, provider_toml, status_of, tenant, tier};
 
 const LIMIT: u64 = 60_000;
 const T: Duration = Duration::from_secs(30);
@@ -102,38 +102,36 @@ async fn three_nodes_with(
     );
     h.boot(&[1, 2, 3]).await;
     let mut admin = h.admin(via).await.unwrap();
-    let tier_name = tier.name.clone();
-    admin
-        .put_tier(pb::PutTierRequest { tier: Some(tier) })
-        .await
-        .unwrap();
-    admin
-        .put_tenant(pb::PutTenantRequest {
-            tenant: Some(pb::Tenant {
-                id: tenant.into(),
-                tier: tier_name,
-                ..pb::Tenant::default()
-            }),
-        })
-        .await
-        .unwrap();
+    let on_tier = meridian_tests::tenant(tenant, &tier.name);
+    put_tier_and_tenants(&mut admin, tier, [on_tier]).await;
     let key = h.api_key(via, tenant).await.unwrap();
     (mock, h, key)
 }
 
+/// Writes `tier` and then `tenants` through `admin`.
+async fn put_tier_and_tenants(
+    admin: &mut Admin,
+    tier: pb::Tier,
+    tenants: impl IntoIterator<Item = pb::Tenant>,
+) {
+    admin
+        .put_tier(pb::PutTierRequest { tier: Some(tier) })
+        .await
+        .unwrap();
+    for tenant in tenants {
+        admin
+            .put_tenant(pb::PutTenantRequest {
+                tenant: Some(tenant),
+            })
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() {
-    let (mock, mut h, key) = three_nodes_with(
-        16,
-        2,
-        pb::Tier {
-            name: "metered".into(),
-            limits: Some(limit::tokens_per_minute(LIMIT)),
-            ..pb::Tier::default()
-        },
-        "acme",
-    )
-    .await;
+    let metered = tier("metered", limit::tokens_per_minute(LIMIT));
+    let (mock, mut h, key) = three_nodes_with(16, 2, metered, "acme").await;
 
     // Hammer: 12 clients spread over the three nodes, far more demand than the limit; three of
     // them send no `max_tokens` (reserved 300, 40 generated), and three more stream for 21 s
@@ -150,10 +148,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
         String,
         u64,
     >::new()));
-    let urls: Vec<String> = [1, 2, 3]
-        .iter()
-        .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
-        .collect();
+    let bases = http_of_nodes(&h);
     let short = r#"{"model":"mock@tokens:40","max_tokens":40,"messages":[{"role":"user","content":"count to forty"}]}"#;
     let uncapped =
         r#"{"model":"mock@tokens:40","messages":[{"role":"user","content":"count to forty"}]}"#;
@@ -172,7 +167,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
             Arc::clone(&other),
             Arc::clone(&others),
         );
-        let url = urls[c % 3].clone();
+        let base = bases[c % 3].clone();
         let key = key.clone();
         let (kind, body) = match c {
             0..9 => (0, short.to_owned()),
@@ -189,13 +184,7 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
                     .build()
                     .unwrap();
                 while !stop.load(Ordering::Relaxed) {
-                    let resp = client
-                        .post(&url)
-                        .bearer_auth(&key)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
+                    let resp = chat_as(&client, &base, &key, body.clone()).send().await;
                     let what = match resp {
                         Ok(r) if r.status().as_u16() == 200 => {
                             // Read the body (a stream to its end): the connection goes back to
@@ -346,36 +335,21 @@ async fn one_tenants_limit_holds_across_three_nodes_and_through_a_leader_kill() 
 async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() {
     const USERS: u64 = 1_000;
     const PER_USER: u64 = 400;
-    let (mock, h, key) = three_nodes_with(
-        23,
-        1,
-        pb::Tier {
-            name: "users".into(),
-            per_user: Some(limit::tokens_per_day(PER_USER)),
-            ..pb::Tier::default()
-        },
-        "app",
-    )
-    .await;
+    let users = pb::Tier {
+        name: "users".into(),
+        per_user: Some(limit::tokens_per_day(PER_USER)),
+        ..pb::Tier::default()
+    };
+    let (mock, h, key) = three_nodes_with(23, 1, users, "app").await;
     // A day window: keep clear of midnight (UTC), when every user's window starts again.
     h.inside_one_day(Duration::from_secs(180)).await;
-    let urls: Arc<Vec<String>> = Arc::new(
-        [1, 2, 3]
-            .iter()
-            .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
-            .collect(),
-    );
+    let bases = Arc::new(http_of_nodes(&h));
     // Every node must know the tenant before the users arrive.
-    for url in urls.iter() {
+    for base in bases.iter() {
         let client = reqwest::Client::new();
+        let warm_up = r#"{"model":"mock@tokens:40","max_tokens":40,"user":"warm-up","messages":[{"role":"user","content":"hi"}]}"#;
         h.wait_for("the tenant on every node", T, || {
-            let req = client
-                .post(url)
-                .bearer_auth(&key)
-                .header("content-type", "application/json")
-                .body(r#"{"model":"mock@tokens:40","max_tokens":40,"user":"warm-up","messages":[{"role":"user","content":"hi"}]}"#)
-                .send();
-            async move { req.await.ok().filter(|r| r.status().as_u16() == 200).map(|_| ()) }
+            admitted(&client, base, &key, warm_up)
         })
         .await;
     }
@@ -386,10 +360,10 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
     let started = std::time::Instant::now();
     let mut workers = Vec::new();
     for _ in 0..32 {
-        let (next, answers, urls, key) = (
+        let (next, answers, bases, key) = (
             Arc::clone(&next),
             Arc::clone(&answers),
-            Arc::clone(&urls),
+            Arc::clone(&bases),
             key.clone(),
         );
         workers.push(tokio::spawn(async move {
@@ -409,15 +383,8 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
                 // three refusals in a row.
                 let mut refused = 0;
                 for attempt in 0..20u64 {
-                    let status = client
-                        .post(&urls[((user + attempt) % 3) as usize])
-                        .bearer_auth(&key)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16())
-                        .unwrap_or(0);
+                    let base = &bases[((user + attempt) % 3) as usize];
+                    let status = status_of(chat_as(&client, base, &key, body.clone())).await;
                     *answers.lock().unwrap().entry(status).or_default() += 1;
                     refused = if status == 429 { refused + 1 } else { 0 };
                     if refused == 3 {
@@ -490,18 +457,9 @@ async fn a_thousand_users_each_stay_within_their_own_limit_across_three_nodes() 
 #[tokio::test]
 async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
     const DAY: u64 = 6_000;
-    let (mock, h, key) = three_nodes_with(
-        33,
-        3,
-        pb::Tier {
-            name: "daily".into(),
-            limits: Some(limit::tokens_per_day(DAY)),
-            ..pb::Tier::default()
-        },
-        "night-owl",
-    )
-    .await;
-    let url = |id: u64| format!("{}/v1/chat/completions", h.node(id).http());
+    let daily = tier("daily", limit::tokens_per_day(DAY));
+    let (mock, h, key) = three_nodes_with(33, 3, daily, "night-owl").await;
+    let bases = http_of_nodes(&h);
     let body = r#"{"model":"mock@tokens:40","max_tokens":40,"user":"owl","messages":[{"role":"user","content":"count to forty"}]}"#;
     let served = || {
         mock.stats
@@ -520,23 +478,12 @@ async fn a_daily_limit_starts_again_at_midnight_on_every_node() {
     for day in ["the first day", "the next day"] {
         let before = served();
         // Every node admits until the day is spent, then refuses naming the limit.
-        let refusals = futures::future::join_all([1, 2, 3].map(|id| {
-            let (u, k) = (url(id), key.clone());
-            async move { until_refused(&u, &k, body).await }
-        }))
-        .await;
-        for (ok, status, code) in &refusals {
-            assert_eq!(
-                (*status, code.as_str()),
-                (429, "tokens_per_day"),
-                "after {ok}"
-            );
-        }
+        let admitted = until_day_spent(&bases, &key, body).await;
         let total = served() - before;
         println!(
             "{day}: {total} tokens served = {:.3} × the limit; admitted per node {:?}",
             total as f64 / DAY as f64,
-            refusals.iter().map(|r| r.0).collect::<Vec<_>>()
+            admitted
         );
         assert!(
             (0.9..=1.02).contains(&(total as f64 / DAY as f64)),
@@ -618,16 +565,11 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
     // Daily limits: not across midnight (the next day starts from nothing).
     h.inside_one_day(Duration::from_secs(120)).await;
     let mut admin = h.admin(1).await.unwrap();
-    admin
-        .put_tier(pb::PutTierRequest {
-            tier: Some(pb::Tier {
-                name: "open".into(),
-                ..pb::Tier::default()
-            }),
-        })
-        .await
-        .unwrap();
-    for tenant in [
+    let open = pb::Tier {
+        name: "open".into(),
+        ..pb::Tier::default()
+    };
+    let tenants = [
         pb::Tenant {
             id: "writer".into(),
             tier: "open".into(),
@@ -644,14 +586,8 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
             overrides: Some(limit::cost_per_day_micro_usd(SPEND_MICRO_USD)),
             ..pb::Tenant::default()
         },
-    ] {
-        admin
-            .put_tenant(pb::PutTenantRequest {
-                tenant: Some(tenant),
-            })
-            .await
-            .unwrap();
-    }
+    ];
+    put_tier_and_tenants(&mut admin, open, tenants).await;
     let writer = h.api_key(1, "writer").await.unwrap();
     let spender = h.api_key(1, "spender").await.unwrap();
     // Both tenants' records on every node before the hammer starts.
@@ -662,7 +598,7 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
     // node out of budget for good: a daily limit does not come back within the test).
     let mut clients = Vec::new();
     for c in 0..12 {
-        let url = format!("{}/v1/chat/completions", h.node(c % 3 + 1).http());
+        let base = h.node(c % 3 + 1).http();
         let (key, model, feature) = if c < 6 {
             (writer.clone(), "f", Some("summarize"))
         } else {
@@ -676,8 +612,7 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
             let (mut ok, mut refused) = (0u64, 0u64);
             let mut codes = std::collections::BTreeMap::<String, u64>::new();
             while refused < 20 {
-                let mut req = client.post(&url).bearer_auth(&key).body(body.clone());
-                req = req.header("content-type", "application/json");
+                let mut req = chat_as(&client, &base, &key, body.clone());
                 if let Some(f) = feature {
                     req = req.header("x-meridian-feature", f);
                 }
@@ -737,17 +672,13 @@ async fn a_features_limit_and_a_daily_spend_cap_hold_across_three_nodes() {
     }
 }
 
-/// Sends `body` to `url` as `key` one request at a time until an answer other than 200; the
-/// 200s counted, and that answer's status and error code.
-async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
+/// Sends `body` to node `base` as `key` one request at a time until an answer other than 200;
+/// the 200s counted, and that answer's status and error code.
+async fn until_refused(base: &str, key: &str, body: &str) -> (u64, u16, String) {
     let client = reqwest::Client::new();
     let mut ok = 0;
     loop {
-        let resp = client
-            .post(url)
-            .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
+        let resp = chat_as(&client, base, key, body.to_owned())
             .send()
             .await
             .unwrap();
@@ -763,6 +694,35 @@ async fn until_refused(url: &str, key: &str, body: &str) -> (u64, u16, String) {
         ok += 1;
         assert!(ok < 100_000, "never refused");
     }
+}
+
+/// Sends `body` as `key` through every node in `bases` at once, each until it refuses, which
+/// must name the daily token limit; returns how many each admitted first.
+async fn until_day_spent(bases: &[String], key: &str, body: &str) -> Vec<u64> {
+    let refusals =
+        futures::future::join_all(bases.iter().map(|base| until_refused(base, key, body))).await;
+    for (ok, status, code) in &refusals {
+        assert_eq!(
+            (*status, code.as_str()),
+            (429, "tokens_per_day"),
+            "after {ok}"
+        );
+    }
+    refusals.iter().map(|r| r.0).collect()
+}
+
+/// `Some` once node `base` answers `body`, sent as `key`, with a 200.
+async fn admitted(client: &reqwest::Client, base: &str, key: &str, body: &str) -> Option<()> {
+    let resp = chat_as(client, base, key, body.to_owned())
+        .send()
+        .await
+        .ok()?;
+    (resp.status() == 200).then_some(())
+}
+
+/// Nodes 1, 2 and 3's HTTP addresses (`http://host:port`), in that order.
+fn http_of_nodes(h: &Harness) -> Vec<String> {
+    [1, 2, 3].iter().map(|id| h.node(*id).http()).collect()
 }
 
 /// Without quorum, with real processes: two of three nodes are killed, leaving the leader. The
@@ -799,32 +759,14 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         ("daily", limit::tokens_per_day(DAY)),
         ("minute", limit::requests_per_minute(RPM)),
     ] {
-        admin
-            .put_tier(pb::PutTierRequest {
-                tier: Some(pb::Tier {
-                    name: name.into(),
-                    limits: Some(limits),
-                    ..pb::Tier::default()
-                }),
-            })
-            .await
-            .unwrap();
-        admin
-            .put_tenant(pb::PutTenantRequest {
-                tenant: Some(meridian_tests::tenant(name, name)),
-            })
-            .await
-            .unwrap();
+        put_tier_and_tenants(&mut admin, tier(name, limits), [tenant(name, name)]).await;
     }
     let daily = h.api_key(1, "daily").await.unwrap();
     let minute = h.api_key(1, "minute").await.unwrap();
     h.wait_replicated(&[1, 2, 3], &["daily".to_owned(), "minute".to_owned()], T)
         .await;
-    let urls: Vec<String> = [1, 2, 3]
-        .iter()
-        .map(|id| format!("{}/v1/chat/completions", h.node(*id).http()))
-        .collect();
-    let url = |id: u64| urls[id as usize - 1].clone();
+    let bases = http_of_nodes(&h);
+    let base = |id: u64| bases[id as usize - 1].as_str();
     // The daily tenant's requests name a user, so the mock counts its tokens apart.
     let day_body = r#"{"model":"mock@tokens:40","max_tokens":40,"user":"day","messages":[{"role":"user","content":"count to forty"}]}"#;
     let body = r#"{"model":"mock@tokens:40","max_tokens":40,"messages":[{"role":"user","content":"count to forty"}]}"#;
@@ -848,7 +790,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     for id in &others {
         h.kill(*id);
     }
-    let (alone, status, code) = until_refused(&url(survivor), &daily, day_body).await;
+    let (alone, status, code) = until_refused(base(survivor), &daily, day_body).await;
     let served_alone = day_tokens();
     println!(
         "no quorum, daily tokens (deny): {alone} answered ({served_alone} tokens), then {status} {code}"
@@ -868,7 +810,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     let mut minute_alone = 0;
     let mut unavailable = 0;
     let (status, code) = loop {
-        let (ok, status, code) = until_refused(&url(survivor), &minute, body).await;
+        let (ok, status, code) = until_refused(base(survivor), &minute, body).await;
         minute_alone += ok;
         if (status, code.as_str()) != (503, "quota_unavailable") || lost.elapsed() > T {
             break (status, code);
@@ -924,17 +866,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     h.wait_for(
         "the survivor to admit the per-minute tenant again within its window",
         Duration::from_secs(10),
-        || async {
-            let resp = client
-                .post(url(survivor))
-                .bearer_auth(&minute)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .ok()?;
-            (resp.status() == 200).then_some(())
-        },
+        || admitted(&client, base(survivor), &minute, body),
     )
     .await;
     assert_eq!(
@@ -946,21 +878,9 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
         "the per-minute tenant admitted again {:?} after the restarts began, in the same minute",
         back.elapsed()
     );
-    h.wait_for(
-        "the survivor to admit the daily tenant again",
-        T,
-        || async {
-            let resp = client
-                .post(url(survivor))
-                .bearer_auth(&daily)
-                .header("content-type", "application/json")
-                .body(day_body)
-                .send()
-                .await
-                .ok()?;
-            (resp.status() == 200).then_some(())
-        },
-    )
+    h.wait_for("the survivor to admit the daily tenant again", T, || {
+        admitted(&client, base(survivor), &daily, day_body)
+    })
     .await;
     println!(
         "admitting again {:?} after the restarts began",
@@ -979,18 +899,7 @@ async fn without_quorum_a_node_keeps_to_its_share_and_recovers_when_quorum_retur
     )
     .await;
     // The rest of the day's budget through all three nodes: the total stays within bounds.
-    let rest = futures::future::join_all([1, 2, 3].map(|id| {
-        let (u, k) = (url(id), daily.clone());
-        async move { until_refused(&u, &k, day_body).await }
-    }))
-    .await;
-    for (ok, status, code) in &rest {
-        assert_eq!(
-            (*status, code.as_str()),
-            (429, "tokens_per_day"),
-            "after {ok}"
-        );
-    }
+    until_day_spent(&bases, &daily, day_body).await;
     let total = day_tokens();
     let day_share = total as f64 / DAY as f64;
     println!("the day's total across the cluster: {total} tokens = {day_share:.3} × the limit");

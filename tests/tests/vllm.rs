@@ -9,17 +9,51 @@ use meridian_actors::vllm::actor::Control;
 use meridian_actors::vllm::process::group_members;
 use meridian_actors::vllm::{ReplicaState, ReplicaStatus};
 use meridian_tests::procs::meridian_bin;
+use meridian_tests::serve::serve;
 use meridian_tests::{ReservedPort, TestNode, mock_vllm_stats};
 
-/// A node supervising one `[[vllm]]` group of the mock, with `fields` (`key = value` lines)
-/// set in the section over the defaults below, and `env` given to the mock.
-async fn node(port: u16, fields: &str, env: &[(&str, &str)]) -> TestNode {
-    TestNode::start(&vllm_toml(port, fields, env))
-        .await
-        .unwrap()
+/// A node supervising one `[[vllm]]` group of the mock (see [`vllm_toml`]), with the loopback
+/// ports its replicas may take held for as long as it lives.
+struct Supervisor {
+    node: TestNode,
+    /// The first replica's port.
+    port: u16,
+    _ports: Vec<ReservedPort>,
 }
 
-/// The configuration [`node`] runs.
+impl std::ops::Deref for Supervisor {
+    type Target = TestNode;
+
+    fn deref(&self) -> &TestNode {
+        &self.node
+    }
+}
+
+/// A [`Supervisor`] of the group [`vllm_toml`] makes of `fields` and `env`, on as many
+/// consecutive ports as its `max_replicas` (1 unless `fields` sets it).
+async fn node(fields: &str, env: &[(&str, &str)]) -> Supervisor {
+    let replicas = fields
+        .lines()
+        .find_map(|l| l.strip_prefix("max_replicas = "))
+        .map_or(1, |n| n.trim().parse().unwrap());
+    supervise(replicas, |port| vllm_toml(port, fields, env)).await
+}
+
+/// A [`Supervisor`] running the configuration `toml` makes for the first of `replicas`
+/// consecutive ports.
+async fn supervise(replicas: u16, toml: impl FnOnce(u16) -> String) -> Supervisor {
+    let ports = ReservedPort::consecutive(replicas).unwrap();
+    let port = ports[0].port();
+    let node = TestNode::start(&toml(port)).await.unwrap();
+    Supervisor {
+        node,
+        port,
+        _ports: ports,
+    }
+}
+
+/// A node's configuration: one `[[vllm]]` group of the mock from `port` on, with `fields`
+/// (`key = value` lines) set in the section over the defaults below, and `env` given to the mock.
 fn vllm_toml(port: u16, fields: &str, env: &[(&str, &str)]) -> String {
     let mut section: Vec<(String, String)> = [
         ("id", "\"llama\""),
@@ -88,25 +122,105 @@ async fn until(
     }
 }
 
-/// `meridian admin … vllm ARGS` against `node`, as an operator runs it.
-fn vllm_cli(node: &TestNode, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(meridian_bin())
+/// `meridian admin … ARGS` against `node`, as an operator runs it: what it printed, or what
+/// it printed on its standard error if it failed.
+fn admin_cli(node: &TestNode, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(meridian_bin())
         .args(["admin", "--addr", &format!("http://{}", node.admin)])
-        .args(["--token", &node.admin_token, "vllm"])
+        .args(["--token", &node.admin_token])
         .args(args)
         .output()
-        .unwrap()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `meridian admin … vllm ARGS` against `node` (see [`admin_cli`]).
+fn vllm_cli(node: &TestNode, args: &[&str]) -> Result<String, String> {
+    admin_cli(node, &[&["vllm"], args].concat())
+}
+
+/// A chat request for `llama-8b` to `url` by `client`, streamed or not, for the caller to send.
+fn llama_chat(client: &reqwest::Client, url: &str, stream: bool) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(meridian_tests::chat_body("llama-8b", stream, ""))
 }
 
 async fn chat(node: &TestNode, stream: bool) -> reqwest::Response {
-    node.client()
-        .post(node.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(meridian_tests::chat_body("llama-8b", stream, ""))
+    llama_chat(&node.client(), &node.url("/v1/chat/completions"), stream)
         .timeout(Duration::from_secs(20))
         .send()
         .await
         .unwrap()
+}
+
+/// Clients that send chat requests to a node one after another until stopped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<(u32, Vec<String>)>>,
+}
+
+impl Load {
+    /// `clients` clients of `node`, client `i` streaming if `stream(i)`; each starts sending as
+    /// it is made.
+    fn start(node: &TestNode, clients: usize, stream: fn(usize) -> bool) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|i| {
+                let (client, url, stop) = (
+                    node.client(),
+                    node.url("/v1/chat/completions"),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0u32, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let r = llama_chat(&client, &url, stream(i)).send().await;
+                        let (status, body) = match r {
+                            Ok(r) => (r.status(), r.text().await.unwrap_or_else(|e| e.to_string())),
+                            Err(e) => (reqwest::StatusCode::BAD_GATEWAY, e.to_string()),
+                        };
+                        if status == 200 && !body.contains("\"error\"") {
+                            ok += 1;
+                        } else {
+                            failed.push(format!("{status}: {body}"));
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Tells the clients to stop after the request each is in.
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops the clients and waits for them; every request must have been answered in full (a
+    /// 200 with no error in it) `during` what the test did. Returns how many were.
+    async fn finish(self, during: &str) -> u32 {
+        self.stop();
+        let (mut ok, mut failed) = (0, Vec::new());
+        for c in self.clients {
+            let (o, f) = c.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        assert!(
+            failed.is_empty(),
+            "{} requests failed {during}: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        ok
+    }
 }
 
 /// What the mock vLLM on `port` has received.
@@ -116,25 +230,33 @@ async fn mock_requests(port: u16) -> u64 {
         .unwrap()
 }
 
+/// Waits (up to 10 s) until replica `name` is in `state`; returns it and how long it took.
+async fn reaches(node: &TestNode, name: &str, state: ReplicaState) -> (ReplicaStatus, Duration) {
+    until(node, name, state.as_str(), Duration::from_secs(10), |r| {
+        r.state == state
+    })
+    .await
+}
+
 /// Waits (up to 10 s) until replica `name` is ready, and returns it.
 async fn ready(node: &TestNode, name: &str) -> ReplicaStatus {
-    let (ready, _) = until(node, name, "ready", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Ready
-    })
-    .await;
-    ready
+    reaches(node, name, ReplicaState::Ready).await.0
+}
+
+/// Asserts that no process of the group `leader` led is left, `when`.
+fn assert_no_orphans(leader: u32, when: &str) {
+    let left = group_members(leader);
+    assert!(left.is_empty(), "orphans of {leader} {when}: {left:?}");
 }
 
 /// Shuts `node` down and waits until it has drained.
-async fn shut_down(mut node: TestNode) {
-    node.begin_shutdown().await.unwrap().unwrap();
+async fn shut_down(mut node: Supervisor) {
+    node.node.begin_shutdown().await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_starting_replica_is_routed_only_once_ready() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
-    let node = node(port, "", &[("MOCK_VLLM_LOADING_MS", "1500")]).await;
+    let node = node("", &[("MOCK_VLLM_LOADING_MS", "1500")]).await;
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let loading = replica(&node, "llama-0");
@@ -168,14 +290,14 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
     );
     assert!(refused > 0);
     // Nothing reached the mock before it was ready; every request after does.
-    assert_eq!(mock_requests(port).await, raced);
+    assert_eq!(mock_requests(node.port).await, raced);
     for stream in [false, true, false] {
         let r = chat(&node, stream).await;
         assert_eq!(r.status(), 200);
         let text = r.text().await.unwrap();
         assert!(text.contains("chat.completion"), "{text}");
     }
-    assert_eq!(mock_requests(port).await, raced + 3);
+    assert_eq!(mock_requests(node.port).await, raced + 3);
     // The engine's own time to first token, re-exported as its histogram with its buckets
     // (the mock answers at once: every first token in vLLM's first bucket, 1 ms).
     let first_tokens = raced + 3;
@@ -217,9 +339,7 @@ async fn a_slow_starting_replica_is_routed_only_once_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
-    let node = node(port, "", &[("MOCK_VLLM_CHILDREN", "2")]).await;
+    let node = node("", &[("MOCK_VLLM_CHILDREN", "2")]).await;
     let first = ready(&node, "llama-0").await;
     assert_eq!(chat(&node, false).await.status(), 200);
     let mut timeline = Vec::new();
@@ -252,11 +372,7 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
         .await;
         let relaunch = killed.elapsed();
         // The old group (the mock and its two children) is gone before the relaunch.
-        assert!(
-            group_members(pid).is_empty(),
-            "orphans of {pid}: {:?}",
-            group_members(pid)
-        );
+        assert_no_orphans(pid, "at the relaunch");
         let ready = ready(&node, "llama-0").await;
         let back = killed.elapsed();
         assert_eq!(ready.restarts, round);
@@ -285,23 +401,17 @@ async fn a_killed_replica_is_deregistered_at_once_and_restarted_with_backoff() {
     }
     println!("kill -9 after ready: {}", timeline.join("; "));
     shut_down(node).await;
-    assert!(group_members(pid).is_empty(), "orphans after shutdown");
+    assert_no_orphans(pid, "after shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_ends_in_failed() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "restart_backoff = \"100ms\"\nmax_restarts = 2\nrestart_window = \"60s\"",
         &[("MOCK_VLLM_CRASH_AFTER_MS", "300")],
     )
     .await;
-    let (failed, after) = until(&node, "llama-0", "failed", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Failed
-    })
-    .await;
+    let (failed, after) = reaches(&node, "llama-0", ReplicaState::Failed).await;
     assert_eq!(
         failed.restarts, 2,
         "two restarts, then the third crash is one too many"
@@ -335,10 +445,7 @@ async fn a_crash_loop_ends_in_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_replica_is_detected_and_restarted() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "hang_timeout = \"1s\"",
         &[("MOCK_VLLM_HANG_AFTER_MS", "1000")],
     )
@@ -379,13 +486,10 @@ async fn a_hung_replica_is_detected_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_failing_its_health_checks_is_restarted() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("unhealthy");
     let file_env = file.display().to_string();
     let node = node(
-        port,
         "health_failures = 3",
         &[("MOCK_VLLM_UNHEALTHY_FILE", &file_env)],
     )
@@ -440,10 +544,7 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
-    let held = ReservedPort::consecutive(2).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "min_replicas = 2\nmax_replicas = 2",
         &[
             ("MOCK_VLLM_SCRIPT", "tokens=10;itl_ms=30;ttft_ms=100"),
@@ -453,83 +554,26 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
     )
     .await;
     for name in ["llama-0", "llama-1"] {
-        until(&node, name, "ready", Duration::from_secs(10), |r| {
-            r.state == ReplicaState::Ready
-        })
-        .await;
+        ready(&node, name).await;
     }
     let leader = replica(&node, "llama-0").pid.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for i in 0..6 {
-        let (client, url, stop) = (
-            node.client(),
-            node.url("/v1/chat/completions"),
-            stop.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(meridian_tests::chat_body("llama-8b", i % 2 == 0, ""))
-                    .send()
-                    .await;
-                let (status, body) = match r {
-                    Ok(r) => (r.status(), r.text().await.unwrap_or_else(|e| e.to_string())),
-                    Err(e) => (reqwest::StatusCode::BAD_GATEWAY, e.to_string()),
-                };
-                if status == 200 && !body.contains("\"error\"") {
-                    ok += 1;
-                } else {
-                    failed.push(format!("{status}: {body}"));
-                }
-            }
-            (ok, failed)
-        }));
-    }
+    let load = Load::start(&node, 6, |i| i % 2 == 0);
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Through the CLI, as an operator would.
-    let drain = vllm_cli(&node, &["drain", "llama-0"]);
-    assert!(
-        drain.status.success(),
-        "{}",
-        String::from_utf8_lossy(&drain.stderr)
-    );
+    vllm_cli(&node, &["drain", "llama-0"]).expect("the drain");
     let drained_at = Instant::now();
-    let (stopped, _) = until(&node, "llama-0", "stopped", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Stopped
-    })
-    .await;
+    let (stopped, _) = reaches(&node, "llama-0", ReplicaState::Stopped).await;
     let stop_took = drained_at.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for c in clients {
-        let (o, f) = c.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
-    assert!(
-        failed.is_empty(),
-        "{} requests failed during the drain: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(3)]
-    );
+    let ok = load.finish("during the drain").await;
     assert!(ok > 20, "only {ok} requests");
     // It ignored SIGTERM, so it and its children were SIGKILLed after stop_grace; none left.
-    assert!(
-        group_members(leader).is_empty(),
-        "orphans: {:?}",
-        group_members(leader)
-    );
+    assert_no_orphans(leader, "after the drain");
     assert!(
         stop_took >= Duration::from_secs(1),
         "SIGKILL only after the 1 s grace"
     );
-    let list = vllm_cli(&node, &["list"]);
-    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let list = vllm_cli(&node, &["list"]).expect("the list");
     assert!(
         list.contains("llama-0") && list.contains("stopped"),
         "{list}"
@@ -546,54 +590,21 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
     );
     let survivor = replica(&node, "llama-1").pid.unwrap();
     shut_down(node).await;
-    assert!(
-        group_members(survivor).is_empty(),
-        "orphans after shutdown: {:?}",
-        group_members(survivor)
-    );
+    assert_no_orphans(survivor, "after shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_scales_up_under_load_and_back_down_when_idle() {
-    let held = ReservedPort::consecutive(2).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"300ms\"\nautoscale_cooldown = \"500ms\"",
         &[("MOCK_VLLM_SCRIPT", "tokens=20;itl_ms=25;ttft_ms=20")],
     )
     .await;
     ready(&node, "llama-0").await;
     assert_eq!(node.vllm.list().len(), 1, "min_replicas = 1 to begin with");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
     // Clients start sending as they are made (making one takes a while).
     let loaded = Instant::now();
-    for _ in 0..8 {
-        let (client, url, stop) = (
-            node.client(),
-            node.url("/v1/chat/completions"),
-            stop.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut failed = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(meridian_tests::chat_body("llama-8b", true, ""))
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 200 => {
-                        let _ = r.text().await;
-                    }
-                    _ => failed += 1,
-                }
-            }
-            failed
-        }));
-    }
+    let load = Load::start(&node, 8, |_| true);
     let mut launched = None;
     // When the node first saw llama-0 over the target (2 in flight): the load the decision
     // is made on, once the clients are all sending.
@@ -638,16 +649,12 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
         mock_requests(first).await - before.0,
         mock_requests(second).await - before.1,
     );
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    load.stop();
     assert!(
         sent.0 > 0 && sent.1 > 0,
         "in 500 ms of load the replicas were sent {sent:?} requests (in flight: {serving:?})"
     );
-    let mut failed = 0;
-    for c in clients {
-        failed += c.await.unwrap();
-    }
-    assert_eq!(failed, 0, "requests failed while scaling up");
+    load.finish("while scaling up").await;
     let idle = Instant::now();
     let started = Instant::now();
     while node.vllm.list().len() > 1 {
@@ -682,22 +689,14 @@ async fn the_group_scales_up_under_load_and_back_down_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_adapters_are_routed_and_loaded_at_run_time() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "lora_modules = [\"sql=/adapters/sql\"]\nlora_runtime = true",
         &[],
     )
     .await;
     ready(&node, "llama-0").await;
     let chat_model = |model: &'static str| {
-        let req = node
-            .client()
-            .post(node.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(meridian_tests::chat_body(model, false, ""))
-            .send();
+        let req = node.post_chat(meridian_tests::chat_body(model, false, ""));
         async move {
             let r = req.await.unwrap();
             let status = r.status().as_u16();
@@ -713,25 +712,16 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
     // Loaded at run time through the CLI: routed from then on. An adapter that is not where
     // it is said to be is vLLM's 404, passed on.
     let cli = |args: &[&str]| vllm_cli(&node, args);
-    let missing = cli(&["lora-load", "llama-0", "finance", "/no/such/adapter"]);
-    assert!(!missing.status.success());
-    assert!(
-        String::from_utf8_lossy(&missing.stderr).contains("No adapter found"),
-        "{}",
-        String::from_utf8_lossy(&missing.stderr)
-    );
+    let missing = cli(&["lora-load", "llama-0", "finance", "/no/such/adapter"])
+        .expect_err("an adapter that is not there is refused");
+    assert!(missing.contains("No adapter found"), "{missing}");
     let adapters = tempfile::tempdir().unwrap();
     let finance = adapters.path().join("finance");
     std::fs::create_dir(&finance).unwrap();
     let finance = finance.display().to_string();
     let provider = node.gateway.provider_by_id("1/llama-0").unwrap();
-    let out = cli(&["lora-load", "llama-0", "finance", &finance]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("added successfully"));
+    let out = cli(&["lora-load", "llama-0", "finance", &finance]).expect("the adapter loaded");
+    assert!(out.contains("added successfully"), "{out}");
     // The same provider (its queue and calls in flight carry on), now with the adapter.
     let after = node.gateway.provider_by_id("1/llama-0").unwrap();
     assert!(
@@ -747,16 +737,11 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
             .contains(&"finance".to_owned())
     );
     // Loading it twice is vLLM's 400, passed on.
-    let again = cli(&["lora-load", "llama-0", "finance", &finance]);
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already been loaded"));
+    let again = cli(&["lora-load", "llama-0", "finance", &finance])
+        .expect_err("an adapter loaded twice is refused");
+    assert!(again.contains("already been loaded"), "{again}");
     // Unloaded: no longer routed.
-    let out = cli(&["lora-unload", "llama-0", "finance"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli(&["lora-unload", "llama-0", "finance"]).expect("the adapter unloaded");
     assert_eq!(chat_model("finance").await.0, 404);
     assert_eq!(chat_model("llama-8b").await.0, 200);
     println!(
@@ -767,10 +752,7 @@ async fn lora_adapters_are_routed_and_loaded_at_run_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
     let node = node(
-        port,
         "startup_budget = \"400ms\"\nrestart_backoff = \"100ms\"\nmax_restarts = 1",
         &[
             ("MOCK_VLLM_LOADING_MS", "5000"),
@@ -783,18 +765,11 @@ async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
     })
     .await;
     let first = launched.pid.unwrap();
-    let (failed, after) = until(&node, "llama-0", "failed", Duration::from_secs(10), |r| {
-        r.state == ReplicaState::Failed
-    })
-    .await;
+    let (failed, after) = reaches(&node, "llama-0", ReplicaState::Failed).await;
     let why = failed.last_exit.clone().unwrap_or_default();
     assert!(why.contains("startup budget"), "{why}");
     assert_eq!(failed.restarts, 1);
-    assert!(
-        group_members(first).is_empty(),
-        "orphans: {:?}",
-        group_members(first)
-    );
+    assert_no_orphans(first, "after the start over its budget");
     println!(
         "startup budget 400 ms, loading 5 s: killed and restarted once, failed after {} ms ({why})",
         after.as_millis()
@@ -804,8 +779,6 @@ async fn a_start_over_its_budget_is_killed_and_counted_as_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
-    let held = ReservedPort::consecutive(2).unwrap();
-    let port = held[0].port();
     // A stand-in for nvidia-smi: two GPUs, the second busy with someone else's process.
     let dir = tempfile::tempdir().unwrap();
     let smi = dir.path().join("nvidia-smi");
@@ -818,18 +791,20 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
     let toml_extra = "gpus = [0, 1]\ngpus_per_replica = 1\nmax_replicas = 2\nautoscale_target = 1\n\
          autoscale_interval = \"100ms\"\nautoscale_cooldown = \"300ms\"\n";
     let mock = env!("CARGO_BIN_EXE_mock-vllm");
-    let toml = format!(
-        "[auth]\nenabled = false\n[gpus]\nnvidia_smi = {smi:?}\n\n[[vllm]]\nid = \"llama\"\n\
-         model = \"m\"\nserved_model_names = [\"llama-8b\"]\ncommand = {mock:?}\n\
-         port = {port}\nhealth_interval = \"100ms\"\nscrape_interval = \"100ms\"\n{toml_extra}\
-         [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=20;itl_ms=25\"\n",
-    );
-    let mut n = TestNode::start(&toml).await.unwrap();
+    let n = supervise(2, |port| {
+        format!(
+            "[auth]\nenabled = false\n[gpus]\nnvidia_smi = {smi:?}\n\n[[vllm]]\nid = \"llama\"\n\
+             model = \"m\"\nserved_model_names = [\"llama-8b\"]\ncommand = {mock:?}\n\
+             port = {port}\nhealth_interval = \"100ms\"\nscrape_interval = \"100ms\"\n{toml_extra}\
+             [vllm.env]\nMOCK_VLLM_SCRIPT = \"tokens=20;itl_ms=25\"\n",
+        )
+    })
+    .await;
     let r = ready(&n, "llama-0").await;
     assert_eq!(r.gpus, [0], "CUDA_VISIBLE_DEVICES of the first replica");
     // What the process itself was given, not only what the supervisor says it gave.
     assert_eq!(
-        mock_vllm_stats(port).await.unwrap()["cuda_visible_devices"],
+        mock_vllm_stats(n.port).await.unwrap()["cuda_visible_devices"],
         "0"
     );
     let clients: Vec<_> = (0..4)
@@ -837,13 +812,7 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
             let (client, url) = (n.client(), n.url("/v1/chat/completions"));
             tokio::spawn(async move {
                 for _ in 0..6 {
-                    let r = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(meridian_tests::chat_body("llama-8b", true, ""))
-                        .send()
-                        .await
-                        .unwrap();
+                    let r = llama_chat(&client, &url, true).send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     let _ = r.text().await;
                 }
@@ -866,7 +835,7 @@ async fn scaling_up_only_takes_gpus_nvidia_smi_reports_free() {
         .to_owned();
     assert!(!blocked.ends_with(" 0"), "{blocked}");
     println!("autoscaling under load with GPU 1 busy (per nvidia-smi): no scale-up; {blocked}");
-    n.begin_shutdown().await.unwrap().unwrap();
+    shut_down(n).await;
 }
 
 /// A node killed with -9 cleans nothing up itself: its replica's whole process group still goes
@@ -885,13 +854,7 @@ async fn a_node_killed_with_9_leaves_no_replica_process_behind() {
         vllm_toml(port, "", &[("MOCK_VLLM_CHILDREN", "2")])
     );
     std::fs::write(&config, toml).unwrap();
-    let mut node = std::process::Command::new(meridian_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut node = serve(&config, std::process::Stdio::null()).unwrap();
     // The mock answers its health check once it runs; its group is the replica's.
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -958,18 +921,18 @@ fn process_with_args(args: &[&str]) -> Option<u32> {
 /// never shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_answers_only_the_node_that_holds_its_key() {
-    let held = ReservedPort::consecutive(1).unwrap();
-    let port = held[0].port();
-    let node = node(port, "", &[]).await;
+    let node = node("", &[]).await;
+    let port = node.port;
     let replica = ready(&node, "llama-0").await;
     assert_eq!(chat(&node, false).await.status(), 200, "through the node");
-    let direct = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(meridian_tests::chat_body("llama-8b", false, ""))
-        .send()
-        .await
-        .unwrap();
+    let direct = llama_chat(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        false,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(
         direct.status(),
         401,
@@ -990,30 +953,14 @@ async fn a_replica_answers_only_the_node_that_holds_its_key() {
         cmdlines.iter().all(|c| !c.contains("api-key")),
         "{cmdlines:?}"
     );
-    let out = std::process::Command::new(meridian_bin())
-        .args(["admin", "--addr", &format!("http://{}", node.admin)])
-        .args([
-            "--token",
-            &node.admin_token,
-            "cluster",
-            "state",
-            "providers",
-        ])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let shown = admin_cli(&node, &["cluster", "state", "providers"]).expect("the providers");
     assert!(shown.contains("llama-0"), "{shown}");
     assert!(
         shown.contains("<redacted>") || !shown.contains("api_key"),
         "{shown}"
     );
     // The summary (no section) lists the providers too: redacted there as well.
-    let out = std::process::Command::new(meridian_bin())
-        .args(["admin", "--addr", &format!("http://{}", node.admin)])
-        .args(["--token", &node.admin_token, "cluster", "state"])
-        .output()
-        .unwrap();
-    let summary = String::from_utf8_lossy(&out.stdout);
+    let summary = admin_cli(&node, &["cluster", "state"]).expect("the summary");
     assert!(summary.contains("llama-0"), "{summary}");
     assert!(summary.contains("<redacted>"), "{summary}");
     shut_down(node).await;
