@@ -283,15 +283,7 @@ fn embedding(
         return Err(ApiError::invalid("model", "model must not be empty"));
     }
     let inputs = p.input.into_inputs("input")?;
-    if inputs.len() > MAX_EMBEDDING_INPUTS {
-        return Err(ApiError::invalid(
-            "input",
-            format!(
-                "input has {} entries; at most {MAX_EMBEDDING_INPUTS} are accepted",
-                inputs.len()
-            ),
-        ));
-    }
+    super::validate::at_most("input", "entries", inputs.len(), MAX_EMBEDDING_INPUTS)?;
     if let Some(f) = p.encoding_format.as_deref()
         && !matches!(f, "float" | "base64")
     {

@@ -139,6 +139,17 @@ pub(super) fn validate_passed_through(body: &Map<String, Value>) -> Result<(), A
     Ok(())
 }
 
+/// A list field `param` may hold at most `max` items (`what` names them in the error).
+pub(super) fn at_most(param: &str, what: &str, count: usize, max: usize) -> Result<(), ApiError> {
+    if count > max {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} has {count} {what}; at most {max} are accepted"),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Result<(), ApiError> {
     if p.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -146,16 +157,7 @@ pub(super) fn validate(p: &ChatCompletionRequest, limits: &RequestLimits) -> Res
             "messages must contain at least one message",
         ));
     }
-    if p.messages.len() > limits.max_messages {
-        return Err(ApiError::invalid(
-            "messages",
-            format!(
-                "messages has {} entries; at most {} are accepted",
-                p.messages.len(),
-                limits.max_messages
-            ),
-        ));
-    }
+    at_most("messages", "entries", p.messages.len(), limits.max_messages)?;
     for (i, m) in p.messages.iter().enumerate() {
         let content_missing = match &m.content {
             None => true,
@@ -232,15 +234,7 @@ pub(super) fn validate_common(
     }
     if let Some(stop) = &p.stop {
         let stops = stop.as_slice();
-        if stops.len() > MAX_STOP_SEQUENCES {
-            return Err(ApiError::invalid(
-                "stop",
-                format!(
-                    "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are accepted",
-                    stops.len()
-                ),
-            ));
-        }
+        at_most("stop", "sequences", stops.len(), MAX_STOP_SEQUENCES)?;
         if stops.iter().any(String::is_empty) {
             return Err(ApiError::invalid(
                 "stop",
