@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::Command;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -13,7 +14,7 @@ use common::BIN;
 
 /// `meridian serve` on the embedded default, on ports picked by the OS, with `data` as its
 /// data directory.
-fn serve_default(data: &std::path::Path) -> common::Started {
+fn serve_default(data: &Path) -> common::Started {
     common::start(
         Command::new(BIN)
             .arg("serve")
@@ -25,12 +26,111 @@ fn serve_default(data: &std::path::Path) -> common::Started {
     )
 }
 
+/// `meridian serve --config FILE` with `env` set.
+fn serve_file(file: &Path, env: &[(&str, &str)]) -> common::Started {
+    common::start(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(file)
+            .envs(env.iter().copied())
+            .env_remove("OPENAI_API_KEY"),
+    )
+}
+
+/// A node's configuration: node 1 with its data in `dir`'s `data`, each listener on a port the
+/// OS picks, then `rest` (more of the `[admin]` section, then the other sections).
+fn node_toml(dir: &Path, rest: &str) -> String {
+    format!(
+        "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
+         listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{rest}",
+        dir.join("data")
+    )
+}
+
+/// Writes `text` to file `name` in `dir`; the file's path.
+fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// `meridian check-config FILE` with `env` set.
+fn check_config(file: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .arg("check-config")
+        .arg(file)
+        .envs(env.iter().copied())
+        .output()
+        .expect("check-config")
+}
+
+/// `meridian admin --addr ADDR` with `args` (credentials, options, then the command).
+fn admin(addr: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["admin", "--addr", addr])
+        .args(args)
+        .env_remove("MERIDIAN_ADMIN_TOKEN")
+        .output()
+        .expect("admin cli")
+}
+
+/// What a command wrote to standard error.
+fn stderr(out: &Output) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&out.stderr)
+}
+
+/// Asserts that a command succeeded, showing what it wrote to standard error if not.
+fn assert_succeeded(out: &Output) {
+    assert!(out.status.success(), "{}", stderr(out));
+}
+
+/// Sends `signal` (`TERM`, `INT`, `HUP`) to `child`.
+fn signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{signal}");
+}
+
+/// How `child` exited; it must have by `deadline` (`late` says what failed if not).
+fn exit_by(child: &mut Child, deadline: Instant, late: &str) -> ExitStatus {
+    loop {
+        if let Some(code) = child.try_wait().expect("wait") {
+            return code;
+        }
+        assert!(Instant::now() < deadline, "{late}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends the whole HTTP/1.1 request `request` to `addr`; the whole answer as text.
+fn exchange(addr: impl ToSocketAddrs, request: &str) -> String {
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(request.as_bytes()).expect("write");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read");
+    resp
+}
+
+/// A chat request with `body` and the extra `headers` (each ending in CRLF) to the node at
+/// `addr`, whole answer as text.
+fn post_with(addr: impl ToSocketAddrs, headers: &str, body: &str) -> String {
+    exchange(
+        addr,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
 #[test]
 fn serve_answers_and_exits_cleanly_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
     let started = serve_default(data.path());
     let http = started.addr("http");
-    let admin = format!("http://{}", started.addr("admin"));
+    let admin_addr = format!("http://{}", started.addr("admin"));
     // First start: an admin token (saved, owner-only) and a development API key, shown once.
     let key = started.dev_key().expect("a development key on first start");
     assert!(
@@ -62,18 +162,7 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
     let mut child = started.child;
 
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
-    let post = |auth: &str| {
-        let mut conn = TcpStream::connect(&http).expect("connect");
-        write!(
-            conn,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut resp = String::new();
-        conn.read_to_string(&mut resp).expect("read");
-        resp
-    };
+    let post = |auth: &str| post_with(&http, auth, body);
     let resp = post("");
     assert!(
         resp.starts_with("HTTP/1.1 401"),
@@ -84,35 +173,15 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
     assert!(resp.contains("built-in demo model"), "{resp}");
 
     // The admin CLI finds the token in the data directory.
-    let out = Command::new(BIN)
-        .args(["admin", "--addr", &admin])
-        .arg("--token-file")
-        .arg(&token_file)
-        .args(["key", "list"])
-        .env_remove("MERIDIAN_ADMIN_TOKEN")
-        .output()
-        .expect("admin cli");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let token_file = token_file.to_str().expect("a UTF-8 path");
+    let out = admin(&admin_addr, &["--token-file", token_file, "key", "list"]);
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("tenant dev"));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    signal(&child, "TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(code) = child.try_wait().expect("wait") {
-            assert!(code.success(), "exit status {code}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let code = exit_by(&mut child, deadline, "node did not exit after SIGTERM");
+    assert!(code.success(), "exit status {code}");
 
     // A second start on the same data shows no secret again.
     let mut again = serve_default(data.path());
@@ -129,19 +198,14 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
 #[test]
 fn check_config_reports_every_bad_field() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let bad = write_file(
+        dir.path(),
+        "bad.toml",
         "[http]\nlisten = \"nowhere\"\n[[providers]]\nid = \"x\"\nkind = \"openai\"\nbase_url = \"x\"\nmodels = []\n",
-    )
-    .expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    );
+    let out = check_config(&bad, &[]);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     for field in [
         "http.listen",
         "providers[0].base_url",
@@ -150,22 +214,12 @@ fn check_config_reports_every_bad_field() {
         assert!(err.contains(field), "{field} missing from:\n{err}");
     }
 
-    let good = dir.path().join("good.toml");
-    std::fs::write(
-        &good,
+    let good = write_file(
+        dir.path(),
+        "good.toml",
         "[[providers]]\nid = \"d\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
-    )
-    .expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
+    assert_succeeded(&check_config(&good, &[]));
 }
 
 #[test]
@@ -206,13 +260,13 @@ fn certs_init_and_issue_write_a_ca_and_node_certificates_and_keep_the_ca_key_apa
         .expect("run");
     assert!(!inside.status.success());
     assert!(
-        String::from_utf8_lossy(&inside.stderr).contains("outside the certs directory"),
+        stderr(&inside).contains("outside the certs directory"),
         "{}",
-        String::from_utf8_lossy(&inside.stderr)
+        stderr(&inside)
     );
     let again = run(&["init"]);
     assert!(!again.status.success(), "init never overwrites the CA");
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert!(stderr(&again).contains("already exists"));
 }
 
 /// Holds TCP port `port` on loopback for a server: bound without SO_REUSEADDR (so it fails
@@ -285,35 +339,15 @@ fn dev_cluster_starts_three_nodes_that_serve_with_one_key_and_stops_on_ctrl_c() 
         "{said:?}"
     );
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    let auth = format!("Authorization: Bearer {key}\r\n");
     for n in 1..=3u16 {
-        let mut conn = TcpStream::connect(("127.0.0.1", base + n)).expect("connect");
-        write!(
-            conn,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut resp = String::new();
-        conn.read_to_string(&mut resp).expect("read");
+        let resp = post_with(("127.0.0.1", base + n), &auth, body);
         assert!(resp.starts_with("HTTP/1.1 200"), "node {n}: {resp}");
     }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    signal(&child, "INT");
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(code) = child.try_wait().expect("wait") {
-            assert!(code.success(), "exit status {code}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dev cluster did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let code = exit_by(&mut child, deadline, "dev cluster did not stop on SIGINT");
+    assert!(code.success(), "exit status {code}");
     for n in 1..=3u16 {
         assert!(
             TcpStream::connect(("127.0.0.1", base + n)).is_err(),
@@ -333,37 +367,23 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("node.toml");
     let config = |providers: &str| {
-        format!(
-            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
-             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             token_env = \"RELOAD_TEST_ADMIN_TOKEN\"\n[auth]\nenabled = false\n{providers}",
-            dir.path().join("data")
+        node_toml(
+            dir.path(),
+            &format!(
+                "token_env = \"RELOAD_TEST_ADMIN_TOKEN\"\n[auth]\nenabled = false\n{providers}"
+            ),
         )
     };
     let first =
         "[[providers]]\nid = \"one\"\nkind = \"demo\"\nmodels = [\"m\"]\nword_delay = \"30ms\"\n";
     std::fs::write(&file, config(first)).expect("write");
-    let started = common::start(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&file)
-            .env(
-                "RELOAD_TEST_ADMIN_TOKEN",
-                "reload-test-admin-token-0123456789",
-            )
-            .env_remove("OPENAI_API_KEY"),
-    );
+    let token = "reload-test-admin-token-0123456789";
+    let started = serve_file(&file, &[("RELOAD_TEST_ADMIN_TOKEN", token)]);
     let http = started.addr("http");
-    let admin = format!("http://{}", started.addr("admin"));
+    let admin_addr = format!("http://{}", started.addr("admin"));
     let mut child = started.child;
     let request = |model: &str, stream: bool| chat_at(&http, model, stream);
-    let admin_cli = |command: &str| {
-        Command::new(BIN)
-            .args(["admin", "--addr", &admin, "--token"])
-            .args(["reload-test-admin-token-0123456789", command])
-            .output()
-            .expect("admin cli")
-    };
+    let admin_cli = |command: &[&str]| admin(&admin_addr, &[&["--token", token], command].concat());
     let stop = Arc::new(AtomicBool::new(false));
     let (served, failed) = (
         Arc::new(AtomicU64::new(0)),
@@ -389,14 +409,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
     let second = "[[providers]]\nid = \"two\"\nkind = \"demo\"\nmodels = [\"m\"]\nword_delay = \"30ms\"\n\
                   [[providers]]\nid = \"three\"\nkind = \"demo\"\nmodels = [\"n\"]\n";
     std::fs::write(&file, config(second)).expect("write");
-    let hup = |child: &std::process::Child| {
-        let ok = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    };
-    hup(&child);
+    signal(&child, "HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !request("n", false).starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < deadline, "model n never became available");
@@ -418,7 +431,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         served.load(Ordering::Relaxed) >= 6,
         "streams served: {served:?}"
     );
-    let providers = admin_cli("providers");
+    let providers = admin_cli(&["providers"]);
     let listed = String::from_utf8_lossy(&providers.stdout);
     assert!(
         listed.contains("two") && listed.contains("three") && !listed.contains("one "),
@@ -427,16 +440,7 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
     // The replicated registry's record of this node's providers follows.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let state = Command::new(BIN)
-            .args(["admin", "--addr", &admin, "--token"])
-            .args([
-                "reload-test-admin-token-0123456789",
-                "cluster",
-                "state",
-                "providers",
-            ])
-            .output()
-            .expect("admin cli");
+        let state = admin_cli(&["cluster", "state", "providers"]);
         let records = String::from_utf8_lossy(&state.stdout);
         if records.contains("\"1/two\"")
             && records.contains("\"1/three\"")
@@ -457,11 +461,11 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         config("[[providers]]\nid = \"bad\"\nkind = \"nonsense\"\nmodels = [\"m\"]\n"),
     )
     .expect("write");
-    let reload = admin_cli("reload");
-    let said = String::from_utf8_lossy(&reload.stderr);
+    let reload = admin_cli(&["reload"]);
+    let said = stderr(&reload);
     assert!(!reload.status.success(), "a bad file is refused");
     assert!(said.contains("providers[0].kind"), "{said}");
-    hup(&child);
+    signal(&child, "HUP");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         request("m", false).starts_with("HTTP/1.1 200"),
@@ -478,27 +482,19 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         "no alias yet"
     );
     std::fs::write(&file, config(&priced)).expect("write");
-    let reload = admin_cli("reload");
+    let reload = admin_cli(&["reload"]);
     let said = String::from_utf8_lossy(&reload.stdout);
     assert!(
         said.contains("prices applied") && said.contains("aliases applied"),
         "{said}{}",
-        String::from_utf8_lossy(&reload.stderr)
+        stderr(&reload)
     );
     assert!(
         chat_at(&http, "auto", false).starts_with("HTTP/1.1 200"),
         "the alias serves"
     );
     let body = r#"{"model":"n","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = TcpStream::connect(&http).expect("connect");
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Meridian-Cost: on\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    conn.read_to_string(&mut resp).expect("read");
+    let resp = post_with(&http, "X-Meridian-Cost: on\r\n", body);
     let cost = resp
         .lines()
         .find_map(|l| l.strip_prefix("x-meridian-cost-usd: "))
@@ -515,14 +511,14 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         "{priced}[limits]\nmax_messages = 1\n[quota]\ngrant_wait = \"2s\"\nstatic_share = 0.25\n"
     );
     std::fs::write(&file, config(&limited)).expect("write");
-    let reload = admin_cli("reload");
+    let reload = admin_cli(&["reload"]);
     let said = String::from_utf8_lossy(&reload.stdout);
     assert!(
         said.contains("request limits applied")
             && said.contains("quota settings applied")
             && said.contains("applied only at the next restart: quota.static_share"),
         "{said}{}",
-        String::from_utf8_lossy(&reload.stderr)
+        stderr(&reload)
     );
     let refused = post_at(&http, two_messages);
     assert!(
@@ -536,13 +532,9 @@ fn sighup_reloads_providers_under_streaming_load_without_a_failed_request() {
         config(&limited).replace("[auth]\nenabled = false", "[auth]\nenabled = true"),
     )
     .expect("write");
-    let reload = admin_cli("reload");
+    let reload = admin_cli(&["reload"]);
     let said = String::from_utf8_lossy(&reload.stdout);
-    assert!(
-        reload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reload.stderr)
-    );
+    assert_succeeded(&reload);
     assert!(
         said.contains("applied only at the next restart: auth"),
         "{said}"
@@ -571,16 +563,7 @@ fn chat_at(addr: &str, model: &str, stream: bool) -> String {
 
 /// A chat request with `body` to the node at `addr` (no credentials), whole answer as text.
 fn post_at(addr: &str, body: &str) -> String {
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    conn.read_to_string(&mut resp).expect("read");
-    resp
+    post_with(addr, "", body)
 }
 
 /// A stop as a balancer sees it, timed: at SIGTERM `/readyz` turns 503 `stopping` while
@@ -590,37 +573,21 @@ fn post_at(addr: &str, body: &str) -> String {
 #[test]
 fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("node.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
-             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\n\
-             enabled = false\n[shutdown]\nunready_period = \"1500ms\"\ndrain_timeout = \"1s\"\n\
-             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n\
-             word_delay = \"200ms\"\n",
-            dir.path().join("data")
-        ),
-    )
-    .expect("write");
-    let started = common::start(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&file)
-            .env_remove("OPENAI_API_KEY"),
+    let config = node_toml(
+        dir.path(),
+        "[auth]\nenabled = false\n[shutdown]\nunready_period = \"1500ms\"\n\
+         drain_timeout = \"1s\"\n[[providers]]\nid = \"demo\"\nkind = \"demo\"\n\
+         models = [\"demo\"]\nword_delay = \"200ms\"\n",
     );
+    let file = write_file(dir.path(), "node.toml", &config);
+    let started = serve_file(&file, &[]);
     let http = started.addr("http");
     let mut child = started.child;
     let get = |path: &str| {
-        let mut conn = TcpStream::connect(&http).expect("connect");
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        exchange(
+            &http,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
         )
-        .expect("write");
-        let mut resp = String::new();
-        conn.read_to_string(&mut resp).expect("read");
-        resp
     };
     assert!(get("/readyz").starts_with("HTTP/1.1 200"));
     // A long stream: the demo model's two dozen words, one every 200 ms.
@@ -636,11 +603,7 @@ fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let term = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
+    signal(&child, "TERM");
     std::thread::sleep(Duration::from_millis(300));
     let ready = get("/readyz");
     assert!(
@@ -674,13 +637,7 @@ fn a_stop_turns_not_ready_first_then_drains_and_cuts_what_outlives_the_drain() {
         "the stream was cut {cut:?} after SIGTERM"
     );
     let deadline = term + Duration::from_secs(6);
-    let exited = loop {
-        if let Some(code) = child.try_wait().expect("wait") {
-            break code;
-        }
-        assert!(Instant::now() < deadline, "not exited 6 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exited = exit_by(&mut child, deadline, "not exited 6 s after SIGTERM");
     println!(
         "stop: not ready at once, drain from 1.5 s, stream cut and exit ({exited}) after {:?}",
         term.elapsed()
@@ -699,35 +656,25 @@ fn the_admin_api_serves_tls_and_the_cli_verifies_it() {
     meridian_cluster::certs::issue(&certs, &ca_key, 1, &["127.0.0.1".into()]).expect("cert");
     let file = dir.path().join("node.toml");
     let config = |admin_tls: &str| {
-        format!(
-            "[node]\nid = 1\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\n\
-             listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             token_env = \"TLS_TEST_ADMIN_TOKEN\"\n{admin_tls}\n[auth]\nenabled = false\n\
-             [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n",
-            dir.path().join("data")
+        node_toml(
+            dir.path(),
+            &format!(
+                "token_env = \"TLS_TEST_ADMIN_TOKEN\"\n{admin_tls}\n[auth]\nenabled = false\n\
+                 [[providers]]\nid = \"demo\"\nkind = \"demo\"\nmodels = [\"demo\"]\n"
+            ),
         )
     };
+    let token = "tls-test-admin-token-0123456789abcdef";
+    let env = [("TLS_TEST_ADMIN_TOKEN", token)];
     // Half a setting: refused, naming the field.
     std::fs::write(
         &file,
         config(&format!("tls_cert = {:?}", certs.join("node-1.crt"))),
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config"])
-        .arg(&file)
-        .env(
-            "TLS_TEST_ADMIN_TOKEN",
-            "tls-test-admin-token-0123456789abcdef",
-        )
-        .output()
-        .expect("check-config");
+    let out = check_config(&file, &env);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("admin.tls_key"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(stderr(&out).contains("admin.tls_key"), "{}", stderr(&out));
     std::fs::write(
         &file,
         config(&format!(
@@ -737,46 +684,25 @@ fn the_admin_api_serves_tls_and_the_cli_verifies_it() {
         )),
     )
     .expect("write");
-    let started = common::start(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&file)
-            .env(
-                "TLS_TEST_ADMIN_TOKEN",
-                "tls-test-admin-token-0123456789abcdef",
-            )
-            .env_remove("OPENAI_API_KEY"),
-    );
-    let admin = started.addr("admin");
+    let started = serve_file(&file, &env);
+    let admin_addr = started.addr("admin");
     let mut child = started.child;
-    let cli = |addr: String, extra: &[&std::ffi::OsStr]| {
-        Command::new(BIN)
-            .args(["admin", "--addr", &addr])
-            .args(["--token", "tls-test-admin-token-0123456789abcdef"])
-            .args(extra)
-            .arg("status")
-            .output()
-            .expect("admin cli")
+    let cli = |addr: String, extra: &[&str]| {
+        admin(&addr, &[&["--token", token], extra, &["status"]].concat())
     };
     let ca = certs.join("ca.crt");
-    let ok = cli(
-        format!("https://{admin}"),
-        &["--ca-cert".as_ref(), ca.as_os_str()],
-    );
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let ok = cli(format!("https://{admin_addr}"), &["--ca-cert", ca]);
+    assert_succeeded(&ok);
     assert!(String::from_utf8_lossy(&ok.stdout).contains("node 1"));
-    let plain = cli(format!("http://{admin}"), &[]);
+    let plain = cli(format!("http://{admin_addr}"), &[]);
     assert!(!plain.status.success(), "plain text is not served");
-    let unverified = cli(format!("https://{admin}"), &[]);
+    let unverified = cli(format!("https://{admin_addr}"), &[]);
     assert!(!unverified.status.success());
     assert!(
-        String::from_utf8_lossy(&unverified.stderr).contains("--ca-cert"),
+        stderr(&unverified).contains("--ca-cert"),
         "{}",
-        String::from_utf8_lossy(&unverified.stderr)
+        stderr(&unverified)
     );
     let _ = child.kill();
     let _ = child.wait();

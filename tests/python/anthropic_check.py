@@ -3,6 +3,8 @@ message, a streamed one, a tool-use loop of several turns (whole and streamed), 
 and an error.
 
 Usage: anthropic_check.py BASE_URL MODEL TOOL_MODEL API_KEY
+BASE_URL is the node's OpenAI base (`…/v1`), as the other checks take it; the SDK is given the
+node's root.
 Prints one JSON object with what the SDK parsed; exits non-zero if the SDK raised where it
 should not have.
 """
@@ -11,7 +13,7 @@ import json
 import sys
 
 import anthropic
-from sdk_common import message_text
+from sdk_common import ask, ask_streamed, message_text
 
 TOOLS = [
     {
@@ -24,15 +26,11 @@ TOOLS = [
 
 def main() -> None:
     base_url, model, tool_model, api_key = sys.argv[1:5]
+    base_url = base_url.removesuffix("/v1")
     client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0)
     out = {}
 
-    plain = client.messages.create(
-        model=model,
-        max_tokens=64,
-        system="Be brief.",
-        messages=[{"role": "user", "content": "hello from the anthropic sdk"}],
-    )
+    plain = ask(client, model, 64, "hello from the anthropic sdk", system="Be brief.")
     out["plain"] = {
         "id": plain.id,
         "model": plain.model,
@@ -41,13 +39,7 @@ def main() -> None:
         "usage": plain.usage.model_dump(),
     }
 
-    with client.messages.stream(
-        model=model,
-        max_tokens=64,
-        messages=[{"role": "user", "content": "stream please"}],
-    ) as stream:
-        streamed_text = "".join(stream.text_stream)
-        final = stream.get_final_message()
+    streamed_text, final = ask_streamed(client, model, 64, "stream please")
     out["stream"] = {
         "text": streamed_text,
         "final_text": message_text(final),
@@ -88,13 +80,7 @@ def main() -> None:
         "last_text": message_text(reply),
     }
 
-    with client.messages.stream(
-        model=tool_model,
-        max_tokens=64,
-        tools=TOOLS,
-        messages=[{"role": "user", "content": "look it up, streamed"}],
-    ) as stream:
-        streamed_tool = stream.get_final_message()
+    _, streamed_tool = ask_streamed(client, tool_model, 64, "look it up, streamed", tools=TOOLS)
     out["stream_tool"] = {
         "stop_reason": streamed_tool.stop_reason,
         "content": [b.model_dump() for b in streamed_tool.content],
@@ -106,19 +92,14 @@ def main() -> None:
     out["count_tokens"] = counted.input_tokens
 
     try:
-        client.messages.create(
-            model="no-such-model",
-            max_tokens=8,
-            messages=[{"role": "user", "content": "hi"}],
-        )
+        ask(client, "no-such-model", 8, "hi")
         out["error"] = None
     except anthropic.NotFoundError as e:
         out["error"] = {"status": e.status_code, "type": e.body["error"]["type"]}
 
     try:
-        anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0).messages.create(
-            model=model, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
-        )
+        wrong_key = anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0)
+        ask(wrong_key, model, 8, "hi")
         out["auth_error"] = None
     except anthropic.AuthenticationError as e:
         out["auth_error"] = {"status": e.status_code, "type": e.body["error"]["type"]}

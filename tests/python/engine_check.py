@@ -11,7 +11,7 @@ import sys
 
 import anthropic
 from openai import OpenAI
-from sdk_common import message_text, read_chat_stream, read_text_stream
+from sdk_common import ask, ask_streamed, message_text, stream_chat, stream_text
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
 
@@ -32,17 +32,12 @@ def main() -> None:
         "usage": chat.usage.model_dump(),
     }
 
-    stream = client.chat.completions.create(
+    out["chat_stream"] = stream_chat(
+        client,
         model=model,
         messages=[SYSTEM, {"role": "user", "content": "Count to five."}],
         max_tokens=12,
-        stream=True,
-        stream_options={"include_usage": True},
     )
-    chat_stream = read_chat_stream(stream)
-    if chat_stream["usage"] is not None:
-        chat_stream["usage"] = chat_stream["usage"].model_dump()
-    out["chat_stream"] = chat_stream
 
     text = client.completions.create(model=model, prompt="The sky is", max_tokens=6)
     out["text"] = {
@@ -51,17 +46,7 @@ def main() -> None:
         "usage": text.usage.model_dump(),
     }
 
-    text_stream = client.completions.create(
-        model=model,
-        prompt="Once upon a time",
-        max_tokens=6,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    text_read = read_text_stream(text_stream)
-    if text_read["usage"] is not None:
-        text_read["usage"] = text_read["usage"].model_dump()
-    out["text_stream"] = text_read
+    out["text_stream"] = stream_text(client, model=model, prompt="Once upon a time", max_tokens=6)
 
     resp = client.responses.create(
         model=model,
@@ -85,23 +70,14 @@ def main() -> None:
     messages = anthropic.Anthropic(
         base_url=base_url.removesuffix("/v1"), api_key=api_key, max_retries=0
     )
-    message = messages.messages.create(
-        model=model,
-        max_tokens=8,
-        system="You are a helpful assistant. Answer briefly.",
-        messages=[{"role": "user", "content": "Name a fruit."}],
+    message = ask(
+        messages, model, 8, "Name a fruit.", system="You are a helpful assistant. Answer briefly."
     )
     out["messages"] = {
         "stop_reason": message.stop_reason,
         "usage": anthropic_usage(message.usage),
     }
-    with messages.messages.stream(
-        model=model,
-        max_tokens=8,
-        messages=[{"role": "user", "content": "Name an animal."}],
-    ) as stream:
-        streamed = "".join(stream.text_stream)
-        final = stream.get_final_message()
+    streamed, final = ask_streamed(messages, model, 8, "Name an animal.")
     out["messages_stream"] = {
         "text_matches": streamed == message_text(final),
         "stop_reason": final.stop_reason,

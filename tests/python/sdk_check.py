@@ -1,6 +1,6 @@
 """Drives a Meridian node with the official `openai` Python SDK.
 
-Usage: sdk_check.py BASE_URL MODEL API_KEY TOOL_MODEL
+Usage: sdk_check.py BASE_URL MODEL TOOL_MODEL API_KEY
 Prints one JSON object with what the SDK parsed; exits non-zero if the SDK raised.
 """
 
@@ -8,11 +8,11 @@ import json
 import sys
 
 from openai import BadRequestError, OpenAI
-from sdk_common import read_chat_stream, read_text_stream
+from sdk_common import stream_chat, stream_text
 
 
 def main() -> None:
-    base_url, model, api_key, tool_model = sys.argv[1:5]
+    base_url, model, tool_model, api_key = sys.argv[1:5]
     client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
     unary = client.chat.completions.create(
@@ -21,27 +21,14 @@ def main() -> None:
         max_tokens=32,
     )
 
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "stream please"}],
-        stream=True,
-        stream_options={"include_usage": True},
+    streamed = stream_chat(
+        client, model=model, messages=[{"role": "user", "content": "stream please"}]
     )
-    streamed = read_chat_stream(stream)
-    usage = streamed["usage"]
 
     text = client.completions.create(
         model=model, prompt="Once upon a time", max_tokens=5, echo=True, logprobs=2
     )
-    text_stream = client.completions.create(
-        model=model,
-        prompt=["streamed prompt"],
-        max_tokens=4,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    text_read = read_text_stream(text_stream)
-    text_usage = text_read["usage"]
+    text_read = stream_text(client, model=model, prompt=["streamed prompt"], max_tokens=4)
 
     # The SDK asks for base64 unless told otherwise, and decodes it itself.
     embedded = client.embeddings.create(model=model, input=["first text", "second text"])
@@ -101,7 +88,7 @@ def main() -> None:
                 else None,
                 "text_usage": text.usage.model_dump() if text.usage else None,
                 "text_stream": text_read["text"],
-                "text_stream_usage": text_usage.model_dump() if text_usage else None,
+                "text_stream_usage": text_read["usage"],
                 "embeddings": [d.embedding for d in embedded.data],
                 "embeddings_usage": embedded.usage.model_dump(),
                 "embeddings_floats": [d.embedding for d in embedded_floats.data],
@@ -111,7 +98,7 @@ def main() -> None:
                 "stream_content": streamed["content"],
                 "stream_finish": streamed["finish"],
                 "stream_chunks": streamed["chunks"],
-                "stream_usage": usage.model_dump() if usage else None,
+                "stream_usage": streamed["usage"],
             }
         )
     )

@@ -1,11 +1,16 @@
-"""What the SDK checks share: reading a streamed chat completion, and the text of a message."""
+"""What the SDK checks share: streamed OpenAI completions read to their end, and Anthropic
+messages of one user turn, whole and streamed."""
+
+# Asks an OpenAI-style stream for a last chunk with the usage.
+STREAM_WITH_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
 
 
-def read_chat_stream(stream) -> dict:
-    """Reads a streamed chat completion to its end: the content, the finish reason, the number
-    of chunks and the usage (the SDK's object, from the last chunk, when one came)."""
+def stream_chat(client, **request) -> dict:
+    """Streams a chat completion (usage asked for) and reads it to its end: the content, the
+    finish reason, the number of chunks and the usage (a dict, from the last chunk, when one
+    came)."""
     parts, finish, usage, chunks = [], None, None, 0
-    for chunk in stream:
+    for chunk in client.chat.completions.create(**request, **STREAM_WITH_USAGE):
         chunks += 1
         for choice in chunk.choices:
             if choice.delta.content:
@@ -13,19 +18,42 @@ def read_chat_stream(stream) -> dict:
             if choice.finish_reason:
                 finish = choice.finish_reason
         if chunk.usage is not None:
-            usage = chunk.usage
+            usage = chunk.usage.model_dump()
     return {"content": "".join(parts), "finish": finish, "chunks": chunks, "usage": usage}
 
 
-def read_text_stream(stream) -> dict:
-    """Reads a streamed text completion to its end: the text and the usage (the SDK's object,
-    when a chunk carried one)."""
+def stream_text(client, **request) -> dict:
+    """Streams a text completion (usage asked for) and reads it to its end: the text and the
+    usage (a dict, when a chunk carried one)."""
     parts, usage = [], None
-    for chunk in stream:
+    for chunk in client.completions.create(**request, **STREAM_WITH_USAGE):
         parts.extend(choice.text for choice in chunk.choices)
         if chunk.usage is not None:
-            usage = chunk.usage
+            usage = chunk.usage.model_dump()
     return {"text": "".join(parts), "usage": usage}
+
+
+def ask(client, model: str, max_tokens: int, text: str, **request):
+    """An Anthropic message to `model` with one user turn, `text`."""
+    return client.messages.create(
+        model=model,
+        max_tokens=max_tokens,
+        messages=[{"role": "user", "content": text}],
+        **request,
+    )
+
+
+def ask_streamed(client, model: str, max_tokens: int, text: str, **request) -> tuple:
+    """`ask`, streamed: the text as it streamed in, and the final message the SDK put together
+    from the events."""
+    with client.messages.stream(
+        model=model,
+        max_tokens=max_tokens,
+        messages=[{"role": "user", "content": text}],
+        **request,
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        return streamed, stream.get_final_message()
 
 
 def message_text(message) -> str:

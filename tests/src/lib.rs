@@ -5,10 +5,13 @@
 pub mod big_state;
 pub mod chat_requests;
 pub mod engine;
+pub mod installs;
+pub mod json_api;
 pub mod mock;
 pub mod otlp;
 pub mod procs;
 pub mod serve;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use meridian_policy::clock::WallClock;
+use meridian_tests::json_api::error_saying;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, limit, provider_toml, provider_toml_kind, sse_chunks};
 use serde_json::{Value, json};
@@ -15,6 +16,16 @@ use serde_json::{Value, json};
 /// A node serving `mock` from a mock of `flavor`, `claude` from an Anthropic mock and `demo`.
 async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
     node_on(flavor, WallClock::system()).await
+}
+
+/// A [`node`] of each OpenAI-style flavour (OpenAI's, vLLM's): the flavour, its mock, the node.
+async fn openai_style_nodes() -> Vec<(Flavor, MockUpstream, TestNode)> {
+    let mut nodes = Vec::new();
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let (mock, _anthropic, node) = node(flavor).await;
+        nodes.push((flavor, mock, node));
+    }
+    nodes
 }
 
 /// [`node`] on `clock` (see `TestNode::start_on`).
@@ -50,12 +61,31 @@ async fn node_on(flavor: Flavor, clock: WallClock) -> (MockUpstream, MockUpstrea
 }
 
 async fn post(node: &TestNode, path: &str, body: &Value) -> reqwest::Response {
-    node.client()
-        .post(node.url(path))
-        .json(body)
-        .send()
-        .await
-        .expect("request sent")
+    node.post_json(path, body).await.expect("request sent")
+}
+
+/// `POST /v1/completions` of `body`.
+async fn complete(node: &TestNode, body: Value) -> reqwest::Response {
+    post(node, "/v1/completions", &body).await
+}
+
+/// `POST /v1/embeddings` of `body`.
+async fn embed(node: &TestNode, body: Value) -> reqwest::Response {
+    post(node, "/v1/embeddings", &body).await
+}
+
+/// The JSON body of the answer to [`post`].
+async fn answer_json(node: &TestNode, path: &str, body: &Value) -> Value {
+    post(node, path, body).await.json().await.expect("json")
+}
+
+/// Asserts that the node's metrics show calls of `operation` (`gen_ai_operation_name`).
+async fn assert_recorded_as(node: &TestNode, operation: &str) {
+    let metrics = node.metrics().await;
+    assert!(
+        metrics.contains(&format!(r#"gen_ai_operation_name="{operation}""#)),
+        "{metrics}"
+    );
 }
 
 fn last_request(m: &MockUpstream) -> Value {
@@ -69,12 +99,10 @@ fn last_request(m: &MockUpstream) -> Value {
 
 #[tokio::test]
 async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
-    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let (m, _a, n) = node(flavor).await;
-        let resp = post(
+    for (flavor, m, n) in openai_style_nodes().await {
+        let resp = complete(
             &n,
-            "/v1/completions",
-            &json!({"model": "mock", "prompt": "Say this", "max_tokens": 3, "echo": true,
+            json!({"model": "mock", "prompt": "Say this", "max_tokens": 3, "echo": true,
                     "logprobs": 2, "suffix": " the end", "temperature": 0.5}),
         )
         .await;
@@ -96,10 +124,9 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
 
         // Streamed, without asking for usage: the provider is asked (every stream is
         // metered) and the usage chunk is kept from the client.
-        let resp = post(
+        let resp = complete(
             &n,
-            "/v1/completions",
-            &json!({"model": "mock", "prompt": ["Go on"], "max_tokens": 4, "stream": true}),
+            json!({"model": "mock", "prompt": ["Go on"], "max_tokens": 4, "stream": true}),
         )
         .await;
         assert_eq!(resp.status(), 200);
@@ -121,10 +148,9 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
         assert_eq!(last_request(&m)["stream_options"]["include_usage"], true);
 
         // Asked for: the last chunk carries it.
-        let resp = post(
+        let resp = complete(
             &n,
-            "/v1/completions",
-            &json!({"model": "mock", "prompt": [1, 2, 3], "max_tokens": 2, "stream": true,
+            json!({"model": "mock", "prompt": [1, 2, 3], "max_tokens": 2, "stream": true,
                     "stream_options": {"include_usage": true}}),
         )
         .await;
@@ -138,22 +164,16 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
         assert_eq!(usage["completion_tokens"], 2);
 
         // Recorded as its own operation.
-        let metrics = n.metrics().await;
-        assert!(
-            metrics.contains(r#"gen_ai_operation_name="text_completion""#),
-            "{metrics}"
-        );
+        assert_recorded_as(&n, "text_completion").await;
     }
 }
 
 #[tokio::test]
 async fn embeddings_are_served_metered_and_cached() {
-    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let (m, _a, n) = node(flavor).await;
-        let resp = post(
+    for (flavor, m, n) in openai_style_nodes().await {
+        let resp = embed(
             &n,
-            "/v1/embeddings",
-            &json!({"model": "mock", "input": ["one two three", "four"]}),
+            json!({"model": "mock", "input": ["one two three", "four"]}),
         )
         .await;
         assert_eq!(resp.status(), 200, "{flavor:?}");
@@ -172,10 +192,9 @@ async fn embeddings_are_served_metered_and_cached() {
 
         // The same input again: an embedding is deterministic, so it comes from the cache.
         let served = m.stats.completed.load(SeqCst);
-        let again = post(
+        let again = embed(
             &n,
-            "/v1/embeddings",
-            &json!({"model": "mock", "input": ["one two three", "four"]}),
+            json!({"model": "mock", "input": ["one two three", "four"]}),
         )
         .await;
         assert_eq!(again.headers()["x-meridian-cache"], "hit");
@@ -183,10 +202,9 @@ async fn embeddings_are_served_metered_and_cached() {
         assert_eq!(m.stats.completed.load(SeqCst), served, "no provider call");
 
         // base64 (what the official SDKs ask for), token ids, and fewer dimensions.
-        let resp = post(
+        let resp = embed(
             &n,
-            "/v1/embeddings",
-            &json!({"model": "mock", "input": [[5, 6, 7, 8]], "encoding_format": "base64",
+            json!({"model": "mock", "input": [[5, 6, 7, 8]], "encoding_format": "base64",
                     "dimensions": 3}),
         )
         .await;
@@ -198,11 +216,7 @@ async fn embeddings_are_served_metered_and_cached() {
         assert_eq!(bytes.len(), 3 * 4, "three little-endian f32s");
         assert_eq!(v["usage"]["prompt_tokens"], 4);
         assert_eq!(last_request(&m)["dimensions"], 3);
-        let metrics = n.metrics().await;
-        assert!(
-            metrics.contains(r#"gen_ai_operation_name="embeddings""#),
-            "{metrics}"
-        );
+        assert_recorded_as(&n, "embeddings").await;
     }
 }
 
@@ -227,13 +241,7 @@ async fn embeddings_are_admitted_on_their_input_tokens() {
     // No output is reserved for an embedding: 26 of 40 tokens used, 26 more do not fit.
     let second = embed(25, "b").await.expect("sent");
     assert_eq!(second.status(), 429, "{:?}", second.text().await);
-    let body: Value = second.json().await.expect("json");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("tokens")),
-        "{body}"
-    );
+    error_saying(second, "tokens").await;
     assert_eq!(
         m.stats.completed.load(SeqCst),
         1,
@@ -343,15 +351,12 @@ async fn the_other_apis_refuse_what_they_cannot_serve_naming_the_field() {
         0,
         "Anthropic is never asked for an API it does not have"
     );
-    let v: Value = post(
+    let v = answer_json(
         &n,
         "/v1/embeddings",
         &json!({"model": "claude", "input": "x"}),
     )
-    .await
-    .json()
-    .await
-    .expect("json");
+    .await;
     assert_eq!(v["error"]["code"], "unsupported_api", "{v}");
 }
 
@@ -360,11 +365,7 @@ async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
     let (_m, _a, n) = node(Flavor::Vllm).await;
     let chat = json!({"model": "demo", "max_tokens": 4,
                       "messages": [{"role": "user", "content": "hi"}]});
-    let v: Value = post(&n, "/v1/chat/completions", &chat)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v = answer_json(&n, "/v1/chat/completions", &chat).await;
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
     let mut streamed = chat.clone();
@@ -376,25 +377,21 @@ async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
             .iter()
             .all(|c| c["object"] == "chat.completion.chunk")
     );
-    let v: Value = post(
+    let v = answer_json(
         &n,
         "/v1/completions",
         &json!({"model": "demo", "prompt": "hi there"}),
     )
-    .await
-    .json()
-    .await
-    .expect("json");
+    .await;
     assert_eq!(v["object"], "text_completion");
     assert_eq!(
         v["choices"][0]["finish_reason"], "length",
         "16 words by default: {v}"
     );
     assert_eq!(v["usage"]["completion_tokens"], 16);
-    let resp = post(
+    let resp = complete(
         &n,
-        "/v1/completions",
-        &json!({"model": "demo", "prompt": "hi", "max_tokens": 3, "stream": true,
+        json!({"model": "demo", "prompt": "hi", "max_tokens": 3, "stream": true,
                 "stream_options": {"include_usage": true}}),
     )
     .await;
@@ -404,28 +401,22 @@ async fn the_demo_model_answers_chat_text_completions_and_embeddings() {
         events.last().expect("chunks")["usage"]["completion_tokens"],
         3
     );
-    let floats: Value = post(
+    let floats = answer_json(
         &n,
         "/v1/embeddings",
         &json!({"model": "demo", "input": "same"}),
     )
-    .await
-    .json()
-    .await
-    .expect("json");
+    .await;
     let vector = floats["data"][0]["embedding"].as_array().expect("floats");
     assert_eq!(vector.len(), 16);
     let norm: f64 = vector.iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
     assert!((norm - 1.0).abs() < 1e-3, "unit length: {norm}");
-    let encoded: Value = post(
+    let encoded = answer_json(
         &n,
         "/v1/embeddings",
         &json!({"model": "demo", "input": "same", "encoding_format": "base64"}),
     )
-    .await
-    .json()
-    .await
-    .expect("json");
+    .await;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded["data"][0]["embedding"].as_str().expect("text"))
         .expect("base64");
@@ -459,6 +450,23 @@ fn events(body: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// `body` sent to `path` as a stream (`"stream": true` added): the whole SSE text, and its
+/// events.
+async fn streamed(n: &TestNode, path: &str, body: &Value) -> (String, Vec<(String, Value)>) {
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    sse_answer(n.post_json(path, &streamed)).await
+}
+
+/// The whole SSE text of the answer to `request` (sent by awaiting it), and its events.
+async fn sse_answer(
+    request: impl Future<Output = reqwest::Result<reqwest::Response>>,
+) -> (String, Vec<(String, Value)>) {
+    let text = request.await.expect("sent").text().await.expect("body");
+    let seen = events(&text);
+    (text, seen)
+}
+
 #[tokio::test]
 async fn messages_and_responses_are_served_by_anthropic_and_demo_providers_too() {
     let (_m, a, n) = node(Flavor::Vllm).await;
@@ -481,19 +489,8 @@ async fn messages_and_responses_are_served_by_anthropic_and_demo_providers_too()
         assert_eq!(v["content"][0]["type"], "text");
         assert!(v["usage"]["output_tokens"].as_u64().unwrap() > 0, "{v}");
 
-        let mut streamed = message.clone();
-        streamed["stream"] = true.into();
-        let body = n
-            .client()
-            .post(n.url("/v1/messages"))
-            .json(&streamed)
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("body");
-        let names: Vec<String> = events(&body).into_iter().map(|(n, _)| n).collect();
+        let (body, seen) = streamed(&n, "/v1/messages", &message).await;
+        let names: Vec<String> = seen.into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names.first().map(String::as_str),
             Some("message_start"),
@@ -508,25 +505,14 @@ async fn messages_and_responses_are_served_by_anthropic_and_demo_providers_too()
 
         // The Responses API, whole and streamed.
         let asked = json!({"model": model, "input": "hello there", "max_output_tokens": 5});
-        let v: Value = post(&n, "/v1/responses", &asked)
-            .await
-            .json()
-            .await
-            .expect("json");
+        let v = answer_json(&n, "/v1/responses", &asked).await;
         assert_eq!(v["object"], "response", "{model}: {v}");
         assert!(
             v["output"][0]["content"][0]["text"]
                 .as_str()
                 .is_some_and(|t| !t.is_empty())
         );
-        let mut streamed = asked.clone();
-        streamed["stream"] = true.into();
-        let body = post(&n, "/v1/responses", &streamed)
-            .await
-            .text()
-            .await
-            .expect("body");
-        let seen = events(&body);
+        let (body, seen) = streamed(&n, "/v1/responses", &asked).await;
         assert_eq!(
             seen.first().map(|(n, _)| n.as_str()),
             Some("response.created"),
@@ -612,13 +598,7 @@ async fn the_messages_route_answers_in_anthropics_shape_even_when_things_fail() 
     }
     // Cut short after the first byte: an error event, and no message_stop.
     let failing = json!({"model": "flaky", "max_tokens": 30, "stream": true, "messages": hi});
-    let body = send(failing, Some(&key))
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("body");
-    let seen = events(&body);
+    let (body, seen) = sse_answer(send(failing, Some(&key))).await;
     let (last, data) = seen.last().expect("events");
     assert_eq!(last, "error", "{body}");
     assert_eq!(data["type"], "error");
@@ -637,6 +617,23 @@ async fn the_messages_route_answers_in_anthropics_shape_even_when_things_fail() 
     );
 }
 
+/// Posts the chat request `body`; the answer must say it was a cache `hit` or `miss`.
+async fn chat_from_cache(n: &TestNode, body: &Value, cache: &str) -> reqwest::Response {
+    let resp = post(n, "/v1/chat/completions", body).await;
+    assert_eq!(resp.headers()["x-meridian-cache"], cache, "{body}");
+    resp
+}
+
+/// The content of a streamed chat answer, which must end with `[DONE]`.
+async fn streamed_content(resp: reqwest::Response) -> String {
+    let (events, done) = sse_chunks(&resp.bytes().await.expect("body"));
+    assert!(done);
+    events
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     let (m, _a, n) = node(Flavor::OpenAi).await;
@@ -645,32 +642,18 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
                "messages": [{"role": "user", "content": "cache me"}]})
     };
     // First as a stream (the usage chunk not asked for): a miss, and stored once it ends.
-    let first = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
-    assert_eq!(first.headers()["x-meridian-cache"], "miss");
-    let (events, done) = sse_chunks(&first.bytes().await.expect("body"));
-    assert!(done);
-    let streamed: String = events
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let first = chat_from_cache(&n, &ask("mock", true), "miss").await;
+    let streamed = streamed_content(first).await;
     let served = m.stats.completed.load(SeqCst);
     // Then whole: the same answer from the cache, with the provider's usage.
-    let whole = post(&n, "/v1/chat/completions", &ask("mock", false)).await;
-    assert_eq!(whole.headers()["x-meridian-cache"], "hit");
+    let whole = chat_from_cache(&n, &ask("mock", false), "hit").await;
     let v: Value = whole.json().await.expect("json");
     assert_eq!(v["choices"][0]["message"]["content"], streamed.as_str());
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
     // And streamed again, from the cache.
-    let again = post(&n, "/v1/chat/completions", &ask("mock", true)).await;
-    assert_eq!(again.headers()["x-meridian-cache"], "hit");
-    let (events, done) = sse_chunks(&again.bytes().await.expect("body"));
-    assert!(done);
-    let replayed: String = events
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(replayed, streamed);
+    let again = chat_from_cache(&n, &ask("mock", true), "hit").await;
+    assert_eq!(streamed_content(again).await, streamed);
     assert_eq!(
         m.stats.completed.load(SeqCst),
         served,
@@ -681,12 +664,10 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
     let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
     let mut call = ask("tooly", true);
     call["tools"] = tools.clone();
-    let resp = post(&n, "/v1/chat/completions", &call).await;
-    assert_eq!(resp.headers()["x-meridian-cache"], "miss");
+    let resp = chat_from_cache(&n, &call, "miss").await;
     let _ = resp.bytes().await.expect("body");
     call["stream"] = false.into();
-    let hit = post(&n, "/v1/chat/completions", &call).await;
-    assert_eq!(hit.headers()["x-meridian-cache"], "hit");
+    let hit = chat_from_cache(&n, &call, "hit").await;
     let v: Value = hit.json().await.expect("json");
     let tool_call = &v["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(tool_call["id"], "call_mock0", "{v}");
@@ -710,8 +691,7 @@ async fn a_streamed_answer_is_cached_and_replayed_whole_or_streamed() {
         .await
         .bytes()
         .await;
-    let retry = post(&n, "/v1/chat/completions", &failing).await;
-    assert_eq!(retry.headers()["x-meridian-cache"], "miss");
+    chat_from_cache(&n, &failing, "miss").await;
 }
 
 #[tokio::test]
@@ -760,13 +740,7 @@ async fn an_anthropic_provider_gets_the_clients_own_messages_and_its_answer_pass
     // Streamed: the provider's events, each named by its type, ending with its message_stop.
     let mut streamed = message.clone();
     streamed["stream"] = true.into();
-    let body = send(&streamed)
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("body");
-    let seen_events = events(&body);
+    let (body, seen_events) = sse_answer(send(&streamed)).await;
     assert_eq!(
         seen_events.first().map(|(n, _)| n.as_str()),
         Some("message_start")

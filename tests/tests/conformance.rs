@@ -7,12 +7,13 @@
 //! request fails here.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
+use meridian_tests::json_api::error_saying;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, provider_toml_kind, sse_events};
 use serde_json::{Value, json};
 
 /// Everything about an answer that must not depend on the adapter.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Seen {
     status: u16,
     retry_after: bool,
@@ -45,10 +46,7 @@ fn usage_of(v: &Value) -> Option<(u64, u64, u64, u64)> {
 async fn observe(node: &TestNode, body: Value) -> Seen {
     let stream = body["stream"].as_bool().unwrap_or(false);
     let resp = node
-        .client()
-        .post(node.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
+        .post_json("/v1/chat/completions", &body)
         .await
         .expect("request sent");
     let status = resp.status().as_u16();
@@ -56,13 +54,7 @@ async fn observe(node: &TestNode, body: Value) -> Seen {
     let mut seen = Seen {
         status,
         retry_after,
-        content: String::new(),
-        finish_reason: None,
-        usage: None,
-        role_first: false,
-        error_event: false,
-        done: false,
-        error_code: None,
+        ..Seen::default()
     };
     let bytes = resp.bytes().await.expect("the answer ends, never hangs");
     if status != 200 {
@@ -123,14 +115,12 @@ async fn observe(node: &TestNode, body: Value) -> Seen {
 fn ok(content: &str, usage: Option<(u64, u64, u64, u64)>, stream: bool) -> Seen {
     Seen {
         status: 200,
-        retry_after: false,
         content: content.into(),
         finish_reason: Some("stop".into()),
         usage,
         role_first: stream,
-        error_event: false,
         done: stream,
-        error_code: None,
+        ..Seen::default()
     }
 }
 
@@ -138,27 +128,18 @@ fn failed(status: u16, retry_after: bool, code: &str) -> Seen {
     Seen {
         status,
         retry_after,
-        content: String::new(),
-        finish_reason: None,
-        usage: None,
-        role_first: false,
-        error_event: false,
-        done: false,
         error_code: Some(code.into()),
+        ..Seen::default()
     }
 }
 
 fn cut(content: &str) -> Seen {
     Seen {
         status: 200,
-        retry_after: false,
         content: content.into(),
-        finish_reason: None,
-        usage: None,
         role_first: true,
         error_event: true,
-        done: false,
-        error_code: None,
+        ..Seen::default()
     }
 }
 
@@ -182,10 +163,10 @@ fn user(model: &str, extra: Value) -> Value {
 
 /// (what, request, what the client must see). The mocks count a prompt as its words plus one
 /// per message: "say something" is 3 tokens.
-fn cases() -> Vec<(&'static str, Value, Seen)> {
+fn cases() -> Vec<(String, Value, Seen)> {
     let three = "tok0 tok1 tok2 ";
     let usage = Some((3, 3, 6, 0));
-    vec![
+    let answered = [
         (
             "unary",
             user("mock@tokens:3", json!({"max_tokens": 16})),
@@ -225,37 +206,40 @@ fn cases() -> Vec<(&'static str, Value, Seen)> {
                                 {"role": "user", "content": "say something"}]}),
             ok(three, Some((8, 3, 11, 0)), true),
         ),
-        (
-            "upstream 400 is the client's",
-            user("mock@fail:400", json!({})),
-            failed(400, false, "?"),
-        ),
-        (
-            "upstream 429 is overload, retry later",
-            user("mock@fail:429", json!({})),
-            failed(503, true, "upstream_overloaded"),
-        ),
-        (
-            "upstream 529 is overload, retry later",
-            user("mock@fail:529", json!({"stream": true})),
-            failed(503, true, "upstream_overloaded"),
-        ),
-        (
-            "upstream 500",
-            user("mock@fail:500", json!({})),
-            failed(502, false, "upstream_error"),
-        ),
-        (
-            "an in-stream error after two tokens",
-            user("mock@fail_after:2;itl_ms:10", json!({"stream": true})),
+    ];
+    let mut cases: Vec<(String, Value, Seen)> = answered
+        .into_iter()
+        .map(|(what, request, seen)| (what.to_owned(), request, seen))
+        .collect();
+    // The upstream answers with an error status: (its status, more of the request, what the
+    // client sees).
+    // A 400 is the client's; 429 and 529 are overload, retry later.
+    let overloaded = || failed(503, true, "upstream_overloaded");
+    for (upstream, extra, seen) in [
+        (400, json!({}), failed(400, false, "?")),
+        (429, json!({}), overloaded()),
+        (529, json!({"stream": true}), overloaded()),
+        (500, json!({}), failed(502, false, "upstream_error")),
+    ] {
+        let request = user(&format!("mock@fail:{upstream}"), extra);
+        cases.push((format!("upstream {upstream}"), request, seen));
+    }
+    // Cut short after two tokens: the stream ends in an error event.
+    for (what, directive) in [
+        ("an in-stream error", "fail_after"),
+        ("a connection cut", "close_after"),
+    ] {
+        let request = user(
+            &format!("mock@{directive}:2;itl_ms:10"),
+            json!({"stream": true}),
+        );
+        cases.push((
+            format!("{what} after two tokens"),
+            request,
             cut("tok0 tok1 "),
-        ),
-        (
-            "a connection cut after two tokens",
-            user("mock@close_after:2;itl_ms:10", json!({"stream": true})),
-            cut("tok0 tok1 "),
-        ),
-    ]
+        ));
+    }
+    cases
 }
 
 #[tokio::test]
@@ -314,10 +298,10 @@ async fn anthropic_cache_reads_and_tool_calls_come_back_in_openai_form() {
     let model = "mock@tokens:2;cached:2;tool:lookup";
     let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
     let v: Value = node
-        .client()
-        .post(node.url("/v1/chat/completions"))
-        .json(&user(model, json!({"tools": tools})))
-        .send()
+        .post_json(
+            "/v1/chat/completions",
+            &user(model, json!({"tools": tools})),
+        )
         .await
         .unwrap()
         .json()
@@ -332,13 +316,13 @@ async fn anthropic_cache_reads_and_tool_calls_come_back_in_openai_form() {
     assert_eq!(usage_of(&v), Some((3, 2, 5, 2)), "{v}");
 
     let body = node
-        .client()
-        .post(node.url("/v1/chat/completions"))
-        .json(&user(
-            model,
-            json!({"tools": tools, "stream": true, "stream_options": {"include_usage": true}}),
-        ))
-        .send()
+        .post_json(
+            "/v1/chat/completions",
+            &user(
+                model,
+                json!({"tools": tools, "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
         .await
         .unwrap()
         .bytes()
@@ -371,19 +355,9 @@ async fn anthropic_cache_reads_and_tool_calls_come_back_in_openai_form() {
     let toml = provider_toml_kind("claude", "anthropic", &mock.base_url(), &[model], "");
     let keyless = TestNode::start(&toml).await.unwrap();
     let resp = keyless
-        .client()
-        .post(keyless.url("/v1/chat/completions"))
-        .json(&user(model, json!({})))
-        .send()
+        .post_json("/v1/chat/completions", &user(model, json!({})))
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    let v: Value = resp.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("x-api-key"),
-        "{v}"
-    );
+    error_saying(resp, "x-api-key").await;
 }

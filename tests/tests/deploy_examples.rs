@@ -1,11 +1,33 @@
 //! Every example configuration in `deploy/` validates (what `meridian check-config` checks).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `path` in the workspace's `deploy/` folder.
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+/// `python -c script args…`, run to its end.
+fn python_c(python: &Path, script: &str, args: &[&Path]) -> Output {
+    Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python runs")
+}
+
+/// What a command printed: its standard output, then its standard error.
+fn printed(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
 
 #[test]
 fn deploy_examples_validate() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let dir = deploy("");
     // Multi-node examples name their certificates' folder: one made here stands in.
     let certs = tempfile::tempdir().expect("tempdir");
     meridian_cluster::certs::init_ca(certs.path(), &certs.path().join("issuer/ca.key"))
@@ -51,7 +73,7 @@ fn deploy_examples_validate() {
 /// bad value is a warning there, and fails this test), its binary put where the test built it.
 #[test]
 fn the_systemd_unit_verifies_clean() {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/meridian.service");
+    let unit = deploy("systemd/meridian.service");
     let text = std::fs::read_to_string(&unit).expect("the unit");
     assert!(
         text.contains("ExecStart=/usr/local/bin/meridian serve"),
@@ -65,7 +87,7 @@ fn the_systemd_unit_verifies_clean() {
         text.replace("/usr/local/bin/meridian", bin.to_str().expect("utf-8 path")),
     )
     .expect("write");
-    let out = std::process::Command::new("systemd-analyze")
+    let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&copy)
         .output()
@@ -129,13 +151,12 @@ fn exported(text: &str) -> std::collections::BTreeSet<String> {
 /// metric either reads is one a live node exports.
 #[tokio::test]
 async fn dashboards_and_alert_rules_use_only_what_a_node_exports() {
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let prometheus = deploy.join("prometheus");
+    let prometheus = deploy("prometheus");
     promtool(&["check", "rules", "alerts.yml"], &prometheus);
     promtool(&["test", "rules", "alerts.test.yml"], &prometheus);
 
     let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy.join("grafana/meridian.json")).expect("the dashboard"),
+        &std::fs::read_to_string(deploy("grafana/meridian.json")).expect("the dashboard"),
     )
     .expect("the dashboard is JSON");
     let mut exprs: Vec<String> = Vec::new();
@@ -203,7 +224,7 @@ async fn dashboards_and_alert_rules_use_only_what_a_node_exports() {
 /// configuration overrides that a node accepts (loaded as the image would start it).
 #[test]
 fn the_dockerfile_builds_the_node_and_runs_it_as_a_non_root_user_with_a_valid_config() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let path = deploy("Dockerfile");
     let text = std::fs::read_to_string(&path).expect("deploy/Dockerfile");
     let lines: Vec<&str> = text
         .lines()
@@ -265,43 +286,13 @@ fn the_dockerfile_builds_the_node_and_runs_it_as_a_non_root_user_with_a_valid_co
 
 /// The Python with `kubernetes-validate` (its schemas are in the package: no cluster and no
 /// network needed), in a virtualenv under `target/` made on first use.
-fn kubernetes_validate() -> std::path::PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/k8s-venv");
-    let python = venv.join("bin/python");
-    let has = |py: &Path| {
-        std::process::Command::new(py)
-            .args(["-c", "import kubernetes_validate, yaml"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    meridian_tests::install_once(
-        &venv.with_extension("lock"),
-        || has(&python),
-        || {
-            let ok = std::process::Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()
-                .is_ok_and(|s| s.success());
-            anyhow::ensure!(ok, "python3 -m venv failed (install python3-venv)");
-            let out = std::process::Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "kubernetes-validate",
-                ])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "pip install kubernetes-validate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        },
+fn kubernetes_validate() -> PathBuf {
+    meridian_tests::installs::python_venv(
+        "k8s-venv",
+        "kubernetes_validate, yaml",
+        &["kubernetes-validate"],
     )
-    .expect("kubernetes-validate");
-    python
+    .expect("kubernetes-validate")
 }
 
 /// The Kubernetes manifests validate against Kubernetes' own schemas (strict: no unknown
@@ -312,8 +303,8 @@ fn kubernetes_validate() -> std::path::PathBuf {
 #[test]
 fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() {
     let python = kubernetes_validate();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-    let manifests: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+    let dir = deploy("kubernetes");
+    let manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("deploy/kubernetes")
         .map(|e| e.expect("entry").path())
         .filter(|p| {
@@ -321,13 +312,12 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         })
         .collect();
     assert!(manifests.len() >= 4, "{manifests:?}");
-    let out = std::process::Command::new(&python)
+    let out = Command::new(&python)
         .args(["-m", "kubernetes_validate", "--strict"])
         .args(&manifests)
         .output()
         .expect("kubernetes-validate runs");
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let said = printed(&out);
     assert!(out.status.success(), "{said}");
     for line in said.lines().filter(|l| l.starts_with("WARN")) {
         assert!(
@@ -342,15 +332,13 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         rule = yaml.safe_load(open(sys.argv[1]))\n\
         alerts = yaml.safe_load(open(sys.argv[2]))\n\
         sys.exit(0 if rule['spec']['groups'] == alerts['groups'] else 1)\n";
-    let ok = std::process::Command::new(&python)
-        .args(["-c", same])
-        .arg(dir.join("rules.yaml"))
-        .arg(dir.join("../prometheus/alerts.yml"))
-        .status()
-        .expect("python runs");
+    let rules = dir.join("rules.yaml");
+    let alerts = dir.join("../prometheus/alerts.yml");
+    let out = python_c(&python, same, &[&rules, &alerts]);
     assert!(
-        ok.success(),
-        "deploy/kubernetes/rules.yaml and deploy/prometheus/alerts.yml differ"
+        out.status.success(),
+        "deploy/kubernetes/rules.yaml and deploy/prometheus/alerts.yml differ: {}",
+        printed(&out)
     );
     assert!(said.contains("statefulset/meridian"), "{said}");
 
@@ -360,13 +348,12 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         cm = yaml.safe_load(open(sys.argv[1]))\n\
         for name, text in cm['data'].items():\n\
         \x20   open(sys.argv[2] + '/' + name, 'w').write(text)\n";
-    let ok = std::process::Command::new(&python)
-        .args(["-c", extract])
-        .arg(dir.join("meridian-config.yaml"))
-        .arg(tmp.path())
-        .status()
-        .expect("python runs");
-    assert!(ok.success());
+    let out = python_c(
+        &python,
+        extract,
+        &[&dir.join("meridian-config.yaml"), tmp.path()],
+    );
+    assert!(out.status.success(), "{}", printed(&out));
     // A pod is given longer to stop than the node takes: out of rotation, then its drain.
     let grace = "import sys, re, tomllib, yaml\n\
         docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]\n\
@@ -378,17 +365,15 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
         need = secs(stop.get('unready_period', '0s')) + secs(stop['drain_timeout'])\n\
         print(pod['terminationGracePeriodSeconds'], need)\n\
         sys.exit(0 if pod['terminationGracePeriodSeconds'] > need else 1)\n";
-    let out = std::process::Command::new(&python)
-        .args(["-c", grace])
-        .arg(dir.join("meridian.yaml"))
-        .arg(tmp.path().join("node.toml"))
-        .output()
-        .expect("python runs");
+    let out = python_c(
+        &python,
+        grace,
+        &[&dir.join("meridian.yaml"), &tmp.path().join("node.toml")],
+    );
     assert!(
         out.status.success(),
-        "terminationGracePeriodSeconds is not longer than unready_period + drain_timeout: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "terminationGracePeriodSeconds is not longer than unready_period + drain_timeout: {}",
+        printed(&out)
     );
     let certs = tmp.path().join("certs");
     meridian_cluster::certs::init_ca(&certs, &meridian_cluster::certs::ca_key_beside(&certs))
@@ -416,7 +401,7 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
     );
     std::fs::write(tmp.path().join("check.sh"), checking).expect("write");
     for ordinal in 0..3 {
-        let out = std::process::Command::new("sh")
+        let out = Command::new("sh")
             .arg(tmp.path().join("check.sh"))
             .env("HOSTNAME", format!("meridian-{ordinal}"))
             .env("NAMESPACE", "meridian")
@@ -430,9 +415,8 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
             .expect("sh runs");
         assert!(
             out.status.success(),
-            "pod meridian-{ordinal}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "pod meridian-{ordinal}: {}",
+            printed(&out)
         );
     }
 }
@@ -444,18 +428,10 @@ fn the_kubernetes_manifests_validate_and_every_router_pod_gets_a_valid_config() 
 #[test]
 fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name() {
     let python = kubernetes_validate();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose");
+    let dir = deploy("compose");
     let dump = "import json, sys, yaml\nprint(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
-    let out = std::process::Command::new(&python)
-        .args(["-c", dump])
-        .arg(dir.join("compose.yaml"))
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python_c(&python, dump, &[&dir.join("compose.yaml")]);
+    assert!(out.status.success(), "{}", printed(&out));
     let compose: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let services = compose["services"].as_object().expect("services");
     let nodes: Vec<(&String, &serde_json::Value)> = services
@@ -482,7 +458,7 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
             assert!(peers.contains(&format!("@{other}:7000")), "{name}: {peers}");
         }
         assert!(ports.insert(service["ports"][0].as_str().expect("a port").to_owned()));
-        let mut check = std::process::Command::new(meridian_tests::procs::meridian_bin());
+        let mut check = Command::new(meridian_tests::procs::meridian_bin());
         check
             .arg("check-config")
             .arg(dir.join("node.toml"))
@@ -491,11 +467,6 @@ fn the_compose_files_nodes_each_get_a_valid_config_and_find_each_other_by_name()
             check.env(k, v.as_str().expect("text"));
         }
         let out = check.output().expect("check-config runs");
-        assert!(
-            out.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{name}: {}", printed(&out));
     }
 }

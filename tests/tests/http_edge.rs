@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use meridian_proto::pb::admin as pb;
+use meridian_tests::json_api::error_saying;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
 use meridian_tests::{
     TestNode, chat_as, chat_body, limit, node_with_mock, provider_toml, provider_toml_kind,
-    retry_later, sse_chunks, sse_events, tier, wait_until,
+    retry_later, sse_chunks, sse_events, tenant, tier, wait_until,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,21 @@ async fn setup(
     node_with_mock(flavor, models, provider_extra, node_extra)
         .await
         .expect("mock and node start")
+}
+
+/// [`setup`] of a vLLM-flavoured mock serving `models`, with `node_extra` (sections of the
+/// node's configuration).
+async fn setup_with_node_config(models: &[&str], node_extra: &str) -> (MockUpstream, TestNode) {
+    setup(Flavor::Vllm, models, "", node_extra).await
+}
+
+/// [`setup`] of a vLLM-flavoured mock serving `models`, with `provider_extra` in the provider's
+/// section.
+async fn setup_with_provider_config(
+    models: &[&str],
+    provider_extra: &str,
+) -> (MockUpstream, TestNode) {
+    setup(Flavor::Vllm, models, provider_extra, "").await
 }
 
 /// [`setup`] of a node of the default flavour and model on a clock with `needed` left in its
@@ -158,7 +174,7 @@ async fn request_ids_are_echoed_or_generated() {
 
 #[tokio::test]
 async fn bad_input_gets_a_precise_openai_error_never_a_5xx() {
-    let (m, n) = setup(Flavor::Vllm, &["mock"], "", "[http]\nmax_body_bytes = 2048").await;
+    let (m, n) = setup_with_node_config(&["mock"], "[http]\nmax_body_bytes = 2048").await;
     let big = format!(
         r#"{{"model":"mock","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(4096)
@@ -246,7 +262,7 @@ async fn upstream_failures_before_the_first_byte_map_to_statuses() {
         "mock@fail:503",
         "mock@ttft_ms:3000",
     ];
-    let (_m, n) = setup(Flavor::Vllm, &models, "first_byte_timeout = \"200ms\"", "").await;
+    let (_m, n) = setup_with_provider_config(&models, "first_byte_timeout = \"200ms\"").await;
     let cases = [
         ("mock@fail:400", 400, false),
         ("mock@fail:500", 502, false),
@@ -338,11 +354,9 @@ async fn a_client_that_disconnects_cancels_the_upstream_call() {
 #[tokio::test]
 async fn a_full_queue_is_503_and_a_missed_queue_deadline_is_504() {
     let slow = "mock@tokens:100;itl_ms:20";
-    let (_m, n) = setup(
-        Flavor::Vllm,
+    let (_m, n) = setup_with_provider_config(
         &[slow, "mock"],
         "max_concurrency = 1\nqueue_capacity = 1\nqueue_timeout = \"1s\"",
-        "",
     )
     .await;
     // Hold the only slot.
@@ -388,13 +402,7 @@ async fn hostile_content_cannot_break_the_event_framing() {
 #[tokio::test]
 async fn heartbeats_flow_while_the_upstream_is_silent() {
     let model = "mock@tokens:2;itl_ms:400";
-    let (_m, n) = setup(
-        Flavor::Vllm,
-        &[model],
-        "",
-        "[http]\nsse_heartbeat = \"50ms\"",
-    )
-    .await;
+    let (_m, n) = setup_with_node_config(&[model], "[http]\nsse_heartbeat = \"50ms\"").await;
     let resp = post(&n, chat_body(model, true, "")).await;
     let body = resp.bytes().await.expect("body");
     let text = String::from_utf8_lossy(&body);
@@ -406,13 +414,8 @@ async fn heartbeats_flow_while_the_upstream_is_silent() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
-    let (_m, n) = setup(
-        Flavor::Vllm,
-        &["mock"],
-        "",
-        "[http]\nheader_read_timeout = \"300ms\"",
-    )
-    .await;
+    let (_m, n) =
+        setup_with_node_config(&["mock"], "[http]\nheader_read_timeout = \"300ms\"").await;
     let mut conn = tokio::net::TcpStream::connect(n.http)
         .await
         .expect("connect");
@@ -479,13 +482,7 @@ async fn models_health_and_readiness() {
 #[tokio::test]
 async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
     let model = "mock@tokens:15;itl_ms:20";
-    let (_m, mut n) = setup(
-        Flavor::Vllm,
-        &[model],
-        "",
-        "[shutdown]\ndrain_timeout = \"10s\"",
-    )
-    .await;
+    let (_m, mut n) = setup_with_node_config(&[model], "[shutdown]\ndrain_timeout = \"10s\"").await;
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
     let drained = n.begin_shutdown();
@@ -513,7 +510,7 @@ async fn shutdown_refuses_new_requests_and_lets_streams_finish() {
 #[tokio::test]
 async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
     let model = "mock@tokens:500;itl_ms:10";
-    let (m, n) = setup(Flavor::Vllm, &[model], "total_timeout = \"500ms\"", "").await;
+    let (m, n) = setup_with_provider_config(&[model], "total_timeout = \"500ms\"").await;
     let started = Instant::now();
     let resp = post(&n, chat_body(model, true, "")).await;
     assert_eq!(resp.status(), 200);
@@ -607,13 +604,7 @@ async fn an_upstream_that_never_completes_the_handshake_hits_the_connect_timeout
         started.elapsed() < Duration::from_secs(1),
         "bounded by the 300 ms connect timeout (about 3 × it at most)"
     );
-    let v: Value = resp.json().await.expect("json");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("connect")),
-        "{v}"
-    );
+    error_saying(resp, "connect").await;
     drop(listener);
     drop(fillers);
 }
@@ -847,20 +838,15 @@ async fn jwt_callers_are_checked_and_limited_by_their_tier_claim() {
 #[tokio::test]
 async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
     let slow = "mock@ttft_ms:300";
-    let (_m, n) = setup(
-        Flavor::Vllm,
+    let (_m, n) = setup_with_provider_config(
         &[slow],
         "max_concurrency = 1\nqueue_capacity = 8\nqueue_timeout = \"10s\"",
-        "",
     )
     .await;
-    let bad = post_with_header(
-        &n,
-        "x-meridian-deadline-ms",
-        "soon",
-        chat_body(slow, false, ""),
-    )
-    .await;
+    let with_deadline = |ms: &'static str| {
+        post_with_header(&n, "x-meridian-deadline-ms", ms, chat_body(slow, false, ""))
+    };
+    let bad = with_deadline("soon").await;
     assert_eq!(bad.status(), 400);
     let v: Value = bad.json().await.expect("json");
     assert_eq!(v["error"]["param"], "X-Meridian-Deadline-Ms");
@@ -876,13 +862,7 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
     .await
     .expect("slot taken");
     let started = Instant::now();
-    let resp = post_with_header(
-        &n,
-        "x-meridian-deadline-ms",
-        "100",
-        chat_body(slow, false, ""),
-    )
-    .await;
+    let resp = with_deadline("100").await;
     let took = started.elapsed();
     let v = retry_later(resp, 504).await;
     assert_eq!(v["error"]["code"], "deadline_unreachable", "{v}");
@@ -910,10 +890,8 @@ async fn features_users_and_daily_cost_have_their_own_limits() {
     features.insert("search".to_owned(), limit::requests_per_minute(1));
     let key = n
         .tenant_with_key(pb::Tenant {
-            id: "shop".into(),
-            tier: "paid".into(),
             features,
-            ..pb::Tenant::default()
+            ..tenant("shop", "paid")
         })
         .await
         .expect("tenant and key");
@@ -1027,12 +1005,7 @@ async fn a_failure_before_the_first_byte_falls_back_to_the_next_provider() {
         (2, 2),
         "each request: a failed, then b served"
     );
-    let a = n
-        .gateway
-        .providers()
-        .into_iter()
-        .find(|p| p.id == "a")
-        .expect("a");
+    let a = n.provider("a").expect("a");
     assert_eq!(a.failures_total, 2, "every attempt is recorded");
 
     // All candidates down: 503, naming it, with Retry-After.
@@ -1117,10 +1090,8 @@ async fn deterministic_answers_are_cached_per_tenant_and_hits_obey_the_tenants_r
     assert_eq!(random.status(), 200);
     // A tenant no longer allowed the model is not served it from the cache either.
     n.tenant_with_key(pb::Tenant {
-        id: "t2".into(),
-        tier: "three".into(),
         models: vec!["another".into()],
-        ..pb::Tenant::default()
+        ..tenant("t2", "three")
     })
     .await
     .expect("tenant");
@@ -1332,10 +1303,8 @@ async fn engine_specific_fields_pass_only_for_tenants_granted_them() {
         .expect("tier");
     let granted = n
         .tenant_with_key(pb::Tenant {
-            id: "batch".into(),
-            tier: "open".into(),
             engine_fields: vec!["priority".into()],
-            ..pb::Tenant::default()
+            ..tenant("batch", "open")
         })
         .await
         .expect("tenant and key");
@@ -1438,7 +1407,7 @@ async fn vllms_own_fields_reach_only_providers_that_speak_vllm() {
 /// cap the client set is kept, and a tenant limited only in requests is not capped.
 #[tokio::test]
 async fn an_uncapped_request_under_token_limits_reaches_the_engine_capped() {
-    let (m, n) = setup(Flavor::Vllm, &["mock"], "default_max_tokens = 300", "").await;
+    let (m, n) = setup_with_provider_config(&["mock"], "default_max_tokens = 300").await;
     n.put_tier(tier("metered", limit::tokens_per_minute(1_000_000)))
         .await
         .expect("tier");
@@ -1527,7 +1496,7 @@ async fn a_request_with_bad_credentials_is_refused_before_its_body_is_read() {
 /// or (past the first seconds) under its least rate.
 #[tokio::test]
 async fn a_body_that_trickles_or_never_ends_is_cut_off_with_408() {
-    let (_m, n) = setup(Flavor::Vllm, &["m"], "", "[http]\nbody_timeout = \"1s\"\n").await;
+    let (_m, n) = setup_with_node_config(&["m"], "[http]\nbody_timeout = \"1s\"\n").await;
     let key = n.api_key.clone().expect("dev key");
     let body = chat_body("m", false, "");
     let head = format!(
@@ -1553,13 +1522,7 @@ async fn a_body_that_trickles_or_never_ends_is_cut_off_with_408() {
 /// `Retry-After`) and closed, and counted; a place freed is taken again.
 #[tokio::test]
 async fn connections_over_the_per_client_cap_are_refused_and_counted() {
-    let (_m, n) = setup(
-        Flavor::Vllm,
-        &["m"],
-        "",
-        "[http]\nmax_connections_per_client = 2\n",
-    )
-    .await;
+    let (_m, n) = setup_with_node_config(&["m"], "[http]\nmax_connections_per_client = 2\n").await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(

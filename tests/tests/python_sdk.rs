@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use meridian_tests::installs::python_venv;
 use meridian_tests::mock::{Flavor, MockUpstream};
 use meridian_tests::{TestNode, provider_toml, python_json};
 
@@ -21,82 +21,49 @@ fn python_with_openai() -> PathBuf {
     if let Ok(p) = std::env::var("MERIDIAN_TEST_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = workspace().join("target/py-venv");
-    let python = venv.join("bin/python");
-    let has_openai = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import openai, anthropic"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    meridian_tests::install_once(&venv.with_extension("lock"), || has_openai(&python), || {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success());
-        anyhow::ensure!(
-            ok,
-            "python3 -m venv failed: install python3-venv, or set MERIDIAN_TEST_PYTHON"
-        );
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "openai", "anthropic"])
-            .status()
-            .is_ok_and(|s| s.success());
-        anyhow::ensure!(
-            ok,
-            "pip install openai anthropic failed; set MERIDIAN_TEST_PYTHON to a python that has them"
-        );
-        Ok(())
+    python_venv("py-venv", "openai, anthropic", &["openai", "anthropic"]).unwrap_or_else(|e| {
+        panic!("the SDKs: {e:#}; or set MERIDIAN_TEST_PYTHON to a python that has them")
     })
-    .expect("the SDKs");
-    python
 }
 
+/// What the mocks answer a request for model `mock`: eight tokens.
+const EXPECTED: &str = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
+
 /// What `script` (in `tests/python`) printed, its JSON, run with the SDKs against a node in
-/// front of a `flavor` mock serving `models`. The script is given the node's URL with `path`
-/// appended, then `args`, where `KEY` stands for the node's API key.
-async fn sdk_check(
-    flavor: Flavor,
-    models: &[&str],
-    script: &str,
-    path: &str,
-    args: &[&str],
-) -> serde_json::Value {
+/// front of an OpenAI-flavoured mock, then against one in front of a vLLM-flavoured mock; each
+/// mock serves model `mock`, and `tool_model` (`tooly=…`, the one whose answers call a tool).
+/// The script is given the node's URL (`…/v1`), `mock`, `tooly` and the node's API key.
+async fn sdk_checks(script: &str, tool_model: &str) -> Vec<(Flavor, serde_json::Value)> {
     // Made on first use, waiting out another test's install: off the runtime's threads.
     let python = tokio::task::spawn_blocking(python_with_openai)
         .await
         .expect("the SDKs");
-    let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
-    let node = TestNode::start(&provider_toml("mock", &mock.base_url(), models, ""))
-        .await
-        .expect("node");
     let script = workspace().join("tests/python").join(script);
-    let base_url = format!("http://{}{path}", node.http);
-    let key = node.api_key.as_deref().expect("auth is on by default");
-    let mut all = vec![script.to_str().expect("a UTF-8 path"), &base_url];
-    all.extend(args.iter().map(|a| if *a == "KEY" { key } else { a }));
-    python_json(&python, &all)
-        .await
-        .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"))
+    let script = script.to_str().expect("a UTF-8 path");
+    let mut seen = Vec::new();
+    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
+        let mock = MockUpstream::with_flavor(flavor).await.expect("mock");
+        let models = ["mock", tool_model];
+        let node = TestNode::start(&provider_toml("mock", &mock.base_url(), &models, ""))
+            .await
+            .expect("node");
+        let base_url = node.url("/v1");
+        let key = node.api_key.as_deref().expect("auth is on by default");
+        let v = python_json(&python, &[script, &base_url, "mock", "tooly", key])
+            .await
+            .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
+        seen.push((flavor, v));
+    }
+    seen
 }
 
 #[tokio::test]
 async fn the_official_openai_sdk_parses_our_answers() {
-    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let v = sdk_check(
-            flavor,
-            &["mock", "tooly=mock@tool:lookup"],
-            "sdk_check.py",
-            "/v1",
-            &["mock", "KEY", "tooly"],
-        )
-        .await;
-        let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
-        assert_eq!(v["unary_content"], expected, "{flavor:?}: {v}");
+    for (flavor, v) in sdk_checks("sdk_check.py", "tooly=mock@tool:lookup").await {
+        assert_eq!(v["unary_content"], EXPECTED, "{flavor:?}: {v}");
         assert_eq!(v["unary_finish"], "stop");
         assert_eq!(v["unary_usage"]["completion_tokens"], 8);
-        assert_eq!(v["stream_content"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["stream_content"], EXPECTED, "{flavor:?}: {v}");
         assert_eq!(v["stream_finish"], "stop");
         assert_eq!(v["stream_usage"]["completion_tokens"], 8, "{flavor:?}: {v}");
         assert_eq!(
@@ -131,18 +98,18 @@ async fn the_official_openai_sdk_parses_our_answers() {
             "{v}"
         );
         // The Responses API, whole and streamed, through the SDK's own types.
-        assert_eq!(v["responses_text"], expected, "{flavor:?}: {v}");
+        assert_eq!(v["responses_text"], EXPECTED, "{flavor:?}: {v}");
         assert_eq!(v["responses_status"], "completed");
         assert_eq!(v["responses_usage"]["output_tokens"], 8);
-        assert_eq!(v["responses_stream_text"], expected, "{v}");
+        assert_eq!(v["responses_stream_text"], EXPECTED, "{v}");
         assert_eq!(v["responses_stream_usage"]["output_tokens"], 8, "{v}");
-        assert_eq!(v["responses_helper_text"], expected, "{v}");
+        assert_eq!(v["responses_helper_text"], EXPECTED, "{v}");
         let events = v["responses_events"].as_array().expect("events");
         assert_eq!(events.first(), Some(&"response.created".into()), "{v}");
         assert_eq!(events.last(), Some(&"response.completed".into()), "{v}");
         assert_eq!(v["responses_calls"][0]["name"], "lookup", "{v}");
         assert_eq!(v["responses_calls"][0]["call_id"], "call_mock0");
-        assert_eq!(v["responses_answered"], expected, "{v}");
+        assert_eq!(v["responses_answered"], EXPECTED, "{v}");
         assert_eq!(v["responses_refused_param"], "store", "{v}");
     }
 }
@@ -152,24 +119,15 @@ async fn the_official_openai_sdk_parses_our_answers() {
 /// calls, then text), a streamed tool call, token counting, and errors in Anthropic's shape.
 #[tokio::test]
 async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() {
-    for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let v = sdk_check(
-            flavor,
-            &["mock", "tooly=mock@tool:lookup,rounds:2"],
-            "anthropic_check.py",
-            "",
-            &["mock", "tooly", "KEY"],
-        )
-        .await;
-        let expected = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ";
-        assert_eq!(v["plain"]["text"], expected, "{flavor:?}: {v}");
+    for (flavor, v) in sdk_checks("anthropic_check.py", "tooly=mock@tool:lookup,rounds:2").await {
+        assert_eq!(v["plain"]["text"], EXPECTED, "{flavor:?}: {v}");
         assert_eq!(v["plain"]["model"], "mock");
         assert!(v["plain"]["id"].as_str().unwrap().starts_with("msg_"));
         assert_eq!(v["plain"]["stop_reason"], "end_turn");
         assert_eq!(v["plain"]["usage"]["output_tokens"], 8);
         assert!(v["plain"]["usage"]["input_tokens"].as_u64().unwrap() > 0);
-        assert_eq!(v["stream"]["text"], expected, "{flavor:?}: {v}");
-        assert_eq!(v["stream"]["final_text"], expected);
+        assert_eq!(v["stream"]["text"], EXPECTED, "{flavor:?}: {v}");
+        assert_eq!(v["stream"]["final_text"], EXPECTED);
         assert_eq!(v["stream"]["stop_reason"], "end_turn");
         assert_eq!(v["stream"]["usage"]["output_tokens"], 8, "{v}");
         // Two tool calls, each answered, then a text answer: three turns.
@@ -184,7 +142,7 @@ async fn the_official_anthropic_sdk_speaks_messages_to_openai_style_providers() 
         );
         assert_ne!(calls[0]["id"], calls[1]["id"]);
         assert_eq!(v["loop"]["last_stop_reason"], "end_turn");
-        assert_eq!(v["loop"]["last_text"], expected);
+        assert_eq!(v["loop"]["last_text"], EXPECTED);
         assert_eq!(v["stream_tool"]["stop_reason"], "tool_use", "{v}");
         let block = &v["stream_tool"]["content"][0];
         assert_eq!(

