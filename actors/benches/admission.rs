@@ -256,12 +256,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// This process's resident memory, in bytes (0 where `/proc` cannot tell).
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    let status = procfs::process::Process::myself().and_then(|p| p.status());
+    status
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| s.vmrss)
+        .map_or(0, |kib| kib * 1024)
 }

@@ -177,15 +177,13 @@ fn busy_loop(length: Duration, samples: u64) -> Result<Histogram<u64>, Box<dyn s
     Ok(h)
 }
 
+/// This process's resident memory, in MiB (0 where `/proc` cannot tell).
 fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    let status = procfs::process::Process::myself().and_then(|p| p.status());
+    status
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+        .and_then(|s| s.vmrss)
+        .map_or(0, |kib| kib / 1024)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

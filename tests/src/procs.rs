@@ -165,11 +165,12 @@ impl Proc {
 
     /// Its resident memory now (`VmRSS`, KiB), while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        let pid = i32::try_from(self.pid()?).ok()?;
+        procfs::process::Process::new(pid)
+            .ok()?
+            .status()
+            .ok()?
+            .vmrss
     }
 
     pub fn is_running(&self) -> bool {

@@ -617,13 +617,8 @@ c=64 throughput, large รท empty: {:.3} (median of {} rounds; quartiles {q1:.3}โ€
 
 /// The resident memory of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS in /proc status")?;
-    Ok(kb / 1024)
+    let status = procfs::process::Process::new(i32::try_from(pid)?)?.status()?;
+    Ok(status.vmrss.context("no VmRSS in /proc status")? / 1024)
 }
 
 /// `n` with its thousands grouped by commas (1,003,000).
