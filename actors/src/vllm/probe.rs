@@ -57,6 +57,7 @@ pub async fn post_json(
     call(addr, "POST", path, Some(body), key, timeout).await
 }
 
+/// One request on a connection of its own, all of it within `timeout`.
 async fn call(
     addr: &str,
     method: &str,
@@ -65,62 +66,56 @@ async fn call(
     key: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, ProbeError> {
-    tokio::time::timeout(timeout, exchange(addr, method, path, body, key))
+    let exchange = async {
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| ProbeError::Failed(format!("{what}: {e}"));
+        let conn = TcpStream::connect(addr).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                ProbeError::Refused
+            } else {
+                failed("cannot connect", &e)
+            }
+        })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+            .await
+            .map_err(|e| failed("HTTP handshake", &e))?;
+        // The connection is driven here until the answer is read, then dropped (closed).
+        let driver = tokio::spawn(connection);
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, addr)
+            .header(http::header::ACCEPT, "*/*");
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(key) = key {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|e| failed("bad request", &e))?;
+        let answer = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| failed("no answer", &e))?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| failed("body not read", &e))?
+                .to_bytes()
+                .to_vec();
+            Ok(Answer { status, body })
+        }
+        .await;
+        driver.abort();
+        answer
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Err(ProbeError::Timeout(timeout)))
-}
-
-async fn exchange(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    key: Option<&str>,
-) -> Result<Answer, ProbeError> {
-    let failed = |what: &str, e: &dyn std::fmt::Display| ProbeError::Failed(format!("{what}: {e}"));
-    let conn = TcpStream::connect(addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            ProbeError::Refused
-        } else {
-            failed("cannot connect", &e)
-        }
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-        .await
-        .map_err(|e| failed("HTTP handshake", &e))?;
-    // The connection is driven here until the answer is read, then dropped (closed).
-    let driver = tokio::spawn(connection);
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, addr)
-        .header(http::header::ACCEPT, "*/*");
-    if body.is_some() {
-        request = request.header(http::header::CONTENT_TYPE, "application/json");
-    }
-    if let Some(key) = key {
-        request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
-        .map_err(|e| failed("bad request", &e))?;
-    let answer = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| failed("no answer", &e))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| failed("body not read", &e))?
-            .to_bytes()
-            .to_vec();
-        Ok(Answer { status, body })
-    }
-    .await;
-    driver.abort();
-    answer
 }
 
 #[cfg(test)]
