@@ -594,13 +594,22 @@ fn duration(e: &mut Errors, path: &str, v: Option<&String>, default: Duration) -
     }
 }
 
-/// One entry of a list section (`vllm[2]`): its fields' paths, and its durations and whole
-/// numbers read with errors that name them.
+/// One entry of a list section (`vllm[2]`): its fields' paths, and its required texts,
+/// durations and whole numbers read with errors that name them.
 struct Entry(String);
 
 impl Entry {
     fn at(&self, field: &str) -> String {
         format!("{}.{field}", self.0)
+    }
+
+    /// A text field that must be set and not empty: `""`, with the error, when it is not.
+    fn required(&self, e: &mut Errors, field: &str, v: &Option<String>) -> String {
+        let text = v.clone().unwrap_or_default();
+        if text.is_empty() {
+            e.push(self.at(field), "is required");
+        }
+        text
     }
 
     fn dur(&self, e: &mut Errors, field: &str, v: &Option<String>, default: Duration) -> Duration {

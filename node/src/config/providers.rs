@@ -16,10 +16,8 @@ pub(super) fn validate(
     for (i, p) in raw.into_iter().enumerate() {
         let entry = Entry(format!("providers[{i}]"));
         let at = |field: &str| entry.at(field);
-        let id = p.id.clone().unwrap_or_default();
-        if id.is_empty() {
-            e.push(at("id"), "is required");
-        } else if !ids.insert(id.clone()) {
+        let id = entry.required(e, "id", &p.id);
+        if !id.is_empty() && !ids.insert(id.clone()) {
             e.push(at("id"), format!("{id:?} is used by another provider"));
         }
         // Anthropic requires a cap on every request; its default stays what it was.
@@ -233,11 +231,10 @@ pub(super) fn aliases(
 ) -> HashMap<String, Alias> {
     let mut aliases = HashMap::new();
     for (i, a) in raw.iter().enumerate() {
-        let at = |field: &str| format!("aliases[{i}].{field}");
-        let name = a.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            e.push(at("name"), "is required");
-        } else if served.contains(name.as_str()) {
+        let entry = Entry(format!("aliases[{i}]"));
+        let at = |field: &str| entry.at(field);
+        let name = entry.required(e, "name", &a.name);
+        if !name.is_empty() && served.contains(name.as_str()) {
             e.push(
                 at("name"),
                 format!("{name:?} is already a model a provider serves"),

@@ -107,10 +107,8 @@ pub(super) fn validate(
     for (i, v) in raw.iter().enumerate() {
         let entry = Entry(format!("vllm[{i}]"));
         let at = |field: &str| entry.at(field);
-        let id = v.id.clone().unwrap_or_default();
-        if id.is_empty() {
-            e.push(at("id"), "is required");
-        } else if !id
+        let id = entry.required(e, "id", &v.id);
+        if !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
@@ -118,7 +116,7 @@ pub(super) fn validate(
                 at("id"),
                 format!("{id:?} may hold only letters, digits, - and _"),
             );
-        } else if groups.iter().any(|g| g.id == id) {
+        } else if !id.is_empty() && groups.iter().any(|g| g.id == id) {
             e.push(at("id"), format!("{id:?} names two [[vllm]] sections"));
         }
         let model = v.model.clone().unwrap_or_default();
