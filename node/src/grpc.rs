@@ -35,28 +35,31 @@ impl InferenceService {
         stream: bool,
     ) -> Call<'a> {
         let feature = message.feature.clone();
-        let request = ChatCompletionRequest::try_from(message).and_then(|mut params| {
-            params.stream = Some(stream);
-            if stream {
-                params.stream_options = Some(StreamOptions {
-                    include_usage: Some(true),
-                });
-            }
-            ChatRequest::from_params(params, &self.gateway.limits())
-        });
-        call(md, Api::Chat, feature, request)
+        call(md, Api::Chat, feature, || {
+            ChatCompletionRequest::try_from(message).and_then(|mut params| {
+                params.stream = Some(stream);
+                if stream {
+                    params.stream_options = Some(StreamOptions {
+                        include_usage: Some(true),
+                    });
+                }
+                ChatRequest::from_params(params, &self.gateway.limits())
+            })
+        })
     }
 }
 
-/// The pipeline's call for a gRPC request: the request as read from its message, with what the
-/// metadata says of the caller and the call.
+/// The pipeline's call for a gRPC request: what the metadata says of the caller and the call,
+/// then the request `read` from its message (after the metadata, so that the call's deadline
+/// counts the reading).
 fn call(
     md: &MetadataMap,
     api: Api,
     feature: Option<String>,
-    request: Result<ChatRequest, ApiError>,
+    read: impl FnOnce() -> Result<ChatRequest, ApiError>,
 ) -> Call<'_> {
     let (request_id, credentials, options, trace) = headers::call_parts(Edge::Grpc, ascii(md));
+    let request = read();
     Call {
         edge: Edge::Grpc,
         api,
@@ -244,22 +247,27 @@ impl Inference for InferenceService {
         req: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let (md, _, message) = req.into_parts();
-        // The provider is asked for floats, which the response carries as they are.
-        let mut body = serde_json::json!({
-            "model": message.model, "input": message.input, "encoding_format": "float",
-        });
-        if let Some(d) = message.dimensions {
-            body["dimensions"] = d.into();
-        }
-        if let Some(u) = message.user {
-            body["user"] = u.into();
-        }
-        let request = serde_json::to_vec(&body)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
-            .and_then(|b| ChatRequest::from_json_as(Api::Embeddings, &b, &self.gateway.limits()));
+        let feature = message.feature.clone();
+        let read = || {
+            // The provider is asked for floats, which the response carries as they are.
+            let mut body = serde_json::json!({
+                "model": message.model, "input": message.input, "encoding_format": "float",
+            });
+            if let Some(d) = message.dimensions {
+                body["dimensions"] = d.into();
+            }
+            if let Some(u) = message.user {
+                body["user"] = u.into();
+            }
+            serde_json::to_vec(&body)
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+                .and_then(|b| {
+                    ChatRequest::from_json_as(Api::Embeddings, &b, &self.gateway.limits())
+                })
+        };
         let served = self
             .gateway
-            .serve(call(&md, Api::Embeddings, message.feature, request))
+            .serve(call(&md, Api::Embeddings, feature, read))
             .await;
         let body = match served.answer {
             Ok(Answer::Complete(body)) => body,

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::installs::{make_venv, run_installer};
+
 /// The engine packages, pinned to what was checked to install and run offline from the registry.
 const PACKAGES: [&str; 3] = ["xllamacpp==2026.10.11549", "openai", "anthropic"];
 /// Installed without its dependencies (one of them would compile llama.cpp's Python binding).
@@ -37,20 +39,6 @@ fn has_packages(python: &Path) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("{what}: could not start"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// The interpreter with the engine and the SDK, installing them on first use (once per
@@ -81,19 +69,9 @@ pub fn python() -> anyhow::Result<PathBuf> {
         &lock,
         || has_packages(&python),
         || {
-            run(
-                Command::new("python3").args(["-m", "venv"]).arg(&venv),
-                "python3 -m venv (install python3-venv)",
-            )?;
-            let pip = venv.join("bin/pip");
-            run(
-                Command::new(&pip)
-                    .args(["install", "--quiet", "--disable-pip-version-check"])
-                    .args(PACKAGES),
-                "pip install xllamacpp openai anthropic",
-            )?;
-            run(
-                Command::new(&pip).args([
+            make_venv(&venv, &PACKAGES)?;
+            run_installer(
+                Command::new(venv.join("bin/pip")).args([
                     "install",
                     "--quiet",
                     "--disable-pip-version-check",

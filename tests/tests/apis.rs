@@ -228,7 +228,7 @@ async fn embeddings_are_admitted_on_their_input_tokens() {
         .tenant_in_tier("rag", "small", limit::tokens_per_minute(40))
         .await
         .expect("tier, tenant and key");
-    let embed = |words: usize, tag: &str| {
+    let embed_words = |words: usize, tag: &str| {
         let text = format!("{tag} {}", "word ".repeat(words));
         reqwest::Client::new()
             .post(n.url("/v1/embeddings"))
@@ -236,10 +236,10 @@ async fn embeddings_are_admitted_on_their_input_tokens() {
             .json(&json!({"model": "mock", "input": text}))
             .send()
     };
-    let first = embed(25, "a").await.expect("sent");
+    let first = embed_words(25, "a").await.expect("sent");
     assert_eq!(first.status(), 200, "{:?}", first.text().await);
     // No output is reserved for an embedding: 26 of 40 tokens used, 26 more do not fit.
-    let second = embed(25, "b").await.expect("sent");
+    let second = embed_words(25, "b").await.expect("sent");
     assert_eq!(second.status(), 429, "{:?}", second.text().await);
     error_saying(second, "tokens").await;
     assert_eq!(
@@ -248,7 +248,7 @@ async fn embeddings_are_admitted_on_their_input_tokens() {
         "the refused call never left"
     );
     // A small one still fits.
-    assert_eq!(embed(5, "c").await.expect("sent").status(), 200);
+    assert_eq!(embed_words(5, "c").await.expect("sent").status(), 200);
 }
 
 #[tokio::test]

@@ -8,16 +8,9 @@
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
-use meridian_proto::pb::admin::admin_client::AdminClient;
 use meridian_tests::mock::{Flavor, MockOptions, MockUpstream};
-use meridian_tests::{
-    Bearer, ReservedPort, TestNode, chat_body, provider_toml, retry_later, wait_until,
-};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-/// An admin API client that sends the admin token.
-type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+use meridian_tests::procs::Admin;
+use meridian_tests::{ReservedPort, TestNode, chat_body, provider_toml, retry_later, wait_until};
 
 /// The answer of `call` on an admin API client of `node`.
 async fn admin<T>(

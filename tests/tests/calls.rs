@@ -8,12 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_proto::pb::admin as pb;
-use meridian_proto::pb::admin::admin_client::AdminClient;
-use meridian_tests::Bearer;
-use meridian_tests::procs::Harness;
+use meridian_tests::procs::{Admin, Harness};
 use meridian_tests::{chat_body, node_with_priced_mock, run_tool, wait_until};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 /// `sql` run by the `sqlite3` shell on `db`, as CSV rows.
 fn sqlite3(db: &Path, sql: &str) -> Vec<String> {
@@ -32,7 +28,7 @@ fn sqlite3(db: &Path, sql: &str) -> Vec<String> {
 
 /// The admin API's last `last` calls (0: all) of `tenant` (empty: every tenant's), newest first.
 async fn list_calls(
-    admin: &mut AdminClient<InterceptedService<Channel, Bearer>>,
+    admin: &mut Admin,
     tenant: &str,
     last: u32,
 ) -> Result<Vec<pb::CallRecord>, tonic::Status> {

@@ -212,8 +212,7 @@ fn cases() -> Vec<(String, Value, Seen)> {
         .map(|(what, request, seen)| (what.to_owned(), request, seen))
         .collect();
     // The upstream answers with an error status: (its status, more of the request, what the
-    // client sees).
-    // A 400 is the client's; 429 and 529 are overload, retry later.
+    // client sees). A 400 is the client's; 429 and 529 are overload, retry later.
     let overloaded = || failed(503, true, "upstream_overloaded");
     for (upstream, extra, seen) in [
         (400, json!({}), failed(400, false, "?")),

@@ -32,10 +32,11 @@ impl std::ops::Deref for Supervisor {
 /// A [`Supervisor`] of the group [`vllm_toml`] makes of `fields` and `env`, on as many
 /// consecutive ports as its `max_replicas` (1 unless `fields` sets it).
 async fn node(fields: &str, env: &[(&str, &str)]) -> Supervisor {
-    let replicas = fields
-        .lines()
-        .find_map(|l| l.strip_prefix("max_replicas = "))
-        .map_or(1, |n| n.trim().parse().unwrap());
+    let table: toml::Table = fields.parse().expect("fields are TOML");
+    let replicas = table.get("max_replicas").map_or(1, |n| {
+        let n = n.as_integer().expect("max_replicas is a number");
+        u16::try_from(n).expect("max_replicas fits a port range")
+    });
     supervise(replicas, |port| vllm_toml(port, fields, env)).await
 }
 

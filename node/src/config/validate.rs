@@ -128,7 +128,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     quota.state_dir = Some(node.data_dir.clone());
     // Shares are split among at least the initial voters, even before all have registered.
     quota.min_nodes = raw.cluster.peers.len() as u64 + 1;
-    match raw.quota.static_share {
+    match q.static_share {
         None => {}
         Some(f) if (0.0..=1.0).contains(&f) => quota.static_share = f,
         Some(f) => e.push("quota.static_share", format!("{f} is not between 0 and 1")),
@@ -157,7 +157,14 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         ),
     ] {
         let path = format!("quota.{field}");
-        *into = u64::from(int(&mut e, &path, v, *into as u32, min, max));
+        *into = u64::from(int(
+            &mut e,
+            &path,
+            v,
+            u32::try_from(*into).unwrap_or(u32::MAX),
+            min,
+            max,
+        ));
     }
     for (limit, policy) in &raw.quota.no_quorum {
         let path = format!("quota.no_quorum.{limit}");
