@@ -186,6 +186,7 @@ fn nothing_below_the_gateway_imports_it() {
     let graph = imports(&modules());
     let above = [
         "pipeline",
+        "pipeline::stream",
         "mesh",
         "mesh::forward",
         "vllm::actor",
