@@ -563,16 +563,7 @@ impl Admin for AdminService {
         match reloader.reload().await {
             Ok(r) => {
                 tracing::info!(%r, "configuration reloaded (admin API)");
-                Ok(Response::new(pb::ReloadConfigResponse {
-                    providers_added: r.added,
-                    providers_removed: r.removed,
-                    providers_changed: r.changed,
-                    restart_only: r.restart_only.iter().map(|s| (*s).to_owned()).collect(),
-                    prices_applied: r.prices,
-                    aliases_applied: r.aliases,
-                    limits_applied: r.limits,
-                    quota_applied: r.quota,
-                }))
+                Ok(Response::new(r.into()))
             }
             Err(e @ (ReloadError::Invalid(_) | ReloadError::Read { .. })) => {
                 Err(Status::invalid_argument(e.to_string()))

@@ -72,37 +72,7 @@ pub async fn run(
                 .reload_config(admin_pb::ReloadConfigRequest {})
                 .await?
                 .into_inner();
-            let list = |v: &[String]| {
-                if v.is_empty() {
-                    "none".to_owned()
-                } else {
-                    v.join(", ")
-                }
-            };
-            println!(
-                "reloaded: providers added {}; removed {}; changed {}",
-                list(&r.providers_added),
-                list(&r.providers_removed),
-                list(&r.providers_changed)
-            );
-            if r.prices_applied {
-                println!("prices applied");
-            }
-            if r.aliases_applied {
-                println!("aliases applied");
-            }
-            if r.limits_applied {
-                println!("request limits applied");
-            }
-            if r.quota_applied {
-                println!("quota settings applied");
-            }
-            if !r.restart_only.is_empty() {
-                println!(
-                    "changed but applied only at the next restart: {}",
-                    r.restart_only.join(", ")
-                );
-            }
+            println!("reloaded: {}", meridian_node::reload::Reloaded::from(r));
         }
         AdminCommand::Status => {
             let s = client.node_status(NodeStatusRequest {}).await?.into_inner();

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use meridian_actors::Gateway;
+use meridian_proto::pb::admin as pb;
 use tokio::sync::Mutex;
 
 use crate::config::{self, Config, ConfigError, ProcessEnv, ProviderConfig};
@@ -31,7 +32,39 @@ pub struct Reloaded {
     /// `[quota]` changed and was applied (but for `static_share`, named under `restart_only`).
     pub quota: bool,
     /// Sections that differ from the running configuration but take a restart.
-    pub restart_only: Vec<&'static str>,
+    pub restart_only: Vec<String>,
+}
+
+/// What the admin API answers of a reload.
+impl From<Reloaded> for pb::ReloadConfigResponse {
+    fn from(r: Reloaded) -> Self {
+        pb::ReloadConfigResponse {
+            providers_added: r.added,
+            providers_removed: r.removed,
+            providers_changed: r.changed,
+            restart_only: r.restart_only,
+            prices_applied: r.prices,
+            aliases_applied: r.aliases,
+            limits_applied: r.limits,
+            quota_applied: r.quota,
+        }
+    }
+}
+
+/// A reload as the admin CLI reads it back, to say it as the node's log does.
+impl From<pb::ReloadConfigResponse> for Reloaded {
+    fn from(r: pb::ReloadConfigResponse) -> Self {
+        Reloaded {
+            added: r.providers_added,
+            removed: r.providers_removed,
+            changed: r.providers_changed,
+            prices: r.prices_applied,
+            aliases: r.aliases_applied,
+            limits: r.limits_applied,
+            quota: r.quota_applied,
+            restart_only: r.restart_only,
+        }
+    }
 }
 
 impl std::fmt::Display for Reloaded {
@@ -135,7 +168,8 @@ impl Reloader {
                 .collect()
         };
         if discovered(&running) != discovered(&new) {
-            done.restart_only.push("providers with discover = true");
+            done.restart_only
+                .push("providers with discover = true".into());
         }
         for old in running.providers.iter().filter(|p| p.discover.is_none()) {
             if !new.providers.iter().any(|p| p.id == old.id) {
@@ -178,7 +212,7 @@ impl Reloader {
             done.quota = true;
         }
         if running.quota.static_share != new.quota.static_share {
-            done.restart_only.push("quota.static_share");
+            done.restart_only.push("quota.static_share".into());
         }
         // The discovered providers stay as they started (see above).
         let kept: Vec<ProviderConfig> = running
@@ -217,13 +251,13 @@ fn fingerprint(p: &ProviderConfig) -> String {
 }
 
 /// The sections that changed but are not applied without a restart.
-fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut names = Vec::new();
-    let mut check = |name: &'static str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+    let mut check = |name: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
         if !same(a, b) {
-            names.push(name);
+            names.push(name.to_owned());
         }
     };
     check("node (id, region, data_dir)", &old.node, &new.node);
