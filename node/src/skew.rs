@@ -20,10 +20,19 @@ const EVERY: Duration = Duration::from_millis(5);
 /// Follows the file `ENV` names, if it is set: its first reading is in place when this
 /// returns, later ones follow on a thread of their own.
 pub fn follow_from_env() -> Result<(), String> {
-    let Some(path) = std::env::var_os(ENV).map(PathBuf::from) else {
+    follow(
+        std::env::var_os(ENV).map(PathBuf::from),
+        cfg!(feature = "test-clock"),
+    )
+}
+
+/// Follows `path` when a test named one; a build without the hook (`hook_built` false, as in
+/// deployment builds) refuses to start rather than run on a clock a file can move.
+fn follow(path: Option<PathBuf>, hook_built: bool) -> Result<(), String> {
+    let Some(path) = path else {
         return Ok(());
     };
-    if !cfg!(feature = "test-clock") {
+    if !hook_built {
         return Err(format!(
             "{ENV} is a test hook, and this build has none: tests need a node built with the `test-clock` feature (`cargo build -p meridian-node --features test-clock`, or the workspace's test command)"
         ));
@@ -97,5 +106,18 @@ mod tests {
             "{e}"
         );
         assert!(read(&dir.path().join("none")).is_err());
+    }
+
+    /// A deployment build (no `test-clock` feature) refuses to start with a skew file named,
+    /// even one that reads well; without one named, either build starts.
+    #[test]
+    fn a_build_without_the_hook_refuses_a_skew_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("skew");
+        std::fs::write(&file, "0\n").unwrap();
+        let e = follow(Some(file), false).unwrap_err();
+        assert!(e.contains("is a test hook, and this build has none"), "{e}");
+        assert_eq!(follow(None, false), Ok(()));
+        assert_eq!(follow(None, true), Ok(()));
     }
 }
