@@ -31,10 +31,10 @@ impl InferenceService {
     fn chat_call<'a>(
         &self,
         md: &'a MetadataMap,
-        message: pb::ChatRequest,
+        mut message: pb::ChatRequest,
         stream: bool,
     ) -> Call<'a> {
-        let feature = message.feature.clone();
+        let feature = message.feature.take();
         call(md, Api::Chat, feature, || {
             ChatCompletionRequest::try_from(message).and_then(|mut params| {
                 params.stream = Some(stream);
@@ -246,8 +246,8 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        let (md, _, message) = req.into_parts();
-        let feature = message.feature.clone();
+        let (md, _, mut message) = req.into_parts();
+        let feature = message.feature.take();
         let read = || {
             // The provider is asked for floats, which the response carries as they are.
             let mut body = serde_json::json!({

@@ -236,13 +236,13 @@ fn certs_init_and_issue_write_a_ca_and_node_certificates_and_keep_the_ca_key_apa
             .expect("run")
     };
     let init = run(&["init"]);
-    assert!(init.status.success());
+    assert_succeeded(&init);
     let said = String::from_utf8_lossy(&init.stdout);
     assert!(
         said.contains("certs-ca.key") && said.contains("keep the CA key off them"),
         "{said}"
     );
-    assert!(run(&["issue", "1", "--host", "127.0.0.1"]).status.success());
+    assert_succeeded(&run(&["issue", "1", "--host", "127.0.0.1"]));
     for f in ["ca.crt", "node-1.crt", "node-1.key"] {
         assert!(dir.join(f).exists(), "{f} written");
     }

@@ -6,16 +6,18 @@ use std::process::Command;
 
 use anyhow::Context;
 
-/// Runs `command` to its end; an error, naming it `what` and carrying what it wrote to standard
-/// error, when it cannot start or fails.
+/// Runs `command` to its end; an error, naming it `what` and carrying its exit status and what
+/// it wrote, when it cannot start or fails.
 pub fn run_installer(command: &mut Command, what: &str) -> anyhow::Result<()> {
     let out = command
         .output()
         .with_context(|| format!("{what} does not run"))?;
     anyhow::ensure!(
         out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     Ok(())
 }

@@ -6,13 +6,13 @@ use std::process::{Child, Command, Stdio};
 
 use crate::procs::meridian_bin;
 
-/// Starts `meridian serve --config CONFIG`: what it prints goes to `stdout`, its standard error
-/// nowhere.
+/// Starts `meridian serve --config CONFIG`: what it prints goes to `stdout`; its standard error
+/// (its logs, and why it would not start) is the test's, shown when the test fails.
 pub fn serve(config: &Path, stdout: Stdio) -> std::io::Result<Child> {
     Command::new(meridian_bin())
         .args(["serve", "--config"])
         .arg(config)
         .stdout(stdout)
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
 }

@@ -18,12 +18,13 @@ async fn node(flavor: Flavor) -> (MockUpstream, MockUpstream, TestNode) {
     node_on(flavor, WallClock::system()).await
 }
 
-/// A [`node`] of each OpenAI-style flavour (OpenAI's, vLLM's): the flavour, its mock, the node.
-async fn openai_style_nodes() -> Vec<(Flavor, MockUpstream, TestNode)> {
+/// A [`node`] of each OpenAI-style flavour (OpenAI's, vLLM's): the flavour, its mock, the
+/// Anthropic mock (kept running as long as the node) and the node.
+async fn openai_style_nodes() -> Vec<(Flavor, MockUpstream, MockUpstream, TestNode)> {
     let mut nodes = Vec::new();
     for flavor in [Flavor::OpenAi, Flavor::Vllm] {
-        let (mock, _anthropic, node) = node(flavor).await;
-        nodes.push((flavor, mock, node));
+        let (mock, anthropic, node) = node(flavor).await;
+        nodes.push((flavor, mock, anthropic, node));
     }
     nodes
 }
@@ -99,7 +100,7 @@ fn last_request(m: &MockUpstream) -> Value {
 
 #[tokio::test]
 async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
-    for (flavor, m, n) in openai_style_nodes().await {
+    for (flavor, m, _a, n) in openai_style_nodes().await {
         let resp = complete(
             &n,
             json!({"model": "mock", "prompt": "Say this", "max_tokens": 3, "echo": true,
@@ -170,7 +171,7 @@ async fn text_completions_reach_openai_and_vllm_providers_stream_and_not() {
 
 #[tokio::test]
 async fn embeddings_are_served_metered_and_cached() {
-    for (flavor, m, n) in openai_style_nodes().await {
+    for (flavor, m, _a, n) in openai_style_nodes().await {
         let resp = embed(
             &n,
             json!({"model": "mock", "input": ["one two three", "four"]}),

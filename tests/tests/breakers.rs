@@ -250,11 +250,8 @@ async fn one_tenants_failures_alone_do_not_trip_a_shared_provider() {
         ],
     )
     .await;
-    node.put_tier(meridian_tests::tier("open", pb::Limits::default()))
-        .await
-        .unwrap();
     let hostile = node
-        .tenant_with_key(meridian_tests::tenant("hostile", "open"))
+        .tenant_in_tier("hostile", "open", pb::Limits::default())
         .await
         .unwrap();
     let client = reqwest::Client::new();

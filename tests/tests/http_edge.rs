@@ -66,21 +66,6 @@ async fn post(node: &TestNode, body: String) -> reqwest::Response {
     node.post_chat(body).await.expect("request sent")
 }
 
-/// Sends `body` with the header `name: value` (and no content type).
-async fn post_with_header(
-    node: &TestNode,
-    name: &str,
-    value: &str,
-    body: String,
-) -> reqwest::Response {
-    node.chat_request()
-        .header(name, value)
-        .body(body)
-        .send()
-        .await
-        .expect("request sent")
-}
-
 fn content(chunks: &[Value]) -> String {
     chunks
         .iter()
@@ -156,13 +141,14 @@ async fn streaming_chat_is_relayed_exactly_and_always_metered() {
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
     let (_m, n) = setup(Flavor::Vllm, &["mock"], "", "").await;
-    let resp = post_with_header(
-        &n,
-        "x-request-id",
-        "trace-abc-123",
-        chat_body("mock", false, ""),
-    )
-    .await;
+    let resp = n
+        .post_chat_with_header(
+            "x-request-id",
+            "trace-abc-123",
+            chat_body("mock", false, ""),
+        )
+        .await
+        .expect("request sent");
     assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
     let resp = post(&n, chat_body("nope", false, "")).await;
     assert_eq!(
@@ -843,8 +829,10 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
         "max_concurrency = 1\nqueue_capacity = 8\nqueue_timeout = \"10s\"",
     )
     .await;
-    let with_deadline = |ms: &'static str| {
-        post_with_header(&n, "x-meridian-deadline-ms", ms, chat_body(slow, false, ""))
+    let with_deadline = async |ms: &'static str| {
+        n.post_chat_with_header("x-meridian-deadline-ms", ms, chat_body(slow, false, ""))
+            .await
+            .expect("request sent")
     };
     let bad = with_deadline("soon").await;
     assert_eq!(bad.status(), 400);

@@ -33,15 +33,9 @@ async fn a_rolling_restart_under_load_fails_no_request_and_loses_no_write() {
     // needs no slice from the ledger, which a leader's stop would hold up until the next leader
     // is elected (a node past its share then refuses with 503 `quota_unavailable` after
     // `grant_wait`, as README says; the quota tests cover that).
-    h.put_tier_with(
-        leader,
-        meridian_proto::pb::admin::Limits {
-            tokens_per_day: Some(100_000_000),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("tier");
+    h.put_tier_with(leader, meridian_tests::limit::tokens_per_day(100_000_000))
+        .await
+        .expect("tier");
     h.put_tenant(leader, "rolling").await.expect("tenant");
     let key = h.api_key(leader, "rolling").await.expect("key");
     let urls: Vec<String> = ids.iter().map(|&id| h.node(id).http()).collect();

@@ -29,15 +29,10 @@ impl std::ops::Deref for Supervisor {
     }
 }
 
-/// A [`Supervisor`] of the group [`vllm_toml`] makes of `fields` and `env`, on as many
-/// consecutive ports as its `max_replicas` (1 unless `fields` sets it).
+/// A [`Supervisor`] of the one-replica group [`vllm_toml`] makes of `fields` and `env` (a group
+/// of more replicas: [`supervise`] on as many ports).
 async fn node(fields: &str, env: &[(&str, &str)]) -> Supervisor {
-    let table: toml::Table = fields.parse().expect("fields are TOML");
-    let replicas = table.get("max_replicas").map_or(1, |n| {
-        let n = n.as_integer().expect("max_replicas is a number");
-        u16::try_from(n).expect("max_replicas fits a port range")
-    });
-    supervise(replicas, |port| vllm_toml(port, fields, env)).await
+    supervise(1, |port| vllm_toml(port, fields, env)).await
 }
 
 /// A [`Supervisor`] running the configuration `toml` makes for the first of `replicas`
@@ -94,10 +89,7 @@ fn vllm_toml(port: u16, fields: &str, env: &[(&str, &str)]) -> String {
 }
 
 fn replica(node: &TestNode, name: &str) -> ReplicaStatus {
-    node.vllm
-        .list()
-        .into_iter()
-        .find(|r| r.name == name)
+    node.replica(name)
         .unwrap_or_else(|| panic!("no replica {name}"))
 }
 
@@ -545,14 +537,17 @@ async fn a_replica_failing_its_health_checks_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
-    let node = node(
-        "min_replicas = 2\nmax_replicas = 2",
-        &[
-            ("MOCK_VLLM_SCRIPT", "tokens=10;itl_ms=30;ttft_ms=100"),
-            ("MOCK_VLLM_CHILDREN", "2"),
-            ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
-        ],
-    )
+    let node = supervise(2, |port| {
+        vllm_toml(
+            port,
+            "min_replicas = 2\nmax_replicas = 2",
+            &[
+                ("MOCK_VLLM_SCRIPT", "tokens=10;itl_ms=30;ttft_ms=100"),
+                ("MOCK_VLLM_CHILDREN", "2"),
+                ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
+            ],
+        )
+    })
     .await;
     for name in ["llama-0", "llama-1"] {
         ready(&node, name).await;
@@ -596,10 +591,13 @@ async fn draining_under_load_fails_no_request_and_leaves_no_orphans() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_scales_up_under_load_and_back_down_when_idle() {
-    let node = node(
+    let node = supervise(2, |port| {
+        vllm_toml(
+            port,
         "max_replicas = 2\nautoscale_target = 2\nautoscale_interval = \"300ms\"\nautoscale_cooldown = \"500ms\"",
         &[("MOCK_VLLM_SCRIPT", "tokens=20;itl_ms=25;ttft_ms=20")],
-    )
+        )
+    })
     .await;
     ready(&node, "llama-0").await;
     assert_eq!(node.vllm.list().len(), 1, "min_replicas = 1 to begin with");

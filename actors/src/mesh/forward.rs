@@ -190,8 +190,18 @@ impl Served {
         };
         let total = Instant::now() + spec.timeouts.total;
         if !req.stream {
-            let call = spec.upstream.complete(&request, &req.model, &spec.timeouts);
-            let result = upstream_call(traceparent, total, call).await;
+            // Built in place, as in `connection.rs`: each move of the upstream's large future is
+            // a copy (a shared helper that took it cost about 8,600 instructions a call there).
+            let result = trace::TRACEPARENT
+                .scope(
+                    traceparent,
+                    timeout_at(
+                        total,
+                        spec.upstream.complete(&request, &req.model, &spec.timeouts),
+                    ),
+                )
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
             drop(permit);
             provider.record(result.is_ok());
             return match result {
@@ -205,8 +215,16 @@ impl Served {
                 }
             };
         }
-        let call = spec.upstream.stream(&request, &req.model, &spec.timeouts);
-        let opened = upstream_call(traceparent, total, call).await;
+        let opened = trace::TRACEPARENT
+            .scope(
+                traceparent,
+                timeout_at(
+                    total,
+                    spec.upstream.stream(&request, &req.model, &spec.timeouts),
+                ),
+            )
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)));
         let mut upstream = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -348,18 +366,6 @@ impl Served {
             .filter(|c| matches!(c.value(), ForwardedCall::Open(_)))
             .count()
     }
-}
-
-/// The upstream `call`, carrying `traceparent`, cut off at `total`.
-async fn upstream_call<T>(
-    traceparent: Option<String>,
-    total: Instant,
-    call: impl Future<Output = Result<T, UpstreamError>>,
-) -> Result<T, UpstreamError> {
-    trace::TRACEPARENT
-        .scope(traceparent, timeout_at(total, call))
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout(Phase::Total)))
 }
 
 /// Marks a forwarded call's span failed, for the reason `why` tells.

@@ -24,9 +24,9 @@ struct Ledger {
     /// While set, a share release's proposal waits for a permit here (its release is under
     /// way until then).
     release_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
-    /// Share releases proposed so far; how many of those still to come fail unapplied.
+    /// Share releases proposed so far; whether the next one fails unapplied.
     releases_proposed: AtomicU64,
-    fail_releases: AtomicU64,
+    fail_next_release: AtomicBool,
     /// Grant requests and usage reports proposed so far (what a scope costs the ledger).
     grants_and_reports: AtomicU64,
     /// The wall clock of every node on this ledger and of its proposals (Unix ms): set by the
@@ -56,9 +56,7 @@ impl Proposer for NodeProposer {
                 if let Some(gate) = gate {
                     gate.acquire().await.expect("the gate stays open").forget();
                 }
-                let fail = ledger.fail_releases.load(Ordering::Relaxed);
-                if fail > 0 {
-                    ledger.fail_releases.store(fail - 1, Ordering::Relaxed);
+                if ledger.fail_next_release.swap(false, Ordering::Relaxed) {
                     return Err(ProposeError::Unavailable("the release was lost".into()));
                 }
             }
@@ -129,7 +127,7 @@ fn ledger(nodes: u64) -> Arc<Ledger> {
         lose_next_ack: AtomicBool::new(false),
         release_gate: Mutex::new(None),
         releases_proposed: AtomicU64::new(0),
-        fail_releases: AtomicU64::new(0),
+        fail_next_release: AtomicBool::new(false),
         grants_and_reports: AtomicU64::new(0),
         clock: Arc::new(AtomicU64::new(TEST_START_MS)),
     })
@@ -1211,7 +1209,7 @@ async fn a_share_wanted_while_its_release_is_under_way_is_released_after_that_on
     let ledger = ledger(3);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *lock(&ledger.release_gate) = Some(Arc::clone(&gate));
-    ledger.fail_releases.store(1, Ordering::Relaxed);
+    ledger.fail_next_release.store(true, Ordering::Relaxed);
     let _node_2 = node(
         &ledger,
         2,

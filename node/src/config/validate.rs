@@ -156,15 +156,12 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
             1_000_000,
         ),
     ] {
-        let path = format!("quota.{field}");
-        *into = u64::from(int(
-            &mut e,
-            &path,
-            v,
-            u32::try_from(*into).unwrap_or(u32::MAX),
-            min,
-            max,
-        ));
+        // An absent field keeps its default (it is not passed through the reader's `u32`); a bad
+        // one is an error, and the configuration is refused.
+        if v.is_some() {
+            let path = format!("quota.{field}");
+            *into = u64::from(int(&mut e, &path, v, 0, min, max));
+        }
     }
     for (limit, policy) in &raw.quota.no_quorum {
         let path = format!("quota.no_quorum.{limit}");
